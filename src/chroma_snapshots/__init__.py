@@ -1,0 +1,63 @@
+"""chroma-snapshots: versioned, content-addressed, verified ChromaDB snapshots.
+
+Publish a directory atomically, check it out incrementally with every chunk
+verified, on S3, a mounted filesystem (EFS) or any fsspec store.
+"""
+
+from __future__ import annotations
+
+from .backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
+from .config import StoreConfig, open_store
+from .deadline import Deadline
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    LockError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+    UnsupportedOperationError,
+)
+from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, TransferStats, VersionId
+from .remote import RemoteStore
+from .store import ANY, LATEST, LocalSnapshot, PruneReport, SnapshotStore, VerifyReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY",
+    "LATEST",
+    "Backend",
+    "BackendUnavailableError",
+    "Chunk",
+    "ConfigError",
+    "ConflictError",
+    "Deadline",
+    "FileEntry",
+    "GetResult",
+    "IntegrityError",
+    "InvalidInputError",
+    "LocalSnapshot",
+    "LockError",
+    "Manifest",
+    "ObjectMeta",
+    "PruneReport",
+    "PutMode",
+    "RefValue",
+    "RemoteStore",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotNotFoundError",
+    "SnapshotStore",
+    "StorageTimeoutError",
+    "StoreConfig",
+    "TransferStats",
+    "UnsupportedOperationError",
+    "VerifyReport",
+    "VersionId",
+    "open_backend",
+    "open_store",
+]

@@ -1,0 +1,121 @@
+"""The small object-storage surface every backend implements.
+
+Like zarr's ``Store``: five required methods (``get``, ``put``, ``head``,
+``list``, ``delete``); everything else is derived and may be overridden where a
+backend has a faster native path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from ..errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from ..models import check_relpath
+
+
+@dataclass(frozen=True)
+class PutMode:
+    """How ``put`` treats an existing object (after obstore's ``PutMode``).
+
+    ``PutMode.OVERWRITE`` replaces unconditionally, ``PutMode.CREATE`` fails with
+    ConflictError if the key exists, ``PutMode.update(etag)`` fails with
+    ConflictError unless the object's current ETag is ``etag``.
+    """
+
+    kind: Literal["overwrite", "create", "update"]
+    etag: str | None = None
+
+    OVERWRITE: ClassVar[PutMode]
+    CREATE: ClassVar[PutMode]
+
+    @staticmethod
+    def update(etag: str) -> PutMode:
+        """Compare-and-swap against the ETag a previous ``get``/``head`` returned."""
+        if not etag:
+            raise InvalidInputError("PutMode.update needs a non-empty etag")
+        return PutMode("update", etag)
+
+
+PutMode.OVERWRITE = PutMode("overwrite")
+PutMode.CREATE = PutMode("create")
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """An object's key, size, ETag (opaque version token) and modification time (epoch s)."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: float
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """Bytes read together with the metadata of the exact object version they came from."""
+
+    data: bytes
+    meta: ObjectMeta
+
+
+def check_key(key: str) -> str:
+    """Validate an object key (relative POSIX path); InvalidInputError otherwise."""
+    try:
+        check_relpath(key, "key")
+    except IntegrityError as e:
+        raise InvalidInputError(str(e)) from e
+    if any(part.startswith(".") for part in key.split("/")):
+        # Dot-names are reserved for backends' temp files and locks.
+        raise InvalidInputError(f"key {key!r}: components may not start with '.'")
+    return key
+
+
+class Backend(ABC):
+    """Object storage addressed by ``/``-separated keys relative to the backend's root."""
+
+    @abstractmethod
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        """Read an object, or bytes ``[start, end)`` of it. SnapshotNotFoundError if absent."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        """Write an object atomically: readers see the old or the new bytes, never a mix."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectMeta:
+        """Metadata of an object. SnapshotNotFoundError if absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing a missing object is not an error."""
+
+    # Derived operations.
+
+    def exists(self, key: str) -> bool:
+        """True if ``key`` exists."""
+        try:
+            self.head(key)
+        except SnapshotNotFoundError:
+            return False
+        return True
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """The distinct next path components below ``prefix`` (which ends with ``/`` or is empty)."""
+        names = {m.key[len(prefix) :].split("/", 1)[0] for m in self.list(prefix)}
+        return sorted(n for n in names if n)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections and threads."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,217 @@
+"""Amazon S3 (or any S3-compatible server) through boto3.
+
+Conditional writes use S3's ``If-None-Match: *`` and ``If-Match: <etag>``;
+large objects are uploaded in parallel multipart parts. Timeouts and retries
+are explicit (``botocore.config.Config``) so no call waits forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from ..errors import (
+    BackendUnavailableError,
+    ConflictError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
+from .base import Backend, GetResult, ObjectMeta, PutMode, check_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
+_BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection policy: timeouts, retries, parallelism and multipart sizes."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 5
+    max_pool_connections: int = 32
+    multipart_threshold: int = 64 << 20
+    part_size: int = 16 << 20
+    body_attempts: int = 3
+
+
+def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
+            return ConflictError(f"{op} {key}: precondition failed ({code or status})")
+        if code in _MISSING_CODES or status == "404":
+            return SnapshotNotFoundError(f"{key}: no such object")
+        return BackendUnavailableError(f"{op} {key}: S3 error {code or status}")
+    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
+        return StorageTimeoutError(f"{op} {key}: S3 timed out")
+    if isinstance(err, EndpointConnectionError):
+        return BackendUnavailableError(f"{op} {key}: cannot connect to S3 endpoint")
+    return BackendUnavailableError(f"{op} {key}: {type(err).__name__}")
+
+
+def _etag(value: Any) -> str:
+    return str(value or "").strip('"')
+
+
+class S3Backend(Backend):
+    """Objects under ``s3://bucket/prefix``; one thread-safe client per backend."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, settings: S3Settings | None = None,
+                 client: S3Client | None = None) -> None:  # fmt: skip
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or S3Settings()
+        self.client = client or self._make_client(self.settings)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @staticmethod
+    def _make_client(s: S3Settings) -> S3Client:
+        config = Config(
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            retries={"mode": "adaptive", "max_attempts": s.max_attempts},
+            max_pool_connections=s.max_pool_connections,
+        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Backend('s3://{self.bucket}/{self.prefix}')"
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _strip(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if byte_range is not None:
+            if byte_range[1] <= byte_range[0]:
+                return GetResult(b"", self.head(key))
+            kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+        for attempt in range(self.settings.body_attempts):
+            try:
+                resp = self.client.get_object(**kwargs)
+                data = resp["Body"].read()
+                break
+            except _BODY_ERRORS as e:
+                if attempt == self.settings.body_attempts - 1:
+                    raise _wrap(e, "get", key) from e
+            except (ClientError, BotoCoreError) as e:
+                raise _wrap(e, "get", key) from e
+        size = resp.get("ContentLength", len(data))
+        if "ContentRange" in resp:
+            size = int(str(resp["ContentRange"]).rsplit("/", 1)[1])
+        meta = ObjectMeta(key, size, _etag(resp.get("ETag")), resp["LastModified"].timestamp())
+        return GetResult(data, meta)
+
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        cond: dict[str, str] = {}
+        if mode.kind == "create":
+            cond["IfNoneMatch"] = "*"
+        elif mode.kind == "update":
+            cond["IfMatch"] = f'"{mode.etag}"'
+        try:
+            if len(data) > self.settings.multipart_threshold:
+                etag = self._put_multipart(self._key(key), data, cond)
+            else:
+                resp = self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **cond  # type: ignore[arg-type]
+                )
+                etag = _etag(resp.get("ETag"))
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, "put", key) from e
+        return ObjectMeta(key, len(data), etag, 0.0)
+
+    def _put_multipart(self, full: str, data: bytes, cond: dict[str, str]) -> str:
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+        step = self.settings.part_size
+        try:
+            def part(i: int) -> dict[str, Any]:
+                body = data[i * step : (i + 1) * step]
+                r = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                            PartNumber=i + 1, Body=body)  # fmt: skip
+                return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
+            parts = list(self._executor().map(part, range(-(-len(data) // step))))
+            resp = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}, **cond,  # type: ignore[arg-type]
+            )  # fmt: skip
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            raise
+        return _etag(resp.get("ETag"))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="s3-part")
+            return self._pool
+
+    def head(self, key: str) -> ObjectMeta:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, "head", key) from e
+        return ObjectMeta(key, r["ContentLength"], _etag(r.get("ETag")), r["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        try:
+            for page in pages:
+                for o in page.get("Contents", []):
+                    yield ObjectMeta(self._strip(o["Key"]), o["Size"], _etag(o.get("ETag")),
+                                     o["LastModified"].timestamp())  # fmt: skip
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, "list", prefix) from e
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full, Delimiter="/"
+        )
+        try:
+            found = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, "list", prefix) from e
+        return sorted(p[len(full) :].rstrip("/") for p in found)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, "delete", key) from e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,146 @@
+"""Cutting a source tree into content-addressed chunks and packing new chunks.
+
+Chunks are fixed-size and aligned to file offsets, so a changed sqlite page
+changes exactly one chunk. New chunks are (optionally) zstd-compressed and
+appended to packs of about ``pack_target`` bytes; a pack is named by the
+sha256 of its bytes, so a pack key can never hold two different contents.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from .errors import IntegrityError, InvalidInputError
+from .models import Chunk, check_relpath, sha256_hex
+
+DEFAULT_CHUNK_SIZE = 64 << 10
+DEFAULT_PACK_TARGET = 16 << 20
+# Storing compressed only pays when it saves something real: float vectors barely compress.
+_MIN_SAVING = 0.97
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A regular file found in a source tree."""
+
+    relpath: str
+    abspath: Path
+    size: int
+    mode: int
+
+
+def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
+    """Regular files (sorted by path) and empty directories below ``root``.
+
+    Symlinks, devices, sockets and names that could not round-trip safely are
+    refused with InvalidInputError: a snapshot must mean the same bytes everywhere.
+    """
+    top = Path(root)
+    if not top.is_dir():
+        raise InvalidInputError(f"source {str(top)!r} is not a directory")
+    files: list[SourceFile] = []
+    empty: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        here = Path(dirpath)
+        rel_dir = here.relative_to(top).as_posix()
+        if not dirnames and not filenames and rel_dir != ".":
+            empty.append(_relpath(rel_dir))
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(here / name)
+            if stat.S_ISLNK(st.st_mode):
+                raise InvalidInputError(f"{here / name}: symlinks are not supported in snapshots")
+            if name in dirnames:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInputError(f"{here / name}: not a regular file")
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            files.append(SourceFile(_relpath(rel), here / name, st.st_size, st.st_mode & 0o777))
+    files.sort(key=lambda f: f.relpath)
+    return files, sorted(empty)
+
+
+def _relpath(rel: str) -> str:
+    try:
+        return check_relpath(rel, "source path")
+    except IntegrityError as e:
+        hint = " (not NFC-normalized)" if unicodedata.normalize("NFC", rel) != rel else ""
+        raise InvalidInputError(f"{e}{hint}") from e
+
+
+def read_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
+    """The file's bytes in ``chunk_size`` pieces (the last may be shorter)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            yield block
+
+
+class PackWriter:
+    """Appends new chunks to packs and hands each full pack to ``upload(pack_id, data)``.
+
+    A chunk's location is known only once its pack is sealed (the pack id is
+    the hash of its bytes), so locations are collected in :attr:`chunks`.
+    """
+
+    def __init__(self, upload: Callable[[str, bytes], None], *, target: int = DEFAULT_PACK_TARGET,
+                 level: int | None = 3) -> None:  # fmt: skip
+        self._upload = upload
+        self._target = target
+        self._compressor = zstandard.ZstdCompressor(level=level) if level is not None else None
+        self._buf = bytearray()
+        self._pending: list[tuple[str, int, int, int, str]] = []
+        self.chunks: dict[str, Chunk] = {}
+        self.packs: list[str] = []
+        self._added: set[str] = set()
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._added
+
+    def add(self, digest: str, raw: bytes) -> None:
+        """Store one new chunk (the caller has checked it is not already stored)."""
+        self._added.add(digest)
+        data, codec = raw, "none"
+        if self._compressor is not None:
+            packed = self._compressor.compress(raw)
+            if len(packed) < len(raw) * _MIN_SAVING:
+                data, codec = packed, "zstd"
+        self._pending.append((digest, len(self._buf), len(data), len(raw), codec))
+        self._buf += data
+        if len(self._buf) >= self._target:
+            self.flush()
+
+    def flush(self) -> None:
+        """Seal the current pack (if any) and upload it."""
+        if not self._pending:
+            return
+        data = bytes(self._buf)
+        pack_id = sha256_hex(data)
+        for digest, offset, length, size, codec in self._pending:
+            self.chunks[digest] = Chunk(digest, pack_id, offset, length, size, codec)
+        self._pending.clear()
+        self._buf = bytearray()
+        self.packs.append(pack_id)
+        self._upload(pack_id, data)
+
+
+def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes:
+    """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch."""
+    if len(stored) != c.length:
+        raise IntegrityError(f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}")
+    if c.codec == "zstd":
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=c.size)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"chunk {c.hash[:12]}: corrupt compressed data") from e
+    else:
+        raw = bytes(stored)
+    if len(raw) != c.size or sha256_hex(raw) != c.hash:
+        raise IntegrityError(f"chunk {c.hash[:12]} in pack {c.pack[:12]}: hash mismatch")
+    return raw

@@ -1,0 +1,107 @@
+"""Configuration: the only module that reads environment variables.
+
+``StoreConfig.from_env()`` validates everything at start-up and raises
+ConfigError naming the variable and the fix; ``open_store`` turns a URL or a
+config into a ready store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .remote import RemoteStore
+
+ENV_URL = "CHROMA_SNAPSHOTS_URL"
+ENV_MODE = "CHROMADB_STORAGE_MODE"
+ENV_BUCKET = "CHROMADB_BUCKET"
+ENV_ROOT = "CHROMA_ROOT"
+ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
+ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
+_MODES = ("s3", "efs")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything needed to open a store. Build it directly or with :meth:`from_env`."""
+
+    url: str
+    s3_timeout: float = 30.0
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreConfig:
+        """Read and validate the configuration from ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            url=_url_from_env(env),
+            s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
+            s3_endpoint_url=_endpoint(env),
+        )
+
+
+def _url_from_env(env: Mapping[str, str]) -> str:
+    url = env.get(ENV_URL, "").strip()
+    if url:
+        if "://" not in url:
+            raise ConfigError(f"{ENV_URL}={url!r} is not a URL; e.g. s3://bucket/prefix")
+        return url
+    mode = env.get(ENV_MODE, "").strip().lower()
+    if not mode:
+        raise ConfigError(f"set {ENV_URL} (e.g. s3://bucket/prefix) or {ENV_MODE}=s3|efs")
+    if mode == "auto":
+        raise ConfigError(f"{ENV_MODE}=auto (EFS with S3 fallback) is not supported yet; use s3 or efs")
+    if mode not in _MODES:
+        raise ConfigError(f"{ENV_MODE}={mode!r} is invalid; use one of {', '.join(_MODES)}")
+    if mode == "s3":
+        bucket = env.get(ENV_BUCKET, "").strip()
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"{ENV_MODE}=s3 needs {ENV_BUCKET} set to a bucket name")
+        return f"s3://{bucket}"
+    root = env.get(ENV_ROOT, "").strip()
+    if not root.startswith("/"):
+        raise ConfigError(f"{ENV_MODE}=efs needs {ENV_ROOT} set to the mount's absolute path")
+    return f"efs://{root}"
+
+
+def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{var}={raw!r} must be positive")
+    return value
+
+
+def _endpoint(env: Mapping[str, str]) -> str | None:
+    raw = env.get(ENV_ENDPOINT, "").strip()
+    if raw and urlsplit(raw).scheme not in ("http", "https"):
+        raise ConfigError(f"{ENV_ENDPOINT}={raw!r} must be an http(s) URL")
+    return raw or None
+
+
+def open_store(target: str | StoreConfig | None = None) -> RemoteStore:
+    """Open the store at a URL, from a config, or (``None``) from the environment."""
+    from .backends import open_backend
+    from .backends.s3 import S3Settings
+    from .remote import RemoteStore
+
+    if target is None:
+        cfg = StoreConfig.from_env()
+    elif isinstance(target, str):
+        cfg = StoreConfig(url=target)
+    else:
+        cfg = target
+    settings = S3Settings(endpoint_url=cfg.s3_endpoint_url, read_timeout=cfg.s3_timeout,
+                          connect_timeout=min(5.0, cfg.s3_timeout))  # fmt: skip
+    return RemoteStore(open_backend(cfg.url, s3_settings=settings))

@@ -1,0 +1,58 @@
+"""Deadlines: one monotonic budget shared by every wait inside an operation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol, Union
+
+from .errors import StorageTimeoutError
+
+
+class LambdaContext(Protocol):
+    """The one method of AWS Lambda's context object a deadline needs."""
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+class Deadline:
+    """A point in (monotonic) time by which an operation must have finished.
+
+    ``clock`` is injectable so tests can move time without sleeping.
+    """
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._end = clock() + seconds
+
+    @classmethod
+    def from_lambda_context(cls, ctx: LambdaContext, *, reserve: float = 5.0) -> Deadline:
+        """The invocation's remaining time minus ``reserve`` seconds for clean-up."""
+        return cls(max(0.0, ctx.get_remaining_time_in_millis() / 1000.0 - reserve))
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(0.0, self._end - self._clock())
+
+    def expired(self) -> bool:
+        """True once no time is left."""
+        return self.remaining() <= 0.0
+
+    def check(self, what: str) -> None:
+        """Raise StorageTimeoutError naming ``what`` if the deadline has passed."""
+        if self.expired():
+            raise StorageTimeoutError(f"deadline exceeded during {what}")
+
+    def child(self, seconds: float) -> Deadline:
+        """A budget of at most ``seconds`` that also ends no later than this one."""
+        return Deadline(min(seconds, self.remaining()), clock=self._clock)
+
+
+DeadlineLike = Union[Deadline, float, int, None]
+
+
+def as_deadline(value: DeadlineLike, default: float) -> Deadline:
+    """Turn a ``deadline=`` argument (Deadline, seconds, or None for ``default``) into a Deadline."""
+    if isinstance(value, Deadline):
+        return value
+    return Deadline(default if value is None else float(value))

@@ -1,0 +1,68 @@
+"""The exceptions chroma-snapshots raises.
+
+Each error also inherits the builtin a caller would naturally catch, so
+``except FileNotFoundError`` or ``except TimeoutError`` keep working.
+Storage failures from boto3, fsspec or the OS are wrapped in one of these,
+with the original exception as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class SnapshotError(Exception):
+    """Base class of every error raised by chroma-snapshots."""
+
+
+class SnapshotNotFoundError(SnapshotError, FileNotFoundError):
+    """A name, ref, version or object does not exist."""
+
+
+class ConflictError(SnapshotError):
+    """A compare-and-swap lost (the ref moved, or the key exists); nothing was made visible."""
+
+
+class IntegrityError(SnapshotError):
+    """Stored data failed verification: hash, size or signature mismatch, or a bad manifest."""
+
+
+class StorageTimeoutError(SnapshotError, TimeoutError):
+    """An operation did not finish within its deadline."""
+
+
+class BackendUnavailableError(SnapshotError, ConnectionError):
+    """The storage backend could not be reached or refused the request."""
+
+
+class ConfigError(SnapshotError, ValueError):
+    """Configuration is invalid; the message names the setting and the fix."""
+
+
+class InvalidInputError(SnapshotError, ValueError):
+    """An argument is malformed: a snapshot name, ref, key or source directory."""
+
+
+class UnsupportedOperationError(SnapshotError, NotImplementedError):
+    """The backend cannot do this safely (e.g. conditional writes on a plain filesystem)."""
+
+
+class LockError(SnapshotError):
+    """A lease lock could not be acquired, renewed or released."""
+
+
+class CacheFullError(SnapshotError, OSError):
+    """The local cache cannot hold a version even after evicting everything unpinned."""
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "CacheFullError",
+    "ConfigError",
+    "ConflictError",
+    "IntegrityError",
+    "InvalidInputError",
+    "LockError",
+    "SnapshotError",
+    "SnapshotNotFoundError",
+    "StorageTimeoutError",
+    "UnsupportedOperationError",
+]

@@ -1,0 +1,372 @@
+"""Frozen value types and their canonical JSON forms.
+
+Manifests and refs come from storage anyone with bucket access can write, so
+parsing validates everything (paths, sizes, hashes, format version) before a
+single byte touches the disk. Canonical JSON (sorted keys, compact, UTF-8, only
+integers for sizes) makes a manifest's bytes, and so its version id, stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import IntegrityError, InvalidInputError
+
+FORMAT_VERSION = 1
+CODECS = ("none", "zstd")
+MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger is a corrupt or hostile manifest
+MAX_PACK_SIZE = 1 << 32
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 12, 1 << 26
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{12})")
+_TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Serialize ``obj`` the one way this library writes JSON (sorted, compact, UTF-8)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> datetime:
+    """The current time in UTC (one place, so tests can reason about it)."""
+    return datetime.now(timezone.utc)
+
+
+def format_time(t: datetime) -> str:
+    """``2026-11-29T05:00:00.123456Z``."""
+    return t.astimezone(timezone.utc).strftime(_TIME_FMT)
+
+
+def parse_time(s: object, what: str) -> datetime:
+    """Parse :func:`format_time` output, raising IntegrityError on anything else."""
+    if not isinstance(s, str):
+        raise IntegrityError(f"{what}: expected a timestamp string")
+    try:
+        return datetime.strptime(s, _TIME_FMT).replace(tzinfo=timezone.utc)
+    except ValueError as e:
+        raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
+
+
+def check_name(name: str, what: str = "snapshot name") -> str:
+    """Validate a snapshot or ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInputError(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_relpath(path: object, what: str = "path") -> str:
+    """Validate a relative POSIX path from a manifest or a source tree."""
+    if not isinstance(path, str) or not path:
+        raise IntegrityError(f"{what}: empty or not a string")
+    bad = (
+        path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES
+        or unicodedata.normalize("NFC", path) != path
+    )
+    parts = path.split("/")
+    if bad or any(p in ("", ".", "..") or len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
+        raise IntegrityError(f"{what}: unsafe or non-canonical path {path!r}")
+    return path
+
+
+@dataclass(frozen=True, order=True)
+class VersionId:
+    """``{UTC yyyymmddTHHMMSSffffffZ}-{first 12 hex of sha256(manifest bytes)}``."""
+
+    timestamp: str
+    digest: str
+
+    def __str__(self) -> str:
+        return f"{self.timestamp}-{self.digest}"
+
+    @classmethod
+    def parse(cls, value: str) -> VersionId:
+        """Parse a version string; InvalidInputError if it is not one."""
+        m = _VERSION.fullmatch(value) if isinstance(value, str) else None
+        if not m:
+            raise InvalidInputError(f"invalid version id {value!r}")
+        return cls(m.group(1), m.group(2))
+
+    @classmethod
+    def is_version(cls, value: str) -> bool:
+        """True if ``value`` has the shape of a version id (as opposed to a ref name)."""
+        return bool(_VERSION.fullmatch(value))
+
+    @classmethod
+    def for_manifest(cls, manifest_bytes: bytes, created_at: datetime) -> VersionId:
+        """The version id of a manifest: sortable by time, bound to its content."""
+        ts = created_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        return cls(ts, sha256_hex(manifest_bytes)[:12])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one chunk lives: ``length`` stored bytes at ``offset`` in ``pack``."""
+
+    hash: str
+    pack: str
+    offset: int
+    length: int
+    size: int
+    codec: str = "none"
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"pack": self.pack, "offset": self.offset, "length": self.length,
+                "size": self.size, "codec": self.codec}  # fmt: skip
+
+    @classmethod
+    def from_obj(cls, h: str, obj: object, chunk_size: int) -> Chunk:
+        o = _obj(obj, f"chunk {h[:12]}", {"pack", "offset", "length", "size", "codec"})
+        c = cls(h, _hex64(o["pack"], "pack"), _int(o["offset"], "offset", 0, MAX_PACK_SIZE),
+                _int(o["length"], "length", 1, MAX_PACK_SIZE), _int(o["size"], "size", 1, chunk_size),
+                o["codec"])  # fmt: skip
+        if c.codec not in CODECS or (c.codec == "none" and c.length != c.size):
+            raise IntegrityError(f"chunk {h[:12]}: bad codec {c.codec!r} or length")
+        return c
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One regular file: relative POSIX path, size, permission bits and ordered chunk hashes."""
+
+    path: str
+    size: int
+    mode: int
+    chunks: tuple[str, ...]
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mode": self.mode, "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_obj(cls, obj: object) -> FileEntry:
+        o = _obj(obj, "file entry", {"path", "size", "mode", "chunks"})
+        chunks = o["chunks"]
+        if not isinstance(chunks, list):
+            raise IntegrityError("file entry: chunks must be a list")
+        return cls(check_relpath(o["path"]), _int(o["size"], "size", 0, MAX_FILE_SIZE),
+                   _int(o["mode"], "mode", 0, 0o777), tuple(_hex64(c, "chunk") for c in chunks))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild one version of a snapshot, byte for byte."""
+
+    name: str
+    created_at: datetime
+    chunk_size: int
+    files: tuple[FileEntry, ...]
+    chunks: Mapping[str, Chunk]
+    dirs: tuple[str, ...] = ()
+    parent: str | None = None
+    publisher: str = ""
+    message: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of all files."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def packs(self) -> frozenset[str]:
+        """Every pack this manifest reads from."""
+        return frozenset(c.pack for c in self.chunks.values())
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes; ``version_id`` hashes exactly these."""
+        return canonical_json({
+            "format": FORMAT_VERSION, "name": self.name, "parent": self.parent,
+            "created_at": format_time(self.created_at), "publisher": self.publisher,
+            "message": self.message, "chunk_size": self.chunk_size, "metadata": dict(self.metadata),
+            "files": [f.to_obj() for f in self.files], "dirs": list(self.dirs),
+            "chunks": {h: c.to_obj() for h, c in sorted(self.chunks.items())},
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        """Parse and fully validate manifest bytes; IntegrityError on anything unexpected."""
+        o = _obj(_loads(data, "manifest"), "manifest", _MANIFEST_KEYS)
+        if o["format"] != FORMAT_VERSION:
+            raise IntegrityError(f"manifest format {o['format']!r} is not supported (need 1)")
+        cs = _int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+        if cs & (cs - 1):
+            raise IntegrityError("chunk_size must be a power of two")
+        table = _obj(o["chunks"], "chunk table", None)
+        chunks = {h: Chunk.from_obj(_hex64(h, "chunk"), c, cs) for h, c in table.items()}
+        files = tuple(FileEntry.from_obj(f) for f in _list(o["files"], "files"))
+        dirs = tuple(check_relpath(d, "dir") for d in _list(o["dirs"], "dirs"))
+        m = cls(_str(o["name"], "name"), parse_time(o["created_at"], "created_at"), cs, files,
+                chunks, dirs, _opt_str(o["parent"], "parent"), _str(o["publisher"], "publisher"),
+                _opt_str(o["message"], "message"), _obj(o["metadata"], "metadata", None))  # fmt: skip
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        """Check internal consistency: paths unique and non-overlapping, chunk sizes add up."""
+        try:
+            check_name(self.name)
+        except InvalidInputError as e:
+            raise IntegrityError(str(e)) from e
+        if self.parent is not None and not VersionId.is_version(self.parent):
+            raise IntegrityError(f"bad parent version {self.parent!r}")
+        _check_tree([f.path for f in self.files], list(self.dirs))
+        used: set[str] = set()
+        for f in self.files:
+            _check_file_chunks(f, self.chunks, self.chunk_size)
+            used.update(f.chunks)
+        if used != set(self.chunks):
+            raise IntegrityError("chunk table lists chunks no file uses")
+
+
+_MANIFEST_KEYS = {"format", "name", "parent", "created_at", "publisher", "message",
+                  "chunk_size", "metadata", "files", "dirs", "chunks"}  # fmt: skip
+
+
+def _check_tree(files: list[str], dirs: list[str]) -> None:
+    seen: set[str] = set()
+    for p in files + dirs:
+        key = p.casefold()  # two names that clash on a case-insensitive disk are refused too
+        if key in seen:
+            raise IntegrityError(f"duplicate path {p!r}")
+        seen.add(key)
+    file_keys = {p.casefold() for p in files}
+    for p in files + dirs:
+        parts = p.casefold().split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in file_keys:
+                raise IntegrityError(f"path {p!r} is inside a file")
+
+
+def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int) -> None:
+    expected = -(-f.size // chunk_size)
+    if len(f.chunks) != expected:
+        raise IntegrityError(f"{f.path}: {len(f.chunks)} chunks for {f.size} bytes")
+    for i, h in enumerate(f.chunks):
+        c = table.get(h)
+        want = chunk_size if i < expected - 1 else f.size - chunk_size * (expected - 1)
+        if c is None or c.size != want:
+            raise IntegrityError(f"{f.path}: chunk {i} missing from the table or of wrong size")
+
+
+@dataclass(frozen=True)
+class RefValue:
+    """What a ref points at; ``generation`` grows by one on every update."""
+
+    version: str
+    generation: int
+    updated_at: datetime
+
+    def to_json(self) -> bytes:
+        return canonical_json({"format": FORMAT_VERSION, "version": self.version,
+                               "generation": self.generation,
+                               "updated_at": format_time(self.updated_at)})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RefValue:
+        """Parse and validate ref bytes; IntegrityError on anything unexpected."""
+        o = _obj(_loads(data, "ref"), "ref", {"format", "version", "generation", "updated_at"})
+        if o["format"] != FORMAT_VERSION:
+            raise IntegrityError(f"ref format {o['format']!r} is not supported")
+        v = o["version"]
+        if not isinstance(v, str) or not VersionId.is_version(v):
+            raise IntegrityError(f"ref points at an invalid version {v!r}")
+        return cls(v, _int(o["generation"], "generation", 1, 1 << 62),
+                   parse_time(o["updated_at"], "updated_at"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What an operation moved: bytes, requests, chunk counts and wall time."""
+
+    bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
+    bytes_reused: int = 0
+    requests: int = 0
+    chunks_total: int = 0
+    chunks_transferred: int = 0
+    packs_transferred: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A published version as a caller sees it."""
+
+    name: str
+    version: str
+    created_at: datetime
+    parent: str | None
+    total_size: int
+    file_count: int
+    message: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    stats: TransferStats = field(default_factory=TransferStats)
+
+    @classmethod
+    def from_manifest(cls, version: str, m: Manifest, stats: TransferStats | None = None) -> SnapshotInfo:
+        return cls(m.name, version, m.created_at, m.parent, m.total_size, len(m.files),
+                   m.message, m.metadata, stats or TransferStats())  # fmt: skip
+
+
+def _loads(data: bytes, what: str) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{what} is not valid JSON") from e
+
+
+def _obj(o: object, what: str, keys: set[str] | None) -> dict[str, Any]:
+    if not isinstance(o, dict) or not all(isinstance(k, str) for k in o):
+        raise IntegrityError(f"{what}: expected a JSON object")
+    if keys is not None and set(o) != keys:
+        raise IntegrityError(f"{what}: fields {sorted(o)} differ from {sorted(keys)}")
+    return o
+
+
+def _list(o: object, what: str) -> list[Any]:
+    if not isinstance(o, list):
+        raise IntegrityError(f"{what}: expected a list")
+    return o
+
+
+def _int(o: object, what: str, lo: int, hi: int) -> int:
+    if type(o) is not int or not lo <= o <= hi:
+        raise IntegrityError(f"{what}: expected an integer in [{lo}, {hi}], got {o!r}")
+    return o
+
+
+def _str(o: object, what: str) -> str:
+    if not isinstance(o, str):
+        raise IntegrityError(f"{what}: expected a string")
+    return o
+
+
+def _opt_str(o: object, what: str) -> str | None:
+    return None if o is None else _str(o, what)
+
+
+def _hex64(o: object, what: str) -> str:
+    if not isinstance(o, str) or not _HEX64.fullmatch(o):
+        raise IntegrityError(f"{what}: expected 64 lowercase hex digits")
+    return o

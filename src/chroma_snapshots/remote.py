@@ -1,0 +1,322 @@
+"""``RemoteStore``: the SnapshotStore on any Backend (S3, a mounted filesystem, fsspec).
+
+Layout below the backend's root (the same on every backend)::
+
+    {name}/packs/{p[0:2]}/{p}          immutable pack, p = sha256 of its bytes
+    {name}/manifests/{version}.json    immutable, written with PutMode.CREATE
+    {name}/refs/{ref}                  RefValue JSON, moved only by compare-and-swap
+
+Publish order is packs, then manifest, then ref, so a reader that sees a ref
+always finds a complete manifest and every pack it names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from . import maintenance
+from .backends.base import Backend, PutMode
+from .chunking import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET, PackWriter, read_chunks, scan_source
+from .deadline import Deadline, DeadlineLike, as_deadline
+from .errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
+from .models import (
+    Chunk,
+    FileEntry,
+    Manifest,
+    RefValue,
+    SnapshotInfo,
+    VersionId,
+    check_name,
+    sha256_hex,
+    utc_now,
+)
+from .store import (
+    ANY,
+    LATEST,
+    Expected,
+    LocalSnapshot,
+    Progress,
+    PruneReport,
+    SnapshotStore,
+    StatsRecorder,
+    VerifyReport,
+    remove_tree,
+)
+from .transfer import Placer, Read, fetch_and_place, needed_chunks, plan_reads
+
+
+def pack_key(name: str, pack: str) -> str:
+    """Where a pack lives."""
+    return f"{name}/packs/{pack[:2]}/{pack}"
+
+
+def manifest_key(name: str, version: str) -> str:
+    """Where a version's manifest lives."""
+    return f"{name}/manifests/{version}.json"
+
+
+def ref_key(name: str, ref: str) -> str:
+    """Where a ref lives."""
+    return f"{name}/refs/{ref}"
+
+
+class RemoteStore(SnapshotStore):
+    """Snapshots stored on ``backend``.
+
+    ``chunk_size`` and ``compression_level`` (None: store raw) apply to new
+    publishes; readers take both from each manifest. ``default_timeout`` is the
+    deadline (seconds) of calls made with ``deadline=None``.
+    """
+
+    def __init__(self, backend: Backend, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 pack_target: int = DEFAULT_PACK_TARGET, compression_level: int | None = 3,
+                 workers: int = 16, default_timeout: float = 600.0) -> None:  # fmt: skip
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.pack_target = pack_target
+        self.compression_level = compression_level
+        self.default_timeout = default_timeout
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chroma-snapshots")
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.backend!r})"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    # Reading refs and manifests.
+
+    def read_ref(self, name: str, ref: str = "latest") -> tuple[RefValue, str] | None:
+        """The ref's value and ETag, or None if it does not exist."""
+        try:
+            got = self.backend.get(ref_key(check_name(name), check_name(ref, "ref name")))
+        except SnapshotNotFoundError:
+            return None
+        return RefValue.from_json(got.data), got.meta.etag
+
+    def load_manifest(self, name: str, version: str) -> Manifest:
+        """Fetch and validate a manifest, checking it belongs to ``name`` and ``version``."""
+        vid = VersionId.parse(version)
+        data = self.backend.get(manifest_key(check_name(name), version)).data
+        m = Manifest.from_json(data)
+        if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
+            raise IntegrityError(f"manifest {version}: content does not match its version id")
+        if m.name != name:
+            raise IntegrityError(f"manifest {version} belongs to {m.name!r}, not {name!r}")
+        return m
+
+    def _version_of(self, name: str, ref: str) -> str:
+        if VersionId.is_version(ref):
+            return ref
+        found = self.read_ref(name, ref)
+        if found is None:
+            raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
+        return found[0].version
+
+    def resolve(self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None) -> SnapshotInfo:
+        version = self._version_of(name, ref)
+        return SnapshotInfo.from_manifest(version, self.load_manifest(name, version))
+
+    # Publishing.
+
+    def publish(self, name: str, source_dir: str | Path, *, expected: Expected = LATEST,
+                message: str | None = None, metadata: dict[str, object] | None = None,
+                deadline: DeadlineLike = None, progress: Progress | None = None,
+                ) -> SnapshotInfo:  # fmt: skip
+        check_name(name)
+        dl = as_deadline(deadline, self.default_timeout)
+        t0, stats = time.monotonic(), StatsRecorder()
+        files, dirs = scan_source(source_dir)
+        current = self.read_ref(name)
+        stats.add(requests=1)
+        _check_expected(name, expected, current)
+        parent = current[0].version if current else None
+        known = dict(self.load_manifest(name, parent).chunks) if parent else {}
+        entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress)
+        manifest = Manifest(name, utc_now(), self.chunk_size, tuple(entries), chunks, tuple(dirs),
+                            parent, _publisher(), message, metadata or {})  # fmt: skip
+        data = manifest.to_json()
+        version = str(VersionId.for_manifest(data, manifest.created_at))
+        dl.check("publishing the manifest")
+        self.backend.put(manifest_key(name, version), data, mode=PutMode.CREATE)
+        self._move_ref(name, "latest", version, expected, current)
+        stats.add(requests=2, bytes_uploaded=len(data))
+        return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
+
+    def _upload_chunks(self, name: str, files: list, known: dict[str, Chunk], dl: Deadline,
+                       stats: StatsRecorder, progress: Progress | None,
+                       ) -> tuple[list[FileEntry], dict[str, Chunk]]:  # fmt: skip
+        uploads = []
+
+        def upload(pack_id: str, data: bytes) -> None:
+            dl.check("uploading packs")
+            uploads.append(self._pool.submit(self._put_pack, name, pack_id, data, stats))
+            while sum(not u.done() for u in uploads) > 4:  # bound memory: few packs in flight
+                next(u for u in uploads if not u.done()).result(timeout=dl.remaining() or 0.001)
+
+        writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
+        entries, used, total, done = [], {}, sum(f.size for f in files), 0
+        for f in files:
+            hashes = []
+            for raw in read_chunks(f.abspath, self.chunk_size):
+                digest = sha256_hex(raw)
+                hashes.append(digest)
+                if digest in known:
+                    stats.add(bytes_reused=len(raw))
+                elif digest not in writer:
+                    writer.add(digest, raw)
+                done += len(raw)
+                if progress is not None:
+                    progress(done, total)
+            entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
+            used.update(dict.fromkeys(hashes))
+        writer.flush()
+        _wait(uploads, dl, "uploading packs")
+        table = {**known, **writer.chunks}
+        stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
+        return entries, {h: table[h] for h in used}
+
+    def _put_pack(self, name: str, pack_id: str, data: bytes, stats: StatsRecorder) -> None:
+        try:
+            self.backend.put(pack_key(name, pack_id), data, mode=PutMode.CREATE)
+        except ConflictError:
+            pass  # same name means same bytes: another publisher stored it already
+        stats.add(bytes_uploaded=len(data), requests=1, packs_transferred=1)
+
+    def _move_ref(self, name: str, ref: str, version: str, expected: Expected,
+                  current: tuple[RefValue, str] | None) -> None:  # fmt: skip
+        gen = current[0].generation + 1 if current else 1
+        value = RefValue(version, gen, utc_now()).to_json()
+        if expected is ANY:
+            mode = PutMode.OVERWRITE
+        else:
+            mode = PutMode.update(current[1]) if current else PutMode.CREATE
+        try:
+            self.backend.put(ref_key(name, ref), value, mode=mode)
+        except ConflictError as e:
+            raise ConflictError(
+                f"{name}/{ref} moved while publishing (based on "
+                f"{current[0].version if current else 'nothing'}); nothing was made visible"
+            ) from e
+
+    def set_ref(self, name: str, ref: str, version: str, *, expected: Expected) -> None:
+        check_name(ref, "ref name")
+        self.load_manifest(name, version)  # never point a ref at a missing or broken manifest
+        current = self.read_ref(name, ref)
+        _check_expected(f"{name}/{ref}", expected, current)
+        self._move_ref(name, ref, version, expected, current)
+
+    # Checking out.
+
+    def checkout(self, name: str, ref: str = "latest", dest: str | Path | None = None, *,
+                 deadline: DeadlineLike = None, progress: Progress | None = None,
+                 ) -> LocalSnapshot:  # fmt: skip
+        dl = as_deadline(deadline, self.default_timeout)
+        t0, stats = time.monotonic(), StatsRecorder()
+        version = self._version_of(name, ref)
+        manifest = self.load_manifest(name, version)
+        stats.add(requests=1 if VersionId.is_version(ref) else 2)
+        final = _prepare_dest(dest)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        work.chmod(0o755)  # mkdtemp makes it private; a checkout is an ordinary directory
+        try:
+            self.materialize(name, manifest, work, dl, stats, progress)
+            os.replace(work, final)  # dest is absent or an empty dir: the rename is atomic
+        except BaseException:
+            remove_tree(work)
+            raise
+        info = SnapshotInfo.from_manifest(version, manifest)
+        return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0))
+
+    def materialize(self, name: str, manifest: Manifest, root: Path, dl: Deadline,
+                    stats: StatsRecorder, progress: Progress | None = None) -> None:  # fmt: skip
+        """Write every file of ``manifest`` under ``root``, fetching and verifying chunks."""
+        placer = Placer(root, manifest)
+        placer.create_files()
+        todo = needed_chunks(manifest)
+        stats.add(chunks_total=len(manifest.chunks))
+
+        def fetch(r: Read) -> bytes:
+            return self.backend.get(pack_key(name, r.pack), byte_range=(r.start, r.end)).data
+
+        try:
+            fetch_and_place(plan_reads(todo), fetch, placer, executor=self._pool, deadline=dl,
+                            stats=stats, progress=progress)  # fmt: skip
+        except FutureTimeout as e:
+            raise StorageTimeoutError(f"checkout of {name} did not finish within its deadline") from e
+        placer.finish()
+
+    # Listing and maintenance.
+
+    def versions(self, name: str) -> Iterator[SnapshotInfo]:
+        for version in maintenance.list_versions(self.backend, check_name(name)):
+            yield SnapshotInfo.from_manifest(version, self.load_manifest(name, version))
+
+    def names(self) -> Iterator[str]:
+        yield from self.backend.list_dirs("")
+
+    def refs(self, name: str) -> dict[str, str]:
+        out = {}
+        for meta in self.backend.list(f"{check_name(name)}/refs/"):
+            ref = meta.key.rsplit("/", 1)[1]
+            found = self.read_ref(name, ref)
+            if found is not None:
+                out[ref] = found[0].version
+        return out
+
+    def verify(self, name: str, version: str) -> VerifyReport:
+        return maintenance.verify(self, name, version)
+
+    def prune(self, name: str, *, keep_last: int = 10, min_age: float = 3600.0,
+              dry_run: bool = False) -> PruneReport:  # fmt: skip
+        return maintenance.prune(self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run)
+
+
+def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:
+    if expected is LATEST or expected is ANY:
+        return
+    if expected is None:
+        if current is not None:
+            raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
+        return
+    VersionId.parse(expected)
+    if current is None or current[0].version != expected:
+        got = current[0].version if current else "nothing"
+        raise ConflictError(f"{what} is at {got}, not the expected {expected}")
+
+
+def _prepare_dest(dest: str | Path | None) -> Path:
+    if dest is None:
+        return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
+    final = Path(dest).absolute()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final
+
+
+def _wait(futures: list, dl: Deadline, what: str) -> None:
+    try:
+        for fut in futures:
+            fut.result(timeout=max(dl.remaining(), 0.001))
+    except FutureTimeout as e:
+        raise StorageTimeoutError(f"{what} did not finish within the deadline") from e
+
+
+def _publisher() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

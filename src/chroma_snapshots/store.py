@@ -1,0 +1,150 @@
+"""The public ``SnapshotStore`` interface and the values it returns."""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Union
+
+from .deadline import DeadlineLike
+from .models import SnapshotInfo, TransferStats
+
+
+class _Sentinel(enum.Enum):
+    LATEST = "LATEST"
+    ANY = "ANY"
+
+
+LATEST = _Sentinel.LATEST
+"""``expected=LATEST``: base the publish on the ref's current value and CAS against it."""
+ANY = _Sentinel.ANY
+"""``expected=ANY``: explicit last-writer-wins; overwrite the ref whatever it holds."""
+
+Expected = Union[str, None, _Sentinel]
+Progress = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``, called from worker threads as work completes."""
+
+
+@dataclass(frozen=True)
+class LocalSnapshot:
+    """A version materialized on local disk. Use as a context manager to release it."""
+
+    path: Path
+    info: SnapshotInfo
+    stats: TransferStats
+    _release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def __enter__(self) -> LocalSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let the store reclaim this checkout (unpins a cached version)."""
+        if self._release is not None:
+            self._release()
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` checked and every problem it found (empty ``problems`` means sound)."""
+
+    name: str
+    version: str
+    packs_checked: int
+    chunks_checked: int
+    bytes_checked: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Versions and packs removed (or, with ``dry_run``, that would be)."""
+
+    name: str
+    kept_versions: tuple[str, ...]
+    deleted_versions: tuple[str, ...]
+    deleted_packs: tuple[str, ...]
+    freed_bytes: int
+    dry_run: bool
+
+
+class SnapshotStore(ABC):
+    """Versioned, content-addressed snapshots of a directory, published atomically."""
+
+    @abstractmethod
+    def publish(self, name: str, source_dir: str | Path, *, expected: Expected = LATEST,
+                message: str | None = None, metadata: dict[str, object] | None = None,
+                deadline: DeadlineLike = None, progress: Progress | None = None,
+                ) -> SnapshotInfo:  # fmt: skip
+        """Upload ``source_dir`` as a new version and move ref ``latest`` to it (CAS on ``expected``)."""
+
+    @abstractmethod
+    def resolve(self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None) -> SnapshotInfo:
+        """The version a ref (or version id) names. SnapshotNotFoundError if absent."""
+
+    @abstractmethod
+    def checkout(self, name: str, ref: str = "latest", dest: str | Path | None = None, *,
+                 deadline: DeadlineLike = None, progress: Progress | None = None,
+                 ) -> LocalSnapshot:  # fmt: skip
+        """Materialize a version on local disk, every chunk verified."""
+
+    @abstractmethod
+    def versions(self, name: str) -> Iterator[SnapshotInfo]:
+        """Every stored version of ``name``, newest first."""
+
+    @abstractmethod
+    def names(self) -> Iterator[str]:
+        """Every snapshot name in the store."""
+
+    @abstractmethod
+    def refs(self, name: str) -> dict[str, str]:
+        """Ref name -> version for ``name``."""
+
+    @abstractmethod
+    def set_ref(self, name: str, ref: str, version: str, *, expected: Expected) -> None:
+        """Point ``ref`` at ``version`` (tags, rollback), compare-and-swap on ``expected``."""
+
+    @abstractmethod
+    def verify(self, name: str, version: str) -> VerifyReport:
+        """Download and check every pack and chunk a version uses."""
+
+    @abstractmethod
+    def prune(self, name: str, *, keep_last: int = 10, min_age: float = 3600.0,
+              dry_run: bool = False) -> PruneReport:  # fmt: skip
+        """Delete old unreferenced versions, then packs no retained version uses."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
+
+
+class StatsRecorder:
+    """Thread-safe counters that become a frozen :class:`TransferStats`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = TransferStats()
+
+    def add(self, **delta: int) -> None:
+        with self._lock:
+            cur = self._stats
+            self._stats = replace(cur, **{k: getattr(cur, k) + v for k, v in delta.items()})
+
+    def freeze(self, seconds: float) -> TransferStats:
+        with self._lock:
+            return replace(self._stats, seconds=seconds)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree if it exists (temp folders, failed checkouts)."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""Checkout mechanics: plan coalesced pack reads, then verify and place every chunk.
+
+A checkout needs some set of chunks. They are grouped by pack and sorted by
+offset; neighbours closer than ``max_gap`` are merged into one ranged read
+(reading a little waste beats a round trip), and reads are capped at
+``max_read`` so a whole pack is still fetched as several parallel requests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chunking import decode_chunk
+from .deadline import Deadline
+from .errors import IntegrityError
+from .models import Chunk, Manifest
+from .store import Progress, StatsRecorder
+
+DEFAULT_MAX_GAP = 256 << 10
+DEFAULT_MAX_READ = 8 << 20
+
+
+@dataclass(frozen=True)
+class Read:
+    """One ranged read of a pack, and the chunks it carries."""
+
+    pack: str
+    start: int
+    end: int
+    chunks: tuple[Chunk, ...]
+
+
+def plan_reads(chunks: Iterable[Chunk], *, max_gap: int = DEFAULT_MAX_GAP,
+               max_read: int = DEFAULT_MAX_READ) -> list[Read]:  # fmt: skip
+    """Coalesce the chunks' byte ranges into as few reads as the gap and size limits allow."""
+    by_pack: dict[str, list[Chunk]] = defaultdict(list)
+    for c in chunks:
+        by_pack[c.pack].append(c)
+    reads: list[Read] = []
+    for pack, cs in sorted(by_pack.items()):
+        cs.sort(key=lambda c: c.offset)
+        group = [cs[0]]
+        for c in cs[1:]:
+            end = group[-1].offset + group[-1].length
+            if c.offset - end <= max_gap and c.offset + c.length - group[0].offset <= max_read:
+                group.append(c)
+            else:
+                reads.append(_read(pack, group))
+                group = [c]
+        reads.append(_read(pack, group))
+    return reads
+
+
+def _read(pack: str, group: list[Chunk]) -> Read:
+    return Read(pack, group[0].offset, max(c.offset + c.length for c in group), tuple(group))
+
+
+class Placer:
+    """Writes verified chunks into the files of a manifest being materialized under ``root``."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.targets: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for f in manifest.files:
+            for i, h in enumerate(f.chunks):
+                self.targets[h].append((f.path, i * manifest.chunk_size))
+
+    def create_files(self) -> None:
+        """Create every directory and every file at its final size (sparse until filled)."""
+        for d in self.manifest.dirs:
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        for f in self.manifest.files:
+            path = self.root / f.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.truncate(f.size)
+
+    def place(self, digest: str, raw: bytes) -> int:
+        """Write one verified chunk everywhere it occurs; returns bytes written."""
+        written = 0
+        for relpath, offset in self.targets[digest]:
+            fd = os.open(self.root / relpath, os.O_WRONLY)
+            try:
+                os.pwrite(fd, raw, offset)
+            finally:
+                os.close(fd)
+            written += len(raw)
+        return written
+
+    def finish(self) -> None:
+        """Apply file modes once all data is in place."""
+        for f in self.manifest.files:
+            os.chmod(self.root / f.path, f.mode)
+
+
+Fetch = Callable[[Read], bytes]
+
+
+def fetch_and_place(reads: list[Read], fetch: Fetch, placer: Placer, *, executor: Executor,
+                    deadline: Deadline, stats: StatsRecorder, progress: Progress | None) -> None:  # fmt: skip
+    """Run the reads in parallel; verify each chunk's hash before it lands in a file."""
+    total = sum(r.end - r.start for r in reads)
+    done = [0]
+
+    def run(r: Read) -> None:
+        deadline.check(f"reading pack {r.pack[:12]}")
+        data = memoryview(fetch(r))
+        if len(data) != r.end - r.start:
+            raise IntegrityError(f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})")
+        for c in r.chunks:
+            raw = decode_chunk(c, data[c.offset - r.start : c.offset - r.start + c.length])
+            placer.place(c.hash, raw)
+        stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
+        if progress is not None:
+            done[0] += len(data)
+            progress(done[0], total)
+
+    futures = [executor.submit(run, r) for r in reads]
+    try:
+        for fut in futures:
+            fut.result(timeout=max(deadline.remaining(), 0.001))
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+
+
+def needed_chunks(manifest: Manifest, have: Mapping[str, object] | None = None) -> list[Chunk]:
+    """The manifest's distinct chunks, minus those in ``have``."""
+    return [c for h, c in manifest.chunks.items() if have is None or h not in have]
