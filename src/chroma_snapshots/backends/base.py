@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ..errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from ..errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 from ..models import check_relpath
 
 
@@ -71,6 +77,13 @@ def check_key(key: str) -> str:
         # Dot-names are reserved for backends' temp files and locks.
         raise InvalidInputError(f"key {key!r}: components may not start with '.'")
     return key
+
+
+def put_error(err: SnapshotError, key: str, mode: PutMode) -> SnapshotError:
+    """The error a failed put reports: an update of a missing key lost its compare-and-swap."""
+    if mode.kind == "update" and isinstance(err, SnapshotNotFoundError):
+        return ConflictError(f"{key} does not exist (expected etag {mode.etag})")
+    return err
 
 
 class Backend(ABC):

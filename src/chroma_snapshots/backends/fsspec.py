@@ -21,7 +21,7 @@ from ..errors import (
     SnapshotNotFoundError,
     UnsupportedOperationError,
 )
-from .base import Backend, GetResult, ObjectMeta, PutMode, check_key
+from .base import Backend, GetResult, ObjectMeta, PutMode, check_key, put_error
 
 _MEMORY_LOCK = threading.Lock()
 
@@ -110,7 +110,7 @@ class FsspecBackend(Backend):
         except SnapshotError:
             raise
         except Exception as e:
-            raise _wrap(e, "put", key) from e
+            raise put_error(_wrap(e, "put", key), key, mode) from e
         return self.head(key) if self._kind != "memory" else self._meta(key, {"size": len(data)}, data)
 
     def _put_memory(self, key: str, path: str, data: bytes, mode: PutMode) -> None:

@@ -8,6 +8,7 @@ are explicit (``botocore.config.Config``) so no call waits forever.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from ..errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from .base import Backend, GetResult, ObjectMeta, PutMode, check_key
+from .base import Backend, GetResult, ObjectMeta, PutMode, check_key, put_error
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -148,8 +149,8 @@ class S3Backend(Backend):
                 )
                 etag = _etag(resp.get("ETag"))
         except (ClientError, BotoCoreError) as e:
-            raise _wrap(e, "put", key) from e
-        return ObjectMeta(key, len(data), etag, 0.0)
+            raise put_error(_wrap(e, "put", key), key, mode) from e
+        return ObjectMeta(key, len(data), etag, time.time())
 
     def _put_multipart(self, full: str, data: bytes, cond: dict[str, str]) -> str:
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]

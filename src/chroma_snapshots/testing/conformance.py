@@ -1,0 +1,297 @@
+"""Conformance test classes: subclass with a ``backend`` or ``store`` fixture.
+
+Every backend and every SnapshotStore must pass the same tests, so a new
+implementation is correct exactly when its subclass is green.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from ..backends.base import Backend, PutMode
+from ..errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+)
+from ..models import RefValue
+from ..remote import RemoteStore, pack_key
+from ..store import ANY, SnapshotStore
+
+
+def _race(n: int, fn: Callable[[int], None]) -> None:
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class BackendTests:
+    """The behaviour every :class:`Backend` must have. Provide a ``backend`` fixture."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        raise NotImplementedError("subclass BackendTests and provide a backend fixture")
+
+    def test_put_get_head(self, backend: Backend) -> None:
+        meta = backend.put("a/b.bin", b"hello world")
+        got = backend.get("a/b.bin")
+        assert got.data == b"hello world"
+        assert got.meta.size == 11
+        assert got.meta.etag == meta.etag == backend.head("a/b.bin").etag
+
+    def test_byte_range(self, backend: Backend) -> None:
+        backend.put("r", bytes(range(100)))
+        assert backend.get("r", byte_range=(10, 20)).data == bytes(range(10, 20))
+        assert backend.get("r", byte_range=(95, 100)).data == bytes(range(95, 100))
+
+    def test_missing(self, backend: Backend) -> None:
+        with pytest.raises(SnapshotNotFoundError):
+            backend.get("nope/x")
+        with pytest.raises(FileNotFoundError):  # the builtin it also is
+            backend.head("nope/x")
+        assert not backend.exists("nope/x")
+        backend.delete("nope/x")  # deleting a missing key is fine
+
+    def test_overwrite_changes_etag(self, backend: Backend) -> None:
+        first = backend.put("k", b"one")
+        second = backend.put("k", b"two")
+        assert backend.get("k").data == b"two"
+        assert first.etag != second.etag
+
+    def test_create_refuses_existing(self, backend: Backend) -> None:
+        backend.put("c", b"first", mode=PutMode.CREATE)
+        with pytest.raises(ConflictError):
+            backend.put("c", b"second", mode=PutMode.CREATE)
+        assert backend.get("c").data == b"first"
+
+    def test_update_is_compare_and_swap(self, backend: Backend) -> None:
+        etag = backend.put("u", b"v1").etag
+        new = backend.put("u", b"v2", mode=PutMode.update(etag))
+        with pytest.raises(ConflictError):
+            backend.put("u", b"v3", mode=PutMode.update(etag))  # stale etag
+        assert backend.get("u").data == b"v2"
+        backend.put("u", b"v3", mode=PutMode.update(backend.get("u").meta.etag))
+        assert backend.get("u").data == b"v3"
+        assert new.etag != etag
+
+    def test_update_missing_conflicts(self, backend: Backend) -> None:
+        with pytest.raises(ConflictError):
+            backend.put("absent", b"x", mode=PutMode.update("0123abcd"))
+        assert not backend.exists("absent")
+
+    def test_list_and_delete(self, backend: Backend) -> None:
+        for k in ("n/packs/aa/1", "n/packs/ab/2", "n/refs/latest", "m/refs/latest"):
+            backend.put(k, k.encode())
+        assert sorted(m.key for m in backend.list("n/")) == ["n/packs/aa/1", "n/packs/ab/2",
+                                                             "n/refs/latest"]  # fmt: skip
+        assert sorted(m.key for m in backend.list("n/packs/a")) == ["n/packs/aa/1", "n/packs/ab/2"]
+        assert backend.list_dirs("") == ["m", "n"]
+        assert {m.key: m.size for m in backend.list("m/")} == {"m/refs/latest": 13}
+        backend.delete("n/packs/aa/1")
+        assert sorted(m.key for m in backend.list("n/packs/")) == ["n/packs/ab/2"]
+
+    @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "a/.hidden", "x\x00"])
+    def test_rejects_unsafe_keys(self, backend: Backend, key: str) -> None:
+        with pytest.raises(InvalidInputError):
+            backend.put(key, b"x")
+
+    def test_concurrent_create_has_one_winner(self, backend: Backend) -> None:
+        wins: list[int] = []
+
+        def attempt(i: int) -> None:
+            try:
+                backend.put("race", str(i).encode(), mode=PutMode.CREATE)
+                wins.append(i)
+            except ConflictError:
+                pass
+
+        _race(6, attempt)
+        assert len(wins) == 1
+        assert backend.get("race").data == str(wins[0]).encode()
+
+    def test_concurrent_updates_lose_nothing(self, backend: Backend) -> None:
+        backend.put("counter", b"0")
+
+        def increment(_: int) -> None:
+            for _ in range(5):
+                while True:
+                    got = backend.get("counter")
+                    try:
+                        backend.put("counter", str(int(got.data) + 1).encode(),
+                                    mode=PutMode.update(got.meta.etag))  # fmt: skip
+                        break
+                    except ConflictError:
+                        continue
+
+        _race(4, increment)
+        assert backend.get("counter").data == b"20"
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    """Create ``files`` (relative path -> content) below ``root``."""
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Relative path -> content of every file below ``root``."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+class SnapshotStoreTests:
+    """The behaviour every :class:`SnapshotStore` must have. Provide a ``store`` fixture
+    (a RemoteStore with a small chunk size, e.g. 4 KiB, so small trees span many chunks)."""
+
+    @pytest.fixture
+    def store(self) -> SnapshotStore:
+        raise NotImplementedError("subclass SnapshotStoreTests and provide a store fixture")
+
+    def _tree(self, tmp_path: Path) -> Path:
+        rng = random.Random(7)
+        return write_tree(tmp_path / "src", {
+            "chroma.sqlite3": rng.randbytes(50_000), "seg/data_level0.bin": bytes(20_000),
+            "seg/header.bin": b"h" * 100, "seg/empty": b"",
+        })  # fmt: skip
+
+    def test_round_trip(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        os.chmod(src / "seg/header.bin", 0o600)
+        info = store.publish("db", src, message="first")
+        with store.checkout("db", dest=tmp_path / "out") as snap:
+            assert read_tree(snap.path) == read_tree(src)
+            assert (snap.path / "seg/header.bin").stat().st_mode & 0o777 == 0o600
+            assert snap.info.version == info.version
+        assert store.resolve("db").version == info.version
+        assert store.resolve("db", info.version).message == "first"
+        assert list(store.names()) == ["db"]
+
+    def test_unchanged_publish_uploads_no_packs(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        first = store.publish("db", src)
+        second = store.publish("db", src)
+        assert second.parent == first.version
+        assert second.stats.packs_transferred == 0
+        assert second.stats.bytes_reused == first.total_size
+
+    def test_small_change_uploads_one_chunk(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        store.publish("db", src)
+        with open(src / "chroma.sqlite3", "r+b") as f:
+            f.seek(8192)
+            f.write(b"\xff" * 16)
+        info = store.publish("db", src)
+        assert info.stats.chunks_transferred == 1
+        assert info.stats.packs_transferred == 1
+        assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(src)
+
+    def test_stale_expected_conflicts(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        base = store.publish("db", src, expected=None)
+        winner = store.publish("db", src, expected=base.version)
+        with pytest.raises(ConflictError):
+            store.publish("db", src, expected=base.version)
+        with pytest.raises(ConflictError):
+            store.publish("db", src, expected=None)
+        assert store.resolve("db").version == winner.version
+        forced = store.publish("db", src, expected=ANY)
+        assert store.resolve("db").version == forced.version
+
+    def test_tags_and_rollback(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        v1 = store.publish("db", src).version
+        (src / "new.txt").write_bytes(b"new")
+        v2 = store.publish("db", src).version
+        assert [v.version for v in store.versions("db")] == [v2, v1]
+        store.set_ref("db", "stable", v1, expected=None)
+        store.set_ref("db", "latest", v1, expected=v2)  # rollback
+        with pytest.raises(ConflictError):
+            store.set_ref("db", "latest", v2, expected=v2)
+        assert store.refs("db") == {"latest": v1, "stable": v1}
+        assert "new.txt" not in read_tree(store.checkout("db", dest=tmp_path / "o").path)
+        with pytest.raises(SnapshotNotFoundError):
+            store.set_ref("db", "x", "20200101T000000000000Z-000000000000", expected=None)
+
+    def test_missing_and_bad_names(self, store: SnapshotStore, tmp_path: Path) -> None:
+        with pytest.raises(SnapshotNotFoundError):
+            store.resolve("nothing")
+        with pytest.raises(SnapshotNotFoundError):
+            store.checkout("nothing", dest=tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+        for bad in ("../x", "a/b", "", ".hidden"):
+            with pytest.raises(InvalidInputError):
+                store.publish(bad, self._tree(tmp_path))
+
+    def test_checkout_refuses_non_empty_dest(self, store: SnapshotStore, tmp_path: Path) -> None:
+        store.publish("db", self._tree(tmp_path))
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "keep").write_bytes(b"mine")
+        with pytest.raises(InvalidInputError):
+            store.checkout("db", dest=tmp_path / "busy")
+        assert (tmp_path / "busy" / "keep").read_bytes() == b"mine"
+
+    def test_verify_detects_damage(self, store: SnapshotStore, tmp_path: Path) -> None:
+        info = store.publish("db", self._tree(tmp_path))
+        assert store.verify("db", info.version).ok
+        if not isinstance(store, RemoteStore):
+            return
+        manifest = store.load_manifest("db", info.version)
+        pack = sorted(manifest.packs)[0]
+        data = bytearray(store.backend.get(pack_key("db", pack)).data)
+        data[len(data) // 2] ^= 0x01
+        store.backend.put(pack_key("db", pack), bytes(data))
+        report = store.verify("db", info.version)
+        assert not report.ok
+        assert any("mismatch" in p for p in report.problems)
+        with pytest.raises(IntegrityError):
+            store.checkout("db", dest=tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == []
+
+    def test_prune_keeps_what_is_referenced(self, store: SnapshotStore, tmp_path: Path) -> None:
+        src = self._tree(tmp_path)
+        versions = []
+        for i in range(4):
+            (src / "chroma.sqlite3").write_bytes(os.urandom(30_000) + bytes([i]))
+            versions.append(store.publish("db", src).version)
+        store.set_ref("db", "stable", versions[0], expected=None)
+        assert store.prune("db", keep_last=1, min_age=3600).deleted_versions == ()  # all too young
+        dry = store.prune("db", keep_last=1, min_age=0, dry_run=True)
+        assert set(dry.deleted_versions) == {versions[1], versions[2]}
+        report = store.prune("db", keep_last=1, min_age=0)
+        assert report.deleted_packs and report.freed_bytes > 0
+        assert [v.version for v in store.versions("db")] == [versions[3], versions[0]]
+        for v in (versions[3], versions[0]):
+            assert store.verify("db", v).ok
+        assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(src)
+
+    def test_refs_are_validated(self, store: SnapshotStore, tmp_path: Path) -> None:
+        store.publish("db", self._tree(tmp_path))
+        if not isinstance(store, RemoteStore):
+            return
+        store.backend.put("db/refs/latest", b'{"version": "../../etc"}')
+        with pytest.raises(IntegrityError):
+            store.resolve("db")
+        good = RefValue("20200101T000000000000Z-000000000000", 1, datetime.now(timezone.utc))
+        store.backend.put("db/refs/latest", good.to_json())
+        with pytest.raises(SnapshotNotFoundError):
+            store.resolve("db")

@@ -1,0 +1,34 @@
+"""Every SnapshotStore passes the same conformance tests, on every backend."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore, SnapshotStore, open_backend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import SnapshotStoreTests
+
+SMALL = {"chunk_size": 4096, "pack_target": 16384}
+
+
+class TestFileStore(SnapshotStoreTests):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> SnapshotStore:
+        return RemoteStore(open_backend(f"file://{tmp_path}/store"), **SMALL)
+
+
+class TestMemoryStore(SnapshotStoreTests):
+    @pytest.fixture
+    def store(self) -> SnapshotStore:
+        return RemoteStore(open_backend(f"memory://s-{uuid.uuid4().hex}"), **SMALL)
+
+
+class TestS3Store(SnapshotStoreTests):
+    @pytest.fixture
+    def store(self, moto_server: MotoServer, s3_bucket: str) -> SnapshotStore:
+        settings = S3Settings(endpoint_url=moto_server.endpoint_url)
+        return RemoteStore(S3Backend(s3_bucket, "snapshots", settings=settings), **SMALL)
