@@ -1,0 +1,112 @@
+"""Publishers racing in threads and OS processes, and publishers killed mid-flight."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from chroma_snapshots import ConflictError, RemoteStore, StoreConfig, open_store
+from chroma_snapshots.remote import manifest_key
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+WORKER = str(Path(__file__).with_name("publisher_worker.py"))
+
+
+def _s3_store(server: MotoServer, bucket: str) -> RemoteStore:
+    store = open_store(StoreConfig(url=f"s3://{bucket}/snaps", s3_endpoint_url=server.endpoint_url))
+    store.chunk_size, store.pack_target = 4096, 65536
+    return store
+
+
+def _chain(store: RemoteStore) -> list[str]:
+    out, version = [], store.resolve("db").version
+    while version:
+        out.append(version)
+        version = store.load_manifest("db", version).parent  # type: ignore[assignment]
+    return out
+
+
+def test_two_publishers_same_base_exactly_one_wins(moto_server: MotoServer, s3_bucket: str,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    store = _s3_store(moto_server, s3_bucket)
+    base = store.publish("db", write_tree(tmp_path / "base", {"a": b"base"})).version
+    srcs = [write_tree(tmp_path / f"s{i}", {"a": f"writer {i}".encode() * 5000}) for i in range(2)]
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(2)
+
+    def publish(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = store.publish("db", srcs[i], expected=base)
+        except ConflictError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, r in results.items() if not isinstance(r, ConflictError)]
+    assert len(winners) == 1
+    latest = store.resolve("db")
+    assert latest.version == results[winners[0]].version  # type: ignore[attr-defined]
+    assert latest.parent == base
+    assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(srcs[winners[0]])
+    assert store.read_ref("db") is not None and store.read_ref("db")[0].generation == 2  # type: ignore[index]
+
+
+def test_four_processes_five_publishes_each_lose_nothing(moto_server: MotoServer, s3_bucket: str,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    url = f"s3://{s3_bucket}/snaps"
+    procs = [subprocess.Popen([sys.executable, WORKER, url, moto_server.endpoint_url, "append",
+                               str(w), "5", str(tmp_path / f"work{w}")])  # fmt: skip
+             for w in range(4)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0
+    store = _s3_store(moto_server, s3_bucket)
+    chain = _chain(store)
+    assert len(chain) == 20
+    seen = {(store.load_manifest("db", v).metadata["writer"], store.load_manifest("db", v).metadata["seq"])
+            for v in chain}  # fmt: skip
+    assert seen == {(w, s) for w in range(4) for s in range(5)}
+    final = read_tree(store.checkout("db", dest=tmp_path / "final").path)
+    assert set(final) == {f"w{w}-{s}.txt" for w in range(4) for s in range(5)}
+
+
+def test_killed_publisher_never_leaves_a_broken_latest(moto_server: MotoServer, s3_bucket: str,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    url = f"s3://{s3_bucket}/snaps"
+    store = _s3_store(moto_server, s3_bucket)
+    rng = random.Random(1234)
+    kills = 0
+    for run in range(12):
+        proc = subprocess.Popen([sys.executable, WORKER, url, moto_server.endpoint_url, "churn",
+                                 str(run), "50", str(tmp_path / "work")],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(rng.uniform(0.7, 1.6))  # past interpreter start-up, inside some publish
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        found = store.read_ref("db")
+        if found is not None:
+            version = found[0].version
+            assert store.verify("db", version).ok
+            out = store.checkout("db", dest=tmp_path / f"check{run}")
+            assert (out.path / "chroma.sqlite3").stat().st_size == 2 << 20
+    assert kills >= 10
+    src = write_tree(tmp_path / "after", {"chroma.sqlite3": os.urandom(10_000)})
+    final = store.publish("db", src)
+    report = store.prune("db", keep_last=1, min_age=0)
+    assert report.kept_versions == (final.version,)
+    assert store.verify("db", final.version).ok
+    leftovers = {m.key for m in store.backend.list("db/")}
+    used = {f"db/packs/{p[:2]}/{p}" for p in store.load_manifest("db", final.version).packs}
+    assert leftovers == used | {"db/refs/latest", manifest_key("db", final.version)}

@@ -1,0 +1,56 @@
+"""Configuration from the environment: good values open stores, bad ones name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import ConfigError, RemoteStore, StoreConfig, open_store
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.backends.s3 import S3Backend
+
+
+def test_url_wins() -> None:
+    cfg = StoreConfig.from_env({"CHROMA_SNAPSHOTS_URL": "s3://b/p", "CHROMADB_STORAGE_MODE": "efs"})
+    assert cfg.url == "s3://b/p"
+
+
+def test_compatibility_modes(tmp_path: Path) -> None:
+    env = {"CHROMADB_STORAGE_MODE": "S3", "CHROMADB_BUCKET": "bkt", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "7.5",
+           "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}  # fmt: skip
+    cfg = StoreConfig.from_env(env)
+    assert (cfg.url, cfg.s3_timeout, cfg.s3_endpoint_url) == ("s3://bkt", 7.5, "http://127.0.0.1:9")
+    store = open_store(cfg)
+    assert isinstance(store.backend, S3Backend)
+    assert store.backend.settings.read_timeout == 7.5
+    assert store.backend.client.meta.endpoint_url == "http://127.0.0.1:9"
+    efs = StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": str(tmp_path)})
+    assert efs.url == f"efs://{tmp_path}"
+    store = open_store(efs)
+    assert isinstance(store, RemoteStore) and isinstance(store.backend, FileBackend)
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({}, "CHROMA_SNAPSHOTS_URL"),
+    ({"CHROMA_SNAPSHOTS_URL": "bucket/prefix"}, "CHROMA_SNAPSHOTS_URL"),
+    ({"CHROMADB_STORAGE_MODE": "ftp"}, "CHROMADB_STORAGE_MODE"),
+    ({"CHROMADB_STORAGE_MODE": "auto"}, "CHROMADB_STORAGE_MODE"),
+    ({"CHROMADB_STORAGE_MODE": "s3"}, "CHROMADB_BUCKET"),
+    ({"CHROMADB_STORAGE_MODE": "s3", "CHROMADB_BUCKET": "a/b"}, "CHROMADB_BUCKET"),
+    ({"CHROMADB_STORAGE_MODE": "efs"}, "CHROMA_ROOT"),
+    ({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": "relative"}, "CHROMA_ROOT"),
+    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "soon"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
+    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "-1"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
+    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "inf"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
+    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "localhost:9000"}, "AWS_ENDPOINT_URL_S3"),
+])  # fmt: skip
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        StoreConfig.from_env(env)
+
+
+def test_bad_urls_are_config_errors() -> None:
+    for url in ("s3://", "nosuch://x", "file://host/x"):
+        with pytest.raises(ConfigError):
+            open_store(url)

@@ -1,0 +1,131 @@
+"""Damaged or hostile stored data is detected before anything lands outside ``dest``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    IntegrityError,
+    Manifest,
+    RefValue,
+    RemoteStore,
+    SnapshotNotFoundError,
+    VersionId,
+    open_backend,
+)
+from chroma_snapshots.models import canonical_json, parse_time, utc_now
+from chroma_snapshots.remote import manifest_key, pack_key, ref_key
+from chroma_snapshots.testing.conformance import write_tree
+
+
+@pytest.fixture
+def store() -> RemoteStore:
+    return RemoteStore(open_backend(f"memory://i-{uuid.uuid4().hex}"), chunk_size=4096,
+                       pack_target=8192)  # fmt: skip
+
+
+@pytest.fixture
+def published(store: RemoteStore, tmp_path: Path) -> str:
+    write_tree(tmp_path / "src", {"a.bin": bytes(range(256)) * 100, "d/b.txt": b"b" * 9000})
+    return store.publish("db", tmp_path / "src").version
+
+
+def _damage_pack(store: RemoteStore, version: str, how: str) -> None:
+    pack = sorted(store.load_manifest("db", version).packs)[0]
+    key = pack_key("db", pack)
+    data = store.backend.get(key).data
+    if how == "flip":
+        store.backend.put(key, data[:10] + bytes([data[10] ^ 0x40]) + data[11:])
+    elif how == "truncate":
+        store.backend.put(key, data[: len(data) // 2])
+    else:
+        store.backend.delete(key)
+
+
+def _nothing_left(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_damaged_pack_fails_checkout(store: RemoteStore, published: str, tmp_path: Path,
+                                     how: str) -> None:  # fmt: skip
+    _damage_pack(store, published, how)
+    with pytest.raises(IntegrityError):
+        store.checkout("db", dest=tmp_path / "out")
+    _nothing_left(tmp_path)
+    assert not store.verify("db", published).ok
+
+
+def test_missing_pack_is_not_found(store: RemoteStore, published: str, tmp_path: Path) -> None:
+    _damage_pack(store, published, "delete")
+    with pytest.raises(SnapshotNotFoundError):
+        store.checkout("db", dest=tmp_path / "out")
+    _nothing_left(tmp_path)
+    assert any("missing" in p for p in store.verify("db", published).problems)
+
+
+def _plant_manifest(store: RemoteStore, version: str, edit: dict[str, object]) -> str:
+    """Store an edited copy of a manifest under its own (correct) version id; point latest at it."""
+    obj = json.loads(store.backend.get(manifest_key("db", version)).data)
+    obj.update(edit)
+    data = canonical_json(obj)
+    new = str(VersionId.for_manifest(data, parse_time(obj["created_at"], "created_at")))
+    store.backend.put(manifest_key("db", new), data)
+    store.backend.put(ref_key("db", "latest"), RefValue(new, 99, utc_now()).to_json())
+    return new
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/x", "a/../../x", "a\\..\\x", "ok/./x", "a\x00b"])
+def test_hostile_manifest_path_is_refused(store: RemoteStore, published: str, tmp_path: Path,
+                                          path: str) -> None:  # fmt: skip
+    obj = json.loads(store.backend.get(manifest_key("db", published)).data)
+    files = obj["files"]
+    files[0]["path"] = path
+    _plant_manifest(store, published, {"files": files})
+    with pytest.raises(IntegrityError):
+        store.checkout("db", dest=tmp_path / "sub" / "out")
+    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "sub" / "out").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    {"format": 2}, {"chunk_size": 1000}, {"name": "other"}, {"extra": 1},
+    {"files": [{"path": "a", "size": -1, "mode": 420, "chunks": []}]},
+    {"files": [{"path": "a", "size": 1, "mode": 420, "chunks": ["zz"]}]},
+])  # fmt: skip
+def test_malformed_manifests_are_refused(store: RemoteStore, published: str, tmp_path: Path,
+                                         edit: dict[str, object]) -> None:  # fmt: skip
+    _plant_manifest(store, published, edit)
+    with pytest.raises(IntegrityError):
+        store.checkout("db", dest=tmp_path / "out")
+    _nothing_left(tmp_path)
+
+
+def test_manifest_must_match_its_version_id(store: RemoteStore, published: str) -> None:
+    key = manifest_key("db", published)
+    obj = json.loads(store.backend.get(key).data)
+    obj["message"] = "tampered"
+    store.backend.put(key, canonical_json(obj))
+    with pytest.raises(IntegrityError, match="version id"):
+        store.resolve("db")
+
+
+def test_manifest_copied_from_another_name(store: RemoteStore, published: str, tmp_path: Path) -> None:
+    write_tree(tmp_path / "o", {"x": b"other"})
+    other = store.publish("other", tmp_path / "o").version
+    store.backend.put(manifest_key("db", other), store.backend.get(manifest_key("other", other)).data)
+    with pytest.raises(IntegrityError, match="belongs to"):
+        store.resolve("db", other)
+
+
+def test_duplicate_and_overlapping_paths_are_refused(store: RemoteStore, published: str) -> None:
+    obj = json.loads(store.backend.get(manifest_key("db", published)).data)
+    for files in ([obj["files"][0], obj["files"][0]],
+                  [obj["files"][0], {**obj["files"][0], "path": obj["files"][0]["path"] + "/x"}]):
+        with pytest.raises(IntegrityError):
+            Manifest.from_json(canonical_json({**obj, "files": files}))
