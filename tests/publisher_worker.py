@@ -12,7 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from chroma_snapshots import ConflictError, RemoteStore, SnapshotNotFoundError, StoreConfig, open_store
+from chroma_snapshots import (
+    ConflictError,
+    RemoteStore,
+    SnapshotNotFoundError,
+    StoreConfig,
+    open_store,
+)
 
 
 def _store(url: str, endpoint: str) -> RemoteStore:
@@ -27,11 +33,13 @@ def append(store: RemoteStore, writer: int, count: int, work: Path) -> None:
         while True:
             attempt += 1
             tree = work / f"w{writer}-{seq}-{attempt}"
+            base: str | None
             try:
                 base = store.resolve("db").version
                 store.checkout("db", base, dest=tree)
             except SnapshotNotFoundError:
-                base, _ = None, tree.mkdir(parents=True)
+                base = None
+                tree.mkdir(parents=True)
             (tree / f"w{writer}-{seq}.txt").write_text(f"{writer}:{seq}")
             try:
                 store.publish("db", tree, expected=base, metadata={"writer": writer, "seq": seq})

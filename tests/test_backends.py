@@ -30,22 +30,25 @@ class TestMemoryBackend(BackendTests):
 class TestS3Backend(BackendTests):
     @pytest.fixture
     def backend(self, moto_server: MotoServer, s3_bucket: str) -> Backend:
-        return S3Backend(s3_bucket, "some/prefix",
-                         settings=S3Settings(endpoint_url=moto_server.endpoint_url))  # fmt: skip
+        return S3Backend(
+            s3_bucket, "some/prefix", settings=S3Settings(endpoint_url=moto_server.endpoint_url)
+        )
 
 
 class TestS3fsBackend(BackendTests):
     @pytest.fixture
     def backend(self, moto_server: MotoServer, s3_bucket: str) -> Backend:
         return FsspecBackend.from_url(
-            f"s3://{s3_bucket}/pre", client_kwargs={"endpoint_url": moto_server.endpoint_url},
+            f"s3://{s3_bucket}/pre",
+            client_kwargs={"endpoint_url": moto_server.endpoint_url},
             skip_instance_cache=True,
         )
 
 
 def test_s3_multipart_create_is_conditional(moto_server: MotoServer, s3_bucket: str) -> None:
-    settings = S3Settings(endpoint_url=moto_server.endpoint_url, multipart_threshold=6 << 20,
-                          part_size=5 << 20)  # fmt: skip
+    settings = S3Settings(
+        endpoint_url=moto_server.endpoint_url, multipart_threshold=6 << 20, part_size=5 << 20
+    )
     backend = S3Backend(s3_bucket, settings=settings)
     data = bytes(range(256)) * (12 << 12)  # 12 MiB: three parts
     from chroma_snapshots import ConflictError, PutMode

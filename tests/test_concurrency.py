@@ -33,8 +33,9 @@ def _chain(store: RemoteStore) -> list[str]:
     return out
 
 
-def test_two_publishers_same_base_exactly_one_wins(moto_server: MotoServer, s3_bucket: str,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_two_publishers_same_base_exactly_one_wins(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
     store = _s3_store(moto_server, s3_bucket)
     base = store.publish("db", write_tree(tmp_path / "base", {"a": b"base"})).version
     srcs = [write_tree(tmp_path / f"s{i}", {"a": f"writer {i}".encode() * 5000}) for i in range(2)]
@@ -59,37 +60,68 @@ def test_two_publishers_same_base_exactly_one_wins(moto_server: MotoServer, s3_b
     assert latest.version == results[winners[0]].version  # type: ignore[attr-defined]
     assert latest.parent == base
     assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(srcs[winners[0]])
-    assert store.read_ref("db") is not None and store.read_ref("db")[0].generation == 2  # type: ignore[index]
+    ref = store.read_ref("db")
+    assert ref is not None
+    assert ref[0].generation == 2
 
 
-def test_four_processes_five_publishes_each_lose_nothing(moto_server: MotoServer, s3_bucket: str,
-                                                         tmp_path: Path) -> None:  # fmt: skip
+def test_four_processes_five_publishes_each_lose_nothing(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
     url = f"s3://{s3_bucket}/snaps"
-    procs = [subprocess.Popen([sys.executable, WORKER, url, moto_server.endpoint_url, "append",
-                               str(w), "5", str(tmp_path / f"work{w}")])  # fmt: skip
-             for w in range(4)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                url,
+                moto_server.endpoint_url,
+                "append",
+                str(w),
+                "5",
+                str(tmp_path / f"work{w}"),
+            ]
+        )
+        for w in range(4)
+    ]
     for p in procs:
         assert p.wait(timeout=240) == 0
     store = _s3_store(moto_server, s3_bucket)
     chain = _chain(store)
     assert len(chain) == 20
-    seen = {(store.load_manifest("db", v).metadata["writer"], store.load_manifest("db", v).metadata["seq"])
-            for v in chain}  # fmt: skip
+    seen = {
+        (
+            store.load_manifest("db", v).metadata["writer"],
+            store.load_manifest("db", v).metadata["seq"],
+        )
+        for v in chain
+    }
     assert seen == {(w, s) for w in range(4) for s in range(5)}
     final = read_tree(store.checkout("db", dest=tmp_path / "final").path)
     assert set(final) == {f"w{w}-{s}.txt" for w in range(4) for s in range(5)}
 
 
-def test_killed_publisher_never_leaves_a_broken_latest(moto_server: MotoServer, s3_bucket: str,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_killed_publisher_never_leaves_a_broken_latest(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
     url = f"s3://{s3_bucket}/snaps"
     store = _s3_store(moto_server, s3_bucket)
     rng = random.Random(1234)
     kills = 0
     for run in range(12):
-        proc = subprocess.Popen([sys.executable, WORKER, url, moto_server.endpoint_url, "churn",
-                                 str(run), "50", str(tmp_path / "work")],
-                                stdout=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                url,
+                moto_server.endpoint_url,
+                "churn",
+                str(run),
+                "50",
+                str(tmp_path / "work"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.7, 1.6))  # past interpreter start-up, inside some publish
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -17,8 +17,12 @@ def test_url_wins() -> None:
 
 
 def test_compatibility_modes(tmp_path: Path) -> None:
-    env = {"CHROMADB_STORAGE_MODE": "S3", "CHROMADB_BUCKET": "bkt", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "7.5",
-           "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}  # fmt: skip
+    env = {
+        "CHROMADB_STORAGE_MODE": "S3",
+        "CHROMADB_BUCKET": "bkt",
+        "CHROMA_SNAPSHOTS_S3_TIMEOUT": "7.5",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+    }
     cfg = StoreConfig.from_env(env)
     assert (cfg.url, cfg.s3_timeout, cfg.s3_endpoint_url) == ("s3://bkt", 7.5, "http://127.0.0.1:9")
     store = open_store(cfg)
@@ -28,23 +32,39 @@ def test_compatibility_modes(tmp_path: Path) -> None:
     efs = StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": str(tmp_path)})
     assert efs.url == f"efs://{tmp_path}"
     store = open_store(efs)
-    assert isinstance(store, RemoteStore) and isinstance(store.backend, FileBackend)
+    assert isinstance(store, RemoteStore)
+    assert isinstance(store.backend, FileBackend)
 
 
-@pytest.mark.parametrize(("env", "variable"), [
-    ({}, "CHROMA_SNAPSHOTS_URL"),
-    ({"CHROMA_SNAPSHOTS_URL": "bucket/prefix"}, "CHROMA_SNAPSHOTS_URL"),
-    ({"CHROMADB_STORAGE_MODE": "ftp"}, "CHROMADB_STORAGE_MODE"),
-    ({"CHROMADB_STORAGE_MODE": "auto"}, "CHROMADB_STORAGE_MODE"),
-    ({"CHROMADB_STORAGE_MODE": "s3"}, "CHROMADB_BUCKET"),
-    ({"CHROMADB_STORAGE_MODE": "s3", "CHROMADB_BUCKET": "a/b"}, "CHROMADB_BUCKET"),
-    ({"CHROMADB_STORAGE_MODE": "efs"}, "CHROMA_ROOT"),
-    ({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": "relative"}, "CHROMA_ROOT"),
-    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "soon"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
-    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "-1"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
-    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "inf"}, "CHROMA_SNAPSHOTS_S3_TIMEOUT"),
-    ({"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "localhost:9000"}, "AWS_ENDPOINT_URL_S3"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({}, "CHROMA_SNAPSHOTS_URL"),
+        ({"CHROMA_SNAPSHOTS_URL": "bucket/prefix"}, "CHROMA_SNAPSHOTS_URL"),
+        ({"CHROMADB_STORAGE_MODE": "ftp"}, "CHROMADB_STORAGE_MODE"),
+        ({"CHROMADB_STORAGE_MODE": "auto"}, "CHROMADB_STORAGE_MODE"),
+        ({"CHROMADB_STORAGE_MODE": "s3"}, "CHROMADB_BUCKET"),
+        ({"CHROMADB_STORAGE_MODE": "s3", "CHROMADB_BUCKET": "a/b"}, "CHROMADB_BUCKET"),
+        ({"CHROMADB_STORAGE_MODE": "efs"}, "CHROMA_ROOT"),
+        ({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": "relative"}, "CHROMA_ROOT"),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "soon"},
+            "CHROMA_SNAPSHOTS_S3_TIMEOUT",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "-1"},
+            "CHROMA_SNAPSHOTS_S3_TIMEOUT",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "inf"},
+            "CHROMA_SNAPSHOTS_S3_TIMEOUT",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "localhost:9000"},
+            "AWS_ENDPOINT_URL_S3",
+        ),
+    ],
+)
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         StoreConfig.from_env(env)

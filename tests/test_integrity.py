@@ -24,8 +24,9 @@ from chroma_snapshots.testing.conformance import write_tree
 
 @pytest.fixture
 def store() -> RemoteStore:
-    return RemoteStore(open_backend(f"memory://i-{uuid.uuid4().hex}"), chunk_size=4096,
-                       pack_target=8192)  # fmt: skip
+    return RemoteStore(
+        open_backend(f"memory://i-{uuid.uuid4().hex}"), chunk_size=4096, pack_target=8192
+    )
 
 
 @pytest.fixture
@@ -52,8 +53,9 @@ def _nothing_left(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_damaged_pack_fails_checkout(store: RemoteStore, published: str, tmp_path: Path,
-                                     how: str) -> None:  # fmt: skip
+def test_damaged_pack_fails_checkout(
+    store: RemoteStore, published: str, tmp_path: Path, how: str
+) -> None:
     _damage_pack(store, published, how)
     with pytest.raises(IntegrityError):
         store.checkout("db", dest=tmp_path / "out")
@@ -81,8 +83,9 @@ def _plant_manifest(store: RemoteStore, version: str, edit: dict[str, object]) -
 
 
 @pytest.mark.parametrize("path", ["../x", "/etc/x", "a/../../x", "a\\..\\x", "ok/./x", "a\x00b"])
-def test_hostile_manifest_path_is_refused(store: RemoteStore, published: str, tmp_path: Path,
-                                          path: str) -> None:  # fmt: skip
+def test_hostile_manifest_path_is_refused(
+    store: RemoteStore, published: str, tmp_path: Path, path: str
+) -> None:
     obj = json.loads(store.backend.get(manifest_key("db", published)).data)
     files = obj["files"]
     files[0]["path"] = path
@@ -93,13 +96,20 @@ def test_hostile_manifest_path_is_refused(store: RemoteStore, published: str, tm
     assert not (tmp_path / "sub" / "out").exists()
 
 
-@pytest.mark.parametrize("edit", [
-    {"format": 2}, {"chunk_size": 1000}, {"name": "other"}, {"extra": 1},
-    {"files": [{"path": "a", "size": -1, "mode": 420, "chunks": []}]},
-    {"files": [{"path": "a", "size": 1, "mode": 420, "chunks": ["zz"]}]},
-])  # fmt: skip
-def test_malformed_manifests_are_refused(store: RemoteStore, published: str, tmp_path: Path,
-                                         edit: dict[str, object]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"format": 2},
+        {"chunk_size": 1000},
+        {"name": "other"},
+        {"extra": 1},
+        {"files": [{"path": "a", "size": -1, "mode": 420, "chunks": []}]},
+        {"files": [{"path": "a", "size": 1, "mode": 420, "chunks": ["zz"]}]},
+    ],
+)
+def test_malformed_manifests_are_refused(
+    store: RemoteStore, published: str, tmp_path: Path, edit: dict[str, object]
+) -> None:
     _plant_manifest(store, published, edit)
     with pytest.raises(IntegrityError):
         store.checkout("db", dest=tmp_path / "out")
@@ -115,17 +125,23 @@ def test_manifest_must_match_its_version_id(store: RemoteStore, published: str) 
         store.resolve("db")
 
 
-def test_manifest_copied_from_another_name(store: RemoteStore, published: str, tmp_path: Path) -> None:
+def test_manifest_copied_from_another_name(
+    store: RemoteStore, published: str, tmp_path: Path
+) -> None:
     write_tree(tmp_path / "o", {"x": b"other"})
     other = store.publish("other", tmp_path / "o").version
-    store.backend.put(manifest_key("db", other), store.backend.get(manifest_key("other", other)).data)
+    store.backend.put(
+        manifest_key("db", other), store.backend.get(manifest_key("other", other)).data
+    )
     with pytest.raises(IntegrityError, match="belongs to"):
         store.resolve("db", other)
 
 
 def test_duplicate_and_overlapping_paths_are_refused(store: RemoteStore, published: str) -> None:
     obj = json.loads(store.backend.get(manifest_key("db", published)).data)
-    for files in ([obj["files"][0], obj["files"][0]],
-                  [obj["files"][0], {**obj["files"][0], "path": obj["files"][0]["path"] + "/x"}]):
+    for files in (
+        [obj["files"][0], obj["files"][0]],
+        [obj["files"][0], {**obj["files"][0], "path": obj["files"][0]["path"] + "/x"}],
+    ):
         with pytest.raises(IntegrityError):
             Manifest.from_json(canonical_json({**obj, "files": files}))

@@ -25,7 +25,9 @@ _trees = st.dictionaries(
 )
 
 
-def _materialize(root: Path, tree: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+def _materialize(
+    root: Path, tree: dict[str, tuple[int, int, int]]
+) -> dict[str, tuple[int, int, int]]:
     kept: dict[str, tuple[int, int, int]] = {}
     for rel, spec in sorted(tree.items()):
         parts = rel.split("/")
@@ -44,7 +46,9 @@ def _materialize(root: Path, tree: dict[str, tuple[int, int, int]]) -> dict[str,
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=_trees, empty_dirs=st.lists(_names, max_size=2))
-def test_round_trip_random_trees(tree: dict[str, tuple[int, int, int]], empty_dirs: list[str]) -> None:
+def test_round_trip_random_trees(
+    tree: dict[str, tuple[int, int, int]], empty_dirs: list[str]
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
@@ -52,15 +56,18 @@ def test_round_trip_random_trees(tree: dict[str, tuple[int, int, int]], empty_di
         for d in empty_dirs:
             if not (src / d).exists():
                 (src / "e" / d).mkdir(parents=True, exist_ok=True)
-        store = RemoteStore(open_backend(f"memory://rt-{uuid.uuid4().hex}"), chunk_size=CHUNK,
-                            pack_target=3 * CHUNK)  # fmt: skip
+        store = RemoteStore(
+            open_backend(f"memory://rt-{uuid.uuid4().hex}"), chunk_size=CHUNK, pack_target=3 * CHUNK
+        )
         info = store.publish("t", src)
         snap = store.checkout("t", dest=Path(tmp) / "out")
         assert read_tree(snap.path) == read_tree(src)
         for rel, (_, _, mode) in kept.items():
             assert (snap.path / rel).stat().st_mode & 0o777 == mode
         dirs_in = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_dir())
-        dirs_out = sorted(p.relative_to(snap.path).as_posix() for p in snap.path.rglob("*") if p.is_dir())
+        dirs_out = sorted(
+            p.relative_to(snap.path).as_posix() for p in snap.path.rglob("*") if p.is_dir()
+        )
         assert dirs_in == dirs_out
         assert info.file_count == len(kept)
 

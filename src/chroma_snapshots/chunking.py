@@ -89,8 +89,13 @@ class PackWriter:
     the hash of its bytes), so locations are collected in :attr:`chunks`.
     """
 
-    def __init__(self, upload: Callable[[str, bytes], None], *, target: int = DEFAULT_PACK_TARGET,
-                 level: int | None = 3) -> None:  # fmt: skip
+    def __init__(
+        self,
+        upload: Callable[[str, bytes], None],
+        *,
+        target: int = DEFAULT_PACK_TARGET,
+        level: int | None = 3,
+    ) -> None:
         self._upload = upload
         self._target = target
         self._compressor = zstandard.ZstdCompressor(level=level) if level is not None else None
@@ -133,7 +138,9 @@ class PackWriter:
 def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes:
     """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch."""
     if len(stored) != c.length:
-        raise IntegrityError(f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}")
+        raise IntegrityError(
+            f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}"
+        )
     if c.codec == "zstd":
         try:
             raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=c.size)

@@ -56,7 +56,9 @@ def _url_from_env(env: Mapping[str, str]) -> str:
     if not mode:
         raise ConfigError(f"set {ENV_URL} (e.g. s3://bucket/prefix) or {ENV_MODE}=s3|efs")
     if mode == "auto":
-        raise ConfigError(f"{ENV_MODE}=auto (EFS with S3 fallback) is not supported yet; use s3 or efs")
+        raise ConfigError(
+            f"{ENV_MODE}=auto (EFS with S3 fallback) is not supported yet; use s3 or efs"
+        )
     if mode not in _MODES:
         raise ConfigError(f"{ENV_MODE}={mode!r} is invalid; use one of {', '.join(_MODES)}")
     if mode == "s3":
@@ -102,6 +104,9 @@ def open_store(target: str | StoreConfig | None = None) -> RemoteStore:
         cfg = StoreConfig(url=target)
     else:
         cfg = target
-    settings = S3Settings(endpoint_url=cfg.s3_endpoint_url, read_timeout=cfg.s3_timeout,
-                          connect_timeout=min(5.0, cfg.s3_timeout))  # fmt: skip
+    settings = S3Settings(
+        endpoint_url=cfg.s3_endpoint_url,
+        read_timeout=cfg.s3_timeout,
+        connect_timeout=min(5.0, cfg.s3_timeout),
+    )
     return RemoteStore(open_backend(cfg.url, s3_settings=settings))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol, Union
+from typing import Protocol
 
 from .errors import StorageTimeoutError
 
@@ -48,11 +48,11 @@ class Deadline:
         return Deadline(min(seconds, self.remaining()), clock=self._clock)
 
 
-DeadlineLike = Union[Deadline, float, int, None]
+DeadlineLike = Deadline | float | int | None
 
 
 def as_deadline(value: DeadlineLike, default: float) -> Deadline:
-    """Turn a ``deadline=`` argument (Deadline, seconds, or None for ``default``) into a Deadline."""
+    """A ``deadline=`` argument (Deadline, seconds, or None: ``default``) as a Deadline."""
     if isinstance(value, Deadline):
         return value
     return Deadline(default if value is None else float(value))

@@ -52,12 +52,14 @@ def verify(store: RemoteStore, name: str, version: str) -> VerifyReport:
 
     results = list(store._pool.map(check, sorted(by_pack)))
     problems = tuple(p for _, ps in results for p in ps)
-    return VerifyReport(name, version, len(by_pack), len(manifest.chunks),
-                        sum(n for n, _ in results), problems)  # fmt: skip
+    return VerifyReport(
+        name, version, len(by_pack), len(manifest.chunks), sum(n for n, _ in results), problems
+    )
 
 
-def prune(store: RemoteStore, name: str, *, keep_last: int, min_age: float,
-          dry_run: bool) -> PruneReport:  # fmt: skip
+def prune(
+    store: RemoteStore, name: str, *, keep_last: int, min_age: float, dry_run: bool
+) -> PruneReport:
     """Delete versions outside the newest ``keep_last`` that no ref names and that are older
     than ``min_age`` seconds, then packs no retained version uses (also older than ``min_age``,
     so a publish in flight keeps the packs it is uploading or reusing)."""
@@ -71,7 +73,8 @@ def prune(store: RemoteStore, name: str, *, keep_last: int, min_age: float,
     metas = {m.key: m for m in backend.list(f"{name}/")}
     versions = list(list_versions(backend, name))
     pinned = set(store.refs(name).values())
-    keep, drop = [], []
+    keep: list[str] = []
+    drop: list[str] = []
     for i, v in enumerate(versions):
         age = now - metas[manifest_key(name, v)].last_modified
         (keep if i < keep_last or v in pinned or age < min_age else drop).append(v)
@@ -82,12 +85,21 @@ def prune(store: RemoteStore, name: str, *, keep_last: int, min_age: float,
         except SnapshotError:
             # An unreadable retained manifest must not let us delete packs it may need.
             raise IntegrityError(f"prune stopped: retained version {v} is unreadable") from None
-    dead = [m for k, m in metas.items() if "/packs/" in k and k.rsplit("/", 1)[1] not in used
-            and now - m.last_modified >= min_age]  # fmt: skip
+    dead = [
+        m
+        for k, m in metas.items()
+        if "/packs/" in k and k.rsplit("/", 1)[1] not in used and now - m.last_modified >= min_age
+    ]
     if not dry_run:
         for v in drop:
             backend.delete(manifest_key(name, v))
         for m in dead:
             backend.delete(m.key)
-    return PruneReport(name, tuple(keep), tuple(drop), tuple(m.key.rsplit("/", 1)[1] for m in dead),
-                       sum(m.size for m in dead), dry_run)  # fmt: skip
+    return PruneReport(
+        name,
+        tuple(keep),
+        tuple(drop),
+        tuple(m.key.rsplit("/", 1)[1] for m in dead),
+        sum(m.size for m in dead),
+        dry_run,
+    )

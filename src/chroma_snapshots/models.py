@@ -132,15 +132,25 @@ class Chunk:
     codec: str = "none"
 
     def to_obj(self) -> dict[str, Any]:
-        return {"pack": self.pack, "offset": self.offset, "length": self.length,
-                "size": self.size, "codec": self.codec}  # fmt: skip
+        return {
+            "pack": self.pack,
+            "offset": self.offset,
+            "length": self.length,
+            "size": self.size,
+            "codec": self.codec,
+        }
 
     @classmethod
     def from_obj(cls, h: str, obj: object, chunk_size: int) -> Chunk:
         o = _obj(obj, f"chunk {h[:12]}", {"pack", "offset", "length", "size", "codec"})
-        c = cls(h, _hex64(o["pack"], "pack"), _int(o["offset"], "offset", 0, MAX_PACK_SIZE),
-                _int(o["length"], "length", 1, MAX_PACK_SIZE), _int(o["size"], "size", 1, chunk_size),
-                o["codec"])  # fmt: skip
+        c = cls(
+            h,
+            _hex64(o["pack"], "pack"),
+            _int(o["offset"], "offset", 0, MAX_PACK_SIZE),
+            _int(o["length"], "length", 1, MAX_PACK_SIZE),
+            _int(o["size"], "size", 1, chunk_size),
+            o["codec"],
+        )
         if c.codec not in CODECS or (c.codec == "none" and c.length != c.size):
             raise IntegrityError(f"chunk {h[:12]}: bad codec {c.codec!r} or length")
         return c
@@ -156,7 +166,12 @@ class FileEntry:
     chunks: tuple[str, ...]
 
     def to_obj(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "mode": self.mode, "chunks": list(self.chunks)}
+        return {
+            "path": self.path,
+            "size": self.size,
+            "mode": self.mode,
+            "chunks": list(self.chunks),
+        }
 
     @classmethod
     def from_obj(cls, obj: object) -> FileEntry:
@@ -164,8 +179,12 @@ class FileEntry:
         chunks = o["chunks"]
         if not isinstance(chunks, list):
             raise IntegrityError("file entry: chunks must be a list")
-        return cls(check_relpath(o["path"]), _int(o["size"], "size", 0, MAX_FILE_SIZE),
-                   _int(o["mode"], "mode", 0, 0o777), tuple(_hex64(c, "chunk") for c in chunks))  # fmt: skip
+        return cls(
+            check_relpath(o["path"]),
+            _int(o["size"], "size", 0, MAX_FILE_SIZE),
+            _int(o["mode"], "mode", 0, 0o777),
+            tuple(_hex64(c, "chunk") for c in chunks),
+        )
 
 
 @dataclass(frozen=True)
@@ -195,13 +214,21 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes; ``version_id`` hashes exactly these."""
-        return canonical_json({
-            "format": FORMAT_VERSION, "name": self.name, "parent": self.parent,
-            "created_at": format_time(self.created_at), "publisher": self.publisher,
-            "message": self.message, "chunk_size": self.chunk_size, "metadata": dict(self.metadata),
-            "files": [f.to_obj() for f in self.files], "dirs": list(self.dirs),
-            "chunks": {h: c.to_obj() for h, c in sorted(self.chunks.items())},
-        })  # fmt: skip
+        return canonical_json(
+            {
+                "format": FORMAT_VERSION,
+                "name": self.name,
+                "parent": self.parent,
+                "created_at": format_time(self.created_at),
+                "publisher": self.publisher,
+                "message": self.message,
+                "chunk_size": self.chunk_size,
+                "metadata": dict(self.metadata),
+                "files": [f.to_obj() for f in self.files],
+                "dirs": list(self.dirs),
+                "chunks": {h: c.to_obj() for h, c in sorted(self.chunks.items())},
+            }
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
@@ -216,9 +243,18 @@ class Manifest:
         chunks = {h: Chunk.from_obj(_hex64(h, "chunk"), c, cs) for h, c in table.items()}
         files = tuple(FileEntry.from_obj(f) for f in _list(o["files"], "files"))
         dirs = tuple(check_relpath(d, "dir") for d in _list(o["dirs"], "dirs"))
-        m = cls(_str(o["name"], "name"), parse_time(o["created_at"], "created_at"), cs, files,
-                chunks, dirs, _opt_str(o["parent"], "parent"), _str(o["publisher"], "publisher"),
-                _opt_str(o["message"], "message"), _obj(o["metadata"], "metadata", None))  # fmt: skip
+        m = cls(
+            _str(o["name"], "name"),
+            parse_time(o["created_at"], "created_at"),
+            cs,
+            files,
+            chunks,
+            dirs,
+            _opt_str(o["parent"], "parent"),
+            _str(o["publisher"], "publisher"),
+            _opt_str(o["message"], "message"),
+            _obj(o["metadata"], "metadata", None),
+        )
         m.validate()
         return m
 
@@ -239,8 +275,19 @@ class Manifest:
             raise IntegrityError("chunk table lists chunks no file uses")
 
 
-_MANIFEST_KEYS = {"format", "name", "parent", "created_at", "publisher", "message",
-                  "chunk_size", "metadata", "files", "dirs", "chunks"}  # fmt: skip
+_MANIFEST_KEYS = {
+    "format",
+    "name",
+    "parent",
+    "created_at",
+    "publisher",
+    "message",
+    "chunk_size",
+    "metadata",
+    "files",
+    "dirs",
+    "chunks",
+}
 
 
 def _check_tree(files: list[str], dirs: list[str]) -> None:
@@ -278,9 +325,14 @@ class RefValue:
     updated_at: datetime
 
     def to_json(self) -> bytes:
-        return canonical_json({"format": FORMAT_VERSION, "version": self.version,
-                               "generation": self.generation,
-                               "updated_at": format_time(self.updated_at)})  # fmt: skip
+        return canonical_json(
+            {
+                "format": FORMAT_VERSION,
+                "version": self.version,
+                "generation": self.generation,
+                "updated_at": format_time(self.updated_at),
+            }
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> RefValue:
@@ -291,8 +343,11 @@ class RefValue:
         v = o["version"]
         if not isinstance(v, str) or not VersionId.is_version(v):
             raise IntegrityError(f"ref points at an invalid version {v!r}")
-        return cls(v, _int(o["generation"], "generation", 1, 1 << 62),
-                   parse_time(o["updated_at"], "updated_at"))  # fmt: skip
+        return cls(
+            v,
+            _int(o["generation"], "generation", 1, 1 << 62),
+            parse_time(o["updated_at"], "updated_at"),
+        )
 
 
 @dataclass(frozen=True)
@@ -324,9 +379,20 @@ class SnapshotInfo:
     stats: TransferStats = field(default_factory=TransferStats)
 
     @classmethod
-    def from_manifest(cls, version: str, m: Manifest, stats: TransferStats | None = None) -> SnapshotInfo:
-        return cls(m.name, version, m.created_at, m.parent, m.total_size, len(m.files),
-                   m.message, m.metadata, stats or TransferStats())  # fmt: skip
+    def from_manifest(
+        cls, version: str, m: Manifest, stats: TransferStats | None = None
+    ) -> SnapshotInfo:
+        return cls(
+            m.name,
+            version,
+            m.created_at,
+            m.parent,
+            m.total_size,
+            len(m.files),
+            m.message,
+            m.metadata,
+            stats or TransferStats(),
+        )
 
 
 def _loads(data: bytes, what: str) -> object:

@@ -12,19 +12,27 @@ always finds a complete manifest and every pack it names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from . import maintenance
 from .backends.base import Backend, PutMode
-from .chunking import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET, PackWriter, read_chunks, scan_source
+from .chunking import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PACK_TARGET,
+    PackWriter,
+    SourceFile,
+    read_chunks,
+    scan_source,
+)
 from .deadline import Deadline, DeadlineLike, as_deadline
 from .errors import (
     ConflictError,
@@ -82,9 +90,16 @@ class RemoteStore(SnapshotStore):
     deadline (seconds) of calls made with ``deadline=None``.
     """
 
-    def __init__(self, backend: Backend, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 pack_target: int = DEFAULT_PACK_TARGET, compression_level: int | None = 3,
-                 workers: int = 16, default_timeout: float = 600.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        pack_target: int = DEFAULT_PACK_TARGET,
+        compression_level: int | None = 3,
+        workers: int = 16,
+        default_timeout: float = 600.0,
+    ) -> None:
         self.backend = backend
         self.chunk_size = chunk_size
         self.pack_target = pack_target
@@ -128,16 +143,25 @@ class RemoteStore(SnapshotStore):
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
         return found[0].version
 
-    def resolve(self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None) -> SnapshotInfo:
+    def resolve(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> SnapshotInfo:
         version = self._version_of(name, ref)
         return SnapshotInfo.from_manifest(version, self.load_manifest(name, version))
 
     # Publishing.
 
-    def publish(self, name: str, source_dir: str | Path, *, expected: Expected = LATEST,
-                message: str | None = None, metadata: dict[str, object] | None = None,
-                deadline: DeadlineLike = None, progress: Progress | None = None,
-                ) -> SnapshotInfo:  # fmt: skip
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
         check_name(name)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
@@ -148,8 +172,18 @@ class RemoteStore(SnapshotStore):
         parent = current[0].version if current else None
         known = dict(self.load_manifest(name, parent).chunks) if parent else {}
         entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress)
-        manifest = Manifest(name, utc_now(), self.chunk_size, tuple(entries), chunks, tuple(dirs),
-                            parent, _publisher(), message, metadata or {})  # fmt: skip
+        manifest = Manifest(
+            name,
+            utc_now(),
+            self.chunk_size,
+            tuple(entries),
+            chunks,
+            tuple(dirs),
+            parent,
+            _publisher(),
+            message,
+            metadata or {},
+        )
         data = manifest.to_json()
         version = str(VersionId.for_manifest(data, manifest.created_at))
         dl.check("publishing the manifest")
@@ -158,10 +192,16 @@ class RemoteStore(SnapshotStore):
         stats.add(requests=2, bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
-    def _upload_chunks(self, name: str, files: list, known: dict[str, Chunk], dl: Deadline,
-                       stats: StatsRecorder, progress: Progress | None,
-                       ) -> tuple[list[FileEntry], dict[str, Chunk]]:  # fmt: skip
-        uploads = []
+    def _upload_chunks(
+        self,
+        name: str,
+        files: list[SourceFile],
+        known: dict[str, Chunk],
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None,
+    ) -> tuple[list[FileEntry], dict[str, Chunk]]:
+        uploads: list[Future[None]] = []
 
         def upload(pack_id: str, data: bytes) -> None:
             dl.check("uploading packs")
@@ -192,14 +232,19 @@ class RemoteStore(SnapshotStore):
         return entries, {h: table[h] for h in used}
 
     def _put_pack(self, name: str, pack_id: str, data: bytes, stats: StatsRecorder) -> None:
-        try:
+        # same name means same bytes: if another publisher stored it already, that's fine
+        with contextlib.suppress(ConflictError):
             self.backend.put(pack_key(name, pack_id), data, mode=PutMode.CREATE)
-        except ConflictError:
-            pass  # same name means same bytes: another publisher stored it already
         stats.add(bytes_uploaded=len(data), requests=1, packs_transferred=1)
 
-    def _move_ref(self, name: str, ref: str, version: str, expected: Expected,
-                  current: tuple[RefValue, str] | None) -> None:  # fmt: skip
+    def _move_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        expected: Expected,
+        current: tuple[RefValue, str] | None,
+    ) -> None:
         gen = current[0].generation + 1 if current else 1
         value = RefValue(version, gen, utc_now()).to_json()
         if expected is ANY:
@@ -223,9 +268,15 @@ class RemoteStore(SnapshotStore):
 
     # Checking out.
 
-    def checkout(self, name: str, ref: str = "latest", dest: str | Path | None = None, *,
-                 deadline: DeadlineLike = None, progress: Progress | None = None,
-                 ) -> LocalSnapshot:  # fmt: skip
+    def checkout(
+        self,
+        name: str,
+        ref: str = "latest",
+        dest: str | Path | None = None,
+        *,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> LocalSnapshot:
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         version = self._version_of(name, ref)
@@ -243,8 +294,15 @@ class RemoteStore(SnapshotStore):
         info = SnapshotInfo.from_manifest(version, manifest)
         return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0))
 
-    def materialize(self, name: str, manifest: Manifest, root: Path, dl: Deadline,
-                    stats: StatsRecorder, progress: Progress | None = None) -> None:  # fmt: skip
+    def materialize(
+        self,
+        name: str,
+        manifest: Manifest,
+        root: Path,
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None = None,
+    ) -> None:
         """Write every file of ``manifest`` under ``root``, fetching and verifying chunks."""
         placer = Placer(root, manifest)
         placer.create_files()
@@ -255,10 +313,19 @@ class RemoteStore(SnapshotStore):
             return self.backend.get(pack_key(name, r.pack), byte_range=(r.start, r.end)).data
 
         try:
-            fetch_and_place(plan_reads(todo), fetch, placer, executor=self._pool, deadline=dl,
-                            stats=stats, progress=progress)  # fmt: skip
+            fetch_and_place(
+                plan_reads(todo),
+                fetch,
+                placer,
+                executor=self._pool,
+                deadline=dl,
+                stats=stats,
+                progress=progress,
+            )
         except FutureTimeout as e:
-            raise StorageTimeoutError(f"checkout of {name} did not finish within its deadline") from e
+            raise StorageTimeoutError(
+                f"checkout of {name} did not finish within its deadline"
+            ) from e
         placer.finish()
 
     # Listing and maintenance.
@@ -282,18 +349,19 @@ class RemoteStore(SnapshotStore):
     def verify(self, name: str, version: str) -> VerifyReport:
         return maintenance.verify(self, name, version)
 
-    def prune(self, name: str, *, keep_last: int = 10, min_age: float = 3600.0,
-              dry_run: bool = False) -> PruneReport:  # fmt: skip
+    def prune(
+        self, name: str, *, keep_last: int = 10, min_age: float = 3600.0, dry_run: bool = False
+    ) -> PruneReport:
         return maintenance.prune(self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run)
 
 
 def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:
-    if expected is LATEST or expected is ANY:
-        return
     if expected is None:
         if current is not None:
             raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
         return
+    if not isinstance(expected, str):
+        return  # LATEST or ANY: nothing to compare before the write
     VersionId.parse(expected)
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"
@@ -310,7 +378,7 @@ def _prepare_dest(dest: str | Path | None) -> Path:
     return final
 
 
-def _wait(futures: list, dl: Deadline, what: str) -> None:
+def _wait(futures: list[Future[None]], dl: Deadline, what: str) -> None:
     try:
         for fut in futures:
             fut.result(timeout=max(dl.remaining(), 0.001))

@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
 
 from .deadline import DeadlineLike
 from .models import SnapshotInfo, TransferStats
@@ -25,7 +24,7 @@ LATEST = _Sentinel.LATEST
 ANY = _Sentinel.ANY
 """``expected=ANY``: explicit last-writer-wins; overwrite the ref whatever it holds."""
 
-Expected = Union[str, None, _Sentinel]
+Expected = str | None | _Sentinel
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``, called from worker threads as work completes."""
 
@@ -83,20 +82,35 @@ class SnapshotStore(ABC):
     """Versioned, content-addressed snapshots of a directory, published atomically."""
 
     @abstractmethod
-    def publish(self, name: str, source_dir: str | Path, *, expected: Expected = LATEST,
-                message: str | None = None, metadata: dict[str, object] | None = None,
-                deadline: DeadlineLike = None, progress: Progress | None = None,
-                ) -> SnapshotInfo:  # fmt: skip
-        """Upload ``source_dir`` as a new version and move ref ``latest`` to it (CAS on ``expected``)."""
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
+        """Upload ``source_dir`` as a new version; move ``latest`` to it (CAS on ``expected``)."""
 
     @abstractmethod
-    def resolve(self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None) -> SnapshotInfo:
+    def resolve(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> SnapshotInfo:
         """The version a ref (or version id) names. SnapshotNotFoundError if absent."""
 
     @abstractmethod
-    def checkout(self, name: str, ref: str = "latest", dest: str | Path | None = None, *,
-                 deadline: DeadlineLike = None, progress: Progress | None = None,
-                 ) -> LocalSnapshot:  # fmt: skip
+    def checkout(
+        self,
+        name: str,
+        ref: str = "latest",
+        dest: str | Path | None = None,
+        *,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> LocalSnapshot:
         """Materialize a version on local disk, every chunk verified."""
 
     @abstractmethod
@@ -120,8 +134,9 @@ class SnapshotStore(ABC):
         """Download and check every pack and chunk a version uses."""
 
     @abstractmethod
-    def prune(self, name: str, *, keep_last: int = 10, min_age: float = 3600.0,
-              dry_run: bool = False) -> PruneReport:  # fmt: skip
+    def prune(
+        self, name: str, *, keep_last: int = 10, min_age: float = 3600.0, dry_run: bool = False
+    ) -> PruneReport:
         """Delete old unreferenced versions, then packs no retained version uses."""
 
     def close(self) -> None:  # noqa: B027 - optional hook

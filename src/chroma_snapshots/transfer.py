@@ -35,8 +35,9 @@ class Read:
     chunks: tuple[Chunk, ...]
 
 
-def plan_reads(chunks: Iterable[Chunk], *, max_gap: int = DEFAULT_MAX_GAP,
-               max_read: int = DEFAULT_MAX_READ) -> list[Read]:  # fmt: skip
+def plan_reads(
+    chunks: Iterable[Chunk], *, max_gap: int = DEFAULT_MAX_GAP, max_read: int = DEFAULT_MAX_READ
+) -> list[Read]:
     """Coalesce the chunks' byte ranges into as few reads as the gap and size limits allow."""
     by_pack: dict[str, list[Chunk]] = defaultdict(list)
     for c in chunks:
@@ -102,8 +103,16 @@ class Placer:
 Fetch = Callable[[Read], bytes]
 
 
-def fetch_and_place(reads: list[Read], fetch: Fetch, placer: Placer, *, executor: Executor,
-                    deadline: Deadline, stats: StatsRecorder, progress: Progress | None) -> None:  # fmt: skip
+def fetch_and_place(
+    reads: list[Read],
+    fetch: Fetch,
+    placer: Placer,
+    *,
+    executor: Executor,
+    deadline: Deadline,
+    stats: StatsRecorder,
+    progress: Progress | None,
+) -> None:
     """Run the reads in parallel; verify each chunk's hash before it lands in a file."""
     total = sum(r.end - r.start for r in reads)
     done = [0]
@@ -112,7 +121,9 @@ def fetch_and_place(reads: list[Read], fetch: Fetch, placer: Placer, *, executor
         deadline.check(f"reading pack {r.pack[:12]}")
         data = memoryview(fetch(r))
         if len(data) != r.end - r.start:
-            raise IntegrityError(f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})")
+            raise IntegrityError(
+                f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})"
+            )
         for c in r.chunks:
             raw = decode_chunk(c, data[c.offset - r.start : c.offset - r.start + c.length])
             placer.place(c.hash, raw)

@@ -7,6 +7,7 @@ backend has a faster native path.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,8 +120,8 @@ class Backend(ABC):
             return False
         return True
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        """The distinct next path components below ``prefix`` (which ends with ``/`` or is empty)."""
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        """Distinct next path components below ``prefix`` (``""`` or ending in ``/``)."""
         names = {m.key[len(prefix) :].split("/", 1)[0] for m in self.list(prefix)}
         return sorted(n for n in names if n)
 

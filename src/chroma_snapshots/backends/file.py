@@ -101,7 +101,9 @@ class FileBackend(Backend):
                 try:
                     current = _meta(key, path.stat()).etag
                 except FileNotFoundError:
-                    raise ConflictError(f"{key} does not exist (expected etag {mode.etag})") from None
+                    raise ConflictError(
+                        f"{key} does not exist (expected etag {mode.etag})"
+                    ) from None
                 if current != mode.etag:
                     raise ConflictError(f"{key} changed: etag {current} != {mode.etag}")
                 os.replace(tmp, path)

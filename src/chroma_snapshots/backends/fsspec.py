@@ -83,9 +83,13 @@ class FsspecBackend(Backend):
                 return GetResult(whole[start:end], self._meta(key, {"size": len(whole)}, whole))
             # Read between two metadata calls: equal ETags mean the bytes are that version.
             for _ in range(5):
-                before = self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+                before = (
+                    self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+                )
                 data = self.fs.cat_file(path, start=start, end=end)
-                after = self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+                after = (
+                    self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+                )
                 if before.get("ETag") == after.get("ETag"):
                     return GetResult(data, self._meta(key, after))
         except Exception as e:
@@ -100,7 +104,9 @@ class FsspecBackend(Backend):
             elif self._kind == "memory":
                 self._put_memory(key, path, data, mode)
             elif self._kind == "s3":
-                extra = {"mode": "create"} if mode.kind == "create" else {"IfMatch": f'"{mode.etag}"'}
+                extra = (
+                    {"mode": "create"} if mode.kind == "create" else {"IfMatch": f'"{mode.etag}"'}
+                )
                 self.fs.pipe_file(path, data, **extra)
             else:
                 raise UnsupportedOperationError(
@@ -111,7 +117,9 @@ class FsspecBackend(Backend):
             raise
         except Exception as e:
             raise put_error(_wrap(e, "put", key), key, mode) from e
-        return self.head(key) if self._kind != "memory" else self._meta(key, {"size": len(data)}, data)
+        return (
+            self.head(key) if self._kind != "memory" else self._meta(key, {"size": len(data)}, data)
+        )
 
     def _put_memory(self, key: str, path: str, data: bytes, mode: PutMode) -> None:
         with _MEMORY_LOCK:
@@ -143,8 +151,11 @@ class FsspecBackend(Backend):
         except Exception as e:
             raise _wrap(e, "list", prefix) from e
         for path, info in found.items():
-            key = path[len(self.root.lstrip("/")) :].lstrip("/") if not path.startswith(
-                self.root) else path[len(self.root) + 1 :]  # fmt: skip
+            key = (
+                path[len(self.root.lstrip("/")) :].lstrip("/")
+                if not path.startswith(self.root)
+                else path[len(self.root) + 1 :]
+            )
             if key.startswith(prefix) and info.get("type") != "directory":
                 yield self._meta(key, info)
 

@@ -7,6 +7,7 @@ are explicit (``botocore.config.Config``) so no call waits forever.
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from .base import Backend, GetResult, ObjectMeta, PutMode, check_key, put_error
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -81,8 +83,14 @@ def _etag(value: Any) -> str:
 class S3Backend(Backend):
     """Objects under ``s3://bucket/prefix``; one thread-safe client per backend."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, settings: S3Settings | None = None,
-                 client: S3Client | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        settings: S3Settings | None = None,
+        client: S3Client | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.settings = settings or S3Settings()
@@ -145,7 +153,10 @@ class S3Backend(Backend):
                 etag = self._put_multipart(self._key(key), data, cond)
             else:
                 resp = self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, **cond  # type: ignore[arg-type]
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    **cond,  # type: ignore[arg-type]
                 )
                 etag = _etag(resp.get("ETag"))
         except (ClientError, BotoCoreError) as e:
@@ -156,17 +167,22 @@ class S3Backend(Backend):
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         step = self.settings.part_size
         try:
-            def part(i: int) -> dict[str, Any]:
+
+            def part(i: int) -> CompletedPartTypeDef:
                 body = data[i * step : (i + 1) * step]
-                r = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                            PartNumber=i + 1, Body=body)  # fmt: skip
+                r = self.client.upload_part(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=i + 1, Body=body
+                )
                 return {"PartNumber": i + 1, "ETag": r["ETag"]}
 
             parts = list(self._executor().map(part, range(-(-len(data) // step))))
             resp = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id,
-                MultipartUpload={"Parts": parts}, **cond,  # type: ignore[arg-type]
-            )  # fmt: skip
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **cond,  # type: ignore[arg-type]
+            )
         except BaseException:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             raise
@@ -183,20 +199,28 @@ class S3Backend(Backend):
             r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as e:
             raise _wrap(e, "head", key) from e
-        return ObjectMeta(key, r["ContentLength"], _etag(r.get("ETag")), r["LastModified"].timestamp())
+        return ObjectMeta(
+            key, r["ContentLength"], _etag(r.get("ETag")), r["LastModified"].timestamp()
+        )
 
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        )
         try:
             for page in pages:
                 for o in page.get("Contents", []):
-                    yield ObjectMeta(self._strip(o["Key"]), o["Size"], _etag(o.get("ETag")),
-                                     o["LastModified"].timestamp())  # fmt: skip
+                    yield ObjectMeta(
+                        self._strip(o["Key"]),
+                        o["Size"],
+                        _etag(o.get("ETag")),
+                        o["LastModified"].timestamp(),
+                    )
         except (ClientError, BotoCoreError) as e:
             raise _wrap(e, "list", prefix) from e
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=full, Delimiter="/"

@@ -98,15 +98,20 @@ class BackendTests:
     def test_list_and_delete(self, backend: Backend) -> None:
         for k in ("n/packs/aa/1", "n/packs/ab/2", "n/refs/latest", "m/refs/latest"):
             backend.put(k, k.encode())
-        assert sorted(m.key for m in backend.list("n/")) == ["n/packs/aa/1", "n/packs/ab/2",
-                                                             "n/refs/latest"]  # fmt: skip
+        assert sorted(m.key for m in backend.list("n/")) == [
+            "n/packs/aa/1",
+            "n/packs/ab/2",
+            "n/refs/latest",
+        ]
         assert sorted(m.key for m in backend.list("n/packs/a")) == ["n/packs/aa/1", "n/packs/ab/2"]
         assert backend.list_dirs("") == ["m", "n"]
         assert {m.key: m.size for m in backend.list("m/")} == {"m/refs/latest": 13}
         backend.delete("n/packs/aa/1")
         assert sorted(m.key for m in backend.list("n/packs/")) == ["n/packs/ab/2"]
 
-    @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "a/.hidden", "x\x00"])
+    @pytest.mark.parametrize(
+        "key", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "a/.hidden", "x\x00"]
+    )
     def test_rejects_unsafe_keys(self, backend: Backend, key: str) -> None:
         with pytest.raises(InvalidInputError):
             backend.put(key, b"x")
@@ -133,8 +138,11 @@ class BackendTests:
                 while True:
                     got = backend.get("counter")
                     try:
-                        backend.put("counter", str(int(got.data) + 1).encode(),
-                                    mode=PutMode.update(got.meta.etag))  # fmt: skip
+                        backend.put(
+                            "counter",
+                            str(int(got.data) + 1).encode(),
+                            mode=PutMode.update(got.meta.etag),
+                        )
                         break
                     except ConflictError:
                         continue
@@ -154,8 +162,11 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 def read_tree(root: Path) -> dict[str, bytes]:
     """Relative path -> content of every file below ``root``."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 class SnapshotStoreTests:
@@ -168,10 +179,15 @@ class SnapshotStoreTests:
 
     def _tree(self, tmp_path: Path) -> Path:
         rng = random.Random(7)
-        return write_tree(tmp_path / "src", {
-            "chroma.sqlite3": rng.randbytes(50_000), "seg/data_level0.bin": bytes(20_000),
-            "seg/header.bin": b"h" * 100, "seg/empty": b"",
-        })  # fmt: skip
+        return write_tree(
+            tmp_path / "src",
+            {
+                "chroma.sqlite3": rng.randbytes(50_000),
+                "seg/data_level0.bin": bytes(20_000),
+                "seg/header.bin": b"h" * 100,
+                "seg/empty": b"",
+            },
+        )
 
     def test_round_trip(self, store: SnapshotStore, tmp_path: Path) -> None:
         src = self._tree(tmp_path)
@@ -278,7 +294,8 @@ class SnapshotStoreTests:
         dry = store.prune("db", keep_last=1, min_age=0, dry_run=True)
         assert set(dry.deleted_versions) == {versions[1], versions[2]}
         report = store.prune("db", keep_last=1, min_age=0)
-        assert report.deleted_packs and report.freed_bytes > 0
+        assert report.deleted_packs
+        assert report.freed_bytes > 0
         assert [v.version for v in store.versions("db")] == [versions[3], versions[0]]
         for v in (versions[3], versions[0]):
             assert store.verify("db", v).ok

@@ -20,8 +20,11 @@ import boto3
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def free_port() -> int:
@@ -42,14 +45,25 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         """Start the server and wait until it answers."""
-        cmd = [sys.executable, "-c", "from moto.server import main; main()",
-               "-H", "127.0.0.1", "-p", str(self.port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            "from moto.server import main; main()",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
         env = {**os.environ, **CREDENTIALS}
-        self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         end = time.monotonic() + self._startup_timeout
         while time.monotonic() < end:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self._proc.returncode}; is moto[server] installed?")
+                raise RuntimeError(
+                    f"moto_server exited with {self._proc.returncode}; is moto[server] installed?"
+                )
             try:
                 urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
                 return self
@@ -77,9 +91,14 @@ class MotoServer:
 
     def client(self, **config: Any) -> S3Client:
         """A boto3 S3 client for this server."""
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing",
-                            **config)  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            **config,
+        )
 
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a unique name by default) and return its name."""

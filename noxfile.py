@@ -1,0 +1,45 @@
+"""nox sessions: tests, lint, typecheck, demo, bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (starts its own local S3 server)."""
+    session.install("-e", ".[dev]")
+    session.run("pip", "check")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package and tests."""
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's demo."""
+    session.install("-e", ".[demo]")
+    session.run("chroma-snapshots", "demo")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks; results go to benchmarks/out/ (see benchmarks/RESULTS.md)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "benchmarks/transfer.py", "--json", "benchmarks/out/transfer.json")

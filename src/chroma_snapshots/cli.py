@@ -1,0 +1,251 @@
+"""The ``chroma-snapshots`` command line.
+
+Exit codes: 0 ok, 1 other SnapshotError, 2 bad usage/config/input, 3 not
+found, 4 conflict (CAS lost), 5 integrity failure, 6 timeout, 7 backend
+unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
+
+try:
+    import click
+except ImportError:  # the core package stays small; the CLI is an extra
+    click = None  # type: ignore[assignment]
+
+EXIT_CODES: list[tuple[type[SnapshotError], int]] = [
+    (ConfigError, 2),
+    (InvalidInputError, 2),
+    (SnapshotNotFoundError, 3),
+    (ConflictError, 4),
+    (IntegrityError, 5),
+    (StorageTimeoutError, 6),
+    (BackendUnavailableError, 7),
+    (SnapshotError, 1),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj
+
+
+def emit(data: Any, as_json: bool, text: str) -> None:
+    """Print ``data`` as JSON, or ``text`` for people."""
+    click.echo(json.dumps(_jsonable(data), indent=2, sort_keys=True) if as_json else text)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _store(ctx: click.Context) -> Any:
+    from .config import open_store
+
+    return open_store(ctx.obj["store_url"])
+
+
+def _progress(label: str) -> Callable[[int, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def report(done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\r{label}: {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)")
+        if done >= total:
+            sys.stderr.write("\n")
+
+    return report
+
+
+def _build() -> click.Group:
+    json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+    @click.group(help="Versioned, verified ChromaDB snapshots on S3, EFS and /tmp.")
+    @click.option(
+        "--store",
+        "store_url",
+        envvar=None,
+        default=None,
+        metavar="URL",
+        help="Store URL (s3://bucket/prefix, file:///dir, efs:///mnt/x, memory://x). "
+        "Default: the CHROMA_SNAPSHOTS_URL / CHROMADB_STORAGE_MODE environment.",
+    )
+    @click.pass_context
+    def cli(ctx: click.Context, store_url: str | None) -> None:
+        ctx.obj = {"store_url": store_url}
+
+    @cli.command(
+        help="Publish DIRECTORY as a new version of NAME.\n\n"
+        "Example: chroma-snapshots --store s3://bkt/snaps publish receipts ./chroma"
+    )
+    @click.argument("name")
+    @click.argument("directory", type=click.Path(exists=True, file_okay=False))
+    @click.option(
+        "--expected",
+        default=None,
+        help="Version the publish is based on; 'none' if the "
+        "name must be new; 'any' to overwrite unconditionally. Default: current latest.",
+    )
+    @click.option("-m", "--message", default=None, help="A note stored in the manifest.")
+    @json_opt
+    @click.pass_context
+    def publish(
+        ctx: click.Context,
+        name: str,
+        directory: str,
+        expected: str | None,
+        message: str | None,
+        as_json: bool,
+    ) -> None:
+        from .store import ANY, LATEST, Expected
+
+        exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
+        info = _store(ctx).publish(
+            name, directory, expected=exp, message=message, progress=_progress("publish")
+        )
+        s = info.stats
+        emit(
+            info,
+            as_json,
+            f"published {name} {info.version}: {info.file_count} files, "
+            f"{human_bytes(info.total_size)}; uploaded {human_bytes(s.bytes_uploaded)} "
+            f"({s.chunks_transferred} new chunks), reused {human_bytes(s.bytes_reused)}",
+        )
+
+    @cli.command(help="Materialize a version of NAME (default ref: latest) into --dest.")
+    @click.argument("name")
+    @click.argument("ref", default="latest")
+    @click.option(
+        "--dest", required=True, type=click.Path(file_okay=False), help="Empty or new directory."
+    )
+    @json_opt
+    @click.pass_context
+    def checkout(ctx: click.Context, name: str, ref: str, dest: str, as_json: bool) -> None:
+        snap = _store(ctx).checkout(name, ref, dest, progress=_progress("checkout"))
+        s = snap.stats
+        emit(
+            {"path": snap.path, "info": snap.info, "stats": s},
+            as_json,
+            f"{snap.path}: {snap.info.version}, downloaded {human_bytes(s.bytes_downloaded)} "
+            f"in {s.requests} requests, {s.seconds:.2f}s",
+        )
+
+    @cli.command(name="ls", help="List names, or a name's versions and refs.")
+    @click.argument("name", required=False)
+    @json_opt
+    @click.pass_context
+    def ls(ctx: click.Context, name: str | None, as_json: bool) -> None:
+        store = _store(ctx)
+        if name is None:
+            names = list(store.names())
+            emit(names, as_json, "\n".join(names))
+            return
+        refs = store.refs(name)
+        versions = list(store.versions(name))
+        tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
+        rows = [
+            f"{v.version}  {human_bytes(v.total_size):>10}  {v.file_count:>6} files  "
+            f"{','.join(tags.get(v.version, []))}"
+            for v in versions
+        ]
+        emit({"refs": refs, "versions": versions}, as_json, "\n".join(rows))
+
+    @cli.command(help="Show a version's manifest summary.")
+    @click.argument("name")
+    @click.argument("ref", default="latest")
+    @json_opt
+    @click.pass_context
+    def info(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
+        store = _store(ctx)
+        found = store.resolve(name, ref)
+        m = store.load_manifest(name, found.version)
+        stored = sum(c.length for c in m.chunks.values())
+        data = {
+            "info": found,
+            "chunk_size": m.chunk_size,
+            "chunks": len(m.chunks),
+            "packs": len(m.packs),
+            "stored_bytes": stored,
+            "files": [f.path for f in m.files],
+        }
+        emit(
+            data,
+            as_json,
+            "\n".join(
+                [
+                    f"version   {found.version}",
+                    f"parent    {found.parent}",
+                    f"created   {found.created_at}",
+                    f"files     {found.file_count} ({human_bytes(found.total_size)})",
+                    f"chunks    {len(m.chunks)} x {human_bytes(m.chunk_size)} "
+                    f"in {len(m.packs)} packs "
+                    f"({human_bytes(stored)} stored)",
+                    f"message   {found.message or ''}",
+                ]
+            ),
+        )
+
+    @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
+    @click.option("--size-mb", default=48, show_default=True, help="Approximate database size.")
+    def demo(size_mb: int) -> None:
+        from .demo import run_demo
+
+        run_demo(size_mb=size_mb, echo=click.echo)
+
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``chroma-snapshots`` script; returns the exit code."""
+    if click is None:
+        sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
+        return 2
+    try:
+        _build().main(args=argv, prog_name="chroma-snapshots", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        return 130
+    except SnapshotError as e:
+        click.echo(f"error: {e}", err=True)
+        return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

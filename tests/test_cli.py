@@ -1,0 +1,73 @@
+"""The command line, run as users run it: a separate process against a real local S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "chroma_snapshots.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_publish_ls_info_checkout(moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "CHROMA_SNAPSHOTS_URL": f"s3://{s3_bucket}/snaps",
+        "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url,
+    }
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(200_000), "s/h.bin": b"h"})
+    out = _cli("publish", "db", str(src), "-m", "hello", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    version = json.loads(out.stdout)["version"]
+    listed = json.loads(_cli("ls", "db", "--json", env=env).stdout)
+    assert listed["refs"] == {"latest": version}
+    assert _cli("ls", env=env).stdout.split() == ["db"]
+    info = json.loads(_cli("info", "db", "--json", env=env).stdout)
+    assert info["info"]["message"] == "hello"
+    assert info["files"] == ["chroma.sqlite3", "s/h.bin"]
+    got = _cli("checkout", "db", version, "--dest", str(tmp_path / "out"), env=env)
+    assert got.returncode == 0, got.stderr
+    assert read_tree(tmp_path / "out") == read_tree(src)
+
+
+def test_errors_map_to_documented_exit_codes(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    store = ["--store", f"s3://{s3_bucket}/snaps"]
+    missing = _cli(*store, "checkout", "nothing", "--dest", str(tmp_path / "o"), env=env)
+    assert missing.returncode == 3
+    assert "error:" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    assert _cli(*store, "publish", "db", str(src), "--expected", "none", env=env).returncode == 0
+    conflict = _cli(*store, "publish", "db", str(src), "--expected", "none", env=env)
+    assert conflict.returncode == 4
+    bad_env = {k: v for k, v in env.items() if not k.startswith(("CHROMA", "AWS_ENDPOINT"))}
+    unconfigured = _cli("ls", env={**bad_env, "CHROMADB_STORAGE_MODE": "s3"})
+    assert unconfigured.returncode == 2
+    assert "CHROMADB_BUCKET" in unconfigured.stderr
+    assert _cli(*store, "publish", "../x", str(src), env=env).returncode == 2
+
+
+def test_demo_runs_and_reports_small_incremental_upload() -> None:
+    out = _cli("demo", "--size-mb", "8")
+    assert out.returncode == 0, out.stderr
+    rows = {
+        line[:34].strip(): line[34:].split()
+        for line in out.stdout.splitlines()
+        if line[:1].isalpha()
+    }
+    # seconds, requests, up MiB, down MiB, reused MiB
+    assert float(rows["publish v1 (cold)"][2]) > 3
+    assert float(rows["publish v2 (10 rows changed)"][2]) < float(rows["publish v1 (cold)"][2]) / 4
+    assert float(rows["checkout v1 (cold)"][3]) > 3
+    assert "rollback" in out.stdout
