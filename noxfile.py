@@ -11,7 +11,7 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (starts its own local S3 server)."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", "-c", "constraints.txt")
     session.run("pip", "check")
     session.run("pytest", "-q", *session.posargs)
 
@@ -27,7 +27,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and tests."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", "-c", "constraints.txt")
     session.run("mypy")
 
 
@@ -41,5 +41,5 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks; results go to benchmarks/out/ (see benchmarks/RESULTS.md)."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", "-c", "constraints.txt")
     session.run("python", "benchmarks/transfer.py", "--json", "benchmarks/out/transfer.json")

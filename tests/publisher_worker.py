@@ -17,12 +17,12 @@ from chroma_snapshots import (
     RemoteStore,
     SnapshotNotFoundError,
     StoreConfig,
-    open_store,
+    open_remote,
 )
 
 
 def _store(url: str, endpoint: str) -> RemoteStore:
-    store = open_store(StoreConfig(url=url, s3_endpoint_url=endpoint or None))
+    store = open_remote(StoreConfig(url=url, s3_endpoint_url=endpoint or None))
     store.chunk_size, store.pack_target = 4096, 65536
     return store
 

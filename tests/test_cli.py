@@ -71,3 +71,25 @@ def test_demo_runs_and_reports_small_incremental_upload() -> None:
     assert float(rows["publish v2 (10 rows changed)"][2]) < float(rows["publish v1 (cold)"][2]) / 4
     assert float(rows["checkout v1 (cold)"][3]) > 3
     assert "rollback" in out.stdout
+
+
+def test_cache_commands(moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    base = ["--store", f"s3://{s3_bucket}/snaps", "--cache-dir", str(tmp_path / "cache")]
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(100_000)})
+    assert _cli(*base, "publish", "db", str(src), env=env).returncode == 0
+    out = json.loads(_cli(*base, "checkout", "db", "--json", env=env).stdout)
+    cached_path = Path(out["path"])
+    assert str(cached_path).startswith(str(tmp_path / "cache"))
+    listed = json.loads(_cli(*base, "cache", "ls", "--json", env=env).stdout)
+    assert [e["version"] for e in listed] == [out["info"]["version"]]
+    assert _cli(*base, "cache", "verify", env=env).returncode == 0
+    (cached_path / "chroma.sqlite3").write_bytes(b"scribbled")
+    bad = _cli(*base, "cache", "verify", env=env)
+    assert bad.returncode == 5
+    assert "differs" in bad.stdout
+    assert _cli(*base, "checkout", "db", env=env).returncode == 0  # repairs the cached copy
+    assert _cli(*base, "cache", "verify", env=env).returncode == 0
+    cleared = _cli(*base, "cache", "clear", env=env)
+    assert "evicted 1 versions" in cleared.stdout
+    assert json.loads(_cli(*base, "cache", "ls", "--json", env=env).stdout) == []

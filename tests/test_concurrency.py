@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from chroma_snapshots import ConflictError, RemoteStore, StoreConfig, open_store
+from chroma_snapshots import ConflictError, RemoteStore, StoreConfig, open_remote
 from chroma_snapshots.remote import manifest_key
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -20,7 +20,9 @@ WORKER = str(Path(__file__).with_name("publisher_worker.py"))
 
 
 def _s3_store(server: MotoServer, bucket: str) -> RemoteStore:
-    store = open_store(StoreConfig(url=f"s3://{bucket}/snaps", s3_endpoint_url=server.endpoint_url))
+    store = open_remote(
+        StoreConfig(url=f"s3://{bucket}/snaps", s3_endpoint_url=server.endpoint_url)
+    )
     store.chunk_size, store.pack_target = 4096, 65536
     return store
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chroma_snapshots import ConfigError, RemoteStore, StoreConfig, open_store
+from chroma_snapshots import ConfigError, RemoteStore, StoreConfig, open_remote
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
 
@@ -25,13 +25,13 @@ def test_compatibility_modes(tmp_path: Path) -> None:
     }
     cfg = StoreConfig.from_env(env)
     assert (cfg.url, cfg.s3_timeout, cfg.s3_endpoint_url) == ("s3://bkt", 7.5, "http://127.0.0.1:9")
-    store = open_store(cfg)
+    store = open_remote(cfg)
     assert isinstance(store.backend, S3Backend)
     assert store.backend.settings.read_timeout == 7.5
     assert store.backend.client.meta.endpoint_url == "http://127.0.0.1:9"
     efs = StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": str(tmp_path)})
     assert efs.url == f"efs://{tmp_path}"
-    store = open_store(efs)
+    store = open_remote(efs)
     assert isinstance(store, RemoteStore)
     assert isinstance(store.backend, FileBackend)
 
@@ -73,4 +73,4 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
 def test_bad_urls_are_config_errors() -> None:
     for url in ("s3://", "nosuch://x", "file://host/x"):
         with pytest.raises(ConfigError):
-            open_store(url)
+            open_remote(url)

@@ -7,10 +7,12 @@ verified, on S3, a mounted filesystem (EFS) or any fsspec store.
 from __future__ import annotations
 
 from .backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
-from .config import StoreConfig, open_store
+from .cache import CachedStore
+from .config import StoreConfig, open_remote, open_store
 from .deadline import Deadline
 from .errors import (
     BackendUnavailableError,
+    CacheFullError,
     ConfigError,
     ConflictError,
     IntegrityError,
@@ -32,6 +34,8 @@ __all__ = [
     "LATEST",
     "Backend",
     "BackendUnavailableError",
+    "CacheFullError",
+    "CachedStore",
     "Chunk",
     "ConfigError",
     "ConflictError",
@@ -59,5 +63,6 @@ __all__ = [
     "VerifyReport",
     "VersionId",
     "open_backend",
+    "open_remote",
     "open_store",
 ]

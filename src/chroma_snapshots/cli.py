@@ -75,7 +75,16 @@ def human_bytes(n: float) -> str:
 def _store(ctx: click.Context) -> Any:
     from .config import open_store
 
-    return open_store(ctx.obj["store_url"])
+    return open_store(ctx.obj["store_url"], cache_dir=ctx.obj["cache_dir"])
+
+
+def _cached(ctx: click.Context) -> Any:
+    from .cache import DEFAULT_CACHE_DIR, CachedStore
+    from .config import StoreConfig, open_remote
+
+    cfg = StoreConfig(url=ctx.obj["store_url"]) if ctx.obj["store_url"] else StoreConfig.from_env()
+    cache_dir = ctx.obj["cache_dir"] or cfg.cache_dir or DEFAULT_CACHE_DIR
+    return CachedStore(open_remote(cfg), cache_dir, max_bytes=cfg.cache_max_bytes)
 
 
 def _progress(label: str) -> Callable[[int, int], None] | None:
@@ -104,9 +113,16 @@ def _build() -> click.Group:
         help="Store URL (s3://bucket/prefix, file:///dir, efs:///mnt/x, memory://x). "
         "Default: the CHROMA_SNAPSHOTS_URL / CHROMADB_STORAGE_MODE environment.",
     )
+    @click.option(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="Serve checkouts through a local cache in DIR "
+        "(default: CHROMA_SNAPSHOTS_CACHE_DIR; 'cache' commands: /tmp/chroma-snapshots).",
+    )
     @click.pass_context
-    def cli(ctx: click.Context, store_url: str | None) -> None:
-        ctx.obj = {"store_url": store_url}
+    def cli(ctx: click.Context, store_url: str | None, cache_dir: str | None) -> None:
+        ctx.obj = {"store_url": store_url, "cache_dir": cache_dir}
 
     @cli.command(
         help="Publish DIRECTORY as a new version of NAME.\n\n"
@@ -146,15 +162,19 @@ def _build() -> click.Group:
             f"({s.chunks_transferred} new chunks), reused {human_bytes(s.bytes_reused)}",
         )
 
-    @cli.command(help="Materialize a version of NAME (default ref: latest) into --dest.")
+    @cli.command(help="Materialize a version of NAME (default ref: latest), every chunk verified.")
     @click.argument("name")
     @click.argument("ref", default="latest")
     @click.option(
-        "--dest", required=True, type=click.Path(file_okay=False), help="Empty or new directory."
+        "--dest",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Empty or new directory. Default: the cache's folder with --cache-dir, "
+        "else a new temporary directory.",
     )
     @json_opt
     @click.pass_context
-    def checkout(ctx: click.Context, name: str, ref: str, dest: str, as_json: bool) -> None:
+    def checkout(ctx: click.Context, name: str, ref: str, dest: str | None, as_json: bool) -> None:
         snap = _store(ctx).checkout(name, ref, dest, progress=_progress("checkout"))
         s = snap.stats
         emit(
@@ -218,6 +238,51 @@ def _build() -> click.Group:
                 ]
             ),
         )
+
+    @cli.group(help="Inspect and manage the local cache of checked-out versions.")
+    def cache() -> None:
+        pass
+
+    @cache.command(name="ls", help="List cached versions, least recently used first.")
+    @json_opt
+    @click.pass_context
+    def cache_ls(ctx: click.Context, as_json: bool) -> None:
+        from .cache.inspect import entries
+
+        found = entries(_cached(ctx))
+        rows = [
+            f"{e.name}  {e.version}  {human_bytes(e.size):>10}{'  pinned' if e.pinned else ''}"
+            for e in found
+        ]
+        emit(found, as_json, "\n".join(rows) or "(cache is empty)")
+
+    @cache.command(name="clear", help="Evict every cached version that no process holds open.")
+    @json_opt
+    @click.pass_context
+    def cache_clear(ctx: click.Context, as_json: bool) -> None:
+        from .cache.inspect import clear
+
+        removed = clear(_cached(ctx))
+        emit(
+            removed,
+            as_json,
+            f"evicted {len(removed)} versions ({human_bytes(sum(e.size for e in removed))})",
+        )
+
+    @cache.command(
+        name="verify", help="Rehash every cached file against its manifest (exit 5 if any differ)."
+    )
+    @json_opt
+    @click.pass_context
+    def cache_verify(ctx: click.Context, as_json: bool) -> None:
+        from .cache.inspect import entries, verify
+
+        store = _cached(ctx)
+        report = {f"{e.name}/{e.version}": verify(store, e) for e in entries(store)}
+        lines = [f"{k}: {'ok' if not v else '; '.join(v)}" for k, v in report.items()]
+        emit(report, as_json, "\n".join(lines) or "(cache is empty)")
+        if any(report.values()):
+            raise IntegrityError("cached versions differ from their manifests (see above)")
 
     @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
     @click.option("--size-mb", default=48, show_default=True, help="Approximate database size.")

@@ -17,12 +17,15 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .remote import RemoteStore
+    from .store import SnapshotStore
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
 ENV_BUCKET = "CHROMADB_BUCKET"
 ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
+ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
+ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
 _MODES = ("s3", "efs")
 
@@ -33,6 +36,8 @@ class StoreConfig:
 
     url: str
     s3_timeout: float = 30.0
+    cache_dir: str | None = None
+    cache_max_bytes: int | None = None
     s3_endpoint_url: str | None = None
 
     @classmethod
@@ -42,6 +47,8 @@ class StoreConfig:
         return cls(
             url=_url_from_env(env),
             s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
+            cache_dir=_cache_dir(env),
+            cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
         )
 
@@ -85,6 +92,24 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
     return value
 
 
+def _cache_dir(env: Mapping[str, str]) -> str | None:
+    raw = env.get(ENV_CACHE_DIR, "").strip()
+    if raw and not raw.startswith("/"):
+        raise ConfigError(
+            f"{ENV_CACHE_DIR}={raw!r} must be an absolute path, e.g. /tmp/chroma-snapshots"
+        )
+    return raw or None
+
+
+def _bytes(env: Mapping[str, str], var: str) -> int | None:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) == 0:
+        raise ConfigError(f"{var}={raw!r} must be a positive whole number of bytes")
+    return int(raw)
+
+
 def _endpoint(env: Mapping[str, str]) -> str | None:
     raw = env.get(ENV_ENDPOINT, "").strip()
     if raw and urlsplit(raw).scheme not in ("http", "https"):
@@ -92,21 +117,40 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
-def open_store(target: str | StoreConfig | None = None) -> RemoteStore:
-    """Open the store at a URL, from a config, or (``None``) from the environment."""
+def _config(target: str | StoreConfig | None) -> StoreConfig:
+    if target is None:
+        return StoreConfig.from_env()
+    return StoreConfig(url=target) if isinstance(target, str) else target
+
+
+def open_remote(target: str | StoreConfig | None = None) -> RemoteStore:
+    """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache."""
     from .backends import open_backend
     from .backends.s3 import S3Settings
     from .remote import RemoteStore
 
-    if target is None:
-        cfg = StoreConfig.from_env()
-    elif isinstance(target, str):
-        cfg = StoreConfig(url=target)
-    else:
-        cfg = target
+    cfg = _config(target)
     settings = S3Settings(
         endpoint_url=cfg.s3_endpoint_url,
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
     return RemoteStore(open_backend(cfg.url, s3_settings=settings))
+
+
+def open_store(
+    target: str | StoreConfig | None = None, *, cache_dir: str | None = None
+) -> SnapshotStore:
+    """Open the store at a URL, from a config, or (``None``) from the environment.
+
+    With a cache directory (argument or ``CHROMA_SNAPSHOTS_CACHE_DIR``) the store is a
+    CachedStore around the RemoteStore; otherwise the RemoteStore itself.
+    """
+    cfg = _config(target)
+    remote = open_remote(cfg)
+    cache = cache_dir or cfg.cache_dir
+    if cache is None:
+        return remote
+    from .cache import CachedStore
+
+    return CachedStore(remote, cache, max_bytes=cfg.cache_max_bytes)

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -37,7 +37,6 @@ from .deadline import Deadline, DeadlineLike, as_deadline
 from .errors import (
     ConflictError,
     IntegrityError,
-    InvalidInputError,
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
@@ -62,9 +61,10 @@ from .store import (
     SnapshotStore,
     StatsRecorder,
     VerifyReport,
+    prepare_dest,
     remove_tree,
 )
-from .transfer import Placer, Read, fetch_and_place, needed_chunks, plan_reads
+from .transfer import LocalChunks, Placer, Read, fetch_and_place, place_local, plan_reads
 
 
 def pack_key(name: str, pack: str) -> str:
@@ -282,7 +282,7 @@ class RemoteStore(SnapshotStore):
         version = self._version_of(name, ref)
         manifest = self.load_manifest(name, version)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
-        final = _prepare_dest(dest)
+        final = prepare_dest(dest)
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         work.chmod(0o755)  # mkdtemp makes it private; a checkout is an ordinary directory
         try:
@@ -302,12 +302,16 @@ class RemoteStore(SnapshotStore):
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None = None,
+        *,
+        local: LocalChunks | None = None,
+        only: Iterable[str] | None = None,
     ) -> None:
-        """Write every file of ``manifest`` under ``root``, fetching and verifying chunks."""
-        placer = Placer(root, manifest)
+        """Write the files of ``manifest`` (or just ``only``) under ``root``: chunks from
+        ``local`` copies where they verify, the rest downloaded, every chunk hash-checked."""
+        placer = Placer(root, manifest, only)
         placer.create_files()
-        todo = needed_chunks(manifest)
-        stats.add(chunks_total=len(manifest.chunks))
+        todo = place_local(placer, local, stats)
+        stats.add(chunks_total=len(placer.targets))
 
         def fetch(r: Read) -> bytes:
             return self.backend.get(pack_key(name, r.pack), byte_range=(r.start, r.end)).data
@@ -366,16 +370,6 @@ def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str]
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"
         raise ConflictError(f"{what} is at {got}, not the expected {expected}")
-
-
-def _prepare_dest(dest: str | Path | None) -> Path:
-    if dest is None:
-        return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
-    final = Path(dest).absolute()
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final
 
 
 def _wait(futures: list[Future[None]], dl: Deadline, what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import shutil
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .deadline import DeadlineLike
+from .errors import InvalidInputError
 from .models import SnapshotInfo, TransferStats
 
 
@@ -36,6 +38,8 @@ class LocalSnapshot:
     path: Path
     info: SnapshotInfo
     stats: TransferStats
+    stale: bool = False
+    """True when a cache served this because the store did not answer in time."""
     _release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> LocalSnapshot:
@@ -158,6 +162,17 @@ class StatsRecorder:
     def freeze(self, seconds: float) -> TransferStats:
         with self._lock:
             return replace(self._stats, seconds=seconds)
+
+
+def prepare_dest(dest: str | Path | None) -> Path:
+    """The absolute checkout destination: absent or an empty directory, parent created."""
+    if dest is None:
+        return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
+    final = Path(dest).absolute()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final
 
 
 def remove_tree(path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 from .chunking import decode_chunk
 from .deadline import Deadline
 from .errors import IntegrityError
-from .models import Chunk, Manifest
+from .models import Chunk, Manifest, sha256_hex
 from .store import Progress, StatsRecorder
 
 DEFAULT_MAX_GAP = 256 << 10
@@ -61,14 +61,52 @@ def _read(pack: str, group: list[Chunk]) -> Read:
     return Read(pack, group[0].offset, max(c.offset + c.length for c in group), tuple(group))
 
 
-class Placer:
-    """Writes verified chunks into the files of a manifest being materialized under ``root``."""
+class LocalChunks:
+    """Chunks already on local disk: files of other materialized versions (or of a damaged
+    copy being repaired). Every read is hash-verified, so a stale or modified file can cost
+    a download but never a wrong byte."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    def __init__(self) -> None:
+        self._where: dict[str, list[tuple[Path, int, int]]] = defaultdict(list)
+
+    def add_tree(self, root: Path, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
+        """Offer the chunks of ``manifest``'s files (or just ``paths``) found under ``root``."""
+        wanted = None if paths is None else set(paths)
+        for f in manifest.files:
+            if wanted is None or f.path in wanted:
+                for i, h in enumerate(f.chunks):
+                    size = manifest.chunks[h].size
+                    self._where[h].append((root / f.path, i * manifest.chunk_size, size))
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._where
+
+    def read(self, digest: str) -> bytes | None:
+        """The chunk's bytes if some local copy still hashes right, else None."""
+        for path, offset, size in self._where.get(digest, ()):
+            try:
+                with open(path, "rb") as f:
+                    raw = os.pread(f.fileno(), size, offset)
+            except OSError:
+                continue
+            if len(raw) == size and sha256_hex(raw) == digest:
+                return raw
+        return None
+
+
+class Placer:
+    """Writes verified chunks into the files of a manifest being materialized under ``root``.
+
+    ``only`` restricts the work to some files (repairing a damaged checkout).
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, only: Iterable[str] | None = None) -> None:
         self.root = root
         self.manifest = manifest
+        keep = None if only is None else set(only)
+        self.files = [f for f in manifest.files if keep is None or f.path in keep]
         self.targets: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for f in manifest.files:
+        for f in self.files:
             for i, h in enumerate(f.chunks):
                 self.targets[h].append((f.path, i * manifest.chunk_size))
 
@@ -76,7 +114,7 @@ class Placer:
         """Create every directory and every file at its final size (sparse until filled)."""
         for d in self.manifest.dirs:
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        for f in self.manifest.files:
+        for f in self.files:
             path = self.root / f.path
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as fh:
@@ -96,7 +134,7 @@ class Placer:
 
     def finish(self) -> None:
         """Apply file modes once all data is in place."""
-        for f in self.manifest.files:
+        for f in self.files:
             os.chmod(self.root / f.path, f.mode)
 
 
@@ -142,6 +180,13 @@ def fetch_and_place(
         raise
 
 
-def needed_chunks(manifest: Manifest, have: Mapping[str, object] | None = None) -> list[Chunk]:
-    """The manifest's distinct chunks, minus those in ``have``."""
-    return [c for h, c in manifest.chunks.items() if have is None or h not in have]
+def place_local(placer: Placer, local: LocalChunks | None, stats: StatsRecorder) -> list[Chunk]:
+    """Fill what local copies can; return the chunks that still have to be downloaded."""
+    todo = []
+    for h in placer.targets:
+        raw = local.read(h) if local is not None and h in local else None
+        if raw is None:
+            todo.append(placer.manifest.chunks[h])
+        else:
+            stats.add(bytes_reused=placer.place(h, raw))
+    return todo

@@ -1,0 +1,153 @@
+"""On-disk layout of the /tmp cache and the small records kept beside each version.
+
+::
+
+    {cache_dir}/{store key}/{name}/
+        versions/{version}/          a complete, verified tree (what consumers open)
+        meta/{version}.manifest      the manifest's canonical bytes
+        meta/{version}.stamps        size, mtime_ns, mode of every file as materialized
+        tmp/{version}.{pid}.{uuid}/  work in progress; never served, cleaned at next open
+        locks/{version}.lock         one materializer or repairer per version at a time
+        pins/{version}/{pid}-{uuid}  a consumer holds this version open
+
+A version is complete when its tree and both meta files exist. Meta files are
+written before the tree is renamed into place and removed after it is gone,
+so a crash at any point leaves either a complete version or only leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import IntegrityError
+from ..models import Manifest
+
+Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temp file and rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def stamp_of(path: Path) -> Stamp | None:
+    """The stamp of a regular file, or None if it is missing or not a regular file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class NameDirs:
+    """The cache folders of one snapshot name."""
+
+    root: Path
+
+    def tree(self, version: str) -> Path:
+        return self.root / "versions" / version
+
+    def manifest_file(self, version: str) -> Path:
+        return self.root / "meta" / f"{version}.manifest"
+
+    def stamps_file(self, version: str) -> Path:
+        return self.root / "meta" / f"{version}.stamps"
+
+    def lock(self, version: str) -> FileLock:
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / "locks" / f"{version}.lock")
+
+    def work_dir(self, version: str) -> Path:
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        work = tmp / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        return work
+
+    def complete(self) -> list[str]:
+        """Complete versions, oldest id first."""
+        versions = self.root / "versions"
+        if not versions.is_dir():
+            return []
+        return sorted(v.name for v in versions.iterdir() if self.is_complete(v.name))
+
+    def is_complete(self, version: str) -> bool:
+        return (
+            self.tree(version).is_dir()
+            and self.manifest_file(version).is_file()
+            and self.stamps_file(version).is_file()
+        )
+
+    def read_manifest(self, version: str) -> Manifest:
+        return Manifest.from_json(self.manifest_file(version).read_bytes())
+
+    def read_stamps(self, version: str) -> dict[str, Stamp]:
+        try:
+            raw = json.loads(self.stamps_file(version).read_bytes())
+            return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
+        except (OSError, ValueError, TypeError, IndexError) as e:
+            raise IntegrityError(f"cache stamps of {version} are unreadable") from e
+
+    def write_stamps(self, version: str, root: Path, manifest: Manifest) -> None:
+        stamps = {f.path: stamp_of(root / f.path) for f in manifest.files}
+        write_atomic(self.stamps_file(version), json.dumps(stamps).encode())
+
+    def write_meta(self, version: str, root: Path, manifest: Manifest) -> None:
+        (self.root / "meta").mkdir(parents=True, exist_ok=True)
+        write_atomic(self.manifest_file(version), manifest.to_json())
+        self.write_stamps(version, root, manifest)
+
+    def last_used(self, version: str) -> float:
+        try:
+            return self.stamps_file(version).stat().st_atime
+        except OSError:
+            return 0.0
+
+    def touch(self, version: str) -> None:
+        """Record a use (LRU order is by the stamps file's atime, set explicitly)."""
+        path = self.stamps_file(version)
+        st = path.stat()
+        os.utime(path, ns=(max(st.st_atime_ns, time.time_ns()), st.st_mtime_ns))
+
+    def pin(self, version: str) -> Path:
+        pins = self.root / "pins" / version
+        pins.mkdir(parents=True, exist_ok=True)
+        pin = pins / f"{os.getpid()}-{uuid.uuid4().hex}"
+        pin.touch()
+        return pin
+
+    def pinned(self, version: str) -> bool:
+        """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""
+        pins = self.root / "pins" / version
+        if not pins.is_dir():
+            return False
+        live = False
+        for pin in pins.iterdir():
+            if pid_alive(int(pin.name.split("-", 1)[0])):
+                live = True
+            else:
+                pin.unlink(missing_ok=True)
+        return live

@@ -1,0 +1,123 @@
+"""A loopback HTTP proxy in front of a local S3 server that records every request.
+
+Tests point boto3 at the proxy and count what the server really received
+(method, path, query, status, response bytes) instead of patching our code.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "content-length",
+}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request the proxy forwarded."""
+
+    method: str
+    path: str
+    status: int
+    response_bytes: int
+
+    @property
+    def key(self) -> str:
+        """The object key part of the path (bucket stripped), without the query."""
+        return self.path.split("?", 1)[0].split("/", 2)[-1]
+
+
+class CountingProxy:
+    """Forwards HTTP to ``upstream`` (e.g. a MotoServer's endpoint) and records each request."""
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.requests: list[Recorded] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> CountingProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> list[Recorded]:
+        """Return the requests so far and start counting afresh."""
+        with self._lock:
+            seen, self.requests = self.requests, []
+        return seen
+
+    def _record(self, r: Recorded) -> None:
+        with self._lock:
+            self.requests.append(r)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = bytearray()
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                body = self._body()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                conn = http.client.HTTPConnection(*proxy._upstream, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                # HEAD keeps the object's length; everything else sends what it read
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                proxy._record(Recorded(self.command, self.path, resp.status, len(data)))
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        return Handler

@@ -1,0 +1,276 @@
+"""CachedStore against a real local S3 server, counting what the server actually received."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    BackendUnavailableError,
+    CachedStore,
+    CacheFullError,
+    RemoteStore,
+    StorageTimeoutError,
+)
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import SnapshotStoreTests, read_tree, write_tree
+from chroma_snapshots.testing.proxy import CountingProxy
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
+    with CountingProxy(moto_server.endpoint_url) as p:
+        yield p
+
+
+def _remote(endpoint: str, bucket: str, **settings: float) -> RemoteStore:
+    s3 = S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint, **settings))  # type: ignore[arg-type]
+    return RemoteStore(s3, chunk_size=CHUNK, pack_target=16 * CHUNK)
+
+
+@pytest.fixture
+def cached(proxy: CountingProxy, s3_bucket: str, tmp_path: Path) -> CachedStore:
+    return CachedStore(_remote(proxy.url, s3_bucket), tmp_path / "cache")
+
+
+def _src(tmp_path: Path) -> Path:
+    rng = random.Random(3)
+    return write_tree(
+        tmp_path / "src",
+        {
+            "chroma.sqlite3": rng.randbytes(40 * CHUNK),
+            "seg/data_level0.bin": rng.randbytes(10 * CHUNK),
+            "seg/header.bin": b"header",
+            "seg/empty": b"",
+        },
+    )
+
+
+class TestCachedStoreConformance(SnapshotStoreTests):
+    @pytest.fixture
+    def store(self, moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> CachedStore:
+        return CachedStore(_remote(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+
+
+def test_warm_checkout_is_one_small_request(
+    cached: CachedStore, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    src = _src(tmp_path)
+    cached.publish("db", src)
+    cold = cached.checkout("db")
+    assert read_tree(cold.path) == read_tree(src)
+    cold.release()
+    proxy.reset()
+    with cached.checkout("db") as warm:
+        assert warm.path == cold.path
+        assert read_tree(warm.path) == read_tree(src)
+    seen = proxy.reset()
+    assert len(seen) <= 1
+    assert all(r.method == "GET" and "/refs/" in r.path for r in seen)
+    assert all(r.response_bytes < 1024 for r in seen)
+    assert warm.stats.bytes_downloaded == 0
+    assert warm.stats.requests == 1
+
+
+def test_incremental_downloads_exactly_the_changed_chunk(
+    cached: CachedStore, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    src = _src(tmp_path)
+    cached.publish("db", src)
+    cached.checkout("db").release()
+    with open(src / "chroma.sqlite3", "r+b") as f:
+        f.seek(17 * CHUNK + 100)
+        f.write(b"new page bytes")
+    v2 = cached.publish("db", src)
+    proxy.reset()
+    with cached.checkout("db") as snap:
+        assert snap.info.version == v2.version
+        assert read_tree(snap.path) == read_tree(src)
+    packs = [r for r in proxy.reset() if "/packs/" in r.path]
+    assert len(packs) == 1
+    manifest = cached.inner.load_manifest("db", v2.version)
+    changed = [c for c in manifest.chunks.values() if c.pack in packs[0].path]
+    assert len(changed) == 1
+    assert packs[0].response_bytes == changed[0].length
+    assert snap.stats.bytes_downloaded == changed[0].length
+    assert snap.stats.bytes_reused == v2.total_size - CHUNK
+
+
+@pytest.mark.parametrize("damage", ["modify", "truncate", "delete", "extra", "chmod"])
+def test_consumer_changes_never_leak(
+    cached: CachedStore, proxy: CountingProxy, tmp_path: Path, damage: str
+) -> None:
+    src = _src(tmp_path)
+    cached.publish("db", src)
+    with cached.checkout("db") as snap:
+        target = snap.path / "chroma.sqlite3"
+        if damage == "modify":
+            with open(target, "r+b") as f:
+                f.seek(5 * CHUNK)
+                f.write(b"written by a consumer")
+        elif damage == "truncate":
+            os.truncate(target, 3 * CHUNK + 5)
+        elif damage == "delete":
+            target.unlink()
+            shutil.rmtree(snap.path / "seg")
+        elif damage == "extra":
+            (snap.path / "chroma.sqlite3-wal").write_bytes(b"wal")
+            (snap.path / "newdir").mkdir()
+        else:
+            target.chmod(0o600)
+    proxy.reset()
+    with cached.checkout("db") as again:
+        assert read_tree(again.path) == read_tree(src)
+        assert sorted(p.name for p in again.path.iterdir()) == ["chroma.sqlite3", "seg"]
+        assert (again.path / "chroma.sqlite3").stat().st_mode & 0o777 == 0o644
+    downloaded = sum(r.response_bytes for r in proxy.reset() if "/packs/" in r.path)
+    if damage == "modify":
+        assert 0 < downloaded <= 2 * CHUNK + 64  # only the damaged chunk(s), not the file
+    elif damage in ("extra", "chmod"):
+        assert downloaded == 0
+
+
+def test_private_copy_with_dest(cached: CachedStore, tmp_path: Path) -> None:
+    src = _src(tmp_path)
+    cached.publish("db", src)
+    snap = cached.checkout("db", dest=tmp_path / "mine")
+    assert snap.path == tmp_path / "mine"
+    (snap.path / "chroma.sqlite3").write_bytes(b"scribble")
+    assert read_tree(cached.checkout("db").path) == read_tree(src)
+
+
+def test_eviction_is_lru_and_spares_pinned(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = _src(tmp_path)
+    remote = _remote(proxy.url, s3_bucket)
+    size = sum(len(b) for b in read_tree(src).values())
+    store = CachedStore(remote, tmp_path / "cache", max_bytes=int(size * 2.5))
+    versions = []
+    for i in range(3):
+        (src / "seg/header.bin").write_bytes(b"v%d" % i)
+        versions.append(store.publish("db", src).version)
+    pinned = store.checkout("db", versions[0])  # held open
+    store.checkout("db", versions[1]).release()
+    assert store.dirs("db").complete() == sorted(versions[:2])
+    store.checkout("db", versions[2]).release()  # needs room: evicts v1 (LRU unpinned), not v0
+    assert store.dirs("db").complete() == sorted([versions[0], versions[2]])
+    assert read_tree(pinned.path)["seg/header.bin"] == b"v0"
+    assert store.usage() <= store.max_bytes  # type: ignore[operator]
+    tiny = CachedStore(remote, tmp_path / "cache", max_bytes=size // 2)
+    with pytest.raises(CacheFullError) as err:
+        tiny.checkout("db", versions[1])
+    assert isinstance(err.value, OSError)
+    assert versions[1] not in tiny.dirs("db").complete()
+    assert list((tiny.dirs("db").root / "tmp").iterdir()) == []
+
+
+def test_enospc_on_a_small_tmpfs(proxy: CountingProxy, s3_bucket: str, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=2m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.fail("this test needs root to mount a 2 MiB tmpfs (CI runs as root)")
+    try:
+        src = write_tree(tmp_path / "big", {"a.bin": os.urandom(3 << 20)})
+        remote = _remote(proxy.url, s3_bucket)
+        remote.publish("db", src)
+        store = CachedStore(remote, mnt, min_free_bytes=0)
+        with pytest.raises(CacheFullError):
+            store.checkout("db")
+        assert store.dirs("db").complete() == []
+        # with the free-space check fooled, the real ENOSPC is still the documented error
+        store.min_free_bytes = -(10 << 20)
+        with pytest.raises(CacheFullError):
+            store.checkout("db")
+        assert store.dirs("db").complete() == []
+        assert list((store.dirs("db").root / "tmp").iterdir()) == []
+    finally:
+        os.system(f"umount {mnt}")
+
+
+def test_stale_ok_serves_cache_when_store_is_unreachable(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = _src(tmp_path)
+    good = CachedStore(_remote(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+    version = good.publish("db", src).version
+    good.checkout("db").release()
+    with CountingProxy(moto_server.endpoint_url) as dead:
+        dead_url = dead.url
+    down = _remote(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
+    with offline.checkout("db", deadline=5) as snap:
+        assert snap.stale
+        assert snap.info.version == version
+        assert read_tree(snap.path) == read_tree(src)
+    strict = CachedStore(down, tmp_path / "cache")
+    with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
+        strict.checkout("db", deadline=5)
+
+
+WORKER = str(Path(__file__).with_name("cache_worker.py"))
+
+
+def _digests(root: Path) -> str:
+    lines = [f"{p} {hashlib.sha256(b).hexdigest()}" for p, b in read_tree(root).items()]
+    return "".join(line + "\n" for line in lines)
+
+
+def test_four_processes_share_one_download(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(3 << 20), "x/y": b"y"})
+    RemoteStore(S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url))).publish(
+        "db", src
+    )
+    proxy.reset()
+    cmd = [sys.executable, WORKER, proxy.url, s3_bucket, str(tmp_path / "cache")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outputs == [_digests(src)] * 4
+    pack_reads = [r for r in proxy.reset() if "/packs/" in r.path]
+    stored = sum(r.response_bytes for r in pack_reads)
+    assert stored >= 3 << 20  # random data is stored raw
+    assert stored < (3 << 20) + (1 << 16)  # ...and was downloaded once, not four times
+
+
+def test_sigkill_during_materialization_never_serves_a_partial_tree(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    rng = random.Random(99)
+    src = write_tree(
+        tmp_path / "src", {"chroma.sqlite3": os.urandom(8 << 20), "seg/a": os.urandom(999)}
+    )
+    remote = _remote(moto_server.endpoint_url, s3_bucket)
+    remote.publish("db", src)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, WORKER, moto_server.endpoint_url, s3_bucket, str(cache)]
+    killed = 0
+    for _ in range(10):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.35, 1.1))  # start-up is ~0.3 s, the checkout ~0.9 s
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        store = CachedStore(_remote(moto_server.endpoint_url, s3_bucket), cache)  # cleans up
+        assert list((store.dirs("db").root / "tmp").iterdir()) == []
+        with store.checkout("db") as snap:
+            assert _digests(snap.path) == _digests(src)
+        for v in store.dirs("db").complete():
+            store.evict("db", v)  # next run starts cold again
+    assert killed >= 5
