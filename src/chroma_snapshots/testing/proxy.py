@@ -32,6 +32,7 @@ class Recorded:
     path: str
     status: int
     response_bytes: int
+    request_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -106,6 +107,8 @@ class CountingProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                # record before answering, so a client that saw the answer sees the count
+                proxy._record(Recorded(self.command, self.path, resp.status, len(data), len(body)))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP:
@@ -116,7 +119,6 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                proxy._record(Recorded(self.command, self.path, resp.status, len(data)))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

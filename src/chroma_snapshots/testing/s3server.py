@@ -89,11 +89,11 @@ class MotoServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def client(self, **config: Any) -> S3Client:
-        """A boto3 S3 client for this server."""
+    def client(self, endpoint_url: str | None = None, **config: Any) -> S3Client:
+        """A boto3 S3 client for this server (or for a proxy in front of it)."""
         return boto3.client(
             "s3",
-            endpoint_url=self.endpoint_url,
+            endpoint_url=endpoint_url or self.endpoint_url,
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
