@@ -69,7 +69,13 @@ def test_demo_runs_and_reports_small_incremental_upload() -> None:
     # seconds, requests, up MiB, down MiB, reused MiB
     assert float(rows["publish v1 (cold)"][2]) > 3
     assert float(rows["publish v2 (10 rows changed)"][2]) < float(rows["publish v1 (cold)"][2]) / 4
-    assert float(rows["checkout v1 (cold)"][3]) > 3
+    assert float(rows["checkout v1 (cold, into cache)"][3]) > 3
+    assert rows["checkout v1 (warm: cached)"][1] == "1"  # one request: the ref
+    assert float(rows["checkout v1 (warm: cached)"][3]) == 0
+    assert (
+        float(rows["checkout v2 (incremental)"][3])
+        < float(rows["checkout v1 (cold, into cache)"][3]) / 4
+    )
     assert "rollback" in out.stdout
 
 

@@ -17,9 +17,9 @@ from chroma_snapshots import (
     VersionId,
     open_backend,
 )
-from chroma_snapshots.models import canonical_json, parse_time, utc_now
 from chroma_snapshots.remote import manifest_key, pack_key, ref_key
 from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.validation import canonical_json, parse_time, utc_now
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from pathlib import Path
 import zstandard
 
 from .errors import IntegrityError, InvalidInputError
-from .models import Chunk, check_relpath, sha256_hex
+from .models import Chunk
+from .validation import check_relpath, sha256_hex
 
 DEFAULT_CHUNK_SIZE = 64 << 10
 DEFAULT_PACK_TARGET = 16 << 20

@@ -1,8 +1,9 @@
 """``chroma-snapshots demo``: the whole story in under a minute on a local S3 server.
 
 Builds a SQLite database shaped like chroma's (rows with float32 embeddings),
-publishes it to moto's S3 server on 127.0.0.1, checks it out, changes ten rows,
-publishes again and shows how little moved, then rolls back.
+publishes it to moto's S3 server on 127.0.0.1, checks it out through the /tmp
+cache (cold, then warm), changes ten rows, publishes again, checks out the new
+version incrementally and shows how little moved, then rolls back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .backends.s3 import S3Backend
+from .cache import CachedStore
 from .models import TransferStats
 from .remote import RemoteStore
 from .testing.s3server import MotoServer
@@ -90,12 +92,17 @@ def run_demo(*, size_mb: int = 48, echo: Callable[[str], None] = print) -> list[
 
         v1 = store.publish("receipts", src, message="initial")
         record("publish v1 (cold)", v1.stats)
-        record("checkout v1 (cold)", store.checkout("receipts", dest=work / "c1").stats)
+        cached = CachedStore(store, work / "cache")
+        with cached.checkout("receipts") as snap:
+            record("checkout v1 (cold, into cache)", snap.stats)
+        with cached.checkout("receipts") as snap:
+            record("checkout v1 (warm: cached)", snap.stats)
         record("publish v1 again (unchanged)", store.publish("receipts", src).stats)
         update_rows(src / "chroma.sqlite3", 10)
         v2 = store.publish("receipts", src, message="10 new receipts")
         record("publish v2 (10 rows changed)", v2.stats)
-        record("checkout v2", store.checkout("receipts", dest=work / "c2").stats)
+        with cached.checkout("receipts") as snap:
+            record("checkout v2 (incremental)", snap.stats)
         store.set_ref("receipts", "latest", v1.version, expected=v2.version)
         rolled = store.resolve("receipts")
         echo(

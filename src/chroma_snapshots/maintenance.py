@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from .backends.base import Backend
 from .chunking import decode_chunk
 from .errors import IntegrityError, InvalidInputError, SnapshotError, SnapshotNotFoundError
-from .models import Chunk, VersionId, check_name, sha256_hex
+from .models import Chunk, VersionId
 from .store import PruneReport, VerifyReport
+from .validation import check_name, sha256_hex
 
 if TYPE_CHECKING:
     from .remote import RemoteStore

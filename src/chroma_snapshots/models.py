@@ -8,86 +8,28 @@ integers for sizes) makes a manifest's bytes, and so its version id, stable.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from . import validation as val
 from .errors import IntegrityError, InvalidInputError
-
-FORMAT_VERSION = 1
-CODECS = ("none", "zstd")
-MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger is a corrupt or hostile manifest
-MAX_PACK_SIZE = 1 << 32
-MAX_PATH_BYTES = 4096
-MAX_COMPONENT_BYTES = 255
-MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 12, 1 << 26
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_VERSION = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{12})")
-_TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Serialize ``obj`` the one way this library writes JSON (sorted, compact, UTF-8)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def utc_now() -> datetime:
-    """The current time in UTC (one place, so tests can reason about it)."""
-    return datetime.now(timezone.utc)
-
-
-def format_time(t: datetime) -> str:
-    """``2026-11-29T05:00:00.123456Z``."""
-    return t.astimezone(timezone.utc).strftime(_TIME_FMT)
-
-
-def parse_time(s: object, what: str) -> datetime:
-    """Parse :func:`format_time` output, raising IntegrityError on anything else."""
-    if not isinstance(s, str):
-        raise IntegrityError(f"{what}: expected a timestamp string")
-    try:
-        return datetime.strptime(s, _TIME_FMT).replace(tzinfo=timezone.utc)
-    except ValueError as e:
-        raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
-
-
-def check_name(name: str, what: str = "snapshot name") -> str:
-    """Validate a snapshot or ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidInputError(
-            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def check_relpath(path: object, what: str = "path") -> str:
-    """Validate a relative POSIX path from a manifest or a source tree."""
-    if not isinstance(path, str) or not path:
-        raise IntegrityError(f"{what}: empty or not a string")
-    bad = (
-        path.startswith("/")
-        or "\\" in path
-        or "\x00" in path
-        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES
-        or unicodedata.normalize("NFC", path) != path
-    )
-    parts = path.split("/")
-    if bad or any(p in ("", ".", "..") or len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
-        raise IntegrityError(f"{what}: unsafe or non-canonical path {path!r}")
-    return path
+from .validation import (
+    CODECS,
+    FORMAT_VERSION,
+    MAX_CHUNK_SIZE,
+    MAX_FILE_SIZE,
+    MAX_PACK_SIZE,
+    MIN_CHUNK_SIZE,
+    VERSION_RE,
+    canonical_json,
+    check_name,
+    check_relpath,
+    format_time,
+    parse_time,
+    sha256_hex,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -103,7 +45,7 @@ class VersionId:
     @classmethod
     def parse(cls, value: str) -> VersionId:
         """Parse a version string; InvalidInputError if it is not one."""
-        m = _VERSION.fullmatch(value) if isinstance(value, str) else None
+        m = VERSION_RE.fullmatch(value) if isinstance(value, str) else None
         if not m:
             raise InvalidInputError(f"invalid version id {value!r}")
         return cls(m.group(1), m.group(2))
@@ -111,7 +53,7 @@ class VersionId:
     @classmethod
     def is_version(cls, value: str) -> bool:
         """True if ``value`` has the shape of a version id (as opposed to a ref name)."""
-        return bool(_VERSION.fullmatch(value))
+        return bool(VERSION_RE.fullmatch(value))
 
     @classmethod
     def for_manifest(cls, manifest_bytes: bytes, created_at: datetime) -> VersionId:
@@ -142,13 +84,13 @@ class Chunk:
 
     @classmethod
     def from_obj(cls, h: str, obj: object, chunk_size: int) -> Chunk:
-        o = _obj(obj, f"chunk {h[:12]}", {"pack", "offset", "length", "size", "codec"})
+        o = val.as_obj(obj, f"chunk {h[:12]}", {"pack", "offset", "length", "size", "codec"})
         c = cls(
             h,
-            _hex64(o["pack"], "pack"),
-            _int(o["offset"], "offset", 0, MAX_PACK_SIZE),
-            _int(o["length"], "length", 1, MAX_PACK_SIZE),
-            _int(o["size"], "size", 1, chunk_size),
+            val.as_hex64(o["pack"], "pack"),
+            val.as_int(o["offset"], "offset", 0, MAX_PACK_SIZE),
+            val.as_int(o["length"], "length", 1, MAX_PACK_SIZE),
+            val.as_int(o["size"], "size", 1, chunk_size),
             o["codec"],
         )
         if c.codec not in CODECS or (c.codec == "none" and c.length != c.size):
@@ -175,15 +117,15 @@ class FileEntry:
 
     @classmethod
     def from_obj(cls, obj: object) -> FileEntry:
-        o = _obj(obj, "file entry", {"path", "size", "mode", "chunks"})
+        o = val.as_obj(obj, "file entry", {"path", "size", "mode", "chunks"})
         chunks = o["chunks"]
         if not isinstance(chunks, list):
             raise IntegrityError("file entry: chunks must be a list")
         return cls(
             check_relpath(o["path"]),
-            _int(o["size"], "size", 0, MAX_FILE_SIZE),
-            _int(o["mode"], "mode", 0, 0o777),
-            tuple(_hex64(c, "chunk") for c in chunks),
+            val.as_int(o["size"], "size", 0, MAX_FILE_SIZE),
+            val.as_int(o["mode"], "mode", 0, 0o777),
+            tuple(val.as_hex64(c, "chunk") for c in chunks),
         )
 
 
@@ -233,27 +175,27 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         """Parse and fully validate manifest bytes; IntegrityError on anything unexpected."""
-        o = _obj(_loads(data, "manifest"), "manifest", _MANIFEST_KEYS)
+        o = val.as_obj(val.loads_json(data, "manifest"), "manifest", _MANIFEST_KEYS)
         if o["format"] != FORMAT_VERSION:
             raise IntegrityError(f"manifest format {o['format']!r} is not supported (need 1)")
-        cs = _int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+        cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
         if cs & (cs - 1):
             raise IntegrityError("chunk_size must be a power of two")
-        table = _obj(o["chunks"], "chunk table", None)
-        chunks = {h: Chunk.from_obj(_hex64(h, "chunk"), c, cs) for h, c in table.items()}
-        files = tuple(FileEntry.from_obj(f) for f in _list(o["files"], "files"))
-        dirs = tuple(check_relpath(d, "dir") for d in _list(o["dirs"], "dirs"))
+        table = val.as_obj(o["chunks"], "chunk table", None)
+        chunks = {h: Chunk.from_obj(val.as_hex64(h, "chunk"), c, cs) for h, c in table.items()}
+        files = tuple(FileEntry.from_obj(f) for f in val.as_list(o["files"], "files"))
+        dirs = tuple(check_relpath(d, "dir") for d in val.as_list(o["dirs"], "dirs"))
         m = cls(
-            _str(o["name"], "name"),
+            val.as_str(o["name"], "name"),
             parse_time(o["created_at"], "created_at"),
             cs,
             files,
             chunks,
             dirs,
-            _opt_str(o["parent"], "parent"),
-            _str(o["publisher"], "publisher"),
-            _opt_str(o["message"], "message"),
-            _obj(o["metadata"], "metadata", None),
+            val.as_opt_str(o["parent"], "parent"),
+            val.as_str(o["publisher"], "publisher"),
+            val.as_opt_str(o["message"], "message"),
+            val.as_obj(o["metadata"], "metadata", None),
         )
         m.validate()
         return m
@@ -337,7 +279,9 @@ class RefValue:
     @classmethod
     def from_json(cls, data: bytes) -> RefValue:
         """Parse and validate ref bytes; IntegrityError on anything unexpected."""
-        o = _obj(_loads(data, "ref"), "ref", {"format", "version", "generation", "updated_at"})
+        o = val.as_obj(
+            val.loads_json(data, "ref"), "ref", {"format", "version", "generation", "updated_at"}
+        )
         if o["format"] != FORMAT_VERSION:
             raise IntegrityError(f"ref format {o['format']!r} is not supported")
         v = o["version"]
@@ -345,7 +289,7 @@ class RefValue:
             raise IntegrityError(f"ref points at an invalid version {v!r}")
         return cls(
             v,
-            _int(o["generation"], "generation", 1, 1 << 62),
+            val.as_int(o["generation"], "generation", 1, 1 << 62),
             parse_time(o["updated_at"], "updated_at"),
         )
 
@@ -393,46 +337,3 @@ class SnapshotInfo:
             m.metadata,
             stats or TransferStats(),
         )
-
-
-def _loads(data: bytes, what: str) -> object:
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{what} is not valid JSON") from e
-
-
-def _obj(o: object, what: str, keys: set[str] | None) -> dict[str, Any]:
-    if not isinstance(o, dict) or not all(isinstance(k, str) for k in o):
-        raise IntegrityError(f"{what}: expected a JSON object")
-    if keys is not None and set(o) != keys:
-        raise IntegrityError(f"{what}: fields {sorted(o)} differ from {sorted(keys)}")
-    return o
-
-
-def _list(o: object, what: str) -> list[Any]:
-    if not isinstance(o, list):
-        raise IntegrityError(f"{what}: expected a list")
-    return o
-
-
-def _int(o: object, what: str, lo: int, hi: int) -> int:
-    if type(o) is not int or not lo <= o <= hi:
-        raise IntegrityError(f"{what}: expected an integer in [{lo}, {hi}], got {o!r}")
-    return o
-
-
-def _str(o: object, what: str) -> str:
-    if not isinstance(o, str):
-        raise IntegrityError(f"{what}: expected a string")
-    return o
-
-
-def _opt_str(o: object, what: str) -> str | None:
-    return None if o is None else _str(o, what)
-
-
-def _hex64(o: object, what: str) -> str:
-    if not isinstance(o, str) or not _HEX64.fullmatch(o):
-        raise IntegrityError(f"{what}: expected 64 lowercase hex digits")
-    return o

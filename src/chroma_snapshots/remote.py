@@ -40,17 +40,7 @@ from .errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from .models import (
-    Chunk,
-    FileEntry,
-    Manifest,
-    RefValue,
-    SnapshotInfo,
-    VersionId,
-    check_name,
-    sha256_hex,
-    utc_now,
-)
+from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, VersionId
 from .store import (
     ANY,
     LATEST,
@@ -65,6 +55,7 @@ from .store import (
     remove_tree,
 )
 from .transfer import LocalChunks, Placer, Read, fetch_and_place, place_local, plan_reads
+from .validation import check_name, sha256_hex, utc_now
 
 
 def pack_key(name: str, pack: str) -> str:

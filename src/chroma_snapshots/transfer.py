@@ -18,8 +18,9 @@ from pathlib import Path
 from .chunking import decode_chunk
 from .deadline import Deadline
 from .errors import IntegrityError
-from .models import Chunk, Manifest, sha256_hex
+from .models import Chunk, Manifest
 from .store import Progress, StatsRecorder
+from .validation import sha256_hex
 
 DEFAULT_MAX_GAP = 256 << 10
 DEFAULT_MAX_READ = 8 << 20

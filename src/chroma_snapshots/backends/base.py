@@ -20,7 +20,7 @@ from ..errors import (
     SnapshotError,
     SnapshotNotFoundError,
 )
-from ..models import check_relpath
+from ..validation import check_relpath
 
 
 @dataclass(frozen=True)

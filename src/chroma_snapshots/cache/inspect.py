@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..chunking import read_chunks
-from ..models import sha256_hex
+from ..validation import sha256_hex
 from .store import CachedStore
 
 

@@ -28,7 +28,7 @@ from ..errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from ..models import Manifest, SnapshotInfo, VersionId, check_name, sha256_hex
+from ..models import Manifest, SnapshotInfo, VersionId
 from ..remote import RemoteStore
 from ..store import (
     LATEST,
@@ -43,6 +43,7 @@ from ..store import (
     remove_tree,
 )
 from ..transfer import LocalChunks
+from ..validation import check_name, sha256_hex
 from .layout import NameDirs, stamp_of
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,129 @@
+"""Parsing and validation primitives for untrusted JSON (manifests, refs) and names.
+
+Everything here raises IntegrityError (stored data) or InvalidInputError (caller
+arguments) with a message that says what was wrong, never a KeyError or TypeError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import IntegrityError, InvalidInputError
+
+FORMAT_VERSION = 1
+CODECS = ("none", "zstd")
+MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger is a corrupt or hostile manifest
+MAX_PACK_SIZE = 1 << 32
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 12, 1 << 26
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_RE = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{12})")
+_TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Serialize ``obj`` the one way this library writes JSON (sorted, compact, UTF-8)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> datetime:
+    """The current time in UTC (one place, so tests can reason about it)."""
+    return datetime.now(timezone.utc)
+
+
+def format_time(t: datetime) -> str:
+    """``2026-11-29T05:00:00.123456Z``."""
+    return t.astimezone(timezone.utc).strftime(_TIME_FMT)
+
+
+def parse_time(s: object, what: str) -> datetime:
+    """Parse :func:`format_time` output, raising IntegrityError on anything else."""
+    if not isinstance(s, str):
+        raise IntegrityError(f"{what}: expected a timestamp string")
+    try:
+        return datetime.strptime(s, _TIME_FMT).replace(tzinfo=timezone.utc)
+    except ValueError as e:
+        raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
+
+
+def check_name(name: str, what: str = "snapshot name") -> str:
+    """Validate a snapshot or ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInputError(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_relpath(path: object, what: str = "path") -> str:
+    """Validate a relative POSIX path from a manifest or a source tree."""
+    if not isinstance(path, str) or not path:
+        raise IntegrityError(f"{what}: empty or not a string")
+    bad = (
+        path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES
+        or unicodedata.normalize("NFC", path) != path
+    )
+    parts = path.split("/")
+    if bad or any(p in ("", ".", "..") or len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
+        raise IntegrityError(f"{what}: unsafe or non-canonical path {path!r}")
+    return path
+
+
+def loads_json(data: bytes, what: str) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{what} is not valid JSON") from e
+
+
+def as_obj(o: object, what: str, keys: set[str] | None) -> dict[str, Any]:
+    if not isinstance(o, dict) or not all(isinstance(k, str) for k in o):
+        raise IntegrityError(f"{what}: expected a JSON object")
+    if keys is not None and set(o) != keys:
+        raise IntegrityError(f"{what}: fields {sorted(o)} differ from {sorted(keys)}")
+    return o
+
+
+def as_list(o: object, what: str) -> list[Any]:
+    if not isinstance(o, list):
+        raise IntegrityError(f"{what}: expected a list")
+    return o
+
+
+def as_int(o: object, what: str, lo: int, hi: int) -> int:
+    if type(o) is not int or not lo <= o <= hi:
+        raise IntegrityError(f"{what}: expected an integer in [{lo}, {hi}], got {o!r}")
+    return o
+
+
+def as_str(o: object, what: str) -> str:
+    if not isinstance(o, str):
+        raise IntegrityError(f"{what}: expected a string")
+    return o
+
+
+def as_opt_str(o: object, what: str) -> str | None:
+    return None if o is None else as_str(o, what)
+
+
+def as_hex64(o: object, what: str) -> str:
+    if not isinstance(o, str) or not _HEX64.fullmatch(o):
+        raise IntegrityError(f"{what}: expected 64 lowercase hex digits")
+    return o
