@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from chroma_snapshots import ConfigError, RemoteStore, StoreConfig, open_remote
+from chroma_snapshots import (
+    CachedStore,
+    ConfigError,
+    RemoteStore,
+    StoreConfig,
+    open_remote,
+    open_store,
+)
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
 
@@ -63,6 +71,18 @@ def test_compatibility_modes(tmp_path: Path) -> None:
             {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "localhost:9000"},
             "AWS_ENDPOINT_URL_S3",
         ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_DIR": "tmp/c"},
+            "CHROMA_SNAPSHOTS_CACHE_DIR",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "4G"},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "0"},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -74,3 +94,24 @@ def test_bad_urls_are_config_errors() -> None:
     for url in ("s3://", "nosuch://x", "file://host/x"):
         with pytest.raises(ConfigError):
             open_remote(url)
+
+
+def test_cache_from_environment(tmp_path: Path) -> None:
+    env = {
+        "CHROMA_SNAPSHOTS_URL": f"file://{tmp_path}/store",
+        "CHROMA_SNAPSHOTS_CACHE_DIR": str(tmp_path / "cache"),
+        "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "1048576",
+    }
+    cfg = StoreConfig.from_env(env)
+    store = open_store(cfg)
+    assert isinstance(store, CachedStore)
+    assert store.max_bytes == 1 << 20
+    assert store.root.parent == tmp_path / "cache"
+    assert isinstance(open_store(StoreConfig(url=cfg.url)), RemoteStore)
+    assert isinstance(open_store(cfg.url, cache_dir=str(tmp_path / "c2")), CachedStore)
+
+
+def test_missing_extra_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if the fsspec extra were missing
+    with pytest.raises(ConfigError, match=r"pip install 'chroma-snapshots\[fsspec\]'"):
+        open_remote("memory://x")
