@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .errors import StorageTimeoutError
+
+T = TypeVar("T")
 
 
 class LambdaContext(Protocol):
@@ -56,3 +59,31 @@ def as_deadline(value: DeadlineLike, default: float) -> Deadline:
     if isinstance(value, Deadline):
         return value
     return Deadline(default if value is None else float(value))
+
+
+def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a daemon thread and wait at most until ``deadline``.
+
+    On time-out the thread is abandoned (a daemon thread waiting on a socket or on
+    the hang guard's pipe never blocks interpreter exit) and StorageTimeoutError
+    names ``what``.
+    """
+    outcome: list[tuple[bool, object]] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the caller below
+            outcome.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=target, daemon=True, name=f"deadline:{what[:40]}").start()
+    if not done.wait(deadline.remaining()):
+        raise StorageTimeoutError(f"{what} did not finish within the deadline")
+    ok, value = outcome[0]
+    if not ok:
+        assert isinstance(value, BaseException)
+        raise value
+    return value  # type: ignore[return-value]

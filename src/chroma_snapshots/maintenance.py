@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .backends.base import Backend
+from .backends.bounded import DeadlineBackend
 from .chunking import decode_chunk
+from .deadline import Deadline, run_within
 from .errors import IntegrityError, InvalidInputError, SnapshotError, SnapshotNotFoundError
 from .models import Chunk, VersionId
 from .store import PruneReport, VerifyReport
@@ -29,18 +31,19 @@ def list_versions(backend: Backend, name: str) -> Iterator[str]:
     yield from sorted(found, reverse=True)
 
 
-def verify(store: RemoteStore, name: str, version: str) -> VerifyReport:
+def verify(store: RemoteStore, name: str, version: str, deadline: Deadline) -> VerifyReport:
     """Download every pack the version uses and check each pack's and chunk's hash."""
     from .remote import pack_key
 
-    manifest = store.load_manifest(name, version)
+    manifest = store.load_manifest(name, version, deadline=deadline)
+    io = DeadlineBackend(store.backend, deadline)
     by_pack: dict[str, list[Chunk]] = defaultdict(list)
     for c in manifest.chunks.values():
         by_pack[c.pack].append(c)
 
     def check(pack: str) -> tuple[int, list[str]]:
         try:
-            data = store.backend.get(pack_key(name, pack)).data
+            data = io.get(pack_key(name, pack)).data
         except SnapshotNotFoundError:
             return 0, [f"pack {pack} is missing"]
         problems = [] if sha256_hex(data) == pack else [f"pack {pack}: hash mismatch"]
@@ -51,7 +54,7 @@ def verify(store: RemoteStore, name: str, version: str) -> VerifyReport:
                 problems.append(str(e))
         return len(data), problems
 
-    results = list(store._pool.map(check, sorted(by_pack)))
+    results = run_within(deadline, "verify", lambda: list(store._pool.map(check, sorted(by_pack))))
     problems = tuple(p for _, ps in results for p in ps)
     return VerifyReport(
         name, version, len(by_pack), len(manifest.chunks), sum(n for n, _ in results), problems
@@ -59,7 +62,13 @@ def verify(store: RemoteStore, name: str, version: str) -> VerifyReport:
 
 
 def prune(
-    store: RemoteStore, name: str, *, keep_last: int, min_age: float, dry_run: bool
+    store: RemoteStore,
+    name: str,
+    *,
+    keep_last: int,
+    min_age: float,
+    dry_run: bool,
+    deadline: Deadline,
 ) -> PruneReport:
     """Delete versions outside the newest ``keep_last`` that no ref names and that are older
     than ``min_age`` seconds, then packs no retained version uses (also older than ``min_age``,
@@ -70,10 +79,10 @@ def prune(
     if keep_last < 1 or min_age < 0:
         raise InvalidInputError("prune needs keep_last >= 1 and min_age >= 0")
     now = time.time()
-    backend = store.backend
+    backend = DeadlineBackend(store.backend, deadline)
     metas = {m.key: m for m in backend.list(f"{name}/")}
     versions = list(list_versions(backend, name))
-    pinned = set(store.refs(name).values())
+    pinned = set(store.refs(name, deadline=deadline).values())
     keep: list[str] = []
     drop: list[str] = []
     for i, v in enumerate(versions):
@@ -82,7 +91,7 @@ def prune(
     used: set[str] = set()
     for v in keep:
         try:
-            used |= store.load_manifest(name, v).packs
+            used |= store.load_manifest(name, v, deadline=deadline).packs
         except SnapshotError:
             # An unreadable retained manifest must not let us delete packs it may need.
             raise IntegrityError(f"prune stopped: retained version {v} is unreadable") from None

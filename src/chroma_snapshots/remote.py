@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import maintenance
 from .backends.base import Backend, PutMode
+from .backends.bounded import DeadlineBackend
 from .chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -107,18 +108,24 @@ class RemoteStore(SnapshotStore):
 
     # Reading refs and manifests.
 
-    def read_ref(self, name: str, ref: str = "latest") -> tuple[RefValue, str] | None:
+    def _io(self, deadline: DeadlineLike) -> DeadlineBackend:
+        return DeadlineBackend(self.backend, as_deadline(deadline, self.default_timeout))
+
+    def read_ref(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[RefValue, str] | None:
         """The ref's value and ETag, or None if it does not exist."""
         try:
-            got = self.backend.get(ref_key(check_name(name), check_name(ref, "ref name")))
+            key = ref_key(check_name(name), check_name(ref, "ref name"))
+            got = self._io(deadline).get(key)
         except SnapshotNotFoundError:
             return None
         return RefValue.from_json(got.data), got.meta.etag
 
-    def load_manifest(self, name: str, version: str) -> Manifest:
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
         """Fetch and validate a manifest, checking it belongs to ``name`` and ``version``."""
         vid = VersionId.parse(version)
-        data = self.backend.get(manifest_key(check_name(name), version)).data
+        data = self._io(deadline).get(manifest_key(check_name(name), version)).data
         m = Manifest.from_json(data)
         if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
             raise IntegrityError(f"manifest {version}: content does not match its version id")
@@ -126,10 +133,10 @@ class RemoteStore(SnapshotStore):
             raise IntegrityError(f"manifest {version} belongs to {m.name!r}, not {name!r}")
         return m
 
-    def _version_of(self, name: str, ref: str) -> str:
+    def _version_of(self, name: str, ref: str, dl: Deadline) -> str:
         if VersionId.is_version(ref):
             return ref
-        found = self.read_ref(name, ref)
+        found = self.read_ref(name, ref, deadline=dl)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
         return found[0].version
@@ -137,8 +144,9 @@ class RemoteStore(SnapshotStore):
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> SnapshotInfo:
-        version = self._version_of(name, ref)
-        return SnapshotInfo.from_manifest(version, self.load_manifest(name, version))
+        dl = as_deadline(deadline, self.default_timeout)
+        version = self._version_of(name, ref, dl)
+        return SnapshotInfo.from_manifest(version, self.load_manifest(name, version, deadline=dl))
 
     # Publishing.
 
@@ -157,11 +165,11 @@ class RemoteStore(SnapshotStore):
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         files, dirs = scan_source(source_dir)
-        current = self.read_ref(name)
+        current = self.read_ref(name, deadline=dl)
         stats.add(requests=1)
         _check_expected(name, expected, current)
         parent = current[0].version if current else None
-        known = dict(self.load_manifest(name, parent).chunks) if parent else {}
+        known = dict(self.load_manifest(name, parent, deadline=dl).chunks) if parent else {}
         entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress)
         manifest = Manifest(
             name,
@@ -177,9 +185,8 @@ class RemoteStore(SnapshotStore):
         )
         data = manifest.to_json()
         version = str(VersionId.for_manifest(data, manifest.created_at))
-        dl.check("publishing the manifest")
-        self.backend.put(manifest_key(name, version), data, mode=PutMode.CREATE)
-        self._move_ref(name, "latest", version, expected, current)
+        self._io(dl).put(manifest_key(name, version), data, mode=PutMode.CREATE)
+        self._move_ref(name, "latest", version, expected, current, dl)
         stats.add(requests=2, bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
@@ -235,6 +242,7 @@ class RemoteStore(SnapshotStore):
         version: str,
         expected: Expected,
         current: tuple[RefValue, str] | None,
+        dl: Deadline,
     ) -> None:
         gen = current[0].generation + 1 if current else 1
         value = RefValue(version, gen, utc_now()).to_json()
@@ -243,19 +251,28 @@ class RemoteStore(SnapshotStore):
         else:
             mode = PutMode.update(current[1]) if current else PutMode.CREATE
         try:
-            self.backend.put(ref_key(name, ref), value, mode=mode)
+            self._io(dl).put(ref_key(name, ref), value, mode=mode)
         except ConflictError as e:
             raise ConflictError(
                 f"{name}/{ref} moved while publishing (based on "
                 f"{current[0].version if current else 'nothing'}); nothing was made visible"
             ) from e
 
-    def set_ref(self, name: str, ref: str, version: str, *, expected: Expected) -> None:
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None:
         check_name(ref, "ref name")
-        self.load_manifest(name, version)  # never point a ref at a missing or broken manifest
-        current = self.read_ref(name, ref)
+        dl = as_deadline(deadline, self.default_timeout)
+        self.load_manifest(name, version, deadline=dl)  # never point a ref at a broken manifest
+        current = self.read_ref(name, ref, deadline=dl)
         _check_expected(f"{name}/{ref}", expected, current)
-        self._move_ref(name, ref, version, expected, current)
+        self._move_ref(name, ref, version, expected, current, dl)
 
     # Checking out.
 
@@ -270,8 +287,8 @@ class RemoteStore(SnapshotStore):
     ) -> LocalSnapshot:
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
-        version = self._version_of(name, ref)
-        manifest = self.load_manifest(name, version)
+        version = self._version_of(name, ref, dl)
+        manifest = self.load_manifest(name, version, deadline=dl)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
         final = prepare_dest(dest)
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -325,29 +342,42 @@ class RemoteStore(SnapshotStore):
 
     # Listing and maintenance.
 
-    def versions(self, name: str) -> Iterator[SnapshotInfo]:
-        for version in maintenance.list_versions(self.backend, check_name(name)):
-            yield SnapshotInfo.from_manifest(version, self.load_manifest(name, version))
+    def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
+        dl = as_deadline(deadline, self.default_timeout)
+        for version in maintenance.list_versions(self._io(dl), check_name(name)):
+            yield SnapshotInfo.from_manifest(
+                version, self.load_manifest(name, version, deadline=dl)
+            )
 
-    def names(self) -> Iterator[str]:
-        yield from self.backend.list_dirs("")
+    def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
+        yield from self._io(deadline).list_dirs("")
 
-    def refs(self, name: str) -> dict[str, str]:
+    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
+        dl = as_deadline(deadline, self.default_timeout)
         out = {}
-        for meta in self.backend.list(f"{check_name(name)}/refs/"):
+        for meta in self._io(dl).list(f"{check_name(name)}/refs/"):
             ref = meta.key.rsplit("/", 1)[1]
-            found = self.read_ref(name, ref)
+            found = self.read_ref(name, ref, deadline=dl)
             if found is not None:
                 out[ref] = found[0].version
         return out
 
-    def verify(self, name: str, version: str) -> VerifyReport:
-        return maintenance.verify(self, name, version)
+    def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
+        return maintenance.verify(self, name, version, as_deadline(deadline, self.default_timeout))
 
     def prune(
-        self, name: str, *, keep_last: int = 10, min_age: float = 3600.0, dry_run: bool = False
+        self,
+        name: str,
+        *,
+        keep_last: int = 10,
+        min_age: float = 3600.0,
+        dry_run: bool = False,
+        deadline: DeadlineLike = None,
     ) -> PruneReport:
-        return maintenance.prune(self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run)
+        dl = as_deadline(deadline, self.default_timeout)
+        return maintenance.prune(
+            self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=dl
+        )
 
 
 def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:

@@ -118,33 +118,125 @@ class SnapshotStore(ABC):
         """Materialize a version on local disk, every chunk verified."""
 
     @abstractmethod
-    def versions(self, name: str) -> Iterator[SnapshotInfo]:
+    def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         """Every stored version of ``name``, newest first."""
 
     @abstractmethod
-    def names(self) -> Iterator[str]:
+    def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
         """Every snapshot name in the store."""
 
     @abstractmethod
-    def refs(self, name: str) -> dict[str, str]:
+    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
         """Ref name -> version for ``name``."""
 
     @abstractmethod
-    def set_ref(self, name: str, ref: str, version: str, *, expected: Expected) -> None:
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None:
         """Point ``ref`` at ``version`` (tags, rollback), compare-and-swap on ``expected``."""
 
     @abstractmethod
-    def verify(self, name: str, version: str) -> VerifyReport:
+    def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
         """Download and check every pack and chunk a version uses."""
 
     @abstractmethod
     def prune(
-        self, name: str, *, keep_last: int = 10, min_age: float = 3600.0, dry_run: bool = False
+        self,
+        name: str,
+        *,
+        keep_last: int = 10,
+        min_age: float = 3600.0,
+        dry_run: bool = False,
+        deadline: DeadlineLike = None,
     ) -> PruneReport:
         """Delete old unreferenced versions, then packs no retained version uses."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
+
+
+class DelegatingStore(SnapshotStore):
+    """A store that passes everything to ``inner``; wrappers override what they change."""
+
+    def __init__(self, inner: SnapshotStore) -> None:
+        self.inner = inner
+
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
+        return self.inner.publish(
+            name, source_dir, expected=expected, message=message, metadata=metadata,
+            deadline=deadline, progress=progress,
+        )  # fmt: skip
+
+    def resolve(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> SnapshotInfo:
+        return self.inner.resolve(name, ref, deadline=deadline)
+
+    def checkout(
+        self,
+        name: str,
+        ref: str = "latest",
+        dest: str | Path | None = None,
+        *,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> LocalSnapshot:
+        return self.inner.checkout(name, ref, dest, deadline=deadline, progress=progress)
+
+    def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
+        return self.inner.versions(name, deadline=deadline)
+
+    def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
+        return self.inner.names(deadline=deadline)
+
+    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
+        return self.inner.refs(name, deadline=deadline)
+
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None:
+        self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
+
+    def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
+        return self.inner.verify(name, version, deadline=deadline)
+
+    def prune(
+        self,
+        name: str,
+        *,
+        keep_last: int = 10,
+        min_age: float = 3600.0,
+        dry_run: bool = False,
+        deadline: DeadlineLike = None,
+    ) -> PruneReport:
+        return self.inner.prune(
+            name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=deadline
+        )
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class StatsRecorder:

@@ -1,155 +1,77 @@
 """A directory on local disk or a network mount (EFS/NFS) as a backend.
 
-Writes go to a unique temp file beside the target and are published with
-``os.replace`` (overwrite) or ``os.link`` (create: atomic "fail if exists" on
-POSIX and NFS). Compare-and-swap updates are serialized with a lock file under
-``.locks/`` so they never show up as keys.
+On a local disk the operations run in the caller's thread. On a network mount
+pass a :class:`~chroma_snapshots.guard.MountGuard`: every operation then runs in
+an abandonable worker process, so a hung mount costs a bounded timeout and a
+fast failure, never a hung caller (``efs://`` URLs do this).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from filelock import FileLock
-
-from ..errors import BackendUnavailableError, ConflictError, SnapshotNotFoundError
-from .base import Backend, GetResult, ObjectMeta, PutMode, check_key
-
-_RESERVED = "."  # names starting with this are temp files and locks, never keys
-
-
-def _meta(key: str, st: os.stat_result) -> ObjectMeta:
-    # inode changes with every replace/link, mtime_ns and size catch in-place edits.
-    etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
-    return ObjectMeta(key, st.st_size, etag, st.st_mtime)
-
-
-def _wrap(err: OSError, op: str, key: str) -> Exception:
-    if isinstance(err, FileNotFoundError) or err.errno == errno.ENOTDIR:
-        return SnapshotNotFoundError(f"{key}: no such object")
-    name = errno.errorcode.get(err.errno or 0, "error")
-    return BackendUnavailableError(f"{op} {key}: {name} ({err.strerror})")
+from ..guard import MountGuard
+from .base import Backend, GetResult, ObjectMeta, PutMode
+from .fileops import LocalFiles
 
 
 class FileBackend(Backend):
-    """Objects as files below ``root``; ``fsync`` makes writes durable before they are visible."""
+    """Objects as files below ``root``.
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, create: bool = True):
+    ``fsync`` makes writes durable before they become visible; ``create=False``
+    insists that the directory exists (a missing mount is an error, not an empty
+    store); ``guard`` runs every call through a hang guard.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        create: bool = True,
+        guard: MountGuard | None = None,
+    ) -> None:
         self.root = Path(root)
-        self.fsync = fsync
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise SnapshotNotFoundError(f"{self.root}: store directory does not exist")
+        self.guard = guard
+        self._files = LocalFiles(self.root, fsync)
+        self._run("ensure_root", create)
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.root)!r})"
 
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.guard is None:
+            return getattr(self._files, method)(*args, **kwargs)
+        return self.guard.run(
+            self._files, method, *args, what=f"{method} {args[0] if args else ''}", **kwargs
+        )
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        try:
-            with open(self._path(key), "rb") as f:
-                meta = _meta(key, os.fstat(f.fileno()))
-                if byte_range is None:
-                    return GetResult(f.read(), meta)
-                start, end = byte_range
-                return GetResult(os.pread(f.fileno(), max(0, end - start), start), meta)
-        except IsADirectoryError:
-            raise SnapshotNotFoundError(f"{key}: no such object") from None
-        except OSError as e:
-            raise _wrap(e, "get", key) from e
+        result: GetResult = self._run("get", key, byte_range=byte_range)
+        return result
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{_RESERVED}{path.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                meta = self._write_tmp(key, tmp, data)
-                self._publish(key, tmp, path, mode)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as e:
-            raise _wrap(e, "put", key) from e
+        meta: ObjectMeta = self._run("put", key, data, mode=mode)
         return meta
 
-    def _write_tmp(self, key: str, tmp: Path, data: bytes) -> ObjectMeta:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-            return _meta(key, os.fstat(f.fileno()))
-
-    def _publish(self, key: str, tmp: Path, path: Path, mode: PutMode) -> None:
-        if mode.kind == "overwrite":
-            os.replace(tmp, path)
-        elif mode.kind == "create":
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise ConflictError(f"{key} already exists") from None
-        else:
-            with FileLock(self._lock_path(key)):
-                try:
-                    current = _meta(key, path.stat()).etag
-                except FileNotFoundError:
-                    raise ConflictError(
-                        f"{key} does not exist (expected etag {mode.etag})"
-                    ) from None
-                if current != mode.etag:
-                    raise ConflictError(f"{key} changed: etag {current} != {mode.etag}")
-                os.replace(tmp, path)
-
-    def _lock_path(self, key: str) -> Path:
-        locks = self.root / f"{_RESERVED}locks"
-        locks.mkdir(exist_ok=True)
-        return locks / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
-
     def head(self, key: str) -> ObjectMeta:
-        path = self._path(key)
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise _wrap(e, "head", key) from e
-        if not path.is_file():
-            raise SnapshotNotFoundError(f"{key}: no such object")
-        return _meta(key, st)
+        meta: ObjectMeta = self._run("head", key)
+        return meta
 
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        # Walk only below the deepest directory the prefix names.
-        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        top = self.root / base if base else self.root
-        try:
-            yield from self._walk(top, prefix)
-        except OSError as e:
-            raise _wrap(e, "list", prefix) from e
-
-    def _walk(self, top: Path, prefix: str) -> Iterator[ObjectMeta]:
-        if not top.is_dir():
-            return
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            for fn in filenames:
-                if fn.startswith(_RESERVED):
-                    continue
-                key = fn if rel == "." else f"{rel}/{fn}"
-                if key.startswith(prefix):
-                    try:
-                        yield _meta(key, os.stat(os.path.join(dirpath, fn)))
-                    except FileNotFoundError:
-                        continue  # deleted while listing
+        found: list[ObjectMeta] = self._run("list", prefix)
+        return iter(found)
 
     def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink(missing_ok=True)
-        except OSError as e:
-            raise _wrap(e, "delete", key) from e
+        self._run("delete", key)
+
+    def probe(self) -> None:
+        """Stat and list the root (through the guard when there is one)."""
+        self._run("probe")
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()

@@ -24,6 +24,7 @@ def s3(url: str, **options: Any) -> Backend:
     parts = urlsplit(url)
     if not parts.netloc:
         raise ConfigError(f"{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix")
+    options.pop("efs_timeout", None)
     settings = options.pop("s3_settings", None) or S3Settings()
     return S3Backend(parts.netloc, parts.path.strip("/"), settings=settings, **options)
 
@@ -32,21 +33,26 @@ def file(url: str, **options: Any) -> Backend:
     from .file import FileBackend
 
     options.pop("s3_settings", None)
+    options.pop("efs_timeout", None)
     return FileBackend(_local_path(url), **options)
 
 
 def efs(url: str, **options: Any) -> Backend:
+    from ..guard import MountGuard
     from .file import FileBackend
 
     options.pop("s3_settings", None)
+    path = _local_path(url)
+    guard = MountGuard(path, op_timeout=options.pop("efs_timeout", 10.0))
     # A store on a network mount must already exist: creating it would hide a missing mount.
-    return FileBackend(_local_path(url), create=False, **options)
+    return FileBackend(path, create=False, guard=guard, **options)
 
 
 def fsspec(url: str, **options: Any) -> Backend:
     from .fsspec import FsspecBackend
 
     options.pop("s3_settings", None)
+    options.pop("efs_timeout", None)
     try:
         return FsspecBackend.from_url(url.removeprefix("fsspec+"), **options)
     except ValueError as e:  # fsspec's "Protocol not known"

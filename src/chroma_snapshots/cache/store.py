@@ -14,9 +14,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -31,14 +28,10 @@ from ..errors import (
 from ..models import Manifest, SnapshotInfo, VersionId
 from ..remote import RemoteStore
 from ..store import (
-    LATEST,
-    Expected,
+    DelegatingStore,
     LocalSnapshot,
     Progress,
-    PruneReport,
-    SnapshotStore,
     StatsRecorder,
-    VerifyReport,
     prepare_dest,
     remove_tree,
 )
@@ -52,7 +45,7 @@ DEFAULT_MIN_FREE = 64 << 20
 _REUSE_FROM = 3  # newest cached versions offered as local chunk sources
 
 
-class CachedStore(SnapshotStore):
+class CachedStore(DelegatingStore):
     """Wraps a RemoteStore with a local cache of materialized versions.
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
@@ -69,14 +62,14 @@ class CachedStore(SnapshotStore):
         min_free_bytes: int = DEFAULT_MIN_FREE,
         stale_ok: bool = False,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: RemoteStore = inner
         self.root = Path(cache_dir) / sha256_hex(repr(inner.backend).encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.stale_ok = stale_ok
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._mlock = threading.Lock()
-        self._io = ThreadPoolExecutor(4, thread_name_prefix="chroma-snapshots-cache")
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_leftovers()
 
@@ -117,7 +110,7 @@ class CachedStore(SnapshotStore):
                     manifest = self._manifest(d, name, version)
                     self._repair(name, version, manifest, dl, stats)
                 else:
-                    manifest = self.inner.load_manifest(name, version)
+                    manifest = self.inner.load_manifest(name, version, deadline=dl)
                     stats.add(requests=1)
                     self._materialize(name, version, manifest, dl, stats, progress)
                 d.touch(version)
@@ -145,13 +138,10 @@ class CachedStore(SnapshotStore):
         if VersionId.is_version(ref):
             return ref, False
         try:
-            fut = self._io.submit(self.inner.read_ref, name, ref)
-            found = fut.result(timeout=max(dl.remaining(), 0.001))
+            found = self.inner.read_ref(name, ref, deadline=dl)
             stats.add(requests=1)
-        except (BackendUnavailableError, StorageTimeoutError, FutureTimeout) as e:
+        except (BackendUnavailableError, StorageTimeoutError) as e:
             if not self.stale_ok:
-                if isinstance(e, FutureTimeout):
-                    raise StorageTimeoutError(f"resolving {name}/{ref} timed out") from e
                 raise
             cached = self.dirs(name).complete()
             if not cached:
@@ -319,58 +309,6 @@ class CachedStore(SnapshotStore):
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
-
-    # Everything else goes to the inner store.
-
-    def publish(
-        self,
-        name: str,
-        source_dir: str | Path,
-        *,
-        expected: Expected = LATEST,
-        message: str | None = None,
-        metadata: dict[str, object] | None = None,
-        deadline: DeadlineLike = None,
-        progress: Progress | None = None,
-    ) -> SnapshotInfo:
-        return self.inner.publish(
-            name,
-            source_dir,
-            expected=expected,
-            message=message,
-            metadata=metadata,
-            deadline=deadline,
-            progress=progress,
-        )
-
-    def resolve(
-        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
-    ) -> SnapshotInfo:
-        return self.inner.resolve(name, ref, deadline=deadline)
-
-    def versions(self, name: str) -> Iterator[SnapshotInfo]:
-        return self.inner.versions(name)
-
-    def names(self) -> Iterator[str]:
-        return self.inner.names()
-
-    def refs(self, name: str) -> dict[str, str]:
-        return self.inner.refs(name)
-
-    def set_ref(self, name: str, ref: str, version: str, *, expected: Expected) -> None:
-        self.inner.set_ref(name, ref, version, expected=expected)
-
-    def verify(self, name: str, version: str) -> VerifyReport:
-        return self.inner.verify(name, version)
-
-    def prune(
-        self, name: str, *, keep_last: int = 10, min_age: float = 3600.0, dry_run: bool = False
-    ) -> PruneReport:
-        return self.inner.prune(name, keep_last=keep_last, min_age=min_age, dry_run=dry_run)
-
-    def close(self) -> None:
-        self._io.shutdown(wait=False, cancel_futures=True)
-        self.inner.close()
 
 
 def _remove_extras(tree: Path, manifest: Manifest) -> None:

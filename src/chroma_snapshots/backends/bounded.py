@@ -1,0 +1,41 @@
+"""A view of a backend whose every call returns or raises within one deadline."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator
+
+from ..deadline import Deadline, run_within
+from .base import Backend, GetResult, ObjectMeta, PutMode
+
+
+class DeadlineBackend(Backend):
+    """Delegates to ``inner``; a call still running when ``deadline`` passes is abandoned
+    and raises StorageTimeoutError (botocore's retries and a hung mount alike)."""
+
+    def __init__(self, inner: Backend, deadline: Deadline) -> None:
+        self.inner = inner
+        self.deadline = deadline
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        return run_within(
+            self.deadline, f"get {key}", lambda: self.inner.get(key, byte_range=byte_range)
+        )
+
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        return run_within(self.deadline, f"put {key}", lambda: self.inner.put(key, data, mode=mode))
+
+    def head(self, key: str) -> ObjectMeta:
+        return run_within(self.deadline, f"head {key}", lambda: self.inner.head(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        found = run_within(
+            self.deadline, f"list {prefix}", lambda: builtins.list(self.inner.list(prefix))
+        )
+        return iter(found)
+
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        return run_within(self.deadline, f"list {prefix}", lambda: self.inner.list_dirs(prefix))
+
+    def delete(self, key: str) -> None:
+        run_within(self.deadline, f"delete {key}", lambda: self.inner.delete(key))

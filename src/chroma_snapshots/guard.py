@@ -1,0 +1,251 @@
+"""The hang guard: filesystem calls on a network mount that can never hang the caller.
+
+A call into a hung NFS/EFS (or FUSE) mount blocks in the kernel and cannot be
+interrupted: not by ``signal.alarm``, not by abandoning a thread (which then
+keeps the process from exiting), not by ``ThreadPoolExecutor`` or
+``multiprocessing`` (both wait for stuck workers at exit). What works is a child
+process that is killed when its budget runs out and never waited on in the
+caller's path. So every call runs in a small pool of worker processes:
+
+- a call that overruns ``op_timeout`` (or the caller's deadline) kills its worker
+  and raises StorageTimeoutError naming the operation;
+- the circuit breaker then opens: calls fail fast for ``cooldown`` seconds
+  instead of feeding more workers to the mount; after the cool-down one probe
+  (stat + listdir of the root, in a fresh worker) decides whether to close it;
+- at most ``max_abandoned`` killed workers may still be stuck in the kernel; past
+  that the guard refuses to start more. A daemon thread reaps them once the mount
+  lets go, so they never become a leak, and ``stats()`` reports them.
+
+The clock is injectable so breaker tests need not sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .deadline import Deadline
+from .errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
+
+_LEN = struct.Struct("!Q")
+_WORKER = "from chroma_snapshots.guard import worker_main; worker_main()"
+
+
+@dataclass(frozen=True)
+class GuardStats:
+    """Health of a guarded mount."""
+
+    healthy: bool
+    open_until: float | None
+    timeouts: int
+    abandoned: int
+    calls: int
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C for the caller is not also a signal for it
+        )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+
+    def call(self, payload: bytes, budget: float) -> Any:
+        end = time.monotonic() + budget
+        self._write(_LEN.pack(len(payload)) + payload, end)
+        size = _LEN.unpack(self._read(_LEN.size, end))[0]
+        status, value = pickle.loads(self._read(size, end))
+        if status == "err":
+            raise value
+        return value
+
+    def _write(self, data: bytes, end: float) -> None:
+        view = memoryview(data)
+        while view:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
+                raise TimeoutError
+            view = view[os.write(self.wfd, view[: 1 << 16]) :]
+
+    def _read(self, n: int, end: float) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise BackendUnavailableError("the filesystem worker died")
+            buf += chunk
+        return bytes(buf)
+
+    def kill(self) -> None:
+        self.proc.kill()  # never waited on here: it may be stuck in the kernel
+
+
+class MountGuard:
+    """Runs ``target.method(*args)`` in abandonable worker processes, with a breaker."""
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        op_timeout: float = 10.0,
+        cooldown: float = 30.0,
+        max_abandoned: int = 4,
+        workers: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.op_timeout = op_timeout
+        self.cooldown = cooldown
+        self.max_abandoned = max_abandoned
+        self._clock = clock
+        self._idle: list[_Worker] = []
+        self._slots = threading.BoundedSemaphore(workers)
+        self._lock = threading.Lock()
+        self._open_until: float | None = None
+        self._abandoned: list[subprocess.Popen[bytes]] = []
+        self._timeouts = 0
+        self._calls = 0
+
+    def stats(self) -> GuardStats:
+        """Breaker state and how many workers were abandoned (and are not yet reaped)."""
+        with self._lock:
+            self._abandoned = [p for p in self._abandoned if p.poll() is None]
+            return GuardStats(
+                self._open_until is None,
+                self._open_until,
+                self._timeouts,
+                len(self._abandoned),
+                self._calls,
+            )
+
+    def run(
+        self,
+        target: Any,
+        method: str,
+        *args: Any,
+        deadline: Deadline | None = None,
+        what: str = "",
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``target.method(*args, **kwargs)`` in a worker within the budget."""
+        label = f"{what or method} on {self.label}"
+        self._admit(label, target)
+        return self._call(target, method, args, kwargs, deadline, label)
+
+    def _admit(self, label: str, target: Any) -> None:
+        with self._lock:
+            until = self._open_until
+        if until is not None:
+            if self._clock() < until:
+                raise StorageTimeoutError(
+                    f"{label}: the mount is marked unhealthy after a timeout; failing fast for "
+                    f"another {until - self._clock():.1f}s"
+                )
+            self._call(target, "probe", (), {}, None, f"probe of {self.label}")  # half-open
+            with self._lock:
+                self._open_until = None
+        if self.stats().abandoned >= self.max_abandoned:
+            raise StorageTimeoutError(
+                f"{label}: {self.max_abandoned} workers are still stuck in the mount; refusing "
+                "to start more"
+            )
+
+    def _call(
+        self,
+        target: Any,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: Deadline | None,
+        label: str,
+    ) -> Any:
+        budget = self.op_timeout if deadline is None else min(self.op_timeout, deadline.remaining())
+        start = self._clock()
+        if not self._slots.acquire(timeout=budget):
+            raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
+        try:
+            worker = self._take()
+            payload = pickle.dumps((target, method, args, kwargs))
+            try:
+                result = worker.call(payload, max(0.0, budget - (self._clock() - start)))
+            except TimeoutError:
+                self._abandon(worker)
+                raise StorageTimeoutError(f"{label} did not return within {budget:.1f}s") from None
+            except SnapshotError:
+                self._give_back(worker)
+                raise
+            except BaseException:
+                worker.kill()
+                raise
+            self._give_back(worker)
+            return result
+        finally:
+            self._slots.release()
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            self._calls += 1
+            return self._idle.pop() if self._idle else _Worker()
+
+    def _give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def _abandon(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._timeouts += 1
+            self._abandoned.append(worker.proc)
+            self._open_until = self._clock() + self.cooldown
+            stale, self._idle = self._idle, []
+        for w in stale:  # idle workers may have touched the mount too; start afresh later
+            w.kill()
+            self._reap(w.proc)
+        self._reap(worker.proc)
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen[bytes]) -> None:
+        # waitpid sleeps interruptibly, so this thread never blocks interpreter exit
+        threading.Thread(target=proc.wait, daemon=True, name="guard-reaper").start()
+
+    def close(self) -> None:
+        """Stop the idle workers."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.kill()
+            self._reap(w.proc)
+
+
+def worker_main() -> None:
+    """The child's loop: read a pickled call, run it, write back the pickled outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while header := stdin.read(_LEN.size):
+        target, method, args, kwargs = pickle.loads(stdin.read(_LEN.unpack(header)[0]))
+        try:
+            out: tuple[str, Any] = ("ok", getattr(target, method)(*args, **kwargs))
+        except SnapshotError as e:
+            out = ("err", e)
+        except OSError as e:
+            out = ("err", BackendUnavailableError(f"{method}: {e}"))
+        data = pickle.dumps(out)
+        stdout.write(_LEN.pack(len(data)) + data)
+        stdout.flush()
