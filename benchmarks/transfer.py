@@ -160,9 +160,8 @@ def run(size_mb: int, work: Path) -> list[dict[str, Any]]:
         )
         row("tar.gz + boto3", "publish after 1% change", measure(proxy, tar_publish))
         manifest = store.load_manifest("db", v2["info"].version)
-        new_chunks = [
-            c for c in manifest.chunks.values() if c.pack in set(_new_packs(store, v2["info"]))
-        ]
+        new_packs = set(_new_packs(store, v2["info"]))
+        new_chunks = [c for c in manifest.chunks.values() if c.pack in new_packs]
         physical = sum(c.length for c in new_chunks)
         m = measure(proxy, lambda: cached.checkout("db").release())
         row(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import SnapshotStoreTests
 
-SMALL = {"chunk_size": 4096, "pack_target": 16384}
+SMALL: dict[str, Any] = {"chunk_size": 4096, "pack_target": 16384}
 
 
 class TestFileStore(SnapshotStoreTests):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 from .errors import StorageTimeoutError
@@ -61,6 +62,27 @@ def as_deadline(value: DeadlineLike, default: float) -> Deadline:
     return Deadline(default if value is None else float(value))
 
 
+_CURRENT: ContextVar[Deadline | None] = ContextVar("chroma_snapshots_deadline", default=None)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline of the store operation this thread is working for, if any.
+
+    Lets layers below the Backend interface (the hang guard) size their own
+    budgets without every backend method taking a ``deadline`` argument.
+    """
+    return _CURRENT.get()
+
+
+def within(deadline: Deadline, fn: Callable[[], T]) -> T:
+    """Call ``fn`` with ``deadline`` as the current deadline (for pool threads)."""
+    token = _CURRENT.set(deadline)
+    try:
+        return fn()
+    finally:
+        _CURRENT.reset(token)
+
+
 def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` in a daemon thread and wait at most until ``deadline``.
 
@@ -73,7 +95,7 @@ def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            outcome.append((True, fn()))
+            outcome.append((True, within(deadline, fn)))
         except BaseException as e:  # handed to the caller below
             outcome.append((False, e))
         finally:

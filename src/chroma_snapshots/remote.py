@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
 
 from . import maintenance
@@ -34,7 +35,7 @@ from .chunking import (
     read_chunks,
     scan_source,
 )
-from .deadline import Deadline, DeadlineLike, as_deadline
+from .deadline import Deadline, DeadlineLike, as_deadline, within
 from .errors import (
     ConflictError,
     IntegrityError,
@@ -49,7 +50,7 @@ from .store import (
     LocalSnapshot,
     Progress,
     PruneReport,
-    SnapshotStore,
+    SourceStore,
     StatsRecorder,
     VerifyReport,
     prepare_dest,
@@ -74,7 +75,7 @@ def ref_key(name: str, ref: str) -> str:
     return f"{name}/refs/{ref}"
 
 
-class RemoteStore(SnapshotStore):
+class RemoteStore(SourceStore):
     """Snapshots stored on ``backend``.
 
     ``chunk_size`` and ``compression_level`` (None: store raw) apply to new
@@ -91,8 +92,10 @@ class RemoteStore(SnapshotStore):
         compression_level: int | None = 3,
         workers: int = 16,
         default_timeout: float = 600.0,
+        label: str | None = None,
     ) -> None:
         self.backend = backend
+        self.label = label or repr(backend)
         self.chunk_size = chunk_size
         self.pack_target = pack_target
         self.compression_level = compression_level
@@ -203,7 +206,8 @@ class RemoteStore(SnapshotStore):
 
         def upload(pack_id: str, data: bytes) -> None:
             dl.check("uploading packs")
-            uploads.append(self._pool.submit(self._put_pack, name, pack_id, data, stats))
+            put = partial(self._put_pack, name, pack_id, data, stats)
+            uploads.append(self._pool.submit(within, dl, put))
             while sum(not u.done() for u in uploads) > 4:  # bound memory: few packs in flight
                 next(u for u in uploads if not u.done()).result(timeout=dl.remaining() or 0.001)
 
@@ -300,7 +304,7 @@ class RemoteStore(SnapshotStore):
             remove_tree(work)
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
-        return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0))
+        return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0), source=self.label)
 
     def materialize(
         self,
@@ -313,7 +317,7 @@ class RemoteStore(SnapshotStore):
         *,
         local: LocalChunks | None = None,
         only: Iterable[str] | None = None,
-    ) -> None:
+    ) -> str:
         """Write the files of ``manifest`` (or just ``only``) under ``root``: chunks from
         ``local`` copies where they verify, the rest downloaded, every chunk hash-checked."""
         placer = Placer(root, manifest, only)
@@ -322,7 +326,8 @@ class RemoteStore(SnapshotStore):
         stats.add(chunks_total=len(placer.targets))
 
         def fetch(r: Read) -> bytes:
-            return self.backend.get(pack_key(name, r.pack), byte_range=(r.start, r.end)).data
+            key = pack_key(name, r.pack)
+            return within(dl, lambda: self.backend.get(key, byte_range=(r.start, r.end)).data)
 
         try:
             fetch_and_place(
@@ -339,6 +344,7 @@ class RemoteStore(SnapshotStore):
                 f"checkout of {name} did not finish within its deadline"
             ) from e
         placer.finish()
+        return self.label
 
     # Listing and maintenance.
 

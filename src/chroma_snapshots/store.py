@@ -7,13 +7,17 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .deadline import DeadlineLike
+from .deadline import Deadline, DeadlineLike
 from .errors import InvalidInputError
-from .models import SnapshotInfo, TransferStats
+from .models import Manifest, RefValue, SnapshotInfo, TransferStats
+
+if TYPE_CHECKING:
+    from .transfer import LocalChunks
 
 
 class _Sentinel(enum.Enum):
@@ -40,6 +44,8 @@ class LocalSnapshot:
     stats: TransferStats
     stale: bool = False
     """True when a cache served this because the store did not answer in time."""
+    source: str = ""
+    """Which store the data came from (``cache`` when nothing was fetched)."""
     _release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> LocalSnapshot:
@@ -159,6 +165,43 @@ class SnapshotStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
+
+
+class SourceStore(SnapshotStore):
+    """A store a cache can materialize from: refs, manifests and chunk placement.
+
+    ``label`` names the store in results and logs; ``materialize`` returns the label
+    of the store that actually served the data (a FallbackStore may use another).
+    """
+
+    label: str
+    default_timeout: float
+
+    @abstractmethod
+    def read_ref(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[RefValue, str] | None:
+        """The ref's value and ETag, or None if it does not exist."""
+
+    @abstractmethod
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
+        """A version's validated manifest."""
+
+    @abstractmethod
+    def materialize(
+        self,
+        name: str,
+        manifest: Manifest,
+        root: Path,
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None = None,
+        *,
+        local: LocalChunks | None = None,
+        only: Iterable[str] | None = None,
+    ) -> str:
+        """Write the files of ``manifest`` (or ``only`` those) under ``root``, every chunk
+        verified, reusing ``local`` chunks where they hash right."""
 
 
 class DelegatingStore(SnapshotStore):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..deadline import current_deadline
 from ..guard import MountGuard
 from .base import Backend, GetResult, ObjectMeta, PutMode
 from .fileops import LocalFiles
@@ -45,8 +46,9 @@ class FileBackend(Backend):
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.guard is None:
             return getattr(self._files, method)(*args, **kwargs)
+        what = f"{method} {args[0] if args else ''}"
         return self.guard.run(
-            self._files, method, *args, what=f"{method} {args[0] if args else ''}", **kwargs
+            self._files, method, *args, deadline=current_deadline(), what=what, **kwargs
         )
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:

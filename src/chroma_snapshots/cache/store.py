@@ -31,6 +31,7 @@ from ..store import (
     DelegatingStore,
     LocalSnapshot,
     Progress,
+    SourceStore,
     StatsRecorder,
     prepare_dest,
     remove_tree,
@@ -63,8 +64,8 @@ class CachedStore(DelegatingStore):
         stale_ok: bool = False,
     ) -> None:
         super().__init__(inner)
-        self.inner: RemoteStore = inner
-        self.root = Path(cache_dir) / sha256_hex(repr(inner.backend).encode())[:16]
+        self.inner: SourceStore = inner
+        self.root = Path(cache_dir) / sha256_hex(inner.label.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.stale_ok = stale_ok
@@ -108,11 +109,11 @@ class CachedStore(DelegatingStore):
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
                 if d.is_complete(version):
                     manifest = self._manifest(d, name, version)
-                    self._repair(name, version, manifest, dl, stats)
+                    source = self._repair(name, version, manifest, dl, stats)
                 else:
                     manifest = self.inner.load_manifest(name, version, deadline=dl)
                     stats.add(requests=1)
-                    self._materialize(name, version, manifest, dl, stats, progress)
+                    source = self._materialize(name, version, manifest, dl, stats, progress)
                 d.touch(version)
                 pin = d.pin(version)
         except LockTimeout as e:
@@ -123,13 +124,16 @@ class CachedStore(DelegatingStore):
                 path = _private_copy(d.tree(version), Path(dest))
             finally:
                 pin.unlink(missing_ok=True)
-            return LocalSnapshot(path, info, stats.freeze(time.monotonic() - t0), stale=stale)
+            return LocalSnapshot(
+                path, info, stats.freeze(time.monotonic() - t0), stale=stale, source=source
+            )
         return LocalSnapshot(
             d.tree(version),
             info,
             stats.freeze(time.monotonic() - t0),
-            _release=lambda: pin.unlink(missing_ok=True),
             stale=stale,
+            source=source,
+            _release=lambda: pin.unlink(missing_ok=True),
         )
 
     def _current_version(
@@ -183,12 +187,12 @@ class CachedStore(DelegatingStore):
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None,
-    ) -> None:
+    ) -> str:
         d = self.dirs(name)
         self._make_room(manifest.total_size, keep=(name, version))
         work = d.work_dir(version)
         try:
-            self.inner.materialize(
+            source = self.inner.materialize(
                 name, manifest, work, dl, stats, progress, local=self._local_chunks(name, version)
             )
             d.write_meta(version, work, manifest)
@@ -204,10 +208,11 @@ class CachedStore(DelegatingStore):
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
+        return source
 
     def _repair(
         self, name: str, version: str, manifest: Manifest, dl: Deadline, stats: StatsRecorder
-    ) -> None:
+    ) -> str:
         """Undo whatever consumers did to a cached tree: extra files go, changed files are
         rebuilt from their own intact chunks, other versions' chunks and downloads."""
         d = self.dirs(name)
@@ -223,7 +228,7 @@ class CachedStore(DelegatingStore):
         ]
         _remove_extras(tree, manifest)
         if not bad:
-            return
+            return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
         aside = d.work_dir(version)
         try:
@@ -233,10 +238,11 @@ class CachedStore(DelegatingStore):
                     os.replace(tree / rel, aside / rel)
             local = self._local_chunks(name, version)
             local.add_tree(aside, manifest, bad)
-            self.inner.materialize(name, manifest, tree, dl, stats, local=local, only=bad)
+            source = self.inner.materialize(name, manifest, tree, dl, stats, local=local, only=bad)
             d.write_stamps(version, tree, manifest)
         finally:
             remove_tree(aside)
+        return source
 
     # Space.
 

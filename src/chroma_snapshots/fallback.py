@@ -1,0 +1,255 @@
+"""``FallbackStore``: read from the first store that answers in time (EFS, then S3).
+
+Reads try each store with a share of the remaining deadline; a store that
+times out, is unreachable, lacks the version (a lagging mirror) or serves
+damaged data is skipped, and the result names the store that served it.
+Writes go to the source of truth (the last store unless told otherwise) and,
+with ``mirror=True``, are copied to the other stores afterwards; a failed
+mirror is logged and never fails the publish.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from .deadline import Deadline, DeadlineLike, as_deadline
+from .errors import (
+    BackendUnavailableError,
+    IntegrityError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
+from .models import Manifest, RefValue, SnapshotInfo
+from .remote import RemoteStore
+from .store import (
+    LATEST,
+    Expected,
+    LocalSnapshot,
+    Progress,
+    PruneReport,
+    SourceStore,
+    StatsRecorder,
+    VerifyReport,
+)
+from .sync import sync_version
+from .transfer import LocalChunks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# What makes a read move on to the next store. A ConflictError or bad input would be
+# the same everywhere, so those propagate.
+_SKIP = (StorageTimeoutError, BackendUnavailableError, SnapshotNotFoundError, IntegrityError)
+
+
+class FallbackStore(SourceStore):
+    """Reads from ``stores`` in order; writes to ``stores[primary]``.
+
+    ``share`` is the fraction of the remaining deadline each store but the last
+    may spend before the next is tried.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[RemoteStore],
+        *,
+        primary: int = -1,
+        mirror: bool = False,
+        share: float = 0.5,
+    ) -> None:
+        if len(stores) < 2 or not 0 < share < 1:
+            raise ValueError("FallbackStore needs two or more stores and 0 < share < 1")
+        self.stores = list(stores)
+        self.primary = self.stores[primary]
+        self.mirror = mirror
+        self.share = share
+        self.default_timeout = self.primary.default_timeout
+        self.label = repr(self)
+
+    def __repr__(self) -> str:
+        return f"FallbackStore({', '.join(s.label for s in self.stores)})"
+
+    def _first(
+        self,
+        what: str,
+        deadline: DeadlineLike,
+        fn: Callable[[RemoteStore, Deadline], T],
+    ) -> tuple[T, RemoteStore]:
+        dl = as_deadline(deadline, self.default_timeout)
+        last: SnapshotError | None = None
+        for i, store in enumerate(self.stores):
+            budget = dl if i == len(self.stores) - 1 else dl.child(dl.remaining() * self.share)
+            try:
+                return fn(store, budget), store
+            except _SKIP as e:
+                log.warning(
+                    "%s from %s failed (%s: %s); trying the next store",
+                    what,
+                    store.label,
+                    type(e).__name__,
+                    e,
+                )
+                last = e
+        assert last is not None
+        raise last
+
+    # The source protocol CachedStore uses.
+
+    def read_ref(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[RefValue, str] | None:
+        try:
+            found, _ = self._first(
+                "read ref", deadline, lambda s, dl: _required(s.read_ref(name, ref, deadline=dl))
+            )
+        except SnapshotNotFoundError:
+            return None
+        return found
+
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
+        m, _ = self._first(
+            "load manifest", deadline, lambda s, dl: s.load_manifest(name, version, deadline=dl)
+        )
+        return m
+
+    def materialize(
+        self,
+        name: str,
+        manifest: Manifest,
+        root: Path,
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None = None,
+        *,
+        local: LocalChunks | None = None,
+        only: Iterable[str] | None = None,
+    ) -> str:
+        def run(store: RemoteStore, budget: Deadline) -> str:
+            return store.materialize(
+                name, manifest, root, budget, stats, progress, local=local, only=only
+            )
+
+        label, _ = self._first("materialize", dl, run)
+        return label
+
+    # SnapshotStore.
+
+    def resolve(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> SnapshotInfo:
+        info, _ = self._first("resolve", deadline, lambda s, dl: s.resolve(name, ref, deadline=dl))
+        return info
+
+    def checkout(
+        self,
+        name: str,
+        ref: str = "latest",
+        dest: str | Path | None = None,
+        *,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> LocalSnapshot:
+        snap, _ = self._first(
+            "checkout",
+            deadline,
+            lambda s, dl: s.checkout(name, ref, dest, deadline=dl, progress=progress),
+        )
+        return snap
+
+    def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
+        found, _ = self._first(
+            "versions", deadline, lambda s, dl: list(s.versions(name, deadline=dl))
+        )
+        return iter(found)
+
+    def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
+        found, _ = self._first("names", deadline, lambda s, dl: list(s.names(deadline=dl)))
+        return iter(found)
+
+    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
+        found, _ = self._first("refs", deadline, lambda s, dl: s.refs(name, deadline=dl))
+        return found
+
+    def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
+        return self.primary.verify(name, version, deadline=deadline)
+
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
+        dl = as_deadline(deadline, self.default_timeout)
+        info = self.primary.publish(
+            name,
+            source_dir,
+            expected=expected,
+            message=message,
+            metadata=metadata,
+            deadline=dl,
+            progress=progress,
+        )
+        self._mirror(name, info.version, dl)
+        return info
+
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None:
+        dl = as_deadline(deadline, self.default_timeout)
+        self.primary.set_ref(name, ref, version, expected=expected, deadline=dl)
+        self._mirror(name, version, dl, ref)
+
+    def prune(
+        self,
+        name: str,
+        *,
+        keep_last: int = 10,
+        min_age: float = 3600.0,
+        dry_run: bool = False,
+        deadline: DeadlineLike = None,
+    ) -> PruneReport:
+        return self.primary.prune(
+            name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=deadline
+        )
+
+    def _mirror(self, name: str, version: str, dl: Deadline, ref: str = "latest") -> None:
+        if not self.mirror:
+            return
+        for store in self.stores:
+            if store is self.primary:
+                continue
+            try:
+                sync_version(self.primary, store, name, version, ref=ref, deadline=dl)
+            except SnapshotError as e:
+                log.warning(
+                    "mirroring %s/%s to %s failed (%s); the publish stands",
+                    name,
+                    version,
+                    store.label,
+                    e,
+                )
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def _required(found: tuple[RefValue, str] | None) -> tuple[RefValue, str]:
+    # A mirror without the ref may just be behind: let the next store answer.
+    if found is None:
+        raise SnapshotNotFoundError("ref not found")
+    return found
