@@ -23,6 +23,7 @@ from .errors import (
     StorageTimeoutError,
     UnsupportedOperationError,
 )
+from .fallback import FallbackStore
 from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, TransferStats, VersionId
 from .remote import RemoteStore
 from .store import ANY, LATEST, LocalSnapshot, PruneReport, SnapshotStore, VerifyReport
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "Deadline",
+    "FallbackStore",
     "FileEntry",
     "GetResult",
     "IntegrityError",

@@ -17,17 +17,20 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .remote import RemoteStore
-    from .store import SnapshotStore
+    from .store import SnapshotStore, SourceStore
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
 ENV_BUCKET = "CHROMADB_BUCKET"
 ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
+ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
+ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
+ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
 ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
 ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
-_MODES = ("s3", "efs")
+_MODES = ("s3", "efs", "auto")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class StoreConfig:
 
     url: str
     s3_timeout: float = 30.0
+    efs_timeout: float = 10.0
+    fallback_url: str | None = None
+    mirror: bool = False
     cache_dir: str | None = None
     cache_max_bytes: int | None = None
     s3_endpoint_url: str | None = None
@@ -44,39 +50,60 @@ class StoreConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreConfig:
         """Read and validate the configuration from ``environ`` (default: ``os.environ``)."""
         env = os.environ if environ is None else environ
+        url, fallback = _urls_from_env(env)
         return cls(
-            url=_url_from_env(env),
+            url=url,
+            fallback_url=fallback,
+            mirror=_flag(env, ENV_MIRROR),
             s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
+            efs_timeout=_seconds(env, ENV_EFS_TIMEOUT, 10.0),
             cache_dir=_cache_dir(env),
             cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
         )
 
 
-def _url_from_env(env: Mapping[str, str]) -> str:
+def _urls_from_env(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The store URL and, for EFS with S3 fallback, the fallback URL."""
+    fallback = env.get(ENV_FALLBACK, "").strip() or None
+    if fallback is not None and "://" not in fallback:
+        raise ConfigError(f"{ENV_FALLBACK}={fallback!r} is not a URL; e.g. s3://bucket/prefix")
     url = env.get(ENV_URL, "").strip()
     if url:
         if "://" not in url:
             raise ConfigError(f"{ENV_URL}={url!r} is not a URL; e.g. s3://bucket/prefix")
-        return url
+        return url, fallback
     mode = env.get(ENV_MODE, "").strip().lower()
     if not mode:
-        raise ConfigError(f"set {ENV_URL} (e.g. s3://bucket/prefix) or {ENV_MODE}=s3|efs")
-    if mode == "auto":
-        raise ConfigError(
-            f"{ENV_MODE}=auto (EFS with S3 fallback) is not supported yet; use s3 or efs"
-        )
+        raise ConfigError(f"set {ENV_URL} (e.g. s3://bucket/prefix) or {ENV_MODE}=s3|efs|auto")
     if mode not in _MODES:
         raise ConfigError(f"{ENV_MODE}={mode!r} is invalid; use one of {', '.join(_MODES)}")
     if mode == "s3":
-        bucket = env.get(ENV_BUCKET, "").strip()
-        if not bucket or "/" in bucket:
-            raise ConfigError(f"{ENV_MODE}=s3 needs {ENV_BUCKET} set to a bucket name")
-        return f"s3://{bucket}"
+        return _s3_url(env, mode), fallback
+    efs = _efs_url(env, mode)
+    # auto: EFS first, S3 (the source of truth) when EFS is slow or down
+    return (efs, _s3_url(env, mode)) if mode == "auto" else (efs, fallback)
+
+
+def _s3_url(env: Mapping[str, str], mode: str) -> str:
+    bucket = env.get(ENV_BUCKET, "").strip()
+    if not bucket or "/" in bucket:
+        raise ConfigError(f"{ENV_MODE}={mode} needs {ENV_BUCKET} set to a bucket name")
+    return f"s3://{bucket}"
+
+
+def _efs_url(env: Mapping[str, str], mode: str) -> str:
     root = env.get(ENV_ROOT, "").strip()
     if not root.startswith("/"):
-        raise ConfigError(f"{ENV_MODE}=efs needs {ENV_ROOT} set to the mount's absolute path")
+        raise ConfigError(f"{ENV_MODE}={mode} needs {ENV_ROOT} set to the mount's absolute path")
     return f"efs://{root}"
+
+
+def _flag(env: Mapping[str, str], var: str) -> bool:
+    raw = env.get(var, "").strip().lower()
+    if raw not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"{var}={raw!r} must be true or false")
+    return raw in ("1", "true", "yes")
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
@@ -124,18 +151,23 @@ def _config(target: str | StoreConfig | None) -> StoreConfig:
 
 
 def open_remote(target: str | StoreConfig | None = None) -> RemoteStore:
-    """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache."""
+    """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache,
+    no fallback (the fallback URL, if configured, is ignored)."""
+    return _remote(_config(target), _config(target).url)
+
+
+def _remote(cfg: StoreConfig, url: str) -> RemoteStore:
     from .backends import open_backend
     from .backends.s3 import S3Settings
     from .remote import RemoteStore
 
-    cfg = _config(target)
     settings = S3Settings(
         endpoint_url=cfg.s3_endpoint_url,
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
-    return RemoteStore(open_backend(cfg.url, s3_settings=settings))
+    backend = open_backend(url, s3_settings=settings, efs_timeout=cfg.efs_timeout)
+    return RemoteStore(backend, label=url)
 
 
 def open_store(
@@ -147,10 +179,15 @@ def open_store(
     CachedStore around the RemoteStore; otherwise the RemoteStore itself.
     """
     cfg = _config(target)
-    remote = open_remote(cfg)
+    primary = _remote(cfg, cfg.url)
+    source: SourceStore = primary
+    if cfg.fallback_url is not None:
+        from .fallback import FallbackStore
+
+        source = FallbackStore([primary, _remote(cfg, cfg.fallback_url)], mirror=cfg.mirror)
     cache = cache_dir or cfg.cache_dir
     if cache is None:
-        return remote
+        return source
     from .cache import CachedStore
 
-    return CachedStore(remote, cache, max_bytes=cfg.cache_max_bytes)
+    return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes)

@@ -58,6 +58,8 @@ class _Worker:
             [sys.executable, "-c", _WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            # a worker stuck in the kernel must not hold the caller's stderr open
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C for the caller is not also a signal for it
         )
         assert self.proc.stdin is not None

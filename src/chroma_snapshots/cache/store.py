@@ -26,7 +26,6 @@ from ..errors import (
     StorageTimeoutError,
 )
 from ..models import Manifest, SnapshotInfo, VersionId
-from ..remote import RemoteStore
 from ..store import (
     DelegatingStore,
     LocalSnapshot,
@@ -56,7 +55,7 @@ class CachedStore(DelegatingStore):
 
     def __init__(
         self,
-        inner: RemoteStore,
+        inner: SourceStore,
         cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR,
         *,
         max_bytes: int | None = None,

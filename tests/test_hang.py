@@ -1,0 +1,170 @@
+"""A hung EFS-like mount (a FUSE filesystem that stops answering) costs seconds, not the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    FallbackStore,
+    RemoteStore,
+    StorageTimeoutError,
+)
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.deadline import Deadline
+from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faultfs import FaultyMount
+
+BUDGET = 1.5
+
+
+def _fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount") is not None
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[FaultyMount]:
+    if not _fuse_available():
+        if os.environ.get("CI"):
+            pytest.fail("FUSE is required in CI: /dev/fuse and fusermount must exist")
+        pytest.skip("no FUSE on this machine")
+    (tmp_path / "backing").mkdir()
+    with FaultyMount(tmp_path / "backing", tmp_path / "mnt", state_dir=tmp_path) as m:
+        yield m
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _efs_store(mount: FaultyMount, clock: Clock | None = None) -> RemoteStore:
+    guard = MountGuard(
+        str(mount.mountpoint), op_timeout=5.0, cooldown=30.0, clock=clock or time.monotonic
+    )
+    return RemoteStore(
+        FileBackend(mount.mountpoint, create=False, guard=guard),
+        chunk_size=4096,
+        label=f"efs://{mount.mountpoint}",
+    )
+
+
+def _publish_direct(mount: FaultyMount, tmp_path: Path) -> tuple[Path, str]:
+    """Publish through the backing directory (not the mount), as another host would."""
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(100_000), "seg/h.bin": b"h"})
+    store = RemoteStore(FileBackend(mount.source), chunk_size=4096)
+    return src, store.publish("db", src).version
+
+
+def _timed(fn: object) -> tuple[float, BaseException | None]:
+    t = time.monotonic()
+    try:
+        fn()  # type: ignore[operator]
+    except BaseException as e:
+        return time.monotonic() - t, e
+    return time.monotonic() - t, None
+
+
+def test_every_operation_on_a_hung_mount_times_out_in_budget(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    src, version = _publish_direct(mount, tmp_path)
+    clock = Clock()
+    store = _efs_store(mount, clock)
+    assert store.resolve("db").version == version  # healthy first
+    mount.set_mode("hang")
+    calls = {
+        "resolve": lambda: store.resolve("db", deadline=BUDGET),
+        "checkout": lambda: store.checkout("db", dest=tmp_path / "out", deadline=BUDGET),
+        "versions": lambda: list(store.versions("db", deadline=BUDGET)),
+        "publish": lambda: store.publish("db", src, deadline=BUDGET),
+    }
+    guard = store.backend.guard  # type: ignore[attr-defined]
+    for what, call in calls.items():
+        guard._open_until = (
+            None  # re-arm: each operation must meet its own budget against the mount
+        )
+        seconds, err = _timed(call)
+        assert isinstance(err, StorageTimeoutError), (what, err)
+        assert isinstance(err, TimeoutError)
+        assert seconds < BUDGET + 1.0, (what, seconds)
+    assert not (tmp_path / "out").exists()
+    # The breaker is open now: calls fail fast instead of feeding more workers to the mount.
+    seconds, err = _timed(lambda: store.resolve("db", deadline=BUDGET))
+    assert isinstance(err, StorageTimeoutError)
+    assert "unhealthy" in str(err)
+    assert seconds < 0.05
+    assert guard.stats().abandoned <= guard.max_abandoned
+    # The process is still usable: a local store works meanwhile.
+    local = RemoteStore(FileBackend(tmp_path / "local"))
+    local.publish("x", src)
+    assert read_tree(local.checkout("x", dest=tmp_path / "lx").path) == read_tree(src)
+    # The mount recovers; after the cool-down a probe closes the breaker again.
+    mount.set_mode("ok")
+    clock.now += 31
+    assert store.resolve("db", deadline=5).version == version
+    assert guard.stats().healthy
+    assert read_tree(store.checkout("db", dest=tmp_path / "again").path) == read_tree(src)
+
+
+def test_fallback_serves_from_s3_when_efs_hangs(
+    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3 = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url)),
+        chunk_size=4096,
+        label=f"s3://{s3_bucket}/snaps",
+    )
+    efs = _efs_store(mount)
+    both = FallbackStore([efs, s3], mirror=True)
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
+    version = both.publish("db", src).version  # to S3, mirrored to EFS
+    assert efs.resolve("db").version == version
+    healthy = both.checkout("db", dest=tmp_path / "a", deadline=10)
+    assert healthy.source == efs.label
+    mount.set_mode("hang")
+    t = time.monotonic()
+    snap = both.checkout("db", dest=tmp_path / "b", deadline=8)  # EFS gets half of it
+    assert time.monotonic() - t < 8.0
+    assert snap.source == s3.label
+    assert read_tree(snap.path) == read_tree(src)
+    # Publishing still works: the mirror fails (and says so), the publish stands.
+    (src / "more").write_bytes(b"more")
+    t = time.monotonic()
+    v2 = both.publish("db", src, deadline=Deadline(6))
+    assert s3.resolve("db").version == v2.version
+    assert time.monotonic() - t < 7.0
+
+
+def test_cli_against_a_hung_mount_exits(mount: FaultyMount, tmp_path: Path) -> None:
+    _publish_direct(mount, tmp_path)
+    mount.set_mode("hang")
+    env = {
+        **os.environ,
+        "CHROMA_SNAPSHOTS_URL": f"efs://{mount.mountpoint}",
+        "CHROMA_SNAPSHOTS_EFS_TIMEOUT": "1.5",
+    }
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "chroma_snapshots.cli", "ls", "db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 6, out.stderr  # StorageTimeoutError
+    assert "did not return within" in out.stderr
+    assert time.monotonic() - t < 10
