@@ -11,7 +11,7 @@ mirror is logged and never fails the publish.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -125,11 +125,11 @@ class FallbackStore(SourceStore):
         progress: Progress | None = None,
         *,
         local: LocalChunks | None = None,
-        only: Iterable[str] | None = None,
+        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
         def run(store: RemoteStore, budget: Deadline) -> str:
             return store.materialize(
-                name, manifest, root, budget, stats, progress, local=local, only=only
+                name, manifest, root, budget, stats, progress, local=local, damaged=damaged
             )
 
         label, _ = self._first("materialize", dl, run)

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -316,12 +316,14 @@ class RemoteStore(SourceStore):
         progress: Progress | None = None,
         *,
         local: LocalChunks | None = None,
-        only: Iterable[str] | None = None,
+        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
-        """Write the files of ``manifest`` (or just ``only``) under ``root``: chunks from
-        ``local`` copies where they verify, the rest downloaded, every chunk hash-checked."""
-        placer = Placer(root, manifest, only)
-        placer.create_files()
+        """Write the files of ``manifest`` under ``root`` (or, with ``damaged``, just those
+        chunk positions of existing files): chunks from ``local`` copies where they verify,
+        the rest downloaded, every chunk hash-checked."""
+        placer = Placer(root, manifest, damaged)
+        if damaged is None:
+            placer.create_files()
         todo = place_local(placer, local, stats)
         stats.add(chunks_total=len(placer.targets))
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,10 +198,10 @@ class SourceStore(SnapshotStore):
         progress: Progress | None = None,
         *,
         local: LocalChunks | None = None,
-        only: Iterable[str] | None = None,
+        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
-        """Write the files of ``manifest`` (or ``only`` those) under ``root``, every chunk
-        verified, reusing ``local`` chunks where they hash right."""
+        """Write the files of ``manifest`` under ``root`` (or only the ``damaged`` chunk
+        positions of existing files), every chunk verified, reusing ``local`` chunks."""
 
 
 class DelegatingStore(SnapshotStore):

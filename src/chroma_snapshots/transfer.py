@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +98,21 @@ class LocalChunks:
 class Placer:
     """Writes verified chunks into the files of a manifest being materialized under ``root``.
 
-    ``only`` restricts the work to some files (repairing a damaged checkout).
+    ``damaged`` (file path -> chunk indexes) restricts the work to those positions
+    of files that already exist at the right size: repairing a checkout in place.
     """
 
-    def __init__(self, root: Path, manifest: Manifest, only: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, root: Path, manifest: Manifest, damaged: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
         self.root = root
         self.manifest = manifest
-        keep = None if only is None else set(only)
-        self.files = [f for f in manifest.files if keep is None or f.path in keep]
+        self.files = [f for f in manifest.files if damaged is None or f.path in damaged]
         self.targets: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for f in self.files:
-            for i, h in enumerate(f.chunks):
-                self.targets[h].append((f.path, i * manifest.chunk_size))
+            indexes = range(len(f.chunks)) if damaged is None else damaged[f.path]
+            for i in indexes:
+                self.targets[f.chunks[i]].append((f.path, i * manifest.chunk_size))
 
     def create_files(self) -> None:
         """Create every directory and every file at its final size (sparse until filled)."""

@@ -38,6 +38,7 @@ from ..store import (
 from ..transfer import LocalChunks
 from ..validation import check_name, sha256_hex
 from .layout import NameDirs, stamp_of
+from .repair import damaged_chunks, remove_extras
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
@@ -212,8 +213,9 @@ class CachedStore(DelegatingStore):
     def _repair(
         self, name: str, version: str, manifest: Manifest, dl: Deadline, stats: StatsRecorder
     ) -> str:
-        """Undo whatever consumers did to a cached tree: extra files go, changed files are
-        rebuilt from their own intact chunks, other versions' chunks and downloads."""
+        """Undo whatever consumers did to a cached tree, in place: extra files go, changed
+        files get their size and mode back, and only chunks whose bytes differ are
+        rewritten (from other cached versions where they verify, else downloaded)."""
         d = self.dirs(name)
         tree = d.tree(version)
         stamps = d.read_stamps(version)
@@ -225,22 +227,20 @@ class CachedStore(DelegatingStore):
             or stamps[f.path][0] != f.size
             or stamps[f.path][2] != f.mode
         ]
-        _remove_extras(tree, manifest)
+        remove_extras(tree, manifest)
         if not bad:
             return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
-        aside = d.work_dir(version)
-        try:
-            for rel in bad:
-                if (tree / rel).is_file():
-                    (aside / rel).parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tree / rel, aside / rel)
+        by_path = {f.path: f for f in manifest.files}
+        damaged = {p: idx for p in bad if (idx := damaged_chunks(tree, manifest, by_path[p]))}
+        source = "cache"
+        if damaged:
             local = self._local_chunks(name, version)
-            local.add_tree(aside, manifest, bad)
-            source = self.inner.materialize(name, manifest, tree, dl, stats, local=local, only=bad)
-            d.write_stamps(version, tree, manifest)
-        finally:
-            remove_tree(aside)
+            local.add_tree(tree, manifest)  # intact copies of a chunk elsewhere in this tree
+            source = self.inner.materialize(
+                name, manifest, tree, dl, stats, local=local, damaged=damaged
+            )
+        d.write_stamps(version, tree, manifest)
         return source
 
     # Space.
@@ -314,25 +314,6 @@ class CachedStore(DelegatingStore):
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
-
-
-def _remove_extras(tree: Path, manifest: Manifest) -> None:
-    files = {f.path for f in manifest.files}
-    dirs = set(manifest.dirs) | {str(Path(p).parent.as_posix()) for p in files}
-    dirs |= {"/".join(d.split("/")[:i]) for d in list(dirs) for i in range(1, d.count("/") + 1)}
-    for dirpath, dirnames, filenames in os.walk(tree, topdown=False):
-        rel = Path(dirpath).relative_to(tree).as_posix()
-        for fn in filenames:
-            p = fn if rel == "." else f"{rel}/{fn}"
-            if p not in files:
-                os.unlink(os.path.join(dirpath, fn))
-        for dn in dirnames:
-            p = dn if rel == "." else f"{rel}/{dn}"
-            full = os.path.join(dirpath, dn)
-            if os.path.islink(full):
-                os.unlink(full)
-            elif p not in dirs:
-                remove_tree(Path(full))
 
 
 def _private_copy(src: Path, dest: Path) -> Path:

@@ -1,0 +1,50 @@
+"""Finding what a consumer did to a cached tree, so only that is undone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..models import FileEntry, Manifest
+from ..store import remove_tree
+from ..validation import sha256_hex
+
+
+def remove_extras(tree: Path, manifest: Manifest) -> None:
+    """Delete files, links and directories the manifest does not have (WAL files, scratch)."""
+    files = {f.path for f in manifest.files}
+    dirs = set(manifest.dirs)
+    for p in [*files, *manifest.dirs]:
+        parts = p.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    for dirpath, dirnames, filenames in os.walk(tree, topdown=False):
+        rel = Path(dirpath).relative_to(tree).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        for fn in filenames:
+            if prefix + fn not in files:
+                os.unlink(os.path.join(dirpath, fn))
+        for dn in dirnames:
+            full = os.path.join(dirpath, dn)
+            if os.path.islink(full):
+                os.unlink(full)
+            elif prefix + dn not in dirs:
+                remove_tree(Path(full))
+
+
+def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry) -> list[int]:
+    """Bring one file back to the manifest's size and mode and return the indexes of the
+    chunks whose bytes differ (a missing file is recreated empty: every chunk differs)."""
+    path = tree / f.path
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        remove_tree(path) if path.is_dir() else path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.truncate(f.size)
+    os.chmod(path, f.mode)
+    bad = []
+    with open(path, "rb") as fh:
+        for i, h in enumerate(f.chunks):
+            size = manifest.chunks[h].size
+            if sha256_hex(os.pread(fh.fileno(), size, i * manifest.chunk_size)) != h:
+                bad.append(i)
+    return bad
