@@ -2,6 +2,8 @@
 
 Tests point boto3 at the proxy and count what the server really received
 (method, path, query, status, response bytes) instead of patching our code.
+``stall`` makes chosen responses stop mid-body, like a server or network that
+stops sending without closing the connection.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class Recorded:
         return self.path.split("?", 1)[0].split("/", 2)[-1]
 
 
+class _Stall:
+    def __init__(self, path_contains: str, count: int, after_bytes: int, hold: float) -> None:
+        self.path_contains, self.left = path_contains, count
+        self.after_bytes, self.hold = after_bytes, hold
+
+
 class CountingProxy:
     """Forwards HTTP to ``upstream`` (e.g. a MotoServer's endpoint) and records each request."""
 
@@ -48,6 +56,8 @@ class CountingProxy:
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
+        self._stalls: list[_Stall] = []
+        self._released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -58,6 +68,7 @@ class CountingProxy:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -66,6 +77,22 @@ class CountingProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def stall(
+        self, path_contains: str, *, count: int = 1, after_bytes: int = 1024, hold: float = 30.0
+    ) -> None:
+        """Make the next ``count`` GET responses whose path contains ``path_contains`` send
+        ``after_bytes`` of the body and then nothing for ``hold`` seconds (or until ``stop``)."""
+        with self._lock:
+            self._stalls.append(_Stall(path_contains, count, after_bytes, hold))
+
+    def _take_stall(self, method: str, path: str) -> _Stall | None:
+        with self._lock:
+            for s in self._stalls:
+                if method == "GET" and s.path_contains in path and s.left > 0:
+                    s.left -= 1
+                    return s
+        return None
 
     def reset(self) -> list[Recorded]:
         """Return the requests so far and start counting afresh."""
@@ -118,7 +145,13 @@ class CountingProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                stall = proxy._take_stall(self.command, self.path)
+                if stall is not None:
+                    self.wfile.write(data[: stall.after_bytes])
+                    self.wfile.flush()
+                    proxy._released.wait(stall.hold)  # send nothing more, keep the socket open
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

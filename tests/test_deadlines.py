@@ -1,0 +1,128 @@
+"""Deadlines end work on time: injected clocks, the hang guard, stalled S3 bodies, Lambda."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import Deadline, IntegrityError, RemoteStore, StorageTimeoutError
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faults import Sleeper
+from chroma_snapshots.testing.proxy import CountingProxy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deadline_with_an_injected_clock() -> None:
+    clock = Clock()
+    dl = Deadline(10, clock=clock)
+    assert dl.remaining() == 10
+    child = dl.child(3)
+    clock.now += 4
+    assert child.expired()
+    assert dl.remaining() == 6
+    assert dl.child(100).remaining() == 6  # a child never outlives its parent
+    clock.now += 7
+    with pytest.raises(StorageTimeoutError, match="publishing"):
+        dl.check("publishing")
+
+
+class FakeLambdaContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self._end = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._end - time.monotonic()) * 1000)
+
+
+def test_guard_times_out_fails_fast_and_recovers(tmp_path: Path) -> None:
+    clock = Clock()
+    blocked = tmp_path / "blocked"
+    guard = MountGuard("test-mount", op_timeout=1.0, cooldown=30, clock=clock)
+    target = Sleeper(blocked)
+    assert guard.run(target, "echo", {"x": [1, 2]}) == {"x": [1, 2]}
+    with pytest.raises(IntegrityError):  # the library's own errors cross the process boundary
+        guard.run(target, "fail")
+    t = time.monotonic()
+    with pytest.raises(StorageTimeoutError, match="sleep on test-mount"):
+        guard.run(target, "sleep", 60)
+    assert time.monotonic() - t < 2.0
+    assert not guard.stats().healthy
+    t = time.monotonic()
+    with pytest.raises(StorageTimeoutError, match="unhealthy"):
+        guard.run(target, "echo", 1)
+    assert time.monotonic() - t < 0.05
+    blocked.touch()  # still down when the cool-down ends: the probe fails, the breaker stays open
+    clock.now += 31
+    with pytest.raises(StorageTimeoutError):
+        guard.run(target, "echo", 1)
+    blocked.unlink()
+    clock.now += 31
+    assert guard.run(target, "echo", 2) == 2
+    assert guard.stats().healthy
+    assert guard.stats().timeouts == 2
+    guard.close()
+
+
+def test_guard_budget_follows_the_callers_deadline(tmp_path: Path) -> None:
+    guard = MountGuard("m", op_timeout=30)
+    t = time.monotonic()
+    with pytest.raises(StorageTimeoutError):
+        guard.run(Sleeper(tmp_path / "b"), "sleep", 60, deadline=Deadline(0.5))
+    assert time.monotonic() - t < 1.5
+    guard.close()
+
+
+def _s3_store(proxy: CountingProxy, bucket: str, **settings: float) -> RemoteStore:
+    s = S3Settings(endpoint_url=proxy.url, connect_timeout=1, max_attempts=2, **settings)  # type: ignore[arg-type]
+    return RemoteStore(S3Backend(bucket, "snaps", settings=s), chunk_size=4096, pack_target=1 << 16)
+
+
+@pytest.fixture
+def published(moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> Path:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(200_000)})
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        _s3_store(proxy, s3_bucket).publish("db", src)
+    return src
+
+
+def test_stalled_body_is_retried(
+    moto_server: MotoServer, s3_bucket: str, published: Path, tmp_path: Path
+) -> None:
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        store = _s3_store(proxy, s3_bucket, read_timeout=1.0)
+        proxy.stall("/packs/", count=1, after_bytes=100)
+        t = time.monotonic()
+        snap = store.checkout("db", dest=tmp_path / "out", deadline=15)
+        assert time.monotonic() - t < 10
+        assert read_tree(snap.path) == read_tree(published)
+        pack_gets = [r for r in proxy.requests if "/packs/" in r.path]
+        assert len(pack_gets) > len({r.path for r in pack_gets})  # one read was made twice
+
+
+def test_stalled_server_fails_within_the_deadline(
+    moto_server: MotoServer, s3_bucket: str, published: Path, tmp_path: Path
+) -> None:
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        store = _s3_store(proxy, s3_bucket, read_timeout=30.0)  # only the deadline can end it
+        proxy.stall("/packs/", count=1000, after_bytes=100)
+        ctx = FakeLambdaContext(remaining_ms=3000)
+        t = time.monotonic()
+        with pytest.raises(StorageTimeoutError):
+            store.checkout(
+                "db", dest=tmp_path / "out", deadline=Deadline.from_lambda_context(ctx, reserve=1.0)
+            )
+        assert 1.5 < time.monotonic() - t < 3.0
+        assert not (tmp_path / "out").exists()
