@@ -99,3 +99,27 @@ def test_cache_commands(moto_server: MotoServer, s3_bucket: str, tmp_path: Path)
     cleared = _cli(*base, "cache", "clear", env=env)
     assert "evicted 1 versions" in cleared.stdout
     assert json.loads(_cli(*base, "cache", "ls", "--json", env=env).stdout) == []
+
+
+def test_doctor_on_a_healthy_s3_store(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "CHROMA_SNAPSHOTS_URL": f"s3://{s3_bucket}/snaps",
+        "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url,
+        "CHROMA_SNAPSHOTS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    out = _cli("doctor", "--json", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = {f["check"]: f for f in json.loads(out.stdout)}
+    for step in ("list", "write", "read", "delete"):
+        assert found[f"s3://{s3_bucket}/snaps: {step}"]["status"] == "ok"
+    assert found["cache: contents"]["status"] == "ok"
+    assert not list(moto_server.client().list_objects_v2(Bucket=s3_bucket).get("Contents", []))
+    bad = _cli("doctor", env={**env, "CHROMA_SNAPSHOTS_URL": "s3://no-such-bucket-here/x"})
+    assert bad.returncode == 1
+    assert "FAIL" in bad.stdout
+    unconfigured = _cli("doctor", env={k: v for k, v in env.items() if not k.startswith("CHROMA")})
+    assert unconfigured.returncode == 1
+    assert "CHROMA_SNAPSHOTS_URL" in unconfigured.stdout

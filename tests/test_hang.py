@@ -168,3 +168,24 @@ def test_cli_against_a_hung_mount_exits(mount: FaultyMount, tmp_path: Path) -> N
     assert out.returncode == 6, out.stderr  # StorageTimeoutError
     assert "did not return within" in out.stderr
     assert time.monotonic() - t < 10
+
+
+def test_doctor_reports_a_hung_mount_quickly(mount: FaultyMount, tmp_path: Path) -> None:
+    mount.set_mode("hang")
+    env = {
+        **os.environ,
+        "CHROMA_SNAPSHOTS_URL": f"efs://{mount.mountpoint}",
+        "CHROMA_SNAPSHOTS_EFS_TIMEOUT": "1",
+    }
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "chroma_snapshots.cli", "doctor", "--budget", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAIL" in out.stdout
+    assert "unhealthy" in out.stdout or "did not return" in out.stdout
+    assert time.monotonic() - t < 15

@@ -284,6 +284,27 @@ def _build() -> click.Group:
         if any(report.values()):
             raise IntegrityError("cached versions differ from their manifests (see above)")
 
+    @cli.command(
+        help="Check the configuration, the stores (reach, list, write, read, delete, "
+        "with timings), the EFS hang guard and the /tmp cache. Exit 1 if anything fails."
+    )
+    @click.option("--budget", default=10.0, show_default=True, help="Seconds allowed per store.")
+    @json_opt
+    @click.pass_context
+    def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
+        from .config import StoreConfig
+        from .doctor import diagnose
+
+        url = ctx.obj["store_url"]
+        found = diagnose(StoreConfig(url=url) if url else None, budget=budget)
+        rows = [
+            f"{f.status.upper():<5} {f.check:<48} {f.seconds * 1000:>8.1f} ms  {f.detail}"
+            for f in found
+        ]
+        emit(found, as_json, "\n".join(rows))
+        if any(f.status == "fail" for f in found):
+            raise click.exceptions.Exit(1)
+
     @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
     @click.option("--size-mb", default=48, show_default=True, help="Approximate database size.")
     def demo(size_mb: int) -> None:
@@ -300,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
         return 2
     try:
-        _build().main(args=argv, prog_name="chroma-snapshots", standalone_mode=False)
+        code = _build().main(args=argv, prog_name="chroma-snapshots", standalone_mode=False)
     except click.ClickException as e:
         e.show()
         return e.exit_code
@@ -309,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     except SnapshotError as e:
         click.echo(f"error: {e}", err=True)
         return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
-    return 0
+    return code if isinstance(code, int) else 0  # click returns an Exit's code
 
 
 if __name__ == "__main__":

@@ -153,10 +153,12 @@ def _config(target: str | StoreConfig | None) -> StoreConfig:
 def open_remote(target: str | StoreConfig | None = None) -> RemoteStore:
     """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache,
     no fallback (the fallback URL, if configured, is ignored)."""
-    return _remote(_config(target), _config(target).url)
+    cfg = _config(target)
+    return remote_for(cfg, cfg.url)
 
 
-def _remote(cfg: StoreConfig, url: str) -> RemoteStore:
+def remote_for(cfg: StoreConfig, url: str) -> RemoteStore:
+    """The RemoteStore at ``url`` with ``cfg``'s timeouts and endpoint."""
     from .backends import open_backend
     from .backends.s3 import S3Settings
     from .remote import RemoteStore
@@ -179,12 +181,12 @@ def open_store(
     CachedStore around the RemoteStore; otherwise the RemoteStore itself.
     """
     cfg = _config(target)
-    primary = _remote(cfg, cfg.url)
+    primary = remote_for(cfg, cfg.url)
     source: SourceStore = primary
     if cfg.fallback_url is not None:
         from .fallback import FallbackStore
 
-        source = FallbackStore([primary, _remote(cfg, cfg.fallback_url)], mirror=cfg.mirror)
+        source = FallbackStore([primary, remote_for(cfg, cfg.fallback_url)], mirror=cfg.mirror)
     cache = cache_dir or cfg.cache_dir
     if cache is None:
         return source

@@ -1,0 +1,158 @@
+"""``chroma-snapshots doctor``: check a deployment the way an engineer would by hand.
+
+Every probe is bounded (S3 calls by the deadline, mount calls by the hang guard),
+so the doctor itself answers in seconds even when a mount is hung.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backends.bounded import DeadlineBackend
+from .config import StoreConfig, remote_for
+from .deadline import Deadline
+from .errors import SnapshotError
+
+Status = str  # "ok", "warn" or "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: what was checked, how it went, how long it took, and the detail."""
+
+    check: str
+    status: Status
+    seconds: float
+    detail: str
+
+
+def _timed(check: str, fn: Callable[[], str]) -> Finding:
+    t = time.monotonic()
+    try:
+        detail = fn()
+        status = "ok"
+    except (SnapshotError, OSError) as e:
+        detail, status = f"{type(e).__name__}: {e}", "fail"
+    return Finding(check, status, time.monotonic() - t, detail)
+
+
+def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Finding]:
+    """Reach the store, list it, and write, read back and delete a probe object."""
+    try:
+        store = remote_for(cfg, url)
+    except SnapshotError as e:
+        return [Finding(f"{url}: open", "fail", 0.0, f"{type(e).__name__}: {e}")]
+    io = DeadlineBackend(store.backend, Deadline(budget))
+    key = f"doctor/probe-{uuid.uuid4().hex}"
+    payload = b"chroma-snapshots doctor probe"
+    names: list[str] = []
+
+    def write() -> str:
+        io.put(key, payload)
+        return f"wrote {key}"
+
+    def read() -> str:
+        if io.get(key).data != payload:
+            raise OSError("the probe object read back different bytes")
+        return "read back what was written"
+
+    def delete() -> str:
+        io.delete(key)
+        return "removed the probe"
+
+    def listing() -> str:
+        names.extend(n for n in io.list_dirs("") if n != "doctor")
+        return f"{len(names)} snapshot names" + (f": {', '.join(names[:5])}" if names else "")
+
+    found = [
+        _timed(f"{url}: list", listing),
+        _timed(f"{url}: write", write),
+        _timed(f"{url}: read", read),
+        _timed(f"{url}: delete", delete),
+    ]
+    guard = getattr(store.backend, "guard", None)
+    if guard is not None:
+        s = guard.stats()
+        status = "ok" if s.healthy and not s.abandoned else "fail"
+        found.append(
+            Finding(
+                f"{url}: hang guard",
+                status,
+                0.0,
+                f"healthy={s.healthy} timeouts={s.timeouts} abandoned={s.abandoned}",
+            )
+        )
+    store.close()
+    return found
+
+
+def probe_cache(cfg: StoreConfig) -> list[Finding]:
+    """Free space where the cache lives, and what it holds."""
+    from .cache import DEFAULT_CACHE_DIR, CachedStore
+    from .cache.inspect import entries
+
+    cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
+    t = time.monotonic()
+    try:
+        free = shutil.disk_usage(_existing_parent(cache_dir)).free
+    except OSError as e:
+        return [Finding("cache: free space", "fail", 0.0, str(e))]
+    status = "ok" if free > 512 << 20 else "warn"
+    out = [
+        Finding(
+            "cache: free space",
+            status,
+            time.monotonic() - t,
+            f"{free / 2**30:.2f} GiB free at {cache_dir}",
+        )
+    ]
+    if cfg.cache_dir is None:
+        out.append(
+            Finding(
+                "cache: configured",
+                "warn",
+                0.0,
+                "CHROMA_SNAPSHOTS_CACHE_DIR is not set: every checkout downloads",
+            )
+        )
+        return out
+    try:
+        found = entries(CachedStore(remote_for(cfg, cfg.url), cache_dir))
+    except SnapshotError as e:
+        return [*out, Finding("cache: contents", "fail", 0.0, str(e))]
+    size = sum(e.size for e in found)
+    out.append(
+        Finding(
+            "cache: contents",
+            "ok",
+            0.0,
+            f"{len(found)} versions, {size / 2**20:.1f} MiB, {sum(e.pinned for e in found)} pinned",
+        )
+    )
+    return out
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "/"
+    return path
+
+
+def diagnose(cfg: StoreConfig | None = None, *, budget: float = 10.0) -> list[Finding]:
+    """All findings for ``cfg`` (default: the configuration in the environment)."""
+    if cfg is None:
+        try:
+            cfg = StoreConfig.from_env()
+        except SnapshotError as e:
+            return [Finding("configuration", "fail", 0.0, str(e))]
+    urls = [cfg.url] + ([cfg.fallback_url] if cfg.fallback_url else [])
+    summary = " then ".join(urls) + (" (mirrored)" if cfg.mirror else "")
+    findings = [Finding("configuration", "ok", 0.0, f"store {summary}")]
+    for url in urls:
+        findings += probe_store(cfg, url, budget=budget)
+    return findings + probe_cache(cfg)
