@@ -17,6 +17,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 SIZES = [16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 1 << 20, 8 << 20]
 
@@ -32,12 +33,14 @@ def build(path: Path, records: int, dim: int, start: int = 0) -> None:
             ids = [f"{name}-{i}" for i in range(lo, min(lo + 1000, start + records))]
             col.add(
                 ids=ids,
-                embeddings=[[rng.random() for _ in range(dim)] for _ in ids],
+                embeddings=cast(Any, [[rng.random() for _ in range(dim)] for _ in ids]),
                 documents=[f"document {i} text {rng.random()}" for i in ids],
                 metadatas=[{"n": i} for i in range(len(ids))],
             )
-    client._system.stop()  # flush and release files before copying
-    chromadb.api.client.SharedSystemClient.clear_system_cache()
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    cast(Any, client)._system.stop()  # flush and release files before copying
+    SharedSystemClient.clear_system_cache()
 
 
 def chunks(root: Path, size: int) -> dict[str, int]:

@@ -16,14 +16,14 @@ usage: python benchmarks/efs.py [--size-mb 256] [--segments 20] [--latency-ms 3]
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _report import write_json
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
@@ -137,9 +137,7 @@ def main() -> None:
             f"{r['approach']:<38} {r['seconds']:>8.2f} {r['fs_ops']:>8} {r['metadata_ops']:>9} "
             f"{r['MBps']:>7.1f}"
         )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

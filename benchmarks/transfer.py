@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import random
 import tarfile
 import tempfile
@@ -22,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _report import write_json
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend
@@ -208,9 +208,7 @@ def main() -> None:
             f"{r['approach']:<18} {r['scenario']:<34} {r['seconds']:>8.3f} {r['requests']:>9} "
             f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>9.1f}{extra}"
         )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
