@@ -101,10 +101,9 @@ def prune(
         if "/packs/" in k and k.rsplit("/", 1)[1] not in used and now - m.last_modified >= min_age
     ]
     if not dry_run:
-        for v in drop:
-            backend.delete(manifest_key(name, v))
-        for m in dead:
-            backend.delete(m.key)
+        # manifests first: a crash in between leaves unreferenced packs, never a broken version
+        backend.delete_many([manifest_key(name, v) for v in drop])
+        backend.delete_many([m.key for m in dead])
     return PruneReport(
         name,
         tuple(keep),

@@ -120,6 +120,11 @@ class Backend(ABC):
             return False
         return True
 
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        """Remove several objects (a backend with a batch call overrides this)."""
+        for key in keys:
+            self.delete(key)
+
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Distinct next path components below ``prefix`` (``""`` or ending in ``/``)."""
         names = {m.key[len(prefix) :].split("/", 1)[0] for m in self.list(prefix)}

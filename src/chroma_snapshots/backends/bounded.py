@@ -37,5 +37,8 @@ class DeadlineBackend(Backend):
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         return run_within(self.deadline, f"list {prefix}", lambda: self.inner.list_dirs(prefix))
 
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        run_within(self.deadline, f"delete {len(keys)} keys", lambda: self.inner.delete_many(keys))
+
     def delete(self, key: str) -> None:
         run_within(self.deadline, f"delete {key}", lambda: self.inner.delete(key))

@@ -237,6 +237,21 @@ class S3Backend(Backend):
         except (ClientError, BotoCoreError) as e:
             raise _wrap(e, "delete", key) from e
 
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        """DeleteObjects in batches of 1,000 keys: one request instead of one per key."""
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": batch, "Quiet": True},  # type: ignore[typeddict-item]
+                )
+            except (ClientError, BotoCoreError) as e:
+                raise _wrap(e, "delete", keys[i]) from e
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise BackendUnavailableError(f"delete {first.get('Key')}: {first.get('Code')}")
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)

@@ -109,6 +109,13 @@ class BackendTests:
         backend.delete("n/packs/aa/1")
         assert sorted(m.key for m in backend.list("n/packs/")) == ["n/packs/ab/2"]
 
+    def test_delete_many(self, backend: Backend) -> None:
+        keys = [f"d/k{i}" for i in range(5)]
+        for k in keys:
+            backend.put(k, b"x")
+        backend.delete_many([*keys[:3], "d/never-existed"])
+        assert sorted(m.key for m in backend.list("d/")) == keys[3:]
+
     @pytest.mark.parametrize(
         "key", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "a/.hidden", "x\x00"]
     )
