@@ -1,0 +1,247 @@
+"""ChromaDB integration: the only module that imports chromadb (extra ``chroma``).
+
+- :func:`open_client` checks a version out (through the cache when the store has one)
+  and yields a ``chromadb.PersistentClient`` on it; on exit the client is closed and
+  evicted from chroma's process-wide system cache, so a later open never reuses a stale
+  HNSW index or sqlite handle.
+- :func:`publish_client` publishes a live database safely: the client is closed first
+  (chroma flushes on stop), the segment files are copied, then ``chroma.sqlite3`` through
+  SQLite's online backup API (a consistent image even while another process writes), and
+  the copy is validated before a byte is uploaded.
+- :func:`validate` says whether a directory is a chroma database chroma can open, with
+  per-collection record counts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chromadb
+from chromadb.api.shared_system_client import SharedSystemClient
+from chromadb.config import Settings
+
+from .deadline import DeadlineLike
+from .errors import IntegrityError
+from .models import SnapshotInfo
+from .store import LATEST, Expected, SnapshotStore
+
+SQLITE = "chroma.sqlite3"
+_COUNTS = """
+    SELECT c.name, COUNT(e.id) FROM collections c
+    LEFT JOIN segments s ON s.collection = c.id AND s.scope = 'METADATA'
+    LEFT JOIN embeddings e ON e.segment_id = s.id
+    GROUP BY c.name ORDER BY c.name
+"""
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """A directory that chroma opened, with what it holds."""
+
+    path: Path
+    chroma_version: str
+    collections: Mapping[str, int]
+
+    @property
+    def records(self) -> int:
+        return sum(self.collections.values())
+
+
+def client_settings() -> Settings:
+    """Settings for clients this module opens: no telemetry, no reset."""
+    return Settings(anonymized_telemetry=False, allow_reset=False, is_persistent=True)
+
+
+def close_client(client: Any) -> None:
+    """Close a client and evict its system from chroma's shared cache (stopping it)."""
+    identifier = client._identifier
+    client.close()
+    with SharedSystemClient._refcount_lock:
+        system = SharedSystemClient._identifier_to_system.pop(identifier, None)
+        SharedSystemClient._identifier_to_refcount.pop(identifier, None)
+    if system is not None:
+        system.stop()
+
+
+def sqlite_counts(path: Path) -> dict[str, int]:
+    """Records per collection in the metadata segments of ``chroma.sqlite3`` (read-only;
+    records still only in chroma's write-ahead log are not counted).
+
+    IntegrityError if the file is missing, not SQLite, fails ``PRAGMA quick_check`` or
+    lacks chroma's tables.
+    """
+    db_file = Path(path) / SQLITE
+    if not db_file.is_file():
+        raise IntegrityError(f"{path} is not a chroma database: no {SQLITE}")
+    try:
+        db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise IntegrityError(f"{db_file}: quick_check failed: {check[:3]}")
+            return {name: int(n) for name, n in db.execute(_COUNTS)}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise IntegrityError(f"{db_file}: {e}") from e
+
+
+def validate(path: str | Path) -> ValidationReport:
+    """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
+    opens it, counts every collection (replaying its write-ahead log) and finds a stored
+    vector through the vector index. IntegrityError otherwise."""
+    path = Path(path)
+    names = sqlite_counts(path)
+    try:
+        client = chromadb.PersistentClient(path=str(path), settings=client_settings())
+    except Exception as e:
+        raise IntegrityError(f"chroma cannot open {path}: {e}") from e
+    counts = {}
+    try:
+        for name in names:
+            col = client.get_collection(name)
+            counts[name] = col.count()
+            _probe_index(col, name)
+    except IntegrityError:
+        raise
+    except Exception as e:
+        raise IntegrityError(f"{path}: chroma failed reading it: {e}") from e
+    finally:
+        close_client(client)
+    return ValidationReport(path, chromadb.__version__, counts)
+
+
+def _probe_index(col: Any, name: str) -> None:
+    """Query the vector index with a stored vector: it must find that record."""
+    sample = col.get(limit=1, include=["embeddings"])
+    if not sample["ids"]:
+        return
+    hit = col.query(query_embeddings=[sample["embeddings"][0]], n_results=1, include=[])
+    if not hit["ids"] or not hit["ids"][0]:
+        raise IntegrityError(f"collection {name}: the vector index returned nothing")
+
+
+def consistent_copy(src: Path, dst: Path) -> None:
+    """Copy a chroma directory so that the copy is one consistent state.
+
+    Segment folders go first, ``chroma.sqlite3`` last through SQLite's backup API: chroma
+    replays records the segments lack from its write-ahead log in sqlite on open, but
+    segment files newer than the sqlite image would hold records it does not know. If a
+    writer persisted a segment while we copied (its files' sizes or mtimes moved), the
+    copy is not one state: IntegrityError, and the caller takes it again.
+    """
+    if not (Path(src) / SQLITE).is_file():
+        raise IntegrityError(f"{src} is not a chroma database: no {SQLITE}")
+    before = _segment_stamps(Path(src))
+    dst.mkdir(parents=True)
+    for entry in sorted(Path(src).iterdir()):
+        if entry.name.startswith(SQLITE):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+    try:
+        source = sqlite3.connect(f"file:{Path(src) / SQLITE}?mode=ro", uri=True)
+        target = sqlite3.connect(dst / SQLITE)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+    except sqlite3.DatabaseError as e:
+        raise IntegrityError(f"{src}: {e}") from e
+    if _segment_stamps(Path(src)) != before:
+        raise IntegrityError(f"{src}: a segment was persisted while it was being copied")
+
+
+def _segment_stamps(src: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(src.rglob("*"))
+        if p.is_file() and not p.name.startswith(SQLITE)
+    }
+
+
+@contextmanager
+def open_client(
+    store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+) -> Iterator[Any]:
+    """Check out ``name`` at ``ref`` and yield a PersistentClient on it."""
+    from .cache import CachedStore
+
+    if isinstance(store, CachedStore):
+        snap = store.checkout(name, ref, deadline=deadline)
+        scratch = None
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="chroma-snapshots-client-"))
+        snap = store.checkout(name, ref, scratch / "db", deadline=deadline)
+    client = chromadb.PersistentClient(path=str(snap.path), settings=client_settings())
+    try:
+        yield client
+    finally:
+        close_client(client)
+        snap.release()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish_client(
+    store: SnapshotStore,
+    name: str,
+    client_or_path: Any,
+    *,
+    expected: Expected = LATEST,
+    message: str | None = None,
+    metadata: Mapping[str, object] | None = None,
+    force: bool = False,
+    attempts: int = 5,
+    deadline: DeadlineLike = None,
+) -> SnapshotInfo:
+    """Publish a chroma database (a client, which is closed first, or a directory).
+
+    The directory is copied consistently and the copy validated; a copy that fails
+    validation is retaken (another process may be mid-way through persisting a
+    segment) up to ``attempts`` times, then IntegrityError, unless ``force``. The
+    manifest records chroma's version and per-collection counts.
+    """
+    if isinstance(client_or_path, (str, Path)):
+        path = Path(client_or_path)
+    else:
+        path = Path(client_or_path.get_settings().persist_directory)
+        close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
+    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-") as tmp:
+        copy, report = _validated_copy(path, Path(tmp), attempts, force)
+        chroma_meta: dict[str, object] = {"version": chromadb.__version__}
+        if report is not None:
+            chroma_meta["collections"] = dict(report.collections)
+        meta = {**(metadata or {}), "chroma": chroma_meta}
+        return store.publish(
+            name, copy, expected=expected, message=message, metadata=meta, deadline=deadline
+        )
+
+
+def _validated_copy(
+    src: Path, tmp: Path, attempts: int, force: bool
+) -> tuple[Path, ValidationReport | None]:
+    last: Exception | None = None
+    copy = tmp / "copy0"
+    for attempt in range(max(1, attempts)):
+        copy = tmp / f"copy{attempt}"
+        try:
+            consistent_copy(src, copy)
+            return copy, validate(copy)
+        except (IntegrityError, OSError) as e:  # OSError: a file vanished mid-copy
+            last = e
+            if not (src / SQLITE).is_file():
+                break  # not a chroma database: retrying cannot help
+    if force and copy.is_dir():
+        return copy, None
+    raise IntegrityError(f"refusing to publish {src}: {last}") from last

@@ -1,0 +1,215 @@
+"""Lease locks: an efficiency measure for compactors (correctness comes from CAS on refs).
+
+A lease has an owner, an expiry and a fencing generation that grows by one every time
+the lock changes hands; a publish records it, so an operator can tell which holder
+wrote a version. Heartbeats and releases are conditioned on the owner and generation;
+a lock can be taken over only after it expired. ``LeaseLock`` holds the protocol (after
+filelock's small template classes); a store implements three conditional operations:
+
+- :class:`ObjectLeaseLock`: one object on any Backend with conditional writes
+  (``PutMode.CREATE`` / ``PutMode.update(etag)``), e.g. S3;
+- :class:`DynamoDBLeaseLock`: one DynamoDB item with condition expressions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .backends.base import Backend, PutMode
+from .errors import ConflictError, LockError, SnapshotNotFoundError
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds the lock, until when (epoch seconds), and the fencing generation."""
+
+    owner: str
+    generation: int
+    expires_at: float
+
+
+def default_owner() -> str:
+    """host:pid:random, unique per lock holder."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseLock(ABC):
+    """Acquire, heartbeat and release a lease; subclasses store it conditionally.
+
+    ``clock`` is wall time (leases are compared across hosts); ``sleep`` and ``clock``
+    are injectable so tests need not wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 60.0,
+        owner: str | None = None,
+        poll: float = 0.2,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.ttl, self.poll = ttl, poll
+        self.owner = owner or default_owner()
+        self._clock, self._sleep = clock, sleep
+
+    # What a store provides: read with a version token, create-if-absent, compare-and-swap.
+
+    @abstractmethod
+    def _read(self) -> tuple[Lease, object] | None:
+        """The stored lease and a token for :meth:`_swap`, or None if there is none."""
+
+    @abstractmethod
+    def _create(self, lease: Lease) -> None:
+        """Store ``lease`` if nothing is stored; ConflictError otherwise."""
+
+    @abstractmethod
+    def _swap(self, lease: Lease, token: object) -> None:
+        """Replace the stored lease if it is still the one ``token`` came with (ConflictError)."""
+
+    # The protocol.
+
+    def acquire(self, timeout: float = 30.0) -> Lease:
+        """Take the lock, waiting up to ``timeout`` seconds for the holder to release or
+        for its lease to expire. LockError if that does not happen in time."""
+        end = self._clock() + timeout
+        while True:
+            found = self._read()
+            now = self._clock()
+            mine = Lease(self.owner, 1, now + self.ttl)
+            try:
+                if found is None:
+                    self._create(mine)
+                    return mine
+                held, token = found
+                if held.expires_at <= now:  # released or expired: take it over
+                    mine = replace(mine, generation=held.generation + 1)
+                    self._swap(mine, token)
+                    return mine
+            except ConflictError:
+                continue  # someone else moved first: look again
+            if now >= end:
+                raise LockError(f"lock held by {held.owner} until {held.expires_at:.0f}")
+            self._sleep(min(self.poll, max(0.0, end - now)))
+
+    def heartbeat(self, lease: Lease) -> Lease:
+        """Extend ``lease``; LockError if it is no longer ours (expired and taken over)."""
+        token = self._check_owned(lease)
+        renewed = replace(lease, expires_at=self._clock() + self.ttl)
+        self._swap_or_lost(renewed, token)
+        return renewed
+
+    def release(self, lease: Lease) -> None:
+        """Give the lock back (keeping the generation); LockError if it is not ours."""
+        token = self._check_owned(lease)
+        self._swap_or_lost(replace(lease, expires_at=0.0), token)
+
+    @contextmanager
+    def hold(self, timeout: float = 30.0) -> Iterator[Lease]:
+        """``with lock.hold() as lease:`` acquire, then release even on error."""
+        lease = self.acquire(timeout)
+        try:
+            yield lease
+        finally:
+            self.release(lease)
+
+    def _check_owned(self, lease: Lease) -> object:
+        found = self._read()
+        held = None if found is None else found[0]
+        if held is None or (held.owner, held.generation) != (lease.owner, lease.generation):
+            raise LockError(f"lease {lease.generation} of {lease.owner} is no longer held")
+        if held.expires_at == 0.0:
+            raise LockError(f"lease {lease.generation} of {lease.owner} was released")
+        return found[1]  # type: ignore[index]
+
+    def _swap_or_lost(self, lease: Lease, token: object) -> None:
+        try:
+            self._swap(lease, token)
+        except ConflictError as e:
+            raise LockError(f"lease {lease.generation} of {lease.owner} was taken over") from e
+
+
+class ObjectLeaseLock(LeaseLock):
+    """A lease stored as one JSON object at ``key`` on ``backend`` (S3: conditional writes)."""
+
+    def __init__(self, backend: Backend, key: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.backend, self.key = backend, key
+
+    def _read(self) -> tuple[Lease, object] | None:
+        try:
+            got = self.backend.get(self.key)
+        except SnapshotNotFoundError:
+            return None
+        try:
+            return Lease(**json.loads(got.data)), got.meta.etag
+        except (ValueError, TypeError) as e:
+            raise LockError(f"lock object {self.key} is malformed") from e
+
+    def _create(self, lease: Lease) -> None:
+        self.backend.put(self.key, json.dumps(asdict(lease)).encode(), mode=PutMode.CREATE)
+
+    def _swap(self, lease: Lease, token: object) -> None:
+        data = json.dumps(asdict(lease)).encode()
+        self.backend.put(self.key, data, mode=PutMode.update(str(token)))
+
+
+class DynamoDBLeaseLock(LeaseLock):
+    """A lease stored as the item ``{"lock_id": lock_id}`` of a DynamoDB table whose
+    partition key is ``lock_id`` (string)."""
+
+    def __init__(self, client: Any, table: str, lock_id: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.client, self.table, self.lock_id = client, table, lock_id
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, op)(TableName=self.table, **kwargs)
+        except self.client.exceptions.ConditionalCheckFailedException as e:
+            raise ConflictError(f"lock {self.lock_id} changed") from e
+        except Exception as e:
+            raise LockError(f"DynamoDB {op} on {self.table}: {type(e).__name__}") from e
+
+    def _item(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "lock_id": {"S": self.lock_id},
+            "owner": {"S": lease.owner},
+            "generation": {"N": str(lease.generation)},
+            "expires_at": {"N": repr(lease.expires_at)},
+        }
+
+    def _read(self) -> tuple[Lease, object] | None:
+        item = self._call("get_item", Key={"lock_id": {"S": self.lock_id}}, ConsistentRead=True)
+        if "Item" not in item:
+            return None
+        i = item["Item"]
+        lease = Lease(i["owner"]["S"], int(i["generation"]["N"]), float(i["expires_at"]["N"]))
+        return lease, lease
+
+    def _create(self, lease: Lease) -> None:
+        self._call(
+            "put_item", Item=self._item(lease), ConditionExpression="attribute_not_exists(lock_id)"
+        )
+
+    def _swap(self, lease: Lease, token: object) -> None:
+        assert isinstance(token, Lease)
+        self._call(
+            "put_item",
+            Item=self._item(lease),
+            ConditionExpression="#o = :o AND generation = :g AND expires_at = :e",
+            ExpressionAttributeNames={"#o": "owner"},
+            ExpressionAttributeValues={
+                ":o": {"S": token.owner},
+                ":g": {"N": str(token.generation)},
+                ":e": {"N": repr(token.expires_at)},
+            },
+        )
