@@ -91,8 +91,13 @@ class MotoServer:
 
     def client(self, endpoint_url: str | None = None, **config: Any) -> S3Client:
         """A boto3 S3 client for this server (or for a proxy in front of it)."""
+        s3: S3Client = self.client_for("s3", endpoint_url, **config)
+        return s3
+
+    def client_for(self, service: str, endpoint_url: str | None = None, **config: Any) -> Any:
+        """A boto3 client of any service moto serves (dynamodb, sqs, ...)."""
         return boto3.client(
-            "s3",
+            service,  # type: ignore[call-overload]
             endpoint_url=endpoint_url or self.endpoint_url,
             region_name="us-east-1",
             aws_access_key_id="testing",

@@ -1,0 +1,104 @@
+"""Real chromadb databases through the store: round trips, reopen, live publishing, validation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chroma_helpers import build, close_client, counts, query_ids, vectors
+
+from chroma_snapshots import CachedStore, IntegrityError, RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.chroma import open_client, publish_client, validate
+from chroma_snapshots.testing import MotoServer
+
+WRITER = str(Path(__file__).with_name("chroma_writer.py"))
+
+
+@pytest.fixture
+def s3_store(moto_server: MotoServer, s3_bucket: str) -> RemoteStore:
+    return RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+    )
+
+
+def test_round_trip_two_collections_20k_records(s3_store: RemoteStore, tmp_path: Path) -> None:
+    client = build(tmp_path / "db", {"receipts": 12000, "merchants": 8000}, dim=32)
+    probes = vectors(5, 32, seed=99)
+    before = {name: query_ids(client, name, probes) for name in ("receipts", "merchants")}
+    info = publish_client(s3_store, "db", client)  # closes the client first
+    assert info.metadata["chroma"]["collections"] == {"receipts": 12000, "merchants": 8000}
+    cached = CachedStore(s3_store, tmp_path / "cache")
+    with open_client(cached, "db") as reader:
+        assert counts(reader) == {"receipts": 12000, "merchants": 8000}
+        assert {name: query_ids(reader, name, probes) for name in before} == before
+
+
+def test_reopen_in_the_same_process_sees_the_new_version(
+    s3_store: RemoteStore, tmp_path: Path
+) -> None:
+    publish_client(s3_store, "db", build(tmp_path / "v1", {"receipts": 100}))
+    cached = CachedStore(s3_store, tmp_path / "cache")
+    with open_client(cached, "db") as c1:
+        assert counts(c1) == {"receipts": 100}
+    publish_client(s3_store, "db", build(tmp_path / "v2", {"receipts": 250, "extra": 10}))
+    with open_client(cached, "db") as c2:
+        assert counts(c2) == {"receipts": 250, "extra": 10}
+    with open_client(s3_store, "db") as c3:  # without a cache too
+        assert counts(c3) == {"receipts": 250, "extra": 10}
+
+
+def test_not_a_database_and_corrupt_sqlite_are_refused(
+    s3_store: RemoteStore, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    with pytest.raises(IntegrityError, match="not a chroma database"):
+        publish_client(s3_store, "db", plain)
+    with pytest.raises(IntegrityError):
+        validate(plain)
+    client = build(tmp_path / "db", {"receipts": 300})
+    close_client(client)
+    db = tmp_path / "db" / "chroma.sqlite3"
+    data = bytearray(db.read_bytes())
+    for off in range(4096, len(data), 4096):
+        data[off + 100 : off + 200] = os.urandom(100)  # scribble over every page but the header
+    db.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        validate(tmp_path / "db")
+    with pytest.raises(IntegrityError, match="refusing to publish"):
+        publish_client(s3_store, "db", tmp_path / "db", attempts=2)
+    assert list(s3_store.names()) == []
+    forced = publish_client(s3_store, "db", tmp_path / "db", force=True, attempts=1)
+    assert "collections" not in forced.metadata["chroma"]
+
+
+def test_live_writer_naive_copy_breaks_publish_client_does_not(
+    s3_store: RemoteStore, tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    close_client(build(db, {"receipts": 10}))
+    writer = subprocess.Popen([sys.executable, WRITER, str(db)])
+    try:
+        time.sleep(3)  # let the writer get going
+        naive_failures = 0
+        for r in range(20):
+            try:
+                shutil.copytree(db, tmp_path / f"naive{r}")
+                validate(tmp_path / f"naive{r}")
+            except (IntegrityError, OSError, shutil.Error):
+                naive_failures += 1
+            info = publish_client(s3_store, "db", db)
+            snap = s3_store.checkout("db", info.version, tmp_path / f"safe{r}")
+            assert validate(snap.path).records >= 10
+        assert writer.poll() is None  # the writer really was writing throughout
+    finally:
+        writer.kill()
+        writer.wait()
+    assert naive_failures >= 1, "the naive copies never broke: the writer was not busy enough"

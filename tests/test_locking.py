@@ -1,0 +1,109 @@
+"""Lease locks on S3 (conditional object writes) and DynamoDB (condition expressions),
+through moto's HTTP server, with one conformance class."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from chroma_snapshots import LockError
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
+from chroma_snapshots.testing import MotoServer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class LeaseLockTests:
+    @pytest.fixture
+    def make(self) -> Any:
+        raise NotImplementedError
+
+    def test_acquire_release_and_fencing(self, make: Any) -> None:
+        clock = Clock()
+        a, b = make("a", clock), make("b", clock)
+        first = a.acquire(timeout=0)
+        with pytest.raises(LockError):
+            b.acquire(timeout=1)  # held: b waits (fake time) and gives up
+        a.release(first)
+        second = b.acquire(timeout=0)
+        assert second.generation == first.generation + 1
+        b.release(second)
+        with a.hold(timeout=0) as third:
+            assert third.generation == second.generation + 1
+
+    def test_expiry_steal_and_stale_holder(self, make: Any) -> None:
+        clock = Clock()
+        a, b = make("a", clock), make("b", clock)
+        lease = a.acquire(timeout=0)
+        clock.now += 30
+        lease = a.heartbeat(lease)  # extends to now + ttl
+        clock.now += 59
+        with pytest.raises(LockError):
+            b.acquire(timeout=0)  # not expired yet thanks to the heartbeat
+        clock.now += 2
+        stolen = b.acquire(timeout=0)
+        assert stolen.generation == lease.generation + 1
+        with pytest.raises(LockError):
+            a.heartbeat(lease)  # the old holder learns it lost the lock
+        with pytest.raises(LockError):
+            a.release(lease)  # and cannot release someone else's lease
+        b.release(stolen)
+
+    def test_non_owner_cannot_heartbeat_or_release(self, make: Any) -> None:
+        clock = Clock()
+        a, b = make("a", clock), make("b", clock)
+        lease = a.acquire(timeout=0)
+        forged = type(lease)("b", lease.generation, lease.expires_at)
+        with pytest.raises(LockError):
+            b.heartbeat(forged)
+        with pytest.raises(LockError):
+            b.release(forged)
+        a.release(lease)
+        with pytest.raises(LockError):
+            a.release(lease)  # twice
+
+
+def _options(owner: str, clock: Clock) -> dict[str, Any]:
+    return {"owner": owner, "ttl": 60.0, "clock": clock, "sleep": clock.sleep}
+
+
+class TestObjectLeaseLockOnS3(LeaseLockTests):
+    @pytest.fixture
+    def make(self, moto_server: MotoServer, s3_bucket: str) -> Any:
+        backend = S3Backend(s3_bucket, settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+        key = f"locks/{uuid.uuid4().hex}"
+
+        def make(owner: str, clock: Clock) -> LeaseLock:
+            return ObjectLeaseLock(backend, key, **_options(owner, clock))
+
+        return make
+
+
+class TestDynamoDBLeaseLock(LeaseLockTests):
+    @pytest.fixture
+    def make(self, moto_server: MotoServer) -> Any:
+        client = moto_server.client_for("dynamodb")
+        table = f"locks-{uuid.uuid4().hex[:8]}"
+        client.create_table(
+            TableName=table,
+            BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "lock_id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "lock_id", "AttributeType": "S"}],
+        )
+
+        def make(owner: str, clock: Clock) -> LeaseLock:
+            return DynamoDBLeaseLock(client, table, "compactor", **_options(owner, clock))
+
+        return make
