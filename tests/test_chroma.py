@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from chroma_helpers import build, close_client, counts, query_ids, vectors
 
 from chroma_snapshots import CachedStore, IntegrityError, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.chroma import open_client, publish_client, validate
+from chroma_snapshots.chroma import describe, open_client, publish_client, validate
 from chroma_snapshots.testing import MotoServer
 
 WRITER = str(Path(__file__).with_name("chroma_writer.py"))
@@ -102,3 +103,44 @@ def test_live_writer_naive_copy_breaks_publish_client_does_not(
         writer.kill()
         writer.wait()
     assert naive_failures >= 1, "the naive copies never broke: the writer was not busy enough"
+
+
+def test_describe_and_cli_info_show_the_chroma_view(
+    moto_server: MotoServer, s3_bucket: str, s3_store: RemoteStore, tmp_path: Path
+) -> None:
+    client = build(tmp_path / "db", {"receipts": 300, "merchants": 40}, dim=16)
+    close_client(client)
+    (tmp_path / "db" / "0000-orphan-segment").mkdir()
+    (tmp_path / "db" / "0000-orphan-segment" / "header.bin").write_bytes(b"x")
+    view = describe(tmp_path / "db")
+    by_name = {c.name: c for c in view.collections}
+    assert (by_name["receipts"].records, by_name["receipts"].dimension) == (300, 16)
+    assert by_name["merchants"].records == 40
+    assert view.orphan_segments == ("0000-orphan-segment",)
+    assert all(c.unsynced >= 0 for c in view.collections)
+    publish_client(s3_store, "db", tmp_path / "db")
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chroma_snapshots.cli",
+            "--store",
+            f"s3://{s3_bucket}/snaps",
+            "info",
+            "db",
+            "--chroma",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["chroma"]
+    assert {c["name"]: c["records"] for c in shown["collections"]} == {
+        "receipts": 300,
+        "merchants": 40,
+    }
+    assert shown["orphan_segments"] == ["0000-orphan-segment"]

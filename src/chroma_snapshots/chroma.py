@@ -93,6 +93,59 @@ def sqlite_counts(path: Path) -> dict[str, int]:
         raise IntegrityError(f"{db_file}: {e}") from e
 
 
+@dataclass(frozen=True)
+class CollectionView:
+    """One collection as chroma's own ops tools show it."""
+
+    name: str
+    dimension: int | None
+    records: int
+    unsynced: int
+    segment_bytes: int
+
+
+@dataclass(frozen=True)
+class ChromaView:
+    """What is in a chroma directory, read from sqlite and the segment folders (no client)."""
+
+    collections: tuple[CollectionView, ...]
+    orphan_segments: tuple[str, ...]
+    sqlite_bytes: int
+
+
+def describe(path: str | Path) -> ChromaView:
+    """Collections with record counts and dimensions, write-ahead-log entries the vector
+    segment has not absorbed yet, per-collection segment sizes, and segment folders no
+    collection owns. Read-only; IntegrityError if it is not a chroma database."""
+    path = Path(path)
+    counts = sqlite_counts(path)
+    db = sqlite3.connect(f"file:{path / SQLITE}?mode=ro", uri=True)
+    try:
+        cols = db.execute("SELECT id, name, dimension FROM collections").fetchall()
+        segs = db.execute("SELECT id, collection, scope FROM segments").fetchall()
+        synced = dict(db.execute("SELECT segment_id, seq_id FROM max_seq_id").fetchall())
+        queue = db.execute("SELECT topic, seq_id FROM embeddings_queue").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise IntegrityError(f"{path}: {e}") from e
+    finally:
+        db.close()
+    folders = {
+        p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        for p in path.iterdir()
+        if p.is_dir()
+    }
+    views = []
+    for cid, name, dim in cols:
+        vector = [s for s, c, scope in segs if c == cid and scope == "VECTOR"]
+        done = min((int(synced.get(s, 0)) for s in vector), default=0)
+        pending = sum(1 for topic, seq in queue if topic.endswith(cid) and seq > done)
+        size = sum(folders.get(s, 0) for s, c, _ in segs if c == cid)
+        views.append(CollectionView(name, dim, counts.get(name, 0), pending, size))
+    owned = {s for s, _, _ in segs}
+    orphans = tuple(sorted(f for f in folders if f not in owned))
+    return ChromaView(tuple(views), orphans, (path / SQLITE).stat().st_size)
+
+
 def validate(path: str | Path) -> ValidationReport:
     """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
     opens it, counts every collection (replaying its write-ahead log) and finds a stored

@@ -100,6 +100,27 @@ def _progress(label: str) -> Callable[[int, int], None] | None:
     return report
 
 
+def _chroma_info(store: Any, name: str, ref: str, as_json: bool) -> None:
+    import tempfile
+
+    from .chroma import describe
+
+    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-info-") as tmp:
+        snap = store.checkout(name, ref, Path(tmp) / "db")
+        view = describe(snap.path)
+    rows = [f"{'collection':<32} {'records':>9} {'dim':>5} {'unsynced':>9} {'segments':>10}"]
+    rows += [
+        f"{c.name:<32} {c.records:>9} {c.dimension or '-':>5} {c.unsynced:>9} "
+        f"{human_bytes(c.segment_bytes):>10}"
+        for c in view.collections
+    ]
+    rows.append(
+        f"sqlite {human_bytes(view.sqlite_bytes)}; orphan segment folders: "
+        f"{', '.join(view.orphan_segments) or 'none'}"
+    )
+    emit({"version": snap.info.version, "chroma": view}, as_json, "\n".join(rows))
+
+
 def _build() -> click.Group:
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -207,10 +228,20 @@ def _build() -> click.Group:
     @cli.command(help="Show a version's manifest summary.")
     @click.argument("name")
     @click.argument("ref", default="latest")
+    @click.option(
+        "--chroma",
+        "chroma_view",
+        is_flag=True,
+        help="Also check the version out and show chroma's view: collections, "
+        "dimensions, unsynced WAL entries, segment sizes, orphan segment folders.",
+    )
     @json_opt
     @click.pass_context
-    def info(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
+    def info(ctx: click.Context, name: str, ref: str, chroma_view: bool, as_json: bool) -> None:
         store = _store(ctx)
+        if chroma_view:
+            _chroma_info(store, name, ref, as_json)
+            return
         found = store.resolve(name, ref)
         m = store.load_manifest(name, found.version)
         stored = sum(c.length for c in m.chunks.values())
