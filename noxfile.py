@@ -43,3 +43,12 @@ def bench(session: nox.Session) -> None:
     """Benchmarks; results go to benchmarks/out/ (see benchmarks/RESULTS.md)."""
     session.install("-e", ".[dev]", "-c", "constraints.txt")
     session.run("python", "benchmarks/transfer.py", "--json", "benchmarks/out/transfer.json")
+    session.run(
+        "python",
+        "benchmarks/compaction.py",
+        "--records",
+        "20000",
+        "--json",
+        "benchmarks/out/compaction.json",
+    )
+    # benchmarks/efs.py needs root and FUSE; benchmarks/chunk_size.py is the chunk-size study.

@@ -107,3 +107,24 @@ def test_four_compactors_lose_nothing(
     if locked:
         fences = [v.metadata["compaction"]["fence"] for v in store.versions("db")]
         assert fences == sorted(fences, reverse=True)  # newest first: the fence only grows
+
+
+def test_delta_snapshot_published_under_another_name(store: RemoteStore, tmp_path: Path) -> None:
+    from chroma_helpers import build
+
+    from chroma_snapshots.chroma import publish_client
+    from chroma_snapshots.compaction import snapshot_deltas
+
+    compact(store, "db", [Delta("seed", "receipts", (Record("r0", (0.0,) * 32),))])
+    publish_client(
+        store, "upload-42", build(tmp_path / "delta", {"receipts": 30, "other": 5}, dim=32)
+    )
+    deltas = snapshot_deltas(store, "upload-42")
+    assert sorted(d.collection for d in deltas) == ["other", "receipts"]
+    first = compact(store, "db", deltas)
+    assert len(first.applied) == 2
+    with open_client(store, "db") as client:
+        assert counts(client) == {"receipts": 31, "other": 5}
+    again = compact(store, "db", snapshot_deltas(store, "upload-42"))
+    assert again.info is None  # the same delta version: skipped
+    assert len(again.skipped) == 2

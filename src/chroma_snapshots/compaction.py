@@ -1,8 +1,9 @@
 """Compaction: merge deltas into the latest snapshot under optimistic concurrency.
 
-``compact`` checks out the latest version, applies deltas (upserts and deletes) with
-chroma, and publishes with ``expected=<the version it started from>``; if another
-compactor published first, it starts again from the new latest. Every applied delta id
+``compact`` checks out the latest version, applies deltas (upserts and deletes, given as
+records or read from a delta snapshot with ``snapshot_deltas``) with chroma, and
+publishes with ``expected=<the version it started from>``; if another compactor
+published first, it starts again from the new latest. Every applied delta id
 is recorded in the manifest, so a redelivered delta (an SQS retry) is skipped rather
 than applied again over newer data. A lease lock only saves wasted work.
 """
@@ -18,7 +19,7 @@ from typing import Any, cast
 
 import chromadb
 
-from .chroma import client_settings, close_client, publish_client
+from .chroma import client_settings, close_client, open_client, publish_client
 from .deadline import DeadlineLike, as_deadline
 from .errors import ConflictError, InvalidInputError, SnapshotNotFoundError
 from .locking import LeaseLock
@@ -82,6 +83,27 @@ class CompactionResult:
     attempts: int
     fence: int | None = None
     conflicts: list[str] = field(default_factory=list)
+
+
+def snapshot_deltas(
+    store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+) -> list[Delta]:
+    """Deltas from a published delta snapshot: a small chroma database published under its own
+    name (e.g. by an upload worker). One delta per collection upserts every record; its id
+    names the exact version, so compacting the same delta snapshot twice is a no-op."""
+    version = store.resolve(name, ref, deadline=deadline).version
+    out = []
+    with open_client(store, name, version, deadline=deadline) as client:
+        for col in client.list_collections():
+            got = col.get(include=cast(Any, ["embeddings", "documents", "metadatas"]))
+            records = tuple(
+                Record(i, tuple(float(x) for x in e), d, m or None)
+                for i, e, d, m in zip(
+                    got["ids"], got["embeddings"], got["documents"], got["metadatas"], strict=True
+                )
+            )
+            out.append(Delta(f"snapshot:{name}@{version}:{col.name}", col.name, records))
+    return out
 
 
 def applied_ids(info: SnapshotInfo | None) -> list[str]:

@@ -1,0 +1,116 @@
+"""Compaction of new records into a large snapshot vs re-uploading the whole snapshot.
+
+Builds a real chromadb database offline (explicit embeddings), publishes it to moto's S3
+server on 127.0.0.1 (behind the counting proxy), then compacts one delta of new records
+into it with ``compaction.compact``. The alternative a user would pick is re-uploading
+the whole database after every batch (what the field deployment did).
+
+usage: python benchmarks/compaction.py [--records 100000] [--added 1000] [--dim 384]
+                                       [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import chromadb
+from _report import write_json
+
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.chroma import client_settings, close_client, publish_client
+from chroma_snapshots.compaction import Delta, Record, compact
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.proxy import CountingProxy
+
+MiB = 1 << 20
+
+
+def build(path: Path, records: int, dim: int) -> None:
+    rng = random.Random(0)
+    client = chromadb.PersistentClient(path=str(path), settings=client_settings())
+    col = client.get_or_create_collection("receipts", embedding_function=None)
+    for lo in range(0, records, 5000):
+        ids = [f"r{i}" for i in range(lo, min(lo + 5000, records))]
+        col.add(
+            ids=ids,
+            embeddings=cast(Any, [[rng.random() for _ in range(dim)] for _ in ids]),
+            documents=[f"receipt {i} merchant {rng.randrange(500)}" for i in ids],
+        )
+    close_client(client)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--added", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="chroma-snapshots-compact-bench-") as tmp,
+        MotoServer() as server,
+        CountingProxy(server.endpoint_url) as proxy,
+    ):
+        db = Path(tmp) / "db"
+        t = time.perf_counter()
+        build(db, args.records, args.dim)
+        size = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
+        print(
+            f"built {args.records} records ({size / MiB:.0f} MiB) in {time.perf_counter() - t:.0f}s"
+        )
+        bucket = server.create_bucket("bench")
+        store = RemoteStore(
+            S3Backend(bucket, "snaps", client=server.client(endpoint_url=proxy.url))
+        )
+
+        def measure(approach: str, fn: Any) -> None:
+            proxy.reset()
+            t = time.perf_counter()
+            fn()
+            seen = proxy.reset()
+            rows.append(
+                {
+                    "approach": approach,
+                    "seconds": time.perf_counter() - t,
+                    "requests": len(seen),
+                    "bytes_up": sum(r.request_bytes for r in seen),
+                    "bytes_down": sum(r.response_bytes for r in seen if r.method == "GET"),
+                    "records": args.records,
+                    "added": args.added,
+                    "size_bytes": size,
+                }
+            )
+
+        measure("initial publish (whole database)", lambda: publish_client(store, "db", db))
+        rng = random.Random(1)
+        recs = tuple(
+            Record(f"new-{i}", tuple(rng.random() for _ in range(args.dim)), f"new {i}")
+            for i in range(args.added)
+        )
+        cached = CachedStore(store, Path(tmp) / "cache")
+        cached.checkout("db").release()  # a warm compactor already holds the latest version
+        measure(
+            f"compact {args.added} records (warm compactor)",
+            lambda: compact(cached, "db", [Delta("bench-1", "receipts", recs)]),
+        )
+        measure("re-upload the whole database", lambda: store.publish("full", db))
+    print(f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9}")
+    for r in rows:
+        print(
+            f"{r['approach']:<44} {r['seconds']:>8.2f} {r['requests']:>9} "
+            f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>9.1f}"
+        )
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
