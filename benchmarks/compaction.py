@@ -5,7 +5,7 @@ server on 127.0.0.1 (behind the counting proxy), then compacts one delta of new 
 into it with ``compaction.compact``. The alternative a user would pick is re-uploading
 the whole database after every batch (what the field deployment did).
 
-usage: python benchmarks/compaction.py [--records 100000] [--added 1000] [--dim 384]
+usage: python benchmarks/compaction.py [--records 100000] [--added 100,1000] [--dim 384]
                                        [--json out.json]
 """
 
@@ -15,6 +15,7 @@ import argparse
 import random
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,7 +51,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--added", type=int, default=1000)
+    ap.add_argument("--added", default="100,1000", help="records per compaction, in order")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -85,23 +86,23 @@ def main() -> None:
                     "bytes_up": sum(r.request_bytes for r in seen),
                     "bytes_down": sum(r.response_bytes for r in seen if r.method == "GET"),
                     "records": args.records,
-                    "added": args.added,
                     "size_bytes": size,
                 }
             )
 
         measure("initial publish (whole database)", lambda: publish_client(store, "db", db))
-        rng = random.Random(1)
-        recs = tuple(
-            Record(f"new-{i}", tuple(rng.random() for _ in range(args.dim)), f"new {i}")
-            for i in range(args.added)
-        )
         cached = CachedStore(store, Path(tmp) / "cache")
         cached.checkout("db").release()  # a warm compactor already holds the latest version
-        measure(
-            f"compact {args.added} records (warm compactor)",
-            lambda: compact(cached, "db", [Delta("bench-1", "receipts", recs)]),
-        )
+        rng = random.Random(1)
+        for batch, n in enumerate(int(x) for x in args.added.split(",")):
+            recs = tuple(
+                Record(f"new-{batch}-{i}", tuple(rng.random() for _ in range(args.dim)))
+                for i in range(n)
+            )
+            measure(
+                f"compact {n} records (warm compactor)",
+                partial(compact, cached, "db", [Delta(f"bench-{batch}", "receipts", recs)]),
+            )
         measure("re-upload the whole database", lambda: store.publish("full", db))
     print(f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9}")
     for r in rows:

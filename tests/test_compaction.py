@@ -43,11 +43,15 @@ def test_replayed_delta_changes_nothing(store: RemoteStore) -> None:
     before = _records(store)
     assert len(before) == 19
     assert before["r0"] == (9.0, 9.0)
+    vacuumed = compact(store, "db", [Delta("d3", "receipts", deletes=("r19",))], vacuum=True)
+    assert vacuumed.info is not None
+    before = _records(store)
+    assert "r19" not in before
     again = compact(store, "db", [add])  # an SQS redelivery of d1, after d2 changed r0
     assert again.info is None
     assert again.skipped == ("d1",)
     assert _records(store) == before
-    assert applied_ids(store.resolve("db")) == ["d1", "d2"]
+    assert applied_ids(store.resolve("db")) == ["d1", "d2", "d3"]
 
 
 def test_malformed_deltas_are_refused() -> None:
