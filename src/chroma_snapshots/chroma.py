@@ -266,12 +266,12 @@ def publish_client(
     manifest records chroma's version and per-collection counts.
     """
     if isinstance(client_or_path, (str, Path)):
-        path = Path(client_or_path)
+        path, quiet = Path(client_or_path), False
     else:
-        path = Path(client_or_path.get_settings().persist_directory)
+        path, quiet = Path(client_or_path.get_settings().persist_directory), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
     with tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-") as tmp:
-        copy, report = _validated_copy(path, Path(tmp), attempts, force)
+        copy, report = _validated_copy(path, Path(tmp), attempts, force, compare=quiet)
         chroma_meta: dict[str, object] = {"version": chromadb.__version__}
         if report is not None:
             chroma_meta["collections"] = dict(report.collections)
@@ -282,14 +282,19 @@ def publish_client(
 
 
 def _validated_copy(
-    src: Path, tmp: Path, attempts: int, force: bool
+    src: Path, tmp: Path, attempts: int, force: bool, compare: bool
 ) -> tuple[Path, ValidationReport | None]:
+    """A validated consistent copy of ``src``. With ``compare`` (nothing writes to ``src``
+    any more: its client was closed) the copy's per-collection counts must also equal the
+    source's."""
     last: Exception | None = None
     copy = tmp / "copy0"
     for attempt in range(max(1, attempts)):
         copy = tmp / f"copy{attempt}"
         try:
             consistent_copy(src, copy)
+            if compare and sqlite_counts(copy) != sqlite_counts(src):
+                raise IntegrityError(f"{copy}: record counts differ from {src}")
             return copy, validate(copy)
         except (IntegrityError, OSError) as e:  # OSError: a file vanished mid-copy
             last = e
