@@ -30,7 +30,7 @@ from chromadb.config import Settings
 from .deadline import DeadlineLike
 from .errors import IntegrityError
 from .models import SnapshotInfo
-from .store import LATEST, Expected, SnapshotStore
+from .store import LATEST, Expected, LocalSnapshot, SnapshotStore
 
 SQLITE = "chroma.sqlite3"
 _COUNTS = """
@@ -228,6 +228,15 @@ def open_client(
     store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
 ) -> Iterator[Any]:
     """Check out ``name`` at ``ref`` and yield a PersistentClient on it."""
+    with open_checkout(store, name, ref, deadline=deadline) as (client, _):
+        yield client
+
+
+@contextmanager
+def open_checkout(
+    store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+) -> Iterator[tuple[Any, LocalSnapshot]]:
+    """Like :func:`open_client`, also yielding the LocalSnapshot (version, source, stats)."""
     from .cache import CachedStore
 
     if isinstance(store, CachedStore):
@@ -238,7 +247,7 @@ def open_client(
         snap = store.checkout(name, ref, scratch / "db", deadline=deadline)
     client = chromadb.PersistentClient(path=str(snap.path), settings=client_settings())
     try:
-        yield client
+        yield client, snap
     finally:
         close_client(client)
         snap.release()

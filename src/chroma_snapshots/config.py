@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -193,3 +193,60 @@ def open_store(
     from .cache import CachedStore
 
     return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes)
+
+
+ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
+ENV_RESERVE = "CHROMA_SNAPSHOTS_RESERVE_SECONDS"
+ENV_PROCESSOR = "CHROMA_SNAPSHOTS_PROCESSOR"
+ENV_SINK = "CHROMA_SNAPSHOTS_SINK"
+ENV_LOCK_TABLE = "CHROMA_SNAPSHOTS_LOCK_TABLE"
+ENV_LOCK_KEY = "CHROMA_SNAPSHOTS_LOCK_KEY"
+ENV_METRICS = "CHROMA_SNAPSHOTS_METRICS_NAMESPACE"
+ENV_RELEASE = "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED"
+
+
+@dataclass(frozen=True)
+class LambdaConfig:
+    """What the bundled Lambda handlers need, on top of the store configuration."""
+
+    store: StoreConfig
+    name: str
+    reserve: float = 10.0
+    processor: str | None = None
+    sink: str | None = None
+    lock_table: str | None = None
+    lock_key: str | None = None
+    metrics_namespace: str | None = None
+    release_unprocessed: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LambdaConfig:
+        """Read and validate the handler configuration (a cache dir defaults to /tmp)."""
+        from .validation import check_name
+
+        env = os.environ if environ is None else environ
+        store = StoreConfig.from_env(env)
+        if store.cache_dir is None:
+            store = replace(store, cache_dir="/tmp/chroma-snapshots")
+        name = env.get(ENV_NAME, "").strip()
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ConfigError(f"{ENV_NAME}={name!r}: {e}") from None
+        for var in (ENV_PROCESSOR, ENV_SINK):
+            raw = env.get(var, "").strip()
+            if raw and raw.count(":") != 1:
+                raise ConfigError(f"{var}={raw!r} must be module:function")
+        if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
+            raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
+        return cls(
+            store=store,
+            name=name,
+            reserve=_seconds(env, ENV_RESERVE, 10.0),
+            processor=env.get(ENV_PROCESSOR, "").strip() or None,
+            sink=env.get(ENV_SINK, "").strip() or None,
+            lock_table=env.get(ENV_LOCK_TABLE, "").strip() or None,
+            lock_key=env.get(ENV_LOCK_KEY, "").strip() or None,
+            metrics_namespace=env.get(ENV_METRICS, "").strip() or None,
+            release_unprocessed=_flag(env, ENV_RELEASE),
+        )

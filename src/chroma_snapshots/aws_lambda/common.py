@@ -1,0 +1,72 @@
+"""What both handlers share: cold-start configuration, plug-in loading, logging, metrics."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..config import LambdaConfig
+from ..deadline import LambdaContext
+from ..errors import ConfigError
+from .batch import BatchOutcome, JsonFormatter, emf, log, release
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """Import ``module:function``; ConfigError (at cold start) if it is not there."""
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what} {spec!r} cannot be imported: {e}") from e
+    if not callable(fn):
+        raise ConfigError(f"{what} {spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def setup_logging() -> None:
+    """JSON lines on stderr for this library's handler logger (idempotent)."""
+    if not any(isinstance(h.formatter, JsonFormatter) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def finish(
+    config: LambdaConfig,
+    outcome: BatchOutcome,
+    context: LambdaContext,
+    kind: str,
+    fields: dict[str, Any],
+    sqs: Callable[[], Any],
+) -> dict[str, Any]:
+    """Release unprocessed messages if configured, log the summary, emit metrics, respond."""
+    if outcome.unprocessed and config.release_unprocessed:
+        release(outcome.unprocessed, sqs())
+    summary = {
+        "request_id": getattr(context, "aws_request_id", ""),
+        "snapshot": config.name,
+        "processed": len(outcome.processed),
+        "unprocessed": len(outcome.unprocessed),
+        "failed": len(outcome.failed) + len(outcome.poison),
+        **fields,
+    }
+    log.info("%s batch done", kind, extra=summary)
+    if config.metrics_namespace:
+        print(
+            emf(
+                config.metrics_namespace,
+                {
+                    "Processed": len(outcome.processed),
+                    "Failed": summary["failed"],
+                    "Unprocessed": len(outcome.unprocessed),
+                    "Seconds": float(fields.get("seconds", 0.0)),
+                },
+                {"Snapshot": config.name, "Handler": kind},
+            )
+        )
+    return outcome.response()

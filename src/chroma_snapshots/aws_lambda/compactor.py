@@ -1,0 +1,104 @@
+"""The compaction handler: deltas from SQS merged into the snapshot with ``compaction.compact``.
+
+Every well-formed message of a batch is one delta (``Delta.from_obj``: id, collection,
+upserts, deletes); they are compacted together under the configured lease lock, so a
+batch costs one publish. Malformed messages fail alone; if the compaction itself fails,
+the batch's deltas are reported as failures and come back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..compaction import Delta, compact
+from ..config import LambdaConfig, open_store, remote_for
+from ..deadline import Deadline, LambdaContext
+from ..locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
+from ..store import SnapshotStore
+from .batch import Message, run_batch
+from .common import finish, setup_logging
+
+
+def lock_from_config(config: LambdaConfig) -> LeaseLock | None:
+    """The lease lock the configuration names: a DynamoDB table or an object in the store."""
+    if config.lock_table:
+        import boto3
+
+        client = boto3.client("dynamodb")  # botocore honours AWS_ENDPOINT_URL_DYNAMODB
+        return DynamoDBLeaseLock(client, config.lock_table, f"compact:{config.name}")
+    if config.lock_key:
+        return ObjectLeaseLock(remote_for(config.store, config.store.url).backend, config.lock_key)
+    return None
+
+
+class CompactionHandler:
+    """The handler object; build it once per container (cold start)."""
+
+    def __init__(
+        self,
+        config: LambdaConfig,
+        *,
+        store: SnapshotStore | None = None,
+        lock: LeaseLock | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or open_store(config.store)
+        self.lock = lock if lock is not None else lock_from_config(config)
+        setup_logging()
+
+    @classmethod
+    def from_env(cls) -> CompactionHandler:
+        return cls(LambdaConfig.from_env())
+
+    def __call__(self, event: Any, context: LambdaContext) -> dict[str, Any]:
+        t0 = time.monotonic()
+        fields: dict[str, Any] = {}
+
+        def work(
+            messages: list[Message], deadline: Deadline
+        ) -> Iterator[tuple[str, Exception | None]]:
+            deltas: list[tuple[str, Delta]] = []
+            for m in messages:
+                try:
+                    deltas.append((m.message_id, Delta.from_obj(m.body)))
+                except Exception as e:  # poison: fails alone
+                    yield m.message_id, e
+            if not deltas:
+                return
+            try:
+                result = compact(
+                    self.store,
+                    self.config.name,
+                    [d for _, d in deltas],
+                    lock=self.lock,
+                    deadline=deadline,
+                )
+            except Exception as e:
+                yield from ((mid, e) for mid, _ in deltas)
+                return
+            fields.update(
+                version=result.info.version if result.info else None,
+                applied=list(result.applied),
+                skipped=list(result.skipped),
+                attempts=result.attempts,
+            )
+            yield from ((mid, None) for mid, _ in deltas)
+
+        outcome = run_batch(event, context, self.config.reserve, work)
+        fields["seconds"] = round(time.monotonic() - t0, 4)
+        return finish(self.config, outcome, context, "compaction", fields, self._sqs)
+
+    def _sqs(self) -> Any:
+        import boto3
+
+        return boto3.client("sqs")
+
+
+def __getattr__(name: str) -> Any:
+    # Built when Lambda resolves the handler during init: bad configuration fails the cold start.
+    if name == "handler":
+        globals()["handler"] = CompactionHandler.from_env()
+        return globals()["handler"]
+    raise AttributeError(name)

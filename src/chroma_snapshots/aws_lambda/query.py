@@ -1,0 +1,123 @@
+"""The query (reader) handler: nearest neighbours for SQS messages, from the latest snapshot.
+
+Each invocation opens the latest version once through the /tmp cache (a warm container
+pays one small request), runs every message through the processing function, and hands
+each result to the sink. Message body::
+
+    {"collection": "receipts", "query_embeddings": [[...]] | "ids": ["..."],
+     "n_results": 10, "where": {...}}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+from ..chroma import open_checkout
+from ..config import LambdaConfig, open_store
+from ..deadline import Deadline, LambdaContext
+from ..errors import InvalidInputError
+from ..store import SnapshotStore
+from .batch import Message, log, run_batch
+from .common import finish, load_callable, setup_logging
+
+
+def default_query(client: Any, body: Any) -> dict[str, Any]:
+    """Run one query message against ``client``; InvalidInputError if the message is malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("collection"), str):
+        raise InvalidInputError("a query needs a 'collection'")
+    n = body.get("n_results", 10)
+    if type(n) is not int or not 1 <= n <= 1000:
+        raise InvalidInputError("n_results must be an integer from 1 to 1000")
+    where = body.get("where")
+    if where is not None and not isinstance(where, dict):
+        raise InvalidInputError("where must be an object")
+    col = client.get_collection(body["collection"])
+    include = ["documents", "metadatas", "distances"]
+    if "query_embeddings" in body:
+        emb = body["query_embeddings"]
+        if not isinstance(emb, list) or not emb or not all(isinstance(v, list) and v for v in emb):
+            raise InvalidInputError("query_embeddings must be a non-empty list of vectors")
+        res = col.query(query_embeddings=emb, n_results=n, where=where, include=include)
+    elif isinstance(body.get("ids"), list):
+        stored = col.get(ids=[str(i) for i in body["ids"]], include=["embeddings"])
+        if not stored["ids"]:
+            return {"ids": [], "distances": [], "documents": [], "metadatas": []}
+        res = col.query(
+            query_embeddings=stored["embeddings"], n_results=n, where=where, include=include
+        )
+    else:
+        raise InvalidInputError("a query needs 'query_embeddings' or 'ids'")
+    return {k: res.get(k) for k in ("ids", "distances", "documents", "metadatas")}
+
+
+def log_results(message: Message, result: Any) -> None:
+    """The default sink: one JSON log line per message."""
+    log.info("query result", extra={"message_id": message.message_id, "result": result})
+
+
+class QueryHandler:
+    """The handler object; build it once per container (cold start)."""
+
+    def __init__(self, config: LambdaConfig, *, store: SnapshotStore | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.store)
+        self.process = (
+            load_callable(config.processor, "processor") if config.processor else default_query
+        )
+        self.sink = load_callable(config.sink, "sink") if config.sink else log_results
+        setup_logging()
+
+    @classmethod
+    def from_env(cls) -> QueryHandler:
+        return cls(LambdaConfig.from_env())
+
+    def __call__(self, event: Any, context: LambdaContext) -> dict[str, Any]:
+        t0 = time.monotonic()
+        fields: dict[str, Any] = {}
+
+        def work(
+            messages: list[Message], deadline: Deadline
+        ) -> Iterator[tuple[str, Exception | None]]:
+            with ExitStack() as stack:
+                try:
+                    opened = open_checkout(self.store, self.config.name, deadline=deadline)
+                    client, snap = stack.enter_context(opened)
+                except Exception as e:  # no snapshot: every message fails and is retried
+                    yield from ((m.message_id, e) for m in messages)
+                    return
+                fields.update(
+                    version=snap.info.version,
+                    source=snap.source,
+                    stale=snap.stale,
+                    bytes_downloaded=snap.stats.bytes_downloaded,
+                    requests=snap.stats.requests,
+                )
+                for m in messages:
+                    if deadline.expired():
+                        return
+                    try:
+                        self.sink(m, self.process(client, m.body))
+                        yield m.message_id, None
+                    except Exception as e:  # one bad message never fails the batch
+                        yield m.message_id, e
+
+        outcome = run_batch(event, context, self.config.reserve, work)
+        fields["seconds"] = round(time.monotonic() - t0, 4)
+        return finish(self.config, outcome, context, "query", fields, self._sqs)
+
+    def _sqs(self) -> Any:
+        import boto3
+
+        return boto3.client("sqs")
+
+
+def __getattr__(name: str) -> Any:
+    # Lambda resolves "chroma_snapshots.aws_lambda.query.handler" during init: the handler is
+    # built then, so a bad configuration fails the cold start, not each message.
+    if name == "handler":
+        globals()["handler"] = QueryHandler.from_env()
+        return globals()["handler"]
+    raise AttributeError(name)
