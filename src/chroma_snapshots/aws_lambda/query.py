@@ -1,8 +1,9 @@
 """The query (reader) handler: nearest neighbours for SQS messages, from the latest snapshot.
 
-Each invocation opens the latest version once through the /tmp cache (a warm container
-pays one small request), runs every message through the processing function, and hands
-each result to the sink. Message body::
+The client on the latest version is opened through the /tmp cache and kept open across
+warm invocations (each pays one small request: the ref); a new version is checked out
+incrementally and the old client closed. Every message runs through the processing
+function, and each result goes to the sink. Message body::
 
     {"collection": "receipts", "query_embeddings": [[...]] | "ids": ["..."],
      "n_results": 10, "where": {...}}
@@ -13,13 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
+from ..cache import CachedStore
 from ..chroma import open_checkout
 from ..config import LambdaConfig, open_store
 from ..deadline import Deadline, LambdaContext
 from ..errors import InvalidInputError
-from ..store import SnapshotStore
+from ..models import TransferStats
+from ..store import LocalSnapshot, SnapshotStore
 from .batch import Message, log, run_batch
 from .common import finish, load_callable, setup_logging
 
@@ -68,6 +72,7 @@ class QueryHandler:
             load_callable(config.processor, "processor") if config.processor else default_query
         )
         self.sink = load_callable(config.sink, "sink") if config.sink else log_results
+        self._open: tuple[str, Any, LocalSnapshot, ExitStack] | None = None
         setup_logging()
 
     @classmethod
@@ -81,32 +86,59 @@ class QueryHandler:
         def work(
             messages: list[Message], deadline: Deadline
         ) -> Iterator[tuple[str, Exception | None]]:
-            with ExitStack() as stack:
-                try:
-                    opened = open_checkout(self.store, self.config.name, deadline=deadline)
-                    client, snap = stack.enter_context(opened)
-                except Exception as e:  # no snapshot: every message fails and is retried
-                    yield from ((m.message_id, e) for m in messages)
+            try:
+                client, snap = self._client(deadline)
+            except Exception as e:  # no snapshot: every message fails and is retried
+                yield from ((m.message_id, e) for m in messages)
+                return
+            fields.update(
+                version=snap.info.version,
+                source=snap.source,
+                stale=snap.stale,
+                bytes_downloaded=snap.stats.bytes_downloaded,
+                requests=snap.stats.requests,
+            )
+            for m in messages:
+                if deadline.expired():
                     return
-                fields.update(
-                    version=snap.info.version,
-                    source=snap.source,
-                    stale=snap.stale,
-                    bytes_downloaded=snap.stats.bytes_downloaded,
-                    requests=snap.stats.requests,
-                )
-                for m in messages:
-                    if deadline.expired():
-                        return
-                    try:
-                        self.sink(m, self.process(client, m.body))
-                        yield m.message_id, None
-                    except Exception as e:  # one bad message never fails the batch
-                        yield m.message_id, e
+                try:
+                    self.sink(m, self.process(client, m.body))
+                    yield m.message_id, None
+                except Exception as e:  # one bad message never fails the batch
+                    yield m.message_id, e
 
         outcome = run_batch(event, context, self.config.reserve, work)
         fields["seconds"] = round(time.monotonic() - t0, 4)
         return finish(self.config, outcome, context, "query", fields, self._sqs)
+
+    def _client(self, deadline: Deadline) -> tuple[Any, LocalSnapshot]:
+        """The client on the latest version, kept open across warm invocations.
+
+        Chroma writes to a database it opens (it replays its write-ahead log into the
+        vector index and persists it on close, even for reads), so reopening per request
+        would both pay the replay every time and dirty the cached copy. One small request
+        (the ref) tells whether the open client is still on the latest version.
+        """
+        version, stale = None, False
+        if isinstance(self.store, CachedStore):
+            version, stale = self.store.current_version(self.config.name, deadline=deadline)
+        if self._open is not None and version is not None and self._open[0] == version:
+            snap = self._open[2]
+            warm = replace(snap, stats=TransferStats(requests=1), stale=stale, source="cache")
+            return self._open[1], warm
+        self.close()
+        stack = ExitStack()
+        client, snap = stack.enter_context(
+            open_checkout(self.store, self.config.name, version or "latest", deadline=deadline)
+        )
+        self._open = (snap.info.version, client, snap, stack)
+        return client, snap
+
+    def close(self) -> None:
+        """Close the open client (a new version, or the end of the container)."""
+        if self._open is not None:
+            self._open[3].close()
+            self._open = None
 
     def _sqs(self) -> Any:
         import boto3

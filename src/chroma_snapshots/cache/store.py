@@ -136,6 +136,14 @@ class CachedStore(DelegatingStore):
             _release=lambda: pin.unlink(missing_ok=True),
         )
 
+    def current_version(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[str, bool]:
+        """The version ``ref`` names, with one small request (the ref), and whether it is a
+        stale answer from the cache (``stale_ok`` and the store did not answer)."""
+        dl = as_deadline(deadline, self.inner.default_timeout)
+        return self._current_version(name, ref, dl, StatsRecorder())
+
     def _current_version(
         self, name: str, ref: str, dl: Deadline, stats: StatsRecorder
     ) -> tuple[str, bool]:

@@ -1,0 +1,215 @@
+"""The bundled Lambda handlers against moto's HTTP server and a real chroma snapshot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lambda_plugins
+import pytest
+from chroma_helpers import build
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.aws_lambda.compactor import CompactionHandler
+from chroma_snapshots.aws_lambda.query import QueryHandler
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.chroma import open_client, publish_client
+from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.proxy import CountingProxy
+
+DIM = 8
+
+
+class FakeContext:
+    def __init__(self, seconds: float) -> None:
+        self.aws_request_id = uuid.uuid4().hex
+        self._end = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._end - time.monotonic()) * 1000)
+
+
+def sqs_event(*bodies: Any) -> dict[str, Any]:
+    recs = []
+    for i, body in enumerate(bodies):
+        raw = body if isinstance(body, str) else json.dumps(body)
+        recs.append(
+            {
+                "messageId": f"m{i}",
+                "receiptHandle": f"rh{i}",
+                "body": raw,
+                "attributes": {"ApproximateReceiveCount": "1"},
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:queries",
+            }
+        )
+    return {"Records": recs}
+
+
+def failures(response: dict[str, Any]) -> set[str]:
+    return {f["itemIdentifier"] for f in response["batchItemFailures"]}
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
+    with CountingProxy(moto_server.endpoint_url) as p:
+        yield p
+
+
+@pytest.fixture
+def env(proxy: CountingProxy, s3_bucket: str, tmp_path: Path) -> dict[str, str]:
+    store = RemoteStore(S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url)))
+    publish_client(store, "db", build(tmp_path / "db", {"receipts": 200}, dim=DIM))
+    return {
+        "CHROMA_SNAPSHOTS_URL": f"s3://{s3_bucket}/snaps",
+        "AWS_ENDPOINT_URL_S3": proxy.url,
+        "CHROMA_SNAPSHOTS_NAME": "db",
+        "CHROMA_SNAPSHOTS_CACHE_DIR": str(tmp_path / "cache"),
+        "CHROMA_SNAPSHOTS_SINK": "lambda_plugins:collect",
+        "CHROMA_SNAPSHOTS_RESERVE_SECONDS": "1",
+    }
+
+
+def test_only_bad_messages_fail(env: dict[str, str]) -> None:
+    handler = QueryHandler(LambdaConfig.from_env(env))
+    lambda_plugins.RESULTS.clear()
+    event = sqs_event(
+        {"collection": "receipts", "query_embeddings": [[0.5] * DIM], "n_results": 3},
+        "{not json",
+        {"query_embeddings": [[0.5] * DIM]},  # no collection
+        {"collection": "receipts", "ids": ["receipts-7"], "n_results": 1},
+        {"collection": "no-such-collection", "query_embeddings": [[0.5] * DIM]},
+        {"collection": "receipts", "query_embeddings": [[0.5] * DIM], "n_results": 0},
+    )
+    response = handler(event, FakeContext(30))
+    assert failures(response) == {"m1", "m2", "m4", "m5"}
+    assert set(lambda_plugins.RESULTS) == {"m0", "m3"}
+    assert len(lambda_plugins.RESULTS["m0"]["ids"][0]) == 3
+    assert lambda_plugins.RESULTS["m3"]["ids"][0] == ["receipts-7"]  # nearest to itself
+
+
+def test_near_the_deadline_nothing_is_dropped(env: dict[str, str]) -> None:
+    handler = QueryHandler(
+        LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_PROCESSOR": "lambda_plugins:slow_query"})
+    )
+    lambda_plugins.RESULTS.clear()
+    query = {"collection": "receipts", "query_embeddings": [[0.1] * DIM]}
+    handler(sqs_event(query), FakeContext(30))  # warm the cache first
+    lambda_plugins.RESULTS.clear()
+    t = time.monotonic()
+    response = handler(sqs_event(*[query] * 8), FakeContext(2.5))  # 1.5 s of work after the reserve
+    assert time.monotonic() - t < 2.5
+    done, failed = set(lambda_plugins.RESULTS), failures(response)
+    assert done  # some processed...
+    assert failed  # ...the rest reported for a retry
+    assert done | failed == {f"m{i}" for i in range(8)}
+    assert not done & failed
+
+
+def test_second_invocation_is_warm(env: dict[str, str], proxy: CountingProxy) -> None:
+    handler = QueryHandler(LambdaConfig.from_env(env))
+    event = sqs_event({"collection": "receipts", "query_embeddings": [[0.5] * DIM]})
+    assert failures(handler(event, FakeContext(30))) == set()
+    proxy.reset()
+    assert failures(handler(event, FakeContext(30))) == set()
+    seen = proxy.reset()
+    assert len(seen) <= 1
+    assert not [r for r in seen if "/packs/" in r.path or "/manifests/" in r.path]
+
+
+def test_compaction_handler(env: dict[str, str]) -> None:
+    handler = CompactionHandler(LambdaConfig.from_env(env))
+    delta = {
+        "id": "batch-1",
+        "collection": "receipts",
+        "upserts": [{"id": "new-1", "embedding": [0.5] * DIM, "document": "new"}],
+        "deletes": ["receipts-0"],
+    }
+    event = sqs_event(
+        delta, {"id": "batch-2", "collection": "receipts", "upserts": [{"id": "x"}]}, "[]"
+    )
+    assert failures(handler(event, FakeContext(60))) == {"m1", "m2"}
+    with open_client(handler.store, "db") as client:
+        col = client.get_collection("receipts")
+        assert col.count() == 200
+        assert col.get(ids=["new-1", "receipts-0"])["ids"] == ["new-1"]
+    version = handler.store.resolve("db").version
+    assert failures(handler(sqs_event(delta), FakeContext(60))) == set()  # redelivery: no-op
+    assert handler.store.resolve("db").version == version
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"CHROMA_SNAPSHOTS_NAME": ""}, "CHROMA_SNAPSHOTS_NAME"),
+        ({"CHROMA_SNAPSHOTS_PROCESSOR": "no_such_module:fn"}, "processor"),
+        ({"CHROMADB_STORAGE_MODE": "auto", "CHROMA_SNAPSHOTS_URL": ""}, "CHROMA_ROOT"),
+    ],
+)
+def test_bad_configuration_fails_the_cold_start(
+    env: dict[str, str], extra: dict[str, str], needle: str
+) -> None:
+    bad = {**os.environ, **env, **extra}
+    out = subprocess.run(
+        [sys.executable, "-c", "import chroma_snapshots.aws_lambda.query as q; q.handler"],
+        env=bad,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "ConfigError" in out.stderr
+    assert needle in out.stderr
+
+
+def test_auto_mode_serves_from_s3_when_efs_hangs(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    from chroma_snapshots.testing.faultfs import FaultyMount
+
+    if not os.path.exists("/dev/fuse"):
+        if os.environ.get("CI"):
+            pytest.fail("FUSE is required in CI")
+        pytest.skip("no FUSE on this machine")
+    (tmp_path / "backing").mkdir()
+    with FaultyMount(tmp_path / "backing", tmp_path / "mnt", state_dir=tmp_path) as mnt:
+        env = {
+            "CHROMADB_STORAGE_MODE": "auto",
+            "CHROMA_ROOT": str(mnt.mountpoint),
+            "CHROMADB_BUCKET": s3_bucket,
+            "CHROMA_SNAPSHOTS_MIRROR": "true",
+            "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url,
+            "CHROMA_SNAPSHOTS_EFS_TIMEOUT": "2",
+            "CHROMA_SNAPSHOTS_NAME": "db",
+            "CHROMA_SNAPSHOTS_CACHE_DIR": str(tmp_path / "cache"),
+            "CHROMA_SNAPSHOTS_SINK": "lambda_plugins:collect",
+        }
+        handler = QueryHandler(LambdaConfig.from_env(env))
+        publish_client(handler.store, "db", build(tmp_path / "db", {"receipts": 50}, dim=DIM))
+        records: list[logging.LogRecord] = []
+
+        class Capture(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        capture = Capture()
+        logging.getLogger("chroma_snapshots.aws_lambda").addHandler(capture)
+        mnt.set_mode("hang")
+        t = time.monotonic()
+        response = handler(
+            sqs_event({"collection": "receipts", "query_embeddings": [[0.5] * DIM]}),
+            FakeContext(15),
+        )
+        assert time.monotonic() - t < 14
+        assert failures(response) == set()
+        summary = [r for r in records if getattr(r, "source", None)]
+        assert summary[-1].source == f"s3://{s3_bucket}"  # type: ignore[attr-defined]
+        logging.getLogger("chroma_snapshots.aws_lambda").removeHandler(capture)
