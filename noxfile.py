@@ -32,6 +32,14 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def infra(session: nox.Session) -> None:
+    """The Pulumi example's offline tests (mocks; no cloud, no pulumi CLI), in their own venv."""
+    session.install("-e", ".", "-c", "constraints.txt")
+    session.install("-r", "examples/infra/requirements.txt", "pytest", "-c", "constraints.txt")
+    session.run("pytest", "-q", "examples/infra/tests", "-p", "no:cacheprovider")
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The README's demo."""
     session.install("-e", ".[demo]")

@@ -180,8 +180,11 @@ class DynamoDBLeaseLock(LeaseLock):
             raise LockError(f"DynamoDB {op} on {self.table}: {type(e).__name__}") from e
 
     def _item(self, lease: Lease) -> dict[str, Any]:
+        # "ttl" lets DynamoDB drop a lock nobody touched for a week (the table's TTL attribute)
+        ttl = int(max(lease.expires_at, self._clock())) + 7 * 86400
         return {
             "lock_id": {"S": self.lock_id},
+            "ttl": {"N": str(ttl)},
             "owner": {"S": lease.owner},
             "generation": {"N": str(lease.generation)},
             "expires_at": {"N": repr(lease.expires_at)},
