@@ -213,3 +213,18 @@ def test_auto_mode_serves_from_s3_when_efs_hangs(
         summary = [r for r in records if getattr(r, "source", None)]
         assert summary[-1].source == f"s3://{s3_bucket}"  # type: ignore[attr-defined]
         logging.getLogger("chroma_snapshots.aws_lambda").removeHandler(capture)
+
+
+def test_embedded_metric_format(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    handler = QueryHandler(
+        LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_METRICS_NAMESPACE": "Chroma"})
+    )
+    handler(
+        sqs_event({"collection": "receipts", "query_embeddings": [[0.5] * DIM]}, "oops"),
+        FakeContext(30),
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    emf = [x for x in lines if "_aws" in x]
+    assert len(emf) == 1
+    assert emf[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Chroma"
+    assert (emf[0]["Processed"], emf[0]["Failed"], emf[0]["Snapshot"]) == (1, 1, "db")
