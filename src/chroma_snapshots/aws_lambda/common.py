@@ -5,13 +5,18 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from ..config import LambdaConfig
-from ..deadline import LambdaContext
+from ..deadline import Deadline, LambdaContext
 from ..errors import ConfigError
-from .batch import BatchOutcome, JsonFormatter, emf, log, release
+from .batch import BatchOutcome, JsonFormatter, Message, emf, log, release, run_batch
+
+H = TypeVar("H", bound="SqsHandler")
+Results = Iterator[tuple[str, Exception | None]]
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
@@ -70,3 +75,37 @@ def finish(
             )
         )
     return outcome.response()
+
+
+class SqsHandler(ABC):
+    """An SQS-batch Lambda handler: subclasses say how to process the good messages."""
+
+    kind = "sqs"
+
+    def __init__(self, config: LambdaConfig) -> None:
+        self.config = config
+        setup_logging()
+
+    @classmethod
+    def from_env(cls: type[H]) -> H:
+        """Build from the environment (Lambda's init phase: bad config fails the cold start)."""
+        return cls(LambdaConfig.from_env())
+
+    @abstractmethod
+    def work(self, messages: list[Message], deadline: Deadline, fields: dict[str, Any]) -> Results:
+        """Process ``messages`` in order, yielding ``(message_id, error_or_None)``; put what the
+        summary log line should show into ``fields``."""
+
+    def __call__(self, event: Any, context: LambdaContext) -> dict[str, Any]:
+        t0 = time.monotonic()
+        fields: dict[str, Any] = {}
+        outcome = run_batch(
+            event, context, self.config.reserve, lambda msgs, dl: self.work(msgs, dl, fields)
+        )
+        fields["seconds"] = round(time.monotonic() - t0, 4)
+        return finish(self.config, outcome, context, self.kind, fields, self._sqs)
+
+    def _sqs(self) -> Any:
+        import boto3
+
+        return boto3.client("sqs")

@@ -8,17 +8,15 @@ the batch's deltas are reported as failures and come back.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from ..compaction import Delta, compact
 from ..config import LambdaConfig, open_store, remote_for
-from ..deadline import Deadline, LambdaContext
+from ..deadline import Deadline
 from ..locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
 from ..store import SnapshotStore
-from .batch import Message, run_batch
-from .common import finish, setup_logging
+from .batch import Message
+from .common import Results, SqsHandler
 
 
 def lock_from_config(config: LambdaConfig) -> LeaseLock | None:
@@ -33,8 +31,10 @@ def lock_from_config(config: LambdaConfig) -> LeaseLock | None:
     return None
 
 
-class CompactionHandler:
+class CompactionHandler(SqsHandler):
     """The handler object; build it once per container (cold start)."""
+
+    kind = "compaction"
 
     def __init__(
         self,
@@ -43,57 +43,37 @@ class CompactionHandler:
         store: SnapshotStore | None = None,
         lock: LeaseLock | None = None,
     ) -> None:
-        self.config = config
+        super().__init__(config)
         self.store = store or open_store(config.store)
         self.lock = lock if lock is not None else lock_from_config(config)
-        setup_logging()
 
-    @classmethod
-    def from_env(cls) -> CompactionHandler:
-        return cls(LambdaConfig.from_env())
-
-    def __call__(self, event: Any, context: LambdaContext) -> dict[str, Any]:
-        t0 = time.monotonic()
-        fields: dict[str, Any] = {}
-
-        def work(
-            messages: list[Message], deadline: Deadline
-        ) -> Iterator[tuple[str, Exception | None]]:
-            deltas: list[tuple[str, Delta]] = []
-            for m in messages:
-                try:
-                    deltas.append((m.message_id, Delta.from_obj(m.body)))
-                except Exception as e:  # poison: fails alone
-                    yield m.message_id, e
-            if not deltas:
-                return
+    def work(self, messages: list[Message], deadline: Deadline, fields: dict[str, Any]) -> Results:
+        deltas: list[tuple[str, Delta]] = []
+        for m in messages:
             try:
-                result = compact(
-                    self.store,
-                    self.config.name,
-                    [d for _, d in deltas],
-                    lock=self.lock,
-                    deadline=deadline,
-                )
-            except Exception as e:
-                yield from ((mid, e) for mid, _ in deltas)
-                return
-            fields.update(
-                version=result.info.version if result.info else None,
-                applied=list(result.applied),
-                skipped=list(result.skipped),
-                attempts=result.attempts,
+                deltas.append((m.message_id, Delta.from_obj(m.body)))
+            except Exception as e:  # poison: fails alone
+                yield m.message_id, e
+        if not deltas:
+            return
+        try:
+            result = compact(
+                self.store,
+                self.config.name,
+                [d for _, d in deltas],
+                lock=self.lock,
+                deadline=deadline,
             )
-            yield from ((mid, None) for mid, _ in deltas)
-
-        outcome = run_batch(event, context, self.config.reserve, work)
-        fields["seconds"] = round(time.monotonic() - t0, 4)
-        return finish(self.config, outcome, context, "compaction", fields, self._sqs)
-
-    def _sqs(self) -> Any:
-        import boto3
-
-        return boto3.client("sqs")
+        except Exception as e:  # the whole batch comes back for a retry
+            yield from ((mid, e) for mid, _ in deltas)
+            return
+        fields.update(
+            version=result.info.version if result.info else None,
+            applied=list(result.applied),
+            skipped=list(result.skipped),
+            attempts=result.attempts,
+        )
+        yield from ((mid, None) for mid, _ in deltas)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,8 +11,6 @@ function, and each result goes to the sink. Message body::
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -20,12 +18,12 @@ from typing import Any
 from ..cache import CachedStore
 from ..chroma import open_checkout
 from ..config import LambdaConfig, open_store
-from ..deadline import Deadline, LambdaContext
+from ..deadline import Deadline
 from ..errors import InvalidInputError
 from ..models import TransferStats
 from ..store import LocalSnapshot, SnapshotStore
-from .batch import Message, log, run_batch
-from .common import finish, load_callable, setup_logging
+from .batch import Message, log
+from .common import Results, SqsHandler, load_callable
 
 
 def default_query(client: Any, body: Any) -> dict[str, Any]:
@@ -62,54 +60,41 @@ def log_results(message: Message, result: Any) -> None:
     log.info("query result", extra={"message_id": message.message_id, "result": result})
 
 
-class QueryHandler:
+class QueryHandler(SqsHandler):
     """The handler object; build it once per container (cold start)."""
 
+    kind = "query"
+
     def __init__(self, config: LambdaConfig, *, store: SnapshotStore | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self.store = store or open_store(config.store)
         self.process = (
             load_callable(config.processor, "processor") if config.processor else default_query
         )
         self.sink = load_callable(config.sink, "sink") if config.sink else log_results
         self._open: tuple[str, Any, LocalSnapshot, ExitStack] | None = None
-        setup_logging()
 
-    @classmethod
-    def from_env(cls) -> QueryHandler:
-        return cls(LambdaConfig.from_env())
-
-    def __call__(self, event: Any, context: LambdaContext) -> dict[str, Any]:
-        t0 = time.monotonic()
-        fields: dict[str, Any] = {}
-
-        def work(
-            messages: list[Message], deadline: Deadline
-        ) -> Iterator[tuple[str, Exception | None]]:
-            try:
-                client, snap = self._client(deadline)
-            except Exception as e:  # no snapshot: every message fails and is retried
-                yield from ((m.message_id, e) for m in messages)
+    def work(self, messages: list[Message], deadline: Deadline, fields: dict[str, Any]) -> Results:
+        try:
+            client, snap = self._client(deadline)
+        except Exception as e:  # no snapshot: every message fails and is retried
+            yield from ((m.message_id, e) for m in messages)
+            return
+        fields.update(
+            version=snap.info.version,
+            source=snap.source,
+            stale=snap.stale,
+            bytes_downloaded=snap.stats.bytes_downloaded,
+            requests=snap.stats.requests,
+        )
+        for m in messages:
+            if deadline.expired():
                 return
-            fields.update(
-                version=snap.info.version,
-                source=snap.source,
-                stale=snap.stale,
-                bytes_downloaded=snap.stats.bytes_downloaded,
-                requests=snap.stats.requests,
-            )
-            for m in messages:
-                if deadline.expired():
-                    return
-                try:
-                    self.sink(m, self.process(client, m.body))
-                    yield m.message_id, None
-                except Exception as e:  # one bad message never fails the batch
-                    yield m.message_id, e
-
-        outcome = run_batch(event, context, self.config.reserve, work)
-        fields["seconds"] = round(time.monotonic() - t0, 4)
-        return finish(self.config, outcome, context, "query", fields, self._sqs)
+            try:
+                self.sink(m, self.process(client, m.body))
+                yield m.message_id, None
+            except Exception as e:  # one bad message never fails the batch
+                yield m.message_id, e
 
     def _client(self, deadline: Deadline) -> tuple[Any, LocalSnapshot]:
         """The client on the latest version, kept open across warm invocations.
@@ -139,11 +124,6 @@ class QueryHandler:
         if self._open is not None:
             self._open[3].close()
             self._open = None
-
-    def _sqs(self) -> Any:
-        import boto3
-
-        return boto3.client("sqs")
 
 
 def __getattr__(name: str) -> Any:
