@@ -72,10 +72,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _store(ctx: click.Context) -> Any:
+def store_of(ctx: click.Context, *, remote: bool = False) -> Any:
+    """The store the options and environment name (``remote``: without the cache layer)."""
+    from .cache import CachedStore
     from .config import open_store
 
-    return open_store(ctx.obj["store_url"], cache_dir=ctx.obj["cache_dir"])
+    store = open_store(ctx.obj["store_url"], cache_dir=ctx.obj["cache_dir"])
+    return store.inner if remote and isinstance(store, CachedStore) else store
 
 
 def _cached(ctx: click.Context) -> Any:
@@ -171,7 +174,7 @@ def _build() -> click.Group:
         from .store import ANY, LATEST, Expected
 
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
-        info = _store(ctx).publish(
+        info = store_of(ctx).publish(
             name, directory, expected=exp, message=message, progress=_progress("publish")
         )
         s = info.stats
@@ -196,7 +199,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def checkout(ctx: click.Context, name: str, ref: str, dest: str | None, as_json: bool) -> None:
-        snap = _store(ctx).checkout(name, ref, dest, progress=_progress("checkout"))
+        snap = store_of(ctx).checkout(name, ref, dest, progress=_progress("checkout"))
         s = snap.stats
         emit(
             {"path": snap.path, "info": snap.info, "stats": s},
@@ -210,7 +213,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def ls(ctx: click.Context, name: str | None, as_json: bool) -> None:
-        store = _store(ctx)
+        store = store_of(ctx)
         if name is None:
             names = list(store.names())
             emit(names, as_json, "\n".join(names))
@@ -238,7 +241,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def info(ctx: click.Context, name: str, ref: str, chroma_view: bool, as_json: bool) -> None:
-        store = _store(ctx)
+        store = store_of(ctx)
         if chroma_view:
             _chroma_info(store, name, ref, as_json)
             return
@@ -343,6 +346,9 @@ def _build() -> click.Group:
 
         run_demo(size_mb=size_mb, echo=click.echo)
 
+    from .cli_admin import register
+
+    register(cli)
     return cli
 
 

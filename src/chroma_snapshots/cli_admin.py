@@ -1,0 +1,156 @@
+"""Operator commands of the CLI: diff, verify, tag, rollback, prune, sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .cli import emit, human_bytes, store_of
+from .errors import IntegrityError
+from .models import Manifest
+from .store import ANY, Expected
+
+
+def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
+    """Files added, removed and changed between two manifests, and the bytes of new chunks."""
+    a, b = {f.path: f for f in old.files}, {f.path: f for f in new.files}
+    changed = sorted(
+        p for p in set(a) & set(b) if a[p].chunks != b[p].chunks or a[p].mode != b[p].mode
+    )
+    fresh = set(new.chunks) - set(old.chunks)
+    return {
+        "added": sorted(set(b) - set(a)),
+        "removed": sorted(set(a) - set(b)),
+        "changed": changed,
+        "new_chunks": len(fresh),
+        "new_chunk_bytes": sum(new.chunks[h].size for h in fresh),
+        "new_stored_bytes": sum(new.chunks[h].length for h in fresh),
+    }
+
+
+def register(cli: click.Group) -> None:
+    """Add the operator commands to ``cli``."""
+    json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+    @cli.command(
+        help="Files and chunks that differ between versions A and B of NAME.\n\n"
+        "Example: chroma-snapshots diff receipts stable latest"
+    )
+    @click.argument("name")
+    @click.argument("a")
+    @click.argument("b", default="latest")
+    @json_opt
+    @click.pass_context
+    def diff(ctx: click.Context, name: str, a: str, b: str, as_json: bool) -> None:
+        source = store_of(ctx, remote=True)
+        old, new = (source.load_manifest(name, source.resolve(name, r).version) for r in (a, b))
+        d = diff_manifests(old, new)
+        emit(
+            d,
+            as_json,
+            "\n".join(
+                [f"+ {p}" for p in d["added"]]
+                + [f"- {p}" for p in d["removed"]]
+                + [f"~ {p}" for p in d["changed"]]
+                + [
+                    f"{d['new_chunks']} new chunks, {human_bytes(d['new_chunk_bytes'])} "
+                    f"({human_bytes(d['new_stored_bytes'])} stored)"
+                ]
+            ),
+        )
+
+    @cli.command(help="Download and check every pack and chunk of a version (exit 5 if damaged).")
+    @click.argument("name")
+    @click.argument("ref", default="latest")
+    @json_opt
+    @click.pass_context
+    def verify(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
+        store = store_of(ctx)
+        report = store.verify(name, store.resolve(name, ref).version)
+        emit(
+            report,
+            as_json,
+            f"{report.version}: {report.packs_checked} packs, "
+            f"{report.chunks_checked} chunks, {human_bytes(report.bytes_checked)}: "
+            + ("ok" if report.ok else "; ".join(report.problems)),
+        )
+        if not report.ok:
+            raise IntegrityError(f"{name} {report.version} is damaged")
+
+    @cli.command(
+        help="Point TAG at the version REF names (compare-and-swap: the tag must be new "
+        "unless --move)."
+    )
+    @click.argument("name")
+    @click.argument("tag")
+    @click.argument("ref", default="latest")
+    @click.option("--move", is_flag=True, help="Move an existing tag.")
+    @click.pass_context
+    def tag(ctx: click.Context, name: str, tag: str, ref: str, move: bool) -> None:
+        store = store_of(ctx)
+        version = store.resolve(name, ref).version
+        expected: Expected = store.refs(name).get(tag) if move else None
+        store.set_ref(name, tag, version, expected=expected)
+        click.echo(f"{name}/{tag} -> {version}")
+
+    @cli.command(help="Point latest back at VERSION (or a tag), if latest has not moved meanwhile.")
+    @click.argument("name")
+    @click.argument("ref")
+    @click.pass_context
+    def rollback(ctx: click.Context, name: str, ref: str) -> None:
+        store = store_of(ctx)
+        current = store.resolve(name).version
+        target = store.resolve(name, ref).version
+        store.set_ref(name, "latest", target, expected=current)
+        click.echo(f"{name}/latest: {current} -> {target}")
+
+    @cli.command(
+        help="Delete old unreferenced versions and unused packs (a dry run unless --apply)."
+    )
+    @click.argument("name")
+    @click.option("--keep-last", default=10, show_default=True)
+    @click.option("--min-age", default=3600.0, show_default=True, help="Grace period in seconds.")
+    @click.option("--apply", "really", is_flag=True, help="Delete; without it only report.")
+    @json_opt
+    @click.pass_context
+    def prune(
+        ctx: click.Context, name: str, keep_last: int, min_age: float, really: bool, as_json: bool
+    ) -> None:
+        report = store_of(ctx).prune(name, keep_last=keep_last, min_age=min_age, dry_run=not really)
+        verb = "would delete" if report.dry_run else "deleted"
+        emit(
+            report,
+            as_json,
+            f"{verb} {len(report.deleted_versions)} versions and "
+            f"{len(report.deleted_packs)} packs ({human_bytes(report.freed_bytes)}); "
+            f"kept {len(report.kept_versions)}",
+        )
+
+    @cli.command(
+        help="Copy versions and refs from store SRC to store DST, moving only missing "
+        "packs.\n\nExample: chroma-snapshots sync s3://bkt/snaps efs:///mnt/chroma/store"
+    )
+    @click.argument("src")
+    @click.argument("dst")
+    @click.argument("names", nargs=-1)
+    @click.option("--all-versions", is_flag=True, help="Every version, not just what refs name.")
+    @json_opt
+    def sync(src: str, dst: str, names: tuple[str, ...], all_versions: bool, as_json: bool) -> None:
+        from .config import open_remote
+        from .sync import sync_version
+
+        s, d = open_remote(src), open_remote(dst)
+        copied: dict[str, int] = {}
+        for name in names or tuple(s.names()):
+            refs = s.refs(name)
+            wanted = (
+                [v.version for v in s.versions(name)]
+                if all_versions
+                else sorted(set(refs.values()))
+            )
+            for version in wanted:
+                copied[f"{name}/{version}"] = sync_version(s, d, name, version, ref=None)
+            for ref, version in refs.items():
+                d.set_ref(name, ref, version, expected=ANY)
+        emit(copied, as_json, "\n".join(f"{k}: {human_bytes(v)} copied" for k, v in copied.items()))
