@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -27,6 +27,7 @@ ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
 ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
 ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
 ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
+ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"
 ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
 ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
@@ -42,6 +43,7 @@ class StoreConfig:
     efs_timeout: float = 10.0
     fallback_url: str | None = None
     mirror: bool = False
+    signing_keys: str | None = field(default=None, repr=False)  # secrets: never in a repr
     cache_dir: str | None = None
     cache_max_bytes: int | None = None
     s3_endpoint_url: str | None = None
@@ -55,6 +57,7 @@ class StoreConfig:
             url=url,
             fallback_url=fallback,
             mirror=_flag(env, ENV_MIRROR),
+            signing_keys=_signing(env),
             s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
             efs_timeout=_seconds(env, ENV_EFS_TIMEOUT, 10.0),
             cache_dir=_cache_dir(env),
@@ -97,6 +100,15 @@ def _efs_url(env: Mapping[str, str], mode: str) -> str:
     if not root.startswith("/"):
         raise ConfigError(f"{ENV_MODE}={mode} needs {ENV_ROOT} set to the mount's absolute path")
     return f"efs://{root}"
+
+
+def _signing(env: Mapping[str, str]) -> str | None:
+    from .signing import Signer
+
+    raw = env.get(ENV_SIGNING, "").strip()
+    if raw:
+        Signer.from_spec(raw, ENV_SIGNING)  # validate now: a bad key fails at start-up
+    return raw or None
 
 
 def _flag(env: Mapping[str, str], var: str) -> bool:
@@ -168,8 +180,11 @@ def remote_for(cfg: StoreConfig, url: str) -> RemoteStore:
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
+    from .signing import Signer
+
     backend = open_backend(url, s3_settings=settings, efs_timeout=cfg.efs_timeout)
-    return RemoteStore(backend, label=url)
+    signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
+    return RemoteStore(backend, label=url, signer=signer)
 
 
 def open_store(

@@ -102,7 +102,8 @@ def prune(
     ]
     if not dry_run:
         # manifests first: a crash in between leaves unreferenced packs, never a broken version
-        backend.delete_many([manifest_key(name, v) for v in drop])
+        keys = [manifest_key(name, v) for v in drop]
+        backend.delete_many(keys + [k + ".sig" for k in keys])
         backend.delete_many([m.key for m in dead])
     return PruneReport(
         name,

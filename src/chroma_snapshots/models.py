@@ -8,6 +8,7 @@ integers for sizes) makes a manifest's bytes, and so its version id, stable.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -260,13 +261,16 @@ def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int
 
 @dataclass(frozen=True)
 class RefValue:
-    """What a ref points at; ``generation`` grows by one on every update."""
+    """What a ref points at; ``generation`` grows by one on every update. ``signature``
+    (when the store signs) covers :meth:`signed_bytes`."""
 
     version: str
     generation: int
     updated_at: datetime
+    signature: str | None = None
 
-    def to_json(self) -> bytes:
+    def signed_bytes(self) -> bytes:
+        """The canonical JSON of everything but the signature."""
         return canonical_json(
             {
                 "format": FORMAT_VERSION,
@@ -276,21 +280,31 @@ class RefValue:
             }
         )
 
+    def to_json(self) -> bytes:
+        if self.signature is None:
+            return self.signed_bytes()
+        body = json.loads(self.signed_bytes())
+        return canonical_json({**body, "signature": self.signature})
+
     @classmethod
     def from_json(cls, data: bytes) -> RefValue:
         """Parse and validate ref bytes; IntegrityError on anything unexpected."""
-        o = val.as_obj(
-            val.loads_json(data, "ref"), "ref", {"format", "version", "generation", "updated_at"}
-        )
+        raw = val.loads_json(data, "ref")
+        keys = {"format", "version", "generation", "updated_at"}
+        if isinstance(raw, dict) and "signature" in raw:
+            keys.add("signature")
+        o = val.as_obj(raw, "ref", keys)
         if o["format"] != FORMAT_VERSION:
             raise IntegrityError(f"ref format {o['format']!r} is not supported")
         v = o["version"]
         if not isinstance(v, str) or not VersionId.is_version(v):
             raise IntegrityError(f"ref points at an invalid version {v!r}")
+        sig = o.get("signature")
         return cls(
             v,
             val.as_int(o["generation"], "generation", 1, 1 << 62),
             parse_time(o["updated_at"], "updated_at"),
+            None if sig is None else val.as_str(sig, "signature"),
         )
 
 

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from .errors import (
     StorageTimeoutError,
 )
 from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, VersionId
+from .signing import Signer
 from .store import (
     ANY,
     LATEST,
@@ -93,9 +95,11 @@ class RemoteStore(SourceStore):
         workers: int = 16,
         default_timeout: float = 600.0,
         label: str | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.backend = backend
         self.label = label or repr(backend)
+        self.signer = signer
         self.chunk_size = chunk_size
         self.pack_target = pack_target
         self.compression_level = compression_level
@@ -123,12 +127,23 @@ class RemoteStore(SourceStore):
             got = self._io(deadline).get(key)
         except SnapshotNotFoundError:
             return None
-        return RefValue.from_json(got.data), got.meta.etag
+        value = RefValue.from_json(got.data)
+        if self.signer is not None:
+            self.signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
+        return value, got.meta.etag
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
         """Fetch and validate a manifest, checking it belongs to ``name`` and ``version``."""
         vid = VersionId.parse(version)
-        data = self._io(deadline).get(manifest_key(check_name(name), version)).data
+        io = self._io(deadline)
+        key = manifest_key(check_name(name), version)
+        data = io.get(key).data
+        if self.signer is not None:
+            try:
+                sig: str | None = io.get(key + ".sig").data.decode("ascii", "replace")
+            except SnapshotNotFoundError:
+                sig = None
+            self.signer.verify(f"manifest:{key}", data, sig, f"manifest {key}")
         m = Manifest.from_json(data)
         if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
             raise IntegrityError(f"manifest {version}: content does not match its version id")
@@ -188,7 +203,11 @@ class RemoteStore(SourceStore):
         )
         data = manifest.to_json()
         version = str(VersionId.for_manifest(data, manifest.created_at))
-        self._io(dl).put(manifest_key(name, version), data, mode=PutMode.CREATE)
+        key = manifest_key(name, version)
+        self._io(dl).put(key, data, mode=PutMode.CREATE)
+        if self.signer is not None:  # before the ref: a reader never sees an unsigned version
+            sig = self.signer.sign(f"manifest:{key}", data).encode()
+            self._io(dl).put(key + ".sig", sig, mode=PutMode.CREATE)
         self._move_ref(name, "latest", version, expected, current, dl)
         stats.add(requests=2, bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
@@ -249,7 +268,11 @@ class RemoteStore(SourceStore):
         dl: Deadline,
     ) -> None:
         gen = current[0].generation + 1 if current else 1
-        value = RefValue(version, gen, utc_now()).to_json()
+        ref_value = RefValue(version, gen, utc_now())
+        if self.signer is not None:
+            sig = self.signer.sign(f"ref:{ref_key(name, ref)}", ref_value.signed_bytes())
+            ref_value = replace(ref_value, signature=sig)
+        value = ref_value.to_json()
         if expected is ANY:
             mode = PutMode.OVERWRITE
         else:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .backends.base import PutMode
 from .backends.bounded import DeadlineBackend
 from .deadline import DeadlineLike, as_deadline
-from .errors import ConflictError
+from .errors import ConflictError, SnapshotNotFoundError
 from .models import RefValue
 from .remote import manifest_key, pack_key, ref_key
 from .validation import utc_now
@@ -42,10 +43,18 @@ def sync_version(
             with contextlib.suppress(ConflictError):  # content-addressed: same key, same bytes
                 d_io.put(key, data, mode=PutMode.CREATE)
             copied += len(data)
+    key = manifest_key(name, version)
+    with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
+        d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)
     with contextlib.suppress(ConflictError):
-        d_io.put(manifest_key(name, version), manifest.to_json(), mode=PutMode.CREATE)
+        d_io.put(key, manifest.to_json(), mode=PutMode.CREATE)
     if ref is not None:
         current = dst.read_ref(name, ref, deadline=dl)
         gen = current[0].generation + 1 if current else 1
-        d_io.put(ref_key(name, ref), RefValue(version, gen, utc_now()).to_json())
+        value = RefValue(version, gen, utc_now())
+        if dst.signer is not None:
+            value = replace(
+                value, signature=dst.signer.sign(f"ref:{ref_key(name, ref)}", value.signed_bytes())
+            )
+        d_io.put(ref_key(name, ref), value.to_json())
     return copied

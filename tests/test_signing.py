@@ -1,0 +1,100 @@
+"""Signed manifests and refs: tampering, wrong keys, unsigned data and key rotation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import ConfigError, IntegrityError, RemoteStore, StoreConfig
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.remote import manifest_key, ref_key
+from chroma_snapshots.signing import Signer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.validation import canonical_json
+
+KEY_A = "a:" + "secret-number-one-" * 2
+KEY_B = "b:" + "secret-number-two-" * 2
+
+
+def _store(root: Path, spec: str | None) -> RemoteStore:
+    return RemoteStore(
+        FileBackend(root), chunk_size=4096, signer=Signer.from_spec(spec) if spec else None
+    )
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    return write_tree(
+        tmp_path / "src", {"chroma.sqlite3": b"x" * 10000, "seg/index_metadata.pickle": b"p"}
+    )
+
+
+def test_signed_round_trip_and_wrong_key(tmp_path: Path, src: Path) -> None:
+    signed = _store(tmp_path / "store", KEY_A)
+    version = signed.publish("db", src).version
+    assert read_tree(signed.checkout("db", dest=tmp_path / "o1").path) == read_tree(src)
+    with pytest.raises(IntegrityError, match="not accepted"):
+        _store(tmp_path / "store", KEY_B).resolve("db")
+    with pytest.raises(IntegrityError, match="not accepted"):
+        _store(tmp_path / "store", KEY_B).resolve("db", version)  # the manifest, by version id
+    assert _store(tmp_path / "store", None).resolve("db").version == version  # unsigned reader
+
+
+def test_unsigned_data_is_refused(tmp_path: Path, src: Path) -> None:
+    _store(tmp_path / "store", None).publish("db", src)
+    with pytest.raises(IntegrityError, match="not signed"):
+        _store(tmp_path / "store", KEY_A).resolve("db")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tampered_manifest_and_ref(tmp_path: Path, src: Path) -> None:
+    store = _store(tmp_path / "store", KEY_A)
+    v1 = store.publish("db", src).version
+    (src / "evil.pickle").write_bytes(b"cos\nsystem\n")
+    v2 = store.publish("db", src).version
+    backend = store.backend
+    # Replay an old, validly signed ref of "latest" under the "stable" name: refused.
+    backend.put(ref_key("db", "stable"), backend.get(ref_key("db", "latest")).data)
+    with pytest.raises(IntegrityError, match="mismatch"):
+        store.resolve("db", "stable")
+    # Point latest elsewhere with a forged signature: refused.
+    ref = json.loads(backend.get(ref_key("db", "latest")).data)
+    backend.put(ref_key("db", "latest"), canonical_json({**ref, "version": v1}))
+    with pytest.raises(IntegrityError, match="mismatch"):
+        store.resolve("db")
+    # Swap v2's signature onto v1's manifest: the signature covers the bytes and the key.
+    backend.put(manifest_key("db", v1) + ".sig", backend.get(manifest_key("db", v2) + ".sig").data)
+    with pytest.raises(IntegrityError, match="mismatch"):
+        store.resolve("db", v1)
+
+
+def test_key_rotation(tmp_path: Path, src: Path) -> None:
+    old = _store(tmp_path / "store", KEY_A).publish("db", src).version
+    rotated = _store(tmp_path / "store", f"{KEY_B},{KEY_A}")  # b signs, a still accepted
+    assert rotated.resolve("db", old).version == old
+    (src / "more").write_bytes(b"more")
+    new = rotated.publish("db", src).version
+    assert _store(tmp_path / "store", KEY_B).resolve("db").version == new
+    with pytest.raises(IntegrityError):
+        _store(tmp_path / "store", KEY_B).resolve("db", old)  # a retired: old versions refused
+    assert rotated.prune("db", keep_last=1, min_age=0).deleted_versions == (old,)
+    assert not (tmp_path / "store" / manifest_key("db", old)).exists()
+    assert not (tmp_path / "store" / (manifest_key("db", old) + ".sig")).exists()
+
+
+@pytest.mark.parametrize("spec", ["nokey", "a:short", "bad id!:" + "x" * 20, f"{KEY_A},{KEY_A}"])
+def test_bad_keys_are_config_errors(spec: str) -> None:
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_SIGNING_KEY") as err:
+        StoreConfig.from_env(
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_SIGNING_KEY": spec}
+        )
+    assert "secret-number" not in str(err.value)  # never echo a secret
+
+
+def test_keys_stay_out_of_reprs() -> None:
+    cfg = StoreConfig.from_env(
+        {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_SIGNING_KEY": KEY_A}
+    )
+    assert "secret" not in repr(cfg)
