@@ -86,24 +86,24 @@ def _network(s: Settings) -> dict[str, Any]:
         egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
         tags=s.tags,
     )
-    nfs_sg = aws.ec2.SecurityGroup(
-        "efs",
-        vpc_id=vpc.id,
-        description="NFS from the functions only",
-        ingress=[
-            {"protocol": "tcp", "from_port": 2049, "to_port": 2049, "security_groups": [fn_sg.id]}
-        ],
-        tags=s.tags,
-    )
-    https_sg = aws.ec2.SecurityGroup(
-        "endpoints",
-        vpc_id=vpc.id,
-        description="HTTPS from the functions",
-        ingress=[
-            {"protocol": "tcp", "from_port": 443, "to_port": 443, "security_groups": [fn_sg.id]}
-        ],
-        tags=s.tags,
-    )
+
+    def only_from_functions(name: str, port: int, what: str) -> aws.ec2.SecurityGroup:
+        rule = {
+            "protocol": "tcp",
+            "from_port": port,
+            "to_port": port,
+            "security_groups": [fn_sg.id],
+        }
+        return aws.ec2.SecurityGroup(
+            name,
+            vpc_id=vpc.id,
+            description=f"{what} from the functions only",
+            ingress=[rule],
+            tags=s.tags,
+        )
+
+    nfs_sg = only_from_functions("efs", 2049, "NFS")
+    https_sg = only_from_functions("endpoints", 443, "HTTPS")
     region = aws.get_region().name
     for svc in ("s3", "dynamodb"):
         aws.ec2.VpcEndpoint(

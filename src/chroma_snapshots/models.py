@@ -8,7 +8,6 @@ integers for sizes) makes a manifest's bytes, and so its version id, stable.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -269,22 +268,22 @@ class RefValue:
     updated_at: datetime
     signature: str | None = None
 
+    def _body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "version": self.version,
+            "generation": self.generation,
+            "updated_at": format_time(self.updated_at),
+        }
+
     def signed_bytes(self) -> bytes:
         """The canonical JSON of everything but the signature."""
-        return canonical_json(
-            {
-                "format": FORMAT_VERSION,
-                "version": self.version,
-                "generation": self.generation,
-                "updated_at": format_time(self.updated_at),
-            }
-        )
+        return canonical_json(self._body())
 
     def to_json(self) -> bytes:
         if self.signature is None:
             return self.signed_bytes()
-        body = json.loads(self.signed_bytes())
-        return canonical_json({**body, "signature": self.signature})
+        return canonical_json({**self._body(), "signature": self.signature})
 
     @classmethod
     def from_json(cls, data: bytes) -> RefValue:

@@ -9,6 +9,7 @@ offset; neighbours closer than ``max_gap`` are merged into one ranged read
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -158,6 +159,7 @@ def fetch_and_place(
     """Run the reads in parallel; verify each chunk's hash before it lands in a file."""
     total = sum(r.end - r.start for r in reads)
     done = [0]
+    done_lock = threading.Lock()  # reads finish on several threads at once
 
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
@@ -171,8 +173,10 @@ def fetch_and_place(
             placer.place(c.hash, raw)
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
         if progress is not None:
-            done[0] += len(data)
-            progress(done[0], total)
+            with done_lock:
+                done[0] += len(data)
+                so_far = done[0]
+            progress(so_far, total)
 
     futures = [executor.submit(run, r) for r in reads]
     try:

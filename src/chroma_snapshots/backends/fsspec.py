@@ -150,12 +150,9 @@ class FsspecBackend(Backend):
             found = self.fs.find(top, detail=True) if self.fs.exists(top) else {}
         except Exception as e:
             raise _wrap(e, "list", prefix) from e
+        root = self.root.strip("/")  # filesystems differ on a leading "/" in what they return
         for path, info in found.items():
-            key = (
-                path[len(self.root.lstrip("/")) :].lstrip("/")
-                if not path.startswith(self.root)
-                else path[len(self.root) + 1 :]
-            )
+            key = path.strip("/")[len(root) :].lstrip("/")
             if key.startswith(prefix) and info.get("type") != "directory":
                 yield self._meta(key, info)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,10 +43,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 def stamp_of(path: Path) -> Stamp | None:
     """The stamp of a regular file, or None if it is missing or not a regular file."""
     try:
-        st = os.lstat(path)
+        st = os.lstat(path)  # lstat: a symlink is not a regular file here
     except OSError:
         return None
-    if not os.path.isfile(path) or os.path.islink(path):
+    if not stat.S_ISREG(st.st_mode):
         return None
     return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
 
