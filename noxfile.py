@@ -48,8 +48,20 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks; results go to benchmarks/out/ (see benchmarks/RESULTS.md)."""
+    """Benchmarks; JSON goes to benchmarks/out/ (benchmarks/RESULTS.md records the results)."""
     session.install("-e", ".[dev]", "-c", "constraints.txt")
+    session.run("benchmarks/install-tools.sh", external=True)
+    sizes = session.posargs[0] if session.posargs else "256,1024,3072"
+    session.run(
+        "python",
+        "benchmarks/compare.py",
+        "--sizes-mb",
+        sizes,
+        "--json",
+        "benchmarks/out/compare.json",
+        "--plot",
+        "benchmarks/figures/scaling.png",
+    )
     session.run("python", "benchmarks/transfer.py", "--json", "benchmarks/out/transfer.json")
     session.run(
         "python",

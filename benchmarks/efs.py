@@ -16,45 +16,21 @@ usage: python benchmarks/efs.py [--size-mb 256] [--segments 20] [--latency-ms 3]
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _data import MiB, make_chroma_dir
 from _report import write_json
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.demo import build_database
 from chroma_snapshots.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.faultfs import FaultyMount
-
-MiB = 1 << 20
-
-
-def make_chroma_dir(root: Path, size: int, segments: int) -> None:
-    """A chroma-shaped tree: chroma.sqlite3 plus ``segments`` HNSW folders of five files."""
-    root.mkdir(parents=True)
-    build_database(root / "chroma.sqlite3", rows=max(1, int(size * 0.3) // 1700))
-    rng = random.Random(0)
-    per = max(4096, (size - (root / "chroma.sqlite3").stat().st_size) // segments)
-    for i in range(segments):
-        seg = root / f"{i:08x}-segment"
-        seg.mkdir()
-        with open(seg / "data_level0.bin", "wb") as f:
-            for start in range(0, per, 16 * MiB):
-                f.write(rng.randbytes(min(16 * MiB, per - start)))
-        for name, n in (
-            ("header.bin", 100),
-            ("length.bin", 4000),
-            ("link_lists.bin", 8000),
-            ("index_metadata.pickle", 2000),
-        ):
-            (seg / name).write_bytes(rng.randbytes(n))
 
 
 def run(

@@ -2,9 +2,9 @@
 
 Everything runs in one process against one moto S3 server on 127.0.0.1, behind a counting
 proxy that records what the server really received (so requests and bytes are the server's
-view). The snapshot is chroma-shaped: a real SQLite file with float32 vectors (~40%) plus
-incompressible HNSW-like segment files (~60%). The "1% change" rewrites scattered 4 KiB
-pages totalling 1% of the bytes, the way SQLite and HNSW updates land.
+view). The snapshot is chroma-shaped (benchmarks/_data.py): a real SQLite file of embedding
+rows (~30%) plus incompressible HNSW-like segment files (~70%). The "1% change" rewrites
+scattered 4 KiB pages totalling 1% of the bytes, the way SQLite and HNSW updates land.
 
 usage: python benchmarks/transfer.py [--size-mb 256] [--json out.json]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import tarfile
 import tempfile
 import time
@@ -21,44 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _data import MiB, change_pages, make_chroma_dir
 from _report import write_json
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.demo import build_database
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.proxy import CountingProxy
-
-MiB = 1 << 20
-
-
-def make_snapshot(root: Path, size: int, seed: int = 1) -> None:
-    """A chroma-shaped directory of about ``size`` bytes."""
-    root.mkdir(parents=True)
-    build_database(root / "chroma.sqlite3", rows=max(1, int(size * 0.4) // 1700), seed=seed)
-    rng = random.Random(seed)
-    rest = max(0, size - (root / "chroma.sqlite3").stat().st_size)
-    for seg in ("seg-a", "seg-b"):
-        (root / seg).mkdir()
-        with open(root / seg / "data_level0.bin", "wb") as f:
-            for start in range(0, rest // 2, 16 * MiB):
-                f.write(rng.randbytes(min(16 * MiB, rest // 2 - start)))
-        (root / seg / "header.bin").write_bytes(rng.randbytes(100))
-
-
-def change_pages(root: Path, fraction: float, seed: int = 2) -> int:
-    """Overwrite scattered 4 KiB pages, ``fraction`` of all bytes; returns bytes changed."""
-    rng = random.Random(seed)
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.stat().st_size >= 4096]
-    total = sum(p.stat().st_size for p in files)
-    changed = 0
-    while changed < total * fraction:
-        p = rng.choice(files)
-        with open(p, "r+b") as f:
-            f.seek(rng.randrange(p.stat().st_size // 4096) * 4096)
-            f.write(rng.randbytes(4096))
-        changed += 4096
-    return changed
 
 
 def tar_gz(src: Path) -> bytes:
@@ -90,7 +58,7 @@ def run(size_mb: int, work: Path) -> list[dict[str, Any]]:
         store = RemoteStore(S3Backend(bucket, "snaps", client=client))
         cached = CachedStore(store, work / "cache")
         src = work / "src"
-        make_snapshot(src, size_mb * MiB)
+        make_chroma_dir(src, size_mb * MiB)
         total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
 
         def row(approach: str, scenario: str, m: dict[str, float], **extra: Any) -> None:

@@ -59,24 +59,23 @@ def test_errors_map_to_documented_exit_codes(
 
 
 def test_demo_runs_and_reports_small_incremental_upload() -> None:
-    out = _cli("demo", "--size-mb", "8")
+    out = _cli("demo", "--size-mb", "8", "--json")
     assert out.returncode == 0, out.stderr
-    rows = {
-        line[:34].strip(): line[34:].split()
-        for line in out.stdout.splitlines()
-        if line[:1].isalpha()
-    }
-    # seconds, requests, up MiB, down MiB, reused MiB
-    assert float(rows["publish v1 (cold)"][2]) > 3
-    assert float(rows["publish v2 (10 rows changed)"][2]) < float(rows["publish v1 (cold)"][2]) / 4
-    assert float(rows["checkout v1 (cold, into cache)"][3]) > 3
-    assert rows["checkout v1 (warm: cached)"][1] == "1"  # one request: the ref
-    assert float(rows["checkout v1 (warm: cached)"][3]) == 0
-    assert (
-        float(rows["checkout v2 (incremental)"][3])
-        < float(rows["checkout v1 (cold, into cache)"][3]) / 4
-    )
-    assert "rollback" in out.stdout
+    rows = {r["step"]: r for r in json.loads(out.stdout)}
+    cold_up = rows["publish v1 (cold)"]["mib_up"]
+    cold_down = rows["checkout v1 (cold, into cache)"]["mib_down"]
+    assert cold_up > 3
+    assert cold_down > 3
+    assert rows["publish v2 (10 records added)"]["mib_up"] < cold_up / 4
+    assert rows["checkout v1 (warm: cached)"]["requests"] == 1  # one request: the ref
+    assert rows["checkout v1 (warm: cached)"]["mib_down"] == 0
+    assert rows["checkout v2 (incremental)"]["mib_down"] < cold_down / 4
+    assert rows["checkout via EFS mirror (cold)"]["source"] == "efs"
+    hung = rows["same, EFS hung: ref from S3 (2s)"]
+    assert hung["mib_down"] == 0
+    assert 2.0 <= hung["seconds"] < 6.0  # the EFS timeout, then S3, within the deadline
+    assert "rollback: latest" in out.stderr
+    assert "nearest to probe 0 is receipt-" in out.stderr
 
 
 def test_cache_commands(moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> None:
@@ -169,3 +168,55 @@ def test_operator_commands(moto_server: MotoServer, s3_bucket: str, tmp_path: Pa
         _cli("sync", f"s3://{s3_bucket}/snaps", f"file://{mirror}", "--json", env=env).stdout
     )
     assert set(again.values()) == {0}  # nothing missing the second time
+
+
+def test_help_has_examples_and_completion_completes(tmp_path: Path) -> None:
+    commands = ["publish", "checkout", "ls", "info", "diff", "verify", "tag", "rollback"]
+    for command in [*commands, "prune", "sync", "cache", "doctor", "demo", "completion"]:
+        out = _cli(command, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "Examples:" in out.stdout
+        assert f"chroma-snapshots {command}" in out.stdout
+    script = _cli("completion", "bash")
+    assert "_CHROMA_SNAPSHOTS_COMPLETE=bash_complete" in script.stdout
+    env = {**os.environ, "_CHROMA_SNAPSHOTS_COMPLETE": "bash_complete"}
+    env.update(COMP_WORDS="chroma-snapshots pru", COMP_CWORD="1")
+    assert _cli(env=env).stdout.split() == ["plain,prune"]
+    assert _cli("completion", "tcsh").returncode == 2
+
+
+def _drain(fd: int) -> str:
+    """Everything written to a pty whose other end is closed."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the writer is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    import pty
+
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    store = ["--store", f"s3://{s3_bucket}/snaps"]
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(3_000_000)})
+    piped = _cli(*store, "publish", "db", str(src), env=env)
+    assert piped.returncode == 0
+    assert "%|" not in piped.stderr
+    primary, secondary = pty.openpty()
+    cmd = [sys.executable, "-m", "chroma_snapshots.cli", *store, "checkout", "db"]
+    cmd += ["--dest", str(tmp_path / "out")]
+    done = subprocess.run(cmd, stderr=secondary, stdout=subprocess.PIPE, env=env, timeout=120)
+    os.close(secondary)
+    shown = _drain(primary)
+    assert done.returncode == 0
+    assert "checkout: 100%|" in shown
+    assert "2.86M/2.86M" in shown

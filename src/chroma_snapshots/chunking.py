@@ -136,19 +136,22 @@ class PackWriter:
         self._upload(pack_id, data)
 
 
-def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes:
-    """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch."""
+def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes | memoryview:
+    """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch.
+
+    An uncompressed chunk comes back as ``stored`` itself (no copy)."""
     if len(stored) != c.length:
         raise IntegrityError(
             f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}"
         )
+    raw: bytes | memoryview
     if c.codec == "zstd":
         try:
             raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=c.size)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk {c.hash[:12]}: corrupt compressed data") from e
     else:
-        raw = bytes(stored)
+        raw = stored
     if len(raw) != c.size or sha256_hex(raw) != c.hash:
         raise IntegrityError(f"chunk {c.hash[:12]} in pack {c.pack[:12]}: hash mismatch")
     return raw

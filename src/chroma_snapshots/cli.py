@@ -91,14 +91,29 @@ def _cached(ctx: click.Context) -> Any:
 
 
 def _progress(label: str) -> Callable[[int, int], None] | None:
+    """A tqdm bar on stderr for a transfer, or None when stderr is not a terminal."""
     if not sys.stderr.isatty():
         return None
+    import shutil
+
+    from tqdm import tqdm
+
+    # a pty that reports a 0x0 size would hide the bar; get_terminal_size falls back to 80x24
+    size = shutil.get_terminal_size()
+    bar = tqdm(
+        desc=label,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        ncols=size.columns,
+        nrows=size.lines,
+    )
 
     def report(done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
-        sys.stderr.write(f"\r{label}: {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)")
+        bar.total = total
+        bar.update(done - bar.n)
         if done >= total:
-            sys.stderr.write("\n")
+            bar.close()
 
     return report
 
@@ -148,10 +163,7 @@ def _build() -> click.Group:
     def cli(ctx: click.Context, store_url: str | None, cache_dir: str | None) -> None:
         ctx.obj = {"store_url": store_url, "cache_dir": cache_dir}
 
-    @cli.command(
-        help="Publish DIRECTORY as a new version of NAME.\n\n"
-        "Example: chroma-snapshots --store s3://bkt/snaps publish receipts ./chroma"
-    )
+    @cli.command(help="Publish DIRECTORY as a new version of NAME.")
     @click.argument("name")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False))
     @click.option(
@@ -340,15 +352,21 @@ def _build() -> click.Group:
             raise click.exceptions.Exit(1)
 
     @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
-    @click.option("--size-mb", default=48, show_default=True, help="Approximate database size.")
-    def demo(size_mb: int) -> None:
+    @click.option("--size-mb", default=24, show_default=True, help="Approximate database size.")
+    @json_opt
+    def demo(size_mb: int, as_json: bool) -> None:
         from .demo import run_demo
 
-        run_demo(size_mb=size_mb, echo=click.echo)
+        steps = run_demo(size_mb=size_mb, echo=lambda line: click.echo(line, err=as_json))
+        if as_json:
+            emit(steps, True, "")
 
     from .cli_admin import register
+    from .cli_help import add_examples, register_completion
 
     register(cli)
+    register_completion(cli)
+    add_examples(cli)
     return cli
 
 

@@ -33,10 +33,7 @@ def register(cli: click.Group) -> None:
     """Add the operator commands to ``cli``."""
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
-    @cli.command(
-        help="Files and chunks that differ between versions A and B of NAME.\n\n"
-        "Example: chroma-snapshots diff receipts stable latest"
-    )
+    @cli.command(help="Files and chunks that differ between versions A and B of NAME.")
     @click.argument("name")
     @click.argument("a")
     @click.argument("b", default="latest")
@@ -128,8 +125,7 @@ def register(cli: click.Group) -> None:
         )
 
     @cli.command(
-        help="Copy versions and refs from store SRC to store DST, moving only missing "
-        "packs.\n\nExample: chroma-snapshots sync s3://bkt/snaps efs:///mnt/chroma/store"
+        help="Copy versions and refs from store SRC to store DST, moving only missing packs."
     )
     @click.argument("src")
     @click.argument("dst")

@@ -1,120 +1,194 @@
 """``chroma-snapshots demo``: the whole story in under a minute on a local S3 server.
 
-Builds a SQLite database shaped like chroma's (rows with float32 embeddings),
+Builds a real chroma database offline (explicit embeddings, no model download),
 publishes it to moto's S3 server on 127.0.0.1, checks it out through the /tmp
-cache (cold, then warm), changes ten rows, publishes again, checks out the new
-version incrementally and shows how little moved, then rolls back.
+cache (cold, then warm), adds ten records, publishes again, checks out the new
+version incrementally, reads through a hung EFS mirror (falling back to S3 within
+the deadline), then rolls back. Everything lives in a temporary directory.
 """
 
 from __future__ import annotations
 
+import os
 import random
-import sqlite3
-import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
+from .backends import open_backend
 from .backends.s3 import S3Backend
 from .cache import CachedStore
+from .fallback import FallbackStore
 from .models import TransferStats
-from .remote import RemoteStore
+from .remote import RemoteStore, ref_key
+from .sync import sync_version
 from .testing.s3server import MotoServer
 
 DIM = 384
+NAME = "receipts"
+EFS_TIMEOUT = 2.0
 
 
-def build_database(path: Path, rows: int, seed: int = 0) -> None:
-    """A SQLite file of ``rows`` documents with explicit DIM-d float32 embeddings."""
+@dataclass(frozen=True)
+class Step:
+    """One row of the demo's table."""
+
+    step: str
+    seconds: float
+    requests: int
+    mib_up: float
+    mib_down: float
+    mib_reused: float
+    source: str = ""
+
+
+def _vectors(n: int, seed: int) -> list[list[float]]:
     rng = random.Random(seed)
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE embeddings (id TEXT PRIMARY KEY, document TEXT, vector BLOB)")
-    db.executemany(
-        "INSERT INTO embeddings VALUES (?, ?, ?)",
-        (
-            (
-                f"doc-{i}",
-                f"receipt {i} merchant {rng.randrange(500)} total {rng.random() * 100:.2f}",
-                struct.pack(f"{DIM}f", *(rng.random() for _ in range(DIM))),
+    return [[rng.random() for _ in range(DIM)] for _ in range(n)]
+
+
+@contextmanager
+def _client(path: Path) -> Iterator[Any]:
+    import chromadb
+
+    from .chroma import client_settings, close_client
+
+    client = chromadb.PersistentClient(path=str(path), settings=client_settings())
+    try:
+        yield client
+    finally:
+        close_client(client)
+
+
+def add_receipts(path: Path, start: int, count: int) -> None:
+    """Add ``count`` receipts with explicit embeddings to the chroma database at ``path``."""
+    with _client(path) as client:
+        col = client.get_or_create_collection(NAME, embedding_function=None)
+        for lo in range(start, start + count, 2000):
+            ids = [f"receipt-{i}" for i in range(lo, min(lo + 2000, start + count))]
+            col.add(
+                ids=ids,
+                embeddings=cast(Any, _vectors(len(ids), lo)),
+                documents=[f"receipt {i} merchant {i % 500}" for i in range(lo, lo + len(ids))],
             )
-            for i in range(rows)
-        ),
-    )
-    db.commit()
-    db.close()
 
 
-def update_rows(path: Path, count: int) -> None:
-    """Upsert ``count`` rows, the way a compaction adds a few new receipts."""
-    db = sqlite3.connect(path)
-    db.executemany(
-        "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
-        (
-            (f"new-{i}", f"new receipt {i}", struct.pack(f"{DIM}f", *([0.5] * DIM)))
-            for i in range(count)
-        ),
-    )
-    db.commit()
-    db.close()
+def _nearest(path: Path) -> str:
+    with _client(path) as client:
+        res = client.get_collection(NAME).query(
+            query_embeddings=cast(Any, _vectors(1, 0)), n_results=1, include=[]
+        )
+        return str(res["ids"][0][0])
 
 
-def _row(step: str, s: TransferStats) -> str:
-    mb = 1 << 20
-    return (
-        f"{step:<34}{s.seconds:>8.2f}{s.requests:>9}{s.bytes_uploaded / mb:>11.2f}"
-        f"{s.bytes_downloaded / mb:>11.2f}{s.bytes_reused / mb:>11.2f}"
+def _step(step: str, s: TransferStats, source: str = "") -> Step:
+    mb = float(1 << 20)
+    return Step(
+        step,
+        s.seconds,
+        s.requests,
+        s.bytes_uploaded / mb,
+        s.bytes_downloaded / mb,
+        s.bytes_reused / mb,
+        source,
     )
 
 
-def run_demo(*, size_mb: int = 48, echo: Callable[[str], None] = print) -> list[str]:
-    """Run the demo, print its table through ``echo`` and return the table's rows."""
-    rows: list[str] = []
+def _hang_efs_mirror(root: Path) -> None:
+    """Make the mirror's latest ref a FIFO: opening it blocks in the kernel forever,
+    as a read on a hung NFS mount does (a real blocking syscall, no root needed)."""
+    ref = root / ref_key(NAME, "latest")
+    ref.unlink()
+    os.mkfifo(ref)
+
+
+def run_demo(*, size_mb: int = 24, echo: Callable[[str], None] = print) -> list[Step]:
+    """Run the demo, print its story and table through ``echo``; return the table's rows."""
+    from .chroma import publish_client
+
+    steps: list[Step] = []
     with (
         MotoServer() as server,
         tempfile.TemporaryDirectory(prefix="chroma-snapshots-demo-") as tmp,
     ):
         work = Path(tmp)
         bucket = server.create_bucket("demo")
-        echo(f"local S3 server (moto) on {server.endpoint_url}, bucket s3://{bucket}/snapshots")
-        store = RemoteStore(S3Backend(bucket, "snapshots", client=server.client()))
+        echo(f"local S3 server (moto) on {server.endpoint_url}, bucket s3://{bucket}/snaps")
+        s3 = RemoteStore(S3Backend(bucket, "snaps", client=server.client()), label="s3")
         src = work / "chroma"
-        src.mkdir()
         t = time.monotonic()
-        build_database(src / "chroma.sqlite3", rows=max(1, size_mb * (1 << 20) // 1700))
+        # ~2.8 KB per record on disk. chroma persists its HNSW index each 1000 records
+        # (sync_threshold), rewriting it whole; stay clear of that for the 10 added below
+        # (docs/CHROMA.md measures it).
+        records = max(1, size_mb * (1 << 20) // 2_800_000) * 1000 + 100
+        add_receipts(src, 0, records)
+        size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
         echo(
-            f"built a {(src / 'chroma.sqlite3').stat().st_size / 2**20:.0f} MiB database "
-            f"in {time.monotonic() - t:.1f}s"
+            f"built a chroma database: {records} records, {size / 2**20:.0f} MiB, "
+            f"{time.monotonic() - t:.1f}s"
         )
 
-        def record(step: str, s: TransferStats) -> None:
-            rows.append(_row(step, s))
+        v1 = publish_client(s3, NAME, src, message="initial")
+        steps.append(_step("publish v1 (cold)", v1.stats))
+        cache = CachedStore(s3, work / "cache")
+        with cache.checkout(NAME) as snap:
+            steps.append(_step("checkout v1 (cold, into cache)", snap.stats))
+        with cache.checkout(NAME) as snap:
+            steps.append(_step("checkout v1 (warm: cached)", snap.stats))
+        # chroma writes to a database it opens, so query a private copy, not the cache's
+        with cache.checkout(NAME, dest=work / "query") as snap:
+            echo(f"query on a checkout: nearest to probe 0 is {_nearest(snap.path)}")
+        steps.append(_step("publish v1 again (unchanged)", publish_client(s3, NAME, src).stats))
+        add_receipts(src, records, 10)
+        v2 = publish_client(s3, NAME, src, message="10 new receipts")
+        steps.append(_step("publish v2 (10 records added)", v2.stats))
+        with cache.checkout(NAME) as snap:
+            steps.append(_step("checkout v2 (incremental)", snap.stats))
 
-        v1 = store.publish("receipts", src, message="initial")
-        record("publish v1 (cold)", v1.stats)
-        cached = CachedStore(store, work / "cache")
-        with cached.checkout("receipts") as snap:
-            record("checkout v1 (cold, into cache)", snap.stats)
-        with cached.checkout("receipts") as snap:
-            record("checkout v1 (warm: cached)", snap.stats)
-        record("publish v1 again (unchanged)", store.publish("receipts", src).stats)
-        update_rows(src / "chroma.sqlite3", 10)
-        v2 = store.publish("receipts", src, message="10 new receipts")
-        record("publish v2 (10 rows changed)", v2.stats)
-        with cached.checkout("receipts") as snap:
-            record("checkout v2 (incremental)", snap.stats)
-        store.set_ref("receipts", "latest", v1.version, expected=v2.version)
-        rolled = store.resolve("receipts")
-        echo(
-            f"\n{'step':<34}{'seconds':>8}{'requests':>9}"
-            f"{'up MiB':>11}{'down MiB':>11}{'reused MiB':>11}"
-        )
-        for row in rows:
-            echo(row)
+        steps += _efs_steps(s3, work, v2.version)
+        s3.set_ref(NAME, "latest", v1.version, expected=v2.version)
+        rolled = s3.resolve(NAME)
+        _print_table(steps, echo)
         echo(f"\nrollback: latest {v2.version} -> {rolled.version} (compare-and-swap)")
         echo(
             f"v2 uploaded {v2.stats.bytes_uploaded / 2**20:.2f} MiB of a "
             f"{v2.total_size / 2**20:.1f} MiB snapshot; every checkout verified every chunk."
         )
-        store.close()
-    return rows
+        s3.close()
+    return steps
+
+
+def _efs_steps(s3: RemoteStore, work: Path, version: str) -> list[Step]:
+    """Mirror to an 'EFS' directory and read through EFS-then-S3 fallback, healthy then hung."""
+    root = work / "efs"
+    root.mkdir()
+    efs = RemoteStore(open_backend(f"efs://{root}", efs_timeout=EFS_TIMEOUT), label="efs")
+    sync_version(s3, efs, NAME, version)
+    reader = CachedStore(FallbackStore([efs, s3], primary=0), work / "cache")
+    try:
+        with reader.checkout(NAME) as snap:
+            healthy = _step("checkout via EFS mirror (cold)", snap.stats, snap.source)
+        _hang_efs_mirror(root)
+        with reader.checkout(NAME, deadline=3 * EFS_TIMEOUT) as snap:
+            hung = _step(
+                f"same, EFS hung: ref from S3 ({EFS_TIMEOUT:.0f}s)", snap.stats, snap.source
+            )
+        return [healthy, hung]
+    finally:
+        efs.close()
+
+
+def _print_table(steps: list[Step], echo: Callable[[str], None]) -> None:
+    echo(
+        f"\n{'step':<36}{'seconds':>8}{'requests':>9}{'up MiB':>9}{'down MiB':>9}"
+        f"{'reused MiB':>11}  data from"
+    )
+    for s in steps:
+        echo(
+            f"{s.step:<36}{s.seconds:>8.2f}{s.requests:>9}{s.mib_up:>9.2f}{s.mib_down:>9.2f}"
+            f"{s.mib_reused:>11.2f}  {s.source}"
+        )

@@ -347,7 +347,6 @@ class RemoteStore(SourceStore):
         placer = Placer(root, manifest, damaged)
         if damaged is None:
             placer.create_files()
-        todo = place_local(placer, local, stats)
         stats.add(chunks_total=len(placer.targets))
 
         def fetch(r: Read) -> bytes:
@@ -355,6 +354,7 @@ class RemoteStore(SourceStore):
             return within(dl, lambda: self.backend.get(key, byte_range=(r.start, r.end)).data)
 
         try:
+            todo = place_local(placer, local, stats)
             fetch_and_place(
                 plan_reads(todo),
                 fetch,
@@ -368,6 +368,8 @@ class RemoteStore(SourceStore):
             raise StorageTimeoutError(
                 f"checkout of {name} did not finish within its deadline"
             ) from e
+        finally:
+            placer.close()
         placer.finish()
         return self.label
 

