@@ -1,7 +1,7 @@
 """A process that checks out latest through a CachedStore (for the multi-process cache tests).
 
 usage: cache_worker.py ENDPOINT BUCKET CACHE_DIR
-Prints the sha256 of every file of the checkout, one 'path digest' per line.
+Prints 'version V', then the sha256 of every file of the checkout, one 'path digest' per line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ if __name__ == "__main__":
     backend = S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint))
     store = CachedStore(RemoteStore(backend), cache_dir)
     with store.checkout("db", deadline=120) as snap:
+        print("version", snap.info.version)
         for p in sorted(Path(snap.path).rglob("*")):
             if p.is_file():
                 print(

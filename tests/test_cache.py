@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from reliability import record, runs
 
 from chroma_snapshots import (
     BackendUnavailableError,
@@ -239,7 +240,7 @@ def test_four_processes_share_one_download(
     proxy.reset()
     cmd = [sys.executable, WORKER, proxy.url, s3_bucket, str(tmp_path / "cache")]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    outputs = [p.communicate(timeout=120)[0].split("\n", 1)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outputs == [_digests(src)] * 4
     pack_reads = [r for r in proxy.reset() if "/packs/" in r.path]
@@ -259,8 +260,8 @@ def test_sigkill_during_materialization_never_serves_a_partial_tree(
     remote.publish("db", src)
     cache = tmp_path / "cache"
     cmd = [sys.executable, WORKER, moto_server.endpoint_url, s3_bucket, str(cache)]
-    killed = 0
-    for _ in range(10):
+    killed, total = 0, runs(ci=10, long=50)
+    for _ in range(total):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.35, 1.1))  # start-up is ~0.3 s, the checkout ~0.9 s
         if proc.poll() is None:
@@ -274,4 +275,5 @@ def test_sigkill_during_materialization_never_serves_a_partial_tree(
             assert _digests(snap.path) == _digests(src)
         for v in store.dirs("db").complete():
             store.evict("db", v)  # next run starts cold again
-    assert killed >= 5
+    assert killed >= total // 2
+    record("crash-materializer", {"runs": total, "killed": killed})

@@ -105,6 +105,7 @@ class RemoteStore(SourceStore):
         self.compression_level = compression_level
         self.default_timeout = default_timeout
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chroma-snapshots")
+        self._generations: dict[str, int] = {}  # highest generation seen per ref key
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.backend!r})"
@@ -130,6 +131,15 @@ class RemoteStore(SourceStore):
         value = RefValue.from_json(got.data)
         if self.signer is not None:
             self.signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
+        # Every move of a ref raises its generation (a rollback too), so a lower one than
+        # this store has seen is an old ref written back: a replay, even if validly signed.
+        seen = self._generations.get(key, 0)
+        if value.generation < seen:
+            raise IntegrityError(
+                f"ref {key} went backwards (generation {value.generation} after {seen}): "
+                "an old ref was written back"
+            )
+        self._generations[key] = value.generation
         return value, got.meta.etag
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
@@ -204,10 +214,10 @@ class RemoteStore(SourceStore):
         data = manifest.to_json()
         version = str(VersionId.for_manifest(data, manifest.created_at))
         key = manifest_key(name, version)
-        self._io(dl).put(key, data, mode=PutMode.CREATE)
+        self._create_once(key, data, dl)
         if self.signer is not None:  # before the ref: a reader never sees an unsigned version
             sig = self.signer.sign(f"manifest:{key}", data).encode()
-            self._io(dl).put(key + ".sig", sig, mode=PutMode.CREATE)
+            self._create_once(key + ".sig", sig, dl)
         self._move_ref(name, "latest", version, expected, current, dl)
         stats.add(requests=2, bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
@@ -252,6 +262,17 @@ class RemoteStore(SourceStore):
         stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
         return entries, {h: table[h] for h in used}
 
+    def _create_once(self, key: str, data: bytes, dl: Deadline) -> None:
+        """Create ``key``; if it exists with exactly ``data``, that was us: a retried
+        request whose first attempt landed although its answer was lost (a 500 or a reset
+        after the write) sees its own object. Different bytes stay a ConflictError."""
+        io = self._io(dl)
+        try:
+            io.put(key, data, mode=PutMode.CREATE)
+        except ConflictError:
+            if io.get(key).data != data:
+                raise
+
     def _put_pack(self, name: str, pack_id: str, data: bytes, stats: StatsRecorder) -> None:
         # same name means same bytes: if another publisher stored it already, that's fine
         with contextlib.suppress(ConflictError):
@@ -280,6 +301,9 @@ class RemoteStore(SourceStore):
         try:
             self._io(dl).put(ref_key(name, ref), value, mode=mode)
         except ConflictError as e:
+            now = self.read_ref(name, ref, deadline=dl)
+            if now is not None and now[0].to_json() == value:
+                return  # our own write, answered with an error and retried: it did land
             raise ConflictError(
                 f"{name}/{ref} moved while publishing (based on "
                 f"{current[0].version if current else 'nothing'}); nothing was made visible"

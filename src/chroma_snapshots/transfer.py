@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -118,6 +118,7 @@ class Placer:
             for i in indexes:
                 self.targets[f.chunks[i]].append((f.path, i * manifest.chunk_size))
         self._fds: dict[str, int] = {}
+        self._left = Counter(path for where in self.targets.values() for path, _ in where)
         self._lock = threading.Lock()
 
     def create_files(self) -> None:
@@ -160,7 +161,17 @@ class Placer:
                 end += len(writes[i][2])
                 i += 1
             written += os.pwritev(self._fd(relpath), bufs, start)
+            self._wrote(relpath, len(bufs))
         return written
+
+    def _wrote(self, relpath: str, count: int) -> None:
+        # Close a file once its last chunk is in: open files stay bounded by the reads in
+        # flight, not by the number of files (a low RLIMIT_NOFILE must not fail a checkout).
+        with self._lock:
+            self._left[relpath] -= count
+            fd = self._fds.pop(relpath) if self._left[relpath] <= 0 else None
+        if fd is not None:
+            os.close(fd)
 
     def _fd(self, relpath: str) -> int:
         fd = self._fds.get(relpath)

@@ -31,3 +31,61 @@ class Sleeper:
     def probe(self) -> None:
         while self.blocked.exists():
             time.sleep(0.01)
+
+
+FAULT_KINDS = ("503", "500", "reset", "stall", "truncate", "latency")
+
+
+def request_type(method: str, path: str) -> str:
+    """'GET pack', 'PUT ref', 'LIST', ... for counting faults per kind of request."""
+    if "list-type" in path or (method == "GET" and path.rstrip("/").count("/") <= 1):
+        return "LIST"
+    if "uploads" in path or "uploadId" in path:
+        return f"{method} multipart"
+    if "delete" in path and method == "POST":
+        return "DELETE batch"
+    for part, label in (("/packs/", "pack"), ("/manifests/", "manifest"), ("/refs/", "ref")):
+        if part in path:
+            return f"{method} {label}"
+    return f"{method} other"
+
+
+class FaultPlan:
+    """Which requests a fault proxy damages, and how: each request gets a fault with
+    probability ``rate``, its kind drawn uniformly from ``kinds``; same seed, same sequence.
+
+    Kinds: ``503`` (SlowDown, not forwarded), ``500`` (forwarded, then InternalError: the
+    write may have happened), ``reset`` (connection dropped before forwarding), ``stall``
+    (forwarded; part of the answer, then silence for ``stall_seconds``), ``truncate``
+    (forwarded; the answer cut short and the connection closed), ``latency`` (forwarded
+    after ``latency_seconds``). ``counts`` maps (request type, kind or 'ok') to a count.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        seed: int = 0,
+        kinds: tuple[str, ...] = FAULT_KINDS,
+        stall_seconds: float = 5.0,
+        latency_seconds: float = 0.2,
+    ) -> None:
+        import random
+        import threading
+        from collections import Counter
+
+        if not 0 <= rate <= 1 or not set(kinds) <= set(FAULT_KINDS) or not kinds:
+            raise ValueError(f"rate in [0, 1] and kinds from {FAULT_KINDS}")
+        self.rate, self.kinds = rate, kinds
+        self.stall_seconds, self.latency_seconds = stall_seconds, latency_seconds
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def draw(self, method: str, path: str) -> str | None:
+        """The fault for this request, or None."""
+        with self._lock:
+            hit = self._rng.random() < self.rate
+            kind = self._rng.choice(self.kinds) if hit else None
+            self.counts[(request_type(method, path), kind or "ok")] += 1
+        return kind

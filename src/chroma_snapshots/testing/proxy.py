@@ -3,16 +3,22 @@
 Tests point boto3 at the proxy and count what the server really received
 (method, path, query, status, response bytes) instead of patching our code.
 ``stall`` makes chosen responses stop mid-body, like a server or network that
-stops sending without closing the connection.
+stops sending without closing the connection; a :class:`~.faults.FaultPlan` damages
+requests at random (503, 500, reset, stall, truncated body, latency), seeded.
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from .faults import FaultPlan
 
 _HOP = {
     "connection",
@@ -51,8 +57,9 @@ class _Stall:
 class CountingProxy:
     """Forwards HTTP to ``upstream`` (e.g. a MotoServer's endpoint) and records each request."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, faults: FaultPlan | None = None) -> None:
         parts = urlsplit(upstream)
+        self.faults = faults
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
@@ -127,6 +134,13 @@ class CountingProxy:
 
             def _forward(self) -> None:
                 body = self._body()
+                fault = proxy.faults.draw(self.command, self.path) if proxy.faults else None
+                if fault == "503":
+                    return self._error(503, "SlowDown")
+                if fault == "reset":
+                    return self._reset()
+                if fault == "latency" and proxy.faults is not None:
+                    time.sleep(proxy.faults.latency_seconds)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 conn = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:
@@ -137,6 +151,8 @@ class CountingProxy:
                     conn.close()
                 # record before answering, so a client that saw the answer sees the count
                 proxy._record(Recorded(self.command, self.path, resp.status, len(data), len(body)))
+                if fault == "500":  # the server did the work; the client hears it failed
+                    return self._error(500, "InternalError")
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP:
@@ -146,13 +162,37 @@ class CountingProxy:
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 stall = proxy._take_stall(self.command, self.path)
+                if stall is None and fault == "stall" and proxy.faults is not None:
+                    stall = _Stall("", 1, len(data) // 2, proxy.faults.stall_seconds)
                 if stall is not None:
                     self.wfile.write(data[: stall.after_bytes])
                     self.wfile.flush()
                     proxy._released.wait(stall.hold)  # send nothing more, keep the socket open
                     self.close_connection = True
+                elif fault == "truncate":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self._reset()
                 elif self.command != "HEAD":
                     self.wfile.write(data)
+                return None
+
+            def _error(self, status: int, code: str) -> None:
+                xml = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+
+            def _reset(self) -> None:
+                """Drop the connection with a TCP RST (linger 0), as a failing network does."""
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.close_connection = True
+                self.connection.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

@@ -1,0 +1,108 @@
+"""S3 faults on every request type (503, 500 after the write, reset, stalled and truncated
+bodies, latency) at 5% and 20%: a publish or checkout either succeeds with verified data or
+fails with a documented error within its deadline; the ref never names an incomplete version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from botocore.config import Config
+from reliability import record, runs
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faults import FaultPlan
+from chroma_snapshots.testing.proxy import CountingProxy
+
+DEADLINE = 15.0
+SLACK = 5.0  # a deadline abandons the waiting call; give the scheduler this much
+
+
+def _tree(root: Path, seed: int) -> Path:
+    rnd = os.urandom(400_000) + seed.to_bytes(4, "big")
+    return write_tree(
+        root,
+        {
+            "chroma.sqlite3": rnd,
+            "seg/data_level0.bin": os.urandom(300_000),
+            "seg/header.bin": b"h" * 100 + bytes([seed % 256]),
+            "notes.txt": b"compressible " * 20_000,
+        },
+    )
+
+
+def _store(client: object, bucket: str) -> RemoteStore:
+    # small packs: a publish is several pack PUTs, a checkout several ranged GETs
+    return RemoteStore(S3Backend(bucket, "snaps", client=client), pack_target=128 << 10)  # type: ignore[arg-type]
+
+
+def _timed(outcomes: Counter[str], what: str, fn: object) -> object:
+    t = time.monotonic()
+    try:
+        result = fn()  # type: ignore[operator]
+    except SnapshotError as e:
+        outcomes[f"{what} failed: {type(e).__name__}"] += 1
+        result = None
+    elapsed = time.monotonic() - t
+    assert elapsed < DEADLINE + SLACK, f"{what} took {elapsed:.1f}s"
+    if result is not None:
+        outcomes[f"{what} ok"] += 1
+    return result
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2])
+def test_publish_and_checkout_under_s3_faults(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path, rate: float
+) -> None:
+    plan = FaultPlan(rate, seed=int(rate * 100), stall_seconds=4.0, latency_seconds=0.05)
+    config = Config(
+        connect_timeout=1, read_timeout=1, retries={"max_attempts": 4, "mode": "standard"}
+    )
+    outcomes: Counter[str] = Counter()
+    clean = _store(moto_server.client(), s3_bucket)
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        faulty = _store(moto_server.client(endpoint_url=proxy.url, config=config), s3_bucket)
+        published: dict[str, dict[str, bytes]] = {}
+        for i in range(runs(ci=4, long=40)):
+            src = _tree(tmp_path / f"src{i}", i)
+            info = _timed(
+                outcomes, "publish", lambda src=src: faulty.publish("db", src, deadline=DEADLINE)
+            )
+            if info is not None:
+                published[info.version] = read_tree(src)  # type: ignore[attr-defined]
+            latest = clean.resolve("db") if published or i else None
+            if latest is not None:  # whatever latest names is complete and sound
+                assert clean.verify("db", latest.version).ok
+            dest = tmp_path / f"out{i}"
+            snap = _timed(
+                outcomes,
+                "checkout",
+                lambda dest=dest: faulty.checkout("db", dest=dest, deadline=DEADLINE),
+            )
+            if snap is not None:
+                want = published.get(snap.info.version)  # type: ignore[attr-defined]
+                assert want is None or read_tree(dest) == want  # never a wrong byte
+                assert snap.info.version in published or latest is not None  # type: ignore[attr-defined]
+            else:
+                assert not dest.exists()  # nothing half-written
+        faulty.close()
+    clean.close()
+    faults = Counter({k: v for k, v in plan.counts.items() if k[1] != "ok"})
+    assert sum(faults.values()) > 0
+    assert outcomes["publish ok"] > 0
+    record(
+        f"s3-faults-{int(rate * 100)}pct",
+        {
+            **outcomes,
+            "faults injected": {f"{t} {k}": n for (t, k), n in sorted(faults.items())},
+            "requests": sum(plan.counts.values()),
+        },
+    )
