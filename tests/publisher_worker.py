@@ -42,7 +42,7 @@ def append(store: RemoteStore, writer: int, count: int, work: Path) -> None:
                 tree.mkdir(parents=True)
             (tree / f"w{writer}-{seq}.txt").write_text(f"{writer}:{seq}")
             try:
-                meta = {"writer": writer, "seq": seq}
+                meta: dict[str, object] = {"writer": writer, "seq": seq}
                 info = store.publish("db", tree, expected=base, metadata=meta)
                 print(f"published {info.version}", flush=True)
                 break
