@@ -72,3 +72,28 @@ def bench(session: nox.Session) -> None:
         "benchmarks/out/compaction.json",
     )
     # benchmarks/efs.py needs root and FUSE; benchmarks/chunk_size.py is the chunk-size study.
+
+
+RELIABILITY = [
+    "tests/test_faults.py",
+    "tests/test_integrity.py",
+    "tests/test_fuzz.py",
+    "tests/test_soak.py",
+    "tests/test_resources.py",
+    "tests/test_signing.py",
+    "tests/test_concurrency.py::test_killed_publisher_never_leaves_a_broken_latest",
+    "tests/test_cache.py::test_sigkill_during_materialization_never_serves_a_partial_tree",
+    "tests/test_compaction.py::test_killed_compactor_loses_nothing_and_recovers",
+]
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """The long reliability suite (bounded, ~15 min): more fault runs, 120+ crashes, a longer
+    soak, more fuzzing. Outcome counts go to benchmarks/out/reliability/ (docs/RELIABILITY.md)."""
+    session.install("-e", ".[dev]", "-c", "constraints.txt")
+    env = {
+        "CHROMA_SNAPSHOTS_RELIABILITY": "long",
+        "CHROMA_SNAPSHOTS_FIGURES": "benchmarks/out/reliability",
+    }
+    session.run("pytest", "-q", *RELIABILITY, *session.posargs, env=env)

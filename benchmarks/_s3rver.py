@@ -70,7 +70,15 @@ class S3rver:
             self._proc = None
 
     def requests(self) -> tuple[int, int]:
-        """(requests, response bytes) the server logged since the last call."""
+        """(requests, response bytes) the server logged since the last call.
+
+        s3rver logs a request when it has finished sending, which can be after the client
+        has its bytes: wait until the log stops growing first."""
+        size, still = -1, 0
+        while still < 3:
+            time.sleep(0.1)
+            now = self.log.stat().st_size
+            still, size = (still + 1, size) if now == size else (0, now)
         lines = _ANSI.sub("", self.log.read_text(errors="replace")).splitlines()
         new, self._mark = lines[self._mark :], len(lines)
         hits = [m for m in map(_LINE.search, new) if m]

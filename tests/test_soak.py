@@ -29,7 +29,7 @@ def _digests(root: Path) -> dict[str, str]:
 def test_soak_publishers_and_readers(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
-    seconds = runs(ci=10, long=180)
+    seconds = runs(ci=10, long=120)
     threads_before = threading.active_count()
     url, ep = f"s3://{s3_bucket}/snaps", moto_server.endpoint_url
     publishers = [

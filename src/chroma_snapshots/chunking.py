@@ -83,6 +83,21 @@ def read_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
             yield block
 
 
+def hashed_chunks(
+    path: Path, chunk_size: int, hash_many: Callable[[list[bytes]], list[str]], batch: int = 256
+) -> Iterator[tuple[bytes, str]]:
+    """(chunk, sha256 hex) for each chunk of the file, hashed ``batch`` chunks at a time by
+    ``hash_many`` (which may spread them over threads: hashlib releases the GIL)."""
+    pending: list[bytes] = []
+    for raw in read_chunks(path, chunk_size):
+        pending.append(raw)
+        if len(pending) == batch:
+            yield from zip(pending, hash_many(pending), strict=True)
+            pending = []
+    if pending:
+        yield from zip(pending, hash_many(pending), strict=True)
+
+
 class PackWriter:
     """Appends new chunks to packs and hands each full pack to ``upload(pack_id, data)``.
 

@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ from .chunking import (
     DEFAULT_PACK_TARGET,
     PackWriter,
     SourceFile,
-    read_chunks,
+    hashed_chunks,
     scan_source,
 )
 from .deadline import Deadline, DeadlineLike, as_deadline, within
@@ -58,7 +59,15 @@ from .store import (
     prepare_dest,
     remove_tree,
 )
-from .transfer import LocalChunks, Placer, Read, fetch_and_place, place_local, plan_reads
+from .transfer import (
+    DEFAULT_MAX_READ,
+    LocalChunks,
+    Placer,
+    Read,
+    fetch_and_place,
+    place_local,
+    plan_reads,
+)
 from .validation import check_name, sha256_hex, utc_now
 
 
@@ -82,7 +91,10 @@ class RemoteStore(SourceStore):
 
     ``chunk_size`` and ``compression_level`` (None: store raw) apply to new
     publishes; readers take both from each manifest. ``default_timeout`` is the
-    deadline (seconds) of calls made with ``deadline=None``.
+    deadline (seconds) of calls made with ``deadline=None``. ``workers`` is how many
+    ranged reads (up to 8 MiB each, into one reused buffer per worker) a checkout runs at
+    once: 8 fill a Lambda's network and keep a 3 GiB checkout near 260 MB of memory
+    (16 measured 410 MB and no faster; benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -92,7 +104,7 @@ class RemoteStore(SourceStore):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pack_target: int = DEFAULT_PACK_TARGET,
         compression_level: int | None = 3,
-        workers: int = 16,
+        workers: int = 8,
         default_timeout: float = 600.0,
         label: str | None = None,
         signer: Signer | None = None,
@@ -243,17 +255,17 @@ class RemoteStore(SourceStore):
         writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
         entries, used, total, done = [], {}, sum(f.size for f in files), 0
         for f in files:
-            hashes = []
-            for raw in read_chunks(f.abspath, self.chunk_size):
-                digest = sha256_hex(raw)
+            hashes, reused = [], 0
+            for raw, digest in hashed_chunks(f.abspath, self.chunk_size, self._hash_many):
                 hashes.append(digest)
                 if digest in known:
-                    stats.add(bytes_reused=len(raw))
+                    reused += len(raw)
                 elif digest not in writer:
                     writer.add(digest, raw)
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
+            stats.add(bytes_reused=reused)
             entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
             used.update(dict.fromkeys(hashes))
         writer.flush()
@@ -261,6 +273,13 @@ class RemoteStore(SourceStore):
         table = {**known, **writer.chunks}
         stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
         return entries, {h: table[h] for h in used}
+
+    def _hash_many(self, chunks: list[bytes]) -> list[str]:
+        """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
+        publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
+        step = max(1, len(chunks) // 8)
+        slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
+        return [h for part in self._pool.map(_sha256_all, slices) for h in part]
 
     def _create_once(self, key: str, data: bytes, dl: Deadline) -> None:
         """Create ``key``; if it exists with exactly ``data``, that was us: a retried
@@ -373,9 +392,18 @@ class RemoteStore(SourceStore):
             placer.create_files()
         stats.add(chunks_total=len(placer.targets))
 
-        def fetch(r: Read) -> bytes:
-            key = pack_key(name, r.pack)
-            return within(dl, lambda: self.backend.get(key, byte_range=(r.start, r.end)).data)
+        buffers = threading.local()  # one per worker, reused: memory is workers x max read
+
+        def fetch(r: Read) -> memoryview:
+            size = r.end - r.start
+            buf: bytearray | None = getattr(buffers, "buf", None)
+            if buf is None or len(buf) < size:
+                buf = buffers.buf = bytearray(max(size, DEFAULT_MAX_READ))
+            view = memoryview(buf)
+            n = within(
+                dl, lambda: self.backend.get_into(pack_key(name, r.pack), (r.start, r.end), view)
+            )
+            return view[:n]
 
         try:
             todo = place_local(placer, local, stats)
@@ -460,3 +488,7 @@ def _wait(futures: list[Future[None]], dl: Deadline, what: str) -> None:
 
 def _publisher() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _sha256_all(chunks: list[bytes]) -> list[str]:
+    return [sha256_hex(c) for c in chunks]

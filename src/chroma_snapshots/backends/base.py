@@ -120,6 +120,16 @@ class Backend(ABC):
             return False
         return True
 
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        """Read bytes ``[start, end)`` of an object into ``buf``; returns how many arrived.
+
+        Backends that can stream into caller memory override this: a checkout then reuses
+        one buffer per worker instead of allocating (and faulting in) every read afresh."""
+        data = self.get(key, byte_range=byte_range).data
+        n = min(len(data), len(buf))
+        buf[:n] = data[:n]
+        return n
+
     def delete_many(self, keys: builtins.list[str]) -> None:
         """Remove several objects (a backend with a batch call overrides this)."""
         for key in keys:

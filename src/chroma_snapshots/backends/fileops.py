@@ -77,6 +77,17 @@ class LocalFiles:
         except OSError as e:
             raise _wrap(e, "get", key) from e
 
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        """Bytes ``[start, end)`` of ``key`` read straight into ``buf``."""
+        start, end = byte_range
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.preadv(f.fileno(), [buf[: max(0, min(end - start, len(buf)))]], start)
+        except IsADirectoryError:
+            raise SnapshotNotFoundError(f"{key}: no such object") from None
+        except OSError as e:
+            raise _wrap(e, "get", key) from e
+
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         path = self._path(key)
         try:

@@ -142,6 +142,37 @@ class S3Backend(Backend):
         meta = ObjectMeta(key, size, _etag(resp.get("ETag")), resp["LastModified"].timestamp())
         return GetResult(data, meta)
 
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        start, end = byte_range
+        if end <= start:
+            return 0
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "Range": f"bytes={start}-{end - 1}",
+        }
+        want = min(end - start, len(buf))
+        for attempt in range(self.settings.body_attempts):
+            try:
+                body = self.client.get_object(**kwargs)["Body"]
+                got = 0
+                while got < want:
+                    # 1 MiB at a time: urllib3's readinto reads into a temporary bytes object
+                    # of the requested size, so one big call would double the memory.
+                    # (The stubs say IO[bytes]; botocore takes any writable buffer.)
+                    piece = buf[got : min(want, got + (1 << 20))]
+                    n = body.readinto(piece)  # type: ignore[arg-type]
+                    if not n:
+                        break
+                    got += n
+                return got
+            except _BODY_ERRORS as e:  # a stalled or cut body: ask again
+                if attempt == self.settings.body_attempts - 1:
+                    raise _wrap(e, "get", key) from e
+            except (ClientError, BotoCoreError) as e:
+                raise _wrap(e, "get", key) from e
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         cond: dict[str, str] = {}
         if mode.kind == "create":

@@ -1,0 +1,27 @@
+"""Publish or check out under resource limits, in its own process (the exhaustion tests).
+
+usage: resource_worker.py {publish,checkout} STORE_DIR TREE_DIR NOFILE
+Sets RLIMIT_NOFILE to NOFILE, runs the operation, prints the peak RSS in MiB (VmHWM).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+
+if __name__ == "__main__":
+    op, store_dir, tree, nofile = sys.argv[1:5]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), int(nofile)))
+    store = RemoteStore(FileBackend(store_dir))
+    if op == "publish":
+        store.publish("db", tree)
+    else:
+        store.checkout("db", dest=tree)
+    status = Path("/proc/self/status").read_text()
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+    print(int(hwm[1]) // 1024 if hwm else -1)
