@@ -406,7 +406,7 @@ class RemoteStore(SourceStore):
             return view[:n]
 
         try:
-            todo = place_local(placer, local, stats)
+            todo = place_local(placer, local, stats, executor=self._pool, deadline=dl)
             fetch_and_place(
                 plan_reads(todo),
                 fetch,
