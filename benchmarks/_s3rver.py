@@ -20,7 +20,8 @@ from pathlib import Path
 ACCESS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
 REGION = "us-east-1"
 _ANSI = re.compile(r"\x1b\[\d+m")
-_LINE = re.compile(r"info: (\S+) (\d{3}) \d+ms(?: ([\d.]+)(b|kb|mb|gb))?")
+# koa-logger's time reads "1,234ms" or "12s"; the size is blank for 204 and "-" if unknown
+_LINE = re.compile(r"info: (\S+) (\d{3}) [\d,]+m?s(?: ([\d.]+)(b|kb|mb|gb))?")
 _UNIT = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 from botocore.config import Config
-from reliability import record, runs
+from reliability import LONG, record, runs
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend
@@ -67,7 +67,8 @@ def _timed(outcomes: Counter[str], what: str, fn: Callable[[], T]) -> T | None:
     return result
 
 
-@pytest.mark.parametrize("rate", [0.05, 0.2])
+# 50% only in the long suite: there some operations must fail, and fail well
+@pytest.mark.parametrize("rate", [0.05, 0.2, *([0.5] if LONG else [])])
 def test_publish_and_checkout_under_s3_faults(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path, rate: float
 ) -> None:
@@ -106,7 +107,7 @@ def test_publish_and_checkout_under_s3_faults(
     clean.close()
     faults = Counter({k: v for k, v in plan.counts.items() if k[1] != "ok"})
     assert sum(faults.values()) > 0
-    assert outcomes["publish ok"] > 0
+    assert outcomes["publish ok"] > 0 or rate > 0.2
     record(
         f"s3-faults-{int(rate * 100)}pct",
         {
