@@ -69,6 +69,7 @@ def _timed(outcomes: Counter[str], what: str, fn: Callable[[], T]) -> T | None:
 
 # 50% only in the long suite: there some operations must fail, and fail well
 @pytest.mark.parametrize("rate", [0.05, 0.2, *([0.5] if LONG else [])])
+@pytest.mark.timeout(1800 if LONG else 300)  # each step is bounded by DEADLINE, not the test
 def test_publish_and_checkout_under_s3_faults(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path, rate: float
 ) -> None:
@@ -81,7 +82,7 @@ def test_publish_and_checkout_under_s3_faults(
     with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
         faulty = _store(moto_server.client(endpoint_url=proxy.url, config=config), s3_bucket)
         attempted: list[dict[str, bytes]] = []  # a failed publish may still have landed
-        for i in range(runs(ci=4, long=40)):
+        for i in range(runs(ci=4, long=40 if rate <= 0.2 else 15)):
             src = _tree(tmp_path / f"src{i}", i)
             attempted.append(read_tree(src))
             _timed(outcomes, "publish", partial(faulty.publish, "db", src, deadline=DEADLINE))
