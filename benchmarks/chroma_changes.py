@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import random
 import shutil
 import sqlite3
 import tempfile
@@ -25,27 +24,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import chromadb
+from _chroma import add
 from _report import write_json
 
 from chroma_snapshots.chroma import client_settings, close_client
 
 MiB = 1 << 20
 CHUNK = 64 << 10
-
-
-def add(path: Path, n: int, dim: int, seed: int, threshold: int | None = None) -> None:
-    rng = random.Random(seed)
-    client = chromadb.PersistentClient(path=str(path), settings=client_settings())
-    config = cast(Any, {"hnsw": {"sync_threshold": threshold}}) if threshold else None
-    col = client.get_or_create_collection("receipts", embedding_function=None, configuration=config)
-    for lo in range(0, n, 5000):
-        ids = [f"s{seed}-{i}" for i in range(lo, min(lo + 5000, n))]
-        col.add(
-            ids=ids,
-            embeddings=cast(Any, [[rng.random() for _ in range(dim)] for _ in ids]),
-            documents=[f"receipt {i} merchant {rng.randrange(500)}" for i in ids],
-        )
-    close_client(client)
 
 
 def chunks(root: Path) -> dict[str, dict[str, int]]:

@@ -17,33 +17,19 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import chromadb
+from _chroma import add
 from _report import write_json
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.chroma import client_settings, close_client, publish_client
+from chroma_snapshots.chroma import publish_client
 from chroma_snapshots.compaction import Delta, Record, compact
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.proxy import CountingProxy
 
 MiB = 1 << 20
-
-
-def build(path: Path, records: int, dim: int) -> None:
-    rng = random.Random(0)
-    client = chromadb.PersistentClient(path=str(path), settings=client_settings())
-    col = client.get_or_create_collection("receipts", embedding_function=None)
-    for lo in range(0, records, 5000):
-        ids = [f"r{i}" for i in range(lo, min(lo + 5000, records))]
-        col.add(
-            ids=ids,
-            embeddings=cast(Any, [[rng.random() for _ in range(dim)] for _ in ids]),
-            documents=[f"receipt {i} merchant {rng.randrange(500)}" for i in ids],
-        )
-    close_client(client)
 
 
 def main() -> None:
@@ -63,7 +49,7 @@ def main() -> None:
     ):
         db = Path(tmp) / "db"
         t = time.perf_counter()
-        build(db, args.records, args.dim)
+        add(db, args.records, args.dim, seed=0)
         size = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
         print(
             f"built {args.records} records ({size / MiB:.0f} MiB) in {time.perf_counter() - t:.0f}s"

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,10 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.chroma import open_client, publish_client
 from chroma_snapshots.config import LambdaConfig
 from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.lambda_context import FakeContext
 from chroma_snapshots.testing.proxy import CountingProxy
 
 DIM = 8
-
-
-class FakeContext:
-    def __init__(self, seconds: float) -> None:
-        self.aws_request_id = uuid.uuid4().hex
-        self._end = time.monotonic() + seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int((self._end - time.monotonic()) * 1000)
 
 
 def sqs_event(*bodies: Any) -> dict[str, Any]:

@@ -27,17 +27,9 @@ from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.chroma import client_settings, publish_client
 from chroma_snapshots.config import LambdaConfig
 from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.lambda_context import FakeContext
 
 DIM = 8
-
-
-class FakeContext:
-    def __init__(self, seconds: float) -> None:
-        self.aws_request_id = uuid.uuid4().hex
-        self._end = time.monotonic() + seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int((self._end - time.monotonic()) * 1000)
 
 
 def publish_snapshot(server: MotoServer, bucket: str, tmp: Path) -> None:

@@ -65,20 +65,6 @@ class VersionId:
 _CHUNK_FIELDS = {"pack", "offset", "length", "size", "codec"}
 
 
-def _pack_id(value: object) -> str:
-    # a manifest names a few hundred packs across thousands of chunks: check each once
-    if isinstance(value, str) and value in _CHECKED_PACKS:
-        return value
-    pack = val.as_hex64(value, "pack")
-    if len(_CHECKED_PACKS) > 65536:
-        _CHECKED_PACKS.clear()
-    _CHECKED_PACKS.add(pack)
-    return pack
-
-
-_CHECKED_PACKS: set[str] = set()
-
-
 @dataclass(frozen=True)
 class Chunk:
     """Where one chunk lives: ``length`` stored bytes at ``offset`` in ``pack``."""
@@ -108,7 +94,7 @@ class Chunk:
             o = val.as_obj(obj, f"chunk {h[:12]}", _CHUNK_FIELDS)
         c = cls(
             h,
-            _pack_id(o["pack"]),
+            val.as_hex64(o["pack"], "pack"),
             val.as_int(o["offset"], "offset", 0, MAX_PACK_SIZE),
             val.as_int(o["length"], "length", 1, MAX_PACK_SIZE),
             val.as_int(o["size"], "size", 1, chunk_size),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -43,6 +43,7 @@ _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "4
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 # A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
 _BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,22 +121,28 @@ class S3Backend(Backend):
     def _strip(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+    def _get_object(
+        self, key: str, byte_range: tuple[int, int] | None, read: Callable[[Any], T]
+    ) -> tuple[Any, T]:
+        """GET ``key`` and ``read`` its body; a stalled or cut body is asked for again."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if byte_range is not None:
-            if byte_range[1] <= byte_range[0]:
-                return GetResult(b"", self.head(key))
             kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
         for attempt in range(self.settings.body_attempts):
             try:
                 resp = self.client.get_object(**kwargs)
-                data = resp["Body"].read()
-                break
+                return resp, read(resp["Body"])
             except _BODY_ERRORS as e:
                 if attempt == self.settings.body_attempts - 1:
                     raise _wrap(e, "get", key) from e
             except (ClientError, BotoCoreError) as e:
                 raise _wrap(e, "get", key) from e
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        if byte_range is not None and byte_range[1] <= byte_range[0]:
+            return GetResult(b"", self.head(key))
+        resp, data = self._get_object(key, byte_range, lambda body: body.read())
         size = resp.get("ContentLength", len(data))
         if "ContentRange" in resp:
             size = int(str(resp["ContentRange"]).rsplit("/", 1)[1])
@@ -146,32 +153,20 @@ class S3Backend(Backend):
         start, end = byte_range
         if end <= start:
             return 0
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": self._key(key),
-            "Range": f"bytes={start}-{end - 1}",
-        }
         want = min(end - start, len(buf))
-        for attempt in range(self.settings.body_attempts):
-            try:
-                body = self.client.get_object(**kwargs)["Body"]
-                got = 0
-                while got < want:
-                    # 1 MiB at a time: urllib3's readinto reads into a temporary bytes object
-                    # of the requested size, so one big call would double the memory.
-                    # (The stubs say IO[bytes]; botocore takes any writable buffer.)
-                    piece = buf[got : min(want, got + (1 << 20))]
-                    n = body.readinto(piece)  # type: ignore[arg-type]
-                    if not n:
-                        break
-                    got += n
-                return got
-            except _BODY_ERRORS as e:  # a stalled or cut body: ask again
-                if attempt == self.settings.body_attempts - 1:
-                    raise _wrap(e, "get", key) from e
-            except (ClientError, BotoCoreError) as e:
-                raise _wrap(e, "get", key) from e
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        def read_into(body: Any) -> int:
+            got = 0
+            while got < want:
+                # 1 MiB at a time: urllib3's readinto reads into a temporary bytes object of
+                # the requested size, so one big call would double the memory.
+                n = body.readinto(buf[got : min(want, got + (1 << 20))])
+                if not n:
+                    break
+                got += n
+            return got
+
+        return self._get_object(key, byte_range, read_into)[1]
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         cond: dict[str, str] = {}
