@@ -14,7 +14,13 @@ caller's path. So every call runs in a small pool of worker processes:
   (stat + listdir of the root, in a fresh worker) decides whether to close it;
 - at most ``max_abandoned`` killed workers may still be stuck in the kernel; past
   that the guard refuses to start more. A daemon thread reaps them once the mount
-  lets go, so they never become a leak, and ``stats()`` reports them.
+  lets go, so they never become a leak, and ``stats()`` reports them;
+- a worker that died (killed by an operator or the OOM killer, idle or busy) is
+  never used again. Each worker acknowledges a request once it has read all of
+  it and before running it, so a death without that acknowledgement proves the
+  call never ran: it is retried once on a fresh worker. A death after it leaves
+  the outcome unknown (a write may or may not have landed), so it raises
+  BackendUnavailableError, as does a worker that cannot be started.
 
 The clock is injectable so breaker tests need not sleep.
 """
@@ -38,6 +44,7 @@ from .deadline import Deadline
 from .errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
 
 _LEN = struct.Struct("!Q")
+_ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
 _WORKER = "from chroma_snapshots.guard import worker_main; worker_main()"
 
 
@@ -50,11 +57,20 @@ class GuardStats:
     timeouts: int
     abandoned: int
     calls: int
+    died: int = 0  # workers found dead (killed idle or during a call) and replaced
+
+
+class _WorkerDied(Exception):
+    """The worker's pipes broke; ``ran`` says whether it may have run the call."""
+
+    def __init__(self, ran: bool) -> None:
+        super().__init__("the filesystem worker died" + (" during the call" if ran else ""))
+        self.ran = ran
 
 
 class _Worker:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # OSError (no fds, no memory) is the caller's to map
             [sys.executable, "-c", _WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -66,11 +82,16 @@ class _Worker:
         assert self.proc.stdout is not None
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def call(self, payload: bytes, budget: float) -> Any:
+        """Run one request; TimeoutError past ``budget``, _WorkerDied if the pipes break."""
         end = time.monotonic() + budget
         self._write(_LEN.pack(len(payload)) + payload, end)
-        size = _LEN.unpack(self._read(_LEN.size, end))[0]
-        status, value = pickle.loads(self._read(size, end))
+        self._read(len(_ACK), end, ran=False)
+        size = _LEN.unpack(self._read(_LEN.size, end, ran=True))[0]
+        status, value = pickle.loads(self._read(size, end, ran=True))
         if status == "err":
             raise value
         return value
@@ -81,22 +102,32 @@ class _Worker:
             left = end - time.monotonic()
             if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
                 raise TimeoutError
-            view = view[os.write(self.wfd, view[: 1 << 16]) :]
+            try:
+                view = view[os.write(self.wfd, view[: 1 << 16]) :]  # a short write loops
+            except OSError as e:  # EPIPE: nobody reads, so the request is not whole anywhere
+                raise _WorkerDied(ran=False) from e
 
-    def _read(self, n: int, end: float) -> bytes:
+    def _read(self, n: int, end: float, *, ran: bool) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             left = end - time.monotonic()
             if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
                 raise TimeoutError
-            chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise BackendUnavailableError("the filesystem worker died")
+            try:
+                chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
+            except OSError as e:
+                raise _WorkerDied(ran) from e
+            if not chunk:  # EOF: the worker is gone
+                raise _WorkerDied(ran)
             buf += chunk
         return bytes(buf)
 
     def kill(self) -> None:
-        self.proc.kill()  # never waited on here: it may be stuck in the kernel
+        """Kill and close the pipes; never waited on here: it may be stuck in the kernel."""
+        self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            assert pipe is not None
+            pipe.close()  # nothing is buffered (writes go through os.write): cannot fail
 
 
 class MountGuard:
@@ -124,6 +155,7 @@ class MountGuard:
         self._abandoned: list[subprocess.Popen[bytes]] = []
         self._timeouts = 0
         self._calls = 0
+        self._died = 0
 
     def stats(self) -> GuardStats:
         """Breaker state and how many workers were abandoned (and are not yet reaped)."""
@@ -135,6 +167,7 @@ class MountGuard:
                 self._timeouts,
                 len(self._abandoned),
                 self._calls,
+                self._died,
             )
 
     def run(
@@ -180,35 +213,73 @@ class MountGuard:
     ) -> Any:
         budget = self.op_timeout if deadline is None else min(self.op_timeout, deadline.remaining())
         start = self._clock()
+        payload = pickle.dumps((target, method, args, kwargs))
         if not self._slots.acquire(timeout=budget):
             raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
         try:
-            worker = self._take()
-            payload = pickle.dumps((target, method, args, kwargs))
             try:
-                result = worker.call(payload, max(0.0, budget - (self._clock() - start)))
-            except TimeoutError:
-                self._abandon(worker)
-                raise StorageTimeoutError(f"{label} did not return within {budget:.1f}s") from None
-            except SnapshotError:
-                self._give_back(worker)
-                raise
-            except BaseException:
-                worker.kill()
-                raise
-            self._give_back(worker)
-            return result
+                return self._attempt(payload, budget, start, label)
+            except _WorkerDied as e:
+                if e.ran:
+                    raise
+                # the call never ran: one more try on a fresh worker is safe even for a write
+                return self._attempt(payload, budget, start, label)
+        except _WorkerDied as e:
+            raise BackendUnavailableError(
+                f"{label}: the filesystem worker died "
+                + ("during the call; its outcome is unknown" if e.ran else "twice before the call")
+            ) from e
         finally:
             self._slots.release()
 
-    def _take(self) -> _Worker:
+    def _attempt(self, payload: bytes, budget: float, start: float, label: str) -> Any:
+        worker = self._take(label)
+        try:
+            result = worker.call(payload, max(0.0, budget - (self._clock() - start)))
+        except TimeoutError:
+            self._abandon(worker)
+            raise StorageTimeoutError(f"{label} did not return within {budget:.1f}s") from None
+        except SnapshotError:
+            self._give_back(worker)
+            raise
+        except _WorkerDied:
+            self._bury(worker)
+            raise
+        except BaseException:
+            worker.kill()
+            raise
+        self._give_back(worker)
+        return result
+
+    def _take(self, label: str) -> _Worker:
+        """An idle worker that is still alive, or a new one; dead ones are buried on the way."""
         with self._lock:
             self._calls += 1
-            return self._idle.pop() if self._idle else _Worker()
+            alive: list[_Worker] = []
+            dead: list[_Worker] = []
+            for w in self._idle:
+                (alive if w.alive() else dead).append(w)
+            self._idle = alive
+            worker = alive.pop() if alive else None
+        for w in dead:
+            self._bury(w)
+        if worker is not None:
+            return worker
+        try:
+            return _Worker()
+        except OSError as e:
+            raise BackendUnavailableError(f"{label}: cannot start a filesystem worker: {e}") from e
 
     def _give_back(self, worker: _Worker) -> None:
         with self._lock:
             self._idle.append(worker)
+
+    def _bury(self, worker: _Worker) -> None:
+        """Forget a worker that died (its pipes broke or poll() says so)."""
+        worker.kill()
+        with self._lock:
+            self._died += 1
+        self._reap(worker.proc)
 
     def _abandon(self, worker: _Worker) -> None:
         worker.kill()
@@ -240,8 +311,14 @@ def worker_main() -> None:
     """The child's loop: read a pickled call, run it, write back the pickled outcome."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while header := stdin.read(_LEN.size):
-        target, method, args, kwargs = pickle.loads(stdin.read(_LEN.unpack(header)[0]))
+    while len(header := stdin.read(_LEN.size)) == _LEN.size:
+        size = _LEN.unpack(header)[0]
+        body = stdin.read(size)
+        if len(body) != size:
+            return  # the caller went away mid-request
+        stdout.write(_ACK)  # before running: a death after this point may have had effects
+        stdout.flush()
+        target, method, args, kwargs = pickle.loads(body)
         try:
             out: tuple[str, Any] = ("ok", getattr(target, method)(*args, **kwargs))
         except SnapshotError as e:

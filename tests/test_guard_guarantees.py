@@ -1,0 +1,194 @@
+"""A dead hang-guard worker is never reused, and FallbackStore moves on from what it documents.
+
+The workers are real processes killed with SIGKILL; ``os.getpid`` and ``time.sleep``
+run in a worker (``guard.run(fn, "__call__", ...)``) say which process served a call
+and make one that is killed mid-call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    BackendUnavailableError,
+    ConflictError,
+    FallbackStore,
+    IntegrityError,
+    InvalidInputError,
+    RemoteStore,
+    StorageTimeoutError,
+)
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.guard import MountGuard, _Worker
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+
+@pytest.fixture
+def guard() -> Iterator[MountGuard]:
+    g = MountGuard("test", op_timeout=30.0, workers=2)
+    yield g
+    g.close()
+
+
+def _worker_pid(guard: MountGuard) -> int:
+    pid: int = guard.run(os.getpid, "__call__")
+    return pid
+
+
+def _kill_idle(guard: MountGuard) -> int:
+    """SIGKILL the idle worker the next call would take, and wait until it is dead."""
+    worker = guard._idle[-1]
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+    return worker.proc.pid
+
+
+def test_a_worker_killed_while_idle_is_replaced(guard: MountGuard) -> None:
+    first = _worker_pid(guard)
+    assert _kill_idle(guard) == first
+    second = _worker_pid(guard)  # a fresh worker answers; no BrokenPipeError
+    assert second != first
+    assert guard.stats().died == 1
+    assert [w.proc.pid for w in guard._idle] == [second]
+    assert guard.stats().healthy
+
+
+def test_a_death_not_yet_noticed_is_retried_because_the_call_never_ran(
+    guard: MountGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race poll() cannot see: the worker is dead but looks alive, so the request goes
+    # into a broken pipe. Without the worker's acknowledgement the call provably never ran.
+    first = _worker_pid(guard)
+    _kill_idle(guard)
+    monkeypatch.setattr(_Worker, "alive", lambda self: True)
+    assert _worker_pid(guard) != first
+    assert guard.stats().died == 1
+
+
+def test_a_write_whose_worker_died_before_taking_it_lands_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = MountGuard("efs", op_timeout=30.0)
+    store = RemoteStore(FileBackend(tmp_path / "efs", guard=guard), chunk_size=4096)
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(20_000)})
+    v1 = store.publish("db", src).version
+    _kill_idle(guard)
+    monkeypatch.setattr(_Worker, "alive", lambda self: True)
+    (src / "a.bin").write_bytes(b"second")
+    v2 = store.publish("db", src).version  # CAS writes retried once: no ConflictError
+    assert sorted(i.version for i in store.versions("db")) == sorted([v1, v2])
+    assert store.resolve("db").version == v2
+    assert guard.stats().died >= 1
+    store.close()
+
+
+def test_a_worker_killed_mid_call_raises_the_documented_error(guard: MountGuard) -> None:
+    pid = _worker_pid(guard)
+    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    with pytest.raises(BackendUnavailableError) as err:
+        guard.run(time.sleep, "__call__", 20.0)  # the worker took it: never retried
+    killer.join()
+    assert isinstance(err.value, ConnectionError)
+    assert "during the call" in str(err.value)
+    assert guard.stats().died == 1
+    assert guard._idle == []  # the dead worker did not go back to the pool
+    assert _worker_pid(guard) != pid  # and the next call gets a live one
+    assert guard.stats().healthy  # a death is not a hung mount: the breaker stays closed
+
+
+def test_a_worker_that_cannot_start_is_the_documented_error(
+    guard: MountGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fds(self: _Worker) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_Worker, "__init__", no_fds)
+    with pytest.raises(BackendUnavailableError, match="cannot start") as err:
+        _worker_pid(guard)
+    assert isinstance(err.value.__cause__, OSError)
+
+
+# FallbackStore: which errors of the first store move on to the next.
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[RemoteStore, RemoteStore, FallbackStore, Path, str]:
+    efs = RemoteStore(FileBackend(tmp_path / "efs"), chunk_size=4096, label="efs")
+    s3 = RemoteStore(FileBackend(tmp_path / "s3"), chunk_size=4096, label="s3")
+    both = FallbackStore([efs, s3], mirror=True)
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(30_000), "s/h": b"h"})
+    version = both.publish("db", src).version
+    assert efs.resolve("db").version == version  # mirrored
+    return efs, s3, both, src, version
+
+
+HOSTILE = {
+    "garbage": b"\x00\xffnot json",
+    "wrong shape": b'{"version": [1, 2, 3]}',
+    "nested": b"[" * 200_000,
+}
+
+
+@pytest.mark.parametrize("content", HOSTILE.values(), ids=list(HOSTILE))
+def test_fallback_moves_on_from_a_hostile_ref(
+    pair: tuple[RemoteStore, RemoteStore, FallbackStore, Path, str],
+    tmp_path: Path,
+    content: bytes,
+) -> None:
+    efs, s3, both, src, version = pair
+    (tmp_path / "efs" / "db" / "refs" / "latest").write_bytes(content)
+    with pytest.raises(IntegrityError):
+        efs.checkout("db", dest=tmp_path / "direct")
+    snap = both.checkout("db", dest=tmp_path / "out")
+    assert snap.source == s3.label
+    assert snap.info.version == version
+    assert read_tree(snap.path) == read_tree(src)
+
+
+def test_fallback_moves_on_from_a_damaged_manifest(
+    pair: tuple[RemoteStore, RemoteStore, FallbackStore, Path, str], tmp_path: Path
+) -> None:
+    _, s3, both, src, version = pair
+    manifests = [p for p in (tmp_path / "efs" / "db").rglob("*") if version in p.name]
+    assert manifests
+    for p in manifests:
+        p.write_bytes(p.read_bytes()[:-7])  # truncated: unparseable
+    snap = both.checkout("db", dest=tmp_path / "out")
+    assert snap.source == s3.label
+    assert read_tree(snap.path) == read_tree(src)
+
+
+def test_fallback_moves_on_from_a_dead_store_but_not_from_bad_input(
+    pair: tuple[RemoteStore, RemoteStore, FallbackStore, Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    efs, s3, both, _, _ = pair
+    for err in (BackendUnavailableError("down"), StorageTimeoutError("slow")):
+
+        def fail(*a: object, _e: Exception = err, **k: object) -> None:
+            raise _e
+
+        monkeypatch.setattr(efs, "read_ref", fail)
+        assert both.checkout("db", dest=tmp_path / type(err).__name__).source == s3.label
+    # Errors that would be the same on every store propagate at once.
+    with pytest.raises(InvalidInputError):
+        both.checkout("not a name!")
+    calls: list[str] = []
+
+    def conflict(*a: object, **k: object) -> None:
+        calls.append("efs")
+        raise ConflictError("lost")
+
+    monkeypatch.setattr(efs, "read_ref", conflict)
+    with pytest.raises(ConflictError):
+        both.checkout("db", dest=tmp_path / "c")
+    assert calls == ["efs"]
