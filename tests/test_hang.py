@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,39 @@ def test_fallback_serves_from_s3_when_efs_hangs(
     v2 = both.publish("db", src, deadline=Deadline(6))
     assert s3.resolve("db").version == v2.version
     assert time.monotonic() - t < 7.0
+
+
+def test_fallback_serves_from_s3_when_the_efs_worker_dies(
+    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3 = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url)),
+        chunk_size=4096,
+        label=f"s3://{s3_bucket}/snaps",
+    )
+    efs = _efs_store(mount)
+    both = FallbackStore([efs, s3], mirror=True)
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
+    both.publish("db", src)
+    guard = efs.backend.guard  # type: ignore[attr-defined]
+    # Killed while idle: replaced, EFS keeps serving.
+    idle = guard._idle[-1].proc
+    os.kill(idle.pid, signal.SIGKILL)
+    idle.wait(timeout=10)
+    assert both.checkout("db", dest=tmp_path / "a", deadline=20).source == efs.label
+    # Killed during a call (slowed by the mount, so the kill lands inside it): the call
+    # ends in BackendUnavailableError and the checkout moves on to S3.
+    mount.set_mode("latency 1.5")
+    busy = guard._idle[-1].proc  # the worker the next call takes
+    threading.Timer(0.5, os.kill, (busy.pid, signal.SIGKILL)).start()
+    snap = both.checkout("db", dest=tmp_path / "b", deadline=20)
+    assert snap.source == s3.label
+    assert read_tree(snap.path) == read_tree(src)
+    assert busy.wait(timeout=10) == -signal.SIGKILL
+    assert guard.stats().died == 2
+    assert all(w.proc.poll() is None for w in guard._idle)
+    mount.set_mode("ok")
+    assert efs.checkout("db", dest=tmp_path / "c", deadline=20).source == efs.label
 
 
 def _cli_on_hung_mount(mount: FaultyMount, efs_timeout: str, *args: str) -> tuple[float, str]:
