@@ -1,8 +1,18 @@
 """``FallbackStore``: read from the first store that answers in time (EFS, then S3).
 
-Reads try each store with a share of the remaining deadline; a store that
-times out, is unreachable, lacks the version (a lagging mirror) or serves
-damaged data is skipped, and the result names the store that served it.
+Reads try each store with a share of the remaining deadline and the result
+names the store that served it. A store is skipped when it
+
+- times out (StorageTimeoutError: a hung mount, a stalled read),
+- is unavailable (BackendUnavailableError: unreachable, refused, or its mount
+  worker died during the call),
+- lacks the ref or version (SnapshotNotFoundError: a lagging mirror), or
+- serves damaged or hostile data (IntegrityError: a bad hash or signature, an
+  unparseable or absurd ref or manifest).
+
+Everything else propagates from the first store: bad input (InvalidInputError,
+ConfigError) and a lost compare-and-swap (ConflictError) would be the same on
+every store, and a full local disk (CacheFullError) is not the store's fault.
 Writes go to the source of truth (the last store unless told otherwise) and,
 with ``mirror=True``, are copied to the other stores afterwards; a failed
 mirror is logged and never fails the publish.
@@ -40,8 +50,7 @@ from .transfer import LocalChunks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# What makes a read move on to the next store. A ConflictError or bad input would be
-# the same everywhere, so those propagate.
+# What makes a read move on to the next store (see the module docstring).
 _SKIP = (StorageTimeoutError, BackendUnavailableError, SnapshotNotFoundError, IntegrityError)
 
 
