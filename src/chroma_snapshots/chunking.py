@@ -19,7 +19,7 @@ import zstandard
 
 from .errors import IntegrityError, InvalidInputError
 from .models import Chunk
-from .validation import check_relpath, sha256_hex
+from .validation import MAX_CHUNK_SIZE, MAX_PATH_DEPTH, check_relpath, sha256_hex
 
 DEFAULT_CHUNK_SIZE = 64 << 10
 DEFAULT_PACK_TARGET = 16 << 20
@@ -40,32 +40,55 @@ class SourceFile:
 def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
     """Regular files (sorted by path) and empty directories below ``root``.
 
-    Symlinks, devices, sockets and names that could not round-trip safely are
-    refused with InvalidInputError: a snapshot must mean the same bytes everywhere.
+    Symlinks, devices, sockets, names that could not round-trip safely and trees deeper
+    than ``MAX_PATH_DEPTH`` are refused with InvalidInputError: a snapshot must mean the
+    same bytes everywhere. The walk keeps its own stack (no recursion), so any depth of
+    tree ends in that error, found before anything below the limit is read.
     """
     top = Path(root)
     if not top.is_dir():
         raise InvalidInputError(f"source {str(top)!r} is not a directory")
     files: list[SourceFile] = []
     empty: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        here = Path(dirpath)
-        rel_dir = here.relative_to(top).as_posix()
-        if not dirnames and not filenames and rel_dir != ".":
+    todo: list[tuple[Path, str, int]] = [(top, "", 0)]  # (directory, its relpath, its depth)
+    while todo:
+        here, rel_dir, depth = todo.pop()
+        entries = _list_dir(here)
+        if not entries and rel_dir:
             empty.append(_relpath(rel_dir))
-        for name in [*dirnames, *filenames]:
-            st = os.lstat(here / name)
+        for entry in entries:
+            path = here / entry.name
+            if depth >= MAX_PATH_DEPTH:
+                raise InvalidInputError(
+                    f"{path}: more than {MAX_PATH_DEPTH} levels below the source directory"
+                )
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            st = _lstat(entry)
             if stat.S_ISLNK(st.st_mode):
-                raise InvalidInputError(f"{here / name}: symlinks are not supported in snapshots")
-            if name in dirnames:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidInputError(f"{here / name}: not a regular file")
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            files.append(SourceFile(_relpath(rel), here / name, st.st_size, st.st_mode & 0o777))
+                raise InvalidInputError(f"{path}: symlinks are not supported in snapshots")
+            if stat.S_ISDIR(st.st_mode):
+                todo.append((path, rel, depth + 1))
+            elif stat.S_ISREG(st.st_mode):
+                files.append(SourceFile(_relpath(rel), path, st.st_size, st.st_mode & 0o777))
+            else:
+                raise InvalidInputError(f"{path}: not a regular file")
     files.sort(key=lambda f: f.relpath)
     return files, sorted(empty)
+
+
+def _list_dir(here: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(here) as it:
+            return list(it)
+    except OSError as e:
+        raise InvalidInputError(f"{here}: cannot list the source directory ({e})") from e
+
+
+def _lstat(entry: os.DirEntry[str]) -> os.stat_result:
+    try:
+        return entry.stat(follow_symlinks=False)
+    except OSError as e:
+        raise InvalidInputError(f"{entry.path}: cannot stat a source file ({e})") from e
 
 
 def _relpath(rel: str) -> str:
@@ -151,6 +174,22 @@ class PackWriter:
         self._upload(pack_id, data)
 
 
+def _unzstd(c: Chunk, stored: bytes | memoryview) -> bytes:
+    """Decompress into at most ``c.size`` bytes. The frame header's content size is checked
+    first: the decompressor allocates whatever it declares, even past ``max_output_size``."""
+    try:
+        declared = zstandard.frame_content_size(stored)
+        if declared not in (-1, c.size):  # -1: the header does not say
+            raise IntegrityError(
+                f"chunk {c.hash[:12]}: compressed frame declares {declared} bytes, not {c.size}"
+            )
+        return zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE).decompress(
+            stored, max_output_size=c.size
+        )
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"chunk {c.hash[:12]}: corrupt compressed data") from e
+
+
 def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes | memoryview:
     """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch.
 
@@ -159,14 +198,7 @@ def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes | memoryview:
         raise IntegrityError(
             f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}"
         )
-    raw: bytes | memoryview
-    if c.codec == "zstd":
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=c.size)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"chunk {c.hash[:12]}: corrupt compressed data") from e
-    else:
-        raw = stored
+    raw = _unzstd(c, stored) if c.codec == "zstd" else stored
     if len(raw) != c.size or sha256_hex(raw) != c.hash:
         raise IntegrityError(f"chunk {c.hash[:12]} in pack {c.pack[:12]}: hash mismatch")
     return raw

@@ -19,8 +19,14 @@ from .validation import (
     CODECS,
     FORMAT_VERSION,
     MAX_CHUNK_SIZE,
+    MAX_CHUNKS,
+    MAX_DIRS,
     MAX_FILE_SIZE,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    MAX_METADATA_DEPTH,
     MAX_PACK_SIZE,
+    MAX_REF_BYTES,
     MIN_CHUNK_SIZE,
     VERSION_RE,
     canonical_json,
@@ -29,6 +35,7 @@ from .validation import (
     format_time,
     parse_time,
     sha256_hex,
+    zstd_bound,
 )
 
 
@@ -100,8 +107,16 @@ class Chunk:
             val.as_int(o["size"], "size", 1, chunk_size),
             o["codec"],
         )
-        if c.codec not in CODECS or (c.codec == "none" and c.length != c.size):
-            raise IntegrityError(f"chunk {h[:12]}: bad codec {c.codec!r} or length")
+        # Readers size buffers from these, so every length is bounded by the format: raw
+        # bytes are stored as they are, zstd never needs more than its compress bound.
+        bound = c.size if c.codec == "none" else zstd_bound(c.size)
+        if c.codec not in CODECS or not c.length <= bound or c.offset + c.length > MAX_PACK_SIZE:
+            raise IntegrityError(
+                f"chunk {h[:12]}: codec {c.codec!r} with {c.length} stored bytes at offset "
+                f"{c.offset} for {c.size} bytes is impossible"
+            )
+        if c.codec == "none" and c.length != c.size:
+            raise IntegrityError(f"chunk {h[:12]}: {c.length} raw bytes stored for {c.size}")
         return c
 
 
@@ -182,16 +197,26 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         """Parse and fully validate manifest bytes; IntegrityError on anything unexpected."""
-        o = val.as_obj(val.loads_json(data, "manifest"), "manifest", _MANIFEST_KEYS)
+        raw = val.loads_json(data, "manifest", MAX_MANIFEST_BYTES)
+        o = val.as_obj(raw, "manifest", _MANIFEST_KEYS)
         if o["format"] != FORMAT_VERSION:
             raise IntegrityError(f"manifest format {o['format']!r} is not supported (need 1)")
         cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
         if cs & (cs - 1):
             raise IntegrityError("chunk_size must be a power of two")
         table = val.as_obj(o["chunks"], "chunk table", None)
+        file_list, dir_list = val.as_list(o["files"], "files"), val.as_list(o["dirs"], "dirs")
+        for what, n, most in (
+            ("chunks", len(table), MAX_CHUNKS),
+            ("files", len(file_list), MAX_FILES),
+            ("dirs", len(dir_list), MAX_DIRS),
+        ):
+            if n > most:
+                raise IntegrityError(f"manifest lists {n} {what}, more than {most}")
+        val.check_depth(o["metadata"], "metadata", MAX_METADATA_DEPTH)
         chunks = {h: Chunk.from_obj(val.as_hex64(h, "chunk"), c, cs) for h, c in table.items()}
-        files = tuple(FileEntry.from_obj(f) for f in val.as_list(o["files"], "files"))
-        dirs = tuple(check_relpath(d, "dir") for d in val.as_list(o["dirs"], "dirs"))
+        files = tuple(FileEntry.from_obj(f) for f in file_list)
+        dirs = tuple(check_relpath(d, "dir") for d in dir_list)
         m = cls(
             val.as_str(o["name"], "name"),
             parse_time(o["created_at"], "created_at"),
@@ -295,7 +320,7 @@ class RefValue:
     @classmethod
     def from_json(cls, data: bytes) -> RefValue:
         """Parse and validate ref bytes; IntegrityError on anything unexpected."""
-        raw = val.loads_json(data, "ref")
+        raw = val.loads_json(data, "ref", MAX_REF_BYTES)
         keys = {"format", "version", "generation", "updated_at"}
         if isinstance(raw, dict) and "signature" in raw:
             keys.add("signature")

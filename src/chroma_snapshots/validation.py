@@ -21,7 +21,15 @@ MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger is a corrupt or hostile manif
 MAX_PACK_SIZE = 1 << 32
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
+MAX_PATH_DEPTH = 64  # components; deeper trees are refused, never walked or created
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 12, 1 << 26
+# Counts and byte sizes a manifest may declare: 1 Mi chunks is 64 GiB at the default chunk
+# size, and a chunk costs under 300 bytes of canonical JSON (its table entry and its hash in
+# a file's list), so 256 MiB leaves room for paths and metadata.
+MAX_CHUNKS = MAX_FILES = MAX_DIRS = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 28
+MAX_REF_BYTES = 4096  # a ref is about 200 bytes, signed or not
+MAX_METADATA_DEPTH = 32  # nesting of a manifest's free-form metadata
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -70,9 +78,13 @@ def check_name(name: str, what: str = "snapshot name") -> str:
 
 
 def check_relpath(path: object, what: str = "path") -> str:
-    """Validate a relative POSIX path from a manifest or a source tree."""
+    """Validate a relative POSIX path from a manifest or a source tree: at most
+    ``MAX_PATH_DEPTH`` components of at most ``MAX_COMPONENT_BYTES``, ``MAX_PATH_BYTES`` in all."""
     if not isinstance(path, str) or not path:
         raise IntegrityError(f"{what}: empty or not a string")
+    parts = path.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise IntegrityError(f"{what}: {len(parts)} components, more than {MAX_PATH_DEPTH}")
     bad = (
         path.startswith("/")
         or "\\" in path
@@ -80,17 +92,43 @@ def check_relpath(path: object, what: str = "path") -> str:
         or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES
         or unicodedata.normalize("NFC", path) != path
     )
-    parts = path.split("/")
     if bad or any(p in ("", ".", "..") or len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
         raise IntegrityError(f"{what}: unsafe or non-canonical path {path!r}")
     return path
 
 
-def loads_json(data: bytes, what: str) -> object:
+def loads_json(data: bytes, what: str, max_bytes: int) -> object:
+    """Parse stored JSON of at most ``max_bytes``; IntegrityError for anything else.
+
+    The size is checked before parsing so a hostile object costs no more memory than the
+    largest valid one. CPython's C decoder counts nesting against the recursion limit, so
+    a deeply nested document ends in RecursionError, caught here, never a crash."""
+    if len(data) > max_bytes:
+        raise IntegrityError(f"{what} is {len(data)} bytes, more than the {max_bytes} allowed")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError as e:
+        raise IntegrityError(f"{what} is nested too deeply") from e
+    except (ValueError, UnicodeDecodeError) as e:  # also an integer with too many digits
         raise IntegrityError(f"{what} is not valid JSON") from e
+
+
+def zstd_bound(size: int) -> int:
+    """The most bytes zstd can take to store ``size`` bytes (``ZSTD_COMPRESSBOUND``)."""
+    small = ((128 << 10) - size) >> 11 if size < 128 << 10 else 0
+    return size + (size >> 8) + small
+
+
+def check_depth(o: object, what: str, limit: int) -> None:
+    """IntegrityError if lists and objects in ``o`` nest deeper than ``limit``. Iterative: it
+    must not itself run out of stack on what it is checking."""
+    todo: list[tuple[object, int]] = [(o, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, (dict, list)):
+            if depth >= limit:
+                raise IntegrityError(f"{what} nests deeper than {limit} levels")
+            todo.extend((c, depth + 1) for c in (node.values() if isinstance(node, dict) else node))
 
 
 def as_obj(o: object, what: str, keys: set[str] | None) -> dict[str, Any]:

@@ -87,6 +87,25 @@ def put_error(err: SnapshotError, key: str, mode: PutMode) -> SnapshotError:
     return err
 
 
+def past_end(key: str, start: int) -> IntegrityError:
+    """The error for a range read that starts at or past the end of an object (S3: HTTP 416):
+    the object is shorter than whoever asked (a manifest) says, so it is damaged."""
+    return IntegrityError(f"{key} ends before byte {start}: shorter than the manifest says")
+
+
+def range_refused(err: BaseException) -> bool:
+    """True for S3's answer to a range that starts past the end (416 InvalidRange), from
+    botocore directly or wrapped by s3fs (the ClientError is then the ``__cause__``)."""
+    for e in (err, err.__cause__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and (
+            resp.get("Error", {}).get("Code") == "InvalidRange"
+            or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416
+        ):
+            return True
+    return False
+
+
 class Backend(ABC):
     """Object storage addressed by ``/``-separated keys relative to the backend's root."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import BackendUnavailableError, ConflictError, SnapshotError, SnapshotNotFoundError
-from .base import GetResult, ObjectMeta, PutMode, check_key
+from .base import GetResult, ObjectMeta, PutMode, check_key, past_end
 
 _RESERVED = "."  # names starting with this are temp files and locks, never keys
 
@@ -71,6 +71,8 @@ class LocalFiles:
                 if byte_range is None:
                     return GetResult(f.read(), meta)
                 start, end = byte_range
+                if start >= meta.size and end > start:
+                    raise past_end(key, start)
                 return GetResult(os.pread(f.fileno(), max(0, end - start), start), meta)
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
@@ -81,12 +83,16 @@ class LocalFiles:
         """Bytes ``[start, end)`` of ``key`` read straight into ``buf``."""
         start, end = byte_range
         try:
+            want = max(0, min(end - start, len(buf)))
             with open(self._path(key), "rb") as f:
-                return os.preadv(f.fileno(), [buf[: max(0, min(end - start, len(buf)))]], start)
+                n = os.preadv(f.fileno(), [buf[:want]], start)
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
         except OSError as e:
             raise _wrap(e, "get", key) from e
+        if n == 0 and want:  # nothing at all: the object ends before ``start``
+            raise past_end(key, start)
+        return n
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         path = self._path(key)

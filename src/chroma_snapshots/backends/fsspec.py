@@ -21,7 +21,16 @@ from ..errors import (
     SnapshotNotFoundError,
     UnsupportedOperationError,
 )
-from .base import Backend, GetResult, ObjectMeta, PutMode, check_key, put_error
+from .base import (
+    Backend,
+    GetResult,
+    ObjectMeta,
+    PutMode,
+    check_key,
+    past_end,
+    put_error,
+    range_refused,
+)
 
 _MEMORY_LOCK = threading.Lock()
 
@@ -40,6 +49,12 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
     if code == "PreconditionFailed":
         return ConflictError(f"{op} {key}: precondition failed")
     return BackendUnavailableError(f"{op} {key}: {type(err).__name__}")
+
+
+def _check_range(key: str, byte_range: tuple[int, int] | None, size: int) -> None:
+    # as on S3 (416) and files: a range that starts past the end means a damaged object
+    if byte_range is not None and byte_range[0] >= size and byte_range[1] > byte_range[0]:
+        raise past_end(key, byte_range[0])
 
 
 class FsspecBackend(Backend):
@@ -79,6 +94,7 @@ class FsspecBackend(Backend):
         try:
             if self._kind == "memory":
                 whole = self.fs.cat_file(path)
+                _check_range(key, byte_range, len(whole))
                 # the etag is the content's hash, so data and etag always agree
                 return GetResult(whole[start:end], self._meta(key, {"size": len(whole)}, whole))
             # Read between two metadata calls: equal ETags mean the bytes are that version.
@@ -91,8 +107,13 @@ class FsspecBackend(Backend):
                     self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
                 )
                 if before.get("ETag") == after.get("ETag"):
+                    _check_range(key, byte_range, int(after.get("size") or 0))
                     return GetResult(data, self._meta(key, after))
+        except SnapshotError:
+            raise
         except Exception as e:
+            if byte_range is not None and range_refused(e):
+                raise past_end(key, byte_range[0]) from e
             raise _wrap(e, "get", key) from e
         raise ConflictError(f"get {key}: object kept changing while being read")
 

@@ -33,7 +33,16 @@ from ..errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from .base import Backend, GetResult, ObjectMeta, PutMode, check_key, put_error
+from .base import (
+    Backend,
+    GetResult,
+    ObjectMeta,
+    PutMode,
+    check_key,
+    past_end,
+    put_error,
+    range_refused,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -136,6 +145,8 @@ class S3Backend(Backend):
                 if attempt == self.settings.body_attempts - 1:
                     raise _wrap(e, "get", key) from e
             except (ClientError, BotoCoreError) as e:
+                if byte_range is not None and range_refused(e):
+                    raise past_end(key, byte_range[0]) from e
                 raise _wrap(e, "get", key) from e
         raise AssertionError("unreachable: the last attempt returns or raises")
 
