@@ -5,6 +5,8 @@ Tests point boto3 at the proxy and count what the server really received
 ``stall`` makes chosen responses stop mid-body, like a server or network that
 stops sending without closing the connection; a :class:`~.faults.FaultPlan` damages
 requests at random (503, 500, reset, stall, truncated body, latency), seeded.
+``strip_headers`` drops request headers before forwarding, e.g. ``If-None-Match`` and
+``If-Match`` to play a server that ignores conditional writes (as s3rver does).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ class _Stall:
 class CountingProxy:
     """Forwards HTTP to ``upstream`` (e.g. a MotoServer's endpoint) and records each request."""
 
-    def __init__(self, upstream: str, faults: FaultPlan | None = None) -> None:
+    def __init__(
+        self, upstream: str, faults: FaultPlan | None = None, strip_headers: tuple[str, ...] = ()
+    ) -> None:
         parts = urlsplit(upstream)
         self.faults = faults
+        self._drop = _HOP | {h.lower() for h in strip_headers}
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
@@ -141,7 +146,7 @@ class CountingProxy:
                     return self._reset()
                 if fault == "latency" and proxy.faults is not None:
                     time.sleep(proxy.faults.latency_seconds)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy._drop}
                 conn = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body or None, headers=headers)
