@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..chunking import read_chunks
+from ..models import Manifest
 from ..validation import sha256_hex
 from .store import CachedStore
+
+_WAIT_FOR_LOCK = 30.0  # a version being repaired or materialized is worth waiting for
 
 
 @dataclass(frozen=True)
@@ -21,13 +25,14 @@ class CacheEntry:
 
 
 def entries(store: CachedStore) -> list[CacheEntry]:
-    """Every complete cached version, least recently used first."""
+    """Every complete cached version, least recently used first (other processes may
+    evict any of them meanwhile: those are left out)."""
     out = []
     for name in store.cached_names():
         d = store.dirs(name)
         for v in d.complete():
-            size = d.read_manifest(v).total_size
-            out.append(CacheEntry(name, v, size, d.last_used(v), d.pinned(v)))
+            if (m := store.cached_manifest(name, v)) is not None:
+                out.append(CacheEntry(name, v, m.total_size, d.last_used(v), d.pinned(v)))
     return sorted(out, key=lambda e: e.last_used)
 
 
@@ -37,10 +42,19 @@ def clear(store: CachedStore) -> list[CacheEntry]:
 
 
 def verify(store: CachedStore, entry: CacheEntry) -> list[str]:
-    """Rehash every file of a cached version against its manifest; the problems found."""
-    d = store.dirs(entry.name)
-    manifest = d.read_manifest(entry.version)
-    tree = d.tree(entry.version)
+    """Rehash every file of a cached version against its manifest; the problems found
+    (none if another process evicted it first: a version no longer cached is not wrong)."""
+    held = store.hold(entry.name, entry.version, timeout=_WAIT_FOR_LOCK)
+    if held is None:
+        return []
+    manifest, pin = held
+    try:
+        return _problems(store.dirs(entry.name).tree(entry.version), manifest)
+    finally:
+        pin.unlink(missing_ok=True)
+
+
+def _problems(tree: Path, manifest: Manifest) -> list[str]:
     problems = []
     for f in manifest.files:
         path = tree / f.path

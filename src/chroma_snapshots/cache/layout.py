@@ -9,10 +9,13 @@
         tmp/{version}.{pid}.{uuid}/  work in progress; never served, cleaned at next open
         locks/{version}.lock         one materializer or repairer per version at a time
         pins/{version}/{pid}-{uuid}  a consumer holds this version open
+        refs/{ref}                   the version the ref named when last read
 
 A version is complete when its tree and both meta files exist. Meta files are
 written before the tree is renamed into place and removed after it is gone,
 so a crash at any point leaves either a complete version or only leftovers.
+Other processes may evict any version at any time unless its lock is held or
+a live pin names it, so every read here tolerates a version that just vanished.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import IntegrityError
-from ..models import Manifest
+from ..errors import SnapshotError
+from ..models import Manifest, VersionId
+from ..store import remove_tree
+from ..validation import check_name
 
 Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
 
@@ -36,8 +41,12 @@ Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a unique temp file and rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)  # a buffered write: loops on short writes or raises
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def stamp_of(path: Path) -> Stamp | None:
@@ -82,18 +91,22 @@ class NameDirs:
         return FileLock(self.root / "locks" / f"{version}.lock")
 
     def work_dir(self, version: str) -> Path:
-        tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        work = tmp / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        work = self._tmp_path(version)
         work.mkdir()
         return work
 
+    def _tmp_path(self, version: str) -> Path:
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
     def complete(self) -> list[str]:
-        """Complete versions, oldest id first."""
-        versions = self.root / "versions"
-        if not versions.is_dir():
+        """Complete versions, oldest id first (any may be evicted the moment after)."""
+        try:
+            listed = os.listdir(self.root / "versions")
+        except FileNotFoundError:
             return []
-        return sorted(v.name for v in versions.iterdir() if self.is_complete(v.name))
+        return sorted(v for v in listed if self.is_complete(v))
 
     def is_complete(self, version: str) -> bool:
         return (
@@ -102,15 +115,20 @@ class NameDirs:
             and self.stamps_file(version).is_file()
         )
 
-    def read_manifest(self, version: str) -> Manifest:
-        return Manifest.from_json(self.manifest_file(version).read_bytes())
+    def read_manifest(self, version: str) -> Manifest | None:
+        """The cached manifest; None if it is gone (evicted) or damaged."""
+        try:
+            return Manifest.from_json(self.manifest_file(version).read_bytes())
+        except (OSError, SnapshotError):
+            return None
 
     def read_stamps(self, version: str) -> dict[str, Stamp]:
+        """The stamps; empty if gone or damaged, which makes every file look changed."""
         try:
             raw = json.loads(self.stamps_file(version).read_bytes())
             return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
-        except (OSError, ValueError, TypeError, IndexError) as e:
-            raise IntegrityError(f"cache stamps of {version} are unreadable") from e
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            return {}
 
     def write_stamps(self, version: str, root: Path, manifest: Manifest) -> None:
         stamps = {f.path: stamp_of(root / f.path) for f in manifest.files}
@@ -128,7 +146,9 @@ class NameDirs:
             return 0.0
 
     def touch(self, version: str) -> None:
-        """Record a use (LRU order is by the stamps file's atime, set explicitly)."""
+        """Record a use (LRU order is by the stamps file's atime, set explicitly).
+
+        Only with the version's lock held on a complete version: nobody can evict it then."""
         path = self.stamps_file(version)
         st = path.stat()
         os.utime(path, ns=(max(st.st_atime_ns, time.time_ns()), st.st_mtime_ns))
@@ -142,13 +162,52 @@ class NameDirs:
 
     def pinned(self, version: str) -> bool:
         """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""
-        pins = self.root / "pins" / version
-        if not pins.is_dir():
+        try:
+            pins = os.listdir(self.root / "pins" / version)
+        except FileNotFoundError:
             return False
         live = False
-        for pin in pins.iterdir():
-            if pid_alive(int(pin.name.split("-", 1)[0])):
+        for pin in pins:
+            pid = pin.split("-", 1)[0]
+            if pid.isdigit() and pid_alive(int(pid)):
                 live = True
-            else:
-                pin.unlink(missing_ok=True)
+            else:  # unlinked by its holder meanwhile is fine too
+                (self.root / "pins" / version / pin).unlink(missing_ok=True)
         return live
+
+    def discard(self, version: str) -> None:
+        """Remove a version, tree first (so it stops being complete at once), then its meta.
+        With the version's lock held; a version another process already removed is a no-op."""
+        trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
+        try:
+            os.replace(self.tree(version), trash)
+        except FileNotFoundError:
+            pass  # evicted by another process before we got the lock
+        finally:
+            self.manifest_file(version).unlink(missing_ok=True)
+            self.stamps_file(version).unlink(missing_ok=True)
+            remove_tree(trash)
+
+    def recorded_ref(self, ref: str) -> str | None:
+        """The version ``ref`` named when it was last read from the store, if recorded."""
+        try:
+            version = (self.root / "refs" / check_name(ref, "ref name")).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return version if VersionId.is_version(version) else None
+
+    def record_ref(self, ref: str, version: str | None) -> None:
+        """Remember that ``ref`` names ``version`` (None: the ref does not exist); written
+        only when it changed. A record that cannot be written is removed, so a stale read
+        fails rather than serve a version the ref no longer names."""
+        if self.recorded_ref(ref) == version:
+            return
+        path = self.root / "refs" / check_name(ref, "ref name")
+        try:
+            if version is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, version.encode())
+        except OSError:
+            path.unlink(missing_ok=True)

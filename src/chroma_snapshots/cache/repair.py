@@ -21,12 +21,12 @@ def remove_extras(tree: Path, manifest: Manifest) -> None:
         rel = Path(dirpath).relative_to(tree).as_posix()
         prefix = "" if rel == "." else f"{rel}/"
         for fn in filenames:
-            if prefix + fn not in files:
-                os.unlink(os.path.join(dirpath, fn))
+            if prefix + fn not in files:  # its writer may have removed it meanwhile
+                Path(dirpath, fn).unlink(missing_ok=True)
         for dn in dirnames:
             full = os.path.join(dirpath, dn)
             if os.path.islink(full):
-                os.unlink(full)
+                Path(full).unlink(missing_ok=True)
             elif prefix + dn not in dirs:
                 remove_tree(Path(full))
 

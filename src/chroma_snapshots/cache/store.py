@@ -14,6 +14,9 @@ import os
 import shutil
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -22,6 +25,7 @@ from ..deadline import Deadline, DeadlineLike, as_deadline
 from ..errors import (
     BackendUnavailableError,
     CacheFullError,
+    SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
@@ -50,8 +54,9 @@ class CachedStore(DelegatingStore):
     """Wraps a RemoteStore with a local cache of materialized versions.
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
-    disk free. ``stale_ok`` serves the newest cached version, flagged
-    ``stale=True``, when the remote store can't be reached within the deadline.
+    disk free. ``stale_ok``: when the remote store can't be reached within the
+    deadline, serve the version the asked ref named when it was last read, flagged
+    ``stale=True``, if that version is cached; otherwise the outage's error is raised.
     """
 
     def __init__(
@@ -104,16 +109,12 @@ class CachedStore(DelegatingStore):
         dl = as_deadline(deadline, self.inner.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         d = self.dirs(name)
-        version, stale = self._current_version(name, ref, dl, stats)
+        version, outage = self._current_version(name, ref, dl, stats)
+        stale = outage is not None
         try:
+            # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
-                if d.is_complete(version):
-                    manifest = self._manifest(d, name, version)
-                    source = self._repair(name, version, manifest, dl, stats)
-                else:
-                    manifest = self.inner.load_manifest(name, version, deadline=dl)
-                    stats.add(requests=1)
-                    source = self._materialize(name, version, manifest, dl, stats, progress)
+                manifest, source = self._serve(name, version, outage, dl, stats, progress)
                 d.touch(version)
                 pin = d.pin(version)
         except LockTimeout as e:
@@ -142,50 +143,99 @@ class CachedStore(DelegatingStore):
         """The version ``ref`` names, with one small request (the ref), and whether it is a
         stale answer from the cache (``stale_ok`` and the store did not answer)."""
         dl = as_deadline(deadline, self.inner.default_timeout)
-        return self._current_version(name, ref, dl, StatsRecorder())
+        version, outage = self._current_version(name, ref, dl, StatsRecorder())
+        return version, outage is not None
 
     def _current_version(
         self, name: str, ref: str, dl: Deadline, stats: StatsRecorder
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, SnapshotError | None]:
+        """The version to serve and, for a stale answer, the outage that made it stale."""
         if VersionId.is_version(ref):
-            return ref, False
+            return ref, None
+        d = self.dirs(name)
         try:
             found = self.inner.read_ref(name, ref, deadline=dl)
             stats.add(requests=1)
         except (BackendUnavailableError, StorageTimeoutError) as e:
-            if not self.stale_ok:
-                raise
-            cached = self.dirs(name).complete()
-            if not cached:
-                raise BackendUnavailableError(
-                    f"{name}: store unreachable and nothing cached"
-                ) from e
+            version = d.recorded_ref(ref) if self.stale_ok else None
+            if version is None or not d.is_complete(version):
+                raise  # never another version than the one this ref was last seen to name
             log.warning(
-                "serving cached %s/%s stale: the store did not answer (%s)",
+                "serving cached %s/%s for %r stale: the store did not answer (%s)",
                 name,
-                cached[-1],
+                version,
+                ref,
                 type(e).__name__,
             )
-            return cached[-1], True
+            return version, e
+        d.record_ref(ref, None if found is None else found[0].version)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
-        return found[0].version, False
+        return found[0].version, None
 
-    def _manifest(self, d: NameDirs, name: str, version: str) -> Manifest:
+    def _serve(
+        self,
+        name: str,
+        version: str,
+        outage: SnapshotError | None,
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None,
+    ) -> tuple[Manifest, str]:
+        """With the version's lock held: the cached copy, repaired, or a new one."""
+        manifest = self.cached_manifest(name, version)
+        if manifest is not None:
+            return manifest, self._repair(name, version, manifest, dl, stats)
+        if outage is not None:
+            raise outage  # evicted since the stale answer was chosen: nothing to serve
+        self.dirs(name).discard(version)  # what a damaged entry left, if anything
+        manifest = self.inner.load_manifest(name, version, deadline=dl)
+        stats.add(requests=1)
+        return manifest, self._materialize(name, version, manifest, dl, stats, progress)
+
+    def cached_manifest(self, name: str, version: str) -> Manifest | None:
+        """The manifest of a complete cached version; None if it is not (or no longer)
+        cached. Without the version's lock (or a pin) it may be evicted the moment after."""
+        d = self.dirs(name)
+        if not d.is_complete(version):
+            return None
         with self._mlock:
             m = self._manifests.get((name, version))
         if m is None:
             m = d.read_manifest(version)
+            if m is None:
+                return None
             with self._mlock:
                 self._manifests[(name, version)] = m
         return m
 
-    def _local_chunks(self, name: str, exclude: str) -> LocalChunks:
+    def hold(self, name: str, version: str, timeout: float = 0.0) -> tuple[Manifest, Path] | None:
+        """Pin a complete version so that no process evicts it: its manifest and the pin
+        (unlink it to let go), or None if it is not cached or its lock stays busy."""
         d = self.dirs(name)
-        local = LocalChunks()
-        for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:]:
-            local.add_tree(d.tree(v), self._manifest(d, name, v))
-        return local
+        try:
+            with d.lock(version).acquire(timeout=timeout):
+                m = self.cached_manifest(name, version)
+                return None if m is None else (m, d.pin(version))
+        except LockTimeout:
+            return None
+
+    @contextmanager
+    def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:
+        """Chunks of the newest other cached versions, each held while in use; a version
+        that is busy or gone is simply not offered (never waited for: no deadlocks)."""
+        d = self.dirs(name)
+        local, pins = LocalChunks(), []
+        try:
+            for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:]:
+                if (held := self.hold(name, v)) is not None:
+                    local.add_tree(d.tree(v), held[0])
+                    pins.append(held[1])
+            yield local
+        finally:
+            local.close()
+            for pin in pins:
+                pin.unlink(missing_ok=True)
 
     def _materialize(
         self,
@@ -200,19 +250,16 @@ class CachedStore(DelegatingStore):
         self._make_room(manifest.total_size, keep=(name, version))
         work = d.work_dir(version)
         try:
-            source = self.inner.materialize(
-                name, manifest, work, dl, stats, progress, local=self._local_chunks(name, version)
-            )
+            with self._local_chunks(name, version) as local:
+                source = self.inner.materialize(
+                    name, manifest, work, dl, stats, progress, local=local
+                )
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
-        except OSError as e:
+        except BaseException as e:
             remove_tree(work)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheFullError(f"cache {self.root}: disk full while writing {version}") from e
-            raise
-        except BaseException:
-            remove_tree(work)
+            _raise_if_disk_full(e, f"cache {self.root}: disk full while writing {version}")
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
@@ -243,11 +290,11 @@ class CachedStore(DelegatingStore):
         damaged = {p: idx for p in bad if (idx := damaged_chunks(tree, manifest, by_path[p]))}
         source = "cache"
         if damaged:
-            local = self._local_chunks(name, version)
-            local.add_tree(tree, manifest)  # intact copies of a chunk elsewhere in this tree
-            source = self.inner.materialize(
-                name, manifest, tree, dl, stats, local=local, damaged=damaged
-            )
+            with self._local_chunks(name, version) as local:
+                local.add_tree(tree, manifest)  # intact copies of a chunk elsewhere in this tree
+                source = self.inner.materialize(
+                    name, manifest, tree, dl, stats, local=local, damaged=damaged
+                )
         d.write_stamps(version, tree, manifest)
         return source
 
@@ -256,9 +303,10 @@ class CachedStore(DelegatingStore):
     def usage(self) -> int:
         """Bytes of complete cached versions (from their manifests)."""
         return sum(
-            self._manifest(self.dirs(n), n, v).total_size
+            m.total_size
             for n in self.cached_names()
             for v in self.dirs(n).complete()
+            if (m := self.cached_manifest(n, v)) is not None
         )
 
     def _make_room(self, need: int, keep: tuple[str, str]) -> None:
@@ -273,9 +321,11 @@ class CachedStore(DelegatingStore):
         for _, n, v in entries:
             if not self._too_full(need, usage, free):
                 return
-            size = self._manifest(self.dirs(n), n, v).total_size
-            if self.evict(n, v):
-                usage, free = usage - size, free + size
+            m = self.cached_manifest(n, v)
+            if m is not None and self.evict(n, v):
+                usage, free = usage - m.total_size, free + m.total_size
+        # Other processes evict too: judge on fresh figures before giving up.
+        usage, free = self.usage(), shutil.disk_usage(self.root).free
         if self._too_full(need, usage, free):
             raise CacheFullError(
                 f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
@@ -288,17 +338,14 @@ class CachedStore(DelegatingStore):
         return over_cap or free - need < self.min_free_bytes
 
     def evict(self, name: str, version: str) -> bool:
-        """Remove a cached version unless it is pinned or locked; True if it was removed."""
+        """Remove a cached version unless it is pinned or locked; True if this call removed
+        it (a version another process evicted first is a no-op: False)."""
         d = self.dirs(name)
         try:
             with d.lock(version).acquire(timeout=0):
-                if d.pinned(version):
+                if d.pinned(version) or not d.is_complete(version):
                     return False
-                trash = d.work_dir(version)
-                os.replace(d.tree(version), trash / "tree")  # invisible first, then delete
-                d.manifest_file(version).unlink(missing_ok=True)
-                d.stamps_file(version).unlink(missing_ok=True)
-                remove_tree(trash)
+                d.discard(version)
         except LockTimeout:
             return False
         with self._mlock:
@@ -326,7 +373,31 @@ class CachedStore(DelegatingStore):
 
 def _private_copy(src: Path, dest: Path) -> Path:
     final = prepare_dest(dest)
-    work = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.copytree(src, work)
-    os.replace(work, final)
+    work = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _copy_tree(src, work)
+        os.replace(work, final)
+    except BaseException as e:
+        remove_tree(work)  # nothing is left at dest
+        _raise_if_disk_full(e, f"disk full while copying to {final}")
+        raise
     return final
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
+    all) is raised as itself. Cached trees hold only files and directories."""
+    made = []
+    for dirpath, _, filenames in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir()
+        made.append((Path(dirpath), target))
+        for fn in filenames:
+            shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
+    for source, target in reversed(made):  # modes and times once nothing more is added
+        shutil.copystat(source, target)
+
+
+def _raise_if_disk_full(e: BaseException, message: str) -> None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CacheFullError(message) from e
