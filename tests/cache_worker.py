@@ -27,9 +27,8 @@ def tree_digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            h.update(
-                f"{p.relative_to(root).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode()
-            )
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            h.update(f"{p.relative_to(root).as_posix()} {digest}\n".encode())
     return h.hexdigest()
 
 
@@ -42,6 +41,7 @@ def loop(store_dir: str, cache_dir: str, max_bytes: str, count: str, seed: str, 
     )
     rng = random.Random(int(seed))
     for _ in range(int(count)):
+        out: dict[str, object]
         try:
             with store.checkout("db", rng.choice(refs), deadline=60) as snap:
                 out = {"version": snap.info.version, "digest": tree_digest(snap.path)}
