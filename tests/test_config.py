@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from chroma_snapshots import (
     open_remote,
     open_store,
 )
+from chroma_snapshots.backends.cas import ConditionalWriteCheck, unchecked
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
 
@@ -34,9 +36,12 @@ def test_compatibility_modes(tmp_path: Path) -> None:
     cfg = StoreConfig.from_env(env)
     assert (cfg.url, cfg.s3_timeout, cfg.s3_endpoint_url) == ("s3://bkt", 7.5, "http://127.0.0.1:9")
     store = open_remote(cfg)
-    assert isinstance(store.backend, S3Backend)
-    assert store.backend.settings.read_timeout == 7.5
-    assert store.backend.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert isinstance(store.backend, ConditionalWriteCheck)  # S3 CAS is checked before use
+    s3 = unchecked(store.backend)
+    assert isinstance(s3, S3Backend)
+    assert s3.settings.read_timeout == 7.5
+    assert s3.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert isinstance(open_remote(replace(cfg, unsafe_no_cas=True)).backend, S3Backend)
     efs = StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": str(tmp_path)})
     assert efs.url == f"efs://{tmp_path}"
     store = open_remote(efs)

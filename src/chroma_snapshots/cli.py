@@ -8,11 +8,12 @@ unavailable.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import (
     BackendUnavailableError,
@@ -24,6 +25,11 @@ from .errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
+
+if TYPE_CHECKING:
+    from .cache import CachedStore
+    from .config import StoreConfig
+    from .store import SnapshotStore, SourceStore
 
 try:
     import click
@@ -72,22 +78,40 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def store_of(ctx: click.Context, *, remote: bool = False) -> Any:
-    """The store the options and environment name (``remote``: without the cache layer)."""
-    from .cache import CachedStore
+def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
+    """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
+    URL and ``--cache-dir`` only the cache directory: signing keys, timeouts, endpoint, cache
+    size and the CAS opt-out still come from the environment."""
+    from .config import StoreConfig
+
+    cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
+    cache_dir = ctx.obj["cache_dir"]
+    return replace(cfg, cache_dir=os.path.abspath(cache_dir)) if cache_dir else cfg
+
+
+def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
+    """The configured store, through the cache when one is configured. Only commands that
+    write a new store (``create``) may create a missing local store directory."""
     from .config import open_store
 
-    store = open_store(ctx.obj["store_url"], cache_dir=ctx.obj["cache_dir"])
-    return store.inner if remote and isinstance(store, CachedStore) else store
+    return open_store(config_of(ctx), create=create)
 
 
-def _cached(ctx: click.Context) -> Any:
+def source_of(ctx: click.Context) -> SourceStore:
+    """The configured store without the cache layer (manifests, diffs)."""
+    from .config import source_for
+
+    return source_for(config_of(ctx), create=False)
+
+
+def cache_of(ctx: click.Context) -> CachedStore:
+    """The cache the ``cache`` commands inspect (default directory: /tmp/chroma-snapshots)."""
     from .cache import DEFAULT_CACHE_DIR, CachedStore
-    from .config import StoreConfig, open_remote
+    from .config import source_for
 
-    cfg = StoreConfig(url=ctx.obj["store_url"]) if ctx.obj["store_url"] else StoreConfig.from_env()
-    cache_dir = ctx.obj["cache_dir"] or cfg.cache_dir or DEFAULT_CACHE_DIR
-    return CachedStore(open_remote(cfg), cache_dir, max_bytes=cfg.cache_max_bytes)
+    cfg = config_of(ctx)
+    cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
+    return CachedStore(source_for(cfg, create=False), cache_dir, max_bytes=cfg.cache_max_bytes)
 
 
 def _progress(label: str) -> Callable[[int, int], None] | None:
@@ -118,7 +142,7 @@ def _progress(label: str) -> Callable[[int, int], None] | None:
     return report
 
 
-def _chroma_info(store: Any, name: str, ref: str, as_json: bool) -> None:
+def _chroma_info(store: SnapshotStore, name: str, ref: str, as_json: bool) -> None:
     import tempfile
 
     from .chroma import describe
@@ -149,8 +173,10 @@ def _build() -> click.Group:
         envvar=None,
         default=None,
         metavar="URL",
-        help="Store URL (s3://bucket/prefix, file:///dir, efs:///mnt/x, memory://x). "
-        "Default: the CHROMA_SNAPSHOTS_URL / CHROMADB_STORAGE_MODE environment.",
+        help="Store URL (s3://bucket/prefix, file:///dir, efs:///mnt/x, memory://x) or a plain "
+        "directory path. Replaces only the store the CHROMA_SNAPSHOTS_URL / "
+        "CHROMADB_STORAGE_MODE environment names (and its fallback); every other setting "
+        "(signing key, cache, timeouts, endpoint) still comes from the environment.",
     )
     @click.option(
         "--cache-dir",
@@ -186,7 +212,7 @@ def _build() -> click.Group:
         from .store import ANY, LATEST, Expected
 
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
-        info = store_of(ctx).publish(
+        info = store_of(ctx, create=True).publish(
             name, directory, expected=exp, message=message, progress=_progress("publish")
         )
         s = info.stats
@@ -253,12 +279,12 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def info(ctx: click.Context, name: str, ref: str, chroma_view: bool, as_json: bool) -> None:
-        store = store_of(ctx)
         if chroma_view:
-            _chroma_info(store, name, ref, as_json)
+            _chroma_info(store_of(ctx), name, ref, as_json)
             return
-        found = store.resolve(name, ref)
-        m = store.load_manifest(name, found.version)
+        source = source_of(ctx)  # manifests come from the source; the cache holds files
+        found = source.resolve(name, ref)
+        m = source.load_manifest(name, found.version)
         stored = sum(c.length for c in m.chunks.values())
         data = {
             "info": found,
@@ -295,7 +321,7 @@ def _build() -> click.Group:
     def cache_ls(ctx: click.Context, as_json: bool) -> None:
         from .cache.inspect import entries
 
-        found = entries(_cached(ctx))
+        found = entries(cache_of(ctx))
         rows = [
             f"{e.name}  {e.version}  {human_bytes(e.size):>10}{'  pinned' if e.pinned else ''}"
             for e in found
@@ -308,7 +334,7 @@ def _build() -> click.Group:
     def cache_clear(ctx: click.Context, as_json: bool) -> None:
         from .cache.inspect import clear
 
-        removed = clear(_cached(ctx))
+        removed = clear(cache_of(ctx))
         emit(
             removed,
             as_json,
@@ -323,7 +349,7 @@ def _build() -> click.Group:
     def cache_verify(ctx: click.Context, as_json: bool) -> None:
         from .cache.inspect import entries, verify
 
-        store = _cached(ctx)
+        store = cache_of(ctx)
         report = {f"{e.name}/{e.version}": verify(store, e) for e in entries(store)}
         lines = [f"{k}: {'ok' if not v else '; '.join(v)}" for k, v in report.items()]
         emit(report, as_json, "\n".join(lines) or "(cache is empty)")
@@ -338,11 +364,9 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
-        from .config import StoreConfig
         from .doctor import diagnose
 
-        url = ctx.obj["store_url"]
-        found = diagnose(StoreConfig(url=url) if url else None, budget=budget)
+        found = diagnose(load=lambda: config_of(ctx), budget=budget)
         rows = [
             f"{f.status.upper():<5} {f.check:<48} {f.seconds * 1000:>8.1f} ms  {f.detail}"
             for f in found

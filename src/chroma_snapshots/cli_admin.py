@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .cli import emit, human_bytes, store_of
+from .cli import config_of, emit, human_bytes, source_of, store_of
 from .errors import IntegrityError
 from .models import Manifest
 from .store import ANY, Expected
@@ -40,7 +40,7 @@ def register(cli: click.Group) -> None:
     @json_opt
     @click.pass_context
     def diff(ctx: click.Context, name: str, a: str, b: str, as_json: bool) -> None:
-        source = store_of(ctx, remote=True)
+        source = source_of(ctx)
         old, new = (source.load_manifest(name, source.resolve(name, r).version) for r in (a, b))
         d = diff_manifests(old, new)
         emit(
@@ -132,11 +132,21 @@ def register(cli: click.Group) -> None:
     @click.argument("names", nargs=-1)
     @click.option("--all-versions", is_flag=True, help="Every version, not just what refs name.")
     @json_opt
-    def sync(src: str, dst: str, names: tuple[str, ...], all_versions: bool, as_json: bool) -> None:
-        from .config import open_remote
+    @click.pass_context
+    def sync(
+        ctx: click.Context,
+        src: str,
+        dst: str,
+        names: tuple[str, ...],
+        all_versions: bool,
+        as_json: bool,
+    ) -> None:
+        from .config import remote_for
         from .sync import sync_version
 
-        s, d = open_remote(src), open_remote(dst)
+        # both ends get the environment's keys, timeouts and endpoint; only DST may be new
+        s = remote_for(config_of(ctx, src), src, create=False)
+        d = remote_for(config_of(ctx, dst), dst, create=True)
         copied: dict[str, int] = {}
         for name in names or tuple(s.names()):
             refs = s.refs(name)

@@ -2,7 +2,9 @@
 
 ``StoreConfig.from_env()`` validates everything at start-up and raises
 ConfigError naming the variable and the fix; ``open_store`` turns a URL or a
-config into a ready store.
+config into a ready store. The CLI reads its configuration here too: ``--store``
+is ``from_env(url=...)``, so every other variable applies to it exactly as to the
+library.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .backends import check_store_url
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,12 +34,16 @@ ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"
 ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
 ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
+ENV_UNSAFE_NO_CAS = "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS"
 _MODES = ("s3", "efs", "auto")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Everything needed to open a store. Build it directly or with :meth:`from_env`."""
+    """Everything needed to open a store. Build it directly or with :meth:`from_env`.
+
+    ``unsafe_no_cas`` lets publishes and ref moves proceed on an S3 endpoint that ignores
+    conditional writes (see ``backends.cas``): only safe with a single writer."""
 
     url: str
     s3_timeout: float = 30.0
@@ -47,14 +54,26 @@ class StoreConfig:
     cache_dir: str | None = None
     cache_max_bytes: int | None = None
     s3_endpoint_url: str | None = None
+    unsafe_no_cas: bool = False
+
+    def __post_init__(self) -> None:
+        check_store_url(self.url)
+        if self.fallback_url is not None:
+            check_store_url(self.fallback_url, "fallback URL")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreConfig:
-        """Read and validate the configuration from ``environ`` (default: ``os.environ``)."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, url: str | None = None
+    ) -> StoreConfig:
+        """Read and validate the configuration from ``environ`` (default: ``os.environ``).
+
+        ``url`` (the CLI's ``--store``) replaces the store the environment names: the URL
+        variables (and the fallback, which belongs to that store) are then not read; every
+        other variable applies as usual."""
         env = os.environ if environ is None else environ
-        url, fallback = _urls_from_env(env)
+        main, fallback = (url, None) if url is not None else _urls_from_env(env)
         return cls(
-            url=url,
+            url=main,
             fallback_url=fallback,
             mirror=_flag(env, ENV_MIRROR),
             signing_keys=_signing(env),
@@ -63,18 +82,25 @@ class StoreConfig:
             cache_dir=_cache_dir(env),
             cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
+            unsafe_no_cas=_flag(env, ENV_UNSAFE_NO_CAS),
         )
+
+
+def _env_url(env: Mapping[str, str], var: str) -> str | None:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return None
+    check_store_url(raw, var)
+    if "://" not in raw:
+        raise ConfigError(f"{var}={raw!r} is not a URL; e.g. s3://bucket/prefix")
+    return raw
 
 
 def _urls_from_env(env: Mapping[str, str]) -> tuple[str, str | None]:
     """The store URL and, for EFS with S3 fallback, the fallback URL."""
-    fallback = env.get(ENV_FALLBACK, "").strip() or None
-    if fallback is not None and "://" not in fallback:
-        raise ConfigError(f"{ENV_FALLBACK}={fallback!r} is not a URL; e.g. s3://bucket/prefix")
-    url = env.get(ENV_URL, "").strip()
+    fallback = _env_url(env, ENV_FALLBACK)
+    url = _env_url(env, ENV_URL)
     if url:
-        if "://" not in url:
-            raise ConfigError(f"{ENV_URL}={url!r} is not a URL; e.g. s3://bucket/prefix")
         return url, fallback
     mode = env.get(ENV_MODE, "").strip().lower()
     if not mode:
@@ -162,46 +188,59 @@ def _config(target: str | StoreConfig | None) -> StoreConfig:
     return StoreConfig(url=target) if isinstance(target, str) else target
 
 
-def open_remote(target: str | StoreConfig | None = None) -> RemoteStore:
+def open_remote(target: str | StoreConfig | None = None, *, create: bool = True) -> RemoteStore:
     """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache,
-    no fallback (the fallback URL, if configured, is ignored)."""
+    no fallback (the fallback URL, if configured, is ignored). ``create=False``: a local store
+    directory that does not exist is SnapshotNotFoundError instead of being created."""
     cfg = _config(target)
-    return remote_for(cfg, cfg.url)
+    return remote_for(cfg, cfg.url, create=create)
 
 
-def remote_for(cfg: StoreConfig, url: str) -> RemoteStore:
-    """The RemoteStore at ``url`` with ``cfg``'s timeouts and endpoint."""
+def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStore:
+    """The RemoteStore at ``url`` with ``cfg``'s timeouts, endpoint, keys and CAS policy."""
     from .backends import open_backend
     from .backends.s3 import S3Settings
     from .remote import RemoteStore
+    from .signing import Signer
 
     settings = S3Settings(
         endpoint_url=cfg.s3_endpoint_url,
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
-    from .signing import Signer
-
-    backend = open_backend(url, s3_settings=settings, efs_timeout=cfg.efs_timeout)
+    backend = open_backend(
+        url,
+        s3_settings=settings,
+        efs_timeout=cfg.efs_timeout,
+        create=create,
+        unsafe_no_cas=cfg.unsafe_no_cas,
+    )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
     return RemoteStore(backend, label=url, signer=signer)
 
 
+def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
+    """The store ``cfg`` names without the cache: its RemoteStore, or a FallbackStore."""
+    primary = remote_for(cfg, cfg.url, create=create)
+    if cfg.fallback_url is None:
+        return primary
+    from .fallback import FallbackStore
+
+    fallback = remote_for(cfg, cfg.fallback_url, create=create)
+    return FallbackStore([primary, fallback], mirror=cfg.mirror)
+
+
 def open_store(
-    target: str | StoreConfig | None = None, *, cache_dir: str | None = None
+    target: str | StoreConfig | None = None, *, cache_dir: str | None = None, create: bool = True
 ) -> SnapshotStore:
     """Open the store at a URL, from a config, or (``None``) from the environment.
 
     With a cache directory (argument or ``CHROMA_SNAPSHOTS_CACHE_DIR``) the store is a
-    CachedStore around the RemoteStore; otherwise the RemoteStore itself.
+    CachedStore around the source store; otherwise the source store itself. ``create=False``:
+    a local store directory that does not exist is SnapshotNotFoundError (read-only use).
     """
     cfg = _config(target)
-    primary = remote_for(cfg, cfg.url)
-    source: SourceStore = primary
-    if cfg.fallback_url is not None:
-        from .fallback import FallbackStore
-
-        source = FallbackStore([primary, remote_for(cfg, cfg.fallback_url)], mirror=cfg.mirror)
+    source = source_for(cfg, create=create)
     cache = cache_dir or cfg.cache_dir
     if cache is None:
         return source

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends.bounded import DeadlineBackend
+from .backends.cas import OPT_OUT, PROBE_DIR, probe_conditional_writes, unchecked
 from .config import StoreConfig, remote_for
 from .deadline import Deadline
 from .errors import SnapshotError
@@ -44,11 +45,11 @@ def _timed(check: str, fn: Callable[[], str]) -> Finding:
 def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Finding]:
     """Reach the store, list it, and write, read back and delete a probe object."""
     try:
-        store = remote_for(cfg, url)
+        store = remote_for(cfg, url, create=False)  # diagnosing never creates a store
     except SnapshotError as e:
         return [Finding(f"{url}: open", "fail", 0.0, f"{type(e).__name__}: {e}")]
-    io = DeadlineBackend(store.backend, Deadline(budget))
-    key = f"doctor/probe-{uuid.uuid4().hex}"
+    io = DeadlineBackend(unchecked(store.backend), Deadline(budget))
+    key = f"{PROBE_DIR}/doctor-{uuid.uuid4().hex}"
     payload = b"chroma-snapshots doctor probe"
     names: list[str] = []
 
@@ -66,7 +67,7 @@ def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Fin
         return "removed the probe"
 
     def listing() -> str:
-        names.extend(n for n in io.list_dirs("") if n != "doctor")
+        names.extend(n for n in io.list_dirs("") if n != PROBE_DIR)
         return f"{len(names)} snapshot names" + (f": {', '.join(names[:5])}" if names else "")
 
     found = [
@@ -74,6 +75,7 @@ def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Fin
         _timed(f"{url}: write", write),
         _timed(f"{url}: read", read),
         _timed(f"{url}: delete", delete),
+        conditional_writes(cfg, url, io),
     ]
     guard = getattr(store.backend, "guard", None)
     if guard is not None:
@@ -89,6 +91,24 @@ def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Fin
         )
     store.close()
     return found
+
+
+def conditional_writes(cfg: StoreConfig, url: str, io: DeadlineBackend) -> Finding:
+    """Does the store refuse a second create and a stale update? An endpoint that ignores
+    them fails (publish refuses it), or warns when the configuration opted out."""
+    check = f"{url}: conditional writes"
+    t = time.monotonic()
+    try:
+        problem = probe_conditional_writes(io)
+    except (SnapshotError, OSError) as e:
+        return Finding(check, "fail", time.monotonic() - t, f"{type(e).__name__}: {e}")
+    took = time.monotonic() - t
+    if problem is None:
+        return Finding(check, "ok", took, "honoured: a second create and a stale update refused")
+    if cfg.unsafe_no_cas:
+        return Finding(check, "warn", took, f"the endpoint {problem}; allowed by {OPT_OUT}")
+    detail = f"the endpoint {problem}: publish and set_ref refuse it (opt out: {OPT_OUT})"
+    return Finding(check, "fail", took, detail)
 
 
 def probe_cache(cfg: StoreConfig) -> list[Finding]:
@@ -122,7 +142,7 @@ def probe_cache(cfg: StoreConfig) -> list[Finding]:
         )
         return out
     try:
-        found = entries(CachedStore(remote_for(cfg, cfg.url), cache_dir))
+        found = entries(CachedStore(remote_for(cfg, cfg.url, create=False), cache_dir))
     except SnapshotError as e:
         return [*out, Finding("cache: contents", "fail", 0.0, str(e))]
     size = sum(e.size for e in found)
@@ -143,11 +163,17 @@ def _existing_parent(path: str) -> str:
     return path
 
 
-def diagnose(cfg: StoreConfig | None = None, *, budget: float = 10.0) -> list[Finding]:
-    """All findings for ``cfg`` (default: the configuration in the environment)."""
+def diagnose(
+    cfg: StoreConfig | None = None,
+    *,
+    budget: float = 10.0,
+    load: Callable[[], StoreConfig] = StoreConfig.from_env,
+) -> list[Finding]:
+    """All findings for ``cfg`` (default: what ``load`` reads, the environment's configuration);
+    a configuration that does not load is the one, failed, finding."""
     if cfg is None:
         try:
-            cfg = StoreConfig.from_env()
+            cfg = load()
         except SnapshotError as e:
             return [Finding("configuration", "fail", 0.0, str(e))]
     urls = [cfg.url] + ([cfg.fallback_url] if cfg.fallback_url else [])

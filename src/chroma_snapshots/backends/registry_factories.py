@@ -1,4 +1,8 @@
-"""URL -> backend factories, imported lazily by :func:`open_backend`."""
+"""URL -> backend factories, imported lazily by :func:`open_backend`.
+
+S3 backends (native and through s3fs) come wrapped in a
+:class:`~.cas.ConditionalWriteCheck` unless the caller opted out.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +10,61 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
+from . import OpenOptions
 from .base import Backend
+from .cas import ConditionalWriteCheck
 
 
 def _local_path(url: str) -> str:
     if "://" not in url:
-        return url
+        return url  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ConfigError(f"{url!r}: a file/efs URL needs an absolute path, e.g. efs:///mnt/store")
     return unquote(parts.path)
 
 
-def s3(url: str, **options: Any) -> Backend:
+def _checked(backend: Backend, scope: str, opts: OpenOptions) -> Backend:
+    return backend if opts.unsafe_no_cas else ConditionalWriteCheck(backend, scope)
+
+
+def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from .s3 import S3Backend, S3Settings
 
     parts = urlsplit(url)
     if not parts.netloc:
         raise ConfigError(f"{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix")
-    options.pop("efs_timeout", None)
-    settings = options.pop("s3_settings", None) or S3Settings()
-    return S3Backend(parts.netloc, parts.path.strip("/"), settings=settings, **options)
+    settings = opts.s3_settings or S3Settings()
+    backend = S3Backend(parts.netloc, parts.path.strip("/"), settings=settings, **options)
+    return _checked(backend, f"s3://{parts.netloc} at {backend.client.meta.endpoint_url}", opts)
 
 
-def file(url: str, **options: Any) -> Backend:
+def file(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from .file import FileBackend
 
-    options.pop("s3_settings", None)
-    options.pop("efs_timeout", None)
-    return FileBackend(_local_path(url), **options)
+    return FileBackend(_local_path(url), create=opts.create, **options)
 
 
-def efs(url: str, **options: Any) -> Backend:
+def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from ..guard import MountGuard
     from .file import FileBackend
 
-    options.pop("s3_settings", None)
     path = _local_path(url)
-    guard = MountGuard(path, op_timeout=options.pop("efs_timeout", 10.0))
+    guard = MountGuard(path, op_timeout=opts.efs_timeout)
     # A store on a network mount must already exist: creating it would hide a missing mount.
     return FileBackend(path, create=False, guard=guard, **options)
 
 
-def fsspec(url: str, **options: Any) -> Backend:
+def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from .fsspec import FsspecBackend
 
-    options.pop("s3_settings", None)
-    options.pop("efs_timeout", None)
     try:
-        return FsspecBackend.from_url(url.removeprefix("fsspec+"), **options)
+        backend = FsspecBackend.from_url(url.removeprefix("fsspec+"), **options)
     except ValueError as e:  # fsspec's "Protocol not known"
         raise ConfigError(f"store URL {url!r}: {e}") from e
+    fs = backend.fs
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return backend  # memory:// is atomic in-process; other filesystems refuse CAS outright
+    endpoint = getattr(fs, "endpoint_url", None) or fs.client_kwargs.get("endpoint_url")
+    bucket = backend.root.strip("/").split("/", 1)[0]
+    return _checked(backend, f"s3://{bucket} at {endpoint or 'the default endpoint'}", opts)

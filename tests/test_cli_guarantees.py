@@ -1,0 +1,355 @@
+"""The CLI keeps the library's guarantees: one configuration reader (``--store`` replaces the
+URL only), URL typos and missing stores are errors, and endpoints that ignore conditional
+writes are refused for publishing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chroma_snapshots import (
+    CachedStore,
+    ConfigError,
+    FallbackStore,
+    RemoteStore,
+    SnapshotStore,
+    StoreConfig,
+    open_backend,
+    open_remote,
+    open_store,
+)
+from chroma_snapshots import config as config_module
+from chroma_snapshots.backends.cas import (
+    ConditionalWriteCheck,
+    probe_conditional_writes,
+    unchecked,
+)
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.cli import main
+from chroma_snapshots.signing import Signer
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.proxy import CountingProxy
+
+KEY = "k1:" + "a-signing-secret-" * 2
+CLI = str(Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "chroma-snapshots")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store configuration leaks in from the machine running the tests."""
+    for var in list(os.environ):
+        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var in ("CHROMA_ROOT",):
+            monkeypatch.delenv(var)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+
+def _script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The installed ``chroma-snapshots`` console script, as users run it."""
+    cli = CLI if Path(CLI).exists() else "chroma-snapshots"
+    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_store_flag_keeps_the_signing_key(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"s" * 5000})
+    url = f"file://{tmp_path}/store"
+    env = {**os.environ, "CHROMA_SNAPSHOTS_SIGNING_KEY": KEY}
+    out = _script("--store", url, "publish", "db", str(src), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    version = json.loads(out.stdout)["version"]
+    assert (tmp_path / "store" / "db" / "manifests" / f"{version}.json.sig").is_file()
+    reader = RemoteStore(FileBackend(tmp_path / "store"), signer=Signer.from_spec(KEY))
+    assert reader.resolve("db").version == version  # a key-holding reader accepts it
+    open_remote(f"file://{tmp_path}/unsigned").publish("db", src)  # no key: unsigned
+    dest = tmp_path / "out"
+    refused = _script(
+        "--store", f"{tmp_path}/unsigned", "checkout", "db", "--dest", str(dest), env=env
+    )
+    assert refused.returncode == 5, refused.stderr
+    assert "not signed" in refused.stderr
+    assert not dest.exists()
+
+
+def test_store_flag_keeps_the_cache_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"c" * 5000})
+    store = ["--store", str(tmp_path / "store")]
+    assert main([*store, "publish", "db", str(src)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main([*store, "checkout", "db", "--json"]) == 0
+    path = Path(json.loads(capsys.readouterr().out)["path"])
+    assert path.is_relative_to(tmp_path / "cache")
+    assert read_tree(path) == read_tree(src)
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[SnapshotStore]:
+    """Every store the CLI opens (through the library's open_store)."""
+    seen: list[SnapshotStore] = []
+    real = config_module.open_store
+
+    def spy(*args: Any, **kwargs: Any) -> SnapshotStore:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(config_module, "open_store", spy)
+    return seen
+
+
+def _remote(store: SnapshotStore) -> RemoteStore:
+    inner = store.inner if isinstance(store, CachedStore) else store
+    assert isinstance(inner, RemoteStore)  # --store names one store: never a fallback pair
+    return inner
+
+
+def _s3(store: SnapshotStore) -> S3Backend:
+    backend = unchecked(_remote(store).backend)
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+Check = Callable[[SnapshotStore, str], bool]
+# Each documented variable, a value, and what must be true of the store `--store URL ls` opens.
+VARIABLES: list[tuple[str, str, Check]] = [
+    ("CHROMA_SNAPSHOTS_SIGNING_KEY", KEY, lambda s, tmp: _remote(s).signer is not None),
+    ("CHROMA_SNAPSHOTS_S3_TIMEOUT", "7.5", lambda s, tmp: _s3(s).settings.read_timeout == 7.5),
+    ("CHROMA_SNAPSHOTS_CACHE_DIR", "{tmp}/cache", lambda s, tmp: _cache_root(s, tmp)),
+    (
+        "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        "1048576",  # with CHROMA_SNAPSHOTS_CACHE_DIR, set for every row below
+        lambda s, tmp: isinstance(s, CachedStore) and s.max_bytes == 1 << 20,
+    ),
+    (
+        "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS",
+        "1",
+        lambda s, tmp: not isinstance(_remote(s).backend, ConditionalWriteCheck),
+    ),
+    # The URL variables (and the fallback, which belongs to that store) are replaced: not
+    # even read (mode "auto" without a bucket would be a ConfigError), never a fallback pair.
+    ("CHROMA_SNAPSHOTS_URL", "s3://elsewhere/x", lambda s, tmp: _one_store(s)),
+    ("CHROMADB_STORAGE_MODE", "auto", lambda s, tmp: _one_store(s)),
+    ("CHROMA_SNAPSHOTS_FALLBACK_URL", "s3://other/x", lambda s, tmp: _one_store(s)),
+    ("CHROMA_SNAPSHOTS_MIRROR", "true", lambda s, tmp: _one_store(s)),
+]
+
+
+def _one_store(store: SnapshotStore) -> bool:
+    inner = store.inner if isinstance(store, CachedStore) else store
+    return isinstance(inner, RemoteStore) and not isinstance(inner, FallbackStore)
+
+
+def _cache_root(store: SnapshotStore, tmp: str) -> bool:
+    return isinstance(store, CachedStore) and store.root.is_relative_to(f"{tmp}/cache")
+
+
+@pytest.mark.parametrize(("variable", "value", "check"), VARIABLES, ids=[v[0] for v in VARIABLES])
+def test_each_variable_applies_next_to_store(
+    variable: str,
+    value: str,
+    check: Check,
+    opened: list[SnapshotStore],
+    moto_server: MotoServer,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.endpoint_url)
+    if variable == "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES":
+        monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", f"{tmp_path}/cache")
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    url = f"s3://{s3_bucket}/snaps"
+    assert main(["--store", url, "ls"]) == 0
+    (store,) = opened
+    assert _remote(store).label == url
+    assert _s3(store).client.meta.endpoint_url == moto_server.endpoint_url  # AWS_ENDPOINT_URL_S3
+    assert check(store, str(tmp_path))
+
+
+def test_efs_timeout_applies_next_to_store(
+    opened: list[SnapshotStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_EFS_TIMEOUT", "3.5")
+    assert main(["--store", f"efs://{tmp_path}", "ls"]) == 0
+    backend = _remote(opened[0]).backend
+    assert isinstance(backend, FileBackend)
+    assert backend.guard is not None
+    assert backend.guard.op_timeout == 3.5
+    backend.close()
+
+
+def test_an_invalid_variable_is_reported_with_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_S3_TIMEOUT", "soon")
+    assert main(["--store", str(tmp_path), "ls"]) == 2
+    assert "CHROMA_SNAPSHOTS_S3_TIMEOUT" in capsys.readouterr().err
+
+
+TYPOS = ["s3:/my-bucket/chroma", "s3:my-bucket", "file:relative", "efs:/x", "memory:x"]
+
+
+@pytest.mark.parametrize("url", TYPOS)
+def test_url_typos_are_config_errors_everywhere(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for opener in (open_store, open_remote, open_backend):
+        with pytest.raises(ConfigError, match="no '//'"):
+            opener(url)
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_URL"):
+        StoreConfig.from_env({"CHROMA_SNAPSHOTS_URL": url})
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_FALLBACK_URL"):
+        StoreConfig.from_env(
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_FALLBACK_URL": url}
+        )
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    assert main(["--store", url, "publish", "db", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert repr(url) in err
+    assert "did you mean" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written anywhere
+
+
+def test_a_plain_path_is_a_local_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    assert main(["--store", "rel/store", "publish", "db", str(src)]) == 0
+    assert (tmp_path / "rel" / "store" / "db" / "refs" / "latest").is_file()
+    assert main(["--store", "./odd:name", "publish", "db", str(src)]) == 0  # ./ makes it a path
+    assert (tmp_path / "odd:name" / "db").is_dir()
+    capsys.readouterr()
+
+
+READS = [
+    ["ls"],
+    ["ls", "db"],
+    ["info", "db"],
+    ["checkout", "db"],
+    ["verify", "db"],
+    ["diff", "db", "latest"],
+    ["tag", "db", "stable"],
+    ["rollback", "db", "v1"],
+    ["prune", "db"],
+    ["cache", "ls"],
+]
+
+
+@pytest.mark.parametrize("args", READS, ids=[" ".join(a) for a in READS])
+def test_commands_other_than_publish_never_create_a_store(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nonexistent" / "x"
+    for store in (str(missing), f"file://{missing}"):
+        assert main(["--store", store, "--cache-dir", str(tmp_path / "c"), *args]) == 3
+        assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_doctor_and_sync_do_not_create_a_missing_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nonexistent"
+    assert main(["--store", str(missing), "doctor", "--json"]) == 1
+    found = {f["check"]: f for f in json.loads(capsys.readouterr().out)}
+    assert found[f"{missing}: open"]["status"] == "fail"
+    assert main(["sync", str(missing), str(tmp_path / "dst")]) == 3
+    assert not missing.exists()
+    assert not (tmp_path / "dst").exists()
+
+
+CAS_HEADERS = ("If-None-Match", "If-Match")
+
+
+@pytest.fixture
+def ignoring(moto_server: MotoServer) -> Iterator[CountingProxy]:
+    """An endpoint that ignores conditional writes: moto behind a proxy dropping the headers."""
+    with CountingProxy(moto_server.endpoint_url, strip_headers=CAS_HEADERS) as proxy:
+        yield proxy
+
+
+def _probes(proxy: CountingProxy) -> list[str]:
+    return [r.method for r in proxy.requests if "/_probes/" in r.path]
+
+
+def _keys(moto_server: MotoServer, bucket: str) -> list[str]:
+    listed = moto_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+def test_probe_passes_on_moto_and_catches_an_ignoring_endpoint(
+    moto_server: MotoServer, s3_bucket: str, ignoring: CountingProxy
+) -> None:
+    honest = S3Backend(s3_bucket, "p", client=moto_server.client())
+    assert probe_conditional_writes(honest) is None
+    liar = S3Backend(s3_bucket, "p", client=moto_server.client(endpoint_url=ignoring.url))
+    assert probe_conditional_writes(liar) == "ignores If-None-Match and If-Match"
+    assert _keys(moto_server, s3_bucket) == []  # both probes cleaned up
+
+
+def test_publish_and_set_ref_refuse_an_endpoint_that_ignores_cas(
+    moto_server: MotoServer, s3_bucket: str, ignoring: CountingProxy, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(20_000)})
+    cfg = StoreConfig(url=f"s3://{s3_bucket}/snaps", s3_endpoint_url=ignoring.url)
+    store = open_remote(cfg)
+    with pytest.raises(ConfigError, match="ignores If-None-Match and If-Match") as e:
+        store.publish("db", src)
+    assert "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS=1" in str(e.value)
+    assert _keys(moto_server, s3_bucket) == []  # refused before the first byte of data
+    unsafe = open_remote(replace(cfg, unsafe_no_cas=True))  # the explicit opt-out proceeds
+    version = unsafe.publish("db", src).version
+    with pytest.raises(ConfigError, match="conditional writes"):
+        store.set_ref("db", "stable", version, expected=None)
+    with pytest.raises(ConfigError, match="conditional writes"):
+        open_remote(cfg).publish("db", src)  # a second store object: the verdict is kept
+    assert _probes(ignoring) == ["PUT", "PUT", "PUT", "DELETE"]  # one probe per process
+
+
+def test_cli_publish_refuses_unless_opted_out_and_doctor_reports(
+    moto_server: MotoServer, s3_bucket: str, ignoring: CountingProxy, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(20_000)})
+    store = ["--store", f"s3://{s3_bucket}/snaps"]
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": ignoring.url}
+    refused = _script(*store, "publish", "db", str(src), env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "ignores If-None-Match and If-Match" in refused.stderr
+    assert "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS=1" in refused.stderr
+    doctor = _script(*store, "doctor", "--json", env=env)
+    assert doctor.returncode == 1
+    check = f"s3://{s3_bucket}/snaps: conditional writes"
+    assert {f["check"]: f for f in json.loads(doctor.stdout)}[check]["status"] == "fail"
+    opted = {**env, "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS": "1"}
+    assert _script(*store, "publish", "db", str(src), env=opted).returncode == 0
+    warned = _script(*store, "doctor", "--json", env=opted)
+    assert {f["check"]: f for f in json.loads(warned.stdout)}[check]["status"] == "warn"
+    honest = _script(
+        *store, "doctor", "--json", env={**env, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    )
+    assert {f["check"]: f for f in json.loads(honest.stdout)}[check]["status"] == "ok"
+    assert [k for k in _keys(moto_server, s3_bucket) if "_probes" in k] == []
+
+
+def test_an_honest_endpoint_is_probed_once_per_process(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(20_000)})
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        cfg = StoreConfig(url=f"s3://{s3_bucket}/snaps", s3_endpoint_url=proxy.url)
+        first = open_remote(cfg).publish("db", src).version
+        (src / "more").write_bytes(b"more")
+        second = open_remote(cfg).publish("db", src, expected=first).version
+        assert open_remote(cfg).resolve("db").version == second
+        assert _probes(proxy) == ["PUT", "PUT", "PUT", "DELETE"]
