@@ -1,16 +1,22 @@
-"""Deadlines: one monotonic budget shared by every wait inside an operation."""
+"""Deadlines: one monotonic budget shared by every wait inside an operation, and the
+worker pools whose work a deadline may abandon."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from contextvars import ContextVar
-from typing import Protocol, TypeVar
+from functools import partial
+from types import TracebackType
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .errors import StorageTimeoutError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class LambdaContext(Protocol):
@@ -109,3 +115,101 @@ def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
         assert isinstance(value, BaseException)
         raise value
     return value  # type: ignore[return-value]
+
+
+def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> list[T]:
+    """The futures' results in order, waiting no longer than ``deadline``.
+
+    The first failure is raised as soon as it happens (not after slower calls submitted
+    before it), the deadline as StorageTimeoutError naming ``what``. Either way the calls
+    not yet started are cancelled; calls already running are abandoned, so whatever they
+    could still touch must be fenced by the caller (``transfer.Placer`` refuses writes
+    once closed)."""
+    done, pending = wait(futures, timeout=deadline.remaining(), return_when=FIRST_EXCEPTION)
+    failed = next((f for f in futures if f in done and f.exception() is not None), None)
+    if failed is not None or pending:
+        for f in futures:
+            f.cancel()
+    if failed is not None:
+        error = failed.exception()
+        assert error is not None
+        raise error
+    if pending:
+        raise StorageTimeoutError(f"{what} did not finish within the deadline")
+    return [f.result() for f in futures]
+
+
+_Task = tuple[Future[Any], Callable[[], Any]] | None  # None: a worker's signal to exit
+
+
+class WorkerPool(Executor):
+    """Up to ``workers`` daemon threads running submitted calls, for one operation.
+
+    Each checkout and publish makes its own pool and abandons it when it ends: a read
+    stuck on a stalled S3 body holds its thread until the socket times out (30 s by
+    default), and on a pool shared by the store's operations a few such reads starved
+    every later checkout and publish of the same store object (a warm Lambda kept
+    failing). With a pool per operation, abandoned work only ever holds its own threads.
+    Daemon threads, because ThreadPoolExecutor joins its threads at interpreter exit and
+    an abandoned read would hold up the exit of a process whose call timed out.
+
+    Leaving a ``with`` block cancels the calls not yet started and does not wait for
+    running ones (they are abandoned, see :func:`wait_all`).
+    """
+
+    def __init__(self, workers: int, name: str = "chroma-snapshots") -> None:
+        self._size = workers
+        self._name = name
+        self._tasks: queue.SimpleQueue[_Task] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a pool that was shut down")
+            self._tasks.put((fut, partial(fn, *args, **kwargs)))
+            if len(self._threads) < self._size:  # threads start on demand, up to the size
+                t = threading.Thread(target=self._work, daemon=True, name=self._name)
+                self._threads.add(t)
+                t.start()
+        return fut
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fut, call = task
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(call())
+                except BaseException as e:  # handed to whoever waits on the future
+                    fut.set_exception(e)
+            del task, fut, call  # an idle thread keeps no arguments (buffers) alive
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            while cancel_futures:
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[0].cancel()
+            threads = list(self._threads)
+            for _ in threads:
+                self._tasks.put(None)
+        if wait:
+            for t in threads:
+                t.join()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.shutdown(wait=False, cancel_futures=True)

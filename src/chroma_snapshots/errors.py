@@ -53,6 +53,12 @@ class CacheFullError(SnapshotError, OSError):
     """The local cache cannot hold a version even after evicting everything unpinned."""
 
 
+class LocalDiskError(SnapshotError, OSError):
+    """A checkout or the cache could not write local files for another reason than a full
+    disk (permissions, a read-only or failing disk, too many open files); ``errno`` and
+    ``filename`` are those of the failed call."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "CacheFullError",
@@ -60,6 +66,7 @@ __all__ = [
     "ConflictError",
     "IntegrityError",
     "InvalidInputError",
+    "LocalDiskError",
     "LockError",
     "SnapshotError",
     "SnapshotNotFoundError",

@@ -20,8 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -37,12 +36,11 @@ from .chunking import (
     hashed_chunks,
     scan_source,
 )
-from .deadline import Deadline, DeadlineLike, as_deadline, within
+from .deadline import Deadline, DeadlineLike, WorkerPool, as_deadline, wait_all, within
 from .errors import (
     ConflictError,
     IntegrityError,
     SnapshotNotFoundError,
-    StorageTimeoutError,
 )
 from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, VersionId
 from .signing import Signer
@@ -65,6 +63,7 @@ from .transfer import (
     Placer,
     Read,
     fetch_and_place,
+    local_io,
     place_local,
     plan_reads,
 )
@@ -116,7 +115,10 @@ class RemoteStore(SourceStore):
         self.pack_target = pack_target
         self.compression_level = compression_level
         self.default_timeout = default_timeout
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chroma-snapshots")
+        self.workers = workers
+        # Checkout and publish each run on a WorkerPool of their own (why: WorkerPool);
+        # this shared one serves verify, whose every request is bounded by its deadline.
+        self._pool = WorkerPool(workers)
         self._generations: dict[str, int] = {}  # highest generation seen per ref key
 
     def __repr__(self) -> str:
@@ -244,42 +246,46 @@ class RemoteStore(SourceStore):
         progress: Progress | None,
     ) -> tuple[list[FileEntry], dict[str, Chunk]]:
         uploads: list[Future[None]] = []
+        pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
 
         def upload(pack_id: str, data: bytes) -> None:
             dl.check("uploading packs")
             put = partial(self._put_pack, name, pack_id, data, stats)
-            uploads.append(self._pool.submit(within, dl, put))
-            while sum(not u.done() for u in uploads) > 4:  # bound memory: few packs in flight
-                next(u for u in uploads if not u.done()).result(timeout=dl.remaining() or 0.001)
+            uploads.append(pool.submit(within, dl, put))
+            busy = [u for u in uploads if not u.done()]
+            wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
 
         writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
         entries, used, total, done = [], {}, sum(f.size for f in files), 0
-        for f in files:
-            hashes, reused = [], 0
-            for raw, digest in hashed_chunks(f.abspath, self.chunk_size, self._hash_many):
-                hashes.append(digest)
-                if digest in known:
-                    reused += len(raw)
-                elif digest not in writer:
-                    writer.add(digest, raw)
-                done += len(raw)
-                if progress is not None:
-                    progress(done, total)
-            stats.add(bytes_reused=reused)
-            entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
-            used.update(dict.fromkeys(hashes))
-        writer.flush()
-        _wait(uploads, dl, "uploading packs")
+        hash_many = partial(self._hash_many, pool, dl)
+        with pool:
+            for f in files:
+                hashes, reused = [], 0
+                for raw, digest in hashed_chunks(f.abspath, self.chunk_size, hash_many):
+                    hashes.append(digest)
+                    if digest in known:
+                        reused += len(raw)
+                    elif digest not in writer:
+                        writer.add(digest, raw)
+                    done += len(raw)
+                    if progress is not None:
+                        progress(done, total)
+                stats.add(bytes_reused=reused)
+                entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
+                used.update(dict.fromkeys(hashes))
+            writer.flush()
+            wait_all(uploads, dl, "uploading packs")
         table = {**known, **writer.chunks}
         stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
         return entries, {h: table[h] for h in used}
 
-    def _hash_many(self, chunks: list[bytes]) -> list[str]:
+    def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
         publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
         step = max(1, len(chunks) // 8)
         slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
-        return [h for part in self._pool.map(_sha256_all, slices) for h in part]
+        parts = wait_all([pool.submit(_sha256_all, s) for s in slices], dl, "hashing")
+        return [h for part in parts for h in part]
 
     def _create_once(self, key: str, data: bytes, dl: Deadline) -> None:
         """Create ``key``; if it exists with exactly ``data``, that was us: a retried
@@ -360,14 +366,18 @@ class RemoteStore(SourceStore):
         version = self._version_of(name, ref, dl)
         manifest = self.load_manifest(name, version, deadline=dl)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
-        final = prepare_dest(dest)
-        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        work.chmod(0o755)  # mkdtemp makes it private; a checkout is an ordinary directory
+        with local_io(tempfile.gettempdir() if dest is None else dest, "preparing the checkout"):
+            final = prepare_dest(dest)
+            work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
-            self.materialize(name, manifest, work, dl, stats, progress)
-            os.replace(work, final)  # dest is absent or an empty dir: the rename is atomic
+            with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
+                work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain directory
+                self.materialize(name, manifest, work, dl, stats, progress)
+                os.replace(work, final)  # dest is absent or an empty dir: the rename is atomic
         except BaseException:
-            remove_tree(work)
+            remove_tree(work)  # nothing of a failed checkout stays behind
+            if dest is None:
+                remove_tree(final.parent)  # the temporary folder prepare_dest made for it
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
         return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0), source=self.label)
@@ -388,17 +398,16 @@ class RemoteStore(SourceStore):
         chunk positions of existing files): chunks from ``local`` copies where they verify,
         the rest downloaded, every chunk hash-checked."""
         placer = Placer(root, manifest, damaged)
-        if damaged is None:
-            placer.create_files()
         stats.add(chunks_total=len(placer.targets))
-
-        buffers = threading.local()  # one per worker, reused: memory is workers x max read
+        # Buffers are sized by the format, never by a declared length: a chunk is stored in
+        # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.
+        max_read = max(DEFAULT_MAX_READ, manifest.chunk_size)
+        buffers = threading.local()  # one per worker, its own: memory is workers x max_read
 
         def fetch(r: Read) -> memoryview:
-            size = r.end - r.start
             buf: bytearray | None = getattr(buffers, "buf", None)
-            if buf is None or len(buf) < size:
-                buf = buffers.buf = bytearray(max(size, DEFAULT_MAX_READ))
+            if buf is None:
+                buf = buffers.buf = bytearray(max_read)
             view = memoryview(buf)
             n = within(
                 dl, lambda: self.backend.get_into(pack_key(name, r.pack), (r.start, r.end), view)
@@ -406,23 +415,17 @@ class RemoteStore(SourceStore):
             return view[:n]
 
         try:
-            todo = place_local(placer, local, stats, executor=self._pool, deadline=dl)
-            fetch_and_place(
-                plan_reads(todo),
-                fetch,
-                placer,
-                executor=self._pool,
-                deadline=dl,
-                stats=stats,
-                progress=progress,
-            )
-        except FutureTimeout as e:
-            raise StorageTimeoutError(
-                f"checkout of {name} did not finish within its deadline"
-            ) from e
+            if damaged is None:
+                placer.create_files()
+            with WorkerPool(self.workers) as pool:  # this checkout's own (see WorkerPool)
+                todo = place_local(placer, local, stats, executor=pool, deadline=dl)
+                reads = plan_reads(todo, max_read=max_read)
+                fetch_and_place(
+                    reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
+                )
+            placer.finish()
         finally:
-            placer.close()
-        placer.finish()
+            placer.close()  # reads still running (abandoned) can no longer write
         return self.label
 
     # Listing and maintenance.
@@ -476,14 +479,6 @@ def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str]
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"
         raise ConflictError(f"{what} is at {got}, not the expected {expected}")
-
-
-def _wait(futures: list[Future[None]], dl: Deadline, what: str) -> None:
-    try:
-        for fut in futures:
-            fut.result(timeout=max(dl.remaining(), 0.001))
-    except FutureTimeout as e:
-        raise StorageTimeoutError(f"{what} did not finish within the deadline") from e
 
 
 def _publisher() -> str:

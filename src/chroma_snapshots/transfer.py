@@ -4,21 +4,29 @@ A checkout needs some set of chunks. They are grouped by pack and sorted by
 offset; neighbours closer than ``max_gap`` are merged into one ranged read
 (reading a little waste beats a round trip), and reads are capped at
 ``max_read`` so a whole pack is still fetched as several parallel requests.
+
+Every write's count is checked, and a failed local write ends as CacheFullError (disk or
+quota full) or LocalDiskError, never a raw OSError. A call that fails or times out leaves
+reads running (they are abandoned); they only ever fill buffers of their own, because the
+Placer refuses writes once closed and keeps its descriptors open until the last write in
+progress is done: a closed descriptor's number is reused by the process's next ``open``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .chunking import decode_chunk
-from .deadline import Deadline
-from .errors import IntegrityError
+from .deadline import Deadline, wait_all
+from .errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 from .models import Chunk, Manifest
 from .store import Progress, StatsRecorder
 from .validation import sha256_hex
@@ -44,9 +52,17 @@ class Read:
 def plan_reads(
     chunks: Iterable[Chunk], *, max_gap: int = DEFAULT_MAX_GAP, max_read: int = DEFAULT_MAX_READ
 ) -> list[Read]:
-    """Coalesce the chunks' byte ranges into as few reads as the gap and size limits allow."""
+    """Coalesce the chunks' byte ranges into as few reads as the gap and size limits allow.
+
+    No read is longer than ``max_read``: read buffers are sized from it, never from a
+    declared length, so a chunk declaring more is refused (IntegrityError)."""
     by_pack: dict[str, list[Chunk]] = defaultdict(list)
     for c in chunks:
+        if c.length > max_read:
+            raise IntegrityError(
+                f"chunk {c.hash[:12]} declares {c.length} stored bytes, more than a read "
+                f"may hold ({max_read})"
+            )
         by_pack[c.pack].append(c)
     reads: list[Read] = []
     for pack, cs in sorted(by_pack.items()):
@@ -67,6 +83,46 @@ def _read(pack: str, group: list[Chunk]) -> Read:
     return Read(pack, group[0].offset, max(c.offset + c.length for c in group), tuple(group))
 
 
+def disk_error(err: OSError, path: Path | str, what: str) -> SnapshotError:
+    """A local file operation's OSError as the documented error, keeping errno and path:
+    CacheFullError when the disk or the quota is full, else LocalDiskError."""
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    cls = CacheFullError if full else LocalDiskError
+    return cls(err.errno, f"{what}: {err.strerror or err}", str(path))
+
+
+@contextmanager
+def local_io(path: Path | str, what: str) -> Iterator[None]:
+    """Raise a raw OSError of the block as :func:`disk_error` (documented errors pass)."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except OSError as e:
+        raise disk_error(e, path, what) from e
+
+
+def pwrite_all(fd: int, bufs: Sequence[Buffer], offset: int, size: int) -> None:
+    """Write all ``size`` bytes of ``bufs`` at ``offset``. The kernel may write less than
+    asked without an error (a filling disk does): write the rest, and the next call says
+    why it cannot; a call that writes nothing and raises nothing is an I/O error."""
+    written = os.pwritev(fd, bufs, offset)
+    while written < size:  # rare: a full write is the one comparison above
+        if written <= 0:
+            raise OSError(errno.EIO, f"write made no progress at offset {offset}")
+        bufs, offset, size = _skip(bufs, written), offset + written, size - written
+        written = os.pwritev(fd, bufs, offset)
+
+
+def _skip(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
+    """``bufs`` without their first ``n`` bytes (views, no copies)."""
+    for i, b in enumerate(bufs):
+        if n < len(b):
+            return [memoryview(b)[n:], *bufs[i + 1 :]]
+        n -= len(b)
+    return []
+
+
 class LocalChunks:
     """Chunks already on local disk: files of other materialized versions (or of a damaged
     copy being repaired). Every read is hash-verified, so a stale or modified file can cost
@@ -79,6 +135,7 @@ class LocalChunks:
         self._where: dict[str, list[tuple[Path, int, int]]] = defaultdict(list)
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._lock = threading.Lock()
+        self._closed = False  # a read abandoned at a deadline must not reopen files
 
     def add_tree(self, root: Path, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
         """Offer the chunks of ``manifest``'s files (or just ``paths``) found under ``root``."""
@@ -98,6 +155,8 @@ class LocalChunks:
         for path, offset, size in self._where.get(digest, ()):
             try:
                 with self._lock:  # pread under the lock: the LRU may close an fd any time
+                    if self._closed:
+                        return None
                     raw = os.pread(self._fd(path), size, offset)
             except OSError:
                 continue
@@ -115,8 +174,9 @@ class LocalChunks:
         return fd
 
     def close(self) -> None:
-        """Close the files opened for reading (idempotent)."""
+        """Close the files opened for reading (idempotent); later reads find nothing."""
         with self._lock:
+            self._closed = True
             fds, self._fds = self._fds, OrderedDict()
         for fd in fds.values():
             os.close(fd)
@@ -127,6 +187,10 @@ class Placer:
 
     ``damaged`` (file path -> chunk indexes) restricts the work to those positions
     of files that already exist at the right size: repairing a checkout in place.
+
+    Once ``close`` is called no write starts, and the descriptors are closed only when
+    the writes already in progress are done (by the last of them): a worker abandoned at
+    a deadline can never write through a descriptor number the process has reused.
     """
 
     def __init__(
@@ -143,16 +207,20 @@ class Placer:
         self._fds: dict[str, int] = {}
         self._left = Counter(path for where in self.targets.values() for path, _ in where)
         self._lock = threading.Lock()
+        self._writing = 0  # place_many calls in progress
+        self.closed = False
 
     def create_files(self) -> None:
         """Create every directory and every file at its final size (sparse until filled)."""
-        for d in self.manifest.dirs:
-            (self.root / d).mkdir(parents=True, exist_ok=True)
+        with local_io(self.root, "creating the checkout's directories"):
+            for d in self.manifest.dirs:
+                (self.root / d).mkdir(parents=True, exist_ok=True)
         for f in self.files:
             path = self.root / f.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.truncate(f.size)
+            with local_io(path, "creating a file of the checkout"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as fh:
+                    fh.truncate(f.size)
 
     def place(self, digest: str, raw: Buffer) -> int:
         """Write one verified chunk everywhere it occurs; returns bytes written."""
@@ -164,27 +232,45 @@ class Placer:
         Chunks that land next to each other in a file go out in one ``pwritev``: a pack
         holds chunks in file order, so an 8 MiB read is typically one system call, not
         128 (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
+        with self._lock:
+            if self.closed:
+                raise SnapshotError("the checkout ended (failed or timed out); nothing written")
+            self._writing += 1
+        try:
+            return self._write_runs(chunks)
+        finally:
+            with self._lock:
+                self._writing -= 1
+                last = self.closed and not self._writing
+                fds: dict[str, int] = self._take_fds() if last else {}
+            _close_all(fds)
+
+    def _write_runs(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
         writes = sorted(
             (relpath, offset, raw)
             for digest, raw in chunks
             for relpath, offset in self.targets[digest]
         )
-        written, i = 0, 0
-        while i < len(writes):
-            relpath, start, first = writes[i]
-            bufs, end = [first], start + len(first)
-            i += 1
-            while (
-                i < len(writes)
-                and writes[i][0] == relpath
-                and writes[i][1] == end
-                and len(bufs) < _RUN_CHUNKS
-            ):
-                bufs.append(writes[i][2])
-                end += len(writes[i][2])
+        written, i, relpath = 0, 0, ""
+        try:
+            while i < len(writes):
+                relpath, start, first = writes[i]
+                bufs, end = [first], start + len(first)
                 i += 1
-            written += os.pwritev(self._fd(relpath), bufs, start)
-            self._wrote(relpath, len(bufs))
+                while (
+                    i < len(writes)
+                    and writes[i][0] == relpath
+                    and writes[i][1] == end
+                    and len(bufs) < _RUN_CHUNKS
+                ):
+                    bufs.append(writes[i][2])
+                    end += len(writes[i][2])
+                    i += 1
+                pwrite_all(self._fd(relpath), bufs, start, end - start)
+                written += end - start
+                self._wrote(relpath, len(bufs))
+        except OSError as e:
+            raise disk_error(e, self.root / relpath, "writing the checkout") from e
         return written
 
     def _wrote(self, relpath: str, count: int) -> None:
@@ -205,21 +291,33 @@ class Placer:
                     fd = self._fds[relpath] = os.open(self.root / relpath, os.O_WRONLY)
         return fd
 
+    def _take_fds(self) -> dict[str, int]:
+        fds, self._fds = self._fds, {}
+        return fds
+
     def close(self) -> None:
-        """Close the files opened for writing (idempotent)."""
+        """Refuse further writes and close the files (idempotent); with writes still in
+        progress, the last of them closes the files when it is done."""
         with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            self.closed = True
+            fds: dict[str, int] = self._take_fds() if not self._writing else {}
+        _close_all(fds)
 
     def finish(self) -> None:
         """Close the files and apply file modes once all data is in place."""
         self.close()
         for f in self.files:
-            os.chmod(self.root / f.path, f.mode)
+            with local_io(self.root / f.path, "setting a file's mode"):
+                os.chmod(self.root / f.path, f.mode)
 
 
-# Returns the read's bytes; a view may be reused by the same worker's next read.
+def _close_all(fds: Mapping[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+
+
+# Returns the read's bytes, in a buffer the calling worker owns (and may reuse for its
+# next read): a read abandoned at a deadline then writes into nothing shared.
 Fetch = Callable[[Read], Buffer]
 
 
@@ -233,12 +331,17 @@ def fetch_and_place(
     stats: StatsRecorder,
     progress: Progress | None,
 ) -> None:
-    """Run the reads in parallel; verify each chunk's hash before it lands in a file."""
+    """Run the reads in parallel; verify each chunk's hash before it lands in a file.
+
+    Returns once every read is placed; raises the first failure, or StorageTimeoutError
+    at the deadline (reads still running are abandoned: the placer refuses them)."""
     total = sum(r.end - r.start for r in reads)
     done = [0]
     done_lock = threading.Lock()  # reads finish on several threads at once
 
     def run(r: Read) -> None:
+        if placer.closed:
+            return  # the checkout already failed: don't start a read nobody will place
         deadline.check(f"reading pack {r.pack[:12]}")
         data = memoryview(fetch(r))
         if len(data) != r.end - r.start:
@@ -258,14 +361,7 @@ def fetch_and_place(
                 so_far = done[0]
             progress(so_far, total)
 
-    futures = [executor.submit(run, r) for r in reads]
-    try:
-        for fut in futures:
-            fut.result(timeout=max(deadline.remaining(), 0.001))
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        raise
+    wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
 
 
 def place_local(
@@ -297,7 +393,8 @@ def place_local(
 
     parts = [wanted[i : i + _LOCAL_SLICE] for i in range(0, len(wanted), _LOCAL_SLICE)]
     try:
-        missing = [h for part in executor.map(fill, parts) for h in part]
+        found = wait_all([executor.submit(fill, p) for p in parts], deadline, "reusing chunks")
     finally:
-        local.close()
+        local.close()  # an abandoned slice then reads nothing more (see LocalChunks.read)
+    missing = [h for part in found for h in part]
     return [placer.manifest.chunks[h] for h in missing]
