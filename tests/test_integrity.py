@@ -17,7 +17,9 @@ from chroma_snapshots import (
     VersionId,
     open_backend,
 )
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.remote import manifest_key, pack_key, ref_key
+from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.validation import canonical_json, parse_time, utc_now
 
@@ -168,6 +170,8 @@ def _corrupt(store: RemoteStore, v2: str, old_ref: bytes, src: Path, kind: str) 
             b.put(key, _flip(data, used.offset + used.length // 2))
         elif kind == "pack truncated":
             b.put(key, data[: used.offset + used.length - 1])
+        elif kind == "pack emptied":  # every range starts past the end (S3: 416)
+            b.put(key, b"")
         elif kind == "pack deleted":
             b.delete(key)
         else:  # "packs swapped"
@@ -185,26 +189,46 @@ def _corrupt(store: RemoteStore, v2: str, old_ref: bytes, src: Path, kind: str) 
         b.put(mkey, b.get(manifest_key("other", theirs)).data)
     elif kind == "ref garbage":
         b.put(ref_key("db", "latest"), b'{"version": 12}')
+    elif kind == "ref nested 200,000 deep":
+        b.put(ref_key("db", "latest"), b"[" * 200_000)
     else:  # "ref replayed (old)"
         b.put(ref_key("db", "latest"), old_ref)
 
 
-CORRUPTIONS = [
-    "pack bit flip",
-    "pack truncated",
-    "pack deleted",
-    "packs swapped",
-    "manifest bit flip",
-    "manifest truncated",
-    "manifest deleted",
-    "manifest from another name",
-    "ref garbage",
-    "ref replayed (old)",
-]
+# The table in docs/RELIABILITY.md: each kind of damage and the error a checkout reports.
+CORRUPTIONS: dict[str, type[Exception]] = {
+    "pack bit flip": IntegrityError,
+    "pack truncated": IntegrityError,
+    "pack emptied": IntegrityError,
+    "pack deleted": SnapshotNotFoundError,
+    "packs swapped": IntegrityError,
+    "manifest bit flip": IntegrityError,
+    "manifest truncated": IntegrityError,
+    "manifest deleted": SnapshotNotFoundError,
+    "manifest from another name": IntegrityError,
+    "ref garbage": IntegrityError,
+    "ref nested 200,000 deep": IntegrityError,
+    "ref replayed (old)": IntegrityError,
+}
+
+
+@pytest.fixture(params=["memory", "file", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> RemoteStore:
+    """The matrix holds on every kind of backend (S3 answers a range past the end with 416)."""
+    if request.param == "memory":
+        backend = open_backend(f"memory://i-{uuid.uuid4().hex}")
+    elif request.param == "file":
+        backend = open_backend(str(tmp_path / "store"))
+    else:
+        moto: MotoServer = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        backend = S3Backend(bucket, "m", settings=S3Settings(endpoint_url=moto.endpoint_url))
+    return RemoteStore(backend, chunk_size=4096, pack_target=8192)
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
-def test_corruption_matrix(store: RemoteStore, tmp_path: Path, kind: str) -> None:
+def test_corruption_matrix(any_store: RemoteStore, tmp_path: Path, kind: str) -> None:
+    store = any_store
     src = write_tree(tmp_path / "src", {"a.bin": bytes(range(256)) * 200, "d/b.txt": b"b" * 9000})
     store.publish("db", src)
     old_ref = store.backend.get(ref_key("db", "latest")).data
@@ -212,7 +236,7 @@ def test_corruption_matrix(store: RemoteStore, tmp_path: Path, kind: str) -> Non
     v2 = store.publish("db", src).version
     assert store.resolve("db").version == v2  # this store has now seen generation 2
     _corrupt(store, v2, old_ref, src, kind)
-    with pytest.raises((IntegrityError, SnapshotNotFoundError)) as caught:
+    with pytest.raises(CORRUPTIONS[kind]) as caught:
         store.checkout("db", dest=tmp_path / "out")
     _nothing_left(tmp_path)
     if kind.startswith("pack"):
