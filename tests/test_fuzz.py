@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import unicodedata
 import uuid
 from pathlib import Path
@@ -29,7 +30,12 @@ from chroma_snapshots.errors import (
 from chroma_snapshots.remote import manifest_key
 from chroma_snapshots.store import StatsRecorder
 from chroma_snapshots.testing.conformance import write_tree
-from chroma_snapshots.validation import canonical_json, check_name, check_relpath
+from chroma_snapshots.validation import (
+    MAX_PATH_DEPTH,
+    canonical_json,
+    check_name,
+    check_relpath,
+)
 
 FUZZ = settings(
     max_examples=runs(ci=150, long=3000),
@@ -107,8 +113,17 @@ def test_names_are_safe_or_refused(name: str) -> None:
     assert "\x00" not in ok
 
 
+NESTED = st.builds(
+    lambda opener, closer, depth, tail: opener * depth + tail + closer * depth,
+    st.sampled_from([b"[", b'{"a":', b"[1,", b'{"metadata":']),
+    st.sampled_from([b"]", b"}", b""]),
+    st.integers(min_value=1, max_value=100_000),
+    st.sampled_from([b"0", b"", b"1" * 5000]),
+)
+
+
 @FUZZ
-@given(data=st.binary(max_size=300) | JSONISH.map(lambda o: json.dumps(o).encode()))
+@given(data=st.binary(max_size=300) | JSONISH.map(lambda o: json.dumps(o).encode()) | NESTED)
 def test_arbitrary_manifest_and_ref_bytes(data: bytes) -> None:
     for parse_it in (Manifest.from_json, RefValue.from_json):
         with contextlib.suppress(IntegrityError):
@@ -117,7 +132,9 @@ def test_arbitrary_manifest_and_ref_bytes(data: bytes) -> None:
 
 @FUZZ
 @given(
-    field=st.sampled_from(["files", "chunks", "dirs", "name", "chunk_size", "parent", "format"]),
+    field=st.sampled_from(
+        ["files", "chunks", "dirs", "name", "chunk_size", "parent", "format", "metadata"]
+    ),
     value=JSONISH | PATHS,
 )
 def test_mutated_manifests_are_refused_or_still_safe(
@@ -145,12 +162,16 @@ def test_hostile_paths_in_a_manifest_never_write_outside(
         manifest = Manifest.from_json(body)
     except IntegrityError:
         return
+    assert len(manifest.files[0].path.split("/")) <= MAX_PATH_DEPTH
     work = tmp_path_factory.mktemp("w")
-    dest = work / "inside" / "out"
-    with contextlib.suppress(SnapshotError):
-        store.materialize("db", manifest, dest, Deadline(10), StatsRecorder())
-    outside = [p for p in work.rglob("*") if not str(p).startswith(str(work / "inside"))]
-    assert outside == []
+    try:
+        dest = work / "inside" / "out"
+        with contextlib.suppress(SnapshotError):
+            store.materialize("db", manifest, dest, Deadline(10), StatsRecorder())
+        outside = [p for p in work.rglob("*") if not str(p).startswith(str(work / "inside"))]
+        assert outside == []
+    finally:  # 150 examples: leave nothing for pytest's own clean-up of old runs to walk
+        shutil.rmtree(work)
 
 
 ENV_KEYS = [
