@@ -10,12 +10,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from cache_worker import tree_digest
 from reliability import record, runs
 
-from chroma_snapshots import RemoteStore
+from chroma_snapshots import BackendUnavailableError, CachedStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.proxy import CountingProxy
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 CHUNK = 4096
@@ -67,3 +71,83 @@ def test_processes_sharing_a_cache_with_constant_eviction(tmp_path: Path) -> Non
     assert [k for k in outcomes if k != "ok" and not k.endswith("documented=True")] == [], outcomes
     assert outcomes["ok"] >= procs * each * 0.9, outcomes
     assert os.listdir(cache)  # the cache was used (and evicted: it holds at most 2 versions)
+
+
+# stale_ok: the version the asked ref was last seen to name, or the outage's error.
+
+
+def _s3_store(endpoint: str, bucket: str, **settings: float) -> RemoteStore:
+    s3 = S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint, **settings))  # type: ignore[arg-type]
+    # one label for the healthy and the unreachable endpoint: the same cache folder
+    return RemoteStore(s3, chunk_size=CHUNK, label=f"s3://{bucket}/snaps")
+
+
+@pytest.fixture
+def up_down(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> tuple[CachedStore, CachedStore]:
+    with CountingProxy(moto_server.endpoint_url) as closed:
+        dead_url = closed.url  # nothing listens there any more
+    up = CachedStore(_s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+    down_remote = _s3_store(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    down = CachedStore(down_remote, tmp_path / "cache", stale_ok=True)
+    return up, down
+
+
+def _two_versions(store: CachedStore, tmp_path: Path) -> tuple[Path, str, Path, str]:
+    src1 = write_tree(tmp_path / "v1", {"chroma.sqlite3": os.urandom(8 * CHUNK), "h": b"one"})
+    src2 = write_tree(tmp_path / "v2", {"chroma.sqlite3": os.urandom(8 * CHUNK), "h": b"two"})
+    v1 = store.publish("db", src1).version
+    v2 = store.publish("db", src2).version
+    return src1, v1, src2, v2
+
+
+def test_stale_reads_serve_the_version_the_asked_ref_named(
+    up_down: tuple[CachedStore, CachedStore], tmp_path: Path
+) -> None:
+    up, down = up_down
+    src1, v1, src2, v2 = _two_versions(up, tmp_path)
+    up.set_ref("db", "stable", v1, expected=None)
+    for ref in ("stable", "latest"):
+        up.checkout("db", ref).release()  # both cached, both refs read while up
+    with down.checkout("db", "stable", deadline=5) as snap:
+        assert (snap.stale, snap.info.version) == (True, v1)
+        assert read_tree(snap.path) == read_tree(src1)
+    with down.checkout("db", "latest", deadline=5) as snap:
+        assert (snap.stale, snap.info.version) == (True, v2)
+        assert read_tree(snap.path) == read_tree(src2)
+    assert down.current_version("db", "stable", deadline=5) == (v1, True)
+
+
+def test_a_stale_read_after_a_rollback_serves_the_rolled_back_version(
+    up_down: tuple[CachedStore, CachedStore], tmp_path: Path
+) -> None:
+    up, down = up_down
+    src1, v1, _, v2 = _two_versions(up, tmp_path)
+    up.checkout("db", v1).release()
+    up.checkout("db").release()  # latest -> v2, cached
+    up.set_ref("db", "latest", v1, expected=v2)  # a bad v2 rolled back
+    assert up.current_version("db") == (v1, False)  # read once while up
+    with down.checkout("db", deadline=5) as snap:
+        assert (snap.stale, snap.info.version) == (True, v1)
+        assert read_tree(snap.path) == read_tree(src1)
+
+
+def test_a_stale_read_never_serves_another_version(
+    up_down: tuple[CachedStore, CachedStore], tmp_path: Path
+) -> None:
+    up, down = up_down
+    _, v1, _, v2 = _two_versions(up, tmp_path)
+    up.checkout("db", v2).release()  # cached, but through its id: no ref recorded
+    up.set_ref("db", "stable", v1, expected=None)
+    assert up.current_version("db", "stable") == (v1, False)  # recorded; v1 not cached
+    for ref in ("latest", "stable"):
+        with pytest.raises(BackendUnavailableError):  # the outage's own error, not v2
+            down.checkout("db", ref, deadline=5)
+    # A recorded version that was evicted afterwards is not served either.
+    up.checkout("db").release()
+    with down.checkout("db", deadline=5) as snap:
+        assert snap.info.version == v2
+    assert up.evict("db", v2)
+    with pytest.raises(BackendUnavailableError):
+        down.checkout("db", deadline=5)

@@ -222,20 +222,18 @@ class CachedStore(DelegatingStore):
 
     @contextmanager
     def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:
-        """Chunks of the newest other cached versions, each held while in use; a version
-        that is busy or gone is simply not offered (never waited for: no deadlocks)."""
+        """Chunks of the newest other cached versions. They are not pinned: a version that
+        another process evicts meanwhile costs downloads, never a wrong byte (every local
+        read is verified), and pins here would keep evictions from making room."""
         d = self.dirs(name)
-        local, pins = LocalChunks(), []
+        local = LocalChunks()
         try:
             for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:]:
-                if (held := self.hold(name, v)) is not None:
-                    local.add_tree(d.tree(v), held[0])
-                    pins.append(held[1])
+                if (m := self.cached_manifest(name, v)) is not None:
+                    local.add_tree(d.tree(v), m)
             yield local
         finally:
             local.close()
-            for pin in pins:
-                pin.unlink(missing_ok=True)
 
     def _materialize(
         self,
