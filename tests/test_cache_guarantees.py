@@ -14,7 +14,7 @@ import pytest
 from cache_worker import tree_digest
 from reliability import record, runs
 
-from chroma_snapshots import BackendUnavailableError, CachedStore, RemoteStore
+from chroma_snapshots import BackendUnavailableError, CachedStore, CacheFullError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
@@ -151,3 +151,44 @@ def test_a_stale_read_never_serves_another_version(
     assert up.evict("db", v2)
     with pytest.raises(BackendUnavailableError):
         down.checkout("db", deadline=5)
+
+
+# A damaged cache entry is a miss, and a full disk at dest is the documented error.
+
+
+@pytest.mark.parametrize("damaged", ["manifest", "stamps"])
+def test_damaged_cache_meta_is_rebuilt_not_an_error(tmp_path: Path, damaged: str) -> None:
+    store_dir = tmp_path / "store"
+    digests = _publish_versions(store_dir, tmp_path, 1)
+    cached = CachedStore(RemoteStore(FileBackend(store_dir)), tmp_path / "cache")
+    cached.checkout("db").release()
+    (version,) = digests
+    d = cached.dirs("db")
+    meta = d.manifest_file(version) if damaged == "manifest" else d.stamps_file(version)
+    meta.write_bytes(b"\x00garbage")
+    fresh = CachedStore(RemoteStore(FileBackend(store_dir)), tmp_path / "cache")  # no memo
+    with fresh.checkout("db") as snap:
+        assert tree_digest(snap.path) == digests[version]
+    assert d.complete() == [version]
+    assert d.read_manifest(version) is not None
+    assert set(d.read_stamps(version)) == {"chroma.sqlite3", "seg0/data.bin"}
+
+
+def test_disk_full_at_dest_is_cache_full_and_leaves_nothing(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(3 << 20), "b/c": b"c"})
+    RemoteStore(FileBackend(store_dir)).publish("db", src)
+    cached = CachedStore(RemoteStore(FileBackend(store_dir)), tmp_path / "cache")
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.system(f"mount -t tmpfs -o size=2m tmpfs {small} 2>/dev/null") != 0:
+        pytest.fail("this test needs root to mount a 2 MiB tmpfs (CI runs as root)")
+    try:
+        with pytest.raises(CacheFullError) as err:
+            cached.checkout("db", dest=small / "out")
+        assert isinstance(err.value.__cause__, OSError)
+        assert os.listdir(small) == []
+        with cached.checkout("db") as snap:  # the cached copy is intact
+            assert read_tree(snap.path) == read_tree(src)
+    finally:
+        os.system(f"umount -l {small}")

@@ -119,6 +119,9 @@ class CachedStore(DelegatingStore):
                 pin = d.pin(version)
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
+        except OSError as e:  # writing the version, repairing it, or a lock or pin file
+            _raise_if_disk_full(e, f"cache {self.root}: disk full while serving {version}")
+            raise
         info = SnapshotInfo.from_manifest(version, manifest)
         if dest is not None:
             try:
@@ -255,9 +258,8 @@ class CachedStore(DelegatingStore):
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
-        except BaseException as e:
-            remove_tree(work)
-            _raise_if_disk_full(e, f"cache {self.root}: disk full while writing {version}")
+        except BaseException:
+            remove_tree(work)  # checkout maps a full disk to CacheFullError
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
