@@ -1,0 +1,338 @@
+"""The checkout data path's guarantees: a filling disk never yields wrong bytes or a raw
+OSError, a timed-out call neither overruns its deadline nor starves the next one on the
+same store, work abandoned at a deadline never writes into a descriptor it no longer
+owns, and no buffer is sized from a declared length."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    CachedStore,
+    CacheFullError,
+    Deadline,
+    IntegrityError,
+    LocalDiskError,
+    RemoteStore,
+    StorageTimeoutError,
+)
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.deadline import WorkerPool, wait_all
+from chroma_snapshots.store import StatsRecorder
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.proxy import CountingProxy
+from chroma_snapshots.transfer import DEFAULT_MAX_READ, plan_reads
+
+MiB = 1 << 20
+Mount = Callable[[str], Path]
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Mount]:
+    """Mounts a real tmpfs with the given options; every mount is undone afterwards."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"these tests need root to mount a tmpfs (CI runs as root): {done.stderr}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: even if busy
+
+
+def _published(
+    tmp_path: Path, files: dict[str, bytes], chunk_size: int = 64 << 10
+) -> tuple[RemoteStore, Path]:
+    src = write_tree(tmp_path / "src", files)
+    store = RemoteStore(FileBackend(tmp_path / "store", fsync=False), chunk_size=chunk_size)
+    store.publish("db", src)
+    return store, src
+
+
+def _random_files(sizes: dict[str, int]) -> dict[str, bytes]:
+    return {name: os.urandom(size) for name, size in sizes.items()}
+
+
+# A filling disk: the documented error, nothing at dest, nothing left behind.
+
+
+def test_the_reported_repro_three_1mb_files_into_a_2mib_tmpfs(tmp_path: Path, tmpfs: Mount) -> None:
+    mnt = tmpfs("size=2m")
+    store, _ = _published(tmp_path, _random_files({f"f{i}.bin": 1_000_000 for i in range(3)}))
+    with pytest.raises(CacheFullError) as err:
+        store.checkout("db", dest=mnt / "out")
+    assert isinstance(err.value, OSError)
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value.filename).startswith(str(mnt))  # names the file being written
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value.__cause__, OSError)
+    assert os.listdir(mnt) == []  # no dest, no temp dir
+
+
+FILL_POINTS = {
+    "in the first file": {"a.bin": 3_000_000},
+    "in a middle file": {"a.bin": 500_000, "b.bin": 3_000_000, "c.bin": 10_000},
+    "at the last chunk": {"a.bin": MiB, "b.bin": MiB + 1},
+}
+
+
+@pytest.mark.parametrize("sizes", FILL_POINTS.values(), ids=FILL_POINTS.keys())
+def test_disk_full_at_any_point_of_a_checkout(
+    tmp_path: Path, tmpfs: Mount, sizes: dict[str, int]
+) -> None:
+    mnt = tmpfs("size=2m")
+    store, _ = _published(tmp_path, _random_files(sizes))
+    with pytest.raises(CacheFullError) as err:
+        store.checkout("db", dest=mnt / "out")
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(mnt) == []
+    # the cache on the same disk, its free-space check fooled: the real ENOSPC
+    cached = CachedStore(store, mnt / "cache", min_free_bytes=-(1 << 40))
+    with pytest.raises(CacheFullError):
+        cached.checkout("db")
+    assert cached.dirs("db").complete() == []
+    assert list((cached.dirs("db").root / "tmp").iterdir()) == []
+
+
+def test_a_checkout_that_just_fits_is_exact(tmp_path: Path, tmpfs: Mount) -> None:
+    """The control for the matrix above: the same disk takes a checkout that fits."""
+    mnt = tmpfs("size=2m")
+    store, src = _published(tmp_path, _random_files({"a.bin": MiB, "b.bin": MiB - 64 * 1024}))
+    snap = store.checkout("db", dest=mnt / "out")
+    assert read_tree(snap.path) == read_tree(src)
+
+
+def test_no_inode_left_while_creating_files(tmp_path: Path, tmpfs: Mount) -> None:
+    mnt = tmpfs("size=8m,nr_inodes=8")
+    store, _ = _published(tmp_path, _random_files({f"s/f{i:02d}": 100 for i in range(12)}))
+    with pytest.raises(CacheFullError) as err:
+        store.checkout("db", dest=mnt / "out")
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(mnt) == []
+
+
+def test_other_local_failures_are_a_local_disk_error(tmp_path: Path, tmpfs: Mount) -> None:
+    mnt = tmpfs("size=2m,ro")
+    store, _ = _published(tmp_path, _random_files({"a.bin": 10_000}))
+    with pytest.raises(LocalDiskError) as err:
+        store.checkout("db", dest=mnt / "out")
+    assert err.value.errno == errno.EROFS
+    assert not isinstance(err.value, CacheFullError)
+    assert str(mnt) in str(err.value)
+
+
+# Short writes.
+
+
+def _shortened(limits: Sequence[int], calls: list[tuple[int, int]]) -> Callable[..., int]:
+    """os.pwritev that writes at most the next of ``limits`` bytes, as a filling disk may."""
+    real = os.pwritev
+
+    def pwritev(fd: int, bufs: Sequence[bytes | memoryview], offset: int) -> int:
+        limit, taken = limits[len(calls) % len(limits)], []
+        for b in bufs:
+            if limit <= 0:
+                break
+            taken.append(memoryview(b)[:limit])
+            limit -= len(taken[-1])
+        n = real(fd, taken, offset)
+        calls.append((sum(len(b) for b in bufs), n))
+        return n
+
+    return pwritev
+
+
+def test_short_writes_are_continued_until_every_byte_is_placed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _random_files({"a.bin": 300_000, "seg/b.bin": 70_001, "seg/c.bin": 4096})
+    store, src = _published(tmp_path, files, chunk_size=4096)
+    calls: list[tuple[int, int]] = []
+    # splits inside a buffer, exactly at a buffer's end and one past it
+    monkeypatch.setattr(os, "pwritev", _shortened([7, 4095, 4096, 4097, 10_000], calls))
+    snap = store.checkout("db", dest=tmp_path / "out")
+    monkeypatch.undo()
+    assert read_tree(snap.path) == read_tree(src)
+    assert sum(n < asked for asked, n in calls) > 10  # the writes really were short
+
+
+def test_a_write_that_makes_no_progress_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = _published(tmp_path, _random_files({"a.bin": 50_000}))
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, offset: 0)
+    with pytest.raises(LocalDiskError) as err:
+        store.checkout("db", dest=tmp_path / "out" / "snap")
+    assert err.value.errno == errno.EIO
+    assert os.listdir(tmp_path / "out") == []
+
+
+# Declared sizes.
+
+
+def test_a_chunk_declaring_more_than_a_read_is_refused_without_allocating(
+    tmp_path: Path,
+) -> None:
+    store, _ = _published(tmp_path, _random_files({"a.bin": 20_000}), chunk_size=4096)
+    version = store.resolve("db").version
+    m = store.load_manifest("db", version)
+    digest, chunk = next(iter(m.chunks.items()))
+    huge = replace(chunk, length=3 << 29, codec="zstd")  # 1.5 GiB "compressed"
+    hostile = replace(m, chunks={**m.chunks, digest: huge})
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError, match="more than a read"):
+            store.materialize("db", hostile, tmp_path / "w", Deadline(10), StatsRecorder())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * MiB
+    # the limit is the read size itself: a chunk of exactly max_read is still planned
+    assert len(plan_reads([replace(chunk, length=DEFAULT_MAX_READ)])) == 1
+
+
+# Deadlines, and what a timed-out call leaves behind.
+
+
+def test_wait_all_fails_fast_and_cancels_what_has_not_started() -> None:
+    release = threading.Event()
+
+    def boom() -> None:
+        raise IntegrityError("boom")
+
+    def blocked(event: threading.Event) -> None:
+        event.wait(30)
+
+    with WorkerPool(2) as pool:
+        slow = pool.submit(blocked, release)
+        failing = pool.submit(boom)
+        t = time.monotonic()
+        with pytest.raises(IntegrityError, match="boom"):
+            wait_all([slow, failing], Deadline(30), "test")
+        assert time.monotonic() - t < 5  # not after the slow call submitted before it
+        release.set()
+    stuck = threading.Event()
+    with WorkerPool(1) as pool:
+        running = pool.submit(blocked, stuck)
+        queued = pool.submit(boom)
+        t = time.monotonic()
+        with pytest.raises(StorageTimeoutError, match="waiting"):
+            wait_all([running, queued], Deadline(0.3), "waiting")
+        assert time.monotonic() - t < 3
+        assert queued.cancelled()  # never starts after its caller gave up
+        stuck.set()
+
+
+WORKERS = 4
+
+
+def _s3_store(proxy: CountingProxy, bucket: str) -> RemoteStore:
+    # read_timeout 30 s: only the deadline can end a stalled body
+    settings = S3Settings(endpoint_url=proxy.url, connect_timeout=1, read_timeout=30.0)
+    backend = S3Backend(bucket, "snaps", settings=settings)
+    return RemoteStore(backend, chunk_size=4096, pack_target=64 << 10, workers=WORKERS)
+
+
+def test_a_timed_out_checkout_does_not_starve_the_next_calls(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", _random_files({"a.bin": MiB}))  # 16 packs
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        store = _s3_store(proxy, s3_bucket)
+        store.publish("db", src)
+        proxy.stall("/packs/", count=WORKERS, after_bytes=100)  # every worker stuck
+        t = time.monotonic()
+        with pytest.raises(StorageTimeoutError):
+            store.checkout("db", dest=tmp_path / "late", deadline=3)
+        assert time.monotonic() - t < 3 + 1.5
+        assert not (tmp_path / "late").exists()
+        # The stalled bodies are still held open; the proxy answers everything else.
+        t = time.monotonic()
+        snap = store.checkout("db", dest=tmp_path / "next", deadline=8)
+        assert time.monotonic() - t < 8
+        assert read_tree(snap.path) == read_tree(src)
+        (src / "b.bin").write_bytes(os.urandom(200_000))
+        t = time.monotonic()
+        store.publish("db", src, deadline=8)
+        assert time.monotonic() - t < 8
+        assert read_tree(store.checkout("db", dest=tmp_path / "v2", deadline=8).path) == (
+            read_tree(src)
+        )
+
+
+class _StallingBackend(FileBackend):
+    """Reads of one pack wait until released (a stalled body that comes back late)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self.pack = ""
+        self.reader: threading.Thread | None = None
+        self.release = threading.Event()
+
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        if self.pack and self.pack in key:
+            self.reader = threading.current_thread()
+            self.release.wait(30)
+        return super().get_into(key, byte_range, buf)
+
+
+def test_a_read_released_after_the_deadline_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_tree(tmp_path / "src", _random_files({"a.bin": 8 * 4096}))
+    backend = _StallingBackend(tmp_path / "store")
+    store = RemoteStore(backend, chunk_size=4096, pack_target=4 * 4096, compression_level=None)
+    store.publish("db", src)
+    m = store.load_manifest("db", store.resolve("db").version)
+    first, last = (m.chunks[m.files[0].chunks[i]].pack for i in (0, -1))
+    assert first != last  # a.bin is half placed (its file open) when the second pack stalls
+    backend.pack = last
+    writes: list[tuple[int, bool]] = []  # (fd, after the checkout failed)
+    failed = threading.Event()
+    real = os.pwritev
+
+    def recording(fd: int, bufs: Sequence[bytes | memoryview], offset: int) -> int:
+        writes.append((fd, failed.is_set()))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", recording)
+    with pytest.raises(StorageTimeoutError):
+        store.materialize("db", m, tmp_path / "w", Deadline(1.0), StatsRecorder())
+    failed.set()
+    # The process goes on opening files: they get the numbers the checkout closed.
+    others = {}
+    for i in range(8):
+        fd = os.open(tmp_path / f"other{i}", os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"x" * 64 * 1024)
+        others[fd] = tmp_path / f"other{i}"
+    try:
+        assert {fd for fd, _ in writes} & set(others)  # a late write would hit one of them
+        backend.release.set()
+        assert backend.reader is not None
+        backend.reader.join(10)  # the pool was left: the worker ends after its last task
+    finally:
+        for fd in others:
+            os.close(fd)
+    assert [w for w in writes if w[1]] == []
+    for path in others.values():
+        assert path.read_bytes() == b"x" * 64 * 1024
+    assert not backend.reader.is_alive()  # so the checks above saw everything it did
