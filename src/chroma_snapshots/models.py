@@ -35,7 +35,6 @@ from .validation import (
     format_time,
     parse_time,
     sha256_hex,
-    zstd_bound,
 )
 
 
@@ -107,10 +106,10 @@ class Chunk:
             val.as_int(o["size"], "size", 1, chunk_size),
             o["codec"],
         )
-        # Readers size buffers from these, so every length is bounded by the format: raw
-        # bytes are stored as they are, zstd never needs more than its compress bound.
-        bound = c.size if c.codec == "none" else zstd_bound(c.size)
-        if c.codec not in CODECS or not c.length <= bound or c.offset + c.length > MAX_PACK_SIZE:
+        # Readers size buffers from these, so every length is bounded by the format: raw bytes
+        # are stored as they are, and zstd only when it saves (PackWriter), so no chunk is
+        # stored in more bytes than its size, nor its size more than the chunk size.
+        if c.codec not in CODECS or c.length > c.size or c.offset + c.length > MAX_PACK_SIZE:
             raise IntegrityError(
                 f"chunk {h[:12]}: codec {c.codec!r} with {c.length} stored bytes at offset "
                 f"{c.offset} for {c.size} bytes is impossible"

@@ -113,12 +113,6 @@ def loads_json(data: bytes, what: str, max_bytes: int) -> object:
         raise IntegrityError(f"{what} is not valid JSON") from e
 
 
-def zstd_bound(size: int) -> int:
-    """The most bytes zstd can take to store ``size`` bytes (``ZSTD_COMPRESSBOUND``)."""
-    small = ((128 << 10) - size) >> 11 if size < 128 << 10 else 0
-    return size + (size >> 8) + small
-
-
 def check_depth(o: object, what: str, limit: int) -> None:
     """IntegrityError if lists and objects in ``o`` nest deeper than ``limit``. Iterative: it
     must not itself run out of stack on what it is checking."""
