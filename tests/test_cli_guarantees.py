@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,12 @@ from typing import Any
 import pytest
 
 from chroma_snapshots import (
+    Backend,
     CachedStore,
     ConfigError,
     FallbackStore,
+    ObjectMeta,
+    PutMode,
     RemoteStore,
     SnapshotStore,
     StoreConfig,
@@ -32,7 +37,7 @@ from chroma_snapshots.backends.cas import (
     unchecked,
 )
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.cli import main
 from chroma_snapshots.signing import Signer
 from chroma_snapshots.testing import MotoServer
@@ -288,14 +293,39 @@ def _keys(moto_server: MotoServer, bucket: str) -> list[str]:
     return [o["Key"] for o in listed]
 
 
+@pytest.mark.parametrize("scheme", ["s3", "fsspec+s3"])
 def test_probe_passes_on_moto_and_catches_an_ignoring_endpoint(
-    moto_server: MotoServer, s3_bucket: str, ignoring: CountingProxy
+    scheme: str, moto_server: MotoServer, s3_bucket: str, ignoring: CountingProxy
 ) -> None:
-    honest = S3Backend(s3_bucket, "p", client=moto_server.client())
-    assert probe_conditional_writes(honest) is None
-    liar = S3Backend(s3_bucket, "p", client=moto_server.client(endpoint_url=ignoring.url))
-    assert probe_conditional_writes(liar) == "ignores If-None-Match and If-Match"
-    assert _keys(moto_server, s3_bucket) == []  # both probes cleaned up
+    def opened_at(endpoint: str) -> Backend:
+        url = f"{scheme}://{s3_bucket}/p"
+        if scheme == "s3":
+            return open_backend(url, s3_settings=S3Settings(endpoint_url=endpoint))
+        return open_backend(url, endpoint_url=endpoint)  # s3fs's own option
+
+    assert probe_conditional_writes(unchecked(opened_at(moto_server.endpoint_url))) is None
+    liar = opened_at(ignoring.url)
+    assert probe_conditional_writes(unchecked(liar)) == "ignores If-None-Match and If-Match"
+    with pytest.raises(ConfigError, match="conditional writes"):
+        liar.put("db/refs/latest", b"{}", mode=PutMode.CREATE)
+    liar.put("plain", b"overwrites need no check")
+    assert _keys(moto_server, s3_bucket) == ["p/plain"]  # every probe cleaned up
+
+
+def test_threads_arriving_together_share_one_probe(tmp_path: Path) -> None:
+    creates: list[str] = []
+
+    class Recording(FileBackend):
+        def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+            if key.startswith("_probes/") and mode.kind == "create":
+                creates.append(key)
+            return super().put(key, data, mode=mode)
+
+    checked = ConditionalWriteCheck(Recording(tmp_path), f"test {uuid.uuid4().hex}")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: checked.put(f"k{i}", b"x", mode=PutMode.CREATE), range(16)))
+    assert len(creates) == 2  # one probe: its create and the create that must be refused
+    assert sorted(m.key for m in checked.list()) == sorted(f"k{i}" for i in range(16))
 
 
 def test_publish_and_set_ref_refuse_an_endpoint_that_ignores_cas(

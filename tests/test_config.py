@@ -12,6 +12,7 @@ from chroma_snapshots import (
     CachedStore,
     ConfigError,
     RemoteStore,
+    SnapshotNotFoundError,
     StoreConfig,
     open_remote,
     open_store,
@@ -120,3 +121,48 @@ def test_missing_extra_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "fsspec", None)  # as if the fsspec extra were missing
     with pytest.raises(ConfigError, match=r"pip install 'chroma-snapshots\[fsspec\]'"):
         open_remote("memory://x")
+
+
+def test_store_url_replaces_only_the_url() -> None:
+    env = {
+        "CHROMADB_STORAGE_MODE": "auto",  # incomplete: would be a ConfigError if it were read
+        "CHROMA_SNAPSHOTS_FALLBACK_URL": "s3://other/x",
+        "CHROMA_SNAPSHOTS_S3_TIMEOUT": "4",
+        "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS": "yes",
+    }
+    cfg = StoreConfig.from_env(env, url="s3://mine/p")
+    assert (cfg.url, cfg.fallback_url, cfg.s3_timeout) == ("s3://mine/p", None, 4.0)
+    assert cfg.unsafe_no_cas is True
+    assert StoreConfig.from_env({"CHROMA_SNAPSHOTS_URL": "s3://b"}).unsafe_no_cas is False
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_UNSAFE_NO_CAS"):
+        StoreConfig.from_env({"CHROMA_SNAPSHOTS_UNSAFE_NO_CAS": "maybe"}, url="s3://b")
+
+
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        ("s3:/my-bucket/chroma", "s3://my-bucket/chroma"),
+        ("s3:my-bucket", "s3://my-bucket"),
+        ("file:relative", "file:///relative"),
+        ("efs:/x", "efs:///x"),
+        ("fsspec+s3:b", "fsspec+s3://b"),
+    ],
+)
+def test_a_scheme_without_slashes_names_the_fix(url: str, fix: str) -> None:
+    with pytest.raises(ConfigError, match="did you mean") as e:
+        StoreConfig(url=url)
+    assert repr(fix) in str(e.value)
+    assert f"./{url}" in str(e.value)  # and how to mean a local folder
+
+
+def test_plain_paths_and_missing_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for path in ("relative/store", "./with:colon", str(tmp_path / "absolute")):
+        with pytest.raises(SnapshotNotFoundError, match="does not exist"):
+            open_remote(path, create=False)
+        with pytest.raises(SnapshotNotFoundError, match="does not exist"):
+            open_store(path, cache_dir=str(tmp_path / "cache"), create=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, not even a cache
+    store = open_remote("relative/store")  # the library default creates (publishing)
+    assert isinstance(store.backend, FileBackend)
+    assert (tmp_path / "relative" / "store").is_dir()

@@ -1,8 +1,10 @@
 """The ``chroma-snapshots`` command line.
 
-Exit codes: 0 ok, 1 other SnapshotError, 2 bad usage/config/input, 3 not
-found, 4 conflict (CAS lost), 5 integrity failure, 6 timeout, 7 backend
-unavailable.
+Exit codes: 0 ok, 1 other SnapshotError, 2 bad usage/config/input (including a
+URL typo and a write to an endpoint that ignores conditional writes), 3 not found
+(including a store that does not exist: only ``publish`` and ``sync``'s
+destination create one), 4 conflict (CAS lost), 5 integrity failure, 6 timeout,
+7 backend unavailable.
 """
 
 from __future__ import annotations
@@ -358,7 +360,8 @@ def _build() -> click.Group:
 
     @cli.command(
         help="Check the configuration, the stores (reach, list, write, read, delete, "
-        "with timings), the EFS hang guard and the /tmp cache. Exit 1 if anything fails."
+        "conditional writes, with timings), the EFS hang guard and the /tmp cache. "
+        "Never creates a store. Exit 1 if anything fails."
     )
     @click.option("--budget", default=10.0, show_default=True, help="Seconds allowed per store.")
     @json_opt

@@ -10,10 +10,13 @@ EXAMPLES: dict[str, list[str]] = {
     "publish": [
         "chroma-snapshots --store s3://bkt/snaps publish receipts ./chroma -m 'nightly'",
         "chroma-snapshots publish receipts ./chroma --expected none   # name must be new",
+        "chroma-snapshots --store ./store publish receipts ./chroma   # a plain path: local folder",
     ],
     "checkout": [
         "chroma-snapshots --store s3://bkt/snaps checkout receipts --dest /tmp/db",
         "chroma-snapshots --cache-dir /tmp/cs checkout receipts stable --json",
+        "CHROMA_SNAPSHOTS_SIGNING_KEY=k1:... chroma-snapshots --store s3://bkt/snaps checkout "
+        "receipts   # --store replaces only the URL: the key still applies",
     ],
     "ls": ["chroma-snapshots ls", "chroma-snapshots ls receipts --json"],
     "info": ["chroma-snapshots info receipts", "chroma-snapshots info receipts latest --chroma"],
@@ -30,7 +33,10 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "sync": ["chroma-snapshots sync s3://bkt/snaps efs:///mnt/chroma/store receipts"],
     "cache": ["chroma-snapshots cache ls --json", "chroma-snapshots cache verify"],
-    "doctor": ["CHROMADB_STORAGE_MODE=auto CHROMADB_BUCKET=bkt chroma-snapshots doctor --json"],
+    "doctor": [
+        "CHROMADB_STORAGE_MODE=auto CHROMADB_BUCKET=bkt chroma-snapshots doctor --json",
+        "chroma-snapshots --store s3://bkt/snaps doctor   # also: does it honour If-None-Match?",
+    ],
     "demo": ["chroma-snapshots demo", "chroma-snapshots demo --size-mb 16"],
     "completion": [
         "chroma-snapshots completion bash > ~/.local/share/bash-completion/completions/"
