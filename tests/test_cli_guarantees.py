@@ -95,6 +95,10 @@ def test_store_flag_keeps_the_cache_dir(
     path = Path(json.loads(capsys.readouterr().out)["path"])
     assert path.is_relative_to(tmp_path / "cache")
     assert read_tree(path) == read_tree(src)
+    assert main([*store, "info", "db", "--json"]) == 0  # manifests from the source, not the cache
+    assert json.loads(capsys.readouterr().out)["files"] == ["chroma.sqlite3"]
+    assert main([*store, "diff", "db", "latest", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] == []
 
 
 @pytest.fixture

@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from .base import Backend, GetResult, ObjectMeta, PutMode
+
+if TYPE_CHECKING:
+    from .s3 import S3Settings  # imported for real only by the s3 factory (boto3)
 
 __all__ = [
     "Backend",
@@ -43,7 +46,7 @@ class OpenOptions:
     SnapshotNotFoundError, so reading a mistyped path never creates it); ``unsafe_no_cas``:
     skip the check that an S3 endpoint honours conditional writes (see backends.cas)."""
 
-    s3_settings: Any = None
+    s3_settings: S3Settings | None = None
     efs_timeout: float = 10.0
     create: bool = True
     unsafe_no_cas: bool = False
