@@ -21,6 +21,7 @@ from chroma_snapshots import (
     ANY,
     IntegrityError,
     InvalidInputError,
+    LockError,
     Manifest,
     RefValue,
     RemoteStore,
@@ -29,6 +30,7 @@ from chroma_snapshots import (
 )
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.fallback import FallbackStore
+from chroma_snapshots.locking import ObjectLeaseLock
 from chroma_snapshots.remote import manifest_key, pack_key, ref_key
 from chroma_snapshots.signing import Signer
 from chroma_snapshots.testing import MotoServer
@@ -160,6 +162,13 @@ def test_fallback_store_falls_back_on_a_hostile_ref(tmp_path: Path) -> None:
     bad.backend.put(ref_key("db", "latest"), NESTED[0])
     got = FallbackStore([bad, good]).checkout("db", dest=tmp_path / "out")
     assert read_tree(got.path) == read_tree(tmp_path / "src")
+
+
+def test_a_nested_lock_object_is_a_lock_error(url: str) -> None:
+    backend = open_backend(url)
+    backend.put("db/locks/publish", NESTED[0])
+    with pytest.raises(LockError, match="malformed"):
+        ObjectLeaseLock(backend, "db/locks/publish").acquire(timeout=0)
 
 
 # Item 9: declared sizes.

@@ -152,7 +152,7 @@ class ObjectLeaseLock(LeaseLock):
             return None
         try:
             return Lease(**json.loads(got.data)), got.meta.etag
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:  # also JSON nested too deeply
             raise LockError(f"lock object {self.key} is malformed") from e
 
     def _create(self, lease: Lease) -> None:
