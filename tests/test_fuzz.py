@@ -216,7 +216,12 @@ def test_config_is_valid_or_a_config_error(env: dict[str, str]) -> None:
 @given(
     record=JSONISH
     | st.fixed_dictionaries(
-        {"messageId": st.text(max_size=5), "body": st.text(max_size=40) | JSONISH.map(json.dumps)}
+        {
+            "messageId": st.text(max_size=5),
+            "body": st.text(max_size=40)
+            | JSONISH.map(json.dumps)
+            | NESTED.map(lambda b: b.decode()),
+        }
     )
 )
 def test_sqs_records_parse_or_are_poison(record: object) -> None:

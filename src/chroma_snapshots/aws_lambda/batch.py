@@ -54,7 +54,7 @@ def parse(record: Any) -> Message:
         raise InvalidInputError("not an SQS record")
     try:
         body = json.loads(record.get("body") or "")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise InvalidInputError(f"body is not JSON: {e}") from None
     attrs = record.get("attributes") or {}
     return Message(
