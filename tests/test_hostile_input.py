@@ -319,6 +319,20 @@ def test_publishing_a_1500_deep_folder_is_invalid_input(url: str, tmp_path: Path
     assert not src.exists()
 
 
+def test_a_deep_folder_planted_in_a_file_store_is_not_walked(tmp_path: Path) -> None:
+    store = _store((tmp_path / "store").as_uri())
+    version = _publish(store, tmp_path / "src")
+    planted = tmp_path / "store" / "db"
+    try:
+        (_deep_dirs(planted, 1500) / "f").write_bytes(b"x")
+        assert [v.version for v in store.versions("db")] == [version]
+        keys = [m.key for m in store.backend.list("db/")]
+        assert all(len(k.split("/")) <= MAX_PATH_DEPTH for k in keys)
+        assert manifest_key("db", version) in keys
+    finally:
+        remove_deep(planted / "d")
+
+
 # Item 11: a pack shorter than its manifest says.
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import BackendUnavailableError, ConflictError, SnapshotError, SnapshotNotFoundError
+from ..validation import MAX_PATH_DEPTH
 from .base import GetResult, ObjectMeta, PutMode, check_key, past_end
 
 _RESERVED = "."  # names starting with this are temp files and locks, never keys
@@ -164,8 +165,10 @@ class LocalFiles:
         if not top.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
             rel = Path(dirpath).relative_to(self.root).as_posix()
+            # no key is deeper than MAX_PATH_DEPTH: stop there (os.walk recurses per level)
+            deep = rel != "." and rel.count("/") + 2 > MAX_PATH_DEPTH
+            dirnames[:] = [] if deep else [d for d in dirnames if not d.startswith(_RESERVED)]
             for fn in filenames:
                 if fn.startswith(_RESERVED):
                     continue
