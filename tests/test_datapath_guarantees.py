@@ -24,6 +24,7 @@ from chroma_snapshots import (
     IntegrityError,
     LocalDiskError,
     RemoteStore,
+    SnapshotError,
     StorageTimeoutError,
 )
 from chroma_snapshots.backends.file import FileBackend
@@ -33,7 +34,7 @@ from chroma_snapshots.store import StatsRecorder
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import CountingProxy
-from chroma_snapshots.transfer import DEFAULT_MAX_READ, plan_reads
+from chroma_snapshots.transfer import DEFAULT_MAX_READ, Placer, plan_reads
 
 MiB = 1 << 20
 Mount = Callable[[str], Path]
@@ -336,3 +337,44 @@ def test_a_read_released_after_the_deadline_writes_nothing(
     for path in others.values():
         assert path.read_bytes() == b"x" * 64 * 1024
     assert not backend.reader.is_alive()  # so the checks above saw everything it did
+
+
+def _fd_names(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return ""
+
+
+def test_closing_during_a_write_leaves_the_descriptor_to_that_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, src = _published(tmp_path, _random_files({"a.bin": 3 * 4096}), chunk_size=4096)
+    m = store.load_manifest("db", store.resolve("db").version)
+    data = (src / "a.bin").read_bytes()
+    placer = Placer(tmp_path / "w", m)
+    placer.create_files()
+    entered, release, used = threading.Event(), threading.Event(), []
+    real = os.pwritev
+
+    def slow(fd: int, bufs: Sequence[bytes | memoryview], offset: int) -> int:
+        used.append(fd)
+        entered.set()
+        release.wait(30)
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    writer = threading.Thread(target=placer.place, args=(m.files[0].chunks[0], data[:4096]))
+    writer.start()
+    assert entered.wait(10)
+    placer.close()  # returns at once; the write in progress keeps its descriptor
+    target = str(tmp_path / "w" / "a.bin")
+    assert _fd_names(used[0]) == target
+    with pytest.raises(SnapshotError, match="ended"):
+        placer.place(m.files[0].chunks[1], data[4096:8192])
+    release.set()
+    writer.join(10)
+    assert not writer.is_alive()
+    assert _fd_names(used[0]) != target  # closed by the write that finished last
+    assert used == used[:1]  # the refused chunk was never written
+    assert (tmp_path / "w" / "a.bin").read_bytes()[:4096] == data[:4096]
