@@ -5,11 +5,11 @@ offset; neighbours closer than ``max_gap`` are merged into one ranged read
 (reading a little waste beats a round trip), and reads are capped at
 ``max_read`` so a whole pack is still fetched as several parallel requests.
 
-Every write's count is checked, and a failed local write ends as CacheFullError (disk or
-quota full) or LocalDiskError, never a raw OSError. A call that fails or times out leaves
-reads running (they are abandoned); they only ever fill buffers of their own, because the
-Placer refuses writes once closed and keeps its descriptors open until the last write in
-progress is done: a closed descriptor's number is reused by the process's next ``open``.
+Every write's count is checked; a failed local write is CacheFullError (disk or quota
+full) or LocalDiskError, never a raw OSError. Reads still running when a call fails or
+times out are abandoned and only ever fill buffers of their own: the Placer refuses
+writes once closed and closes its descriptors after the last write in progress (a closed
+descriptor's number is reused by the process's next ``open``).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class Placer:
         self._left = Counter(path for where in self.targets.values() for path, _ in where)
         self._lock = threading.Lock()
         self._writing = 0  # place_many calls in progress
-        self.closed = False
+        self._closed = False
 
     def create_files(self) -> None:
         """Create every directory and every file at its final size (sparse until filled)."""
@@ -233,7 +233,7 @@ class Placer:
         holds chunks in file order, so an 8 MiB read is typically one system call, not
         128 (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
         with self._lock:
-            if self.closed:
+            if self._closed:
                 raise SnapshotError("the checkout ended (failed or timed out); nothing written")
             self._writing += 1
         try:
@@ -241,7 +241,7 @@ class Placer:
         finally:
             with self._lock:
                 self._writing -= 1
-                last = self.closed and not self._writing
+                last = self._closed and not self._writing
                 fds: dict[str, int] = self._take_fds() if last else {}
             _close_all(fds)
 
@@ -251,27 +251,30 @@ class Placer:
             for digest, raw in chunks
             for relpath, offset in self.targets[digest]
         )
-        written, i, relpath = 0, 0, ""
-        try:
-            while i < len(writes):
-                relpath, start, first = writes[i]
-                bufs, end = [first], start + len(first)
+        written, i = 0, 0
+        while i < len(writes):
+            relpath, start, first = writes[i]
+            bufs, end = [first], start + len(first)
+            i += 1
+            while (
+                i < len(writes)
+                and writes[i][0] == relpath
+                and writes[i][1] == end
+                and len(bufs) < _RUN_CHUNKS
+            ):
+                bufs.append(writes[i][2])
+                end += len(writes[i][2])
                 i += 1
-                while (
-                    i < len(writes)
-                    and writes[i][0] == relpath
-                    and writes[i][1] == end
-                    and len(bufs) < _RUN_CHUNKS
-                ):
-                    bufs.append(writes[i][2])
-                    end += len(writes[i][2])
-                    i += 1
-                pwrite_all(self._fd(relpath), bufs, start, end - start)
-                written += end - start
-                self._wrote(relpath, len(bufs))
+            self._write_run(relpath, bufs, start, end - start)
+            written += end - start
+            self._wrote(relpath, len(bufs))
+        return written
+
+    def _write_run(self, relpath: str, bufs: list[Buffer], start: int, size: int) -> None:
+        try:
+            pwrite_all(self._fd(relpath), bufs, start, size)
         except OSError as e:
             raise disk_error(e, self.root / relpath, "writing the checkout") from e
-        return written
 
     def _wrote(self, relpath: str, count: int) -> None:
         # Close a file once its last chunk is in: open files stay bounded by the reads in
@@ -299,7 +302,7 @@ class Placer:
         """Refuse further writes and close the files (idempotent); with writes still in
         progress, the last of them closes the files when it is done."""
         with self._lock:
-            self.closed = True
+            self._closed = True
             fds: dict[str, int] = self._take_fds() if not self._writing else {}
         _close_all(fds)
 
@@ -340,8 +343,6 @@ def fetch_and_place(
     done_lock = threading.Lock()  # reads finish on several threads at once
 
     def run(r: Read) -> None:
-        if placer.closed:
-            return  # the checkout already failed: don't start a read nobody will place
         deadline.check(f"reading pack {r.pack[:12]}")
         data = memoryview(fetch(r))
         if len(data) != r.end - r.start:
