@@ -166,3 +166,4 @@ def test_plain_paths_and_missing_stores(tmp_path: Path, monkeypatch: pytest.Monk
     store = open_remote("relative/store")  # the library default creates (publishing)
     assert isinstance(store.backend, FileBackend)
     assert (tmp_path / "relative" / "store").is_dir()
+    assert store.label == str(tmp_path / "relative" / "store")  # caches key on where it is

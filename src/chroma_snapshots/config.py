@@ -216,7 +216,9 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         unsafe_no_cas=cfg.unsafe_no_cas,
     )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    return RemoteStore(backend, label=url, signer=signer)
+    # the label keys the cache: a relative path names a different store in another directory
+    label = url if "://" in url else os.path.abspath(url)
+    return RemoteStore(backend, label=label, signer=signer)
 
 
 def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
