@@ -34,7 +34,7 @@ from chroma_snapshots.store import StatsRecorder
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import CountingProxy
-from chroma_snapshots.transfer import DEFAULT_MAX_READ, Placer, plan_reads
+from chroma_snapshots.transfer import DEFAULT_MAX_READ, LocalChunks, Placer, plan_reads
 
 MiB = 1 << 20
 Mount = Callable[[str], Path]
@@ -243,43 +243,6 @@ def test_wait_all_fails_fast_and_cancels_what_has_not_started() -> None:
         stuck.set()
 
 
-WORKERS = 4
-
-
-def _s3_store(proxy: CountingProxy, bucket: str) -> RemoteStore:
-    # read_timeout 30 s: only the deadline can end a stalled body
-    settings = S3Settings(endpoint_url=proxy.url, connect_timeout=1, read_timeout=30.0)
-    backend = S3Backend(bucket, "snaps", settings=settings)
-    return RemoteStore(backend, chunk_size=4096, pack_target=64 << 10, workers=WORKERS)
-
-
-def test_a_timed_out_checkout_does_not_starve_the_next_calls(
-    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
-) -> None:
-    src = write_tree(tmp_path / "src", _random_files({"a.bin": MiB}))  # 16 packs
-    with CountingProxy(moto_server.endpoint_url) as proxy:
-        store = _s3_store(proxy, s3_bucket)
-        store.publish("db", src)
-        proxy.stall("/packs/", count=WORKERS, after_bytes=100)  # every worker stuck
-        t = time.monotonic()
-        with pytest.raises(StorageTimeoutError):
-            store.checkout("db", dest=tmp_path / "late", deadline=3)
-        assert time.monotonic() - t < 3 + 1.5
-        assert not (tmp_path / "late").exists()
-        # The stalled bodies are still held open; the proxy answers everything else.
-        t = time.monotonic()
-        snap = store.checkout("db", dest=tmp_path / "next", deadline=8)
-        assert time.monotonic() - t < 8
-        assert read_tree(snap.path) == read_tree(src)
-        (src / "b.bin").write_bytes(os.urandom(200_000))
-        t = time.monotonic()
-        store.publish("db", src, deadline=8)
-        assert time.monotonic() - t < 8
-        assert read_tree(store.checkout("db", dest=tmp_path / "v2", deadline=8).path) == (
-            read_tree(src)
-        )
-
-
 class _StallingBackend(FileBackend):
     """Reads of one pack wait until released (a stalled body that comes back late)."""
 
@@ -378,3 +341,52 @@ def test_closing_during_a_write_leaves_the_descriptor_to_that_write(
     assert _fd_names(used[0]) != target  # closed by the write that finished last
     assert used == used[:1]  # the refused chunk was never written
     assert (tmp_path / "w" / "a.bin").read_bytes()[:4096] == data[:4096]
+
+
+def test_a_local_read_after_close_opens_nothing(tmp_path: Path) -> None:
+    store, src = _published(tmp_path, _random_files({"a.bin": 3 * 4096}), chunk_size=4096)
+    m = store.load_manifest("db", store.resolve("db").version)
+    local = LocalChunks()
+    local.add_tree(src, m)
+    digest = m.files[0].chunks[0]
+    assert local.read(digest) == (src / "a.bin").read_bytes()[:4096]
+    local.close()
+    assert local.read(m.files[0].chunks[1]) is None  # an abandoned slice finds nothing
+    assert str(src / "a.bin") not in {_fd_names(int(fd)) for fd in os.listdir("/proc/self/fd")}
+
+
+WORKERS = 4
+
+
+def _s3_store(proxy: CountingProxy, bucket: str) -> RemoteStore:
+    # read_timeout 30 s: only the deadline can end a stalled body
+    settings = S3Settings(endpoint_url=proxy.url, connect_timeout=1, read_timeout=30.0)
+    backend = S3Backend(bucket, "snaps", settings=settings)
+    return RemoteStore(backend, chunk_size=4096, pack_target=64 << 10, workers=WORKERS)
+
+
+def test_a_timed_out_checkout_does_not_starve_the_next_calls(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", _random_files({"a.bin": MiB}))  # 16 packs
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        store = _s3_store(proxy, s3_bucket)
+        store.publish("db", src)
+        proxy.stall("/packs/", count=WORKERS, after_bytes=100)  # every worker stuck
+        t = time.monotonic()
+        with pytest.raises(StorageTimeoutError):
+            store.checkout("db", dest=tmp_path / "late", deadline=3)
+        assert time.monotonic() - t < 3 + 1.5
+        assert not (tmp_path / "late").exists()
+        # The stalled bodies are still held open; the proxy answers everything else.
+        t = time.monotonic()
+        snap = store.checkout("db", dest=tmp_path / "next", deadline=8)
+        assert time.monotonic() - t < 8
+        assert read_tree(snap.path) == read_tree(src)
+        (src / "b.bin").write_bytes(os.urandom(200_000))
+        t = time.monotonic()
+        store.publish("db", src, deadline=8)
+        assert time.monotonic() - t < 8
+        assert read_tree(store.checkout("db", dest=tmp_path / "v2", deadline=8).path) == (
+            read_tree(src)
+        )
