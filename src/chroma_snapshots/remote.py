@@ -25,7 +25,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from . import maintenance
+from . import maintenance, pruning
 from .backends.base import Backend, PutMode
 from .backends.bounded import DeadlineBackend
 from .chunking import (
@@ -36,6 +36,7 @@ from .chunking import (
     hashed_chunks,
     scan_source,
 )
+from .claims import Pin, note_retired
 from .deadline import Deadline, DeadlineLike, WorkerPool, as_deadline, wait_all, within
 from .errors import (
     ConflictError,
@@ -211,29 +212,32 @@ class RemoteStore(SourceStore):
         stats.add(requests=1)
         _check_expected(name, expected, current)
         parent = current[0].version if current else None
-        known = dict(self.load_manifest(name, parent, deadline=dl).chunks) if parent else {}
-        entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress)
-        manifest = Manifest(
-            name,
-            utc_now(),
-            self.chunk_size,
-            tuple(entries),
-            chunks,
-            tuple(dirs),
-            parent,
-            _publisher(),
-            message,
-            metadata or {},
-        )
-        data = manifest.to_json()
-        version = str(VersionId.for_manifest(data, manifest.created_at))
-        key = manifest_key(name, version)
-        self._create_once(key, data, dl)
-        if self.signer is not None:  # before the ref: a reader never sees an unsigned version
-            sig = self.signer.sign(f"manifest:{key}", data).encode()
-            self._create_once(key + ".sig", sig, dl)
-        self._move_ref(name, "latest", version, expected, current, dl)
-        stats.add(requests=2, bytes_uploaded=len(data))
+        # The pin covers the parent and, by its time, every pack we write after it.
+        with self.pinned(name, [parent] if parent else [], dl) as pin:
+            known = dict(self.load_manifest(name, parent, deadline=dl).chunks) if parent else {}
+            entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress, pin)
+            manifest = Manifest(
+                name,
+                utc_now(),
+                self.chunk_size,
+                tuple(entries),
+                chunks,
+                tuple(dirs),
+                parent,
+                _publisher(),
+                message,
+                metadata or {},
+            )
+            data = manifest.to_json()
+            version = str(VersionId.for_manifest(data, manifest.created_at))
+            key = manifest_key(name, version)
+            self._create_once(key, data, dl)
+            if self.signer is not None:  # before the ref: a reader never sees it unsigned
+                sig = self.signer.sign(f"manifest:{key}", data).encode()
+                self._create_once(key + ".sig", sig, dl)
+            self._move_ref(name, "latest", version, expected, current, dl)
+        # pin, prune records, manifest, retirement note, ref
+        stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
     def _upload_chunks(
@@ -244,13 +248,14 @@ class RemoteStore(SourceStore):
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None,
+        pin: Pin,
     ) -> tuple[list[FileEntry], dict[str, Chunk]]:
         uploads: list[Future[None]] = []
         pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
 
         def upload(pack_id: str, data: bytes) -> None:
             dl.check("uploading packs")
-            put = partial(self._put_pack, name, pack_id, data, stats)
+            put = partial(self._put_pack, name, pack_id, data, stats, pin)
             uploads.append(pool.submit(within, dl, put))
             busy = [u for u in uploads if not u.done()]
             wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
@@ -298,10 +303,20 @@ class RemoteStore(SourceStore):
             if io.get(key).data != data:
                 raise
 
-    def _put_pack(self, name: str, pack_id: str, data: bytes, stats: StatsRecorder) -> None:
-        # same name means same bytes: if another publisher stored it already, that's fine
-        with contextlib.suppress(ConflictError):
-            self.backend.put(pack_key(name, pack_id), data, mode=PutMode.CREATE)
+    def _put_pack(
+        self, name: str, pack_id: str, data: bytes, stats: StatsRecorder, pin: Pin
+    ) -> None:
+        key = pack_key(name, pack_id)
+        try:
+            self.backend.put(key, data, mode=PutMode.CREATE)
+        except ConflictError:
+            # Same name, same bytes, but maybe an old, unreferenced pack (a revert publishes
+            # identical packs) that a prune is deleting: claim it, check no prune condemned
+            # it, then write it again, so it exists and is young whatever happened before.
+            pin.add(packs=[pack_id])
+            pin.check(packs=[pack_id])
+            self.backend.put(key, data, mode=PutMode.OVERWRITE)
+            stats.add(requests=3)
         stats.add(bytes_uploaded=len(data), requests=1, packs_transferred=1)
 
     def _move_ref(
@@ -313,6 +328,8 @@ class RemoteStore(SourceStore):
         current: tuple[RefValue, str] | None,
         dl: Deadline,
     ) -> None:
+        if current is not None and current[0].version != version:
+            note_retired(self._io(dl), name, current[0].version)  # a reader's grace starts
         gen = current[0].generation + 1 if current else 1
         ref_value = RefValue(version, gen, utc_now())
         if self.signer is not None:
@@ -345,10 +362,24 @@ class RemoteStore(SourceStore):
     ) -> None:
         check_name(ref, "ref name")
         dl = as_deadline(deadline, self.default_timeout)
-        self.load_manifest(name, version, deadline=dl)  # never point a ref at a broken manifest
-        current = self.read_ref(name, ref, deadline=dl)
-        _check_expected(f"{name}/{ref}", expected, current)
-        self._move_ref(name, ref, version, expected, current, dl)
+        with self.pinned(name, [version], dl):
+            # after the pin and the check: a version a prune deleted is gone by now
+            self.load_manifest(name, version, deadline=dl)  # never name a broken manifest
+            current = self.read_ref(name, ref, deadline=dl)
+            _check_expected(f"{name}/{ref}", expected, current)
+            self._move_ref(name, ref, version, expected, current, dl)
+
+    @contextlib.contextmanager
+    def pinned(self, name: str, versions: Sequence[str], dl: Deadline) -> Iterator[Pin]:
+        """Claim ``versions`` against concurrent prunes (ConflictError if one is deleting
+        them) for the duration of the block; confirm they exist inside it."""
+        pin = Pin(self._io(dl), check_name(name), dl)
+        try:
+            pin.add(versions=versions)
+            pin.check(versions=versions)
+            yield pin
+        finally:
+            pin.release()
 
     # Checking out.
 
@@ -463,7 +494,7 @@ class RemoteStore(SourceStore):
         deadline: DeadlineLike = None,
     ) -> PruneReport:
         dl = as_deadline(deadline, self.default_timeout)
-        return maintenance.prune(
+        return pruning.prune(
             self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=dl
         )
 

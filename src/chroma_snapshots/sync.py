@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .backends.base import PutMode
 from .backends.bounded import DeadlineBackend
 from .deadline import DeadlineLike, as_deadline
 from .errors import ConflictError, SnapshotNotFoundError
-from .models import RefValue
-from .remote import manifest_key, pack_key, ref_key
-from .validation import utc_now
+from .remote import manifest_key, pack_key
+from .store import ANY
 
 if TYPE_CHECKING:
     from .remote import RemoteStore
@@ -36,25 +34,25 @@ def sync_version(
     manifest = src.load_manifest(name, version, deadline=dl)
     s_io, d_io = DeadlineBackend(src.backend, dl), DeadlineBackend(dst.backend, dl)
     copied = 0
-    for pack in sorted(manifest.packs):
-        key = pack_key(name, pack)
-        if not d_io.exists(key):
-            data = s_io.get(key).data
-            with contextlib.suppress(ConflictError):  # content-addressed: same key, same bytes
-                d_io.put(key, data, mode=PutMode.CREATE)
-            copied += len(data)
-    key = manifest_key(name, version)
-    with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
-        d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)
-    with contextlib.suppress(ConflictError):
-        d_io.put(key, manifest.to_json(), mode=PutMode.CREATE)
-    if ref is not None:
-        current = dst.read_ref(name, ref, deadline=dl)
-        gen = current[0].generation + 1 if current else 1
-        value = RefValue(version, gen, utc_now())
-        if dst.signer is not None:
-            value = replace(
-                value, signature=dst.signer.sign(f"ref:{ref_key(name, ref)}", value.signed_bytes())
-            )
-        d_io.put(ref_key(name, ref), value.to_json())
+    # Claimed on dst like a publish claims its packs, so a prune of dst cannot delete a
+    # pack we found there and rely on (docs/RELIABILITY.md, "Prune protocol").
+    with dst.pinned(name, [], dl) as pin:
+        present = [p for p in sorted(manifest.packs) if d_io.exists(pack_key(name, p))]
+        if present:
+            pin.add(packs=present)
+            pin.check(packs=present)
+        for pack in sorted(manifest.packs):
+            key = pack_key(name, pack)
+            if not d_io.exists(key):  # after the check: one a prune deleted is copied again
+                data = s_io.get(key).data
+                with contextlib.suppress(ConflictError):  # content-addressed: same bytes
+                    d_io.put(key, data, mode=PutMode.CREATE)
+                copied += len(data)
+        key = manifest_key(name, version)
+        with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
+            d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)
+        with contextlib.suppress(ConflictError):
+            d_io.put(key, manifest.to_json(), mode=PutMode.CREATE)
+        if ref is not None:  # the same ref move as set_ref, last writer wins
+            dst.set_ref(name, ref, version, expected=ANY, deadline=dl)
     return copied

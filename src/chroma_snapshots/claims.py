@@ -1,0 +1,148 @@
+"""The small objects that let prune run beside ref movers and readers (docs/RELIABILITY.md).
+
+Below ``{name}/`` on the backend::
+
+    pins/{id}.json       a ref mover's claim: versions and packs it is about to make reachable
+    gc/{id}.json         a prune's record: the versions and packs it condemned
+    retired/{version}    written just before a ref moves away from ``version``: the time a
+                         reader's grace starts
+
+Pins and records have the same shape (a :class:`Claim`). Both carry a time to live; a
+claim is honoured until ``last_modified + ttl + SKEW``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import validation as val
+from .backends.base import Backend, ObjectMeta, PutMode
+from .deadline import Deadline
+from .errors import ConflictError, IntegrityError, SnapshotError, SnapshotNotFoundError
+from .models import VersionId
+
+log = logging.getLogger(__name__)
+
+SKEW = 900.0
+"""Seconds a claim outlives its ttl: a request abandoned at its deadline may still land
+late, and client and server clocks may differ (S3 refuses requests skewed by more than
+15 minutes, so no working client is further off)."""
+MAX_CLAIM_BYTES = 64 << 20
+
+
+def pins_prefix(name: str) -> str:
+    return f"{name}/pins/"
+
+
+def gc_prefix(name: str) -> str:
+    return f"{name}/gc/"
+
+
+def retired_key(name: str, version: str) -> str:
+    return f"{name}/retired/{version}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Versions and packs named by a pin or a prune record, valid for ``ttl`` seconds."""
+
+    versions: frozenset[str]
+    packs: frozenset[str]
+    ttl: float
+
+    def to_json(self) -> bytes:
+        return val.canonical_json(
+            {
+                "format": val.FORMAT_VERSION,
+                "versions": sorted(self.versions),
+                "packs": sorted(self.packs),
+                "ttl": int(self.ttl) + 1,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, what: str) -> Claim:
+        """Parse and validate; IntegrityError on anything unexpected."""
+        raw = val.loads_json(data, what, MAX_CLAIM_BYTES)
+        o = val.as_obj(raw, what, {"format", "versions", "packs", "ttl"})
+        if o["format"] != val.FORMAT_VERSION:
+            raise IntegrityError(f"{what}: format {o['format']!r} is not supported")
+        versions = val.as_list(o["versions"], f"{what} versions")
+        for v in versions:
+            if not isinstance(v, str) or not VersionId.is_version(v):
+                raise IntegrityError(f"{what}: invalid version {v!r}")
+        packs = [val.as_hex64(p, f"{what} pack") for p in val.as_list(o["packs"], what)]
+        ttl = val.as_int(o["ttl"], f"{what} ttl", 0, 1 << 40)
+        return cls(frozenset(versions), frozenset(packs), float(ttl))
+
+    def live(self, meta: ObjectMeta, now: float) -> bool:
+        """True while the claim written at ``meta.last_modified`` must be honoured."""
+        return now < meta.last_modified + self.ttl + SKEW
+
+
+def read_claims(io: Backend, prefix: str, now: float) -> list[tuple[ObjectMeta, Claim]]:
+    """Every live claim below ``prefix`` (claims deleted while listing are skipped)."""
+    found = []
+    for meta in io.list(prefix):
+        try:
+            claim = Claim.from_json(io.get(meta.key).data, meta.key)
+        except SnapshotNotFoundError:
+            continue  # its owner finished meanwhile
+        if claim.live(meta, now):
+            found.append((meta, claim))
+    return found
+
+
+class Pin:
+    """What a ref mover holds while it works: written *before* it reads prune records, so
+    either a prune sees the pin and spares what it names, or the mover sees the prune's
+    record (or, once that prune finished, the deletion itself) and refuses.
+
+    ``since`` semantics: a prune also spares every pack written after a live pin, so the
+    new packs of a publish in flight need no pin of their own.
+    """
+
+    def __init__(self, io: Backend, name: str, deadline: Deadline) -> None:
+        self._io = io
+        self._name = name
+        self._deadline = deadline
+        self._keys: list[str] = []
+
+    def add(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
+        """Claim ``versions`` and ``packs`` (one small object per call)."""
+        claim = Claim(frozenset(versions), frozenset(packs), self._deadline.remaining())
+        key = f"{pins_prefix(self._name)}{uuid.uuid4().hex}.json"
+        self._io.put(key, claim.to_json(), mode=PutMode.CREATE)
+        self._keys.append(key)
+
+    def check(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
+        """ConflictError if a prune in flight condemned any of ``versions`` or ``packs``.
+        Call after :meth:`add` named them, then confirm they exist (load, overwrite)."""
+        want_v, want_p = set(versions), set(packs)
+        for meta, claim in read_claims(self._io, gc_prefix(self._name), time.time()):
+            hit = sorted((claim.versions & want_v) | (claim.packs & want_p))
+            if hit:
+                raise ConflictError(
+                    f"{self._name}: a prune in progress ({meta.key}) is deleting {hit[0][:24]}"
+                    f"{' and more' if len(hit) > 1 else ''}; nothing was made visible. Retry "
+                    "once it finished (a new publish then uploads what it needs afresh)"
+                )
+
+    def release(self) -> None:
+        """Drop the pin. A failure only delays pruning until the pin expires."""
+        keys, self._keys = self._keys, []
+        if keys:
+            try:
+                self._io.delete_many(keys)
+            except SnapshotError as e:
+                log.warning("could not remove pins %s (they expire by themselves): %s", keys, e)
+
+
+def note_retired(io: Backend, name: str, version: str) -> None:
+    """Record that a ref is about to move away from ``version``: a reader that resolved it
+    a moment ago keeps its grace, measured from now, not from the version's publication."""
+    io.put(retired_key(name, version), b"", mode=PutMode.OVERWRITE)

@@ -1,0 +1,210 @@
+"""``prune``: delete old versions and dead packs without racing publishers, ref moves or readers.
+
+The steps (why each is safe: docs/RELIABILITY.md, "Prune protocol"):
+
+1. write an empty record ``gc/{id}.json`` (its modification time is the server's "now");
+2. list everything (L1), read refs and live pins, and plan: keep the newest ``keep_last``
+   versions, every referenced or pinned one, and every one whose manifest or retirement
+   note is younger than ``min_age``; condemn the rest, and every pack no kept version uses
+   that is older than ``min_age`` and older than every live pin;
+3. write the plan into the record, so ref movers that pin from now on see it;
+4. list again (L2), read refs and pins again: spare every version referenced or pinned now
+   and every manifest that appeared since L1, with their packs;
+5. delete condemned manifests, then condemned packs; remove the record.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .backends.base import ObjectMeta
+from .backends.bounded import DeadlineBackend
+from .claims import Claim, gc_prefix, pins_prefix, read_claims, retired_key
+from .deadline import Deadline
+from .errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from .models import VersionId
+from .store import PruneReport
+from .validation import check_name
+
+if TYPE_CHECKING:
+    from .remote import RemoteStore
+
+
+@dataclass
+class _Listing:
+    """One listing of ``{name}/``, sorted by kind."""
+
+    manifests: dict[str, ObjectMeta] = field(default_factory=dict)
+    packs: dict[str, ObjectMeta] = field(default_factory=dict)
+    notes: dict[str, ObjectMeta] = field(default_factory=dict)
+    other: dict[str, ObjectMeta] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, metas: Iterable[ObjectMeta], name: str) -> _Listing:
+        out = cls()
+        for m in metas:
+            kind, _, rest = m.key[len(name) + 1 :].partition("/")
+            version = rest.removesuffix(".json")
+            if kind == "manifests" and rest.endswith(".json") and VersionId.is_version(version):
+                out.manifests[version] = m
+            elif kind == "packs":
+                out.packs[rest.rsplit("/", 1)[-1]] = m
+            elif kind == "retired" and VersionId.is_version(rest):
+                out.notes[rest] = m
+            else:
+                out.other[m.key] = m
+        return out
+
+
+@dataclass
+class _Pass:
+    """What one look at the store (listing, refs, live pins) shows reachable."""
+
+    listing: _Listing
+    now: float
+    referenced: set[str]
+    pinned_versions: set[str]
+    pinned_packs: set[str]
+    pins_since: float
+
+
+def _look(store: RemoteStore, io: DeadlineBackend, name: str, record: str | None) -> _Pass:
+    listing = _Listing.of(io.list(f"{name}/"), name)
+    # The server's clock: our record's modification time (a dry run has no record).
+    now = listing.other[record].last_modified if record in listing.other else time.time()
+    # Refs and pins after the listing: a mover that finished before we listed has moved
+    # its ref by now; one still working still has its pin.
+    referenced = set(store.refs(name, deadline=io.deadline).values())
+    pins = read_claims(io, pins_prefix(name), now)
+    return _Pass(
+        listing,
+        now,
+        referenced,
+        {v for _, c in pins for v in c.versions},
+        {p for _, c in pins for p in c.packs},
+        min((m.last_modified for m, _ in pins), default=float("inf")),
+    )
+
+
+def prune(
+    store: RemoteStore,
+    name: str,
+    *,
+    keep_last: int,
+    min_age: float,
+    dry_run: bool,
+    deadline: Deadline,
+) -> PruneReport:
+    """Delete versions outside the newest ``keep_last`` that nothing references, pins, or
+    stopped referencing less than ``min_age`` seconds ago, then packs no kept version uses."""
+    check_name(name)
+    if keep_last < 1 or min_age < 0:
+        raise InvalidInputError("prune needs keep_last >= 1 and min_age >= 0")
+    io = DeadlineBackend(store.backend, deadline)
+    record = None if dry_run else f"{gc_prefix(name)}{uuid.uuid4().hex}.json"
+    if record is not None:
+        io.put(record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json())
+    first = _look(store, io, name, record)
+    keep = _kept_versions(first, keep_last, min_age)
+    drop = sorted(set(first.listing.manifests) - keep, reverse=True)
+    used = _packs_of(store, name, keep, deadline)
+    dead = _dead_packs(first, used, min_age)
+    if record is None:
+        return _report(name, keep, drop, dead, first, dry_run=True)
+    io.put(record, Claim(frozenset(drop), frozenset(dead), deadline.remaining()).to_json())
+    second = _look(store, io, name, record)
+    rescued = (
+        second.referenced
+        | second.pinned_versions
+        | (set(second.listing.manifests) - set(first.listing.manifests))
+    ) - keep
+    keep |= rescued
+    drop = [v for v in drop if v not in rescued]
+    used |= _packs_of(store, name, rescued, deadline)
+    condemned = set(dead)
+    dead = [p for p in _dead_packs(second, used, min_age) if p in condemned]
+    _delete(io, name, drop, dead, second)
+    # Only after every delete returned: if we fail before this, the record stays until it
+    # expires, since deletes we gave up on may still land.
+    io.delete(record)
+    return _report(name, keep, drop, dead, second, dry_run=False)
+
+
+def _kept_versions(look: _Pass, keep_last: int, min_age: float) -> set[str]:
+    versions = sorted(look.listing.manifests, reverse=True)
+    young = {
+        v
+        for v in versions
+        if look.now - look.listing.manifests[v].last_modified < min_age
+        or (v in look.listing.notes and look.now - look.listing.notes[v].last_modified < min_age)
+    }
+    return set(versions[:keep_last]) | look.referenced | look.pinned_versions | young
+
+
+def _packs_of(store: RemoteStore, name: str, versions: Iterable[str], dl: Deadline) -> set[str]:
+    used: set[str] = set()
+    for v in versions:
+        try:
+            used |= store.load_manifest(name, v, deadline=dl).packs
+        except SnapshotNotFoundError:
+            continue  # never stored, or deleted by another prune: it needs nothing
+        except IntegrityError:
+            # An unreadable kept manifest must not let us delete packs it may need.
+            raise IntegrityError(f"prune stopped: retained version {v} is unreadable") from None
+    return used
+
+
+def _dead_packs(look: _Pass, used: set[str], min_age: float) -> list[str]:
+    return sorted(
+        p
+        for p, m in look.listing.packs.items()
+        if p not in used
+        and p not in look.pinned_packs
+        and look.now - m.last_modified >= min_age
+        and m.last_modified < look.pins_since  # written before every live pin
+    )
+
+
+def _delete(io: DeadlineBackend, name: str, drop: list[str], dead: list[str], look: _Pass) -> None:
+    from .remote import manifest_key, pack_key
+
+    # Manifests first: a crash in between leaves unreferenced packs, never a broken version.
+    keys = [manifest_key(name, v) for v in drop]
+    io.delete_many(keys + [k + ".sig" for k in keys] + [retired_key(name, v) for v in drop])
+    io.delete_many([pack_key(name, p) for p in dead])
+    io.delete_many(_expired(io, name, look))
+
+
+def _expired(io: DeadlineBackend, name: str, look: _Pass) -> list[str]:
+    """Pins and records of owners long gone, and notes of versions no longer stored."""
+    out = []
+    for key, meta in look.listing.other.items():
+        if key.startswith((pins_prefix(name), gc_prefix(name))):
+            try:
+                claim = Claim.from_json(io.get(key).data, key)
+            except SnapshotNotFoundError:
+                continue
+            except IntegrityError:
+                claim = Claim(frozenset(), frozenset(), 0.0)  # garbage: expire by age alone
+            if not claim.live(meta, look.now):
+                out.append(key)
+    for version in set(look.listing.notes) - set(look.listing.manifests):
+        out.append(retired_key(name, version))
+    return out
+
+
+def _report(
+    name: str, keep: set[str], drop: list[str], dead: list[str], look: _Pass, *, dry_run: bool
+) -> PruneReport:
+    return PruneReport(
+        name,
+        tuple(sorted(keep & set(look.listing.manifests), reverse=True)),
+        tuple(drop),
+        tuple(dead),
+        sum(look.listing.packs[p].size for p in dead),
+        dry_run,
+    )

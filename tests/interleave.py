@@ -1,0 +1,155 @@
+"""Deterministic interleavings of store operations at the backend seam.
+
+Each actor (a thread running one store operation) reaches the backend through a
+:class:`Gate`; a :class:`Schedule` lets exactly one backend call run at a time, in the
+order its plan gives: ``["A"] * i + ["B"] * j`` runs A's first i calls, then B's first j,
+then A to the end, then B. Enumerating every (i, j) runs B at every step boundary of A.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+
+WAIT = 30.0  # a schedule that cannot progress for this long is a bug in the test
+
+
+class Killed(BaseException):
+    """Raised into an actor at a planned step: the process died there."""
+
+
+class Schedule:
+    """Grants backend calls to actors one at a time, following ``plan`` then ``order``."""
+
+    def __init__(self, plan: list[str], order: list[str], kill: dict[str, int] | None = None):
+        self.plan, self.order, self.kill = plan, order, kill or {}
+        self.pos = 0
+        self.busy = False
+        self.done: set[str] = set()
+        self.dead: set[str] = set()
+        self.calls: dict[str, int] = dict.fromkeys(order, 0)
+        self.cond = threading.Condition()
+
+    def _mine(self, actor: str) -> bool:
+        if self.busy:
+            return False
+        while self.pos < len(self.plan) and self.plan[self.pos] in self.done:
+            self.pos += 1
+        if self.pos < len(self.plan):
+            return self.plan[self.pos] == actor
+        return actor == next(a for a in self.order if a not in self.done)
+
+    def enter(self, actor: str) -> None:
+        if actor in self.dead:
+            raise Killed(actor)  # a dead process makes no more calls (no clean-up either)
+        with self.cond:
+            if not self.cond.wait_for(lambda: self._mine(actor), timeout=WAIT):
+                raise RuntimeError(f"schedule stuck: {actor} at {self.pos} of {self.plan}")
+            self.pos += 1
+            self.calls[actor] += 1
+            if self.kill.get(actor) == self.calls[actor]:
+                self.dead.add(actor)
+                raise Killed(actor)
+            self.busy = True
+
+    def leave(self) -> None:
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+    def finished(self, actor: str) -> None:
+        with self.cond:
+            self.done.add(actor)
+            self.cond.notify_all()
+
+
+class Gate(Backend):
+    """``inner`` as seen by one actor: every call waits for its turn in ``schedule``."""
+
+    def __init__(self, inner: Backend, schedule: Schedule | None, actor: str) -> None:
+        self.inner, self.schedule, self.actor = inner, schedule, actor
+        self.calls = 0
+
+    def _run(self, fn: Callable[[], object]) -> object:
+        self.calls += 1
+        if self.schedule is None:
+            return fn()
+        self.schedule.enter(self.actor)
+        try:
+            return fn()
+        finally:
+            self.schedule.leave()
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        out = self._run(lambda: self.inner.get(key, byte_range=byte_range))
+        assert isinstance(out, GetResult)
+        return out
+
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        out = self._run(lambda: self.inner.get_into(key, byte_range, buf))
+        assert isinstance(out, int)
+        return out
+
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        out = self._run(lambda: self.inner.put(key, data, mode=mode))
+        assert isinstance(out, ObjectMeta)
+        return out
+
+    def head(self, key: str) -> ObjectMeta:
+        out = self._run(lambda: self.inner.head(key))
+        assert isinstance(out, ObjectMeta)
+        return out
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        out = self._run(lambda: builtins.list(self.inner.list(prefix)))
+        assert isinstance(out, builtins.list)
+        return iter(out)
+
+    def delete(self, key: str) -> None:
+        self._run(lambda: self.inner.delete(key))
+
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        self._run(lambda: self.inner.delete_many(keys))
+
+
+@dataclass
+class Outcome:
+    """How an actor's operation ended: its return value or the exception it raised."""
+
+    value: object = None
+    error: BaseException | None = None
+
+
+def run_actors(schedule: Schedule, actors: dict[str, Callable[[], object]]) -> dict[str, Outcome]:
+    """Run each actor in its own thread under ``schedule``; every outcome is collected."""
+    out = {a: Outcome() for a in actors}
+
+    def body(actor: str) -> None:
+        try:
+            out[actor].value = actors[actor]()
+        except BaseException as e:  # every outcome is checked by the caller
+            out[actor].error = e
+        finally:
+            schedule.finished(actor)
+
+    threads = [threading.Thread(target=body, args=(a,), daemon=True) for a in actors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+        assert not t.is_alive(), "an actor never finished"
+    return out
+
+
+def plans(
+    n_first: int, n_second: int, first: str, second: str, *, pairs: bool
+) -> Iterator[list[str]]:
+    """Plans that run ``second`` at every step boundary of ``first``: all of it there, or
+    (``pairs``) each of its first j calls there, then ``first`` to the end, then the rest."""
+    for i in range(n_first + 1):
+        for j in range(1, n_second + 1) if pairs else [n_second + 1_000_000]:
+            yield [first] * i + [second] * j
