@@ -68,7 +68,7 @@ from .transfer import (
     place_local,
     plan_reads,
 )
-from .validation import check_name, sha256_hex, utc_now
+from .validation import check_name, is_name, sha256_hex, utc_now
 
 
 def pack_key(name: str, pack: str) -> str:
@@ -469,7 +469,9 @@ class RemoteStore(SourceStore):
             )
 
     def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
-        yield from self._io(deadline).list_dirs("")
+        # Only valid snapshot names: other top-level folders (a probe's `_probes/`, files a
+        # user put beside the store) are not snapshots.
+        yield from (n for n in self._io(deadline).list_dirs("") if is_name(n))
 
     def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
         dl = as_deadline(deadline, self.default_timeout)

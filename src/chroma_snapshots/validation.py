@@ -67,9 +67,14 @@ def parse_time(s: object, what: str) -> datetime:
         raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
 
 
+def is_name(name: object) -> bool:
+    """True if ``name`` is a valid snapshot or ref name (see :func:`check_name`)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str, what: str = "snapshot name") -> str:
     """Validate a snapshot or ref name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not is_name(name):
         raise InvalidInputError(
             f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -1,0 +1,122 @@
+"""The pieces of the prune protocol one at a time (docs/RELIABILITY.md, "Prune protocol");
+tests/test_interleavings.py runs them against each other at every step boundary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.base import PutMode
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.claims import Claim, gc_prefix, pins_prefix, retired_key
+from chroma_snapshots.errors import ConflictError, IntegrityError
+from chroma_snapshots.remote import manifest_key
+from chroma_snapshots.testing.conformance import write_tree
+
+NAME = "db"
+HOUR = 3600.0
+
+
+def _store(root: Path) -> RemoteStore:
+    return RemoteStore(FileBackend(root, fsync=False), chunk_size=4096, pack_target=8192)
+
+
+def _age(path: Path, seconds: float) -> None:
+    st = path.stat()
+    os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def _age_all(root: Path, seconds: float) -> None:
+    for p in root.rglob("*"):
+        _age(p, seconds)
+
+
+def _two_versions(tmp_path: Path) -> tuple[RemoteStore, str, str]:
+    store = _store(tmp_path / "store")
+    v1 = store.publish(NAME, write_tree(tmp_path / "a", {"f": b"a" * 10_000})).version
+    v2 = store.publish(NAME, write_tree(tmp_path / "b", {"f": b"b" * 10_000})).version
+    return store, v1, v2
+
+
+def test_a_reader_grace_counts_from_retirement_not_publication(tmp_path: Path) -> None:
+    store, v1, v2 = _two_versions(tmp_path)
+    root = tmp_path / "store"
+    for p in root.rglob("*"):
+        if retired_key(NAME, v1) not in p.as_posix():
+            _age(p, 2 * HOUR)  # v1 published long ago, retired just now
+    assert v1 in store.prune(NAME, keep_last=1, min_age=HOUR).kept_versions
+    _age(root / retired_key(NAME, v1), 2 * HOUR)
+    report = store.prune(NAME, keep_last=1, min_age=HOUR)
+    assert report.deleted_versions == (v1,)
+    assert not (root / manifest_key(NAME, v1)).exists()
+    assert not (root / retired_key(NAME, v1)).exists()  # the note goes with its version
+    assert store.verify(NAME, v2).ok
+
+
+def test_a_live_prune_record_stops_a_rollback_and_an_expired_one_does_not(
+    tmp_path: Path,
+) -> None:
+    store, v1, v2 = _two_versions(tmp_path)
+    key = f"{gc_prefix(NAME)}crashed.json"
+    store.backend.put(key, Claim(frozenset([v1]), frozenset(), 600).to_json())
+    with pytest.raises(ConflictError, match="prune in progress"):
+        store.set_ref(NAME, "latest", v1, expected=v2)
+    assert store.resolve(NAME).version == v2  # nothing was made visible
+    _age(tmp_path / "store" / key, 601 + 900 + 60)  # its owner's deadline and the margin
+    store.set_ref(NAME, "latest", v1, expected=v2)
+    assert store.resolve(NAME).version == v1
+    store.prune(NAME, keep_last=1, min_age=0)
+    assert not (tmp_path / "store" / key).exists()  # a later prune removes the leftover
+
+
+def test_a_live_pin_protects_what_it_names_and_packs_written_after_it(tmp_path: Path) -> None:
+    store, v1, _ = _two_versions(tmp_path)
+    root = tmp_path / "store"
+    _age_all(root, 2 * HOUR)
+    (root / retired_key(NAME, v1)).unlink()  # a store from before the protocol
+    pin = f"{pins_prefix(NAME)}mover.json"
+    store.backend.put(pin, Claim(frozenset([v1]), frozenset(), 600).to_json())
+    fresh = "ab" * 32
+    store.backend.put(f"{NAME}/packs/ab/{fresh}", b"a publish in flight")
+    report = store.prune(NAME, keep_last=1, min_age=0)
+    assert v1 in report.kept_versions
+    assert fresh not in report.deleted_packs  # written after the pin
+    assert store.verify(NAME, v1).ok
+    store.backend.delete(pin)  # the mover finished (or its pin expired)
+    report = store.prune(NAME, keep_last=1, min_age=0)
+    assert report.deleted_versions == (v1,)
+    assert fresh in report.deleted_packs
+
+
+def test_a_revert_rewrites_the_old_pack_it_reuses(tmp_path: Path) -> None:
+    store, v1, _ = _two_versions(tmp_path)
+    root = tmp_path / "store"
+    packs = store.load_manifest(NAME, v1).packs
+    store.prune(NAME, keep_last=2, min_age=0)
+    _age_all(root, 2 * HOUR)
+    before = {p: (root / f"{NAME}/packs/{p[:2]}/{p}").stat().st_mtime for p in packs}
+    again = store.publish(NAME, write_tree(tmp_path / "a2", {"f": b"a" * 10_000}))
+    assert store.load_manifest(NAME, again.version).packs == packs  # byte-identical packs
+    for p, mtime in before.items():
+        assert (root / f"{NAME}/packs/{p[:2]}/{p}").stat().st_mtime > mtime + HOUR
+    assert not list((root / NAME / "pins").glob("*"))  # the publish dropped its pins
+
+
+def test_an_unreadable_record_is_an_integrity_error_naming_it(tmp_path: Path) -> None:
+    store, v1, v2 = _two_versions(tmp_path)
+    key = f"{gc_prefix(NAME)}garbage.json"
+    store.backend.put(key, b"[" * 100_000, mode=PutMode.CREATE)
+    with pytest.raises(IntegrityError, match=r"garbage\.json"):
+        store.set_ref(NAME, "stable", v1, expected=None)
+    with pytest.raises(IntegrityError, match=r"garbage\.json"):
+        store.publish(NAME, write_tree(tmp_path / "c", {"f": b"c"}))
+    assert store.resolve(NAME).version == v2
+
+
+def test_names_are_only_snapshot_names(tmp_path: Path) -> None:
+    store, _, _ = _two_versions(tmp_path)
+    store.backend.put("_probes/x", b"")  # a conditional-write probe's folder
+    assert list(store.names()) == [NAME]
