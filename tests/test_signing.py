@@ -43,10 +43,15 @@ def test_signed_round_trip_and_wrong_key(tmp_path: Path, src: Path) -> None:
 
 
 def test_unsigned_data_is_refused(tmp_path: Path, src: Path) -> None:
-    _store(tmp_path / "store", None).publish("db", src)
+    version = _store(tmp_path / "store", None).publish("db", src).version
+    signed = _store(tmp_path / "store", KEY_A)
     with pytest.raises(IntegrityError, match="not signed"):
-        _store(tmp_path / "store", KEY_A).resolve("db")
-    assert not (tmp_path / "o").exists()
+        signed.resolve("db")
+    for ref in ("latest", version):  # by ref name and by version id: nothing is written
+        with pytest.raises(IntegrityError, match="not signed"):
+            signed.checkout("db", ref, dest=tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "store"]  # no temp folder either
 
 
 def test_tampered_manifest_and_ref(tmp_path: Path, src: Path) -> None:

@@ -12,10 +12,11 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from ..backends.base import Backend, PutMode
+from ..backends.base import Backend, ObjectMeta, PutMode
 from ..errors import (
     ConflictError,
     IntegrityError,
@@ -24,21 +25,41 @@ from ..errors import (
 )
 from ..models import RefValue
 from ..remote import RemoteStore, pack_key
-from ..store import ANY, SnapshotStore
+from ..store import ANY, DelegatingStore, SnapshotStore
+
+T = TypeVar("T")
 
 
-def _race(n: int, fn: Callable[[int], None]) -> None:
+def race(n: int, fn: Callable[[int], T], timeout: float = 120.0) -> list[T | BaseException]:
+    """Run ``fn(0)`` .. ``fn(n-1)`` in threads released together; each one's result or the
+    exception it raised, in order. A thread still running after ``timeout`` fails the test."""
     barrier = threading.Barrier(n)
+    outcomes: list[T | BaseException | None] = [None] * n
 
     def run(i: int) -> None:
         barrier.wait()
-        fn(i)
+        try:
+            outcomes[i] = fn(i)
+        except BaseException as e:  # handed to the caller, which checks every outcome
+            outcomes[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout)
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"threads {stuck} still running after {timeout} s"
+    return outcomes  # type: ignore[return-value]  # every slot was filled by its thread
+
+
+def raise_unexpected(
+    outcomes: list[object], expected: tuple[type[BaseException], ...] = ()
+) -> None:
+    """Re-raise the first outcome that is an exception not of an ``expected`` type."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, expected):
+            raise outcome
 
 
 class BackendTests:
@@ -124,17 +145,11 @@ class BackendTests:
             backend.put(key, b"x")
 
     def test_concurrent_create_has_one_winner(self, backend: Backend) -> None:
-        wins: list[int] = []
-
-        def attempt(i: int) -> None:
-            try:
-                backend.put("race", str(i).encode(), mode=PutMode.CREATE)
-                wins.append(i)
-            except ConflictError:
-                pass
-
-        _race(6, attempt)
+        outcomes = race(6, lambda i: backend.put("race", str(i).encode(), mode=PutMode.CREATE))
+        raise_unexpected(outcomes, (ConflictError,))  # any other error fails the test
+        wins = [i for i, o in enumerate(outcomes) if isinstance(o, ObjectMeta)]
         assert len(wins) == 1
+        assert sum(isinstance(o, ConflictError) for o in outcomes) == 5
         assert backend.get("race").data == str(wins[0]).encode()
 
     def test_concurrent_updates_lose_nothing(self, backend: Backend) -> None:
@@ -154,7 +169,7 @@ class BackendTests:
                     except ConflictError:
                         continue
 
-        _race(4, increment)
+        raise_unexpected(race(4, increment))  # no thread may fail
         assert backend.get("counter").data == b"20"
 
 
@@ -183,6 +198,14 @@ class SnapshotStoreTests:
     @pytest.fixture
     def store(self) -> SnapshotStore:
         raise NotImplementedError("subclass SnapshotStoreTests and provide a store fixture")
+
+    def remote_of(self, store: SnapshotStore) -> RemoteStore:
+        """The RemoteStore that holds ``store``'s objects, found through wrappers' ``inner``
+        (the damage tests edit objects there); override for a store built otherwise."""
+        while isinstance(store, DelegatingStore):
+            store = store.inner
+        assert isinstance(store, RemoteStore), f"override remote_of for {type(store).__name__}"
+        return store
 
     def _tree(self, tmp_path: Path) -> Path:
         rng = random.Random(7)
@@ -275,13 +298,13 @@ class SnapshotStoreTests:
     def test_verify_detects_damage(self, store: SnapshotStore, tmp_path: Path) -> None:
         info = store.publish("db", self._tree(tmp_path))
         assert store.verify("db", info.version).ok
-        if not isinstance(store, RemoteStore):
-            return
-        manifest = store.load_manifest("db", info.version)
+        remote = self.remote_of(store)
+        backend = remote.backend
+        manifest = remote.load_manifest("db", info.version)
         pack = sorted(manifest.packs)[0]
-        data = bytearray(store.backend.get(pack_key("db", pack)).data)
+        data = bytearray(backend.get(pack_key("db", pack)).data)
         data[len(data) // 2] ^= 0x01
-        store.backend.put(pack_key("db", pack), bytes(data))
+        backend.put(pack_key("db", pack), bytes(data))
         report = store.verify("db", info.version)
         assert not report.ok
         assert any("mismatch" in p for p in report.problems)
@@ -310,12 +333,11 @@ class SnapshotStoreTests:
 
     def test_refs_are_validated(self, store: SnapshotStore, tmp_path: Path) -> None:
         store.publish("db", self._tree(tmp_path))
-        if not isinstance(store, RemoteStore):
-            return
-        store.backend.put("db/refs/latest", b'{"version": "../../etc"}')
+        backend = self.remote_of(store).backend
+        backend.put("db/refs/latest", b'{"version": "../../etc"}')
         with pytest.raises(IntegrityError):
             store.resolve("db")
         good = RefValue("20200101T000000000000Z-000000000000", 1, datetime.now(timezone.utc))
-        store.backend.put("db/refs/latest", good.to_json())
+        backend.put("db/refs/latest", good.to_json())
         with pytest.raises(SnapshotNotFoundError):
             store.resolve("db")
