@@ -84,6 +84,7 @@ RELIABILITY = [
     "tests/test_concurrency.py::test_killed_publisher_never_leaves_a_broken_latest",
     "tests/test_cache.py::test_sigkill_during_materialization_never_serves_a_partial_tree",
     "tests/test_compaction.py::test_killed_compactor_loses_nothing_and_recovers",
+    "tests/test_model_state.py",
 ]
 
 

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
@@ -234,10 +235,12 @@ def _file_factory(tmp: Path) -> Callable[[], Backend]:
     return lambda: FileBackend(tmp / "store", fsync=False)
 
 
+@pytest.mark.timeout(runs(ci=300, long=1800))
 def test_model_two_clients_on_local_files() -> None:
-    _run(_file_factory, runs(ci=50, long=600), runs(ci=30, long=60), "model-state-file")
+    _run(_file_factory, runs(ci=50, long=200), runs(ci=30, long=50), "model-state-file")
 
 
+@pytest.mark.timeout(runs(ci=300, long=1800))
 def test_model_two_clients_on_s3(moto_server: MotoServer, s3_bucket: str) -> None:
     """A few short runs against a real HTTP server (moto): the same invariants hold."""
 
@@ -246,4 +249,4 @@ def test_model_two_clients_on_s3(moto_server: MotoServer, s3_bucket: str) -> Non
         conf = S3Settings(endpoint_url=moto_server.endpoint_url)
         return lambda: S3Backend(s3_bucket, prefix, settings=conf)
 
-    _run(factory, runs(ci=4, long=40), runs(ci=15, long=40), "model-state-s3")
+    _run(factory, runs(ci=4, long=30), runs(ci=15, long=30), "model-state-s3")
