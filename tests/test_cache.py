@@ -26,7 +26,7 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import SnapshotStoreTests, read_tree, write_tree
-from chroma_snapshots.testing.proxy import CountingProxy
+from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
 
 CHUNK = 4096
 
@@ -209,17 +209,16 @@ def test_stale_ok_serves_cache_when_store_is_unreachable(
     good = CachedStore(_remote(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
     version = good.publish("db", src).version
     good.checkout("db").release()
-    with CountingProxy(moto_server.endpoint_url) as dead:
-        dead_url = dead.url
-    down = _remote(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
-    offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
-    with offline.checkout("db", deadline=5) as snap:
-        assert snap.stale
-        assert snap.info.version == version
-        assert read_tree(snap.path) == read_tree(src)
-    strict = CachedStore(down, tmp_path / "cache")
-    with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
-        strict.checkout("db", deadline=5)
+    with closed_endpoint() as dead_url:  # nothing answers there, and nobody can take it
+        down = _remote(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+        offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
+        with offline.checkout("db", deadline=5) as snap:
+            assert snap.stale
+            assert snap.info.version == version
+            assert read_tree(snap.path) == read_tree(src)
+        strict = CachedStore(down, tmp_path / "cache")
+        with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
+            strict.checkout("db", deadline=5)
 
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))

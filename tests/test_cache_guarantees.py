@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
-from chroma_snapshots.testing.proxy import CountingProxy
+from chroma_snapshots.testing.proxy import closed_endpoint
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 CHUNK = 4096
@@ -90,13 +91,11 @@ def _s3_store(endpoint: str, bucket: str, **settings: float) -> RemoteStore:
 @pytest.fixture
 def up_down(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
-) -> tuple[CachedStore, CachedStore]:
-    with CountingProxy(moto_server.endpoint_url) as closed:
-        dead_url = closed.url  # nothing listens there any more
-    up = CachedStore(_s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
-    down_remote = _s3_store(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
-    down = CachedStore(down_remote, tmp_path / "cache", stale_ok=True)
-    return up, down
+) -> Iterator[tuple[CachedStore, CachedStore]]:
+    with closed_endpoint() as dead_url:  # nothing answers there, and nobody can take it
+        up = CachedStore(_s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+        down_remote = _s3_store(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+        yield up, CachedStore(down_remote, tmp_path / "cache", stale_ok=True)
 
 
 def _two_versions(store: CachedStore, tmp_path: Path) -> tuple[Path, str, Path, str]:

@@ -7,16 +7,15 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from reliability import record, runs
 
-from chroma_snapshots import ConflictError, RemoteStore, StoreConfig, open_remote
+from chroma_snapshots import ConflictError, RemoteStore, SnapshotInfo, StoreConfig, open_remote
 from chroma_snapshots.remote import manifest_key
 from chroma_snapshots.testing import MotoServer
-from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.conformance import race, raise_unexpected, read_tree, write_tree
 
 WORKER = str(Path(__file__).with_name("publisher_worker.py"))
 
@@ -43,27 +42,16 @@ def test_two_publishers_same_base_exactly_one_wins(
     store = _s3_store(moto_server, s3_bucket)
     base = store.publish("db", write_tree(tmp_path / "base", {"a": b"base"})).version
     srcs = [write_tree(tmp_path / f"s{i}", {"a": f"writer {i}".encode() * 5000}) for i in range(2)]
-    results: dict[int, object] = {}
-    barrier = threading.Barrier(2)
-
-    def publish(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = store.publish("db", srcs[i], expected=base)
-        except ConflictError as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=publish, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [i for i, r in results.items() if not isinstance(r, ConflictError)]
-    assert len(winners) == 1
+    outcomes = race(2, lambda i: store.publish("db", srcs[i], expected=base))
+    raise_unexpected(outcomes, (ConflictError,))  # any other error fails the test
+    won = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, SnapshotInfo)]
+    assert len(won) == 1
+    assert sum(isinstance(o, ConflictError) for o in outcomes) == 1
+    winner, info = won[0]
     latest = store.resolve("db")
-    assert latest.version == results[winners[0]].version  # type: ignore[attr-defined]
+    assert latest.version == info.version
     assert latest.parent == base
-    assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(srcs[winners[0]])
+    assert read_tree(store.checkout("db", dest=tmp_path / "o").path) == read_tree(srcs[winner])
     ref = store.read_ref("db")
     assert ref is not None
     assert ref[0].generation == 2

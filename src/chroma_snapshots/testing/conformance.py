@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -54,7 +54,7 @@ def race(n: int, fn: Callable[[int], T], timeout: float = 120.0) -> list[T | Bas
 
 
 def raise_unexpected(
-    outcomes: list[object], expected: tuple[type[BaseException], ...] = ()
+    outcomes: Sequence[object], expected: tuple[type[BaseException], ...] = ()
 ) -> None:
     """Re-raise the first outcome that is an exception not of an ``expected`` type."""
     for outcome in outcomes:

@@ -1,8 +1,11 @@
-"""pytest fixtures: ``moto_server`` (one per session) and ``s3_bucket`` (one per test)."""
+"""pytest fixtures: ``moto_server`` (one server per session) and ``s3_bucket`` (one per test).
+
+The server process lives for the session; the dummy AWS credentials are set per test (with
+``monkeypatch``), so no test's environment leaks into another's.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -11,17 +14,17 @@ from .s3server import CREDENTIALS, MotoServer
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    """moto's S3 server on a free loopback port; AWS credentials set to dummies for the session."""
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
+def _moto_server_process() -> Iterator[MotoServer]:
     with MotoServer() as server:
         yield server
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+
+@pytest.fixture
+def moto_server(_moto_server_process: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """moto's S3 server on a loopback port; dummy AWS credentials set for this test."""
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    return _moto_server_process
 
 
 @pytest.fixture

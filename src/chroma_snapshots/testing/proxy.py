@@ -16,6 +16,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -54,6 +56,17 @@ class _Stall:
     def __init__(self, path_contains: str, count: int, after_bytes: int, hold: float) -> None:
         self.path_contains, self.left = path_contains, count
         self.after_bytes, self.hold = after_bytes, hold
+
+
+@contextmanager
+def closed_endpoint() -> Iterator[str]:
+    """A loopback URL where nothing answers (connections are refused) until the block ends.
+
+    The port is bound, never listened on, and held: no other process can take it meanwhile,
+    as it could take the port of a server that was stopped."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class CountingProxy:

@@ -7,10 +7,9 @@ stack, retries and timeouts are exercised, and other processes can connect.
 from __future__ import annotations
 
 import os
-import socket
+import select
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -27,50 +26,66 @@ CREDENTIALS = {
 }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _serve(host: str) -> None:
+    """The child: moto's app on a port the kernel picks, reported as the first stdout line.
+
+    Binding port 0 in the process that serves it leaves no moment in which another process
+    could take the port (choosing a free port first and binding it later does)."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server(host, 0, app, threaded=True, request_handler=MotoRequestHandler)
+    os.environ["MOTO_PORT"] = str(server.port)  # moto builds some URLs from it
+    print(server.port, flush=True)
+    server.serve_forever()
 
 
 class MotoServer:
-    """A running ``moto_server``; ``endpoint_url`` is where to point boto3."""
+    """A running ``moto_server``; ``endpoint_url`` is where to point boto3 (set by ``start``,
+    or by hand to talk to a server another process started)."""
 
-    def __init__(self, port: int | None = None, *, startup_timeout: float = 30.0) -> None:
-        self.port = port or free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, *, startup_timeout: float = 30.0) -> None:
+        self.port = 0
+        self.endpoint_url = ""
         self._startup_timeout = startup_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> MotoServer:
         """Start the server and wait until it answers."""
-        cmd = [
-            sys.executable,
-            "-c",
-            "from moto.server import main; main()",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-        ]
-        env = {**os.environ, **CREDENTIALS}
+        serve = "from chroma_snapshots.testing.s3server import _serve; _serve('127.0.0.1')"
+        cmd = [sys.executable, "-c", serve]
         self._proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            env={**os.environ, **CREDENTIALS},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
-        end = time.monotonic() + self._startup_timeout
-        while time.monotonic() < end:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"moto_server exited with {self._proc.returncode}; is moto[server] installed?"
-                )
-            try:
-                urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"moto_server did not answer on {self.endpoint_url}")
+        try:
+            self.port = self._reported_port(self._proc)
+            self.endpoint_url = f"http://127.0.0.1:{self.port}"
+            urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=10).close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _reported_port(self, proc: subprocess.Popen[str]) -> int:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], self._startup_timeout)
+        line = proc.stdout.readline() if ready else ""
+        if not line.strip().isdigit():
+            code = proc.poll()
+            raise RuntimeError(
+                f"moto_server reported no port within {self._startup_timeout} s (exit {code});"
+                " is moto[server] installed?"
+            )
+        return int(line)
 
     def stop(self) -> None:
         """Stop the server (its data is gone)."""
@@ -81,6 +96,8 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             self._proc = None
 
     def __enter__(self) -> MotoServer:
