@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .backends.base import Backend
 from .backends.bounded import DeadlineBackend
 from .chunking import decode_chunk
-from .deadline import Deadline, run_within
+from .deadline import Deadline, WorkerPool, wait_all, within
 from .errors import IntegrityError, SnapshotNotFoundError
 from .models import Chunk, VersionId
 from .store import VerifyReport
@@ -53,7 +54,11 @@ def verify(store: RemoteStore, name: str, version: str, deadline: Deadline) -> V
                 problems.append(str(e))
         return len(data), problems
 
-    results = run_within(deadline, "verify", lambda: list(store._pool.map(check, sorted(by_pack))))
+    # This call's own pool (see WorkerPool): downloads a timed-out verify abandons hold
+    # only its threads, never a later call's.
+    with WorkerPool(store.workers) as pool:
+        futures = [pool.submit(within, deadline, partial(check, p)) for p in sorted(by_pack)]
+        results = wait_all(futures, deadline, "verify")
     problems = tuple(p for _, ps in results for p in ps)
     return VerifyReport(
         name, version, len(by_pack), len(manifest.chunks), sum(n for n, _ in results), problems

@@ -8,11 +8,11 @@ are explicit (``botocore.config.Config``) so no call waits forever.
 from __future__ import annotations
 
 import builtins
-import threading
+import contextlib
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
@@ -26,6 +26,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from ..deadline import Deadline, WorkerPool, current_deadline, run_within, wait_all, within
 from ..errors import (
     BackendUnavailableError,
     ConflictError,
@@ -53,6 +54,7 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 # A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
 _BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
 T = TypeVar("T")
+_PART_WORKERS = 8  # parts of one object in flight at once
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,6 @@ class S3Backend(Backend):
         self.prefix = prefix.strip("/")
         self.settings = settings or S3Settings()
         self.client = client or self._make_client(self.settings)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
 
     @staticmethod
     def _make_client(s: S3Settings) -> S3Client:
@@ -201,18 +201,25 @@ class S3Backend(Backend):
         return ObjectMeta(key, len(data), etag, time.time())
 
     def _put_multipart(self, full: str, data: bytes, cond: dict[str, str]) -> str:
-        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+        """Upload ``data`` in parts on a pool of this call's own, waiting no longer than the
+        current deadline: a stalled part holds only its own thread, never a later upload's
+        (parts still running when the call fails are abandoned)."""
         step = self.settings.part_size
+        count = -(-len(data) // step)
+        dl = current_deadline() or Deadline(count * self._worst_request())
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+
+        def part(i: int) -> CompletedPartTypeDef:
+            body = data[i * step : (i + 1) * step]
+            r = self.client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=i + 1, Body=body
+            )
+            return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
         try:
-
-            def part(i: int) -> CompletedPartTypeDef:
-                body = data[i * step : (i + 1) * step]
-                r = self.client.upload_part(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=i + 1, Body=body
-                )
-                return {"PartNumber": i + 1, "ETag": r["ETag"]}
-
-            parts = list(self._executor().map(part, range(-(-len(data) // step))))
+            with WorkerPool(_PART_WORKERS, "s3-part") as pool:
+                futures = [pool.submit(within, dl, partial(part, i)) for i in range(count)]
+                parts = wait_all(futures, dl, f"uploading the parts of {full}")
             resp = self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=full,
@@ -221,15 +228,26 @@ class S3Backend(Backend):
                 **cond,  # type: ignore[arg-type]
             )
         except BaseException:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            self._abort_multipart(full, upload_id, dl)
             raise
         return _etag(resp.get("ETag"))
 
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(8, thread_name_prefix="s3-part")
-            return self._pool
+    def _worst_request(self) -> float:
+        """The longest one request may take with every retry (a call made without a
+        deadline waits no longer than its parts could take one after another)."""
+        s = self.settings
+        return (s.connect_timeout + s.read_timeout) * s.max_attempts
+
+    def _abort_multipart(self, full: str, upload_id: str, dl: Deadline) -> None:
+        """Best effort: parts of an upload nobody aborts are billed until a lifecycle rule
+        removes them. Waits only for the time left; past the deadline the abort is still
+        sent, from a thread nobody waits for. Its own failure must not hide the error that
+        made us abort."""
+        abort = partial(
+            self.client.abort_multipart_upload, Bucket=self.bucket, Key=full, UploadId=upload_id
+        )
+        with contextlib.suppress(ClientError, BotoCoreError, StorageTimeoutError):
+            run_within(dl, f"abort the upload of {full}", abort)
 
     def head(self, key: str) -> ObjectMeta:
         try:
@@ -288,7 +306,3 @@ class S3Backend(Backend):
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise BackendUnavailableError(f"delete {first.get('Key')}: {first.get('Code')}")
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
