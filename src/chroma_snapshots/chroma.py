@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -28,11 +30,13 @@ from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 
 from .deadline import DeadlineLike
-from .errors import IntegrityError
+from .errors import IntegrityError, SnapshotError
 from .models import SnapshotInfo
-from .store import LATEST, Expected, LocalSnapshot, SnapshotStore
+from .store import LATEST, Expected, LocalSnapshot, SnapshotStore, copy_tree, remove_tree
+from .transfer import disk_error, local_io
 
 SQLITE = "chroma.sqlite3"
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, named there from Python 3.11
 _COUNTS = """
     SELECT c.name, COUNT(e.id) FROM collections c
     LEFT JOIN segments s ON s.collection = c.id AND s.scope = 'METADATA'
@@ -198,7 +202,7 @@ def consistent_copy(src: Path, dst: Path) -> None:
         if entry.name.startswith(SQLITE):
             continue
         if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name)
+            copy_tree(entry, dst / entry.name)  # the first error as itself (ENOSPC)
         else:
             shutil.copy2(entry, dst / entry.name)
     try:
@@ -210,9 +214,19 @@ def consistent_copy(src: Path, dst: Path) -> None:
             target.close()
             source.close()
     except sqlite3.DatabaseError as e:
+        if _sqlite_full(e):  # our copy's disk, not the database: no retry helps
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise disk_error(full, dst / SQLITE, "copying the database") from e
         raise IntegrityError(f"{src}: {e}") from e
     if _segment_stamps(Path(src)) != before:
         raise IntegrityError(f"{src}: a segment was persisted while it was being copied")
+
+
+def _sqlite_full(e: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the disk (or sqlite's temp space) is full. Python < 3.11 has no error
+    code on the exception, only sqlite's fixed message for it."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code == _SQLITE_FULL if code is not None else "disk is full" in str(e)
 
 
 def _segment_stamps(src: Path) -> dict[str, tuple[int, int]]:
@@ -279,7 +293,9 @@ def publish_client(
     else:
         path, quiet = Path(client_or_path.get_settings().persist_directory), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
-    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-") as tmp:
+    with local_io(tempfile.gettempdir(), "making a folder for the copy to publish"):
+        staging = tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-")
+    with staging as tmp:  # removed whatever happens: nothing of the copy stays behind
         copy, report = _validated_copy(path, Path(tmp), attempts, force, compare=quiet)
         chroma_meta: dict[str, object] = {"version": chromadb.__version__}
         if report is not None:
@@ -299,16 +315,21 @@ def _validated_copy(
     last: Exception | None = None
     copy = tmp / "copy0"
     for attempt in range(max(1, attempts)):
+        remove_tree(copy)  # a failed attempt's copy: its space is the retake's
         copy = tmp / f"copy{attempt}"
         try:
             consistent_copy(src, copy)
             if compare and sqlite_counts(copy) != sqlite_counts(src):
                 raise IntegrityError(f"{copy}: record counts differ from {src}")
             return copy, validate(copy)
-        except (IntegrityError, OSError) as e:  # OSError: a file vanished mid-copy
+        except (IntegrityError, FileNotFoundError) as e:  # a file vanished mid-copy
             last = e
-            if not (src / SQLITE).is_file():
-                break  # not a chroma database: retrying cannot help
+        except OSError as e:  # our copy's disk is full or failing: no retry helps
+            if isinstance(e, SnapshotError):
+                raise
+            raise disk_error(e, e.filename or copy, "copying the database to publish") from e
+        if not (src / SQLITE).is_file():
+            break  # not a chroma database: retrying cannot help
     if force and copy.is_dir():
         return copy, None
     raise IntegrityError(f"refusing to publish {src}: {last}") from last

@@ -13,6 +13,7 @@ always finds a complete manifest and every pack it names.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import tempfile
@@ -26,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from . import maintenance, pruning
-from .backends.base import Backend, PutMode
+from .backends.base import Backend, GetResult, PutMode
 from .backends.bounded import DeadlineBackend
 from .chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -41,6 +42,7 @@ from .deadline import Deadline, DeadlineLike, WorkerPool, as_deadline, wait_all,
 from .errors import (
     ConflictError,
     IntegrityError,
+    InvalidInputError,
     SnapshotNotFoundError,
 )
 from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, VersionId
@@ -68,7 +70,16 @@ from .transfer import (
     place_local,
     plan_reads,
 )
-from .validation import check_name, is_name, sha256_hex, utc_now
+from .validation import (
+    MAX_MANIFEST_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_REF_BYTES,
+    check_depth,
+    check_name,
+    is_name,
+    sha256_hex,
+    utc_now,
+)
 
 
 def pack_key(name: str, pack: str) -> str:
@@ -116,17 +127,13 @@ class RemoteStore(SourceStore):
         self.pack_target = pack_target
         self.compression_level = compression_level
         self.default_timeout = default_timeout
-        self.workers = workers
-        # Checkout and publish each run on a WorkerPool of their own (why: WorkerPool);
-        # this shared one serves verify, whose every request is bounded by its deadline.
-        self._pool = WorkerPool(workers)
+        self.workers = workers  # each call that runs requests in parallel has its own pool
         self._generations: dict[str, int] = {}  # highest generation seen per ref key
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.backend!r})"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
     # Reading refs and manifests.
@@ -140,7 +147,7 @@ class RemoteStore(SourceStore):
         """The ref's value and ETag, or None if it does not exist."""
         try:
             key = ref_key(check_name(name), check_name(ref, "ref name"))
-            got = self._io(deadline).get(key)
+            got = _get_bounded(self._io(deadline), key, MAX_REF_BYTES, "ref")
         except SnapshotNotFoundError:
             return None
         value = RefValue.from_json(got.data)
@@ -162,10 +169,11 @@ class RemoteStore(SourceStore):
         vid = VersionId.parse(version)
         io = self._io(deadline)
         key = manifest_key(check_name(name), version)
-        data = io.get(key).data
+        data = _get_bounded(io, key, MAX_MANIFEST_BYTES, "manifest").data
         if self.signer is not None:
-            try:
-                sig: str | None = io.get(key + ".sig").data.decode("ascii", "replace")
+            try:  # a signature is ~100 bytes: a ref's bound is plenty
+                got = _get_bounded(io, key + ".sig", MAX_REF_BYTES, "signature")
+                sig: str | None = got.data.decode("ascii", "replace")
             except SnapshotNotFoundError:
                 sig = None
             self.signer.verify(f"manifest:{key}", data, sig, f"manifest {key}")
@@ -205,6 +213,7 @@ class RemoteStore(SourceStore):
         progress: Progress | None = None,
     ) -> SnapshotInfo:
         check_name(name)
+        metadata = _checked_metadata(metadata)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         files, dirs = scan_source(source_dir)
@@ -226,7 +235,7 @@ class RemoteStore(SourceStore):
                 parent,
                 _publisher(),
                 message,
-                metadata or {},
+                metadata,
             )
             data = manifest.to_json()
             version = str(VersionId.for_manifest(data, manifest.created_at))
@@ -499,6 +508,34 @@ class RemoteStore(SourceStore):
         return pruning.prune(
             self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=dl
         )
+
+
+def _get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
+    """``key`` if it holds at most ``limit`` bytes; IntegrityError otherwise, after reading
+    no more than ``limit + 1`` of them (a hostile 5 GB ref costs 4 KiB of download)."""
+    got = io.get(key, byte_range=(0, limit + 1))
+    if got.meta.size > limit or len(got.data) > limit:
+        size = max(got.meta.size, len(got.data))
+        raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
+    return got
+
+
+def _checked_metadata(metadata: object) -> dict[str, object]:
+    """``publish(metadata=...)`` as readers will see it (JSON: tuples become lists, keys
+    strings), or InvalidInputError for anything JSON cannot hold or nested deeper than a
+    manifest may be, never a TypeError or RecursionError."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata must be a dict, not {type(metadata).__name__}")
+    try:
+        check_depth(metadata, "metadata", MAX_METADATA_DEPTH)  # first: it ends on cycles too
+        normal: dict[str, object] = json.loads(json.dumps(metadata, allow_nan=False))
+    except IntegrityError as e:
+        raise InvalidInputError(str(e)) from e
+    except (TypeError, ValueError, RecursionError) as e:  # NaN, a huge int, deep tuples
+        raise InvalidInputError(f"metadata is not JSON: {e}") from e
+    return normal
 
 
 def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import shutil
 import tempfile
 import threading
@@ -313,3 +314,18 @@ def prepare_dest(dest: str | Path | None) -> Path:
 def remove_tree(path: Path) -> None:
     """Remove a directory tree if it exists (temp folders, failed checkouts)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
+    all) is raised as itself. For trees of files and directories (cached versions, a
+    chroma database)."""
+    made = []
+    for dirpath, _, filenames in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir()
+        made.append((Path(dirpath), target))
+        for fn in filenames:
+            shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
+    for source, target in reversed(made):  # modes and times once nothing more is added
+        shutil.copystat(source, target)

@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import BackendUnavailableError, ConflictError, SnapshotError, SnapshotNotFoundError
+from ..transfer import pwrite_all
 from ..validation import MAX_PATH_DEPTH
 from .base import GetResult, ObjectMeta, PutMode, check_key, past_end
 
@@ -38,6 +39,26 @@ def _wrap(err: OSError, op: str, key: str) -> SnapshotError:
         return SnapshotNotFoundError(f"{key}: no such object")
     name = errno.errorcode.get(err.errno or 0, "error")
     return BackendUnavailableError(f"{op} {key}: {name} ({err.strerror})")
+
+
+def _read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``offset``; fewer bytes only at the end of the file (a read may
+    return less than asked before the end: after a signal, on a network mount)."""
+    got = 0
+    while got < len(buf) and (n := os.preadv(fd, [buf[got:]], offset + got)):
+        got += n
+    return got
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes from ``offset``, or up to the end of the file (see :func:`_read_into`);
+    one read and no copy in the usual case."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size and (part := os.pread(fd, size - got, offset + got)):
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class LocalFiles:
@@ -74,7 +95,10 @@ class LocalFiles:
                 start, end = byte_range
                 if start >= meta.size and end > start:
                     raise past_end(key, start)
-                return GetResult(os.pread(f.fileno(), max(0, end - start), start), meta)
+                # never more than the file holds: a read asked for "up to a limit" (a ref,
+                # a manifest) must not allocate the limit
+                want = max(0, min(end, meta.size) - start)
+                return GetResult(_pread_all(f.fileno(), want, start), meta)
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
         except OSError as e:
@@ -86,7 +110,7 @@ class LocalFiles:
         try:
             want = max(0, min(end - start, len(buf)))
             with open(self._path(key), "rb") as f:
-                n = os.preadv(f.fileno(), [buf[:want]], start)
+                n = _read_into(f.fileno(), buf[:want], start)
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
         except OSError as e:
@@ -110,12 +134,14 @@ class LocalFiles:
         return meta
 
     def _write_tmp(self, key: str, tmp: Path, data: bytes) -> ObjectMeta:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            pwrite_all(fd, [data], 0, len(data))  # a short write continues or raises
             if self.fsync:
-                os.fsync(f.fileno())
-            return _meta(key, os.fstat(f.fileno()))
+                os.fsync(fd)
+            return _meta(key, os.fstat(fd))
+        finally:
+            os.close(fd)  # raises too if it fails: a network mount reports late errors here
 
     def _publish(self, key: str, tmp: Path, path: Path, mode: PutMode) -> None:
         if mode.kind == "overwrite":

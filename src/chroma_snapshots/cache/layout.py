@@ -33,7 +33,7 @@ from filelock import FileLock
 from ..errors import SnapshotError
 from ..models import Manifest, VersionId
 from ..store import remove_tree
-from ..validation import check_name
+from ..validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 
 Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
 
@@ -123,11 +123,15 @@ class NameDirs:
             return None
 
     def read_stamps(self, version: str) -> dict[str, Stamp]:
-        """The stamps; empty if gone or damaged, which makes every file look changed."""
+        """The stamps; empty if gone or damaged, which makes every file look changed.
+        Parsed like stored JSON (size and nesting bounded, IntegrityError), so a planted
+        deeply nested file is damage, not a RecursionError."""
+        path = self.stamps_file(version)
         try:
-            raw = json.loads(self.stamps_file(version).read_bytes())
+            what = f"cache stamps {path}"
+            raw = as_obj(loads_json(path.read_bytes(), what, MAX_MANIFEST_BYTES), what, None)
             return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
-        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        except (OSError, SnapshotError, ValueError, TypeError, IndexError, AttributeError):
             return {}
 
     def write_stamps(self, version: str, root: Path, manifest: Manifest) -> None:

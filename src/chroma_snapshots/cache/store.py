@@ -8,7 +8,6 @@ does to its checkout is detected (stamps) and repaired before the next one.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -36,10 +35,11 @@ from ..store import (
     Progress,
     SourceStore,
     StatsRecorder,
+    copy_tree,
     prepare_dest,
     remove_tree,
 )
-from ..transfer import LocalChunks
+from ..transfer import LocalChunks, disk_error
 from ..validation import check_name, sha256_hex
 from .layout import NameDirs, stamp_of
 from .repair import damaged_chunks, remove_extras
@@ -76,8 +76,12 @@ class CachedStore(DelegatingStore):
         self.stale_ok = stale_ok
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._mlock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.clean_leftovers()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.clean_leftovers()
+        except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken
+            _raise_local(e, self.root, "opening the cache")
+            raise
 
     def __repr__(self) -> str:
         return f"CachedStore({self.inner!r}, {str(self.root)!r})"
@@ -120,7 +124,7 @@ class CachedStore(DelegatingStore):
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
         except OSError as e:  # writing the version, repairing it, or a lock or pin file
-            _raise_if_disk_full(e, f"cache {self.root}: disk full while serving {version}")
+            _raise_local(e, self.root, f"serving {version} from the cache")
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
         if dest is not None:
@@ -375,29 +379,17 @@ def _private_copy(src: Path, dest: Path) -> Path:
     final = prepare_dest(dest)
     work = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        _copy_tree(src, work)
+        copy_tree(src, work)
         os.replace(work, final)
     except BaseException as e:
         remove_tree(work)  # nothing is left at dest
-        _raise_if_disk_full(e, f"disk full while copying to {final}")
+        _raise_local(e, final, "copying to dest")
         raise
     return final
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
-    all) is raised as itself. Cached trees hold only files and directories."""
-    made = []
-    for dirpath, _, filenames in os.walk(src):
-        target = dst / Path(dirpath).relative_to(src)
-        target.mkdir()
-        made.append((Path(dirpath), target))
-        for fn in filenames:
-            shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
-    for source, target in reversed(made):  # modes and times once nothing more is added
-        shutil.copystat(source, target)
-
-
-def _raise_if_disk_full(e: BaseException, message: str) -> None:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise CacheFullError(message) from e
+def _raise_local(e: BaseException, path: Path, what: str) -> None:
+    """A raw OSError as CacheFullError (disk full) or LocalDiskError, naming the file that
+    failed if the OS said which (documented errors and other exceptions pass)."""
+    if isinstance(e, OSError) and not isinstance(e, SnapshotError):
+        raise disk_error(e, e.filename or path, what) from e
