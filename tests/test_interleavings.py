@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import pytest
 from interleave import Gate, Killed, Outcome, Schedule, plans, run_actors
-from reliability import LONG
+from reliability import LONG, record
 
-from chroma_snapshots import ANY, RemoteStore
+from chroma_snapshots import ANY, RemoteStore, StoreConfig, open_remote
+from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 NAME = "db"
@@ -38,45 +41,59 @@ def _content(label: str) -> dict[str, bytes]:
     return {"a.bin": rnd.randbytes(24_000), "d/b.bin": rnd.randbytes(9_000)}
 
 
-def _store(backend: FileBackend | Gate) -> RemoteStore:
+def _store(backend: Backend) -> RemoteStore:
     return RemoteStore(backend, chunk_size=4096, pack_target=8192, workers=1)
 
 
 @dataclass
 class World:
-    """A store folder and what each version in it holds."""
+    """A store, what each version in it holds, and a scratch folder for sources."""
 
-    root: Path
+    backend: Callable[[], Backend]  # a new connection to the store
+    scratch: Path
     versions: dict[str, str]  # label -> version id
-    contents: dict[str, dict[str, bytes]]  # version id -> files
 
     def store(self) -> RemoteStore:
-        return _store(FileBackend(self.root, fsync=False))
+        return _store(self.backend())
 
     def source(self, label: str) -> Path:
-        return write_tree(self.root.parent / f"src-{label}", _content(label))
+        return write_tree(self.scratch / f"src-{label}", _content(label))
+
+    def publish_start(self) -> World:
+        """v1 (content A), then v2 (content B, latest)."""
+        store = self.store()
+        for label in ("A", "B"):
+            self.versions[label] = store.publish(NAME, self.source(label)).version
+        return self
+
+
+Fresh = Callable[[Path], World]
+
+
+def _file_world(root: Path, scratch: Path) -> World:
+    return World(lambda: FileBackend(root, fsync=False), scratch, {})
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """v1 (content A) and v2 (content B, latest), every object two hours old."""
-    root = tmp_path_factory.mktemp("template") / "store"
-    world = World(root, {}, {})
-    store = world.store()
-    for label in ("A", "B"):
-        version = store.publish(NAME, world.source(label)).version
-        world.versions[label] = version
-        world.contents[version] = _content(label)
-    for p in root.rglob("*"):
+    """v1 and v2 in a store folder, every object two hours old."""
+    scratch = tmp_path_factory.mktemp("template")
+    world = _file_world(scratch / "store", scratch).publish_start()
+    for p in (scratch / "store").rglob("*"):
         st = p.stat()
         os.utime(p, (st.st_atime - AGE, st.st_mtime - AGE))
     return world
 
 
-def _fresh(template: World, where: Path) -> World:
-    root = where / "store"
-    shutil.copytree(template.root, root)  # copy2 keeps the aged mtimes
-    return World(root, dict(template.versions), dict(template.contents))
+@pytest.fixture
+def fresh(template: World) -> Fresh:
+    """A copy of the template store in a folder of its own (copy2 keeps the aged mtimes)."""
+
+    def make(where: Path) -> World:
+        shutil.copytree(template.scratch / "store", where / "store")
+        return World(_file_world(where / "store", where).backend, where, dict(template.versions))
+
+    return make
 
 
 def assert_sound(world: World) -> dict[str, str]:
@@ -99,32 +116,36 @@ def _documented(outcomes: dict[str, Outcome]) -> None:
             raise AssertionError(f"{actor} raised an undocumented {o.error!r}") from o.error
 
 
-def explore(template: World, tmp: Path, actors: Actors, check: Check) -> int:
-    """Run B at every step boundary of A and A at every step boundary of B."""
+def explore(
+    fresh: Fresh, tmp: Path, actors: Actors, check: Check, figure: str, *, both: bool = True
+) -> int:
+    """Run B at every step boundary of A and (``both``) A at every step boundary of B;
+    record how many runs and how each actor's operation ended as the figure ``figure``."""
     counts = {}
     for actor in ("A", "B"):  # each alone, to count its backend calls
-        world = _fresh(template, tmp / f"solo-{actor}")
-        gates = {a: Gate(FileBackend(world.root, fsync=False), None, a) for a in ("A", "B")}
+        world = fresh(tmp / f"solo-{actor}")
+        gates = {a: Gate(world.backend(), None, a) for a in ("A", "B")}
         fns = actors(world, _store(gates["A"]), _store(gates["B"]), tmp / f"solo-{actor}")
         fns[actor]()
         counts[actor] = gates[actor].calls
     runs_done = 0
-    for first, second in (("A", "B"), ("B", "A")):
+    ended: dict[str, Counter[str]] = {"A": Counter(), "B": Counter()}
+    for first, second in (("A", "B"), ("B", "A")) if both else (("A", "B"),):
         for plan in plans(counts[first], counts[second], first, second, pairs=LONG):
             where = tmp / f"run{runs_done}"
-            world = _fresh(template, where)
+            world = fresh(where)
             schedule = Schedule(plan, [first, second])
-            stores = {
-                a: _store(Gate(FileBackend(world.root, fsync=False), schedule, a))
-                for a in ("A", "B")
-            }
+            stores = {a: _store(Gate(world.backend(), schedule, a)) for a in ("A", "B")}
             outcomes = run_actors(schedule, actors(world, stores["A"], stores["B"], where))
             _documented(outcomes)
             check(world, outcomes, assert_sound(world))
+            for a, o in outcomes.items():
+                ended[a][type(o.error).__name__ if o.error else "ok"] += 1
             for store in stores.values():
                 store.close()
             shutil.rmtree(where)
             runs_done += 1
+    record(figure, {"runs": runs_done, "steps": counts, "A": ended["A"], "B": ended["B"]})
     return runs_done
 
 
@@ -146,18 +167,19 @@ def _publisher_survives(label: str) -> Check:
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
 @pytest.mark.parametrize("label", ["A", "C"])  # A: a revert (identical, old packs); C: new
-def test_publish_against_prune(template: World, tmp_path: Path, label: str, min_age: float) -> None:
+def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age: float) -> None:
     def actors(
         w: World, a: RemoteStore, b: RemoteStore, _: Path
     ) -> dict[str, Callable[[], object]]:
         src = w.source(label)
         return {"A": lambda: a.publish(NAME, src), "B": lambda: _prune(min_age)(b)}
 
-    assert explore(template, tmp_path, actors, _publisher_survives(label)) > 0
+    figure = f"interleave-publish-{label}-vs-prune-{min_age:g}"
+    assert explore(fresh, tmp_path, actors, _publisher_survives(label), figure) > 0
 
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
-def test_publish_any_against_prune(template: World, tmp_path: Path, min_age: float) -> None:
+def test_publish_any_against_prune(fresh: Fresh, tmp_path: Path, min_age: float) -> None:
     def actors(
         w: World, a: RemoteStore, b: RemoteStore, _: Path
     ) -> dict[str, Callable[[], object]]:
@@ -167,12 +189,13 @@ def test_publish_any_against_prune(template: World, tmp_path: Path, min_age: flo
             "B": lambda: _prune(min_age)(b),
         }
 
-    explore(template, tmp_path, actors, _publisher_survives("A"))
+    figure = f"interleave-publish-any-vs-prune-{min_age:g}"
+    assert explore(fresh, tmp_path, actors, _publisher_survives("A"), figure) > 0
 
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
 @pytest.mark.parametrize("ref", ["latest", "stable"])  # a rollback; a new tag
-def test_set_ref_against_prune(template: World, tmp_path: Path, ref: str, min_age: float) -> None:
+def test_set_ref_against_prune(fresh: Fresh, tmp_path: Path, ref: str, min_age: float) -> None:
     def actors(
         w: World, a: RemoteStore, b: RemoteStore, _: Path
     ) -> dict[str, Callable[[], object]]:
@@ -187,10 +210,10 @@ def test_set_ref_against_prune(template: World, tmp_path: Path, ref: str, min_ag
         if out["A"].error is None:
             assert refs[ref] == w.versions["A"]
 
-    explore(template, tmp_path, actors, check)
+    assert explore(fresh, tmp_path, actors, check, f"interleave-set-{ref}-vs-prune-{min_age:g}") > 0
 
 
-def test_two_publishers(template: World, tmp_path: Path) -> None:
+def test_two_publishers(fresh: Fresh, tmp_path: Path) -> None:
     """No lost update: if both succeed, the second one's parent is the first one."""
 
     def actors(
@@ -210,13 +233,11 @@ def test_two_publishers(template: World, tmp_path: Path) -> None:
         else:
             assert refs["latest"] == won[0].version  # type: ignore[attr-defined]
 
-    explore(template, tmp_path, actors, check)
+    assert explore(fresh, tmp_path, actors, check, "interleave-two-publishers") > 0
 
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
-def test_checkout_against_publish_and_prune(
-    template: World, tmp_path: Path, min_age: float
-) -> None:
+def test_checkout_against_publish_and_prune(fresh: Fresh, tmp_path: Path, min_age: float) -> None:
     """A reader of v2 while v2 is replaced and pruned: with a grace, it always gets v2's
     exact bytes; without one it may fail, but only with a documented error."""
 
@@ -238,23 +259,26 @@ def test_checkout_against_publish_and_prune(
         if snap is not None:
             got = read_tree(snap.path)  # type: ignore[attr-defined]
             version = snap.info.version  # type: ignore[attr-defined]
-            assert got == _content("B") or got == _content("C")
             assert version in (w.versions["B"], refs["latest"])
+            assert got == _content("B" if version == w.versions["B"] else "C")
 
-    explore(template, tmp_path, actors, check)
+    assert (
+        explore(fresh, tmp_path, actors, check, f"interleave-checkout-vs-publish-prune-{min_age:g}")
+        > 0
+    )
 
 
 @pytest.mark.parametrize("label", ["A", "C"])
-def test_crashed_publisher_then_prune(template: World, tmp_path: Path, label: str) -> None:
+def test_crashed_publisher_then_prune(fresh: Fresh, tmp_path: Path, label: str) -> None:
     """A publisher killed at every step, a prune, then a new publish: always sound."""
-    world = _fresh(template, tmp_path / "count")
-    gate = Gate(FileBackend(world.root, fsync=False), None, "A")
+    world = fresh(tmp_path / "count")
+    gate = Gate(world.backend(), None, "A")
     _store(gate).publish(NAME, world.source(label))
     for step in range(1, gate.calls + 1):
         where = tmp_path / f"kill{step}"
-        w = _fresh(template, where)
+        w = fresh(where)
         schedule = Schedule([], ["A"], kill={"A": step})
-        store = _store(Gate(FileBackend(w.root, fsync=False), schedule, "A"))
+        store = _store(Gate(w.backend(), schedule, "A"))
         src = w.source(label)
         out = run_actors(schedule, {"A": partial(store.publish, NAME, src)})
         assert isinstance(out["A"].error, Killed), (step, out["A"])
@@ -263,3 +287,44 @@ def test_crashed_publisher_then_prune(template: World, tmp_path: Path, label: st
         info = w.store().publish(NAME, w.source("D"))
         assert assert_sound(w)["latest"] == info.version
         shutil.rmtree(where)
+    record(f"interleave-crashed-publisher-{label}", {"kills": gate.calls})
+
+
+def test_revert_and_rollback_against_prune_on_s3(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The same enumeration on a real HTTP server (moto): a prune with ``min_age=0`` at every
+    step boundary of a revert's publish and of a rollback (and, long, the other way round)."""
+    made = iter(range(1_000_000))
+
+    def fresh(where: Path) -> World:
+        url = f"s3://{s3_bucket}/run{next(made)}"
+        backend = open_remote(
+            StoreConfig(url=url, s3_endpoint_url=moto_server.endpoint_url)
+        ).backend
+        return World(
+            lambda: backend, where, {}
+        ).publish_start()  # one client: they are slow to make
+
+    def revert(
+        w: World, a: RemoteStore, b: RemoteStore, _: Path
+    ) -> dict[str, Callable[[], object]]:
+        src = w.source("A")
+        return {"A": lambda: a.publish(NAME, src), "B": lambda: _prune(0.0)(b)}
+
+    def rollback(
+        w: World, a: RemoteStore, b: RemoteStore, _: Path
+    ) -> dict[str, Callable[[], object]]:
+        v1, v2 = w.versions["A"], w.versions["B"]
+        return {
+            "A": lambda: a.set_ref(NAME, "latest", v1, expected=v2),
+            "B": lambda: _prune(0.0)(b),
+        }
+
+    def rolled_back(w: World, out: dict[str, Outcome], refs: dict[str, str]) -> None:
+        if out["A"].error is None:
+            assert refs["latest"] == w.versions["A"]
+
+    survives = _publisher_survives("A")
+    assert explore(fresh, tmp_path, revert, survives, "interleave-s3-revert", both=LONG) > 0
+    assert explore(fresh, tmp_path, rollback, rolled_back, "interleave-s3-rollback", both=LONG) > 0
