@@ -1,11 +1,14 @@
 """A compactor process: applies its own deltas one by one (the concurrency test).
 
-usage: compact_worker.py ENDPOINT BUCKET WRITER COUNT LOCK_TABLE|-
+usage: compact_worker.py ENDPOINT BUCKET WRITER COUNT LOCK_TABLE|- [--steps]
+--steps: announce each backend call and wait for the parent's go (kill_points.py).
 """
 
 from __future__ import annotations
 
 import sys
+
+from kill_points import marked
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -15,7 +18,8 @@ from chroma_snapshots.testing import MotoServer
 
 if __name__ == "__main__":
     endpoint, bucket, writer, count, table = sys.argv[1:6]
-    store = RemoteStore(S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint)))
+    backend = S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint))
+    store = RemoteStore(marked(backend))
     lock = None
     if table != "-":
         server = MotoServer()

@@ -1,8 +1,10 @@
 """A publisher run as a separate OS process by the concurrency and crash tests.
 
-usage: publisher_worker.py URL ENDPOINT MODE WRITER COUNT WORKDIR
+usage: publisher_worker.py URL ENDPOINT MODE WRITER COUNT WORKDIR [--steps]
 MODE "append": check out latest, add one file, publish with expected=<that version>, retry on
 conflict (the compaction pattern). MODE "churn": publish fresh random content in a loop.
+Prints "published ..." after each publish; --steps: announce each backend call and wait for
+the parent's go (kill_points.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from kill_points import marked
 
 from chroma_snapshots import (
     ConflictError,
@@ -24,6 +28,7 @@ from chroma_snapshots import (
 def _store(url: str, endpoint: str) -> RemoteStore:
     store = open_remote(StoreConfig(url=url, s3_endpoint_url=endpoint or None))
     store.chunk_size, store.pack_target = 4096, 65536
+    store.backend = marked(store.backend)
     return store
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from chroma_helpers import counts
+from kill_points import KillAt, run_to_step
+from reliability import record, runs
 
 from chroma_snapshots import InvalidInputError, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -134,39 +137,50 @@ def test_delta_snapshot_published_under_another_name(store: RemoteStore, tmp_pat
     assert len(again.skipped) == 2
 
 
+# The compactor's writes, in the order a publish makes them, and a read of its checkout.
+COMPACTOR_STEPS = (
+    "get packs",
+    "put pins",
+    "put packs",
+    "put manifests",
+    "put retired",
+    "put refs",
+    "delete pins",
+)
+
+
 def test_killed_compactor_loses_nothing_and_recovers(
     moto_server: MotoServer, s3_bucket: str, store: RemoteStore
 ) -> None:
-    """SIGKILL a compactor at random points: latest always names a sound version whose
-    records are exactly those of the deltas it lists as applied; the next compactor goes on."""
-    import os
-    import random
-    import signal
-    import time
-
-    from reliability import record, runs
-
-    rng = random.Random(7)  # same kill points every run
-    outcomes: dict[str, int] = {"killed": 0, "finished": 0}
-    for run in range(runs(ci=3, long=20)):
+    """SIGKILL a compactor at each step of a compaction (it waits there, so the kill lands
+    exactly at that step): latest always names a sound version whose records are exactly
+    those of the deltas it lists as applied; the next compactor goes on."""
+    total = runs(ci=len(COMPACTOR_STEPS), long=3 * len(COMPACTOR_STEPS))
+    kills: Counter[str] = Counter()
+    checked = 0
+    for run in range(total):
+        # the 2nd occurrence (3rd in long runs): the run has published before it dies
+        target = KillAt(
+            COMPACTOR_STEPS[run % len(COMPACTOR_STEPS)], 2 + run // len(COMPACTOR_STEPS)
+        )
         cmd = [sys.executable, WORKER, moto_server.endpoint_url, s3_bucket, str(run), "20", "-"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 4.0))  # past start-up (chromadb import), mid-compaction
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            outcomes["killed"] += 1
-        else:
-            outcomes["finished"] += 1
-        proc.wait()
-        if store.read_ref("db") is None:
-            continue  # killed before its first publish: nothing visible, nothing to check
-        info = store.resolve("db")
+        done = run_to_step([*cmd, "--steps"], target)
+        assert done.killed_at == target.kind, f"run {run} never reached {target}: {done.steps}"
+        kills[target.kind] += 1
+        info = store.resolve("db")  # a version exists: every run published before its kill
         assert store.verify("db", info.version).ok
         applied = applied_ids(info)
+        assert f"w{run}-d0" in applied  # this run's first delta was published
         expected = {f"{d}-r{k}" for d in applied for k in range(10)}
         assert set(_records(store)) == expected
-    assert outcomes["killed"] >= 1
+        checked += 1
+    assert checked == total
+    assert set(kills) == set(COMPACTOR_STEPS)  # every step was killed at least once
     after = Delta("after-crashes", "receipts", (Record("after-r0", (1.0, 2.0, 3.0, 4.0)),))
     compact(store, "db", [after])
     assert "after-r0" in _records(store)
-    record("crash-compactor", outcomes)
+    record("crash-compactor", {"runs": total, "checked": checked, **_per_step(kills)})
+
+
+def _per_step(kills: Counter[str]) -> dict[str, int]:
+    return {f"killed at {kind}": n for kind, n in sorted(kills.items())}

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import random
-import signal
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+from kill_points import KillAt, run_to_step
 from reliability import record, runs
 
 from chroma_snapshots import ConflictError, RemoteStore, SnapshotInfo, StoreConfig, open_remote
+from chroma_snapshots.claims import pins_prefix, read_claims, retired_key
 from chroma_snapshots.remote import manifest_key
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import race, raise_unexpected, read_tree, write_tree
@@ -93,54 +96,52 @@ def test_four_processes_five_publishes_each_lose_nothing(
     assert set(final) == {f"w{w}-{s}.txt" for w in range(4) for s in range(5)}
 
 
+# A publish's writes in order (packs: one of many, chosen at random).
+PUBLISH_STEPS = ("put pins", "put packs", "put manifests", "put retired", "put refs", "delete pins")
+
+
 def test_killed_publisher_never_leaves_a_broken_latest(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
+    """SIGKILL a publisher at each step of its second publish (it waits there, so the kill
+    lands exactly at that step): latest is always a complete, verified version."""
     url = f"s3://{s3_bucket}/snaps"
     store = _s3_store(moto_server, s3_bucket)
     rng = random.Random(1234)
-    kills = 0
-    total = runs(ci=12, long=50)
+    kills: Counter[str] = Counter()
+    total = runs(ci=2 * len(PUBLISH_STEPS), long=50)
     for run in range(total):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                url,
-                moto_server.endpoint_url,
-                "churn",
-                str(run),
-                "50",
-                str(tmp_path / "work"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(0.7, 1.6))  # past interpreter start-up, inside some publish
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        step = PUBLISH_STEPS[run % len(PUBLISH_STEPS)]
+        nth = rng.randint(1, 30) if step == "put packs" else 1  # ~32 packs a publish
+        cmd = [sys.executable, WORKER, url, moto_server.endpoint_url, "churn", str(run), "50"]
+        done = run_to_step([*cmd, str(tmp_path / "work"), "--steps"], KillAt(step, nth, 1))
+        assert done.killed_at == step, f"run {run} never reached {step} #{nth}: {done.steps}"
+        kills[step] += 1
         found = store.read_ref("db")
-        if found is not None:
-            version = found[0].version
-            assert store.verify("db", version).ok
-            out = store.checkout("db", dest=tmp_path / f"check{run}")
-            assert (out.path / "chroma.sqlite3").stat().st_size == 2 << 20
-    assert kills >= total * 0.8
-    record("crash-publisher", {"runs": total, "killed": kills})
+        assert found is not None  # the run's first publish is visible
+        version = found[0].version
+        assert store.verify("db", version).ok
+        out = store.checkout("db", dest=tmp_path / f"check{run}")
+        assert (out.path / "chroma.sqlite3").stat().st_size == 2 << 20
+        shutil.rmtree(out.path)
+    assert set(kills) == set(PUBLISH_STEPS)
+    record("crash-publisher", {"runs": total, **{f"killed at {k}": n for k, n in kills.items()}})
     src = write_tree(tmp_path / "after", {"chroma.sqlite3": os.urandom(10_000)})
     final = store.publish("db", src)
     report = store.prune("db", keep_last=1, min_age=0)
-    assert report.kept_versions == (final.version,)
-    assert store.verify("db", final.version).ok
+    # A publisher killed while it held its pin leaves the pin until its time to live ends;
+    # until then the pin keeps the version it named and the packs written after it.
+    pins = read_claims(store.backend, pins_prefix("db"), time.time())
+    pinned = set().union(*(claim.versions for _, claim in pins))
+    assert set(report.kept_versions) == {final.version} | pinned
+    kept = [store.load_manifest("db", v) for v in report.kept_versions]
+    for v in report.kept_versions:
+        assert store.verify("db", v).ok
     metas = {m.key: m for m in store.backend.list("db/")}
-    used = {f"db/packs/{p[:2]}/{p}" for p in store.load_manifest("db", final.version).packs}
-    # A killed publisher's pin outlives it by its time to live; until then it protects the
-    # packs written after it (they may be that publisher's, about to be named).
-    pins = {k for k in metas if k.startswith("db/pins/")}
-    since = min((metas[k].last_modified for k in pins), default=float("inf"))
-    protected = {k for k, m in metas.items() if "/packs/" in k and m.last_modified >= since}
-    assert set(metas) - pins - protected == used | {
-        "db/refs/latest",
-        manifest_key("db", final.version),
-    }
+    since = min((meta.last_modified for meta, _ in pins), default=float("inf"))
+    expected = {"db/refs/latest"} | {meta.key for meta, _ in pins}
+    expected |= {manifest_key("db", v) for v in report.kept_versions}
+    expected |= {f"db/packs/{p[:2]}/{p}" for m in kept for p in m.packs}
+    expected |= {f"db/packs/{p[:2]}/{p}" for _, claim in pins for p in claim.packs}
+    expected |= {k for k, m in metas.items() if "/packs/" in k and m.last_modified >= since}
+    assert set(metas) - expected == {retired_key("db", v) for v in pinned}
