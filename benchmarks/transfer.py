@@ -38,12 +38,13 @@ def tar_gz(src: Path) -> bytes:
 
 def measure(proxy: CountingProxy, fn: Callable[[], Any]) -> dict[str, float]:
     proxy.reset()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     fn()
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     seen = proxy.reset()
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "requests": len(seen),
         "bytes_down": sum(r.response_bytes for r in seen if r.method == "GET"),
         "bytes_up": sum(r.request_bytes for r in seen),
@@ -166,14 +167,15 @@ def main() -> None:
         rows = run(args.size_mb, Path(tmp))
     size, changed = rows[0]["size_bytes"] / MiB, rows[0]["changed_bytes"] / MiB
     print(f"snapshot {size:.0f} MiB, 1% change = {changed:.1f} MiB")
-    head = f"{'approach':<18} {'scenario':<34} {'seconds':>8} {'requests':>9}"
+    head = f"{'approach':<18} {'scenario':<40} {'seconds':>8} {'CPU-s':>6} {'requests':>9}"
     print(f"{head} {'MiB up':>8} {'MiB down':>9}")
     for r in rows:
         extra = (
             f"  ({r['ratio_to_limit']:.2f}x the changed chunks)" if "ratio_to_limit" in r else ""
         )
         print(
-            f"{r['approach']:<18} {r['scenario']:<34} {r['seconds']:>8.3f} {r['requests']:>9} "
+            f"{r['approach']:<18} {r['scenario']:<40} {r['seconds']:>8.3f} "
+            f"{r['cpu_seconds']:>6.2f} {r['requests']:>9} "
             f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>9.1f}{extra}"
         )
     write_json(args.json, rows)
