@@ -163,7 +163,9 @@ class Client:
     def _open(self) -> tuple[ScriptedBackend, RemoteStore, CachedStore]:
         backend = ScriptedBackend(self._make(), self.who, self._journal)
         store = remote(backend, "model-store")
-        cached = CachedStore(store, self._cache, max_bytes=CACHE_MAX_BYTES, min_free_bytes=0)
+        cached = CachedStore(
+            store, self._cache, max_bytes=CACHE_MAX_BYTES, min_free_bytes=0, stale_ok=True
+        )
         return backend, store, cached
 
     def restart(self) -> None:
@@ -207,6 +209,7 @@ class Outcome:
     version: str | None = None  # publish: the new version; checkout: the one served
     parent: str | None = None
     served_op: object = None  # checkout: the op id the served manifest's metadata names
+    stale: bool = False  # cached checkout: served from the cache while the store was down
     tree: dict[str, bytes] = field(default_factory=dict)
     fired: bool = False
     action: Action | None = None
@@ -254,6 +257,7 @@ def _dispatch(client: Client, call: Call, out: Outcome) -> None:
 
 def _served(out: Outcome, snap: LocalSnapshot) -> None:
     out.version, out.served_op = snap.info.version, snap.info.metadata.get("op")
+    out.stale = snap.stale
     out.tree = read_tree(snap.path)
 
 
@@ -279,6 +283,9 @@ class Model:
     # ref movers then refuse them (ConflictError) until the record expires.
     condemned: set[str] = field(default_factory=set)
     prune_failed: bool = False
+    # (client, ref) -> what that client's cache may have recorded the ref to name: a stale
+    # read must serve one of these, never another version.
+    recorded: dict[tuple[str, str], set[str | int | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -395,14 +402,28 @@ class Judge:
         for o in outcomes:
             if o.error is None and o.call.op.kind in ("checkout", "cached"):
                 self._check_served(o, before.get(o.call.op.ref), writes, trace)
-        self._learn(outcomes, actual)
+        self._learn(outcomes, actual, writes, before)
 
-    def _learn(self, outcomes: builtins.list[Outcome], actual: dict[str, str]) -> None:
+    def _learn(
+        self,
+        outcomes: builtins.list[Outcome],
+        actual: dict[str, str],
+        writes: builtins.list[Write],
+        before: dict[str, str],
+    ) -> None:
         m = self.model
         for o in outcomes:
             if o.call.op.kind == "prune" and o.error is not None:
                 m.prune_failed = True
                 m.condemned |= set(m.published) - set(m.refs.values())
+            if o.call.op.kind == "cached" and not o.stale:
+                ref = o.call.op.ref
+                seen = m.recorded.setdefault((o.client, ref), set())
+                if o.error is None:
+                    seen.clear()  # it read the ref and recorded what it served
+                    seen.add(o.version)
+                else:  # it may have read the ref (at any moment of the call) and recorded it
+                    seen |= {before.get(ref), *(w.value for w in writes if w.ref == ref)}
         m.refs = dict(actual)
         for o in outcomes:
             if o.call.op.kind != "publish":
@@ -446,7 +467,11 @@ class Judge:
     def _check_served(
         self, o: Outcome, before: str | None, writes: builtins.list[Write], trace: str
     ) -> None:
-        named = [before] + [w.value for w in writes if w.ref == o.call.op.ref]
+        named: builtins.list[str | int | None] = [before]
+        named += [w.value for w in writes if w.ref == o.call.op.ref]
+        if o.stale:  # the ref could not be read: what this client last saw it name
+            assert injected(o), f"{o.client} {o.call.op}: a stale answer without an outage"
+            named = builtins.list(self.model.recorded.get((o.client, o.call.op.ref), ()))
         assert o.version in named or o.served_op in named, (
             f"{o.client} {o.call.op}: served {o.version}, which the ref did not name during "
             f"the call ({named})\n{trace}"

@@ -178,6 +178,13 @@ class StoreMachine(RuleBasedStateMachine):
         plan = Plan(at, "fail-after" if after else "fail-before", error)
         self._judge([run(self.clients[client], self._call(op), plan)], "fault")
 
+    @rule(client=clients, ref=st.sampled_from(["latest", "stable"]), error=faults)
+    def outage(self, client: int, ref: str, error: type[BackendUnavailableError]) -> None:
+        """A cached checkout while the store does not answer: the ref's read fails, so the
+        cache may serve (stale) only the version this client last saw the ref name."""
+        call = self._call(Op("cached", ref=ref))
+        self._judge([run(self.clients[client], call, Plan(0, "fail-before", error))], "outage")
+
     @rule(client=clients, op=ops, at=calls_at)
     def crash(self, client: int, op: Op, at: int) -> None:
         """The process dies at its ``at``-th backend call and starts again."""
@@ -190,6 +197,15 @@ class StoreMachine(RuleBasedStateMachine):
     def interleave(self, client: int, op: Op, at: int, other: Op) -> None:
         """``client`` stops at its ``at``-th backend call while the other client runs
         ``other`` to the end; then it goes on."""
+        self._overlap(client, op, at, other)
+
+    @rule(client=clients, op=ops, at=calls_at, keep=st.integers(1, 3))
+    def prune_inside(self, client: int, op: Op, at: int, keep: int) -> None:
+        """A whole prune (``min_age=0``) at the ``at``-th step boundary of ``op``: the race
+        the prune protocol exists for, so it gets a rule of its own."""
+        self._overlap(client, op, at, Op("prune", keep=keep))
+
+    def _overlap(self, client: int, op: Op, at: int, other: Op) -> None:
         a, b = self.clients[client], self.clients[1 - client]
         first, second = self._call(op), self._call(other)
         box: list[Outcome] = []
