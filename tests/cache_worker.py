@@ -1,8 +1,9 @@
 """A process that checks out through a CachedStore (for the multi-process cache tests).
 
-usage: cache_worker.py ENDPOINT BUCKET CACHE_DIR
+usage: cache_worker.py ENDPOINT BUCKET CACHE_DIR [--steps]
     Checks out latest from S3; prints 'version V', then the sha256 of every file of the
-    checkout, one 'path digest' per line.
+    checkout, one 'path digest' per line. --steps: announce each backend call, and the
+    checkout held ("step holding checkout"), and wait for the parent's go (kill_points.py).
 usage: cache_worker.py --loop STORE_DIR CACHE_DIR MAX_BYTES COUNT SEED REF...
     COUNT checkouts of random REFs (versions or ref names) from a file store through a cache
     capped at MAX_BYTES; prints one JSON line per checkout: {"version", "digest"} of what it
@@ -16,6 +17,8 @@ import json
 import random
 import sys
 from pathlib import Path
+
+from kill_points import STEPS, marked, reached
 
 from chroma_snapshots import CachedStore, RemoteStore, SnapshotError
 from chroma_snapshots.backends.file import FileBackend
@@ -56,8 +59,10 @@ def loop(store_dir: str, cache_dir: str, max_bytes: str, count: str, seed: str, 
 
 def latest_from_s3(endpoint: str, bucket: str, cache_dir: str) -> None:
     backend = S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint))
-    store = CachedStore(RemoteStore(backend), cache_dir)
+    store = CachedStore(RemoteStore(marked(backend)), cache_dir)
     with store.checkout("db", deadline=120) as snap:
+        if STEPS:
+            reached("holding checkout")
         print("version", snap.info.version)
         for p in sorted(Path(snap.path).rglob("*")):
             if p.is_file():

@@ -34,22 +34,29 @@ def step_kind(op: str, key: str) -> str:
     return f"{op} {parts[1] if len(parts) > 1 and parts[1] else parts[0] or 'root'}"
 
 
-class StepMarker(Backend):
-    """``inner``, announcing each call on ``out`` and waiting for ``go`` on ``answers``."""
+_STEP_LOCK = threading.Lock()  # one step at a time, from any thread
 
-    def __init__(self, inner: Backend, out: TextIO, answers: TextIO) -> None:
-        self.inner, self._out, self._answers = inner, out, answers
-        self._lock = threading.Lock()  # one step at a time, from any thread
+
+def reached(kind: str, out: TextIO = sys.stdout, answers: TextIO = sys.stdin) -> None:
+    """Announce step ``kind`` and wait for the parent's ``go`` (it may kill us instead)."""
+    with _STEP_LOCK:
+        out.write(f"step {kind}\n")
+        out.flush()
+        if answers.readline().strip() != "go":
+            os._exit(3)  # the parent is gone: stop, as the kill would have
+
+
+class StepMarker(Backend):
+    """``inner``, announcing each call with :func:`reached` before making it."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
 
     def __repr__(self) -> str:
         return repr(self.inner)  # the store label (and so the cache folder) stays the same
 
     def _step(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        with self._lock:
-            self._out.write(f"step {step_kind(op, key)}\n")
-            self._out.flush()
-            if self._answers.readline().strip() != "go":
-                os._exit(3)  # the parent is gone: stop, as the kill would have
+        reached(step_kind(op, key))
         return fn()
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
@@ -84,9 +91,12 @@ class StepMarker(Backend):
         self.inner.close()
 
 
+STEPS = "--steps" in sys.argv  # this process is a worker run by run_to_step
+
+
 def marked(backend: Backend) -> Backend:
-    """``backend`` announcing its steps on stdout, if the worker was started with ``--steps``."""
-    return StepMarker(backend, sys.stdout, sys.stdin) if "--steps" in sys.argv else backend
+    """``backend`` announcing its steps, if the worker was started with ``--steps``."""
+    return StepMarker(backend) if STEPS else backend
 
 
 @dataclass(frozen=True)

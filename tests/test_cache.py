@@ -6,14 +6,14 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kill_points import KillAt, run_to_step
 from reliability import record, runs
 
 from chroma_snapshots import (
@@ -251,22 +251,30 @@ def test_four_processes_share_one_download(
 def test_sigkill_during_materialization_never_serves_a_partial_tree(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
+    """SIGKILL a cold checkout at each of its steps (the worker waits at the step, its other
+    download threads keep writing): reading the manifest, at a random pack read (from the
+    first to the last), and while holding the finished checkout. The next process cleans up
+    and serves exactly what was published."""
     rng = random.Random(99)
     src = write_tree(
         tmp_path / "src", {"chroma.sqlite3": os.urandom(8 << 20), "seg/a": os.urandom(999)}
     )
     remote = _remote(moto_server.endpoint_url, s3_bucket)
-    remote.publish("db", src)
+    packs = len(remote.load_manifest("db", remote.publish("db", src).version).packs)
     cache = tmp_path / "cache"
-    cmd = [sys.executable, WORKER, moto_server.endpoint_url, s3_bucket, str(cache)]
-    killed, total = 0, runs(ci=10, long=50)
-    for _ in range(total):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.35, 1.1))  # start-up is ~0.3 s, the checkout ~0.9 s
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed += 1
-        proc.wait()
+    cmd = [sys.executable, WORKER, moto_server.endpoint_url, s3_bucket, str(cache), "--steps"]
+    steps = ("get manifests", "get packs", "holding checkout")
+    kills: Counter[str] = Counter()
+    total = runs(ci=3 * len(steps), long=50)
+    for run in range(total):
+        step, label, nth = steps[run % len(steps)], steps[run % len(steps)], 1
+        if step == "get packs":  # the first, second and last third of the reads in turn
+            third = run // len(steps) % 3
+            nth = rng.randint(third * packs // 3 + 1, (third + 1) * packs // 3)
+            label = f"get packs ({('first', 'second', 'last')[third]} third)"
+        done = run_to_step(cmd, KillAt(step, nth))
+        assert done.killed_at == step, f"run {run} never reached {step} #{nth}: {done.steps}"
+        kills[label] += 1
         store = CachedStore(_remote(moto_server.endpoint_url, s3_bucket), cache)  # cleans up
         tmp = store.dirs("db").root / "tmp"
         assert not tmp.exists() or list(tmp.iterdir()) == []
@@ -274,5 +282,6 @@ def test_sigkill_during_materialization_never_serves_a_partial_tree(
             assert _digests(snap.path) == _digests(src)
         for v in store.dirs("db").complete():
             store.evict("db", v)  # next run starts cold again
-    assert killed >= total // 2
-    record("crash-materializer", {"runs": total, "killed": killed})
+        assert store.dirs("db").complete() == []
+    assert len(kills) == 5  # each step, and pack reads in each third, killed at least once
+    record("crash-materializer", {"runs": total, **{f"killed at {k}": n for k, n in kills.items()}})
