@@ -327,7 +327,9 @@ def _validated_copy(
         except OSError as e:  # our copy's disk is full or failing: no retry helps
             if isinstance(e, SnapshotError):
                 raise
-            raise disk_error(e, e.filename or copy, "copying the database to publish") from e
+            # a copy names the source first and its target second: the target is ours
+            where = e.filename2 or e.filename or copy
+            raise disk_error(e, where, "copying the database to publish") from e
         if not (src / SQLITE).is_file():
             break  # not a chroma database: retrying cannot help
     if force and copy.is_dir():

@@ -33,6 +33,7 @@ from filelock import FileLock
 from ..errors import SnapshotError
 from ..models import Manifest, VersionId
 from ..store import remove_tree
+from ..transfer import local_io
 from ..validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 
 Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
@@ -214,4 +215,5 @@ class NameDirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, version.encode())
         except OSError:
-            path.unlink(missing_ok=True)
+            with local_io(path, "removing a cache record it could not update"):
+                path.unlink(missing_ok=True)  # if even this fails: LocalDiskError

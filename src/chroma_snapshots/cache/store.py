@@ -390,6 +390,7 @@ def _private_copy(src: Path, dest: Path) -> Path:
 
 def _raise_local(e: BaseException, path: Path, what: str) -> None:
     """A raw OSError as CacheFullError (disk full) or LocalDiskError, naming the file that
-    failed if the OS said which (documented errors and other exceptions pass)."""
+    failed if the OS said which (of a copy's two, the target), else ``path``; documented
+    errors and other exceptions pass."""
     if isinstance(e, OSError) and not isinstance(e, SnapshotError):
-        raise disk_error(e, e.filename or path, what) from e
+        raise disk_error(e, e.filename2 or e.filename or path, what) from e
