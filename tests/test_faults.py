@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 DEADLINE = 15.0
-SLACK = 5.0  # a deadline abandons the waiting call; give the scheduler this much
+# A bound that shows the deadline is honoured, not a performance target: a deadline abandons
+# the waiting call, and a loaded machine may take a moment to schedule the return.
+MAX_OVERRUN = 2.0
 
 
 def _tree(root: Path, seed: int) -> Path:
@@ -52,7 +54,10 @@ def _store(client: S3Client, bucket: str) -> RemoteStore:
     return RemoteStore(S3Backend(bucket, "snaps", client=client), pack_target=128 << 10)
 
 
-def _timed(outcomes: Counter[str], what: str, fn: Callable[[], T]) -> T | None:
+def _timed(
+    outcomes: Counter[str], durations: dict[str, list[float]], what: str, fn: Callable[[], T]
+) -> T | None:
+    """Run one operation, count its outcome and record how long it took."""
     t = time.monotonic()
     result: T | None
     try:
@@ -61,10 +66,24 @@ def _timed(outcomes: Counter[str], what: str, fn: Callable[[], T]) -> T | None:
         outcomes[f"{what} failed: {type(e).__name__}"] += 1
         result = None
     elapsed = time.monotonic() - t
-    assert elapsed < DEADLINE + SLACK, f"{what} took {elapsed:.1f}s"
+    durations.setdefault(what, []).append(elapsed)
+    assert elapsed - DEADLINE < MAX_OVERRUN, f"{what} took {elapsed:.1f}s"
     if result is not None:
         outcomes[f"{what} ok"] += 1
     return result
+
+
+def _overruns(durations: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per operation: the longest duration and its overrun (duration - deadline; < 0 is
+    inside the deadline), the figure docs/RELIABILITY.md reports."""
+    return {
+        what: {
+            "count": len(times),
+            "max seconds": round(max(times), 3),
+            "max overrun seconds": round(max(times) - DEADLINE, 3),
+        }
+        for what, times in sorted(durations.items())
+    }
 
 
 # 50% only in the long suite: there some operations must fail, and fail well
@@ -78,6 +97,7 @@ def test_publish_and_checkout_under_s3_faults(
         connect_timeout=1, read_timeout=1, retries={"max_attempts": 4, "mode": "standard"}
     )
     outcomes: Counter[str] = Counter()
+    durations: dict[str, list[float]] = {}
     clean = _store(moto_server.client(), s3_bucket)
     with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
         faulty = _store(moto_server.client(endpoint_url=proxy.url, config=config), s3_bucket)
@@ -85,13 +105,19 @@ def test_publish_and_checkout_under_s3_faults(
         for i in range(runs(ci=4, long=40 if rate <= 0.2 else 15)):
             src = _tree(tmp_path / f"src{i}", i)
             attempted.append(read_tree(src))
-            _timed(outcomes, "publish", partial(faulty.publish, "db", src, deadline=DEADLINE))
+            _timed(
+                outcomes,
+                durations,
+                "publish",
+                partial(faulty.publish, "db", src, deadline=DEADLINE),
+            )
             found = clean.read_ref("db")
             if found is not None:  # whatever latest names is complete and sound
                 assert clean.verify("db", found[0].version).ok
             dest = tmp_path / f"out{i}"
             snap = _timed(
                 outcomes,
+                durations,
                 "checkout",
                 partial(faulty.checkout, "db", dest=dest, deadline=DEADLINE),
             )
@@ -101,7 +127,7 @@ def test_publish_and_checkout_under_s3_faults(
                 assert not dest.exists()  # nothing half-written
             if i % 2:  # LIST and batch DELETE under faults: prune never breaks what refs name
                 prune = partial(faulty.prune, "db", keep_last=1, min_age=0, deadline=DEADLINE)
-                _timed(outcomes, "prune", prune)
+                _timed(outcomes, durations, "prune", prune)
                 found = clean.read_ref("db")
                 assert found is None or clean.verify("db", found[0].version).ok
         faulty.close()
@@ -115,5 +141,7 @@ def test_publish_and_checkout_under_s3_faults(
             **outcomes,
             "faults injected": {f"{t} {k}": n for (t, k), n in sorted(faults.items())},
             "requests": sum(plan.counts.values()),
+            "deadline seconds": DEADLINE,
+            "durations": _overruns(durations),
         },
     )
