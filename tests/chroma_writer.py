@@ -1,4 +1,6 @@
-"""A process that keeps upserting into a chroma database (the concurrent writer in tests)."""
+"""A process that keeps upserting into a chroma database (the concurrent writer in tests).
+
+Prints "writing" once its first batch is in, so a test can wait for that instead of sleeping."""
 
 from __future__ import annotations
 
@@ -22,4 +24,6 @@ if __name__ == "__main__":
             embeddings=cast(Any, [[rng.random() for _ in range(32)] for _ in ids]),
             documents=[f"doc {x} " * 20 for x in ids],
         )
+        if batch == 0:
+            print("writing", flush=True)
         batch += 1

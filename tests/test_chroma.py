@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -85,9 +86,12 @@ def test_live_writer_naive_copy_breaks_publish_client_does_not(
 ) -> None:
     db = tmp_path / "db"
     close_client(build(db, {"receipts": 10}))
-    writer = subprocess.Popen([sys.executable, WRITER, str(db)])
+    writer = subprocess.Popen([sys.executable, WRITER, str(db)], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)  # let the writer get going
+        assert writer.stdout is not None
+        ready, _, _ = select.select([writer.stdout], [], [], 120)
+        assert ready, "the writer wrote nothing within 120 s"
+        assert writer.stdout.readline() == "writing\n"  # its first batch is in
         # A plain copy of a database that is being written: sooner or later one is broken.
         naive_failure = None
         end = time.monotonic() + 90
@@ -110,7 +114,7 @@ def test_live_writer_naive_copy_breaks_publish_client_does_not(
         assert writer.poll() is None  # the writer really was writing throughout
     finally:
         writer.kill()
-        writer.wait()
+        writer.communicate()
 
 
 def test_describe_and_cli_info_show_the_chroma_view(

@@ -5,6 +5,7 @@ leaks."""
 from __future__ import annotations
 
 import hashlib
+import select
 import subprocess
 import sys
 import threading
@@ -24,6 +25,16 @@ HERE = Path(__file__).resolve().parent
 
 def _digests(root: Path) -> dict[str, str]:
     return {p: hashlib.sha256(b).hexdigest() for p, b in read_tree(root).items()}
+
+
+def _first_published(publishers: list[subprocess.Popen[str]]) -> str:
+    """The version in the first "published V" line any publisher prints (waits up to 120 s)."""
+    pipes = {p.stdout: p for p in publishers if p.stdout is not None}
+    ready, _, _ = select.select(list(pipes), [], [], 120)
+    assert ready, "no publisher published within 120 s"
+    line = ready[0].readline()
+    assert line.startswith("published "), (line, pipes[ready[0]].poll())
+    return line.split()[1]
 
 
 def test_soak_publishers_and_readers(
@@ -53,8 +64,8 @@ def test_soak_publishers_and_readers(
     reader_cmd = [sys.executable, str(HERE / "cache_worker.py"), ep, s3_bucket, str(cache)]
     seen: list[tuple[str, dict[str, str]]] = []
     outcomes: Counter[str] = Counter()
+    published = {_first_published(publishers)}  # readers start once a version exists
     end = time.monotonic() + seconds
-    time.sleep(1.5)  # let a first version appear
     while time.monotonic() < end:
         readers = [
             subprocess.Popen(reader_cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)
@@ -65,7 +76,6 @@ def test_soak_publishers_and_readers(
             head, *rest = out.splitlines()
             seen.append((head.split()[1], dict(line.split(" ", 1) for line in rest)))
             outcomes["reads ok"] += 1
-    published = set()
     for p in publishers:
         p.terminate()
         published |= {line.split()[1] for line in p.communicate(timeout=30)[0].splitlines()}
