@@ -90,7 +90,7 @@ def stalled_store(moto_server: MotoServer, s3_bucket: str) -> Iterator[tuple[Rem
         store = RemoteStore(backend, chunk_size=64 << 10, pack_target=6 * MiB, workers=WORKERS)
         yield store, plan
         # held uploads are forwarded when their hold ends: let them reach a live server
-        time.sleep(max(0.0, plan.last + HOLD + 1 - time.monotonic()))
+        time.sleep(max(0.0, plan.last + HOLD + 3 - time.monotonic()))
 
 
 def _times_out(plan: Stalls, match: Callable[[str, str], bool], call: Callable[[], object]) -> int:
