@@ -251,12 +251,12 @@ def _file_factory(tmp: Path) -> Callable[[], Backend]:
     return lambda: FileBackend(tmp / "store", fsync=False)
 
 
-@pytest.mark.timeout(runs(ci=300, long=1800))
+@pytest.mark.timeout(runs(ci=600, long=1800))  # room for shrinking a failure
 def test_model_two_clients_on_local_files() -> None:
     _run(_file_factory, runs(ci=50, long=200), runs(ci=30, long=50), "model-state-file")
 
 
-@pytest.mark.timeout(runs(ci=300, long=1800))
+@pytest.mark.timeout(runs(ci=600, long=1800))  # room for shrinking a failure
 def test_model_two_clients_on_s3(moto_server: MotoServer, s3_bucket: str) -> None:
     """A few short runs against a real HTTP server (moto): the same invariants hold."""
 
@@ -265,4 +265,4 @@ def test_model_two_clients_on_s3(moto_server: MotoServer, s3_bucket: str) -> Non
         conf = S3Settings(endpoint_url=moto_server.endpoint_url)
         return lambda: S3Backend(s3_bucket, prefix, settings=conf)
 
-    _run(factory, runs(ci=4, long=30), runs(ci=15, long=30), "model-state-s3")
+    _run(factory, runs(ci=3, long=10), runs(ci=12, long=30), "model-state-s3")
