@@ -33,11 +33,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from model_judge import Judge
 from model_support import (
     GATE_TIMEOUT,
     Call,
     Client,
-    Judge,
     Op,
     Outcome,
     Plan,
