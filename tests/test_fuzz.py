@@ -3,16 +3,18 @@ is accepted as valid), and nothing is written outside the destination."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
+import string
 import unicodedata
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reliability import runs
 
@@ -37,6 +39,7 @@ from chroma_snapshots.validation import (
     check_relpath,
 )
 
+T = TypeVar("T")
 FUZZ = settings(
     max_examples=runs(ci=150, long=3000),
     deadline=None,
@@ -85,12 +88,24 @@ def valid_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object
     return data
 
 
+def _accepted(fn: Callable[[], T], documented: type[SnapshotError]) -> T | None:
+    """``fn()``'s result, or None when it refused with the ``documented`` error type (which
+    says what was wrong); any other exception fails the property, naming its type."""
+    try:
+        return fn()
+    except documented as e:
+        refusal = e
+    except Exception as e:
+        pytest.fail(f"undocumented {type(e).__name__} (expected {documented.__name__}): {e}")
+    assert str(refusal), "a refusal says why"
+    return None
+
+
 @FUZZ
 @given(path=PATHS)
 def test_relpaths_are_canonical_relative_or_refused(path: str) -> None:
-    try:
-        ok = check_relpath(path)
-    except IntegrityError:
+    ok = _accepted(lambda: check_relpath(path), IntegrityError)
+    if ok is None:
         return
     parts = ok.split("/")
     assert not ok.startswith("/")
@@ -104,9 +119,8 @@ def test_relpaths_are_canonical_relative_or_refused(path: str) -> None:
 @FUZZ
 @given(name=PATHS)
 def test_names_are_safe_or_refused(name: str) -> None:
-    try:
-        ok = check_name(name)
-    except (InvalidInputError, IntegrityError):
+    ok = _accepted(lambda: check_name(name), InvalidInputError)
+    if ok is None:
         return
     assert "/" not in ok
     assert ok not in (".", "..")
@@ -125,9 +139,12 @@ NESTED = st.builds(
 @FUZZ
 @given(data=st.binary(max_size=300) | JSONISH.map(lambda o: json.dumps(o).encode()) | NESTED)
 def test_arbitrary_manifest_and_ref_bytes(data: bytes) -> None:
-    for parse_it in (Manifest.from_json, RefValue.from_json):
-        with contextlib.suppress(IntegrityError):
-            parse_it(data)
+    manifest = _accepted(lambda: Manifest.from_json(data), IntegrityError)
+    if manifest is not None:  # what is accepted is valid: it reads back the same
+        assert Manifest.from_json(manifest.to_json()) == manifest
+    ref = _accepted(lambda: RefValue.from_json(data), IntegrityError)
+    if ref is not None:
+        assert RefValue.from_json(ref.to_json()) == ref
 
 
 @FUZZ
@@ -141,9 +158,8 @@ def test_mutated_manifests_are_refused_or_still_safe(
     valid_manifest: dict[str, object], field: str, value: object
 ) -> None:
     mutated = {**valid_manifest, field: value}
-    try:
-        m = Manifest.from_json(canonical_json(mutated))
-    except IntegrityError:
+    m = _accepted(lambda: Manifest.from_json(canonical_json(mutated)), IntegrityError)
+    if m is None:
         return
     for f in m.files:  # whatever parses is safe to materialize
         check_relpath(f.path)
@@ -158,16 +174,17 @@ def test_hostile_paths_in_a_manifest_never_write_outside(
     files[0]["path"] = path
     store = RemoteStore(open_backend(f"memory://fz-{uuid.uuid4().hex}"))
     body = canonical_json({**valid_manifest, "files": files})
-    try:
-        manifest = Manifest.from_json(body)
-    except IntegrityError:
+    manifest = _accepted(lambda: Manifest.from_json(body), IntegrityError)
+    if manifest is None:
         return
     assert len(manifest.files[0].path.split("/")) <= MAX_PATH_DEPTH
     work = tmp_path_factory.mktemp("w")
     try:
         dest = work / "inside" / "out"
-        with contextlib.suppress(SnapshotError):
-            store.materialize("db", manifest, dest, Deadline(10), StatsRecorder())
+        _accepted(
+            lambda: store.materialize("db", manifest, dest, Deadline(10), StatsRecorder()),
+            SnapshotError,
+        )
         outside = [p for p in work.rglob("*") if not str(p).startswith(str(work / "inside"))]
         assert outside == []
     finally:  # 150 examples: leave nothing for pytest's own clean-up of old runs to walk
@@ -183,7 +200,6 @@ ENV_KEYS = [
     "CHROMA_SNAPSHOTS_EFS_TIMEOUT",
     "CHROMA_SNAPSHOTS_FALLBACK_URL",
     "CHROMA_SNAPSHOTS_MIRROR",
-    "CHROMA_SNAPSHOTS_SIGNING_KEY",
     "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
     "CHROMA_SNAPSHOTS_NAME",
     "CHROMA_SNAPSHOTS_RESERVE_SECONDS",
@@ -196,20 +212,76 @@ VALUES = st.one_of(
         ["s3", "efs", "auto", "-1", "nan", "inf", "1e400", "0", "true", "s3://", "x://y"]
     ),
 )
+# Every secret starts with this marker, so "the key never appears in an error" is checked
+# for every generated key, however short (a secret can't match the message by chance).
+MARK = "zq9SECRET"
+SECRET = string.ascii_letters + string.digits + "!#$%&()*+-./:;<=>?@[]^_{|}~"  # no "," or space
+KEY_ID = st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True)
+KEY_PART = st.builds(
+    lambda key_id, tail: f"{key_id}:{MARK}{tail}",
+    KEY_ID | st.text(max_size=6),  # a bad id now and then
+    st.text(max_size=20),  # long enough (16+) or too short
+)
+KEY_SPECS = st.lists(KEY_PART, min_size=1, max_size=3).map(",".join)
+VALID_KEYS = st.lists(
+    st.builds(lambda key_id, tail: f"{key_id}:{MARK}{tail}", KEY_ID, st.text(SECRET, min_size=7)),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda part: part.split(":", 1)[0],
+).map(",".join)
+VALID_ENV = st.fixed_dictionaries(
+    {
+        "CHROMA_SNAPSHOTS_URL": st.sampled_from(["s3://bkt/pre", "file:///tmp/store", "s3://b"]),
+        "CHROMA_SNAPSHOTS_SIGNING_KEY": VALID_KEYS,
+        "CHROMA_SNAPSHOTS_NAME": st.from_regex(r"[a-z][a-z0-9_-]{0,20}", fullmatch=True),
+    },
+    optional={
+        "CHROMA_SNAPSHOTS_S3_TIMEOUT": st.floats(0.1, 600).map(str),
+        "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": st.integers(1, 1 << 40).map(str),
+    },
+)
+
+
+def _secrets(spec: str) -> list[str]:
+    """The secret part (from the marker on) of each generated key in ``spec``."""
+    return [part[part.index(MARK) :].strip() for part in spec.split(",") if MARK in part]
 
 
 @FUZZ
-@given(env=st.dictionaries(st.sampled_from(ENV_KEYS), VALUES, max_size=6))
+@given(
+    env=st.dictionaries(st.sampled_from(ENV_KEYS), VALUES, max_size=6)
+    | st.builds(
+        lambda env, spec: {**env, "CHROMA_SNAPSHOTS_SIGNING_KEY": spec},
+        st.dictionaries(st.sampled_from(ENV_KEYS), VALUES, max_size=4) | VALID_ENV,
+        KEY_SPECS | VALID_KEYS,
+    )
+    | VALID_ENV
+)
 def test_config_is_valid_or_a_config_error(env: dict[str, str]) -> None:
+    secrets = _secrets(env.get("CHROMA_SNAPSHOTS_SIGNING_KEY", ""))
     for read in (StoreConfig.from_env, LambdaConfig.from_env):
-        message = ""
         try:
-            read(env)
+            shown = repr(read(env))
+            event(f"{read.__qualname__}: accepted")
         except ConfigError as e:
-            message = str(e)
-        secret = env.get("CHROMA_SNAPSHOTS_SIGNING_KEY", "")
-        elsewhere = any(secret in v for k, v in env.items() if k != "CHROMA_SNAPSHOTS_SIGNING_KEY")
-        assert len(secret) < 12 or elsewhere or secret not in message  # keys never echoed
+            shown = str(e)
+            event(f"{read.__qualname__}: ConfigError")
+        except Exception as e:
+            pytest.fail(f"undocumented {type(e).__name__} (expected ConfigError): {e}")
+        assert not any(secret in shown for secret in secrets)  # keys never echoed
+
+
+@FUZZ
+@given(env=VALID_ENV)
+def test_valid_config_is_accepted(env: dict[str, str]) -> None:
+    store = StoreConfig.from_env(env)
+    assert store.url == env["CHROMA_SNAPSHOTS_URL"]
+    assert store.signing_keys is not None
+    handler = LambdaConfig.from_env(env)
+    assert handler.name == env["CHROMA_SNAPSHOTS_NAME"]
+    for secret in _secrets(env["CHROMA_SNAPSHOTS_SIGNING_KEY"]):
+        assert secret not in repr(store)
+        assert secret not in repr(handler)
 
 
 @FUZZ
@@ -225,11 +297,14 @@ def test_config_is_valid_or_a_config_error(env: dict[str, str]) -> None:
     )
 )
 def test_sqs_records_parse_or_are_poison(record: object) -> None:
-    with contextlib.suppress(InvalidInputError):
-        parse(record)
+    message = _accepted(lambda: parse(record), InvalidInputError)
+    if message is not None:  # only a record with an id and a JSON body is a message
+        assert isinstance(record, dict)
+        assert message.message_id == str(record["messageId"])
+        assert json.dumps(message.body) == json.dumps(json.loads(record["body"]))  # NaN too
 
 
-@settings(max_examples=runs(ci=40, long=400), deadline=None)
+@FUZZ
 @given(
     command=st.sampled_from(
         ["ls", "info", "checkout", "diff", "verify", "tag", "rollback", "prune"]
@@ -238,7 +313,8 @@ def test_sqs_records_parse_or_are_poison(record: object) -> None:
 )
 def test_cli_arguments_end_in_an_exit_code(command: str, args: list[str]) -> None:
     args = [a for a in args if a and not a.startswith("-")]
-    code = main(["--store", "memory://fuzz-cli", command, *args])
+    store = f"memory://fuzz-cli-{uuid.uuid4().hex}"  # each example starts from an empty store
+    code = main(["--store", store, command, *args])
     assert code in (0, 1, 2, 3, 4, 5)
 
 
