@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_hang
 
 from chroma_snapshots import (
     BackendUnavailableError,
@@ -28,6 +29,7 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.guard import MountGuard, _Worker
 from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faultfs import FaultyMount
 
 
 @pytest.fixture
@@ -114,6 +116,108 @@ def test_a_worker_that_cannot_start_is_the_documented_error(
     with pytest.raises(BackendUnavailableError, match="cannot start") as err:
         _worker_pid(guard)
     assert isinstance(err.value.__cause__, OSError)
+
+
+# At most max_abandoned workers stuck in a hung mount (a real FUSE mount that stops answering).
+
+fuse_mount = test_hang.mount  # the FUSE fixture: skips without FUSE, fails in CI
+
+
+class _Clock:
+    """The breaker's clock, moved by hand past each cool-down."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _children() -> set[int]:
+    """Live child processes of this process (guard workers, stuck or not, and the mount)."""
+    me, found = str(os.getpid()), set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue  # not a process, or it exited meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def _hung_backend(
+    mount: FaultyMount, clock: _Clock, workers: int = 4
+) -> tuple[FileBackend, MountGuard]:
+    # 3 s: a fresh worker must start (import Python) within the budget on a loaded machine
+    guard = MountGuard("efs", op_timeout=3.0, cooldown=30.0, clock=clock, workers=workers)
+    backend = FileBackend(mount.mountpoint, create=False, guard=guard)
+    mount.set_mode("hang")
+    return backend, guard
+
+
+def _refused_without_a_new_worker(backend: FileBackend, guard: MountGuard) -> None:
+    before = _children()
+    with pytest.raises(StorageTimeoutError, match="still stuck"):
+        backend.head("db/refs/latest")
+    assert _children() <= before  # refused before starting a worker
+    assert guard.stats().abandoned == guard.max_abandoned
+
+
+def test_at_most_four_workers_stay_stuck_then_the_guard_refuses(fuse_mount: FaultyMount) -> None:
+    mount, clock = fuse_mount, _Clock()
+    backend, guard = _hung_backend(mount, clock)
+    for stuck in range(1, guard.max_abandoned + 1):
+        # the first call times out; each later one after the cool-down is the breaker's probe
+        with pytest.raises(StorageTimeoutError, match="did not return"):
+            backend.head("db/refs/latest")
+        assert guard.stats().abandoned == stuck
+        clock.now += guard.cooldown + 1
+    stuck_pids = {p.pid for p in guard._abandoned}
+    assert stuck_pids <= _children()  # killed, yet still blocked in the mount
+    for _ in range(3):  # neither a probe after the cool-down nor a plain call starts a fifth
+        _refused_without_a_new_worker(backend, guard)
+        clock.now += guard.cooldown + 1
+    mount.set_mode("ok")  # the mount answers again: the stuck workers exit and are reaped
+    end = time.monotonic() + 30
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
+    assert guard.stats().abandoned == 0
+    assert not stuck_pids & _children()
+    with pytest.raises(FileNotFoundError):  # the probe closes the breaker; the call runs
+        backend.head("db/refs/latest")
+    assert guard.stats().healthy
+    backend.close()
+
+
+def test_concurrent_callers_cannot_strand_more_than_four_workers(
+    fuse_mount: FaultyMount,
+) -> None:
+    mount = fuse_mount
+    # more worker slots than stuck workers allowed: all 8 callers get past the slots at once
+    backend, guard = _hung_backend(mount, _Clock(), workers=8)
+    errors: list[BaseException | None] = [None] * 8
+
+    def call(i: int) -> None:
+        try:
+            backend.head("db/refs/latest")
+        except BaseException as e:  # every thread's outcome is checked below
+            errors[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(e, StorageTimeoutError) for e in errors), errors
+    assert guard.stats().abandoned == guard.max_abandoned
+    assert {p.pid for p in guard._abandoned} <= _children()
+    assert sum("did not return" in str(e) for e in errors) == guard.max_abandoned
+    assert sum("refusing to start more" in str(e) for e in errors) == 8 - guard.max_abandoned
+    mount.set_mode("ok")
+    backend.close()
 
 
 # FallbackStore: which errors of the first store move on to the next.

@@ -116,6 +116,9 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
     assert read_tree(local.checkout("x", dest=tmp_path / "lx").path) == read_tree(src)
     # The mount recovers; after the cool-down a probe closes the breaker again.
     mount.set_mode("ok")
+    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
     clock.now += 31
     assert store.resolve("db", deadline=5).version == version
     assert guard.stats().healthy

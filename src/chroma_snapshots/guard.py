@@ -156,6 +156,7 @@ class MountGuard:
         self._timeouts = 0
         self._calls = 0
         self._died = 0
+        self._busy = 0  # calls running in a worker now
 
     def stats(self) -> GuardStats:
         """Breaker state and how many workers were abandoned (and are not yet reaped)."""
@@ -196,11 +197,6 @@ class MountGuard:
             self._call(target, "probe", (), {}, None, f"probe of {self.label}")  # half-open
             with self._lock:
                 self._open_until = None
-        if self.stats().abandoned >= self.max_abandoned:
-            raise StorageTimeoutError(
-                f"{label}: {self.max_abandoned} workers are still stuck in the mount; refusing "
-                "to start more"
-            )
 
     def _call(
         self,
@@ -233,7 +229,7 @@ class MountGuard:
             self._slots.release()
 
     def _attempt(self, payload: bytes, budget: float, start: float, label: str) -> Any:
-        worker = self._take(label)
+        worker = self._take(label)  # counted as busy from here
         try:
             result = worker.call(payload, max(0.0, budget - (self._clock() - start)))
         except TimeoutError:
@@ -248,12 +244,25 @@ class MountGuard:
         except BaseException:
             worker.kill()
             raise
+        finally:
+            with self._lock:
+                self._busy -= 1
         self._give_back(worker)
         return result
 
     def _take(self, label: str) -> _Worker:
         """An idle worker that is still alive, or a new one; dead ones are buried on the way."""
         with self._lock:
+            # Every call in progress may yet be abandoned: counting them with the workers
+            # already stuck is what bounds the stuck ones, also under concurrent callers and
+            # for the breaker's probe.
+            self._abandoned = [p for p in self._abandoned if p.poll() is None]
+            if len(self._abandoned) + self._busy >= self.max_abandoned:
+                raise StorageTimeoutError(
+                    f"{label}: {len(self._abandoned)} workers are still stuck in the mount "
+                    f"and {self._busy} calls are running; refusing to start more"
+                )
+            self._busy += 1
             self._calls += 1
             alive: list[_Worker] = []
             dead: list[_Worker] = []
@@ -268,6 +277,8 @@ class MountGuard:
         try:
             return _Worker()
         except OSError as e:
+            with self._lock:
+                self._busy -= 1
             raise BackendUnavailableError(f"{label}: cannot start a filesystem worker: {e}") from e
 
     def _give_back(self, worker: _Worker) -> None:
