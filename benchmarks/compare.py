@@ -5,7 +5,7 @@ upload the same data for every approach, then measure
 - the server's ceiling (one large GET in this process) and the disk's write speed (fsync'd),
 - cold checkout: chroma-snapshots vs tar.gz + boto3 (the approach this project replaces) vs
   `aws s3 sync` vs `s5cmd sync` vs s3fs `get`, each in its own process (wall time, MB/s,
-  peak RSS from os.wait4),
+  peak RSS from /proc's VmHWM, user and system CPU seconds from os.wait4),
 - warm checkout, publish unchanged, publish after a 1% change, incremental checkout after
   it: seconds, requests and bytes downloaded as the server logged them.
 Every download is checked for its total size.
@@ -54,18 +54,20 @@ def _hwm_mib(pid: int) -> float:
     return int(found[1]) / 1024 if found else 0.0
 
 
-def _proc(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float]:
-    """Run ``cmd``; (wall seconds, peak RSS MiB). Output goes to ``out``.
+def _proc(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float, float, float]:
+    """Run ``cmd``; (wall seconds, peak RSS MiB, user CPU s, system CPU s). Output goes to
+    ``out``.
 
     Peak RSS is polled from /proc (VmHWM, a high-water mark): wait4's ru_maxrss would
-    include the RSS of this (large) process, which Linux carries into a forked child."""
+    include the RSS of this (large) process, which Linux carries into a forked child. The CPU
+    seconds are wait4's: the process itself, not the server it talks to."""
     peak = 0.0
     with open(out, "wb") as f:
         t = time.perf_counter()
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         while True:
             peak = max(peak, _hwm_mib(p.pid))
-            pid, status = os.waitpid(p.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
             time.sleep(0.01)
@@ -73,7 +75,7 @@ def _proc(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float]
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {out.read_text()[-2000:]}")
-    return wall, peak
+    return wall, peak, usage.ru_utime, usage.ru_stime
 
 
 class Bench:
@@ -121,9 +123,10 @@ class Bench:
 
     def run_tool(self, approach: str, scenario: str, cmd: list[str], **extra: Any) -> Row:
         self.srv.requests()
-        wall, rss = _proc(cmd, self.srv.env, self.work / "tool.log")
+        wall, rss, user, system = _proc(cmd, self.srv.env, self.work / "tool.log")
         uploaded = self._uploaded_bytes(self.work / "tool.log")
-        return self.row(approach, scenario, wall, peak_rss_mib=rss, mib_up=uploaded, **extra)
+        cpu = {"cpu_user_s": user, "cpu_system_s": system}
+        return self.row(approach, scenario, wall, peak_rss_mib=rss, mib_up=uploaded, **cpu, **extra)
 
     def _uploaded_bytes(self, log: Path) -> float:
         """Sizes of the local files a sync tool said it uploaded."""
@@ -273,7 +276,10 @@ def run(size_mib: int, tools: Path, root: Path) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     head = f"{'MiB':>5} {'approach':<17} {'scenario':<33} {'seconds':>8} {'MB/s':>6}"
-    print(f"{head} {'requests':>8} {'MiB down':>9} {'MiB up':>8} {'RSS MiB':>8} correct")
+    print(
+        f"{head} {'requests':>8} {'MiB down':>9} {'MiB up':>8} {'RSS MiB':>8} "
+        f"{'CPU user':>8} {'CPU sys':>8} correct"
+    )
 
     def num(r: Row, key: str, fmt: str) -> str:
         return format(r[key], fmt) if key in r else "-"
@@ -283,7 +289,8 @@ def print_table(rows: list[Row]) -> None:
             f"{r['size_mib']:>5} {r['approach']:<17} {r['scenario']:<33} {r['seconds']:>8.3f} "
             f"{num(r, 'mbps', '>6.0f'):>6} {num(r, 'requests', '>8d'):>8} "
             f"{num(r, 'mib_down', '>9.1f'):>9} {num(r, 'mib_up', '>8.1f'):>8} "
-            f"{num(r, 'peak_rss_mib', '>8.0f'):>8} {_yes_no(r.get('correct'))}"
+            f"{num(r, 'peak_rss_mib', '>8.0f'):>8} {num(r, 'cpu_user_s', '>8.2f'):>8} "
+            f"{num(r, 'cpu_system_s', '>8.2f'):>8} {_yes_no(r.get('correct'))}"
         )
 
 
