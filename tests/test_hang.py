@@ -108,7 +108,9 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
     seconds, err = _timed(lambda: store.resolve("db", deadline=BUDGET))
     assert isinstance(err, StorageTimeoutError)
     assert "unhealthy" in str(err)
-    assert seconds < 0.05
+    # well inside the budget the mount would have had (benchmarks/breaker.py measures the
+    # latency against its < 50 ms target)
+    assert seconds < BUDGET / 3
     assert guard.stats().abandoned <= guard.max_abandoned
     # The process is still usable: a local store works meanwhile.
     local = RemoteStore(FileBackend(tmp_path / "local"))
