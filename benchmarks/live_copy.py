@@ -14,6 +14,7 @@ usage: python benchmarks/live_copy.py [--copies 20] [--records 10] [--json out.j
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -51,13 +52,13 @@ def wait_for_writes(db: Path, writer: subprocess.Popen[bytes], timeout: float = 
         time.sleep(0.05)
 
 
-def outcome(check: Callable[[], Any]) -> str:
-    """ "passed", or the kind of failure (error type and the start of its message)."""
+def outcome(check: Callable[[], Any], work: Path) -> str:
+    """The word passed, or the kind of failure (error type and message, paths shortened)."""
     try:
         check()
     except (IntegrityError, OSError, shutil.Error) as e:
-        first = str(e).split(":")[-1].strip()[:60]
-        return f"{type(e).__name__}: {first}"
+        message = re.sub(rf"{re.escape(str(work))}/[^/:' ]+", "COPY", str(e))
+        return f"{type(e).__name__}: {message[:100]}"
     return "passed"
 
 
@@ -85,8 +86,8 @@ def run(copies: int, records: int, work: Path) -> list[dict[str, Any]]:
     writer = subprocess.Popen([sys.executable, str(WRITER), str(db)])
     try:
         wait_for_writes(db, writer)
-        plain = [outcome(partial(plain_copy, db, work / f"plain{r}")) for r in range(copies)]
-        safe = [outcome(partial(published, r)) for r in range(copies)]
+        plain = [outcome(partial(plain_copy, db, work / f"plain{r}"), work) for r in range(copies)]
+        safe = [outcome(partial(published, r), work) for r in range(copies)]
         alive = writer.poll() is None
     finally:
         writer.kill()
