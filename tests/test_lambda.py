@@ -55,6 +55,12 @@ def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
         yield p
 
 
+@pytest.fixture(autouse=True)
+def _fresh_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink plug-in's results, empty for each test (no test sees another's)."""
+    monkeypatch.setattr(lambda_plugins, "RESULTS", {})
+
+
 @pytest.fixture
 def env(proxy: CountingProxy, s3_bucket: str, tmp_path: Path) -> dict[str, str]:
     store = RemoteStore(S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url)))
@@ -71,7 +77,6 @@ def env(proxy: CountingProxy, s3_bucket: str, tmp_path: Path) -> dict[str, str]:
 
 def test_only_bad_messages_fail(env: dict[str, str]) -> None:
     handler = QueryHandler(LambdaConfig.from_env(env))
-    lambda_plugins.RESULTS.clear()
     event = sqs_event(
         {"collection": "receipts", "query_embeddings": [[0.5] * DIM], "n_results": 3},
         "{not json",
@@ -91,7 +96,6 @@ def test_near_the_deadline_nothing_is_dropped(env: dict[str, str]) -> None:
     handler = QueryHandler(
         LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_PROCESSOR": "lambda_plugins:slow_query"})
     )
-    lambda_plugins.RESULTS.clear()
     query = {"collection": "receipts", "query_embeddings": [[0.1] * DIM]}
     handler(sqs_event(query), FakeContext(30))  # warm the cache first
     lambda_plugins.RESULTS.clear()
