@@ -62,7 +62,32 @@ def bench(session: nox.Session) -> None:
         "--plot",
         "benchmarks/figures/scaling.png",
     )
-    session.run("python", "benchmarks/transfer.py", "--json", "benchmarks/out/transfer.json")
+    session.run(
+        "python",
+        "benchmarks/transfer.py",
+        "--size-mb",
+        "1024",
+        "--json",
+        "benchmarks/out/transfer-1024.json",
+    )
+    session.run(
+        "python",
+        "benchmarks/live_copy.py",
+        "--copies",
+        "20",
+        "--json",
+        "benchmarks/out/live_copy.json",
+    )
+    session.run(
+        "python",
+        "benchmarks/chunk_size.py",
+        "--records",
+        "20000",
+        "--added",
+        "10",
+        "--json",
+        "benchmarks/out/chunk_size.json",
+    )
     session.run(
         "python",
         "benchmarks/compaction.py",
@@ -71,7 +96,7 @@ def bench(session: nox.Session) -> None:
         "--json",
         "benchmarks/out/compaction.json",
     )
-    # benchmarks/efs.py needs root and FUSE; benchmarks/chunk_size.py is the chunk-size study.
+    # benchmarks/efs.py needs root and FUSE. The commands of every table: docs/EVIDENCE.md.
 
 
 RELIABILITY = [
