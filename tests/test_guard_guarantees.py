@@ -109,7 +109,7 @@ def test_a_worker_killed_mid_call_raises_the_documented_error(guard: MountGuard)
 def test_a_worker_that_cannot_start_is_the_documented_error(
     guard: MountGuard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_fds(self: _Worker) -> None:
+    def no_fds(self: _Worker, preload: str) -> None:
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(_Worker, "__init__", no_fds)

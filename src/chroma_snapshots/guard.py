@@ -27,6 +27,8 @@ The clock is injectable so breaker tests need not sleep.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import pickle
 import select
@@ -45,6 +47,8 @@ from .errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
 
 _LEN = struct.Struct("!Q")
 _ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
+_READY = b"\x02"  # sent by a new worker once Python started and its target's module loaded
+_STARTUP = 30.0  # seconds a new worker may take to start when the caller gave no deadline
 _WORKER = "from chroma_snapshots.guard import worker_main; worker_main()"
 
 
@@ -60,6 +64,16 @@ class GuardStats:
     died: int = 0  # workers found dead (killed idle or during a call) and replaced
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One request: its pickled form, the module its target comes from, and whose it is."""
+
+    payload: bytes
+    module: str
+    deadline: Deadline | None
+    label: str
+
+
 class _WorkerDied(Exception):
     """The worker's pipes broke; ``ran`` says whether it may have run the call."""
 
@@ -69,9 +83,9 @@ class _WorkerDied(Exception):
 
 
 class _Worker:
-    def __init__(self) -> None:
+    def __init__(self, preload: str) -> None:
         self.proc = subprocess.Popen(  # OSError (no fds, no memory) is the caller's to map
-            [sys.executable, "-c", _WORKER],
+            [sys.executable, "-c", _WORKER, preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             # a worker stuck in the kernel must not hold the caller's stderr open
@@ -84,6 +98,11 @@ class _Worker:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def wait_ready(self, budget: float) -> None:
+        """Wait for a new worker's start-up; TimeoutError past ``budget``."""
+        if self._read(len(_READY), time.monotonic() + budget, ran=False) != _READY:
+            raise _WorkerDied(ran=False)
 
     def call(self, payload: bytes, budget: float) -> Any:
         """Run one request; TimeoutError past ``budget``, _WorkerDied if the pipes break."""
@@ -208,18 +227,18 @@ class MountGuard:
         label: str,
     ) -> Any:
         budget = self.op_timeout if deadline is None else min(self.op_timeout, deadline.remaining())
-        start = self._clock()
         payload = pickle.dumps((target, method, args, kwargs))
         if not self._slots.acquire(timeout=budget):
             raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
+        call = _Call(payload, type(target).__module__, deadline, label)
         try:
             try:
-                return self._attempt(payload, budget, start, label)
+                return self._attempt(call)
             except _WorkerDied as e:
                 if e.ran:
                     raise
                 # the call never ran: one more try on a fresh worker is safe even for a write
-                return self._attempt(payload, budget, start, label)
+                return self._attempt(call)
         except _WorkerDied as e:
             raise BackendUnavailableError(
                 f"{label}: the filesystem worker died "
@@ -228,13 +247,27 @@ class MountGuard:
         finally:
             self._slots.release()
 
-    def _attempt(self, payload: bytes, budget: float, start: float, label: str) -> Any:
-        worker = self._take(label)  # counted as busy from here
+    def _attempt(self, call: _Call) -> Any:
+        worker, new = self._take(call.label, call.module)  # counted as busy from here
         try:
-            result = worker.call(payload, max(0.0, budget - (self._clock() - start)))
+            if new:
+                self._start(worker, call)
+            return self._run_on(worker, call)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _run_on(self, worker: _Worker, call: _Call) -> Any:
+        # The budget is the filesystem call's, measured once a worker is ready: starting a
+        # Python is not the mount's fault (and on a loaded machine takes a second).
+        budget = self.op_timeout
+        if call.deadline is not None:
+            budget = min(budget, call.deadline.remaining())
+        try:
+            result = worker.call(call.payload, budget)
         except TimeoutError:
             self._abandon(worker)
-            raise StorageTimeoutError(f"{label} did not return within {budget:.1f}s") from None
+            raise StorageTimeoutError(f"{call.label} did not return within {budget:.1f}s") from None
         except SnapshotError:
             self._give_back(worker)
             raise
@@ -244,14 +277,23 @@ class MountGuard:
         except BaseException:
             worker.kill()
             raise
-        finally:
-            with self._lock:
-                self._busy -= 1
         self._give_back(worker)
         return result
 
-    def _take(self, label: str) -> _Worker:
-        """An idle worker that is still alive, or a new one; dead ones are buried on the way."""
+    def _start(self, worker: _Worker, call: _Call) -> None:
+        """Wait for a new worker within the caller's deadline (it never touched the mount)."""
+        budget = _STARTUP if call.deadline is None else call.deadline.remaining()
+        try:
+            worker.wait_ready(budget)
+        except TimeoutError:
+            worker.kill()
+            self._reap(worker.proc)
+            raise StorageTimeoutError(
+                f"{call.label}: a filesystem worker did not start within {budget:.1f}s"
+            ) from None
+
+    def _take(self, label: str, module: str) -> tuple[_Worker, bool]:
+        """An idle worker that is still alive, or a new one (True); dead ones are buried."""
         with self._lock:
             # Every call in progress may yet be abandoned: counting them with the workers
             # already stuck is what bounds the stuck ones, also under concurrent callers and
@@ -273,9 +315,9 @@ class MountGuard:
         for w in dead:
             self._bury(w)
         if worker is not None:
-            return worker
+            return worker, False
         try:
-            return _Worker()
+            return _Worker(module), True
         except OSError as e:
             with self._lock:
                 self._busy -= 1
@@ -322,6 +364,11 @@ def worker_main() -> None:
     """The child's loop: read a pickled call, run it, write back the pickled outcome."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    for module in sys.argv[1:]:  # the target's, so unpickling it costs nothing in a call
+        with contextlib.suppress(Exception):  # unpickling the request will report it properly
+            importlib.import_module(module)
+    stdout.write(_READY)
+    stdout.flush()
     while len(header := stdin.read(_LEN.size)) == _LEN.size:
         size = _LEN.unpack(header)[0]
         body = stdin.read(size)
