@@ -12,7 +12,7 @@ from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.claims import Claim, gc_prefix, pins_prefix, retired_key
-from chroma_snapshots.errors import ConflictError, IntegrityError
+from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
 from chroma_snapshots.remote import manifest_key
 from chroma_snapshots.testing.conformance import write_tree
 
@@ -120,3 +120,16 @@ def test_names_are_only_snapshot_names(tmp_path: Path) -> None:
     store, _, _ = _two_versions(tmp_path)
     store.backend.put("_probes/x", b"")  # a conditional-write probe's folder
     assert list(store.names()) == [NAME]
+
+
+@pytest.mark.parametrize("size", [1024, 5000, 1 << 27, "4096"])
+def test_a_chunk_size_readers_refuse_is_refused_before_publishing(
+    tmp_path: Path, size: object
+) -> None:
+    with pytest.raises(InvalidInputError, match="chunk_size"):
+        RemoteStore(FileBackend(tmp_path / "s"), chunk_size=size)  # type: ignore[arg-type]
+    store = _store(tmp_path / "store")
+    store.chunk_size = size  # type: ignore[assignment]
+    with pytest.raises(InvalidInputError, match="chunk_size"):
+        store.publish(NAME, write_tree(tmp_path / "a", {"f": b"a"}))
+    assert list(store.names()) == []  # nothing was written

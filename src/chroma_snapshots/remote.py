@@ -74,6 +74,7 @@ from .validation import (
     MAX_MANIFEST_BYTES,
     MAX_METADATA_DEPTH,
     MAX_REF_BYTES,
+    check_chunk_size,
     check_depth,
     check_name,
     is_name,
@@ -123,7 +124,7 @@ class RemoteStore(SourceStore):
         self.backend = backend
         self.label = label or repr(backend)
         self.signer = signer
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.pack_target = pack_target
         self.compression_level = compression_level
         self.default_timeout = default_timeout
@@ -213,6 +214,7 @@ class RemoteStore(SourceStore):
         progress: Progress | None = None,
     ) -> SnapshotInfo:
         check_name(name)
+        check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = _checked_metadata(metadata)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()

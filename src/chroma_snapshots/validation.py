@@ -67,6 +67,15 @@ def parse_time(s: object, what: str) -> datetime:
         raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
 
 
+def check_chunk_size(size: object) -> int:
+    """A chunk size a writer may use: a power of two in [4 KiB, 64 MiB] (what readers accept)."""
+    if type(size) is not int or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or size & (size - 1):
+        raise InvalidInputError(
+            f"chunk_size {size!r} must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+        )
+    return size
+
+
 def is_name(name: object) -> bool:
     """True if ``name`` is a valid snapshot or ref name (see :func:`check_name`)."""
     return isinstance(name, str) and _NAME.fullmatch(name) is not None
