@@ -110,13 +110,15 @@ RELIABILITY = [
     "tests/test_cache.py::test_sigkill_during_materialization_never_serves_a_partial_tree",
     "tests/test_compaction.py::test_killed_compactor_loses_nothing_and_recovers",
     "tests/test_model_state.py",
+    "tests/test_interleavings.py",
+    "tests/test_cache_guarantees.py",
 ]
 
 
 @nox.session
 def reliability(session: nox.Session) -> None:
-    """The long reliability suite (bounded, ~15 min): more fault runs, 120+ crashes, a longer
-    soak, more fuzzing. Outcome counts go to benchmarks/out/reliability/ (docs/RELIABILITY.md)."""
+    """The long reliability suite (bounded, ~40 min): more fault runs, 120+ crashes, a longer
+    soak, more fuzzing, every pair of step counts in the interleavings. Outcome counts go to benchmarks/out/reliability/ (docs/RELIABILITY.md)."""
     session.install("-e", ".[dev]", "-c", "constraints.txt")
     env = {
         "CHROMA_SNAPSHOTS_RELIABILITY": "long",
