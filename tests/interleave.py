@@ -10,12 +10,81 @@ from __future__ import annotations
 
 import builtins
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import (
+    Backend,
+    GetResult,
+    ObjectMeta,
+    PutMode,
+    check_key,
+    past_end,
+)
+from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 
 WAIT = 30.0  # a schedule that cannot progress for this long is a bug in the test
+
+
+class MemoryBackend(Backend):
+    """Objects in a dict shared by every user of this object: fast enough to run thousands
+    of schedules, with compare-and-swap like S3's (every write a new ETag) and modification
+    times a test can move (:meth:`age`)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, tuple[bytes, ObjectMeta]] = {}
+        self._lock = threading.Lock()
+
+    def copy(self) -> MemoryBackend:
+        """An independent store with the same objects."""
+        out = MemoryBackend()
+        with self._lock:
+            out._objects = dict(self._objects)
+        return out
+
+    def age(self, seconds: float) -> None:
+        """Make every object ``seconds`` older."""
+        with self._lock:
+            for key, (data, m) in self._objects.items():
+                old = ObjectMeta(m.key, m.size, m.etag, m.last_modified - seconds)
+                self._objects[key] = (data, old)
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
+        with self._lock:
+            found = self._objects.get(check_key(key))
+        if found is None:
+            raise SnapshotNotFoundError(f"{key}: no such object")
+        data, meta = found
+        if byte_range is not None:
+            if byte_range[0] >= len(data):  # S3 answers 416
+                raise past_end(key, byte_range[0])
+            data = data[byte_range[0] : byte_range[1]]
+        return GetResult(data, meta)
+
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        with self._lock:
+            now = self._objects.get(check_key(key))
+            if mode.kind == "create" and now is not None:
+                raise ConflictError(f"{key} already exists")
+            if mode.kind == "update" and (now is None or now[1].etag != mode.etag):
+                raise ConflictError(f"{key} is not at etag {mode.etag}")
+            meta = ObjectMeta(key, len(data), uuid.uuid4().hex, time.time())  # never reused
+            self._objects[key] = (bytes(data), meta)
+            return meta
+
+    def head(self, key: str) -> ObjectMeta:
+        return self.get(key, byte_range=None).meta
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        with self._lock:
+            found = [m for k, (_, m) in self._objects.items() if k.startswith(prefix)]
+        return iter(found)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(check_key(key), None)
 
 
 class Killed(BaseException):
@@ -153,3 +222,14 @@ def plans(
     for i in range(n_first + 1):
         for j in range(1, n_second + 1) if pairs else [n_second + 1_000_000]:
             yield [first] * i + [second] * j
+
+
+def sandwiches(n_outer: int, n_inner: int, outer: str, inner: str) -> Iterator[list[str]]:
+    """Plans with two switches into ``inner``: ``outer`` runs a calls, ``inner`` its first b,
+    ``outer`` c more, then ``inner`` to the end, then ``outer`` to the end. A race that needs
+    the inner operation split around two steps of the outer one (start before a look, finish
+    inside the next) shows only in these."""
+    for a in range(n_outer + 1):
+        for b in range(1, n_inner):
+            for c in range(1, n_outer - a + 1):
+                yield [outer] * a + [inner] * b + [outer] * c

@@ -6,13 +6,14 @@ operation, deterministically (tests/interleave.py), with the invariants checked 
 - a successful publish or ref move is what the ref names afterwards, unless a later move
   replaced it, and a successful checkout has exactly the bytes of the version it reports.
 
-The store is a FileBackend (fast, real compare-and-swap); objects of the starting versions
-are aged by two hours, so ``min_age=3600`` sees them as old and anything new as young.
+The store is an in-memory backend with S3's compare-and-swap (fast enough for thousands of
+schedules; it passes the backend conformance tests below, and one test runs on moto);
+objects of the starting versions are aged by two hours, so ``min_age=3600`` sees them as old
+and anything new as young.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from collections import Counter
@@ -22,15 +23,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from interleave import Gate, Killed, Outcome, Schedule, plans, run_actors
+from interleave import Gate, Killed, MemoryBackend, Outcome, Schedule, plans, run_actors, sandwiches
 from reliability import LONG, record
 
 from chroma_snapshots import ANY, RemoteStore, StoreConfig, open_remote
 from chroma_snapshots.backends.base import Backend
-from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.testing import MotoServer
-from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.conformance import BackendTests, read_tree, write_tree
 
 NAME = "db"
 AGE = 7200.0
@@ -57,7 +57,8 @@ class World:
         return _store(self.backend())
 
     def source(self, label: str) -> Path:
-        return write_tree(self.scratch / f"src-{label}", _content(label))
+        where = self.scratch / f"src-{label}"
+        return where if where.is_dir() else write_tree(where, _content(label))
 
     def publish_start(self) -> World:
         """v1 (content A), then v2 (content B, latest)."""
@@ -70,28 +71,24 @@ class World:
 Fresh = Callable[[Path], World]
 
 
-def _file_world(root: Path, scratch: Path) -> World:
-    return World(lambda: FileBackend(root, fsync=False), scratch, {})
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """v1 and v2 in a store folder, every object two hours old."""
-    scratch = tmp_path_factory.mktemp("template")
-    world = _file_world(scratch / "store", scratch).publish_start()
-    for p in (scratch / "store").rglob("*"):
-        st = p.stat()
-        os.utime(p, (st.st_atime - AGE, st.st_mtime - AGE))
+    """v1 and v2 in a memory store, every object two hours old."""
+    backend = MemoryBackend()
+    world = World(lambda: backend, tmp_path_factory.mktemp("template"), {}).publish_start()
+    backend.age(AGE)
     return world
 
 
 @pytest.fixture
 def fresh(template: World) -> Fresh:
-    """A copy of the template store in a folder of its own (copy2 keeps the aged mtimes)."""
+    """A copy of the template store (``where`` is for what operations write locally)."""
 
     def make(where: Path) -> World:
-        shutil.copytree(template.scratch / "store", where / "store")
-        return World(_file_world(where / "store", where).backend, where, dict(template.versions))
+        original = template.backend()
+        assert isinstance(original, MemoryBackend)
+        backend = original.copy()
+        return World(lambda: backend, template.scratch, dict(template.versions))
 
     return make
 
@@ -125,10 +122,11 @@ def explore(
     *,
     both: bool = True,
     pairs: bool = LONG,
+    sandwich: bool = LONG,
 ) -> int:
     """Run B at every step boundary of A and (``both``) A at every step boundary of B, whole
-    or (``pairs``) its first j steps for every j; record how many runs and how each actor's
-    operation ended as the figure ``figure``."""
+    or (``pairs``) its first j steps for every j, and (``sandwich``) each split around two
+    steps of the other; record how many runs and how each operation ended as ``figure``."""
     counts = {}
     for actor in ("A", "B"):  # each alone, to count its backend calls
         world = fresh(tmp / f"solo-{actor}")
@@ -136,25 +134,34 @@ def explore(
         fns = actors(world, _store(gates["A"]), _store(gates["B"]), tmp / f"solo-{actor}")
         fns[actor]()
         counts[actor] = gates[actor].calls
-    runs_done = 0
-    ended: dict[str, Counter[str]] = {"A": Counter(), "B": Counter()}
+    schedules: list[tuple[list[str], list[str]]] = []
     for first, second in (("A", "B"), ("B", "A")) if both else (("A", "B"),):
         for plan in plans(counts[first], counts[second], first, second, pairs=pairs):
-            where = tmp / f"run{runs_done}"
-            world = fresh(where)
-            schedule = Schedule(plan, [first, second])
-            stores = {a: _store(Gate(world.backend(), schedule, a)) for a in ("A", "B")}
-            outcomes = run_actors(schedule, actors(world, stores["A"], stores["B"], where))
-            _documented(outcomes)
-            check(world, outcomes, assert_sound(world))
-            for a, o in outcomes.items():
-                ended[a][type(o.error).__name__ if o.error else "ok"] += 1
-            for store in stores.values():
-                store.close()
-            shutil.rmtree(where)
-            runs_done += 1
-    record(figure, {"runs": runs_done, "steps": counts, "A": ended["A"], "B": ended["B"]})
-    return runs_done
+            schedules.append((plan, [first, second]))
+        if sandwich:  # ``second`` runs around two steps of ``first``: it then finishes first
+            for plan in sandwiches(counts[first], counts[second], first, second):
+                schedules.append((plan, [second, first]))
+    ended: dict[str, Counter[str]] = {"A": Counter(), "B": Counter()}
+    for n, (plan, order) in enumerate(schedules):
+        outcomes = _run_once(fresh, tmp / f"run{n}", actors, check, Schedule(plan, order))
+        for a, o in outcomes.items():
+            ended[a][type(o.error).__name__ if o.error else "ok"] += 1
+    record(figure, {"runs": len(schedules), "steps": counts, "A": ended["A"], "B": ended["B"]})
+    return len(schedules)
+
+
+def _run_once(
+    fresh: Fresh, where: Path, actors: Actors, check: Check, schedule: Schedule
+) -> dict[str, Outcome]:
+    world = fresh(where)
+    stores = {a: _store(Gate(world.backend(), schedule, a)) for a in ("A", "B")}
+    outcomes = run_actors(schedule, actors(world, stores["A"], stores["B"], where))
+    _documented(outcomes)
+    check(world, outcomes, assert_sound(world))
+    for store in stores.values():
+        store.close()
+    shutil.rmtree(where, ignore_errors=True)
+    return outcomes
 
 
 def _prune(min_age: float) -> Callable[[RemoteStore], object]:
@@ -218,7 +225,12 @@ def test_set_ref_against_prune(fresh: Fresh, tmp_path: Path, ref: str, min_age: 
         if out["A"].error is None:
             assert refs[ref] == w.versions["A"]
 
-    assert explore(fresh, tmp_path, actors, check, f"interleave-set-{ref}-vs-prune-{min_age:g}") > 0
+    figure = f"interleave-set-{ref}-vs-prune-{min_age:g}"
+    # A ref move split around two steps of a prune is the shape of a race this found (the
+    # prune read refs, then pins: the move and the unpin fell in between). Enumerated in CI
+    # for one case (about 2,500 schedules, 40 s), for all of them in the long suite.
+    sandwich = LONG or (ref, min_age) == ("latest", 0.0)
+    assert explore(fresh, tmp_path, actors, check, figure, sandwich=sandwich) > 0
 
 
 def test_two_publishers(fresh: Fresh, tmp_path: Path) -> None:
@@ -294,7 +306,7 @@ def test_crashed_publisher_then_prune(fresh: Fresh, tmp_path: Path, label: str) 
         assert_sound(w)
         info = w.store().publish(NAME, w.source("D"))
         assert assert_sound(w)["latest"] == info.version
-        shutil.rmtree(where)
+        shutil.rmtree(where, ignore_errors=True)
     record(f"interleave-crashed-publisher-{label}", {"kills": gate.calls})
 
 
@@ -338,3 +350,11 @@ def test_revert_and_rollback_against_prune_on_s3(
     runs = {"both": LONG, "pairs": False}
     assert explore(fresh, tmp_path, revert, survives, "interleave-s3-revert", **runs) > 0
     assert explore(fresh, tmp_path, rollback, rolled_back, "interleave-s3-rollback", **runs) > 0
+
+
+class TestScheduleMemoryBackend(BackendTests):
+    """The harness's backend behaves like every other backend."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return MemoryBackend()

@@ -76,10 +76,11 @@ def _look(store: RemoteStore, io: DeadlineBackend, name: str, record: str | None
     listing = _Listing.of(io.list(f"{name}/"), name)
     # The server's clock: our record's modification time (a dry run has no record).
     now = listing.other[record].last_modified if record in listing.other else time.time()
-    # Refs and pins after the listing: a mover that finished before we listed has moved
-    # its ref by now; one still working still has its pin.
-    referenced = set(store.refs(name, deadline=io.deadline).values())
+    # Pins, then refs: a mover whose pin is gone when we list pins has moved its ref before,
+    # so the refs we read next show it; one still working still has its pin. (Refs first
+    # would miss a mover that moves its ref and drops its pin between the two reads.)
     pins = read_claims(io, pins_prefix(name), now)
+    referenced = set(store.refs(name, deadline=io.deadline).values())
     return _Pass(
         listing,
         now,
