@@ -122,7 +122,7 @@ def explore(
     *,
     both: bool = True,
     pairs: bool = LONG,
-    sandwich: bool = LONG,
+    sandwich: bool = False,
 ) -> int:
     """Run B at every step boundary of A and (``both``) A at every step boundary of B, whole
     or (``pairs``) its first j steps for every j, and (``sandwich``) each split around two
@@ -190,7 +190,9 @@ def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age
         return {"A": lambda: a.publish(NAME, src), "B": lambda: _prune(min_age)(b)}
 
     figure = f"interleave-publish-{label}-vs-prune-{min_age:g}"
-    assert explore(fresh, tmp_path, actors, _publisher_survives(label), figure) > 0
+    sandwich = LONG and (label, min_age) == ("A", 0.0)  # ~4,400 schedules: long suite only
+    check = _publisher_survives(label)
+    assert explore(fresh, tmp_path, actors, check, figure, sandwich=sandwich) > 0
 
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
