@@ -4,16 +4,18 @@ tests/test_interleavings.py runs them against each other at every step boundary.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from chroma_snapshots import RemoteStore
+from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.claims import Claim, gc_prefix, pins_prefix, retired_key
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
 from chroma_snapshots.remote import manifest_key
+from chroma_snapshots.signing import Signer
 from chroma_snapshots.testing.conformance import write_tree
 
 NAME = "db"
@@ -133,3 +135,49 @@ def test_a_chunk_size_readers_refuse_is_refused_before_publishing(
     with pytest.raises(InvalidInputError, match="chunk_size"):
         store.publish(NAME, write_tree(tmp_path / "a", {"f": b"a"}))
     assert list(store.names()) == []  # nothing was written
+
+
+def test_a_mover_judges_a_record_by_the_stores_clock_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, v1, _ = _two_versions(tmp_path)
+    store.backend.put(
+        f"{gc_prefix(NAME)}live.json", Claim(frozenset([v1]), frozenset(), 600).to_json()
+    )
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 7200)  # this client's clock runs 2 h ahead
+    with pytest.raises(ConflictError, match="prune in progress"):
+        store.set_ref(NAME, "stable", v1, expected=None)
+    assert "stable" not in store.refs(NAME)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_prune_refuses_a_min_age_that_is_not_a_non_negative_number(
+    tmp_path: Path, bad: float
+) -> None:
+    store, v1, _ = _two_versions(tmp_path)
+    with pytest.raises(InvalidInputError, match="min_age"):
+        store.prune(NAME, keep_last=1, min_age=bad)
+    assert store.verify(NAME, v1).ok  # nothing was deleted
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), "5", True])
+def test_a_deadline_that_is_not_a_finite_number_is_invalid_input(
+    tmp_path: Path, bad: object
+) -> None:
+    store, _, _ = _two_versions(tmp_path)
+    with pytest.raises(InvalidInputError, match="deadline"):
+        store.resolve(NAME, deadline=bad)  # type: ignore[arg-type]
+
+
+def test_a_signed_cache_never_serves_what_an_unsigned_one_cached(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    unsigned = _store(root)
+    unsigned.publish(NAME, write_tree(tmp_path / "a", {"f": b"unsigned" * 1000}))
+    CachedStore(unsigned, tmp_path / "cache").checkout(NAME).release()
+    signer = Signer.from_spec("k1:0123456789abcdef0123")
+    signed = RemoteStore(FileBackend(root, fsync=False), label=unsigned.label, signer=signer)
+    cache = CachedStore(signed, tmp_path / "cache", stale_ok=True)
+    assert cache.root != CachedStore(unsigned, tmp_path / "cache").root
+    with pytest.raises(IntegrityError):  # the unsigned ref is refused, nothing served from cache
+        cache.checkout(NAME)

@@ -123,7 +123,10 @@ class Pin:
         """ConflictError if a prune in flight condemned any of ``versions`` or ``packs``.
         Call after :meth:`add` named them, then confirm they exist (load, overwrite)."""
         want_v, want_p = set(versions), set(packs)
-        for meta, claim in read_claims(self._io, gc_prefix(self._name), time.time()):
+        # A record's age by the storage's clock, read off our own pin (written just now),
+        # not by ours: a file store on a mount has no S3 to refuse a client whose clock is off.
+        now = self._io.head(self._keys[-1]).last_modified if self._keys else time.time()
+        for meta, claim in read_claims(self._io, gc_prefix(self._name), now):
             hit = sorted((claim.versions & want_v) | (claim.packs & want_p))
             if hit:
                 raise ConflictError(

@@ -3,6 +3,7 @@ worker pools whose work a deadline may abandon."""
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -13,7 +14,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .errors import StorageTimeoutError
+from .errors import InvalidInputError, StorageTimeoutError
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -32,6 +33,10 @@ class Deadline:
     """
 
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise InvalidInputError(f"a deadline is a number of seconds, not {seconds!r}")
+        if not math.isfinite(seconds):  # inf overflows every wait; nan compares false
+            raise InvalidInputError(f"a deadline must be a finite number of seconds: {seconds}")
         self._clock = clock
         self._end = clock() + seconds
 
@@ -65,7 +70,7 @@ def as_deadline(value: DeadlineLike, default: float) -> Deadline:
     """A ``deadline=`` argument (Deadline, seconds, or None: ``default``) as a Deadline."""
     if isinstance(value, Deadline):
         return value
-    return Deadline(default if value is None else float(value))
+    return Deadline(default if value is None else value)
 
 
 _CURRENT: ContextVar[Deadline | None] = ContextVar("chroma_snapshots_deadline", default=None)

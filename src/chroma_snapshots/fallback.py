@@ -72,6 +72,7 @@ class FallbackStore(SourceStore):
         if len(stores) < 2 or not 0 < share < 1:
             raise ValueError("FallbackStore needs two or more stores and 0 < share < 1")
         self.stores = list(stores)
+        self.trust = "+".join(s.trust for s in self.stores).strip("+")
         self.primary = self.stores[primary]
         self.mirror = mirror
         self.share = share

@@ -103,8 +103,10 @@ def prune(
     """Delete versions outside the newest ``keep_last`` that nothing references, pins, or
     stopped referencing less than ``min_age`` seconds ago, then packs no kept version uses."""
     check_name(name)
-    if keep_last < 1 or min_age < 0:
-        raise InvalidInputError("prune needs keep_last >= 1 and min_age >= 0")
+    if type(keep_last) is not int or keep_last < 1 or not min_age >= 0:  # nan too
+        raise InvalidInputError(
+            f"prune needs keep_last >= 1 and min_age >= 0, not {keep_last}, {min_age}"
+        )
     io = DeadlineBackend(store.backend, deadline)
     record = None if dry_run else f"{gc_prefix(name)}{uuid.uuid4().hex}.json"
     if record is not None:

@@ -124,6 +124,7 @@ class RemoteStore(SourceStore):
         self.backend = backend
         self.label = label or repr(backend)
         self.signer = signer
+        self.trust = signer.fingerprint if signer is not None else ""
         self.chunk_size = check_chunk_size(chunk_size)
         self.pack_target = pack_target
         self.compression_level = compression_level

@@ -49,6 +49,13 @@ class Signer:
             order.append(key_id)
         return cls(keys, order[0])
 
+    @property
+    def fingerprint(self) -> str:
+        """Names the set of accepted keys without revealing them (a MAC of a fixed text
+        under each): a cache keeps data verified under different keys apart."""
+        macs = sorted(f"{k}:{self._mac(k, 'cache identity', b'')}" for k in self._keys)
+        return hashlib.sha256(",".join(macs).encode()).hexdigest()[:16]
+
     def _mac(self, key_id: str, purpose: str, data: bytes) -> str:
         return hmac.new(
             self._keys[key_id], purpose.encode() + b"\0" + data, hashlib.sha256

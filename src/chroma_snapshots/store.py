@@ -177,6 +177,9 @@ class SourceStore(SnapshotStore):
 
     label: str
     default_timeout: float
+    trust: str = ""
+    """What this store's data is verified with: a fingerprint of its signing keys, "" when it
+    accepts unsigned data. A cache never serves data verified under one trust to another."""
 
     @abstractmethod
     def read_ref(

@@ -70,7 +70,10 @@ class CachedStore(DelegatingStore):
     ) -> None:
         super().__init__(inner)
         self.inner: SourceStore = inner
-        self.root = Path(cache_dir) / sha256_hex(inner.label.encode())[:16]
+        # One folder per store and per trust: a signed store must not be served what an
+        # unsigned one cached from the same URL (unsigned caches keep their old folder).
+        identity = inner.label + (f"\0{inner.trust}" if inner.trust else "")
+        self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.stale_ok = stale_ok
