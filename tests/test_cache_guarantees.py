@@ -196,3 +196,22 @@ def test_disk_full_at_dest_is_cache_full_and_leaves_nothing(tmp_path: Path) -> N
             assert read_tree(snap.path) == read_tree(src)
     finally:
         os.system(f"umount -l {small}")
+
+
+def test_a_change_whose_mtime_was_put_back_is_still_repaired(tmp_path: Path) -> None:
+    """A consumer that writes in place and restores the file's mtime (os.utime) cannot
+    restore its ctime: the next checkout still finds the change and repairs it."""
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(200_000)})
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    remote.publish("db", src)
+    cache = CachedStore(remote, tmp_path / "cache")
+    with cache.checkout("db") as snap:
+        path = snap.path / "a.bin"
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.seek(1000)
+            f.write(b"EVIL")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+    with cache.checkout("db") as again:
+        assert read_tree(again.path) == read_tree(src)

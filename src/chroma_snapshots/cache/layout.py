@@ -36,7 +36,9 @@ from ..store import remove_tree
 from ..transfer import local_io
 from ..validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 
-Stamp = tuple[int, int, int]  # size, mtime_ns, permission bits
+# size, mtime_ns, permission bits, ctime_ns: a consumer can put an mtime back (os.utime),
+# never a ctime, so a file written and re-dated still looks changed
+Stamp = tuple[int, int, int, int]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -58,7 +60,7 @@ def stamp_of(path: Path) -> Stamp | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
+    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
 
 
 def pid_alive(pid: int) -> bool:
@@ -131,7 +133,8 @@ class NameDirs:
         try:
             what = f"cache stamps {path}"
             raw = as_obj(loads_json(path.read_bytes(), what, MAX_MANIFEST_BYTES), what, None)
-            return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
+            # stamps of an older release (3 fields) fail here: every file is then rehashed
+            return {k: (int(v[0]), int(v[1]), int(v[2]), int(v[3])) for k, v in raw.items()}
         except (OSError, SnapshotError, ValueError, TypeError, IndexError, AttributeError):
             return {}
 
