@@ -116,7 +116,14 @@ class Pin:
         """Claim ``versions`` and ``packs`` (one small object per call)."""
         claim = Claim(frozenset(versions), frozenset(packs), self._deadline.remaining())
         key = f"{pins_prefix(self._name)}{uuid.uuid4().hex}.json"
-        self._io.put(key, claim.to_json(), mode=PutMode.CREATE)
+        data = claim.to_json()
+        try:
+            self._io.put(key, data, mode=PutMode.CREATE)
+        except ConflictError:
+            # A fresh random key exists only if our own write landed and its answer was lost
+            # (a 500 or a reset after it): the client's retry then meets it.
+            if self._io.get(key).data != data:
+                raise
         self._keys.append(key)
 
     def check(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
