@@ -150,11 +150,16 @@ COMPACTOR_STEPS = (
 
 
 def test_killed_compactor_loses_nothing_and_recovers(
-    moto_server: MotoServer, s3_bucket: str, store: RemoteStore
+    moto_server: MotoServer,
+    s3_bucket: str,
+    store: RemoteStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """SIGKILL a compactor at each step of a compaction (it waits there, so the kill lands
     exactly at that step): latest always names a sound version whose records are exactly
     those of the deltas it lists as applied; the next compactor goes on."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a killed compactor's work folder stays here
     total = runs(ci=len(COMPACTOR_STEPS), long=3 * len(COMPACTOR_STEPS))
     kills: Counter[str] = Counter()
     checked = 0
@@ -175,6 +180,8 @@ def test_killed_compactor_loses_nothing_and_recovers(
         assert set(_records(store)) == expected
         checked += 1
     assert checked == total
+    # each killed compactor left its work folder here, not in the shared /tmp
+    assert len(list(tmp_path.glob("chroma-snapshots-compact-*"))) == total
     assert set(kills) == set(COMPACTOR_STEPS)  # every step was killed at least once
     after = Delta("after-crashes", "receipts", (Record("after-r0", (1.0, 2.0, 3.0, 4.0)),))
     compact(store, "db", [after])
