@@ -73,10 +73,17 @@ def test_processes_sharing_a_cache_with_constant_eviction(tmp_path: Path) -> Non
     assert [r for r in served if digests.get(str(r["version"])) != r["digest"]] == []
     assert [k for k in outcomes if k != "ok" and not k.endswith("documented=True")] == [], outcomes
     assert outcomes["ok"] >= procs * each * 0.9, outcomes
-    # Every version was cached at some point, yet at most two are now: eviction was constant.
+    # Every version was cached at some point: eviction was constant.
     assert {r["version"] for r in served} == set(digests)
-    left = CachedStore(RemoteStore(FileBackend(store_dir)), cache).dirs("db").complete()
-    assert 1 <= len(left) <= 2
+    # Processes that made room at once may overshoot the cap while they hold their versions;
+    # the next materialization trims back under it.
+    last = CachedStore(RemoteStore(FileBackend(store_dir)), cache, max_bytes=int(cap))
+    for version in digests:
+        if version not in last.dirs("db").complete():
+            last.checkout("db", version).release()
+            break
+    assert 1 <= len(last.dirs("db").complete()) <= 2
+    assert last.usage() <= int(cap)
 
 
 # stale_ok: the version the asked ref was last seen to name, or the outage's error.

@@ -270,6 +270,8 @@ class CachedStore(DelegatingStore):
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
+        # Processes that made room at the same time may together overshoot the cap: trim back.
+        self._evict_until(0, keep=(name, version))
         return source
 
     def _repair(
@@ -317,6 +319,18 @@ class CachedStore(DelegatingStore):
         )
 
     def _make_room(self, need: int, keep: tuple[str, str]) -> None:
+        self._evict_until(need, keep)
+        # Other processes evict too: judge on fresh figures before giving up.
+        usage, free = self.usage(), shutil.disk_usage(self.root).free
+        if self._too_full(need, usage, free):
+            raise CacheFullError(
+                f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
+                f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
+                "evicting every unpinned version"
+            )
+
+    def _evict_until(self, need: int, keep: tuple[str, str]) -> None:
+        """Evict least recently used unpinned versions (not ``keep``) until ``need`` fits."""
         entries = sorted(
             (self.dirs(n).last_used(v), n, v)
             for n in self.cached_names()
@@ -331,14 +345,6 @@ class CachedStore(DelegatingStore):
             m = self.cached_manifest(n, v)
             if m is not None and self.evict(n, v):
                 usage, free = usage - m.total_size, free + m.total_size
-        # Other processes evict too: judge on fresh figures before giving up.
-        usage, free = self.usage(), shutil.disk_usage(self.root).free
-        if self._too_full(need, usage, free):
-            raise CacheFullError(
-                f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
-                f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
-                "evicting every unpinned version"
-            )
 
     def _too_full(self, need: int, usage: int, free: int) -> bool:
         over_cap = self.max_bytes is not None and usage + need > self.max_bytes
