@@ -387,3 +387,13 @@ def test_an_honest_endpoint_is_probed_once_per_process(
         second = open_remote(cfg).publish("db", src, expected=first).version
         assert open_remote(cfg).resolve("db").version == second
         assert _probes(proxy) == ["PUT", "PUT", "PUT", "DELETE"]
+
+
+def test_a_missing_bucket_is_named_as_a_missing_bucket(moto_server: MotoServer) -> None:
+    """Not "no such object": the message names the bucket and says it does not exist."""
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    out = _script("--store", "s3://no-such-bucket-here/chroma", "ls", env=env)
+    assert out.returncode == 3, out.stderr
+    assert "no-such-bucket-here" in out.stderr
+    assert "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -78,6 +78,12 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
         status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
             return ConflictError(f"{op} {key}: precondition failed ({code or status})")
+        if code == "NoSuchBucket":  # not a missing object: say what the fix is
+            bucket = err.response.get("Error", {}).get("BucketName") or "the store's bucket"
+            return SnapshotNotFoundError(
+                f"{op} {key}: bucket {bucket!r} does not exist (S3 NoSuchBucket); "
+                "create it or fix the store URL"
+            )
         if code in _MISSING_CODES or status == "404":
             return SnapshotNotFoundError(f"{key}: no such object")
         return BackendUnavailableError(f"{op} {key}: S3 error {code or status}")
