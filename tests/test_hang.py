@@ -127,16 +127,23 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
     assert read_tree(store.checkout("db", dest=tmp_path / "again").path) == read_tree(src)
 
 
-def test_fallback_serves_from_s3_when_efs_hangs(
-    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
-) -> None:
+def _efs_then_s3(
+    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str
+) -> tuple[RemoteStore, RemoteStore, FallbackStore]:
+    """An EFS store on the FUSE mount, an S3 store on moto, and EFS-then-S3 with a mirror."""
     s3 = RemoteStore(
         S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url)),
         chunk_size=4096,
         label=f"s3://{s3_bucket}/snaps",
     )
     efs = _efs_store(mount)
-    both = FallbackStore([efs, s3], mirror=True)
+    return efs, s3, FallbackStore([efs, s3], mirror=True)
+
+
+def test_fallback_serves_from_s3_when_efs_hangs(
+    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    efs, s3, both = _efs_then_s3(mount, moto_server, s3_bucket)
     src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
     version = both.publish("db", src).version  # to S3, mirrored to EFS
     assert efs.resolve("db").version == version
@@ -159,13 +166,7 @@ def test_fallback_serves_from_s3_when_efs_hangs(
 def test_fallback_serves_from_s3_when_the_efs_worker_dies(
     mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3 = RemoteStore(
-        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url)),
-        chunk_size=4096,
-        label=f"s3://{s3_bucket}/snaps",
-    )
-    efs = _efs_store(mount)
-    both = FallbackStore([efs, s3], mirror=True)
+    efs, s3, both = _efs_then_s3(mount, moto_server, s3_bucket)
     src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
     both.publish("db", src)
     guard = efs.backend.guard  # type: ignore[attr-defined]
