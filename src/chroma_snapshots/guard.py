@@ -49,6 +49,7 @@ _LEN = struct.Struct("!Q")
 _ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
 _READY = b"\x02"  # sent by a new worker once Python started and its target's module loaded
 _STARTUP = 30.0  # seconds a new worker may take to start when the caller gave no deadline
+_HANDOFF = 0.25  # seconds before the caller's deadline at which a call's budget ends
 _WORKER = "from chroma_snapshots.guard import worker_main; worker_main()"
 
 
@@ -262,7 +263,10 @@ class MountGuard:
         # Python is not the mount's fault (and on a loaded machine takes a second).
         budget = self.op_timeout
         if call.deadline is not None:
-            budget = min(budget, call.deadline.remaining())
+            # End a little before the caller's deadline, so the timeout (and the breaker it
+            # opens) is ours, not a caller's wait that gave up a moment earlier.
+            left = call.deadline.remaining()
+            budget = min(budget, left - min(_HANDOFF, left / 10))
         try:
             result = worker.call(call.payload, budget)
         except TimeoutError:
