@@ -31,7 +31,7 @@ from _report import write_json
 
 from chroma_snapshots import RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.faults import Sleeper
 

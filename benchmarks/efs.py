@@ -28,7 +28,7 @@ from _report import write_json
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.faultfs import FaultyMount
 

@@ -31,7 +31,7 @@ from chroma_snapshots import (
     RemoteStore,
 )
 from chroma_snapshots.errors import SnapshotError
-from chroma_snapshots.store import Expected
+from chroma_snapshots.stores.base import Expected
 from chroma_snapshots.testing.conformance import read_tree
 
 T = TypeVar("T")

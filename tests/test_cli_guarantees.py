@@ -38,8 +38,8 @@ from chroma_snapshots.backends.cas import (
 )
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.cli import main
-from chroma_snapshots.signing import Signer
+from chroma_snapshots.cli.main import main
+from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import CountingProxy

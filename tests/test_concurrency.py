@@ -15,8 +15,9 @@ from kill_points import KillAt, run_to_step
 from reliability import record, runs
 
 from chroma_snapshots import ConflictError, RemoteStore, SnapshotInfo, StoreConfig, open_remote
-from chroma_snapshots.claims import pins_prefix, read_claims, retired_key
-from chroma_snapshots.remote import manifest_key
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine.keys import manifest_key, retired_key
+from chroma_snapshots.stores.claims import read_claims
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import race, raise_unexpected, read_tree, write_tree
 
@@ -131,7 +132,7 @@ def test_killed_publisher_never_leaves_a_broken_latest(
     report = store.prune("db", keep_last=1, min_age=0)
     # A publisher killed while it held its pin leaves the pin until its time to live ends;
     # until then the pin keeps the version it named and the packs written after it.
-    pins = read_claims(store.backend, pins_prefix("db"), time.time())
+    pins = read_claims(store.backend, keys.prefix("db", keys.PINS), time.time())
     pinned = set().union(*(claim.versions for _, claim in pins))
     assert set(report.kept_versions) == {final.version} | pinned
     kept = [store.load_manifest("db", v) for v in report.kept_versions]

@@ -10,7 +10,7 @@ import pytest
 
 from chroma_snapshots import Deadline, IntegrityError, RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faults import Sleeper

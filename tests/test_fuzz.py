@@ -20,24 +20,24 @@ from reliability import runs
 
 from chroma_snapshots import Manifest, RefValue, RemoteStore, open_backend
 from chroma_snapshots.aws_lambda.batch import parse
-from chroma_snapshots.cli import main
+from chroma_snapshots.cli.main import main
 from chroma_snapshots.config import LambdaConfig, StoreConfig
-from chroma_snapshots.deadline import Deadline
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.validation import (
+    MAX_PATH_DEPTH,
+    canonical_json,
+    check_name,
+    check_relpath,
+)
 from chroma_snapshots.errors import (
     ConfigError,
     IntegrityError,
     InvalidInputError,
     SnapshotError,
 )
-from chroma_snapshots.remote import manifest_key
-from chroma_snapshots.store import StatsRecorder
 from chroma_snapshots.testing.conformance import write_tree
-from chroma_snapshots.validation import (
-    MAX_PATH_DEPTH,
-    canonical_json,
-    check_name,
-    check_relpath,
-)
 
 T = TypeVar("T")
 FUZZ = settings(

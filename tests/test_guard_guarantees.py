@@ -27,7 +27,7 @@ from chroma_snapshots import (
     StorageTimeoutError,
 )
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.guard import MountGuard, _Worker
+from chroma_snapshots.engine.guard import MountGuard, _Worker
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faultfs import FaultyMount
 

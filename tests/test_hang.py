@@ -21,8 +21,8 @@ from chroma_snapshots import (
 )
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.deadline import Deadline
-from chroma_snapshots.guard import MountGuard
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faultfs import FaultyMount

@@ -29,18 +29,18 @@ from chroma_snapshots import (
     open_backend,
 )
 from chroma_snapshots.backends.base import Backend
-from chroma_snapshots.fallback import FallbackStore
-from chroma_snapshots.locking import ObjectLeaseLock
-from chroma_snapshots.remote import manifest_key, pack_key, ref_key
-from chroma_snapshots.signing import Signer
-from chroma_snapshots.testing import MotoServer
-from chroma_snapshots.testing.conformance import read_tree, write_tree
-from chroma_snapshots.validation import (
+from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
+from chroma_snapshots.engine.signing import Signer
+from chroma_snapshots.engine.validation import (
     MAX_PATH_DEPTH,
     canonical_json,
     parse_time,
     utc_now,
 )
+from chroma_snapshots.locking import ObjectLeaseLock
+from chroma_snapshots.stores.fallback import FallbackStore
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 KEY = "k1:" + "a-signing-secret-" * 2
 NESTED = [b"[" * 200_000, b'{"a":' * 200_000, b"[1," * 200_000]
@@ -206,7 +206,7 @@ def test_manifest_counts_are_bounded(
 ) -> None:
     store = _store(url)
     _publish(store, tmp_path / "src")
-    monkeypatch.setattr("chroma_snapshots.models.MAX_FILES", 1)  # the real limit is 1 Mi
+    monkeypatch.setattr("chroma_snapshots.engine.models.MAX_FILES", 1)  # the real limit is 1 Mi
     with pytest.raises(IntegrityError, match="2 files, more than 1"):
         store.resolve("db")
 

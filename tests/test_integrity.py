@@ -18,10 +18,10 @@ from chroma_snapshots import (
     open_backend,
 )
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.remote import manifest_key, pack_key, ref_key
+from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
+from chroma_snapshots.engine.validation import canonical_json, parse_time, utc_now
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
-from chroma_snapshots.validation import canonical_json, parse_time, utc_now
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ import pytest
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.claims import Claim, gc_prefix, pins_prefix, retired_key
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine.keys import manifest_key, retired_key
+from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
-from chroma_snapshots.remote import manifest_key
-from chroma_snapshots.signing import Signer
+from chroma_snapshots.stores.claims import Claim
 from chroma_snapshots.testing.conformance import write_tree
 
 NAME = "db"
@@ -62,7 +63,7 @@ def test_a_live_prune_record_stops_a_rollback_and_an_expired_one_does_not(
     tmp_path: Path,
 ) -> None:
     store, v1, v2 = _two_versions(tmp_path)
-    key = f"{gc_prefix(NAME)}crashed.json"
+    key = f"{keys.prefix(NAME, keys.GC)}crashed.json"
     store.backend.put(key, Claim(frozenset([v1]), frozenset(), 600).to_json())
     with pytest.raises(ConflictError, match="prune in progress"):
         store.set_ref(NAME, "latest", v1, expected=v2)
@@ -79,7 +80,7 @@ def test_a_live_pin_protects_what_it_names_and_packs_written_after_it(tmp_path: 
     root = tmp_path / "store"
     _age_all(root, 2 * HOUR)
     (root / retired_key(NAME, v1)).unlink()  # a store from before the protocol
-    pin = f"{pins_prefix(NAME)}mover.json"
+    pin = f"{keys.prefix(NAME, keys.PINS)}mover.json"
     store.backend.put(pin, Claim(frozenset([v1]), frozenset(), 600).to_json())
     fresh = "ab" * 32
     store.backend.put(f"{NAME}/packs/ab/{fresh}", b"a publish in flight")
@@ -109,7 +110,7 @@ def test_a_revert_rewrites_the_old_pack_it_reuses(tmp_path: Path) -> None:
 
 def test_an_unreadable_record_is_an_integrity_error_naming_it(tmp_path: Path) -> None:
     store, v1, v2 = _two_versions(tmp_path)
-    key = f"{gc_prefix(NAME)}garbage.json"
+    key = f"{keys.prefix(NAME, keys.GC)}garbage.json"
     store.backend.put(key, b"[" * 100_000, mode=PutMode.CREATE)
     with pytest.raises(IntegrityError, match=r"garbage\.json"):
         store.set_ref(NAME, "stable", v1, expected=None)
@@ -142,7 +143,7 @@ def test_a_mover_judges_a_record_by_the_stores_clock_not_its_own(
 ) -> None:
     store, v1, _ = _two_versions(tmp_path)
     store.backend.put(
-        f"{gc_prefix(NAME)}live.json", Claim(frozenset([v1]), frozenset(), 600).to_json()
+        f"{keys.prefix(NAME, keys.GC)}live.json", Claim(frozenset([v1]), frozenset(), 600).to_json()
     )
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 7200)  # this client's clock runs 2 h ahead

@@ -9,10 +9,10 @@ import pytest
 
 from chroma_snapshots import ConfigError, IntegrityError, RemoteStore, StoreConfig
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.remote import manifest_key, ref_key
-from chroma_snapshots.signing import Signer
+from chroma_snapshots.engine.keys import manifest_key, ref_key
+from chroma_snapshots.engine.signing import Signer
+from chroma_snapshots.engine.validation import canonical_json
 from chroma_snapshots.testing.conformance import read_tree, write_tree
-from chroma_snapshots.validation import canonical_json
 
 KEY_A = "a:" + "secret-number-one-" * 2
 KEY_B = "b:" + "secret-number-two-" * 2

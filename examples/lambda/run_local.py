@@ -134,7 +134,7 @@ def _count(sqs: Any, url: str) -> int:
 
 
 if __name__ == "__main__":
-    from chroma_snapshots.testing.s3server import CREDENTIALS
+    from chroma_snapshots.cli.localserver import CREDENTIALS
 
     os.environ.update(CREDENTIALS)  # the handler uses the default AWS credential chain
     with MotoServer() as server, tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from chroma_snapshots.errors import (
     BackendUnavailableError,
     CacheFullError,
     ConfigError,
@@ -25,14 +25,29 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
-    from .cache import CachedStore
-    from .config import StoreConfig, open_remote, open_store
-    from .deadline import Deadline
-    from .fallback import FallbackStore
-    from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, TransferStats, VersionId
-    from .remote import RemoteStore
-    from .store import ANY, LATEST, LocalSnapshot, PruneReport, SnapshotStore, VerifyReport
+    from chroma_snapshots.backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
+    from chroma_snapshots.config import StoreConfig, open_remote, open_store
+    from chroma_snapshots.engine.deadline import Deadline
+    from chroma_snapshots.engine.models import (
+        Chunk,
+        FileEntry,
+        Manifest,
+        RefValue,
+        SnapshotInfo,
+        TransferStats,
+        VersionId,
+    )
+    from chroma_snapshots.stores.base import (
+        ANY,
+        LATEST,
+        LocalSnapshot,
+        PruneReport,
+        SnapshotStore,
+        VerifyReport,
+    )
+    from chroma_snapshots.stores.cache import CachedStore
+    from chroma_snapshots.stores.fallback import FallbackStore
+    from chroma_snapshots.stores.remote import RemoteStore
 
 # Imported on first use (like fsspec's registry): `import chroma_snapshots` stays cheap for a
 # Lambda cold start and for the hang guard's worker processes, which need only a few modules.
@@ -42,26 +57,26 @@ _LAZY = {
     "ObjectMeta": "backends",
     "PutMode": "backends",
     "open_backend": "backends",
-    "CachedStore": "cache",
+    "CachedStore": "stores.cache",
     "StoreConfig": "config",
     "open_remote": "config",
     "open_store": "config",
-    "Deadline": "deadline",
-    "FallbackStore": "fallback",
-    "Chunk": "models",
-    "FileEntry": "models",
-    "Manifest": "models",
-    "RefValue": "models",
-    "SnapshotInfo": "models",
-    "TransferStats": "models",
-    "VersionId": "models",
-    "RemoteStore": "remote",
-    "ANY": "store",
-    "LATEST": "store",
-    "LocalSnapshot": "store",
-    "PruneReport": "store",
-    "SnapshotStore": "store",
-    "VerifyReport": "store",
+    "Deadline": "engine.deadline",
+    "FallbackStore": "stores.fallback",
+    "Chunk": "engine.models",
+    "FileEntry": "engine.models",
+    "Manifest": "engine.models",
+    "RefValue": "engine.models",
+    "SnapshotInfo": "engine.models",
+    "TransferStats": "engine.models",
+    "VersionId": "engine.models",
+    "RemoteStore": "stores.remote",
+    "ANY": "stores.base",
+    "LATEST": "stores.base",
+    "LocalSnapshot": "stores.base",
+    "PruneReport": "stores.base",
+    "SnapshotStore": "stores.base",
+    "VerifyReport": "stores.base",
 }
 
 
@@ -69,7 +84,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
 

@@ -29,11 +29,12 @@ import chromadb
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 
-from .deadline import DeadlineLike
-from .errors import IntegrityError, SnapshotError
-from .models import SnapshotInfo
-from .store import LATEST, Expected, LocalSnapshot, SnapshotStore, copy_tree, remove_tree
-from .transfer import disk_error, local_io
+from chroma_snapshots.engine.deadline import DeadlineLike
+from chroma_snapshots.engine.localfs import copy_tree, remove_tree
+from chroma_snapshots.engine.models import SnapshotInfo
+from chroma_snapshots.engine.transfer import disk_error, local_io
+from chroma_snapshots.errors import IntegrityError, SnapshotError
+from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 
 SQLITE = "chroma.sqlite3"
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, named there from Python 3.11
@@ -251,22 +252,13 @@ def open_checkout(
     store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
 ) -> Iterator[tuple[Any, LocalSnapshot]]:
     """Like :func:`open_client`, also yielding the LocalSnapshot (version, source, stats)."""
-    from .cache import CachedStore
-
-    if isinstance(store, CachedStore):
-        snap = store.checkout(name, ref, deadline=deadline)
-        scratch = None
-    else:
-        scratch = Path(tempfile.mkdtemp(prefix="chroma-snapshots-client-"))
-        snap = store.checkout(name, ref, scratch / "db", deadline=deadline)
+    snap = store.checkout(name, ref, deadline=deadline)  # temporary: release() reclaims it
     client = chromadb.PersistentClient(path=str(snap.path), settings=client_settings())
     try:
         yield client, snap
     finally:
         close_client(client)
         snap.release()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def publish_client(

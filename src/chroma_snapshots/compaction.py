@@ -20,12 +20,12 @@ from typing import Any, cast
 
 import chromadb
 
-from .chroma import client_settings, close_client, open_client, publish_client
-from .deadline import DeadlineLike, as_deadline
-from .errors import ConflictError, InvalidInputError, SnapshotNotFoundError
-from .locking import LeaseLock
-from .models import SnapshotInfo
-from .store import SnapshotStore
+from chroma_snapshots.chroma import client_settings, close_client, open_client, publish_client
+from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
+from chroma_snapshots.engine.models import SnapshotInfo
+from chroma_snapshots.errors import ConflictError, InvalidInputError, SnapshotNotFoundError
+from chroma_snapshots.locking import LeaseLock
+from chroma_snapshots.stores.base import SnapshotStore
 
 MAX_APPLIED = 10_000  # delta ids remembered in the manifest (older ones can't be redelivered)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .backends import check_store_url
-from .errors import ConfigError
+from chroma_snapshots.backends import check_store_url
+from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .remote import RemoteStore
-    from .store import SnapshotStore, SourceStore
+    from chroma_snapshots.stores.base import SnapshotStore, SourceStore
+    from chroma_snapshots.stores.remote import RemoteStore
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
@@ -129,7 +129,7 @@ def _efs_url(env: Mapping[str, str], mode: str) -> str:
 
 
 def _signing(env: Mapping[str, str]) -> str | None:
-    from .signing import Signer
+    from chroma_snapshots.engine.signing import Signer
 
     raw = env.get(ENV_SIGNING, "").strip()
     if raw:
@@ -198,10 +198,10 @@ def open_remote(target: str | StoreConfig | None = None, *, create: bool = True)
 
 def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStore:
     """The RemoteStore at ``url`` with ``cfg``'s timeouts, endpoint, keys and CAS policy."""
-    from .backends import open_backend
-    from .backends.s3 import S3Settings
-    from .remote import RemoteStore
-    from .signing import Signer
+    from chroma_snapshots.backends import open_backend
+    from chroma_snapshots.backends.s3 import S3Settings
+    from chroma_snapshots.engine.signing import Signer
+    from chroma_snapshots.stores.remote import RemoteStore
 
     settings = S3Settings(
         endpoint_url=cfg.s3_endpoint_url,
@@ -226,7 +226,7 @@ def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
     primary = remote_for(cfg, cfg.url, create=create)
     if cfg.fallback_url is None:
         return primary
-    from .fallback import FallbackStore
+    from chroma_snapshots.stores.fallback import FallbackStore
 
     fallback = remote_for(cfg, cfg.fallback_url, create=create)
     return FallbackStore([primary, fallback], mirror=cfg.mirror)
@@ -246,7 +246,7 @@ def open_store(
     cache = cache_dir or cfg.cache_dir
     if cache is None:
         return source
-    from .cache import CachedStore
+    from chroma_snapshots.stores.cache import CachedStore
 
     return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes)
 
@@ -278,7 +278,7 @@ class LambdaConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LambdaConfig:
         """Read and validate the handler configuration (a cache dir defaults to /tmp)."""
-        from .validation import check_name
+        from chroma_snapshots.engine.validation import check_name
 
         env = os.environ if environ is None else environ
         store = StoreConfig.from_env(env)

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .backends.base import Backend, PutMode
-from .errors import ConflictError, LockError, SnapshotNotFoundError
+from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.errors import ConflictError, LockError, SnapshotNotFoundError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..deadline import Deadline, LambdaContext
-from ..errors import InvalidInputError
+from chroma_snapshots.engine.deadline import Deadline, LambdaContext
+from chroma_snapshots.errors import InvalidInputError
 
 log = logging.getLogger("chroma_snapshots.aws_lambda")
 

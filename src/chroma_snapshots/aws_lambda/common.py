@@ -10,10 +10,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from ..config import LambdaConfig
-from ..deadline import Deadline, LambdaContext
-from ..errors import ConfigError
-from .batch import BatchOutcome, JsonFormatter, Message, emf, log, release, run_batch
+from chroma_snapshots.aws_lambda.batch import (
+    BatchOutcome,
+    JsonFormatter,
+    Message,
+    emf,
+    log,
+    release,
+    run_batch,
+)
+from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.engine.deadline import Deadline, LambdaContext
+from chroma_snapshots.errors import ConfigError
 
 H = TypeVar("H", bound="SqsHandler")
 Results = Iterator[tuple[str, Exception | None]]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compaction import Delta, compact
-from ..config import LambdaConfig, open_store, remote_for
-from ..deadline import Deadline
-from ..locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
-from ..store import SnapshotStore
-from .batch import Message
-from .common import Results, SqsHandler
+from chroma_snapshots.aws_lambda.batch import Message
+from chroma_snapshots.aws_lambda.common import Results, SqsHandler
+from chroma_snapshots.compaction import Delta, compact
+from chroma_snapshots.config import LambdaConfig, open_store, remote_for
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
+from chroma_snapshots.stores.base import SnapshotStore
 
 
 def lock_from_config(config: LambdaConfig) -> LeaseLock | None:

@@ -15,15 +15,14 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
-from ..cache import CachedStore
-from ..chroma import open_checkout
-from ..config import LambdaConfig, open_store
-from ..deadline import Deadline
-from ..errors import InvalidInputError
-from ..models import TransferStats
-from ..store import LocalSnapshot, SnapshotStore
-from .batch import Message, log
-from .common import Results, SqsHandler, load_callable
+from chroma_snapshots.aws_lambda.batch import Message, log
+from chroma_snapshots.aws_lambda.common import Results, SqsHandler, load_callable
+from chroma_snapshots.chroma import open_checkout
+from chroma_snapshots.config import LambdaConfig, open_store
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.models import TransferStats
+from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.stores.base import LocalSnapshot, SnapshotStore
 
 
 def default_query(client: Any, body: Any) -> dict[str, Any]:
@@ -104,17 +103,15 @@ class QueryHandler(SqsHandler):
         would both pay the replay every time and dirty the cached copy. One small request
         (the ref) tells whether the open client is still on the latest version.
         """
-        version, stale = None, False
-        if isinstance(self.store, CachedStore):
-            version, stale = self.store.current_version(self.config.name, deadline=deadline)
-        if self._open is not None and version is not None and self._open[0] == version:
+        version, stale = self.store.current_version(self.config.name, deadline=deadline)
+        if self._open is not None and self._open[0] == version:
             snap = self._open[2]
             warm = replace(snap, stats=TransferStats(requests=1), stale=stale, source="cache")
             return self._open[1], warm
         self.close()
         stack = ExitStack()
         client, snap = stack.enter_context(
-            open_checkout(self.store, self.config.name, version or "latest", deadline=deadline)
+            open_checkout(self.store, self.config.name, version, deadline=deadline)
         )
         self._open = (snap.info.version, client, snap, stack)
         return client, snap

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
-from .base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .s3 import S3Settings  # imported for real only by the s3 factory (boto3)
+    from chroma_snapshots.backends.s3 import (
+        S3Settings,
+    )  # imported for real only by the s3 factory (boto3)
 
 __all__ = [
     "Backend",

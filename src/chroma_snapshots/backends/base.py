@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ..errors import (
+from chroma_snapshots.engine.validation import check_relpath
+from chroma_snapshots.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
     SnapshotError,
     SnapshotNotFoundError,
 )
-from ..validation import check_relpath
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterator
 
-from ..deadline import Deadline, run_within
-from .base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.engine.deadline import Deadline, run_within
 
 
 class DeadlineBackend(Backend):

@@ -21,10 +21,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ..deadline import current_deadline
-from ..errors import ConfigError, ConflictError, StorageTimeoutError
-from .base import Backend, GetResult, ObjectMeta, PutMode
-from .bounded import DeadlineBackend
+from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine.deadline import current_deadline
+from chroma_snapshots.errors import ConfigError, ConflictError, StorageTimeoutError
 
 # Not a valid snapshot name (those start alphanumeric), so probes never collide with data.
 PROBE_DIR = "_probes"

@@ -1,7 +1,7 @@
 """A directory on local disk or a network mount (EFS/NFS) as a backend.
 
 On a local disk the operations run in the caller's thread. On a network mount
-pass a :class:`~chroma_snapshots.guard.MountGuard`: every operation then runs in
+pass a :class:`~chroma_snapshots.engine.guard.MountGuard`: every operation then runs in
 an abandonable worker process, so a hung mount costs a bounded timeout and a
 fast failure, never a hung caller (``efs://`` URLs do this).
 """
@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..deadline import current_deadline
-from ..guard import MountGuard
-from .base import Backend, GetResult, ObjectMeta, PutMode
-from .fileops import LocalFiles
+from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.fileops import LocalFiles
+from chroma_snapshots.engine.deadline import current_deadline
+from chroma_snapshots.engine.guard import MountGuard
 
 
 class FileBackend(Backend):

@@ -20,10 +20,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import BackendUnavailableError, ConflictError, SnapshotError, SnapshotNotFoundError
-from ..transfer import pwrite_all
-from ..validation import MAX_PATH_DEPTH
-from .base import GetResult, ObjectMeta, PutMode, check_key, past_end
+from chroma_snapshots.backends.base import GetResult, ObjectMeta, PutMode, check_key, past_end
+from chroma_snapshots.engine.transfer import pwrite_all
+from chroma_snapshots.engine.validation import MAX_PATH_DEPTH
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 
 _RESERVED = "."  # names starting with this are temp files and locks, never keys
 

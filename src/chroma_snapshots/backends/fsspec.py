@@ -14,14 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import (
-    BackendUnavailableError,
-    ConflictError,
-    SnapshotError,
-    SnapshotNotFoundError,
-    UnsupportedOperationError,
-)
-from .base import (
+from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
     ObjectMeta,
@@ -30,6 +23,13 @@ from .base import (
     past_end,
     put_error,
     range_refused,
+)
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    UnsupportedOperationError,
 )
 
 _MEMORY_LOCK = threading.Lock()

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigError
-from . import OpenOptions
-from .base import Backend
-from .cas import ConditionalWriteCheck
+from chroma_snapshots.backends import OpenOptions
+from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.backends.cas import ConditionalWriteCheck
+from chroma_snapshots.errors import ConfigError
 
 
 def _local_path(url: str) -> str:
@@ -29,7 +29,7 @@ def _checked(backend: Backend, scope: str, opts: OpenOptions) -> Backend:
 
 
 def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
-    from .s3 import S3Backend, S3Settings
+    from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
     parts = urlsplit(url)
     if not parts.netloc:
@@ -40,14 +40,14 @@ def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
 
 
 def file(url: str, opts: OpenOptions, **options: Any) -> Backend:
-    from .file import FileBackend
+    from chroma_snapshots.backends.file import FileBackend
 
     return FileBackend(_local_path(url), create=opts.create, **options)
 
 
 def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
-    from ..guard import MountGuard
-    from .file import FileBackend
+    from chroma_snapshots.backends.file import FileBackend
+    from chroma_snapshots.engine.guard import MountGuard
 
     path = _local_path(url)
     guard = MountGuard(path, op_timeout=opts.efs_timeout)
@@ -56,7 +56,7 @@ def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
 
 
 def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
-    from .fsspec import FsspecBackend
+    from chroma_snapshots.backends.fsspec import FsspecBackend
 
     try:
         backend = FsspecBackend.from_url(url.removeprefix("fsspec+"), **options)

@@ -26,15 +26,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from ..deadline import Deadline, WorkerPool, current_deadline, run_within, wait_all, within
-from ..errors import (
-    BackendUnavailableError,
-    ConflictError,
-    SnapshotError,
-    SnapshotNotFoundError,
-    StorageTimeoutError,
-)
-from .base import (
+from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
     ObjectMeta,
@@ -43,6 +35,21 @@ from .base import (
     past_end,
     put_error,
     range_refused,
+)
+from chroma_snapshots.engine.deadline import (
+    Deadline,
+    WorkerPool,
+    current_deadline,
+    run_within,
+    wait_all,
+    within,
+)
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
 )
 
 if TYPE_CHECKING:

@@ -8,6 +8,6 @@ to a conftest for the ``moto_server`` and ``s3_bucket`` fixtures.
 
 from __future__ import annotations
 
-from .s3server import MotoServer
+from chroma_snapshots.cli.localserver import MotoServer
 
 __all__ = ["MotoServer"]

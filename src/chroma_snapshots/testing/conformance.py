@@ -16,16 +16,17 @@ from typing import TypeVar
 
 import pytest
 
-from ..backends.base import Backend, ObjectMeta, PutMode
-from ..errors import (
+from chroma_snapshots.backends.base import Backend, ObjectMeta, PutMode
+from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.models import RefValue
+from chroma_snapshots.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
 )
-from ..models import RefValue
-from ..remote import RemoteStore, pack_key
-from ..store import ANY, DelegatingStore, SnapshotStore
+from chroma_snapshots.stores.base import ANY, DelegatingStore, SnapshotStore
+from chroma_snapshots.stores.remote import RemoteStore
 
 T = TypeVar("T")
 

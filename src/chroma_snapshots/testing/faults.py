@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import IntegrityError
+from chroma_snapshots.errors import IntegrityError
 
 
 class Sleeper:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .s3server import CREDENTIALS, MotoServer
+from chroma_snapshots.cli.localserver import CREDENTIALS, MotoServer
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .faults import FaultPlan
+from chroma_snapshots.testing.faults import FaultPlan
 
 _HOP = {
     "connection",

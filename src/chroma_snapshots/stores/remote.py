@@ -1,11 +1,6 @@
 """``RemoteStore``: the SnapshotStore on any Backend (S3, a mounted filesystem, fsspec).
 
-Layout below the backend's root (the same on every backend)::
-
-    {name}/packs/{p[0:2]}/{p}          immutable pack, p = sha256 of its bytes
-    {name}/manifests/{version}.json    immutable, written with PutMode.CREATE
-    {name}/refs/{ref}                  RefValue JSON, moved only by compare-and-swap
-
+The layout below the backend's root is :mod:`chroma_snapshots.engine.keys`.
 Publish order is packs, then manifest, then ref, so a reader that sees a ref
 always finds a complete manifest and every pack it names.
 """
@@ -26,10 +21,10 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from . import maintenance, pruning
-from .backends.base import Backend, GetResult, PutMode
-from .backends.bounded import DeadlineBackend
-from .chunking import (
+from chroma_snapshots.backends.base import Backend, GetResult, PutMode
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
     PackWriter,
@@ -37,30 +32,27 @@ from .chunking import (
     hashed_chunks,
     scan_source,
 )
-from .claims import Pin, note_retired
-from .deadline import Deadline, DeadlineLike, WorkerPool, as_deadline, wait_all, within
-from .errors import (
-    ConflictError,
-    IntegrityError,
-    InvalidInputError,
-    SnapshotNotFoundError,
+from chroma_snapshots.engine.deadline import (
+    Deadline,
+    DeadlineLike,
+    WorkerPool,
+    as_deadline,
+    wait_all,
+    within,
 )
-from .models import Chunk, FileEntry, Manifest, RefValue, SnapshotInfo, VersionId
-from .signing import Signer
-from .store import (
-    ANY,
-    LATEST,
-    Expected,
-    LocalSnapshot,
-    Progress,
-    PruneReport,
-    SourceStore,
-    StatsRecorder,
-    VerifyReport,
-    prepare_dest,
-    remove_tree,
+from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
+from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
+from chroma_snapshots.engine.models import (
+    Chunk,
+    FileEntry,
+    Manifest,
+    RefValue,
+    SnapshotInfo,
+    VersionId,
 )
-from .transfer import (
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.signing import Signer
+from chroma_snapshots.engine.transfer import (
     DEFAULT_MAX_READ,
     LocalChunks,
     Placer,
@@ -70,7 +62,7 @@ from .transfer import (
     place_local,
     plan_reads,
 )
-from .validation import (
+from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
     MAX_METADATA_DEPTH,
     MAX_REF_BYTES,
@@ -81,21 +73,23 @@ from .validation import (
     sha256_hex,
     utc_now,
 )
-
-
-def pack_key(name: str, pack: str) -> str:
-    """Where a pack lives."""
-    return f"{name}/packs/{pack[:2]}/{pack}"
-
-
-def manifest_key(name: str, version: str) -> str:
-    """Where a version's manifest lives."""
-    return f"{name}/manifests/{version}.json"
-
-
-def ref_key(name: str, ref: str) -> str:
-    """Where a ref lives."""
-    return f"{name}/refs/{ref}"
+from chroma_snapshots.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+)
+from chroma_snapshots.ops import maintenance, pruning
+from chroma_snapshots.stores.base import (
+    ANY,
+    LATEST,
+    Expected,
+    LocalSnapshot,
+    PruneReport,
+    SourceStore,
+    VerifyReport,
+)
+from chroma_snapshots.stores.claims import Pin, note_retired
 
 
 class RemoteStore(SourceStore):
@@ -186,19 +180,11 @@ class RemoteStore(SourceStore):
             raise IntegrityError(f"manifest {version} belongs to {m.name!r}, not {name!r}")
         return m
 
-    def _version_of(self, name: str, ref: str, dl: Deadline) -> str:
-        if VersionId.is_version(ref):
-            return ref
-        found = self.read_ref(name, ref, deadline=dl)
-        if found is None:
-            raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
-        return found[0].version
-
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> SnapshotInfo:
         dl = as_deadline(deadline, self.default_timeout)
-        version = self._version_of(name, ref, dl)
+        version = self.current_version(name, ref, deadline=dl)[0]
         return SnapshotInfo.from_manifest(version, self.load_manifest(name, version, deadline=dl))
 
     # Publishing.
@@ -406,7 +392,7 @@ class RemoteStore(SourceStore):
     ) -> LocalSnapshot:
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
-        version = self._version_of(name, ref, dl)
+        version = self.current_version(name, ref, deadline=dl)[0]
         manifest = self.load_manifest(name, version, deadline=dl)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
         with local_io(tempfile.gettempdir() if dest is None else dest, "preparing the checkout"):
@@ -423,7 +409,14 @@ class RemoteStore(SourceStore):
                 remove_tree(final.parent)  # the temporary folder prepare_dest made for it
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
-        return LocalSnapshot(final, info, stats.freeze(time.monotonic() - t0), source=self.label)
+        temporary = final.parent if dest is None else None  # the folder prepare_dest made
+        return LocalSnapshot(
+            final,
+            info,
+            stats.freeze(time.monotonic() - t0),
+            source=self.label,
+            _release=None if temporary is None else lambda: remove_tree(temporary),
+        )
 
     def materialize(
         self,
@@ -488,7 +481,7 @@ class RemoteStore(SourceStore):
     def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
         dl = as_deadline(deadline, self.default_timeout)
         out = {}
-        for meta in self._io(dl).list(f"{check_name(name)}/refs/"):
+        for meta in self._io(dl).list(keys.prefix(check_name(name), keys.REFS)):
             ref = meta.key.rsplit("/", 1)[1]
             found = self.read_ref(name, ref, deadline=dl)
             if found is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..models import FileEntry, Manifest
-from ..store import remove_tree
-from ..validation import sha256_hex
+from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.models import FileEntry, Manifest
+from chroma_snapshots.engine.validation import sha256_hex
 
 
 def remove_extras(tree: Path, manifest: Manifest) -> None:

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .backends import open_backend
-from .backends.s3 import S3Backend
-from .cache import CachedStore
-from .fallback import FallbackStore
-from .models import TransferStats
-from .remote import RemoteStore, ref_key
-from .sync import sync_version
-from .testing.s3server import MotoServer
+from chroma_snapshots.backends import open_backend
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.cli.localserver import MotoServer
+from chroma_snapshots.engine.keys import ref_key
+from chroma_snapshots.engine.models import TransferStats
+from chroma_snapshots.ops.sync import sync_version
+from chroma_snapshots.stores.cache import CachedStore
+from chroma_snapshots.stores.fallback import FallbackStore
+from chroma_snapshots.stores.remote import RemoteStore
 
 DIM = 384
 NAME = "receipts"
@@ -55,7 +56,7 @@ def _vectors(n: int, seed: int) -> list[list[float]]:
 def _client(path: Path) -> Iterator[Any]:
     import chromadb
 
-    from .chroma import client_settings, close_client
+    from chroma_snapshots.chroma import client_settings, close_client
 
     client = chromadb.PersistentClient(path=str(path), settings=client_settings())
     try:
@@ -108,7 +109,7 @@ def _hang_efs_mirror(root: Path) -> None:
 
 def run_demo(*, size_mb: int = 24, echo: Callable[[str], None] = print) -> list[Step]:
     """Run the demo, print its story and table through ``echo``; return the table's rows."""
-    from .chroma import publish_client
+    from chroma_snapshots.chroma import publish_client
 
     steps: list[Step] = []
     with (

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import enum
-import os
-import shutil
-import tempfile
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .deadline import Deadline, DeadlineLike
-from .errors import InvalidInputError
-from .models import Manifest, RefValue, SnapshotInfo, TransferStats
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
+from chroma_snapshots.engine.models import (
+    Manifest,
+    RefValue,
+    SnapshotInfo,
+    TransferStats,
+    VersionId,
+)
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
-    from .transfer import LocalChunks
+    from chroma_snapshots.backends.base import Backend
+    from chroma_snapshots.engine.transfer import LocalChunks
+    from chroma_snapshots.stores.claims import Pin
 
 
 class _Sentinel(enum.Enum):
@@ -32,8 +38,6 @@ ANY = _Sentinel.ANY
 """``expected=ANY``: explicit last-writer-wins; overwrite the ref whatever it holds."""
 
 Expected = str | None | _Sentinel
-Progress = Callable[[int, int], None]
-"""``progress(done_bytes, total_bytes)``, called from worker threads as work completes."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,22 @@ class SnapshotStore(ABC):
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
     ) -> LocalSnapshot:
-        """Materialize a version on local disk, every chunk verified."""
+        """Materialize a version on local disk, every chunk verified.
+
+        With ``dest``, the files are the caller's. Without it, the checkout is temporary and
+        the store's: ``release()`` (or leaving the ``with`` block) reclaims it, and a cache
+        may hand every caller the same read-only copy."""
+
+    @abstractmethod
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
+        """A version's validated manifest (files, chunks, packs)."""
+
+    def current_version(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[str, bool]:
+        """The version ``ref`` names and whether the answer is stale (a cache serving what it
+        last saw because the store did not answer). Stores override it with a cheaper read."""
+        return self.resolve(name, ref, deadline=deadline).version, False
 
     @abstractmethod
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
@@ -187,9 +206,16 @@ class SourceStore(SnapshotStore):
     ) -> tuple[RefValue, str] | None:
         """The ref's value and ETag, or None if it does not exist."""
 
-    @abstractmethod
-    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
-        """A version's validated manifest."""
+    def current_version(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[str, bool]:
+        """The version ``ref`` names, with one small request (the ref); never stale."""
+        if VersionId.is_version(ref):
+            return ref, False
+        found = self.read_ref(name, ref, deadline=deadline)
+        if found is None:
+            raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
+        return found[0].version, False
 
     @abstractmethod
     def materialize(
@@ -246,6 +272,14 @@ class DelegatingStore(SnapshotStore):
     ) -> LocalSnapshot:
         return self.inner.checkout(name, ref, dest, deadline=deadline, progress=progress)
 
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
+        return self.inner.load_manifest(name, version, deadline=deadline)
+
+    def current_version(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[str, bool]:
+        return self.inner.current_version(name, ref, deadline=deadline)
+
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         return self.inner.versions(name, deadline=deadline)
 
@@ -286,49 +320,30 @@ class DelegatingStore(SnapshotStore):
         self.inner.close()
 
 
-class StatsRecorder:
-    """Thread-safe counters that become a frozen :class:`TransferStats`."""
+class BackedStore(Protocol):
+    """What prune, verify and sync need of a store kept on a Backend (RemoteStore is one):
+    the backend itself, manifests, refs, and the pin that claims versions against a prune."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stats = TransferStats()
+    backend: Backend
+    workers: int
+    default_timeout: float
 
-    def add(self, **delta: int) -> None:
-        with self._lock:
-            cur = self._stats
-            self._stats = replace(cur, **{k: getattr(cur, k) + v for k, v in delta.items()})
+    def load_manifest(
+        self, name: str, version: str, *, deadline: DeadlineLike = None
+    ) -> Manifest: ...
 
-    def freeze(self, seconds: float) -> TransferStats:
-        with self._lock:
-            return replace(self._stats, seconds=seconds)
+    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]: ...
 
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None: ...
 
-def prepare_dest(dest: str | Path | None) -> Path:
-    """The absolute checkout destination: absent or an empty directory, parent created."""
-    if dest is None:
-        return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
-    final = Path(dest).absolute()
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree if it exists (temp folders, failed checkouts)."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
-    all) is raised as itself. For trees of files and directories (cached versions, a
-    chroma database)."""
-    made = []
-    for dirpath, _, filenames in os.walk(src):
-        target = dst / Path(dirpath).relative_to(src)
-        target.mkdir()
-        made.append((Path(dirpath), target))
-        for fn in filenames:
-            shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
-    for source, target in reversed(made):  # modes and times once nothing more is added
-        shutil.copystat(source, target)
+    def pinned(
+        self, name: str, versions: Sequence[str], dl: Deadline
+    ) -> AbstractContextManager[Pin]: ...

@@ -17,9 +17,14 @@ from pathlib import Path
 
 import zstandard
 
-from .errors import IntegrityError, InvalidInputError
-from .models import Chunk
-from .validation import MAX_CHUNK_SIZE, MAX_PATH_DEPTH, check_relpath, sha256_hex
+from chroma_snapshots.engine.models import Chunk
+from chroma_snapshots.engine.validation import (
+    MAX_CHUNK_SIZE,
+    MAX_PATH_DEPTH,
+    check_relpath,
+    sha256_hex,
+)
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 DEFAULT_CHUNK_SIZE = 64 << 10
 DEFAULT_PACK_TARGET = 16 << 20

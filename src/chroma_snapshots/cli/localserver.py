@@ -57,7 +57,7 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         """Start the server and wait until it answers."""
-        serve = "from chroma_snapshots.testing.s3server import _serve; _serve('127.0.0.1')"
+        serve = "from chroma_snapshots.cli.localserver import _serve; _serve('127.0.0.1')"
         cmd = [sys.executable, "-c", serve]
         self._proc = subprocess.Popen(
             cmd,

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import SnapshotError
-from ..models import Manifest, VersionId
-from ..store import remove_tree
-from ..transfer import local_io
-from ..validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
+from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.models import Manifest, VersionId
+from chroma_snapshots.engine.transfer import local_io
+from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
+from chroma_snapshots.errors import SnapshotError
 
 # size, mtime_ns, permission bits, ctime_ns: a consumer can put an mtime back (os.utime),
 # never a ctime, so a file written and re-dated still looks changed

@@ -5,20 +5,20 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from .backends.base import PutMode
-from .backends.bounded import DeadlineBackend
-from .deadline import DeadlineLike, as_deadline
-from .errors import ConflictError, SnapshotNotFoundError
-from .remote import manifest_key, pack_key
-from .store import ANY
+from chroma_snapshots.backends.base import PutMode
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
+from chroma_snapshots.engine.keys import manifest_key, pack_key
+from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
+from chroma_snapshots.stores.base import ANY
 
 if TYPE_CHECKING:
-    from .remote import RemoteStore
+    from chroma_snapshots.stores.base import BackedStore
 
 
 def sync_version(
-    src: RemoteStore,
-    dst: RemoteStore,
+    src: BackedStore,
+    dst: BackedStore,
     name: str,
     version: str,
     *,

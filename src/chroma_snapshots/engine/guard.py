@@ -42,15 +42,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .deadline import Deadline
-from .errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
 
 _LEN = struct.Struct("!Q")
 _ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
 _READY = b"\x02"  # sent by a new worker once Python started and its target's module loaded
 _STARTUP = 30.0  # seconds a new worker may take to start when the caller gave no deadline
 _HANDOFF = 0.25  # seconds before the caller's deadline at which a call's budget ends
-_WORKER = "from chroma_snapshots.guard import worker_main; worker_main()"
+_WORKER = "from chroma_snapshots.engine.guard import worker_main; worker_main()"
 
 
 @dataclass(frozen=True)

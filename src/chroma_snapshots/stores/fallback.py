@@ -25,28 +25,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from .deadline import Deadline, DeadlineLike, as_deadline
-from .errors import (
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
+from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.transfer import LocalChunks
+from chroma_snapshots.errors import (
     BackendUnavailableError,
     IntegrityError,
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from .models import Manifest, RefValue, SnapshotInfo
-from .remote import RemoteStore
-from .store import (
+from chroma_snapshots.ops.sync import sync_version
+from chroma_snapshots.stores.base import (
     LATEST,
     Expected,
     LocalSnapshot,
-    Progress,
     PruneReport,
     SourceStore,
-    StatsRecorder,
     VerifyReport,
 )
-from .sync import sync_version
-from .transfer import LocalChunks
+from chroma_snapshots.stores.remote import RemoteStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

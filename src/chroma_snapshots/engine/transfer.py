@@ -24,12 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chunking import decode_chunk
-from .deadline import Deadline, wait_all
-from .errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
-from .models import Chunk, Manifest
-from .store import Progress, StatsRecorder
-from .validation import sha256_hex
+from chroma_snapshots.engine.chunking import decode_chunk
+from chroma_snapshots.engine.deadline import Deadline, wait_all
+from chroma_snapshots.engine.models import Chunk, Manifest
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
 _RUN_CHUNKS = 16  # chunks per pwritev (1 MiB): 16 MiB writes took 5x the system time here

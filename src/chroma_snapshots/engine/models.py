@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import validation as val
-from .errors import IntegrityError, InvalidInputError
-from .validation import (
+from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.validation import (
     CODECS,
     FORMAT_VERSION,
     MAX_CHUNK_SIZE,
@@ -36,6 +35,7 @@ from .validation import (
     parse_time,
     sha256_hex,
 )
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 
 @dataclass(frozen=True, order=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chunking import read_chunks
-from ..models import Manifest
-from ..validation import sha256_hex
-from .store import CachedStore
+from chroma_snapshots.engine.chunking import read_chunks
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.stores.cache.store import CachedStore
 
 _WAIT_FOR_LOCK = 30.0  # a version being repaired or materialized is worth waiting for
 

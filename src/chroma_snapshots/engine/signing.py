@@ -17,7 +17,7 @@ import hmac
 import re
 from collections.abc import Mapping
 
-from .errors import ConfigError, IntegrityError
+from chroma_snapshots.errors import ConfigError, IntegrityError
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 

@@ -21,17 +21,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .backends.base import ObjectMeta
-from .backends.bounded import DeadlineBackend
-from .claims import Claim, gc_prefix, pins_prefix, read_claims, retired_key
-from .deadline import Deadline
-from .errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
-from .models import VersionId
-from .store import PruneReport
-from .validation import check_name
+from chroma_snapshots.backends.base import ObjectMeta
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.keys import retired_key
+from chroma_snapshots.engine.models import VersionId
+from chroma_snapshots.engine.validation import check_name
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from chroma_snapshots.stores.base import PruneReport
+from chroma_snapshots.stores.claims import Claim, read_claims
 
 if TYPE_CHECKING:
-    from .remote import RemoteStore
+    from chroma_snapshots.stores.base import BackedStore
 
 
 @dataclass
@@ -47,13 +49,13 @@ class _Listing:
     def of(cls, metas: Iterable[ObjectMeta], name: str) -> _Listing:
         out = cls()
         for m in metas:
-            kind, _, rest = m.key[len(name) + 1 :].partition("/")
+            kind, rest = keys.split(name, m.key)
             version = rest.removesuffix(".json")
-            if kind == "manifests" and rest.endswith(".json") and VersionId.is_version(version):
+            if kind == keys.MANIFESTS and rest.endswith(".json") and VersionId.is_version(version):
                 out.manifests[version] = m
-            elif kind == "packs":
+            elif kind == keys.PACKS:
                 out.packs[rest.rsplit("/", 1)[-1]] = m
-            elif kind == "retired" and VersionId.is_version(rest):
+            elif kind == keys.RETIRED and VersionId.is_version(rest):
                 out.notes[rest] = m
             else:
                 out.other[m.key] = m
@@ -72,14 +74,14 @@ class _Pass:
     pins_since: float
 
 
-def _look(store: RemoteStore, io: DeadlineBackend, name: str, record: str | None) -> _Pass:
+def _look(store: BackedStore, io: DeadlineBackend, name: str, record: str | None) -> _Pass:
     listing = _Listing.of(io.list(f"{name}/"), name)
     # The server's clock: our record's modification time (a dry run has no record).
     now = listing.other[record].last_modified if record in listing.other else time.time()
     # Pins, then refs: a mover whose pin is gone when we list pins has moved its ref before,
     # so the refs we read next show it; one still working still has its pin. (Refs first
     # would miss a mover that moves its ref and drops its pin between the two reads.)
-    pins = read_claims(io, pins_prefix(name), now)
+    pins = read_claims(io, keys.prefix(name, keys.PINS), now)
     referenced = set(store.refs(name, deadline=io.deadline).values())
     return _Pass(
         listing,
@@ -92,7 +94,7 @@ def _look(store: RemoteStore, io: DeadlineBackend, name: str, record: str | None
 
 
 def prune(
-    store: RemoteStore,
+    store: BackedStore,
     name: str,
     *,
     keep_last: int,
@@ -108,7 +110,7 @@ def prune(
             f"prune needs keep_last >= 1 and min_age >= 0, not {keep_last}, {min_age}"
         )
     io = DeadlineBackend(store.backend, deadline)
-    record = None if dry_run else f"{gc_prefix(name)}{uuid.uuid4().hex}.json"
+    record = None if dry_run else f"{keys.prefix(name, keys.GC)}{uuid.uuid4().hex}.json"
     if record is not None:
         io.put(record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json())
     first = _look(store, io, name, record)
@@ -148,7 +150,7 @@ def _kept_versions(look: _Pass, keep_last: int, min_age: float) -> set[str]:
     return set(versions[:keep_last]) | look.referenced | look.pinned_versions | young
 
 
-def _packs_of(store: RemoteStore, name: str, versions: Iterable[str], dl: Deadline) -> set[str]:
+def _packs_of(store: BackedStore, name: str, versions: Iterable[str], dl: Deadline) -> set[str]:
     used: set[str] = set()
     for v in versions:
         try:
@@ -173,7 +175,7 @@ def _dead_packs(look: _Pass, used: set[str], min_age: float) -> list[str]:
 
 
 def _delete(io: DeadlineBackend, name: str, drop: list[str], dead: list[str], look: _Pass) -> None:
-    from .remote import manifest_key, pack_key
+    from chroma_snapshots.engine.keys import manifest_key, pack_key
 
     # Manifests first: a crash in between leaves unreferenced packs, never a broken version.
     keys = [manifest_key(name, v) for v in drop]
@@ -186,7 +188,7 @@ def _expired(io: DeadlineBackend, name: str, look: _Pass) -> list[str]:
     """Pins and records of owners long gone, and notes of versions no longer stored."""
     out = []
     for key, meta in look.listing.other.items():
-        if key.startswith((pins_prefix(name), gc_prefix(name))):
+        if key.startswith((keys.prefix(name, keys.PINS), keys.prefix(name, keys.GC))):
             try:
                 claim = Claim.from_json(io.get(key).data, key)
             except SnapshotNotFoundError:

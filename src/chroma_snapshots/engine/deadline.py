@@ -14,7 +14,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .errors import InvalidInputError, StorageTimeoutError
+from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError
 
 T = TypeVar("T")
 P = ParamSpec("P")

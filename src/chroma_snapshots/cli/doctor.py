@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .backends.bounded import DeadlineBackend
-from .backends.cas import OPT_OUT, PROBE_DIR, probe_conditional_writes, unchecked
-from .config import StoreConfig, remote_for
-from .deadline import Deadline
-from .errors import SnapshotError
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.backends.cas import OPT_OUT, PROBE_DIR, probe_conditional_writes, unchecked
+from chroma_snapshots.config import StoreConfig, remote_for
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.errors import SnapshotError
 
 Status = str  # "ok", "warn" or "fail"
 
@@ -113,8 +113,8 @@ def conditional_writes(cfg: StoreConfig, url: str, io: DeadlineBackend) -> Findi
 
 def probe_cache(cfg: StoreConfig) -> list[Finding]:
     """Free space where the cache lives, and what it holds."""
-    from .cache import DEFAULT_CACHE_DIR, CachedStore
-    from .cache.inspect import entries
+    from chroma_snapshots.stores.cache import DEFAULT_CACHE_DIR, CachedStore
+    from chroma_snapshots.stores.cache.inspect import entries
 
     cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
     t = time.monotonic()

@@ -19,11 +19,18 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import validation as val
-from .backends.base import Backend, ObjectMeta, PutMode
-from .deadline import Deadline
-from .errors import ConflictError, IntegrityError, SnapshotError, SnapshotNotFoundError
-from .models import VersionId
+from chroma_snapshots.backends.base import Backend, ObjectMeta, PutMode
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.keys import retired_key
+from chroma_snapshots.engine.models import VersionId
+from chroma_snapshots.errors import (
+    ConflictError,
+    IntegrityError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +39,6 @@ SKEW = 900.0
 late, and client and server clocks may differ (S3 refuses requests skewed by more than
 15 minutes, so no working client is further off)."""
 MAX_CLAIM_BYTES = 64 << 20
-
-
-def pins_prefix(name: str) -> str:
-    return f"{name}/pins/"
-
-
-def gc_prefix(name: str) -> str:
-    return f"{name}/gc/"
-
-
-def retired_key(name: str, version: str) -> str:
-    return f"{name}/retired/{version}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +110,7 @@ class Pin:
     def add(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
         """Claim ``versions`` and ``packs`` (one small object per call)."""
         claim = Claim(frozenset(versions), frozenset(packs), self._deadline.remaining())
-        key = f"{pins_prefix(self._name)}{uuid.uuid4().hex}.json"
+        key = f"{keys.prefix(self._name, keys.PINS)}{uuid.uuid4().hex}.json"
         data = claim.to_json()
         try:
             self._io.put(key, data, mode=PutMode.CREATE)
@@ -133,7 +128,7 @@ class Pin:
         # A record's age by the storage's clock, read off our own pin (written just now),
         # not by ours: a file store on a mount has no S3 to refuse a client whose clock is off.
         now = self._io.head(self._keys[-1]).last_modified if self._keys else time.time()
-        for meta, claim in read_claims(self._io, gc_prefix(self._name), now):
+        for meta, claim in read_claims(self._io, keys.prefix(self._name, keys.GC), now):
             hit = sorted((claim.versions & want_v) | (claim.packs & want_p))
             if hit:
                 raise ConflictError(

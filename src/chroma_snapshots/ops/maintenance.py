@@ -7,22 +7,23 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from .backends.base import Backend
-from .backends.bounded import DeadlineBackend
-from .chunking import decode_chunk
-from .deadline import Deadline, WorkerPool, wait_all, within
-from .errors import IntegrityError, SnapshotNotFoundError
-from .models import Chunk, VersionId
-from .store import VerifyReport
-from .validation import sha256_hex
+from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine import keys
+from chroma_snapshots.engine.chunking import decode_chunk
+from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
+from chroma_snapshots.engine.models import Chunk, VersionId
+from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.errors import IntegrityError, SnapshotNotFoundError
+from chroma_snapshots.stores.base import VerifyReport
 
 if TYPE_CHECKING:
-    from .remote import RemoteStore
+    from chroma_snapshots.stores.base import BackedStore
 
 
 def list_versions(backend: Backend, name: str) -> Iterator[str]:
     """Version ids stored for ``name``, newest first (ids sort by time)."""
-    prefix = f"{name}/manifests/"
+    prefix = keys.prefix(name, keys.MANIFESTS)
     found = []
     for meta in backend.list(prefix):
         version = meta.key[len(prefix) :].removesuffix(".json")
@@ -31,9 +32,9 @@ def list_versions(backend: Backend, name: str) -> Iterator[str]:
     yield from sorted(found, reverse=True)
 
 
-def verify(store: RemoteStore, name: str, version: str, deadline: Deadline) -> VerifyReport:
+def verify(store: BackedStore, name: str, version: str, deadline: Deadline) -> VerifyReport:
     """Download every pack the version uses and check each pack's and chunk's hash."""
-    from .remote import pack_key
+    from chroma_snapshots.engine.keys import pack_key
 
     manifest = store.load_manifest(name, version, deadline=deadline)
     io = DeadlineBackend(store.backend, deadline)

@@ -9,145 +9,31 @@ destination create one), 4 conflict (CAS lost), 5 integrity failure, 6 timeout,
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-from .errors import (
-    BackendUnavailableError,
-    ConfigError,
-    ConflictError,
-    IntegrityError,
-    InvalidInputError,
-    SnapshotError,
-    SnapshotNotFoundError,
-    StorageTimeoutError,
+from chroma_snapshots.cli.common import (
+    EXIT_CODES,
+    cache_of,
+    click,
+    config_of,
+    emit,
+    human_bytes,
+    progress_bar,
+    source_of,
+    store_of,
 )
+from chroma_snapshots.errors import IntegrityError, SnapshotError
 
 if TYPE_CHECKING:
-    from .cache import CachedStore
-    from .config import StoreConfig
-    from .store import SnapshotStore, SourceStore
-
-try:
-    import click
-except ImportError:  # the core package stays small; the CLI is an extra
-    click = None  # type: ignore[assignment]
-
-EXIT_CODES: list[tuple[type[SnapshotError], int]] = [
-    (ConfigError, 2),
-    (InvalidInputError, 2),
-    (SnapshotNotFoundError, 3),
-    (ConflictError, 4),
-    (IntegrityError, 5),
-    (StorageTimeoutError, 6),
-    (BackendUnavailableError, 7),
-    (SnapshotError, 1),
-]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items() if not k.startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    return obj
-
-
-def emit(data: Any, as_json: bool, text: str) -> None:
-    """Print ``data`` as JSON, or ``text`` for people."""
-    click.echo(json.dumps(_jsonable(data), indent=2, sort_keys=True) if as_json else text)
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
-    """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
-    URL and ``--cache-dir`` only the cache directory: signing keys, timeouts, endpoint, cache
-    size and the CAS opt-out still come from the environment."""
-    from .config import StoreConfig
-
-    cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
-    cache_dir = ctx.obj["cache_dir"]
-    return replace(cfg, cache_dir=os.path.abspath(cache_dir)) if cache_dir else cfg
-
-
-def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
-    """The configured store, through the cache when one is configured. Only commands that
-    write a new store (``create``) may create a missing local store directory."""
-    from .config import open_store
-
-    return open_store(config_of(ctx), create=create)
-
-
-def source_of(ctx: click.Context) -> SourceStore:
-    """The configured store without the cache layer (manifests, diffs)."""
-    from .config import source_for
-
-    return source_for(config_of(ctx), create=False)
-
-
-def cache_of(ctx: click.Context) -> CachedStore:
-    """The cache the ``cache`` commands inspect (default directory: /tmp/chroma-snapshots)."""
-    from .cache import DEFAULT_CACHE_DIR, CachedStore
-    from .config import source_for
-
-    cfg = config_of(ctx)
-    cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
-    return CachedStore(source_for(cfg, create=False), cache_dir, max_bytes=cfg.cache_max_bytes)
-
-
-def _progress(label: str) -> Callable[[int, int], None] | None:
-    """A tqdm bar on stderr for a transfer, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    import shutil
-
-    from tqdm import tqdm
-
-    # a pty that reports a 0x0 size would hide the bar; get_terminal_size falls back to 80x24
-    size = shutil.get_terminal_size()
-    bar = tqdm(
-        desc=label,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        ncols=size.columns,
-        nrows=size.lines,
-    )
-
-    def report(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return report
+    from chroma_snapshots.stores.base import SnapshotStore
 
 
 def _chroma_info(store: SnapshotStore, name: str, ref: str, as_json: bool) -> None:
     import tempfile
 
-    from .chroma import describe
+    from chroma_snapshots.chroma import describe
 
     with tempfile.TemporaryDirectory(prefix="chroma-snapshots-info-") as tmp:
         snap = store.checkout(name, ref, Path(tmp) / "db")
@@ -211,11 +97,11 @@ def _build() -> click.Group:
         message: str | None,
         as_json: bool,
     ) -> None:
-        from .store import ANY, LATEST, Expected
+        from chroma_snapshots.stores.base import ANY, LATEST, Expected
 
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
         info = store_of(ctx, create=True).publish(
-            name, directory, expected=exp, message=message, progress=_progress("publish")
+            name, directory, expected=exp, message=message, progress=progress_bar("publish")
         )
         s = info.stats
         emit(
@@ -239,7 +125,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def checkout(ctx: click.Context, name: str, ref: str, dest: str | None, as_json: bool) -> None:
-        snap = store_of(ctx).checkout(name, ref, dest, progress=_progress("checkout"))
+        snap = store_of(ctx).checkout(name, ref, dest, progress=progress_bar("checkout"))
         s = snap.stats
         emit(
             {"path": snap.path, "info": snap.info, "stats": s},
@@ -321,7 +207,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def cache_ls(ctx: click.Context, as_json: bool) -> None:
-        from .cache.inspect import entries
+        from chroma_snapshots.stores.cache.inspect import entries
 
         found = entries(cache_of(ctx))
         rows = [
@@ -334,7 +220,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def cache_clear(ctx: click.Context, as_json: bool) -> None:
-        from .cache.inspect import clear
+        from chroma_snapshots.stores.cache.inspect import clear
 
         removed = clear(cache_of(ctx))
         emit(
@@ -349,7 +235,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def cache_verify(ctx: click.Context, as_json: bool) -> None:
-        from .cache.inspect import entries, verify
+        from chroma_snapshots.stores.cache.inspect import entries, verify
 
         store = cache_of(ctx)
         report = {f"{e.name}/{e.version}": verify(store, e) for e in entries(store)}
@@ -367,7 +253,7 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
-        from .doctor import diagnose
+        from chroma_snapshots.cli.doctor import diagnose
 
         found = diagnose(load=lambda: config_of(ctx), budget=budget)
         rows = [
@@ -382,14 +268,14 @@ def _build() -> click.Group:
     @click.option("--size-mb", default=24, show_default=True, help="Approximate database size.")
     @json_opt
     def demo(size_mb: int, as_json: bool) -> None:
-        from .demo import run_demo
+        from chroma_snapshots.cli.demo import run_demo
 
         steps = run_demo(size_mb=size_mb, echo=lambda line: click.echo(line, err=as_json))
         if as_json:
             emit(steps, True, "")
 
-    from .cli_admin import register
-    from .cli_help import add_examples, register_completion
+    from chroma_snapshots.cli.admin import register
+    from chroma_snapshots.cli.help import add_examples, register_completion
 
     register(cli)
     register_completion(cli)

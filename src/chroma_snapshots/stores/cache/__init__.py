@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .store import DEFAULT_CACHE_DIR, CachedStore
+from chroma_snapshots.stores.cache.store import DEFAULT_CACHE_DIR, CachedStore
 
 __all__ = ["DEFAULT_CACHE_DIR", "CachedStore"]

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from .cli import config_of, emit, human_bytes, source_of, store_of
-from .errors import IntegrityError
-from .models import Manifest
-from .store import ANY, Expected
+from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of, store_of
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.errors import IntegrityError
+from chroma_snapshots.stores.base import ANY, Expected
 
 
 def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
@@ -141,8 +141,8 @@ def register(cli: click.Group) -> None:
         all_versions: bool,
         as_json: bool,
     ) -> None:
-        from .config import remote_for
-        from .sync import sync_version
+        from chroma_snapshots.config import remote_for
+        from chroma_snapshots.ops.sync import sync_version
 
         # both ends get the environment's keys, timeouts and endpoint; only DST may be new
         s = remote_for(config_of(ctx, src), src, create=False)

@@ -13,7 +13,7 @@ import unicodedata
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import IntegrityError, InvalidInputError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 FORMAT_VERSION = 1
 CODECS = ("none", "zstd")

@@ -20,29 +20,22 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from ..deadline import Deadline, DeadlineLike, as_deadline
-from ..errors import (
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
+from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
+from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.transfer import LocalChunks, disk_error
+from chroma_snapshots.engine.validation import check_name, sha256_hex
+from chroma_snapshots.errors import (
     BackendUnavailableError,
     CacheFullError,
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from ..models import Manifest, SnapshotInfo, VersionId
-from ..store import (
-    DelegatingStore,
-    LocalSnapshot,
-    Progress,
-    SourceStore,
-    StatsRecorder,
-    copy_tree,
-    prepare_dest,
-    remove_tree,
-)
-from ..transfer import LocalChunks, disk_error
-from ..validation import check_name, sha256_hex
-from .layout import NameDirs, stamp_of
-from .repair import damaged_chunks, remove_extras
+from chroma_snapshots.stores.base import DelegatingStore, LocalSnapshot, SourceStore
+from chroma_snapshots.stores.cache.layout import NameDirs, stamp_of
+from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
@@ -145,6 +138,15 @@ class CachedStore(DelegatingStore):
             stale=stale,
             source=source,
             _release=lambda: pin.unlink(missing_ok=True),
+        )
+
+    def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
+        """The cached copy's manifest when the version is cached, else the store's."""
+        cached = self.cached_manifest(name, version)
+        return (
+            cached
+            if cached is not None
+            else self.inner.load_manifest(name, version, deadline=deadline)
         )
 
     def current_version(

@@ -1,0 +1,137 @@
+"""What every command shares: exit codes, output, and the store the options name."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from chroma_snapshots.config import StoreConfig
+    from chroma_snapshots.stores.base import SnapshotStore, SourceStore
+    from chroma_snapshots.stores.cache import CachedStore
+
+try:
+    import click as click  # re-exported: main.py builds the group with it
+except ImportError:  # the core package stays small; the CLI is an extra
+    click = None  # type: ignore[assignment]
+
+EXIT_CODES: list[tuple[type[SnapshotError], int]] = [
+    (ConfigError, 2),
+    (InvalidInputError, 2),
+    (SnapshotNotFoundError, 3),
+    (ConflictError, 4),
+    (IntegrityError, 5),
+    (StorageTimeoutError, 6),
+    (BackendUnavailableError, 7),
+    (SnapshotError, 1),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj
+
+
+def emit(data: Any, as_json: bool, text: str) -> None:
+    """Print ``data`` as JSON, or ``text`` for people."""
+    click.echo(json.dumps(_jsonable(data), indent=2, sort_keys=True) if as_json else text)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
+    """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
+    URL and ``--cache-dir`` only the cache directory: signing keys, timeouts, endpoint, cache
+    size and the CAS opt-out still come from the environment."""
+    from chroma_snapshots.config import StoreConfig
+
+    cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
+    cache_dir = ctx.obj["cache_dir"]
+    return replace(cfg, cache_dir=os.path.abspath(cache_dir)) if cache_dir else cfg
+
+
+def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
+    """The configured store, through the cache when one is configured. Only commands that
+    write a new store (``create``) may create a missing local store directory."""
+    from chroma_snapshots.config import open_store
+
+    return open_store(config_of(ctx), create=create)
+
+
+def source_of(ctx: click.Context) -> SourceStore:
+    """The configured store without the cache layer (manifests, diffs)."""
+    from chroma_snapshots.config import source_for
+
+    return source_for(config_of(ctx), create=False)
+
+
+def cache_of(ctx: click.Context) -> CachedStore:
+    """The cache the ``cache`` commands inspect (default directory: /tmp/chroma-snapshots)."""
+    from chroma_snapshots.config import source_for
+    from chroma_snapshots.stores.cache import DEFAULT_CACHE_DIR, CachedStore
+
+    cfg = config_of(ctx)
+    cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
+    return CachedStore(source_for(cfg, create=False), cache_dir, max_bytes=cfg.cache_max_bytes)
+
+
+def progress_bar(label: str) -> Callable[[int, int], None] | None:
+    """A tqdm bar on stderr for a transfer, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    import shutil
+
+    from tqdm import tqdm
+
+    # a pty that reports a 0x0 size would hide the bar; get_terminal_size falls back to 80x24
+    size = shutil.get_terminal_size()
+    bar = tqdm(
+        desc=label,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        ncols=size.columns,
+        nrows=size.lines,
+    )
+
+    def report(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report

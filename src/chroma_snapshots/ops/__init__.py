@@ -1,0 +1,1 @@
+"""Operations on stores that are not the hot path: prune, verify, sync."""
