@@ -30,13 +30,13 @@ from chroma_snapshots import (
     LocalDiskError,
     RemoteStore,
     StorageTimeoutError,
-    remote,
 )
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.chroma import close_client, publish_client
 from chroma_snapshots.engine.validation import MAX_METADATA_DEPTH, MAX_REF_BYTES
+from chroma_snapshots.stores import remote
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faults import FaultPlan
