@@ -24,6 +24,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -48,7 +49,12 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
     code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
     if code == "PreconditionFailed":
         return ConflictError(f"{op} {key}: precondition failed")
-    return BackendUnavailableError(f"{op} {key}: {type(err).__name__}")
+    what = f"{op} {key}" if key else f"{op} (the store's root)"
+    return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}"[:300])
+
+
+class _Changed(Exception):
+    """The object's ETag differed before and after a read."""
 
 
 def _check_range(key: str, byte_range: tuple[int, int] | None, size: int) -> None:
@@ -98,24 +104,28 @@ class FsspecBackend(Backend):
                 # the etag is the content's hash, so data and etag always agree
                 return GetResult(whole[start:end], self._meta(key, {"size": len(whole)}, whole))
             # Read between two metadata calls: equal ETags mean the bytes are that version.
-            for _ in range(5):
-                before = (
-                    self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
-                )
-                data = self.fs.cat_file(path, start=start, end=end)
-                after = (
-                    self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
-                )
-                if before.get("ETag") == after.get("ETag"):
-                    _check_range(key, byte_range, int(after.get("size") or 0))
-                    return GetResult(data, self._meta(key, after))
+            return IMMEDIATE.with_(attempts=5).call(
+                lambda _: self._read_stable(key, path, start, end), retry_on=(_Changed,)
+            )
+        except _Changed as e:
+            raise ConflictError(f"get {key}: object kept changing while being read") from e
         except SnapshotError:
             raise
         except Exception as e:
             if byte_range is not None and range_refused(e):
                 raise past_end(key, byte_range[0]) from e
             raise _wrap(e, "get", key) from e
-        raise ConflictError(f"get {key}: object kept changing while being read")
+
+    def _read_stable(self, key: str, path: str, start: int | None, end: int | None) -> GetResult:
+        """One read between two metadata calls; _Changed if the object changed meanwhile."""
+        before = self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+        data = self.fs.cat_file(path, start=start, end=end)
+        after = self.fs.info(path, refresh=True) if self._kind == "s3" else self.fs.info(path)
+        if before.get("ETag") != after.get("ETag"):
+            raise _Changed(key)
+        byte_range = None if start is None or end is None else (start, end)
+        _check_range(key, byte_range, int(after.get("size") or 0))
+        return GetResult(data, self._meta(key, after))
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         path = self._path(key)

@@ -47,6 +47,7 @@ from chroma_snapshots.engine.deadline import (
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,
+from chroma_snapshots.engine.retry import IMMEDIATE
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
@@ -150,18 +151,20 @@ class S3Backend(Backend):
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if byte_range is not None:
             kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
-        for attempt in range(self.settings.body_attempts):
-            try:
-                resp = self.client.get_object(**kwargs)
-                return resp, read(resp["Body"])
-            except _BODY_ERRORS as e:
-                if attempt == self.settings.body_attempts - 1:
-                    raise _wrap(e, "get", key) from e
-            except (ClientError, BotoCoreError) as e:
-                if byte_range is not None and range_refused(e):
-                    raise past_end(key, byte_range[0]) from e
-                raise _wrap(e, "get", key) from e
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        def attempt(_: int) -> tuple[Any, T]:
+            resp = self.client.get_object(**kwargs)
+            return resp, read(resp["Body"])
+
+        try:
+            policy = IMMEDIATE.with_(attempts=self.settings.body_attempts)
+            return policy.call(attempt, retry_on=_BODY_ERRORS)
+        except _BODY_ERRORS as e:
+            raise _wrap(e, "get", key) from e
+        except (ClientError, BotoCoreError) as e:
+            if byte_range is not None and range_refused(e):
+                raise past_end(key, byte_range[0]) from e
+            raise _wrap(e, "get", key) from e
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
         if byte_range is not None and byte_range[1] <= byte_range[0]:

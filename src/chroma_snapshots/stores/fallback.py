@@ -28,6 +28,7 @@ from typing import TypeVar
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.engine.transfer import LocalChunks
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -88,22 +89,18 @@ class FallbackStore(SourceStore):
         fn: Callable[[RemoteStore, Deadline], T],
     ) -> tuple[T, RemoteStore]:
         dl = as_deadline(deadline, self.default_timeout)
-        last: SnapshotError | None = None
-        for i, store in enumerate(self.stores):
-            budget = dl if i == len(self.stores) - 1 else dl.child(dl.remaining() * self.share)
-            try:
-                return fn(store, budget), store
-            except _SKIP as e:
-                log.warning(
-                    "%s from %s failed (%s: %s); trying the next store",
-                    what,
-                    store.label,
-                    type(e).__name__,
-                    e,
-                )
-                last = e
-        assert last is not None
-        raise last
+        last = len(self.stores)
+
+        def attempt(n: int) -> tuple[T, RemoteStore]:
+            store = self.stores[n - 1]  # each store once, in order; the last gets what is left
+            budget = dl if n == last else dl.child(dl.remaining() * self.share)
+            return fn(store, budget), store
+
+        def failed(n: int, e: BaseException) -> None:
+            label, kind = self.stores[n - 1].label, type(e).__name__
+            log.warning("%s from %s failed (%s: %s); trying the next store", what, label, kind, e)
+
+        return _FAILOVER.with_(attempts=last).call(attempt, retry_on=_SKIP, on_retry=failed)
 
     # The source protocol CachedStore uses.
 
@@ -255,6 +252,10 @@ class FallbackStore(SourceStore):
     def close(self) -> None:
         for store in self.stores:
             store.close()
+
+
+_FAILOVER = RetryPolicy(base=0.0, jitter=False)
+"""The next store at once: failing over is not waiting for the same store to recover."""
 
 
 def _required(found: tuple[RefValue, str] | None) -> tuple[RefValue, str]:
