@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import uuid
@@ -63,15 +65,17 @@ def test_malformed_deltas_are_refused() -> None:
         {"id": "x"},
         {"id": "x", "collection": "c", "upserts": [{"id": "a"}]},
         {"id": "x", "collection": "c", "upserts": [{"id": "a", "embedding": ["nan"]}]},
-        {"id": "", "collection": "c"},
+        {"id": "", "collection": "receipts"},
         ["not", "an", "object"],
+        {"id": "x", "collection": "ab"},  # a name chroma refuses
+        {"id": "x", "collection": "receipts", "upserts": [{"id": "a", "embedding": [1]}] * 2},
     ):
         with pytest.raises(InvalidInputError):
             Delta.from_obj(bad)
     ok = Delta.from_obj(
         {
             "id": "x",
-            "collection": "c",
+            "collection": "receipts",
             "upserts": [{"id": "a", "embedding": [1, 2]}],
             "deletes": ["b"],
         }
@@ -191,3 +195,53 @@ def test_killed_compactor_loses_nothing_and_recovers(
 
 def _per_step(kills: Counter[str]) -> dict[str, int]:
     return {f"killed at {kind}": n for kind, n in sorted(kills.items())}
+
+
+MALFORMED = [
+    ([], "a delta is a JSON object, not list"),
+    ("text", "a delta is a JSON object, not str"),
+    (None, "a delta is a JSON object, not nothing"),
+    ({"collection": "receipts"}, "'id'"),
+    ({"id": "x", "collection": "receipts", "upserts": {}}, "'upserts' must be a list"),
+    ({"id": "x", "collection": "receipts", "upserts": [{"id": "a"}]}, "upserts[0].embedding"),
+    (
+        {"id": "x", "collection": "receipts", "upserts": [{"id": "a", "embedding": ["1"]}]},
+        "upserts[0].embedding[0]",
+    ),
+    ({"id": "x", "collection": "receipts", "deletes": [1]}, "deletes[0]"),
+    (
+        {
+            "id": "x",
+            "collection": "receipts",
+            "upserts": [{"id": "a", "embedding": [1], "metadata": {"k": {"n": 1}}}],
+        },
+        "upserts[0].metadata.k",
+    ),
+]
+
+
+def test_malformed_delta_names_the_field_even_with_asserts_off() -> None:
+    """The same messages in this process and under ``python -O`` (asserts stripped)."""
+    for body, field in MALFORMED:
+        with pytest.raises(InvalidInputError, match=re.escape(field)):
+            Delta.from_obj(body)
+    code = (
+        "import json, sys\n"
+        "from chroma_snapshots.compaction.deltas import Delta\n"
+        "from chroma_snapshots.errors import InvalidInputError\n"
+        "for body in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        Delta.from_obj(body)\n"
+        "        print('accepted')\n"
+        "    except InvalidInputError as e:\n"
+        "        print(str(e).replace('\\n', ' '))\n"
+    )
+    bodies = json.dumps([body for body, _ in MALFORMED])
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code, bodies], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(MALFORMED)
+    for line, (_, field) in zip(lines, MALFORMED, strict=True):
+        assert field in line

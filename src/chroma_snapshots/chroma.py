@@ -151,6 +151,23 @@ def describe(path: str | Path) -> ChromaView:
     return ChromaView(tuple(views), orphans, (path / SQLITE).stat().st_size)
 
 
+def collection_dimensions(path: str | Path) -> dict[str, int | None]:
+    """Each collection's embedding dimension (None until its first record is added), read
+    from ``chroma.sqlite3`` without opening a client. IntegrityError if it is not chroma's."""
+    db_file = Path(path) / SQLITE
+    if not db_file.is_file():
+        raise IntegrityError(f"{path} is not a chroma database: no {SQLITE}")
+    try:
+        db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT name, dimension FROM collections").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise IntegrityError(f"{db_file}: {e}") from e
+    return {str(name): None if dim is None else int(dim) for name, dim in rows}
+
+
 def validate(path: str | Path) -> ValidationReport:
     """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
     opens it, counts every collection (replaying its write-ahead log) and finds a stored

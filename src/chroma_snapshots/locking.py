@@ -3,7 +3,8 @@
 A lease has an owner, an expiry and a fencing generation that grows by one every time
 the lock changes hands; a publish records it, so an operator can tell which holder
 wrote a version. Heartbeats and releases are conditioned on the owner and generation;
-a lock can be taken over only after it expired. ``LeaseLock`` holds the protocol (after
+a lock can be taken over only after it expired; ``LeaseLock.kept`` renews a lease in the
+background while work goes on. ``LeaseLock`` holds the protocol (after
 filelock's small template classes); a store implements three conditional operations:
 
 - :class:`ObjectLeaseLock`: one object on any Backend with conditional writes
@@ -14,8 +15,11 @@ filelock's small template classes); a store implements three conditional operati
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import socket
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -26,6 +30,8 @@ from typing import Any
 
 from chroma_snapshots.backends.base import Backend, PutMode
 from chroma_snapshots.errors import ConflictError, LockError, SnapshotNotFoundError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,25 @@ class LeaseLock(ABC):
         finally:
             self.release(lease)
 
+    @contextmanager
+    def kept(
+        self, lease: Lease, *, remaining: Callable[[], float] | None = None
+    ) -> Iterator[LeaseKeeper]:
+        """Hold ``lease`` while the block runs: renewed in the background every third of the
+        ttl (while ``remaining()``, e.g. a deadline's seconds left, is positive), released
+        after. A renewal or release that fails is logged, never raised: the lease only
+        saves wasted work, and what the block did (a publish) stands."""
+        keeper = LeaseKeeper(self, lease, remaining)
+        keeper.start()
+        try:
+            yield keeper
+        finally:
+            keeper.stop()
+            try:
+                self.release(keeper.lease)
+            except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
+                log.warning("lease not released: %s", e)
+
     def _check_owned(self, lease: Lease) -> object:
         found = self._read()
         held = None if found is None else found[0]
@@ -136,6 +161,38 @@ class LeaseLock(ABC):
             self._swap(lease, token)
         except ConflictError as e:
             raise LockError(f"lease {lease.generation} of {lease.owner} was taken over") from e
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a lease every third of its ttl until stopped, the time left runs out, or the
+    lease is lost (``lost`` then says how). See :meth:`LeaseLock.kept`."""
+
+    def __init__(
+        self, lock: LeaseLock, lease: Lease, remaining: Callable[[], float] | None = None
+    ) -> None:
+        super().__init__(name=f"lease-heartbeat-{lease.generation}", daemon=True)
+        self.lock, self.lease = lock, lease
+        self.remaining = remaining or (lambda: math.inf)
+        self.lost: LockError | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.lock.ttl / 3):
+            if self.remaining() <= 0:
+                return  # past the deadline the work stops too: let the lease lapse
+            try:
+                self.lease = self.lock.heartbeat(self.lease)
+            except LockError as e:
+                self.lost = e
+                log.warning("lease lost while working: %s", e)
+                return
+            except Exception as e:  # a storage hiccup: the lease has time left, try again
+                log.warning("lease renewal failed, will retry: %s: %s", type(e).__name__, e)
+
+    def stop(self) -> None:
+        """Stop renewing (waits for a renewal in progress)."""
+        self._done.set()
+        self.join()
 
 
 class ObjectLeaseLock(LeaseLock):

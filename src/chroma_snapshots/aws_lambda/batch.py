@@ -150,6 +150,8 @@ class JsonFormatter(logging.Formatter):
         "result",
         "applied",
         "skipped",
+        "rejected",
+        "base",
         "attempts",
     )
 

@@ -2,8 +2,9 @@
 
 Every well-formed message of a batch is one delta (``Delta.from_obj``: id, collection,
 upserts, deletes); they are compacted together under the configured lease lock, so a
-batch costs one publish. Malformed messages fail alone; if the compaction itself fails,
-the batch's deltas are reported as failures and come back.
+batch costs one publish. Malformed messages, and deltas chroma would refuse (checked
+first, isolated if chroma raises anyway), fail alone as poison; if the compaction itself
+fails, the batch's deltas are reported as failures and come back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from chroma_snapshots.aws_lambda.common import Results, SqsHandler
 from chroma_snapshots.compaction import Delta, compact
 from chroma_snapshots.config import LambdaConfig, open_store, remote_for
 from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
 from chroma_snapshots.stores.base import SnapshotStore
 
@@ -69,11 +71,16 @@ class CompactionHandler(SqsHandler):
             return
         fields.update(
             version=result.info.version if result.info else None,
+            base=result.base,
             applied=list(result.applied),
             skipped=list(result.skipped),
+            rejected=sorted(result.rejected),
             attempts=result.attempts,
         )
-        yield from ((mid, None) for mid, _ in deltas)
+        for mid, d in deltas:
+            reason = result.rejected.get(d.id)
+            # a rejected delta fails alone, as poison: chroma refuses it on every delivery
+            yield mid, None if reason is None else InvalidInputError(f"delta {d.id}: {reason}")
 
 
 def __getattr__(name: str) -> Any:

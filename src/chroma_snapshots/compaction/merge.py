@@ -1,16 +1,14 @@
-"""Compaction: merge deltas into the latest snapshot under optimistic concurrency.
+"""``compact``: apply deltas to the latest version and publish with compare-and-swap.
 
-``compact`` checks out the latest version, applies deltas (upserts and deletes, given as
-records or read from a delta snapshot with ``snapshot_deltas``) with chroma, and
-publishes with ``expected=<the version it started from>``; if another compactor
-published first, it starts again from the new latest. Every applied delta id
-is recorded in the manifest, so a redelivered delta (an SQS retry) is skipped rather
-than applied again over newer data. A lease lock only saves wasted work.
+A delta chroma would refuse is rejected alone (``CompactionResult.rejected``), never the
+batch: deltas are checked against chroma's rules and each collection's dimension first,
+and if chroma still raises, the delta it raised on is set aside and the others are
+applied again to a fresh copy of the base.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import sqlite3
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -19,64 +17,32 @@ from pathlib import Path
 from typing import Any, cast
 
 import chromadb
+import chromadb.errors
 
-from chroma_snapshots.chroma import client_settings, close_client, open_client, publish_client
-from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
+from chroma_snapshots.chroma import (
+    client_settings,
+    close_client,
+    collection_dimensions,
+    open_client,
+    publish_client,
+)
+from chroma_snapshots.compaction.deltas import Delta, Record, dimension_problem, problem
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
+from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
-from chroma_snapshots.errors import ConflictError, InvalidInputError, SnapshotNotFoundError
+from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 from chroma_snapshots.locking import LeaseLock
 from chroma_snapshots.stores.base import SnapshotStore
 
+log = logging.getLogger(__name__)
 MAX_APPLIED = 10_000  # delta ids remembered in the manifest (older ones can't be redelivered)
 
 
 @dataclass(frozen=True)
-class Record:
-    """One record to upsert: id, embedding, and optional document and metadata."""
-
-    id: str
-    embedding: tuple[float, ...]
-    document: str | None = None
-    metadata: Mapping[str, str | int | float | bool] | None = None
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A unit of work for one collection, identified by ``id`` for idempotence."""
-
-    id: str
-    collection: str
-    upserts: tuple[Record, ...] = ()
-    deletes: tuple[str, ...] = ()
-
-    @classmethod
-    def from_obj(cls, obj: object) -> Delta:
-        """Parse a delta from decoded JSON (an SQS message body); InvalidInputError if malformed."""
-        try:
-            assert isinstance(obj, dict)
-            upserts = tuple(_record(r) for r in obj.get("upserts", []))
-            deletes = tuple(str(i) for i in obj.get("deletes", []))
-            delta = cls(str(obj["id"]), str(obj["collection"]), upserts, deletes)
-        except (AssertionError, KeyError, TypeError, ValueError) as e:
-            raise InvalidInputError(f"malformed delta: {e!r}") from e
-        if not delta.id or not delta.collection:
-            raise InvalidInputError("a delta needs an id and a collection")
-        return delta
-
-
-def _record(r: Any) -> Record:
-    emb = tuple(float(x) for x in r["embedding"])
-    if not emb or not all(math.isfinite(x) for x in emb):
-        raise ValueError("embedding must be a non-empty list of finite numbers")
-    meta = r.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        raise TypeError("metadata must be an object")
-    return Record(str(r["id"]), emb, r.get("document"), meta)
-
-
-@dataclass(frozen=True)
 class CompactionResult:
-    """What ``compact`` did: the version it published (None if nothing was new)."""
+    """What ``compact`` did: the version it published (None if nothing was new), the base
+    version it applied the deltas to (``applied`` deltas' idempotency key is their id plus
+    this base), and the deltas chroma would refuse, with the reason (never applied)."""
 
     info: SnapshotInfo | None
     applied: tuple[str, ...]
@@ -84,6 +50,8 @@ class CompactionResult:
     attempts: int
     fence: int | None = None
     conflicts: list[str] = field(default_factory=list)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    base: str | None = None
 
 
 def snapshot_deltas(
@@ -128,6 +96,10 @@ def compact(
 ) -> CompactionResult:
     """Apply ``deltas`` to the latest version of ``name`` and publish the result (CAS).
 
+    With ``lock``, each attempt holds the lease, renews it while it works (until the
+    deadline) and releases it after; a release that fails (the lease lapsed and was taken
+    over) is logged, never raised: the publish, if it happened, stands.
+
     ``vacuum`` rewrites ``chroma.sqlite3`` compactly before publishing: about 20% smaller,
     but every page moves, so that version costs readers a near-full download of the sqlite
     file. Leave it off for routine compactions (docs/CHROMA.md has the measurements).
@@ -136,14 +108,14 @@ def compact(
     conflicts: list[str] = []
     for attempt in range(1, max_retries + 1):
         lease = lock.acquire(timeout=min(lock_timeout, dl.remaining())) if lock else None
+        fence = lease.generation if lease else None
         try:
-            fence = lease.generation if lease else None
-            return _attempt(store, name, deltas, attempt, fence, dl, conflicts, vacuum)
+            if lock is None or lease is None:
+                return _attempt(store, name, deltas, attempt, fence, dl, conflicts, vacuum)
+            with lock.kept(lease, remaining=dl.remaining):
+                return _attempt(store, name, deltas, attempt, fence, dl, conflicts, vacuum)
         except ConflictError as e:
             conflicts.append(str(e))
-        finally:
-            if lock is not None and lease is not None:
-                lock.release(lease)
     raise ConflictError(f"compaction of {name} lost {max_retries} races in a row: {conflicts[-1]}")
 
 
@@ -153,7 +125,7 @@ def _attempt(
     deltas: Sequence[Delta],
     attempt: int,
     fence: int | None,
-    dl: Any,
+    dl: Deadline,
     conflicts: list[str],
     vacuum: bool,
 ) -> CompactionResult:
@@ -162,30 +134,107 @@ def _attempt(
     except SnapshotNotFoundError:
         base = None
     done = applied_ids(base)
-    todo = [d for d in deltas if d.id not in set(done)]
-    skipped = tuple(d.id for d in deltas if d.id in set(done))
+    seen = set(done)
+    skipped = tuple(d.id for d in deltas if d.id in seen)
+    rejected: dict[str, str] = {}
+    todo = _checked([d for d in deltas if d.id not in seen], rejected)
+    base_version = base.version if base else None
+
+    def result(info: SnapshotInfo | None, applied: Sequence[Delta]) -> CompactionResult:
+        ids = tuple(d.id for d in applied)
+        return CompactionResult(
+            info, ids, skipped, attempt, fence, conflicts, rejected, base_version
+        )
+
     if not todo:
-        return CompactionResult(None, (), skipped, attempt, fence, conflicts)
+        return result(None, ())
     with tempfile.TemporaryDirectory(prefix="chroma-snapshots-compact-") as tmp:
         db = Path(tmp) / "db"
-        if base is not None:
-            store.checkout(name, base.version, db, deadline=dl)
-        _apply(db, todo)
+        todo = _apply_isolated(store, name, base_version, db, todo, rejected, dl)
+        if not todo:
+            return result(None, ())
         if vacuum:
             _vacuum(db / "chroma.sqlite3")
-        meta = {
-            "compaction": {"applied": (done + [d.id for d in todo])[-MAX_APPLIED:], "fence": fence}
-        }
+        applied = (done + [d.id for d in todo])[-MAX_APPLIED:]
         info = publish_client(
             store,
             name,
             db,
-            expected=base.version if base else None,
-            metadata=meta,
+            expected=base_version,
+            metadata={"compaction": {"applied": applied, "fence": fence}},
             deadline=dl,
             message=f"compacted {len(todo)} deltas",
         )
-    return CompactionResult(info, tuple(d.id for d in todo), skipped, attempt, fence, conflicts)
+    return result(info, todo)
+
+
+def _checked(deltas: list[Delta], rejected: dict[str, str]) -> list[Delta]:
+    """The deltas chroma's rules accept; the others go to ``rejected`` with the reason."""
+    ok = []
+    for d in deltas:
+        bad = problem(d)
+        if bad is None:
+            ok.append(d)
+        else:
+            _reject(d, bad, rejected)
+    return ok
+
+
+def _reject(delta: Delta, reason: str, rejected: dict[str, str]) -> None:
+    log.warning("delta %s rejected: %s", delta.id, reason)
+    rejected[delta.id] = reason
+
+
+def _checkout(store: SnapshotStore, name: str, base: str | None, db: Path, dl: Deadline) -> None:
+    remove_tree(db)
+    if base is not None:
+        store.checkout(name, base, db, deadline=dl)
+
+
+def _apply_isolated(
+    store: SnapshotStore,
+    name: str,
+    base: str | None,
+    db: Path,
+    todo: list[Delta],
+    rejected: dict[str, str],
+    dl: Deadline,
+) -> list[Delta]:
+    """Check out ``base`` at ``db`` and apply ``todo``; return the deltas applied.
+
+    Deltas whose embeddings do not fit their collection's dimension are rejected first.
+    If chroma refuses a delta anyway, that delta is rejected and the others are applied
+    again to a fresh checkout (the refused one may have been half applied): each round
+    removes one delta, so this ends, and a good delta is never refused for a bad one."""
+    _checkout(store, name, base, db, dl)
+    todo = _fitting(todo, collection_dimensions(db) if base else {}, rejected)
+    while todo:
+        failed = _apply(db, todo)
+        if failed is None:
+            return todo
+        index, error = failed
+        _reject(todo[index], f"chroma refused it: {type(error).__name__}: {error}", rejected)
+        todo = todo[:index] + todo[index + 1 :]
+        _checkout(store, name, base, db, dl)
+    return todo
+
+
+def _fitting(
+    deltas: list[Delta], dims: Mapping[str, int | None], rejected: dict[str, str]
+) -> list[Delta]:
+    """The deltas whose embedding dimension fits their collection (the first delta to upsert
+    into a collection without a dimension sets it, as chroma does)."""
+    dims = dict(dims)
+    ok = []
+    for d in deltas:
+        bad = dimension_problem(d, dims.get(d.collection))
+        if bad is not None:
+            _reject(d, bad, rejected)
+            continue
+        if d.upserts and dims.get(d.collection) is None:
+            dims[d.collection] = len(d.upserts[0].embedding)
+        ok.append(d)
+    return ok
 
 
 def _vacuum(sqlite_file: Path) -> None:
@@ -196,21 +245,38 @@ def _vacuum(sqlite_file: Path) -> None:
         db.close()
 
 
-def _apply(db: Path, deltas: Sequence[Delta]) -> None:
+def _apply(db: Path, deltas: Sequence[Delta]) -> tuple[int, Exception] | None:
+    """Apply ``deltas`` in order; the index of the first one chroma refused, and why."""
     client = chromadb.PersistentClient(path=str(db), settings=client_settings())
     try:
-        for d in deltas:
-            col = client.get_or_create_collection(d.collection, embedding_function=None)
-            if d.upserts:
-                col.upsert(
-                    ids=[r.id for r in d.upserts],
-                    embeddings=cast(Any, [list(r.embedding) for r in d.upserts]),
-                    documents=[r.document or "" for r in d.upserts],
-                    metadatas=cast(
-                        Any, [dict(r.metadata) if r.metadata else None for r in d.upserts]
-                    ),
-                )
-            if d.deletes:
-                col.delete(ids=list(d.deletes))
+        for i, d in enumerate(deltas):
+            try:
+                _apply_one(client, d)
+            except Exception as e:
+                if not _refused(e):
+                    raise
+                return i, e
     finally:
         close_client(client)
+    return None
+
+
+def _apply_one(client: Any, d: Delta) -> None:
+    col = client.get_or_create_collection(d.collection, embedding_function=None)
+    if d.upserts:
+        col.upsert(
+            ids=[r.id for r in d.upserts],
+            embeddings=cast(Any, [list(r.embedding) for r in d.upserts]),
+            documents=[r.document or "" for r in d.upserts],
+            metadatas=cast(Any, [dict(r.metadata) if r.metadata else None for r in d.upserts]),
+        )
+    if d.deletes:
+        col.delete(ids=list(d.deletes))
+
+
+def _refused(e: Exception) -> bool:
+    """Whether chroma refused a delta's content (its fault), not failed for itself or its
+    disk (no other delta would fare better: the whole attempt fails)."""
+    if isinstance(e, (OSError, chromadb.errors.InternalError)):
+        return False
+    return isinstance(e, (ValueError, TypeError, chromadb.errors.ChromaError))
