@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
+import boto3
+import fsspec
 import pytest
 
 from chroma_snapshots import Backend, ConfigError, open_backend
@@ -15,10 +18,34 @@ from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import BackendTests
 
 
-class TestFileBackend(BackendTests):
+class FilesOnDisk(BackendTests):
+    """Backends that keep each object as a file below a root folder."""
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        assert isinstance(backend, FileBackend)
+        path = backend.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def raw_get(self, backend: Backend, key: str) -> bytes:
+        assert isinstance(backend, FileBackend)
+        return (backend.root / key).read_bytes()
+
+
+class TestFileBackend(FilesOnDisk):
     @pytest.fixture
     def backend(self, tmp_path: Path) -> Backend:
         return FileBackend(tmp_path / "store")
+
+
+class TestGuardedEfsBackend(FilesOnDisk):
+    """efs:// runs every filesystem call in a guarded worker process (a hung mount costs the
+    call's budget, not the caller): the same behaviour as a plain folder."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Backend:
+        (tmp_path / "mount").mkdir()
+        return open_backend(f"efs://{tmp_path}/mount")
 
 
 class TestMemoryBackend(BackendTests):
@@ -26,20 +53,56 @@ class TestMemoryBackend(BackendTests):
     def backend(self) -> Backend:
         return open_backend(f"memory://test-{uuid.uuid4().hex}")
 
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        assert isinstance(backend, FsspecBackend)
+        fsspec.filesystem("memory").pipe_file(f"{backend.root}/{key}", data)
 
-class TestS3Backend(BackendTests):
+    def raw_get(self, backend: Backend, key: str) -> bytes:
+        assert isinstance(backend, FsspecBackend)
+        return bytes(fsspec.filesystem("memory").cat_file(f"{backend.root}/{key}"))
+
+
+class InBucket(BackendTests):
+    """Backends on the moto server's bucket, read and written out of band with a client of
+    their own."""
+
+    bucket = ""
+    prefix = ""
+
+    @pytest.fixture
+    def client(self, moto_server: MotoServer) -> Any:
+        return boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
+
+    @pytest.fixture(autouse=True)
+    def _keep_client(self, client: Any) -> None:
+        self._client = client
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}", Body=data)
+
+    def raw_get(self, backend: Backend, key: str) -> bytes:
+        got = self._client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")
+        return bytes(got["Body"].read())
+
+
+class TestS3Backend(InBucket):
+    prefix = "some/prefix"
+
     @pytest.fixture
     def backend(self, moto_server: MotoServer, s3_bucket: str) -> Backend:
-        return S3Backend(
-            s3_bucket, "some/prefix", settings=S3Settings(endpoint_url=moto_server.endpoint_url)
-        )
+        self.bucket = s3_bucket
+        settings = S3Settings(endpoint_url=moto_server.endpoint_url)
+        return S3Backend(s3_bucket, self.prefix, settings=settings)
 
 
-class TestS3fsBackend(BackendTests):
+class TestS3fsBackend(InBucket):
+    prefix = "pre"
+
     @pytest.fixture
     def backend(self, moto_server: MotoServer, s3_bucket: str) -> Backend:
+        self.bucket = s3_bucket
         return FsspecBackend.from_url(
-            f"s3://{s3_bucket}/pre",
+            f"s3://{s3_bucket}/{self.prefix}",
             client_kwargs={"endpoint_url": moto_server.endpoint_url},
             skip_instance_cache=True,
         )

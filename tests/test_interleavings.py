@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from interleave import Gate, Killed, MemoryBackend, Outcome, Schedule, plans, ru
 from reliability import LONG, record
 
 from chroma_snapshots import ANY, RemoteStore, StoreConfig, open_remote
-from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.backends.base import Backend, ObjectMeta
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import BackendTests, read_tree, write_tree
@@ -360,3 +361,12 @@ class TestScheduleMemoryBackend(BackendTests):
     @pytest.fixture
     def backend(self) -> Backend:
         return MemoryBackend()
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        assert isinstance(backend, MemoryBackend)
+        meta = ObjectMeta(key, len(data), f"raw-{key}-{len(data)}", time.time())
+        backend._objects[key] = (data, meta)
+
+    def raw_get(self, backend: Backend, key: str) -> bytes:
+        assert isinstance(backend, MemoryBackend)
+        return backend._objects[key][0]

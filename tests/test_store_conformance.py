@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from chroma_snapshots import RemoteStore, SnapshotStore, open_backend
+from chroma_snapshots import FallbackStore, RemoteStore, SnapshotStore, open_backend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import SnapshotStoreTests
@@ -33,3 +33,29 @@ class TestS3Store(SnapshotStoreTests):
     def store(self, moto_server: MotoServer, s3_bucket: str) -> SnapshotStore:
         settings = S3Settings(endpoint_url=moto_server.endpoint_url)
         return RemoteStore(S3Backend(s3_bucket, "snapshots", settings=settings), **SMALL)
+
+
+class TestGuardedEfsStore(SnapshotStoreTests):
+    """A store on efs://: every filesystem call in a guarded worker process."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> SnapshotStore:
+        (tmp_path / "mount").mkdir()
+        return RemoteStore(open_backend(f"efs://{tmp_path}/mount"), **SMALL)
+
+
+class TestFallbackStore(SnapshotStoreTests):
+    """Two stores, publishes mirrored from the first: reads fail over from one to the other."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> SnapshotStore:
+        stores = [RemoteStore(open_backend(f"file://{tmp_path}/{n}"), **SMALL) for n in "ab"]
+        return FallbackStore(stores, primary=0, mirror=True)
+
+    def remote_of(self, store: SnapshotStore) -> RemoteStore:
+        assert isinstance(store, FallbackStore)
+        return store.primary
+
+    def remotes_of(self, store: SnapshotStore) -> list[RemoteStore]:
+        assert isinstance(store, FallbackStore)
+        return list(store.stores)

@@ -1,19 +1,22 @@
 """Storage backends and the lazy URL-scheme registry (after fsspec's).
 
 Backends are imported only when a URL needs them, so a Lambda package that
-only talks to S3 never imports fsspec.
+only talks to S3 never imports fsspec. A third-party backend plugs in with
+:func:`register_backend` or an entry point in the ``chroma_snapshots.backends`` group
+(name: the scheme; value: ``package.module:factory``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.errors import ConfigError, InvalidInputError
 
 if TYPE_CHECKING:
     from chroma_snapshots.backends.s3 import (
@@ -28,17 +31,48 @@ __all__ = [
     "PutMode",
     "check_store_url",
     "open_backend",
+    "register_backend",
     "registered_schemes",
 ]
 
-# scheme -> (module, factory function, extra that provides its dependencies)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "s3": ("chroma_snapshots.backends.registry_factories", "s3", None),
-    "file": ("chroma_snapshots.backends.registry_factories", "file", None),
-    "efs": ("chroma_snapshots.backends.registry_factories", "efs", None),
-    "memory": ("chroma_snapshots.backends.registry_factories", "fsspec", "fsspec"),
+_BUILTIN = "chroma_snapshots.backends.registry_factories"
+# scheme -> ("module:factory", the pip extra that provides its dependencies)
+_REGISTRY: dict[str, tuple[str, str | None]] = {
+    "s3": (f"{_BUILTIN}:s3", None),
+    "file": (f"{_BUILTIN}:file", None),
+    "efs": (f"{_BUILTIN}:efs", None),
+    "memory": (f"{_BUILTIN}:fsspec", "fsspec"),
 }
+_FSSPEC = _REGISTRY["memory"]  # any scheme nobody registered is tried as an fsspec protocol
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+ENTRY_POINT_GROUP = "chroma_snapshots.backends"
+
+
+def register_backend(
+    scheme: str, factory: str, *, extra: str | None = None, replace: bool = False
+) -> None:
+    """Open ``scheme://`` URLs with ``factory``, given as ``"package.module:function"`` and
+    imported on first use. The function is called as ``function(url, opts, **options)``
+    (``opts``: the :class:`OpenOptions`; ``options``: the rest of ``open_backend``'s keyword
+    arguments, for this backend alone) and returns a :class:`Backend`. ``extra``: what to
+    ``pip install`` when its import fails. Replacing a registered scheme needs ``replace``."""
+    if not _SCHEME.fullmatch(f"{scheme}:"):
+        raise InvalidInputError(f"backend scheme {scheme!r} is not a URL scheme (e.g. 'gcs')")
+    if not _TARGET.fullmatch(factory):
+        raise InvalidInputError(f"backend factory {factory!r} is not 'package.module:function'")
+    if scheme in _REGISTRY and not replace:
+        raise InvalidInputError(f"backend scheme {scheme!r} is already registered")
+    _REGISTRY[scheme] = (factory, extra)
+
+
+def _registered(scheme: str) -> tuple[str, str | None]:
+    """The scheme's registration: explicit, then an installed entry point, then fsspec."""
+    if scheme not in _REGISTRY:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=scheme):
+            register_backend(scheme, ep.value, extra=ep.dist.name if ep.dist else None)
+            break
+    return _REGISTRY.get(scheme, _FSSPEC)
 
 
 @dataclass(frozen=True)
@@ -94,11 +128,19 @@ def open_backend(url: str, **options: Any) -> Backend:
     common = {k: options.pop(k) for k in OpenOptions.__dataclass_fields__ if k in options}
     opts = OpenOptions(**common)
     scheme = urlsplit(url).scheme if "://" in url else "file"
-    module, func, extra = _REGISTRY.get(scheme, _REGISTRY["memory"])
+    target, extra = _registered(scheme)
+    module, func = target.split(":")
     try:
-        factory = getattr(importlib.import_module(module), func)
-        backend: Backend = factory(url, opts, **options)
+        factory = getattr(importlib.import_module(module), func, None)
+        if factory is None:
+            raise ConfigError(f"store URL {url!r}: backend factory {target!r} does not exist")
+        backend: Backend = factory(url, opts, **options)  # factories import their packages
     except ImportError as e:
-        hint = f"pip install 'chroma-snapshots[{extra}]'" if extra else "reinstall chroma-snapshots"
+        if extra is None:
+            hint = "reinstall chroma-snapshots"
+        elif module == _BUILTIN:
+            hint = f"pip install 'chroma-snapshots[{extra}]'"
+        else:
+            hint = f"pip install '{extra}'"
         raise ConfigError(f"store URL {url!r} needs {e.name or 'a missing package'}: {hint}") from e
     return backend

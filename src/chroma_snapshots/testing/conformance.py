@@ -70,6 +70,32 @@ class BackendTests:
     def backend(self) -> Backend:
         raise NotImplementedError("subclass BackendTests and provide a backend fixture")
 
+    # Out of band: the storage itself, not through the backend (the files on disk, the
+    # bucket through another client), so a bug symmetric in put and get cannot hide.
+
+    def raw_put(self, backend: Backend, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key`` without going through ``backend``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement raw_put")
+
+    def raw_get(self, backend: Backend, key: str) -> bytes:
+        """The bytes stored at ``key``, read without going through ``backend``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement raw_get")
+
+    def test_what_is_put_is_stored(self, backend: Backend) -> None:
+        data = bytes(range(256)) * 40
+        backend.put("oob/put.bin", data)
+        assert self.raw_get(backend, "oob/put.bin") == data
+        backend.put("oob/put.bin", b"second", mode=PutMode.OVERWRITE)
+        assert self.raw_get(backend, "oob/put.bin") == b"second"
+
+    def test_what_is_stored_is_got(self, backend: Backend) -> None:
+        data = os.urandom(10_000)
+        self.raw_put(backend, "oob/raw.bin", data)
+        assert backend.get("oob/raw.bin").data == data
+        assert backend.get("oob/raw.bin", byte_range=(100, 200)).data == data[100:200]
+        assert backend.head("oob/raw.bin").size == len(data)
+        assert [m.key for m in backend.list("oob/")] == ["oob/raw.bin"]
+
     def test_put_get_head(self, backend: Backend) -> None:
         meta = backend.put("a/b.bin", b"hello world")
         got = backend.get("a/b.bin")
@@ -208,6 +234,11 @@ class SnapshotStoreTests:
         assert isinstance(store, RemoteStore), f"override remote_of for {type(store).__name__}"
         return store
 
+    def remotes_of(self, store: SnapshotStore) -> list[RemoteStore]:
+        """Every RemoteStore ``store`` may serve from (the damage tests damage each one);
+        override for a store that fails over between several."""
+        return [self.remote_of(store)]
+
     def _tree(self, tmp_path: Path) -> Path:
         rng = random.Random(7)
         return write_tree(
@@ -299,13 +330,11 @@ class SnapshotStoreTests:
     def test_verify_detects_damage(self, store: SnapshotStore, tmp_path: Path) -> None:
         info = store.publish("db", self._tree(tmp_path))
         assert store.verify("db", info.version).ok
-        remote = self.remote_of(store)
-        backend = remote.backend
-        manifest = remote.load_manifest("db", info.version)
-        pack = sorted(manifest.packs)[0]
-        data = bytearray(backend.get(pack_key("db", pack)).data)
-        data[len(data) // 2] ^= 0x01
-        backend.put(pack_key("db", pack), bytes(data))
+        for remote in self.remotes_of(store):
+            pack = sorted(remote.load_manifest("db", info.version).packs)[0]
+            data = bytearray(remote.backend.get(pack_key("db", pack)).data)
+            data[len(data) // 2] ^= 0x01
+            remote.backend.put(pack_key("db", pack), bytes(data))
         report = store.verify("db", info.version)
         assert not report.ok
         assert any("mismatch" in p for p in report.problems)
@@ -334,11 +363,13 @@ class SnapshotStoreTests:
 
     def test_refs_are_validated(self, store: SnapshotStore, tmp_path: Path) -> None:
         store.publish("db", self._tree(tmp_path))
-        backend = self.remote_of(store).backend
-        backend.put("db/refs/latest", b'{"version": "../../etc"}')
+        backends = [r.backend for r in self.remotes_of(store)]
+        for backend in backends:
+            backend.put("db/refs/latest", b'{"version": "../../etc"}')
         with pytest.raises(IntegrityError):
             store.resolve("db")
         good = RefValue("20200101T000000000000Z-000000000000", 1, datetime.now(timezone.utc))
-        backend.put("db/refs/latest", good.to_json())
+        for backend in backends:
+            backend.put("db/refs/latest", good.to_json())
         with pytest.raises(SnapshotNotFoundError):
             store.resolve("db")
