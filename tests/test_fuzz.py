@@ -82,7 +82,8 @@ JSONISH = st.recursive(
 @pytest.fixture(scope="module")
 def valid_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     src = write_tree(tmp_path_factory.mktemp("src"), {"a.bin": os.urandom(5000), "d/b": b"b"})
-    store = RemoteStore(open_backend(f"memory://fz-{uuid.uuid4().hex}"), chunk_size=4096)
+    backend = open_backend(f"memory://fz-{uuid.uuid4().hex}")
+    store = RemoteStore(backend, chunk_size=4096, manifest_format=1)  # JSON to mutate
     v = store.publish("db", src).version
     data: dict[str, object] = json.loads(store.backend.get(manifest_key("db", v)).data)
     return data

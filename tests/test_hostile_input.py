@@ -58,7 +58,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
 
 def _store(url: str, signed: bool = False) -> RemoteStore:
     signer = Signer.from_spec(KEY) if signed else None
-    return RemoteStore(open_backend(url), chunk_size=4096, signer=signer)
+    # format 1: these cases edit the manifest's JSON (test_format_v2 covers format 2)
+    return RemoteStore(open_backend(url), chunk_size=4096, signer=signer, manifest_format=1)
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:

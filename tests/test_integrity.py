@@ -26,9 +26,9 @@ from chroma_snapshots.testing.conformance import write_tree
 
 @pytest.fixture
 def store() -> RemoteStore:
-    return RemoteStore(
-        open_backend(f"memory://i-{uuid.uuid4().hex}"), chunk_size=4096, pack_target=8192
-    )
+    # format 1: these cases edit the manifest's JSON (test_format_v2 covers format 2)
+    backend = open_backend(f"memory://i-{uuid.uuid4().hex}")
+    return RemoteStore(backend, chunk_size=4096, pack_target=8192, manifest_format=1)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zstandard
 
+from chroma_snapshots.engine import delta
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.validation import (
     MAX_CHUNK_SIZE,
@@ -145,7 +146,8 @@ class PackWriter:
         self._target = target
         self._compressor = zstandard.ZstdCompressor(level=level) if level is not None else None
         self._buf = bytearray()
-        self._pending: list[tuple[str, int, int, int, str]] = []
+        self._level = 3 if level is None else level
+        self._pending: list[tuple[str, int, int, int, str, str | None]] = []
         self.chunks: dict[str, Chunk] = {}
         self.packs: list[str] = []
         self._added: set[str] = set()
@@ -153,15 +155,23 @@ class PackWriter:
     def __contains__(self, digest: str) -> bool:
         return digest in self._added
 
-    def add(self, digest: str, raw: bytes) -> None:
-        """Store one new chunk (the caller has checked it is not already stored)."""
+    def add(self, digest: str, raw: bytes, base: tuple[str, bytes] | None = None) -> None:
+        """Store one new chunk (the caller has checked it is not already stored).
+
+        With ``base`` (hash, bytes: the parent's chunk at the same file offset) and
+        compression on, the chunk is stored as a delta against it when that takes less
+        than half of what the chunk alone would."""
         self._added.add(digest)
-        data, codec = raw, "none"
+        data, codec, base_hash = raw, "none", None
         if self._compressor is not None:
             packed = self._compressor.compress(raw)
             if len(packed) < len(raw) * _MIN_SAVING:
                 data, codec = packed, "zstd"
-        self._pending.append((digest, len(self._buf), len(data), len(raw), codec))
+            if base is not None and base[0] != digest:
+                patch = delta.encode(raw, base[1], self._level)
+                if len(patch) * 2 < len(data):
+                    data, codec, base_hash = patch, delta.CODEC, base[0]
+        self._pending.append((digest, len(self._buf), len(data), len(raw), codec, base_hash))
         self._buf += data
         if len(self._buf) >= self._target:
             self.flush()
@@ -172,8 +182,8 @@ class PackWriter:
             return
         data = bytes(self._buf)
         pack_id = sha256_hex(data)
-        for digest, offset, length, size, codec in self._pending:
-            self.chunks[digest] = Chunk(digest, pack_id, offset, length, size, codec)
+        for digest, offset, length, size, codec, base in self._pending:
+            self.chunks[digest] = Chunk(digest, pack_id, offset, length, size, codec, base)
         self._pending.clear()
         self._buf = bytearray()
         self.packs.append(pack_id)
@@ -209,7 +219,10 @@ def _unzstd(c: Chunk, stored: bytes | memoryview) -> bytes:
 def decode_chunk(c: Chunk, stored: bytes | memoryview) -> bytes | memoryview:
     """Decompress one stored chunk and verify its hash; IntegrityError on any mismatch.
 
-    An uncompressed chunk comes back as ``stored`` itself (no copy)."""
+    An uncompressed chunk comes back as ``stored`` itself (no copy). A delta needs its
+    base: see ``delta.decode``."""
+    if c.base is not None:
+        raise IntegrityError(f"chunk {c.hash[:12]} is a delta: it needs its base to decode")
     if len(stored) != c.length:
         raise IntegrityError(
             f"chunk {c.hash[:12]}: {len(stored)} stored bytes, expected {c.length}"

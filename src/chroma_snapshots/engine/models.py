@@ -1,9 +1,11 @@
 """Frozen value types and their canonical JSON forms.
 
 Manifests and refs come from storage anyone with bucket access can write, so
-parsing validates everything (paths, sizes, hashes, format version) before a
-single byte touches the disk. Canonical JSON (sorted keys, compact, UTF-8, only
-integers for sizes) makes a manifest's bytes, and so its version id, stable.
+parsing validates everything (paths, sizes, hashes, format version, delta chains)
+before a single byte touches the disk. Canonical JSON (sorted keys, compact, UTF-8,
+only integers for sizes) makes a format 1 manifest's bytes, and so its version id,
+stable; format 2 manifests (compact binary, written by default) are encoded and
+parsed by ``manifest_v2``, which reads and writes both formats.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from chroma_snapshots.engine.validation import (
     sha256_hex,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
+
+MANIFEST_FORMAT = 2  # what new manifests are written in (manifest_v2); 1 stays readable
+DELTA_CODEC = "zdelta"
 
 
 @dataclass(frozen=True, order=True)
@@ -73,7 +78,10 @@ _CHUNK_FIELDS = {"pack", "offset", "length", "size", "codec"}
 
 @dataclass(frozen=True)
 class Chunk:
-    """Where one chunk lives: ``length`` stored bytes at ``offset`` in ``pack``."""
+    """Where one chunk lives: ``length`` stored bytes at ``offset`` in ``pack``.
+
+    A ``zdelta`` chunk (format 2 only) is zstd with the bytes of chunk ``base`` (another
+    entry of the same manifest's table) as raw-content dictionary."""
 
     hash: str
     pack: str
@@ -81,8 +89,11 @@ class Chunk:
     length: int
     size: int
     codec: str = "none"
+    base: str | None = None
 
     def to_obj(self) -> dict[str, Any]:
+        if self.base is not None:
+            raise InvalidInputError(f"chunk {self.hash[:12]}: format 1 cannot hold a delta")
         return {
             "pack": self.pack,
             "offset": self.offset,
@@ -164,6 +175,11 @@ class Manifest:
     publisher: str = ""
     message: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = MANIFEST_FORMAT
+    # The bytes a stored manifest was parsed from (set by manifest_v2.loads): copying it
+    # elsewhere must reproduce them exactly, whatever zstd build would re-encode it. Not an
+    # init field, so ``dataclasses.replace`` never carries them over to a changed manifest.
+    stored: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def total_size(self) -> int:
@@ -176,7 +192,8 @@ class Manifest:
         return frozenset(c.pack for c in self.chunks.values())
 
     def to_json(self) -> bytes:
-        """Canonical JSON bytes; ``version_id`` hashes exactly these."""
+        """Format 1: canonical JSON bytes (InvalidInputError if a chunk is a delta).
+        ``manifest_v2.dumps`` writes a manifest in its own format."""
         return canonical_json(
             {
                 "format": FORMAT_VERSION,
@@ -195,7 +212,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        """Parse and fully validate manifest bytes; IntegrityError on anything unexpected."""
+        """Parse and fully validate format 1 bytes; IntegrityError on anything unexpected.
+        ``manifest_v2.loads`` reads either format."""
         raw = val.loads_json(data, "manifest", MAX_MANIFEST_BYTES)
         o = val.as_obj(raw, "manifest", _MANIFEST_KEYS)
         if o["format"] != FORMAT_VERSION:
@@ -227,6 +245,7 @@ class Manifest:
             val.as_str(o["publisher"], "publisher"),
             val.as_opt_str(o["message"], "message"),
             val.as_obj(o["metadata"], "metadata", None),
+            FORMAT_VERSION,
         )
         m.validate()
         return m
@@ -240,11 +259,19 @@ class Manifest:
         if self.parent is not None and not VersionId.is_version(self.parent):
             raise IntegrityError(f"bad parent version {self.parent!r}")
         _check_tree([f.path for f in self.files], list(self.dirs))
+        if self.format_version not in (FORMAT_VERSION, MANIFEST_FORMAT):
+            raise IntegrityError(f"manifest format {self.format_version!r} is not supported")
         used: set[str] = set()
         for f in self.files:
             _check_file_chunks(f, self.chunks, self.chunk_size)
             used.update(f.chunks)
-        if used != set(self.chunks):
+        bases = {}
+        for h, c in self.chunks.items():
+            if (c.codec == DELTA_CODEC) != (c.base is not None) or c.hash != h:
+                raise IntegrityError(f"chunk {h[:12]}: codec {c.codec!r} and base disagree")
+            bases[h] = c.base
+        # Every entry is used by a file or is a link of a used chunk's delta chain.
+        if val.check_chains(bases, used) != set(self.chunks):
             raise IntegrityError("chunk table lists chunks no file uses")
 
 

@@ -372,9 +372,11 @@ def place_local(
     *,
     executor: Executor,
     deadline: Deadline,
+    close: bool = True,
 ) -> list[Chunk]:
     """Fill what local copies can, in parallel slices (hashing releases the GIL); return
-    the chunks that still have to be downloaded."""
+    the chunks that still have to be downloaded. ``close=False`` leaves ``local`` open
+    for the caller to close (it still reads delta bases from it)."""
     wanted = list(placer.targets)
     if local is None:
         return [placer.manifest.chunks[h] for h in wanted]
@@ -396,6 +398,7 @@ def place_local(
     try:
         found = wait_all([executor.submit(fill, p) for p in parts], deadline, "reusing chunks")
     finally:
-        local.close()  # an abandoned slice then reads nothing more (see LocalChunks.read)
+        if close:
+            local.close()  # an abandoned slice then reads nothing more (see LocalChunks.read)
     missing = [h for part in found for h in part]
     return [placer.manifest.chunks[h] for h in missing]

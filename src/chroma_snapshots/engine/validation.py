@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,6 +31,7 @@ MAX_CHUNKS = MAX_FILES = MAX_DIRS = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 28
 MAX_REF_BYTES = 4096  # a ref is about 200 bytes, signed or not
 MAX_METADATA_DEPTH = 32  # nesting of a manifest's free-form metadata
+MAX_CHAIN = 8  # deltas between a chunk and its keyframe: bounds what a cold reader fetches
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -173,3 +175,33 @@ def as_hex64(o: object, what: str) -> str:
     if not isinstance(o, str) or not _HEX64.fullmatch(o):
         raise IntegrityError(f"{what}: expected 64 lowercase hex digits")
     return o
+
+
+def check_chains(bases: Mapping[str, str | None], used: Iterable[str]) -> set[str]:
+    """Every entry of a chunk table (hash -> its delta base or None) that the ``used``
+    chunks need: themselves and the links of their delta chains. IntegrityError for a base
+    missing from the table, a cycle, or a chain of more than ``MAX_CHAIN`` deltas."""
+    depth: dict[str, int] = {}
+    for h in used:
+        path: list[str] = []
+        x = h
+        while x not in depth:
+            if x not in bases:
+                raise IntegrityError(f"chunk {h[:12]}: delta base {x[:12]} is not in the table")
+            base = bases[x]
+            if base is None:
+                depth[x] = 0
+                break
+            if x in path:
+                raise IntegrityError(f"chunk {h[:12]}: its delta chain is a cycle")
+            if len(path) >= MAX_CHAIN:
+                raise IntegrityError(f"chunk {h[:12]}: delta chain longer than {MAX_CHAIN}")
+            path.append(x)
+            x = base
+        d = depth[x]
+        for y in reversed(path):
+            d += 1
+            if d > MAX_CHAIN:
+                raise IntegrityError(f"chunk {h[:12]}: delta chain longer than {MAX_CHAIN}")
+            depth[y] = d
+    return set(depth)

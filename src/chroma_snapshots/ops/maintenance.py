@@ -12,6 +12,7 @@ from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
+from chroma_snapshots.engine.delta_io import check_deltas
 from chroma_snapshots.engine.models import Chunk, VersionId
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import IntegrityError, SnapshotNotFoundError
@@ -42,6 +43,12 @@ def verify(store: BackedStore, name: str, version: str, deadline: Deadline) -> V
     for c in manifest.chunks.values():
         by_pack[c.pack].append(c)
 
+    # Deltas are checked once every pack is read: their stored bytes, and the decoded
+    # bytes of keyframes that chains rest on, are kept until then.
+    bases = {c.base for c in manifest.chunks.values() if c.base is not None}
+    deltas: dict[str, bytes] = {}
+    keyframes: dict[str, bytes | memoryview] = {}
+
     def check(pack: str) -> tuple[int, list[str]]:
         try:
             data = io.get(pack_key(name, pack)).data
@@ -49,10 +56,17 @@ def verify(store: BackedStore, name: str, version: str, deadline: Deadline) -> V
             return 0, [f"pack {pack} is missing"]
         problems = [] if sha256_hex(data) == pack else [f"pack {pack}: hash mismatch"]
         for c in by_pack[pack]:
+            stored = data[c.offset : c.offset + c.length]
+            if c.base is not None:
+                deltas[c.hash] = stored
+                continue
             try:
-                decode_chunk(c, data[c.offset : c.offset + c.length])
+                raw = decode_chunk(c, stored)
             except IntegrityError as e:
                 problems.append(str(e))
+                continue
+            if c.hash in bases:
+                keyframes[c.hash] = raw
         return len(data), problems
 
     # This call's own pool (see WorkerPool): downloads a timed-out verify abandons hold
@@ -60,7 +74,9 @@ def verify(store: BackedStore, name: str, version: str, deadline: Deadline) -> V
     with WorkerPool(store.workers) as pool:
         futures = [pool.submit(within, deadline, partial(check, p)) for p in sorted(by_pack)]
         results = wait_all(futures, deadline, "verify")
-    problems = tuple(p for _, ps in results for p in ps)
+    problems = tuple(p for _, ps in results for p in ps) + tuple(
+        check_deltas(manifest.chunks, deltas, keyframes)
+    )
     return VerifyReport(
         name, version, len(by_pack), len(manifest.chunks), sum(n for n, _ in results), problems
     )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
 from chroma_snapshots.engine.keys import manifest_key, pack_key
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
@@ -52,7 +53,7 @@ def sync_version(
         with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
             d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)
         with contextlib.suppress(ConflictError):
-            d_io.put(key, manifest.to_json(), mode=PutMode.CREATE)
+            d_io.put(key, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
         if ref is not None:  # the same ref move as set_ref, last writer wins
             dst.set_ref(name, ref, version, expected=ANY, deadline=dl)
     return copied

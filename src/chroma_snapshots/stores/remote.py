@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, GetResult, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
-from chroma_snapshots.engine import keys
+from chroma_snapshots.engine import keys, manifest_v2
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -40,9 +40,11 @@ from chroma_snapshots.engine.deadline import (
     wait_all,
     within,
 )
+from chroma_snapshots.engine.delta_io import DeltaBases, place_deltas
 from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
 from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
 from chroma_snapshots.engine.models import (
+    MANIFEST_FORMAT,
     Chunk,
     FileEntry,
     Manifest,
@@ -66,6 +68,7 @@ from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
     MAX_METADATA_DEPTH,
     MAX_REF_BYTES,
+    check_chains,
     check_chunk_size,
     check_depth,
     check_name,
@@ -91,12 +94,17 @@ from chroma_snapshots.stores.base import (
 )
 from chroma_snapshots.stores.claims import Pin, note_retired
 
+# Where a publisher finds its parent version's files (see RemoteStore.publish).
+ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
+
 
 class RemoteStore(SourceStore):
     """Snapshots stored on ``backend``.
 
     ``chunk_size`` and ``compression_level`` (None: store raw) apply to new
-    publishes; readers take both from each manifest. ``default_timeout`` is the
+    publishes; readers take both from each manifest. ``manifest_format`` 2 (compact, with
+    delta chunks) is the default; 1 writes manifests readers before format 2 can read
+    (and no deltas), for a rolling upgrade. ``default_timeout`` is the
     deadline (seconds) of calls made with ``deadline=None``. ``workers`` is how many
     ranged reads (up to 8 MiB each, into one reused buffer per worker) a checkout runs at
     once: 8 fill a Lambda's network and keep a 3 GiB checkout near 260 MB of memory
@@ -114,7 +122,11 @@ class RemoteStore(SourceStore):
         default_timeout: float = 600.0,
         label: str | None = None,
         signer: Signer | None = None,
+        manifest_format: int = MANIFEST_FORMAT,
     ) -> None:
+        if manifest_format not in (1, MANIFEST_FORMAT):
+            raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
+        self.manifest_format = manifest_format
         self.backend = backend
         self.label = label or repr(backend)
         self.signer = signer
@@ -173,7 +185,7 @@ class RemoteStore(SourceStore):
             except SnapshotNotFoundError:
                 sig = None
             self.signer.verify(f"manifest:{key}", data, sig, f"manifest {key}")
-        m = Manifest.from_json(data)
+        m = manifest_v2.loads(data)
         if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
             raise IntegrityError(f"manifest {version}: content does not match its version id")
         if m.name != name:
@@ -199,7 +211,13 @@ class RemoteStore(SourceStore):
         metadata: dict[str, object] | None = None,
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
+        parent_dir: ParentDir = None,
     ) -> SnapshotInfo:
+        """As :meth:`SnapshotStore.publish`. ``parent_dir``: a directory with a copy of the
+        parent version's files (or a function from the parent's version id to one, or to
+        None): chunks that changed are then stored as deltas against the parent's chunk at
+        the same offset when that is under half their size. Every base read from it is
+        hash-verified, so a modified copy only costs deltas."""
         check_name(name)
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = _checked_metadata(metadata)
@@ -212,8 +230,15 @@ class RemoteStore(SourceStore):
         parent = current[0].version if current else None
         # The pin covers the parent and, by its time, every pack we write after it.
         with self.pinned(name, [parent] if parent else [], dl) as pin:
-            known = dict(self.load_manifest(name, parent, deadline=dl).chunks) if parent else {}
-            entries, chunks = self._upload_chunks(name, files, known, dl, stats, progress, pin)
+            pm = self.load_manifest(name, parent, deadline=dl) if parent else None
+            bases = self._delta_bases(pm, parent, parent_dir)
+            try:
+                entries, chunks = self._upload_chunks(
+                    name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
+                )
+            finally:
+                if bases is not None:
+                    bases.close()
             manifest = Manifest(
                 name,
                 utc_now(),
@@ -225,8 +250,9 @@ class RemoteStore(SourceStore):
                 _publisher(),
                 message,
                 metadata,
+                self.manifest_format,
             )
-            data = manifest.to_json()
+            data = manifest_v2.dumps(manifest)
             version = str(VersionId.for_manifest(data, manifest.created_at))
             key = manifest_key(name, version)
             self._create_once(key, data, dl)
@@ -247,6 +273,7 @@ class RemoteStore(SourceStore):
         stats: StatsRecorder,
         progress: Progress | None,
         pin: Pin,
+        bases: DeltaBases | None,
     ) -> tuple[list[FileEntry], dict[str, Chunk]]:
         uploads: list[Future[None]] = []
         pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
@@ -269,7 +296,8 @@ class RemoteStore(SourceStore):
                     if digest in known:
                         reused += len(raw)
                     elif digest not in writer:
-                        writer.add(digest, raw)
+                        base = bases.base(f.relpath, len(hashes) - 1) if bases else None
+                        writer.add(digest, raw, base)
                     done += len(raw)
                     if progress is not None:
                         progress(done, total)
@@ -280,7 +308,19 @@ class RemoteStore(SourceStore):
             wait_all(uploads, dl, "uploading packs")
         table = {**known, **writer.chunks}
         stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
-        return entries, {h: table[h] for h in used}
+        # the used chunks and every link of their delta chains (old ones: in the parent's)
+        need = check_chains({h: c.base for h, c in table.items()}, used)
+        return entries, {h: table[h] for h in sorted(need)}
+
+    def _delta_bases(
+        self, parent: Manifest | None, version: str | None, where: ParentDir
+    ) -> DeltaBases | None:
+        if parent is None or version is None or where is None or self.manifest_format < 2:
+            return None
+        if self.compression_level is None:
+            return None  # deltas are zstd: a store that stores raw stores no deltas
+        root = where(version) if callable(where) else where
+        return None if root is None else DeltaBases(parent, Path(root))
 
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
@@ -454,13 +494,19 @@ class RemoteStore(SourceStore):
             if damaged is None:
                 placer.create_files()
             with WorkerPool(self.workers) as pool:  # this checkout's own (see WorkerPool)
-                todo = place_local(placer, local, stats, executor=pool, deadline=dl)
-                reads = plan_reads(todo, max_read=max_read)
+                todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
+                reads = plan_reads([c for c in todo if c.base is None], max_read=max_read)
                 fetch_and_place(
                     reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
                 )
+                # deltas: their bases from local copies where they verify, else their chains
+                deltas = [c for c in todo if c.base is not None]
+                place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
+                             deadline=dl, stats=stats, max_read=max_read)  # fmt: skip
             placer.finish()
         finally:
+            if local is not None:
+                local.close()  # an abandoned read then reads nothing more from local disk
             placer.close()  # reads still running (abandoned) can no longer write
         return self.label
 

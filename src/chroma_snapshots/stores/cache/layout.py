@@ -30,6 +30,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.transfer import local_io
@@ -121,7 +122,7 @@ class NameDirs:
     def read_manifest(self, version: str) -> Manifest | None:
         """The cached manifest; None if it is gone (evicted) or damaged."""
         try:
-            return Manifest.from_json(self.manifest_file(version).read_bytes())
+            return manifest_v2.loads(self.manifest_file(version).read_bytes())
         except (OSError, SnapshotError):
             return None
 
@@ -144,7 +145,7 @@ class NameDirs:
 
     def write_meta(self, version: str, root: Path, manifest: Manifest) -> None:
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
-        write_atomic(self.manifest_file(version), manifest.to_json())
+        write_atomic(self.manifest_file(version), manifest_v2.dumps(manifest))
         self.write_stamps(version, root, manifest)
 
     def last_used(self, version: str) -> float:

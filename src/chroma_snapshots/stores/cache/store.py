@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -33,9 +34,16 @@ from chroma_snapshots.errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
-from chroma_snapshots.stores.base import DelegatingStore, LocalSnapshot, SourceStore
+from chroma_snapshots.stores.base import (
+    LATEST,
+    DelegatingStore,
+    Expected,
+    LocalSnapshot,
+    SourceStore,
+)
 from chroma_snapshots.stores.cache.layout import NameDirs, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
+from chroma_snapshots.stores.remote import RemoteStore
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
@@ -231,6 +239,34 @@ class CachedStore(DelegatingStore):
                 return None if m is None else (m, d.pin(version))
         except LockTimeout:
             return None
+
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+    ) -> SnapshotInfo:
+        """As the inner store's; a RemoteStore is also handed this cache's copy of the
+        parent version, so that it can store changed chunks as deltas against it."""
+        if not isinstance(self.inner, RemoteStore):
+            return super().publish(
+                name, source_dir, expected=expected, message=message, metadata=metadata,
+                deadline=deadline, progress=progress,
+            )  # fmt: skip
+        return self.inner.publish(
+            name, source_dir, expected=expected, message=message, metadata=metadata,
+            deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
+        )  # fmt: skip
+
+    def _cached_tree(self, name: str, version: str) -> Path | None:
+        """A complete cached copy of ``version`` (unpinned: reads from it are verified)."""
+        d = self.dirs(name)
+        return d.tree(version) if d.is_complete(version) else None
 
     @contextmanager
     def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:

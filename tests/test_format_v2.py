@@ -1,0 +1,218 @@
+"""Format 2 manifests: compact, read back exactly, and hostile bytes end in IntegrityError;
+format 1 stores (a fixture written by the format 1 code) stay readable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reliability import runs
+
+from chroma_snapshots import Manifest, RemoteStore, open_backend
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine import manifest_v2
+from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.engine.models import Chunk, FileEntry
+from chroma_snapshots.engine.validation import MAX_CHAIN
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v1_store"
+V1_VERSIONS = ("20261202T071712546239Z-0422fb14b0b1", "20261202T071712573743Z-5463a272d644")
+T0 = datetime(2026, 12, 2, tzinfo=timezone.utc)
+FUZZ = settings(
+    max_examples=runs(ci=200, long=3000),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def _h(i: int) -> str:
+    return f"{i:064x}"
+
+
+def _manifest(chunks: list[Chunk], files: list[FileEntry], cs: int = 4096) -> Manifest:
+    return Manifest("db", T0, cs, tuple(files), {c.hash: c for c in chunks})
+
+
+def _chain(depth: int, cs: int = 4096) -> Manifest:
+    """One file whose one chunk is ``depth`` deltas above a keyframe."""
+    chunks = [Chunk(_h(0), _h(100), 0, 100, cs, "zstd")]
+    for i in range(1, depth + 1):
+        chunks.append(Chunk(_h(i), _h(100), 100 * i, 10, cs, "zdelta", _h(i - 1)))
+    return _manifest(chunks, [FileEntry("f", cs, 0o644, (_h(depth),))])
+
+
+def _published(tmp_path: Path) -> tuple[RemoteStore, str]:
+    store = RemoteStore(open_backend(f"memory://v2-{uuid.uuid4().hex}"), chunk_size=4096)
+    files = {"a.bin": os.urandom(20_000), "d/b.txt": b"b" * 9000, "d/e/c": b""}
+    return store, store.publish("db", write_tree(tmp_path / "src", files)).version
+
+
+def test_new_manifests_are_format_2_and_read_back(tmp_path: Path) -> None:
+    store, version = _published(tmp_path)
+    data = store.backend.get(manifest_key("db", version)).data
+    assert data.startswith(manifest_v2.MAGIC)
+    m = store.load_manifest("db", version)
+    assert m.format_version == 2
+    assert manifest_v2.dumps(m) == data
+    assert manifest_v2.loads(manifest_v2.encode(m)) == m
+    out = store.checkout("db", version, tmp_path / "out")
+    assert read_tree(out.path) == read_tree(tmp_path / "src")
+
+
+def test_format_1_can_still_be_written_for_old_readers(tmp_path: Path) -> None:
+    store = RemoteStore(open_backend(f"memory://v1-{uuid.uuid4().hex}"), manifest_format=1)
+    version = store.publish("db", write_tree(tmp_path / "src", {"a": b"x" * 10})).version
+    assert store.backend.get(manifest_key("db", version)).data.startswith(b"{")
+    assert store.load_manifest("db", version).format_version == 1
+    with pytest.raises(InvalidInputError):
+        RemoteStore(open_backend("memory://v1-bad"), manifest_format=3)
+
+
+def test_manifest_costs_little_more_than_the_chunk_hashes() -> None:
+    # 4,096 chunks: zstd-stored (varied lengths) in two packs, three files
+    n, cs = 4096, 65536
+    chunks = [
+        Chunk(os.urandom(32).hex(), _h(i % 2), (i // 2) * 60_000, 40_000 + i % 7919, cs, "zstd")
+        for i in range(n)
+    ]
+    cut = [0, 1000, 3000, n]
+    files = [
+        FileEntry(f"seg/{k}/data_level0.bin", (cut[k + 1] - cut[k]) * cs, 0o644,
+                  tuple(c.hash for c in chunks[cut[k] : cut[k + 1]]))
+        for k in range(3)
+    ]  # fmt: skip
+    m = _manifest(chunks, files, cs)
+    per_chunk = len(manifest_v2.dumps(m)) / n
+    assert per_chunk <= 36, per_chunk  # 32 of them are the sha256 itself
+    assert len(replace(m, format_version=1).to_json()) / n > 200  # format 1, for comparison
+
+
+def test_format_1_fixture_store_is_readable(tmp_path: Path) -> None:
+    root = shutil.copytree(FIXTURE, tmp_path / "store")
+    store = RemoteStore(FileBackend(str(root)), chunk_size=4096)  # as it was written
+    for version in V1_VERSIONS:
+        assert store.load_manifest("db", version).format_version == 1
+    old = store.checkout("db", V1_VERSIONS[0], tmp_path / "old")
+    assert (old.path / "a.bin").read_bytes() == bytes(range(256)) * 40
+    assert (old.path / "seg" / "b.txt").read_bytes() == b"hello v1 format\n" * 300
+    assert (old.path / "empty").is_dir()
+    new = store.checkout("db", dest=tmp_path / "new")
+    assert (new.path / "a.bin").read_bytes() == bytes(range(256)) * 40 + b"tail"
+    assert store.verify("db", V1_VERSIONS[1]).ok
+    # a format 2 version on top of a format 1 parent reuses its chunks
+    (new.path / "extra").write_bytes(b"more")
+    info = store.publish("db", new.path)
+    assert store.load_manifest("db", info.version).format_version == 2
+    assert info.stats.chunks_transferred == 1  # only the new file's chunk
+
+
+# Hostile format 2 bytes.
+
+
+@pytest.mark.parametrize(
+    ("manifest", "match"),
+    [
+        (_chain(MAX_CHAIN), None),
+        (_chain(MAX_CHAIN + 1), "longer than"),
+    ],
+)
+def test_chain_depth_is_bounded(manifest: Manifest, match: str | None) -> None:
+    data = manifest_v2.encode(manifest)
+    if match is None:
+        assert manifest_v2.loads(data) == manifest
+    else:
+        with pytest.raises(IntegrityError, match=match):
+            manifest_v2.loads(data)
+
+
+def test_a_delta_cycle_is_refused() -> None:
+    cs = 4096
+    a = Chunk(_h(1), _h(100), 0, 10, cs, "zdelta", _h(2))
+    b = Chunk(_h(2), _h(100), 10, 10, cs, "zdelta", _h(1))
+    m = _manifest([a, b], [FileEntry("f", cs, 0o644, (_h(1),))])
+    with pytest.raises(IntegrityError, match=r"cycle|longer"):
+        manifest_v2.loads(manifest_v2.encode(m))
+
+
+def test_a_delta_on_itself_or_a_missing_base_is_refused() -> None:
+    m = _chain(1)
+    bad = [
+        replace(m, chunks={**m.chunks, _h(1): replace(m.chunks[_h(1)], base=_h(1))}),
+        replace(m, chunks={_h(1): m.chunks[_h(1)]}),  # its base is not in the table
+        replace(m, chunks={**m.chunks, _h(0): replace(m.chunks[_h(0)], codec="zdelta")}),
+    ]
+    for manifest in bad:
+        with pytest.raises(IntegrityError):
+            manifest.validate()
+
+
+def _frame(body: bytes, *, content_size: bool = True) -> bytes:
+    return manifest_v2.MAGIC + zstandard.ZstdCompressor(write_content_size=content_size).compress(
+        body
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        manifest_v2.MAGIC,
+        manifest_v2.MAGIC + b"not zstd",
+        _frame(b"\x00" * 10, content_size=False),  # no declared size: refused
+        _frame(b"\xff" * 12),  # a number that never ends
+        _frame(b"\x05{}{}{}"),  # a header that is not a manifest header
+        manifest_v2.encode(_chain(1)) + b"x",  # data after the frame
+    ],
+)
+def test_malformed_format_2_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        manifest_v2.loads(data)
+
+
+def test_a_body_declaring_huge_counts_is_refused_before_allocating() -> None:
+    body = bytearray(manifest_v2.decompress(manifest_v2.encode(_chain(0))))
+    header_len, width = body[0] & 0x7F | body[1] << 7, 2  # a header of 128-16383 bytes
+    assert body[0] & 0x80
+    assert not body[1] & 0x80
+    at = width + header_len  # the pack count
+    for huge in (b"\xff\xff\xff\xff\x0f", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"):
+        with pytest.raises(IntegrityError, match=r"packs|number"):
+            manifest_v2.loads(_frame(bytes(body[:at]) + huge + bytes(body[at + 1 :])))
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_format_2_bytes_are_refused_or_valid(data: st.DataObject) -> None:
+    """Any cut or flipped byte of the body, recompressed so that it reaches the parser:
+    IntegrityError or a manifest that validates (and so reads back the same)."""
+    m = _chain(data.draw(st.integers(0, 3)))
+    body = bytearray(manifest_v2.decompress(manifest_v2.encode(m)))
+    at = data.draw(st.integers(0, len(body) - 1))
+    if data.draw(st.booleans()):
+        body = body[:at]
+    else:
+        body[at] ^= 1 << data.draw(st.integers(0, 7))
+    got = _accepted(lambda: manifest_v2.loads(_frame(bytes(body))))
+    if got is not None:
+        assert manifest_v2.loads(manifest_v2.encode(got)) == got
+
+
+def _accepted(fn: Callable[[], Manifest]) -> Manifest | None:
+    """``fn()``, or None when it refused with IntegrityError saying why; any other
+    exception fails the test."""
+    try:
+        return fn()
+    except IntegrityError as e:
+        refusal = str(e)
+    assert refusal
+    return None
