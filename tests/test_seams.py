@@ -1,0 +1,88 @@
+"""What every store offers callers, whatever wraps it: manifests, the current version, and
+temporary checkouts the store reclaims. Regression tests for the seams that broke when a
+caller needed a capability only one store class had."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import CachedStore, RemoteStore, SnapshotStore, open_backend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "chroma_snapshots.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_info_works_through_the_cache(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path, how: str
+) -> None:
+    """``--cache-dir`` (or CHROMA_SNAPSHOTS_CACHE_DIR, as in every Lambda) with ``info``
+    crashed with AttributeError: the cache had no ``load_manifest``."""
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    store = ["--store", f"s3://{s3_bucket}/snaps"]
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(70_000), "s/h.bin": b"h"})
+    assert _cli(*store, "publish", "db", str(src), env=env).returncode == 0
+    cache = ["--cache-dir", str(tmp_path / "cache")] if how == "flag" else []
+    if how == "environment":
+        env["CHROMA_SNAPSHOTS_CACHE_DIR"] = str(tmp_path / "cache")
+    assert _cli(*store, *cache, "checkout", "db", env=env).returncode == 0  # now cached
+    out = _cli(*store, *cache, "info", "db", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["files"] == ["chroma.sqlite3", "s/h.bin"]
+
+
+@pytest.fixture
+def stores(moto_server: MotoServer, s3_bucket: str, tmp_path: Path) -> dict[str, SnapshotStore]:
+    settings = S3Settings(endpoint_url=moto_server.endpoint_url)
+    s3 = RemoteStore(S3Backend(s3_bucket, "p", settings=settings), chunk_size=4096)
+    files = RemoteStore(open_backend(f"file://{tmp_path}/store"), chunk_size=4096)
+    return {"s3": s3, "file": files, "cached": CachedStore(s3, tmp_path / "cache")}
+
+
+@pytest.mark.parametrize("kind", ["s3", "file", "cached"])
+def test_every_store_gives_manifests_and_current_versions(
+    stores: dict[str, SnapshotStore], kind: str, tmp_path: Path
+) -> None:
+    store = stores[kind]
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(9000), "b/c.bin": b"c"})
+    first = store.publish("db", src)
+    (src / "a.bin").write_bytes(os.urandom(9000))
+    second = store.publish("db", src)
+    assert store.current_version("db") == (second.version, False)
+    assert store.current_version("db", first.version) == (first.version, False)
+    store.set_ref("db", "stable", first.version, expected=None)
+    assert store.current_version("db", "stable") == (first.version, False)
+    manifest = store.load_manifest("db", second.version)
+    assert [f.path for f in manifest.files] == ["a.bin", "b/c.bin"]
+    assert manifest.total_size == 9001
+
+
+@pytest.mark.parametrize("kind", ["s3", "file", "cached"])
+def test_a_temporary_checkout_is_reclaimed_on_release(
+    stores: dict[str, SnapshotStore], kind: str, tmp_path: Path
+) -> None:
+    store = stores[kind]
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(9000)})
+    store.publish("db", src)
+    with store.checkout("db") as snap:
+        assert read_tree(snap.path) == read_tree(src)
+        path = snap.path
+    if kind == "cached":
+        assert path.exists()  # the cache keeps its copy for the next checkout
+    else:
+        assert not path.exists()
+        assert not path.parent.exists()  # the temporary folder made for it too
+    kept = store.checkout("db", dest=tmp_path / "mine")
+    kept.release()
+    assert read_tree(tmp_path / "mine") == read_tree(src)  # a chosen dest is the caller's
