@@ -95,31 +95,15 @@ def within(deadline: Deadline, fn: Callable[[], T]) -> T:
 
 
 def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a daemon thread and wait at most until ``deadline``.
+    """Run ``fn`` in a daemon thread and wait at most until ``deadline``: :func:`wait_all`
+    of one call, so one mechanism bounds every wait.
 
     On time-out the thread is abandoned (a daemon thread waiting on a socket or on
     the hang guard's pipe never blocks interpreter exit) and StorageTimeoutError
     names ``what``.
     """
-    outcome: list[tuple[bool, object]] = []
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome.append((True, within(deadline, fn)))
-        except BaseException as e:  # handed to the caller below
-            outcome.append((False, e))
-        finally:
-            done.set()
-
-    threading.Thread(target=target, daemon=True, name=f"deadline:{what[:40]}").start()
-    if not done.wait(deadline.remaining()):
-        raise StorageTimeoutError(f"{what} did not finish within the deadline")
-    ok, value = outcome[0]
-    if not ok:
-        assert isinstance(value, BaseException)
-        raise value
-    return value  # type: ignore[return-value]
+    with WorkerPool(1, name=f"deadline:{what[:40]}") as pool:
+        return wait_all([pool.submit(within, deadline, fn)], deadline, what)[0]
 
 
 def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> list[T]:
