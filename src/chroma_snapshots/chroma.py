@@ -33,7 +33,7 @@ from chroma_snapshots.engine.deadline import DeadlineLike
 from chroma_snapshots.engine.localfs import copy_tree, remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.transfer import disk_error, local_io
-from chroma_snapshots.errors import IntegrityError, SnapshotError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 
 SQLITE = "chroma.sqlite3"
@@ -270,6 +270,12 @@ def open_checkout(
 ) -> Iterator[tuple[Any, LocalSnapshot]]:
     """Like :func:`open_client`, also yielding the LocalSnapshot (version, source, stats)."""
     snap = store.checkout(name, ref, deadline=deadline)  # temporary: release() reclaims it
+    if not (snap.path / SQLITE).is_file():  # chroma would silently create an empty database
+        snap.release()
+        raise IntegrityError(
+            f"{name} {snap.info.version} is not a chroma database (no {SQLITE}): "
+            "nothing to open a client on"
+        )
     client = chromadb.PersistentClient(path=str(snap.path), settings=client_settings())
     try:
         yield client, snap
@@ -294,14 +300,18 @@ def publish_client(
 
     The directory is copied consistently and the copy validated; a copy that fails
     validation is retaken (another process may be mid-way through persisting a
-    segment) up to ``attempts`` times, then IntegrityError, unless ``force``. The
-    manifest records chroma's version and per-collection counts.
+    segment) up to ``attempts`` times, then IntegrityError, unless ``force``: it publishes
+    a copy that failed validation (a damaged database), never a folder that is not a chroma
+    database at all (no ``chroma.sqlite3``; ``store.publish`` publishes any folder). A
+    missing folder is InvalidInputError. The manifest records chroma's version and
+    per-collection counts.
     """
     if isinstance(client_or_path, (str, Path)):
         path, quiet = Path(client_or_path), False
     else:
         path, quiet = Path(client_or_path.get_settings().persist_directory), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
+    _check_source(path)
     with local_io(tempfile.gettempdir(), "making a folder for the copy to publish"):
         staging = tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-")
     with staging as tmp:  # removed whatever happens: nothing of the copy stays behind
@@ -312,6 +322,18 @@ def publish_client(
         meta = {**(metadata or {}), "chroma": chroma_meta}
         return store.publish(
             name, copy, expected=expected, message=message, metadata=meta, deadline=deadline
+        )
+
+
+def _check_source(path: Path) -> None:
+    """A folder that is missing, or holds no chroma database, is refused before any copy."""
+    if not path.is_dir():
+        why = "is not a directory" if path.exists() else "does not exist"
+        raise InvalidInputError(f"cannot publish {path}: it {why}")
+    if not (path / SQLITE).is_file():
+        raise IntegrityError(
+            f"refusing to publish {path}: not a chroma database (no {SQLITE}); force=True "
+            "publishes a copy that failed validation, not this; store.publish publishes any folder"
         )
 
 

@@ -19,6 +19,7 @@ from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
+    from chroma_snapshots.backends.base import Backend
     from chroma_snapshots.stores.base import SnapshotStore, SourceStore
     from chroma_snapshots.stores.remote import RemoteStore
 
@@ -35,6 +36,7 @@ ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
 ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
 ENV_UNSAFE_NO_CAS = "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS"
+ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 _MODES = ("s3", "efs", "auto")
 
 
@@ -55,11 +57,20 @@ class StoreConfig:
     cache_max_bytes: int | None = None
     s3_endpoint_url: str | None = None
     unsafe_no_cas: bool = False
+    # The CLI's --profile/--region (boto3 reads AWS_PROFILE/AWS_REGION itself), --stale-ok.
+    s3_profile: str | None = None
+    s3_region: str | None = None
+    stale_ok: bool = False
+    # Never contact the stores: serve from the cache what its refs last named (stale reads).
+    offline: bool = False
 
     def __post_init__(self) -> None:
         check_store_url(self.url)
         if self.fallback_url is not None:
             check_store_url(self.fallback_url, "fallback URL")
+        endpoint = self.s3_endpoint_url
+        if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+            raise ConfigError(f"S3 endpoint {endpoint!r} must be an http(s) URL")
 
     @classmethod
     def from_env(
@@ -83,6 +94,7 @@ class StoreConfig:
             cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
             unsafe_no_cas=_flag(env, ENV_UNSAFE_NO_CAS),
+            offline=_flag(env, ENV_OFFLINE),
         )
 
 
@@ -205,20 +217,33 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
 
     settings = S3Settings(
         endpoint_url=cfg.s3_endpoint_url,
+        region=cfg.s3_region,
+        profile=cfg.s3_profile,
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
-    backend = open_backend(
-        url,
-        s3_settings=settings,
-        efs_timeout=cfg.efs_timeout,
-        create=create,
-        unsafe_no_cas=cfg.unsafe_no_cas,
-    )
+    if cfg.offline:
+        backend = _offline(url)
+    else:
+        backend = open_backend(
+            url,
+            s3_settings=settings,
+            efs_timeout=cfg.efs_timeout,
+            create=create,
+            unsafe_no_cas=cfg.unsafe_no_cas,
+        )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
     # the label keys the cache: a relative path names a different store in another directory
     label = url if "://" in url else os.path.abspath(url)
     return RemoteStore(backend, label=label, signer=signer)
+
+
+def _offline(url: str) -> Backend:
+    """The stand-in for a store that is not contacted (``offline``)."""
+    from chroma_snapshots.backends.offline import OfflineBackend
+
+    check_store_url(url)
+    return OfflineBackend(url)
 
 
 def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
@@ -248,7 +273,8 @@ def open_store(
         return source
     from chroma_snapshots.stores.cache import CachedStore
 
-    return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes)
+    stale_ok = cfg.stale_ok or cfg.offline  # offline: every read is an outage's stale read
+    return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes, stale_ok=stale_ok)
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"

@@ -76,7 +76,10 @@ class LocalFiles:
     def ensure_root(self, create: bool) -> None:
         """Create the store directory, or (``create=False``) insist that it exists."""
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # e.g. read-only: a store failure, not a raw OSError
+                raise _wrap(e, "creating the store directory", str(self.root)) from e
         elif not self.root.is_dir():
             raise SnapshotNotFoundError(f"{self.root}: store directory does not exist")
 

@@ -178,7 +178,11 @@ class FsspecBackend(Backend):
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         top = f"{self.root}/{base}" if base else self.root
         try:
-            found = self.fs.find(top, detail=True) if self.fs.exists(top) else {}
+            found = self.fs.find(top, detail=True)
+            if not found:
+                self._check_listable(top)
+        except FileNotFoundError:
+            found = {}
         except Exception as e:
             raise _wrap(e, "list", prefix) from e
         root = self.root.strip("/")  # filesystems differ on a leading "/" in what they return
@@ -186,6 +190,11 @@ class FsspecBackend(Backend):
             key = path.strip("/")[len(root) :].lstrip("/")
             if key.startswith(prefix) and info.get("type") != "directory":
                 yield self._meta(key, info)
+
+    def _check_listable(self, top: str) -> None:
+        """Raise unless ``top`` is really missing or empty: ``find`` and ``exists`` report an
+        unreachable server (http, for one) as an empty folder, ``ls`` raises its error."""
+        self.fs.ls(top, detail=False)
 
     def delete(self, key: str) -> None:
         try:

@@ -23,6 +23,9 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -45,10 +48,11 @@ from chroma_snapshots.engine.deadline import (
     wait_all,
     within,
 )
+from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
+    ConfigError,
     ConflictError,
-from chroma_snapshots.engine.retry import IMMEDIATE
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
@@ -72,7 +76,11 @@ class S3Settings:
 
     endpoint_url: str | None = None
     region: str | None = None
+    profile: str | None = None
     connect_timeout: float = 5.0
+    # A refused or unresolvable endpoint is not worth max_attempts backed-off retries
+    # (14-22 s before an error): two attempts, then fail.
+    connect_attempts: int = 2
     read_timeout: float = 30.0
     max_attempts: int = 5
     max_pool_connections: int = 32
@@ -81,26 +89,63 @@ class S3Settings:
     body_attempts: int = 3
 
 
+_NO_CREDENTIALS = (
+    "no AWS credentials found; botocore looks in the environment (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY), the shared files ~/.aws/credentials and ~/.aws/config (the "
+    "profile AWS_PROFILE or --profile names), then a container or instance role: set one "
+    "(e.g. `aws configure`) or pass --profile"
+)
+
+
 def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
+    what = f"{op} {key}" if key else f"{op} (the store's root)"
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
-            return ConflictError(f"{op} {key}: precondition failed ({code or status})")
+            return ConflictError(f"{what}: precondition failed ({code or status})")
         if code == "NoSuchBucket":  # not a missing object: say what the fix is
             bucket = err.response.get("Error", {}).get("BucketName") or "the store's bucket"
             return SnapshotNotFoundError(
-                f"{op} {key}: bucket {bucket!r} does not exist (S3 NoSuchBucket); "
+                f"bucket {bucket!r} does not exist (S3 NoSuchBucket); "
                 "create it or fix the store URL"
             )
         if code in _MISSING_CODES or status == "404":
             return SnapshotNotFoundError(f"{key}: no such object")
-        return BackendUnavailableError(f"{op} {key}: S3 error {code or status}")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return BackendUnavailableError(
+                f"{what}: S3 refused the request ({code}): check the credentials and what "
+                "they may access"
+            )
+        return BackendUnavailableError(f"{what}: S3 error {code or status}")
     if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
-        return StorageTimeoutError(f"{op} {key}: S3 timed out")
+        return StorageTimeoutError(f"{what}: S3 timed out ({err})")
     if isinstance(err, EndpointConnectionError):
-        return BackendUnavailableError(f"{op} {key}: cannot connect to S3 endpoint")
-    return BackendUnavailableError(f"{op} {key}: {type(err).__name__}")
+        return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return BackendUnavailableError(f"{what}: {_NO_CREDENTIALS}")
+    return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
+
+
+def _connect_failure(err: EndpointConnectionError) -> str:
+    """'cannot connect to the S3 endpoint http://host:port ([Errno 111] Connection refused)'."""
+    url = str(err.kwargs.get("endpoint_url", ""))
+    endpoint = url.split("/", 3)[:3]  # scheme://host:port, without the bucket and query
+    cause = str(err.kwargs.get("error", "")).split("): ", 1)[-1]
+    detail = cause.split(": ", 1)[-1] if "connection:" in cause else cause
+    return f"cannot connect to the S3 endpoint {'/'.join(endpoint)} ({detail or 'no answer'})"
+
+
+def _give_up_connecting(attempts: int) -> Callable[..., None]:
+    """A ``needs-retry`` hook: after ``attempts`` attempts that could not connect, raise
+    the connect error instead of letting the retry policy back off and try again."""
+
+    def check(**kwargs: Any) -> None:
+        err = kwargs.get("caught_exception")
+        if isinstance(err, EndpointConnectionError) and kwargs.get("attempts", 0) >= attempts:
+            raise err
+
+    return check
 
 
 def _etag(value: Any) -> str:
@@ -131,9 +176,18 @@ class S3Backend(Backend):
             retries={"mode": "adaptive", "max_attempts": s.max_attempts},
             max_pool_connections=s.max_pool_connections,
         )
-        return boto3.session.Session().client(
+        try:
+            session = boto3.session.Session(profile_name=s.profile)
+        except ProfileNotFound as e:
+            raise ConfigError(
+                f"AWS profile {e.kwargs.get('profile')!r} is not in ~/.aws/config or "
+                "~/.aws/credentials (set by --profile or AWS_PROFILE)"
+            ) from None
+        client = session.client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
         )
+        client.meta.events.register_first("needs-retry.s3", _give_up_connecting(s.connect_attempts))
+        return client
 
     def __repr__(self) -> str:
         return f"S3Backend('s3://{self.bucket}/{self.prefix}')"
@@ -326,6 +380,7 @@ class S3Backend(Backend):
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise BackendUnavailableError(f"delete {first.get('Key')}: {first.get('Code')}")
+
 
 def _direct_reader(body: Any) -> Callable[[memoryview], int] | None:
     """A reader of a GET's body straight from the socket into the caller's buffer: one

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of, store_of
+from chroma_snapshots.cli.names import about, resolve_ref
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
@@ -41,7 +42,13 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def diff(ctx: click.Context, name: str, a: str, b: str, as_json: bool) -> None:
         source = source_of(ctx)
-        old, new = (source.load_manifest(name, source.resolve(name, r).version) for r in (a, b))
+        with about(source, name):
+            old, new = (
+                source.load_manifest(
+                    name, source.resolve(name, resolve_ref(source, name, r)).version
+                )
+                for r in (a, b)
+            )
         d = diff_manifests(old, new)
         emit(
             d,
@@ -64,7 +71,8 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def verify(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
         store = store_of(ctx)
-        report = store.verify(name, store.resolve(name, ref).version)
+        with about(store, name):
+            report = store.verify(name, store.resolve(name, resolve_ref(store, name, ref)).version)
         emit(
             report,
             as_json,
@@ -83,24 +91,31 @@ def register(cli: click.Group) -> None:
     @click.argument("tag")
     @click.argument("ref", default="latest")
     @click.option("--move", is_flag=True, help="Move an existing tag.")
+    @json_opt
     @click.pass_context
-    def tag(ctx: click.Context, name: str, tag: str, ref: str, move: bool) -> None:
+    def tag(ctx: click.Context, name: str, tag: str, ref: str, move: bool, as_json: bool) -> None:
         store = store_of(ctx)
-        version = store.resolve(name, ref).version
-        expected: Expected = store.refs(name).get(tag) if move else None
+        with about(store, name):
+            version = store.resolve(name, resolve_ref(store, name, ref)).version
+        previous = store.refs(name).get(tag)
+        expected: Expected = previous if move else None
         store.set_ref(name, tag, version, expected=expected)
-        click.echo(f"{name}/{tag} -> {version}")
+        data = {"name": name, "ref": tag, "version": version, "previous": previous}
+        emit(data, as_json, f"{name}/{tag} -> {version}")
 
     @cli.command(help="Point latest back at VERSION (or a tag), if latest has not moved meanwhile.")
     @click.argument("name")
     @click.argument("ref")
+    @json_opt
     @click.pass_context
-    def rollback(ctx: click.Context, name: str, ref: str) -> None:
+    def rollback(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
         store = store_of(ctx)
-        current = store.resolve(name).version
-        target = store.resolve(name, ref).version
+        with about(store, name):
+            current = store.resolve(name).version
+            target = store.resolve(name, resolve_ref(store, name, ref)).version
         store.set_ref(name, "latest", target, expected=current)
-        click.echo(f"{name}/latest: {current} -> {target}")
+        data = {"name": name, "ref": "latest", "version": target, "previous": current}
+        emit(data, as_json, f"{name}/latest: {current} -> {target}")
 
     @cli.command(
         help="Delete old unreferenced versions and unused packs (a dry run unless --apply)."

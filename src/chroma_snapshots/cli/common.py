@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -75,13 +77,29 @@ def human_bytes(n: float) -> str:
 
 def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
-    URL and ``--cache-dir`` only the cache directory: signing keys, timeouts, endpoint, cache
-    size and the CAS opt-out still come from the environment."""
+    URL, and each global flag given (``--cache-dir``, ``--endpoint-url``, ``--profile``,
+    ``--region``, ``--stale-ok``, ``--offline``) only its own setting: signing keys, timeouts,
+    cache size and the CAS opt-out still come from the environment."""
     from chroma_snapshots.config import StoreConfig
 
     cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
-    cache_dir = ctx.obj["cache_dir"]
-    return replace(cfg, cache_dir=os.path.abspath(cache_dir)) if cache_dir else cfg
+    flags = ctx.obj
+    changes: dict[str, Any] = {
+        "cache_dir": flags.get("cache_dir") and os.path.abspath(flags["cache_dir"]),
+        "s3_endpoint_url": flags.get("endpoint_url"),
+        "s3_profile": flags.get("profile"),
+        "s3_region": flags.get("region"),
+        "stale_ok": flags.get("stale_ok"),
+        "offline": flags.get("offline"),
+    }
+    return replace(cfg, **{k: v for k, v in changes.items() if v})
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an error: a local disk error as ``path: what failed: cause``."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
 
 
 def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
@@ -135,3 +153,27 @@ def progress_bar(label: str) -> Callable[[int, int], None] | None:
             bar.close()
 
     return report
+
+
+def log_warnings_to_stderr() -> None:
+    """The library's warnings (a fallback to the next store, a stale read) as ``warning: ...``
+    lines on stderr, unless the application configured logging itself."""
+    root = logging.getLogger("chroma_snapshots")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        root.addHandler(handler)
+
+
+@contextmanager
+def quiet_stale_warning(quiet: bool) -> Iterator[None]:
+    """Offline, every cached read is "stale" by design: the cache's warning that the store did
+    not answer would read as a failure (the command says what it served instead)."""
+    cache_log = logging.getLogger("chroma_snapshots.stores.cache.store")
+    level = cache_log.level
+    if quiet:
+        cache_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        cache_log.setLevel(level)

@@ -19,7 +19,7 @@ from chroma_snapshots.config import StoreConfig, remote_for
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.errors import SnapshotError
 
-Status = str  # "ok", "warn" or "fail"
+Status = str  # "ok", "warn", "fail" or "skip" (not tried: a check it needs failed)
 
 
 @dataclass(frozen=True)
@@ -43,54 +43,70 @@ def _timed(check: str, fn: Callable[[], str]) -> Finding:
 
 
 def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Finding]:
-    """Reach the store, list it, and write, read back and delete a probe object."""
+    """Reach the store, list it, and write, read back and delete a probe object. Each check
+    has ``budget`` seconds of its own; a check that needs an earlier one that failed (a
+    read needs the write) is skipped, so every failure reported is what really happened."""
     try:
         store = remote_for(cfg, url, create=False)  # diagnosing never creates a store
     except SnapshotError as e:
         return [Finding(f"{url}: open", "fail", 0.0, f"{type(e).__name__}: {e}")]
-    io = DeadlineBackend(unchecked(store.backend), Deadline(budget))
+    backend = unchecked(store.backend)
     key = f"{PROBE_DIR}/doctor-{uuid.uuid4().hex}"
     payload = b"chroma-snapshots doctor probe"
     names: list[str] = []
 
+    def io() -> DeadlineBackend:
+        return DeadlineBackend(backend, Deadline(budget))
+
     def write() -> str:
-        io.put(key, payload)
+        io().put(key, payload)
         return f"wrote {key}"
 
     def read() -> str:
-        if io.get(key).data != payload:
+        if io().get(key).data != payload:
             raise OSError("the probe object read back different bytes")
         return "read back what was written"
 
     def delete() -> str:
-        io.delete(key)
+        io().delete(key)
         return "removed the probe"
 
     def listing() -> str:
-        names.extend(n for n in io.list_dirs("") if n != PROBE_DIR)
+        names.extend(n for n in io().list_dirs("") if n != PROBE_DIR)
         return f"{len(names)} snapshot names" + (f": {', '.join(names[:5])}" if names else "")
 
-    found = [
-        _timed(f"{url}: list", listing),
-        _timed(f"{url}: write", write),
-        _timed(f"{url}: read", read),
-        _timed(f"{url}: delete", delete),
-        conditional_writes(cfg, url, io),
-    ]
-    guard = getattr(store.backend, "guard", None)
-    if guard is not None:
-        s = guard.stats()
-        status = "ok" if s.healthy and not s.abandoned else "fail"
-        found.append(
-            Finding(
-                f"{url}: hang guard",
-                status,
-                0.0,
-                f"healthy={s.healthy} timeouts={s.timeouts} abandoned={s.abandoned}",
-            )
-        )
+    listed = _timed(f"{url}: list", listing)
+    found = [listed]
+    if listed.status == "fail":
+        found += [_skipped(f"{url}: {c}", "the list failed") for c in _AFTER_LIST]
+    else:
+        wrote = _timed(f"{url}: write", write)
+        found.append(wrote)
+        if wrote.status == "fail":
+            found += [_skipped(f"{url}: {c}", "the write failed") for c in _AFTER_LIST[1:]]
+        else:
+            found += [_timed(f"{url}: read", read), _timed(f"{url}: delete", delete)]
+            found.append(conditional_writes(cfg, url, io()))
+    found += _guard_findings(store.backend, url)
     store.close()
     return found
+
+
+_AFTER_LIST = ("write", "read", "delete", "conditional writes")
+
+
+def _skipped(check: str, because: str) -> Finding:
+    return Finding(check, "skip", 0.0, f"not tried: {because}")
+
+
+def _guard_findings(backend: object, url: str) -> list[Finding]:
+    guard = getattr(backend, "guard", None)
+    if guard is None:
+        return []
+    s = guard.stats()
+    status = "ok" if s.healthy and not s.abandoned else "fail"
+    detail = f"healthy={s.healthy} timeouts={s.timeouts} abandoned={s.abandoned}"
+    return [Finding(f"{url}: hang guard", status, 0.0, detail)]
 
 
 def conditional_writes(cfg: StoreConfig, url: str, io: DeadlineBackend) -> Finding:

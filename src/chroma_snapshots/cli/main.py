@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chroma_snapshots.cli.common import (
     EXIT_CODES,
-    cache_of,
     click,
     config_of,
+    describe_error,
     emit,
     human_bytes,
+    log_warnings_to_stderr,
     progress_bar,
+    quiet_stale_warning,
     source_of,
     store_of,
 )
-from chroma_snapshots.errors import IntegrityError, SnapshotError
+from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
+from chroma_snapshots.errors import SnapshotError
 
 if TYPE_CHECKING:
+    from chroma_snapshots.engine.models import SnapshotInfo
     from chroma_snapshots.stores.base import SnapshotStore
 
 
@@ -51,10 +55,25 @@ def _chroma_info(store: SnapshotStore, name: str, ref: str, as_json: bool) -> No
     emit({"version": snap.info.version, "chroma": view}, as_json, "\n".join(rows))
 
 
+def _version_rows(refs: dict[str, str], versions: list[SnapshotInfo]) -> str:
+    """One line per version, newest first: id, date, size, files, refs naming it, message."""
+    tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
+    rows = [
+        f"{v.version}  {v.created_at:%Y-%m-%d %H:%M:%S}  {human_bytes(v.total_size):>10}  "
+        f"{v.file_count:>6} files  {','.join(tags.get(v.version, [])):<12}  {v.message or ''}"
+        for v in sorted(versions, key=lambda v: v.version, reverse=True)
+    ]
+    return "\n".join(row.rstrip() for row in rows)
+
+
 def _build() -> click.Group:
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
-    @click.group(help="Versioned, verified ChromaDB snapshots on S3, EFS and /tmp.")
+    @click.group(
+        help="Versioned, verified ChromaDB snapshots on S3, EFS and /tmp.",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    @click.version_option(package_name="chroma-snapshots", prog_name="chroma-snapshots")
     @click.option(
         "--store",
         "store_url",
@@ -73,9 +92,33 @@ def _build() -> click.Group:
         help="Serve checkouts through a local cache in DIR "
         "(default: CHROMA_SNAPSHOTS_CACHE_DIR; 'cache' commands: /tmp/chroma-snapshots).",
     )
+    @click.option(
+        "--endpoint-url",
+        default=None,
+        metavar="URL",
+        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, else AWS).",
+    )
+    @click.option("--profile", default=None, help="AWS profile from ~/.aws (default: AWS_PROFILE).")
+    @click.option(
+        "--region", default=None, help="AWS region (default: AWS_REGION or the profile's)."
+    )
+    @click.option(
+        "--stale-ok",
+        is_flag=True,
+        help="With a cache: when the store does not answer, serve the version the ref "
+        "named when this cache last read it (flagged stale).",
+    )
+    @click.option(
+        "--offline",
+        is_flag=True,
+        help="Never contact the store: serve only what the cache holds "
+        "(also CHROMA_SNAPSHOTS_OFFLINE=1).",
+    )
     @click.pass_context
-    def cli(ctx: click.Context, store_url: str | None, cache_dir: str | None) -> None:
-        ctx.obj = {"store_url": store_url, "cache_dir": cache_dir}
+    def cli(
+        ctx: click.Context, /, store_url: str | None, cache_dir: str | None, **flags: Any
+    ) -> None:
+        ctx.obj = {"store_url": store_url, "cache_dir": cache_dir, **flags}
 
     @cli.command(help="Publish DIRECTORY as a new version of NAME.")
     @click.argument("name")
@@ -87,6 +130,12 @@ def _build() -> click.Group:
         "name must be new; 'any' to overwrite unconditionally. Default: current latest.",
     )
     @click.option("-m", "--message", default=None, help="A note stored in the manifest.")
+    @click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Upload nothing: say which files differ from latest and how many new chunks "
+        "and bytes a publish would upload.",
+    )
     @json_opt
     @click.pass_context
     def publish(
@@ -95,10 +144,17 @@ def _build() -> click.Group:
         directory: str,
         expected: str | None,
         message: str | None,
+        dry_run: bool,
         as_json: bool,
     ) -> None:
         from chroma_snapshots.stores.base import ANY, LATEST, Expected
 
+        if dry_run:
+            from chroma_snapshots.cli.plan import describe_plan, plan_publish
+
+            plan = plan_publish(source_of(ctx), name, directory)
+            emit(plan, as_json, "dry run: nothing uploaded\n" + describe_plan(plan, directory))
+            return
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
         info = store_of(ctx, create=True).publish(
             name, directory, expected=exp, message=message, progress=progress_bar("publish")
@@ -125,8 +181,20 @@ def _build() -> click.Group:
     @json_opt
     @click.pass_context
     def checkout(ctx: click.Context, name: str, ref: str, dest: str | None, as_json: bool) -> None:
-        snap = store_of(ctx).checkout(name, ref, dest, progress=progress_bar("checkout"))
+        store = store_of(ctx)
+        offline = config_of(ctx).offline
+        with about(store, name), quiet_stale_warning(offline):
+            ref = resolve_ref(store, name, ref)
+            snap = store.checkout(name, ref, dest, progress=progress_bar("checkout"))
         s = snap.stats
+        if dest is None and getattr(store, "root", None) is None:  # not a cache's folder
+            click.echo(
+                f"kept: the checkout stays in {snap.path}; remove {snap.path.parent} when "
+                "done (--dest DIR chooses where; --cache-dir reuses one cached copy)",
+                err=True,
+            )
+        if snap.stale and offline:  # (online, the cache itself warns that the store failed)
+            click.echo(f"offline: served what {ref!r} named when the cache last read it", err=True)
         emit(
             {"path": snap.path, "info": snap.info, "stats": s},
             as_json,
@@ -146,13 +214,9 @@ def _build() -> click.Group:
             return
         refs = store.refs(name)
         versions = list(store.versions(name))
-        tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
-        rows = [
-            f"{v.version}  {human_bytes(v.total_size):>10}  {v.file_count:>6} files  "
-            f"{','.join(tags.get(v.version, []))}"
-            for v in versions
-        ]
-        emit({"refs": refs, "versions": versions}, as_json, "\n".join(rows))
+        if not refs and not versions:
+            raise no_snapshot(name)
+        emit({"refs": refs, "versions": versions}, as_json, _version_rows(refs, versions))
 
     @cli.command(help="Show a version's manifest summary.")
     @click.argument("name")
@@ -168,10 +232,13 @@ def _build() -> click.Group:
     @click.pass_context
     def info(ctx: click.Context, name: str, ref: str, chroma_view: bool, as_json: bool) -> None:
         if chroma_view:
-            _chroma_info(store_of(ctx), name, ref, as_json)
+            store = store_of(ctx)
+            with about(store, name):
+                _chroma_info(store, name, resolve_ref(store, name, ref), as_json)
             return
         source = source_of(ctx)  # manifests come from the source; the cache holds files
-        found = source.resolve(name, ref)
+        with about(source, name):
+            found = source.resolve(name, resolve_ref(source, name, ref))
         m = source.load_manifest(name, found.version)
         stored = sum(c.length for c in m.chunks.values())
         data = {
@@ -199,57 +266,12 @@ def _build() -> click.Group:
             ),
         )
 
-    @cli.group(help="Inspect and manage the local cache of checked-out versions.")
-    def cache() -> None:
-        pass
-
-    @cache.command(name="ls", help="List cached versions, least recently used first.")
-    @json_opt
-    @click.pass_context
-    def cache_ls(ctx: click.Context, as_json: bool) -> None:
-        from chroma_snapshots.stores.cache.inspect import entries
-
-        found = entries(cache_of(ctx))
-        rows = [
-            f"{e.name}  {e.version}  {human_bytes(e.size):>10}{'  pinned' if e.pinned else ''}"
-            for e in found
-        ]
-        emit(found, as_json, "\n".join(rows) or "(cache is empty)")
-
-    @cache.command(name="clear", help="Evict every cached version that no process holds open.")
-    @json_opt
-    @click.pass_context
-    def cache_clear(ctx: click.Context, as_json: bool) -> None:
-        from chroma_snapshots.stores.cache.inspect import clear
-
-        removed = clear(cache_of(ctx))
-        emit(
-            removed,
-            as_json,
-            f"evicted {len(removed)} versions ({human_bytes(sum(e.size for e in removed))})",
-        )
-
-    @cache.command(
-        name="verify", help="Rehash every cached file against its manifest (exit 5 if any differ)."
-    )
-    @json_opt
-    @click.pass_context
-    def cache_verify(ctx: click.Context, as_json: bool) -> None:
-        from chroma_snapshots.stores.cache.inspect import entries, verify
-
-        store = cache_of(ctx)
-        report = {f"{e.name}/{e.version}": verify(store, e) for e in entries(store)}
-        lines = [f"{k}: {'ok' if not v else '; '.join(v)}" for k, v in report.items()]
-        emit(report, as_json, "\n".join(lines) or "(cache is empty)")
-        if any(report.values()):
-            raise IntegrityError("cached versions differ from their manifests (see above)")
-
     @cli.command(
         help="Check the configuration, the stores (reach, list, write, read, delete, "
         "conditional writes, with timings), the EFS hang guard and the /tmp cache. "
         "Never creates a store. Exit 1 if anything fails."
     )
-    @click.option("--budget", default=10.0, show_default=True, help="Seconds allowed per store.")
+    @click.option("--budget", default=10.0, show_default=True, help="Seconds allowed per check.")
     @json_opt
     @click.pass_context
     def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
@@ -274,10 +296,13 @@ def _build() -> click.Group:
         if as_json:
             emit(steps, True, "")
 
-    from chroma_snapshots.cli.admin import register
+    from chroma_snapshots.cli.admin import register as register_admin
+    from chroma_snapshots.cli.cache import register as register_cache
     from chroma_snapshots.cli.help import add_examples, register_completion
+    from chroma_snapshots.cli.plan import register as register_status
 
-    register(cli)
+    for register in (register_admin, register_cache, register_status):
+        register(cli)
     register_completion(cli)
     add_examples(cli)
     return cli
@@ -288,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if click is None:
         sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
         return 2
+    log_warnings_to_stderr()
     try:
         code = _build().main(args=argv, prog_name="chroma-snapshots", standalone_mode=False)
     except click.ClickException as e:
@@ -296,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         return 130
     except SnapshotError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {describe_error(e)}", err=True)
         return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
+    except OSError as e:  # a local file the library did not wrap: one line, not a traceback
+        click.echo(f"error: {describe_error(e)}", err=True)
+        return 1
     return code if isinstance(code, int) else 0  # click returns an Exit's code
 
 

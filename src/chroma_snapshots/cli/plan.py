@@ -1,0 +1,121 @@
+"""What a publish would do, without doing it: ``status NAME DIR`` (which files differ from
+``latest``, like ``dvc status``) and ``publish --dry-run`` (what would be uploaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from chroma_snapshots.cli.common import emit, human_bytes, source_of
+from chroma_snapshots.cli.names import has_snapshot
+from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
+from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.errors import SnapshotNotFoundError
+
+if TYPE_CHECKING:
+    from chroma_snapshots.engine.models import Manifest
+    from chroma_snapshots.stores.base import SnapshotStore
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    """A local folder against the latest version of a name: the files that differ, and the
+    new chunks (not in ``base``) a publish would upload, before compression."""
+
+    name: str
+    base: str | None
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    files: int
+    total_bytes: int
+    new_chunks: int
+    new_bytes: int
+    reused_bytes: int
+
+    @property
+    def clean(self) -> bool:
+        return self.base is not None and not (self.added or self.removed or self.changed)
+
+
+def _latest(store: SnapshotStore, name: str) -> tuple[str, Manifest] | None:
+    """The latest version and its manifest; None if ``name`` has no snapshot yet."""
+    try:
+        version = store.current_version(name)[0]
+    except SnapshotNotFoundError:
+        if has_snapshot(store, name):
+            raise
+        return None
+    return version, store.load_manifest(name, version)
+
+
+def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> PublishPlan:
+    """Hash ``directory`` the way publish cuts it and compare with ``name``'s latest."""
+    files, _ = scan_source(directory)
+    latest = _latest(store, name)
+    base, manifest = latest if latest else (None, None)
+    chunk_size = getattr(store, "chunk_size", None) or (
+        manifest.chunk_size if manifest else DEFAULT_CHUNK_SIZE
+    )
+    known = set(manifest.chunks) if manifest else set()
+    old = {f.path: f for f in manifest.files} if manifest else {}
+    new: dict[str, int] = {}
+    added, changed, reused = [], [], 0
+    for f in files:
+        hashes = []
+        for raw in read_chunks(f.abspath, chunk_size):
+            digest = sha256_hex(raw)
+            hashes.append(digest)
+            if digest in known:
+                reused += len(raw)
+            else:
+                new[digest] = len(raw)
+        before = old.get(f.relpath)
+        if before is None:
+            added.append(f.relpath)
+        elif before.chunks != tuple(hashes) or before.mode != f.mode:
+            changed.append(f.relpath)
+    removed = sorted(set(old) - {f.relpath for f in files})
+    total = sum(f.size for f in files)
+    return PublishPlan(
+        name, base, added, removed, changed, len(files), total, len(new), sum(new.values()), reused
+    )
+
+
+def describe_plan(plan: PublishPlan, directory: str) -> str:
+    """The plan for people: the differing files, then one summary line."""
+    against = f"latest ({plan.base})" if plan.base else "nothing (no snapshot yet)"
+    lines = [f"{plan.name}: {directory} against {against}"]
+    lines += [f"+ {p}" for p in plan.added]
+    lines += [f"- {p}" for p in plan.removed]
+    lines += [f"~ {p}" for p in plan.changed]
+    if plan.clean:
+        lines.append("nothing differs: a publish would upload nothing new")
+    else:
+        lines.append(
+            f"{len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} "
+            f"changed of {plan.files} files ({human_bytes(plan.total_bytes)}); a publish "
+            f"would upload {plan.new_chunks} new chunks, {human_bytes(plan.new_bytes)} before "
+            f"compression, and reuse {human_bytes(plan.reused_bytes)}"
+        )
+    return "\n".join(lines)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``status`` to ``cli``."""
+
+    @cli.command(
+        help="What differs between the local folder DIRECTORY and the latest version of "
+        "NAME (files added, removed, changed), and what a publish would upload. "
+        "Reads only manifests; uploads nothing."
+    )
+    @click.argument("name")
+    @click.argument("directory", type=click.Path(exists=True, file_okay=False))
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    def status(ctx: click.Context, name: str, directory: str, as_json: bool) -> None:
+        plan = plan_publish(source_of(ctx), name, directory)
+        emit(plan, as_json, describe_plan(plan, directory))

@@ -1,0 +1,226 @@
+"""Errors an operator meets, through the real entry point: each names what happened (the
+endpoint and why it refused, where credentials are looked for, the read-only path, the
+missing bucket, the name without a snapshot), in one line and with the documented code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import open_remote
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.cli import main
+from chroma_snapshots.errors import BackendUnavailableError, IntegrityError, InvalidInputError
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.testing.proxy import closed_endpoint
+
+CLI = str(Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "chroma-snapshots")
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store configuration leaks in from the machine running the tests."""
+    for var in list(os.environ):
+        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
+            monkeypatch.delenv(var)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def _script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    cli = CLI if Path(CLI).exists() else "chroma-snapshots"
+    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_refused_connection_is_not_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two attempts, not max_attempts with exponential backoff (14-22 s before an error)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with closed_endpoint() as url:
+        backend = S3Backend("bkt", settings=S3Settings(endpoint_url=url, max_attempts=5))
+        sent: list[str] = []
+        backend.client.meta.events.register("before-send.s3", lambda **kw: sent.append("x"))
+        with pytest.raises(BackendUnavailableError, match="Connection refused") as err:
+            backend.head("k")
+    assert len(sent) == 2
+    assert url in str(err.value)
+
+
+def test_refused_endpoint_cli_and_doctor_say_what_happened(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with closed_endpoint() as url:
+        store = ["--endpoint-url", url, "--store", "s3://bkt/snaps"]
+        code, _, err = run(*store, "ls")
+        assert code == 7
+        assert f"cannot connect to the S3 endpoint {url}" in err
+        assert "Connection refused" in err
+        code, out, _ = run(*store, "doctor", "--json")
+    assert code == 1
+    found = {f["check"]: f for f in json.loads(out)}
+    listed = found["s3://bkt/snaps: list"]
+    assert listed["status"] == "fail"
+    assert "Connection refused" in listed["detail"]
+    for check in ("write", "read", "delete", "conditional writes"):
+        skipped = found[f"s3://bkt/snaps: {check}"]
+        assert skipped["status"] == "skip"  # not "timed out": it was never tried
+        assert skipped["detail"] == "not tried: the list failed"
+
+
+def test_no_credentials_says_where_they_are_looked_for(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    store = ["--endpoint-url", moto_server.endpoint_url, "--store", f"s3://{s3_bucket}/x"]
+    out = _script(*store, "ls", env=env)
+    assert out.returncode == 7
+    for where in ("AWS_ACCESS_KEY_ID", "~/.aws/credentials", "instance role", "--profile"):
+        assert where in out.stderr
+    assert "Traceback" not in out.stderr
+    profile = _script("--profile", "nosuch", *store, "ls", env=env)
+    assert profile.returncode == 2
+    assert "AWS profile 'nosuch'" in profile.stderr
+
+
+def test_a_missing_bucket_is_named_by_publish_and_doctor(
+    moto_server: MotoServer, tmp_path: Path, run: Run
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+    store = ["--endpoint-url", moto_server.endpoint_url, "--store", "s3://no-such-bkt-9/x"]
+    code, _, err = run(*store, "publish", "db", str(src))
+    assert code == 3
+    assert "bucket 'no-such-bkt-9' does not exist" in err
+    assert "_probes" not in err  # not blamed on an object key
+    code, out, _ = run(*store, "doctor", "--json")
+    assert code == 1
+    found = json.loads(out)
+    failed = [f for f in found if f["status"] == "fail"]
+    assert [f["check"] for f in failed] == ["s3://no-such-bkt-9/x: list"]
+    assert "does not exist" in failed[0]["detail"]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A real read-only filesystem (a tmpfs mounted ro), so even root cannot write there."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"these tests need root to mount a tmpfs (CI runs as root): {done.stderr}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_only_store_destination_and_cache_are_one_line_errors(
+    tmp_path: Path, read_only: Path, run: Run
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+    good = ["--store", str(tmp_path / "store")]
+    assert run(*good, "publish", "db", str(src))[0] == 0
+    cases: list[tuple[list[str], int, Path]] = [
+        (["--store", str(read_only / "store"), "publish", "db", str(src)], 7, read_only / "store"),
+        ([*good, "checkout", "db", "--dest", str(read_only / "out")], 1, read_only / "out"),
+        ([*good, "--cache-dir", str(read_only / "c"), "checkout", "db"], 1, read_only / "c"),
+    ]
+    for args, expected, path in cases:
+        code, _, err = run(*args)
+        assert code == expected, err
+        assert err.startswith("error: ")
+        assert str(path) in err
+        assert "Read-only file system" in err
+        assert len(err.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_an_unreachable_fsspec_store_is_an_error_not_an_empty_listing(run: Run) -> None:
+    with closed_endpoint() as url:
+        code, out, err = run("--store", f"{url}/x", "ls")
+    assert code == 7
+    assert out == ""
+    assert "Cannot connect" in err
+
+
+def test_a_name_without_snapshot_is_not_found_in_the_same_words(tmp_path: Path, run: Run) -> None:
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    store = ["--store", str(tmp_path / "store")]
+    assert run(*store, "publish", "db", str(src))[0] == 0
+    for args in (
+        ["ls", "nosuch"],
+        ["info", "nosuch"],
+        ["checkout", "nosuch", "--dest", str(tmp_path / "o")],
+        ["verify", "nosuch"],
+        ["diff", "nosuch", "latest"],
+        ["tag", "nosuch", "stable"],
+        ["rollback", "nosuch", "stable"],
+    ):
+        code, _, err = run(*store, *args)
+        assert code == 3, args
+        assert err == "error: no snapshot named 'nosuch' in this store\n", args
+    code, _, err = run(*store, "info", "db", "nosuchref")  # the name exists: the ref does not
+    assert code == 3
+    assert "no ref 'nosuchref'" in err
+
+
+def _chroma_db(path: Path) -> Path:
+    from chroma_snapshots.chroma import client_settings, close_client
+
+    chromadb = pytest.importorskip("chromadb")
+    client = chromadb.PersistentClient(path=str(path), settings=client_settings())
+    client.get_or_create_collection("col").add(ids=["a"], embeddings=[[1.0, 2.0]])
+    close_client(client)
+    return path
+
+
+def test_chroma_helpers_say_what_is_wrong(tmp_path: Path) -> None:
+    from chroma_snapshots.chroma import open_client, publish_client
+
+    store = open_remote(f"file://{tmp_path}/store")
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        publish_client(store, "db", tmp_path / "nope")
+    plain = write_tree(tmp_path / "plain", {"notes.txt": b"not chroma"})
+    for force in (False, True):  # force publishes a damaged copy, never a non-chroma folder
+        with pytest.raises(IntegrityError, match=r"not a chroma database .*force=True"):
+            publish_client(store, "plain", plain, force=force)
+    assert list(store.names()) == []
+    store.publish("plain", plain)  # any folder goes through store.publish
+    with (
+        pytest.raises(IntegrityError, match="is not a chroma database"),
+        open_client(store, "plain"),
+    ):
+        pass
+    assert publish_client(store, "db", _chroma_db(tmp_path / "db")).version
+    with open_client(store, "db") as client:
+        assert client.get_collection("col").count() == 1
+
+
+def test_every_error_line_is_one_line(tmp_path: Path, run: Run) -> None:
+    """A raw OSError the library did not wrap still reaches the user as one line (exit 1)."""
+    code, _, err = run("--store", str(tmp_path / "s"), "status", "db", str(tmp_path))
+    assert code == 3  # the store does not exist: not found, not a traceback
+    assert len(err.strip().splitlines()) == 1
