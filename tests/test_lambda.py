@@ -145,7 +145,7 @@ def test_compaction_handler(env: dict[str, str]) -> None:
     ("extra", "needle"),
     [
         ({"CHROMA_SNAPSHOTS_NAME": ""}, "CHROMA_SNAPSHOTS_NAME"),
-        ({"CHROMA_SNAPSHOTS_PROCESSOR": "no_such_module:fn"}, "processor"),
+        ({"CHROMA_SNAPSHOTS_PROCESSOR": "no_such_module:fn"}, "CHROMA_SNAPSHOTS_PROCESSOR="),
         ({"CHROMADB_STORAGE_MODE": "auto", "CHROMA_SNAPSHOTS_URL": ""}, "CHROMA_ROOT"),
     ],
 )

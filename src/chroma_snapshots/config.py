@@ -9,6 +9,7 @@ library.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,8 @@ ENV_CACHE_DIR = "CHROMA_SNAPSHOTS_CACHE_DIR"
 ENV_CACHE_MAX = "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES"
 ENV_ENDPOINT = "AWS_ENDPOINT_URL_S3"
 ENV_UNSAFE_NO_CAS = "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS"
+ENV_STALE_OK = "CHROMA_SNAPSHOTS_STALE_OK"
+ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 _MODES = ("s3", "efs", "auto")
 
@@ -61,6 +64,8 @@ class StoreConfig:
     s3_profile: str | None = None
     s3_region: str | None = None
     stale_ok: bool = False
+    # Read-consistency interval of the cache: trust a ref's answer this many seconds.
+    refresh_seconds: float | None = None
     # Never contact the stores: serve from the cache what its refs last named (stale reads).
     offline: bool = False
 
@@ -94,6 +99,8 @@ class StoreConfig:
             cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
             unsafe_no_cas=_flag(env, ENV_UNSAFE_NO_CAS),
+            stale_ok=_flag(env, ENV_STALE_OK),
+            refresh_seconds=_refresh(env),
             offline=_flag(env, ENV_OFFLINE),
         )
 
@@ -167,6 +174,28 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
     if not 0 < value < float("inf"):
         raise ConfigError(f"{var}={raw!r} must be positive")
     return value
+
+
+def _refresh(env: Mapping[str, str]) -> float | None:
+    """Seconds to trust a ref's answer: unset reads it every time, ``never`` once."""
+    raw = env.get(ENV_REFRESH, "").strip().lower()
+    if not raw:
+        return None
+    if raw == "never":
+        return math.inf
+    try:
+        value = float(raw)
+    except ValueError:
+        msg = f"{ENV_REFRESH}={raw!r} must be a number of seconds or 'never'"
+        raise ConfigError(msg) from None
+    if not 0 <= value < math.inf:
+        raise ConfigError(f"{ENV_REFRESH}={raw!r} must be 0 or more seconds, or 'never'")
+    return value
+
+
+def _budget(env: Mapping[str, str], var: str) -> float:
+    """Seconds of an optional budget: unset or 0 turns it off."""
+    return 0.0 if env.get(var, "").strip() in ("", "0") else _seconds(env, var, 0.0)
 
 
 def _cache_dir(env: Mapping[str, str]) -> str | None:
@@ -274,7 +303,13 @@ def open_store(
     from chroma_snapshots.stores.cache import CachedStore
 
     stale_ok = cfg.stale_ok or cfg.offline  # offline: every read is an outage's stale read
-    return CachedStore(source, cache, max_bytes=cfg.cache_max_bytes, stale_ok=stale_ok)
+    return CachedStore(
+        source,
+        cache,
+        max_bytes=cfg.cache_max_bytes,
+        stale_ok=stale_ok,
+        refresh_seconds=cfg.refresh_seconds,
+    )
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
@@ -285,6 +320,7 @@ ENV_LOCK_TABLE = "CHROMA_SNAPSHOTS_LOCK_TABLE"
 ENV_LOCK_KEY = "CHROMA_SNAPSHOTS_LOCK_KEY"
 ENV_METRICS = "CHROMA_SNAPSHOTS_METRICS_NAMESPACE"
 ENV_RELEASE = "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED"
+ENV_INIT = "CHROMA_SNAPSHOTS_INIT_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -300,6 +336,7 @@ class LambdaConfig:
     lock_key: str | None = None
     metrics_namespace: str | None = None
     release_unprocessed: bool = False
+    init_seconds: float = 0.0  # check the snapshot out during init, within this budget
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LambdaConfig:
@@ -331,4 +368,5 @@ class LambdaConfig:
             lock_key=env.get(ENV_LOCK_KEY, "").strip() or None,
             metrics_namespace=env.get(ENV_METRICS, "").strip() or None,
             release_unprocessed=_flag(env, ENV_RELEASE),
+            init_seconds=_budget(env, ENV_INIT),
         )

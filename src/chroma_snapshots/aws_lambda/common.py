@@ -27,20 +27,34 @@ H = TypeVar("H", bound="SqsHandler")
 Results = Iterator[tuple[str, Exception | None]]
 
 
-def load_callable(spec: str, what: str) -> Callable[..., Any]:
-    """Import ``module:function``; ConfigError (at cold start) if it is not there."""
+MetricsSink = Callable[[dict[str, float], dict[str, str]], None]
+_external_logging = False  # set when another logging setup (Powertools) owns the output
+
+
+def load_callable(spec: str, var: str) -> Callable[..., Any]:
+    """Import ``module:function`` named by the environment variable ``var``; ConfigError
+    naming the variable (at cold start) if it is not there."""
     module, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{what} {spec!r} cannot be imported: {e}") from e
+        raise ConfigError(f"{var}={spec!r} cannot be imported: {e}") from e
     if not callable(fn):
-        raise ConfigError(f"{what} {spec!r} is not callable")
+        raise ConfigError(f"{var}={spec!r} is not callable")
     return fn  # type: ignore[no-any-return]
+
+
+def external_logging(on: bool) -> None:
+    """Whether this library's log lines go to a logging setup of the caller's (Powertools'
+    Logger) instead of its own JSON lines on stderr."""
+    global _external_logging
+    _external_logging = on
 
 
 def setup_logging() -> None:
     """JSON lines on stderr for this library's handler logger (idempotent)."""
+    if _external_logging:
+        return
     if not any(isinstance(h.formatter, JsonFormatter) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
@@ -56,10 +70,25 @@ def finish(
     kind: str,
     fields: dict[str, Any],
     sqs: Callable[[], Any],
+    metrics: MetricsSink | None = None,
 ) -> dict[str, Any]:
     """Release unprocessed messages if configured, log the summary, emit metrics, respond."""
     if outcome.unprocessed and config.release_unprocessed:
         release(outcome.unprocessed, sqs())
+    summarize(config, outcome, context, kind, fields, metrics)
+    return outcome.response()
+
+
+def summarize(
+    config: LambdaConfig,
+    outcome: BatchOutcome,
+    context: LambdaContext,
+    kind: str,
+    fields: dict[str, Any],
+    metrics: MetricsSink | None = None,
+) -> None:
+    """The batch's summary log line and its metrics (to ``metrics``, else as EMF on stdout
+    when ``CHROMA_SNAPSHOTS_METRICS_NAMESPACE`` is set)."""
     summary = {
         "request_id": getattr(context, "aws_request_id", ""),
         "snapshot": config.name,
@@ -69,20 +98,17 @@ def finish(
         **fields,
     }
     log.info("%s batch done", kind, extra=summary)
-    if config.metrics_namespace:
-        print(
-            emf(
-                config.metrics_namespace,
-                {
-                    "Processed": len(outcome.processed),
-                    "Failed": summary["failed"],
-                    "Unprocessed": len(outcome.unprocessed),
-                    "Seconds": float(fields.get("seconds", 0.0)),
-                },
-                {"Snapshot": config.name, "Handler": kind},
-            )
-        )
-    return outcome.response()
+    values = {
+        "Processed": float(len(outcome.processed)),
+        "Failed": float(summary["failed"]),
+        "Unprocessed": float(len(outcome.unprocessed)),
+        "Seconds": float(fields.get("seconds", 0.0)),
+    }
+    dimensions = {"Snapshot": config.name, "Handler": kind}
+    if metrics is not None:
+        metrics(values, dimensions)
+    elif config.metrics_namespace:
+        print(emf(config.metrics_namespace, values, dimensions))
 
 
 class SqsHandler(ABC):
@@ -92,6 +118,7 @@ class SqsHandler(ABC):
 
     def __init__(self, config: LambdaConfig) -> None:
         self.config = config
+        self.metrics_sink: MetricsSink | None = None  # e.g. use_powertools_metrics
         setup_logging()
 
     @classmethod
@@ -111,7 +138,9 @@ class SqsHandler(ABC):
             event, context, self.config.reserve, lambda msgs, dl: self.work(msgs, dl, fields)
         )
         fields["seconds"] = round(time.monotonic() - t0, 4)
-        return finish(self.config, outcome, context, self.kind, fields, self._sqs)
+        return finish(
+            self.config, outcome, context, self.kind, fields, self._sqs, self.metrics_sink
+        )
 
     def _sqs(self) -> Any:
         import boto3

@@ -11,6 +11,7 @@ function, and each result goes to the sink. Message body::
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from chroma_snapshots.aws_lambda.batch import Message, log
 from chroma_snapshots.aws_lambda.common import Results, SqsHandler, load_callable
 from chroma_snapshots.chroma import open_checkout
-from chroma_snapshots.config import LambdaConfig, open_store
+from chroma_snapshots.config import ENV_PROCESSOR, ENV_SINK, LambdaConfig, open_store
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.models import TransferStats
 from chroma_snapshots.errors import InvalidInputError
@@ -68,9 +69,9 @@ class QueryHandler(SqsHandler):
         super().__init__(config)
         self.store = store or open_store(config.store)
         self.process = (
-            load_callable(config.processor, "processor") if config.processor else default_query
+            load_callable(config.processor, ENV_PROCESSOR) if config.processor else default_query
         )
-        self.sink = load_callable(config.sink, "sink") if config.sink else log_results
+        self.sink = load_callable(config.sink, ENV_SINK) if config.sink else log_results
         self._open: tuple[str, Any, LocalSnapshot, ExitStack] | None = None
 
     def work(self, messages: list[Message], deadline: Deadline, fields: dict[str, Any]) -> Results:
@@ -86,6 +87,11 @@ class QueryHandler(SqsHandler):
             bytes_downloaded=snap.stats.bytes_downloaded,
             requests=snap.stats.requests,
         )
+        if snap.stale:  # CHROMA_SNAPSHOTS_STALE_OK and the store did not answer
+            log.warning(
+                "serving a stale version: the store did not answer",
+                extra={"snapshot": self.config.name, "version": snap.info.version, "stale": True},
+            )
         for m in messages:
             if deadline.expired():
                 return
@@ -101,13 +107,17 @@ class QueryHandler(SqsHandler):
         Chroma writes to a database it opens (it replays its write-ahead log into the
         vector index and persists it on close, even for reads), so reopening per request
         would both pay the replay every time and dirty the cached copy. One small request
-        (the ref) tells whether the open client is still on the latest version.
+        (the ref; none within the store's read-consistency interval) tells whether the open
+        client is still on the latest version.
         """
+        # Within CHROMA_SNAPSHOTS_REFRESH_SECONDS of the last read, the ref is not read again.
+        recent = getattr(self.store, "recent_ref", None)
+        requests = 0 if recent is not None and recent(self.config.name, "latest") else 1
         version, stale = self.store.current_version(self.config.name, deadline=deadline)
         if self._open is not None and self._open[0] == version:
             snap = self._open[2]
-            warm = replace(snap, stats=TransferStats(requests=1), stale=stale, source="cache")
-            return self._open[1], warm
+            stats = TransferStats(requests=requests)
+            return self._open[1], replace(snap, stats=stats, stale=stale, source="cache")
         self.close()
         stack = ExitStack()
         client, snap = stack.enter_context(
@@ -115,6 +125,33 @@ class QueryHandler(SqsHandler):
         )
         self._open = (snap.info.version, client, snap, stack)
         return client, snap
+
+    def hydrate(self, budget: float) -> bool:
+        """Check the latest version out and open the client now, within ``budget`` seconds:
+        during Lambda's init phase, so the first invocation does not pay it. False (logged)
+        if it did not finish: the first invocation then does it, reusing what is cached."""
+        t0 = time.monotonic()
+        try:
+            _, snap = self._client(Deadline(budget))
+        except Exception as e:  # the first invocation tries again, with its own deadline
+            log.warning(
+                "init-phase checkout did not finish: %s: %s",
+                type(e).__name__,
+                e,
+                extra={"snapshot": self.config.name, "seconds": round(time.monotonic() - t0, 4)},
+            )
+            return False
+        log.info(
+            "init-phase checkout done",
+            extra={
+                "snapshot": self.config.name,
+                "version": snap.info.version,
+                "source": snap.source,
+                "bytes_downloaded": snap.stats.bytes_downloaded,
+                "seconds": round(time.monotonic() - t0, 4),
+            },
+        )
+        return True
 
     def close(self) -> None:
         """Close the open client (a new version, or the end of the container)."""
@@ -127,6 +164,9 @@ def __getattr__(name: str) -> Any:
     # Lambda resolves "chroma_snapshots.aws_lambda.query.handler" during init: the handler is
     # built then, so a bad configuration fails the cold start, not each message.
     if name == "handler":
-        globals()["handler"] = QueryHandler.from_env()
-        return globals()["handler"]
+        handler = QueryHandler.from_env()
+        if handler.config.init_seconds > 0:  # CHROMA_SNAPSHOTS_INIT_SECONDS
+            handler.hydrate(handler.config.init_seconds)
+        globals()["handler"] = handler
+        return handler
     raise AttributeError(name)

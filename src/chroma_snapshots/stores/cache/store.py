@@ -58,6 +58,8 @@ class CachedStore(DelegatingStore):
     disk free. ``stale_ok``: when the remote store can't be reached within the
     deadline, serve the version the asked ref named when it was last read, flagged
     ``stale=True``, if that version is cached; otherwise the outage's error is raised.
+    ``refresh_seconds`` (read-consistency interval): trust what a ref named for that long
+    before reading it again (None, the default: read it on every checkout).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CachedStore(DelegatingStore):
         max_bytes: int | None = None,
         min_free_bytes: int = DEFAULT_MIN_FREE,
         stale_ok: bool = False,
+        refresh_seconds: float | None = None,
     ) -> None:
         super().__init__(inner)
         self.inner: SourceStore = inner
@@ -78,6 +81,8 @@ class CachedStore(DelegatingStore):
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.stale_ok = stale_ok
+        self.refresh_seconds = refresh_seconds
+        self._refs_read: dict[tuple[str, str], tuple[str, float]] = {}  # -> version, when
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._mlock = threading.Lock()
         try:
@@ -172,6 +177,8 @@ class CachedStore(DelegatingStore):
         """The version to serve and, for a stale answer, the outage that made it stale."""
         if VersionId.is_version(ref):
             return ref, None
+        if (recent := self.recent_ref(name, ref)) is not None:
+            return recent, None
         d = self.dirs(name)
         try:
             found = self.inner.read_ref(name, ref, deadline=dl)
@@ -191,7 +198,17 @@ class CachedStore(DelegatingStore):
         d.record_ref(ref, None if found is None else found[0].version)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
+        self._refs_read[(name, ref)] = (found[0].version, time.monotonic())
         return found[0].version, None
+
+    def recent_ref(self, name: str, ref: str) -> str | None:
+        """The version ``ref`` named when this process read it less than ``refresh_seconds``
+        ago (the read-consistency interval), or None: read it again (always, when
+        ``refresh_seconds`` is None; ``math.inf`` reads it once per process)."""
+        seen = self._refs_read.get((name, ref))
+        if self.refresh_seconds is None or seen is None:
+            return None
+        return seen[0] if time.monotonic() - seen[1] < self.refresh_seconds else None
 
     def _serve(
         self,
