@@ -1,12 +1,16 @@
-"""Compaction of new records into a large snapshot vs re-uploading the whole snapshot.
+"""Compaction of new records into a large snapshot: what the compactor uploads, what a warm
+query worker downloads to refresh, and what a cold reader downloads, vs re-uploading.
 
 Builds a real chromadb database offline (explicit embeddings), publishes it to moto's S3
-server on 127.0.0.1 (behind the counting proxy), then compacts one delta of new records
-into it with ``compaction.compact``. The alternative a user would pick is re-uploading
-the whole database after every batch (what the field deployment did).
+server on 127.0.0.1 (behind the counting proxy), then compacts deltas of new records into
+it with ``compaction.compact`` from a warm compactor (its /tmp cache holds the latest
+version, as a compaction Lambda's does after its first run). After each compaction a warm
+reader (its cache holds the previous version) refreshes, and a cold reader checks the new
+version out. ``--manifest-format 1`` runs the format 1 store (whole changed chunks, JSON
+manifests) for comparison; format 2 stores changed chunks as deltas.
 
-usage: python benchmarks/compaction.py [--records 100000] [--added 100,1000] [--dim 384]
-                                       [--json out.json]
+usage: python benchmarks/compaction.py [--records 50000] [--added 100,1000] [--dim 384]
+                                       [--manifest-format 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,9 +41,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--added", default="100,1000", help="records per compaction, in order")
     ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--manifest-format", type=int, default=2, choices=(1, 2))
     ap.add_argument("--json")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
@@ -56,10 +62,11 @@ def main() -> None:
         )
         bucket = server.create_bucket("bench")
         store = RemoteStore(
-            S3Backend(bucket, "snaps", client=server.client(endpoint_url=proxy.url))
+            S3Backend(bucket, "snaps", client=server.client(endpoint_url=proxy.url)),
+            manifest_format=args.manifest_format,
         )
 
-        def measure(approach: str, fn: Any) -> None:
+        def measure(approach: str, fn: Callable[[], object]) -> None:
             proxy.reset()
             t = time.perf_counter()
             fn()
@@ -73,28 +80,38 @@ def main() -> None:
                     "bytes_down": sum(r.response_bytes for r in seen if r.method == "GET"),
                     "records": args.records,
                     "size_bytes": size,
+                    "manifest_format": args.manifest_format,
                 }
             )
 
         measure("initial publish (whole database)", lambda: publish_client(store, "db", db))
-        cached = CachedStore(store, Path(tmp) / "cache")
-        cached.checkout("db").release()  # a warm compactor already holds the latest version
+        compactor = CachedStore(store, Path(tmp) / "compactor-cache")
+        reader = CachedStore(store, Path(tmp) / "reader-cache")
+        compactor.checkout("db").release()  # a warm compactor holds the latest version
+        reader.checkout("db").release()  # so does a warm query worker
         rng = random.Random(1)
         for batch, n in enumerate(int(x) for x in args.added.split(",")):
             recs = tuple(
                 Record(f"new-{batch}-{i}", tuple(rng.random() for _ in range(args.dim)))
                 for i in range(n)
             )
+            delta = Delta(f"bench-{batch}", "receipts", recs)
             measure(
-                f"compact {n} records (warm compactor)",
-                partial(compact, cached, "db", [Delta(f"bench-{batch}", "receipts", recs)]),
+                f"compact {n:,} records (warm compactor)",
+                partial(compact, compactor, "db", [delta]),
+            )
+            measure(f"  warm reader refresh after +{n:,}", lambda: reader.checkout("db").release())
+            cold = Path(tmp) / f"cold-{batch}"
+            measure(
+                f"  cold reader checkout after +{n:,}", partial(store.checkout, "db", dest=cold)
             )
         measure("re-upload the whole database", lambda: store.publish("full", db))
+    print(f"format {args.manifest_format}, {args.records:,} records x {args.dim}")
     print(f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9}")
     for r in rows:
         print(
             f"{r['approach']:<44} {r['seconds']:>8.2f} {r['requests']:>9} "
-            f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>9.1f}"
+            f"{r['bytes_up'] / MiB:>8.2f} {r['bytes_down'] / MiB:>9.2f}"
         )
     write_json(args.json, rows)
 

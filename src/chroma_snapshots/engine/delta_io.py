@@ -12,6 +12,8 @@ the number of deltas.
 
 from __future__ import annotations
 
+import bisect
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -57,6 +59,38 @@ class DeltaBases:
         self._local.close()
 
 
+class DeltaStash:
+    """Keeps the stored bytes of ``deltas`` that the reads for other chunks carry anyway
+    (coalesced reads span gaps), so applying them costs no second download; at most
+    ``limit`` bytes are kept, the rest is read again."""
+
+    def __init__(self, deltas: Sequence[Chunk], limit: int = 64 << 20) -> None:
+        self._by_pack: dict[str, list[Chunk]] = {}
+        for c in sorted(deltas, key=lambda c: c.offset):
+            self._by_pack.setdefault(c.pack, []).append(c)
+        self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
+        self._left = limit
+        self._lock = threading.Lock()
+        self.stored: dict[str, bytes] = {}
+
+    def take(self, r: Read, data: Buffer) -> None:
+        """Copy out the wanted deltas that lie entirely inside read ``r`` (``data``)."""
+        chunks = self._by_pack.get(r.pack)
+        if not chunks:
+            return
+        i = bisect.bisect_left(self._starts[r.pack], r.start)
+        found = {}
+        while i < len(chunks) and chunks[i].offset + chunks[i].length <= r.end:
+            c = chunks[i]
+            found[c.hash] = bytes(data[c.offset - r.start : c.offset - r.start + c.length])
+            i += 1
+        with self._lock:
+            for h, b in found.items():
+                if len(b) <= self._left:
+                    self._left -= len(b)
+                    self.stored[h] = b
+
+
 def place_deltas(
     deltas: Sequence[Chunk],
     table: Mapping[str, Chunk],
@@ -68,8 +102,11 @@ def place_deltas(
     deadline: Deadline,
     stats: StatsRecorder,
     max_read: int,
+    stash: DeltaStash | None = None,
 ) -> None:
-    """Decode every chunk of ``deltas`` (each verified) and place it."""
+    """Decode every chunk of ``deltas`` (each verified) and place it; stored bytes the
+    ``stash`` already holds are not downloaded again."""
+    ready = stash.stored if stash is not None else {}
     for i in range(0, len(deltas), BATCH):
         deadline.check("applying deltas")
         batch = deltas[i : i + BATCH]
@@ -77,7 +114,10 @@ def place_deltas(
         need: dict[str, Chunk] = {}  # links to download
         for c in batch:
             _plan_chain(c, table, local, have, need)
-        stored = _download(list(need.values()), fetch, executor, deadline, stats, max_read)
+        todo = [c for h, c in need.items() if h not in ready]
+        stored = {**_download(todo, fetch, executor, deadline, stats, max_read)}
+        stored.update((h, ready[h]) for h in need if h in ready)
+        stats.add(chunks_transferred=len(need) - len(todo))
         placed = [(c.hash, _resolve(c, table, have, stored)) for c in batch]
         placer.place_many(placed)
 

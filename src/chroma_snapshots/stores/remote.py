@@ -40,7 +40,7 @@ from chroma_snapshots.engine.deadline import (
     wait_all,
     within,
 )
-from chroma_snapshots.engine.delta_io import DeltaBases, place_deltas
+from chroma_snapshots.engine.delta_io import DeltaBases, DeltaStash, place_deltas
 from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
 from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
 from chroma_snapshots.engine.models import (
@@ -488,6 +488,7 @@ class RemoteStore(SourceStore):
             n = within(
                 dl, lambda: self.backend.get_into(pack_key(name, r.pack), (r.start, r.end), view)
             )
+            stash.take(r, view[:n])
             return view[:n]
 
         try:
@@ -495,14 +496,20 @@ class RemoteStore(SourceStore):
                 placer.create_files()
             with WorkerPool(self.workers) as pool:  # this checkout's own (see WorkerPool)
                 todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
-                reads = plan_reads([c for c in todo if c.base is None], max_read=max_read)
+                # One set of coalesced reads carries every chunk; deltas are applied last
+                # (bases from local copies where they verify, else their chains), from the
+                # stash the reads filled, so none is read twice.
+                deltas = [c for c in todo if c.base is not None]
+                stash = DeltaStash(deltas)
+                reads = [
+                    replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
+                    for r in plan_reads(todo, max_read=max_read)
+                ]
                 fetch_and_place(
                     reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
                 )
-                # deltas: their bases from local copies where they verify, else their chains
-                deltas = [c for c in todo if c.base is not None]
                 place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
-                             deadline=dl, stats=stats, max_read=max_read)  # fmt: skip
+                             deadline=dl, stats=stats, max_read=max_read, stash=stash)  # fmt: skip
             placer.finish()
         finally:
             if local is not None:
