@@ -225,7 +225,8 @@ def _dispatch(client: Client, call: Call, out: Outcome) -> None:
     op = call.op
     if op.kind == "publish":
         assert call.source is not None
-        info = client.store.publish(
+        # through the cache: with the parent cached, changed chunks become deltas
+        info = client.cached.publish(
             "db",
             call.source,
             expected=call.expected,

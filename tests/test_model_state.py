@@ -60,16 +60,22 @@ TAGS = ("stable", "canary")
 
 def _contents() -> list[dict[str, bytes]]:
     """Four small trees sharing most chunks: one sqlite page and one segment file differ,
-    so dedup, reverts (byte-identical packs) and reused chunks all happen."""
+    so dedup, reverts (byte-identical packs) and reused chunks all happen. The segment
+    files differ in a few bytes per chunk (as HNSW links do), so a publisher that has the
+    parent cached stores them as deltas: chains form, and prunes must keep their bases."""
     rng = random.Random(13)
     base = bytearray(rng.randbytes(3 * 4096 + 100))
+    links = rng.randbytes(2 * 4096 + 30)
     out = []
     for i in range(4):
         sqlite = bytearray(base)
         sqlite[4096:8192] = rng.randbytes(4096)
+        segment = bytearray(links[: 2 * 4096 + 10 * i])
+        for at in (100 + i, 4196 + 7 * i, 8192 + i):
+            segment[at % len(segment)] ^= 0x5A
         files = {
             "chroma.sqlite3": bytes(sqlite),
-            "seg/data_level0.bin": rng.randbytes(2 * 4096 + 10 * i),
+            "seg/data_level0.bin": bytes(segment),
             "seg/empty": b"",
         }
         if i % 2:
