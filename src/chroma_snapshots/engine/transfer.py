@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
+from chroma_snapshots.engine.localcopy import IntactSources, copy_intact, copy_runs
 from chroma_snapshots.engine.models import Chunk, Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.validation import sha256_hex
@@ -136,9 +137,23 @@ class LocalChunks:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False  # a read abandoned at a deadline must not reopen files
+        self.intact = IntactSources()
 
-    def add_tree(self, root: Path, manifest: Manifest, paths: Iterable[str] | None = None) -> None:
-        """Offer the chunks of ``manifest``'s files (or just ``paths``) found under ``root``."""
+    def add_tree(
+        self,
+        root: Path,
+        manifest: Manifest,
+        paths: Iterable[str] | None = None,
+        *,
+        intact: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Offer the chunks of ``manifest``'s files (or just ``paths``) found under ``root``.
+
+        ``intact(relpath)`` says a file still holds the bytes it was verified with (the
+        cache's stamps): such files' unchanged runs are copied in the kernel, unread and
+        unhashed (engine/localcopy.py states what that trusts); all others are verified."""
+        if intact is not None:
+            self.intact.add_tree(root, manifest, intact)
         wanted = None if paths is None else set(paths)
         for f in manifest.files:
             if wanted is None or f.path in wanted:
@@ -199,9 +214,12 @@ class Placer:
         self.root = root
         self.manifest = manifest
         self.files = [f for f in manifest.files if damaged is None or f.path in damaged]
+        self.positions = [
+            (f, list(range(len(f.chunks)) if damaged is None else damaged[f.path]))
+            for f in self.files
+        ]
         self.targets: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for f in self.files:
-            indexes = range(len(f.chunks)) if damaged is None else damaged[f.path]
+        for f, indexes in self.positions:
             for i in indexes:
                 self.targets[f.chunks[i]].append((f.path, i * manifest.chunk_size))
         self._fds: dict[str, int] = {}
@@ -232,12 +250,41 @@ class Placer:
         Chunks that land next to each other in a file go out in one ``pwritev``: a pack
         holds chunks in file order, so an 8 MiB read is typically one system call, not
         128 (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
+        with self._write_guard():
+            return self._write_runs(chunks)
+
+    def copy_from(self, relpath: str, src: int, runs: list[tuple[int, int, int]], cs: int) -> None:
+        """Copy runs of chunks from the intact file ``src`` to the same offsets of
+        ``relpath`` (see engine/localcopy.py), under the same rules as ``place_many``; the
+        caller reports what it copied with ``mark_placed`` once the source checked out."""
+        with self._write_guard():
+            try:
+                copy_runs(src, self._fd(relpath), runs, cs)
+            except OSError as e:
+                raise disk_error(e, self.root / relpath, "copying into the checkout") from e
+
+    def mark_placed(self, done: Iterable[tuple[str, list[int]]]) -> None:
+        """Drop chunk positions already written by ``copy_from`` from the work left."""
+        done = [(relpath, positions) for relpath, positions in done if positions]
+        cs = self.manifest.chunk_size
+        gone = {(relpath, i * cs) for relpath, positions in done for i in positions}
+        for digest in list(self.targets):
+            left = [where for where in self.targets[digest] if where not in gone]
+            if left:
+                self.targets[digest] = left
+            else:
+                del self.targets[digest]
+        for relpath, positions in done:
+            self._wrote(relpath, len(positions))
+
+    @contextmanager
+    def _write_guard(self) -> Iterator[None]:
         with self._lock:
             if self._closed:
                 raise SnapshotError("the checkout ended (failed or timed out); nothing written")
             self._writing += 1
         try:
-            return self._write_runs(chunks)
+            yield
         finally:
             with self._lock:
                 self._writing -= 1
@@ -377,6 +424,17 @@ def place_local(
     """Fill what local copies can, in parallel slices (hashing releases the GIL); return
     the chunks that still have to be downloaded. ``close=False`` leaves ``local`` open
     for the caller to close (it still reads delta bases from it)."""
+    if local is not None and local.intact:
+        tasks = list(local.intact.plan(placer.positions, placer.manifest))
+        done = copy_intact(
+            tasks,
+            placer.copy_from,
+            executor=executor,
+            deadline=deadline,
+            stats=stats,
+            chunk_size=placer.manifest.chunk_size,
+        )
+        placer.mark_placed(done)
     wanted = list(placer.targets)
     if local is None:
         return [placer.manifest.chunks[h] for h in wanted]

@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -41,7 +41,7 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
-from chroma_snapshots.stores.cache.layout import NameDirs, stamp_of
+from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.remote import RemoteStore
 
@@ -293,9 +293,10 @@ class CachedStore(DelegatingStore):
         d = self.dirs(name)
         local = LocalChunks()
         try:
-            for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:]:
+            # newest first: its intact files lend their unchanged runs (engine/localcopy.py)
+            for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:][::-1]:
                 if (m := self.cached_manifest(name, v)) is not None:
-                    local.add_tree(d.tree(v), m)
+                    local.add_tree(d.tree(v), m, intact=_stamp_check(d.tree(v), d.read_stamps(v)))
             yield local
         finally:
             local.close()
@@ -437,6 +438,17 @@ class CachedStore(DelegatingStore):
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
+
+
+def _stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
+    """Whether a file of a cached tree still has the stamp recorded when it was written
+    (the test a warm checkout serves on): a consumer's write changes its ctime."""
+
+    def intact(relpath: str) -> bool:
+        want = stamps.get(relpath)
+        return want is not None and stamp_of(tree / relpath) == want
+
+    return intact
 
 
 def _private_copy(src: Path, dest: Path) -> Path:

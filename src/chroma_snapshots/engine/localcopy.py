@@ -1,0 +1,176 @@
+"""Copying unchanged regions from intact local copies without reading them into Python.
+
+A refresh after a small change needs almost every chunk of the new version, and the
+cache holds them in the previous version's files, at the same offsets of the same
+paths. Reading each chunk back, re-hashing it and writing it out again made the local
+half of an incremental checkout cost about as much as a cold one. Here a file whose
+stamp is intact (the caller's ``intact`` check: size, mtime, mode and ctime as they were
+right after the file was written and verified, the check a warm checkout serves on)
+lends its runs of chunks that the new version has at the same offsets to
+``os.copy_file_range``: the kernel copies (or, on XFS and btrfs, shares) the blocks, and
+no byte passes through the interpreter or the hash.
+
+Threat model: the copy trusts the same thing a warm checkout does, that a file nobody
+wrote to since it was verified still holds the verified bytes; a write changes the ctime
+(write(2) and a first store through mmap update it before any byte lands), which no
+consumer can put back. The source is checked before and again after its runs are
+copied, so a consumer writing to it meanwhile makes those runs be redone through the
+verified path. Not covered, as for a warm checkout: a change in the same clock tick as
+the stamp, writes to the block device under the filesystem, and media corruption.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from chroma_snapshots.engine.deadline import Deadline, wait_all
+from chroma_snapshots.engine.models import FileEntry, Manifest
+from chroma_snapshots.engine.progress import StatsRecorder
+
+# errnos meaning "this filesystem pair cannot do it": fall back to reading and hashing
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_TASK_BYTES = 64 << 20  # runs per task: tasks spread over the pool, each a few calls
+
+
+@dataclass(frozen=True)
+class IntactFile:
+    """A verified local file: where it is, its chunks, and how to tell it is unchanged."""
+
+    path: Path
+    chunks: tuple[str, ...]
+    intact: Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class _Task:
+    relpath: str
+    source: IntactFile
+    runs: tuple[tuple[int, int, int], ...]  # (first index, chunk count, bytes)
+
+
+class IntactSources:
+    """Intact files of other local versions, by path, newest version first."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, list[IntactFile]] = {}
+
+    def add_tree(self, root: Path, manifest: Manifest, intact: Callable[[str], bool]) -> None:
+        """Offer the files of ``manifest`` under ``root`` for which ``intact(relpath)`` holds
+        now (it is asked again after copying); add the newest version first."""
+        for f in manifest.files:
+            if intact(f.path):
+                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path))
+                self._by_path.setdefault(f.path, []).append(entry)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_path)
+
+    def plan(self, files: list[tuple[FileEntry, list[int]]], manifest: Manifest) -> Iterator[_Task]:
+        """Runs of chunk positions an intact file has at the same offsets, in tasks of about
+        ``_TASK_BYTES``; each position is taken from the first source that has it."""
+        for f, positions in files:
+            todo = set(positions)
+            for src in self._by_path.get(f.path, ()):
+                same = sorted(
+                    i for i in todo if i < len(src.chunks) and src.chunks[i] == f.chunks[i]
+                )
+                todo.difference_update(same)
+                yield from _tasks(f, src, same, manifest)
+
+
+def _tasks(f: FileEntry, src: IntactFile, same: list[int], manifest: Manifest) -> Iterator[_Task]:
+    runs: list[tuple[int, int, int]] = []
+    size = 0
+    for first, count in _consecutive(same):
+        nbytes = sum(manifest.chunks[f.chunks[i]].size for i in range(first, first + count))
+        runs.append((first, count, nbytes))
+        size += nbytes
+        if size >= _TASK_BYTES:
+            yield _Task(f.path, src, tuple(runs))
+            runs, size = [], 0
+    if runs:
+        yield _Task(f.path, src, tuple(runs))
+
+
+def _consecutive(indexes: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive integers in the sorted ``indexes``."""
+    i = 0
+    while i < len(indexes):
+        j = i + 1
+        while j < len(indexes) and indexes[j] == indexes[j - 1] + 1:
+            j += 1
+        yield indexes[i], j - i
+        i = j
+
+
+class _Unsupported(Exception):
+    """copy_file_range cannot copy between these files: use the verified path."""
+
+
+class _SourceFailed(Exception):
+    """The source could not be read to the end: redo its runs the verified way."""
+
+
+def copy_runs(src: int, dst: int, runs: list[tuple[int, int, int]], chunk_size: int) -> None:
+    """Copy each (first index, count, bytes) run at the same offset in both files. A full
+    disk raises OSError (the caller's write error); a source that fails or ends early
+    raises _SourceFailed, a filesystem that cannot copy _Unsupported."""
+    for first, _, nbytes in runs:
+        offset, done = first * chunk_size, 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(src, dst, nbytes - done, offset + done, offset + done)
+            except OSError as e:
+                if e.errno in _DISK_FULL:
+                    raise
+                raise (_Unsupported if e.errno in _UNSUPPORTED else _SourceFailed)() from e
+            if n <= 0:
+                raise _SourceFailed
+            done += n
+
+
+def copy_intact(
+    tasks: list[_Task],
+    write: Callable[[str, int, list[tuple[int, int, int]], int], None],
+    *,
+    executor: Executor,
+    deadline: Deadline,
+    stats: StatsRecorder,
+    chunk_size: int,
+) -> list[tuple[str, list[int]]]:
+    """Run the copy ``tasks`` in parallel through ``write(relpath, src_fd, runs,
+    chunk_size)``; return (relpath, positions) of the runs copied from sources that were
+    still intact afterwards. Anything else (a source changed, vanished or on a filesystem
+    that cannot copy) is left for the verified path."""
+    unsupported = [False]
+
+    def run(t: _Task) -> tuple[str, list[int]]:
+        deadline.check("copying unchanged chunks")
+        if unsupported[0] or not t.source.intact():
+            return t.relpath, []
+        try:
+            fd = os.open(t.source.path, os.O_RDONLY)
+        except OSError:
+            return t.relpath, []  # evicted meanwhile: downloads or other copies fill in
+        try:
+            write(t.relpath, fd, list(t.runs), chunk_size)
+        except _Unsupported:
+            unsupported[0] = True
+            return t.relpath, []
+        except _SourceFailed:
+            return t.relpath, []
+        finally:
+            os.close(fd)
+        if not t.source.intact():  # written to while we copied: redo those the safe way
+            return t.relpath, []
+        stats.add(bytes_reused=sum(n for _, _, n in t.runs))
+        return t.relpath, [i for first, count, _ in t.runs for i in range(first, first + count)]
+
+    return wait_all([executor.submit(run, t) for t in tasks], deadline, "copying chunks")
