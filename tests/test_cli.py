@@ -75,6 +75,9 @@ def test_demo_runs_and_reports_small_incremental_upload() -> None:
     assert hung["mib_down"] == 0
     assert 2.0 <= hung["seconds"] < 6.0  # the EFS timeout, then S3, within the deadline
     assert "rollback: latest" in out.stderr
+    # the expected EFS failover is announced, not warned about above the table
+    assert "as expected: 1 EFS read timed out and S3 answered instead" in out.stderr
+    assert "trying the next store" not in out.stderr
     assert "nearest to probe 0 is receipt-" in out.stderr
 
 

@@ -160,9 +160,14 @@ def log_warnings_to_stderr() -> None:
     lines on stderr, unless the application configured logging itself."""
     root = logging.getLogger("chroma_snapshots")
     if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        root.addHandler(handler)
+        root.addHandler(_Stderr())
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever stderr is when a record comes (not the one at start-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
 
 
 @contextmanager

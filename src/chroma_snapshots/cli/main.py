@@ -187,7 +187,10 @@ def _build() -> click.Group:
             ref = resolve_ref(store, name, ref)
             snap = store.checkout(name, ref, dest, progress=progress_bar("checkout"))
         s = snap.stats
-        if dest is None and getattr(store, "root", None) is None:  # not a cache's folder
+        cached = getattr(store, "root", None) is not None
+        if cached:  # the pin ends with this process anyway; in-process callers must not leak it
+            snap.release()
+        if dest is None and not cached:
             click.echo(
                 f"kept: the checkout stays in {snap.path}; remove {snap.path.parent} when "
                 "done (--dest DIR chooses where; --cache-dir reuses one cached copy)",
@@ -196,7 +199,7 @@ def _build() -> click.Group:
         if snap.stale and offline:  # (online, the cache itself warns that the store failed)
             click.echo(f"offline: served what {ref!r} named when the cache last read it", err=True)
         emit(
-            {"path": snap.path, "info": snap.info, "stats": s},
+            {"path": snap.path, "info": snap.info, "stats": s, "stale": snap.stale},
             as_json,
             f"{snap.path}: {snap.info.version}, downloaded {human_bytes(s.bytes_downloaded)} "
             f"in {s.requests} requests, {s.seconds:.2f}s",

@@ -1,0 +1,284 @@
+"""What people who use awscli, DVC and huggingface_hub expect of the command line, through
+the real entry point: --version and -h, awscli's connection flags, status and a dry-run
+publish, ls with dates and messages, version prefixes, a cache that says what it holds and
+removes on request, offline and stale reads, --json everywhere, no silent temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chroma_snapshots import config as config_module
+from chroma_snapshots.backends.cas import unchecked
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.cli import main
+from chroma_snapshots.cli.help import EXAMPLES
+from chroma_snapshots.engine.models import VersionId
+from chroma_snapshots.stores.base import SnapshotStore
+from chroma_snapshots.stores.remote import RemoteStore
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
+
+Run = Callable[..., tuple[int, str, str]]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store configuration leaks in from the machine running the tests."""
+    for var in list(os.environ):
+        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
+            monkeypatch.delenv(var)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def _published(run: Run, store: list[str], src: Path, *extra: str) -> str:
+    code, out, err = run(*store, "publish", "db", str(src), "--json", *extra)
+    assert code == 0, err
+    return str(json.loads(out)["version"])
+
+
+def test_version_and_short_help(run: Run) -> None:
+    code, out, _ = run("--version")
+    assert code == 0
+    assert re.fullmatch(r"chroma-snapshots, version \d+\.\d+\.\d+\S*\n", out)
+    for args in (["-h"], ["ls", "-h"], ["cache", "rm", "-h"]):
+        code, out, _ = run(*args)
+        assert code == 0
+        assert "Usage: chroma-snapshots" in out
+
+
+def test_aws_flags_reach_the_s3_client(
+    moto_server: MotoServer,
+    s3_bucket: str,
+    tmp_path: Path,
+    run: Run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[SnapshotStore] = []
+    real = config_module.open_store
+
+    def spy(*args: Any, **kwargs: Any) -> SnapshotStore:
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(config_module, "open_store", spy)
+    keys = "aws_access_key_id = testing\naws_secret_access_key = testing\n"
+    (tmp_path / "config").write_text(f"[profile other]\nregion = eu-west-3\n{keys}")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")  # the environment's region would beat the profile's
+    store = ["--store", f"s3://{s3_bucket}/x"]
+    flags = ["--endpoint-url", moto_server.endpoint_url, "--profile", "other"]
+    assert run(*flags, *store, "ls")[0] == 0
+    assert run(*flags, "--region", "ap-south-1", *store, "ls")[0] == 0
+    clients = []
+    for s in opened:
+        assert isinstance(s, RemoteStore)
+        backend = unchecked(s.backend)
+        assert isinstance(backend, S3Backend)
+        clients.append(backend.client.meta)
+    assert [c.endpoint_url for c in clients] == [moto_server.endpoint_url] * 2
+    assert [c.region_name for c in clients] == ["eu-west-3", "ap-south-1"]  # profile, flag
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.endpoint_url)  # env still works
+    assert run(*store, "ls")[0] == 0
+    assert run("--endpoint-url", "ftp://x", *store, "ls")[0] == 2
+
+
+def test_status_and_dry_run_say_what_a_publish_would_upload(tmp_path: Path, run: Run) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    (tmp_path / "store").mkdir()  # status reads a store, it never creates one
+    src = write_tree(
+        tmp_path / "src", {"chroma.sqlite3": os.urandom(200_000), "seg/old.bin": b"o" * 10}
+    )
+    code, out, _ = run(*store, "status", "db", str(src), "--json")
+    assert code == 0  # nothing published yet: everything is new
+    assert json.loads(out)["base"] is None
+    v1 = _published(run, store, src)
+    code, out, _ = run(*store, "status", "db", str(src))
+    assert "nothing differs" in out
+    with open(src / "chroma.sqlite3", "r+b") as f:
+        f.write(b"a changed first page")
+    (src / "seg" / "old.bin").unlink()
+    (src / "seg" / "new.bin").write_bytes(b"n" * 70_000)  # two chunks of 64 KiB
+    code, out, _ = run(*store, "status", "db", str(src), "--json")
+    plan = json.loads(out)
+    assert (plan["base"], plan["added"], plan["removed"]) == (v1, ["seg/new.bin"], ["seg/old.bin"])
+    assert plan["changed"] == ["chroma.sqlite3"]
+    assert (plan["new_chunks"], plan["new_bytes"]) == (3, 65536 + 70_000)
+    code, out, _ = run(*store, "publish", "db", str(src), "--dry-run")
+    assert code == 0
+    assert out.startswith("dry run: nothing uploaded")
+    assert "~ chroma.sqlite3" in out
+    assert "3 new chunks" in out
+    code, out, _ = run(*store, "ls", "db", "--json")
+    assert json.loads(out)["refs"] == {"latest": v1}  # the dry run published nothing
+    v2 = _published(run, store, src)
+    code, out, _ = run(*store, "info", "db", v2, "--json")
+    assert json.loads(out)["info"]["stats"] is not None
+
+
+def test_ls_shows_dates_sizes_and_messages_and_ids_take_prefixes(tmp_path: Path, run: Run) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    src = write_tree(tmp_path / "src", {"a.bin": b"a" * 3000})
+    v1 = _published(run, store, src, "-m", "first one")
+    (src / "b.bin").write_bytes(b"b")
+    v2 = _published(run, store, src, "-m", "second")
+    code, out, _ = run(*store, "ls", "db")
+    lines = out.splitlines()
+    assert lines[0].startswith(v2)  # newest first
+    assert lines[0].endswith("latest        second")
+    stamp = datetime.strptime(VersionId.parse(v1).timestamp, "%Y%m%dT%H%M%S%fZ")
+    assert f"{stamp:%Y-%m-%d %H:%M:%S}" in lines[1]
+    assert "2.9 KiB" in lines[1]
+    assert lines[1].endswith("first one")
+    digest = v1.split("-")[1]
+    for prefix in (v1[:22], digest[:6]):  # timestamp prefix, digest prefix
+        code, out, err = run(*store, "info", "db", prefix, "--json")
+        assert code == 0, err
+        assert json.loads(out)["info"]["version"] == v1
+    code, _, err = run(*store, "info", "db", v1[:8])  # same day: both match
+    assert code == 2
+    assert "ambiguous" in err
+    assert v1 in err
+    assert v2 in err
+    code, _, err = run(*store, "checkout", "db", "ffffff", "--dest", str(tmp_path / "o"))
+    assert code == 3
+    assert "no ref or version 'ffffff'" in err
+
+
+def test_help_examples_use_the_real_version_format() -> None:
+    versions = [
+        word
+        for lines in EXAMPLES.values()
+        for line in lines
+        for word in line.split()
+        if re.fullmatch(r"v?-?\d{8}T\S+-\S+", word)
+    ]
+    assert versions  # the examples do show full ids
+    for word in versions:
+        assert VersionId.is_version(word), word
+
+
+def test_tag_and_rollback_take_json(tmp_path: Path, run: Run) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    v1 = _published(run, store, src)
+    (src / "b").write_bytes(b"b")
+    v2 = _published(run, store, src)
+    code, out, _ = run(*store, "tag", "db", "stable", v1[:20], "--json")
+    assert code == 0
+    assert json.loads(out) == {"name": "db", "ref": "stable", "version": v1, "previous": None}
+    code, out, _ = run(*store, "rollback", "db", "stable", "--json")
+    assert json.loads(out) == {"name": "db", "ref": "latest", "version": v1, "previous": v2}
+
+
+def test_checkout_without_dest_says_where_it_is_kept(tmp_path: Path, run: Run) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    _published(run, store, write_tree(tmp_path / "src", {"a": b"a"}))
+    code, out, err = run(*store, "checkout", "db", "--json")
+    assert code == 0
+    path = Path(json.loads(out)["path"])
+    try:
+        assert path.is_dir()
+        assert f"kept: the checkout stays in {path}; remove {path.parent}" in err
+    finally:
+        shutil.rmtree(path.parent)
+    code, _, err = run(*store, "--cache-dir", str(tmp_path / "c"), "checkout", "db")
+    assert code == 0
+    assert "kept" not in err  # the cache's own folder, managed by `cache rm`
+
+
+def _cache_ls(run: Run, base: list[str]) -> list[dict[str, Any]]:
+    code, out, _ = run(*base, "cache", "ls", "--json")
+    assert code == 0
+    return list(json.loads(out))
+
+
+def test_cache_lists_per_name_and_version_and_removes_on_request(tmp_path: Path, run: Run) -> None:
+    base = ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
+    src = write_tree(tmp_path / "src", {"a": b"a" * 5000})
+    v1 = _published(run, base, src)
+    assert run(*base, "checkout", "db")[0] == 0
+    (src / "b").write_bytes(b"b" * 2000)
+    v2 = _published(run, base, src)
+    assert run(*base, "checkout", "db")[0] == 0
+    code, out, _ = run(*base, "cache", "ls")
+    assert re.search(rf"db\s+{v1}\s+4\.9 KiB\s+\d+s ago", out)
+    assert "db: 2 versions, 11.7 KiB" in out
+    code, out, _ = run(*base, "cache", "rm", "db", v1[:20], "--dry-run")
+    assert f"would evict db/{v1}" in out
+    assert [e["version"] for e in _cache_ls(run, base)] == [v1, v2]  # dry: nothing gone
+    code, out, _ = run(*base, "cache", "rm", "db", v1[:20])
+    assert f"evicted db/{v1}" in out
+    assert [e["version"] for e in _cache_ls(run, base)] == [v2]
+    code, _, err = run(*base, "cache", "rm", "db", v1)
+    assert code == 2
+    assert "is not cached" in err
+    code, out, _ = run(*base, "cache", "clear", "--dry-run", "--json")
+    assert [e["version"] for e in json.loads(out)["evicted"]] == [v2]
+    assert run(*base, "cache", "clear")[0] == 0
+    assert _cache_ls(run, base) == []
+
+
+def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage(
+    moto_server: MotoServer,
+    s3_bucket: str,
+    tmp_path: Path,
+    run: Run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = write_tree(tmp_path / "src", {"a": b"a" * 5000})
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        base = ["--endpoint-url", proxy.url, "--store", f"s3://{s3_bucket}/x", *cache]
+        version = _published(run, base, src)
+        assert run(*base, "checkout", "db")[0] == 0
+        proxy.reset()
+        monkeypatch.setenv("CHROMA_SNAPSHOTS_OFFLINE", "1")
+        code, out, err = run(*base, "checkout", "db", "--json")
+        assert code == 0, err
+        assert json.loads(out)["info"]["version"] == version
+        assert "offline: served what 'latest' named" in err
+        assert "warning" not in err  # offline, a cached read is no failure
+        code, _, err = run(*base, "checkout", "other")
+        assert code == 7
+        assert "offline (CHROMA_SNAPSHOTS_OFFLINE=1)" in err
+        assert proxy.requests == []  # the store was never contacted
+        monkeypatch.delenv("CHROMA_SNAPSHOTS_OFFLINE")
+        assert run(*base, "--offline", "ls")[0] == 7
+    with closed_endpoint() as url:
+        down = ["--endpoint-url", url, "--store", f"s3://{s3_bucket}/x", *cache]
+        assert run(*down, "checkout", "db")[0] == 7  # without --stale-ok: the outage's error
+        code, out, err = run(*down, "--stale-ok", "checkout", "db", "--json")
+    assert code == 0, err
+    assert json.loads(out)["info"]["version"] == version
+    assert json.loads(out)["stale"] is True
+
+
+def test_license_matches_pyproject() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
