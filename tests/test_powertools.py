@@ -4,9 +4,11 @@ Powertools' ``BatchProcessor``; the Logger and Metrics bridges carry the library
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,3 +184,60 @@ def test_logger_and_metrics_bridges(
     assert (emf["Processed"], emf["Failed"], emf["Unprocessed"]) == ([1.0], [1.0], [0.0])
     assert (emf["Snapshot"], emf["Handler"]) == ("powertools", "query")
     handler.close()
+
+
+class PowertoolsContext(FakeContext):
+    """What Powertools' Logger reads from a Lambda context, on top of the fake's countdown."""
+
+    function_name = "compactor"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:compactor"
+    memory_limit_in_mb = 1024
+    log_group_name = "/aws/lambda/compactor"
+    log_stream_name = "stream"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_powertools_example_announces_each_delta_once(
+    moto_server: MotoServer,
+    s3_bucket: str,
+    tmp_path: Path,
+    seeded: RemoteStore,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """examples/lambda/powertools_compactor.py, run twice on the same batch (a redelivery):
+    the failures are the bundled handler's, and each delta is announced once."""
+    table = f"idempotency-{os.urandom(4).hex()}"
+    moto_server.client_for("dynamodb").create_table(
+        TableName=table,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+    )
+    env = {
+        "CHROMA_SNAPSHOTS_URL": f"s3://{s3_bucket}/snaps",
+        "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url,
+        "AWS_ENDPOINT_URL_DYNAMODB": moto_server.endpoint_url,
+        "CHROMA_SNAPSHOTS_NAME": "powertools",
+        "CHROMA_SNAPSHOTS_CACHE_DIR": str(tmp_path / "cache"),
+        "IDEMPOTENCY_TABLE": table,
+        "POWERTOOLS_METRICS_NAMESPACE": "Chroma",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    examples = Path(__file__).parent.parent / "examples" / "lambda"
+    monkeypatch.syspath_prepend(str(examples))
+    monkeypatch.delitem(sys.modules, "powertools_compactor", raising=False)
+    example = importlib.import_module("powertools_compactor")
+    event = sqs_event(delta("d0"), "{not json", delta("d2", dim=DIM + 1), delta("d3"))
+    for _ in range(2):
+        response = example.lambda_handler(event, PowertoolsContext(120))
+        assert sorted(failures(response)) == ["m1", "m2"]
+    assert sorted(applied_ids(seeded.resolve("powertools"))) == ["d0", "d3"]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    announced = [x for x in lines if x.get("message") == "delta in the snapshot"]
+    assert sorted(x["delta"] for x in announced) == ["d0", "d3"]  # once, not per delivery
+    assert {x["base"] for x in announced} == {next(seeded.versions("powertools")).parent}
+    items = moto_server.client_for("dynamodb").scan(TableName=table)["Items"]
+    assert len(items) == 2
