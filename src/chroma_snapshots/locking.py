@@ -190,9 +190,10 @@ class LeaseKeeper(threading.Thread):
                 log.warning("lease renewal failed, will retry: %s: %s", type(e).__name__, e)
 
     def stop(self) -> None:
-        """Stop renewing (waits for a renewal in progress)."""
+        """Stop renewing; waits up to a ttl for a renewal in progress (a hung store call must
+        not hold the caller: a late renewal and the release are both conditional writes)."""
         self._done.set()
-        self.join()
+        self.join(timeout=max(1.0, self.lock.ttl))
 
 
 class ObjectLeaseLock(LeaseLock):
