@@ -178,6 +178,8 @@ def test_a_name_without_snapshot_is_not_found_in_the_same_words(tmp_path: Path, 
         ["diff", "nosuch", "latest"],
         ["tag", "nosuch", "stable"],
         ["rollback", "nosuch", "stable"],
+        ["prune", "nosuch"],
+        ["sync", str(tmp_path / "store"), str(tmp_path / "mirror"), "nosuch"],
     ):
         code, _, err = run(*store, *args)
         assert code == 3, args

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of, store_of
-from chroma_snapshots.cli.names import about, resolve_ref
+from chroma_snapshots.cli.names import about, has_snapshot, no_snapshot, resolve_ref
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
@@ -129,7 +129,11 @@ def register(cli: click.Group) -> None:
     def prune(
         ctx: click.Context, name: str, keep_last: int, min_age: float, really: bool, as_json: bool
     ) -> None:
-        report = store_of(ctx).prune(name, keep_last=keep_last, min_age=min_age, dry_run=not really)
+        store = store_of(ctx)
+        report = store.prune(name, keep_last=keep_last, min_age=min_age, dry_run=not really)
+        touched = report.kept_versions or report.deleted_versions or report.deleted_packs
+        if not touched and not has_snapshot(store, name):
+            raise no_snapshot(name)
         verb = "would delete" if report.dry_run else "deleted"
         emit(
             report,
@@ -165,6 +169,8 @@ def register(cli: click.Group) -> None:
         copied: dict[str, int] = {}
         for name in names or tuple(s.names()):
             refs = s.refs(name)
+            if not refs and names and not has_snapshot(s, name):
+                raise no_snapshot(name)
             wanted = (
                 [v.version for v in s.versions(name)]
                 if all_versions
