@@ -127,6 +127,8 @@ def test_environment_parses_with_the_library_and_tmp_is_big_enough() -> Any:
             assert cfg.store.cache_max_bytes is not None
             assert cfg.store.cache_max_bytes <= storage["size"] << 20
         assert "CHROMA_SNAPSHOTS_LOCK_TABLE" in args[2]["variables"]
+        assert float(args[0]["variables"]["CHROMA_SNAPSHOTS_INIT_SECONDS"]) < 10  # init limit
+        assert LambdaConfig.from_env(args[0]["variables"]).init_seconds > 0
 
     fns = STACK["functions"]
     return pulumi.Output.all(
@@ -135,3 +137,40 @@ def test_environment_parses_with_the_library_and_tmp_is_big_enough() -> Any:
         fns["compaction"].environment,
         fns["compaction"].ephemeral_storage,
     ).apply(check)
+
+
+@pulumi.runtime.test
+def test_the_library_deployment_checks_pass() -> Any:
+    """chroma_snapshots.aws_lambda.checks (doctor --lambda) on what this program declares."""
+    from chroma_snapshots.aws_lambda.checks import Deployment, check
+
+    snapshot_bytes = int(SETTINGS.snapshot_gib * (1 << 30))
+
+    def check_all(args: list[Any]) -> None:
+        for kind, (timeout, storage, visibility, redrive, response_types) in zip(
+            ("query", "compaction"), [args[0:5], args[5:10]], strict=True
+        ):
+            d = Deployment(
+                function=kind,
+                timeout=timeout,
+                ephemeral_mb=storage["size"],
+                queue=kind,
+                visibility_timeout=visibility,
+                redrive_policy=json.loads(redrive),
+                response_types=response_types,
+                snapshot_bytes=snapshot_bytes,
+            )
+            failed = [f.detail for f in check(d) if not f.ok]
+            assert failed == [], kind
+
+    parts = []
+    for kind in ("query", "compaction"):
+        fn, q, m = STACK["functions"][kind], STACK["queues"][kind], STACK["mappings"][kind]
+        parts += [
+            fn.timeout,
+            fn.ephemeral_storage,
+            q.visibility_timeout_seconds,
+            q.redrive_policy,
+            m.function_response_types,
+        ]
+    return pulumi.Output.all(*parts).apply(check_all)
