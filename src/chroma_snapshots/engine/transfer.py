@@ -396,12 +396,7 @@ def fetch_and_place(
             raise IntegrityError(
                 f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})"
             )
-        placer.place_many(
-            [
-                (c.hash, decode_chunk(c, data[c.offset - r.start : c.offset - r.start + c.length]))
-                for c in r.chunks
-            ]
-        )
+        _decode_and_place(r, data, placer)
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
         if progress is not None:
             with done_lock:
@@ -410,6 +405,36 @@ def fetch_and_place(
             progress(so_far, total)
 
     wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
+
+
+def _decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:
+    """Verify the read's chunks and place them in batches. Compressed chunks decompress
+    into this worker's own arena (reused; a batch is placed before the arena is reused),
+    so memory stays ``_ARENA_BYTES`` a worker and no chunk costs a fresh allocation."""
+    arena = _arena(placer.manifest.chunk_size)
+    batch: list[tuple[str, Buffer]] = []
+    used = 0
+    for c in r.chunks:
+        stored = data[c.offset - r.start : c.offset - r.start + c.length]
+        if c.codec != "none" and used + c.size > len(arena):
+            placer.place_many(batch)
+            batch, used = [], 0
+        raw = decode_chunk(c, stored, arena[used:] if c.codec != "none" else None)
+        used += c.size if c.codec != "none" else 0
+        batch.append((c.hash, raw))
+    placer.place_many(batch)
+
+
+_ARENA_BYTES = 1 << 20  # a pwritev's worth (_RUN_CHUNKS chunks at the default size)
+_WORKER = threading.local()
+
+
+def _arena(chunk_size: int) -> memoryview:
+    """This thread's decompression arena: at least one chunk, reused for every read."""
+    arena: memoryview | None = getattr(_WORKER, "arena", None)
+    if arena is None or len(arena) < chunk_size:
+        arena = _WORKER.arena = memoryview(bytearray(max(_ARENA_BYTES, chunk_size)))
+    return arena
 
 
 def place_local(
