@@ -9,14 +9,20 @@ reader (its cache holds the previous version) refreshes, and a cold reader check
 version out. ``--manifest-format 1`` runs the format 1 store (whole changed chunks, JSON
 manifests) for comparison; format 2 stores changed chunks as deltas.
 
+``--scattered-mib N`` instead measures a file of N MiB (random, incompressible) in which 1%
+of its 4 KiB pages change at random places: what a publish with the parent at hand uploads
+against the bytes of the changed pages.
+
 usage: python benchmarks/compaction.py [--records 50000] [--added 100,1000] [--dim 384]
                                        [--manifest-format 2] [--json out.json]
+       python benchmarks/compaction.py --scattered-mib 512 [--manifest-format 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +33,7 @@ from typing import Any
 from _chroma import add
 from _report import write_json
 
-from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots import CachedStore, RemoteStore, open_backend
 from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.chroma import publish_client
 from chroma_snapshots.compaction import Delta, Record, compact
@@ -45,8 +51,13 @@ def main() -> None:
     ap.add_argument("--added", default="100,1000", help="records per compaction, in order")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--manifest-format", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--scattered-mib", type=int)
+    ap.add_argument("--from-dir", help="copy this chroma database instead of building one")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.scattered_mib:
+        scattered(args.scattered_mib, args.manifest_format)
+        return
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="chroma-snapshots-compact-bench-") as tmp,
@@ -55,7 +66,10 @@ def main() -> None:
     ):
         db = Path(tmp) / "db"
         t = time.perf_counter()
-        add(db, args.records, args.dim, seed=0)
+        if args.from_dir:
+            shutil.copytree(args.from_dir, db)
+        else:
+            add(db, args.records, args.dim, seed=0)
         size = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
         print(
             f"built {args.records} records ({size / MiB:.0f} MiB) in {time.perf_counter() - t:.0f}s"
@@ -114,6 +128,35 @@ def main() -> None:
             f"{r['bytes_up'] / MiB:>8.2f} {r['bytes_down'] / MiB:>9.2f}"
         )
     write_json(args.json, rows)
+
+
+def scattered(mib: int, manifest_format: int, page: int = 4096, share: float = 0.01) -> None:
+    """1% of the pages of an incompressible file change: bytes uploaded vs changed."""
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-scattered-") as tmp:
+        old, new = Path(tmp) / "old", Path(tmp) / "new"
+        data = bytearray(rng.randbytes(mib * MiB))
+        (old / "seg").mkdir(parents=True)
+        (old / "seg" / "data.bin").write_bytes(data)
+        pages = rng.sample(range(len(data) // page), int(len(data) // page * share))
+        for p in pages:
+            data[p * page : (p + 1) * page] = rng.randbytes(page)
+        (new / "seg").mkdir(parents=True)
+        (new / "seg" / "data.bin").write_bytes(data)
+        store = RemoteStore(
+            open_backend(f"memory://scattered-{mib}"), manifest_format=manifest_format
+        )
+        store.publish("db", old)
+        t = time.perf_counter()
+        info = store.publish("db", new, parent_dir=old)
+        seconds = time.perf_counter() - t
+    changed = len(pages) * page
+    up = info.stats.bytes_uploaded
+    print(
+        f"format {manifest_format}, {mib} MiB, {len(pages):,} of {mib * MiB // page:,} pages "
+        f"changed ({changed / MiB:.1f} MiB): uploaded {up / MiB:.1f} MiB = "
+        f"{up / changed:.2f}x the changed pages, {seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import bisect
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
+from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine import delta
@@ -31,6 +32,7 @@ from chroma_snapshots.errors import IntegrityError
 # Deltas resolved per batch: at most this many local bases (64 KiB each at the default
 # chunk size) and downloaded chains are held at once.
 BATCH = 256
+_SLICE = 32  # deltas one worker applies per task
 
 
 class DeltaBases:
@@ -118,8 +120,20 @@ def place_deltas(
         stored = {**_download(todo, fetch, executor, deadline, stats, max_read)}
         stored.update((h, ready[h]) for h in need if h in ready)
         stats.add(chunks_transferred=len(need) - len(todo))
-        placed = [(c.hash, _resolve(c, table, have, stored)) for c in batch]
-        placer.place_many(placed)
+        # in parallel slices: zstd and hashlib release the GIL
+        apply = partial(_apply, placer, table, have, stored)
+        parts = [batch[j : j + _SLICE] for j in range(0, len(batch), _SLICE)]
+        wait_all([executor.submit(apply, p) for p in parts], deadline, "applying deltas")
+
+
+def _apply(
+    placer: Placer,
+    table: Mapping[str, Chunk],
+    have: Mapping[str, Buffer],
+    stored: Mapping[str, bytes],
+    part: Sequence[Chunk],
+) -> None:
+    placer.place_many([(c.hash, _resolve(c, table, have, stored)) for c in part])
 
 
 def _plan_chain(
