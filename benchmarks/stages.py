@@ -1,0 +1,189 @@
+"""One micro-benchmark per stage of a checkout's data path, so a regression points at its
+stage: receive (S3 ranged GETs into a reused buffer), decompress (zstd chunks), hash
+(sha256 of every chunk), place (pwritev of verified runs into sparse files) and copy
+(copy_file_range of unchanged runs, the incremental path). Each runs on one thread and
+reports CPU seconds per GiB (user + system, this process) and GB/s.
+
+usage: python benchmarks/stages.py [--mib 256] [--tools .bench-tools] [--json out.json]
+       [--skip-receive]   (receive needs s3rver: benchmarks/install-tools.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _data import MiB
+from _report import write_json
+
+from chroma_snapshots.engine.chunking import _decompressor, _unzstd_into
+from chroma_snapshots.engine.localcopy import copy_runs
+from chroma_snapshots.engine.models import Chunk
+from chroma_snapshots.engine.validation import sha256_hex
+
+HERE = Path(__file__).resolve().parent
+CHUNK = 64 << 10
+Row = dict[str, Any]
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def measure(stage: str, nbytes: int, fn: Callable[[], None]) -> Row:
+    """Run ``fn`` once; CPU seconds per GiB and GB/s of ``nbytes``."""
+    wall, cpu = time.perf_counter(), _cpu()
+    fn()
+    wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+    gib = nbytes / (1 << 30)
+    return {
+        "stage": stage,
+        "bytes": nbytes,
+        "cpu_s_per_gib": cpu / gib,
+        "gbps": nbytes / wall / 1e9,
+    }
+
+
+def sqlite_like(n: int, seed: int = 0) -> bytes:
+    """Bytes that compress like the benchmark's SQLite file: text rows and random vectors."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += f"receipt {len(out)} merchant {rng.randrange(500)} ".encode() * 8
+        out += rng.randbytes(1536)
+    return bytes(out[:n])
+
+
+def stage_decompress(mib: int) -> list[Row]:
+    """The checkout's way (into a reused arena) and, for comparison, a new bytes object per
+    chunk (the way before commit 01a152f)."""
+    import zstandard
+
+    raw = sqlite_like(mib * MiB)
+    comp = zstandard.ZstdCompressor(level=3)
+    frames = [comp.compress(raw[i : i + CHUNK]) for i in range(0, len(raw), CHUNK)]
+    chunks = [Chunk("0" * 64, "0" * 64, 0, len(f), CHUNK, "zstd") for f in frames]
+    arena = memoryview(bytearray(CHUNK))
+    d = _decompressor()
+    return [
+        measure(
+            "decompress (zstd 64 KiB chunks, arena)",
+            len(raw),
+            lambda: (
+                [_unzstd_into(c, f, arena) for c, f in zip(chunks, frames, strict=True)] and None
+            ),
+        ),
+        measure(
+            "decompress (new bytes per chunk)",
+            len(raw),
+            lambda: [d.decompress(f, max_output_size=CHUNK) for f in frames] and None,
+        ),
+    ]
+
+
+def stage_hash(mib: int) -> Row:
+    data = memoryview(os.urandom(mib * MiB))
+    return measure(
+        "hash (sha256, 64 KiB chunks)",
+        len(data),
+        lambda: [sha256_hex(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)] and None,
+    )
+
+
+def stage_place(mib: int, work: Path) -> Row:
+    run = [os.urandom(CHUNK) for _ in range(16)]  # 1 MiB of 16 chunks: one pwritev
+    path = work / "place.bin"
+
+    def place() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.ftruncate(fd, mib * MiB)  # sparse, as Placer.create_files makes them
+            for off in range(0, mib * MiB, MiB):
+                os.pwritev(fd, run, off)
+        finally:
+            os.close(fd)
+
+    row = measure("place (pwritev 1 MiB runs, page cache)", mib * MiB, place)
+    path.unlink()
+    return row
+
+
+def stage_copy(mib: int, work: Path) -> Row:
+    src, dst = work / "copy-src.bin", work / "copy-dst.bin"
+    with open(src, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MiB))
+    runs = [(i * 16, 16, MiB) for i in range(mib)]  # 1 MiB runs of 16 chunks
+
+    def copy() -> None:
+        s = os.open(src, os.O_RDONLY)
+        d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.ftruncate(d, mib * MiB)
+            copy_runs(s, d, runs, CHUNK)
+        finally:
+            os.close(s)
+            os.close(d)
+
+    row = measure("copy (copy_file_range 1 MiB runs)", mib * MiB, copy)
+    src.unlink()
+    dst.unlink()
+    return row
+
+
+def stage_receive(mib: int, tools: Path, work: Path) -> Row:
+    from _s3rver import ACCESS, REGION, S3rver
+
+    from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+
+    os.environ.update(ACCESS)
+    with S3rver(tools, work / "s3data") as srv:
+        backend = S3Backend(
+            srv.bucket, "", settings=S3Settings(endpoint_url=srv.endpoint, region=REGION)
+        )
+        backend.put("blob", os.urandom(mib * MiB))
+        buf = memoryview(bytearray(8 * MiB))
+        ranges = [(o, min(o + 8 * MiB, mib * MiB)) for o in range(0, mib * MiB, 8 * MiB)]
+
+        def receive() -> None:
+            for r in ranges:
+                backend.get_into("blob", r, buf)
+
+        row = measure("receive (S3 8 MiB ranged GETs, s3rver)", mib * MiB, receive)
+        backend.close()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--skip-receive", action="store_true")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    args = ap.parse_args()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-stages-") as tmp:
+        work = Path(tmp)
+        if not args.skip_receive:
+            rows.append(stage_receive(args.mib, args.tools.resolve(), work))
+        rows += stage_decompress(args.mib)
+        rows.append(stage_hash(args.mib))
+        rows.append(stage_place(args.mib, work))
+        rows.append(stage_copy(args.mib, work))
+    print(f"{'stage':<42} {'CPU s/GiB':>9} {'GB/s':>6}")
+    for r in rows:
+        print(f"{r['stage']:<42} {r['cpu_s_per_gib']:>9.2f} {r['gbps']:>6.2f}")
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
