@@ -75,6 +75,7 @@ def test_stages_smoke(tmp_path: Path) -> None:
     assert [r["stage"].split()[0] for r in rows] == [
         "receive",
         "decompress",
+        "decompress",
         "hash",
         "place",
         "copy",
