@@ -96,6 +96,10 @@ def compact(
 ) -> CompactionResult:
     """Apply ``deltas`` to the latest version of ``name`` and publish the result (CAS).
 
+    Deltas already applied (their ids are in the latest manifest) are ``skipped``; deltas
+    chroma would refuse are not applied and are reported in ``rejected`` with the reason,
+    the others are published without them.
+
     With ``lock``, each attempt holds the lease, renews it while it works (until the
     deadline) and releases it after; a release that fails (the lease lapsed and was taken
     over) is logged, never raised: the publish, if it happened, stands.
