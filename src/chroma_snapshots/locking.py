@@ -29,9 +29,18 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import ConflictError, LockError, SnapshotNotFoundError
 
 log = logging.getLogger(__name__)
+
+
+class _Held(Exception):
+    """The lock is held by someone else's unexpired lease."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(lease.owner)
+        self.lease = lease
 
 
 @dataclass(frozen=True)
@@ -85,27 +94,39 @@ class LeaseLock(ABC):
     # The protocol.
 
     def acquire(self, timeout: float = 30.0) -> Lease:
-        """Take the lock, waiting up to ``timeout`` seconds for the holder to release or
-        for its lease to expire. LockError if that does not happen in time."""
-        end = self._clock() + timeout
-        while True:
-            found = self._read()
-            now = self._clock()
-            mine = Lease(self.owner, 1, now + self.ttl)
-            try:
-                if found is None:
-                    self._create(mine)
-                    return mine
-                held, token = found
-                if held.expires_at <= now:  # released or expired: take it over
-                    mine = replace(mine, generation=held.generation + 1)
-                    self._swap(mine, token)
-                    return mine
-            except ConflictError:
-                continue  # someone else moved first: look again
-            if now >= end:
-                raise LockError(f"lock held by {held.owner} until {held.expires_at:.0f}")
-            self._sleep(min(self.poll, max(0.0, end - now)))
+        """Take the lock, looking again every ``poll`` seconds for up to ``timeout`` seconds
+        for the holder to release or its lease to expire. LockError if that does not happen
+        in time (``timeout=0``: one look)."""
+        policy = RetryPolicy(
+            attempts=math.inf, base=self.poll, cap=self.poll, jitter=False,
+            clock=self._clock, sleep=self._sleep,
+        )  # fmt: skip
+        try:
+            return policy.call(
+                lambda _: self._take(), retry_on=(_Held, ConflictError), within=timeout
+            )
+        except _Held as e:
+            raise LockError(
+                f"lock held by {e.lease.owner} until {e.lease.expires_at:.0f}"
+            ) from None
+        except ConflictError as e:  # others kept moving first until the time was up
+            raise LockError(f"lost every race for the lock within {timeout:.1f}s") from e
+
+    def _take(self) -> Lease:
+        """One look: create the lease, or take over a released or expired one. _Held if
+        someone holds it, ConflictError if someone else moved first."""
+        found = self._read()
+        now = self._clock()
+        mine = Lease(self.owner, 1, now + self.ttl)
+        if found is None:
+            self._create(mine)
+            return mine
+        held, token = found
+        if held.expires_at > now:
+            raise _Held(held)
+        mine = replace(mine, generation=held.generation + 1)
+        self._swap(mine, token)
+        return mine
 
     def heartbeat(self, lease: Lease) -> Lease:
         """Extend ``lease``; LockError if it is no longer ours (expired and taken over)."""
