@@ -135,7 +135,7 @@ def scattered(mib: int, manifest_format: int, page: int = 4096, share: float = 0
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="chroma-snapshots-scattered-") as tmp:
         old, new = Path(tmp) / "old", Path(tmp) / "new"
-        data = bytearray(rng.randbytes(mib * MiB))
+        data = bytearray(b"".join(rng.randbytes(MiB) for _ in range(mib)))
         (old / "seg").mkdir(parents=True)
         (old / "seg" / "data.bin").write_bytes(data)
         pages = rng.sample(range(len(data) // page), int(len(data) // page * share))
