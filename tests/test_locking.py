@@ -3,6 +3,8 @@ through moto's HTTP server, with one conformance class."""
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +25,16 @@ class Clock:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+class RealClock(Clock):
+    """Wall time, for the background renewals of ``kept``."""
+
+    def __call__(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 class LeaseLockTests:
@@ -74,9 +86,34 @@ class LeaseLockTests:
         with pytest.raises(LockError):
             a.release(lease)  # twice
 
+    # kept(): renewed in the background on wall time (ttl 1 s, renewed every third of it)
 
-def _options(owner: str, clock: Clock) -> dict[str, Any]:
-    return {"owner": owner, "ttl": 60.0, "clock": clock, "sleep": clock.sleep}
+    def test_a_kept_lease_outlives_its_ttl_and_is_released(self, make: Any) -> None:
+        a, b = make("a", RealClock(), 1.0), make("b", RealClock(), 1.0)
+        lease = a.acquire(timeout=0)
+        with a.kept(lease) as keeper:
+            time.sleep(2.5)  # two and a half ttls
+            with pytest.raises(LockError):
+                b.acquire(timeout=0)
+        assert keeper.lost is None
+        assert keeper.lease.expires_at > lease.expires_at
+        b.release(b.acquire(timeout=0))  # released when the block ended
+
+    def test_a_lost_lease_is_logged_not_raised(
+        self, make: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        a, b = make("a", RealClock(), 1.0), make("b", RealClock(), 1.0)
+        lease = a.acquire(timeout=0)
+        caplog.set_level(logging.WARNING, logger="chroma_snapshots.locking")
+        with a.kept(lease, remaining=lambda: 0.0):  # past its deadline: not renewed
+            time.sleep(1.5)
+            stolen = b.acquire(timeout=0)  # it lapsed: taken over
+        assert "not released" in caplog.text
+        b.release(stolen)
+
+
+def _options(owner: str, clock: Clock, ttl: float) -> dict[str, Any]:
+    return {"owner": owner, "ttl": ttl, "clock": clock, "sleep": clock.sleep}
 
 
 class TestObjectLeaseLockOnS3(LeaseLockTests):
@@ -85,8 +122,8 @@ class TestObjectLeaseLockOnS3(LeaseLockTests):
         backend = S3Backend(s3_bucket, settings=S3Settings(endpoint_url=moto_server.endpoint_url))
         key = f"locks/{uuid.uuid4().hex}"
 
-        def make(owner: str, clock: Clock) -> LeaseLock:
-            return ObjectLeaseLock(backend, key, **_options(owner, clock))
+        def make(owner: str, clock: Clock, ttl: float = 60.0) -> LeaseLock:
+            return ObjectLeaseLock(backend, key, **_options(owner, clock, ttl))
 
         return make
 
@@ -103,7 +140,7 @@ class TestDynamoDBLeaseLock(LeaseLockTests):
             AttributeDefinitions=[{"AttributeName": "lock_id", "AttributeType": "S"}],
         )
 
-        def make(owner: str, clock: Clock) -> LeaseLock:
-            return DynamoDBLeaseLock(client, table, "compactor", **_options(owner, clock))
+        def make(owner: str, clock: Clock, ttl: float = 60.0) -> LeaseLock:
+            return DynamoDBLeaseLock(client, table, "compactor", **_options(owner, clock, ttl))
 
         return make
