@@ -190,3 +190,27 @@ def test_signed_deltas_round_trip_and_tampering_is_refused(tmp_path: Path) -> No
     store.backend.put(key, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(IntegrityError, match="signature"):
         store.load_manifest("db", v2)
+
+
+def test_a_cached_version_with_deltas_is_repaired(tmp_path: Path) -> None:
+    """A consumer overwrote part of a cached version made of deltas: the repair rebuilds
+    those chunks, from the cached parent where it can, else from the chains."""
+    store = _store()
+    cached = CachedStore(store, tmp_path / "cache")
+    data = os.urandom(SIZE)
+    cached.publish("db", write_tree(tmp_path / "a", {"seg/data_level0.bin": data}))
+    parent = cached.checkout("db")
+    parent.release()
+    src2 = write_tree(tmp_path / "b", {"seg/data_level0.bin": _edit(data, 1)})
+    cached.publish("db", src2)
+    for evict_parent in (False, True):
+        got = cached.checkout("db")
+        got.release()
+        with open(got.path / "seg/data_level0.bin", "r+b") as f:
+            f.seek(CS)
+            f.write(b"\xff" * CS * 4)
+        if evict_parent:
+            assert cached.evict("db", parent.info.version)
+        again = cached.checkout("db")
+        assert read_tree(again.path) == read_tree(src2)
+        again.release()
