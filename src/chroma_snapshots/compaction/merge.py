@@ -30,6 +30,7 @@ from chroma_snapshots.compaction.deltas import Delta, Record, dimension_problem,
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
+from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 from chroma_snapshots.locking import LeaseLock
 from chroma_snapshots.stores.base import SnapshotStore
@@ -83,6 +84,11 @@ def applied_ids(info: SnapshotInfo | None) -> list[str]:
     return [str(x) for x in comp.get("applied", [])] if isinstance(comp, dict) else []
 
 
+CONFLICT_RETRY = RetryPolicy(base=0.05, cap=2.0)
+"""After a lost compare-and-swap: back off with jitter, so compactors that lost the same race
+do not all load, merge and publish again in step."""
+
+
 def compact(
     store: SnapshotStore,
     name: str,
@@ -110,17 +116,28 @@ def compact(
     """
     dl = as_deadline(deadline, 900.0)
     conflicts: list[str] = []
-    for attempt in range(1, max_retries + 1):
+
+    def attempt(n: int) -> CompactionResult:
         lease = lock.acquire(timeout=min(lock_timeout, dl.remaining())) if lock else None
         fence = lease.generation if lease else None
-        try:
-            if lock is None or lease is None:
-                return _attempt(store, name, deltas, attempt, fence, dl, conflicts, vacuum)
-            with lock.kept(lease, remaining=dl.remaining):
-                return _attempt(store, name, deltas, attempt, fence, dl, conflicts, vacuum)
-        except ConflictError as e:
-            conflicts.append(str(e))
-    raise ConflictError(f"compaction of {name} lost {max_retries} races in a row: {conflicts[-1]}")
+        if lock is None or lease is None:
+            return _attempt(store, name, deltas, n, fence, dl, conflicts, vacuum)
+        with lock.kept(lease, remaining=dl.remaining):
+            return _attempt(store, name, deltas, n, fence, dl, conflicts, vacuum)
+
+    policy = CONFLICT_RETRY.with_(attempts=max_retries)
+    try:
+        return policy.call(
+            attempt,
+            retry_on=(ConflictError,),
+            within=dl.remaining(),
+            on_retry=lambda _, e: conflicts.append(str(e)),
+        )
+    except ConflictError as e:
+        conflicts.append(str(e))
+        raise ConflictError(
+            f"compaction of {name} lost {len(conflicts)} races in a row: {e}"
+        ) from e
 
 
 def _attempt(
