@@ -38,7 +38,7 @@ from chroma_snapshots.engine.validation import (
     format_time,
     parse_time,
 )
-from chroma_snapshots.errors import IntegrityError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 MAGIC = b"CSM\x02"
 FORMAT = 2
@@ -93,6 +93,8 @@ def chain_depth(chunks: Mapping[str, Chunk], h: str) -> int:
 
 
 def _varint(out: bytearray, n: int) -> None:
+    if n < 0:  # a manifest that cannot be valid (a length above its size, say)
+        raise InvalidInputError(f"format 2 cannot encode {n}: the manifest is invalid")
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
