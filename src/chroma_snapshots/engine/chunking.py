@@ -146,7 +146,6 @@ class PackWriter:
         self._target = target
         self._compressor = zstandard.ZstdCompressor(level=level) if level is not None else None
         self._buf = bytearray()
-        self._level = 3 if level is None else level
         self._pending: list[tuple[str, int, int, int, str, str | None]] = []
         self.chunks: dict[str, Chunk] = {}
         self.packs: list[str] = []
@@ -168,7 +167,7 @@ class PackWriter:
             if len(packed) < len(raw) * _MIN_SAVING:
                 data, codec = packed, "zstd"
             if base is not None and base[0] != digest:
-                patch = delta.encode(raw, base[1], self._level)
+                patch = delta.encode(raw, base[1], delta.LEVEL)
                 if len(patch) * 2 < len(data):
                     data, codec, base_hash = patch, delta.CODEC, base[0]
         self._pending.append((digest, len(self._buf), len(data), len(raw), codec, base_hash))

@@ -17,6 +17,10 @@ from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE, sha256_hex
 from chroma_snapshots.errors import IntegrityError
 
 CODEC = DELTA_CODEC
+# zstd level of deltas: on the 50,000-record database, +1,000 records' deltas take 3.68 MiB
+# at level 1 and 3.67 at level 3, and level 1 builds its match tables from the base in a
+# fraction of the time (the base is new for every chunk, so that is most of the cost).
+LEVEL = 1
 
 Buffer = bytes | memoryview
 
