@@ -32,6 +32,7 @@ from chromadb.config import Settings
 from chroma_snapshots.engine.deadline import DeadlineLike
 from chroma_snapshots.engine.localfs import copy_tree, remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
+from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.engine.transfer import disk_error, local_io
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
@@ -343,26 +344,37 @@ def _validated_copy(
     """A validated consistent copy of ``src``. With ``compare`` (nothing writes to ``src``
     any more: its client was closed) the copy's per-collection counts must also equal the
     source's."""
-    last: Exception | None = None
-    copy = tmp / "copy0"
-    for attempt in range(max(1, attempts)):
+    copy = tmp / "copy"
+
+    def take(_: int) -> tuple[Path, ValidationReport | None]:
         remove_tree(copy)  # a failed attempt's copy: its space is the retake's
-        copy = tmp / f"copy{attempt}"
         try:
             consistent_copy(src, copy)
             if compare and sqlite_counts(copy) != sqlite_counts(src):
                 raise IntegrityError(f"{copy}: record counts differ from {src}")
             return copy, validate(copy)
         except (IntegrityError, FileNotFoundError) as e:  # a file vanished mid-copy
-            last = e
+            # not a chroma database: retaking the copy cannot help
+            raise (_Retake if (src / SQLITE).is_file() else _Unusable)(e) from e
         except OSError as e:  # our copy's disk is full or failing: no retry helps
             if isinstance(e, SnapshotError):
                 raise
             # a copy names the source first and its target second: the target is ours
             where = e.filename2 or e.filename or copy
             raise disk_error(e, where, "copying the database to publish") from e
-        if not (src / SQLITE).is_file():
-            break  # not a chroma database: retrying cannot help
+
+    try:
+        return IMMEDIATE.with_(attempts=max(1, attempts)).call(take, retry_on=(_Retake,))
+    except (_Retake, _Unusable) as e:
+        last = e.__cause__
     if force and copy.is_dir():
         return copy, None
     raise IntegrityError(f"refusing to publish {src}: {last}") from last
+
+
+class _Retake(Exception):
+    """The copy was not consistent (a writer was active): take it again."""
+
+
+class _Unusable(Exception):
+    """The copy failed in a way another take cannot fix."""
