@@ -24,6 +24,7 @@ from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.validation import MAX_CHAIN, utc_now
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from chroma_snapshots.ops.sync import sync_version
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CS = 4096
@@ -260,3 +261,13 @@ def test_tampered_delta_tables_never_yield_wrong_bytes(
         assert read_tree(out.path) == read_tree(src)
         return
     assert refusal  # a documented error that says why
+
+
+def test_sync_copies_a_version_with_its_chains(tmp_path: Path) -> None:
+    src_store, dst_store = _store(), _store()
+    _, (v2, src2) = _versions(src_store, tmp_path, 2)
+    sync_version(src_store, dst_store, "db", v2)
+    key = manifest_key("db", v2)
+    assert dst_store.backend.get(key).data == src_store.backend.get(key).data
+    assert read_tree(dst_store.checkout("db", dest=tmp_path / "out").path) == read_tree(src2)
+    assert dst_store.verify("db", v2).ok
