@@ -138,8 +138,9 @@ class QueryHandler(SqsHandler):
     def hydrate(self, budget: float) -> bool:
         """Check the latest version out, open the client and load its vector indexes now,
         within ``budget`` seconds: during Lambda's init phase, so the first invocation does
-        not pay it. False (logged) if it did not finish: the first invocation then does it,
-        reusing what is cached."""
+        not pay it. False (logged) if it did not finish: the first invocation then does it
+        (an unfinished materialization is discarded). The budget starts now, after the
+        imports: Lambda's 10 s init limit counts both."""
         t0 = time.monotonic()
         try:
             client, snap = self._client(Deadline(budget))
