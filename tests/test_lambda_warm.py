@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,15 @@ def test_init_budget_too_small_leaves_it_to_the_first_invocation(
     handler = query_module.handler  # the init phase must not fail
     assert any("did not finish" in r.getMessage() for r in logs.records)
     assert failures(handler(event(), FakeContext(30))) == set()
+
+
+def test_the_cold_start_example_runs(tmp_path: Path) -> None:
+    """examples/lambda/cold_start.py at a tiny size, so it cannot rot: both modes run and
+    answer (its figures are in benchmarks/RESULTS.md)."""
+    script = Path(__file__).parent.parent / "examples" / "lambda" / "cold_start.py"
+    out_file = tmp_path / "cold.json"
+    args = ["--records", "300", "--dim", "8", "--runs", "1", "--json", str(out_file)]
+    subprocess.run([sys.executable, str(script), *args], check=True, timeout=600)
+    runs = json.loads(out_file.read_text())["runs"]
+    assert {mode: len(r) for mode, r in runs.items()} == {"without": 1, "with": 1}
+    assert all(r["failed"] == 0 for mode in runs.values() for r in mode)
