@@ -6,6 +6,7 @@ import io
 import json
 import uuid
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ from chroma_snapshots.aws_lambda.checks import (
     Deployment,
     check,
     check_function,
+    check_stores,
     inspect_function,
 )
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.config import StoreConfig
 from chroma_snapshots.stores.remote import RemoteStore
 from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.proxy import closed_endpoint
 
 
 def deploy(
@@ -135,3 +139,31 @@ def test_tmp_rule(snapshot_mib: int, tmp_mb: int, ok: bool) -> None:
     partial = ["ReportBatchItemFailures"]
     d = Deployment("fn", 60, tmp_mb, "q", 360, redrive, partial, snapshot_mib << 20)
     assert {f.check: f.ok for f in check(d)}["tmp-size"] is ok
+
+
+def test_stores_answer_within_their_budgets(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+    )
+    src = tmp_path / "snap"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a")
+    version = store.publish("db", src).version
+    (tmp_path / "empty").mkdir()
+    cfg = StoreConfig(
+        url=f"s3://{s3_bucket}/snaps",
+        fallback_url=f"file://{tmp_path / 'empty'}",
+        s3_endpoint_url=moto_server.endpoint_url,
+        s3_timeout=5,
+    )
+    found = check_stores(cfg, "db")
+    assert [f.ok for f in found] == [True, False]  # the fallback has no snapshot "db"
+    assert version in found[0].detail
+    assert "budget 5 s" in found[0].detail
+    with closed_endpoint() as url:
+        down = replace(cfg, s3_endpoint_url=url, fallback_url=None)
+        (finding,) = check_stores(down, "db")
+    assert not finding.ok
+    assert "BackendUnavailableError" in finding.detail

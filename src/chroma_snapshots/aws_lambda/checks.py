@@ -12,7 +12,8 @@ example's Pulumi outputs).
   dead-letter good messages);
 - ``ReportBatchItemFailures`` on the event source mapping (otherwise one failed message
   returns the whole batch, and the handlers' partial responses are ignored);
-- /tmp holds at least 2x the snapshot (the cached version and the next one beside it).
+- /tmp holds at least 2x the snapshot (the cached version and the next one beside it);
+- each store (EFS, S3) answers within its budget (:func:`check_stores`).
 
 :func:`check_function` does it all for a deployed function: ``check_function("query-fn",
 store=open_store(), name="receipts")`` (the snapshot's size from the store's latest).
@@ -21,9 +22,12 @@ store=open_store(), name="receipts")`` (the snapshot's size from the store's lat
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from chroma_snapshots.config import StoreConfig, remote_for
 
 VISIBILITY_FACTOR = 6
 MIN_RECEIVE_COUNT = 5
@@ -150,4 +154,26 @@ def inspect_function(
                 snapshot_bytes=snapshot_bytes,
             )
         )
+    return out
+
+
+def check_stores(cfg: StoreConfig, name: str) -> list[Finding]:
+    """Whether each store of ``cfg`` (the store, and its fallback) answers for ``name``
+    within its budget: ``efs_timeout`` for an ``efs://`` mount, ``s3_timeout`` otherwise.
+    One ref read each, the request a warm invocation makes."""
+    urls = [cfg.url] + ([cfg.fallback_url] if cfg.fallback_url else [])
+    out = []
+    for url in urls:
+        budget = cfg.efs_timeout if url.startswith("efs://") else cfg.s3_timeout
+        t0 = time.monotonic()
+        try:
+            version, _ = remote_for(cfg, url, create=False).current_version(name, deadline=budget)
+        except Exception as e:  # what the function would meet: say it, do not raise
+            took = time.monotonic() - t0
+            detail = f"{url}: {type(e).__name__}: {e} after {took:.2f} s (budget {budget:g} s)"
+            out.append(Finding("store-reachable", False, detail))
+            continue
+        took = time.monotonic() - t0
+        detail = f"{url}: {name} is at {version}, read in {took:.2f} s (budget {budget:g} s)"
+        out.append(Finding("store-reachable", True, detail))
     return out
