@@ -155,6 +155,15 @@ def test_chroma_refusals_the_checks_miss_are_isolated(
     assert set(applied_ids(store.resolve("db"))) == {"g0", "g1", "g2"}
 
 
+def test_a_delta_delivered_twice_in_one_batch_is_applied_once(
+    store: RemoteStore, config: LambdaConfig
+) -> None:
+    handler = CompactionHandler(config, store=store)
+    twice = good("twice")
+    assert failures(handler(sqs_event(twice, good("other"), twice), FakeContext(120))) == set()
+    assert applied_ids(store.resolve("db")) == ["twice", "other"]
+
+
 def test_compact_reports_rejected_deltas(store: RemoteStore) -> None:
     ok = Delta("ok", "receipts", (Record("ok-r0", (1.0,) * DIM),))
     wrong_dim = Delta("wrong", "receipts", (Record("w-r0", (1.0, 2.0)),))

@@ -158,7 +158,12 @@ def _attempt(
     seen = set(done)
     skipped = tuple(d.id for d in deltas if d.id in seen)
     rejected: dict[str, str] = {}
-    todo = _checked([d for d in deltas if d.id not in seen], rejected)
+    fresh = []
+    for d in deltas:  # once per id, in order: SQS may deliver a message twice in a batch
+        if d.id not in seen:
+            seen.add(d.id)
+            fresh.append(d)
+    todo = _checked(fresh, rejected)
     base_version = base.version if base else None
 
     def result(info: SnapshotInfo | None, applied: Sequence[Delta]) -> CompactionResult:
