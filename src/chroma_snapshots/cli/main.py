@@ -176,7 +176,7 @@ def _build() -> click.Group:
         default=None,
         type=click.Path(file_okay=False),
         help="Empty or new directory. Default: the cache's folder with --cache-dir, "
-        "else a new temporary directory.",
+        "else a new temporary directory, kept (its path is printed).",
     )
     @json_opt
     @click.pass_context
