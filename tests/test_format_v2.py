@@ -216,3 +216,15 @@ def _accepted(fn: Callable[[], Manifest]) -> Manifest | None:
         refusal = str(e)
     assert refusal
     return None
+
+
+def test_chunk_positions_are_bounded_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A position costs one byte in format 2: the total is bounded on its own."""
+    cs = 4096
+    zeros = Chunk(_h(1), _h(100), 0, 20, cs, "zstd")
+    files = [FileEntry(f"f{i}", 2 * cs, 0o644, (_h(1), _h(1))) for i in range(2)]
+    data = manifest_v2.encode(_manifest([zeros], files))
+    assert len(manifest_v2.loads(data).files) == 2
+    monkeypatch.setattr(manifest_v2, "MAX_CHUNK_REFS", 3)
+    with pytest.raises(IntegrityError, match="more than the manifest may hold"):
+        manifest_v2.loads(data)

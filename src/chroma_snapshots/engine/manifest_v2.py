@@ -23,6 +23,7 @@ import zstandard
 from chroma_snapshots.engine import validation as val
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
 from chroma_snapshots.engine.validation import (
+    MAX_CHUNK_REFS,
     MAX_CHUNK_SIZE,
     MAX_CHUNKS,
     MAX_DIRS,
@@ -353,15 +354,17 @@ def _files(r: _Reader, hashes: list[str], cs: int) -> tuple[FileEntry, ...]:
     n = r.count("files", MAX_FILES, 4)  # path codes, size, mode
     paths = list(r.paths(n, "path"))
     out = []
-    prev = -1
+    prev, total = -1, 0
     for path in paths:
         size = r.varint("file size")
         mode = r.varint("file mode")
         if size > MAX_FILE_SIZE or mode > 0o777:
             raise IntegrityError(f"{path}: size {size} or mode {mode:o} out of range")
         refs = -(-size // cs)
-        if refs > r.left():  # each reference takes at least one byte
-            raise IntegrityError(f"{path}: {refs} chunks, more than the manifest holds")
+        total += refs
+        # A reference takes a byte here (format 1: 67), so the count is bounded on its own.
+        if refs > r.left() or total > MAX_CHUNK_REFS:
+            raise IntegrityError(f"{path}: {refs} chunks, more than the manifest may hold")
         idx = []
         for _ in range(refs):
             prev = prev + 1 + r.zigzag("chunk reference")

@@ -31,6 +31,7 @@ MAX_CHUNKS = MAX_FILES = MAX_DIRS = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 28
 MAX_REF_BYTES = 4096  # a ref is about 200 bytes, signed or not
 MAX_METADATA_DEPTH = 32  # nesting of a manifest's free-form metadata
+MAX_CHUNK_REFS = 1 << 23  # chunk positions in all files: 512 GiB at 64 KiB chunks
 MAX_CHAIN = 8  # deltas between a chunk and its keyframe: bounds what a cold reader fetches
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
