@@ -228,3 +228,15 @@ def test_chunk_positions_are_bounded_in_all(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(manifest_v2, "MAX_CHUNK_REFS", 3)
     with pytest.raises(IntegrityError, match="more than the manifest may hold"):
         manifest_v2.loads(data)
+
+
+def test_front_coded_paths_are_bounded_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front coding repeats a long path for a few bytes: the decoded total is bounded."""
+    long = "d/" + "x" * 200
+    files = [FileEntry(f"{long}{i}", 0, 0o644, ()) for i in range(10)]
+    data = manifest_v2.encode(_manifest([], files))
+    assert len(data) < 400  # about 2 KB of paths
+    assert len(manifest_v2.loads(data).files) == 10
+    monkeypatch.setattr(manifest_v2, "MAX_MANIFEST_BYTES", 1000)
+    with pytest.raises(IntegrityError, match="paths come to more than"):
+        manifest_v2.loads(data)

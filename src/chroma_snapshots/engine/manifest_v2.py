@@ -208,6 +208,9 @@ class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = memoryview(data)
         self.pos = 0
+        # Front coding lets a 3-byte entry repeat a 4 KiB path: decoded path bytes are
+        # bounded as format 1's are (by the manifest size), not by the body's.
+        self.path_bytes = 0
 
     def left(self) -> int:
         return len(self.data) - self.pos
@@ -248,6 +251,11 @@ class _Reader:
             if common > len(prev) or common + rest > MAX_PATH_BYTES:
                 raise IntegrityError(f"manifest: bad {what} encoding")
             raw = prev[:common] + bytes(self.take(rest, what))
+            self.path_bytes += len(raw)
+            if self.path_bytes > MAX_MANIFEST_BYTES:
+                raise IntegrityError(
+                    f"manifest: its paths come to more than {MAX_MANIFEST_BYTES} bytes"
+                )
             try:
                 text = raw.decode()
             except UnicodeDecodeError as e:
