@@ -399,8 +399,10 @@ def _direct_reader(body: Any) -> Callable[[memoryview], int] | None:
         try:
             while got < len(view):
                 n = fp.readinto(view[got:])
-                if not n:  # http.client returns 0, not an error, when the peer hangs up
-                    raise http.client.IncompleteRead(b"", len(view) - got)
+                if not n:
+                    if fp.length:  # http.client returns 0 when the peer hangs up mid-body
+                        raise http.client.IncompleteRead(b"", fp.length)
+                    break  # the whole answer, shorter than asked: the caller judges it
                 got += n
             clean = fp.isclosed()  # the whole body read: the connection can be reused
         except TimeoutError as e:
