@@ -87,7 +87,34 @@ def test_on_retry_sees_each_retry() -> None:
     assert seen == [(1, "try 1"), (2, "try 2")]
 
 
-@pytest.mark.parametrize("bad", [{"attempts": 0}, {"base": -1.0}, {"cap": -1.0}])
+def test_unbounded_attempts_stop_at_the_time_limit_without_overflowing() -> None:
+    t = FakeTime()
+    fn, seen = flaky(10**6)
+    p = policy(t, attempts=math.inf, base=0.001, cap=0.001, jitter=False)
+    with pytest.raises(TimeoutError):
+        p.call(fn, retry_on=(TimeoutError,), within=5.0)  # 5,000 tries: past 2**1024
+    assert len(seen) >= 4999
+
+
+def test_a_time_limit_that_is_not_a_number_is_refused() -> None:
+    fn, seen = flaky(1)
+    with pytest.raises(ValueError, match="time limit"):
+        policy(FakeTime()).call(fn, retry_on=(TimeoutError,), within=math.nan)
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"attempts": 0},
+        {"attempts": 2.5},
+        {"attempts": True},
+        {"base": -1.0},
+        {"cap": -1.0},
+        {"base": math.inf},
+        {"cap": math.nan},
+    ],
+)
 def test_a_nonsense_policy_is_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="invalid retry policy"):
         RetryPolicy(**bad)  # type: ignore[arg-type]

@@ -197,8 +197,9 @@ class FsspecBackend(Backend):
         self.fs.ls(top, detail=False)
 
     def delete(self, key: str) -> None:
+        path = self._path(key)  # a bad key is InvalidInputError, not a backend failure
         try:
-            self.fs.rm_file(self._path(key))
+            self.fs.rm_file(path)
         except FileNotFoundError:
             return
         except Exception as e:

@@ -34,7 +34,11 @@ class RetryPolicy:
     rand: Callable[[], float] = field(default=random.random, repr=False)
 
     def __post_init__(self) -> None:
-        if not (self.attempts >= 1 and self.base >= 0 and self.cap >= 0):
+        whole = self.attempts == math.inf or (
+            isinstance(self.attempts, int) and not isinstance(self.attempts, bool)
+        )
+        finite = all(math.isfinite(x) for x in (self.base, self.cap))
+        if not (whole and self.attempts >= 1 and finite and self.base >= 0 and self.cap >= 0):
             raise ValueError(f"invalid retry policy {self!r}")
 
     def with_(self, **changes: object) -> RetryPolicy:
@@ -45,7 +49,7 @@ class RetryPolicy:
         """The wait before each retry (one fewer than the attempts)."""
         n = 0
         while n + 1 < self.attempts:
-            bound = min(self.cap, self.base * 2**n)
+            bound = min(self.cap, self.base * 2.0 ** min(n, 64))  # 2**1024 overflows a float
             yield bound * self.rand() if self.jitter else bound
             n += 1
 
@@ -61,6 +65,8 @@ class RetryPolicy:
         ``retry_on`` type is retried while attempts remain and the next try would start
         within ``within`` seconds of now (on the policy's clock); otherwise it is raised,
         as is any other exception at once. ``on_retry(attempt, error)`` sees each retry."""
+        if not within >= 0:  # NaN included: it would switch the limit off
+            raise ValueError(f"retry time limit must be >= 0 seconds, not {within!r}")
         end = self.clock() + within
         waits = self.waits()
         attempt = 1

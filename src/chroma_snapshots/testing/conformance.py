@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,11 +45,14 @@ def race(n: int, fn: Callable[[int], T], timeout: float = 120.0) -> list[T | Bas
         except BaseException as e:  # handed to the caller, which checks every outcome
             outcomes[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    # daemon threads and one time limit for all: a stuck backend fails the test, never hangs
+    # the run (or the interpreter's exit)
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
+    end = time.monotonic() + timeout
     for t in threads:
-        t.join(timeout)
+        t.join(max(0.0, end - time.monotonic()))
     stuck = [i for i, t in enumerate(threads) if t.is_alive()]
     assert not stuck, f"threads {stuck} still running after {timeout} s"
     return outcomes  # type: ignore[return-value]  # every slot was filled by its thread
@@ -171,20 +175,58 @@ class BackendTests:
         with pytest.raises(InvalidInputError):
             backend.put(key, b"x")
 
-    def test_concurrent_create_has_one_winner(self, backend: Backend) -> None:
-        outcomes = race(6, lambda i: backend.put("race", str(i).encode(), mode=PutMode.CREATE))
+    @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "x\x00"])
+    def test_every_operation_rejects_unsafe_keys(self, backend: Backend, key: str) -> None:
+        for op in (backend.get, backend.head, backend.delete):
+            with pytest.raises(InvalidInputError):
+                op(key)
+        with pytest.raises(InvalidInputError):
+            backend.get_into(key, (0, 1), memoryview(bytearray(1)))
+
+    def test_get_into_reads_exactly_the_range(self, backend: Backend) -> None:
+        data = os.urandom(300_000)
+        backend.put("gi", data)
+        for start, end in ((0, 300_000), (1, 299_999), (65_536, 131_072), (299_990, 300_000)):
+            buf = bytearray(end - start)
+            assert backend.get_into("gi", (start, end), memoryview(buf)) == end - start
+            assert bytes(buf) == data[start:end]
+        roomy = bytearray(1000)  # a buffer larger than the range gets the range only
+        assert backend.get_into("gi", (10, 20), memoryview(roomy)) == 10
+        assert bytes(roomy[:10]) == data[10:20]
+        assert roomy[10:] == bytes(990)
+
+    def test_a_range_past_the_end_is_damage(self, backend: Backend) -> None:
+        backend.put("short", b"0123456789")
+        with pytest.raises(IntegrityError):
+            backend.get("short", byte_range=(10, 20))
+        with pytest.raises(IntegrityError):
+            backend.get_into("short", (50, 60), memoryview(bytearray(10)))
+        assert backend.get("short", byte_range=(5, 20)).data == b"56789"  # S3 trims the end
+
+    def test_a_large_object_round_trips(self, backend: Backend) -> None:
+        data = os.urandom(1 << 20) * 12  # 12 MiB: multipart on S3
+        backend.put("big/obj", data, mode=PutMode.CREATE)
+        assert backend.head("big/obj").size == len(data)
+        assert backend.get("big/obj").data == data
+        cut = (5 << 20) - 7, (7 << 20) + 3  # across a part boundary
+        assert backend.get("big/obj", byte_range=cut).data == data[cut[0] : cut[1]]
+
+    @pytest.mark.parametrize("round_", range(4))
+    def test_concurrent_create_has_one_winner(self, backend: Backend, round_: int) -> None:
+        key = f"race/{round_}"
+        outcomes = race(6, lambda i: backend.put(key, str(i).encode(), mode=PutMode.CREATE))
         raise_unexpected(outcomes, (ConflictError,))  # any other error fails the test
         wins = [i for i, o in enumerate(outcomes) if isinstance(o, ObjectMeta)]
         assert len(wins) == 1
         assert sum(isinstance(o, ConflictError) for o in outcomes) == 5
-        assert backend.get("race").data == str(wins[0]).encode()
+        assert backend.get(key).data == str(wins[0]).encode()
 
     def test_concurrent_updates_lose_nothing(self, backend: Backend) -> None:
         backend.put("counter", b"0")
 
         def increment(_: int) -> None:
             for _ in range(5):
-                while True:
+                for _attempt in range(10_000):  # a backend whose CAS never succeeds fails
                     got = backend.get("counter")
                     try:
                         backend.put(
@@ -195,6 +237,8 @@ class BackendTests:
                         break
                     except ConflictError:
                         continue
+                else:
+                    raise AssertionError("compare-and-swap never succeeded in 10,000 tries")
 
         raise_unexpected(race(4, increment))  # no thread may fail
         assert backend.get("counter").data == b"20"
@@ -266,7 +310,10 @@ class SnapshotStoreTests:
     def test_unchanged_publish_uploads_no_packs(self, store: SnapshotStore, tmp_path: Path) -> None:
         src = self._tree(tmp_path)
         first = store.publish("db", src)
-        second = store.publish("db", src)
+        again = store.publish("db", src)  # no change: no new version, like git
+        assert again.version == first.version == store.resolve("db").version
+        assert again.stats.bytes_uploaded == 0
+        second = store.publish("db", src, allow_empty=True)
         assert second.parent == first.version
         assert second.stats.packs_transferred == 0
         assert second.stats.bytes_reused == first.total_size
@@ -285,13 +332,13 @@ class SnapshotStoreTests:
     def test_stale_expected_conflicts(self, store: SnapshotStore, tmp_path: Path) -> None:
         src = self._tree(tmp_path)
         base = store.publish("db", src, expected=None)
-        winner = store.publish("db", src, expected=base.version)
+        winner = store.publish("db", src, expected=base.version, allow_empty=True)
         with pytest.raises(ConflictError):
             store.publish("db", src, expected=base.version)
         with pytest.raises(ConflictError):
             store.publish("db", src, expected=None)
         assert store.resolve("db").version == winner.version
-        forced = store.publish("db", src, expected=ANY)
+        forced = store.publish("db", src, expected=ANY, allow_empty=True)
         assert store.resolve("db").version == forced.version
 
     def test_tags_and_rollback(self, store: SnapshotStore, tmp_path: Path) -> None:
