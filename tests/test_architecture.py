@@ -5,6 +5,7 @@ import downwards. Read with ``ast``, so an import inside a function or under
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import chroma_snapshots
@@ -28,8 +29,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+NAMED = re.compile(r"chroma_snapshots(\.\w+)+(:\w+)?")
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every chroma_snapshots module ``path`` imports, anywhere in the file."""
+    """Every chroma_snapshots module ``path`` imports, anywhere in the file: import
+    statements, and strings that name a module (``importlib.import_module("...")``,
+    ``__import__``, a registry's ``"module:factory"``), so a lazy import by name counts."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -37,6 +43,8 @@ def imports_of(path: Path) -> set[str]:
             names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value.split(":")[0]] if NAMED.fullmatch(node.value) else []
         else:
             continue
         found.update(n for n in names if n.startswith("chroma_snapshots"))
@@ -82,6 +90,20 @@ def layer_of(module: str) -> int:
 
 def test_the_package_has_no_import_cycle() -> None:
     assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()) or [])
+
+
+def test_imports_by_name_count(tmp_path: Path) -> None:
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text(
+        'import importlib\nx = importlib.import_module("chroma_snapshots.cli.main")\n'
+        'y = __import__("chroma_snapshots.config")\n'
+        'REG = {"s3": "chroma_snapshots.engine.keys:f"}\n'
+    )
+    assert imports_of(lazy) == {
+        "chroma_snapshots.cli.main",
+        "chroma_snapshots.config",
+        "chroma_snapshots.engine.keys",
+    }
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

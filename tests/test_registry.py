@@ -47,10 +47,12 @@ def test_a_store_on_a_third_party_backend_round_trips(tagged: str, tmp_path: Pat
 def test_registration_is_checked(tagged: str) -> None:
     with pytest.raises(InvalidInputError, match="already registered"):
         register_backend("tagged", "thirdparty_backend:open_tagged")
-    with pytest.raises(InvalidInputError, match="not a URL scheme"):
-        register_backend("9bad", "thirdparty_backend:open_tagged")
-    with pytest.raises(InvalidInputError, match=r"package\.module:function"):
-        register_backend("other", "thirdparty_backend.open_tagged")
+    for bad in ("9bad", "MyFS", "a b"):  # urlsplit lowercases schemes: MyFS could never open
+        with pytest.raises(InvalidInputError, match="not a lowercase URL scheme"):
+            register_backend(bad, "thirdparty_backend:open_tagged")
+    for bad in ("thirdparty_backend.open_tagged", "a..b:f", "a.:f", ":f"):
+        with pytest.raises(InvalidInputError, match=r"package\.module:function"):
+            register_backend("other", bad)
     register_backend("tagged", "thirdparty_backend:open_tagged", replace=True)
 
 
@@ -83,3 +85,12 @@ def test_an_installed_entry_point_registers_its_scheme(
     finally:
         _REGISTRY.clear()
         _REGISTRY.update(saved)
+
+
+def test_a_factory_that_fails_is_a_config_error_naming_it(tagged: str) -> None:
+    register_backend("broken", "thirdparty_backend:open_broken")
+    with pytest.raises(ConfigError, match=r"thirdparty_backend:open_broken.*own bug"):
+        open_backend("broken://x")
+    register_backend("nothing", "thirdparty_backend:open_nothing")
+    with pytest.raises(ConfigError, match="not a Backend"):
+        open_backend("nothing://x")

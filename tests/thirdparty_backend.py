@@ -29,3 +29,13 @@ def open_tagged(url: str, opts: OpenOptions, **options: Any) -> Backend:
     if name not in BUCKETS:
         BUCKETS[name] = TaggedBackend(options.get("tag", "none"))
     return BUCKETS[name]
+
+
+def open_broken(url: str, opts: OpenOptions, **options: Any) -> Backend:
+    """A factory with a bug of its own."""
+    raise RuntimeError("the backend's own bug")
+
+
+def open_nothing(url: str, opts: OpenOptions, **options: Any) -> Backend:
+    """A factory that forgets to return its backend."""
+    return None  # type: ignore[return-value]

@@ -52,31 +52,31 @@ if TYPE_CHECKING:
 # Imported on first use (like fsspec's registry): `import chroma_snapshots` stays cheap for a
 # Lambda cold start and for the hang guard's worker processes, which need only a few modules.
 _LAZY = {
-    "Backend": "backends",
-    "GetResult": "backends",
-    "ObjectMeta": "backends",
-    "PutMode": "backends",
-    "open_backend": "backends",
-    "CachedStore": "stores.cache",
-    "StoreConfig": "config",
-    "open_remote": "config",
-    "open_store": "config",
-    "Deadline": "engine.deadline",
-    "FallbackStore": "stores.fallback",
-    "Chunk": "engine.models",
-    "FileEntry": "engine.models",
-    "Manifest": "engine.models",
-    "RefValue": "engine.models",
-    "SnapshotInfo": "engine.models",
-    "TransferStats": "engine.models",
-    "VersionId": "engine.models",
-    "RemoteStore": "stores.remote",
-    "ANY": "stores.base",
-    "LATEST": "stores.base",
-    "LocalSnapshot": "stores.base",
-    "PruneReport": "stores.base",
-    "SnapshotStore": "stores.base",
-    "VerifyReport": "stores.base",
+    "Backend": "chroma_snapshots.backends",
+    "GetResult": "chroma_snapshots.backends",
+    "ObjectMeta": "chroma_snapshots.backends",
+    "PutMode": "chroma_snapshots.backends",
+    "open_backend": "chroma_snapshots.backends",
+    "CachedStore": "chroma_snapshots.stores.cache",
+    "StoreConfig": "chroma_snapshots.config",
+    "open_remote": "chroma_snapshots.config",
+    "open_store": "chroma_snapshots.config",
+    "Deadline": "chroma_snapshots.engine.deadline",
+    "FallbackStore": "chroma_snapshots.stores.fallback",
+    "Chunk": "chroma_snapshots.engine.models",
+    "FileEntry": "chroma_snapshots.engine.models",
+    "Manifest": "chroma_snapshots.engine.models",
+    "RefValue": "chroma_snapshots.engine.models",
+    "SnapshotInfo": "chroma_snapshots.engine.models",
+    "TransferStats": "chroma_snapshots.engine.models",
+    "VersionId": "chroma_snapshots.engine.models",
+    "RemoteStore": "chroma_snapshots.stores.remote",
+    "ANY": "chroma_snapshots.stores.base",
+    "LATEST": "chroma_snapshots.stores.base",
+    "LocalSnapshot": "chroma_snapshots.stores.base",
+    "PruneReport": "chroma_snapshots.stores.base",
+    "SnapshotStore": "chroma_snapshots.stores.base",
+    "VerifyReport": "chroma_snapshots.stores.base",
 }
 
 
@@ -84,7 +84,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

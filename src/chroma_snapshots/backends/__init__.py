@@ -11,17 +11,12 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
-from chroma_snapshots.errors import ConfigError, InvalidInputError
-
-if TYPE_CHECKING:
-    from chroma_snapshots.backends.s3 import (
-        S3Settings,
-    )  # imported for real only by the s3 factory (boto3)
+from chroma_snapshots.backends.options import OpenOptions
+from chroma_snapshots.errors import ConfigError, InvalidInputError, SnapshotError
 
 __all__ = [
     "Backend",
@@ -45,7 +40,7 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 }
 _FSSPEC = _REGISTRY["memory"]  # any scheme nobody registered is tried as an fsspec protocol
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
-_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 ENTRY_POINT_GROUP = "chroma_snapshots.backends"
 
 
@@ -57,8 +52,9 @@ def register_backend(
     (``opts``: the :class:`OpenOptions`; ``options``: the rest of ``open_backend``'s keyword
     arguments, for this backend alone) and returns a :class:`Backend`. ``extra``: what to
     ``pip install`` when its import fails. Replacing a registered scheme needs ``replace``."""
-    if not _SCHEME.fullmatch(f"{scheme}:"):
-        raise InvalidInputError(f"backend scheme {scheme!r} is not a URL scheme (e.g. 'gcs')")
+    if not _SCHEME.fullmatch(f"{scheme}:") or scheme != scheme.lower():
+        # URL schemes are case-insensitive and urlsplit lowercases them: only lowercase matches
+        raise InvalidInputError(f"backend scheme {scheme!r} is not a lowercase URL scheme")
     if not _TARGET.fullmatch(factory):
         raise InvalidInputError(f"backend factory {factory!r} is not 'package.module:function'")
     if scheme in _REGISTRY and not replace:
@@ -70,22 +66,13 @@ def _registered(scheme: str) -> tuple[str, str | None]:
     """The scheme's registration: explicit, then an installed entry point, then fsspec."""
     if scheme not in _REGISTRY:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=scheme):
-            register_backend(scheme, ep.value, extra=ep.dist.name if ep.dist else None)
+            dist = ep.dist.name if ep.dist else "its package"
+            try:
+                register_backend(scheme, ep.value, extra=ep.dist.name if ep.dist else None)
+            except InvalidInputError as e:
+                raise ConfigError(f"the entry point {scheme!r} of {dist} is broken: {e}") from e
             break
     return _REGISTRY.get(scheme, _FSSPEC)
-
-
-@dataclass(frozen=True)
-class OpenOptions:
-    """What every factory may use. ``s3_settings``: an S3Settings (boto3 timeouts, endpoint);
-    ``create``: make a missing local store directory (False: a missing one is
-    SnapshotNotFoundError, so reading a mistyped path never creates it); ``unsafe_no_cas``:
-    skip the check that an S3 endpoint honours conditional writes (see backends.cas)."""
-
-    s3_settings: S3Settings | None = None
-    efs_timeout: float = 10.0
-    create: bool = True
-    unsafe_no_cas: bool = False
 
 
 def registered_schemes() -> list[str]:
@@ -134,7 +121,9 @@ def open_backend(url: str, **options: Any) -> Backend:
         factory = getattr(importlib.import_module(module), func, None)
         if factory is None:
             raise ConfigError(f"store URL {url!r}: backend factory {target!r} does not exist")
-        backend: Backend = factory(url, opts, **options)  # factories import their packages
+        backend = factory(url, opts, **options)  # factories import their packages
+    except SnapshotError:
+        raise
     except ImportError as e:
         if extra is None:
             hint = "reinstall chroma-snapshots"
@@ -143,4 +132,8 @@ def open_backend(url: str, **options: Any) -> Backend:
         else:
             hint = f"pip install '{extra}'"
         raise ConfigError(f"store URL {url!r} needs {e.name or 'a missing package'}: {hint}") from e
+    except Exception as e:  # a third party's factory: say whose it is, not a traceback
+        raise ConfigError(f"store URL {url!r}: backend factory {target!r} failed: {e!r}") from e
+    if not isinstance(backend, Backend):
+        raise ConfigError(f"store URL {url!r}: {target!r} returned {backend!r}, not a Backend")
     return backend

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from chroma_snapshots.backends import OpenOptions
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.cas import ConditionalWriteCheck
+from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.errors import ConfigError
 
 
