@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,22 @@ def test_a_time_limit_that_is_not_a_number_is_refused() -> None:
 def test_a_nonsense_policy_is_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="invalid retry policy"):
         RetryPolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_publish_client_retakes_no_copy_past_its_deadline(tmp_path: Path) -> None:
+    """A database that never validates (SQLite, but not chroma's) is retaken up to
+    ``attempts`` times, but no retake starts after the deadline: the answer is a timeout."""
+    import sqlite3
+
+    from chroma_snapshots import RemoteStore, StorageTimeoutError, open_backend
+    from chroma_snapshots.chroma import publish_client
+
+    db = tmp_path / "db"
+    db.mkdir()
+    with sqlite3.connect(db / "chroma.sqlite3") as con:
+        con.execute("create table t (x)")
+    con.close()
+    store = RemoteStore(open_backend(f"file://{tmp_path}/store"))
+    with pytest.raises(StorageTimeoutError, match="retaking the copy"):
+        publish_client(store, "db", db, attempts=1000, deadline=0.001)
+    assert list(store.names()) == []

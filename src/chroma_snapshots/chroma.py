@@ -29,7 +29,7 @@ import chromadb
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 
-from chroma_snapshots.engine.deadline import DeadlineLike
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import copy_tree, remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.retry import IMMEDIATE
@@ -313,17 +313,19 @@ def publish_client(
         path, quiet = Path(client_or_path.get_settings().persist_directory), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
     _check_source(path)
+    # the copies and the upload share one deadline; without one, the store's default
+    dl = None if deadline is None else as_deadline(deadline, 0.0)
     with local_io(tempfile.gettempdir(), "making a folder for the copy to publish"):
         staging = tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-")
     with staging as tmp:  # removed whatever happens: nothing of the copy stays behind
-        copy, report = _validated_copy(path, Path(tmp), attempts, force, compare=quiet)
+        copy, report = _validated_copy(path, Path(tmp), attempts, force, quiet, dl)
         chroma_meta: dict[str, object] = {"version": chromadb.__version__}
         if report is not None:
             chroma_meta["collections"] = dict(report.collections)
         meta = {**(metadata or {}), "chroma": chroma_meta}
         return store.publish(
-            name, copy, expected=expected, message=message, metadata=meta, deadline=deadline
-        )
+            name, copy, expected=expected, message=message, metadata=meta, deadline=dl
+        )  # fmt: skip
 
 
 def _check_source(path: Path) -> None:
@@ -339,14 +341,16 @@ def _check_source(path: Path) -> None:
 
 
 def _validated_copy(
-    src: Path, tmp: Path, attempts: int, force: bool, compare: bool
+    src: Path, tmp: Path, attempts: int, force: bool, compare: bool, dl: Deadline | None
 ) -> tuple[Path, ValidationReport | None]:
     """A validated consistent copy of ``src``. With ``compare`` (nothing writes to ``src``
     any more: its client was closed) the copy's per-collection counts must also equal the
     source's."""
     copy = tmp / "copy"
 
-    def take(_: int) -> tuple[Path, ValidationReport | None]:
+    def take(n: int) -> tuple[Path, ValidationReport | None]:
+        if n > 1 and dl is not None:
+            dl.check(f"retaking the copy of {src} to publish")  # StorageTimeoutError
         remove_tree(copy)  # a failed attempt's copy: its space is the retake's
         try:
             consistent_copy(src, copy)
