@@ -231,6 +231,7 @@ def _dispatch(client: Client, call: Call, out: Outcome) -> None:
             call.source,
             expected=call.expected,
             metadata={"op": call.op_id, "content": op.content},
+            allow_empty=True,  # the model's publish always makes a version, as before
         )
         out.version, out.parent = info.version, info.parent
     elif op.kind in ("tag", "rollback"):

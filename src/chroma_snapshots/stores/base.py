@@ -107,8 +107,12 @@ class SnapshotStore(ABC):
         metadata: dict[str, object] | None = None,
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> SnapshotInfo:
-        """Upload ``source_dir`` as a new version; move ``latest`` to it (CAS on ``expected``)."""
+        """Upload ``source_dir`` as a new version; move ``latest`` to it (CAS on ``expected``).
+
+        Like git, a source whose files equal the latest version's makes no new version:
+        the latest's info comes back and nothing moves, unless ``allow_empty``."""
 
     @abstractmethod
     def resolve(
@@ -250,10 +254,11 @@ class DelegatingStore(SnapshotStore):
         metadata: dict[str, object] | None = None,
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> SnapshotInfo:
         return self.inner.publish(
             name, source_dir, expected=expected, message=message, metadata=metadata,
-            deadline=deadline, progress=progress,
+            deadline=deadline, progress=progress, allow_empty=allow_empty,
         )  # fmt: skip
 
     def resolve(

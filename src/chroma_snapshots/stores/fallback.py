@@ -192,6 +192,7 @@ class FallbackStore(SourceStore):
         metadata: dict[str, object] | None = None,
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> SnapshotInfo:
         dl = as_deadline(deadline, self.default_timeout)
         info = self.primary.publish(
@@ -202,6 +203,7 @@ class FallbackStore(SourceStore):
             metadata=metadata,
             deadline=dl,
             progress=progress,
+            allow_empty=allow_empty,
         )
         self._mirror(name, info.version, dl)
         return info

@@ -212,6 +212,7 @@ class RemoteStore(SourceStore):
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
         parent_dir: ParentDir = None,
+        allow_empty: bool = False,
     ) -> SnapshotInfo:
         """As :meth:`SnapshotStore.publish`. ``parent_dir``: a directory with a copy of the
         parent version's files (or a function from the parent's version id to one, or to
@@ -239,6 +240,9 @@ class RemoteStore(SourceStore):
             finally:
                 if bases is not None:
                     bases.close()
+            if pm is not None and parent and not allow_empty and _same_tree(pm, entries, dirs):
+                stats.add(requests=2)  # the pin and its release: nothing else is written
+                return SnapshotInfo.from_manifest(parent, pm, stats.freeze(time.monotonic() - t0))
             manifest = Manifest(
                 name,
                 utc_now(),
@@ -598,6 +602,12 @@ def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str]
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"
         raise ConflictError(f"{what} is at {got}, not the expected {expected}")
+
+
+def _same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
+    """The files (paths, sizes, modes, chunks) and empty directories are the parent's: a
+    publish with no change (see ``allow_empty``)."""
+    return tuple(entries) == parent.files and tuple(dirs) == parent.dirs
 
 
 def _publisher() -> str:

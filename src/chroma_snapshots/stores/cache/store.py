@@ -267,17 +267,19 @@ class CachedStore(DelegatingStore):
         metadata: dict[str, object] | None = None,
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
+        allow_empty: bool = False,
     ) -> SnapshotInfo:
         """As the inner store's; a RemoteStore is also handed this cache's copy of the
         parent version, so that it can store changed chunks as deltas against it."""
         if not isinstance(self.inner, RemoteStore):
             return super().publish(
                 name, source_dir, expected=expected, message=message, metadata=metadata,
-                deadline=deadline, progress=progress,
+                deadline=deadline, progress=progress, allow_empty=allow_empty,
             )  # fmt: skip
         return self.inner.publish(
             name, source_dir, expected=expected, message=message, metadata=metadata,
             deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
+            allow_empty=allow_empty,
         )  # fmt: skip
 
     def _cached_tree(self, name: str, version: str) -> Path | None:
