@@ -248,13 +248,19 @@ def test_fallback_moves_on_from_a_hostile_ref(
     content: bytes,
 ) -> None:
     efs, s3, both, src, version = pair
-    (tmp_path / "efs" / "db" / "refs" / "latest").write_bytes(content)
-    with pytest.raises(IntegrityError):
-        efs.checkout("db", dest=tmp_path / "direct")
-    snap = both.checkout("db", dest=tmp_path / "out")
-    assert snap.source == s3.label
-    assert snap.info.version == version
-    assert read_tree(snap.path) == read_tree(src)
+    # Refs are read from the source of truth (s3) first: a hostile ref there moves the
+    # reader on to the mirror's; a hostile ref on the mirror is never read while s3 answers.
+    for hostile, other in ((s3, efs), (efs, s3)):
+        ref = tmp_path / hostile.label / "db" / "refs" / "latest"
+        good = ref.read_bytes()
+        ref.write_bytes(content)
+        with pytest.raises(IntegrityError):
+            hostile.checkout("db", dest=tmp_path / "direct")
+        with both.checkout("db") as snap:
+            assert snap.info.version == version
+            assert read_tree(snap.path) == read_tree(src)
+        ref.write_bytes(good)
+        assert other.resolve("db").version == version
 
 
 def test_fallback_moves_on_from_a_damaged_manifest(
@@ -281,18 +287,21 @@ def test_fallback_moves_on_from_a_dead_store_but_not_from_bad_input(
         def fail(*a: object, _e: Exception = err, **k: object) -> None:
             raise _e
 
-        monkeypatch.setattr(efs, "read_ref", fail)
+        monkeypatch.setattr(efs, "load_manifest", fail)  # the fast store dies mid-checkout
         assert both.checkout("db", dest=tmp_path / type(err).__name__).source == s3.label
+        monkeypatch.setattr(s3, "read_ref", fail)  # the source of truth cannot give the ref
+        assert both.current_version("db")[0] == efs.current_version("db")[0]
+        monkeypatch.undo()
     # Errors that would be the same on every store propagate at once.
     with pytest.raises(InvalidInputError):
         both.checkout("not a name!")
     calls: list[str] = []
 
     def conflict(*a: object, **k: object) -> None:
-        calls.append("efs")
+        calls.append("s3")
         raise ConflictError("lost")
 
-    monkeypatch.setattr(efs, "read_ref", conflict)
+    monkeypatch.setattr(s3, "read_ref", conflict)  # refs come from the source of truth first
     with pytest.raises(ConflictError):
         both.checkout("db", dest=tmp_path / "c")
-    assert calls == ["efs"]
+    assert calls == ["s3"]

@@ -86,3 +86,30 @@ def test_a_temporary_checkout_is_reclaimed_on_release(
     kept = store.checkout("db", dest=tmp_path / "mine")
     kept.release()
     assert read_tree(tmp_path / "mine") == read_tree(src)  # a chosen dest is the caller's
+
+
+def test_a_fallback_reads_refs_from_the_source_of_truth(tmp_path: Path) -> None:
+    """A mirror that missed a rollback (done on the source of truth alone, or a mirror
+    write that failed) must not keep serving the rolled-back version."""
+    import shutil
+
+    from chroma_snapshots import FallbackStore
+
+    mirror = RemoteStore(open_backend(f"file://{tmp_path}/efs"), chunk_size=4096)
+    truth = RemoteStore(open_backend(f"file://{tmp_path}/s3"), chunk_size=4096)
+    reader = FallbackStore([mirror, truth], primary=1, mirror=True)
+    src = write_tree(tmp_path / "src", {"a.bin": b"good" * 1000})
+    good = reader.publish("db", src)
+    (src / "a.bin").write_bytes(b"BAD!" * 1000)
+    bad = reader.publish("db", src)
+    assert mirror.current_version("db")[0] == bad.version  # mirrored
+    truth.set_ref("db", "latest", good.version, expected=bad.version)  # the operator's rollback
+    assert reader.current_version("db")[0] == good.version
+    assert reader.resolve("db").version == good.version
+    assert reader.refs("db") == {"latest": good.version}
+    with reader.checkout("db") as snap:
+        assert snap.info.version == good.version
+        assert (snap.path / "a.bin").read_bytes() == b"good" * 1000
+        assert snap.source == mirror.label  # the bytes still come from the fast store
+    shutil.rmtree(tmp_path / "s3")  # the source of truth is gone: the mirror answers
+    assert reader.current_version("db")[0] == bad.version
