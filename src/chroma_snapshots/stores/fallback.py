@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
+from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo, VersionId
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.engine.transfer import LocalChunks
@@ -55,10 +55,13 @@ _SKIP = (StorageTimeoutError, BackendUnavailableError, SnapshotNotFoundError, In
 
 
 class FallbackStore(SourceStore):
-    """Reads from ``stores`` in order; writes to ``stores[primary]``.
+    """Reads data from ``stores`` in order; writes to ``stores[primary]``, the source of truth.
 
-    ``share`` is the fraction of the remaining deadline each store but the last
-    may spend before the next is tried.
+    Refs are read from the source of truth first: a mirror may be behind (a publish or a
+    rollback it has not seen yet), so its refs answer only when the source of truth fails.
+    Manifests and packs are immutable, so any store that has them serves them, the first
+    in order first. ``share`` is the fraction of the remaining deadline each store but the
+    last may spend before the next is tried.
     """
 
     def __init__(
@@ -87,9 +90,14 @@ class FallbackStore(SourceStore):
         what: str,
         deadline: DeadlineLike,
         fn: Callable[[RemoteStore, Deadline], T],
+        *,
+        truth_first: bool = False,
     ) -> tuple[T, RemoteStore]:
         dl = as_deadline(deadline, self.default_timeout)
-        last = len(self.stores)
+        stores = self.stores
+        if truth_first:
+            stores = [self.primary, *(s for s in self.stores if s is not self.primary)]
+        last = len(stores)
 
         def attempt(n: int) -> tuple[T, RemoteStore]:
             store = self.stores[n - 1]  # each store once, in order; the last gets what is left
@@ -109,7 +117,10 @@ class FallbackStore(SourceStore):
     ) -> tuple[RefValue, str] | None:
         try:
             found, _ = self._first(
-                "read ref", deadline, lambda s, dl: _required(s.read_ref(name, ref, deadline=dl))
+                "read ref",
+                deadline,
+                lambda s, dl: _required(s.read_ref(name, ref, deadline=dl)),
+                truth_first=True,
             )
         except SnapshotNotFoundError:
             return None
@@ -146,7 +157,10 @@ class FallbackStore(SourceStore):
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> SnapshotInfo:
-        info, _ = self._first("resolve", deadline, lambda s, dl: s.resolve(name, ref, deadline=dl))
+        fresh = not VersionId.is_version(ref)  # a ref may have moved; a version id cannot
+        info, _ = self._first(
+            "resolve", deadline, lambda s, dl: s.resolve(name, ref, deadline=dl), truth_first=fresh
+        )
         return info
 
     def checkout(
@@ -158,6 +172,8 @@ class FallbackStore(SourceStore):
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
     ) -> LocalSnapshot:
+        dl = as_deadline(deadline, self.default_timeout)
+        version = self.current_version(name, ref, deadline=dl)[0]  # from the source of truth
         snap, _ = self._first(
             "checkout",
             deadline,
@@ -167,16 +183,23 @@ class FallbackStore(SourceStore):
 
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         found, _ = self._first(
-            "versions", deadline, lambda s, dl: list(s.versions(name, deadline=dl))
+            "versions",
+            deadline,
+            lambda s, dl: list(s.versions(name, deadline=dl)),
+            truth_first=True,
         )
         return iter(found)
 
     def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
-        found, _ = self._first("names", deadline, lambda s, dl: list(s.names(deadline=dl)))
+        found, _ = self._first(
+            "names", deadline, lambda s, dl: list(s.names(deadline=dl)), truth_first=True
+        )
         return iter(found)
 
     def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
-        found, _ = self._first("refs", deadline, lambda s, dl: s.refs(name, deadline=dl))
+        found, _ = self._first(
+            "refs", deadline, lambda s, dl: s.refs(name, deadline=dl), truth_first=True
+        )
         return found
 
     def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
