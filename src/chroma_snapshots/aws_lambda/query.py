@@ -120,8 +120,7 @@ class QueryHandler(SqsHandler):
         client is still on the latest version.
         """
         # Within CHROMA_SNAPSHOTS_REFRESH_SECONDS of the last read, the ref is not read again.
-        recent = getattr(self.store, "recent_ref", None)
-        requests = 0 if recent is not None and recent(self.config.name, "latest") else 1
+        requests = 0 if self.store.recent_ref(self.config.name, "latest") else 1
         version, stale = self.store.current_version(self.config.name, deadline=deadline)
         if self._open is not None and self._open[0] == version:
             snap = self._open[2]

@@ -147,6 +147,11 @@ class SnapshotStore(ABC):
         last saw because the store did not answer). Stores override it with a cheaper read."""
         return self.resolve(name, ref, deadline=deadline).version, False
 
+    def recent_ref(self, name: str, ref: str = "latest") -> str | None:
+        """The version ``ref`` named when this store last read it, if that answer may still
+        be trusted without a request (a cache's read-consistency interval); None: ask."""
+        return None
+
     @abstractmethod
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         """Every stored version of ``name``, newest first."""
@@ -284,6 +289,9 @@ class DelegatingStore(SnapshotStore):
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[str, bool]:
         return self.inner.current_version(name, ref, deadline=deadline)
+
+    def recent_ref(self, name: str, ref: str = "latest") -> str | None:
+        return self.inner.recent_ref(name, ref)
 
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         return self.inner.versions(name, deadline=deadline)

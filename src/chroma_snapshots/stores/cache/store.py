@@ -201,7 +201,7 @@ class CachedStore(DelegatingStore):
         self._refs_read[(name, ref)] = (found[0].version, time.monotonic())
         return found[0].version, None
 
-    def recent_ref(self, name: str, ref: str) -> str | None:
+    def recent_ref(self, name: str, ref: str = "latest") -> str | None:
         """The version ``ref`` named when this process read it less than ``refresh_seconds``
         ago (the read-consistency interval), or None: read it again (always, when
         ``refresh_seconds`` is None; ``math.inf`` reads it once per process)."""
