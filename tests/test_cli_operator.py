@@ -282,3 +282,20 @@ def test_license_matches_pyproject() -> None:
     assert "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_an_unchanged_publish_makes_no_version_unless_allow_empty(tmp_path: Path, run: Run) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    src = write_tree(tmp_path / "src", {"a": b"a" * 3000})
+    v1 = _published(run, store, src)
+    code, out, _ = run(*store, "publish", "db", str(src), "-m", "again")
+    assert code == 0
+    assert (
+        out
+        == f"nothing changed since latest {v1} of db: no new version (--allow-empty makes one)\n"
+    )
+    v2 = _published(run, store, src, "--allow-empty", "-m", "forced")
+    assert v2 != v1
+    code, out, _ = run(*store, "ls", "db", "--json")
+    assert [v["version"] for v in json.loads(out)["versions"]] == [v2, v1]
+    assert json.loads(out)["refs"] == {"latest": v2}

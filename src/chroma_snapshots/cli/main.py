@@ -10,6 +10,7 @@ destination create one), 4 conflict (CAS lost), 5 integrity failure, 6 timeout,
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,20 @@ def _version_rows(refs: dict[str, str], versions: list[SnapshotInfo]) -> str:
         for v in sorted(versions, key=lambda v: v.version, reverse=True)
     ]
     return "\n".join(row.rstrip() for row in rows)
+
+
+def _published_text(info: SnapshotInfo, *, unchanged: bool) -> str:
+    s = info.stats
+    if unchanged:
+        return (
+            f"nothing changed since latest {info.version} of {info.name}: no new version "
+            "(--allow-empty makes one)"
+        )
+    return (
+        f"published {info.name} {info.version}: {info.file_count} files, "
+        f"{human_bytes(info.total_size)}; uploaded {human_bytes(s.bytes_uploaded)} "
+        f"({s.chunks_transferred} new chunks), reused {human_bytes(s.bytes_reused)}"
+    )
 
 
 def _build() -> click.Group:
@@ -136,6 +151,12 @@ def _build() -> click.Group:
         help="Upload nothing: say which files differ from latest and how many new chunks "
         "and bytes a publish would upload.",
     )
+    @click.option(
+        "--allow-empty",
+        is_flag=True,
+        help="Make a new version even if nothing changed since latest (by default, as in "
+        "git, an unchanged folder makes none and latest stays).",
+    )
     @json_opt
     @click.pass_context
     def publish(
@@ -145,6 +166,7 @@ def _build() -> click.Group:
         expected: str | None,
         message: str | None,
         dry_run: bool,
+        allow_empty: bool,
         as_json: bool,
     ) -> None:
         from chroma_snapshots.stores.base import ANY, LATEST, Expected
@@ -156,17 +178,17 @@ def _build() -> click.Group:
             emit(plan, as_json, "dry run: nothing uploaded\n" + describe_plan(plan, directory))
             return
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
+        started = datetime.now(timezone.utc)
         info = store_of(ctx, create=True).publish(
-            name, directory, expected=exp, message=message, progress=progress_bar("publish")
+            name,
+            directory,
+            expected=exp,
+            message=message,
+            progress=progress_bar("publish"),
+            allow_empty=allow_empty,
         )
-        s = info.stats
-        emit(
-            info,
-            as_json,
-            f"published {name} {info.version}: {info.file_count} files, "
-            f"{human_bytes(info.total_size)}; uploaded {human_bytes(s.bytes_uploaded)} "
-            f"({s.chunks_transferred} new chunks), reused {human_bytes(s.bytes_reused)}",
-        )
+        # An unchanged folder gets latest's info back: a version made before this publish.
+        emit(info, as_json, _published_text(info, unchanged=info.created_at < started))
 
     @cli.command(help="Materialize a version of NAME (default ref: latest), every chunk verified.")
     @click.argument("name")
