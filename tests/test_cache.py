@@ -216,6 +216,11 @@ def test_stale_ok_serves_cache_when_store_is_unreachable(
             assert snap.stale
             assert snap.info.version == version
             assert read_tree(snap.path) == read_tree(src)
+        # the same answer from the other reads a caller makes before a checkout
+        assert offline.current_version("db", deadline=5) == (version, True)
+        assert offline.resolve("db", deadline=5).version == version
+        assert offline.resolve("db", version, deadline=5).version == version
+        assert offline.load_manifest("db", version, deadline=5).total_size > 0
         strict = CachedStore(down, tmp_path / "cache")
         with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
             strict.checkout("db", deadline=5)

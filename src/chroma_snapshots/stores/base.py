@@ -144,7 +144,9 @@ class SnapshotStore(ABC):
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[str, bool]:
         """The version ``ref`` names and whether the answer is stale (a cache serving what it
-        last saw because the store did not answer). Stores override it with a cheaper read."""
+        last saw because the store did not answer). A version id is its own answer, without
+        a request: checkout and load_manifest find out whether it exists. Stores override
+        this with a cheaper read."""
         return self.resolve(name, ref, deadline=deadline).version, False
 
     def recent_ref(self, name: str, ref: str = "latest") -> str | None:

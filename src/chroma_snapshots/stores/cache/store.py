@@ -153,6 +153,16 @@ class CachedStore(DelegatingStore):
             _release=lambda: pin.unlink(missing_ok=True),
         )
 
+    def resolve(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> SnapshotInfo:
+        """Like the store's, with the version's manifest from the cache when it is cached and,
+        with ``stale_ok``, the version this cache last saw ``ref`` name when the store does not
+        answer (as :meth:`checkout` serves it)."""
+        dl = as_deadline(deadline, self.inner.default_timeout)
+        version, _ = self._current_version(name, ref, dl, StatsRecorder())
+        return SnapshotInfo.from_manifest(version, self.load_manifest(name, version, deadline=dl))
+
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
         """The cached copy's manifest when the version is cached, else the store's."""
         cached = self.cached_manifest(name, version)
