@@ -100,12 +100,12 @@ class FallbackStore(SourceStore):
         last = len(stores)
 
         def attempt(n: int) -> tuple[T, RemoteStore]:
-            store = self.stores[n - 1]  # each store once, in order; the last gets what is left
+            store = stores[n - 1]  # each store once, in order; the last gets what is left
             budget = dl if n == last else dl.child(dl.remaining() * self.share)
             return fn(store, budget), store
 
         def failed(n: int, e: BaseException) -> None:
-            label, kind = self.stores[n - 1].label, type(e).__name__
+            label, kind = stores[n - 1].label, type(e).__name__
             log.warning("%s from %s failed (%s: %s); trying the next store", what, label, kind, e)
 
         return _FAILOVER.with_(attempts=last).call(attempt, retry_on=_SKIP, on_retry=failed)
@@ -176,8 +176,8 @@ class FallbackStore(SourceStore):
         version = self.current_version(name, ref, deadline=dl)[0]  # from the source of truth
         snap, _ = self._first(
             "checkout",
-            deadline,
-            lambda s, dl: s.checkout(name, ref, dest, deadline=dl, progress=progress),
+            dl,
+            lambda s, budget: s.checkout(name, version, dest, deadline=budget, progress=progress),
         )
         return snap
 
