@@ -23,11 +23,12 @@ from typing import Any
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.errors import ConfigError, ConflictError, StorageTimeoutError
 
 # Not a valid snapshot name (those start alphanumeric), so probes never collide with data.
-PROBE_DIR = "_probes"
+PROBE_DIR = keys.PROBES
 OPT_OUT = "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS=1"
 _LOCK_WAIT = 60.0  # seconds a caller without a deadline waits for another thread's probe
 

@@ -8,6 +8,7 @@ The layout is the same on every backend::
     {name}/pins/{id}                   a ref mover's claim on what it is about to name
     {name}/gc/{id}                     a prune in progress and what it plans to delete
     {name}/retired/{version}           when a version stopped being named by a ref
+    _probes/{id}                       a short-lived probe object (conditional writes, doctor)
 
 Only this module spells a key; stores, prune and maintenance ask it.
 """
@@ -15,6 +16,8 @@ Only this module spells a key; stores, prune and maintenance ask it.
 from __future__ import annotations
 
 MANIFESTS, PACKS, REFS, PINS, GC, RETIRED = "manifests", "packs", "refs", "pins", "gc", "retired"
+PROBES = "_probes"
+"""Top-level folder of probe objects; never a snapshot name (names cannot start with ``_``)."""
 
 
 def pack_key(name: str, pack: str) -> str:
