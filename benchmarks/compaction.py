@@ -13,9 +13,13 @@ manifests) for comparison; format 2 stores changed chunks as deltas.
 of its 4 KiB pages change at random places: what a publish with the parent at hand uploads
 against the bytes of the changed pages.
 
+``--small-files N`` measures the manifest of N files of 100 random bytes each against the
+data (the issue's 100,000-small-files case).
+
 usage: python benchmarks/compaction.py [--records 50000] [--added 100,1000] [--dim 384]
                                        [--manifest-format 2] [--json out.json]
        python benchmarks/compaction.py --scattered-mib 512 [--manifest-format 2]
+       python benchmarks/compaction.py --small-files 100000 [--manifest-format 2]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from chroma_snapshots import CachedStore, RemoteStore, open_backend
 from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.chroma import publish_client
 from chroma_snapshots.compaction import Delta, Record, compact
+from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.proxy import CountingProxy
 
@@ -52,11 +57,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--manifest-format", type=int, default=2, choices=(1, 2))
     ap.add_argument("--scattered-mib", type=int)
+    ap.add_argument("--small-files", type=int)
     ap.add_argument("--from-dir", help="copy this chroma database instead of building one")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.scattered_mib:
         scattered(args.scattered_mib, args.manifest_format)
+        return
+    if args.small_files:
+        small_files(args.small_files, args.manifest_format)
         return
     rows: list[dict[str, Any]] = []
     with (
@@ -156,6 +165,25 @@ def scattered(mib: int, manifest_format: int, page: int = 4096, share: float = 0
         f"format {manifest_format}, {mib} MiB, {len(pages):,} of {mib * MiB // page:,} pages "
         f"changed ({changed / MiB:.1f} MiB): uploaded {up / MiB:.1f} MiB = "
         f"{up / changed:.2f}x the changed pages, {seconds:.1f} s"
+    )
+
+
+def small_files(n: int, manifest_format: int, size: int = 100) -> None:
+    """The manifest of ``n`` small files (1,000 per folder) against their bytes."""
+    rng = random.Random(3)
+    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-small-") as tmp:
+        root = Path(tmp) / "src"
+        for i in range(n):
+            d = root / f"dir{i // 1000:04d}"
+            if i % 1000 == 0:
+                d.mkdir(parents=True)
+            (d / f"file{i % 1000:04d}.json").write_bytes(rng.randbytes(size))
+        store = RemoteStore(open_backend(f"memory://small-{n}"), manifest_format=manifest_format)
+        version = store.publish("db", root).version
+    manifest = len(store.backend.get(manifest_key("db", version)).data)
+    print(
+        f"format {manifest_format}, {n:,} files of {size} bytes: manifest {manifest / 1e6:.1f} MB"
+        f" = {manifest / (n * size):.2f}x the data, {manifest / n:.0f} bytes per file"
     )
 
 
