@@ -113,3 +113,14 @@ def test_a_fallback_reads_refs_from_the_source_of_truth(tmp_path: Path) -> None:
         assert snap.source == mirror.label  # the bytes still come from the fast store
     shutil.rmtree(tmp_path / "s3")  # the source of truth is gone: the mirror answers
     assert reader.current_version("db")[0] == bad.version
+
+
+@pytest.mark.parametrize("command", [["info", "db"], ["checkout", "db"], ["ls", "db"], ["ls"]])
+def test_a_missing_bucket_is_named_by_every_command(
+    moto_server: MotoServer, command: list[str]
+) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    out = _cli("--store", "s3://no-such-bucket-here/snaps", *command, env=env)
+    assert out.returncode == 3, out.stderr
+    assert "bucket 'no-such-bucket-here' does not exist" in out.stderr
+    assert "no ref" not in out.stderr

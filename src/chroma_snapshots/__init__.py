@@ -21,6 +21,7 @@ from chroma_snapshots.errors import (
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
+    StoreNotFoundError,
     UnsupportedOperationError,
 )
 
@@ -125,6 +126,7 @@ __all__ = [
     "SnapshotNotFoundError",
     "SnapshotStore",
     "StorageTimeoutError",
+    "StoreNotFoundError",
     "StoreConfig",
     "TransferStats",
     "UnsupportedOperationError",

@@ -17,6 +17,11 @@ class SnapshotNotFoundError(SnapshotError, FileNotFoundError):
     """A name, ref, version or object does not exist."""
 
 
+class StoreNotFoundError(SnapshotNotFoundError):
+    """The store itself does not exist (an S3 bucket), so nothing in it can be found either:
+    never read as an absent ref or an empty store."""
+
+
 class ConflictError(SnapshotError):
     """A compare-and-swap lost (the ref moved, or the key exists); nothing was made visible."""
 
@@ -71,5 +76,6 @@ __all__ = [
     "SnapshotError",
     "SnapshotNotFoundError",
     "StorageTimeoutError",
+    "StoreNotFoundError",
     "UnsupportedOperationError",
 ]

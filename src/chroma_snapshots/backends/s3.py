@@ -56,6 +56,7 @@ from chroma_snapshots.errors import (
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
+    StoreNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
             return ConflictError(f"{what}: precondition failed ({code or status})")
         if code == "NoSuchBucket":  # not a missing object: say what the fix is
             bucket = err.response.get("Error", {}).get("BucketName") or "the store's bucket"
-            return SnapshotNotFoundError(
+            return StoreNotFoundError(
                 f"bucket {bucket!r} does not exist (S3 NoSuchBucket); "
                 "create it or fix the store URL"
             )

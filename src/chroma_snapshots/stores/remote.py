@@ -81,6 +81,7 @@ from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    StoreNotFoundError,
 )
 from chroma_snapshots.ops import maintenance, pruning
 from chroma_snapshots.stores.base import (
@@ -156,6 +157,8 @@ class RemoteStore(SourceStore):
         try:
             key = ref_key(check_name(name), check_name(ref, "ref name"))
             got = _get_bounded(self._io(deadline), key, MAX_REF_BYTES, "ref")
+        except StoreNotFoundError:
+            raise  # no bucket: not an absent ref
         except SnapshotNotFoundError:
             return None
         value = RefValue.from_json(got.data)
