@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
 
 _LEN = struct.Struct("!Q")
@@ -82,6 +83,18 @@ class _WorkerDied(Exception):
         super().__init__("the filesystem worker died" + (" during the call" if ran else ""))
         self.ran = ran
 
+    @staticmethod
+    def of(ran: bool) -> _WorkerDied:
+        return _WorkerDied(True) if ran else _DiedBeforeTheCall(False)
+
+
+class _DiedBeforeTheCall(_WorkerDied):
+    """The worker died before it acknowledged the call: it never ran."""
+
+
+_FRESH_WORKER = RetryPolicy(attempts=2, base=0.0, jitter=False)
+"""A call no worker ran is tried once more on a fresh worker: safe even for a write."""
+
 
 class _Worker:
     def __init__(self, preload: str) -> None:
@@ -103,7 +116,7 @@ class _Worker:
     def wait_ready(self, budget: float) -> None:
         """Wait for a new worker's start-up; TimeoutError past ``budget``."""
         if self._read(len(_READY), time.monotonic() + budget, ran=False) != _READY:
-            raise _WorkerDied(ran=False)
+            raise _DiedBeforeTheCall(ran=False)
 
     def call(self, payload: bytes, budget: float) -> Any:
         """Run one request; TimeoutError past ``budget``, _WorkerDied if the pipes break."""
@@ -125,7 +138,7 @@ class _Worker:
             try:
                 view = view[os.write(self.wfd, view[: 1 << 16]) :]  # a short write loops
             except OSError as e:  # EPIPE: nobody reads, so the request is not whole anywhere
-                raise _WorkerDied(ran=False) from e
+                raise _DiedBeforeTheCall(ran=False) from e
 
     def _read(self, n: int, end: float, *, ran: bool) -> bytes:
         buf = bytearray()
@@ -136,9 +149,9 @@ class _Worker:
             try:
                 chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
             except OSError as e:
-                raise _WorkerDied(ran) from e
+                raise _WorkerDied.of(ran) from e
             if not chunk:  # EOF: the worker is gone
-                raise _WorkerDied(ran)
+                raise _WorkerDied.of(ran)
             buf += chunk
         return bytes(buf)
 
@@ -233,13 +246,7 @@ class MountGuard:
             raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
         call = _Call(payload, type(target).__module__, deadline, label)
         try:
-            try:
-                return self._attempt(call)
-            except _WorkerDied as e:
-                if e.ran:
-                    raise
-                # the call never ran: one more try on a fresh worker is safe even for a write
-                return self._attempt(call)
+            return _FRESH_WORKER.call(lambda _: self._attempt(call), retry_on=(_DiedBeforeTheCall,))
         except _WorkerDied as e:
             raise BackendUnavailableError(
                 f"{label}: the filesystem worker died "
