@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -209,6 +210,20 @@ MALFORMED = [
         "upserts[0].embedding[0]",
     ),
     ({"id": "x", "collection": "receipts", "deletes": [1]}, "deletes[0]"),
+    # a lone surrogate in the delta id would fail the manifest's encoding, and the batch
+    ({"id": "evil-\ud800", "collection": "receipts"}, "delta id is not valid UTF-8"),
+    (  # 1e309 as an integer literal: float() raises OverflowError
+        {"id": "x", "collection": "receipts", "upserts": [{"id": "a", "embedding": [10**309]}]},
+        "upserts[0].embedding[0]",
+    ),
+    (
+        {
+            "id": "x",
+            "collection": "receipts",
+            "upserts": [{"id": "a", "embedding": [1], "metadata": {"tags": [1.0, float("nan")]}}],
+        },
+        "upserts[0].metadata.tags",
+    ),
     (
         {
             "id": "x",
@@ -245,3 +260,16 @@ def test_malformed_delta_names_the_field_even_with_asserts_off() -> None:
     assert len(lines) == len(MALFORMED)
     for line, (_, field) in zip(lines, MALFORMED, strict=True):
         assert field in line
+
+
+def test_scalar_nan_metadata_is_left_to_chroma() -> None:
+    """chroma accepts a scalar NaN or infinity in metadata (and stores null); only inside a
+    list does it refuse one."""
+    body = {
+        "id": "x",
+        "collection": "receipts",
+        "upserts": [{"id": "a", "embedding": [1], "metadata": {"n": float("nan")}}],
+    }
+    meta = Delta.from_obj(body).upserts[0].metadata
+    assert meta is not None
+    assert math.isnan(float(meta["n"]))  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from chroma_snapshots.compaction import Delta, Record, applied_ids, compact
 from chroma_snapshots.compaction import deltas as deltas_module
 from chroma_snapshots.compaction import merge as compaction_module
 from chroma_snapshots.config import LambdaConfig
-from chroma_snapshots.errors import ConflictError, LockError
+from chroma_snapshots.errors import BackendUnavailableError, ConflictError, LockError
 from chroma_snapshots.locking import Lease, ObjectLeaseLock
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.lambda_context import FakeContext
@@ -297,3 +297,115 @@ def test_lost_lease_does_not_end_the_conflict_retries(
     assert result.fence is not None
     assert result.fence > won[0].generation
     assert "retried" in applied_ids(store.resolve("db"))
+
+
+# Findings of the review: one delta's unexpected failure, a refused creator of a collection,
+# a release that fails after the publish, and a delta id reused with other content.
+
+
+def test_a_delta_id_that_is_not_utf8_fails_alone(store: RemoteStore, config: LambdaConfig) -> None:
+    """A lone surrogate in the delta id (valid JSON, "\\ud800") would fail the manifest's
+    encoding at publish, and with it every delta of the batch."""
+    handler = CompactionHandler(config, store=store)
+    evil = {**good("evil"), "id": "evil-\ud800"}
+    assert failures(handler(sqs_event(good("g0"), evil, good("g1")), FakeContext(120))) == {"m1"}
+    assert {"g0-r0", "g1-r1"} <= landed(store)
+    assert applied_ids(store.resolve("db")) == ["g0", "g1"]
+
+
+def test_anything_raised_while_applying_a_delta_isolates_that_delta(
+    store: RemoteStore, config: LambdaConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = compaction_module._apply_one
+
+    def apply_one(client: Any, delta: Delta) -> None:
+        if delta.id == "boom":
+            raise RuntimeError("unexpected (test)")
+        real(client, delta)
+
+    monkeypatch.setattr(compaction_module, "_apply_one", apply_one)
+    handler = CompactionHandler(config, store=store)
+    event = sqs_event(good("g0"), good("boom"), good("g1"))
+    assert failures(handler(event, FakeContext(120))) == {"m1"}
+    assert applied_ids(store.resolve("db")) == ["g0", "g1"]
+
+
+def fresh(name: str, dim: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": name,
+        "collection": "fresh",
+        "upserts": [{"id": f"{name}-r", "embedding": [0.5] * dim, **extra}],
+    }
+
+
+POISON_CREATOR = fresh("poison", 3, metadata={"tags": [float("nan")]})
+
+
+def test_a_refused_creator_does_not_set_a_new_collections_dimension(
+    store: RemoteStore, config: LambdaConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first delta to create a collection is refused by chroma itself (the up-front
+    checks switched off): the dimension is the first applied delta's, so the good delta
+    of another dimension lands."""
+    monkeypatch.setattr(deltas_module, "problem", lambda delta: None)
+    monkeypatch.setattr(compaction_module, "problem", lambda delta: None)
+    handler = CompactionHandler(config, store=store)
+    event = sqs_event(POISON_CREATOR, fresh("legit", 5), fresh("clash", 3), good("g0"))
+    assert failures(handler(event, FakeContext(120))) == {"m0", "m2"}
+    assert applied_ids(store.resolve("db")) == ["legit", "g0"]
+    with open_client(store, "db") as client:
+        assert client.get_collection("fresh").get(include=[])["ids"] == ["legit-r"]
+
+
+def test_a_poison_creator_does_not_block_a_good_one(
+    store: RemoteStore, config: LambdaConfig
+) -> None:
+    handler = CompactionHandler(config, store=store)
+    response = handler(sqs_event(POISON_CREATOR, fresh("legit", 5)), FakeContext(120))
+    assert failures(response) == {"m0"}
+    assert applied_ids(store.resolve("db")) == ["legit"]
+
+
+class FailingRelease(ObjectLeaseLock):
+    """A lock whose release fails after the publish (a proxy resetting the connection)."""
+
+    error: Exception = BackendUnavailableError("connection reset (test)")
+
+    def release(self, lease: Lease) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [BackendUnavailableError("reset (test)"), ConnectionResetError(104, "reset"), RuntimeError()],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_failed_release_after_the_publish_is_a_warning_not_a_failure(
+    store: RemoteStore,
+    config: LambdaConfig,
+    error: Exception,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lock = FailingRelease(store.backend, "locks/db", ttl=30, owner="compactor", poll=0.05)
+    lock.error = error
+    handler = CompactionHandler(config, store=store, lock=lock)
+    with caplog.at_level(logging.WARNING, logger="chroma_snapshots"):
+        response = handler(sqs_event(good("p0"), good("p1")), FakeContext(60))
+    assert failures(response) == set()  # both were published: no redelivery
+    assert applied_ids(store.resolve("db")) == ["p0", "p1"]
+    assert any("not released" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reused_delta_id_with_other_content_is_a_warning(
+    store: RemoteStore, config: LambdaConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = CompactionHandler(config, store=store)
+    other = {**good("other"), "id": "reused"}
+    event = sqs_event(good("reused"), good("reused"), other)
+    with caplog.at_level(logging.WARNING, logger="chroma_snapshots"):
+        assert failures(handler(event, FakeContext(120))) == set()  # idempotency as before
+    warned = [r.getMessage() for r in caplog.records if "different content" in r.getMessage()]
+    assert len(warned) == 1  # the identical redelivery is not warned about
+    assert "'reused'" in warned[0]
+    assert applied_ids(store.resolve("db")) == ["reused"]
+    assert "other-r0" not in landed(store)

@@ -155,8 +155,10 @@ class LeaseLock(ABC):
     ) -> Iterator[LeaseKeeper]:
         """Hold ``lease`` while the block runs: renewed in the background every third of the
         ttl (while ``remaining()``, e.g. a deadline's seconds left, is positive), released
-        after. A renewal or release that fails is logged, never raised: the lease only
-        saves wasted work, and what the block did (a publish) stands."""
+        after. A renewal or release that fails, for any reason (taken over, or the store
+        failing: a connection reset, a timeout), is logged as a warning, never raised: the
+        lease only saves wasted work, and what the block did (a publish) stands. An
+        exception the block raises propagates unchanged."""
         keeper = LeaseKeeper(self, lease, remaining)
         keeper.start()
         try:
@@ -167,6 +169,8 @@ class LeaseLock(ABC):
                 self.release(keeper.lease)
             except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
                 log.warning("lease not released: %s", e)
+            except Exception as e:  # the store failed: the lease lapses at its expiry
+                log.warning("lease not released: %s: %s", type(e).__name__, e)
 
     def _check_owned(self, lease: Lease) -> object:
         found = self._read()

@@ -13,7 +13,13 @@ while the work goes on.
 - :mod:`~chroma_snapshots.compaction.merge`: ``compact``, isolating a delta chroma refuses.
 """
 
-from chroma_snapshots.compaction.deltas import Delta, Record, dimension_problem, problem
+from chroma_snapshots.compaction.deltas import (
+    Delta,
+    Record,
+    dimension_problem,
+    embedding_problem,
+    problem,
+)
 from chroma_snapshots.compaction.merge import (
     MAX_APPLIED,
     CompactionResult,
@@ -30,6 +36,7 @@ __all__ = [
     "applied_ids",
     "compact",
     "dimension_problem",
+    "embedding_problem",
     "problem",
     "snapshot_deltas",
 ]

@@ -6,6 +6,9 @@ until good deltas reach the dead-letter queue with it. :func:`problem` applies c
 rules (chromadb 1.5) to one delta without chroma: collection names, ids, documents,
 metadata and embeddings; :func:`dimension_problem` checks the embedding dimension against
 a collection's. Neither imports chromadb.
+
+Metadata follows chroma exactly: a NaN or infinity inside a list is refused (chroma refuses
+it), a scalar NaN or infinity is accepted and chroma stores it as null.
 """
 
 from __future__ import annotations
@@ -91,9 +94,9 @@ def _record(r: object, where: str) -> Record:
     emb = r.get("embedding")
     if not isinstance(emb, list) or not emb:
         raise _Bad(f"{where}.embedding must be a non-empty list of numbers, got {_kind(emb)}")
-    for j, x in enumerate(emb):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise _Bad(f"{where}.embedding[{j}] must be a number, got {_kind(x)}")
+    bad = embedding_problem(emb, f"{where}.embedding")
+    if bad is not None:
+        raise _Bad(bad)
     doc, meta = r.get("document"), r.get("metadata")
     if doc is not None and not isinstance(doc, str):
         raise _Bad(f"{where}.document must be a string or null, got {_kind(doc)}")
@@ -103,6 +106,22 @@ def _record(r: object, where: str) -> Record:
     return Record(r["id"], tuple(float(x) for x in emb), doc, meta or None)
 
 
+def embedding_problem(values: list[Any], where: str) -> str | None:
+    """What is wrong with a JSON list as an embedding (naming ``where[j]``), or None: each
+    value a number that is a finite 32-bit float (a huge integer literal is not: float()
+    would raise OverflowError)."""
+    for j, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return f"{where}[{j}] must be a number, got {_kind(x)}"
+        try:
+            value = float(x)
+        except OverflowError:
+            return f"{where}[{j}] is an integer too large for a 32-bit float"
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            return f"{where}[{j}] = {value!r} is not a finite 32-bit float"
+    return None
+
+
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
@@ -110,6 +129,7 @@ def _kind(value: Any) -> str:
 def problem(delta: Delta) -> str | None:
     """What chroma would refuse in ``delta`` (one reason, naming the field), or None."""
     checks = (
+        _delta_id_problem(delta.id),
         _name_problem(delta.collection),
         _ids_problem([r.id for r in delta.upserts], "upserts"),
         _ids_problem(list(delta.deletes), "deletes"),
@@ -150,6 +170,14 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _delta_id_problem(delta_id: str) -> str | None:
+    # The id goes into the manifest (UTF-8 JSON) when the delta is applied: a lone
+    # surrogate there would fail the publish of the whole batch.
+    if not _utf8(delta_id):
+        return "the delta id is not valid UTF-8 text"
+    return None
+
+
 def _ids_problem(ids: list[str], where: str) -> str | None:
     seen: set[str] = set()
     for i, x in enumerate(ids):
@@ -185,11 +213,19 @@ def _metadata_problem(key: object, value: object) -> str | None:
         kinds = {bool if isinstance(v, bool) else type(v) for v in value}
         if not value or len(kinds) != 1 or not kinds <= {str, int, float, bool}:
             return "a list must be non-empty and hold strings, numbers or booleans of one type"
-        return next((b for v in value if (b := _scalar_problem(v)) is not None), None)
+        return next((b for v in value if (b := _list_item_problem(v)) is not None), None)
     if value is None:
         return None
     if not isinstance(value, (str, int, float, bool)):
         return f"must be a string, number, boolean, null or list, not {_kind(value)}"
+    return _scalar_problem(value)
+
+
+def _list_item_problem(value: object) -> str | None:
+    # chroma refuses NaN and infinity inside a list (a scalar NaN or infinity it accepts,
+    # and stores as null: that is left to chroma)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} in a list: chroma refuses NaN and infinity there"
     return _scalar_problem(value)
 
 

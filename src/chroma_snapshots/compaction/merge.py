@@ -8,11 +8,12 @@ applied again to a fresh copy of the base.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -116,6 +117,7 @@ def compact(
     """
     dl = as_deadline(deadline, 900.0)
     conflicts: list[str] = []
+    _warn_same_id(deltas)
 
     def attempt(n: int) -> CompactionResult:
         lease = lock.acquire(timeout=min(lock_timeout, dl.remaining())) if lock else None
@@ -194,11 +196,33 @@ def _attempt(
     return result(info, todo)
 
 
+def _warn_same_id(deltas: Sequence[Delta]) -> None:
+    """Log a warning for each id that two deltas of the batch share with different content:
+    only the first is applied (a delta id is its idempotency key), so the other's content
+    is dropped, which a producer reusing ids would not expect."""
+    first: dict[str, str] = {}
+    for d in deltas:
+        content = _content(d)
+        if first.setdefault(d.id, content) != content:
+            log.warning("delta %r appears twice with different content: the later is dropped", d.id)
+
+
+def _content(d: Delta) -> str:
+    # JSON text, not ==: NaN in metadata is never equal to itself
+    try:
+        return json.dumps(asdict(d), sort_keys=True, default=repr)
+    except Exception:  # a warning must never fail the batch
+        return repr(d)
+
+
 def _checked(deltas: list[Delta], rejected: dict[str, str]) -> list[Delta]:
     """The deltas chroma's rules accept; the others go to ``rejected`` with the reason."""
     ok = []
     for d in deltas:
-        bad = problem(d)
+        try:
+            bad = problem(d)
+        except Exception as e:  # a Delta built by hand with values of the wrong types
+            bad = f"cannot be checked: {type(e).__name__}: {e}"
         if bad is None:
             ok.append(d)
         else:
@@ -228,39 +252,25 @@ def _apply_isolated(
 ) -> list[Delta]:
     """Check out ``base`` at ``db`` and apply ``todo``; return the deltas applied.
 
-    Deltas whose embeddings do not fit their collection's dimension are rejected first.
-    If chroma refuses a delta anyway, that delta is rejected and the others are applied
-    again to a fresh checkout (the refused one may have been half applied): each round
-    removes one delta, so this ends, and a good delta is never refused for a bad one."""
+    A delta whose embeddings do not fit its collection's dimension is rejected; a new
+    collection's dimension is set by the first delta actually applied to it (as chroma
+    does), not by one chroma then refuses. If chroma refuses a delta (or applying it
+    raises anything else that is not the disk's or chroma's own failure), that delta is
+    rejected and the others are applied again to a fresh checkout (the refused one may
+    have been half applied): each round removes one delta, so this ends, and a good delta
+    is never refused for a bad one."""
     _checkout(store, name, base, db, dl)
-    todo = _fitting(todo, collection_dimensions(db) if base else {}, rejected)
-    while todo:
-        failed = _apply(db, todo)
+    dims = collection_dimensions(db) if base else {}
+    while True:
+        applied, failed = _apply(db, todo, dims, rejected)
         if failed is None:
-            return todo
+            return applied
         index, error = failed
         _reject(todo[index], f"chroma refused it: {type(error).__name__}: {error}", rejected)
-        todo = todo[:index] + todo[index + 1 :]
+        # the deltas before it were applied in this order and fare the same again; those
+        # after it were not looked at yet
+        todo = applied + todo[index + 1 :]
         _checkout(store, name, base, db, dl)
-    return todo
-
-
-def _fitting(
-    deltas: list[Delta], dims: Mapping[str, int | None], rejected: dict[str, str]
-) -> list[Delta]:
-    """The deltas whose embedding dimension fits their collection (the first delta to upsert
-    into a collection without a dimension sets it, as chroma does)."""
-    dims = dict(dims)
-    ok = []
-    for d in deltas:
-        bad = dimension_problem(d, dims.get(d.collection))
-        if bad is not None:
-            _reject(d, bad, rejected)
-            continue
-        if d.upserts and dims.get(d.collection) is None:
-            dims[d.collection] = len(d.upserts[0].embedding)
-        ok.append(d)
-    return ok
 
 
 def _vacuum(sqlite_file: Path) -> None:
@@ -271,20 +281,34 @@ def _vacuum(sqlite_file: Path) -> None:
         db.close()
 
 
-def _apply(db: Path, deltas: Sequence[Delta]) -> tuple[int, Exception] | None:
-    """Apply ``deltas`` in order; the index of the first one chroma refused, and why."""
+def _apply(
+    db: Path, deltas: Sequence[Delta], dims: Mapping[str, int | None], rejected: dict[str, str]
+) -> tuple[list[Delta], tuple[int, Exception] | None]:
+    """Apply ``deltas`` in order, rejecting those that do not fit their collection's
+    dimension (``dims``: the base's, then set by the first delta applied to a new
+    collection); the deltas applied, and the index of the first one chroma refused
+    and why (the deltas after it are not looked at)."""
+    dims = dict(dims)
+    applied: list[Delta] = []
     client = chromadb.PersistentClient(path=str(db), settings=client_settings())
     try:
         for i, d in enumerate(deltas):
+            bad = dimension_problem(d, dims.get(d.collection))
+            if bad is not None:
+                _reject(d, bad, rejected)
+                continue
             try:
                 _apply_one(client, d)
             except Exception as e:
                 if not _refused(e):
                     raise
-                return i, e
+                return applied, (i, e)
+            if d.upserts and dims.get(d.collection) is None:
+                dims[d.collection] = len(d.upserts[0].embedding)
+            applied.append(d)
     finally:
         close_client(client)
-    return None
+    return applied, None
 
 
 def _apply_one(client: Any, d: Delta) -> None:
@@ -301,8 +325,7 @@ def _apply_one(client: Any, d: Delta) -> None:
 
 
 def _refused(e: Exception) -> bool:
-    """Whether chroma refused a delta's content (its fault), not failed for itself or its
-    disk (no other delta would fare better: the whole attempt fails)."""
-    if isinstance(e, (OSError, chromadb.errors.InternalError)):
-        return False
-    return isinstance(e, (ValueError, TypeError, chromadb.errors.ChromaError))
+    """Whether applying a delta failed for its content (its fault: chroma refused it, or
+    anything else raised while it was applied), not for the disk, memory or chroma itself
+    (no other delta would fare better: the whole attempt fails)."""
+    return not isinstance(e, (OSError, MemoryError, chromadb.errors.InternalError))
