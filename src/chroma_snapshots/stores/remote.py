@@ -8,17 +8,11 @@ always finds a complete manifest and every pack it names.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, GetResult, PutMode
@@ -27,26 +21,17 @@ from chroma_snapshots.engine import keys, manifest_v2
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
-    PackWriter,
-    SourceFile,
-    hashed_chunks,
     scan_source,
 )
 from chroma_snapshots.engine.deadline import (
     Deadline,
     DeadlineLike,
-    WorkerPool,
     as_deadline,
-    wait_all,
-    within,
 )
-from chroma_snapshots.engine.delta_io import DeltaBases, DeltaStash, place_deltas
-from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
+from chroma_snapshots.engine.keys import manifest_key, ref_key
 from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
-    Chunk,
-    FileEntry,
     Manifest,
     RefValue,
     SnapshotInfo,
@@ -55,22 +40,13 @@ from chroma_snapshots.engine.models import (
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.transfer import (
-    DEFAULT_MAX_READ,
     LocalChunks,
-    Placer,
-    Read,
-    fetch_and_place,
     local_io,
-    place_local,
-    plan_reads,
 )
 from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
-    MAX_METADATA_DEPTH,
     MAX_REF_BYTES,
-    check_chains,
     check_chunk_size,
-    check_depth,
     check_name,
     is_name,
     sha256_hex,
@@ -94,9 +70,15 @@ from chroma_snapshots.stores.base import (
     VerifyReport,
 )
 from chroma_snapshots.stores.claims import Pin, note_retired
-
-# Where a publisher finds its parent version's files (see RemoteStore.publish).
-ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
+from chroma_snapshots.stores.fetch import fetch_into
+from chroma_snapshots.stores.upload import (
+    ParentDir,
+    Uploader,
+    checked_metadata,
+    delta_bases,
+    publisher_id,
+    same_tree,
+)
 
 
 class RemoteStore(SourceStore):
@@ -224,7 +206,7 @@ class RemoteStore(SourceStore):
         hash-verified, so a modified copy only costs deltas."""
         check_name(name)
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
-        metadata = _checked_metadata(metadata)
+        metadata = checked_metadata(metadata)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         files, dirs = scan_source(source_dir)
@@ -235,15 +217,18 @@ class RemoteStore(SourceStore):
         # The pin covers the parent and, by its time, every pack we write after it.
         with self.pinned(name, [parent] if parent else [], dl) as pin:
             pm = self.load_manifest(name, parent, deadline=dl) if parent else None
-            bases = self._delta_bases(pm, parent, parent_dir)
+            level = self.compression_level
+            bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
+            uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
+                                self.compression_level)  # fmt: skip
             try:
-                entries, chunks = self._upload_chunks(
+                entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
                 )
             finally:
                 if bases is not None:
                     bases.close()
-            if pm is not None and parent and not allow_empty and _same_tree(pm, entries, dirs):
+            if pm is not None and parent and not allow_empty and same_tree(pm, entries, dirs):
                 stats.add(requests=2)  # the pin and its release: nothing else is written
                 return SnapshotInfo.from_manifest(parent, pm, stats.freeze(time.monotonic() - t0))
             manifest = Manifest(
@@ -254,7 +239,7 @@ class RemoteStore(SourceStore):
                 chunks,
                 tuple(dirs),
                 parent,
-                _publisher(),
+                publisher_id(),
                 message,
                 metadata,
                 self.manifest_format,
@@ -271,72 +256,6 @@ class RemoteStore(SourceStore):
         stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
-    def _upload_chunks(
-        self,
-        name: str,
-        files: list[SourceFile],
-        known: dict[str, Chunk],
-        dl: Deadline,
-        stats: StatsRecorder,
-        progress: Progress | None,
-        pin: Pin,
-        bases: DeltaBases | None,
-    ) -> tuple[list[FileEntry], dict[str, Chunk]]:
-        uploads: list[Future[None]] = []
-        pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
-
-        def upload(pack_id: str, data: bytes) -> None:
-            dl.check("uploading packs")
-            put = partial(self._put_pack, name, pack_id, data, stats, pin)
-            uploads.append(pool.submit(within, dl, put))
-            busy = [u for u in uploads if not u.done()]
-            wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
-
-        writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
-        entries, used, total, done = [], {}, sum(f.size for f in files), 0
-        hash_many = partial(self._hash_many, pool, dl)
-        with pool:
-            for f in files:
-                hashes, reused = [], 0
-                for raw, digest in hashed_chunks(f.abspath, self.chunk_size, hash_many):
-                    hashes.append(digest)
-                    if digest in known:
-                        reused += len(raw)
-                    elif digest not in writer:
-                        base = bases.base(f.relpath, len(hashes) - 1) if bases else None
-                        writer.add(digest, raw, base)
-                    done += len(raw)
-                    if progress is not None:
-                        progress(done, total)
-                stats.add(bytes_reused=reused)
-                entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
-                used.update(dict.fromkeys(hashes))
-            writer.flush()
-            wait_all(uploads, dl, "uploading packs")
-        table = {**known, **writer.chunks}
-        stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
-        # the used chunks and every link of their delta chains (old ones: in the parent's)
-        need = check_chains({h: c.base for h, c in table.items()}, used)
-        return entries, {h: table[h] for h in sorted(need)}
-
-    def _delta_bases(
-        self, parent: Manifest | None, version: str | None, where: ParentDir
-    ) -> DeltaBases | None:
-        if parent is None or version is None or where is None or self.manifest_format < 2:
-            return None
-        if self.compression_level is None:
-            return None  # deltas are zstd: a store that stores raw stores no deltas
-        root = where(version) if callable(where) else where
-        return None if root is None else DeltaBases(parent, Path(root))
-
-    def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
-        """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
-        publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
-        step = max(1, len(chunks) // 8)
-        slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
-        parts = wait_all([pool.submit(_sha256_all, s) for s in slices], dl, "hashing")
-        return [h for part in parts for h in part]
-
     def _create_once(self, key: str, data: bytes, dl: Deadline) -> None:
         """Create ``key``; if it exists with exactly ``data``, that was us: a retried
         request whose first attempt landed although its answer was lost (a 500 or a reset
@@ -347,22 +266,6 @@ class RemoteStore(SourceStore):
         except ConflictError:
             if io.get(key).data != data:
                 raise
-
-    def _put_pack(
-        self, name: str, pack_id: str, data: bytes, stats: StatsRecorder, pin: Pin
-    ) -> None:
-        key = pack_key(name, pack_id)
-        try:
-            self.backend.put(key, data, mode=PutMode.CREATE)
-        except ConflictError:
-            # Same name, same bytes, but maybe an old, unreferenced pack (a revert publishes
-            # identical packs) that a prune is deleting: claim it, check no prune condemned
-            # it, then write it again, so it exists and is young whatever happened before.
-            pin.add(packs=[pack_id])
-            pin.check(packs=[pack_id])
-            self.backend.put(key, data, mode=PutMode.OVERWRITE)
-            stats.add(requests=3)
-        stats.add(bytes_uploaded=len(data), requests=1, packs_transferred=1)
 
     def _move_ref(
         self,
@@ -480,48 +383,8 @@ class RemoteStore(SourceStore):
         """Write the files of ``manifest`` under ``root`` (or, with ``damaged``, just those
         chunk positions of existing files): chunks from ``local`` copies where they verify,
         the rest downloaded, every chunk hash-checked."""
-        placer = Placer(root, manifest, damaged)
-        stats.add(chunks_total=len(placer.targets))
-        # Buffers are sized by the format, never by a declared length: a chunk is stored in
-        # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.
-        max_read = max(DEFAULT_MAX_READ, manifest.chunk_size)
-        buffers = threading.local()  # one per worker, its own: memory is workers x max_read
-
-        def fetch(r: Read) -> memoryview:
-            buf: bytearray | None = getattr(buffers, "buf", None)
-            if buf is None:
-                buf = buffers.buf = bytearray(max_read)
-            view = memoryview(buf)
-            n = within(
-                dl, lambda: self.backend.get_into(pack_key(name, r.pack), (r.start, r.end), view)
-            )
-            stash.take(r, view[:n])
-            return view[:n]
-
-        try:
-            if damaged is None:
-                placer.create_files()
-            with WorkerPool(self.workers) as pool:  # this checkout's own (see WorkerPool)
-                todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
-                # One set of coalesced reads carries every chunk; deltas are applied last
-                # (bases from local copies where they verify, else their chains), from the
-                # stash the reads filled, so none is read twice.
-                deltas = [c for c in todo if c.base is not None]
-                stash = DeltaStash(deltas)
-                reads = [
-                    replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
-                    for r in plan_reads(todo, max_read=max_read)
-                ]
-                fetch_and_place(
-                    reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
-                )
-                place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
-                             deadline=dl, stats=stats, max_read=max_read, stash=stash)  # fmt: skip
-            placer.finish()
-        finally:
-            if local is not None:
-                local.close()  # an abandoned read then reads nothing more from local disk
-            placer.close()  # reads still running (abandoned) can no longer write
+        fetch_into(self.backend, self.workers, name, manifest, root, dl, stats, progress,
+                   local=local, damaged=damaged)  # fmt: skip
         return self.label
 
     # Listing and maintenance.
@@ -576,24 +439,6 @@ def _get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
     return got
 
 
-def _checked_metadata(metadata: object) -> dict[str, object]:
-    """``publish(metadata=...)`` as readers will see it (JSON: tuples become lists, keys
-    strings), or InvalidInputError for anything JSON cannot hold or nested deeper than a
-    manifest may be, never a TypeError or RecursionError."""
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise InvalidInputError(f"metadata must be a dict, not {type(metadata).__name__}")
-    try:
-        check_depth(metadata, "metadata", MAX_METADATA_DEPTH)  # first: it ends on cycles too
-        normal: dict[str, object] = json.loads(json.dumps(metadata, allow_nan=False))
-    except IntegrityError as e:
-        raise InvalidInputError(str(e)) from e
-    except (TypeError, ValueError, RecursionError) as e:  # NaN, a huge int, deep tuples
-        raise InvalidInputError(f"metadata is not JSON: {e}") from e
-    return normal
-
-
 def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:
     if expected is None:
         if current is not None:
@@ -605,17 +450,3 @@ def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str]
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"
         raise ConflictError(f"{what} is at {got}, not the expected {expected}")
-
-
-def _same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
-    """The files (paths, sizes, modes, chunks) and empty directories are the parent's: a
-    publish with no change (see ``allow_empty``)."""
-    return tuple(entries) == parent.files and tuple(dirs) == parent.dirs
-
-
-def _publisher() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _sha256_all(chunks: list[bytes]) -> list[str]:
-    return [sha256_hex(c) for c in chunks]

@@ -1,0 +1,83 @@
+"""A checkout's downloads: every chunk of a manifest placed under a folder, from local
+copies where they verify and coalesced range reads for the rest, deltas applied last."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.engine.deadline import Deadline, WorkerPool, within
+from chroma_snapshots.engine.delta_io import DeltaStash, place_deltas
+from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.transfer import (
+    DEFAULT_MAX_READ,
+    LocalChunks,
+    Placer,
+    Read,
+    fetch_and_place,
+    place_local,
+    plan_reads,
+)
+
+
+def fetch_into(
+    backend: Backend,
+    workers: int,
+    name: str,
+    manifest: Manifest,
+    root: Path,
+    dl: Deadline,
+    stats: StatsRecorder,
+    progress: Progress | None = None,
+    *,
+    local: LocalChunks | None = None,
+    damaged: Mapping[str, Sequence[int]] | None = None,
+) -> None:
+    """Write the files of ``manifest`` of ``name`` under ``root`` (or, with ``damaged``,
+    just those chunk positions of existing files): chunks from ``local`` copies where they
+    verify, the rest read from ``backend``'s packs, every chunk hash-checked."""
+    placer = Placer(root, manifest, damaged)
+    stats.add(chunks_total=len(placer.targets))
+    # Buffers are sized by the format, never by a declared length: a chunk is stored in
+    # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.
+    max_read = max(DEFAULT_MAX_READ, manifest.chunk_size)
+    buffers = threading.local()  # one per worker, its own: memory is workers x max_read
+
+    def fetch(r: Read) -> memoryview:
+        buf: bytearray | None = getattr(buffers, "buf", None)
+        if buf is None:
+            buf = buffers.buf = bytearray(max_read)
+        view = memoryview(buf)
+        n = within(dl, lambda: backend.get_into(pack_key(name, r.pack), (r.start, r.end), view))
+        stash.take(r, view[:n])
+        return view[:n]
+
+    try:
+        if damaged is None:
+            placer.create_files()
+        with WorkerPool(workers) as pool:  # this checkout's own (see WorkerPool)
+            todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
+            # One set of coalesced reads carries every chunk; deltas are applied last
+            # (bases from local copies where they verify, else their chains), from the
+            # stash the reads filled, so none is read twice.
+            deltas = [c for c in todo if c.base is not None]
+            stash = DeltaStash(deltas)
+            reads = [
+                replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
+                for r in plan_reads(todo, max_read=max_read)
+            ]
+            fetch_and_place(
+                reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
+            )
+            place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
+                         deadline=dl, stats=stats, max_read=max_read, stash=stash)  # fmt: skip
+        placer.finish()
+    finally:
+        if local is not None:
+            local.close()  # an abandoned read then reads nothing more from local disk
+        placer.close()  # reads still running (abandoned) can no longer write

@@ -1,0 +1,169 @@
+"""A publish's uploads: hash the source's chunks, pack the new ones (plain, or as deltas
+against the parent's chunk at the same offset), and write each pack claimed against a
+concurrent prune. Also the small checks a publish makes of its input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
+from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
+from chroma_snapshots.engine.delta_io import DeltaBases
+from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.validation import (
+    MAX_METADATA_DEPTH,
+    check_chains,
+    check_depth,
+    sha256_hex,
+)
+from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
+from chroma_snapshots.stores.claims import Pin
+
+# Where a publisher finds its parent version's files (see RemoteStore.publish).
+ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
+
+
+@dataclass(frozen=True)
+class Uploader:
+    """Uploads one publish's new chunks to ``backend`` with ``workers`` threads."""
+
+    backend: Backend
+    workers: int
+    chunk_size: int
+    pack_target: int
+    compression_level: int | None
+
+    def upload(
+        self,
+        name: str,
+        files: list[SourceFile],
+        known: dict[str, Chunk],
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None,
+        pin: Pin,
+        bases: DeltaBases | None,
+    ) -> tuple[list[FileEntry], dict[str, Chunk]]:
+        """Hash every chunk of ``files``; pack and upload those not in ``known`` (as deltas
+        against ``bases`` where that is smaller); the file entries and the chunk table."""
+        uploads: list[Future[None]] = []
+        pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
+
+        def upload(pack_id: str, data: bytes) -> None:
+            dl.check("uploading packs")
+            put = partial(self._put_pack, name, pack_id, data, stats, pin)
+            uploads.append(pool.submit(within, dl, put))
+            busy = [u for u in uploads if not u.done()]
+            wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
+
+        writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
+        entries, used, total, done = [], {}, sum(f.size for f in files), 0
+        hash_many = partial(self._hash_many, pool, dl)
+        with pool:
+            for f in files:
+                hashes, reused = [], 0
+                for raw, digest in hashed_chunks(f.abspath, self.chunk_size, hash_many):
+                    hashes.append(digest)
+                    if digest in known:
+                        reused += len(raw)
+                    elif digest not in writer:
+                        base = bases.base(f.relpath, len(hashes) - 1) if bases else None
+                        writer.add(digest, raw, base)
+                    done += len(raw)
+                    if progress is not None:
+                        progress(done, total)
+                stats.add(bytes_reused=reused)
+                entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
+                used.update(dict.fromkeys(hashes))
+            writer.flush()
+            wait_all(uploads, dl, "uploading packs")
+        table = {**known, **writer.chunks}
+        stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
+        # the used chunks and every link of their delta chains (old ones: in the parent's)
+        need = check_chains({h: c.base for h, c in table.items()}, used)
+        return entries, {h: table[h] for h in sorted(need)}
+
+    def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
+        """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
+        publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
+        step = max(1, len(chunks) // 8)
+        slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
+        parts = wait_all([pool.submit(sha256_all, s) for s in slices], dl, "hashing")
+        return [h for part in parts for h in part]
+
+    def _put_pack(
+        self, name: str, pack_id: str, data: bytes, stats: StatsRecorder, pin: Pin
+    ) -> None:
+        key = pack_key(name, pack_id)
+        try:
+            self.backend.put(key, data, mode=PutMode.CREATE)
+        except ConflictError:
+            # Same name, same bytes, but maybe an old, unreferenced pack (a revert publishes
+            # identical packs) that a prune is deleting: claim it, check no prune condemned
+            # it, then write it again, so it exists and is young whatever happened before.
+            pin.add(packs=[pack_id])
+            pin.check(packs=[pack_id])
+            self.backend.put(key, data, mode=PutMode.OVERWRITE)
+            stats.add(requests=3)
+        stats.add(bytes_uploaded=len(data), requests=1, packs_transferred=1)
+
+
+def delta_bases(
+    parent: Manifest | None,
+    version: str | None,
+    where: ParentDir,
+    manifest_format: int,
+    compression_level: int | None,
+) -> DeltaBases | None:
+    """The parent's chunks a publish may delta against, or None (no parent, no copy of it,
+    format 1, or a store that stores raw chunks: deltas are zstd)."""
+    if parent is None or version is None or where is None or manifest_format < 2:
+        return None
+    if compression_level is None:
+        return None
+    root = where(version) if callable(where) else where
+    return None if root is None else DeltaBases(parent, Path(root))
+
+
+def checked_metadata(metadata: object) -> dict[str, object]:
+    """``publish(metadata=...)`` as readers will see it (JSON: tuples become lists, keys
+    strings), or InvalidInputError for anything JSON cannot hold or nested deeper than a
+    manifest may be, never a TypeError or RecursionError."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata must be a dict, not {type(metadata).__name__}")
+    try:
+        check_depth(metadata, "metadata", MAX_METADATA_DEPTH)  # first: it ends on cycles too
+        normal: dict[str, object] = json.loads(json.dumps(metadata, allow_nan=False))
+    except IntegrityError as e:
+        raise InvalidInputError(str(e)) from e
+    except (TypeError, ValueError, RecursionError) as e:  # NaN, a huge int, deep tuples
+        raise InvalidInputError(f"metadata is not JSON: {e}") from e
+    return normal
+
+
+def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
+    """The files (paths, sizes, modes, chunks) and empty directories are the parent's: a
+    publish with no change (see ``allow_empty``)."""
+    return tuple(entries) == parent.files and tuple(dirs) == parent.dirs
+
+
+def publisher_id() -> str:
+    """host:pid:random, recorded in each manifest."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def sha256_all(chunks: list[bytes]) -> list[str]:
+    return [sha256_hex(c) for c in chunks]
