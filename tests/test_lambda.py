@@ -5,23 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lambda_plugins
 import pytest
-from chroma_helpers import build
+from chroma_helpers import build, close_client
 
 from chroma_snapshots import RemoteStore
+from chroma_snapshots.aws_lambda.common import load_callable
 from chroma_snapshots.aws_lambda.compactor import CompactionHandler
-from chroma_snapshots.aws_lambda.query import QueryHandler
+from chroma_snapshots.aws_lambda.query import QueryHandler, default_query
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.chroma import open_client, publish_client
 from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.errors import ConfigError, InvalidInputError
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.lambda_context import FakeContext
 from chroma_snapshots.testing.proxy import CountingProxy
@@ -223,3 +227,63 @@ def test_embedded_metric_format(env: dict[str, str], capsys: pytest.CaptureFixtu
     assert len(emf) == 1
     assert emf[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Chroma"
     assert (emf[0]["Processed"], emf[0]["Failed"], emf[0]["Snapshot"]) == (1, 1, "db")
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("", None),  # ":x": ValueError (empty module name) from importlib
+        ("../etc", None),  # TypeError from importlib (a relative import)
+        ("plugin_raises", "raise RuntimeError('broken at import')\n"),
+        ("plugin_syntax", "def fn(:\n"),
+        ("plugin_exits", "import sys\nsys.exit(3)\n"),
+    ],
+)
+def test_a_plug_in_that_cannot_be_imported_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str | None
+) -> None:
+    if source is not None:
+        module = f"{module}_{uuid.uuid4().hex[:8]}"  # never one already imported
+        (tmp_path / f"{module}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    for var in ("CHROMA_SNAPSHOTS_PROCESSOR", "CHROMA_SNAPSHOTS_SINK"):
+        with pytest.raises(ConfigError, match=var) as raised:
+            load_callable(f"{module}:fn", var)
+        if source is not None:
+            assert raised.value.__cause__ is not None  # the import's own error, chained
+
+
+@pytest.mark.parametrize("spec", [":x", "mod:", " : "])
+def test_a_plug_in_spec_without_both_parts_fails_the_configuration(
+    env: dict[str, str], spec: str
+) -> None:
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_SINK"):
+        LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_SINK": spec})
+
+
+def test_an_init_budget_above_lambdas_limit_is_a_config_error(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"CHROMA_SNAPSHOTS_INIT_SECONDS='11'.*10 s"):
+        LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_INIT_SECONDS": "11"})
+    assert LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_INIT_SECONDS": "10"}).init_seconds == 10
+
+
+@pytest.mark.parametrize(
+    ("vector", "where"),
+    [
+        ([10**309] + [0.5] * (DIM - 1), "query_embeddings[0][0]"),  # 1e309 as an integer
+        ([0.5, 1e39] + [0.5] * (DIM - 2), "query_embeddings[0][1]"),  # beyond a 32-bit float
+        ([0.5] * (DIM - 1) + ["1"], "query_embeddings[0][7]"),
+    ],
+)
+def test_query_embeddings_that_are_not_numbers_are_invalid_input(
+    tmp_path: Path, vector: list[Any], where: str
+) -> None:
+    client = build(tmp_path / "db", {"receipts": 5}, dim=DIM)
+    try:
+        body = {"collection": "receipts", "query_embeddings": [vector]}
+        with pytest.raises(InvalidInputError, match=re.escape(where)):
+            default_query(client, body)
+        ok = default_query(client, {**body, "query_embeddings": [[0.5] * DIM], "n_results": 1})
+        assert len(ok["ids"][0]) == 1
+    finally:
+        close_client(client)

@@ -167,3 +167,34 @@ def test_stores_answer_within_their_budgets(
         (finding,) = check_stores(down, "db")
     assert not finding.ok
     assert "BackendUnavailableError" in finding.detail
+
+
+def test_before_the_first_publish_the_snapshot_is_a_finding(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    store = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+    )
+    name = deploy(moto_server, timeout=60, tmp_mb=512, visibility=360, max_receive=5, partial=True)
+    found = check_function(name, store=store, name="db", **clients(moto_server))
+    assert failing(found) == {"snapshot"}  # the queue's checks still ran, and passed
+    assert {"visibility", "dead-letter-queue", "partial-batch-response"} <= {f.check for f in found}
+    assert "no ref 'latest'" in next(f.detail for f in found if f.check == "snapshot")
+
+
+def test_a_function_that_does_not_exist_is_a_finding(moto_server: MotoServer) -> None:
+    (finding,) = check_function("no-such-function", **clients(moto_server))
+    assert (finding.check, finding.ok) == ("function", False)
+    assert "no such function" in finding.detail
+
+
+def test_a_store_whose_bucket_does_not_exist_says_so(moto_server: MotoServer) -> None:
+    cfg = StoreConfig(
+        url=f"s3://missing-{uuid.uuid4().hex[:8]}/snaps",
+        s3_endpoint_url=moto_server.endpoint_url,
+        s3_timeout=5,
+    )
+    (finding,) = check_stores(cfg, "db")
+    assert not finding.ok
+    assert "does not exist (S3 NoSuchBucket)" in finding.detail
+    assert "no ref" not in finding.detail

@@ -111,6 +111,28 @@ class LeaseLockTests:
         assert "not released" in caplog.text
         b.release(stolen)
 
+    @pytest.mark.parametrize("error", [ConnectionResetError(104, "reset"), RuntimeError("x")])
+    def test_a_release_the_store_fails_is_logged_not_raised(
+        self,
+        make: Any,
+        error: Exception,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """What the block did stands whatever the release meets (not only LockError)."""
+        a = make("a", RealClock(), 30.0)
+        lease = a.acquire(timeout=0)
+
+        def fail(_: Any) -> None:
+            raise error
+
+        monkeypatch.setattr(a, "release", fail)
+        caplog.set_level(logging.WARNING, logger="chroma_snapshots.locking")
+        with a.kept(lease):
+            done = True
+        assert done
+        assert f"not released: {type(error).__name__}" in caplog.text
+
 
 def _options(owner: str, clock: Clock, ttl: float) -> dict[str, Any]:
     return {"owner": owner, "ttl": ttl, "clock": clock, "sleep": clock.sleep}

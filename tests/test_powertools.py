@@ -117,6 +117,20 @@ def test_compaction_gives_the_same_failures_both_ways(
         assert sorted(applied_ids(seeded.resolve(name))) == ["d0", "d4"]
 
 
+def test_a_delta_id_that_is_not_utf8_fails_alone_both_ways(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path, seeded: RemoteStore
+) -> None:
+    """A lone surrogate in a delta id failed every message of the batch (the manifest could
+    not be encoded): now only that message, through either path."""
+    event = sqs_event(delta("d0"), {**delta("evil"), "id": "evil-\ud800"}, delta("d2"))
+    bundled = CompactionHandler(config(moto_server, s3_bucket, tmp_path, "bundled"))
+    powertools = CompactionHandler(config(moto_server, s3_bucket, tmp_path, "powertools"))
+    assert failures(bundled(event, FakeContext(120))) == ["m1"]
+    assert failures(process_batch(powertools, event, FakeContext(120))) == ["m1"]
+    for name in ("bundled", "powertools"):
+        assert applied_ids(seeded.resolve(name)) == ["d0", "d2"]
+
+
 def test_query_gives_the_same_failures_both_ways(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path, seeded: RemoteStore
 ) -> None:

@@ -354,7 +354,7 @@ class LambdaConfig:
             raise ConfigError(f"{ENV_NAME}={name!r}: {e}") from None
         for var in (ENV_PROCESSOR, ENV_SINK):
             raw = env.get(var, "").strip()
-            if raw and raw.count(":") != 1:
+            if raw and (raw.count(":") != 1 or "" in (p.strip() for p in raw.split(":"))):
                 raise ConfigError(f"{var}={raw!r} must be module:function")
         if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
             raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
@@ -368,5 +368,21 @@ class LambdaConfig:
             lock_key=env.get(ENV_LOCK_KEY, "").strip() or None,
             metrics_namespace=env.get(ENV_METRICS, "").strip() or None,
             release_unprocessed=_flag(env, ENV_RELEASE),
-            init_seconds=_budget(env, ENV_INIT),
+            init_seconds=_init_budget(env),
         )
+
+
+MAX_INIT_SECONDS = 10.0
+"""Lambda's limit on the init phase (imports included): an init that takes longer is cut
+off and run again during the first invocation, paying the imports and the checkout twice."""
+
+
+def _init_budget(env: Mapping[str, str]) -> float:
+    seconds = _budget(env, ENV_INIT)
+    if seconds > MAX_INIT_SECONDS:
+        raise ConfigError(
+            f"{ENV_INIT}={env.get(ENV_INIT, '').strip()!r} is above Lambda's "
+            f"{MAX_INIT_SECONDS:g} s init phase limit (which the imports count against too): "
+            "use less, e.g. 8"
+        )
+    return seconds

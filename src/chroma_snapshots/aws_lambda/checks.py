@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chroma_snapshots.config import StoreConfig, remote_for
+from chroma_snapshots.errors import SnapshotNotFoundError
 
 VISIBILITY_FACTOR = 6
 MIN_RECEIVE_COUNT = 5
@@ -113,16 +114,36 @@ def check_function(
 ) -> list[Finding]:
     """Every check on every SQS event source of a deployed ``function`` (boto3's default
     clients unless given); with ``store`` and ``name``, /tmp against the latest version.
-    A function with no SQS event source mapping is itself a failing finding."""
+    What is wrong is a failing finding, never an exception: a function with no SQS event
+    source mapping (``event-source``), a function that does not exist (``function``), no
+    version of ``name`` published yet, or a store without its bucket (``snapshot``)."""
     import boto3
 
     lam = lambda_client or boto3.client("lambda")
     sqs = sqs_client or boto3.client("sqs")
-    size = store.resolve(name).total_size if store is not None and name else None
-    found = inspect_function(function, lambda_client=lam, sqs_client=sqs, snapshot_bytes=size)
+    out: list[Finding] = []
+    size = None
+    if store is not None and name:
+        try:
+            size = store.resolve(name).total_size
+        except SnapshotNotFoundError as e:  # also StoreNotFoundError: no bucket
+            detail = f"{name}: {e}: /tmp not checked; a query handler fails every message until "
+            out.append(Finding("snapshot", False, detail + "a version is published"))
+    try:
+        found = inspect_function(function, lambda_client=lam, sqs_client=sqs, snapshot_bytes=size)
+    except Exception as e:
+        if _error_code(e) != "ResourceNotFoundException":
+            raise
+        return [*out, Finding("function", False, f"{function}: no such function ({e})")]
     if not found:
-        return [Finding("event-source", False, f"{function} has no SQS event source mapping")]
-    return [f for d in found for f in check(d)]
+        out.append(Finding("event-source", False, f"{function} has no SQS event source mapping"))
+    return out + [f for d in found for f in check(d)]
+
+
+def _error_code(e: Exception) -> str:
+    """A botocore ClientError's code (without importing botocore), else ''."""
+    response = getattr(e, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def inspect_function(

@@ -33,12 +33,17 @@ _external_logging = False  # set when another logging setup (Powertools) owns th
 
 def load_callable(spec: str, var: str) -> Callable[..., Any]:
     """Import ``module:function`` named by the environment variable ``var``; ConfigError
-    naming the variable (at cold start) if it is not there."""
+    naming the variable (at cold start, the cause chained) if it is not there or its
+    import fails in any way."""
     module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"{var}={spec!r} must be module:function")
     try:
         fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{var}={spec!r} cannot be imported: {e}") from e
+    # Anything the import raises (a relative name, a syntax error, the module's own error,
+    # even sys.exit) is the variable's fault, reported at cold start; not KeyboardInterrupt.
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{var}={spec!r} cannot be imported: {type(e).__name__}: {e}") from e
     if not callable(fn):
         raise ConfigError(f"{var}={spec!r} is not callable")
     return fn  # type: ignore[no-any-return]

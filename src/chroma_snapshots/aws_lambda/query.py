@@ -19,6 +19,7 @@ from typing import Any
 from chroma_snapshots.aws_lambda.batch import Message, log
 from chroma_snapshots.aws_lambda.common import Results, SqsHandler, load_callable
 from chroma_snapshots.chroma import open_checkout
+from chroma_snapshots.compaction.deltas import embedding_problem
 from chroma_snapshots.config import ENV_PROCESSOR, ENV_SINK, LambdaConfig, open_store
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.models import TransferStats
@@ -42,6 +43,10 @@ def default_query(client: Any, body: Any) -> dict[str, Any]:
         emb = body["query_embeddings"]
         if not isinstance(emb, list) or not emb or not all(isinstance(v, list) and v for v in emb):
             raise InvalidInputError("query_embeddings must be a non-empty list of vectors")
+        for i, vector in enumerate(emb):
+            bad = embedding_problem(vector, f"query_embeddings[{i}]")
+            if bad is not None:
+                raise InvalidInputError(bad)
         res = col.query(query_embeddings=emb, n_results=n, where=where, include=include)
     elif isinstance(body.get("ids"), list):
         stored = col.get(ids=[str(i) for i in body["ids"]], include=["embeddings"])
