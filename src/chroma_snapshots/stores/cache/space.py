@@ -1,0 +1,126 @@
+"""What the /tmp cache holds and how it makes room: its folders per name, the manifests of
+complete versions, its size, least-recently-used eviction and the clean-up of what dead
+processes left. :class:`~chroma_snapshots.stores.cache.store.CachedStore` builds on it."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+from filelock import Timeout as LockTimeout
+
+from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.validation import check_name
+from chroma_snapshots.errors import CacheFullError
+from chroma_snapshots.stores.cache.layout import NameDirs
+
+
+class CacheSpace:
+    """The cache's folders below ``root`` and the room in them (``max_bytes``, and
+    ``min_free_bytes`` of the disk kept free)."""
+
+    root: Path
+    max_bytes: int | None
+    min_free_bytes: int
+    _manifests: dict[tuple[str, str], Manifest]
+    _mlock: threading.Lock
+
+    def dirs(self, name: str) -> NameDirs:
+        """The cache folders of ``name``."""
+        return NameDirs(self.root / check_name(name))
+
+    def cached_names(self) -> list[str]:
+        """Names with anything in the cache."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def cached_manifest(self, name: str, version: str) -> Manifest | None:
+        """The manifest of a complete cached version; None if it is not (or no longer)
+        cached. Without the version's lock (or a pin) it may be evicted the moment after."""
+        d = self.dirs(name)
+        if not d.is_complete(version):
+            return None
+        with self._mlock:
+            m = self._manifests.get((name, version))
+        if m is None:
+            m = d.read_manifest(version)
+            if m is None:
+                return None
+            with self._mlock:
+                self._manifests[(name, version)] = m
+        return m
+
+    def usage(self) -> int:
+        """Bytes of complete cached versions (from their manifests)."""
+        return sum(
+            m.total_size
+            for n in self.cached_names()
+            for v in self.dirs(n).complete()
+            if (m := self.cached_manifest(n, v)) is not None
+        )
+
+    def _make_room(self, need: int, keep: tuple[str, str]) -> None:
+        self._evict_until(need, keep)
+        # Other processes evict too: judge on fresh figures before giving up.
+        usage, free = self.usage(), shutil.disk_usage(self.root).free
+        if self._too_full(need, usage, free):
+            raise CacheFullError(
+                f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
+                f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
+                "evicting every unpinned version"
+            )
+
+    def _evict_until(self, need: int, keep: tuple[str, str]) -> None:
+        """Evict least recently used unpinned versions (not ``keep``) until ``need`` fits."""
+        entries = sorted(
+            (self.dirs(n).last_used(v), n, v)
+            for n in self.cached_names()
+            for v in self.dirs(n).complete()
+            if (n, v) != keep
+        )
+        usage = self.usage()
+        free = shutil.disk_usage(self.root).free
+        for _, n, v in entries:
+            if not self._too_full(need, usage, free):
+                return
+            m = self.cached_manifest(n, v)
+            if m is not None and self.evict(n, v):
+                usage, free = usage - m.total_size, free + m.total_size
+
+    def _too_full(self, need: int, usage: int, free: int) -> bool:
+        over_cap = self.max_bytes is not None and usage + need > self.max_bytes
+        return over_cap or free - need < self.min_free_bytes
+
+    def evict(self, name: str, version: str) -> bool:
+        """Remove a cached version unless it is pinned or locked; True if this call removed
+        it (a version another process evicted first is a no-op: False)."""
+        d = self.dirs(name)
+        try:
+            with d.lock(version).acquire(timeout=0):
+                if d.pinned(version) or not d.is_complete(version):
+                    return False
+                d.discard(version)
+        except LockTimeout:
+            return False
+        with self._mlock:
+            self._manifests.pop((name, version), None)
+        return True
+
+    def clean_leftovers(self) -> None:
+        """Remove work folders of dead materializers and meta files without a tree."""
+        for n in self.cached_names():
+            d = self.dirs(n)
+            found: dict[str, list[Path]] = {}
+            for sub in ("tmp", "meta"):
+                folder = d.root / sub
+                for p in folder.iterdir() if folder.is_dir() else ():
+                    found.setdefault(p.name.lstrip(".").split(".", 1)[0], []).append(p)
+            for version, paths in found.items():
+                try:
+                    with d.lock(version).acquire(timeout=0):
+                        for p in paths:
+                            if p.parent.name == "tmp" or not d.tree(version).is_dir():
+                                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                except LockTimeout:
+                    continue  # someone is working on that version right now
