@@ -37,7 +37,7 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def measure(stage: str, nbytes: int, fn: Callable[[], None]) -> Row:
+def measure(stage: str, nbytes: int, fn: Callable[[], object]) -> Row:
     """Run ``fn`` once; CPU seconds per GiB and GB/s of ``nbytes``."""
     wall, cpu = time.perf_counter(), _cpu()
     fn()

@@ -30,8 +30,9 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine.deadline import WorkerPool, wait_all
+from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.transfer import DEFAULT_MAX_READ, LocalChunks, Placer, plan_reads
+from chroma_snapshots.engine.transfer import DEFAULT_MAX_READ, LocalChunks, plan_reads
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import CountingProxy

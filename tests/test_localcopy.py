@@ -12,7 +12,7 @@ import pytest
 
 from chroma_snapshots import CachedStore, CacheFullError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine import localcopy, transfer
+from chroma_snapshots.engine import localcopy, placer, transfer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CHUNK = 4096
@@ -100,7 +100,7 @@ def test_a_source_written_during_the_copy_is_redone_verified(
                 f.write(b"\xff" * 16)
         real(src, dst, runs, cs)
 
-    monkeypatch.setattr(transfer, "copy_runs", scribble_then_copy)
+    monkeypatch.setattr(placer, "copy_runs", scribble_then_copy)
     with cached.checkout("db") as snap:
         assert read_tree(snap.path) == want
     assert len(verified_reads) > 2

@@ -32,8 +32,8 @@ from chromadb.config import Settings
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import copy_tree, remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
+from chroma_snapshots.engine.placer import disk_error, local_io
 from chroma_snapshots.engine.retry import IMMEDIATE
-from chroma_snapshots.engine.transfer import disk_error, local_io
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from chroma_snapshots.backends.base import GetResult, ObjectMeta, PutMode, check_key, past_end
-from chroma_snapshots.engine.transfer import pwrite_all
+from chroma_snapshots.engine.placer import pwrite_all
 from chroma_snapshots.engine.validation import MAX_PATH_DEPTH
 from chroma_snapshots.errors import (
     BackendUnavailableError,

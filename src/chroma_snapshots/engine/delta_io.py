@@ -24,8 +24,9 @@ from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.manifest_v2 import chain_depth
 from chroma_snapshots.engine.models import Chunk, Manifest
+from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.transfer import Buffer, Fetch, LocalChunks, Placer, Read, plan_reads
+from chroma_snapshots.engine.transfer import Fetch, LocalChunks, Read, plan_reads
 from chroma_snapshots.engine.validation import MAX_CHAIN
 from chroma_snapshots.errors import IntegrityError
 

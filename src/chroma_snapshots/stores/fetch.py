@@ -13,11 +13,11 @@ from chroma_snapshots.engine.deadline import Deadline, WorkerPool, within
 from chroma_snapshots.engine.delta_io import DeltaStash, place_deltas
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import (
     DEFAULT_MAX_READ,
     LocalChunks,
-    Placer,
     Read,
     fetch_and_place,
     place_local,

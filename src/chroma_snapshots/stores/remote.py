@@ -37,12 +37,10 @@ from chroma_snapshots.engine.models import (
     SnapshotInfo,
     VersionId,
 )
+from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
-from chroma_snapshots.engine.transfer import (
-    LocalChunks,
-    local_io,
-)
+from chroma_snapshots.engine.transfer import LocalChunks
 from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
     MAX_REF_BYTES,

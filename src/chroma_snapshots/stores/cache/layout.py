@@ -33,7 +33,7 @@ from filelock import FileLock
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
-from chroma_snapshots.engine.transfer import local_io
+from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import SnapshotError
 

@@ -23,8 +23,9 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
+from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.transfer import LocalChunks, disk_error
+from chroma_snapshots.engine.transfer import LocalChunks
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
     BackendUnavailableError,
