@@ -200,11 +200,16 @@ def _warn_same_id(deltas: Sequence[Delta]) -> None:
     """Log a warning for each id that two deltas of the batch share with different content:
     only the first is applied (a delta id is its idempotency key), so the other's content
     is dropped, which a producer reusing ids would not expect."""
-    first: dict[str, str] = {}
+    first: dict[object, str] = {}
     for d in deltas:
         content = _content(d)
-        if first.setdefault(d.id, content) != content:
-            log.warning("delta %r appears twice with different content: the later is dropped", d.id)
+        try:
+            if first.setdefault(d.id, content) != content:
+                log.warning(
+                    "delta %r appears twice with different content: the later is dropped", d.id
+                )
+        except TypeError:  # an unhashable id (a Delta built by hand): no warning to give
+            continue
 
 
 def _content(d: Delta) -> str:
@@ -266,7 +271,7 @@ def _apply_isolated(
         if failed is None:
             return applied
         index, error = failed
-        _reject(todo[index], f"chroma refused it: {type(error).__name__}: {error}", rejected)
+        _reject(todo[index], _refusal(error), rejected)
         # the deltas before it were applied in this order and fare the same again; those
         # after it were not looked at yet
         todo = applied + todo[index + 1 :]
@@ -322,6 +327,11 @@ def _apply_one(client: Any, d: Delta) -> None:
         )
     if d.deletes:
         col.delete(ids=list(d.deletes))
+
+
+def _refusal(e: Exception) -> str:
+    chroma = isinstance(e, (ValueError, TypeError, chromadb.errors.ChromaError))
+    return f"{'chroma refused it' if chroma else 'applying it failed'}: {type(e).__name__}: {e}"
 
 
 def _refused(e: Exception) -> bool:
