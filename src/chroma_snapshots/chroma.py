@@ -83,16 +83,24 @@ def sqlite_counts(path: Path) -> dict[str, int]:
     IntegrityError if the file is missing, not SQLite, fails ``PRAGMA quick_check`` or
     lacks chroma's tables.
     """
+    with _read_only(path) as db:
+        check = db.execute("PRAGMA quick_check").fetchall()
+        if check != [("ok",)]:
+            raise IntegrityError(f"{path}/{SQLITE}: quick_check failed: {check[:3]}")
+        return {name: int(n) for name, n in db.execute(_COUNTS)}
+
+
+@contextmanager
+def _read_only(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """``chroma.sqlite3`` of ``path`` opened read-only; IntegrityError if it is missing or
+    SQLite refuses it (not a database, damaged, lacking chroma's tables)."""
     db_file = Path(path) / SQLITE
     if not db_file.is_file():
         raise IntegrityError(f"{path} is not a chroma database: no {SQLITE}")
     try:
         db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
         try:
-            check = db.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                raise IntegrityError(f"{db_file}: quick_check failed: {check[:3]}")
-            return {name: int(n) for name, n in db.execute(_COUNTS)}
+            yield db
         finally:
             db.close()
     except sqlite3.DatabaseError as e:
@@ -155,17 +163,8 @@ def describe(path: str | Path) -> ChromaView:
 def collection_dimensions(path: str | Path) -> dict[str, int | None]:
     """Each collection's embedding dimension (None until its first record is added), read
     from ``chroma.sqlite3`` without opening a client. IntegrityError if it is not chroma's."""
-    db_file = Path(path) / SQLITE
-    if not db_file.is_file():
-        raise IntegrityError(f"{path} is not a chroma database: no {SQLITE}")
-    try:
-        db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT name, dimension FROM collections").fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        raise IntegrityError(f"{db_file}: {e}") from e
+    with _read_only(path) as db:
+        rows = db.execute("SELECT name, dimension FROM collections").fetchall()
     return {str(name): None if dim is None else int(dim) for name, dim in rows}
 
 
