@@ -97,15 +97,16 @@ def test_no_credentials_says_where_they_are_looked_for(
         AWS_EC2_METADATA_DISABLED="true",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    store = ["--endpoint-url", moto_server.endpoint_url, "--store", f"s3://{s3_bucket}/x"]
-    out = _script(*store, "ls", env=env)
-    assert out.returncode == 7
-    for where in ("AWS_ACCESS_KEY_ID", "~/.aws/credentials", "instance role", "--profile"):
-        assert where in out.stderr
-    assert "Traceback" not in out.stderr
-    profile = _script("--profile", "nosuch", *store, "ls", env=env)
-    assert profile.returncode == 2
-    assert "AWS profile 'nosuch'" in profile.stderr
+    for scheme in ("s3", "fsspec+s3"):
+        store = ["--endpoint-url", moto_server.endpoint_url, "--store", f"{scheme}://{s3_bucket}/x"]
+        out = _script(*store, "ls", env=env)
+        assert out.returncode == 2, scheme  # configuration, not an unavailable store
+        for where in ("AWS_ACCESS_KEY_ID", "~/.aws/credentials", "instance role", "--profile"):
+            assert where in out.stderr, scheme
+        assert "Traceback" not in out.stderr
+        profile = _script("--profile", "nosuch", *store, "ls", env=env)
+        assert profile.returncode == 2, scheme
+        assert "AWS profile 'nosuch' is not in ~/.aws/config" in profile.stderr, scheme
 
 
 def test_a_missing_bucket_is_named_by_publish_and_doctor(

@@ -27,9 +27,11 @@ from chroma_snapshots.backends.base import (
 from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
+    ConfigError,
     ConflictError,
     SnapshotError,
     SnapshotNotFoundError,
+    StoreNotFoundError,
     UnsupportedOperationError,
 )
 
@@ -41,16 +43,63 @@ def _content_etag(data: bytes) -> str:
 
 
 def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
+    what = f"{op} {key}" if key else f"{op} (the store's root)"
     if isinstance(err, FileNotFoundError):
-        return SnapshotNotFoundError(f"{key}: no such object")
+        return _not_found(err, what, key)
     if isinstance(err, FileExistsError):
         return ConflictError(f"{op} {key}: already exists")
     cause = err.__cause__
     code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
     if code == "PreconditionFailed":
         return ConflictError(f"{op} {key}: precondition failed")
-    what = f"{op} {key}" if key else f"{op} (the store's root)"
+    names = {c.__name__ for c in type(err).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:  # botocore's, via s3fs
+        from chroma_snapshots.backends.s3 import NO_CREDENTIALS
+
+        return ConfigError(f"{what}: {NO_CREDENTIALS}")
+    if "ProfileNotFound" in names:
+        profile = getattr(err, "kwargs", {}).get("profile")
+        return ConfigError(
+            f"AWS profile {profile!r} is not in ~/.aws/config or ~/.aws/credentials "
+            "(set by --profile or AWS_PROFILE)"
+        )
     return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}"[:300])
+
+
+def _not_found(err: FileNotFoundError, what: str, key: str) -> SnapshotError:
+    """fsspec raises FileNotFoundError for more than a missing object: s3fs for a missing
+    bucket, HTTPFileSystem.info for whatever failed, a refused connection included."""
+    cause = err.__cause__
+    error = getattr(cause, "response", None)
+    error = error.get("Error", {}) if isinstance(error, dict) else {}  # botocore's, via s3fs
+    if error.get("Code") == "NoSuchBucket":
+        bucket = error.get("BucketName") or "the store's bucket"
+        return StoreNotFoundError(
+            f"bucket {bucket!r} does not exist (S3 NoSuchBucket); create it or fix the store URL"
+        )
+    if _unreachable(cause):
+        return BackendUnavailableError(f"{what}: {type(cause).__name__}: {cause}"[:300])
+    return SnapshotNotFoundError(f"{key}: no such object")
+
+
+def _unreachable(cause: BaseException | None) -> bool:
+    """Is this cause of a FileNotFoundError a failure to get an answer, not a 'no'?"""
+    status = getattr(cause, "status", None)  # aiohttp's ClientResponseError: an HTTP answer
+    if isinstance(status, int):
+        return status not in (404, 410)
+    if isinstance(cause, FileNotFoundError):
+        return False
+    # a refused or reset connection, a timeout, or any other aiohttp client failure
+    return isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.startswith(
+        "aiohttp"
+    )
+
+
+def _raise_unless_absent(err: FileNotFoundError, op: str, key: str) -> None:
+    """Return if ``err`` means the object is absent; raise what it really means otherwise."""
+    mapped = _wrap(err, op, key)
+    if type(mapped) is not SnapshotNotFoundError:
+        raise mapped from err
 
 
 class _Changed(Exception):
@@ -181,7 +230,8 @@ class FsspecBackend(Backend):
             found = self.fs.find(top, detail=True)
             if not found:
                 self._check_listable(top)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            _raise_unless_absent(e, "list", prefix)
             found = {}
         except Exception as e:
             raise _wrap(e, "list", prefix) from e
@@ -200,7 +250,8 @@ class FsspecBackend(Backend):
         path = self._path(key)  # a bad key is InvalidInputError, not a backend failure
         try:
             self.fs.rm_file(path)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            _raise_unless_absent(e, "delete", key)
             return
         except Exception as e:
             raise _wrap(e, "delete", key) from e

@@ -58,13 +58,45 @@ def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
 def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.backends.fsspec import FsspecBackend
 
+    target = url.removeprefix("fsspec+")
+    if urlsplit(target).scheme in ("s3", "s3a"):
+        options = {**_s3fs_options(opts), **options}
     try:
-        backend = FsspecBackend.from_url(url.removeprefix("fsspec+"), **options)
+        backend = FsspecBackend.from_url(target, **options)
     except ValueError as e:  # fsspec's "Protocol not known"
         raise ConfigError(f"store URL {url!r}: {e}") from e
+    except ImportError as e:
+        raise _missing_package(url, e) from e
     fs = backend.fs
     if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         return backend  # memory:// is atomic in-process; other filesystems refuse CAS outright
     endpoint = getattr(fs, "endpoint_url", None) or fs.client_kwargs.get("endpoint_url")
     bucket = backend.root.strip("/").split("/", 1)[0]
     return _checked(backend, f"s3://{bucket} at {endpoint or 'the default endpoint'}", opts)
+
+
+def _s3fs_options(opts: OpenOptions) -> dict[str, Any]:
+    """The endpoint, region and profile (--endpoint-url, --region, --profile) for s3fs, so
+    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one."""
+    s = opts.s3_settings
+    if s is None:
+        return {}
+    found: dict[str, Any] = {"endpoint_url": s.endpoint_url} if s.endpoint_url else {}
+    if s.region:
+        found["client_kwargs"] = {"region_name": s.region}
+    if s.profile:
+        found["profile"] = s.profile
+    return found
+
+
+# What the [fsspec] extra installs; any other missing module is a filesystem of its own.
+_FSSPEC_EXTRA = ("fsspec", "s3fs", "aiobotocore", "aiohttp", "botocore")
+
+
+def _missing_package(url: str, err: ImportError) -> ImportError | ConfigError:
+    """fsspec names the package a protocol needs (gcsfs for gs://) only in its message."""
+    missing = err.name or getattr(err.__cause__, "name", None)
+    if missing is None or missing.split(".")[0] in _FSSPEC_EXTRA:
+        return err  # open_backend's hint: the [fsspec] extra
+    package = missing.split(".")[0]
+    return ConfigError(f"store URL {url!r} needs {package}: pip install {package}")

@@ -90,7 +90,7 @@ class S3Settings:
     body_attempts: int = 3
 
 
-_NO_CREDENTIALS = (
+NO_CREDENTIALS = (
     "no AWS credentials found; botocore looks in the environment (AWS_ACCESS_KEY_ID and "
     "AWS_SECRET_ACCESS_KEY), the shared files ~/.aws/credentials and ~/.aws/config (the "
     "profile AWS_PROFILE or --profile names), then a container or instance role: set one "
@@ -124,7 +124,7 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
     if isinstance(err, EndpointConnectionError):
         return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return BackendUnavailableError(f"{what}: {_NO_CREDENTIALS}")
+        return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
     return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
 
 

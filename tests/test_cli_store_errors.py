@@ -1,0 +1,131 @@
+"""fsspec stores through the real entry point: a store that does not answer is never "not
+found", a missing bucket is named, the S3 flags reach s3fs, a missing filesystem package is
+named, as on s3:// stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots.cli import main
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store configuration leaks in from the machine running the tests."""
+    for var in list(os.environ):
+        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
+            monkeypatch.delenv(var)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def test_an_unreachable_http_store_is_unavailable_not_a_missing_ref(
+    tmp_path: Path, run: Run
+) -> None:
+    """fsspec's HTTP filesystem reports a refused connection as FileNotFoundError."""
+    with closed_endpoint() as url:
+        store = ["--store", f"{url}/x"]
+        cache = ["--cache-dir", str(tmp_path / "cache")]
+        for args in (
+            [*store, "checkout", "rec", "--dest", str(tmp_path / "d")],
+            [*store, "info", "rec"],
+            [*store, "verify", "rec"],
+            [*store, "tag", "rec", "stable"],
+            [*store, "publish", "rec", str(tmp_path), "--dry-run"],
+            [*cache, *store, "checkout", "rec"],
+        ):
+            code, _, err = run(*args)
+            assert code == 7, (args, err)
+            assert "Cannot connect" in err, args
+            assert "no ref" not in err, args
+            assert "no snapshot" not in err, args
+
+
+def test_an_http_store_still_says_what_is_missing(tmp_path: Path, run: Run) -> None:
+    """A 404 is still 'not found': only failures to get an answer became unavailable."""
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+    assert run("--store", str(tmp_path / "store"), "publish", "db", str(src))[0] == 0
+    serve = [sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"]
+    server = subprocess.Popen(
+        serve, cwd=tmp_path / "store", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().split(" port ")[1].split()[0]
+        store = ["--store", f"http://127.0.0.1:{port}"]
+        assert run(*store, "info", "db")[0] == 0
+        code, _, err = run(*store, "info", "nosuch")
+        assert (code, err) == (3, "error: no snapshot named 'nosuch' in this store\n")
+        code, _, err = run(*store, "info", "db", "nosuchref")
+        assert code == 3
+        assert "no ref 'nosuchref'" in err
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_fsspec_s3_flags_win_over_the_environment(
+    moto_server: MotoServer,
+    s3_bucket: str,
+    tmp_path: Path,
+    run: Run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--endpoint-url reaches s3fs: the environment's endpoint (nothing listens) is not used."""
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+    with closed_endpoint() as dead, CountingProxy(moto_server.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+        store = ["--endpoint-url", proxy.url, "--store", f"fsspec+s3://{s3_bucket}/x"]
+        code, _, err = run(*store, "--region", "eu-west-1", "publish", "db", str(src))
+        assert code == 0, err
+        code, out, err = run(*store, "ls")
+        assert (code, out) == (0, "db\n"), err
+        assert any(r.method == "PUT" for r in proxy.requests)
+        code, _, err = run("--store", f"fsspec+s3://{s3_bucket}/x", "ls")  # the environment's
+    assert code == 7
+    assert dead in err
+
+
+def test_fsspec_s3_a_missing_bucket_is_named_not_an_empty_store(
+    moto_server: MotoServer, tmp_path: Path, run: Run
+) -> None:
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+    store = ["--endpoint-url", moto_server.endpoint_url, "--store", "fsspec+s3://no-such-bkt-9/x"]
+    for args in (
+        ["ls"],
+        ["checkout", "db", "--dest", str(tmp_path / "o")],
+        ["publish", "db", str(src)],
+    ):
+        code, out, err = run(*store, *args)
+        assert code == 3, args
+        assert out == ""
+        assert "bucket 'no-such-bkt-9' does not exist" in err, args
+
+
+def test_a_missing_filesystem_package_is_named(run: Run) -> None:
+    """fsspec is installed; gcsfs (not in the [fsspec] extra) is not."""
+    code, _, err = run("--store", "gs://bkt/x", "ls")
+    assert code == 2
+    assert err == "error: store URL 'gs://bkt/x' needs gcsfs: pip install gcsfs\n"
