@@ -4,6 +4,7 @@ named, as on s3:// stores."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from chroma_snapshots import open_remote
 from chroma_snapshots.cli import main
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
@@ -129,3 +131,30 @@ def test_a_missing_filesystem_package_is_named(run: Run) -> None:
     code, _, err = run("--store", "gs://bkt/x", "ls")
     assert code == 2
     assert err == "error: store URL 'gs://bkt/x' needs gcsfs: pip install gcsfs\n"
+
+
+def _published(run: Run, store: list[str], src: Path) -> str:
+    code, out, err = run(*store, "publish", "db", str(src), "--json")
+    assert code == 0, err
+    return str(json.loads(out)["version"])
+
+
+def test_a_short_prefix_says_the_minimum_and_a_tag_cannot_hide_a_version(
+    tmp_path: Path, run: Run
+) -> None:
+    store = ["--store", str(tmp_path / "store")]
+    version = _published(run, store, write_tree(tmp_path / "src", {"a.bin": b"a" * 3000}))
+    digest = version.split("-")[1]
+    code, _, err = run(*store, "info", "db", digest[:3])
+    assert code == 3
+    assert f"no ref {digest[:3]!r} (a version prefix needs at least 4 characters)" in err
+    for hiding in (digest[:4], version[:10]):
+        code, _, err = run(*store, "tag", "db", hiding)
+        assert code == 2, hiding
+        assert f"tag {hiding!r} is also the start of version {version}" in err
+    assert set(open_remote(str(tmp_path / "store")).refs("db")) == {"latest"}  # none written
+    assert run(*store, "tag", "db", "abc")[0] == 0  # too short to be read as a prefix
+    code, out, _ = run(*store, "info", "db", "abc", "--json")  # an existing short tag: a ref
+    assert code == 0
+    assert json.loads(out)["info"]["version"] == version
+    assert run(*store, "info", "db", digest[:4])[0] == 0  # the version is still reachable

@@ -7,7 +7,13 @@ from typing import Any
 import click
 
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of, store_of
-from chroma_snapshots.cli.names import about, has_snapshot, no_snapshot, resolve_ref
+from chroma_snapshots.cli.names import (
+    about,
+    check_new_tag,
+    has_snapshot,
+    no_snapshot,
+    resolve_ref,
+)
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
@@ -98,6 +104,8 @@ def register(cli: click.Group) -> None:
         with about(store, name):
             version = store.resolve(name, resolve_ref(store, name, ref)).version
         previous = store.refs(name).get(tag)
+        if previous is None:
+            check_new_tag(store, name, tag)
         expected: Expected = previous if move else None
         store.set_ref(name, tag, version, expected=expected)
         data = {"name": name, "ref": tag, "version": version, "previous": previous}

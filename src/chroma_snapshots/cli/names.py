@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # What could start a version id (20261202T071408883463Z-104f320cc9d1) or its digest; four
 # characters at least, so a short word is always read as a ref name.
 _PREFIX = re.compile(r"[0-9a-f][0-9a-fTZ-]{3,}")
+_SHORT = re.compile(r"[0-9a-f]{1,3}")
 
 
 def no_snapshot(name: str) -> SnapshotNotFoundError:
@@ -61,10 +62,14 @@ def resolve_ref(store: SnapshotStore, name: str, ref: str) -> str:
     """``ref`` itself (a ref name or a full version id), or the one version id it is a
     prefix of (of the whole id or of its digest). Ambiguous: InvalidInputError naming the
     candidates; a prefix of nothing: SnapshotNotFoundError."""
+    if _SHORT.fullmatch(ref) and ref not in store.refs(name):
+        raise SnapshotNotFoundError(
+            f"{name}: no ref {ref!r} (a version prefix needs at least 4 characters)"
+        )
     if VersionId.is_version(ref) or not _PREFIX.fullmatch(ref) or ref in store.refs(name):
         return ref
     ids = version_ids(store, name)
-    found = [v for v in ids if v.startswith(ref) or v.split("-", 1)[-1].startswith(ref)]
+    found = [v for v in ids if _starts(v, ref)]
     if len(found) == 1:
         return found[0]
     if not found:
@@ -78,3 +83,22 @@ def resolve_ref(store: SnapshotStore, name: str, ref: str) -> str:
         f"{ref!r} is ambiguous: {len(found)} versions of {name} start with it ({shown}); "
         "give more characters"
     )
+
+
+def _starts(version: str, prefix: str) -> bool:
+    return version.startswith(prefix) or version.split("-", 1)[-1].startswith(prefix)
+
+
+def check_new_tag(store: SnapshotStore, name: str, tag: str) -> None:
+    """Refuse a new tag that is also the start of a version's id or digest: a ref is read
+    before a prefix, so the tag would silently hide that version (git: "refname is
+    ambiguous")."""
+    if not _PREFIX.fullmatch(tag):
+        return
+    hidden = [v for v in version_ids(store, name) if _starts(v, tag)]
+    if hidden:
+        raise InvalidInputError(
+            f"tag {tag!r} is also the start of version {hidden[0]}"
+            + (f" (and {len(hidden) - 1} more)" if len(hidden) > 1 else "")
+            + ": it would hide that version; pick a name that is not a version prefix"
+        )
