@@ -263,7 +263,7 @@ def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage
         assert "warning" not in err  # offline, a cached read is no failure
         code, _, err = run(*base, "checkout", "other")
         assert code == 7
-        assert "offline (CHROMA_SNAPSHOTS_OFFLINE=1)" in err
+        assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err
         assert proxy.requests == []  # the store was never contacted
         monkeypatch.delenv("CHROMA_SNAPSHOTS_OFFLINE")
         assert run(*base, "--offline", "ls")[0] == 7

@@ -158,3 +158,18 @@ def test_a_short_prefix_says_the_minimum_and_a_tag_cannot_hide_a_version(
     assert code == 0
     assert json.loads(out)["info"]["version"] == version
     assert run(*store, "info", "db", digest[:4])[0] == 0  # the version is still reachable
+
+
+def test_offline_commands_do_not_warn_that_the_store_did_not_answer(
+    tmp_path: Path, run: Run
+) -> None:
+    """Offline the store is never asked: no 'stale: the store did not answer' warning, and the
+    error names the flag as well as the variable."""
+    base = ["--cache-dir", str(tmp_path / "cache"), "--store", str(tmp_path / "store")]
+    _published(run, base, write_tree(tmp_path / "src", {"a.bin": b"a" * 3000}))
+    assert run(*base, "checkout", "db")[0] == 0
+    for args in (["verify", "db"], ["tag", "db", "stable"]):
+        code, _, err = run("--offline", *base, *args)
+        assert code == 7, args
+        assert "warning" not in err, args
+        assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err, args

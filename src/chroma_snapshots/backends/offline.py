@@ -28,8 +28,8 @@ class OfflineBackend(Backend):
 
     def _refuse(self, op: str, key: str) -> NoReturn:
         raise BackendUnavailableError(
-            f"{op} {key or '(the store root)'}: offline ({OFFLINE_VARIABLE}=1): {self.url} "
-            "is not contacted; only versions already in the cache can be served"
+            f"{op} {key or '(the store root)'}: offline (--offline or {OFFLINE_VARIABLE}=1): "
+            f"{self.url} is not contacted; only versions already in the cache can be served"
         )
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:

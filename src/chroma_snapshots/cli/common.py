@@ -107,7 +107,10 @@ def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
     write a new store (``create``) may create a missing local store directory."""
     from chroma_snapshots.config import open_store
 
-    return open_store(config_of(ctx), create=create)
+    cfg = config_of(ctx)
+    if cfg.offline:  # for the whole command: the store is never asked, so nothing is "stale"
+        ctx.with_resource(quiet_stale_warning(True))
+    return open_store(cfg, create=create)
 
 
 def source_of(ctx: click.Context) -> SourceStore:
