@@ -299,3 +299,28 @@ def test_an_unchanged_publish_makes_no_version_unless_allow_empty(tmp_path: Path
     code, out, _ = run(*store, "ls", "db", "--json")
     assert [v["version"] for v in json.loads(out)["versions"]] == [v2, v1]
     assert json.loads(out)["refs"] == {"latest": v2}
+
+
+def test_every_command_and_subcommand_help_ends_with_examples(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README promises examples under every command's --help, subcommands included."""
+    import click
+
+    from chroma_snapshots.cli.main import _build
+
+    cli = _build()
+    paths = [[n] for n in cli.commands]
+    paths += [
+        [n, sub]
+        for n, cmd in cli.commands.items()
+        if isinstance(cmd, click.Group)
+        for sub in cmd.commands
+    ]
+    missing = []
+    for path in paths:
+        with pytest.raises(SystemExit):
+            cli.main(args=[*path, "--help"], prog_name="chroma-snapshots")
+        if "Examples:" not in capsys.readouterr().out:
+            missing.append(" ".join(path))
+    assert not missing, missing

@@ -74,9 +74,16 @@ EXAMPLES: dict[str, list[str]] = {
 def add_examples(cli: click.Group) -> None:
     """Append each command's examples to its --help (``\\b`` keeps click from rewrapping)."""
     for name, cmd in cli.commands.items():
-        lines = EXAMPLES.get(name)
-        if lines:
-            cmd.epilog = "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+        lines = EXAMPLES.get(name, [])
+        _set_examples(cmd, lines)
+        if isinstance(cmd, click.Group):  # cache ls, cache rm, ...: the group's lines for each
+            for sub_name, sub in cmd.commands.items():
+                _set_examples(sub, [line for line in lines if f" {name} {sub_name}" in line])
+
+
+def _set_examples(cmd: click.Command, lines: list[str]) -> None:
+    if lines:
+        cmd.epilog = "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def register_completion(cli: click.Group) -> None:
