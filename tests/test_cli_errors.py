@@ -7,42 +7,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_inprocess import Run
 
 from chroma_snapshots import open_remote
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.cli import main
 from chroma_snapshots.errors import BackendUnavailableError, IntegrityError, InvalidInputError
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.proxy import closed_endpoint
 
 CLI = str(Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "chroma-snapshots")
-Run = Callable[..., tuple[int, str, str]]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No store configuration leaks in from the machine running the tests."""
-    for var in list(os.environ):
-        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
-            monkeypatch.delenv(var)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

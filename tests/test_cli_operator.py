@@ -9,17 +9,16 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_inprocess import Run
 
 from chroma_snapshots import config as config_module
 from chroma_snapshots.backends.cas import unchecked
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.cli import main
 from chroma_snapshots.cli.help import EXAMPLES
 from chroma_snapshots.engine.models import VersionId
 from chroma_snapshots.stores.base import SnapshotStore
@@ -28,29 +27,10 @@ from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
 
-Run = Callable[..., tuple[int, str, str]]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No store configuration leaks in from the machine running the tests."""
-    for var in list(os.environ):
-        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
-            monkeypatch.delenv(var)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _published(run: Run, store: list[str], src: Path, *extra: str) -> str:

@@ -5,42 +5,19 @@ named, as on s3:// stores."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_inprocess import Run
 
 from chroma_snapshots import open_remote
-from chroma_snapshots.cli import main
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
 
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No store configuration leaks in from the machine running the tests."""
-    for var in list(os.environ):
-        if var.startswith(("CHROMA_SNAPSHOTS_", "CHROMADB_")) or var == "CHROMA_ROOT":
-            monkeypatch.delenv(var)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    """``main(args)`` as the console script runs it: (exit code, stdout, stderr)."""
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_an_unreachable_http_store_is_unavailable_not_a_missing_ref(
