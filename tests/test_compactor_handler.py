@@ -23,6 +23,7 @@ from chroma_snapshots.compaction import Delta, Record, applied_ids, compact
 from chroma_snapshots.compaction import deltas as deltas_module
 from chroma_snapshots.compaction import merge as compaction_module
 from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.engine.deadline import DeadlineLike
 from chroma_snapshots.errors import BackendUnavailableError, ConflictError, LockError
 from chroma_snapshots.locking import Lease, ObjectLeaseLock
 from chroma_snapshots.testing import MotoServer
@@ -206,7 +207,7 @@ def lease_lock(store: RemoteStore, owner: str) -> ObjectLeaseLock:
 class NoHeartbeat(ObjectLeaseLock):
     """A lock whose renewals are refused (as when the store cannot be reached)."""
 
-    def heartbeat(self, lease: Lease) -> Lease:
+    def heartbeat(self, lease: Lease, *, deadline: DeadlineLike = None) -> Lease:
         raise LockError("renewal refused (test)")
 
 
@@ -371,7 +372,7 @@ class FailingRelease(ObjectLeaseLock):
 
     error: Exception = BackendUnavailableError("connection reset (test)")
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, *, deadline: DeadlineLike = None) -> None:
         raise self.error
 
 

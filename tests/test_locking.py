@@ -4,13 +4,17 @@ through moto's HTTP server, with one conformance class."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from chroma_snapshots import LockError
+from chroma_snapshots import LockError, StorageTimeoutError
+from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
 from chroma_snapshots.testing import MotoServer
@@ -41,6 +45,51 @@ class LeaseLockTests:
     @pytest.fixture
     def make(self) -> Any:
         raise NotImplementedError
+
+    @pytest.fixture
+    def stall(self) -> Callable[[LeaseLock], None]:
+        """Makes every later call of a lock to its store hang (until the test ends)."""
+        raise NotImplementedError
+
+    def test_a_hung_store_costs_acquire_its_timeout_not_more(
+        self, make: Any, stall: Callable[[LeaseLock], None]
+    ) -> None:
+        a = make("a", RealClock(), 30.0)
+        stall(a)
+        t0 = time.monotonic()
+        with pytest.raises(StorageTimeoutError):
+            a.acquire(timeout=0.5)
+        # the stalled call would last the whole test: only a bound ends it this early
+        assert time.monotonic() - t0 < 5.0
+
+    def test_a_hung_store_costs_heartbeat_and_release_their_deadline(
+        self, make: Any, stall: Callable[[LeaseLock], None]
+    ) -> None:
+        a = make("a", RealClock(), 30.0)
+        lease = a.acquire(timeout=0)
+        stall(a)
+        t0 = time.monotonic()
+        with pytest.raises(StorageTimeoutError):
+            a.heartbeat(lease, deadline=0.3)
+        with pytest.raises(StorageTimeoutError):
+            a.release(lease, deadline=0.3)
+        assert time.monotonic() - t0 < 5.0
+
+    def test_kept_ends_with_the_callers_time_on_a_hung_store(
+        self, make: Any, stall: Callable[[LeaseLock], None], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The release after the block gets the caller's time left, not the lock's ttl
+        (30 s here) nor its io_timeout (10 s): a hung store never holds the caller."""
+        a = make("a", RealClock(), 30.0)
+        lease = a.acquire(timeout=0)
+        stall(a)
+        end = time.monotonic() + 0.5
+        caplog.set_level(logging.WARNING, logger="chroma_snapshots.locking")
+        t0 = time.monotonic()
+        with a.kept(lease, remaining=lambda: end - time.monotonic()):
+            pass
+        assert time.monotonic() - t0 < 5.0
+        assert "not released: StorageTimeoutError" in caplog.text
 
     def test_acquire_release_and_fencing(self, make: Any) -> None:
         clock = Clock()
@@ -123,7 +172,7 @@ class LeaseLockTests:
         a = make("a", RealClock(), 30.0)
         lease = a.acquire(timeout=0)
 
-        def fail(_: Any) -> None:
+        def fail(_: Any, **__: Any) -> None:
             raise error
 
         monkeypatch.setattr(a, "release", fail)
@@ -149,6 +198,16 @@ class TestObjectLeaseLockOnS3(LeaseLockTests):
 
         return make
 
+    @pytest.fixture
+    def stall(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[LeaseLock], None]]:
+        with _stalled() as hang:
+
+            def stall(lock: LeaseLock) -> None:
+                assert isinstance(lock, ObjectLeaseLock)
+                monkeypatch.setattr(lock, "backend", _HungBackend(lock.backend, hang))
+
+            yield stall
+
 
 class TestDynamoDBLeaseLock(LeaseLockTests):
     @pytest.fixture
@@ -166,3 +225,42 @@ class TestDynamoDBLeaseLock(LeaseLockTests):
             return DynamoDBLeaseLock(client, table, "compactor", **_options(owner, clock, ttl))
 
         return make
+
+    @pytest.fixture
+    def stall(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[LeaseLock], None]]:
+        with _stalled() as hang:
+
+            def stall(lock: LeaseLock) -> None:
+                assert isinstance(lock, DynamoDBLeaseLock)
+                for op in ("get_item", "put_item"):
+                    monkeypatch.setattr(lock.client, op, hang)
+
+            yield stall
+
+
+@contextmanager
+def _stalled() -> Iterator[Callable[..., Any]]:
+    """A call that blocks until the test is over (then the abandoned threads end)."""
+    release = threading.Event()
+
+    def hang(*_: Any, **__: Any) -> Any:
+        release.wait(60)
+        raise ConnectionResetError(104, "released by the test")
+
+    try:
+        yield hang
+    finally:
+        release.set()
+
+
+class _HungBackend(FileBackend):
+    """Every call hangs (a stalled S3 connection, a hung mount)."""
+
+    def __init__(self, inner: Any, hang: Callable[..., Any]) -> None:
+        self.inner, self.hang = inner, hang
+
+    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> Any:
+        return self.hang()
+
+    def put(self, key: str, data: bytes, *, mode: Any = None) -> Any:
+        return self.hang()

@@ -10,6 +10,11 @@ filelock's small template classes); a store implements three conditional operati
 - :class:`ObjectLeaseLock`: one object on any Backend with conditional writes
   (``PutMode.CREATE`` / ``PutMode.update(etag)``), e.g. S3;
 - :class:`DynamoDBLeaseLock`: one DynamoDB item with condition expressions.
+
+Every call to the store is bounded: ``acquire`` by its ``timeout`` (one look by
+``io_timeout``), ``heartbeat`` and ``release`` by the deadline they are given (by default
+``io_timeout``); a store that does not answer in time is a StorageTimeoutError, and
+``kept`` bounds its renewals and its release by the caller's time left.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline, run_within
 from chroma_snapshots.engine.retry import RetryPolicy
-from chroma_snapshots.errors import ConflictError, LockError, SnapshotNotFoundError
+from chroma_snapshots.errors import (
+    ConflictError,
+    LockError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,8 @@ class LeaseLock(ABC):
     """Acquire, heartbeat and release a lease; subclasses store it conditionally.
 
     ``clock`` is wall time (leases are compared across hosts); ``sleep`` and ``clock``
-    are injectable so tests need not wait.
+    are injectable so tests need not wait. ``io_timeout`` bounds a call to the store when
+    the caller gives no deadline.
     """
 
     def __init__(
@@ -72,23 +85,26 @@ class LeaseLock(ABC):
         poll: float = 0.2,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        io_timeout: float = 10.0,
     ) -> None:
-        self.ttl, self.poll = ttl, poll
+        self.ttl, self.poll, self.io_timeout = ttl, poll, io_timeout
         self.owner = owner or default_owner()
         self._clock, self._sleep = clock, sleep
 
     # What a store provides: read with a version token, create-if-absent, compare-and-swap.
 
+    # Each returns or raises by ``dl`` (StorageTimeoutError).
+
     @abstractmethod
-    def _read(self) -> tuple[Lease, object] | None:
+    def _read(self, dl: Deadline) -> tuple[Lease, object] | None:
         """The stored lease and a token for :meth:`_swap`, or None if there is none."""
 
     @abstractmethod
-    def _create(self, lease: Lease) -> None:
+    def _create(self, lease: Lease, dl: Deadline) -> None:
         """Store ``lease`` if nothing is stored; ConflictError otherwise."""
 
     @abstractmethod
-    def _swap(self, lease: Lease, token: object) -> None:
+    def _swap(self, lease: Lease, token: object, dl: Deadline) -> None:
         """Replace the stored lease if it is still the one ``token`` came with (ConflictError)."""
 
     # The protocol.
@@ -96,14 +112,16 @@ class LeaseLock(ABC):
     def acquire(self, timeout: float = 30.0) -> Lease:
         """Take the lock, looking again every ``poll`` seconds for up to ``timeout`` seconds
         for the holder to release or its lease to expire. LockError if that does not happen
-        in time (``timeout=0``: one look)."""
+        in time (``timeout=0``: one look, bounded by ``io_timeout``); StorageTimeoutError if
+        the store does not answer within ``timeout``."""
+        dl = Deadline(timeout if timeout > 0 else self.io_timeout)
         policy = RetryPolicy(
             attempts=math.inf, base=self.poll, cap=self.poll, jitter=False,
             clock=self._clock, sleep=self._sleep,
         )  # fmt: skip
         try:
             return policy.call(
-                lambda _: self._take(), retry_on=(_Held, ConflictError), within=timeout
+                lambda _: self._take(dl), retry_on=(_Held, ConflictError), within=timeout
             )
         except _Held as e:
             raise LockError(
@@ -112,33 +130,35 @@ class LeaseLock(ABC):
         except ConflictError as e:  # others kept moving first until the time was up
             raise LockError(f"lost every race for the lock within {timeout:.1f}s") from e
 
-    def _take(self) -> Lease:
+    def _take(self, dl: Deadline) -> Lease:
         """One look: create the lease, or take over a released or expired one. _Held if
         someone holds it, ConflictError if someone else moved first."""
-        found = self._read()
+        found = self._read(dl)
         now = self._clock()
         mine = Lease(self.owner, 1, now + self.ttl)
         if found is None:
-            self._create(mine)
+            self._create(mine, dl)
             return mine
         held, token = found
         if held.expires_at > now:
             raise _Held(held)
         mine = replace(mine, generation=held.generation + 1)
-        self._swap(mine, token)
+        self._swap(mine, token, dl)
         return mine
 
-    def heartbeat(self, lease: Lease) -> Lease:
+    def heartbeat(self, lease: Lease, *, deadline: DeadlineLike = None) -> Lease:
         """Extend ``lease``; LockError if it is no longer ours (expired and taken over)."""
-        token = self._check_owned(lease)
+        dl = as_deadline(deadline, self.io_timeout)
+        token = self._check_owned(lease, dl)
         renewed = replace(lease, expires_at=self._clock() + self.ttl)
-        self._swap_or_lost(renewed, token)
+        self._swap_or_lost(renewed, token, dl)
         return renewed
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, *, deadline: DeadlineLike = None) -> None:
         """Give the lock back (keeping the generation); LockError if it is not ours."""
-        token = self._check_owned(lease)
-        self._swap_or_lost(replace(lease, expires_at=0.0), token)
+        dl = as_deadline(deadline, self.io_timeout)
+        token = self._check_owned(lease, dl)
+        self._swap_or_lost(replace(lease, expires_at=0.0), token, dl)
 
     @contextmanager
     def hold(self, timeout: float = 30.0) -> Iterator[Lease]:
@@ -155,9 +175,11 @@ class LeaseLock(ABC):
     ) -> Iterator[LeaseKeeper]:
         """Hold ``lease`` while the block runs: renewed in the background every third of the
         ttl (while ``remaining()``, e.g. a deadline's seconds left, is positive), released
-        after. A renewal or release that fails, for any reason (taken over, or the store
-        failing: a connection reset, a timeout), is logged as a warning, never raised: the
-        lease only saves wasted work, and what the block did (a publish) stands. An
+        after. Each renewal is bounded by a third of the ttl and the time left, the release
+        by the time left (at least ``io_timeout`` without ``remaining``). A renewal or
+        release that fails, for any reason (taken over, or the store failing: a connection
+        reset, a timeout), is logged as a warning, never raised: the lease only saves wasted
+        work and lapses at its expiry, and what the block did (a publish) stands. An
         exception the block raises propagates unchanged."""
         keeper = LeaseKeeper(self, lease, remaining)
         keeper.start()
@@ -166,14 +188,14 @@ class LeaseLock(ABC):
         finally:
             keeper.stop()
             try:
-                self.release(keeper.lease)
+                self.release(keeper.lease, deadline=keeper.time_left(self.io_timeout))
             except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
                 log.warning("lease not released: %s", e)
             except Exception as e:  # the store failed: the lease lapses at its expiry
                 log.warning("lease not released: %s: %s", type(e).__name__, e)
 
-    def _check_owned(self, lease: Lease) -> object:
-        found = self._read()
+    def _check_owned(self, lease: Lease, dl: Deadline) -> object:
+        found = self._read(dl)
         held = None if found is None else found[0]
         if held is None or (held.owner, held.generation) != (lease.owner, lease.generation):
             raise LockError(f"lease {lease.generation} of {lease.owner} is no longer held")
@@ -181,9 +203,9 @@ class LeaseLock(ABC):
             raise LockError(f"lease {lease.generation} of {lease.owner} was released")
         return found[1]  # type: ignore[index]
 
-    def _swap_or_lost(self, lease: Lease, token: object) -> None:
+    def _swap_or_lost(self, lease: Lease, token: object, dl: Deadline) -> None:
         try:
-            self._swap(lease, token)
+            self._swap(lease, token, dl)
         except ConflictError as e:
             raise LockError(f"lease {lease.generation} of {lease.owner} was taken over") from e
 
@@ -206,7 +228,9 @@ class LeaseKeeper(threading.Thread):
             if self.remaining() <= 0:
                 return  # past the deadline the work stops too: let the lease lapse
             try:
-                self.lease = self.lock.heartbeat(self.lease)
+                self.lease = self.lock.heartbeat(
+                    self.lease, deadline=self.time_left(self.lock.ttl / 3)
+                )
             except LockError as e:
                 self.lost = e
                 log.warning("lease lost while working: %s", e)
@@ -214,11 +238,16 @@ class LeaseKeeper(threading.Thread):
             except Exception as e:  # a storage hiccup: the lease has time left, try again
                 log.warning("lease renewal failed, will retry: %s: %s", type(e).__name__, e)
 
+    def time_left(self, most: float) -> float:
+        """Seconds a call to the store may take now: ``most``, or less if the work's time
+        left is shorter (never negative: an exhausted deadline fails the call at once)."""
+        return max(0.0, min(most, self.remaining()))
+
     def stop(self) -> None:
-        """Stop renewing; waits up to a ttl for a renewal in progress (a hung store call must
-        not hold the caller: a late renewal and the release are both conditional writes)."""
+        """Stop renewing, waiting for a renewal in progress; each is bounded by a third of
+        the ttl and the time left (a late renewal and the release are both conditional)."""
         self._done.set()
-        self.join(timeout=max(1.0, self.lock.ttl))
+        self.join(timeout=self.time_left(self.lock.ttl / 3) + 0.1)
 
 
 class ObjectLeaseLock(LeaseLock):
@@ -228,9 +257,9 @@ class ObjectLeaseLock(LeaseLock):
         super().__init__(**options)
         self.backend, self.key = backend, key
 
-    def _read(self) -> tuple[Lease, object] | None:
+    def _read(self, dl: Deadline) -> tuple[Lease, object] | None:
         try:
-            got = self.backend.get(self.key)
+            got = DeadlineBackend(self.backend, dl).get(self.key)
         except SnapshotNotFoundError:
             return None
         try:
@@ -238,12 +267,13 @@ class ObjectLeaseLock(LeaseLock):
         except (ValueError, TypeError, RecursionError) as e:  # also JSON nested too deeply
             raise LockError(f"lock object {self.key} is malformed") from e
 
-    def _create(self, lease: Lease) -> None:
-        self.backend.put(self.key, json.dumps(asdict(lease)).encode(), mode=PutMode.CREATE)
-
-    def _swap(self, lease: Lease, token: object) -> None:
+    def _create(self, lease: Lease, dl: Deadline) -> None:
         data = json.dumps(asdict(lease)).encode()
-        self.backend.put(self.key, data, mode=PutMode.update(str(token)))
+        DeadlineBackend(self.backend, dl).put(self.key, data, mode=PutMode.CREATE)
+
+    def _swap(self, lease: Lease, token: object, dl: Deadline) -> None:
+        data = json.dumps(asdict(lease)).encode()
+        DeadlineBackend(self.backend, dl).put(self.key, data, mode=PutMode.update(str(token)))
 
 
 class DynamoDBLeaseLock(LeaseLock):
@@ -254,11 +284,14 @@ class DynamoDBLeaseLock(LeaseLock):
         super().__init__(**options)
         self.client, self.table, self.lock_id = client, table, lock_id
 
-    def _call(self, op: str, **kwargs: Any) -> Any:
+    def _call(self, dl: Deadline, op: str, **kwargs: Any) -> Any:
+        call = getattr(self.client, op)
         try:
-            return getattr(self.client, op)(TableName=self.table, **kwargs)
+            return run_within(dl, f"DynamoDB {op}", lambda: call(TableName=self.table, **kwargs))
         except self.client.exceptions.ConditionalCheckFailedException as e:
             raise ConflictError(f"lock {self.lock_id} changed") from e
+        except StorageTimeoutError:
+            raise
         except Exception as e:
             raise LockError(f"DynamoDB {op} on {self.table}: {type(e).__name__}") from e
 
@@ -273,22 +306,26 @@ class DynamoDBLeaseLock(LeaseLock):
             "expires_at": {"N": repr(lease.expires_at)},
         }
 
-    def _read(self) -> tuple[Lease, object] | None:
-        item = self._call("get_item", Key={"lock_id": {"S": self.lock_id}}, ConsistentRead=True)
+    def _read(self, dl: Deadline) -> tuple[Lease, object] | None:
+        item = self._call(dl, "get_item", Key={"lock_id": {"S": self.lock_id}}, ConsistentRead=True)
         if "Item" not in item:
             return None
         i = item["Item"]
         lease = Lease(i["owner"]["S"], int(i["generation"]["N"]), float(i["expires_at"]["N"]))
         return lease, lease
 
-    def _create(self, lease: Lease) -> None:
+    def _create(self, lease: Lease, dl: Deadline) -> None:
         self._call(
-            "put_item", Item=self._item(lease), ConditionExpression="attribute_not_exists(lock_id)"
+            dl,
+            "put_item",
+            Item=self._item(lease),
+            ConditionExpression="attribute_not_exists(lock_id)",
         )
 
-    def _swap(self, lease: Lease, token: object) -> None:
+    def _swap(self, lease: Lease, token: object, dl: Deadline) -> None:
         assert isinstance(token, Lease)
         self._call(
+            dl,
             "put_item",
             Item=self._item(lease),
             ConditionExpression="#o = :o AND generation = :g AND expires_at = :e",
