@@ -32,7 +32,7 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine.deadline import WorkerPool, wait_all
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.transfer import DEFAULT_MAX_READ, LocalChunks, plan_reads
+from chroma_snapshots.engine.transfer import DEFAULT_MAX_READ, LocalChunks, Placement, plan_reads
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import CountingProxy
@@ -203,7 +203,9 @@ def test_a_chunk_declaring_more_than_a_read_is_refused_without_allocating(
     tracemalloc.start()
     try:
         with pytest.raises(IntegrityError, match="more than a read"):
-            store.materialize("db", hostile, tmp_path / "w", Deadline(10), StatsRecorder())
+            store.materialize(
+                "db", Placement(tmp_path / "w", hostile), Deadline(10), StatsRecorder()
+            )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -281,7 +283,7 @@ def test_a_read_released_after_the_deadline_writes_nothing(
 
     monkeypatch.setattr(os, "pwritev", recording)
     with pytest.raises(StorageTimeoutError):
-        store.materialize("db", m, tmp_path / "w", Deadline(1.0), StatsRecorder())
+        store.materialize("db", Placement(tmp_path / "w", m), Deadline(1.0), StatsRecorder())
     failed.set()
     # The process goes on opening files: they get the numbers the checkout closed.
     others = {}

@@ -25,6 +25,7 @@ from chroma_snapshots.config import LambdaConfig, StoreConfig
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
     MAX_PATH_DEPTH,
     canonical_json,
@@ -183,7 +184,9 @@ def test_hostile_paths_in_a_manifest_never_write_outside(
     try:
         dest = work / "inside" / "out"
         _accepted(
-            lambda: store.materialize("db", manifest, dest, Deadline(10), StatsRecorder()),
+            lambda: store.materialize(
+                "db", Placement(dest, manifest), Deadline(10), StatsRecorder()
+            ),
             SnapshotError,
         )
         outside = [p for p in work.rglob("*") if not str(p).startswith(str(work / "inside"))]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +88,7 @@ class LocalChunks:
 
     def __init__(self) -> None:
         self._where: dict[str, list[tuple[Path, int, int]]] = defaultdict(list)
+        self._at: dict[tuple[str, int], str] = {}  # (pack, offset) -> hash, for chain links
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False  # a read abandoned at a deadline must not reopen files
@@ -113,11 +114,17 @@ class LocalChunks:
             if wanted is None or f.path in wanted:
                 path = root / f.path  # once per file: building Paths per chunk cost 0.6 s/GiB
                 for i, h in enumerate(f.chunks):
-                    size = manifest.chunks[h].size
-                    self._where[h].append((path, i * manifest.chunk_size, size))
+                    c = manifest.chunks[h]
+                    self._where[h].append((path, i * manifest.chunk_size, c.size))
+                    self._at[(c.pack, c.offset)] = h
 
     def __contains__(self, digest: str) -> bool:
         return digest in self._where
+
+    def hash_at(self, pack: str, offset: int) -> str | None:
+        """The hash of the chunk a local copy's manifest stores at ``offset`` of ``pack``:
+        how a delta chain link known only by place (format 2 layout 1) is found locally."""
+        return self._at.get((pack, offset))
 
     def read(self, digest: str) -> bytes | None:
         """The chunk's bytes if some local copy still hashes right, else None."""
@@ -142,6 +149,14 @@ class LocalChunks:
         self._fds.move_to_end(path)
         return fd
 
+    def reopened(self) -> LocalChunks:
+        """The same chunks with files of their own to open and close: each attempt at a
+        materialization closes its own (see :class:`Placement`), and a retry on another
+        store still reuses the local copies."""
+        twin = LocalChunks()
+        twin._where, twin._at, twin.intact = self._where, self._at, self.intact
+        return twin
+
     def close(self) -> None:
         """Close the files opened for reading (idempotent); later reads find nothing."""
         with self._lock:
@@ -149,6 +164,20 @@ class LocalChunks:
             fds, self._fds = self._fds, OrderedDict()
         for fd in fds.values():
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a materialization writes, whoever asked for it: every chunk of ``manifest``'s
+    files under ``root``, or with ``only`` just those chunk positions of files already there.
+    ``reuse`` offers local copies of chunks (each verified before use, or copied only from
+    files it vouches for): only the rest is downloaded. A store that carries out a placement
+    opens ``reuse`` afresh for each attempt and closes it before returning."""
+
+    root: Path
+    manifest: Manifest
+    reuse: LocalChunks | None = None
+    only: Mapping[str, Sequence[int]] | None = None
 
 
 # Returns the read's bytes, in a buffer the calling worker owns (and may reuse for its

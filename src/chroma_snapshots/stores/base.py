@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
     from chroma_snapshots.backends.base import Backend
-    from chroma_snapshots.engine.transfer import LocalChunks
+    from chroma_snapshots.engine.transfer import Placement
     from chroma_snapshots.stores.claims import Pin
 
 
@@ -232,17 +232,14 @@ class SourceStore(SnapshotStore):
     def materialize(
         self,
         name: str,
-        manifest: Manifest,
-        root: Path,
+        job: Placement,
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None = None,
-        *,
-        local: LocalChunks | None = None,
-        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
-        """Write the files of ``manifest`` under ``root`` (or only the ``damaged`` chunk
-        positions of existing files), every chunk verified, reusing ``local`` chunks."""
+        """Carry out ``job`` (what to write where, and which local copies may serve
+        chunks) for snapshot ``name``, every chunk verified; the label of the store that
+        served the downloads."""
 
 
 class DelegatingStore(SnapshotStore):

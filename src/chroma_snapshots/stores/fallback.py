@@ -21,7 +21,7 @@ mirror is logged and never fails the publish.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,7 +29,7 @@ from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo, VersionId
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.retry import RetryPolicy
-from chroma_snapshots.engine.transfer import LocalChunks
+from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -135,21 +135,14 @@ class FallbackStore(SourceStore):
     def materialize(
         self,
         name: str,
-        manifest: Manifest,
-        root: Path,
+        job: Placement,
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None = None,
-        *,
-        local: LocalChunks | None = None,
-        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
-        def run(store: RemoteStore, budget: Deadline) -> str:
-            return store.materialize(
-                name, manifest, root, budget, stats, progress, local=local, damaged=damaged
-            )
-
-        label, _ = self._first("materialize", dl, run)
+        label, _ = self._first(
+            "materialize", dl, lambda s, budget: s.materialize(name, job, budget, stats, progress)
+        )
         return label
 
     # SnapshotStore.

@@ -4,20 +4,17 @@ copies where they verify and coalesced range reads for the rest, deltas applied 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, within
 from chroma_snapshots.engine.delta_io import DeltaStash, place_deltas
 from chroma_snapshots.engine.keys import pack_key
-from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import (
     DEFAULT_MAX_READ,
-    LocalChunks,
+    Placement,
     Read,
     fetch_and_place,
     place_local,
@@ -29,19 +26,16 @@ def fetch_into(
     backend: Backend,
     workers: int,
     name: str,
-    manifest: Manifest,
-    root: Path,
+    job: Placement,
     dl: Deadline,
     stats: StatsRecorder,
     progress: Progress | None = None,
-    *,
-    local: LocalChunks | None = None,
-    damaged: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
-    """Write the files of ``manifest`` of ``name`` under ``root`` (or, with ``damaged``,
-    just those chunk positions of existing files): chunks from ``local`` copies where they
+    """Carry out ``job`` for snapshot ``name``: chunks from its local copies where they
     verify, the rest read from ``backend``'s packs, every chunk hash-checked."""
-    placer = Placer(root, manifest, damaged)
+    manifest, damaged = job.manifest, job.only
+    local = None if job.reuse is None else job.reuse.reopened()
+    placer = Placer(job.root, manifest, damaged)
     stats.add(chunks_total=len(placer.targets))
     # Buffers are sized by the format, never by a declared length: a chunk is stored in
     # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.

@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from chroma_snapshots.engine.models import (
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
-from chroma_snapshots.engine.transfer import LocalChunks
+from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
     MAX_REF_BYTES,
@@ -349,7 +349,7 @@ class RemoteStore(SourceStore):
         try:
             with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
                 work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain directory
-                self.materialize(name, manifest, work, dl, stats, progress)
+                self.materialize(name, Placement(work, manifest), dl, stats, progress)
                 os.replace(work, final)  # dest is absent or an empty dir: the rename is atomic
         except BaseException:
             remove_tree(work)  # nothing of a failed checkout stays behind
@@ -369,20 +369,14 @@ class RemoteStore(SourceStore):
     def materialize(
         self,
         name: str,
-        manifest: Manifest,
-        root: Path,
+        job: Placement,
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None = None,
-        *,
-        local: LocalChunks | None = None,
-        damaged: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
-        """Write the files of ``manifest`` under ``root`` (or, with ``damaged``, just those
-        chunk positions of existing files): chunks from ``local`` copies where they verify,
-        the rest downloaded, every chunk hash-checked."""
-        fetch_into(self.backend, self.workers, name, manifest, root, dl, stats, progress,
-                   local=local, damaged=damaged)  # fmt: skip
+        """As :meth:`SourceStore.materialize`: the downloads are coalesced range reads of
+        this store's packs."""
+        fetch_into(self.backend, self.workers, name, job, dl, stats, progress)
         return self.label
 
     # Listing and maintenance.

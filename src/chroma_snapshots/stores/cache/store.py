@@ -25,7 +25,7 @@ from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
 from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.transfer import LocalChunks
+from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -303,9 +303,8 @@ class CachedStore(CacheSpace, DelegatingStore):
         work = d.work_dir(version)
         try:
             with self._local_chunks(name, version) as local:
-                source = self.inner.materialize(
-                    name, manifest, work, dl, stats, progress, local=local
-                )
+                job = Placement(work, manifest, reuse=local)
+                source = self.inner.materialize(name, job, dl, stats, progress)
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
@@ -345,9 +344,8 @@ class CachedStore(CacheSpace, DelegatingStore):
         if damaged:
             with self._local_chunks(name, version) as local:
                 local.add_tree(tree, manifest)  # intact copies of a chunk elsewhere in this tree
-                source = self.inner.materialize(
-                    name, manifest, tree, dl, stats, local=local, damaged=damaged
-                )
+                job = Placement(tree, manifest, reuse=local, only=damaged)
+                source = self.inner.materialize(name, job, dl, stats)
         d.write_stamps(version, tree, manifest)
         return source
 
