@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability import runs
 
-from chroma_snapshots import CachedStore, RefValue, RemoteStore, VersionId, open_backend
+from chroma_snapshots import (
+    CachedStore,
+    FallbackStore,
+    RefValue,
+    RemoteStore,
+    VersionId,
+    open_backend,
+)
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
 from chroma_snapshots.engine.manifest_v2 import chain_depth
@@ -103,9 +110,14 @@ def test_chains_are_bounded_by_keyframes(tmp_path: Path) -> None:
         assert read_tree(out.path) == read_tree(src)
 
 
-def test_a_warm_cache_applies_deltas_to_its_cached_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inner", ["remote", "fallback"])
+def test_a_warm_cache_applies_deltas_to_its_cached_base(tmp_path: Path, inner: str) -> None:
+    """Also under a FallbackStore whose first store lacks the data: the cache's copy of the
+    parent reaches the source of truth's publish (deltas), and the local copies still serve
+    the materialization that fails over to the second store."""
     store = _store()
-    cached = CachedStore(store, tmp_path / "cache")
+    source = store if inner == "remote" else FallbackStore([_store(), store], primary=1)
+    cached = CachedStore(source, tmp_path / "cache")
     data = os.urandom(SIZE)
     cached.publish("db", write_tree(tmp_path / "a", {"seg/data_level0.bin": data}))
     cached.checkout("db").release()

@@ -124,3 +124,21 @@ def test_a_missing_bucket_is_named_by_every_command(
     assert out.returncode == 3, out.stderr
     assert "bucket 'no-such-bucket-here' does not exist" in out.stderr
     assert "no ref" not in out.stderr
+
+
+def test_a_fallback_takes_any_source_store(tmp_path: Path) -> None:
+    """A FallbackStore of FallbackStores serves and fails over like one of RemoteStores;
+    mirroring, which copies objects, says which stores it cannot copy to."""
+    from chroma_snapshots import FallbackStore
+
+    a, b, c = (RemoteStore(open_backend(f"file://{tmp_path}/{n}"), chunk_size=4096) for n in "abc")
+    inner = FallbackStore([a, b], primary=1)
+    outer = FallbackStore([inner, c], primary=1)
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(9000)})
+    info = outer.publish("db", src)  # to c, the source of truth
+    with outer.checkout("db") as snap:  # a and b lack it: c serves
+        assert read_tree(snap.path) == read_tree(src)
+        assert snap.source == c.label
+    assert CachedStore(outer, tmp_path / "cache").checkout("db").info.version == info.version
+    with pytest.raises(ValueError, match="mirror=True needs stores kept on a backend"):
+        FallbackStore([inner, c], primary=1, mirror=True)

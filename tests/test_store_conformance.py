@@ -54,8 +54,9 @@ class TestFallbackStore(SnapshotStoreTests):
 
     def remote_of(self, store: SnapshotStore) -> RemoteStore:
         assert isinstance(store, FallbackStore)
+        assert isinstance(store.primary, RemoteStore)
         return store.primary
 
     def remotes_of(self, store: SnapshotStore) -> list[RemoteStore]:
         assert isinstance(store, FallbackStore)
-        return list(store.stores)
+        return [s for s in store.stores if isinstance(s, RemoteStore)]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
 from chroma_snapshots.engine.models import (
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from chroma_snapshots.backends.base import Backend
     from chroma_snapshots.engine.transfer import Placement
     from chroma_snapshots.stores.claims import Pin
+    from chroma_snapshots.stores.upload import ParentDir
 
 
 class _Sentinel(enum.Enum):
@@ -217,6 +218,24 @@ class SourceStore(SnapshotStore):
     ) -> tuple[RefValue, str] | None:
         """The ref's value and ETag, or None if it does not exist."""
 
+    @abstractmethod
+    def publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        expected: Expected = LATEST,
+        message: str | None = None,
+        metadata: dict[str, object] | None = None,
+        deadline: DeadlineLike = None,
+        progress: Progress | None = None,
+        allow_empty: bool = False,
+        parent_dir: ParentDir = None,
+    ) -> SnapshotInfo:
+        """As :meth:`SnapshotStore.publish`. ``parent_dir``: where a copy of the parent
+        version's files is (a folder, or a function from the parent's version id to one or
+        to None), so that changed chunks can be stored as deltas against it."""
+
     def current_version(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[str, bool]:
@@ -332,11 +351,13 @@ class DelegatingStore(SnapshotStore):
         self.inner.close()
 
 
+@runtime_checkable
 class BackedStore(Protocol):
     """What prune, verify and sync need of a store kept on a Backend (RemoteStore is one):
     the backend itself, manifests, refs, and the pin that claims versions against a prune."""
 
     backend: Backend
+    label: str
     workers: int
     default_timeout: float
 

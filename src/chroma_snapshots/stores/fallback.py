@@ -40,13 +40,14 @@ from chroma_snapshots.errors import (
 from chroma_snapshots.ops.sync import sync_version
 from chroma_snapshots.stores.base import (
     LATEST,
+    BackedStore,
     Expected,
     LocalSnapshot,
     PruneReport,
     SourceStore,
     VerifyReport,
 )
-from chroma_snapshots.stores.remote import RemoteStore
+from chroma_snapshots.stores.upload import ParentDir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,11 +63,15 @@ class FallbackStore(SourceStore):
     Manifests and packs are immutable, so any store that has them serves them, the first
     in order first. ``share`` is the fraction of the remaining deadline each store but the
     last may spend before the next is tried.
+
+    Any source store can be one of ``stores`` (a RemoteStore, another FallbackStore);
+    ``mirror=True`` copies packs and manifests object by object, so it needs every store
+    kept on a backend (as RemoteStores are).
     """
 
     def __init__(
         self,
-        stores: Sequence[RemoteStore],
+        stores: Sequence[SourceStore],
         *,
         primary: int = -1,
         mirror: bool = False,
@@ -78,6 +83,15 @@ class FallbackStore(SourceStore):
         self.trust = "+".join(s.trust for s in self.stores).strip("+")
         self.primary = self.stores[primary]
         self.mirror = mirror
+        # (from, to) pairs a publish is copied along: from the source of truth to the others
+        self._mirrors: list[tuple[BackedStore, BackedStore]] = []
+        if mirror:
+            backed = [s for s in self.stores if isinstance(s, BackedStore)]
+            if len(backed) < len(self.stores):
+                unbacked = [s.label for s in self.stores if not isinstance(s, BackedStore)]
+                raise ValueError(f"mirror=True needs stores kept on a backend; not: {unbacked}")
+            first = backed[self.stores.index(self.primary)]
+            self._mirrors = [(first, s) for s in backed if s is not first]
         self.share = share
         self.default_timeout = self.primary.default_timeout
         self.label = repr(self)
@@ -89,17 +103,17 @@ class FallbackStore(SourceStore):
         self,
         what: str,
         deadline: DeadlineLike,
-        fn: Callable[[RemoteStore, Deadline], T],
+        fn: Callable[[SourceStore, Deadline], T],
         *,
         truth_first: bool = False,
-    ) -> tuple[T, RemoteStore]:
+    ) -> tuple[T, SourceStore]:
         dl = as_deadline(deadline, self.default_timeout)
         stores = self.stores
         if truth_first:
             stores = [self.primary, *(s for s in self.stores if s is not self.primary)]
         last = len(stores)
 
-        def attempt(n: int) -> tuple[T, RemoteStore]:
+        def attempt(n: int) -> tuple[T, SourceStore]:
             store = stores[n - 1]  # each store once, in order; the last gets what is left
             budget = dl if n == last else dl.child(dl.remaining() * self.share)
             return fn(store, budget), store
@@ -209,6 +223,7 @@ class FallbackStore(SourceStore):
         deadline: DeadlineLike = None,
         progress: Progress | None = None,
         allow_empty: bool = False,
+        parent_dir: ParentDir = None,
     ) -> SnapshotInfo:
         dl = as_deadline(deadline, self.default_timeout)
         info = self.primary.publish(
@@ -220,6 +235,7 @@ class FallbackStore(SourceStore):
             deadline=dl,
             progress=progress,
             allow_empty=allow_empty,
+            parent_dir=parent_dir,
         )
         self._mirror(name, info.version, dl)
         return info
@@ -251,13 +267,9 @@ class FallbackStore(SourceStore):
         )
 
     def _mirror(self, name: str, version: str, dl: Deadline, ref: str = "latest") -> None:
-        if not self.mirror:
-            return
-        for store in self.stores:
-            if store is self.primary:
-                continue
+        for source, store in self._mirrors:
             try:
-                sync_version(self.primary, store, name, version, ref=ref, deadline=dl)
+                sync_version(source, store, name, version, ref=ref, deadline=dl)
             except SnapshotError as e:
                 log.warning(
                     "mirroring %s/%s to %s failed (%s); the publish stands",

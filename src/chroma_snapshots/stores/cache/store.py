@@ -43,7 +43,6 @@ from chroma_snapshots.stores.base import (
 from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.cache.space import CacheSpace
-from chroma_snapshots.stores.remote import RemoteStore
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
@@ -255,13 +254,8 @@ class CachedStore(CacheSpace, DelegatingStore):
         progress: Progress | None = None,
         allow_empty: bool = False,
     ) -> SnapshotInfo:
-        """As the inner store's; a RemoteStore is also handed this cache's copy of the
-        parent version, so that it can store changed chunks as deltas against it."""
-        if not isinstance(self.inner, RemoteStore):
-            return super().publish(
-                name, source_dir, expected=expected, message=message, metadata=metadata,
-                deadline=deadline, progress=progress, allow_empty=allow_empty,
-            )  # fmt: skip
+        """As the inner store's, handing it this cache's copy of the parent version, so
+        that it can store changed chunks as deltas against it."""
         return self.inner.publish(
             name, source_dir, expected=expected, message=message, metadata=metadata,
             deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
