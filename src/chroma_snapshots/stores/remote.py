@@ -12,10 +12,9 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 
-from chroma_snapshots.backends.base import Backend, GetResult, PutMode
+from chroma_snapshots.backends.base import Backend, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import keys, manifest_v2
 from chroma_snapshots.engine.chunking import (
@@ -28,7 +27,7 @@ from chroma_snapshots.engine.deadline import (
     DeadlineLike,
     as_deadline,
 )
-from chroma_snapshots.engine.keys import manifest_key, ref_key
+from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
@@ -55,11 +54,10 @@ from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
-    StoreNotFoundError,
 )
 from chroma_snapshots.ops import maintenance, pruning
+from chroma_snapshots.stores import refs
 from chroma_snapshots.stores.base import (
-    ANY,
     LATEST,
     Expected,
     LocalSnapshot,
@@ -67,7 +65,7 @@ from chroma_snapshots.stores.base import (
     SourceStore,
     VerifyReport,
 )
-from chroma_snapshots.stores.claims import Pin, note_retired
+from chroma_snapshots.stores.claims import Pin
 from chroma_snapshots.stores.fetch import fetch_into
 from chroma_snapshots.stores.upload import (
     ParentDir,
@@ -134,36 +132,17 @@ class RemoteStore(SourceStore):
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[RefValue, str] | None:
         """The ref's value and ETag, or None if it does not exist."""
-        try:
-            key = ref_key(check_name(name), check_name(ref, "ref name"))
-            got = _get_bounded(self._io(deadline), key, MAX_REF_BYTES, "ref")
-        except StoreNotFoundError:
-            raise  # no bucket: not an absent ref
-        except SnapshotNotFoundError:
-            return None
-        value = RefValue.from_json(got.data)
-        if self.signer is not None:
-            self.signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
-        # Every move of a ref raises its generation (a rollback too), so a lower one than
-        # this store has seen is an old ref written back: a replay, even if validly signed.
-        seen = self._generations.get(key, 0)
-        if value.generation < seen:
-            raise IntegrityError(
-                f"ref {key} went backwards (generation {value.generation} after {seen}): "
-                "an old ref was written back"
-            )
-        self._generations[key] = value.generation
-        return value, got.meta.etag
+        return refs.read_ref(self._io(deadline), self.signer, self._generations, name, ref)
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
         """Fetch and validate a manifest, checking it belongs to ``name`` and ``version``."""
         vid = VersionId.parse(version)
         io = self._io(deadline)
         key = manifest_key(check_name(name), version)
-        data = _get_bounded(io, key, MAX_MANIFEST_BYTES, "manifest").data
+        data = refs.get_bounded(io, key, MAX_MANIFEST_BYTES, "manifest").data
         if self.signer is not None:
             try:  # a signature is ~100 bytes: a ref's bound is plenty
-                got = _get_bounded(io, key + ".sig", MAX_REF_BYTES, "signature")
+                got = refs.get_bounded(io, key + ".sig", MAX_REF_BYTES, "signature")
                 sig: str | None = got.data.decode("ascii", "replace")
             except SnapshotNotFoundError:
                 sig = None
@@ -210,7 +189,7 @@ class RemoteStore(SourceStore):
         files, dirs = scan_source(source_dir)
         current = self.read_ref(name, deadline=dl)
         stats.add(requests=1)
-        _check_expected(name, expected, current)
+        refs.check_expected(name, expected, current)
         parent = current[0].version if current else None
         # The pin covers the parent and, by its time, every pack we write after it.
         with self.pinned(name, [parent] if parent else [], dl) as pin:
@@ -274,28 +253,10 @@ class RemoteStore(SourceStore):
         current: tuple[RefValue, str] | None,
         dl: Deadline,
     ) -> None:
-        if current is not None and current[0].version != version:
-            note_retired(self._io(dl), name, current[0].version)  # a reader's grace starts
-        gen = current[0].generation + 1 if current else 1
-        ref_value = RefValue(version, gen, utc_now())
-        if self.signer is not None:
-            sig = self.signer.sign(f"ref:{ref_key(name, ref)}", ref_value.signed_bytes())
-            ref_value = replace(ref_value, signature=sig)
-        value = ref_value.to_json()
-        if expected is ANY:
-            mode = PutMode.OVERWRITE
-        else:
-            mode = PutMode.update(current[1]) if current else PutMode.CREATE
-        try:
-            self._io(dl).put(ref_key(name, ref), value, mode=mode)
-        except ConflictError as e:
-            now = self.read_ref(name, ref, deadline=dl)
-            if now is not None and now[0].to_json() == value:
-                return  # our own write, answered with an error and retried: it did land
-            raise ConflictError(
-                f"{name}/{ref} moved while publishing (based on "
-                f"{current[0].version if current else 'nothing'}); nothing was made visible"
-            ) from e
+        def reread() -> tuple[RefValue, str] | None:
+            return self.read_ref(name, ref, deadline=dl)
+
+        refs.move_ref(self._io(dl), self.signer, name, ref, version, expected, current, reread)
 
     def set_ref(
         self,
@@ -312,7 +273,7 @@ class RemoteStore(SourceStore):
             # after the pin and the check: a version a prune deleted is gone by now
             self.load_manifest(name, version, deadline=dl)  # never name a broken manifest
             current = self.read_ref(name, ref, deadline=dl)
-            _check_expected(f"{name}/{ref}", expected, current)
+            refs.check_expected(f"{name}/{ref}", expected, current)
             self._move_ref(name, ref, version, expected, current, dl)
 
     @contextlib.contextmanager
@@ -419,26 +380,3 @@ class RemoteStore(SourceStore):
         return pruning.prune(
             self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=dl
         )
-
-
-def _get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
-    """``key`` if it holds at most ``limit`` bytes; IntegrityError otherwise, after reading
-    no more than ``limit + 1`` of them (a hostile 5 GB ref costs 4 KiB of download)."""
-    got = io.get(key, byte_range=(0, limit + 1))
-    if got.meta.size > limit or len(got.data) > limit:
-        size = max(got.meta.size, len(got.data))
-        raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
-    return got
-
-
-def _check_expected(what: str, expected: Expected, current: tuple[RefValue, str] | None) -> None:
-    if expected is None:
-        if current is not None:
-            raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
-        return
-    if not isinstance(expected, str):
-        return  # LATEST or ANY: nothing to compare before the write
-    VersionId.parse(expected)
-    if current is None or current[0].version != expected:
-        got = current[0].version if current else "nothing"
-        raise ConflictError(f"{what} is at {got}, not the expected {expected}")

@@ -1,0 +1,112 @@
+"""Refs on a backend: reading one (bounded in size, its signature checked, never older than
+one already seen) and moving one by compare-and-swap, the one way a ref is written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from chroma_snapshots.backends.base import Backend, GetResult, PutMode
+from chroma_snapshots.engine.keys import ref_key
+from chroma_snapshots.engine.models import RefValue, VersionId
+from chroma_snapshots.engine.signing import Signer
+from chroma_snapshots.engine.validation import MAX_REF_BYTES, check_name, utc_now
+from chroma_snapshots.errors import (
+    ConflictError,
+    IntegrityError,
+    SnapshotNotFoundError,
+    StoreNotFoundError,
+)
+from chroma_snapshots.stores.base import ANY, Expected
+from chroma_snapshots.stores.claims import note_retired
+
+Found = tuple[RefValue, str]
+"""A ref's value and the ETag a compare-and-swap is conditioned on."""
+
+
+def read_ref(
+    io: Backend, signer: Signer | None, seen: dict[str, int], name: str, ref: str
+) -> Found | None:
+    """The ref's value and ETag, or None if it does not exist. ``seen`` holds the highest
+    generation read of each ref so far (the caller's, updated here)."""
+    try:
+        key = ref_key(check_name(name), check_name(ref, "ref name"))
+        got = get_bounded(io, key, MAX_REF_BYTES, "ref")
+    except StoreNotFoundError:
+        raise  # no bucket: not an absent ref
+    except SnapshotNotFoundError:
+        return None
+    value = RefValue.from_json(got.data)
+    if signer is not None:
+        signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
+    # Every move of a ref raises its generation (a rollback too), so a lower one than
+    # this store has seen is an old ref written back: a replay, even if validly signed.
+    if value.generation < (last := seen.get(key, 0)):
+        raise IntegrityError(
+            f"ref {key} went backwards (generation {value.generation} after {last}): "
+            "an old ref was written back"
+        )
+    seen[key] = value.generation
+    return value, got.meta.etag
+
+
+def move_ref(
+    io: Backend,
+    signer: Signer | None,
+    name: str,
+    ref: str,
+    version: str,
+    expected: Expected,
+    current: Found | None,
+    reread: Callable[[], Found | None],
+) -> None:
+    """Point ``name``/``ref`` at ``version``, conditioned on ``current`` (what the caller
+    read and checked against ``expected``); ConflictError if it moved since. ``reread``
+    reads the ref again: a write answered with an error may still have landed."""
+    if current is not None and current[0].version != version:
+        note_retired(io, name, current[0].version)  # a reader's grace starts
+    gen = current[0].generation + 1 if current else 1
+    ref_value = RefValue(version, gen, utc_now())
+    if signer is not None:
+        sig = signer.sign(f"ref:{ref_key(name, ref)}", ref_value.signed_bytes())
+        ref_value = replace(ref_value, signature=sig)
+    value = ref_value.to_json()
+    if expected is ANY:
+        mode = PutMode.OVERWRITE
+    else:
+        mode = PutMode.update(current[1]) if current else PutMode.CREATE
+    try:
+        io.put(ref_key(name, ref), value, mode=mode)
+    except ConflictError as e:
+        now = reread()
+        if now is not None and now[0].to_json() == value:
+            return  # our own write, answered with an error and retried: it did land
+        raise ConflictError(
+            f"{name}/{ref} moved while publishing (based on "
+            f"{current[0].version if current else 'nothing'}); nothing was made visible"
+        ) from e
+
+
+def check_expected(what: str, expected: Expected, current: Found | None) -> None:
+    """ConflictError unless ``current`` is what ``expected`` says (None: no ref yet; a
+    version id: that version; LATEST or ANY: whatever it is)."""
+    if expected is None:
+        if current is not None:
+            raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
+        return
+    if not isinstance(expected, str):
+        return  # LATEST or ANY: nothing to compare before the write
+    VersionId.parse(expected)
+    if current is None or current[0].version != expected:
+        got = current[0].version if current else "nothing"
+        raise ConflictError(f"{what} is at {got}, not the expected {expected}")
+
+
+def get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
+    """``key`` if it holds at most ``limit`` bytes; IntegrityError otherwise, after reading
+    no more than ``limit + 1`` of them (a hostile 5 GB ref costs 4 KiB of download)."""
+    got = io.get(key, byte_range=(0, limit + 1))
+    if got.meta.size > limit or len(got.data) > limit:
+        size = max(got.meta.size, len(got.data))
+        raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
+    return got
