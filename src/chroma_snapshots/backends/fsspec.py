@@ -54,7 +54,7 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
         return ConflictError(f"{op} {key}: precondition failed")
     names = {c.__name__ for c in type(err).__mro__}
     if names & {"NoCredentialsError", "PartialCredentialsError"}:  # botocore's, via s3fs
-        from chroma_snapshots.backends.s3 import NO_CREDENTIALS
+        from chroma_snapshots.backends.s3errors import NO_CREDENTIALS
 
         return ConfigError(f"{what}: {NO_CREDENTIALS}")
     if "ProfileNotFound" in names:

@@ -21,10 +21,6 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
@@ -40,6 +36,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.backends.s3errors import give_up_connecting, wrap_error
 from chroma_snapshots.engine.deadline import (
     Deadline,
     WorkerPool,
@@ -52,19 +49,13 @@ from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConfigError,
-    ConflictError,
-    SnapshotError,
-    SnapshotNotFoundError,
     StorageTimeoutError,
-    StoreNotFoundError,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 # A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
 _BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
 T = TypeVar("T")
@@ -88,65 +79,6 @@ class S3Settings:
     multipart_threshold: int = 64 << 20
     part_size: int = 16 << 20
     body_attempts: int = 3
-
-
-NO_CREDENTIALS = (
-    "no AWS credentials found; botocore looks in the environment (AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY), the shared files ~/.aws/credentials and ~/.aws/config (the "
-    "profile AWS_PROFILE or --profile names), then a container or instance role: set one "
-    "(e.g. `aws configure`) or pass --profile"
-)
-
-
-def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
-    what = f"{op} {key}" if key else f"{op} (the store's root)"
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
-            return ConflictError(f"{what}: precondition failed ({code or status})")
-        if code == "NoSuchBucket":  # not a missing object: say what the fix is
-            bucket = err.response.get("Error", {}).get("BucketName") or "the store's bucket"
-            return StoreNotFoundError(
-                f"bucket {bucket!r} does not exist (S3 NoSuchBucket); "
-                "create it or fix the store URL"
-            )
-        if code in _MISSING_CODES or status == "404":
-            return SnapshotNotFoundError(f"{key}: no such object")
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return BackendUnavailableError(
-                f"{what}: S3 refused the request ({code}): check the credentials and what "
-                "they may access"
-            )
-        return BackendUnavailableError(f"{what}: S3 error {code or status}")
-    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
-        return StorageTimeoutError(f"{what}: S3 timed out ({err})")
-    if isinstance(err, EndpointConnectionError):
-        return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
-    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
-    return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
-
-
-def _connect_failure(err: EndpointConnectionError) -> str:
-    """'cannot connect to the S3 endpoint http://host:port ([Errno 111] Connection refused)'."""
-    url = str(err.kwargs.get("endpoint_url", ""))
-    endpoint = url.split("/", 3)[:3]  # scheme://host:port, without the bucket and query
-    cause = str(err.kwargs.get("error", "")).split("): ", 1)[-1]
-    detail = cause.split(": ", 1)[-1] if "connection:" in cause else cause
-    return f"cannot connect to the S3 endpoint {'/'.join(endpoint)} ({detail or 'no answer'})"
-
-
-def _give_up_connecting(attempts: int) -> Callable[..., None]:
-    """A ``needs-retry`` hook: after ``attempts`` attempts that could not connect, raise
-    the connect error instead of letting the retry policy back off and try again."""
-
-    def check(**kwargs: Any) -> None:
-        err = kwargs.get("caught_exception")
-        if isinstance(err, EndpointConnectionError) and kwargs.get("attempts", 0) >= attempts:
-            raise err
-
-    return check
 
 
 def _etag(value: Any) -> str:
@@ -187,7 +119,7 @@ class S3Backend(Backend):
         client = session.client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
         )
-        client.meta.events.register_first("needs-retry.s3", _give_up_connecting(s.connect_attempts))
+        client.meta.events.register_first("needs-retry.s3", give_up_connecting(s.connect_attempts))
         return client
 
     def __repr__(self) -> str:
@@ -216,11 +148,11 @@ class S3Backend(Backend):
             policy = IMMEDIATE.with_(attempts=self.settings.body_attempts)
             return policy.call(attempt, retry_on=_BODY_ERRORS)
         except _BODY_ERRORS as e:
-            raise _wrap(e, "get", key) from e
+            raise wrap_error(e, "get", key) from e
         except (ClientError, BotoCoreError) as e:
             if byte_range is not None and range_refused(e):
                 raise past_end(key, byte_range[0]) from e
-            raise _wrap(e, "get", key) from e
+            raise wrap_error(e, "get", key) from e
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
         if byte_range is not None and byte_range[1] <= byte_range[0]:
@@ -272,7 +204,7 @@ class S3Backend(Backend):
                 )
                 etag = _etag(resp.get("ETag"))
         except (ClientError, BotoCoreError) as e:
-            raise put_error(_wrap(e, "put", key), key, mode) from e
+            raise put_error(wrap_error(e, "put", key), key, mode) from e
         return ObjectMeta(key, len(data), etag, time.time())
 
     def _put_multipart(self, full: str, data: bytes, cond: dict[str, str]) -> str:
@@ -328,7 +260,7 @@ class S3Backend(Backend):
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as e:
-            raise _wrap(e, "head", key) from e
+            raise wrap_error(e, "head", key) from e
         return ObjectMeta(
             key, r["ContentLength"], _etag(r.get("ETag")), r["LastModified"].timestamp()
         )
@@ -348,7 +280,7 @@ class S3Backend(Backend):
                         o["LastModified"].timestamp(),
                     )
         except (ClientError, BotoCoreError) as e:
-            raise _wrap(e, "list", prefix) from e
+            raise wrap_error(e, "list", prefix) from e
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -358,14 +290,14 @@ class S3Backend(Backend):
         try:
             found = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
         except (ClientError, BotoCoreError) as e:
-            raise _wrap(e, "list", prefix) from e
+            raise wrap_error(e, "list", prefix) from e
         return sorted(p[len(full) :].rstrip("/") for p in found)
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as e:
-            raise _wrap(e, "delete", key) from e
+            raise wrap_error(e, "delete", key) from e
 
     def delete_many(self, keys: builtins.list[str]) -> None:
         """DeleteObjects in batches of 1,000 keys: one request instead of one per key."""
@@ -377,7 +309,7 @@ class S3Backend(Backend):
                     Delete={"Objects": batch, "Quiet": True},  # type: ignore[typeddict-item]
                 )
             except (ClientError, BotoCoreError) as e:
-                raise _wrap(e, "delete", keys[i]) from e
+                raise wrap_error(e, "delete", keys[i]) from e
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise BackendUnavailableError(f"delete {first.get('Key')}: {first.get('Code')}")

@@ -1,0 +1,89 @@
+"""S3's failures as the library's documented errors: a lost condition is a ConflictError,
+a missing bucket a StoreNotFoundError (not an absent object), missing credentials a
+ConfigError naming where botocore looks, a refused endpoint an outage naming it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ConflictError,
+    SnapshotError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+    StoreNotFoundError,
+)
+
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+NO_CREDENTIALS = (
+    "no AWS credentials found; botocore looks in the environment (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY), the shared files ~/.aws/credentials and ~/.aws/config (the "
+    "profile AWS_PROFILE or --profile names), then a container or instance role: set one "
+    "(e.g. `aws configure`) or pass --profile"
+)
+
+
+def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
+    """The documented error for what botocore raised during ``op`` on ``key``."""
+    what = f"{op} {key}" if key else f"{op} (the store's root)"
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
+            return ConflictError(f"{what}: precondition failed ({code or status})")
+        if code == "NoSuchBucket":  # not a missing object: say what the fix is
+            bucket = err.response.get("Error", {}).get("BucketName") or "the store's bucket"
+            return StoreNotFoundError(
+                f"bucket {bucket!r} does not exist (S3 NoSuchBucket); "
+                "create it or fix the store URL"
+            )
+        if code in _MISSING_CODES or status == "404":
+            return SnapshotNotFoundError(f"{key}: no such object")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return BackendUnavailableError(
+                f"{what}: S3 refused the request ({code}): check the credentials and what "
+                "they may access"
+            )
+        return BackendUnavailableError(f"{what}: S3 error {code or status}")
+    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
+        return StorageTimeoutError(f"{what}: S3 timed out ({err})")
+    if isinstance(err, EndpointConnectionError):
+        return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
+    return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
+
+
+def _connect_failure(err: EndpointConnectionError) -> str:
+    """'cannot connect to the S3 endpoint http://host:port ([Errno 111] Connection refused)'."""
+    url = str(err.kwargs.get("endpoint_url", ""))
+    endpoint = url.split("/", 3)[:3]  # scheme://host:port, without the bucket and query
+    cause = str(err.kwargs.get("error", "")).split("): ", 1)[-1]
+    detail = cause.split(": ", 1)[-1] if "connection:" in cause else cause
+    return f"cannot connect to the S3 endpoint {'/'.join(endpoint)} ({detail or 'no answer'})"
+
+
+def give_up_connecting(attempts: int) -> Callable[..., None]:
+    """A ``needs-retry`` hook: after ``attempts`` attempts that could not connect, raise
+    the connect error instead of letting the retry policy back off and try again."""
+
+    def check(**kwargs: Any) -> None:
+        err = kwargs.get("caught_exception")
+        if isinstance(err, EndpointConnectionError) and kwargs.get("attempts", 0) >= attempts:
+            raise err
+
+    return check
