@@ -142,3 +142,41 @@ def test_a_fallback_takes_any_source_store(tmp_path: Path) -> None:
     assert CachedStore(outer, tmp_path / "cache").checkout("db").info.version == info.version
     with pytest.raises(ValueError, match="mirror=True needs stores kept on a backend"):
         FallbackStore([inner, c], primary=1, mirror=True)
+
+
+def test_a_wrapper_of_a_source_store_sits_under_a_cache(tmp_path: Path) -> None:
+    """A DelegatingSourceStore (here, one that counts checkouts' placements) is a source
+    store: a cache and a FallbackStore accept it, and deltas still reach the publish."""
+    from chroma_snapshots import DelegatingSourceStore, FallbackStore
+    from chroma_snapshots.engine.deadline import Deadline
+    from chroma_snapshots.engine.progress import StatsRecorder
+    from chroma_snapshots.engine.transfer import Placement
+
+    class Counting(DelegatingSourceStore):
+        placed = 0
+
+        def materialize(
+            self,
+            name: str,
+            job: Placement,
+            dl: Deadline,
+            stats: StatsRecorder,
+            progress: object = None,
+        ) -> str:
+            Counting.placed += 1
+            return super().materialize(name, job, dl, stats)
+
+    remote = RemoteStore(open_backend(f"file://{tmp_path}/s"), chunk_size=4096)
+    wrapped = Counting(remote)
+    cached = CachedStore(wrapped, tmp_path / "cache")
+    data = bytearray(os.urandom(40_960))
+    first = cached.publish("db", write_tree(tmp_path / "a", {"d.bin": bytes(data)}))
+    cached.checkout("db").release()
+    data[100:104] = b"edit"
+    second = cached.publish("db", write_tree(tmp_path / "b", {"d.bin": bytes(data)}))
+    assert second.stats.bytes_uploaded < 4096  # a delta against the cache's copy
+    with cached.checkout("db") as snap:
+        assert (snap.path / "d.bin").read_bytes() == bytes(data)
+    assert Counting.placed == 2
+    assert FallbackStore([wrapped, remote]).resolve("db").version == second.version
+    assert first.version != second.version

@@ -44,9 +44,11 @@ if TYPE_CHECKING:
         LocalSnapshot,
         PruneReport,
         SnapshotStore,
+        SourceStore,
         VerifyReport,
     )
     from chroma_snapshots.stores.cache import CachedStore
+    from chroma_snapshots.stores.delegating import DelegatingSourceStore, DelegatingStore
     from chroma_snapshots.stores.fallback import FallbackStore
     from chroma_snapshots.stores.remote import RemoteStore
 
@@ -77,6 +79,9 @@ _LAZY = {
     "LocalSnapshot": "chroma_snapshots.stores.base",
     "PruneReport": "chroma_snapshots.stores.base",
     "SnapshotStore": "chroma_snapshots.stores.base",
+    "SourceStore": "chroma_snapshots.stores.base",
+    "DelegatingStore": "chroma_snapshots.stores.delegating",
+    "DelegatingSourceStore": "chroma_snapshots.stores.delegating",
     "VerifyReport": "chroma_snapshots.stores.base",
 }
 
@@ -107,6 +112,8 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "Deadline",
+    "DelegatingSourceStore",
+    "DelegatingStore",
     "FallbackStore",
     "FileEntry",
     "GetResult",
@@ -125,6 +132,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFoundError",
     "SnapshotStore",
+    "SourceStore",
     "StorageTimeoutError",
     "StoreConfig",
     "StoreNotFoundError",

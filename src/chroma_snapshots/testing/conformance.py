@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import os
 import random
-import threading
-import time
-from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -26,45 +22,20 @@ from chroma_snapshots.errors import (
     InvalidInputError,
     SnapshotNotFoundError,
 )
-from chroma_snapshots.stores.base import ANY, DelegatingStore, SnapshotStore
+from chroma_snapshots.stores.base import ANY, SnapshotStore
+from chroma_snapshots.stores.delegating import DelegatingStore
 from chroma_snapshots.stores.remote import RemoteStore
+from chroma_snapshots.testing.races import race, raise_unexpected
+from chroma_snapshots.testing.trees import read_tree, write_tree
 
-T = TypeVar("T")
-
-
-def race(n: int, fn: Callable[[int], T], timeout: float = 120.0) -> list[T | BaseException]:
-    """Run ``fn(0)`` .. ``fn(n-1)`` in threads released together; each one's result or the
-    exception it raised, in order. A thread still running after ``timeout`` fails the test."""
-    barrier = threading.Barrier(n)
-    outcomes: list[T | BaseException | None] = [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            outcomes[i] = fn(i)
-        except BaseException as e:  # handed to the caller, which checks every outcome
-            outcomes[i] = e
-
-    # daemon threads and one time limit for all: a stuck backend fails the test, never hangs
-    # the run (or the interpreter's exit)
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
-    assert not stuck, f"threads {stuck} still running after {timeout} s"
-    return outcomes  # type: ignore[return-value]  # every slot was filled by its thread
-
-
-def raise_unexpected(
-    outcomes: Sequence[object], expected: tuple[type[BaseException], ...] = ()
-) -> None:
-    """Re-raise the first outcome that is an exception not of an ``expected`` type."""
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, expected):
-            raise outcome
+__all__ = [
+    "BackendTests",
+    "SnapshotStoreTests",
+    "race",
+    "raise_unexpected",
+    "read_tree",
+    "write_tree",
+]
 
 
 class BackendTests:
@@ -242,24 +213,6 @@ class BackendTests:
 
         raise_unexpected(race(4, increment))  # no thread may fail
         assert backend.get("counter").data == b"20"
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    """Create ``files`` (relative path -> content) below ``root``."""
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    """Relative path -> content of every file below ``root``."""
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 class SnapshotStoreTests:

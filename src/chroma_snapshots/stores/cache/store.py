@@ -35,7 +35,6 @@ from chroma_snapshots.errors import (
 )
 from chroma_snapshots.stores.base import (
     LATEST,
-    DelegatingStore,
     Expected,
     LocalSnapshot,
     SourceStore,
@@ -43,6 +42,7 @@ from chroma_snapshots.stores.base import (
 from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.cache.space import CacheSpace
+from chroma_snapshots.stores.delegating import DelegatingStore
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
