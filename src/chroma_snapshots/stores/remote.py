@@ -175,12 +175,15 @@ class RemoteStore(SourceStore):
         progress: Progress | None = None,
         parent_dir: ParentDir = None,
         allow_empty: bool = False,
+        stamps: bool = True,
     ) -> SnapshotInfo:
         """As :meth:`SnapshotStore.publish`. ``parent_dir``: a directory with a copy of the
         parent version's files (or a function from the parent's version id to one, or to
         None): chunks that changed are then stored as deltas against the parent's chunk at
         the same offset when that is under half their size. Every base read from it is
-        hash-verified, so a modified copy only costs deltas."""
+        hash-verified, so a modified copy only costs deltas. ``stamps=False``: re-read
+        every file instead of trusting the stamp index for unchanged ones
+        (engine.stampindex)."""
         check_name(name)
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = checked_metadata(metadata)
@@ -197,7 +200,7 @@ class RemoteStore(SourceStore):
             level = self.compression_level
             bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
-                                self.compression_level)  # fmt: skip
+                                self.compression_level, stamps)  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases

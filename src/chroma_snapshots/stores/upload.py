@@ -21,6 +21,7 @@ from chroma_snapshots.engine.delta_io import DeltaBases
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.stampindex import StampIndex
 from chroma_snapshots.engine.validation import (
     MAX_METADATA_DEPTH,
     check_chains,
@@ -30,19 +31,27 @@ from chroma_snapshots.engine.validation import (
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
 from chroma_snapshots.stores.claims import Pin
 
+# Below this many bytes a batch is hashed on the calling thread.
+_INLINE_HASH = 1 << 20
 # Where a publisher finds its parent version's files (see RemoteStore.publish).
 ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
 
 
 @dataclass(frozen=True)
 class Uploader:
-    """Uploads one publish's new chunks to ``backend`` with ``workers`` threads."""
+    """Uploads one publish's new chunks to ``backend`` with ``workers`` threads.
+
+    ``stamps``: trust the folder's stamp index (engine.stampindex) for files whose stamp is
+    unchanged since the last publish of this folder to this store, instead of re-reading
+    them; ``stamp_dir`` is where the indexes live (default: a private temp directory)."""
 
     backend: Backend
     workers: int
     chunk_size: int
     pack_target: int
     compression_level: int | None
+    stamps: bool = True
+    stamp_dir: Path | None = None
 
     def upload(
         self,
@@ -55,8 +64,9 @@ class Uploader:
         pin: Pin,
         bases: DeltaBases | None,
     ) -> tuple[list[FileEntry], dict[str, Chunk]]:
-        """Hash every chunk of ``files``; pack and upload those not in ``known`` (as deltas
-        against ``bases`` where that is smaller); the file entries and the chunk table."""
+        """Hash every chunk of ``files`` (or take the hashes of unchanged files from the
+        stamp index); pack and upload those not in ``known`` (as deltas against ``bases``
+        where that is smaller); the file entries and the chunk table."""
         uploads: list[Future[None]] = []
         pool = WorkerPool(self.workers)  # this publish's own; leaving it abandons the rest
 
@@ -67,36 +77,74 @@ class Uploader:
             busy = [u for u in uploads if not u.done()]
             wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
 
-        writer = PackWriter(upload, target=self.pack_target, level=self.compression_level)
-        entries, used, total, done = [], {}, sum(f.size for f in files), 0
-        hash_many = partial(self._hash_many, pool, dl)
+        index = self._index(name, files)
+        hashes, todo = self._trusted(files, index, known)
+        total = sum(f.size for f in files)
+        reused = done = total - sum(files[i].size for i in todo)
+        if progress is not None and done:
+            progress(done, total)
         with pool:
-            for f in files:
-                hashes, reused = [], 0
-                for raw, digest in hashed_chunks(f.abspath, self.chunk_size, hash_many):
-                    hashes.append(digest)
-                    if digest in known:
-                        reused += len(raw)
-                    elif digest not in writer:
-                        base = bases.base(f.relpath, len(hashes) - 1) if bases else None
-                        writer.add(digest, raw, base)
-                    done += len(raw)
-                    if progress is not None:
-                        progress(done, total)
-                stats.add(bytes_reused=reused)
-                entries.append(FileEntry(f.relpath, f.size, f.mode, tuple(hashes)))
-                used.update(dict.fromkeys(hashes))
+            writer = PackWriter(upload, target=self.pack_target, level=self.compression_level,
+                                pool=pool, deadline=dl)  # fmt: skip
+            hash_many = partial(self._hash_many, pool, dl)
+            reads = [(files[i].path, files[i].size) for i in todo]
+            for j, raw, digest in hashed_chunks(reads, self.chunk_size, hash_many, pool, dl):
+                i = todo[j]
+                hashes[i].append(digest)
+                if digest in known:
+                    reused += len(raw)
+                elif digest not in writer:
+                    base = bases.base(files[i].relpath, len(hashes[i]) - 1) if bases else None
+                    writer.add(digest, raw, base)
+                done += len(raw)
+                if progress is not None:
+                    progress(done, total)
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
+        pairs = zip(files, hashes, strict=True)
+        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(h)) for f, h in pairs]
+        if index is not None:
+            for f, e in zip(files, entries, strict=True):
+                index.record(f.relpath, f.stamp, e.chunks)
+            index.save()
+        used = dict.fromkeys(h for e in entries for h in e.chunks)
         table = {**known, **writer.chunks}
-        stats.add(chunks_total=len(used), chunks_transferred=len(writer.chunks))
+        stats.add(bytes_reused=reused, chunks_total=len(used),
+                  chunks_transferred=len(writer.chunks))  # fmt: skip
         # the used chunks and every link of their delta chains (old ones: in the parent's)
         need = check_chains({h: c.base for h, c in table.items()}, used)
         return entries, {h: table[h] for h in sorted(need)}
 
+    def _index(self, name: str, files: list[SourceFile]) -> StampIndex | None:
+        if not self.stamps or not files:
+            return None
+        f = files[0]  # the scan built each abspath as the source folder / relpath
+        folder = f.path[: -len(f.relpath)]
+        return StampIndex(folder, repr(self.backend), name, self.chunk_size, self.stamp_dir)
+
+    def _trusted(
+        self, files: list[SourceFile], index: StampIndex | None, known: dict[str, Chunk]
+    ) -> tuple[list[list[str]], list[int]]:
+        """Each file's hashes as the index has them (for files it may skip), and the
+        positions of the files to read. An indexed file is trusted only with as many hashes
+        as its size needs, each a chunk of the parent version: its bytes are in the store."""
+        hashes: list[list[str]] = [[] for _ in files]
+        todo: list[int] = []
+        for i, f in enumerate(files):
+            got = index.lookup(f.relpath, f.stamp) if index is not None else None
+            if got is None or len(got) != -(-f.size // self.chunk_size):
+                todo.append(i)
+            elif all(h in known for h in got):
+                hashes[i] = list(got)
+            else:
+                todo.append(i)
+        return hashes, todo
+
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
         publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
+        if sum(map(len, chunks)) < _INLINE_HASH:
+            return sha256_all(chunks)  # a hand-off to a thread costs more than the hashing
         step = max(1, len(chunks) // 8)
         slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
         parts = wait_all([pool.submit(sha256_all, s) for s in slices], dl, "hashing")

@@ -1,0 +1,202 @@
+"""The publish stamp index: an unchanged file is not read again, and whatever the index
+holds, a publish records exactly the bytes of the folder (the manifest equals a full
+re-hash's)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore, open_backend
+from chroma_snapshots.engine import chunking, stampindex
+from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.stores import remote, upload
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CS = 4096
+
+
+@pytest.fixture
+def stamps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private index directory for the test, and no racy window (every file a test
+    writes is younger than 2 s; the racy test restores it)."""
+    d = tmp_path / "stamps"
+    monkeypatch.setattr(stampindex, "default_dir", lambda: d)
+    monkeypatch.setattr(stampindex, "RACY_NS", -(10**10))
+    return d
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files a publish reads."""
+    seen: list[str] = []
+    real = chunking.read_chunks
+
+    def counting(path: str | Path, chunk_size: int) -> Iterator[bytes]:
+        seen.append(os.path.basename(path))
+        return real(path, chunk_size)
+
+    monkeypatch.setattr(chunking, "read_chunks", counting)
+    return seen
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same manifest bytes for the same tree: a fixed creation time and publisher."""
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    monkeypatch.setattr(remote, "utc_now", lambda: when)
+    monkeypatch.setattr(remote, "publisher_id", lambda: "host:1:00000000")
+    monkeypatch.setattr(upload, "publisher_id", lambda: "host:1:00000000")
+
+
+def _store() -> RemoteStore:
+    return RemoteStore(open_backend(f"memory://stamps-{uuid.uuid4().hex}"), chunk_size=CS)
+
+
+def _tree(root: Path) -> Path:
+    files = {f"f{i}.bin": os.urandom(CS * (i % 3) + 100 * i) for i in range(6)}
+    return write_tree(root, {**files, "sub/empty": b""})
+
+
+def _manifest(store: RemoteStore, version: str) -> bytes:
+    return store.backend.get(manifest_key("db", version)).data
+
+
+def _later(path: Path, data: bytes) -> None:
+    """Rewrite ``path``, making sure the filesystem's ctime has moved on."""
+    before = path.stat().st_ctime_ns
+    while True:
+        path.write_bytes(data)
+        if path.stat().st_ctime_ns != before:
+            return
+        time.sleep(0.01)  # a coarse timestamp clock: the next tick is a few ms away
+
+
+@pytest.mark.usefixtures("stamps", "fixed_clock")
+def test_only_changed_files_are_read_and_the_manifest_equals_a_full_rehash(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    src = _tree(tmp_path / "src")
+    fast, full = _store(), _store()
+    assert fast.publish("db", src).version == full.publish("db", src, stamps=False).version
+    _later(src / "f2.bin", os.urandom(300))
+    (src / "new.bin").write_bytes(b"new")
+    reads.clear()
+    v_fast = fast.publish("db", src).version
+    assert sorted(reads) == ["f2.bin", "new.bin"]
+    v_full = full.publish("db", src, stamps=False).version
+    assert _manifest(fast, v_fast) == _manifest(full, v_full)
+    assert read_tree(fast.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
+
+
+@pytest.mark.usefixtures("stamps")
+def test_a_change_with_its_mtime_restored_is_caught_by_ctime(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    src = _tree(tmp_path / "src")
+    store = _store()
+    store.publish("db", src)
+    target = src / "f4.bin"
+    st = target.stat()
+    _later(target, os.urandom(st.st_size))  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime as it was
+    assert target.stat().st_mtime_ns == st.st_mtime_ns
+    reads.clear()
+    store.publish("db", src)
+    assert reads == ["f4.bin"]
+    assert read_tree(store.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
+
+
+def test_a_racy_file_is_always_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: list[str]
+) -> None:
+    monkeypatch.setattr(stampindex, "default_dir", lambda: tmp_path / "stamps")
+    src = write_tree(tmp_path / "src", {"old.bin": b"o" * 100, "fresh.bin": b"f" * 100})
+    past = time.time_ns() - 3 * stampindex.RACY_NS
+    os.utime(src / "old.bin", ns=(past, past))
+    # ctime cannot be set back, so make the scan see the old file's ctime as long past
+    real_stamp = stampindex.stamp_of
+
+    def scan_later(st: os.stat_result, scanned_ns: int) -> stampindex.Stamp | None:
+        if st.st_mtime_ns == past:
+            scanned_ns += 3 * stampindex.RACY_NS
+        return real_stamp(st, scanned_ns)
+
+    monkeypatch.setattr(chunking, "stamp_of", scan_later)
+    store = _store()
+    store.publish("db", src)
+    reads.clear()
+    store.publish("db", src)
+    assert reads == ["fresh.bin"]  # written just now: its stamp could not tell a change
+
+
+@pytest.mark.usefixtures("fixed_clock")
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "foreign", "open_dir"])
+def test_a_damaged_or_foreign_index_is_never_trusted(
+    tmp_path: Path, stamps: Path, reads: list[str], damage: str
+) -> None:
+    src = _tree(tmp_path / "src")
+    store, full = _store(), _store()
+    store.publish("db", src)
+    full.publish("db", src, stamps=False)
+    [index] = stamps.glob("*.idx")
+    data = index.read_bytes()
+    if damage == "flip":
+        index.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif damage == "truncate":
+        index.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        index.write_bytes(os.urandom(len(data)))
+    elif damage == "foreign":  # a valid index of another folder, under this one's name
+        other = _tree(tmp_path / "other")
+        store.publish("other", other)
+        [foreign] = [p for p in stamps.glob("*.idx") if p != index]
+        os.replace(foreign, index)
+    else:
+        stamps.chmod(0o777)  # others could have planted it
+    _later(src / "f1.bin", os.urandom(5000))
+    reads.clear()
+    v = store.publish("db", src).version
+    assert len(reads) == 7  # every file of the folder read again
+    assert _manifest(store, v) == _manifest(full, full.publish("db", src, stamps=False).version)
+
+
+@pytest.mark.usefixtures("stamps")
+def test_a_moved_folder_is_read_again(tmp_path: Path, reads: list[str]) -> None:
+    src = _tree(tmp_path / "src")
+    store = _store()
+    v1 = store.publish("db", src).version
+    moved = src.rename(tmp_path / "moved")
+    reads.clear()
+    assert store.publish("db", moved).version == v1  # unchanged, no new version
+    assert len(reads) == 7
+
+
+@pytest.mark.usefixtures("stamps")
+def test_another_store_gets_every_file_read_and_uploaded(tmp_path: Path, reads: list[str]) -> None:
+    src = _tree(tmp_path / "src")
+    _store().publish("db", src)
+    other = _store()
+    reads.clear()
+    info = other.publish("db", src)
+    assert len(reads) == 7
+    assert info.stats.bytes_uploaded > sum(p.stat().st_size for p in src.rglob("*.bin"))
+    assert read_tree(other.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
+
+
+def test_indexes_are_bounded_and_private(
+    tmp_path: Path, stamps: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stampindex, "MAX_INDEXES", 3)
+    store = _store()
+    for i in range(5):
+        store.publish(f"db{i}", _tree(tmp_path / f"src{i}"))
+    assert len(list(stamps.glob("*.idx"))) == 3
+    assert stamps.stat().st_mode & 0o777 == 0o700
+    assert not list(stamps.glob("*.tmp"))  # every write renamed its temp file
