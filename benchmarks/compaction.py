@@ -96,6 +96,7 @@ def main() -> None:
             seen = proxy.reset()
             rows.append(
                 {
+                    **manifest_cost(store, "full" if approach.startswith("re-upload") else "db"),
                     "approach": approach,
                     "seconds": time.perf_counter() - t,
                     "requests": len(seen),
@@ -130,13 +131,31 @@ def main() -> None:
             )
         measure("re-upload the whole database", lambda: store.publish("full", db))
     print(f"format {args.manifest_format}, {args.records:,} records x {args.dim}")
-    print(f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9}")
+    print(
+        f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9} "
+        f"{'manifest B':>10} {'chunks':>7} {'links':>6} {'B/chunk':>8}"
+    )
     for r in rows:
         print(
             f"{r['approach']:<44} {r['seconds']:>8.2f} {r['requests']:>9} "
-            f"{r['bytes_up'] / MiB:>8.2f} {r['bytes_down'] / MiB:>9.2f}"
+            f"{r['bytes_up'] / MiB:>8.2f} {r['bytes_down'] / MiB:>9.2f} "
+            f"{r['manifest_bytes']:>10} {r['chunks_used']:>7} {r['chain_links']:>6} "
+            f"{r['manifest_bytes'] / max(1, r['chunks_used']):>8.1f}"
         )
     write_json(args.json, rows)
+
+
+def manifest_cost(store: RemoteStore, name: str) -> dict[str, int]:
+    """The latest manifest of ``name``: its stored bytes, the chunks its files use, and the
+    links of delta chains it lists besides (manifest bytes per chunk = bytes / used)."""
+    version = store.current_version(name, "latest")[0]
+    manifest = store.load_manifest(name, version)
+    used = {h for f in manifest.files for h in f.chunks}
+    return {
+        "manifest_bytes": len(store.backend.get(manifest_key(name, version)).data),
+        "chunks_used": len(used),
+        "chain_links": len(manifest.chunks) - len(used),
+    }
 
 
 def scattered(mib: int, manifest_format: int, page: int = 4096, share: float = 0.01) -> None:

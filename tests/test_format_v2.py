@@ -4,6 +4,7 @@ format 1 stores (a fixture written by the format 1 code) stay readable."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import uuid
 from collections.abc import Callable
@@ -19,10 +20,10 @@ from reliability import runs
 
 from chroma_snapshots import Manifest, RemoteStore, open_backend
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine import manifest_v2
+from chroma_snapshots.engine import manifest_codec, manifest_v2
 from chroma_snapshots.engine.keys import manifest_key
-from chroma_snapshots.engine.models import Chunk, FileEntry
-from chroma_snapshots.engine.validation import MAX_CHAIN
+from chroma_snapshots.engine.models import Chunk, FileEntry, is_link_key, link_key
+from chroma_snapshots.engine.validation import MAX_CHAIN, MAX_CHUNKS, canonical_json
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -65,7 +66,7 @@ def test_new_manifests_are_format_2_and_read_back(tmp_path: Path) -> None:
     m = store.load_manifest("db", version)
     assert m.format_version == 2
     assert manifest_v2.dumps(m) == data
-    assert manifest_v2.loads(manifest_v2.encode(m)) == m
+    assert manifest_v2.loads(manifest_v2.encode(m)) == manifest_v2.by_place(m)
     out = store.checkout("db", version, tmp_path / "out")
     assert read_tree(out.path) == read_tree(tmp_path / "src")
 
@@ -130,7 +131,7 @@ def test_format_1_fixture_store_is_readable(tmp_path: Path) -> None:
 def test_chain_depth_is_bounded(manifest: Manifest, match: str | None) -> None:
     data = manifest_v2.encode(manifest)
     if match is None:
-        assert manifest_v2.loads(data) == manifest
+        assert manifest_v2.loads(data) == manifest_v2.by_place(manifest)
     else:
         with pytest.raises(IntegrityError, match=match):
             manifest_v2.loads(data)
@@ -237,6 +238,174 @@ def test_front_coded_paths_are_bounded_in_all(monkeypatch: pytest.MonkeyPatch) -
     data = manifest_v2.encode(_manifest([], files))
     assert len(data) < 400  # about 2 KB of paths
     assert len(manifest_v2.loads(data).files) == 10
-    monkeypatch.setattr(manifest_v2, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(manifest_codec, "MAX_MANIFEST_BYTES", 1000)
     with pytest.raises(IntegrityError, match="paths come to more than"):
         manifest_v2.loads(data)
+
+
+# Layout 1: chain links no file uses are stored by place, without their hash.
+
+LAYOUT0 = Path(__file__).parent / "fixtures" / "v2_layout0_store"
+LAYOUT0_VERSIONS = (
+    "20261202T102656905576Z-2292adfb6374",
+    "20261202T102656954142Z-a352a2879fbe",
+    "20261202T102657004466Z-c22a69f0fee2",
+)
+
+
+def test_chain_links_are_stored_without_their_hash() -> None:
+    m = _chain(3)
+    data = manifest_v2.encode(m)
+    body = manifest_v2.decompress(data)
+    assert bytes.fromhex(_h(3)) in body  # the chunk the file uses keeps its hash
+    assert not any(bytes.fromhex(_h(i)) in body for i in range(3))  # its chain's links not
+    got = manifest_v2.loads(data)
+    assert sorted(got.chunks) == sorted([_h(3), *(link_key(_h(100), 100 * i) for i in range(3))])
+    assert got == manifest_v2.by_place(m)
+    assert manifest_v2.encode(got) == data  # the same bytes whichever keys the links had
+
+
+def layout0_sources(root: Path) -> None:
+    """The trees the layout 0 fixture store holds, as versions v0, v1, v2 under ``root``
+    (tests/fixtures/make_v2_layout0_store.py published them with a parent at hand)."""
+    rng = random.Random(18)
+    data = bytearray(rng.randbytes(3 * 4096 + 100))
+    for step in range(3):
+        for k in range(3 if step else 0):  # a few bytes change in every chunk
+            data[k * 4096 + 10 * step] ^= 0xFF
+        write_tree(
+            root / f"v{step}",
+            {"seg/data.bin": bytes(data), "notes.txt": b"format 2 layout 0 fixture\n" * 40},
+        )
+        (root / f"v{step}" / "empty").mkdir()
+
+
+def test_layout_0_fixture_store_is_readable(tmp_path: Path) -> None:
+    """Format 2 as first written (every link with its hash): read, checked out, verified,
+    and published on top of with a warm parent."""
+    root = shutil.copytree(LAYOUT0, tmp_path / "store")
+    store = RemoteStore(FileBackend(str(root)), chunk_size=4096)
+    src = tmp_path / "src"
+    layout0_sources(src)
+    for i, version in enumerate(LAYOUT0_VERSIONS):
+        m = store.load_manifest("db", version)
+        assert m.format_version == 2
+        assert not any(is_link_key(h) for h in m.chunks)  # layout 0: hashes only
+        out = store.checkout("db", version, tmp_path / f"out{i}")
+        assert read_tree(out.path) == read_tree(src / f"v{i}")
+        assert store.verify("db", version).ok
+    last = store.load_manifest("db", LAYOUT0_VERSIONS[-1])
+    assert max(manifest_v2.chain_depth(last.chunks, h) for h in last.chunks) == 2
+    smaller = manifest_v2.encode(last)
+    assert len(smaller) < len(manifest_v2.dumps(last))
+    assert manifest_v2.loads(smaller) == manifest_v2.by_place(last)
+    # a layout 1 version on top of it, its deltas resting on the layout 0 chains
+    new = tmp_path / "new"
+    shutil.copytree(src / "v2", new)
+    data = bytearray((new / "seg" / "data.bin").read_bytes())
+    data[5] ^= 0xFF
+    (new / "seg" / "data.bin").write_bytes(data)
+    info = store.publish("db", new, parent_dir=tmp_path / "out2")
+    m = store.load_manifest("db", info.version)
+    assert any(is_link_key(h) for h in m.chunks)
+    assert read_tree(store.checkout("db", info.version, tmp_path / "out3").path) == read_tree(new)
+    assert store.verify("db", info.version).ok
+
+
+def _v(*numbers: int) -> bytes:
+    out = bytearray()
+    for n in numbers:
+        manifest_codec.varint(out, n)
+    return bytes(out)
+
+
+def _body(
+    entries: list[tuple[int, int, int]],
+    hashed: int,
+    bases: list[int],
+    refs: list[int],
+    header: dict[str, object] | None = None,
+) -> bytes:
+    """A layout 1 manifest by hand: one pack; ``entries`` are (offset code, size - length,
+    codec) of full 4 KiB chunks, the first ``hashed`` of them with hashes 1, 2...; ``bases``
+    the raw base codes; one file "f" whose raw chunk reference codes are ``refs``."""
+    head = {
+        "format": 2, "layout": 1, "name": "db", "parent": None, "publisher": "",
+        "message": None, "chunk_size": 4096, "metadata": {},
+        "created_at": "2026-12-02T00:00:00.000000Z",
+    } | (header or {})  # fmt: skip
+    raw = canonical_json(head)
+    out = bytearray(_v(len(raw)) + raw + _v(1) + bytes.fromhex(_h(100)))
+    out += _v(hashed, len(entries) - hashed)
+    out += b"".join(bytes.fromhex(_h(i + 1)) for i in range(hashed))
+    out += _v(*(0 for _ in entries), *(e[0] for e in entries), *(e[1] for e in entries))
+    out += _v(*(0 for _ in entries), *(e[2] for e in entries), *bases)
+    out += _v(1, 0, 1) + b"f" + _v(4096 * len(refs), 0o644, *refs) + _v(0)
+    return _frame(bytes(out))
+
+
+# a file of one chunk (entry 0) resting on two links: 0 -> 1 -> 2 (a keyframe)
+_GOOD = ([(0, 4000, 2), (0, 4000, 2), (0, 100, 1)], 1, [0, 0], [0])
+
+
+def test_a_hand_built_layout_1_manifest_reads() -> None:
+    m = manifest_v2.loads(_body(*_GOOD))
+    top = m.chunks[_h(1)]
+    assert top.base == link_key(_h(100), 96)
+    assert m.chunks[top.base].base == link_key(_h(100), 192)
+    assert manifest_v2.chain_depth(m.chunks, _h(1)) == 2
+
+
+@pytest.mark.parametrize(
+    ("entries", "hashed", "bases", "refs", "match"),
+    [
+        (*_GOOD[:2], [0, 2], [0], "not another entry"),  # a base past the table
+        (*_GOOD[:2], [3, 0], [0], "not another entry"),  # a base before the table
+        (*_GOOD[:2], [0, 1], [0], "not another entry"),  # link 1 on itself
+        (*_GOOD[:2], [0, 3], [0], "cycle|longer"),  # link 1 on entry 0: a loop
+        (*_GOOD[:2], _GOOD[2], [2], "out of range"),  # the file names a link
+        ([(0, 4000, 2), (0, 4000, 1), (0, 4000, 1)], 1, [0], [0], "no file uses"),  # a stray
+        ([(0, 4000, 2), (0, 4000, 2), (191, 100, 1)], 1, [0, 0], [0], "same place"),
+        ([(0, 4000, 2), (0, 4000, 3)], 1, [0], [0], "bad pack, codec"),
+    ],
+)
+def test_hostile_layout_1_tables_are_refused(
+    entries: list[tuple[int, int, int]], hashed: int, bases: list[int], refs: list[int], match: str
+) -> None:
+    with pytest.raises(IntegrityError, match=match):
+        manifest_v2.loads(_body(entries, hashed, bases, refs))
+
+
+@pytest.mark.parametrize(
+    "header", [{"layout": 2}, {"layout": True}, {"layout": "1"}, {"layout": None}]
+)
+def test_an_unknown_layout_is_refused(header: dict[str, object]) -> None:
+    with pytest.raises(IntegrityError, match="layout"):
+        manifest_v2.loads(_body(*_GOOD, header=header))
+
+
+def test_link_counts_are_bounded_before_allocating() -> None:
+    body = bytearray(manifest_v2.decompress(_body(*_GOOD)))
+    at = body.index(bytes.fromhex(_h(100))) + 32 + 1  # the link count, after the chunk count
+    assert body[at] == 2
+    for huge in (_v(MAX_CHUNKS), _v(1 << 62)):
+        with pytest.raises(IntegrityError, match=r"links|number"):
+            manifest_v2.loads(_frame(bytes(body[:at]) + huge + bytes(body[at + 1 :])))
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_chain_entry_is_refused_or_valid(data: st.DataObject) -> None:
+    """Any base codes, codecs and counts of a hand-built table with links: IntegrityError
+    or a manifest that validates, whose chains are bounded and end in keyframes."""
+    n = data.draw(st.integers(1, 6))
+    hashed = data.draw(st.integers(1, n))
+    codecs = data.draw(st.lists(st.sampled_from([0, 1, 2, 3]), min_size=n, max_size=n))
+    entries = [(0, 4000 if c == 2 else 100 * (c == 1), c) for c in codecs]
+    bases = data.draw(st.lists(st.integers(0, 20), min_size=codecs.count(2), max_size=n))
+    refs = data.draw(st.lists(st.integers(0, 8), min_size=1, max_size=3))
+    got = _accepted(lambda: manifest_v2.loads(_body(entries, hashed, bases, refs)))
+    if got is not None:
+        for h in got.chunks:
+            assert manifest_v2.chain_depth(got.chunks, h) <= MAX_CHAIN
+        assert manifest_v2.loads(manifest_v2.encode(got)) == got

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zstandard
 
-from chroma_snapshots.engine.models import DELTA_CODEC, Chunk
+from chroma_snapshots.engine.models import DELTA_CODEC, Chunk, is_link_key
 from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE, sha256_hex
 from chroma_snapshots.errors import IntegrityError
 
@@ -37,7 +37,8 @@ def encode(raw: Buffer, base: Buffer, level: int) -> bytes:
 
 def decode(c: Chunk, stored: Buffer, base: Buffer) -> bytes:
     """Apply the delta ``stored`` of chunk ``c`` to its base's bytes and verify the
-    result's size and hash; IntegrityError for anything else (never wrong bytes)."""
+    result's size and hash (a link known by place has none: its size only, and the caller
+    verifies what its chain ends in); IntegrityError for anything else."""
     if c.base is None or len(stored) != c.length:
         raise IntegrityError(f"chunk {c.hash[:12]}: not a delta of {c.length} stored bytes")
     try:
@@ -50,7 +51,8 @@ def decode(c: Chunk, stored: Buffer, base: Buffer) -> bytes:
         raw = dctx.decompress(stored, max_output_size=c.size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"chunk {c.hash[:12]}: corrupt delta") from e
-    if len(raw) != c.size or sha256_hex(raw) != c.hash:
+    # A link known by place (no hash) is verified through the chunk its chain ends in.
+    if len(raw) != c.size or (not is_link_key(c.hash) and sha256_hex(raw) != c.hash):
         raise IntegrityError(
             f"chunk {c.hash[:12]}: delta against {c.base[:12]} decodes to the wrong bytes"
         )

@@ -7,7 +7,9 @@ is read (and verified) from local disk and only the small deltas are downloaded.
 cold reader follows each chain down to a base it has or to a keyframe and downloads
 every link, coalesced like any other reads. Chains are at most ``MAX_CHAIN`` deltas
 (manifest validation), and the work goes in batches so memory stays bounded whatever
-the number of deltas.
+the number of deltas. A chain link that no file of the version uses has no hash in a
+layout 1 manifest: it is found locally by where the local copy's manifest says its bytes
+are stored, and its decoded bytes are verified through the chunk its chain ends in.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from concurrent.futures import Executor
 from functools import partial
 from pathlib import Path
 
+import zstandard
+
 from chroma_snapshots.engine import delta
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.manifest_v2 import chain_depth
-from chroma_snapshots.engine.models import Chunk, Manifest
+from chroma_snapshots.engine.models import Chunk, Manifest, is_link_key
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.transfer import Fetch, LocalChunks, Read, plan_reads
-from chroma_snapshots.engine.validation import MAX_CHAIN
+from chroma_snapshots.engine.validation import MAX_CHAIN, MAX_CHUNK_SIZE
 from chroma_snapshots.errors import IntegrityError
 
 # Deltas resolved per batch: at most this many local bases (64 KiB each at the default
@@ -154,12 +158,44 @@ def _plan_chain(
         base = link.base
         if base in have:
             return
-        raw = local.read(base) if local is not None and base in local else None
+        link = _entry(table, base)
+        raw = _local(local, link)
         if raw is not None:
             have[base] = raw
             return
-        link = _entry(table, base)
     raise IntegrityError(f"chunk {c.hash[:12]}: delta chain longer than {MAX_CHAIN}")
+
+
+def _local(local: LocalChunks | None, c: Chunk) -> Buffer | None:
+    """Verified local bytes of table entry ``c``: by hash, or for a link known by place,
+    by the hash the local copy's manifest gives the chunk stored at that place (the same
+    stored bytes, so the same chunk; were it not, the chain's end would fail its hash)."""
+    if local is None:
+        return None
+    h = local.hash_at(c.pack, c.offset) if is_link_key(c.hash) else c.hash
+    return local.read(h) if h is not None and h in local else None
+
+
+def decode_keyframe(c: Chunk, stored: Buffer) -> Buffer:
+    """A keyframe's decoded bytes: verified against its hash, or, for a link known by
+    place, of exactly its size (verified through the chunk its chain ends in)."""
+    if not is_link_key(c.hash):
+        return decode_chunk(c, stored)
+    if c.base is not None or len(stored) != c.length:
+        raise IntegrityError(f"chain link {c.hash[:12]}: not a keyframe of {c.length} bytes")
+    if c.codec == "none":
+        return stored
+    try:
+        if zstandard.frame_content_size(stored) not in (-1, c.size):
+            raise IntegrityError(f"chain link {c.hash[:12]}: frame declares another size")
+        raw = zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE).decompress(
+            stored, max_output_size=c.size
+        )
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"chain link {c.hash[:12]}: corrupt compressed data") from e
+    if len(raw) != c.size:
+        raise IntegrityError(f"chain link {c.hash[:12]}: {len(raw)} bytes, not {c.size}")
+    return raw
 
 
 def _entry(table: Mapping[str, Chunk], h: str) -> Chunk:
@@ -180,7 +216,7 @@ def _resolve(
         links.append(_entry(table, links[-1].base))
     bottom = links[-1]
     if bottom.base is None:
-        raw: Buffer = decode_chunk(bottom, _stored(stored, bottom))
+        raw: Buffer = decode_keyframe(bottom, _stored(stored, bottom))
         links.pop()
     else:
         raw = have[bottom.base]

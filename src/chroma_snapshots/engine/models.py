@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.refvalue import RefValue as RefValue
+from chroma_snapshots.engine.refvalue import TransferStats as TransferStats
 from chroma_snapshots.engine.validation import (
     CODECS,
     FORMAT_VERSION,
@@ -27,7 +29,6 @@ from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
     MAX_METADATA_DEPTH,
     MAX_PACK_SIZE,
-    MAX_REF_BYTES,
     MIN_CHUNK_SIZE,
     VERSION_RE,
     canonical_json,
@@ -41,6 +42,17 @@ from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 MANIFEST_FORMAT = 2  # what new manifests are written in (manifest_v2); 1 stays readable
 DELTA_CODEC = "zdelta"
+
+
+def link_key(pack: str, offset: int) -> str:
+    """The table key of a chain link stored without its hash (format 2 layout 1): where its
+    bytes are. Never 64 hex digits, so it cannot be mistaken for a chunk's sha256."""
+    return f"{offset}@{pack}"
+
+
+def is_link_key(key: str) -> bool:
+    """True for a :func:`link_key`: a chunk known by place, verified through its chain."""
+    return "@" in key
 
 
 @dataclass(frozen=True, order=True)
@@ -81,7 +93,9 @@ class Chunk:
     """Where one chunk lives: ``length`` stored bytes at ``offset`` in ``pack``.
 
     A ``zdelta`` chunk (format 2 only) is zstd with the bytes of chunk ``base`` (another
-    entry of the same manifest's table) as raw-content dictionary."""
+    entry of the same manifest's table) as raw-content dictionary. A chain link that no
+    file uses may be known by place instead of hash (``hash`` is its :func:`link_key`):
+    its decoded bytes are verified through the hash of the chunk its chain ends in."""
 
     hash: str
     pack: str
@@ -258,7 +272,7 @@ class Manifest:
             raise IntegrityError(str(e)) from e
         if self.parent is not None and not VersionId.is_version(self.parent):
             raise IntegrityError(f"bad parent version {self.parent!r}")
-        _check_tree([f.path for f in self.files], list(self.dirs))
+        val.check_tree([f.path for f in self.files], list(self.dirs))
         if self.format_version not in (FORMAT_VERSION, MANIFEST_FORMAT):
             raise IntegrityError(f"manifest format {self.format_version!r} is not supported")
         used: set[str] = set()
@@ -269,6 +283,8 @@ class Manifest:
         for h, c in self.chunks.items():
             if (c.codec == DELTA_CODEC) != (c.base is not None) or c.hash != h:
                 raise IntegrityError(f"chunk {h[:12]}: codec {c.codec!r} and base disagree")
+            if is_link_key(h) and (h in used or h != link_key(c.pack, c.offset)):
+                raise IntegrityError(f"chunk {h[:12]}: a link known by place is misplaced")
             bases[h] = c.base
         # Every entry is used by a file or is a link of a used chunk's delta chain.
         if val.check_chains(bases, used) != set(self.chunks):
@@ -290,21 +306,6 @@ _MANIFEST_KEYS = {
 }
 
 
-def _check_tree(files: list[str], dirs: list[str]) -> None:
-    seen: set[str] = set()
-    for p in files + dirs:
-        key = p.casefold()  # two names that clash on a case-insensitive disk are refused too
-        if key in seen:
-            raise IntegrityError(f"duplicate path {p!r}")
-        seen.add(key)
-    file_keys = {p.casefold() for p in files}
-    for p in files + dirs:
-        parts = p.casefold().split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in file_keys:
-                raise IntegrityError(f"path {p!r} is inside a file")
-
-
 def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int) -> None:
     expected = -(-f.size // chunk_size)
     if len(f.chunks) != expected:
@@ -314,69 +315,6 @@ def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int
         want = chunk_size if i < expected - 1 else f.size - chunk_size * (expected - 1)
         if c is None or c.size != want:
             raise IntegrityError(f"{f.path}: chunk {i} missing from the table or of wrong size")
-
-
-@dataclass(frozen=True)
-class RefValue:
-    """What a ref points at; ``generation`` grows by one on every update. ``signature``
-    (when the store signs) covers :meth:`signed_bytes`."""
-
-    version: str
-    generation: int
-    updated_at: datetime
-    signature: str | None = None
-
-    def _body(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_VERSION,
-            "version": self.version,
-            "generation": self.generation,
-            "updated_at": format_time(self.updated_at),
-        }
-
-    def signed_bytes(self) -> bytes:
-        """The canonical JSON of everything but the signature."""
-        return canonical_json(self._body())
-
-    def to_json(self) -> bytes:
-        if self.signature is None:
-            return self.signed_bytes()
-        return canonical_json({**self._body(), "signature": self.signature})
-
-    @classmethod
-    def from_json(cls, data: bytes) -> RefValue:
-        """Parse and validate ref bytes; IntegrityError on anything unexpected."""
-        raw = val.loads_json(data, "ref", MAX_REF_BYTES)
-        keys = {"format", "version", "generation", "updated_at"}
-        if isinstance(raw, dict) and "signature" in raw:
-            keys.add("signature")
-        o = val.as_obj(raw, "ref", keys)
-        if o["format"] != FORMAT_VERSION:
-            raise IntegrityError(f"ref format {o['format']!r} is not supported")
-        v = o["version"]
-        if not isinstance(v, str) or not VersionId.is_version(v):
-            raise IntegrityError(f"ref points at an invalid version {v!r}")
-        sig = o.get("signature")
-        return cls(
-            v,
-            val.as_int(o["generation"], "generation", 1, 1 << 62),
-            parse_time(o["updated_at"], "updated_at"),
-            None if sig is None else val.as_str(sig, "signature"),
-        )
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    """What an operation moved: bytes, requests, chunk counts and wall time."""
-
-    bytes_downloaded: int = 0
-    bytes_uploaded: int = 0
-    bytes_reused: int = 0
-    requests: int = 0
-    chunks_total: int = 0
-    chunks_transferred: int = 0
-    packs_transferred: int = 0
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,19 @@ def check_chains(bases: Mapping[str, str | None], used: Iterable[str]) -> set[st
                 raise IntegrityError(f"chunk {h[:12]}: delta chain longer than {MAX_CHAIN}")
             depth[y] = d
     return set(depth)
+
+
+def check_tree(files: list[str], dirs: list[str]) -> None:
+    """IntegrityError for a path listed twice (case-folded) or a path inside a file."""
+    seen: set[str] = set()
+    for p in files + dirs:
+        key = p.casefold()  # two names that clash on a case-insensitive disk are refused too
+        if key in seen:
+            raise IntegrityError(f"duplicate path {p!r}")
+        seen.add(key)
+    file_keys = {p.casefold() for p in files}
+    for p in files + dirs:
+        parts = p.casefold().split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in file_keys:
+                raise IntegrityError(f"path {p!r} is inside a file")
