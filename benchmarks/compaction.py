@@ -34,14 +34,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import zstandard
 from _chroma import add
 from _report import write_json
 
-from chroma_snapshots import CachedStore, RemoteStore, open_backend
+from chroma_snapshots import CachedStore, Manifest, RemoteStore, open_backend
 from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.chroma import publish_client
 from chroma_snapshots.compaction import Delta, Record, compact
+from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.engine.manifest_codec import front_coded
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.proxy import CountingProxy
 
@@ -199,11 +202,26 @@ def small_files(n: int, manifest_format: int, size: int = 100) -> None:
             (d / f"file{i % 1000:04d}.json").write_bytes(rng.randbytes(size))
         store = RemoteStore(open_backend(f"memory://small-{n}"), manifest_format=manifest_format)
         version = store.publish("db", root).version
-    manifest = len(store.backend.get(manifest_key("db", version)).data)
+    data = store.backend.get(manifest_key("db", version)).data
+    manifest = len(data)
     print(
         f"format {manifest_format}, {n:,} files of {size} bytes: manifest {manifest / 1e6:.1f} MB"
         f" = {manifest / (n * size):.2f}x the data, {manifest / n:.0f} bytes per file"
     )
+    if manifest_format == 2:
+        where_the_bytes_go(manifest_v2.loads(data), n)
+
+
+def where_the_bytes_go(m: Manifest, n: int) -> None:
+    """Bytes per file of the sha256 column and of the front-coded paths, each compressed
+    on its own (zstd -19) as the manifest's body is; the rest is everything else."""
+    z = zstandard.ZstdCompressor(level=19)
+    hashes = b"".join(bytes.fromhex(h) for h in m.chunks)
+    paths = bytearray()
+    front_coded(paths, [f.path for f in m.files])
+    for what, raw in (("sha256", hashes), ("paths", bytes(paths))):
+        packed = len(z.compress(raw))
+        print(f"  {what}: {len(raw):,} bytes, {packed:,} compressed = {packed / n:.2f} per file")
 
 
 if __name__ == "__main__":
