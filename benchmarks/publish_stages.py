@@ -32,7 +32,12 @@ from _data import MiB, make_chroma_dir
 from _report import write_json
 
 from chroma_snapshots import RemoteStore, open_backend
-from chroma_snapshots.engine import chunking, manifest_v2
+from chroma_snapshots.engine import manifest_v2
+
+try:
+    from chroma_snapshots.engine import packing
+except ImportError:  # an older version: packing was in chunking
+    packing = None  # type: ignore[assignment]
 from chroma_snapshots.stores import remote, upload
 
 Row = dict[str, Any]
@@ -58,8 +63,8 @@ def instrument() -> None:
     remote.manifest_v2 = _Manifests()  # type: ignore[assignment,attr-defined]
     if hasattr(upload, "StampIndex"):
         upload.StampIndex = _timed_index(upload.StampIndex)
-    if hasattr(chunking, "_encode_all"):
-        chunking._encode_all = _timed("pack (pool threads)", chunking._encode_all)
+    if packing is not None:
+        packing._encode_all = _timed("pack (pool threads)", packing._encode_all)
     up = upload.Uploader
     up._put_pack = _timed("upload requests", up._put_pack)  # type: ignore[method-assign]
     if hasattr(up, "_trusted"):

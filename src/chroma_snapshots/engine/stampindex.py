@@ -28,10 +28,13 @@ import json
 import os
 import stat
 import struct
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from array import array
+from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 
 # A file whose mtime or ctime is this close to its scan (or after it) is racy: 2 s covers
@@ -40,8 +43,7 @@ from pathlib import Path
 RACY_NS = 2_000_000_000
 MAX_INDEXES = 64
 MAX_INDEX_BYTES = 512 << 20
-_MAGIC = b"chroma-snapshots stamps 1\n"
-_ENTRY = struct.Struct("<IqqqQQII")  # path length, size, mtime, ctime, ino, dev, mode, n
+_MAGIC = b"chroma-snapshots stamps 2\n"
 _DIGEST = 32
 
 Stamp = tuple[int, int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev, st_mode
@@ -72,30 +74,30 @@ class StampIndex:
         self.key = json.dumps([real, store, name, chunk_size])
         self._dir = default_dir() if directory is None else directory
         self.path = self._dir / (hashlib.sha256(self.key.encode()).hexdigest()[:40] + ".idx")
-        self._old: dict[str, tuple[Stamp, tuple[str, ...]]] = {}
-        self._new: dict[str, tuple[Stamp, tuple[str, ...]]] = {}
-        self._hits = 0
+        self._new: list[tuple[str, Stamp, Sequence[str]]] = []
+        self._hits: set[str] = set()
+        self._changed = False
         self.usable = _private_dir(self._dir, create=False)
-        if self.usable:
-            self._old = _load(self.path, self.key)
+        self._old = _load(self.path, self.key) if self.usable else _Table.empty()
 
     def lookup(self, relpath: str, stamp: Stamp | None) -> tuple[str, ...] | None:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
-        if stamp is None:
-            return None
-        got = self._old.get(relpath)
-        return got[1] if got is not None and got[0] == stamp else None
+        got = self._old.get(relpath, stamp) if stamp is not None else None
+        if got is not None:
+            self._hits.add(relpath)
+        return got
 
-    def record(self, relpath: str, stamp: Stamp | None, hashes: Iterable[str]) -> None:
+    def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str]) -> None:
         """Remember the hashes this publish found (or trusted) for a file."""
         if stamp is not None:
-            self._new[relpath] = (stamp, tuple(hashes))
+            self._new.append((relpath, stamp, hashes))
+            self._changed = self._changed or relpath not in self._hits
 
     def save(self) -> None:
         """Write the recorded files as the index (nothing if it would not change). Never
         raises for an I/O problem: the index is a cache, a publish does not fail on it."""
-        if self._new == self._old:
-            return
+        if not self._changed and len(self._new) == len(self._old):
+            return  # every file as indexed, and none gone
         try:
             if not _private_dir(self._dir, create=True):
                 return
@@ -109,6 +111,35 @@ class StampIndex:
             _bound(self._dir)
         except OSError:
             return
+
+
+class _Table:
+    """A decoded index, in columns (a tuple per file cost most of a 100,000-file load)."""
+
+    def __init__(self, paths: list[str], nums: array[int], ids: array[int], hexes: str):
+        self._at = dict(zip(paths, range(len(paths)), strict=True))
+        self._nums, self._ids, self._hexes = nums, ids, hexes
+        self._starts = list(accumulate(nums[4::5], initial=0))
+        if len(self._starts) != len(paths) + 1 or self._starts[-1] * 64 != len(hexes):
+            raise ValueError("columns do not match")
+
+    @classmethod
+    def empty(cls) -> _Table:
+        return cls([], array("q"), array("Q"), "")
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def get(self, relpath: str, stamp: Stamp) -> tuple[str, ...] | None:
+        k = self._at.get(relpath)
+        if k is None:
+            return None
+        n, i = self._nums, self._ids
+        mine = (n[5 * k], n[5 * k + 1], n[5 * k + 2], i[2 * k], i[2 * k + 1], n[5 * k + 3])
+        if mine != stamp:
+            return None
+        a, b = self._starts[k] * 64, self._starts[k + 1] * 64
+        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64))
 
 
 def _private_dir(d: Path, create: bool) -> bool:
@@ -127,56 +158,60 @@ def _private_dir(d: Path, create: bool) -> bool:
     return mine and not st.st_mode & 0o077
 
 
-def _encode(key: str, entries: dict[str, tuple[Stamp, tuple[str, ...]]]) -> bytes:
-    head = key.encode()
+def _encode(key: str, entries: list[tuple[str, Stamp, Sequence[str]]]) -> bytes:
+    """Columns: paths (NUL-separated: a path never holds one), per file (size, mtime,
+    ctime, mode, number of hashes) as int64 and (inode, device) as uint64, all hashes."""
+    paths = "\0".join(rel for rel, _, _ in entries).encode()
+    nums = array("q", [v for _, st, hs in entries for v in (*st[:3], st[5], len(hs))])
+    ids = array("Q", [v for _, st, _ in entries for v in st[3:5]])
+    hashes = bytes.fromhex("".join(h for _, _, hs in entries for h in hs))
+    if sys.byteorder != "little":
+        nums.byteswap()
+        ids.byteswap()
+    head, parts = key.encode(), [paths, nums.tobytes(), ids.tobytes(), hashes]
     out = bytearray(_MAGIC)
-    out += struct.pack("<II", len(head), len(entries)) + head
-    for rel, (st, hashes) in sorted(entries.items()):
-        path = rel.encode()
-        out += _ENTRY.pack(len(path), *st, len(hashes)) + path
-        out += b"".join(bytes.fromhex(h) for h in hashes)
+    out += struct.pack("<6Q", len(head), len(entries), *map(len, parts)) + head
+    for part in parts:
+        out += part
     out += hashlib.sha256(out).digest()
     return bytes(out)
 
 
-def _load(path: Path, key: str) -> dict[str, tuple[Stamp, tuple[str, ...]]]:
+def _load(path: Path, key: str) -> _Table:
     """The index at ``path`` if it is intact, this user's, and for ``key``; else empty."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if st.st_uid != os.geteuid() or st.st_size > MAX_INDEX_BYTES:
-                return {}
+                return _Table.empty()
             data = f.read(MAX_INDEX_BYTES + 1)
         return _decode(data, key)
     except (OSError, ValueError, struct.error, UnicodeDecodeError):
-        return {}  # damaged or unreadable: a full re-hash, and the save replaces it
+        return _Table.empty()  # damaged or unreadable: a full re-hash; the save replaces it
 
 
-def _decode(data: bytes, key: str) -> dict[str, tuple[Stamp, tuple[str, ...]]]:
+def _decode(data: bytes, key: str) -> _Table:
     body, check = data[:-_DIGEST], data[-_DIGEST:]
     if not data.startswith(_MAGIC) or hashlib.sha256(body).digest() != check:
-        return {}
+        return _Table.empty()
     pos = len(_MAGIC)
-    klen, count = struct.unpack_from("<II", body, pos)
-    pos += 8
+    klen, count, *sizes = struct.unpack_from("<6Q", body, pos)
+    pos += 48
     if body[pos : pos + klen].decode() != key:
-        return {}  # another folder, store, name or chunk size (a hash-name collision)
+        return _Table.empty()  # another folder, store, name or chunk size
     pos += klen
-    out: dict[str, tuple[Stamp, tuple[str, ...]]] = {}
-    for _ in range(count):
-        plen, size, mtime, ctime, ino, dev, mode, n = _ENTRY.unpack_from(body, pos)
-        pos += _ENTRY.size
-        rel = body[pos : pos + plen].decode()
-        pos += plen
-        raw = body[pos : pos + n * _DIGEST]
-        pos += n * _DIGEST
-        if len(raw) != n * _DIGEST:
-            raise ValueError("truncated entry")
-        hashes = tuple(raw[i : i + _DIGEST].hex() for i in range(0, len(raw), _DIGEST))
-        out[rel] = ((size, mtime, ctime, ino, dev, mode), hashes)
-    if pos != len(body):
-        raise ValueError("trailing bytes")
-    return out
+    parts = []
+    for size in sizes:
+        parts.append(body[pos : pos + size])
+        pos += size
+    if pos != len(body) or sizes[1] != 40 * count or sizes[2] != 16 * count:
+        raise ValueError("bad column sizes")
+    paths = parts[0].decode().split("\0") if count else []
+    nums, ids = array("q", parts[1]), array("Q", parts[2])
+    if sys.byteorder != "little":
+        nums.byteswap()
+        ids.byteswap()
+    return _Table(paths, nums, ids, parts[3].hex())
 
 
 def _bound(d: Path) -> None:
