@@ -27,7 +27,7 @@ from chroma_snapshots import (
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.keys import manifest_key, pack_key, ref_key
 from chroma_snapshots.engine.manifest_v2 import chain_depth
-from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.models import Manifest, is_link_key, link_key
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.validation import MAX_CHAIN, utc_now
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
@@ -125,6 +125,7 @@ def test_a_warm_cache_applies_deltas_to_its_cached_base(tmp_path: Path, inner: s
     info = cached.publish("db", src2)  # the cache hands its copy of the parent over
     m = store.load_manifest("db", info.version)
     assert _deltas(m) == 25
+    assert sum(is_link_key(h) for h in m.chunks) == 25  # the bases: found locally by place
     assert info.stats.bytes_uploaded < SIZE / 4
     got = cached.checkout("db")
     assert read_tree(got.path) == read_tree(src2)
@@ -172,6 +173,30 @@ def test_a_delta_against_the_wrong_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match=r"wrong bytes|corrupt"):
         store.checkout("db", dest=tmp_path / "out")
     _nothing_left(tmp_path)
+
+
+def test_links_swapped_between_places_are_refused_cold_and_warm(tmp_path: Path) -> None:
+    """Two chain links (known by place, without a hash) trade places: each delta then rests
+    on the wrong base, cold (downloaded) or warm (the chunk the cached copy has there)."""
+    store = _store()
+    cached = CachedStore(store, tmp_path / "cache")
+    (v1, _), (v2, _) = _versions(store, tmp_path, 2)
+    cached.checkout("db", v1).release()
+    m = store.load_manifest("db", v2)
+    a, b = (m.chunks[h] for h in sorted(h for h in m.chunks if is_link_key(h))[:2])
+    assert a.size == b.size == CS
+    moved = {h: c for h, c in m.chunks.items() if h not in (a.hash, b.hash)}
+    for x, y in ((a, b), (b, a)):
+        key = link_key(y.pack, y.offset)
+        moved[key] = replace(x, hash=key, pack=y.pack, offset=y.offset, length=y.length)
+    moved = {h: replace(c, base={a.hash: b.hash, b.hash: a.hash}.get(c.base, c.base))
+             for h, c in moved.items()}  # fmt: skip
+    _plant(store, replace(m, chunks=moved))
+    with pytest.raises(IntegrityError, match=r"wrong bytes|corrupt"):
+        store.checkout("db", dest=tmp_path / "out")
+    _nothing_left(tmp_path)
+    with pytest.raises(IntegrityError, match=r"wrong bytes|corrupt"):
+        cached.checkout("db")
 
 
 def test_a_missing_base_pack_is_not_found(tmp_path: Path) -> None:
