@@ -189,8 +189,10 @@ def test_links_swapped_between_places_are_refused_cold_and_warm(tmp_path: Path) 
     for x, y in ((a, b), (b, a)):
         key = link_key(y.pack, y.offset)
         moved[key] = replace(x, hash=key, pack=y.pack, offset=y.offset, length=y.length)
-    moved = {h: replace(c, base={a.hash: b.hash, b.hash: a.hash}.get(c.base, c.base))
-             for h, c in moved.items()}  # fmt: skip
+    swap = {a.hash: b.hash, b.hash: a.hash}
+    for h, c in moved.items():
+        if c.base is not None:
+            moved[h] = replace(c, base=swap.get(c.base, c.base))
     _plant(store, replace(m, chunks=moved))
     with pytest.raises(IntegrityError, match=r"wrong bytes|corrupt"):
         store.checkout("db", dest=tmp_path / "out")
