@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from chroma_snapshots import LockError, StorageTimeoutError
+from chroma_snapshots import InvalidInputError, LockError, StorageTimeoutError
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
@@ -50,6 +50,33 @@ class LeaseLockTests:
     def stall(self) -> Callable[[LeaseLock], None]:
         """Makes every later call of a lock to its store hang (until the test ends)."""
         raise NotImplementedError
+
+    def test_a_lease_of_its_own_that_landed_late_is_taken_back(self, make: Any) -> None:
+        """An acquire that timed out after its create landed leaves a lease under the lock's
+        own owner id: the next acquire takes it back at once instead of waiting a ttl."""
+        clock = Clock()
+        landed = make("a", clock).acquire(timeout=0)  # what the timed-out call wrote
+        again = make("a", clock).acquire(timeout=0)
+        assert again.generation == landed.generation + 1
+        with pytest.raises(LockError, match="held by a"):
+            make("b", clock).acquire(timeout=0)
+
+    def test_a_release_that_landed_late_may_be_given_again(self, make: Any) -> None:
+        a = make("a", Clock())
+        lease = a.acquire(timeout=0)
+        a.release(lease)
+        a.release(lease)  # the retry of a release whose answer was lost
+        with pytest.raises(LockError):
+            a.heartbeat(lease)
+
+    @pytest.mark.parametrize("timeout", [-1.0, float("nan")])
+    def test_a_negative_timeout_is_bad_input(self, make: Any, timeout: float) -> None:
+        with pytest.raises(InvalidInputError, match="lock timeout must be >= 0"):
+            make("a", Clock()).acquire(timeout=timeout)
+
+    def test_no_timeout_means_the_default(self, make: Any) -> None:
+        a = make("a", Clock())
+        a.release(a.acquire(timeout=None))
 
     def test_a_hung_store_costs_acquire_its_timeout_not_more(
         self, make: Any, stall: Callable[[LeaseLock], None]
@@ -132,8 +159,9 @@ class LeaseLockTests:
         with pytest.raises(LockError):
             b.release(forged)
         a.release(lease)
+        b.release(b.acquire(timeout=0))  # taken over after the release
         with pytest.raises(LockError):
-            a.release(lease)  # twice
+            a.release(lease)  # no longer its own to give back
 
     # kept(): renewed in the background on wall time (ttl 1 s, renewed every third of it)
 

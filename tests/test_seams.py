@@ -180,3 +180,90 @@ def test_a_wrapper_of_a_source_store_sits_under_a_cache(tmp_path: Path) -> None:
     assert Counting.placed == 2
     assert FallbackStore([wrapped, remote]).resolve("db").version == second.version
     assert first.version != second.version
+
+
+def _efs_s3(tmp_path: Path, **kw: object) -> tuple[RemoteStore, RemoteStore]:
+    efs = RemoteStore(open_backend(f"file://{tmp_path}/efs"), chunk_size=4096, **kw)  # type: ignore[arg-type]
+    s3 = RemoteStore(open_backend(f"file://{tmp_path}/s3"), chunk_size=4096, **kw)  # type: ignore[arg-type]
+    return efs, s3
+
+
+def test_the_source_of_truths_not_found_is_the_answer(tmp_path: Path) -> None:
+    """A tag deleted on the source of truth, or a name only a mirror has, does not exist:
+    a mirror's copy answers only when the source of truth fails."""
+    from chroma_snapshots import FallbackStore, SnapshotNotFoundError
+
+    efs, s3 = _efs_s3(tmp_path)
+    fb = FallbackStore([efs, s3], mirror=True)
+    v = fb.publish("db", write_tree(tmp_path / "src", {"a": b"1"})).version
+    fb.set_ref("db", "stable", v, expected=None)
+    s3.backend.delete("db/refs/stable")
+    efs.publish("ghost", write_tree(tmp_path / "g", {"a": b"only on the mirror"}))
+    for call in (
+        lambda: fb.resolve("db", "stable"),
+        lambda: fb.current_version("db", "stable"),
+        lambda: fb.checkout("ghost"),
+        lambda: CachedStore(fb, tmp_path / "cache").checkout("ghost"),
+    ):
+        with pytest.raises(SnapshotNotFoundError):
+            call()
+    assert fb.read_ref("db", "stable") is None
+    assert list(fb.versions("ghost")) == []  # the source of truth's answer, not the mirror's
+    assert list(efs.versions("ghost")) != []
+
+
+def test_an_outage_of_the_source_of_truth_never_undoes_a_rollback(tmp_path: Path) -> None:
+    """A mirror that missed a rollback answers, during an outage of the source of truth,
+    only flagged stale, and never over what a stale_ok cache last read from the truth."""
+    import shutil
+
+    from chroma_snapshots import FallbackStore
+
+    efs, s3 = _efs_s3(tmp_path)
+    fb = FallbackStore([efs, s3], mirror=True)
+    src = tmp_path / "src"
+    good = fb.publish("db", write_tree(src, {"a": b"good"})).version
+    bad = fb.publish("db", write_tree(src, {"a": b"BAD release"})).version
+    cache = CachedStore(fb, tmp_path / "cache", stale_ok=True)
+    cache.checkout("db").release()
+    s3.set_ref("db", "latest", good, expected=bad)  # rolled back on the source of truth alone
+    with cache.checkout("db") as snap:
+        assert (snap.path / "a").read_bytes() == b"good"
+    shutil.rmtree(tmp_path / "s3")  # the source of truth goes away
+    (tmp_path / "s3").write_bytes(b"")  # ... and answers with errors, not "not found"
+    assert fb.current_version("db") == (bad, True)  # the mirror's answer, flagged stale
+    with cache.checkout("db") as snap:
+        assert (snap.path / "a").read_bytes() == b"good"  # what the truth said last
+        assert snap.stale
+    fresh = CachedStore(fb, tmp_path / "other-cache", stale_ok=True)
+    with fresh.checkout("db") as snap:  # never read from the truth: the mirror's, stale
+        assert snap.info.version == bad
+        assert snap.stale
+
+
+def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> None:
+    from chroma_snapshots import DelegatingStore, FallbackStore
+    from chroma_snapshots.engine.signing import Signer
+
+    efs, s3 = _efs_s3(tmp_path)
+    signed = RemoteStore(s3.backend, signer=Signer.from_spec("k1:" + "a" * 32))
+    with pytest.raises(ValueError, match="different signing keys"):
+        FallbackStore([efs, signed])
+    with pytest.raises(TypeError, match="source stores"):
+        FallbackStore([efs, object()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="CachedStore reads from a source store"):
+        CachedStore(DelegatingStore(s3), tmp_path / "cache")  # type: ignore[arg-type]
+
+
+def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path) -> None:
+    from chroma_snapshots.config import StoreConfig, open_store
+
+    def cache_of(endpoint: str | None) -> Path:
+        cfg = StoreConfig(url="s3://same/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path))
+        store = open_store(cfg, create=False)
+        assert isinstance(store, CachedStore)
+        return store.root
+
+    roots = {cache_of("http://127.0.0.1:1"), cache_of("http://127.0.0.1:2"), cache_of(None)}
+    assert len(roots) == 3
+    assert cache_of(None) == cache_of(None)

@@ -264,7 +264,10 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
     # the label keys the cache: a relative path names a different store in another directory
     label = url if "://" in url else os.path.abspath(url)
-    return RemoteStore(backend, label=label, signer=signer)
+    # ... and the endpoint: the same bucket behind two endpoints is two stores
+    endpoint = cfg.s3_endpoint_url if url.startswith("s3://") else None
+    identity = f"{label}\0{endpoint}" if endpoint else label
+    return RemoteStore(backend, label=label, signer=signer, identity=identity)
 
 
 def _offline(url: str) -> Backend:

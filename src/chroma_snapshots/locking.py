@@ -39,6 +39,7 @@ from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     ConflictError,
+    InvalidInputError,
     LockError,
     SnapshotNotFoundError,
     StorageTimeoutError,
@@ -109,11 +110,16 @@ class LeaseLock(ABC):
 
     # The protocol.
 
-    def acquire(self, timeout: float = 30.0) -> Lease:
+    def acquire(self, timeout: float | None = 30.0) -> Lease:
         """Take the lock, looking again every ``poll`` seconds for up to ``timeout`` seconds
         for the holder to release or its lease to expire. LockError if that does not happen
         in time (``timeout=0``: one look, bounded by ``io_timeout``); StorageTimeoutError if
-        the store does not answer within ``timeout``."""
+        the store does not answer within ``timeout`` (None: 30 s). A lock object is one
+        holder: a lease with its owner id is its own (a create that timed out but landed),
+        taken back, not waited for."""
+        timeout = 30.0 if timeout is None else timeout
+        if not timeout >= 0:
+            raise InvalidInputError(f"lock timeout must be >= 0 seconds, not {timeout!r}")
         dl = Deadline(timeout if timeout > 0 else self.io_timeout)
         policy = RetryPolicy(
             attempts=math.inf, base=self.poll, cap=self.poll, jitter=False,
@@ -140,7 +146,7 @@ class LeaseLock(ABC):
             self._create(mine, dl)
             return mine
         held, token = found
-        if held.expires_at > now:
+        if held.expires_at > now and held.owner != self.owner:
             raise _Held(held)
         mine = replace(mine, generation=held.generation + 1)
         self._swap(mine, token, dl)
@@ -149,15 +155,19 @@ class LeaseLock(ABC):
     def heartbeat(self, lease: Lease, *, deadline: DeadlineLike = None) -> Lease:
         """Extend ``lease``; LockError if it is no longer ours (expired and taken over)."""
         dl = as_deadline(deadline, self.io_timeout)
-        token = self._check_owned(lease, dl)
+        token = self._owned(lease, self._read(dl))
         renewed = replace(lease, expires_at=self._clock() + self.ttl)
         self._swap_or_lost(renewed, token, dl)
         return renewed
 
     def release(self, lease: Lease, *, deadline: DeadlineLike = None) -> None:
-        """Give the lock back (keeping the generation); LockError if it is not ours."""
+        """Give the lock back (keeping the generation); LockError if it is not ours. Giving
+        back a lease already given back (a release that timed out but landed) is a no-op."""
         dl = as_deadline(deadline, self.io_timeout)
-        token = self._check_owned(lease, dl)
+        found = self._read(dl)
+        if found is not None and found[0] == replace(lease, expires_at=0.0):
+            return
+        token = self._owned(lease, found)
         self._swap_or_lost(replace(lease, expires_at=0.0), token, dl)
 
     @contextmanager
@@ -194,8 +204,8 @@ class LeaseLock(ABC):
             except Exception as e:  # the store failed: the lease lapses at its expiry
                 log.warning("lease not released: %s: %s", type(e).__name__, e)
 
-    def _check_owned(self, lease: Lease, dl: Deadline) -> object:
-        found = self._read(dl)
+    def _owned(self, lease: Lease, found: tuple[Lease, object] | None) -> object:
+        """The token of ``found`` if it is ``lease``, still held; LockError otherwise."""
         held = None if found is None else found[0]
         if held is None or (held.owner, held.generation) != (lease.owner, lease.generation):
             raise LockError(f"lease {lease.generation} of {lease.owner} is no longer held")

@@ -28,6 +28,7 @@ from chroma_snapshots.errors import (
     ConflictError,
     SnapshotError,
     SnapshotNotFoundError,
+    StoreNotFoundError,
 )
 
 _RESERVED = "."  # names starting with this are temp files and locks, never keys
@@ -39,8 +40,10 @@ def _meta(key: str, st: os.stat_result) -> ObjectMeta:
     return ObjectMeta(key, st.st_size, etag, st.st_mtime)
 
 
-def _wrap(err: OSError, op: str, key: str) -> SnapshotError:
+def _wrap(err: OSError, op: str, key: str, root: Path | None = None) -> SnapshotError:
     if isinstance(err, FileNotFoundError) or err.errno == errno.ENOTDIR:
+        if root is not None and not root.is_dir():  # not an absent object: an absent store
+            return StoreNotFoundError(f"{root}: store directory does not exist (unmounted?)")
         return SnapshotNotFoundError(f"{key}: no such object")
     name = errno.errorcode.get(err.errno or 0, "error")
     return BackendUnavailableError(f"{op} {key}: {name} ({err.strerror})")
@@ -81,7 +84,7 @@ class LocalFiles:
             except OSError as e:  # e.g. read-only: a store failure, not a raw OSError
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
         elif not self.root.is_dir():
-            raise SnapshotNotFoundError(f"{self.root}: store directory does not exist")
+            raise StoreNotFoundError(f"{self.root}: store directory does not exist")
 
     def probe(self) -> None:
         """Cheap health check: stat and list the root."""
@@ -110,7 +113,7 @@ class LocalFiles:
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
         except OSError as e:
-            raise _wrap(e, "get", key) from e
+            raise _wrap(e, "get", key, self.root) from e
 
     def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
         """Bytes ``[start, end)`` of ``key`` read straight into ``buf``."""
@@ -122,7 +125,7 @@ class LocalFiles:
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
         except OSError as e:
-            raise _wrap(e, "get", key) from e
+            raise _wrap(e, "get", key, self.root) from e
         if n == 0 and want:  # nothing at all: the object ends before ``start``
             raise past_end(key, start)
         return n

@@ -123,7 +123,9 @@ class S3Backend(Backend):
         return client
 
     def __repr__(self) -> str:
-        return f"S3Backend('s3://{self.bucket}/{self.prefix}')"
+        # the endpoint too: a store's default label keys its cache folder
+        at = f", endpoint_url={self.settings.endpoint_url!r}" if self.settings.endpoint_url else ""
+        return f"S3Backend('s3://{self.bucket}/{self.prefix}'{at})"
 
     def _key(self, key: str) -> str:
         check_key(key)

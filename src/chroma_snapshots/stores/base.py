@@ -19,7 +19,7 @@ from chroma_snapshots.engine.models import (
     VersionId,
 )
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.errors import SnapshotNotFoundError
+from chroma_snapshots.errors import SnapshotError, SnapshotNotFoundError
 
 if TYPE_CHECKING:
     from chroma_snapshots.backends.base import Backend
@@ -208,6 +208,9 @@ class SourceStore(SnapshotStore):
 
     label: str
     default_timeout: float
+    identity: str
+    """Where the data lives, told apart from every other store: the folder a cache keeps
+    for this store is keyed by it (an S3 URL's label leaves out the endpoint; this does not)."""
     trust: str = ""
     """What this store's data is verified with: a fingerprint of its signing keys, "" when it
     accepts unsigned data. A cache never serves data verified under one trust to another."""
@@ -236,16 +239,24 @@ class SourceStore(SnapshotStore):
         version's files is (a folder, or a function from the parent's version id to one or
         to None), so that changed chunks can be stored as deltas against it."""
 
+    def read_current(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[tuple[RefValue, str] | None, SnapshotError | None]:
+        """:meth:`read_ref`, and the failure that made the answer stale when it is not the
+        source of truth's (a FallbackStore's mirror answering for it); None: fresh."""
+        return self.read_ref(name, ref, deadline=deadline), None
+
     def current_version(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[str, bool]:
-        """The version ``ref`` names, with one small request (the ref); never stale."""
+        """The version ``ref`` names, with one small request (the ref), and whether the
+        answer is stale (see :meth:`read_current`)."""
         if VersionId.is_version(ref):
             return ref, False
-        found = self.read_ref(name, ref, deadline=deadline)
+        found, outage = self.read_current(name, ref, deadline=deadline)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
-        return found[0].version, False
+        return found[0].version, outage is not None
 
     @abstractmethod
     def materialize(

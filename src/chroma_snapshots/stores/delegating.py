@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.stores.base import (
     LATEST,
     Expected,
@@ -124,13 +125,18 @@ class DelegatingSourceStore(DelegatingStore, SourceStore):
 
     def __init__(self, inner: SourceStore) -> None:
         super().__init__(inner)
-        self.label, self.trust = inner.label, inner.trust
+        self.label, self.trust, self.identity = inner.label, inner.trust, inner.identity
         self.default_timeout = inner.default_timeout
 
     def read_ref(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[RefValue, str] | None:
         return self.inner.read_ref(name, ref, deadline=deadline)
+
+    def read_current(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[tuple[RefValue, str] | None, SnapshotError | None]:
+        return self.inner.read_current(name, ref, deadline=deadline)
 
     def materialize(
         self,

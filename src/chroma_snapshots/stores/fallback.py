@@ -6,9 +6,13 @@ names the store that served it. A store is skipped when it
 - times out (StorageTimeoutError: a hung mount, a stalled read),
 - is unavailable (BackendUnavailableError: unreachable, refused, or its mount
   worker died during the call),
-- lacks the ref or version (SnapshotNotFoundError: a lagging mirror), or
+- lacks the version (SnapshotNotFoundError: a lagging mirror), or
 - serves damaged or hostile data (IntegrityError: a bad hash or signature, an
   unparseable or absurd ref or manifest).
+
+Refs, listings and names are the source of truth's: its "no such ref" is the answer (a
+mirror's copy of a deleted tag is not), and a mirror answers only when the source of truth
+fails, flagged stale (``read_current``, ``current_version``).
 
 Everything else propagates from the first store: bad input (InvalidInputError,
 ConfigError) and a lost compare-and-swap (ConflictError) would be the same on
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo, VersionId
+from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.engine.transfer import Placement
@@ -36,6 +40,7 @@ from chroma_snapshots.errors import (
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
+    StoreNotFoundError,
 )
 from chroma_snapshots.ops.sync import sync_version
 from chroma_snapshots.stores.base import (
@@ -79,8 +84,17 @@ class FallbackStore(SourceStore):
     ) -> None:
         if len(stores) < 2 or not 0 < share < 1:
             raise ValueError("FallbackStore needs two or more stores and 0 < share < 1")
+        if odd := [repr(s) for s in stores if not isinstance(s, SourceStore)]:
+            raise TypeError(f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}")
+        if len({s.trust for s in stores}) > 1:
+            # a reader would accept from one store what another refuses (and a cache
+            # keyed by the mix could serve one's data under the other's keys)
+            raise ValueError(
+                "FallbackStore's stores verify with different signing keys: open every "
+                f"store with the same keys ({[s.label for s in stores]})"
+            )
         self.stores = list(stores)
-        self.trust = "+".join(s.trust for s in self.stores).strip("+")
+        self.trust = self.stores[0].trust
         self.primary = self.stores[primary]
         self.mirror = mirror
         # (from, to) pairs a publish is copied along: from the source of truth to the others
@@ -95,6 +109,7 @@ class FallbackStore(SourceStore):
         self.share = share
         self.default_timeout = self.primary.default_timeout
         self.label = repr(self)
+        self.identity = f"FallbackStore({', '.join(s.identity for s in self.stores)})"
 
     def __repr__(self) -> str:
         return f"FallbackStore({', '.join(s.label for s in self.stores)})"
@@ -106,39 +121,67 @@ class FallbackStore(SourceStore):
         fn: Callable[[SourceStore, Deadline], T],
         *,
         truth_first: bool = False,
+        stores: Sequence[SourceStore] | None = None,
     ) -> tuple[T, SourceStore]:
+        """``fn`` on each store in turn until one answers. ``truth_first``: the source of
+        truth is asked first and its "not found" is the answer, not a reason to ask a mirror."""
         dl = as_deadline(deadline, self.default_timeout)
-        stores = self.stores
+        order = list(stores if stores is not None else self.stores)
         if truth_first:
-            stores = [self.primary, *(s for s in self.stores if s is not self.primary)]
-        last = len(stores)
+            order = [self.primary, *(s for s in order if s is not self.primary)]
+        last = len(order)
 
         def attempt(n: int) -> tuple[T, SourceStore]:
-            store = stores[n - 1]  # each store once, in order; the last gets what is left
+            store = order[n - 1]  # each store once, in order; the last gets what is left
             budget = dl if n == last else dl.child(dl.remaining() * self.share)
-            return fn(store, budget), store
+            try:
+                return fn(store, budget), store
+            except SnapshotNotFoundError as e:
+                if truth_first and store is self.primary and not isinstance(e, StoreNotFoundError):
+                    raise _Answer(e) from e
+                raise
 
         def failed(n: int, e: BaseException) -> None:
-            label, kind = stores[n - 1].label, type(e).__name__
+            label, kind = order[n - 1].label, type(e).__name__
             log.warning("%s from %s failed (%s: %s); trying the next store", what, label, kind, e)
 
-        return _FAILOVER.with_(attempts=last).call(attempt, retry_on=_SKIP, on_retry=failed)
+        try:
+            return _FAILOVER.with_(attempts=last).call(attempt, retry_on=_SKIP, on_retry=failed)
+        except _Answer as e:
+            raise e.error from None
 
     # The source protocol CachedStore uses.
 
     def read_ref(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[RefValue, str] | None:
+        return self.read_current(name, ref, deadline=deadline)[0]
+
+    def read_current(
+        self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
+    ) -> tuple[tuple[RefValue, str] | None, SnapshotError | None]:
+        """The source of truth's ref (None: it has none); when the source of truth fails,
+        the first mirror's, with the failure that made it a stale answer. A mirror that
+        lacks the ref cannot say more than the outage: the outage is raised."""
+        dl = as_deadline(deadline, self.default_timeout)
+        try:
+            budget = dl.child(dl.remaining() * self.share)
+            return self.primary.read_ref(name, ref, deadline=budget), None
+        except _OUTAGE as e:
+            outage: SnapshotError = e
+            log.warning("read ref from %s failed (%s: %s); asking the mirrors (a stale answer)",
+                        self.primary.label, type(e).__name__, e)  # fmt: skip
+        mirrors = [s for s in self.stores if s is not self.primary]
         try:
             found, _ = self._first(
                 "read ref",
-                deadline,
-                lambda s, dl: _required(s.read_ref(name, ref, deadline=dl)),
-                truth_first=True,
+                dl,
+                lambda s, budget: _required(s.read_ref(name, ref, deadline=budget)),
+                stores=mirrors,
             )
-        except SnapshotNotFoundError:
-            return None
-        return found
+        except SnapshotError:
+            raise outage from None
+        return found, outage
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
         m, _ = self._first(
@@ -164,11 +207,9 @@ class FallbackStore(SourceStore):
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> SnapshotInfo:
-        fresh = not VersionId.is_version(ref)  # a ref may have moved; a version id cannot
-        info, _ = self._first(
-            "resolve", deadline, lambda s, dl: s.resolve(name, ref, deadline=dl), truth_first=fresh
-        )
-        return info
+        dl = as_deadline(deadline, self.default_timeout)
+        version = self.current_version(name, ref, deadline=dl)[0]  # the source of truth's
+        return SnapshotInfo.from_manifest(version, self.load_manifest(name, version, deadline=dl))
 
     def checkout(
         self,
@@ -282,6 +323,20 @@ class FallbackStore(SourceStore):
     def close(self) -> None:
         for store in self.stores:
             store.close()
+
+
+_OUTAGE = (StorageTimeoutError, BackendUnavailableError, IntegrityError, StoreNotFoundError)
+"""What makes a mirror's ref worth asking for: the source of truth did not answer (or
+answered with damage, or its bucket or folder is gone), as opposed to answering that the
+ref does not exist."""
+
+
+class _Answer(Exception):
+    """The source of truth's "not found": final, never a reason to ask a mirror."""
+
+    def __init__(self, error: SnapshotNotFoundError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 _FAILOVER = RetryPolicy(base=0.0, jitter=False)

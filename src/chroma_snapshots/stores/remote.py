@@ -102,12 +102,14 @@ class RemoteStore(SourceStore):
         label: str | None = None,
         signer: Signer | None = None,
         manifest_format: int = MANIFEST_FORMAT,
+        identity: str | None = None,
     ) -> None:
         if manifest_format not in (1, MANIFEST_FORMAT):
             raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
         self.manifest_format = manifest_format
         self.backend = backend
         self.label = label or repr(backend)
+        self.identity = identity or self.label
         self.signer = signer
         self.trust = signer.fingerprint if signer is not None else ""
         self.chunk_size = check_chunk_size(chunk_size)

@@ -75,7 +75,12 @@ class CachedStore(CacheSpace, DelegatingStore):
         self.inner: SourceStore = inner
         # One folder per store and per trust: a signed store must not be served what an
         # unsigned one cached from the same URL (unsigned caches keep their old folder).
-        identity = inner.label + (f"\0{inner.trust}" if inner.trust else "")
+        if not isinstance(inner, SourceStore):
+            raise TypeError(
+                f"CachedStore reads from a source store (RemoteStore, FallbackStore, "
+                f"DelegatingSourceStore), not {type(inner).__name__}"
+            )
+        identity = inner.identity + (f"\0{inner.trust}" if inner.trust else "")
         self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -113,12 +118,11 @@ class CachedStore(CacheSpace, DelegatingStore):
         dl = as_deadline(deadline, self.inner.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         d = self.dirs(name)
-        version, outage = self._current_version(name, ref, dl, stats)
-        stale = outage is not None
+        version, stale, only_cached = self._current_version(name, ref, dl, stats)
         try:
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
-                manifest, source = self._serve(name, version, outage, dl, stats, progress)
+                manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
                 d.touch(version)
                 pin = d.pin(version)
         except LockTimeout as e:
@@ -151,7 +155,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         with ``stale_ok``, the version this cache last saw ``ref`` name when the store does not
         answer (as :meth:`checkout` serves it)."""
         dl = as_deadline(deadline, self.inner.default_timeout)
-        version, _ = self._current_version(name, ref, dl, StatsRecorder())
+        version = self._current_version(name, ref, dl, StatsRecorder())[0]
         return SnapshotInfo.from_manifest(version, self.load_manifest(name, version, deadline=dl))
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
@@ -169,38 +173,59 @@ class CachedStore(CacheSpace, DelegatingStore):
         """The version ``ref`` names, with one small request (the ref), and whether it is a
         stale answer from the cache (``stale_ok`` and the store did not answer)."""
         dl = as_deadline(deadline, self.inner.default_timeout)
-        version, outage = self._current_version(name, ref, dl, StatsRecorder())
-        return version, outage is not None
+        version, stale, _ = self._current_version(name, ref, dl, StatsRecorder())
+        return version, stale
 
     def _current_version(
         self, name: str, ref: str, dl: Deadline, stats: StatsRecorder
-    ) -> tuple[str, SnapshotError | None]:
-        """The version to serve and, for a stale answer, the outage that made it stale."""
+    ) -> tuple[str, bool, SnapshotError | None]:
+        """The version to serve, whether the answer is stale, and for the version this
+        cache last saw the ref name (served stale: nothing else may be), the outage to
+        raise if that version is no longer cached."""
         if VersionId.is_version(ref):
-            return ref, None
+            return ref, False, None
         if (recent := self.recent_ref(name, ref)) is not None:
-            return recent, None
+            return recent, False, None
         d = self.dirs(name)
         try:
-            found = self.inner.read_ref(name, ref, deadline=dl)
+            found, outage = self.inner.read_current(name, ref, deadline=dl)
             stats.add(requests=1)
         except (BackendUnavailableError, StorageTimeoutError) as e:
-            version = d.recorded_ref(ref) if self.stale_ok else None
-            if version is None or not d.is_complete(version):
+            if (version := self._last_seen(name, ref)) is None:
                 raise  # never another version than the one this ref was last seen to name
+            return version, True, e
+        if outage is not None:  # a mirror answered for a source of truth that did not
+            # What this cache last read from the source of truth wins (a mirror may have
+            # missed a rollback); else the mirror's answer, flagged stale and not recorded.
+            if (version := self._last_seen(name, ref)) is not None:
+                return version, True, outage
+            if found is None:
+                raise outage
             log.warning(
-                "serving cached %s/%s for %r stale: the store did not answer (%s)",
+                "serving %s/%s for %r from a mirror, stale: the source of truth did "
+                "not answer (%s)",
                 name,
-                version,
+                found[0].version,
                 ref,
-                type(e).__name__,
+                type(outage).__name__,
             )
-            return version, e
+            return found[0].version, True, None
         d.record_ref(ref, None if found is None else found[0].version)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
         self._refs_read[(name, ref)] = (found[0].version, time.monotonic())
-        return found[0].version, None
+        return found[0].version, False, None
+
+    def _last_seen(self, name: str, ref: str) -> str | None:
+        """With ``stale_ok``, the version ``ref`` named when this cache last read it from
+        the source of truth, if that version is cached (logged: it is served stale)."""
+        d = self.dirs(name)
+        version = d.recorded_ref(ref) if self.stale_ok else None
+        if version is None or not d.is_complete(version):
+            return None
+        log.warning("serving cached %s/%s for %r stale: the store did not answer", name,
+                    version, ref)  # fmt: skip
+        return version
 
     def recent_ref(self, name: str, ref: str = "latest") -> str | None:
         """The version ``ref`` named when this process read it less than ``refresh_seconds``
@@ -215,7 +240,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         self,
         name: str,
         version: str,
-        outage: SnapshotError | None,
+        only_cached: SnapshotError | None,
         dl: Deadline,
         stats: StatsRecorder,
         progress: Progress | None,
@@ -224,8 +249,8 @@ class CachedStore(CacheSpace, DelegatingStore):
         manifest = self.cached_manifest(name, version)
         if manifest is not None:
             return manifest, self._repair(name, version, manifest, dl, stats)
-        if outage is not None:
-            raise outage  # evicted since the stale answer was chosen: nothing to serve
+        if only_cached is not None:
+            raise only_cached  # evicted since the stale answer was chosen: nothing to serve
         self.dirs(name).discard(version)  # what a damaged entry left, if anything
         manifest = self.inner.load_manifest(name, version, deadline=dl)
         stats.add(requests=1)
