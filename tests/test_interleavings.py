@@ -183,6 +183,7 @@ def _publisher_survives(label: str) -> Check:
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
 @pytest.mark.parametrize("label", ["A", "C"])  # A: a revert (identical, old packs); C: new
+@pytest.mark.timeout(3600 if LONG else 300)  # the long suite's sandwich: ~4,400 schedules
 def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age: float) -> None:
     def actors(
         w: World, a: RemoteStore, b: RemoteStore, _: Path
