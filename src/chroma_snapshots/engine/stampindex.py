@@ -18,11 +18,13 @@ also all be chunks of the parent version (``known``), or the file is read anyway
 
 Where: ``<tmp>/chroma-snapshots-stamps-<uid>/<sha256 of the key>.idx``, one small file per
 (folder real path, store, snapshot name, chunk size), at most :data:`MAX_INDEXES` of
-them (least recently written go first). Writes are a unique temp file and a rename.
+them and :data:`MAX_TOTAL_BYTES` in all (least recently used go first: a load that finds
+entries touches its file). Writes are a unique temp file and a rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,8 +43,10 @@ from pathlib import Path
 # the coarsest common timestamp granularity (FAT's 2 s; ext3/HFS+ 1 s) and the kernel's
 # coarse clock lag (a jiffy).
 RACY_NS = 2_000_000_000
-MAX_INDEXES = 64
+# A test suite's many throwaway folders evicted a real one's index at 64.
+MAX_INDEXES = 256
 MAX_INDEX_BYTES = 512 << 20
+MAX_TOTAL_BYTES = 512 << 20
 _MAGIC = b"chroma-snapshots stamps 2\n"
 _DIGEST = 32
 
@@ -79,6 +83,9 @@ class StampIndex:
         self._changed = False
         self.usable = _private_dir(self._dir, create=False)
         self._old = _load(self.path, self.key) if self.usable else _Table.empty()
+        if len(self._old):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)  # used: the last to be evicted
 
     def lookup(self, relpath: str, stamp: Stamp | None) -> tuple[str, ...] | None:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
@@ -215,18 +222,23 @@ def _decode(data: bytes, key: str) -> _Table:
 
 
 def _bound(d: Path) -> None:
-    """Keep the newest MAX_INDEXES indexes; drop temp files a crash left (older than an
-    hour: a live writer renames its own within seconds)."""
-    found: list[tuple[float, Path]] = []
+    """Keep the most recently used indexes, MAX_INDEXES and MAX_TOTAL_BYTES at most (the
+    newest always); drop temp files a crash left (older than an hour: a live writer
+    renames its own within seconds)."""
+    found: list[tuple[float, int, Path]] = []
     for p in d.iterdir():
         try:
-            mtime = p.stat().st_mtime
+            st = p.stat()
         except OSError:
             continue
         if p.name.endswith(".tmp"):
-            if mtime < time.time() - 3600:
+            if st.st_mtime < time.time() - 3600:
                 p.unlink(missing_ok=True)
         elif p.name.endswith(".idx"):
-            found.append((mtime, p))
-    for _, p in sorted(found, reverse=True)[MAX_INDEXES:]:
-        p.unlink(missing_ok=True)
+            found.append((st.st_mtime, st.st_size, p))
+    found.sort(reverse=True)
+    total = 0
+    for i, (_, size, p) in enumerate(found):
+        total += size
+        if i and (i >= MAX_INDEXES or total > MAX_TOTAL_BYTES):
+            p.unlink(missing_ok=True)
