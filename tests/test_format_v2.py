@@ -338,7 +338,8 @@ def _body(
     out = bytearray(_v(len(raw)) + raw + _v(1) + bytes.fromhex(_h(100)))
     out += _v(hashed, len(entries) - hashed)
     out += b"".join(bytes.fromhex(_h(i + 1)) for i in range(hashed))
-    out += _v(*(0 for _ in entries), *(e[0] for e in entries), *(e[1] for e in entries))
+    out += _v(*(0 for _ in entries), *(e[0] for e in entries), 2)  # packs, offsets, width
+    out += bytes(e[1] & 0xFF for e in entries) + bytes(e[1] >> 8 for e in entries)
     out += _v(*(0 for _ in entries), *(e[2] for e in entries), *bases)
     out += _v(1, 0, 1) + b"f" + _v(4096 * len(refs), 0o644, *refs) + _v(0)
     return _frame(bytes(out))
@@ -374,6 +375,15 @@ def test_hostile_layout_1_tables_are_refused(
 ) -> None:
     with pytest.raises(IntegrityError, match=match):
         manifest_v2.loads(_body(entries, hashed, bases, refs))
+
+
+def test_lengths_wider_than_a_chunk_are_refused() -> None:
+    body = bytearray(manifest_v2.decompress(_body(*_GOOD)))
+    at = body.index(bytes([2, 4000 & 0xFF]))  # the width, then the low bytes
+    for width in (5, 200):
+        body[at] = width
+        with pytest.raises(IntegrityError, match="wide"):
+            manifest_v2.loads(_frame(bytes(body)))
 
 
 @pytest.mark.parametrize(
