@@ -117,9 +117,9 @@ RELIABILITY = [
 
 @nox.session
 def reliability(session: nox.Session) -> None:
-    """The long reliability suite (bounded, ~40 min): more fault runs, 120+ crashes, a longer
-    soak, more fuzzing, every pair of step counts in the interleavings. Outcome counts go to
-    benchmarks/out/reliability/ (docs/RELIABILITY.md)."""
+    """The long reliability suite (bounded, ~55 min on 2 cores): more fault runs, 120+
+    crashes, a longer soak, more fuzzing, every pair of step counts in the interleavings.
+    Outcome counts go to benchmarks/out/reliability/ (docs/RELIABILITY.md)."""
     session.install("-e", ".[dev]", "-c", "constraints.txt")
     env = {
         "CHROMA_SNAPSHOTS_RELIABILITY": "long",

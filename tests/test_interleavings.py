@@ -183,7 +183,7 @@ def _publisher_survives(label: str) -> Check:
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
 @pytest.mark.parametrize("label", ["A", "C"])  # A: a revert (identical, old packs); C: new
-@pytest.mark.timeout(3600 if LONG else 300)  # the long suite's sandwich: ~4,400 schedules
+@pytest.mark.timeout(3600 if LONG else 300)  # the long suite's sandwich: ~11,000 schedules
 def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age: float) -> None:
     def actors(
         w: World, a: RemoteStore, b: RemoteStore, _: Path
@@ -192,7 +192,7 @@ def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age
         return {"A": lambda: a.publish(NAME, src), "B": lambda: _prune(min_age)(b)}
 
     figure = f"interleave-publish-{label}-vs-prune-{min_age:g}"
-    sandwich = LONG and (label, min_age) == ("A", 0.0)  # ~4,400 schedules: long suite only
+    sandwich = LONG and (label, min_age) == ("A", 0.0)  # ~11,000 schedules: long suite only
     check = _publisher_survives(label)
     assert explore(fresh, tmp_path, actors, check, figure, sandwich=sandwich) > 0
 

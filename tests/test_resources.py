@@ -46,7 +46,7 @@ def test_many_files_under_a_low_open_file_limit(tmp_path: Path) -> None:
 
 def test_peak_memory_does_not_grow_with_snapshot_size(tmp_path: Path) -> None:
     peaks: dict[str, int] = {}
-    # Memory is reads in flight (16 workers x up to 8 MiB), the allocator's arenas and the
+    # Memory is reads in flight (8 workers x up to 8 MiB), the allocator's arenas and the
     # interpreter: bounded by the concurrency, not by the snapshot (3 GiB figures in RESULTS.md).
     for size in (256 * MiB, 768 * MiB):
         label = f"{size // MiB} MiB"
