@@ -267,3 +267,32 @@ def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path) -> None:
     roots = {cache_of("http://127.0.0.1:1"), cache_of("http://127.0.0.1:2"), cache_of(None)}
     assert len(roots) == 3
     assert cache_of(None) == cache_of(None)
+
+
+def test_a_hung_mirror_costs_a_publish_a_share_of_its_time(tmp_path: Path) -> None:
+    """The publish stands once the source of truth has it; mirroring gets ``share`` of the
+    time left, so a hung mirror costs half the deadline, not all of it."""
+    import threading
+    import time
+
+    from chroma_snapshots import FallbackStore
+    from chroma_snapshots.backends.file import FileBackend
+
+    release = threading.Event()
+
+    class Hung(FileBackend):
+        def put(self, key: str, data: bytes, **kw: object) -> object:  # type: ignore[override]
+            release.wait(60)
+            raise ConnectionResetError(104, "released by the test")
+
+    efs = RemoteStore(Hung(tmp_path / "efs"), chunk_size=4096)
+    s3 = RemoteStore(open_backend(f"file://{tmp_path}/s3"), chunk_size=4096)
+    fb = FallbackStore([efs, s3], mirror=True)
+    try:
+        t0 = time.monotonic()
+        info = fb.publish("db", write_tree(tmp_path / "src", {"a": b"x" * 5000}), deadline=20)
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert s3.current_version("db") == (info.version, False)  # the publish stands
+    assert took < 15  # about half of the 20 s after the publish itself, never all of it

@@ -308,9 +308,12 @@ class FallbackStore(SourceStore):
         )
 
     def _mirror(self, name: str, version: str, dl: Deadline, ref: str = "latest") -> None:
+        """Copy ``version`` (and ``ref``) to each mirror, each within ``share`` of the time
+        left: the publish already stands, and a hung mirror must not hold its caller."""
         for source, store in self._mirrors:
+            budget = dl.child(dl.remaining() * self.share)
             try:
-                sync_version(source, store, name, version, ref=ref, deadline=dl)
+                sync_version(source, store, name, version, ref=ref, deadline=budget)
             except SnapshotError as e:
                 log.warning(
                     "mirroring %s/%s to %s failed (%s); the publish stands",
