@@ -25,7 +25,8 @@ from chroma_snapshots.stores.base import SnapshotStore
 from chroma_snapshots.stores.remote import RemoteStore
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
-from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
+from chroma_snapshots.testing.faults import FaultPlan
+from chroma_snapshots.testing.proxy import CountingProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,10 +248,11 @@ def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage
         assert proxy.requests == []  # the store was never contacted
         monkeypatch.delenv("CHROMA_SNAPSHOTS_OFFLINE")
         assert run(*base, "--offline", "ls")[0] == 7
-    with closed_endpoint() as url:
-        down = ["--endpoint-url", url, "--store", f"s3://{s3_bucket}/x", *cache]
-        assert run(*down, "checkout", "db")[0] == 7  # without --stale-ok: the outage's error
-        code, out, err = run(*down, "--stale-ok", "checkout", "db", "--json")
+        # the same endpoint, down (every connection reset): the cache is keyed by the
+        # endpoint, so an outage must keep the URL, not point somewhere else
+        proxy.faults = FaultPlan(1.0, kinds=("reset",))
+        assert run(*base, "checkout", "db")[0] == 7  # without --stale-ok: the outage's error
+        code, out, err = run(*base, "--stale-ok", "checkout", "db", "--json")
     assert code == 0, err
     assert json.loads(out)["info"]["version"] == version
     assert json.loads(out)["stale"] is True
