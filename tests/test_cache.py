@@ -26,7 +26,8 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import SnapshotStoreTests, read_tree, write_tree
-from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
+from chroma_snapshots.testing.faults import FaultPlan
+from chroma_snapshots.testing.proxy import CountingProxy
 
 CHUNK = 4096
 
@@ -203,27 +204,29 @@ def test_enospc_on_a_small_tmpfs(proxy: CountingProxy, s3_bucket: str, tmp_path:
 
 
 def test_stale_ok_serves_cache_when_store_is_unreachable(
-    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path
 ) -> None:
     src = _src(tmp_path)
-    good = CachedStore(_remote(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+    good = CachedStore(_remote(proxy.url, s3_bucket), tmp_path / "cache")
     version = good.publish("db", src).version
     good.checkout("db").release()
-    with closed_endpoint() as dead_url:  # nothing answers there, and nobody can take it
-        down = _remote(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
-        offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
-        with offline.checkout("db", deadline=5) as snap:
-            assert snap.stale
-            assert snap.info.version == version
-            assert read_tree(snap.path) == read_tree(src)
-        # the same answer from the other reads a caller makes before a checkout
-        assert offline.current_version("db", deadline=5) == (version, True)
-        assert offline.resolve("db", deadline=5).version == version
-        assert offline.resolve("db", version, deadline=5).version == version
-        assert offline.load_manifest("db", version, deadline=5).total_size > 0
-        strict = CachedStore(down, tmp_path / "cache")
-        with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
-            strict.checkout("db", deadline=5)
+    # The same endpoint goes down (every connection reset): a cache is keyed by the
+    # endpoint, so an outage keeps the URL rather than pointing at another one.
+    proxy.faults = FaultPlan(1.0, kinds=("reset",))
+    down = _remote(proxy.url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
+    with offline.checkout("db", deadline=5) as snap:
+        assert snap.stale
+        assert snap.info.version == version
+        assert read_tree(snap.path) == read_tree(src)
+    # the same answer from the other reads a caller makes before a checkout
+    assert offline.current_version("db", deadline=5) == (version, True)
+    assert offline.resolve("db", deadline=5).version == version
+    assert offline.resolve("db", version, deadline=5).version == version
+    assert offline.load_manifest("db", version, deadline=5).total_size > 0
+    strict = CachedStore(down, tmp_path / "cache")
+    with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
+        strict.checkout("db", deadline=5)
 
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
