@@ -61,6 +61,7 @@ def bench(session: nox.Session) -> None:
         "benchmarks/out/compare.json",
         "--plot",
         "benchmarks/figures/scaling.png",
+        "--one-core",
     )
     session.run(
         "python",
