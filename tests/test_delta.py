@@ -310,3 +310,40 @@ def test_sync_copies_a_version_with_its_chains(tmp_path: Path) -> None:
     assert dst_store.backend.get(key).data == src_store.backend.get(key).data
     assert read_tree(dst_store.checkout("db", dest=tmp_path / "out").path) == read_tree(src2)
     assert dst_store.verify("db", v2).ok
+
+
+@pytest.mark.parametrize("older", [True, False])
+def test_a_manifest_lying_about_places_cannot_break_a_warm_refresh(
+    tmp_path: Path, older: bool
+) -> None:
+    """A planted version whose table swaps two chunks' places (refused cold, served warm by
+    hash) must not make the cache apply an honest version's deltas to the wrong bases:
+    the chain is then read from the store, and the bytes are exact."""
+    from datetime import timedelta
+
+    store = _store()
+    cached = CachedStore(store, tmp_path / "cache")
+    d1 = os.urandom(SIZE)
+    d2 = _edit(d1, 1)
+    v1 = cached.publish("db", write_tree(tmp_path / "a", {"f.bin": d1})).version
+    cached.checkout("db", v1).release()
+    v2 = cached.publish("db", write_tree(tmp_path / "b", {"f.bin": d2})).version
+    cached.evict("db", v2)
+    m1 = store.load_manifest("db", v1)
+    a, b = (m1.chunks[h] for h in m1.files[0].chunks[:2])
+    lied = {
+        **m1.chunks,
+        a.hash: replace(a, pack=b.pack, offset=b.offset, length=b.length),
+        b.hash: replace(b, pack=a.pack, offset=a.offset, length=a.length),
+    }
+    shift = timedelta(seconds=-5 if older else 5)  # oldest or newest of the cached versions
+    mx = replace(m1, chunks=lied, created_at=m1.created_at + shift, message="lies")
+    data = manifest_v2.encode(mx)
+    vx = str(VersionId.for_manifest(data, mx.created_at))
+    store.backend.put(manifest_key("db", vx), data)
+    with pytest.raises(IntegrityError):
+        store.checkout("db", vx, tmp_path / "cold-x")
+    cached.checkout("db", vx).release()  # from the cache, by hash: now cached beside v1
+    got = cached.checkout("db", v2)
+    assert read_tree(got.path) == {"f.bin": d2}
+    got.release()

@@ -125,7 +125,8 @@ def test_format_1_fixture_store_is_readable(tmp_path: Path) -> None:
     ("manifest", "match"),
     [
         (_chain(MAX_CHAIN), None),
-        (_chain(MAX_CHAIN + 1), "longer than"),
+        # refused by the link count (at most MAX_CHAIN per hashed chunk) or the depth check
+        (_chain(MAX_CHAIN + 1), "longer than|more than such a manifest can hold"),
     ],
 )
 def test_chain_depth_is_bounded(manifest: Manifest, match: str | None) -> None:
@@ -419,3 +420,35 @@ def test_any_chain_entry_is_refused_or_valid(data: st.DataObject) -> None:
         for h in got.chunks:
             assert manifest_v2.chain_depth(got.chunks, h) <= MAX_CHAIN
         assert manifest_v2.loads(manifest_v2.encode(got)) == got
+
+
+def test_a_tiny_manifest_declaring_a_million_entries_is_refused_before_building_them() -> None:
+    """Counts are bounded by the bytes stored, not by what they decompress to: constant
+    columns of a million links compress to nothing, and sha256 hashes never do."""
+    head = canonical_json(
+        {"format": 2, "layout": 1, "name": "db", "parent": None, "publisher": "x",
+         "created_at": "2026-12-02T07:17:12.573743Z", "message": None,
+         "chunk_size": 4096, "metadata": {}}
+    )  # fmt: skip
+    links = (1 << 20) - 1
+    n = links + 1
+    out = bytearray()
+    manifest_codec.varint(out, len(head))
+    out += head
+    manifest_codec.varint(out, 1)  # one pack
+    out += b"\x11" * 32
+    manifest_codec.varint(out, 1)  # one hashed chunk ...
+    manifest_codec.varint(out, links)  # ... and a million links
+    out += b"\x22" * 32 + b"\0" * (2 * n)
+    manifest_codec.varint(out, 0)
+    out += b"\0" * (2 * n)
+    for value in (1, 0, 1):
+        manifest_codec.varint(out, value)
+    out += b"a"
+    for value in (4096, 0o644, 0, 0):
+        manifest_codec.varint(out, value)
+    compressed = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(bytes(out))
+    data = manifest_codec.MAGIC + compressed
+    assert len(data) < 1000
+    with pytest.raises(IntegrityError, match="more than such a manifest can hold"):
+        manifest_v2.loads(data)

@@ -126,9 +126,34 @@ def place_deltas(
         stored.update((h, ready[h]) for h in need if h in ready)
         stats.add(chunks_transferred=len(need) - len(todo))
         # in parallel slices: zstd and hashlib release the GIL
-        apply = partial(_apply, placer, table, have, stored)
+        failed: list[Chunk] = []
+        apply = partial(_apply, placer, table, have, stored, failed)
         parts = [batch[j : j + _SLICE] for j in range(0, len(batch), _SLICE)]
         wait_all([executor.submit(apply, p) for p in parts], deadline, "applying deltas")
+        if failed:
+            _apply_cold(failed, table, fetch, placer, stored, executor, deadline, stats, max_read)
+
+
+def _apply_cold(
+    chunks: list[Chunk],
+    table: Mapping[str, Chunk],
+    fetch: Fetch,
+    placer: Placer,
+    stored: dict[str, bytes],
+    executor: Executor,
+    deadline: Deadline,
+    stats: StatsRecorder,
+    max_read: int,
+) -> None:
+    """Place ``chunks`` from their whole chains, downloaded: a local base that matched
+    its own hash was still not the link the chain names (another cached manifest lied
+    about what sits at a place), so the store's bytes decide; wrong there is an error."""
+    need: dict[str, Chunk] = {}
+    for c in chunks:
+        _plan_chain(c, table, None, {}, need)
+    todo = [c for h, c in need.items() if h not in stored]
+    stored.update(_download(todo, fetch, executor, deadline, stats, max_read))
+    placer.place_many([(c.hash, _resolve(c, table, {}, stored)) for c in chunks])
 
 
 def _apply(
@@ -136,9 +161,20 @@ def _apply(
     table: Mapping[str, Chunk],
     have: Mapping[str, Buffer],
     stored: Mapping[str, bytes],
+    failed: list[Chunk],
     part: Sequence[Chunk],
 ) -> None:
-    placer.place_many([(c.hash, _resolve(c, table, have, stored)) for c in part])
+    """Decode and place ``part``; a chunk whose chain rested on a local base and still
+    decodes wrong goes to ``failed``, to be done from the store alone."""
+    done = []
+    for c in part:
+        try:
+            done.append((c.hash, _resolve(c, table, have, stored)))
+        except IntegrityError:
+            if not have:
+                raise
+            failed.append(c)  # list.append is atomic: slices run in parallel
+    placer.place_many(done)
 
 
 def _plan_chain(

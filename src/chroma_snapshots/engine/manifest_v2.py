@@ -36,6 +36,7 @@ from chroma_snapshots.engine.manifest_codec import (
 )
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, link_key
 from chroma_snapshots.engine.validation import (
+    MAX_CHAIN,
     MAX_CHUNK_REFS,
     MAX_CHUNK_SIZE,
     MAX_CHUNKS,
@@ -262,6 +263,15 @@ def decode(data: bytes) -> Manifest:
     links = r.count("chain links", MAX_CHUNKS - n, _MIN_ENTRY) if layout else 0
     if (32 + _MIN_ENTRY) * n + _MIN_ENTRY * links > r.left():
         raise IntegrityError(f"manifest lists {n} chunks and {links} links: more than present")
+    # Bounds on what was stored, not on what it decompressed to: sha256 hashes do not
+    # compress, so n of them need 32 n bytes of input; every link is on the chain of a
+    # hashed chunk, at most MAX_CHAIN each. A tiny body that declares a million entries
+    # is refused before anything is built for them.
+    if 32 * n > len(data) or links > MAX_CHAIN * n:
+        raise IntegrityError(
+            f"manifest of {len(data)} bytes lists {n} chunks and {links} links: "
+            "more than such a manifest can hold"
+        )
     hashes = [bytes(r.take(32, "chunk hash")).hex() for _ in range(n)]
     if len(set(hashes)) != n:
         raise IntegrityError("manifest: a chunk appears twice in the table")

@@ -116,7 +116,8 @@ class LocalChunks:
                 for i, h in enumerate(f.chunks):
                     c = manifest.chunks[h]
                     self._where[h].append((path, i * manifest.chunk_size, c.size))
-                    self._at[(c.pack, c.offset)] = h
+                    # the first tree offered (the newest version) says what is there
+                    self._at.setdefault((c.pack, c.offset), h)
 
     def __contains__(self, digest: str) -> bool:
         return digest in self._where
