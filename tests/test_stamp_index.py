@@ -12,10 +12,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from cli_inprocess import Run
 
 from chroma_snapshots import RemoteStore, open_backend
+from chroma_snapshots.config import ENV_TRUST_STAMPS, StoreConfig
 from chroma_snapshots.engine import chunking, stampindex
 from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.errors import ConfigError
 from chroma_snapshots.stores import remote, upload
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -200,3 +203,44 @@ def test_indexes_are_bounded_and_private(
     assert len(list(stamps.glob("*.idx"))) == 3
     assert stamps.stat().st_mode & 0o777 == 0o700
     assert not list(stamps.glob("*.tmp"))  # every write renamed its temp file
+
+
+@pytest.mark.usefixtures("stamps", "clean_env")
+def test_the_cli_trusts_stamps_unless_told_not_to(
+    tmp_path: Path, reads: list[str], run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``publish --no-stamps`` and CHROMA_SNAPSHOTS_TRUST_STAMPS=0 each reach the publish:
+    every file is read again; by default an unchanged folder reads none."""
+    src = _tree(tmp_path / "src")
+    store = str(tmp_path / "store")
+    everything = sorted(p.name for p in src.rglob("*") if p.is_file())
+    assert run("--store", store, "publish", "db", str(src))[0] == 0
+    cases: list[tuple[tuple[str, ...], str | None, list[str]]] = [
+        ((), None, []),
+        (("--no-stamps",), None, everything),
+        ((), "0", everything),
+        ((), "true", []),
+    ]
+    for flags, env, want in cases:
+        if env is None:
+            monkeypatch.delenv(ENV_TRUST_STAMPS, raising=False)
+        else:
+            monkeypatch.setenv(ENV_TRUST_STAMPS, env)
+        reads.clear()
+        code, _, err = run("--store", store, "publish", "db", str(src), *flags)
+        assert code == 0, err
+        assert sorted(reads) == want, (flags, env)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_bad_trust_stamps_value_is_a_config_error(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_TRUST_STAMPS, "maybe")
+    with pytest.raises(ConfigError, match=ENV_TRUST_STAMPS):
+        StoreConfig.from_env(url=str(tmp_path))
+    code, _, err = run("--store", str(tmp_path / "s"), "publish", "db", str(tmp_path))
+    assert code != 0
+    assert ENV_TRUST_STAMPS in err
+    monkeypatch.delenv(ENV_TRUST_STAMPS)
+    assert StoreConfig.from_env(url=str(tmp_path)).trust_stamps is True

@@ -40,6 +40,7 @@ ENV_UNSAFE_NO_CAS = "CHROMA_SNAPSHOTS_UNSAFE_NO_CAS"
 ENV_STALE_OK = "CHROMA_SNAPSHOTS_STALE_OK"
 ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
+ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
 _MODES = ("s3", "efs", "auto")
 
 
@@ -68,6 +69,8 @@ class StoreConfig:
     refresh_seconds: float | None = None
     # Never contact the stores: serve from the cache what its refs last named (stale reads).
     offline: bool = False
+    # Publish: trust the folder's stamp index for unchanged files (False: re-read them all).
+    trust_stamps: bool = True
 
     def __post_init__(self) -> None:
         check_store_url(self.url)
@@ -102,6 +105,7 @@ class StoreConfig:
             stale_ok=_flag(env, ENV_STALE_OK),
             refresh_seconds=_refresh(env),
             offline=_flag(env, ENV_OFFLINE),
+            trust_stamps=_flag(env, ENV_TRUST_STAMPS, default=True),
         )
 
 
@@ -156,11 +160,11 @@ def _signing(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
-def _flag(env: Mapping[str, str], var: str) -> bool:
+def _flag(env: Mapping[str, str], var: str, *, default: bool = False) -> bool:
     raw = env.get(var, "").strip().lower()
     if raw not in ("", "0", "1", "true", "false", "yes", "no"):
         raise ConfigError(f"{var}={raw!r} must be true or false")
-    return raw in ("1", "true", "yes")
+    return default if not raw else raw in ("1", "true", "yes")
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
@@ -267,7 +271,9 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     # ... and the endpoint: the same bucket behind two endpoints is two stores
     endpoint = cfg.s3_endpoint_url if url.startswith("s3://") else None
     identity = f"{label}\0{endpoint}" if endpoint else label
-    return RemoteStore(backend, label=label, signer=signer, identity=identity)
+    return RemoteStore(
+        backend, label=label, signer=signer, identity=identity, trust_stamps=cfg.trust_stamps
+    )
 
 
 def _offline(url: str) -> Backend:

@@ -77,9 +77,9 @@ def human_bytes(n: float) -> str:
 
 def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
-    URL, and each global flag given (``--cache-dir``, ``--endpoint-url``, ``--profile``,
-    ``--region``, ``--stale-ok``, ``--offline``) only its own setting: signing keys, timeouts,
-    cache size and the CAS opt-out still come from the environment."""
+    URL, and each flag given (``--cache-dir``, ``--endpoint-url``, ``--profile``, ``--region``,
+    ``--stale-ok``, ``--offline``, publish's ``--no-stamps``) only its own setting: signing
+    keys, timeouts, cache size and the CAS opt-out still come from the environment."""
     from chroma_snapshots.config import StoreConfig
 
     cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
@@ -92,7 +92,9 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
         "stale_ok": flags.get("stale_ok"),
         "offline": flags.get("offline"),
     }
-    return replace(cfg, **{k: v for k, v in changes.items() if v})
+    cfg = replace(cfg, **{k: v for k, v in changes.items() if v})
+    # publish --no-stamps: the one flag that turns a setting off
+    return replace(cfg, trust_stamps=False) if flags.get("no_stamps") else cfg
 
 
 def describe_error(err: BaseException) -> str:

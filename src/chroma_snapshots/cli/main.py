@@ -157,6 +157,12 @@ def _build() -> click.Group:
         help="Make a new version even if nothing changed since latest (by default, as in "
         "git, an unchanged folder makes none and latest stays).",
     )
+    @click.option(
+        "--no-stamps",
+        is_flag=True,
+        help="Read and hash every file instead of trusting the folder's stamp index for "
+        "unchanged ones (also CHROMA_SNAPSHOTS_TRUST_STAMPS=0).",
+    )
     @json_opt
     @click.pass_context
     def publish(
@@ -167,9 +173,12 @@ def _build() -> click.Group:
         message: str | None,
         dry_run: bool,
         allow_empty: bool,
+        no_stamps: bool,
         as_json: bool,
     ) -> None:
         from chroma_snapshots.stores.base import ANY, LATEST, Expected
+
+        ctx.obj["no_stamps"] = no_stamps
 
         if dry_run:
             from chroma_snapshots.cli.plan import describe_plan, plan_publish

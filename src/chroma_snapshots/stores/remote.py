@@ -87,7 +87,9 @@ class RemoteStore(SourceStore):
     deadline (seconds) of calls made with ``deadline=None``. ``workers`` is how many
     ranged reads (up to 8 MiB each, into one reused buffer per worker) a checkout runs at
     once: 8 fill a Lambda's network and keep a 3 GiB checkout near 260 MB of memory
-    (16 measured 410 MB and no faster; benchmarks/RESULTS.md).
+    (16 measured 410 MB and no faster; benchmarks/RESULTS.md). ``trust_stamps=False``
+    makes every publish re-read every file instead of trusting the folder's stamp index
+    (engine.stampindex; the threat model is in docs/SECURITY.md).
     """
 
     def __init__(
@@ -103,10 +105,12 @@ class RemoteStore(SourceStore):
         signer: Signer | None = None,
         manifest_format: int = MANIFEST_FORMAT,
         identity: str | None = None,
+        trust_stamps: bool = True,
     ) -> None:
         if manifest_format not in (1, MANIFEST_FORMAT):
             raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
         self.manifest_format = manifest_format
+        self.trust_stamps = trust_stamps
         self.backend = backend
         self.label = label or repr(backend)
         self.identity = identity or self.label
@@ -177,7 +181,7 @@ class RemoteStore(SourceStore):
         progress: Progress | None = None,
         parent_dir: ParentDir = None,
         allow_empty: bool = False,
-        stamps: bool = True,
+        stamps: bool | None = None,
     ) -> SnapshotInfo:
         """As :meth:`SnapshotStore.publish`. ``parent_dir``: a directory with a copy of the
         parent version's files (or a function from the parent's version id to one, or to
@@ -185,7 +189,7 @@ class RemoteStore(SourceStore):
         the same offset when that is under half their size. Every base read from it is
         hash-verified, so a modified copy only costs deltas. ``stamps=False``: re-read
         every file instead of trusting the stamp index for unchanged ones
-        (engine.stampindex)."""
+        (engine.stampindex); None: the store's ``trust_stamps``."""
         check_name(name)
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = checked_metadata(metadata)
@@ -202,7 +206,8 @@ class RemoteStore(SourceStore):
             level = self.compression_level
             bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
-                                self.compression_level, stamps)  # fmt: skip
+                                self.compression_level,
+                                self.trust_stamps if stamps is None else stamps)  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
