@@ -242,6 +242,10 @@ def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage
         assert json.loads(out)["info"]["version"] == version
         assert "offline: served what 'latest' named" in err
         assert "warning" not in err  # offline, a cached read is no failure
+        code, out, err = run(*base, "info", "db", "--json")  # the cached version's manifest
+        assert code == 0, err
+        assert json.loads(out)["info"]["version"] == version
+        assert json.loads(out)["files"] == ["a"]
         code, _, err = run(*base, "checkout", "other")
         assert code == 7
         assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err
@@ -252,6 +256,9 @@ def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage
         # endpoint, so an outage must keep the URL, not point somewhere else
         proxy.faults = FaultPlan(1.0, kinds=("reset",))
         assert run(*base, "checkout", "db")[0] == 7  # without --stale-ok: the outage's error
+        code, out, err = run(*base, "--stale-ok", "info", "db", "--json")
+        assert code == 0, err
+        assert json.loads(out)["info"]["version"] == version
         code, out, err = run(*base, "--stale-ok", "checkout", "db", "--json")
     assert code == 0, err
     assert json.loads(out)["info"]["version"] == version

@@ -270,7 +270,10 @@ def _build() -> click.Group:
             with about(store, name):
                 _chroma_info(store, name, resolve_ref(store, name, ref), as_json)
             return
-        source = source_of(ctx)  # manifests come from the source; the cache holds files
+        # Manifests come from the source, except offline or with --stale-ok: then the cache
+        # answers for the versions it holds, as a checkout would.
+        cfg = config_of(ctx)
+        source = store_of(ctx) if cfg.offline or cfg.stale_ok else source_of(ctx)
         with about(source, name):
             found = source.resolve(name, resolve_ref(source, name, ref))
         m = source.load_manifest(name, found.version)
