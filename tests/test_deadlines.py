@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from chroma_snapshots import Deadline, IntegrityError, RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.engine import deadline as deadline_module
+from chroma_snapshots.engine.deadline import run_within
 from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -128,3 +131,29 @@ def test_stalled_server_fails_within_the_deadline(
             )
         assert 1.5 < time.monotonic() - t < 3.0
         assert not (tmp_path / "out").exists()
+
+
+def test_calls_a_deadline_abandoned_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each timed-out call leaves its thread running; past the cap a new call is refused at
+    once (nothing started), and once the stuck calls return, calls run again."""
+    monkeypatch.setattr(deadline_module, "MAX_ABANDONED", deadline_module.abandoned_calls() + 3)
+    gate, started = threading.Event(), []
+
+    def stuck() -> None:
+        started.append(1)
+        gate.wait(30)
+
+    try:
+        for _ in range(3):
+            with pytest.raises(StorageTimeoutError, match="did not finish"):
+                run_within(Deadline(0.05), "a hung call", stuck)
+        with pytest.raises(StorageTimeoutError, match="abandoned by their deadlines"):
+            run_within(Deadline(5), "one more", stuck)
+        assert len(started) == 3  # the refused call never ran
+    finally:
+        gate.set()
+    for _ in range(500):  # the three threads return (no timing asserted: just wait)
+        if deadline_module.abandoned_calls() < deadline_module.MAX_ABANDONED:
+            break
+        time.sleep(0.01)
+    assert run_within(Deadline(5), "after", lambda: 42) == 42

@@ -124,8 +124,37 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
         assert error is not None
         raise error
     if pending:
+        _abandon(pending)
         raise StorageTimeoutError(f"{what} did not finish within the deadline")
     return [f.result() for f in futures]
+
+
+# Calls a deadline abandoned while they ran, in this process. Each holds a thread until it
+# returns: on a mount that hangs without the guard in front of it, that is never. Past the
+# cap a new pool is refused at once, so a wedged store costs a bounded number of threads.
+MAX_ABANDONED = 256
+_abandoned = 0
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_calls() -> int:
+    """How many calls abandoned by a deadline are still running in this process."""
+    return _abandoned
+
+
+def _abandon(futures: set[Future[Any]]) -> None:
+    global _abandoned
+    for f in futures:
+        if not f.cancelled():  # it had started: cancel() could not stop it
+            with _abandoned_lock:
+                _abandoned += 1
+            f.add_done_callback(_returned)  # runs at once if it has finished meanwhile
+
+
+def _returned(_: Future[Any]) -> None:
+    global _abandoned
+    with _abandoned_lock:
+        _abandoned -= 1
 
 
 _Task = tuple[Future[Any], Callable[[], Any]] | None  # None: a worker's signal to exit
@@ -143,10 +172,16 @@ class WorkerPool(Executor):
     an abandoned read would hold up the exit of a process whose call timed out.
 
     Leaving a ``with`` block cancels the calls not yet started and does not wait for
-    running ones (they are abandoned, see :func:`wait_all`).
+    running ones (they are abandoned, see :func:`wait_all`). While ``MAX_ABANDONED``
+    abandoned calls are still running, a new pool is a StorageTimeoutError.
     """
 
     def __init__(self, workers: int, name: str = "chroma-snapshots") -> None:
+        if _abandoned >= MAX_ABANDONED:
+            raise StorageTimeoutError(
+                f"{name}: {_abandoned} earlier calls abandoned by their deadlines are still "
+                "running (a store that hangs?); not starting more until they return"
+            )
         self._size = workers
         self._name = name
         self._tasks: queue.SimpleQueue[_Task] = queue.SimpleQueue()
