@@ -98,6 +98,9 @@ def test_a_planted_link_is_removed_not_followed(cached: CachedStore, tmp_path: P
     os.rename(old / "seg", tmp_path / "moved-seg")
     os.symlink(outside, old / "seg")
     os.symlink(outside / "data.bin", old / "db.sqlite3.link")
+    os.unlink(old / "db.sqlite3")  # a hard link to a file elsewhere, in a file's place
+    os.link(outside / "gone.bin", old / "db.sqlite3")
+    os.link(outside / "data.bin", old / "new")  # and where v2 has a folder
     _change(src)
     with cached.checkout("db", cached.publish("db", src).version) as snap:
         assert read_tree(snap.path) == read_tree(src)

@@ -22,11 +22,13 @@ releasing it may see it change (eviction would have deleted it instead).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
@@ -90,9 +92,10 @@ def plan_patch(
         before = old_files.get(f.path)
         if before is not None and f.path in intact:
             positions = _patch_intact(work / f.path, before, f)
-        elif before is not None:
+        elif before is not None and _own_file(work / f.path):
             positions = damaged_chunks(work, new, f)  # changed by a consumer: verify it
         else:
+            _clear(work / f.path)
             positions = _create(work / f.path, f)
         kept += f.size - sum(new.chunks[f.chunks[i]].size for i in positions)
         if positions:
@@ -106,6 +109,28 @@ def _intact(work: Path, f: FileEntry, stamp: Stamp | None) -> bool:
     return stamp is not None and stamp[0] == f.size and stamp_of(work / f.path) == stamp
 
 
+def _own_file(path: Path) -> bool:
+    """A regular file only this tree links to: a hard link to a file elsewhere (put there
+    by a consumer) is replaced, never truncated or written through; a link or folder
+    left at the path is removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return True
+    _clear(path)
+    return False
+
+
+def _clear(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    remove_tree(path) if stat.S_ISDIR(st.st_mode) else path.unlink()
+
+
 def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
     if before.size != f.size:
         os.truncate(path, f.size)
@@ -116,7 +141,7 @@ def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
 
 def _create(path: Path, f: FileEntry) -> list[int]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
+    with open(path, "xb") as fh:  # never through a link a consumer left
         fh.truncate(f.size)
     os.chmod(path, f.mode)
     return list(range(len(f.chunks)))
