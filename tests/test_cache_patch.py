@@ -150,3 +150,15 @@ def test_a_failed_patch_serves_nothing_and_leaves_nothing(
     assert not list((cached.dirs("db").root / "tmp").iterdir())
     with cached.checkout("db", v2) as snap:  # a cold checkout, then
         assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_warm_repair_never_writes_through_a_hard_link(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    src, old, v1 = _v1(cached, tmp_path)
+    outside = write_tree(tmp_path / "outside", {"x.bin": b"not yours" * 1000})
+    os.unlink(old / "db.sqlite3")
+    os.link(outside / "x.bin", old / "db.sqlite3")
+    with cached.checkout("db", v1) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+    assert (outside / "x.bin").read_bytes() == b"not yours" * 1000
