@@ -3,7 +3,8 @@
 A checkout needs some set of chunks. They are grouped by pack and sorted by
 offset; neighbours closer than ``max_gap`` are merged into one ranged read
 (reading a little waste beats a round trip), and reads are capped at
-``max_read`` so a whole pack is still fetched as several parallel requests.
+``max_read``: 8 MiB read whole into a worker's buffer, or, from a backend that
+streams (S3), 32 MiB (a whole pack) streamed through a 1 MiB buffer per worker.
 
 Reads still running when a call fails or times out are abandoned and only ever fill
 buffers of their own; the :class:`~chroma_snapshots.engine.placer.Placer` they write
