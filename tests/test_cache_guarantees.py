@@ -100,7 +100,12 @@ def up_down(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> Iterator[tuple[CachedStore, CachedStore]]:
     with closed_endpoint() as dead_url:  # nothing answers there, and nobody can take it
-        up = CachedStore(_s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+        # patch_in_place=False: these tests need every version ``up`` read kept cached (a
+        # version patched into a newer one leaves the cache: then the outage is raised)
+        up = CachedStore(
+            _s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache",
+            patch_in_place=False,
+        )  # fmt: skip
         down_remote = _s3_store(dead_url, s3_bucket, connect_timeout=0.5, max_attempts=1)
         yield up, CachedStore(down_remote, tmp_path / "cache", stale_ok=True)
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cli_inprocess import Run
 
+from chroma_snapshots import CachedStore
 from chroma_snapshots import config as config_module
 from chroma_snapshots.backends.cas import unchecked
 from chroma_snapshots.backends.s3 import S3Backend
@@ -201,9 +202,15 @@ def test_cache_lists_per_name_and_version_and_removes_on_request(tmp_path: Path,
     src = write_tree(tmp_path / "src", {"a": b"a" * 5000})
     v1 = _published(run, base, src)
     assert run(*base, "checkout", "db")[0] == 0
+    # held by this process, v1 stays cached (else v2 is built by patching it in place)
+    cache = config_module.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    assert isinstance(cache, CachedStore)
+    held = cache.hold("db", v1)
+    assert held is not None
     (src / "b").write_bytes(b"b" * 2000)
     v2 = _published(run, base, src)
     assert run(*base, "checkout", "db")[0] == 0
+    held[1].unlink()
     code, out, _ = run(*base, "cache", "ls")
     assert re.search(rf"db\s+{v1}\s+4\.9 KiB\s+\d+s ago", out)
     assert "db: 2 versions, 11.7 KiB" in out

@@ -239,7 +239,8 @@ def test_a_cached_version_with_deltas_is_repaired(tmp_path: Path) -> None:
     """A consumer overwrote part of a cached version made of deltas: the repair rebuilds
     those chunks, from the cached parent where it can, else from the chains."""
     store = _store()
-    cached = CachedStore(store, tmp_path / "cache")
+    # the parent stays cached (not patched into v2): the first repair reads from it
+    cached = CachedStore(store, tmp_path / "cache", patch_in_place=False)
     data = os.urandom(SIZE)
     cached.publish("db", write_tree(tmp_path / "a", {"seg/data_level0.bin": data}))
     parent = cached.checkout("db")

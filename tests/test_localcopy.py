@@ -21,7 +21,8 @@ CHUNK = 4096
 @pytest.fixture
 def cached(tmp_path: Path) -> CachedStore:
     remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK, pack_target=16 * CHUNK)
-    return CachedStore(remote, tmp_path / "cache")
+    # the copying path (an older version kept, e.g. pinned); patching: test_cache_patch.py
+    return CachedStore(remote, tmp_path / "cache", patch_in_place=False)
 
 
 @pytest.fixture

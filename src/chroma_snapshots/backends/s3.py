@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import http.client
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3errors import give_up_connecting, wrap_error
 from chroma_snapshots.engine.deadline import (
     Deadline,
@@ -49,6 +49,7 @@ from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConfigError,
+    IntegrityError,
     StorageTimeoutError,
 )
 
@@ -173,7 +174,7 @@ class S3Backend(Backend):
         want = min(end - start, len(buf))
 
         def read_into(body: Any) -> int:
-            direct = _direct_reader(body)
+            direct = direct_reader(body)
             if direct is not None:
                 return direct(buf[:want])
             got = 0
@@ -187,6 +188,59 @@ class S3Backend(Backend):
             return got
 
         return self._get_object(key, byte_range, read_into)[1]
+
+    def read_range(
+        self,
+        key: str,
+        byte_range: tuple[int, int],
+        buf: memoryview,
+        take: Callable[[memoryview, int], int],
+    ) -> int:
+        """Stream ``byte_range`` of ``key`` through ``buf`` with one GET: each time ``buf``
+        is full (or the range ends), ``take(view, offset)`` gets the bytes held, which
+        start at ``offset`` of the object, and says how many at the front it is done
+        with; the rest (a chunk cut by the buffer's end) moves to the front. A body that
+        stalls or breaks is asked for again from the first byte not held. Returns the bytes
+        received: fewer than asked only if the answer itself was shorter (the caller
+        judges that)."""
+        start, end = byte_range
+        pos, filled, tries = start, 0, 0  # buf[:filled] holds bytes [pos, pos + filled)
+        while pos + filled < end:
+            body = self._open_body(key, (pos + filled, end))
+            try:
+                while pos + filled < end:
+                    n = body.readinto(buf[filled : min(len(buf), end - pos)])
+                    if not n:
+                        return pos + filled - start
+                    filled += n
+                    if filled == len(buf) or pos + filled == end:
+                        used = take(buf[:filled], pos)
+                        if used <= 0 and filled == len(buf):
+                            raise IntegrityError(f"{key}: a chunk larger than a read buffer")
+                        buf[: filled - used] = bytes(buf[used:filled])  # at most one chunk
+                        pos, filled = pos + used, filled - used
+            except _BODY_ERRORS as e:
+                tries += 1
+                if tries >= self.settings.body_attempts:
+                    raise wrap_error(e, "get", key) from e
+            finally:
+                body.close()
+        return end - start
+
+    def _open_body(self, key: str, byte_range: tuple[int, int]) -> BodyReader:
+        try:
+            resp = self.client.get_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={byte_range[0]}-{byte_range[1] - 1}",
+            )
+        except _BODY_ERRORS as e:
+            raise wrap_error(e, "get", key) from e
+        except (ClientError, BotoCoreError) as e:
+            if range_refused(e):
+                raise past_end(key, byte_range[0]) from e
+            raise wrap_error(e, "get", key) from e
+        return BodyReader(resp["Body"])
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         cond: dict[str, str] = {}
@@ -315,39 +369,3 @@ class S3Backend(Backend):
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise BackendUnavailableError(f"delete {first.get('Key')}: {first.get('Code')}")
-
-
-def _direct_reader(body: Any) -> Callable[[memoryview], int] | None:
-    """A reader of a GET's body straight from the socket into the caller's buffer: one
-    copy, no temporary objects (urllib3's readinto allocates a bytes object per piece and
-    copies it again: with its per-call overhead ~0.3 CPU s per GiB, benchmarks/RESULTS.md).
-    Only for a body http.client reads as it came (not content-encoded); otherwise None and
-    the caller reads through botocore. A stall or a cut raises botocore's own errors, so
-    the caller's retry and error mapping stay the same."""
-    raw: Any = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
-    if not isinstance(fp, http.client.HTTPResponse) or raw.headers.get("content-encoding"):
-        return None
-
-    def read(view: memoryview) -> int:
-        got, clean = 0, False
-        try:
-            while got < len(view):
-                n = fp.readinto(view[got:])
-                if not n:
-                    if fp.length:  # http.client returns 0 when the peer hangs up mid-body
-                        raise http.client.IncompleteRead(b"", fp.length)
-                    break  # the whole answer, shorter than asked: the caller judges it
-                got += n
-            clean = fp.isclosed()  # the whole body read: the connection can be reused
-        except TimeoutError as e:
-            raise ReadTimeoutError(endpoint_url=str(getattr(raw, "url", "")), error=e) from e
-        except (OSError, http.client.HTTPException) as e:
-            raise ResponseStreamingError(error=e) from e
-        finally:
-            if not clean:
-                raw.close()  # never reuse a connection with unread or broken data
-            raw.release_conn()
-        return got
-
-    return read

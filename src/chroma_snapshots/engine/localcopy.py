@@ -8,7 +8,10 @@ stamp is intact (the caller's ``intact`` check: size, mtime, mode and ctime as t
 right after the file was written and verified, the check a warm checkout serves on)
 lends its runs of chunks that the new version has at the same offsets to
 ``os.copy_file_range``: the kernel copies (or, on XFS and btrfs, shares) the blocks, and
-no byte passes through the interpreter or the hash.
+no byte passes through the interpreter or the hash. On ext4 the kernel still copies every
+byte through the page cache, so a cache builds a new version by patching an older one in
+place when it may (stores/cache/patch.py); this copy is for when it may not (the older
+version is pinned, named by a ref, or kept for ``stale_ok``).
 
 Threat model: the copy trusts the same thing a warm checkout does, that a file nobody
 wrote to since it was verified still holds the verified bytes; a write changes the ctime

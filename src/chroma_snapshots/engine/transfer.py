@@ -3,7 +3,8 @@
 A checkout needs some set of chunks. They are grouped by pack and sorted by
 offset; neighbours closer than ``max_gap`` are merged into one ranged read
 (reading a little waste beats a round trip), and reads are capped at
-``max_read`` so a whole pack is still fetched as several parallel requests.
+``max_read``: 8 MiB read whole into a worker's buffer, or, from a backend that
+streams (S3), 32 MiB (a whole pack) streamed through a 1 MiB buffer per worker.
 
 Reads still running when a call fails or times out are abandoned and only ever fill
 buffers of their own; the :class:`~chroma_snapshots.engine.placer.Placer` they write
@@ -17,8 +18,10 @@ import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
@@ -220,6 +223,88 @@ def fetch_and_place(
             progress(so_far, total)
 
     wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
+
+
+# What a backend that streams a range through a buffer offers (backends/s3.py read_range):
+# one request carries a whole coalesced read of up to STREAM_MAX_READ bytes (a 16 MiB
+# pack is one request, not two) through a STREAM_BUFFER per worker. 1 MiB measured no
+# more CPU than 8 MiB and 56 MiB less peak RSS (8 workers; benchmarks/RESULTS.md).
+STREAM_MAX_READ = 32 << 20
+STREAM_BUFFER = 1 << 20
+Take = Callable[[memoryview, int], int]
+
+
+@runtime_checkable
+class RangeStreamer(Protocol):
+    def read_range(
+        self, key: str, byte_range: tuple[int, int], buf: memoryview, take: Take
+    ) -> int: ...
+
+
+# Streams a read through the calling worker's buffer into ``take``; returns bytes received.
+Stream = Callable[[Read, Take], int]
+
+
+def stream_and_place(
+    reads: list[Read],
+    stream: Stream,
+    placer: Placer,
+    keep: Callable[[Read, memoryview], None],
+    *,
+    executor: Executor,
+    deadline: Deadline,
+    stats: StatsRecorder,
+    progress: Progress | None,
+) -> None:
+    """As :func:`fetch_and_place`, for reads far larger than a worker's buffer: each is
+    one request streamed through the buffer, its chunks verified and placed as soon as
+    they are whole. Chunks that are deltas are not placed but handed to ``keep`` (the
+    delta stash) with the bytes that hold them."""
+    total = sum(r.end - r.start for r in reads)
+    done = [0]
+    done_lock = threading.Lock()
+
+    def run(r: Read) -> None:
+        deadline.check(f"reading pack {r.pack[:12]}")
+        seen = [0]  # chunks of r whole in some window so far (offset order)
+        got = stream(r, partial(_take_window, r, seen, placer, keep, deadline))
+        if got != r.end - r.start or seen[0] != len(r.chunks):
+            raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
+        placed = sum(1 for c in r.chunks if c.base is None)
+        stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
+        if progress is not None:
+            with done_lock:
+                done[0] += got
+                so_far = done[0]
+            progress(so_far, total)
+
+    wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
+
+
+def _take_window(
+    r: Read,
+    seen: list[int],
+    placer: Placer,
+    keep: Callable[[Read, memoryview], None],
+    deadline: Deadline,
+    view: memoryview,
+    offset: int,
+) -> int:
+    """Place the chunks wholly inside ``view`` (bytes from ``offset`` of the pack);
+    return how many bytes at its front are done with: up to the next chunk's start."""
+    end, i = offset + len(view), seen[0]
+    j = i
+    while j < len(r.chunks) and r.chunks[j].offset + r.chunks[j].length <= end:
+        j += 1
+    if j > i:
+        deadline.check(f"reading pack {r.pack[:12]}")
+        part = Read(r.pack, offset, end, r.chunks[i:j])
+        keep(part, view)
+        _decode_and_place(replace(part, chunks=tuple(c for c in part.chunks if c.base is None)),
+                          view, placer)  # fmt: skip
+        seen[0] = j
+    nxt = r.chunks[j].offset if j < len(r.chunks) else end
+    return min(nxt, end) - offset
 
 
 def _decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:

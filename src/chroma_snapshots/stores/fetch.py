@@ -14,11 +14,16 @@ from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import (
     DEFAULT_MAX_READ,
+    STREAM_BUFFER,
+    STREAM_MAX_READ,
     Placement,
+    RangeStreamer,
     Read,
+    Take,
     fetch_and_place,
     place_local,
     plan_reads,
+    stream_and_place,
 )
 
 
@@ -41,15 +46,25 @@ def fetch_into(
     # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.
     max_read = max(DEFAULT_MAX_READ, manifest.chunk_size)
     buffers = threading.local()  # one per worker, its own: memory is workers x max_read
+    stream_buffer = max(STREAM_BUFFER, manifest.chunk_size)  # holds any chunk whole
+
+    def buffer(kind: str, size: int) -> memoryview:
+        buf: bytearray | None = getattr(buffers, kind, None)
+        if buf is None:
+            buf = bytearray(size)
+            setattr(buffers, kind, buf)
+        return memoryview(buf)
 
     def fetch(r: Read) -> memoryview:
-        buf: bytearray | None = getattr(buffers, "buf", None)
-        if buf is None:
-            buf = buffers.buf = bytearray(max_read)
-        view = memoryview(buf)
+        view = buffer("whole", max_read)
         n = within(dl, lambda: backend.get_into(pack_key(name, r.pack), (r.start, r.end), view))
         stash.take(r, view[:n])
         return view[:n]
+
+    def stream(r: Read, take: Take) -> int:
+        assert isinstance(backend, RangeStreamer)
+        key, view = pack_key(name, r.pack), buffer("stream", stream_buffer)
+        return within(dl, lambda: backend.read_range(key, (r.start, r.end), view, take))
 
     try:
         if damaged is None:
@@ -61,13 +76,17 @@ def fetch_into(
             # stash the reads filled, so none is read twice.
             deltas = [c for c in todo if c.base is not None]
             stash = DeltaStash(deltas)
-            reads = [
-                replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
-                for r in plan_reads(todo, max_read=max_read)
-            ]
-            fetch_and_place(
-                reads, fetch, placer, executor=pool, deadline=dl, stats=stats, progress=progress
-            )
+            if isinstance(backend, RangeStreamer):  # fewer, larger requests, same buffers
+                reads = plan_reads(todo, max_read=max(STREAM_MAX_READ, max_read))
+                stream_and_place(reads, stream, placer, stash.take, executor=pool,
+                                 deadline=dl, stats=stats, progress=progress)  # fmt: skip
+            else:
+                reads = [
+                    replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
+                    for r in plan_reads(todo, max_read=max_read)
+                ]
+                fetch_and_place(reads, fetch, placer, executor=pool, deadline=dl,
+                                stats=stats, progress=progress)  # fmt: skip
             place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
                          deadline=dl, stats=stats, max_read=max_read, stash=stash)  # fmt: skip
         placer.finish()

@@ -25,6 +25,7 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def stamp_of(path: Path) -> Stamp | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
+
+
+def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
+    """Whether a file of a cached tree still has the stamp recorded when it was written
+    (the test a warm checkout serves on): a consumer's write changes its ctime."""
+
+    def intact(relpath: str) -> bool:
+        want = stamps.get(relpath)
+        return want is not None and stamp_of(tree / relpath) == want
+
+    return intact
 
 
 def pid_alive(pid: int) -> bool:

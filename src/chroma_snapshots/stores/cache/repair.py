@@ -35,8 +35,10 @@ def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry) -> list[int]:
     """Bring one file back to the manifest's size and mode and return the indexes of the
     chunks whose bytes differ (a missing file is recreated empty: every chunk differs)."""
     path = tree / f.path
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        remove_tree(path) if path.is_dir() else path.unlink()
+    linked = path.is_file() and not path.is_symlink() and os.lstat(path).st_nlink > 1
+    if path.is_symlink() or linked or (path.exists() and not path.is_file()):
+        # a link (soft or hard) may lead out of the cache: replaced, never written through
+        remove_tree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as fh:
         fh.truncate(f.size)

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -39,7 +39,8 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
-from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
+from chroma_snapshots.stores.cache.layout import stamp_check, stamp_of
+from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.cache.space import CacheSpace
 from chroma_snapshots.stores.delegating import DelegatingStore
@@ -59,6 +60,9 @@ class CachedStore(CacheSpace, DelegatingStore):
     ``stale=True``, if that version is cached; otherwise the outage's error is raised.
     ``refresh_seconds`` (read-consistency interval): trust what a ref named for that long
     before reading it again (None, the default: read it on every checkout).
+    ``patch_in_place`` (default True; off with ``stale_ok``): build a new version by
+    patching the newest cached version that no process pins and no ref names, which leaves
+    the cache (stores/cache/patch.py); False keeps it and copies its unchanged bytes.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         min_free_bytes: int = DEFAULT_MIN_FREE,
         stale_ok: bool = False,
         refresh_seconds: float | None = None,
+        patch_in_place: bool = True,
     ) -> None:
         super().__init__(inner)
         self.inner: SourceStore = inner
@@ -86,6 +91,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         self.min_free_bytes = min_free_bytes
         self.stale_ok = stale_ok
         self.refresh_seconds = refresh_seconds
+        self.patch_in_place = patch_in_place
         self._refs_read: dict[tuple[str, str], tuple[str, float]] = {}  # -> version, when
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._mlock = threading.Lock()
@@ -303,7 +309,7 @@ class CachedStore(CacheSpace, DelegatingStore):
             # newest first: its intact files lend their unchanged runs (engine/localcopy.py)
             for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:][::-1]:
                 if (m := self.cached_manifest(name, v)) is not None:
-                    local.add_tree(d.tree(v), m, intact=_stamp_check(d.tree(v), d.read_stamps(v)))
+                    local.add_tree(d.tree(v), m, intact=stamp_check(d.tree(v), d.read_stamps(v)))
             yield local
         finally:
             local.close()
@@ -318,11 +324,18 @@ class CachedStore(CacheSpace, DelegatingStore):
         progress: Progress | None,
     ) -> str:
         d = self.dirs(name)
-        self._make_room(manifest.total_size, keep=(name, version))
         work = d.work_dir(version)
         try:
+            # stale_ok may have to serve any version a ref named earlier: keep them all
+            patch = self.patch_in_place and not self.stale_ok
+            old = take_retired(d, version, work) if patch else None
+            base = 0 if old is None else old.manifest.total_size
+            self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
-                job = Placement(work, manifest, reuse=local)
+                only = None if old is None else plan_patch(work, old, manifest, stats)
+                if old is not None:  # its chunks about to be overwritten are delta bases
+                    local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
+                job = Placement(work, manifest, reuse=local, only=only)
                 source = self.inner.materialize(name, job, dl, stats, progress)
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
@@ -367,17 +380,6 @@ class CachedStore(CacheSpace, DelegatingStore):
                 source = self.inner.materialize(name, job, dl, stats)
         d.write_stamps(version, tree, manifest)
         return source
-
-
-def _stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
-    """Whether a file of a cached tree still has the stamp recorded when it was written
-    (the test a warm checkout serves on): a consumer's write changes its ctime."""
-
-    def intact(relpath: str) -> bool:
-        want = stamps.get(relpath)
-        return want is not None and stamp_of(tree / relpath) == want
-
-    return intact
 
 
 def _private_copy(src: Path, dest: Path) -> Path:

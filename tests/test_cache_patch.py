@@ -1,0 +1,164 @@
+"""A new cached version built by patching a retired older one in place
+(stores/cache/patch.py): only changed chunk positions are written, whatever a consumer did
+to the old tree is verified or removed, and versions someone holds are never taken."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> RemoteStore:
+    return RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK, pack_target=16 * CHUNK)
+
+
+@pytest.fixture
+def cached(remote: RemoteStore, tmp_path: Path) -> CachedStore:
+    return CachedStore(remote, tmp_path / "cache")
+
+
+def _v1(cached: CachedStore, tmp_path: Path) -> tuple[Path, Path, str]:
+    """Publish and cache v1; returns its source tree, its cached tree and its version."""
+    rng = random.Random(3)
+    src = write_tree(
+        tmp_path / "src",
+        {
+            "db.sqlite3": rng.randbytes(64 * CHUNK),
+            "seg/data.bin": rng.randbytes(32 * CHUNK + 100),
+            "seg/gone.bin": rng.randbytes(3 * CHUNK),
+        },
+    )
+    with cached.checkout("db", cached.publish("db", src).version) as snap:
+        return src, snap.path, snap.info.version
+
+
+def _change(src: Path) -> None:
+    """Two pages of one file, a file grown, one removed, one added, a mode changed."""
+    rng = random.Random(4)
+    with open(src / "db.sqlite3", "r+b") as f:
+        for page in (3, 40):
+            f.seek(page * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+    with open(src / "seg/data.bin", "ab") as f:
+        f.write(rng.randbytes(2 * CHUNK))
+    (src / "seg/gone.bin").unlink()
+    (src / "new").mkdir()
+    (src / "new/file.bin").write_bytes(rng.randbytes(CHUNK + 1))
+    os.chmod(src / "db.sqlite3", 0o600)
+
+
+def test_the_old_version_is_patched_into_the_new_one(cached: CachedStore, tmp_path: Path) -> None:
+    src, _, _ = _v1(cached, tmp_path)
+    _change(src)
+    v2 = cached.publish("db", src).version
+    with cached.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+        assert (snap.path / "db.sqlite3").stat().st_mode & 0o777 == 0o600
+        # changed chunks only: 2 pages, the grown tail (3 chunks), the new file (2 chunks)
+        assert 0 < snap.stats.bytes_downloaded <= 8 * CHUNK
+        total = sum(len(b) for b in read_tree(src).values())
+        assert snap.stats.bytes_reused >= total - 8 * CHUNK
+    assert cached.dirs("db").complete() == [v2]  # v1 became v2
+    assert not list((cached.dirs("db").root / "tmp").iterdir())
+    with cached.checkout("db", v2) as warm:  # stamped: a warm checkout serves it as is
+        assert warm.stats.bytes_downloaded == 0
+        assert warm.stats.bytes_reused == 0
+
+
+def test_a_consumer_write_to_the_old_copy_is_verified_away(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    src, old, _ = _v1(cached, tmp_path)
+    path = old / "seg/data.bin"
+    st = os.stat(path)
+    with open(path, "r+b") as f:  # in place, mtime put back: only the ctime tells
+        f.seek(5 * CHUNK)
+        f.write(b"\0" * CHUNK)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _change(src)
+    with cached.checkout("db", cached.publish("db", src).version) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_planted_link_is_removed_not_followed(cached: CachedStore, tmp_path: Path) -> None:
+    src, old, _ = _v1(cached, tmp_path)
+    outside = write_tree(tmp_path / "outside", {"data.bin": b"not yours", "gone.bin": b"x"})
+    before = read_tree(outside)
+    os.rename(old / "seg", tmp_path / "moved-seg")
+    os.symlink(outside, old / "seg")
+    os.symlink(outside / "data.bin", old / "db.sqlite3.link")
+    os.unlink(old / "db.sqlite3")  # a hard link to a file elsewhere, in a file's place
+    os.link(outside / "gone.bin", old / "db.sqlite3")
+    os.link(outside / "data.bin", old / "new")  # and where v2 has a folder
+    _change(src)
+    with cached.checkout("db", cached.publish("db", src).version) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+        assert not (snap.path / "seg").is_symlink()
+        assert not (snap.path / "db.sqlite3.link").exists()
+    assert read_tree(outside) == before
+
+
+def test_a_pinned_version_is_never_patched(cached: CachedStore, tmp_path: Path) -> None:
+    src, _, v1 = _v1(cached, tmp_path)
+    held = cached.checkout("db", v1)
+    want = read_tree(held.path)
+    _change(src)
+    v2 = cached.publish("db", src).version
+    with cached.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+    assert read_tree(held.path) == want
+    assert cached.dirs("db").complete() == sorted([v1, v2])
+    held.release()
+
+
+def test_a_version_a_ref_names_stays_cached(cached: CachedStore, tmp_path: Path) -> None:
+    src, _, v1 = _v1(cached, tmp_path)
+    cached.set_ref("db", "stable", v1, expected=None)
+    cached.checkout("db", "stable").release()
+    _change(src)
+    v2 = cached.publish("db", src).version
+    cached.checkout("db").release()  # latest
+    assert cached.dirs("db").complete() == sorted([v1, v2])
+
+
+def test_a_failed_patch_serves_nothing_and_leaves_nothing(
+    cached: CachedStore, remote: RemoteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _, _ = _v1(cached, tmp_path)
+    _change(src)
+    v2 = cached.publish("db", src).version
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(remote.backend, "get_into", broken)
+        with pytest.raises(SnapshotError):
+            cached.checkout("db", v2)
+    assert cached.dirs("db").complete() == []  # the retired copy went with the attempt
+    assert not list((cached.dirs("db").root / "tmp").iterdir())
+    with cached.checkout("db", v2) as snap:  # a cold checkout, then
+        assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_warm_repair_never_writes_through_a_hard_link(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    src, old, v1 = _v1(cached, tmp_path)
+    outside = write_tree(tmp_path / "outside", {"x.bin": b"not yours" * 1000})
+    os.unlink(old / "db.sqlite3")
+    os.link(outside / "x.bin", old / "db.sqlite3")
+    with cached.checkout("db", v1) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+    assert (outside / "x.bin").read_bytes() == b"not yours" * 1000

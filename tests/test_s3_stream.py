@@ -1,0 +1,130 @@
+"""Large coalesced reads streamed through a small buffer (S3Backend.read_range and
+engine/transfer.py stream_and_place): one request per read, chunks placed as they become
+whole, a broken body resumed from the first byte not held, a short answer refused."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ResponseStreamingError
+
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends import s3body
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.errors import IntegrityError
+from chroma_snapshots.stores import fetch
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.proxy import CountingProxy
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
+    with CountingProxy(moto_server.endpoint_url) as p:
+        yield p
+
+
+def _backend(proxy: CountingProxy, bucket: str) -> S3Backend:
+    return S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url))
+
+
+def _collect(backend: S3Backend, key: str, span: tuple[int, int], size: int) -> bytes:
+    """Stream ``span`` through a ``size``-byte buffer, taking odd amounts each time."""
+    out = bytearray()
+    rng = random.Random(1)
+
+    def take(view: memoryview, offset: int) -> int:
+        assert offset == span[0] + len(out)
+        n = len(view) if offset + len(view) == span[1] else rng.randrange(1, len(view) + 1)
+        out.extend(view[:n])
+        return n
+
+    got = backend.read_range(key, span, memoryview(bytearray(size)), take)
+    assert got == span[1] - span[0]
+    return bytes(out)
+
+
+def test_a_range_streams_through_a_small_buffer_in_one_request(
+    proxy: CountingProxy, s3_bucket: str
+) -> None:
+    backend = _backend(proxy, s3_bucket)
+    data = os.urandom(100_000)
+    backend.put("obj", data)
+    proxy.reset()
+    assert _collect(backend, "obj", (123, 99_001), 1000) == data[123:99_001]
+    assert len(proxy.reset()) == 1
+
+
+def test_a_broken_body_is_resumed_where_it_broke(
+    proxy: CountingProxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _backend(proxy, s3_bucket)
+    data = os.urandom(50_000)
+    backend.put("obj", data)
+    real, calls = s3body.BodyReader.readinto, [0]
+
+    def breaks_once(self: s3body.BodyReader, view: memoryview) -> int:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise ResponseStreamingError(error=ConnectionResetError("cut"))
+        return real(self, view)
+
+    monkeypatch.setattr(s3body.BodyReader, "readinto", breaks_once)
+    proxy.reset()
+    assert _collect(backend, "obj", (0, 50_000), 777) == data
+    ranges = [r for r in proxy.reset() if r.method == "GET"]
+    assert len(ranges) == 2  # the second asks only for what was not held
+
+
+def test_a_checkout_split_across_buffer_ends_is_exact(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a buffer of 1.2 chunks: nearly every chunk is cut by a buffer's end at least once
+    monkeypatch.setattr(fetch, "STREAM_BUFFER", CHUNK + CHUNK // 5)
+    remote = RemoteStore(_backend(proxy, s3_bucket), chunk_size=CHUNK, pack_target=64 * CHUNK)
+    cached = CachedStore(remote, tmp_path / "cache", patch_in_place=False)
+    rng = random.Random(5)
+    text = b"".join(b"row %d %s\n" % (i, rng.randbytes(8).hex().encode()) for i in range(9000))
+    src = write_tree(tmp_path / "src", {"db.sqlite3": text, "seg/a.bin": rng.randbytes(40 * CHUNK)})
+    cached.publish("db", src)
+    proxy.reset()
+    with cached.checkout("db") as snap:
+        assert read_tree(snap.path) == read_tree(src)
+    packs = [r for r in proxy.reset() if "/packs/" in r.path]
+    assert len(packs) == len({r.path for r in packs})  # one request per pack
+    with open(src / "seg/a.bin", "r+b") as f:  # changed chunks stored as deltas
+        for page in (3, 17, 30):
+            f.seek(page * CHUNK + 10)
+            f.write(b"changed")
+    cached.publish("db", src)
+    with cached.checkout("db") as snap:
+        assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_short_answer_is_refused(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = RemoteStore(_backend(proxy, s3_bucket), chunk_size=CHUNK, pack_target=16 * CHUNK)
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(8 * CHUNK)})
+    remote.publish("db", src)
+    real = S3Backend.read_range
+
+    def short(
+        self: S3Backend,
+        key: str,
+        span: tuple[int, int],
+        buf: memoryview,
+        take: Callable[[memoryview, int], int],
+    ) -> int:
+        return real(self, key, (span[0], span[1] - 1), buf, take)
+
+    monkeypatch.setattr(S3Backend, "read_range", short)
+    with pytest.raises(IntegrityError, match="short read"):
+        remote.checkout("db", dest=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
