@@ -165,6 +165,13 @@ def _compress(body: bytes) -> bytes:
     return zstandard.ZstdCompressor(write_content_size=True).compress(body)
 
 
+def test_a_body_cut_anywhere_is_refused() -> None:
+    body = manifest_v2.decompress(manifest_v2.encode(_rich()))
+    for end in range(len(body)):
+        with pytest.raises(IntegrityError):
+            manifest_v2.loads(manifest_codec.MAGIC + _compress(body[:end]))
+
+
 def test_a_chunk_of_the_wrong_size_inside_a_file_is_refused() -> None:
     m = _rich()
     chunks = dict(m.chunks)

@@ -15,7 +15,7 @@ from chroma_snapshots.engine.validation import (
     MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
     MAX_PATH_BYTES,
-    check_relpath,
+    check_relpaths,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -111,9 +111,16 @@ def read_varints(data: bytes, pos: int, n: int, what: str) -> tuple[list[int], i
 
 
 def read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
-    """One varint of ``data`` at ``pos`` and the position after it."""
-    (value,), pos = read_varints(data, pos, 1, what)
-    return value, pos
+    """One varint of ``data`` at ``pos`` and the position after it (ends within 9 bytes)."""
+    value, shift, end = 0, 0, min(len(data), pos + 9)
+    while pos < end:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise IntegrityError(f"manifest: bad or truncated number ({what})")
 
 
 def unzigzag(values: list[int]) -> list[int]:
@@ -186,9 +193,15 @@ class Reader:
         try:
             for _ in range(n):
                 common = data[pos]  # both numbers are mostly a byte: the rest is a call
-                common, pos = (common, pos + 1) if common < 0x80 else read_varint(data, pos, what)
+                if common < 0x80:
+                    pos += 1
+                else:
+                    common, pos = read_varint(data, pos, what)
                 rest = data[pos]
-                rest, pos = (rest, pos + 1) if rest < 0x80 else read_varint(data, pos, what)
+                if rest < 0x80:
+                    pos += 1
+                else:
+                    rest, pos = read_varint(data, pos, what)
                 if common > len(prev) or common + rest > MAX_PATH_BYTES:
                     raise IntegrityError(f"manifest: bad {what} encoding")
                 if pos + rest > len(data):
@@ -209,8 +222,7 @@ class Reader:
         except UnicodeDecodeError as e:
             raise IntegrityError(f"manifest: {what} is not UTF-8") from e
         self.pos, self.path_bytes = pos, total
-        for p in out:
-            check_relpath(p, what)
+        check_relpaths(out, what)  # each at most MAX_PATH_BYTES, checked above
         return out
 
 

@@ -12,6 +12,8 @@ built last, from the checked columns. Anything wrong is an IntegrityError.
 
 from __future__ import annotations
 
+from itertools import compress
+from operator import add, itemgetter, sub
 from typing import Any
 
 from chroma_snapshots.engine import validation as val
@@ -81,8 +83,8 @@ def decode(data: bytes) -> Manifest:
     if r.left():
         raise IntegrityError(f"manifest: {r.left()} bytes after the end")
     chunks = build_chunks(
-        t.keys, [packs[p] for p in t.packs], t.offsets, t.lengths, t.sizes, t.codecs,
-        [None if b is None else t.keys[b] for b in t.bases],
+        t.keys, list(map(packs.__getitem__, t.packs)), t.offsets, t.lengths, t.sizes,
+        t.codecs, t.base_keys(),
     )  # fmt: skip
     m = Manifest(**head, files=files, chunks=chunks, dirs=dirs, format_version=FORMAT)
     m.check_names_and_tree()
@@ -130,6 +132,15 @@ class _Table:
         self.codecs: list[str] = []
         self.bases: list[int | None] = []
 
+    def has_deltas(self) -> bool:
+        return self.bases.count(None) != len(self.bases)
+
+    def base_keys(self) -> list[str | None]:
+        """Each entry's base by its key (None for a keyframe)."""
+        if not self.has_deltas():
+            return [None] * len(self.bases)
+        return [None if b is None else self.keys[b] for b in self.bases]
+
 
 def _chunk_table(
     r: Reader, hashes: list[str], links: int, packs: list[str], cs: int, layout: int
@@ -148,7 +159,7 @@ def _chunk_table(
         raise IntegrityError("manifest: two chain links are at the same place")
     t = _Table(len(hashes), keys, pack_nos)
     t.offsets, t.lengths, t.sizes = offsets, lengths, sizes
-    t.codecs = [CODEC_NAMES[c] for c in codecs]
+    t.codecs = list(map(CODEC_NAMES.__getitem__, codecs))
     t.bases = _bases(r, codecs, len(hashes), layout)
     return t
 
@@ -165,26 +176,57 @@ def _places(
     """Each entry's offset and stored length, every one range-checked: a known pack and
     codec, a size of 1 to the chunk size, 1 to ``size`` stored bytes (exactly ``size`` if
     raw) inside the largest pack. An offset is coded against the previous entry's end when
-    both are in the same pack."""
+    both are in the same pack. The checks run on whole columns (min and max of each, in C);
+    if one fails, ``_refuse_entry`` finds the first entry that breaks a rule."""
+    lengths = list(map(sub, sizes, short))  # short >= 0: at most size
     offsets: list[int] = []
-    lengths: list[int] = []
-    prev_pack, end, raw, delta = -1, 0, CODEC_IDS["none"], CODEC_IDS["zdelta"]
+    append, prev_pack, end = offsets.append, -1, 0
+    for p, code, length in zip(pack_nos, offset_codes, lengths, strict=True):
+        end = code + end if p == prev_pack else code
+        append(end)
+        end += length
+        prev_pack = p
+    if offsets and not (
+        max(pack_nos) < npacks
+        and max(codecs) <= CODEC_IDS["zdelta"]
+        and max(sizes) <= cs  # sizes are at least 1: 0 codes cs
+        and min(lengths) >= 1
+        and min(offsets) >= 0
+        and max(map(add, offsets, lengths)) <= MAX_PACK_SIZE
+        and not any(compress(short, codecs.translate(_RAW)))
+    ):
+        _refuse_entry(pack_nos, offset_codes, short, sizes, codecs, npacks, cs)
+    return offsets, lengths
+
+
+_RAW = bytes([1] + [0] * 255)  # codec byte -> 1 for raw ("none") entries, else 0
+
+
+def _refuse_entry(
+    pack_nos: list[int],
+    offset_codes: list[int],
+    short: list[int],
+    sizes: list[int],
+    codecs: bytes,
+    npacks: int,
+    cs: int,
+) -> None:
+    """IntegrityError for the first entry that breaks a rule of ``_places``, entry by entry."""
+    prev_pack, end, raw = -1, 0, CODEC_IDS["none"]
     for i, (p, code, x, size, c) in enumerate(
         zip(pack_nos, offset_codes, short, sizes, codecs, strict=True)
     ):
-        if p >= npacks or c > delta or size > cs:  # sizes are at least 1: 0 codes cs
+        if p >= npacks or c not in CODEC_NAMES or size > cs:
             raise IntegrityError(f"chunk table entry {i}: bad pack, codec or size")
-        length = size - x  # x >= 0: at most size
+        length = size - x
         offset = code + end if p == prev_pack else code
         end = offset + length
         if length < 1 or offset < 0 or end > MAX_PACK_SIZE:
             raise IntegrityError(f"chunk table entry {i}: {length} bytes at {offset} impossible")
         if x and c == raw:
             raise IntegrityError(f"chunk table entry {i}: {length} raw bytes stored for {size}")
-        offsets.append(offset)
-        lengths.append(length)
         prev_pack = p
-    return offsets, lengths
+    raise IntegrityError("chunk table: an entry breaks a rule")  # not reached: they agree
 
 
 def _bases(r: Reader, codecs: bytes, hashed: int, layout: int) -> list[int | None]:
@@ -223,10 +265,18 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
     used: set[int] = set()
     prev, total = -1, 0
     for path in paths:
+        if pos + 2 > len(data):
+            raise IntegrityError(f"manifest: {path}: size and mode run past the end")
         size = data[pos]  # one byte for small files: read here, the rest by a call
-        size, pos = (size, pos + 1) if size < 0x80 else read_varint(data, pos, "file size")
-        mode = data[pos]
-        mode, pos = (mode, pos + 1) if mode < 0x80 else read_varint(data, pos, "file mode")
+        if size < 0x80:
+            pos += 1
+        else:
+            size, pos = read_varint(data, pos, "file size")
+        mode = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
+        if mode < 0x80:
+            pos += 1
+        else:
+            mode, pos = read_varint(data, pos, "file mode")
         if size > MAX_FILE_SIZE or mode > 0o777:
             raise IntegrityError(f"{path}: size {size} or mode {mode:o} out of range")
         refs = -(-size // cs)
@@ -236,7 +286,10 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
             raise IntegrityError(f"{path}: {refs} chunks, more than the manifest may hold")
         if refs == 1:  # most files of a tree of small ones
             z = data[pos]
-            z, pos = (z, pos + 1) if z < 0x80 else read_varint(data, pos, "chunk reference")
+            if z < 0x80:
+                pos += 1
+            else:
+                z, pos = read_varint(data, pos, "chunk reference")
             prev += 1 + ((z >> 1) ^ -(z & 1))
             if not 0 <= prev < hashed:
                 raise IntegrityError(f"{path}: chunk reference {prev} out of range")
@@ -244,6 +297,8 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
                 raise IntegrityError(f"{path}: chunk 0 missing from the table or of wrong size")
             used.add(prev)
             lists.append((keys[prev],))
+        elif not refs:
+            lists.append(())
         else:
             codes, pos = read_varints(data, pos, refs, "chunk reference")
             prev = _references(path, codes, prev, size, t, cs)
@@ -257,19 +312,22 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
 
 
 def _references(path: str, codes: list[int], prev: int, size: int, t: _Table, cs: int) -> int:
-    """A file's chunk references, decoded into ``codes`` in place; the last one is
-    returned. Each is a hashed entry of the size its place in the file needs: every chunk
+    """A file's chunk references (two or more), decoded into ``codes`` in place; the last
+    one is returned. Each is a hashed entry of the size its place in the file needs: every chunk
     of a file is a whole chunk but its last, which holds the rest."""
-    for k, z in enumerate(codes):
-        prev += 1 + ((z >> 1) ^ -(z & 1))
-        if not 0 <= prev < t.hashed:
-            raise IntegrityError(f"{path}: chunk reference {prev} out of range")
-        codes[k] = prev
-    sizes = t.sizes
-    if codes and (
-        sizes[codes[-1]] != size - cs * (len(codes) - 1) or any(sizes[i] != cs for i in codes[:-1])
-    ):
-        bad = next(k for k, i in enumerate(codes) if sizes[i] != min(cs, size - cs * k))
+    n = len(codes)
+    if not any(codes) and prev + n < t.hashed:  # the usual: each the entry after the last
+        codes[:] = range(prev + 1, prev + 1 + n)
+        prev += n
+    else:
+        for k, z in enumerate(codes):
+            prev += 1 + ((z >> 1) ^ -(z & 1))
+            if not 0 <= prev < t.hashed:
+                raise IntegrityError(f"{path}: chunk reference {prev} out of range")
+            codes[k] = prev
+    got: tuple[int, ...] = itemgetter(*codes)(t.sizes)  # a tuple: n >= 2 here
+    if got[-1] != size - cs * (n - 1) or got[:-1].count(cs) != n - 1:
+        bad = next(k for k, s in enumerate(got) if s != min(cs, size - cs * k))
         raise IntegrityError(f"{path}: chunk {bad} missing from the table or of wrong size")
     return prev
 
@@ -278,9 +336,9 @@ def _check_use(t: _Table, used: set[int]) -> None:
     """Every entry is a chunk a file uses or a link on a used chunk's delta chain; chains
     end in a keyframe within ``MAX_CHAIN`` deltas (no cycle). Files name hashed entries
     only, so a link is never used directly."""
-    if any(b is not None for b in t.bases):
+    if t.has_deltas():
         keys = t.keys
-        bases = {k: None if b is None else keys[b] for k, b in zip(keys, t.bases, strict=True)}
+        bases = dict(zip(keys, t.base_keys(), strict=True))
         need = len(val.check_chains(bases, [keys[i] for i in used]))
     else:
         need = len(used)
