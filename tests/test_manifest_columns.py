@@ -195,3 +195,16 @@ def test_decoding_leaves_the_collector_as_it_found_it(good: bool) -> None:
             assert not good
         assert gc.isenabled() == enabled
     gc.enable()
+
+
+@pytest.mark.parametrize("short", [0, 1, 200, 70_000, 20_000_000])
+def test_length_columns_of_every_width_read_back(short: int) -> None:
+    """Stored lengths are kept as size - length in 0 to 4 byte planes."""
+    cs = 1 << 26
+    chunks = [
+        Chunk(_h(1), _h(100), 0, cs - short, cs, "zstd" if short else "none"),
+        Chunk(_h(2), _h(100), cs, 5, 7, "zstd"),
+    ]
+    files = [FileEntry("f", cs + 7, 0o644, (_h(1), _h(2)))]
+    m = Manifest("db", T0, cs, tuple(files), {c.hash: c for c in chunks})
+    assert manifest_v2.loads(manifest_v2.encode(m)) == m

@@ -216,6 +216,9 @@ def check_chains(bases: Mapping[K, K | None], used: Iterable[K]) -> set[K]:
     missing from the table, a cycle, or a chain of more than ``MAX_CHAIN`` deltas."""
     depth: dict[K, int] = {}
     for h in used:
+        if bases.get(h, h) is None:  # a keyframe, most entries: no chain to walk
+            depth[h] = 0
+            continue
         path: list[K] = []
         x = h
         while x not in depth:
