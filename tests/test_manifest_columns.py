@@ -208,3 +208,29 @@ def test_length_columns_of_every_width_read_back(short: int) -> None:
     files = [FileEntry("f", cs + 7, 0o644, (_h(1), _h(2)))]
     m = Manifest("db", T0, cs, tuple(files), {c.hash: c for c in chunks})
     assert manifest_v2.loads(manifest_v2.encode(m)) == m
+
+
+@FUZZ
+@given(
+    paths=st.lists(
+        st.lists(st.sampled_from(["a", "ab", "é", "x" * 130, "é" * 70, "z"]), min_size=1).map(
+            "/".join
+        ),
+        max_size=8,
+    )
+)
+def test_front_coded_paths_read_back(paths: list[str]) -> None:
+    """The shared prefix is counted in bytes, also inside a multi-byte character."""
+    out = bytearray()
+    manifest_codec.front_coded(out, paths)
+    prev, r = b"", Reader(bytes(out))
+    for p in paths:
+        b = p.encode()
+        common = r.varint("x")
+        assert common == next(
+            (i for i, (x, y) in enumerate(zip(prev, b)) if x != y), min(len(prev), len(b))
+        )
+        rest = r.varint("x")
+        assert prev[:common] + bytes(r.take(rest, "x")) == b
+        prev = b
+    assert not r.left()
