@@ -228,7 +228,8 @@ def test_front_coded_paths_read_back(paths: list[str]) -> None:
         b = p.encode()
         common = r.varint("x")
         assert common == next(
-            (i for i, (x, y) in enumerate(zip(prev, b)) if x != y), min(len(prev), len(b))
+            (i for i, (x, y) in enumerate(zip(prev, b, strict=False)) if x != y),
+            min(len(prev), len(b)),
         )
         rest = r.varint("x")
         assert prev[:common] + bytes(r.take(rest, "x")) == b
