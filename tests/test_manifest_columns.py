@@ -18,7 +18,12 @@ from reliability import runs
 from chroma_snapshots.engine import manifest_codec, manifest_v2
 from chroma_snapshots.engine.manifest_codec import Reader, read_varints
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
-from chroma_snapshots.engine.validation import check_relpath, check_relpath_parts, check_tree
+from chroma_snapshots.engine.validation import (
+    check_relpath,
+    check_relpath_parts,
+    check_relpaths,
+    check_tree,
+)
 from chroma_snapshots.errors import IntegrityError
 
 FUZZ = settings(
@@ -235,3 +240,15 @@ def test_front_coded_paths_read_back(paths: list[str]) -> None:
         assert prev[:common] + bytes(r.take(rest, "x")) == b
         prev = b
     assert not r.left()
+
+
+@FUZZ
+@given(paths=st.lists(PATHLIKE, max_size=6))
+def test_paths_checked_together_as_one_by_one(paths: list[str]) -> None:
+    refused = [p for p in paths if _verdict(check_relpath_parts, p) is None]
+    why = ""
+    try:
+        check_relpaths(paths)
+    except IntegrityError as e:
+        why = str(e)
+    assert bool(why) == bool(refused)

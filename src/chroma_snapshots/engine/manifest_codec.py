@@ -215,7 +215,7 @@ class Reader:
     def paths(self, n: int, what: str) -> list[str]:
         """``n`` front-coded paths, each checked by ``check_relpath``."""
         data, pos, prev, total = self.buf, self.pos, b"", self.path_bytes
-        out: list[str] = []
+        raws: list[bytes] = []
         try:
             for _ in range(n):
                 common = data[pos]  # both numbers are mostly a byte: the rest is a call
@@ -241,14 +241,20 @@ class Reader:
                     raise IntegrityError(
                         f"manifest: its paths come to more than {MAX_MANIFEST_BYTES} bytes"
                     )
-                out.append(raw.decode())
+                raws.append(raw)
                 prev = raw
         except IndexError:
             raise IntegrityError(f"manifest: bad or truncated number ({what})") from None
+        self.pos, self.path_bytes = pos, total
+        # One decode of them all, NUL between: UTF-8 resynchronizes at every character, so
+        # it fails if and only if one of them is not UTF-8 on its own.
+        try:
+            out = b"\x00".join(raws).decode().split("\x00") if raws else []
         except UnicodeDecodeError as e:
             raise IntegrityError(f"manifest: {what} is not UTF-8") from e
-        self.pos, self.path_bytes = pos, total
-        check_relpaths(out, what)  # each at most MAX_PATH_BYTES, checked above
+        if len(out) != len(raws):  # one holds a NUL: check_relpath refuses it
+            out = [raw.decode() for raw in raws]
+        check_relpaths(out, what)
         return out
 
 
