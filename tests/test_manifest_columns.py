@@ -252,3 +252,17 @@ def test_paths_checked_together_as_one_by_one(paths: list[str]) -> None:
     except IntegrityError as e:
         why = str(e)
     assert bool(why) == bool(refused)
+
+
+@pytest.mark.parametrize("stray", [Chunk(_h(9), _h(100), 0, 5, 5, "none"), None])
+def test_validate_refuses_a_chunk_no_file_uses(stray: Chunk | None) -> None:
+    """With and without delta chains in the table (the check differs: no chain to walk)."""
+    m = _rich()
+    chunks = {h: c for h, c in m.chunks.items() if c.base is None or stray is None}
+    if stray is None:  # drop the file of the delta chain: its three entries are strays
+        m = Manifest("db", T0, CS, m.files[:2] + m.files[3:], m.chunks, dirs=m.dirs)
+    else:
+        files = tuple(f for f in m.files if f.path != "b")
+        m = Manifest("db", T0, CS, files, chunks | {stray.hash: stray}, dirs=m.dirs)
+    with pytest.raises(IntegrityError, match="no file uses"):
+        m.validate()
