@@ -277,6 +277,9 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
         mode = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
         if mode < 0x80:
             pos += 1
+        elif pos + 1 < len(data) and data[pos + 1] < 0x80:  # 0o644 and the like: 2 bytes
+            mode = mode & 0x7F | data[pos + 1] << 7
+            pos += 2
         else:
             mode, pos = read_varint(data, pos, "file mode")
         if size > MAX_FILE_SIZE or mode > 0o777:
