@@ -261,23 +261,24 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
     n = r.count("files", MAX_FILES, 4)  # path codes, size, mode
     paths = r.paths(n, "path")
     data, pos, keys, chunk_sizes, hashed = r.buf, r.pos, t.keys, t.sizes, t.hashed
+    end = len(data)
     sizes: list[int] = []
     modes: list[int] = []
     lists: list[tuple[str, ...]] = []
     used: set[int] = set()
     prev, total = -1, 0
     for path in paths:
-        if pos + 2 > len(data):
+        if pos + 2 > end:
             raise IntegrityError(f"manifest: {path}: size and mode run past the end")
         size = data[pos]  # one byte for small files: read here, the rest by a call
         if size < 0x80:
             pos += 1
         else:
             size, pos = read_varint(data, pos, "file size")
-        mode = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
+        mode = data[pos] if pos < end else 0x80  # past the end: read_varint refuses
         if mode < 0x80:
             pos += 1
-        elif pos + 1 < len(data) and data[pos + 1] < 0x80:  # 0o644 and the like: 2 bytes
+        elif pos + 1 < end and data[pos + 1] < 0x80:  # 0o644 and the like: 2 bytes
             mode = mode & 0x7F | data[pos + 1] << 7
             pos += 2
         else:
@@ -287,7 +288,7 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
         refs = -(-size // cs)
         total += refs
         # A reference takes a byte here (format 1: 67), so the count is bounded on its own.
-        if refs > len(data) - pos or total > MAX_CHUNK_REFS:
+        if refs > end - pos or total > MAX_CHUNK_REFS:
             raise IntegrityError(f"{path}: {refs} chunks, more than the manifest may hold")
         if refs == 1:  # most files of a tree of small ones
             z = data[pos]
