@@ -34,7 +34,14 @@ from chroma_snapshots.engine.manifest_codec import (
     varint,
     zigzag,
 )
-from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, link_key
+from chroma_snapshots.engine.models import (
+    Chunk,
+    FileEntry,
+    Manifest,
+    check_no_slices,
+    is_slice,
+    link_key,
+)
 from chroma_snapshots.engine.validation import (
     MAX_CHAIN,
     MAX_CHUNK_REFS,
@@ -68,7 +75,10 @@ __all__ = [
 FORMAT = 2
 # Layout 1 stores chain links no file uses without their hash (header "layout": 1);
 # layout 0 (no "layout" field) listed every entry with its hash and stays readable.
+# Layout 2 is layout 1 plus where each file of one chunk starts in it (bundled small
+# files, engine.bundles); it is written only for manifests that have such files.
 LAYOUT = 1
+LAYOUT_BUNDLED = 2
 CODEC_IDS = {"none": 0, "zstd": 1, "zdelta": 2}
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 _HEADER_KEYS = {
@@ -155,11 +165,13 @@ def by_place(m: Manifest) -> Manifest:
 
 
 def encode(m: Manifest) -> bytes:
-    """The format 2 (layout 1) bytes of ``m`` (deterministic for a given zstandard build)."""
+    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 2 if
+    a file is a slice of a bundle, else layout 1."""
+    layout = LAYOUT_BUNDLED if any(is_slice(f, m.chunks) for f in m.files) else LAYOUT
     header = canonical_json(
         {
             "format": FORMAT,
-            "layout": LAYOUT,
+            "layout": layout,
             "name": m.name,
             "parent": m.parent,
             "created_at": format_time(m.created_at),
@@ -193,13 +205,17 @@ def encode(m: Manifest) -> bytes:
             nxt += b == nxt
     varint(out, len(m.files))
     front_coded(out, [f.path for f in m.files])
-    prev = -1
+    prev, end = -1, 0  # end: where the previous file of one chunk ended in it
     for f in m.files:
         varint(out, f.size)
         varint(out, f.mode)
         for h in f.chunks:
             i = index[h]
             varint(out, zigzag(i - prev - 1))
+            if layout == LAYOUT_BUNDLED and len(f.chunks) == 1:
+                # bundled files follow each other: "where the last one ended" costs a 0
+                varint(out, zigzag(f.at - (end if i == prev else 0)))
+                end = f.at + f.size
             prev = i
     varint(out, len(m.dirs))
     front_coded(out, list(m.dirs))
@@ -276,12 +292,14 @@ def decode(data: bytes) -> Manifest:
     if len(set(hashes)) != n:
         raise IntegrityError("manifest: a chunk appears twice in the table")
     chunks = _chunk_table(r, hashes, links, packs, cs, layout)
-    files = _files(r, hashes, cs)
+    files = _files(r, hashes, cs, layout == LAYOUT_BUNDLED)
     dirs = tuple(r.paths(r.count("dirs", MAX_DIRS, 2), "dir"))
     if r.left():
         raise IntegrityError(f"manifest: {r.left()} bytes after the end")
     m = Manifest(**head, files=files, chunks=chunks, dirs=dirs, format_version=FORMAT)
     m.validate()
+    if layout != LAYOUT_BUNDLED:
+        check_no_slices(m, f"a layout {layout} manifest")
     return m
 
 
@@ -295,8 +313,8 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
     o = val.as_obj(raw, "manifest header", _HEADER_KEYS | ({"layout"} if layout_1 else set()))
     if o["format"] != FORMAT:
         raise IntegrityError(f"manifest header says format {o['format']!r}, not {FORMAT}")
-    if layout_1 and (type(o["layout"]) is not int or o["layout"] != LAYOUT):
-        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not {LAYOUT}")
+    if layout_1 and (type(o["layout"]) is not int or o["layout"] not in (LAYOUT, LAYOUT_BUNDLED)):
+        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1 or 2")
     cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if cs & (cs - 1):
         raise IntegrityError("chunk_size must be a power of two")
@@ -310,7 +328,7 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
         "message": val.as_opt_str(o["message"], "message"),
         "metadata": val.as_obj(o["metadata"], "metadata", None),
     }
-    return head, LAYOUT if layout_1 else 0
+    return head, o["layout"] if layout_1 else 0
 
 
 def _chunk_table(
@@ -368,11 +386,11 @@ def _bases(r: Reader, codecs: list[str], hashed: int, layout: int) -> list[int |
     return out
 
 
-def _files(r: Reader, hashes: list[str], cs: int) -> tuple[FileEntry, ...]:
+def _files(r: Reader, hashes: list[str], cs: int, bundled: bool) -> tuple[FileEntry, ...]:
     n = r.count("files", MAX_FILES, 4)  # path codes, size, mode
     paths = list(r.paths(n, "path"))
     out = []
-    prev, total = -1, 0
+    prev, total, end = -1, 0, 0
     for path in paths:
         size = r.varint("file size")
         mode = r.varint("file mode")
@@ -383,11 +401,15 @@ def _files(r: Reader, hashes: list[str], cs: int) -> tuple[FileEntry, ...]:
         # A reference takes a byte here (format 1: 67), so the count is bounded on its own.
         if refs > r.left() or total > MAX_CHUNK_REFS:
             raise IntegrityError(f"{path}: {refs} chunks, more than the manifest may hold")
-        idx = []
+        idx, last, at = [], prev, 0
         for _ in range(refs):
             prev = prev + 1 + r.zigzag("chunk reference")
             if not 0 <= prev < len(hashes):
                 raise IntegrityError(f"{path}: chunk reference {prev} out of range")
             idx.append(hashes[prev])
-        out.append(FileEntry(path, size, mode, tuple(idx)))
+        if bundled and refs == 1:
+            # validation refuses a slice before or past its chunk
+            at = (end if prev == last else 0) + r.zigzag("file offset")
+            end = at + size
+        out.append(FileEntry(path, size, mode, tuple(idx), at))
     return tuple(out)

@@ -202,7 +202,8 @@ class RemoteStore(SourceStore):
             level = self.compression_level
             bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
-                                self.compression_level, stamps)  # fmt: skip
+                                self.compression_level, stamps,
+                                bundle=self.manifest_format >= 2)  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
