@@ -129,12 +129,14 @@ def run(store: RemoteStore, src: Path, scenario: str, **kwargs: Any) -> Row:
     data = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     print(
         f"{scenario}: {wall:.2f} s wall, {cpu_s:.2f} s CPU, {info.stats.requests} requests, "
-        f"manifest {manifest:,} bytes = {manifest / max(1, data):.3f}x the data"
+        f"{info.stats.bytes_uploaded:,} bytes up, manifest {manifest:,} bytes = "
+        f"{manifest / max(1, data):.3f}x the data"
     )
     for k, v in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"    {k:28s} {v:7.3f} s")
     return {"scenario": scenario, "seconds": wall, "cpu_seconds": cpu_s, "stages": stages,
-            "manifest_bytes": manifest, "data_bytes": data}  # fmt: skip
+            "manifest_bytes": manifest, "data_bytes": data,
+            "bytes_uploaded": info.stats.bytes_uploaded}  # fmt: skip
 
 
 def main() -> None:
