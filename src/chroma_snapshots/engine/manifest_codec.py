@@ -9,19 +9,44 @@ an IntegrityError.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import zstandard
 
 from chroma_snapshots.engine.validation import (
     MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
     MAX_PATH_BYTES,
-    check_relpath,
+    check_relpaths,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 MAGIC = b"CSM\x02"
+FORMAT = 2
+# Layout 1 stores chain links no file uses without their hash (header "layout": 1);
+# layout 0 (no "layout" field) listed every entry with its hash and stays readable.
+LAYOUT = 1
+# Layout 2 is layout 1 plus where each file of one chunk starts in it (bundled small
+# files, engine.bundles); it is written only for manifests that have such files.
+LAYOUT_BUNDLED = 2
+CODEC_IDS = {"none": 0, "zstd": 1, "zdelta": 2}
+CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+HEADER_KEYS = {
+    "format",
+    "name",
+    "parent",
+    "created_at",
+    "publisher",
+    "message",
+    "chunk_size",
+    "metadata",
+}
+MAX_HEADER = 1 << 24  # name, message and metadata: JSON, bounded like a v1 manifest's
+MIN_ENTRY = 4  # bytes an entry takes at least: pack, offset, size, codec (+ its length)
+MAX_WIDTH = 4  # bytes of size - length: below the chunk size, at most 2^26
+
+
+def is_v2(data: bytes | memoryview) -> bool:
+    """True if ``data`` starts like a format 2 manifest."""
+    return bytes(data[: len(MAGIC)]) == MAGIC
 
 
 def varint(out: bytearray, n: int) -> None:
@@ -55,10 +80,64 @@ def front_coded(out: bytearray, paths: list[str]) -> None:
         prev = b
 
 
+def read_varints(data: bytes, pos: int, n: int, what: str) -> tuple[list[int], int]:
+    """``n`` varints of ``data`` from ``pos`` and the position after them: one loop over
+    the bytes, not a call per number, and one C call when every value is a single byte
+    (most columns: pack numbers, offset codes, chunk references). Each number ends within
+    9 bytes, as :meth:`Reader.varint` reads it."""
+    head = data[pos : pos + n]
+    if len(head) == n and head.isascii():  # no byte has its high bit set
+        return list(head), pos + n
+    out: list[int] = []
+    append = out.append
+    try:
+        for _ in range(n):
+            b = data[pos]
+            pos += 1
+            if b < 0x80:
+                append(b)
+                continue
+            v, shift = b & 0x7F, 7
+            while True:
+                b = data[pos]
+                pos += 1
+                v |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+                if shift > 56:
+                    raise IntegrityError(f"manifest: bad or truncated number ({what})")
+            append(v)
+    except IndexError:
+        raise IntegrityError(f"manifest: bad or truncated number ({what})") from None
+    return out, pos
+
+
+def read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """One varint of ``data`` at ``pos`` and the position after it (ends within 9 bytes)."""
+    value, shift, end = 0, 0, min(len(data), pos + 9)
+    while pos < end:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise IntegrityError(f"manifest: bad or truncated number ({what})")
+
+
+def unzigzag(values: list[int]) -> list[int]:
+    """The signed numbers :func:`zigzag` coded as ``values``."""
+    return [(z >> 1) ^ -(z & 1) for z in values]
+
+
 class Reader:
-    """Bounded reads from the decompressed body; IntegrityError past its end."""
+    """Bounded reads from the decompressed body; IntegrityError past its end. Columns are
+    read whole (``varints``, ``hashes``, ``paths``): a method call per number was most of
+    a manifest's decoding time."""
 
     def __init__(self, data: bytes) -> None:
+        self.buf = data
         self.data = memoryview(data)
         self.pos = 0
         # Front coding lets a 3-byte entry repeat a 4 KiB path: decoded path bytes are
@@ -66,7 +145,7 @@ class Reader:
         self.path_bytes = 0
 
     def left(self) -> int:
-        return len(self.data) - self.pos
+        return len(self.buf) - self.pos
 
     def take(self, n: int, what: str) -> memoryview:
         if n > self.left():
@@ -75,7 +154,7 @@ class Reader:
         return self.data[self.pos - n : self.pos]
 
     def varint(self, what: str) -> int:
-        n, shift, data = 0, 0, self.data
+        n, shift, data = 0, 0, self.buf
         while self.pos < len(data) and shift < 63:
             b = data[self.pos]
             self.pos += 1
@@ -84,6 +163,20 @@ class Reader:
                 return n
             shift += 7
         raise IntegrityError(f"manifest: bad or truncated number ({what})")
+
+    def varints(self, n: int, what: str) -> list[int]:
+        """A column of ``n`` unsigned numbers (``n`` already bounded by the bytes left)."""
+        out, self.pos = read_varints(self.buf, self.pos, n, what)
+        return out
+
+    def zigzags(self, n: int, what: str) -> list[int]:
+        """A column of ``n`` signed numbers."""
+        return unzigzag(self.varints(n, what))
+
+    def hashes(self, n: int, what: str) -> list[str]:
+        """``n`` 32-byte values as hex: one ``hex()`` of the column, then slices."""
+        col = self.take(32 * n, what).hex()
+        return [col[i : i + 64] for i in range(0, 64 * n, 64)]
 
     def count(self, what: str, most: int, min_bytes_each: int) -> int:
         """A count, bounded by the format and by the bytes it needs (before allocating)."""
@@ -96,25 +189,44 @@ class Reader:
         z = self.varint(what)
         return z >> 1 if not z & 1 else -((z + 1) >> 1)
 
-    def paths(self, n: int, what: str) -> Iterator[str]:
-        prev = b""
-        for _ in range(n):
-            common = self.varint(what)
-            rest = self.varint(what)
-            if common > len(prev) or common + rest > MAX_PATH_BYTES:
-                raise IntegrityError(f"manifest: bad {what} encoding")
-            raw = prev[:common] + bytes(self.take(rest, what))
-            self.path_bytes += len(raw)
-            if self.path_bytes > MAX_MANIFEST_BYTES:
-                raise IntegrityError(
-                    f"manifest: its paths come to more than {MAX_MANIFEST_BYTES} bytes"
-                )
-            try:
-                text = raw.decode()
-            except UnicodeDecodeError as e:
-                raise IntegrityError(f"manifest: {what} is not UTF-8") from e
-            yield check_relpath(text, what)
-            prev = raw
+    def paths(self, n: int, what: str) -> list[str]:
+        """``n`` front-coded paths, each checked by ``check_relpath``."""
+        data, pos, prev, total = self.buf, self.pos, b"", self.path_bytes
+        out: list[str] = []
+        try:
+            for _ in range(n):
+                common = data[pos]  # both numbers are mostly a byte: the rest is a call
+                if common < 0x80:
+                    pos += 1
+                else:
+                    common, pos = read_varint(data, pos, what)
+                rest = data[pos]
+                if rest < 0x80:
+                    pos += 1
+                else:
+                    rest, pos = read_varint(data, pos, what)
+                if common > len(prev) or common + rest > MAX_PATH_BYTES:
+                    raise IntegrityError(f"manifest: bad {what} encoding")
+                if pos + rest > len(data):
+                    raise IntegrityError(
+                        f"manifest: {what} runs past the end ({rest} bytes wanted)"
+                    )
+                raw = prev[:common] + data[pos : pos + rest]
+                pos += rest
+                total += len(raw)
+                if total > MAX_MANIFEST_BYTES:
+                    raise IntegrityError(
+                        f"manifest: its paths come to more than {MAX_MANIFEST_BYTES} bytes"
+                    )
+                out.append(raw.decode())
+                prev = raw
+        except IndexError:
+            raise IntegrityError(f"manifest: bad or truncated number ({what})") from None
+        except UnicodeDecodeError as e:
+            raise IntegrityError(f"manifest: {what} is not UTF-8") from e
+        self.pos, self.path_bytes = pos, total
+        check_relpaths(out, what)  # each at most MAX_PATH_BYTES, checked above
+        return out
 
 
 def decompress(data: bytes) -> bytes:

@@ -10,9 +10,9 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -35,6 +35,14 @@ MAX_CHUNK_REFS = 1 << 23  # chunk positions in all files: 512 GiB at 64 KiB chun
 MAX_CHAIN = 8  # deltas between a chunk and its keyframe: bounds what a cold reader fetches
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# A path check_relpath accepts, for ASCII paths (always NFC; a byte a character): 1 to
+# MAX_PATH_DEPTH components of 1 to MAX_COMPONENT_BYTES characters, none "." or "..", no
+# NUL or backslash. One C call instead of a split and a check per component; whatever it
+# does not match goes through the full checks, which say what is wrong.
+_COMPONENT = rf"(?!\.\.?(?:/|\x00|\Z))[\x01-\x2e\x30-\x5b\x5d-\x7f]{{1,{MAX_COMPONENT_BYTES}}}"
+_ASCII_PATH = rf"{_COMPONENT}(?:/{_COMPONENT}){{0,{MAX_PATH_DEPTH - 1}}}"
+_ASCII_RELPATH = re.compile(_ASCII_PATH)
+_ASCII_RELPATHS = re.compile(rf"{_ASCII_PATH}(?:\x00{_ASCII_PATH})*")  # NUL-separated
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VERSION_RE = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{12})")
 _TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -99,6 +107,27 @@ def check_relpath(path: object, what: str = "path") -> str:
     ``MAX_PATH_DEPTH`` components of at most ``MAX_COMPONENT_BYTES``, ``MAX_PATH_BYTES`` in all."""
     if not isinstance(path, str) or not path:
         raise IntegrityError(f"{what}: empty or not a string")
+    if path.isascii() and len(path) <= MAX_PATH_BYTES and _ASCII_RELPATH.fullmatch(path):
+        return path
+    return check_relpath_parts(path, what)
+
+
+def check_relpaths(paths: list[str], what: str = "path") -> None:
+    """:func:`check_relpath` for each of ``paths``: ASCII ones of at most ``MAX_PATH_BYTES``
+    by one regex over them joined by NUL (which no path may hold), the rest one by one."""
+    joined = "\x00".join(paths)
+    if not (
+        joined.isascii()
+        and max(map(len, paths), default=0) <= MAX_PATH_BYTES
+        and (not paths or _ASCII_RELPATHS.fullmatch(joined))
+    ):
+        for p in paths:
+            check_relpath(p, what)
+
+
+def check_relpath_parts(path: str, what: str = "path") -> str:
+    """:func:`check_relpath` component by component, for any string (its fast path is for
+    ASCII ones): the rules as written, and what says which one a path breaks."""
     parts = path.split("/")
     if len(parts) > MAX_PATH_DEPTH:
         raise IntegrityError(f"{what}: {len(parts)} components, more than {MAX_PATH_DEPTH}")
@@ -178,47 +207,67 @@ def as_hex64(o: object, what: str) -> str:
     return o
 
 
-def check_chains(bases: Mapping[str, str | None], used: Iterable[str]) -> set[str]:
+K = TypeVar("K", bound=Hashable)
+
+
+def check_chains(bases: Mapping[K, K | None], used: Iterable[K]) -> set[K]:
     """Every entry of a chunk table (hash -> its delta base or None) that the ``used``
     chunks need: themselves and the links of their delta chains. IntegrityError for a base
     missing from the table, a cycle, or a chain of more than ``MAX_CHAIN`` deltas."""
-    depth: dict[str, int] = {}
+    depth: dict[K, int] = {}
     for h in used:
-        path: list[str] = []
+        path: list[K] = []
         x = h
         while x not in depth:
             if x not in bases:
-                raise IntegrityError(f"chunk {h[:12]}: delta base {x[:12]} is not in the table")
+                raise IntegrityError(
+                    f"chunk {str(h)[:12]}: delta base {str(x)[:12]} is not in the table"
+                )
             base = bases[x]
             if base is None:
                 depth[x] = 0
                 break
             if x in path:
-                raise IntegrityError(f"chunk {h[:12]}: its delta chain is a cycle")
+                raise IntegrityError(f"chunk {str(h)[:12]}: its delta chain is a cycle")
             if len(path) >= MAX_CHAIN:
-                raise IntegrityError(f"chunk {h[:12]}: delta chain longer than {MAX_CHAIN}")
+                raise IntegrityError(f"chunk {str(h)[:12]}: delta chain longer than {MAX_CHAIN}")
             path.append(x)
             x = base
         d = depth[x]
         for y in reversed(path):
             d += 1
             if d > MAX_CHAIN:
-                raise IntegrityError(f"chunk {h[:12]}: delta chain longer than {MAX_CHAIN}")
+                raise IntegrityError(f"chunk {str(h)[:12]}: delta chain longer than {MAX_CHAIN}")
             depth[y] = d
     return set(depth)
 
 
 def check_tree(files: list[str], dirs: list[str]) -> None:
     """IntegrityError for a path listed twice (case-folded) or a path inside a file."""
+    keys = [p.casefold() for p in files + dirs]  # names that clash on a case-insensitive disk
+    file_keys = set(keys[: len(files)])
+    # Every directory some path is in: a parent already seen has its own parents in too.
+    parents: set[str] = set()
+    for k in keys:
+        i = k.rfind("/")
+        while i > 0 and k[:i] not in parents:
+            parents.add(k[:i])
+            i = k.rfind("/", 0, i)
+    if len(set(keys)) != len(keys) or not parents.isdisjoint(file_keys):
+        _refuse_tree(files + dirs, file_keys)
+
+
+def _refuse_tree(paths: list[str], file_keys: set[str]) -> None:
+    """The first clash or path inside a file in ``paths``, as an IntegrityError."""
     seen: set[str] = set()
-    for p in files + dirs:
-        key = p.casefold()  # two names that clash on a case-insensitive disk are refused too
+    for p in paths:
+        key = p.casefold()
         if key in seen:
             raise IntegrityError(f"duplicate path {p!r}")
         seen.add(key)
-    file_keys = {p.casefold() for p in files}
-    for p in files + dirs:
+    for p in paths:
         parts = p.casefold().split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in file_keys:
                 raise IntegrityError(f"path {p!r} is inside a file")
+    raise IntegrityError("a path clashes with another")  # not reached: the checks agree
