@@ -341,3 +341,44 @@ def test_damaged_layout_2_bytes_are_refused_or_valid(data: st.DataObject) -> Non
         if f.chunks:
             assert f.at + min(f.size, CS) <= got.chunks[f.chunks[0]].size
     assert manifest_v2.loads(manifest_v2.encode(got)) == got
+
+
+# A stored store of layouts 1 and 2 (tests/fixtures/make_v2_layout2_store.py): what this
+# code wrote must stay readable, whatever later code writes.
+LAYOUT12 = Path(__file__).parent / "fixtures" / "v2_layout12_store"
+
+
+def layout12_sources(root: Path) -> None:
+    """The fixture's trees, as v0, v1, v2 under ``root``."""
+    rng = random.Random(12)
+    big = bytearray(rng.randbytes(3 * 4096 + 100))
+    small = {f"conf/f{i:02d}.json": b'{"n": %d}\n' % i * (i % 5 + 1) for i in range(40)}
+    trees = [{"seg/data.bin": bytes(big)}]
+    for k in range(3):
+        big[k * 4096 + 7] ^= 0xFF
+    trees.append({"seg/data.bin": bytes(big), **small, "conf/empty.txt": b""})
+    trees.append({**trees[1], "conf/f07.json": b'{"n": "seven"}\n'})
+    for i, files in enumerate(trees):
+        write_tree(root / f"v{i}", files)
+
+
+def test_layout_1_and_2_fixture_store_is_readable(tmp_path: Path) -> None:
+    import shutil
+
+    root = shutil.copytree(LAYOUT12, tmp_path / "store")
+    store = RemoteStore(FileBackend(str(root)), chunk_size=4096)
+    layout12_sources(tmp_path / "src")
+    versions = sorted(p.name.removesuffix(".json") for p in (root / "db" / "manifests").iterdir()
+                      if p.name.endswith(".json"))  # fmt: skip
+    assert len(versions) == 3
+    layouts = []
+    for i, version in enumerate(versions):
+        m = store.load_manifest("db", version)
+        layouts.append(b'"layout":2' in manifest_v2.decompress(manifest_v2.dumps(m)))
+        out = store.checkout("db", version, tmp_path / f"out{i}")
+        assert read_tree(out.path) == read_tree(tmp_path / "src" / f"v{i}")
+        assert store.verify("db", version).ok
+    assert layouts == [False, True, True]
+    m1, m2 = (store.load_manifest("db", v) for v in versions[1:])
+    assert any(c.base is not None for c in m1.chunks.values())  # the large file's deltas
+    assert len(set(m2.chunks) - set(m1.chunks)) == 1  # one small file: one bundle
