@@ -18,7 +18,12 @@ from reliability import runs
 from chroma_snapshots.engine import manifest_codec, manifest_v2
 from chroma_snapshots.engine.manifest_codec import Reader, read_varints
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
-from chroma_snapshots.engine.validation import check_relpath, check_relpath_parts, check_tree
+from chroma_snapshots.engine.validation import (
+    check_relpath,
+    check_relpath_parts,
+    check_relpaths,
+    check_tree,
+)
 from chroma_snapshots.errors import IntegrityError
 
 FUZZ = settings(
@@ -195,3 +200,69 @@ def test_decoding_leaves_the_collector_as_it_found_it(good: bool) -> None:
             assert not good
         assert gc.isenabled() == enabled
     gc.enable()
+
+
+@pytest.mark.parametrize("short", [0, 1, 200, 70_000, 20_000_000])
+def test_length_columns_of_every_width_read_back(short: int) -> None:
+    """Stored lengths are kept as size - length in 0 to 4 byte planes."""
+    cs = 1 << 26
+    chunks = [
+        Chunk(_h(1), _h(100), 0, cs - short, cs, "zstd" if short else "none"),
+        Chunk(_h(2), _h(100), cs, 5, 7, "zstd"),
+    ]
+    files = [FileEntry("f", cs + 7, 0o644, (_h(1), _h(2)))]
+    m = Manifest("db", T0, cs, tuple(files), {c.hash: c for c in chunks})
+    assert manifest_v2.loads(manifest_v2.encode(m)) == m
+
+
+@FUZZ
+@given(
+    paths=st.lists(
+        st.lists(st.sampled_from(["a", "ab", "é", "x" * 130, "é" * 70, "z"]), min_size=1).map(
+            "/".join
+        ),
+        max_size=8,
+    )
+)
+def test_front_coded_paths_read_back(paths: list[str]) -> None:
+    """The shared prefix is counted in bytes, also inside a multi-byte character."""
+    out = bytearray()
+    manifest_codec.front_coded(out, paths)
+    prev, r = b"", Reader(bytes(out))
+    for p in paths:
+        b = p.encode()
+        common = r.varint("x")
+        assert common == next(
+            (i for i, (x, y) in enumerate(zip(prev, b, strict=False)) if x != y),
+            min(len(prev), len(b)),
+        )
+        rest = r.varint("x")
+        assert prev[:common] + bytes(r.take(rest, "x")) == b
+        prev = b
+    assert not r.left()
+
+
+@FUZZ
+@given(paths=st.lists(PATHLIKE, max_size=6))
+def test_paths_checked_together_as_one_by_one(paths: list[str]) -> None:
+    refused = [p for p in paths if _verdict(check_relpath_parts, p) is None]
+    why = ""
+    try:
+        check_relpaths(paths)
+    except IntegrityError as e:
+        why = str(e)
+    assert bool(why) == bool(refused)
+
+
+@pytest.mark.parametrize("stray", [Chunk(_h(9), _h(100), 0, 5, 5, "none"), None])
+def test_validate_refuses_a_chunk_no_file_uses(stray: Chunk | None) -> None:
+    """With and without delta chains in the table (the check differs: no chain to walk)."""
+    m = _rich()
+    chunks = {h: c for h, c in m.chunks.items() if c.base is None or stray is None}
+    if stray is None:  # drop the file of the delta chain: its three entries are strays
+        m = Manifest("db", T0, CS, m.files[:2] + m.files[3:], m.chunks, dirs=m.dirs)
+    else:
+        files = tuple(f for f in m.files if f.path != "b")
+        m = Manifest("db", T0, CS, files, chunks | {stray.hash: stray}, dirs=m.dirs)
+    with pytest.raises(IntegrityError, match="no file uses"):
+        m.validate()

@@ -64,18 +64,44 @@ def zigzag(n: int) -> int:
     return n * 2 if n >= 0 else -n * 2 - 1
 
 
+def varints(out: bytearray, values: list[int]) -> None:
+    """Append each of ``values`` as a varint: one ``bytes`` call when all are below 128."""
+    if not values:
+        return
+    if min(values) >= 0 and max(values) < 0x80:
+        out += bytes(values)
+        return
+    append = out.append
+    for n in values:
+        if n < 0:
+            raise InvalidInputError(f"format 2 cannot encode {n}: the manifest is invalid")
+        while n >= 0x80:
+            append((n & 0x7F) | 0x80)
+            n >>= 7
+        append(n)
+
+
+def zigzags(values: list[int]) -> list[int]:
+    """:func:`zigzag` of each of ``values``."""
+    return [n * 2 if n >= 0 else -n * 2 - 1 for n in values]
+
+
 def front_coded(out: bytearray, paths: list[str]) -> None:
-    """Append each path as (bytes shared with the previous one, the rest)."""
+    """Append each path as (bytes shared with the previous one, the rest). The shared bytes
+    are counted by one XOR of the two prefixes as integers: its leading zero bytes."""
     prev = b""
     for p in paths:
         b = p.encode()
-        common = 0
-        for x, y in zip(prev, b, strict=False):
-            if x != y:
-                break
-            common += 1
-        varint(out, common)
-        varint(out, len(b) - common)
+        n = min(len(prev), len(b))
+        x = int.from_bytes(prev[:n], "big") ^ int.from_bytes(b[:n], "big")
+        common = n - (x.bit_length() + 7) // 8
+        rest = len(b) - common
+        if common < 0x80 and rest < 0x80:
+            out.append(common)
+            out.append(rest)
+        else:
+            varint(out, common)
+            varint(out, rest)
         out += b[common:]
         prev = b
 
@@ -192,7 +218,7 @@ class Reader:
     def paths(self, n: int, what: str) -> list[str]:
         """``n`` front-coded paths, each checked by ``check_relpath``."""
         data, pos, prev, total = self.buf, self.pos, b"", self.path_bytes
-        out: list[str] = []
+        raws: list[bytes] = []
         try:
             for _ in range(n):
                 common = data[pos]  # both numbers are mostly a byte: the rest is a call
@@ -218,14 +244,20 @@ class Reader:
                     raise IntegrityError(
                         f"manifest: its paths come to more than {MAX_MANIFEST_BYTES} bytes"
                     )
-                out.append(raw.decode())
+                raws.append(raw)
                 prev = raw
         except IndexError:
             raise IntegrityError(f"manifest: bad or truncated number ({what})") from None
+        self.pos, self.path_bytes = pos, total
+        # One decode of them all, NUL between: UTF-8 resynchronizes at every character, so
+        # it fails if and only if one of them is not UTF-8 on its own.
+        try:
+            out = b"\x00".join(raws).decode().split("\x00") if raws else []
         except UnicodeDecodeError as e:
             raise IntegrityError(f"manifest: {what} is not UTF-8") from e
-        self.pos, self.path_bytes = pos, total
-        check_relpaths(out, what)  # each at most MAX_PATH_BYTES, checked above
+        if len(out) != len(raws):  # one holds a NUL: check_relpath refuses it
+            out = [raw.decode() for raw in raws]
+        check_relpaths(out, what)
         return out
 
 

@@ -12,6 +12,8 @@ built last, from the checked columns. Anything wrong is an IntegrityError.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from itertools import compress
 from operator import add, itemgetter, sub
 from typing import Any
@@ -362,11 +364,23 @@ def _check_use(t: _Table, used: set[int]) -> None:
 
 
 def _read_planes(r: Reader, n: int) -> list[int]:
+    """A column of ``n`` numbers stored as ``width`` byte planes, low byte first: the
+    planes are interleaved into little-endian 16- or 32-bit integers, read as an array."""
     width = r.varint("length width")
     if width > MAX_WIDTH or width * n > r.left():
         raise IntegrityError(f"manifest: lengths {width} bytes wide: more than allowed or present")
-    values = list(r.take(n, "lengths")) if width else [0] * n
-    for k in range(1, width):
-        plane = r.take(n, "lengths")
-        values = [v | (b << (8 * k)) for v, b in zip(values, plane, strict=True)]
-    return values
+    if width <= 1:
+        return list(r.take(n, "lengths")) if width else [0] * n
+    item = _UINT16 if width == 2 else _UINT32
+    buf = bytearray(item.itemsize * n)
+    for k in range(width):
+        buf[k :: item.itemsize] = r.take(n, "lengths")
+    values = array(item.typecode, buf)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+_UINT16, _UINT32 = array("H"), array("I" if array("I").itemsize == 4 else "L")
+if _UINT16.itemsize != 2 or _UINT32.itemsize != 4:
+    raise ImportError("manifest_read: no 16- and 32-bit array types here")

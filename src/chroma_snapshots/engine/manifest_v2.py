@@ -20,9 +20,12 @@ than ``MAX_CHAIN``). Anything wrong is an IntegrityError.
 from __future__ import annotations
 
 import gc
+import sys
+from array import array
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from itertools import chain
 
 import zstandard
 
@@ -36,10 +39,11 @@ from chroma_snapshots.engine.manifest_codec import (
     front_coded,
     is_v2,
     varint,
-    zigzag,
+    varints,
+    zigzags,
 )
 from chroma_snapshots.engine.manifest_read import decode
-from chroma_snapshots.engine.models import Chunk, Manifest, is_slice, link_key
+from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice, link_key
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, canonical_json, format_time
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -112,16 +116,14 @@ def table_order(m: Manifest) -> tuple[list[str], list[str]]:
     """The table's two parts: the chunks files use, in first-use order through the files
     (stored with their hash), then the chain links no file uses (stored by place), in the
     order deltas first name them, so a base reference is mostly "the next link"."""
-    used: dict[str, None] = {}
-    for f in m.files:
-        used.update(dict.fromkeys(f.chunks))
-    order, seen = list(used), set(used)
+    used = dict.fromkeys(chain.from_iterable(f.chunks for f in m.files))
+    order, seen, table = list(used), set(used), m.chunks
     for key in order:  # grows while it runs: links of links
-        base = m.chunks[key].base
+        base = table[key].base
         if base is not None and base not in seen:
             seen.add(base)
             order.append(base)
-    order += sorted(set(m.chunks) - seen)  # none in a valid manifest: readers refuse them
+    order += sorted(set(table) - seen)  # none in a valid manifest: readers refuse them
     return order[: len(used)], order[len(used) :]
 
 
@@ -158,40 +160,28 @@ def encode(m: Manifest) -> bytes:
     )
     hashed, links = table_order(m)
     order = hashed + links
-    index = {h: i for i, h in enumerate(order)}
+    index = dict(zip(order, range(len(order)), strict=True))
     chunks = [m.chunks[h] for h in order]
     packs = sorted({c.pack for c in chunks})
     out = bytearray()
     varint(out, len(header))
     out += header
     varint(out, len(packs))
-    for p in packs:
-        out += bytes.fromhex(p)
+    out += bytes.fromhex("".join(packs))
     varint(out, len(hashed))
     varint(out, len(links))
-    for h in hashed:
-        out += bytes.fromhex(h)
-    _chunk_columns(out, chunks, {p: i for i, p in enumerate(packs)}, m.chunk_size)
-    nxt = len(hashed)  # the next link a base may name for the first time
+    out += bytes.fromhex("".join(hashed))
+    _chunk_columns(out, chunks, dict(zip(packs, range(len(packs)), strict=True)), m.chunk_size)
+    bases, nxt = [], len(hashed)  # the next link a base may name for the first time
     for c in chunks:
         if c.base is not None:
             b = index[c.base]
-            varint(out, zigzag(b - nxt))
+            bases.append(b - nxt)
             nxt += b == nxt
+    varints(out, zigzags(bases))
     varint(out, len(m.files))
     front_coded(out, [f.path for f in m.files])
-    prev, end = -1, 0  # end: where the previous file of one chunk ended in it
-    for f in m.files:
-        varint(out, f.size)
-        varint(out, f.mode)
-        for h in f.chunks:
-            i = index[h]
-            varint(out, zigzag(i - prev - 1))
-            if layout == LAYOUT_BUNDLED and len(f.chunks) == 1:
-                # bundled files follow each other: "where the last one ended" costs a 0
-                varint(out, zigzag(f.at - (end if i == prev else 0)))
-                end = f.at + f.size
-            prev = i
+    varints(out, _file_numbers(m.files, index, layout == LAYOUT_BUNDLED))
     varint(out, len(m.dirs))
     front_coded(out, list(m.dirs))
     level = _SMALL_LEVEL if len(out) <= _SMALL_BODY else _LEVEL
@@ -199,20 +189,45 @@ def encode(m: Manifest) -> bytes:
     return MAGIC + body
 
 
+def _file_numbers(
+    files: tuple[FileEntry, ...], index: Mapping[str, int], bundled: bool
+) -> list[int]:
+    """Each file's size, mode and chunk references (zigzag, against "the entry after the
+    previous reference"): after the paths, the files section is these numbers alone.
+    ``bundled`` (layout 2): a file of one chunk also has its start in it (zigzag, against
+    where the previous file of one chunk ended when they share the chunk: bundled files
+    follow each other, so that costs a zero byte)."""
+    out: list[int] = []
+    append, prev, end = out.append, -1, 0
+    for f in files:
+        append(f.size)
+        append(f.mode)
+        for h in f.chunks:
+            i = index[h]
+            d = i - prev - 1
+            append(d * 2 if d >= 0 else -d * 2 - 1)
+            if bundled and len(f.chunks) == 1:
+                d = f.at - (end if i == prev else 0)
+                append(d * 2 if d >= 0 else -d * 2 - 1)
+                end = f.at + f.size
+            prev = i
+    return out
+
+
 def _chunk_columns(
     out: bytearray, chunks: list[Chunk], pack_no: Mapping[str, int], chunk_size: int
 ) -> None:
-    for c in chunks:
-        varint(out, pack_no[c.pack])
-    prev: Chunk | None = None
-    for c in chunks:
-        expected = prev.offset + prev.length if prev is not None and prev.pack == c.pack else 0
-        varint(out, zigzag(c.offset - expected))
-        prev = c
+    numbers = [pack_no[c.pack] for c in chunks]
+    varints(out, numbers)
+    offsets: list[int] = []
+    prev, end = -1, 0
+    for p, c in zip(numbers, chunks, strict=True):
+        offsets.append(c.offset - end if p == prev else c.offset)
+        prev, end = p, c.offset + c.length
+    varints(out, zigzags(offsets))
     _planes(out, [c.size - c.length for c in chunks])
-    for c in chunks:
-        varint(out, 0 if c.size == chunk_size else c.size)
-    out += bytes(CODEC_IDS[c.codec] for c in chunks)
+    varints(out, [0 if c.size == chunk_size else c.size for c in chunks])
+    out += bytes([CODEC_IDS[c.codec] for c in chunks])
 
 
 def _planes(out: bytearray, values: list[int]) -> None:
@@ -223,5 +238,12 @@ def _planes(out: bytearray, values: list[int]) -> None:
         raise InvalidInputError("format 2 cannot encode a length above its size")
     width = (max(values, default=0).bit_length() + 7) // 8
     varint(out, width)
+    if width <= 1:
+        out += bytes(values) if width else b""
+        return
+    wide = array("H" if width == 2 else "I" if array("I").itemsize == 4 else "L", values)
+    if sys.byteorder == "big":
+        wide.byteswap()
+    raw = wide.tobytes()  # little-endian: byte k of each value every itemsize bytes
     for k in range(width):
-        out += bytes((v >> (8 * k)) & 0xFF for v in values)
+        out += raw[k :: wide.itemsize]
