@@ -302,7 +302,11 @@ def _files(r: Reader, t: _Table, cs: int, bundled: bool) -> tuple[FileEntry, ...
             if not 0 <= prev < hashed:
                 raise IntegrityError(f"{path}: chunk reference {prev} out of range")
             if bundled:
-                z, pos = read_varint(data, pos, "file start")
+                z = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
+                if z < 0x80:  # a run of bundled files: each a zero byte
+                    pos += 1
+                else:
+                    z, pos = read_varint(data, pos, "file start")
                 at = (end if prev == last else 0) + ((z >> 1) ^ -(z & 1))
                 end = at + size
                 if at < 0 or end > chunk_sizes[prev]:
