@@ -6,8 +6,11 @@ decoder accepts, hostile or not, passes ``Manifest.validate`` on the objects."""
 from __future__ import annotations
 
 import gc
+import os
 import string
+import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -15,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability import runs
 
+from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.engine import manifest_codec, manifest_v2
 from chroma_snapshots.engine.manifest_codec import Reader, read_varints
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
@@ -24,7 +28,7 @@ from chroma_snapshots.engine.validation import (
     check_relpaths,
     check_tree,
 )
-from chroma_snapshots.errors import IntegrityError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 FUZZ = settings(
     max_examples=runs(ci=200, long=3000),
@@ -266,3 +270,17 @@ def test_validate_refuses_a_chunk_no_file_uses(stray: Chunk | None) -> None:
         m = Manifest("db", T0, CS, files, chunks | {stray.hash: stray}, dirs=m.dirs)
     with pytest.raises(IntegrityError, match="no file uses"):
         m.validate()
+
+
+def test_a_file_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """os.fsdecode keeps such a name as lone surrogates: refused as unsafe, not a crash."""
+    with pytest.raises(IntegrityError, match="not UTF-8"):
+        check_relpath("a/b\udcff")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok").write_bytes(b"x")
+    fd = os.open(os.fsencode(src) + b"/bad\xff", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+    store = RemoteStore(open_backend(f"memory://cols-{uuid.uuid4().hex}"))
+    with pytest.raises(InvalidInputError, match="not UTF-8"):
+        store.publish("db", src)

@@ -264,24 +264,28 @@ def _files(r: Reader, t: _Table, cs: int, bundled: bool) -> tuple[FileEntry, ...
     n = r.count("files", MAX_FILES, 4)  # path codes, size, mode
     paths = r.paths(n, "path")
     data, pos, keys, chunk_sizes, hashed = r.buf, r.pos, t.keys, t.sizes, t.hashed
+    end = len(data)
     sizes: list[int] = []
     modes: list[int] = []
     ats: list[int] = []
     lists: list[tuple[str, ...]] = []
     used: set[int] = set()
-    prev, total, end = -1, 0, 0  # end: where the last file of one chunk ended in it
+    prev, total, stop = -1, 0, 0  # stop: where the last file of one chunk ended in it
     for path in paths:
         at = 0
-        if pos + 2 > len(data):
+        if pos + 2 > end:
             raise IntegrityError(f"manifest: {path}: size and mode run past the end")
         size = data[pos]  # one byte for small files: read here, the rest by a call
         if size < 0x80:
             pos += 1
         else:
             size, pos = read_varint(data, pos, "file size")
-        mode = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
+        mode = data[pos] if pos < end else 0x80  # past the end: read_varint refuses
         if mode < 0x80:
             pos += 1
+        elif pos + 1 < end and data[pos + 1] < 0x80:  # 0o644 and the like: 2 bytes
+            mode = mode & 0x7F | data[pos + 1] << 7
+            pos += 2
         else:
             mode, pos = read_varint(data, pos, "file mode")
         if size > MAX_FILE_SIZE or mode > 0o777:
@@ -289,7 +293,7 @@ def _files(r: Reader, t: _Table, cs: int, bundled: bool) -> tuple[FileEntry, ...
         refs = -(-size // cs)
         total += refs
         # A reference takes a byte here (format 1: 67), so the count is bounded on its own.
-        if refs > len(data) - pos or total > MAX_CHUNK_REFS:
+        if refs > end - pos or total > MAX_CHUNK_REFS:
             raise IntegrityError(f"{path}: {refs} chunks, more than the manifest may hold")
         if refs == 1:  # most files of a tree of small ones
             z = data[pos]
@@ -302,14 +306,14 @@ def _files(r: Reader, t: _Table, cs: int, bundled: bool) -> tuple[FileEntry, ...
             if not 0 <= prev < hashed:
                 raise IntegrityError(f"{path}: chunk reference {prev} out of range")
             if bundled:
-                z = data[pos] if pos < len(data) else 0x80  # past the end: read_varint refuses
+                z = data[pos] if pos < end else 0x80  # past the end: read_varint refuses
                 if z < 0x80:  # a run of bundled files: each a zero byte
                     pos += 1
                 else:
                     z, pos = read_varint(data, pos, "file start")
-                at = (end if prev == last else 0) + ((z >> 1) ^ -(z & 1))
-                end = at + size
-                if at < 0 or end > chunk_sizes[prev]:
+                at = (stop if prev == last else 0) + ((z >> 1) ^ -(z & 1))
+                stop = at + size
+                if at < 0 or stop > chunk_sizes[prev]:
                     raise IntegrityError(
                         f"{path}: its {size} bytes at {at} are not inside a chunk of the table"
                     )

@@ -123,11 +123,15 @@ def check_relpath_parts(path: str, what: str = "path") -> str:
     parts = path.split("/")
     if len(parts) > MAX_PATH_DEPTH:
         raise IntegrityError(f"{what}: {len(parts)} components, more than {MAX_PATH_DEPTH}")
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:  # a lone surrogate: a file name that is not UTF-8
+        raise IntegrityError(f"{what}: not UTF-8 text {path!r}") from None
     bad = (
         path.startswith("/")
         or "\\" in path
         or "\x00" in path
-        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES
+        or size > MAX_PATH_BYTES
         or unicodedata.normalize("NFC", path) != path
     )
     if bad or any(p in ("", ".", "..") or len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
