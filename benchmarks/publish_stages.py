@@ -33,6 +33,7 @@ from _report import write_json
 
 from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.engine import manifest_v2
+from chroma_snapshots.engine.keys import manifest_key
 
 try:
     from chroma_snapshots.engine import packing
@@ -124,10 +125,18 @@ def run(store: RemoteStore, src: Path, scenario: str, **kwargs: Any) -> Row:
     after = os.times()
     cpu_s = after.user + after.system - cpu.user - cpu.system
     stages = {k: round(v, 3) for k, v in TIMES.items()}
-    print(f"{scenario}: {wall:.2f} s wall, {cpu_s:.2f} s CPU, {info.stats.requests} requests")
+    manifest = len(store.backend.get(manifest_key("db", info.version)).data)
+    data = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    print(
+        f"{scenario}: {wall:.2f} s wall, {cpu_s:.2f} s CPU, {info.stats.requests} requests, "
+        f"{info.stats.bytes_uploaded:,} bytes up, manifest {manifest:,} bytes = "
+        f"{manifest / max(1, data):.3f}x the data"
+    )
     for k, v in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"    {k:28s} {v:7.3f} s")
-    return {"scenario": scenario, "seconds": wall, "cpu_seconds": cpu_s, "stages": stages}
+    return {"scenario": scenario, "seconds": wall, "cpu_seconds": cpu_s, "stages": stages,
+            "manifest_bytes": manifest, "data_bytes": data,
+            "bytes_uploaded": info.stats.bytes_uploaded}  # fmt: skip
 
 
 def main() -> None:

@@ -162,3 +162,26 @@ def test_a_warm_repair_never_writes_through_a_hard_link(
     with cached.checkout("db", v1) as snap:
         assert read_tree(snap.path) == read_tree(src)
     assert (outside / "x.bin").read_bytes() == b"not yours" * 1000
+
+
+def test_a_bundled_file_at_a_new_place_in_the_same_bundle_is_rewritten(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    """Small files share a bundle (engine.bundles): "a" and "b" are "X" + "YZ", then "XY" +
+    "Z". The bundle's bytes, so its hash, stay the same while each file's slice of it moves:
+    a patch that compared chunk hashes alone would keep "X" and serve "X\\0"."""
+    big = random.Random(5).randbytes(2 * CHUNK)
+    v1_src = write_tree(tmp_path / "v1", {"a": b"X", "b": b"YZ", "big": big})
+    v2_src = write_tree(tmp_path / "v2", {"a": b"XY", "b": b"Z", "big": big})
+    v1 = cached.publish("db", v1_src).version
+    with cached.checkout("db", v1):
+        pass
+    v2 = cached.publish("db", v2_src).version
+    m1, m2 = cached.load_manifest("db", v1), cached.load_manifest("db", v2)
+    first = {f.path: f for f in m1.files}
+    second = {f.path: f for f in m2.files}
+    assert first["a"].chunks == second["a"].chunks == second["b"].chunks  # one bundle, kept
+    assert (first["b"].at, second["b"].at) == (1, 2)
+    with cached.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == read_tree(v2_src)
+    assert cached.dirs("db").complete() == [v2]  # it was built by patching v1

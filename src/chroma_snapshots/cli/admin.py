@@ -23,7 +23,10 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
     """Files added, removed and changed between two manifests, and the bytes of new chunks."""
     a, b = {f.path: f for f in old.files}, {f.path: f for f in new.files}
     changed = sorted(
-        p for p in set(a) & set(b) if a[p].chunks != b[p].chunks or a[p].mode != b[p].mode
+        # chunks, mode, or where in its chunk (a bundled file: also when its bundle changed)
+        p
+        for p in set(a) & set(b)
+        if a[p] != b[p]
     )
     fresh = set(new.chunks) - set(old.chunks)
     return {

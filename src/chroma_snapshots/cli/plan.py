@@ -11,7 +11,9 @@ import click
 
 from chroma_snapshots.cli.common import emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
+from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
+from chroma_snapshots.engine.models import MANIFEST_FORMAT
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import SnapshotNotFoundError
 
@@ -64,19 +66,35 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     old = {f.path: f for f in manifest.files} if manifest else {}
     new: dict[str, int] = {}
     added, changed, reused = [], [], 0
+    # the chunks (and starts in them) publish would give each file: bundles as it cuts them
+    placed: dict[str, tuple[list[str], int]] = {}
+    chunks: list[tuple[str, int]] = []
+    bundle = getattr(store, "manifest_format", MANIFEST_FORMAT) >= 2
+    small = [f for f in files if bundle and 0 < f.size <= small_limit(chunk_size)]
+    for group in cut([(f.relpath, f.size) for f in small], chunk_size):
+        members = [small[k] for k in group]
+        ((raw, digest),) = read_bundles([[(f.path, f.size) for f in members]])
+        chunks.append((digest, len(raw)))
+        pos = 0
+        for f in members:
+            placed[f.relpath] = ([digest], pos)
+            pos += f.size
     for f in files:
-        hashes = []
-        for raw in read_chunks(f.abspath, chunk_size):
-            digest = sha256_hex(raw)
-            hashes.append(digest)
-            if digest in known:
-                reused += len(raw)
-            else:
-                new[digest] = len(raw)
+        if f.relpath not in placed:
+            raws = list(read_chunks(f.abspath, chunk_size))
+            placed[f.relpath] = ([sha256_hex(raw) for raw in raws], 0)
+            chunks += [(h, len(raw)) for h, raw in zip(placed[f.relpath][0], raws, strict=True)]
+    for digest, size in chunks:
+        if digest in known:
+            reused += size
+        else:
+            new[digest] = size
+    for f in files:
+        hashes, at = placed[f.relpath]
         before = old.get(f.relpath)
         if before is None:
             added.append(f.relpath)
-        elif before.chunks != tuple(hashes) or before.mode != f.mode:
+        elif (before.chunks, before.at) != (tuple(hashes), at) or before.mode != f.mode:
             changed.append(f.relpath)
     removed = sorted(set(old) - {f.relpath for f in files})
     total = sum(f.size for f in files)

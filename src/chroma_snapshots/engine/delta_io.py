@@ -27,7 +27,7 @@ from chroma_snapshots.engine import delta
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.manifest_v2 import chain_depth
-from chroma_snapshots.engine.models import Chunk, Manifest, is_link_key
+from chroma_snapshots.engine.models import Chunk, Manifest, is_link_key, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.transfer import Fetch, LocalChunks, Read, plan_reads
@@ -46,7 +46,8 @@ class DeltaBases:
 
     def __init__(self, parent: Manifest, root: Path) -> None:
         self._parent = parent
-        self._files = {f.path: f.chunks for f in parent.files}
+        # a bundled file's chunk holds other files too: nothing to delta a file against
+        self._files = {f.path: f.chunks for f in parent.files if not is_slice(f, parent.chunks)}
         self._local = LocalChunks()
         self._local.add_tree(root, parent)
 

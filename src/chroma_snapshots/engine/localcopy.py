@@ -49,6 +49,8 @@ class IntactFile:
     path: Path
     chunks: tuple[str, ...]
     intact: Callable[[], bool]
+    at: int = 0  # where a bundled file starts in its chunk (engine.bundles)
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class IntactSources:
         now (it is asked again after copying); add the newest version first."""
         for f in manifest.files:
             if intact(f.path):
-                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path))
+                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path), f.at, f.size)
                 self._by_path.setdefault(f.path, []).append(entry)
 
     def __bool__(self) -> bool:
@@ -81,18 +83,28 @@ class IntactSources:
         for f, positions in files:
             todo = set(positions)
             for src in self._by_path.get(f.path, ()):
-                same = sorted(
-                    i for i in todo if i < len(src.chunks) and src.chunks[i] == f.chunks[i]
-                )
+                same = sorted(i for i in todo if _same_piece(src, f, i, manifest.chunk_size))
                 todo.difference_update(same)
                 yield from _tasks(f, src, same, manifest)
+
+
+def _same_piece(src: IntactFile, f: FileEntry, i: int, cs: int) -> bool:
+    """Whether ``src`` holds the bytes of ``f``'s chunk position ``i`` at the same offset:
+    the same chunk from the same place in it (a bundled file: the same ``at``), and at
+    least as many of them."""
+    if i >= len(src.chunks) or src.chunks[i] != f.chunks[i]:
+        return False
+    if i:
+        return True  # at is 0 past the first chunk
+    return src.at == f.at and min(cs, src.size) >= min(cs, f.size)
 
 
 def _tasks(f: FileEntry, src: IntactFile, same: list[int], manifest: Manifest) -> Iterator[_Task]:
     runs: list[tuple[int, int, int]] = []
     size = 0
+    cs = manifest.chunk_size
     for first, count in _consecutive(same):
-        nbytes = sum(manifest.chunks[f.chunks[i]].size for i in range(first, first + count))
+        nbytes = min(f.size, (first + count) * cs) - first * cs  # a bundled file: its slice
         runs.append((first, count, nbytes))
         size += nbytes
         if size >= _TASK_BYTES:

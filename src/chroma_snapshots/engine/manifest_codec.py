@@ -24,6 +24,9 @@ FORMAT = 2
 # Layout 1 stores chain links no file uses without their hash (header "layout": 1);
 # layout 0 (no "layout" field) listed every entry with its hash and stays readable.
 LAYOUT = 1
+# Layout 2 is layout 1 plus where each file of one chunk starts in it (bundled small
+# files, engine.bundles); it is written only for manifests that have such files.
+LAYOUT_BUNDLED = 2
 CODEC_IDS = {"none": 0, "zstd": 1, "zdelta": 2}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_KEYS = {

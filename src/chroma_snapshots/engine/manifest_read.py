@@ -25,6 +25,7 @@ from chroma_snapshots.engine.manifest_codec import (
     FORMAT,
     HEADER_KEYS,
     LAYOUT,
+    LAYOUT_BUNDLED,
     MAX_HEADER,
     MAX_WIDTH,
     MIN_ENTRY,
@@ -80,7 +81,7 @@ def decode(data: bytes) -> Manifest:
     if len(set(hashes)) != n:
         raise IntegrityError("manifest: a chunk appears twice in the table")
     t = _chunk_table(r, hashes, links, packs, cs, layout)
-    files = _files(r, t, cs)
+    files = _files(r, t, cs, layout == LAYOUT_BUNDLED)
     dirs = tuple(r.paths(r.count("dirs", MAX_DIRS, 2), "dir"))
     if r.left():
         raise IntegrityError(f"manifest: {r.left()} bytes after the end")
@@ -103,8 +104,8 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
     o = val.as_obj(raw, "manifest header", HEADER_KEYS | ({"layout"} if layout_1 else set()))
     if o["format"] != FORMAT:
         raise IntegrityError(f"manifest header says format {o['format']!r}, not {FORMAT}")
-    if layout_1 and (type(o["layout"]) is not int or o["layout"] != LAYOUT):
-        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not {LAYOUT}")
+    if layout_1 and (type(o["layout"]) is not int or o["layout"] not in (LAYOUT, LAYOUT_BUNDLED)):
+        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1 or 2")
     cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if cs & (cs - 1):
         raise IntegrityError("chunk_size must be a power of two")
@@ -118,7 +119,8 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
         "message": val.as_opt_str(o["message"], "message"),
         "metadata": val.as_obj(o["metadata"], "metadata", None),
     }
-    return head, LAYOUT if layout_1 else 0
+    layout: int = o["layout"] if layout_1 else 0
+    return head, layout
 
 
 class _Table:
@@ -253,21 +255,24 @@ def _bases(r: Reader, codecs: bytes, hashed: int, layout: int) -> list[int | Non
     return out
 
 
-def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
+def _files(r: Reader, t: _Table, cs: int, bundled: bool) -> tuple[FileEntry, ...]:
     """The files: paths, then each file's size, mode and chunk references (coded against
     "the entry after the previous reference"), each a hashed entry of the size its place
     in the file needs; then every entry must be used by a file or a link on a used
-    chunk's chain (``_check_use``)."""
+    chunk's chain (``_check_use``). ``bundled`` (layout 2): a file of one chunk also has
+    its start in it, and may be any slice of it; in layouts 0 and 1 it is all of it."""
     n = r.count("files", MAX_FILES, 4)  # path codes, size, mode
     paths = r.paths(n, "path")
     data, pos, keys, chunk_sizes, hashed = r.buf, r.pos, t.keys, t.sizes, t.hashed
     end = len(data)
     sizes: list[int] = []
     modes: list[int] = []
+    ats: list[int] = []
     lists: list[tuple[str, ...]] = []
     used: set[int] = set()
-    prev, total = -1, 0
+    prev, total, stop = -1, 0, 0  # stop: where the last file of one chunk ended in it
     for path in paths:
+        at = 0
         if pos + 2 > end:
             raise IntegrityError(f"manifest: {path}: size and mode run past the end")
         size = data[pos]  # one byte for small files: read here, the rest by a call
@@ -296,10 +301,23 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
                 pos += 1
             else:
                 z, pos = read_varint(data, pos, "chunk reference")
+            last = prev
             prev += 1 + ((z >> 1) ^ -(z & 1))
             if not 0 <= prev < hashed:
                 raise IntegrityError(f"{path}: chunk reference {prev} out of range")
-            if chunk_sizes[prev] != size:
+            if bundled:
+                z = data[pos] if pos < end else 0x80  # past the end: read_varint refuses
+                if z < 0x80:  # a run of bundled files: each a zero byte
+                    pos += 1
+                else:
+                    z, pos = read_varint(data, pos, "file start")
+                at = (stop if prev == last else 0) + ((z >> 1) ^ -(z & 1))
+                stop = at + size
+                if at < 0 or stop > chunk_sizes[prev]:
+                    raise IntegrityError(
+                        f"{path}: its {size} bytes at {at} are not inside a chunk of the table"
+                    )
+            elif chunk_sizes[prev] != size:
                 raise IntegrityError(f"{path}: chunk 0 missing from the table or of wrong size")
             used.add(prev)
             lists.append((keys[prev],))
@@ -312,9 +330,10 @@ def _files(r: Reader, t: _Table, cs: int) -> tuple[FileEntry, ...]:
             used.update(codes)
         sizes.append(size)
         modes.append(mode)
+        ats.append(at)
     r.pos = pos
     _check_use(t, used)
-    return build_files(paths, sizes, modes, lists)
+    return build_files(paths, sizes, modes, lists, ats)
 
 
 def _references(path: str, codes: list[int], prev: int, size: int, t: _Table, cs: int) -> int:

@@ -33,6 +33,7 @@ from chroma_snapshots.engine.manifest_codec import (
     CODEC_IDS,
     FORMAT,
     LAYOUT,
+    LAYOUT_BUNDLED,
     MAGIC,
     decompress,
     front_coded,
@@ -42,7 +43,7 @@ from chroma_snapshots.engine.manifest_codec import (
     zigzags,
 )
 from chroma_snapshots.engine.manifest_read import decode
-from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, link_key
+from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice, link_key
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, canonical_json, format_time
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -141,11 +142,13 @@ def by_place(m: Manifest) -> Manifest:
 
 
 def encode(m: Manifest) -> bytes:
-    """The format 2 (layout 1) bytes of ``m`` (deterministic for a given zstandard build)."""
+    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 2 if
+    a file is a slice of a bundle (engine.bundles), else layout 1."""
+    layout = LAYOUT_BUNDLED if any(is_slice(f, m.chunks) for f in m.files) else LAYOUT
     header = canonical_json(
         {
             "format": FORMAT,
-            "layout": LAYOUT,
+            "layout": layout,
             "name": m.name,
             "parent": m.parent,
             "created_at": format_time(m.created_at),
@@ -178,7 +181,7 @@ def encode(m: Manifest) -> bytes:
     varints(out, zigzags(bases))
     varint(out, len(m.files))
     front_coded(out, [f.path for f in m.files])
-    varints(out, _file_numbers(m.files, index))
+    varints(out, _file_numbers(m.files, index, layout == LAYOUT_BUNDLED))
     varint(out, len(m.dirs))
     front_coded(out, list(m.dirs))
     level = _SMALL_LEVEL if len(out) <= _SMALL_BODY else _LEVEL
@@ -186,11 +189,16 @@ def encode(m: Manifest) -> bytes:
     return MAGIC + body
 
 
-def _file_numbers(files: tuple[FileEntry, ...], index: Mapping[str, int]) -> list[int]:
+def _file_numbers(
+    files: tuple[FileEntry, ...], index: Mapping[str, int], bundled: bool
+) -> list[int]:
     """Each file's size, mode and chunk references (zigzag, against "the entry after the
-    previous reference"): after the paths, the files section is these numbers alone."""
+    previous reference"): after the paths, the files section is these numbers alone.
+    ``bundled`` (layout 2): a file of one chunk also has its start in it (zigzag, against
+    where the previous file of one chunk ended when they share the chunk: bundled files
+    follow each other, so that costs a zero byte)."""
     out: list[int] = []
-    append, prev = out.append, -1
+    append, prev, end = out.append, -1, 0
     for f in files:
         append(f.size)
         append(f.mode)
@@ -198,6 +206,10 @@ def _file_numbers(files: tuple[FileEntry, ...], index: Mapping[str, int]) -> lis
             i = index[h]
             d = i - prev - 1
             append(d * 2 if d >= 0 else -d * 2 - 1)
+            if bundled and len(f.chunks) == 1:
+                d = f.at - (end if i == prev else 0)
+                append(d * 2 if d >= 0 else -d * 2 - 1)
+                end = f.at + f.size
             prev = i
     return out
 

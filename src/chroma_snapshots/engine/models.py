@@ -146,14 +146,21 @@ class Chunk:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One regular file: relative POSIX path, size, permission bits and ordered chunk hashes."""
+    """One regular file: relative POSIX path, size, permission bits and ordered chunk hashes.
+
+    ``at``: where a file of one chunk starts in it (format 2 layout 2: small files are
+    bundled into shared chunks, engine.bundles); the file is then bytes ``[at, at + size)``
+    of its chunk. Always 0 for a file of several chunks or none."""
 
     path: str
     size: int
     mode: int
     chunks: tuple[str, ...]
+    at: int = 0
 
     def to_obj(self) -> dict[str, Any]:
+        if self.at:
+            raise InvalidInputError(f"{self.path}: format 1 cannot hold a bundled file")
         return {
             "path": self.path,
             "size": self.size,
@@ -262,6 +269,7 @@ class Manifest:
             FORMAT_VERSION,
         )
         m.validate()
+        check_no_slices(m, "a format 1 manifest")
         return m
 
     def validate(self) -> None:
@@ -299,6 +307,17 @@ class Manifest:
             raise IntegrityError(f"manifest format {self.format_version!r} is not supported")
 
 
+def is_slice(f: FileEntry, chunks: Mapping[str, Chunk]) -> bool:
+    """True if ``f`` is part of a larger chunk (a bundle), not the whole of its chunks."""
+    return len(f.chunks) == 1 and (f.at != 0 or chunks[f.chunks[0]].size != f.size)
+
+
+def check_no_slices(m: Manifest, what: str) -> None:
+    """Refuse bundled files in a format that cannot hold them (format 1, layouts 0-1)."""
+    if any(is_slice(f, m.chunks) for f in m.files):
+        raise IntegrityError(f"{what} holds a file that is not the whole of its chunk")
+
+
 _MANIFEST_KEYS = {
     "format",
     "name",
@@ -318,6 +337,16 @@ def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int
     expected = -(-f.size // chunk_size)
     if len(f.chunks) != expected:
         raise IntegrityError(f"{f.path}: {len(f.chunks)} chunks for {f.size} bytes")
+    if expected == 1:
+        # a file of one chunk may be a slice of it (a bundle of small files)
+        c = table.get(f.chunks[0])
+        if c is None or f.at < 0 or f.at + f.size > c.size:
+            raise IntegrityError(
+                f"{f.path}: its {f.size} bytes at {f.at} are not inside a chunk of the table"
+            )
+        return
+    if f.at != 0:
+        raise IntegrityError(f"{f.path}: a file of {expected} chunks cannot start at {f.at}")
     for i, h in enumerate(f.chunks):
         c = table.get(h)
         want = chunk_size if i < expected - 1 else f.size - chunk_size * (expected - 1)
@@ -330,7 +359,7 @@ def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int
 # __dict__ (what __init__ would leave there, at half the time; the object then holds a dict
 # of its own, about 60 bytes more), so the fields must be the ones named here.
 _CHUNK_ORDER = ("hash", "pack", "offset", "length", "size", "codec", "base")
-_FILE_ORDER = ("path", "size", "mode", "chunks")
+_FILE_ORDER = ("path", "size", "mode", "chunks", "at")
 if tuple(f.name for f in fields(Chunk)) != _CHUNK_ORDER or (
     tuple(f.name for f in fields(FileEntry)) != _FILE_ORDER
 ):
@@ -366,17 +395,22 @@ def build_chunks(
 
 
 def build_files(
-    paths: list[str], sizes: list[int], modes: list[int], chunks: list[tuple[str, ...]]
+    paths: list[str],
+    sizes: list[int],
+    modes: list[int],
+    chunks: list[tuple[str, ...]],
+    ats: list[int],
 ) -> tuple[FileEntry, ...]:
     """File entries from columns (already checked), as :func:`build_chunks` builds chunks."""
     new, out = object.__new__, []
-    for p, s, m, c in zip(paths, sizes, modes, chunks, strict=True):
+    for p, s, m, c, a in zip(paths, sizes, modes, chunks, ats, strict=True):
         x = new(FileEntry)
         d = x.__dict__
         d["path"] = p
         d["size"] = s
         d["mode"] = m
         d["chunks"] = c
+        d["at"] = a
         out.append(x)
     return tuple(out)
 

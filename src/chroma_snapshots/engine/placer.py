@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
-from chroma_snapshots.errors import CacheFullError, LocalDiskError, SnapshotError
+from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
 _RUN_CHUNKS = 16  # chunks per pwritev (1 MiB): 16 MiB writes took 5x the system time here
@@ -86,12 +86,16 @@ class Placer:
             (f, list(range(len(f.chunks)) if damaged is None else damaged[f.path]))
             for f in self.files
         ]
-        self.targets: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        # chunk -> (file, offset in it, start in the chunk, bytes): a bundled file is the
+        # slice [at, at + size) of its chunk (engine.bundles); other pieces a whole chunk
+        self.targets: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
+        cs = manifest.chunk_size
         for f, indexes in self.positions:
             for i in indexes:
-                self.targets[f.chunks[i]].append((f.path, i * manifest.chunk_size))
+                where = (f.path, i * cs, f.at if i == 0 else 0, min(cs, f.size - i * cs))
+                self.targets[f.chunks[i]].append(where)
         self._fds: dict[str, int] = {}
-        self._left = Counter(path for where in self.targets.values() for path, _ in where)
+        self._left = Counter(where[0] for wheres in self.targets.values() for where in wheres)
         self._lock = threading.Lock()
         self._writing = 0  # place_many calls in progress
         self._closed = False
@@ -137,7 +141,7 @@ class Placer:
         cs = self.manifest.chunk_size
         gone = {(relpath, i * cs) for relpath, positions in done for i in positions}
         for digest in list(self.targets):
-            left = [where for where in self.targets[digest] if where not in gone]
+            left = [where for where in self.targets[digest] if where[:2] not in gone]
             if left:
                 self.targets[digest] = left
             else:
@@ -162,9 +166,9 @@ class Placer:
 
     def _write_runs(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
         writes = sorted(
-            (relpath, offset, raw)
+            (relpath, offset, _piece(raw, start, length))
             for digest, raw in chunks
-            for relpath, offset in self.targets[digest]
+            for relpath, offset, start, length in self.targets[digest]
         )
         written, i = 0, 0
         while i < len(writes):
@@ -227,6 +231,16 @@ class Placer:
         for f in self.files:
             with local_io(self.root / f.path, "setting a file's mode"):
                 os.chmod(self.root / f.path, f.mode)
+
+
+def _piece(raw: Buffer, start: int, length: int) -> Buffer:
+    """The bytes of a verified chunk that go into one file (all of it, or a bundled
+    file's slice: manifest validation keeps every slice inside its chunk)."""
+    if start == 0 and length == len(raw):
+        return raw
+    if start + length > len(raw):
+        raise IntegrityError(f"a slice [{start}, {start + length}) past a chunk of {len(raw)}")
+    return memoryview(raw)[start : start + length]
 
 
 def _close_all(fds: Mapping[str, int]) -> None:

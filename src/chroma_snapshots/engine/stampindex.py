@@ -79,7 +79,7 @@ class StampIndex:
         self._dir = default_dir() if directory is None else directory
         self.path = self._dir / (hashlib.sha256(self.key.encode()).hexdigest()[:40] + ".idx")
         self._new: list[tuple[str, Stamp, Sequence[str]]] = []
-        self._hits: set[str] = set()
+        self._hits: dict[str, tuple[str, ...]] = {}
         self._changed = False
         self.usable = _private_dir(self._dir, create=False)
         self._old = _load(self.path, self.key) if self.usable else _Table.empty()
@@ -91,14 +91,15 @@ class StampIndex:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
         got = self._old.get(relpath, stamp) if stamp is not None else None
         if got is not None:
-            self._hits.add(relpath)
+            self._hits[relpath] = got
         return got
 
     def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str]) -> None:
         """Remember the hashes this publish found (or trusted) for a file."""
         if stamp is not None:
             self._new.append((relpath, stamp, hashes))
-            self._changed = self._changed or relpath not in self._hits
+            # a file found but not trusted (a member of a changed bundle) may get new hashes
+            self._changed = self._changed or self._hits.get(relpath) != tuple(hashes)
 
     def save(self) -> None:
         """Write the recorded files as the index (nothing if it would not change). Never

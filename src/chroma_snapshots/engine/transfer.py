@@ -23,10 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.localcopy import IntactSources, copy_intact
-from chroma_snapshots.engine.models import Chunk, Manifest
+from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.validation import sha256_hex
@@ -91,6 +92,8 @@ class LocalChunks:
 
     def __init__(self) -> None:
         self._where: dict[str, list[tuple[Path, int, int]]] = defaultdict(list)
+        # bundles (engine.bundles): put together from their member files, then verified
+        self._bundles: dict[str, list[tuple[Path, list[FileEntry], int]]] = defaultdict(list)
         self._at: dict[tuple[str, int], str] = {}  # (pack, offset) -> hash, for chain links
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -113,8 +116,11 @@ class LocalChunks:
         if intact is not None:
             self.intact.add_tree(root, manifest, intact)
         wanted = None if paths is None else set(paths)
+        for h, fs in members(manifest).items():
+            if wanted is None or all(f.path in wanted for f in fs):
+                self._bundles[h].append((root, fs, manifest.chunks[h].size))
         for f in manifest.files:
-            if wanted is None or f.path in wanted:
+            if (wanted is None or f.path in wanted) and not is_slice(f, manifest.chunks):
                 path = root / f.path  # once per file: building Paths per chunk cost 0.6 s/GiB
                 for i, h in enumerate(f.chunks):
                     c = manifest.chunks[h]
@@ -123,7 +129,7 @@ class LocalChunks:
                     self._at.setdefault((c.pack, c.offset), h)
 
     def __contains__(self, digest: str) -> bool:
-        return digest in self._where
+        return digest in self._where or digest in self._bundles
 
     def hash_at(self, pack: str, offset: int) -> str | None:
         """The hash of the chunk a local copy's manifest stores at ``offset`` of ``pack``:
@@ -142,6 +148,12 @@ class LocalChunks:
                 continue
             if len(raw) == size and sha256_hex(raw) == digest:
                 return raw
+        for root, fs, size in self._bundles.get(digest, ()):
+            if self._closed:
+                return None
+            got = rebuild(root, fs, size)
+            if got is not None and sha256_hex(got) == digest:
+                return got
         return None
 
     def _fd(self, path: Path) -> int:
@@ -159,6 +171,7 @@ class LocalChunks:
         store still reuses the local copies."""
         twin = LocalChunks()
         twin._where, twin._at, twin.intact = self._where, self._at, self.intact
+        twin._bundles = self._bundles
         return twin
 
     def close(self) -> None:

@@ -207,7 +207,8 @@ class RemoteStore(SourceStore):
             bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
                                 self.compression_level,
-                                self.trust_stamps if stamps is None else stamps)  # fmt: skip
+                                self.trust_stamps if stamps is None else stamps,
+                                bundle=self.manifest_format >= 2)  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases

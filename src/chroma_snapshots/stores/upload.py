@@ -8,13 +8,15 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
@@ -33,6 +35,9 @@ from chroma_snapshots.stores.claims import Pin
 
 # Below this many bytes a batch is hashed on the calling thread.
 _INLINE_HASH = 1 << 20
+# Bundles read per pool task (at most 4 MiB at the default chunk size), tasks ahead.
+_BUNDLES_PER_TASK = 64
+_BUNDLES_AHEAD = 4
 # Where a publisher finds its parent version's files (see RemoteStore.publish).
 ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
 
@@ -52,6 +57,7 @@ class Uploader:
     compression_level: int | None
     stamps: bool = True
     stamp_dir: Path | None = None
+    bundle: bool = True  # small files into shared chunks (format 2 only: engine.bundles)
 
     def upload(
         self,
@@ -78,9 +84,12 @@ class Uploader:
             wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
 
         index = self._index(name, files)
-        hashes, todo = self._trusted(files, index, known)
+        small = self._small(files)
+        hashes, todo = self._trusted(files, index, known, small)
+        ats = [0] * len(files)
+        groups = self._trusted_groups(small, files, index, known, hashes, ats)
         total = sum(f.size for f in files)
-        reused = done = total - sum(files[i].size for i in todo)
+        reused = done = total - sum(files[i].size for i in (*todo, *(i for g in groups for i in g)))
         if progress is not None and done:
             progress(done, total)
         with pool:
@@ -99,10 +108,22 @@ class Uploader:
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
+            for group, raw, digest in self._bundles(groups, files, pool, dl):
+                pos = 0
+                for i in group:
+                    hashes[i], ats[i] = [digest], pos
+                    pos += files[i].size
+                if digest in known:
+                    reused += len(raw)
+                elif digest not in writer:
+                    writer.add(digest, raw)  # no delta: a bundle has no place in a file
+                done += len(raw)
+                if progress is not None:
+                    progress(done, total)
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
-        pairs = zip(files, hashes, strict=True)
-        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(h)) for f, h in pairs]
+        pairs = zip(files, hashes, ats, strict=True)
+        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(h), a) for f, h, a in pairs]
         if index is not None:
             for f, e in zip(files, entries, strict=True):
                 index.record(f.relpath, f.stamp, e.chunks)
@@ -122,23 +143,89 @@ class Uploader:
         folder = f.path[: -len(f.relpath)]
         return StampIndex(folder, repr(self.backend), name, self.chunk_size, self.stamp_dir)
 
+    def _small(self, files: list[SourceFile]) -> list[int]:
+        """Positions of the files to bundle (none unless ``bundle``)."""
+        if not self.bundle:
+            return []
+        limit = small_limit(self.chunk_size)
+        return [i for i, f in enumerate(files) if 0 < f.size <= limit]
+
     def _trusted(
-        self, files: list[SourceFile], index: StampIndex | None, known: dict[str, Chunk]
+        self,
+        files: list[SourceFile],
+        index: StampIndex | None,
+        known: dict[str, Chunk],
+        small: list[int],
     ) -> tuple[list[list[str]], list[int]]:
         """Each file's hashes as the index has them (for files it may skip), and the
-        positions of the files to read. An indexed file is trusted only with as many hashes
-        as its size needs, each a chunk of the parent version: its bytes are in the store."""
+        positions of the files to read, bundled ones left out (:meth:`_trusted_groups`). An
+        indexed file is trusted only with as many hashes as its size needs, each a chunk of
+        the parent version (its bytes are in the store), a single one of its own size."""
         hashes: list[list[str]] = [[] for _ in files]
         todo: list[int] = []
+        bundled = set(small)
         for i, f in enumerate(files):
+            if i in bundled:
+                continue
             got = index.lookup(f.relpath, f.stamp) if index is not None else None
             if got is None or len(got) != -(-f.size // self.chunk_size):
                 todo.append(i)
-            elif all(h in known for h in got):
+            elif all(h in known for h in got) and (len(got) != 1 or known[got[0]].size == f.size):
                 hashes[i] = list(got)
             else:
                 todo.append(i)
         return hashes, todo
+
+    def _trusted_groups(
+        self,
+        small: list[int],
+        files: list[SourceFile],
+        index: StampIndex | None,
+        known: dict[str, Chunk],
+        hashes: list[list[str]],
+        ats: list[int],
+    ) -> list[list[int]]:
+        """Bundle the ``small`` files; fill in ``hashes`` and ``ats`` of the bundles the
+        index vouches for and return the others (positions in ``files``) to read.
+
+        A bundle is trusted only if every member's stamp is unchanged and every member was
+        in the same parent chunk whose size is their sum: the index holds one publish's
+        records, so that chunk held exactly these files (sizes are positive), in path
+        order, with the bytes they still have. Anything else re-reads the whole bundle."""
+        sizes = [(files[i].relpath, files[i].size) for i in small]
+        todo = []
+        for g in cut(sizes, self.chunk_size):
+            group = [small[k] for k in g]
+            got = [index.lookup(files[i].relpath, files[i].stamp) for i in group] if index else []
+            first = got[0] if got else None
+            c = known.get(first[0]) if first is not None and len(first) == 1 else None
+            if c is None or any(h != first for h in got):
+                todo.append(group)
+                continue
+            if c.size != sum(files[i].size for i in group):
+                todo.append(group)
+                continue
+            pos = 0
+            for i in group:
+                hashes[i], ats[i] = [c.hash], pos
+                pos += files[i].size
+        return todo
+
+    def _bundles(
+        self, groups: list[list[int]], files: list[SourceFile], pool: WorkerPool, dl: Deadline
+    ) -> Iterator[tuple[list[int], bytes, str]]:
+        """(group, bytes, sha256) of each bundle to read, read and hashed on the pool a few
+        batches ahead (a task per bundle cost more than the reading)."""
+        ahead: deque[tuple[list[list[int]], Future[list[tuple[bytes, str]]]]] = deque()
+        for k in range(0, len(groups), _BUNDLES_PER_TASK):
+            batch = groups[k : k + _BUNDLES_PER_TASK]
+            members = [[(files[i].path, files[i].size) for i in g] for g in batch]
+            ahead.append((batch, pool.submit(read_bundles, members)))
+            while len(ahead) > _BUNDLES_AHEAD or (ahead and k + _BUNDLES_PER_TASK >= len(groups)):
+                batch, job = ahead.popleft()
+                got = wait_all([job], dl, "reading small files")[0]
+                for g, (raw, digest) in zip(batch, got, strict=True):
+                    yield g, raw, digest
 
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import read_chunks
-from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.models import Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.stores.cache.store import CachedStore
 
@@ -56,10 +57,21 @@ def verify(store: CachedStore, entry: CacheEntry) -> list[str]:
 
 def _problems(tree: Path, manifest: Manifest) -> list[str]:
     problems = []
+    bundles, intact = members(manifest), {}
     for f in manifest.files:
         path = tree / f.path
         if not path.is_file():
             problems.append(f"{f.path}: missing")
+            continue
+        if is_slice(f, manifest.chunks):
+            # one file of a bundle cannot be hashed alone: the bundle is put together
+            h = f.chunks[0]
+            if h not in intact:
+                whole = rebuild(tree, bundles[h], manifest.chunks[h].size)
+                intact[h] = whole is not None and sha256_hex(whole) == h
+            if path.stat().st_size != f.size or not intact[h]:
+                problems.append(f"{f.path}: content differs from the manifest (it or a file "
+                                "bundled with it)")  # fmt: skip
             continue
         got = [sha256_hex(c) for c in read_chunks(path, manifest.chunk_size)]
         if path.stat().st_size != f.size or tuple(got) != f.chunks:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -84,6 +85,7 @@ def plan_patch(
     remove_extras(work, new)  # links and stray folders go before anything is looked at
     old_files = {f.path: f for f in old.manifest.files}
     intact = {p for p, f in old_files.items() if _intact(work, f, old.stamps.get(p))}
+    slices = members(new)
     for d in new.dirs:
         (work / d).mkdir(parents=True, exist_ok=True)
     todo: dict[str, list[int]] = {}
@@ -93,7 +95,7 @@ def plan_patch(
         if before is not None and f.path in intact:
             positions = _patch_intact(work / f.path, before, f)
         elif before is not None and _own_file(work / f.path):
-            positions = damaged_chunks(work, new, f)  # changed by a consumer: verify it
+            positions = damaged_chunks(work, new, f, slices)  # a consumer's change: verify
         else:
             _clear(work / f.path)
             positions = _create(work / f.path, f)
@@ -135,6 +137,9 @@ def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
     if before.size != f.size:
         os.truncate(path, f.size)
     os.chmod(path, f.mode)
+    if before.at != f.at or (len(f.chunks) == 1 and before.size != f.size):
+        # a bundled file: the same bundle holds other bytes at another start or length
+        return list(range(len(f.chunks)))
     old = before.chunks
     return [i for i, h in enumerate(f.chunks) if i >= len(old) or old[i] != h]
 

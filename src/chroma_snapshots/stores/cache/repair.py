@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+from chroma_snapshots.engine.bundles import rebuild
 from chroma_snapshots.engine.localfs import remove_tree
-from chroma_snapshots.engine.models import FileEntry, Manifest
+from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
 
 
@@ -31,9 +33,13 @@ def remove_extras(tree: Path, manifest: Manifest) -> None:
                 remove_tree(Path(full))
 
 
-def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry) -> list[int]:
+def damaged_chunks(
+    tree: Path, manifest: Manifest, f: FileEntry, bundles: Mapping[str, list[FileEntry]]
+) -> list[int]:
     """Bring one file back to the manifest's size and mode and return the indexes of the
-    chunks whose bytes differ (a missing file is recreated empty: every chunk differs)."""
+    chunks whose bytes differ (a missing file is recreated empty: every chunk differs).
+    A bundled file (``bundles``: engine.bundles.members) is checked by putting its bundle
+    together from the tree: if that fails its hash, the file's slice is rewritten."""
     path = tree / f.path
     linked = path.is_file() and not path.is_symlink() and os.lstat(path).st_nlink > 1
     if path.is_symlink() or linked or (path.exists() and not path.is_file()):
@@ -43,6 +49,10 @@ def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry) -> list[int]:
     with open(path, "ab") as fh:
         fh.truncate(f.size)
     os.chmod(path, f.mode)
+    if is_slice(f, manifest.chunks):
+        h = f.chunks[0]
+        got = rebuild(tree, bundles.get(h, [f]), manifest.chunks[h].size)
+        return [] if got is not None and sha256_hex(got) == h else [0]
     bad = []
     with open(path, "rb") as fh:
         for i, h in enumerate(f.chunks):

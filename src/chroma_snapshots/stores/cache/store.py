@@ -20,6 +20,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
@@ -371,7 +372,10 @@ class CachedStore(CacheSpace, DelegatingStore):
             return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
         by_path = {f.path: f for f in manifest.files}
-        damaged = {p: idx for p in bad if (idx := damaged_chunks(tree, manifest, by_path[p]))}
+        slices = members(manifest)
+        damaged = {
+            p: idx for p in bad if (idx := damaged_chunks(tree, manifest, by_path[p], slices))
+        }
         source = "cache"
         if damaged:
             with self._local_chunks(name, version) as local:
