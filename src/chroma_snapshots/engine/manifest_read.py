@@ -19,6 +19,7 @@ from operator import add, itemgetter, sub
 from typing import Any
 
 from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.builders import build_chunks, build_files
 from chroma_snapshots.engine.manifest_codec import (
     CODEC_IDS,
     CODEC_NAMES,
@@ -35,7 +36,7 @@ from chroma_snapshots.engine.manifest_codec import (
     read_varint,
     read_varints,
 )
-from chroma_snapshots.engine.models import FileEntry, Manifest, build_chunks, build_files, link_key
+from chroma_snapshots.engine.models import FileEntry, Manifest, link_key
 from chroma_snapshots.engine.validation import (
     MAX_CHAIN,
     MAX_CHUNK_REFS,
