@@ -6,8 +6,11 @@ server on 127.0.0.1 (behind the counting proxy), then compacts deltas of new rec
 it with ``compaction.compact`` from a warm compactor (its /tmp cache holds the latest
 version, as a compaction Lambda's does after its first run). After each compaction a warm
 reader (its cache holds the previous version) refreshes, and a cold reader checks the new
-version out. ``--manifest-format 1`` runs the format 1 store (whole changed chunks, JSON
-manifests) for comparison; format 2 stores changed chunks as deltas.
+version out; last, the final version is re-uploaded as one publish (no deltas) and checked
+out cold, so the two cold checkouts show what the delta chains cost a cold reader (CPU
+seconds include the in-process counting proxy). ``--manifest-format 1`` runs the format 1
+store (whole changed chunks, JSON manifests) for comparison; format 2 stores changed chunks
+as deltas.
 
 ``--scattered-mib N`` instead measures a file of N MiB (random, incompressible) in which 1%
 of its 4 KiB pages change at random places: what a publish with the parent at hand uploads
@@ -94,14 +97,16 @@ def main() -> None:
 
         def measure(approach: str, fn: Callable[[], object]) -> None:
             proxy.reset()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             fn()
+            cpu = time.process_time() - cpu
             seen = proxy.reset()
             rows.append(
                 {
                     **manifest_cost(store, "full" if approach.startswith("re-upload") else "db"),
                     "approach": approach,
                     "seconds": time.perf_counter() - t,
+                    "cpu_seconds": cpu,
                     "requests": len(seen),
                     "bytes_up": sum(r.request_bytes for r in seen),
                     "bytes_down": sum(r.response_bytes for r in seen if r.method == "GET"),
@@ -117,6 +122,7 @@ def main() -> None:
         compactor.checkout("db").release()  # a warm compactor holds the latest version
         reader.checkout("db").release()  # so does a warm query worker
         rng = random.Random(1)
+        cold = db
         for batch, n in enumerate(int(x) for x in args.added.split(",")):
             recs = tuple(
                 Record(f"new-{batch}-{i}", tuple(rng.random() for _ in range(args.dim)))
@@ -132,15 +138,23 @@ def main() -> None:
             measure(
                 f"  cold reader checkout after +{n:,}", partial(store.checkout, "db", dest=cold)
             )
-        measure("re-upload the whole database", lambda: store.publish("full", db))
+        # the last version again, as one publish with no parent: no deltas, so its cold
+        # checkout is what the compacted version's chains cost a cold reader
+        final = cold
+        measure("re-upload the whole database", lambda: store.publish("full", final))
+        measure(
+            "  cold reader checkout of it (no deltas)",
+            partial(store.checkout, "full", dest=Path(tmp) / "cold-full"),
+        )
     print(f"format {args.manifest_format}, {args.records:,} records x {args.dim}")
     print(
-        f"{'approach':<44} {'seconds':>8} {'requests':>9} {'MiB up':>8} {'MiB down':>9} "
+        f"{'approach':<44} {'seconds':>8} {'CPU s':>6} {'requests':>9} {'MiB up':>8} "
+        f"{'MiB down':>9} "
         f"{'manifest B':>10} {'chunks':>7} {'links':>6} {'B/chunk':>8}"
     )
     for r in rows:
         print(
-            f"{r['approach']:<44} {r['seconds']:>8.2f} {r['requests']:>9} "
+            f"{r['approach']:<44} {r['seconds']:>8.2f} {r['cpu_seconds']:>6.2f} {r['requests']:>9} "
             f"{r['bytes_up'] / MiB:>8.2f} {r['bytes_down'] / MiB:>9.2f} "
             f"{r['manifest_bytes']:>10} {r['chunks_used']:>7} {r['chain_links']:>6} "
             f"{r['manifest_bytes'] / max(1, r['chunks_used']):>8.1f}"

@@ -3,7 +3,7 @@ chunks in chroma-shaped files (the 1 GiB tree: 16,384 chunks of 64 KiB) and one 
 small files (one chunk each), with CPU seconds per call (best of --repeat).
 
 usage: python benchmarks/manifest_decode.py [--chunks 16384] [--files 100000]
-           [--repeat 5] [--profile]
+           [--repeat 5] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import pstats
 import random
 import time
 from datetime import datetime, timezone
+
+from _report import write_json
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
@@ -76,7 +78,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    rows = []
     for label, m in (
         (f"{args.chunks} chunks", chroma_shaped(args.chunks)),
         (f"{args.files} files", small_files(args.files)),
@@ -86,10 +90,14 @@ def main() -> None:
         enc = best(lambda m=m: manifest_v2.encode(m), args.repeat)
         dec = best(lambda data=data: manifest_v2.loads(data), args.repeat)
         print(f"{label}: {len(data)} bytes, encode {enc:.3f} s, decode {dec:.3f} s CPU")
+        rows.append(
+            {"manifest": label, "bytes": len(data), "encode_cpu_s": enc, "decode_cpu_s": dec}
+        )
         if args.profile:
             p = cProfile.Profile()
             p.runcall(manifest_v2.loads, data)
             pstats.Stats(p).sort_stats("tottime").print_stats(14)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

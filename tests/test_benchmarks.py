@@ -83,6 +83,15 @@ def test_stages_smoke(tmp_path: Path) -> None:
     assert all(r["bytes"] == 4 << 20 and r["gbps"] > 0 for r in rows)
 
 
+def test_manifest_decode_smoke(tmp_path: Path) -> None:
+    rows = _run("manifest_decode.py", "--chunks", "300", "--files", "200", "--repeat", "1",
+                tmp=tmp_path)  # fmt: skip
+    assert [r["manifest"] for r in rows] == ["300 chunks", "200 files"]
+    for r in rows:  # the script itself checks that decode(encode(m)) == m
+        assert r["bytes"] > 0
+        assert r["decode_cpu_s"] > 0
+
+
 def test_transfer_smoke(tmp_path: Path) -> None:
     rows = _run("transfer.py", "--size-mb", "4", tmp=tmp_path)
     ours = {r["scenario"]: r for r in rows if r["approach"] == "chroma-snapshots"}
@@ -134,6 +143,10 @@ def test_chroma_benchmarks_smoke(tmp_path: Path) -> None:
     for r in compactions:
         assert r["bytes_up"] > 0
         assert r["requests"] >= 4  # ref, pin, pack, manifest, ref: a publish happened
+    # the last version re-uploaded whole and checked out cold: every stored byte comes down
+    cold_full = by["  cold reader checkout of it (no deltas)"]
+    assert cold_full["bytes_down"] >= full["bytes_up"] - 64 * KiB
+    assert all(r["cpu_seconds"] > 0 for r in compaction)
     changes = _run(
         "chroma_changes.py", *small, "--thresholds", "100", "--added", "10", tmp=tmp_path
     )
