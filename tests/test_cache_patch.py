@@ -185,3 +185,27 @@ def test_a_bundled_file_at_a_new_place_in_the_same_bundle_is_rewritten(
     with cached.checkout("db", v2) as snap:
         assert read_tree(snap.path) == read_tree(v2_src)
     assert cached.dirs("db").complete() == [v2]  # it was built by patching v1
+
+
+@pytest.mark.parametrize("patch", [True, False])
+def test_a_chunk_of_another_chunk_size_is_never_kept_at_its_index(
+    remote: RemoteStore, tmp_path: Path, patch: bool
+) -> None:
+    """v1 in 2-block chunks, v2 in 1-block chunks: chunk 1 of both is block C, at offset
+    2 blocks in v1 and 1 block in v2. Keeping it "at index 1" would serve C where v2 has it
+    nowhere (patching, or copying intact runs without patching)."""
+    block = CHUNK
+    a, c = os.urandom(block), os.urandom(block)
+    big = RemoteStore(remote.backend, chunk_size=2 * block)
+    small = RemoteStore(remote.backend, chunk_size=block)
+    src = tmp_path / "src"
+    write_tree(src, {"f.bin": a + os.urandom(block) + c})
+    v1 = big.publish("db", src).version
+    with CachedStore(big, tmp_path / "cache", patch_in_place=patch).checkout("db", v1):
+        pass
+    write_tree(src, {"f.bin": a + c + os.urandom(block)})
+    v2 = small.publish("db", src).version
+    m1, m2 = (remote.load_manifest("db", v) for v in (v1, v2))
+    assert m1.files[0].chunks[1] == m2.files[0].chunks[1]  # the same chunk at index 1
+    with CachedStore(small, tmp_path / "cache", patch_in_place=patch).checkout("db", v2) as snap:
+        assert read_tree(snap.path) == read_tree(src)

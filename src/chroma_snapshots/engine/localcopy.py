@@ -51,6 +51,7 @@ class IntactFile:
     intact: Callable[[], bool]
     at: int = 0  # where a bundled file starts in its chunk (engine.bundles)
     size: int = 0
+    chunk_size: int = 0  # of its manifest: the same chunk is elsewhere under another size
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class IntactSources:
         now (it is asked again after copying); add the newest version first."""
         for f in manifest.files:
             if intact(f.path):
-                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path), f.at, f.size)
+                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path), f.at, f.size,
+                                   manifest.chunk_size)  # fmt: skip
                 self._by_path.setdefault(f.path, []).append(entry)
 
     def __bool__(self) -> bool:
@@ -92,8 +94,8 @@ def _same_piece(src: IntactFile, f: FileEntry, i: int, cs: int) -> bool:
     """Whether ``src`` holds the bytes of ``f``'s chunk position ``i`` at the same offset:
     the same chunk from the same place in it (a bundled file: the same ``at``), and at
     least as many of them."""
-    if i >= len(src.chunks) or src.chunks[i] != f.chunks[i]:
-        return False
+    if src.chunk_size != cs or i >= len(src.chunks) or src.chunks[i] != f.chunks[i]:
+        return False  # chunk i of another chunk size starts at another offset
     if i:
         return True  # at is 0 past the first chunk
     return src.at == f.at and min(cs, src.size) >= min(cs, f.size)

@@ -84,7 +84,9 @@ def plan_patch(
     chunk positions of each file still to be written (the bytes kept count as reused)."""
     remove_extras(work, new)  # links and stray folders go before anything is looked at
     old_files = {f.path: f for f in old.manifest.files}
-    intact = {p for p, f in old_files.items() if _intact(work, f, old.stamps.get(p))}
+    # chunk i of another chunk size is at another offset: then nothing is kept unread
+    same_size = old.manifest.chunk_size == new.chunk_size
+    intact = {p for p, f in old_files.items() if same_size and _intact(work, f, old.stamps.get(p))}
     slices = members(new)
     for d in new.dirs:
         (work / d).mkdir(parents=True, exist_ok=True)
