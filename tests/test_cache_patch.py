@@ -209,3 +209,23 @@ def test_a_chunk_of_another_chunk_size_is_never_kept_at_its_index(
     assert m1.files[0].chunks[1] == m2.files[0].chunks[1]  # the same chunk at index 1
     with CachedStore(small, tmp_path / "cache", patch_in_place=patch).checkout("db", v2) as snap:
         assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_ref_record_being_written_never_stops_a_refresh(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    """A record of a ref mid-write (or left by a killed writer) sits beside the records as
+    ``.latest.<hex>.tmp``: a refresh skips it, and the next cache opened after an hour
+    removes it."""
+    src, _, _ = _v1(cached, tmp_path)
+    _change(src)
+    refs = cached.dirs("db").root / "refs"
+    refs.mkdir(exist_ok=True)
+    left = refs / ".latest.0123456789abcdef.tmp"
+    left.write_bytes(b"x")
+    v2 = cached.publish("db", src).version
+    with cached.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == read_tree(src)
+    os.utime(left, (0, 0))  # an hour old and more: no live writer holds it
+    CachedStore(cached.inner, tmp_path / "cache")
+    assert not left.exists()

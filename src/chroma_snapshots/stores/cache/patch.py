@@ -32,6 +32,7 @@ from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.validation import is_name
 from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 
@@ -51,7 +52,8 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
     """Move the newest complete, unpinned, unlocked version other than ``exclude`` to
     ``work`` (an empty folder) and drop its meta; None if there is none. A version some
     ref was last seen to name stays: a checkout of that ref would find it warm."""
-    named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs")}
+    # a ref's records, not one being written (``.<ref>.<hex>.tmp``) or a stray name
+    named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs") if is_name(p.name)}
     for v in [v for v in d.complete() if v != exclude and v not in named][-_TRY:][::-1]:
         try:
             with d.lock(v).acquire(timeout=0):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -124,3 +125,16 @@ class CacheSpace:
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
+            _drop_stale_temp(d.root / "refs")
+
+
+def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
+    """Remove temp files (``.<name>.<hex>.tmp``) a killed writer left in ``folder``: a live
+    writer renames its own within milliseconds."""
+    for p in folder.iterdir() if folder.is_dir() else ():
+        try:
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                if p.stat().st_mtime < time.time() - age:
+                    p.unlink(missing_ok=True)
+        except OSError:
+            continue
