@@ -133,8 +133,8 @@ def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
     writer renames its own within milliseconds."""
     for p in folder.iterdir() if folder.is_dir() else ():
         try:
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                if p.stat().st_mtime < time.time() - age:
-                    p.unlink(missing_ok=True)
+            temp = p.name.startswith(".") and p.name.endswith(".tmp")
+            if temp and p.stat().st_mtime < time.time() - age:
+                p.unlink(missing_ok=True)
         except OSError:
             continue
