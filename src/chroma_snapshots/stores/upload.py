@@ -97,9 +97,11 @@ class Uploader:
                                 pool=pool, deadline=dl)  # fmt: skip
             hash_many = partial(self._hash_many, pool, dl)
             reads = [(files[i].path, files[i].size) for i in todo]
+            read = [0] * len(files)
             for j, raw, digest in hashed_chunks(reads, self.chunk_size, hash_many, pool, dl):
                 i = todo[j]
                 hashes[i].append(digest)
+                read[i] += len(raw)
                 if digest in known:
                     reused += len(raw)
                 elif digest not in writer:
@@ -108,6 +110,7 @@ class Uploader:
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
+            _same_sizes(files, todo, read)
             for group, raw, digest in self._bundles(groups, files, pool, dl):
                 pos = 0
                 for i in group:
@@ -302,3 +305,15 @@ def publisher_id() -> str:
 
 def sha256_all(chunks: list[bytes]) -> list[str]:
     return [sha256_hex(c) for c in chunks]
+
+
+def _same_sizes(files: Sequence[SourceFile], todo: Sequence[int], read: Sequence[int]) -> None:
+    """The files read are as long as the scan found them: a file written meanwhile (an
+    SQLite journal between truncate and write) would give a manifest whose chunks do not
+    add up to its sizes, which no reader accepts; refuse the publish instead."""
+    for i in todo:
+        if read[i] != files[i].size:
+            raise InvalidInputError(
+                f"{files[i].path}: changed while it was being published "
+                f"({files[i].size} bytes when scanned, {read[i]} read): publish again"
+            )

@@ -1,0 +1,47 @@
+"""A source file written while a publish reads the folder (an SQLite journal between its
+truncate and its write) is refused, never recorded as a manifest whose chunks do not add up
+to its sizes: such a manifest, once latest, made every read and publish of the name fail."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.stores import remote
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CS = 16384
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(0, 100), (0, 40_000), (40_000, 50_000), (40_000, 10_000), (CS, 0)],
+)
+def test_a_file_that_changes_size_after_the_scan_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: int, after: int
+) -> None:
+    src = write_tree(tmp_path / "src", {"keep": b"k" * 5000, "wal": os.urandom(before)})
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
+    first = store.publish("db", src).version
+    (src / "keep").write_bytes(b"K" * 5000)  # a change: the next publish makes a version
+    scan: Callable[..., object] = remote.scan_source
+
+    def scan_then_write(root: Path) -> object:
+        found = scan(root)
+        (src / "wal").write_bytes(os.urandom(after))  # right after the scan saw its size
+        return found
+
+    monkeypatch.setattr(remote, "scan_source", scan_then_write)
+    with pytest.raises(InvalidInputError, match="changed while it was being published"):
+        store.publish("db", src)
+    monkeypatch.undo()
+    assert store.current_version("db")[0] == first  # latest untouched, and still readable
+    assert read_tree(store.checkout("db", dest=tmp_path / "out").path)["keep"] == b"k" * 5000
+    again = store.publish("db", src)  # the next publish sees the file as it is now
+    assert read_tree(store.checkout("db", again.version, tmp_path / "out2").path) == read_tree(src)
