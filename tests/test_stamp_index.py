@@ -251,3 +251,33 @@ def test_a_bad_trust_stamps_value_is_a_config_error(
     assert ENV_TRUST_STAMPS in err
     monkeypatch.delenv(ENV_TRUST_STAMPS)
     assert StoreConfig.from_env(url=str(tmp_path)).trust_stamps is True
+
+
+@pytest.mark.usefixtures("stamps")
+def test_a_bundle_is_trusted_only_with_each_member_at_its_recorded_start(
+    tmp_path: Path,
+) -> None:
+    """Two folders hold the same small files, so both copies are one bundle chunk. After a
+    few deletions the cut groups members of both copies, whose sizes still add up to that
+    chunk: trusted on sizes alone, the publish recorded files against the wrong bytes."""
+    cs = 16384
+
+    def ends(path: str, size: int) -> bool:
+        return bundles._ends_bundle(path, size, cs // 64)
+
+    n1, n2 = [
+        f"{i:03d}"
+        for i in range(1, 500)
+        if not ends(f"a/{i:03d}", 100) and not ends(f"b/{i:03d}", 100)
+    ][:2]
+    one, two, three = b"1" * 100, b"2" * 100, b"3" * 256
+    files = {"a/000": os.urandom(256)}
+    for d in "ab":
+        files |= {f"{d}/{n1}": one, f"{d}/{n2}": two, f"{d}/zzz": three}
+    src = write_tree(tmp_path / "src", files)
+    store = RemoteStore(open_backend(f"memory://stamps-{uuid.uuid4().hex}"), chunk_size=cs)
+    store.publish("db", src)
+    for gone in (f"a/{n1}", "a/zzz", f"b/{n2}"):
+        (src / gone).unlink()
+    v2 = store.publish("db", src).version
+    assert read_tree(store.checkout("db", v2, tmp_path / "out").path) == read_tree(src)

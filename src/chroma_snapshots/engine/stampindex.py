@@ -47,7 +47,8 @@ RACY_NS = 2_000_000_000
 MAX_INDEXES = 256
 MAX_INDEX_BYTES = 512 << 20
 MAX_TOTAL_BYTES = 512 << 20
-_MAGIC = b"chroma-snapshots stamps 2\n"
+_MAGIC = b"chroma-snapshots stamps 3\n"  # 3: a bundled file's start in its chunk
+_NUMS = 6  # int64 numbers per file: size, mtime, ctime, mode, hash count, start
 _DIGEST = 32
 
 Stamp = tuple[int, int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev, st_mode
@@ -78,8 +79,9 @@ class StampIndex:
         self.key = json.dumps([real, store, name, chunk_size])
         self._dir = default_dir() if directory is None else directory
         self.path = self._dir / (hashlib.sha256(self.key.encode()).hexdigest()[:40] + ".idx")
-        self._new: list[tuple[str, Stamp, Sequence[str]]] = []
+        self._new: list[tuple[str, Stamp, Sequence[str], int]] = []
         self._hits: dict[str, tuple[str, ...]] = {}
+        self._starts: dict[str, int] = {}
         self._changed = False
         self.usable = _private_dir(self._dir, create=False)
         self._old = _load(self.path, self.key) if self.usable else _Table.empty()
@@ -91,15 +93,23 @@ class StampIndex:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
         got = self._old.get(relpath, stamp) if stamp is not None else None
         if got is not None:
-            self._hits[relpath] = got
-        return got
+            self._hits[relpath], self._starts[relpath] = got
+        return None if got is None else got[0]
 
-    def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str]) -> None:
-        """Remember the hashes this publish found (or trusted) for a file."""
+    def start(self, relpath: str) -> int:
+        """Where a file :meth:`lookup` found starts in its chunk (a bundled file; else 0)."""
+        return self._starts.get(relpath, 0)
+
+    def record(
+        self, relpath: str, stamp: Stamp | None, hashes: Sequence[str], at: int = 0
+    ) -> None:
+        """Remember the hashes this publish found (or trusted) for a file, and where it
+        starts in its chunk (``at``: a bundled file)."""
         if stamp is not None:
-            self._new.append((relpath, stamp, hashes))
+            self._new.append((relpath, stamp, hashes, at))
             # a file found but not trusted (a member of a changed bundle) may get new hashes
-            self._changed = self._changed or self._hits.get(relpath) != tuple(hashes)
+            moved = self._hits.get(relpath) != tuple(hashes) or self.start(relpath) != at
+            self._changed = self._changed or moved
 
     def save(self) -> None:
         """Write the recorded files as the index (nothing if it would not change). Never
@@ -127,7 +137,7 @@ class _Table:
     def __init__(self, paths: list[str], nums: array[int], ids: array[int], hexes: str):
         self._at = dict(zip(paths, range(len(paths)), strict=True))
         self._nums, self._ids, self._hexes = nums, ids, hexes
-        self._starts = list(accumulate(nums[4::5], initial=0))
+        self._starts = list(accumulate(nums[4::_NUMS], initial=0))
         if len(self._starts) != len(paths) + 1 or self._starts[-1] * 64 != len(hexes):
             raise ValueError("columns do not match")
 
@@ -138,16 +148,17 @@ class _Table:
     def __len__(self) -> int:
         return len(self._at)
 
-    def get(self, relpath: str, stamp: Stamp) -> tuple[str, ...] | None:
+    def get(self, relpath: str, stamp: Stamp) -> tuple[tuple[str, ...], int] | None:
+        """The file's hashes and its start in its chunk, if its stamp is the one recorded."""
         k = self._at.get(relpath)
         if k is None:
             return None
-        n, i = self._nums, self._ids
-        mine = (n[5 * k], n[5 * k + 1], n[5 * k + 2], i[2 * k], i[2 * k + 1], n[5 * k + 3])
+        n, i, r = self._nums, self._ids, _NUMS * k
+        mine = (n[r], n[r + 1], n[r + 2], i[2 * k], i[2 * k + 1], n[r + 3])
         if mine != stamp:
             return None
         a, b = self._starts[k] * 64, self._starts[k + 1] * 64
-        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64))
+        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64)), n[r + 5]
 
 
 def _private_dir(d: Path, create: bool) -> bool:
@@ -166,13 +177,14 @@ def _private_dir(d: Path, create: bool) -> bool:
     return mine and not st.st_mode & 0o077
 
 
-def _encode(key: str, entries: list[tuple[str, Stamp, Sequence[str]]]) -> bytes:
+def _encode(key: str, entries: list[tuple[str, Stamp, Sequence[str], int]]) -> bytes:
     """Columns: paths (NUL-separated: a path never holds one), per file (size, mtime,
-    ctime, mode, number of hashes) as int64 and (inode, device) as uint64, all hashes."""
-    paths = "\0".join(rel for rel, _, _ in entries).encode()
-    nums = array("q", [v for _, st, hs in entries for v in (*st[:3], st[5], len(hs))])
-    ids = array("Q", [v for _, st, _ in entries for v in st[3:5]])
-    hashes = bytes.fromhex("".join(h for _, _, hs in entries for h in hs))
+    ctime, mode, number of hashes, start in its chunk) as int64 and (inode, device) as
+    uint64, all hashes."""
+    paths = "\0".join(e[0] for e in entries).encode()
+    nums = array("q", [v for _, st, hs, at in entries for v in (*st[:3], st[5], len(hs), at)])
+    ids = array("Q", [v for _, st, _, _ in entries for v in st[3:5]])
+    hashes = bytes.fromhex("".join(h for _, _, hs, _ in entries for h in hs))
     if sys.byteorder != "little":
         nums.byteswap()
         ids.byteswap()
@@ -212,7 +224,7 @@ def _decode(data: bytes, key: str) -> _Table:
     for size in sizes:
         parts.append(body[pos : pos + size])
         pos += size
-    if pos != len(body) or sizes[1] != 40 * count or sizes[2] != 16 * count:
+    if pos != len(body) or sizes[1] != 8 * _NUMS * count or sizes[2] != 16 * count:
         raise ValueError("bad column sizes")
     paths = parts[0].decode().split("\0") if count else []
     nums, ids = array("q", parts[1]), array("Q", parts[2])

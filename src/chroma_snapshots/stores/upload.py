@@ -129,7 +129,7 @@ class Uploader:
         entries = [FileEntry(f.relpath, f.size, f.mode, tuple(h), a) for f, h, a in pairs]
         if index is not None:
             for f, e in zip(files, entries, strict=True):
-                index.record(f.relpath, f.stamp, e.chunks)
+                index.record(f.relpath, f.stamp, e.chunks, e.at)
             index.save()
         used = dict.fromkeys(h for e in entries for h in e.chunks)
         table = {**known, **writer.chunks}
@@ -205,7 +205,7 @@ class Uploader:
             if c is None or any(h != first for h in got):
                 todo.append(group)
                 continue
-            if c.size != sum(files[i].size for i in group):
+            if c.size != sum(files[i].size for i in group) or not _tiles(group, files, index):
                 todo.append(group)
                 continue
             pos = 0
@@ -317,3 +317,17 @@ def _same_sizes(files: Sequence[SourceFile], todo: Sequence[int], read: Sequence
                 f"{files[i].path}: changed while it was being published "
                 f"({files[i].size} bytes when scanned, {read[i]} read): publish again"
             )
+
+
+def _tiles(group: Sequence[int], files: Sequence[SourceFile], index: StampIndex | None) -> bool:
+    """Whether each member was recorded at the start it has in ``group``: each then holds
+    the bytes of the recorded chunk from that start (its stamp is unchanged), and the
+    members cover the chunk end to end, so together they are exactly its bytes. Sizes
+    alone were not enough: two folders holding the same files share one bundle chunk,
+    and members of both copies can add up to its size in another order."""
+    pos = 0
+    for i in group:
+        if index is None or index.start(files[i].relpath) != pos:
+            return False
+        pos += files[i].size
+    return True
