@@ -382,3 +382,48 @@ def test_layout_1_and_2_fixture_store_is_readable(tmp_path: Path) -> None:
     m1, m2 = (store.load_manifest("db", v) for v in versions[1:])
     assert any(c.base is not None for c in m1.chunks.values())  # the large file's deltas
     assert len(set(m2.chunks) - set(m1.chunks)) == 1  # one small file: one bundle
+
+
+def _twin_folders(tmp_path: Path) -> tuple[Path, str]:
+    """a/ and b/ hold the same small files: their bundles are one chunk, and each file of
+    b/ has a twin in a/ at the same place in it."""
+    cs = 16384
+
+    def ends(path: str, size: int) -> bool:
+        return bundles._ends_bundle(path, size, cs // 64)
+
+    name = next(
+        f"m{i}" for i in range(1000) if not ends(f"a/m{i}", 100) and not ends(f"b/m{i}", 100)
+    )
+    files = {}
+    for d in "ab":
+        files |= {f"{d}/0": os.urandom(256), f"{d}/{name}": b"M" * 100, f"{d}/z": b"Z" * 256}
+    return write_tree(tmp_path / "src", files), f"b/{name}"
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "delete", "truncate"])
+@pytest.mark.parametrize("patch", [True, False])
+def test_a_damaged_file_whose_twin_covers_its_bundle_is_still_repaired(
+    tmp_path: Path, damage: str, patch: bool
+) -> None:
+    """Putting a bundle together from the tree may skip a file another member covers (its
+    twin in a/): repair, patching and ``cache verify`` check that file's own bytes too."""
+    src, victim = _twin_folders(tmp_path)
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=16384)
+    v1 = remote.publish("db", src).version
+    cache = CachedStore(remote, tmp_path / "cache", patch_in_place=patch)
+    with cache.checkout("db", v1) as snap:
+        path = snap.path / victim
+    if damage == "overwrite":
+        path.write_bytes(b"X" * 100)
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"")
+    (entry,) = inspect.entries(cache)
+    assert any(victim in p for p in inspect.verify(cache, entry))
+    if patch:  # a refresh to a new version patches the damaged tree
+        (src / "c.txt").write_bytes(b"new")
+        v2 = remote.publish("db", src).version
+    with cache.checkout("db", v2 if patch else v1) as snap:
+        assert read_tree(snap.path) == read_tree(src)

@@ -57,7 +57,7 @@ def verify(store: CachedStore, entry: CacheEntry) -> list[str]:
 
 def _problems(tree: Path, manifest: Manifest) -> list[str]:
     problems = []
-    bundles, intact = members(manifest), {}
+    bundles, verified = members(manifest), {}
     for f in manifest.files:
         path = tree / f.path
         if not path.is_file():
@@ -66,10 +66,11 @@ def _problems(tree: Path, manifest: Manifest) -> list[str]:
         if is_slice(f, manifest.chunks):
             # one file of a bundle cannot be hashed alone: the bundle is put together
             h = f.chunks[0]
-            if h not in intact:
+            if h not in verified:
                 whole = rebuild(tree, bundles[h], manifest.chunks[h].size)
-                intact[h] = whole is not None and sha256_hex(whole) == h
-            if path.stat().st_size != f.size or not intact[h]:
+                verified[h] = whole if whole is not None and sha256_hex(whole) == h else None
+            bundle = verified[h]  # then each file's own bytes: it may not be in the rebuild
+            if bundle is None or path.read_bytes() != bundle[f.at : f.at + f.size]:
                 problems.append(f"{f.path}: content differs from the manifest (it or a file "
                                 "bundled with it)")  # fmt: skip
             continue
