@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,35 @@ def test_a_ref_record_being_written_never_stops_a_refresh(
     os.utime(left, (0, 0))  # an hour old and more: no live writer holds it
     CachedStore(cached.inner, tmp_path / "cache")
     assert not left.exists()
+
+
+def test_a_pin_is_alive_while_its_lock_is_held_whatever_its_pid(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    """A process in another PID namespace (a container sharing the cache folder) names its
+    pins with a pid this one cannot see: the pin's lock says it lives, so its version is
+    neither patched nor evicted; once that process is gone, the pin is cleared."""
+    src, _, v1 = _v1(cached, tmp_path)
+    pin = cached.dirs("db").root / "pins" / v1 / "999999999-0123456789abcdef"
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    pin.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()",
+         str(pin)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        assert cached.dirs("db").pinned(v1)
+        _change(src)
+        v2 = cached.publish("db", src).version
+        with cached.checkout("db", v2) as snap:
+            assert read_tree(snap.path) == read_tree(src)
+        assert sorted(cached.dirs("db").complete()) == sorted([v1, v2])  # v1 was not taken
+    finally:
+        holder.communicate("")
+    assert not cached.dirs("db").pinned(v1)
+    assert not pin.exists()

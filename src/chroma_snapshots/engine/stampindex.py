@@ -100,9 +100,7 @@ class StampIndex:
         """Where a file :meth:`lookup` found starts in its chunk (a bundled file; else 0)."""
         return self._starts.get(relpath, 0)
 
-    def record(
-        self, relpath: str, stamp: Stamp | None, hashes: Sequence[str], at: int = 0
-    ) -> None:
+    def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str], at: int = 0) -> None:
         """Remember the hashes this publish found (or trusted) for a file, and where it
         starts in its chunk (``at``: a bundled file)."""
         if stamp is not None:

@@ -8,7 +8,7 @@
         meta/{version}.stamps        size, mtime_ns, mode of every file as materialized
         tmp/{version}.{pid}.{uuid}/  work in progress; never served, cleaned at next open
         locks/{version}.lock         one materializer or repairer per version at a time
-        pins/{version}/{pid}-{uuid}  a consumer holds this version open
+        pins/{version}/{pid}-{uuid}  a consumer holds this version open (its shared flock)
         refs/{ref}                   the version the ref named when last read
 
 A version is complete when its tree and both meta files exist. Meta files are
@@ -20,6 +20,7 @@ a live pin names it, so every read here tolerates a version that just vanished.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -76,15 +77,34 @@ def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
     return intact
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists."""
+class Pin:
+    """A held pin (:meth:`NameDirs.pin`); ``unlink`` lets the version go (idempotent)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def unlink(self, missing_ok: bool = True) -> None:
+        """Release the pin: remove its file, then drop its lock."""
+        self.path.unlink(missing_ok=True)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds the pin file at ``path`` (its shared lock is taken)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got it
+    return False
 
 
 @dataclass(frozen=True)
@@ -174,26 +194,40 @@ class NameDirs:
         st = path.stat()
         os.utime(path, ns=(max(st.st_atime_ns, time.time_ns()), st.st_mtime_ns))
 
-    def pin(self, version: str) -> Path:
+    def pin(self, version: str) -> Pin:
+        """Hold ``version``: a pin file this process keeps a shared lock on until
+        ``unlink``. The lock, not a pid, says the holder lives: the kernel drops it when
+        the process dies, whatever PID namespace it ran in (a container sharing the cache
+        folder sees other pids, or none)."""
         pins = self.root / "pins" / version
         pins.mkdir(parents=True, exist_ok=True)
-        pin = pins / f"{os.getpid()}-{uuid.uuid4().hex}"
-        pin.touch()
-        return pin
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = pins / f".{name}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(tmp, pins / name)  # visible only once locked: never seen as dead
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return Pin(pins / name, fd)
 
     def pinned(self, version: str) -> bool:
         """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""
+        folder = self.root / "pins" / version
         try:
-            pins = os.listdir(self.root / "pins" / version)
+            pins = os.listdir(folder)
         except FileNotFoundError:
             return False
         live = False
         for pin in pins:
-            pid = pin.split("-", 1)[0]
-            if pid.isdigit() and pid_alive(int(pid)):
+            if pin.startswith("."):
+                continue  # being made (locked before it is renamed into view)
+            if _held(folder / pin):
                 live = True
             else:  # unlinked by its holder meanwhile is fine too
-                (self.root / "pins" / version / pin).unlink(missing_ok=True)
+                (folder / pin).unlink(missing_ok=True)
         return live
 
     def discard(self, version: str) -> None:

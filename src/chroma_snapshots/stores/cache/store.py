@@ -40,7 +40,7 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
-from chroma_snapshots.stores.cache.layout import stamp_check, stamp_of
+from chroma_snapshots.stores.cache.layout import Pin, stamp_check, stamp_of
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.cache.space import CacheSpace
@@ -263,7 +263,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         stats.add(requests=1)
         return manifest, self._materialize(name, version, manifest, dl, stats, progress)
 
-    def hold(self, name: str, version: str, timeout: float = 0.0) -> tuple[Manifest, Path] | None:
+    def hold(self, name: str, version: str, timeout: float = 0.0) -> tuple[Manifest, Pin] | None:
         """Pin a complete version so that no process evicts it: its manifest and the pin
         (unlink it to let go), or None if it is not cached or its lock stays busy."""
         d = self.dirs(name)
