@@ -147,7 +147,7 @@ def test_calls_a_deadline_abandoned_are_capped(monkeypatch: pytest.MonkeyPatch) 
         for _ in range(3):
             with pytest.raises(StorageTimeoutError, match="did not finish"):
                 run_within(Deadline(0.05), "a hung call", stuck)
-        with pytest.raises(StorageTimeoutError, match="abandoned by their deadlines"):
+        with pytest.raises(StorageTimeoutError, match=r"abandoned .* still running"):
             run_within(Deadline(5), "one more", stuck)
         assert len(started) == 3  # the refused call never ran
     finally:

@@ -173,8 +173,8 @@ class WorkerPool(Executor):
     def __init__(self, workers: int, name: str = "chroma-snapshots") -> None:
         if _abandoned >= MAX_ABANDONED:
             raise StorageTimeoutError(
-                f"{name}: {_abandoned} earlier calls abandoned by their deadlines are still "
-                "running (a store that hangs?); not starting more until they return"
+                f"{name}: {_abandoned} earlier calls abandoned (by a deadline or a failure) are "
+                "still running (a store that hangs?); not starting more until they return"
             )
         self._size = workers
         self._name = name
