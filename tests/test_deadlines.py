@@ -12,7 +12,7 @@ import pytest
 from chroma_snapshots import Deadline, IntegrityError, RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine import deadline as deadline_module
-from chroma_snapshots.engine.deadline import run_within
+from chroma_snapshots.engine.deadline import WorkerPool, run_within, wait_all
 from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -133,6 +133,18 @@ def test_stalled_server_fails_within_the_deadline(
         assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def drained() -> None:
+    """No call an earlier test abandoned is still running (the stalled reads above return
+    once their proxy stops): the counts these tests expect are not moved by them."""
+    for _ in range(3000):  # no timing asserted: just wait, bounded
+        if deadline_module.abandoned_calls() == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{deadline_module.abandoned_calls()} abandoned calls still running")
+
+
+@pytest.mark.usefixtures("drained")
 def test_calls_a_deadline_abandoned_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each timed-out call leaves its thread running; past the cap a new call is refused at
     once (nothing started), and once the stuck calls return, calls run again."""
@@ -147,7 +159,7 @@ def test_calls_a_deadline_abandoned_are_capped(monkeypatch: pytest.MonkeyPatch) 
         for _ in range(3):
             with pytest.raises(StorageTimeoutError, match="did not finish"):
                 run_within(Deadline(0.05), "a hung call", stuck)
-        with pytest.raises(StorageTimeoutError, match="abandoned by their deadlines"):
+        with pytest.raises(StorageTimeoutError, match=r"abandoned .* still running"):
             run_within(Deadline(5), "one more", stuck)
         assert len(started) == 3  # the refused call never ran
     finally:
@@ -157,3 +169,72 @@ def test_calls_a_deadline_abandoned_are_capped(monkeypatch: pytest.MonkeyPatch) 
             break
         time.sleep(0.01)
     assert run_within(Deadline(5), "after", lambda: 42) == 42
+
+
+def _join_pool(name: str) -> None:
+    """Wait for the threads of the pool named ``name`` to exit (their calls returned)."""
+    for t in [t for t in threading.enumerate() if t.name == name]:
+        t.join(30)
+        assert not t.is_alive()
+
+
+@pytest.mark.usefixtures("drained")
+def test_calls_left_running_by_a_failure_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call still running when a sibling's failure (or any exception) leaves its pool
+    holds a thread just as one a deadline abandoned: it is counted, once, until it returns,
+    and past the cap a new pool is refused."""
+    before = deadline_module.abandoned_calls()
+    monkeypatch.setattr(deadline_module, "MAX_ABANDONED", before + 2)
+    gate, started = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        started.set()
+        gate.wait(30)
+
+    def broken() -> None:
+        started.wait(30)  # fail only once the other call is surely running
+        raise OSError("connection reset")
+
+    try:
+        with WorkerPool(2, name="left-by-a-failure") as pool:  # a sibling fails fast
+            futures = [pool.submit(stuck), pool.submit(broken)]
+            with pytest.raises(OSError, match="reset"):
+                wait_all(futures, Deadline(30), "reading packs")
+        assert deadline_module.abandoned_calls() == before + 1
+        started.clear()
+
+        def caller_fails() -> None:
+            with WorkerPool(1, name="left-by-an-exception") as pool:
+                pool.submit(stuck)
+                started.wait(30)
+                raise KeyError("the caller failed")
+
+        with pytest.raises(KeyError):
+            caller_fails()
+        assert deadline_module.abandoned_calls() == before + 2
+        with pytest.raises(StorageTimeoutError, match="still running"):
+            WorkerPool(1)
+    finally:
+        gate.set()
+    _join_pool("left-by-a-failure")
+    _join_pool("left-by-an-exception")
+    assert deadline_module.abandoned_calls() == before  # each counted once, and released
+
+
+@pytest.mark.usefixtures("drained")
+def test_finished_calls_are_not_counted() -> None:
+    """Leaving a pool whose calls all returned counts nothing, and a call a deadline
+    abandoned is counted once (by its pool, not again by the wait)."""
+    before = deadline_module.abandoned_calls()
+    for _ in range(20):
+        assert run_within(Deadline(5), "quick", lambda: 1) == 1
+    assert deadline_module.abandoned_calls() == before
+    gate = threading.Event()
+    try:
+        with pytest.raises(StorageTimeoutError, match="did not finish"):
+            run_within(Deadline(0.05), "a hung call", lambda: gate.wait(30))
+        assert deadline_module.abandoned_calls() == before + 1
+    finally:
+        gate.set()
+    _join_pool("deadline:a hung call")
+    assert deadline_module.abandoned_calls() == before

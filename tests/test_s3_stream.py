@@ -1,6 +1,7 @@
 """Large coalesced reads streamed through a small buffer (S3Backend.read_range and
 engine/transfer.py stream_and_place): one request per read, chunks placed as they become
-whole, a broken body resumed from the first byte not held, a short answer refused."""
+whole, a broken body resumed from the first byte not held, a short answer refused, an
+answer that is not the range asked for refused as the server's fault."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from botocore.exceptions import ResponseStreamingError
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends import s3body
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-from chroma_snapshots.errors import IntegrityError
+from chroma_snapshots.errors import BackendUnavailableError, IntegrityError
 from chroma_snapshots.stores import fetch
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -128,3 +129,56 @@ def test_a_short_answer_is_refused(
     with pytest.raises(IntegrityError, match="short read"):
         remote.checkout("db", dest=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_answer_that_is_not_the_range_asked_for_is_the_servers_fault(
+    proxy: CountingProxy, s3_bucket: str
+) -> None:
+    """A server that ignores Range answers 200 with the whole object: refused as an outage
+    on every ranged read (not read as bytes of the range), accepted for the whole object."""
+    backend = _backend(proxy, s3_bucket)
+    data = os.urandom(50_000)
+    backend.put("obj", data)
+    reads: list[Callable[[], object]] = [
+        lambda: _collect(backend, "obj", (100, 50_000), 1000),
+        lambda: backend.get("obj", byte_range=(100, 200)),
+        lambda: backend.get_into("obj", (0, 200), memoryview(bytearray(200))),
+    ]
+    for read in reads:
+        proxy.ignore_range("obj")
+        with pytest.raises(BackendUnavailableError, match="ignores Range"):
+            read()
+    proxy.ignore_range("obj", count=3)
+    assert _collect(backend, "obj", (0, 50_000), 1000) == data
+    assert backend.get("obj", byte_range=(0, 60_000)).data == data
+    buf = bytearray(50_000)
+    assert backend.get_into("obj", (0, 50_000), memoryview(buf)) == 50_000
+    assert buf == data
+    assert not [r for r in proxy.reset() if r.status not in (200, 206)]
+
+
+def test_a_resumed_read_answered_with_the_whole_object_fails_the_checkout_as_an_outage(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack body cut mid-way is asked for again from the middle; a server that then
+    ignores Range must not fail the checkout as damaged data (IntegrityError)."""
+    remote = RemoteStore(_backend(proxy, s3_bucket), chunk_size=CHUNK, pack_target=64 * CHUNK)
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(32 * CHUNK)})
+    remote.publish("db", src)
+    real, calls = s3body.BodyReader.readinto, [0]
+
+    def breaks_once(self: s3body.BodyReader, view: memoryview) -> int:
+        calls[0] += 1
+        if calls[0] == 2:  # the re-request (from the first byte not held) gets it all
+            proxy.ignore_range("/packs/")
+            raise ResponseStreamingError(error=ConnectionResetError("cut"))
+        return real(self, view)
+
+    monkeypatch.setattr(fetch, "STREAM_BUFFER", 4 * CHUNK)  # several reads per pack
+    monkeypatch.setattr(s3body.BodyReader, "readinto", breaks_once)
+    proxy.reset()
+    with pytest.raises(BackendUnavailableError, match="ignores Range"):
+        remote.checkout("db", dest=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    packs = [r for r in proxy.reset() if "/packs/" in r.path and r.method == "GET"]
+    assert len(packs) == 2  # the read and its resumption, refused: nothing else asked

@@ -36,7 +36,7 @@ from chroma_snapshots.backends.base import (
     range_refused,
 )
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
-from chroma_snapshots.backends.s3errors import give_up_connecting, wrap_error
+from chroma_snapshots.backends.s3errors import check_range, give_up_connecting, wrap_error
 from chroma_snapshots.engine.deadline import (
     Deadline,
     WorkerPool,
@@ -145,6 +145,8 @@ class S3Backend(Backend):
 
         def attempt(_: int) -> tuple[Any, T]:
             resp = self.client.get_object(**kwargs)
+            if byte_range is not None:
+                check_range(resp, key, byte_range)
             return resp, read(resp["Body"])
 
         try:
@@ -240,6 +242,7 @@ class S3Backend(Backend):
             if range_refused(e):
                 raise past_end(key, byte_range[0]) from e
             raise wrap_error(e, "get", key) from e
+        check_range(resp, key, byte_range)
         return BodyReader(resp["Body"])
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:

@@ -1,9 +1,11 @@
 """S3's failures as the library's documented errors: a lost condition is a ConflictError,
 a missing bucket a StoreNotFoundError (not an absent object), missing credentials a
-ConfigError naming where botocore looks, a refused endpoint an outage naming it."""
+ConfigError naming where botocore looks, a refused endpoint an outage naming it, an answer
+to a ranged GET that is not the range asked for an outage (not damaged data)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +68,34 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
     return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
+
+
+def check_range(resp: Any, key: str, byte_range: tuple[int, int]) -> None:
+    """Refuse an answer to a ranged GET that is not bytes ``[start, end)`` of ``key``.
+
+    A 206 must say (Content-Range) it starts at ``start`` and ends at ``end`` or at the
+    object's end, whichever comes first; a 200 (the whole object) only answers a range that
+    starts at 0 and covers the object. Anything else comes from a server or proxy that
+    ignores or rewrites Range: its bytes would land at the wrong offsets and fail
+    verification as if the store were damaged, so it is a BackendUnavailableError."""
+    start, end = byte_range
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status == 200 and start == 0 and int(resp.get("ContentLength", end + 1)) <= end:
+        return
+    told = str(resp.get("ContentRange", ""))
+    if status == 206:
+        unit, _, spec = told.partition(" ")
+        first, _, rest = spec.partition("-")
+        last, _, total = rest.partition("/")
+        with contextlib.suppress(ValueError):
+            if unit == "bytes" and int(first) == start and int(last) + 1 == min(end, int(total)):
+                return
+    resp["Body"].close()  # unread: the connection must not be reused
+    answered = f"status {status}" + (f", Content-Range {told!r}" if told else "")
+    raise BackendUnavailableError(
+        f"get {key}: asked for bytes {start}-{end - 1}, the server answered with something "
+        f"else ({answered}): a server or proxy that ignores Range?"
+    )
 
 
 def _connect_failure(err: EndpointConnectionError) -> str:

@@ -111,9 +111,9 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
 
     The first failure is raised as soon as it happens (not after slower calls submitted
     before it), the deadline as StorageTimeoutError naming ``what``. Either way the calls
-    not yet started are cancelled; calls already running are abandoned, so whatever they
-    could still touch must be fenced by the caller (``transfer.Placer`` refuses writes
-    once closed)."""
+    not yet started are cancelled; calls already running are abandoned (counted by their
+    :class:`WorkerPool` when it is left), so whatever they could still touch must be fenced
+    by the caller (``transfer.Placer`` refuses writes once closed)."""
     done, pending = wait(futures, timeout=deadline.remaining(), return_when=FIRST_EXCEPTION)
     failed = next((f for f in futures if f in done and f.exception() is not None), None)
     if failed is not None or pending:
@@ -124,37 +124,29 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
         assert error is not None
         raise error
     if pending:
-        _abandon(pending)
         raise StorageTimeoutError(f"{what} did not finish within the deadline")
     return [f.result() for f in futures]
 
 
-# Calls a deadline abandoned while they ran, in this process. Each holds a thread until it
-# returns: on a mount that hangs without the guard in front of it, that is never. Past the
-# cap a new pool is refused at once, so a wedged store costs a bounded number of threads.
+# Calls still running in a pool that was left (a deadline passed, a sibling call failed, an
+# exception left the ``with`` block), in this process. Each holds a thread until it returns:
+# on a mount that hangs without the guard in front of it, that is never. Past the cap a new
+# pool is refused at once, so a wedged store costs a bounded number of threads.
 MAX_ABANDONED = 256
 _abandoned = 0
 _abandoned_lock = threading.Lock()
 
 
 def abandoned_calls() -> int:
-    """How many calls abandoned by a deadline are still running in this process."""
+    """How many calls left running by a worker pool that was left are still running in
+    this process (whatever made the pool's owner leave: a deadline, a failure)."""
     return _abandoned
 
 
-def _abandon(futures: set[Future[Any]]) -> None:
-    global _abandoned
-    for f in futures:
-        if not f.cancelled():  # it had started: cancel() could not stop it
-            with _abandoned_lock:
-                _abandoned += 1
-            f.add_done_callback(_returned)  # runs at once if it has finished meanwhile
-
-
-def _returned(_: Future[Any]) -> None:
+def _count_abandoned(n: int) -> None:
     global _abandoned
     with _abandoned_lock:
-        _abandoned -= 1
+        _abandoned += n
 
 
 _Task = tuple[Future[Any], Callable[[], Any]] | None  # None: a worker's signal to exit
@@ -171,16 +163,18 @@ class WorkerPool(Executor):
     Daemon threads, because ThreadPoolExecutor joins its threads at interpreter exit and
     an abandoned read would hold up the exit of a process whose call timed out.
 
-    Leaving a ``with`` block cancels the calls not yet started and does not wait for
-    running ones (they are abandoned, see :func:`wait_all`). While ``MAX_ABANDONED``
-    abandoned calls are still running, a new pool is a StorageTimeoutError.
+    Leaving a ``with`` block (or ``shutdown(wait=False)``) cancels the calls not yet
+    started and does not wait for running ones: they are abandoned, and counted in
+    :func:`abandoned_calls` until they return, however the pool was left (a deadline, a
+    sibling call that failed, any exception). While ``MAX_ABANDONED`` abandoned calls are
+    still running, a new pool is a StorageTimeoutError.
     """
 
     def __init__(self, workers: int, name: str = "chroma-snapshots") -> None:
         if _abandoned >= MAX_ABANDONED:
             raise StorageTimeoutError(
-                f"{name}: {_abandoned} earlier calls abandoned by their deadlines are still "
-                "running (a store that hangs?); not starting more until they return"
+                f"{name}: {_abandoned} earlier calls abandoned (by a deadline or a failure) are "
+                "still running (a store that hangs?); not starting more until they return"
             )
         self._size = workers
         self._name = name
@@ -188,6 +182,9 @@ class WorkerPool(Executor):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._closed = False
+        self._left = False  # shut down without waiting: calls running now are abandoned
+        self._busy: dict[threading.Thread, Future[Any]] = {}  # workers' current calls
+        self._counted: set[threading.Thread] = set()  # ... whose call is in the count
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         fut: Future[T] = Future()
@@ -205,17 +202,44 @@ class WorkerPool(Executor):
         while (task := self._tasks.get()) is not None:
             fut, call = task
             if fut.set_running_or_notify_cancel():
+                self._mark(fut)
                 try:
                     fut.set_result(call())
                 except BaseException as e:  # handed to whoever waits on the future
                     fut.set_exception(e)
+                finally:
+                    self._mark(None)
             del task, fut, call  # an idle thread keeps no arguments (buffers) alive
         with self._lock:
             self._threads.discard(threading.current_thread())
 
+    def _mark(self, fut: Future[Any] | None) -> None:
+        """Track this worker's call (``fut``, None once it returned). A call running in a
+        pool that was left is in the count from then (or from its start, for one queued
+        before and not cancelled) until it returns; only here and in shutdown, under the
+        pool's lock, so each is counted once."""
+        me = threading.current_thread()
+        with self._lock:
+            if fut is not None:
+                self._busy[me] = fut
+                if self._left:
+                    self._counted.add(me)
+                    _count_abandoned(1)
+            else:
+                del self._busy[me]
+                if me in self._counted:
+                    self._counted.discard(me)
+                    _count_abandoned(-1)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
+            if not wait and not self._left:
+                self._left = True
+                # a call whose result is already handed over is not running any more
+                fresh = {t for t, f in self._busy.items() if not f.done()} - self._counted
+                self._counted |= fresh
+                _count_abandoned(len(fresh))
             while cancel_futures:
                 try:
                     task = self._tasks.get_nowait()

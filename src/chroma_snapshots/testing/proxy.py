@@ -6,7 +6,9 @@ Tests point boto3 at the proxy and count what the server really received
 stops sending without closing the connection; a :class:`~.faults.FaultPlan` damages
 requests at random (503, 500, reset, stall, truncated body, latency), seeded.
 ``strip_headers`` drops request headers before forwarding, e.g. ``If-None-Match`` and
-``If-Match`` to play a server that ignores conditional writes (as s3rver does).
+``If-Match`` to play a server that ignores conditional writes (as s3rver does);
+``ignore_range`` makes chosen ranged GETs answer 200 with the whole object, as a server
+or proxy that ignores Range does.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class CountingProxy:
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._stalls: list[_Stall] = []
+        self._whole: dict[str, int] = {}  # path part: ranged GETs left to answer whole
         self._released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -110,6 +113,22 @@ class CountingProxy:
         ``after_bytes`` of the body and then nothing for ``hold`` seconds (or until ``stop``)."""
         with self._lock:
             self._stalls.append(_Stall(path_contains, count, after_bytes, hold))
+
+    def ignore_range(self, path_contains: str, *, count: int = 1) -> None:
+        """Forward the next ``count`` ranged GETs whose path contains ``path_contains``
+        without their Range header: the server answers 200 with the whole object."""
+        with self._lock:
+            self._whole[path_contains] = self._whole.get(path_contains, 0) + count
+
+    def _take_whole(self, method: str, path: str, headers: dict[str, str]) -> bool:
+        if method != "GET" or not any(k.lower() == "range" for k in headers):
+            return False
+        with self._lock:
+            for part, left in self._whole.items():
+                if part in path and left > 0:
+                    self._whole[part] = left - 1
+                    return True
+        return False
 
     def _take_stall(self, method: str, path: str) -> _Stall | None:
         with self._lock:
@@ -160,6 +179,8 @@ class CountingProxy:
                 if fault == "latency" and proxy.faults is not None:
                     time.sleep(proxy.faults.latency_seconds)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy._drop}
+                if proxy._take_whole(self.command, self.path, headers):
+                    headers = {k: v for k, v in headers.items() if k.lower() != "range"}
                 conn = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body or None, headers=headers)
