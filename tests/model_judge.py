@@ -16,6 +16,7 @@ from itertools import combinations, permutations
 from model_support import Killed, Outcome
 
 from chroma_snapshots import ANY, LATEST, RemoteStore
+from chroma_snapshots.engine.validation import short_id
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -256,6 +257,8 @@ class Judge:
             report = self.observer.verify("db", version)
             assert report.ok, f"ref {ref} names {version}: {report.problems}\n{trace}"
             manifest = self.observer.load_manifest("db", version)
-            files = {f.path: (f.size, f.chunks) for f in manifest.files}
-            assert files == self.entries[self.model.op_content[op]], f"{version}: wrong files"
+            files = {f.path: (f.size, tuple(map(short_id, f.chunks))) for f in manifest.files}
+            want = {p: (n, tuple(map(short_id, hs))) for p, (n, hs) in self.entries[
+                self.model.op_content[op]].items()}  # fmt: skip
+            assert files == want, f"{version}: wrong files"
             self._verified.add(version)

@@ -59,12 +59,12 @@ def test_small_files_share_chunks_and_read_back(tmp_path: Path) -> None:
     assert len(m.chunks) < 300  # bundles of about 256 bytes: 2-3 files each
     assert {f.path for f in m.files if not is_slice(f, m.chunks)} >= {"big.bin", "mid.bin"}
     assert all(not f.chunks for f in m.files if f.size == 0)
-    assert b'"layout":2' in manifest_v2.decompress(manifest_v2.dumps(m))
+    assert b'"layout":3' in manifest_v2.decompress(manifest_v2.dumps(m))  # short ids too
     assert read_tree(store.checkout("db", v, tmp_path / "out").path) == files
     assert store.verify("db", v).ok
 
 
-def test_format_1_and_trees_without_small_files_are_written_as_before(tmp_path: Path) -> None:
+def test_format_1_and_trees_without_small_files_hold_no_slices(tmp_path: Path) -> None:
     files = _files(40)
     old = RemoteStore(open_backend(f"memory://b-{uuid.uuid4().hex}"), chunk_size=CS,
                       manifest_format=1)  # fmt: skip
@@ -74,7 +74,9 @@ def test_format_1_and_trees_without_small_files_are_written_as_before(tmp_path: 
     assert read_tree(old.checkout("db", v, tmp_path / "out").path) == files
     big = RemoteStore(open_backend(f"memory://b-{uuid.uuid4().hex}"), chunk_size=CS)
     v = big.publish("db", write_tree(tmp_path / "big", {"a": os.urandom(3 * CS)})).version
-    assert b'"layout":1' in manifest_v2.decompress(manifest_v2.dumps(_manifest(big, v)))
+    m = _manifest(big, v)
+    assert not any(is_slice(f, m.chunks) for f in m.files)
+    assert all(len(h) == 56 for h in m.chunks)  # format 2 ids: short (layout 3)
 
 
 def _new_chunks(store: RemoteStore, before: str, after: str) -> set[str]:

@@ -14,7 +14,8 @@ from chroma_snapshots.cli.names import (
     no_snapshot,
     resolve_ref,
 )
-from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.models import Manifest, file_key
+from chroma_snapshots.engine.validation import short_id
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
 
@@ -26,9 +27,10 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
         # chunks, mode, or where in its chunk (a bundled file: also when its bundle changed)
         p
         for p in set(a) & set(b)
-        if a[p] != b[p]
+        if file_key(a[p]) != file_key(b[p])  # ids of either length
     )
-    fresh = set(new.chunks) - set(old.chunks)
+    before = {short_id(h) for h in old.chunks}
+    fresh = [h for h in new.chunks if short_id(h) not in before]
     return {
         "added": sorted(set(b) - set(a)),
         "removed": sorted(set(a) - set(b)),

@@ -14,7 +14,7 @@ from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
 from chroma_snapshots.engine.models import MANIFEST_FORMAT
-from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.engine.validation import sha256_hex, short_id
 from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     chunk_size = getattr(store, "chunk_size", None) or (
         manifest.chunk_size if manifest else DEFAULT_CHUNK_SIZE
     )
-    known = set(manifest.chunks) if manifest else set()
+    known = {short_id(h) for h in manifest.chunks} if manifest else set()
     old = {f.path: f for f in manifest.files} if manifest else {}
     new: dict[str, int] = {}
     added, changed, reused = [], [], 0
@@ -85,7 +85,7 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
             placed[f.relpath] = ([sha256_hex(raw) for raw in raws], 0)
             chunks += [(h, len(raw)) for h, raw in zip(placed[f.relpath][0], raws, strict=True)]
     for digest, size in chunks:
-        if digest in known:
+        if short_id(digest) in known:
             reused += size
         else:
             new[digest] = size
@@ -94,7 +94,10 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
         before = old.get(f.relpath)
         if before is None:
             added.append(f.relpath)
-        elif (before.chunks, before.at) != (tuple(hashes), at) or before.mode != f.mode:
+        elif (tuple(map(short_id, before.chunks)), before.at) != (
+            tuple(map(short_id, hashes)),
+            at,
+        ) or before.mode != f.mode:
             changed.append(f.relpath)
     removed = sorted(set(old) - {f.relpath for f in files})
     total = sum(f.size for f in files)

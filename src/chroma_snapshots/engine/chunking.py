@@ -30,6 +30,7 @@ from chroma_snapshots.engine.validation import (
     MAX_PATH_BYTES,
     MAX_PATH_DEPTH,
     check_relpath,
+    chunk_ok,
     sha256_hex,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
@@ -285,6 +286,6 @@ def decode_chunk(
     raw: bytes | memoryview = stored
     if c.codec == "zstd":
         raw = _unzstd(c, stored) if out is None else _unzstd_into(c, stored, out)
-    if len(raw) != c.size or sha256_hex(raw) != c.hash:
+    if len(raw) != c.size or not chunk_ok(raw, c.hash):
         raise IntegrityError(f"chunk {c.hash[:12]} in pack {c.pack[:12]}: hash mismatch")
     return raw

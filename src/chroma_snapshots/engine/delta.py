@@ -13,7 +13,7 @@ from __future__ import annotations
 import zstandard
 
 from chroma_snapshots.engine.models import DELTA_CODEC, Chunk, is_link_key
-from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE, sha256_hex
+from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE, chunk_ok
 from chroma_snapshots.errors import IntegrityError
 
 CODEC = DELTA_CODEC
@@ -52,7 +52,7 @@ def decode(c: Chunk, stored: Buffer, base: Buffer) -> bytes:
     except zstandard.ZstdError as e:
         raise IntegrityError(f"chunk {c.hash[:12]}: corrupt delta") from e
     # A link known by place (no hash) is verified through the chunk its chain ends in.
-    if len(raw) != c.size or (not is_link_key(c.hash) and sha256_hex(raw) != c.hash):
+    if len(raw) != c.size or (not is_link_key(c.hash) and not chunk_ok(raw, c.hash)):
         raise IntegrityError(
             f"chunk {c.hash[:12]}: delta against {c.base[:12]} decodes to the wrong bytes"
         )

@@ -35,6 +35,7 @@ from pathlib import Path
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.validation import short_id
 
 # errnos meaning "this filesystem pair cannot do it": fall back to reading and hashing
 _UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
@@ -94,8 +95,10 @@ def _same_piece(src: IntactFile, f: FileEntry, i: int, cs: int) -> bool:
     """Whether ``src`` holds the bytes of ``f``'s chunk position ``i`` at the same offset:
     the same chunk from the same place in it (a bundled file: the same ``at``), and at
     least as many of them."""
-    if src.chunk_size != cs or i >= len(src.chunks) or src.chunks[i] != f.chunks[i]:
+    if src.chunk_size != cs or i >= len(src.chunks):
         return False  # chunk i of another chunk size starts at another offset
+    if short_id(src.chunks[i]) != short_id(f.chunks[i]):
+        return False
     if i:
         return True  # at is 0 past the first chunk
     return src.at == f.at and min(cs, src.size) >= min(cs, f.size)

@@ -27,6 +27,11 @@ LAYOUT = 1
 # Layout 2 is layout 1 plus where each file of one chunk starts in it (bundled small
 # files, engine.bundles); it is written only for manifests that have such files.
 LAYOUT_BUNDLED = 2
+# Layout 3 is layout 2 with chunk ids of 28 bytes (sha256 truncated to 224 bits,
+# validation.SHORT_ID), written for manifests whose ids are short: what a format 2
+# publisher makes since this layout. Pack ids keep their 32 bytes.
+LAYOUT_SHORT = 3
+ID_BYTES = {0: 32, LAYOUT: 32, LAYOUT_BUNDLED: 32, LAYOUT_SHORT: 28}
 CODEC_IDS = {"none": 0, "zstd": 1, "zdelta": 2}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_KEYS = {
@@ -199,10 +204,10 @@ class Reader:
         """A column of ``n`` signed numbers."""
         return unzigzag(self.varints(n, what))
 
-    def hashes(self, n: int, what: str) -> list[str]:
-        """``n`` 32-byte values as hex: one ``hex()`` of the column, then slices."""
-        col = self.take(32 * n, what).hex()
-        return [col[i : i + 64] for i in range(0, 64 * n, 64)]
+    def hashes(self, n: int, what: str, width: int = 32) -> list[str]:
+        """``n`` values of ``width`` bytes as hex: one ``hex()`` of the column, then slices."""
+        col, w = self.take(width * n, what).hex(), 2 * width
+        return [col[i : i + w] for i in range(0, w * n, w)]
 
     def count(self, what: str, most: int, min_bytes_each: int) -> int:
         """A count, bounded by the format and by the bytes it needs (before allocating)."""

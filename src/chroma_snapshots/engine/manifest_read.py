@@ -25,7 +25,7 @@ from chroma_snapshots.engine.manifest_codec import (
     CODEC_NAMES,
     FORMAT,
     HEADER_KEYS,
-    LAYOUT,
+    ID_BYTES,
     LAYOUT_BUNDLED,
     MAX_HEADER,
     MAX_WIDTH,
@@ -65,24 +65,25 @@ def decode(data: bytes) -> Manifest:
     head, layout = _header(r)
     cs = head["chunk_size"]
     packs = r.hashes(r.count("packs", MAX_CHUNKS, 32), "pack id")
-    n = r.count("chunks", MAX_CHUNKS, 32 + MIN_ENTRY)  # a hash, then a byte per column
+    width = ID_BYTES[layout]  # bytes of a chunk id
+    n = r.count("chunks", MAX_CHUNKS, width + MIN_ENTRY)  # an id, then a byte per column
     links = r.count("chain links", MAX_CHUNKS - n, MIN_ENTRY) if layout else 0
-    if (32 + MIN_ENTRY) * n + MIN_ENTRY * links > r.left():
+    if (width + MIN_ENTRY) * n + MIN_ENTRY * links > r.left():
         raise IntegrityError(f"manifest lists {n} chunks and {links} links: more than present")
-    # Bounds on what was stored, not on what it decompressed to: sha256 hashes do not
-    # compress, so n of them need 32 n bytes of input; every link is on the chain of a
-    # hashed chunk, at most MAX_CHAIN each. A tiny body that declares a million entries
-    # is refused before anything is built for them.
-    if 32 * n > len(data) or links > MAX_CHAIN * n:
+    # Bounds on what was stored, not on what it decompressed to: hashes do not compress,
+    # so n of them need width x n bytes of input; every link is on the chain of a hashed
+    # chunk, at most MAX_CHAIN each. A tiny body that declares a million entries is
+    # refused before anything is built for them.
+    if width * n > len(data) or links > MAX_CHAIN * n:
         raise IntegrityError(
             f"manifest of {len(data)} bytes lists {n} chunks and {links} links: "
             "more than such a manifest can hold"
         )
-    hashes = r.hashes(n, "chunk hash")
+    hashes = r.hashes(n, "chunk hash", width)
     if len(set(hashes)) != n:
         raise IntegrityError("manifest: a chunk appears twice in the table")
     t = _chunk_table(r, hashes, links, packs, cs, layout)
-    files = _files(r, t, cs, layout == LAYOUT_BUNDLED)
+    files = _files(r, t, cs, layout >= LAYOUT_BUNDLED)
     dirs = tuple(r.paths(r.count("dirs", MAX_DIRS, 2), "dir"))
     if r.left():
         raise IntegrityError(f"manifest: {r.left()} bytes after the end")
@@ -105,8 +106,10 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
     o = val.as_obj(raw, "manifest header", HEADER_KEYS | ({"layout"} if layout_1 else set()))
     if o["format"] != FORMAT:
         raise IntegrityError(f"manifest header says format {o['format']!r}, not {FORMAT}")
-    if layout_1 and (type(o["layout"]) is not int or o["layout"] not in (LAYOUT, LAYOUT_BUNDLED)):
-        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1 or 2")
+    if layout_1 and (
+        type(o["layout"]) is not int or o["layout"] not in ID_BYTES or not o["layout"]
+    ):
+        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1, 2 or 3")
     cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if cs & (cs - 1):
         raise IntegrityError("chunk_size must be a power of two")

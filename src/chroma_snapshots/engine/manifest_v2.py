@@ -7,8 +7,10 @@ previous chunk's end, sizes coded against the chunk size, file chunk lists as in
 coded against "the next chunk". Layout 1 (written since format 2's first release was
 extended; layout 0 stays readable) stores the links of delta chains that no file uses
 without their hash: a link is known by where its bytes are, and its decoded bytes are
-verified through the hash of the chunk its chain ends in. The layout is specified in
-docs/FORMAT.md.
+verified through the hash of the chunk its chain ends in. Layout 2 adds where a bundled
+small file starts in its chunk; layout 3 (what a format 2 publisher writes) names chunks by
+the first 28 bytes of their sha256 (validation.SHORT_ID), 4 bytes a chunk less. The
+layouts are specified in docs/FORMAT.md.
 
 Decoding (``manifest_read``) treats the bytes as hostile: every count is bounded by the
 format's limits and by the bytes left before anything is allocated, every index and offset
@@ -34,6 +36,7 @@ from chroma_snapshots.engine.manifest_codec import (
     FORMAT,
     LAYOUT,
     LAYOUT_BUNDLED,
+    LAYOUT_SHORT,
     MAGIC,
     decompress,
     front_coded,
@@ -44,7 +47,12 @@ from chroma_snapshots.engine.manifest_codec import (
 )
 from chroma_snapshots.engine.manifest_read import decode
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice, link_key
-from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, canonical_json, format_time
+from chroma_snapshots.engine.validation import (
+    MAX_MANIFEST_BYTES,
+    SHORT_ID,
+    canonical_json,
+    format_time,
+)
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
 __all__ = [
@@ -143,9 +151,19 @@ def by_place(m: Manifest) -> Manifest:
 
 
 def encode(m: Manifest) -> bytes:
-    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 2 if
-    a file is a slice of a bundle (engine.bundles), else layout 1."""
-    layout = LAYOUT_BUNDLED if any(is_slice(f, m.chunks) for f in m.files) else LAYOUT
+    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 3 if
+    its chunk ids are short (validation.SHORT_ID), else layout 2 if a file is a slice of a
+    bundle (engine.bundles), else layout 1."""
+    hashed, links = table_order(m)
+    widths = {len(h) for h in hashed}
+    if len(widths) > 1 or not widths <= {SHORT_ID, 64}:
+        raise InvalidInputError("a manifest's chunk ids must all be short or all be full")
+    if widths == {SHORT_ID}:
+        layout = LAYOUT_SHORT
+    elif any(is_slice(f, m.chunks) for f in m.files):
+        layout = LAYOUT_BUNDLED
+    else:
+        layout = LAYOUT
     header = canonical_json(
         {
             "format": FORMAT,
@@ -159,7 +177,6 @@ def encode(m: Manifest) -> bytes:
             "metadata": dict(m.metadata),
         }
     )
-    hashed, links = table_order(m)
     order = hashed + links
     index = dict(zip(order, range(len(order)), strict=True))
     chunks = [m.chunks[h] for h in order]
@@ -182,7 +199,7 @@ def encode(m: Manifest) -> bytes:
     varints(out, zigzags(bases))
     varint(out, len(m.files))
     front_coded(out, [f.path for f in m.files])
-    varints(out, _file_numbers(m.files, index, layout == LAYOUT_BUNDLED))
+    varints(out, _file_numbers(m.files, index, layout >= LAYOUT_BUNDLED))
     varint(out, len(m.dirs))
     front_coded(out, list(m.dirs))
     level = _SMALL_LEVEL if len(out) <= _SMALL_BODY else _LEVEL

@@ -37,6 +37,7 @@ from chroma_snapshots.engine.validation import (
     format_time,
     parse_time,
     sha256_hex,
+    short_id,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -305,6 +306,13 @@ class Manifest:
         val.check_tree([f.path for f in self.files], list(self.dirs))
         if self.format_version not in (FORMAT_VERSION, MANIFEST_FORMAT):
             raise IntegrityError(f"manifest format {self.format_version!r} is not supported")
+
+
+def file_key(f: FileEntry) -> tuple[object, ...]:
+    """What a file entry says about the file, with chunk ids in their short form: equal for
+    the same file whatever the length of the ids its manifest uses (format 2 layout 3
+    writes short ones, older manifests full ones)."""
+    return (f.path, f.size, f.mode, f.at, tuple(map(short_id, f.chunks)))
 
 
 def is_slice(f: FileEntry, chunks: Mapping[str, Chunk]) -> bool:

@@ -30,7 +30,7 @@ from chroma_snapshots.engine.localcopy import IntactSources, copy_intact
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.engine.validation import chunk_ok, short_id
 from chroma_snapshots.errors import IntegrityError
 
 _LOCAL_SLICE = 64  # chunks a worker reuses per task: 4 MiB in memory at a time
@@ -118,18 +118,19 @@ class LocalChunks:
         wanted = None if paths is None else set(paths)
         for h, fs in members(manifest).items():
             if wanted is None or all(f.path in wanted for f in fs):
-                self._bundles[h].append((root, fs, manifest.chunks[h].size))
+                self._bundles[short_id(h)].append((root, fs, manifest.chunks[h].size))
         for f in manifest.files:
             if (wanted is None or f.path in wanted) and not is_slice(f, manifest.chunks):
                 path = root / f.path  # once per file: building Paths per chunk cost 0.6 s/GiB
                 for i, h in enumerate(f.chunks):
                     c = manifest.chunks[h]
-                    self._where[h].append((path, i * manifest.chunk_size, c.size))
+                    self._where[short_id(h)].append((path, i * manifest.chunk_size, c.size))
                     # the first tree offered (the newest version) says what is there
                     self._at.setdefault((c.pack, c.offset), h)
 
     def __contains__(self, digest: str) -> bool:
-        return digest in self._where or digest in self._bundles
+        key = short_id(digest)  # ids of both lengths meet under the short one
+        return key in self._where or key in self._bundles
 
     def hash_at(self, pack: str, offset: int) -> str | None:
         """The hash of the chunk a local copy's manifest stores at ``offset`` of ``pack``:
@@ -138,7 +139,7 @@ class LocalChunks:
 
     def read(self, digest: str) -> bytes | None:
         """The chunk's bytes if some local copy still hashes right, else None."""
-        for path, offset, size in self._where.get(digest, ()):
+        for path, offset, size in self._where.get(short_id(digest), ()):
             try:
                 with self._lock:  # pread under the lock: the LRU may close an fd any time
                     if self._closed:
@@ -146,13 +147,13 @@ class LocalChunks:
                     raw = os.pread(self._fd(path), size, offset)
             except OSError:
                 continue
-            if len(raw) == size and sha256_hex(raw) == digest:
+            if len(raw) == size and chunk_ok(raw, digest):
                 return raw
-        for root, fs, size in self._bundles.get(digest, ()):
+        for root, fs, size in self._bundles.get(short_id(digest), ()):
             if self._closed:
                 return None
             got = rebuild(root, fs, size)
-            if got is not None and sha256_hex(got) == digest:
+            if got is not None and chunk_ok(got, digest):
                 return got
         return None
 

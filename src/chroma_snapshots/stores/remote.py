@@ -208,7 +208,8 @@ class RemoteStore(SourceStore):
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
                                 self.compression_level,
                                 self.trust_stamps if stamps is None else stamps,
-                                bundle=self.manifest_format >= 2)  # fmt: skip
+                                bundle=self.manifest_format >= 2,
+                                short_ids=self.manifest_format >= 2)  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases

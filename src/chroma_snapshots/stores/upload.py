@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chun
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
 from chroma_snapshots.engine.keys import pack_key
-from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
+from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, file_key
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.stampindex import StampIndex
 from chroma_snapshots.engine.validation import (
@@ -29,6 +29,7 @@ from chroma_snapshots.engine.validation import (
     check_chains,
     check_depth,
     sha256_hex,
+    short_id,
 )
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
 from chroma_snapshots.stores.claims import Pin
@@ -58,6 +59,8 @@ class Uploader:
     stamps: bool = True
     stamp_dir: Path | None = None
     bundle: bool = True  # small files into shared chunks (format 2 only: engine.bundles)
+    # chunk ids of 56 hex digits (format 2 layout 3, validation.SHORT_ID), else 64
+    short_ids: bool = True
 
     def upload(
         self,
@@ -85,6 +88,11 @@ class Uploader:
 
         index = self._index(name, files)
         small = self._small(files)
+        # The parent's chunks under the ids this publish writes (both lengths meet under the
+        # short one; a full-id publish finds nothing of a short-id parent and uploads it).
+        # The hashes below stay full sha256 until the entries are made.
+        key = self._key
+        known = {key(h): c for h, c in known.items()}
         hashes, todo = self._trusted(files, index, known, small)
         ats = [0] * len(files)
         groups = self._trusted_groups(small, files, index, known, hashes, ats)
@@ -102,7 +110,7 @@ class Uploader:
                 i = todo[j]
                 hashes[i].append(digest)
                 read[i] += len(raw)
-                if digest in known:
+                if key(digest) in known:
                     reused += len(raw)
                 elif digest not in writer:
                     base = bases.base(files[i].relpath, len(hashes[i]) - 1) if bases else None
@@ -116,7 +124,7 @@ class Uploader:
                 for i in group:
                     hashes[i], ats[i] = [digest], pos
                     pos += files[i].size
-                if digest in known:
+                if key(digest) in known:
                     reused += len(raw)
                 elif digest not in writer:
                     writer.add(digest, raw)  # no delta: a bundle has no place in a file
@@ -126,18 +134,23 @@ class Uploader:
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
         pairs = zip(files, hashes, ats, strict=True)
-        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(h), a) for f, h, a in pairs]
+        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(key, h)), a) for f, h, a in pairs]
         if index is not None:
-            for f, e in zip(files, entries, strict=True):
-                index.record(f.relpath, f.stamp, e.chunks, e.at)
+            for f, h, e in zip(files, hashes, entries, strict=True):
+                index.record(f.relpath, f.stamp, h, e.at)  # full sha256, whatever the ids' length
             index.save()
         used = dict.fromkeys(h for e in entries for h in e.chunks)
-        table = {**known, **writer.chunks}
+        table = {**known, **{key(h): c for h, c in writer.chunks.items()}}
         stats.add(bytes_reused=reused, chunks_total=len(used),
                   chunks_transferred=len(writer.chunks))  # fmt: skip
         # the used chunks and every link of their delta chains (old ones: in the parent's)
-        need = check_chains({h: c.base for h, c in table.items()}, used)
-        return entries, {h: table[h] for h in sorted(need)}
+        links = {h: None if c.base is None else key(c.base) for h, c in table.items()}
+        need = check_chains(links, used)
+        return entries, {h: _renamed(table[h], key) for h in sorted(need)}
+
+    def _key(self, chunk_id: str) -> str:
+        """The id this publish writes for a chunk (short or full, see ``short_ids``)."""
+        return short_id(chunk_id) if self.short_ids else chunk_id
 
     def _index(self, name: str, files: list[SourceFile]) -> StampIndex | None:
         if not self.stamps or not files:
@@ -173,7 +186,9 @@ class Uploader:
             got = index.lookup(f.relpath, f.stamp) if index is not None else None
             if got is None or len(got) != -(-f.size // self.chunk_size):
                 todo.append(i)
-            elif all(h in known for h in got) and (len(got) != 1 or known[got[0]].size == f.size):
+            elif all(self._key(h) in known for h in got) and (
+                len(got) != 1 or known[self._key(got[0])].size == f.size
+            ):
                 hashes[i] = list(got)
             else:
                 todo.append(i)
@@ -192,17 +207,17 @@ class Uploader:
         index vouches for and return the others (positions in ``files``) to read.
 
         A bundle is trusted only if every member's stamp is unchanged and every member was
-        in the same parent chunk whose size is their sum: the index holds one publish's
-        records, so that chunk held exactly these files (sizes are positive), in path
-        order, with the bytes they still have. Anything else re-reads the whole bundle."""
+        recorded in the same parent chunk, at the start it now has, and their sizes add up
+        to it (:func:`_tiles`). Anything else re-reads the whole bundle."""
         sizes = [(files[i].relpath, files[i].size) for i in small]
         todo = []
         for g in cut(sizes, self.chunk_size):
             group = [small[k] for k in g]
             got = [index.lookup(files[i].relpath, files[i].stamp) for i in group] if index else []
             first = got[0] if got else None
-            c = known.get(first[0]) if first is not None and len(first) == 1 else None
-            if c is None or any(h != first for h in got):
+            c_full = first[0] if first is not None and len(first) == 1 else None
+            c = None if c_full is None else known.get(self._key(c_full))
+            if c is None or c_full is None or any(h != first for h in got):
                 todo.append(group)
                 continue
             if c.size != sum(files[i].size for i in group) or not _tiles(group, files, index):
@@ -210,7 +225,7 @@ class Uploader:
                 continue
             pos = 0
             for i in group:
-                hashes[i], ats[i] = [c.hash], pos
+                hashes[i], ats[i] = [c_full], pos  # the index's full sha256
                 pos += files[i].size
         return todo
 
@@ -295,7 +310,12 @@ def checked_metadata(metadata: object) -> dict[str, object]:
 def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
     """The files (paths, sizes, modes, chunks) and empty directories are the parent's: a
     publish with no change (see ``allow_empty``)."""
-    return tuple(entries) == parent.files and tuple(dirs) == parent.dirs
+    if tuple(dirs) != parent.dirs or len(entries) != len(parent.files):
+        return False
+    if tuple(entries) == parent.files:
+        return True
+    # a parent whose chunk ids are of the other length (written before format 2 layout 3)
+    return all(file_key(a) == file_key(b) for a, b in zip(entries, parent.files, strict=True))
 
 
 def publisher_id() -> str:
@@ -331,3 +351,9 @@ def _tiles(group: Sequence[int], files: Sequence[SourceFile], index: StampIndex 
             return False
         pos += files[i].size
     return True
+
+
+def _renamed(c: Chunk, key: Callable[[str], str]) -> Chunk:
+    """``c`` under the ids a publish writes (the parent's may be of the other length)."""
+    h, b = key(c.hash), None if c.base is None else key(c.base)
+    return c if (h, b) == (c.hash, c.base) else replace(c, hash=h, base=b)

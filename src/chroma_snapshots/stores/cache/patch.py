@@ -32,7 +32,7 @@ from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.validation import is_name
+from chroma_snapshots.engine.validation import is_name, short_id
 from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 
@@ -144,8 +144,8 @@ def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
     if before.at != f.at or (len(f.chunks) == 1 and before.size != f.size):
         # a bundled file: the same bundle holds other bytes at another start or length
         return list(range(len(f.chunks)))
-    old = before.chunks
-    return [i for i, h in enumerate(f.chunks) if i >= len(old) or old[i] != h]
+    old = before.chunks  # ids of both lengths meet under the short one
+    return [i for i, h in enumerate(f.chunks) if i >= len(old) or short_id(old[i]) != short_id(h)]
 
 
 def _create(path: Path, f: FileEntry) -> list[int]:
