@@ -32,7 +32,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
@@ -201,7 +201,8 @@ class NameDirs:
         With the version's lock held; a version another process already removed is a no-op."""
         trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
         try:
-            os.replace(self.tree(version), trash)
+            own_dir(self.tree(version))  # moving a folder needs write permission on it
+            os.replace(self.tree(version), trash)  # a link moves as itself: its target stays
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
         finally:
