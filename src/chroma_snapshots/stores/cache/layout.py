@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.localfs import own_dir, remove_tree
@@ -74,6 +75,13 @@ def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
         return want is not None and stamp_of(tree / relpath) == want
 
     return intact
+
+
+def _real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,9 +132,27 @@ class NameDirs:
             return []
         return sorted(v for v in listed if self.is_complete(v))
 
+    def drop_damaged(self) -> None:
+        """Discard entries of ``versions/`` that are not real folders (a consumer swapped a
+        checkout for a link or a file): never complete, so nothing else would remove them."""
+        try:
+            listed = os.listdir(self.root / "versions")
+        except FileNotFoundError:
+            return
+        for v in listed:
+            if not _real_dir(self.tree(v)):
+                try:
+                    with self.lock(v).acquire(timeout=0):
+                        if not _real_dir(self.tree(v)):
+                            self.discard(v)
+                except LockTimeout:
+                    continue  # its checkout is replacing it right now
+
     def is_complete(self, version: str) -> bool:
+        """Its tree and both meta files are there. A tree that is not a real folder (a
+        consumer's symlink) is damage: never served, patched or followed (``discard``)."""
         return (
-            self.tree(version).is_dir()
+            _real_dir(self.tree(version))
             and self.manifest_file(version).is_file()
             and self.stamps_file(version).is_file()
         )

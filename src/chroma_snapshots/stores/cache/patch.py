@@ -51,6 +51,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
     """Move the newest complete, unpinned, unlocked version other than ``exclude`` to
     ``work`` (an empty folder) and drop its meta; None if there is none. A version some
     ref was last seen to name stays: a checkout of that ref would find it warm."""
+    d.drop_damaged()  # a tree swapped for a link: never taken, and removed here
     named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs")}
     for v in [v for v in d.complete() if v != exclude and v not in named][-_TRY:][::-1]:
         try:
