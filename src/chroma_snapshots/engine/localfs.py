@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,8 +23,39 @@ def prepare_dest(dest: str | Path | None) -> Path:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory tree if it exists (temp folders, failed checkouts)."""
+    """Remove a directory tree if it exists (temp folders, failed checkouts); a link at
+    ``path`` is removed, never followed. Folders a consumer made read-only (or unlistable)
+    get their owner's permissions back first: otherwise the tree would stay for good."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+    except OSError:
+        return
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):  # rare: only then is the tree walked a second time
+        own_dirs(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def own_dir(path: Path | str) -> None:
+    """Give a real folder back its owner's read, write and search permission if a chmod
+    took any away (a link or anything else at ``path`` is left alone)."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
+            os.chmod(path, stat.S_IMODE(mode) | 0o700)
+    except OSError:
+        pass  # gone meanwhile, or not ours: what needs it next reports the error
+
+
+def own_dirs(tree: Path) -> None:
+    """:func:`own_dir` for ``tree`` and every folder below it, parents first (a folder is
+    listed only once it may be); links are not followed."""
+    own_dir(tree)
+    for dirpath, dirnames, _ in os.walk(tree):
+        for dn in dirnames:
+            own_dir(os.path.join(dirpath, dn))
 
 
 def copy_tree(src: Path, dst: Path) -> None:

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
@@ -75,6 +76,13 @@ def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
         return want is not None and stamp_of(tree / relpath) == want
 
     return intact
+
+
+def _real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Pin:
@@ -144,9 +152,27 @@ class NameDirs:
             return []
         return sorted(v for v in listed if self.is_complete(v))
 
+    def drop_damaged(self) -> None:
+        """Discard entries of ``versions/`` that are not real folders (a consumer swapped a
+        checkout for a link or a file): never complete, so nothing else would remove them."""
+        try:
+            listed = os.listdir(self.root / "versions")
+        except FileNotFoundError:
+            return
+        for v in listed:
+            if not _real_dir(self.tree(v)):
+                try:
+                    with self.lock(v).acquire(timeout=0):
+                        if not _real_dir(self.tree(v)):
+                            self.discard(v)
+                except LockTimeout:
+                    continue  # its checkout is replacing it right now
+
     def is_complete(self, version: str) -> bool:
+        """Its tree and both meta files are there. A tree that is not a real folder (a
+        consumer's symlink) is damage: never served, patched or followed (``discard``)."""
         return (
-            self.tree(version).is_dir()
+            _real_dir(self.tree(version))
             and self.manifest_file(version).is_file()
             and self.stamps_file(version).is_file()
         )
@@ -235,7 +261,8 @@ class NameDirs:
         With the version's lock held; a version another process already removed is a no-op."""
         trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
         try:
-            os.replace(self.tree(version), trash)
+            own_dir(self.tree(version))  # moving a folder needs write permission on it
+            os.replace(self.tree(version), trash)  # a link moves as itself: its target stays
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
         finally:

@@ -29,12 +29,12 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.bundles import members
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.validation import is_name, short_id
 from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
-from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
+from chroma_snapshots.stores.cache.repair import OWNER_RW, damaged_chunks, remove_extras
 
 _TRY = 3  # newest other versions tried: a busy one is skipped, never waited for
 
@@ -52,6 +52,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
     """Move the newest complete, unpinned, unlocked version other than ``exclude`` to
     ``work`` (an empty folder) and drop its meta; None if there is none. A version some
     ref was last seen to name stays: a checkout of that ref would find it warm."""
+    d.drop_damaged()  # a tree swapped for a link: never taken, and removed here
     # a ref's records, not one being written (``.<ref>.<hex>.tmp``) or a stray name
     named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs") if is_name(p.name)}
     for v in [v for v in d.complete() if v != exclude and v not in named][-_TRY:][::-1]:
@@ -63,6 +64,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                 if manifest is None:
                     continue
                 stamps = d.read_stamps(v)  # read before the tree moves: it is the proof
+                own_dir(d.tree(v))  # moving a folder needs write permission on it
                 os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
                 d.manifest_file(v).unlink(missing_ok=True)
                 d.stamps_file(v).unlink(missing_ok=True)
@@ -139,18 +141,25 @@ def _clear(path: Path) -> None:
 
 def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
     if before.size != f.size:
+        os.chmod(path, f.mode | OWNER_RW)  # a read-only file is cut too
         os.truncate(path, f.size)
-    os.chmod(path, f.mode)
     if before.at != f.at or (len(f.chunks) == 1 and before.size != f.size):
         # a bundled file: the same bundle holds other bytes at another start or length
-        return list(range(len(f.chunks)))
+        return _final_mode(path, f, list(range(len(f.chunks))))
     old = before.chunks  # ids of both lengths meet under the short one
-    return [i for i, h in enumerate(f.chunks) if i >= len(old) or short_id(old[i]) != short_id(h)]
+    todo = [i for i, h in enumerate(f.chunks) if i >= len(old) or short_id(old[i]) != short_id(h)]
+    return _final_mode(path, f, todo)
 
 
 def _create(path: Path, f: FileEntry) -> list[int]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "xb") as fh:  # never through a link a consumer left
         fh.truncate(f.size)
-    os.chmod(path, f.mode)
-    return list(range(len(f.chunks)))
+    return _final_mode(path, f, list(range(len(f.chunks))))
+
+
+def _final_mode(path: Path, f: FileEntry, positions: list[int]) -> list[int]:
+    """Give the file its manifest mode now if nothing is left to write into it, else owner
+    write permission until the placer has written it and sets the mode (placer.finish)."""
+    os.chmod(path, f.mode | OWNER_RW if positions else f.mode)
+    return positions

@@ -3,41 +3,55 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from chroma_snapshots.engine.bundles import rebuild
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import chunk_ok
 
+# Owner read and write: held while the cache checks and writes a file; the manifest's mode
+# is set once its bytes are in place (a read-only mode before the writes would refuse them)
+OWNER_RW = stat.S_IRUSR | stat.S_IWUSR
+
 
 def remove_extras(tree: Path, manifest: Manifest) -> None:
-    """Delete files, links and directories the manifest does not have (WAL files, scratch)."""
+    """Delete files, links and directories the manifest does not have (WAL files, scratch).
+    The cache owns the folders it keeps: one a consumer made read-only gets its owner's
+    permissions back first, or nothing in it could be removed or repaired."""
     files = {f.path for f in manifest.files}
     dirs = set(manifest.dirs)
     for p in [*files, *manifest.dirs]:
         parts = p.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    for dirpath, dirnames, filenames in os.walk(tree, topdown=False):
+    own_dir(tree)
+    for dirpath, dirnames, filenames in os.walk(tree):  # top-down: a folder is owned first
         rel = Path(dirpath).relative_to(tree).as_posix()
         prefix = "" if rel == "." else f"{rel}/"
         for fn in filenames:
             if prefix + fn not in files:  # its writer may have removed it meanwhile
                 Path(dirpath, fn).unlink(missing_ok=True)
+        kept = []
         for dn in dirnames:
             full = os.path.join(dirpath, dn)
             if os.path.islink(full):
                 Path(full).unlink(missing_ok=True)
             elif prefix + dn not in dirs:
                 remove_tree(Path(full))
+            else:
+                own_dir(full)
+                kept.append(dn)
+        dirnames[:] = kept
 
 
 def damaged_chunks(
     tree: Path, manifest: Manifest, f: FileEntry, bundles: Mapping[str, list[FileEntry]]
 ) -> list[int]:
-    """Bring one file back to the manifest's size and mode and return the indexes of the
-    chunks whose bytes differ (a missing file is recreated empty: every chunk differs).
+    """Bring one file back to the manifest's size and return the indexes of the chunks
+    whose bytes differ (a missing file is recreated empty: every chunk differs); its mode
+    is the manifest's if none does, else the placer's last step (engine/placer.py).
     A bundled file (``bundles``: engine.bundles.members) is checked by putting its bundle
     together from the tree: if that fails its hash, or the file's bytes are not the
     verified bundle's at its place, the file's slice is rewritten."""
@@ -47,9 +61,19 @@ def damaged_chunks(
         # a link (soft or hard) may lead out of the cache: replaced, never written through
         remove_tree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _writable(path, f.mode)
     with open(path, "ab") as fh:
         fh.truncate(f.size)
-    os.chmod(path, f.mode)
+    os.chmod(path, f.mode | OWNER_RW)  # a file just created has the umask's mode
+    bad = _differing(tree, manifest, f, bundles)
+    if not bad:  # else the placer sets it after writing (engine/placer.py, finish)
+        os.chmod(path, f.mode)
+    return bad
+
+
+def _differing(
+    tree: Path, manifest: Manifest, f: FileEntry, bundles: Mapping[str, list[FileEntry]]
+) -> list[int]:
     if is_slice(f, manifest.chunks):
         h = f.chunks[0]
         got = rebuild(tree, bundles.get(h, [f]), manifest.chunks[h].size)
@@ -57,11 +81,23 @@ def damaged_chunks(
             return [0]
         # the bundle may have been put together without this file (another member with the
         # same bytes at the same place covered them): its own bytes are checked too
-        return [] if path.read_bytes() == got[f.at : f.at + f.size] else [0]
+        return [] if (tree / f.path).read_bytes() == got[f.at : f.at + f.size] else [0]
     bad = []
-    with open(path, "rb") as fh:
+    with open(tree / f.path, "rb") as fh:
         for i, h in enumerate(f.chunks):
             size = manifest.chunks[h].size
             if not chunk_ok(os.pread(fh.fileno(), size, i * manifest.chunk_size), h):
                 bad.append(i)
     return bad
+
+
+def _writable(path: Path, mode: int) -> None:
+    """Let the owner read and write a file of the cache (a consumer's chmod 0400, or a
+    file published read-only) before it is checked and written; a file the process may
+    not chmod (not its own) is replaced instead."""
+    try:
+        os.chmod(path, mode | OWNER_RW)
+    except FileNotFoundError:
+        pass  # created next
+    except PermissionError:
+        path.unlink()
