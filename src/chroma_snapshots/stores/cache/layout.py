@@ -78,7 +78,8 @@ def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
     return intact
 
 
-def _real_dir(path: Path) -> bool:
+def real_dir(path: Path) -> bool:
+    """A folder itself, not a link to one (a consumer may swap one in)."""
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
@@ -160,10 +161,10 @@ class NameDirs:
         except FileNotFoundError:
             return
         for v in listed:
-            if not _real_dir(self.tree(v)):
+            if not real_dir(self.tree(v)):
                 try:
                     with self.lock(v).acquire(timeout=0):
-                        if not _real_dir(self.tree(v)):
+                        if not real_dir(self.tree(v)):
                             self.discard(v)
                 except LockTimeout:
                     continue  # its checkout is replacing it right now
@@ -172,7 +173,7 @@ class NameDirs:
         """Its tree and both meta files are there. A tree that is not a real folder (a
         consumer's symlink) is damage: never served, patched or followed (``discard``)."""
         return (
-            _real_dir(self.tree(version))
+            real_dir(self.tree(version))
             and self.manifest_file(version).is_file()
             and self.stamps_file(version).is_file()
         )

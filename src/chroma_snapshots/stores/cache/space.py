@@ -15,7 +15,7 @@ from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import CacheFullError
-from chroma_snapshots.stores.cache.layout import NameDirs
+from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
 
 class CacheSpace:
@@ -121,7 +121,7 @@ class CacheSpace:
                 try:
                     with d.lock(version).acquire(timeout=0):
                         for p in paths:
-                            if p.parent.name == "tmp" or not d.tree(version).is_dir():
+                            if p.parent.name == "tmp" or not real_dir(d.tree(version)):
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
