@@ -397,7 +397,7 @@ def _twin_folders(tmp_path: Path) -> tuple[Path, str]:
     name = next(
         f"m{i}" for i in range(1000) if not ends(f"a/m{i}", 100) and not ends(f"b/m{i}", 100)
     )
-    files = {}
+    files: dict[str, bytes] = {}
     for d in "ab":
         files |= {f"{d}/0": os.urandom(256), f"{d}/{name}": b"M" * 100, f"{d}/z": b"Z" * 256}
     return write_tree(tmp_path / "src", files), f"b/{name}"

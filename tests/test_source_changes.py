@@ -12,6 +12,7 @@ import pytest
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.chunking import scan_source
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -30,7 +31,7 @@ def test_a_file_that_changes_size_after_the_scan_is_refused(
     store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
     first = store.publish("db", src).version
     (src / "keep").write_bytes(b"K" * 5000)  # a change: the next publish makes a version
-    scan: Callable[..., object] = remote.scan_source
+    scan: Callable[..., object] = scan_source
 
     def scan_then_write(root: Path) -> object:
         found = scan(root)
