@@ -108,21 +108,24 @@ def read_bundles(groups: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[byte
 
 def rebuild(root: Path, files: Sequence[FileEntry], size: int) -> bytes | None:
     """A bundle's bytes put together from its member files under ``root`` (sorted by
-    ``at``), or None if they do not cover it or cannot be read. Not verified: the caller
-    hashes the result before using a byte of it."""
-    parts, end = [], 0
+    ``at``), or None if they do not cover it, cannot be read, are not exactly their size,
+    or disagree where they overlap: every member is read and compared, so a bundle that
+    verifies vouches for each of its files (two folders holding the same files give
+    members that cover each other). Not verified: the caller hashes the result before
+    using a byte of it."""
+    out = bytearray()
     for f in files:
-        if f.at > end:
+        if f.at > len(out):
             return None  # a gap no member covers
-        if f.at + f.size <= end:
-            continue  # inside what is already there (overlapping slices)
         try:
             with open(root / f.path, "rb") as fh:
-                data = fh.read(f.size)
+                data = fh.read(f.size + 1)  # one more: a file grown past its slice
         except OSError:
             return None
         if len(data) != f.size:
             return None
-        parts.append(data[end - f.at :])
-        end = f.at + f.size
-    return b"".join(parts) if end == size else None
+        overlap = min(len(out), f.at + f.size) - f.at
+        if out[f.at : f.at + overlap] != data[:overlap]:
+            return None
+        out += data[overlap:]
+    return bytes(out) if len(out) == size else None

@@ -53,8 +53,8 @@ def damaged_chunks(
     whose bytes differ (a missing file is recreated empty: every chunk differs); its mode
     is the manifest's if none does, else the placer's last step (engine/placer.py).
     A bundled file (``bundles``: engine.bundles.members) is checked by putting its bundle
-    together from the tree: if that fails its hash, or the file's bytes are not the
-    verified bundle's at its place, the file's slice is rewritten."""
+    together from the tree (every member read and compared): if that fails, the file's
+    slice is rewritten."""
     path = tree / f.path
     linked = path.is_file() and not path.is_symlink() and os.lstat(path).st_nlink > 1
     if path.is_symlink() or linked or (path.exists() and not path.is_file()):
@@ -77,11 +77,7 @@ def _differing(
     if is_slice(f, manifest.chunks):
         h = f.chunks[0]
         got = rebuild(tree, bundles.get(h, [f]), manifest.chunks[h].size)
-        if got is None or not chunk_ok(got, h):
-            return [0]
-        # the bundle may have been put together without this file (another member with the
-        # same bytes at the same place covered them): its own bytes are checked too
-        return [] if (tree / f.path).read_bytes() == got[f.at : f.at + f.size] else [0]
+        return [] if got is not None and chunk_ok(got, h) else [0]  # f's own bytes included
     bad = []
     with open(tree / f.path, "rb") as fh:
         for i, h in enumerate(f.chunks):
