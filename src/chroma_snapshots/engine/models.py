@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.manifest_codec import HEADER_KEYS
 from chroma_snapshots.engine.refvalue import RefValue as RefValue
 from chroma_snapshots.engine.refvalue import TransferStats as TransferStats
 from chroma_snapshots.engine.validation import (
@@ -326,19 +327,8 @@ def check_no_slices(m: Manifest, what: str) -> None:
         raise IntegrityError(f"{what} holds a file that is not the whole of its chunk")
 
 
-_MANIFEST_KEYS = {
-    "format",
-    "name",
-    "parent",
-    "created_at",
-    "publisher",
-    "message",
-    "chunk_size",
-    "metadata",
-    "files",
-    "dirs",
-    "chunks",
-}
+# format 1: the header format 2 also has (manifest_codec.HEADER_KEYS), then the body
+_MANIFEST_KEYS = HEADER_KEYS | {"files", "dirs", "chunks"}
 
 
 def _check_file_chunks(f: FileEntry, table: Mapping[str, Chunk], chunk_size: int) -> None:
