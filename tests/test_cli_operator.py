@@ -320,3 +320,43 @@ def test_every_command_and_subcommand_help_ends_with_examples(
         if "Examples:" not in capsys.readouterr().out:
             missing.append(" ".join(path))
     assert not missing, missing
+
+
+def _damage(store: Path, version: str) -> None:
+    manifest = next((store / "db" / "manifests").glob(f"{version}.*"))
+    manifest.chmod(0o644)
+    manifest.write_bytes(b"garbage")
+
+
+def test_a_damaged_latest_manifest_is_listed_rolled_back_and_published_over(
+    tmp_path: Path, run: Run
+) -> None:
+    root = tmp_path / "store"
+    store = ["--store", str(root)]
+    src = write_tree(tmp_path / "src", {"a": b"a" * 5000})
+    v1 = _published(run, store, src)
+    (src / "b").write_bytes(b"b")
+    v2 = _published(run, store, src)
+    _damage(root, v2)
+    code, out, err = run(*store, "ls", "db")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{v2}  DAMAGED latest manifest db/{v2}:")
+    assert lines[1].startswith(v1)
+    code, out, _ = run(*store, "ls", "db", "--json")
+    listing = json.loads(out)
+    assert [v["version"] for v in listing["versions"]] == [v1]
+    assert list(listing["damaged"]) == [v2]
+    code, _, err = run(*store, "info", "db")
+    assert code != 0
+    assert f"manifest db/{v2}" in err
+    # a publish over it reuses nothing of it but still moves latest
+    (src / "c").write_bytes(b"c")
+    v3 = _published(run, store, src)
+    code, out, err = run(*store, "checkout", "db", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "c").read_bytes() == b"c"
+    _damage(root, v3)
+    code, out, err = run(*store, "rollback", "db", v1, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"name": "db", "ref": "latest", "version": v1, "previous": v3}

@@ -124,7 +124,8 @@ def register(cli: click.Group) -> None:
     def rollback(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
         store = store_of(ctx)
         with about(store, name):
-            current = store.resolve(name).version
+            # the ref alone: a latest whose manifest is damaged is what a rollback is for
+            current = store.current_version(name)[0]
             target = store.resolve(name, resolve_ref(store, name, ref)).version
         store.set_ref(name, "latest", target, expected=current)
         data = {"name": name, "ref": "latest", "version": target, "previous": current}

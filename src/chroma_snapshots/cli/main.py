@@ -27,8 +27,8 @@ from chroma_snapshots.cli.common import (
     source_of,
     store_of,
 )
-from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
-from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref, version_ids
+from chroma_snapshots.errors import IntegrityError, SnapshotError
 
 if TYPE_CHECKING:
     from chroma_snapshots.engine.models import SnapshotInfo
@@ -56,15 +56,31 @@ def _chroma_info(store: SnapshotStore, name: str, ref: str, as_json: bool) -> No
     emit({"version": snap.info.version, "chroma": view}, as_json, "\n".join(rows))
 
 
-def _version_rows(refs: dict[str, str], versions: list[SnapshotInfo]) -> str:
-    """One line per version, newest first: id, date, size, files, refs naming it, message."""
+def _version_rows(
+    refs: dict[str, str], versions: list[SnapshotInfo], damaged: dict[str, str]
+) -> str:
+    """One line per version, newest first: id, date, size, files, refs naming it, message;
+    a version whose manifest is unreadable says so."""
     tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
-    rows = [
-        f"{v.version}  {v.created_at:%Y-%m-%d %H:%M:%S}  {human_bytes(v.total_size):>10}  "
+    rows = {
+        v.version: f"{v.created_at:%Y-%m-%d %H:%M:%S}  {human_bytes(v.total_size):>10}  "
         f"{v.file_count:>6} files  {','.join(tags.get(v.version, [])):<12}  {v.message or ''}"
-        for v in sorted(versions, key=lambda v: v.version, reverse=True)
-    ]
-    return "\n".join(row.rstrip() for row in rows)
+        for v in versions
+    }
+    rows.update((v, f"DAMAGED {' '.join([*tags.get(v, []), why])}") for v, why in damaged.items())
+    return "\n".join(f"{v}  {rows[v]}".rstrip() for v in sorted(rows, reverse=True))
+
+
+def _listing(store: SnapshotStore, name: str) -> tuple[list[SnapshotInfo], dict[str, str]]:
+    """The versions of ``name`` and, apart, those whose manifest is unreadable (with why):
+    one damaged version must not hide the others, nor the one to roll back to."""
+    found, damaged = [], {}
+    for v in version_ids(store, name):
+        try:
+            found.append(store.resolve(name, v))
+        except IntegrityError as e:
+            damaged[v] = str(e)
+    return found, damaged
 
 
 def _published_text(info: SnapshotInfo, *, unchanged: bool) -> str:
@@ -247,10 +263,13 @@ def _build() -> click.Group:
             emit(names, as_json, "\n".join(names))
             return
         refs = store.refs(name)
-        versions = list(store.versions(name))
-        if not refs and not versions:
+        versions, damaged = _listing(store, name)
+        if not refs and not versions and not damaged:
             raise no_snapshot(name)
-        emit({"refs": refs, "versions": versions}, as_json, _version_rows(refs, versions))
+        data: dict[str, Any] = {"refs": refs, "versions": versions}
+        if damaged:
+            data["damaged"] = damaged
+        emit(data, as_json, _version_rows(refs, versions, damaged))
 
     @cli.command(help="Show a version's manifest summary.")
     @click.argument("name")

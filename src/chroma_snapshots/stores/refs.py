@@ -110,3 +110,14 @@ def get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
         size = max(got.meta.size, len(got.data))
         raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
     return got
+
+
+def create_once(io: Backend, key: str, data: bytes) -> None:
+    """Create ``key``; if it exists with exactly ``data``, that was us: a retried request
+    whose first attempt landed although its answer was lost (a 500 or a reset after the
+    write) sees its own object. Different bytes stay a ConflictError."""
+    try:
+        io.put(key, data, mode=PutMode.CREATE)
+    except ConflictError:
+        if io.get(key).data != data:
+            raise

@@ -8,13 +8,14 @@ always finds a complete manifest and every pack it names.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import keys, manifest_v2
 from chroma_snapshots.engine.chunking import (
@@ -50,7 +51,6 @@ from chroma_snapshots.engine.validation import (
     utc_now,
 )
 from chroma_snapshots.errors import (
-    ConflictError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
@@ -75,6 +75,8 @@ from chroma_snapshots.stores.upload import (
     publisher_id,
     same_tree,
 )
+
+log = logging.getLogger(__name__)
 
 
 class RemoteStore(SourceStore):
@@ -153,7 +155,10 @@ class RemoteStore(SourceStore):
             except SnapshotNotFoundError:
                 sig = None
             self.signer.verify(f"manifest:{key}", data, sig, f"manifest {key}")
-        m = manifest_v2.loads(data)
+        try:
+            m = manifest_v2.loads(data)
+        except IntegrityError as e:  # name the object: an operator has to find it
+            raise IntegrityError(f"manifest {name}/{version}: {e}") from e
         if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
             raise IntegrityError(f"manifest {version}: content does not match its version id")
         if m.name != name:
@@ -202,7 +207,7 @@ class RemoteStore(SourceStore):
         parent = current[0].version if current else None
         # The pin covers the parent and, by its time, every pack we write after it.
         with self.pinned(name, [parent] if parent else [], dl) as pin:
-            pm = self.load_manifest(name, parent, deadline=dl) if parent else None
+            pm = self._parent_manifest(name, parent, dl) if parent else None
             level = self.compression_level
             bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
             uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
@@ -236,25 +241,24 @@ class RemoteStore(SourceStore):
             data = manifest_v2.dumps(manifest)
             version = str(VersionId.for_manifest(data, manifest.created_at))
             key = manifest_key(name, version)
-            self._create_once(key, data, dl)
+            refs.create_once(self._io(dl), key, data)
             if self.signer is not None:  # before the ref: a reader never sees it unsigned
                 sig = self.signer.sign(f"manifest:{key}", data).encode()
-                self._create_once(key + ".sig", sig, dl)
+                refs.create_once(self._io(dl), key + ".sig", sig)
             self._move_ref(name, "latest", version, expected, current, dl)
         # pin, prune records, manifest, retirement note, ref
         stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
-    def _create_once(self, key: str, data: bytes, dl: Deadline) -> None:
-        """Create ``key``; if it exists with exactly ``data``, that was us: a retried
-        request whose first attempt landed although its answer was lost (a 500 or a reset
-        after the write) sees its own object. Different bytes stay a ConflictError."""
-        io = self._io(dl)
+    def _parent_manifest(self, name: str, parent: str, dl: Deadline) -> Manifest | None:
+        """The parent's manifest, or None if it is damaged: the publish then reuses none of
+        its chunks but still moves latest by compare-and-swap, so one damaged manifest
+        never stops a name from being published again."""
         try:
-            io.put(key, data, mode=PutMode.CREATE)
-        except ConflictError:
-            if io.get(key).data != data:
-                raise
+            return self.load_manifest(name, parent, deadline=dl)
+        except IntegrityError as e:
+            log.warning("publishing %s without reuse: its latest is unreadable: %s", name, e)
+            return None
 
     def _move_ref(
         self,
