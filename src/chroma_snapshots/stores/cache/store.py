@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -22,9 +21,8 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
+from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
-from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
@@ -40,6 +38,7 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
+from chroma_snapshots.stores.cache.copies import private_copy, raise_local
 from chroma_snapshots.stores.cache.layout import Pin, stamp_check, stamp_of
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
@@ -100,7 +99,7 @@ class CachedStore(CacheSpace, DelegatingStore):
             self.root.mkdir(parents=True, exist_ok=True)
             self.clean_leftovers()
         except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken
-            _raise_local(e, self.root, "opening the cache")
+            raise_local(e, self.root, "opening the cache")
             raise
 
     def __repr__(self) -> str:
@@ -135,12 +134,12 @@ class CachedStore(CacheSpace, DelegatingStore):
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
         except OSError as e:  # writing the version, repairing it, or a lock or pin file
-            _raise_local(e, self.root, f"serving {version} from the cache")
+            raise_local(e, self.root, f"serving {version} from the cache")
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
         if dest is not None:
             try:
-                path = _private_copy(d.tree(version), Path(dest))
+                path = private_copy(d.tree(version), Path(dest))
             finally:
                 pin.unlink(missing_ok=True)
             return LocalSnapshot(
@@ -384,24 +383,3 @@ class CachedStore(CacheSpace, DelegatingStore):
                 source = self.inner.materialize(name, job, dl, stats)
         d.write_stamps(version, tree, manifest)
         return source
-
-
-def _private_copy(src: Path, dest: Path) -> Path:
-    final = prepare_dest(dest)
-    work = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        copy_tree(src, work)
-        os.replace(work, final)
-    except BaseException as e:
-        remove_tree(work)  # nothing is left at dest
-        _raise_local(e, final, "copying to dest")
-        raise
-    return final
-
-
-def _raise_local(e: BaseException, path: Path, what: str) -> None:
-    """A raw OSError as CacheFullError (disk full) or LocalDiskError, naming the file that
-    failed if the OS said which (of a copy's two, the target), else ``path``; documented
-    errors and other exceptions pass."""
-    if isinstance(e, OSError) and not isinstance(e, SnapshotError):
-        raise disk_error(e, e.filename2 or e.filename or path, what) from e
