@@ -12,8 +12,9 @@ whole publish: on a loaded machine they vary less than wall time.
 ``--store s3`` publishes to moto's S3 server on 127.0.0.1. ``--first-only`` runs the first
 publish alone; ``--src DIR`` publishes (and keeps) the tree in DIR, made if missing.
 ``--compare OLD_SRC NEW_SRC`` times the first publish of one tree with two versions of the
-package (their ``src`` folders), each in its own process, alternating, ``--runs`` times
-each, and prints the median of each stage side by side with the load average.
+package (their ``src`` folders), each in its own process (with a temp dir of its own, so
+no stamp index of an earlier run), alternating, ``--runs`` times each, and prints the
+median of each stage side by side with the load average.
 
 usage: python benchmarks/publish_stages.py [--files 100000] [--file-bytes 100]
            [--store memory|file|s3] [--first-only] [--src DIR] [--json out.json]
@@ -235,11 +236,14 @@ def compare(args: argparse.Namespace) -> list[Row]:
                 out = Path(tmp) / f"{side}-{k}.json"
                 cmd = [sys.executable, __file__, "--first-only", "--src", str(src), "--store",
                        args.store, "--files", str(args.files), "--json", str(out)]  # fmt: skip
-                env = {**os.environ, "PYTHONPATH": f"{sides[side]}{os.pathsep}{BENCH}"}
+                run_tmp = Path(tempfile.mkdtemp(dir=tmp))  # no stamp index of an earlier run
+                env = {**os.environ, "PYTHONPATH": f"{sides[side]}{os.pathsep}{BENCH}",
+                       "TMPDIR": str(run_tmp)}  # fmt: skip
                 subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
                 row = json.loads(out.read_text())[0]
                 rows.append({**row, "side": side, "src": str(sides[side]),
                              "load": os.getloadavg()[0]})  # fmt: skip
+                shutil.rmtree(run_tmp)
     _print_medians(rows)
     return rows
 
