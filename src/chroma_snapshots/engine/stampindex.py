@@ -89,6 +89,11 @@ class StampIndex:
             with contextlib.suppress(OSError):
                 os.utime(self.path)  # used: the last to be evicted
 
+    @property
+    def indexed(self) -> int:
+        """How many files the index read at open holds (0: :meth:`lookup` finds none)."""
+        return len(self._old)
+
     def lookup(self, relpath: str, stamp: Stamp | None) -> tuple[str, ...] | None:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
         got = self._old.get(relpath, stamp) if stamp is not None else None

@@ -99,9 +99,11 @@ class Uploader:
             # the short one; a full-id publish finds nothing of a short-id parent and uploads
             # it). The hashes below stay full sha256 until the entries are made.
             known = {key(h): c for h, c in known.items()}
-            hashes, todo = self._trusted(files, index, known, small)
+            # An index trusts only chunks of the parent: a first publish asks it nothing.
+            trust = index if index is not None and index.indexed and known else None
+            hashes, todo = self._trusted(files, trust, known, small)
             ats = [0] * len(files)
-            groups = self._trusted_groups(small, files, index, known, hashes, ats)
+            groups = self._trusted_groups(small, files, trust, known, hashes, ats)
         total = sum(f.size for f in files)
         reused = done = total - sum(files[i].size for i in (*todo, *(i for g in groups for i in g)))
         if progress is not None and done:
@@ -200,12 +202,14 @@ class Uploader:
         indexed file is trusted only with as many hashes as its size needs, each a chunk of
         the parent version (its bytes are in the store), a single one of its own size."""
         hashes: list[list[str]] = [[] for _ in files]
-        todo: list[int] = []
         bundled = set(small)
-        for i, f in enumerate(files):
-            if i in bundled:
-                continue
-            got = index.lookup(f.relpath, f.stamp) if index is not None else None
+        rest = [i for i in range(len(files)) if i not in bundled]
+        if index is None:
+            return hashes, rest
+        todo: list[int] = []
+        for i in rest:
+            f = files[i]
+            got = index.lookup(f.relpath, f.stamp)
             if got is None or len(got) != -(-f.size // self.chunk_size):
                 todo.append(i)
             elif all(self._key(h) in known for h in got) and (
