@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
@@ -162,7 +163,7 @@ class Uploader:
         """The file entries (under the ids this publish writes), recorded in ``index``
         with their full sha256 whatever the ids' length. Each id is shortened once, not
         once per member of its bundle."""
-        ids = {h: self._key(h) for hs in hashes for h in hs}
+        ids = {h: self._key(h) for h in dict.fromkeys(chain.from_iterable(hashes))}
         get = ids.__getitem__
         entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(get, h)), a)
                    for f, h, a in zip(files, hashes, ats, strict=True)]  # fmt: skip
