@@ -6,6 +6,7 @@ import gc
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chroma_snapshots import RemoteStore, open_backend
+from chroma_snapshots.engine.chunking import scan_source
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -106,7 +108,7 @@ def test_the_collector_is_paused_while_a_publish_lists_files_and_back_on_after(
     # and again (0.6 s of 2.5); it must come back on, whatever the publish did
     src = write_tree(tmp_path / "src", {"a": b"a", "d/b": b"b"})
     seen: list[bool] = []
-    scan = remote.scan_source
+    scan: Callable[..., object] = scan_source
 
     def spy(root: str | Path) -> object:
         seen.append(gc.isenabled())
