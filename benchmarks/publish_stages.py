@@ -46,7 +46,7 @@ from _report import write_json
 
 from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.backends.s3 import S3Backend
-from chroma_snapshots.engine import manifest_v2
+from chroma_snapshots.engine import bundles, manifest_v2
 from chroma_snapshots.engine.keys import manifest_key
 
 try:
@@ -84,8 +84,10 @@ def instrument() -> None:
         packing._encode_all = _timed("pack (pool threads)", packing._encode_all)
     if hasattr(upload, "cut"):
         upload.cut = _timed("bundle cut", upload.cut)
-    if hasattr(upload, "read_bundles"):
-        upload.read_bundles = _timed("read small files (bundles)", upload.read_bundles)
+    # where bundles are read: on the calling thread in engine.bundles, or on the pool
+    where, read = bundles if hasattr(bundles, "read_all") else upload, "read_bundles"
+    if hasattr(where, read):
+        setattr(where, read, _timed("read small files (bundles)", getattr(where, read)))
     up = upload.Uploader
     up.upload = _timed("Uploader.upload (all of it)", up.upload)  # type: ignore[method-assign]
     up._put_pack = _timed("upload requests", up._put_pack)  # type: ignore[method-assign]

@@ -25,7 +25,6 @@ from chroma_snapshots.cli.plan import plan_publish
 from chroma_snapshots.engine import bundles, manifest_v2
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
-from chroma_snapshots.stores import upload
 from chroma_snapshots.stores.cache import inspect
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -142,7 +141,7 @@ def _reading_threads(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:
         seen.add(threading.current_thread())
         return real(groups)
 
-    monkeypatch.setattr(upload, "read_bundles", spy)
+    monkeypatch.setattr(bundles, "read_bundles", spy)
     return seen
 
 
@@ -162,7 +161,7 @@ def test_small_files_slow_to_read_move_to_the_pool_and_give_the_same_manifest(
     inline = RemoteStore(FileBackend(tmp_path / "inline"), chunk_size=CS)
     expected = inline.load_manifest("db", inline.publish("db", src).version).files
     threads = _reading_threads(monkeypatch)
-    monkeypatch.setattr(upload, "_INLINE_NS_PER_FILE", -1)  # every read is "slow"
+    monkeypatch.setattr(bundles, "_INLINE_NS_PER_FILE", -1)  # every read is "slow"
     pooled = RemoteStore(FileBackend(tmp_path / "pooled"), chunk_size=CS)
     got = pooled.load_manifest("db", pooled.publish("db", src).version).files
     assert threading.current_thread() in threads

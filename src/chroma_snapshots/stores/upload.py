@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
@@ -18,7 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
-from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
+from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
@@ -39,12 +37,6 @@ from chroma_snapshots.stores.claims import Pin
 
 # Below this many bytes a batch is hashed on the calling thread.
 _INLINE_HASH = 1 << 20
-# Bundles read per pool task (at most 4 MiB at the default chunk size), tasks ahead.
-_BUNDLES_PER_TASK = 64
-_BUNDLES_AHEAD = 4
-# Small files are read on the calling thread while a batch takes under this per file (the
-# page cache: about 3 us; a network file system's open takes a millisecond or more).
-_INLINE_NS_PER_FILE = 100_000
 # Where a publisher finds its parent version's files (see RemoteStore.publish).
 ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
 
@@ -128,7 +120,7 @@ class Uploader:
                 if progress is not None:
                     progress(done, total)
             _same_sizes(files, todo, read)
-            for group, raw, digest in self._bundles(groups, files, pool, dl):
+            for group, raw, digest in read_all(groups, files, pool, dl):
                 pos, one = 0, [digest]  # shared by the members: no one appends to it
                 for i in group:
                     hashes[i], ats[i] = one, pos
@@ -255,42 +247,6 @@ class Uploader:
                 hashes[i], ats[i] = [c_full], pos  # the index's full sha256
                 pos += files[i].size
         return todo
-
-    def _bundles(
-        self, groups: list[list[int]], files: list[SourceFile], pool: WorkerPool, dl: Deadline
-    ) -> Iterator[tuple[list[int], bytes, str]]:
-        """(group, bytes, sha256) of each bundle to read. Read here while that is fast (a
-        file in the page cache: 100,000 files took 0.3 s here against 1.5 s of pool
-        threads handing the GIL back and forth); once a batch is slow (a network file
-        system, where opens wait on the server), the rest is read on the pool."""
-        k = read = spent = 0
-        while k < len(groups) and spent <= _INLINE_NS_PER_FILE * read:  # on average
-            dl.check("reading small files")
-            batch = groups[k : k + _BUNDLES_PER_TASK]
-            k += len(batch)
-            t = time.perf_counter_ns()
-            got = read_bundles([[(files[i].path, files[i].size) for i in g] for g in batch])
-            spent += time.perf_counter_ns() - t
-            read += sum(map(len, batch))
-            for g, (raw, digest) in zip(batch, got, strict=True):
-                yield g, raw, digest
-        yield from self._pooled_bundles(groups[k:], files, pool, dl)
-
-    def _pooled_bundles(
-        self, groups: list[list[int]], files: list[SourceFile], pool: WorkerPool, dl: Deadline
-    ) -> Iterator[tuple[list[int], bytes, str]]:
-        """As :meth:`_bundles`, read and hashed on the pool a few batches ahead (a task per
-        bundle cost more than the reading)."""
-        ahead: deque[tuple[list[list[int]], Future[list[tuple[bytes, str]]]]] = deque()
-        for k in range(0, len(groups), _BUNDLES_PER_TASK):
-            batch = groups[k : k + _BUNDLES_PER_TASK]
-            members = [[(files[i].path, files[i].size) for i in g] for g in batch]
-            ahead.append((batch, pool.submit(read_bundles, members)))
-            while len(ahead) > _BUNDLES_AHEAD or (ahead and k + _BUNDLES_PER_TASK >= len(groups)):
-                batch, job = ahead.popleft()
-                got = wait_all([job], dl, "reading small files")[0]
-                for g, (raw, digest) in zip(batch, got, strict=True):
-                    yield g, raw, digest
 
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
