@@ -179,3 +179,14 @@ def test_efs_smoke(tmp_path: Path) -> None:
     ours = by["checkout (efs://, snapshot layout)"]
     assert int(str(copied["fs_ops"])) > 0
     assert int(str(ours["fs_ops"])) > 0
+
+
+def test_publish_stages_compare_smoke(tmp_path: Path) -> None:
+    src = str(BENCH.parent / "src")  # the same code on both sides: only the plumbing is checked
+    rows = _run("publish_stages.py", "--files", "40", "--store", "memory", "--runs", "1",
+                "--compare", src, src, tmp=tmp_path)  # fmt: skip
+    assert sorted(r["side"] for r in rows) == ["new", "old"]
+    for r in rows:
+        assert r["scenario"] == "first publish"
+        assert "scan" in r["stages"]
+        assert r["manifest_bytes"] > 0

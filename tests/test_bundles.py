@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -129,6 +130,44 @@ def test_a_file_changed_during_publish_is_refused(tmp_path: Path) -> None:
     for wrong in (2, 4):
         with pytest.raises(InvalidInputError, match="changed"):
             bundles.read_exact(path, wrong)
+
+
+def _reading_threads(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:
+    """The threads that read bundles from now on."""
+    seen: set[threading.Thread] = set()
+    real = bundles.read_bundles
+
+    def spy(groups: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[bytes, str]]:
+        seen.add(threading.current_thread())
+        return real(groups)
+
+    monkeypatch.setattr(bundles, "read_bundles", spy)
+    return seen
+
+
+def test_small_files_are_read_on_the_publishing_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_tree(tmp_path / "src", _files())
+    threads = _reading_threads(monkeypatch)
+    _file_store(tmp_path).publish("db", src)
+    assert threads == {threading.current_thread()}  # a pool hand-off cost more than a read
+
+
+def test_small_files_slow_to_read_move_to_the_pool_and_give_the_same_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_tree(tmp_path / "src", _files())
+    inline = RemoteStore(FileBackend(tmp_path / "inline"), chunk_size=CS)
+    expected = inline.load_manifest("db", inline.publish("db", src).version).files
+    threads = _reading_threads(monkeypatch)
+    monkeypatch.setattr(bundles, "_INLINE_NS_PER_FILE", -1)  # every read is "slow"
+    pooled = RemoteStore(FileBackend(tmp_path / "pooled"), chunk_size=CS)
+    got = pooled.load_manifest("db", pooled.publish("db", src).version).files
+    assert threading.current_thread() in threads
+    assert len(threads) > 1
+    assert got == expected
+    assert read_tree(pooled.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
 
 
 # Readers: the cache, its warm refresh, repair and inspection.

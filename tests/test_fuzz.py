@@ -38,7 +38,7 @@ from chroma_snapshots.errors import (
     InvalidInputError,
     SnapshotError,
 )
-from chroma_snapshots.testing.conformance import write_tree
+from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 T = TypeVar("T")
 FUZZ = settings(
@@ -320,6 +320,19 @@ def test_cli_arguments_end_in_an_exit_code(command: str, args: list[str]) -> Non
     store = f"memory://fuzz-cli-{uuid.uuid4().hex}"  # each example starts from an empty store
     code = main(["--store", store, command, *args])
     assert code in (0, 1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("bad", ["back\\slash", "e\u0301", "\u212bngstr\u00f6m"])
+def test_one_unsafe_name_among_plain_ones_is_refused(tmp_path: Path, bad: str) -> None:
+    # the scan checks a directory of plain names at once: one name must still fail it
+    files = {f"d/{i:03d}": b"x" for i in range(50)}
+    src = write_tree(tmp_path / "src", {**files, f"d/{bad}": b"bad", "\u00e9t\u00e9": b"nfc"})
+    store = RemoteStore(open_backend(f"memory://fz-{uuid.uuid4().hex}"))
+    with pytest.raises(InvalidInputError, match="unsafe or non-canonical"):
+        store.publish("db", src)
+    (src / "d" / bad).unlink()
+    store.publish("db", src)  # and the NFC name beside them is fine
+    assert read_tree(store.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
 
 
 def test_symlink_in_a_source_tree_is_refused(tmp_path: Path) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chroma_snapshots import RemoteStore, open_backend
+from chroma_snapshots.engine.chunking import scan_source
+from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CHUNK = 4096
@@ -93,3 +99,27 @@ def test_one_page_change_in_64mib_uploads_one_chunk(tmp_path: Path) -> None:
     unchanged = store.publish("db", src)
     assert unchanged.stats.packs_transferred == 0
     assert read_tree(store.checkout("db", dest=tmp_path / "out").path) == read_tree(src)
+
+
+def test_the_collector_is_paused_while_a_publish_lists_files_and_back_on_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 100,000 files: an object each and no cycle, but the collector walked them all again
+    # and again (0.6 s of 2.5); it must come back on, whatever the publish did
+    src = write_tree(tmp_path / "src", {"a": b"a", "d/b": b"b"})
+    seen: list[bool] = []
+    scan: Callable[..., object] = scan_source
+
+    def spy(root: str | Path) -> object:
+        seen.append(gc.isenabled())
+        return scan(root)
+
+    monkeypatch.setattr(remote, "scan_source", spy)
+    store = RemoteStore(open_backend(f"memory://gc-{uuid.uuid4().hex}"))
+    assert gc.isenabled()
+    store.publish("db", src)
+    (src / "link").symlink_to(src / "a")
+    with pytest.raises(InvalidInputError, match="symlinks"):
+        store.publish("db", src)
+    assert seen == [False, False]
+    assert gc.isenabled()

@@ -22,7 +22,8 @@ CS = 16384
 
 @pytest.mark.parametrize(
     ("before", "after"),
-    [(0, 100), (0, 40_000), (40_000, 50_000), (40_000, 10_000), (CS, 0)],
+    # the last two: small files, read into a bundle (engine.bundles)
+    [(0, 100), (0, 40_000), (40_000, 50_000), (40_000, 10_000), (CS, 0), (100, 101), (100, 99)],
 )
 def test_a_file_that_changes_size_after_the_scan_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: int, after: int

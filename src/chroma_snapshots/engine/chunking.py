@@ -14,8 +14,9 @@ import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 import zstandard
 
@@ -38,10 +39,10 @@ from chroma_snapshots.errors import IntegrityError, InvalidInputError
 DEFAULT_CHUNK_SIZE = 64 << 10
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     """A regular file found in a source tree (``path``: its path as a string; a Path
-    object per file was a tenth of a 100,000-file publish)."""
+    object per file was a tenth of a 100,000-file publish, and a tuple is made in a third
+    of the time of a frozen dataclass)."""
 
     relpath: str
     path: str
@@ -72,33 +73,47 @@ def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
     while todo:
         here, rel_dir, depth = todo.pop()
         entries = _list_dir(here)
-        if not entries and rel_dir:
-            empty.append(rel_dir)
-        for entry in entries:
-            if depth >= MAX_PATH_DEPTH:
-                raise InvalidInputError(
-                    f"{entry.path}: more than {MAX_PATH_DEPTH} levels below the source directory"
-                )
-            rel = _checked(f"{rel_dir}/{entry.name}" if rel_dir else entry.name, entry.name)
+        if not entries:
+            if rel_dir:
+                empty.append(rel_dir)
+            continue
+        if depth >= MAX_PATH_DEPTH:
+            raise InvalidInputError(
+                f"{entries[0].path}: more than {MAX_PATH_DEPTH} levels below the source directory"
+            )
+        for entry, rel in zip(entries, _checked_names(rel_dir, entries), strict=True):
             st = _lstat(entry)
-            if stat.S_ISLNK(st.st_mode):
-                raise InvalidInputError(f"{entry.path}: symlinks are not supported in snapshots")
-            if stat.S_ISDIR(st.st_mode):
-                todo.append((entry.path, rel, depth + 1))
-            elif stat.S_ISREG(st.st_mode):
+            kind = st.st_mode
+            if stat.S_ISREG(kind):
                 stamp = stamp_of(st, scanned_ns)
-                mode = st.st_mode & 0o777
-                files.append(SourceFile(rel, entry.path, st.st_size, mode, stamp))
+                files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, stamp))
+            elif stat.S_ISDIR(kind):
+                todo.append((entry.path, rel, depth + 1))
+            elif stat.S_ISLNK(kind):
+                raise InvalidInputError(f"{entry.path}: symlinks are not supported in snapshots")
             else:
                 raise InvalidInputError(f"{entry.path}: not a regular file")
-    files.sort(key=lambda f: f.relpath)
+    files.sort(key=attrgetter("relpath"))
     return files, sorted(empty)
 
 
+def _checked_names(rel_dir: str, entries: list[os.DirEntry[str]]) -> list[str]:
+    """The relative paths of a directory's entries, each a safe relative path (``rel_dir``
+    was checked as it was entered). Plain ASCII needs no Unicode normalization: that fast
+    case is checked for the whole directory at once, anything else path by path by
+    ``check_relpath``."""
+    prefix = f"{rel_dir}/" if rel_dir else ""
+    names = [e.name for e in entries]
+    text = prefix + "".join(names)
+    longest = max(map(len, names))
+    plain = text.isascii() and "\\" not in text and "\x00" not in text
+    if plain and longest <= MAX_COMPONENT_BYTES and len(prefix) + longest <= MAX_PATH_BYTES:
+        return [prefix + n for n in names]
+    return [_checked(prefix + n, n) for n in names]
+
+
 def _checked(rel: str, name: str) -> str:
-    """``rel`` if it is a safe relative path (its directories were checked as they were
-    entered). Plain ASCII needs no Unicode normalization: that fast case is checked here,
-    anything else by ``check_relpath``."""
+    """:func:`_checked_names` for one path ``rel``, whose last component is ``name``."""
     plain = rel.isascii() and "\\" not in name and "\x00" not in name
     if plain and len(name) <= MAX_COMPONENT_BYTES and len(rel) <= MAX_PATH_BYTES:
         return rel

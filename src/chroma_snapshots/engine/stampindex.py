@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
 
@@ -89,6 +89,11 @@ class StampIndex:
             with contextlib.suppress(OSError):
                 os.utime(self.path)  # used: the last to be evicted
 
+    @property
+    def indexed(self) -> int:
+        """How many files the index read at open holds (0: :meth:`lookup` finds none)."""
+        return len(self._old)
+
     def lookup(self, relpath: str, stamp: Stamp | None) -> tuple[str, ...] | None:
         """The file's chunk hashes if its stamp is the recorded one, else None."""
         got = self._old.get(relpath, stamp) if stamp is not None else None
@@ -103,11 +108,19 @@ class StampIndex:
     def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str], at: int = 0) -> None:
         """Remember the hashes this publish found (or trusted) for a file, and where it
         starts in its chunk (``at``: a bundled file)."""
-        if stamp is not None:
-            self._new.append((relpath, stamp, hashes, at))
+        self.record_many([(relpath, stamp, hashes, at)])
+
+    def record_many(self, files: Iterable[tuple[str, Stamp | None, Sequence[str], int]]) -> None:
+        """:meth:`record` each (relpath, stamp, hashes, at): one call for a publish's files
+        (a call each was a tenth of publishing 100,000 small files)."""
+        new = [(r, st, h, a) for r, st, h, a in files if st is not None]
+        self._new += new
+        if not self._changed:
             # a file found but not trusted (a member of a changed bundle) may get new hashes
-            moved = self._hits.get(relpath) != tuple(hashes) or self.start(relpath) != at
-            self._changed = self._changed or moved
+            hits, starts = self._hits, self._starts
+            self._changed = any(
+                hits.get(r) != tuple(h) or starts.get(r, 0) != a for r, _, h, a in new
+            )
 
     def save(self) -> None:
         """Write the recorded files as the index (nothing if it would not change). Never

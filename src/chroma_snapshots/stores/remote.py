@@ -200,7 +200,8 @@ class RemoteStore(SourceStore):
         metadata = checked_metadata(metadata)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
-        files, dirs = scan_source(source_dir)
+        with manifest_v2.collector_paused():  # an object per file, no cycle
+            files, dirs = scan_source(source_dir)
         current = self.read_ref(name, deadline=dl)
         stats.add(requests=1)
         refs.check_expected(name, expected, current)
@@ -238,7 +239,8 @@ class RemoteStore(SourceStore):
                 metadata,
                 self.manifest_format,
             )
-            data = manifest_v2.dumps(manifest)
+            with manifest_v2.collector_paused():
+                data = manifest_v2.dumps(manifest)
             version = str(VersionId.for_manifest(data, manifest.created_at))
             key = manifest_key(name, version)
             refs.create_once(self._io(dl), key, data)

@@ -8,19 +8,20 @@ import json
 import os
 import socket
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
-from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
+from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
 from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.manifest_v2 import collector_paused
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, file_key
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.stampindex import StampIndex
@@ -36,9 +37,6 @@ from chroma_snapshots.stores.claims import Pin
 
 # Below this many bytes a batch is hashed on the calling thread.
 _INLINE_HASH = 1 << 20
-# Bundles read per pool task (at most 4 MiB at the default chunk size), tasks ahead.
-_BUNDLES_PER_TASK = 64
-_BUNDLES_AHEAD = 4
 # Where a publisher finds its parent version's files (see RemoteStore.publish).
 ParentDir = str | Path | Callable[[str], "str | Path | None"] | None
 
@@ -86,16 +84,19 @@ class Uploader:
             busy = [u for u in uploads if not u.done()]
             wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
 
-        index = self._index(name, files)
-        small = self._small(files)
-        # The parent's chunks under the ids this publish writes (both lengths meet under the
-        # short one; a full-id publish finds nothing of a short-id parent and uploads it).
-        # The hashes below stay full sha256 until the entries are made.
         key = self._key
-        known = {key(h): c for h, c in known.items()}
-        hashes, todo = self._trusted(files, index, known, small)
-        ats = [0] * len(files)
-        groups = self._trusted_groups(small, files, index, known, hashes, ats)
+        with collector_paused():  # objects per file, no cycle (manifest_v2.collector_paused)
+            index = self._index(name, files)
+            small = self._small(files)
+            # The parent's chunks under the ids this publish writes (both lengths meet under
+            # the short one; a full-id publish finds nothing of a short-id parent and uploads
+            # it). The hashes below stay full sha256 until the entries are made.
+            known = {key(h): c for h, c in known.items()}
+            # An index trusts only chunks of the parent: a first publish asks it nothing.
+            trust = index if index is not None and index.indexed and known else None
+            hashes, todo = self._trusted(files, trust, known, small)
+            ats = [0] * len(files)
+            groups = self._trusted_groups(small, files, trust, known, hashes, ats)
         total = sum(f.size for f in files)
         reused = done = total - sum(files[i].size for i in (*todo, *(i for g in groups for i in g)))
         if progress is not None and done:
@@ -119,10 +120,10 @@ class Uploader:
                 if progress is not None:
                     progress(done, total)
             _same_sizes(files, todo, read)
-            for group, raw, digest in self._bundles(groups, files, pool, dl):
-                pos = 0
+            for group, raw, digest in read_all(groups, files, pool, dl):
+                pos, one = 0, [digest]  # shared by the members: no one appends to it
                 for i in group:
-                    hashes[i], ats[i] = [digest], pos
+                    hashes[i], ats[i] = one, pos
                     pos += files[i].size
                 if key(digest) in known:
                     reused += len(raw)
@@ -133,12 +134,8 @@ class Uploader:
                     progress(done, total)
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
-        pairs = zip(files, hashes, ats, strict=True)
-        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(key, h)), a) for f, h, a in pairs]
-        if index is not None:
-            for f, h, e in zip(files, hashes, entries, strict=True):
-                index.record(f.relpath, f.stamp, h, e.at)  # full sha256, whatever the ids' length
-            index.save()
+        with collector_paused():
+            entries = self._entries(files, hashes, ats, index)
         used = dict.fromkeys(h for e in entries for h in e.chunks)
         table = {**known, **{key(h): c for h, c in writer.chunks.items()}}
         stats.add(bytes_reused=reused, chunks_total=len(used),
@@ -147,6 +144,26 @@ class Uploader:
         links = {h: None if c.base is None else key(c.base) for h, c in table.items()}
         need = check_chains(links, used)
         return entries, {h: _renamed(table[h], key) for h in sorted(need)}
+
+    def _entries(
+        self,
+        files: list[SourceFile],
+        hashes: list[list[str]],
+        ats: list[int],
+        index: StampIndex | None,
+    ) -> list[FileEntry]:
+        """The file entries (under the ids this publish writes), recorded in ``index``
+        with their full sha256 whatever the ids' length. Each id is shortened once, not
+        once per member of its bundle."""
+        ids = {h: self._key(h) for h in dict.fromkeys(chain.from_iterable(hashes))}
+        get = ids.__getitem__
+        entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(get, h)), a)
+                   for f, h, a in zip(files, hashes, ats, strict=True)]  # fmt: skip
+        if index is not None:
+            rows = zip(files, hashes, ats, strict=True)
+            index.record_many((f.relpath, f.stamp, h, a) for f, h, a in rows)
+            index.save()
+        return entries
 
     def _key(self, chunk_id: str) -> str:
         """The id this publish writes for a chunk (short or full, see ``short_ids``)."""
@@ -178,12 +195,14 @@ class Uploader:
         indexed file is trusted only with as many hashes as its size needs, each a chunk of
         the parent version (its bytes are in the store), a single one of its own size."""
         hashes: list[list[str]] = [[] for _ in files]
-        todo: list[int] = []
         bundled = set(small)
-        for i, f in enumerate(files):
-            if i in bundled:
-                continue
-            got = index.lookup(f.relpath, f.stamp) if index is not None else None
+        rest = [i for i in range(len(files)) if i not in bundled]
+        if index is None:
+            return hashes, rest
+        todo: list[int] = []
+        for i in rest:
+            f = files[i]
+            got = index.lookup(f.relpath, f.stamp)
             if got is None or len(got) != -(-f.size // self.chunk_size):
                 todo.append(i)
             elif all(self._key(h) in known for h in got) and (
@@ -228,22 +247,6 @@ class Uploader:
                 hashes[i], ats[i] = [c_full], pos  # the index's full sha256
                 pos += files[i].size
         return todo
-
-    def _bundles(
-        self, groups: list[list[int]], files: list[SourceFile], pool: WorkerPool, dl: Deadline
-    ) -> Iterator[tuple[list[int], bytes, str]]:
-        """(group, bytes, sha256) of each bundle to read, read and hashed on the pool a few
-        batches ahead (a task per bundle cost more than the reading)."""
-        ahead: deque[tuple[list[list[int]], Future[list[tuple[bytes, str]]]]] = deque()
-        for k in range(0, len(groups), _BUNDLES_PER_TASK):
-            batch = groups[k : k + _BUNDLES_PER_TASK]
-            members = [[(files[i].path, files[i].size) for i in g] for g in batch]
-            ahead.append((batch, pool.submit(read_bundles, members)))
-            while len(ahead) > _BUNDLES_AHEAD or (ahead and k + _BUNDLES_PER_TASK >= len(groups)):
-                batch, job = ahead.popleft()
-                got = wait_all([job], dl, "reading small files")[0]
-                for g, (raw, digest) in zip(batch, got, strict=True):
-                    yield g, raw, digest
 
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
         """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
