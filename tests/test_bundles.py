@@ -247,6 +247,19 @@ def test_inspection_names_a_damaged_bundle(tmp_path: Path) -> None:
     assert len(problems) < 60  # only the files of that one bundle
 
 
+def test_inspection_names_a_symlink_a_consumer_put_in_place_of_a_file(tmp_path: Path) -> None:
+    big = os.urandom(50_000)  # chunked, not bundled: its bytes alone would verify
+    cache = _cached(_file_store(tmp_path), tmp_path)
+    cache.publish("db", write_tree(tmp_path / "src", {"big.bin": big, "small.txt": b"s"}))
+    with cache.checkout("db") as snap:
+        tree = snap.path
+    twin = write_tree(tmp_path / "elsewhere", {"big.bin": big}) / "big.bin"
+    (tree / "big.bin").unlink()
+    (tree / "big.bin").symlink_to(twin)
+    problems = inspect.verify(cache, inspect.entries(cache)[0])
+    assert problems == ["big.bin: a symlink, not the file the cache wrote"]
+
+
 def test_publish_plan_sees_bundles_as_publish_cuts_them(tmp_path: Path) -> None:
     files = _files(300)
     src = write_tree(tmp_path / "src", files)

@@ -360,3 +360,50 @@ def test_a_damaged_latest_manifest_is_listed_rolled_back_and_published_over(
     code, out, err = run(*store, "rollback", "db", v1, "--json")
     assert code == 0, err
     assert json.loads(out) == {"name": "db", "ref": "latest", "version": v1, "previous": v3}
+
+
+@pytest.mark.parametrize("move", ["rollback", "publish"])
+def test_offline_after_a_ref_moved_through_the_same_cache_serves_the_new_target(
+    tmp_path: Path, run: Run, move: str
+) -> None:
+    store = ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
+    src = write_tree(tmp_path / "src", {"a": b"a" * 5000})
+    v1 = _published(run, store, src)
+    assert run(*store, "checkout", "db")[0] == 0  # the cache reads latest: v1
+    (src / "b").write_bytes(b"b")
+    v2 = _published(run, store, src)
+    assert run(*store, "checkout", "db")[0] == 0  # the cache reads latest: v2
+    if move == "rollback":
+        code, _, err = run(*store, "rollback", "db", v1)
+        target = v1
+    else:
+        (src / "c").write_bytes(b"c")
+        code, out, err = run(*store, "publish", "db", str(src), "--json")
+        target = json.loads(out)["version"]
+    assert code == 0, err
+    assert run(*store, "checkout", "db", target)[0] == 0  # by its id: no ref is read
+    for command in (["checkout", "db", "--json"], ["info", "db", "--json"]):
+        code, out, err = run(*store, "--offline", *command)
+        assert code == 0, err
+        assert json.loads(out)["info"]["version"] == target != v2
+
+
+@pytest.mark.parametrize("how", ["deleted", "a directory"])
+def test_ls_lists_a_ref_whose_manifest_is_missing(tmp_path: Path, run: Run, how: str) -> None:
+    root = tmp_path / "store"
+    store = ["--store", str(root)]
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    v1 = _published(run, store, src)
+    (src / "b").write_bytes(b"b")
+    v2 = _published(run, store, src)
+    manifest = next((root / "db" / "manifests").glob(f"{v2}.*"))
+    manifest.unlink()
+    if how == "a directory":
+        manifest.mkdir()
+    code, out, err = run(*store, "ls", "db")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{v2}  DAMAGED latest ")
+    assert lines[1].startswith(v1)
+    code, out, _ = run(*store, "ls", "db", "--json")
+    assert list(json.loads(out)["damaged"]) == [v2]

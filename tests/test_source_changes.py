@@ -47,3 +47,34 @@ def test_a_file_that_changes_size_after_the_scan_is_refused(
     assert read_tree(store.checkout("db", dest=tmp_path / "out").path)["keep"] == b"k" * 5000
     again = store.publish("db", src)  # the next publish sees the file as it is now
     assert read_tree(store.checkout("db", again.version, tmp_path / "out2").path) == read_tree(src)
+
+
+def _swap(path: Path, kind: str, outside: Path) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody ever writes: a blocking open would wait forever
+    elif kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "dir":
+        path.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["deleted", "fifo", "symlink", "dir"])
+@pytest.mark.parametrize("size", [100, 40_000])  # bundled, and read in chunks
+def test_a_file_swapped_after_the_scan_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, size: int
+) -> None:
+    src = write_tree(tmp_path / "src", {"keep": b"k" * 5000, "wal": os.urandom(size)})
+    outside = write_tree(tmp_path / "outside", {"secret": b"s" * size}) / "secret"
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
+    scan: Callable[..., object] = scan_source
+
+    def scan_then_swap(root: Path) -> object:
+        found = scan(root)
+        _swap(src / "wal", kind, outside)
+        return found
+
+    monkeypatch.setattr(remote, "scan_source", scan_then_swap)
+    with pytest.raises(InvalidInputError, match="wal: changed while it was being published"):
+        store.publish("db", src, deadline=30)
+    assert store.read_ref("db") is None  # nothing was published

@@ -28,7 +28,7 @@ from chroma_snapshots.cli.common import (
     store_of,
 )
 from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref, version_ids
-from chroma_snapshots.errors import IntegrityError, SnapshotError
+from chroma_snapshots.errors import IntegrityError, SnapshotError, SnapshotNotFoundError
 
 if TYPE_CHECKING:
     from chroma_snapshots.engine.models import SnapshotInfo
@@ -71,14 +71,17 @@ def _version_rows(
     return "\n".join(f"{v}  {rows[v]}".rstrip() for v in sorted(rows, reverse=True))
 
 
-def _listing(store: SnapshotStore, name: str) -> tuple[list[SnapshotInfo], dict[str, str]]:
-    """The versions of ``name`` and, apart, those whose manifest is unreadable (with why):
-    one damaged version must not hide the others, nor the one to roll back to."""
+def _listing(
+    store: SnapshotStore, name: str, refs: dict[str, str]
+) -> tuple[list[SnapshotInfo], dict[str, str]]:
+    """The versions of ``name`` (listed, or named by a ref) and, apart, those whose
+    manifest is unreadable or missing, with why: one damaged version must not hide the
+    others, nor the one to roll back to."""
     found, damaged = [], {}
-    for v in version_ids(store, name):
+    for v in dict.fromkeys([*version_ids(store, name), *sorted(set(refs.values()))]):
         try:
             found.append(store.resolve(name, v))
-        except IntegrityError as e:
+        except (IntegrityError, SnapshotNotFoundError) as e:
             damaged[v] = str(e)
     return found, damaged
 
@@ -263,7 +266,7 @@ def _build() -> click.Group:
             emit(names, as_json, "\n".join(names))
             return
         refs = store.refs(name)
-        versions, damaged = _listing(store, name)
+        versions, damaged = _listing(store, name, refs)
         if not refs and not versions and not damaged:
             raise no_snapshot(name)
         data: dict[str, Any] = {"refs": refs, "versions": versions}

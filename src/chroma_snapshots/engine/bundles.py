@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
 
-from chroma_snapshots.engine.chunking import SourceFile
+from chroma_snapshots.engine.chunking import SourceFile, open_source
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
@@ -96,7 +96,7 @@ def read_exact(path: str | Path, size: int) -> bytes:
     (it changed after the scan: its slice would not be what the manifest says). One read
     of ``size + 1`` bytes sees a file that grew; only a short one is read on (a read
     more to see the end of the file each time was a tenth of reading 100,000 of them)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_source(path)
     try:
         data = os.read(fd, size + 1)
         while len(data) < size and (more := os.read(fd, size + 1 - len(data))):

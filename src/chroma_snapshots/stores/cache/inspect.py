@@ -63,6 +63,9 @@ def _problems(tree: Path, manifest: Manifest) -> list[str]:
         if not path.is_file():
             problems.append(f"{f.path}: missing")
             continue
+        if path.is_symlink():  # a consumer's link: not what the cache wrote, never read
+            problems.append(f"{f.path}: a symlink, not the file the cache wrote")
+            continue
         if is_slice(f, manifest.chunks):
             # one file of a bundle cannot be hashed alone: the bundle is put together
             h = f.chunks[0]

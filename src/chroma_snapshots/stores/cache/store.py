@@ -192,7 +192,6 @@ class CachedStore(CacheSpace, DelegatingStore):
             return ref, False, None
         if (recent := self.recent_ref(name, ref)) is not None:
             return recent, False, None
-        d = self.dirs(name)
         try:
             found, outage = self.inner.read_current(name, ref, deadline=dl)
             stats.add(requests=1)
@@ -216,11 +215,30 @@ class CachedStore(CacheSpace, DelegatingStore):
                 type(outage).__name__,
             )
             return found[0].version, True, None
-        d.record_ref(ref, None if found is None else found[0].version)
+        self._saw(name, ref, None if found is None else found[0].version)
         if found is None:
             raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
-        self._refs_read[(name, ref)] = (found[0].version, time.monotonic())
         return found[0].version, False, None
+
+    def _saw(self, name: str, ref: str, version: str | None) -> None:
+        """Note what the source of truth said ``ref`` names now (read, or moved by this
+        cache): a stale or offline answer later serves that, never what it named before."""
+        self.dirs(name).record_ref(ref, version)
+        if version is not None:
+            self._refs_read[(name, ref)] = (version, time.monotonic())
+
+    def set_ref(
+        self,
+        name: str,
+        ref: str,
+        version: str,
+        *,
+        expected: Expected,
+        deadline: DeadlineLike = None,
+    ) -> None:
+        """As the inner store's; this cache then knows where ``ref`` points."""
+        self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
+        self._saw(name, ref, version)
 
     def _last_seen(self, name: str, ref: str) -> str | None:
         """With ``stale_ok``, the version ``ref`` named when this cache last read it from
@@ -286,12 +304,15 @@ class CachedStore(CacheSpace, DelegatingStore):
         allow_empty: bool = False,
     ) -> SnapshotInfo:
         """As the inner store's, handing it this cache's copy of the parent version, so
-        that it can store changed chunks as deltas against it."""
-        return self.inner.publish(
+        that it can store changed chunks as deltas against it; this cache then knows
+        what latest names."""
+        info = self.inner.publish(
             name, source_dir, expected=expected, message=message, metadata=metadata,
             deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
             allow_empty=allow_empty,
         )  # fmt: skip
+        self._saw(name, "latest", info.version)
+        return info
 
     def _cached_tree(self, name: str, version: str) -> Path | None:
         """A complete cached copy of ``version`` (unpinned: reads from it are verified)."""
