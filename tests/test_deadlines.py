@@ -238,3 +238,31 @@ def test_finished_calls_are_not_counted() -> None:
         gate.set()
     _join_pool("deadline:a hung call")
     assert deadline_module.abandoned_calls() == before
+
+
+def test_a_failure_raised_through_wait_all_keeps_nothing_of_the_caller_alive() -> None:
+    """A failed call's error, raised by wait_all, must not form a reference cycle through
+    wait_all's frame: it kept a publish's whole file list alive until a full collection."""
+    import gc
+    import weakref
+
+    class Data:  # a stand-in for the caller's file list
+        pass
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    def operation(data: Data) -> None:
+        with WorkerPool(1) as pool:
+            wait_all([pool.submit(boom)], Deadline(5), "the call")
+
+    data = Data()
+    alive = weakref.ref(data)
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            operation(data)
+        del data
+        assert alive() is None  # freed by reference counting alone
+    finally:
+        gc.enable()

@@ -115,17 +115,33 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
     :class:`WorkerPool` when it is left), so whatever they could still touch must be fenced
     by the caller (``transfer.Placer`` refuses writes once closed)."""
     done, pending = wait(futures, timeout=deadline.remaining(), return_when=FIRST_EXCEPTION)
-    failed = next((f for f in futures if f in done and f.exception() is not None), None)
-    if failed is not None or pending:
-        for f in futures:
-            f.cancel()
-    if failed is not None:
-        error = failed.exception()
-        assert error is not None
-        raise error
+    error = _first_error(futures, done)
+    if error is not None or pending:
+        _cancel(futures)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            # The error's traceback holds this frame: without these references, a cycle
+            # (frame -> futures -> error -> traceback -> frame) kept the caller's data
+            # (a publish's whole file list) alive until a full garbage collection.
+            del error, futures, done, pending
     if pending:
         raise StorageTimeoutError(f"{what} did not finish within the deadline")
     return [f.result() for f in futures]
+
+
+def _first_error(futures: Sequence[Future[Any]], done: set[Future[Any]]) -> BaseException | None:
+    """The error of the first of ``futures`` (in their order) that failed, if any."""
+    for f in futures:
+        if f in done and (e := f.exception()) is not None:
+            return e
+    return None
+
+
+def _cancel(futures: Sequence[Future[Any]]) -> None:
+    for f in futures:
+        f.cancel()
 
 
 # Calls still running in a pool that was left (a deadline passed, a sibling call failed, an
