@@ -1,5 +1,6 @@
 """What a CLI process pays before its first byte: a checkout from S3 imports botocore but
-neither boto3 nor s3transfer."""
+neither boto3 nor s3transfer, and the command freezes what opening the store loaded (once a
+process), with the collector running again afterwards."""
 
 from __future__ import annotations
 
@@ -63,3 +64,17 @@ def test_a_checkout_from_s3_imports_neither_boto3_nor_s3transfer(
     modules = set(got["modules"])  # type: ignore[call-overload]
     assert "botocore.client" in modules  # the probe saw the S3 client being made
     assert not {m for m in modules if m.split(".")[0] in ("boto3", "s3transfer")}
+
+
+def test_the_cli_freezes_what_opening_a_store_loaded_once_a_process(
+    env: dict[str, str], s3_bucket: str
+) -> None:
+    """Frozen objects are never collected: a second command in the same process (tests,
+    an embedding application) must not freeze its own garbage too."""
+    got = _cli_in_fresh_process(["--store", f"s3://{s3_bucket}/snaps", "ls"], 2, env)
+    assert got["codes"] == [0, 0]
+    frozen = got["frozen"]
+    assert isinstance(frozen, list)
+    assert frozen[0] > 10_000  # botocore's S3 model and the modules loaded for it
+    assert frozen[1] <= frozen[0]  # (some frozen objects were freed since)
+    assert got["enabled"] is True
