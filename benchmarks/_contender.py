@@ -1,6 +1,6 @@
 """One cold download, run as its own process so its peak RSS can be read (os.wait4).
 
-usage: python benchmarks/_contender.py {ours,tar,s3fs} ENDPOINT BUCKET DEST
+usage: python benchmarks/_contender.py {tar,s3fs} ENDPOINT BUCKET DEST
 Prints the seconds spent inside the process (after imports) as JSON.
 """
 
@@ -12,15 +12,6 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-
-
-def ours(endpoint: str, bucket: str, dest: Path) -> None:
-    from chroma_snapshots import RemoteStore
-    from chroma_snapshots.backends.s3 import S3Backend, S3Settings
-
-    store = RemoteStore(S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=endpoint)))
-    store.checkout("db", dest=dest)
-    store.close()
 
 
 def tar(endpoint: str, bucket: str, dest: Path) -> None:
@@ -41,7 +32,7 @@ def s3fs(endpoint: str, bucket: str, dest: Path) -> None:
 
 if __name__ == "__main__":
     kind, endpoint, bucket, dest = sys.argv[1:5]
-    fn = {"ours": ours, "tar": tar, "s3fs": s3fs}[kind]
+    fn = {"tar": tar, "s3fs": s3fs}[kind]
     t = time.perf_counter()
     fn(endpoint, bucket, Path(dest))
     print(json.dumps({"seconds": time.perf_counter() - t}))

