@@ -38,6 +38,8 @@ from chroma_snapshots.errors import IntegrityError
 # chunk size) and downloaded chains are held at once.
 BATCH = 256
 _SLICE = 32  # deltas one worker applies per task
+# Stored bytes of deltas and chain links a checkout keeps from its reads (see DeltaStash)
+STASH_BYTES = 64 << 20
 
 
 class DeltaBases:
@@ -68,21 +70,29 @@ class DeltaBases:
 
 
 class DeltaStash:
-    """Keeps the stored bytes of ``deltas`` that the reads for other chunks carry anyway
-    (coalesced reads span gaps), so applying them costs no second download; at most
-    ``limit`` bytes are kept, the rest is read again."""
+    """Keeps the stored bytes of ``deltas``, and of the chain links below them that no
+    local copy names (:attr:`links`), as the reads for the plain chunks carry them, so
+    applying the deltas costs no second pass over the packs; at most ``STASH_BYTES`` are
+    kept, the rest is read again, in batches."""
 
-    def __init__(self, deltas: Sequence[Chunk], limit: int = 64 << 20) -> None:
+    def __init__(
+        self, deltas: Sequence[Chunk], table: Mapping[str, Chunk], local: LocalChunks | None
+    ) -> None:
+        budget = STASH_BYTES - sum(c.length for c in deltas)
+        # What the checkout's reads must carry besides the chunks it places: reading the
+        # links in the same pass costs no request of its own (coalesced with neighbours)
+        self.links = chain_links(deltas, table, local, budget)
         self._by_pack: dict[str, list[Chunk]] = {}
-        for c in sorted(deltas, key=lambda c: c.offset):
+        for c in sorted([*deltas, *self.links], key=lambda c: c.offset):
             self._by_pack.setdefault(c.pack, []).append(c)
         self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
-        self._left = limit
+        self._left = STASH_BYTES
         self._lock = threading.Lock()
         self.stored: dict[str, bytes] = {}
 
     def take(self, r: Read, data: Buffer) -> None:
-        """Copy out the wanted deltas that lie entirely inside read ``r`` (``data``)."""
+        """Copy out the wanted deltas and links that lie entirely inside read ``r``
+        (``data``)."""
         chunks = self._by_pack.get(r.pack)
         if not chunks:
             return
@@ -203,14 +213,52 @@ def _plan_chain(
     raise IntegrityError(f"chunk {c.hash[:12]}: delta chain longer than {MAX_CHAIN}")
 
 
-def _local(local: LocalChunks | None, c: Chunk) -> Buffer | None:
-    """Verified local bytes of table entry ``c``: by hash, or for a link known by place,
-    by the hash the local copy's manifest gives the chunk stored at that place (the same
-    stored bytes, so the same chunk; were it not, the chain's end would fail its hash)."""
+def chain_links(
+    deltas: Sequence[Chunk],
+    table: Mapping[str, Chunk],
+    local: LocalChunks | None,
+    budget: int,
+) -> list[Chunk]:
+    """The links below ``deltas`` down to a keyframe or to a base a local copy names (not
+    read here: one that fails verification is downloaded later), deltas' chains in order
+    for as long as their stored bytes fit ``budget``. A chain that is broken, loops or is
+    too deep simply ends here: :func:`place_deltas` refuses it."""
+    wanted = {c.hash for c in deltas}
+    links: dict[str, Chunk] = {}
+    for c in deltas:
+        chain: list[Chunk] = []
+        link = c
+        for _ in range(MAX_CHAIN):
+            key = link.base
+            base = None if key is None or key in wanted or key in links else table.get(key)
+            if base is None:
+                break
+            if _local_id(local, base) is not None:
+                break
+            chain.append(base)
+            link = base
+        budget -= sum(b.length for b in chain)
+        if budget < 0:
+            break
+        links.update((b.hash, b) for b in chain)
+    return list(links.values())
+
+
+def _local_id(local: LocalChunks | None, c: Chunk) -> str | None:
+    """The hash under which a local copy offers table entry ``c``, if one does: its own,
+    or for a link known by place, the hash the local copy's manifest gives the chunk
+    stored at that place (the same stored bytes, so the same chunk; were it not, the
+    chain's end would fail its hash)."""
     if local is None:
         return None
     h = local.hash_at(c.pack, c.offset) if is_link_key(c.hash) else c.hash
-    return local.read(h) if h is not None and h in local else None
+    return h if h is not None and h in local else None
+
+
+def _local(local: LocalChunks | None, c: Chunk) -> Buffer | None:
+    """Verified local bytes of table entry ``c`` (see :func:`_local_id`)."""
+    h = _local_id(local, c)
+    return None if local is None or h is None else local.read(h)
 
 
 def decode_keyframe(c: Chunk, stored: Buffer) -> Buffer:

@@ -272,8 +272,8 @@ def stream_and_place(
 ) -> None:
     """As :func:`fetch_and_place`, for reads far larger than a worker's buffer: each is
     one request streamed through the buffer, its chunks verified and placed as soon as
-    they are whole. Chunks that are deltas are not placed but handed to ``keep`` (the
-    delta stash) with the bytes that hold them."""
+    they are whole. Every chunk is handed to ``keep`` (the delta stash) with the bytes that
+    hold it; those :func:`to_place` leaves out are not placed."""
     total = sum(r.end - r.start for r in reads)
     done = [0]
     done_lock = threading.Lock()
@@ -284,7 +284,7 @@ def stream_and_place(
         got = stream(r, partial(_take_window, r, seen, placer, keep, deadline))
         if got != r.end - r.start or seen[0] != len(r.chunks):
             raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
-        placed = sum(1 for c in r.chunks if c.base is None)
+        placed = len(to_place(r.chunks, placer))
         stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
         if progress is not None:
             with done_lock:
@@ -314,11 +314,17 @@ def _take_window(
         deadline.check(f"reading pack {r.pack[:12]}")
         part = Read(r.pack, offset, end, r.chunks[i:j])
         keep(part, view)
-        _decode_and_place(replace(part, chunks=tuple(c for c in part.chunks if c.base is None)),
-                          view, placer)  # fmt: skip
+        _decode_and_place(replace(part, chunks=to_place(part.chunks, placer)), view, placer)
         seen[0] = j
     nxt = r.chunks[j].offset if j < len(r.chunks) else end
     return min(nxt, end) - offset
+
+
+def to_place(chunks: Iterable[Chunk], placer: Placer) -> tuple[Chunk, ...]:
+    """The chunks of a read that go to files as they arrive: not deltas (applied once
+    their bases are at hand) nor chain links no file position wants (read only so that
+    deltas can be applied)."""
+    return tuple(c for c in chunks if c.base is None and c.hash in placer.targets)
 
 
 def _decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:

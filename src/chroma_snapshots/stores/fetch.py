@@ -24,6 +24,7 @@ from chroma_snapshots.engine.transfer import (
     place_local,
     plan_reads,
     stream_and_place,
+    to_place,
 )
 
 
@@ -71,19 +72,22 @@ def fetch_into(
             placer.create_files()
         with WorkerPool(workers) as pool:  # this checkout's own (see WorkerPool)
             todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
-            # One set of coalesced reads carries every chunk; deltas are applied last
-            # (bases from local copies where they verify, else their chains), from the
-            # stash the reads filled, so none is read twice.
+            # One set of coalesced reads carries every chunk and, within the stash's
+            # bound, every chain link no local copy has; deltas are applied last (bases
+            # from local copies where they verify, else their chains), from the stash
+            # the reads filled, so none is read twice.
             deltas = [c for c in todo if c.base is not None]
-            stash = DeltaStash(deltas)
+            stash = DeltaStash(deltas, manifest.chunks, local)
+            planned = {c.hash for c in todo}
+            wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
             if isinstance(backend, RangeStreamer):  # fewer, larger requests, same buffers
-                reads = plan_reads(todo, max_read=max(STREAM_MAX_READ, max_read))
+                reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ, max_read))
                 stream_and_place(reads, stream, placer, stash.take, executor=pool,
                                  deadline=dl, stats=stats, progress=progress)  # fmt: skip
             else:
                 reads = [
-                    replace(r, chunks=tuple(c for c in r.chunks if c.base is None))
-                    for r in plan_reads(todo, max_read=max_read)
+                    replace(r, chunks=to_place(r.chunks, placer))
+                    for r in plan_reads(wanted, max_read=max_read)
                 ]
                 fetch_and_place(reads, fetch, placer, executor=pool, deadline=dl,
                                 stats=stats, progress=progress)  # fmt: skip

@@ -1,0 +1,93 @@
+"""A cold reader of a version with delta chains reads each pack once: the chain links below
+the deltas travel in the same coalesced reads as the plain chunks (within the stash's
+memory bound; beyond it, in batches afterwards), and every byte is still exact."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore, open_backend
+from chroma_snapshots.engine import delta_io
+from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CS = 4096
+
+
+def _chained(tmp_path: Path, chunks: int, changed: Callable[[int], bool]) -> RemoteStore:
+    """A store whose latest version changes the chunks ``changed`` picks of a file of
+    ``chunks`` chunks, published with the parent at hand (so as deltas); 10 chunks a pack,
+    so packs straddle batches of deltas."""
+    store = RemoteStore(
+        open_backend(f"memory://chains-{uuid.uuid4().hex}"), chunk_size=CS, pack_target=10 * CS
+    )
+    data = bytearray(os.urandom(chunks * CS))
+    old = write_tree(tmp_path / "v1", {"seg/data_level0.bin": bytes(data)})
+    store.publish("db", old)
+    rng = random.Random(3)
+    for i in range(chunks):
+        if changed(i):
+            data[i * CS + rng.randrange(CS)] ^= 0xFF
+    new = write_tree(tmp_path / "v2", {"seg/data_level0.bin": bytes(data)})
+    store.publish("db", new, parent_dir=old)
+    return store
+
+
+def _pack_reads(store: RemoteStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the key of every ranged pack read the store's backend serves."""
+    reads: list[str] = []
+    get_into = store.backend.get_into
+
+    def counting(key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        if "/packs/" in key:
+            reads.append(key)
+        return get_into(key, byte_range, buf)
+
+    monkeypatch.setattr(store.backend, "get_into", counting)
+    return reads
+
+
+def _latest(store: RemoteStore) -> Manifest:
+    return store.load_manifest("db", store.current_version("db", "latest")[0])
+
+
+@pytest.mark.parametrize(
+    ("chunks", "changed"),
+    [
+        (24, lambda i: i % 2 == 0),  # old packs hold plain chunks and links side by side
+        (600, lambda i: True),  # more deltas than a batch, links spread over many packs
+    ],
+)
+def test_a_cold_reader_reads_each_pack_of_a_chained_version_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: int, changed: Callable[[int], bool]
+) -> None:
+    store = _chained(tmp_path, chunks, changed)
+    m = _latest(store)
+    assert sum(c.base is not None for c in m.chunks.values()) == sum(map(changed, range(chunks)))
+    reads = _pack_reads(store, monkeypatch)
+    out = store.checkout("db", dest=tmp_path / "cold")
+    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
+
+
+def test_links_beyond_the_stash_bound_are_read_afterwards_and_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _chained(tmp_path, 600, lambda i: True)
+    m = _latest(store)
+    deltas = [c for c in m.chunks.values() if c.base is not None]
+    # room for the deltas and the links of about 10 of them: memory stays bounded
+    monkeypatch.setattr(delta_io, "STASH_BYTES", sum(c.length for c in deltas) + 10 * CS)
+    stash = delta_io.DeltaStash(deltas, m.chunks, None)
+    assert 0 < len(stash.links) <= 10
+    reads = _pack_reads(store, monkeypatch)
+    out = store.checkout("db", dest=tmp_path / "cold")
+    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    assert len(reads) > len({c.pack for c in m.chunks.values()})  # the rest in batches
