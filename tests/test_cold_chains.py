@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from chroma_snapshots import RemoteStore, open_backend
-from chroma_snapshots.engine import delta_io
+from chroma_snapshots.engine import stash
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -82,12 +82,26 @@ def test_links_beyond_the_stash_bound_are_read_afterwards_and_exact(
 ) -> None:
     store = _chained(tmp_path, 600, lambda i: True)
     m = _latest(store)
-    deltas = [c for c in m.chunks.values() if c.base is not None]
-    # room for the deltas and the links of about 10 of them: memory stays bounded
-    monkeypatch.setattr(delta_io, "STASH_BYTES", sum(c.length for c in deltas) + 10 * CS)
-    stash = delta_io.DeltaStash(deltas, m.chunks, None)
-    assert 0 < len(stash.links) <= 10
+    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
+    # room for the deltas and 2 links, where a read brings about 10: most are read again
+    monkeypatch.setattr(stash, "STASH_BYTES", deltas + 2 * CS)
     reads = _pack_reads(store, monkeypatch)
     out = store.checkout("db", dest=tmp_path / "cold")
     assert read_tree(out.path) == read_tree(tmp_path / "v2")
     assert len(reads) > len({c.pack for c in m.chunks.values()})  # the rest in batches
+
+
+def test_links_are_dropped_once_their_deltas_are_placed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _chained(tmp_path, 600, lambda i: True)
+    m = _latest(store)
+    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
+    # room for one read's links at a time, far less than all 600: with one worker the
+    # deltas come first, and each read's links are applied and dropped as they come
+    monkeypatch.setattr(stash, "STASH_BYTES", deltas + 12 * CS)
+    one = RemoteStore(store.backend, chunk_size=CS, workers=1)
+    reads = _pack_reads(one, monkeypatch)
+    out = one.checkout("db", dest=tmp_path / "cold")
+    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})

@@ -14,8 +14,6 @@ are stored, and its decoded bytes are verified through the chunk its chain ends 
 
 from __future__ import annotations
 
-import bisect
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from functools import partial
@@ -38,8 +36,6 @@ from chroma_snapshots.errors import IntegrityError
 # chunk size) and downloaded chains are held at once.
 BATCH = 256
 _SLICE = 32  # deltas one worker applies per task
-# Stored bytes of deltas and chain links a checkout keeps from its reads (see DeltaStash)
-STASH_BYTES = 64 << 20
 
 
 class DeltaBases:
@@ -69,46 +65,6 @@ class DeltaBases:
         self._local.close()
 
 
-class DeltaStash:
-    """Keeps the stored bytes of ``deltas``, and of the chain links below them that no
-    local copy names (:attr:`links`), as the reads for the plain chunks carry them, so
-    applying the deltas costs no second pass over the packs; at most ``STASH_BYTES`` are
-    kept, the rest is read again, in batches."""
-
-    def __init__(
-        self, deltas: Sequence[Chunk], table: Mapping[str, Chunk], local: LocalChunks | None
-    ) -> None:
-        budget = STASH_BYTES - sum(c.length for c in deltas)
-        # What the checkout's reads must carry besides the chunks it places: reading the
-        # links in the same pass costs no request of its own (coalesced with neighbours)
-        self.links = chain_links(deltas, table, local, budget)
-        self._by_pack: dict[str, list[Chunk]] = {}
-        for c in sorted([*deltas, *self.links], key=lambda c: c.offset):
-            self._by_pack.setdefault(c.pack, []).append(c)
-        self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
-        self._left = STASH_BYTES
-        self._lock = threading.Lock()
-        self.stored: dict[str, bytes] = {}
-
-    def take(self, r: Read, data: Buffer) -> None:
-        """Copy out the wanted deltas and links that lie entirely inside read ``r``
-        (``data``)."""
-        chunks = self._by_pack.get(r.pack)
-        if not chunks:
-            return
-        i = bisect.bisect_left(self._starts[r.pack], r.start)
-        found = {}
-        while i < len(chunks) and chunks[i].offset + chunks[i].length <= r.end:
-            c = chunks[i]
-            found[c.hash] = bytes(data[c.offset - r.start : c.offset - r.start + c.length])
-            i += 1
-        with self._lock:
-            for h, b in found.items():
-                if len(b) <= self._left:
-                    self._left -= len(b)
-                    self.stored[h] = b
-
-
 def place_deltas(
     deltas: Sequence[Chunk],
     table: Mapping[str, Chunk],
@@ -120,11 +76,11 @@ def place_deltas(
     deadline: Deadline,
     stats: StatsRecorder,
     max_read: int,
-    stash: DeltaStash | None = None,
+    ready: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Decode every chunk of ``deltas`` (each verified) and place it; stored bytes the
-    ``stash`` already holds are not downloaded again."""
-    ready = stash.stored if stash is not None else {}
+    """Decode every chunk of ``deltas`` (each verified) and place it; stored bytes
+    ``ready`` holds (the delta stash's) are not downloaded again."""
+    ready = {} if ready is None else ready
     for i in range(0, len(deltas), BATCH):
         deadline.check("applying deltas")
         batch = deltas[i : i + BATCH]
@@ -135,7 +91,6 @@ def place_deltas(
         todo = [c for h, c in need.items() if h not in ready]
         stored = {**_download(todo, fetch, executor, deadline, stats, max_read)}
         stored.update((h, ready[h]) for h in need if h in ready)
-        stats.add(chunks_transferred=len(need) - len(todo))
         # in parallel slices: zstd and hashlib release the GIL
         failed: list[Chunk] = []
         apply = partial(_apply, placer, table, have, stored, failed)
@@ -164,7 +119,7 @@ def _apply_cold(
         _plan_chain(c, table, None, {}, need)
     todo = [c for h, c in need.items() if h not in stored]
     stored.update(_download(todo, fetch, executor, deadline, stats, max_read))
-    placer.place_many([(c.hash, _resolve(c, table, {}, stored)) for c in chunks])
+    placer.place_many([(c.hash, resolve(c, table, {}, stored)) for c in chunks])
 
 
 def _apply(
@@ -180,7 +135,7 @@ def _apply(
     done = []
     for c in part:
         try:
-            done.append((c.hash, _resolve(c, table, have, stored)))
+            done.append((c.hash, resolve(c, table, have, stored)))
         except IntegrityError:
             if not have:
                 raise
@@ -213,38 +168,7 @@ def _plan_chain(
     raise IntegrityError(f"chunk {c.hash[:12]}: delta chain longer than {MAX_CHAIN}")
 
 
-def chain_links(
-    deltas: Sequence[Chunk],
-    table: Mapping[str, Chunk],
-    local: LocalChunks | None,
-    budget: int,
-) -> list[Chunk]:
-    """The links below ``deltas`` down to a keyframe or to a base a local copy names (not
-    read here: one that fails verification is downloaded later), deltas' chains in order
-    for as long as their stored bytes fit ``budget``. A chain that is broken, loops or is
-    too deep simply ends here: :func:`place_deltas` refuses it."""
-    wanted = {c.hash for c in deltas}
-    links: dict[str, Chunk] = {}
-    for c in deltas:
-        chain: list[Chunk] = []
-        link = c
-        for _ in range(MAX_CHAIN):
-            key = link.base
-            base = None if key is None or key in wanted or key in links else table.get(key)
-            if base is None:
-                break
-            if _local_id(local, base) is not None:
-                break
-            chain.append(base)
-            link = base
-        budget -= sum(b.length for b in chain)
-        if budget < 0:
-            break
-        links.update((b.hash, b) for b in chain)
-    return list(links.values())
-
-
-def _local_id(local: LocalChunks | None, c: Chunk) -> str | None:
+def local_id(local: LocalChunks | None, c: Chunk) -> str | None:
     """The hash under which a local copy offers table entry ``c``, if one does: its own,
     or for a link known by place, the hash the local copy's manifest gives the chunk
     stored at that place (the same stored bytes, so the same chunk; were it not, the
@@ -256,8 +180,8 @@ def _local_id(local: LocalChunks | None, c: Chunk) -> str | None:
 
 
 def _local(local: LocalChunks | None, c: Chunk) -> Buffer | None:
-    """Verified local bytes of table entry ``c`` (see :func:`_local_id`)."""
-    h = _local_id(local, c)
+    """Verified local bytes of table entry ``c`` (see :func:`local_id`)."""
+    h = local_id(local, c)
     return None if local is None or h is None else local.read(h)
 
 
@@ -290,7 +214,7 @@ def _entry(table: Mapping[str, Chunk], h: str) -> Chunk:
     return c
 
 
-def _resolve(
+def resolve(
     c: Chunk, table: Mapping[str, Chunk], have: Mapping[str, Buffer], stored: Mapping[str, bytes]
 ) -> Buffer:
     """The verified bytes of ``c``: its links from the bottom up, each one verified."""

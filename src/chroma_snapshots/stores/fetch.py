@@ -8,10 +8,11 @@ from dataclasses import replace
 
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, within
-from chroma_snapshots.engine.delta_io import DeltaStash, place_deltas
+from chroma_snapshots.engine.delta_io import place_deltas
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.stash import DeltaStash
 from chroma_snapshots.engine.transfer import (
     DEFAULT_MAX_READ,
     STREAM_BUFFER,
@@ -59,8 +60,12 @@ def fetch_into(
     def fetch(r: Read) -> memoryview:
         view = buffer("whole", max_read)
         n = within(dl, lambda: backend.get_into(pack_key(name, r.pack), (r.start, r.end), view))
-        stash.take(r, view[:n])
         return view[:n]
+
+    def fetch_kept(r: Read) -> memoryview:  # the one pass: the stash keeps what it wants
+        data = fetch(r)
+        stash.take(r, data)
+        return data
 
     def stream(r: Read, take: Take) -> int:
         assert isinstance(backend, RangeStreamer)
@@ -72,27 +77,28 @@ def fetch_into(
             placer.create_files()
         with WorkerPool(workers) as pool:  # this checkout's own (see WorkerPool)
             todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
-            # One set of coalesced reads carries every chunk and, within the stash's
-            # bound, every chain link no local copy has; deltas are applied last (bases
-            # from local copies where they verify, else their chains), from the stash
-            # the reads filled, so none is read twice.
+            # One pass of coalesced reads carries every chunk and the chain links below
+            # the deltas where no local copy has a base; the stash applies each delta
+            # whose chain it completes. Reads carrying deltas go first: links that come
+            # before their deltas wait in memory. place_deltas does the rest (bases
+            # from local copies where they verify, else their chains).
             deltas = [c for c in todo if c.base is not None]
-            stash = DeltaStash(deltas, manifest.chunks, local)
+            stash = DeltaStash(deltas, manifest.chunks, local, placer, stats)
             planned = {c.hash for c in todo}
             wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
-            if isinstance(backend, RangeStreamer):  # fewer, larger requests, same buffers
-                reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ, max_read))
+            streams = isinstance(backend, RangeStreamer)  # fewer, larger requests
+            reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ if streams else 0, max_read))
+            reads.sort(key=lambda r: all(c.base is None for c in r.chunks))
+            if streams:
                 stream_and_place(reads, stream, placer, stash.take, executor=pool,
                                  deadline=dl, stats=stats, progress=progress)  # fmt: skip
             else:
-                reads = [
-                    replace(r, chunks=to_place(r.chunks, placer))
-                    for r in plan_reads(wanted, max_read=max_read)
-                ]
-                fetch_and_place(reads, fetch, placer, executor=pool, deadline=dl,
+                reads = [replace(r, chunks=to_place(r.chunks, placer)) for r in reads]
+                fetch_and_place(reads, fetch_kept, placer, executor=pool, deadline=dl,
                                 stats=stats, progress=progress)  # fmt: skip
-            place_deltas(deltas, manifest.chunks, local, fetch, placer, executor=pool,
-                         deadline=dl, stats=stats, max_read=max_read, stash=stash)  # fmt: skip
+            rest = [c for c in deltas if c.hash not in stash.applied]
+            place_deltas(rest, manifest.chunks, local, fetch, placer, executor=pool, deadline=dl,
+                         stats=stats, max_read=max_read, ready=stash.stored)  # fmt: skip
         placer.finish()
     finally:
         if local is not None:

@@ -1,0 +1,129 @@
+"""What a checkout's one pass of coalesced reads keeps for its delta chunks.
+
+A checkout reads every chunk it places in one pass of coalesced reads. The stored bytes
+of its deltas travel in those reads, and so do the chain links below them when no local
+copy has their base (a cold reader): the links lie in older packs between chunks the
+version still uses, so reading them in the same pass costs no request of its own,
+where reading them afterwards cost a request per pack per batch of deltas. A delta whose
+whole chain has arrived is applied at once, on the worker that read its last piece, and
+the pieces no other delta needs are dropped: the chain costs no tail after the reads, and
+memory holds only chains still waiting for a piece. At most ``STASH_BYTES`` of stored
+bytes are kept; what does not fit, and every delta resting on a local base, is left to
+:func:`~chroma_snapshots.engine.delta_io.place_deltas` (in batches, downloading what the
+stash does not hold). Every placed chunk is verified against its hash as it is decoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Mapping, Sequence
+
+from chroma_snapshots.engine.delta_io import local_id, resolve
+from chroma_snapshots.engine.models import Chunk
+from chroma_snapshots.engine.placer import Buffer, Placer
+from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.transfer import LocalChunks, Read
+from chroma_snapshots.engine.validation import MAX_CHAIN
+
+STASH_BYTES = 64 << 20  # stored bytes of deltas and chain links kept at once
+
+
+class DeltaStash:
+    """Keeps the stored bytes of ``deltas`` and of the links below them (:attr:`links`,
+    which the checkout's reads must carry besides the chunks it places) as the reads
+    bring them, and places each delta whose chain is complete (:attr:`applied`); what it
+    keeps for the others is in :attr:`stored`."""
+
+    def __init__(
+        self,
+        deltas: Sequence[Chunk],
+        table: Mapping[str, Chunk],
+        local: LocalChunks | None,
+        placer: Placer,
+        stats: StatsRecorder,
+    ) -> None:
+        self._table, self._placer, self._stats = table, placer, stats
+        self._chains = {c.hash: chain for c in deltas if (chain := _cold_chain(c, table, local))}
+        wanted = {c.hash: c for c in deltas}
+        own = set(wanted)
+        # how many deltas not yet placed need each piece: a delta needs its own bytes until
+        # it is placed (here, or by place_deltas), and those of the links of its chain
+        self._refs = dict.fromkeys(own, 1)
+        self._users: dict[str, list[str]] = {}  # piece -> deltas whose chains hold it
+        for h, chain in self._chains.items():
+            for p in {p.hash: p for p in chain}.values():
+                wanted.setdefault(p.hash, p)
+                self._users.setdefault(p.hash, []).append(h)
+                self._refs[p.hash] = self._refs.get(p.hash, 0) + (p.hash != h)
+        self._missing = {h: len(set(map(_hash, chain))) for h, chain in self._chains.items()}
+        self.links = [c for h, c in wanted.items() if h not in own]
+        self._by_pack: dict[str, list[Chunk]] = {}
+        for c in sorted(wanted.values(), key=lambda c: c.offset):
+            self._by_pack.setdefault(c.pack, []).append(c)
+        self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
+        self._left = STASH_BYTES
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.stored: dict[str, bytes] = {}
+        self.applied: set[str] = set()
+
+    def take(self, r: Read, data: Buffer) -> None:
+        """Keep the wanted pieces that lie entirely inside read ``r`` (``data``), then
+        decode and place every delta whose chain they complete."""
+        chunks = self._by_pack.get(r.pack)
+        if not chunks:
+            return
+        i = bisect.bisect_left(self._starts[r.pack], r.start)
+        found = {}
+        while i < len(chunks) and chunks[i].offset + chunks[i].length <= r.end:
+            c = chunks[i]
+            found[c.hash] = bytes(data[c.offset - r.start : c.offset - r.start + c.length])
+            i += 1
+        ready, kept = [], 0
+        with self._lock:
+            for h, b in found.items():
+                if h in self._seen or len(b) > self._left:
+                    continue  # already kept (or used), or no room: read again later
+                self._seen.add(h)
+                kept += 1
+                self._left -= len(b)
+                self.stored[h] = b
+                for user in self._users.get(h, ()):
+                    self._missing[user] -= 1
+                    if not self._missing[user]:
+                        ready.append(user)
+        self._stats.add(chunks_transferred=kept)
+        if ready:
+            self._apply(ready)
+
+    def _apply(self, ready: list[str]) -> None:
+        """Decode (each verified) and place the deltas ``ready``, then drop the pieces no
+        delta still needs. No piece of theirs is dropped before: a piece is freed only
+        once every delta that needs it is done."""
+        done = [(h, resolve(self._table[h], self._table, {}, self.stored)) for h in ready]
+        self._placer.place_many(done)
+        with self._lock:
+            for h in ready:
+                self.applied.add(h)
+                for p in set(map(_hash, self._chains[h])):
+                    self._refs[p] -= 1
+                    if not self._refs[p]:
+                        self._left += len(self.stored.pop(p))
+
+
+def _hash(c: Chunk) -> str:
+    return c.hash
+
+
+def _cold_chain(c: Chunk, table: Mapping[str, Chunk], local: LocalChunks | None) -> list[Chunk]:
+    """``c`` and the links below it down to a keyframe, if none is in a local copy and
+    the chain is whole and bounded; else [] (such a delta is left to ``place_deltas``,
+    which uses the local base, or refuses the chain)."""
+    chain = [c]
+    while chain[-1].base is not None:
+        base = table.get(chain[-1].base)
+        if base is None or len(chain) > MAX_CHAIN or local_id(local, base) is not None:
+            return []
+        chain.append(base)
+    return chain
