@@ -1,5 +1,6 @@
 """A checkout's downloads: every chunk of a manifest placed under a folder, from local
-copies where they verify and coalesced range reads for the rest, deltas applied last."""
+copies where they verify and coalesced range reads for the rest, deltas applied as their
+chains arrive (the rest last)."""
 
 from __future__ import annotations
 
