@@ -8,9 +8,10 @@ cold reader follows each chain down to a base it has or to a keyframe and downlo
 every link: in the checkout's one pass of reads where they fit the delta stash
 (``engine/stash.py``), the rest here, coalesced like any other reads. Chains are at most
 ``MAX_CHAIN`` deltas (manifest validation), and the work goes in batches so memory stays
-bounded whatever the number of deltas. A chain link that no file of the version uses has no hash in a
-layout 1 manifest: it is found locally by where the local copy's manifest says its bytes
-are stored, and its decoded bytes are verified through the chunk its chain ends in.
+bounded whatever the number of deltas. A chain link that no file of the version uses has
+no hash in a layout 1 manifest: it is found locally by where the local copy's manifest
+says its bytes are stored, and its decoded bytes are verified through the chunk its
+chain ends in.
 """
 
 from __future__ import annotations

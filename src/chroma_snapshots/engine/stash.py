@@ -44,22 +44,22 @@ class DeltaStash:
         stats: StatsRecorder,
     ) -> None:
         self._table, self._placer, self._stats = table, placer, stats
-        self._chains = {c.hash: chain for c in deltas if (chain := _cold_chain(c, table, local))}
-        wanted = {c.hash: c for c in deltas}
-        own = set(wanted)
+        chains = {c.hash: chain for c in deltas if (chain := _cold_chain(c, table, local))}
+        own = {c.hash for c in deltas}
+        links = {p.hash: p for chain in chains.values() for p in chain if p.hash not in own}
+        self.links = list(links.values())
+        self._pieces = {h: {p.hash for p in chain} for h, chain in chains.items()}
+        self._missing = {h: len(pieces) for h, pieces in self._pieces.items()}
+        self._users: dict[str, list[str]] = {}  # piece -> deltas whose chains hold it
         # how many deltas not yet placed need each piece: a delta needs its own bytes until
         # it is placed (here, or by place_deltas), and those of the links of its chain
         self._refs = dict.fromkeys(own, 1)
-        self._users: dict[str, list[str]] = {}  # piece -> deltas whose chains hold it
-        for h, chain in self._chains.items():
-            for p in {p.hash: p for p in chain}.values():
-                wanted.setdefault(p.hash, p)
-                self._users.setdefault(p.hash, []).append(h)
-                self._refs[p.hash] = self._refs.get(p.hash, 0) + (p.hash != h)
-        self._missing = {h: len(set(map(_hash, chain))) for h, chain in self._chains.items()}
-        self.links = [c for h, c in wanted.items() if h not in own]
+        for h, pieces in self._pieces.items():
+            for p in pieces:
+                self._users.setdefault(p, []).append(h)
+                self._refs[p] = self._refs.get(p, 0) + (p != h)
         self._by_pack: dict[str, list[Chunk]] = {}
-        for c in sorted(wanted.values(), key=lambda c: c.offset):
+        for c in sorted([*deltas, *self.links], key=lambda c: c.offset):
             self._by_pack.setdefault(c.pack, []).append(c)
         self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
         self._left = STASH_BYTES
@@ -106,14 +106,10 @@ class DeltaStash:
         with self._lock:
             for h in ready:
                 self.applied.add(h)
-                for p in set(map(_hash, self._chains[h])):
+                for p in self._pieces[h]:
                     self._refs[p] -= 1
                     if not self._refs[p]:
                         self._left += len(self.stored.pop(p))
-
-
-def _hash(c: Chunk) -> str:
-    return c.hash
 
 
 def _cold_chain(c: Chunk, table: Mapping[str, Chunk], local: LocalChunks | None) -> list[Chunk]:
