@@ -14,8 +14,13 @@ import pytest
 
 from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.engine import stash
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.placer import Placer
+from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.transfer import Read, plan_reads
+from chroma_snapshots.errors import StorageTimeoutError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CS = 4096
@@ -105,3 +110,28 @@ def test_links_are_dropped_once_their_deltas_are_placed(
     out = one.checkout("db", dest=tmp_path / "cold")
     assert read_tree(out.path) == read_tree(tmp_path / "v2")
     assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
+
+
+def test_deltas_completed_after_the_deadline_are_not_applied(tmp_path: Path) -> None:
+    store = _chained(tmp_path, 24, lambda i: True)
+    m = _latest(store)
+    deltas = [c for c in m.chunks.values() if c.base is not None]
+    now = [0.0]
+    placer = Placer(tmp_path / "w", m)
+    placer.create_files()
+    kept = stash.DeltaStash(
+        deltas, m.chunks, None, placer, StatsRecorder(), Deadline(10, clock=lambda: now[0])
+    )
+
+    def read(r: Read) -> bytes:
+        return store.backend.get(pack_key("db", r.pack), byte_range=(r.start, r.end)).data
+
+    for r in plan_reads(deltas):  # the deltas alone complete no chain
+        kept.take(r, read(r))
+    assert not kept.applied
+    now[0] = 11
+    first = plan_reads(kept.links)[0]  # completes the chains of the deltas on its links
+    with pytest.raises(StorageTimeoutError):
+        kept.take(first, read(first))
+    assert not kept.applied
+    placer.close()

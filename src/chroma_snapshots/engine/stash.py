@@ -19,6 +19,7 @@ import bisect
 import threading
 from collections.abc import Mapping, Sequence
 
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.delta_io import local_id, resolve
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.placer import Buffer, Placer
@@ -27,6 +28,7 @@ from chroma_snapshots.engine.transfer import LocalChunks, Read
 from chroma_snapshots.engine.validation import MAX_CHAIN
 
 STASH_BYTES = 64 << 20  # stored bytes of deltas and chain links kept at once
+_SLICE = 32  # deltas decoded between deadline checks (and drops of their pieces)
 
 
 class DeltaStash:
@@ -42,8 +44,10 @@ class DeltaStash:
         local: LocalChunks | None,
         placer: Placer,
         stats: StatsRecorder,
+        deadline: Deadline,
     ) -> None:
         self._table, self._placer, self._stats = table, placer, stats
+        self._deadline = deadline
         chains = {c.hash: chain for c in deltas if (chain := _cold_chain(c, table, local))}
         own = {c.hash for c in deltas}
         links = {p.hash: p for chain in chains.values() for p in chain if p.hash not in own}
@@ -98,18 +102,21 @@ class DeltaStash:
             self._apply(ready)
 
     def _apply(self, ready: list[str]) -> None:
-        """Decode (each verified) and place the deltas ``ready``, then drop the pieces no
-        delta still needs. No piece of theirs is dropped before: a piece is freed only
-        once every delta that needs it is done."""
-        done = [(h, resolve(self._table[h], self._table, {}, self.stored)) for h in ready]
-        self._placer.place_many(done)
-        with self._lock:
-            for h in ready:
-                self.applied.add(h)
-                for p in self._pieces[h]:
-                    self._refs[p] -= 1
-                    if not self._refs[p]:
-                        self._left += len(self.stored.pop(p))
+        """Decode (each verified) and place the deltas ``ready``, a slice at a time, and
+        drop the pieces no delta still needs: a piece is freed only once every delta that
+        needs it is placed."""
+        for i in range(0, len(ready), _SLICE):
+            self._deadline.check("applying deltas")
+            part = ready[i : i + _SLICE]
+            t = self._table
+            self._placer.place_many([(h, resolve(t[h], t, {}, self.stored)) for h in part])
+            with self._lock:
+                for h in part:
+                    self.applied.add(h)
+                    for p in self._pieces[h]:
+                        self._refs[p] -= 1
+                        if not self._refs[p]:
+                            self._left += len(self.stored.pop(p))
 
 
 def _cold_chain(c: Chunk, table: Mapping[str, Chunk], local: LocalChunks | None) -> list[Chunk]:

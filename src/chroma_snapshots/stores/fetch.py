@@ -84,7 +84,7 @@ def fetch_into(
             # before their deltas wait in memory. place_deltas does the rest (bases
             # from local copies where they verify, else their chains).
             deltas = [c for c in todo if c.base is not None]
-            stash = DeltaStash(deltas, manifest.chunks, local, placer, stats)
+            stash = DeltaStash(deltas, manifest.chunks, local, placer, stats, dl)
             planned = {c.hash for c in todo}
             wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
             streams = isinstance(backend, RangeStreamer)  # fewer, larger requests
