@@ -16,10 +16,10 @@ from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.engine import stash
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import pack_key
-from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.models import Chunk, Manifest
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.transfer import Read, plan_reads
+from chroma_snapshots.engine.transfer import plan_reads
 from chroma_snapshots.errors import StorageTimeoutError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -112,26 +112,46 @@ def test_links_are_dropped_once_their_deltas_are_placed(
     assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
 
 
-def test_deltas_completed_after_the_deadline_are_not_applied(tmp_path: Path) -> None:
+Pieces = Callable[[list[Chunk]], None]
+
+
+def _stash_of(tmp_path: Path, deadline: Deadline) -> tuple[stash.DeltaStash, list[Chunk], Pieces]:
+    """A stash for a cold checkout of 24 chunks, each a delta on a link of 4 KiB; its
+    deltas; and a way to hand it the reads that carry some pieces."""
     store = _chained(tmp_path, 24, lambda i: True)
     m = _latest(store)
     deltas = [c for c in m.chunks.values() if c.base is not None]
-    now = [0.0]
     placer = Placer(tmp_path / "w", m)
     placer.create_files()
-    kept = stash.DeltaStash(
-        deltas, m.chunks, None, placer, StatsRecorder(), Deadline(10, clock=lambda: now[0])
-    )
+    kept = stash.DeltaStash(deltas, m.chunks, None, placer, StatsRecorder(), deadline)
 
-    def read(r: Read) -> bytes:
-        return store.backend.get(pack_key("db", r.pack), byte_range=(r.start, r.end)).data
+    def bring(pieces: list[Chunk]) -> None:
+        for r in plan_reads(pieces):
+            key = pack_key("db", r.pack)
+            kept.take(r, store.backend.get(key, byte_range=(r.start, r.end)).data)
 
-    for r in plan_reads(deltas):  # the deltas alone complete no chain
-        kept.take(r, read(r))
+    return kept, deltas, bring
+
+
+def test_deltas_completed_after_the_deadline_are_not_applied(tmp_path: Path) -> None:
+    now = [0.0]
+    kept, deltas, bring = _stash_of(tmp_path, Deadline(10, clock=lambda: now[0]))
+    bring(deltas)  # the deltas alone complete no chain
     assert not kept.applied
     now[0] = 11
-    first = plan_reads(kept.links)[0]  # completes the chains of the deltas on its links
     with pytest.raises(StorageTimeoutError):
-        kept.take(first, read(first))
+        bring(kept.links[:1])
     assert not kept.applied
-    placer.close()
+
+
+def test_links_that_come_first_leave_room_for_the_deltas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stash, "STASH_BYTES", 3 * CS)  # 3 links, or 2 and every delta
+    kept, deltas, bring = _stash_of(tmp_path, Deadline(10))
+    assert sum(c.length for c in deltas) < CS
+    assert all(c.length == CS for c in kept.links)
+    bring(kept.links)
+    bring(deltas)
+    assert len(kept.applied) == 2
+    assert set(kept.stored) == {c.hash for c in deltas} - kept.applied  # links dropped

@@ -66,7 +66,11 @@ class DeltaStash:
         for c in sorted([*deltas, *self.links], key=lambda c: c.offset):
             self._by_pack.setdefault(c.pack, []).append(c)
         self._starts = {p: [c.offset for c in cs] for p, cs in self._by_pack.items()}
-        self._left = STASH_BYTES
+        # room by pool: the deltas' own first (small; a dropped one leaves its chain's
+        # links held for nothing), the links in the rest
+        deltas_room = min(STASH_BYTES, sum(c.length for c in deltas))
+        self._left = {True: deltas_room, False: STASH_BYTES - deltas_room}
+        self._own = own
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self.stored: dict[str, bytes] = {}
@@ -87,11 +91,12 @@ class DeltaStash:
         ready, kept = [], 0
         with self._lock:
             for h, b in found.items():
-                if h in self._seen or len(b) > self._left:
+                pool = h in self._own
+                if h in self._seen or len(b) > self._left[pool]:
                     continue  # already kept (or used), or no room: read again later
                 self._seen.add(h)
                 kept += 1
-                self._left -= len(b)
+                self._left[pool] -= len(b)
                 self.stored[h] = b
                 for user in self._users.get(h, ()):
                     self._missing[user] -= 1
@@ -116,7 +121,7 @@ class DeltaStash:
                     for p in self._pieces[h]:
                         self._refs[p] -= 1
                         if not self._refs[p]:
-                            self._left += len(self.stored.pop(p))
+                            self._left[p in self._own] += len(self.stored.pop(p))
 
 
 def _cold_chain(c: Chunk, table: Mapping[str, Chunk], local: LocalChunks | None) -> list[Chunk]:
