@@ -328,6 +328,19 @@ def _damage(store: Path, version: str) -> None:
     manifest.write_bytes(b"garbage")
 
 
+def _listed_damaged(run: Run, store: list[str], good: str, bad: str, why: str) -> None:
+    """``ls`` shows ``bad`` (latest) as DAMAGED, for ``why``, above the readable ``good``."""
+    code, out, err = run(*store, "ls", "db")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{bad}  DAMAGED latest {why}")
+    assert lines[1].startswith(good)
+    code, out, _ = run(*store, "ls", "db", "--json")
+    listing = json.loads(out)
+    assert [v["version"] for v in listing["versions"]] == [good]
+    assert list(listing["damaged"]) == [bad]
+
+
 def test_a_damaged_latest_manifest_is_listed_rolled_back_and_published_over(
     tmp_path: Path, run: Run
 ) -> None:
@@ -338,15 +351,7 @@ def test_a_damaged_latest_manifest_is_listed_rolled_back_and_published_over(
     (src / "b").write_bytes(b"b")
     v2 = _published(run, store, src)
     _damage(root, v2)
-    code, out, err = run(*store, "ls", "db")
-    assert code == 0, err
-    lines = out.splitlines()
-    assert lines[0].startswith(f"{v2}  DAMAGED latest manifest db/{v2}:")
-    assert lines[1].startswith(v1)
-    code, out, _ = run(*store, "ls", "db", "--json")
-    listing = json.loads(out)
-    assert [v["version"] for v in listing["versions"]] == [v1]
-    assert list(listing["damaged"]) == [v2]
+    _listed_damaged(run, store, v1, v2, f"manifest db/{v2}:")
     code, _, err = run(*store, "info", "db")
     assert code != 0
     assert f"manifest db/{v2}" in err
@@ -400,10 +405,4 @@ def test_ls_lists_a_ref_whose_manifest_is_missing(tmp_path: Path, run: Run, how:
     manifest.unlink()
     if how == "a directory":
         manifest.mkdir()
-    code, out, err = run(*store, "ls", "db")
-    assert code == 0, err
-    lines = out.splitlines()
-    assert lines[0].startswith(f"{v2}  DAMAGED latest ")
-    assert lines[1].startswith(v1)
-    code, out, _ = run(*store, "ls", "db", "--json")
-    assert list(json.loads(out)["damaged"]) == [v2]
+    _listed_damaged(run, store, v1, v2, "")
