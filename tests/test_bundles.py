@@ -260,6 +260,19 @@ def test_inspection_names_a_symlink_a_consumer_put_in_place_of_a_file(tmp_path: 
     assert problems == ["big.bin: a symlink, not the file the cache wrote"]
 
 
+def test_inspection_names_a_folder_a_consumer_swapped_for_a_link(tmp_path: Path) -> None:
+    big = os.urandom(50_000)
+    cache = _cached(_file_store(tmp_path), tmp_path)
+    cache.publish("db", write_tree(tmp_path / "src", {"seg/big.bin": big, "small.txt": b"s"}))
+    with cache.checkout("db") as snap:
+        tree = snap.path
+    twin = write_tree(tmp_path / "elsewhere", {"big.bin": big})
+    (tree / "seg").rename(tmp_path / "moved")
+    (tree / "seg").symlink_to(twin)
+    problems = inspect.verify(cache, inspect.entries(cache)[0])
+    assert problems == ["seg/big.bin: not the file the cache wrote (a link on its path)"]
+
+
 def test_publish_plan_sees_bundles_as_publish_cuts_them(tmp_path: Path) -> None:
     files = _files(300)
     src = write_tree(tmp_path / "src", files)

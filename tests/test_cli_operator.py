@@ -406,3 +406,19 @@ def test_ls_lists_a_ref_whose_manifest_is_missing(tmp_path: Path, run: Run, how:
     if how == "a directory":
         manifest.mkdir()
     _listed_damaged(run, store, v1, v2, "")
+
+
+def test_ls_lists_the_versions_when_a_ref_is_damaged(tmp_path: Path, run: Run) -> None:
+    root = tmp_path / "store"
+    store = ["--store", str(root)]
+    v1 = _published(run, store, write_tree(tmp_path / "src", {"a": b"a"}))
+    ref = next((root / "db" / "refs").iterdir())
+    ref.chmod(0o644)
+    ref.write_bytes(b'{"version": "zzz"}')
+    code, out, err = run(*store, "ls", "db")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(v1)
+    assert "DAMAGED REFS: " in out
+    code, out, _ = run(*store, "ls", "db", "--json")
+    assert [v["version"] for v in json.loads(out)["versions"]] == [v1]
+    assert "damaged_refs" in json.loads(out)

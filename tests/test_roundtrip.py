@@ -123,3 +123,31 @@ def test_the_collector_is_paused_while_a_publish_lists_files_and_back_on_after(
         store.publish("db", src)
     assert seen == [False, False]
     assert gc.isenabled()
+
+
+def test_a_checkout_sweeps_what_a_killed_checkout_to_the_same_dest_left(tmp_path: Path) -> None:
+    """A kill -9 leaves the hidden work folder beside dest (no handler runs); the next
+    checkout to that dest removes it, but never one a running checkout holds, nor a new one."""
+    import fcntl
+
+    store = RemoteStore(open_backend(f"file://{tmp_path / 'store'}"))
+    store.publish("db", write_tree(tmp_path / "src", {"a": b"a" * 100}))
+    dest = tmp_path / "out"
+
+    def leftover(tag: str, age: float) -> Path:
+        p = write_tree(tmp_path / f".out.{tag}.tmp", {"half": b"x" * 1000})
+        os.utime(p, (p.stat().st_atime - age, p.stat().st_mtime - age))
+        return p
+
+    killed, young = leftover("killed01", 3600), leftover("young001", 0)
+    running = leftover("running1", 3600)
+    fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a checkout in progress holds its own
+    try:
+        store.checkout("db", dest=dest)
+    finally:
+        os.close(fd)
+    assert read_tree(dest) == {"a": b"a" * 100}
+    assert not killed.exists()
+    assert young.exists()
+    assert running.exists()

@@ -78,3 +78,26 @@ def test_a_file_swapped_after_the_scan_is_refused_at_once(
     with pytest.raises(InvalidInputError, match="wal: changed while it was being published"):
         store.publish("db", src, deadline=30)
     assert store.read_ref("db") is None  # nothing was published
+
+
+@pytest.mark.parametrize("size", [100, 40_000])
+def test_a_folder_swapped_for_a_link_after_the_scan_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """O_NOFOLLOW covers a path's last component only: a folder on the path swapped for a
+    link to a folder outside, holding a file of the same name and size, must not be read."""
+    src = write_tree(tmp_path / "src", {"keep": b"k", "sub/z.bin": b"z" * size})
+    outside = write_tree(tmp_path / "outside", {"z.bin": b"S" * size})
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
+    scan: Callable[..., object] = scan_source
+
+    def scan_then_swap(root: Path) -> object:
+        found = scan(root)
+        (src / "sub").rename(tmp_path / "moved")
+        (src / "sub").symlink_to(outside)
+        return found
+
+    monkeypatch.setattr(remote, "scan_source", scan_then_swap)
+    with pytest.raises(InvalidInputError, match="a folder on its path was swapped for a link"):
+        store.publish("db", src)
+    assert store.read_ref("db") is None

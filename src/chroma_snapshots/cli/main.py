@@ -265,14 +265,20 @@ def _build() -> click.Group:
             names = list(store.names())
             emit(names, as_json, "\n".join(names))
             return
-        refs = store.refs(name)
+        try:
+            refs, bad_refs = store.refs(name), None
+        except IntegrityError as e:  # a damaged ref must not hide the versions either
+            refs, bad_refs = {}, str(e)
         versions, damaged = _listing(store, name, refs)
         if not refs and not versions and not damaged:
             raise no_snapshot(name)
         data: dict[str, Any] = {"refs": refs, "versions": versions}
         if damaged:
             data["damaged"] = damaged
-        emit(data, as_json, _version_rows(refs, versions, damaged))
+        if bad_refs:
+            data["damaged_refs"] = bad_refs
+        rows = _version_rows(refs, versions, damaged)
+        emit(data, as_json, rows + (f"\nDAMAGED REFS: {bad_refs}" if bad_refs else ""))
 
     @cli.command(help="Show a version's manifest summary.")
     @click.argument("name")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import os
 import shutil
 import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from chroma_snapshots.errors import InvalidInputError
@@ -71,3 +76,40 @@ def copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
     for source, target in reversed(made):  # modes and times once nothing more is added
         shutil.copystat(source, target)
+
+
+# A work folder this old that no process holds was left by a killed checkout (a live one
+# holds its lock from the moment it exists but for an instant: the age covers that).
+_LEFTOVER_AGE = 60.0
+
+
+@contextlib.contextmanager
+def work_dir(final: Path) -> Iterator[Path]:
+    """A new private work folder beside ``final`` (``.<name>.<random>.tmp``), locked
+    (``flock``) for as long as the block runs; first, the work folders of checkouts to the
+    same ``final`` that a kill left behind are removed (unlocked, and not new)."""
+    for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        _remove_if_left(old)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield work
+    finally:
+        os.close(fd)
+
+
+def _remove_if_left(path: Path) -> None:
+    try:
+        if time.time() - os.lstat(path).st_mtime < _LEFTOVER_AGE:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # gone, or not a folder we made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # a checkout in progress holds it
+    finally:
+        os.close(fd)
+    remove_tree(path)

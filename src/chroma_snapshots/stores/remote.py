@@ -29,7 +29,7 @@ from chroma_snapshots.engine.deadline import (
     as_deadline,
 )
 from chroma_snapshots.engine.keys import manifest_key
-from chroma_snapshots.engine.localfs import prepare_dest, remove_tree
+from chroma_snapshots.engine.localfs import prepare_dest, remove_tree, work_dir
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
     Manifest,
@@ -324,17 +324,18 @@ class RemoteStore(SourceStore):
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
         with local_io(tempfile.gettempdir() if dest is None else dest, "preparing the checkout"):
             final = prepare_dest(dest)
-            work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        try:
-            with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
-                work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain directory
-                self.materialize(name, Placement(work, manifest), dl, stats, progress)
-                os.replace(work, final)  # dest is absent or an empty dir: the rename is atomic
-        except BaseException:
-            remove_tree(work)  # nothing of a failed checkout stays behind
-            if dest is None:
-                remove_tree(final.parent)  # the temporary folder prepare_dest made for it
-            raise
+        # locked while we write: a later checkout to dest sweeps only what a kill left
+        with local_io(final.parent, "preparing the checkout"), work_dir(final) as work:
+            try:
+                with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
+                    work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
+                    self.materialize(name, Placement(work, manifest), dl, stats, progress)
+                    os.replace(work, final)  # dest is absent or an empty dir: atomic
+            except BaseException:
+                remove_tree(work)  # nothing of a failed checkout stays behind
+                if dest is None:
+                    remove_tree(final.parent)  # the temporary folder prepare_dest made for it
+                raise
         info = SnapshotInfo.from_manifest(version, manifest)
         temporary = final.parent if dest is None else None  # the folder prepare_dest made
         return LocalSnapshot(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import Manifest, is_slice
 from chroma_snapshots.engine.validation import chunk_ok
+from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores.cache.store import CachedStore
 
 _WAIT_FOR_LOCK = 30.0  # a version being repaired or materialized is worth waiting for
@@ -50,7 +52,9 @@ def verify(store: CachedStore, entry: CacheEntry) -> list[str]:
         return []
     manifest, pin = held
     try:
-        return _problems(store.dirs(entry.name).tree(entry.version), manifest)
+        # its real path: a folder in it a consumer swapped for a link is then seen as one
+        tree = Path(os.path.realpath(store.dirs(entry.name).tree(entry.version)))
+        return _problems(tree, manifest)
     finally:
         pin.unlink(missing_ok=True)
 
@@ -76,7 +80,11 @@ def _problems(tree: Path, manifest: Manifest) -> list[str]:
                 problems.append(f"{f.path}: content differs from the manifest (it or a file "
                                 "bundled with it)")  # fmt: skip
             continue
-        got = list(read_chunks(path, manifest.chunk_size))
+        try:
+            got = list(read_chunks(path, manifest.chunk_size))
+        except InvalidInputError:  # reached through a folder a consumer made a link
+            problems.append(f"{f.path}: not the file the cache wrote (a link on its path)")
+            continue
         ok = len(got) == len(f.chunks) and all(map(chunk_ok, got, f.chunks))
         if path.stat().st_size != f.size or not ok:
             problems.append(f"{f.path}: content differs from the manifest")
