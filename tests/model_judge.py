@@ -186,6 +186,8 @@ class Judge:
                 continue
             if o.error is None and o.version is not None:
                 m.published.append(o.version)
+                # a publish through the cache records what latest names once it moved it
+                m.recorded[(o.client, "latest")] = {o.version}
             elif not injected(o):
                 m.invisible.add(o.call.op_id)
         m.published += [v for v in actual.values() if v not in m.published]

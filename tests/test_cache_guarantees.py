@@ -18,6 +18,7 @@ from reliability import record, runs
 from chroma_snapshots import BackendUnavailableError, CachedStore, CacheFullError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.stores.base import SnapshotStore
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.proxy import closed_endpoint
@@ -110,7 +111,7 @@ def up_down(
         yield up, CachedStore(down_remote, tmp_path / "cache", stale_ok=True)
 
 
-def _two_versions(store: CachedStore, tmp_path: Path) -> tuple[Path, str, Path, str]:
+def _two_versions(store: SnapshotStore, tmp_path: Path) -> tuple[Path, str, Path, str]:
     src1 = write_tree(tmp_path / "v1", {"chroma.sqlite3": os.urandom(8 * CHUNK), "h": b"one"})
     src2 = write_tree(tmp_path / "v2", {"chroma.sqlite3": os.urandom(8 * CHUNK), "h": b"two"})
     v1 = store.publish("db", src1).version
@@ -153,7 +154,7 @@ def test_a_stale_read_never_serves_another_version(
     up_down: tuple[CachedStore, CachedStore], tmp_path: Path
 ) -> None:
     up, down = up_down
-    _, v1, _, v2 = _two_versions(up, tmp_path)
+    _, v1, _, v2 = _two_versions(up.inner, tmp_path)  # published elsewhere: not recorded
     up.checkout("db", v2).release()  # cached, but through its id: no ref recorded
     up.set_ref("db", "stable", v1, expected=None)
     assert up.current_version("db", "stable") == (v1, False)  # recorded; v1 not cached
@@ -167,6 +168,23 @@ def test_a_stale_read_never_serves_another_version(
     assert up.evict("db", v2)
     with pytest.raises(BackendUnavailableError):
         down.checkout("db", deadline=5)
+
+
+def test_a_stale_read_serves_what_this_cache_itself_moved_the_ref_to(
+    up_down: tuple[CachedStore, CachedStore], tmp_path: Path
+) -> None:
+    """A publish or set_ref through the cache is the latest word this cache has on the ref:
+    an outage after a rollback made here must not serve the version rolled back from."""
+    up, down = up_down
+    src1, v1, _, v2 = _two_versions(up, tmp_path)
+    up.checkout("db", v2).release()  # cached through its id: the ref is not read
+    with down.checkout("db", deadline=5) as snap:  # recorded by the publish
+        assert (snap.stale, snap.info.version) == (True, v2)
+    up.checkout("db", v1).release()
+    up.set_ref("db", "latest", v1, expected=v2)
+    with down.checkout("db", deadline=5) as snap:
+        assert (snap.stale, snap.info.version) == (True, v1)
+        assert read_tree(snap.path) == read_tree(src1)
 
 
 # A damaged cache entry is a miss, and a full disk at dest is the documented error.
