@@ -38,8 +38,17 @@ AGE = 7200.0
 
 
 def _content(label: str) -> dict[str, bytes]:
+    if label.endswith("~"):  # a few bytes changed in every chunk: deltas on its parent
+        return {p: _touched(data) for p, data in _content(label[:-1]).items()}
     rnd = random.Random(label)
     return {"a.bin": rnd.randbytes(24_000), "d/b.bin": rnd.randbytes(9_000)}
+
+
+def _touched(data: bytes) -> bytes:
+    out = bytearray(data)
+    for at in range(100, len(out), 4096):
+        out[at] ^= 0xFF
+    return bytes(out)
 
 
 def _store(backend: Backend) -> RemoteStore:
@@ -195,6 +204,32 @@ def test_publish_against_prune(fresh: Fresh, tmp_path: Path, label: str, min_age
     sandwich = LONG and (label, min_age) == ("A", 0.0)  # ~11,000 schedules: long suite only
     check = _publisher_survives(label)
     assert explore(fresh, tmp_path, actors, check, figure, sandwich=sandwich) > 0
+
+
+@pytest.mark.parametrize("min_age", MIN_AGES)
+def test_delta_publish_against_prune(fresh: Fresh, tmp_path: Path, min_age: float) -> None:
+    """A publish that stores its chunks as deltas on latest's (its parent's bytes at hand)
+    against a prune that keeps only the last version, at every step boundary: whatever
+    wins, every ref still names a version whose chains all resolve and verify."""
+
+    def actors(
+        w: World, a: RemoteStore, b: RemoteStore, _: Path
+    ) -> dict[str, Callable[[], object]]:
+        src, parent = w.source("B~"), w.source("B")
+        return {
+            "A": lambda: a.publish(NAME, src, parent_dir=parent),
+            "B": lambda: _prune(min_age)(b),
+        }
+
+    def check(world: World, out: dict[str, Outcome], refs: dict[str, str]) -> None:
+        _publisher_survives("B~")(world, out, refs)
+        info = out["A"].value
+        if info is not None:  # it did store deltas: the chains are what is being tested
+            m = world.store().load_manifest(NAME, info.version)  # type: ignore[attr-defined]
+            assert any(c.base is not None for c in m.chunks.values())
+
+    figure = f"interleave-delta-publish-vs-prune-{min_age:g}"
+    assert explore(fresh, tmp_path, actors, check, figure) > 0
 
 
 @pytest.mark.parametrize("min_age", MIN_AGES)
