@@ -325,7 +325,7 @@ class RemoteStore(SourceStore):
         with local_io(tempfile.gettempdir() if dest is None else dest, "preparing the checkout"):
             final = prepare_dest(dest)
         # locked while we write: a later checkout to dest sweeps only what a kill left
-        with local_io(final.parent, "preparing the checkout"), work_dir(final) as work:
+        with local_io(final, "preparing the checkout"), work_dir(final) as work:
             try:
                 with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
                     work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
