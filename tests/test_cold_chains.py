@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import tracemalloc
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,9 @@ from chroma_snapshots.engine import stash
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.models import Chunk, Manifest
-from chroma_snapshots.engine.placer import Placer
+from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.transfer import plan_reads
+from chroma_snapshots.engine.transfer import Read, plan_reads
 from chroma_snapshots.errors import StorageTimeoutError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -155,3 +156,26 @@ def test_links_that_come_first_leave_room_for_the_deltas(
     bring(deltas)
     assert len(kept.applied) == 2
     assert set(kept.stored) == {c.hash for c in deltas} - kept.applied  # links dropped
+
+
+def test_a_read_copies_no_more_pieces_than_the_stash_has_room_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stash, "STASH_BYTES", 3 * CS)  # every delta and 2 of the 24 links
+    kept, _, bring = _stash_of(tmp_path, Deadline(10))
+    take, grew = kept.take, []
+
+    def measured(r: Read, data: Buffer) -> None:
+        tracemalloc.start()
+        try:
+            take(r, data)
+            grew.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+
+    monkeypatch.setattr(kept, "take", measured)
+    bring(kept.links)  # a read per pack: 10 links of 4 KiB each
+    assert len(kept.stored) == 2
+    # pieces that do not fit are never copied: 8 workers each reading 8 MiB of links
+    # once held 64 MiB of copies beside the stash
+    assert max(grew) < 4 * CS

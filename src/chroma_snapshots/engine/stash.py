@@ -83,28 +83,35 @@ class DeltaStash:
         if not chunks:
             return
         i = bisect.bisect_left(self._starts[r.pack], r.start)
-        found = {}
-        while i < len(chunks) and chunks[i].offset + chunks[i].length <= r.end:
-            c = chunks[i]
-            found[c.hash] = bytes(data[c.offset - r.start : c.offset - r.start + c.length])
-            i += 1
-        ready, kept = [], 0
+        j, end = i, min(r.end, r.start + len(data))  # a short read keeps what it holds
+        while j < len(chunks) and chunks[j].offset + chunks[j].length <= end:
+            j += 1
+        with self._lock:  # room first, copies after: only what is kept is ever copied
+            keep = [c for c in chunks[i:j] if self._reserve(c)]
+        found = {
+            c.hash: bytes(data[c.offset - r.start : c.offset - r.start + c.length]) for c in keep
+        }
+        ready = []
         with self._lock:
-            for h, b in found.items():
-                pool = h in self._own
-                if h in self._seen or len(b) > self._left[pool]:
-                    continue  # already kept (or used), or no room: read again later
-                self._seen.add(h)
-                kept += 1
-                self._left[pool] -= len(b)
-                self.stored[h] = b
+            self.stored.update(found)
+            for h in found:
                 for user in self._users.get(h, ()):
                     self._missing[user] -= 1
                     if not self._missing[user]:
                         ready.append(user)
-        self._stats.add(chunks_transferred=kept)
+        self._stats.add(chunks_transferred=len(found))
         if ready:
             self._apply(ready)
+
+    def _reserve(self, c: Chunk) -> bool:
+        """Make room for piece ``c`` unless it was already kept (or used) or its pool is
+        full (it is then read again later). Called under the lock."""
+        pool = c.hash in self._own
+        if c.hash in self._seen or c.length > self._left[pool]:
+            return False
+        self._seen.add(c.hash)
+        self._left[pool] -= c.length
+        return True
 
     def _apply(self, ready: list[str]) -> None:
         """Decode (each verified) and place the deltas ``ready``, a slice at a time, and
