@@ -1,3 +1,3 @@
 from __future__ import annotations
 
-pytest_plugins = ["chroma_snapshots.testing.fixtures", "cli_inprocess"]
+pytest_plugins = ["chroma_snapshots.testing.fixtures", "cli_inprocess", "small_stores"]

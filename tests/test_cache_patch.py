@@ -11,23 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_stores import CHUNK
 
 from chroma_snapshots import CachedStore, RemoteStore
-from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
-
-CHUNK = 4096
-
-
-@pytest.fixture
-def remote(tmp_path: Path) -> RemoteStore:
-    return RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK, pack_target=16 * CHUNK)
-
-
-@pytest.fixture
-def cached(remote: RemoteStore, tmp_path: Path) -> CachedStore:
-    return CachedStore(remote, tmp_path / "cache")
 
 
 def _v1(cached: CachedStore, tmp_path: Path) -> tuple[Path, Path, str]:

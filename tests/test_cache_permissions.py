@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from small_stores import CHUNK
 
 from chroma_snapshots import CachedStore, RemoteStore
-from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
-CHUNK = 4096
 _INSIDE = "CHROMA_SNAPSHOTS_TEST_UNPRIVILEGED"
 _DROP = "--bounding-set=-dac_override,-dac_read_search,-fowner"
 
@@ -60,16 +59,6 @@ def unprivileged(test: Callable[..., None]) -> Callable[..., None]:
         assert done.returncode == 0, f"without root's bypass:\n{done.stdout[-3000:]}{done.stderr}"
 
     return run
-
-
-@pytest.fixture
-def remote(tmp_path: Path) -> RemoteStore:
-    return RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK, pack_target=16 * CHUNK)
-
-
-@pytest.fixture
-def cached(remote: RemoteStore, tmp_path: Path) -> CachedStore:
-    return CachedStore(remote, tmp_path / "cache")
 
 
 def _v1(cached: CachedStore, tmp_path: Path, ro: str | None = None) -> tuple[Path, Path, str]:

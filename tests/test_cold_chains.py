@@ -64,6 +64,19 @@ def _latest(store: RemoteStore) -> Manifest:
     return store.load_manifest("db", store.current_version("db", "latest")[0])
 
 
+def _cold_reads(
+    store: RemoteStore, m: Manifest, links: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """The pack reads of an exact cold checkout of ``m`` with a stash that has room for
+    the deltas' own bytes and ``links`` bytes more."""
+    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
+    monkeypatch.setattr(stash, "STASH_BYTES", deltas + links)
+    reads = _pack_reads(store, monkeypatch)
+    out = store.checkout("db", dest=tmp_path / "cold")
+    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    return reads
+
+
 @pytest.mark.parametrize(
     ("chunks", "changed"),
     [
@@ -88,12 +101,8 @@ def test_links_beyond_the_stash_bound_are_read_afterwards_and_exact(
 ) -> None:
     store = _chained(tmp_path, 600, lambda i: True)
     m = _latest(store)
-    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
     # room for the deltas and 2 links, where a read brings about 10: most are read again
-    monkeypatch.setattr(stash, "STASH_BYTES", deltas + 2 * CS)
-    reads = _pack_reads(store, monkeypatch)
-    out = store.checkout("db", dest=tmp_path / "cold")
-    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    reads = _cold_reads(store, m, 2 * CS, tmp_path, monkeypatch)
     assert len(reads) > len({c.pack for c in m.chunks.values()})  # the rest in batches
 
 
@@ -102,14 +111,10 @@ def test_links_are_dropped_once_their_deltas_are_placed(
 ) -> None:
     store = _chained(tmp_path, 600, lambda i: True)
     m = _latest(store)
-    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
     # room for one read's links at a time, far less than all 600: with one worker the
     # deltas come first, and each read's links are applied and dropped as they come
-    monkeypatch.setattr(stash, "STASH_BYTES", deltas + 12 * CS)
     one = RemoteStore(store.backend, chunk_size=CS, workers=1)
-    reads = _pack_reads(one, monkeypatch)
-    out = one.checkout("db", dest=tmp_path / "cold")
-    assert read_tree(out.path) == read_tree(tmp_path / "v2")
+    reads = _cold_reads(one, m, 12 * CS, tmp_path, monkeypatch)
     assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
 
 
