@@ -123,18 +123,24 @@ def test_a_read_only_file_is_repaired_on_every_warm_checkout(
             assert _modes(snap.path) == _modes(src)
 
 
+def _refresh_patches(cached: CachedStore, src: Path) -> None:
+    """Publish ``src`` and refresh: exact bytes and modes, built by patching the old copy
+    (it is the only version left, not lost), no work folder left over."""
+    v2 = cached.publish("db", src).version
+    with cached.checkout("db") as snap:
+        assert read_tree(snap.path) == read_tree(src)
+        assert _modes(snap.path) == _modes(src)
+    assert cached.dirs("db").complete() == [v2]
+    _no_work_left(cached)
+
+
 @unprivileged
 def test_a_read_only_file_in_the_old_copy_is_patched(cached: CachedStore, tmp_path: Path) -> None:
     src, old, _ = _v1(cached, tmp_path)
     os.chmod(old / "seg/data.bin", 0o400)
     os.chmod(old / "db.sqlite3", 0o000)
     _change(src)
-    v2 = cached.publish("db", src).version
-    with cached.checkout("db") as snap:
-        assert read_tree(snap.path) == read_tree(src)
-        assert _modes(snap.path) == _modes(src)
-    assert cached.dirs("db").complete() == [v2]  # v1 was patched, not lost
-    _no_work_left(cached)
+    _refresh_patches(cached, src)
 
 
 @unprivileged
@@ -161,12 +167,7 @@ def test_read_only_folders_in_the_old_copy_are_patched(cached: CachedStore, tmp_
     os.chmod(old / "seg", 0o555)
     os.chmod(old, 0o555)  # renaming a folder needs write permission on it
     _change(src, "seg/deep/more.bin")
-    v2 = cached.publish("db", src).version
-    with cached.checkout("db") as snap:
-        assert read_tree(snap.path) == read_tree(src)
-        assert _modes(snap.path) == _modes(src)
-    assert cached.dirs("db").complete() == [v2]
-    _no_work_left(cached)
+    _refresh_patches(cached, src)
 
 
 @unprivileged
