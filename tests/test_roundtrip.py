@@ -125,12 +125,18 @@ def test_the_collector_is_paused_while_a_publish_lists_files_and_back_on_after(
     assert gc.isenabled()
 
 
-def test_a_checkout_sweeps_what_a_killed_checkout_to_the_same_dest_left(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through_cache", [False, True])  # a cache's private copy too
+def test_a_checkout_sweeps_what_a_killed_checkout_to_the_same_dest_left(
+    tmp_path: Path, through_cache: bool
+) -> None:
     """A kill -9 leaves the hidden work folder beside dest (no handler runs); the next
     checkout to that dest removes it, but never one a running checkout holds, nor a new one."""
     import fcntl
 
-    store = RemoteStore(open_backend(f"file://{tmp_path / 'store'}"))
+    from chroma_snapshots import CachedStore, SnapshotStore
+
+    remote = RemoteStore(open_backend(f"file://{tmp_path / 'store'}"))
+    store: SnapshotStore = CachedStore(remote, tmp_path / "cache") if through_cache else remote
     store.publish("db", write_tree(tmp_path / "src", {"a": b"a" * 100}))
     dest = tmp_path / "out"
 

@@ -66,11 +66,11 @@ def own_dirs(tree: Path) -> None:
 def copy_tree(src: Path, dst: Path) -> None:
     """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
     all) is raised as itself. For trees of files and directories (cached versions, a
-    chroma database)."""
+    chroma database); ``dst`` is new or an empty folder."""
     made = []
     for dirpath, _, filenames in os.walk(src):
         target = dst / Path(dirpath).relative_to(src)
-        target.mkdir()
+        target.mkdir(exist_ok=target == dst)  # dst may be an empty work folder
         made.append((Path(dirpath), target))
         for fn in filenames:
             shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
@@ -85,9 +85,10 @@ _LEFTOVER_AGE = 60.0
 
 @contextlib.contextmanager
 def work_dir(final: Path) -> Iterator[Path]:
-    """A new private work folder beside ``final`` (``.<name>.<random>.tmp``), locked
-    (``flock``) for as long as the block runs; first, the work folders of checkouts to the
-    same ``final`` that a kill left behind are removed (unlocked, and not new)."""
+    """A new private work folder beside ``final`` (``.<name>.<random>.tmp``) in which to
+    build what is then renamed to ``final``, locked (``flock``) while the block runs and
+    removed if it fails; first, the work folders of builds of the same ``final`` that a
+    kill left behind (no handler ran) are removed: unlocked, and not new."""
     for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
         _remove_if_left(old)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -95,6 +96,9 @@ def work_dir(final: Path) -> Iterator[Path]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield work
+    except BaseException:
+        remove_tree(work)  # nothing of a failed build stays behind
+        raise
     finally:
         os.close(fd)
 

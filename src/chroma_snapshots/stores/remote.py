@@ -326,13 +326,12 @@ class RemoteStore(SourceStore):
             final = prepare_dest(dest)
         # locked while we write: a later checkout to dest sweeps only what a kill left
         with local_io(final, "preparing the checkout"), work_dir(final) as work:
-            try:
+            try:  # a failure removes the work folder (work_dir): nothing is left behind
                 with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
                     work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
                     self.materialize(name, Placement(work, manifest), dl, stats, progress)
                     os.replace(work, final)  # dest is absent or an empty dir: atomic
             except BaseException:
-                remove_tree(work)  # nothing of a failed checkout stays behind
                 if dest is None:
                     remove_tree(final.parent)  # the temporary folder prepare_dest made for it
                 raise

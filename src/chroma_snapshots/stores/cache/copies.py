@@ -4,24 +4,23 @@ version at a caller's path, and raw OS errors turned into the documented ones.""
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
-from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, remove_tree
+from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, work_dir
 from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.errors import SnapshotError
 
 
 def private_copy(src: Path, dest: Path) -> Path:
-    """A copy of the cached tree ``src`` at ``dest`` that the caller owns, put together in a
-    temp folder beside it and renamed into place: nothing is left at ``dest`` on failure."""
+    """A copy of the cached tree ``src`` at ``dest`` that the caller owns, built in a work
+    folder beside it (:func:`work_dir`: locked, swept after a kill) and renamed into place:
+    nothing is left at ``dest`` on failure."""
     final = prepare_dest(dest)
-    work = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        copy_tree(src, work)
-        os.replace(work, final)
+        with work_dir(final) as work:
+            copy_tree(src, work)
+            os.replace(work, final)
     except BaseException as e:
-        remove_tree(work)  # nothing is left at dest
         raise_local(e, final, "copying to dest")
         raise
     return final
