@@ -145,11 +145,11 @@ def _loading() -> Iterator[None]:
     """Opening a store imports botocore and loads its S3 model: tens of thousands of objects
     that live as long as the process. Collecting garbage while they pile up walks them again
     and again, and so does every later collection and the one at exit: together ~90 ms of
-    CPU of a small checkout's ~0.35 s (benchmarks/RESULTS.md). So no collection runs
-    meanwhile, and the first time in a process what was loaded is frozen (gc.freeze: later
-    collections skip it). Only once: a process that runs many commands (tests) would
-    otherwise keep each command's garbage forever. Only the CLI does this; the library
-    leaves the application's collector alone."""
+    CPU of a small checkout's ~0.35 s (benchmarks/RESULTS.md, "Fixed cost of one checkout
+    process"). So no collection runs meanwhile, and the first time in a process what was
+    loaded is frozen (gc.freeze: later collections skip it). Only once: a process that runs
+    many commands (tests) would otherwise keep each command's garbage forever. Only the CLI
+    does this; the library leaves the application's collector alone."""
     enabled = gc.isenabled()
     gc.disable()
     try:
