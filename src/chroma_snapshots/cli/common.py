@@ -150,16 +150,15 @@ def _loading() -> Iterator[None]:
     loaded is frozen (gc.freeze: later collections skip it). Only once: a process that runs
     many commands (tests) would otherwise keep each command's garbage forever. Only the CLI
     does this; the library leaves the application's collector alone."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if not _frozen[0]:
-            _frozen[0] = True
-            gc.freeze()
-        if enabled:
-            gc.enable()
+    from chroma_snapshots.engine.manifest_v2 import collector_paused
+
+    with collector_paused():
+        try:
+            yield
+        finally:
+            if not _frozen[0]:
+                _frozen[0] = True
+                gc.freeze()
 
 
 def progress_bar(label: str) -> Callable[[int, int], None] | None:
