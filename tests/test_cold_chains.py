@@ -17,6 +17,7 @@ from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.engine import stash
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import pack_key
+from chroma_snapshots.engine.manifest_v2 import chain_depth
 from chroma_snapshots.engine.models import Chunk, Manifest
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -64,17 +65,23 @@ def _latest(store: RemoteStore) -> Manifest:
     return store.load_manifest("db", store.current_version("db", "latest")[0])
 
 
+def _deltas_bytes(m: Manifest) -> int:
+    return sum(c.length for c in m.chunks.values() if c.base is not None)
+
+
 def _cold_reads(
-    store: RemoteStore, m: Manifest, links: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: RemoteStore, m: Manifest, room: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> list[str]:
-    """The pack reads of an exact cold checkout of ``m`` with a stash that has room for
-    the deltas' own bytes and ``links`` bytes more."""
-    deltas = sum(c.length for c in m.chunks.values() if c.base is not None)
-    monkeypatch.setattr(stash, "STASH_BYTES", deltas + links)
+    """The pack reads of an exact cold checkout of ``m`` with a stash of ``room`` bytes."""
+    monkeypatch.setattr(stash, "STASH_BYTES", room)
     reads = _pack_reads(store, monkeypatch)
     out = store.checkout("db", dest=tmp_path / "cold")
     assert read_tree(out.path) == read_tree(tmp_path / "v2")
     return reads
+
+
+def _each_pack_once(reads: list[str], m: Manifest) -> bool:
+    return sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
 
 
 @pytest.mark.parametrize(
@@ -93,29 +100,50 @@ def test_a_cold_reader_reads_each_pack_of_a_chained_version_once(
     reads = _pack_reads(store, monkeypatch)
     out = store.checkout("db", dest=tmp_path / "cold")
     assert read_tree(out.path) == read_tree(tmp_path / "v2")
-    assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
+    assert _each_pack_once(reads, m)
 
 
-def test_links_beyond_the_stash_bound_are_read_afterwards_and_exact(
+def test_chains_beyond_the_stash_bound_are_read_afterwards_and_exact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = _chained(tmp_path, 600, lambda i: True)
     m = _latest(store)
-    # room for the deltas and 2 links, where a read brings about 10: most are read again
-    reads = _cold_reads(store, m, 2 * CS, tmp_path, monkeypatch)
-    assert len(reads) > len({c.pack for c in m.chunks.values()})  # the rest in batches
+    # room for half the deltas: the other half's chains are read again, in batches
+    reads = _cold_reads(store, m, _deltas_bytes(m) // 2, tmp_path, monkeypatch)
+    assert len(reads) > len({c.pack for c in m.chunks.values()})
 
 
-def test_links_are_dropped_once_their_deltas_are_placed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("workers", [1, 8])
+def test_keyframes_read_after_their_deltas_take_no_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     store = _chained(tmp_path, 600, lambda i: True)
     m = _latest(store)
-    # room for one read's links at a time, far less than all 600: with one worker the
-    # deltas come first, and each read's links are applied and dropped as they come
-    one = RemoteStore(store.backend, chunk_size=CS, workers=1)
-    reads = _cold_reads(one, m, 12 * CS, tmp_path, monkeypatch)
-    assert sorted(reads) == sorted({pack_key("db", c.pack) for c in m.chunks.values()})
+    # room for the deltas alone: the keyframes below them (600 x 4 KiB) come after every
+    # delta is kept, complete their chains as they pass and are never copied
+    one = RemoteStore(store.backend, chunk_size=CS, workers=workers)
+    reads = _cold_reads(one, m, _deltas_bytes(m), tmp_path, monkeypatch)
+    assert _each_pack_once(reads, m)
+
+
+def test_two_deep_chains_keep_only_their_deltas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _chained(tmp_path, 300, lambda i: True)
+    v2 = read_tree(tmp_path / "v2")
+    data = bytearray(v2["seg/data_level0.bin"])
+    for i in range(0, len(data), CS):
+        data[i] ^= 0x55
+    old = write_tree(tmp_path / "v2", v2)
+    store.publish("db", write_tree(tmp_path / "v3", {"seg/data_level0.bin": bytes(data)}),
+                  parent_dir=old)  # fmt: skip
+    m = _latest(store)
+    assert max(chain_depth(m.chunks, h) for h in m.chunks) == 2
+    monkeypatch.setattr(stash, "STASH_BYTES", _deltas_bytes(m))  # both levels' deltas
+    reads = _pack_reads(store, monkeypatch)
+    out = store.checkout("db", dest=tmp_path / "cold")
+    assert read_tree(out.path) == {"seg/data_level0.bin": bytes(data)}
+    assert _each_pack_once(reads, m)
 
 
 Pieces = Callable[[list[Chunk]], None]

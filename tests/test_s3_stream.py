@@ -1,5 +1,5 @@
 """Large coalesced reads streamed through a small buffer (S3Backend.read_range and
-engine/transfer.py stream_and_place): one request per read, chunks placed as they become
+engine/streaming.py stream_and_place): one request per read, chunks placed as they become
 whole, a broken body resumed from the first byte not held, a short answer refused, an
 answer that is not the range asked for refused as the server's fault."""
 

@@ -78,7 +78,7 @@ def place_deltas(
     deadline: Deadline,
     stats: StatsRecorder,
     max_read: int,
-    ready: Mapping[str, bytes] | None = None,
+    ready: Mapping[str, Buffer] | None = None,
 ) -> None:
     """Decode every chunk of ``deltas`` (each verified) and place it; stored bytes
     ``ready`` holds (the delta stash's) are not downloaded again."""
@@ -91,7 +91,7 @@ def place_deltas(
         for c in batch:
             _plan_chain(c, table, local, have, need)
         todo = [c for h, c in need.items() if h not in ready]
-        stored = {**_download(todo, fetch, executor, deadline, stats, max_read)}
+        stored: dict[str, Buffer] = {**_download(todo, fetch, executor, deadline, stats, max_read)}
         stored.update((h, ready[h]) for h in need if h in ready)
         # in parallel slices: zstd and hashlib release the GIL
         failed: list[Chunk] = []
@@ -107,7 +107,7 @@ def _apply_cold(
     table: Mapping[str, Chunk],
     fetch: Fetch,
     placer: Placer,
-    stored: dict[str, bytes],
+    stored: dict[str, Buffer],
     executor: Executor,
     deadline: Deadline,
     stats: StatsRecorder,
@@ -128,7 +128,7 @@ def _apply(
     placer: Placer,
     table: Mapping[str, Chunk],
     have: Mapping[str, Buffer],
-    stored: Mapping[str, bytes],
+    stored: Mapping[str, Buffer],
     failed: list[Chunk],
     part: Sequence[Chunk],
 ) -> None:
@@ -217,7 +217,7 @@ def _entry(table: Mapping[str, Chunk], h: str) -> Chunk:
 
 
 def resolve(
-    c: Chunk, table: Mapping[str, Chunk], have: Mapping[str, Buffer], stored: Mapping[str, bytes]
+    c: Chunk, table: Mapping[str, Chunk], have: Mapping[str, Buffer], stored: Mapping[str, Buffer]
 ) -> Buffer:
     """The verified bytes of ``c``: its links from the bottom up, each one verified."""
     links = [c]
@@ -236,7 +236,7 @@ def resolve(
     return raw
 
 
-def _stored(stored: Mapping[str, bytes], c: Chunk) -> bytes:
+def _stored(stored: Mapping[str, Buffer], c: Chunk) -> Buffer:
     data = stored.get(c.hash)
     if data is None:
         raise IntegrityError(f"chunk {c.hash[:12]}: its stored bytes were not read")

@@ -4,7 +4,8 @@ A checkout needs some set of chunks. They are grouped by pack and sorted by
 offset; neighbours closer than ``max_gap`` are merged into one ranged read
 (reading a little waste beats a round trip), and reads are capped at
 ``max_read``: 8 MiB read whole into a worker's buffer, or, from a backend that
-streams (S3), 32 MiB (a whole pack) streamed through a 1 MiB buffer per worker.
+streams (S3), 32 MiB (a whole pack) streamed through a 1 MiB buffer per worker
+(``engine/streaming.py``).
 
 Reads still running when a call fails or times out are abandoned and only ever fill
 buffers of their own; the :class:`~chroma_snapshots.engine.placer.Placer` they write
@@ -18,10 +19,8 @@ import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import decode_chunk
@@ -212,12 +211,14 @@ def fetch_and_place(
     deadline: Deadline,
     stats: StatsRecorder,
     progress: Progress | None,
+    then: Sequence[Read] = (),
 ) -> None:
     """Run the reads in parallel; verify each chunk's hash before it lands in a file.
+    The reads ``then`` start once every one of ``reads`` is placed.
 
     Returns once every read is placed; raises the first failure, or StorageTimeoutError
     at the deadline (reads still running are abandoned: the placer refuses them)."""
-    total = sum(r.end - r.start for r in reads)
+    total = sum(r.end - r.start for r in [*reads, *then])
     done = [0]
     done_lock = threading.Lock()  # reads finish on several threads at once
 
@@ -228,7 +229,7 @@ def fetch_and_place(
             raise IntegrityError(
                 f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})"
             )
-        _decode_and_place(r, data, placer)
+        decode_and_place(r, data, placer)
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
         if progress is not None:
             with done_lock:
@@ -236,88 +237,20 @@ def fetch_and_place(
                 so_far = done[0]
             progress(so_far, total)
 
-    wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
+    run_phases(run, (reads, then), executor, deadline)
 
 
-# What a backend that streams a range through a buffer offers (backends/s3.py read_range):
-# one request carries a whole coalesced read of up to STREAM_MAX_READ bytes (a 16 MiB
-# pack is one request, not two) through a STREAM_BUFFER per worker. 1 MiB measured no
-# more CPU than 8 MiB and 56 MiB less peak RSS (8 workers; benchmarks/RESULTS.md).
-STREAM_MAX_READ = 32 << 20
-STREAM_BUFFER = 1 << 20
-Take = Callable[[memoryview, int], int]
-
-
-@runtime_checkable
-class RangeStreamer(Protocol):
-    def read_range(
-        self, key: str, byte_range: tuple[int, int], buf: memoryview, take: Take
-    ) -> int: ...
-
-
-# Streams a read through the calling worker's buffer into ``take``; returns bytes received.
-Stream = Callable[[Read, Take], int]
-
-
-def stream_and_place(
-    reads: list[Read],
-    stream: Stream,
-    placer: Placer,
-    keep: Callable[[Read, memoryview], None],
-    *,
+def run_phases(
+    run: Callable[[Read], None],
+    phases: Iterable[Sequence[Read]],
     executor: Executor,
     deadline: Deadline,
-    stats: StatsRecorder,
-    progress: Progress | None,
 ) -> None:
-    """As :func:`fetch_and_place`, for reads far larger than a worker's buffer: each is
-    one request streamed through the buffer, its chunks verified and placed as soon as
-    they are whole. Every chunk is handed to ``keep`` (the delta stash) with the bytes that
-    hold it; those :func:`to_place` leaves out are not placed."""
-    total = sum(r.end - r.start for r in reads)
-    done = [0]
-    done_lock = threading.Lock()
-
-    def run(r: Read) -> None:
-        deadline.check(f"reading pack {r.pack[:12]}")
-        seen = [0]  # chunks of r whole in some window so far (offset order)
-        got = stream(r, partial(_take_window, r, seen, placer, keep, deadline))
-        if got != r.end - r.start or seen[0] != len(r.chunks):
-            raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
-        placed = len(to_place(r.chunks, placer))
-        stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
-        if progress is not None:
-            with done_lock:
-                done[0] += got
-                so_far = done[0]
-            progress(so_far, total)
-
-    wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
-
-
-def _take_window(
-    r: Read,
-    seen: list[int],
-    placer: Placer,
-    keep: Callable[[Read, memoryview], None],
-    deadline: Deadline,
-    view: memoryview,
-    offset: int,
-) -> int:
-    """Place the chunks wholly inside ``view`` (bytes from ``offset`` of the pack);
-    return how many bytes at its front are done with: up to the next chunk's start."""
-    end, i = offset + len(view), seen[0]
-    j = i
-    while j < len(r.chunks) and r.chunks[j].offset + r.chunks[j].length <= end:
-        j += 1
-    if j > i:
-        deadline.check(f"reading pack {r.pack[:12]}")
-        part = Read(r.pack, offset, end, r.chunks[i:j])
-        keep(part, view)
-        _decode_and_place(replace(part, chunks=to_place(part.chunks, placer)), view, placer)
-        seen[0] = j
-    nxt = r.chunks[j].offset if j < len(r.chunks) else end
-    return min(nxt, end) - offset
+    """``run`` every read of each phase in parallel, a phase only once the one before
+    it is done (a barrier: the delta stash has every delta before the keyframes below
+    them arrive, and uses those as they pass instead of keeping them)."""
+    for reads in phases:
+        wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
 
 
 def to_place(chunks: Iterable[Chunk], placer: Placer) -> tuple[Chunk, ...]:
@@ -327,7 +260,7 @@ def to_place(chunks: Iterable[Chunk], placer: Placer) -> tuple[Chunk, ...]:
     return tuple(c for c in chunks if c.base is None and c.hash in placer.targets)
 
 
-def _decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:
+def decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:
     """Verify the read's chunks and place them in batches. Compressed chunks decompress
     into this worker's own arena (reused; a batch is placed before the arena is reused),
     so memory stays ``_ARENA_BYTES`` a worker and no chunk costs a fresh allocation."""

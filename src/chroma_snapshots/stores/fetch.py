@@ -14,18 +14,20 @@ from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.stash import DeltaStash
-from chroma_snapshots.engine.transfer import (
-    DEFAULT_MAX_READ,
+from chroma_snapshots.engine.streaming import (
     STREAM_BUFFER,
     STREAM_MAX_READ,
-    Placement,
     RangeStreamer,
-    Read,
     Take,
+    stream_and_place,
+)
+from chroma_snapshots.engine.transfer import (
+    DEFAULT_MAX_READ,
+    Placement,
+    Read,
     fetch_and_place,
     place_local,
     plan_reads,
-    stream_and_place,
     to_place,
 )
 
@@ -80,23 +82,26 @@ def fetch_into(
             todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
             # One pass of coalesced reads carries every chunk and the chain links below
             # the deltas where no local copy has a base; the stash applies each delta
-            # whose chain it completes. Reads carrying deltas go first: links that come
-            # before their deltas wait in memory. place_deltas does the rest (bases
-            # from local copies where they verify, else their chains).
+            # whose chain it completes. Reads carrying deltas go first, and the others
+            # only once they are done: a keyframe then completes its chains as it passes
+            # and is never kept. place_deltas does the rest (bases from local copies
+            # where they verify, else their chains).
             deltas = [c for c in todo if c.base is not None]
             stash = DeltaStash(deltas, manifest.chunks, local, placer, stats, dl)
             planned = {c.hash for c in todo}
             wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
             streams = isinstance(backend, RangeStreamer)  # fewer, larger requests
             reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ if streams else 0, max_read))
-            reads.sort(key=lambda r: all(c.base is None for c in r.chunks))
+            first = [r for r in reads if any(c.base is not None for c in r.chunks)]
+            then = [r for r in reads if all(c.base is None for c in r.chunks)]
             if streams:
-                stream_and_place(reads, stream, placer, stash.take, executor=pool,
-                                 deadline=dl, stats=stats, progress=progress)  # fmt: skip
+                stream_and_place(first, stream, placer, stash.take, executor=pool, deadline=dl,
+                                 stats=stats, progress=progress, then=then)  # fmt: skip
             else:
-                reads = [replace(r, chunks=to_place(r.chunks, placer)) for r in reads]
-                fetch_and_place(reads, fetch_kept, placer, executor=pool, deadline=dl,
-                                stats=stats, progress=progress)  # fmt: skip
+                first, then = ([replace(r, chunks=to_place(r.chunks, placer)) for r in rs]
+                               for rs in (first, then))  # fmt: skip
+                fetch_and_place(first, fetch_kept, placer, executor=pool, deadline=dl,
+                                stats=stats, progress=progress, then=then)  # fmt: skip
             rest = [c for c in deltas if c.hash not in stash.applied]
             place_deltas(rest, manifest.chunks, local, fetch, placer, executor=pool, deadline=dl,
                          stats=stats, max_read=max_read, ready=stash.stored)  # fmt: skip
