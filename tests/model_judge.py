@@ -35,10 +35,11 @@ class Model:
     published: list[str] = field(default_factory=list)
     op_content: dict[int, int] = field(default_factory=dict)
     invisible: set[int] = field(default_factory=set)
-    # A prune that failed or was killed may leave its record of condemned versions behind;
-    # ref movers then refuse them (ConflictError) until the record expires.
+    # Every prune leaves its record of condemned versions and packs behind (a delete it
+    # sent may still land); ref movers then refuse them (ConflictError) until it expires,
+    # and a publish that would write a condemned pack again (a revert) is refused too.
     condemned: set[str] = field(default_factory=set)
-    prune_failed: bool = False
+    prune_recorded: bool = False
     # (client, ref) -> what that client's cache may have recorded the ref to name: a stale
     # read must serve one of these, never another version.
     recorded: dict[tuple[str, str], set[str | int | None]] = field(default_factory=dict)
@@ -169,8 +170,8 @@ class Judge:
     ) -> None:
         m = self.model
         for o in outcomes:
-            if o.call.op.kind == "prune" and o.error is not None:
-                m.prune_failed = True
+            if o.call.op.kind == "prune":
+                m.prune_recorded = True
                 m.condemned |= set(m.published) - set(m.refs.values())
             if o.call.op.kind == "cached" and not o.stale:
                 ref = o.call.op.ref
@@ -213,7 +214,7 @@ class Judge:
             if contended or pruning or (stale and call.expected != before.get(op.ref)):
                 return None
             m = self.model
-            if m.prune_failed and (op.kind == "publish" or call.version in m.condemned):
+            if m.prune_recorded and (op.kind == "publish" or call.version in m.condemned):
                 return None
         if isinstance(e, SnapshotNotFoundError):
             gone = op.kind in ("tag", "rollback") and self.op_of(call.version) is None

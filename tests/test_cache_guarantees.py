@@ -15,13 +15,20 @@ import pytest
 from cache_worker import tree_digest
 from reliability import record, runs
 
-from chroma_snapshots import BackendUnavailableError, CachedStore, CacheFullError, RemoteStore
+from chroma_snapshots import (
+    BackendUnavailableError,
+    CachedStore,
+    CacheFullError,
+    ConfigError,
+    Deadline,
+    RemoteStore,
+)
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.stores.base import SnapshotStore
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
-from chroma_snapshots.testing.proxy import closed_endpoint
+from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 CHUNK = 4096
@@ -208,6 +215,32 @@ def test_damaged_cache_meta_is_rebuilt_not_an_error(tmp_path: Path, damaged: str
     assert set(d.read_stamps(version)) == {"chroma.sqlite3", "seg0/data.bin"}
 
 
+def test_two_cached_versions_swapped_between_runs_serve_their_own_bytes(tmp_path: Path) -> None:
+    # Between runs someone swaps two cached versions (folders, manifests and stamps): each
+    # manifest is then under the other's version id, which is refused like a damaged one.
+    store_dir = tmp_path / "store"
+    digests = _publish_versions(store_dir, tmp_path, 2)
+    cached = CachedStore(
+        RemoteStore(FileBackend(store_dir)), tmp_path / "cache", patch_in_place=False
+    )
+    a, b = sorted(digests)
+    for v in (a, b):
+        cached.checkout("db", v).release()
+    d = cached.dirs("db")
+    for path in (d.tree, d.manifest_file, d.stamps_file):
+        path(a).rename(tmp_path / "swap")
+        path(b).rename(path(a))
+        (tmp_path / "swap").rename(path(b))
+    fresh = CachedStore(
+        RemoteStore(FileBackend(store_dir)), tmp_path / "cache", patch_in_place=False
+    )
+    for v in (a, b):
+        with fresh.checkout("db", v) as snap:
+            assert snap.info.version == v
+            assert tree_digest(snap.path) == digests[v]
+    assert d.read_manifest(a) is not None  # rebuilt under its own id
+
+
 def test_disk_full_at_dest_is_cache_full_and_leaves_nothing(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     src = write_tree(tmp_path / "src", {"a.bin": os.urandom(3 << 20), "b/c": b"c"})
@@ -245,3 +278,42 @@ def test_a_change_whose_mtime_was_put_back_is_still_repaired(tmp_path: Path) -> 
         assert os.stat(path).st_mtime_ns == st.st_mtime_ns
     with cache.checkout("db") as again:
         assert read_tree(again.path) == read_tree(src)
+
+
+@pytest.mark.parametrize("squat", ["other owner", "others can write", "planted link"])
+def test_a_cache_folder_another_user_controls_is_refused(tmp_path: Path, squat: str) -> None:
+    # A warm checkout serves what the cache holds on the strength of its stamps: another
+    # user who can write there (a squatted /tmp/chroma-snapshots) could serve their bytes.
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if squat == "other owner":
+        os.chown(cache, 65534, 65534)
+    elif squat == "others can write":
+        cache.chmod(0o777)
+    else:  # the per-store folder inside, replaced by a link to a folder elsewhere
+        root = CachedStore(remote, cache).root
+        root.rmdir()
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        root.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="cannot be trusted"):
+        CachedStore(remote, cache)
+
+
+def test_a_store_that_hangs_costs_a_stale_read_its_stale_after_not_the_deadline(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    # An endpoint that takes the request and never answers (not one that refuses): the ref
+    # read is given up after stale_after, and the version it last named is served.
+    up = CachedStore(_s3_store(moto_server.endpoint_url, s3_bucket), tmp_path / "cache")
+    _, _, src2, v2 = _two_versions(up, tmp_path)
+    up.checkout("db").release()
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        proxy.stall("/refs/", count=1000, after_bytes=0, hold=60)
+        remote = _s3_store(proxy.url, s3_bucket, read_timeout=30.0)
+        hung = CachedStore(remote, tmp_path / "cache", stale_ok=True, stale_after=0.5)
+        dl = Deadline(30)
+        with hung.checkout("db", deadline=dl) as snap:
+            assert (snap.stale, snap.info.version) == (True, v2)
+            assert read_tree(snap.path) == read_tree(src2)
+        assert dl.remaining() > 20  # it waited stale_after for the ref, not the deadline

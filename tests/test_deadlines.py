@@ -12,11 +12,11 @@ import pytest
 from chroma_snapshots import Deadline, IntegrityError, RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine import deadline as deadline_module
-from chroma_snapshots.engine.deadline import WorkerPool, run_within, wait_all
+from chroma_snapshots.engine.deadline import WorkerPool, run_within, wait_all, within
 from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
-from chroma_snapshots.testing.faults import Sleeper
+from chroma_snapshots.testing.faults import FaultPlan, Sleeper
 from chroma_snapshots.testing.proxy import CountingProxy
 
 
@@ -266,3 +266,18 @@ def test_a_failure_raised_through_wait_all_keeps_nothing_of_the_caller_alive() -
         assert alive() is None  # freed by reference counting alone
     finally:
         gc.enable()
+
+
+def test_no_request_goes_out_after_its_calls_deadline(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    # A retry botocore schedules is not sent once the call's deadline has passed: the caller
+    # was told it timed out, and a write landing later could outlive the claims covering it.
+    plan = FaultPlan(1.0, kinds=("500",))  # each attempt lands, and is answered with a 500
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        s = S3Settings(endpoint_url=proxy.url, connect_timeout=1, max_attempts=5)
+        backend = S3Backend(s3_bucket, "snaps", settings=s)
+        dl = Deadline(0.5, clock=lambda: float(sum(plan.counts.values())))  # after one
+        with pytest.raises(StorageTimeoutError, match=r"PUT .* is not sent"):
+            within(dl, lambda: backend.put("db/refs/latest", b"{}"))
+        assert sum(plan.counts.values()) == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chroma_snapshots import RemoteStore
+from chroma_snapshots import LATEST, RemoteStore
 from chroma_snapshots.backends.base import ObjectMeta, PutMode
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.errors import ConflictError
@@ -60,3 +60,57 @@ def test_a_pin_key_holding_other_bytes_is_still_a_conflict(tmp_path: Path) -> No
     with pytest.raises(ConflictError):  # another writer's bytes are not taken as ours
         store.publish("db", src)
     assert store.read_ref("db") is None  # nothing was made visible
+
+
+class OvertakenRefAnswer(FileBackend):
+    """The first ref write to ``refs/latest`` by M lands; before its answer (lost) arrives,
+    ``competitor`` publishes on top of it; then M hears ConflictError, as the retry of its
+    lost answer would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.competitor: RemoteStore | None = None
+        self.src: Path | None = None
+        self.overtaken = ""
+
+    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+        meta = super().put(key, data, mode=mode)
+        if key.endswith("/refs/latest") and self.competitor is not None and self.src:
+            competitor, self.competitor = self.competitor, None
+            self.overtaken = competitor.publish("db", self.src).version
+            raise ConflictError(f"put {key}: precondition failed (PreconditionFailed)")
+        return meta
+
+
+@pytest.mark.parametrize("move", ["publish", "set_ref"])
+def test_a_ref_move_overtaken_before_its_lost_answer_is_still_a_success(
+    tmp_path: Path, move: str
+) -> None:
+    backend = OvertakenRefAnswer(tmp_path / "store")
+    store = RemoteStore(backend, chunk_size=4096)
+    old = store.publish("db", write_tree(tmp_path / "a", {"f": b"a" * 5000})).version
+    store.publish("db", write_tree(tmp_path / "b", {"f": b"b" * 5000}))
+    backend.competitor = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    backend.src = write_tree(tmp_path / "n", {"f": b"n" * 5000})
+    if move == "publish":  # "nothing was made visible" would be false: it was, then built on
+        mine = store.publish("db", write_tree(tmp_path / "m", {"f": b"m" * 5000})).version
+    else:
+        store.set_ref("db", "latest", old, expected=LATEST)
+        mine = old
+    assert backend.overtaken
+    assert store.load_manifest("db", backend.overtaken).parent == mine
+    assert store.resolve("db").version == backend.overtaken
+
+
+def test_a_ref_move_that_lost_its_race_is_still_a_conflict(tmp_path: Path) -> None:
+    class Lost(FileBackend):
+        def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+            if key.endswith("/refs/latest") and mode.kind == "update":
+                other.publish("db", write_tree(tmp_path / "n", {"f": b"n" * 5000}))
+            return super().put(key, data, mode=mode)
+
+    store = RemoteStore(Lost(tmp_path / "store"), chunk_size=4096)
+    other = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    store.publish("db", write_tree(tmp_path / "a", {"f": b"a" * 5000}))
+    with pytest.raises(ConflictError, match="nothing was made visible"):
+        store.publish("db", write_tree(tmp_path / "m", {"f": b"m" * 5000}))

@@ -3,6 +3,7 @@ tests/test_interleavings.py runs them against each other at every step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_a_live_prune_record_stops_a_rollback_and_an_expired_one_does_not(
     store, v1, v2 = _two_versions(tmp_path)
     key = f"{keys.prefix(NAME, keys.GC)}crashed.json"
     store.backend.put(key, Claim(frozenset([v1]), frozenset(), 600).to_json())
-    with pytest.raises(ConflictError, match="prune in progress"):
+    with pytest.raises(ConflictError, match=r"a prune .* deletes or deleted"):
         store.set_ref(NAME, "latest", v1, expected=v2)
     assert store.resolve(NAME).version == v2  # nothing was made visible
     _age(tmp_path / "store" / key, 601 + 900 + 60)  # its owner's deadline and the margin
@@ -147,7 +148,7 @@ def test_a_mover_judges_a_record_by_the_stores_clock_not_its_own(
     )
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 7200)  # this client's clock runs 2 h ahead
-    with pytest.raises(ConflictError, match="prune in progress"):
+    with pytest.raises(ConflictError, match=r"a prune .* deletes or deleted"):
         store.set_ref(NAME, "stable", v1, expected=None)
     assert "stable" not in store.refs(NAME)
 
@@ -182,3 +183,49 @@ def test_a_signed_cache_never_serves_what_an_unsigned_one_cached(tmp_path: Path)
     assert cache.root != CachedStore(unsigned, tmp_path / "cache").root
     with pytest.raises(IntegrityError):  # the unsigned ref is refused, nothing served from cache
         cache.checkout(NAME)
+
+
+def _recording_writes(
+    store: RemoteStore, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, tuple[object, ...], dict[str, object]]]:
+    """Record every write the store's backend serves (to replay it later: a late copy)."""
+    calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+    for method in ("put", "delete", "delete_many"):
+        real = getattr(store.backend, method)
+
+        def record(*args: object, _m: str = method, _real: object = real, **kw: object) -> object:
+            calls.append((_m, args, kw))
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(store.backend, method, record)
+    return calls
+
+
+@pytest.mark.parametrize("revert", [True, False])
+def test_every_write_of_a_prune_landing_again_later_leaves_every_ref_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, revert: bool
+) -> None:
+    # A client retry can answer before the first attempt lands: any write a prune sent may
+    # land once more after prune returned, and after a publish that came next (a revert
+    # writes the very packs prune deleted).
+    store, v1, _ = _two_versions(tmp_path)
+    calls = _recording_writes(store, monkeypatch)
+    report = store.prune(NAME, keep_last=1, min_age=0)
+    assert report.deleted_versions == (v1,)
+    assert report.deleted_packs
+    monkeypatch.undo()
+    src = write_tree(tmp_path / "again", {"f": (b"a" if revert else b"c") * 10_000})
+    if revert:  # the record still condemns the packs this would write again: refused
+        with pytest.raises(ConflictError, match="deletes or deleted"):
+            store.publish(NAME, src)
+    else:
+        store.publish(NAME, src)
+    for method, args, kw in calls:  # every write again, in order, each landing late
+        with contextlib.suppress(ConflictError):  # a conditional write that did nothing
+            getattr(store.backend, method)(*args, **kw)
+    for ref, version in store.refs(NAME).items():
+        assert store.verify(NAME, version).ok, ref
+    record = next(k for k in store.backend.list(keys.prefix(NAME, keys.GC)))
+    assert Claim.from_json(store.backend.get(record.key).data, record.key).packs == set(
+        report.deleted_packs
+    )

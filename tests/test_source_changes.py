@@ -101,3 +101,34 @@ def test_a_folder_swapped_for_a_link_after_the_scan_is_refused(
     with pytest.raises(InvalidInputError, match="a folder on its path was swapped for a link"):
         store.publish("db", src)
     assert store.read_ref("db") is None
+
+
+def test_a_source_over_the_manifest_bound_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # A sparse file of 2^23 chunks and one byte more (32 GiB at 4 KiB chunks) would read
+    # as zeros until the deadline; the bound is known from the sizes alone.
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge.bin", "wb") as f:
+        f.truncate((1 << 23) * 4096 + 1)
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    with pytest.raises(InvalidInputError, match="a manifest holds at most 8,388,608"):
+        store.publish("db", src, deadline=60)
+    assert not list(store.backend.list("db/packs/"))
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [("a", "A"), ("s", "\u017f"), ("ss", "\u00df"), ("\u03c3", "\u03c2"), ("a", "A/b")],
+)
+def test_paths_that_readers_refuse_are_refused_at_publish(
+    tmp_path: Path, paths: tuple[str, str]
+) -> None:
+    # Readers refuse paths that clash once case-folded (and a path inside a file); a
+    # publish that wrote them would leave latest unreadable for everyone.
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    first = store.publish("db", write_tree(tmp_path / "ok", {"x": b"x"})).version
+    src = write_tree(tmp_path / "src", {p: p.encode() for p in paths})
+    with pytest.raises(InvalidInputError, match="cannot be published"):
+        store.publish("db", src)
+    assert store.resolve("db").version == first
+    assert store.verify("db", first).ok

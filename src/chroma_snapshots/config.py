@@ -228,13 +228,17 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
 
 
 def _config(target: str | StoreConfig | None) -> StoreConfig:
-    if target is None:
-        return StoreConfig.from_env()
-    return StoreConfig(url=target) if isinstance(target, str) else target
+    # A URL replaces only the store the environment names, as the CLI's --store does: a
+    # signing key or timeout configured for the process must not be dropped because the
+    # caller named the store (a StoreConfig is taken as it is).
+    if target is None or isinstance(target, str):
+        return StoreConfig.from_env(url=target)
+    return target
 
 
 def open_remote(target: str | StoreConfig | None = None, *, create: bool = True) -> RemoteStore:
-    """The RemoteStore at a URL, from a config, or (``None``) from the environment; no cache,
+    """The RemoteStore at a URL (other settings from the environment, as in
+    :func:`open_store`), from a config, or (``None``) from the environment; no cache,
     no fallback (the fallback URL, if configured, is ignored). ``create=False``: a local store
     directory that does not exist is SnapshotNotFoundError instead of being created."""
     cfg = _config(target)
@@ -298,7 +302,9 @@ def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
 def open_store(
     target: str | StoreConfig | None = None, *, cache_dir: str | None = None, create: bool = True
 ) -> SnapshotStore:
-    """Open the store at a URL, from a config, or (``None``) from the environment.
+    """Open the store at a URL, from a config, or (``None``) from the environment. With a
+    URL, every other setting still comes from the environment (signing key, timeouts,
+    cache directory, ...), as with the CLI's ``--store``; a StoreConfig is used as given.
 
     With a cache directory (argument or ``CHROMA_SNAPSHOTS_CACHE_DIR``) the store is a
     CachedStore around the source store; otherwise the source store itself. ``create=False``:

@@ -36,7 +36,12 @@ from chroma_snapshots.backends.base import (
     range_refused,
 )
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
-from chroma_snapshots.backends.s3errors import check_range, give_up_connecting, wrap_error
+from chroma_snapshots.backends.s3errors import (
+    check_range,
+    give_up_connecting,
+    stop_at_deadline,
+    wrap_error,
+)
 from chroma_snapshots.engine.deadline import (
     Deadline,
     WorkerPool,
@@ -124,6 +129,7 @@ class S3Backend(Backend):
             ) from None
         client = cast("S3Client", made)  # the stubs type only boto3's factory by service name
         client.meta.events.register_first("needs-retry.s3", give_up_connecting(s.connect_attempts))
+        client.meta.events.register_first("before-send.s3", stop_at_deadline)
         return client
 
     def __repr__(self) -> str:
@@ -310,13 +316,15 @@ class S3Backend(Backend):
     def _abort_multipart(self, full: str, upload_id: str, dl: Deadline) -> None:
         """Best effort: parts of an upload nobody aborts are billed until a lifecycle rule
         removes them. Waits only for the time left; past the deadline the abort is still
-        sent, from a thread nobody waits for. Its own failure must not hide the error that
-        made us abort."""
+        sent (under a budget of its own: requests of an expired call are not sent, see
+        stop_at_deadline; an abort writes nothing), from a thread nobody waits for. Its own
+        failure must not hide the error that made us abort."""
         abort = partial(
             self.client.abort_multipart_upload, Bucket=self.bucket, Key=full, UploadId=upload_id
         )
+        own = Deadline(self._worst_request())
         with contextlib.suppress(ClientError, BotoCoreError, StorageTimeoutError):
-            run_within(dl, f"abort the upload of {full}", abort)
+            run_within(dl, f"abort the upload of {full}", lambda: within(own, abort))
 
     def head(self, key: str) -> ObjectMeta:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from botocore.exceptions import (
     ClientError,
@@ -18,6 +19,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -105,6 +107,18 @@ def _connect_failure(err: EndpointConnectionError) -> str:
     cause = str(err.kwargs.get("error", "")).split("): ", 1)[-1]
     detail = cause.split(": ", 1)[-1] if "connection:" in cause else cause
     return f"cannot connect to the S3 endpoint {'/'.join(endpoint)} ({detail or 'no answer'})"
+
+
+def stop_at_deadline(**kwargs: Any) -> None:
+    """A ``before-send`` hook: no request goes out once the deadline of the call it serves
+    has passed (a retry botocore scheduled, or a call its caller abandoned). The caller was
+    told it timed out; a write sent later still could land after every claim covering it
+    expired (docs/RELIABILITY.md)."""
+    dl = current_deadline()
+    if dl is not None and dl.expired():
+        request = kwargs.get("request")
+        what = f"{request.method} {urlsplit(request.url).path}" if request else "a request"
+        raise StorageTimeoutError(f"deadline passed: {what} is not sent")
 
 
 def give_up_connecting(attempts: int) -> Callable[..., None]:

@@ -267,3 +267,12 @@ def _planes(out: bytearray, values: list[int]) -> None:
     raw = wide.tobytes()  # little-endian: byte k of each value every itemsize bytes
     for k in range(width):
         out += raw[k :: wide.itemsize]
+
+
+def readable_manifest(name: str, data: bytes) -> None:
+    """Decode ``data`` as every reader will, with their whole validation: a publish never
+    makes visible a manifest that readers refuse (InvalidInputError, nothing written)."""
+    try:
+        loads(data)
+    except IntegrityError as e:
+        raise InvalidInputError(f"{name}: readers would refuse this manifest: {e}") from e

@@ -86,6 +86,13 @@ class VersionId:
         ts = created_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         return cls(ts, sha256_hex(manifest_bytes)[:12])
 
+    def names(self, manifest_bytes: bytes, created_at: datetime) -> bool:
+        """True if this is the version id of those manifest bytes (a manifest found under
+        another version's key, or file, is refused)."""
+        return sha256_hex(manifest_bytes)[:12] == self.digest and (
+            VersionId.for_manifest(manifest_bytes, created_at) == self
+        )
+
 
 _CHUNK_FIELDS = {"pack", "offset", "length", "size", "codec"}
 

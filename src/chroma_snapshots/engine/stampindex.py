@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import struct
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
+
+from chroma_snapshots.engine.localfs import foreign_dir
 
 # A file whose mtime or ctime is this close to its scan (or after it) is racy: 2 s covers
 # the coarsest common timestamp granularity (FAT's 2 s; ext3/HFS+ 1 s) and the kernel's
@@ -180,12 +181,7 @@ def _private_dir(d: Path, create: bool) -> bool:
             d.mkdir(mode=0o700, exist_ok=True)
         except OSError:
             return False
-    try:
-        st = os.lstat(d)
-    except OSError:
-        return False
-    mine = st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode)
-    return mine and not st.st_mode & 0o077
+    return foreign_dir(d, 0o077) is None
 
 
 def _encode(key: str, entries: list[tuple[str, Stamp, Sequence[str], int]]) -> bytes:

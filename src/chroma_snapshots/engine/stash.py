@@ -11,7 +11,8 @@ memory holds only chains still waiting for a piece. The reads carrying deltas ru
 the others (``transfer.run_phases``), so a keyframe below them arrives last and completes
 its chains as it passes: it is used from the read's buffer and never copied (at 3 GiB of
 2-deep chains, copying keyframes that came too early filled the stash, and the chains it
-dropped were read twice). At most ``STASH_BYTES`` of stored bytes are kept, deltas first; what does not fit, and every delta resting on a local base, is left to
+dropped were read twice). At most ``STASH_BYTES`` of stored bytes are kept, deltas first;
+what does not fit, and every delta resting on a local base, is left to
 :func:`~chroma_snapshots.engine.delta_io.place_deltas` (in batches, downloading what the
 stash does not hold). Every placed chunk is verified against its hash as it is decoded.
 """

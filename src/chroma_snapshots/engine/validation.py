@@ -32,6 +32,34 @@ MAX_MANIFEST_BYTES = 1 << 28
 MAX_REF_BYTES = 4096  # a ref is about 200 bytes, signed or not
 MAX_METADATA_DEPTH = 32  # nesting of a manifest's free-form metadata
 MAX_CHUNK_REFS = 1 << 23  # chunk positions in all files: 512 GiB at 64 KiB chunks
+
+
+def check_source(paths: list[str], dirs: list[str], sizes: Iterable[int], chunk_size: int) -> None:
+    """InvalidInputError for a source readers would refuse, before a byte of it is read:
+    the readers' own path rule (:func:`check_tree`) and the bound on chunk positions."""
+    try:
+        check_tree(paths, dirs)
+    except IntegrityError as e:
+        raise InvalidInputError(
+            f"the source cannot be published: {e} (paths that differ only in case, or a "
+            "file where another path needs a folder, clash on a case-insensitive disk, and "
+            "every reader refuses them): rename one"
+        ) from None
+    check_chunk_refs(sizes, chunk_size)
+
+
+def check_chunk_refs(sizes: Iterable[int], chunk_size: int) -> None:
+    """InvalidInputError if files of ``sizes`` need more chunk positions than a manifest
+    may hold: said before a byte is read, not after hashing them all (a sparse file of
+    600 GiB reads as zeros until the deadline)."""
+    n = sum(-(-size // chunk_size) for size in sizes)
+    if n > MAX_CHUNK_REFS:
+        raise InvalidInputError(
+            f"the source needs {n:,} chunks of {chunk_size:,} bytes; a manifest holds at most "
+            f"{MAX_CHUNK_REFS:,}: publish fewer or smaller files, or use a larger chunk size"
+        )
+
+
 MAX_CHAIN = 8  # deltas between a chunk and its keyframe: bounds what a cold reader fetches
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

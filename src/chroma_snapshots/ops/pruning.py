@@ -10,7 +10,8 @@ The steps (why each is safe: docs/RELIABILITY.md, "Prune protocol"):
 3. write the plan into the record, so ref movers that pin from now on see it;
 4. list again (L2), read refs and pins again: spare every version referenced or pinned now
    and every manifest that appeared since L1, with their packs;
-5. delete condemned manifests, then condemned packs; remove the record.
+5. delete condemned manifests, then condemned packs; the record stays until it expires
+   (a delete that returned may still have an earlier attempt in flight).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from chroma_snapshots.engine.models import VersionId
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
 from chroma_snapshots.stores.base import PruneReport
-from chroma_snapshots.stores.claims import Claim, read_claims
+from chroma_snapshots.stores.claims import Claim, create_once, read_claims, rewrite
 
 if TYPE_CHECKING:
     from chroma_snapshots.stores.base import BackedStore
@@ -111,8 +112,10 @@ def prune(
         )
     io = DeadlineBackend(store.backend, deadline)
     record = None if dry_run else f"{keys.prefix(name, keys.GC)}{uuid.uuid4().hex}.json"
-    if record is not None:
-        io.put(record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json())
+    if record is not None:  # created once and then only replaced by us (see rewrite)
+        etag = create_once(
+            io, record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json()
+        )
     first = _look(store, io, name, record)
     keep = _kept_versions(first, keep_last, min_age)
     drop = sorted(set(first.listing.manifests) - keep, reverse=True)
@@ -120,7 +123,9 @@ def prune(
     dead = _dead_packs(first, used, min_age)
     if record is None:
         return _report(name, keep, drop, dead, first, dry_run=True)
-    io.put(record, Claim(frozenset(drop), frozenset(dead), deadline.remaining()).to_json())
+    rewrite(
+        io, record, Claim(frozenset(drop), frozenset(dead), deadline.remaining()).to_json(), etag
+    )
     second = _look(store, io, name, record)
     rescued = (
         second.referenced
@@ -133,9 +138,10 @@ def prune(
     condemned = set(dead)
     dead = [p for p in _dead_packs(second, used, min_age) if p in condemned]
     _delete(io, name, drop, dead, second)
-    # Only after every delete returned: if we fail before this, the record stays until it
-    # expires, since deletes we gave up on may still land.
-    io.delete(record)
+    # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
+    # that returned may still have an earlier attempt in flight (the client retried it and
+    # the retry answered first), and that copy would remove a pack a later publish wrote
+    # again. A later prune removes it.
     return _report(name, keep, drop, dead, second, dry_run=False)
 
 

@@ -48,7 +48,9 @@ def sync_version(
                 data = s_io.get(key).data
                 with contextlib.suppress(ConflictError):  # content-addressed: same bytes
                     d_io.put(key, data, mode=PutMode.CREATE)
+                    pin.created(pack)
                 copied += len(data)
+        pin.check_created()
         key = manifest_key(name, version)
         with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
             d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)

@@ -74,9 +74,13 @@ class Claim:
         ttl = val.as_int(o["ttl"], f"{what} ttl", 0, 1 << 40)
         return cls(frozenset(versions), frozenset(packs), float(ttl))
 
+    def until(self, meta: ObjectMeta) -> float:
+        """When the claim written at ``meta.last_modified`` stops being honoured."""
+        return meta.last_modified + self.ttl + SKEW
+
     def live(self, meta: ObjectMeta, now: float) -> bool:
         """True while the claim written at ``meta.last_modified`` must be honoured."""
-        return now < meta.last_modified + self.ttl + SKEW
+        return now < self.until(meta)
 
 
 def read_claims(io: Backend, prefix: str, now: float) -> list[tuple[ObjectMeta, Claim]]:
@@ -106,19 +110,13 @@ class Pin:
         self._name = name
         self._deadline = deadline
         self._keys: list[str] = []
+        self._created: list[str] = []
 
     def add(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
         """Claim ``versions`` and ``packs`` (one small object per call)."""
         claim = Claim(frozenset(versions), frozenset(packs), self._deadline.remaining())
         key = f"{keys.prefix(self._name, keys.PINS)}{uuid.uuid4().hex}.json"
-        data = claim.to_json()
-        try:
-            self._io.put(key, data, mode=PutMode.CREATE)
-        except ConflictError:
-            # A fresh random key exists only if our own write landed and its answer was lost
-            # (a 500 or a reset after it): the client's retry then meets it.
-            if self._io.get(key).data != data:
-                raise
+        create_once(self._io, key, claim.to_json())
         self._keys.append(key)
 
     def check(self, versions: Iterable[str] = (), packs: Iterable[str] = ()) -> None:
@@ -131,11 +129,25 @@ class Pin:
         for meta, claim in read_claims(self._io, keys.prefix(self._name, keys.GC), now):
             hit = sorted((claim.versions & want_v) | (claim.packs & want_p))
             if hit:
+                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claim.until(meta)))
                 raise ConflictError(
-                    f"{self._name}: a prune in progress ({meta.key}) is deleting {hit[0][:24]}"
-                    f"{' and more' if len(hit) > 1 else ''}; nothing was made visible. Retry "
-                    "once it finished (a new publish then uploads what it needs afresh)"
+                    f"{self._name}: a prune ({meta.key}) deletes or deleted {hit[0][:24]}"
+                    f"{' and more' if len(hit) > 1 else ''}; nothing was made visible. Its "
+                    f"record holds until {until} (a delete it sent may still land): retry "
+                    "after that, or publish different content"
                 )
+
+    def created(self, pack: str) -> None:
+        """Note a pack this mover created (it did not exist): see :meth:`check_created`."""
+        self._created.append(pack)  # list.append is atomic: packs go up on several threads
+
+    def check_created(self) -> None:
+        """ConflictError if a live prune record condemns a pack this mover created: that
+        prune may have deleted the pack just before, and a copy of its delete may still
+        land (a record outlives its deletes for that reason). Call after the packs are
+        written, before the manifest."""
+        if self._created:
+            self.check(packs=self._created)
 
     def release(self) -> None:
         """Drop the pin. A failure only delays pruning until the pin expires."""
@@ -147,7 +159,49 @@ class Pin:
                 log.warning("could not remove pins %s (they expire by themselves): %s", keys, e)
 
 
-def note_retired(io: Backend, name: str, version: str) -> None:
-    """Record that a ref is about to move away from ``version``: a reader that resolved it
-    a moment ago keeps its grace, measured from now, not from the version's publication."""
-    io.put(retired_key(name, version), b"", mode=PutMode.OVERWRITE)
+def note_retired(io: Backend, name: str, version: str, ref: str, generation: int) -> None:
+    """Record that ``ref`` is about to move away from ``version``, which it holds at
+    ``generation``: a reader that resolved it a moment ago keeps its grace, measured from
+    now, not from the version's publication; and the mover that wrote that generation,
+    if its answer was lost, learns that it landed (:func:`moved_on_from`)."""
+    note = val.canonical_json({"ref": ref, "generation": generation})
+    io.put(retired_key(name, version), note, mode=PutMode.OVERWRITE)
+
+
+def moved_on_from(io: Backend, name: str, version: str, ref: str, generation: int) -> bool:
+    """True if a mover noted that ``ref`` held ``version`` at ``generation`` and moved on
+    from it. A ref's generation is written once, by one compare-and-swap: a mover whose
+    write of it was answered with an error and which now finds the ref elsewhere learns
+    here that its write did land (notes of older releases are empty: False)."""
+    try:
+        got = io.get(retired_key(name, version), byte_range=(0, 4096))  # a hostile one: 4 KiB
+        raw = val.loads_json(got.data, "note", 4095)
+    except (SnapshotNotFoundError, IntegrityError):
+        return False
+    return raw == {"ref": ref, "generation": generation}
+
+
+def create_once(io: Backend, key: str, data: bytes) -> str:
+    """Create ``key`` and return its ETag. If it exists with exactly ``data``, that was us:
+    a retried request whose first attempt landed although its answer was lost (a 500 or a
+    reset after the write) meets its own object. Different bytes stay a ConflictError."""
+    try:
+        return io.put(key, data, mode=PutMode.CREATE).etag
+    except ConflictError:
+        got = io.get(key)
+        if got.data != data:
+            raise
+        return got.meta.etag
+
+
+def rewrite(io: Backend, key: str, data: bytes, etag: str) -> str:
+    """Replace ``key``, written by us with ``etag``, by ``data``; return the new ETag. A
+    late copy of an earlier write of ours can then never land over it (its condition fails),
+    and a retry of this one whose first attempt landed meets exactly ``data``."""
+    try:
+        return io.put(key, data, mode=PutMode.update(etag)).etag
+    except ConflictError:
+        got = io.get(key)
+        if got.data != data:
+            raise
+        return got.meta.etag

@@ -18,7 +18,7 @@ from chroma_snapshots.errors import (
     StoreNotFoundError,
 )
 from chroma_snapshots.stores.base import ANY, Expected
-from chroma_snapshots.stores.claims import note_retired
+from chroma_snapshots.stores.claims import moved_on_from, note_retired
 
 Found = tuple[RefValue, str]
 """A ref's value and the ETag a compare-and-swap is conditioned on."""
@@ -63,8 +63,8 @@ def move_ref(
     """Point ``name``/``ref`` at ``version``, conditioned on ``current`` (what the caller
     read and checked against ``expected``); ConflictError if it moved since. ``reread``
     reads the ref again: a write answered with an error may still have landed."""
-    if current is not None and current[0].version != version:
-        note_retired(io, name, current[0].version)  # a reader's grace starts
+    if current is not None and current[0].version != version:  # a reader's grace starts
+        note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
     ref_value = RefValue(version, gen, utc_now())
     if signer is not None:
@@ -81,6 +81,8 @@ def move_ref(
         now = reread()
         if now is not None and now[0].to_json() == value:
             return  # our own write, answered with an error and retried: it did land
+        if moved_on_from(io, name, version, ref, gen):
+            return  # it landed, and another mover has moved the ref on from it since
         raise ConflictError(
             f"{name}/{ref} moved while publishing (based on "
             f"{current[0].version if current else 'nothing'}); nothing was made visible"
@@ -110,14 +112,3 @@ def get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
         size = max(got.meta.size, len(got.data))
         raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
     return got
-
-
-def create_once(io: Backend, key: str, data: bytes) -> None:
-    """Create ``key``; if it exists with exactly ``data``, that was us: a retried request
-    whose first attempt landed although its answer was lost (a 500 or a reset after the
-    write) sees its own object. Different bytes stay a ConflictError."""
-    try:
-        io.put(key, data, mode=PutMode.CREATE)
-    except ConflictError:
-        if io.get(key).data != data:
-            raise

@@ -46,8 +46,8 @@ from chroma_snapshots.engine.validation import (
     MAX_REF_BYTES,
     check_chunk_size,
     check_name,
+    check_source,
     is_name,
-    sha256_hex,
     utc_now,
 )
 from chroma_snapshots.errors import (
@@ -56,7 +56,7 @@ from chroma_snapshots.errors import (
     SnapshotNotFoundError,
 )
 from chroma_snapshots.ops import maintenance, pruning
-from chroma_snapshots.stores import refs
+from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
     LATEST,
     Expected,
@@ -159,7 +159,7 @@ class RemoteStore(SourceStore):
             m = manifest_v2.loads(data)
         except IntegrityError as e:  # name the object: an operator has to find it
             raise IntegrityError(f"manifest {name}/{version}: {e}") from e
-        if sha256_hex(data)[:12] != vid.digest or VersionId.for_manifest(data, m.created_at) != vid:
+        if not vid.names(data, m.created_at):
             raise IntegrityError(f"manifest {version}: content does not match its version id")
         if m.name != name:
             raise IntegrityError(f"manifest {version} belongs to {m.name!r}, not {name!r}")
@@ -202,6 +202,9 @@ class RemoteStore(SourceStore):
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle
             files, dirs = scan_source(source_dir)
+        check_source(
+            [f.relpath for f in files], list(dirs), [f.size for f in files], self.chunk_size
+        )
         current = self.read_ref(name, deadline=dl)
         stats.add(requests=1)
         refs.check_expected(name, expected, current)
@@ -223,6 +226,7 @@ class RemoteStore(SourceStore):
             finally:
                 if bases is not None:
                     bases.close()
+            pin.check_created()
             if pm is not None and parent and not allow_empty and same_tree(pm, entries, dirs):
                 stats.add(requests=2)  # the pin and its release: nothing else is written
                 return SnapshotInfo.from_manifest(parent, pm, stats.freeze(time.monotonic() - t0))
@@ -241,12 +245,13 @@ class RemoteStore(SourceStore):
             )
             with manifest_v2.collector_paused():
                 data = manifest_v2.dumps(manifest)
+                manifest_v2.readable_manifest(name, data)
             version = str(VersionId.for_manifest(data, manifest.created_at))
             key = manifest_key(name, version)
-            refs.create_once(self._io(dl), key, data)
+            claims.create_once(self._io(dl), key, data)
             if self.signer is not None:  # before the ref: a reader never sees it unsigned
                 sig = self.signer.sign(f"manifest:{key}", data).encode()
-                refs.create_once(self._io(dl), key + ".sig", sig)
+                claims.create_once(self._io(dl), key + ".sig", sig)
             self._move_ref(name, "latest", version, expected, current, dl)
         # pin, prune records, manifest, retirement note, ref
         stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))

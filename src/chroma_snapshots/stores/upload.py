@@ -264,6 +264,7 @@ class Uploader:
         key = pack_key(name, pack_id)
         try:
             self.backend.put(key, data, mode=PutMode.CREATE)
+            pin.created(pack_id)
         except ConflictError:
             # Same name, same bytes, but maybe an old, unreferenced pack (a revert publishes
             # identical packs) that a prune is deleting: claim it, check no prune condemned

@@ -34,11 +34,11 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.localfs import own_dir, remove_tree
+from chroma_snapshots.engine.localfs import foreign_dir, own_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
-from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.errors import ConfigError, SnapshotError
 
 # size, mtime_ns, permission bits, ctime_ns: a consumer can put an mtime back (os.utime),
 # never a ctime, so a file written and re-dated still looks changed
@@ -179,10 +179,13 @@ class NameDirs:
         )
 
     def read_manifest(self, version: str) -> Manifest | None:
-        """The cached manifest; None if it is gone (evicted) or damaged."""
+        """The cached manifest; None if it is gone (evicted) or damaged, which includes a
+        manifest whose bytes are not the version's (moved from another version's place)."""
         try:
-            return manifest_v2.loads(self.manifest_file(version).read_bytes())
-        except (OSError, SnapshotError):
+            data = self.manifest_file(version).read_bytes()
+            m = manifest_v2.loads(data)
+            return m if VersionId.parse(version).names(data, m.created_at) else None
+        except (OSError, ValueError, SnapshotError):
             return None
 
     def read_stamps(self, version: str) -> dict[str, Stamp]:
@@ -295,3 +298,16 @@ class NameDirs:
         except OSError:
             with local_io(path, "removing a cache record it could not update"):
                 path.unlink(missing_ok=True)  # if even this fails: LocalDiskError
+
+
+def check_trusted(*folders: Path) -> None:
+    """ConfigError unless only this user controls ``folders``: a warm checkout serves
+    what the cache holds on the strength of its stamps, so another user who can write
+    there (a squatted /tmp folder) could have it serve their bytes."""
+    for folder in folders:
+        why = foreign_dir(folder, 0o022)
+        if why is not None:
+            raise ConfigError(
+                f"cache directory {folder} cannot be trusted: {why}. Use a directory this "
+                "user owns that no one else can write (e.g. mode 0700)"
+            )

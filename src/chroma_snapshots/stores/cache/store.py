@@ -39,7 +39,7 @@ from chroma_snapshots.stores.base import (
     SourceStore,
 )
 from chroma_snapshots.stores.cache.copies import private_copy, raise_local
-from chroma_snapshots.stores.cache.layout import Pin, stamp_check, stamp_of
+from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check, stamp_of
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
 from chroma_snapshots.stores.cache.space import CacheSpace
@@ -55,9 +55,10 @@ class CachedStore(CacheSpace, DelegatingStore):
     """Wraps a RemoteStore with a local cache of materialized versions.
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
-    disk free. ``stale_ok``: when the remote store can't be reached within the
-    deadline, serve the version the asked ref named when it was last read, flagged
-    ``stale=True``, if that version is cached; otherwise the outage's error is raised.
+    disk free. ``stale_ok``: when the remote store can't be reached within
+    ``stale_after`` seconds (default 3; the deadline if shorter), serve the version the
+    asked ref named when it was last read, flagged ``stale=True``, if that version is
+    cached; otherwise the outage's error is raised.
     ``refresh_seconds`` (read-consistency interval): trust what a ref named for that long
     before reading it again (None, the default: read it on every checkout).
     ``patch_in_place`` (default True; off with ``stale_ok``): build a new version by
@@ -75,6 +76,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         stale_ok: bool = False,
         refresh_seconds: float | None = None,
         patch_in_place: bool = True,
+        stale_after: float = 3.0,
     ) -> None:
         super().__init__(inner)
         self.inner: SourceStore = inner
@@ -89,7 +91,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
-        self.stale_ok = stale_ok
+        self.stale_ok, self.stale_after = stale_ok, stale_after
         self.refresh_seconds = refresh_seconds
         self.patch_in_place = patch_in_place
         self._refs_read: dict[tuple[str, str], tuple[str, float]] = {}  # -> version, when
@@ -97,6 +99,7 @@ class CachedStore(CacheSpace, DelegatingStore):
         self._mlock = threading.Lock()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            check_trusted(Path(cache_dir).resolve(), self.root)  # the folder a link names
             self.clean_leftovers()
         except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken
             raise_local(e, self.root, "opening the cache")
@@ -192,8 +195,11 @@ class CachedStore(CacheSpace, DelegatingStore):
             return ref, False, None
         if (recent := self.recent_ref(name, ref)) is not None:
             return recent, False, None
+        wait = dl
+        if self.stale_ok and self.dirs(name).recorded_ref(ref) is not None:
+            wait = dl.child(self.stale_after)  # a store that hangs costs this, not the deadline
         try:
-            found, outage = self.inner.read_current(name, ref, deadline=dl)
+            found, outage = self.inner.read_current(name, ref, deadline=wait)
             stats.add(requests=1)
         except (BackendUnavailableError, StorageTimeoutError) as e:
             if (version := self._last_seen(name, ref)) is None:
