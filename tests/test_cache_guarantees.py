@@ -317,3 +317,19 @@ def test_a_store_that_hangs_costs_a_stale_read_its_stale_after_not_the_deadline(
             assert (snap.stale, snap.info.version) == (True, v2)
             assert read_tree(snap.path) == read_tree(src2)
         assert dl.remaining() > 20  # it waited stale_after for the ref, not the deadline
+
+
+def test_a_shared_sticky_cache_folder_is_accepted_with_a_folder_of_our_own(tmp_path: Path) -> None:
+    # /tmp, or a tmpfs mount (mode 1777): others may add entries but never replace ours,
+    # and this store's folder inside is ours alone.
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    remote.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    cached = CachedStore(remote, cache)
+    with cached.checkout("db") as snap:
+        assert read_tree(snap.path) == {"a": b"a"}
+    os.chown(cached.root, 65534, 65534)  # squatted by another user: refused
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        CachedStore(remote, cache)

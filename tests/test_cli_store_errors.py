@@ -150,3 +150,52 @@ def test_offline_commands_do_not_warn_that_the_store_did_not_answer(
         assert code == 7, args
         assert "warning" not in err, args
         assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err, args
+
+
+def test_an_endpoint_that_is_not_s3_is_unavailable_in_one_line(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web server given as the S3 endpoint by mistake (a console's port) answers 200 with
+    HTML to everything: each command says the endpoint is not S3 (exit 7), never a
+    traceback, an empty listing or "no snapshot"."""
+    import http.server
+    import threading
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html><body>console</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _page
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        base = ["--store", "s3://bucket/snaps", "--endpoint-url", url]
+        src = write_tree(tmp_path / "src", {"chroma.sqlite3": b"x" * 1000})
+        for args in (
+            [*base, "ls"],
+            [*base, "ls", "rec"],
+            [*base, "checkout", "rec", "--dest", str(tmp_path / "d")],
+            [*base, "publish", "rec", str(src)],
+        ):
+            code, _, err = run(*args)
+            assert code == 7, (args, err)
+            assert "is the endpoint an S3 server?" in err, (args, err)
+            assert "Traceback" not in err, args
+        code, out, _ = run(*base, "doctor")  # a failed check is exit 1, its line says why
+        assert code == 1
+        assert "is the endpoint an S3 server?" in out
+    finally:
+        server.shutdown()

@@ -229,3 +229,27 @@ def test_every_write_of_a_prune_landing_again_later_leaves_every_ref_whole(
     assert Claim.from_json(store.backend.get(record.key).data, record.key).packs == set(
         report.deleted_packs
     )
+
+
+def test_a_prune_interrupted_before_it_deletes_removes_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C during the second look: nothing was deleted, so nothing need wait for the
+    # record to expire (a rollback to a version it condemned works at once).
+    store, v1, v2 = _two_versions(tmp_path)
+    looks = []
+    real = store.refs
+
+    def interrupted(*args: object, **kw: object) -> dict[str, str]:
+        looks.append(1)
+        if len(looks) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "refs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.prune(NAME, keep_last=1, min_age=0)
+    monkeypatch.undo()
+    assert not list(store.backend.list(keys.prefix(NAME, keys.GC)))
+    store.set_ref(NAME, "latest", v1, expected=v2)
+    assert store.verify(NAME, v1).ok

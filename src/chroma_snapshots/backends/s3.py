@@ -38,6 +38,7 @@ from chroma_snapshots.backends.base import (
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3errors import (
     check_range,
+    field,
     give_up_connecting,
     stop_at_deadline,
     wrap_error,
@@ -175,7 +176,8 @@ class S3Backend(Backend):
         size = resp.get("ContentLength", len(data))
         if "ContentRange" in resp:
             size = int(str(resp["ContentRange"]).rsplit("/", 1)[1])
-        meta = ObjectMeta(key, size, _etag(resp.get("ETag")), resp["LastModified"].timestamp())
+        when = field(resp, "LastModified", f"get {key}").timestamp()
+        meta = ObjectMeta(key, size, _etag(resp.get("ETag")), when)
         return GetResult(data, meta)
 
     def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
@@ -270,7 +272,7 @@ class S3Backend(Backend):
                     Body=data,
                     **cond,  # type: ignore[arg-type]
                 )
-                etag = _etag(resp.get("ETag"))
+                etag = _etag(field(resp, "ETag", f"put {key}"))
         except (ClientError, BotoCoreError) as e:
             raise put_error(wrap_error(e, "put", key), key, mode) from e
         return ObjectMeta(key, len(data), etag, time.time())
@@ -289,7 +291,7 @@ class S3Backend(Backend):
             r = self.client.upload_part(
                 Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=i + 1, Body=body
             )
-            return {"PartNumber": i + 1, "ETag": r["ETag"]}
+            return {"PartNumber": i + 1, "ETag": field(r, "ETag", f"put {full} part {i + 1}")}
 
         try:
             with WorkerPool(_PART_WORKERS, "s3-part") as pool:
@@ -331,9 +333,9 @@ class S3Backend(Backend):
             r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as e:
             raise wrap_error(e, "head", key) from e
-        return ObjectMeta(
-            key, r["ContentLength"], _etag(r.get("ETag")), r["LastModified"].timestamp()
-        )
+        what = f"head {key}"
+        size, when = field(r, "ContentLength", what), field(r, "LastModified", what)
+        return ObjectMeta(key, size, _etag(r.get("ETag")), when.timestamp())
 
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -341,13 +343,15 @@ class S3Backend(Backend):
             Bucket=self.bucket, Prefix=full
         )
         try:
+            what = f"list {prefix or '(the store root)'}"
             for page in pages:
+                field(page, "IsTruncated", what)  # every S3 listing says
                 for o in page.get("Contents", []):
                     yield ObjectMeta(
-                        self._strip(o["Key"]),
-                        o["Size"],
+                        self._strip(field(o, "Key", what)),
+                        field(o, "Size", what),
                         _etag(o.get("ETag")),
-                        o["LastModified"].timestamp(),
+                        field(o, "LastModified", what).timestamp(),
                     )
         except (ClientError, BotoCoreError) as e:
             raise wrap_error(e, "list", prefix) from e
@@ -358,7 +362,13 @@ class S3Backend(Backend):
             Bucket=self.bucket, Prefix=full, Delimiter="/"
         )
         try:
-            found = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+            what = f"list {prefix or '(the store root)'}"
+            found = [
+                field(p, "Prefix", what)
+                for page in pages
+                if field(page, "IsTruncated", what) is not None
+                for p in page.get("CommonPrefixes", [])
+            ]
         except (ClientError, BotoCoreError) as e:
             raise wrap_error(e, "list", prefix) from e
         return sorted(p[len(full) :].rstrip("/") for p in found)

@@ -109,6 +109,18 @@ def _connect_failure(err: EndpointConnectionError) -> str:
     return f"cannot connect to the S3 endpoint {'/'.join(endpoint)} ({detail or 'no answer'})"
 
 
+def field(answer: Any, name: str, what: str) -> Any:
+    """``answer[name]``, or BackendUnavailableError if the endpoint's answer lacks it: a
+    server that is not S3 (a web console's port, a proxy's error page) answers 200 with a
+    body botocore parses into nothing."""
+    try:
+        return answer[name]
+    except (KeyError, TypeError):
+        raise BackendUnavailableError(
+            f"{what}: the endpoint's answer has no {name}; is the endpoint an S3 server?"
+        ) from None
+
+
 def stop_at_deadline(**kwargs: Any) -> None:
     """A ``before-send`` hook: no request goes out once the deadline of the call it serves
     has passed (a retry botocore scheduled, or a call its caller abandoned). The caller was

@@ -54,19 +54,22 @@ def own_dir(path: Path | str) -> None:
         pass  # gone meanwhile, or not ours: what needs it next reports the error
 
 
-def foreign_dir(path: Path | str, others: int) -> str | None:
-    """Why ``path`` is not a folder only this user controls, or None if it is: it must be
-    a real directory (not a link) owned by this user that no one else has ``others``
-    permission bits on (``0o022``: no one else can write; ``0o077``: nor read)."""
+def foreign_dir(
+    path: Path | str, others: int, *, owners: tuple[int, ...] = (), sticky_ok: bool = False
+) -> str | None:
+    """Why ``path`` is not a folder only this user controls, or None if it is: a real
+    directory (not a link) owned by this user (or one of ``owners``) that no one else has
+    ``others`` permission bits on (``0o022``: no one else can write; ``0o077``: nor read),
+    unless ``sticky_ok`` and it is sticky (others may add entries, never replace ours)."""
     try:
         st = os.lstat(path)
     except OSError as e:
         return e.strerror or str(e)
     if not stat.S_ISDIR(st.st_mode):
         return "it is not a directory"
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and st.st_uid not in owners:
         return f"it is owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
-    if st.st_mode & others:
+    if st.st_mode & others and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         return f"others have access (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 

@@ -11,11 +11,13 @@ The steps (why each is safe: docs/RELIABILITY.md, "Prune protocol"):
 4. list again (L2), read refs and pins again: spare every version referenced or pinned now
    and every manifest that appeared since L1, with their packs;
 5. delete condemned manifests, then condemned packs; the record stays until it expires
-   (a delete that returned may still have an earlier attempt in flight).
+   (a delete that returned may still have an earlier attempt in flight). A prune that
+   fails or is interrupted before step 5 removes its record: it deleted nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -29,7 +31,12 @@ from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import retired_key
 from chroma_snapshots.engine.models import VersionId
 from chroma_snapshots.engine.validation import check_name
-from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
+from chroma_snapshots.errors import (
+    IntegrityError,
+    InvalidInputError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 from chroma_snapshots.stores.base import PruneReport
 from chroma_snapshots.stores.claims import Claim, create_once, read_claims, rewrite
 
@@ -111,21 +118,56 @@ def prune(
             f"prune needs keep_last >= 1 and min_age >= 0, not {keep_last}, {min_age}"
         )
     io = DeadlineBackend(store.backend, deadline)
-    record = None if dry_run else f"{keys.prefix(name, keys.GC)}{uuid.uuid4().hex}.json"
-    if record is not None:  # created once and then only replaced by us (see rewrite)
-        etag = create_once(
-            io, record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json()
-        )
+    if dry_run:
+        first, keep, drop, _, dead = _first_look(store, io, name, None, keep_last, min_age)
+        return _report(name, keep, drop, dead, first, dry_run=True)
+    record = f"{keys.prefix(name, keys.GC)}{uuid.uuid4().hex}.json"
+    # created once and then only replaced by us (see rewrite)
+    etag = create_once(io, record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json())
+    try:
+        keep, drop, dead, second = _plan(store, io, name, record, etag, keep_last, min_age)
+    except BaseException:  # Ctrl-C too: nothing was deleted, movers need not wait for it
+        with contextlib.suppress(SnapshotError):
+            io.delete(record)
+        raise
+    _delete(io, name, drop, dead, second)
+    # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
+    # that returned may still have an earlier attempt in flight (the client retried it and
+    # the retry answered first), and that copy would remove a pack a later publish wrote
+    # again. A later prune removes it.
+    return _report(name, keep, drop, dead, second, dry_run=False)
+
+
+def _first_look(
+    store: BackedStore,
+    io: DeadlineBackend,
+    name: str,
+    record: str | None,
+    keep_last: int,
+    min_age: float,
+) -> tuple[_Pass, set[str], list[str], set[str], list[str]]:
+    """Steps 2: the look, the versions kept and dropped, the packs the kept use, the
+    packs condemned."""
     first = _look(store, io, name, record)
     keep = _kept_versions(first, keep_last, min_age)
     drop = sorted(set(first.listing.manifests) - keep, reverse=True)
-    used = _packs_of(store, name, keep, deadline)
-    dead = _dead_packs(first, used, min_age)
-    if record is None:
-        return _report(name, keep, drop, dead, first, dry_run=True)
-    rewrite(
-        io, record, Claim(frozenset(drop), frozenset(dead), deadline.remaining()).to_json(), etag
-    )
+    used = _packs_of(store, name, keep, io.deadline)
+    return first, keep, drop, used, _dead_packs(first, used, min_age)
+
+
+def _plan(
+    store: BackedStore,
+    io: DeadlineBackend,
+    name: str,
+    record: str,
+    etag: str,
+    keep_last: int,
+    min_age: float,
+) -> tuple[set[str], list[str], list[str], _Pass]:
+    """Steps 2 to 4: what to keep, the versions and packs to delete, the second look."""
+    first, keep, drop, used, dead = _first_look(store, io, name, record, keep_last, min_age)
+    plan = Claim(frozenset(drop), frozenset(dead), io.deadline.remaining())
+    rewrite(io, record, plan.to_json(), etag)
     second = _look(store, io, name, record)
     rescued = (
         second.referenced
@@ -134,15 +176,10 @@ def prune(
     ) - keep
     keep |= rescued
     drop = [v for v in drop if v not in rescued]
-    used |= _packs_of(store, name, rescued, deadline)
+    used |= _packs_of(store, name, rescued, io.deadline)
     condemned = set(dead)
     dead = [p for p in _dead_packs(second, used, min_age) if p in condemned]
-    _delete(io, name, drop, dead, second)
-    # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
-    # that returned may still have an earlier attempt in flight (the client retried it and
-    # the retry answered first), and that copy would remove a pack a later publish wrote
-    # again. A later prune removes it.
-    return _report(name, keep, drop, dead, second, dry_run=False)
+    return keep, drop, dead, second
 
 
 def _kept_versions(look: _Pass, keep_last: int, min_age: float) -> set[str]:

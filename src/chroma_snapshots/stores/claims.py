@@ -131,7 +131,7 @@ class Pin:
             if hit:
                 until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claim.until(meta)))
                 raise ConflictError(
-                    f"{self._name}: a prune ({meta.key}) deletes or deleted {hit[0][:24]}"
+                    f"{self._name}: a prune ({meta.key}) deletes or deleted {hit[0]}"
                     f"{' and more' if len(hit) > 1 else ''}; nothing was made visible. Its "
                     f"record holds until {until} (a delete it sent may still land): retry "
                     "after that, or publish different content"

@@ -300,14 +300,19 @@ class NameDirs:
                 path.unlink(missing_ok=True)  # if even this fails: LocalDiskError
 
 
-def check_trusted(*folders: Path) -> None:
-    """ConfigError unless only this user controls ``folders``: a warm checkout serves
-    what the cache holds on the strength of its stamps, so another user who can write
-    there (a squatted /tmp folder) could have it serve their bytes."""
-    for folder in folders:
-        why = foreign_dir(folder, 0o022)
-        if why is not None:
-            raise ConfigError(
-                f"cache directory {folder} cannot be trusted: {why}. Use a directory this "
-                "user owns that no one else can write (e.g. mode 0700)"
-            )
+def check_trusted(cache_dir: Path, root: Path) -> None:
+    """ConfigError unless only this user controls ``root``, this store's folder in
+    ``cache_dir``, and no one else can replace it there: a warm checkout serves what the
+    cache holds on the strength of its stamps, so another user who could write there (a
+    squatted /tmp folder) could have it serve their bytes. ``cache_dir`` may be shared
+    if it is root's or ours and sticky (/tmp, a tmpfs mount): there only an entry's owner
+    can rename it, and ``root`` must be ours."""
+    why = foreign_dir(root, 0o022)
+    if why is None:
+        why = foreign_dir(cache_dir, 0o022, owners=(0,), sticky_ok=True)
+        root = cache_dir
+    if why is not None:
+        raise ConfigError(
+            f"cache directory {root} cannot be trusted: {why}. Use a directory this user "
+            "owns that no one else can write (e.g. mode 0700)"
+        )
