@@ -4,6 +4,7 @@ missing bucket, the name without a snapshot), in one line and with the documente
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -88,6 +89,21 @@ def test_no_credentials_says_where_they_are_looked_for(
         profile = _script("--profile", "nosuch", *store, "ls", env=env)
         assert profile.returncode == 2, scheme
         assert "AWS profile 'nosuch' is not in ~/.aws/config" in profile.stderr, scheme
+
+
+def test_a_bucket_name_s3_cannot_have_is_a_configuration_error(
+    moto_server: MotoServer, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    code, _, err = run(
+        "--endpoint-url", moto_server.endpoint_url, "--store", "s3://Bad_Bucket!/x", "ls"
+    )
+    assert code == 2  # a typo in the URL, not an unavailable store
+    assert (
+        err
+        == 'error: list (the store\'s root): Invalid bucket name "Bad_Bucket!"; fix the store URL\n'
+    )
 
 
 def test_a_missing_bucket_is_named_by_publish_and_doctor(
@@ -208,3 +224,47 @@ def test_every_error_line_is_one_line(tmp_path: Path, run: Run) -> None:
     code, _, err = run("--store", str(tmp_path / "s"), "status", "db", str(tmp_path))
     assert code == 3  # the store does not exist: not found, not a traceback
     assert len(err.strip().splitlines()) == 1
+
+
+class _BlackHole:
+    """An endpoint that accepts connections and never answers; counts the connections."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[object] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])  # held open, never answered
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_endpoint_that_never_answers_is_given_up_after_two_attempts(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_S3_TIMEOUT", "1")
+    hole = _BlackHole()
+    try:
+        code, _, err = run("--endpoint-url", hole.url, "--store", "s3://bkt/x", "ls")
+        assert code == 6, err  # timed out, after two attempts, not max_attempts backed off
+        assert "timed out" in err
+        assert len(hole.held) == 2
+        # --timeout bounds the whole command, whatever the S3 read timeout
+        monkeypatch.setenv("CHROMA_SNAPSHOTS_S3_TIMEOUT", "30")
+        code, _, err = run(
+            "--timeout", "1.5", "--endpoint-url", hole.url, "--store", "s3://bkt/x", "ls"
+        )
+        assert code == 6, err
+        assert "deadline" in err
+    finally:
+        hole.close()

@@ -196,6 +196,21 @@ def test_efs_timeout_applies_next_to_store(
     backend.close()
 
 
+@pytest.mark.parametrize(("env", "flag", "want"), [("90", None, 90.0), ("90", "7", 7.0)])
+def test_the_operation_timeout_comes_from_the_environment_or_the_flag(
+    opened: list[SnapshotStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str,
+    flag: str | None,
+    want: float,
+) -> None:
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_TIMEOUT", env)
+    args = ["--timeout", flag] if flag else []
+    assert main([*args, "--store", str(tmp_path), "ls"]) == 0
+    assert _remote(opened[0]).default_timeout == want
+
+
 def test_an_invalid_variable_is_reported_with_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,6 +30,7 @@ ENV_BUCKET = "CHROMADB_BUCKET"
 ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
 ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
+ENV_TIMEOUT = "CHROMA_SNAPSHOTS_TIMEOUT"
 ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
 ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
 ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"
@@ -54,6 +55,7 @@ class StoreConfig:
     url: str
     s3_timeout: float = 30.0
     efs_timeout: float = 10.0
+    timeout: float = 600.0  # the deadline of an operation called without one
     fallback_url: str | None = None
     mirror: bool = False
     signing_keys: str | None = field(default=None, repr=False)  # secrets: never in a repr
@@ -98,6 +100,7 @@ class StoreConfig:
             signing_keys=_signing(env),
             s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
             efs_timeout=_seconds(env, ENV_EFS_TIMEOUT, 10.0),
+            timeout=_seconds(env, ENV_TIMEOUT, 600.0),
             cache_dir=_cache_dir(env),
             cache_max_bytes=_bytes(env, ENV_CACHE_MAX),
             s3_endpoint_url=_endpoint(env),
@@ -276,7 +279,12 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     endpoint = cfg.s3_endpoint_url if url.startswith("s3://") else None
     identity = f"{label}\0{endpoint}" if endpoint else label
     return RemoteStore(
-        backend, label=label, signer=signer, identity=identity, trust_stamps=cfg.trust_stamps
+        backend,
+        label=label,
+        signer=signer,
+        identity=identity,
+        trust_stamps=cfg.trust_stamps,
+        default_timeout=cfg.timeout,
     )
 
 

@@ -77,8 +77,9 @@ class S3Settings:
     region: str | None = None
     profile: str | None = None
     connect_timeout: float = 5.0
-    # A refused or unresolvable endpoint is not worth max_attempts backed-off retries
-    # (14-22 s before an error): two attempts, then fail.
+    # A refused or unresolvable endpoint, or one that takes connections and never answers,
+    # is not worth max_attempts backed-off retries (14-22 s, or minutes, before an error):
+    # two attempts, then fail.
     connect_attempts: int = 2
     read_timeout: float = 30.0
     max_attempts: int = 5

@@ -15,6 +15,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
+    ParamValidationError,
     PartialCredentialsError,
     ReadTimeoutError,
 )
@@ -69,6 +70,9 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
         return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
+    if isinstance(err, ParamValidationError):  # e.g. a bucket name S3 cannot have: a typo
+        lines = str(err).strip().splitlines()  # "Parameter validation failed:", the rule
+        return ConfigError(f"{what}: {lines[-1].split(': ')[0]}; fix the store URL")
     return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}")
 
 
@@ -134,12 +138,15 @@ def stop_at_deadline(**kwargs: Any) -> None:
 
 
 def give_up_connecting(attempts: int) -> Callable[..., None]:
-    """A ``needs-retry`` hook: after ``attempts`` attempts that could not connect, raise
-    the connect error instead of letting the retry policy back off and try again."""
+    """A ``needs-retry`` hook: after ``attempts`` attempts that could not connect, or that
+    got no answer within the read timeout (an endpoint that takes connections and never
+    answers), raise that error instead of letting the retry policy back off and try again
+    (a command against such an endpoint took minutes)."""
+    silent = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
 
     def check(**kwargs: Any) -> None:
         err = kwargs.get("caught_exception")
-        if isinstance(err, EndpointConnectionError) and kwargs.get("attempts", 0) >= attempts:
+        if isinstance(err, silent) and kwargs.get("attempts", 0) >= attempts:
             raise err
 
     return check

@@ -79,8 +79,9 @@ def human_bytes(n: float) -> str:
 def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     """The library's configuration reader with ``--store`` (or ``url``) replacing only the store
     URL, and each flag given (``--cache-dir``, ``--endpoint-url``, ``--profile``, ``--region``,
-    ``--stale-ok``, ``--offline``, publish's ``--no-stamps``) only its own setting: signing
-    keys, timeouts, cache size and the CAS opt-out still come from the environment."""
+    ``--stale-ok``, ``--offline``, ``--timeout``, publish's ``--no-stamps``) only its own
+    setting: signing keys, S3 and EFS timeouts, cache size and the CAS opt-out still come from
+    the environment."""
     from chroma_snapshots.config import StoreConfig
 
     cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
@@ -92,6 +93,7 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
         "s3_region": flags.get("region"),
         "stale_ok": flags.get("stale_ok"),
         "offline": flags.get("offline"),
+        "timeout": flags.get("timeout"),
     }
     cfg = replace(cfg, **{k: v for k, v in changes.items() if v})
     # publish --no-stamps: the one flag that turns a setting off

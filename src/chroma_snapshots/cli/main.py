@@ -143,6 +143,14 @@ def _build() -> click.Group:
         "named when this cache last read it (flagged stale).",
     )
     @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True, max=1e9),
+        default=None,
+        metavar="SECONDS",
+        help="Deadline of the command's work with the store "
+        "(default: CHROMA_SNAPSHOTS_TIMEOUT, else 600).",
+    )
+    @click.option(
         "--offline",
         is_flag=True,
         help="Never contact the store: serve only what the cache holds "
