@@ -287,3 +287,27 @@ def test_query_embeddings_that_are_not_numbers_are_invalid_input(
         assert len(ok["ids"][0]) == 1
     finally:
         close_client(client)
+
+
+def test_releasing_unprocessed_messages_ends_before_the_invocation_does() -> None:
+    # An SQS endpoint that hangs: the releases are abandoned when the invocation has a
+    # second left, so batchItemFailures still reaches Lambda (else the whole batch returns).
+    from chroma_snapshots.aws_lambda.batch import BatchOutcome, Message
+    from chroma_snapshots.aws_lambda.common import finish
+
+    class HungSqs:
+        def get_queue_url(self, **kw: Any) -> dict[str, str]:
+            time.sleep(30)
+            return {"QueueUrl": "never"}
+
+    arn = "arn:aws:sqs:us-east-1:123456789012:q"
+    left = [Message(f"m{i}", {}, f"r{i}", arn, 1) for i in range(5)]
+    config = LambdaConfig.from_env({"CHROMA_SNAPSHOTS_URL": "memory://x",
+                                    "CHROMA_SNAPSHOTS_NAME": "db",
+                                    "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED": "true"})  # fmt: skip
+    context = FakeContext(2.5)
+    response = finish(config, BatchOutcome(unprocessed=left), context, "query", {}, HungSqs)
+    assert context.get_remaining_time_in_millis() > 0  # answered while it could still be
+    assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == [
+        m.message_id for m in left
+    ]

@@ -118,12 +118,16 @@ def run_batch(
 
 def release(messages: list[Message], sqs: Any) -> None:
     """Make unprocessed messages visible again now (not after the visibility timeout)."""
+    urls: dict[str, str] = {}  # queue ARN -> URL: one lookup per queue, not per message
     for m in messages:
         parts = m.queue_arn.split(":")
         if len(parts) < 6:
             continue
         try:
-            url = sqs.get_queue_url(QueueName=parts[5], QueueOwnerAWSAccountId=parts[4])["QueueUrl"]
+            if m.queue_arn not in urls:
+                found = sqs.get_queue_url(QueueName=parts[5], QueueOwnerAWSAccountId=parts[4])
+                urls[m.queue_arn] = found["QueueUrl"]
+            url = urls[m.queue_arn]
             sqs.change_message_visibility(
                 QueueUrl=url, ReceiptHandle=m.receipt_handle, VisibilityTimeout=0
             )

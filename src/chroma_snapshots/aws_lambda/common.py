@@ -20,8 +20,8 @@ from chroma_snapshots.aws_lambda.batch import (
     run_batch,
 )
 from chroma_snapshots.config import LambdaConfig
-from chroma_snapshots.engine.deadline import Deadline, LambdaContext
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.engine.deadline import Deadline, LambdaContext, run_within
+from chroma_snapshots.errors import ConfigError, StorageTimeoutError
 
 H = TypeVar("H", bound="SqsHandler")
 Results = Iterator[tuple[str, Exception | None]]
@@ -79,7 +79,15 @@ def finish(
 ) -> dict[str, Any]:
     """Release unprocessed messages if configured, log the summary, emit metrics, respond."""
     if outcome.unprocessed and config.release_unprocessed:
-        release(outcome.unprocessed, sqs())
+        # within what the invocation has left (a second kept to respond): past it Lambda
+        # kills us before batchItemFailures is returned, and the whole batch comes back
+        budget = Deadline(max(0.0, context.get_remaining_time_in_millis() / 1000 - 1.0))
+        try:
+            run_within(budget, "releasing unprocessed messages",
+                       lambda: release(outcome.unprocessed, sqs()))  # fmt: skip
+        except StorageTimeoutError:
+            log.warning("releasing unprocessed messages: out of time; they come back when "
+                        "their visibility timeout ends")  # fmt: skip
     summarize(config, outcome, context, kind, fields, metrics)
     return outcome.response()
 
