@@ -167,3 +167,29 @@ def test_plain_paths_and_missing_stores(tmp_path: Path, monkeypatch: pytest.Monk
     assert isinstance(store.backend, FileBackend)
     assert (tmp_path / "relative" / "store").is_dir()
     assert store.label == str(tmp_path / "relative" / "store")  # caches key on where it is
+
+
+@pytest.mark.parametrize(
+    ("spellings", "endpoints"),
+    [
+        (["s3://bkt/snaps", "s3://bkt/snaps/", "s3://bkt//snaps", "S3://bkt/snaps"], [None]),
+        (
+            ["s3://bkt/snaps"],
+            ["http://127.0.0.1:9000", "http://127.0.0.1:9000/", "HTTP://127.0.0.1:9000"],
+        ),
+        (["file://{tmp}/store", "file://{tmp}/store/", "file://{tmp}//store"], [None]),
+    ],
+)
+def test_spellings_of_one_store_share_one_cache_folder(
+    tmp_path: Path, spellings: list[str], endpoints: list[str | None]
+) -> None:
+    (tmp_path / "store").mkdir()
+    roots = {
+        CachedStore(
+            open_remote(StoreConfig(url=url.format(tmp=tmp_path), s3_endpoint_url=endpoint)),
+            tmp_path / "cache",
+        ).root
+        for url in spellings
+        for endpoint in endpoints
+    }
+    assert len(roots) == 1

@@ -273,11 +273,12 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
             unsafe_no_cas=cfg.unsafe_no_cas,
         )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    # the label keys the cache: a relative path names a different store in another directory
-    label = url if "://" in url else os.path.abspath(url)
+    # the label keys the cache: one spelling per store (one cache folder), and a relative
+    # path names a different store in another directory
+    label = _label(url)
     # ... and the endpoint: the same bucket behind two endpoints is two stores
-    endpoint = cfg.s3_endpoint_url if url.startswith("s3://") else None
-    identity = f"{label}\0{endpoint}" if endpoint else label
+    endpoint = cfg.s3_endpoint_url if label.startswith("s3://") else None
+    identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
     return RemoteStore(
         backend,
         label=label,
@@ -286,6 +287,28 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         trust_stamps=cfg.trust_stamps,
         default_timeout=cfg.timeout,
     )
+
+
+def _label(url: str) -> str:
+    """One spelling of the store ``url`` names: the scheme in lower case, no slash around an
+    S3 prefix, a normalized path (``s3://b/p/``, ``S3://b//p`` and ``s3://b/p`` are one
+    store, so they share one cache folder and one cache budget)."""
+    if "://" not in url:
+        return os.path.abspath(url)
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "s3":
+        bucket, _, prefix = rest.partition("/")
+        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+    if scheme in ("file", "efs") and rest.startswith("/"):
+        return f"{scheme}://{os.path.normpath(rest)}"
+    return f"{scheme}://{rest}"
+
+
+def _endpoint_label(endpoint: str) -> str:
+    """``HTTP://Host:9000/`` and ``http://host:9000`` are one endpoint."""
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 def _offline(url: str) -> Backend:
