@@ -19,9 +19,11 @@ from cli_inprocess import Run
 from chroma_snapshots import CachedStore
 from chroma_snapshots import config as config_module
 from chroma_snapshots.backends.cas import unchecked
+from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.cli.help import EXAMPLES
 from chroma_snapshots.engine.models import VersionId
+from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores.base import SnapshotStore
 from chroma_snapshots.stores.remote import RemoteStore
 from chroma_snapshots.testing import MotoServer
@@ -422,3 +424,47 @@ def test_ls_lists_the_versions_when_a_ref_is_damaged(tmp_path: Path, run: Run) -
     code, out, _ = run(*store, "ls", "db", "--json")
     assert [v["version"] for v in json.loads(out)["versions"]] == [v1]
     assert "damaged_refs" in json.loads(out)
+
+
+def test_ctrl_c_says_it_was_interrupted(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_module, "open_store", interrupted)
+    code, _, err = run("--store", str(tmp_path), "ls")
+    assert code == 130
+    assert "interrupted" in err
+
+
+@pytest.mark.parametrize(("url", "ok"), [("{tmp}/store", True), ("store", False)])
+def test_the_store_variable_takes_an_absolute_path_as_the_flag_does(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch, url: str, ok: bool
+) -> None:
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_URL", url.format(tmp=tmp_path))
+    code, _, err = run("ls")
+    assert (code, "absolute path" in err) == ((0, False) if ok else (2, True))
+
+
+def test_a_dest_another_checkout_filled_meanwhile_is_the_documented_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two checkouts into one new dest: the one that finishes second finds it full.
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    dest = tmp_path / "dest"
+    real = store.materialize
+
+    def and_another_writes_dest(*args: Any, **kwargs: Any) -> str:
+        out = real(*args, **kwargs)
+        dest.mkdir(exist_ok=True)
+        (dest / "theirs").write_bytes(b"first")
+        return out
+
+    monkeypatch.setattr(store, "materialize", and_another_writes_dest)
+    with pytest.raises(InvalidInputError, match="exists and is not empty"):
+        store.checkout("db", dest=dest)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+    assert [p.name for p in dest.iterdir()] == ["theirs"]

@@ -132,3 +132,22 @@ def test_paths_that_readers_refuse_are_refused_at_publish(
         store.publish("db", src)
     assert store.resolve("db").version == first
     assert store.verify("db", first).ok
+
+
+def test_an_unreadable_source_file_says_so_not_that_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_tree(tmp_path / "src", {"secret.bin": b"s", "ok.bin": b"o"})
+    real = os.open
+
+    def denied(path: str, *args: int, **kwargs: int) -> int:
+        if str(path).endswith("/src/secret.bin"):  # as for another user's 0600 file
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    with pytest.raises(
+        InvalidInputError, match=r"secret.bin: cannot be read \(Permission denied\)"
+    ):
+        store.publish("db", src)

@@ -117,8 +117,10 @@ def _env_url(env: Mapping[str, str], var: str) -> str | None:
     if not raw:
         return None
     check_store_url(raw, var)
-    if "://" not in raw:
-        raise ConfigError(f"{var}={raw!r} is not a URL; e.g. s3://bucket/prefix")
+    if "://" not in raw and not os.path.isabs(raw):  # relative to which directory?
+        raise ConfigError(
+            f"{var}={raw!r} is neither a URL nor an absolute path; e.g. s3://bucket/prefix"
+        )
     return raw
 
 

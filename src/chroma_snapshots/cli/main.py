@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return e.exit_code
     except click.Abort:
+        click.echo("interrupted", err=True)
         return 130
     except SnapshotError as e:
         click.echo(f"error: {describe_error(e)}", err=True)

@@ -156,6 +156,8 @@ def open_source(path: str | Path) -> int:
     InvalidInputError, as for any file that changed while it was being published."""
     try:
         fd = os.open(path, _SOURCE_FLAGS)
+    except PermissionError as e:  # there, but not ours to read: not a change
+        raise InvalidInputError(f"{path}: cannot be read ({e.strerror})") from e
     except OSError as e:
         raise InvalidInputError(
             f"{path}: changed while it was being published ({e.strerror})"

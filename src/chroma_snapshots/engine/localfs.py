@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -25,6 +26,20 @@ def prepare_dest(dest: str | Path | None) -> Path:
         raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
     final.parent.mkdir(parents=True, exist_ok=True)
     return final
+
+
+def move_into_place(work: Path, final: Path) -> None:
+    """Rename the finished tree ``work`` to ``final``, which :func:`prepare_dest` found
+    absent or empty; if something else filled it since (a second checkout to the same
+    dest, finished first), the same InvalidInputError as if it had been there before."""
+    try:
+        os.replace(work, final)  # dest is absent or an empty dir: atomic
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise InvalidInputError(
+            f"checkout destination {str(final)!r} exists and is not empty (written meanwhile)"
+        ) from None
 
 
 def remove_tree(path: Path) -> None:

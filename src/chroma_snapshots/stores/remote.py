@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from chroma_snapshots.engine.deadline import (
     as_deadline,
 )
 from chroma_snapshots.engine.keys import manifest_key
-from chroma_snapshots.engine.localfs import prepare_dest, remove_tree, work_dir
+from chroma_snapshots.engine.localfs import move_into_place, prepare_dest, remove_tree, work_dir
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
     Manifest,
@@ -335,7 +334,7 @@ class RemoteStore(SourceStore):
                 with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
                     work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
                     self.materialize(name, Placement(work, manifest), dl, stats, progress)
-                    os.replace(work, final)  # dest is absent or an empty dir: atomic
+                    move_into_place(work, final)
             except BaseException:
                 if dest is None:
                     remove_tree(final.parent)  # the temporary folder prepare_dest made for it

@@ -3,10 +3,9 @@ version at a caller's path, and raw OS errors turned into the documented ones.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from chroma_snapshots.engine.localfs import copy_tree, prepare_dest, work_dir
+from chroma_snapshots.engine.localfs import copy_tree, move_into_place, prepare_dest, work_dir
 from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.errors import SnapshotError
 
@@ -19,7 +18,7 @@ def private_copy(src: Path, dest: Path) -> Path:
     try:
         with work_dir(final) as work:
             copy_tree(src, work)
-            os.replace(work, final)
+            move_into_place(work, final)
     except BaseException as e:
         raise_local(e, final, "copying to dest")
         raise
