@@ -42,3 +42,19 @@ class DeadlineBackend(Backend):
 
     def delete(self, key: str) -> None:
         run_within(self.deadline, f"delete {key}", lambda: self.inner.delete(key))
+
+
+TIDY_SECONDS = 30.0
+
+
+def tidy(io: Backend, keys: builtins.list[str], what: str) -> None:
+    """Delete ``keys``, objects of our own whose job is over (a pin, the record of a prune
+    that deleted nothing). Waits no longer than ``io``'s deadline, but the request has a
+    budget of its own (TIDY_SECONDS), so it is still sent after a timeout (requests of a
+    call whose deadline passed are not: backends/s3errors.stop_at_deadline). Removing
+    our own finished objects late harms nothing; leaving them delays prunes and movers."""
+    if not isinstance(io, DeadlineBackend):
+        io.delete_many(keys)
+        return
+    own = DeadlineBackend(io.inner, Deadline(TIDY_SECONDS))
+    run_within(io.deadline, what, lambda: own.delete_many(keys))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chroma_snapshots.backends.base import ObjectMeta
-from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.backends.bounded import DeadlineBackend, tidy
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import retired_key
@@ -128,7 +128,7 @@ def prune(
         keep, drop, dead, second = _plan(store, io, name, record, etag, keep_last, min_age)
     except BaseException:  # Ctrl-C too: nothing was deleted, movers need not wait for it
         with contextlib.suppress(SnapshotError):
-            io.delete(record)
+            tidy(io, [record], "removing the prune's record")
         raise
     _delete(io, name, drop, dead, second)
     # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete

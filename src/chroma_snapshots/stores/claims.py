@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chroma_snapshots.backends.base import Backend, ObjectMeta, PutMode
+from chroma_snapshots.backends.bounded import tidy
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine import validation as val
 from chroma_snapshots.engine.deadline import Deadline
@@ -154,7 +155,7 @@ class Pin:
         keys, self._keys = self._keys, []
         if keys:
             try:
-                self._io.delete_many(keys)
+                tidy(self._io, keys, "removing pins")
             except SnapshotError as e:
                 log.warning("could not remove pins %s (they expire by themselves): %s", keys, e)
 
