@@ -253,3 +253,24 @@ def test_a_prune_interrupted_before_it_deletes_removes_its_record(
     assert not list(store.backend.list(keys.prefix(NAME, keys.GC)))
     store.set_ref(NAME, "latest", v1, expected=v2)
     assert store.verify(NAME, v1).ok
+
+
+def test_prune_removes_what_writers_killed_mid_write_left_on_a_file_store(
+    tmp_path: Path,
+) -> None:
+    # A writer killed between writing its temp file and renaming it leaves ``.NAME.HEX.tmp``;
+    # one an hour old belongs to no live writer.
+    store, _, _ = _two_versions(tmp_path)
+    root = tmp_path / "store" / NAME
+    old_pack = root / "packs" / "ab" / ".ab12.0123abcd.tmp"
+    old_ref = root / "refs" / ".latest.4567cdef.tmp"
+    fresh = root / "packs" / "cd" / ".cd34.89abcdef.tmp"
+    for path in (old_pack, old_ref, fresh):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    _age(old_pack, 2 * HOUR)
+    _age(old_ref, 2 * HOUR)
+    store.prune(NAME, keep_last=1, min_age=0)
+    assert not old_pack.exists()
+    assert not old_ref.exists()
+    assert fresh.exists()  # a live writer's, maybe

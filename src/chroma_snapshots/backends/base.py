@@ -154,6 +154,12 @@ class Backend(ABC):
         for key in keys:
             self.delete(key)
 
+    def sweep_temp(self, prefix: str, older_than: float) -> int:
+        """Remove what writers killed mid-write left below ``prefix`` (temp files last
+        written more than ``older_than`` seconds ago); how many. Object stores write
+        atomically and leave nothing: 0."""
+        return 0
+
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Distinct next path components below ``prefix`` (``""`` or ending in ``/``)."""
         names = {m.key[len(prefix) :].split("/", 1)[0] for m in self.list(prefix)}

@@ -75,6 +75,10 @@ class FileBackend(Backend):
     def delete(self, key: str) -> None:
         self._run("delete", key)
 
+    def sweep_temp(self, prefix: str, older_than: float) -> int:
+        swept: int = self._run("sweep_temp", prefix, older_than)
+        return swept
+
     def probe(self) -> None:
         """Stat and list the root (through the guard when there is one)."""
         self._run("probe")

@@ -11,9 +11,11 @@ they never show up as keys.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +217,25 @@ class LocalFiles:
                         yield _meta(key, os.stat(os.path.join(dirpath, fn)))
                     except FileNotFoundError:
                         continue  # deleted while listing
+
+    def sweep_temp(self, prefix: str, older_than: float) -> int:
+        """Remove the temp files (``.NAME.HEX.tmp``) below ``prefix`` that a writer killed
+        between writing and renaming left, once older than ``older_than`` seconds (a live
+        writer renames its own within a request's time)."""
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = self.root / base if base else self.root
+        cutoff, swept = time.time() - older_than, 0
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
+            for fn in filenames:
+                path = os.path.join(dirpath, fn)
+                if not (fn.startswith(_RESERVED) and fn.endswith(".tmp")):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        swept += 1
+        return swept
 
     def delete(self, key: str) -> None:
         try:

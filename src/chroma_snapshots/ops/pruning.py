@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from chroma_snapshots.stores.base import BackedStore
 
 
+TEMP_AGE = 3600.0  # a temp file this old belongs to no live writer (file stores)
+
+
 @dataclass
 class _Listing:
     """One listing of ``{name}/``, sorted by kind."""
@@ -131,6 +134,7 @@ def prune(
             tidy(io, [record], "removing the prune's record")
         raise
     _delete(io, name, drop, dead, second)
+    io.sweep_temp(f"{name}/", TEMP_AGE)  # what writers killed mid-write left (file stores)
     # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
     # that returned may still have an earlier attempt in flight (the client retried it and
     # the retry answered first), and that copy would remove a pack a later publish wrote
