@@ -4,7 +4,6 @@ verified and placed as soon as they are whole in the buffer."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -14,7 +13,13 @@ from typing import Protocol, runtime_checkable
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.transfer import Read, decode_and_place, run_phases, to_place
+from chroma_snapshots.engine.transfer import (
+    Read,
+    byte_counter,
+    decode_and_place,
+    run_phases,
+    to_place,
+)
 from chroma_snapshots.errors import IntegrityError
 
 # What a backend that streams a range through a buffer offers (backends/s3.py read_range):
@@ -53,9 +58,7 @@ def stream_and_place(
     one request streamed through the buffer, its chunks verified and placed as soon as
     they are whole. Every chunk is handed to ``keep`` (the delta stash) with the bytes that
     hold it; those :func:`to_place` leaves out are not placed."""
-    total = sum(r.end - r.start for r in [*reads, *then])
-    done = [0]
-    done_lock = threading.Lock()
+    report = byte_counter(progress, [*reads, *then])
 
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
@@ -65,11 +68,7 @@ def stream_and_place(
             raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
         placed = len(to_place(r.chunks, placer))
         stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
-        if progress is not None:
-            with done_lock:
-                done[0] += got
-                so_far = done[0]
-            progress(so_far, total)
+        report(got)
 
     run_phases(run, (reads, then), executor, deadline)
 

@@ -218,9 +218,7 @@ def fetch_and_place(
 
     Returns once every read is placed; raises the first failure, or StorageTimeoutError
     at the deadline (reads still running are abandoned: the placer refuses them)."""
-    total = sum(r.end - r.start for r in [*reads, *then])
-    done = [0]
-    done_lock = threading.Lock()  # reads finish on several threads at once
+    report = byte_counter(progress, [*reads, *then])
 
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
@@ -231,13 +229,25 @@ def fetch_and_place(
             )
         decode_and_place(r, data, placer)
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
-        if progress is not None:
-            with done_lock:
-                done[0] += len(data)
-                so_far = done[0]
-            progress(so_far, total)
+        report(len(data))
 
     run_phases(run, (reads, then), executor, deadline)
+
+
+def byte_counter(progress: Progress | None, reads: Iterable[Read]) -> Callable[[int], None]:
+    """``add(n)``: ``n`` more bytes of ``reads`` done, reported to ``progress`` (reads
+    finish on several threads at once)."""
+    if progress is None:
+        return lambda n: None
+    total, done, lock = sum(r.end - r.start for r in reads), [0], threading.Lock()
+
+    def add(n: int) -> None:
+        with lock:
+            done[0] += n
+            so_far = done[0]
+        progress(so_far, total)
+
+    return add
 
 
 def run_phases(
