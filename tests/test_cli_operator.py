@@ -468,3 +468,17 @@ def test_a_dest_another_checkout_filled_meanwhile_is_the_documented_error(
         store.checkout("db", dest=dest)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
     assert [p.name for p in dest.iterdir()] == ["theirs"]
+
+
+def test_a_message_with_control_characters_stays_on_its_line(tmp_path: Path, run: Run) -> None:
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    store = ["--store", str(tmp_path / "store")]
+    assert run(*store, "publish", "db", str(src), "-m", "line one\nline two\x07\x1b[2J")[0] == 0
+    code, out, _ = run(*store, "ls", "db")
+    assert code == 0
+    assert len(out.strip().splitlines()) == 1  # one version, one line
+    assert "line one\\nline two\\x07\\x1b[2J" in out
+    assert "\x07" not in out
+    assert "\x1b" not in out
+    code, out, _ = run(*store, "ls", "db", "--json")
+    assert json.loads(out)["versions"][0]["message"] == "line one\nline two\x07\x1b[2J"

@@ -100,6 +100,9 @@ def test_bad_urls_are_config_errors() -> None:
     for url in ("s3://", "nosuch://x", "file://host/x"):
         with pytest.raises(ConfigError):
             open_remote(url)
+    for url in ("s3://b/p?versionId=1", "s3://b/p#x", "file:///x?y"):  # never dropped silently
+        with pytest.raises(ConfigError, match="take no '\\?' or '#' part"):
+            open_remote(url)
 
 
 def test_cache_from_environment(tmp_path: Path) -> None:

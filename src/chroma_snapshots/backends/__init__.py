@@ -94,6 +94,10 @@ def check_store_url(url: str, what: str = "store URL") -> str:
         scheme = url.split("://", 1)[0]
         if not _SCHEME.fullmatch(scheme + ":"):
             raise ConfigError(f"{what} {url!r} has no valid scheme; e.g. s3://bucket/prefix")
+        parts = urlsplit(url)
+        if scheme.lower() in ("s3", "file", "efs", "memory") and (parts.query or parts.fragment):
+            # they name no store: dropping them silently could name another one
+            raise ConfigError(f"{what} {url!r}: {scheme}:// URLs take no '?' or '#' part")
         return url
     found = _SCHEME.match(url)
     if found is None:

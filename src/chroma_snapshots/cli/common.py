@@ -100,6 +100,15 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     return replace(cfg, trust_stamps=False) if flags.get("no_stamps") else cfg
 
 
+def shown(text: str | None) -> str:
+    """``text`` (a publisher's message: anyone's words) on one line with no control
+    characters: a newline would break ``ls`` into lines, an escape sequence would drive
+    the terminal. They are shown escaped (``\\n``, ``\\x07``); ``--json`` keeps the text."""
+    if not text:
+        return ""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def describe_error(err: BaseException) -> str:
     """One line for an error: a local disk error as ``path: what failed: cause``."""
     if isinstance(err, OSError) and err.filename and err.strerror:

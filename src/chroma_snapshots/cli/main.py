@@ -24,6 +24,7 @@ from chroma_snapshots.cli.common import (
     log_warnings_to_stderr,
     progress_bar,
     quiet_stale_warning,
+    shown,
     source_of,
     store_of,
 )
@@ -64,7 +65,7 @@ def _version_rows(
     tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
     rows = {
         v.version: f"{v.created_at:%Y-%m-%d %H:%M:%S}  {human_bytes(v.total_size):>10}  "
-        f"{v.file_count:>6} files  {','.join(tags.get(v.version, [])):<12}  {v.message or ''}"
+        f"{v.file_count:>6} files  {','.join(tags.get(v.version, [])):<12}  {shown(v.message)}"
         for v in versions
     }
     rows.update((v, f"DAMAGED {' '.join([*tags.get(v, []), why])}") for v, why in damaged.items())
@@ -334,7 +335,7 @@ def _build() -> click.Group:
                     f"chunks    {len(m.chunks)} x {human_bytes(m.chunk_size)} "
                     f"in {len(m.packs)} packs "
                     f"({human_bytes(stored)} stored)",
-                    f"message   {found.message or ''}",
+                    f"message   {shown(found.message)}",
                 ]
             ),
         )
