@@ -333,3 +333,59 @@ def test_a_shared_sticky_cache_folder_is_accepted_with_a_folder_of_our_own(tmp_p
     os.chown(cached.root, 65534, 65534)  # squatted by another user: refused
     with pytest.raises(ConfigError, match="owned by uid 65534"):
         CachedStore(remote, cache)
+
+
+def test_two_holders_of_one_version_never_see_or_undo_each_others_writes(
+    tmp_path: Path,
+) -> None:
+    # Chroma writes to the database it opens: a checkout while another holds the version
+    # gets a copy of its own, and neither the copy's build nor a repair touches the held one.
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = {"chroma.sqlite3": os.urandom(6 * CHUNK), "seg/h.bin": b"h" * 100}
+    remote.publish("db", write_tree(tmp_path / "src", files))
+    cached = CachedStore(remote, tmp_path / "cache")
+    a = cached.checkout("db")
+    (a.path / "chroma.sqlite3").write_bytes(b"A's writes")
+    (a.path / "seg" / "new.bin").write_bytes(b"A's new file")
+    b = cached.checkout("db")
+    assert b.path != a.path
+    assert read_tree(b.path) == files  # verified: none of A's writes
+    (b.path / "seg" / "h.bin").write_bytes(b"B's writes")
+    assert (a.path / "chroma.sqlite3").read_bytes() == b"A's writes"  # not repaired under A
+    assert (a.path / "seg" / "new.bin").exists()
+    assert (a.path / "seg" / "h.bin").read_bytes() == b"h" * 100  # B's writes are B's
+    b.release()
+    assert not b.path.exists()
+    a.release()
+    with cached.checkout("db") as c:  # nobody holds it now: the shared folder, repaired
+        assert c.path == a.path
+        assert read_tree(c.path) == files
+
+
+def test_a_private_copy_whose_holder_was_killed_is_swept(tmp_path: Path) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    remote.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    cached = CachedStore(remote, tmp_path / "cache")
+    a = cached.checkout("db")  # so that the next process's checkout is a private copy
+    holder = (
+        "import sys, time\n"
+        "from chroma_snapshots import CachedStore, RemoteStore\n"
+        "from chroma_snapshots.backends.file import FileBackend\n"
+        "remote = RemoteStore(FileBackend(sys.argv[1]), chunk_size=4096)\n"
+        "snap = CachedStore(remote, sys.argv[2]).checkout('db')\n"
+        "print(snap.path, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    args = [sys.executable, "-c", holder, str(tmp_path / "store"), str(tmp_path / "cache")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    copy = Path(proc.stdout.readline().strip())
+    assert copy != a.path
+    assert copy.exists()
+    proc.kill()  # kill -9: its pin's lock goes with it, its copy stays behind
+    proc.wait()
+    assert copy.exists()
+    CachedStore(remote, tmp_path / "cache")  # opening the cache sweeps
+    assert not copy.exists()
+    assert a.path.exists()  # a live holder's folder stays
+    a.release()

@@ -101,7 +101,7 @@ class Pin:
             os.close(fd)
 
 
-def _held(path: Path) -> bool:
+def held(path: Path) -> bool:
     """Whether a live process holds the pin file at ``path`` (its shared lock is taken)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -229,7 +229,15 @@ class NameDirs:
         ``unlink``. The lock, not a pid, says the holder lives: the kernel drops it when
         the process dies, whatever PID namespace it ran in (a container sharing the cache
         folder sees other pids, or none)."""
-        pins = self.root / "pins" / version
+        return self.pin_in(self.root / "pins" / version)
+
+    def copies(self) -> Path:
+        """Private copies of versions another checkout holds: each folder is named after
+        the pin (in ``.pins``) that keeps it while its holder lives."""
+        return self.root / "copies"
+
+    def pin_in(self, pins: Path) -> Pin:
+        """A held pin file in the folder ``pins`` (see :meth:`pin`)."""
         pins.mkdir(parents=True, exist_ok=True)
         name = f"{os.getpid()}-{uuid.uuid4().hex}"
         tmp = pins / f".{name}"
@@ -254,7 +262,7 @@ class NameDirs:
         for pin in pins:
             if pin.startswith("."):
                 continue  # being made (locked before it is renamed into view)
-            if _held(folder / pin):
+            if held(folder / pin):
                 live = True
             else:  # unlinked by its holder meanwhile is fine too
                 (folder / pin).unlink(missing_ok=True)

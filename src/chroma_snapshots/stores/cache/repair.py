@@ -7,10 +7,11 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from chroma_snapshots.engine.bundles import rebuild
+from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import chunk_ok
+from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 
 # Owner read and write: held while the cache checks and writes a file; the manifest's mode
 # is set once its bytes are in place (a read-only mode before the writes would refuse them)
@@ -44,6 +45,26 @@ def remove_extras(tree: Path, manifest: Manifest) -> None:
                 own_dir(full)
                 kept.append(dn)
         dirnames[:] = kept
+
+
+def changed_files(tree: Path, manifest: Manifest, stamps: Mapping[str, Stamp]) -> list[str]:
+    """Paths of ``manifest``'s files under ``tree`` whose stamps are not those recorded
+    when the cache wrote them (or whose recorded size or mode is not the manifest's)."""
+    return [
+        f.path
+        for f in manifest.files
+        if (s := stamps.get(f.path)) is None
+        or stamp_of(tree / f.path) != s
+        or s[0] != f.size
+        or s[2] != f.mode
+    ]
+
+
+def damaged(tree: Path, manifest: Manifest, paths: list[str]) -> dict[str, list[int]]:
+    """The chunk indexes that differ in each file of ``paths`` (:func:`damaged_chunks`),
+    for the files with any."""
+    by_path, slices = {f.path: f for f in manifest.files}, members(manifest)
+    return {p: idx for p in paths if (idx := damaged_chunks(tree, manifest, by_path[p], slices))}
 
 
 def damaged_chunks(

@@ -15,6 +15,7 @@ from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import CacheFullError
+from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
 
@@ -126,6 +127,7 @@ class CacheSpace:
                 except LockTimeout:
                     continue  # someone is working on that version right now
             _drop_stale_temp(d.root / "refs")
+            sweep_copies(d)
 
 
 def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:

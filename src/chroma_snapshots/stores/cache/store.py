@@ -12,24 +12,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import remove_tree
-from chroma_snapshots.engine.models import Manifest, SnapshotInfo, VersionId
+from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
-    BackendUnavailableError,
     SnapshotError,
-    SnapshotNotFoundError,
     StorageTimeoutError,
 )
 from chroma_snapshots.stores.base import (
@@ -38,11 +35,11 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
-from chroma_snapshots.stores.cache.copies import private_copy, raise_local
-from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check, stamp_of
+from chroma_snapshots.stores.cache.copies import held_copy, private_copy, raise_local
+from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
-from chroma_snapshots.stores.cache.repair import damaged_chunks, remove_extras
-from chroma_snapshots.stores.cache.space import CacheSpace
+from chroma_snapshots.stores.cache.refmemory import CacheRefs
+from chroma_snapshots.stores.cache.repair import changed_files, damaged, remove_extras
 from chroma_snapshots.stores.delegating import DelegatingStore
 
 log = logging.getLogger(__name__)
@@ -51,7 +48,7 @@ DEFAULT_MIN_FREE = 64 << 20
 _REUSE_FROM = 3  # newest cached versions offered as local chunk sources
 
 
-class CachedStore(CacheSpace, DelegatingStore):
+class CachedStore(CacheRefs, DelegatingStore):
     """Wraps a RemoteStore with a local cache of materialized versions.
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
@@ -131,6 +128,13 @@ class CachedStore(CacheSpace, DelegatingStore):
         try:
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
+                shared = self._shared(name, version, dest)
+                if shared is not None:  # another holder: a copy of our own, both isolated
+                    path, release, source = self._held_copy(name, version, shared, dl, stats)
+                    info = SnapshotInfo.from_manifest(version, shared)
+                    took = stats.freeze(time.monotonic() - t0)
+                    return LocalSnapshot(path, info, took, stale=stale, source=source,
+                                         _release=release)  # fmt: skip
                 manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
                 d.touch(version)
                 pin = d.pin(version)
@@ -185,54 +189,6 @@ class CachedStore(CacheSpace, DelegatingStore):
         version, stale, _ = self._current_version(name, ref, dl, StatsRecorder())
         return version, stale
 
-    def _current_version(
-        self, name: str, ref: str, dl: Deadline, stats: StatsRecorder
-    ) -> tuple[str, bool, SnapshotError | None]:
-        """The version to serve, whether the answer is stale, and for the version this
-        cache last saw the ref name (served stale: nothing else may be), the outage to
-        raise if that version is no longer cached."""
-        if VersionId.is_version(ref):
-            return ref, False, None
-        if (recent := self.recent_ref(name, ref)) is not None:
-            return recent, False, None
-        wait = dl
-        if self.stale_ok and self.dirs(name).recorded_ref(ref) is not None:
-            wait = dl.child(self.stale_after)  # a store that hangs costs this, not the deadline
-        try:
-            found, outage = self.inner.read_current(name, ref, deadline=wait)
-            stats.add(requests=1)
-        except (BackendUnavailableError, StorageTimeoutError) as e:
-            if (version := self._last_seen(name, ref)) is None:
-                raise  # never another version than the one this ref was last seen to name
-            return version, True, e
-        if outage is not None:  # a mirror answered for a source of truth that did not
-            # What this cache last read from the source of truth wins (a mirror may have
-            # missed a rollback); else the mirror's answer, flagged stale and not recorded.
-            if (version := self._last_seen(name, ref)) is not None:
-                return version, True, outage
-            if found is None:
-                raise outage
-            log.warning(
-                "serving %s/%s for %r from a mirror, stale: the source of truth did "
-                "not answer (%s)",
-                name,
-                found[0].version,
-                ref,
-                type(outage).__name__,
-            )
-            return found[0].version, True, None
-        self._saw(name, ref, None if found is None else found[0].version)
-        if found is None:
-            raise SnapshotNotFoundError(f"{name}: no ref {ref!r}")
-        return found[0].version, False, None
-
-    def _saw(self, name: str, ref: str, version: str | None) -> None:
-        """Note what the source of truth said ``ref`` names now (read, or moved by this
-        cache): a stale or offline answer later serves that, never what it named before."""
-        self.dirs(name).record_ref(ref, version)
-        if version is not None:
-            self._refs_read[(name, ref)] = (version, time.monotonic())
-
     def set_ref(
         self,
         name: str,
@@ -246,25 +202,43 @@ class CachedStore(CacheSpace, DelegatingStore):
         self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
         self._saw(name, ref, version)
 
-    def _last_seen(self, name: str, ref: str) -> str | None:
-        """With ``stale_ok``, the version ``ref`` named when this cache last read it from
-        the source of truth, if that version is cached (logged: it is served stale)."""
+    def _shared(self, name: str, version: str, dest: str | Path | None) -> Manifest | None:
+        """The manifest of ``version`` if a checkout without ``dest`` must not share its
+        folder: another live checkout holds it (and chroma writes to what it opens, so
+        neither may repair or see the other's writes)."""
         d = self.dirs(name)
-        version = d.recorded_ref(ref) if self.stale_ok else None
-        if version is None or not d.is_complete(version):
-            return None
-        log.warning("serving cached %s/%s for %r stale: the store did not answer", name,
-                    version, ref)  # fmt: skip
-        return version
+        return self.cached_manifest(name, version) if dest is None and d.pinned(version) else None
 
-    def recent_ref(self, name: str, ref: str = "latest") -> str | None:
-        """The version ``ref`` named when this process read it less than ``refresh_seconds``
-        ago (the read-consistency interval), or None: read it again (always, when
-        ``refresh_seconds`` is None; ``math.inf`` reads it once per process)."""
-        seen = self._refs_read.get((name, ref))
-        if self.refresh_seconds is None or seen is None:
-            return None
-        return seen[0] if time.monotonic() - seen[1] < self.refresh_seconds else None
+    def _held_copy(
+        self, name: str, version: str, manifest: Manifest, dl: Deadline, stats: StatsRecorder
+    ) -> tuple[Path, Callable[[], None], str]:
+        """A private copy of ``version`` in the cache (:meth:`_from_cache`: the holder may
+        be writing, and every chunk is verified as it is read), removed at release."""
+        source = ["cache"]
+
+        def build(work: Path) -> None:
+            source[0] = self._from_cache(name, version, manifest, work, dl, stats)
+
+        path, release = held_copy(self.dirs(name), version, build)
+        return path, release, source[0]
+
+    def _from_cache(
+        self,
+        name: str,
+        version: str,
+        manifest: Manifest,
+        target: Path,
+        dl: Deadline,
+        stats: StatsRecorder,
+        only: dict[str, list[int]] | None = None,
+    ) -> str:
+        """Write ``manifest``'s chunks (``only`` those) under ``target``: from the cached
+        tree of ``version`` and the other cached versions where they verify, the rest
+        downloaded. Returns where the bytes came from."""
+        with self._local_chunks(name, version) as local:
+            local.add_tree(self.dirs(name).tree(version), manifest)  # read verified
+            job = Placement(target, manifest, reuse=local, only=only)
+            return self.inner.materialize(name, job, dl, stats)
 
     def _serve(
         self,
@@ -384,29 +358,16 @@ class CachedStore(CacheSpace, DelegatingStore):
         rewritten (from other cached versions where they verify, else downloaded)."""
         d = self.dirs(name)
         tree = d.tree(version)
-        stamps = d.read_stamps(version)
-        bad = [
-            f.path
-            for f in manifest.files
-            if stamps.get(f.path) is None
-            or stamp_of(tree / f.path) != stamps[f.path]
-            or stamps[f.path][0] != f.size
-            or stamps[f.path][2] != f.mode
-        ]
+        bad = changed_files(tree, manifest, d.read_stamps(version))
         remove_extras(tree, manifest)
         if not bad:
             return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
-        by_path = {f.path: f for f in manifest.files}
-        slices = members(manifest)
-        damaged = {
-            p: idx for p in bad if (idx := damaged_chunks(tree, manifest, by_path[p], slices))
-        }
-        source = "cache"
-        if damaged:
-            with self._local_chunks(name, version) as local:
-                local.add_tree(tree, manifest)  # intact copies of a chunk elsewhere in this tree
-                job = Placement(tree, manifest, reuse=local, only=damaged)
-                source = self.inner.materialize(name, job, dl, stats)
+        chunks = damaged(tree, manifest, bad)
+        source = (
+            self._from_cache(name, version, manifest, tree, dl, stats, chunks)
+            if chunks
+            else "cache"
+        )
         d.write_stamps(version, tree, manifest)
         return source
