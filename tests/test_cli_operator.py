@@ -482,3 +482,35 @@ def test_a_message_with_control_characters_stays_on_its_line(tmp_path: Path, run
     assert "\x1b" not in out
     code, out, _ = run(*store, "ls", "db", "--json")
     assert json.loads(out)["versions"][0]["message"] == "line one\nline two\x07\x1b[2J"
+
+
+def test_dests_a_checkout_cannot_be_renamed_into_say_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import tempfile
+
+    from chroma_snapshots.errors import LocalDiskError
+
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(InvalidInputError, match="is a symbolic link: name the folder itself"):
+        store.checkout("db", dest=tmp_path / "link")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.fail("this test needs root to mount a tmpfs (CI runs as root)")
+    try:
+        with pytest.raises(InvalidInputError, match=r"is a mount point: .* new folder inside it"):
+            store.checkout("db", dest=mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+    def denied(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # as for a parent this user cannot write
+    with pytest.raises(LocalDiskError, match="parent folder must be writable"):
+        store.checkout("db", dest=tmp_path / "new")

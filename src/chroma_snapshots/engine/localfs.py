@@ -22,8 +22,17 @@ def prepare_dest(dest: str | Path | None) -> Path:
     if dest is None:
         return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
     final = Path(dest).absolute()
+    if final.is_symlink():  # the rename into place would replace the link, not fill its target
+        raise InvalidInputError(
+            f"checkout destination {str(final)!r} is a symbolic link: name the folder itself"
+        )
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
+    if final.is_dir() and os.path.ismount(final):
+        raise InvalidInputError(
+            f"checkout destination {str(final)!r} is a mount point: a checkout is built "
+            "beside it and renamed into place, so name a new folder inside it"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     return final
 
@@ -126,7 +135,15 @@ def work_dir(final: Path) -> Iterator[Path]:
     kill left behind (no handler ran) are removed: unlocked, and not new."""
     for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
         _remove_if_left(old)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except PermissionError as e:
+        e.strerror = (  # what the user sees: why the parent matters
+            f"{e.strerror}: a checkout is built in a work folder beside its destination, "
+            "so the destination's parent folder must be writable"
+        )
+        e.filename = str(final.parent)
+        raise
     fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
