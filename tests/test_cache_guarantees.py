@@ -389,3 +389,39 @@ def test_a_private_copy_whose_holder_was_killed_is_swept(tmp_path: Path) -> None
     assert not copy.exists()
     assert a.path.exists()  # a live holder's folder stays
     a.release()
+
+
+def test_a_rollback_whose_answer_never_came_is_not_undone_by_a_stale_read(
+    tmp_path: Path,
+) -> None:
+    # The ref write lands but its answer never comes (the call times out); then the store
+    # stops answering. Serving the version the cache knew before would undo the rollback.
+    from chroma_snapshots.backends.base import ObjectMeta, PutMode
+    from chroma_snapshots.errors import StorageTimeoutError
+
+    class Flaky(FileBackend):
+        lost = down = False
+
+        def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
+            meta = super().put(key, data, mode=mode)
+            if self.lost and "/refs/" in key:
+                raise StorageTimeoutError(f"put {key}: no answer")
+            return meta
+
+        def get(self, key: str, **kw: object) -> object:  # type: ignore[override]
+            if self.down:
+                raise BackendUnavailableError("the store is down")
+            return super().get(key, **kw)  # type: ignore[arg-type]
+
+    backend = Flaky(tmp_path / "store")
+    remote = RemoteStore(backend, chunk_size=CHUNK)
+    _, v1, _, v2 = _two_versions(remote, tmp_path)
+    cached = CachedStore(remote, tmp_path / "cache", stale_ok=True, patch_in_place=False)
+    cached.checkout("db", v1).release()
+    cached.checkout("db").release()  # latest (v2) read and cached
+    backend.lost = True
+    with pytest.raises(StorageTimeoutError):
+        cached.set_ref("db", "latest", v1, expected=v2)  # it landed: latest is v1
+    backend.down = True
+    with pytest.raises(BackendUnavailableError):  # neither v2 (undone) nor v1 (unknown)
+        cached.checkout("db")

@@ -152,19 +152,20 @@ def test_offline_commands_do_not_warn_that_the_store_did_not_answer(
         assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err, args
 
 
+@pytest.mark.parametrize("status", [200, 404])
 def test_an_endpoint_that_is_not_s3_is_unavailable_in_one_line(
-    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch, status: int
 ) -> None:
-    """A web server given as the S3 endpoint by mistake (a console's port) answers 200 with
-    HTML to everything: each command says the endpoint is not S3 (exit 7), never a
-    traceback, an empty listing or "no snapshot"."""
+    """A web server given as the S3 endpoint by mistake (a console's port) answers 200 (or
+    404) with HTML to everything: each command says the endpoint is not S3 (exit 7), never
+    a traceback, an empty listing or "no snapshot"."""
     import http.server
     import threading
 
     class Html(http.server.BaseHTTPRequestHandler):
         def _page(self) -> None:
             body = b"<html><body>console</body></html>"
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

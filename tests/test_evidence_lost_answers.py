@@ -15,6 +15,7 @@ import pytest
 from chroma_snapshots import LATEST, RemoteStore
 from chroma_snapshots.backends.base import ObjectMeta, PutMode
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.models import RefValue
 from chroma_snapshots.errors import ConflictError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -72,27 +73,34 @@ class OvertakenRefAnswer(FileBackend):
         self.competitor: RemoteStore | None = None
         self.src: Path | None = None
         self.overtaken = ""
+        self.aba = False  # the competitor publishes, rolls back to M's and publishes again
 
     def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
         meta = super().put(key, data, mode=mode)
         if key.endswith("/refs/latest") and self.competitor is not None and self.src:
             competitor, self.competitor = self.competitor, None
+            mine = RefValue.from_json(data).version
             self.overtaken = competitor.publish("db", self.src).version
+            if self.aba:  # M's version's retirement note is then about a later generation
+                competitor.set_ref("db", "latest", mine, expected=self.overtaken)
+                (self.src / "again").write_bytes(b"again")
+                self.overtaken = competitor.publish("db", self.src).version
             raise ConflictError(f"put {key}: precondition failed (PreconditionFailed)")
         return meta
 
 
-@pytest.mark.parametrize("move", ["publish", "set_ref"])
+@pytest.mark.parametrize("move", ["publish", "set_ref", "publish, then a-b-a"])
 def test_a_ref_move_overtaken_before_its_lost_answer_is_still_a_success(
     tmp_path: Path, move: str
 ) -> None:
     backend = OvertakenRefAnswer(tmp_path / "store")
+    backend.aba = move.endswith("a-b-a")
     store = RemoteStore(backend, chunk_size=4096)
     old = store.publish("db", write_tree(tmp_path / "a", {"f": b"a" * 5000})).version
     store.publish("db", write_tree(tmp_path / "b", {"f": b"b" * 5000}))
     backend.competitor = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
     backend.src = write_tree(tmp_path / "n", {"f": b"n" * 5000})
-    if move == "publish":  # "nothing was made visible" would be false: it was, then built on
+    if move.startswith("publish"):  # "nothing was made visible" would be false: it was
         mine = store.publish("db", write_tree(tmp_path / "m", {"f": b"m" * 5000})).version
     else:
         store.set_ref("db", "latest", old, expected=LATEST)

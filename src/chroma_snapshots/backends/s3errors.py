@@ -56,6 +56,11 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
                 f"bucket {bucket!r} does not exist (S3 NoSuchBucket); "
                 "create it or fix the store URL"
             )
+        if status == "404" and code in ("", "404") and op != "head":  # S3 names its 404s
+            return BackendUnavailableError(
+                f"{what}: the endpoint answered 404 without an S3 error code; is the "
+                "endpoint an S3 server?"
+            )
         if code in _MISSING_CODES or status == "404":
             return SnapshotNotFoundError(f"{key}: no such object")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):

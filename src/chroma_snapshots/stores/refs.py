@@ -59,10 +59,13 @@ def move_ref(
     expected: Expected,
     current: Found | None,
     reread: Callable[[], Found | None],
+    rests_on: Callable[[str], bool] | None = None,
 ) -> None:
     """Point ``name``/``ref`` at ``version``, conditioned on ``current`` (what the caller
     read and checked against ``expected``); ConflictError if it moved since. ``reread``
-    reads the ref again: a write answered with an error may still have landed."""
+    reads the ref again: a write answered with an error may still have landed, and was
+    if the ref holds it, if a mover noted moving on from it, or (``rests_on``, for a new
+    version) if what the ref names now descends from it."""
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
@@ -83,6 +86,8 @@ def move_ref(
             return  # our own write, answered with an error and retried: it did land
         if moved_on_from(io, name, version, ref, gen):
             return  # it landed, and another mover has moved the ref on from it since
+        if now is not None and rests_on is not None and rests_on(now[0].version):
+            return  # it landed, and what followed was built on it
         raise ConflictError(
             f"{name}/{ref} moved while publishing (based on "
             f"{current[0].version if current else 'nothing'}); nothing was made visible"
@@ -112,3 +117,18 @@ def get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
         size = max(got.meta.size, len(got.data))
         raise IntegrityError(f"{what} {key} is {size} bytes, more than the {limit} allowed")
     return got
+
+
+def descends(version: str, ancestor: str, parent: Callable[[str], str | None]) -> bool:
+    """Whether ``ancestor`` is on ``version``'s parent chain. Version ids sort by time and a
+    parent is older than its child, so the walk stops at the first version older than
+    ``ancestor``; a missing or unreadable manifest on the way ends it too (False)."""
+    try:
+        while version > ancestor:
+            found = parent(version)
+            if found is None:
+                return False
+            version = found
+    except (SnapshotNotFoundError, IntegrityError):
+        return False
+    return version == ancestor

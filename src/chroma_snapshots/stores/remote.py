@@ -251,7 +251,7 @@ class RemoteStore(SourceStore):
             if self.signer is not None:  # before the ref: a reader never sees it unsigned
                 sig = self.signer.sign(f"manifest:{key}", data).encode()
                 claims.create_once(self._io(dl), key + ".sig", sig)
-            self._move_ref(name, "latest", version, expected, current, dl)
+            self._move_ref(name, "latest", version, expected, current, dl, new=True)
         # pin, prune records, manifest, retirement note, ref
         stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
@@ -274,11 +274,20 @@ class RemoteStore(SourceStore):
         expected: Expected,
         current: tuple[RefValue, str] | None,
         dl: Deadline,
+        *,
+        new: bool = False,
     ) -> None:
         def reread() -> tuple[RefValue, str] | None:
             return self.read_ref(name, ref, deadline=dl)
 
-        refs.move_ref(self._io(dl), self.signer, name, ref, version, expected, current, reread)
+        def parent(v: str) -> str | None:
+            return self.load_manifest(name, v, deadline=dl).parent
+
+        # a new version landed if what the ref names now descends from it (an old one: no
+        # telling, what followed it descends from it anyway)
+        landed = (lambda now: refs.descends(now, version, parent)) if new else None
+        io = self._io(dl)
+        refs.move_ref(io, self.signer, name, ref, version, expected, current, reread, landed)
 
     def set_ref(
         self,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.models import VersionId
@@ -79,6 +81,19 @@ class CacheRefs(CacheSpace):
         self.dirs(name).record_ref(ref, version)
         if version is not None:
             self._refs_read[(name, ref)] = (version, time.monotonic())
+
+    @contextmanager
+    def _moving(self, name: str, ref: str) -> Iterator[None]:
+        """Around a move of ``ref`` made through this cache: if its outcome is unknown (no
+        answer in time), forget what this cache knew of ``ref``. The move may have landed,
+        so a stale read may serve neither the old version (that would undo a rollback)
+        nor the new one (it may not have happened): the outage is raised instead."""
+        try:
+            yield
+        except (BackendUnavailableError, StorageTimeoutError):
+            self.dirs(name).record_ref(ref, None)
+            self._refs_read.pop((name, ref), None)
+            raise
 
     def _last_seen(self, name: str, ref: str) -> str | None:
         """With ``stale_ok``, the version ``ref`` named when this cache last read it from

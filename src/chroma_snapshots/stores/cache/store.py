@@ -199,7 +199,8 @@ class CachedStore(CacheRefs, DelegatingStore):
         deadline: DeadlineLike = None,
     ) -> None:
         """As the inner store's; this cache then knows where ``ref`` points."""
-        self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
+        with self._moving(name, ref):
+            self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
         self._saw(name, ref, version)
 
     def _shared(self, name: str, version: str, dest: str | Path | None) -> Manifest | None:
@@ -286,11 +287,12 @@ class CachedStore(CacheRefs, DelegatingStore):
         """As the inner store's, handing it this cache's copy of the parent version, so
         that it can store changed chunks as deltas against it; this cache then knows
         what latest names."""
-        info = self.inner.publish(
-            name, source_dir, expected=expected, message=message, metadata=metadata,
-            deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
-            allow_empty=allow_empty,
-        )  # fmt: skip
+        with self._moving(name, "latest"):
+            info = self.inner.publish(
+                name, source_dir, expected=expected, message=message, metadata=metadata,
+                deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
+                allow_empty=allow_empty,
+            )  # fmt: skip
         self._saw(name, "latest", info.version)
         return info
 
