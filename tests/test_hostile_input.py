@@ -374,3 +374,22 @@ def test_a_pack_emptied_is_an_integrity_error_and_exit_5(url: str, tmp_path: Pat
     assert not (tmp_path / "out").exists()
     _assert_exit_5(_cli(url, "checkout", "db", "--dest", str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ref_at_the_highest_generation_is_not_moved_past_it(tmp_path: Path) -> None:
+    # A planted ref at the bound: the next move would write a generation readers refuse,
+    # wedging the name. It is refused instead, and the name stays readable.
+    from chroma_snapshots.backends.file import FileBackend
+    from chroma_snapshots.engine.keys import ref_key
+    from chroma_snapshots.engine.models import RefValue
+    from chroma_snapshots.engine.refvalue import MAX_GENERATION
+    from chroma_snapshots.engine.validation import utc_now
+
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    first = store.publish("db", write_tree(tmp_path / "a", {"a": b"a"})).version
+    planted = RefValue(first, MAX_GENERATION, utc_now())
+    store.backend.put(ref_key("db", "latest"), planted.to_json())
+    fresh = RemoteStore(FileBackend(tmp_path / "store"))
+    with pytest.raises(IntegrityError, match="the highest a ref may have"):
+        fresh.publish("db", write_tree(tmp_path / "b", {"b": b"b"}))
+    assert fresh.resolve("db").version == first

@@ -18,6 +18,8 @@ from chroma_snapshots.engine.validation import (
 )
 from chroma_snapshots.errors import IntegrityError
 
+MAX_GENERATION = 1 << 62  # no store moves a ref this often: a higher one was not ours
+
 
 @dataclass(frozen=True)
 class RefValue:
@@ -62,7 +64,7 @@ class RefValue:
         sig = o.get("signature")
         return cls(
             v,
-            val.as_int(o["generation"], "generation", 1, 1 << 62),
+            val.as_int(o["generation"], "generation", 1, MAX_GENERATION),
             parse_time(o["updated_at"], "updated_at"),
             None if sig is None else val.as_str(sig, "signature"),
         )

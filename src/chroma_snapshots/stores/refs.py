@@ -9,6 +9,7 @@ from dataclasses import replace
 from chroma_snapshots.backends.base import Backend, GetResult, PutMode
 from chroma_snapshots.engine.keys import ref_key
 from chroma_snapshots.engine.models import RefValue, VersionId
+from chroma_snapshots.engine.refvalue import MAX_GENERATION
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.validation import MAX_REF_BYTES, check_name, utc_now
 from chroma_snapshots.errors import (
@@ -69,6 +70,11 @@ def move_ref(
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
+    if gen > MAX_GENERATION:  # readers would refuse the new value: the name would be wedged
+        raise IntegrityError(
+            f"ref {name}/{ref} is at generation {gen - 1}, the highest a ref may have: it was "
+            "not written by this library; write it back by hand from a known version"
+        )
     ref_value = RefValue(version, gen, utc_now())
     if signer is not None:
         sig = signer.sign(f"ref:{ref_key(name, ref)}", ref_value.signed_bytes())
