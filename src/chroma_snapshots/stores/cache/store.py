@@ -129,18 +129,19 @@ class CachedStore(CacheRefs, DelegatingStore):
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
                 shared = self._shared(name, version, dest)
-                if shared is not None:  # another holder: a copy of our own, both isolated
-                    path, release, source = self._held_copy(name, version, shared, dl, stats)
-                    info = SnapshotInfo.from_manifest(version, shared)
-                    took = stats.freeze(time.monotonic() - t0)
-                    return LocalSnapshot(path, info, took, stale=stale, source=source,
-                                         _release=release)  # fmt: skip
-                manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
-                d.touch(version)
-                pin = d.pin(version)
+                if shared is None:
+                    manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
+                    d.touch(version)
+                    pin = d.pin(version)
+            if shared is not None:  # another holder: a copy of our own, both isolated (built
+                # outside the lock: the holder keeps the folder, every chunk read is verified)
+                path, release, source = self._held_copy(name, version, shared, dl, stats)
+                info, took = SnapshotInfo.from_manifest(version, shared), time.monotonic() - t0
+                return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
+                                     _release=release)  # fmt: skip
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
-        except OSError as e:  # writing the version, repairing it, or a lock or pin file
+        except OSError as e:  # writing the version, repairing it, a copy, a lock or pin file
             raise_local(e, self.root, f"serving {version} from the cache")
             raise
         info = SnapshotInfo.from_manifest(version, manifest)
