@@ -354,6 +354,9 @@ def test_two_holders_of_one_version_never_see_or_undo_each_others_writes(
     assert (a.path / "chroma.sqlite3").read_bytes() == b"A's writes"  # not repaired under A
     assert (a.path / "seg" / "new.bin").exists()
     assert (a.path / "seg" / "h.bin").read_bytes() == b"h" * 100  # B's writes are B's
+    c = cached.checkout("db", dest=tmp_path / "mine")  # a copy at dest: not repaired first
+    assert read_tree(c.path) == files
+    assert (a.path / "chroma.sqlite3").read_bytes() == b"A's writes"
     b.release()
     assert not b.path.exists()
     a.release()
@@ -425,3 +428,18 @@ def test_a_rollback_whose_answer_never_came_is_not_undone_by_a_stale_read(
     backend.down = True
     with pytest.raises(BackendUnavailableError):  # neither v2 (undone) nor v1 (unknown)
         cached.checkout("db")
+
+
+def test_private_copies_count_against_the_cache_budget(tmp_path: Path) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    remote.publish("db", write_tree(tmp_path / "src", {"a": os.urandom(40 * CHUNK)}))
+    size = 40 * CHUNK
+    cached = CachedStore(remote, tmp_path / "cache", max_bytes=2 * size + size // 2)
+    a, b = cached.checkout("db"), cached.checkout("db")  # the folder, and one copy
+    assert cached.usage() == 2 * size
+    with pytest.raises(CacheFullError):  # a second copy would pass max_bytes: refused first
+        cached.checkout("db")
+    assert len([p for p in cached.dirs("db").copies().iterdir() if p.name != ".pins"]) == 1
+    b.release()
+    assert cached.usage() == size
+    a.release()

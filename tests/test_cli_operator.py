@@ -514,3 +514,25 @@ def test_dests_a_checkout_cannot_be_renamed_into_say_what_to_do(
     monkeypatch.setattr(tempfile, "mkdtemp", denied)  # as for a parent this user cannot write
     with pytest.raises(LocalDiskError, match="parent folder must be writable"):
         store.checkout("db", dest=tmp_path / "new")
+
+
+def test_a_cli_checkout_of_a_held_version_without_dest_says_to_use_dest(
+    tmp_path: Path, run: Run
+) -> None:
+    # The CLI's hold ends with the command: a second holder's copy would be gone by the
+    # time its path is printed.
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    # the CLI's own way of opening the store, so the same cache folder
+    cli_store = config_module.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    holder = cli_store.checkout("db")
+    args = ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run(*args, "checkout", "db")
+    assert code == 2
+    assert "held by another checkout" in err
+    code, out, _ = run(*args, "checkout", "db", "--dest", str(tmp_path / "mine"))
+    assert code == 0
+    assert (tmp_path / "mine" / "a").read_bytes() == b"a"
+    holder.release()
+    code, out, _ = run(*args, "checkout", "db")
+    assert (code, out.split(":")[0]) == (0, str(holder.path))

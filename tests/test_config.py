@@ -196,3 +196,18 @@ def test_spellings_of_one_store_share_one_cache_folder(
         for endpoint in endpoints
     }
     assert len(roots) == 1
+
+
+def test_an_operation_timeout_past_what_a_clock_holds_is_a_config_error() -> None:
+    env = {"CHROMA_SNAPSHOTS_URL": "memory://x", "CHROMA_SNAPSHOTS_TIMEOUT": "1e10"}
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_TIMEOUT='1e10' must be positive"):
+        StoreConfig.from_env(env)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), "3", True])
+def test_stale_after_must_be_a_positive_number_of_seconds(tmp_path: Path, bad: object) -> None:
+    from chroma_snapshots.errors import InvalidInputError
+
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    with pytest.raises(InvalidInputError, match="stale_after"):
+        CachedStore(remote, tmp_path / "cache", stale_ok=True, stale_after=bad)  # type: ignore[arg-type]

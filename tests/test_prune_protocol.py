@@ -262,15 +262,18 @@ def test_prune_removes_what_writers_killed_mid_write_left_on_a_file_store(
     # one an hour old belongs to no live writer.
     store, _, _ = _two_versions(tmp_path)
     root = tmp_path / "store" / NAME
-    old_pack = root / "packs" / "ab" / ".ab12.0123abcd.tmp"
-    old_ref = root / "refs" / ".latest.4567cdef.tmp"
-    fresh = root / "packs" / "cd" / ".cd34.89abcdef.tmp"
-    for path in (old_pack, old_ref, fresh):
+    hexes = "0123abcd" * 4  # put names its temp files with a uuid's 32 hex digits
+    old_pack = root / "packs" / "ab" / f".ab12.{hexes}.tmp"
+    old_ref = root / "refs" / f".latest.{hexes}.tmp"
+    fresh = root / "packs" / "cd" / f".cd34.{hexes}.tmp"
+    others = [root / ".user.0123abcd.tmp", root / f".x.{'z' * 32}.tmp"]  # not put's
+    for path in (old_pack, old_ref, fresh, *others):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 100)
-    _age(old_pack, 2 * HOUR)
-    _age(old_ref, 2 * HOUR)
+    for path in (old_pack, old_ref, *others):
+        _age(path, 2 * HOUR)
     store.prune(NAME, keep_last=1, min_age=0)
     assert not old_pack.exists()
     assert not old_ref.exists()
     assert fresh.exists()  # a live writer's, maybe
+    assert all(p.exists() for p in others)

@@ -31,6 +31,7 @@ ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
 ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
 ENV_TIMEOUT = "CHROMA_SNAPSHOTS_TIMEOUT"
+MAX_SECONDS = 1e9  # the CLI's --timeout has the same bound
 ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
 ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
 ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"
@@ -180,8 +181,8 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{var}={raw!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"{var}={raw!r} must be positive")
+    if not 0 < value <= MAX_SECONDS:  # nan too; a deadline past ~31 years overflows time_t
+        raise ConfigError(f"{var}={raw!r} must be positive and at most {MAX_SECONDS:.0e}")
     return value
 
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from chroma_snapshots.errors import (
 )
 
 _RESERVED = "."  # names starting with this are temp files and locks, never keys
+_TEMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # put's temp files: .NAME.UUIDHEX.tmp
 
 
 def _meta(key: str, st: os.stat_result) -> ObjectMeta:
@@ -229,7 +231,7 @@ class LocalFiles:
             dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
             for fn in filenames:
                 path = os.path.join(dirpath, fn)
-                if not (fn.startswith(_RESERVED) and fn.endswith(".tmp")):
+                if not _TEMP.fullmatch(fn):  # only what put names its temp files
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if os.lstat(path).st_mtime < cutoff:

@@ -29,7 +29,12 @@ from chroma_snapshots.cli.common import (
     store_of,
 )
 from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref, version_ids
-from chroma_snapshots.errors import IntegrityError, SnapshotError, SnapshotNotFoundError
+from chroma_snapshots.errors import (
+    IntegrityError,
+    InvalidInputError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 
 if TYPE_CHECKING:
     from chroma_snapshots.engine.models import SnapshotInfo
@@ -70,6 +75,12 @@ def _version_rows(
     }
     rows.update((v, f"DAMAGED {' '.join([*tags.get(v, []), why])}") for v, why in damaged.items())
     return "\n".join(f"{v}  {rows[v]}".rstrip() for v in sorted(rows, reverse=True))
+
+
+def _a_copy(store: Any, name: str, snap: Any) -> bool:
+    """Whether a cached checkout came back as a second holder's copy of the version (the
+    cached folder was held), not the cached folder itself."""
+    return bool(snap.path != store.dirs(name).tree(snap.info.version))
 
 
 def _listing(
@@ -249,6 +260,11 @@ def _build() -> click.Group:
         cached = getattr(store, "root", None) is not None
         if cached:  # the pin ends with this process anyway; in-process callers must not leak it
             snap.release()
+        if cached and dest is None and _a_copy(store, name, snap):  # gone with this command
+            raise InvalidInputError(
+                f"{name} {snap.info.version} is held by another checkout, which may be writing "
+                "to the cached folder: use --dest DIR for a copy of your own"
+            )
         if dest is None and not cached:
             click.echo(
                 f"kept: the checkout stays in {snap.path}; remove {snap.path.parent} when "

@@ -19,13 +19,18 @@ from chroma_snapshots.stores.cache.layout import NameDirs, held
 
 
 def private_copy(src: Path, dest: Path) -> Path:
-    """A copy of the cached tree ``src`` at ``dest`` that the caller owns, built in a work
-    folder beside it (:func:`work_dir`: locked, swept after a kill) and renamed into place:
+    """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`built_copy`)."""
+    return built_copy(dest, lambda work: copy_tree(src, work))
+
+
+def built_copy(dest: Path, build: Callable[[Path], None]) -> Path:
+    """A tree at ``dest`` that the caller owns, written by ``build`` into a work folder
+    beside it (:func:`work_dir`: locked, swept after a kill) and renamed into place:
     nothing is left at ``dest`` on failure."""
     final = prepare_dest(dest)
     try:
         with work_dir(final) as work:
-            copy_tree(src, work)
+            build(work)
             move_into_place(work, final)
     except BaseException as e:
         raise_local(e, final, "copying to dest")

@@ -4,6 +4,8 @@ processes left. :class:`~chroma_snapshots.stores.cache.store.CachedStore` builds
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import threading
 import time
@@ -54,13 +56,14 @@ class CacheSpace:
         return m
 
     def usage(self) -> int:
-        """Bytes of complete cached versions (from their manifests)."""
+        """Bytes of complete cached versions (from their manifests) and of the private
+        copies second holders of a version use (from the disk: there are few)."""
         return sum(
             m.total_size
             for n in self.cached_names()
             for v in self.dirs(n).complete()
             if (m := self.cached_manifest(n, v)) is not None
-        )
+        ) + sum(tree_bytes(self.dirs(n).copies()) for n in self.cached_names())
 
     def _make_room(self, need: int, keep: tuple[str, str]) -> None:
         self._evict_until(need, keep)
@@ -140,3 +143,13 @@ def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
                 p.unlink(missing_ok=True)
         except OSError:
             continue
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files below ``folder`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for fn in filenames:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(dirpath, fn)).st_size
+    return total

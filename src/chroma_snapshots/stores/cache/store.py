@@ -26,6 +26,7 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
+    InvalidInputError,
     SnapshotError,
     StorageTimeoutError,
 )
@@ -35,7 +36,12 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
-from chroma_snapshots.stores.cache.copies import held_copy, private_copy, raise_local
+from chroma_snapshots.stores.cache.copies import (
+    built_copy,
+    held_copy,
+    private_copy,
+    raise_local,
+)
 from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
@@ -88,6 +94,10 @@ class CachedStore(CacheRefs, DelegatingStore):
         self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)):
+            raise InvalidInputError(f"stale_after is a number of seconds, not {stale_after!r}")
+        if not 0 < stale_after < float("inf"):  # 0 would serve stale answers while healthy
+            raise InvalidInputError(f"stale_after must be positive and finite: {stale_after}")
         self.stale_ok, self.stale_after = stale_ok, stale_after
         self.refresh_seconds = refresh_seconds
         self.patch_in_place = patch_in_place
@@ -128,14 +138,14 @@ class CachedStore(CacheRefs, DelegatingStore):
         try:
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
-                shared = self._shared(name, version, dest)
+                shared = self._shared(name, version)
                 if shared is None:
                     manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
                     d.touch(version)
                     pin = d.pin(version)
             if shared is not None:  # another holder: a copy of our own, both isolated (built
                 # outside the lock: the holder keeps the folder, every chunk read is verified)
-                path, release, source = self._held_copy(name, version, shared, dl, stats)
+                path, release, source = self._held_copy(name, version, shared, dest, dl, stats)
                 info, took = SnapshotInfo.from_manifest(version, shared), time.monotonic() - t0
                 return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
                                      _release=release)  # fmt: skip
@@ -204,23 +214,31 @@ class CachedStore(CacheRefs, DelegatingStore):
             self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
         self._saw(name, ref, version)
 
-    def _shared(self, name: str, version: str, dest: str | Path | None) -> Manifest | None:
-        """The manifest of ``version`` if a checkout without ``dest`` must not share its
-        folder: another live checkout holds it (and chroma writes to what it opens, so
-        neither may repair or see the other's writes)."""
-        d = self.dirs(name)
-        return self.cached_manifest(name, version) if dest is None and d.pinned(version) else None
+    def _shared(self, name: str, version: str) -> Manifest | None:
+        """The manifest of ``version`` if another live checkout holds its folder: this
+        checkout must then neither repair it nor share it (chroma writes to what it opens)."""
+        return self.cached_manifest(name, version) if self.dirs(name).pinned(version) else None
 
     def _held_copy(
-        self, name: str, version: str, manifest: Manifest, dl: Deadline, stats: StatsRecorder
-    ) -> tuple[Path, Callable[[], None], str]:
-        """A private copy of ``version`` in the cache (:meth:`_from_cache`: the holder may
-        be writing, and every chunk is verified as it is read), removed at release."""
+        self,
+        name: str,
+        version: str,
+        manifest: Manifest,
+        dest: str | Path | None,
+        dl: Deadline,
+        stats: StatsRecorder,
+    ) -> tuple[Path, Callable[[], None] | None, str]:
+        """A private copy of ``version`` (:meth:`_from_cache`: the holder may be writing,
+        and every chunk is verified as it is read): at ``dest``, or in the cache, removed at
+        release."""
         source = ["cache"]
 
         def build(work: Path) -> None:
             source[0] = self._from_cache(name, version, manifest, work, dl, stats)
 
+        if dest is not None:
+            return built_copy(Path(dest), build), None, source[0]
+        self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
         path, release = held_copy(self.dirs(name), version, build)
         return path, release, source[0]
 
