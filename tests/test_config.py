@@ -204,10 +204,19 @@ def test_an_operation_timeout_past_what_a_clock_holds_is_a_config_error() -> Non
         StoreConfig.from_env(env)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), "3", True])
-def test_stale_after_must_be_a_positive_number_of_seconds(tmp_path: Path, bad: object) -> None:
+@pytest.mark.parametrize(
+    ("setting", "bad"),
+    [
+        *(("stale_after", v) for v in (0, -1.0, float("inf"), float("nan"), "3", True)),
+        *(("refresh_seconds", v) for v in (-1, float("nan"), "5", True)),
+        *(("max_bytes", v) for v in (-1, float("nan"), float("inf"), "1", True)),
+    ],
+)
+def test_cache_settings_that_would_quietly_do_something_else_are_refused(
+    tmp_path: Path, setting: str, bad: object
+) -> None:
     from chroma_snapshots.errors import InvalidInputError
 
     remote = RemoteStore(FileBackend(tmp_path / "store"))
-    with pytest.raises(InvalidInputError, match="stale_after"):
-        CachedStore(remote, tmp_path / "cache", stale_ok=True, stale_after=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=setting):
+        CachedStore(remote, tmp_path / "cache", stale_ok=True, **{setting: bad})  # type: ignore[arg-type]

@@ -140,13 +140,14 @@ def test_a_checkout_sweeps_what_a_killed_checkout_to_the_same_dest_left(
     store.publish("db", write_tree(tmp_path / "src", {"a": b"a" * 100}))
     dest = tmp_path / "out"
 
-    def leftover(tag: str, age: float) -> Path:
-        p = write_tree(tmp_path / f".out.{tag}.tmp", {"half": b"x" * 1000})
+    def leftover(tag: str, age: float, mark: str = "chroma-snapshots-work-") -> Path:
+        p = write_tree(tmp_path / f".out.{mark}{tag}.tmp", {"half": b"x" * 1000})
         os.utime(p, (p.stat().st_atime - age, p.stat().st_mtime - age))
         return p
 
     killed, young = leftover("killed01", 3600), leftover("young001", 0)
     running = leftover("running1", 3600)
+    users = leftover("backup01", 3600, mark="")  # a folder of the user's named alike
     fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a checkout in progress holds its own
     try:
@@ -157,3 +158,4 @@ def test_a_checkout_sweeps_what_a_killed_checkout_to_the_same_dest_left(
     assert not killed.exists()
     assert young.exists()
     assert running.exists()
+    assert users.exists()

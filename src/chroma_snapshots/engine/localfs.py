@@ -125,18 +125,21 @@ def copy_tree(src: Path, dst: Path) -> None:
 # A work folder this old that no process holds was left by a killed checkout (a live one
 # holds its lock from the moment it exists but for an instant: the age covers that).
 _LEFTOVER_AGE = 60.0
+_WORK_MARK = "chroma-snapshots-work-"
 
 
 @contextlib.contextmanager
 def work_dir(final: Path) -> Iterator[Path]:
-    """A new private work folder beside ``final`` (``.<name>.<random>.tmp``) in which to
-    build what is then renamed to ``final``, locked (``flock``) while the block runs and
+    """A new private work folder beside ``final``
+    (``.<name>.chroma-snapshots-work-<random>.tmp``) in which to build what is then renamed
+    to ``final``, locked (``flock``) while the block runs and
     removed if it fails; first, the work folders of builds of the same ``final`` that a
     kill left behind (no handler ran) are removed: unlocked, and not new."""
-    for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+    prefix = f".{final.name}.{_WORK_MARK}"  # a name no folder of the user's has by chance
+    for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         _remove_if_left(old)
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
     except PermissionError as e:
         e.strerror = (  # what the user sees: why the parent matters
             f"{e.strerror}: a checkout is built in a work folder beside its destination, "

@@ -84,15 +84,22 @@ class CacheRefs(CacheSpace):
 
     @contextmanager
     def _moving(self, name: str, ref: str) -> Iterator[None]:
-        """Around a move of ``ref`` made through this cache: if its outcome is unknown (no
-        answer in time), forget what this cache knew of ``ref``. The move may have landed,
-        so a stale read may serve neither the old version (that would undo a rollback)
-        nor the new one (it may not have happened): the outage is raised instead."""
+        """Around a move of ``ref`` made through this cache: forget what this cache knew of
+        ``ref`` before the move is sent, on disk, and remember it again only if the move
+        failed before anything was written (a documented error other than an outage). A
+        move whose outcome is unknown (no answer in time, or this process killed while
+        waiting) may have landed, so a stale read may serve neither the old version (that
+        would undo a rollback) nor the new one: the outage is raised instead."""
+        d = self.dirs(name)
+        before = d.recorded_ref(ref)
+        d.record_ref(ref, None)
+        self._refs_read.pop((name, ref), None)
         try:
             yield
         except (BackendUnavailableError, StorageTimeoutError):
-            self.dirs(name).record_ref(ref, None)
-            self._refs_read.pop((name, ref), None)
+            raise
+        except SnapshotError:  # a conflict, a refused input: it made nothing visible
+            d.record_ref(ref, before)
             raise
 
     def _last_seen(self, name: str, ref: str) -> str | None:

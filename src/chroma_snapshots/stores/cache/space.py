@@ -16,7 +16,7 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.validation import check_name
-from chroma_snapshots.errors import CacheFullError
+from chroma_snapshots.errors import CacheFullError, InvalidInputError
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
@@ -153,3 +153,22 @@ def tree_bytes(folder: Path) -> int:
             with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(dirpath, fn)).st_size
     return total
+
+
+def check_settings(max_bytes: object, refresh_seconds: object, stale_after: object) -> None:
+    """InvalidInputError for settings that would quietly do something else: a NaN cap
+    (none), a negative interval, a stale_after of 0 (every healthy read stale)."""
+    if max_bytes is not None and not _within(max_bytes, 0, True, 2.0**63):
+        raise InvalidInputError(f"max_bytes must be a number of bytes >= 0, not {max_bytes!r}")
+    if refresh_seconds is not None and not _within(refresh_seconds, 0, True, float("inf")):
+        raise InvalidInputError(f"refresh_seconds must be >= 0 seconds, not {refresh_seconds!r}")
+    if not _within(stale_after, 0, False, 1e9):
+        raise InvalidInputError(f"stale_after must be positive and finite, not {stale_after!r}")
+
+
+def _within(x: object, low: float, low_ok: bool, high: float) -> bool:
+    """``x`` is a number (not a bool) in ``[low, high]`` (``(low, high]`` without
+    ``low_ok``); NaN is in no range."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return (low <= x if low_ok else low < x) and x <= high

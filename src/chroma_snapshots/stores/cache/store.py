@@ -26,7 +26,6 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
-    InvalidInputError,
     SnapshotError,
     StorageTimeoutError,
 )
@@ -46,6 +45,7 @@ from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import changed_files, damaged, remove_extras
+from chroma_snapshots.stores.cache.space import check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,7 @@ class CachedStore(CacheRefs, DelegatingStore):
         self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
-        if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)):
-            raise InvalidInputError(f"stale_after is a number of seconds, not {stale_after!r}")
-        if not 0 < stale_after < float("inf"):  # 0 would serve stale answers while healthy
-            raise InvalidInputError(f"stale_after must be positive and finite: {stale_after}")
+        check_settings(max_bytes, refresh_seconds, stale_after)
         self.stale_ok, self.stale_after = stale_ok, stale_after
         self.refresh_seconds = refresh_seconds
         self.patch_in_place = patch_in_place
@@ -105,7 +102,9 @@ class CachedStore(CacheRefs, DelegatingStore):
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._mlock = threading.Lock()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            # ours alone whatever the umask (0775 under umask 002 would then be refused)
+            Path(cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, exist_ok=True)
             check_trusted(Path(cache_dir).resolve(), self.root)  # the folder a link names
             self.clean_leftovers()
         except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken
