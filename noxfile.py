@@ -63,6 +63,18 @@ def bench(session: nox.Session) -> None:
         "benchmarks/figures/scaling.png",
         "--one-core",
     )
+    # the measured bound of a verifying receive: bare clients (boto3, awscrt, obstore) and s5cmd
+    session.run(
+        "python",
+        "benchmarks/receive_bound.py",
+        "--sizes-gib",
+        "1,3",
+        "--rounds",
+        "2",
+        "--one-core",
+        "--json",
+        "benchmarks/out/receive_bound.json",
+    )
     session.run(
         "python",
         "benchmarks/transfer.py",

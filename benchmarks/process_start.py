@@ -8,7 +8,7 @@ to the tree); wall time and user and system CPU seconds come from os.wait4. Roun
 alternate the order (forward, then backward), and the medians are printed with the load
 average: on a shared machine only paired figures compare.
 
-usage: python benchmarks/cold_start.py --tree before=/path/to/old/src --tree after=src
+usage: python benchmarks/process_start.py --tree before=/path/to/old/src --tree after=src
            [--sizes-kib 64,262144] [--rounds 5] [--tools .bench-tools] [--json out.json]
 """
 

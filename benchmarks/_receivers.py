@@ -1,0 +1,153 @@
+"""One receiving client per process, for receive_bound.py: what a verifying download costs.
+
+usage: python _receivers.py MODE ENDPOINT BUCKET PREFIX NOBJ OUTDIR
+Objects are PREFIX/objNN, each 64 MiB; keys and sizes are known, so no client lists. Every
+mode writes into preallocated files with pwrite in 1 MiB slices, as the checkout's placer
+does; "hash" modes sha256 every byte. Prints bytes received and a digest of the digests, so
+the hashing cannot be optimised away. Runs in its own venv (boto3, awscrt, obstore), none of
+which the project depends on except boto3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+Got = list[tuple[int, str]]  # (bytes, sha256 hex or "") per request
+
+OBJ, PIECE, SLICE, THREADS = 64 << 20, 8 << 20, 1 << 20, 8
+ACCESS, REGION = "S3RVER", "us-east-1"
+
+
+def _files(keys: list[str], out: str) -> dict[str, int]:
+    fds = {}
+    for key in keys:
+        path = os.path.join(out, key.replace("/", "_"))
+        fds[key] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.posix_fallocate(fds[key], 0, OBJ)
+    return fds
+
+
+def _place(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view[:SLICE], offset)
+        view, offset = view[n:], offset + n
+
+
+def boto(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed: bool) -> Got:
+    """8 MiB ranged GETs on 8 threads: the checkout's request shape on botocore."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(max_pool_connections=THREADS, s3={"addressing_style": "path"})
+    s3 = boto3.session.Session(ACCESS, ACCESS, region_name=REGION).client(
+        "s3", endpoint_url=endpoint, config=config
+    )
+
+    def one(task: tuple[str, int]) -> tuple[int, str]:
+        key, offset = task
+        rng = f"bytes={offset}-{offset + PIECE - 1}"
+        data = s3.get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+        digest = hashlib.sha256(data).hexdigest() if hashed else ""
+        _place(fds[key], data, offset)
+        return len(data), digest
+
+    tasks = [(k, off) for k in keys for off in range(0, OBJ, PIECE)]
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(one, tasks))
+
+
+def crt(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed: bool) -> Got:
+    """awscrt's S3 client (the native one boto3 can use): whole objects, body callbacks."""
+    from awscrt import auth, http, io, s3
+
+    loops = io.EventLoopGroup()
+    client = s3.S3Client(
+        bootstrap=io.ClientBootstrap(loops, io.DefaultHostResolver(loops)),
+        region=REGION,
+        tls_mode=s3.S3RequestTlsMode.DISABLED,
+        credential_provider=auth.AwsCredentialsProvider.new_static(ACCESS, ACCESS),
+        part_size=PIECE,
+        throughput_target_gbps=10.0,
+    )
+    host = endpoint.removeprefix("http://")
+    results: Got = []
+    lock, futures = threading.Lock(), []
+    for key in keys:
+        sha, fd = hashlib.sha256(), fds[key]
+
+        def on_body(chunk: bytes, offset: int, sha: Any = sha, fd: int = fd, **_: Any) -> None:
+            if hashed:
+                sha.update(chunk)  # CRT delivers one GET's body in order
+            _place(fd, chunk, offset)
+
+        def on_done(error: Exception | None = None, sha: Any = sha, **_: Any) -> None:
+            if error is None:
+                with lock:
+                    results.append((OBJ, sha.hexdigest() if hashed else ""))
+
+        request = http.HttpRequest("GET", f"/{bucket}/{key}", http.HttpHeaders([("Host", host)]))
+        made = client.make_request(
+            type=s3.S3RequestType.GET_OBJECT, request=request, on_body=on_body, on_done=on_done
+        )
+        futures.append(made.finished_future)
+    for future in futures:
+        future.result()
+    return results
+
+
+def obstore(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed: bool) -> Got:
+    """obstore (Rust object_store): one streamed GET per object on 8 threads."""
+    import obstore as obs
+    from obstore.store import S3Store
+
+    store = S3Store(
+        bucket,
+        endpoint=endpoint,
+        region=REGION,
+        access_key_id=ACCESS,
+        secret_access_key=ACCESS,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+
+    def one(key: str) -> tuple[int, str]:
+        sha, offset = hashlib.sha256(), 0
+        for chunk in obs.get(store, key).stream(min_chunk_size=PIECE):
+            if hashed:
+                sha.update(chunk)
+            _place(fds[key], chunk, offset)
+            offset += len(chunk)
+        return offset, sha.hexdigest() if hashed else ""
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(one, keys))
+
+
+MODES: dict[str, tuple[Callable[..., Got], bool]] = {
+    "boto3+sha256": (boto, True),
+    "boto3": (boto, False),
+    "awscrt+sha256": (crt, True),
+    "awscrt": (crt, False),
+    "obstore+sha256": (obstore, True),
+}
+
+if __name__ == "__main__":
+    mode, endpoint, bucket, prefix, nobj, out = sys.argv[1:7]
+    fn, hashed = MODES[mode]
+    keys = [f"{prefix}/obj{i:02d}" for i in range(int(nobj))]
+    os.makedirs(out, exist_ok=True)
+    fds = _files(keys, out)
+    got = fn(endpoint, bucket, keys, fds, hashed)
+    for fd in fds.values():
+        os.close(fd)
+    total = sum(n for n, _ in got)
+    if total != OBJ * len(keys):
+        raise SystemExit(f"{mode}: received {total} bytes, expected {OBJ * len(keys)}")
+    print(total, hashlib.sha256("".join(sorted(d for _, d in got)).encode()).hexdigest()[:16])

@@ -1,0 +1,157 @@
+"""What receiving 1 GiB costs with every byte verified: the data path issue's measured bound.
+
+The same bytes (64 MiB objects of random data on one s3rver, 127.0.0.1) are fetched by:
+s5cmd (Go, no verification), the `chroma-snapshots checkout` command (a snapshot of the same
+files), and bare clients that do only what a verifying checkout must (receive, sha256 of every
+byte, pwrite into preallocated files): boto3 in the checkout's request shape, awscrt's S3
+client and obstore, each also without sha256 where that isolates the hash. Local bounds: sha256
+of the same files from the page cache (one thread, hashlib) and `cat > /dev/null`. Every
+client is its own process, rotated A B C ... per round; CPU is user + system from wait4, RSS is
+VmHWM, and the server's CPU is read from /proc (the client shares the machine's cores with it).
+
+usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
+           [--tools .bench-tools] [--json out.json]
+Needs TOOLS/native (a venv with boto3, awscrt, obstore: benchmarks/install-tools.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import boto3
+from _report import write_json
+from _s3rver import REGION, S3rver
+from compare import HERE, _proc
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+
+Row = dict[str, Any]
+OBJ = 64 << 20
+TICK = os.sysconf("SC_CLK_TCK")
+CLIENTS = ("boto3+sha256", "boto3", "awscrt+sha256", "awscrt", "obstore+sha256")
+LOCAL = (
+    "import hashlib, sys\nbuf = bytearray(8 << 20)\nfor p in sys.argv[1:]:\n"
+    "    h = hashlib.sha256()\n    with open(p, 'rb', buffering=0) as f:\n"
+    "        while n := f.readinto(buf):\n            h.update(memoryview(buf)[:n])\n"
+)
+
+
+def _server_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _stage(srv: S3rver, work: Path, gib: int) -> list[Path]:
+    """GIB GiB of 64 MiB random files, uploaded raw and published as snapshot "db"."""
+    keep = work / f"keep{gib}"
+    keep.mkdir()
+    s3 = boto3.client("s3", endpoint_url=srv.endpoint, region_name=REGION)
+    files = []
+    for i in range(16 * gib):
+        path = keep / f"obj{i:02d}"
+        path.write_bytes(os.urandom(OBJ))
+        s3.upload_file(str(path), srv.bucket, f"g{gib}/obj{i:02d}")
+        files.append(path)
+    settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
+    store = RemoteStore(S3Backend(srv.bucket, f"snaps{gib}", settings=settings))
+    store.publish("db", keep)
+    store.close()
+    return files
+
+
+def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) -> dict[str, Any]:
+    s5 = str(next((tools / "venv/lib").glob("python*/site-packages/s5cmd/bin/s5cmd")))
+    native = str(tools / "native/bin/python")
+    cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://bench/snaps{gib}"]
+    names = [str(f) for f in files]
+    cmds: dict[str, Any] = {
+        "s5cmd cp": [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{out}/"],
+        "chroma-snapshots checkout": [*cli, "--endpoint-url", srv.endpoint, "checkout", "db"],
+        "local: sha256 (hashlib)": [sys.executable, "-c", LOCAL, *names],
+        "local: cat": ["cat", *names],
+    }
+    cmds["chroma-snapshots checkout"] += ["--dest", str(out)]
+    for mode in CLIENTS:
+        receiver = str(HERE / "_receivers.py")
+        cmds[mode] = [native, receiver, mode, srv.endpoint, "bench", f"g{gib}", str(16 * gib)]
+        cmds[mode].append(str(out))
+    return cmds
+
+
+def _one(srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None) -> Row:
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    pid = srv._proc.pid if srv._proc else 0
+    before = _server_cpu(pid)
+    wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
+    if not name.startswith("local"):
+        got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        if got != gib << 30:
+            raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
+    subprocess.run(["sync"], check=True)
+    row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+    row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}
+    return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / gib}
+
+
+def _table(rows: list[Row]) -> None:
+    print(
+        f"{'client':28s} {'GiB':>3s} {'cpus':>4s} {'wall s':>7s} {'CPU s/GiB':>14s} "
+        f"{'user':>5s} {'RSS MiB':>7s} {'server CPU/GiB':>14s}"
+    )
+    for key in dict.fromkeys((r["client"], r["gib"], r["cpus"]) for r in rows):
+        same = [r for r in rows if (r["client"], r["gib"], r["cpus"]) == key]
+
+        def med(field: str, same: list[Row] = same) -> float:
+            return float(statistics.median(r[field] for r in same))
+
+        cpu = [r["cpu_s_per_gib"] for r in same]
+        spread = f"{med('cpu_s_per_gib'):.2f} [{min(cpu):.2f}-{max(cpu):.2f}]"
+        print(
+            f"{key[0]:28s} {key[1]:3d} {key[2]:>4s} {med('wall_s'):7.2f} {spread:>14s} "
+            f"{med('user_s') / key[1]:5.2f} {med('rss_mib'):7.0f} "
+            f"{med('server_cpu_s_per_gib'):14.2f}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes-gib", default="1,3")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--one-core", action="store_true", help="also run every client on CPU 0")
+    ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    tools, rows = args.tools.resolve(), list[Row]()
+    if not (tools / "native/bin/python").exists():
+        raise SystemExit(f"{tools}/native is missing: run benchmarks/install-tools.sh")
+    work = Path(tempfile.mkdtemp(prefix="receive-bound-"))
+    try:
+        with S3rver(tools, work / "s3data") as srv:
+            os.environ.update(srv.env)
+            for gib in (int(s) for s in args.sizes_gib.split(",")):
+                files = _stage(srv, work, gib)
+                cmds = _commands(srv, tools, gib, files, work / "out")
+                for cpus in [None, "0"] if args.one_core else [None]:
+                    for _ in range(args.rounds):
+                        for name, cmd in cmds.items():
+                            rows.append(_one(srv, work, name, cmd, gib, cpus))
+                _table([r for r in rows if r["gib"] == gib])
+                shutil.rmtree(work / f"keep{gib}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
