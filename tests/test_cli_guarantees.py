@@ -30,7 +30,7 @@ from chroma_snapshots import (
     open_remote,
     open_store,
 )
-from chroma_snapshots import config as config_module
+from chroma_snapshots import opening as opening_module
 from chroma_snapshots.backends.cas import (
     ConditionalWriteCheck,
     probe_conditional_writes,
@@ -105,13 +105,13 @@ def test_store_flag_keeps_the_cache_dir(
 def opened(monkeypatch: pytest.MonkeyPatch) -> list[SnapshotStore]:
     """Every store the CLI opens (through the library's open_store)."""
     seen: list[SnapshotStore] = []
-    real = config_module.open_store
+    real = opening_module.open_store
 
     def spy(*args: Any, **kwargs: Any) -> SnapshotStore:
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(config_module, "open_store", spy)
+    monkeypatch.setattr(opening_module, "open_store", spy)
     return seen
 
 

@@ -17,7 +17,7 @@ import pytest
 from cli_inprocess import Run
 
 from chroma_snapshots import CachedStore
-from chroma_snapshots import config as config_module
+from chroma_snapshots import opening as opening_module
 from chroma_snapshots.backends.cas import unchecked
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend
@@ -61,13 +61,13 @@ def test_aws_flags_reach_the_s3_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opened: list[SnapshotStore] = []
-    real = config_module.open_store
+    real = opening_module.open_store
 
     def spy(*args: Any, **kwargs: Any) -> SnapshotStore:
         opened.append(real(*args, **kwargs))
         return opened[-1]
 
-    monkeypatch.setattr(config_module, "open_store", spy)
+    monkeypatch.setattr(opening_module, "open_store", spy)
     keys = "aws_access_key_id = testing\naws_secret_access_key = testing\n"
     (tmp_path / "config").write_text(f"[profile other]\nregion = eu-west-3\n{keys}")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
@@ -205,7 +205,7 @@ def test_cache_lists_per_name_and_version_and_removes_on_request(tmp_path: Path,
     v1 = _published(run, base, src)
     assert run(*base, "checkout", "db")[0] == 0
     # held by this process, v1 stays cached (else v2 is built by patching it in place)
-    cache = config_module.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    cache = opening_module.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
     assert isinstance(cache, CachedStore)
     held = cache.hold("db", v1)
     assert held is not None
@@ -432,7 +432,7 @@ def test_ctrl_c_says_it_was_interrupted(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(config_module, "open_store", interrupted)
+    monkeypatch.setattr(opening_module, "open_store", interrupted)
     code, _, err = run("--store", str(tmp_path), "ls")
     assert code == 130
     assert "interrupted" in err
@@ -524,7 +524,9 @@ def test_a_cli_checkout_of_a_held_version_without_dest_says_to_use_dest(
     store = RemoteStore(FileBackend(tmp_path / "store"))
     store.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
     # the CLI's own way of opening the store, so the same cache folder
-    cli_store = config_module.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    cli_store = opening_module.open_store(
+        str(tmp_path / "store"), cache_dir=str(tmp_path / "cache")
+    )
     holder = cli_store.checkout("db")
     args = ["--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
     code, _, err = run(*args, "checkout", "db")

@@ -256,7 +256,8 @@ def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> N
 
 
 def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path) -> None:
-    from chroma_snapshots.config import StoreConfig, open_store
+    from chroma_snapshots.config import StoreConfig
+    from chroma_snapshots.opening import open_store
 
     def cache_of(endpoint: str | None) -> Path:
         cfg = StoreConfig(url="s3://same/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path))

@@ -111,16 +111,16 @@ def test_a_store_opened_by_url_keeps_the_signing_key_of_the_environment(
 ) -> None:
     # The README's first example names the store by URL; the key configured for the
     # process must still sign what it publishes and refuse what is unsigned.
-    import chroma_snapshots.config as config
+    import chroma_snapshots.opening as opening
 
     url = f"file://{tmp_path / 'store'}"
     monkeypatch.delenv("CHROMA_SNAPSHOTS_CACHE_DIR", raising=False)
     unsigned = _store(tmp_path / "store", None).publish("db", src).version
     monkeypatch.setenv("CHROMA_SNAPSHOTS_SIGNING_KEY", KEY_A)
-    store = getattr(config, opener)(url)
+    store = getattr(opening, opener)(url)
     with pytest.raises(IntegrityError, match="not signed"):
         store.resolve("db", unsigned)
     version = store.publish("db2", src).version
     assert (tmp_path / "store" / (manifest_key("db2", version) + ".sig")).is_file()
     # a StoreConfig is taken as it is: no key, so unsigned data reads
-    assert getattr(config, opener)(StoreConfig(url=url)).resolve("db").version == unsigned
+    assert getattr(opening, opener)(StoreConfig(url=url)).resolve("db").version == unsigned

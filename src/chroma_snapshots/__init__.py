@@ -27,7 +27,7 @@ from chroma_snapshots.errors import (
 
 if TYPE_CHECKING:
     from chroma_snapshots.backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
-    from chroma_snapshots.config import StoreConfig, open_remote, open_store
+    from chroma_snapshots.config import StoreConfig
     from chroma_snapshots.engine.deadline import Deadline
     from chroma_snapshots.engine.models import (
         Chunk,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         TransferStats,
         VersionId,
     )
+    from chroma_snapshots.opening import open_remote, open_store
     from chroma_snapshots.stores.base import (
         ANY,
         LATEST,
@@ -62,8 +63,8 @@ _LAZY = {
     "open_backend": "chroma_snapshots.backends",
     "CachedStore": "chroma_snapshots.stores.cache",
     "StoreConfig": "chroma_snapshots.config",
-    "open_remote": "chroma_snapshots.config",
-    "open_store": "chroma_snapshots.config",
+    "open_remote": "chroma_snapshots.opening",
+    "open_store": "chroma_snapshots.opening",
     "Deadline": "chroma_snapshots.engine.deadline",
     "FallbackStore": "chroma_snapshots.stores.fallback",
     "Chunk": "chroma_snapshots.engine.models",

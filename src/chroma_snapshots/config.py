@@ -1,7 +1,7 @@
 """Configuration: the only module that reads environment variables.
 
 ``StoreConfig.from_env()`` validates everything at start-up and raises
-ConfigError naming the variable and the fix; ``open_store`` turns a URL or a
+ConfigError naming the variable and the fix; ``opening.open_store`` turns a URL or a
 config into a ready store. The CLI reads its configuration here too: ``--store``
 is ``from_env(url=...)``, so every other variable applies to it exactly as to the
 library.
@@ -20,9 +20,7 @@ from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
-    from chroma_snapshots.backends.base import Backend
-    from chroma_snapshots.stores.base import SnapshotStore, SourceStore
-    from chroma_snapshots.stores.remote import RemoteStore
+    pass
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
@@ -231,134 +229,6 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
     if raw and urlsplit(raw).scheme not in ("http", "https"):
         raise ConfigError(f"{ENV_ENDPOINT}={raw!r} must be an http(s) URL")
     return raw or None
-
-
-def _config(target: str | StoreConfig | None) -> StoreConfig:
-    # A URL replaces only the store the environment names, as the CLI's --store does: a
-    # signing key or timeout configured for the process must not be dropped because the
-    # caller named the store (a StoreConfig is taken as it is).
-    if target is None or isinstance(target, str):
-        return StoreConfig.from_env(url=target)
-    return target
-
-
-def open_remote(target: str | StoreConfig | None = None, *, create: bool = True) -> RemoteStore:
-    """The RemoteStore at a URL (other settings from the environment, as in
-    :func:`open_store`), from a config, or (``None``) from the environment; no cache,
-    no fallback (the fallback URL, if configured, is ignored). ``create=False``: a local store
-    directory that does not exist is SnapshotNotFoundError instead of being created."""
-    cfg = _config(target)
-    return remote_for(cfg, cfg.url, create=create)
-
-
-def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStore:
-    """The RemoteStore at ``url`` with ``cfg``'s timeouts, endpoint, keys and CAS policy."""
-    from chroma_snapshots.backends import open_backend
-    from chroma_snapshots.backends.s3 import S3Settings
-    from chroma_snapshots.engine.signing import Signer
-    from chroma_snapshots.stores.remote import RemoteStore
-
-    settings = S3Settings(
-        endpoint_url=cfg.s3_endpoint_url,
-        region=cfg.s3_region,
-        profile=cfg.s3_profile,
-        read_timeout=cfg.s3_timeout,
-        connect_timeout=min(5.0, cfg.s3_timeout),
-    )
-    if cfg.offline:
-        backend = _offline(url)
-    else:
-        backend = open_backend(
-            url,
-            s3_settings=settings,
-            efs_timeout=cfg.efs_timeout,
-            create=create,
-            unsafe_no_cas=cfg.unsafe_no_cas,
-        )
-    signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    # the label keys the cache: one spelling per store (one cache folder), and a relative
-    # path names a different store in another directory
-    label = _label(url)
-    # ... and the endpoint: the same bucket behind two endpoints is two stores
-    endpoint = cfg.s3_endpoint_url if label.startswith("s3://") else None
-    identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
-    return RemoteStore(
-        backend,
-        label=label,
-        signer=signer,
-        identity=identity,
-        trust_stamps=cfg.trust_stamps,
-        default_timeout=cfg.timeout,
-    )
-
-
-def _label(url: str) -> str:
-    """One spelling of the store ``url`` names: the scheme in lower case, no slash around an
-    S3 prefix, a normalized path (``s3://b/p/``, ``S3://b//p`` and ``s3://b/p`` are one
-    store, so they share one cache folder and one cache budget)."""
-    if "://" not in url:
-        return os.path.abspath(url)
-    scheme, rest = url.split("://", 1)
-    scheme = scheme.lower()
-    if scheme == "s3":
-        bucket, _, prefix = rest.partition("/")
-        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
-    if scheme in ("file", "efs") and rest.startswith("/"):
-        return f"{scheme}://{os.path.normpath(rest)}"
-    return f"{scheme}://{rest}"
-
-
-def _endpoint_label(endpoint: str) -> str:
-    """``HTTP://Host:9000/`` and ``http://host:9000`` are one endpoint."""
-    parts = urlsplit(endpoint)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-
-
-def _offline(url: str) -> Backend:
-    """The stand-in for a store that is not contacted (``offline``)."""
-    from chroma_snapshots.backends.offline import OfflineBackend
-
-    check_store_url(url)
-    return OfflineBackend(url)
-
-
-def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:
-    """The store ``cfg`` names without the cache: its RemoteStore, or a FallbackStore."""
-    primary = remote_for(cfg, cfg.url, create=create)
-    if cfg.fallback_url is None:
-        return primary
-    from chroma_snapshots.stores.fallback import FallbackStore
-
-    fallback = remote_for(cfg, cfg.fallback_url, create=create)
-    return FallbackStore([primary, fallback], mirror=cfg.mirror)
-
-
-def open_store(
-    target: str | StoreConfig | None = None, *, cache_dir: str | None = None, create: bool = True
-) -> SnapshotStore:
-    """Open the store at a URL, from a config, or (``None``) from the environment. With a
-    URL, every other setting still comes from the environment (signing key, timeouts,
-    cache directory, ...), as with the CLI's ``--store``; a StoreConfig is used as given.
-
-    With a cache directory (argument or ``CHROMA_SNAPSHOTS_CACHE_DIR``) the store is a
-    CachedStore around the source store; otherwise the source store itself. ``create=False``:
-    a local store directory that does not exist is SnapshotNotFoundError (read-only use).
-    """
-    cfg = _config(target)
-    source = source_for(cfg, create=create)
-    cache = cache_dir or cfg.cache_dir
-    if cache is None:
-        return source
-    from chroma_snapshots.stores.cache import CachedStore
-
-    stale_ok = cfg.stale_ok or cfg.offline  # offline: every read is an outage's stale read
-    return CachedStore(
-        source,
-        cache,
-        max_bytes=cfg.cache_max_bytes,
-        stale_ok=stale_ok,
-        refresh_seconds=cfg.refresh_seconds,
-    )
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"

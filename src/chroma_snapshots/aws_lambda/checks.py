@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chroma_snapshots.config import StoreConfig, remote_for
+from chroma_snapshots.config import StoreConfig
 from chroma_snapshots.errors import SnapshotNotFoundError
+from chroma_snapshots.opening import remote_for
 
 VISIBILITY_FACTOR = 6
 MIN_RECEIVE_COUNT = 5

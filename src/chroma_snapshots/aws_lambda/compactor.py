@@ -14,10 +14,11 @@ from typing import Any
 from chroma_snapshots.aws_lambda.batch import Message
 from chroma_snapshots.aws_lambda.common import Results, SqsHandler
 from chroma_snapshots.compaction import Delta, compact
-from chroma_snapshots.config import LambdaConfig, open_store, remote_for
+from chroma_snapshots.config import LambdaConfig
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
+from chroma_snapshots.opening import open_store, remote_for
 from chroma_snapshots.stores.base import SnapshotStore
 
 

@@ -20,10 +20,11 @@ from chroma_snapshots.aws_lambda.batch import Message, log
 from chroma_snapshots.aws_lambda.common import Results, SqsHandler, load_callable
 from chroma_snapshots.chroma import open_checkout
 from chroma_snapshots.compaction.deltas import embedding_problem
-from chroma_snapshots.config import ENV_PROCESSOR, ENV_SINK, LambdaConfig, open_store
+from chroma_snapshots.config import ENV_PROCESSOR, ENV_SINK, LambdaConfig
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.models import TransferStats
 from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.opening import open_store
 from chroma_snapshots.stores.base import LocalSnapshot, SnapshotStore
 
 

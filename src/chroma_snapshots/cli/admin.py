@@ -174,7 +174,7 @@ def register(cli: click.Group) -> None:
         all_versions: bool,
         as_json: bool,
     ) -> None:
-        from chroma_snapshots.config import remote_for
+        from chroma_snapshots.opening import remote_for
         from chroma_snapshots.ops.sync import sync_version
 
         # both ends get the environment's keys, timeouts and endpoint; only DST may be new

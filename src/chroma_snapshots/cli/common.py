@@ -119,7 +119,7 @@ def describe_error(err: BaseException) -> str:
 def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
     """The configured store, through the cache when one is configured. Only commands that
     write a new store (``create``) may create a missing local store directory."""
-    from chroma_snapshots.config import open_store
+    from chroma_snapshots.opening import open_store
 
     cfg = config_of(ctx)
     if cfg.offline:  # for the whole command: the store is never asked, so nothing is "stale"
@@ -130,7 +130,7 @@ def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
 
 def source_of(ctx: click.Context) -> SourceStore:
     """The configured store without the cache layer (manifests, diffs)."""
-    from chroma_snapshots.config import source_for
+    from chroma_snapshots.opening import source_for
 
     with _loading():
         return source_for(config_of(ctx), create=False)
@@ -138,7 +138,7 @@ def source_of(ctx: click.Context) -> SourceStore:
 
 def cache_of(ctx: click.Context) -> CachedStore:
     """The cache the ``cache`` commands inspect (default directory: /tmp/chroma-snapshots)."""
-    from chroma_snapshots.config import source_for
+    from chroma_snapshots.opening import source_for
     from chroma_snapshots.stores.cache import DEFAULT_CACHE_DIR, CachedStore
 
     cfg = config_of(ctx)

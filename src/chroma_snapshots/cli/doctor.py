@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.backends.cas import OPT_OUT, PROBE_DIR, probe_conditional_writes, unchecked
-from chroma_snapshots.config import StoreConfig, remote_for
+from chroma_snapshots.config import StoreConfig
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.opening import remote_for
 
 Status = str  # "ok", "warn", "fail" or "skip" (not tried: a check it needs failed)
 
