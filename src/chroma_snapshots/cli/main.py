@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chroma_snapshots.cli import views
 from chroma_snapshots.cli.common import (
     EXIT_CODES,
     click,
@@ -28,88 +28,21 @@ from chroma_snapshots.cli.common import (
     source_of,
     store_of,
 )
-from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref, version_ids
+from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotError,
-    SnapshotNotFoundError,
 )
 
 if TYPE_CHECKING:
-    from chroma_snapshots.engine.models import SnapshotInfo
-    from chroma_snapshots.stores.base import SnapshotStore
-
-
-def _chroma_info(store: SnapshotStore, name: str, ref: str, as_json: bool) -> None:
-    import tempfile
-
-    from chroma_snapshots.chroma import describe
-
-    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-info-") as tmp:
-        snap = store.checkout(name, ref, Path(tmp) / "db")
-        view = describe(snap.path)
-    rows = [f"{'collection':<32} {'records':>9} {'dim':>5} {'unsynced':>9} {'segments':>10}"]
-    rows += [
-        f"{c.name:<32} {c.records:>9} {c.dimension or '-':>5} {c.unsynced:>9} "
-        f"{human_bytes(c.segment_bytes):>10}"
-        for c in view.collections
-    ]
-    rows.append(
-        f"sqlite {human_bytes(view.sqlite_bytes)}; orphan segment folders: "
-        f"{', '.join(view.orphan_segments) or 'none'}"
-    )
-    emit({"version": snap.info.version, "chroma": view}, as_json, "\n".join(rows))
-
-
-def _version_rows(
-    refs: dict[str, str], versions: list[SnapshotInfo], damaged: dict[str, str]
-) -> str:
-    """One line per version, newest first: id, date, size, files, refs naming it, message;
-    a version whose manifest is unreadable says so."""
-    tags = {v: sorted(r for r, rv in refs.items() if rv == v) for v in refs.values()}
-    rows = {
-        v.version: f"{v.created_at:%Y-%m-%d %H:%M:%S}  {human_bytes(v.total_size):>10}  "
-        f"{v.file_count:>6} files  {','.join(tags.get(v.version, [])):<12}  {shown(v.message)}"
-        for v in versions
-    }
-    rows.update((v, f"DAMAGED {' '.join([*tags.get(v, []), why])}") for v, why in damaged.items())
-    return "\n".join(f"{v}  {rows[v]}".rstrip() for v in sorted(rows, reverse=True))
+    pass
 
 
 def _a_copy(store: Any, name: str, snap: Any) -> bool:
     """Whether a cached checkout came back as a second holder's copy of the version (the
     cached folder was held), not the cached folder itself."""
     return bool(snap.path != store.dirs(name).tree(snap.info.version))
-
-
-def _listing(
-    store: SnapshotStore, name: str, refs: dict[str, str]
-) -> tuple[list[SnapshotInfo], dict[str, str]]:
-    """The versions of ``name`` (listed, or named by a ref) and, apart, those whose
-    manifest is unreadable or missing, with why: one damaged version must not hide the
-    others, nor the one to roll back to."""
-    found, damaged = [], {}
-    for v in dict.fromkeys([*version_ids(store, name), *sorted(set(refs.values()))]):
-        try:
-            found.append(store.resolve(name, v))
-        except (IntegrityError, SnapshotNotFoundError) as e:
-            damaged[v] = str(e)
-    return found, damaged
-
-
-def _published_text(info: SnapshotInfo, *, unchanged: bool) -> str:
-    s = info.stats
-    if unchanged:
-        return (
-            f"nothing changed since latest {info.version} of {info.name}: no new version "
-            "(--allow-empty makes one)"
-        )
-    return (
-        f"published {info.name} {info.version}: {info.file_count} files, "
-        f"{human_bytes(info.total_size)}; uploaded {human_bytes(s.bytes_uploaded)} "
-        f"({s.chunks_transferred} new chunks), reused {human_bytes(s.bytes_reused)}"
-    )
 
 
 def _build() -> click.Group:
@@ -236,7 +169,7 @@ def _build() -> click.Group:
             allow_empty=allow_empty,
         )
         # An unchanged folder gets latest's info back: a version made before this publish.
-        emit(info, as_json, _published_text(info, unchanged=info.created_at < started))
+        emit(info, as_json, views.published_text(info, unchanged=info.created_at < started))
 
     @cli.command(help="Materialize a version of NAME (default ref: latest), every chunk verified.")
     @click.argument("name")
@@ -294,7 +227,7 @@ def _build() -> click.Group:
             refs, bad_refs = store.refs(name), None
         except IntegrityError as e:  # a damaged ref must not hide the versions either
             refs, bad_refs = {}, str(e)
-        versions, damaged = _listing(store, name, refs)
+        versions, damaged = views.listing(store, name, refs)
         if not refs and not versions and not damaged:
             raise no_snapshot(name)
         data: dict[str, Any] = {"refs": refs, "versions": versions}
@@ -302,7 +235,7 @@ def _build() -> click.Group:
             data["damaged"] = damaged
         if bad_refs:
             data["damaged_refs"] = bad_refs
-        rows = _version_rows(refs, versions, damaged)
+        rows = views.version_rows(refs, versions, damaged)
         emit(data, as_json, rows + (f"\nDAMAGED REFS: {bad_refs}" if bad_refs else ""))
 
     @cli.command(help="Show a version's manifest summary.")
@@ -321,7 +254,7 @@ def _build() -> click.Group:
         if chroma_view:
             store = store_of(ctx)
             with about(store, name):
-                _chroma_info(store, name, resolve_ref(store, name, ref), as_json)
+                views.chroma_info(store, name, resolve_ref(store, name, ref), as_json)
             return
         # Manifests come from the source, except offline or with --stale-ok: then the cache
         # answers for the versions it holds, as a checkout would.

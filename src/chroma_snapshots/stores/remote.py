@@ -229,32 +229,28 @@ class RemoteStore(SourceStore):
             if pm is not None and parent and not allow_empty and same_tree(pm, entries, dirs):
                 stats.add(requests=2)  # the pin and its release: nothing else is written
                 return SnapshotInfo.from_manifest(parent, pm, stats.freeze(time.monotonic() - t0))
-            manifest = Manifest(
-                name,
-                utc_now(),
-                self.chunk_size,
-                tuple(entries),
-                chunks,
-                tuple(dirs),
-                parent,
-                publisher_id(),
-                message,
-                metadata,
-                self.manifest_format,
-            )
-            with manifest_v2.collector_paused():
-                data = manifest_v2.dumps(manifest)
-                manifest_v2.readable_manifest(name, data)
-            version = str(VersionId.for_manifest(data, manifest.created_at))
-            key = manifest_key(name, version)
-            claims.create_once(self._io(dl), key, data)
-            if self.signer is not None:  # before the ref: a reader never sees it unsigned
-                sig = self.signer.sign(f"manifest:{key}", data).encode()
-                claims.create_once(self._io(dl), key + ".sig", sig)
+            manifest = Manifest(name, utc_now(), self.chunk_size, tuple(entries), chunks,
+                                tuple(dirs), parent, publisher_id(), message, metadata,
+                                self.manifest_format)  # fmt: skip
+            version, data = self._write_manifest(manifest, dl)
             self._move_ref(name, "latest", version, expected, current, dl, new=True)
         # pin, prune records, manifest, retirement note, ref
         stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
         return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
+
+    def _write_manifest(self, manifest: Manifest, dl: Deadline) -> tuple[str, bytes]:
+        """Encode ``manifest``, check it decodes as readers will, create it once (and its
+        signature, before any ref can name it): (version id, bytes)."""
+        with manifest_v2.collector_paused():
+            data = manifest_v2.dumps(manifest)
+            manifest_v2.readable_manifest(manifest.name, data)
+        version = str(VersionId.for_manifest(data, manifest.created_at))
+        key = manifest_key(manifest.name, version)
+        claims.create_once(self._io(dl), key, data)
+        if self.signer is not None:
+            sig = self.signer.sign(f"manifest:{key}", data).encode()
+            claims.create_once(self._io(dl), key + ".sig", sig)
+        return version, data
 
     def _parent_manifest(self, name: str, parent: str, dl: Deadline) -> Manifest | None:
         """The parent's manifest, or None if it is damaged: the publish then reuses none of
