@@ -426,6 +426,35 @@ def test_ls_lists_the_versions_when_a_ref_is_damaged(tmp_path: Path, run: Run) -
     assert "damaged_refs" in json.loads(out)
 
 
+@pytest.mark.parametrize("damage", [b'{"version": "zzz"}', b"\x00" * 10, b""])
+def test_a_damaged_latest_is_repaired_by_rollback_force(
+    tmp_path: Path, run: Run, damage: bytes
+) -> None:
+    root = tmp_path / "store"
+    store = ["--store", str(root)]
+    v1 = _published(run, store, write_tree(tmp_path / "src", {"a": b"a"}))
+    v2 = _published(run, store, write_tree(tmp_path / "src", {"a": b"b"}))
+    # a reader in another process has seen latest at its generation (2)
+    reader = RemoteStore(FileBackend(root))
+    assert reader.resolve("db").version == v2
+    ref = root / "db" / "refs" / "latest"
+    ref.chmod(0o644)
+    ref.write_bytes(damage)
+    code, _, err = run(*store, "rollback", "db", v1)
+    assert code == 5, err
+    assert "rollback --force" in err
+    code, out, err = run(*store, "rollback", "db", v1, "--force", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"name": "db", "ref": "latest", "version": v1, "previous": None}
+    # the repaired ref reads everywhere, also where a higher generation than 1 was seen
+    assert reader.resolve("db").version == v1
+    v3 = _published(run, store, write_tree(tmp_path / "src", {"a": b"c"}))
+    assert reader.resolve("db").version == v3
+    code, _, err = run(*store, "checkout", "db", v1, "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "a").read_bytes() == b"a"
+
+
 def test_ctrl_c_says_it_was_interrupted(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:

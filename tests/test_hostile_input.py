@@ -106,17 +106,22 @@ def test_hostile_ref_is_an_integrity_error(
     url: str, tmp_path: Path, signed: bool, body: bytes
 ) -> None:
     store = _store(url, signed)
-    _publish(store, tmp_path / "src")
+    version = _publish(store, tmp_path / "src")
     store.backend.put(ref_key("db", "latest"), body)
     for call in (
         lambda: store.read_ref("db"),
         lambda: store.resolve("db"),
         lambda: store.checkout("db", dest=tmp_path / "out"),
         lambda: store.publish("db", tmp_path / "src", expected=ANY),
+        lambda: store.set_ref("db", "latest", version, expected=version),
     ):
         with pytest.raises(IntegrityError):
             call()
     assert not (tmp_path / "out").exists()
+    # the repair: a ref move that expects nothing in particular writes over it
+    store.set_ref("db", "latest", version, expected=ANY)
+    assert _store(url, signed).resolve("db").version == version
+    assert store.publish("db", tmp_path / "src", allow_empty=True).version != version
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -41,6 +41,17 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
     }
 
 
+def _latest(store: Any, name: str, force: bool) -> str | None:
+    """The version latest names; with ``force``, None if latest cannot be read. Only the
+    ref is read: a latest whose manifest is damaged is what a rollback is for."""
+    try:
+        return str(store.current_version(name)[0])
+    except IntegrityError as e:
+        if force:
+            return None
+        raise IntegrityError(f"{e} (rollback --force writes latest over it)") from e
+
+
 def register(cli: click.Group) -> None:
     """Add the operator commands to ``cli``."""
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -119,15 +130,20 @@ def register(cli: click.Group) -> None:
     @cli.command(help="Point latest back at VERSION (or a tag), if latest has not moved meanwhile.")
     @click.argument("name")
     @click.argument("ref")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Write latest even if it cannot be read (damaged, or signed with another key); "
+        "no compare-and-swap.",
+    )
     @json_opt
     @click.pass_context
-    def rollback(ctx: click.Context, name: str, ref: str, as_json: bool) -> None:
+    def rollback(ctx: click.Context, name: str, ref: str, force: bool, as_json: bool) -> None:
         store = store_of(ctx)
         with about(store, name):
-            # the ref alone: a latest whose manifest is damaged is what a rollback is for
-            current = store.current_version(name)[0]
+            current = _latest(store, name, force)
             target = store.resolve(name, resolve_ref(store, name, ref)).version
-        store.set_ref(name, "latest", target, expected=current)
+        store.set_ref(name, "latest", target, expected=ANY if force else current)
         data = {"name": name, "ref": "latest", "version": target, "previous": current}
         emit(data, as_json, f"{name}/latest: {current} -> {target}")
 

@@ -177,7 +177,8 @@ class SnapshotStore(ABC):
         expected: Expected,
         deadline: DeadlineLike = None,
     ) -> None:
-        """Point ``ref`` at ``version`` (tags, rollback), compare-and-swap on ``expected``."""
+        """Point ``ref`` at ``version`` (tags, rollback), compare-and-swap on ``expected``;
+        ``ANY`` writes over whatever is there, also a ref that cannot be read (a repair)."""
 
     @abstractmethod
     def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:

@@ -3,6 +3,7 @@ one already seen) and moving one by compare-and-swap, the one way a ref is writt
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -70,6 +71,8 @@ def move_ref(
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
+    if current is None and expected is ANY:
+        gen = overwrite_generation()
     if gen > MAX_GENERATION:  # readers would refuse the new value: the name would be wedged
         raise IntegrityError(
             f"ref {name}/{ref} is at generation {gen - 1}, the highest a ref may have: it was "
@@ -98,6 +101,15 @@ def move_ref(
             f"{name}/{ref} moved while publishing (based on "
             f"{current[0].version if current else 'nothing'}); nothing was made visible"
         ) from e
+
+
+def overwrite_generation() -> int:
+    """The generation of a ref written whatever was there (``ANY``) over none that could be
+    read: deleted by hand, damaged, or signed with another key. Readers remember the highest
+    generation they saw and refuse a lower one, so it must be above any this ref had: the
+    time in microseconds, which no ref reaches one move at a time (a move is a round trip
+    of a millisecond or more), nor a ref overwritten this way earlier."""
+    return time.time_ns() // 1000
 
 
 def check_expected(what: str, expected: Expected, current: Found | None) -> None:

@@ -57,6 +57,7 @@ from chroma_snapshots.errors import (
 from chroma_snapshots.ops import maintenance, pruning
 from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
+    ANY,
     LATEST,
     Expected,
     LocalSnapshot,
@@ -299,7 +300,12 @@ class RemoteStore(SourceStore):
         with self.pinned(name, [version], dl):
             # after the pin and the check: a version a prune deleted is gone by now
             self.load_manifest(name, version, deadline=dl)  # never name a broken manifest
-            current = self.read_ref(name, ref, deadline=dl)
+            try:
+                current = self.read_ref(name, ref, deadline=dl)
+            except IntegrityError:
+                if expected is not ANY:
+                    raise
+                current = None  # unreadable: ANY writes over it (refs.move_ref's generation)
             refs.check_expected(f"{name}/{ref}", expected, current)
             self._move_ref(name, ref, version, expected, current, dl)
 
