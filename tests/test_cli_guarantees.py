@@ -211,6 +211,18 @@ def test_the_operation_timeout_comes_from_the_environment_or_the_flag(
     assert _remote(opened[0]).default_timeout == want
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0", "soon", "1e10"])
+@pytest.mark.parametrize("option", [["--timeout"], ["doctor", "--budget"]])
+def test_seconds_options_follow_the_variables_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], bad: str
+) -> None:
+    args = ["--store", str(tmp_path), *option, bad]
+    assert main(args if option[0] == "doctor" else [*args, "ls"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option[-1]}={bad!r}" in err
+    assert "Traceback" not in err
+
+
 def test_an_invalid_variable_is_reported_with_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
 ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
 ENV_TIMEOUT = "CHROMA_SNAPSHOTS_TIMEOUT"
-MAX_SECONDS = 1e9  # the CLI's --timeout has the same bound
+MAX_SECONDS = 1e9  # for the CLI's --timeout too (parse_seconds)
 ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
 ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
 ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"
@@ -173,14 +173,18 @@ def _flag(env: Mapping[str, str], var: str, *, default: bool = False) -> bool:
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
     raw = env.get(var, "").strip()
-    if not raw:
-        return default
+    return parse_seconds(raw, var) if raw else default
+
+
+def parse_seconds(raw: str, what: str) -> float:
+    """``raw`` as a deadline's seconds: ConfigError naming ``what`` unless a number in
+    (0, 1e9] (nan too; a deadline past ~31 years overflows time_t)."""
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{var}={raw!r} is not a number") from None
-    if not 0 < value <= MAX_SECONDS:  # nan too; a deadline past ~31 years overflows time_t
-        raise ConfigError(f"{var}={raw!r} must be positive and at most {MAX_SECONDS:.0e}")
+        raise ConfigError(f"{what}={raw!r} is not a number") from None
+    if not 0 < value <= MAX_SECONDS:
+        raise ConfigError(f"{what}={raw!r} must be positive and at most {MAX_SECONDS:.0e}")
     return value
 
 

@@ -100,6 +100,16 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     return replace(cfg, trust_stamps=False) if flags.get("no_stamps") else cfg
 
 
+def seconds_option(ctx: click.Context, param: click.Parameter, raw: object) -> float | None:
+    """A ``--timeout``-like option: the environment's rules (config.parse_seconds)."""
+    from chroma_snapshots.config import parse_seconds
+
+    try:
+        return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def shown(text: str | None) -> str:
     """``text`` (a publisher's message: anyone's words) on one line with no control
     characters: a newline would break ``ls`` into lines, an escape sequence would drive

@@ -24,6 +24,7 @@ from chroma_snapshots.cli.common import (
     log_warnings_to_stderr,
     progress_bar,
     quiet_stale_warning,
+    seconds_option,
     shown,
     source_of,
     store_of,
@@ -89,7 +90,7 @@ def _build() -> click.Group:
     )
     @click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True, max=1e9),
+        callback=seconds_option,
         default=None,
         metavar="SECONDS",
         help="Deadline of the command's work with the store "
@@ -294,7 +295,14 @@ def _build() -> click.Group:
         "conditional writes, with timings), the EFS hang guard and the /tmp cache. "
         "Never creates a store. Exit 1 if anything fails."
     )
-    @click.option("--budget", default=10.0, show_default=True, help="Seconds allowed per check.")
+    @click.option(
+        "--budget",
+        default="10",
+        type=str,  # the callback parses: nan and inf are refused as the variables' are
+        callback=seconds_option,
+        show_default=True,
+        help="Seconds allowed per check.",
+    )
     @json_opt
     @click.pass_context
     def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
