@@ -272,7 +272,7 @@ def test_prune_removes_what_writers_killed_mid_write_left_on_a_file_store(
         path.write_bytes(b"x" * 100)
     for path in (old_pack, old_ref, *others):
         _age(path, 2 * HOUR)
-    store.prune(NAME, keep_last=1, min_age=0)
+    assert store.prune(NAME, keep_last=1, min_age=0).swept_temp_files == 2
     assert not old_pack.exists()
     assert not old_ref.exists()
     assert fresh.exists()  # a live writer's, maybe

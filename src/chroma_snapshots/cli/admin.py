@@ -165,13 +165,14 @@ def register(cli: click.Group) -> None:
         if not touched and not has_snapshot(store, name):
             raise no_snapshot(name)
         verb = "would delete" if report.dry_run else "deleted"
-        emit(
-            report,
-            as_json,
+        text = (
             f"{verb} {len(report.deleted_versions)} versions and "
             f"{len(report.deleted_packs)} packs ({human_bytes(report.freed_bytes)}); "
-            f"kept {len(report.kept_versions)}",
+            f"kept {len(report.kept_versions)}"
         )
+        if report.swept_temp_files:
+            text += f"; removed {report.swept_temp_files} temp files killed writers left"
+        emit(report, as_json, text)
 
     @cli.command(
         help="Copy versions and refs from store SRC to store DST, moving only missing packs."

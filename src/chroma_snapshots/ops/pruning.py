@@ -21,7 +21,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from chroma_snapshots.backends.base import ObjectMeta
@@ -134,12 +134,12 @@ def prune(
             tidy(io, [record], "removing the prune's record")
         raise
     _delete(io, name, drop, dead, second)
-    io.sweep_temp(f"{name}/", TEMP_AGE)  # what writers killed mid-write left (file stores)
+    swept = io.sweep_temp(f"{name}/", TEMP_AGE)  # what writers killed mid-write left
     # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
     # that returned may still have an earlier attempt in flight (the client retried it and
     # the retry answered first), and that copy would remove a pack a later publish wrote
     # again. A later prune removes it.
-    return _report(name, keep, drop, dead, second, dry_run=False)
+    return replace(_report(name, keep, drop, dead, second, dry_run=False), swept_temp_files=swept)
 
 
 def _first_look(

@@ -92,6 +92,8 @@ class PruneReport:
     deleted_packs: tuple[str, ...]
     freed_bytes: int
     dry_run: bool
+    swept_temp_files: int = 0
+    """Temp files writers killed mid-write left (file and EFS stores; over an hour old)."""
 
 
 class SnapshotStore(ABC):
