@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from chroma_snapshots.cli import views
+from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
 from chroma_snapshots.cli.common import (
     EXIT_CODES,
     click,
@@ -170,7 +170,7 @@ def _build() -> click.Group:
             allow_empty=allow_empty,
         )
         # An unchanged folder gets latest's info back: a version made before this publish.
-        emit(info, as_json, views.published_text(info, unchanged=info.created_at < started))
+        emit(info, as_json, published_text(info, unchanged=info.created_at < started))
 
     @cli.command(help="Materialize a version of NAME (default ref: latest), every chunk verified.")
     @click.argument("name")
@@ -228,7 +228,7 @@ def _build() -> click.Group:
             refs, bad_refs = store.refs(name), None
         except IntegrityError as e:  # a damaged ref must not hide the versions either
             refs, bad_refs = {}, str(e)
-        versions, damaged = views.listing(store, name, refs)
+        versions, damaged = listing(store, name, refs)
         if not refs and not versions and not damaged:
             raise no_snapshot(name)
         data: dict[str, Any] = {"refs": refs, "versions": versions}
@@ -236,7 +236,7 @@ def _build() -> click.Group:
             data["damaged"] = damaged
         if bad_refs:
             data["damaged_refs"] = bad_refs
-        rows = views.version_rows(refs, versions, damaged)
+        rows = version_rows(refs, versions, damaged)
         emit(data, as_json, rows + (f"\nDAMAGED REFS: {bad_refs}" if bad_refs else ""))
 
     @cli.command(help="Show a version's manifest summary.")
@@ -255,7 +255,7 @@ def _build() -> click.Group:
         if chroma_view:
             store = store_of(ctx)
             with about(store, name):
-                views.chroma_info(store, name, resolve_ref(store, name, ref), as_json)
+                chroma_info(store, name, resolve_ref(store, name, ref), as_json)
             return
         # Manifests come from the source, except offline or with --stale-ok: then the cache
         # answers for the versions it holds, as a checkout would.
