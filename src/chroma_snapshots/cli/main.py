@@ -13,7 +13,6 @@ import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
 from chroma_snapshots.cli.common import (
     EXIT_CODES,
     click,
@@ -30,6 +29,7 @@ from chroma_snapshots.cli.common import (
     store_of,
 )
 from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
+from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
