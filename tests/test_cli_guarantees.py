@@ -234,6 +234,28 @@ def test_an_invalid_variable_is_reported_with_store(
 TYPOS = ["s3:/my-bucket/chroma", "s3:my-bucket", "file:relative", "efs:/x", "memory:x"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--store", "s3://[my-bucket]/p"],
+        ["--store", "s3://[bkt/p"],
+        ["--store", "fsspec+s3://[b/p"],
+        ["--store", "efs://[x/y"],
+        ["--store", "file://[x]/y"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://[::1"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:99999"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://:9000"],
+    ],
+)
+def test_urls_urllib_cannot_split_are_usage_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args, "ls"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("url", TYPOS)
 def test_url_typos_are_config_errors_everywhere(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -210,12 +210,16 @@ ENV_KEYS = [
     "CHROMA_SNAPSHOTS_RESERVE_SECONDS",
     "CHROMA_SNAPSHOTS_PROCESSOR",
     "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED",
+    "AWS_ENDPOINT_URL_S3",
 ]
 VALUES = st.one_of(
     st.text(max_size=30),
     st.sampled_from(
         ["s3", "efs", "auto", "-1", "nan", "inf", "1e400", "0", "true", "s3://", "x://y"]
     ),
+    # what urllib refuses to split: an unbalanced '[', a bracketed name, a port out of range
+    st.sampled_from(["s3://[b/p", "s3://[bkt]/p", "file://[x]/y", "memory://[x"]),
+    st.sampled_from(["http://[::1", "http://127.0.0.1:99999", "http://:9000", "http://h:x"]),
 )
 # Every secret starts with this marker, so "the key never appears in an error" is checked
 # for every generated key, however short (a secret can't match the message by chance).

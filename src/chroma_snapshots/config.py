@@ -77,9 +77,8 @@ class StoreConfig:
         check_store_url(self.url)
         if self.fallback_url is not None:
             check_store_url(self.fallback_url, "fallback URL")
-        endpoint = self.s3_endpoint_url
-        if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise ConfigError(f"S3 endpoint {endpoint!r} must be an http(s) URL")
+        if self.s3_endpoint_url is not None:
+            check_endpoint(self.s3_endpoint_url, "S3 endpoint ")
 
     @classmethod
     def from_env(
@@ -230,9 +229,21 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
 
 def _endpoint(env: Mapping[str, str]) -> str | None:
     raw = env.get(ENV_ENDPOINT, "").strip()
-    if raw and urlsplit(raw).scheme not in ("http", "https"):
-        raise ConfigError(f"{ENV_ENDPOINT}={raw!r} must be an http(s) URL")
+    if raw:
+        check_endpoint(raw, f"{ENV_ENDPOINT}=")
     return raw or None
+
+
+def check_endpoint(raw: str, what: str) -> None:
+    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL with a host
+    and a valid port: an unbalanced ``[`` or port 99999 is a typo, not an outage."""
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parsing it raises for a port out of range
+    except ValueError as e:
+        raise ConfigError(f"{what}{raw!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what}{raw!r} must be an http(s) URL, e.g. http://127.0.0.1:9000")
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"

@@ -94,7 +94,10 @@ def check_store_url(url: str, what: str = "store URL") -> str:
         scheme = url.split("://", 1)[0]
         if not _SCHEME.fullmatch(scheme + ":"):
             raise ConfigError(f"{what} {url!r} has no valid scheme; e.g. s3://bucket/prefix")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # an unbalanced '[', a bracketed name that is no address
+            raise ConfigError(f"{what} {url!r} is not a valid URL: {e}") from None
         if scheme.lower() in ("s3", "file", "efs", "memory") and (parts.query or parts.fragment):
             # they name no store: dropping them silently could name another one
             raise ConfigError(f"{what} {url!r}: {scheme}:// URLs take no '?' or '#' part")
