@@ -46,10 +46,10 @@ def _latest(store: Any, name: str, force: bool) -> str | None:
     ref is read: a latest whose manifest is damaged is what a rollback is for."""
     try:
         return str(store.current_version(name)[0])
-    except IntegrityError as e:
+    except IntegrityError:
         if force:
             return None
-        raise IntegrityError(f"{e} (rollback --force writes latest over it)") from e
+        raise
 
 
 def register(cli: click.Group) -> None:

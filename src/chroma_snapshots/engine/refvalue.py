@@ -60,7 +60,7 @@ class RefValue:
             raise IntegrityError(f"ref format {o['format']!r} is not supported")
         v = o["version"]
         if not isinstance(v, str) or not VERSION_RE.fullmatch(v):
-            raise IntegrityError(f"ref points at an invalid version {v!r}")
+            raise IntegrityError(f"ref points at an invalid version {str(v)[:64]!r}")
         sig = o.get("signature")
         return cls(
             v,

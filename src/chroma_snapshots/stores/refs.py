@@ -3,6 +3,7 @@ one already seen) and moving one by compare-and-swap, the one way a ref is writt
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,9 @@ from chroma_snapshots.errors import (
 from chroma_snapshots.stores.base import ANY, Expected
 from chroma_snapshots.stores.claims import moved_on_from, note_retired
 
+log = logging.getLogger(__name__)
+REPAIR = "a move with expected=ANY writes over it; CLI: rollback --force"
+
 Found = tuple[RefValue, str]
 """A ref's value and the ETag a compare-and-swap is conditioned on."""
 
@@ -38,18 +42,41 @@ def read_ref(
         raise  # no bucket: not an absent ref
     except SnapshotNotFoundError:
         return None
-    value = RefValue.from_json(got.data)
-    if signer is not None:
-        signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
-    # Every move of a ref raises its generation (a rollback too), so a lower one than
-    # this store has seen is an old ref written back: a replay, even if validly signed.
-    if value.generation < (last := seen.get(key, 0)):
-        raise IntegrityError(
-            f"ref {key} went backwards (generation {value.generation} after {last}): "
-            "an old ref was written back"
-        )
+    except IntegrityError as e:  # too large
+        raise _unreadable(key, e) from None
+    try:
+        value = RefValue.from_json(got.data)
+        if signer is not None:
+            signer.verify(f"ref:{key}", value.signed_bytes(), value.signature, f"ref {key}")
+        # Every move of a ref raises its generation (a rollback too), so a lower one than
+        # this store has seen is an old ref written back: a replay, even if validly signed.
+        if value.generation < (last := seen.get(key, 0)):
+            raise IntegrityError(
+                f"ref {key} went backwards (generation {value.generation} after {last}): "
+                "an old ref was written back"
+            )
+    except IntegrityError as e:
+        raise _unreadable(key, e) from None
     seen[key] = value.generation
     return value, got.meta.etag
+
+
+def _unreadable(key: str, e: IntegrityError) -> IntegrityError:
+    """``e`` naming the ref, and how to write over it."""
+    named = str(e) if key in str(e) else f"ref {key}: {e}"
+    return IntegrityError(f"{named} ({REPAIR})")
+
+
+def to_move(read: Callable[[], Found | None], expected: Expected) -> Found | None:
+    """The ref a move is conditioned on (``read``); with ``ANY``, None if it cannot be read:
+    the move then writes over it (overwrite_generation)."""
+    try:
+        return read()
+    except IntegrityError as e:
+        if expected is not ANY:
+            raise
+        log.warning("writing over a ref that cannot be read: %s", e)
+        return None
 
 
 def move_ref(

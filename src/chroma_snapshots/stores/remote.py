@@ -57,7 +57,6 @@ from chroma_snapshots.errors import (
 from chroma_snapshots.ops import maintenance, pruning
 from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
-    ANY,
     LATEST,
     Expected,
     LocalSnapshot,
@@ -205,7 +204,7 @@ class RemoteStore(SourceStore):
         check_source(
             [f.relpath for f in files], list(dirs), [f.size for f in files], self.chunk_size
         )
-        current = self.read_ref(name, deadline=dl)
+        current = refs.to_move(lambda: self.read_ref(name, deadline=dl), expected)
         stats.add(requests=1)
         refs.check_expected(name, expected, current)
         parent = current[0].version if current else None
@@ -300,12 +299,7 @@ class RemoteStore(SourceStore):
         with self.pinned(name, [version], dl):
             # after the pin and the check: a version a prune deleted is gone by now
             self.load_manifest(name, version, deadline=dl)  # never name a broken manifest
-            try:
-                current = self.read_ref(name, ref, deadline=dl)
-            except IntegrityError:
-                if expected is not ANY:
-                    raise
-                current = None  # unreadable: ANY writes over it (refs.move_ref's generation)
+            current = refs.to_move(lambda: self.read_ref(name, ref, deadline=dl), expected)
             refs.check_expected(f"{name}/{ref}", expected, current)
             self._move_ref(name, ref, version, expected, current, dl)
 
