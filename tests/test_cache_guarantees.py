@@ -21,6 +21,7 @@ from chroma_snapshots import (
     CacheFullError,
     ConfigError,
     Deadline,
+    InvalidInputError,
     RemoteStore,
 )
 from chroma_snapshots.backends.file import FileBackend
@@ -463,3 +464,40 @@ def test_the_folders_a_cache_makes_are_its_own_whatever_the_umask(tmp_path: Path
         assert read_tree(snap.path) == {"a": b"a"}
     assert (tmp_path / "new" / "cache").stat().st_mode & 0o777 == 0o700
     assert cached.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_checkout_never_goes_inside_a_cache_folder(tmp_path: Path) -> None:
+    # the cache's repairs and sweeps remove what they do not know in its folders: a dest
+    # there would be a reported success the next warm checkout deletes
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    remote.publish("db", write_tree(tmp_path / "src", {"a": b"a" * 1000}))
+    cache = CachedStore(remote, tmp_path / "cache")
+    held = cache.checkout("db")
+    (tmp_path / "link").symlink_to(cache.root)
+    for store, dest in [
+        (cache, held.path / "mine"),
+        (cache, held.path.parent / "mine"),
+        (remote, cache.root / "db" / "tmp" / "mine"),
+        (remote, tmp_path / "link" / "db" / "mine"),  # through a link too
+    ]:
+        with pytest.raises(InvalidInputError, match="inside the cache folder"):
+            store.checkout("db", dest=dest)
+        assert not dest.exists()
+    # the cache directory itself holds each store's folder and nothing is swept there
+    assert cache.checkout("db", dest=tmp_path / "cache" / "mine").path.is_dir()
+    with pytest.raises(InvalidInputError, match="empty"):
+        remote.checkout("db", dest="")
+    held.release()
+
+
+def test_a_dest_checkout_of_a_version_the_cache_cannot_hold_goes_past_it(tmp_path: Path) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    files = {"a": os.urandom(300_000), "d/b": b"b" * 5000}
+    version = remote.publish("db", write_tree(tmp_path / "src", files)).version
+    cache = CachedStore(remote, tmp_path / "cache", max_bytes=100_000)
+    with pytest.raises(CacheFullError):
+        cache.checkout("db")  # the cached folder itself: nowhere else to put it
+    snap = cache.checkout("db", dest=tmp_path / "out")
+    assert snap.info.version == version
+    assert read_tree(snap.path) == files
+    assert cache.usage() == 0

@@ -116,7 +116,7 @@ def test_hostile_ref_is_an_integrity_error(
         lambda: store.publish("db", tmp_path / "src"),
         lambda: store.set_ref("db", "latest", version, expected=version),
     ):
-        with pytest.raises(IntegrityError, match="ref db/refs/latest.*expected=ANY"):
+        with pytest.raises(IntegrityError, match=r"ref db/refs/latest.*expected=ANY"):
             call()
     assert not (tmp_path / "out").exists()
     # the repair: a move that expects nothing in particular writes over it

@@ -16,12 +16,25 @@ from pathlib import Path
 
 from chroma_snapshots.errors import InvalidInputError
 
+# In each store's folder of a cache (stores/cache): a checkout never goes below one, where
+# the cache's repairs and sweeps would take it for a file of its own and remove it.
+CACHE_MARKER = ".chroma-snapshots-cache"
+
 
 def prepare_dest(dest: str | Path | None) -> Path:
-    """The absolute checkout destination: absent or an empty directory, parent created."""
+    """The absolute checkout destination: absent or an empty directory, parent created,
+    outside any cache's folders."""
     if dest is None:
         return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
+    if not str(dest).strip():
+        raise InvalidInputError("checkout destination is empty: name a folder")
     final = Path(dest).absolute()
+    for folder in Path(os.path.realpath(final)).parents:  # through links too
+        if (folder / CACHE_MARKER).exists():
+            raise InvalidInputError(
+                f"checkout destination {str(final)!r} is inside the cache folder {folder}, "
+                "whose clean-ups would remove it: choose a folder outside the cache"
+            )
     if final.is_symlink():  # the rename into place would replace the link, not fill its target
         raise InvalidInputError(
             f"checkout destination {str(final)!r} is a symbolic link: name the folder itself"

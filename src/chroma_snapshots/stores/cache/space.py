@@ -21,6 +21,11 @@ from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
 
+class NoRoom(CacheFullError):
+    """The cache's budget (max_bytes, min_free_bytes) cannot take a version: a checkout
+    with a dest then goes past the cache, straight to dest."""
+
+
 class CacheSpace:
     """The cache's folders below ``root`` and the room in them (``max_bytes``, and
     ``min_free_bytes`` of the disk kept free)."""
@@ -70,7 +75,7 @@ class CacheSpace:
         # Other processes evict too: judge on fresh figures before giving up.
         usage, free = self.usage(), shutil.disk_usage(self.root).free
         if self._too_full(need, usage, free):
-            raise CacheFullError(
+            raise NoRoom(
                 f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
                 f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
                 "evicting every unpinned version"

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import CACHE_MARKER, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
@@ -45,7 +46,7 @@ from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import changed_files, damaged, remove_extras
-from chroma_snapshots.stores.cache.space import check_settings
+from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             Path(cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             self.root.mkdir(mode=0o700, exist_ok=True)
             check_trusted(Path(cache_dir).resolve(), self.root)  # the folder a link names
+            if not (self.root / CACHE_MARKER).exists():  # no checkout goes below it
+                (self.root / CACHE_MARKER).touch()
             self.clean_leftovers()
         except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken
             raise_local(e, self.root, "opening the cache")
@@ -150,6 +153,13 @@ class CachedStore(CacheRefs, DelegatingStore):
                                      _release=release)  # fmt: skip
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
+        except NoRoom:
+            if dest is None:
+                raise
+            log.info("%s %s does not fit the cache: checking it out to %s directly", name,
+                     version, dest)  # fmt: skip
+            snap = self.inner.checkout(name, version, dest, deadline=dl, progress=progress)
+            return replace(snap, stale=stale)
         except OSError as e:  # writing the version, repairing it, a copy, a lock or pin file
             raise_local(e, self.root, f"serving {version} from the cache")
             raise
