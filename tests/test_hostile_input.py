@@ -402,3 +402,35 @@ def test_a_ref_at_the_highest_generation_is_not_moved_past_it(tmp_path: Path) ->
     with pytest.raises(IntegrityError, match="the highest a ref may have"):
         fresh.publish("db", write_tree(tmp_path / "b", {"b": b"b"}))
     assert fresh.resolve("db").version == first
+
+
+@pytest.mark.parametrize("plant", ["link to a file outside", "link to /dev/zero", "fifo"])
+@pytest.mark.parametrize("what", ["ref", "manifest", "pack"])
+def test_a_planted_link_or_fifo_in_a_file_store_is_refused_at_once(
+    tmp_path: Path, plant: str, what: str
+) -> None:
+    # a link could name any file the reader can read (and a ref's text is shown in its
+    # error); a FIFO nobody writes would block its open until the deadline
+    store = _store((tmp_path / "store").as_uri())
+    version = _publish(store, tmp_path / "src")
+    root = tmp_path / "store"
+    key = {
+        "ref": ref_key("db", "latest"),
+        "manifest": manifest_key("db", version),
+        "pack": next(k for k in store.backend.list("db/packs/")).key,
+    }[what]
+    target = root / key
+    target.unlink()
+    outside = tmp_path / "secret.json"
+    outside.write_bytes(store.backend.get(ref_key("db", "latest")).data if what != "ref" else b"{}")
+    if plant == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(outside if "outside" in plant else Path("/dev/zero"))
+    with pytest.raises(IntegrityError, match=r"symbolic link|not a regular file"):
+        store.checkout("db", dest=tmp_path / "out", deadline=30)
+    assert not (tmp_path / "out").exists()
+    done = _cli(
+        root.as_uri(), "--timeout", "30", "checkout", "db", "--dest", str(tmp_path / "out2")
+    )
+    _assert_exit_5(done)

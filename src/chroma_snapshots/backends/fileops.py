@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from chroma_snapshots.engine.validation import MAX_PATH_DEPTH
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,
+    IntegrityError,
     SnapshotError,
     SnapshotNotFoundError,
     StoreNotFoundError,
@@ -49,8 +51,22 @@ def _wrap(err: OSError, op: str, key: str, root: Path | None = None) -> Snapshot
         if root is not None and not root.is_dir():  # not an absent object: an absent store
             return StoreNotFoundError(f"{root}: store directory does not exist (unmounted?)")
         return SnapshotNotFoundError(f"{key}: no such object")
+    if err.errno == errno.ELOOP:
+        return IntegrityError(f"{key} is a symbolic link: objects are files this library wrote")
     name = errno.errorcode.get(err.errno or 0, "error")
     return BackendUnavailableError(f"{op} {key}: {name} ({err.strerror})")
+
+
+def _object(path: str, flags: int) -> int:
+    """``open``'s opener for objects: a link planted at an object's key is not followed (it
+    could name any file this process can read, outside the store), and a FIFO does not
+    block the open (the regular-file check then refuses it)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: "no such object" later
+        return fd
+    os.close(fd)
+    raise IntegrityError(f"{path} is not a regular file: objects are files this library wrote")
 
 
 def _read_into(fd: int, buf: memoryview, offset: int) -> int:
@@ -103,7 +119,7 @@ class LocalFiles:
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(self._path(key), "rb", opener=_object) as f:
                 meta = _meta(key, os.fstat(f.fileno()))
                 if byte_range is None:
                     return GetResult(f.read(), meta)
@@ -124,7 +140,7 @@ class LocalFiles:
         start, end = byte_range
         try:
             want = max(0, min(end - start, len(buf)))
-            with open(self._path(key), "rb") as f:
+            with open(self._path(key), "rb", opener=_object) as f:
                 n = _read_into(f.fileno(), buf[:want], start)
         except IsADirectoryError:
             raise SnapshotNotFoundError(f"{key}: no such object") from None
