@@ -527,6 +527,10 @@ def test_dests_a_checkout_cannot_be_renamed_into_say_what_to_do(
     (tmp_path / "link").symlink_to(tmp_path / "target")
     with pytest.raises(InvalidInputError, match="is a symbolic link: name the folder itself"):
         store.checkout("db", dest=tmp_path / "link")
+    (tmp_path / "afile").write_bytes(b"x")
+    for dest in (tmp_path / "afile" / "sub", tmp_path / "afile" / "sub" / "deeper"):
+        with pytest.raises(InvalidInputError, match="a file is in the way of its folder"):
+            store.checkout("db", dest=dest)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:

@@ -46,7 +46,12 @@ def prepare_dest(dest: str | Path | None) -> Path:
             f"checkout destination {str(final)!r} is a mount point: a checkout is built "
             "beside it and renamed into place, so name a new folder inside it"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder must be
+        raise InvalidInputError(
+            f"checkout destination {str(final)!r}: a file is in the way of its folder"
+        ) from None
     return final
 
 
