@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -294,7 +295,7 @@ def test_a_cache_folder_another_user_controls_is_refused(tmp_path: Path, squat: 
         cache.chmod(0o777)
     else:  # the per-store folder inside, replaced by a link to a folder elsewhere
         root = CachedStore(remote, cache).root
-        root.rmdir()
+        shutil.rmtree(root)
         (tmp_path / "elsewhere").mkdir(mode=0o700)
         root.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="cannot be trusted"):

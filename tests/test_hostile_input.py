@@ -404,13 +404,13 @@ def test_a_ref_at_the_highest_generation_is_not_moved_past_it(tmp_path: Path) ->
     assert fresh.resolve("db").version == first
 
 
-@pytest.mark.parametrize("plant", ["link to a file outside", "link to /dev/zero", "fifo"])
+@pytest.mark.parametrize("plant", ["link to a file outside", "link to /dev/zero"])
 @pytest.mark.parametrize("what", ["ref", "manifest", "pack"])
-def test_a_planted_link_or_fifo_in_a_file_store_is_refused_at_once(
+def test_a_link_planted_in_a_file_store_is_refused_at_once(
     tmp_path: Path, plant: str, what: str
 ) -> None:
     # a link could name any file the reader can read (and a ref's text is shown in its
-    # error); a FIFO nobody writes would block its open until the deadline
+    # error); a FIFO is left to the deadline (tests/test_hang.py, the demo's hung mount)
     store = _store((tmp_path / "store").as_uri())
     version = _publish(store, tmp_path / "src")
     root = tmp_path / "store"
@@ -423,11 +423,8 @@ def test_a_planted_link_or_fifo_in_a_file_store_is_refused_at_once(
     target.unlink()
     outside = tmp_path / "secret.json"
     outside.write_bytes(store.backend.get(ref_key("db", "latest")).data if what != "ref" else b"{}")
-    if plant == "fifo":
-        os.mkfifo(target)
-    else:
-        target.symlink_to(outside if "outside" in plant else Path("/dev/zero"))
-    with pytest.raises(IntegrityError, match=r"symbolic link|not a regular file"):
+    target.symlink_to(outside if "outside" in plant else Path("/dev/zero"))
+    with pytest.raises(IntegrityError, match="is a symbolic link"):
         store.checkout("db", dest=tmp_path / "out", deadline=30)
     assert not (tmp_path / "out").exists()
     done = _cli(
