@@ -234,6 +234,12 @@ def test_an_invalid_variable_is_reported_with_store(
 TYPOS = ["s3:/my-bucket/chroma", "s3:my-bucket", "file:relative", "efs:/x", "memory:x"]
 
 
+@pytest.mark.parametrize("url", ["file://", "file://localhost", "efs://", "file:///"])
+def test_a_file_url_without_a_path_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="needs an absolute path"):
+        open_backend(url)
+
+
 @pytest.mark.parametrize(
     "args",
     [

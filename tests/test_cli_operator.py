@@ -571,3 +571,52 @@ def test_a_cli_checkout_of_a_held_version_without_dest_says_to_use_dest(
     holder.release()
     code, out, _ = run(*args, "checkout", "db")
     assert (code, out.split(":")[0]) == (0, str(holder.path))
+
+
+def test_a_damaged_tag_is_repaired_by_tag_force(tmp_path: Path, run: Run) -> None:
+    root = tmp_path / "store"
+    store = ["--store", str(root)]
+    v1 = _published(run, store, write_tree(tmp_path / "src", {"a": b"a"}))
+    code, _, err = run(*store, "tag", "db", "stable", v1)
+    assert code == 0, err
+    ref = root / "db" / "refs" / "stable"
+    ref.chmod(0o644)
+    ref.write_bytes(b"garbage{")
+    code, _, err = run(*store, "tag", "db", "stable", v1, "--move")
+    assert code == 5
+    assert "tag --force" in err
+    code, _out, err = run(*store, "tag", "db", "stable", v1, "--force", "--json")
+    assert code == 0, err
+    assert RemoteStore(FileBackend(root)).refs("db")["stable"] == v1
+
+
+def test_an_any_move_over_a_ref_that_moved_since_it_was_read_is_a_conflict(
+    tmp_path: Path,
+) -> None:
+    # ANY writes whatever the ref held, but over what it read: a publish that landed in
+    # between is not dropped with two values at one generation
+    from chroma_snapshots.errors import ConflictError
+    from chroma_snapshots.stores import refs
+    from chroma_snapshots.stores.base import ANY
+
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    v1 = store.publish("db", write_tree(tmp_path / "src", {"a": b"a"})).version
+    read = store.read_ref("db")
+    v2 = store.publish("db", write_tree(tmp_path / "src", {"a": b"b"})).version
+    io = store.backend
+    with pytest.raises(ConflictError):
+        refs.move_ref(io, None, "db", "latest", v1, ANY, read, lambda: store.read_ref("db"))
+    assert store.resolve("db").version == v2
+    store.set_ref("db", "latest", v1, expected=ANY)  # read afresh: one generation more
+    now = store.read_ref("db")
+    assert now is not None
+    assert now[0].version == v1
+    assert now[0].generation == 3
+
+
+def test_an_empty_dest_is_refused_with_a_cache_too(tmp_path: Path) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    remote.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    for store in (remote, CachedStore(remote, tmp_path / "cache")):
+        with pytest.raises(InvalidInputError, match="empty"):
+            store.checkout("db", dest="")

@@ -19,7 +19,7 @@ def _local_path(url: str) -> str:
     if "://" not in url:
         return url  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
+    if parts.netloc not in ("", "localhost") or not parts.path.strip("/ "):
         raise ConfigError(f"{url!r}: a file/efs URL needs an absolute path, e.g. efs:///mnt/store")
     return unquote(parts.path)
 

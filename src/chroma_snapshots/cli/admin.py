@@ -41,6 +41,16 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
     }
 
 
+def _tag(store: Any, name: str, tag: str, force: bool) -> str | None:
+    """The version ``tag`` names now (None: no such tag, or with ``force`` unreadable)."""
+    try:
+        return store.refs(name).get(tag)  # type: ignore[no-any-return]
+    except IntegrityError:
+        if force:
+            return None
+        raise
+
+
 def _latest(store: Any, name: str, force: bool) -> str | None:
     """The version latest names; with ``force``, None if latest cannot be read. Only the
     ref is read: a latest whose manifest is damaged is what a rollback is for."""
@@ -113,16 +123,24 @@ def register(cli: click.Group) -> None:
     @click.argument("tag")
     @click.argument("ref", default="latest")
     @click.option("--move", is_flag=True, help="Move an existing tag.")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Write the tag whatever it holds, even if it cannot be read (damaged, or "
+        "signed with another key).",
+    )
     @json_opt
     @click.pass_context
-    def tag(ctx: click.Context, name: str, tag: str, ref: str, move: bool, as_json: bool) -> None:
+    def tag(
+        ctx: click.Context, name: str, tag: str, ref: str, move: bool, force: bool, as_json: bool
+    ) -> None:
         store = store_of(ctx)
         with about(store, name):
             version = store.resolve(name, resolve_ref(store, name, ref)).version
-        previous = store.refs(name).get(tag)
+        previous = _tag(store, name, tag, force)
         if previous is None:
             check_new_tag(store, name, tag)
-        expected: Expected = previous if move else None
+        expected: Expected = ANY if force else previous if move else None
         store.set_ref(name, tag, version, expected=expected)
         data = {"name": name, "ref": tag, "version": version, "previous": previous}
         emit(data, as_json, f"{name}/{tag} -> {version}")

@@ -21,14 +21,19 @@ from chroma_snapshots.errors import InvalidInputError
 CACHE_MARKER = ".chroma-snapshots-cache"
 
 
+def check_dest(dest: str | Path) -> str | Path:
+    """``dest`` unless it is empty (``Path("")`` is the working directory)."""
+    if not str(dest).strip():
+        raise InvalidInputError("checkout destination is empty: name a folder")
+    return dest
+
+
 def prepare_dest(dest: str | Path | None) -> Path:
     """The absolute checkout destination: absent or an empty directory, parent created,
     outside any cache's folders."""
     if dest is None:
         return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
-    if not str(dest).strip():
-        raise InvalidInputError("checkout destination is empty: name a folder")
-    final = Path(dest).absolute()
+    final = Path(check_dest(dest)).absolute()
     for folder in Path(os.path.realpath(final)).parents:  # through links too
         if (folder / CACHE_MARKER).exists():
             raise InvalidInputError(

@@ -24,7 +24,7 @@ from chroma_snapshots.stores.base import ANY, Expected
 from chroma_snapshots.stores.claims import moved_on_from, note_retired
 
 log = logging.getLogger(__name__)
-REPAIR = "a move with expected=ANY writes over it; CLI: rollback --force"
+REPAIR = "a move with expected=ANY writes over it; CLI: rollback --force, tag --force"
 
 Found = tuple[RefValue, str]
 """A ref's value and the ETag a compare-and-swap is conditioned on."""
@@ -110,10 +110,14 @@ def move_ref(
         sig = signer.sign(f"ref:{ref_key(name, ref)}", ref_value.signed_bytes())
         ref_value = replace(ref_value, signature=sig)
     value = ref_value.to_json()
-    if expected is ANY:
-        mode = PutMode.OVERWRITE
+    # ANY writes whatever the ref held, but over what was read: a generation is still
+    # written by one compare-and-swap, so a racing move is a ConflictError, never a
+    # silently dropped publish with two values at one generation. Only a ref that could
+    # not be read (or is absent) is written blind, at overwrite_generation.
+    if current is not None:
+        mode = PutMode.update(current[1])
     else:
-        mode = PutMode.update(current[1]) if current else PutMode.CREATE
+        mode = PutMode.OVERWRITE if expected is ANY else PutMode.CREATE
     try:
         io.put(ref_key(name, ref), value, mode=mode)
     except ConflictError as e:
@@ -135,7 +139,8 @@ def overwrite_generation() -> int:
     read: deleted by hand, damaged, or signed with another key. Readers remember the highest
     generation they saw and refuse a lower one, so it must be above any this ref had: the
     time in microseconds, which no ref reaches one move at a time (a move is a round trip
-    of a millisecond or more), nor a ref overwritten this way earlier."""
+    of a millisecond or more), nor a ref overwritten this way earlier from a machine whose
+    clock was not ahead of this one's (a reader that saw that one needs a restart)."""
     return time.time_ns() // 1000
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import CACHE_MARKER, remove_tree
+from chroma_snapshots.engine.localfs import CACHE_MARKER, check_dest, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
@@ -135,6 +135,8 @@ class CachedStore(CacheRefs, DelegatingStore):
         """
         dl = as_deadline(deadline, self.inner.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
+        if dest is not None:
+            dest = check_dest(dest)  # before any Path(dest): "" would be the working dir
         d = self.dirs(name)
         version, stale, only_cached = self._current_version(name, ref, dl, stats)
         try:
