@@ -41,27 +41,6 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
     }
 
 
-def _tag(store: Any, name: str, tag: str, force: bool) -> str | None:
-    """The version ``tag`` names now (None: no such tag, or with ``force`` unreadable)."""
-    try:
-        return store.refs(name).get(tag)  # type: ignore[no-any-return]
-    except IntegrityError:
-        if force:
-            return None
-        raise
-
-
-def _latest(store: Any, name: str, force: bool) -> str | None:
-    """The version latest names; with ``force``, None if latest cannot be read. Only the
-    ref is read: a latest whose manifest is damaged is what a rollback is for."""
-    try:
-        return str(store.current_version(name)[0])
-    except IntegrityError:
-        if force:
-            return None
-        raise
-
-
 def register(cli: click.Group) -> None:
     """Add the operator commands to ``cli``."""
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -137,7 +116,10 @@ def register(cli: click.Group) -> None:
         store = store_of(ctx)
         with about(store, name):
             version = store.resolve(name, resolve_ref(store, name, ref)).version
-        previous = _tag(store, name, tag, force)
+        from chroma_snapshots.stores.refs import to_move  # not at start-up: --help, --version
+
+        # with --force, an unreadable tag is written over (as for a new one)
+        previous = to_move(lambda: store.refs(name).get(tag), ANY if force else None)
         if previous is None:
             check_new_tag(store, name, tag)
         expected: Expected = ANY if force else previous if move else None
@@ -159,7 +141,10 @@ def register(cli: click.Group) -> None:
     def rollback(ctx: click.Context, name: str, ref: str, force: bool, as_json: bool) -> None:
         store = store_of(ctx)
         with about(store, name):
-            current = _latest(store, name, force)
+            from chroma_snapshots.stores.refs import to_move
+
+            # the ref alone: a latest whose manifest is damaged is what a rollback is for
+            current = to_move(lambda: store.current_version(name)[0], ANY if force else None)
             target = store.resolve(name, resolve_ref(store, name, ref)).version
         store.set_ref(name, "latest", target, expected=ANY if force else current)
         data = {"name": name, "ref": "latest", "version": target, "previous": current}

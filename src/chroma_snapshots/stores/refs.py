@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from chroma_snapshots.backends.base import Backend, GetResult, PutMode
 from chroma_snapshots.engine.keys import ref_key
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 REPAIR = "a move with expected=ANY writes over it; CLI: rollback --force, tag --force"
 
 Found = tuple[RefValue, str]
+T = TypeVar("T")
 """A ref's value and the ETag a compare-and-swap is conditioned on."""
 
 
@@ -67,9 +69,9 @@ def _unreadable(key: str, e: IntegrityError) -> IntegrityError:
     return IntegrityError(f"{named} ({REPAIR})")
 
 
-def to_move(read: Callable[[], Found | None], expected: Expected) -> Found | None:
-    """The ref a move is conditioned on (``read``); with ``ANY``, None if it cannot be read:
-    the move then writes over it (overwrite_generation)."""
+def to_move(read: Callable[[], T], expected: Expected) -> T | None:
+    """What ``read`` reads of the ref a move is conditioned on; with ``ANY``, None if it
+    cannot be read: the move then writes over it (overwrite_generation)."""
     try:
         return read()
     except IntegrityError as e:
