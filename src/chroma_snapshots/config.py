@@ -13,14 +13,10 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
