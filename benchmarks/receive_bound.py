@@ -3,11 +3,13 @@
 The same bytes (64 MiB objects of random data on one s3rver, 127.0.0.1) are fetched by:
 s5cmd (Go, no verification), the `chroma-snapshots checkout` command (a snapshot of the same
 files), and bare clients that do only what a verifying checkout must (receive, sha256 of every
-byte, pwrite into preallocated files): boto3 in the checkout's request shape, awscrt's S3
-client and obstore, each also without sha256 where that isolates the hash. Local bounds: sha256
-of the same files from the page cache (one thread, hashlib) and `cat > /dev/null`. Every
-client is its own process, rotated A B C ... per round; CPU is user + system from wait4, RSS is
-VmHWM, and the server's CPU is read from /proc (the client shares the machine's cores with it).
+byte, pwrite into preallocated files): boto3 in the checkout's request shape (one sha256 per
+GET, and one per 64 KiB chunk as the checkout verifies), awscrt's S3 client and obstore, each
+also without sha256 where that isolates the hash. Local bounds: sha256 of the same files from
+the page cache (one thread, hashlib) and `cat > /dev/null`. Every client is its own process,
+the order rotated every round and the page cache flushed before each run; CPU is user +
+system from wait4, RSS is VmHWM, and the server's CPU is read from /proc (the client shares
+the machine's cores with it).
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
            [--tools .bench-tools] [--json out.json]
@@ -20,7 +22,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import boto3
 from _report import write_json
 from _s3rver import REGION, S3rver
-from compare import HERE, _proc
+from compare import HERE, _proc, settle
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -37,7 +38,14 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 Row = dict[str, Any]
 OBJ = 64 << 20
 TICK = os.sysconf("SC_CLK_TCK")
-CLIENTS = ("boto3+sha256", "boto3", "awscrt+sha256", "awscrt", "obstore+sha256")
+CLIENTS = (
+    "boto3+sha256",
+    "boto3+sha256/64KiB",
+    "boto3",
+    "awscrt+sha256",
+    "awscrt",
+    "obstore+sha256",
+)
 LOCAL = (
     "import hashlib, sys\nbuf = bytearray(8 << 20)\nfor p in sys.argv[1:]:\n"
     "    h = hashlib.sha256()\n    with open(p, 'rb', buffering=0) as f:\n"
@@ -90,7 +98,7 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
 def _one(srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
+    settle()
     pid = srv._proc.pid if srv._proc else 0
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
@@ -98,7 +106,6 @@ def _one(srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str
         got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         if got != gib << 30:
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
-    subprocess.run(["sync"], check=True)
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
     row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}
     return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / gib}
@@ -143,9 +150,10 @@ def main() -> None:
                 files = _stage(srv, work, gib)
                 cmds = _commands(srv, tools, gib, files, work / "out")
                 for cpus in [None, "0"] if args.one_core else [None]:
-                    for _ in range(args.rounds):
-                        for name, cmd in cmds.items():
-                            rows.append(_one(srv, work, name, cmd, gib, cpus))
+                    names = list(cmds)
+                    for k in range(args.rounds):  # rotated: no client always runs first
+                        for name in names[k % len(names) :] + names[: k % len(names)]:
+                            rows.append(_one(srv, work, name, cmds[name], gib, cpus))
                 _table([r for r in rows if r["gib"] == gib])
                 shutil.rmtree(work / f"keep{gib}")
     finally:
