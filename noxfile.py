@@ -70,7 +70,7 @@ def bench(session: nox.Session) -> None:
         "--sizes-gib",
         "1,3",
         "--rounds",
-        "2",
+        "3",
         "--one-core",
         "--json",
         "benchmarks/out/receive_bound.json",
