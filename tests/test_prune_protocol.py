@@ -13,6 +13,7 @@ import pytest
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.cli.main import main
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.keys import manifest_key, retired_key
 from chroma_snapshots.engine.signing import Signer
@@ -256,7 +257,7 @@ def test_a_prune_interrupted_before_it_deletes_removes_its_record(
 
 
 def test_prune_removes_what_writers_killed_mid_write_left_on_a_file_store(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A writer killed between writing its temp file and renaming it leaves ``.NAME.HEX.tmp``;
     # one an hour old belongs to no live writer.
@@ -272,8 +273,31 @@ def test_prune_removes_what_writers_killed_mid_write_left_on_a_file_store(
         path.write_bytes(b"x" * 100)
     for path in (old_pack, old_ref, *others):
         _age(path, 2 * HOUR)
+    dry = store.prune(NAME, keep_last=1, min_age=0, dry_run=True)
+    assert dry.swept_temp_files == 2  # what a prune would remove, and nothing removed
+    args = ["--store", str(tmp_path / "store"), "prune", NAME, "--keep-last", "1"]
+    assert main([*args, "--min-age", "0"]) == 0
+    assert "would remove 2 temp files" in capsys.readouterr().out
+    assert old_pack.exists()
+    assert old_ref.exists()
     assert store.prune(NAME, keep_last=1, min_age=0).swept_temp_files == 2
     assert not old_pack.exists()
     assert not old_ref.exists()
     assert fresh.exists()  # a live writer's, maybe
     assert all(p.exists() for p in others)
+
+
+def test_the_temp_file_sweep_ages_files_by_the_storages_clock_not_the_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pruning client whose clock runs two hours ahead must not take a live writer's
+    # fresh temp file for one an hour old: the age is measured against the prune's own
+    # record, which the storage stamps.
+    store, _, _ = _two_versions(tmp_path)
+    fresh = tmp_path / "store" / NAME / "packs" / "cd" / f".cd34.{'0123abcd' * 4}.tmp"
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    fresh.write_bytes(b"x" * 100)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * HOUR)
+    assert store.prune(NAME, keep_last=1, min_age=0).swept_temp_files == 0
+    assert fresh.exists()

@@ -154,9 +154,10 @@ class Backend(ABC):
         for key in keys:
             self.delete(key)
 
-    def sweep_temp(self, prefix: str, older_than: float) -> int:
+    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
         """Remove what writers killed mid-write left below ``prefix`` (temp files last
-        written more than ``older_than`` seconds ago); how many. Object stores write
+        written before ``before``, a time by the storage's clock, as ``ObjectMeta``'s
+        ``last_modified``); how many (``remove=False``: only count). Object stores write
         atomically and leave nothing: 0."""
         return 0
 

@@ -43,9 +43,11 @@ class DeadlineBackend(Backend):
     def delete(self, key: str) -> None:
         run_within(self.deadline, f"delete {key}", lambda: self.inner.delete(key))
 
-    def sweep_temp(self, prefix: str, older_than: float) -> int:
+    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
         return run_within(
-            self.deadline, f"sweep {prefix}", lambda: self.inner.sweep_temp(prefix, older_than)
+            self.deadline,
+            f"sweep {prefix}",
+            lambda: self.inner.sweep_temp(prefix, before, remove),
         )
 
 

@@ -135,8 +135,8 @@ class ConditionalWriteCheck(Backend):
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         return self.inner.list(prefix)
 
-    def sweep_temp(self, prefix: str, older_than: float) -> int:
-        return self.inner.sweep_temp(prefix, older_than)
+    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
+        return self.inner.sweep_temp(prefix, before, remove)
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         return self.inner.list_dirs(prefix)

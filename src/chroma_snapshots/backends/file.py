@@ -75,8 +75,8 @@ class FileBackend(Backend):
     def delete(self, key: str) -> None:
         self._run("delete", key)
 
-    def sweep_temp(self, prefix: str, older_than: float) -> int:
-        swept: int = self._run("sweep_temp", prefix, older_than)
+    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
+        swept: int = self._run("sweep_temp", prefix, before, remove)
         return swept
 
     def probe(self) -> None:

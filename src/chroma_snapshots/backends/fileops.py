@@ -16,7 +16,6 @@ import errno
 import hashlib
 import os
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,13 +230,14 @@ class LocalFiles:
                     except FileNotFoundError:
                         continue  # deleted while listing
 
-    def sweep_temp(self, prefix: str, older_than: float) -> int:
+    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
         """Remove the temp files (``.NAME.HEX.tmp``) below ``prefix`` that a writer killed
-        between writing and renaming left, once older than ``older_than`` seconds (a live
-        writer renames its own within a request's time)."""
+        between writing and renaming left, last written before ``before`` (the storage's
+        time: a live writer renames its own within a request's time); with ``remove``
+        false, only count them."""
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         top = self.root / base if base else self.root
-        cutoff, swept = time.time() - older_than, 0
+        swept = 0
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED)]
             for fn in filenames:
@@ -245,8 +245,9 @@ class LocalFiles:
                 if not _TEMP.fullmatch(fn):  # only what put names its temp files
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    if os.lstat(path).st_mtime < cutoff:
-                        os.unlink(path)
+                    if os.lstat(path).st_mtime < before:
+                        if remove:
+                            os.unlink(path)
                         swept += 1
         return swept
 

@@ -174,7 +174,8 @@ def register(cli: click.Group) -> None:
             f"kept {len(report.kept_versions)}"
         )
         if report.swept_temp_files:
-            text += f"; removed {report.swept_temp_files} temp files killed writers left"
+            removed = "would remove" if report.dry_run else "removed"
+            text += f"; {removed} {report.swept_temp_files} temp files killed writers left"
         emit(report, as_json, text)
 
     @cli.command(

@@ -123,7 +123,9 @@ def prune(
     io = DeadlineBackend(store.backend, deadline)
     if dry_run:
         first, keep, drop, _, dead = _first_look(store, io, name, None, keep_last, min_age)
-        return _report(name, keep, drop, dead, first, dry_run=True)
+        # no record of ours to date the storage's "now" by: counting only, the client's clock
+        left = io.sweep_temp(f"{name}/", first.now - TEMP_AGE, remove=False)
+        return replace(_report(name, keep, drop, dead, first, dry_run=True), swept_temp_files=left)
     record = f"{keys.prefix(name, keys.GC)}{uuid.uuid4().hex}.json"
     # created once and then only replaced by us (see rewrite)
     etag = create_once(io, record, Claim(frozenset(), frozenset(), deadline.remaining()).to_json())
@@ -134,7 +136,9 @@ def prune(
             tidy(io, [record], "removing the prune's record")
         raise
     _delete(io, name, drop, dead, second)
-    swept = io.sweep_temp(f"{name}/", TEMP_AGE)  # what writers killed mid-write left
+    # what writers killed mid-write left, aged by the storage's clock (a client whose clock
+    # runs ahead would otherwise take a live writer's temp file for an old one)
+    swept = io.sweep_temp(f"{name}/", second.now - TEMP_AGE)
     # The record stays until it expires (its ttl covers our deadline, + SKEW): a delete
     # that returned may still have an earlier attempt in flight (the client retried it and
     # the retry answered first), and that copy would remove a pack a later publish wrote

@@ -93,7 +93,8 @@ class PruneReport:
     freed_bytes: int
     dry_run: bool
     swept_temp_files: int = 0
-    """Temp files writers killed mid-write left (file and EFS stores; over an hour old)."""
+    """Temp files writers killed mid-write left (file and EFS stores; over an hour old),
+    removed (or, in a dry run, that a prune would remove)."""
 
 
 class SnapshotStore(ABC):
