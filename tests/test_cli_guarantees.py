@@ -211,7 +211,8 @@ def test_the_operation_timeout_comes_from_the_environment_or_the_flag(
     assert _remote(opened[0]).default_timeout == want
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0", "soon", "1e10"])
+# the last two: Arabic-Indic "12" and a fullwidth 5, which float() would read
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0", "soon", "1e10", "\u0661\u0662", "\uff15"])
 @pytest.mark.parametrize("option", [["--timeout"], ["doctor", "--budget"]])
 def test_seconds_options_follow_the_variables_rules(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], bad: str
@@ -251,6 +252,9 @@ def test_a_file_url_without_a_path_is_a_config_error(url: str) -> None:
         ["--store", "s3://b/p", "--endpoint-url", "http://[::1"],
         ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:99999"],
         ["--store", "s3://b/p", "--endpoint-url", "http://:9000"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000/?x=1"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000#frag"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000?"],
     ],
 )
 def test_urls_urllib_cannot_split_are_usage_errors(

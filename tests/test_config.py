@@ -89,6 +89,27 @@ def test_compatibility_modes(tmp_path: Path) -> None:
             {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "0"},
             "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
         ),
+        # digits of other scripts: isdigit() says yes, int() of a superscript raises
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "\u00b2"},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "\uff11\uff10"},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_S3_TIMEOUT": "\u0665"},
+            "CHROMA_SNAPSHOTS_S3_TIMEOUT",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_REFRESH_SECONDS": "\u0665"},
+            "CHROMA_SNAPSHOTS_REFRESH_SECONDS",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/?a=b"},
+            "AWS_ENDPOINT_URL_S3",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -220,6 +220,8 @@ VALUES = st.one_of(
     # what urllib refuses to split: an unbalanced '[', a bracketed name, a port out of range
     st.sampled_from(["s3://[b/p", "s3://[bkt]/p", "file://[x]/y", "memory://[x"]),
     st.sampled_from(["http://[::1", "http://127.0.0.1:99999", "http://:9000", "http://h:x"]),
+    # digits isdigit() accepts and int() may not (a superscript), and an endpoint's query
+    st.sampled_from(["\u00b2", "\uff11\uff10", "\u0661", "http://h:9/?x=1", "http://h#f"]),
 )
 # Every secret starts with this marker, so "the key never appears in an error" is checked
 # for every generated key, however short (a secret can't match the message by chance).

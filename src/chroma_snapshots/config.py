@@ -174,13 +174,21 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
 def parse_seconds(raw: str, what: str) -> float:
     """``raw`` as a deadline's seconds: ConfigError naming ``what`` unless a number in
     (0, 1e9] (nan too; a deadline past ~31 years overflows time_t)."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{what}={raw!r} is not a number") from None
+    value = _number(raw)
+    if value is None:
+        raise ConfigError(f"{what}={raw!r} is not a number")
     if not 0 < value <= MAX_SECONDS:
         raise ConfigError(f"{what}={raw!r} must be positive and at most {MAX_SECONDS:.0e}")
     return value
+
+
+def _number(raw: str) -> float | None:
+    """``raw`` as a float, or None: ASCII only (float() also reads other scripts' digits,
+    which no one types on purpose into a deadline)."""
+    try:
+        return float(raw) if raw.isascii() else None
+    except ValueError:
+        return None
 
 
 def _refresh(env: Mapping[str, str]) -> float | None:
@@ -190,11 +198,9 @@ def _refresh(env: Mapping[str, str]) -> float | None:
         return None
     if raw == "never":
         return math.inf
-    try:
-        value = float(raw)
-    except ValueError:
-        msg = f"{ENV_REFRESH}={raw!r} must be a number of seconds or 'never'"
-        raise ConfigError(msg) from None
+    value = _number(raw)
+    if value is None:
+        raise ConfigError(f"{ENV_REFRESH}={raw!r} must be a number of seconds or 'never'")
     if not 0 <= value < math.inf:
         raise ConfigError(f"{ENV_REFRESH}={raw!r} must be 0 or more seconds, or 'never'")
     return value
@@ -218,7 +224,7 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     raw = env.get(var, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) == 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:  # int("²") is ValueError
         raise ConfigError(f"{var}={raw!r} must be a positive whole number of bytes")
     return int(raw)
 
@@ -231,8 +237,9 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
 
 
 def check_endpoint(raw: str, what: str) -> None:
-    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL with a host
-    and a valid port: an unbalanced ``[`` or port 99999 is a typo, not an outage."""
+    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL with a host,
+    a valid port and no query or fragment: an unbalanced ``[`` or port 99999 is a typo, not
+    an outage."""
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing it raises for a port out of range
@@ -240,6 +247,8 @@ def check_endpoint(raw: str, what: str) -> None:
         raise ConfigError(f"{what}{raw!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{what}{raw!r} must be an http(s) URL, e.g. http://127.0.0.1:9000")
+    if parts.query or parts.fragment or raw.endswith(("?", "#")):
+        raise ConfigError(f"{what}{raw!r} has a query or fragment, which an endpoint cannot")
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
