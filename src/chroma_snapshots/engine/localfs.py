@@ -11,9 +11,10 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.errors import InvalidInputError
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
@@ -57,6 +58,32 @@ def prepare_dest(dest: str | Path | None) -> Path:
         raise InvalidInputError(
             f"checkout destination {str(final)!r}: a file is in the way of its folder"
         ) from None
+    return final
+
+
+def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str) -> Path:
+    """A tree at ``dest`` (None: a new temporary folder) that the caller owns, written by
+    ``build`` into a work folder beside it (:func:`work_dir`: locked, swept after a kill)
+    and renamed into place; returns where. On failure nothing is left at ``dest`` (nor the
+    temporary folder), and a raw OSError is the documented error (``what`` failed)."""
+    try:
+        final = prepare_dest(dest)
+    except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
+        raise_local(e, Path(tempfile.gettempdir() if dest is None else dest), what)
+        raise
+    try:  # no work folder yet: the error names dest, not a name it never had
+        with local_io(final, what), work_dir(final) as work:
+            try:  # the file that failed if the OS says which (of a copy's two, the target)
+                work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
+                build(work)
+                move_into_place(work, final)
+            except OSError as e:
+                raise_local(e, final, what)
+                raise
+    except BaseException:
+        if dest is None:
+            remove_tree(final.parent)  # the temporary folder prepare_dest made for it
+        raise
     return final
 
 

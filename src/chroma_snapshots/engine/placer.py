@@ -33,6 +33,14 @@ def disk_error(err: OSError, path: Path | str, what: str) -> SnapshotError:
     return cls(err.errno, f"{what}: {err.strerror or err}", str(path))
 
 
+def raise_local(e: BaseException, path: Path, what: str) -> None:
+    """A raw OSError as CacheFullError (disk full) or LocalDiskError, naming the file that
+    failed if the OS said which (of a copy's two, the target), else ``path``; documented
+    errors and other exceptions pass."""
+    if isinstance(e, OSError) and not isinstance(e, SnapshotError):
+        raise disk_error(e, e.filename2 or e.filename or path, what) from e
+
+
 @contextmanager
 def local_io(path: Path | str, what: str) -> Iterator[None]:
     """Raise a raw OSError of the block as :func:`disk_error` (documented errors pass)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from chroma_snapshots.engine.deadline import (
     as_deadline,
 )
 from chroma_snapshots.engine.keys import manifest_key
-from chroma_snapshots.engine.localfs import move_into_place, prepare_dest, remove_tree, work_dir
+from chroma_snapshots.engine.localfs import build_at, remove_tree
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
     Manifest,
@@ -36,7 +35,6 @@ from chroma_snapshots.engine.models import (
     SnapshotInfo,
     VersionId,
 )
-from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.transfer import Placement
@@ -331,19 +329,11 @@ class RemoteStore(SourceStore):
         version = self.current_version(name, ref, deadline=dl)[0]
         manifest = self.load_manifest(name, version, deadline=dl)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
-        with local_io(tempfile.gettempdir() if dest is None else dest, "preparing the checkout"):
-            final = prepare_dest(dest)
-        # locked while we write: a later checkout to dest sweeps only what a kill left
-        with local_io(final, "preparing the checkout"), work_dir(final) as work:
-            try:  # a failure removes the work folder (work_dir): nothing is left behind
-                with local_io(work, "writing the checkout"):  # e.g. ENOSPC: CacheFullError
-                    work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
-                    self.materialize(name, Placement(work, manifest), dl, stats, progress)
-                    move_into_place(work, final)
-            except BaseException:
-                if dest is None:
-                    remove_tree(final.parent)  # the temporary folder prepare_dest made for it
-                raise
+        final = build_at(
+            dest,  # e.g. ENOSPC: CacheFullError, and nothing is left at dest
+            lambda work: self.materialize(name, Placement(work, manifest), dl, stats, progress),
+            "writing the checkout",
+        )
         info = SnapshotInfo.from_manifest(version, manifest)
         temporary = final.parent if dest is None else None  # the folder prepare_dest made
         return LocalSnapshot(

@@ -21,8 +21,9 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import CACHE_MARKER, check_dest, remove_tree
+from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest, remove_tree
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
+from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
@@ -37,10 +38,8 @@ from chroma_snapshots.stores.base import (
     SourceStore,
 )
 from chroma_snapshots.stores.cache.copies import (
-    built_copy,
     held_copy,
     private_copy,
-    raise_local,
 )
 from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
@@ -165,23 +164,19 @@ class CachedStore(CacheRefs, DelegatingStore):
         except OSError as e:  # writing the version, repairing it, a copy, a lock or pin file
             raise_local(e, self.root, f"serving {version} from the cache")
             raise
-        info = SnapshotInfo.from_manifest(version, manifest)
-        if dest is not None:
+        path = d.tree(version)
+
+        def unpin() -> None:
+            pin.unlink(missing_ok=True)
+
+        if dest is not None:  # a copy of its own: the shared folder is not held after it
             try:
-                path = private_copy(d.tree(version), Path(dest))
+                path = private_copy(path, Path(dest))
             finally:
-                pin.unlink(missing_ok=True)
-            return LocalSnapshot(
-                path, info, stats.freeze(time.monotonic() - t0), stale=stale, source=source
-            )
-        return LocalSnapshot(
-            d.tree(version),
-            info,
-            stats.freeze(time.monotonic() - t0),
-            stale=stale,
-            source=source,
-            _release=lambda: pin.unlink(missing_ok=True),
-        )
+                unpin()
+        info, took = SnapshotInfo.from_manifest(version, manifest), time.monotonic() - t0
+        return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
+                             _release=unpin if dest is None else None)  # fmt: skip
 
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
@@ -248,7 +243,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             source[0] = self._from_cache(name, version, manifest, work, dl, stats)
 
         if dest is not None:
-            return built_copy(Path(dest), build), None, source[0]
+            return build_at(Path(dest), build, "copying to dest"), None, source[0]
         self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
         path, release = held_copy(self.dirs(name), version, build)
         return path, release, source[0]
