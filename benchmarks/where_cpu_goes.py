@@ -1,0 +1,124 @@
+"""Where a cold checkout's CPU goes, by layer: the profile behind the data path's figures.
+
+Stages GIB GiB on one s3rver (127.0.0.1) as snapshot "db": 64 MiB random files, or with
+--chroma a chroma-shaped tree (compare.py's: a SQLite file whose chunks compress, and HNSW
+segments of random vectors). Then runs
+the `chroma-snapshots checkout` command RUNS times under `perf record` (task-clock at
+1 kHz: a sample is a millisecond of the client's CPU; the page cache flushed before each run)
+and splits the client's CPU into: copying into the page cache (the kernel half of placing a
+file), copying out of sockets (receiving), the rest of the kernel, sha256 (libcrypto), the
+interpreter (libpython) and everything else, as CPU s/GiB and percent.
+
+usage: python benchmarks/where_cpu_goes.py [--gib 3] [--runs 3] [--cpus 0] [--chroma]
+           [--json out.json]
+Needs `perf` (linux-perf) with perf_event_paranoid <= 2, and s3rver (install-tools.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _data import make_chroma_dir
+from _report import write_json
+from _s3rver import REGION, S3rver
+from compare import HERE, _proc, settle
+from receive_bound import _stage
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+
+Row = dict[str, Any]
+HZ = 1000  # task-clock samples per CPU second
+# (label, what a `perf report --sort dso,sym` line must match); the first match wins
+KERNEL = r"\[kernel\.kallsyms\].*"
+LAYERS = (
+    ("page cache writes", re.compile(KERNEL + r"(copy_folio_from_iter|copy_page_from_iter)")),
+    ("socket receive copies", re.compile(KERNEL + r"(_copy_to_iter|copyout)")),
+    ("other kernel", re.compile(r"\[kernel\.kallsyms\]")),
+    ("sha256 (libcrypto)", re.compile(r"libcrypto")),
+    ("interpreter (libpython)", re.compile(r"libpython|python3")),
+)
+
+
+def samples(report: str) -> dict[str, int]:
+    """Samples per layer, from ``perf report -n --no-children --sort dso,sym``."""
+    out = dict.fromkeys([label for label, _ in LAYERS] + ["other"], 0)
+    for line in report.splitlines():
+        m = re.match(r"\s*[\d.]+%\s+(\d+)\s+(.*)", line)
+        if m:
+            out[next((lb for lb, pat in LAYERS if pat.search(m[2])), "other")] += int(m[1])
+    return out
+
+
+def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
+    """A chroma-shaped tree of GIB GiB published as snapshot "db" under ``snaps{gib}``."""
+    make_chroma_dir(work / "src", gib << 30)
+    settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
+    store = RemoteStore(S3Backend(srv.bucket, f"snaps{gib}", settings=settings))
+    store.publish("db", work / "src")
+    store.close()
+    shutil.rmtree(work / "src")
+
+
+def profile(srv: S3rver, work: Path, gib: int, cpus: str | None) -> Row:
+    dest, data = work / "out", work / "perf.data"
+    shutil.rmtree(dest, ignore_errors=True)
+    settle()
+    cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://bench/snaps{gib}"]
+    cmd = ["perf", "record", "-q", "-e", "task-clock", "-F", str(HZ), "-o", str(data), "--", *cli]
+    cmd += ["--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(dest)]
+    wall, rss, _, _ = _proc(cmd, srv.env, work / "perf.log", cpus)
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "-n", "--no-children", "--sort", "dso,sym", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    per_gib = {label: n / HZ / gib for label, n in samples(report).items()}
+    row: Row = {"gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+    return row | {"cpu_s_per_gib": sum(per_gib.values()), "layers_cpu_s_per_gib": per_gib}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gib", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cpus", help="pin the checkout (taskset -c), e.g. 0")
+    ap.add_argument("--chroma", action="store_true", help="a chroma-shaped tree, not raw files")
+    ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not shutil.which("perf"):
+        raise SystemExit("perf is not installed (apt-get install linux-perf)")
+    rows: list[Row] = []
+    work = Path(tempfile.mkdtemp(prefix="where-cpu-goes-"))
+    try:
+        with S3rver(args.tools.resolve(), work / "s3data") as srv:
+            os.environ.update(srv.env)
+            (stage_chroma if args.chroma else _stage)(srv, work, args.gib)
+            rows = [profile(srv, work, args.gib, args.cpus) for _ in range(args.runs)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    shape = "a chroma-shaped tree" if args.chroma else "64 MiB random files"
+    print(f"CPU s/GiB of the client by layer (percent), {args.gib} GiB of {shape}")
+    print(f"{'layer':<26}" + "".join(f"{'run ' + str(i + 1):>16}" for i in range(len(rows))))
+    print(f"{'all':<26}" + "".join(f"{r['cpu_s_per_gib']:>16.2f}" for r in rows))
+    for label in rows[0]["layers_cpu_s_per_gib"]:
+        cells = []
+        for r in rows:
+            x = r["layers_cpu_s_per_gib"][label]
+            cells.append(f"{x:.2f} ({100 * x / r['cpu_s_per_gib']:.0f}%)")
+        print(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
