@@ -241,6 +241,20 @@ def test_a_file_url_without_a_path_is_a_config_error(url: str) -> None:
         open_backend(url)
 
 
+@pytest.mark.parametrize("via_env", [False, True])
+def test_an_endpoint_with_a_password_is_refused_without_echoing_it(
+    via_env: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = "http://user:hunter2@127.0.0.1:1"
+    if via_env:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    args = [] if via_env else ["--endpoint-url", endpoint]
+    assert main(["--store", "s3://b/p", *args, "ls"]) == 2
+    err = capsys.readouterr().err
+    assert "user or password" in err
+    assert "hunter2" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -255,6 +269,9 @@ def test_a_file_url_without_a_path_is_a_config_error(url: str) -> None:
         ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000/?x=1"],
         ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000#frag"],
         ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000?"],
+        # a path would be read as a bucket: requests for s3://b/p would go to bucket "bkt"
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000/bkt"],
+        ["--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9000/;params"],
     ],
 )
 def test_urls_urllib_cannot_split_are_usage_errors(

@@ -110,11 +110,31 @@ def test_compatibility_modes(tmp_path: Path) -> None:
             {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/?a=b"},
             "AWS_ENDPOINT_URL_S3",
         ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/bkt"},
+            "AWS_ENDPOINT_URL_S3",
+        ),
+        # past what a signed 64-bit count holds, and past what int() reads at all
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": str(2**64)},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES": "9" * 4301},
+            "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         StoreConfig.from_env(env)
+
+
+def test_errors_quote_a_long_value_cut_short() -> None:
+    env = {"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMA_SNAPSHOTS_TIMEOUT": "5" * 5000}
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_TIMEOUT") as err:
+        StoreConfig.from_env(env)
+    assert len(str(err.value)) < 300
 
 
 def test_bad_urls_are_config_errors() -> None:
@@ -230,7 +250,9 @@ def test_an_operation_timeout_past_what_a_clock_holds_is_a_config_error() -> Non
     [
         *(("stale_after", v) for v in (0, -1.0, float("inf"), float("nan"), "3", True)),
         *(("refresh_seconds", v) for v in (-1, float("nan"), "5", True)),
-        *(("max_bytes", v) for v in (-1, float("nan"), float("inf"), "1", True)),
+        *(("max_bytes", v) for v in (-1, float("nan"), float("inf"), "1", True, 2**64)),
+        # an int this long has no repr: neither the message nor the test's id may need it
+        pytest.param("max_bytes", 10**5000, id="max_bytes-5000-digits"),
     ],
 )
 def test_cache_settings_that_would_quietly_do_something_else_are_refused(

@@ -22,6 +22,7 @@ from chroma_snapshots import (
     CacheFullError,
     Deadline,
     IntegrityError,
+    InvalidInputError,
     LocalDiskError,
     RemoteStore,
     SnapshotError,
@@ -107,12 +108,31 @@ def test_disk_full_at_any_point_of_a_checkout(
         store.checkout("db", dest=mnt / "out")
     assert err.value.errno == errno.ENOSPC
     assert os.listdir(mnt) == []
+    # the error names the file where the user asked for it, not the hidden work folder
+    assert err.value.filename.startswith(f"{mnt / 'out'}/")
+    assert "chroma-snapshots-work" not in str(err.value)
     # the cache on the same disk, its free-space check fooled: the real ENOSPC
     cached = CachedStore(store, mnt / "cache", min_free_bytes=-(1 << 40))
     with pytest.raises(CacheFullError):
         cached.checkout("db")
     assert cached.dirs("db").complete() == []
     assert list((cached.dirs("db").root / "tmp").iterdir()) == []
+
+
+def test_a_dest_name_as_long_as_a_folder_name_may_be(tmp_path: Path) -> None:
+    # the work folder beside dest adds ~40 characters to dest's name: it must still fit
+    store, src = _published(tmp_path, _random_files({"a.bin": 10_000}))
+    for name in ("a" * 255, "\u00e9" * 127):  # 255 bytes, and 254 in two-byte characters
+        snap = store.checkout("db", dest=tmp_path / name)
+        assert read_tree(snap.path) == read_tree(src)
+
+
+@pytest.mark.parametrize("dest", [b"/tmp/x", "out\0x", 42])
+def test_a_dest_that_is_not_a_path_is_invalid_input(tmp_path: Path, dest: object) -> None:
+    store, _ = _published(tmp_path, _random_files({"a.bin": 10}))
+    for target in (store, CachedStore(store, tmp_path / "cache")):
+        with pytest.raises(InvalidInputError, match="not a path"):
+            target.checkout("db", dest=dest)  # type: ignore[arg-type]
 
 
 def test_a_checkout_that_just_fits_is_exact(tmp_path: Path, tmpfs: Mount) -> None:

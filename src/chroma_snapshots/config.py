@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.errors import ConfigError, shown
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
@@ -113,7 +114,7 @@ def _env_url(env: Mapping[str, str], var: str) -> str | None:
     check_store_url(raw, var)
     if "://" not in raw and not os.path.isabs(raw):  # relative to which directory?
         raise ConfigError(
-            f"{var}={raw!r} is neither a URL nor an absolute path; e.g. s3://bucket/prefix"
+            f"{var}={shown(raw)} is neither a URL nor an absolute path; e.g. s3://bucket/prefix"
         )
     return raw
 
@@ -162,7 +163,7 @@ def _signing(env: Mapping[str, str]) -> str | None:
 def _flag(env: Mapping[str, str], var: str, *, default: bool = False) -> bool:
     raw = env.get(var, "").strip().lower()
     if raw not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ConfigError(f"{var}={raw!r} must be true or false")
+        raise ConfigError(f"{var}={shown(raw)} must be true or false")
     return default if not raw else raw in ("1", "true", "yes")
 
 
@@ -176,9 +177,9 @@ def parse_seconds(raw: str, what: str) -> float:
     (0, 1e9] (nan too; a deadline past ~31 years overflows time_t)."""
     value = _number(raw)
     if value is None:
-        raise ConfigError(f"{what}={raw!r} is not a number")
+        raise ConfigError(f"{what}={shown(raw)} is not a number")
     if not 0 < value <= MAX_SECONDS:
-        raise ConfigError(f"{what}={raw!r} must be positive and at most {MAX_SECONDS:.0e}")
+        raise ConfigError(f"{what}={shown(raw)} must be positive and at most {MAX_SECONDS:.0e}")
     return value
 
 
@@ -200,9 +201,9 @@ def _refresh(env: Mapping[str, str]) -> float | None:
         return math.inf
     value = _number(raw)
     if value is None:
-        raise ConfigError(f"{ENV_REFRESH}={raw!r} must be a number of seconds or 'never'")
+        raise ConfigError(f"{ENV_REFRESH}={shown(raw)} must be a number of seconds or 'never'")
     if not 0 <= value < math.inf:
-        raise ConfigError(f"{ENV_REFRESH}={raw!r} must be 0 or more seconds, or 'never'")
+        raise ConfigError(f"{ENV_REFRESH}={shown(raw)} must be 0 or more seconds, or 'never'")
     return value
 
 
@@ -215,7 +216,7 @@ def _cache_dir(env: Mapping[str, str]) -> str | None:
     raw = env.get(ENV_CACHE_DIR, "").strip()
     if raw and not raw.startswith("/"):
         raise ConfigError(
-            f"{ENV_CACHE_DIR}={raw!r} must be an absolute path, e.g. /tmp/chroma-snapshots"
+            f"{ENV_CACHE_DIR}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
         )
     return raw or None
 
@@ -224,8 +225,9 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     raw = env.get(var, "").strip()
     if not raw:
         return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:  # int("²") is ValueError
-        raise ConfigError(f"{var}={raw!r} must be a positive whole number of bytes")
+    # ASCII only: int("²") is ValueError; short: int() of 4,301 digits is ValueError too
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not 0 < int(raw) < 2**63:
+        raise ConfigError(f"{var}={shown(raw)} must be a whole number of bytes, 1 to 2**63-1")
     return int(raw)
 
 
@@ -237,18 +239,31 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
 
 
 def check_endpoint(raw: str, what: str) -> None:
-    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL with a host,
-    a valid port and no query or fragment: an unbalanced ``[`` or port 99999 is a typo, not
-    an outage."""
+    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL of a server:
+    a host, a valid port and nothing else. An unbalanced ``[`` or port 99999 is a typo, not
+    an outage; a path would be read as a bucket (``http://h/bkt`` + ``s3://b/p`` writes into
+    ``bkt``); a user or password is not how S3 takes credentials, and is never echoed."""
+    safe = shown(_USERINFO.sub("//***@", raw))
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing it raises for a port out of range
     except ValueError as e:
-        raise ConfigError(f"{what}{raw!r} is not a valid URL: {e}") from None
+        raise ConfigError(f"{what}{safe} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what}{raw!r} must be an http(s) URL, e.g. http://127.0.0.1:9000")
-    if parts.query or parts.fragment or raw.endswith(("?", "#")):
-        raise ConfigError(f"{what}{raw!r} has a query or fragment, which an endpoint cannot")
+        raise ConfigError(f"{what}{safe} must be an http(s) URL, e.g. http://127.0.0.1:9000")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{what}{safe} has a user or password: an endpoint names a server; credentials "
+            "come from the AWS environment (AWS_ACCESS_KEY_ID, a profile or a role)"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or raw.endswith(("?", "#")):
+        raise ConfigError(
+            f"{what}{safe} has a path, query or fragment: an endpoint names a server; the "
+            "bucket and prefix go in the store URL (s3://BUCKET/PREFIX)"
+        )
+
+
+_USERINFO = re.compile(r"//[^/?#]*@")
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
@@ -294,7 +309,7 @@ class LambdaConfig:
         for var in (ENV_PROCESSOR, ENV_SINK):
             raw = env.get(var, "").strip()
             if raw and (raw.count(":") != 1 or "" in (p.strip() for p in raw.split(":"))):
-                raise ConfigError(f"{var}={raw!r} must be module:function")
+                raise ConfigError(f"{var}={shown(raw)} must be module:function")
         if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
             raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
         return cls(

@@ -79,3 +79,13 @@ __all__ = [
     "StoreNotFoundError",
     "UnsupportedOperationError",
 ]
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` as an error message quotes it: its repr, cut to about ``limit`` characters
+    (a value pasted by mistake can be megabytes; an int past 4,300 digits has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number too long to print"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chroma_snapshots.engine.placer import local_io, raise_local
-from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.errors import InvalidInputError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
 # the cache's repairs and sweeps would take it for a file of its own and remove it.
@@ -23,7 +23,10 @@ CACHE_MARKER = ".chroma-snapshots-cache"
 
 
 def check_dest(dest: str | Path) -> str | Path:
-    """``dest`` unless it is empty (``Path("")`` is the working directory)."""
+    """``dest`` unless it is not a path (bytes, a NUL), or empty (``Path("")`` is the
+    working directory)."""
+    if not isinstance(dest, str | os.PathLike) or "\0" in str(dest):
+        raise InvalidInputError(f"checkout destination {shown(dest)} is not a path")
     if not str(dest).strip():
         raise InvalidInputError("checkout destination is empty: name a folder")
     return dest
@@ -78,13 +81,23 @@ def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str
                 build(work)
                 move_into_place(work, final)
             except OSError as e:
-                raise_local(e, final, what)
+                raise_local(_as_at(e, work, final), final, what)
                 raise
     except BaseException:
         if dest is None:
             remove_tree(final.parent)  # the temporary folder prepare_dest made for it
         raise
     return final
+
+
+def _as_at(err: OSError, work: Path, final: Path) -> OSError:
+    """``err`` naming the file where it will be in ``final``, not in the hidden work folder
+    the user never named (a full disk: ``dest/f3``, not ``.dest.chroma-...tmp/f3``)."""
+    for attr in ("filename", "filename2"):
+        name = getattr(err, attr)
+        if isinstance(name, str) and Path(name).is_relative_to(work):
+            setattr(err, attr, str(final / Path(name).relative_to(work)))
+    return err
 
 
 def move_into_place(work: Path, final: Path) -> None:
@@ -176,6 +189,7 @@ def copy_tree(src: Path, dst: Path) -> None:
 # holds its lock from the moment it exists but for an instant: the age covers that).
 _LEFTOVER_AGE = 60.0
 _WORK_MARK = "chroma-snapshots-work-"
+_NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 4
 
 
 @contextlib.contextmanager
@@ -185,7 +199,10 @@ def work_dir(final: Path) -> Iterator[Path]:
     to ``final``, locked (``flock``) while the block runs and
     removed if it fails; first, the work folders of builds of the same ``final`` that a
     kill left behind (no handler ran) are removed: unlocked, and not new."""
-    prefix = f".{final.name}.{_WORK_MARK}"  # a name no folder of the user's has by chance
+    # a name no folder of the user's has by chance, within NAME_MAX (255 bytes) however
+    # long dest's own name is: mkdtemp adds 8 characters and the suffix 4
+    name = os.fsencode(final.name)[:_NAME_ROOM].decode(errors="ignore")
+    prefix = f".{name}.{_WORK_MARK}"
     for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         _remove_if_left(old)
     try:

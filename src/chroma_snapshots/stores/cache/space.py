@@ -16,7 +16,7 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.validation import check_name
-from chroma_snapshots.errors import CacheFullError, InvalidInputError
+from chroma_snapshots.errors import CacheFullError, InvalidInputError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
@@ -164,11 +164,13 @@ def check_settings(max_bytes: object, refresh_seconds: object, stale_after: obje
     """InvalidInputError for settings that would quietly do something else: a NaN cap
     (none), a negative interval, a stale_after of 0 (every healthy read stale)."""
     if max_bytes is not None and not _within(max_bytes, 0, True, 2.0**63):
-        raise InvalidInputError(f"max_bytes must be a number of bytes >= 0, not {max_bytes!r}")
+        raise InvalidInputError(f"max_bytes must be 0 to 2**63 bytes, not {shown(max_bytes)}")
     if refresh_seconds is not None and not _within(refresh_seconds, 0, True, float("inf")):
-        raise InvalidInputError(f"refresh_seconds must be >= 0 seconds, not {refresh_seconds!r}")
+        msg = f"refresh_seconds must be >= 0 seconds, not {shown(refresh_seconds)}"
+        raise InvalidInputError(msg)
     if not _within(stale_after, 0, False, 1e9):
-        raise InvalidInputError(f"stale_after must be positive and finite, not {stale_after!r}")
+        msg = f"stale_after must be positive and finite, not {shown(stale_after)}"
+        raise InvalidInputError(msg)
 
 
 def _within(x: object, low: float, low_ok: bool, high: float) -> bool:
