@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -125,6 +126,33 @@ def test_a_dest_name_as_long_as_a_folder_name_may_be(tmp_path: Path) -> None:
     for name in ("a" * 255, "\u00e9" * 127):  # 255 bytes, and 254 in two-byte characters
         snap = store.checkout("db", dest=tmp_path / name)
         assert read_tree(snap.path) == read_tree(src)
+
+
+def test_the_working_directory_is_not_a_dest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # renaming the checkout over it would leave this process in a deleted folder
+    store, _ = _published(tmp_path, _random_files({"a.bin": 10}))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for target in (store, CachedStore(store, tmp_path / "cache")):
+        with pytest.raises(InvalidInputError, match="working directory"):
+            target.checkout("db", dest=".")
+    assert (tmp_path / "here").samefile(".")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_a_dest_folder_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    _published(tmp_path, _random_files({"a.bin": 10}))
+    script = (
+        "import os, sys\n"
+        "from chroma_snapshots import RemoteStore\n"
+        "from chroma_snapshots.backends.file import FileBackend\n"
+        f"os.umask({umask})\n"
+        f"RemoteStore(FileBackend({str(tmp_path / 'store')!r})).checkout('db', dest=sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], check=True)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == mode
 
 
 @pytest.mark.parametrize("dest", [b"/tmp/x", "out\0x", 42])

@@ -50,6 +50,11 @@ def prepare_dest(dest: str | Path | None) -> Path:
         )
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise InvalidInputError(f"checkout destination {str(final)!r} exists and is not empty")
+    if final.is_dir() and _is_cwd(final):
+        raise InvalidInputError(
+            f"checkout destination {str(final)!r} is the working directory, which the "
+            "checkout would replace under this process: name a new folder inside it"
+        )
     if final.is_dir() and os.path.ismount(final):
         raise InvalidInputError(
             f"checkout destination {str(final)!r} is a mount point: a checkout is built "
@@ -62,6 +67,23 @@ def prepare_dest(dest: str | Path | None) -> Path:
             f"checkout destination {str(final)!r}: a file is in the way of its folder"
         ) from None
     return final
+
+
+def _is_cwd(folder: Path) -> bool:
+    try:
+        return os.path.samestat(os.stat(folder), os.stat("."))
+    except OSError:  # no working directory (deleted): it cannot be this one
+        return False
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str) -> Path:
@@ -77,7 +99,7 @@ def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str
     try:  # no work folder yet: the error names dest, not a name it never had
         with local_io(final, what), work_dir(final) as work:
             try:  # the file that failed if the OS says which (of a copy's two, the target)
-                work.chmod(0o755)  # mkdtemp makes it private; a checkout is a plain folder
+                work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
                 build(work)
                 move_into_place(work, final)
             except OSError as e:
