@@ -241,18 +241,60 @@ def test_a_file_url_without_a_path_is_a_config_error(url: str) -> None:
         open_backend(url)
 
 
-@pytest.mark.parametrize("via_env", [False, True])
+ENDPOINT_SOURCES = ["option", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "profile", "services"]
+
+
+def _endpoint_args(
+    source: str, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """The CLI arguments (and environment) that give ``endpoint`` through ``source``: the
+    option, either variable, a profile's endpoint_url or a [services] section."""
+    if source == "option":
+        return ["--endpoint-url", endpoint]
+    if source.startswith("AWS_"):
+        monkeypatch.setenv(source, endpoint)
+        return []
+    config = tmp_path / "aws-config"
+    if source == "profile":
+        config.write_text(f"[profile ep]\nendpoint_url = {endpoint}\n")
+    else:
+        config.write_text(
+            f"[profile ep]\nservices = svc\n[services svc]\ns3 =\n  endpoint_url = {endpoint}\n"
+        )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    return ["--profile", "ep"]
+
+
+# A secret key often holds "/": urllib then ends the host early and finds no user at all.
+@pytest.mark.parametrize("password", ["hunter2", "wJalr/XUtnFEMI", "s3cr3t?x", "s3cr3t#x"])
+@pytest.mark.parametrize("source", ENDPOINT_SOURCES)
 def test_an_endpoint_with_a_password_is_refused_without_echoing_it(
-    via_env: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    source: str,
+    password: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    endpoint = "http://user:hunter2@127.0.0.1:1"
-    if via_env:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    args = [] if via_env else ["--endpoint-url", endpoint]
+    endpoint = f"http://AKIA:{password}@127.0.0.1:1"
+    args = _endpoint_args(source, endpoint, tmp_path, monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     assert main(["--store", "s3://b/p", *args, "ls"]) == 2
     err = capsys.readouterr().err
     assert "user or password" in err
-    assert "hunter2" not in err
+    assert password.split("/")[0].split("?")[0].split("#")[0] not in err
+
+
+@pytest.mark.parametrize("source", ENDPOINT_SOURCES)
+def test_an_endpoint_with_a_path_is_refused_wherever_it_is_set(
+    source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore reads the path as the bucket: a publish to s3://zzz/q wrote into "bkt"
+    args = _endpoint_args(source, "http://127.0.0.1:1/bkt", tmp_path, monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    assert main(["--store", "s3://zzz/q", *args, "ls"]) == 2
+    assert "path, query or fragment" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

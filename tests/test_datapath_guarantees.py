@@ -141,25 +141,49 @@ def test_the_working_directory_is_not_a_dest(
     assert (tmp_path / "here").samefile(".")
 
 
+_CHECKOUT = (
+    "import os, sys\n"
+    "from chroma_snapshots import CachedStore, RemoteStore\n"
+    "from chroma_snapshots.backends.file import FileBackend\n"
+    "os.umask(int(sys.argv[1], 8))\n"
+    "store = RemoteStore(FileBackend(sys.argv[2]))\n"
+    "if sys.argv[4:]:\n"
+    "    store = CachedStore(store, sys.argv[4])\n"
+    "store.checkout('db', dest=None if sys.argv[3] == '-' else sys.argv[3])\n"
+)
+
+
+def _checkout_under(umask: int, store: Path, dest: Path | None, cache: Path | None) -> None:
+    """A checkout in a process of its own whose umask is ``umask``."""
+    args = [oct(umask), str(store), str(dest or "-"), *([str(cache)] if cache else [])]
+    subprocess.run([sys.executable, "-c", _CHECKOUT, *args], check=True)
+
+
+def _folder_modes(root: Path) -> set[int]:
+    return {p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")] if p.is_dir()}
+
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
-def test_a_dest_folder_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
-    _published(tmp_path, _random_files({"a.bin": 10}))
-    script = (
-        "import os, sys\n"
-        "from chroma_snapshots import RemoteStore\n"
-        "from chroma_snapshots.backends.file import FileBackend\n"
-        f"os.umask({umask})\n"
-        f"RemoteStore(FileBackend({str(tmp_path / 'store')!r})).checkout('db', dest=sys.argv[1])\n"
-    )
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], check=True)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == mode
+@pytest.mark.parametrize("cached", [False, True])
+def test_dest_folders_follow_the_umask(tmp_path: Path, umask: int, mode: int, cached: bool) -> None:
+    _published(tmp_path, _random_files({"a.bin": 10, "sub/b.bin": 10}))
+    cache = tmp_path / "cache" if cached else None
+    if cache is not None:  # filled by a process whose folders anyone could write
+        _checkout_under(0o000, tmp_path / "store", None, cache)
+    _checkout_under(umask, tmp_path / "store", tmp_path / "out", cache)
+    assert _folder_modes(tmp_path / "out") == {mode}
 
 
-@pytest.mark.parametrize("dest", [b"/tmp/x", "out\0x", 42])
+class _BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"/tmp/x"
+
+
+@pytest.mark.parametrize("dest", [b"/tmp/x", "out\0x", 42, _BytesPath(), "new/.."])
 def test_a_dest_that_is_not_a_path_is_invalid_input(tmp_path: Path, dest: object) -> None:
     store, _ = _published(tmp_path, _random_files({"a.bin": 10}))
     for target in (store, CachedStore(store, tmp_path / "cache")):
-        with pytest.raises(InvalidInputError, match="not a path"):
+        with pytest.raises(InvalidInputError, match=r"not a path|ends in '\.\.'"):
             target.checkout("db", dest=dest)  # type: ignore[arg-type]
 
 

@@ -25,6 +25,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from chroma_snapshots.backends import check_endpoint
 from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
@@ -130,6 +131,9 @@ class S3Backend(Backend):
                 "~/.aws/credentials (set by --profile or AWS_PROFILE)"
             ) from None
         client = cast("S3Client", made)  # the stubs type only boto3's factory by service name
+        # the endpoint botocore settled on, from wherever it came (AWS_ENDPOINT_URL, a
+        # profile's endpoint_url, a [services] section): a path in it would be the bucket
+        check_endpoint(client.meta.endpoint_url, "S3 endpoint (from the AWS configuration) ")
         client.meta.events.register_first("needs-retry.s3", give_up_connecting(s.connect_attempts))
         client.meta.events.register_first("before-send.s3", stop_at_deadline)
         return client

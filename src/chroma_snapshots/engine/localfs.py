@@ -25,10 +25,18 @@ CACHE_MARKER = ".chroma-snapshots-cache"
 def check_dest(dest: str | Path) -> str | Path:
     """``dest`` unless it is not a path (bytes, a NUL), or empty (``Path("")`` is the
     working directory)."""
-    if not isinstance(dest, str | os.PathLike) or "\0" in str(dest):
+    try:
+        path = os.fspath(dest) if isinstance(dest, str | os.PathLike) else None
+    except TypeError:  # a PathLike whose __fspath__ returns something else
+        path = None
+    if not isinstance(path, str) or "\0" in path:
         raise InvalidInputError(f"checkout destination {shown(dest)} is not a path")
-    if not str(dest).strip():
+    if not path.strip():
         raise InvalidInputError("checkout destination is empty: name a folder")
+    if Path(path).name == "..":  # "new/.." would name the folder that holds "new"
+        raise InvalidInputError(
+            f"checkout destination {path!r} ends in '..': name the folder itself"
+        )
     return dest
 
 
@@ -195,16 +203,14 @@ def own_dirs(tree: Path) -> None:
 def copy_tree(src: Path, dst: Path) -> None:
     """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
     all) is raised as itself. For trees of files and directories (cached versions, a
-    chroma database); ``dst`` is new or an empty folder."""
-    made = []
+    chroma database); ``dst`` is new or an empty folder. Files keep their modes and times;
+    folders get the caller's umask, not the source's modes (a snapshot has no folder
+    modes, and a cache filled under umask 000 must not hand out world-writable folders)."""
     for dirpath, _, filenames in os.walk(src):
         target = dst / Path(dirpath).relative_to(src)
         target.mkdir(exist_ok=target == dst)  # dst may be an empty work folder
-        made.append((Path(dirpath), target))
         for fn in filenames:
             shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
-    for source, target in reversed(made):  # modes and times once nothing more is added
-        shutil.copystat(source, target)
 
 
 # A work folder this old that no process holds was left by a killed checkout (a live one
