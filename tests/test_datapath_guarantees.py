@@ -106,11 +106,11 @@ def test_disk_full_at_any_point_of_a_checkout(
     mnt = tmpfs("size=2m")
     store, _ = _published(tmp_path, _random_files(sizes))
     with pytest.raises(CacheFullError) as err:
-        store.checkout("db", dest=mnt / "out")
+        store.checkout("db", dest=mnt / "new" / "deeper" / "out")
     assert err.value.errno == errno.ENOSPC
-    assert os.listdir(mnt) == []
+    assert os.listdir(mnt) == []  # nor the parents made for dest
     # the error names the file where the user asked for it, not the hidden work folder
-    assert err.value.filename.startswith(f"{mnt / 'out'}/")
+    assert err.value.filename.startswith(f"{mnt / 'new' / 'deeper' / 'out'}/")
     assert "chroma-snapshots-work" not in str(err.value)
     # the cache on the same disk, its free-space check fooled: the real ENOSPC
     cached = CachedStore(store, mnt / "cache", min_free_bytes=-(1 << 40))

@@ -40,11 +40,13 @@ def check_dest(dest: str | Path) -> str | Path:
     return dest
 
 
-def prepare_dest(dest: str | Path | None) -> Path:
+def prepare_dest(dest: str | Path | None) -> tuple[Path, list[Path]]:
     """The absolute checkout destination: absent or an empty directory, parent created,
-    outside any cache's folders."""
+    outside any cache's folders; and the folders made for it, deepest first (None: a new
+    temporary folder)."""
     if dest is None:
-        return Path(tempfile.mkdtemp(prefix="chroma-snapshot-")) / "snapshot"
+        temporary = Path(tempfile.mkdtemp(prefix="chroma-snapshot-"))
+        return temporary / "snapshot", [temporary]
     final = Path(check_dest(dest)).absolute()
     for folder in Path(os.path.realpath(final)).parents:  # through links too
         if (folder / CACHE_MARKER).exists():
@@ -68,13 +70,14 @@ def prepare_dest(dest: str | Path | None) -> Path:
             f"checkout destination {str(final)!r} is a mount point: a checkout is built "
             "beside it and renamed into place, so name a new folder inside it"
         )
+    made = [p for p in final.parents if not p.exists()]  # before mkdir: what it adds
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder must be
         raise InvalidInputError(
             f"checkout destination {str(final)!r}: a file is in the way of its folder"
         ) from None
-    return final
+    return final, made
 
 
 def _is_cwd(folder: Path) -> bool:
@@ -100,7 +103,7 @@ def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str
     and renamed into place; returns where. On failure nothing is left at ``dest`` (nor the
     temporary folder), and a raw OSError is the documented error (``what`` failed)."""
     try:
-        final = prepare_dest(dest)
+        final, made = prepare_dest(dest)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
         raise_local(e, Path(tempfile.gettempdir() if dest is None else dest), what)
         raise
@@ -115,7 +118,13 @@ def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str
                 raise
     except BaseException:
         if dest is None:
-            remove_tree(final.parent)  # the temporary folder prepare_dest made for it
+            remove_tree(made[0])  # the temporary folder prepare_dest made for it
+        else:  # the parents made for dest, while empty: another checkout may share them
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         raise
     return final
 
