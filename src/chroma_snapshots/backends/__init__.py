@@ -14,8 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.options import OpenOptions
-from chroma_snapshots.errors import ConfigError, InvalidInputError, SnapshotError, shown
+from chroma_snapshots.errors import ConfigError, InvalidInputError, SnapshotError
 
 __all__ = [
     "Backend",
@@ -81,36 +82,6 @@ def _registered(scheme: str) -> tuple[str, str | None]:
 def registered_schemes() -> list[str]:
     """URL schemes with a dedicated backend; other fsspec protocols also work."""
     return sorted(_REGISTRY)
-
-
-def check_endpoint(raw: str, what: str) -> None:
-    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL of a server:
-    a host, a valid port and nothing else. An unbalanced ``[`` or port 99999 is a typo, not
-    an outage; a path would be read as a bucket (``http://h/bkt`` + ``s3://b/p`` writes into
-    ``bkt``); a user or password is not how S3 takes credentials, and is never echoed."""
-    # Everything up to the last "@" may be a password, "/", "?" and "#" included (secret
-    # keys hold "/"), so it is refused before urllib, whose error would quote a piece of it.
-    safe = shown(_USERINFO.sub("//***@", raw))
-    if "@" in raw:
-        raise ConfigError(
-            f"{what}{safe} has a user or password: an endpoint names a server; credentials "
-            "come from the AWS environment (AWS_ACCESS_KEY_ID, a profile or a role)"
-        )
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - parsing it raises for a port out of range
-    except ValueError as e:
-        raise ConfigError(f"{what}{safe} is not a valid URL: {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what}{safe} must be an http(s) URL, e.g. http://127.0.0.1:9000")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or raw.endswith(("?", "#")):
-        raise ConfigError(
-            f"{what}{safe} has a path, query or fragment: an endpoint names a server; the "
-            "bucket and prefix go in the store URL (s3://BUCKET/PREFIX)"
-        )
-
-
-_USERINFO = re.compile(r"//.*@", re.DOTALL)  # to the last "@": all of it may be secret
 
 
 def check_store_url(url: str, what: str = "store URL") -> str:

@@ -25,7 +25,6 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from chroma_snapshots.backends import check_endpoint
 from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
@@ -36,6 +35,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3errors import (
     check_range,

@@ -1,0 +1,38 @@
+"""What an S3 endpoint may be: a server, named by an http(s) URL, and nothing else."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from chroma_snapshots.errors import ConfigError, shown
+
+
+def check_endpoint(raw: str, what: str) -> None:
+    """ConfigError (``what`` then the value) unless ``raw`` is an http(s) URL of a server:
+    a host, a valid port and nothing else. An unbalanced ``[`` or port 99999 is a typo, not
+    an outage; a path would be read as a bucket (``http://h/bkt`` + ``s3://b/p`` writes into
+    ``bkt``); a user or password is not how S3 takes credentials, and is never echoed."""
+    # Everything up to the last "@" may be a password, "/", "?" and "#" included (secret
+    # keys hold "/"), so it is refused before urllib, whose error would quote a piece of it.
+    safe = shown(_USERINFO.sub("//***@", raw))
+    if "@" in raw:
+        raise ConfigError(
+            f"{what}{safe} has a user or password: an endpoint names a server; credentials "
+            "come from the AWS environment (AWS_ACCESS_KEY_ID, a profile or a role)"
+        )
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parsing it raises for a port out of range
+    except ValueError as e:
+        raise ConfigError(f"{what}{safe} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what}{safe} must be an http(s) URL, e.g. http://127.0.0.1:9000")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or raw.endswith(("?", "#")):
+        raise ConfigError(
+            f"{what}{safe} has a path, query or fragment: an endpoint names a server; the "
+            "bucket and prefix go in the store URL (s3://BUCKET/PREFIX)"
+        )
+
+
+_USERINFO = re.compile(r"//.*@", re.DOTALL)  # to the last "@": all of it may be secret
