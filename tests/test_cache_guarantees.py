@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -394,6 +395,28 @@ def test_a_private_copy_whose_holder_was_killed_is_swept(tmp_path: Path) -> None
     assert not copy.exists()
     assert a.path.exists()  # a live holder's folder stays
     a.release()
+
+
+def test_pin_files_whose_maker_died_before_their_rename_are_swept(tmp_path: Path) -> None:
+    # a pin is made hidden (".PID-RAND"), locked, then renamed into view: a kill between
+    # leaves the hidden file, one per kill, in copies/.pins and pins/<version>/
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    remote.publish("db", write_tree(tmp_path / "src", {"a": b"a"}))
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db") as snap:
+        version = snap.info.version
+    d = cached.dirs("db")
+    unborn = [d.copies() / ".pins" / ".123-dead", d.root / "pins" / version / ".456-dead"]
+    fresh = d.copies() / ".pins" / ".789-making"
+    for path in [*unborn, fresh]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    for path in unborn:
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    reopened = CachedStore(remote, tmp_path / "cache")  # opening the cache sweeps copies
+    assert reopened.dirs("db").pinned(version) is False  # and a pin check sweeps pins
+    assert not any(path.exists() for path in unborn)
+    assert fresh.exists()  # maybe being made right now
 
 
 @pytest.mark.parametrize("end", ["timeout", "killed"])

@@ -187,6 +187,91 @@ def test_a_dest_that_is_not_a_path_is_invalid_input(tmp_path: Path, dest: object
             target.checkout("db", dest=dest)  # type: ignore[arg-type]
 
 
+def test_creating_many_files_stops_at_the_deadline(tmp_path: Path) -> None:
+    # 20,000 small files take seconds to create: the deadline is checked while they are
+    store, _ = _published(tmp_path, {f"d/f{i:04d}": b"x" for i in range(500)})
+    manifest = store.load_manifest("db", store.current_version("db")[0])
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 2:
+            raise StorageTimeoutError("deadline exceeded during creating the checkout's files")
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(StorageTimeoutError):
+        Placer(tmp_path / "out", manifest).create_files(check)
+    assert 0 < len(list((tmp_path / "out").rglob("f*"))) < 500
+
+
+def test_a_copy_out_of_the_cache_stops_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a warm checkout to dest copies the cached tree: a large one takes seconds, and its
+    # time counts against the deadline like a download's (time jumps once copying starts)
+    import shutil
+
+    store, _ = _published(tmp_path, {f"f{i:03d}": b"x" * 100 for i in range(50)})
+    cached = CachedStore(store, tmp_path / "cache")
+    cached.checkout("db").release()
+    now = [0.0]
+    real_copy = shutil.copy2
+
+    def copy_and_age(src: str, dst: Path) -> object:
+        now[0] += 100.0
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", copy_and_age)
+    with pytest.raises(StorageTimeoutError, match="copying to dest"):
+        cached.checkout("db", dest=tmp_path / "out", deadline=Deadline(60, clock=lambda: now[0]))
+    assert not (tmp_path / "out").exists()
+
+
+def _aged(*paths: Path) -> None:
+    for path in paths:
+        os.utime(path, (time.time() - 600, time.time() - 600))
+
+
+def test_the_sweep_beside_dest_takes_only_its_own_work_folders(tmp_path: Path) -> None:
+    store, src = _published(tmp_path, _random_files({"a.bin": 10}))
+    mark = "chroma-snapshots-work-"
+    other = tmp_path / f".a.{mark}q.{mark}71tvrrc_.tmp"  # dest "a.<mark>q" was killed
+    killed = tmp_path / f".a.{mark}71tvrrc_.tmp"  # dest "a" was killed
+    for folder in (other, killed):
+        folder.mkdir()
+        (folder / "part").write_bytes(b"x")
+        _aged(folder)
+    snap = store.checkout("db", dest=tmp_path / "a")
+    assert read_tree(snap.path) == read_tree(src)
+    assert other.exists()
+    assert not killed.exists()
+
+
+def test_a_killed_checkout_without_dest_is_swept_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a Lambda timeout kills the process mid-build; /tmp outlives it into the next invocation
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    store, _ = _published(tmp_path, _random_files({"a.bin": 10}))
+    killed = tmp_path / "tmp" / "chroma-snapshot-k1llk1ll"
+    work = killed / ".snapshot.chroma-snapshots-work-abcd_123.tmp"
+    work.mkdir(parents=True)
+    (work / "a.bin").write_bytes(b"partial")
+    finished = tmp_path / "tmp" / "chroma-snapshot-f1n1shed"  # not yet released: its caller's
+    (finished / "snapshot").mkdir(parents=True)
+    fresh = tmp_path / "tmp" / "chroma-snapshot-fr3shfr3"  # maybe being made right now
+    fresh.mkdir()
+    _aged(work, killed, finished)
+    with store.checkout("db") as snap:
+        assert snap.path.is_relative_to(tmp_path / "tmp")
+    assert not killed.exists()
+    assert (finished / "snapshot").exists()
+    assert fresh.exists()
+
+
 def test_a_checkout_that_just_fits_is_exact(tmp_path: Path, tmpfs: Mount) -> None:
     """The control for the matrix above: the same disk takes a checkout that fits."""
     mnt = tmpfs("size=2m")
@@ -257,7 +342,7 @@ def test_a_write_that_makes_no_progress_is_an_error(
     with pytest.raises(LocalDiskError) as err:
         store.checkout("db", dest=tmp_path / "out" / "snap")
     assert err.value.errno == errno.EIO
-    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists()  # nor the parent made for dest
 
 
 # Declared sizes.

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import glob
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -45,7 +46,8 @@ def prepare_dest(dest: str | Path | None) -> tuple[Path, list[Path]]:
     outside any cache's folders; and the folders made for it, deepest first (None: a new
     temporary folder)."""
     if dest is None:
-        temporary = Path(tempfile.mkdtemp(prefix="chroma-snapshot-"))
+        _sweep_killed_temporaries()
+        temporary = Path(tempfile.mkdtemp(prefix=_TEMPORARY))
         return temporary / "snapshot", [temporary]
     final = Path(check_dest(dest)).absolute()
     for folder in Path(os.path.realpath(final)).parents:  # through links too
@@ -78,6 +80,29 @@ def prepare_dest(dest: str | Path | None) -> tuple[Path, list[Path]]:
             f"checkout destination {str(final)!r}: a file is in the way of its folder"
         ) from None
     return final, made
+
+
+_TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
+
+
+def _sweep_killed_temporaries() -> None:
+    """Remove the temporary folders of checkouts without a dest whose process was killed
+    while building (a Lambda timeout kills it; /tmp outlives it): no finished ``snapshot``
+    inside, only a work folder nobody holds, and not new. Finished ones are their
+    caller's until ``release()``."""
+    work = re.compile(re.escape(f".snapshot.{_WORK_MARK}") + _MKDTEMP + re.escape(".tmp"))
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY}*"):
+        try:
+            if time.time() - os.lstat(folder).st_mtime < _LEFTOVER_AGE:
+                continue  # maybe just made, its work folder not yet in it
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        if all(work.fullmatch(e) for e in entries):  # none: killed before its work folder
+            for e in entries:
+                _remove_if_left(folder / e)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if every work folder in it went
 
 
 def _is_cwd(folder: Path) -> bool:
@@ -209,16 +234,18 @@ def own_dirs(tree: Path) -> None:
             own_dir(os.path.join(dirpath, dn))
 
 
-def copy_tree(src: Path, dst: Path) -> None:
+def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) -> None:
     """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
     all) is raised as itself. For trees of files and directories (cached versions, a
     chroma database); ``dst`` is new or an empty folder. Files keep their modes and times;
     folders get the caller's umask, not the source's modes (a snapshot has no folder
-    modes, and a cache filled under umask 000 must not hand out world-writable folders)."""
+    modes, and a cache filled under umask 000 must not hand out world-writable folders).
+    ``check()`` runs before each file and may raise (a deadline)."""
     for dirpath, _, filenames in os.walk(src):
         target = dst / Path(dirpath).relative_to(src)
         target.mkdir(exist_ok=target == dst)  # dst may be an empty work folder
         for fn in filenames:
+            check()
             shutil.copy2(os.path.join(dirpath, fn), target / fn)  # loops on short writes
 
 
@@ -227,6 +254,7 @@ def copy_tree(src: Path, dst: Path) -> None:
 _LEFTOVER_AGE = 60.0
 _WORK_MARK = "chroma-snapshots-work-"
 _NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 4
+_MKDTEMP = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
 
 
 @contextlib.contextmanager
@@ -240,8 +268,10 @@ def work_dir(final: Path) -> Iterator[Path]:
     # long dest's own name is: mkdtemp adds 8 characters and the suffix 4
     name = os.fsencode(final.name)[:_NAME_ROOM].decode(errors="ignore")
     prefix = f".{name}.{_WORK_MARK}"
+    mine = re.compile(re.escape(prefix) + _MKDTEMP + re.escape(".tmp"))
     for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        _remove_if_left(old)
+        if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
+            _remove_if_left(old)
     try:
         work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
     except PermissionError as e:

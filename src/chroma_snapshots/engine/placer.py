@@ -13,7 +13,7 @@ import errno
 import os
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,12 +108,16 @@ class Placer:
         self._writing = 0  # place_many calls in progress
         self._closed = False
 
-    def create_files(self) -> None:
-        """Create every directory and every file at its final size (sparse until filled)."""
+    def create_files(self, check: Callable[[], None] = lambda: None) -> None:
+        """Create every directory and every file at its final size (sparse until filled).
+        ``check()`` runs every few files and may raise (a deadline: 20,000 small files
+        take a second or more to create)."""
         with local_io(self.root, "creating the checkout's directories"):
             for d in self.manifest.dirs:
                 (self.root / d).mkdir(parents=True, exist_ok=True)
-        for f in self.files:
+        for i, f in enumerate(self.files):
+            if i % 64 == 0:
+                check()
             path = self.root / f.path
             with local_io(path, "creating a file of the checkout"):
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def fetch_into(
 
     try:
         if damaged is None:
-            placer.create_files()
+            placer.create_files(lambda: dl.check("creating the checkout's files"))
         with WorkerPool(workers) as pool:  # this checkout's own (see WorkerPool)
             todo = place_local(placer, local, stats, executor=pool, deadline=dl, close=False)
             # One pass of coalesced reads carries every chunk and the chain links below

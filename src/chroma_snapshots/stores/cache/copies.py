@@ -6,13 +6,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.localfs import build_at, copy_tree, remove_tree
-from chroma_snapshots.stores.cache.layout import NameDirs, held
+from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
 
 
-def private_copy(src: Path, dest: Path) -> Path:
-    """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`build_at`)."""
-    return build_at(dest, lambda work: copy_tree(src, work), "copying to dest")
+def private_copy(src: Path, dest: Path, dl: Deadline) -> Path:
+    """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`build_at`),
+    StorageTimeoutError at ``dl`` (and nothing left at dest)."""
+
+    def copy(work: Path) -> None:
+        copy_tree(src, work, lambda: dl.check("copying to dest"))
+
+    return build_at(dest, copy, "copying to dest")
 
 
 def held_copy(
@@ -46,3 +52,7 @@ def sweep_copies(d: NameDirs) -> None:
         if not p.name.startswith(".") and not held(pin):
             remove_tree(p)
             pin.unlink(missing_ok=True)
+    pins = folder / ".pins"
+    for p in pins.iterdir() if pins.is_dir() else ():
+        if p.name.startswith("."):  # a pin whose maker died before its rename
+            drop_unborn(p)

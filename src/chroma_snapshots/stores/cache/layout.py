@@ -116,6 +116,19 @@ def held(path: Path) -> bool:
     return False
 
 
+def drop_unborn(path: Path) -> None:
+    """Remove the hidden pin file ``path`` if its maker died before renaming it into view:
+    not held, and older than any maker takes (one being made is locked before its rename
+    but for an instant, which the age covers)."""
+    try:
+        if time.time() - os.lstat(path).st_mtime < 60.0:
+            return
+    except OSError:
+        return
+    if not held(path):
+        path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class NameDirs:
     """The cache folders of one snapshot name."""
@@ -261,7 +274,8 @@ class NameDirs:
         live = False
         for pin in pins:
             if pin.startswith("."):
-                continue  # being made (locked before it is renamed into view)
+                drop_unborn(folder / pin)
+                continue
             if held(folder / pin):
                 live = True
             else:  # unlinked by its holder meanwhile is fine too

@@ -171,7 +171,7 @@ class CachedStore(CacheRefs, DelegatingStore):
 
         if dest is not None:  # a copy of its own: the shared folder is not held after it
             try:
-                path = private_copy(path, Path(dest))
+                path = private_copy(path, Path(dest), dl)
             finally:
                 unpin()
         info, took = SnapshotInfo.from_manifest(version, manifest), time.monotonic() - t0
