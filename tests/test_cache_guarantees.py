@@ -25,6 +25,7 @@ from chroma_snapshots import (
     Deadline,
     InvalidInputError,
     RemoteStore,
+    StorageTimeoutError,
 )
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -395,6 +396,53 @@ def test_a_private_copy_whose_holder_was_killed_is_swept(tmp_path: Path) -> None
     assert not copy.exists()
     assert a.path.exists()  # a live holder's folder stays
     a.release()
+
+
+def _touched_everywhere(cached: CachedStore, version: str) -> None:
+    """Every cached file's ctime changed, its bytes not (chmod, cp -a): each must be checked."""
+    for path in cached.dirs("db").tree(version).rglob("*"):
+        if path.is_file():
+            os.chmod(path, path.stat().st_mode)
+            os.utime(path, None)
+
+
+def test_a_repair_checks_each_bundle_once_and_keeps_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chroma_snapshots.stores.cache import repair
+
+    files = {f"s/f{i:04d}": b"%d" % i for i in range(400)}  # bundled: tiny files
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    remote.publish("db", write_tree(tmp_path / "src", files))
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db") as snap:
+        version = snap.info.version
+    _touched_everywhere(cached, version)
+    from chroma_snapshots.engine import bundles as bundles_module
+
+    rebuilt = []
+    real_rebuild = bundles_module.rebuild
+
+    def counted(*args: object) -> bytes | None:
+        rebuilt.append(1)
+        return real_rebuild(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repair, "rebuild", counted)
+    with cached.checkout("db") as snap:  # a repair that finds nothing to rewrite
+        assert read_tree(snap.path) == files
+    bundles = len({f.chunks[0] for f in remote.load_manifest("db", version).files})
+    assert 0 < len(rebuilt) <= bundles < 400  # once a bundle, not once a member
+    # the deadline passes while the files are being checked: the repair stops there
+    _touched_everywhere(cached, version)
+    now, real_damaged = [0.0], repair.damaged_chunks
+
+    def check_and_age(*args: object) -> list[int]:
+        now[0] += 100.0
+        return real_damaged(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repair, "damaged_chunks", check_and_age)
+    with pytest.raises(StorageTimeoutError, match="checking the cached files"):
+        cached.checkout("db", deadline=Deadline(60, clock=lambda: now[0]))
 
 
 def test_pin_files_whose_maker_died_before_their_rename_are_swept(tmp_path: Path) -> None:

@@ -264,12 +264,17 @@ def test_a_killed_checkout_without_dest_is_swept_by_the_next(
     (finished / "snapshot").mkdir(parents=True)
     fresh = tmp_path / "tmp" / "chroma-snapshot-fr3shfr3"  # maybe being made right now
     fresh.mkdir()
-    _aged(work, killed, finished)
+    others = tmp_path / "tmp" / "chroma-snapshot-0th3rs00"  # another user's: not ours
+    (others / ".snapshot.chroma-snapshots-work-abcd_123.tmp").mkdir(parents=True)
+    os.chown(others / ".snapshot.chroma-snapshots-work-abcd_123.tmp", 65534, 65534)
+    os.chown(others, 65534, 65534)
+    _aged(work, killed, finished, others / ".snapshot.chroma-snapshots-work-abcd_123.tmp", others)
     with store.checkout("db") as snap:
         assert snap.path.is_relative_to(tmp_path / "tmp")
     assert not killed.exists()
     assert (finished / "snapshot").exists()
     assert fresh.exists()
+    assert others.exists()
 
 
 def test_a_checkout_that_just_fits_is_exact(tmp_path: Path, tmpfs: Mount) -> None:

@@ -89,12 +89,13 @@ def _sweep_killed_temporaries() -> None:
     """Remove the temporary folders of checkouts without a dest whose process was killed
     while building (a Lambda timeout kills it; /tmp outlives it): no finished ``snapshot``
     inside, only a work folder nobody holds, and not new. Finished ones are their
-    caller's until ``release()``."""
+    caller's until ``release()``; other users' are theirs (root sweeps only its own)."""
     work = re.compile(re.escape(f".snapshot.{_WORK_MARK}") + _MKDTEMP + re.escape(".tmp"))
     for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY}*"):
         try:
-            if time.time() - os.lstat(folder).st_mtime < _LEFTOVER_AGE:
-                continue  # maybe just made, its work folder not yet in it
+            st = os.lstat(folder)
+            if st.st_uid != os.getuid() or time.time() - st.st_mtime < _LEFTOVER_AGE:
+                continue  # another user's; or maybe just made, its work folder not yet in it
             entries = os.listdir(folder)
         except OSError:
             continue

@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.bundles import members
 from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.validation import is_name, short_id
 from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
-from chroma_snapshots.stores.cache.repair import OWNER_RW, damaged_chunks, remove_extras
+from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
 
 _TRY = 3  # newest other versions tried: a busy one is skipped, never waited for
 
@@ -82,21 +82,23 @@ def _listing(folder: Path) -> list[Path]:
 
 
 def plan_patch(
-    work: Path, old: Retired, new: Manifest, stats: StatsRecorder
+    work: Path, old: Retired, new: Manifest, stats: StatsRecorder, check: Callable[[], None]
 ) -> dict[str, list[int]]:
     """Bring ``work`` (the retired tree) to ``new``'s files, sizes and modes; return the
-    chunk positions of each file still to be written (the bytes kept count as reused)."""
+    chunk positions of each file still to be written (the bytes kept count as reused).
+    ``check()`` runs before each file and may raise (a deadline)."""
     remove_extras(work, new)  # links and stray folders go before anything is looked at
     old_files = {f.path: f for f in old.manifest.files}
     # chunk i of another chunk size is at another offset: then nothing is kept unread
     same_size = old.manifest.chunk_size == new.chunk_size
     intact = {p for p, f in old_files.items() if same_size and _intact(work, f, old.stamps.get(p))}
-    slices = members(new)
+    slices = Bundles(new)
     for d in new.dirs:
         (work / d).mkdir(parents=True, exist_ok=True)
     todo: dict[str, list[int]] = {}
     kept = 0
     for f in new.files:
+        check()
         before = old_files.get(f.path)
         if before is not None and f.path in intact:
             positions = _patch_intact(work / f.path, before, f)

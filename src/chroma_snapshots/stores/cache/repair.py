@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from chroma_snapshots.engine.bundles import members, rebuild
@@ -60,22 +60,46 @@ def changed_files(tree: Path, manifest: Manifest, stamps: Mapping[str, Stamp]) -
     ]
 
 
-def damaged(tree: Path, manifest: Manifest, paths: list[str]) -> dict[str, list[int]]:
+class Bundles:
+    """Whether each bundle of a manifest still verifies in a tree, each put together and
+    hashed once per pass: asked once per member, 20,000 bundled files cost 20,000 reads
+    of every member of their bundle (seconds of a repair, past any deadline)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest, self.members = manifest, members(manifest)
+        self._ok: dict[str, bool] = {}
+
+    def ok(self, tree: Path, f: FileEntry) -> bool:
+        """True if the bundle holding ``f`` is whole and verifies in ``tree``. Checked once:
+        a member missing or changed fails it at once, and then all its members are
+        rewritten, so a later change to a member (its truncation) changes nothing."""
+        h = f.chunks[0]
+        if h not in self._ok:
+            got = rebuild(tree, self.members.get(h, [f]), self.manifest.chunks[h].size)
+            self._ok[h] = got is not None and chunk_ok(got, h)
+        return self._ok[h]
+
+
+def damaged(
+    tree: Path, manifest: Manifest, paths: list[str], check: Callable[[], None]
+) -> dict[str, list[int]]:
     """The chunk indexes that differ in each file of ``paths`` (:func:`damaged_chunks`),
-    for the files with any."""
-    by_path, slices = {f.path: f for f in manifest.files}, members(manifest)
-    return {p: idx for p in paths if (idx := damaged_chunks(tree, manifest, by_path[p], slices))}
+    for the files with any; ``check()`` before each file may raise (a deadline)."""
+    by_path, bundles, out = {f.path: f for f in manifest.files}, Bundles(manifest), {}
+    for p in paths:
+        check()
+        if idx := damaged_chunks(tree, manifest, by_path[p], bundles):
+            out[p] = idx
+    return out
 
 
-def damaged_chunks(
-    tree: Path, manifest: Manifest, f: FileEntry, bundles: Mapping[str, list[FileEntry]]
-) -> list[int]:
+def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry, bundles: Bundles) -> list[int]:
     """Bring one file back to the manifest's size and return the indexes of the chunks
     whose bytes differ (a missing file is recreated empty: every chunk differs); its mode
     is the manifest's if none does, else the placer's last step (engine/placer.py).
-    A bundled file (``bundles``: engine.bundles.members) is checked by putting its bundle
-    together from the tree (every member read and compared): if that fails, the file's
-    slice is rewritten."""
+    A bundled file is checked by putting its bundle together from the tree (every member
+    read and compared, once a pass: :class:`Bundles`): if that fails, the file's slice is
+    rewritten."""
     path = tree / f.path
     linked = path.is_file() and not path.is_symlink() and os.lstat(path).st_nlink > 1
     if path.is_symlink() or linked or (path.exists() and not path.is_file()):
@@ -92,13 +116,9 @@ def damaged_chunks(
     return bad
 
 
-def _differing(
-    tree: Path, manifest: Manifest, f: FileEntry, bundles: Mapping[str, list[FileEntry]]
-) -> list[int]:
+def _differing(tree: Path, manifest: Manifest, f: FileEntry, bundles: Bundles) -> list[int]:
     if is_slice(f, manifest.chunks):
-        h = f.chunks[0]
-        got = rebuild(tree, bundles.get(h, [f]), manifest.chunks[h].size)
-        return [] if got is not None and chunk_ok(got, h) else [0]  # f's own bytes included
+        return [] if bundles.ok(tree, f) else [0]  # f's own bytes included
     bad = []
     with open(tree / f.path, "rb") as fh:
         for i, h in enumerate(f.chunks):

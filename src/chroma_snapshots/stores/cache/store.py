@@ -360,7 +360,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
-                only = None if old is None else plan_patch(work, old, manifest, stats)
+                check = partial(dl.check, "checking the cached files")
+                only = None if old is None else plan_patch(work, old, manifest, stats, check)
                 if old is not None:  # its chunks about to be overwritten are delta bases
                     local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
                 job = Placement(work, manifest, reuse=local, only=only)
@@ -390,7 +391,7 @@ class CachedStore(CacheRefs, DelegatingStore):
         if not bad:
             return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
-        chunks = damaged(tree, manifest, bad)
+        chunks = damaged(tree, manifest, bad, partial(dl.check, "checking the cached files"))
         source = (
             self._from_cache(name, version, manifest, tree, dl, stats, chunks)
             if chunks
