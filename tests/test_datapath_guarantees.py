@@ -247,6 +247,28 @@ def test_the_sweep_beside_dest_takes_only_its_own_work_folders(tmp_path: Path) -
     assert not killed.exists()
 
 
+def test_long_dest_names_sharing_their_beginning_do_not_share_leftovers(
+    tmp_path: Path,
+) -> None:
+    # work folder names are cut to fit NAME_MAX: two dests alike for 240 bytes must still
+    # not take each other's leftovers (what a kill -9 of a checkout leaves) for their own
+    from chroma_snapshots.engine.localfs import _short_name
+
+    store, src = _published(tmp_path, _random_files({"a.bin": 10}))
+    first, second = "a" * 240 + "1", "a" * 240 + "2"
+    left = {
+        name: tmp_path / f".{_short_name(name)}.chroma-snapshots-work-abcd_123.tmp"
+        for name in (first, second)
+    }
+    for folder in left.values():
+        folder.mkdir()
+        _aged(folder)
+    snap = store.checkout("db", dest=tmp_path / second)
+    assert read_tree(snap.path) == read_tree(src)
+    assert not left[second].exists()  # its own leftover went
+    assert left[first].exists()  # the other dest's stays
+
+
 def test_a_killed_checkout_without_dest_is_swept_by_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -258,6 +259,17 @@ _NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 4
 _MKDTEMP = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
 
 
+def _short_name(name: str) -> str:
+    """``name`` as it appears in its work folder's name, within NAME_MAX (255 bytes) however
+    long it is (mkdtemp adds 8 characters and the suffix 4): a long one is cut and tagged
+    with a hash of the whole, so two dests sharing a long beginning never share leftovers."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_ROOM:
+        return name
+    tag = hashlib.sha256(raw).hexdigest()[:12]
+    return f"{raw[: _NAME_ROOM - 13].decode(errors='ignore')}~{tag}"
+
+
 @contextlib.contextmanager
 def work_dir(final: Path) -> Iterator[Path]:
     """A new private work folder beside ``final``
@@ -265,10 +277,7 @@ def work_dir(final: Path) -> Iterator[Path]:
     to ``final``, locked (``flock``) while the block runs and
     removed if it fails; first, the work folders of builds of the same ``final`` that a
     kill left behind (no handler ran) are removed: unlocked, and not new."""
-    # a name no folder of the user's has by chance, within NAME_MAX (255 bytes) however
-    # long dest's own name is: mkdtemp adds 8 characters and the suffix 4
-    name = os.fsencode(final.name)[:_NAME_ROOM].decode(errors="ignore")
-    prefix = f".{name}.{_WORK_MARK}"
+    prefix = f".{_short_name(final.name)}.{_WORK_MARK}"
     mine = re.compile(re.escape(prefix) + _MKDTEMP + re.escape(".tmp"))
     for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
