@@ -269,6 +269,27 @@ def test_long_dest_names_sharing_their_beginning_do_not_share_leftovers(
     assert left[first].exists()  # the other dest's stays
 
 
+def test_a_parent_removed_by_a_siblings_failed_checkout_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two checkouts to new/a and new/b both make "new"; the one that fails removes it while
+    # empty, which can be between the other's mkdir and its work folder
+    import tempfile
+
+    store, src = _published(tmp_path, _random_files({"a.bin": 10}))
+    real, calls = tempfile.mkdtemp, [0]
+
+    def sibling_failed_first(suffix: str, prefix: str, dir: str) -> str:
+        if calls[0] == 0:
+            (tmp_path / "new").rmdir()
+        calls[0] += 1
+        return real(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", sibling_failed_first)
+    snap = store.checkout("db", dest=tmp_path / "new" / "b")
+    assert read_tree(snap.path) == read_tree(src)
+
+
 def test_a_killed_checkout_without_dest_is_swept_by_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

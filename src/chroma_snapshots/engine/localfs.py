@@ -91,11 +91,11 @@ def _sweep_killed_temporaries() -> None:
     while building (a Lambda timeout kills it; /tmp outlives it): no finished ``snapshot``
     inside, only a work folder nobody holds, and not new. Finished ones are their
     caller's until ``release()``; other users' are theirs (root sweeps only its own)."""
-    work = re.compile(re.escape(f".snapshot.{_WORK_MARK}") + _MKDTEMP + re.escape(".tmp"))
+    _, work = _work_names("snapshot")
     for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY}*"):
         try:
             st = os.lstat(folder)
-            if st.st_uid != os.getuid() or time.time() - st.st_mtime < _LEFTOVER_AGE:
+            if st.st_uid != os.getuid() or time.time() - st.st_mtime < LEFTOVER_AGE:
                 continue  # another user's; or maybe just made, its work folder not yet in it
             entries = os.listdir(folder)
         except OSError:
@@ -253,7 +253,7 @@ def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) ->
 
 # A work folder this old that no process holds was left by a killed checkout (a live one
 # holds its lock from the moment it exists but for an instant: the age covers that).
-_LEFTOVER_AGE = 60.0
+LEFTOVER_AGE = 60.0
 _WORK_MARK = "chroma-snapshots-work-"
 _NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 4
 _MKDTEMP = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
@@ -270,6 +270,13 @@ def _short_name(name: str) -> str:
     return f"{raw[: _NAME_ROOM - 13].decode(errors='ignore')}~{tag}"
 
 
+def _work_names(name: str) -> tuple[str, re.Pattern[str]]:
+    """The prefix of the work folders of checkouts to a dest called ``name``, and the
+    pattern that matches exactly those names (mkdtemp's 8 characters, then ``.tmp``)."""
+    prefix = f".{_short_name(name)}.{_WORK_MARK}"
+    return prefix, re.compile(re.escape(prefix) + _MKDTEMP + re.escape(".tmp"))
+
+
 @contextlib.contextmanager
 def work_dir(final: Path) -> Iterator[Path]:
     """A new private work folder beside ``final``
@@ -277,13 +284,16 @@ def work_dir(final: Path) -> Iterator[Path]:
     to ``final``, locked (``flock``) while the block runs and
     removed if it fails; first, the work folders of builds of the same ``final`` that a
     kill left behind (no handler ran) are removed: unlocked, and not new."""
-    prefix = f".{_short_name(final.name)}.{_WORK_MARK}"
-    mine = re.compile(re.escape(prefix) + _MKDTEMP + re.escape(".tmp"))
+    prefix, mine = _work_names(final.name)
     for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
             _remove_if_left(old)
     try:
-        work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
+        try:
+            work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
+        except FileNotFoundError:  # a failed checkout to a sibling removed the parent it
+            final.parent.mkdir(parents=True, exist_ok=True)  # made for both: once more
+            work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
     except PermissionError as e:
         e.strerror = (  # what the user sees: why the parent matters
             f"{e.strerror}: a checkout is built in a work folder beside its destination, "
@@ -304,7 +314,7 @@ def work_dir(final: Path) -> Iterator[Path]:
 
 def _remove_if_left(path: Path) -> None:
     try:
-        if time.time() - os.lstat(path).st_mtime < _LEFTOVER_AGE:
+        if time.time() - os.lstat(path).st_mtime < LEFTOVER_AGE:
             return
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:

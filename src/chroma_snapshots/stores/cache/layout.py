@@ -34,7 +34,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.localfs import foreign_dir, own_dir, remove_tree
+from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, own_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
@@ -121,7 +121,7 @@ def drop_unborn(path: Path) -> None:
     not held, and older than any maker takes (one being made is locked before its rename
     but for an instant, which the age covers)."""
     try:
-        if time.time() - os.lstat(path).st_mtime < 60.0:
+        if time.time() - os.lstat(path).st_mtime < LEFTOVER_AGE:
             return
     except OSError:
         return
