@@ -70,6 +70,14 @@ class S3rver:
             self._proc.wait(10)
             self._proc = None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used so far (/proc): with the
+        client on the same two cores, a client that makes the server work harder per GiB
+        loses wall time it did not spend itself."""
+        assert self._proc is not None
+        fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def requests(self) -> tuple[int, int]:
         """(requests, response bytes) the server logged since the last call.
 

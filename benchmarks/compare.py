@@ -5,7 +5,8 @@ upload the same data for every approach, then measure
 - the server's ceiling (one large GET in this process) and the disk's write speed (fsync'd),
 - cold checkout: the `chroma-snapshots checkout` command vs tar.gz + boto3 (the approach this
   project replaces) vs `aws s3 sync` vs `s5cmd sync` vs s3fs `get`, each in its own process
-  (wall time, MB/s, peak RSS from /proc's VmHWM, user and system CPU seconds from os.wait4),
+  (wall time, MB/s, peak RSS from /proc's VmHWM, user and system CPU seconds from os.wait4,
+  and the server's CPU seconds meanwhile: client and server share the machine's cores),
 - warm checkout, publish unchanged (with the stamp index, and with every file re-read),
   publish after a 1% change, incremental checkout after it: seconds, requests and bytes
   downloaded as the server logged them.
@@ -168,9 +169,11 @@ class Bench:
         self, approach: str, scenario: str, cmd: list[str], cpus: str | None = None, **extra: Any
     ) -> Row:
         self.srv.requests()
+        server = self.srv.cpu_seconds()
         wall, rss, user, system = _proc(cmd, self.srv.env, self.work / "tool.log", cpus)
         uploaded = self._uploaded_bytes(self.work / "tool.log")
-        cpu = {"cpu_user_s": user, "cpu_system_s": system}
+        server = self.srv.cpu_seconds() - server
+        cpu = {"cpu_user_s": user, "cpu_system_s": system, "server_cpu_s": server}
         return self.row(approach, scenario, wall, peak_rss_mib=rss, mib_up=uploaded, **cpu, **extra)
 
     def _uploaded_bytes(self, log: Path) -> float:
@@ -369,7 +372,7 @@ def print_table(rows: list[Row]) -> None:
     head = f"{'MiB':>5} {'approach':<17} {'scenario':<33} {'seconds':>8} {'MB/s':>6}"
     print(
         f"{head} {'requests':>8} {'MiB down':>9} {'MiB up':>8} {'RSS MiB':>8} "
-        f"{'CPU user':>8} {'CPU sys':>8} {'CPU s/GiB':>9} correct"
+        f"{'CPU user':>8} {'CPU sys':>8} {'CPU s/GiB':>9} {'server CPU':>10} correct"
     )
 
     def num(r: Row, key: str, fmt: str) -> str:
@@ -382,6 +385,7 @@ def print_table(rows: list[Row]) -> None:
             f"{num(r, 'mib_down', '>9.1f'):>9} {num(r, 'mib_up', '>8.1f'):>8} "
             f"{num(r, 'peak_rss_mib', '>8.0f'):>8} {num(r, 'cpu_user_s', '>8.2f'):>8} "
             f"{num(r, 'cpu_system_s', '>8.2f'):>8} {num(r, 'cpu_s_per_gib', '>9.2f'):>9} "
+            f"{num(r, 'server_cpu_s', '>10.2f'):>10} "
             f"{_yes_no(r.get('correct'))}"
             + (f"  (target {r['target_s']:.2f} s)" if "target_s" in r else "")
         )
