@@ -227,6 +227,66 @@ def test_a_copy_out_of_the_cache_stops_at_the_deadline(
     assert not (tmp_path / "out").exists()
 
 
+def test_setting_file_modes_stops_at_the_deadline(tmp_path: Path) -> None:
+    # the tail after the downloads (a chmod per file) checks the deadline as it goes
+    store, _ = _published(tmp_path, {f"f{i:04d}": b"x" for i in range(300)})
+    manifest = store.load_manifest("db", store.current_version("db")[0])
+    placer = Placer(tmp_path / "out", manifest)
+    (tmp_path / "out").mkdir()
+    placer.create_files()
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 2:
+            raise StorageTimeoutError("deadline exceeded during setting the checkout's modes")
+
+    with pytest.raises(StorageTimeoutError):
+        placer.finish(check)
+    assert len(calls) == 3  # one check per 64 files: it stopped after 128 of 300
+
+
+def test_a_tree_finished_after_the_deadline_is_not_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every download is in, then the time is up: the checkout raises and leaves nothing,
+    # rather than succeeding late (and a copy out of a cache likewise)
+    store, _ = _published(tmp_path, {f"f{i:03d}": b"y" * 100 for i in range(20)})
+    now = [0.0]
+    real = RemoteStore.materialize
+
+    def materialize_and_age(self: RemoteStore, *args: object, **kw: object) -> str:
+        got = real(self, *args, **kw)  # type: ignore[arg-type]
+        now[0] += 100.0
+        return got
+
+    monkeypatch.setattr(RemoteStore, "materialize", materialize_and_age)
+    dl = Deadline(60, clock=lambda: now[0])
+    with pytest.raises(StorageTimeoutError, match="writing the checkout"):
+        store.checkout("db", dest=tmp_path / "out", deadline=dl)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    cached = CachedStore(store, tmp_path / "cache")
+    cached.checkout("db").release()
+    import chroma_snapshots.stores.cache.copies as copies
+    from chroma_snapshots.engine.localfs import copy_tree as real_copy
+
+    def copy_and_age(src: Path, dst: Path, check: Callable[[], None]) -> None:
+        real_copy(src, dst, check)
+        now[0] += 100.0
+
+    monkeypatch.setattr(copies, "copy_tree", copy_and_age)
+    with pytest.raises(StorageTimeoutError, match="copying to dest"):
+        cached.checkout("db", dest=tmp_path / "out", deadline=Deadline(60, clock=lambda: now[0]))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert read_tree(cached.checkout("db", dest=tmp_path / "out").path) == read_tree(
+        store.checkout("db").path
+    )
+
+
 def _aged(*paths: Path) -> None:
     for path in paths:
         os.utime(path, (time.time() - 600, time.time() - 600))

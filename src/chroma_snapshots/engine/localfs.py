@@ -124,11 +124,18 @@ def _umask() -> int:
         return 0o022
 
 
-def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str) -> Path:
+def build_at(
+    dest: str | Path | None,
+    build: Callable[[Path], object],
+    what: str,
+    check: Callable[[], None] = lambda: None,
+) -> Path:
     """A tree at ``dest`` (None: a new temporary folder) that the caller owns, written by
     ``build`` into a work folder beside it (:func:`work_dir`: locked, swept after a kill)
-    and renamed into place; returns where. On failure nothing is left at ``dest`` (nor the
-    temporary folder), and a raw OSError is the documented error (``what`` failed)."""
+    and renamed into place unless ``check()`` raises first (the deadline: a tree finished
+    after it is removed, not delivered late); returns where. On failure nothing is left at
+    ``dest`` (nor the temporary folder), and a raw OSError is the documented error
+    (``what`` failed)."""
     try:
         final, made = prepare_dest(dest)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
@@ -139,6 +146,7 @@ def build_at(dest: str | Path | None, build: Callable[[Path], object], what: str
             try:  # the file that failed if the OS says which (of a copy's two, the target)
                 work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
                 build(work)
+                check()
                 move_into_place(work, final)
             except OSError as e:
                 raise_local(_as_at(e, work, final), final, what)

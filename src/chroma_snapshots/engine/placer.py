@@ -237,10 +237,13 @@ class Placer:
             fds: dict[str, int] = self._take_fds() if not self._writing else {}
         _close_all(fds)
 
-    def finish(self) -> None:
-        """Close the files and apply file modes once all data is in place."""
+    def finish(self, check: Callable[[], None] = lambda: None) -> None:
+        """Close the files and apply file modes once all data is in place; ``check()``
+        runs every few files and may raise (a deadline, as in :meth:`create_files`)."""
         self.close()
-        for f in self.files:
+        for i, f in enumerate(self.files):
+            if i % 64 == 0:
+                check()
             with local_io(self.root / f.path, "setting a file's mode"):
                 os.chmod(self.root / f.path, f.mode)
 

@@ -105,7 +105,7 @@ def fetch_into(
             rest = [c for c in deltas if c.hash not in stash.applied]
             place_deltas(rest, manifest.chunks, local, fetch, placer, executor=pool, deadline=dl,
                          stats=stats, max_read=max_read, ready=stash.stored)  # fmt: skip
-        placer.finish()
+        placer.finish(lambda: dl.check("setting the checkout's file modes"))
     finally:
         if local is not None:
             local.close()  # an abandoned read then reads nothing more from local disk

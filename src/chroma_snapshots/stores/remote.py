@@ -160,6 +160,7 @@ class RemoteStore(SourceStore):
             raise IntegrityError(f"manifest {version}: content does not match its version id")
         if m.name != name:
             raise IntegrityError(f"manifest {version} belongs to {m.name!r}, not {name!r}")
+        io.deadline.check(f"reading manifest {version}")  # decoding 20,000 files: ~35 ms
         return m
 
     def resolve(
@@ -333,6 +334,7 @@ class RemoteStore(SourceStore):
             dest,  # e.g. ENOSPC: CacheFullError, and nothing is left at dest
             lambda work: self.materialize(name, Placement(work, manifest), dl, stats, progress),
             "writing the checkout",
+            lambda: dl.check("writing the checkout"),
         )
         info = SnapshotInfo.from_manifest(version, manifest)
         temporary = final.parent if dest is None else None  # the folder prepare_dest made

@@ -4,6 +4,7 @@ while another holds the shared folder; and raw OS errors turned into the documen
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine.deadline import Deadline
@@ -15,10 +16,8 @@ def private_copy(src: Path, dest: Path, dl: Deadline) -> Path:
     """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`build_at`),
     StorageTimeoutError at ``dl`` (and nothing left at dest)."""
 
-    def copy(work: Path) -> None:
-        copy_tree(src, work, lambda: dl.check("copying to dest"))
-
-    return build_at(dest, copy, "copying to dest")
+    check = partial(dl.check, "copying to dest")
+    return build_at(dest, lambda work: copy_tree(src, work, check), "copying to dest", check)
 
 
 def held_copy(

@@ -243,7 +243,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             source[0] = self._from_cache(name, version, manifest, work, dl, stats)
 
         if dest is not None:
-            return build_at(Path(dest), build, "copying to dest"), None, source[0]
+            check = partial(dl.check, "copying to dest")
+            return build_at(Path(dest), build, "copying to dest", check), None, source[0]
         self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
         path, release = held_copy(self.dirs(name), version, build)
         return path, release, source[0]
