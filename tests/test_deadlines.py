@@ -281,3 +281,16 @@ def test_no_request_goes_out_after_its_calls_deadline(
         with pytest.raises(StorageTimeoutError, match=r"PUT .* is not sent"):
             within(dl, lambda: backend.put("db/refs/latest", b"{}"))
         assert sum(plan.counts.values()) == 1
+
+
+def test_a_listing_of_the_top_level_that_times_out_says_so(tmp_path: Path) -> None:
+    # a tiny deadline (--timeout 1e-320) named "list " with an empty prefix
+    from chroma_snapshots.backends.bounded import DeadlineBackend
+    from chroma_snapshots.backends.file import FileBackend
+
+    io = DeadlineBackend(FileBackend(tmp_path), Deadline(1e-320))
+    for call in (lambda: list(io.list("")), lambda: io.list_dirs("")):
+        with pytest.raises(StorageTimeoutError, match="list of the store's top level"):
+            call()
+    with pytest.raises(StorageTimeoutError, match="list refs/ did not"):
+        io.list("refs/")

@@ -30,12 +30,12 @@ class DeadlineBackend(Backend):
 
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         found = run_within(
-            self.deadline, f"list {prefix}", lambda: builtins.list(self.inner.list(prefix))
+            self.deadline, _listing(prefix), lambda: builtins.list(self.inner.list(prefix))
         )
         return iter(found)
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        return run_within(self.deadline, f"list {prefix}", lambda: self.inner.list_dirs(prefix))
+        return run_within(self.deadline, _listing(prefix), lambda: self.inner.list_dirs(prefix))
 
     def delete_many(self, keys: builtins.list[str]) -> None:
         run_within(self.deadline, f"delete {len(keys)} keys", lambda: self.inner.delete_many(keys))
@@ -49,6 +49,10 @@ class DeadlineBackend(Backend):
             f"sweep {prefix}",
             lambda: self.inner.sweep_temp(prefix, before, remove),
         )
+
+
+def _listing(prefix: str) -> str:
+    return f"list {prefix}" if prefix else "list of the store's top level"
 
 
 TIDY_SECONDS = 30.0

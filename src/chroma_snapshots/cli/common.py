@@ -101,13 +101,11 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
 
 
 def seconds_option(ctx: click.Context, param: click.Parameter, raw: object) -> float | None:
-    """A ``--timeout``-like option: the environment's rules (config.parse_seconds)."""
+    """A ``--timeout``-like option: the environment's rules (config.parse_seconds), and
+    its ConfigError the same one line (exit 2) as the variable's, not click's usage text."""
     from chroma_snapshots.config import parse_seconds
 
-    try:
-        return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
-    except ConfigError as e:
-        raise click.BadParameter(str(e)) from None
+    return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
 
 
 def shown(text: str | None) -> str:
