@@ -220,7 +220,8 @@ def test_seconds_options_follow_the_variables_rules(
     args = ["--store", str(tmp_path), *option, bad]
     assert main(args if option[0] == "doctor" else [*args, "ls"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {option[-1]}={bad!r}") and err.count("\n") == 1, err
+    assert err.startswith(f"error: {option[-1]}={bad!r}"), err
+    assert err.count("\n") == 1, err
 
 
 def test_an_invalid_variable_is_reported_with_store(
