@@ -108,6 +108,32 @@ class TestS3fsBackend(InBucket):
         )
 
 
+def test_s3fs_reads_an_object_that_writers_keep_replacing(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the object changes during each of the first five reads (writers back to back): the
+    # read waits a little and tries again until it sees one version whole
+    backend = FsspecBackend.from_url(
+        f"s3://{s3_bucket}/pre",
+        client_kwargs={"endpoint_url": moto_server.endpoint_url},
+        skip_instance_cache=True,
+    )
+    assert isinstance(backend, FsspecBackend)
+    backend.put("ref", b"v0")
+    real_cat, reads = backend.fs.cat_file, [0]
+
+    def cat_while_written(path: str, **kw: object) -> bytes:
+        data: bytes = real_cat(path, **kw)
+        reads[0] += 1
+        if reads[0] <= 5:
+            backend.put("ref", f"v{reads[0]}".encode())
+        return data
+
+    monkeypatch.setattr(backend.fs, "cat_file", cat_while_written)
+    assert backend.get("ref").data == b"v5"
+    assert reads[0] == 6
+
+
 def test_s3_multipart_create_is_conditional(moto_server: MotoServer, s3_bucket: str) -> None:
     settings = S3Settings(
         endpoint_url=moto_server.endpoint_url, multipart_threshold=6 << 20, part_size=5 << 20

@@ -24,7 +24,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
-from chroma_snapshots.engine.retry import IMMEDIATE
+from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -36,6 +36,11 @@ from chroma_snapshots.errors import (
 )
 
 _MEMORY_LOCK = threading.Lock()
+
+# A read that saw the object change tries again after a short jittered wait, not at once:
+# while writers replace it back to back, five immediate tries all fell inside their
+# writes (a loaded machine, four writers), and the read failed with ConflictError.
+_STABLE_READ = RetryPolicy(attempts=8, base=0.005, cap=0.1)
 
 
 def _content_etag(data: bytes) -> str:
@@ -153,7 +158,7 @@ class FsspecBackend(Backend):
                 # the etag is the content's hash, so data and etag always agree
                 return GetResult(whole[start:end], self._meta(key, {"size": len(whole)}, whole))
             # Read between two metadata calls: equal ETags mean the bytes are that version.
-            return IMMEDIATE.with_(attempts=5).call(
+            return _STABLE_READ.call(
                 lambda _: self._read_stable(key, path, start, end), retry_on=(_Changed,)
             )
         except _Changed as e:
