@@ -445,6 +445,70 @@ def test_a_repair_checks_each_bundle_once_and_keeps_the_deadline(
         cached.checkout("db", deadline=Deadline(60, clock=lambda: now[0]))
 
 
+def test_no_cached_checkout_succeeds_past_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the time runs out at the end of each step a cached checkout takes without a request:
+    # the warm stamp check, a cold build (kept for the next call), a second holder's copy
+    import chroma_snapshots.stores.cache.repair as repair
+
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = {f"d/f{i:03d}": bytes([i % 251]) * 50 for i in range(300)}
+    remote.publish("db", write_tree(tmp_path / "src", files))
+    cached = CachedStore(remote, tmp_path / "cache")
+    now = [0.0]
+
+    def late() -> Deadline:
+        return Deadline(60, clock=lambda: now[0])
+
+    real_materialize = RemoteStore.materialize
+
+    def materialize_and_age(self: RemoteStore, *args: object, **kw: object) -> str:
+        got = real_materialize(self, *args, **kw)  # type: ignore[arg-type]
+        now[0] += 100.0
+        return got
+
+    monkeypatch.setattr(RemoteStore, "materialize", materialize_and_age)
+    with pytest.raises(StorageTimeoutError, match=r"kept in the cache"):
+        cached.checkout("db", deadline=late())
+    monkeypatch.undo()
+    with cached.checkout("db", deadline=10) as snap:  # served from what the late call kept
+        assert (snap.stats.requests, snap.stats.bytes_downloaded) == (1, 0)
+        assert read_tree(snap.path) == files
+
+    from chroma_snapshots.stores.cache.layout import stamp_of as real_stamp
+
+    stamps = [0]
+
+    def stamp_and_age(path: Path) -> object:
+        stamps[0] += 1
+        now[0] += 1.0  # a file a second: the deadline (60 s) passes at the 61st
+        return real_stamp(path)
+
+    monkeypatch.setattr(repair, "stamp_of", stamp_and_age)
+    now[0] = 0.0
+    with pytest.raises(StorageTimeoutError, match="checking the cached files"):
+        cached.checkout("db", deadline=late())
+    assert stamps[0] <= 64 + 1  # stopped at the first check after the deadline, not at 300
+    monkeypatch.undo()
+
+    with cached.checkout("db") as held:  # a second holder gets a copy of its own
+        real_copy = CachedStore._from_cache
+
+        def copy_and_age(self: CachedStore, *args: object, **kw: object) -> str:
+            got = real_copy(self, *args, **kw)  # type: ignore[arg-type]
+            now[0] += 100.0
+            return got
+
+        monkeypatch.setattr(CachedStore, "_from_cache", copy_and_age)
+        now[0] = 0.0
+        with pytest.raises(StorageTimeoutError, match="copying"):
+            cached.checkout("db", deadline=late())
+        copies = cached.dirs("db").copies()
+        assert [p.name for p in copies.iterdir() if not p.name.startswith(".")] == []
+        assert read_tree(held.path) == files
+
+
 def test_pin_files_whose_maker_died_before_their_rename_are_swept(tmp_path: Path) -> None:
     # a pin is made hidden (".PID-RAND"), locked, then renamed into view: a kill between
     # leaves the hidden file, one per kill, in copies/.pins and pins/<version>/

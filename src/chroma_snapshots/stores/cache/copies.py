@@ -21,10 +21,11 @@ def private_copy(src: Path, dest: Path, dl: Deadline) -> Path:
 
 
 def held_copy(
-    d: NameDirs, version: str, build: Callable[[Path], None]
+    d: NameDirs, version: str, build: Callable[[Path], None], check: Callable[[], None]
 ) -> tuple[Path, Callable[[], None]]:
     """A copy of ``version`` of its own for a checkout while another holds the shared
-    folder, and what releases it. ``build`` fills the new folder (verifying every chunk).
+    folder, and what releases it. ``build`` fills the new folder (verifying every chunk);
+    if ``check()`` then raises (the deadline passed), the copy is removed, not delivered.
     Its pin file (``copies/.pins``) is held while the copy lives; a copy whose pin is free
     was left by a killed process (:func:`sweep_copies`)."""
     pin = d.pin_in(d.copies() / ".pins")
@@ -37,6 +38,7 @@ def held_copy(
     try:
         path.mkdir()
         build(path)
+        check()
     except BaseException:
         release()
         raise

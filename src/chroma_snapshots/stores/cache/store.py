@@ -246,7 +246,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             check = partial(dl.check, "copying to dest")
             return build_at(Path(dest), build, "copying to dest", check), None, source[0]
         self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
-        path, release = held_copy(self.dirs(name), version, build)
+        check = partial(dl.check, f"copying {version}")
+        path, release = held_copy(self.dirs(name), version, build, check)
         return path, release, source[0]
 
     def _from_cache(
@@ -279,13 +280,18 @@ class CachedStore(CacheRefs, DelegatingStore):
         """With the version's lock held: the cached copy, repaired, or a new one."""
         manifest = self.cached_manifest(name, version)
         if manifest is not None:
-            return manifest, self._repair(name, version, manifest, dl, stats)
-        if only_cached is not None:
+            source = self._repair(name, version, manifest, dl, stats)
+        elif only_cached is not None:
             raise only_cached  # evicted since the stale answer was chosen: nothing to serve
-        self.dirs(name).discard(version)  # what a damaged entry left, if anything
-        manifest = self.inner.load_manifest(name, version, deadline=dl)
-        stats.add(requests=1)
-        return manifest, self._materialize(name, version, manifest, dl, stats, progress)
+        else:
+            self.dirs(name).discard(version)  # what a damaged entry left, if anything
+            manifest = self.inner.load_manifest(name, version, deadline=dl)
+            stats.add(requests=1)
+            source = self._materialize(name, version, manifest, dl, stats, progress)
+        # Late: the version stays cached (the next call is served from it), but this call
+        # does not succeed past its deadline.
+        dl.check(f"serving {version} (kept in the cache)")
+        return manifest, source
 
     def hold(self, name: str, version: str, timeout: float = 0.0) -> tuple[Manifest, Pin] | None:
         """Pin a complete version so that no process evicts it: its manifest and the pin
@@ -385,14 +391,14 @@ class CachedStore(CacheRefs, DelegatingStore):
         """Undo whatever consumers did to a cached tree, in place: extra files go, changed
         files get their size and mode back, and only chunks whose bytes differ are
         rewritten (from other cached versions where they verify, else downloaded)."""
-        d = self.dirs(name)
+        d, check = self.dirs(name), partial(dl.check, "checking the cached files")
         tree = d.tree(version)
-        bad = changed_files(tree, manifest, d.read_stamps(version))
-        remove_extras(tree, manifest)
+        bad = changed_files(tree, manifest, d.read_stamps(version), check)
+        remove_extras(tree, manifest, check)
         if not bad:
             return "cache"
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
-        chunks = damaged(tree, manifest, bad, partial(dl.check, "checking the cached files"))
+        chunks = damaged(tree, manifest, bad, check)
         source = (
             self._from_cache(name, version, manifest, tree, dl, stats, chunks)
             if chunks
