@@ -492,6 +492,29 @@ def test_no_cached_checkout_succeeds_past_its_deadline(
     assert stamps[0] <= 64 + 1  # stopped at the first check after the deadline, not at 300
     monkeypatch.undo()
 
+    # a fresh CachedStore decodes the cached manifest first: checked right after it
+    from chroma_snapshots.stores.cache.layout import NameDirs
+
+    real_read = NameDirs.read_manifest
+
+    def read_and_age(self: NameDirs, version: str) -> object:
+        now[0] += 100.0
+        return real_read(self, version)
+
+    real_stamps, stamp_files = NameDirs.read_stamps, [0]
+
+    def read_stamps(self: NameDirs, version: str) -> object:
+        stamp_files[0] += 1
+        return real_stamps(self, version)
+
+    monkeypatch.setattr(NameDirs, "read_manifest", read_and_age)
+    monkeypatch.setattr(NameDirs, "read_stamps", read_stamps)
+    now[0] = 0.0
+    with pytest.raises(StorageTimeoutError, match="checking the cached files"):
+        CachedStore(remote, tmp_path / "cache").checkout("db", deadline=late())
+    assert stamp_files[0] == 0  # not even the stamp file is read after the deadline
+    monkeypatch.undo()
+
     with cached.checkout("db") as held:  # a second holder gets a copy of its own
         real_copy = CachedStore._from_cache
 

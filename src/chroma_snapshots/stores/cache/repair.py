@@ -69,6 +69,17 @@ def changed_files(
     return changed
 
 
+def find_damage(
+    tree: Path, manifest: Manifest, stamps: Mapping[str, Stamp], check: Callable[[], None]
+) -> tuple[int, dict[str, list[int]]]:
+    """What consumers did to a cached tree: how many files changed, and the chunk indexes
+    that differ in each (:func:`damaged`); files and folders the manifest does not have
+    are removed on the way. ``check()`` runs as it goes and may raise (a deadline)."""
+    bad = changed_files(tree, manifest, stamps, check)
+    remove_extras(tree, manifest, check)
+    return len(bad), damaged(tree, manifest, bad, check) if bad else {}
+
+
 class Bundles:
     """Whether each bundle of a manifest still verifies in a tree, each put together and
     hashed once per pass: asked once per member, 20,000 bundled files cost 20,000 reads

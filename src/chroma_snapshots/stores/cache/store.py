@@ -44,7 +44,7 @@ from chroma_snapshots.stores.cache.copies import (
 from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
-from chroma_snapshots.stores.cache.repair import changed_files, damaged, remove_extras
+from chroma_snapshots.stores.cache.repair import find_damage
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
 
@@ -392,17 +392,14 @@ class CachedStore(CacheRefs, DelegatingStore):
         files get their size and mode back, and only chunks whose bytes differ are
         rewritten (from other cached versions where they verify, else downloaded)."""
         d, check = self.dirs(name), partial(dl.check, "checking the cached files")
+        check()  # after decoding the cached manifest, and (in find_damage) its stamps
         tree = d.tree(version)
-        bad = changed_files(tree, manifest, d.read_stamps(version), check)
-        remove_extras(tree, manifest, check)
-        if not bad:
+        changed, chunks = find_damage(tree, manifest, d.read_stamps(version), check)
+        if not changed:
             return "cache"
-        log.warning("cached %s/%s was modified (%d files); repairing", name, version, len(bad))
-        chunks = damaged(tree, manifest, bad, check)
-        source = (
-            self._from_cache(name, version, manifest, tree, dl, stats, chunks)
-            if chunks
-            else "cache"
-        )
+        log.warning("cached %s/%s was modified (%d files); repairing", name, version, changed)
+        source = "cache"
+        if chunks:
+            source = self._from_cache(name, version, manifest, tree, dl, stats, chunks)
         d.write_stamps(version, tree, manifest)
         return source
