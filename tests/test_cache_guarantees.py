@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cache_worker import tree_digest
+from late_steps import late_after
 from reliability import record, runs
 
 from chroma_snapshots import (
@@ -461,14 +462,7 @@ def test_no_cached_checkout_succeeds_past_its_deadline(
     def late() -> Deadline:
         return Deadline(60, clock=lambda: now[0])
 
-    real_materialize = RemoteStore.materialize
-
-    def materialize_and_age(self: RemoteStore, *args: object, **kw: object) -> str:
-        got = real_materialize(self, *args, **kw)  # type: ignore[arg-type]
-        now[0] += 100.0
-        return got
-
-    monkeypatch.setattr(RemoteStore, "materialize", materialize_and_age)
+    late_after(monkeypatch, RemoteStore, "materialize", now)
     with pytest.raises(StorageTimeoutError, match=r"kept in the cache"):
         cached.checkout("db", deadline=late())
     monkeypatch.undo()
@@ -495,19 +489,13 @@ def test_no_cached_checkout_succeeds_past_its_deadline(
     # a fresh CachedStore decodes the cached manifest first: checked right after it
     from chroma_snapshots.stores.cache.layout import NameDirs
 
-    real_read = NameDirs.read_manifest
-
-    def read_and_age(self: NameDirs, version: str) -> object:
-        now[0] += 100.0
-        return real_read(self, version)
-
     real_stamps, stamp_files = NameDirs.read_stamps, [0]
 
     def read_stamps(self: NameDirs, version: str) -> object:
         stamp_files[0] += 1
         return real_stamps(self, version)
 
-    monkeypatch.setattr(NameDirs, "read_manifest", read_and_age)
+    late_after(monkeypatch, NameDirs, "read_manifest", now)
     monkeypatch.setattr(NameDirs, "read_stamps", read_stamps)
     now[0] = 0.0
     with pytest.raises(StorageTimeoutError, match="checking the cached files"):
@@ -516,14 +504,7 @@ def test_no_cached_checkout_succeeds_past_its_deadline(
     monkeypatch.undo()
 
     with cached.checkout("db") as held:  # a second holder gets a copy of its own
-        real_copy = CachedStore._from_cache
-
-        def copy_and_age(self: CachedStore, *args: object, **kw: object) -> str:
-            got = real_copy(self, *args, **kw)  # type: ignore[arg-type]
-            now[0] += 100.0
-            return got
-
-        monkeypatch.setattr(CachedStore, "_from_cache", copy_and_age)
+        late_after(monkeypatch, CachedStore, "_from_cache", now)
         now[0] = 0.0
         with pytest.raises(StorageTimeoutError, match="copying"):
             cached.checkout("db", deadline=late())

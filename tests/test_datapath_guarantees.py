@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from late_steps import late_after
 
 from chroma_snapshots import (
     CachedStore,
@@ -253,14 +254,7 @@ def test_a_tree_finished_after_the_deadline_is_not_delivered(
     # rather than succeeding late (and a copy out of a cache likewise)
     store, _ = _published(tmp_path, {f"f{i:03d}": b"y" * 100 for i in range(20)})
     now = [0.0]
-    real = RemoteStore.materialize
-
-    def materialize_and_age(self: RemoteStore, *args: object, **kw: object) -> str:
-        got = real(self, *args, **kw)  # type: ignore[arg-type]
-        now[0] += 100.0
-        return got
-
-    monkeypatch.setattr(RemoteStore, "materialize", materialize_and_age)
+    late_after(monkeypatch, RemoteStore, "materialize", now)
     dl = Deadline(60, clock=lambda: now[0])
     with pytest.raises(StorageTimeoutError, match="writing the checkout"):
         store.checkout("db", dest=tmp_path / "out", deadline=dl)
@@ -271,13 +265,8 @@ def test_a_tree_finished_after_the_deadline_is_not_delivered(
     cached = CachedStore(store, tmp_path / "cache")
     cached.checkout("db").release()
     import chroma_snapshots.stores.cache.copies as copies
-    from chroma_snapshots.engine.localfs import copy_tree as real_copy
 
-    def copy_and_age(src: Path, dst: Path, check: Callable[[], None]) -> None:
-        real_copy(src, dst, check)
-        now[0] += 100.0
-
-    monkeypatch.setattr(copies, "copy_tree", copy_and_age)
+    late_after(monkeypatch, copies, "copy_tree", now)
     with pytest.raises(StorageTimeoutError, match="copying to dest"):
         cached.checkout("db", dest=tmp_path / "out", deadline=Deadline(60, clock=lambda: now[0]))
     assert not (tmp_path / "out").exists()
