@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chroma_snapshots.engine.placer import local_io, raise_local
+from chroma_snapshots.engine.treewalk import remove_dir, walk
 from chroma_snapshots.errors import InvalidInputError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
@@ -188,20 +189,21 @@ def move_into_place(work: Path, final: Path) -> None:
         ) from None
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree if it exists (temp folders, failed checkouts); a link at
-    ``path`` is removed, never followed. Folders a consumer made read-only (or unlistable)
-    get their owner's permissions back first: otherwise the tree would stay for good."""
+def remove_tree(path: Path, check: Callable[[], None] = lambda: None) -> None:
+    """Remove a directory tree if it exists (temp folders, failed checkouts), at any depth
+    (engine/treewalk.py); a link at ``path`` is removed, never followed. Folders a consumer
+    made read-only (or unlistable) get their owner's permissions back first: otherwise the
+    tree would stay for good. ``check()`` runs every few entries and may raise."""
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             os.unlink(path)
             return
     except OSError:
         return
-    shutil.rmtree(path, ignore_errors=True)
+    remove_dir(path, check)
     if os.path.lexists(path):  # rare: only then is the tree walked a second time
         own_dirs(path)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path, check)
 
 
 def own_dir(path: Path | str) -> None:
@@ -239,7 +241,7 @@ def own_dirs(tree: Path) -> None:
     """:func:`own_dir` for ``tree`` and every folder below it, parents first (a folder is
     listed only once it may be); links are not followed."""
     own_dir(tree)
-    for dirpath, dirnames, _ in os.walk(tree):
+    for dirpath, dirnames, _ in walk(tree):
         for dn in dirnames:
             own_dir(os.path.join(dirpath, dn))
 
@@ -251,7 +253,7 @@ def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) ->
     folders get the caller's umask, not the source's modes (a snapshot has no folder
     modes, and a cache filled under umask 000 must not hand out world-writable folders).
     ``check()`` runs before each file and may raise (a deadline)."""
-    for dirpath, _, filenames in os.walk(src):
+    for dirpath, _, filenames in walk(src):
         target = dst / Path(dirpath).relative_to(src)
         target.mkdir(exist_ok=target == dst)  # dst may be an empty work folder
         for fn in filenames:

@@ -9,8 +9,10 @@ from pathlib import Path
 from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import Manifest, is_slice
+from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
 from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.stores.cache.repair import manifest_folders
 from chroma_snapshots.stores.cache.store import CachedStore
 
 _WAIT_FOR_LOCK = 30.0  # a version being repaired or materialized is worth waiting for
@@ -88,7 +90,17 @@ def _problems(tree: Path, manifest: Manifest) -> list[str]:
         ok = len(got) == len(f.chunks) and all(map(chunk_ok, got, f.chunks))
         if path.stat().st_size != f.size or not ok:
             problems.append(f"{f.path}: content differs from the manifest")
-    expected = {f.path for f in manifest.files}
-    extra = [p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()]
-    problems += [f"{p}: not in the manifest" for p in sorted(set(extra) - expected)]
-    return problems
+    return problems + [f"{p}: not in the manifest" for p in _extras(tree, manifest)]
+
+
+def _extras(tree: Path, manifest: Manifest) -> list[str]:
+    """Files, and folders (not entered: a consumer's may be thousands deep), that are
+    not the version's."""
+    files, folders, extra = {f.path for f in manifest.files}, manifest_folders(manifest), []
+    for dirpath, dirnames, filenames in walk(tree):
+        rel = Path(dirpath).relative_to(tree).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        extra += [prefix + fn for fn in filenames if prefix + fn not in files]
+        extra += [prefix + dn + "/" for dn in dirnames if prefix + dn not in folders]
+        dirnames[:] = [dn for dn in dirnames if prefix + dn in folders]
+    return sorted(extra)

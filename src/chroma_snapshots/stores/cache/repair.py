@@ -10,6 +10,7 @@ from pathlib import Path
 from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
+from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
 from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 
@@ -18,22 +19,30 @@ from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 OWNER_RW = stat.S_IRUSR | stat.S_IWUSR
 
 
+def manifest_folders(manifest: Manifest) -> set[str]:
+    """Every folder a version has: its listed (empty) ones and each file's parents."""
+    dirs = set(manifest.dirs)
+    for p in [*(f.path for f in manifest.files), *manifest.dirs]:
+        parts = p.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return dirs
+
+
 def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = lambda: None) -> None:
     """Delete files, links and directories the manifest does not have (WAL files, scratch).
     The cache owns the folders it keeps: one a consumer made read-only gets its owner's
     permissions back first, or nothing in it could be removed or repaired. ``check()``
-    runs for each folder and may raise (a deadline)."""
-    files = {f.path for f in manifest.files}
-    dirs = set(manifest.dirs)
-    for p in [*files, *manifest.dirs]:
-        parts = p.split("/")
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    runs every few entries and may raise (a deadline: a consumer may have added 300,000
+    files; what was removed stays removed, and the next call goes on from there)."""
+    files, dirs = {f.path for f in manifest.files}, manifest_folders(manifest)
     own_dir(tree)
-    for dirpath, dirnames, filenames in os.walk(tree):  # top-down: a folder is owned first
+    for dirpath, dirnames, filenames in walk(tree):  # top-down: a folder is owned first
         check()
         rel = Path(dirpath).relative_to(tree).as_posix()
         prefix = "" if rel == "." else f"{rel}/"
-        for fn in filenames:
+        for i, fn in enumerate(filenames):
+            if i % 64 == 63:
+                check()
             if prefix + fn not in files:  # its writer may have removed it meanwhile
                 Path(dirpath, fn).unlink(missing_ok=True)
         kept = []
@@ -42,7 +51,7 @@ def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = la
             if os.path.islink(full):
                 Path(full).unlink(missing_ok=True)
             elif prefix + dn not in dirs:
-                remove_tree(Path(full))
+                remove_tree(Path(full), check)
             else:
                 own_dir(full)
                 kept.append(dn)

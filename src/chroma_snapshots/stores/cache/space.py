@@ -15,6 +15,7 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
@@ -153,7 +154,7 @@ def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
 def tree_bytes(folder: Path) -> int:
     """Bytes of the files below ``folder`` (0 if it is gone)."""
     total = 0
-    for dirpath, _, filenames in os.walk(folder):
+    for dirpath, _, filenames in walk(folder):  # a consumer's folders: any depth
         for fn in filenames:
             with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(dirpath, fn)).st_size

@@ -1,0 +1,126 @@
+"""Walking and removing folder trees at any depth, never following links, without recursion.
+
+Python 3.11's ``os.walk``, ``Path.rglob`` and ``shutil.rmtree`` recurse once per level: a
+consumer that made a chain of 1,000 folders inside a cached version got ``RecursionError``
+from every checkout of it, and from every cache opening once it was moved to ``tmp/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+
+
+def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top)`` (top-down, links to folders listed among the folders but not
+    entered; the caller may prune ``dirnames`` in place) with a stack instead of recursion.
+    Unreadable folders are skipped, as ``os.walk`` does."""
+    stack = [os.fspath(top)]
+    while stack:
+        path = stack.pop()
+        dirs: list[str] = []
+        files: list[str] = []
+        try:
+            with os.scandir(path) as entries:
+                for e in entries:
+                    try:
+                        is_dir = e.is_dir()
+                    except OSError:
+                        is_dir = False
+                    (dirs if is_dir else files).append(e.name)
+        except OSError:
+            continue
+        yield path, dirs, files
+        below = (os.path.join(path, d) for d in reversed(dirs))
+        stack.extend(p for p in below if not os.path.islink(p))
+
+
+def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
+    """Remove the folder ``path`` and everything in it, as far as permissions allow (errors
+    are ignored, as ``shutil.rmtree(ignore_errors=True)`` does). Each subfolder is first
+    moved up to be a direct child of ``path``, so nothing recurses and at most two folders
+    are open at once; folders are opened with O_NOFOLLOW, so a link swapped in for a folder
+    is removed, never followed. ``check()`` runs every few entries and may raise (a
+    deadline: a consumer can add 300,000 files)."""
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        progress, moved = True, [0]
+        while progress:
+            try:
+                names = os.listdir(top)
+            except OSError:
+                break
+            progress = False
+            for name in names:
+                progress = _remove_child(top, name, moved, check) or progress
+    finally:
+        os.close(top)
+    with suppress(OSError):
+        os.rmdir(path)
+
+
+def _remove_child(top: int, name: str, moved: list[int], check: Callable[[], None]) -> bool:
+    """Remove ``name`` in the folder ``top``: a file or link at once; a folder once its
+    subfolders are moved up beside it (they come in the next pass) and its files are gone.
+    True if anything was removed or moved."""
+    check()
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=top)
+    except OSError:  # not a folder (a link to one included), or one that cannot be opened
+        try:
+            os.unlink(name, dir_fd=top)
+            return True
+        except OSError:
+            return False
+    try:  # listed first: check() raises StorageTimeoutError, an OSError not to swallow
+        with os.scandir(fd) as entries:
+            listed = [(e.name, _real_dir(e)) for e in entries]
+    except OSError:
+        listed = []
+    done = False
+    try:
+        for i, (entry, is_dir) in enumerate(listed):
+            if i % 64 == 63:
+                check()
+            if is_dir:
+                done = _move_up(fd, entry, top, moved) or done
+            else:
+                with suppress(OSError):
+                    os.unlink(entry, dir_fd=fd)
+                    done = True
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=top)
+        return True
+    except OSError:
+        return done
+
+
+def _real_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _move_up(src: int, name: str, top: int, moved: list[int]) -> bool:
+    """Rename the folder ``name`` in ``src`` to a fresh name in ``top``."""
+    for _ in range(1000):  # names already taken are skipped
+        moved[0] += 1
+        try:
+            os.rename(name, f".removing-{moved[0]}", src_dir_fd=src, dst_dir_fd=top)
+            return True
+        except OSError as e:
+            if e.errno not in _TAKEN:
+                return False  # another file system mounted there, say: left alone
+    return False
