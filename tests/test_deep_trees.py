@@ -129,3 +129,40 @@ def test_removing_a_consumers_extra_files_checks_the_deadline(tmp_path: Path) ->
     assert 1 + 100 < len(os.listdir(tree)) < 1 + 1000  # stopped part way
     with cached.checkout("db") as snap:  # the next call goes on from there
         assert read_tree(snap.path) == files
+
+
+def test_nothing_on_a_file_system_mounted_inside_a_cached_version_is_touched(
+    tmp_path: Path,
+) -> None:
+    # a consumer (or an operator) mounted something inside a cached version: the cache
+    # neither deletes from it nor writes into it, and says why it cannot serve the version
+    import subprocess
+
+    from chroma_snapshots import LocalDiskError
+
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    files = {"a.bin": b"a" * 100, "sub/b.bin": b"b" * 10}
+    remote.publish("db", write_tree(tmp_path / "src", files))
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db") as snap:
+        version_dir = snap.path
+    mounts = [version_dir / "extra", version_dir / "sub"]  # a stray folder, and a published one
+    mounts[0].mkdir()
+    try:
+        for mnt in mounts:
+            done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=False)
+            if done.returncode != 0:
+                pytest.fail("this test needs root to mount a tmpfs (CI runs as root)")
+            (mnt / "keep.txt").write_bytes(b"keep")
+            (mnt / "d").mkdir()
+            (mnt / "d" / "x").write_bytes(b"x")
+        with pytest.raises(LocalDiskError, match="mounted inside a cached version"):
+            cached.checkout("db")
+        remove_tree(version_dir)  # what an eviction or `cache rm` does
+        for mnt in mounts:
+            assert read_tree(mnt) == {"keep.txt": b"keep", "d/x": b"x"}
+    finally:
+        for mnt in mounts:
+            subprocess.run(["umount", str(mnt)], check=False)
+    with cached.checkout("db") as snap:  # unmounted: served exactly again
+        assert read_tree(snap.path) == files

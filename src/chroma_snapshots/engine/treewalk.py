@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -20,7 +21,12 @@ _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk(top)`` (top-down, links to folders listed among the folders but not
     entered; the caller may prune ``dirnames`` in place) with a stack instead of recursion.
-    Unreadable folders are skipped, as ``os.walk`` does."""
+    Unreadable folders are skipped, as ``os.walk`` does, and so are folders on another
+    file system than ``top`` (a mount inside a cached version is not the cache's)."""
+    try:
+        dev = os.lstat(top).st_dev
+    except OSError:
+        return
     stack = [os.fspath(top)]
     while stack:
         path = stack.pop()
@@ -38,7 +44,7 @@ def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
             continue
         yield path, dirs, files
         below = (os.path.join(path, d) for d in reversed(dirs))
-        stack.extend(p for p in below if not os.path.islink(p))
+        stack.extend(p for p in below if _same_device(p, dev))
 
 
 def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
@@ -46,12 +52,14 @@ def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
     are ignored, as ``shutil.rmtree(ignore_errors=True)`` does). Each subfolder is first
     moved up to be a direct child of ``path``, so nothing recurses and at most two folders
     are open at once; folders are opened with O_NOFOLLOW, so a link swapped in for a folder
-    is removed, never followed. ``check()`` runs every few entries and may raise (a
+    is removed, never followed, and a folder on another file system (a mount) is left
+    alone with everything on it. ``check()`` runs every few entries and may raise (a
     deadline: a consumer can add 300,000 files)."""
     try:
         top = os.open(path, _DIR_FLAGS)
     except OSError:
         return
+    dev = os.fstat(top).st_dev
     try:
         progress, moved = True, [0]
         while progress:
@@ -61,14 +69,16 @@ def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
                 break
             progress = False
             for name in names:
-                progress = _remove_child(top, name, moved, check) or progress
+                progress = _remove_child(top, dev, name, moved, check) or progress
     finally:
         os.close(top)
     with suppress(OSError):
         os.rmdir(path)
 
 
-def _remove_child(top: int, name: str, moved: list[int], check: Callable[[], None]) -> bool:
+def _remove_child(
+    top: int, dev: int, name: str, moved: list[int], check: Callable[[], None]
+) -> bool:
     """Remove ``name`` in the folder ``top``: a file or link at once; a folder once its
     subfolders are moved up beside it (they come in the next pass) and its files are gone.
     True if anything was removed or moved."""
@@ -81,6 +91,9 @@ def _remove_child(top: int, name: str, moved: list[int], check: Callable[[], Non
             return True
         except OSError:
             return False
+    if os.fstat(fd).st_dev != dev:  # a mount point: nothing on it is ours to delete
+        os.close(fd)
+        return False
     try:  # listed first: check() raises StorageTimeoutError, an OSError not to swallow
         with os.scandir(fd) as entries:
             listed = [(e.name, _real_dir(e)) for e in entries]
@@ -104,6 +117,15 @@ def _remove_child(top: int, name: str, moved: list[int], check: Callable[[], Non
         return True
     except OSError:
         return done
+
+
+def _same_device(path: str, dev: int) -> bool:
+    """A real folder (not a link) on the file system ``dev``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_dev == dev
 
 
 def _real_dir(entry: os.DirEntry[str]) -> bool:

@@ -101,6 +101,10 @@ def _extras(tree: Path, manifest: Manifest) -> list[str]:
         rel = Path(dirpath).relative_to(tree).as_posix()
         prefix = "" if rel == "." else f"{rel}/"
         extra += [prefix + fn for fn in filenames if prefix + fn not in files]
-        extra += [prefix + dn + "/" for dn in dirnames if prefix + dn not in folders]
+        extra += [
+            prefix + dn + ("" if os.path.islink(os.path.join(dirpath, dn)) else "/")
+            for dn in dirnames
+            if prefix + dn not in folders
+        ]
         dirnames[:] = [dn for dn in dirnames if prefix + dn in folders]
     return sorted(extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -12,6 +13,7 @@ from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
+from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
 
 # Owner read and write: held while the cache checks and writes a file; the manifest's mode
@@ -26,6 +28,22 @@ def manifest_folders(manifest: Manifest) -> set[str]:
         parts = p.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
     return dirs
+
+
+def refuse_mount(tree: Path, folder: str) -> None:
+    """LocalDiskError if a file system is mounted at ``folder`` inside the cached ``tree``:
+    the cache neither deletes from it nor writes into it, and cannot serve the version."""
+    try:
+        mounted = os.lstat(folder).st_dev != os.lstat(tree).st_dev
+    except OSError:  # gone meanwhile: nothing mounted there
+        mounted = False
+    if mounted:  # (LocalDiskError is an OSError: raised outside the try)
+        raise LocalDiskError(
+            errno.EXDEV,
+            "a file system is mounted inside a cached version; the cache will not write "
+            "into it or delete from it (unmount it, then check out again)",
+            folder,
+        )
 
 
 def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = lambda: None) -> None:
@@ -48,6 +66,7 @@ def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = la
         kept = []
         for dn in dirnames:
             full = os.path.join(dirpath, dn)
+            refuse_mount(tree, full)
             if os.path.islink(full):
                 Path(full).unlink(missing_ok=True)
             elif prefix + dn not in dirs:
