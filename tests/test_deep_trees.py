@@ -4,6 +4,7 @@ version: walked, repaired, verified and removed without RecursionError, links ne
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ def _chain(top: Path, depth: int, leaf: bytes = b"deep") -> None:
         os.close(f)
     finally:
         os.close(fd)
+
+
+def _late_at(n: int) -> Callable[[], None]:
+    """A deadline check that raises at its ``n``-th call."""
+    calls = [0]
+
+    def check() -> None:
+        calls[0] += 1
+        if calls[0] >= n:
+            raise StorageTimeoutError("deadline exceeded during checking the cached files")
+
+    return check
 
 
 @pytest.mark.parametrize("depth", [1200, 3000])
@@ -74,15 +87,8 @@ def test_removal_checks_its_deadline_and_the_next_call_goes_on(tmp_path: Path) -
     (tree / "junk").mkdir(parents=True)
     for i in range(1000):
         (tree / "junk" / f"f{i}").write_bytes(b"")
-    calls = []
-
-    def check() -> None:
-        calls.append(1)
-        if len(calls) == 5:
-            raise StorageTimeoutError("deadline exceeded during checking the cached files")
-
     with pytest.raises(StorageTimeoutError):
-        remove_tree(tree, check)
+        remove_tree(tree, _late_at(5))
     left = len(os.listdir(tree / "junk"))
     assert 0 < left < 1000  # stopped part way, having removed some
     remove_tree(tree)
@@ -117,15 +123,8 @@ def test_removing_a_consumers_extra_files_checks_the_deadline(tmp_path: Path) ->
         for i in range(1000):
             (snap.path / f"junk{i}").write_bytes(b"")
         tree, manifest = snap.path, remote.load_manifest("db", snap.info.version)
-    calls = []
-
-    def check() -> None:
-        calls.append(1)
-        if len(calls) == 4:
-            raise StorageTimeoutError("deadline exceeded during checking the cached files")
-
     with pytest.raises(StorageTimeoutError):
-        remove_extras(tree, manifest, check)
+        remove_extras(tree, manifest, _late_at(4))
     assert 1 + 100 < len(os.listdir(tree)) < 1 + 1000  # stopped part way
     with cached.checkout("db") as snap:  # the next call goes on from there
         assert read_tree(snap.path) == files
