@@ -4,7 +4,9 @@ version: walked, repaired, verified and removed without RecursionError, links ne
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,19 @@ def _chain(top: Path, depth: int, leaf: bytes = b"deep") -> None:
         os.close(f)
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """This module's own temp folder, removed with the library's removal even if a test
+    fails: pytest's clean-up of old temp folders recurses, so a deep tree left in one
+    would crash the end of a later test session."""
+    path = Path(tempfile.mkdtemp(prefix="deep-trees-"))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-R", str(path)], capture_output=True, check=False)
+        remove_tree(path)
 
 
 def _late_at(n: int) -> Callable[[], None]:
@@ -135,8 +150,6 @@ def test_nothing_on_a_file_system_mounted_inside_a_cached_version_is_touched(
 ) -> None:
     # a consumer (or an operator) mounted something inside a cached version: the cache
     # neither deletes from it nor writes into it, and says why it cannot serve the version
-    import subprocess
-
     from chroma_snapshots import LocalDiskError
 
     remote = RemoteStore(FileBackend(tmp_path / "store"))
