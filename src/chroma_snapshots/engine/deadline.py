@@ -7,7 +7,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from contextvars import ContextVar
 from functools import partial
@@ -83,6 +83,18 @@ def current_deadline() -> Deadline | None:
     budgets without every backend method taking a ``deadline`` argument.
     """
     return _CURRENT.get()
+
+
+CHECK_EVERY = 64  # items of local work between two deadline checks
+
+
+def checked(items: Iterable[T], check: Callable[[], None]) -> Iterator[T]:
+    """``items``, with ``check()`` (a deadline's; it may raise) run before the first and
+    then every CHECK_EVERY: local work over thousands of files stops at the deadline."""
+    for i, item in enumerate(items):
+        if i % CHECK_EVERY == 0:
+            check()
+        yield item
 
 
 def within(deadline: Deadline, fn: Callable[[], T]) -> T:

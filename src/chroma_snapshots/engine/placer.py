@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
@@ -115,9 +116,7 @@ class Placer:
         with local_io(self.root, "creating the checkout's directories"):
             for d in self.manifest.dirs:
                 (self.root / d).mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(self.files):
-            if i % 64 == 0:
-                check()
+        for f in checked(self.files, check):
             path = self.root / f.path
             with local_io(path, "creating a file of the checkout"):
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +240,7 @@ class Placer:
         """Close the files and apply file modes once all data is in place; ``check()``
         runs every few files and may raise (a deadline, as in :meth:`create_files`)."""
         self.close()
-        for i, f in enumerate(self.files):
-            if i % 64 == 0:
-                check()
+        for f in checked(self.files, check):
             with local_io(self.root / f.path, "setting a file's mode"):
                 os.chmod(self.root / f.path, f.mode)
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
+from chroma_snapshots.engine.deadline import checked
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
@@ -101,9 +103,7 @@ def _remove_child(
         listed = []
     done = False
     try:
-        for i, (entry, is_dir) in enumerate(listed):
-            if i % 64 == 63:
-                check()
+        for entry, is_dir in checked(listed, check):
             if is_dir:
                 done = _move_up(fd, entry, top, moved) or done
             else:

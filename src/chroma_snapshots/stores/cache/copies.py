@@ -15,7 +15,6 @@ from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
 def private_copy(src: Path, dest: Path, dl: Deadline) -> Path:
     """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`build_at`),
     StorageTimeoutError at ``dl`` (and nothing left at dest)."""
-
     check = partial(dl.check, "copying to dest")
     return build_at(dest, lambda work: copy_tree(src, work, check), "copying to dest", check)
 

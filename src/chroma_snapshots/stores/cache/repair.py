@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from chroma_snapshots.engine.bundles import members, rebuild
+from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
@@ -30,11 +31,12 @@ def manifest_folders(manifest: Manifest) -> set[str]:
     return dirs
 
 
-def refuse_mount(tree: Path, folder: str) -> None:
-    """LocalDiskError if a file system is mounted at ``folder`` inside the cached ``tree``:
-    the cache neither deletes from it nor writes into it, and cannot serve the version."""
+def refuse_mount(folder: str, dev: int) -> None:
+    """LocalDiskError if a file system is mounted at ``folder``, inside a cached tree on
+    the device ``dev``: the cache neither deletes from it nor writes into it, and cannot
+    serve the version."""
     try:
-        mounted = os.lstat(folder).st_dev != os.lstat(tree).st_dev
+        mounted = os.lstat(folder).st_dev != dev
     except OSError:  # gone meanwhile: nothing mounted there
         mounted = False
     if mounted:  # (LocalDiskError is an OSError: raised outside the try)
@@ -54,19 +56,18 @@ def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = la
     files; what was removed stays removed, and the next call goes on from there)."""
     files, dirs = {f.path for f in manifest.files}, manifest_folders(manifest)
     own_dir(tree)
+    dev = os.lstat(tree).st_dev
     for dirpath, dirnames, filenames in walk(tree):  # top-down: a folder is owned first
         check()
         rel = Path(dirpath).relative_to(tree).as_posix()
         prefix = "" if rel == "." else f"{rel}/"
-        for i, fn in enumerate(filenames):
-            if i % 64 == 63:
-                check()
+        for fn in checked(filenames, check):
             if prefix + fn not in files:  # its writer may have removed it meanwhile
                 Path(dirpath, fn).unlink(missing_ok=True)
         kept = []
         for dn in dirnames:
             full = os.path.join(dirpath, dn)
-            refuse_mount(tree, full)
+            refuse_mount(full, dev)
             if os.path.islink(full):
                 Path(full).unlink(missing_ok=True)
             elif prefix + dn not in dirs:
@@ -88,9 +89,7 @@ def changed_files(
     ``check()`` runs every few files and may raise (a deadline: a warm checkout of 20,000
     files spends ~0.1 s here)."""
     changed = []
-    for i, f in enumerate(manifest.files):
-        if i % 64 == 0:
-            check()
+    for f in checked(manifest.files, check):
         s = stamps.get(f.path)
         if s is None or stamp_of(tree / f.path) != s or s[0] != f.size or s[2] != f.mode:
             changed.append(f.path)
