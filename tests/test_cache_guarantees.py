@@ -470,16 +470,17 @@ def test_no_cached_checkout_succeeds_past_its_deadline(
         assert (snap.stats.requests, snap.stats.bytes_downloaded) == (1, 0)
         assert read_tree(snap.path) == files
 
-    from chroma_snapshots.stores.cache.layout import stamp_of as real_stamp
+    from chroma_snapshots.engine.beneath import Beneath
+    from chroma_snapshots.stores.cache.layout import stamp_at as real_stamp
 
     stamps = [0]
 
-    def stamp_and_age(path: Path) -> object:
+    def stamp_and_age(t: Beneath, rel: str) -> object:
         stamps[0] += 1
         now[0] += 1.0  # a file a second: the deadline (60 s) passes at the 61st
-        return real_stamp(path)
+        return real_stamp(t, rel)
 
-    monkeypatch.setattr(repair, "stamp_of", stamp_and_age)
+    monkeypatch.setattr(repair, "stamp_at", stamp_and_age)
     now[0] = 0.0
     with pytest.raises(StorageTimeoutError, match="checking the cached files"):
         cached.checkout("db", deadline=late())

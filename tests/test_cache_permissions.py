@@ -275,3 +275,24 @@ def test_a_folder_inside_the_old_copy_swapped_for_a_link_is_not_followed(
         assert read_tree(snap.path) == read_tree(src)
     assert read_tree(own) == {"precious.txt": b"consumer data"}
     assert v1 not in cached.dirs("db").complete()
+
+
+@unprivileged
+def test_cache_verify_reports_what_a_consumer_made_unreadable(
+    cached: CachedStore, tmp_path: Path
+) -> None:
+    # it stopped with a traceback (exit 1) at a folder of mode 000
+    from chroma_snapshots.stores.cache.inspect import entries, verify
+
+    src, old, _ = _v1(cached, tmp_path)
+    os.chmod(old / "seg/deep", 0o000)
+    os.chmod(old / "db.sqlite3", 0o000)
+    (entry,) = entries(cached)
+    assert verify(cached, entry) == [
+        "db.sqlite3: cannot be read (Permission denied)",
+        "seg/deep/more.bin: cannot be read (Permission denied)",
+    ]
+    with cached.checkout("db", entry.version) as snap:  # repaired, modes included
+        assert read_tree(snap.path) == read_tree(src)
+        assert _modes(snap.path) == _modes(src)
+    assert verify(cached, entry) == []

@@ -37,8 +37,10 @@ def _big_tree(root: Path, size: int, files: int) -> Path:
 def test_many_files_under_a_low_open_file_limit(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(300):  # more files than the limit allows open at once
-        (src / f"seg{i:03d}.bin").write_bytes(os.urandom(3000) + bytes([i % 256]))
+    for i in range(300):  # more files, and folders, than the limit allows open at once
+        path = src / f"d{i % 100:02d}" / f"seg{i:03d}.bin"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(os.urandom(3000) + bytes([i % 256]))
     _run("publish", tmp_path / "store", src, nofile=64)
     _run("checkout", tmp_path / "store", tmp_path / "out", nofile=64)
     assert read_tree(tmp_path / "out") == read_tree(src)

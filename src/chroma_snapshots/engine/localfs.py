@@ -201,20 +201,6 @@ def remove_tree(path: Path, check: Callable[[], None] = lambda: None) -> None:
     except OSError:
         return
     remove_dir(path, check)
-    if os.path.lexists(path):  # rare: only then is the tree walked a second time
-        own_dirs(path)
-        remove_dir(path, check)
-
-
-def own_dir(path: Path | str) -> None:
-    """Give a real folder back its owner's read, write and search permission if a chmod
-    took any away (a link or anything else at ``path`` is left alone)."""
-    try:
-        mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
-            os.chmod(path, stat.S_IMODE(mode) | 0o700)
-    except OSError:
-        pass  # gone meanwhile, or not ours: what needs it next reports the error
 
 
 def foreign_dir(
@@ -235,15 +221,6 @@ def foreign_dir(
     if st.st_mode & others and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         return f"others have access (mode {stat.S_IMODE(st.st_mode):o})"
     return None
-
-
-def own_dirs(tree: Path) -> None:
-    """:func:`own_dir` for ``tree`` and every folder below it, parents first (a folder is
-    listed only once it may be); links are not followed."""
-    own_dir(tree)
-    for dirpath, dirnames, _ in walk(tree):
-        for dn in dirnames:
-            own_dir(os.path.join(dirpath, dn))
 
 
 def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) -> None:

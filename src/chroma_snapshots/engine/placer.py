@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
@@ -89,6 +90,7 @@ class Placer:
         self, root: Path, manifest: Manifest, damaged: Mapping[str, Sequence[int]] | None = None
     ) -> None:
         self.root = root
+        self._tree: Beneath | None = None  # opened at the first file (root may not exist)
         self.manifest = manifest
         self.files = [f for f in manifest.files if damaged is None or f.path in damaged]
         self.positions = [
@@ -104,8 +106,10 @@ class Placer:
                 where = (f.path, i * cs, f.at if i == 0 else 0, min(cs, f.size - i * cs))
                 self.targets[f.chunks[i]].append(where)
         self._fds: dict[str, int] = {}
+        self._modes = {f.path: f.mode for f in self.files}  # set as each file is complete
         self._left = Counter(where[0] for wheres in self.targets.values() for where in wheres)
         self._lock = threading.Lock()
+        self._tree_lock = threading.Lock()  # (the placer's lock is held where files open)
         self._writing = 0  # place_many calls in progress
         self._closed = False
 
@@ -114,14 +118,35 @@ class Placer:
         ``check()`` runs every few files and may raise (a deadline: 20,000 small files
         take a second or more to create)."""
         with local_io(self.root, "creating the checkout's directories"):
+            self.root.mkdir(parents=True, exist_ok=True)
             for d in self.manifest.dirs:
-                (self.root / d).mkdir(parents=True, exist_ok=True)
-        for f in checked(self.files, check):
-            path = self.root / f.path
-            with local_io(path, "creating a file of the checkout"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as fh:
-                    fh.truncate(f.size)
+                self.tree.folder(d, make=True)
+        done = 0
+        try:
+            for f in checked(self.files, check):
+                # a file an earlier attempt left is emptied, once checked to be a file of
+                # its own (O_TRUNC would cut a hard-linked one before any check)
+                fd = self.tree.open(f.path, os.O_WRONLY | os.O_CREAT, parents=True)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, f.size)
+                finally:
+                    os.close(fd)
+                done += 1
+        except SnapshotError:
+            raise
+        except OSError as e:  # the path is made only then: 20,000 Paths cost 0.14 s
+            path = self.root / self.files[done].path
+            raise disk_error(e, path, "creating a file of the checkout") from e
+
+    @property
+    def tree(self) -> Beneath:
+        """The checkout's folder, reached through descriptors: never through a link or
+        into a mount (engine/beneath.py)."""
+        with self._tree_lock:
+            if self._tree is None:
+                self._tree = Beneath(self.root)
+            return self._tree
 
     def place(self, digest: str, raw: Buffer) -> int:
         """Write one verified chunk everywhere it occurs; returns bytes written."""
@@ -173,7 +198,7 @@ class Placer:
                 self._writing -= 1
                 last = self._closed and not self._writing
                 fds: dict[str, int] = self._take_fds() if last else {}
-            _close_all(fds)
+            self._close_all(fds, last)
 
     def _write_runs(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
         writes = sorted(
@@ -209,11 +234,18 @@ class Placer:
     def _wrote(self, relpath: str, count: int) -> None:
         # Close a file once its last chunk is in: open files stay bounded by the reads in
         # flight, not by the number of files (a low RLIMIT_NOFILE must not fail a checkout).
+        # Its mode is set then, through the descriptor: no path to resolve again.
         with self._lock:
             self._left[relpath] -= count
             fd = self._fds.pop(relpath) if self._left[relpath] <= 0 else None
+            mode = self._modes.pop(relpath, None) if fd is not None else None
         if fd is not None:
-            os.close(fd)
+            try:
+                with local_io(self.root / relpath, "setting a file's mode"):
+                    if mode is not None:
+                        os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
 
     def _fd(self, relpath: str) -> int:
         fd = self._fds.get(relpath)
@@ -221,7 +253,7 @@ class Placer:
             with self._lock:  # several reads may open the same file at once
                 fd = self._fds.get(relpath)
                 if fd is None:
-                    fd = self._fds[relpath] = os.open(self.root / relpath, os.O_WRONLY)
+                    fd = self._fds[relpath] = self.tree.open(relpath, os.O_WRONLY)
         return fd
 
     def _take_fds(self) -> dict[str, int]:
@@ -233,16 +265,26 @@ class Placer:
         progress, the last of them closes the files when it is done."""
         with self._lock:
             self._closed = True
-            fds: dict[str, int] = self._take_fds() if not self._writing else {}
-        _close_all(fds)
+            last = not self._writing
+            fds: dict[str, int] = self._take_fds() if last else {}
+        self._close_all(fds, last)
+
+    def _close_all(self, fds: Mapping[str, int], tree: bool) -> None:
+        for fd in fds.values():
+            os.close(fd)
+        if tree and self._tree is not None:
+            self._tree.close()
 
     def finish(self, check: Callable[[], None] = lambda: None) -> None:
-        """Close the files and apply file modes once all data is in place; ``check()``
+        """Apply the modes not yet set (a file's is set as its last chunk is written, and
+        an empty file has none), then close the files; all data is in place. ``check()``
         runs every few files and may raise (a deadline, as in :meth:`create_files`)."""
+        with self._lock:
+            left = list(self._modes.items())
+        for relpath, mode in checked(left, check):
+            with local_io(self.root / relpath, "setting a file's mode"):
+                self.tree.chmod(relpath, mode)
         self.close()
-        for f in checked(self.files, check):
-            with local_io(self.root / f.path, "setting a file's mode"):
-                os.chmod(self.root / f.path, f.mode)
 
 
 def _piece(raw: Buffer, start: int, length: int) -> Buffer:
@@ -253,8 +295,3 @@ def _piece(raw: Buffer, start: int, length: int) -> Buffer:
     if start + length > len(raw):
         raise IntegrityError(f"a slice [{start}, {start + length}) past a chunk of {len(raw)}")
     return memoryview(raw)[start : start + length]
-
-
-def _close_all(fds: Mapping[str, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)

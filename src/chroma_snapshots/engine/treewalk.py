@@ -16,7 +16,8 @@ from pathlib import Path
 
 from chroma_snapshots.engine.deadline import checked
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# a folder, opened for listing; a link (even to a folder) is ELOOP, never followed
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
 
@@ -49,17 +50,19 @@ def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
         stack.extend(p for p in below if _same_device(p, dev))
 
 
-def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
-    """Remove the folder ``path`` and everything in it, as far as permissions allow (errors
-    are ignored, as ``shutil.rmtree(ignore_errors=True)`` does). Each subfolder is first
-    moved up to be a direct child of ``path``, so nothing recurses and at most two folders
-    are open at once; folders are opened with O_NOFOLLOW, so a link swapped in for a folder
-    is removed, never followed, and a folder on another file system (a mount) is left
-    alone with everything on it. ``check()`` runs every few entries and may raise (a
-    deadline: a consumer can add 300,000 files)."""
-    try:
-        top = os.open(path, _DIR_FLAGS)
-    except OSError:
+def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
+               dir_fd: int | None = None) -> None:  # fmt: skip
+    """Remove the folder ``path`` (relative to the folder ``dir_fd`` if given) and
+    everything in it, as far as permissions allow (errors are ignored, as
+    ``shutil.rmtree(ignore_errors=True)`` does; folders a consumer made read-only or
+    unlistable get their owner's permissions back first). Each subfolder is first moved
+    up to be a direct child of ``path``, so nothing recurses and at most two folders are
+    open at once; folders are opened with O_NOFOLLOW, so a link swapped in for a folder is
+    removed, never followed, and a folder on another file system (a mount) is left alone
+    with everything on it. ``check()`` runs every few entries and may raise (a deadline: a
+    consumer can add 300,000 files)."""
+    top = open_owned(path, dir_fd)
+    if top is None:
         return
     dev = os.fstat(top).st_dev
     try:
@@ -75,7 +78,52 @@ def remove_dir(path: Path, check: Callable[[], None] = lambda: None) -> None:
     finally:
         os.close(top)
     with suppress(OSError):
-        os.rmdir(path)
+        os.rmdir(path, dir_fd=dir_fd)
+
+
+def own_at(path: Path | str, dir_fd: int | None = None, dev: int | None = None) -> None:
+    """Give the real folder ``path`` (relative to ``dir_fd`` if given; on the file system
+    ``dev`` if given) its owner's read, write and search permission if a chmod took any
+    away; anything else there (a link above all, or a mount point) is left alone. Linux
+    has no lchmod: the entry is opened as a path without following it, checked, and
+    changed through its descriptor."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return  # gone meanwhile: what needs it next reports the error
+    try:
+        st = os.fstat(fd)
+        mine = stat.S_ISDIR(st.st_mode) and dev in (None, st.st_dev)
+        if mine and st.st_mode & 0o700 != 0o700:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+    except OSError:
+        pass  # not ours to change
+    finally:
+        os.close(fd)
+
+
+def open_owned(path: Path | str, dir_fd: int | None, dev: int | None = None) -> int | None:
+    """The folder ``path`` opened for changing what is in it, its owner's permissions
+    given back first if a consumer took them away; None if it cannot be (not a folder),
+    or if it is not on the file system ``dev`` (a mount point: left alone)."""
+    try:
+        fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        own_at(path, dir_fd, dev)
+        try:
+            fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if dev is not None and st.st_dev != dev:
+        os.close(fd)
+        return None
+    if st.st_mode & 0o700 != 0o700:  # listable but not writable: nothing could be removed
+        with suppress(OSError):
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+    return fd
 
 
 def _remove_child(
@@ -85,17 +133,13 @@ def _remove_child(
     subfolders are moved up beside it (they come in the next pass) and its files are gone.
     True if anything was removed or moved."""
     check()
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=top)
-    except OSError:  # not a folder (a link to one included), or one that cannot be opened
+    fd = open_owned(name, top, dev)
+    if fd is None:  # a file, a link (to a folder too: never followed), or a mount point
         try:
-            os.unlink(name, dir_fd=top)
+            os.unlink(name, dir_fd=top)  # (unlink never removes a folder)
             return True
         except OSError:
             return False
-    if os.fstat(fd).st_dev != dev:  # a mount point: nothing on it is ours to delete
-        os.close(fd)
-        return False
     try:  # listed first: check() raises StorageTimeoutError, an OSError not to swallow
         with os.scandir(fd) as entries:
             listed = [(e.name, _real_dir(e)) for e in entries]
@@ -136,12 +180,19 @@ def _real_dir(entry: os.DirEntry[str]) -> bool:
 
 
 def _move_up(src: int, name: str, top: int, moved: list[int]) -> bool:
-    """Rename the folder ``name`` in ``src`` to a fresh name in ``top``."""
+    """Rename the folder ``name`` in ``src`` to a fresh name in ``top`` (moving a folder
+    needs write permission on it: a consumer's chmod 000 is undone once)."""
+    owned = False
     for _ in range(1000):  # names already taken are skipped
         moved[0] += 1
         try:
             os.rename(name, f".removing-{moved[0]}", src_dir_fd=src, dst_dir_fd=top)
             return True
+        except PermissionError:
+            if owned:
+                return False
+            own_at(name, src, os.fstat(top).st_dev)
+            owned = True
         except OSError as e:
             if e.errno not in _TAKEN:
                 return False  # another file system mounted there, say: left alone

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.chunking import read_chunks
-from chroma_snapshots.engine.models import Manifest, is_slice
+from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
 from chroma_snapshots.errors import InvalidInputError
@@ -62,35 +62,46 @@ def verify(store: CachedStore, entry: CacheEntry) -> list[str]:
 
 
 def _problems(tree: Path, manifest: Manifest) -> list[str]:
-    problems = []
-    bundles, verified = members(manifest), {}
+    problems, bundles, verified = [], members(manifest), dict[str, bool]()
     for f in manifest.files:
-        path = tree / f.path
-        if not path.is_file():
-            problems.append(f"{f.path}: missing")
-            continue
-        if path.is_symlink():  # a consumer's link: not what the cache wrote, never read
-            problems.append(f"{f.path}: a symlink, not the file the cache wrote")
-            continue
-        if is_slice(f, manifest.chunks):
-            # one file of a bundle cannot be hashed alone: the bundle is put together
-            h = f.chunks[0]
-            if h not in verified:
-                whole = rebuild(tree, bundles[h], manifest.chunks[h].size)
-                verified[h] = whole is not None and chunk_ok(whole, h)  # every member read
-            if not verified[h]:
-                problems.append(f"{f.path}: content differs from the manifest (it or a file "
-                                "bundled with it)")  # fmt: skip
-            continue
         try:
-            got = list(read_chunks(path, manifest.chunk_size))
-        except InvalidInputError:  # reached through a folder a consumer made a link
-            problems.append(f"{f.path}: not the file the cache wrote (a link on its path)")
-            continue
-        ok = len(got) == len(f.chunks) and all(map(chunk_ok, got, f.chunks))
-        if path.stat().st_size != f.size or not ok:
-            problems.append(f"{f.path}: content differs from the manifest")
+            found = _problem(tree, manifest, f, bundles, verified)
+        except OSError as e:  # a folder or file a consumer made unreadable (chmod 000)
+            found = f"cannot be read ({e.strerror or e})"
+        if found:
+            problems.append(f"{f.path}: {found}")
     return problems + [f"{p}: not in the manifest" for p in _extras(tree, manifest)]
+
+
+def _problem(
+    tree: Path,
+    manifest: Manifest,
+    f: FileEntry,
+    bundles: dict[str, list[FileEntry]],
+    verified: dict[str, bool],
+) -> str | None:
+    """What is wrong with one file of a cached version; None if nothing."""
+    path = tree / f.path
+    if not path.is_file():
+        return "missing"
+    if path.is_symlink():  # a consumer's link: not what the cache wrote, never read
+        return "a symlink, not the file the cache wrote"
+    if is_slice(f, manifest.chunks):
+        # one file of a bundle cannot be hashed alone: the bundle is put together
+        h = f.chunks[0]
+        if h not in verified:
+            whole = rebuild(tree, bundles[h], manifest.chunks[h].size)
+            verified[h] = whole is not None and chunk_ok(whole, h)  # every member read
+        return None if verified[h] else "content differs from the manifest (it or a file " \
+            "bundled with it)"  # fmt: skip
+    try:
+        got = list(read_chunks(path, manifest.chunk_size))
+    except InvalidInputError as e:
+        if isinstance(e.__cause__, PermissionError):  # a consumer's chmod 000
+            return f"cannot be read ({e.__cause__.strerror})"
+        return "not the file the cache wrote (a link on its path)"
+    ok = len(got) == len(f.chunks) and all(map(chunk_ok, got, f.chunks))
+    return None if path.stat().st_size == f.size and ok else "content differs from the manifest"
 
 
 def _extras(tree: Path, manifest: Manifest) -> list[str]:

@@ -34,9 +34,11 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, own_dir, remove_tree
+from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
+from chroma_snapshots.engine.treewalk import own_at
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, SnapshotError
 
@@ -59,9 +61,19 @@ def write_atomic(path: Path, data: bytes) -> None:
 def stamp_of(path: Path) -> Stamp | None:
     """The stamp of a regular file, or None if it is missing or not a regular file."""
     try:
-        st = os.lstat(path)  # lstat: a symlink is not a regular file here
+        return _stamp(os.lstat(path))  # lstat: a symlink is not a regular file here
     except OSError:
         return None
+
+
+def stamp_at(t: Beneath, rel: str) -> Stamp | None:
+    """:func:`stamp_of` the file ``rel`` of ``t``, reached without following a link: a
+    folder swapped for a link to other files gives None (changed), never their stamps."""
+    st = t.lstat(rel)
+    return None if st is None else _stamp(st)
+
+
+def _stamp(st: os.stat_result) -> Stamp | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
@@ -215,7 +227,8 @@ class NameDirs:
             return {}
 
     def write_stamps(self, version: str, root: Path, manifest: Manifest) -> None:
-        stamps = {f.path: stamp_of(root / f.path) for f in manifest.files}
+        with Beneath(root) as t:  # recorded as served: a link swapped in is no file's stamp
+            stamps = {f.path: stamp_at(t, f.path) for f in manifest.files}
         write_atomic(self.stamps_file(version), json.dumps(stamps).encode())
 
     def write_meta(self, version: str, root: Path, manifest: Manifest) -> None:
@@ -287,7 +300,7 @@ class NameDirs:
         With the version's lock held; a version another process already removed is a no-op."""
         trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
         try:
-            own_dir(self.tree(version))  # moving a folder needs write permission on it
+            own_at(self.tree(version))  # moving a folder needs write permission on it
             os.replace(self.tree(version), trash)  # a link moves as itself: its target stays
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock

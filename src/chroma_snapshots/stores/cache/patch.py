@@ -29,11 +29,12 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.localfs import own_dir, remove_tree
+from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.treewalk import own_at
 from chroma_snapshots.engine.validation import is_name, short_id
-from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_of
+from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_at
 from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
 
 _TRY = 3  # newest other versions tried: a busy one is skipped, never waited for
@@ -64,7 +65,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                 if manifest is None:
                     continue
                 stamps = d.read_stamps(v)  # read before the tree moves: it is the proof
-                own_dir(d.tree(v))  # moving a folder needs write permission on it
+                own_at(d.tree(v))  # moving a folder needs write permission on it
                 os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
                 d.manifest_file(v).unlink(missing_ok=True)
                 d.stamps_file(v).unlink(missing_ok=True)
@@ -86,82 +87,82 @@ def plan_patch(
 ) -> dict[str, list[int]]:
     """Bring ``work`` (the retired tree) to ``new``'s files, sizes and modes; return the
     chunk positions of each file still to be written (the bytes kept count as reused).
-    ``check()`` runs before each file and may raise (a deadline)."""
-    remove_extras(work, new)  # links and stray folders go before anything is looked at
-    old_files = {f.path: f for f in old.manifest.files}
-    # chunk i of another chunk size is at another offset: then nothing is kept unread
-    same_size = old.manifest.chunk_size == new.chunk_size
-    intact = {p for p, f in old_files.items() if same_size and _intact(work, f, old.stamps.get(p))}
-    slices = Bundles(new)
-    for d in new.dirs:
-        (work / d).mkdir(parents=True, exist_ok=True)
-    todo: dict[str, list[int]] = {}
-    kept = 0
-    for f in new.files:
-        check()
-        before = old_files.get(f.path)
-        if before is not None and f.path in intact:
-            positions = _patch_intact(work / f.path, before, f)
-        elif before is not None and _own_file(work / f.path):
-            positions = damaged_chunks(work, new, f, slices)  # a consumer's change: verify
-        else:
-            _clear(work / f.path)
-            positions = _create(work / f.path, f)
-        kept += f.size - sum(new.chunks[f.chunks[i]].size for i in positions)
-        if positions:
-            todo[f.path] = positions
+    ``check()`` runs before each file and may raise (a deadline). Everything in ``work``
+    is reached through folder descriptors (engine/beneath.py): never through a link."""
+    with Beneath(work) as t:
+        remove_extras(t, new)  # links and stray folders go before anything is looked at
+        old_files = {f.path: f for f in old.manifest.files}
+        # chunk i of another chunk size is at another offset: then nothing is kept unread
+        same_size = old.manifest.chunk_size == new.chunk_size
+        intact = {p for p, f in old_files.items() if same_size and _intact(t, f, old.stamps)}
+        slices = Bundles(new)
+        for d in new.dirs:
+            t.folder(d, make=True)
+        todo: dict[str, list[int]] = {}
+        kept = 0
+        for f in new.files:
+            check()
+            before = old_files.get(f.path)
+            if before is not None and f.path in intact:
+                positions = _patch_intact(t, before, f)
+            elif before is not None and _own_file(t, f.path):
+                positions = damaged_chunks(t, new, f, slices)  # a consumer's change: verify
+            else:
+                t.remove(f.path)
+                positions = _create(t, f)
+            kept += f.size - sum(new.chunks[f.chunks[i]].size for i in positions)
+            if positions:
+                todo[f.path] = positions
     stats.add(bytes_reused=kept)
     return todo
 
 
-def _intact(work: Path, f: FileEntry, stamp: Stamp | None) -> bool:
+def _intact(t: Beneath, f: FileEntry, stamps: dict[str, Stamp]) -> bool:
     # renaming the tree changes no file's stamp: a file's ctime is its inode's
-    return stamp is not None and stamp[0] == f.size and stamp_of(work / f.path) == stamp
+    stamp = stamps.get(f.path)
+    return stamp is not None and stamp[0] == f.size and stamp_at(t, f.path) == stamp
 
 
-def _own_file(path: Path) -> bool:
+def _own_file(t: Beneath, rel: str) -> bool:
     """A regular file only this tree links to: a hard link to a file elsewhere (put there
     by a consumer) is replaced, never truncated or written through; a link or folder
     left at the path is removed."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = t.lstat(rel)
+    if st is None:
         return False
     if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
         return True
-    _clear(path)
+    t.remove(rel)
     return False
 
 
-def _clear(path: Path) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    remove_tree(path) if stat.S_ISDIR(st.st_mode) else path.unlink()
-
-
-def _patch_intact(path: Path, before: FileEntry, f: FileEntry) -> list[int]:
-    if before.size != f.size:
-        os.chmod(path, f.mode | OWNER_RW)  # a read-only file is cut too
-        os.truncate(path, f.size)
+def _patch_intact(t: Beneath, before: FileEntry, f: FileEntry) -> list[int]:
     if before.at != f.at or (len(f.chunks) == 1 and before.size != f.size):
         # a bundled file: the same bundle holds other bytes at another start or length
-        return _final_mode(path, f, list(range(len(f.chunks))))
-    old = before.chunks  # ids of both lengths meet under the short one
-    todo = [i for i, h in enumerate(f.chunks) if i >= len(old) or short_id(old[i]) != short_id(h)]
-    return _final_mode(path, f, todo)
+        todo = list(range(len(f.chunks)))
+    else:
+        old = before.chunks  # ids of both lengths meet under the short one
+        todo = [
+            i for i, h in enumerate(f.chunks) if i >= len(old) or short_id(old[i]) != short_id(h)
+        ]
+    t.chmod(f.path, f.mode | OWNER_RW)  # a read-only file is cut and written too
+    return _final(t, f, todo, os.O_WRONLY)
 
 
-def _create(path: Path, f: FileEntry) -> list[int]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb") as fh:  # never through a link a consumer left
-        fh.truncate(f.size)
-    return _final_mode(path, f, list(range(len(f.chunks))))
+def _create(t: Beneath, f: FileEntry) -> list[int]:
+    # O_EXCL: never through a link a consumer left
+    return _final(t, f, list(range(len(f.chunks))), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
 
 
-def _final_mode(path: Path, f: FileEntry, positions: list[int]) -> list[int]:
-    """Give the file its manifest mode now if nothing is left to write into it, else owner
-    write permission until the placer has written it and sets the mode (placer.finish)."""
-    os.chmod(path, f.mode | OWNER_RW if positions else f.mode)
+def _final(t: Beneath, f: FileEntry, positions: list[int], flags: int) -> list[int]:
+    """Open the file with ``flags``, give it ``f``'s size, and its manifest mode now if
+    nothing is left to write into it, else owner write permission until the placer has
+    written it and sets the mode (placer.finish)."""
+    fd = t.open(f.path, flags, parents=True)
+    try:
+        if os.fstat(fd).st_size != f.size:
+            os.ftruncate(fd, f.size)
+        os.fchmod(fd, f.mode | OWNER_RW if positions else f.mode)
+    finally:
+        os.close(fd)
     return positions

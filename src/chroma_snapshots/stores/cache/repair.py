@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.bundles import members, rebuild
 from chroma_snapshots.engine.deadline import checked
-from chroma_snapshots.engine.localfs import own_dir, remove_tree
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
-from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
-from chroma_snapshots.errors import LocalDiskError
-from chroma_snapshots.stores.cache.layout import Stamp, stamp_of
+from chroma_snapshots.stores.cache.layout import Stamp, stamp_at
 
 # Owner read and write: held while the cache checks and writes a file; the manifest's mode
 # is set once its bytes are in place (a read-only mode before the writes would refuse them)
@@ -31,67 +28,46 @@ def manifest_folders(manifest: Manifest) -> set[str]:
     return dirs
 
 
-def refuse_mount(folder: str, dev: int) -> None:
-    """LocalDiskError if a file system is mounted at ``folder``, inside a cached tree on
-    the device ``dev``: the cache neither deletes from it nor writes into it, and cannot
-    serve the version."""
-    try:
-        mounted = os.lstat(folder).st_dev != dev
-    except OSError:  # gone meanwhile: nothing mounted there
-        mounted = False
-    if mounted:  # (LocalDiskError is an OSError: raised outside the try)
-        raise LocalDiskError(
-            errno.EXDEV,
-            "a file system is mounted inside a cached version; the cache will not write "
-            "into it or delete from it (unmount it, then check out again)",
-            folder,
-        )
-
-
-def remove_extras(tree: Path, manifest: Manifest, check: Callable[[], None] = lambda: None) -> None:
+def remove_extras(t: Beneath, manifest: Manifest, check: Callable[[], None] = lambda: None) -> None:
     """Delete files, links and directories the manifest does not have (WAL files, scratch).
     The cache owns the folders it keeps: one a consumer made read-only gets its owner's
-    permissions back first, or nothing in it could be removed or repaired. ``check()``
-    runs every few entries and may raise (a deadline: a consumer may have added 300,000
-    files; what was removed stays removed, and the next call goes on from there)."""
+    permissions back first, or nothing in it could be removed or repaired. A file system
+    mounted at any folder is LocalDiskError (nothing on it is written or deleted).
+    ``check()`` runs every few entries and may raise (a deadline: a consumer may have
+    added 300,000 files; what was removed stays removed, and the next call goes on)."""
     files, dirs = {f.path for f in manifest.files}, manifest_folders(manifest)
-    own_dir(tree)
-    dev = os.lstat(tree).st_dev
-    for dirpath, dirnames, filenames in walk(tree):  # top-down: a folder is owned first
+    stack = [""]  # only the manifest's folders are entered: as deep as its paths, no more
+    while stack:
+        rel = stack.pop()
         check()
-        rel = Path(dirpath).relative_to(tree).as_posix()
-        prefix = "" if rel == "." else f"{rel}/"
-        for fn in checked(filenames, check):
-            if prefix + fn not in files:  # its writer may have removed it meanwhile
-                Path(dirpath, fn).unlink(missing_ok=True)
-        kept = []
-        for dn in dirnames:
-            full = os.path.join(dirpath, dn)
-            refuse_mount(full, dev)
-            if os.path.islink(full):
-                Path(full).unlink(missing_ok=True)
-            elif prefix + dn not in dirs:
-                remove_tree(Path(full), check)
+        prefix = f"{rel}/" if rel else ""
+        for name, is_dir in checked(t.scan(rel), check):
+            path = prefix + name
+            if not is_dir:  # a file, or a link (to a folder too): never followed
+                if path not in files:  # its writer may have removed it meanwhile
+                    t.remove(path)
+                continue
+            t.folder(path, make=True)  # owned; a mount point raises
+            if path in dirs:
+                stack.append(path)
             else:
-                own_dir(full)
-                kept.append(dn)
-        dirnames[:] = kept
+                t.remove(path, check)
 
 
 def changed_files(
-    tree: Path,
+    t: Beneath,
     manifest: Manifest,
     stamps: Mapping[str, Stamp],
     check: Callable[[], None] = lambda: None,
 ) -> list[str]:
-    """Paths of ``manifest``'s files under ``tree`` whose stamps are not those recorded
-    when the cache wrote them (or whose recorded size or mode is not the manifest's).
-    ``check()`` runs every few files and may raise (a deadline: a warm checkout of 20,000
-    files spends ~0.1 s here)."""
+    """Paths of ``manifest``'s files in ``t`` whose stamps are not those recorded when
+    the cache wrote them (or whose recorded size or mode is not the manifest's); a file
+    behind a link is changed. ``check()`` runs every few files and may raise (a deadline:
+    a warm checkout of 20,000 files spends ~0.1 s here)."""
     changed = []
     for f in checked(manifest.files, check):
         s = stamps.get(f.path)
-        if s is None or stamp_of(tree / f.path) != s or s[0] != f.size or s[2] != f.mode:
+        if s is None or stamp_at(t, f.path) != s or s[0] != f.size or s[2] != f.mode:
             changed.append(f.path)
     return changed
 
@@ -102,9 +78,10 @@ def find_damage(
     """What consumers did to a cached tree: how many files changed, and the chunk indexes
     that differ in each (:func:`damaged`); files and folders the manifest does not have
     are removed on the way. ``check()`` runs as it goes and may raise (a deadline)."""
-    bad = changed_files(tree, manifest, stamps, check)
-    remove_extras(tree, manifest, check)
-    return len(bad), damaged(tree, manifest, bad, check) if bad else {}
+    with Beneath(tree) as t:
+        bad = changed_files(t, manifest, stamps, check)
+        remove_extras(t, manifest, check)
+        return len(bad), damaged(t, manifest, bad, check) if bad else {}
 
 
 class Bundles:
@@ -128,60 +105,59 @@ class Bundles:
 
 
 def damaged(
-    tree: Path, manifest: Manifest, paths: list[str], check: Callable[[], None]
+    t: Beneath, manifest: Manifest, paths: list[str], check: Callable[[], None]
 ) -> dict[str, list[int]]:
     """The chunk indexes that differ in each file of ``paths`` (:func:`damaged_chunks`),
     for the files with any; ``check()`` before each file may raise (a deadline)."""
     by_path, bundles, out = {f.path: f for f in manifest.files}, Bundles(manifest), {}
     for p in paths:
         check()
-        if idx := damaged_chunks(tree, manifest, by_path[p], bundles):
+        if idx := damaged_chunks(t, manifest, by_path[p], bundles):
             out[p] = idx
     return out
 
 
-def damaged_chunks(tree: Path, manifest: Manifest, f: FileEntry, bundles: Bundles) -> list[int]:
+def damaged_chunks(t: Beneath, manifest: Manifest, f: FileEntry, bundles: Bundles) -> list[int]:
     """Bring one file back to the manifest's size and return the indexes of the chunks
     whose bytes differ (a missing file is recreated empty: every chunk differs); its mode
     is the manifest's if none does, else the placer's last step (engine/placer.py).
     A bundled file is checked by putting its bundle together from the tree (every member
     read and compared, once a pass: :class:`Bundles`): if that fails, the file's slice is
-    rewritten."""
-    path = tree / f.path
-    linked = path.is_file() and not path.is_symlink() and os.lstat(path).st_nlink > 1
-    if path.is_symlink() or linked or (path.exists() and not path.is_file()):
-        # a link (soft or hard) may lead out of the cache: replaced, never written through
-        remove_tree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _writable(path, f.mode)
-    with open(path, "ab") as fh:
-        fh.truncate(f.size)
-    os.chmod(path, f.mode | OWNER_RW)  # a file just created has the umask's mode
-    bad = _differing(tree, manifest, f, bundles)
-    if not bad:  # else the placer sets it after writing (engine/placer.py, finish)
-        os.chmod(path, f.mode)
+    rewritten. Everything goes through ``t``: a link swapped in at any moment is an error
+    or is replaced, never written through."""
+    st = t.lstat(f.path)
+    if st is not None and not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+        t.remove(f.path)  # a link (soft or hard) may lead out of the cache: replaced
+    _writable(t, f.path, f.mode)
+    fd = t.open(f.path, os.O_RDWR | os.O_CREAT, parents=True)
+    try:
+        os.ftruncate(fd, f.size)
+        os.fchmod(fd, f.mode | OWNER_RW)  # a file just created has the umask's mode
+        if is_slice(f, manifest.chunks):
+            bad = [] if bundles.ok(t.path, f) else [0]  # f's own bytes included
+        else:
+            bad = _differing(fd, manifest, f)
+        if not bad:  # else the placer sets it after writing (engine/placer.py)
+            os.fchmod(fd, f.mode)
+    finally:
+        os.close(fd)
     return bad
 
 
-def _differing(tree: Path, manifest: Manifest, f: FileEntry, bundles: Bundles) -> list[int]:
-    if is_slice(f, manifest.chunks):
-        return [] if bundles.ok(tree, f) else [0]  # f's own bytes included
-    bad = []
-    with open(tree / f.path, "rb") as fh:
-        for i, h in enumerate(f.chunks):
-            size = manifest.chunks[h].size
-            if not chunk_ok(os.pread(fh.fileno(), size, i * manifest.chunk_size), h):
-                bad.append(i)
-    return bad
+def _differing(fd: int, manifest: Manifest, f: FileEntry) -> list[int]:
+    cs, chunks = manifest.chunk_size, manifest.chunks
+    return [
+        i for i, h in enumerate(f.chunks) if not chunk_ok(os.pread(fd, chunks[h].size, i * cs), h)
+    ]
 
 
-def _writable(path: Path, mode: int) -> None:
+def _writable(t: Beneath, rel: str, mode: int) -> None:
     """Let the owner read and write a file of the cache (a consumer's chmod 0400, or a
     file published read-only) before it is checked and written; a file the process may
     not chmod (not its own) is replaced instead."""
     try:
-        os.chmod(path, mode | OWNER_RW)
+        t.chmod(rel, mode | OWNER_RW)
     except FileNotFoundError:
         pass  # created next
     except PermissionError:
-        path.unlink()
+        t.remove(rel)

@@ -1,0 +1,226 @@
+"""Files of a folder tree reached through folder descriptors: no link followed, no mount
+crossed, whenever either appears.
+
+A path such as ``tree/a/f`` is resolved again by the kernel at each use: a process that
+swaps ``tree/a`` for a link between two uses redirects the second one, and a repair that
+writes ``tree/a/f`` would write through the link (a review did it in 13 of 30 rounds).
+Here every folder is opened relative to the one above it with O_NOFOLLOW and checked to be
+on the root's file system, and a file is opened relative to its folder with O_NOFOLLOW,
+checked to be a regular file and, to be written, to have no other link: a link anywhere
+on the way is an error or is replaced, never followed. A folder swapped out after it was
+opened is still the same folder (a descriptor names the folder, not its path): whatever is
+written goes where the cache put it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from chroma_snapshots.engine.treewalk import DIR_FLAGS, open_owned, own_at, remove_dir
+from chroma_snapshots.errors import LocalDiskError
+
+_KEPT = 16  # folder descriptors kept open, least recently used closed first (RLIMIT_NOFILE)
+_NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
+
+
+class Beneath:
+    """The files and folders below ``root``, reached without following links and without
+    leaving ``root``'s file system. Thread-safe; close it (or use it as a context manager)
+    when done: it holds folder descriptors."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.path = Path(root)
+        # owned: a consumer's chmod 000 on the version's folder must not wedge it
+        fd = open_owned(root, None)
+        self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
+        self.dev = os.fstat(self._root).st_dev
+        self._dirs: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Beneath:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every descriptor (idempotent)."""
+        with self._lock:
+            fds, self._dirs = [*self._dirs.values(), self._root], OrderedDict()
+            self._root = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def open(self, rel: str, flags: int, mode: int = 0o666, *, parents: bool = False) -> int:
+        """Open the file ``rel`` (relative, ``/``-separated) with ``flags``; the caller
+        closes it. A link at ``rel`` is ELOOP; what is not a regular file, or (to write)
+        a file with another link, is LocalDiskError. ``parents`` makes missing folders
+        on the way, replacing a link or file where a folder belongs."""
+        parent, name = _split(rel)
+        with self._lock:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
+                         dir_fd=self._folder(parent, parents))  # fmt: skip
+        try:
+            st = os.fstat(fd)
+            writing = flags & (os.O_WRONLY | os.O_RDWR)
+            if not stat.S_ISREG(st.st_mode) or (writing and st.st_nlink != 1):
+                raise self._error(errno.EPERM, "not a file of the cache's own", rel)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def folder(self, rel: str, make: bool = False) -> None:
+        """Check that the folder ``rel`` is a real folder of this file system; ``make``
+        creates it and missing parents, replacing a link or file in the way."""
+        with self._lock:
+            self._folder(rel, make)
+
+    def scan(self, rel: str) -> list[tuple[str, bool]]:
+        """The entries of the folder ``rel``: (name, a real folder, not a link to one?)."""
+        with self._lock:  # a description of its own: a listing moves its offset
+            fd = os.open(".", DIR_FLAGS, dir_fd=self._folder(rel, False))
+        try:
+            with os.scandir(fd) as entries:
+                return [(e.name, _real_dir(e)) for e in entries]
+        finally:
+            os.close(fd)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """``os.lstat`` of ``rel``; None if it cannot be reached: missing, or behind a
+        link, a file or an unlistable folder where a folder should be."""
+        parent, name = _split(rel)
+        try:
+            with self._lock:
+                return os.stat(name, dir_fd=self._folder(parent, False), follow_symlinks=False)
+        except OSError as e:
+            if isinstance(e, LocalDiskError):
+                raise  # a mount on the way
+            return None
+
+    def chmod(self, rel: str, mode: int) -> None:
+        """Set the mode of the regular file ``rel`` with no other link (a link there is an
+        error, never followed: Linux has no lchmod, so the file is opened as a path,
+        checked, and changed through its descriptor)."""
+        parent, name = _split(rel)
+        with self._lock:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self._folder(parent, False))  # fmt: skip
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise self._error(errno.EPERM, "not a file of the cache's own", rel)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def remove(self, rel: str, check: Callable[[], None] = lambda: None) -> None:
+        """Remove ``rel`` whatever it is (a folder with everything in it, engine/treewalk);
+        a link is removed, never followed; nothing if it is missing."""
+        parent, name = _split(rel)
+        try:
+            with self._lock:
+                fd = os.dup(self._folder(parent, False))
+                self._forget(rel)
+        except FileNotFoundError:
+            return  # no folder, nothing in it
+        try:
+            try:
+                os.unlink(name, dir_fd=fd)
+            except IsADirectoryError:
+                remove_dir(name, check, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(fd)
+
+    def _folder(self, rel: str, make: bool) -> int:
+        """The descriptor of the folder ``rel``, kept open (the caller holds the lock and
+        uses it before letting go). Opened from the deepest folder on the way already
+        kept, one level at a time, without recursion (a path may be 2,000 folders deep)."""
+        if self._root < 0:
+            raise self._error(errno.EBADF, "the tree was closed", rel)
+        if not rel:
+            return self._root
+        if (fd := self._dirs.get(rel)) is not None:
+            self._dirs.move_to_end(rel)
+            if make:  # kept from a look that did not own it
+                _own(fd, os.fstat(fd))
+            return fd
+        parts = rel.split("/")
+        i = len(parts) - 1
+        while i and "/".join(parts[:i]) not in self._dirs:
+            i -= 1
+        fd = self._dirs["/".join(parts[:i])] if i else self._root
+        for j in range(i, len(parts)):
+            sub = "/".join(parts[: j + 1])
+            fd = self._dirs[sub] = self._open_dir(fd, parts[j], make, sub)
+            if len(self._dirs) > _KEPT:  # the oldest: never the one just opened
+                os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _open_dir(self, parent: int, name: str, make: bool, rel: str) -> int:
+        """Open ``name`` in ``parent`` as a folder of this file system; ``make`` creates
+        it (replacing a link or a file in the way) and gives its owner back permissions a
+        consumer's chmod took away."""
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        except OSError as e:
+            if not make:
+                raise
+            if e.errno == errno.EACCES:  # a consumer's chmod 000
+                own_at(name, parent)
+            else:
+                if e.errno in _NOT_A_DIR:  # a link or a file where a folder belongs
+                    os.unlink(name, dir_fd=parent)
+                elif e.errno != errno.ENOENT:
+                    raise
+                os.mkdir(name, dir_fd=parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != self.dev:
+                raise self._error(errno.EXDEV, "a file system is mounted inside the version's "
+                                  "folder; nothing is written into it or deleted from it "
+                                  "(unmount it, then check out again)", rel)  # fmt: skip
+            if make:
+                _own(fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _forget(self, rel: str) -> None:
+        """Close the kept descriptors of ``rel`` and the folders below it (being removed)."""
+        for kept in [k for k in self._dirs if k == rel or k.startswith(f"{rel}/")]:
+            os.close(self._dirs.pop(kept))
+
+    def _error(self, code: int, why: str, rel: str) -> LocalDiskError:
+        return LocalDiskError(code, why, str(self.path / rel))
+
+
+def _own(fd: int, st: os.stat_result) -> None:
+    if st.st_mode & 0o700 != 0o700:  # a consumer's chmod 0500
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+
+
+def _split(rel: str) -> tuple[str, str]:
+    parent, _, name = rel.rpartition("/")
+    return parent, name
+
+
+def _real_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
