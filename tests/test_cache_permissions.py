@@ -278,7 +278,7 @@ def test_a_folder_inside_the_old_copy_swapped_for_a_link_is_not_followed(
 
 
 @unprivileged
-def test_cache_verify_reports_what_a_consumer_made_unreadable(
+def test_cache_verify_reports_what_a_consumer_made_unreadable_or_special(
     cached: CachedStore, tmp_path: Path
 ) -> None:
     # it stopped with a traceback (exit 1) at a folder of mode 000
@@ -287,9 +287,12 @@ def test_cache_verify_reports_what_a_consumer_made_unreadable(
     src, old, _ = _v1(cached, tmp_path)
     os.chmod(old / "seg/deep", 0o000)
     os.chmod(old / "db.sqlite3", 0o000)
+    (old / "seg/data.bin").unlink()
+    os.mkfifo(old / "seg/data.bin")  # never opened: a read would block
     (entry,) = entries(cached)
     assert verify(cached, entry) == [
         "db.sqlite3: cannot be read (Permission denied)",
+        "seg/data.bin: not a regular file",
         "seg/deep/more.bin: cannot be read (Permission denied)",
     ]
     with cached.checkout("db", entry.version) as snap:  # repaired, modes included

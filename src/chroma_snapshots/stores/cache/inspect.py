@@ -82,10 +82,10 @@ def _problem(
 ) -> str | None:
     """What is wrong with one file of a cached version; None if nothing."""
     path = tree / f.path
-    if not path.is_file():
-        return "missing"
     if path.is_symlink():  # a consumer's link: not what the cache wrote, never read
         return "a symlink, not the file the cache wrote"
+    if not path.is_file():  # a FIFO is never opened: it would block
+        return "not a regular file" if os.path.lexists(path) else "missing"
     if is_slice(f, manifest.chunks):
         # one file of a bundle cannot be hashed alone: the bundle is put together
         h = f.chunks[0]
