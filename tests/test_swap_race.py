@@ -1,14 +1,23 @@
-"""A process of the same user swaps a published folder of a cached version for a link to
-its own files, at every step of a repair and of a patch (before each file system call the
-cache makes, one call at a time): nothing outside the cache is ever written, truncated,
-re-moded or deleted, and once the folder is put back the next checkout is exact.
+"""A process of the same user races a repair and a patch of a cached version, at every step
+(before each file system call the cache makes, one call at a time, one run per call):
+- it swaps a published folder for a link to its own files and leaves it there;
+- it swaps the folder for a link to its own exact copy of those files for the length of
+  one call, then puts it back;
+- it puts a hard link to its own file in place of a cached file for the length of one
+  call, then puts the cache's file back.
+Nothing outside the cache is ever written, truncated, re-moded or deleted, every failure
+is a documented error, and once everything is put back the next checkout is exact.
 
-A review reproduced writes through such a link in 13 of 30 racing rounds when repairs
-resolved files by path; engine/beneath.py resolves them through folder descriptors.
+A review reproduced writes through such links when repairs resolved files by path, then
+again (a hard link held for one call, a bundle read by path) after they used folder
+descriptors; engine/beneath.py resolves everything through descriptors and checks that a
+file it changes is the one its name still leads to.
 """
 
 from __future__ import annotations
 
+import builtins
+import io
 import os
 import random
 import stat
@@ -23,104 +32,200 @@ from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.stores.base import LocalSnapshot
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CHUNK = 4096
 # every os function a repair, a patch or the placer reaches a file or folder with
 _CALLS = ("open", "stat", "lstat", "fstat", "unlink", "rmdir", "mkdir", "rename", "replace",
-          "chmod", "fchmod", "truncate", "ftruncate", "pwritev", "pread", "scandir",
+          "chmod", "fchmod", "truncate", "ftruncate", "pwritev", "pread", "read", "scandir",
           "listdir", "copy_file_range")  # fmt: skip
+_OPENS = ((builtins, "open"), (io, "open"))  # buffered opens: pathlib's and the builtin
 
 
 def _files(seed: int) -> dict[str, bytes]:
     rng = random.Random(seed)
+    small = {f"a/s{i}.txt": rng.randbytes(30) for i in range(4)}  # one bundle chunk
     return {
         "a/data.bin": rng.randbytes(16 * CHUNK),
         "a/seg/x.bin": rng.randbytes(2 * CHUNK + 100),
         "top.bin": rng.randbytes(CHUNK - 1),
+        **small,
     }
 
 
-def _outside(root: Path) -> Path:
-    """The consumer's own files, named as the cache's are (and as its extras are)."""
-    names = ["data.bin", "seg/x.bin", "extra.txt", "seg/junk", "x.bin", "junk"]
-    return write_tree(root, {n: f"mine: {n}".encode() * 50 for n in names})
+def _outside(root: Path, copy_of: dict[str, bytes] | None = None) -> Path:
+    """The other process's own files: named as the cache's folder ``a`` has them (and as
+    its extras), with other bytes, or with the same bytes (``copy_of``: its own copy)."""
+    names = ["data.bin", "seg/x.bin", "extra.txt", "seg/junk", "s2.txt", "junk"]
+    files = {n: f"mine: {n}".encode() * 50 for n in names}
+    for path, data in (copy_of or {}).items():
+        if path.startswith("a/"):
+            files[path[2:]] = data
+    tree = write_tree(root, files)
+    os.chmod(tree / "data.bin", 0o600)
+    return tree
 
 
-def _state(root: Path) -> dict[str, tuple[bytes | None, int]]:
-    """Every entry below ``root`` (and root): its bytes (files) and its mode."""
-    out: dict[str, tuple[bytes | None, int]] = {".": (None, os.lstat(root).st_mode)}
-    for p in sorted(root.rglob("*")):
+def _state(root: Path) -> dict[str, tuple[bytes | None, int, int]]:
+    """Every entry below ``root`` (and root): its bytes (files), mode and links."""
+    out = {}
+    for p in [root, *sorted(root.rglob("*"))]:
         st = os.lstat(p)
         data = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
-        out[p.relative_to(root).as_posix()] = (data, st.st_mode)
+        out[p.relative_to(root).as_posix()] = (data, st.st_mode, st.st_nlink)
     return out
 
 
 def _damage(tree: Path) -> None:
-    """What a consumer left: a changed file, a truncated one, extra files."""
+    """What a consumer left: a changed file, a truncated one, a bundled file changed,
+    extra files."""
     os.chmod(tree / "a/data.bin", 0o644)
     with open(tree / "a/data.bin", "r+b") as f:
         f.seek(5000)
         f.write(b"consumer")
     os.chmod(tree / "a/seg/x.bin", 0o644)
     os.truncate(tree / "a/seg/x.bin", 100)
+    os.chmod(tree / "a/s2.txt", 0o644)
+    (tree / "a/s2.txt").write_bytes(b"zz")
     (tree / "a/extra.txt").write_bytes(b"wal")
     (tree / "a/seg/junk").write_bytes(b"scratch")
 
 
-class SwapAt:
-    """Before the ``k``-th call of the os functions a checkout makes, move ``folder`` out
-    of the tree and put a link to ``outside`` in its place (at most once)."""
+class RaceAt:
+    """Around the ``k``-th file system call a checkout makes: ``attack()`` before it, and
+    (``during``) ``undo()`` right after it; else ``undo()`` at :meth:`put_back`."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, folder: Path, outside: Path, k: int):
-        self.folder, self.outside, self.k = folder, outside, k
-        self.hidden = folder.with_name(f".{folder.name}.real")
-        self.calls, self.swapped = 0, False
-        self.real = {name: getattr(os, name) for name in _CALLS}
+    def __init__(self, k: int, attack: Callable[[], None], undo: Callable[[], None], during: bool):
+        self.k, self.attack, self.undo, self.during = k, attack, undo, during
+        self.calls, self.hit, self.undone, self.busy = 0, False, False, False
+        self.failed: OSError | None = None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for name in _CALLS:
-            monkeypatch.setattr(os, name, self._counting(name))
+            monkeypatch.setattr(os, name, self._counting(getattr(os, name)))
+        for owner, name in _OPENS:
+            monkeypatch.setattr(owner, name, self._counting(getattr(owner, name)))
 
-    def _counting(self, name: str) -> Callable[..., Any]:
-        real = self.real[name]
-
+    def _counting(self, real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kw: Any) -> Any:
-            if self.calls == self.k and not self.swapped:
-                self.swapped = True
-                self.real["rename"](self.folder, self.hidden)
-                os.symlink(self.outside, self.folder)
+            if self.busy:  # the racing process's own calls
+                return real(*args, **kw)
+            hit = self.calls == self.k
             self.calls += 1
-            return real(*args, **kw)
+            if hit:
+                self._as_racer(self.attack)
+                self.hit = True
+            try:
+                return real(*args, **kw)
+            finally:
+                if hit and self.during:
+                    self.put_back()
 
         return call
 
+    def _as_racer(self, step: Callable[[], None]) -> None:
+        self.busy = True
+        try:
+            step()
+        except OSError as e:  # the racer's own failure: a test bug, never the cache's
+            self.failed = e
+        finally:
+            self.busy = False
+
     def put_back(self) -> None:
-        """The consumer undoes its swap (a folder the cache made meanwhile goes)."""
-        if self.hidden.exists():
-            if os.path.islink(self.folder):
-                os.unlink(self.folder)
-            else:
-                remove_tree(self.folder)
-            os.rename(self.hidden, self.folder)
+        if self.hit and not self.undone:
+            self.undone = True
+            self._as_racer(self.undo)
+
+
+def _where(tree: Path) -> Path:
+    """Where a cached version's tree is now: a patch moves it into the cache's ``tmp/``
+    and then publishes it as the new version (the racer follows it)."""
+    for top in [tree, *sorted((tree.parent.parent / "tmp").glob("*")), *tree.parent.glob("*")]:
+        if top.is_dir() and os.path.lexists(top / "a"):
+            return top
+    return tree
+
+
+def _swap_folder(
+    tree: Path, rel: str, outside: Path, stash: Path
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Move the folder ``rel`` of ``tree`` aside (into ``stash``, out of the cache) and
+    put a link to ``outside`` there; and put it back (a folder the cache made meanwhile
+    goes)."""
+    hidden = stash / "folder"
+
+    def attack() -> None:
+        folder = _where(tree) / rel
+        if os.path.lexists(folder):  # (not while a patch renames the tree)
+            os.rename(folder, hidden)
+            os.symlink(outside, folder)
+
+    def undo() -> None:
+        folder = _where(tree) / rel  # a patch may have moved the tree on meanwhile
+        if not hidden.exists() or not folder.parent.exists():  # nowhere to put it back
+            return
+        if os.path.islink(folder) or folder.is_file():
+            os.unlink(folder)
+        elif folder.exists():
+            remove_tree(folder)
+        os.rename(hidden, folder)
+
+    return attack, undo
+
+
+def _hard_link(
+    tree: Path, rel: str, victim: Path, stash: Path
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Move the cache's file ``rel`` of ``tree`` aside (into ``stash``, out of the cache)
+    and hard-link ``victim`` in its place; and put it back (whatever the cache left at the
+    name goes)."""
+    hidden = stash / "file"
+
+    def attack() -> None:
+        file = _where(tree) / rel
+        if os.path.lexists(file):  # (not while a patch renames the tree)
+            os.rename(file, hidden)
+            os.link(victim, file)
+
+    def undo() -> None:
+        file = _where(tree) / rel  # a patch may have moved the tree on meanwhile
+        if not hidden.exists() or not file.parent.exists():  # nowhere to put it back
+            return
+        if os.path.lexists(file):
+            remove_tree(file)
+        os.rename(hidden, file)
+
+    return attack, undo
+
+
+Attack = Callable[[Path, Path, Path], tuple[Callable[[], None], Callable[[], None]]]
+ATTACKS: dict[str, tuple[Attack, bool, bool]] = {  # how, during one call only, exact copy
+    "folder -> link, left": (lambda t, o, s: _swap_folder(t, "a", o, s), False, False),
+    "nested folder -> link, left":
+        (lambda t, o, s: _swap_folder(t, "a/seg", o / "seg", s), False, False),
+    "folder -> link to a copy, one call":
+        (lambda t, o, s: _swap_folder(t, "a", o, s), True, True),
+    "file -> hard link, one call":
+        (lambda t, o, s: _hard_link(t, "a/data.bin", o / "data.bin", s), True, False),
+}  # fmt: skip
 
 
 @contextmanager
-def _attack(
-    monkeypatch: pytest.MonkeyPatch, folder: Path, outside: Path, k: int
-) -> Iterator[SwapAt]:
-    swap = SwapAt(monkeypatch, folder, outside, k)
+def _racing(monkeypatch: pytest.MonkeyPatch, race: RaceAt) -> Iterator[RaceAt]:
+    race.install(monkeypatch)
     try:
-        yield swap
+        yield race
     finally:
         monkeypatch.undo()
-        swap.put_back()
+        race.put_back()
 
 
-def _checkout_under(attack: SwapAt, cached: CachedStore, version: str) -> str:
-    """A checkout while the attack runs: served, or a documented error (never another)."""
+def _checkout(cached: CachedStore, version: str) -> LocalSnapshot | str:
+    """A checkout: served (held), or the name of a documented error (never another)."""
     try:
-        with cached.checkout("db", version):
-            return "served"
+        return cached.checkout("db", version)
     except SnapshotError as e:
         return type(e).__name__
 
@@ -128,36 +233,46 @@ def _checkout_under(attack: SwapAt, cached: CachedStore, version: str) -> str:
 def _sweep(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    relfolder: str,
+    attack: str,
     ready: Callable[[], tuple[Path, str, dict[str, bytes]]],
     cached: CachedStore,
     patch: bool = False,
 ) -> dict[str, int]:
-    """Run the attack at every call boundary of the checkout ``ready()`` sets up: its
-    cached tree, the version to check out and that version's files."""
-    outside = _outside(tmp_path / "outside")
-    before = _state(outside)
+    """Run ``attack`` at every call boundary of the checkout ``ready()`` sets up (it
+    returns the cached tree, the version to check out and that version's files)."""
+    how, during, copy = ATTACKS[attack]
     tree, version, files = ready()
-    with _attack(monkeypatch, tree / relfolder, outside, 10**9) as dry:  # no swap: counts
-        assert _checkout_under(dry, cached, version) == "served"
+    outside = _outside(tmp_path / "outside", files if copy else None)
+    before = _state(outside)
+    with _racing(monkeypatch, RaceAt(10**9, lambda: None, lambda: None, False)) as dry:
+        served = _checkout(cached, version)  # no race: counts the calls
+    assert isinstance(served, LocalSnapshot)
+    served.release()
     assert tree.exists() != patch  # a patch took the old tree; a repair kept it
     outcomes: dict[str, int] = {}
     for k in range(dry.calls):
         tree, version, files = ready()
-        with _attack(monkeypatch, tree / relfolder, outside, k) as attack:
-            got = _checkout_under(attack, cached, version)
-        assert attack.swapped, f"call {k} of {dry.calls}"
+        stash = tmp_path / "stash" / str(k)  # what the racer moved aside this round
+        stash.mkdir(parents=True)
+        with _racing(monkeypatch, RaceAt(k, *how(tree, outside, stash), during)) as race:
+            served = _checkout(cached, version)
+        got = "served" if isinstance(served, LocalSnapshot) else served
+        if isinstance(served, LocalSnapshot):
+            with served as snap:  # a race over at once: what was served is exact
+                assert not during or read_tree(snap.path) == files, f"{attack}: at call {k}"
+        assert race.hit, f"call {k} of {dry.calls}"
+        assert race.failed is None, f"the race itself failed at call {k}: {race.failed}"
         outcomes[got] = outcomes.get(got, 0) + 1
-        assert _state(outside) == before, f"outside changed with the swap before call {k}"
+        assert _state(outside) == before, f"{attack}: outside changed at call {k}"
         with cached.checkout("db", version) as snap:  # put back: the next one is exact
-            assert read_tree(snap.path) == files, f"swap before call {k}"
+            assert read_tree(snap.path) == files, f"{attack}: after the race at call {k}"
     assert dry.calls > 50  # the sweep reached the repair's and the placer's steps
     return outcomes
 
 
-@pytest.mark.parametrize("relfolder", ["a", "a/seg"])
-def test_a_folder_swapped_for_a_link_at_every_step_of_a_repair(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relfolder: str
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_race_at_every_step_of_a_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attack: str
 ) -> None:
     remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
     files = _files(1)
@@ -170,12 +285,13 @@ def test_a_folder_swapped_for_a_link_at_every_step_of_a_repair(
         _damage(tree)
         return tree, version, files
 
-    outcomes = _sweep(tmp_path, monkeypatch, relfolder, ready, cached)
-    assert outcomes.get("served", 0) > 0  # swaps before and after the repair's steps
+    outcomes = _sweep(tmp_path, monkeypatch, attack, ready, cached)
+    assert outcomes.get("served", 0) > 0  # races before and after the repair's steps
 
 
-def test_a_folder_swapped_for_a_link_at_every_step_of_a_patch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_race_at_every_step_of_a_patch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attack: str
 ) -> None:
     remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
     trees = [_files(1), _files(1)]
@@ -195,5 +311,5 @@ def test_a_folder_swapped_for_a_link_at_every_step_of_a_patch(
         _damage(tree)
         return tree, versions[1], trees[1]
 
-    outcomes = _sweep(tmp_path, monkeypatch, "a", ready, cached, patch=True)
+    outcomes = _sweep(tmp_path, monkeypatch, attack, ready, cached, patch=True)
     assert outcomes.get("served", 0) > 0

@@ -26,8 +26,24 @@ from types import TracebackType
 from chroma_snapshots.engine.treewalk import DIR_FLAGS, open_owned, own_at, remove_dir
 from chroma_snapshots.errors import LocalDiskError
 
+# a file to read: a FIFO never blocks the open, a link at the file itself is not followed
+READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
 _KEPT = 16  # folder descriptors kept open, least recently used closed first (RLIMIT_NOFILE)
+_MOUNTED = (
+    "a file system is mounted inside the version's folder or at it; nothing is "
+    "written into it or deleted from it (unmount it, then check out again)"
+)
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
+
+
+def open_regular(path: str | Path) -> int:
+    """A descriptor to read the regular file at ``path``; anything else is an OSError at
+    once (a FIFO a consumer left would block a read forever, past any deadline)."""
+    fd = os.open(path, READ_FLAGS)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
 
 
 class Beneath:
@@ -41,6 +57,10 @@ class Beneath:
         fd = open_owned(root, None)
         self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
         self.dev = os.fstat(self._root).st_dev
+        # a file system mounted at the folder itself is not the cache's either
+        if os.stat("..", dir_fd=self._root).st_dev != self.dev:
+            os.close(self._root)
+            raise self._error(errno.EXDEV, _MOUNTED, "")
         self._dirs: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -67,18 +87,31 @@ class Beneath:
         a file with another link, is LocalDiskError. ``parents`` makes missing folders
         on the way, replacing a link or file where a folder belongs."""
         parent, name = _split(rel)
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
         with self._lock:
+            at = self._folder(parent, parents)
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
-                         dir_fd=self._folder(parent, parents))  # fmt: skip
-        try:
-            st = os.fstat(fd)
-            writing = flags & (os.O_WRONLY | os.O_RDWR)
-            if not stat.S_ISREG(st.st_mode) or (writing and st.st_nlink != 1):
-                raise self._error(errno.EPERM, "not a file of the cache's own", rel)
-        except BaseException:
-            os.close(fd)
-            raise
+                         dir_fd=at)  # fmt: skip
+            try:
+                self._own_file(fd, at, name, rel, writing)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
+
+    def _own_file(self, fd: int, at: int, name: str, rel: str, writing: bool) -> None:
+        """Refuse ``fd`` unless it is a regular file and, to be changed, one with no other
+        link that ``name`` in the folder ``at`` still names: a process that links its own
+        file in just before the open and takes it out just after leaves a descriptor on
+        its file, with one link, that the name no longer leads to."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise self._error(errno.EPERM, "not a regular file", rel)
+        if writing:
+            now = os.stat(name, dir_fd=at, follow_symlinks=False)
+            if st.st_nlink != 1 or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise self._error(errno.EPERM, "not a file of the cache's own (another link "
+                                  "to it, or swapped while it was opened)", rel)  # fmt: skip
 
     def folder(self, rel: str, make: bool = False) -> None:
         """Check that the folder ``rel`` is a real folder of this file system; ``make``
@@ -114,15 +147,23 @@ class Beneath:
         checked, and changed through its descriptor)."""
         parent, name = _split(rel)
         with self._lock:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self._folder(parent, False))  # fmt: skip
+            at = self._folder(parent, False)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
+            try:
+                self._own_file(fd, at, name, rel, True)
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+            finally:
+                os.close(fd)
+
+    def unlink(self, rel: str) -> None:
+        """Remove ``rel`` if it is not a folder (a file, a link to anything); a folder
+        there (one put back since it was listed as a link) stays; nothing if missing."""
+        parent, name = _split(rel)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise self._error(errno.EPERM, "not a file of the cache's own", rel)
-            os.chmod(f"/proc/self/fd/{fd}", mode)
-        finally:
-            os.close(fd)
+            with self._lock:
+                os.unlink(name, dir_fd=self._folder(parent, False))
+        except (FileNotFoundError, IsADirectoryError):
+            pass
 
     def remove(self, rel: str, check: Callable[[], None] = lambda: None) -> None:
         """Remove ``rel`` whatever it is (a folder with everything in it, engine/treewalk);
@@ -190,9 +231,7 @@ class Beneath:
         try:
             st = os.fstat(fd)
             if st.st_dev != self.dev:
-                raise self._error(errno.EXDEV, "a file system is mounted inside the version's "
-                                  "folder; nothing is written into it or deleted from it "
-                                  "(unmount it, then check out again)", rel)  # fmt: skip
+                raise self._error(errno.EXDEV, _MOUNTED, rel)
             if make:
                 _own(fd, st)
         except BaseException:

@@ -19,11 +19,12 @@ import hashlib
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
 
-from chroma_snapshots.engine.chunking import SourceFile, open_source
+from chroma_snapshots.engine.beneath import open_regular
+from chroma_snapshots.engine.chunking import SourceFile, open_source, read_full
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
@@ -155,26 +156,44 @@ def _read_on(
             yield from ((g, raw, digest) for g, (raw, digest) in zip(batch, got, strict=True))
 
 
-def rebuild(root: Path, files: Sequence[FileEntry], size: int) -> bytes | None:
-    """A bundle's bytes put together from its member files under ``root`` (sorted by
-    ``at``), or None if they do not cover it, cannot be read, are not exactly their size,
-    or disagree where they overlap: every member is read and compared, so a bundle that
-    verifies vouches for each of its files (two folders holding the same files give
+Reader = Callable[[FileEntry], "bytes | None"]  # a member's bytes (one more than its size)
+
+
+def rebuild(read: Reader, files: Sequence[FileEntry], size: int) -> bytes | None:
+    """A bundle's bytes put together from its member files, each read with ``read`` (sorted
+    by ``at``), or None if they do not cover it, cannot be read, are not exactly their
+    size, or disagree where they overlap: every member is read and compared, so a bundle
+    that verifies vouches for each of its files (two folders holding the same files give
     members that cover each other). Not verified: the caller hashes the result before
     using a byte of it."""
     out = bytearray()
     for f in files:
         if f.at > len(out):
             return None  # a gap no member covers
-        try:
-            with open(root / f.path, "rb") as fh:
-                data = fh.read(f.size + 1)  # one more: a file grown past its slice
-        except OSError:
-            return None
-        if len(data) != f.size:
+        data = read(f)
+        if data is None or len(data) != f.size:
             return None
         overlap = min(len(out), f.at + f.size) - f.at
         if out[f.at : f.at + overlap] != data[:overlap]:
             return None
         out += data[overlap:]
     return bytes(out) if len(out) == size else None
+
+
+def reader_under(root: Path) -> Reader:
+    """Members read by path under ``root``: a link at the file itself is not followed, and
+    anything but a regular file (a FIFO would block the read forever) reads as None."""
+
+    def read(f: FileEntry) -> bytes | None:
+        try:
+            fd = open_regular(root / f.path)
+        except OSError:
+            return None
+        try:
+            return read_full(fd, f.size + 1)  # one more: a file grown past its slice
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    return read

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import zstandard
 
+from chroma_snapshots.engine.beneath import READ_FLAGS
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.packing import DEFAULT_PACK_TARGET as DEFAULT_PACK_TARGET
@@ -147,7 +148,6 @@ def _relpath(rel: str) -> str:
 
 # O_NONBLOCK: opening a FIFO swapped in after the scan must not wait for a writer (no
 # deadline could end that wait); O_NOFOLLOW: nor read through a symlink swapped in.
-_SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
 
 
 def open_source(path: str | Path) -> int:
@@ -155,7 +155,7 @@ def open_source(path: str | Path) -> int:
     file object: 2x faster). Gone, no longer a regular file, or reached through a link:
     InvalidInputError, as for any file that changed while it was being published."""
     try:
-        fd = os.open(path, _SOURCE_FLAGS)
+        fd = os.open(path, READ_FLAGS)
     except PermissionError as e:  # there, but not ours to read: not a change
         raise InvalidInputError(f"{path}: cannot be read ({e.strerror})") from e
     except OSError as e:
@@ -184,13 +184,13 @@ def read_chunks(path: str | Path, chunk_size: int) -> Iterator[bytes]:
     """The file's bytes in ``chunk_size`` pieces (the last may be shorter)."""
     fd = open_source(path)
     try:
-        while block := _read_full(fd, chunk_size):
+        while block := read_full(fd, chunk_size):
             yield block
     finally:
         os.close(fd)
 
 
-def _read_full(fd: int, n: int) -> bytes:
+def read_full(fd: int, n: int) -> bytes:
     """``n`` bytes, or fewer only at the end of the file (a read may return less)."""
     block = os.read(fd, n)
     while 0 < len(block) < n and (more := os.read(fd, n - len(block))):

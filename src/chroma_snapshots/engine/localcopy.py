@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from chroma_snapshots.engine.beneath import open_regular
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -176,9 +177,9 @@ def copy_intact(
         if unsupported[0] or not t.source.intact():
             return t.relpath, []
         try:
-            fd = os.open(t.source.path, os.O_RDONLY)
-        except OSError:
-            return t.relpath, []  # evicted meanwhile: downloads or other copies fill in
+            fd = open_regular(t.source.path)
+        except OSError:  # evicted meanwhile (or a FIFO): downloads or other copies fill in
+            return t.relpath, []
         try:
             write(t.relpath, fd, list(t.runs), chunk_size)
         except _Unsupported:

@@ -22,7 +22,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from chroma_snapshots.engine.bundles import members, rebuild
+from chroma_snapshots.engine.beneath import open_regular
+from chroma_snapshots.engine.bundles import members, reader_under, rebuild
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.localcopy import IntactSources, copy_intact
@@ -151,7 +152,7 @@ class LocalChunks:
         for root, fs, size in self._bundles.get(short_id(digest), ()):
             if self._closed:
                 return None
-            got = rebuild(root, fs, size)
+            got = rebuild(reader_under(root), fs, size)
             if got is not None and chunk_ok(got, digest):
                 return got
         return None
@@ -159,7 +160,7 @@ class LocalChunks:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = open_regular(path)
             if len(self._fds) > self._MAX_OPEN:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds.move_to_end(path)

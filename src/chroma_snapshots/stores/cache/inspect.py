@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chroma_snapshots.engine.bundles import members, rebuild
+from chroma_snapshots.engine.bundles import members, reader_under, rebuild
 from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
@@ -90,7 +90,7 @@ def _problem(
         # one file of a bundle cannot be hashed alone: the bundle is put together
         h = f.chunks[0]
         if h not in verified:
-            whole = rebuild(tree, bundles[h], manifest.chunks[h].size)
+            whole = rebuild(reader_under(tree), bundles[h], manifest.chunks[h].size)
             verified[h] = whole is not None and chunk_ok(whole, h)  # every member read
         return None if verified[h] else "content differs from the manifest (it or a file " \
             "bundled with it)"  # fmt: skip

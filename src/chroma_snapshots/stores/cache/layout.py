@@ -20,6 +20,7 @@ a live pin names it, so every read here tolerates a version that just vanished.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -40,7 +41,7 @@ from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import own_at
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
-from chroma_snapshots.errors import ConfigError, SnapshotError
+from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 
 # size, mtime_ns, permission bits, ctime_ns: a consumer can put an mtime back (os.utime),
 # never a ctime, so a file written and re-dated still looks changed
@@ -304,6 +305,12 @@ class NameDirs:
             os.replace(self.tree(version), trash)  # a link moves as itself: its target stays
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            raise LocalDiskError(e.errno, "a file system is mounted at this cached version: "
+                                 "nothing on it is deleted (unmount it)", str(self.tree(version))
+                                 ) from e  # fmt: skip
         finally:
             self.manifest_file(version).unlink(missing_ok=True)
             self.stamps_file(version).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ releasing it may see it change (eviction would have deleted it instead).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -66,7 +67,12 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                     continue
                 stamps = d.read_stamps(v)  # read before the tree moves: it is the proof
                 own_at(d.tree(v))  # moving a folder needs write permission on it
-                os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
+                try:
+                    os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
+                except OSError as e:
+                    if e.errno == errno.EBUSY:  # a file system mounted at it: not ours to take
+                        continue
+                    raise
                 d.manifest_file(v).unlink(missing_ok=True)
                 d.stamps_file(v).unlink(missing_ok=True)
                 return Retired(v, manifest, stamps)

@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import Beneath
-from chroma_snapshots.engine.bundles import members, rebuild
+from chroma_snapshots.engine.bundles import Reader, members, rebuild
+from chroma_snapshots.engine.chunking import read_full
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import chunk_ok
@@ -44,8 +45,8 @@ def remove_extras(t: Beneath, manifest: Manifest, check: Callable[[], None] = la
         for name, is_dir in checked(t.scan(rel), check):
             path = prefix + name
             if not is_dir:  # a file, or a link (to a folder too): never followed
-                if path not in files:  # its writer may have removed it meanwhile
-                    t.remove(path)
+                if path not in files:  # a folder put back there since the listing stays
+                    t.unlink(path)
                 continue
             t.folder(path, make=True)  # owned; a mount point raises
             if path in dirs:
@@ -79,8 +80,10 @@ def find_damage(
     that differ in each (:func:`damaged`); files and folders the manifest does not have
     are removed on the way. ``check()`` runs as it goes and may raise (a deadline)."""
     with Beneath(tree) as t:
-        bad = changed_files(t, manifest, stamps, check)
+        # extras first: a link it replaces by a folder leaves that folder's files missing,
+        # and only a look at the stamps afterwards sees them
         remove_extras(t, manifest, check)
+        bad = changed_files(t, manifest, stamps, check)
         return len(bad), damaged(t, manifest, bad, check) if bad else {}
 
 
@@ -93,15 +96,35 @@ class Bundles:
         self.manifest, self.members = manifest, members(manifest)
         self._ok: dict[str, bool] = {}
 
-    def ok(self, tree: Path, f: FileEntry) -> bool:
-        """True if the bundle holding ``f`` is whole and verifies in ``tree``. Checked once:
-        a member missing or changed fails it at once, and then all its members are
-        rewritten, so a later change to a member (its truncation) changes nothing."""
+    def ok(self, t: Beneath, f: FileEntry, fd: int) -> bool:
+        """True if the bundle holding ``f`` (open at ``fd``) is whole and verifies in
+        ``t``. Checked once: a member missing or changed fails it at once, and then all
+        its members are rewritten, so a later change to a member (its truncation) changes
+        nothing. ``f`` itself is read from ``fd``, the file that is kept, and the other
+        members through ``t`` (never through a link, never a FIFO)."""
         h = f.chunks[0]
         if h not in self._ok:
-            got = rebuild(tree, self.members.get(h, [f]), self.manifest.chunks[h].size)
+            got = rebuild(_reader(t, f, fd), self.members.get(h, [f]), self.manifest.chunks[h].size)
             self._ok[h] = got is not None and chunk_ok(got, h)
         return self._ok[h]
+
+
+def _reader(t: Beneath, own: FileEntry, fd: int) -> Reader:
+    def read(f: FileEntry) -> bytes | None:
+        if f.path == own.path:
+            return os.pread(fd, f.size + 1, 0)
+        try:
+            member = t.open(f.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return read_full(member, f.size + 1)  # one more: a file grown past its slice
+        except OSError:
+            return None
+        finally:
+            os.close(member)
+
+    return read
 
 
 def damaged(
@@ -134,7 +157,7 @@ def damaged_chunks(t: Beneath, manifest: Manifest, f: FileEntry, bundles: Bundle
         os.ftruncate(fd, f.size)
         os.fchmod(fd, f.mode | OWNER_RW)  # a file just created has the umask's mode
         if is_slice(f, manifest.chunks):
-            bad = [] if bundles.ok(t.path, f) else [0]  # f's own bytes included
+            bad = [] if bundles.ok(t, f, fd) else [0]  # f's own bytes included
         else:
             bad = _differing(fd, manifest, f)
         if not bad:  # else the placer sets it after writing (engine/placer.py)

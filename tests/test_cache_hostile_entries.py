@@ -1,0 +1,101 @@
+"""What a consumer can put in a cached version that a path would walk into: a FIFO where a
+bundled small file or a large file was (a read of it blocks forever), and a file system
+mounted at the version's folder itself. Each is replaced or refused within the deadline,
+`cache verify` reports it, and nothing on a mount is written or deleted."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.stores.cache.inspect import entries, verify
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CHUNK = 4096
+
+
+def _files(seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    small = {f"a/s{i}.txt": rng.randbytes(30) for i in range(4)}  # one bundle chunk
+    return {"a/data.bin": rng.randbytes(8 * CHUNK), **small}
+
+
+def _within(seconds: float, call: Callable[[], object]) -> object:
+    """``call()``'s result; fails the test if it has not returned in ``seconds`` (it used
+    to block forever on a FIFO: the thread is left behind, a daemon)."""
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still blocked after {seconds} s"
+    assert got, "the call raised (see the thread's traceback above)"
+    return got[0]
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("patch_in_place", [True, False])
+def test_a_fifo_in_a_cached_version_never_blocks(tmp_path: Path, patch_in_place: bool) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    v1_files, v2_files = _files(1), _files(1)
+    v2_files["a/data.bin"] = v2_files["a/data.bin"][:100] + b"v2" + v2_files["a/data.bin"][102:]
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", v1_files)).version
+    v2 = remote.publish("db", write_tree(tmp_path / "src2", v2_files)).version
+    cached = CachedStore(remote, tmp_path / "cache", patch_in_place=patch_in_place)
+    with cached.checkout("db", v1) as snap:
+        tree = snap.path
+    (tree / "a/s0.txt").write_bytes(b"changed")  # repaired by putting its bundle together
+    _fifo(tree / "a/s3.txt")  # ... of which this member is now a FIFO
+    _fifo(tree / "a/data.bin")
+
+    (entry,) = entries(cached)
+    problems = _within(10, lambda: verify(cached, entry))
+    assert "a/s3.txt: not a regular file" in problems  # type: ignore[operator]
+    assert "a/data.bin: not a regular file" in problems  # type: ignore[operator]
+
+    def served(version: str, files: dict[str, bytes]) -> bool:
+        with cached.checkout("db", version, deadline=5) as snap:
+            return read_tree(snap.path) == files
+
+    # v2 is built from v1's tree (patched, or read as local chunks) past its FIFOs
+    assert _within(10, lambda: served(v2, v2_files))
+    if not patch_in_place:  # v1 is still cached with its FIFOs: repaired
+        assert _within(10, lambda: served(v1, v1_files))
+
+
+def test_a_file_system_mounted_at_a_cached_version_is_left_alone(tmp_path: Path) -> None:
+    # it was written into and deleted from: only mounts inside the version were refused
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    v1_files, v2_files = _files(1), _files(2)
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", v1_files)).version
+    v2 = remote.publish("db", write_tree(tmp_path / "src2", v2_files)).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db", v1) as snap:
+        version_dir = snap.path
+    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(version_dir)], check=False)
+    if done.returncode != 0:
+        pytest.fail("this test needs root to mount a tmpfs (CI runs as root)")
+    try:
+        (version_dir / "keep.txt").write_bytes(b"keep")
+        with pytest.raises(LocalDiskError, match="mounted inside the version's folder or at it"):
+            cached.checkout("db", v1)
+        with cached.checkout("db", v2) as snap:  # not patched from the mounted version
+            assert read_tree(snap.path) == v2_files
+        with pytest.raises(LocalDiskError, match="mounted at this cached version"):
+            cached.evict("db", v1)  # what `cache rm` does
+        assert read_tree(version_dir) == {"keep.txt": b"keep"}
+    finally:
+        subprocess.run(["umount", str(version_dir)], check=False)
+    with cached.checkout("db", v1) as snap:  # unmounted: served exactly again
+        assert read_tree(snap.path) == v1_files
