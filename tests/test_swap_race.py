@@ -205,6 +205,7 @@ ATTACKS: dict[str, tuple[Attack, bool, bool]] = {  # how, during one call only, 
     "folder -> link, left": (lambda t, o, s: _swap_folder(t, "a", o, s), False, False),
     "nested folder -> link, left":
         (lambda t, o, s: _swap_folder(t, "a/seg", o / "seg", s), False, False),
+    "folder -> link, one call": (lambda t, o, s: _swap_folder(t, "a", o, s), True, False),
     "folder -> link to a copy, one call":
         (lambda t, o, s: _swap_folder(t, "a", o, s), True, True),
     "file -> hard link, one call":
@@ -222,10 +223,10 @@ def _racing(monkeypatch: pytest.MonkeyPatch, race: RaceAt) -> Iterator[RaceAt]:
         race.put_back()
 
 
-def _checkout(cached: CachedStore, version: str) -> LocalSnapshot | str:
+def _checkout(cached: CachedStore, version: str, dest: Path | None) -> LocalSnapshot | str:
     """A checkout: served (held), or the name of a documented error (never another)."""
     try:
-        return cached.checkout("db", version)
+        return cached.checkout("db", version, dest)
     except SnapshotError as e:
         return type(e).__name__
 
@@ -237,29 +238,33 @@ def _sweep(
     ready: Callable[[], tuple[Path, str, dict[str, bytes]]],
     cached: CachedStore,
     patch: bool = False,
+    dest: Path | None = None,
 ) -> dict[str, int]:
     """Run ``attack`` at every call boundary of the checkout ``ready()`` sets up (it
-    returns the cached tree, the version to check out and that version's files)."""
+    returns the tree to attack, the version to check out and that version's files);
+    ``dest``: a private copy there."""
     how, during, copy = ATTACKS[attack]
     tree, version, files = ready()
     outside = _outside(tmp_path / "outside", files if copy else None)
     before = _state(outside)
     with _racing(monkeypatch, RaceAt(10**9, lambda: None, lambda: None, False)) as dry:
-        served = _checkout(cached, version)  # no race: counts the calls
+        served = _checkout(cached, version, dest)  # no race: counts the calls
     assert isinstance(served, LocalSnapshot)
     served.release()
-    assert tree.exists() != patch  # a patch took the old tree; a repair kept it
+    remove_tree(dest) if dest else None
+    assert dest or tree.exists() != patch  # a patch took the old tree; a repair kept it
     outcomes: dict[str, int] = {}
     for k in range(dry.calls):
         tree, version, files = ready()
         stash = tmp_path / "stash" / str(k)  # what the racer moved aside this round
         stash.mkdir(parents=True)
         with _racing(monkeypatch, RaceAt(k, *how(tree, outside, stash), during)) as race:
-            served = _checkout(cached, version)
+            served = _checkout(cached, version, dest)
         got = "served" if isinstance(served, LocalSnapshot) else served
         if isinstance(served, LocalSnapshot):
             with served as snap:  # a race over at once: what was served is exact
                 assert not during or read_tree(snap.path) == files, f"{attack}: at call {k}"
+        remove_tree(dest) if dest else None
         assert race.hit, f"call {k} of {dry.calls}"
         assert race.failed is None, f"the race itself failed at call {k}: {race.failed}"
         outcomes[got] = outcomes.get(got, 0) + 1
@@ -313,3 +318,24 @@ def test_a_race_at_every_step_of_a_patch(
 
     outcomes = _sweep(tmp_path, monkeypatch, attack, ready, cached, patch=True)
     assert outcomes.get("served", 0) > 0
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+@pytest.mark.parametrize("target", ["cached version", "work folder beside dest"])
+def test_a_race_at_every_step_of_a_private_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attack: str, target: str
+) -> None:
+    # the copy to dest went by path: through a link in its work folder it wrote outside,
+    # and through one in the cached version it copied the other process's bytes
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = _files(1)
+    version = remote.publish("db", write_tree(tmp_path / "src", files)).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    dest = tmp_path / "out" / "copy"
+
+    def ready() -> tuple[Path, str, dict[str, bytes]]:
+        with cached.checkout("db", version) as snap:
+            tree = snap.path
+        return (tree if target == "cached version" else dest), version, files
+
+    _sweep(tmp_path, monkeypatch, attack, ready, cached, dest=dest)

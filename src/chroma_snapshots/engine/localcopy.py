@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
@@ -44,13 +44,23 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _TASK_BYTES = 64 << 20  # runs per task: tasks spread over the pool, each a few calls
 
 
+Stamp = tuple[int, int, int, int]  # size, mtime_ns, permission bits, ctime_ns
+
+
+def stamp_of_stat(st: os.stat_result) -> Stamp | None:
+    """A regular file's stamp (None for anything else): what changes when it is written."""
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class IntactFile:
-    """A verified local file: where it is, its chunks, and how to tell it is unchanged."""
+    """A verified local file: where it is, its chunks, and its stamp when it was verified."""
 
     path: Path
     chunks: tuple[str, ...]
-    intact: Callable[[], bool]
+    stamp: Stamp
     at: int = 0  # where a bundled file starts in its chunk (engine.bundles)
     size: int = 0
     chunk_size: int = 0  # of its manifest: the same chunk is elsewhere under another size
@@ -69,12 +79,14 @@ class IntactSources:
     def __init__(self) -> None:
         self._by_path: dict[str, list[IntactFile]] = {}
 
-    def add_tree(self, root: Path, manifest: Manifest, intact: Callable[[str], bool]) -> None:
-        """Offer the files of ``manifest`` under ``root`` for which ``intact(relpath)`` holds
-        now (it is asked again after copying); add the newest version first."""
+    def add_tree(self, root: Path, manifest: Manifest, stamps: Mapping[str, Stamp]) -> None:
+        """Offer the files of ``manifest`` under ``root`` whose stamps are still those in
+        ``stamps`` (recorded when they were verified); add the newest version first. The
+        stamp is checked again on the opened file, before and after its runs are copied."""
         for f in manifest.files:
-            if intact(f.path):
-                entry = IntactFile(root / f.path, f.chunks, partial(intact, f.path), f.at, f.size,
+            want = stamps.get(f.path)
+            if want is not None and _stamp_at(root / f.path) == want:
+                entry = IntactFile(root / f.path, f.chunks, want, f.at, f.size,
                                    manifest.chunk_size)  # fmt: skip
                 self._by_path.setdefault(f.path, []).append(entry)
 
@@ -90,6 +102,13 @@ class IntactSources:
                 same = sorted(i for i in todo if _same_piece(src, f, i, manifest.chunk_size))
                 todo.difference_update(same)
                 yield from _tasks(f, src, same, manifest)
+
+
+def _stamp_at(path: Path) -> Stamp | None:
+    try:
+        return stamp_of_stat(os.lstat(path))
+    except OSError:
+        return None
 
 
 def _same_piece(src: IntactFile, f: FileEntry, i: int, cs: int) -> bool:
@@ -174,14 +193,20 @@ def copy_intact(
 
     def run(t: _Task) -> tuple[str, list[int]]:
         deadline.check("copying unchanged chunks")
-        if unsupported[0] or not t.source.intact():
+        if unsupported[0]:
             return t.relpath, []
         try:
             fd = open_regular(t.source.path)
         except OSError:  # evicted meanwhile (or a FIFO): downloads or other copies fill in
             return t.relpath, []
         try:
+            # the stamp of the file opened, not of whatever its path leads to at another
+            # moment: a folder swapped for a link in between cannot lend other bytes
+            if stamp_of_stat(os.fstat(fd)) != t.source.stamp:
+                return t.relpath, []
             write(t.relpath, fd, list(t.runs), chunk_size)
+            if stamp_of_stat(os.fstat(fd)) != t.source.stamp:  # written to meanwhile: redo
+                return t.relpath, []  # those runs the verified way
         except _Unsupported:
             unsupported[0] = True
             return t.relpath, []
@@ -189,8 +214,6 @@ def copy_intact(
             return t.relpath, []
         finally:
             os.close(fd)
-        if not t.source.intact():  # written to while we copied: redo those the safe way
-            return t.relpath, []
         stats.add(bytes_reused=sum(n for _, _, n in t.runs))
         return t.relpath, [i for first, count, _ in t.runs for i in range(first, first + count)]
 

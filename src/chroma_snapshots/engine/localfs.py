@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chroma_snapshots.engine.placer import local_io, raise_local
-from chroma_snapshots.engine.treewalk import remove_dir, walk
+from chroma_snapshots.engine.treewalk import DIR_FLAGS, remove_dir, walk
 from chroma_snapshots.errors import InvalidInputError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
@@ -145,7 +145,6 @@ def build_at(
     try:  # no work folder yet: the error names dest, not a name it never had
         with local_io(final, what), work_dir(final) as work:
             try:  # the file that failed if the OS says which (of a copy's two, the target)
-                work.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
                 build(work)
                 check()
                 move_into_place(work, final)
@@ -288,8 +287,13 @@ def work_dir(final: Path) -> Iterator[Path]:
         )
         e.filename = str(final.parent)
         raise
-    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # never through a link swapped in for it (its mode is set through the descriptor)
+        fd = os.open(work, DIR_FLAGS)
+    except OSError:
+        remove_tree(work)
+        raise
     try:
+        os.fchmod(fd, 0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield work
     except BaseException:

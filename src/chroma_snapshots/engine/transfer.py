@@ -26,7 +26,7 @@ from chroma_snapshots.engine.beneath import open_regular
 from chroma_snapshots.engine.bundles import members, reader_under, rebuild
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
-from chroma_snapshots.engine.localcopy import IntactSources, copy_intact
+from chroma_snapshots.engine.localcopy import IntactSources, Stamp, copy_intact
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -106,15 +106,15 @@ class LocalChunks:
         manifest: Manifest,
         paths: Iterable[str] | None = None,
         *,
-        intact: Callable[[str], bool] | None = None,
+        stamps: Mapping[str, Stamp] | None = None,
     ) -> None:
         """Offer the chunks of ``manifest``'s files (or just ``paths``) found under ``root``.
 
-        ``intact(relpath)`` says a file still holds the bytes it was verified with (the
-        cache's stamps): such files' unchanged runs are copied in the kernel, unread and
+        ``stamps`` are the files' stamps when they were verified (the cache's): a file that
+        still has its stamp lends its unchanged runs to a copy in the kernel, unread and
         unhashed (engine/localcopy.py states what that trusts); all others are verified."""
-        if intact is not None:
-            self.intact.add_tree(root, manifest, intact)
+        if stamps is not None:
+            self.intact.add_tree(root, manifest, stamps)
         wanted = None if paths is None else set(paths)
         for h, fs in members(manifest).items():
             if wanted is None or all(f.path in wanted for f in fs):

@@ -4,19 +4,10 @@ while another holds the shared folder; and raw OS errors turned into the documen
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
-from chroma_snapshots.engine.deadline import Deadline
-from chroma_snapshots.engine.localfs import build_at, copy_tree, remove_tree
+from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
-
-
-def private_copy(src: Path, dest: Path, dl: Deadline) -> Path:
-    """A copy of the cached tree ``src`` at ``dest`` that the caller owns (:func:`build_at`),
-    StorageTimeoutError at ``dl`` (and nothing left at dest)."""
-    check = partial(dl.check, "copying to dest")
-    return build_at(dest, lambda work: copy_tree(src, work, check), "copying to dest", check)
 
 
 def held_copy(

@@ -27,7 +27,6 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
@@ -43,9 +43,9 @@ from chroma_snapshots.engine.treewalk import own_at
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 
-# size, mtime_ns, permission bits, ctime_ns: a consumer can put an mtime back (os.utime),
-# never a ctime, so a file written and re-dated still looks changed
-Stamp = tuple[int, int, int, int]
+# A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
+# consumer can put an mtime back (os.utime), never a ctime, so a file written and re-dated
+# still looks changed.
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -62,7 +62,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def stamp_of(path: Path) -> Stamp | None:
     """The stamp of a regular file, or None if it is missing or not a regular file."""
     try:
-        return _stamp(os.lstat(path))  # lstat: a symlink is not a regular file here
+        return stamp_of_stat(os.lstat(path))  # lstat: a symlink is not a regular file here
     except OSError:
         return None
 
@@ -71,24 +71,7 @@ def stamp_at(t: Beneath, rel: str) -> Stamp | None:
     """:func:`stamp_of` the file ``rel`` of ``t``, reached without following a link: a
     folder swapped for a link to other files gives None (changed), never their stamps."""
     st = t.lstat(rel)
-    return None if st is None else _stamp(st)
-
-
-def _stamp(st: os.stat_result) -> Stamp | None:
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
-
-
-def stamp_check(tree: Path, stamps: dict[str, Stamp]) -> Callable[[str], bool]:
-    """Whether a file of a cached tree still has the stamp recorded when it was written
-    (the test a warm checkout serves on): a consumer's write changes its ctime."""
-
-    def intact(relpath: str) -> bool:
-        want = stamps.get(relpath)
-        return want is not None and stamp_of(tree / relpath) == want
-
-    return intact
+    return None if st is None else stamp_of_stat(st)
 
 
 def real_dir(path: Path) -> bool:

@@ -31,11 +31,12 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.treewalk import own_at
 from chroma_snapshots.engine.validation import is_name, short_id
-from chroma_snapshots.stores.cache.layout import NameDirs, Stamp, stamp_at
+from chroma_snapshots.stores.cache.layout import NameDirs, stamp_at
 from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
 
 _TRY = 3  # newest other versions tried: a busy one is skipped, never waited for

@@ -11,9 +11,10 @@ from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.bundles import Reader, members, rebuild
 from chroma_snapshots.engine.chunking import read_full
 from chroma_snapshots.engine.deadline import checked
+from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import chunk_ok
-from chroma_snapshots.stores.cache.layout import Stamp, stamp_at
+from chroma_snapshots.stores.cache.layout import stamp_at
 
 # Owner read and write: held while the cache checks and writes a file; the manifest's mode
 # is set once its bytes are in place (a read-only mode before the writes would refuse them)

@@ -39,9 +39,8 @@ from chroma_snapshots.stores.base import (
 )
 from chroma_snapshots.stores.cache.copies import (
     held_copy,
-    private_copy,
 )
-from chroma_snapshots.stores.cache.layout import Pin, check_trusted, stamp_check
+from chroma_snapshots.stores.cache.layout import Pin, check_trusted
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import find_damage
@@ -170,8 +169,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             pin.unlink(missing_ok=True)
 
         if dest is not None:  # a copy of its own: the shared folder is not held after it
-            try:
-                path = private_copy(path, Path(dest), dl)
+            try:  # through the placer, from the files whose stamps hold, the rest verified
+                path = self._held_copy(name, version, manifest, dest, dl, stats, True)[0]
             finally:
                 unpin()
         info, took = SnapshotInfo.from_manifest(version, manifest), time.monotonic() - t0
@@ -233,14 +232,16 @@ class CachedStore(CacheRefs, DelegatingStore):
         dest: str | Path | None,
         dl: Deadline,
         stats: StatsRecorder,
+        ours: bool = False,
     ) -> tuple[Path, Callable[[], None] | None, str]:
-        """A private copy of ``version`` (:meth:`_from_cache`: the holder may be writing,
-        and every chunk is verified as it is read): at ``dest``, or in the cache, removed at
-        release."""
+        """A private copy of ``version`` (:meth:`_from_cache`: a holder may be writing, and
+        every chunk is verified as it is read; with ``ours``, this checkout pins it and the
+        files whose stamps hold are copied unread): at ``dest``, or in the cache, removed
+        at release."""
         source = ["cache"]
 
         def build(work: Path) -> None:
-            source[0] = self._from_cache(name, version, manifest, work, dl, stats)
+            source[0] = self._from_cache(name, version, manifest, work, dl, stats, stamped=ours)
 
         if dest is not None:
             check = partial(dl.check, "copying to dest")
@@ -259,12 +260,16 @@ class CachedStore(CacheRefs, DelegatingStore):
         dl: Deadline,
         stats: StatsRecorder,
         only: dict[str, list[int]] | None = None,
+        stamped: bool = False,
     ) -> str:
         """Write ``manifest``'s chunks (``only`` those) under ``target``: from the cached
-        tree of ``version`` and the other cached versions where they verify, the rest
-        downloaded. Returns where the bytes came from."""
+        tree of ``version`` (``stamped``: its files whose stamps hold are copied unread)
+        and the other cached versions where they verify, the rest downloaded. Returns where
+        the bytes came from."""
+        d = self.dirs(name)
         with self._local_chunks(name, version) as local:
-            local.add_tree(self.dirs(name).tree(version), manifest)  # read verified
+            stamps = d.read_stamps(version) if stamped else None
+            local.add_tree(d.tree(version), manifest, stamps=stamps)  # the rest read verified
             job = Placement(target, manifest, reuse=local, only=only)
             return self.inner.materialize(name, job, dl, stats)
 
@@ -344,7 +349,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             # newest first: its intact files lend their unchanged runs (engine/localcopy.py)
             for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:][::-1]:
                 if (m := self.cached_manifest(name, v)) is not None:
-                    local.add_tree(d.tree(v), m, intact=stamp_check(d.tree(v), d.read_stamps(v)))
+                    local.add_tree(d.tree(v), m, stamps=d.read_stamps(v))
             yield local
         finally:
             local.close()
