@@ -70,9 +70,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = []
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="placement-") as tmp:
-        trees = {
+        trees: dict[str, Callable[[Path], None]] = {
             f"{args.files:,} files of 2 KiB in {args.folders} folders": lambda p: _small(
                 p, args.files, args.folders
             ),
@@ -90,7 +90,10 @@ def main() -> None:
             def cp(src: Path = src, out: Path = out) -> None:
                 subprocess.run(["cp", "-r", str(src), str(out)], check=True)
 
-            tools = {"chroma-snapshots checkout": checkout, "cp -r": cp}
+            tools: dict[str, Callable[[], None]] = {
+                "chroma-snapshots checkout": checkout,
+                "cp -r": cp,
+            }
             for tool, run in tools.items():
                 wall, cpu = _timed(run, out, args.repeat)
                 rows.append({"tree": label, "tool": tool, "wall_s": round(wall, 3),

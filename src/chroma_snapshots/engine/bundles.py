@@ -183,10 +183,16 @@ def rebuild(read: Reader, files: Sequence[FileEntry], size: int) -> bytes | None
 def reader_under(root: Path) -> Reader:
     """Members read by path under ``root``: a link at the file itself is not followed, and
     anything but a regular file (a FIFO would block the read forever) reads as None."""
+    return member_reader(lambda rel: open_regular(root / rel))
+
+
+def member_reader(opener: Callable[[str], int]) -> Reader:
+    """Members read from the descriptor ``opener(relpath)`` returns (closed after); one
+    that cannot be opened or read reads as None."""
 
     def read(f: FileEntry) -> bytes | None:
         try:
-            fd = open_regular(root / f.path)
+            fd = opener(f.path)
         except OSError:
             return None
         try:

@@ -8,8 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import Beneath
-from chroma_snapshots.engine.bundles import Reader, members, rebuild
-from chroma_snapshots.engine.chunking import read_full
+from chroma_snapshots.engine.bundles import Reader, member_reader, members, rebuild
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
@@ -111,19 +110,11 @@ class Bundles:
 
 
 def _reader(t: Beneath, own: FileEntry, fd: int) -> Reader:
+    """``own`` from ``fd`` (the file kept), the other members through ``t``."""
+    others = member_reader(lambda rel: t.open(rel, os.O_RDONLY))
+
     def read(f: FileEntry) -> bytes | None:
-        if f.path == own.path:
-            return os.pread(fd, f.size + 1, 0)
-        try:
-            member = t.open(f.path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            return read_full(member, f.size + 1)  # one more: a file grown past its slice
-        except OSError:
-            return None
-        finally:
-            os.close(member)
+        return os.pread(fd, f.size + 1, 0) if f.path == own.path else others(f)
 
     return read
 
