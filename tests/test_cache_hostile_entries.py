@@ -74,7 +74,8 @@ def test_a_fifo_in_a_cached_version_never_blocks(tmp_path: Path, patch_in_place:
         assert _within(10, lambda: served(v1, v1_files))
 
 
-def test_a_file_system_mounted_at_a_cached_version_is_left_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["tmpfs", "bind mount of a folder on the same disk"])
+def test_a_file_system_mounted_at_a_cached_version_is_left_alone(tmp_path: Path, kind: str) -> None:
     # it was written into and deleted from: only mounts inside the version were refused
     remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
     v1_files, v2_files = _files(1), _files(2)
@@ -83,7 +84,10 @@ def test_a_file_system_mounted_at_a_cached_version_is_left_alone(tmp_path: Path)
     cached = CachedStore(remote, tmp_path / "cache")
     with cached.checkout("db", v1) as snap:
         version_dir = snap.path
-    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(version_dir)], check=False)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    how = ["-t", "tmpfs", "tmpfs"] if kind == "tmpfs" else ["--bind", str(theirs)]
+    done = subprocess.run(["mount", *how, str(version_dir)], check=False)
     if done.returncode != 0:
         pytest.fail("this test needs root to mount a tmpfs (CI runs as root)")
     try:
@@ -99,3 +103,71 @@ def test_a_file_system_mounted_at_a_cached_version_is_left_alone(tmp_path: Path)
         subprocess.run(["umount", str(version_dir)], check=False)
     with cached.checkout("db", v1) as snap:  # unmounted: served exactly again
         assert read_tree(snap.path) == v1_files
+
+
+def _planted(folder: Path, files: dict[str, bytes]) -> Path:
+    """Another process's own folder with the version's file names and other bytes."""
+    return write_tree(folder, {p: b"planted" for p in files})
+
+
+def test_a_work_folder_swapped_before_it_lands_is_never_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a folder swapped in under the work folder's name between the last write and the
+    # rename became the cached version, served (stamps and all) for good; at a dest, the
+    # checkout delivered it
+    from chroma_snapshots.engine import localfs
+    from chroma_snapshots.stores.cache.layout import NameDirs
+
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = _files(1)
+    version = remote.publish("db", write_tree(tmp_path / "src", files)).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    mine = _planted(tmp_path / "mine", files)
+    real_meta, real_move = NameDirs.write_meta, localfs.move_into_place
+
+    def swap(work: Path) -> None:
+        os.rename(work, tmp_path / f"aside-{work.name}")
+        os.rename(mine, work)
+
+    def swap_then_meta(d: NameDirs, v: str, work: Path, m: object) -> None:
+        swap(work)
+        real_meta(d, v, work, m)  # type: ignore[arg-type]
+
+    def swap_then_move(work: Path, final: Path) -> None:
+        swap(work)
+        real_move(work, final)
+
+    monkeypatch.setattr(NameDirs, "write_meta", swap_then_meta)
+    with pytest.raises(LocalDiskError, match="work folder was replaced"):
+        cached.checkout("db", version)
+    monkeypatch.undo()
+    for _ in range(2):  # the race is over: the version is built again, and stays exact
+        with CachedStore(remote, tmp_path / "cache").checkout("db", version) as snap:
+            assert read_tree(snap.path) == files
+
+    mine = _planted(tmp_path / "mine", files)
+    monkeypatch.setattr(localfs, "move_into_place", swap_then_move)
+    dest = tmp_path / "out" / "copy"
+    with pytest.raises(LocalDiskError, match="work folder was replaced"):
+        cached.checkout("db", version, dest)
+    assert not dest.exists()
+
+
+def test_a_held_version_whose_meta_is_gone_is_not_replaced(tmp_path: Path) -> None:
+    # a second checkout discarded the held folder and served a new one at the same path:
+    # the holder's open files lost their links and its path led to another tree
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = _files(1)
+    version = remote.publish("db", write_tree(tmp_path / "src", files)).version
+    first = CachedStore(remote, tmp_path / "cache")
+    with first.checkout("db", version) as held:
+        opened = open(held.path / "a/data.bin", "rb")  # noqa: SIM115 (held across the call)
+        for meta in (held.path.parent.parent / "meta").iterdir():
+            meta.unlink()
+        with CachedStore(remote, tmp_path / "cache").checkout("db", version) as second:
+            assert second.path != held.path  # a copy of its own
+            assert read_tree(second.path) == files
+        assert os.fstat(opened.fileno()).st_nlink == 1
+        assert read_tree(held.path) == files
+        opened.close()

@@ -146,8 +146,9 @@ def test_removing_a_consumers_extra_files_checks_the_deadline(tmp_path: Path) ->
         assert read_tree(snap.path) == files
 
 
+@pytest.mark.parametrize("kind", ["tmpfs", "bind mount of a folder on the same disk"])
 def test_nothing_on_a_file_system_mounted_inside_a_cached_version_is_touched(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     # a consumer (or an operator) mounted something inside a cached version: the cache
     # neither deletes from it nor writes into it, and says why it cannot serve the version
@@ -162,8 +163,12 @@ def test_nothing_on_a_file_system_mounted_inside_a_cached_version_is_touched(
     mounts = [version_dir / "extra", version_dir / "sub"]  # a stray folder, and a published one
     mounts[0].mkdir()
     try:
-        for mnt in mounts:
-            done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=False)
+        for i, mnt in enumerate(mounts):
+            # a bind mount has the device of what it covers: only its mount id differs
+            source = tmp_path / f"theirs{i}"
+            source.mkdir()
+            how = ["-t", "tmpfs", "tmpfs"] if kind == "tmpfs" else ["--bind", str(source)]
+            done = subprocess.run(["mount", *how, str(mnt)], check=False)
             if done.returncode != 0:
                 pytest.fail("this test needs root to mount a tmpfs (CI runs as root)")
             (mnt / "keep.txt").write_bytes(b"keep")

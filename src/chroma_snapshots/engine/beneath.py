@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from chroma_snapshots.engine.treewalk import DIR_FLAGS, open_owned, own_at, remove_dir
+from chroma_snapshots.engine.treewalk import DIR_FLAGS, mount_of, open_owned, own_at, remove_dir
 from chroma_snapshots.errors import LocalDiskError
 
 # a file to read: a FIFO never blocks the open, a link at the file itself is not followed
@@ -56,9 +56,14 @@ class Beneath:
         # owned: a consumer's chmod 000 on the version's folder must not wedge it
         fd = open_owned(root, None)
         self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
-        self.dev = os.fstat(self._root).st_dev
-        # a file system mounted at the folder itself is not the cache's either
-        if os.stat("..", dir_fd=self._root).st_dev != self.dev:
+        self.mount = mount_of(self._root)
+        # a file system (or a bind mount) at the folder itself is not the cache's either
+        up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root)
+        try:
+            parent = mount_of(up)
+        finally:
+            os.close(up)
+        if parent != self.mount:
             os.close(self._root)
             raise self._error(errno.EXDEV, _MOUNTED, "")
         self._dirs: OrderedDict[str, int] = OrderedDict()
@@ -230,7 +235,7 @@ class Beneath:
             fd = os.open(name, DIR_FLAGS, dir_fd=parent)
         try:
             st = os.fstat(fd)
-            if st.st_dev != self.dev:
+            if mount_of(fd) != self.mount:
                 raise self._error(errno.EXDEV, _MOUNTED, rel)
             if make:
                 _own(fd, st)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.engine.treewalk import DIR_FLAGS, remove_dir, walk
-from chroma_snapshots.errors import InvalidInputError, shown
+from chroma_snapshots.errors import InvalidInputError, LocalDiskError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
 # the cache's repairs and sweeps would take it for a file of its own and remove it.
@@ -143,11 +143,12 @@ def build_at(
         raise_local(e, Path(tempfile.gettempdir() if dest is None else dest), what)
         raise
     try:  # no work folder yet: the error names dest, not a name it never had
-        with local_io(final, what), work_dir(final) as work:
+        with local_io(final, what), work_dir(final) as (work, built):
             try:  # the file that failed if the OS says which (of a copy's two, the target)
                 build(work)
                 check()
                 move_into_place(work, final)
+                landed(final, built, lambda _: remove_tree(final))
             except OSError as e:
                 raise_local(_as_at(e, work, final), final, what)
                 raise
@@ -186,6 +187,27 @@ def move_into_place(work: Path, final: Path) -> None:
         raise InvalidInputError(
             f"checkout destination {str(final)!r} exists and is not empty (written meanwhile)"
         ) from None
+
+
+def folder_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the real folder at ``path``; None if it is not one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def landed(final: Path, built: tuple[int, int] | None, undo: Callable[..., None]) -> None:
+    """After a work folder was renamed to ``final``: LocalDiskError unless ``final`` is the
+    folder that was built (``built``: its :func:`folder_id`), after ``undo(final.name)``
+    took back what landed. A process that swaps a folder of its own in under the work
+    folder's name between the last write and the rename gets its folder taken back out,
+    never served (a rename goes by path)."""
+    if built is None or folder_id(final) != built:
+        undo(final.name)
+        raise LocalDiskError(errno.ESTALE, "the work folder was replaced while it was being "
+                             "built; nothing was delivered", str(final))  # fmt: skip
 
 
 def remove_tree(path: Path, check: Callable[[], None] = lambda: None) -> None:
@@ -264,12 +286,13 @@ def _work_names(name: str) -> tuple[str, re.Pattern[str]]:
 
 
 @contextlib.contextmanager
-def work_dir(final: Path) -> Iterator[Path]:
+def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
     """A new private work folder beside ``final``
-    (``.<name>.chroma-snapshots-work-<random>.tmp``) in which to build what is then renamed
-    to ``final``, locked (``flock``) while the block runs and
-    removed if it fails; first, the work folders of builds of the same ``final`` that a
-    kill left behind (no handler ran) are removed: unlocked, and not new."""
+    (``.<name>.chroma-snapshots-work-<random>.tmp``), and its (device, inode) for
+    :func:`landed`, in which to build what is then renamed to ``final``; locked (``flock``)
+    while the block runs and removed if it fails. First, the work folders of builds of the
+    same ``final`` that a kill left behind (no handler ran) are removed: unlocked, and not
+    new."""
     prefix, mine = _work_names(final.name)
     for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
@@ -295,7 +318,8 @@ def work_dir(final: Path) -> Iterator[Path]:
     try:
         os.fchmod(fd, 0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield work
+        st = os.fstat(fd)
+        yield work, (st.st_dev, st.st_ino)
     except BaseException:
         remove_tree(work)  # nothing of a failed build stays behind
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -18,6 +19,7 @@ from chroma_snapshots.engine.deadline import checked
 
 # a folder, opened for listing; a link (even to a folder) is ELOOP, never followed
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+Mount = tuple[int, int]  # (device, mount id): see mount_of
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
 
@@ -64,7 +66,7 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
     top = open_owned(path, dir_fd)
     if top is None:
         return
-    dev = os.fstat(top).st_dev
+    mount = mount_of(top)
     try:
         progress, moved = True, [0]
         while progress:
@@ -74,26 +76,26 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
                 break
             progress = False
             for name in names:
-                progress = _remove_child(top, dev, name, moved, check) or progress
+                progress = _remove_child(top, mount, name, moved, check) or progress
     finally:
         os.close(top)
     with suppress(OSError):
         os.rmdir(path, dir_fd=dir_fd)
 
 
-def own_at(path: Path | str, dir_fd: int | None = None, dev: int | None = None) -> None:
-    """Give the real folder ``path`` (relative to ``dir_fd`` if given; on the file system
-    ``dev`` if given) its owner's read, write and search permission if a chmod took any
-    away; anything else there (a link above all, or a mount point) is left alone. Linux
-    has no lchmod: the entry is opened as a path without following it, checked, and
-    changed through its descriptor."""
+def own_at(path: Path | str, dir_fd: int | None = None, mount: Mount | None = None) -> None:
+    """Give the real folder ``path`` (relative to ``dir_fd`` if given; on the mount
+    ``mount`` if given: :func:`mount_of`) its owner's read, write and search permission
+    if a chmod took any away; anything else there (a link above all, or a mount point) is
+    left alone. Linux has no lchmod: the entry is opened as a path without following it,
+    checked, and changed through its descriptor."""
     try:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return  # gone meanwhile: what needs it next reports the error
     try:
         st = os.fstat(fd)
-        mine = stat.S_ISDIR(st.st_mode) and dev in (None, st.st_dev)
+        mine = stat.S_ISDIR(st.st_mode) and mount in (None, mount_of(fd))
         if mine and st.st_mode & 0o700 != 0o700:
             os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
     except OSError:
@@ -102,14 +104,14 @@ def own_at(path: Path | str, dir_fd: int | None = None, dev: int | None = None) 
         os.close(fd)
 
 
-def open_owned(path: Path | str, dir_fd: int | None, dev: int | None = None) -> int | None:
+def open_owned(path: Path | str, dir_fd: int | None, mount: Mount | None = None) -> int | None:
     """The folder ``path`` opened for changing what is in it, its owner's permissions
     given back first if a consumer took them away; None if it cannot be (not a folder),
-    or if it is not on the file system ``dev`` (a mount point: left alone)."""
+    or if it is not on the mount ``mount`` (a mount point: left alone)."""
     try:
         fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
     except PermissionError:
-        own_at(path, dir_fd, dev)
+        own_at(path, dir_fd, mount)
         try:
             fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
         except OSError:
@@ -117,7 +119,7 @@ def open_owned(path: Path | str, dir_fd: int | None, dev: int | None = None) -> 
     except OSError:
         return None
     st = os.fstat(fd)
-    if dev is not None and st.st_dev != dev:
+    if mount is not None and mount_of(fd) != mount:
         os.close(fd)
         return None
     if st.st_mode & 0o700 != 0o700:  # listable but not writable: nothing could be removed
@@ -127,13 +129,13 @@ def open_owned(path: Path | str, dir_fd: int | None, dev: int | None = None) -> 
 
 
 def _remove_child(
-    top: int, dev: int, name: str, moved: list[int], check: Callable[[], None]
+    top: int, mount: Mount, name: str, moved: list[int], check: Callable[[], None]
 ) -> bool:
     """Remove ``name`` in the folder ``top``: a file or link at once; a folder once its
     subfolders are moved up beside it (they come in the next pass) and its files are gone.
     True if anything was removed or moved."""
     check()
-    fd = open_owned(name, top, dev)
+    fd = open_owned(name, top, mount)
     if fd is None:  # a file, a link (to a folder too: never followed), or a mount point
         try:
             os.unlink(name, dir_fd=top)  # (unlink never removes a folder)
@@ -161,6 +163,19 @@ def _remove_child(
         return True
     except OSError:
         return done
+
+
+def mount_of(fd: int) -> Mount:
+    """(device, mount id) of the open ``fd``. A bind mount of a folder of the same file
+    system has the device of what it covers but a mount id of its own (read from
+    /proc/self/fdinfo; 0 where there is none)."""
+    dev = os.fstat(fd).st_dev
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            found = re.search(rb"^mnt_id:\s*(\d+)", f.read(), re.MULTILINE)
+    except OSError:
+        return dev, 0
+    return dev, int(found.group(1)) if found else 0
 
 
 def _same_device(path: str, dev: int) -> bool:
@@ -191,7 +206,7 @@ def _move_up(src: int, name: str, top: int, moved: list[int]) -> bool:
         except PermissionError:
             if owned:
                 return False
-            own_at(name, src, os.fstat(top).st_dev)
+            own_at(name, src, mount_of(top))
             owned = True
         except OSError as e:
             if e.errno not in _TAKEN:

@@ -21,7 +21,14 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest, remove_tree
+from chroma_snapshots.engine.localfs import (
+    CACHE_MARKER,
+    build_at,
+    check_dest,
+    folder_id,
+    landed,
+    remove_tree,
+)
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -140,7 +147,7 @@ class CachedStore(CacheRefs, DelegatingStore):
         try:
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
-                shared = self._shared(name, version)
+                shared = self._shared(name, version, dl, stats)
                 if shared is None:
                     manifest, source = self._serve(name, version, only_cached, dl, stats, progress)
                     d.touch(version)
@@ -219,10 +226,18 @@ class CachedStore(CacheRefs, DelegatingStore):
             self.inner.set_ref(name, ref, version, expected=expected, deadline=deadline)
         self._saw(name, ref, version)
 
-    def _shared(self, name: str, version: str) -> Manifest | None:
+    def _shared(
+        self, name: str, version: str, dl: Deadline, stats: StatsRecorder
+    ) -> Manifest | None:
         """The manifest of ``version`` if another live checkout holds its folder: this
-        checkout must then neither repair it nor share it (chroma writes to what it opens)."""
-        return self.cached_manifest(name, version) if self.dirs(name).pinned(version) else None
+        checkout must then neither repair it, nor share it (chroma writes to what it opens),
+        nor replace it, even if its meta is gone (the manifest then comes from the store)."""
+        if not self.dirs(name).pinned(version):
+            return None
+        if (m := self.cached_manifest(name, version)) is not None:
+            return m
+        stats.add(requests=1)
+        return self.inner.load_manifest(name, version, deadline=dl)
 
     def _held_copy(
         self,
@@ -369,6 +384,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
             old = take_retired(d, version, work) if patch else None
+            built = folder_id(work)  # what must land in versions/, not a folder swapped in
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
@@ -381,6 +397,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
+            landed(d.tree(version), built, d.discard)
         except BaseException:
             remove_tree(work)  # checkout maps a full disk to CacheFullError
             raise
