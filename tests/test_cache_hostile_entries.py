@@ -138,9 +138,18 @@ def test_a_work_folder_swapped_before_it_lands_is_never_served(
         swap(work)
         real_move(work, final)
 
+    def moved_aside(err: pytest.ExceptionInfo[LocalDiskError]) -> Path:
+        """Where the error says the swapped-in folder went: beside the target, intact."""
+        aside = Path(str(err.value.strerror).rsplit("it was moved to ", 1)[1])
+        assert aside.name.startswith(".")
+        assert ".replaced-" in aside.name
+        assert read_tree(aside) == {p: b"planted" for p in files}  # theirs: not deleted
+        return aside
+
     monkeypatch.setattr(NameDirs, "write_meta", swap_then_meta)
-    with pytest.raises(LocalDiskError, match="work folder was replaced"):
+    with pytest.raises(LocalDiskError, match="work folder was replaced") as err:
         cached.checkout("db", version)
+    assert moved_aside(err).parent == cached.dirs("db").tree(version).parent
     monkeypatch.undo()
     for _ in range(2):  # the race is over: the version is built again, and stays exact
         with CachedStore(remote, tmp_path / "cache").checkout("db", version) as snap:
@@ -149,9 +158,13 @@ def test_a_work_folder_swapped_before_it_lands_is_never_served(
     mine = _planted(tmp_path / "mine", files)
     monkeypatch.setattr(localfs, "move_into_place", swap_then_move)
     dest = tmp_path / "out" / "copy"
-    with pytest.raises(LocalDiskError, match="work folder was replaced"):
+    with pytest.raises(LocalDiskError, match="work folder was replaced") as err:
         cached.checkout("db", version, dest)
     assert not dest.exists()
+    assert moved_aside(err).parent == dest.parent
+    monkeypatch.undo()
+    with cached.checkout("db", version, dest) as snap:  # what was set aside is in no one's way
+        assert read_tree(snap.path) == files
 
 
 def test_a_held_version_whose_meta_is_gone_is_not_replaced(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ last use), removing some or all of it (``--dry-run`` first), and rehashing it.""
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from chroma_snapshots.cli.common import cache_of, emit, human_bytes
-from chroma_snapshots.errors import IntegrityError, InvalidInputError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, LocalDiskError
 
 if TYPE_CHECKING:
     from chroma_snapshots.stores.cache import CachedStore
@@ -67,16 +68,24 @@ def _chosen(store: CachedStore, name: str | None, versions: Sequence[str]) -> li
 
 
 def _remove(store: CachedStore, chosen: list[CacheEntry], dry_run: bool, as_json: bool) -> None:
-    """Evict ``chosen`` (or, dry, say what would go); pinned versions stay."""
-    removed = [e for e in chosen if not e.pinned] if dry_run else []
-    if not dry_run:
-        removed = [e for e in chosen if store.evict(e.name, e.version)]
+    """Evict ``chosen`` (or, dry, say what would go); pinned versions stay, and so do
+    versions with a file system mounted in them (LocalDiskError once the rest went)."""
+    from chroma_snapshots.stores.cache.inspect import IN_USE, evict
+
+    if dry_run:
+        removed = [e for e in chosen if not e.pinned]
+        why = {f"{e.name}/{e.version}": IN_USE for e in chosen if e.pinned}
+    else:
+        removed, why = evict(store, chosen)
     kept = [e for e in chosen if e not in removed]
     verb = "would evict" if dry_run else "evicted"
     lines = [f"{verb} {e.name}/{e.version} ({human_bytes(e.size)})" for e in removed]
-    lines += [f"kept {e.name}/{e.version}: in use by a process" for e in kept]
+    lines += [f"kept {k}: {reason}" for k, reason in why.items()]
     lines.append(f"{verb} {len(removed)} versions ({human_bytes(sum(e.size for e in removed))})")
     emit({"dry_run": dry_run, "evicted": removed, "kept": kept}, as_json, "\n".join(lines))
+    mounted = [k for k, reason in why.items() if reason != IN_USE]
+    if mounted:
+        raise LocalDiskError(errno.EBUSY, f"not evicted: {', '.join(mounted)} (see above)")
 
 
 def register(cli: click.Group) -> None:
@@ -104,7 +113,8 @@ def register(cli: click.Group) -> None:
     @cache.command(
         name="rm",
         help="Evict NAME's cached versions (all, or the VERSIONs given, by id or unique "
-        "prefix). Versions a process holds open stay.",
+        "prefix). Versions a process holds open stay; so do versions with a file system "
+        "mounted in them (exit 1, once the others are evicted).",
     )
     @click.argument("name")
     @click.argument("versions", nargs=-1)

@@ -23,7 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from chroma_snapshots.engine.treewalk import DIR_FLAGS, mount_of, open_owned, own_at, remove_dir
+from chroma_snapshots.engine.treewalk import (
+    DIR_FLAGS,
+    mount_of,
+    open_owned,
+    own_at,
+    parent_mount,
+    remove_dir,
+)
 from chroma_snapshots.errors import LocalDiskError
 
 # a file to read: a FIFO never blocks the open, a link at the file itself is not followed
@@ -58,12 +65,7 @@ class Beneath:
         self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
         self.mount = mount_of(self._root)
         # a file system (or a bind mount) at the folder itself is not the cache's either
-        up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root)
-        try:
-            parent = mount_of(up)
-        finally:
-            os.close(up)
-        if parent != self.mount:
+        if parent_mount(self._root) != self.mount:
             os.close(self._root)
             raise self._error(errno.EXDEV, _MOUNTED, "")
         self._dirs: OrderedDict[str, int] = OrderedDict()

@@ -13,6 +13,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def build_at(
                 build(work)
                 check()
                 move_into_place(work, final)
-                landed(final, built, lambda _: remove_tree(final))
+                landed(final, built, lambda: None)
             except OSError as e:
                 raise_local(_as_at(e, work, final), final, what)
                 raise
@@ -198,16 +199,24 @@ def folder_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def landed(final: Path, built: tuple[int, int] | None, undo: Callable[..., None]) -> None:
+def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None]) -> None:
     """After a work folder was renamed to ``final``: LocalDiskError unless ``final`` is the
-    folder that was built (``built``: its :func:`folder_id`), after ``undo(final.name)``
-    took back what landed. A process that swaps a folder of its own in under the work
-    folder's name between the last write and the rename gets its folder taken back out,
-    never served (a rename goes by path)."""
-    if built is None or folder_id(final) != built:
-        undo(final.name)
-        raise LocalDiskError(errno.ESTALE, "the work folder was replaced while it was being "
-                             "built; nothing was delivered", str(final))  # fmt: skip
+    folder that was built (``built``: its :func:`folder_id`). A process that swaps a folder
+    of its own in under the work folder's name between the last write and the rename gets
+    it moved aside beside ``final`` (``.<name>.replaced-<random>``, never deleted: it is
+    not ours), then ``forget()`` drops what recorded it; it is never served (a rename goes
+    by path)."""
+    if built is not None and folder_id(final) == built:
+        return
+    aside = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(final, aside)
+        where = f"it was moved to {aside}"
+    except OSError as e:
+        where = f"it stays at {final}: it could not be moved aside ({e.strerror})"
+    forget()
+    raise LocalDiskError(errno.ESTALE, "the work folder was replaced while it was being "
+                         f"built; nothing was delivered, and {where}", str(final))  # fmt: skip
 
 
 def remove_tree(path: Path, check: Callable[[], None] = lambda: None) -> None:

@@ -20,6 +20,7 @@ from chroma_snapshots.engine.deadline import checked
 # a folder, opened for listing; a link (even to a folder) is ELOOP, never followed
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Mount = tuple[int, int]  # (device, mount id): see mount_of
+_OCTAL = re.compile(r"\\([0-7]{3})")
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
 
@@ -60,13 +61,17 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
     unlistable get their owner's permissions back first). Each subfolder is first moved
     up to be a direct child of ``path``, so nothing recurses and at most two folders are
     open at once; folders are opened with O_NOFOLLOW, so a link swapped in for a folder is
-    removed, never followed, and a folder on another file system (a mount) is left alone
-    with everything on it. ``check()`` runs every few entries and may raise (a deadline: a
+    removed, never followed, and a folder on another file system (a mount, ``path`` itself
+    included: a bind mount placed over a folder about to be removed) is left alone with
+    everything on it. ``check()`` runs every few entries and may raise (a deadline: a
     consumer can add 300,000 files)."""
     top = open_owned(path, dir_fd)
     if top is None:
         return
     mount = mount_of(top)
+    if mount != parent_mount(top):  # the mount's root, not the folder it covers
+        os.close(top)
+        return
     try:
         progress, moved = True, [0]
         while progress:
@@ -176,6 +181,32 @@ def mount_of(fd: int) -> Mount:
     except OSError:
         return dev, 0
     return dev, int(found.group(1)) if found else 0
+
+
+def parent_mount(fd: int) -> Mount:
+    """The mount of the folder above the open folder ``fd``; differs from ``mount_of(fd)``
+    exactly when ``fd`` is the root of a mount (``..`` of a mount's root is the folder
+    above the mount point, on the covering file system)."""
+    up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        return mount_of(up)
+    finally:
+        os.close(up)
+
+
+def mounts_within(path: Path | str) -> list[str]:
+    """The mount points, as this process sees them (``/proc/self/mountinfo``), at ``path``
+    or below it; empty where that cannot be read."""
+    top = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return []
+    # the fifth field; space, tab, newline and backslash in it are octal escapes (\040)
+    points = [_OCTAL.sub(lambda m: chr(int(m[1], 8)), ln.split(" ")[4]) for ln in lines
+              if ln.count(" ") >= 4]  # fmt: skip
+    return [p for p in points if p == top or p.startswith(top.rstrip("/") + "/")]
 
 
 def _same_device(path: str, dev: int) -> bool:

@@ -11,7 +11,7 @@ from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import chunk_ok
-from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.errors import InvalidInputError, LocalDiskError
 from chroma_snapshots.stores.cache.repair import manifest_folders
 from chroma_snapshots.stores.cache.store import CachedStore
 
@@ -41,9 +41,22 @@ def entries(store: CachedStore) -> list[CacheEntry]:
     return sorted(out, key=lambda e: e.last_used)
 
 
-def clear(store: CachedStore) -> list[CacheEntry]:
-    """Evict every unpinned version; returns what was removed."""
-    return [e for e in entries(store) if store.evict(e.name, e.version)]
+IN_USE = "in use by a process"  # why a version stays that will go once released
+
+
+def evict(store: CachedStore, chosen: list[CacheEntry]) -> tuple[list[CacheEntry], dict[str, str]]:
+    """Evict ``chosen``: what went, and why each of the others stayed (by "name/version"):
+    a process holds it, or a file system is mounted in it (then the rest still go)."""
+    removed, kept = [], {}
+    for e in chosen:
+        try:
+            if store.evict(e.name, e.version):
+                removed.append(e)
+            else:
+                kept[f"{e.name}/{e.version}"] = IN_USE
+        except LocalDiskError as err:
+            kept[f"{e.name}/{e.version}"] = err.strerror or str(err)
+    return removed, kept
 
 
 def verify(store: CachedStore, entry: CacheEntry) -> list[str]:

@@ -39,13 +39,16 @@ from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
-from chroma_snapshots.engine.treewalk import own_at
+from chroma_snapshots.engine.treewalk import mounts_within, own_at
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 
 # A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
 # consumer can put an mtime back (os.utime), never a ctime, so a file written and re-dated
 # still looks changed.
+_MOUNTED = (
+    "a file system is mounted at this cached version or inside it: nothing is evicted (unmount it)"
+)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -177,6 +180,8 @@ class NameDirs:
                             self.discard(v)
                 except LockTimeout:
                     continue  # its checkout is replacing it right now
+                except LocalDiskError:
+                    continue  # a file bind-mounted there: not ours to remove
 
     def is_complete(self, version: str) -> bool:
         """Its tree and both meta files are there. A tree that is not a real folder (a
@@ -281,23 +286,30 @@ class NameDirs:
 
     def discard(self, version: str) -> None:
         """Remove a version, tree first (so it stops being complete at once), then its meta.
-        With the version's lock held; a version another process already removed is a no-op."""
+        With the version's lock held; a version another process already removed is a no-op.
+        LocalDiskError, and nothing removed, if a file system is mounted at it or inside
+        it: the files on a mount are not the cache's, and its space would not be freed."""
+        tree = self.tree(version)
+        if mounts_within(tree):
+            raise LocalDiskError(errno.EBUSY, _MOUNTED, str(tree))
         trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
         try:
-            own_at(self.tree(version))  # moving a folder needs write permission on it
-            os.replace(self.tree(version), trash)  # a link moves as itself: its target stays
+            own_at(tree)  # moving a folder needs write permission on it
+            os.replace(tree, trash)  # a link moves as itself: its target stays
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
         except OSError as e:
-            if e.errno != errno.EBUSY:
+            if e.errno != errno.EBUSY:  # mounted at since the check
                 raise
-            raise LocalDiskError(e.errno, "a file system is mounted at this cached version: "
-                                 "nothing on it is deleted (unmount it)", str(self.tree(version))
-                                 ) from e  # fmt: skip
+            raise LocalDiskError(e.errno, _MOUNTED, str(tree)) from e
         finally:
-            self.manifest_file(version).unlink(missing_ok=True)
-            self.stamps_file(version).unlink(missing_ok=True)
+            self.drop_meta(version)
             remove_tree(trash)
+
+    def drop_meta(self, version: str) -> None:
+        """Remove a version's meta files (it is then not complete, whatever its tree)."""
+        self.manifest_file(version).unlink(missing_ok=True)
+        self.stamps_file(version).unlink(missing_ok=True)
 
     def recorded_ref(self, ref: str) -> str | None:
         """The version ``ref`` named when it was last read from the store, if recorded."""

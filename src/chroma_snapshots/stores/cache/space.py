@@ -17,7 +17,7 @@ from chroma_snapshots.engine.localfs import remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
-from chroma_snapshots.errors import CacheFullError, InvalidInputError, shown
+from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
 
@@ -96,8 +96,9 @@ class CacheSpace:
             if not self._too_full(need, usage, free):
                 return
             m = self.cached_manifest(n, v)
-            if m is not None and self.evict(n, v):
-                usage, free = usage - m.total_size, free + m.total_size
+            with contextlib.suppress(LocalDiskError):  # a mount in it: the next one goes instead
+                if m is not None and self.evict(n, v):
+                    usage, free = usage - m.total_size, free + m.total_size
 
     def _too_full(self, need: int, usage: int, free: int) -> bool:
         over_cap = self.max_bytes is not None and usage + need > self.max_bytes
@@ -105,7 +106,8 @@ class CacheSpace:
 
     def evict(self, name: str, version: str) -> bool:
         """Remove a cached version unless it is pinned or locked; True if this call removed
-        it (a version another process evicted first is a no-op: False)."""
+        it (a version another process evicted first is a no-op: False). LocalDiskError,
+        and nothing removed, if a file system is mounted at it or inside it."""
         d = self.dirs(name)
         try:
             with d.lock(version).acquire(timeout=0):

@@ -397,7 +397,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
-            landed(d.tree(version), built, d.discard)
+            landed(d.tree(version), built, partial(d.drop_meta, version))
         except BaseException:
             remove_tree(work)  # checkout maps a full disk to CacheFullError
             raise
