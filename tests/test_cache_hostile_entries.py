@@ -184,3 +184,21 @@ def test_a_held_version_whose_meta_is_gone_is_not_replaced(tmp_path: Path) -> No
         assert os.fstat(opened.fileno()).st_nlink == 1
         assert read_tree(held.path) == files
         opened.close()
+
+
+@pytest.mark.parametrize("which", ["manifest", "stamps"])
+def test_a_folder_at_a_meta_file_name_does_not_fail_a_checkout(tmp_path: Path, which: str) -> None:
+    # the rename of the new meta file over the folder failed the next checkout
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    files = _files(1)
+    version = remote.publish("db", write_tree(tmp_path / "src", files)).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db", version):
+        pass
+    d = cached.dirs("db")
+    meta = d.manifest_file(version) if which == "manifest" else d.stamps_file(version)
+    meta.unlink()
+    write_tree(meta, {"x/y.txt": b"planted"})
+    with CachedStore(remote, tmp_path / "cache").checkout("db", version) as snap:
+        assert read_tree(snap.path) == files
+    assert meta.is_file()

@@ -222,6 +222,7 @@ class NameDirs:
 
     def write_meta(self, version: str, root: Path, manifest: Manifest) -> None:
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
+        self.drop_meta(version)  # a folder put at either name would fail the rename over it
         write_atomic(self.manifest_file(version), manifest_v2.dumps(manifest))
         self.write_stamps(version, root, manifest)
 
@@ -307,9 +308,10 @@ class NameDirs:
             remove_tree(trash)
 
     def drop_meta(self, version: str) -> None:
-        """Remove a version's meta files (it is then not complete, whatever its tree)."""
-        self.manifest_file(version).unlink(missing_ok=True)
-        self.stamps_file(version).unlink(missing_ok=True)
+        """Remove a version's meta files (it is then not complete, whatever its tree), and
+        whatever else is at their names."""
+        remove_tree(self.manifest_file(version))
+        remove_tree(self.stamps_file(version))
 
     def recorded_ref(self, ref: str) -> str | None:
         """The version ``ref`` named when it was last read from the store, if recorded."""
