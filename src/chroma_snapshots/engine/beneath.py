@@ -20,6 +20,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -40,6 +41,8 @@ _MOUNTED = (
     "a file system is mounted inside the version's folder or at it; nothing is "
     "written into it or deleted from it (unmount it, then check out again)"
 )
+REPLACED = "the work folder was replaced while it was being built; nothing was delivered"
+FolderId = tuple[int, int]  # (device, inode) of a folder
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
 
 
@@ -58,12 +61,19 @@ class Beneath:
     leaving ``root``'s file system. Thread-safe; close it (or use it as a context manager)
     when done: it holds folder descriptors."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, expect: FolderId | None = None) -> None:
+        """``expect``: the (device, inode) ``root`` must have (a work folder made for
+        this tree: one swapped in under its name is an error before anything is written
+        into it)."""
         self.path = Path(root)
         # owned: a consumer's chmod 000 on the version's folder must not wedge it
         fd = open_owned(root, None)
         self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
         self.mount = mount_of(self._root)
+        st = os.fstat(self._root)
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            os.close(self._root)
+            raise self._error(errno.ESTALE, REPLACED, "")
         # a file system (or a bind mount) at the folder itself is not the cache's either
         if parent_mount(self._root) != self.mount:
             os.close(self._root)
@@ -95,10 +105,13 @@ class Beneath:
         on the way, replacing a link or file where a folder belongs."""
         parent, name = _split(rel)
         writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         with self._lock:
             at = self._folder(parent, parents)
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
-                         dir_fd=at)  # fmt: skip
+            if flags & os.O_CREAT:
+                with suppress(FileExistsError):  # a file new from this call is ours
+                    return os.open(name, flags | os.O_EXCL, mode, dir_fd=at)
+            fd = os.open(name, flags, mode, dir_fd=at)
             try:
                 self._own_file(fd, at, name, rel, writing)
             except BaseException:
@@ -115,6 +128,8 @@ class Beneath:
         if not stat.S_ISREG(st.st_mode):
             raise self._error(errno.EPERM, "not a regular file", rel)
         if writing:
+            if mount_of(fd) != self.mount:  # a file bind-mounted over the cache's
+                raise self._error(errno.EXDEV, _MOUNTED, rel)
             now = os.stat(name, dir_fd=at, follow_symlinks=False)
             if st.st_nlink != 1 or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 raise self._error(errno.EPERM, "not a file of the cache's own (another link "

@@ -17,8 +17,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from chroma_snapshots.engine.beneath import REPLACED, FolderId
 from chroma_snapshots.engine.placer import local_io, raise_local
-from chroma_snapshots.engine.treewalk import DIR_FLAGS, remove_dir, walk
+from chroma_snapshots.engine.treewalk import (
+    DIR_FLAGS,
+    mount_of,
+    mounts_within,
+    parent_mount,
+    remove_dir,
+    walk,
+)
 from chroma_snapshots.errors import InvalidInputError, LocalDiskError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
@@ -128,7 +136,7 @@ def _umask() -> int:
 
 def build_at(
     dest: str | Path | None,
-    build: Callable[[Path], object],
+    build: Callable[[Path, FolderId], object],
     what: str,
     check: Callable[[], None] = lambda: None,
 ) -> Path:
@@ -146,7 +154,7 @@ def build_at(
     try:  # no work folder yet: the error names dest, not a name it never had
         with local_io(final, what), work_dir(final) as (work, built):
             try:  # the file that failed if the OS says which (of a copy's two, the target)
-                build(work)
+                build(work, built)
                 check()
                 move_into_place(work, final)
                 landed(final, built, lambda: None)
@@ -202,11 +210,11 @@ def folder_id(path: Path) -> tuple[int, int] | None:
 def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None]) -> None:
     """After a work folder was renamed to ``final``: LocalDiskError unless ``final`` is the
     folder that was built (``built``: its :func:`folder_id`). A process that swaps a folder
-    of its own in under the work folder's name between the last write and the rename gets
-    it moved aside beside ``final`` (``.<name>.replaced-<random>``, never deleted: it is
-    not ours), then ``forget()`` drops what recorded it; it is never served (a rename goes
-    by path)."""
-    if built is not None and folder_id(final) == built:
+    of its own in under the work folder's name between the last write and the rename (or
+    mounts a file system inside it) gets it moved aside beside ``final``
+    (``.<name>.replaced-<random>``, never deleted: it is not ours), then ``forget()``
+    drops what recorded it; it is never served (a rename goes by path)."""
+    if built is not None and folder_id(final) == built and not mounts_within(final):
         return
     aside = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
     try:
@@ -215,22 +223,46 @@ def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None
     except OSError as e:
         where = f"it stays at {final}: it could not be moved aside ({e.strerror})"
     forget()
-    raise LocalDiskError(errno.ESTALE, "the work folder was replaced while it was being "
-                         f"built; nothing was delivered, and {where}", str(final))  # fmt: skip
+    raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(final))
 
 
-def remove_tree(path: Path, check: Callable[[], None] = lambda: None) -> None:
+def remove_tree(
+    path: Path, check: Callable[[], None] = lambda: None, only: FolderId | None = None
+) -> None:
     """Remove a directory tree if it exists (temp folders, failed checkouts), at any depth
     (engine/treewalk.py); a link at ``path`` is removed, never followed. Folders a consumer
     made read-only (or unlistable) get their owner's permissions back first: otherwise the
-    tree would stay for good. ``check()`` runs every few entries and may raise."""
+    tree would stay for good. ``check()`` runs every few entries and may raise. ``only``:
+    remove it only if it is that folder (device, inode): one swapped in is not ours."""
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
-            os.unlink(path)
+            if only is None:
+                os.unlink(path)
             return
     except OSError:
         return
-    remove_dir(path, check)
+    remove_dir(path, check, only=only)
+
+
+def made_here(fd: int, path: Path) -> FolderId:
+    """The (device, inode) of the folder just made at ``path`` and opened as ``fd``, once
+    checked to be that folder: empty, this user's, on its parent's mount. A folder another
+    process swapped in between the mkdir and the open is LocalDiskError (ESTALE), and
+    neither written into nor removed."""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or os.listdir(fd) or mount_of(fd) != parent_mount(fd):
+        raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
+    return st.st_dev, st.st_ino
+
+
+def new_folder(path: Path) -> FolderId:
+    """Make the folder ``path`` and return its (device, inode) (:func:`made_here`)."""
+    path.mkdir()
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        return made_here(fd, path)
+    finally:
+        os.close(fd)
 
 
 def foreign_dir(
@@ -319,18 +351,17 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
         )
         e.filename = str(final.parent)
         raise
-    try:  # never through a link swapped in for it (its mode is set through the descriptor)
-        fd = os.open(work, DIR_FLAGS)
-    except OSError:
-        remove_tree(work)
-        raise
+    # never through a link swapped in for it (its mode is set through the descriptor)
+    fd = os.open(work, DIR_FLAGS)  # (if it fails, what is there now is not known to be ours)
+    built = None
     try:
+        built = made_here(fd, work)
         os.fchmod(fd, 0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
         fcntl.flock(fd, fcntl.LOCK_EX)
-        st = os.fstat(fd)
-        yield work, (st.st_dev, st.st_ino)
+        yield work, built
     except BaseException:
-        remove_tree(work)  # nothing of a failed build stays behind
+        if built is not None:
+            remove_tree(work, only=built)  # nothing of a failed build stays behind
         raise
     finally:
         os.close(fd)

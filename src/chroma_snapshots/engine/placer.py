@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.beneath import Beneath, FolderId
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
@@ -87,9 +87,13 @@ class Placer:
     """
 
     def __init__(
-        self, root: Path, manifest: Manifest, damaged: Mapping[str, Sequence[int]] | None = None
+        self,
+        root: Path,
+        manifest: Manifest,
+        damaged: Mapping[str, Sequence[int]] | None = None,
+        root_id: FolderId | None = None,
     ) -> None:
-        self.root = root
+        self.root, self._root_id = root, root_id
         self._tree: Beneath | None = None  # opened at the first file (root may not exist)
         self.manifest = manifest
         self.files = [f for f in manifest.files if damaged is None or f.path in damaged]
@@ -145,7 +149,7 @@ class Placer:
         into a mount (engine/beneath.py)."""
         with self._tree_lock:
             if self._tree is None:
-                self._tree = Beneath(self.root)
+                self._tree = Beneath(self.root, self._root_id)
             return self._tree
 
     def place(self, digest: str, raw: Buffer) -> int:

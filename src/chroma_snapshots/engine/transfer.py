@@ -190,12 +190,14 @@ class Placement:
     files under ``root``, or with ``only`` just those chunk positions of files already there.
     ``reuse`` offers local copies of chunks (each verified before use, or copied only from
     files it vouches for): only the rest is downloaded. A store that carries out a placement
-    opens ``reuse`` afresh for each attempt and closes it before returning."""
+    opens ``reuse`` afresh for each attempt and closes it before returning. ``root_id``:
+    the (device, inode) ``root`` must have (a work folder made for it, engine/beneath.py)."""
 
     root: Path
     manifest: Manifest
     reuse: LocalChunks | None = None
     only: Mapping[str, Sequence[int]] | None = None
+    root_id: tuple[int, int] | None = None
 
 
 # Returns the read's bytes, in a buffer the calling worker owns (and may reuse for its

@@ -332,7 +332,9 @@ class RemoteStore(SourceStore):
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
         final = build_at(
             dest,  # e.g. ENOSPC: CacheFullError, and nothing is left at dest
-            lambda work: self.materialize(name, Placement(work, manifest), dl, stats, progress),
+            lambda work, made: self.materialize(
+                name, Placement(work, manifest, root_id=made), dl, stats, progress
+            ),
             "writing the checkout",
             lambda: dl.check("writing the checkout"),
         )

@@ -3,32 +3,41 @@ while another holds the shared folder; and raw OS errors turned into the documen
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.beneath import REPLACED, FolderId
+from chroma_snapshots.engine.localfs import folder_id, new_folder, remove_tree
+from chroma_snapshots.engine.treewalk import mounts_within
+from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
 
 
 def held_copy(
-    d: NameDirs, version: str, build: Callable[[Path], None], check: Callable[[], None]
+    d: NameDirs, version: str, build: Callable[[Path, FolderId], None], check: Callable[[], None]
 ) -> tuple[Path, Callable[[], None]]:
     """A copy of ``version`` of its own for a checkout while another holds the shared
     folder, and what releases it. ``build`` fills the new folder (verifying every chunk);
     if ``check()`` then raises (the deadline passed), the copy is removed, not delivered.
     Its pin file (``copies/.pins``) is held while the copy lives; a copy whose pin is free
-    was left by a killed process (:func:`sweep_copies`)."""
+    was left by a killed process (:func:`sweep_copies`). A folder another process swaps in
+    under its name is neither written into, served nor removed (its device and inode)."""
     pin = d.pin_in(d.copies() / ".pins")
     path = d.copies() / f"{version}.{pin.path.name}"
+    made: list[FolderId] = []
 
     def release() -> None:
-        remove_tree(path)
+        if made:
+            remove_tree(path, only=made[0])
         pin.unlink(missing_ok=True)
 
     try:
-        path.mkdir()
-        build(path)
+        made.append(new_folder(path))
+        build(path, made[0])
         check()
+        if folder_id(path) != made[0] or mounts_within(path):
+            raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
     except BaseException:
         release()
         raise

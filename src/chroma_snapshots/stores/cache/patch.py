@@ -30,11 +30,12 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.beneath import Beneath, FolderId
 from chroma_snapshots.engine.localcopy import Stamp
+from chroma_snapshots.engine.localfs import folder_id
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.treewalk import own_at
+from chroma_snapshots.engine.treewalk import mounts_within, own_at
 from chroma_snapshots.engine.validation import is_name, short_id
 from chroma_snapshots.stores.cache.layout import NameDirs, stamp_at
 from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
@@ -49,6 +50,7 @@ class Retired:
     version: str
     manifest: Manifest
     stamps: dict[str, Stamp]
+    folder: FolderId  # its (device, inode): what must still be at ``work`` when patched
 
 
 def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
@@ -61,13 +63,16 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
     for v in [v for v in d.complete() if v != exclude and v not in named][-_TRY:][::-1]:
         try:
             with d.lock(v).acquire(timeout=0):
-                if d.pinned(v) or not d.is_complete(v):
-                    continue
+                if d.pinned(v) or not d.is_complete(v) or mounts_within(d.tree(v)):
+                    continue  # (a mount in it, even over a file: not ours to patch)
                 manifest = d.read_manifest(v)
                 if manifest is None:
                     continue
                 stamps = d.read_stamps(v)  # read before the tree moves: it is the proof
                 own_at(d.tree(v))  # moving a folder needs write permission on it
+                folder = folder_id(d.tree(v))
+                if folder is None:
+                    continue
                 try:
                     os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
                 except OSError as e:
@@ -76,7 +81,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                     raise
                 d.manifest_file(v).unlink(missing_ok=True)
                 d.stamps_file(v).unlink(missing_ok=True)
-                return Retired(v, manifest, stamps)
+                return Retired(v, manifest, stamps, folder)
         except LockTimeout:
             continue
     return None
@@ -96,7 +101,7 @@ def plan_patch(
     chunk positions of each file still to be written (the bytes kept count as reused).
     ``check()`` runs before each file and may raise (a deadline). Everything in ``work``
     is reached through folder descriptors (engine/beneath.py): never through a link."""
-    with Beneath(work) as t:
+    with Beneath(work, old.folder) as t:
         remove_extras(t, new)  # links and stray folders go before anything is looked at
         old_files = {f.path: f for f in old.manifest.files}
         # chunk i of another chunk size is at another offset: then nothing is kept unread

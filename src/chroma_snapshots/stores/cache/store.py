@@ -20,12 +20,12 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import (
     CACHE_MARKER,
     build_at,
     check_dest,
-    folder_id,
     landed,
     remove_tree,
 )
@@ -255,8 +255,10 @@ class CachedStore(CacheRefs, DelegatingStore):
         at release."""
         source = ["cache"]
 
-        def build(work: Path) -> None:
-            source[0] = self._from_cache(name, version, manifest, work, dl, stats, stamped=ours)
+        def build(work: Path, made: FolderId) -> None:
+            source[0] = self._from_cache(
+                name, version, manifest, (work, made), dl, stats, stamped=ours
+            )
 
         if dest is not None:
             check = partial(dl.check, "copying to dest")
@@ -271,7 +273,7 @@ class CachedStore(CacheRefs, DelegatingStore):
         name: str,
         version: str,
         manifest: Manifest,
-        target: Path,
+        target: tuple[Path, FolderId | None],
         dl: Deadline,
         stats: StatsRecorder,
         only: dict[str, list[int]] | None = None,
@@ -285,7 +287,7 @@ class CachedStore(CacheRefs, DelegatingStore):
         with self._local_chunks(name, version) as local:
             stamps = d.read_stamps(version) if stamped else None
             local.add_tree(d.tree(version), manifest, stamps=stamps)  # the rest read verified
-            job = Placement(target, manifest, reuse=local, only=only)
+            job = Placement(target[0], manifest, reuse=local, only=only, root_id=target[1])
             return self.inner.materialize(name, job, dl, stats)
 
     def _serve(
@@ -379,12 +381,12 @@ class CachedStore(CacheRefs, DelegatingStore):
         progress: Progress | None,
     ) -> str:
         d = self.dirs(name)
-        work = d.work_dir(version)
+        work, built = d.work_dir(version)  # built: what must land, not a folder swapped in
         try:
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
             old = take_retired(d, version, work) if patch else None
-            built = folder_id(work)  # what must land in versions/, not a folder swapped in
+            built = built if old is None else old.folder
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
@@ -392,14 +394,14 @@ class CachedStore(CacheRefs, DelegatingStore):
                 only = None if old is None else plan_patch(work, old, manifest, stats, check)
                 if old is not None:  # its chunks about to be overwritten are delta bases
                     local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
-                job = Placement(work, manifest, reuse=local, only=only)
+                job = Placement(work, manifest, reuse=local, only=only, root_id=built)
                 source = self.inner.materialize(name, job, dl, stats, progress)
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
             landed(d.tree(version), built, partial(d.drop_meta, version))
         except BaseException:
-            remove_tree(work)  # checkout maps a full disk to CacheFullError
+            remove_tree(work, only=built)  # checkout maps a full disk to CacheFullError
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
@@ -422,6 +424,6 @@ class CachedStore(CacheRefs, DelegatingStore):
         log.warning("cached %s/%s was modified (%d files); repairing", name, version, changed)
         source = "cache"
         if chunks:
-            source = self._from_cache(name, version, manifest, tree, dl, stats, chunks)
+            source = self._from_cache(name, version, manifest, (tree, None), dl, stats, chunks)
         d.write_stamps(version, tree, manifest)
         return source

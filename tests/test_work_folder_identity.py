@@ -1,0 +1,222 @@
+"""A folder the library makes to build in (the cache's work folder, the work folder beside
+a dest, a held copy) is known by its device and inode from the moment it is made: a folder
+another process swaps in under its name, at any step before the tree is served, is neither
+written into, served nor removed. A file bind-mounted over a cached file, or a file system
+mounted inside a work folder before its rename, is never written through or served.
+Each test makes the swap or the mount at one step, by wrapping the call that step makes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.placer import Placer
+from chroma_snapshots.stores.cache.layout import NameDirs
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+CHUNK = 4096
+PLANTED = {"chroma.sqlite3": b"OTHER PROCESS FILE", "mine.txt": b"mine"}
+
+
+def _files(seed: int) -> dict[str, bytes]:
+    return {"chroma.sqlite3": bytes([seed]) * (3 * CHUNK), "a/b.txt": b"b" * seed}
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> RemoteStore:
+    return RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points to unmount at the end, whatever happened."""
+    made: list[Path] = []
+    yield made
+    for m in reversed(made):
+        subprocess.run(["umount", str(m)], check=False, capture_output=True)
+
+
+def _bind(source: Path, target: Path, mounts: list[Path]) -> None:
+    if subprocess.run(["mount", "--bind", str(source), str(target)], check=False).returncode:
+        pytest.fail("this test needs root to bind-mount (CI runs as root)")
+    mounts.append(target)
+
+
+def _swapper(tmp_path: Path) -> tuple[Callable[[Path], None], list[Path]]:
+    """A swap of the folder at a path for a planted one of another process's (the one
+    swapped out goes aside); the list records the paths swapped."""
+    swapped: list[Path] = []
+
+    def swap(path: Path) -> None:
+        planted = write_tree(tmp_path / f"planted{len(swapped)}", PLANTED)
+        os.rename(path, tmp_path / f"aside{len(swapped)}")
+        os.rename(planted, path)
+        swapped.append(path)
+
+    return swap, swapped
+
+
+def test_a_file_bind_mounted_over_a_cached_file_is_never_written(
+    tmp_path: Path, remote: RemoteStore, mounts: list[Path]
+) -> None:
+    # a repair truncated, overwrote and re-moded the file mounted over the cached one
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    v2 = remote.publish("db", write_tree(tmp_path / "src2", _files(2))).version
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"PRECIOUS\n")
+    victim.chmod(0o600)
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db", v1) as snap:
+        _bind(victim, snap.path / "chroma.sqlite3", mounts)
+    with pytest.raises(LocalDiskError, match="mounted"):
+        cached.checkout("db", v1)
+    with cached.checkout("db", v2) as snap:  # not patched from the version with the mount
+        assert read_tree(snap.path) == _files(2)
+    assert victim.read_bytes() == b"PRECIOUS\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+def test_a_file_bind_mounted_over_a_work_file_while_it_is_built(
+    tmp_path: Path, remote: RemoteStore, mounts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # between the creation of the files and the writes into them, which open them again
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"PRECIOUS\n")
+    victim.chmod(0o600)
+    real_create = Placer.create_files
+
+    def create_then_mount(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
+        real_create(placer, check)
+        _bind(victim, placer.root / "chroma.sqlite3", mounts)
+
+    monkeypatch.setattr(Placer, "create_files", create_then_mount)
+    checkouts: list[Callable[[], object]] = [
+        lambda: CachedStore(remote, tmp_path / "cache").checkout("db", v1),
+        lambda: remote.checkout("db", v1, tmp_path / "out" / "db"),
+    ]
+    for checkout in checkouts:
+        with pytest.raises(LocalDiskError, match="mounted"):
+            checkout()
+        assert victim.read_bytes() == b"PRECIOUS\n"
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert not (tmp_path / "out" / "db").exists()
+
+
+@pytest.mark.parametrize("step", ["after the mkdir", "before the files are made"])
+def test_a_folder_swapped_for_the_cache_work_folder(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # swapped right after the mkdir, the other process's folder was served as the version
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    swap, swapped = _swapper(tmp_path)
+    if step == "after the mkdir":
+        real_mkdir = Path.mkdir
+
+        def mkdir_then_swap(path: Path, *args: object, **kwargs: object) -> None:
+            real_mkdir(path, *args, **kwargs)  # type: ignore[arg-type]
+            if path.parent.name == "tmp" and not swapped:
+                swap(path)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir_then_swap)
+    else:
+        real_create = Placer.create_files
+
+        def swap_then_create(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
+            swap(placer.root)
+            real_create(placer, check)
+
+        monkeypatch.setattr(Placer, "create_files", swap_then_create)
+    with pytest.raises(LocalDiskError, match="work folder was replaced"):
+        CachedStore(remote, tmp_path / "cache").checkout("db", v1)
+    monkeypatch.undo()
+    assert read_tree(swapped[0]) == PLANTED  # neither written into nor removed
+    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
+        assert read_tree(snap.path) == _files(1)
+
+
+def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the placer opened the work folder again by path and wrote into the swapped-in one
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    swap, swapped = _swapper(tmp_path)
+    real_create = Placer.create_files
+
+    def swap_then_create(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
+        swap(placer.root)
+        real_create(placer, check)
+
+    monkeypatch.setattr(Placer, "create_files", swap_then_create)
+    cached = CachedStore(remote, tmp_path / "cache")
+    checkouts: list[Callable[[Path], object]] = [
+        lambda dest: remote.checkout("db", v1, dest),
+        lambda dest: cached.checkout("db", v1, dest),  # cold: through the cache
+        lambda dest: cached.checkout("db", v1, dest),  # warm: a copy out of it
+    ]
+    for n, checkout in enumerate(checkouts):
+        if n == 2:
+            monkeypatch.undo()
+            cached.checkout("db", v1).release()  # cached now
+            monkeypatch.setattr(Placer, "create_files", swap_then_create)
+        dest = tmp_path / f"out{n}" / "db"
+        with pytest.raises(LocalDiskError, match="work folder was replaced"):
+            checkout(dest)
+        assert not dest.exists()
+        assert read_tree(swapped[-1]) == PLANTED
+
+
+def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the other process's folder was served as the copy, then deleted at the release
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    swap, swapped = _swapper(tmp_path)
+    real_finish = Placer.finish
+
+    def finish_then_swap(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
+        real_finish(placer, check)
+        if "copies" in placer.root.parts:
+            swap(placer.root)
+
+    first = CachedStore(remote, tmp_path / "cache")
+    with first.checkout("db", v1) as held:
+        for meta in (held.path.parent.parent / "meta").iterdir():
+            meta.unlink()  # a second checkout gets a copy of its own
+        monkeypatch.setattr(Placer, "finish", finish_then_swap)
+        with pytest.raises(LocalDiskError, match="work folder was replaced"):
+            CachedStore(remote, tmp_path / "cache").checkout("db", v1)
+        monkeypatch.undo()
+        assert read_tree(swapped[0]) == PLANTED
+        assert read_tree(held.path) == _files(1)
+
+
+def test_a_mount_inside_a_work_folder_before_its_rename_is_not_served(
+    tmp_path: Path, remote: RemoteStore, mounts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it moved into place with the rename and was served beside the verified files
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    theirs = write_tree(tmp_path / "theirs", {"marker": b"theirs"})
+    real_meta = NameDirs.write_meta
+
+    def meta_then_mount(d: NameDirs, v: str, work: Path, m: object) -> None:
+        real_meta(d, v, work, m)  # type: ignore[arg-type]
+        (work / "mnt").mkdir()
+        _bind(theirs, work / "mnt", mounts)
+
+    monkeypatch.setattr(NameDirs, "write_meta", meta_then_mount)
+    with pytest.raises(LocalDiskError, match="work folder was replaced") as err:
+        CachedStore(remote, tmp_path / "cache").checkout("db", v1)
+    aside = Path(str(err.value.strerror).rsplit("it was moved to ", 1)[1])
+    mounts.append(aside / "mnt")  # the mount moved with its folder
+    assert read_tree(aside / "mnt") == {"marker": b"theirs"}
+    monkeypatch.undo()
+    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
+        assert read_tree(snap.path) == _files(1)
