@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine import localfs
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.stores.cache.layout import NameDirs
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -61,6 +63,15 @@ def _swapper(tmp_path: Path) -> tuple[Callable[[Path], None], list[Path]]:
         swapped.append(path)
 
     return swap, swapped
+
+
+def _set_aside(path: Path) -> Path:
+    """The planted folder once the library set it aside beside ``path``, intact: neither
+    written into nor removed, nor left under a name a clean-up takes for a leftover."""
+    (aside,) = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.replaced-")]
+    assert not path.exists()
+    assert read_tree(aside) == PLANTED
+    return aside
 
 
 def test_a_file_bind_mounted_over_a_cached_file_is_never_written(
@@ -137,9 +148,10 @@ def test_a_folder_swapped_for_the_cache_work_folder(
     with pytest.raises(LocalDiskError, match="work folder was replaced"):
         CachedStore(remote, tmp_path / "cache").checkout("db", v1)
     monkeypatch.undo()
-    assert read_tree(swapped[0]) == PLANTED  # neither written into nor removed
-    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
+    aside = _set_aside(swapped[0])
+    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:  # sweeps tmp/
         assert read_tree(snap.path) == _files(1)
+    assert read_tree(aside) == PLANTED
 
 
 def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
@@ -170,7 +182,12 @@ def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
         with pytest.raises(LocalDiskError, match="work folder was replaced"):
             checkout(dest)
         assert not dest.exists()
-        assert read_tree(swapped[-1]) == PLANTED
+        aside = _set_aside(swapped[-1])
+    monkeypatch.undo()
+    old = time.time() - 2 * localfs.LEFTOVER_AGE
+    os.utime(aside, (old, old))
+    with remote.checkout("db", v1, tmp_path / "out2" / "db"):  # sweeps old work folders
+        assert read_tree(aside) == PLANTED
 
 
 def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
@@ -194,8 +211,10 @@ def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
         with pytest.raises(LocalDiskError, match="work folder was replaced"):
             CachedStore(remote, tmp_path / "cache").checkout("db", v1)
         monkeypatch.undo()
-        assert read_tree(swapped[0]) == PLANTED
+        aside = _set_aside(swapped[0])
         assert read_tree(held.path) == _files(1)
+    CachedStore(remote, tmp_path / "cache")  # opening sweeps copies whose holder is gone
+    assert read_tree(aside) == PLANTED
 
 
 def test_a_mount_inside_a_work_folder_before_its_rename_is_not_served(

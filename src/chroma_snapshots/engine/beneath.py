@@ -42,7 +42,7 @@ _MOUNTED = (
     "written into it or deleted from it (unmount it, then check out again)"
 )
 REPLACED = "the work folder was replaced while it was being built; nothing was delivered"
-FolderId = tuple[int, int]  # (device, inode) of a folder
+FolderId = tuple[int, int]  # (device, inode) of a folder (or a file)
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
 
 
@@ -98,11 +98,21 @@ class Beneath:
             if fd >= 0:
                 os.close(fd)
 
-    def open(self, rel: str, flags: int, mode: int = 0o666, *, parents: bool = False) -> int:
+    def open(
+        self,
+        rel: str,
+        flags: int,
+        mode: int = 0o666,
+        *,
+        parents: bool = False,
+        known: FolderId | None = None,
+    ) -> int:
         """Open the file ``rel`` (relative, ``/``-separated) with ``flags``; the caller
         closes it. A link at ``rel`` is ELOOP; what is not a regular file, or (to write)
-        a file with another link, is LocalDiskError. ``parents`` makes missing folders
-        on the way, replacing a link or file where a folder belongs."""
+        a file with another link or on another mount, is LocalDiskError. ``parents`` makes
+        missing folders on the way, replacing a link or file where a folder belongs.
+        ``known``: the (device, inode) of a file this tree made or checked before: found
+        again, it needs no other check (a file mounted over it has another inode)."""
         parent, name = _split(rel)
         writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -113,7 +123,8 @@ class Beneath:
                     return os.open(name, flags | os.O_EXCL, mode, dir_fd=at)
             fd = os.open(name, flags, mode, dir_fd=at)
             try:
-                self._own_file(fd, at, name, rel, writing)
+                if known is None or _ident(os.fstat(fd)) != known:
+                    self._own_file(fd, at, name, rel, writing)
             except BaseException:
                 os.close(fd)
                 raise
@@ -273,6 +284,10 @@ class Beneath:
 def _own(fd: int, st: os.stat_result) -> None:
     if st.st_mode & 0o700 != 0o700:  # a consumer's chmod 0500
         os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+
+
+def _ident(st: os.stat_result) -> FolderId:
+    return st.st_dev, st.st_ino
 
 
 def _split(rel: str) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -216,14 +217,34 @@ def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None
     drops what recorded it; it is never served (a rename goes by path)."""
     if built is not None and folder_id(final) == built and not mounts_within(final):
         return
-    aside = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(final, aside)
-        where = f"it was moved to {aside}"
-    except OSError as e:
-        where = f"it stays at {final}: it could not be moved aside ({e.strerror})"
+    where = set_aside(final)
     forget()
     raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(final))
+
+
+def set_aside(path: Path) -> str:
+    """Move what is at ``path`` (a folder another process swapped in for one of ours) to
+    ``.<name>.replaced-<random>`` beside it, a name no clean-up removes: it is not ours
+    to delete. Returns where it went, said for an error message."""
+    aside = path.with_name(f".{path.name}{ASIDE}{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return "it is gone"
+    except OSError as e:
+        return f"it stays at {path}: it could not be moved aside ({e.strerror})"
+    log.warning("a folder swapped in for %s was moved to %s, not deleted", path, aside)
+    return f"it was moved to {aside}"
+
+
+def remove_mine(path: Path, built: FolderId) -> None:
+    """Remove the folder ``path`` if it is ``built`` (device, inode); a folder swapped in
+    under its name is set aside (:func:`set_aside`), neither removed nor left under a
+    name a clean-up would take for a leftover of ours."""
+    if folder_id(path) == built:
+        remove_tree(path, only=built)
+    if os.path.lexists(path) and folder_id(path) != built:
+        set_aside(path)
 
 
 def remove_tree(
@@ -244,6 +265,10 @@ def remove_tree(
     remove_dir(path, check, only=only)
 
 
+log = logging.getLogger(__name__)
+ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
+
+
 def made_here(fd: int, path: Path) -> FolderId:
     """The (device, inode) of the folder just made at ``path`` and opened as ``fd``, once
     checked to be that folder: empty, this user's, on its parent's mount. A folder another
@@ -251,7 +276,8 @@ def made_here(fd: int, path: Path) -> FolderId:
     neither written into nor removed."""
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or os.listdir(fd) or mount_of(fd) != parent_mount(fd):
-        raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
+        where = set_aside(path)
+        raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(path))
     return st.st_dev, st.st_ino
 
 
@@ -361,7 +387,7 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
         yield work, built
     except BaseException:
         if built is not None:
-            remove_tree(work, only=built)  # nothing of a failed build stays behind
+            remove_mine(work, built)  # nothing of a failed build stays behind
         raise
     finally:
         os.close(fd)

@@ -110,6 +110,7 @@ class Placer:
                 where = (f.path, i * cs, f.at if i == 0 else 0, min(cs, f.size - i * cs))
                 self.targets[f.chunks[i]].append(where)
         self._fds: dict[str, int] = {}
+        self._ids: dict[str, FolderId] = {}  # files made by create_files: (device, inode)
         self._modes = {f.path: f.mode for f in self.files}  # set as each file is complete
         self._left = Counter(where[0] for wheres in self.targets.values() for where in wheres)
         self._lock = threading.Lock()
@@ -132,6 +133,8 @@ class Placer:
                 # its own (O_TRUNC would cut a hard-linked one before any check)
                 fd = self.tree.open(f.path, os.O_WRONLY | os.O_CREAT, parents=True)
                 try:
+                    st = os.fstat(fd)  # known again when the file is opened to be filled
+                    self._ids[f.path] = st.st_dev, st.st_ino
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, f.size)
                 finally:
@@ -257,7 +260,8 @@ class Placer:
             with self._lock:  # several reads may open the same file at once
                 fd = self._fds.get(relpath)
                 if fd is None:
-                    fd = self._fds[relpath] = self.tree.open(relpath, os.O_WRONLY)
+                    known = self._ids.get(relpath)
+                    fd = self._fds[relpath] = self.tree.open(relpath, os.O_WRONLY, known=known)
         return fd
 
     def _take_fds(self) -> dict[str, int]:

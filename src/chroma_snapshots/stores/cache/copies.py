@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
-from chroma_snapshots.engine.localfs import folder_id, new_folder, remove_tree
+from chroma_snapshots.engine.localfs import folder_id, new_folder, remove_mine, remove_tree
 from chroma_snapshots.engine.treewalk import mounts_within
 from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
@@ -29,7 +29,7 @@ def held_copy(
 
     def release() -> None:
         if made:
-            remove_tree(path, only=made[0])
+            remove_mine(path, made[0])
         pin.unlink(missing_ok=True)
 
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.localfs import ASIDE, remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
@@ -79,7 +79,7 @@ class CacheSpace:
             raise NoRoom(
                 f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
                 f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
-                "evicting every unpinned version"
+                "evicting every unpinned version without a file system mounted in it"
             )
 
     def _evict_until(self, need: int, keep: tuple[str, str]) -> None:
@@ -121,13 +121,16 @@ class CacheSpace:
         return True
 
     def clean_leftovers(self) -> None:
-        """Remove work folders of dead materializers and meta files without a tree."""
+        """Remove work folders of dead materializers and meta files without a tree (not
+        the folders set aside, engine/localfs.set_aside)."""
         for n in self.cached_names():
             d = self.dirs(n)
             found: dict[str, list[Path]] = {}
             for sub in ("tmp", "meta"):
                 folder = d.root / sub
                 for p in folder.iterdir() if folder.is_dir() else ():
+                    if ASIDE in p.name:
+                        continue  # another process's folder, set aside: not ours to remove
                     found.setdefault(p.name.lstrip(".").split(".", 1)[0], []).append(p)
             for version, paths in found.items():
                 try:

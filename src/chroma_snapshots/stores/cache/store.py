@@ -27,7 +27,7 @@ from chroma_snapshots.engine.localfs import (
     build_at,
     check_dest,
     landed,
-    remove_tree,
+    remove_mine,
 )
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
@@ -401,7 +401,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             os.replace(work, d.tree(version))
             landed(d.tree(version), built, partial(d.drop_meta, version))
         except BaseException:
-            remove_tree(work, only=built)  # checkout maps a full disk to CacheFullError
+            remove_mine(work, built)  # checkout maps a full disk to CacheFullError
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
