@@ -239,3 +239,44 @@ def test_a_mount_inside_a_work_folder_before_its_rename_is_not_served(
     monkeypatch.undo()
     with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
         assert read_tree(snap.path) == _files(1)
+
+
+def test_a_retired_version_is_renamed_onto_nothing(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the work folder was made first and the retired version renamed over it: an empty
+    # folder of another process's swapped in meanwhile (45 of 228 positions) was destroyed
+    from chroma_snapshots.stores.cache import store as store_module
+    from chroma_snapshots.stores.cache.patch import take_retired as real_take
+
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    v2 = remote.publish("db", write_tree(tmp_path / "src2", _files(2))).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    cached.checkout("db", v1).release()
+    seen: list[bool] = []
+
+    def take(d: NameDirs, exclude: str, work: Path) -> object:
+        seen.append(os.path.lexists(work))
+        return real_take(d, exclude, work)
+
+    monkeypatch.setattr(store_module, "take_retired", take)
+    with cached.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == _files(2)
+    assert seen == [False]
+    assert v1 not in cached.dirs("db").complete()  # it was the one patched
+
+
+def test_the_sweep_beside_a_dest_leaves_another_users_folder(
+    tmp_path: Path, remote: RemoteStore
+) -> None:
+    # root's checkout removed a two-hour-old work-named folder of uid 65534's
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    dest = tmp_path / "out" / "db"
+    prefix, _ = localfs._work_names(dest.name)
+    theirs = write_tree(dest.parent / f"{prefix}abcd1234.tmp", {"f.txt": b"theirs"})
+    os.chown(theirs, 65534, 65534)
+    old = time.time() - 2 * localfs.LEFTOVER_AGE
+    os.utime(theirs, (old, old))
+    with remote.checkout("db", v1, dest) as snap:
+        assert read_tree(snap.path) == _files(1)
+    assert read_tree(theirs) == {"f.txt": b"theirs"}

@@ -394,16 +394,18 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
 
 
 def _remove_if_left(path: Path) -> None:
+    """Remove an old work folder of this user's that no checkout holds (locked)."""
     try:
-        if time.time() - os.lstat(path).st_mtime < LEFTOVER_AGE:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, DIR_FLAGS)
     except OSError:
         return  # gone, or not a folder we made
     try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or time.time() - st.st_mtime < LEFTOVER_AGE:
+            return  # another user's (root sweeping), or new
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return  # a checkout in progress holds it
     finally:
         os.close(fd)
-    remove_tree(path)
+    remove_tree(path, only=(st.st_dev, st.st_ino))

@@ -34,9 +34,9 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.beneath import Beneath, FolderId
+from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
-from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, new_folder, remove_tree
+from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, remove_tree
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at
@@ -147,10 +147,10 @@ class NameDirs:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / "locks" / f"{version}.lock")
 
-    def work_dir(self, version: str) -> tuple[Path, FolderId]:
-        """A new work folder in ``tmp/`` and its (device, inode) (engine/localfs.py)."""
-        work = self._tmp_path(version)
-        return work, new_folder(work)
+    def work_path(self, version: str) -> Path:
+        """A fresh name in ``tmp/`` for a work folder (made by engine/localfs.new_folder,
+        or a retired version renamed there: onto nothing, never over a folder)."""
+        return self._tmp_path(version)
 
     def _tmp_path(self, version: str) -> Path:
         tmp = self.root / "tmp"

@@ -55,8 +55,9 @@ class Retired:
 
 def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
     """Move the newest complete, unpinned, unlocked version other than ``exclude`` to
-    ``work`` (an empty folder) and drop its meta; None if there is none. A version some
-    ref was last seen to name stays: a checkout of that ref would find it warm."""
+    ``work`` (a fresh name: onto nothing, so no folder there is replaced) and drop its
+    meta; None if there is none. A version some ref was last seen to name stays: a
+    checkout of that ref would find it warm."""
     d.drop_damaged()  # a tree swapped for a link: never taken, and removed here
     # a ref's records, not one being written (``.<ref>.<hex>.tmp``) or a stray name
     named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs") if is_name(p.name)}

@@ -27,6 +27,7 @@ from chroma_snapshots.engine.localfs import (
     build_at,
     check_dest,
     landed,
+    new_folder,
     remove_mine,
 )
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
@@ -381,12 +382,14 @@ class CachedStore(CacheRefs, DelegatingStore):
         progress: Progress | None,
     ) -> str:
         d = self.dirs(name)
-        work, built = d.work_dir(version)  # built: what must land, not a folder swapped in
+        work, built = d.work_path(version), None
         try:
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
             old = take_retired(d, version, work) if patch else None
-            built = built if old is None else old.folder
+            # what must land, not a folder swapped in (made after: a retired version is
+            # renamed onto nothing, so no empty folder of another's can be replaced)
+            built = new_folder(work) if old is None else old.folder
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
@@ -401,7 +404,8 @@ class CachedStore(CacheRefs, DelegatingStore):
             os.replace(work, d.tree(version))
             landed(d.tree(version), built, partial(d.drop_meta, version))
         except BaseException:
-            remove_mine(work, built)  # checkout maps a full disk to CacheFullError
+            if built is not None:
+                remove_mine(work, built)  # checkout maps a full disk to CacheFullError
             raise
         with self._mlock:
             self._manifests[(name, version)] = manifest
