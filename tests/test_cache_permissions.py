@@ -23,7 +23,7 @@ import pytest
 from small_stores import CHUNK
 
 from chroma_snapshots import CachedStore, RemoteStore
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 _INSIDE = "CHROMA_SNAPSHOTS_TEST_UNPRIVILEGED"

@@ -13,7 +13,7 @@ import pytest
 
 from chroma_snapshots import CachedStore, RemoteStore, StorageTimeoutError
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.stores.cache.inspect import entries, verify
 from chroma_snapshots.testing.conformance import read_tree, write_tree

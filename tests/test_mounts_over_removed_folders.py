@@ -21,7 +21,7 @@ from cli_inprocess import Run
 from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine import localfs
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.opening import open_store
 from chroma_snapshots.stores.cache.inspect import entries
 from chroma_snapshots.stores.cache.layout import NameDirs

@@ -31,7 +31,7 @@ import pytest
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.stores.base import LocalSnapshot
 from chroma_snapshots.testing.conformance import read_tree, write_tree

@@ -30,7 +30,8 @@ from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import copy_tree, remove_tree
+from chroma_snapshots.engine.folders import remove_tree
+from chroma_snapshots.engine.localfs import copy_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.placer import disk_error, local_io
 from chroma_snapshots.engine.retry import IMMEDIATE

@@ -29,7 +29,7 @@ from chroma_snapshots.chroma import (
 )
 from chroma_snapshots.compaction.deltas import Delta, Record, dimension_problem, problem
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import remove_tree
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError

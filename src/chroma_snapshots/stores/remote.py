@@ -26,8 +26,9 @@ from chroma_snapshots.engine.deadline import (
     DeadlineLike,
     as_deadline,
 )
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.keys import manifest_key
-from chroma_snapshots.engine.localfs import build_at, remove_tree
+from chroma_snapshots.engine.localfs import build_at
 from chroma_snapshots.engine.models import (
     MANIFEST_FORMAT,
     Manifest,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
-from chroma_snapshots.engine.localfs import folder_id, new_folder, remove_mine, remove_tree
+from chroma_snapshots.engine.folders import folder_id, new_folder, remove_mine, remove_tree
 from chroma_snapshots.engine.treewalk import mounts_within
 from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held

@@ -35,8 +35,9 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
-from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir, remove_tree
+from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at
@@ -148,7 +149,7 @@ class NameDirs:
         return FileLock(self.root / "locks" / f"{version}.lock")
 
     def work_path(self, version: str) -> Path:
-        """A fresh name in ``tmp/`` for a work folder (made by engine/localfs.new_folder,
+        """A fresh name in ``tmp/`` for a work folder (made by engine/folders.new_folder,
         or a retired version renamed there: onto nothing, never over a folder)."""
         return self._tmp_path(version)
 

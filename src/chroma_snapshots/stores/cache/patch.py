@@ -31,8 +31,8 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import Beneath, FolderId
+from chroma_snapshots.engine.folders import folder_id
 from chroma_snapshots.engine.localcopy import Stamp
-from chroma_snapshots.engine.localfs import folder_id
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.treewalk import mounts_within, own_at

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.localfs import ASIDE, remove_tree
+from chroma_snapshots.engine.folders import ASIDE, remove_tree
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
@@ -122,7 +122,7 @@ class CacheSpace:
 
     def clean_leftovers(self) -> None:
         """Remove work folders of dead materializers and meta files without a tree (not
-        the folders set aside, engine/localfs.set_aside)."""
+        the folders set aside, engine/folders.set_aside)."""
         for n in self.cached_names():
             d = self.dirs(n)
             found: dict[str, list[Path]] = {}

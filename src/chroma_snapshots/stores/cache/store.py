@@ -22,14 +22,8 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import (
-    CACHE_MARKER,
-    build_at,
-    check_dest,
-    landed,
-    new_folder,
-    remove_mine,
-)
+from chroma_snapshots.engine.folders import landed, new_folder, remove_mine
+from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder

@@ -1,0 +1,117 @@
+"""Folders the library makes and removes, known by their device and inode: a work folder
+is checked at its making, a finished one where it landed, and only the folder made is
+ever removed. A folder another process swapped in under one of those names is set aside
+under a name no clean-up takes, never written into, served or deleted (docs/SECURITY.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from chroma_snapshots.engine.beneath import REPLACED, FolderId
+from chroma_snapshots.engine.treewalk import (
+    DIR_FLAGS,
+    mount_of,
+    mounts_within,
+    parent_mount,
+    remove_dir,
+)
+from chroma_snapshots.errors import LocalDiskError
+
+
+def folder_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the real folder at ``path``; None if it is not one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None]) -> None:
+    """After a work folder was renamed to ``final``: LocalDiskError unless ``final`` is the
+    folder that was built (``built``: its :func:`folder_id`). A process that swaps a folder
+    of its own in under the work folder's name between the last write and the rename (or
+    mounts a file system inside it) gets it moved aside beside ``final``
+    (``.<name>.replaced-<random>``, never deleted: it is not ours), then ``forget()``
+    drops what recorded it; it is never served (a rename goes by path)."""
+    if built is not None and folder_id(final) == built and not mounts_within(final):
+        return
+    where = set_aside(final)
+    forget()
+    raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(final))
+
+
+def set_aside(path: Path) -> str:
+    """Move what is at ``path`` (a folder another process swapped in for one of ours) to
+    ``.<name>.replaced-<random>`` beside it, a name no clean-up removes: it is not ours
+    to delete. Returns where it went, said for an error message."""
+    aside = path.with_name(f".{path.name}{ASIDE}{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return "it is gone"
+    except OSError as e:
+        return f"it stays at {path}: it could not be moved aside ({e.strerror})"
+    log.warning("a folder swapped in for %s was moved to %s, not deleted", path, aside)
+    return f"it was moved to {aside}"
+
+
+def remove_mine(path: Path, built: FolderId) -> None:
+    """Remove the folder ``path`` if it is ``built`` (device, inode); a folder swapped in
+    under its name is set aside (:func:`set_aside`), neither removed nor left under a
+    name a clean-up would take for a leftover of ours."""
+    if folder_id(path) == built:
+        remove_tree(path, only=built)
+    if os.path.lexists(path) and folder_id(path) != built:
+        set_aside(path)
+
+
+def remove_tree(
+    path: Path, check: Callable[[], None] = lambda: None, only: FolderId | None = None
+) -> None:
+    """Remove a directory tree if it exists (temp folders, failed checkouts), at any depth
+    (engine/treewalk.py); a link at ``path`` is removed, never followed. Folders a consumer
+    made read-only (or unlistable) get their owner's permissions back first: otherwise the
+    tree would stay for good. ``check()`` runs every few entries and may raise. ``only``:
+    remove it only if it is that folder (device, inode): one swapped in is not ours."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            if only is None:
+                os.unlink(path)
+            return
+    except OSError:
+        return
+    remove_dir(path, check, only=only)
+
+
+log = logging.getLogger(__name__)
+ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
+
+
+def made_here(fd: int, path: Path) -> FolderId:
+    """The (device, inode) of the folder just made at ``path`` and opened as ``fd``, once
+    checked to be that folder: empty, this user's, on its parent's mount. A folder another
+    process swapped in between the mkdir and the open is LocalDiskError (ESTALE), and
+    neither written into nor removed."""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or os.listdir(fd) or mount_of(fd) != parent_mount(fd):
+        where = set_aside(path)
+        raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(path))
+    return st.st_dev, st.st_ino
+
+
+def new_folder(path: Path) -> FolderId:
+    """Make the folder ``path`` and return its (device, inode) (:func:`made_here`)."""
+    path.mkdir()
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        return made_here(fd, path)
+    finally:
+        os.close(fd)
