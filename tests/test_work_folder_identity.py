@@ -65,6 +65,23 @@ def _swapper(tmp_path: Path) -> tuple[Callable[[Path], None], list[Path]]:
     return swap, swapped
 
 
+def _around(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    before: Callable[[Placer], None] = lambda _: None,
+    after: Callable[[Placer], None] = lambda _: None,
+) -> None:
+    """Run ``before`` and ``after`` around ``Placer.<method>`` (a racing process's step)."""
+    real = getattr(Placer, method)
+
+    def wrapped(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
+        before(placer)
+        real(placer, check)
+        after(placer)
+
+    monkeypatch.setattr(Placer, method, wrapped)
+
+
 def _set_aside(path: Path) -> Path:
     """The planted folder once the library set it aside beside ``path``, intact: neither
     written into nor removed, nor left under a name a clean-up takes for a leftover."""
@@ -102,13 +119,11 @@ def test_a_file_bind_mounted_over_a_work_file_while_it_is_built(
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"PRECIOUS\n")
     victim.chmod(0o600)
-    real_create = Placer.create_files
-
-    def create_then_mount(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
-        real_create(placer, check)
-        _bind(victim, placer.root / "chroma.sqlite3", mounts)
-
-    monkeypatch.setattr(Placer, "create_files", create_then_mount)
+    _around(
+        monkeypatch,
+        "create_files",
+        after=lambda p: _bind(victim, p.root / "chroma.sqlite3", mounts),
+    )
     checkouts: list[Callable[[], object]] = [
         lambda: CachedStore(remote, tmp_path / "cache").checkout("db", v1),
         lambda: remote.checkout("db", v1, tmp_path / "out" / "db"),
@@ -138,13 +153,7 @@ def test_a_folder_swapped_for_the_cache_work_folder(
 
         monkeypatch.setattr(Path, "mkdir", mkdir_then_swap)
     else:
-        real_create = Placer.create_files
-
-        def swap_then_create(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
-            swap(placer.root)
-            real_create(placer, check)
-
-        monkeypatch.setattr(Placer, "create_files", swap_then_create)
+        _around(monkeypatch, "create_files", before=lambda p: swap(p.root))
     with pytest.raises(LocalDiskError, match="work folder was replaced"):
         CachedStore(remote, tmp_path / "cache").checkout("db", v1)
     monkeypatch.undo()
@@ -160,13 +169,7 @@ def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
     # the placer opened the work folder again by path and wrote into the swapped-in one
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
     swap, swapped = _swapper(tmp_path)
-    real_create = Placer.create_files
-
-    def swap_then_create(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
-        swap(placer.root)
-        real_create(placer, check)
-
-    monkeypatch.setattr(Placer, "create_files", swap_then_create)
+    _around(monkeypatch, "create_files", before=lambda p: swap(p.root))
     cached = CachedStore(remote, tmp_path / "cache")
     checkouts: list[Callable[[Path], object]] = [
         lambda dest: remote.checkout("db", v1, dest),
@@ -177,7 +180,7 @@ def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
         if n == 2:
             monkeypatch.undo()
             cached.checkout("db", v1).release()  # cached now
-            monkeypatch.setattr(Placer, "create_files", swap_then_create)
+            _around(monkeypatch, "create_files", before=lambda p: swap(p.root))
         dest = tmp_path / f"out{n}" / "db"
         with pytest.raises(LocalDiskError, match="work folder was replaced"):
             checkout(dest)
@@ -196,10 +199,8 @@ def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
     # the other process's folder was served as the copy, then deleted at the release
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
     swap, swapped = _swapper(tmp_path)
-    real_finish = Placer.finish
 
-    def finish_then_swap(placer: Placer, check: Callable[[], None] = lambda: None) -> None:
-        real_finish(placer, check)
+    def swap_a_copy(placer: Placer) -> None:
         if "copies" in placer.root.parts:
             swap(placer.root)
 
@@ -207,7 +208,7 @@ def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
     with first.checkout("db", v1) as held:
         for meta in (held.path.parent.parent / "meta").iterdir():
             meta.unlink()  # a second checkout gets a copy of its own
-        monkeypatch.setattr(Placer, "finish", finish_then_swap)
+        _around(monkeypatch, "finish", after=swap_a_copy)
         with pytest.raises(LocalDiskError, match="work folder was replaced"):
             CachedStore(remote, tmp_path / "cache").checkout("db", v1)
         monkeypatch.undo()
