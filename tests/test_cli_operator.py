@@ -218,6 +218,8 @@ def test_cache_lists_per_name_and_version_and_removes_on_request(tmp_path: Path,
     assert "db: 2 versions, 11.7 KiB" in out
     code, out, _ = run(*base, "cache", "rm", "db", v1[:20], "--dry-run")
     assert f"would evict db/{v1}" in out
+    code, out, _ = run(*base, "cache", "rm", "db", v1.split("-")[-1][:6], "--dry-run")
+    assert f"would evict db/{v1}" in out  # a prefix of the digest, as everywhere else
     assert [e["version"] for e in _cache_ls(run, base)] == [v1, v2]  # dry: nothing gone
     code, out, _ = run(*base, "cache", "rm", "db", v1[:20])
     assert f"evicted db/{v1}" in out

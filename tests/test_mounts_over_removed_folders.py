@@ -189,3 +189,18 @@ def test_a_version_with_a_mount_inside_is_not_evicted_and_the_others_are(
     assert code == 0
     assert f"evicted db/{v1}" in out
     assert entries(cache) == []
+
+
+def test_a_file_system_at_the_cache_tmp_folder_is_named_in_the_error(
+    tmp_path: Path, theirs: Path, remote: RemoteStore
+) -> None:
+    # it was a raw EXDEV, then "mounted at this cached version", naming a version with none
+    version = _version(remote, tmp_path)
+    cached = CachedStore(remote, tmp_path / "cache")
+    with cached.checkout("db", version) as snap:
+        tmp = snap.path.parent.parent / "tmp"
+    with _bound(theirs, tmp):
+        with pytest.raises(LocalDiskError, match="mounted at the cache's tmp/ or versions/"):
+            cached.evict("db", version)
+        assert read_tree(theirs) == THEIRS
+    assert cached.evict("db", version)  # unmounted: it goes

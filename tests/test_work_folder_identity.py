@@ -221,25 +221,45 @@ def test_a_folder_swapped_for_a_held_copy_is_not_served_nor_removed(
 def test_a_mount_inside_a_work_folder_before_its_rename_is_not_served(
     tmp_path: Path, remote: RemoteStore, mounts: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # it moved into place with the rename and was served beside the verified files
+    # it moved into place with the rename and was served beside the verified files; then
+    # the tree built, set aside like another process's folder, stayed for good
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
     theirs = write_tree(tmp_path / "theirs", {"marker": b"theirs"})
-    real_meta = NameDirs.write_meta
+    real_meta, real_move = NameDirs.write_meta, localfs.move_into_place
 
-    def meta_then_mount(d: NameDirs, v: str, work: Path, m: object) -> None:
-        real_meta(d, v, work, m)  # type: ignore[arg-type]
+    def mount_in(work: Path) -> None:
         (work / "mnt").mkdir()
         _bind(theirs, work / "mnt", mounts)
 
+    def meta_then_mount(d: NameDirs, v: str, work: Path, m: object) -> None:
+        real_meta(d, v, work, m)  # type: ignore[arg-type]
+        mount_in(work)
+
+    def mount_then_move(work: Path, final: Path) -> None:
+        mount_in(work)
+        real_move(work, final)
+
     monkeypatch.setattr(NameDirs, "write_meta", meta_then_mount)
-    with pytest.raises(LocalDiskError, match="work folder was replaced") as err:
-        CachedStore(remote, tmp_path / "cache").checkout("db", v1)
-    aside = Path(str(err.value.strerror).rsplit("it was moved to ", 1)[1])
-    mounts.append(aside / "mnt")  # the mount moved with its folder
-    assert read_tree(aside / "mnt") == {"marker": b"theirs"}
+    monkeypatch.setattr(localfs, "move_into_place", mount_then_move)
+    cache, dest = tmp_path / "cache", tmp_path / "out" / "db"
+    checkouts: list[Callable[[], object]] = [
+        lambda: CachedStore(remote, cache).checkout("db", v1),
+        lambda: remote.checkout("db", v1, dest),
+    ]
+    for checkout in checkouts:
+        with pytest.raises(LocalDiskError, match="mounted inside the work folder"):
+            checkout()
+        assert read_tree(mounts[-1]) == {"marker": b"theirs"}  # back at its work folder
+        assert read_tree(mounts[-1].parent) == {"mnt/marker": b"theirs"}  # ours removed
+    assert not dest.exists()
     monkeypatch.undo()
-    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
+    for m in mounts:
+        subprocess.run(["umount", str(m)], check=True)
+    mounts.clear()
+    with CachedStore(remote, cache).checkout("db", v1) as snap:  # sweeps the leftover
         assert read_tree(snap.path) == _files(1)
+    assert [p.name for p in snap.path.parent.iterdir()] == [snap.path.name]  # none aside
+    assert read_tree(theirs) == {"marker": b"theirs"}
 
 
 def test_a_retired_version_is_renamed_onto_nothing(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from chroma_snapshots.cli.common import cache_of, emit, human_bytes
+from chroma_snapshots.cli.names import matches_prefix
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, LocalDiskError
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def _chosen(store: CachedStore, name: str | None, versions: Sequence[str]) -> li
         return found
     out = []
     for v in versions:
-        hits = [e for e in found if e.version.startswith(v) or e.version.split("-")[-1] == v]
+        hits = [e for e in found if matches_prefix(e.version, v)]
         if len(hits) != 1:
             what = "is not cached" if not hits else "is ambiguous"
             raise InvalidInputError(f"{name}/{v} {what} (see: chroma-snapshots cache ls)")

@@ -69,7 +69,7 @@ def resolve_ref(store: SnapshotStore, name: str, ref: str) -> str:
     if VersionId.is_version(ref) or not _PREFIX.fullmatch(ref) or ref in store.refs(name):
         return ref
     ids = version_ids(store, name)
-    found = [v for v in ids if _starts(v, ref)]
+    found = [v for v in ids if matches_prefix(v, ref)]
     if len(found) == 1:
         return found[0]
     if not found:
@@ -85,7 +85,8 @@ def resolve_ref(store: SnapshotStore, name: str, ref: str) -> str:
     )
 
 
-def _starts(version: str, prefix: str) -> bool:
+def matches_prefix(version: str, prefix: str) -> bool:
+    """``prefix`` starts the version id ``version`` or its digest."""
     return version.startswith(prefix) or version.split("-", 1)[-1].startswith(prefix)
 
 
@@ -95,7 +96,7 @@ def check_new_tag(store: SnapshotStore, name: str, tag: str) -> None:
     ambiguous")."""
     if not _PREFIX.fullmatch(tag):
         return
-    hidden = [v for v in version_ids(store, name) if _starts(v, tag)]
+    hidden = [v for v in version_ids(store, name) if matches_prefix(v, tag)]
     if hidden:
         raise InvalidInputError(
             f"tag {tag!r} is also the start of version {hidden[0]}"

@@ -34,15 +34,22 @@ def folder_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def landed(final: Path, built: tuple[int, int] | None, forget: Callable[[], None]) -> None:
-    """After a work folder was renamed to ``final``: LocalDiskError unless ``final`` is the
-    folder that was built (``built``: its :func:`folder_id`). A process that swaps a folder
-    of its own in under the work folder's name between the last write and the rename (or
-    mounts a file system inside it) gets it moved aside beside ``final``
-    (``.<name>.replaced-<random>``, never deleted: it is not ours), then ``forget()``
-    drops what recorded it; it is never served (a rename goes by path)."""
-    if built is not None and folder_id(final) == built and not mounts_within(final):
-        return
+def landed(final: Path, work: Path, built: FolderId | None, forget: Callable[[], None]) -> None:
+    """After the work folder ``work`` was renamed to ``final``: LocalDiskError unless
+    ``final`` is the folder that was built (``built``: its :func:`folder_id`) with no file
+    system mounted inside it. A process that swaps a folder of its own in under the work
+    folder's name between the last write and the rename gets it moved aside beside
+    ``final`` (``.<name>.replaced-<random>``, never deleted: it is not ours); the folder
+    built, with a mount inside, goes back to ``work`` (the caller removes it as a failed
+    build; the mount and what is on it stay). Either way ``forget()`` then drops what
+    recorded it, and it is never served (a rename goes by path)."""
+    if built is not None and folder_id(final) == built:
+        if not mounts_within(final):
+            return
+        os.rename(final, work)  # ours: removed with the failed build, all but the mount
+        forget()
+        raise LocalDiskError(errno.EBUSY, "a file system was mounted inside the work folder "
+                             "before it landed; nothing was delivered", str(final))  # fmt: skip
     where = set_aside(final)
     forget()
     raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(final))

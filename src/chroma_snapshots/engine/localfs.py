@@ -153,7 +153,7 @@ def build_at(
                 build(work, built)
                 check()
                 move_into_place(work, final)
-                landed(final, built, lambda: None)
+                landed(final, work, built, lambda: None)
             except OSError as e:
                 raise_local(_as_at(e, work, final), final, what)
                 raise

@@ -47,6 +47,10 @@ from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 # A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
 # consumer can put an mtime back (os.utime), never a ctime, so a file written and re-dated
 # still looks changed.
+_SPLIT = (
+    "a file system is mounted at the cache's tmp/ or versions/ folder: nothing can be "
+    "evicted or replaced until it is unmounted"
+)
 _MOUNTED = (
     "a file system is mounted at this cached version or inside it: nothing is evicted (unmount it)"
 )
@@ -301,11 +305,14 @@ class NameDirs:
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
         except OSError as e:
-            if e.errno not in (errno.EBUSY, errno.EXDEV):  # mounted at since, or at tmp/
+            if e.errno == errno.EXDEV:  # tmp/ (or versions/) is a mount of its own
+                raise LocalDiskError(e.errno, _SPLIT, str(self.root / "tmp")) from e
+            if e.errno != errno.EBUSY:  # mounted at since the check
                 raise
             raise LocalDiskError(e.errno, _MOUNTED, str(tree)) from e
-        finally:
+        try:  # (not when the tree stayed: the version is still complete, and served)
             self.drop_meta(version)
+        finally:
             remove_tree(trash)
 
     def drop_meta(self, version: str) -> None:

@@ -396,7 +396,7 @@ class CachedStore(CacheRefs, DelegatingStore):
             d.write_meta(version, work, manifest)
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
-            landed(d.tree(version), built, partial(d.drop_meta, version))
+            landed(d.tree(version), work, built, partial(d.drop_meta, version))
         except BaseException:
             if built is not None:
                 remove_mine(work, built)  # checkout maps a full disk to CacheFullError
