@@ -24,6 +24,9 @@ from chroma_snapshots.engine.treewalk import (
 )
 from chroma_snapshots.errors import LocalDiskError
 
+log = logging.getLogger(__name__)
+ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
+
 
 def folder_id(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the real folder at ``path``; None if it is not one."""
@@ -98,17 +101,15 @@ def remove_tree(
     remove_dir(path, check, only=only)
 
 
-log = logging.getLogger(__name__)
-ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
-
-
 def made_here(fd: int, path: Path) -> FolderId:
     """The (device, inode) of the folder just made at ``path`` and opened as ``fd``, once
     checked to be that folder: empty, this user's, on its parent's mount. A folder another
     process swapped in between the mkdir and the open is LocalDiskError (ESTALE), and
     neither written into nor removed."""
     st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or os.listdir(fd) or mount_of(fd) != parent_mount(fd):
+    with os.scandir(fd) as entries:  # one entry is enough: a racer's folder may be huge
+        empty = next(entries, None) is None
+    if st.st_uid != os.geteuid() or not empty or mount_of(fd) != parent_mount(fd):
         where = set_aside(path)
         raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(path))
     return st.st_dev, st.st_ino

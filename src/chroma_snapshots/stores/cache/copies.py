@@ -36,7 +36,7 @@ def held_copy(
         made.append(new_folder(path))
         build(path, made[0])
         check()
-        if folder_id(path) != made[0] or mounts_within(path):
+        if folder_id(path) != made[0] or mounts_within(path):  # (as engine/folders.landed)
             raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
     except BaseException:
         release()

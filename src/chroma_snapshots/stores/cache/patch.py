@@ -80,8 +80,7 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                     if e.errno == errno.EBUSY:  # a file system mounted at it: not ours to take
                         continue
                     raise
-                d.manifest_file(v).unlink(missing_ok=True)
-                d.stamps_file(v).unlink(missing_ok=True)
+                d.drop_meta(v)
                 return Retired(v, manifest, stamps, folder)
         except LockTimeout:
             continue
