@@ -32,7 +32,9 @@ def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
 
 
 def _backend(proxy: CountingProxy, bucket: str) -> S3Backend:
-    return S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url))
+    return S3Backend(
+        bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url, reader="botocore")
+    )
 
 
 def _collect(backend: S3Backend, key: str, span: tuple[int, int], size: int) -> bytes:
