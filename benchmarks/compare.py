@@ -52,7 +52,6 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 HERE = Path(__file__).resolve().parent
 Row = dict[str, Any]
 OURS, SYNC_TOOLS = "chroma-snapshots", ("aws s3 sync", "s5cmd sync")
-BOTOCORE = "chroma-snapshots, botocore reader"  # ours without the crt extra's native client
 
 
 def settle(dirty_mib: int = 64, timeout: float = 60.0) -> None:
@@ -250,17 +249,15 @@ class Bench:
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
         cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://{bucket}/snaps"]
-        ours = ["--endpoint-url", ep, "checkout", "db", "--dest"]
         contenders = {
-            "chroma-snapshots": [*cli, *ours],
-            BOTOCORE: ["env", "CHROMA_SNAPSHOTS_S3_READER=botocore", *cli, *ours],
+            "chroma-snapshots": [*cli, "--endpoint-url", ep, "checkout", "db", "--dest"],
             "tar.gz + boto3": [*py, "tar", ep, bucket],
             "aws s3 sync": self.tool("aws", "sync", "--only-show-errors", self.s3("raw")),
             "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
             "s3fs get": [*py, "s3fs", ep, bucket],
         }
         if cpus is not None:
-            contenders = {a: c for a, c in contenders.items() if a in (*SYNC_TOOLS, OURS, BOTOCORE)}
+            contenders = {a: c for a, c in contenders.items() if a in (*SYNC_TOOLS, OURS)}
         scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
         runs: dict[str, list[Row]] = {a: [] for a in contenders}
         names = list(contenders)

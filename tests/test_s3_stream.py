@@ -32,9 +32,7 @@ def proxy(moto_server: MotoServer) -> Iterator[CountingProxy]:
 
 
 def _backend(proxy: CountingProxy, bucket: str) -> S3Backend:
-    return S3Backend(
-        bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url, reader="botocore")
-    )
+    return S3Backend(bucket, "snaps", settings=S3Settings(endpoint_url=proxy.url))
 
 
 def _collect(backend: S3Backend, key: str, span: tuple[int, int], size: int) -> bytes:

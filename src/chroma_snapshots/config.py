@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
-from chroma_snapshots.backends.options import S3_READERS
 from chroma_snapshots.errors import ConfigError, shown
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
@@ -37,7 +36,6 @@ ENV_STALE_OK = "CHROMA_SNAPSHOTS_STALE_OK"
 ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
-ENV_S3_READER = "CHROMA_SNAPSHOTS_S3_READER"
 _MODES = ("s3", "efs", "auto")
 
 
@@ -69,16 +67,9 @@ class StoreConfig:
     offline: bool = False
     # Publish: trust the folder's stamp index for unchanged files (False: re-read them all).
     trust_stamps: bool = True
-    # Who receives checkout pack reads from S3: "auto" (awscrt's native client where the crt
-    # extra is installed), "crt" or "botocore".
-    s3_reader: str = "auto"
 
     def __post_init__(self) -> None:
         check_store_url(self.url)
-        if self.s3_reader not in S3_READERS:
-            raise ConfigError(
-                f"S3 reader {shown(self.s3_reader)} is not one of {', '.join(S3_READERS)}"
-            )
         if self.fallback_url is not None:
             check_store_url(self.fallback_url, "fallback URL")
         if self.s3_endpoint_url is not None:
@@ -111,7 +102,6 @@ class StoreConfig:
             refresh_seconds=_refresh(env),
             offline=_flag(env, ENV_OFFLINE),
             trust_stamps=_flag(env, ENV_TRUST_STAMPS, default=True),
-            s3_reader=_reader(env),
         )
 
 
@@ -173,13 +163,6 @@ def _flag(env: Mapping[str, str], var: str, *, default: bool = False) -> bool:
     if raw not in ("", "0", "1", "true", "false", "yes", "no"):
         raise ConfigError(f"{var}={shown(raw)} must be true or false")
     return default if not raw else raw in ("1", "true", "yes")
-
-
-def _reader(env: Mapping[str, str]) -> str:
-    raw = env.get(ENV_S3_READER, "").strip().lower() or "auto"
-    if raw not in S3_READERS:
-        raise ConfigError(f"{ENV_S3_READER}={shown(raw)} must be one of {', '.join(S3_READERS)}")
-    return raw
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:

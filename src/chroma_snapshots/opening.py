@@ -48,7 +48,6 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         profile=cfg.s3_profile,
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
-        reader=cfg.s3_reader,
     )
     if cfg.offline:
         backend = _offline(url)

@@ -9,11 +9,6 @@ if TYPE_CHECKING:
     from chroma_snapshots.backends.s3 import S3Settings
 
 
-# Who receives a checkout's S3 pack reads (backends/s3native.py): awscrt where installed,
-# or always, or never.
-S3_READERS = ("auto", "crt", "botocore")
-
-
 @dataclass(frozen=True)
 class OpenOptions:
     """What every factory may use. ``s3_settings``: an S3Settings (boto3 timeouts, endpoint);

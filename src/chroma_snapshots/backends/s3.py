@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from chroma_snapshots.backends.s3errors import (
     stop_at_deadline,
     wrap_error,
 )
-from chroma_snapshots.backends.s3native import NATIVE_MAX_READ, NativeReader, wants_native
 from chroma_snapshots.engine.deadline import (
     Deadline,
     WorkerPool,
@@ -55,7 +53,6 @@ from chroma_snapshots.engine.deadline import (
     within,
 )
 from chroma_snapshots.engine.retry import IMMEDIATE
-from chroma_snapshots.engine.streaming import STREAM_MAX_READ
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -91,9 +88,6 @@ class S3Settings:
     multipart_threshold: int = 64 << 20
     part_size: int = 16 << 20
     body_attempts: int = 3
-    # Who receives a checkout's pack reads: "botocore", "crt" (awscrt's native client, the
-    # crt extra) or "auto" (crt where awscrt is installed). See backends/s3native.py.
-    reader: str = "auto"
 
 
 def _etag(value: Any) -> str:
@@ -115,10 +109,6 @@ class S3Backend(Backend):
         self.prefix = prefix.strip("/")
         self.settings = settings or S3Settings()
         self.client = client or self._make_client(self.settings)
-        # a client handed in keeps every request (its credentials are its own)
-        self.native = client is None and wants_native(self.settings.reader)
-        self._native: NativeReader | None = None
-        self._native_lock = threading.Lock()
 
     @staticmethod
     def _make_client(s: S3Settings) -> S3Client:
@@ -230,12 +220,7 @@ class S3Backend(Backend):
         with; the rest (a chunk cut by the buffer's end) moves to the front. A body that
         stalls or breaks is asked for again from the first byte not held. Returns the bytes
         received: fewer than asked only if the answer itself was shorter (the caller
-        judges that). Through the native client (``self.native``) the attempts use buffers
-        of their own, not ``buf``."""
-        if self.native:
-            return self._native_reader().read_range(
-                self.bucket, self._key(key), key, byte_range, take, len(buf)
-            )
+        judges that)."""
         start, end = byte_range
         pos, filled, tries = start, 0, 0  # buf[:filled] holds bytes [pos, pos + filled)
         while pos + filled < end:
@@ -259,26 +244,6 @@ class S3Backend(Backend):
             finally:
                 body.close()
         return end - start
-
-    @property
-    def read_range_max(self) -> int:
-        """The longest range :meth:`read_range` should be asked for in one call."""
-        return NATIVE_MAX_READ if self.native else STREAM_MAX_READ
-
-    def _native_reader(self) -> NativeReader:
-        with self._native_lock:
-            if self._native is None:
-                s = self.settings
-                credentials = botocore.session.Session(profile=s.profile).get_credentials()
-                self._native = NativeReader(
-                    self.client,
-                    s.read_timeout,
-                    s.body_attempts,
-                    s.connect_timeout,
-                    s.max_attempts,
-                    credentials,
-                )
-            return self._native
 
     def _open_body(self, key: str, byte_range: tuple[int, int]) -> BodyReader:
         try:

@@ -82,25 +82,7 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
 
 
 def check_range(resp: Any, key: str, byte_range: tuple[int, int]) -> None:
-    """Refuse botocore's answer to a ranged GET unless :func:`range_mismatch` accepts it."""
-    meta = resp.get("ResponseMetadata", {})
-    wrong = range_mismatch(
-        key,
-        byte_range,
-        meta.get("HTTPStatusCode"),
-        int(resp.get("ContentLength", -1)),
-        str(resp.get("ContentRange", "")),
-    )
-    if wrong is not None:
-        resp["Body"].close()  # unread: the connection must not be reused
-        raise wrong
-
-
-def range_mismatch(
-    key: str, byte_range: tuple[int, int], status: int | None, length: int, told: str
-) -> BackendUnavailableError | None:
-    """None if an answer (``status``, Content-Length ``length``, Content-Range ``told``) to a
-    ranged GET is bytes ``[start, end)`` of ``key``, else the error to raise.
+    """Refuse an answer to a ranged GET that is not bytes ``[start, end)`` of ``key``.
 
     A 206 must say (Content-Range) it starts at ``start`` and ends at ``end`` or at the
     object's end, whichever comes first; a 200 (the whole object) only answers a range that
@@ -108,17 +90,20 @@ def range_mismatch(
     ignores or rewrites Range: its bytes would land at the wrong offsets and fail
     verification as if the store were damaged, so it is a BackendUnavailableError."""
     start, end = byte_range
-    if status == 200 and start == 0 and 0 <= length <= end:
-        return None
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status == 200 and start == 0 and int(resp.get("ContentLength", end + 1)) <= end:
+        return
+    told = str(resp.get("ContentRange", ""))
     if status == 206:
         unit, _, spec = told.partition(" ")
         first, _, rest = spec.partition("-")
         last, _, total = rest.partition("/")
         with contextlib.suppress(ValueError):
             if unit == "bytes" and int(first) == start and int(last) + 1 == min(end, int(total)):
-                return None
+                return
+    resp["Body"].close()  # unread: the connection must not be reused
     answered = f"status {status}" + (f", Content-Range {told!r}" if told else "")
-    return BackendUnavailableError(
+    raise BackendUnavailableError(
         f"get {key}: asked for bytes {start}-{end - 1}, the server answered with something "
         f"else ({answered}): a server or proxy that ignores Range?"
     )

@@ -33,9 +33,6 @@ Take = Callable[[memoryview, int], int]
 
 @runtime_checkable
 class RangeStreamer(Protocol):
-    @property
-    def read_range_max(self) -> int: ...  # the longest range one read_range should carry
-
     def read_range(
         self, key: str, byte_range: tuple[int, int], buf: memoryview, take: Take
     ) -> int: ...

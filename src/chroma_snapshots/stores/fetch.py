@@ -16,6 +16,7 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.stash import DeltaStash
 from chroma_snapshots.engine.streaming import (
     STREAM_BUFFER,
+    STREAM_MAX_READ,
     RangeStreamer,
     Take,
     stream_and_place,
@@ -90,8 +91,7 @@ def fetch_into(
             planned = {c.hash for c in todo}
             wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
             streams = isinstance(backend, RangeStreamer)  # fewer, larger requests
-            longest = backend.read_range_max if isinstance(backend, RangeStreamer) else 0
-            reads = plan_reads(wanted, max_read=max(longest, max_read))
+            reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ if streams else 0, max_read))
             first = [r for r in reads if any(c.base is not None for c in r.chunks)]
             then = [r for r in reads if all(c.base is None for c in r.chunks)]
             if streams:
