@@ -1,4 +1,5 @@
-"""Amazon S3 (or any S3-compatible server) through botocore.
+"""Amazon S3 (or any S3-compatible server) through botocore (``S3Settings`` and the client
+are made in ``s3client.py``).
 
 Conditional writes use S3's ``If-None-Match: *`` and ``If-Match: <etag>``;
 large objects are uploaded in parallel multipart parts. Timeouts and retries
@@ -11,16 +12,12 @@ import builtins
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import botocore.session
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -35,13 +32,11 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
-from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
+from chroma_snapshots.backends.s3client import S3Settings, make_client
 from chroma_snapshots.backends.s3errors import (
     check_range,
     field,
-    give_up_connecting,
-    stop_at_deadline,
     wrap_error,
 )
 from chroma_snapshots.engine.deadline import (
@@ -55,10 +50,11 @@ from chroma_snapshots.engine.deadline import (
 from chroma_snapshots.engine.retry import IMMEDIATE
 from chroma_snapshots.errors import (
     BackendUnavailableError,
-    ConfigError,
     IntegrityError,
     StorageTimeoutError,
 )
+
+__all__ = ["S3Backend", "S3Settings"]  # S3Settings lives in s3client.py; named here too
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -68,26 +64,6 @@ if TYPE_CHECKING:
 _BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
 T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Connection policy: timeouts, retries, parallelism and multipart sizes."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    connect_timeout: float = 5.0
-    # A refused or unresolvable endpoint, or one that takes connections and never answers,
-    # is not worth max_attempts backed-off retries (14-22 s, or minutes, before an error):
-    # two attempts, then fail.
-    connect_attempts: int = 2
-    read_timeout: float = 30.0
-    max_attempts: int = 5
-    max_pool_connections: int = 32
-    multipart_threshold: int = 64 << 20
-    part_size: int = 16 << 20
-    body_attempts: int = 3
 
 
 def _etag(value: Any) -> str:
@@ -108,35 +84,7 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.settings = settings or S3Settings()
-        self.client = client or self._make_client(self.settings)
-
-    @staticmethod
-    def _make_client(s: S3Settings) -> S3Client:
-        config = Config(
-            connect_timeout=s.connect_timeout,
-            read_timeout=s.read_timeout,
-            retries={"mode": "adaptive", "max_attempts": s.max_attempts},
-            max_pool_connections=s.max_pool_connections,
-        )
-        # botocore's own session, not boto3's: the client is the same, and a process that
-        # only checks out then never imports boto3 and s3transfer (~15 ms of a cold start).
-        try:
-            session = botocore.session.Session(profile=s.profile)
-            made = session.create_client(
-                "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
-            )
-        except ProfileNotFound as e:
-            raise ConfigError(
-                f"AWS profile {e.kwargs.get('profile')!r} is not in ~/.aws/config or "
-                "~/.aws/credentials (set by --profile or AWS_PROFILE)"
-            ) from None
-        client = cast("S3Client", made)  # the stubs type only boto3's factory by service name
-        # the endpoint botocore settled on, from wherever it came (AWS_ENDPOINT_URL, a
-        # profile's endpoint_url, a [services] section): a path in it would be the bucket
-        check_endpoint(client.meta.endpoint_url, "S3 endpoint (from the AWS configuration) ")
-        client.meta.events.register_first("needs-retry.s3", give_up_connecting(s.connect_attempts))
-        client.meta.events.register_first("before-send.s3", stop_at_deadline)
-        return client
+        self.client = client or make_client(self.settings)
 
     def __repr__(self) -> str:
         # the endpoint too: a store's default label keys its cache folder

@@ -1,0 +1,67 @@
+"""The botocore S3 client a backend uses, and the settings it is made from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import ProfileNotFound
+
+from chroma_snapshots.backends.endpoints import check_endpoint
+from chroma_snapshots.backends.s3errors import give_up_connecting, stop_at_deadline
+from chroma_snapshots.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection policy: timeouts, retries, parallelism and multipart sizes."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    connect_timeout: float = 5.0
+    # A refused or unresolvable endpoint, or one that takes connections and never answers,
+    # is not worth max_attempts backed-off retries (14-22 s, or minutes, before an error):
+    # two attempts, then fail.
+    connect_attempts: int = 2
+    read_timeout: float = 30.0
+    max_attempts: int = 5
+    max_pool_connections: int = 32
+    multipart_threshold: int = 64 << 20
+    part_size: int = 16 << 20
+    body_attempts: int = 3
+
+
+def make_client(s: S3Settings) -> S3Client:
+    """A botocore S3 client with ``s``'s timeouts and retries: it refuses an endpoint with a
+    path, gives up on one that does not connect, and sends nothing past a deadline."""
+    config = Config(
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
+        retries={"mode": "adaptive", "max_attempts": s.max_attempts},
+        max_pool_connections=s.max_pool_connections,
+    )
+    # botocore's own session, not boto3's: the client is the same, and a process that
+    # only checks out then never imports boto3 and s3transfer (~15 ms of a cold start).
+    try:
+        session = botocore.session.Session(profile=s.profile)
+        made = session.create_client(
+            "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
+        )
+    except ProfileNotFound as e:
+        raise ConfigError(
+            f"AWS profile {e.kwargs.get('profile')!r} is not in ~/.aws/config or "
+            "~/.aws/credentials (set by --profile or AWS_PROFILE)"
+        ) from None
+    client = cast("S3Client", made)  # the stubs type only boto3's factory by service name
+    # the endpoint botocore settled on, from wherever it came (AWS_ENDPOINT_URL, a
+    # profile's endpoint_url, a [services] section): a path in it would be the bucket
+    check_endpoint(client.meta.endpoint_url, "S3 endpoint (from the AWS configuration) ")
+    client.meta.events.register_first("needs-retry.s3", give_up_connecting(s.connect_attempts))
+    client.meta.events.register_first("before-send.s3", stop_at_deadline)
+    return client
