@@ -152,6 +152,23 @@ def test_offline_commands_do_not_warn_that_the_store_did_not_answer(
         assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err, args
 
 
+def test_an_offline_checkout_says_why_it_is_stale(
+    tmp_path: Path, run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning logged for a version served stale names the store's error: offline is
+    not "the store did not answer"."""
+    base = ["--cache-dir", str(tmp_path / "cache"), "--store", str(tmp_path / "store")]
+    _published(run, base, write_tree(tmp_path / "src", {"a.bin": b"a" * 3000}))
+    assert run(*base, "checkout", "db")[0] == 0
+    caplog.clear()
+    code, _, err = run("--offline", *base, "checkout", "db")
+    assert code == 0
+    assert "offline: served what 'latest' named" in err
+    (said,) = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in said
+    assert "did not answer" not in said
+
+
 @pytest.mark.parametrize("status", [200, 404])
 def test_an_endpoint_that_is_not_s3_is_unavailable_in_one_line(
     tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch, status: int

@@ -51,13 +51,13 @@ class CacheRefs(CacheSpace):
             found, outage = self.inner.read_current(name, ref, deadline=wait)
             stats.add(requests=1)
         except (BackendUnavailableError, StorageTimeoutError) as e:
-            if (version := self._last_seen(name, ref)) is None:
+            if (version := self._last_seen(name, ref, e)) is None:
                 raise  # never another version than the one this ref was last seen to name
             return version, True, e
         if outage is not None:  # a mirror answered for a source of truth that did not
             # What this cache last read from the source of truth wins (a mirror may have
             # missed a rollback); else the mirror's answer, flagged stale and not recorded.
-            if (version := self._last_seen(name, ref)) is not None:
+            if (version := self._last_seen(name, ref, outage)) is not None:
                 return version, True, outage
             if found is None:
                 raise outage
@@ -102,15 +102,16 @@ class CacheRefs(CacheSpace):
             d.record_ref(ref, before)
             raise
 
-    def _last_seen(self, name: str, ref: str) -> str | None:
+    def _last_seen(self, name: str, ref: str, why: BaseException) -> str | None:
         """With ``stale_ok``, the version ``ref`` named when this cache last read it from
-        the source of truth, if that version is cached (logged: it is served stale)."""
+        the source of truth, if that version is cached (logged with ``why``, the store's
+        error: it is served stale, and offline is not an outage)."""
         d = self.dirs(name)
         version = d.recorded_ref(ref) if self.stale_ok else None
         if version is None or not d.is_complete(version):
             return None
-        log.warning("serving cached %s/%s for %r stale: the store did not answer", name,
-                    version, ref)  # fmt: skip
+        reason = str(why).splitlines()[0] if str(why) else type(why).__name__
+        log.warning("serving cached %s/%s for %r stale: %s", name, version, ref, reason)
         return version
 
     def recent_ref(self, name: str, ref: str = "latest") -> str | None:
