@@ -172,6 +172,8 @@ def test_eviction_is_lru_and_spares_pinned(
     assert store.dirs("db").complete() == sorted([versions[0], versions[2]])
     assert read_tree(pinned.path)["seg/header.bin"] == b"v0"
     assert store.usage() <= store.max_bytes  # type: ignore[operator]
+    pins = store.dirs("db").root / "pins"  # an evicted version leaves no pins folder behind
+    assert sorted(os.listdir(pins)) == sorted([versions[0], versions[2]])
     tiny = CachedStore(remote, tmp_path / "cache", max_bytes=size // 2)
     with pytest.raises(CacheFullError) as err:
         tiny.checkout("db", versions[1])

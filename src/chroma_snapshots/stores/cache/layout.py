@@ -20,6 +20,7 @@ a live pin names it, so every read here tolerates a version that just vanished.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -317,9 +318,12 @@ class NameDirs:
 
     def drop_meta(self, version: str) -> None:
         """Remove a version's meta files (it is then not complete, whatever its tree), and
-        whatever else is at their names."""
+        whatever else is at their names; and its pins folder if no pin is left in it (with
+        the version's lock held, as every pin is made: no pin can be on its way in)."""
         remove_tree(self.manifest_file(version))
         remove_tree(self.stamps_file(version))
+        with contextlib.suppress(OSError):  # a live pin (not empty), or never pinned
+            os.rmdir(self.root / "pins" / version)
 
     def recorded_ref(self, ref: str) -> str | None:
         """The version ``ref`` named when it was last read from the store, if recorded."""
