@@ -267,7 +267,7 @@ def test_a_retired_version_is_renamed_onto_nothing(
 ) -> None:
     # the work folder was made first and the retired version renamed over it: an empty
     # folder of another process's swapped in meanwhile (45 of 228 positions) was destroyed
-    from chroma_snapshots.stores.cache import store as store_module
+    from chroma_snapshots.stores.cache import builds as store_module
     from chroma_snapshots.stores.cache.patch import take_retired as real_take
 
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version

@@ -12,8 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -22,12 +21,10 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.folders import landed, new_folder, remove_mine
 from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
     SnapshotError,
@@ -39,11 +36,11 @@ from chroma_snapshots.stores.base import (
     LocalSnapshot,
     SourceStore,
 )
+from chroma_snapshots.stores.cache.builds import CacheBuilds
 from chroma_snapshots.stores.cache.copies import (
     held_copy,
 )
 from chroma_snapshots.stores.cache.layout import Pin, check_trusted
-from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import find_damage
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
@@ -52,10 +49,9 @@ from chroma_snapshots.stores.delegating import DelegatingStore
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
 DEFAULT_MIN_FREE = 64 << 20
-_REUSE_FROM = 3  # newest cached versions offered as local chunk sources
 
 
-class CachedStore(CacheRefs, DelegatingStore):
+class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
     """Wraps a RemoteStore with a local cache of materialized versions.
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
@@ -263,28 +259,6 @@ class CachedStore(CacheRefs, DelegatingStore):
         path, release = held_copy(self.dirs(name), version, build, check)
         return path, release, source[0]
 
-    def _from_cache(
-        self,
-        name: str,
-        version: str,
-        manifest: Manifest,
-        target: tuple[Path, FolderId | None],
-        dl: Deadline,
-        stats: StatsRecorder,
-        only: dict[str, list[int]] | None = None,
-        stamped: bool = False,
-    ) -> str:
-        """Write ``manifest``'s chunks (``only`` those) under ``target``: from the cached
-        tree of ``version`` (``stamped``: its files whose stamps hold are copied unread)
-        and the other cached versions where they verify, the rest downloaded. Returns where
-        the bytes came from."""
-        d = self.dirs(name)
-        with self._local_chunks(name, version) as local:
-            stamps = d.read_stamps(version) if stamped else None
-            local.add_tree(d.tree(version), manifest, stamps=stamps)  # the rest read verified
-            job = Placement(target[0], manifest, reuse=local, only=only, root_id=target[1])
-            return self.inner.materialize(name, job, dl, stats)
-
     def _serve(
         self,
         name: str,
@@ -349,63 +323,6 @@ class CachedStore(CacheRefs, DelegatingStore):
         """A complete cached copy of ``version`` (unpinned: reads from it are verified)."""
         d = self.dirs(name)
         return d.tree(version) if d.is_complete(version) else None
-
-    @contextmanager
-    def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:
-        """Chunks of the newest other cached versions. They are not pinned: a version that
-        another process evicts meanwhile costs downloads, never a wrong byte (every local
-        read is verified), and pins here would keep evictions from making room."""
-        d = self.dirs(name)
-        local = LocalChunks()
-        try:
-            # newest first: its intact files lend their unchanged runs (engine/localcopy.py)
-            for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:][::-1]:
-                if (m := self.cached_manifest(name, v)) is not None:
-                    local.add_tree(d.tree(v), m, stamps=d.read_stamps(v))
-            yield local
-        finally:
-            local.close()
-
-    def _materialize(
-        self,
-        name: str,
-        version: str,
-        manifest: Manifest,
-        dl: Deadline,
-        stats: StatsRecorder,
-        progress: Progress | None,
-    ) -> str:
-        d = self.dirs(name)
-        work, built = d.work_path(version), None
-        try:
-            # stale_ok may have to serve any version a ref named earlier: keep them all
-            patch = self.patch_in_place and not self.stale_ok
-            old = take_retired(d, version, work) if patch else None
-            # what must land, not a folder swapped in (made after: a retired version is
-            # renamed onto nothing, so no empty folder of another's can be replaced)
-            built = new_folder(work) if old is None else old.folder
-            base = 0 if old is None else old.manifest.total_size
-            self._make_room(max(0, manifest.total_size - base), keep=(name, version))
-            with self._local_chunks(name, version) as local:
-                check = partial(dl.check, "checking the cached files")
-                only = None if old is None else plan_patch(work, old, manifest, stats, check)
-                if old is not None:  # its chunks about to be overwritten are delta bases
-                    local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
-                job = Placement(work, manifest, reuse=local, only=only, root_id=built)
-                source = self.inner.materialize(name, job, dl, stats, progress)
-            d.write_meta(version, work, manifest)
-            (d.root / "versions").mkdir(exist_ok=True)
-            os.replace(work, d.tree(version))
-            landed(d.tree(version), work, built, partial(d.drop_meta, version))
-        except BaseException:
-            if built is not None:
-                remove_mine(work, built)  # checkout maps a full disk to CacheFullError
-            raise
-        with self._mlock:
-            self._manifests[(name, version)] = manifest
-        # Processes that made room at the same time may together overshoot the cap: trim back.
-        self._evict_until(0, keep=(name, version))
-        return source
 
     def _repair(
         self, name: str, version: str, manifest: Manifest, dl: Deadline, stats: StatsRecorder

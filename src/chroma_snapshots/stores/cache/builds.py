@@ -1,0 +1,111 @@
+"""How the cache writes a version's files: a new version (built fresh, or patched from a
+retired one) or chosen chunks of a cached one (a repair, a private copy), each chunk from the
+cached versions where it verifies, the rest from the inner store. Apart from store.py, which
+decides what a checkout is served."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+from chroma_snapshots.engine.beneath import FolderId
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.folders import landed, new_folder, remove_mine
+from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.transfer import LocalChunks, Placement
+from chroma_snapshots.stores.base import SourceStore
+from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
+from chroma_snapshots.stores.cache.space import CacheSpace
+
+_REUSE_FROM = 3  # newest cached versions offered as local chunk sources
+
+
+class CacheBuilds(CacheSpace):
+    """The writing half of a CachedStore (see its ``patch_in_place``)."""
+
+    inner: SourceStore
+    stale_ok: bool
+    patch_in_place: bool
+
+    def _from_cache(
+        self,
+        name: str,
+        version: str,
+        manifest: Manifest,
+        target: tuple[Path, FolderId | None],
+        dl: Deadline,
+        stats: StatsRecorder,
+        only: dict[str, list[int]] | None = None,
+        stamped: bool = False,
+    ) -> str:
+        """Write ``manifest``'s chunks (``only`` those) under ``target``: from the cached
+        tree of ``version`` (``stamped``: its files whose stamps hold are copied unread)
+        and the other cached versions where they verify, the rest downloaded. Returns where
+        the bytes came from."""
+        d = self.dirs(name)
+        with self._local_chunks(name, version) as local:
+            stamps = d.read_stamps(version) if stamped else None
+            local.add_tree(d.tree(version), manifest, stamps=stamps)  # the rest read verified
+            job = Placement(target[0], manifest, reuse=local, only=only, root_id=target[1])
+            return self.inner.materialize(name, job, dl, stats)
+
+    @contextmanager
+    def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:
+        """Chunks of the newest other cached versions. They are not pinned: a version that
+        another process evicts meanwhile costs downloads, never a wrong byte (every local
+        read is verified), and pins here would keep evictions from making room."""
+        d = self.dirs(name)
+        local = LocalChunks()
+        try:
+            # newest first: its intact files lend their unchanged runs (engine/localcopy.py)
+            for v in [v for v in d.complete() if v != exclude][-_REUSE_FROM:][::-1]:
+                if (m := self.cached_manifest(name, v)) is not None:
+                    local.add_tree(d.tree(v), m, stamps=d.read_stamps(v))
+            yield local
+        finally:
+            local.close()
+
+    def _materialize(
+        self,
+        name: str,
+        version: str,
+        manifest: Manifest,
+        dl: Deadline,
+        stats: StatsRecorder,
+        progress: Progress | None,
+    ) -> str:
+        d = self.dirs(name)
+        work, built = d.work_path(version), None
+        try:
+            # stale_ok may have to serve any version a ref named earlier: keep them all
+            patch = self.patch_in_place and not self.stale_ok
+            old = take_retired(d, version, work) if patch else None
+            # what must land, not a folder swapped in (made after: a retired version is
+            # renamed onto nothing, so no empty folder of another's can be replaced)
+            built = new_folder(work) if old is None else old.folder
+            base = 0 if old is None else old.manifest.total_size
+            self._make_room(max(0, manifest.total_size - base), keep=(name, version))
+            with self._local_chunks(name, version) as local:
+                check = partial(dl.check, "checking the cached files")
+                only = None if old is None else plan_patch(work, old, manifest, stats, check)
+                if old is not None:  # its chunks about to be overwritten are delta bases
+                    local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
+                job = Placement(work, manifest, reuse=local, only=only, root_id=built)
+                source = self.inner.materialize(name, job, dl, stats, progress)
+            d.write_meta(version, work, manifest)
+            (d.root / "versions").mkdir(exist_ok=True)
+            os.replace(work, d.tree(version))
+            landed(d.tree(version), work, built, partial(d.drop_meta, version))
+        except BaseException:
+            if built is not None:
+                remove_mine(work, built)  # checkout maps a full disk to CacheFullError
+            raise
+        with self._mlock:
+            self._manifests[(name, version)] = manifest
+        # Processes that made room at the same time may together overshoot the cap: trim back.
+        self._evict_until(0, keep=(name, version))
+        return source
