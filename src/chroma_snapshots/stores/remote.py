@@ -15,7 +15,7 @@ from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
-from chroma_snapshots.engine import keys, manifest_v2
+from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -45,7 +45,6 @@ from chroma_snapshots.engine.validation import (
     check_chunk_size,
     check_name,
     check_source,
-    is_name,
     utc_now,
 )
 from chroma_snapshots.errors import (
@@ -53,18 +52,16 @@ from chroma_snapshots.errors import (
     InvalidInputError,
     SnapshotNotFoundError,
 )
-from chroma_snapshots.ops import maintenance, pruning
 from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
     LATEST,
     Expected,
     LocalSnapshot,
-    PruneReport,
     SourceStore,
-    VerifyReport,
 )
 from chroma_snapshots.stores.claims import Pin
 from chroma_snapshots.stores.fetch import fetch_into
+from chroma_snapshots.stores.listing import RemoteListing
 from chroma_snapshots.stores.upload import (
     ParentDir,
     Uploader,
@@ -77,7 +74,7 @@ from chroma_snapshots.stores.upload import (
 log = logging.getLogger(__name__)
 
 
-class RemoteStore(SourceStore):
+class RemoteStore(RemoteListing, SourceStore):
     """Snapshots stored on ``backend``.
 
     ``chunk_size`` and ``compression_level`` (None: store raw) apply to new
@@ -361,44 +358,3 @@ class RemoteStore(SourceStore):
         this store's packs."""
         fetch_into(self.backend, self.workers, name, job, dl, stats, progress)
         return self.label
-
-    # Listing and maintenance.
-
-    def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
-        dl = as_deadline(deadline, self.default_timeout)
-        for version in maintenance.list_versions(self._io(dl), check_name(name)):
-            yield SnapshotInfo.from_manifest(
-                version, self.load_manifest(name, version, deadline=dl)
-            )
-
-    def names(self, *, deadline: DeadlineLike = None) -> Iterator[str]:
-        # Only valid snapshot names: other top-level folders (a probe's `_probes/`, files a
-        # user put beside the store) are not snapshots.
-        yield from (n for n in self._io(deadline).list_dirs("") if is_name(n))
-
-    def refs(self, name: str, *, deadline: DeadlineLike = None) -> dict[str, str]:
-        dl = as_deadline(deadline, self.default_timeout)
-        out = {}
-        for meta in self._io(dl).list(keys.prefix(check_name(name), keys.REFS)):
-            ref = meta.key.rsplit("/", 1)[1]
-            found = self.read_ref(name, ref, deadline=dl)
-            if found is not None:
-                out[ref] = found[0].version
-        return out
-
-    def verify(self, name: str, version: str, *, deadline: DeadlineLike = None) -> VerifyReport:
-        return maintenance.verify(self, name, version, as_deadline(deadline, self.default_timeout))
-
-    def prune(
-        self,
-        name: str,
-        *,
-        keep_last: int = 10,
-        min_age: float = 3600.0,
-        dry_run: bool = False,
-        deadline: DeadlineLike = None,
-    ) -> PruneReport:
-        dl = as_deadline(deadline, self.default_timeout)
-        return pruning.prune(
-            self, name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=dl
-        )
