@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_inprocess import Run
 
-from chroma_snapshots import open_remote
+from chroma_snapshots import StoreConfig, open_remote, open_store
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.proxy import CountingProxy, closed_endpoint
@@ -152,11 +152,11 @@ def test_offline_commands_do_not_warn_that_the_store_did_not_answer(
         assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in err, args
 
 
-def test_an_offline_checkout_says_why_it_is_stale(
+def test_an_offline_checkout_says_what_it_served_and_nothing_stale(
     tmp_path: Path, run: Run, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The warning logged for a version served stale names the store's error: offline is
-    not "the store did not answer"."""
+    """Offline, the command says what it served; the cache's stale warning is not logged
+    (it named "the store did not answer": the CLI quieted another module's logger)."""
     base = ["--cache-dir", str(tmp_path / "cache"), "--store", str(tmp_path / "store")]
     _published(run, base, write_tree(tmp_path / "src", {"a.bin": b"a" * 3000}))
     assert run(*base, "checkout", "db")[0] == 0
@@ -164,6 +164,21 @@ def test_an_offline_checkout_says_why_it_is_stale(
     code, _, err = run("--offline", *base, "checkout", "db")
     assert code == 0
     assert "offline: served what 'latest' named" in err
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+
+
+def test_a_stale_version_is_logged_with_the_stores_error(
+    tmp_path: Path, run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the library (nothing quiets it), the warning for a version served stale
+    names the store's error."""
+    base = ["--cache-dir", str(tmp_path / "cache"), "--store", str(tmp_path / "store")]
+    _published(run, base, write_tree(tmp_path / "src", {"a.bin": b"a" * 3000}))
+    assert run(*base, "checkout", "db")[0] == 0
+    cfg = StoreConfig(url=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"), offline=True)
+    caplog.clear()
+    with open_store(cfg).checkout("db") as snap:
+        assert snap.stale
     (said,) = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
     assert "offline (--offline or CHROMA_SNAPSHOTS_OFFLINE=1)" in said
     assert "did not answer" not in said

@@ -227,7 +227,7 @@ class _Stderr(logging.Handler):
 def quiet_stale_warning(quiet: bool) -> Iterator[None]:
     """Offline, every cached read is "stale" by design: the cache's warning that the store did
     not answer would read as a failure (the command says what it served instead)."""
-    cache_log = logging.getLogger("chroma_snapshots.stores.cache.store")
+    cache_log = logging.getLogger("chroma_snapshots.stores.cache.refmemory")  # (its warning)
     level = cache_log.level
     if quiet:
         cache_log.setLevel(logging.ERROR)
