@@ -2,13 +2,19 @@
 is checked at its making, a finished one where it landed, and only the folder made is
 ever removed. A folder another process swapped in under one of those names is set aside
 under a name no clean-up takes, never written into, served or deleted (docs/SECURITY.md).
+
+Each folder is named for its own inode once made (``<name>.i<inode>``), so a clean-up in
+another process, after a crash, takes a folder at such a name only if it is still the one
+made (:func:`sweepable`): one swapped in that could not be set aside is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 import uuid
 from collections.abc import Callable
@@ -21,11 +27,14 @@ from chroma_snapshots.engine.treewalk import (
     mounts_within,
     parent_mount,
     remove_dir,
+    rename_new,
 )
 from chroma_snapshots.errors import LocalDiskError
 
 log = logging.getLogger(__name__)
 ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
+STAGED = ".new"  # a folder being made, not yet named for its inode: removed only if empty
+_CARRIES = re.compile(r"\.i(\d+)(?:\.tmp)?$")  # named for its inode (new_folder, carrying)
 
 
 def folder_id(path: Path) -> tuple[int, int] | None:
@@ -115,11 +124,54 @@ def made_here(fd: int, path: Path) -> FolderId:
     return st.st_dev, st.st_ino
 
 
-def new_folder(path: Path) -> FolderId:
-    """Make the folder ``path`` and return its (device, inode) (:func:`made_here`)."""
-    path.mkdir()
-    fd = os.open(path, DIR_FLAGS)
+def new_folder(path: Path, suffix: str = "") -> tuple[Path, FolderId]:
+    """Make a folder named for its inode (``<path>.i<inode><suffix>``) and return where it
+    is and its (device, inode): made as ``<path>.new``, checked (:func:`made_here`), then
+    renamed (:func:`named_for_itself`)."""
+    staged = path.with_name(path.name + STAGED)
+    staged.mkdir()
+    fd = os.open(staged, DIR_FLAGS)
     try:
-        return made_here(fd, path)
+        return named_for_itself(fd, staged, path, suffix)
     finally:
         os.close(fd)
+
+
+def carrying(path: Path, folder: FolderId, suffix: str = "") -> Path:
+    """``path`` named for ``folder``'s inode: where the folder goes (:func:`sweepable`)."""
+    return path.with_name(f"{path.name}.i{folder[1]}{suffix}")
+
+
+def named_for_itself(fd: int, staged: Path, path: Path, suffix: str = "") -> tuple[Path, FolderId]:
+    """Check the folder just made at ``staged`` (open as ``fd``: :func:`made_here`) and move
+    it to :func:`carrying` its inode, onto nothing; LocalDiskError (ESTALE) if what moved is
+    not it (swapped meanwhile: set aside). Returns where it is and its identity."""
+    built = made_here(fd, staged)
+    final = carrying(path, built, suffix)
+    try:
+        rename_new(staged, final)
+    except OSError:
+        remove_mine(staged, built)
+        raise
+    if folder_id(final) != built:
+        where = set_aside(final)
+        raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(final))
+    return final, built
+
+
+def sweepable(path: Path) -> FolderId | None:
+    """What a clean-up of leftovers may remove at ``path`` (the identity to remove it by,
+    ``remove_tree(only=)``), or None: leave it. A folder named for its inode only if it is
+    still that folder; a staged one (``.new``) only if empty, and that is done here; never
+    one set aside; a name of an earlier release (no inode in it) whatever folder is there."""
+    if ASIDE in path.name:
+        return None
+    if path.name.endswith(STAGED):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # a folder is named for its inode before anything is put in it
+        return None
+    found = folder_id(path)
+    named = _CARRIES.search(path.name)
+    if found is None or (named is not None and int(named[1]) != found[1]):
+        return None
+    return found

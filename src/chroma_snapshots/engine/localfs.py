@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FolderId
-from chroma_snapshots.engine.folders import landed, made_here, remove_mine, remove_tree
+from chroma_snapshots.engine.folders import (
+    STAGED,
+    landed,
+    named_for_itself,
+    remove_mine,
+    remove_tree,
+    sweepable,
+)
 from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
@@ -233,14 +240,15 @@ def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) ->
 # holds its lock from the moment it exists but for an instant: the age covers that).
 LEFTOVER_AGE = 60.0
 _WORK_MARK = "chroma-snapshots-work-"
-_NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 4
+_NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 22 - 4  # ".i<inode>": up to 22 bytes
 _MKDTEMP = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
 
 
 def _short_name(name: str) -> str:
     """``name`` as it appears in its work folder's name, within NAME_MAX (255 bytes) however
-    long it is (mkdtemp adds 8 characters and the suffix 4): a long one is cut and tagged
-    with a hash of the whole, so two dests sharing a long beginning never share leftovers."""
+    long it is (mkdtemp adds 8 characters, the inode up to 22 and the suffix 4): a long one
+    is cut and tagged with a hash of the whole, so two dests sharing a long beginning never
+    share leftovers."""
     raw = os.fsencode(name)
     if len(raw) <= _NAME_ROOM:
         return name
@@ -250,29 +258,30 @@ def _short_name(name: str) -> str:
 
 def _work_names(name: str) -> tuple[str, re.Pattern[str]]:
     """The prefix of the work folders of checkouts to a dest called ``name``, and the
-    pattern that matches exactly those names (mkdtemp's 8 characters, then ``.tmp``)."""
+    pattern that matches exactly those names (mkdtemp's 8 characters, then ``.new`` while
+    made, ``.i<inode>.tmp`` once named for its inode, or an earlier release's ``.tmp``)."""
     prefix = f".{_short_name(name)}.{_WORK_MARK}"
-    return prefix, re.compile(re.escape(prefix) + _MKDTEMP + re.escape(".tmp"))
+    return prefix, re.compile(re.escape(prefix) + _MKDTEMP + r"(?:\.new|(?:\.i\d+)?\.tmp)")
 
 
 @contextlib.contextmanager
 def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
-    """A new private work folder beside ``final``
-    (``.<name>.chroma-snapshots-work-<random>.tmp``), and its (device, inode) for
+    """A new private work folder beside ``final``, named for its inode
+    (``.<name>.chroma-snapshots-work-<random>.i<inode>.tmp``), and its (device, inode) for
     :func:`landed`, in which to build what is then renamed to ``final``; locked (``flock``)
     while the block runs and removed if it fails. First, the work folders of builds of the
     same ``final`` that a kill left behind (no handler ran) are removed: unlocked, and not
     new."""
     prefix, mine = _work_names(final.name)
-    for old in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+    for old in final.parent.glob(f"{glob.escape(prefix)}*"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
             _remove_if_left(old)
     try:
         try:
-            work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
+            staged = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGED, dir=final.parent))
         except FileNotFoundError:  # a failed checkout to a sibling removed the parent it
             final.parent.mkdir(parents=True, exist_ok=True)  # made for both: once more
-            work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
+            staged = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGED, dir=final.parent))
     except PermissionError as e:
         e.strerror = (  # what the user sees: why the parent matters
             f"{e.strerror}: a checkout is built in a work folder beside its destination, "
@@ -281,10 +290,11 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
         e.filename = str(final.parent)
         raise
     # never through a link swapped in for it (its mode is set through the descriptor)
-    fd = os.open(work, DIR_FLAGS)  # (if it fails, what is there now is not known to be ours)
+    fd = os.open(staged, DIR_FLAGS)  # (if it fails, what is there now is not known to be ours)
     built = None
     try:
-        built = made_here(fd, work)
+        stem = staged.with_name(staged.name.removesuffix(STAGED))
+        work, built = named_for_itself(fd, staged, stem, ".tmp")  # a sweep takes only it
         os.fchmod(fd, 0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield work, built
@@ -311,4 +321,5 @@ def _remove_if_left(path: Path) -> None:
         return  # a checkout in progress holds it
     finally:
         os.close(fd)
-    remove_tree(path, only=(st.st_dev, st.st_ino))
+    if sweepable(path) == (st.st_dev, st.st_ino):  # named for it, and still what was checked
+        remove_tree(path, only=(st.st_dev, st.st_ino))

@@ -216,6 +216,35 @@ _AT_EMPTY_PATH, _STATX_MNT_ID = 0x1000, 0x1000  # <fcntl.h>, <linux/stat.h>
 _STATX = _load_statx()
 
 
+def rename_new(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` (FileExistsError): a plain
+    rename would replace an empty folder there. ``renameat2(RENAME_NOREPLACE)`` where the
+    C library and file system have it; elsewhere (NFS) a check, then the rename."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 1) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # (the file system lacks the flag)
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None  # not glibc 2.28+
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD = -100  # <fcntl.h>
+_RENAMEAT2 = _load_renameat2()
+
+
 def parent_mount(fd: int) -> Mount:
     """The mount of the folder above the open folder ``fd``; differs from ``mount_of(fd)``
     exactly when ``fd`` is the root of a mount (``..`` of a mount's root is the folder

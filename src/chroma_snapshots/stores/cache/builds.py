@@ -79,14 +79,15 @@ class CacheBuilds(CacheSpace):
         progress: Progress | None,
     ) -> str:
         d = self.dirs(name)
-        work, built = d.work_path(version), None
+        work, built = d.work_path(version), None  # the name's stem, until a folder is there
         try:
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
             old = take_retired(d, version, work) if patch else None
             # what must land, not a folder swapped in (made after: a retired version is
-            # renamed onto nothing, so no empty folder of another's can be replaced)
-            built = new_folder(work) if old is None else old.folder
+            # renamed onto nothing, so no empty folder of another's can be replaced); either
+            # is named for its inode, so that a clean-up after a kill takes only it
+            work, built = new_folder(work) if old is None else (old.work, old.folder)
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:

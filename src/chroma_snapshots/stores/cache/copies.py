@@ -8,7 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
-from chroma_snapshots.engine.folders import folder_id, new_folder, remove_mine, remove_tree
+from chroma_snapshots.engine.folders import (
+    folder_id,
+    new_folder,
+    remove_mine,
+    remove_tree,
+    sweepable,
+)
 from chroma_snapshots.engine.treewalk import mounts_within
 from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
@@ -24,19 +30,19 @@ def held_copy(
     was left by a killed process (:func:`sweep_copies`). A folder another process swaps in
     under its name is neither written into, served nor removed (its device and inode)."""
     pin = d.pin_in(d.copies() / ".pins")
-    path = d.copies() / f"{version}.{pin.path.name}"
-    made: list[FolderId] = []
+    made: list[tuple[Path, FolderId]] = []  # where it is, named for its inode, and that
 
     def release() -> None:
         if made:
-            remove_mine(path, made[0])
+            remove_mine(*made[0])
         pin.unlink(missing_ok=True)
 
     try:
-        made.append(new_folder(path))
-        build(path, made[0])
+        made.append(new_folder(d.copies() / f"{version}.{pin.path.name}"))
+        path = made[0][0]
+        build(path, made[0][1])
         check()
-        if folder_id(path) != made[0] or mounts_within(path):  # (as engine/folders.landed)
+        if folder_id(path) != made[0][1] or mounts_within(path):  # (as folders.landed)
             raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
     except BaseException:
         release()
@@ -45,12 +51,14 @@ def held_copy(
 
 
 def sweep_copies(d: NameDirs) -> None:
-    """Remove the private copies whose holder is gone (its pin is free)."""
+    """Remove the private copies whose holder is gone (its pin is free): each only if it
+    is the folder made there (engine/folders.sweepable)."""
     folder = d.copies()
     for p in folder.iterdir() if folder.is_dir() else ():
-        pin = folder / ".pins" / p.name.split(".", 1)[-1]
+        pin = folder / ".pins" / p.name.split(".")[1 if "." in p.name else 0]  # <v>.<pin>...
         if not p.name.startswith(".") and not held(pin):
-            remove_tree(p)
+            if (made := sweepable(p)) is not None:
+                remove_tree(p, only=made)
             pin.unlink(missing_ok=True)
     pins = folder / ".pins"
     for p in pins.iterdir() if pins.is_dir() else ():

@@ -36,12 +36,12 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath
-from chroma_snapshots.engine.folders import remove_tree
+from chroma_snapshots.engine.folders import carrying, folder_id, remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
-from chroma_snapshots.engine.treewalk import mounts_within, own_at
+from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 
@@ -154,8 +154,9 @@ class NameDirs:
         return FileLock(self.root / "locks" / f"{version}.lock")
 
     def work_path(self, version: str) -> Path:
-        """A fresh name in ``tmp/`` for a work folder (made by engine/folders.new_folder,
-        or a retired version renamed there: onto nothing, never over a folder)."""
+        """A fresh name in ``tmp/`` for a work folder: the stem of the name it gets once
+        made (engine/folders.new_folder) or a retired version is renamed there (onto
+        nothing, never over a folder), each named for its inode."""
         return self._tmp_path(version)
 
     def _tmp_path(self, version: str) -> Path:
@@ -299,22 +300,31 @@ class NameDirs:
         tree = self.tree(version)
         if mounts_within(tree):
             raise LocalDiskError(errno.EBUSY, _MOUNTED, str(tree))
-        trash = self._tmp_path(version)  # a rename needs no free space: eviction frees it
+        # a rename needs no free space (eviction frees it); what moved is removed only if it
+        # is the version's folder as found (a link moves as itself: its target stays)
+        found = folder_id(tree)
+        trash = (
+            self._tmp_path(version) if found is None else carrying(self._tmp_path(version), found)
+        )
         try:
             own_at(tree)  # moving a folder needs write permission on it
-            os.replace(tree, trash)  # a link moves as itself: its target stays
+            rename_new(tree, trash)
         except FileNotFoundError:
             pass  # evicted by another process before we got the lock
         except OSError as e:
             if e.errno == errno.EXDEV:  # tmp/ (or versions/) is a mount of its own
                 raise LocalDiskError(e.errno, _SPLIT, str(self.root / "tmp")) from e
+            if e.errno == errno.EEXIST:  # another process's folder took the new name
+                raise LocalDiskError(
+                    e.errno, "the name it was to move to is taken", str(trash)
+                ) from e
             if e.errno != errno.EBUSY:  # mounted at since the check
                 raise
             raise LocalDiskError(e.errno, _MOUNTED, str(tree)) from e
         try:  # (not when the tree stayed: the version is still complete, and served)
             self.drop_meta(version)
         finally:
-            remove_tree(trash)
+            remove_tree(trash, only=found)  # (a link: only=None removes the link itself)
 
     def drop_meta(self, version: str) -> None:
         """Remove a version's meta files (it is then not complete, whatever its tree), and

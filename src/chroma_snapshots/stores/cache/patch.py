@@ -31,11 +31,11 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import Beneath, FolderId
-from chroma_snapshots.engine.folders import folder_id
+from chroma_snapshots.engine.folders import carrying, folder_id
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.treewalk import mounts_within, own_at
+from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
 from chroma_snapshots.engine.validation import is_name, short_id
 from chroma_snapshots.stores.cache.layout import NameDirs, stamp_at
 from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
@@ -51,13 +51,14 @@ class Retired:
     manifest: Manifest
     stamps: dict[str, Stamp]
     folder: FolderId  # its (device, inode): what must still be at ``work`` when patched
+    work: Path  # where it is now: ``tmp/``, named for its inode
 
 
-def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
+def take_retired(d: NameDirs, exclude: str, stem: Path) -> Retired | None:
     """Move the newest complete, unpinned, unlocked version other than ``exclude`` to
-    ``work`` (a fresh name: onto nothing, so no folder there is replaced) and drop its
-    meta; None if there is none. A version some ref was last seen to name stays: a
-    checkout of that ref would find it warm."""
+    ``stem`` named for its inode (engine/folders.carrying; onto nothing, so no folder there
+    is replaced) and drop its meta; None if there is none. A version some ref was last
+    seen to name stays: a checkout of that ref would find it warm."""
     d.drop_damaged()  # a tree swapped for a link: never taken, and removed here
     # a ref's records, not one being written (``.<ref>.<hex>.tmp``) or a stray name
     named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs") if is_name(p.name)}
@@ -74,14 +75,15 @@ def take_retired(d: NameDirs, exclude: str, work: Path) -> Retired | None:
                 folder = folder_id(d.tree(v))
                 if folder is None:
                     continue
+                work = carrying(stem, folder)
                 try:
-                    os.replace(d.tree(v), work)  # no longer complete: nobody serves it now
+                    rename_new(d.tree(v), work)  # no longer complete: nobody serves it now
                 except OSError as e:
-                    if e.errno == errno.EBUSY:  # a file system mounted at it: not ours to take
+                    if e.errno in (errno.EBUSY, errno.EEXIST):  # mounted at; or the name taken
                         continue
                     raise
                 d.drop_meta(v)
-                return Retired(v, manifest, stamps, folder)
+                return Retired(v, manifest, stamps, folder, work)
         except LockTimeout:
             continue
     return None

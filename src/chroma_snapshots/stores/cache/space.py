@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.folders import ASIDE, remove_tree
+from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
@@ -137,11 +137,21 @@ class CacheSpace:
                     with d.lock(version).acquire(timeout=0):
                         for p in paths:
                             if p.parent.name == "tmp" or not real_dir(d.tree(version)):
-                                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                                _remove_left(p)
                 except LockTimeout:
                     continue  # someone is working on that version right now
             _drop_stale_temp(d.root / "refs")
             sweep_copies(d)
+
+
+def _remove_left(path: Path) -> None:
+    """A leftover file or link goes; a folder only if it is one this cache made
+    (engine/folders.sweepable: named for its inode and still that folder)."""
+    if real_dir(path):
+        if (made := sweepable(path)) is not None:
+            remove_tree(path, only=made)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
