@@ -239,6 +239,26 @@ def test_spellings_of_one_store_share_one_cache_folder(
     assert len(roots) == 1
 
 
+def test_a_local_store_has_one_cache_folder_however_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path (absolute or relative), a file:// or efs:// URL, a FileBackend of the folder
+    and the store opened offline are one store: one cache folder (each had its own)."""
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    urls = [str(tmp_path / "store"), "store", f"file://{tmp_path}/store",
+            f"file://{tmp_path}/./store/", f"efs://{tmp_path}/store"]  # fmt: skip
+    stores = [open_remote(StoreConfig(url=u)) for u in urls]
+    stores.append(RemoteStore(FileBackend(tmp_path / "store")))
+    stores.append(open_remote(StoreConfig(url=str(tmp_path / "store"), offline=True)))
+    assert len({CachedStore(s, tmp_path / "cache").root for s in stores}) == 1
+    other = RemoteStore(FileBackend(tmp_path / "other"))  # another folder: another cache
+    assert (
+        CachedStore(other, tmp_path / "cache").root
+        != CachedStore(stores[0], tmp_path / "cache").root
+    )
+
+
 def test_an_operation_timeout_past_what_a_clock_holds_is_a_config_error() -> None:
     env = {"CHROMA_SNAPSHOTS_URL": "memory://x", "CHROMA_SNAPSHOTS_TIMEOUT": "1e10"}
     with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_TIMEOUT='1e10' must be positive"):

@@ -60,12 +60,17 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
             unsafe_no_cas=cfg.unsafe_no_cas,
         )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    # the label keys the cache: one spelling per store (one cache folder), and a relative
-    # path names a different store in another directory
+    # the identity keys the cache: one per store (one cache folder) however it is spelled,
+    # and a relative path names a different store in another directory
     label = _label(url)
     # ... and the endpoint: the same bucket behind two endpoints is two stores
     endpoint = cfg.s3_endpoint_url if label.startswith("s3://") else None
     identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
+    if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
+        from chroma_snapshots.backends.file import local_place
+        from chroma_snapshots.backends.registry_factories import local_path
+
+        identity = local_place(local_path(url))  # as FileBackend.place: offline too
     return RemoteStore(
         backend,
         label=label,

@@ -166,6 +166,11 @@ class Backend(ABC):
         names = {m.key[len(prefix) :].split("/", 1)[0] for m in self.list(prefix)}
         return sorted(n for n in names if n)
 
+    def place(self) -> str:
+        """One spelling of where the objects are, whatever the backend was made from: a
+        store's cache folder is keyed by it (default: the backend's repr)."""
+        return repr(self)
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections and threads."""
 

@@ -19,6 +19,12 @@ from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.engine.guard import MountGuard
 
 
+def local_place(root: str | os.PathLike[str]) -> str:
+    """Where a local store at ``root`` is (Backend.place): a path, a ``file://`` or
+    ``efs://`` URL and a FileBackend of the same folder are one store, with one cache."""
+    return f"file://{os.path.abspath(root)}"
+
+
 class FileBackend(Backend):
     """Objects as files below ``root``.
 
@@ -42,6 +48,9 @@ class FileBackend(Backend):
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.root)!r})"
+
+    def place(self) -> str:
+        return local_place(self.root)
 
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.guard is None:

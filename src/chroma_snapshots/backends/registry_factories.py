@@ -15,7 +15,8 @@ from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.errors import ConfigError
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """The folder a plain path or a ``file://``/``efs://`` URL names."""
     if "://" not in url:
         return url  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
@@ -42,14 +43,14 @@ def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
 def file(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.backends.file import FileBackend
 
-    return FileBackend(_local_path(url), create=opts.create, **options)
+    return FileBackend(local_path(url), create=opts.create, **options)
 
 
 def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.backends.file import FileBackend
     from chroma_snapshots.engine.guard import MountGuard
 
-    path = _local_path(url)
+    path = local_path(url)
     guard = MountGuard(path, op_timeout=opts.efs_timeout)
     # A store on a network mount must already exist: creating it would hide a missing mount.
     return FileBackend(path, create=False, guard=guard, **options)

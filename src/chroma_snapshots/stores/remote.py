@@ -110,7 +110,7 @@ class RemoteStore(RemoteListing, SourceStore):
         self.trust_stamps = trust_stamps
         self.backend = backend
         self.label = label or repr(backend)
-        self.identity = identity or self.label
+        self.identity = identity or backend.place()  # one cache per store, however named
         self.signer = signer
         self.trust = signer.fingerprint if signer is not None else ""
         self.chunk_size = check_chunk_size(chunk_size)
