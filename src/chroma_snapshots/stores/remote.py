@@ -86,7 +86,9 @@ class RemoteStore(RemoteListing, SourceStore):
     once: 8 fill a Lambda's network and keep a 3 GiB checkout near 260 MB of memory
     (16 measured 410 MB and no faster; benchmarks/RESULTS.md). ``trust_stamps=False``
     makes every publish re-read every file instead of trusting the folder's stamp index
-    (engine.stampindex; the threat model is in docs/SECURITY.md).
+    (engine.stampindex; the threat model is in docs/SECURITY.md). ``label`` names the
+    store in messages and, with ``identity``, keys a cache's folder; by default the
+    folder is keyed by where the backend's objects are (``Backend.place``).
     """
 
     def __init__(
@@ -110,7 +112,9 @@ class RemoteStore(RemoteListing, SourceStore):
         self.trust_stamps = trust_stamps
         self.backend = backend
         self.label = label or repr(backend)
-        self.identity = identity or backend.place()  # one cache per store, however named
+        # a label given names the store (two backends, one store); else where its objects
+        # are: one cache per store, however it was named
+        self.identity = identity or label or backend.place()
         self.signer = signer
         self.trust = signer.fingerprint if signer is not None else ""
         self.chunk_size = check_chunk_size(chunk_size)
