@@ -147,7 +147,7 @@ def test_a_mount_over_an_old_dest_work_folder_swept_by_the_next_checkout(
 ) -> None:
     version = _version(remote, tmp_path)
     dest = tmp_path / "out" / "db"
-    prefix, _ = localfs._work_names(dest.name)
+    prefix, _, _ = localfs._work_names(dest.name)
     leftover = dest.parent / f"{prefix}abcd1234.tmp"  # a killed checkout's, by its name
     with _bound(theirs, leftover):
         old = time.time() - 2 * localfs.LEFTOVER_AGE

@@ -293,7 +293,7 @@ def test_the_sweep_beside_a_dest_leaves_another_users_folder(
     # root's checkout removed a two-hour-old work-named folder of uid 65534's
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
     dest = tmp_path / "out" / "db"
-    prefix, _ = localfs._work_names(dest.name)
+    prefix, _, _ = localfs._work_names(dest.name)
     theirs = write_tree(dest.parent / f"{prefix}abcd1234.tmp", {"f.txt": b"theirs"})
     os.chown(theirs, 65534, 65534)
     old = time.time() - 2 * localfs.LEFTOVER_AGE

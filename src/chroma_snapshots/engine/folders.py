@@ -23,6 +23,7 @@ from pathlib import Path
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
 from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
+    born,
     mount_of,
     mounts_within,
     parent_mount,
@@ -33,8 +34,15 @@ from chroma_snapshots.errors import LocalDiskError
 
 log = logging.getLogger(__name__)
 ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes them
-STAGED = ".new"  # a folder being made, not yet named for its inode: removed only if empty
-_CARRIES = re.compile(r"\.i(\d+)(?:\.tmp)?$")  # named for its inode (new_folder, carrying)
+STAGED = ".new"  # a folder being made, not yet named for itself: removed only if empty
+# holds a folder (its inode number stays its own) without needing permission to read it
+HOLD_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def folder_of(fd: int) -> FolderId:
+    """(device, inode) of the folder open as ``fd``."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def folder_id(path: Path) -> tuple[int, int] | None:
@@ -124,30 +132,47 @@ def made_here(fd: int, path: Path) -> FolderId:
     return st.st_dev, st.st_ino
 
 
-def new_folder(path: Path, suffix: str = "") -> tuple[Path, FolderId]:
-    """Make a folder named for its inode (``<path>.i<inode><suffix>``) and return where it
-    is and its (device, inode): made as ``<path>.new``, checked (:func:`made_here`), then
-    renamed (:func:`named_for_itself`)."""
+class Made:
+    """A folder this process made or took: where it is, its (device, inode), and a
+    descriptor held on it until :meth:`close`. While it is held the inode number cannot be
+    handed to another folder (a file system gives a freed one out again at once), so a
+    check that a path still leads to this folder is sound."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd, self.id = path, fd, folder_of(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def new_folder(path: Path, suffix: str = "") -> Made:
+    """Make a folder named for itself (:func:`carrying`; made as ``<path>.new``, checked
+    by :func:`made_here`, then renamed) and hold it (:class:`Made`; the caller closes)."""
     staged = path.with_name(path.name + STAGED)
     staged.mkdir()
     fd = os.open(staged, DIR_FLAGS)
     try:
-        return named_for_itself(fd, staged, path, suffix)
-    finally:
+        return Made(named_for_itself(fd, staged, path, suffix)[0], fd)
+    except BaseException:
         os.close(fd)
+        raise
 
 
-def carrying(path: Path, folder: FolderId, suffix: str = "") -> Path:
-    """``path`` named for ``folder``'s inode: where the folder goes (:func:`sweepable`)."""
-    return path.with_name(f"{path.name}.i{folder[1]}{suffix}")
+def carrying(path: Path, fd: int, suffix: str = "") -> Path:
+    """``path`` named for the folder open as ``fd``: ``<name>.i<inode>-<birth ns><suffix>``.
+    The inode number alone would not do: one freed is given to the next folder made."""
+    return path.with_name(f"{path.name}.i{os.fstat(fd).st_ino}-{born(fd=fd)}{suffix}")
 
 
 def named_for_itself(fd: int, staged: Path, path: Path, suffix: str = "") -> tuple[Path, FolderId]:
-    """Check the folder just made at ``staged`` (open as ``fd``: :func:`made_here`) and move
-    it to :func:`carrying` its inode, onto nothing; LocalDiskError (ESTALE) if what moved is
-    not it (swapped meanwhile: set aside). Returns where it is and its identity."""
+    """Check the folder just made at ``staged`` (open as ``fd``, which the caller holds:
+    :func:`made_here`) and move it to :func:`carrying` its name, onto nothing;
+    LocalDiskError (ESTALE) if what moved is not it (swapped meanwhile: set aside). Returns
+    where it is and its identity."""
     built = made_here(fd, staged)
-    final = carrying(path, built, suffix)
+    final = carrying(path, fd, suffix)
     try:
         rename_new(staged, final)
     except OSError:
@@ -159,19 +184,25 @@ def named_for_itself(fd: int, staged: Path, path: Path, suffix: str = "") -> tup
     return final, built
 
 
-def sweepable(path: Path) -> FolderId | None:
+def sweepable(path: Path, stem: str, suffix: str = "") -> FolderId | None:
     """What a clean-up of leftovers may remove at ``path`` (the identity to remove it by,
-    ``remove_tree(only=)``), or None: leave it. A folder named for its inode only if it is
-    still that folder; a staged one (``.new``) only if empty, and that is done here; never
-    one set aside; a name of an earlier release (no inode in it) whatever folder is there."""
-    if ASIDE in path.name:
-        return None
-    if path.name.endswith(STAGED):
+    ``remove_tree(only=)``), or None: leave it. Only names the library gives, ``stem`` (a
+    regular expression) then: ``.new`` (a folder being made: removed here if empty, as a
+    folder is named for itself before anything is put in it), ``.i<inode>-<birth><suffix>``
+    (only if it is still that folder: both must match; a file system without birth times
+    writes 0 and is matched by inode alone), or ``<suffix>`` alone (an earlier release's
+    name: whatever folder is there)."""
+    name = path.name
+    if re.fullmatch(stem + re.escape(STAGED), name):
         with contextlib.suppress(OSError):
-            path.rmdir()  # a folder is named for its inode before anything is put in it
+            path.rmdir()
         return None
     found = folder_id(path)
-    named = _CARRIES.search(path.name)
-    if found is None or (named is not None and int(named[1]) != found[1]):
+    if found is None:
         return None
-    return found
+    named = re.fullmatch(stem + r"\.i(\d+)-(\d+)" + re.escape(suffix), name)
+    if named is not None:
+        birth = int(named[2])
+        same = int(named[1]) == found[1] and (birth == 0 or birth == born(path))
+        return found if same else None
+    return found if re.fullmatch(stem + re.escape(suffix), name) else None

@@ -104,7 +104,7 @@ def _sweep_killed_temporaries() -> None:
     while building (a Lambda timeout kills it; /tmp outlives it): no finished ``snapshot``
     inside, only a work folder nobody holds, and not new. Finished ones are their
     caller's until ``release()``; other users' are theirs (root sweeps only its own)."""
-    _, work = _work_names("snapshot")
+    _, stem, work = _work_names("snapshot")
     for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY}*"):
         try:
             st = os.lstat(folder)
@@ -115,7 +115,7 @@ def _sweep_killed_temporaries() -> None:
             continue
         if all(work.fullmatch(e) for e in entries):  # none: killed before its work folder
             for e in entries:
-                _remove_if_left(folder / e)
+                _remove_if_left(folder / e, stem)
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if every work folder in it went
 
@@ -240,13 +240,13 @@ def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) ->
 # holds its lock from the moment it exists but for an instant: the age covers that).
 LEFTOVER_AGE = 60.0
 _WORK_MARK = "chroma-snapshots-work-"
-_NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 22 - 4  # ".i<inode>": up to 22 bytes
+_NAME_ROOM = 255 - len(_WORK_MARK) - 2 - 8 - 43 - 4  # ".i<inode>-<birth>": up to 43 bytes
 _MKDTEMP = "[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
 
 
 def _short_name(name: str) -> str:
     """``name`` as it appears in its work folder's name, within NAME_MAX (255 bytes) however
-    long it is (mkdtemp adds 8 characters, the inode up to 22 and the suffix 4): a long one
+    long it is (mkdtemp adds 8 characters, the inode and birth up to 43, the suffix 4): a long one
     is cut and tagged with a hash of the whole, so two dests sharing a long beginning never
     share leftovers."""
     raw = os.fsencode(name)
@@ -256,12 +256,14 @@ def _short_name(name: str) -> str:
     return f"{raw[: _NAME_ROOM - 13].decode(errors='ignore')}~{tag}"
 
 
-def _work_names(name: str) -> tuple[str, re.Pattern[str]]:
-    """The prefix of the work folders of checkouts to a dest called ``name``, and the
-    pattern that matches exactly those names (mkdtemp's 8 characters, then ``.new`` while
-    made, ``.i<inode>.tmp`` once named for its inode, or an earlier release's ``.tmp``)."""
+def _work_names(name: str) -> tuple[str, str, re.Pattern[str]]:
+    """The prefix of the work folders of checkouts to a dest called ``name``, the stem of
+    their names as a pattern (mkdtemp's 8 characters after the prefix), and the pattern
+    that matches exactly those names: ``.new`` while made, ``.i<inode>-<birth>.tmp`` once
+    named for itself, or an earlier release's ``.tmp``."""
     prefix = f".{_short_name(name)}.{_WORK_MARK}"
-    return prefix, re.compile(re.escape(prefix) + _MKDTEMP + r"(?:\.new|(?:\.i\d+)?\.tmp)")
+    stem = re.escape(prefix) + _MKDTEMP
+    return prefix, stem, re.compile(stem + r"(?:\.new|(?:\.i\d+-\d+)?\.tmp)")
 
 
 @contextlib.contextmanager
@@ -272,10 +274,10 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
     while the block runs and removed if it fails. First, the work folders of builds of the
     same ``final`` that a kill left behind (no handler ran) are removed: unlocked, and not
     new."""
-    prefix, mine = _work_names(final.name)
+    prefix, stem, mine = _work_names(final.name)
     for old in final.parent.glob(f"{glob.escape(prefix)}*"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
-            _remove_if_left(old)
+            _remove_if_left(old, stem)
     try:
         try:
             staged = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGED, dir=final.parent))
@@ -293,8 +295,8 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
     fd = os.open(staged, DIR_FLAGS)  # (if it fails, what is there now is not known to be ours)
     built = None
     try:
-        stem = staged.with_name(staged.name.removesuffix(STAGED))
-        work, built = named_for_itself(fd, staged, stem, ".tmp")  # a sweep takes only it
+        unnamed = staged.with_name(staged.name.removesuffix(STAGED))
+        work, built = named_for_itself(fd, staged, unnamed, ".tmp")  # a sweep takes only it
         os.fchmod(fd, 0o777 & ~_umask())  # mkdtemp makes it private; a checkout is not
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield work, built
@@ -306,8 +308,9 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
         os.close(fd)
 
 
-def _remove_if_left(path: Path) -> None:
-    """Remove an old work folder of this user's that no checkout holds (locked)."""
+def _remove_if_left(path: Path, stem: str) -> None:
+    """Remove an old work folder of this user's that no checkout holds (locked), if it is
+    the folder its name says (engine/folders.sweepable, ``stem``: the names' beginning)."""
     try:
         fd = os.open(path, DIR_FLAGS)
     except OSError:
@@ -321,5 +324,5 @@ def _remove_if_left(path: Path) -> None:
         return  # a checkout in progress holds it
     finally:
         os.close(fd)
-    if sweepable(path) == (st.st_dev, st.st_ino):  # named for it, and still what was checked
+    if sweepable(path, stem, ".tmp") == (st.st_dev, st.st_ino):  # and still what was checked
         remove_tree(path, only=(st.st_dev, st.st_ino))

@@ -202,6 +202,22 @@ def _statx_mnt_id(fd: int) -> int | None:
     return int(mnt_id) if mask & _STATX_MNT_ID else None
 
 
+def born(path: Path | str | None = None, fd: int = -100) -> int:
+    """The birth time (ns) of the folder open as ``fd``, or of ``path`` (not followed if a
+    link); 0 where the file system keeps none (NFS) or statx is missing. An inode number is
+    handed out again once its folder is gone; a birth time is not (engine/folders)."""
+    if _STATX is None:
+        return 0
+    buf = ctypes.create_string_buffer(256)
+    name, flags = (b"", _AT_EMPTY_PATH) if path is None else (os.fsencode(path), _AT_NOFOLLOW)
+    if _STATX(fd, name, flags, _STATX_BTIME, buf) != 0:
+        return 0
+    if not struct.unpack_from("=I", buf, 0)[0] & _STATX_BTIME:
+        return 0
+    sec, nsec = struct.unpack_from("=qI", buf, 80)  # stx_btime
+    return int(sec) * 1_000_000_000 + int(nsec)
+
+
 def _load_statx() -> Callable[[int, bytes, int, int, ctypes.Array[ctypes.c_char]], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).statx
@@ -213,6 +229,7 @@ def _load_statx() -> Callable[[int, bytes, int, int, ctypes.Array[ctypes.c_char]
 
 
 _AT_EMPTY_PATH, _STATX_MNT_ID = 0x1000, 0x1000  # <fcntl.h>, <linux/stat.h>
+_AT_NOFOLLOW, _STATX_BTIME = 0x100, 0x800
 _STATX = _load_statx()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline
-from chroma_snapshots.engine.folders import landed, new_folder, remove_mine
+from chroma_snapshots.engine.folders import Made, landed, new_folder, remove_mine
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
@@ -79,15 +79,16 @@ class CacheBuilds(CacheSpace):
         progress: Progress | None,
     ) -> str:
         d = self.dirs(name)
-        work, built = d.work_path(version), None  # the name's stem, until a folder is there
+        made: Made | None = None  # the work folder, held open while it is ours to use
         try:
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
-            old = take_retired(d, version, work) if patch else None
+            old = take_retired(d, version, d.work_path(version)) if patch else None
             # what must land, not a folder swapped in (made after: a retired version is
             # renamed onto nothing, so no empty folder of another's can be replaced); either
-            # is named for its inode, so that a clean-up after a kill takes only it
-            work, built = new_folder(work) if old is None else (old.work, old.folder)
+            # is named for itself, so that a clean-up after a kill takes only it
+            made = new_folder(d.work_path(version)) if old is None else old.made
+            work, built = made.path, made.id
             base = 0 if old is None else old.manifest.total_size
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
@@ -102,9 +103,12 @@ class CacheBuilds(CacheSpace):
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))
         except BaseException:
-            if built is not None:
-                remove_mine(work, built)  # checkout maps a full disk to CacheFullError
+            if made is not None:
+                remove_mine(made.path, made.id)  # checkout maps a full disk to CacheFullError
             raise
+        finally:
+            if made is not None:
+                made.close()
         with self._mlock:
             self._manifests[(name, version)] = manifest
         # Processes that made room at the same time may together overshoot the cap: trim back.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
 from chroma_snapshots.engine.folders import (
+    Made,
     folder_id,
     new_folder,
     remove_mine,
@@ -30,24 +31,28 @@ def held_copy(
     was left by a killed process (:func:`sweep_copies`). A folder another process swaps in
     under its name is neither written into, served nor removed (its device and inode)."""
     pin = d.pin_in(d.copies() / ".pins")
-    made: list[tuple[Path, FolderId]] = []  # where it is, named for its inode, and that
+    made: list[Made] = []  # named for itself, and held open while it lives
 
     def release() -> None:
         if made:
-            remove_mine(*made[0])
+            remove_mine(made[0].path, made[0].id)
+            made[0].close()
         pin.unlink(missing_ok=True)
 
     try:
         made.append(new_folder(d.copies() / f"{version}.{pin.path.name}"))
-        path = made[0][0]
-        build(path, made[0][1])
+        path = made[0].path
+        build(path, made[0].id)
         check()
-        if folder_id(path) != made[0][1] or mounts_within(path):  # (as folders.landed)
+        if folder_id(path) != made[0].id or mounts_within(path):  # (as folders.landed)
             raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
     except BaseException:
         release()
         raise
     return path, release
+
+
+_COPY_STEM = r"[^./]+\.\d+-[0-9a-f]{32}"  # <version>.<its pin's name>: what held_copy names
 
 
 def sweep_copies(d: NameDirs) -> None:
@@ -57,7 +62,7 @@ def sweep_copies(d: NameDirs) -> None:
     for p in folder.iterdir() if folder.is_dir() else ():
         pin = folder / ".pins" / p.name.split(".")[1 if "." in p.name else 0]  # <v>.<pin>...
         if not p.name.startswith(".") and not held(pin):
-            if (made := sweepable(p)) is not None:
+            if (made := sweepable(p, _COPY_STEM)) is not None:
                 remove_tree(p, only=made)
             pin.unlink(missing_ok=True)
     pins = folder / ".pins"

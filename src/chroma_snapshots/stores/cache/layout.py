@@ -36,7 +36,7 @@ from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath
-from chroma_snapshots.engine.folders import carrying, folder_id, remove_tree
+from chroma_snapshots.engine.folders import HOLD_FLAGS, carrying, folder_of, remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir
 from chroma_snapshots.engine.models import Manifest, VersionId
@@ -52,6 +52,9 @@ _SPLIT = (
     "a file system is mounted at the cache's tmp/ or versions/ folder: nothing can be "
     "evicted or replaced until it is unmounted"
 )
+# the names given in tmp/ (``_tmp_path``: <version>.<pid>.<random>), as a pattern for
+# engine/folders.sweepable: a clean-up there takes nothing else
+TMP_STEM = r"[^./]+\.\d+\.[0-9a-f]{8}"
 _MOUNTED = (
     "a file system is mounted at this cached version or inside it: nothing is evicted (unmount it)"
 )
@@ -160,6 +163,7 @@ class NameDirs:
         return self._tmp_path(version)
 
     def _tmp_path(self, version: str) -> Path:
+        """``tmp/<version>.<pid>.<random>`` (TMP_STEM), the stem of a name in ``tmp/``."""
         tmp = self.root / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -301,11 +305,26 @@ class NameDirs:
         if mounts_within(tree):
             raise LocalDiskError(errno.EBUSY, _MOUNTED, str(tree))
         # a rename needs no free space (eviction frees it); what moved is removed only if it
-        # is the version's folder as found (a link moves as itself: its target stays)
-        found = folder_id(tree)
-        trash = (
-            self._tmp_path(version) if found is None else carrying(self._tmp_path(version), found)
-        )
+        # is the version's folder as found, held open meanwhile so that its inode number is
+        # not another folder's (a link moves as itself: its target stays)
+        try:
+            fd = os.open(tree, HOLD_FLAGS)
+        except OSError:
+            fd = -1  # gone (evicted by another process), or a link
+        try:
+            found = None if fd < 0 else folder_of(fd)
+            stem = self._tmp_path(version)
+            trash = stem if fd < 0 else carrying(stem, fd)
+            self._move_to_trash(tree, trash)
+            try:  # (not when the tree stayed: the version is still complete, and served)
+                self.drop_meta(version)
+            finally:
+                remove_tree(trash, only=found)  # (a link: only=None removes the link itself)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _move_to_trash(self, tree: Path, trash: Path) -> None:
         try:
             own_at(tree)  # moving a folder needs write permission on it
             rename_new(tree, trash)
@@ -321,10 +340,6 @@ class NameDirs:
             if e.errno != errno.EBUSY:  # mounted at since the check
                 raise
             raise LocalDiskError(e.errno, _MOUNTED, str(tree)) from e
-        try:  # (not when the tree stayed: the version is still complete, and served)
-            self.drop_meta(version)
-        finally:
-            remove_tree(trash, only=found)  # (a link: only=None removes the link itself)
 
     def drop_meta(self, version: str) -> None:
         """Remove a version's meta files (it is then not complete, whatever its tree), and

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.beneath import Beneath, FolderId
-from chroma_snapshots.engine.folders import carrying, folder_id
+from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.folders import HOLD_FLAGS, Made, carrying
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -50,8 +50,7 @@ class Retired:
     version: str
     manifest: Manifest
     stamps: dict[str, Stamp]
-    folder: FolderId  # its (device, inode): what must still be at ``work`` when patched
-    work: Path  # where it is now: ``tmp/``, named for its inode
+    made: Made  # where it is now (``tmp/``, named for itself), held open while patched
 
 
 def take_retired(d: NameDirs, exclude: str, stem: Path) -> Retired | None:
@@ -72,18 +71,20 @@ def take_retired(d: NameDirs, exclude: str, stem: Path) -> Retired | None:
                     continue
                 stamps = d.read_stamps(v)  # read before the tree moves: it is the proof
                 own_at(d.tree(v))  # moving a folder needs write permission on it
-                folder = folder_id(d.tree(v))
-                if folder is None:
-                    continue
-                work = carrying(stem, folder)
+                try:
+                    fd = os.open(d.tree(v), HOLD_FLAGS)  # held: its inode stays its own
+                except OSError:
+                    continue  # not a folder (a link): not taken
+                work = carrying(stem, fd)
                 try:
                     rename_new(d.tree(v), work)  # no longer complete: nobody serves it now
                 except OSError as e:
+                    os.close(fd)
                     if e.errno in (errno.EBUSY, errno.EEXIST):  # mounted at; or the name taken
                         continue
                     raise
                 d.drop_meta(v)
-                return Retired(v, manifest, stamps, folder, work)
+                return Retired(v, manifest, stamps, Made(work, fd))
         except LockTimeout:
             continue
     return None
@@ -103,7 +104,7 @@ def plan_patch(
     chunk positions of each file still to be written (the bytes kept count as reused).
     ``check()`` runs before each file and may raise (a deadline). Everything in ``work``
     is reached through folder descriptors (engine/beneath.py): never through a link."""
-    with Beneath(work, old.folder) as t:
+    with Beneath(work, old.made.id) as t:
         remove_extras(t, new)  # links and stray folders go before anything is looked at
         old_files = {f.path: f for f in old.manifest.files}
         # chunk i of another chunk size is at another offset: then nothing is kept unread

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
-from chroma_snapshots.stores.cache.layout import NameDirs, real_dir
+from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
 
 
 class NoRoom(CacheFullError):
@@ -136,8 +137,10 @@ class CacheSpace:
                 try:
                     with d.lock(version).acquire(timeout=0):
                         for p in paths:
-                            if p.parent.name == "tmp" or not real_dir(d.tree(version)):
+                            if p.parent.name == "tmp":
                                 _remove_left(p)
+                            elif not real_dir(d.tree(version)):  # meta without a tree
+                                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
             _drop_stale_temp(d.root / "refs")
@@ -145,12 +148,13 @@ class CacheSpace:
 
 
 def _remove_left(path: Path) -> None:
-    """A leftover file or link goes; a folder only if it is one this cache made
-    (engine/folders.sweepable: named for its inode and still that folder)."""
+    """A leftover in ``tmp/``, only if the cache made it (engine/folders.sweepable: a name
+    it gives, and for one named for its folder, still that folder); a link an eviction
+    moved there goes too (its target stays)."""
     if real_dir(path):
-        if (made := sweepable(path)) is not None:
+        if (made := sweepable(path, TMP_STEM)) is not None:
             remove_tree(path, only=made)
-    else:
+    elif re.fullmatch(TMP_STEM, path.name):
         path.unlink(missing_ok=True)
 
 
