@@ -136,6 +136,62 @@ def test_a_file_bind_mounted_over_a_work_file_while_it_is_built(
     assert not (tmp_path / "out" / "db").exists()
 
 
+def _linked_with_its_number(victim_dir: Path, path: Path) -> bool:
+    """Remove the work file ``path`` and link in its place a file of another process's made
+    elsewhere with the same inode number (ext4 gives a freed one out again); True if it
+    could get that number."""
+    ino = os.lstat(path).st_ino
+    path.unlink()
+    made = []
+    try:
+        for k in range(2000):
+            probe = victim_dir / f"f{k}"
+            probe.write_bytes(b"PRECIOUS\n")
+            made.append(probe)
+            if os.lstat(probe).st_ino == ino:
+                os.link(probe, path)
+                made.pop()
+                probe.rename(victim_dir / "victim.txt")
+                return True
+    finally:
+        for probe in made:
+            probe.unlink()
+    (victim_dir / "victim.txt").write_bytes(b"PRECIOUS\n")
+    os.link(victim_dir / "victim.txt", path)
+    return False
+
+
+def test_a_work_file_replaced_by_a_link_with_its_inode_number_is_not_written(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the creation of the files and the writes, another process removes a work
+    file and links one of its own in its place with the same inode number: the file made
+    is known by its birth time too, so the link gets every check and is refused."""
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    reused: list[bool] = []
+
+    def relink(p: Placer) -> None:
+        reused.append(_linked_with_its_number(victims, p.root / "chroma.sqlite3"))
+
+    _around(monkeypatch, "create_files", after=relink)
+    with pytest.raises(LocalDiskError, match="another link"):
+        remote.checkout("db", v1, tmp_path / "out" / "db")
+    assert (victims / "victim.txt").read_bytes() == b"PRECIOUS\n"
+    assert reused == [True] or _fs_type(tmp_path) != "ext4"  # the attack really ran
+    assert not (tmp_path / "out" / "db").exists()
+
+
+def _fs_type(path: Path) -> str:
+    best, kind = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, fstype = line.split()[:3]
+        if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
 @pytest.mark.parametrize("step", ["after the mkdir", "before the files are made"])
 def test_a_folder_swapped_for_the_cache_work_folder(
     tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch, step: str

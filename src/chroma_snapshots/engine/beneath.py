@@ -26,6 +26,7 @@ from types import TracebackType
 
 from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
+    born,
     mount_of,
     open_owned,
     own_at,
@@ -43,6 +44,17 @@ _MOUNTED = (
 )
 REPLACED = "the work folder was replaced while it was being built; nothing was delivered"
 FolderId = tuple[int, int]  # (device, inode) of a folder (or a file)
+# (device, inode, birth ns) of a file made: the inode number alone is given out again once
+# the file is gone (ext4 does at once), the birth time is not; 0 where none is kept
+FileId = tuple[int, int, int]
+
+
+def file_id(fd: int) -> FileId:
+    """The :data:`FileId` of the file open as ``fd``."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, born(fd=fd)
+
+
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
 
 
@@ -105,14 +117,15 @@ class Beneath:
         mode: int = 0o666,
         *,
         parents: bool = False,
-        known: FolderId | None = None,
+        known: FileId | None = None,
     ) -> int:
         """Open the file ``rel`` (relative, ``/``-separated) with ``flags``; the caller
         closes it. A link at ``rel`` is ELOOP; what is not a regular file, or (to write)
         a file with another link or on another mount, is LocalDiskError. ``parents`` makes
         missing folders on the way, replacing a link or file where a folder belongs.
-        ``known``: the (device, inode) of a file this tree made or checked before: found
-        again, it needs no other check (a file mounted over it has another inode)."""
+        ``known``: the :data:`FileId` of a file this tree made before: found again, it
+        needs no other check (a file mounted over it, or made in its place, is another);
+        without a birth time it gets every check."""
         parent, name = _split(rel)
         writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -123,7 +136,7 @@ class Beneath:
                     return os.open(name, flags | os.O_EXCL, mode, dir_fd=at)
             fd = os.open(name, flags, mode, dir_fd=at)
             try:
-                if known is None or _ident(os.fstat(fd)) != known:
+                if known is None or known[2] == 0 or file_id(fd) != known:
                     self._own_file(fd, at, name, rel, writing)
             except BaseException:
                 os.close(fd)
@@ -284,10 +297,6 @@ class Beneath:
 def _own(fd: int, st: os.stat_result) -> None:
     if st.st_mode & 0o700 != 0o700:  # a consumer's chmod 0500
         os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-
-
-def _ident(st: os.stat_result) -> FolderId:
-    return st.st_dev, st.st_ino
 
 
 def _split(rel: str) -> tuple[str, str]:

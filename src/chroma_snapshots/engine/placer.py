@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from chroma_snapshots.engine.beneath import Beneath, FolderId
+from chroma_snapshots.engine.beneath import Beneath, FileId, FolderId, file_id
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
@@ -110,7 +110,7 @@ class Placer:
                 where = (f.path, i * cs, f.at if i == 0 else 0, min(cs, f.size - i * cs))
                 self.targets[f.chunks[i]].append(where)
         self._fds: dict[str, int] = {}
-        self._ids: dict[str, FolderId] = {}  # files made by create_files: (device, inode)
+        self._ids: dict[str, FileId] = {}  # files made by create_files
         self._modes = {f.path: f.mode for f in self.files}  # set as each file is complete
         self._left = Counter(where[0] for wheres in self.targets.values() for where in wheres)
         self._lock = threading.Lock()
@@ -133,8 +133,7 @@ class Placer:
                 # its own (O_TRUNC would cut a hard-linked one before any check)
                 fd = self.tree.open(f.path, os.O_WRONLY | os.O_CREAT, parents=True)
                 try:
-                    st = os.fstat(fd)  # known again when the file is opened to be filled
-                    self._ids[f.path] = st.st_dev, st.st_ino
+                    self._ids[f.path] = file_id(fd)  # known again when opened to be filled
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, f.size)
                 finally:
