@@ -183,6 +183,43 @@ def test_a_work_file_replaced_by_a_link_with_its_inode_number_is_not_written(
     assert not (tmp_path / "out" / "db").exists()
 
 
+@pytest.mark.parametrize("same_number", [True, False])
+def test_a_work_file_replaced_after_it_was_written_is_not_delivered(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch, same_number: bool
+) -> None:
+    """Once every chunk is written, another process puts a hard link to its own file in
+    place of a work file (with the freed inode number or another): the checkout fails, its
+    file is untouched, nothing is delivered (a checkout to dest succeeded with its bytes)."""
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    real = Placer.finish
+
+    def relinked_first(p: Placer, check: Callable[[], None] = lambda: None) -> None:
+        target = p.root / "chroma.sqlite3"
+        if same_number:
+            _linked_with_its_number(victims, target)
+        else:
+            target.unlink()
+            (victims / "victim.txt").write_bytes(b"PRECIOUS\n")
+            os.link(victims / "victim.txt", target)
+        real(p, check)
+
+    monkeypatch.setattr(Placer, "finish", relinked_first)
+    checkouts: list[Callable[[], object]] = [
+        lambda: remote.checkout("db", v1, tmp_path / "out" / "db"),
+        lambda: CachedStore(remote, tmp_path / "cache").checkout("db", v1),
+    ]
+    for checkout in checkouts:
+        with pytest.raises(LocalDiskError, match="not the file written"):
+            checkout()
+        assert (victims / "victim.txt").read_bytes() == b"PRECIOUS\n"
+    assert not (tmp_path / "out" / "db").exists()
+    monkeypatch.undo()
+    with CachedStore(remote, tmp_path / "cache").checkout("db", v1) as snap:
+        assert read_tree(snap.path) == _files(1)
+
+
 def _fs_type(path: Path) -> str:
     best, kind = "", ""
     for line in Path("/proc/self/mounts").read_text().splitlines():

@@ -187,6 +187,20 @@ class Beneath:
                 raise  # a mount on the way
             return None
 
+    def check_made(self, rel: str, known: FileId) -> None:
+        """LocalDiskError unless ``rel`` is still the file made as ``known`` (device, inode
+        and birth time; by inode alone where no birth time is kept) with no other link: a
+        file of another process's put in its place after it was written, or a link to it
+        made elsewhere, is never delivered."""
+        parent, name = _split(rel)
+        with self._lock:
+            at = self._folder(parent, False)
+            st = os.stat(name, dir_fd=at, follow_symlinks=False)
+            now = (st.st_dev, st.st_ino, born(name, at) if known[2] else 0)
+        if now != known or st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            raise self._error(errno.ESTALE, "not the file written (replaced, or linked "
+                              "elsewhere, after it was written)", rel)  # fmt: skip
+
     def chmod(self, rel: str, mode: int) -> None:
         """Set the mode of the regular file ``rel`` with no other link (a link there is an
         error, never followed: Linux has no lchmod, so the file is opened as a path,

@@ -284,13 +284,18 @@ class Placer:
 
     def finish(self, check: Callable[[], None] = lambda: None) -> None:
         """Apply the modes not yet set (a file's is set as its last chunk is written, and
-        an empty file has none), then close the files; all data is in place. ``check()``
-        runs every few files and may raise (a deadline, as in :meth:`create_files`)."""
+        an empty file has none), check that every file made is still the one written, then
+        close the files; all data is in place. ``check()`` runs every few files and may
+        raise (a deadline, as in :meth:`create_files`)."""
         with self._lock:
             left = list(self._modes.items())
         for relpath, mode in checked(left, check):
             with local_io(self.root / relpath, "setting a file's mode"):
                 self.tree.chmod(relpath, mode)
+        # last: every file made is still the one written, nothing put in its place since
+        for relpath, known in checked(list(self._ids.items()), check):
+            with local_io(self.root / relpath, "checking the files written"):
+                self.tree.check_made(relpath, known)
         self.close()
 
 

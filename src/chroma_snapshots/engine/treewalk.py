@@ -203,9 +203,10 @@ def _statx_mnt_id(fd: int) -> int | None:
 
 
 def born(path: Path | str | None = None, fd: int = -100) -> int:
-    """The birth time (ns) of the folder open as ``fd``, or of ``path`` (not followed if a
-    link); 0 where the file system keeps none (NFS) or statx is missing. An inode number is
-    handed out again once its folder is gone; a birth time is not (engine/folders)."""
+    """The birth time (ns) of the folder or file open as ``fd``, or of ``path`` (relative
+    to the folder open as ``fd`` if one is given; a link is not followed); 0 where the file
+    system keeps none (NFS) or statx is missing. An inode number is handed out again once
+    its file is gone; a birth time is not (engine/folders, engine/beneath)."""
     if _STATX is None:
         return 0
     buf = ctypes.create_string_buffer(256)
