@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from kill_points import KillAt, run_to_step
+from reused_numbers import fs_type
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
@@ -39,16 +40,6 @@ from chroma_snapshots.testing.conformance import read_tree, write_tree
 CHUNK = 4096
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 THEIRS = {"theirs.txt": b"another process's file", "deep/more.bin": b"x" * 5000}
-
-
-def _fs_type(path: Path) -> str:
-    """The file system type of the mount ``path`` is on (/proc/self/mounts)."""
-    best, kind = "", ""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        _, point, fstype = line.split()[:3]
-        if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
-            best, kind = point, fstype
-    return kind
 
 
 def _theirs_at(path: Path, want: int | None = None) -> bool:
@@ -98,7 +89,7 @@ def test_the_cache_tmp_sweep_keeps_a_folder_swapped_in_for_a_killed_build(
         (tmp,) = cache.glob("*/db/tmp")
     (left,) = list(tmp.iterdir())  # the killed build's work folder
     reused = _replace_with_theirs(left)
-    assert reused or _fs_type(tmp) != "ext4"  # the number came back: the attack is real
+    assert reused or fs_type(tmp) != "ext4"  # the number came back: the attack is real
     staged_theirs = tmp / "v.1.0123abcd.new"  # a name as a folder has while it is being made
     write_tree(staged_theirs, THEIRS)
     staged_empty = tmp / "v.2.0123abcd.new"  # an empty one: what a kill at its making leaves
@@ -140,7 +131,7 @@ def test_the_dest_sweep_keeps_a_folder_swapped_in_for_a_killed_checkout(tmp_path
     for p in [plain, *plain.rglob("*")]:
         os.utime(p, (old, old))
     reused = _replace_with_theirs(swapped)
-    assert reused or _fs_type(tmp_path) != "ext4"
+    assert reused or fs_type(tmp_path) != "ext4"
     remote.checkout("db", dest=dest)  # sweeps the old work folders of the same dest first
     assert read_tree(dest) == read_tree(src)
     assert read_tree(swapped) == THEIRS  # another process's: kept
@@ -166,7 +157,7 @@ def test_the_copies_sweep_keeps_a_folder_swapped_in_for_a_killed_holder(tmp_path
     copy = Path(out.stdout.strip())
     assert copy.parent.name == "copies"
     reused = _replace_with_theirs(copy)
-    assert reused or _fs_type(tmp_path) != "ext4"
+    assert reused or fs_type(tmp_path) != "ext4"
     store = CachedStore(RemoteStore(FileBackend(store_dir), chunk_size=CHUNK), cache)  # sweeps
     assert read_tree(copy) == THEIRS
     with store.checkout("db") as snap:
