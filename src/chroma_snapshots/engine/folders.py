@@ -3,9 +3,11 @@ is checked at its making, a finished one where it landed, and only the folder ma
 ever removed. A folder another process swapped in under one of those names is set aside
 under a name no clean-up takes, never written into, served or deleted (docs/SECURITY.md).
 
-Each folder is named for its own inode once made (``<name>.i<inode>``), so a clean-up in
-another process, after a crash, takes a folder at such a name only if it is still the one
-made (:func:`sweepable`): one swapped in that could not be set aside is left alone.
+Each folder is held open while it is used (:class:`Made`: a file system gives a freed
+inode number to the next folder made, so only a held one's number is its own) and named
+for itself once made (``<name>.i<inode>-<birth ns>``), so a clean-up in another process,
+after a kill, takes a folder at such a name only if it is still the one made
+(:func:`sweepable`): one another process put there is left alone.
 """
 
 from __future__ import annotations
