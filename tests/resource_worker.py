@@ -1,7 +1,8 @@
 """Publish or check out under resource limits, in its own process (the exhaustion tests).
 
-usage: resource_worker.py {publish,checkout} STORE_DIR TREE_DIR NOFILE
+usage: resource_worker.py {publish,checkout,cached} STORE_DIR TREE_DIR NOFILE
 Sets RLIMIT_NOFILE to NOFILE, runs the operation, prints the peak RSS in MiB (VmHWM).
+``cached``: a checkout into a cache beside TREE_DIR, then a copy of it to TREE_DIR.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import resource
 import sys
 from pathlib import Path
 
-from chroma_snapshots import RemoteStore
+from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 
 if __name__ == "__main__":
@@ -20,6 +21,10 @@ if __name__ == "__main__":
     store = RemoteStore(FileBackend(store_dir))
     if op == "publish":
         store.publish("db", tree)
+    elif op == "cached":
+        cached = CachedStore(store, Path(tree).with_name("cache"))
+        cached.checkout("db").release()
+        cached.checkout("db", dest=tree)  # copied from the cached files
     else:
         store.checkout("db", dest=tree)
     status = Path("/proc/self/status").read_text()

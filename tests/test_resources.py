@@ -44,6 +44,9 @@ def test_many_files_under_a_low_open_file_limit(tmp_path: Path) -> None:
     _run("publish", tmp_path / "store", src, nofile=64)
     _run("checkout", tmp_path / "store", tmp_path / "out", nofile=64)
     assert read_tree(tmp_path / "out") == read_tree(src)
+    # from a cache to dest: the copies of intact files held every file open (EMFILE)
+    _run("cached", tmp_path / "store", tmp_path / "copy", nofile=64)
+    assert read_tree(tmp_path / "copy") == read_tree(src)
 
 
 def test_peak_memory_does_not_grow_with_snapshot_size(tmp_path: Path) -> None:

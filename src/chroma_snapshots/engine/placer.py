@@ -173,7 +173,14 @@ class Placer:
         caller reports what it copied with ``mark_placed`` once the source checked out."""
         with self._write_guard():
             try:
-                copy_runs(src, self._fd(relpath), runs, cs)
+                # its own descriptor, closed here: the file's is kept only by the writes that
+                # complete it, and mark_placed comes after every copy (a tree of more files
+                # than RLIMIT_NOFILE held them all open at once: EMFILE)
+                fd = self.tree.open(relpath, os.O_WRONLY, known=self._ids.get(relpath))
+                try:
+                    copy_runs(src, fd, runs, cs)
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise disk_error(e, self.root / relpath, "copying into the checkout") from e
 
@@ -243,7 +250,7 @@ class Placer:
         # Its mode is set then, through the descriptor: no path to resolve again.
         with self._lock:
             self._left[relpath] -= count
-            fd = self._fds.pop(relpath) if self._left[relpath] <= 0 else None
+            fd = self._fds.pop(relpath, None) if self._left[relpath] <= 0 else None
             mode = self._modes.pop(relpath, None) if fd is not None else None
         if fd is not None:
             try:
