@@ -130,9 +130,9 @@ def test_a_work_folder_swapped_before_it_lands_is_never_served(
         os.rename(work, tmp_path / f"aside-{work.name}")
         os.rename(mine, work)
 
-    def swap_then_meta(d: NameDirs, v: str, work: Path, m: object) -> None:
+    def swap_then_meta(d: NameDirs, v: str, work: Path, *a: object) -> None:
         swap(work)
-        real_meta(d, v, work, m)  # type: ignore[arg-type]
+        real_meta(d, v, work, *a)  # type: ignore[arg-type]
 
     def swap_then_move(work: Path, final: Path) -> None:
         swap(work)
@@ -147,9 +147,10 @@ def test_a_work_folder_swapped_before_it_lands_is_never_served(
         return aside
 
     monkeypatch.setattr(NameDirs, "write_meta", swap_then_meta)
-    with pytest.raises(LocalDiskError, match="work folder was replaced") as err:
-        cached.checkout("db", version)
-    assert moved_aside(err).parent == cached.dirs("db").tree(version).parent
+    with pytest.raises(LocalDiskError, match="not the file written"):  # its files are not
+        cached.checkout("db", version)  # the ones written: no stamp of them is recorded
+    (aside,) = (cached.dirs("db").root / "tmp").glob("*.replaced-*")  # set aside, whole
+    assert read_tree(aside) == {p: b"planted" for p in files}
     monkeypatch.undo()
     for _ in range(2):  # the race is over: the version is built again, and stays exact
         with CachedStore(remote, tmp_path / "cache").checkout("db", version) as snap:

@@ -65,8 +65,8 @@ def test_a_mount_over_the_cache_work_folder_before_its_rename(
     real_meta = NameDirs.write_meta
     mounted: list[Path] = []
 
-    def meta_then_mount(d: NameDirs, v: str, work: Path, m: object) -> None:
-        real_meta(d, v, work, m)  # type: ignore[arg-type]
+    def meta_then_mount(d: NameDirs, v: str, work: Path, *a: object) -> None:
+        real_meta(d, v, work, *a)  # type: ignore[arg-type]
         subprocess.run(["mount", "--bind", str(theirs), str(work)], check=True)
         mounted.append(work)
 

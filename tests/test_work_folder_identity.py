@@ -221,6 +221,47 @@ def test_a_work_file_replaced_after_it_was_written_is_not_delivered(
         assert read_tree(snap.path) == _files(1)
 
 
+@pytest.mark.parametrize("how", ["hard link", "moved in"])
+@pytest.mark.parametrize("build", ["cold", "patch"])
+def test_a_work_file_replaced_before_the_stamps_is_never_trusted(
+    tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch, how: str, build: str
+) -> None:
+    """After the last write and before the cache records the stamps (which later warm
+    checkouts trust), another process replaces a work file: by a hard link to its own file,
+    or by a file of its own moved in. The build fails, nothing is recorded or served; the
+    other process's file is untouched; the next checkout is exact."""
+    v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
+    files2 = {**_files(1), "chroma.sqlite3": b"v2" * 30000}
+    v2 = remote.publish("db", write_tree(tmp_path / "src2", files2)).version
+    cache = CachedStore(remote, tmp_path / "cache")
+    if build == "patch":
+        cache.checkout("db", v1).release()  # retired, then patched into v2
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    real = NameDirs.write_meta
+
+    def replaced_first(d: NameDirs, version: str, root: Path, *a: object, **k: object) -> None:
+        target = root / "chroma.sqlite3"
+        mine = victims / "victim.txt"
+        mine.write_bytes(b"x" * target.stat().st_size)
+        target.unlink()
+        if how == "hard link":
+            os.link(mine, target)
+        else:
+            os.rename(mine, target)
+        real(d, version, root, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NameDirs, "write_meta", replaced_first)
+    with pytest.raises(LocalDiskError, match="not the file written"):
+        cache.checkout("db", v2)
+    monkeypatch.undo()
+    if how == "hard link":
+        assert (victims / "victim.txt").read_bytes() == b"x" * 60000
+    assert v2 not in cache.dirs("db").complete()
+    with cache.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == files2
+
+
 @pytest.mark.parametrize("step", ["after the mkdir", "before the files are made"])
 def test_a_folder_swapped_for_the_cache_work_folder(
     tmp_path: Path, remote: RemoteStore, monkeypatch: pytest.MonkeyPatch, step: str
@@ -316,8 +357,8 @@ def test_a_mount_inside_a_work_folder_before_its_rename_is_not_served(
         (work / "mnt").mkdir()
         _bind(theirs, work / "mnt", mounts)
 
-    def meta_then_mount(d: NameDirs, v: str, work: Path, m: object) -> None:
-        real_meta(d, v, work, m)  # type: ignore[arg-type]
+    def meta_then_mount(d: NameDirs, v: str, work: Path, *a: object) -> None:
+        real_meta(d, v, work, *a)  # type: ignore[arg-type]
         mount_in(work)
 
     def mount_then_move(work: Path, final: Path) -> None:

@@ -92,6 +92,7 @@ class Placer:
         manifest: Manifest,
         damaged: Mapping[str, Sequence[int]] | None = None,
         root_id: FolderId | None = None,
+        made: dict[str, FileId] | None = None,
     ) -> None:
         self.root, self._root_id = root, root_id
         self._tree: Beneath | None = None  # opened at the first file (root may not exist)
@@ -110,7 +111,7 @@ class Placer:
                 where = (f.path, i * cs, f.at if i == 0 else 0, min(cs, f.size - i * cs))
                 self.targets[f.chunks[i]].append(where)
         self._fds: dict[str, int] = {}
-        self._ids: dict[str, FileId] = {}  # files made by create_files
+        self._ids = {} if made is None else made  # files made by create_files (FileId)
         self._modes = {f.path: f.mode for f in self.files}  # set as each file is complete
         self._left = Counter(where[0] for wheres in self.targets.values() for where in wheres)
         self._lock = threading.Lock()

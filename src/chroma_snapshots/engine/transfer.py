@@ -19,10 +19,10 @@ import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from chroma_snapshots.engine.beneath import open_regular
+from chroma_snapshots.engine.beneath import FileId, open_regular
 from chroma_snapshots.engine.bundles import members, reader_under, rebuild
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
@@ -191,13 +191,15 @@ class Placement:
     ``reuse`` offers local copies of chunks (each verified before use, or copied only from
     files it vouches for): only the rest is downloaded. A store that carries out a placement
     opens ``reuse`` afresh for each attempt and closes it before returning. ``root_id``:
-    the (device, inode) ``root`` must have (a work folder made for it, engine/beneath.py)."""
+    the (device, inode) ``root`` must have (a work folder made for it, engine/beneath.py).
+    ``made`` is filled with the files made (path -> FileId), for checks after the writes."""
 
     root: Path
     manifest: Manifest
     reuse: LocalChunks | None = None
     only: Mapping[str, Sequence[int]] | None = None
     root_id: tuple[int, int] | None = None
+    made: dict[str, FileId] = field(default_factory=dict)
 
 
 # Returns the read's bytes, in a buffer the calling worker owns (and may reuse for its

@@ -45,7 +45,7 @@ def fetch_into(
     verify, the rest read from ``backend``'s packs, every chunk hash-checked."""
     manifest, damaged = job.manifest, job.only
     local = None if job.reuse is None else job.reuse.reopened()
-    placer = Placer(job.root, manifest, damaged, job.root_id)
+    placer = Placer(job.root, manifest, damaged, job.root_id, job.made)
     stats.add(chunks_total=len(placer.targets))
     # Buffers are sized by the format, never by a declared length: a chunk is stored in
     # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from chroma_snapshots.engine.beneath import FolderId
+from chroma_snapshots.engine.beneath import FileId, FolderId
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.folders import Made, landed, new_folder, remove_mine
 from chroma_snapshots.engine.models import Manifest
@@ -93,12 +93,13 @@ class CacheBuilds(CacheSpace):
             self._make_room(max(0, manifest.total_size - base), keep=(name, version))
             with self._local_chunks(name, version) as local:
                 check = partial(dl.check, "checking the cached files")
-                only = None if old is None else plan_patch(work, old, manifest, stats, check)
+                files: dict[str, FileId] = {}  # each file as the build left it
+                only = None if old is None else plan_patch(work, old, manifest, stats, check, files)
                 if old is not None:  # its chunks about to be overwritten are delta bases
                     local.add_tree(work, old.manifest)  # (verified: a torn read costs a GET)
-                job = Placement(work, manifest, reuse=local, only=only, root_id=built)
+                job = Placement(work, manifest, reuse=local, only=only, root_id=built, made=files)
                 source = self.inner.materialize(name, job, dl, stats, progress)
-            d.write_meta(version, work, manifest)
+            d.write_meta(version, work, manifest, files)  # each file still the one left there
             (d.root / "versions").mkdir(exist_ok=True)
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))

@@ -28,6 +28,7 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.beneath import Beneath, FileId
 from chroma_snapshots.engine.folders import HOLD_FLAGS, carrying, folder_of, remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir
@@ -55,6 +56,10 @@ _SPLIT = (
 # the names given in tmp/ (``_tmp_path``: <version>.<pid>.<random>), as a pattern for
 # engine/folders.sweepable: a clean-up there takes nothing else
 TMP_STEM = r"[^./]+\.\d+\.[0-9a-f]{8}"
+_NOT_OURS = (
+    "not a file the cache wrote (replaced, or linked elsewhere, after it was written); "
+    "nothing recorded"
+)
 _MOUNTED = (
     "a file system is mounted at this cached version or inside it: nothing is evicted (unmount it)"
 )
@@ -84,6 +89,17 @@ def stamp_at(t: Beneath, rel: str) -> Stamp | None:
     folder swapped for a link to other files gives None (changed), never their stamps."""
     st = t.lstat(rel)
     return None if st is None else stamp_of_stat(st)
+
+
+def _stamp(t: Beneath, rel: str, made: Mapping[str, FileId] | None) -> Stamp | None:
+    """The stamp to record for ``rel`` (see NameDirs.write_stamps)."""
+    if made and rel in made:
+        t.check_made(rel, made[rel])
+    st = t.lstat(rel)
+    stamp = None if st is None else stamp_of_stat(st)
+    if st is None or stamp is None or st.st_nlink != 1:
+        raise LocalDiskError(errno.ESTALE, _NOT_OURS, str(t.path / rel))
+    return stamp
 
 
 def real_dir(path: Path) -> bool:
@@ -226,16 +242,32 @@ class NameDirs:
         except (OSError, SnapshotError, ValueError, TypeError, IndexError, AttributeError):
             return {}
 
-    def write_stamps(self, version: str, root: Path, manifest: Manifest) -> None:
+    def write_stamps(
+        self,
+        version: str,
+        root: Path,
+        manifest: Manifest,
+        made: Mapping[str, FileId] | None = None,
+    ) -> None:
+        """Record the stamps of the files just written or repaired: only of regular files
+        with no other link, each still the file the build left (``made``: device, inode,
+        birth time); else LocalDiskError, nothing recorded: a file another process put in
+        place after the writes would be trusted for good."""
         with Beneath(root) as t:  # recorded as served: a link swapped in is no file's stamp
-            stamps = {f.path: stamp_at(t, f.path) for f in manifest.files}
+            stamps = {f.path: _stamp(t, f.path, made) for f in manifest.files}
         write_atomic(self.stamps_file(version), json.dumps(stamps).encode())
 
-    def write_meta(self, version: str, root: Path, manifest: Manifest) -> None:
+    def write_meta(
+        self,
+        version: str,
+        root: Path,
+        manifest: Manifest,
+        made: Mapping[str, FileId] | None = None,
+    ) -> None:
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
         self.drop_meta(version)  # a folder put at either name would fail the rename over it
         write_atomic(self.manifest_file(version), manifest_v2.dumps(manifest))
-        self.write_stamps(version, root, manifest)
+        self.write_stamps(version, root, manifest, made)
 
     def last_used(self, version: str) -> float:
         try:

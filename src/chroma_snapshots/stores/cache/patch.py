@@ -30,7 +30,7 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
-from chroma_snapshots.engine.beneath import Beneath
+from chroma_snapshots.engine.beneath import Beneath, FileId
 from chroma_snapshots.engine.folders import HOLD_FLAGS, Made, carrying
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest
@@ -98,12 +98,19 @@ def _listing(folder: Path) -> list[Path]:
 
 
 def plan_patch(
-    work: Path, old: Retired, new: Manifest, stats: StatsRecorder, check: Callable[[], None]
+    work: Path,
+    old: Retired,
+    new: Manifest,
+    stats: StatsRecorder,
+    check: Callable[[], None],
+    made: dict[str, FileId],
 ) -> dict[str, list[int]]:
     """Bring ``work`` (the retired tree) to ``new``'s files, sizes and modes; return the
-    chunk positions of each file still to be written (the bytes kept count as reused).
-    ``check()`` runs before each file and may raise (a deadline). Everything in ``work``
-    is reached through folder descriptors (engine/beneath.py): never through a link."""
+    chunk positions of each file still to be written (the bytes kept count as reused), and
+    record in ``made`` the identity of each file as it was left (checked again before the
+    stamps are recorded). ``check()`` runs before each file and may raise (a deadline).
+    Everything in ``work`` is reached through folder descriptors (engine/beneath.py):
+    never through a link."""
     with Beneath(work, old.made.id) as t:
         remove_extras(t, new)  # links and stray folders go before anything is looked at
         old_files = {f.path: f for f in old.manifest.files}
@@ -126,6 +133,7 @@ def plan_patch(
                 t.remove(f.path)
                 positions = _create(t, f)
             kept += f.size - sum(new.chunks[f.chunks[i]].size for i in positions)
+            made[f.path] = t.identity(f.path)[0]
             if positions:
                 todo[f.path] = positions
     stats.add(bytes_reused=kept)
