@@ -195,17 +195,18 @@ class Beneath:
             st = os.stat(name, dir_fd=at, follow_symlinks=False)
             return (st.st_dev, st.st_ino, born(name, at)), st
 
-    def check_made(self, rel: str, known: FileId) -> None:
-        """LocalDiskError unless ``rel`` is still the file made as ``known`` (device, inode
-        and birth time; by inode alone where no birth time is kept) with no other link: a
-        file of another process's put in its place after it was written, or a link to it
-        made elsewhere, is never delivered."""
+    def check_made(self, rel: str, known: FileId) -> os.stat_result:
+        """Its stat, or LocalDiskError unless ``rel`` is still the file made as ``known``
+        (device, inode and birth time; by inode alone where no birth time is kept) with no
+        other link: a file of another process's put in its place after it was written, or
+        a link to it made elsewhere, is never delivered."""
         now, st = self.identity(rel)
         if not known[2]:
             now = (now[0], now[1], 0)
         if now != known or st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
             raise self._error(errno.ESTALE, "not the file written (replaced, or linked "
                               "elsewhere, after it was written)", rel)  # fmt: skip
+        return st
 
     def chmod(self, rel: str, mode: int) -> None:
         """Set the mode of the regular file ``rel`` with no other link (a link there is an

@@ -92,10 +92,10 @@ def stamp_at(t: Beneath, rel: str) -> Stamp | None:
 
 
 def _stamp(t: Beneath, rel: str, made: Mapping[str, FileId] | None) -> Stamp | None:
-    """The stamp to record for ``rel`` (see NameDirs.write_stamps)."""
-    if made and rel in made:
-        t.check_made(rel, made[rel])
-    st = t.lstat(rel)
+    """The stamp to record for ``rel`` (see NameDirs.write_stamps), from the very stat
+    its identity was checked on (a second look could see a file swapped in between)."""
+    known = made.get(rel) if made else None
+    st = t.lstat(rel) if known is None else t.check_made(rel, known)
     stamp = None if st is None else stamp_of_stat(st)
     if st is None or stamp is None or st.st_nlink != 1:
         raise LocalDiskError(errno.ESTALE, _NOT_OURS, str(t.path / rel))
