@@ -1,11 +1,13 @@
 """One micro-benchmark per stage of a checkout's data path, so a regression points at its
 stage: receive (S3 ranged GETs into a reused buffer), decompress (zstd chunks), hash
-(sha256 of every chunk), place (pwritev of verified runs into sparse files) and copy
-(copy_file_range of unchanged runs, the incremental path). Each runs on one thread and
-reports CPU seconds per GiB (user + system, this process) and GB/s.
+(sha256 of every chunk), place (pwritev of verified runs into sparse files, as the placer
+writes them and in 1 MiB calls) and copy (copy_file_range of unchanged runs, the
+incremental path). Each runs on one thread and reports CPU seconds per GiB (user +
+system, this process) and GB/s.
 
 usage: python benchmarks/stages.py [--mib 256] [--tools .bench-tools] [--json out.json]
-       [--skip-receive] [--place-repeat 5]   (receive needs s3rver: benchmarks/install-tools.sh)
+       [--skip-receive] [--place-repeat 5] [--place-pause 6]
+(receive needs s3rver: benchmarks/install-tools.sh)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from compare import settle
 from chroma_snapshots.engine.chunking import _decompressor, _unzstd_into
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Chunk
+from chroma_snapshots.engine.placer import WRITE_BYTES, pwrite_all
 from chroma_snapshots.engine.validation import sha256_hex
 
 HERE = Path(__file__).resolve().parent
@@ -99,29 +102,46 @@ def stage_hash(mib: int) -> Row:
     )
 
 
-def stage_place(mib: int, work: Path, repeat: int) -> Row:
-    """Placing into the page cache, ``repeat`` times (the page cache flushed before each):
-    the median, and the spread, which on a VM can be tenfold (see benchmarks/RESULTS.md)."""
-    run = [os.urandom(CHUNK) for _ in range(16)]  # 1 MiB of 16 chunks: one pwritev
+def stage_place(mib: int, work: Path, repeat: int, pause: float) -> list[Row]:
+    """Placing into the page cache as the placer does (``pwrite_all``: at most WRITE_BYTES a
+    call) and in 1 MiB writes (the placer's size before), alternating, ``repeat`` times
+    each: the median, and the spread, which on a VM can be tenfold. Each run starts
+    ``pause`` seconds after the last run's file was deleted: memory freed that recently is
+    still the guest's, and a run that reuses it says nothing about a cold start (on this VM
+    freed memory goes back to the host within seconds and faults in again)."""
+    run = [os.urandom(CHUNK) for _ in range(16)]  # 1 MiB of 16 chunks
     path = work / "place.bin"
 
-    def place() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            os.ftruncate(fd, mib * MiB)  # sparse, as Placer.create_files makes them
-            for off in range(0, mib * MiB, MiB):
-                os.pwritev(fd, run, off)
-        finally:
-            os.close(fd)
+    def place(write: int) -> Callable[[], None]:
+        def go() -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.ftruncate(fd, mib * MiB)  # sparse, as Placer.create_files makes them
+                for off in range(0, mib * MiB, MiB):
+                    if write == MiB:
+                        os.pwritev(fd, run, off)
+                    else:
+                        pwrite_all(fd, run, off, MiB)
+            finally:
+                os.close(fd)
 
-    runs = []
+        return go
+
+    names = {WRITE_BYTES: f"place (pwritev {WRITE_BYTES >> 10} KiB, the placer)"}
+    names[MiB] = "place (pwritev 1 MiB runs)"
+    runs: dict[int, list[Row]] = {w: [] for w in names}
     for _ in range(repeat):
-        settle()
-        runs.append(measure("place (pwritev 1 MiB runs, page cache)", mib * MiB, place))
-        path.unlink()
-    cpu = sorted(r["cpu_s_per_gib"] for r in runs)
-    row = runs[0] | {"cpu_s_per_gib": statistics.median(cpu), "spread": (cpu[0], cpu[-1])}
-    return row | {"gbps": statistics.median(r["gbps"] for r in runs)}
+        for write, name in names.items():
+            settle()
+            time.sleep(pause)
+            runs[write].append(measure(name, mib * MiB, place(write)))
+            path.unlink()
+    rows = []
+    for same in runs.values():
+        cpu = sorted(r["cpu_s_per_gib"] for r in same)
+        row = same[0] | {"cpu_s_per_gib": statistics.median(cpu), "spread": (cpu[0], cpu[-1])}
+        rows.append(row | {"gbps": statistics.median(r["gbps"] for r in same)})
+    return rows
 
 
 def stage_copy(mib: int, work: Path) -> Row:
@@ -178,6 +198,7 @@ def main() -> None:
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--skip-receive", action="store_true")
     ap.add_argument("--place-repeat", type=int, default=5, help="runs of the place stage")
+    ap.add_argument("--place-pause", type=float, default=6.0, help="seconds before each place run")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
     rows: list[Row] = []
@@ -187,7 +208,7 @@ def main() -> None:
             rows.append(stage_receive(args.mib, args.tools.resolve(), work))
         rows += stage_decompress(args.mib)
         rows.append(stage_hash(args.mib))
-        rows.append(stage_place(args.mib, work, args.place_repeat))
+        rows += stage_place(args.mib, work, args.place_repeat, args.place_pause)
         rows.append(stage_copy(args.mib, work))
     print(f"{'stage':<42} {'CPU s/GiB':>9} {'GB/s':>6}  spread of CPU s/GiB")
     for r in rows:

@@ -71,12 +71,14 @@ def test_compare_smoke(tmp_path: Path) -> None:
 
 def test_stages_smoke(tmp_path: Path) -> None:
     _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
-    rows = _run("stages.py", "--mib", "4", tmp=tmp_path)
+    rows = _run("stages.py", "--mib", "4", "--place-repeat", "1", "--place-pause", "0",
+                tmp=tmp_path)  # fmt: skip
     assert [r["stage"].split()[0] for r in rows] == [
         "receive",
         "decompress",
         "decompress",
         "hash",
+        "place",
         "place",
         "copy",
     ]

@@ -34,7 +34,7 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine.deadline import WorkerPool, wait_all
-from chroma_snapshots.engine.placer import Placer
+from chroma_snapshots.engine.placer import WRITE_BYTES, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.transfer import DEFAULT_MAX_READ, LocalChunks, Placement, plan_reads
 from chroma_snapshots.testing import MotoServer
@@ -427,6 +427,30 @@ def test_short_writes_are_continued_until_every_byte_is_placed(
     monkeypatch.undo()
     assert read_tree(snap.path) == read_tree(src)
     assert sum(n < asked for asked, n in calls) > 10  # the writes really were short
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 256 << 10])
+def test_no_write_hands_the_kernel_more_than_write_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_size: int
+) -> None:
+    """Checkouts and a file store's puts write at most WRITE_BYTES a call (larger writes
+    cost several times the system time: engine/placer.py), whatever the chunk size, and
+    still every byte, when the kernel also writes less than asked."""
+    files = _random_files({"a.bin": 1_000_003, "seg/b.bin": 70_001, "seg/c.bin": 4096})
+    asked: list[int] = []
+    short = _shortened([WRITE_BYTES, WRITE_BYTES - 1, 5_000, WRITE_BYTES], [])
+
+    def recording(fd: int, bufs: Sequence[bytes | memoryview], offset: int) -> int:
+        asked.append(sum(len(b) for b in bufs))
+        return short(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", recording)
+    store, src = _published(tmp_path, files, chunk_size=chunk_size)  # packs: pwrite_all
+    snap = store.checkout("db", dest=tmp_path / "out")
+    monkeypatch.undo()
+    assert read_tree(snap.path) == read_tree(src)
+    assert max(asked) == WRITE_BYTES  # bigger runs and chunks were split, not refused
+    assert sum(asked) > 2 * 1_074_100  # both the packs and the checkout went through it
 
 
 def test_a_write_that_makes_no_progress_is_an_error(

@@ -24,7 +24,14 @@ from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
-_RUN_CHUNKS = 16  # chunks per pwritev (1 MiB): 16 MiB writes took 5x the system time here
+# Bytes handed to the kernel per write. A write gets page-cache folios of up to its own
+# size (ext4 has large folios since Linux 6.16). The likely reason small ones are cheaper:
+# up to 32 KiB (order 3) they come from the per-CPU free lists, larger ones from big free
+# blocks, which a VM with free page reporting has handed back to its host, so every page
+# faults in again during the copy.
+# 1 GiB cold on this VM: 0.8-0.9 system s in 32 KiB writes, 1.3-2.1 in 64 KiB, 3.6 in 1 MiB
+# (benchmarks/RESULTS.md); s5cmd writes 32 KiB too.
+WRITE_BYTES = 32 << 10
 
 
 def disk_error(err: OSError, path: Path | str, what: str) -> SnapshotError:
@@ -55,15 +62,29 @@ def local_io(path: Path | str, what: str) -> Iterator[None]:
 
 
 def pwrite_all(fd: int, bufs: Sequence[Buffer], offset: int, size: int) -> None:
-    """Write all ``size`` bytes of ``bufs`` at ``offset``. The kernel may write less than
-    asked without an error (a filling disk does): write the rest, and the next call says
-    why it cannot; a call that writes nothing and raises nothing is an I/O error."""
-    written = os.pwritev(fd, bufs, offset)
-    while written < size:  # rare: a full write is the one comparison above
+    """Write all ``size`` bytes of ``bufs`` at ``offset``, at most ``WRITE_BYTES`` a call.
+    The kernel may write less than asked without an error (a filling disk does): write
+    the rest, and the next call says why it cannot; a call that writes nothing and raises
+    nothing is an I/O error."""
+    while True:
+        part = bufs if size <= WRITE_BYTES else _head(bufs, WRITE_BYTES)
+        written = os.pwritev(fd, part, offset)
+        if written == size:
+            return
         if written <= 0:
             raise OSError(errno.EIO, f"write made no progress at offset {offset}")
         bufs, offset, size = _skip(bufs, written), offset + written, size - written
-        written = os.pwritev(fd, bufs, offset)
+
+
+def _head(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
+    """The first ``n`` bytes of ``bufs`` (views, no copies)."""
+    head: list[Buffer] = []
+    for b in bufs:
+        if n <= len(b):
+            return [*head, memoryview(b)[:n]]
+        head.append(b)
+        n -= len(b)
+    return head
 
 
 def _skip(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
@@ -162,9 +183,9 @@ class Placer:
     def place_many(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
         """Write verified chunks everywhere they occur; returns bytes written.
 
-        Chunks that land next to each other in a file go out in one ``pwritev``: a pack
-        holds chunks in file order, so an 8 MiB read is typically one system call, not
-        128 (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
+        Chunks that land next to each other in a file go out in one ``pwritev`` of up to
+        ``WRITE_BYTES``: a pack holds chunks in file order, so small chunks share a call
+        (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
         with self._write_guard():
             return self._write_runs(chunks)
 
@@ -229,7 +250,7 @@ class Placer:
                 i < len(writes)
                 and writes[i][0] == relpath
                 and writes[i][1] == end
-                and len(bufs) < _RUN_CHUNKS
+                and end - start + len(writes[i][2]) <= WRITE_BYTES
             ):
                 bufs.append(writes[i][2])
                 end += len(writes[i][2])
