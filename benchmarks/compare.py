@@ -54,17 +54,27 @@ Row = dict[str, Any]
 OURS, SYNC_TOOLS = "chroma-snapshots", ("aws s3 sync", "s5cmd sync")
 
 
-def settle(dirty_mib: int = 64, timeout: float = 60.0) -> None:
+# Seconds every cold run waits after the run before it (and its deleted output): on this
+# VM, memory freed more than ~2 s ago has gone back to the host (free page reporting) and
+# faults in again when written. Without the wait, a client that starts writing at once (a
+# Go binary) reused the last run's warm memory and one that starts in 0.4 s (Python) did
+# not. A Lambda cold start writes into memory its VM never touched: cold, like this.
+COLD_PAUSE = 6.0
+
+
+def settle(dirty_mib: int = 64, timeout: float = 60.0, pause: float = 0.0) -> None:
     """Flush the page cache and wait until the kernel holds at most ``dirty_mib`` of unwritten
-    data, so that no run is throttled by writing back the run before it."""
+    data, so that no run is throttled by writing back the run before it; then wait
+    ``pause`` seconds more (``COLD_PAUSE``: memory goes cold)."""
     os.sync()
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         info = Path("/proc/meminfo").read_text()
         kib = sum(int(m) for m in re.findall(r"^(?:Dirty|Writeback):\s+(\d+) kB", info, re.M))
         if kib <= dirty_mib << 10:
-            return
+            break
         time.sleep(0.2)
+    time.sleep(pause)
 
 
 def median_row(runs: list[Row]) -> Row:
@@ -243,9 +253,9 @@ class Bench:
     def cold(self, cpus: str | None = None, rounds: int = 1) -> None:
         """Cold checkouts, each in its own process; with ``cpus`` pinned there (taskset), and
         only the three that matter for a one-vCPU Lambda. ``rounds`` runs each that many
-        times, the order rotated every round and the disk settled before every run
-        (:func:`settle`), and keeps the median (a tool run first or after another's 3 GiB of
-        dirty pages would otherwise pay for it)."""
+        times, the order rotated every round, the disk settled and memory cold before every
+        run (:func:`settle`, ``COLD_PAUSE``), and keeps the median (a tool run first or after
+        another's 3 GiB of dirty pages would otherwise pay for it)."""
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
         cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://{bucket}/snaps"]
@@ -267,7 +277,7 @@ class Bench:
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
                 arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-                settle()
+                settle(pause=COLD_PAUSE)
                 r = self.run_tool(approach, scenario, [*contenders[approach], arg], cpus)
                 got = tree_size(dest)[0]
                 if got != self.total:

@@ -7,9 +7,9 @@ byte, pwrite into preallocated files): boto3 in the checkout's request shape (on
 GET, and one per 64 KiB chunk as the checkout verifies), awscrt's S3 client and obstore, each
 also without sha256 where that isolates the hash. Local bounds: sha256 of the same files from
 the page cache (one thread, hashlib) and `cat > /dev/null`. Every client is its own process,
-the order rotated every round and the page cache flushed before each run; CPU is user +
-system from wait4, RSS is VmHWM, and the server's CPU is read from /proc (the client shares
-the machine's cores with it).
+the order rotated every round, the disk settled and memory left to go cold before each
+run (compare.COLD_PAUSE); CPU is user + system from wait4, RSS is VmHWM, and the server's
+CPU is read from /proc (the client shares the machine's cores with it).
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
            [--tools .bench-tools] [--json out.json]
@@ -30,7 +30,7 @@ from typing import Any
 import boto3
 from _report import write_json
 from _s3rver import REGION, S3rver
-from compare import HERE, _proc, settle
+from compare import COLD_PAUSE, HERE, _proc, settle
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -98,7 +98,7 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
 def _one(srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    settle()
+    settle(pause=COLD_PAUSE)
     pid = srv._proc.pid if srv._proc else 0
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)

@@ -24,7 +24,7 @@ from typing import Any
 
 from _data import MiB
 from _report import write_json
-from compare import settle
+from compare import COLD_PAUSE, settle
 
 from chroma_snapshots.engine.chunking import _decompressor, _unzstd_into
 from chroma_snapshots.engine.localcopy import copy_runs
@@ -132,8 +132,7 @@ def stage_place(mib: int, work: Path, repeat: int, pause: float) -> list[Row]:
     runs: dict[int, list[Row]] = {w: [] for w in names}
     for _ in range(repeat):
         for write, name in names.items():
-            settle()
-            time.sleep(pause)
+            settle(pause=pause)
             runs[write].append(measure(name, mib * MiB, place(write)))
             path.unlink()
     rows = []
@@ -198,7 +197,7 @@ def main() -> None:
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--skip-receive", action="store_true")
     ap.add_argument("--place-repeat", type=int, default=5, help="runs of the place stage")
-    ap.add_argument("--place-pause", type=float, default=6.0, help="seconds before each place run")
+    ap.add_argument("--place-pause", type=float, default=COLD_PAUSE, help="seconds before a place")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
     rows: list[Row] = []
