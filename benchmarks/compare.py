@@ -13,7 +13,7 @@ upload the same data for every approach, then measure
 Every download is checked for its total size.
 
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
-           [--json out.json] [--plot out.png] [--one-core] [--rounds 3]
+           [--json out.json] [--plot out.png] [--one-core] [--rounds 3] [--cold-pause 6]
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
 checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them. Cold checkouts run
 --rounds times each (order rotated, page cache flushed before each); rows are medians, and
@@ -250,7 +250,7 @@ class Bench:
             }
         )
 
-    def cold(self, cpus: str | None = None, rounds: int = 1) -> None:
+    def cold(self, cpus: str | None = None, rounds: int = 1, pause: float = COLD_PAUSE) -> None:
         """Cold checkouts, each in its own process; with ``cpus`` pinned there (taskset), and
         only the three that matter for a one-vCPU Lambda. ``rounds`` runs each that many
         times, the order rotated every round, the disk settled and memory cold before every
@@ -277,7 +277,7 @@ class Bench:
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
                 arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-                settle(pause=COLD_PAUSE)
+                settle(pause=pause)
                 r = self.run_tool(approach, scenario, [*contenders[approach], arg], cpus)
                 got = tree_size(dest)[0]
                 if got != self.total:
@@ -337,7 +337,12 @@ class Bench:
 
 
 def run(
-    size_mib: int, tools: Path, root: Path, one_core: bool = False, rounds: int = 3
+    size_mib: int,
+    tools: Path,
+    root: Path,
+    one_core: bool = False,
+    rounds: int = 3,
+    pause: float = COLD_PAUSE,
 ) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{size_mib}-", dir=root))
     try:
@@ -345,9 +350,9 @@ def run(
             bench = Bench(srv, work, tools, size_mib)
             bench.setup()
             bench.limits()
-            bench.cold(rounds=rounds)
+            bench.cold(rounds=rounds, pause=pause)
             if one_core:
-                bench.cold(cpus="0", rounds=rounds)
+                bench.cold(cpus="0", rounds=rounds, pause=pause)
             bench.warm_and_incremental()
             bench.store.close()
             for r in bench.rows:
@@ -472,6 +477,9 @@ def main() -> None:
         help="also run the cold checkouts pinned to CPU 0 (taskset), as on a one-vCPU Lambda",
     )
     ap.add_argument("--rounds", type=int, default=3, help="runs of each cold checkout (median)")
+    ap.add_argument(
+        "--cold-pause", type=float, default=COLD_PAUSE, help="seconds before each cold run"
+    )
     ap.add_argument("--plot", help="also draw the scaling plot (PNG) here")
     ap.add_argument("--from-json", help="print and plot the rows of an earlier run; no run")
     args = ap.parse_args()
@@ -490,7 +498,7 @@ def main() -> None:
     rows: list[Row] = []
     for size in (int(s) for s in args.sizes_mb.split(",")):
         work = args.workdir or Path(tempfile.gettempdir())
-        rows += run(size, args.tools.resolve(), work, args.one_core, args.rounds)
+        rows += run(size, args.tools.resolve(), work, args.one_core, args.rounds, args.cold_pause)
         print_table([r for r in rows if r["size_mib"] == size])
         print_ratios([r for r in rows if r["size_mib"] == size])
         print(flush=True)

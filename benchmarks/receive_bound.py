@@ -12,7 +12,7 @@ run (compare.COLD_PAUSE); CPU is user + system from wait4, RSS is VmHWM, and the
 CPU is read from /proc (the client shares the machine's cores with it).
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
-           [--tools .bench-tools] [--json out.json]
+           [--tools .bench-tools] [--cold-pause 6] [--json out.json]
 Needs TOOLS/native (a venv with boto3, awscrt, obstore: benchmarks/install-tools.sh).
 """
 
@@ -95,10 +95,12 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
     return cmds
 
 
-def _one(srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None) -> Row:
+def _one(
+    srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None, pause: float
+) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    settle(pause=COLD_PAUSE)
+    settle(pause=pause)
     pid = srv._proc.pid if srv._proc else 0
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--one-core", action="store_true", help="also run every client on CPU 0")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
     ap.add_argument("--json")
     args = ap.parse_args()
     tools, rows = args.tools.resolve(), list[Row]()
@@ -153,7 +156,8 @@ def main() -> None:
                     names = list(cmds)
                     for k in range(args.rounds):  # rotated: no client always runs first
                         for name in names[k % len(names) :] + names[: k % len(names)]:
-                            rows.append(_one(srv, work, name, cmds[name], gib, cpus))
+                            row = _one(srv, work, name, cmds[name], gib, cpus, args.cold_pause)
+                            rows.append(row)
                 _table([r for r in rows if r["gib"] == gib])
                 shutil.rmtree(work / f"keep{gib}")
     finally:

