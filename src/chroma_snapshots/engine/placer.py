@@ -24,14 +24,14 @@ from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
-# Bytes handed to the kernel per write. A write gets page-cache folios of up to its own
-# size (ext4 has large folios since Linux 6.16). The likely reason small ones are cheaper:
-# up to 32 KiB (order 3) they come from the per-CPU free lists, larger ones from big free
-# blocks, which a VM with free page reporting has handed back to its host, so every page
-# faults in again during the copy.
-# 1 GiB cold on this VM: 0.8-0.9 system s in 32 KiB writes, 1.3-2.1 in 64 KiB, 3.6 in 1 MiB
-# (benchmarks/RESULTS.md); s5cmd writes 32 KiB too.
-WRITE_BYTES = 32 << 10
+# Bytes handed to the kernel per write: one chunk of the default size. A write fills
+# page-cache folios of up to its own size (ext4 has large folios since Linux 6.16), and
+# on this VM, in periods when freed memory had gone back to the host, filling large ones
+# cost up to several times the system time: a 1 GiB cold checkout 1.6-3.7 system s in
+# 1 MiB writes against 0.8-1.9 in 64 KiB ones (13 of 17 A/B pairs; the same in the other
+# 4). 64 KiB was never the dearer; 32 KiB (s5cmd's size) cost 0.2-0.3 s more on the
+# chroma-shaped tree (benchmarks/RESULTS.md).
+WRITE_BYTES = 64 << 10
 
 
 def disk_error(err: OSError, path: Path | str, what: str) -> SnapshotError:
