@@ -26,8 +26,8 @@ from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskErr
 Buffer = bytes | memoryview
 # Bytes handed to the kernel per write: one chunk of the default size. A write fills
 # page-cache folios of up to its own size (ext4 has large folios since Linux 6.16), and
-# on this VM, in periods when freed memory had gone back to the host, filling large ones
-# cost up to several times the system time: a 1 GiB cold checkout 1.6-3.7 system s in
+# on the benchmark VM, in periods when its freed memory had gone back to the host, large
+# ones cost up to several times the system time: a 1 GiB cold checkout 1.6-3.7 system s in
 # 1 MiB writes against 0.8-1.9 in 64 KiB ones (13 of 17 A/B pairs; the same in the other
 # 4). 64 KiB was never the dearer; 32 KiB (s5cmd's size) cost 0.2-0.3 s more on the
 # chroma-shaped tree (benchmarks/RESULTS.md).
