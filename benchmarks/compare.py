@@ -9,7 +9,10 @@ upload the same data for every approach, then measure
   and the server's CPU seconds meanwhile: client and server share the machine's cores),
 - warm checkout, publish unchanged (with the stamp index, and with every file re-read),
   publish after a 1% change, incremental checkout after it: seconds, requests and bytes
-  downloaded as the server logged them.
+  downloaded as the server logged them (each incremental checkout after the disk settled),
+- sha256 of every byte of the tree (one thread), and from it and the cold rows the run's
+  measured bound of any verifying checkout (benchmarks/_bounds.py): the CPU floor per GiB
+  and the speed ceiling against s5cmd and `aws s3 sync`, beside what was reached.
 Every download is checked for its total size.
 
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from _bounds import hash_cpu, print_bounds
 from _data import MiB, change_pages, make_chroma_dir, tree_digest, tree_size
 from _report import write_json
 from _s3rver import ACCESS, REGION, S3rver
@@ -193,6 +197,22 @@ class Bench:
 
     # Phases.
 
+    def hash_floor(self) -> None:
+        """sha256 of every byte of the tree, one thread: the verification no client skips
+        (_bounds.py turns it into the run's measured bound)."""
+        spent, n = hash_cpu(self.src)
+        self.rows.append(
+            {
+                "size_mib": self.size_mib,
+                "approach": "sha256 (hashlib)",
+                "scenario": "hash every byte",
+                "seconds": spent,
+                "cpu_s": spent,
+                "hashed_mib": n / MiB,
+                "mbps": n / spent / 1e6,
+            }
+        )
+
     def setup(self) -> None:
         make_chroma_dir(self.src, self.size_mib * MiB)
         self.total = tree_size(self.src)[0]
@@ -330,7 +350,10 @@ class Bench:
         ours_publish("publish after 1% change")
         syncs("publish after 1% change", up=True)
         self.tar_publish("publish after 1% change")
+        # a checkout runs on another machine than the publish: not behind its dirty pages
+        settle()
         ours_checkout("incremental checkout (1% change)")
+        settle()
         syncs("incremental checkout (1% change)", up=False)
         for r in self.rows:
             r.setdefault("changed_mib", changed / MiB)
@@ -354,6 +377,7 @@ def run(
             if one_core:
                 bench.cold(cpus="0", rounds=rounds, pause=pause)
             bench.warm_and_incremental()
+            bench.hash_floor()
             bench.store.close()
             for r in bench.rows:
                 r["total_mib"] = bench.total / MiB
@@ -488,6 +512,7 @@ def main() -> None:
         for size in sorted({r["size_mib"] for r in earlier}):
             print_table([r for r in earlier if r["size_mib"] == size])
             print_ratios([r for r in earlier if r["size_mib"] == size])
+            print_bounds([r for r in earlier if r["size_mib"] == size])
         if args.plot:
             plot(earlier, args.plot)
         return
@@ -501,6 +526,7 @@ def main() -> None:
         rows += run(size, args.tools.resolve(), work, args.one_core, args.rounds, args.cold_pause)
         print_table([r for r in rows if r["size_mib"] == size])
         print_ratios([r for r in rows if r["size_mib"] == size])
+        print_bounds([r for r in rows if r["size_mib"] == size])
         print(flush=True)
     write_json(args.json, rows)
     if args.plot:
