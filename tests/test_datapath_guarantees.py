@@ -33,6 +33,7 @@ from chroma_snapshots import (
 )
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.engine import placer as placer_module
 from chroma_snapshots.engine.deadline import WorkerPool, wait_all
 from chroma_snapshots.engine.placer import WRITE_BYTES, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -451,6 +452,43 @@ def test_no_write_hands_the_kernel_more_than_write_bytes(
     assert read_tree(snap.path) == read_tree(src)
     assert max(asked) == WRITE_BYTES  # bigger runs and chunks were split, not refused
     assert sum(asked) > 2 * 1_074_100  # both the packs and the checkout went through it
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_at_most_the_placing_threads_verify_and_place_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str
+) -> None:
+    """Eight workers receive, but only ``placing_threads()`` of them verify and place at
+    once (more only take turns at the GIL and a shared file's inode lock), through whole
+    reads (file store) and streamed ones (S3); every byte still arrives."""
+    monkeypatch.setattr(placer_module, "placing_threads", lambda: 2)
+    if where == "s3":
+        server: MotoServer = request.getfixturevalue("moto_server")
+        settings = S3Settings(endpoint_url=server.endpoint_url)
+        backend: Any = S3Backend(request.getfixturevalue("s3_bucket"), "snaps", settings=settings)
+    else:
+        backend = FileBackend(tmp_path / "store", fsync=False)
+    store = RemoteStore(backend, chunk_size=4096, pack_target=16 << 10, workers=8)
+    src = write_tree(tmp_path / "src", _random_files({f"f{i}.bin": 96_000 for i in range(4)}))
+    store.publish("db", src)
+    inside, most, lock = [0], [0], threading.Lock()
+    place_many = Placer.place_many
+
+    def slow(self: Placer, chunks: Sequence[tuple[str, bytes | memoryview]]) -> int:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # long enough that eight workers would overlap
+        try:
+            return place_many(self, chunks)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(Placer, "place_many", slow)
+    snap = store.checkout("db", dest=tmp_path / "out")
+    assert read_tree(snap.path) == read_tree(src)
+    assert most[0] == 2  # never more, and the two did overlap
 
 
 def test_a_write_that_makes_no_progress_is_an_error(

@@ -278,19 +278,21 @@ def to_place(chunks: Iterable[Chunk], placer: Placer) -> tuple[Chunk, ...]:
 def decode_and_place(r: Read, data: memoryview, placer: Placer) -> None:
     """Verify the read's chunks and place them in batches. Compressed chunks decompress
     into this worker's own arena (reused; a batch is placed before the arena is reused),
-    so memory stays ``_ARENA_BYTES`` a worker and no chunk costs a fresh allocation."""
+    so memory stays ``_ARENA_BYTES`` a worker and no chunk costs a fresh allocation. At
+    most ``placer.gate`` workers do this at once (see placer.placing_threads)."""
     arena = _arena(placer.manifest.chunk_size)
     batch: list[tuple[str, Buffer]] = []
     used = 0
-    for c in r.chunks:
-        stored = data[c.offset - r.start : c.offset - r.start + c.length]
-        if c.codec != "none" and used + c.size > len(arena):
-            placer.place_many(batch)
-            batch, used = [], 0
-        raw = decode_chunk(c, stored, arena[used:] if c.codec != "none" else None)
-        used += c.size if c.codec != "none" else 0
-        batch.append((c.hash, raw))
-    placer.place_many(batch)
+    with placer.gate:  # the receiving goes on in every worker; this part in a few
+        for c in r.chunks:
+            stored = data[c.offset - r.start : c.offset - r.start + c.length]
+            if c.codec != "none" and used + c.size > len(arena):
+                placer.place_many(batch)
+                batch, used = [], 0
+            raw = decode_chunk(c, stored, arena[used:] if c.codec != "none" else None)
+            used += c.size if c.codec != "none" else 0
+            batch.append((c.hash, raw))
+        placer.place_many(batch)
 
 
 _ARENA_BYTES = 1 << 20  # 16 chunks of the default size: a batch places with one lock round
