@@ -38,8 +38,9 @@ def placing_threads() -> int:
     """How many threads may verify and place at once (:attr:`Placer.gate`): one per CPU
     this process may run on, at least two. The downloads keep all their workers; more
     placing threads than CPUs only take turns at the GIL and at the inode lock of the
-    file they share (a 1 GiB chroma-shaped tree with 8 placing: 5.29 CPU s, 4.49 s; with
-    2: 4.59 CPU s, 4.21 s; benchmarks/RESULTS.md)."""
+    file they share: on the 2-core benchmark VM, a 1 GiB chroma-shaped cold checkout used
+    up to 0.7 CPU s less with 2 than with 8 (medians of alternating runs; in quiet periods
+    the same within noise: benchmarks/RESULTS.md)."""
     return max(2, len(os.sched_getaffinity(0)))
 
 
