@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
+from chroma_snapshots.engine.deadline import MAX_SECONDS  # the CLI's --timeout too
 from chroma_snapshots.errors import ConfigError, shown
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
@@ -24,7 +25,6 @@ ENV_ROOT = "CHROMA_ROOT"
 ENV_S3_TIMEOUT = "CHROMA_SNAPSHOTS_S3_TIMEOUT"
 ENV_EFS_TIMEOUT = "CHROMA_SNAPSHOTS_EFS_TIMEOUT"
 ENV_TIMEOUT = "CHROMA_SNAPSHOTS_TIMEOUT"
-MAX_SECONDS = 1e9  # for the CLI's --timeout too (parse_seconds)
 ENV_FALLBACK = "CHROMA_SNAPSHOTS_FALLBACK_URL"
 ENV_MIRROR = "CHROMA_SNAPSHOTS_MIRROR"
 ENV_SIGNING = "CHROMA_SNAPSHOTS_SIGNING_KEY"

@@ -18,6 +18,7 @@ from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError
 
 T = TypeVar("T")
 P = ParamSpec("P")
+MAX_SECONDS = 1e9  # ~31 years: a deadline much past it overflows time_t in waits
 
 
 class LambdaContext(Protocol):
@@ -37,6 +38,10 @@ class Deadline:
             raise InvalidInputError(f"a deadline is a number of seconds, not {seconds!r}")
         if not math.isfinite(seconds):  # inf overflows every wait; nan compares false
             raise InvalidInputError(f"a deadline must be a finite number of seconds: {seconds}")
+        if seconds > MAX_SECONDS:
+            raise InvalidInputError(
+                f"a deadline must be at most {MAX_SECONDS:.0e} seconds: {seconds}"
+            )
         self._clock = clock
         self._end = clock() + seconds
 
