@@ -233,6 +233,7 @@ def test_an_invalid_variable_is_reported_with_store(
 
 
 TYPOS = ["s3:/my-bucket/chroma", "s3:my-bucket", "file:relative", "efs:/x", "memory:x"]
+TYPOS += ["s3//my-bucket/chroma", "s3;//my-bucket", "S3//b", "file//tmp/x"]  # colon lost
 
 
 @pytest.mark.parametrize("url", ["file://", "file://localhost", "efs://", "file:///"])
@@ -331,7 +332,7 @@ def test_url_typos_are_config_errors_everywhere(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     for opener in (open_store, open_remote, open_backend):
-        with pytest.raises(ConfigError, match="no '//'"):
+        with pytest.raises(ConfigError, match=r"no ':?//'"):
             opener(url)
     with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_URL"):
         StoreConfig.from_env({"CHROMA_SNAPSHOTS_URL": url})

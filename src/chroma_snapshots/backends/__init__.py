@@ -41,6 +41,9 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 }
 _FSSPEC = _REGISTRY["memory"]  # any scheme nobody registered is tried as an fsspec protocol
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_OWN_SCHEMES = ("s3", "file", "efs", "memory")
+# "s3//b/p" or "s3;//b/p": one of ours with its colon lost or mistyped, not a local folder
+_COLON_LOST = re.compile(r"(s3|file|efs|memory)[^A-Za-z0-9+./:]?//", re.IGNORECASE)
 _TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 ENTRY_POINT_GROUP = "chroma_snapshots.backends"
 
@@ -88,8 +91,9 @@ def check_store_url(url: str, what: str = "store URL") -> str:
     """``url`` if it is ``scheme://...`` or a plain filesystem path (absolute or relative).
 
     Something that starts like a scheme but lacks the ``//`` (``s3:/bucket``, ``s3:bucket``,
-    ``file:data``) is a ConfigError naming the fix: read as a path it would silently name a
-    local folder called ``s3:`` and publish there."""
+    ``file:data``), or one of ours that lost its colon (``s3//bucket``, ``s3;//bucket``), is
+    a ConfigError naming the fix: read as a path it would silently name a local folder
+    called ``s3:`` (or ``s3``) and publish there."""
     if not url.strip():
         raise ConfigError(f"{what} is empty; e.g. s3://bucket/prefix or /data/store")
     if "://" in url:
@@ -100,10 +104,17 @@ def check_store_url(url: str, what: str = "store URL") -> str:
             parts = urlsplit(url)
         except ValueError as e:  # an unbalanced '[', a bracketed name that is no address
             raise ConfigError(f"{what} {url!r} is not a valid URL: {e}") from None
-        if scheme.lower() in ("s3", "file", "efs", "memory") and (parts.query or parts.fragment):
+        if scheme.lower() in _OWN_SCHEMES and (parts.query or parts.fragment):
             # they name no store: dropping them silently could name another one
             raise ConfigError(f"{what} {url!r}: {scheme}:// URLs take no '?' or '#' part")
         return url
+    lost = _COLON_LOST.match(url)
+    if lost is not None:
+        scheme, rest = lost.group(1).lower(), url[lost.end() :]
+        raise ConfigError(
+            f"{what} {url!r} starts like a {scheme} URL but has no '://': did you mean "
+            f"'{scheme}://{rest}'? (for a local folder of that name, write './{url}')"
+        )
     found = _SCHEME.match(url)
     if found is None:
         return url
