@@ -165,7 +165,7 @@ def test_prune_refuses_a_min_age_that_is_not_a_non_negative_number(
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), "5", True, 1e10, 1e308])
-def test_a_deadline_that_is_not_a_finite_number_is_invalid_input(
+def test_a_deadline_that_is_not_a_number_of_at_most_1e9_seconds_is_invalid_input(
     tmp_path: Path, bad: object
 ) -> None:
     store, _, _ = _two_versions(tmp_path)

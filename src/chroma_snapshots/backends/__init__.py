@@ -41,9 +41,9 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 }
 _FSSPEC = _REGISTRY["memory"]  # any scheme nobody registered is tried as an fsspec protocol
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
-_OWN_SCHEMES = ("s3", "file", "efs", "memory")
+_OWN_SCHEMES = tuple(_REGISTRY)  # the built-in ones (registered later: not ours)
 # "s3//b/p" or "s3;//b/p": one of ours with its colon lost or mistyped, not a local folder
-_COLON_LOST = re.compile(r"(s3|file|efs|memory)[^A-Za-z0-9+./:]?//", re.IGNORECASE)
+_COLON_LOST = re.compile(rf"({'|'.join(_OWN_SCHEMES)})[^A-Za-z0-9+./:]?//", re.IGNORECASE)
 _TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 ENTRY_POINT_GROUP = "chroma_snapshots.backends"
 
