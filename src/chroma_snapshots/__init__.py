@@ -28,6 +28,7 @@ from chroma_snapshots.errors import (
 if TYPE_CHECKING:
     from chroma_snapshots.backends import Backend, GetResult, ObjectMeta, PutMode, open_backend
     from chroma_snapshots.config import StoreConfig
+    from chroma_snapshots.engine.cleanup import wait_for_cleanups
     from chroma_snapshots.engine.deadline import Deadline
     from chroma_snapshots.engine.models import (
         Chunk,
@@ -84,6 +85,7 @@ _LAZY = {
     "DelegatingStore": "chroma_snapshots.stores.delegating",
     "DelegatingSourceStore": "chroma_snapshots.stores.delegating",
     "VerifyReport": "chroma_snapshots.stores.base",
+    "wait_for_cleanups": "chroma_snapshots.engine.cleanup",
 }
 
 
@@ -144,4 +146,5 @@ __all__ = [
     "open_backend",
     "open_remote",
     "open_store",
+    "wait_for_cleanups",
 ]

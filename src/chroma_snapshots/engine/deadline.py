@@ -90,15 +90,14 @@ def current_deadline() -> Deadline | None:
     return _CURRENT.get()
 
 
-CHECK_EVERY = 64  # items of local work between two deadline checks
-
-
 def checked(items: Iterable[T], check: Callable[[], None]) -> Iterator[T]:
-    """``items``, with ``check()`` (a deadline's; it may raise) run before the first and
-    then every CHECK_EVERY: local work over thousands of files stops at the deadline."""
-    for i, item in enumerate(items):
-        if i % CHECK_EVERY == 0:
-            check()
+    """``items``, with ``check()`` (a deadline's; it may raise) run before each: local
+    work over thousands of files stops at the deadline. Before each, not every few: one
+    item costs a few system calls, microseconds on a local disk but tens of
+    milliseconds on a slow mount (64 files between checks overran a 2 s deadline by 20 s);
+    a check costs ~0.2 us."""
+    for item in items:
+        check()
         yield item
 
 

@@ -148,6 +148,13 @@ class Made:
             os.close(self.fd)
             self.fd = -1
 
+    def remove(self) -> None:
+        """Remove the folder if it is still this one (:func:`remove_mine`), then close."""
+        try:
+            remove_mine(self.path, self.id)
+        finally:
+            self.close()
+
 
 def new_folder(path: Path, suffix: str = "") -> Made:
     """Make a folder named for itself (:func:`carrying`; made as ``<path>.new``, checked

@@ -14,9 +14,12 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FolderId
+from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.folders import (
     STAGED,
     landed,
@@ -30,7 +33,7 @@ from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
     walk,
 )
-from chroma_snapshots.errors import InvalidInputError, shown
+from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
 # the cache's repairs and sweeps would take it for a file of its own and remove it.
@@ -141,40 +144,86 @@ def build_at(
     dest: str | Path | None,
     build: Callable[[Path, FolderId], object],
     what: str,
-    check: Callable[[], None] = lambda: None,
+    deadline: Deadline | None = None,
 ) -> Path:
     """A tree at ``dest`` (None: a new temporary folder) that the caller owns, written by
     ``build`` into a work folder beside it (:func:`work_dir`: locked, swept after a kill)
-    and renamed into place unless ``check()`` raises first (the deadline: a tree finished
-    after it is removed, not delivered late); returns where. On failure nothing is left at
+    and renamed into place unless ``deadline`` has passed by then (a tree finished after
+    it is removed, not delivered late); returns where. On failure nothing is left at
     ``dest`` (nor the temporary folder), and a raw OSError is the documented error
-    (``what`` failed)."""
+    (``what`` failed). With a deadline, the work runs on a thread of its own
+    (engine/cleanup.py), so that a destination on a slow or hung disk costs the caller
+    its deadline, not the disk's time: what is left then is removed in the background."""
+    if deadline is None:
+        return _build_at(dest, build, what, None, Handoff())
+    handoff = Handoff()
+    try:
+        return finish_by(partial(_build_at, dest, build, what, deadline, handoff), deadline, what)
+    except StorageTimeoutError:
+        if handoff.give_up():  # a tree renamed into place from now on is taken back
+            raise
+        return handoff.final  # kept just as the time ran out: the caller has it
+    except BaseException:  # interrupted while waiting: the build must not deliver later
+        handoff.give_up()
+        raise
+
+
+def _build_at(
+    dest: str | Path | None,
+    build: Callable[[Path, FolderId], object],
+    what: str,
+    deadline: Deadline | None,
+    handoff: Handoff,
+) -> Path:
     try:
         final, made = prepare_dest(dest)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
         raise_local(e, Path(tempfile.gettempdir() if dest is None else dest), what)
         raise
+    undo = partial(_undo_dest, dest is None, made)
+    handed: list[bool] = []  # whether the work folder's removal (and so undo) was handed on
+
+    def dispose(remove: Callable[[], None]) -> None:
+        def both() -> None:
+            remove()
+            undo()  # after: the folders it made hold the work folder
+
+        handed.append(True)
+        clean_up(both, 0.0 if deadline is None else deadline.remaining())
+
     try:  # no work folder yet: the error names dest, not a name it never had
-        with local_io(final, what), work_dir(final) as (work, built):
+        with local_io(final, what), work_dir(final, dispose) as (work, built):
             try:  # the file that failed if the OS says which (of a copy's two, the target)
                 build(work, built)
-                check()
+                if deadline is not None:
+                    deadline.check(what)
                 move_into_place(work, final)
                 landed(final, work, built, lambda: None)
+                if not handoff.keep(final):  # the caller stopped waiting during the rename
+                    os.rename(final, work)  # back: removed as a failed build
+                    raise StorageTimeoutError(f"deadline exceeded during {what}")
             except OSError as e:
                 raise_local(_as_at(e, work, final), final, what)
                 raise
     except BaseException:
-        if dest is None:
-            remove_tree(made[0])  # the temporary folder prepare_dest made for it
-        else:  # the parents made for dest, while empty: another checkout may share them
-            for folder in made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+        if not handed:
+            undo()
         raise
     return final
+
+
+def _undo_dest(temporary: bool, made: list[Path]) -> None:
+    """Remove what :func:`prepare_dest` made for a checkout that failed: the temporary
+    folder, or the parents made for dest while they are empty (another checkout may share
+    them)."""
+    if temporary:
+        remove_tree(made[0])
+        return
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _as_at(err: OSError, work: Path, final: Path) -> OSError:
@@ -266,14 +315,21 @@ def _work_names(name: str) -> tuple[str, str, re.Pattern[str]]:
     return prefix, stem, re.compile(stem + r"(?:\.new|(?:\.i\d+-\d+)?\.tmp)")
 
 
+def _now(job: Callable[[], None]) -> None:
+    job()
+
+
 @contextlib.contextmanager
-def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
+def work_dir(
+    final: Path, dispose: Callable[[Callable[[], None]], None] = _now
+) -> Iterator[tuple[Path, tuple[int, int]]]:
     """A new private work folder beside ``final``, named for its inode
     (``.<name>.chroma-snapshots-work-<random>.i<inode>.tmp``), and its (device, inode) for
     :func:`landed`, in which to build what is then renamed to ``final``; locked (``flock``)
-    while the block runs and removed if it fails. First, the work folders of builds of the
-    same ``final`` that a kill left behind (no handler ran) are removed: unlocked, and not
-    new."""
+    while the block runs and until it is removed if the block fails (by ``dispose``, given
+    the removal: it may run it on another thread). First, the work folders of builds of
+    the same ``final`` that a kill left behind (no handler ran) are removed: unlocked, and
+    not new."""
     prefix, stem, mine = _work_names(final.name)
     for old in final.parent.glob(f"{glob.escape(prefix)}*"):
         if mine.fullmatch(old.name):  # not ".a.<mark>q.<mark>xxxxxxxx.tmp", dest a.<mark>q's
@@ -301,9 +357,19 @@ def work_dir(final: Path) -> Iterator[tuple[Path, tuple[int, int]]]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield work, built
     except BaseException:
-        if built is not None:
-            remove_mine(work, built)  # nothing of a failed build stays behind
+        held, fd = fd, -1  # the removal closes it: locked against sweeps until it is gone
+        dispose(partial(_remove_work, held, work, built) if built else partial(os.close, held))
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _remove_work(fd: int, work: Path, built: FolderId) -> None:
+    """Remove the work folder of a failed build (nothing of it stays behind), then release
+    its lock (``fd``)."""
+    try:
+        remove_mine(work, built)
     finally:
         os.close(fd)
 

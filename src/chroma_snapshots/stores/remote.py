@@ -338,7 +338,7 @@ class RemoteStore(RemoteListing, SourceStore):
                 name, Placement(work, manifest, root_id=made), dl, stats, progress
             ),
             "writing the checkout",
-            lambda: dl.check("writing the checkout"),
+            dl,
         )
         info = SnapshotInfo.from_manifest(version, manifest)
         temporary = final.parent if dest is None else None  # the folder prepare_dest made

@@ -6,7 +6,9 @@ every operation:
 
 - ``ok``: pass every call through;
 - ``hang``: block every call until the mode changes (like a dead NFS server);
-- ``latency SECONDS [MBPS]``: sleep before every call, and cap read throughput.
+- ``latency SECONDS [MBPS]``: sleep before every call, and cap read throughput;
+- ``hang-after N [TAG]``: pass N calls, then hang every call until the mode changes (a new
+  TAG starts the count again: the same N set twice in a row is otherwise one count).
 
 Killing the FUSE process aborts the connection, which releases every blocked
 call at once; only then can the mount be unmounted lazily. ``FaultyMount.stop``
@@ -34,16 +36,23 @@ def _serve(source: str, mountpoint: str, control: str, counts: str) -> None:
         def __init__(self) -> None:
             self.ops: Counter[str] = Counter()
             self._lock = threading.Lock()
+            self._armed, self._passed = "", 0  # the hang-after mode last counted for
 
         def _gate(self, op: str, nbytes: int = 0) -> None:
             with self._lock:
                 self.ops[op] += 1
+            passed = None  # for hang-after: how many calls this one is since it was set
             while True:
                 try:
-                    mode = Path(control).read_text().split()
+                    text = Path(control).read_text()
                 except OSError:
-                    mode = ["ok"]
-                if not mode or mode[0] != "hang":
+                    text = "ok"
+                mode = text.split()
+                if mode[:1] == ["hang-after"]:
+                    passed = self._count(text) if passed is None else passed
+                    if passed <= int(mode[1]):
+                        break
+                elif mode[:1] != ["hang"]:
                     break
                 time.sleep(0.02)
             if mode and mode[0] == "latency":
@@ -51,6 +60,14 @@ def _serve(source: str, mountpoint: str, control: str, counts: str) -> None:
                 if len(mode) > 2 and nbytes:
                     delay += nbytes / (float(mode[2]) * 1e6)
                 time.sleep(delay)
+
+        def _count(self, text: str) -> int:
+            """The number of this call among those made since ``text`` was set."""
+            with self._lock:
+                if self._armed != text:
+                    self._armed, self._passed = text, 0
+                self._passed += 1
+                return self._passed
 
         def _p(self, path: str) -> str:
             return os.path.join(source, path.lstrip("/"))
@@ -174,7 +191,7 @@ class FaultyMount:
         raise RuntimeError(f"{self.mountpoint} was not mounted within {timeout}s")
 
     def set_mode(self, mode: str) -> None:
-        """``ok``, ``hang`` or ``latency SECONDS [MBPS]``."""
+        """``ok``, ``hang``, ``hang-after N [TAG]`` or ``latency SECONDS [MBPS]``."""
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(mode)
         os.replace(tmp, self.control)

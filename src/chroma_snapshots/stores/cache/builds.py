@@ -12,8 +12,9 @@ from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FileId, FolderId
+from chroma_snapshots.engine.cleanup import clean_up
 from chroma_snapshots.engine.deadline import Deadline
-from chroma_snapshots.engine.folders import Made, landed, new_folder, remove_mine
+from chroma_snapshots.engine.folders import Made, landed, new_folder
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
@@ -104,8 +105,9 @@ class CacheBuilds(CacheSpace):
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))
         except BaseException:
-            if made is not None:
-                remove_mine(made.path, made.id)  # checkout maps a full disk to CacheFullError
+            if made is not None:  # (checkout maps a full disk to CacheFullError)
+                held, made = made, None  # removed, then closed, maybe past the call's end
+                clean_up(held.remove, dl.remaining())
             raise
         finally:
             if made is not None:

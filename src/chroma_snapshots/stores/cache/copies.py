@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import REPLACED, FolderId
+from chroma_snapshots.engine.cleanup import clean_up
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.folders import (
     Made,
     folder_id,
     new_folder,
-    remove_mine,
     remove_tree,
     sweepable,
 )
@@ -22,11 +23,12 @@ from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
 
 
 def held_copy(
-    d: NameDirs, version: str, build: Callable[[Path, FolderId], None], check: Callable[[], None]
+    d: NameDirs, version: str, build: Callable[[Path, FolderId], None], deadline: Deadline
 ) -> tuple[Path, Callable[[], None]]:
     """A copy of ``version`` of its own for a checkout while another holds the shared
     folder, and what releases it. ``build`` fills the new folder (verifying every chunk);
-    if ``check()`` then raises (the deadline passed), the copy is removed, not delivered.
+    if ``deadline`` has passed by then, the copy is removed, not delivered (on a slow
+    disk maybe after the call returns: engine/cleanup.py).
     Its pin file (``copies/.pins``) is held while the copy lives; a copy whose pin is free
     was left by a killed process (:func:`sweep_copies`). A folder another process swaps in
     under its name is neither written into, served nor removed (its device and inode)."""
@@ -35,19 +37,18 @@ def held_copy(
 
     def release() -> None:
         if made:
-            remove_mine(made[0].path, made[0].id)
-            made[0].close()
+            made[0].remove()
         pin.unlink(missing_ok=True)
 
     try:
         made.append(new_folder(d.copies() / f"{version}.{pin.path.name}"))
         path = made[0].path
         build(path, made[0].id)
-        check()
+        deadline.check(f"copying {version}")
         if folder_id(path) != made[0].id or mounts_within(path):  # (as folders.landed)
             raise LocalDiskError(errno.ESTALE, REPLACED, str(path))
     except BaseException:
-        release()
+        clean_up(release, deadline.remaining())
         raise
     return path, release
 

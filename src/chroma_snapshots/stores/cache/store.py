@@ -252,11 +252,9 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
             )
 
         if dest is not None:
-            check = partial(dl.check, "copying to dest")
-            return build_at(Path(dest), build, "copying to dest", check), None, source[0]
+            return build_at(Path(dest), build, "copying to dest", dl), None, source[0]
         self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
-        check = partial(dl.check, f"copying {version}")
-        path, release = held_copy(self.dirs(name), version, build, check)
+        path, release = held_copy(self.dirs(name), version, build, dl)
         return path, release, source[0]
 
     def _serve(

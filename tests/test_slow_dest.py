@@ -1,0 +1,173 @@
+"""A checkout whose destination is on a slow or hung disk returns at its deadline: the
+building and removal of its half-built work folder go on in the background, and nothing of
+it is left once the disk lets them finish (engine/cleanup.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import test_hang
+
+from chroma_snapshots import (
+    CachedStore,
+    RemoteStore,
+    StorageTimeoutError,
+    wait_for_cleanups,
+)
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine import cleanup
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faultfs import FaultyMount
+
+fuse_mount = test_hang.mount  # the FUSE fixture: skips without FUSE, fails in CI
+DEADLINE = 2.0
+SLACK = 1.0  # the grace, then a loaded machine's scheduling (the removal took 4-5 s before)
+
+
+def _published(tmp_path: Path) -> tuple[RemoteStore, Path]:
+    files = {f"d{i % 7}/f{i:03d}.bin": os.urandom(8192) for i in range(300)}
+    src = write_tree(tmp_path / "src", files)
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    store.publish("db", src)
+    return store, src
+
+
+def _timed_out(call: Callable[[], object]) -> float:
+    t = time.monotonic()
+    with pytest.raises(StorageTimeoutError):
+        call()
+    return time.monotonic() - t
+
+
+@pytest.mark.parametrize("through", ["store", "cache"])
+def test_a_timeout_on_a_slow_dest_returns_at_the_deadline_and_leaves_nothing(
+    fuse_mount: FaultyMount, tmp_path: Path, through: str
+) -> None:
+    store, src = _published(tmp_path)
+    source = CachedStore(store, tmp_path / "cache") if through == "cache" else store
+    if through == "cache":
+        source.checkout("db").release()  # cached: the copy to dest is all that is slow
+    dest = fuse_mount.mountpoint / "out" / "db"
+    fuse_mount.set_mode("latency 0.03")
+    took = _timed_out(lambda: source.checkout("db", dest=dest, deadline=DEADLINE))
+    assert took < DEADLINE + SLACK, took
+    assert wait_for_cleanups(timeout=120)
+    fuse_mount.set_mode("ok")
+    assert os.listdir(fuse_mount.mountpoint) == []  # no work folder, not even the parents made
+    with source.checkout("db", dest=dest) as snap:  # the next call on the same dest
+        assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_dest_that_hangs_at_any_step_costs_the_deadline_and_is_cleaned_after(
+    fuse_mount: FaultyMount, tmp_path: Path
+) -> None:
+    # The mount passes n calls, then hangs: for every n from 0 (the first look at dest)
+    # past the last call of a healthy checkout (the rename into place and after). Each
+    # time the call ends by its deadline; once the mount answers again, either the whole
+    # tree is at dest (it finished in time) or nothing is anywhere on the mount.
+    files = {"chroma.sqlite3": os.urandom(20_000), "seg/a.bin": os.urandom(5000), "b": b"b"}
+    src = write_tree(tmp_path / "src", files)
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    store.publish("db", src)
+    dest = fuse_mount.mountpoint / "out" / "db"
+    before = sum(fuse_mount.op_counts().values())
+    assert read_tree(store.checkout("db", dest=dest).path) == files  # healthy: its calls
+    calls = sum(fuse_mount.op_counts().values()) - before
+    shutil.rmtree(fuse_mount.mountpoint / "out")
+    outcomes = set()
+    for n in range(calls + 2):
+        fuse_mount.set_mode(f"hang-after {n} {n}")
+        took = time.monotonic()
+        try:
+            store.checkout("db", dest=dest, deadline=0.5)
+            outcomes.add("delivered")
+        except StorageTimeoutError:
+            outcomes.add("timed out")
+        took = time.monotonic() - took
+        assert took < 0.5 + SLACK, (n, took)
+        fuse_mount.set_mode("ok")
+        assert wait_for_cleanups(timeout=60), n
+        if dest.exists():
+            assert read_tree(dest) == files, n
+            shutil.rmtree(fuse_mount.mountpoint / "out")
+        assert os.listdir(fuse_mount.mountpoint) in ([], ["out"]), n
+        assert not (fuse_mount.mountpoint / "out").exists() or not os.listdir(
+            fuse_mount.mountpoint / "out"
+        ), n
+    assert outcomes == {"delivered", "timed out"}  # both ends were reached
+    with store.checkout("db", dest=dest) as snap:  # and the store object still works
+        assert read_tree(snap.path) == files
+
+
+def test_a_cleanup_waits_at_most_its_time_then_goes_on_and_logs_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate, ran = threading.Event(), threading.Event()
+
+    def job() -> None:
+        gate.wait(60)
+        ran.set()
+        raise OSError(5, "Input/output error")
+
+    cleanup.clean_up(job, within=0.0)  # waits the grace, then returns: the job still runs
+    assert not ran.is_set()
+    assert not wait_for_cleanups(timeout=0)
+    with caplog.at_level(logging.WARNING, logger="chroma_snapshots.engine.cleanup"):
+        gate.set()
+        assert wait_for_cleanups(timeout=60)
+    assert ran.is_set()
+    assert "Input/output error" in caplog.text  # logged, not raised at the caller
+
+
+def test_a_cleanup_runs_in_place_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    done: list[int] = []
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    cleanup.clean_up(lambda: done.append(1), within=0.0)
+    assert done == [1]
+    assert wait_for_cleanups(timeout=0)
+
+
+def test_exactly_one_side_decides_whether_a_late_tree_is_delivered(tmp_path: Path) -> None:
+    kept_first = cleanup.Handoff()
+    assert kept_first.keep(tmp_path / "a")  # the build put its tree in place first:
+    assert not kept_first.give_up()  # the caller returns it
+    assert kept_first.final == tmp_path / "a"
+    gave_up_first = cleanup.Handoff()
+    assert gave_up_first.give_up()  # the caller raised first:
+    assert not gave_up_first.keep(tmp_path / "b")  # the build takes its tree back
+    assert gave_up_first.give_up()  # (and asking again does not change the answer)
+
+
+def test_a_tree_in_place_after_the_caller_gave_up_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the rename into place finishes after the caller's wait ended: the caller has raised,
+    # so the tree goes back under its work name and is removed, never left at dest
+    store, _ = _published(tmp_path)
+    from chroma_snapshots.engine import localfs
+
+    real_move, gate = localfs.move_into_place, threading.Event()
+
+    def slow_move(work: Path, final: Path) -> None:
+        gate.wait(60)  # released only once the caller has given up
+        real_move(work, final)
+
+    monkeypatch.setattr(localfs, "move_into_place", slow_move)
+    dest = tmp_path / "out"
+    with pytest.raises(StorageTimeoutError):
+        store.checkout("db", dest=dest, deadline=1.0)
+    gate.set()
+    assert wait_for_cleanups(timeout=60)
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
