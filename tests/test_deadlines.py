@@ -84,9 +84,14 @@ def test_guard_times_out_fails_fast_and_recovers(tmp_path: Path) -> None:
 def test_guard_budget_follows_the_callers_deadline(tmp_path: Path) -> None:
     guard = MountGuard("m", op_timeout=30)
     t = time.monotonic()
-    with pytest.raises(StorageTimeoutError):
+    with pytest.raises(StorageTimeoutError, match="the caller's deadline"):
         guard.run(Sleeper(tmp_path / "b"), "sleep", 60, deadline=Deadline(0.5))
     assert time.monotonic() - t < 1.5
+    # A call cut short by its caller's deadline says nothing of the mount: the breaker
+    # stays closed and the same guard serves the next call (it failed fast for 30 s).
+    assert guard.stats().healthy
+    assert guard.stats().timeouts == 1
+    assert guard.run(Sleeper(tmp_path / "b"), "echo", 7, deadline=Deadline(20)) == 7
     guard.close()
 
 

@@ -53,9 +53,11 @@ class Clock:
         return self.now
 
 
-def _efs_store(mount: FaultyMount, clock: Clock | None = None) -> RemoteStore:
+def _efs_store(
+    mount: FaultyMount, clock: Clock | None = None, op_timeout: float = 5.0
+) -> RemoteStore:
     guard = MountGuard(
-        str(mount.mountpoint), op_timeout=5.0, cooldown=30.0, clock=clock or time.monotonic
+        str(mount.mountpoint), op_timeout=op_timeout, cooldown=30.0, clock=clock or time.monotonic
     )
     return RemoteStore(
         FileBackend(mount.mountpoint, create=False, guard=guard),
@@ -85,7 +87,7 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
 ) -> None:
     src, version = _publish_direct(mount, tmp_path)
     clock = Clock()
-    store = _efs_store(mount, clock)
+    store = _efs_store(mount, clock, op_timeout=BUDGET - 1)  # the guard's own timeouts
     assert store.resolve("db").version == version  # healthy first
     mount.set_mode("hang")
     calls = {
@@ -222,3 +224,22 @@ def test_doctor_reports_a_hung_mount_quickly(mount: FaultyMount) -> None:
     assert "FAIL" in out
     assert "unhealthy" in out or "did not return" in out
     assert seconds < 15
+
+
+def test_a_callers_short_deadline_does_not_mark_a_healthy_mount_unhealthy(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    # A slow mount and a caller in a hurry: the call times out by its own deadline. The
+    # breaker opens only on the guard's own op_timeout, so the same store object serves
+    # the next call at once (it failed fast for the 30 s cool-down).
+    src, version = _publish_direct(mount, tmp_path)
+    store = _efs_store(mount)
+    mount.set_mode("latency 0.2")
+    seconds, err = _timed(lambda: store.checkout("db", dest=tmp_path / "hurried", deadline=0.5))
+    assert isinstance(err, StorageTimeoutError), err
+    assert seconds < 0.5 + 1.0, seconds
+    mount.set_mode("ok")
+    assert store.backend.guard.stats().healthy  # type: ignore[attr-defined]
+    snap = store.checkout("db", dest=tmp_path / "next", deadline=20)
+    assert snap.info.version == version
+    assert read_tree(snap.path) == read_tree(src)

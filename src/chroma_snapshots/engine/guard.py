@@ -9,9 +9,11 @@ caller's path. So every call runs in a small pool of worker processes:
 
 - a call that overruns ``op_timeout`` (or the caller's deadline) kills its worker
   and raises StorageTimeoutError naming the operation;
-- the circuit breaker then opens: calls fail fast for ``cooldown`` seconds
-  instead of feeding more workers to the mount; after the cool-down one probe
-  (stat + listdir of the root, in a fresh worker) decides whether to close it;
+- if the call had the whole ``op_timeout`` (not cut short by a caller's deadline: a
+  slow call is no sign of a sick mount), the circuit breaker then opens: calls fail
+  fast for ``cooldown`` seconds instead of feeding more workers to the mount; after
+  the cool-down one probe (stat + listdir of the root, in a fresh worker) decides
+  whether to close it;
 - at most ``max_abandoned`` killed workers may still be stuck in the kernel; past
   that the guard refuses to start more. A daemon thread reaps them once the mount
   lets go, so they never become a leak, and ``stats()`` reports them;
@@ -270,15 +272,23 @@ class MountGuard:
         # Python is not the mount's fault (and on a loaded machine takes a second).
         budget = self.op_timeout
         if call.deadline is not None:
-            # End a little before the caller's deadline, so the timeout (and the breaker it
-            # opens) is ours, not a caller's wait that gave up a moment earlier.
+            # End a little before the caller's deadline, so the timeout is ours, not a
+            # caller's wait that gave up a moment earlier (and the worker is not left).
             left = call.deadline.remaining()
             budget = min(budget, left - min(_HANDOFF, left / 10))
         try:
             result = worker.call(call.payload, budget)
         except TimeoutError:
-            self._abandon(worker)
-            raise StorageTimeoutError(f"{call.label} did not return within {budget:.1f}s") from None
+            # Only a call that had the whole op_timeout says the mount is unhealthy: one
+            # cut short by its caller's deadline may just have been slow (a big read), and
+            # opening the breaker then failed the next calls of a healthy mount for the
+            # cool-down. Its worker is killed and counted among the stuck all the same.
+            sick = budget >= self.op_timeout
+            self._abandon(worker, sick)
+            why = "" if sick else " (the caller's deadline)"
+            raise StorageTimeoutError(
+                f"{call.label} did not return within {budget:.1f}s{why}"
+            ) from None
         except SnapshotError:
             self._give_back(worker)
             raise
@@ -345,14 +355,19 @@ class MountGuard:
             self._died += 1
         self._reap(worker.proc)
 
-    def _abandon(self, worker: _Worker) -> None:
+    def _abandon(self, worker: _Worker, sick: bool) -> None:
+        """Kill a worker whose call timed out (counted as stuck until it exits); ``sick``:
+        the mount did not answer within op_timeout, so the breaker opens and the idle
+        workers, which may have touched it too, go."""
         worker.kill()
         with self._lock:
             self._timeouts += 1
             self._abandoned.append(worker.proc)
-            self._open_until = self._clock() + self.cooldown
-            stale, self._idle = self._idle, []
-        for w in stale:  # idle workers may have touched the mount too; start afresh later
+            stale: list[_Worker] = []
+            if sick:
+                self._open_until = self._clock() + self.cooldown
+                stale, self._idle = self._idle, []
+        for w in stale:  # start afresh later
             w.kill()
             self._reap(w.proc)
         self._reap(worker.proc)
