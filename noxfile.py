@@ -50,6 +50,9 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks; JSON goes to benchmarks/out/ (benchmarks/RESULTS.md records the results)."""
     session.install("-e", ".[dev]", "-c", "constraints.txt")
+    # compiled as pip compiles an installed wheel: with PYTHONDONTWRITEBYTECODE set, every
+    # checkout process would otherwise compile the package (~0.1 CPU s users do not pay)
+    session.run("python", "-m", "compileall", "-q", "src/chroma_snapshots")
     session.run("benchmarks/install-tools.sh", external=True)
     sizes = session.posargs[0] if session.posargs else "256,1024,3072"
     session.run(

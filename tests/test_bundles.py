@@ -296,9 +296,9 @@ def test_the_stamp_index_trusts_a_bundle_only_when_every_member_is_unchanged(
     reads: list[str] = []
     real = bundles.read_exact
 
-    def counting(path: str | Path, size: int) -> bytes:
+    def counting(path: str | Path, size: int, *held: object) -> bytes:
         reads.append(os.path.relpath(path, src))
-        return real(path, size)
+        return real(path, size, *held)  # type: ignore[arg-type]
 
     monkeypatch.setattr(bundles, "read_exact", counting)
     src = write_tree(tmp_path / "src", _files(600))

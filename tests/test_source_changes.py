@@ -80,14 +80,15 @@ def test_a_file_swapped_after_the_scan_is_refused_at_once(
     assert store.read_ref("db") is None  # nothing was published
 
 
+@pytest.mark.parametrize("inner", ["", "deeper/"])  # the file's own folder, or one above it
 @pytest.mark.parametrize("size", [100, 40_000])
 def test_a_folder_swapped_for_a_link_after_the_scan_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, inner: str
 ) -> None:
     """O_NOFOLLOW covers a path's last component only: a folder on the path swapped for a
     link to a folder outside, holding a file of the same name and size, must not be read."""
-    src = write_tree(tmp_path / "src", {"keep": b"k", "sub/z.bin": b"z" * size})
-    outside = write_tree(tmp_path / "outside", {"z.bin": b"S" * size})
+    src = write_tree(tmp_path / "src", {"keep": b"k", f"sub/{inner}z.bin": b"z" * size})
+    outside = write_tree(tmp_path / "outside", {f"{inner}z.bin": b"S" * size})
     store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
     scan: Callable[..., object] = scan_source
 
@@ -141,7 +142,8 @@ def test_an_unreadable_source_file_says_so_not_that_it_changed(
     real = os.open
 
     def denied(path: str, *args: int, **kwargs: int) -> int:
-        if str(path).endswith("/src/secret.bin"):  # as for another user's 0600 file
+        # as for another user's 0600 file (small files are opened in their folder)
+        if str(path).endswith("/src/secret.bin") or str(path) == "secret.bin":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 

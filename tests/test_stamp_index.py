@@ -45,9 +45,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(os.path.basename(path))
         return real(path, chunk_size)
 
-    def counting_small(path: str | Path, size: int) -> bytes:
+    def counting_small(path: str | Path, size: int, *held: object) -> bytes:
         seen.append(os.path.basename(path))
-        return real_small(path, size)
+        return real_small(path, size, *held)  # type: ignore[arg-type]
 
     real_small = bundles.read_exact  # small files are read whole into their bundle
     monkeypatch.setattr(chunking, "read_chunks", counting)

@@ -24,7 +24,7 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
-from chroma_snapshots.engine.chunking import SourceFile, open_source, read_full
+from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, open_source, read_full
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
@@ -92,12 +92,13 @@ def members(m: Manifest) -> dict[str, list[FileEntry]]:
     return dict(out)
 
 
-def read_exact(path: str | Path, size: int) -> bytes:
+def read_exact(path: str | Path, size: int, folders: SourceFolders | None = None) -> bytes:
     """All ``size`` bytes of a source file; InvalidInputError if it has another size now
     (it changed after the scan: its slice would not be what the manifest says). One read
     of ``size + 1`` bytes sees a file that grew; only a short one is read on (a read
-    more to see the end of the file each time was a tenth of reading 100,000 of them)."""
-    fd = open_source(path)
+    more to see the end of the file each time was a tenth of reading 100,000 of them).
+    ``folders``: where its folder is held (:class:`SourceFolders`)."""
+    fd = open_source(path, folders)
     try:
         data = os.read(fd, size + 1)
         while len(data) < size and (more := os.read(fd, size + 1 - len(data))):
@@ -113,9 +114,13 @@ def read_bundles(groups: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[byte
     """The bytes and sha256 of each bundle of (path, size) members (on a pool thread: the
     reads and the hash release the GIL)."""
     out = []
-    for group in groups:
-        raw = b"".join(read_exact(p, n) for p, n in group)
-        out.append((raw, sha256_hex(raw)))
+    folders = SourceFolders()
+    try:
+        for group in groups:
+            raw = b"".join(read_exact(p, n, folders) for p, n in group)
+            out.append((raw, sha256_hex(raw)))
+    finally:
+        folders.close()
     return out
 
 

@@ -6,6 +6,7 @@ changes exactly one chunk. New chunks go into packs: :mod:`engine.packing`.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -150,12 +151,17 @@ def _relpath(rel: str) -> str:
 # deadline could end that wait); O_NOFOLLOW: nor read through a symlink swapped in.
 
 
-def open_source(path: str | Path) -> int:
+def open_source(path: str | Path, folders: SourceFolders | None = None) -> int:
     """A descriptor on the regular file the scan saw at ``path``, a real path (no buffered
     file object: 2x faster). Gone, no longer a regular file, or reached through a link:
-    InvalidInputError, as for any file that changed while it was being published."""
+    InvalidInputError, as for any file that changed while it was being published. With
+    ``folders``, opened in its folder as held there (checked once a folder, not a file)."""
     try:
-        fd = os.open(path, READ_FLAGS)
+        if folders is None:
+            fd = os.open(path, READ_FLAGS)
+        else:
+            parent, _, name = os.fspath(path).rpartition("/")
+            fd = os.open(name, READ_FLAGS, dir_fd=folders.held(parent))
     except PermissionError as e:  # there, but not ours to read: not a change
         raise InvalidInputError(f"{path}: cannot be read ({e.strerror})") from e
     except OSError as e:
@@ -163,12 +169,55 @@ def open_source(path: str | Path) -> int:
             f"{path}: changed while it was being published ({e.strerror})"
         ) from e
     why = None if stat.S_ISREG(os.fstat(fd).st_mode) else "no longer a regular file"
-    if why is None and _opened(fd) not in (None, os.fspath(path)):
+    if why is None and folders is None and _opened(fd) not in (None, os.fspath(path)):
         why = "a folder on its path was swapped for a link"
     if why is not None:
         os.close(fd)
         raise InvalidInputError(f"{path}: changed while it was being published ({why})")
     return fd
+
+
+def _swapped(path: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path}: changed while it was being published (a folder on its path was swapped "
+        "for a link)"
+    )
+
+
+class SourceFolders:
+    """The folder of the files being opened, held open (one at a time: files come in path
+    order) once checked to be the real path the scan saw, so that each file is opened in
+    it (``dir_fd``: a folder swapped for a link after the check is not followed either)
+    and the check, a readlink in /proc, is made once a folder rather than once a file
+    (0.45 s of 100,000 small files' publish). Close it after use."""
+
+    def __init__(self) -> None:
+        self._path, self._fd = "", -1
+
+    def held(self, path: str) -> int:
+        """A descriptor on the folder ``path``; OSError if it cannot be opened, and
+        InvalidInputError if it is not the folder at that real path (swapped for a link)."""
+        if path != self._path:
+            self.close()
+            try:
+                fd = os.open(path, _FOLDER_FLAGS)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+                    raise _swapped(path) from e  # the folder itself
+                raise
+            if _opened(fd) not in (None, path):  # a folder above it
+                os.close(fd)
+                raise _swapped(path)
+            self._path, self._fd = path, fd
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._path, self._fd = "", -1
+
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _opened(fd: int) -> str | None:
