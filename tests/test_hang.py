@@ -243,3 +243,34 @@ def test_a_callers_short_deadline_does_not_mark_a_healthy_mount_unhealthy(
     snap = store.checkout("db", dest=tmp_path / "next", deadline=20)
     assert snap.info.version == version
     assert read_tree(snap.path) == read_tree(src)
+
+
+def test_store_objects_on_one_hung_mount_strand_at_most_four_workers_together(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    # A store opened per request must not strand four more workers each: the guard, its
+    # cap and its breaker belong to the mount (and budget), once per process.
+    from chroma_snapshots import open_remote, open_store
+
+    _publish_direct(mount, tmp_path)
+    stores = [open_remote(f"efs://{mount.mountpoint}") for _ in range(3)]
+    stores.append(open_store(f"efs://{mount.mountpoint}/"))  # type: ignore[arg-type]
+    guards = {id(s.backend.guard) for s in stores}  # type: ignore[attr-defined]
+    assert len(guards) == 1
+    guard = stores[0].backend.guard  # type: ignore[attr-defined]
+    mount.set_mode("hang")
+    refused = 0
+    for s in stores:
+        for _ in range(3):
+            seconds, err = _timed(lambda s=s: s.checkout("db", deadline=1.0))
+            assert isinstance(err, StorageTimeoutError), err
+            assert seconds < 1.0 + 1.0, seconds
+            refused += "refusing to start more" in str(err)
+    assert guard.stats().abandoned == guard.max_abandoned  # not 4 per store object
+    assert refused == 3 * len(stores) - guard.max_abandoned
+    mount.set_mode("ok")
+    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
+    assert guard.stats().abandoned == 0
+    assert stores[1].resolve("db", deadline=20).version

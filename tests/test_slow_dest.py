@@ -81,26 +81,28 @@ def test_a_dest_that_hangs_at_any_step_costs_the_deadline_and_is_cleaned_after(
     assert read_tree(store.checkout("db", dest=dest).path) == files  # healthy: its calls
     calls = sum(fuse_mount.op_counts().values()) - before
     shutil.rmtree(fuse_mount.mountpoint / "out")
+    out = fuse_mount.mountpoint / "out"
     outcomes = set()
     for n in range(calls + 2):
-        fuse_mount.set_mode(f"hang-after {n} {n}")
-        took = time.monotonic()
-        try:
-            store.checkout("db", dest=dest, deadline=0.5)
-            outcomes.add("delivered")
-        except StorageTimeoutError:
-            outcomes.add("timed out")
-        took = time.monotonic() - took
-        assert took < 0.5 + SLACK, (n, took)
-        fuse_mount.set_mode("ok")
-        assert wait_for_cleanups(timeout=60), n
-        if dest.exists():
-            assert read_tree(dest) == files, n
-            shutil.rmtree(fuse_mount.mountpoint / "out")
-        assert os.listdir(fuse_mount.mountpoint) in ([], ["out"]), n
-        assert not (fuse_mount.mountpoint / "out").exists() or not os.listdir(
-            fuse_mount.mountpoint / "out"
-        ), n
+        for retry in (False, True):  # then, once the mount answers: wait, or retry at once
+            fuse_mount.set_mode(f"hang-after {n} {n}-{retry}")
+            took = time.monotonic()
+            try:
+                store.checkout("db", dest=dest, deadline=0.5)
+                outcomes.add("delivered")
+            except StorageTimeoutError:
+                outcomes.add("timed out")
+            took = time.monotonic() - took
+            assert took < 0.5 + SLACK, (n, took)
+            fuse_mount.set_mode("ok")
+            if retry and not dest.exists():  # the same store and dest, the work left running
+                assert read_tree(store.checkout("db", dest=dest, deadline=20).path) == files, n
+            assert wait_for_cleanups(timeout=60), n
+            if dest.exists():  # delivered, by the call or by the retry: whole, and alone
+                assert read_tree(dest) == files, n
+                assert os.listdir(out) == ["db"], n
+                shutil.rmtree(out)
+            assert os.listdir(fuse_mount.mountpoint) == [], n  # nothing else, parents neither
     assert outcomes == {"delivered", "timed out"}  # both ends were reached
     with store.checkout("db", dest=dest) as snap:  # and the store object still works
         assert read_tree(snap.path) == files

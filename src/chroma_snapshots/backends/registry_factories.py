@@ -51,7 +51,7 @@ def efs(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.engine.guard import MountGuard
 
     path = local_path(url)
-    guard = MountGuard(path, op_timeout=opts.efs_timeout)
+    guard = MountGuard.shared(path, op_timeout=opts.efs_timeout)
     # A store on a network mount must already exist: creating it would hide a missing mount.
     return FileBackend(path, create=False, guard=guard, **options)
 

@@ -26,23 +26,33 @@ log = logging.getLogger(__name__)
 # hung one costs the caller no more.
 GRACE = 0.25
 
-_running: set[threading.Thread] = set()
+_running: dict[threading.Thread, str | None] = {}  # each with the place it works on
 _changed = threading.Condition()
 
 
-def clean_up(job: Callable[[], None], within: float) -> None:
+def clean_up(job: Callable[[], None], within: float, place: str | None = None) -> None:
     """Run ``job`` and wait for it at most ``within`` seconds (at least :data:`GRACE`);
-    if it is not done by then it goes on in the background (:func:`wait_for_cleanups`).
-    An error it raises is logged, never raised: the caller is already failing with the
-    error that matters."""
-    _run_for(partial(_logged, job), max(within, GRACE))
+    if it is not done by then it goes on in the background (:func:`wait_for_cleanups`;
+    ``place``: what it works on, see :func:`finish_by`). An error it raises is logged,
+    never raised: the caller is already failing with the error that matters."""
+    _run_for(partial(_logged, job), max(within, GRACE), place)
 
 
-def finish_by(fn: Callable[[], T], deadline: Deadline, what: str) -> T:
+def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None = None) -> T:
     """``fn()``, run on a thread of its own (with the caller's context variables) and
     waited for until ``deadline``: then StorageTimeoutError naming ``what``, and ``fn``
     goes on in the background (:func:`wait_for_cleanups`) until it notices the deadline
-    itself or the disk it waits for answers."""
+    itself or the disk it waits for answers. ``place`` (a destination's path): first wait,
+    within the deadline, for what an earlier call left running there; a retry right after
+    a timeout otherwise found the tree it was taking back and was refused as if the
+    destination were in use."""
+    if place is not None:
+        with _changed:
+            if not _changed.wait_for(lambda: place not in _running.values(), deadline.remaining()):
+                raise StorageTimeoutError(
+                    f"deadline exceeded during {what}: an earlier call's work at {place} is "
+                    "still running, on a disk that does not answer"
+                )
     box: list[Any] = []
     context = contextvars.copy_context()
 
@@ -52,7 +62,7 @@ def finish_by(fn: Callable[[], T], deadline: Deadline, what: str) -> T:
         except BaseException as e:  # handed to the caller, who raises it
             box.append((False, e))
 
-    _run_for(run, deadline.remaining())
+    _run_for(run, deadline.remaining(), place)
     if not box:
         raise StorageTimeoutError(f"deadline exceeded during {what}")
     ok, value = box.pop()
@@ -61,18 +71,18 @@ def finish_by(fn: Callable[[], T], deadline: Deadline, what: str) -> T:
     return value  # type: ignore[no-any-return]
 
 
-def _run_for(job: Callable[[], None], seconds: float) -> None:
+def _run_for(job: Callable[[], None], seconds: float, place: str | None) -> None:
     """Run ``job`` on a daemon thread that :func:`wait_for_cleanups` waits for, and wait
     for it at most ``seconds`` (all of it, here, if no thread can be started: a process
     at its limit)."""
     worker = threading.Thread(target=_run, args=(job,), name="chroma-snapshots-local", daemon=True)
     with _changed:
-        _running.add(worker)
+        _running[worker] = place
     try:
         worker.start()
     except RuntimeError:
         with _changed:
-            _running.discard(worker)
+            del _running[worker]
         job()
         return
     worker.join(seconds)
@@ -118,7 +128,7 @@ def _run(job: Callable[[], None]) -> None:
         job()
     finally:
         with _changed:
-            _running.discard(threading.current_thread())
+            del _running[threading.current_thread()]
             _changed.notify_all()
 
 

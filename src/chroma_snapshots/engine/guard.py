@@ -165,6 +165,10 @@ class _Worker:
             pipe.close()  # nothing is buffered (writes go through os.write): cannot fail
 
 
+_SHARED: dict[tuple[str, float], MountGuard] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class MountGuard:
     """Runs ``target.method(*args)`` in abandonable worker processes, with a breaker."""
 
@@ -192,6 +196,20 @@ class MountGuard:
         self._calls = 0
         self._died = 0
         self._busy = 0  # calls running in a worker now
+
+    @classmethod
+    def shared(cls, path: str, *, op_timeout: float = 10.0) -> MountGuard:
+        """The one guard of this process for the mount at ``path`` with that budget, made
+        on first use: its cap on stuck workers and its breaker are the mount's, not a
+        store object's (a store opened per request stranded 4 more workers each on a hung
+        mount). Its ``close()`` stops only idle workers, so one store closing it does not
+        break another."""
+        key = (os.path.abspath(path), op_timeout)  # no call into the mount: it may hang
+        with _SHARED_LOCK:
+            guard = _SHARED.get(key)
+            if guard is None:
+                guard = _SHARED[key] = cls(path, op_timeout=op_timeout)
+            return guard
 
     def stats(self) -> GuardStats:
         """Breaker state and how many workers were abandoned (and are not yet reaped)."""

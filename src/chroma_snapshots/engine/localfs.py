@@ -157,8 +157,10 @@ def build_at(
     if deadline is None:
         return _build_at(dest, build, what, None, Handoff())
     handoff = Handoff()
+    place = None if dest is None else str(Path(check_dest(dest)).absolute())
+    work = partial(_build_at, dest, build, what, deadline, handoff, place)
     try:
-        return finish_by(partial(_build_at, dest, build, what, deadline, handoff), deadline, what)
+        return finish_by(work, deadline, what, place)
     except StorageTimeoutError:
         if handoff.give_up():  # a tree renamed into place from now on is taken back
             raise
@@ -174,6 +176,7 @@ def _build_at(
     what: str,
     deadline: Deadline | None,
     handoff: Handoff,
+    place: str | None = None,
 ) -> Path:
     try:
         final, made = prepare_dest(dest)
@@ -189,7 +192,7 @@ def _build_at(
             undo()  # after: the folders it made hold the work folder
 
         handed.append(True)
-        clean_up(both, 0.0 if deadline is None else deadline.remaining())
+        clean_up(both, 0.0 if deadline is None else deadline.remaining(), place)
 
     try:  # no work folder yet: the error names dest, not a name it never had
         with local_io(final, what), work_dir(final, dispose) as (work, built):
