@@ -27,7 +27,8 @@ from chroma_snapshots import (
     StorageTimeoutError,
 )
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine.guard import MountGuard, _Worker
+from chroma_snapshots.engine.guard import MountGuard
+from chroma_snapshots.engine.mountworker import Worker
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faultfs import FaultyMount
 
@@ -69,7 +70,7 @@ def test_a_death_not_yet_noticed_is_retried_because_the_call_never_ran(
     # into a broken pipe. Without the worker's acknowledgement the call provably never ran.
     first = _worker_pid(guard)
     _kill_idle(guard)
-    monkeypatch.setattr(_Worker, "alive", lambda self: True)
+    monkeypatch.setattr(Worker, "alive", lambda self: True)
     assert _worker_pid(guard) != first
     assert guard.stats().died == 1
 
@@ -82,7 +83,7 @@ def test_a_write_whose_worker_died_before_taking_it_lands_exactly_once(
     src = write_tree(tmp_path / "src", {"a.bin": os.urandom(20_000)})
     v1 = store.publish("db", src).version
     _kill_idle(guard)
-    monkeypatch.setattr(_Worker, "alive", lambda self: True)
+    monkeypatch.setattr(Worker, "alive", lambda self: True)
     (src / "a.bin").write_bytes(b"second")
     v2 = store.publish("db", src).version  # CAS writes retried once: no ConflictError
     assert sorted(i.version for i in store.versions("db")) == sorted([v1, v2])
@@ -109,10 +110,10 @@ def test_a_worker_killed_mid_call_raises_the_documented_error(guard: MountGuard)
 def test_a_worker_that_cannot_start_is_the_documented_error(
     guard: MountGuard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_fds(self: _Worker, preload: str) -> None:
+    def no_fds(self: Worker, preload: str) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(_Worker, "__init__", no_fds)
+    monkeypatch.setattr(Worker, "__init__", no_fds)
     with pytest.raises(BackendUnavailableError, match="cannot start") as err:
         _worker_pid(guard)
     assert isinstance(err.value.__cause__, OSError)

@@ -1,20 +1,21 @@
 """Local work that may outlast the call it belongs to: building a checkout's tree on its
 destination disk, and removing the work folder of a failed build. On a slow or hung disk
 either takes as long as the disk does, so the call waits only until its deadline (a
-removal at least :data:`GRACE`) and leaves the rest to a thread of its own; the folder
-keeps its work name (never served, locked against sweeps) until it is gone."""
+removal at least :data:`GRACE`) and leaves the rest to its thread
+(:func:`~chroma_snapshots.engine.deadline.run_within`); the folder keeps its work name
+(never served, locked against sweeps) until it is gone. What this module adds is the
+record of that work: which of it is still running, and on which destination."""
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.deadline import Deadline, run_within
 from chroma_snapshots.errors import StorageTimeoutError
 
 T = TypeVar("T")
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # hung one costs the caller no more.
 GRACE = 0.25
 
-_running: dict[threading.Thread, str | None] = {}  # each with the place it works on
+_running: dict[_Job, str | None] = {}  # each with the place it works on
 _changed = threading.Condition()
 
 
@@ -35,17 +36,22 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
     if it is not done by then it goes on in the background (:func:`wait_for_cleanups`;
     ``place``: what it works on, see :func:`finish_by`). An error it raises is logged,
     never raised: the caller is already failing with the error that matters."""
-    _run_for(partial(_logged, job), max(within, GRACE), place)
+    logged = partial(_logged, job)
+    try:
+        _recorded(logged, Deadline(max(within, GRACE)), "a clean-up", place)
+    except StorageTimeoutError:
+        pass  # still running, or refused (too many left running): swept later either way
+    except RuntimeError:  # no thread could start (a process at its limit): here, then
+        logged()
 
 
 def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None = None) -> T:
-    """``fn()``, run on a thread of its own (with the caller's context variables) and
-    waited for until ``deadline``: then StorageTimeoutError naming ``what``, and ``fn``
-    goes on in the background (:func:`wait_for_cleanups`) until it notices the deadline
-    itself or the disk it waits for answers. ``place`` (a destination's path): first wait,
-    within the deadline, for what an earlier call left running there; a retry right after
-    a timeout otherwise found the tree it was taking back and was refused as if the
-    destination were in use."""
+    """``fn()``, run on a thread of its own and waited for until ``deadline``: then
+    StorageTimeoutError naming ``what``, and ``fn`` goes on in the background
+    (:func:`wait_for_cleanups`) until it notices the deadline itself or the disk it waits
+    for answers. ``place`` (a destination's path): first wait, within the deadline, for
+    what an earlier call left running there; a retry right after a timeout otherwise
+    found the tree it was taking back and was refused as if the destination were in use."""
     if place is not None:
         with _changed:
             if not _changed.wait_for(lambda: place not in _running.values(), deadline.remaining()):
@@ -53,39 +59,48 @@ def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | N
                     f"deadline exceeded during {what}: an earlier call's work at {place} is "
                     "still running, on a disk that does not answer"
                 )
-    box: list[Any] = []
-    context = contextvars.copy_context()
-
-    def run() -> None:
-        try:
-            box.append((True, context.run(fn)))
-        except BaseException as e:  # handed to the caller, who raises it
-            box.append((False, e))
-
-    _run_for(run, deadline.remaining(), place)
-    if not box:
-        raise StorageTimeoutError(f"deadline exceeded during {what}")
-    ok, value = box.pop()
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+    return _recorded(fn, deadline, what, place)
 
 
-def _run_for(job: Callable[[], None], seconds: float, place: str | None) -> None:
-    """Run ``job`` on a daemon thread that :func:`wait_for_cleanups` waits for, and wait
-    for it at most ``seconds`` (all of it, here, if no thread can be started: a process
-    at its limit)."""
-    worker = threading.Thread(target=_run, args=(job,), name="chroma-snapshots-local", daemon=True)
-    with _changed:
-        _running[worker] = place
+def _recorded(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None) -> T:
+    """:func:`run_within`, with the work on record from before its thread starts until it
+    returns (or is called off unstarted), so that no wait can miss it."""
+    job = _Job(place)
     try:
-        worker.start()
-    except RuntimeError:
+        return run_within(deadline, what, partial(job.run, fn))
+    finally:
+        job.call_off()
+
+
+class _Job:
+    """One piece of work on record in ``_running`` while it may still run."""
+
+    def __init__(self, place: str | None) -> None:
+        self._state = "waiting"
         with _changed:
-            del _running[worker]
-        job()
-        return
-    worker.join(seconds)
+            _running[self] = place
+
+    def run(self, fn: Callable[[], T]) -> T:
+        with _changed:
+            if self._state != "waiting":  # called off before its thread got to it
+                raise StorageTimeoutError("called off before it started")
+            self._state = "running"
+        try:
+            return fn()
+        finally:
+            self._end()
+
+    def call_off(self) -> None:
+        """Off the record if it has not started (it never will); else it ends itself."""
+        with _changed:
+            if self._state == "waiting":
+                self._end()
+
+    def _end(self) -> None:
+        with _changed:
+            self._state = "ended"
+            _running.pop(self, None)
+            _changed.notify_all()
 
 
 class Handoff:
@@ -121,15 +136,6 @@ def wait_for_cleanups(timeout: float | None = None) -> bool:
     checkout to the same place removes what is left once it is a minute old."""
     with _changed:
         return _changed.wait_for(lambda: not _running, timeout)
-
-
-def _run(job: Callable[[], None]) -> None:
-    try:
-        job()
-    finally:
-        with _changed:
-            del _running[threading.current_thread()]
-            _changed.notify_all()
 
 
 def _logged(job: Callable[[], None]) -> None:

@@ -29,15 +29,8 @@ The clock is injectable so breaker tests need not sleep.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
-import pickle
-import select
-import signal
-import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,15 +38,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.mountworker import DiedBeforeTheCall, Worker, WorkerDied, request
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import BackendUnavailableError, SnapshotError, StorageTimeoutError
 
-_LEN = struct.Struct("!Q")
-_ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
-_READY = b"\x02"  # sent by a new worker once Python started and its target's module loaded
 _STARTUP = 30.0  # seconds a new worker may take to start when the caller gave no deadline
 _HANDOFF = 0.25  # seconds before the caller's deadline at which a call's budget ends
-_WORKER = "from chroma_snapshots.engine.guard import worker_main; worker_main()"
 
 
 @dataclass(frozen=True)
@@ -78,91 +68,8 @@ class _Call:
     label: str
 
 
-class _WorkerDied(Exception):
-    """The worker's pipes broke; ``ran`` says whether it may have run the call."""
-
-    def __init__(self, ran: bool) -> None:
-        super().__init__("the filesystem worker died" + (" during the call" if ran else ""))
-        self.ran = ran
-
-    @staticmethod
-    def of(ran: bool) -> _WorkerDied:
-        return _WorkerDied(True) if ran else _DiedBeforeTheCall(False)
-
-
-class _DiedBeforeTheCall(_WorkerDied):
-    """The worker died before it acknowledged the call: it never ran."""
-
-
 _FRESH_WORKER = RetryPolicy(attempts=2, base=0.0, jitter=False)
 """A call no worker ran is tried once more on a fresh worker: safe even for a write."""
-
-
-class _Worker:
-    def __init__(self, preload: str) -> None:
-        self.proc = subprocess.Popen(  # OSError (no fds, no memory) is the caller's to map
-            [sys.executable, "-c", _WORKER, preload],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            # a worker stuck in the kernel must not hold the caller's stderr open
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C for the caller is not also a signal for it
-        )
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_ready(self, budget: float) -> None:
-        """Wait for a new worker's start-up; TimeoutError past ``budget``."""
-        if self._read(len(_READY), time.monotonic() + budget, ran=False) != _READY:
-            raise _DiedBeforeTheCall(ran=False)
-
-    def call(self, payload: bytes, budget: float) -> Any:
-        """Run one request; TimeoutError past ``budget``, _WorkerDied if the pipes break."""
-        end = time.monotonic() + budget
-        self._write(_LEN.pack(len(payload)) + payload, end)
-        self._read(len(_ACK), end, ran=False)
-        size = _LEN.unpack(self._read(_LEN.size, end, ran=True))[0]
-        status, value = pickle.loads(self._read(size, end, ran=True))
-        if status == "err":
-            raise value
-        return value
-
-    def _write(self, data: bytes, end: float) -> None:
-        view = memoryview(data)
-        while view:
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
-                raise TimeoutError
-            try:
-                view = view[os.write(self.wfd, view[: 1 << 16]) :]  # a short write loops
-            except OSError as e:  # EPIPE: nobody reads, so the request is not whole anywhere
-                raise _DiedBeforeTheCall(ran=False) from e
-
-    def _read(self, n: int, end: float, *, ran: bool) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
-                raise TimeoutError
-            try:
-                chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
-            except OSError as e:
-                raise _WorkerDied.of(ran) from e
-            if not chunk:  # EOF: the worker is gone
-                raise _WorkerDied.of(ran)
-            buf += chunk
-        return bytes(buf)
-
-    def kill(self) -> None:
-        """Kill and close the pipes; never waited on here: it may be stuck in the kernel."""
-        self.proc.kill()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            assert pipe is not None
-            pipe.close()  # nothing is buffered (writes go through os.write): cannot fail
 
 
 _SHARED: dict[tuple[str, float], MountGuard] = {}
@@ -187,7 +94,7 @@ class MountGuard:
         self.cooldown = cooldown
         self.max_abandoned = max_abandoned
         self._clock = clock
-        self._idle: list[_Worker] = []
+        self._idle: list[Worker] = []
         self._slots = threading.BoundedSemaphore(workers)
         self._lock = threading.Lock()
         self._open_until: float | None = None
@@ -261,13 +168,13 @@ class MountGuard:
         label: str,
     ) -> Any:
         budget = self.op_timeout if deadline is None else min(self.op_timeout, deadline.remaining())
-        payload = pickle.dumps((target, method, args, kwargs))
+        payload = request(target, method, args, kwargs)
         if not self._slots.acquire(timeout=budget):
             raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
         call = _Call(payload, type(target).__module__, deadline, label)
         try:
-            return _FRESH_WORKER.call(lambda _: self._attempt(call), retry_on=(_DiedBeforeTheCall,))
-        except _WorkerDied as e:
+            return _FRESH_WORKER.call(lambda _: self._attempt(call), retry_on=(DiedBeforeTheCall,))
+        except WorkerDied as e:
             raise BackendUnavailableError(
                 f"{label}: the filesystem worker died "
                 + ("during the call; its outcome is unknown" if e.ran else "twice before the call")
@@ -285,7 +192,7 @@ class MountGuard:
             with self._lock:
                 self._busy -= 1
 
-    def _run_on(self, worker: _Worker, call: _Call) -> Any:
+    def _run_on(self, worker: Worker, call: _Call) -> Any:
         # The budget is the filesystem call's, measured once a worker is ready: starting a
         # Python is not the mount's fault (and on a loaded machine takes a second).
         budget = self.op_timeout
@@ -310,7 +217,7 @@ class MountGuard:
         except SnapshotError:
             self._give_back(worker)
             raise
-        except _WorkerDied:
+        except WorkerDied:
             self._bury(worker)
             raise
         except BaseException:
@@ -319,7 +226,7 @@ class MountGuard:
         self._give_back(worker)
         return result
 
-    def _start(self, worker: _Worker, call: _Call) -> None:
+    def _start(self, worker: Worker, call: _Call) -> None:
         """Wait for a new worker within the caller's deadline (it never touched the mount)."""
         budget = _STARTUP if call.deadline is None else call.deadline.remaining()
         try:
@@ -331,7 +238,7 @@ class MountGuard:
                 f"{call.label}: a filesystem worker did not start within {budget:.1f}s"
             ) from None
 
-    def _take(self, label: str, module: str) -> tuple[_Worker, bool]:
+    def _take(self, label: str, module: str) -> tuple[Worker, bool]:
         """An idle worker that is still alive, or a new one (True); dead ones are buried."""
         with self._lock:
             # Every call in progress may yet be abandoned: counting them with the workers
@@ -345,8 +252,8 @@ class MountGuard:
                 )
             self._busy += 1
             self._calls += 1
-            alive: list[_Worker] = []
-            dead: list[_Worker] = []
+            alive: list[Worker] = []
+            dead: list[Worker] = []
             for w in self._idle:
                 (alive if w.alive() else dead).append(w)
             self._idle = alive
@@ -356,24 +263,24 @@ class MountGuard:
         if worker is not None:
             return worker, False
         try:
-            return _Worker(module), True
+            return Worker(module), True
         except OSError as e:
             with self._lock:
                 self._busy -= 1
             raise BackendUnavailableError(f"{label}: cannot start a filesystem worker: {e}") from e
 
-    def _give_back(self, worker: _Worker) -> None:
+    def _give_back(self, worker: Worker) -> None:
         with self._lock:
             self._idle.append(worker)
 
-    def _bury(self, worker: _Worker) -> None:
+    def _bury(self, worker: Worker) -> None:
         """Forget a worker that died (its pipes broke or poll() says so)."""
         worker.kill()
         with self._lock:
             self._died += 1
         self._reap(worker.proc)
 
-    def _abandon(self, worker: _Worker, sick: bool) -> None:
+    def _abandon(self, worker: Worker, sick: bool) -> None:
         """Kill a worker whose call timed out (counted as stuck until it exits); ``sick``:
         the mount did not answer within op_timeout, so the breaker opens and the idle
         workers, which may have touched it too, go."""
@@ -381,7 +288,7 @@ class MountGuard:
         with self._lock:
             self._timeouts += 1
             self._abandoned.append(worker.proc)
-            stale: list[_Worker] = []
+            stale: list[Worker] = []
             if sick:
                 self._open_until = self._clock() + self.cooldown
                 stale, self._idle = self._idle, []
@@ -402,31 +309,3 @@ class MountGuard:
         for w in idle:
             w.kill()
             self._reap(w.proc)
-
-
-def worker_main() -> None:
-    """The child's loop: read a pickled call, run it, write back the pickled outcome."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    for module in sys.argv[1:]:  # the target's, so unpickling it costs nothing in a call
-        with contextlib.suppress(Exception):  # unpickling the request will report it properly
-            importlib.import_module(module)
-    stdout.write(_READY)
-    stdout.flush()
-    while len(header := stdin.read(_LEN.size)) == _LEN.size:
-        size = _LEN.unpack(header)[0]
-        body = stdin.read(size)
-        if len(body) != size:
-            return  # the caller went away mid-request
-        stdout.write(_ACK)  # before running: a death after this point may have had effects
-        stdout.flush()
-        target, method, args, kwargs = pickle.loads(body)
-        try:
-            out: tuple[str, Any] = ("ok", getattr(target, method)(*args, **kwargs))
-        except SnapshotError as e:
-            out = ("err", e)
-        except OSError as e:
-            out = ("err", BackendUnavailableError(f"{method}: {e}"))
-        data = pickle.dumps(out)
-        stdout.write(_LEN.pack(len(data)) + data)
-        stdout.flush()

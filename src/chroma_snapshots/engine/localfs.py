@@ -58,15 +58,14 @@ def check_dest(dest: str | Path) -> str | Path:
     return dest
 
 
-def prepare_dest(dest: str | Path | None) -> tuple[Path, list[Path]]:
-    """The absolute checkout destination: absent or an empty directory, parent created,
-    outside any cache's folders; and the folders made for it, deepest first (None: a new
-    temporary folder)."""
-    if dest is None:
+def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
+    """The checkout destination ``final`` (absolute, as :func:`check_dest` let it pass; None:
+    one in a new temporary folder), checked absent or an empty directory and outside any
+    cache's folders, its parent created; and the folders made for it, deepest first."""
+    if final is None:
         _sweep_killed_temporaries()
         temporary = Path(tempfile.mkdtemp(prefix=_TEMPORARY))
         return temporary / "snapshot", [temporary]
-    final = Path(check_dest(dest)).absolute()
     for folder in Path(os.path.realpath(final)).parents:  # through links too
         if (folder / CACHE_MARKER).exists():
             raise InvalidInputError(
@@ -154,13 +153,13 @@ def build_at(
     (``what`` failed). With a deadline, the work runs on a thread of its own
     (engine/cleanup.py), so that a destination on a slow or hung disk costs the caller
     its deadline, not the disk's time: what is left then is removed in the background."""
+    at = None if dest is None else Path(check_dest(dest)).absolute()
     if deadline is None:
-        return _build_at(dest, build, what, None, Handoff())
+        return _build_at(at, build, what, None, Handoff())
     handoff = Handoff()
-    place = None if dest is None else str(Path(check_dest(dest)).absolute())
-    work = partial(_build_at, dest, build, what, deadline, handoff, place)
+    work = partial(_build_at, at, build, what, deadline, handoff)
     try:
-        return finish_by(work, deadline, what, place)
+        return finish_by(work, deadline, what, None if at is None else str(at))
     except StorageTimeoutError:
         if handoff.give_up():  # a tree renamed into place from now on is taken back
             raise
@@ -171,19 +170,19 @@ def build_at(
 
 
 def _build_at(
-    dest: str | Path | None,
+    at: Path | None,
     build: Callable[[Path, FolderId], object],
     what: str,
     deadline: Deadline | None,
     handoff: Handoff,
-    place: str | None = None,
 ) -> Path:
     try:
-        final, made = prepare_dest(dest)
+        final, made = prepare_dest(at)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
-        raise_local(e, Path(tempfile.gettempdir() if dest is None else dest), what)
+        raise_local(e, Path(tempfile.gettempdir()) if at is None else at, what)
         raise
-    undo = partial(_undo_dest, dest is None, made)
+    undo = partial(_undo_dest, at is None, made)
+    place = None if at is None else str(at)
     handed: list[bool] = []  # whether the work folder's removal (and so undo) was handed on
 
     def dispose(remove: Callable[[], None]) -> None:
