@@ -89,3 +89,25 @@ class FaultPlan:
             kind = self._rng.choice(self.kinds) if hit else None
             self.counts[(request_type(method, path), kind or "ok")] += 1
         return kind
+
+
+class ScheduledFaults(FaultPlan):
+    """A fault at chosen requests and none at the others, for putting a fault at every step
+    of an operation in turn, deterministically: ``schedule`` maps (request type as
+    :func:`request_type` names it, n) to a kind, n counting that type's requests from 0."""
+
+    def __init__(self, schedule: dict[tuple[str, int], str], *, stall_seconds: float = 5.0) -> None:
+        kinds = tuple(sorted(set(schedule.values()))) or FAULT_KINDS
+        super().__init__(0.0, kinds=kinds, stall_seconds=stall_seconds)
+        self.schedule = dict(schedule)
+        self._seen: dict[str, int] = {}
+
+    def draw(self, method: str, path: str) -> str | None:
+        """The scheduled fault for this request, or None."""
+        kind_of = request_type(method, path)
+        with self._lock:
+            n = self._seen.get(kind_of, 0)
+            self._seen[kind_of] = n + 1
+            kind = self.schedule.get((kind_of, n))
+            self.counts[(kind_of, kind or "ok")] += 1
+        return kind

@@ -1,0 +1,86 @@
+"""A fault at every request of a multipart upload, one at a time: a publish whose pack goes
+up in parts (create, each part, complete) either succeeds with a version that checks out
+whole, or fails with a documented error within its deadline, leaving latest as it was; the
+next publish through the same store object then succeeds. No upload is left in progress
+but the one whose create answer was lost (the client never learned its id: a lifecycle
+rule removes it, docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.config import Config
+from reliability import record
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.backends.s3client import S3Settings
+from chroma_snapshots.errors import SnapshotError
+from chroma_snapshots.testing import MotoServer
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faults import ScheduledFaults
+from chroma_snapshots.testing.proxy import CountingProxy
+
+PART = 5 << 20  # S3's (and moto's) smallest part but the last
+DEADLINE = 15.0
+MAX_OVERRUN = 2.0  # a deadline abandons the waiting call; a loaded machine may be slow to return
+CREATE, COMPLETE = ("POST multipart", 0), ("POST multipart", 1)
+STEPS = [CREATE, ("PUT multipart", 0), ("PUT multipart", 1), ("PUT multipart", 2), COMPLETE]
+KINDS = ["503", "500", "reset", "truncate", "stall"]
+FORWARDED = {"500", "truncate", "stall"}  # the server did the work; the client did not hear
+
+
+def _store(
+    moto_server: MotoServer, bucket: str, url: str | None = None, **config: Any
+) -> RemoteStore:
+    settings = S3Settings(multipart_threshold=PART, part_size=PART)
+    client = moto_server.client(url, **config)
+    backend = S3Backend(bucket, "snaps", settings=settings, client=client)
+    return RemoteStore(backend, pack_target=32 << 20)  # the file's one pack: 3 parts
+
+
+@pytest.mark.parametrize("attempts", [1, 3], ids=["no retries", "3 attempts"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("step", STEPS, ids=["create", "part 1", "part 2", "part 3", "complete"])
+def test_a_fault_at_any_request_of_a_multipart_upload(
+    moto_server: MotoServer, tmp_path: Path, step: tuple[str, int], kind: str, attempts: int
+) -> None:
+    bucket = moto_server.create_bucket()
+    files = {"big.bin": os.urandom(2 * PART + (1 << 20)), "small.txt": b"s" * 100}
+    src = write_tree(tmp_path / "src", files)
+    plan = ScheduledFaults({step: kind}, stall_seconds=3.0)
+    config = Config(
+        connect_timeout=1, read_timeout=1, retries={"max_attempts": attempts, "mode": "standard"}
+    )
+    clean = _store(moto_server, bucket)
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        faulty = _store(moto_server, bucket, proxy.url, config=config)
+        started = time.monotonic()
+        try:
+            faulty.publish("db", src, deadline=DEADLINE)
+            failed = False
+        except SnapshotError:  # documented; any other exception fails the test
+            failed = True
+        took = time.monotonic() - started
+        assert took < DEADLINE + MAX_OVERRUN
+        assert plan.counts[(step[0], kind)] == 1  # the fault was injected where meant
+        found = clean.read_ref("db")
+        assert (found is None) == failed  # latest moved only with a publish that succeeded
+        if failed:  # the next publish, same object, no faults left: succeeds
+            faulty.publish("db", src, deadline=DEADLINE)
+        faulty.close()
+    found = clean.read_ref("db")
+    assert found is not None
+    assert clean.verify("db", found[0].version).ok
+    with clean.checkout("db", dest=tmp_path / "out") as snap:
+        assert read_tree(snap.path) == files
+    lost_create_answer = step == CREATE and kind in FORWARDED
+    uploads = moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert len(uploads) == (1 if lost_create_answer else 0)
+    clean.close()
+    name = f"multipart-{step[0].split()[0]}{step[1]}-{kind}-{attempts}"
+    record(name, {"publish failed": failed, "seconds": round(took, 3), "left": len(uploads)})
