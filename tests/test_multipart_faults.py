@@ -54,7 +54,9 @@ def test_a_fault_at_any_request_of_a_multipart_upload(
     src = write_tree(tmp_path / "src", files)
     plan = ScheduledFaults({step: kind}, stall_seconds=3.0)
     config = Config(
-        connect_timeout=1, read_timeout=1, retries={"max_attempts": attempts, "mode": "standard"}
+        connect_timeout=1,
+        read_timeout=1,
+        retries={"total_max_attempts": attempts, "mode": "standard"},
     )
     clean = _store(moto_server, bucket)
     with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:

@@ -30,6 +30,8 @@ class S3Settings:
     # two attempts, then fail.
     connect_attempts: int = 2
     read_timeout: float = 30.0
+    # Every request at most this many times, the first included (botocore's own
+    # "max_attempts" counts only the retries: 5 there was 6 requests).
     max_attempts: int = 5
     max_pool_connections: int = 32
     multipart_threshold: int = 64 << 20
@@ -43,7 +45,7 @@ def make_client(s: S3Settings) -> S3Client:
     config = Config(
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
-        retries={"mode": "adaptive", "max_attempts": s.max_attempts},
+        retries={"mode": "adaptive", "total_max_attempts": s.max_attempts},
         max_pool_connections=s.max_pool_connections,
     )
     # botocore's own session, not boto3's: the client is the same, and a process that
