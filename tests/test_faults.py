@@ -1,7 +1,7 @@
 """S3 faults on every request type (503, 500 after the write, reset, stalled and truncated
 bodies, latency) at 5% and 20%: a publish, checkout or prune either succeeds with verified
 data or fails with a documented error within its deadline; the ref never names an incomplete
-version. Multipart uploads (64 MiB and up) are not exercised here.
+version. Multipart uploads: tests/test_multipart_faults.py (a fault at each request).
 """
 
 from __future__ import annotations
