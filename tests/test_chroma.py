@@ -6,6 +6,7 @@ import json
 import os
 import select
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -79,6 +80,27 @@ def test_not_a_database_and_corrupt_sqlite_are_refused(
     assert list(s3_store.names()) == []
     forced = publish_client(s3_store, "db", tmp_path / "db", force=True, attempts=1)
     assert "collections" not in forced.metadata["chroma"]
+
+
+def test_text_that_is_not_utf8_is_a_documented_error_not_a_traceback(
+    s3_store: RemoteStore, tmp_path: Path
+) -> None:
+    # A damaged database's quick_check report quotes its pages, and a hostile one can name
+    # a collection anything: sqlite3 decoded such TEXT as UTF-8 and raised
+    # UnicodeDecodeError from inside the check (the scribble test above, once in a CI run).
+    db = tmp_path / "db"
+    close_client(build(db, {"receipts": 30}))
+    with sqlite3.connect(db / "chroma.sqlite3") as raw:
+        raw.execute("UPDATE collections SET name = CAST(X'72FF63' AS TEXT)")
+    raw.close()
+    view = describe(db)
+    assert [c.name for c in view.collections] == ["r\ufffdc"]
+    assert [c.records for c in view.collections] == [30]
+    with pytest.raises(IntegrityError):
+        validate(db)
+    with pytest.raises(IntegrityError):
+        publish_client(s3_store, "db", db, attempts=1)
+    assert list(s3_store.names()) == []
 
 
 def test_live_writer_naive_copy_breaks_publish_client_does_not(

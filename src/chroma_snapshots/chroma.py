@@ -100,12 +100,20 @@ def _read_only(path: str | Path) -> Iterator[sqlite3.Connection]:
         raise IntegrityError(f"{path} is not a chroma database: no {SQLITE}")
     try:
         db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        db.text_factory = _text
         try:
             yield db
         finally:
             db.close()
     except sqlite3.DatabaseError as e:
         raise IntegrityError(f"{db_file}: {e}") from e
+
+
+def _text(raw: bytes) -> str:
+    """A TEXT value of a database that may be damaged or hostile: bytes that are not UTF-8
+    are replaced, not raised from deep inside (a quick_check report quotes damaged pages;
+    a name can hold anything)."""
+    return raw.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -134,16 +142,11 @@ def describe(path: str | Path) -> ChromaView:
     collection owns. Read-only; IntegrityError if it is not a chroma database."""
     path = Path(path)
     counts = sqlite_counts(path)
-    db = sqlite3.connect(f"file:{path / SQLITE}?mode=ro", uri=True)
-    try:
+    with _read_only(path) as db:
         cols = db.execute("SELECT id, name, dimension FROM collections").fetchall()
         segs = db.execute("SELECT id, collection, scope FROM segments").fetchall()
         synced = dict(db.execute("SELECT segment_id, seq_id FROM max_seq_id").fetchall())
         queue = db.execute("SELECT topic, seq_id FROM embeddings_queue").fetchall()
-    except sqlite3.DatabaseError as e:
-        raise IntegrityError(f"{path}: {e}") from e
-    finally:
-        db.close()
     folders = {
         p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         for p in path.iterdir()
