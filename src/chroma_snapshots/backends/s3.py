@@ -16,11 +16,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from chroma_snapshots.backends.base import (
     Backend,
@@ -35,6 +34,7 @@ from chroma_snapshots.backends.base import (
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3client import S3Settings, make_client
 from chroma_snapshots.backends.s3errors import (
+    S3_ERRORS,
     check_range,
     field,
     wrap_error,
@@ -61,7 +61,9 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 # A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
-_BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError)
+# A body that stalled or broke: asked for again. urllib3's own errors too: botocore reads
+# the body of an error answer (a 404's) outside its handling, so they come raw.
+_BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError, URLLib3Error)
 T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
 
@@ -117,7 +119,7 @@ class S3Backend(Backend):
             return policy.call(attempt, retry_on=_BODY_ERRORS)
         except _BODY_ERRORS as e:
             raise wrap_error(e, "get", key) from e
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             if byte_range is not None and range_refused(e):
                 raise past_end(key, byte_range[0]) from e
             raise wrap_error(e, "get", key) from e
@@ -202,7 +204,7 @@ class S3Backend(Backend):
             )
         except _BODY_ERRORS as e:
             raise wrap_error(e, "get", key) from e
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             if range_refused(e):
                 raise past_end(key, byte_range[0]) from e
             raise wrap_error(e, "get", key) from e
@@ -226,7 +228,7 @@ class S3Backend(Backend):
                     **cond,  # type: ignore[arg-type]
                 )
                 etag = _etag(field(resp, "ETag", f"put {key}"))
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             raise put_error(wrap_error(e, "put", key), key, mode) from e
         return ObjectMeta(key, len(data), etag, time.time())
 
@@ -278,13 +280,13 @@ class S3Backend(Backend):
             self.client.abort_multipart_upload, Bucket=self.bucket, Key=full, UploadId=upload_id
         )
         own = Deadline(self._worst_request())
-        with contextlib.suppress(ClientError, BotoCoreError, StorageTimeoutError):
+        with contextlib.suppress(*S3_ERRORS, StorageTimeoutError):
             run_within(dl, f"abort the upload of {full}", lambda: within(own, abort))
 
     def head(self, key: str) -> ObjectMeta:
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             raise wrap_error(e, "head", key) from e
         what = f"head {key}"
         size, when = field(r, "ContentLength", what), field(r, "LastModified", what)
@@ -306,7 +308,7 @@ class S3Backend(Backend):
                         _etag(o.get("ETag")),
                         field(o, "LastModified", what).timestamp(),
                     )
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             raise wrap_error(e, "list", prefix) from e
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
@@ -322,14 +324,14 @@ class S3Backend(Backend):
                 if field(page, "IsTruncated", what) is not None
                 for p in page.get("CommonPrefixes", [])
             ]
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             raise wrap_error(e, "list", prefix) from e
         return sorted(p[len(full) :].rstrip("/") for p in found)
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except (ClientError, BotoCoreError) as e:
+        except S3_ERRORS as e:
             raise wrap_error(e, "delete", key) from e
 
     def delete_many(self, keys: builtins.list[str]) -> None:
@@ -341,7 +343,7 @@ class S3Backend(Backend):
                     Bucket=self.bucket,
                     Delete={"Objects": batch, "Quiet": True},  # type: ignore[typeddict-item]
                 )
-            except (ClientError, BotoCoreError) as e:
+            except S3_ERRORS as e:
                 raise wrap_error(e, "delete", keys[i]) from e
             if resp.get("Errors"):
                 first = resp["Errors"][0]

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from botocore.exceptions import (
+    BotoCoreError,
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
@@ -19,6 +20,8 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from urllib3.exceptions import HTTPError as URLLib3Error
+from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeout
 
 from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.errors import (
@@ -30,6 +33,11 @@ from chroma_snapshots.errors import (
     StorageTimeoutError,
     StoreNotFoundError,
 )
+
+# What a call of botocore's client raises. botocore reads the body of an answer it parses
+# (a listing, a batch delete, a multipart create or complete) outside its own error
+# handling: a connection reset after the headers came is urllib3's ProtocolError, raw.
+S3_ERRORS = (ClientError, BotoCoreError, URLLib3Error)
 
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -69,7 +77,7 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
                 "they may access"
             )
         return BackendUnavailableError(f"{what}: S3 error {code or status}")
-    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
+    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError, URLLib3ReadTimeout)):
         return StorageTimeoutError(f"{what}: S3 timed out ({err})")
     if isinstance(err, EndpointConnectionError):
         return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
