@@ -58,6 +58,11 @@ class CacheFullError(SnapshotError, OSError):
     """The local cache cannot hold a version even after evicting everything unpinned."""
 
 
+class ProcessLimitError(SnapshotError, RuntimeError):
+    """The process could not start a thread it needs (at a limit on threads or processes:
+    RLIMIT_NPROC, a container's pids limit); nothing was made visible."""
+
+
 class LocalDiskError(SnapshotError, OSError):
     """A checkout or the cache could not write local files for another reason than a full
     disk (permissions, a read-only or failing disk, too many open files); ``errno`` and

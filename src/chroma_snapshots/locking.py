@@ -35,12 +35,19 @@ from typing import Any
 
 from chroma_snapshots.backends.base import Backend, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
-from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline, run_within
+from chroma_snapshots.engine.deadline import (
+    Deadline,
+    DeadlineLike,
+    as_deadline,
+    run_within,
+    start_thread,
+)
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     ConflictError,
     InvalidInputError,
     LockError,
+    ProcessLimitError,
     SnapshotNotFoundError,
     StorageTimeoutError,
 )
@@ -192,7 +199,11 @@ class LeaseLock(ABC):
         work and lapses at its expiry, and what the block did (a publish) stands. An
         exception the block raises propagates unchanged."""
         keeper = LeaseKeeper(self, lease, remaining)
-        keeper.start()
+        try:
+            start_thread(keeper, "keeping a lease")
+        except ProcessLimitError:
+            self.release(lease, deadline=keeper.time_left(self.io_timeout))
+            raise
         try:
             yield keeper
         finally:

@@ -14,7 +14,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError
+from chroma_snapshots.errors import InvalidInputError, ProcessLimitError, StorageTimeoutError
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -181,6 +181,18 @@ def _count_abandoned(n: int) -> None:
         _abandoned += n
 
 
+def start_thread(thread: threading.Thread, what: str) -> None:
+    """``thread.start()``; at the process's limit on threads, ProcessLimitError naming
+    ``what`` (Python's RuntimeError would surface as a traceback)."""
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise ProcessLimitError(
+            f"{what}: cannot start a thread ({e}): the process is at its limit of threads or "
+            "processes (RLIMIT_NPROC, a container's pids limit)"
+        ) from e
+
+
 _Task = tuple[Future[Any], Callable[[], Any]] | None  # None: a worker's signal to exit
 
 
@@ -227,7 +239,12 @@ class WorkerPool(Executor):
             if len(self._threads) < self._size:  # threads start on demand, up to the size
                 t = threading.Thread(target=self._work, daemon=True, name=self._name)
                 self._threads.add(t)
-                t.start()
+                try:
+                    start_thread(t, self._name)
+                except ProcessLimitError:
+                    self._threads.discard(t)
+                    if not self._threads:  # no worker would ever run the call
+                        raise
         return fut
 
     def _work(self) -> None:

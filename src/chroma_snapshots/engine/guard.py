@@ -29,6 +29,7 @@ The clock is injectable so breaker tests need not sleep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -300,7 +301,9 @@ class MountGuard:
     @staticmethod
     def _reap(proc: subprocess.Popen[bytes]) -> None:
         # waitpid sleeps interruptibly, so this thread never blocks interpreter exit
-        threading.Thread(target=proc.wait, daemon=True, name="guard-reaper").start()
+        reaper = threading.Thread(target=proc.wait, daemon=True, name="guard-reaper")
+        with contextlib.suppress(RuntimeError):  # at the thread limit: a zombie until exit
+            reaper.start()
 
     def close(self) -> None:
         """Stop the idle workers."""
