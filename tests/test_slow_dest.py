@@ -17,6 +17,7 @@ import test_hang
 
 from chroma_snapshots import (
     CachedStore,
+    InvalidInputError,
     RemoteStore,
     StorageTimeoutError,
     wait_for_cleanups,
@@ -173,3 +174,22 @@ def test_a_tree_in_place_after_the_caller_gave_up_is_taken_back(
     assert wait_for_cleanups(timeout=60)
     assert not dest.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -float("inf"), 1e10, True, "1"])
+def test_wait_for_cleanups_refuses_a_timeout_that_is_not_seconds(timeout: object) -> None:
+    # NaN waited as long as None (over 110 s on a hung mount), inf and 1e10 raised a bare
+    # OverflowError from threading, only while work was pending (an independent review)
+    gate = threading.Event()
+
+    def pending() -> None:
+        gate.wait(60)
+
+    cleanup.clean_up(pending, within=0.0)  # still running while the timeouts are tried
+    try:
+        with pytest.raises(InvalidInputError):
+            wait_for_cleanups(timeout)  # type: ignore[arg-type]
+        assert not wait_for_cleanups(-1)  # a past time: no wait
+    finally:
+        gate.set()
+    assert wait_for_cleanups(timeout=60)

@@ -133,9 +133,11 @@ def wait_for_cleanups(timeout: float | None = None) -> bool:
     seconds; None: as long as it takes); True if none is. A checkout that failed at its
     deadline may leave the building or removal of its hidden work folder running on a
     slow or hung disk; a process about to exit can wait for it here. If it exits first, the next
-    checkout to the same place removes what is left once it is a minute old."""
+    checkout to the same place removes what is left once it is a minute old. A timeout that
+    is not a finite number of seconds (at most 1e9) is an InvalidInputError, as a deadline's."""
+    until = None if timeout is None else Deadline(timeout)  # NaN waited forever, inf overflowed
     with _changed:
-        return _changed.wait_for(lambda: not _running, timeout)
+        return _changed.wait_for(lambda: not _running, None if until is None else until.remaining())
 
 
 def _logged(job: Callable[[], None]) -> None:
