@@ -268,3 +268,23 @@ def test_an_endpoint_that_never_answers_is_given_up_after_two_attempts(
         assert "deadline" in err
     finally:
         hole.close()
+
+
+def test_an_error_nothing_wrapped_is_still_one_line(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last resort: whatever escapes the library's own mapping (a bug) is one line and
+    # exit 1, never a traceback (two reviews found such escapes: urllib3's errors, a
+    # thread that could not start).
+    from chroma_snapshots.stores.remote import RemoteStore
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("an internal slip")
+
+    monkeypatch.setattr(RemoteStore, "checkout", broken)
+    (tmp_path / "store").mkdir()
+    code, out, err = run("--store", f"file://{tmp_path / 'store'}", "checkout", "db")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: unexpected KeyError: 'an internal slip'")
+    assert err.count("\n") == 1

@@ -9,6 +9,7 @@ destination create one), 4 conflict (CAS lost), 5 integrity failure, 6 timeout,
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -358,6 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
     except OSError as e:  # a local file the library did not wrap: one line, not a traceback
         click.echo(f"error: {describe_error(e)}", err=True)
+        return 1
+    except Exception as e:  # not wrapped anywhere: a bug, but still one line (the traceback
+        # goes to the library's logger at debug level, for a report)
+        logging.getLogger("chroma_snapshots.cli").debug("unexpected error", exc_info=True)
+        click.echo(
+            f"error: unexpected {type(e).__name__}: {e} (a bug in chroma-snapshots: please "
+            "report it with the command)",
+            err=True,
+        )
         return 1
     return code if isinstance(code, int) else 0  # click returns an Exit's code
 
