@@ -18,10 +18,11 @@ from chroma_snapshots.engine.validation import MAX_REF_BYTES, check_name, utc_no
 from chroma_snapshots.errors import (
     ConflictError,
     IntegrityError,
+    InvalidInputError,
     SnapshotNotFoundError,
     StoreNotFoundError,
 )
-from chroma_snapshots.stores.base import ANY, Expected
+from chroma_snapshots.stores.base import ANY, LATEST, Expected
 from chroma_snapshots.stores.claims import moved_on_from, note_retired
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,13 @@ def check_expected(what: str, expected: Expected, current: Found | None) -> None
         if current is not None:
             raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
         return
-    if not isinstance(expected, str):
-        return  # LATEST or ANY: nothing to compare before the write
+    if expected is LATEST or expected is ANY:
+        return  # nothing to compare before the write
+    if not isinstance(expected, str):  # bytes, 0, True...: never a silent unconditional write
+        raise InvalidInputError(
+            f"{what}: expected must be a version id (str), None, LATEST or ANY, not "
+            f"{type(expected).__name__}"
+        )
     VersionId.parse(expected)
     if current is None or current[0].version != expected:
         got = current[0].version if current else "nothing"

@@ -1,0 +1,76 @@
+"""Inputs an independent review found escaping the documented errors, or worse: an
+``expected`` of the wrong type turned a publish's compare-and-swap off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import (
+    ANY,
+    LATEST,
+    ConflictError,
+    Deadline,
+    InvalidInputError,
+    RemoteStore,
+    open_backend,
+    wait_for_cleanups,
+)
+from chroma_snapshots.testing.conformance import write_tree
+
+
+def _store(tmp_path: Path) -> RemoteStore:
+    (tmp_path / "store").mkdir(exist_ok=True)
+    return RemoteStore(open_backend(f"file://{tmp_path / 'store'}"))
+
+
+@pytest.mark.parametrize("expected", [b"v1", 0, 1, True, 0.5, ["x"], float("nan")])
+def test_an_expected_that_is_not_a_version_id_is_refused_not_ignored(
+    tmp_path: Path, expected: object
+) -> None:
+    store = _store(tmp_path)
+    v1 = store.publish("db", write_tree(tmp_path / "a", {"f": b"1"}))
+    v2 = store.publish("db", write_tree(tmp_path / "b", {"f": b"2"}))
+    wrong = v1.version.encode() if expected == b"v1" else expected
+    with pytest.raises(InvalidInputError, match="expected must be"):
+        store.publish("db", write_tree(tmp_path / "c", {"f": b"3"}), expected=wrong)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="expected must be"):
+        store.set_ref("db", "latest", v1.version, expected=wrong)  # type: ignore[arg-type]
+    found = store.read_ref("db")
+    assert found is not None
+    assert found[0].version == v2.version  # latest did not move
+    with pytest.raises(ConflictError):  # the right type still compares
+        store.publish("db", write_tree(tmp_path / "d", {"f": b"4"}), expected=v1.version)
+    for ok in (LATEST, ANY):  # and the sentinels still write
+        assert store.publish(
+            "db", write_tree(tmp_path / f"e{ok}", {"f": str(ok).encode()}), expected=ok
+        )
+
+
+@pytest.mark.parametrize("seconds", [10**400, -(10**400)])
+def test_a_deadline_past_any_float_is_invalid_input(tmp_path: Path, seconds: int) -> None:
+    with pytest.raises(InvalidInputError):
+        Deadline(seconds)
+    with pytest.raises(InvalidInputError):
+        _store(tmp_path).resolve("db", deadline=seconds)
+    with pytest.raises(InvalidInputError):
+        wait_for_cleanups(seconds)
+
+
+@pytest.mark.parametrize(
+    ("message", "metadata"), [("\udcff", None), (None, {"k": "\udcff"}), (b"m", None)]
+)
+def test_a_message_or_metadata_utf8_cannot_hold_is_invalid_input(
+    tmp_path: Path, message: object, metadata: dict[str, object] | None
+) -> None:
+    store = _store(tmp_path)
+    src = write_tree(tmp_path / "src", {"f": b"1"})
+    with pytest.raises(InvalidInputError):
+        store.publish("db", src, message=message, metadata=metadata)  # type: ignore[arg-type]
+    assert store.read_ref("db") is None
+
+
+def test_a_source_path_too_long_is_invalid_input(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="cannot be read"):
+        _store(tmp_path).publish("db", tmp_path / ("a" * 300))
