@@ -65,7 +65,11 @@ def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
     same bytes everywhere. The walk keeps its own stack (no recursion), so any depth of
     tree ends in that error, found before anything below the limit is read.
     """
-    if not Path(root).is_dir():
+    try:
+        is_dir = Path(root).is_dir()
+    except OSError as e:  # a name too long, a folder on the way not ours to read
+        raise InvalidInputError(f"source {str(root)!r} cannot be read ({e.strerror})") from e
+    if not is_dir:
         raise InvalidInputError(f"source {str(root)!r} is not a directory")
     # Its real path: every file's path is then the one the kernel resolves it to, which
     # open_source checks (a folder swapped for a link after the scan leads elsewhere).

@@ -36,7 +36,11 @@ class Deadline:
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise InvalidInputError(f"a deadline is a number of seconds, not {seconds!r}")
-        if not math.isfinite(seconds):  # inf overflows every wait; nan compares false
+        try:
+            finite = math.isfinite(seconds)
+        except OverflowError:  # an int past any float: 10**400
+            finite = False
+        if not finite:  # inf overflows every wait; nan compares false
             raise InvalidInputError(f"a deadline must be a finite number of seconds: {seconds}")
         if seconds > MAX_SECONDS:
             raise InvalidInputError(

@@ -65,6 +65,7 @@ from chroma_snapshots.stores.listing import RemoteListing
 from chroma_snapshots.stores.upload import (
     ParentDir,
     Uploader,
+    checked_message,
     checked_metadata,
     delta_bases,
     publisher_id,
@@ -198,6 +199,7 @@ class RemoteStore(RemoteListing, SourceStore):
         check_name(name)
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = checked_metadata(metadata)
+        message = checked_message(message)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle

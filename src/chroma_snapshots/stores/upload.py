@@ -303,12 +303,29 @@ def checked_metadata(metadata: object) -> dict[str, object]:
         raise InvalidInputError(f"metadata must be a dict, not {type(metadata).__name__}")
     try:
         check_depth(metadata, "metadata", MAX_METADATA_DEPTH)  # first: it ends on cycles too
-        normal: dict[str, object] = json.loads(json.dumps(metadata, allow_nan=False))
+        text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
+        text.encode()  # a lone surrogate ("\udcff") has no UTF-8: the manifest could not hold it
+        normal: dict[str, object] = json.loads(text)
     except IntegrityError as e:
         raise InvalidInputError(str(e)) from e
     except (TypeError, ValueError, RecursionError) as e:  # NaN, a huge int, deep tuples
         raise InvalidInputError(f"metadata is not JSON: {e}") from e
     return normal
+
+
+def checked_message(message: object) -> str | None:
+    """``publish(message=...)``: None or text the manifest can hold (UTF-8), else
+    InvalidInputError (a lone surrogate from a shell's undecodable bytes raised
+    UnicodeEncodeError from the manifest's encoding)."""
+    if message is None:
+        return None
+    if not isinstance(message, str):
+        raise InvalidInputError(f"message must be text, not {type(message).__name__}")
+    try:
+        message.encode()
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"message is not valid text: {e}") from None
+    return message
 
 
 def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
