@@ -112,3 +112,25 @@ def test_a_404_cut_every_time_is_a_documented_error(
         store = RemoteStore(S3Backend(s3_bucket, "snaps", settings=settings))
         with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
             store.read_ref("db")
+
+
+def test_a_lost_answer_to_the_conditional_write_probe_is_its_own_write(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe's first create landed, its answer was a 500, botocore's retry met the probe
+    # it had just written (412): the ConflictError reached the publish's first conditional
+    # write (its pin), which read the pin back as missing: SnapshotNotFoundError (a review).
+    from chroma_snapshots import open_store
+
+    plan = ScheduledFaults({("PUT other", 0): "500"})
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        store = open_store(f"s3://{s3_bucket}/p")
+        info = store.publish("a", write_tree(tmp_path / "src", {"f": b"hello"}), deadline=15)
+        assert plan.counts[("PUT other", "500")] == 1
+        probes = [r for r in proxy.requests if "/_probes/" in r.path and r.method == "PUT"]
+        assert probes[0].status == 200  # the fault fell on the probe's own first write
+    clean = RemoteStore(S3Backend(s3_bucket, "p", client=moto_server.client()))
+    found = clean.read_ref("a")
+    assert found is not None
+    assert found[0].version == info.version

@@ -49,7 +49,11 @@ def probe_conditional_writes(backend: Backend) -> str | None:
     """None if ``backend`` refuses a second create and a stale update of a fresh key,
     else which condition it ignored. The probe key is deleted either way."""
     key = f"{PROBE_DIR}/cas-{uuid.uuid4().hex}"
-    meta = backend.put(key, b"probe", mode=PutMode.CREATE)
+    try:
+        meta = backend.put(key, b"probe", mode=PutMode.CREATE)
+    except ConflictError:  # a key no one else names: our write landed, its answer was lost
+        meta = backend.head(key)  # (a retry met it: 412); else the caller took this
+        # ConflictError for its own write's (a pin "exists", then read back as missing)
     try:
         stale = PutMode.update("0" * 32 if meta.etag != "0" * 32 else "1" * 32)
         ignored = [
