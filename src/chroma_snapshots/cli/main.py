@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # not wrapped anywhere: a bug, but still one line (the traceback
         # goes to the library's logger at debug level, for a report)
-        logging.getLogger("chroma_snapshots.cli").debug("unexpected error", exc_info=True)
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
         click.echo(
             f"error: unexpected {type(e).__name__}: {e} (a bug in chroma-snapshots: please "
             "report it with the command)",
