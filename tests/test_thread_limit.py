@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 from cli_inprocess import Run
 
-from chroma_snapshots import ProcessLimitError, RemoteStore, open_backend
+from chroma_snapshots import (
+    BackendUnavailableError,
+    LockError,
+    ProcessLimitError,
+    RemoteStore,
+    open_backend,
+)
 from chroma_snapshots.engine.cleanup import wait_for_cleanups
+from chroma_snapshots.locking import Lease, ObjectLeaseLock
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -24,16 +31,17 @@ FILES = {f"seg/{i}.bin": bytes([i]) * 70_000 for i in range(6)} | {"chroma.sqlit
 
 
 @contextmanager
-def thread_limit(allowed: int) -> Iterator[list[int]]:
-    """``Thread.start`` succeeds ``allowed`` times, then fails as at the limit; yields the
-    count of refused starts (a list of one)."""
+def thread_limit(allowed: int, named: str = "") -> Iterator[list[int]]:
+    """``Thread.start`` succeeds ``allowed`` times, then fails as at the limit (only for
+    threads whose name starts with ``named``); yields the count of refused starts (a list
+    of one)."""
     real, refused, lock = threading.Thread.start, [0], threading.Lock()
     left = [allowed]
 
     def start(self: threading.Thread) -> None:
         with lock:
-            ok = left[0] > 0
-            left[0] -= ok
+            ok = left[0] > 0 or not self.name.startswith(named)
+            left[0] -= ok and self.name.startswith(named)
             refused[0] += not ok
         if not ok:
             raise RuntimeError("can't start new thread")
@@ -111,3 +119,30 @@ def test_the_cli_at_the_thread_limit_prints_one_line(tmp_path: Path, run: Run) -
     assert "limit of threads" in err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("release_fails", [False, True])
+def test_a_lease_kept_at_the_thread_limit_is_given_back_and_the_limit_reported(
+    tmp_path: Path, release_fails: bool
+) -> None:
+    """The keeper's thread cannot start: the lease is released (a release that fails is
+    logged, the lease lapses) and the error raised is ProcessLimitError either way. Only
+    the keeper is refused: the release's own threads start."""
+    backend = open_backend(f"file://{tmp_path}")
+    lock = ObjectLeaseLock(backend, "locks/db", ttl=30)
+    lease = lock.acquire(timeout=0)
+    if release_fails:
+
+        def refuse(lease: Lease, **_: object) -> None:
+            raise BackendUnavailableError("the store is gone")
+
+        lock.release = refuse  # type: ignore[method-assign]
+    refused = thread_limit(0, named="lease-heartbeat")
+    with refused, pytest.raises(ProcessLimitError), lock.kept(lease):
+        pytest.fail("the block ran without its keeper")
+    again = ObjectLeaseLock(backend, "locks/db", ttl=30)
+    if release_fails:  # still held until it lapses
+        with pytest.raises(LockError):
+            again.acquire(timeout=0)
+    else:  # given back: a second holder takes it at once
+        assert again.acquire(timeout=0).generation > lease.generation

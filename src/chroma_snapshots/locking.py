@@ -202,18 +202,22 @@ class LeaseLock(ABC):
         try:
             start_thread(keeper, "keeping a lease")
         except ProcessLimitError:
-            self.release(lease, deadline=keeper.time_left(self.io_timeout))
+            self._release_logged(keeper)
             raise
         try:
             yield keeper
         finally:
             keeper.stop()
-            try:
-                self.release(keeper.lease, deadline=keeper.time_left(self.io_timeout))
-            except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
-                log.warning("lease not released: %s", e)
-            except Exception as e:  # the store failed: the lease lapses at its expiry
-                log.warning("lease not released: %s: %s", type(e).__name__, e)
+            self._release_logged(keeper)
+
+    def _release_logged(self, keeper: LeaseKeeper) -> None:
+        """Release ``keeper``'s lease, logging a failure: the lease lapses at its expiry."""
+        try:
+            self.release(keeper.lease, deadline=keeper.time_left(self.io_timeout))
+        except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
+            log.warning("lease not released: %s", e)
+        except Exception as e:  # the store failed: the lease lapses at its expiry
+            log.warning("lease not released: %s: %s", type(e).__name__, e)
 
     def _owned(self, lease: Lease, found: tuple[Lease, object] | None) -> object:
         """The token of ``found`` if it is ``lease``, still held; LockError otherwise."""

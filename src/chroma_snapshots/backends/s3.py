@@ -15,12 +15,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from botocore.exceptions import (
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
-from urllib3.exceptions import HTTPError as URLLib3Error
-
 from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
@@ -34,6 +28,7 @@ from chroma_snapshots.backends.base import (
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3client import S3Settings, make_client
 from chroma_snapshots.backends.s3errors import (
+    BODY_ERRORS,
     S3_ERRORS,
     check_range,
     field,
@@ -60,10 +55,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-# A body that stalls or breaks mid-read is not retried by botocore; we re-request it.
-# A body that stalled or broke: asked for again. urllib3's own errors too: botocore reads
-# the body of an error answer (a 404's) outside its handling, so they come raw.
-_BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError, URLLib3Error)
 T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
 
@@ -116,8 +107,8 @@ class S3Backend(Backend):
 
         try:
             policy = IMMEDIATE.with_(attempts=self.settings.body_attempts)
-            return policy.call(attempt, retry_on=_BODY_ERRORS)
-        except _BODY_ERRORS as e:
+            return policy.call(attempt, retry_on=BODY_ERRORS)
+        except BODY_ERRORS as e:
             raise wrap_error(e, "get", key) from e
         except S3_ERRORS as e:
             if byte_range is not None and range_refused(e):
@@ -187,7 +178,7 @@ class S3Backend(Backend):
                             raise IntegrityError(f"{key}: a chunk larger than a read buffer")
                         buf[: filled - used] = bytes(buf[used:filled])  # at most one chunk
                         pos, filled = pos + used, filled - used
-            except _BODY_ERRORS as e:
+            except BODY_ERRORS as e:
                 tries += 1
                 if tries >= self.settings.body_attempts:
                     raise wrap_error(e, "get", key) from e
@@ -202,7 +193,7 @@ class S3Backend(Backend):
                 Key=self._key(key),
                 Range=f"bytes={byte_range[0]}-{byte_range[1] - 1}",
             )
-        except _BODY_ERRORS as e:
+        except BODY_ERRORS as e:
             raise wrap_error(e, "get", key) from e
         except S3_ERRORS as e:
             if range_refused(e):

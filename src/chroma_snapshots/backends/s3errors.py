@@ -19,6 +19,7 @@ from botocore.exceptions import (
     ParamValidationError,
     PartialCredentialsError,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
 from urllib3.exceptions import HTTPError as URLLib3Error
 from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeout
@@ -38,6 +39,10 @@ from chroma_snapshots.errors import (
 # (a listing, a batch delete, a multipart create or complete) outside its own error
 # handling: a connection reset after the headers came is urllib3's ProtocolError, raw.
 S3_ERRORS = (ClientError, BotoCoreError, URLLib3Error)
+# A body that stalled or broke mid-read, which botocore does not retry: asked for again.
+# urllib3's own errors too, for the same reason as above (a 404's body, cut). Caught
+# before S3_ERRORS, which they are part of.
+BODY_ERRORS = (ReadTimeoutError, ResponseStreamingError, URLLib3Error)
 
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
