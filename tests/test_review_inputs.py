@@ -10,6 +10,7 @@ import pytest
 from chroma_snapshots import (
     ANY,
     LATEST,
+    CachedStore,
     ConflictError,
     Deadline,
     InvalidInputError,
@@ -74,3 +75,49 @@ def test_a_message_or_metadata_utf8_cannot_hold_is_invalid_input(
 def test_a_source_path_too_long_is_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="cannot be read"):
         _store(tmp_path).publish("db", tmp_path / ("a" * 300))
+
+
+def _cached(tmp_path: Path) -> tuple[CachedStore, str]:
+    """A cache holding one version of ``db``, released."""
+    store = _store(tmp_path)
+    store.publish("db", write_tree(tmp_path / "src", {"f": b"1"}))
+    cache = CachedStore(store, tmp_path / "cache")
+    with cache.checkout("db") as snap:
+        return cache, snap.info.version
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("version", ["x" * 5000, "v\0", "../x", "", 5, None])
+def test_a_cache_call_naming_no_version_id_is_invalid_input_and_touches_nothing(
+    tmp_path: Path, version: object
+) -> None:
+    cache, cached = _cached(tmp_path)
+    before = _tree(tmp_path / "cache")
+    calls = (cache.evict, cache.hold, cache.cached_manifest)
+    for call in calls:
+        with pytest.raises(InvalidInputError, match="version id"):
+            call("db", version)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="snapshot name"):  # as everywhere
+            call("../db", cached)
+    assert _tree(tmp_path / "cache") == before  # no lock file, not even a folder for one
+    assert cache.cached_manifest("db", cached) is not None
+    assert cache.evict("db", cached)
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [float("nan"), -1, -0.5, float("inf"), "1", True, pytest.param(10**400, id="10**400")],
+)
+def test_holds_timeout_is_checked_as_a_deadline_and_never_negative(
+    tmp_path: Path, timeout: object
+) -> None:
+    cache, version = _cached(tmp_path)
+    with pytest.raises(InvalidInputError, match="hold's timeout"):
+        cache.hold("db", version, timeout)  # type: ignore[arg-type]
+    assert not cache.dirs("db").pinned(version)
+    held = cache.hold("db", version, 0.5)
+    assert held is not None
+    held[1].unlink()

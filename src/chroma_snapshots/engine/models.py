@@ -40,7 +40,7 @@ from chroma_snapshots.engine.validation import (
     sha256_hex,
     short_id,
 )
-from chroma_snapshots.errors import IntegrityError, InvalidInputError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, shown
 
 MANIFEST_FORMAT = 2  # what new manifests are written in (manifest_v2); 1 stays readable
 DELTA_CODEC = "zdelta"
@@ -72,7 +72,7 @@ class VersionId:
         """Parse a version string; InvalidInputError if it is not one."""
         m = VERSION_RE.fullmatch(value) if isinstance(value, str) else None
         if not m:
-            raise InvalidInputError(f"invalid version id {value!r}")
+            raise InvalidInputError(f"invalid version id {shown(value)}")
         return cls(m.group(1), m.group(2))
 
     @classmethod

@@ -15,7 +15,7 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
-from chroma_snapshots.engine.models import Manifest
+from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
@@ -42,6 +42,14 @@ class CacheSpace:
         """The cache folders of ``name``."""
         return NameDirs(self.root / check_name(name))
 
+    def version_dirs(self, name: str, version: str) -> NameDirs:
+        """The cache folders of ``name``, for a call naming one of its versions. The version
+        becomes a file name below them, so anything but a version id ("../x", a NUL, a name
+        too long for the disk, not a str) is InvalidInputError before the disk is touched."""
+        d = self.dirs(name)
+        VersionId.parse(version)
+        return d
+
     def cached_names(self) -> list[str]:
         """Names with anything in the cache."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -49,7 +57,7 @@ class CacheSpace:
     def cached_manifest(self, name: str, version: str) -> Manifest | None:
         """The manifest of a complete cached version; None if it is not (or no longer)
         cached. Without the version's lock (or a pin) it may be evicted the moment after."""
-        d = self.dirs(name)
+        d = self.version_dirs(name, version)
         if not d.is_complete(version):
             return None
         with self._mlock:
@@ -109,7 +117,7 @@ class CacheSpace:
         """Remove a cached version unless it is pinned or locked; True if this call removed
         it (a version another process evicted first is a no-op: False). LocalDiskError,
         and nothing removed, if a file system is mounted at it or inside it."""
-        d = self.dirs(name)
+        d = self.version_dirs(name, version)
         try:
             with d.lock(version).acquire(timeout=0):
                 if d.pinned(version) or not d.is_complete(version):

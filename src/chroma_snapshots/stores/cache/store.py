@@ -27,6 +27,7 @@ from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import (
+    InvalidInputError,
     SnapshotError,
     StorageTimeoutError,
 )
@@ -284,10 +285,19 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
 
     def hold(self, name: str, version: str, timeout: float = 0.0) -> tuple[Manifest, Pin] | None:
         """Pin a complete version so that no process evicts it: its manifest and the pin
-        (unlink it to let go), or None if it is not cached or its lock stays busy."""
-        d = self.dirs(name)
+        (unlink it to let go), or None if it is not cached or its lock stays busy for
+        ``timeout`` seconds. The timeout is checked as a deadline's (a finite number of
+        seconds, at most 1e9) and may not be negative: the lock library reads a negative
+        timeout as "wait forever"."""
+        d = self.version_dirs(name, version)
         try:
-            with d.lock(version).acquire(timeout=timeout):
+            wait = Deadline(timeout)  # NaN, inf, a bool or a str: InvalidInputError
+            if timeout < 0:
+                raise InvalidInputError(f"it must be 0 or more seconds, not {timeout}")
+        except InvalidInputError as e:  # named: the caller passed no deadline
+            raise InvalidInputError(f"hold's timeout: {e}") from None
+        try:
+            with d.lock(version).acquire(timeout=wait.remaining()):
                 m = self.cached_manifest(name, version)
                 return None if m is None else (m, d.pin(version))
         except LockTimeout:
