@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,12 @@ from chroma_snapshots import (
     ANY,
     LATEST,
     CachedStore,
+    ConfigError,
     ConflictError,
     Deadline,
     InvalidInputError,
     RemoteStore,
+    StoreConfig,
     open_backend,
     wait_for_cleanups,
 )
@@ -121,3 +125,51 @@ def test_holds_timeout_is_checked_as_a_deadline_and_never_negative(
     held = cache.hold("db", version, 0.5)
     assert held is not None
     held[1].unlink()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("min_free_bytes", float("nan")),
+        ("min_free_bytes", float("inf")),
+        ("min_free_bytes", "1"),
+        ("min_free_bytes", True),
+        ("stale_ok", "no"),
+        ("patch_in_place", 0),
+    ],
+)
+def test_a_cache_setting_that_means_nothing_is_invalid_input(
+    tmp_path: Path, setting: str, value: object
+) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(InvalidInputError, match=setting):
+        CachedStore(store, tmp_path / "cache", **{setting: value})  # type: ignore[arg-type]
+    assert not (tmp_path / "cache").exists()
+    # a negative margin is a setting: the disk's own ENOSPC decides (tests fool the check)
+    CachedStore(store, tmp_path / "cache", min_free_bytes=-(1 << 40), refresh_seconds=math.inf)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout", float("nan")),
+        ("timeout", True),
+        ("s3_timeout", -1),
+        ("efs_timeout", "10"),
+        ("timeout", float("inf")),
+        ("cache_max_bytes", -5),
+        ("cache_max_bytes", 1.5),
+        ("refresh_seconds", float("nan")),
+        ("refresh_seconds", -1),
+        ("mirror", "no"),
+        ("offline", 1),
+    ],
+)
+def test_a_store_config_field_that_means_nothing_is_a_config_error(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=f"StoreConfig {field}="):
+        StoreConfig("s3://b", **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=f"StoreConfig {field}="):  # as the CLI changes one
+        replace(StoreConfig("s3://b"), **{field: value})  # type: ignore[arg-type]
+    StoreConfig("s3://b", timeout=1, cache_max_bytes=1, refresh_seconds=math.inf, mirror=True)

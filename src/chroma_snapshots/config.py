@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.engine.deadline import MAX_SECONDS  # the CLI's --timeout too
+from chroma_snapshots.engine.validation import number_in
 from chroma_snapshots.errors import ConfigError, shown
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
@@ -37,6 +38,11 @@ ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
 _MODES = ("s3", "efs", "auto")
+# One rule for each kind of setting, whether it comes as a variable's text, a CLI flag or a
+# StoreConfig field built in code; the errors name where it came from.
+_SECONDS = f"must be positive and at most {MAX_SECONDS:.0e}"
+_BYTES = "must be a whole number of bytes, 1 to 2**63-1"
+_FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class StoreConfig:
             check_store_url(self.fallback_url, "fallback URL")
         if self.s3_endpoint_url is not None:
             check_endpoint(self.s3_endpoint_url, "S3 endpoint ")
+        _check_fields(self)
 
     @classmethod
     def from_env(
@@ -103,6 +110,30 @@ class StoreConfig:
             offline=_flag(env, ENV_OFFLINE),
             trust_stamps=_flag(env, ENV_TRUST_STAMPS, default=True),
         )
+
+
+def _check_fields(cfg: StoreConfig) -> None:
+    """A StoreConfig built in code is held to the environment's rules: a NaN timeout waited
+    forever, ``True`` was one second and the flag ``"no"`` was on."""
+    for name in ("s3_timeout", "efs_timeout", "timeout"):
+        if not _is_seconds(value := getattr(cfg, name)):
+            raise ConfigError(f"StoreConfig {name}={shown(value)} {_SECONDS}")
+    if cfg.cache_max_bytes is not None and not _is_bytes(cfg.cache_max_bytes):
+        raise ConfigError(f"StoreConfig cache_max_bytes={shown(cfg.cache_max_bytes)} {_BYTES}")
+    refresh = cfg.refresh_seconds
+    if refresh is not None and not number_in(refresh, 0, math.inf):  # inf: never
+        raise ConfigError(f"StoreConfig refresh_seconds={shown(refresh)} must be 0 or more")
+    for name in _FLAGS:
+        if not isinstance(value := getattr(cfg, name), bool):
+            raise ConfigError(f"StoreConfig {name}={shown(value)} must be True or False")
+
+
+def _is_seconds(value: object) -> bool:
+    return number_in(value, 0, MAX_SECONDS, low_ok=False)
+
+
+def _is_bytes(value: object) -> bool:
+    return type(value) is int and 0 < value < 2**63
 
 
 def _env_url(env: Mapping[str, str], var: str) -> str | None:
@@ -176,8 +207,8 @@ def parse_seconds(raw: str, what: str) -> float:
     value = _number(raw)
     if value is None:
         raise ConfigError(f"{what}={shown(raw)} is not a number")
-    if not 0 < value <= MAX_SECONDS:
-        raise ConfigError(f"{what}={shown(raw)} must be positive and at most {MAX_SECONDS:.0e}")
+    if not _is_seconds(value):
+        raise ConfigError(f"{what}={shown(raw)} {_SECONDS}")
     return value
 
 
@@ -224,8 +255,8 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     if not raw:
         return None
     # ASCII only: int("²") is ValueError; short: int() of 4,301 digits is ValueError too
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not 0 < int(raw) < 2**63:
-        raise ConfigError(f"{var}={shown(raw)} must be a whole number of bytes, 1 to 2**63-1")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not _is_bytes(int(raw)):
+        raise ConfigError(f"{var}={shown(raw)} {_BYTES}")
     return int(raw)
 
 

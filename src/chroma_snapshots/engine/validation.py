@@ -130,6 +130,14 @@ def check_chunk_size(size: object) -> int:
     return size
 
 
+def number_in(x: object, low: float, high: float, *, low_ok: bool = True) -> bool:
+    """``x`` is a number in ``[low, high]`` (``(low, high]`` without ``low_ok``) and not a
+    bool (True would be 1 second or byte); NaN is in no range."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    return (low <= x if low_ok else low < x) and x <= high
+
+
 def is_name(name: object) -> bool:
     """True if ``name`` is a valid snapshot or ref name (see :func:`check_name`)."""
     return isinstance(name, str) and _NAME.fullmatch(name) is not None

@@ -10,6 +10,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -17,7 +18,7 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.treewalk import walk
-from chroma_snapshots.engine.validation import check_name
+from chroma_snapshots.engine.validation import check_name, number_in
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
@@ -188,22 +189,28 @@ def tree_bytes(folder: Path) -> int:
     return total
 
 
-def check_settings(max_bytes: object, refresh_seconds: object, stale_after: object) -> None:
+def check_settings(
+    max_bytes: object,
+    min_free_bytes: object,
+    refresh_seconds: object,
+    stale_after: object,
+    flags: Mapping[str, object],
+) -> None:
     """InvalidInputError for settings that would quietly do something else: a NaN cap
-    (none), a negative interval, a stale_after of 0 (every healthy read stale)."""
-    if max_bytes is not None and not _within(max_bytes, 0, True, 2.0**63):
+    (none) or free-space margin (never too full), a negative interval, a stale_after of 0
+    (every healthy read stale), a flag that is not a bool ("no" is true). A negative
+    min_free_bytes is allowed: it leaves the judgement to the disk's own ENOSPC."""
+    if max_bytes is not None and not number_in(max_bytes, 0, 2.0**63):
         raise InvalidInputError(f"max_bytes must be 0 to 2**63 bytes, not {shown(max_bytes)}")
-    if refresh_seconds is not None and not _within(refresh_seconds, 0, True, float("inf")):
+    if not number_in(min_free_bytes, -(2.0**63), 2.0**63):
+        msg = f"min_free_bytes must be a number of bytes, not {shown(min_free_bytes)}"
+        raise InvalidInputError(msg)
+    if refresh_seconds is not None and not number_in(refresh_seconds, 0, float("inf")):
         msg = f"refresh_seconds must be >= 0 seconds, not {shown(refresh_seconds)}"
         raise InvalidInputError(msg)
-    if not _within(stale_after, 0, False, 1e9):
+    if not number_in(stale_after, 0, 1e9, low_ok=False):
         msg = f"stale_after must be positive and finite, not {shown(stale_after)}"
         raise InvalidInputError(msg)
-
-
-def _within(x: object, low: float, low_ok: bool, high: float) -> bool:
-    """``x`` is a number (not a bool) in ``[low, high]`` (``(low, high]`` without
-    ``low_ok``); NaN is in no range."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    return (low <= x if low_ok else low < x) and x <= high
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{flag} must be True or False, not {shown(value)}")

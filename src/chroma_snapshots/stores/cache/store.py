@@ -92,7 +92,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
-        check_settings(max_bytes, refresh_seconds, stale_after)
+        flags = {"stale_ok": stale_ok, "patch_in_place": patch_in_place}
+        check_settings(max_bytes, min_free_bytes, refresh_seconds, stale_after, flags)
         self.stale_ok, self.stale_after = stale_ok, stale_after
         self.refresh_seconds = refresh_seconds
         self.patch_in_place = patch_in_place
