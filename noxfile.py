@@ -127,6 +127,12 @@ def bench(session: nox.Session) -> None:
         "--json",
         "benchmarks/out/publish_stages.json",
     )
+    session.run(
+        "python",
+        "benchmarks/publish_baseline.py",
+        "--json",
+        "benchmarks/out/publish_baseline.json",
+    )
     session.run("python", "benchmarks/placement.py", "--json", "benchmarks/out/placement.json")
     # benchmarks/efs.py needs root and FUSE. The commands of every table: docs/EVIDENCE.md.
 

@@ -23,6 +23,7 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.cli.plan import plan_publish
 from chroma_snapshots.engine import bundles, manifest_v2
+from chroma_snapshots.engine.chunking import SourceFolders
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 from chroma_snapshots.stores.cache import inspect
@@ -125,11 +126,30 @@ def test_bundle_boundaries_depend_on_the_members_not_their_position() -> None:
 
 
 def test_a_file_changed_during_publish_is_refused(tmp_path: Path) -> None:
-    path = write_tree(tmp_path, {"a": b"abc"}) / "a"
-    assert bundles.read_exact(path, 3) == b"abc"
-    for wrong in (2, 4):
-        with pytest.raises(InvalidInputError, match="changed"):
-            bundles.read_exact(path, wrong)
+    path = str(write_tree(tmp_path, {"a": b"abc"}) / "a")
+    folders = SourceFolders()
+    try:
+        assert bundles.read_exact(path, 3, folders) == b"abc"
+        for wrong in (2, 4):
+            with pytest.raises(InvalidInputError, match="changed"):
+                bundles.read_exact(path, wrong, folders)
+    finally:
+        folders.close()
+
+
+def test_a_fifo_with_a_writer_swapped_in_reads_as_a_change(tmp_path: Path) -> None:
+    """Without a writer a FIFO reads empty (a short read); with one that has written
+    nothing, the read fails (EAGAIN): a change either way, never a wait."""
+    path = tmp_path / "a"
+    os.mkfifo(path)
+    writer = os.open(path, os.O_RDWR)  # a writer that never writes
+    folders = SourceFolders()
+    try:
+        with pytest.raises(InvalidInputError, match="changed while it was being published"):
+            bundles.read_exact(str(path), 3, folders)
+    finally:
+        folders.close()
+        os.close(writer)
 
 
 def _reading_threads(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:

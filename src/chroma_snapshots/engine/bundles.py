@@ -24,7 +24,7 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
-from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, open_source, read_full
+from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, open_in, read_full
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
@@ -92,17 +92,24 @@ def members(m: Manifest) -> dict[str, list[FileEntry]]:
     return dict(out)
 
 
-def read_exact(path: str | Path, size: int, folders: SourceFolders | None = None) -> bytes:
-    """All ``size`` bytes of a source file; InvalidInputError if it has another size now
-    (it changed after the scan: its slice would not be what the manifest says). One read
-    of ``size + 1`` bytes sees a file that grew; only a short one is read on (a read
-    more to see the end of the file each time was a tenth of reading 100,000 of them).
-    ``folders``: where its folder is held (:class:`SourceFolders`)."""
-    fd = open_source(path, folders)
+def read_exact(path: str, size: int, folders: SourceFolders) -> bytes:
+    """All ``size`` bytes of a source file, opened in its folder as held in ``folders``
+    (:class:`SourceFolders`); InvalidInputError if it has another size now (it changed
+    after the scan: its slice would not be what the manifest says). One read of ``size +
+    1`` bytes sees a file that grew; only a short one is read on (a read more to see the
+    end of the file each time was a tenth of reading 100,000 of them). Whatever was
+    swapped in for it reads as a change too: a folder fails (EISDIR), a FIFO reads short
+    or fails (EAGAIN), and a FIFO's writer can only give bytes the folder's writers could
+    have written to the file."""
+    fd = open_in(path, folders)
     try:
         data = os.read(fd, size + 1)
         while len(data) < size and (more := os.read(fd, size + 1 - len(data))):
             data += more
+    except OSError as e:
+        raise InvalidInputError(
+            f"{path}: changed while it was being published (no longer a regular file: {e.strerror})"
+        ) from e
     finally:
         os.close(fd)
     if len(data) != size:
