@@ -22,6 +22,7 @@ from chroma_snapshots import (
     open_backend,
     wait_for_cleanups,
 )
+from chroma_snapshots.cli.main import main
 from chroma_snapshots.testing.conformance import write_tree
 
 
@@ -173,3 +174,21 @@ def test_a_store_config_field_that_means_nothing_is_a_config_error(
     with pytest.raises(ConfigError, match=f"StoreConfig {field}="):  # as the CLI changes one
         replace(StoreConfig("s3://b"), **{field: value})  # type: ignore[arg-type]
     StoreConfig("s3://b", timeout=1, cache_max_bytes=1, refresh_seconds=math.inf, mirror=True)
+
+
+def test_a_relative_cache_dir_is_refused_by_the_flag_as_by_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path)
+    store.publish("db", write_tree(tmp_path / "src", {"f": b"1"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHROMA_SNAPSHOTS_CACHE_DIR", raising=False)
+    base = ["--store", str(tmp_path / "store")]
+    assert main([*base, "--cache-dir", "rel", "checkout", "db"]) == 2
+    assert "--cache-dir='rel' must be an absolute path" in capsys.readouterr().err
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", "rel")
+    assert main([*base, "checkout", "db"]) == 2
+    assert "CHROMA_SNAPSHOTS_CACHE_DIR='rel' must be an absolute path" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="StoreConfig cache_dir='rel'"):
+        StoreConfig(str(tmp_path / "store"), cache_dir="rel")
+    assert not (tmp_path / "rel").exists()

@@ -126,6 +126,8 @@ def _check_fields(cfg: StoreConfig) -> None:
     for name in _FLAGS:
         if not isinstance(value := getattr(cfg, name), bool):
             raise ConfigError(f"StoreConfig {name}={shown(value)} must be True or False")
+    if cfg.cache_dir is not None:
+        check_cache_dir(cfg.cache_dir, "StoreConfig cache_dir")
 
 
 def _is_seconds(value: object) -> bool:
@@ -243,11 +245,19 @@ def _budget(env: Mapping[str, str], var: str) -> float:
 
 def _cache_dir(env: Mapping[str, str]) -> str | None:
     raw = env.get(ENV_CACHE_DIR, "").strip()
-    if raw and not raw.startswith("/"):
+    return check_cache_dir(raw, ENV_CACHE_DIR) if raw else None
+
+
+def check_cache_dir(raw: str, what: str) -> str:
+    """``raw`` if it is an absolute path, else ConfigError naming ``what`` (the variable,
+    the CLI's ``--cache-dir``, the field). A relative one would depend on the working
+    directory of whatever process reads it (a Lambda's is read-only), and one cache per
+    directory a command ran in defeats the cache; the shell spells ``$PWD/cache``."""
+    if not (isinstance(raw, str | os.PathLike) and os.path.isabs(raw)):
         raise ConfigError(
-            f"{ENV_CACHE_DIR}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
+            f"{what}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
         )
-    return raw or None
+    return raw
 
 
 def _bytes(env: Mapping[str, str], var: str) -> int | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,7 +86,7 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
     cfg = StoreConfig.from_env(url=url or ctx.obj["store_url"])
     flags = ctx.obj
     changes: dict[str, Any] = {
-        "cache_dir": flags.get("cache_dir") and os.path.abspath(flags["cache_dir"]),
+        "cache_dir": flags.get("cache_dir"),
         "s3_endpoint_url": flags.get("endpoint_url"),
         "s3_profile": flags.get("profile"),
         "s3_region": flags.get("region"),
@@ -106,6 +105,14 @@ def seconds_option(ctx: click.Context, param: click.Parameter, raw: object) -> f
     from chroma_snapshots.config import parse_seconds
 
     return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
+
+
+def cache_dir_option(ctx: click.Context, param: click.Parameter, raw: object) -> str | None:
+    """``--cache-dir``: the environment's rule (config.check_cache_dir: an absolute path),
+    and its ConfigError the same one line (exit 2) as the variable's."""
+    from chroma_snapshots.config import check_cache_dir
+
+    return None if raw is None else check_cache_dir(str(raw), "--cache-dir")
 
 
 def shown(text: str | None) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from chroma_snapshots.cli.common import (
     EXIT_CODES,
+    cache_dir_option,
     click,
     config_of,
     describe_error,
@@ -70,7 +71,8 @@ def _build() -> click.Group:
         "--cache-dir",
         default=None,
         metavar="DIR",
-        help="Serve checkouts through a local cache in DIR "
+        callback=cache_dir_option,
+        help="Serve checkouts through a local cache in DIR, an absolute path "
         "(default: CHROMA_SNAPSHOTS_CACHE_DIR; 'cache' commands: /tmp/chroma-snapshots).",
     )
     @click.option(
