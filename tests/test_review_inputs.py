@@ -192,3 +192,16 @@ def test_a_relative_cache_dir_is_refused_by_the_flag_as_by_the_variable(
     with pytest.raises(ConfigError, match="StoreConfig cache_dir='rel'"):
         StoreConfig(str(tmp_path / "store"), cache_dir="rel")
     assert not (tmp_path / "rel").exists()
+
+
+@pytest.mark.parametrize("source", ["", None, b"src"])
+def test_an_empty_source_is_refused_not_read_as_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: object
+) -> None:
+    store = _store(tmp_path)
+    monkeypatch.chdir(write_tree(tmp_path / "src", {"f": b"1"}))
+    for publisher in (store, CachedStore(store, tmp_path / "cache")):
+        with pytest.raises(InvalidInputError, match="source directory"):
+            publisher.publish("db", source)  # type: ignore[arg-type]
+    assert store.read_ref("db") is None
+    assert store.publish("db", ".").file_count == 1  # the working directory, said so

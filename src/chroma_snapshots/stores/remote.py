@@ -67,6 +67,7 @@ from chroma_snapshots.stores.upload import (
     Uploader,
     checked_message,
     checked_metadata,
+    checked_source,
     delta_bases,
     publisher_id,
     same_tree,
@@ -200,6 +201,7 @@ class RemoteStore(RemoteListing, SourceStore):
         check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
         metadata = checked_metadata(metadata)
         message = checked_message(message)
+        source_dir = checked_source(source_dir)
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle

@@ -32,7 +32,7 @@ from chroma_snapshots.engine.validation import (
     sha256_hex,
     short_id,
 )
-from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
+from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError, shown
 from chroma_snapshots.stores.claims import Pin
 
 # Below this many bytes a batch is hashed on the calling thread.
@@ -326,6 +326,18 @@ def checked_message(message: object) -> str | None:
     except UnicodeEncodeError as e:
         raise InvalidInputError(f"message is not valid text: {e}") from None
     return message
+
+
+def checked_source(source_dir: str | Path) -> str | Path:
+    """``publish``'s ``source_dir``, or InvalidInputError: an empty string (which ``Path``
+    reads as the working directory: a publish of whatever folder the process ran in) or
+    something that is no path (None, bytes: a raw TypeError from ``Path``)."""
+    path = os.fspath(source_dir) if isinstance(source_dir, str | os.PathLike) else None
+    if not isinstance(path, str):
+        raise InvalidInputError(f"source directory {shown(source_dir)} is not a path")
+    if not path:
+        raise InvalidInputError("source directory is empty: name a folder ('.' for this one)")
+    return source_dir
 
 
 def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:
