@@ -20,6 +20,7 @@ from chroma_snapshots import (
     RemoteStore,
     StoreConfig,
     open_backend,
+    open_store,
     wait_for_cleanups,
 )
 from chroma_snapshots.cli.main import main
@@ -205,3 +206,17 @@ def test_an_empty_source_is_refused_not_read_as_the_working_directory(
             publisher.publish("db", source)  # type: ignore[arg-type]
     assert store.read_ref("db") is None
     assert store.publish("db", ".").file_count == 1  # the working directory, said so
+
+
+@pytest.mark.parametrize("spelling", ["~/stores/x", "file://~/stores/x"])
+def test_a_store_under_tilde_is_in_the_home_folder_not_a_folder_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    store = open_store(StoreConfig(spelling))
+    info = store.publish("db", write_tree(tmp_path / "src", {"f": b"1"}))
+    assert not (tmp_path / "cwd" / "~").exists()
+    home = open_store(StoreConfig(str(tmp_path / "home" / "stores" / "x")), create=False)
+    assert home.resolve("db").version == info.version

@@ -86,7 +86,9 @@ def _label(url: str) -> str:
     S3 prefix, a normalized path (``s3://b/p/``, ``S3://b//p`` and ``s3://b/p`` are one
     store, so they share one cache folder and one cache budget)."""
     if "://" not in url:
-        return os.path.abspath(url)
+        from chroma_snapshots.backends.registry_factories import local_path
+
+        return os.path.abspath(local_path(url))  # "~/x" is the home folder's x
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme == "s3":

@@ -6,6 +6,7 @@ S3 backends (native and through s3fs) come wrapped in a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -16,13 +17,29 @@ from chroma_snapshots.errors import ConfigError
 
 
 def local_path(url: str) -> str:
-    """The folder a plain path or a ``file://``/``efs://`` URL names."""
+    """The folder a plain path or a ``file://``/``efs://`` URL names. A leading ``~`` or
+    ``~user`` is that home folder, as a shell reads it (in ``file://~/store`` too, where
+    it lands in the host part), never a folder named ``~`` (``./~`` names one)."""
     if "://" not in url:
-        return url  # a plain path, relative to the working directory or absolute
+        return _home(url)  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
+    if parts.netloc.startswith("~"):
+        return _home(unquote(parts.netloc + parts.path))
     if parts.netloc not in ("", "localhost") or not parts.path.strip("/ "):
         raise ConfigError(f"{url!r}: a file/efs URL needs an absolute path, e.g. efs:///mnt/store")
     return unquote(parts.path)
+
+
+def _home(path: str) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded; ConfigError if there is no
+    such home folder (no HOME, no such user) rather than a folder named ``~``."""
+    if not path.startswith("~"):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = path.split("/", 1)[0]
+        raise ConfigError(f"{path!r}: {user} names no home folder; write './{path}' for a folder")
+    return expanded
 
 
 def _checked(backend: Backend, scope: str, opts: OpenOptions) -> Backend:
