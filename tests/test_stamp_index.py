@@ -302,3 +302,37 @@ def test_a_first_publish_asks_the_index_nothing(
     (src / "d" / "small").write_bytes(b"t")
     store.publish("db", src)
     assert sorted(asked) == ["big", "d/small"]  # the next publish does ask
+
+
+def test_each_field_of_a_stamp_is_compared_after_a_save_and_load(stamps: Path) -> None:
+    """Every field of every file's stamp, its hashes (one, several, none) and its start
+    survive a save and a load, and a change to any one field of any file fails its lookup."""
+    files = {
+        "a": ((1, 2, 3, 2**64 - 1, 5, 0o100644), ("a" * 64,), 0),
+        "b/c": ((70_000, -(2**63), 2**63 - 1, 7, 2**63, 0o100600), ("b" * 64, "c" * 64), 0),
+        "d": ((0, 10, 11, 12, 13, 0o100644), (), 0),
+        "e": ((9, 20, 21, 22, 23, 0o100644), ("a" * 64,), 1),
+    }
+    index = stampindex.StampIndex(stamps.parent, "store", "db", CS)
+    for path, (stamp, hashes, at) in files.items():
+        index.record(path, stamp, hashes, at)
+    index.record("racy", None, ("f" * 64,))  # no stamp: never recorded
+    index.save()
+    loaded = stampindex.StampIndex(stamps.parent, "store", "db", CS)
+    assert loaded.indexed == len(files)
+    assert loaded.lookup("racy", (1, 2, 3, 4, 5, 6)) is None
+    for path, (stamp, hashes, at) in files.items():
+        assert loaded.lookup(path, stamp) == hashes
+        assert loaded.start(path) == at
+        for k in range(6):
+            other = (*stamp[:k], stamp[k] ^ 1, *stamp[k + 1 :])
+            assert loaded.lookup(path, other) is None  # type: ignore[arg-type]
+
+
+def test_a_stamp_the_index_cannot_hold_leaves_no_index_and_no_error(stamps: Path) -> None:
+    """A time before 1677 (tmpfs and XFS keep one; ext4 clamps it to 1901) has no int64 of
+    nanoseconds: the save writes nothing, and the publish it ends does not fail."""
+    index = stampindex.StampIndex(stamps.parent, "store", "db", CS)
+    index.record("a", (1, -(10**19), 3, 4, 5, 0o100644), ("a" * 64,))
+    index.save()
+    assert not list(stamps.glob("*.idx"))

@@ -34,8 +34,8 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Iterable, Sequence
-from itertools import accumulate
+from collections.abc import Sequence
+from itertools import accumulate, chain, starmap
 from pathlib import Path
 
 from chroma_snapshots.engine.localfs import foreign_dir
@@ -48,8 +48,10 @@ RACY_NS = 2_000_000_000
 MAX_INDEXES = 256
 MAX_INDEX_BYTES = 512 << 20
 MAX_TOTAL_BYTES = 512 << 20
-_MAGIC = b"chroma-snapshots stamps 3\n"  # 3: a bundled file's start in its chunk
-_NUMS = 6  # int64 numbers per file: size, mtime, ctime, mode, hash count, start
+_MAGIC = b"chroma-snapshots stamps 4\n"  # 4: stamps as rows, the rest in columns
+# A file's stamp as stored: a row of (size, mtime, ctime, inode, device, mode), unpacked
+# only when looked up (one tuple per file on load, or a transposition on save, cost more).
+_ROW = struct.Struct("<qqqQQq")
 _DIGEST = 32
 
 Stamp = tuple[int, int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev, st_mode
@@ -80,7 +82,11 @@ class StampIndex:
         self.key = json.dumps([real, store, name, chunk_size])
         self._dir = default_dir() if directory is None else directory
         self.path = self._dir / (hashlib.sha256(self.key.encode()).hexdigest()[:40] + ".idx")
-        self._new: list[tuple[str, Stamp, Sequence[str], int]] = []
+        # what this publish found, in columns (a tuple per file was a third of the save)
+        self._paths: list[str] = []
+        self._stamps: list[Stamp] = []
+        self._hashes: list[Sequence[str]] = []
+        self._ats: list[int] = []
         self._hits: dict[str, tuple[str, ...]] = {}
         self._starts: dict[str, int] = {}
         self._changed = False
@@ -109,24 +115,38 @@ class StampIndex:
     def record(self, relpath: str, stamp: Stamp | None, hashes: Sequence[str], at: int = 0) -> None:
         """Remember the hashes this publish found (or trusted) for a file, and where it
         starts in its chunk (``at``: a bundled file)."""
-        self.record_many([(relpath, stamp, hashes, at)])
+        self.record_many([relpath], [stamp], [hashes], [at])
 
-    def record_many(self, files: Iterable[tuple[str, Stamp | None, Sequence[str], int]]) -> None:
-        """:meth:`record` each (relpath, stamp, hashes, at): one call for a publish's files
-        (a call each was a tenth of publishing 100,000 small files)."""
-        new = [(r, st, h, a) for r, st, h, a in files if st is not None]
-        self._new += new
-        if not self._changed:
+    def record_many(
+        self,
+        relpaths: Sequence[str],
+        stamps: Sequence[Stamp | None],
+        hashes: Sequence[Sequence[str]],
+        ats: Sequence[int],
+    ) -> None:
+        """:meth:`record` each file, given in columns: one call for a publish's files (a
+        call each was a tenth of publishing 100,000 small files). Racy files (no stamp)
+        are left out."""
+        if None in stamps:
+            keep = [k for k, st in enumerate(stamps) if st is not None]
+            relpaths, hashes = [relpaths[k] for k in keep], [hashes[k] for k in keep]
+            stamps, ats = [stamps[k] for k in keep], [ats[k] for k in keep]
+        self._paths += relpaths
+        self._stamps += stamps  # type: ignore[arg-type]  # no None left
+        self._hashes += hashes
+        self._ats += ats
+        if not self._changed and relpaths:
             # a file found but not trusted (a member of a changed bundle) may get new hashes
             hits, starts = self._hits, self._starts
-            self._changed = any(
-                hits.get(r) != tuple(h) or starts.get(r, 0) != a for r, _, h, a in new
+            self._changed = not hits or any(
+                hits.get(r) != tuple(h) or starts.get(r, 0) != a
+                for r, h, a in zip(relpaths, hashes, ats, strict=True)
             )
 
     def save(self) -> None:
         """Write the recorded files as the index (nothing if it would not change). Never
         raises for an I/O problem: the index is a cache, a publish does not fail on it."""
-        if not self._changed and len(self._new) == len(self._old):
+        if not self._changed and len(self._paths) == len(self._old):
             return  # every file as indexed, and none gone
         try:
             if not _private_dir(self._dir, create=True):
@@ -134,28 +154,32 @@ class StampIndex:
             tmp = self._dir / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:
                 with open(tmp, "xb") as f:
-                    f.write(_encode(self.key, self._new))
+                    f.write(self._encoded())
                 os.replace(tmp, self.path)
             finally:
                 tmp.unlink(missing_ok=True)
             _bound(self._dir)
-        except OSError:
+        except (OSError, struct.error):  # struct.error: a time past 2262 has no int64 of ns
             return
+
+    def _encoded(self) -> bytes:
+        return _encode(self.key, self._paths, self._stamps, self._hashes, self._ats)
 
 
 class _Table:
-    """A decoded index, in columns (a tuple per file cost most of a 100,000-file load)."""
+    """A decoded index: the stamps as rows of bytes, the rest in columns (a tuple per file
+    cost most of a 100,000-file load)."""
 
-    def __init__(self, paths: list[str], nums: array[int], ids: array[int], hexes: str):
+    def __init__(self, paths: list[str], rows: bytes, nums: array[int], hexes: str):
         self._at = dict(zip(paths, range(len(paths)), strict=True))
-        self._nums, self._ids, self._hexes = nums, ids, hexes
-        self._starts = list(accumulate(nums[4::_NUMS], initial=0))
+        self._rows, self._nums, self._hexes, self._n = rows, nums, hexes, len(paths)
+        self._starts = list(accumulate(nums[: self._n], initial=0))
         if len(self._starts) != len(paths) + 1 or self._starts[-1] * 64 != len(hexes):
             raise ValueError("columns do not match")
 
     @classmethod
     def empty(cls) -> _Table:
-        return cls([], array("q"), array("Q"), "")
+        return cls([], b"", array("q"), "")
 
     def __len__(self) -> int:
         return len(self._at)
@@ -163,14 +187,10 @@ class _Table:
     def get(self, relpath: str, stamp: Stamp) -> tuple[tuple[str, ...], int] | None:
         """The file's hashes and its start in its chunk, if its stamp is the one recorded."""
         k = self._at.get(relpath)
-        if k is None:
-            return None
-        n, i, r = self._nums, self._ids, _NUMS * k
-        mine = (n[r], n[r + 1], n[r + 2], i[2 * k], i[2 * k + 1], n[r + 3])
-        if mine != stamp:
+        if k is None or _ROW.unpack_from(self._rows, _ROW.size * k) != stamp:
             return None
         a, b = self._starts[k] * 64, self._starts[k + 1] * 64
-        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64)), n[r + 5]
+        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64)), self._nums[self._n + k]
 
 
 def _private_dir(d: Path, create: bool) -> bool:
@@ -184,20 +204,25 @@ def _private_dir(d: Path, create: bool) -> bool:
     return foreign_dir(d, 0o077) is None
 
 
-def _encode(key: str, entries: list[tuple[str, Stamp, Sequence[str], int]]) -> bytes:
-    """Columns: paths (NUL-separated: a path never holds one), per file (size, mtime,
-    ctime, mode, number of hashes, start in its chunk) as int64 and (inode, device) as
-    uint64, all hashes."""
-    paths = "\0".join(e[0] for e in entries).encode()
-    nums = array("q", [v for _, st, hs, at in entries for v in (*st[:3], st[5], len(hs), at)])
-    ids = array("Q", [v for _, st, _, _ in entries for v in st[3:5]])
-    hashes = bytes.fromhex("".join(h for _, _, hs, _ in entries for h in hs))
+def _encode(
+    key: str,
+    paths: list[str],
+    stamps: list[Stamp],
+    hashes: list[Sequence[str]],
+    ats: list[int],
+) -> bytes:
+    """Paths (NUL-separated: a path never holds one), the stamps as rows (:data:`_ROW`),
+    the number of hashes and the start in its chunk of each file as int64 columns, all
+    hashes."""
+    nums = array("q", map(len, hashes))
+    nums.extend(ats)
     if sys.byteorder != "little":
         nums.byteswap()
-        ids.byteswap()
-    head, parts = key.encode(), [paths, nums.tobytes(), ids.tobytes(), hashes]
+    parts = ["\0".join(paths).encode(), b"".join(starmap(_ROW.pack, stamps)), nums.tobytes(),
+             bytes.fromhex("".join(chain.from_iterable(hashes)))]  # fmt: skip
+    head = key.encode()
     out = bytearray(_MAGIC)
-    out += struct.pack("<6Q", len(head), len(entries), *map(len, parts)) + head
+    out += struct.pack("<6Q", len(head), len(paths), *map(len, parts)) + head
     for part in parts:
         out += part
     out += hashlib.sha256(out).digest()
@@ -231,14 +256,13 @@ def _decode(data: bytes, key: str) -> _Table:
     for size in sizes:
         parts.append(body[pos : pos + size])
         pos += size
-    if pos != len(body) or sizes[1] != 8 * _NUMS * count or sizes[2] != 16 * count:
+    if pos != len(body) or sizes[1] != _ROW.size * count or sizes[2] != 16 * count:
         raise ValueError("bad column sizes")
     paths = parts[0].decode().split("\0") if count else []
-    nums, ids = array("q", parts[1]), array("Q", parts[2])
+    nums = array("q", parts[2])
     if sys.byteorder != "little":
         nums.byteswap()
-        ids.byteswap()
-    return _Table(paths, nums, ids, parts[3].hex())
+    return _Table(paths, parts[1], nums, parts[3].hex())
 
 
 def _bound(d: Path) -> None:

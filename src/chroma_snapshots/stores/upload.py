@@ -160,8 +160,7 @@ class Uploader:
         entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(get, h)), a)
                    for f, h, a in zip(files, hashes, ats, strict=True)]  # fmt: skip
         if index is not None:
-            rows = zip(files, hashes, ats, strict=True)
-            index.record_many((f.relpath, f.stamp, h, a) for f, h, a in rows)
+            index.record_many([f.relpath for f in files], [f.stamp for f in files], hashes, ats)
             index.save()
         return entries
 
