@@ -189,8 +189,10 @@ class _Table:
         k = self._at.get(relpath)
         if k is None or _ROW.unpack_from(self._rows, _ROW.size * k) != stamp:
             return None
-        a, b = self._starts[k] * 64, self._starts[k + 1] * 64
-        return tuple(self._hexes[j : j + 64] for j in range(a, b, 64)), self._nums[self._n + k]
+        a, b, hexes = self._starts[k] * 64, self._starts[k + 1] * 64, self._hexes
+        # most files have one hash (every bundled one): no generator for them
+        found = (hexes[a:b],) if b - a == 64 else tuple(hexes[j : j + 64] for j in range(a, b, 64))
+        return found, self._nums[self._n + k]
 
 
 def _private_dir(d: Path, create: bool) -> bool:
