@@ -23,7 +23,7 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.cli.plan import plan_publish
 from chroma_snapshots.engine import bundles, manifest_v2
-from chroma_snapshots.engine.chunking import SourceFolders
+from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, scan_source
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 from chroma_snapshots.stores.cache import inspect
@@ -126,13 +126,13 @@ def test_bundle_boundaries_depend_on_the_members_not_their_position() -> None:
 
 
 def test_a_file_changed_during_publish_is_refused(tmp_path: Path) -> None:
-    path = str(write_tree(tmp_path, {"a": b"abc"}) / "a")
+    ((seen,), _) = scan_source(write_tree(tmp_path, {"a": b"abc"}))
     folders = SourceFolders()
     try:
-        assert bundles.read_exact(path, 3, folders) == b"abc"
+        assert bundles.read_exact(seen, folders) == b"abc"
         for wrong in (2, 4):
             with pytest.raises(InvalidInputError, match="changed"):
-                bundles.read_exact(path, wrong, folders)
+                bundles.read_exact(seen._replace(size=wrong), folders)
     finally:
         folders.close()
 
@@ -146,7 +146,7 @@ def test_a_fifo_with_a_writer_swapped_in_reads_as_a_change(tmp_path: Path) -> No
     folders = SourceFolders()
     try:
         with pytest.raises(InvalidInputError, match="changed while it was being published"):
-            bundles.read_exact(str(path), 3, folders)
+            bundles.read_exact(SourceFile("a", str(path), 3, 0o644, (0, 0)), folders)
     finally:
         folders.close()
         os.close(writer)
@@ -157,7 +157,7 @@ def _reading_threads(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:
     seen: set[threading.Thread] = set()
     real = bundles.read_bundles
 
-    def spy(groups: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[bytes, str]]:
+    def spy(groups: Sequence[Sequence[SourceFile]]) -> list[tuple[bytes, str]]:
         seen.add(threading.current_thread())
         return real(groups)
 
@@ -316,9 +316,9 @@ def test_the_stamp_index_trusts_a_bundle_only_when_every_member_is_unchanged(
     reads: list[str] = []
     real = bundles.read_exact
 
-    def counting(path: str | Path, size: int, *held: object) -> bytes:
-        reads.append(os.path.relpath(path, src))
-        return real(path, size, *held)  # type: ignore[arg-type]
+    def counting(f: SourceFile, folders: SourceFolders) -> bytes:
+        reads.append(f.relpath)
+        return real(f, folders)
 
     monkeypatch.setattr(bundles, "read_exact", counting)
     src = write_tree(tmp_path / "src", _files(600))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chroma_snapshots.engine import packing
-from chroma_snapshots.engine.chunking import hashed_chunks
+from chroma_snapshots.engine.chunking import hashed_chunks, scan_source
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool
 from chroma_snapshots.engine.packing import PackWriter
 from chroma_snapshots.engine.validation import sha256_hex
@@ -73,15 +73,13 @@ def test_batched_reads_give_each_files_chunks_in_order(
 ) -> None:
     monkeypatch.setattr("chroma_snapshots.engine.chunking._SMALL_BATCH", 3)
     sizes = [0, 10, 100, 0, 250, 99, 1, 100, 1000, 3, 0, 7]  # small, empty and large
-    files = []
     for i, size in enumerate(sizes):
-        p = tmp_path / f"f{i:02d}"
-        p.write_bytes(os.urandom(size))
-        files.append((str(p), size))
+        (tmp_path / f"f{i:02d}").write_bytes(os.urandom(size))
+    files, _ = scan_source(tmp_path)
     expected = [
         (i, p.read_bytes()[o : o + 100])
-        for i, (name, _) in enumerate(files)
-        for p in [Path(name)]
+        for i, f in enumerate(files)
+        for p in [Path(f.path)]
         for o in range(0, p.stat().st_size, 100)
     ]
     with WorkerPool(3) as pool:

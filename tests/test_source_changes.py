@@ -5,6 +5,7 @@ to its sizes: such a manifest, once latest, made every read and publish of the n
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine import chunking
 from chroma_snapshots.engine.chunking import scan_source
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores import remote
@@ -153,3 +155,55 @@ def test_an_unreadable_source_file_says_so_not_that_it_changed(
         InvalidInputError, match=r"secret.bin: cannot be read \(Permission denied\)"
     ):
         store.publish("db", src)
+
+
+@pytest.mark.parametrize("size", [100, 3 * CS + 5])  # bundled, and read in chunks
+def test_a_same_size_rewrite_after_the_scan_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A file rewritten in place at the same size after the scan saw it: no size check
+    sees it; its ctime does (each write sets it to the clock). Before, the rewrite was
+    published as read, mixed with the scan's view of every other file."""
+    src = write_tree(tmp_path / "src", {"keep": b"k" * 5000, "db": b"A" * size})
+    time.sleep(0.05)  # past the clock tick of the files' writes: the rewrite gets its own
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
+    scan: Callable[..., object] = scan_source
+
+    def scan_then_rewrite(root: Path) -> object:
+        found = scan(root)
+        with open(src / "db", "r+b") as f:
+            f.write(b"B" * size)
+        return found
+
+    monkeypatch.setattr(remote, "scan_source", scan_then_rewrite)
+    with pytest.raises(InvalidInputError, match="db: changed while it was being published"):
+        store.publish("db", src)
+    assert store.read_ref("db") is None
+
+
+def test_a_rewrite_while_a_file_is_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's torn publish, made deterministic: the rest of a file rewritten in place
+    after its first chunk was read. Its chunks would mix two writes: A then B."""
+    src = write_tree(tmp_path / "src", {"db": b"A" * (4 * CS)})
+    time.sleep(0.05)  # past the clock tick of the file's write
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
+    real, reads = chunking.read_full, [0]
+
+    def read_then_rewrite(fd: int, n: int) -> bytes:
+        block = real(fd, n)
+        reads[0] += 1
+        if reads[0] == 1:
+            os.pwrite(fd_w := os.open(src / "db", os.O_WRONLY), b"B" * (3 * CS), CS)
+            os.close(fd_w)
+        return block
+
+    monkeypatch.setattr(chunking, "read_full", read_then_rewrite)
+    with pytest.raises(InvalidInputError, match="written to as it was read"):
+        store.publish("db", src)
+    assert store.read_ref("db") is None
+    monkeypatch.undo()
+    published = store.publish("db", src)  # once the writer is done, the file as it is
+    got = read_tree(store.checkout("db", published.version, tmp_path / "out").path)
+    assert got["db"] == b"A" * CS + b"B" * (3 * CS)

@@ -17,6 +17,7 @@ from cli_inprocess import Run
 from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.config import ENV_TRUST_STAMPS, StoreConfig
 from chroma_snapshots.engine import bundles, chunking, stampindex
+from chroma_snapshots.engine.chunking import SourceFile, SourceFolders
 from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.errors import ConfigError
 from chroma_snapshots.stores import remote, upload
@@ -41,13 +42,13 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = chunking.read_chunks
 
-    def counting(path: str | Path, chunk_size: int) -> Iterator[bytes]:
+    def counting(path: str | Path, chunk_size: int, *scanned: SourceFile) -> Iterator[bytes]:
         seen.append(os.path.basename(path))
-        return real(path, chunk_size)
+        return real(path, chunk_size, *scanned)
 
-    def counting_small(path: str | Path, size: int, *held: object) -> bytes:
-        seen.append(os.path.basename(path))
-        return real_small(path, size, *held)  # type: ignore[arg-type]
+    def counting_small(f: SourceFile, folders: SourceFolders) -> bytes:
+        seen.append(os.path.basename(f.path))
+        return real_small(f, folders)
 
     real_small = bundles.read_exact  # small files are read whole into their bundle
     monkeypatch.setattr(chunking, "read_chunks", counting)

@@ -73,7 +73,7 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     small = [f for f in files if bundle and 0 < f.size <= small_limit(chunk_size)]
     for group in cut([(f.relpath, f.size) for f in small], chunk_size):
         members = [small[k] for k in group]
-        ((raw, digest),) = read_bundles([[(f.path, f.size) for f in members]])
+        ((raw, digest),) = read_bundles([members])
         chunks.append((digest, len(raw)))
         pos = 0
         for f in members:
@@ -81,7 +81,7 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
             pos += f.size
     for f in files:
         if f.relpath not in placed:
-            raws = list(read_chunks(f.abspath, chunk_size))
+            raws = list(read_chunks(f.path, chunk_size, f))
             placed[f.relpath] = ([sha256_hex(raw) for raw in raws], 0)
             chunks += [(h, len(raw)) for h, raw in zip(placed[f.relpath][0], raws, strict=True)]
     for digest, size in chunks:

@@ -24,7 +24,13 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
-from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, open_in, read_full
+from chroma_snapshots.engine.chunking import (
+    SourceFile,
+    SourceFolders,
+    check_unchanged,
+    open_in,
+    read_full,
+)
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.validation import sha256_hex
@@ -92,39 +98,43 @@ def members(m: Manifest) -> dict[str, list[FileEntry]]:
     return dict(out)
 
 
-def read_exact(path: str, size: int, folders: SourceFolders) -> bytes:
-    """All ``size`` bytes of a source file, opened in its folder as held in ``folders``
-    (:class:`SourceFolders`); InvalidInputError if it has another size now (it changed
-    after the scan: its slice would not be what the manifest says). One read of ``size +
-    1`` bytes sees a file that grew; only a short one is read on (a read more to see the
-    end of the file each time was a tenth of reading 100,000 of them). Whatever was
-    swapped in for it reads as a change too: a folder fails (EISDIR), a FIFO reads short
-    or fails (EAGAIN), and a FIFO's writer can only give bytes the folder's writers could
-    have written to the file."""
-    fd = open_in(path, folders)
+def read_exact(f: SourceFile, folders: SourceFolders) -> bytes:
+    """All bytes of the source file ``f``, opened in its folder as held in ``folders``
+    (:class:`SourceFolders`), and still as the scan saw it (:func:`check_unchanged`):
+    InvalidInputError if it has another size now or was written to (its slice would not be
+    what the manifest says). One read of ``size + 1`` bytes sees a file that grew; only a
+    short one is read on (a read more to see the end of the file each time was a tenth of
+    reading 100,000 of them). Whatever was swapped in for it reads as a change too: a
+    folder fails (EISDIR), a FIFO reads short or fails (EAGAIN), and a FIFO's writer can
+    only give bytes the folder's writers could have written to the file."""
+    size = f.size
+    fd = open_in(f.path, folders)
     try:
         data = os.read(fd, size + 1)
         while len(data) < size and (more := os.read(fd, size + 1 - len(data))):
             data += more
+        if len(data) == size:
+            check_unchanged(fd, f)
     except OSError as e:
         raise InvalidInputError(
-            f"{path}: changed while it was being published (no longer a regular file: {e.strerror})"
+            f"{f.path}: changed while it was being published (no longer a regular file: "
+            f"{e.strerror})"
         ) from e
     finally:
         os.close(fd)
     if len(data) != size:
-        raise InvalidInputError(f"{path}: changed while it was being published")
+        raise InvalidInputError(f"{f.path}: changed while it was being published")
     return data
 
 
-def read_bundles(groups: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[bytes, str]]:
-    """The bytes and sha256 of each bundle of (path, size) members (on a pool thread: the
-    reads and the hash release the GIL)."""
+def read_bundles(groups: Sequence[Sequence[SourceFile]]) -> list[tuple[bytes, str]]:
+    """The bytes and sha256 of each bundle of member files (on a pool thread: the reads and
+    the hash release the GIL)."""
     out = []
     folders = SourceFolders()
     try:
         for group in groups:
-            raw = b"".join(read_exact(p, n, folders) for p, n in group)
+            raw = b"".join([read_exact(f, folders) for f in group])
             out.append((raw, sha256_hex(raw)))
     finally:
         folders.close()
@@ -145,7 +155,7 @@ def read_all(
         batch = groups[k : k + _BUNDLES_PER_TASK]
         k += len(batch)
         t = time.perf_counter_ns()
-        got = read_bundles([[(files[i].path, files[i].size) for i in g] for g in batch])
+        got = read_bundles([[files[i] for i in g] for g in batch])
         spent += time.perf_counter_ns() - t
         read += sum(map(len, batch))
         yield from ((g, raw, digest) for g, (raw, digest) in zip(batch, got, strict=True))
@@ -160,7 +170,7 @@ def _read_on(
     ahead: deque[tuple[Sequence[list[int]], Future[list[tuple[bytes, str]]]]] = deque()
     for k in range(0, len(groups), _BUNDLES_PER_TASK):
         batch = groups[k : k + _BUNDLES_PER_TASK]
-        members = [[(files[i].path, files[i].size) for i in g] for g in batch]
+        members = [[files[i] for i in g] for g in batch]
         ahead.append((batch, pool.submit(read_bundles, members)))
         while len(ahead) > _BUNDLES_AHEAD or (ahead and k + _BUNDLES_PER_TASK >= len(groups)):
             batch, job = ahead.popleft()

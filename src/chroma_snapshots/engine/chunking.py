@@ -50,6 +50,7 @@ class SourceFile(NamedTuple):
     path: str
     size: int
     mode: int
+    times: tuple[int, int]  # mtime_ns and ctime_ns as the scan saw them (check_unchanged)
     stamp: Stamp | None = None  # what the scan saw; None: racy (see engine.stampindex)
 
     @property
@@ -93,8 +94,8 @@ def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
             st = _lstat(entry)
             kind = st.st_mode
             if stat.S_ISREG(kind):
-                stamp = stamp_of(st, scanned_ns)
-                files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, stamp))
+                times, stamp = (st.st_mtime_ns, st.st_ctime_ns), stamp_of(st, scanned_ns)
+                files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, times, stamp))
             elif stat.S_ISDIR(kind):
                 todo.append((entry.path, rel, depth + 1))
             elif stat.S_ISLNK(kind):
@@ -243,14 +244,34 @@ def _opened(fd: int) -> str | None:
         return None
 
 
-def read_chunks(path: str | Path, chunk_size: int) -> Iterator[bytes]:
-    """The file's bytes in ``chunk_size`` pieces (the last may be shorter)."""
+def read_chunks(
+    path: str | Path, chunk_size: int, seen: SourceFile | None = None
+) -> Iterator[bytes]:
+    """The file's bytes in ``chunk_size`` pieces (the last may be shorter). ``seen``: the
+    scan's view of the file, checked once every byte is read (:func:`check_unchanged`)."""
     fd = open_source(path)
     try:
         while block := read_full(fd, chunk_size):
             yield block
+        if seen is not None:
+            check_unchanged(fd, seen)
     finally:
         os.close(fd)
+
+
+def check_unchanged(fd: int, seen: SourceFile) -> None:
+    """InvalidInputError unless the file open at ``fd``, read to its end, still has the
+    size, mtime and ctime the scan saw: a write while it was read (a same-size rewrite in
+    place, which no size check sees) could have given bytes it never held, and a file
+    replaced has another ctime. Every write sets ctime to the clock, which user space cannot
+    set back; a write within the same clock tick as the one the scan saw (a few ms, a file
+    being written as it was scanned) is what this cannot tell apart. The inode is not
+    compared: a FUSE file system may number a file anew once the kernel forgets it."""
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (seen.size, *seen.times):
+        raise InvalidInputError(
+            f"{seen.path}: changed while it was being published (written to as it was read)"
+        )
 
 
 def read_full(fd: int, n: int) -> bytes:
@@ -261,24 +282,25 @@ def read_full(fd: int, n: int) -> bytes:
     return block
 
 
-def _read_small(paths: Sequence[str], chunk_size: int) -> list[list[tuple[bytes, str]]]:
+def _read_small(files: Sequence[SourceFile], chunk_size: int) -> list[list[tuple[bytes, str]]]:
     """Each file's (chunk, sha256 hex) pairs: for a batch of small files, on a pool
     thread (open, read and close release the GIL)."""
-    return [[(raw, sha256_hex(raw)) for raw in read_chunks(p, chunk_size)] for p in paths]
+    return [[(raw, sha256_hex(raw)) for raw in read_chunks(f.path, chunk_size, f)] for f in files]
 
 
 def hashed_chunks(
-    files: Sequence[tuple[str, int]],
+    files: Sequence[SourceFile],
     chunk_size: int,
     hash_many: Callable[[list[bytes]], list[str]],
     pool: Executor | None = None,
     deadline: Deadline | None = None,
 ) -> Iterator[tuple[int, bytes, str]]:
-    """(index in ``files``, chunk, sha256 hex) for each chunk of each (path, size) in
-    order. Small files (one chunk) are read and hashed in batches on ``pool``, a few
-    batches ahead; larger ones here, ``_HASH_BATCH`` chunks at a time hashed by
-    ``hash_many`` (which may spread them over threads: hashlib releases the GIL). One
-    hand-off per file cost 100,000 of them for 100,000 files."""
+    """(index in ``files``, chunk, sha256 hex) for each chunk of each file in order, each
+    checked to be unchanged since the scan once read (:func:`check_unchanged`). Small
+    files (one chunk) are read and hashed in batches on ``pool``, a few batches ahead;
+    larger ones here, ``_HASH_BATCH`` chunks at a time hashed by ``hash_many`` (which may
+    spread them over threads: hashlib releases the GIL). One hand-off per file cost
+    100,000 of them for 100,000 files."""
     ahead: deque[tuple[list[int], Future[list[list[tuple[bytes, str]]]]]] = deque()
 
     def drain(keep: int) -> Iterator[tuple[int, bytes, str]]:
@@ -293,13 +315,12 @@ def hashed_chunks(
 
     def submit() -> None:
         assert pool is not None
-        paths = [files[j][0] for j in group]
-        ahead.append((group, pool.submit(_read_small, paths, chunk_size)))
+        ahead.append((group, pool.submit(_read_small, [files[j] for j in group], chunk_size)))
 
-    for i, (path, size) in enumerate(files):
-        if pool is not None and size <= chunk_size:
+    for i, f in enumerate(files):
+        if pool is not None and f.size <= chunk_size:
             group.append(i)
-            group_bytes += size
+            group_bytes += f.size
             if len(group) == _SMALL_BATCH or group_bytes >= _SMALL_BYTES:
                 submit()
                 group, group_bytes = [], 0
@@ -309,17 +330,17 @@ def hashed_chunks(
             submit()
             group, group_bytes = [], 0
         yield from drain(0)
-        yield from _hashed_file(i, path, chunk_size, hash_many)
+        yield from _hashed_file(i, f, chunk_size, hash_many)
     if group:
         submit()
     yield from drain(0)
 
 
 def _hashed_file(
-    i: int, path: str, chunk_size: int, hash_many: Callable[[list[bytes]], list[str]]
+    i: int, f: SourceFile, chunk_size: int, hash_many: Callable[[list[bytes]], list[str]]
 ) -> Iterator[tuple[int, bytes, str]]:
     pending: list[bytes] = []
-    for raw in read_chunks(path, chunk_size):
+    for raw in read_chunks(f.path, chunk_size, f):
         pending.append(raw)
         if len(pending) == _HASH_BATCH:
             yield from ((i, r, d) for r, d in zip(pending, hash_many(pending), strict=True))

@@ -105,7 +105,7 @@ class Uploader:
             writer = PackWriter(upload, target=self.pack_target, level=self.compression_level,
                                 pool=pool, deadline=dl)  # fmt: skip
             hash_many = partial(self._hash_many, pool, dl)
-            reads = [(files[i].path, files[i].size) for i in todo]
+            reads = [files[i] for i in todo]
             read = [0] * len(files)
             for j, raw, digest in hashed_chunks(reads, self.chunk_size, hash_many, pool, dl):
                 i = todo[j]
