@@ -45,7 +45,10 @@ def register(cli: click.Group) -> None:
     """Add the operator commands to ``cli``."""
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
-    @cli.command(help="Files and chunks that differ between versions A and B of NAME.")
+    @cli.command(
+        help="Files and chunks that differ between versions A and B of NAME (a small file "
+        "by the bundle it is stored in: one changed lists the others of its bundle too)."
+    )
     @click.argument("name")
     @click.argument("a")
     @click.argument("b", default="latest")

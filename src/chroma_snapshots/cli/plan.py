@@ -131,7 +131,8 @@ def register(cli: click.Group) -> None:
     @cli.command(
         help="What differs between the local folder DIRECTORY and the latest version of "
         "NAME (files added, removed, changed), and what a publish would upload. "
-        "Reads only manifests; uploads nothing."
+        "Reads only manifests; uploads nothing. A small file is compared by the bundle "
+        "it is stored in: one changed lists the others of its bundle too."
     )
     @click.argument("name")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False))
