@@ -220,3 +220,50 @@ def test_a_store_under_tilde_is_in_the_home_folder_not_a_folder_named_tilde(
     assert not (tmp_path / "cwd" / "~").exists()
     home = open_store(StoreConfig(str(tmp_path / "home" / "stores" / "x")), create=False)
     assert home.resolve("db").version == info.version
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("workers", 0),  # a publish then waited for its deadline, with no pool to run its work
+        ("workers", -1),
+        ("workers", True),
+        ("workers", 1.5),
+        ("workers", 10**6),
+        ("pack_target", 0),
+        ("pack_target", -5),
+        ("pack_target", 10**20),
+        ("pack_target", True),
+        ("compression_level", "3"),
+        ("compression_level", 100),
+        ("compression_level", -(10**6)),
+        ("compression_level", True),
+        ("default_timeout", True),
+        ("default_timeout", -1),
+        ("default_timeout", 0),
+        ("default_timeout", float("nan")),
+        ("default_timeout", "10"),
+        ("manifest_format", True),
+        ("trust_stamps", "no"),
+    ],
+)
+def test_a_remote_store_setting_that_means_nothing_is_refused_when_the_store_is_made(
+    tmp_path: Path, setting: str, value: object
+) -> None:
+    (tmp_path / "store").mkdir()
+    backend = open_backend(f"file://{tmp_path / 'store'}")
+    with pytest.raises(InvalidInputError, match=setting):  # at once: no publish to wait out
+        RemoteStore(backend, **{setting: value})  # type: ignore[arg-type]
+    assert _tree(tmp_path / "store") == []
+
+
+def test_every_zstd_level_and_the_smallest_settings_still_publish(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    backend = open_backend(f"file://{tmp_path / 'store'}")
+    for level in (None, -(1 << 17), -5, 0, 22):
+        store = RemoteStore(backend, compression_level=level, workers=1, pack_target=1)
+        src = write_tree(tmp_path / f"src{level}", {"f": str(level).encode() * 5000})
+        info = store.publish(f"db{abs(level or 0)}", src)
+        with store.checkout(f"db{abs(level or 0)}", info.version) as snap:
+            assert (snap.path / "f").read_bytes() == str(level).encode() * 5000
+    RemoteStore(backend, default_timeout=1e9, workers=1024, trust_stamps=False)

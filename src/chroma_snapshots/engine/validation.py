@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from chroma_snapshots.errors import IntegrityError, InvalidInputError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, shown
 
 FORMAT_VERSION = 1
 CODECS = ("none", "zstd")
@@ -136,6 +136,14 @@ def number_in(x: object, low: float, high: float, *, low_ok: bool = True) -> boo
     if isinstance(x, bool) or not isinstance(x, int | float):
         return False
     return (low <= x if low_ok else low < x) and x <= high
+
+
+def check_flags(flags: Mapping[str, object]) -> None:
+    """InvalidInputError naming the first of ``flags`` (argument name -> value) that is not
+    a bool: taken by truthiness, ``"no"`` and ``"False"`` are on and ``None`` is off."""
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{flag} must be True or False, not {shown(value)}")
 
 
 def is_name(name: object) -> bool:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import zstandard
+
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
@@ -22,6 +24,7 @@ from chroma_snapshots.engine.chunking import (
     scan_source,
 )
 from chroma_snapshots.engine.deadline import (
+    MAX_SECONDS,
     Deadline,
     DeadlineLike,
     as_deadline,
@@ -40,17 +43,22 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
+    MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
+    MAX_PACK_SIZE,
     MAX_REF_BYTES,
     check_chunk_size,
+    check_flags,
     check_name,
     check_source,
+    number_in,
     utc_now,
 )
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    shown,
 )
 from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
@@ -74,6 +82,12 @@ from chroma_snapshots.stores.upload import (
 )
 
 log = logging.getLogger(__name__)
+MAX_WORKERS = 1024  # 8 GiB of read buffers at 8 MiB each
+# A pack is sealed once it reaches the target, so it can hold one chunk more: never past
+# what a manifest may address (MAX_PACK_SIZE).
+MAX_PACK_TARGET = MAX_PACK_SIZE - MAX_CHUNK_SIZE
+# zstd's levels: 1 to 22, 0 its default (3), negative the fast ones down to -(1 << 17)
+ZSTD_LEVELS = (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL)
 
 
 class RemoteStore(RemoteListing, SourceStore):
@@ -108,8 +122,10 @@ class RemoteStore(RemoteListing, SourceStore):
         identity: str | None = None,
         trust_stamps: bool = True,
     ) -> None:
-        if manifest_format not in (1, MANIFEST_FORMAT):
+        if type(manifest_format) is not int or manifest_format not in (1, MANIFEST_FORMAT):
             raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
+        check_settings(workers, pack_target, compression_level, default_timeout)
+        check_flags({"trust_stamps": trust_stamps})
         self.manifest_format = manifest_format
         self.trust_stamps = trust_stamps
         self.backend = backend
@@ -366,3 +382,33 @@ class RemoteStore(RemoteListing, SourceStore):
         this store's packs."""
         fetch_into(self.backend, self.workers, name, job, dl, stats, progress)
         return self.label
+
+
+def check_settings(
+    workers: object, pack_target: object, compression_level: object, default_timeout: object
+) -> None:
+    """InvalidInputError for a RemoteStore setting it would misuse, said when the store is
+    made: 0 workers left every publish waiting for a pool that never ran its work until the
+    deadline, a pack target or level zstd or readers refuse failed mid-publish, and a bool
+    was taken for a number (True workers, one second)."""
+    if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
+        raise InvalidInputError(
+            f"workers must be a whole number from 1 to {MAX_WORKERS}, not {shown(workers)}"
+        )
+    if type(pack_target) is not int or not 1 <= pack_target <= MAX_PACK_TARGET:
+        raise InvalidInputError(
+            f"pack_target must be a whole number of bytes from 1 to {MAX_PACK_TARGET}, "
+            f"not {shown(pack_target)}"
+        )
+    low, high = ZSTD_LEVELS
+    level = compression_level
+    if level is not None and (type(level) is not int or not low <= level <= high):
+        raise InvalidInputError(
+            f"compression_level must be None (store raw) or a zstd level, a whole number "
+            f"from {low} to {high}, not {shown(level)}"
+        )
+    if not number_in(default_timeout, 0, MAX_SECONDS, low_ok=False):
+        raise InvalidInputError(
+            f"default_timeout must be a number of seconds, positive and at most "
+            f"{MAX_SECONDS:.0e}, not {shown(default_timeout)}"
+        )

@@ -18,7 +18,7 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.treewalk import walk
-from chroma_snapshots.engine.validation import check_name, number_in
+from chroma_snapshots.engine.validation import check_flags, check_name, number_in
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
@@ -211,6 +211,4 @@ def check_settings(
     if not number_in(stale_after, 0, 1e9, low_ok=False):
         msg = f"stale_after must be positive and finite, not {shown(stale_after)}"
         raise InvalidInputError(msg)
-    for flag, value in flags.items():
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"{flag} must be True or False, not {shown(value)}")
+    check_flags(flags)
