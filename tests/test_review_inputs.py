@@ -222,6 +222,14 @@ def test_a_store_under_tilde_is_in_the_home_folder_not_a_folder_named_tilde(
     assert home.resolve("db").version == info.version
 
 
+def _published(tmp_path: Path) -> tuple[RemoteStore, list[str]]:
+    """A store holding two versions of ``db``, newest first."""
+    store = _store(tmp_path)
+    store.publish("db", write_tree(tmp_path / "a", {"f": b"1" * 10_000}))
+    store.publish("db", write_tree(tmp_path / "b", {"f": b"2" * 10_000}))
+    return store, [v.version for v in store.versions("db")]
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [
@@ -267,3 +275,58 @@ def test_every_zstd_level_and_the_smallest_settings_still_publish(tmp_path: Path
         with store.checkout(f"db{abs(level or 0)}", info.version) as snap:
             assert (snap.path / "f").read_bytes() == str(level).encode() * 5000
     RemoteStore(backend, default_timeout=1e9, workers=1024, trust_stamps=False)
+
+
+@pytest.mark.parametrize("ref", [None, 123, b"latest"])
+def test_a_ref_that_is_no_ref_name_is_invalid_input(tmp_path: Path, ref: object) -> None:
+    store, _ = _published(tmp_path)
+    cache = CachedStore(store, tmp_path / "cache")
+    before = _tree(tmp_path / "cache")
+    for reader in (store, cache):
+        with pytest.raises(InvalidInputError, match="ref name"):
+            reader.checkout("db", ref, dest=tmp_path / "dest")  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="ref name"):
+            reader.resolve("db", ref)  # type: ignore[arg-type]
+    assert not (tmp_path / "dest").exists()
+    assert _tree(tmp_path / "cache") == before
+
+
+@pytest.mark.parametrize(
+    ("min_age", "dry_run"),
+    [("3", True), (None, True), (True, True), (0, None), (0, "no"), (0, "False"), (0, 0)],
+)
+def test_prunes_min_age_is_a_number_and_dry_run_a_bool(
+    tmp_path: Path, min_age: object, dry_run: object
+) -> None:
+    store, versions = _published(tmp_path)
+    for pruner in (store, CachedStore(store, tmp_path / "cache")):
+        with pytest.raises(InvalidInputError, match=r"min_age|dry_run"):
+            pruner.prune("db", keep_last=1, min_age=min_age, dry_run=dry_run)  # type: ignore[arg-type]
+    assert [v.version for v in store.versions("db")] == versions  # nothing pruned
+    assert store.prune("db", keep_last=1, min_age=math.inf, dry_run=False).deleted_versions == ()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"allow_empty": "False"},
+        {"allow_empty": None},
+        {"stamps": "no"},
+        {"stamps": 0},
+        {"parent_dir": 123},
+        {"parent_dir": b"/tmp"},
+    ],
+)
+def test_publishs_flags_are_bools_and_its_parent_dir_a_folder(
+    tmp_path: Path, flags: dict[str, object]
+) -> None:
+    store, versions = _published(tmp_path)
+    same = tmp_path / "b"  # the latest's files: allow_empty="False" published them again
+    with pytest.raises(InvalidInputError, match=next(iter(flags))):
+        store.publish("db", same, **flags)  # type: ignore[arg-type]
+    if "parent_dir" not in flags and "stamps" not in flags:  # the cache passes its own
+        with pytest.raises(InvalidInputError, match=next(iter(flags))):
+            CachedStore(store, tmp_path / "cache").publish("db", same, **flags)  # type: ignore[arg-type]
+    assert [v.version for v in store.versions("db")] == versions
+    store.publish("db", same, stamps=None, parent_dir=tmp_path / "a", allow_empty=False)
+    assert [v.version for v in store.versions("db")] == versions  # unchanged: no new one

@@ -18,6 +18,7 @@ The steps (why each is safe: docs/RELIABILITY.md, "Prune protocol"):
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -30,12 +31,13 @@ from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.keys import retired_key
 from chroma_snapshots.engine.models import VersionId
-from chroma_snapshots.engine.validation import check_name
+from chroma_snapshots.engine.validation import check_flags, check_name, number_in
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotError,
     SnapshotNotFoundError,
+    shown,
 )
 from chroma_snapshots.stores.base import PruneReport
 from chroma_snapshots.stores.claims import Claim, create_once, read_claims, rewrite
@@ -116,10 +118,13 @@ def prune(
     """Delete versions outside the newest ``keep_last`` that nothing references, pins, or
     stopped referencing less than ``min_age`` seconds ago, then packs no kept version uses."""
     check_name(name)
-    if type(keep_last) is not int or keep_last < 1 or not min_age >= 0:  # nan too
+    # min_age: a number, not a bool (True was 1 second) nor NaN; inf keeps every version
+    if type(keep_last) is not int or keep_last < 1 or not number_in(min_age, 0, math.inf):
         raise InvalidInputError(
-            f"prune needs keep_last >= 1 and min_age >= 0, not {keep_last}, {min_age}"
+            f"prune needs keep_last >= 1 and min_age >= 0 seconds, not {shown(keep_last)}, "
+            f"{shown(min_age)}"
         )
+    check_flags({"dry_run": dry_run})  # None, or "no", applied the prune
     io = DeadlineBackend(store.backend, deadline)
     if dry_run:
         first, keep, drop, _, dead = _first_look(store, io, name, None, keep_last, min_age)

@@ -19,6 +19,7 @@ from chroma_snapshots.engine.models import (
     VersionId,
 )
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import SnapshotError, SnapshotNotFoundError
 
 if TYPE_CHECKING:
@@ -254,8 +255,9 @@ class SourceStore(SnapshotStore):
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
     ) -> tuple[str, bool]:
         """The version ``ref`` names, with one small request (the ref), and whether the
-        answer is stale (see :meth:`read_current`)."""
-        if VersionId.is_version(ref):
+        answer is stale (see :meth:`read_current`). A ref that is neither a ref name nor
+        a version id (None, bytes, a number) is InvalidInputError before any request."""
+        if VersionId.is_version(check_name(ref, "ref name")):
             return ref, False
         found, outage = self.read_current(name, ref, deadline=deadline)
         if found is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -218,6 +219,8 @@ class RemoteStore(RemoteListing, SourceStore):
         metadata = checked_metadata(metadata)
         message = checked_message(message)
         source_dir = checked_source(source_dir)
+        check_parent_dir(parent_dir)
+        check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle
@@ -411,4 +414,14 @@ def check_settings(
         raise InvalidInputError(
             f"default_timeout must be a number of seconds, positive and at most "
             f"{MAX_SECONDS:.0e}, not {shown(default_timeout)}"
+        )
+
+
+def check_parent_dir(parent_dir: object) -> None:
+    """``publish``'s ``parent_dir``: None, a folder's path or a function to one, else
+    InvalidInputError (``123`` was a raw TypeError once the parent's manifest was read)."""
+    path = os.fspath(parent_dir) if isinstance(parent_dir, str | os.PathLike) else None
+    if not (parent_dir is None or callable(parent_dir) or isinstance(path, str)):
+        raise InvalidInputError(
+            f"parent_dir must be a folder, a function to one or None, not {shown(parent_dir)}"
         )

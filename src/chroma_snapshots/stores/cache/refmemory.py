@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.models import VersionId
 from chroma_snapshots.engine.progress import StatsRecorder
+from chroma_snapshots.engine.validation import check_name
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     SnapshotError,
@@ -39,8 +40,9 @@ class CacheRefs(CacheSpace):
     ) -> tuple[str, bool, SnapshotError | None]:
         """The version to serve, whether the answer is stale, and for the version this
         cache last saw the ref name (served stale: nothing else may be), the outage to
-        raise if that version is no longer cached."""
-        if VersionId.is_version(ref):
+        raise if that version is no longer cached. A ref that is neither a ref name nor a
+        version id is InvalidInputError, as the store's (the cache's checkout starts here)."""
+        if VersionId.is_version(check_name(ref, "ref name")):
             return ref, False, None
         if (recent := self.recent_ref(name, ref)) is not None:
             return recent, False, None
