@@ -330,3 +330,41 @@ def test_publishs_flags_are_bools_and_its_parent_dir_a_folder(
     assert [v.version for v in store.versions("db")] == versions
     store.publish("db", same, stamps=None, parent_dir=tmp_path / "a", allow_empty=False)
     assert [v.version for v in store.versions("db")] == versions  # unchanged: no new one
+
+
+@pytest.mark.parametrize(
+    "cache_dir", ["", "rel", "./~/x", 123, b"/tmp/x", "/tmp/c\0", "~no-such-user-x1/c"]
+)
+def test_a_cache_dir_is_absolute_as_the_configs_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_dir: object
+) -> None:
+    store, _ = _published(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(InvalidInputError, match="cache_dir"):
+        CachedStore(store, cache_dir)  # type: ignore[arg-type]
+    if isinstance(cache_dir, str):  # the argument open_store passes on, said before it opens
+        with pytest.raises(InvalidInputError, match="cache_dir"):
+            open_store(str(tmp_path / "new-store"), cache_dir=cache_dir)
+    assert _tree(tmp_path / "cwd") == []
+    assert not (tmp_path / "new-store").exists()
+
+
+def test_a_cache_dir_under_tilde_is_in_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, versions = _published(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    with CachedStore(store, "~/cache").checkout("db") as snap:
+        assert snap.path.is_relative_to(tmp_path / "home" / "cache")
+        assert snap.info.version == versions[0]
+    opened = open_store(str(tmp_path / "store"), cache_dir="~/cache2")
+    assert isinstance(opened, CachedStore)
+    assert opened.root.parent == tmp_path / "home" / "cache2"
+    assert _tree(tmp_path / "cwd") == []  # no folder named ~
+    from chroma_snapshots.stores.cache import DEFAULT_CACHE_DIR
+    from chroma_snapshots.stores.cache.store import cache_folder
+
+    assert cache_folder(DEFAULT_CACHE_DIR) == Path(DEFAULT_CACHE_DIR)  # the default passes

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.engine.deadline import MAX_SECONDS  # the CLI's --timeout too
-from chroma_snapshots.engine.validation import number_in
-from chroma_snapshots.errors import ConfigError, shown
+from chroma_snapshots.engine.validation import cache_dir_path, number_in
+from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
@@ -249,15 +249,13 @@ def _cache_dir(env: Mapping[str, str]) -> str | None:
 
 
 def check_cache_dir(raw: str, what: str) -> str:
-    """``raw`` if it is an absolute path, else ConfigError naming ``what`` (the variable,
-    the CLI's ``--cache-dir``, the field). A relative one would depend on the working
-    directory of whatever process reads it (a Lambda's is read-only), and one cache per
-    directory a command ran in defeats the cache; the shell spells ``$PWD/cache``."""
-    if not (isinstance(raw, str | os.PathLike) and os.path.isabs(raw)):
-        raise ConfigError(
-            f"{what}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
-        )
-    return raw
+    """``raw`` if it is an absolute path (validation.cache_dir_path, the rule CachedStore's
+    argument follows too), else ConfigError naming ``what`` (the variable, the CLI's
+    ``--cache-dir``, the field); the shell spells ``$PWD/cache``."""
+    try:
+        return cache_dir_path(raw, what)
+    except InvalidInputError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _bytes(env: Mapping[str, str], var: str) -> int | None:

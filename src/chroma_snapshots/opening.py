@@ -136,8 +136,12 @@ def open_store(
     a local store directory that does not exist is SnapshotNotFoundError (read-only use).
     """
     cfg = _config(target)
+    cache: str | os.PathLike[str] | None = cfg.cache_dir
+    if cache_dir is not None:  # CachedStore's rule, said before a local store is made
+        from chroma_snapshots.stores.cache.store import cache_folder
+
+        cache = cache_folder(cache_dir)  # "" too: no folder, not "no cache"
     source = source_for(cfg, create=create)
-    cache = cache_dir or cfg.cache_dir
     if cache is None:
         return source
     from chroma_snapshots.stores.cache import CachedStore

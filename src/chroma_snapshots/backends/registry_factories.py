@@ -21,16 +21,16 @@ def local_path(url: str) -> str:
     ``~user`` is that home folder, as a shell reads it (in ``file://~/store`` too, where
     it lands in the host part), never a folder named ``~`` (``./~`` names one)."""
     if "://" not in url:
-        return _home(url)  # a plain path, relative to the working directory or absolute
+        return expand_home(url)  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
     if parts.netloc.startswith("~"):
-        return _home(unquote(parts.netloc + parts.path))
+        return expand_home(unquote(parts.netloc + parts.path))
     if parts.netloc not in ("", "localhost") or not parts.path.strip("/ "):
         raise ConfigError(f"{url!r}: a file/efs URL needs an absolute path, e.g. efs:///mnt/store")
     return unquote(parts.path)
 
 
-def _home(path: str) -> str:
+def expand_home(path: str) -> str:
     """``path`` with a leading ``~`` or ``~user`` expanded; ConfigError if there is no
     such home folder (no HOME, no such user) rather than a folder named ``~``."""
     if not path.startswith("~"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Hashable, Iterable, Mapping
@@ -128,6 +129,20 @@ def check_chunk_size(size: object) -> int:
             f"chunk_size {size!r} must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
         )
     return size
+
+
+def cache_dir_path(raw: object, what: str) -> str:
+    """``raw`` (a str or a path) as a str if it names an absolute path, else
+    InvalidInputError naming ``what``: a relative one would depend on the working directory
+    of whatever process reads it (a Lambda's is read-only), and one cache per directory a
+    command ran in defeats the cache; an empty one, one with a NUL, bytes or a number are
+    no path. The one rule of every way to name a cache's folder (config.check_cache_dir)."""
+    path = os.fspath(raw) if isinstance(raw, str | os.PathLike) else None
+    if not (isinstance(path, str) and os.path.isabs(path) and "\0" not in path):
+        raise InvalidInputError(
+            f"{what}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
+        )
+    return path
 
 
 def number_in(x: object, low: float, high: float, *, low_ok: bool = True) -> bool:

@@ -19,17 +19,20 @@ from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.backends.registry_factories import expand_home
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.validation import sha256_hex
+from chroma_snapshots.engine.validation import cache_dir_path, sha256_hex
 from chroma_snapshots.errors import (
+    ConfigError,
     InvalidInputError,
     SnapshotError,
     StorageTimeoutError,
+    shown,
 )
 from chroma_snapshots.stores.base import (
     LATEST,
@@ -88,8 +91,9 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
                 f"CachedStore reads from a source store (RemoteStore, FallbackStore, "
                 f"DelegatingSourceStore), not {type(inner).__name__}"
             )
+        folder = cache_folder(cache_dir)
         identity = inner.identity + (f"\0{inner.trust}" if inner.trust else "")
-        self.root = Path(cache_dir) / sha256_hex(identity.encode())[:16]
+        self.root = folder / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         flags = {"stale_ok": stale_ok, "patch_in_place": patch_in_place}
@@ -102,9 +106,9 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         self._mlock = threading.Lock()
         try:
             # ours alone whatever the umask (0775 under umask 002 would then be refused)
-            Path(cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.root.mkdir(mode=0o700, exist_ok=True)
-            check_trusted(Path(cache_dir).resolve(), self.root)  # the folder a link names
+            check_trusted(folder.resolve(), self.root)  # the folder a link names
             if not (self.root / CACHE_MARKER).exists():  # no checkout goes below it
                 (self.root / CACHE_MARKER).touch()
             self.clean_leftovers()
@@ -351,3 +355,19 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
             source = self._from_cache(name, version, manifest, (tree, None), dl, stats, chunks)
         d.write_stamps(version, tree, manifest)
         return source
+
+
+def cache_folder(cache_dir: object) -> Path:
+    """``CachedStore``'s ``cache_dir``, held to the rule of ``StoreConfig.cache_dir``,
+    ``--cache-dir`` and ``CHROMA_SNAPSHOTS_CACHE_DIR`` (an absolute path: validation.
+    cache_dir_path), after a leading ``~`` or ``~user`` is expanded as in a store's path;
+    else InvalidInputError. ``""`` and a relative path put the cache in the working
+    directory, and ``~/x`` made a folder named ``~`` there."""
+    path = os.fspath(cache_dir) if isinstance(cache_dir, str | os.PathLike) else cache_dir
+    if isinstance(path, str) and path.startswith("~") and "\0" not in path:
+        try:
+            path = expand_home(path)
+        except ConfigError:
+            msg = f"cache_dir={shown(cache_dir)}: its ~ names no home folder (no HOME, no user)"
+            raise InvalidInputError(msg) from None
+    return Path(cache_dir_path(path, "cache_dir"))
