@@ -17,6 +17,7 @@ from chroma_snapshots import (
     ConflictError,
     Deadline,
     InvalidInputError,
+    LocalDiskError,
     RemoteStore,
     StoreConfig,
     open_backend,
@@ -368,3 +369,26 @@ def test_a_cache_dir_under_tilde_is_in_the_home_folder(
     from chroma_snapshots.stores.cache.store import cache_folder
 
     assert cache_folder(DEFAULT_CACHE_DIR) == Path(DEFAULT_CACHE_DIR)  # the default passes
+
+
+def test_a_relative_dest_with_the_working_directory_gone_is_a_local_disk_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, _ = _published(tmp_path)
+    cache = CachedStore(store, tmp_path / "cache")
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+
+    def outside() -> list[str]:
+        return [p for p in _tree(tmp_path) if not p.startswith("cache")]
+
+    before = outside()
+    for reader in (store, cache):
+        with pytest.raises(LocalDiskError, match="working directory") as e:
+            reader.checkout("db", dest="rel")
+        assert e.value.filename == "rel"
+    assert main(["--store", str(tmp_path / "store"), "checkout", "db", "--dest", "rel"]) == 1
+    err = capsys.readouterr().err
+    assert "error: rel: writing the checkout: resolving it against the working directory" in err
+    assert outside() == before  # the cache may have been filled; nothing else was made

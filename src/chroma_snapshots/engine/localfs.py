@@ -152,8 +152,14 @@ def build_at(
     ``dest`` (nor the temporary folder), and a raw OSError is the documented error
     (``what`` failed). With a deadline, the work runs on a thread of its own
     (engine/cleanup.py), so that a destination on a slow or hung disk costs the caller
-    its deadline, not the disk's time: what is left then is removed in the background."""
-    at = None if dest is None else Path(check_dest(dest)).absolute()
+    its deadline, not the disk's time: what is left then is removed in the background. A
+    relative ``dest`` while the working directory is deleted is LocalDiskError naming it."""
+    at = None
+    if dest is not None:
+        given = Path(check_dest(dest))
+        # a relative dest is resolved against the working directory, which may be gone
+        with local_io(given, f"{what}: resolving it against the working directory"):
+            at = given.absolute()
     if deadline is None:
         return _build_at(at, build, what, None, Handoff())
     handoff = Handoff()
