@@ -273,3 +273,22 @@ def test_scalar_nan_metadata_is_left_to_chroma() -> None:
     meta = Delta.from_obj(body).upserts[0].metadata
     assert meta is not None
     assert math.isnan(float(meta["n"]))  # type: ignore[arg-type]
+
+
+def test_a_delta_larger_than_one_chroma_call_is_applied_beside_its_batch(
+    store: RemoteStore,
+) -> None:
+    """A delta of more upserts (and deletes) than chroma takes in one call (its max batch
+    size, 5,461 with this sqlite) is valid: it is applied in parts. Before, chroma's
+    InternalError failed the whole batch, its good deltas with it (the compactor handler
+    then failed every message of the batch on each delivery, toward the dead-letter queue)."""
+    big_n = 6_000
+    big = Delta("big", "receipts", tuple(Record(f"b{i}", (1.0, float(i))) for i in range(big_n)))
+    good = Delta("good", "receipts", (Record("g", (2.0, 2.0)),))
+    done = compact(store, "db", [big, good])
+    assert done.applied == ("big", "good")
+    assert done.rejected == {}
+    assert len(_records(store)) == big_n + 1
+    gone = Delta("gone", "receipts", deletes=tuple(f"b{i}" for i in range(big_n)))
+    assert compact(store, "db", [gone]).applied == ("gone",)
+    assert set(_records(store)) == {"g"}

@@ -317,16 +317,22 @@ def _apply(
 
 
 def _apply_one(client: Any, d: Delta) -> None:
+    """Apply one delta, its upserts and deletes in calls of at most chroma's batch size (a
+    delta of more upserts than one call takes is valid: chroma raised InternalError on it,
+    which failed the whole batch). A call that fails leaves the delta half applied; the
+    caller then starts again from a fresh checkout without it."""
     col = client.get_or_create_collection(d.collection, embedding_function=None)
-    if d.upserts:
+    step = client.get_max_batch_size()
+    for k in range(0, len(d.upserts), step):
+        part = d.upserts[k : k + step]
         col.upsert(
-            ids=[r.id for r in d.upserts],
-            embeddings=cast(Any, [list(r.embedding) for r in d.upserts]),
-            documents=[r.document or "" for r in d.upserts],
-            metadatas=cast(Any, [dict(r.metadata) if r.metadata else None for r in d.upserts]),
+            ids=[r.id for r in part],
+            embeddings=cast(Any, [list(r.embedding) for r in part]),
+            documents=[r.document or "" for r in part],
+            metadatas=cast(Any, [dict(r.metadata) if r.metadata else None for r in part]),
         )
-    if d.deletes:
-        col.delete(ids=list(d.deletes))
+    for k in range(0, len(d.deletes), step):
+        col.delete(ids=list(d.deletes[k : k + step]))
 
 
 def _refusal(e: Exception) -> str:
