@@ -311,3 +311,20 @@ def test_releasing_unprocessed_messages_ends_before_the_invocation_does() -> Non
     assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == [
         m.message_id for m in left
     ]
+
+
+def test_hand_made_event_shapes_fail_alone_never_the_batch(env: dict[str, str]) -> None:
+    """``Records`` that is not a list is no records; a body that is not text (a dict, as
+    a hand-built test event has it) and attributes of the wrong type fail their message
+    alone. Both raised a raw TypeError before, losing the good messages' answers."""
+    handler = QueryHandler(LambdaConfig.from_env(env))
+    for empty in ({"Records": None}, {"Records": "x"}, {"Records": {"a": 1}}):
+        assert handler(empty, FakeContext(30)) == {"batchItemFailures": []}
+    event = sqs_event({"collection": "receipts", "ids": ["receipts-7"], "n_results": 1})
+    good = event["Records"][0]
+    bad_body = {**good, "messageId": "m-dict", "body": {"collection": "receipts"}}
+    odd_attrs = {**good, "messageId": "m-attrs", "attributes": ["not", "a", "dict"]}
+    event["Records"] += [bad_body, odd_attrs]
+    response = handler(event, FakeContext(30))
+    assert failures(response) == {"m-dict"}
+    assert set(lambda_plugins.RESULTS) == {"m0", "m-attrs"}

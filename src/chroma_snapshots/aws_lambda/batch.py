@@ -52,23 +52,29 @@ def parse(record: Any) -> Message:
     """An SQS event record as a Message; InvalidInputError for a poison message."""
     if not isinstance(record, dict) or "messageId" not in record:
         raise InvalidInputError("not an SQS record")
+    raw = record.get("body")
+    if raw is not None and not isinstance(raw, str):  # SQS sends text; a hand-made event
+        raise InvalidInputError(f"body is not text but {type(raw).__name__}")
     try:
-        body = json.loads(record.get("body") or "")
+        body = json.loads(raw or "")
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise InvalidInputError(f"body is not JSON: {e}") from None
-    attrs = record.get("attributes") or {}
+    attrs = record.get("attributes")
+    count = attrs.get("ApproximateReceiveCount") if isinstance(attrs, dict) else None
     return Message(
         str(record["messageId"]),
         body,
         str(record.get("receiptHandle", "")),
         str(record.get("eventSourceARN", "")),
-        int(attrs.get("ApproximateReceiveCount", 1) or 1),
+        int(count) if isinstance(count, str | int) and str(count).isdigit() else 1,
     )
 
 
 def records(event: Any) -> list[Any]:
-    """The SQS records of a Lambda event (an empty list for anything else)."""
-    return list(event.get("Records", [])) if isinstance(event, dict) else []
+    """The SQS records of a Lambda event (an empty list for anything else, a ``Records``
+    that is not a list included)."""
+    got = event.get("Records") if isinstance(event, dict) else None
+    return list(got) if isinstance(got, list) else []
 
 
 def run_batch(
