@@ -328,3 +328,19 @@ def test_hand_made_event_shapes_fail_alone_never_the_batch(env: dict[str, str]) 
     response = handler(event, FakeContext(30))
     assert failures(response) == {"m-dict"}
     assert set(lambda_plugins.RESULTS) == {"m0", "m-attrs"}
+
+
+@pytest.mark.parametrize(
+    "key", ["../../x", "db/refs/latest", "db/manifests", "db", "_probes/x", ".locks/x", "a//b"]
+)
+def test_a_lock_key_the_store_cannot_hold_fails_the_cold_start(
+    env: dict[str, str], key: str
+) -> None:
+    """A lock key that is no canonical key, or one among the snapshot's own objects (its
+    refs: the lock read `latest` as a malformed lease), failed every message at run time,
+    sending the whole queue to the dead-letter queue; now the configuration is refused."""
+    with pytest.raises(ConfigError, match="CHROMA_SNAPSHOTS_LOCK_KEY"):
+        LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_LOCK_KEY": key})
+    for fine in ("locks/compactor", "db/locks/publish"):
+        cfg = LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_LOCK_KEY": fine})
+        assert cfg.lock_key == fine

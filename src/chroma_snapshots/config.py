@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
+from chroma_snapshots.backends.base import check_key
 from chroma_snapshots.engine.deadline import MAX_SECONDS  # the CLI's --timeout too
+from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
 from chroma_snapshots.engine.validation import cache_dir_path, number_in
 from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
 
@@ -321,6 +323,7 @@ class LambdaConfig:
                 raise ConfigError(f"{var}={shown(raw)} must be module:function")
         if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
             raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
+        _check_lock_key(env.get(ENV_LOCK_KEY, "").strip(), name)
         return cls(
             store=store,
             name=name,
@@ -332,6 +335,25 @@ class LambdaConfig:
             metrics_namespace=env.get(ENV_METRICS, "").strip() or None,
             release_unprocessed=_flag(env, ENV_RELEASE),
             init_seconds=_init_budget(env),
+        )
+
+
+def _check_lock_key(key: str, name: str) -> None:
+    """ConfigError unless ``key`` (if set) is an object key the store's own objects never
+    use (``name`` itself is the snapshot's folder): a bad one failed every message at run
+    time, sending the queue to its dead-letter queue, and one among a name's refs or
+    manifests made the lock read a ref as a lease."""
+    if not key:
+        return
+    try:
+        check_key(key)
+    except ValueError as e:
+        raise ConfigError(f"{ENV_LOCK_KEY}={shown(key)}: {e}") from None
+    parts = key.split("/")
+    if key == name or parts[0] == PROBES or (len(parts) > 1 and parts[1] in STORE_KINDS):
+        raise ConfigError(
+            f"{ENV_LOCK_KEY}={shown(key)} is among the store's own objects; use a key such "
+            "as locks/compactor"
         )
 
 

@@ -16,6 +16,7 @@ Only this module spells a key; stores, prune and maintenance ask it.
 from __future__ import annotations
 
 MANIFESTS, PACKS, REFS, PINS, GC, RETIRED = "manifests", "packs", "refs", "pins", "gc", "retired"
+STORE_KINDS = (MANIFESTS, PACKS, REFS, PINS, GC, RETIRED)  # every folder below a name
 PROBES = "_probes"
 """Top-level folder of probe objects; never a snapshot name (names cannot start with ``_``)."""
 
