@@ -392,3 +392,24 @@ def test_a_relative_dest_with_the_working_directory_gone_is_a_local_disk_error(
     err = capsys.readouterr().err
     assert "error: rel: writing the checkout: resolving it against the working directory" in err
     assert outside() == before  # the cache may have been filled; nothing else was made
+
+
+class _BadPath:
+    """A path object whose ``__fspath__`` gives no path (``os.fspath`` raises TypeError)."""
+
+    def __fspath__(self) -> int:
+        return 5
+
+
+def test_a_path_object_that_gives_no_path_is_invalid_input(tmp_path: Path) -> None:
+    """Every argument taken as a path (publish's source and parent_dir, a cache's folder)
+    refuses it as checkout's dest did: before, the others raised a raw TypeError."""
+    store = RemoteStore(open_backend(f"file://{tmp_path / 'store'}"))
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    with pytest.raises(InvalidInputError):
+        store.publish("db", _BadPath())  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        store.publish("db", src, parent_dir=_BadPath())  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        CachedStore(store, _BadPath())  # type: ignore[arg-type]
+    assert store.read_ref("db") is None

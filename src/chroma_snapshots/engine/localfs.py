@@ -33,6 +33,7 @@ from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
     walk,
 )
+from chroma_snapshots.engine.validation import path_text
 from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError, shown
 
 # In each store's folder of a cache (stores/cache): a checkout never goes below one, where
@@ -43,11 +44,8 @@ CACHE_MARKER = ".chroma-snapshots-cache"
 def check_dest(dest: str | Path) -> str | Path:
     """``dest`` unless it is not a path (bytes, a NUL), or empty (``Path("")`` is the
     working directory)."""
-    try:
-        path = os.fspath(dest) if isinstance(dest, str | os.PathLike) else None
-    except TypeError:  # a PathLike whose __fspath__ returns something else
-        path = None
-    if not isinstance(path, str) or "\0" in path:
+    path = path_text(dest)
+    if path is None or "\0" in path:
         raise InvalidInputError(f"checkout destination {shown(dest)} is not a path")
     if not path.strip():
         raise InvalidInputError("checkout destination is empty: name a folder")

@@ -131,14 +131,24 @@ def check_chunk_size(size: object) -> int:
     return size
 
 
+def path_text(x: object) -> str | None:
+    """``x`` as a str path if it is a str or a path object naming one; None for anything
+    else (bytes, a number, a path object whose ``__fspath__`` gives no str)."""
+    try:
+        path = os.fspath(x) if isinstance(x, str | os.PathLike) else None
+    except TypeError:  # a PathLike whose __fspath__ returns something else
+        return None
+    return path if isinstance(path, str) else None
+
+
 def cache_dir_path(raw: object, what: str) -> str:
     """``raw`` (a str or a path) as a str if it names an absolute path, else
     InvalidInputError naming ``what``: a relative one would depend on the working directory
     of whatever process reads it (a Lambda's is read-only), and one cache per directory a
     command ran in defeats the cache; an empty one, one with a NUL, bytes or a number are
     no path. The one rule of every way to name a cache's folder (config.check_cache_dir)."""
-    path = os.fspath(raw) if isinstance(raw, str | os.PathLike) else None
-    if not (isinstance(path, str) and os.path.isabs(path) and "\0" not in path):
+    path = path_text(raw)
+    if not (path is not None and os.path.isabs(path) and "\0" not in path):
         raise InvalidInputError(
             f"{what}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
         )

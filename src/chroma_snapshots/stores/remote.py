@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from chroma_snapshots.engine.validation import (
     check_name,
     check_source,
     number_in,
+    path_text,
     utc_now,
 )
 from chroma_snapshots.errors import (
@@ -420,8 +420,7 @@ def check_settings(
 def check_parent_dir(parent_dir: object) -> None:
     """``publish``'s ``parent_dir``: None, a folder's path or a function to one, else
     InvalidInputError (``123`` was a raw TypeError once the parent's manifest was read)."""
-    path = os.fspath(parent_dir) if isinstance(parent_dir, str | os.PathLike) else None
-    if not (parent_dir is None or callable(parent_dir) or isinstance(path, str)):
+    if not (parent_dir is None or callable(parent_dir) or path_text(parent_dir) is not None):
         raise InvalidInputError(
             f"parent_dir must be a folder, a function to one or None, not {shown(parent_dir)}"
         )

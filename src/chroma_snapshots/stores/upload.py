@@ -29,6 +29,7 @@ from chroma_snapshots.engine.validation import (
     MAX_METADATA_DEPTH,
     check_chains,
     check_depth,
+    path_text,
     sha256_hex,
     short_id,
 )
@@ -331,8 +332,8 @@ def checked_source(source_dir: str | Path) -> str | Path:
     """``publish``'s ``source_dir``, or InvalidInputError: an empty string (which ``Path``
     reads as the working directory: a publish of whatever folder the process ran in) or
     something that is no path (None, bytes: a raw TypeError from ``Path``)."""
-    path = os.fspath(source_dir) if isinstance(source_dir, str | os.PathLike) else None
-    if not isinstance(path, str):
+    path = path_text(source_dir)
+    if path is None:
         raise InvalidInputError(f"source directory {shown(source_dir)} is not a path")
     if not path:
         raise InvalidInputError("source directory is empty: name a folder ('.' for this one)")

@@ -26,7 +26,7 @@ from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.validation import cache_dir_path, sha256_hex
+from chroma_snapshots.engine.validation import cache_dir_path, path_text, sha256_hex
 from chroma_snapshots.errors import (
     ConfigError,
     InvalidInputError,
@@ -363,11 +363,11 @@ def cache_folder(cache_dir: object) -> Path:
     cache_dir_path), after a leading ``~`` or ``~user`` is expanded as in a store's path;
     else InvalidInputError. ``""`` and a relative path put the cache in the working
     directory, and ``~/x`` made a folder named ``~`` there."""
-    path = os.fspath(cache_dir) if isinstance(cache_dir, str | os.PathLike) else cache_dir
-    if isinstance(path, str) and path.startswith("~") and "\0" not in path:
+    path = path_text(cache_dir)
+    if path is not None and path.startswith("~") and "\0" not in path:
         try:
             path = expand_home(path)
         except ConfigError:
             msg = f"cache_dir={shown(cache_dir)}: its ~ names no home folder (no HOME, no user)"
             raise InvalidInputError(msg) from None
-    return Path(cache_dir_path(path, "cache_dir"))
+    return Path(cache_dir_path(cache_dir if path is None else path, "cache_dir"))
