@@ -157,7 +157,10 @@ def _serve(source: str, mountpoint: str, control: str, counts: str) -> None:
             time.sleep(0.01)
 
     threading.Thread(target=dump_counts, daemon=True).start()
-    FUSE(fs, mountpoint, foreground=True, nothreads=False)
+    # hard_remove: an unlink removes the file even while the kernel's release of its last
+    # handle is still queued (a close is answered before it reaches us); without it libfuse
+    # renames the file to .fuse_hidden*, and the folder it was in cannot be removed
+    FUSE(fs, mountpoint, foreground=True, nothreads=False, hard_remove=True)
 
 
 class FaultyMount:
