@@ -232,6 +232,10 @@ def test_an_outage_of_the_source_of_truth_never_undoes_a_rollback(tmp_path: Path
     shutil.rmtree(tmp_path / "s3")  # the source of truth goes away
     (tmp_path / "s3").write_bytes(b"")  # ... and answers with errors, not "not found"
     assert fb.current_version("db") == (bad, True)  # the mirror's answer, flagged stale
+    with fb.checkout("db") as snap:  # no cache: the checkout says so too
+        assert (snap.info.version, snap.stale) == (bad, True)
+        assert (snap.path / "a").read_bytes() == b"BAD release"
+    assert fb.checkout("db", bad).stale is False  # a version id is no ref answer
     with cache.checkout("db") as snap:
         assert (snap.path / "a").read_bytes() == b"good"  # what the truth said last
         assert snap.stale

@@ -50,7 +50,8 @@ class LocalSnapshot:
     info: SnapshotInfo
     stats: TransferStats
     stale: bool = False
-    """True when a cache served this because the store did not answer in time."""
+    """True when the version was chosen without the source of truth: a cache served it
+    because the store did not answer in time, or a FallbackStore's mirror named it."""
     source: str = ""
     """Which store the data came from (``cache`` when nothing was fetched)."""
     _release: Callable[[], None] | None = field(default=None, repr=False, compare=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -221,13 +222,14 @@ class FallbackStore(SourceStore):
         progress: Progress | None = None,
     ) -> LocalSnapshot:
         dl = as_deadline(deadline, self.default_timeout)
-        version = self.current_version(name, ref, deadline=dl)[0]  # from the source of truth
+        # from the source of truth; a mirror's answer when it does not answer: stale
+        version, stale = self.current_version(name, ref, deadline=dl)
         snap, _ = self._first(
             "checkout",
             dl,
             lambda s, budget: s.checkout(name, version, dest, deadline=budget, progress=progress),
         )
-        return snap
+        return replace(snap, stale=True) if stale else snap
 
     def versions(self, name: str, *, deadline: DeadlineLike = None) -> Iterator[SnapshotInfo]:
         found, _ = self._first(
