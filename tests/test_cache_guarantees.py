@@ -322,6 +322,12 @@ def test_a_store_that_hangs_costs_a_stale_read_its_stale_after_not_the_deadline(
             assert (snap.stale, snap.info.version) == (True, v2)
             assert read_tree(snap.path) == read_tree(src2)
         assert dl.remaining() > 20  # it waited stale_after for the ref, not the deadline
+        for seconds in (1.0, 2.0, 3.0):  # a deadline shorter than stale_after (3 s)
+            short = CachedStore(remote, tmp_path / "cache", stale_ok=True)
+            dl = Deadline(seconds)  # half for the ref, the rest to serve what is cached
+            with short.checkout("db", deadline=dl) as snap:
+                assert (snap.stale, snap.info.version) == (True, v2), seconds
+                assert read_tree(snap.path) == read_tree(src2)
 
 
 def test_a_shared_sticky_cache_folder_is_accepted_with_a_folder_of_our_own(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from chroma_snapshots.stores.cache.space import CacheSpace
 
 log = logging.getLogger(__name__)
 
+STALE_SHARE = 0.5  # of a deadline shorter than stale_after, what the ref may wait for
+
 
 class CacheRefs(CacheSpace):
     """The refs half of a CachedStore (see its ``stale_ok``, ``stale_after`` and
@@ -48,7 +50,10 @@ class CacheRefs(CacheSpace):
             return recent, False, None
         wait = dl
         if self.stale_ok and self.dirs(name).recorded_ref(ref) is not None:
-            wait = dl.child(self.stale_after)  # a store that hangs costs this, not the deadline
+            # a store that hangs costs this, not the deadline: at most half the time left,
+            # the rest being for serving the cached copy (a whole short deadline spent
+            # waiting left nothing to serve it with)
+            wait = dl.child(min(self.stale_after, dl.remaining() * STALE_SHARE))
         try:
             found, outage = self.inner.read_current(name, ref, deadline=wait)
             stats.add(requests=1)

@@ -60,7 +60,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
 
     ``max_bytes`` caps the cache's size; ``min_free_bytes`` keeps that much of the
     disk free. ``stale_ok``: when the remote store can't be reached within
-    ``stale_after`` seconds (default 3; the deadline if shorter), serve the version the
+    ``stale_after`` seconds (default 3; half the time left if shorter), serve the version the
     asked ref named when it was last read, flagged ``stale=True``, if that version is
     cached; otherwise the outage's error is raised.
     ``refresh_seconds`` (read-consistency interval): trust what a ref named for that long
