@@ -193,3 +193,28 @@ def test_wait_for_cleanups_refuses_a_timeout_that_is_not_seconds(timeout: object
     finally:
         gate.set()
     assert wait_for_cleanups(timeout=60)
+
+
+def test_a_call_that_times_out_on_a_disk_that_answers_returns_with_nothing_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The build notices the deadline at its next check and removes its work folder and
+    # the parents it made; the caller waits for that (at most cleanup.GRACE, here made
+    # long so that a loaded machine cannot fail the test). Before, the call returned at
+    # once and a process exiting right after it (the CLI) killed the removal half done.
+    monkeypatch.setattr(cleanup, "GRACE", 60.0)
+    files = {f"d{i % 3}/f{i:02d}.bin": os.urandom(256 << 10) for i in range(24)}
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
+    store.publish("db", write_tree(tmp_path / "src", files))
+    timed_out = 0
+    for seconds in (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1):
+        dest = tmp_path / "out" / "a" / "db"
+        try:
+            store.checkout("db", dest=dest, deadline=seconds)
+        except StorageTimeoutError:
+            timed_out += 1
+            assert not (tmp_path / "out").exists(), seconds  # no work folder, no parents
+        else:
+            assert read_tree(dest) == files
+            shutil.rmtree(tmp_path / "out")
+    assert timed_out >= 3

@@ -112,6 +112,8 @@ class Handoff:
         self._lock = threading.Lock()
         self._given_up: bool | None = None
         self.final = Path()
+        self.started = False  # the build began (a call refused before it never does)
+        self.ended = threading.Event()  # set when the build returns or fails (after removal)
 
     def keep(self, final: Path) -> bool:
         """The build's: True if the tree at ``final`` is delivered (the caller waits)."""
@@ -121,11 +123,18 @@ class Handoff:
             return not self._given_up
 
     def give_up(self) -> bool:
-        """The caller's: True if no tree will be delivered (one in place is taken back)."""
+        """The caller's: True if no tree will be delivered (one in place is taken back).
+        Then waits at most :data:`GRACE` for the build to end: past its deadline it stops
+        at its next check and removes its work folder, so on a disk that answers the
+        caller returns with nothing left (a process exiting at once would otherwise end
+        the removal half done, its threads being daemons)."""
         with self._lock:
             if self._given_up is None:
                 self._given_up = True
-            return self._given_up
+            given_up = self._given_up
+        if given_up and self.started:
+            self.ended.wait(GRACE)
+        return given_up
 
 
 def wait_for_cleanups(timeout: float | None = None) -> bool:

@@ -180,6 +180,20 @@ def _build_at(
     deadline: Deadline | None,
     handoff: Handoff,
 ) -> Path:
+    handoff.started = True
+    try:
+        return _build(at, build, what, deadline, handoff)
+    finally:
+        handoff.ended.set()
+
+
+def _build(
+    at: Path | None,
+    build: Callable[[Path, FolderId], object],
+    what: str,
+    deadline: Deadline | None,
+    handoff: Handoff,
+) -> Path:
     try:
         final, made = prepare_dest(at)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
