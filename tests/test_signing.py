@@ -54,6 +54,36 @@ def test_unsigned_data_is_refused(tmp_path: Path, src: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "store"]  # no temp folder either
 
 
+def test_a_store_without_the_key_never_writes_an_unsigned_ref_over_a_signed_one(
+    tmp_path: Path, src: Path
+) -> None:
+    # An empty or forgotten key variable: a publish, tag, rollback or sync made without it
+    # would leave an unsigned ref that every reader holding the key refuses.
+    from chroma_snapshots import ANY
+    from chroma_snapshots.ops.sync import sync_version
+
+    signed = _store(tmp_path / "store", KEY_A)
+    first = signed.publish("db", src).version
+    signed.set_ref("db", "stable", first, expected=None)
+    keyless = _store(tmp_path / "store", None)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    write_tree(src, {"new": b"n"})
+    for call in (
+        lambda: keyless.publish("db", src),
+        lambda: keyless.set_ref("db", "stable", first, expected=first),
+        lambda: keyless.set_ref("db", "latest", first, expected=ANY),
+        lambda: sync_version(signed, _store(tmp_path / "mirror", None), "db", first),
+    ):
+        with pytest.raises(ConfigError, match="signed, and this store has no signing key"):
+            call()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == before
+    assert not (tmp_path / "mirror").exists() or not list((tmp_path / "mirror").rglob("refs/*"))
+    assert signed.resolve("db").version == first  # every keyed reader still reads it
+    assert signed.current_version("db", "stable")[0] == first
+    keyless.set_ref("db", "new-tag", first, expected=None)  # a new ref: nothing signed to keep
+    assert sync_version(signed, _store(tmp_path / "m2", KEY_A), "db", first) > 0
+
+
 def test_tampered_manifest_and_ref(tmp_path: Path, src: Path) -> None:
     store = _store(tmp_path / "store", KEY_A)
     v1 = store.publish("db", src).version

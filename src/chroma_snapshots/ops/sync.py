@@ -12,6 +12,7 @@ from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
 from chroma_snapshots.engine.keys import manifest_key, pack_key
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 from chroma_snapshots.stores.base import ANY
+from chroma_snapshots.stores.refs import unsigned_over_signed
 
 if TYPE_CHECKING:
     from chroma_snapshots.stores.base import BackedStore
@@ -29,11 +30,21 @@ def sync_version(
     """Copy ``version`` of ``name`` from ``src`` to ``dst``: packs it lacks, then the manifest,
     then (if ``ref``) point ``dst``'s ref at it. Returns the bytes copied.
 
-    Same order as a publish, so ``dst`` never has a ref to an incomplete version.
+    Same order as a publish, so ``dst`` never has a ref to an incomplete version. A signed
+    version is refused (ConfigError, nothing copied) when ``dst`` has no signing key and a
+    ref is to be moved: the unsigned ref would be refused by every reader holding the key.
     """
     dl = as_deadline(deadline, src.default_timeout)
     manifest = src.load_manifest(name, version, deadline=dl)
     s_io, d_io = DeadlineBackend(src.backend, dl), DeadlineBackend(dst.backend, dl)
+    mkey = manifest_key(name, version)
+    try:
+        sig = s_io.get(mkey + ".sig").data
+    except SnapshotNotFoundError:
+        sig = None
+    if sig is not None and ref is not None and not dst.trust:
+        # its ref would go unsigned: readers holding the key would refuse the name
+        raise unsigned_over_signed(f"{name}/{version} (in the source)")
     copied = 0
     # Claimed on dst like a publish claims its packs, so a prune of dst cannot delete a
     # pack we found there and rely on (docs/RELIABILITY.md, "Prune protocol").
@@ -51,11 +62,11 @@ def sync_version(
                     pin.created(pack)
                 copied += len(data)
         pin.check_created()
-        key = manifest_key(name, version)
-        with contextlib.suppress(SnapshotNotFoundError, ConflictError):  # the signature, if any
-            d_io.put(key + ".sig", s_io.get(key + ".sig").data, mode=PutMode.CREATE)
+        if sig is not None:
+            with contextlib.suppress(ConflictError):
+                d_io.put(mkey + ".sig", sig, mode=PutMode.CREATE)
         with contextlib.suppress(ConflictError):
-            d_io.put(key, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
+            d_io.put(mkey, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
         if ref is not None:  # the same ref move as set_ref, last writer wins
             dst.set_ref(name, ref, version, expected=ANY, deadline=dl)
     return copied

@@ -288,6 +288,7 @@ class BackedStore(Protocol):
     label: str
     workers: int
     default_timeout: float
+    trust: str  # its signing keys' fingerprint; "" for a store that does not sign
 
     def load_manifest(
         self, name: str, version: str, *, deadline: DeadlineLike = None

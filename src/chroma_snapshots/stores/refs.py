@@ -16,6 +16,7 @@ from chroma_snapshots.engine.refvalue import MAX_GENERATION
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.validation import MAX_REF_BYTES, check_name, utc_now
 from chroma_snapshots.errors import (
+    ConfigError,
     ConflictError,
     IntegrityError,
     InvalidInputError,
@@ -98,6 +99,7 @@ def move_ref(
     reads the ref again: a write answered with an error may still have landed, and was
     if the ref holds it, if a mover noted moving on from it, or (``rests_on``, for a new
     version) if what the ref names now descends from it."""
+    check_signable(signer, current, f"ref {name}/{ref}")
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
@@ -135,6 +137,22 @@ def move_ref(
             f"{name}/{ref} moved while publishing (based on "
             f"{current[0].version if current else 'nothing'}); nothing was made visible"
         ) from e
+
+
+def check_signable(signer: Signer | None, current: Found | None, what: str) -> None:
+    """ConfigError if a store without a signing key would write an unsigned ref where a
+    signed one is (``current``): every reader holding the key would then refuse the name."""
+    if signer is None and current is not None and current[0].signature is not None:
+        raise unsigned_over_signed(what)
+
+
+def unsigned_over_signed(what: str) -> ConfigError:
+    """The refusal of :func:`check_signable` (and of a sync whose source is signed), said
+    before anything is written."""
+    return ConfigError(
+        f"{what} is signed, and this store has no signing key: an unsigned ref would lock "
+        "out every reader holding the key. Set CHROMA_SNAPSHOTS_SIGNING_KEY (signing_key=)"
+    )
 
 
 def overwrite_generation() -> int:
