@@ -251,3 +251,33 @@ def test_a_pin_is_alive_while_its_lock_is_held_whatever_its_pid(
         holder.communicate("")
     assert not cached.dirs("db").pinned(v1)
     assert not pin.exists()
+
+
+@pytest.mark.parametrize("patch_in_place", [True, False])
+def test_a_version_grown_past_the_cap_is_refused_patched_or_not(
+    tmp_path: Path, patch_in_place: bool
+) -> None:
+    # The retired version being patched is out of usage() but still on disk: the cap must
+    # count it, or a refresh by patching grew the cache past max_bytes where a cold build
+    # of the same version was refused (70 MiB under a 60 MiB cap, in review).
+    from chroma_snapshots import CacheFullError
+    from chroma_snapshots.backends.file import FileBackend
+
+    rng = random.Random(5)
+    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    a = store.publish("g", write_tree(tmp_path / "a", {"a": rng.randbytes(200 << 10)})).version
+    write_tree(tmp_path / "a", {"b": rng.randbytes(300 << 10)})
+    b = store.publish("g", tmp_path / "a").version  # 500 KiB, its parent a (200 KiB)
+    x = store.publish("x", write_tree(tmp_path / "x", {"x": rng.randbytes(200 << 10)})).version
+    cap = 600 << 10
+    cached = CachedStore(
+        store, tmp_path / "cache", max_bytes=cap, min_free_bytes=0, patch_in_place=patch_in_place
+    )
+    with cached.checkout("x", x):  # held: 200 + 500 > 600
+        cached.checkout("g", a).release()
+        with pytest.raises(CacheFullError):
+            cached.checkout("g", b)
+        assert cached.usage() <= cap
+    with cached.checkout("g", b) as snap:  # x released: it fits, by evicting
+        assert read_tree(snap.path) == read_tree(tmp_path / "a")
+        assert cached.usage() <= cap

@@ -91,7 +91,8 @@ class CacheBuilds(CacheSpace):
             made = new_folder(d.work_path(version)) if old is None else old.made
             work, built = made.path, made.id
             base = 0 if old is None else old.manifest.total_size
-            self._make_room(max(0, manifest.total_size - base), keep=(name, version))
+            # the retired version's bytes are no longer in usage() but still on disk
+            self._make_room(max(0, manifest.total_size - base), (name, version), held=base)
             with self._local_chunks(name, version) as local:
                 check = partial(dl.check, "checking the cached files")
                 files: dict[str, FileId] = {}  # each file as the build left it

@@ -81,10 +81,13 @@ class CacheSpace:
             if (m := self.cached_manifest(n, v)) is not None
         ) + sum(tree_bytes(self.dirs(n).copies()) for n in self.cached_names())
 
-    def _make_room(self, need: int, keep: tuple[str, str]) -> None:
-        self._evict_until(need, keep)
+    def _make_room(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
+        """Evict until ``need`` more bytes fit, else NoRoom. ``held``: bytes already on disk
+        that :meth:`usage` no longer counts (a retired version being patched into the new
+        one): the cap counts them, the free space already has them."""
+        self._evict_until(need, keep, held)
         # Other processes evict too: judge on fresh figures before giving up.
-        usage, free = self.usage(), shutil.disk_usage(self.root).free
+        usage, free = self.usage() + held, shutil.disk_usage(self.root).free
         if self._too_full(need, usage, free):
             raise NoRoom(
                 f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
@@ -92,15 +95,16 @@ class CacheSpace:
                 "evicting every unpinned version without a file system mounted in it"
             )
 
-    def _evict_until(self, need: int, keep: tuple[str, str]) -> None:
-        """Evict least recently used unpinned versions (not ``keep``) until ``need`` fits."""
+    def _evict_until(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
+        """Evict least recently used unpinned versions (not ``keep``) until ``need`` fits
+        (``held``: as :meth:`_make_room`'s)."""
         entries = sorted(
             (self.dirs(n).last_used(v), n, v)
             for n in self.cached_names()
             for v in self.dirs(n).complete()
             if (n, v) != keep
         )
-        usage = self.usage()
+        usage = self.usage() + held
         free = shutil.disk_usage(self.root).free
         for _, n, v in entries:
             if not self._too_full(need, usage, free):
