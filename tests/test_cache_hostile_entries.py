@@ -203,3 +203,27 @@ def test_a_folder_at_a_meta_file_name_does_not_fail_a_checkout(tmp_path: Path, w
     with CachedStore(remote, tmp_path / "cache").checkout("db", version) as snap:
         assert read_tree(snap.path) == files
     assert meta.is_file()
+
+
+@pytest.mark.parametrize("damage", ["no stamps", "no manifest", "garbage manifest"])
+def test_a_version_whose_meta_was_damaged_by_hand_is_swept_not_kept_uncounted(
+    tmp_path: Path, damage: str
+) -> None:
+    # Nothing listed, counted or evicted such a tree: it held its bytes outside max_bytes
+    # for good (`cache ls` said empty, `cache clear` evicted nothing).
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CHUNK)
+    old = remote.publish("db", write_tree(tmp_path / "src", _files(1))).version
+    new = remote.publish("db", write_tree(tmp_path / "src2", _files(2))).version
+    cached = CachedStore(remote, tmp_path / "cache")
+    cached.checkout("db", old).release()
+    d = cached.dirs("db")
+    if damage == "garbage manifest":
+        d.manifest_file(old).write_bytes(b"not a manifest")
+    else:
+        (d.stamps_file(old) if damage == "no stamps" else d.manifest_file(old)).unlink()
+    reopened = CachedStore(remote, tmp_path / "cache")  # (what every `cache` command does)
+    assert not d.tree(old).exists()
+    with reopened.checkout("db", new) as snap:
+        assert read_tree(snap.path) == _files(2)
+        assert os.listdir(d.root / "versions") == [new]
+        assert [e.version for e in entries(reopened)] == [new]

@@ -156,8 +156,31 @@ class CacheSpace:
                                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
                 except LockTimeout:
                     continue  # someone is working on that version right now
+            self._drop_orphans(n)
             _drop_stale_temp(d.root / "refs")
             sweep_copies(d)
+
+    def _drop_orphans(self, name: str) -> None:
+        """Remove trees in ``versions/`` whose meta files are gone or unreadable: damage by
+        hand (a build writes them before its tree lands; an eviction removes the tree
+        first), which left a tree nothing counted, listed or evicted, holding its bytes for
+        good. Not one someone holds (pinned) or works on (locked)."""
+        d = self.dirs(name)
+        try:
+            listed = os.listdir(d.root / "versions")
+        except OSError:
+            return
+        for v in listed:
+            if not VersionId.is_version(v) or d.pinned(v) or self._readable(d, v):
+                continue
+            # busy (LockTimeout), or a mount in it (LocalDiskError): left as it is
+            with contextlib.suppress(LockTimeout, LocalDiskError), d.lock(v).acquire(timeout=0):
+                if real_dir(d.tree(v)) and not d.pinned(v) and not self._readable(d, v):
+                    d.discard(v)
+
+    @staticmethod
+    def _readable(d: NameDirs, version: str) -> bool:
+        return d.is_complete(version) and d.read_manifest(version) is not None
 
 
 def _remove_left(path: Path) -> None:
