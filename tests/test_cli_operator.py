@@ -622,3 +622,25 @@ def test_an_empty_dest_is_refused_with_a_cache_too(tmp_path: Path) -> None:
     for store in (remote, CachedStore(remote, tmp_path / "cache")):
         with pytest.raises(InvalidInputError, match="empty"):
             store.checkout("db", dest="")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--store", "{tmp}/store "),
+        ("--store", "s3://bkt/prefix "),
+        ("--store", "s3://bkt/pre\tfix"),
+        ("--store", "{tmp}/store", "--cache-dir", "{tmp}/cache "),
+    ],
+)
+def test_a_flag_with_white_space_at_its_end_is_refused_not_another_store(
+    tmp_path: Path, run: Run, flags: tuple[str, ...]
+) -> None:
+    # The environment's values are stripped; the same value typed as a flag named another
+    # prefix or folder (S3 prefix 'ws2 '; URL parsing drops a tab), so it is refused.
+    src = write_tree(tmp_path / "src", {"a": b"a"})
+    args = [f.format(tmp=tmp_path) for f in flags]
+    code, _, err = run(*args, "publish", "db", str(src))
+    assert code == 2, err
+    assert "white space" in err
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no store or cache folder made

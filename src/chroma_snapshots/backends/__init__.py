@@ -96,6 +96,10 @@ def check_store_url(url: str, what: str = "store URL") -> str:
     called ``s3:`` (or ``s3``) and publish there."""
     if not url.strip():
         raise ConfigError(f"{what} is empty; e.g. s3://bucket/prefix or /data/store")
+    if url != url.strip() or any(c in url for c in "\t\r\n"):
+        # URL parsing drops tabs and line breaks, and a trailing space named another prefix
+        # (the environment's value is stripped before it gets here)
+        raise ConfigError(f"{what} {url!r} has white space at an end, or a tab or line break")
     if "://" in url:
         scheme = url.split("://", 1)[0]
         if not _SCHEME.fullmatch(scheme + ":"):

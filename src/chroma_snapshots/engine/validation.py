@@ -152,6 +152,8 @@ def cache_dir_path(raw: object, what: str) -> str:
         raise InvalidInputError(
             f"{what}={shown(raw)} must be an absolute path, e.g. /tmp/chroma-snapshots"
         )
+    if path != path.strip():  # the environment's value is stripped: a flag's named another
+        raise InvalidInputError(f"{what}={shown(raw)} ends with white space")
     return path
 
 
