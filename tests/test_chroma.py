@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,26 @@ def test_describe_and_cli_info_show_the_chroma_view(
         "merchants": 40,
     }
     assert shown["orphan_segments"] == ["0000-orphan-segment"]
+
+
+def test_arguments_of_the_wrong_kind_are_the_documented_error(tmp_path: Path) -> None:
+    # A URL where a store goes, a number where a client or folder goes: each raised an
+    # AttributeError or TypeError from inside (found by review).
+    from chroma_snapshots import InvalidInputError
+    from chroma_snapshots.backends.file import FileBackend
+
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    url = f"file://{tmp_path}/store"
+    calls: list[Callable[[], object]] = [
+        lambda: open_client(url, "n").__enter__(),  # type: ignore[arg-type]
+        lambda: publish_client(url, "n", tmp_path),  # type: ignore[arg-type]
+        lambda: publish_client(store, "n", 42),
+        lambda: publish_client(store, "n", None),
+        lambda: validate(42),  # type: ignore[arg-type]
+        lambda: CachedStore(url, tmp_path / "cache"),  # type: ignore[arg-type]
+        lambda: CachedStore(None, tmp_path / "cache"),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(InvalidInputError):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["store"]

@@ -270,7 +270,8 @@ def test_an_operation_timeout_past_what_a_clock_holds_is_a_config_error() -> Non
     [
         *(("stale_after", v) for v in (0, -1.0, float("inf"), float("nan"), "3", True)),
         *(("refresh_seconds", v) for v in (-1, float("nan"), "5", True)),
-        *(("max_bytes", v) for v in (-1, float("nan"), float("inf"), "1", True, 2**64)),
+        *(("max_bytes", v) for v in (-1, float("nan"), float("inf"), "1", True, 2**64, 1.5)),
+        *(("min_free_bytes", v) for v in (0.5, float("nan"), "1", True)),
         # an int this long has no repr: neither the message nor the test's id may need it
         pytest.param("max_bytes", 10**5000, id="max_bytes-5000-digits"),
     ],

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from chroma_snapshots import CachedStore, RemoteStore, SnapshotStore, open_backend
+from chroma_snapshots import (
+    CachedStore,
+    InvalidInputError,
+    RemoteStore,
+    SnapshotStore,
+    open_backend,
+)
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -255,7 +261,7 @@ def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> N
         FallbackStore([efs, signed])
     with pytest.raises(TypeError, match="source stores"):
         FallbackStore([efs, object()])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match="CachedStore reads from a source store"):
+    with pytest.raises(InvalidInputError, match="CachedStore reads from a source store"):
         CachedStore(DelegatingStore(s3), tmp_path / "cache")  # type: ignore[arg-type]
 
 

@@ -35,7 +35,8 @@ from chroma_snapshots.engine.localfs import copy_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.placer import disk_error, local_io
 from chroma_snapshots.engine.retry import IMMEDIATE
-from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError
+from chroma_snapshots.engine.validation import path_text
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError, shown
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 
 SQLITE = "chroma.sqlite3"
@@ -176,7 +177,7 @@ def validate(path: str | Path) -> ValidationReport:
     """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
     opens it, counts every collection (replaying its write-ahead log) and finds a stored
     vector through the vector index. IntegrityError otherwise."""
-    path = Path(path)
+    path = Path(_path_arg(path, "validate's path"))
     names = sqlite_counts(path)
     try:
         client = chromadb.PersistentClient(path=str(path), settings=client_settings())
@@ -273,6 +274,7 @@ def open_checkout(
     store: SnapshotStore, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
 ) -> Iterator[tuple[Any, LocalSnapshot]]:
     """Like :func:`open_client`, also yielding the LocalSnapshot (version, source, stats)."""
+    _check_store(store)
     snap = store.checkout(name, ref, deadline=deadline)  # temporary: release() reclaims it
     if not (snap.path / SQLITE).is_file():  # chroma would silently create an empty database
         snap.release()
@@ -310,11 +312,16 @@ def publish_client(
     missing folder is InvalidInputError. The manifest records chroma's version and
     per-collection counts.
     """
-    if isinstance(client_or_path, (str, Path)):
-        path, quiet = Path(client_or_path), False
-    else:
+    _check_store(store)
+    if isinstance(client_or_path, str | os.PathLike):
+        path, quiet = Path(_path_arg(client_or_path, "publish_client's folder")), False
+    elif callable(getattr(client_or_path, "get_settings", None)):
         path, quiet = Path(client_or_path.get_settings().persist_directory), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
+    else:
+        raise InvalidInputError(
+            f"publish_client takes a chroma client or a folder, not {shown(client_or_path)}"
+        )
     _check_source(path)
     # the copies and the upload share one deadline; without one, the store's default
     dl = None if deadline is None else as_deadline(deadline, 0.0)
@@ -329,6 +336,21 @@ def publish_client(
         return store.publish(
             name, copy, expected=expected, message=message, metadata=meta, deadline=dl
         )  # fmt: skip
+
+
+def _check_store(store: object) -> None:
+    """InvalidInputError for a store argument that is none (a URL: ``open_store`` makes
+    one), before an attribute error from deep inside."""
+    if not isinstance(store, SnapshotStore):
+        raise InvalidInputError(
+            f"expected a store (RemoteStore, CachedStore, open_store(url)), not {shown(store)}"
+        )
+
+
+def _path_arg(raw: object, what: str) -> str:
+    if (path := path_text(raw)) is None:
+        raise InvalidInputError(f"{what} must be a path, not {shown(raw)}")
+    return path
 
 
 def _check_source(path: Path) -> None:

@@ -227,10 +227,11 @@ def check_settings(
     (none) or free-space margin (never too full), a negative interval, a stale_after of 0
     (every healthy read stale), a flag that is not a bool ("no" is true). A negative
     min_free_bytes is allowed: it leaves the judgement to the disk's own ENOSPC."""
-    if max_bytes is not None and not number_in(max_bytes, 0, 2.0**63):
+    # whole bytes, as StoreConfig's cache_max_bytes: 1.5 bytes is a mistake, not a size
+    if max_bytes is not None and not (type(max_bytes) is int and number_in(max_bytes, 0, 2**63)):
         raise InvalidInputError(f"max_bytes must be 0 to 2**63 bytes, not {shown(max_bytes)}")
-    if not number_in(min_free_bytes, -(2.0**63), 2.0**63):
-        msg = f"min_free_bytes must be a number of bytes, not {shown(min_free_bytes)}"
+    if not (type(min_free_bytes) is int and number_in(min_free_bytes, -(2**63), 2**63)):
+        msg = f"min_free_bytes must be a whole number of bytes, not {shown(min_free_bytes)}"
         raise InvalidInputError(msg)
     if refresh_seconds is not None and not number_in(refresh_seconds, 0, float("inf")):
         msg = f"refresh_seconds must be >= 0 seconds, not {shown(refresh_seconds)}"

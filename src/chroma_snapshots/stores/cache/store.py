@@ -87,7 +87,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         # One folder per store and per trust: a signed store must not be served what an
         # unsigned one cached from the same URL (unsigned caches keep their old folder).
         if not isinstance(inner, SourceStore):
-            raise TypeError(
+            raise InvalidInputError(
                 f"CachedStore reads from a source store (RemoteStore, FallbackStore, "
                 f"DelegatingSourceStore), not {type(inner).__name__}"
             )
