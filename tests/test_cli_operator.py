@@ -644,3 +644,20 @@ def test_a_flag_with_white_space_at_its_end_is_refused_not_another_store(
     assert code == 2, err
     assert "white space" in err
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no store or cache folder made
+
+
+def test_expected_takes_a_version_prefix_and_a_dry_run_checks_it_as_the_publish_does(
+    tmp_path: Path, run: Run
+) -> None:
+    store = tmp_path / "store"
+    src = write_tree(tmp_path / "src", {"a": b"1"})
+    code, out, _ = run("--store", str(store), "publish", "db", str(src), "--json")
+    first = json.loads(out)["version"]
+    write_tree(src, {"a": b"2"})
+    for expected, code_wanted in (("garbage", 2), ("none", 4), ("2000", 3), (first[:8], 0)):
+        code, _, err = run(
+            "--store", str(store), "publish", "db", str(src), "--dry-run", "--expected", expected
+        )
+        assert code == code_wanted, (expected, err)
+    code, out, err = run("--store", str(store), "publish", "db", str(src), "--expected", first[:8])
+    assert code == 0, err  # a unique prefix, as wherever a version is expected

@@ -156,13 +156,17 @@ def _build() -> click.Group:
 
         ctx.obj["no_stamps"] = no_stamps
 
+        exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
+        if isinstance(exp, str):  # a version id, or a unique prefix of one
+            exp = resolve_ref(source_of(ctx), name, exp)
         if dry_run:
             from chroma_snapshots.cli.plan import describe_plan, plan_publish
+            from chroma_snapshots.stores.refs import check_expected_version
 
             plan = plan_publish(source_of(ctx), name, directory)
+            check_expected_version(name, exp, plan.base)  # as the publish would
             emit(plan, as_json, "dry run: nothing uploaded\n" + describe_plan(plan, directory))
             return
-        exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
         started = datetime.now(timezone.utc)
         info = store_of(ctx, create=True).publish(
             name,

@@ -168,9 +168,14 @@ def overwrite_generation() -> int:
 def check_expected(what: str, expected: Expected, current: Found | None) -> None:
     """ConflictError unless ``current`` is what ``expected`` says (None: no ref yet; a
     version id: that version; LATEST or ANY: whatever it is)."""
+    check_expected_version(what, expected, None if current is None else current[0].version)
+
+
+def check_expected_version(what: str, expected: Expected, current: str | None) -> None:
+    """:func:`check_expected` of the version a ref names (None: no ref)."""
     if expected is None:
         if current is not None:
-            raise ConflictError(f"{what} already exists (at {current[0].version}); expected none")
+            raise ConflictError(f"{what} already exists (at {current}); expected none")
         return
     if expected is LATEST or expected is ANY:
         return  # nothing to compare before the write
@@ -180,9 +185,8 @@ def check_expected(what: str, expected: Expected, current: Found | None) -> None
             f"{type(expected).__name__}"
         )
     VersionId.parse(expected)
-    if current is None or current[0].version != expected:
-        got = current[0].version if current else "nothing"
-        raise ConflictError(f"{what} is at {got}, not the expected {expected}")
+    if current != expected:
+        raise ConflictError(f"{what} is at {current or 'nothing'}, not the expected {expected}")
 
 
 def get_bounded(io: Backend, key: str, limit: int, what: str) -> GetResult:
