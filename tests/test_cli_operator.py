@@ -661,3 +661,6 @@ def test_expected_takes_a_version_prefix_and_a_dry_run_checks_it_as_the_publish_
         assert code == code_wanted, (expected, err)
     code, out, err = run("--store", str(store), "publish", "db", str(src), "--expected", first[:8])
     assert code == 0, err  # a unique prefix, as wherever a version is expected
+    code, _, err = run("--store", str(tmp_path / "new"), "publish", "bad/name", str(src))
+    assert code == 2, err
+    assert not (tmp_path / "new").exists()  # refused before the store's folder was made

@@ -56,6 +56,7 @@ def test_compatibility_modes(tmp_path: Path) -> None:
         ({}, "CHROMA_SNAPSHOTS_URL"),
         ({"CHROMA_SNAPSHOTS_URL": "bucket/prefix"}, "CHROMA_SNAPSHOTS_URL"),
         ({"CHROMADB_STORAGE_MODE": "ftp"}, "CHROMADB_STORAGE_MODE"),
+        ({"CHROMA_SNAPSHOTS_URL": "s3://b", "CHROMADB_STORAGE_MODE": "bogus"}, "CHROMADB_STORAGE"),
         ({"CHROMADB_STORAGE_MODE": "auto"}, "CHROMADB_STORAGE_MODE"),
         ({"CHROMADB_STORAGE_MODE": "s3"}, "CHROMADB_BUCKET"),
         ({"CHROMADB_STORAGE_MODE": "s3", "CHROMADB_BUCKET": "a/b"}, "CHROMADB_BUCKET"),

@@ -156,13 +156,13 @@ def _urls_from_env(env: Mapping[str, str]) -> tuple[str, str | None]:
     """The store URL and, for EFS with S3 fallback, the fallback URL."""
     fallback = _env_url(env, ENV_FALLBACK)
     url = _env_url(env, ENV_URL)
+    mode = env.get(ENV_MODE, "").strip().lower()
+    if mode and mode not in _MODES:  # even beside a URL: a typo is never silently ignored
+        raise ConfigError(f"{ENV_MODE}={mode!r} is invalid; use one of {', '.join(_MODES)}")
     if url:
         return url, fallback
-    mode = env.get(ENV_MODE, "").strip().lower()
     if not mode:
         raise ConfigError(f"set {ENV_URL} (e.g. s3://bucket/prefix) or {ENV_MODE}=s3|efs|auto")
-    if mode not in _MODES:
-        raise ConfigError(f"{ENV_MODE}={mode!r} is invalid; use one of {', '.join(_MODES)}")
     if mode == "s3":
         return _s3_url(env, mode), fallback
     efs = _efs_url(env, mode)

@@ -152,8 +152,10 @@ def _build() -> click.Group:
         no_stamps: bool,
         as_json: bool,
     ) -> None:
+        from chroma_snapshots.engine.validation import check_name
         from chroma_snapshots.stores.base import ANY, LATEST, Expected
 
+        check_name(name)  # before a new store's folder is made for it
         ctx.obj["no_stamps"] = no_stamps
 
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
