@@ -68,11 +68,16 @@ def test_a_store_without_the_key_never_writes_an_unsigned_ref_over_a_signed_one(
     keyless = _store(tmp_path / "store", None)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
     write_tree(src, {"new": b"n"})
+    plain = _store(tmp_path / "plain", None)  # an unsigned store's version of the same name
+    unsigned = plain.publish("db", write_tree(tmp_path / "p", {"p": b"p"})).version
     for call in (
         lambda: keyless.publish("db", src),
         lambda: keyless.set_ref("db", "stable", first, expected=first),
         lambda: keyless.set_ref("db", "latest", first, expected=ANY),
+        lambda: keyless.set_ref("db", "new-tag", first, expected=None),  # beside a signed latest
         lambda: sync_version(signed, _store(tmp_path / "mirror", None), "db", first),
+        lambda: sync_version(signed, _store(tmp_path / "mirror", None), "db", first, ref=None),
+        lambda: sync_version(plain, keyless, "db", unsigned, ref=None),  # into a signed name
     ):
         with pytest.raises(ConfigError, match="signed, and this store has no signing key"):
             call()
@@ -80,8 +85,9 @@ def test_a_store_without_the_key_never_writes_an_unsigned_ref_over_a_signed_one(
     assert not (tmp_path / "mirror").exists() or not list((tmp_path / "mirror").rglob("refs/*"))
     assert signed.resolve("db").version == first  # every keyed reader still reads it
     assert signed.current_version("db", "stable")[0] == first
-    keyless.set_ref("db", "new-tag", first, expected=None)  # a new ref: nothing signed to keep
+    signed.set_ref("db", "new-tag", first, expected=None)  # with the key, all goes on
     assert sync_version(signed, _store(tmp_path / "m2", KEY_A), "db", first) > 0
+    plain.set_ref("db", "t", unsigned, expected=None)  # a store never signed: unaffected
 
 
 def test_tampered_manifest_and_ref(tmp_path: Path, src: Path) -> None:

@@ -12,7 +12,7 @@ from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
 from chroma_snapshots.engine.keys import manifest_key, pack_key
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 from chroma_snapshots.stores.base import ANY
-from chroma_snapshots.stores.refs import unsigned_over_signed
+from chroma_snapshots.stores.refs import name_is_signed, unsigned_over_signed
 
 if TYPE_CHECKING:
     from chroma_snapshots.stores.base import BackedStore
@@ -30,9 +30,10 @@ def sync_version(
     """Copy ``version`` of ``name`` from ``src`` to ``dst``: packs it lacks, then the manifest,
     then (if ``ref``) point ``dst``'s ref at it. Returns the bytes copied.
 
-    Same order as a publish, so ``dst`` never has a ref to an incomplete version. A signed
-    version is refused (ConfigError, nothing copied) when ``dst`` has no signing key and a
-    ref is to be moved: the unsigned ref would be refused by every reader holding the key.
+    Same order as a publish, so ``dst`` never has a ref to an incomplete version. Without a
+    signing key for ``dst``, a signed version, or any version of a name whose ``latest`` in
+    ``dst`` is signed, is ConfigError before anything is copied: the refs the sync moves
+    would go unsigned, and every reader holding the key would refuse them.
     """
     dl = as_deadline(deadline, src.default_timeout)
     manifest = src.load_manifest(name, version, deadline=dl)
@@ -42,9 +43,10 @@ def sync_version(
         sig = s_io.get(mkey + ".sig").data
     except SnapshotNotFoundError:
         sig = None
-    if sig is not None and ref is not None and not dst.trust:
-        # its ref would go unsigned: readers holding the key would refuse the name
-        raise unsigned_over_signed(f"{name}/{version} (in the source)")
+    if not dst.trust and (sig is not None or name_is_signed(d_io, name)):
+        # refs moved to it would go unsigned: readers holding the key would refuse the name
+        where = "in the source" if sig is not None else "in the destination"
+        raise unsigned_over_signed(f"{name} ({where})")
     copied = 0
     # Claimed on dst like a publish claims its packs, so a prune of dst cannot delete a
     # pack we found there and rely on (docs/RELIABILITY.md, "Prune protocol").

@@ -99,7 +99,7 @@ def move_ref(
     reads the ref again: a write answered with an error may still have landed, and was
     if the ref holds it, if a mover noted moving on from it, or (``rests_on``, for a new
     version) if what the ref names now descends from it."""
-    check_signable(signer, current, f"ref {name}/{ref}")
+    check_signable(io, signer, name, ref, current)
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
     gen = current[0].generation + 1 if current else 1
@@ -139,11 +139,30 @@ def move_ref(
         ) from e
 
 
-def check_signable(signer: Signer | None, current: Found | None, what: str) -> None:
+def check_signable(
+    io: Backend, signer: Signer | None, name: str, ref: str, current: Found | None
+) -> None:
     """ConfigError if a store without a signing key would write an unsigned ref where a
-    signed one is (``current``): every reader holding the key would then refuse the name."""
-    if signer is None and current is not None and current[0].signature is not None:
-        raise unsigned_over_signed(what)
+    signed one is (``current``), or a new ref beside a signed ``latest``: every reader
+    holding the key would then refuse the ref, and list, prune and sync the name no more."""
+    if signer is not None:
+        return
+    if current is not None:
+        signed = current[0].signature is not None
+    else:
+        signed = ref != "latest" and name_is_signed(io, name)
+    if signed:
+        raise unsigned_over_signed(f"ref {name}/{ref}" if current else f"{name}'s latest")
+
+
+def name_is_signed(io: Backend, name: str) -> bool:
+    """Whether ``name``'s ``latest`` carries a signature (False if it is absent or cannot
+    be read: nothing then says the name is signed)."""
+    try:
+        got = get_bounded(io, ref_key(name, "latest"), MAX_REF_BYTES, "ref")
+        return RefValue.from_json(got.data).signature is not None
+    except (SnapshotNotFoundError, IntegrityError):
+        return False
 
 
 def unsigned_over_signed(what: str) -> ConfigError:

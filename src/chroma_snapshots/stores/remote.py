@@ -231,7 +231,7 @@ class RemoteStore(RemoteListing, SourceStore):
         current = refs.to_move(lambda: self.read_ref(name, deadline=dl), expected)
         stats.add(requests=1)
         refs.check_expected(name, expected, current)
-        refs.check_signable(self.signer, current, f"ref {name}/latest")  # before any upload
+        refs.check_signable(self.backend, self.signer, name, "latest", current)  # before uploads
         parent = current[0].version if current else None
         # The pin covers the parent and, by its time, every pack we write after it.
         with self.pinned(name, [parent] if parent else [], dl) as pin:
