@@ -18,7 +18,8 @@ Every download is checked for its total size.
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
            [--json out.json] [--plot out.png] [--one-core] [--rounds 3] [--cold-pause 6]
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
-checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them. Cold checkouts run
+checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them, in the same
+rounds as the rest. Cold checkouts run
 --rounds times each (order rotated, page cache flushed before each); rows are medians, and
 the ratios to the sync tools are also given paired by round.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
@@ -270,12 +271,13 @@ class Bench:
             }
         )
 
-    def cold(self, cpus: str | None = None, rounds: int = 1, pause: float = COLD_PAUSE) -> None:
-        """Cold checkouts, each in its own process; with ``cpus`` pinned there (taskset), and
-        only the three that matter for a one-vCPU Lambda. ``rounds`` runs each that many
-        times, the order rotated every round, the disk settled and memory cold before every
-        run (:func:`settle`, ``COLD_PAUSE``), and keeps the median (a tool run first or after
-        another's 3 GiB of dirty pages would otherwise pay for it)."""
+    def cold(self, pinned: bool = False, rounds: int = 1, pause: float = COLD_PAUSE) -> None:
+        """Cold checkouts, each in its own process; with ``pinned`` also the three that
+        matter for a one-vCPU Lambda pinned to CPU 0 (taskset), in the same rounds: every
+        round runs every (approach, pinning) once, the order rotated, the disk settled and
+        memory cold before every run (:func:`settle`, ``COLD_PAUSE``); rows are medians (a
+        tool run first or after another's 3 GiB of dirty pages would otherwise pay for it,
+        and pinned runs in a block of their own met other host conditions than the rest)."""
         py = [sys.executable, str(HERE / "_contender.py")]
         ep, bucket = self.srv.endpoint, self.srv.bucket
         cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://{bucket}/snaps"]
@@ -286,13 +288,13 @@ class Bench:
             "s5cmd sync": self.tool("s5cmd", "sync", self.s3("raw/*")),
             "s3fs get": [*py, "s3fs", ep, bucket],
         }
-        if cpus is not None:
-            contenders = {a: c for a, c in contenders.items() if a in (*SYNC_TOOLS, OURS)}
-        scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
-        runs: dict[str, list[Row]] = {a: [] for a in contenders}
-        names = list(contenders)
+        plan: list[tuple[str, str | None]] = [(a, None) for a in contenders]
+        if pinned:
+            plan += [(a, "0") for a in contenders if a in (*SYNC_TOOLS, OURS)]
+        runs: dict[tuple[str, str | None], list[Row]] = {key: [] for key in plan}
         for k in range(rounds):
-            for approach in names[k % len(names) :] + names[: k % len(names)]:
+            for approach, cpus in plan[k % len(plan) :] + plan[: k % len(plan)]:
+                scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
                 dest = self.work / f"cold-{approach.split()[0]}"
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
@@ -303,8 +305,8 @@ class Bench:
                 if got != self.total:
                     raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")
                 r["mbps"] = self.total / r["seconds"] / 1e6
-                runs[approach].append(self.rows.pop())
-                # the sync tools' last copies stay for the incremental scenarios
+                runs[(approach, cpus)].append(self.rows.pop())
+                # the sync tools' last unpinned copies stay for the incremental scenarios
                 if cpus is not None or approach not in SYNC_TOOLS or k < rounds - 1:
                     shutil.rmtree(dest)
         self.rows += [median_row(rs) for rs in runs.values()]
@@ -373,9 +375,7 @@ def run(
             bench = Bench(srv, work, tools, size_mib)
             bench.setup()
             bench.limits()
-            bench.cold(rounds=rounds, pause=pause)
-            if one_core:
-                bench.cold(cpus="0", rounds=rounds, pause=pause)
+            bench.cold(pinned=one_core, rounds=rounds, pause=pause)
             bench.warm_and_incremental()
             bench.hash_floor()
             bench.store.close()
