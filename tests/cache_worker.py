@@ -7,7 +7,7 @@ usage: cache_worker.py ENDPOINT BUCKET CACHE_DIR [--steps]
 usage: cache_worker.py --loop STORE_DIR CACHE_DIR MAX_BYTES COUNT SEED REF...
     COUNT checkouts of random REFs (versions or ref names) from a file store through a cache
     capped at MAX_BYTES; prints one JSON line per checkout: {"version", "digest"} of what it
-    served, or {"error", "documented", "message"}.
+    served and the cache's usage() while holding it, or {"error", "documented", "message"}.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def loop(store_dir: str, cache_dir: str, max_bytes: str, count: str, seed: str, 
         out: dict[str, object]
         try:
             with store.checkout("db", rng.choice(refs), deadline=60) as snap:
-                out = {"version": snap.info.version, "digest": tree_digest(snap.path)}
+                # what the cache counts while this and the other processes hold theirs
+                out = {"version": snap.info.version, "digest": tree_digest(snap.path),
+                       "usage": store.usage()}  # fmt: skip
         except Exception as e:  # the test counts every type; only documented ones may occur
             out = {
                 "error": type(e).__name__,

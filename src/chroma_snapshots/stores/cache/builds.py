@@ -20,6 +20,8 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.transfer import LocalChunks, Placement
 from chroma_snapshots.stores.base import SourceStore
 from chroma_snapshots.stores.cache.patch import plan_patch, take_retired
+from chroma_snapshots.stores.cache.pins import Pin
+from chroma_snapshots.stores.cache.room import claim_build, end_build
 from chroma_snapshots.stores.cache.space import CacheSpace
 
 _REUSE_FROM = 3  # newest cached versions offered as local chunk sources
@@ -81,18 +83,21 @@ class CacheBuilds(CacheSpace):
     ) -> str:
         d = self.dirs(name)
         made: Made | None = None  # the work folder, held open while it is ours to use
+        room: Pin | None = None  # this build's claim on the cache's room
         try:
             # stale_ok may have to serve any version a ref named earlier: keep them all
             patch = self.patch_in_place and not self.stale_ok
-            old = take_retired(d, version, d.work_path(version)) if patch else None
-            # what must land, not a folder swapped in (made after: a retired version is
-            # renamed onto nothing, so no empty folder of another's can be replaced); either
-            # is named for itself, so that a clean-up after a kill takes only it
-            made = new_folder(d.work_path(version)) if old is None else old.made
+            with self._room(dl):  # others count the retired version or this claim, never neither
+                old = take_retired(d, version, d.work_path(version)) if patch else None
+                # what must land, not a folder swapped in (made after: a retired version is
+                # renamed onto nothing, so no empty folder of another's can be replaced);
+                # either is named for itself, so that a clean-up after a kill takes only it
+                made = new_folder(d.work_path(version)) if old is None else old.made
+                base = 0 if old is None else old.manifest.total_size
+                # the retired version's bytes are no longer in usage() but still on disk
+                self._make_room(max(0, manifest.total_size - base), (name, version), held=base)
+                room = claim_build(d, version, manifest.total_size)
             work, built = made.path, made.id
-            base = 0 if old is None else old.manifest.total_size
-            # the retired version's bytes are no longer in usage() but still on disk
-            self._make_room(max(0, manifest.total_size - base), (name, version), held=base)
             with self._local_chunks(name, version) as local:
                 check = partial(dl.check, "checking the cached files")
                 files: dict[str, FileId] = {}  # each file as the build left it
@@ -113,8 +118,8 @@ class CacheBuilds(CacheSpace):
         finally:
             if made is not None:
                 made.close()
+            if room is not None:  # landed (counted by its manifest now) or given up
+                end_build(room)
         with self._mlock:
             self._manifests[(name, version)] = manifest
-        # Processes that made room at the same time may together overshoot the cap: trim back.
-        self._evict_until(0, keep=(name, version))
         return source

@@ -19,20 +19,26 @@ from chroma_snapshots.engine.folders import (
 )
 from chroma_snapshots.engine.treewalk import mounts_within
 from chroma_snapshots.errors import LocalDiskError
-from chroma_snapshots.stores.cache.layout import NameDirs, drop_unborn, held
+from chroma_snapshots.stores.cache.layout import NameDirs
+from chroma_snapshots.stores.cache.pins import Pin, drop_unborn, held
 
 
 def held_copy(
-    d: NameDirs, version: str, build: Callable[[Path, FolderId], None], deadline: Deadline
+    d: NameDirs,
+    version: str,
+    pin: Pin,
+    build: Callable[[Path, FolderId], None],
+    deadline: Deadline,
 ) -> tuple[Path, Callable[[], None]]:
     """A copy of ``version`` of its own for a checkout while another holds the shared
     folder, and what releases it. ``build`` fills the new folder (verifying every chunk);
     if ``deadline`` has passed by then, the copy is removed, not delivered (on a slow
     disk maybe after the call returns: engine/cleanup.py).
-    Its pin file (``copies/.pins``) is held while the copy lives; a copy whose pin is free
-    was left by a killed process (:func:`sweep_copies`). A folder another process swaps in
-    under its name is neither written into, served nor removed (its device and inode)."""
-    pin = d.pin_in(d.copies() / ".pins")
+    Its pin file ``pin`` (in ``copies/.pins``, the copy's claim on the cache's room: taken
+    before this call, given back at release) is held while the copy lives; a copy whose
+    pin is free was left by a killed process (:func:`sweep_copies`). A folder another
+    process swaps in under its name is neither written into, served nor removed (its
+    device and inode)."""
     made: list[Made] = []  # named for itself, and held open while it lives
 
     def release() -> None:

@@ -2,6 +2,7 @@
 
 ::
 
+    {cache_dir}/{store key}/.room.lock   one process at a time counts and claims room
     {cache_dir}/{store key}/{name}/
         versions/{version}/          a complete, verified tree (what consumers open)
         meta/{version}.manifest      the manifest's canonical bytes
@@ -9,6 +10,8 @@
         tmp/{version}.{pid}.{uuid}/  work in progress; never served, cleaned at next open
         locks/{version}.lock         one materializer or repairer per version at a time
         pins/{version}/{pid}-{uuid}  a consumer holds this version open (its shared flock)
+        building/{version}/{pid}-{uuid}  a build's claim on the room (bytes; room.py)
+        copies/{version}.{pin}/      a private copy; its pin (copies/.pins) claims its room
         refs/{ref}                   the version the ref named when last read
 
 A version is complete when its tree and both meta files exist. Meta files are
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import stat
@@ -39,12 +41,13 @@ from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath, FileId
 from chroma_snapshots.engine.folders import HOLD_FLAGS, carrying, folder_of, remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
-from chroma_snapshots.engine.localfs import LEFTOVER_AGE, foreign_dir
+from chroma_snapshots.engine.localfs import foreign_dir
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
+from chroma_snapshots.stores.cache.pins import Pin, live_pins, make_pin
 
 # A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
 # consumer can put an mtime back (os.utime), never a ctime, so a file written and re-dated
@@ -108,49 +111,6 @@ def real_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-class Pin:
-    """A held pin (:meth:`NameDirs.pin`); ``unlink`` lets the version go (idempotent)."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def unlink(self, missing_ok: bool = True) -> None:
-        """Release the pin: remove its file, then drop its lock."""
-        self.path.unlink(missing_ok=True)
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-def held(path: Path) -> bool:
-    """Whether a live process holds the pin file at ``path`` (its shared lock is taken)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's own lock, if it got it
-    return False
-
-
-def drop_unborn(path: Path) -> None:
-    """Remove the hidden pin file ``path`` if its maker died before renaming it into view:
-    not held, and older than any maker takes (one being made is locked before its rename
-    but for an instant, which the age covers)."""
-    try:
-        if time.time() - os.lstat(path).st_mtime < LEFTOVER_AGE:
-            return
-    except OSError:
-        return
-    if not held(path):
-        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -295,38 +255,14 @@ class NameDirs:
         the pin (in ``.pins``) that keeps it while its holder lives."""
         return self.root / "copies"
 
-    def pin_in(self, pins: Path) -> Pin:
-        """A held pin file in the folder ``pins`` (see :meth:`pin`)."""
-        pins.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"
-        tmp = pins / f".{name}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            os.rename(tmp, pins / name)  # visible only once locked: never seen as dead
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return Pin(pins / name, fd)
+    def pin_in(self, pins: Path, content: bytes = b"") -> Pin:
+        """A held pin file in the folder ``pins`` (see :meth:`pin`), holding ``content``
+        (a claim's byte count: stores/cache/room.py)."""
+        return make_pin(pins, content)
 
     def pinned(self, version: str) -> bool:
         """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""
-        folder = self.root / "pins" / version
-        try:
-            pins = os.listdir(folder)
-        except FileNotFoundError:
-            return False
-        live = False
-        for pin in pins:
-            if pin.startswith("."):
-                drop_unborn(folder / pin)
-                continue
-            if held(folder / pin):
-                live = True
-            else:  # unlinked by its holder meanwhile is fine too
-                (folder / pin).unlink(missing_ok=True)
-        return live
+        return bool(live_pins(self.root / "pins" / version))
 
     def discard(self, version: str) -> None:
         """Remove a version, tree first (so it stops being complete at once), then its meta.

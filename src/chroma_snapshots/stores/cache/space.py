@@ -11,17 +11,19 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
 
+from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
 from chroma_snapshots.engine.models import Manifest, VersionId
-from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.engine.validation import check_flags, check_name, number_in
 from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
+from chroma_snapshots.stores.cache.room import copies_bytes, live_build_claims, room_lock
 
 
 class NoRoom(CacheFullError):
@@ -72,14 +74,24 @@ class CacheSpace:
         return m
 
     def usage(self) -> int:
-        """Bytes of complete cached versions (from their manifests) and of the private
-        copies second holders of a version use (from the disk: there are few)."""
-        return sum(
-            m.total_size
-            for n in self.cached_names()
-            for v in self.dirs(n).complete()
-            if (m := self.cached_manifest(n, v)) is not None
-        ) + sum(tree_bytes(self.dirs(n).copies()) for n in self.cached_names())
+        """Bytes of complete cached versions (from their manifests), of private copies and
+        of the builds in progress (what each claimed: stores/cache/room.py)."""
+        total = 0
+        for n in self.cached_names():
+            d = self.dirs(n)
+            building = live_build_claims(d)  # first (see there)
+            for v in d.complete():
+                building.pop(v, None)  # landed since: counted by its manifest
+                if (m := self.cached_manifest(n, v)) is not None:
+                    total += m.total_size
+            total += sum(building.values()) + copies_bytes(d)
+        return total
+
+    def _room(self, dl: Deadline) -> AbstractContextManager[object]:
+        """The cache's room lock: held while counting, making room and claiming it
+        (stores/cache/room.py), so that processes making room at the same moment count each
+        other's claims. LockTimeout once ``dl`` has passed."""
+        return room_lock(self.root).acquire(timeout=max(dl.remaining(), 0.001))
 
     def _make_room(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
         """Evict until ``need`` more bytes fit, else NoRoom. ``held``: bytes already on disk
@@ -204,16 +216,6 @@ def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
                 p.unlink(missing_ok=True)
         except OSError:
             continue
-
-
-def tree_bytes(folder: Path) -> int:
-    """Bytes of the files below ``folder`` (0 if it is gone)."""
-    total = 0
-    for dirpath, _, filenames in walk(folder):  # a consumer's folders: any depth
-        for fn in filenames:
-            with contextlib.suppress(OSError):  # removed meanwhile
-                total += os.lstat(os.path.join(dirpath, fn)).st_size
-    return total
 
 
 def check_settings(

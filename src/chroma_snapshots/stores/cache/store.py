@@ -44,9 +44,11 @@ from chroma_snapshots.stores.cache.builds import CacheBuilds
 from chroma_snapshots.stores.cache.copies import (
     held_copy,
 )
-from chroma_snapshots.stores.cache.layout import Pin, check_trusted
+from chroma_snapshots.stores.cache.layout import check_trusted
+from chroma_snapshots.stores.cache.pins import Pin
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import find_damage
+from chroma_snapshots.stores.cache.room import claim
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
 
@@ -259,8 +261,11 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
 
         if dest is not None:
             return build_at(Path(dest), build, "copying to dest", dl), None, source[0]
-        self._make_room(manifest.total_size, keep=(name, version))  # CacheFullError up front
-        path, release = held_copy(self.dirs(name), version, build, dl)
+        d = self.dirs(name)
+        with self._room(dl):  # CacheFullError up front; the copy's pin claims its room
+            self._make_room(manifest.total_size, keep=(name, version))
+            pin = claim(d.copies() / ".pins", d, manifest.total_size)
+        path, release = held_copy(d, version, pin, build, dl)
         return path, release, source[0]
 
     def _serve(

@@ -1,0 +1,107 @@
+"""Room in the cache claimed by work in progress, so that processes making room at the same
+moment count each other's work.
+
+Making room is: count what the cache holds, evict until the new work fits, start it. Two
+processes doing that at once each counted only what was cached, not the other's build, and
+together could pass ``max_bytes`` by a version. So the count, the eviction and the claim
+happen under the cache's room lock (``.room.lock`` in the store's cache folder), and a
+claim is a pin file (a shared ``flock`` the kernel drops when its holder dies:
+layout.NameDirs.pin_in) holding the bytes the work will hold once done:
+
+- a new version's build claims in ``building/<version>/`` until its tree has landed (from
+  then on its manifest counts it; the claim goes a moment later and is not counted twice);
+- a private copy's claim is the copy's own pin (``copies/.pins``), for as long as it lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from chroma_snapshots.engine.treewalk import walk
+from chroma_snapshots.stores.cache.layout import NameDirs
+from chroma_snapshots.stores.cache.pins import Pin, live_pins
+
+ROOM_LOCK = ".room.lock"
+BUILDING = "building"
+_MAX_CLAIM_TEXT = 20  # digits of the largest byte count a claim holds (2**63)
+
+
+def room_lock(root: Path) -> FileLock:
+    """The lock under which one process at a time counts a cache and claims room in it."""
+    return FileLock(root / ROOM_LOCK)
+
+
+def claim(pins: Path, d: NameDirs, nbytes: int) -> Pin:
+    """A held claim of ``nbytes`` in the folder ``pins``; ``unlink`` gives it back."""
+    return d.pin_in(pins, str(nbytes).encode())
+
+
+def claim_build(d: NameDirs, version: str, nbytes: int) -> Pin:
+    """The claim of a build of ``version`` (made with the version's lock held: one builder
+    of a version at a time); :func:`end_build` gives it back."""
+    return claim(d.root / BUILDING / version, d, nbytes)
+
+
+def end_build(room: Pin) -> None:
+    """Give a build's claim back, and its folder (with the version's lock still held: no
+    other claim can be on its way in)."""
+    room.unlink()
+    with contextlib.suppress(OSError):  # not empty: left by a dead builder, swept later
+        os.rmdir(room.path.parent)
+
+
+def claimed(pin: Path) -> int | None:
+    """The bytes a claim holds; None if it holds no count (a pin made without one)."""
+    try:
+        with open(pin, "rb") as f:
+            text = f.read(_MAX_CLAIM_TEXT + 1)
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and len(text) <= _MAX_CLAIM_TEXT else None
+
+
+def live_build_claims(d: NameDirs) -> dict[str, int]:
+    """Bytes claimed by the live builds of each version of ``d``; dead builders' claims are
+    removed. Read these before the complete versions: a build that lands in between is
+    then counted once, by its manifest, never by neither."""
+    folder = d.root / BUILDING
+    try:
+        versions = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    found = {v: sum(claimed(p) or 0 for p in live_pins(folder / v)) for v in versions}
+    return {v: n for v, n in found.items() if n}
+
+
+def copies_bytes(d: NameDirs) -> int:
+    """Bytes of the private copies of ``d``: what each live copy claimed (from before its
+    first byte is written), and as found on disk any copy without a counted claim (its
+    holder died: swept at the next open)."""
+    counted: dict[str, int] = {}
+    for pin in live_pins(d.copies() / ".pins"):
+        if (n := claimed(pin)) is not None:
+            counted[pin.name] = n
+    total = sum(counted.values())
+    try:
+        folders = os.listdir(d.copies())
+    except FileNotFoundError:
+        return total
+    for name in folders:  # <version>.<its pin's name> (copies.held_copy)
+        pin_name = name.split(".")[1] if "." in name else ""
+        if not name.startswith(".") and pin_name not in counted:
+            total += tree_bytes(d.copies() / name)
+    return total
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files below ``folder`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, filenames in walk(folder):  # a consumer's folders: any depth
+        for fn in filenames:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(dirpath, fn)).st_size
+    return total
