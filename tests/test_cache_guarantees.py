@@ -85,7 +85,10 @@ def test_processes_sharing_a_cache_with_constant_eviction(tmp_path: Path) -> Non
     served = [r for r in results if "error" not in r]
     assert [r for r in served if digests.get(str(r["version"])) != r["digest"]] == []
     assert [k for k in outcomes if k != "ok" and not k.endswith("documented=True")] == [], outcomes
-    assert outcomes["ok"] >= procs * each * 0.9, outcomes
+    # Refused (NoRoom) only while held versions and claimed builds fill the cap: with 4
+    # holders and room for 2.5 versions, how often depends on how the holds overlap (here
+    # 1 in 15 to 1 in 3 of the checkouts); most are served.
+    assert outcomes["ok"] >= procs * each * 0.5, outcomes
     # Every version was cached at some point: eviction was constant.
     assert {r["version"] for r in served} == set(digests)
     # Processes making room at once count each other's builds: the cap held at every hold.

@@ -5,8 +5,10 @@ every step of it (stores/cache/room.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,10 @@ import pytest
 
 from chroma_snapshots import CachedStore, CacheFullError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.folders import new_folder
 from chroma_snapshots.stores.base import LocalSnapshot
 from chroma_snapshots.stores.cache import builds
+from chroma_snapshots.stores.cache.room import claim_build, room_lock
 from chroma_snapshots.testing.trees import read_tree, write_tree
 
 CHUNK = 4096
@@ -177,3 +181,161 @@ def test_a_live_processs_claim_counts_and_a_killed_ones_does_not(tmp_path: Path)
     with cache.checkout("db", v1) as snap:
         assert cache.usage() == SIZE
         assert read_tree(snap.path) == files1
+
+
+# Hand damage in the cache's own folders (a review): a link is never followed, a file or a
+# FIFO where a folder or a claim belongs neither hangs nor breaks a count or a checkout.
+
+_FOLDERS = (".", "building", "building/V", "meta", "tmp", "locks", "pins/V", "copies",
+            "copies/.pins", "refs", "versions")  # fmt: skip
+
+
+def _decoy(tmp_path: Path, v: str) -> dict[str, bytes]:
+    """Files a clean-up would take if it followed a link here: names of pins, meta files,
+    work folders and temp files (and a version's)."""
+    files = {"notes.txt": b"keep", f"{v}.manifest": b"m", "123-" + "a" * 32: b"pin",
+             f"{v}.1.abcdef01/x": b"work", ".r.0.tmp": b"t", f"{v}/a": b"x"}  # fmt: skip
+    write_tree(tmp_path / "decoy", files)
+    for p in (tmp_path / "decoy").rglob("*"):
+        os.utime(p, (1, 1))  # old: past any age a sweep waits for
+    return files
+
+
+@pytest.mark.parametrize("where", _FOLDERS)
+def test_a_link_at_a_cache_folders_name_is_never_followed(tmp_path: Path, where: str) -> None:
+    (v1, files1), (v2, files2) = _publish(tmp_path, 2)
+    cap = 2 * SIZE + SIZE // 2
+    cache = _cache(tmp_path, cap)
+    cache.checkout("db", v1).release()
+    cache.checkout("db", v2).release()  # every folder exists, pins and copies' too
+    decoy = _decoy(tmp_path, v1)
+    at = cache.dirs("db").root / where.replace("V", v1)
+    if at.is_dir():
+        shutil.rmtree(at)
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(tmp_path / "decoy")
+    fresh = _cache(tmp_path, cap)  # its open sweeps what dead processes left
+    assert fresh.usage() <= cap
+    with fresh.checkout("db", v1) as a, _cache(tmp_path, cap).checkout("db", v1) as b:
+        assert read_tree(a.path) == read_tree(b.path) == files1  # the shared one and a copy
+        assert fresh.usage() <= cap
+    with fresh.checkout("db", v2) as c:
+        assert read_tree(c.path) == files2
+    assert read_tree(tmp_path / "decoy") == decoy  # nothing removed or added there
+    assert not at.is_symlink()
+
+
+@pytest.mark.parametrize("what", ["building-file", "version-file", "claim-folder", "claim-fifo"])
+def test_a_file_or_fifo_where_a_claim_belongs_neither_hangs_nor_breaks(
+    tmp_path: Path, what: str
+) -> None:
+    (v1, files1), (v2, _) = _publish(tmp_path, 2)
+    cache = _cache(tmp_path, 2 * SIZE)
+    building = cache.dirs("db").root / "building"
+    building.mkdir(parents=True)
+    if what == "building-file":
+        building.rmdir()
+        building.write_bytes(b"x")
+    elif what == "version-file":
+        (building / v2).write_bytes(b"x")
+    else:
+        (building / v2).mkdir()
+        claim = building / v2 / ("123-" + "a" * 32)
+        claim.mkdir() if what == "claim-folder" else os.mkfifo(claim)
+    done: list[object] = []
+    worker = threading.Thread(
+        target=lambda: done.append((cache.usage(), read_tree(cache.checkout("db", v1).path))),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert done == [(0, files1)]  # no hang, nothing counted, served
+
+
+@pytest.mark.parametrize("what", ["folder", "dangling-link", "read-only"])
+def test_a_damaged_room_lock_is_replaced(tmp_path: Path, what: str) -> None:
+    ((v1, files1),) = _publish(tmp_path, 1)
+    cache = _cache(tmp_path, 2 * SIZE)
+    lock = cache.root / ".room.lock"
+    if what == "folder":
+        (lock / "inside").mkdir(parents=True)
+    elif what == "dangling-link":
+        lock.symlink_to(tmp_path / "nowhere")
+    else:
+        lock.write_bytes(b"")
+        lock.chmod(0o444)
+    again = _cache(tmp_path, 2 * SIZE)  # opens (the folder is no snapshot name)
+    with again.checkout("db", v1) as snap:
+        assert read_tree(snap.path) == files1
+    assert lock.is_file()
+    assert not lock.is_symlink()
+    assert lock.stat().st_mode & 0o600 == 0o600
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_dead_builds_work_folder_is_swept_before_room_is_made(tmp_path: Path) -> None:
+    (v1, _), (v2, files2) = _publish(tmp_path, 2)
+    cap = SIZE + SIZE // 2
+    cache = _cache(tmp_path, cap)  # open before the leftover appears: its open sweeps none
+    d = cache.dirs("db")
+    left = new_folder(d.work_path(v1))  # as a build killed half way leaves its folder
+    (left.path / "chroma.sqlite3").write_bytes(os.urandom(SIZE // 2 + 1))
+    left.close()
+    with cache.checkout("db", v2) as snap:
+        assert read_tree(snap.path) == files2
+        assert d.names("tmp") == []  # swept when room was made: the disk holds the count
+        assert _on_disk(cache) == cache.usage() == SIZE
+
+
+_COPY_HOLDER = """
+import sys
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+store, cache, version = sys.argv[1:4]
+c = CachedStore(RemoteStore(FileBackend(store), chunk_size=4096), cache, max_bytes=10**9,
+                min_free_bytes=0)
+snap = c.checkout("db", version)
+print(snap.path, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_holders_copy_is_swept_before_room_is_made(tmp_path: Path) -> None:
+    (v1, files1), (v2, files2) = _publish(tmp_path, 2)
+    cap = 2 * SIZE + SIZE // 2  # the shared v1, its copy, and not v2 besides
+    cache = _cache(tmp_path, cap)
+    with cache.checkout("db", v1) as held_v1:
+        args = [str(tmp_path / "store"), str(tmp_path / "cache"), v1]
+        with subprocess.Popen(
+            [sys.executable, "-c", _COPY_HOLDER, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as holder:
+            assert holder.stdout is not None
+            copy = Path(holder.stdout.readline().strip())
+            assert copy.parent == cache.dirs("db").copies()  # a private copy
+            assert read_tree(copy) == files1
+            holder.kill()
+        with cache.checkout("db", v2) as snap:  # the same store object: no open sweeps it
+            assert read_tree(snap.path) == files2
+        assert not copy.exists()
+        assert read_tree(held_v1.path) == files1
+
+
+def test_usage_waits_for_a_room_being_made(tmp_path: Path) -> None:
+    (v1, _), (v2, _) = _publish(tmp_path, 2)
+    cache = _cache(tmp_path, 2 * SIZE)
+    cache.checkout("db", v1).release()
+    d = cache.dirs("db")
+    got: list[int] = []
+    with room_lock(cache.root).acquire():  # another process making room: evict v1, claim v2
+        counting = threading.Thread(target=lambda: got.append(cache.usage()), daemon=True)
+        counting.start()
+        counting.join(0.3)
+        assert counting.is_alive()  # waits: never a count of half a change
+        assert cache.evict("db", v1)
+        claim = claim_build(d, v2, SIZE)
+    counting.join(60)
+    assert got == [SIZE]  # v2's claim, not v1 besides
+    claim.unlink()

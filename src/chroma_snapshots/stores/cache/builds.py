@@ -107,7 +107,7 @@ class CacheBuilds(CacheSpace):
                 job = Placement(work, manifest, reuse=local, only=only, root_id=built, made=files)
                 source = self.inner.materialize(name, job, dl, stats, progress)
             d.write_meta(version, work, manifest, files)  # each file still the one left there
-            (d.root / "versions").mkdir(exist_ok=True)
+            d.folder("versions")
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))
         except BaseException:

@@ -20,7 +20,7 @@ from chroma_snapshots.engine.folders import (
 from chroma_snapshots.engine.treewalk import mounts_within
 from chroma_snapshots.errors import LocalDiskError
 from chroma_snapshots.stores.cache.layout import NameDirs
-from chroma_snapshots.stores.cache.pins import Pin, drop_unborn, held
+from chroma_snapshots.stores.cache.pins import Pin, held, live_pins
 
 
 def held_copy(
@@ -64,15 +64,11 @@ _COPY_STEM = r"[^./]+\.\d+-[0-9a-f]{32}"  # <version>.<its pin's name>: what hel
 
 def sweep_copies(d: NameDirs) -> None:
     """Remove the private copies whose holder is gone (its pin is free): each only if it
-    is the folder made there (engine/folders.sweepable)."""
-    folder = d.copies()
-    for p in folder.iterdir() if folder.is_dir() else ():
-        pin = folder / ".pins" / p.name.split(".")[1 if "." in p.name else 0]  # <v>.<pin>...
-        if not p.name.startswith(".") and not held(pin):
-            if (made := sweepable(p, _COPY_STEM)) is not None:
-                remove_tree(p, only=made)
-            pin.unlink(missing_ok=True)
-    pins = folder / ".pins"
-    for p in pins.iterdir() if pins.is_dir() else ():
-        if p.name.startswith("."):  # a pin whose maker died before its rename
-            drop_unborn(p)
+    is the folder made there (engine/folders.sweepable); then the dead pins."""
+    for name in d.names("copies"):  # <version>.<its pin's name>
+        pin = d.copies() / ".pins" / name.split(".")[1 if "." in name else 0]
+        if name.startswith(".") or held(pin):  # (checked after the listing)
+            continue
+        if (made := sweepable(d.copies() / name, _COPY_STEM)) is not None:
+            remove_tree(d.copies() / name, only=made)
+    live_pins(d.copies() / ".pins", d.root.parent)  # drops dead and unborn pins

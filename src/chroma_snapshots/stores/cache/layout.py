@@ -47,6 +47,7 @@ from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
+from chroma_snapshots.stores.cache.owned import listed, own_folder
 from chroma_snapshots.stores.cache.pins import Pin, live_pins, make_pin
 
 # A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
@@ -128,9 +129,18 @@ class NameDirs:
     def stamps_file(self, version: str) -> Path:
         return self.root / "meta" / f"{version}.stamps"
 
+    def folder(self, *parts: str) -> Path:
+        """The cache's own folder ``parts`` of this name, made if missing, never through
+        a link (stores/cache/owned.py)."""
+        return own_folder(self.root.joinpath(*parts), self.root.parent)
+
+    def names(self, *parts: str) -> list[str]:
+        """The names in the cache's own folder ``parts`` of this name, never through a
+        link ([] if it is not a folder: owned.py)."""
+        return listed(self.root.joinpath(*parts), self.root.parent)
+
     def lock(self, version: str) -> FileLock:
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(self.root / "locks" / f"{version}.lock")
+        return FileLock(self.folder("locks") / f"{version}.lock")
 
     def work_path(self, version: str) -> Path:
         """A fresh name in ``tmp/`` for a work folder: the stem of the name it gets once
@@ -140,26 +150,16 @@ class NameDirs:
 
     def _tmp_path(self, version: str) -> Path:
         """``tmp/<version>.<pid>.<random>`` (TMP_STEM), the stem of a name in ``tmp/``."""
-        tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        return tmp / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        return self.folder("tmp") / f"{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
     def complete(self) -> list[str]:
         """Complete versions, oldest id first (any may be evicted the moment after)."""
-        try:
-            listed = os.listdir(self.root / "versions")
-        except FileNotFoundError:
-            return []
-        return sorted(v for v in listed if self.is_complete(v))
+        return sorted(v for v in self.names("versions") if self.is_complete(v))
 
     def drop_damaged(self) -> None:
         """Discard entries of ``versions/`` that are not real folders (a consumer swapped a
         checkout for a link or a file): never complete, so nothing else would remove them."""
-        try:
-            listed = os.listdir(self.root / "versions")
-        except FileNotFoundError:
-            return
-        for v in listed:
+        for v in self.names("versions"):
             if not real_dir(self.tree(v)):
                 try:
                     with self.lock(v).acquire(timeout=0):
@@ -224,7 +224,7 @@ class NameDirs:
         manifest: Manifest,
         made: Mapping[str, FileId] | None = None,
     ) -> None:
-        (self.root / "meta").mkdir(parents=True, exist_ok=True)
+        self.folder("meta")
         self.drop_meta(version)  # a folder put at either name would fail the rename over it
         write_atomic(self.manifest_file(version), manifest_v2.dumps(manifest))
         self.write_stamps(version, root, manifest, made)
@@ -258,11 +258,11 @@ class NameDirs:
     def pin_in(self, pins: Path, content: bytes = b"") -> Pin:
         """A held pin file in the folder ``pins`` (see :meth:`pin`), holding ``content``
         (a claim's byte count: stores/cache/room.py)."""
-        return make_pin(pins, content)
+        return make_pin(pins, self.root.parent, content)
 
     def pinned(self, version: str) -> bool:
         """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""
-        return bool(live_pins(self.root / "pins" / version))
+        return bool(live_pins(self.root / "pins" / version, self.root.parent))
 
     def discard(self, version: str) -> None:
         """Remove a version, tree first (so it stops being complete at once), then its meta.
@@ -337,7 +337,7 @@ class NameDirs:
             if version is None:
                 path.unlink(missing_ok=True)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self.folder("refs")
                 write_atomic(path, version.encode())
         except OSError:
             with local_io(path, "removing a cache record it could not update"):

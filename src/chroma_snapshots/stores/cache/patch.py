@@ -60,7 +60,7 @@ def take_retired(d: NameDirs, exclude: str, stem: Path) -> Retired | None:
     seen to name stays: a checkout of that ref would find it warm."""
     d.drop_damaged()  # a tree swapped for a link: never taken, and removed here
     # a ref's records, not one being written (``.<ref>.<hex>.tmp``) or a stray name
-    named = {d.recorded_ref(p.name) for p in _listing(d.root / "refs") if is_name(p.name)}
+    named = {d.recorded_ref(n) for n in d.names("refs") if is_name(n)}
     for v in [v for v in d.complete() if v != exclude and v not in named][-_TRY:][::-1]:
         try:
             with d.lock(v).acquire(timeout=0):
@@ -88,13 +88,6 @@ def take_retired(d: NameDirs, exclude: str, stem: Path) -> Retired | None:
         except LockTimeout:
             continue
     return None
-
-
-def _listing(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir())
-    except OSError:
-        return []
 
 
 def plan_patch(

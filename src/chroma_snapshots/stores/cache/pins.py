@@ -5,14 +5,17 @@ version, a private copy's, and a claim on the cache's room (room.py) are pins.""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
 
 from chroma_snapshots.engine.localfs import LEFTOVER_AGE
 from chroma_snapshots.engine.placer import pwrite_all
+from chroma_snapshots.stores.cache.owned import open_folder, own_folder
 
 
 class Pin:
@@ -30,13 +33,20 @@ class Pin:
             os.close(fd)
 
 
-def held(path: Path) -> bool:
-    """Whether a live process holds the pin file at ``path`` (its shared lock is taken)."""
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never a link, a FIFO's wait
+_MAX_COUNT = 20  # digits of the largest byte count a claim holds (2**63)
+
+
+def held(path: Path | str, dir_fd: int | None = None) -> bool:
+    """Whether a live process holds the pin file at ``path`` (its shared lock is taken);
+    anything but a regular file there (a link, a FIFO, a folder) is no pin."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, _OPEN, dir_fd=dir_fd)
+    except OSError:  # gone, a link (ELOOP), unreadable: no live pin of ours
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -45,40 +55,71 @@ def held(path: Path) -> bool:
     return False
 
 
-def drop_unborn(path: Path) -> None:
+def _count(name: str, dir_fd: int) -> int | None:
+    """The byte count a claim holds; None if it holds none (a pin made without one)."""
+    try:
+        fd = os.open(name, _OPEN, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, _MAX_COUNT + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and len(text) <= _MAX_COUNT else None
+
+
+def _drop(name: str, dir_fd: int) -> None:
+    """Remove a dead pin (or what stands at a pin's name: an empty folder too)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except IsADirectoryError:
+        with contextlib.suppress(OSError):  # not empty: left alone, and never counted
+            os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        pass  # unlinked by its holder meanwhile, or not ours to remove
+
+
+def drop_unborn(path: Path | str, dir_fd: int | None = None) -> None:
     """Remove the hidden pin file ``path`` if its maker died before renaming it into view:
     not held, and older than any maker takes (one being made is locked before its rename
     but for an instant, which the age covers)."""
     try:
-        if time.time() - os.lstat(path).st_mtime < LEFTOVER_AGE:
+        if time.time() - os.lstat(path, dir_fd=dir_fd).st_mtime < LEFTOVER_AGE:
             return
     except OSError:
         return
-    if not held(path):
-        path.unlink(missing_ok=True)
+    if not held(path, dir_fd):
+        with contextlib.suppress(OSError):
+            os.unlink(path, dir_fd=dir_fd)
 
 
-def live_pins(folder: Path) -> list[Path]:
-    """The pin files in ``folder`` that a live process holds; dead holders' are removed
-    (and unborn ones past their age: :func:`drop_unborn`)."""
+def live_pins(folder: Path, below: Path) -> dict[str, int | None]:
+    """The pin files in ``folder`` (below the trusted ``below``: no link followed) that a
+    live process holds, each with the byte count it holds (a claim's: room.py) or None;
+    dead holders' are removed (and unborn ones past their age: :func:`drop_unborn`)."""
+    fd = open_folder(folder, below)
+    if fd is None:
+        return {}
     try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    live = []
-    for name in names:
-        if name.startswith("."):
-            drop_unborn(folder / name)
-        elif held(folder / name):
-            live.append(folder / name)
-        else:  # unlinked by its holder meanwhile is fine too
-            (folder / name).unlink(missing_ok=True)
-    return live
+        live: dict[str, int | None] = {}
+        for name in os.listdir(fd):
+            if name.startswith("."):
+                drop_unborn(name, fd)
+            elif held(name, fd):
+                live[name] = _count(name, fd)
+            else:
+                _drop(name, fd)
+        return live
+    finally:
+        os.close(fd)
 
 
-def make_pin(pins: Path, content: bytes = b"") -> Pin:
-    """A held pin file in the folder ``pins``, holding ``content``."""
-    pins.mkdir(parents=True, exist_ok=True)
+def make_pin(pins: Path, below: Path, content: bytes = b"") -> Pin:
+    """A held pin file in the folder ``pins`` (made below ``below`` if missing), holding
+    ``content``."""
+    own_folder(pins, below)
     name = f"{os.getpid()}-{uuid.uuid4().hex}"
     tmp = pins / f".{name}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -17,22 +17,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from filelock import FileLock
 
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.stores.cache.layout import NameDirs
+from chroma_snapshots.stores.cache.owned import listed
 from chroma_snapshots.stores.cache.pins import Pin, live_pins
 
 ROOM_LOCK = ".room.lock"
 BUILDING = "building"
-_MAX_CLAIM_TEXT = 20  # digits of the largest byte count a claim holds (2**63)
 
 
 def room_lock(root: Path) -> FileLock:
-    """The lock under which one process at a time counts a cache and claims room in it."""
-    return FileLock(root / ROOM_LOCK)
+    """The lock under which one process at a time counts a cache and claims room in it.
+    Anything but a file of ours at its name (a link, a folder: hand damage) is removed
+    first, never followed, and a file made unwritable gets its owner's rights back."""
+    path = root / ROOM_LOCK
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            remove_tree(path)  # (a link: the link itself)
+        elif st.st_mode & 0o600 != 0o600:
+            os.chmod(path, 0o600)
+    return FileLock(path)
 
 
 def claim(pins: Path, d: NameDirs, nbytes: int) -> Pin:
@@ -54,43 +65,24 @@ def end_build(room: Pin) -> None:
         os.rmdir(room.path.parent)
 
 
-def claimed(pin: Path) -> int | None:
-    """The bytes a claim holds; None if it holds no count (a pin made without one)."""
-    try:
-        with open(pin, "rb") as f:
-            text = f.read(_MAX_CLAIM_TEXT + 1)
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and len(text) <= _MAX_CLAIM_TEXT else None
-
-
 def live_build_claims(d: NameDirs) -> dict[str, int]:
     """Bytes claimed by the live builds of each version of ``d``; dead builders' claims are
     removed. Read these before the complete versions: a build that lands in between is
     then counted once, by its manifest, never by neither."""
-    folder = d.root / BUILDING
-    try:
-        versions = os.listdir(folder)
-    except FileNotFoundError:
-        return {}
-    found = {v: sum(claimed(p) or 0 for p in live_pins(folder / v)) for v in versions}
-    return {v: n for v, n in found.items() if n}
+    folder, below = d.root / BUILDING, d.root.parent
+    found = {v: live_pins(folder / v, below).values() for v in listed(folder, below)}
+    return {v: total for v, ns in found.items() if (total := sum(n or 0 for n in ns))}
 
 
 def copies_bytes(d: NameDirs) -> int:
     """Bytes of the private copies of ``d``: what each live copy claimed (from before its
     first byte is written), and as found on disk any copy without a counted claim (its
     holder died: swept at the next open)."""
-    counted: dict[str, int] = {}
-    for pin in live_pins(d.copies() / ".pins"):
-        if (n := claimed(pin)) is not None:
-            counted[pin.name] = n
+    below = d.root.parent
+    pins = live_pins(d.copies() / ".pins", below)
+    counted = {name: n for name, n in pins.items() if n is not None}
     total = sum(counted.values())
-    try:
-        folders = os.listdir(d.copies())
-    except FileNotFoundError:
-        return total
-    for name in folders:  # <version>.<its pin's name> (copies.held_copy)
+    for name in listed(d.copies(), below):  # <version>.<its pin's name> (copies.held_copy)
         pin_name = name.split(".")[1] if "." in name else ""
         if not name.startswith(".") and pin_name not in counted:
             total += tree_bytes(d.copies() / name)

@@ -10,8 +10,8 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import Timeout as LockTimeout
@@ -19,11 +19,21 @@ from filelock import Timeout as LockTimeout
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.folders import ASIDE, remove_tree, sweepable
 from chroma_snapshots.engine.models import Manifest, VersionId
-from chroma_snapshots.engine.validation import check_flags, check_name, number_in
-from chroma_snapshots.errors import CacheFullError, InvalidInputError, LocalDiskError, shown
+from chroma_snapshots.engine.placer import local_io
+from chroma_snapshots.engine.validation import check_flags, check_name, is_name, number_in
+from chroma_snapshots.errors import (
+    CacheFullError,
+    InvalidInputError,
+    LocalDiskError,
+    StorageTimeoutError,
+    shown,
+)
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
 from chroma_snapshots.stores.cache.room import copies_bytes, live_build_claims, room_lock
+
+USAGE_WAIT = 10.0  # seconds usage() waits for the room lock before counting without it
+POLL = 0.005  # seconds between tries of the room lock: it is held for milliseconds
 
 
 class NoRoom(CacheFullError):
@@ -54,8 +64,11 @@ class CacheSpace:
         return d
 
     def cached_names(self) -> list[str]:
-        """Names with anything in the cache."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        """Names with anything in the cache (real folders with a snapshot's name: not a
+        link, nor the room lock, whatever stands at its name)."""
+        with os.scandir(self.root) as entries:
+            found = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        return sorted(n for n in found if is_name(n))
 
     def cached_manifest(self, name: str, version: str) -> Manifest | None:
         """The manifest of a complete cached version; None if it is not (or no longer)
@@ -74,8 +87,20 @@ class CacheSpace:
         return m
 
     def usage(self) -> int:
-        """Bytes of complete cached versions (from their manifests), of private copies and
-        of the builds in progress (what each claimed: stores/cache/room.py)."""
+        """Bytes the cache holds, as file contents (sizes, not disk blocks): its complete
+        versions (from their manifests), private copies and builds in progress (what each
+        claimed: stores/cache/room.py). Counted under the room lock, waited for at most
+        ``USAGE_WAIT`` seconds (past it, counted without: a count taken while another
+        process makes room can then see both a version it evicts and the claim that took
+        its place). LocalDiskError if the cache's folders cannot be read."""
+        with local_io(self.root, "counting the cache"):
+            try:
+                with room_lock(self.root).acquire(timeout=USAGE_WAIT, poll_interval=POLL):
+                    return self._usage()
+            except LockTimeout:
+                return self._usage()
+
+    def _usage(self) -> int:
         total = 0
         for n in self.cached_names():
             d = self.dirs(n)
@@ -87,19 +112,33 @@ class CacheSpace:
             total += sum(building.values()) + copies_bytes(d)
         return total
 
-    def _room(self, dl: Deadline) -> AbstractContextManager[object]:
+    @contextmanager
+    def _room(self, dl: Deadline) -> Iterator[None]:
         """The cache's room lock: held while counting, making room and claiming it
         (stores/cache/room.py), so that processes making room at the same moment count each
-        other's claims. LockTimeout once ``dl`` has passed."""
-        return room_lock(self.root).acquire(timeout=max(dl.remaining(), 0.001))
+        other's claims. StorageTimeoutError once ``dl`` has passed."""
+        try:
+            held = room_lock(self.root).acquire(
+                timeout=max(dl.remaining(), 0.001), poll_interval=POLL
+            )
+        except LockTimeout as e:
+            raise StorageTimeoutError(
+                f"waited too long for the room lock of cache {self.root}: another process "
+                "is making room in it"
+            ) from e
+        with held:
+            yield
 
     def _make_room(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
         """Evict until ``need`` more bytes fit, else NoRoom. ``held``: bytes already on disk
         that :meth:`usage` no longer counts (a retired version being patched into the new
-        one): the cap counts them, the free space already has them."""
+        one): the cap counts them, the free space already has them. With the room lock held:
+        what dead processes left is removed first, so that the disk holds what is counted."""
+        for n in self.cached_names():
+            self._sweep_dead(self.dirs(n))
         self._evict_until(need, keep, held)
         # Other processes evict too: judge on fresh figures before giving up.
-        usage, free = self.usage() + held, shutil.disk_usage(self.root).free
+        usage, free = self._usage() + held, shutil.disk_usage(self.root).free
         if self._too_full(need, usage, free):
             raise NoRoom(
                 f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
@@ -116,7 +155,7 @@ class CacheSpace:
             for v in self.dirs(n).complete()
             if (n, v) != keep
         )
-        usage = self.usage() + held
+        usage = self._usage() + held
         free = shutil.disk_usage(self.root).free
         for _, n, v in entries:
             if not self._too_full(need, usage, free):
@@ -151,26 +190,32 @@ class CacheSpace:
         the folders set aside, engine/folders.set_aside)."""
         for n in self.cached_names():
             d = self.dirs(n)
-            found: dict[str, list[Path]] = {}
-            for sub in ("tmp", "meta"):
-                folder = d.root / sub
-                for p in folder.iterdir() if folder.is_dir() else ():
-                    if ASIDE in p.name:
-                        continue  # another process's folder, set aside: not ours to remove
-                    found.setdefault(p.name.lstrip(".").split(".", 1)[0], []).append(p)
-            for version, paths in found.items():
-                try:
-                    with d.lock(version).acquire(timeout=0):
-                        for p in paths:
-                            if p.parent.name == "tmp":
-                                _remove_left(p)
-                            elif not real_dir(d.tree(version)):  # meta without a tree
-                                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
-                except LockTimeout:
-                    continue  # someone is working on that version right now
+            self._sweep_dead(d)
             self._drop_orphans(n)
-            _drop_stale_temp(d.root / "refs")
-            sweep_copies(d)
+            _drop_stale_temp(d)
+
+    def _sweep_dead(self, d: NameDirs) -> None:
+        """Remove what dead processes' builds and copies left: work folders, meta files
+        without a tree (a version whose lock is free: no build of it is running) and
+        private copies whose pin is free."""
+        found: dict[str, list[Path]] = {}
+        for sub in ("tmp", "meta"):
+            for entry in d.names(sub):  # (never through a link: owned.py)
+                if ASIDE in entry:
+                    continue  # another process's folder, set aside: not ours to remove
+                version = entry.lstrip(".").split(".", 1)[0]
+                found.setdefault(version, []).append(d.root / sub / entry)
+        for version, paths in found.items():
+            try:
+                with d.lock(version).acquire(timeout=0):
+                    for p in paths:
+                        if p.parent.name == "tmp":
+                            _remove_left(p)
+                        elif not real_dir(d.tree(version)):  # meta without a tree
+                            remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            except LockTimeout:
+                continue  # someone is working on that version right now
+        sweep_copies(d)
 
     def _drop_orphans(self, name: str) -> None:
         """Remove trees in ``versions/`` whose meta files are gone or unreadable: damage by
@@ -178,11 +223,7 @@ class CacheSpace:
         first), which left a tree nothing counted, listed or evicted, holding its bytes for
         good. Not one someone holds (pinned) or works on (locked)."""
         d = self.dirs(name)
-        try:
-            listed = os.listdir(d.root / "versions")
-        except OSError:
-            return
-        for v in listed:
+        for v in d.names("versions"):
             if not VersionId.is_version(v) or d.pinned(v) or self._readable(d, v):
                 continue
             # busy (LockTimeout), or a mount in it (LocalDiskError): left as it is
@@ -206,12 +247,13 @@ def _remove_left(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _drop_stale_temp(folder: Path, age: float = 3600.0) -> None:
-    """Remove temp files (``.<name>.<hex>.tmp``) a killed writer left in ``folder``: a live
+def _drop_stale_temp(d: NameDirs, age: float = 3600.0) -> None:
+    """Remove temp files (``.<name>.<hex>.tmp``) a killed writer left in ``refs/``: a live
     writer renames its own within milliseconds."""
-    for p in folder.iterdir() if folder.is_dir() else ():
+    for name in d.names("refs"):
+        p = d.root / "refs" / name
         try:
-            temp = p.name.startswith(".") and p.name.endswith(".tmp")
+            temp = name.startswith(".") and name.endswith(".tmp")
             if temp and p.stat().st_mtime < time.time() - age:
                 p.unlink(missing_ok=True)
         except OSError:
