@@ -273,15 +273,16 @@ def test_a_damaged_room_lock_is_replaced(tmp_path: Path, what: str) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_a_dead_builds_work_folder_is_swept_before_room_is_made(tmp_path: Path) -> None:
+@pytest.mark.parametrize("same", [False, True], ids=["another-version", "the-same-version"])
+def test_a_dead_builds_work_folder_is_swept_before_room_is_made(tmp_path: Path, same: bool) -> None:
     (v1, _), (v2, files2) = _publish(tmp_path, 2)
     cap = SIZE + SIZE // 2
     cache = _cache(tmp_path, cap)  # open before the leftover appears: its open sweeps none
     d = cache.dirs("db")
-    left = new_folder(d.work_path(v1))  # as a build killed half way leaves its folder
+    left = new_folder(d.work_path(v2 if same else v1))  # as a killed build leaves its folder
     (left.path / "chroma.sqlite3").write_bytes(os.urandom(SIZE // 2 + 1))
     left.close()
-    with cache.checkout("db", v2) as snap:
+    with cache.checkout("db", v2) as snap:  # (the same version: its lock is this build's)
         assert read_tree(snap.path) == files2
         assert d.names("tmp") == []  # swept when room was made: the disk holds the count
         assert _on_disk(cache) == cache.usage() == SIZE
@@ -339,3 +340,49 @@ def test_usage_waits_for_a_room_being_made(tmp_path: Path) -> None:
     counting.join(60)
     assert got == [SIZE]  # v2's claim, not v1 besides
     claim.unlink()
+
+
+@pytest.mark.parametrize("what", ["link", "folder"])
+def test_a_link_or_folder_at_a_version_lock_is_replaced(tmp_path: Path, what: str) -> None:
+    ((v1, files1),) = _publish(tmp_path, 1)
+    cache = _cache(tmp_path, 2 * SIZE)
+    lock = cache.dirs("db").folder("locks") / f"{v1}.lock"
+    decoy = write_tree(tmp_path / "decoy", {"f": b"keep"})
+    if what == "link":
+        lock.symlink_to(decoy / "f")
+    else:
+        (lock / "inside").mkdir(parents=True)
+    again = _cache(tmp_path, 2 * SIZE)
+    with again.checkout("db", v1) as snap:
+        assert read_tree(snap.path) == files1
+    assert lock.is_file()
+    assert not lock.is_symlink()
+    assert read_tree(decoy) == {"f": b"keep"}
+
+
+def test_a_hard_link_at_the_room_lock_keeps_its_files_mode(tmp_path: Path) -> None:
+    ((v1, files1),) = _publish(tmp_path, 1)
+    cache = _cache(tmp_path, 2 * SIZE)
+    other = write_tree(tmp_path / "other", {"f": b"theirs"}) / "f"
+    other.chmod(0o400)
+    os.link(other, cache.root / ".room.lock")
+    with cache.checkout("db", v1) as snap:  # (root opens it whatever its mode)
+        assert read_tree(snap.path) == files1
+    assert other.stat().st_mode & 0o777 == 0o400  # not changed through the link
+    assert other.read_bytes() == b"theirs"
+
+
+def test_a_release_removes_its_own_pin_whatever_stands_at_its_folders_name(
+    tmp_path: Path,
+) -> None:
+    ((v1, _),) = _publish(tmp_path, 1)
+    cache = _cache(tmp_path, 2 * SIZE)
+    snap = cache.checkout("db", v1)
+    pins = cache.dirs("db").root / "pins" / v1
+    (pin,) = os.listdir(pins)
+    pins.rename(pins.with_name("aside"))  # the folder moved, a link put in its place
+    decoy = write_tree(tmp_path / "decoy", {pin: b"not a pin", "other": b"x"})
+    pins.symlink_to(decoy)
+    snap.release()
+    assert read_tree(decoy) == {pin: b"not a pin", "other": b"x"}
+    assert os.listdir(pins.with_name("aside")) == []  # the pin made is the one removed

@@ -95,7 +95,8 @@ class CacheBuilds(CacheSpace):
                 made = new_folder(d.work_path(version)) if old is None else old.made
                 base = 0 if old is None else old.manifest.total_size
                 # the retired version's bytes are no longer in usage() but still on disk
-                self._make_room(max(0, manifest.total_size - base), (name, version), held=base)
+                need = max(0, manifest.total_size - base)
+                self._make_room(need, (name, version), held=base, building=made.path)
                 room = claim_build(d, version, manifest.total_size)
             work, built = made.path, made.id
             with self._local_chunks(name, version) as local:

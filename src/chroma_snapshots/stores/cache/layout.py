@@ -47,7 +47,7 @@ from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
 from chroma_snapshots.engine.validation import MAX_MANIFEST_BYTES, as_obj, check_name, loads_json
 from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
-from chroma_snapshots.stores.cache.owned import listed, own_folder
+from chroma_snapshots.stores.cache.owned import listed, own_folder, own_lock_file
 from chroma_snapshots.stores.cache.pins import Pin, live_pins, make_pin
 
 # A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
@@ -140,7 +140,7 @@ class NameDirs:
         return listed(self.root.joinpath(*parts), self.root.parent)
 
     def lock(self, version: str) -> FileLock:
-        return FileLock(self.folder("locks") / f"{version}.lock")
+        return FileLock(own_lock_file(self.folder("locks") / f"{version}.lock"))
 
     def work_path(self, version: str) -> Path:
         """A fresh name in ``tmp/`` for a work folder: the stem of the name it gets once

@@ -16,6 +16,8 @@ import os
 import stat
 from pathlib import Path
 
+from chroma_snapshots.engine.folders import remove_tree
+
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW | O_DIRECTORY on a link or a file
 
@@ -74,3 +76,18 @@ def listed(path: Path, below: Path) -> list[str]:
         return os.listdir(fd)
     finally:
         os.close(fd)
+
+
+def own_lock_file(path: Path) -> Path:
+    """``path`` for a lock file: anything but a regular file at its name (a link, a folder:
+    hand damage) is removed first, never followed; one of ours made unwritable gets its
+    owner's rights back (not through a hard link: that file is someone else's too)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(st.st_mode):
+        remove_tree(path)  # (a link: the link itself)
+    elif st.st_mode & 0o600 != 0o600 and st.st_nlink == 1:
+        os.chmod(path, 0o600)
+    return path

@@ -6,6 +6,7 @@ version, a private copy's, and a claim on the cache's room (room.py) are pins.""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -19,22 +20,30 @@ from chroma_snapshots.stores.cache.owned import open_folder, own_folder
 
 
 class Pin:
-    """A held pin file (:func:`make_pin`); ``unlink`` lets it go (idempotent)."""
+    """A held pin file (:func:`make_pin`); ``unlink`` lets it go (idempotent). It keeps
+    its folder open, so that the file removed is the one made, whatever stands at the
+    folder's name by then (a link put there is not followed)."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, folder: int) -> None:
         self.path = path
-        self._fd: int | None = fd
+        self._fds: tuple[int, int] | None = (fd, folder)
 
     def unlink(self, missing_ok: bool = True) -> None:
         """Release the pin: remove its file, then drop its lock."""
-        self.path.unlink(missing_ok=True)
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        fds, self._fds = self._fds, None
+        if fds is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.name, dir_fd=fds[1])
+        finally:
+            os.close(fds[0])
+            os.close(fds[1])
 
 
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never a link, a FIFO's wait
 _MAX_COUNT = 20  # digits of the largest byte count a claim holds (2**63)
+_MAKE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def held(path: Path | str, dir_fd: int | None = None) -> bool:
@@ -42,7 +51,9 @@ def held(path: Path | str, dir_fd: int | None = None) -> bool:
     anything but a regular file there (a link, a FIFO, a folder) is no pin."""
     try:
         fd = os.open(path, _OPEN, dir_fd=dir_fd)
-    except OSError:  # gone, a link (ELOOP), unreadable: no live pin of ours
+    except PermissionError:  # unreadable (its mode changed by hand): it may be held, so
+        return True  # it is neither removed nor its version evicted
+    except OSError:  # gone, a link (ELOOP): no live pin of ours
         return False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -117,19 +128,25 @@ def live_pins(folder: Path, below: Path) -> dict[str, int | None]:
 
 
 def make_pin(pins: Path, below: Path, content: bytes = b"") -> Pin:
-    """A held pin file in the folder ``pins`` (made below ``below`` if missing), holding
-    ``content``."""
-    own_folder(pins, below)
+    """A held pin file in the folder ``pins`` (made below ``below`` if missing, never
+    through a link), holding ``content``."""
+    folder = open_folder(own_folder(pins, below), below)
+    if folder is None:  # replaced by a link or a file this very moment
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder of the cache's", str(pins))
     name = f"{os.getpid()}-{uuid.uuid4().hex}"
-    tmp = pins / f".{name}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = -1
     try:
+        fd = os.open(f".{name}", _MAKE, 0o600, dir_fd=folder)
         if content:
             pwrite_all(fd, [content], 0, len(content))
         fcntl.flock(fd, fcntl.LOCK_SH)
-        os.rename(tmp, pins / name)  # visible only once locked: never seen as dead
+        # visible only once locked: never seen as dead
+        os.rename(f".{name}", name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(f".{name}", dir_fd=folder)
+        os.close(folder)
         raise
-    return Pin(pins / name, fd)
+    return Pin(pins / name, fd, folder)

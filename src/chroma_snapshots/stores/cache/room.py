@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from pathlib import Path
 
 from filelock import FileLock
 
-from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.stores.cache.layout import NameDirs
-from chroma_snapshots.stores.cache.owned import listed
+from chroma_snapshots.stores.cache.owned import listed, own_lock_file
 from chroma_snapshots.stores.cache.pins import Pin, live_pins
 
 ROOM_LOCK = ".room.lock"
@@ -33,17 +31,9 @@ BUILDING = "building"
 
 
 def room_lock(root: Path) -> FileLock:
-    """The lock under which one process at a time counts a cache and claims room in it.
-    Anything but a file of ours at its name (a link, a folder: hand damage) is removed
-    first, never followed, and a file made unwritable gets its owner's rights back."""
-    path = root / ROOM_LOCK
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            remove_tree(path)  # (a link: the link itself)
-        elif st.st_mode & 0o600 != 0o600:
-            os.chmod(path, 0o600)
-    return FileLock(path)
+    """The lock under which one process at a time counts a cache and claims room in it
+    (its file repaired first: owned.own_lock_file)."""
+    return FileLock(own_lock_file(root / ROOM_LOCK))
 
 
 def claim(pins: Path, d: NameDirs, nbytes: int) -> Pin:

@@ -129,19 +129,25 @@ class CacheSpace:
         with held:
             yield
 
-    def _make_room(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
+    def _make_room(
+        self, need: int, keep: tuple[str, str], held: int = 0, building: Path | None = None
+    ) -> None:
         """Evict until ``need`` more bytes fit, else NoRoom. ``held``: bytes already on disk
         that :meth:`usage` no longer counts (a retired version being patched into the new
         one): the cap counts them, the free space already has them. With the room lock held:
-        what dead processes left is removed first, so that the disk holds what is counted."""
+        what dead processes left is removed first, so that the disk holds what is counted
+        (``building``: the work folder of ``keep`` whose version's lock this call holds;
+        any other work folder of that version is a dead build's)."""
         for n in self.cached_names():
-            self._sweep_dead(self.dirs(n))
+            mine = (keep[1], building) if building is not None and n == keep[0] else None
+            self._sweep_dead(self.dirs(n), mine)
         self._evict_until(need, keep, held)
         # Other processes evict too: judge on fresh figures before giving up.
         usage, free = self._usage() + held, shutil.disk_usage(self.root).free
         if self._too_full(need, usage, free):
             raise NoRoom(
-                f"cache {self.root} cannot hold {need} more bytes (using {usage}, {free} free, "
+                f"cache {self.root} cannot hold {need} more bytes for a version of "
+                f"{need + held} (using {usage}, {free} free, "
                 f"max_bytes={self.max_bytes}, min_free_bytes={self.min_free_bytes}) even after "
                 "evicting every unpinned version without a file system mounted in it"
             )
@@ -194,10 +200,11 @@ class CacheSpace:
             self._drop_orphans(n)
             _drop_stale_temp(d)
 
-    def _sweep_dead(self, d: NameDirs) -> None:
+    def _sweep_dead(self, d: NameDirs, mine: tuple[str, Path] | None = None) -> None:
         """Remove what dead processes' builds and copies left: work folders, meta files
-        without a tree (a version whose lock is free: no build of it is running) and
-        private copies whose pin is free."""
+        without a tree (of a version whose lock is free: no build of it is running; or
+        whose lock this call holds, ``mine``: all but its own work folder) and private
+        copies whose pin is free."""
         found: dict[str, list[Path]] = {}
         for sub in ("tmp", "meta"):
             for entry in d.names(sub):  # (never through a link: owned.py)
@@ -206,13 +213,12 @@ class CacheSpace:
                 version = entry.lstrip(".").split(".", 1)[0]
                 found.setdefault(version, []).append(d.root / sub / entry)
         for version, paths in found.items():
+            if mine is not None and version == mine[0]:
+                _sweep_version(d, version, [p for p in paths if p.name != mine[1].name])
+                continue
             try:
                 with d.lock(version).acquire(timeout=0):
-                    for p in paths:
-                        if p.parent.name == "tmp":
-                            _remove_left(p)
-                        elif not real_dir(d.tree(version)):  # meta without a tree
-                            remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                    _sweep_version(d, version, paths)
             except LockTimeout:
                 continue  # someone is working on that version right now
         sweep_copies(d)
@@ -234,6 +240,16 @@ class CacheSpace:
     @staticmethod
     def _readable(d: NameDirs, version: str) -> bool:
         return d.is_complete(version) and d.read_manifest(version) is not None
+
+
+def _sweep_version(d: NameDirs, version: str, paths: list[Path]) -> None:
+    """Remove the leftovers ``paths`` of ``version`` (with its lock held): work folders, and
+    meta files if its tree is gone."""
+    for p in paths:
+        if p.parent.name == "tmp":
+            _remove_left(p)
+        elif not real_dir(d.tree(version)):  # meta without a tree
+            remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _remove_left(path: Path) -> None:
