@@ -303,7 +303,9 @@ class Bench:
         for k in range(rounds):
             for approach, cpus in plan[k % len(plan) :] + plan[: k % len(plan)]:
                 scenario = "cold checkout" if cpus is None else f"cold checkout (CPU {cpus} only)"
-                dest = self.work / f"cold-{approach.replace(' ', '-')}"
+                # (the sync tools' warm and incremental runs sync into cold-aws, cold-s5cmd)
+                tiny = "-tiny" if approach == STARTUP else ""
+                dest = self.work / f"cold-{approach.split()[0]}{tiny}"
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
                 arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
