@@ -120,7 +120,7 @@ class CacheBuilds(CacheSpace):
             if made is not None:
                 made.close()
             if room is not None:  # landed (counted by its manifest now) or given up
-                end_build(room)
+                end_build(d, room)
         with self._mlock:
             self._manifests[(name, version)] = manifest
         return source

@@ -62,12 +62,20 @@ def held_copy(
 _COPY_STEM = r"[^./]+\.\d+-[0-9a-f]{32}"  # <version>.<its pin's name>: what held_copy names
 
 
+def copy_pin(name: str) -> str | None:
+    """The name of the pin (in ``copies/.pins``) of the private copy named ``name``
+    (``<version>.<pin>``, then what new_folder adds), or None if ``name`` is not one of a
+    copy's (:func:`held_copy` names them)."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] and parts[1] else None
+
+
 def sweep_copies(d: NameDirs) -> None:
     """Remove the private copies whose holder is gone (its pin is free): each only if it
     is the folder made there (engine/folders.sweepable); then the dead pins."""
-    for name in d.names("copies"):  # <version>.<its pin's name>
-        pin = d.copies() / ".pins" / name.split(".")[1 if "." in name else 0]
-        if name.startswith(".") or held(pin):  # (checked after the listing)
+    for name in d.names("copies"):
+        pin = copy_pin(name)
+        if pin is None or held(d.copies() / ".pins" / pin):  # (checked after the listing)
             continue
         if (made := sweepable(d.copies() / name, _COPY_STEM)) is not None:
             remove_tree(d.copies() / name, only=made)

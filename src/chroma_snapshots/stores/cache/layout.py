@@ -248,17 +248,12 @@ class NameDirs:
         ``unlink``. The lock, not a pid, says the holder lives: the kernel drops it when
         the process dies, whatever PID namespace it ran in (a container sharing the cache
         folder sees other pids, or none)."""
-        return self.pin_in(self.root / "pins" / version)
+        return make_pin(self.root / "pins" / version, self.root.parent)
 
     def copies(self) -> Path:
         """Private copies of versions another checkout holds: each folder is named after
         the pin (in ``.pins``) that keeps it while its holder lives."""
         return self.root / "copies"
-
-    def pin_in(self, pins: Path, content: bytes = b"") -> Pin:
-        """A held pin file in the folder ``pins`` (see :meth:`pin`), holding ``content``
-        (a claim's byte count: stores/cache/room.py)."""
-        return make_pin(pins, self.root.parent, content)
 
     def pinned(self, version: str) -> bool:
         """True if a live process holds a pin on ``version`` (dead holders' pins are removed)."""

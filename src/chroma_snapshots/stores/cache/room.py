@@ -6,7 +6,7 @@ processes doing that at once each counted only what was cached, not the other's 
 together could pass ``max_bytes`` by a version. So the count, the eviction and the claim
 happen under the cache's room lock (``.room.lock`` in the store's cache folder), and a
 claim is a pin file (a shared ``flock`` the kernel drops when its holder dies:
-layout.NameDirs.pin_in) holding the bytes the work will hold once done:
+pins.make_pin) holding the bytes the work will hold once done:
 
 - a new version's build claims in ``building/<version>/`` until its tree has landed (from
   then on its manifest counts it; the claim goes a moment later and is not counted twice);
@@ -22,9 +22,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from chroma_snapshots.engine.treewalk import walk
+from chroma_snapshots.stores.cache.copies import copy_pin
 from chroma_snapshots.stores.cache.layout import NameDirs
-from chroma_snapshots.stores.cache.owned import listed, own_lock_file
-from chroma_snapshots.stores.cache.pins import Pin, live_pins
+from chroma_snapshots.stores.cache.owned import listed, open_folder, own_lock_file
+from chroma_snapshots.stores.cache.pins import Pin, live_pins, make_pin
 
 ROOM_LOCK = ".room.lock"
 BUILDING = "building"
@@ -38,7 +39,7 @@ def room_lock(root: Path) -> FileLock:
 
 def claim(pins: Path, d: NameDirs, nbytes: int) -> Pin:
     """A held claim of ``nbytes`` in the folder ``pins``; ``unlink`` gives it back."""
-    return d.pin_in(pins, str(nbytes).encode())
+    return make_pin(pins, d.root.parent, str(nbytes).encode())
 
 
 def claim_build(d: NameDirs, version: str, nbytes: int) -> Pin:
@@ -47,12 +48,19 @@ def claim_build(d: NameDirs, version: str, nbytes: int) -> Pin:
     return claim(d.root / BUILDING / version, d, nbytes)
 
 
-def end_build(room: Pin) -> None:
+def end_build(d: NameDirs, room: Pin) -> None:
     """Give a build's claim back, and its folder (with the version's lock still held: no
-    other claim can be on its way in)."""
+    other claim can be on its way in), removed through ``building/``'s descriptor: never
+    through a link put at that name."""
     room.unlink()
-    with contextlib.suppress(OSError):  # not empty: left by a dead builder, swept later
-        os.rmdir(room.path.parent)
+    folder = open_folder(d.root / BUILDING, d.root.parent)
+    if folder is None:
+        return
+    try:
+        with contextlib.suppress(OSError):  # not empty: left by a dead builder, swept later
+            os.rmdir(room.path.parent.name, dir_fd=folder)
+    finally:
+        os.close(folder)
 
 
 def live_build_claims(d: NameDirs) -> dict[str, int]:
@@ -72,9 +80,8 @@ def copies_bytes(d: NameDirs) -> int:
     pins = live_pins(d.copies() / ".pins", below)
     counted = {name: n for name, n in pins.items() if n is not None}
     total = sum(counted.values())
-    for name in listed(d.copies(), below):  # <version>.<its pin's name> (copies.held_copy)
-        pin_name = name.split(".")[1] if "." in name else ""
-        if not name.startswith(".") and pin_name not in counted:
+    for name in listed(d.copies(), below):
+        if not name.startswith(".") and copy_pin(name) not in counted:
             total += tree_bytes(d.copies() / name)
     return total
 

@@ -141,9 +141,12 @@ class CacheSpace:
         for n in self.cached_names():
             mine = (keep[1], building) if building is not None and n == keep[0] else None
             self._sweep_dead(self.dirs(n), mine)
-        self._evict_until(need, keep, held)
-        # Other processes evict too: judge on fresh figures before giving up.
-        usage, free = self._usage() + held, shutil.disk_usage(self.root).free
+        usage = self._evict_until(need, keep, held)
+        free = shutil.disk_usage(self.root).free
+        if self._too_full(need, usage, free):
+            # others evict too (not under the room lock: evict, prune): count afresh
+            # before giving up
+            usage = self._usage() + held
         if self._too_full(need, usage, free):
             raise NoRoom(
                 f"cache {self.root} cannot hold {need} more bytes for a version of "
@@ -152,9 +155,9 @@ class CacheSpace:
                 "evicting every unpinned version without a file system mounted in it"
             )
 
-    def _evict_until(self, need: int, keep: tuple[str, str], held: int = 0) -> None:
+    def _evict_until(self, need: int, keep: tuple[str, str], held: int = 0) -> int:
         """Evict least recently used unpinned versions (not ``keep``) until ``need`` fits
-        (``held``: as :meth:`_make_room`'s)."""
+        (``held``: as :meth:`_make_room`'s); return the usage it ended with."""
         entries = sorted(
             (self.dirs(n).last_used(v), n, v)
             for n in self.cached_names()
@@ -165,11 +168,12 @@ class CacheSpace:
         free = shutil.disk_usage(self.root).free
         for _, n, v in entries:
             if not self._too_full(need, usage, free):
-                return
+                break
             m = self.cached_manifest(n, v)
             with contextlib.suppress(LocalDiskError):  # a mount in it: the next one goes instead
                 if m is not None and self.evict(n, v):
                     usage, free = usage - m.total_size, free + m.total_size
+        return usage
 
     def _too_full(self, need: int, usage: int, free: int) -> bool:
         over_cap = self.max_bytes is not None and usage + need > self.max_bytes
