@@ -20,7 +20,7 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine.folders import new_folder
 from chroma_snapshots.stores.base import LocalSnapshot
 from chroma_snapshots.stores.cache import builds
-from chroma_snapshots.stores.cache.room import claim_build, room_lock
+from chroma_snapshots.stores.cache.room import claim_build, end_build, room_lock
 from chroma_snapshots.testing.trees import read_tree, write_tree
 
 CHUNK = 4096
@@ -386,3 +386,20 @@ def test_a_release_removes_its_own_pin_whatever_stands_at_its_folders_name(
     snap.release()
     assert read_tree(decoy) == {pin: b"not a pin", "other": b"x"}
     assert os.listdir(pins.with_name("aside")) == []  # the pin made is the one removed
+
+
+def test_a_builds_claim_folder_is_removed_only_below_the_caches_own_building_folder(
+    tmp_path: Path,
+) -> None:
+    ((v1, _),) = _publish(tmp_path, 1)
+    cache = _cache(tmp_path, 2 * SIZE)
+    d = cache.dirs("db")
+    claim = claim_build(d, v1, SIZE)
+    building = d.root / "building"
+    building.rename(building.with_name("aside"))  # the folder moved, a link put in its place
+    decoy = tmp_path / "decoy"
+    (decoy / v1).mkdir(parents=True)  # empty: what a removal by path would take
+    building.symlink_to(decoy)
+    end_build(d, claim)
+    assert (decoy / v1).is_dir()
+    assert os.listdir(building.with_name("aside") / v1) == []  # its own claim is given back
