@@ -10,6 +10,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -66,47 +68,104 @@ def test_a_timeout_on_a_slow_dest_returns_at_the_deadline_and_leaves_nothing(
         assert read_tree(snap.path) == read_tree(src)
 
 
+SHARDS = 4  # steps run at once, each on a mount of its own: a hang is a wait, not work
+
+
 def test_a_dest_that_hangs_at_any_step_costs_the_deadline_and_is_cleaned_after(
     fuse_mount: FaultyMount, tmp_path: Path
 ) -> None:
     # The mount passes n calls, then hangs: for every n from 0 (the first look at dest)
     # past the last call of a healthy checkout (the rename into place and after). Each
     # time the call ends by its deadline; once the mount answers again, either the whole
-    # tree is at dest (it finished in time) or nothing is anywhere on the mount.
+    # tree is at dest (it finished in time) or nothing is anywhere on the mount. The steps
+    # are dealt to SHARDS mounts in rounds (n = round + shard), each shard with a store
+    # object of its own that it keeps using after every step.
     files = {"chroma.sqlite3": os.urandom(20_000), "seg/a.bin": os.urandom(5000), "b": b"b"}
     src = write_tree(tmp_path / "src", files)
-    store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096)
-    store.publish("db", src)
+    RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096).publish("db", src)
+    stores = [RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096) for _ in range(SHARDS)]
     dest = fuse_mount.mountpoint / "out" / "db"
     before = sum(fuse_mount.op_counts().values())
-    assert read_tree(store.checkout("db", dest=dest).path) == files  # healthy: its calls
+    assert read_tree(stores[0].checkout("db", dest=dest).path) == files  # healthy: its calls
     calls = sum(fuse_mount.op_counts().values()) - before
     shutil.rmtree(fuse_mount.mountpoint / "out")
-    out = fuse_mount.mountpoint / "out"
-    outcomes = set()
-    for n in range(calls + 2):
-        for retry in (False, True):  # then, once the mount answers: wait, or retry at once
-            fuse_mount.set_mode(f"hang-after {n} {n}-{retry}")
-            took = time.monotonic()
-            try:
-                store.checkout("db", dest=dest, deadline=0.5)
-                outcomes.add("delivered")
-            except StorageTimeoutError:
-                outcomes.add("timed out")
-            took = time.monotonic() - took
-            assert took < 0.5 + SLACK, (n, took)
-            fuse_mount.set_mode("ok")
-            if retry and not dest.exists():  # the same store and dest, the work left running
-                assert read_tree(store.checkout("db", dest=dest, deadline=20).path) == files, n
-            assert wait_for_cleanups(timeout=60), n
-            if dest.exists():  # delivered, by the call or by the retry: whole, and alone
-                assert read_tree(dest) == files, n
-                assert os.listdir(out) == ["db"], n
-                shutil.rmtree(out)
-            assert os.listdir(fuse_mount.mountpoint) == [], n  # nothing else, parents neither
+    with ExitStack() as stack:
+        mounts = [fuse_mount] + [
+            _another_mount(tmp_path / f"m{k}", stack) for k in range(1, SHARDS)
+        ]
+        outcomes = _steps_in_shards(mounts, stores, calls + 2, files)
     assert outcomes == {"delivered", "timed out"}  # both ends were reached
-    with store.checkout("db", dest=dest) as snap:  # and the store object still works
-        assert read_tree(snap.path) == files
+
+
+def _another_mount(folder: Path, stack: ExitStack) -> FaultyMount:
+    (folder / "backing").mkdir(parents=True)
+    return stack.enter_context(FaultyMount(folder / "backing", folder / "mnt", state_dir=folder))
+
+
+def _steps_in_shards(
+    mounts: list[FaultyMount], stores: list[RemoteStore], steps: int, files: dict[str, bytes]
+) -> set[str]:
+    """Every step n < ``steps``, with and without a retry, on mount n % SHARDS; all shards
+    wait for the cleanups together (no shard hangs meanwhile: cleanup's wait is global)."""
+    together = threading.Barrier(SHARDS, timeout=120)
+    outcomes: set[str] = set()
+
+    def shard(k: int) -> None:
+        m, store = mounts[k], stores[k]
+        dest = m.mountpoint / "out" / "db"
+        try:
+            for first in range(0, steps, SHARDS):
+                for retry in (False, True):  # then, once the mount answers: wait, or retry
+                    n = first + k
+                    if n < steps:
+                        outcomes.add(_hang_after(m, store, dest, n, retry, files))
+                    together.wait()
+                    if k == 0:
+                        assert wait_for_cleanups(timeout=60), n
+                    together.wait()
+                    if n < steps:
+                        _whole_or_nothing(m, dest, files, n)
+            with store.checkout("db", dest=dest) as snap:  # and the store object still works
+                assert read_tree(snap.path) == files
+        except BaseException:
+            together.abort()  # the other shards stop at their next wait
+            raise
+
+    with ThreadPoolExecutor(SHARDS) as pool:
+        done = [pool.submit(shard, k) for k in range(SHARDS)]
+    errors = [e for f in done if (e := f.exception()) is not None]
+    if errors:  # the first failure, not a shard stopped by it
+        raise next(
+            (e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0]
+        )
+    return outcomes
+
+
+def _hang_after(
+    m: FaultyMount, store: RemoteStore, dest: Path, n: int, retry: bool, files: dict[str, bytes]
+) -> str:
+    m.set_mode(f"hang-after {n} {n}-{retry}")
+    took = time.monotonic()
+    try:
+        store.checkout("db", dest=dest, deadline=0.5)
+        outcome = "delivered"
+    except StorageTimeoutError:
+        outcome = "timed out"
+    took = time.monotonic() - took
+    assert took < 0.5 + SLACK, (n, took)
+    m.set_mode("ok")
+    if retry and not dest.exists():  # the same store and dest, the work left running
+        assert read_tree(store.checkout("db", dest=dest, deadline=20).path) == files, n
+    return outcome
+
+
+def _whole_or_nothing(m: FaultyMount, dest: Path, files: dict[str, bytes], n: int) -> None:
+    out = dest.parent
+    if dest.exists():  # delivered, by the call or by the retry: whole, and alone
+        assert read_tree(dest) == files, n
+        assert os.listdir(out) == ["db"], n
+        shutil.rmtree(out)
+    assert os.listdir(m.mountpoint) == [], n  # nothing else, parents neither
 
 
 def test_a_cleanup_waits_at_most_its_time_then_goes_on_and_logs_its_error(

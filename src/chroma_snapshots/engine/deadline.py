@@ -48,6 +48,7 @@ class Deadline:
             )
         self._clock = clock
         self._end = clock() + seconds
+        self._called_off = False
 
     @classmethod
     def from_lambda_context(cls, ctx: LambdaContext, *, reserve: float = 5.0) -> Deadline:
@@ -65,7 +66,15 @@ class Deadline:
     def check(self, what: str) -> None:
         """Raise StorageTimeoutError naming ``what`` if the deadline has passed."""
         if self.expired():
-            raise StorageTimeoutError(f"deadline exceeded during {what}")
+            why = "the call was interrupted" if self._called_off else "deadline exceeded"
+            raise StorageTimeoutError(f"{why} during {what}")
+
+    def call_off(self) -> None:
+        """End the budget now, for every thread that checks it: the work of a call whose
+        caller was interrupted (Ctrl-C) stops at its next check, as at a deadline, and
+        removes what it wrote, instead of running on to the deadline."""
+        self._called_off = True
+        self._end = -math.inf
 
     def child(self, seconds: float) -> Deadline:
         """A budget of at most ``seconds`` that also ends no later than this one."""
@@ -73,6 +82,14 @@ class Deadline:
 
 
 DeadlineLike = Deadline | float | int | None
+
+
+def call_off_if_interrupt(deadline: Deadline, error: BaseException) -> None:
+    """Call ``deadline`` off (:meth:`Deadline.call_off`) if ``error`` interrupts the call
+    (KeyboardInterrupt, SystemExit: not an Exception), wherever the waiting thread was:
+    the call's work stops at its next check. An error of the work leaves it as it is."""
+    if not isinstance(error, Exception):
+        deadline.call_off()
 
 
 def as_deadline(value: DeadlineLike, default: float) -> Deadline:
@@ -133,8 +150,14 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
     before it), the deadline as StorageTimeoutError naming ``what``. Either way the calls
     not yet started are cancelled; calls already running are abandoned (counted by their
     :class:`WorkerPool` when it is left), so whatever they could still touch must be fenced
-    by the caller (``transfer.Placer`` refuses writes once closed)."""
-    done, pending = wait(futures, timeout=deadline.remaining(), return_when=FIRST_EXCEPTION)
+    by the caller (``transfer.Placer`` refuses writes once closed). Interrupted while
+    waiting, it calls ``deadline`` off (:meth:`Deadline.call_off`) and re-raises."""
+    try:
+        done, pending = wait(futures, timeout=deadline.remaining(), return_when=FIRST_EXCEPTION)
+    except BaseException as e:  # interrupted (KeyboardInterrupt)
+        call_off_if_interrupt(deadline, e)
+        _cancel(futures)
+        raise
     error = _first_error(futures, done)
     if error is not None or pending:
         _cancel(futures)

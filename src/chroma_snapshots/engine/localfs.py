@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by
-from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import (
     STAGED,
     landed,
@@ -168,7 +168,8 @@ def build_at(
         if handoff.give_up():  # a tree renamed into place from now on is taken back
             raise
         return handoff.final  # kept just as the time ran out: the caller has it
-    except BaseException:  # interrupted while waiting: the build must not deliver later
+    except BaseException as e:  # interrupted while waiting: the build must not deliver later
+        call_off_if_interrupt(deadline, e)  # and stops at its next check
         handoff.give_up()
         raise
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FileId, FolderId
 from chroma_snapshots.engine.cleanup import clean_up
-from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import Made, landed, new_folder
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -111,7 +111,8 @@ class CacheBuilds(CacheSpace):
             d.folder("versions")
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))
-        except BaseException:
+        except BaseException as e:
+            call_off_if_interrupt(dl, e)  # the reads still running stop at their next check
             if made is not None:  # (checkout maps a full disk to CacheFullError)
                 held, made = made, None  # removed, then closed, maybe past the call's end
                 clean_up(held.remove, dl.remaining())

@@ -1,0 +1,74 @@
+"""An interrupted call (Ctrl-C: KeyboardInterrupt in the waiting thread) calls its deadline
+off: its workers stop at their next check instead of running on to the deadline, and what
+it wrote is removed (engine/deadline.py, Deadline.call_off)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.deadline import Deadline, wait_all
+from chroma_snapshots.errors import StorageTimeoutError
+from chroma_snapshots.testing.conformance import write_tree
+
+WORKER = Path(__file__).with_name("interrupt_worker.py")
+PACKS = 200  # one read each: ~10 s of reads at the worker's pace with 4 workers
+
+
+def _publish(tmp_path: Path) -> None:
+    files = {f"f{i:03d}.bin": os.urandom(64 << 10) for i in range(PACKS)}
+    remote = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=4096, pack_target=64 << 10)
+    remote.publish("db", write_tree(tmp_path / "src", files))
+
+
+@pytest.mark.parametrize("through", ["store", "cache"])
+def test_an_interrupted_checkout_stops_reading_and_leaves_nothing(
+    tmp_path: Path, through: str
+) -> None:
+    _publish(tmp_path)
+    where = tmp_path / ("out/db" if through == "store" else "cache")
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(tmp_path / "store"), through, str(where)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "reading"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    got = json.loads(out)
+    assert got["interrupted"]
+    assert got["reads_after"] <= 4, got  # the reads already under way, one a worker
+    assert got["reads"] < PACKS, got
+    if through == "store":  # no tree, no work folder, not even the parent it made
+        assert not (tmp_path / "out").exists()
+    else:  # no version, no work folder, no claim on the room
+        d = next((where).glob("*/db"))
+        for sub in ("versions", "tmp", "building"):
+            left = [p for p in (d / sub).rglob("*") if p.is_file()] if (d / sub).exists() else []
+            assert left == [], (sub, left)
+
+
+def test_an_interrupted_wait_calls_its_deadline_off() -> None:
+    deadline, never = Deadline(60), Future[None]()
+    main = threading.main_thread().ident
+    assert main is not None
+    # a real Ctrl-C: kill(pid) lands on the main thread, where wait_all waits
+    threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        wait_all([never], deadline, "reading")
+    assert never.cancelled()
+    assert deadline.remaining() == 0  # for the threads still checking it too
+    with pytest.raises(StorageTimeoutError, match="interrupted during reading packs"):
+        deadline.check("reading packs")
