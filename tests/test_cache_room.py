@@ -403,3 +403,14 @@ def test_a_builds_claim_folder_is_removed_only_below_the_caches_own_building_fol
     end_build(d, claim)
     assert (decoy / v1).is_dir()
     assert os.listdir(building.with_name("aside") / v1) == []  # its own claim is given back
+
+
+def test_a_build_folder_left_without_a_claim_is_swept(tmp_path: Path) -> None:
+    (v1, files1), (v2, _) = _publish(tmp_path, 2)
+    cache = _cache(tmp_path, 4 * SIZE)
+    d = cache.dirs("db")
+    claim_build(d, v2, SIZE).unlink()  # given back; the builder was interrupted before rmdir
+    assert (d.root / "building" / v2).is_dir()
+    with _cache(tmp_path, 4 * SIZE).checkout("db", v1) as snap:  # makes room: sweeps first
+        assert read_tree(snap.path) == files1
+    assert not (d.root / "building" / v2).exists()

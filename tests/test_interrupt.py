@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -31,33 +32,51 @@ def _publish(tmp_path: Path) -> None:
     remote.publish("db", write_tree(tmp_path / "src", files))
 
 
+def _interrupted(tmp_path: Path, through: str, read_time: float, then: str) -> str:
+    where = tmp_path / ("out/db" if through == "store" else "cache")
+    args = [str(tmp_path / "store"), through, str(where), str(read_time), then]
+    proc = subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "reading"
+    time.sleep(0.2)  # the call waits for its reads by now, several of them under way
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == (0 if then == "wait" else 130), out
+    return out
+
+
+def _nothing_left(tmp_path: Path, through: str) -> None:
+    if through == "store":  # no tree, no work folder, not even the parent it made
+        assert not (tmp_path / "out").exists()
+    else:  # no version, no work folder, no claim on the room, not its folder
+        d = next((tmp_path / "cache").glob("*/db"))
+        for sub in ("versions", "tmp", "building"):
+            assert not (d / sub).exists() or list((d / sub).iterdir()) == [], sub
+
+
 @pytest.mark.parametrize("through", ["store", "cache"])
 def test_an_interrupted_checkout_stops_reading_and_leaves_nothing(
     tmp_path: Path, through: str
 ) -> None:
     _publish(tmp_path)
-    where = tmp_path / ("out/db" if through == "store" else "cache")
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path / "store"), through, str(where)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "reading"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    got = json.loads(out)
+    got = json.loads(_interrupted(tmp_path, through, 0.05, "wait"))
     assert got["interrupted"]
     assert got["reads_after"] <= 4, got  # the reads already under way, one a worker
     assert got["reads"] < PACKS, got
-    if through == "store":  # no tree, no work folder, not even the parent it made
-        assert not (tmp_path / "out").exists()
-    else:  # no version, no work folder, no claim on the room
-        d = next((where).glob("*/db"))
-        for sub in ("versions", "tmp", "building"):
-            left = [p for p in (d / sub).rglob("*") if p.is_file()] if (d / sub).exists() else []
-            assert left == [], (sub, left)
+    _nothing_left(tmp_path, through)
+
+
+@pytest.mark.parametrize("through", ["store", "cache"])
+def test_an_interrupted_process_that_exits_at_once_leaves_nothing_behind_slow_reads(
+    tmp_path: Path, through: str
+) -> None:
+    # Reads of 1 s each are under way when the interrupt comes: the call's work notices its
+    # deadline called off while it waits for them, removes what it wrote, and the call
+    # raises once that is done (before: its wait ended with the slowest read, after the
+    # call had given up waiting and the process had exited, leaving the work folder).
+    _publish(tmp_path)
+    _interrupted(tmp_path, through, 1.0, "exit")
+    _nothing_left(tmp_path, through)
 
 
 def test_an_interrupted_wait_calls_its_deadline_off() -> None:

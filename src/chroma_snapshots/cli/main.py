@@ -10,7 +10,11 @@ destination create one), 4 conflict (CAS lost), 5 integrity failure, 6 timeout,
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -354,6 +358,37 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
         return 2
     log_warnings_to_stderr()
+    with _one_interrupt():
+        return _run(argv)
+
+
+@contextmanager
+def _one_interrupt() -> Iterator[None]:
+    """While the command runs, the first Ctrl-C interrupts it and later ones are ignored:
+    a second one cut the clean-up of the first short (a work folder left) or killed the
+    process by the signal instead of exit code 130. Only where Python's own handler is
+    installed, in the main thread (a host program's handler is left alone)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def first_only(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first_only)
+    try:
+        yield
+    finally:  # after an interrupt, later ones stay ignored: the process is exiting (130)
+        if signal.getsignal(signal.SIGINT) is first_only:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(argv: list[str] | None) -> int:
+    assert click is not None
     try:
         code = _build().main(args=argv, prog_name="chroma-snapshots", standalone_mode=False)
     except click.ClickException as e:

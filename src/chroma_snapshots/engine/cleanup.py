@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -133,8 +134,22 @@ class Handoff:
                 self._given_up = True
             given_up = self._given_up
         if given_up and self.started:
-            self.ended.wait(GRACE)
+            _wait_through_interrupts(self.ended, GRACE)
         return given_up
+
+
+def _wait_through_interrupts(event: threading.Event, seconds: float) -> None:
+    """``event.wait(seconds)``, waited out even if interrupted meanwhile (a second Ctrl-C
+    must not cut the clean-up of the first short); the interrupt is raised after."""
+    end = time.monotonic() + seconds
+    interrupted: BaseException | None = None
+    while not event.is_set() and (left := end - time.monotonic()) > 0:
+        try:
+            event.wait(left)
+        except BaseException as e:  # KeyboardInterrupt: raised once the wait is over
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def wait_for_cleanups(timeout: float | None = None) -> bool:

@@ -53,14 +53,28 @@ def end_build(d: NameDirs, room: Pin) -> None:
     other claim can be on its way in), removed through ``building/``'s descriptor: never
     through a link put at that name."""
     room.unlink()
+    drop_build_folder(d, room.path.parent.name)
+
+
+def drop_build_folder(d: NameDirs, version: str) -> None:
+    """Remove ``building/<version>`` if empty (with the version's lock held), through
+    ``building/``'s descriptor; one still holding a dead builder's claim is left to
+    :func:`live_build_claims`, then to the next sweep."""
     folder = open_folder(d.root / BUILDING, d.root.parent)
     if folder is None:
         return
     try:
-        with contextlib.suppress(OSError):  # not empty: left by a dead builder, swept later
-            os.rmdir(room.path.parent.name, dir_fd=folder)
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(version, dir_fd=folder)
     finally:
         os.close(folder)
+
+
+def idle_builds(d: NameDirs) -> list[str]:
+    """Versions whose folder in ``building/`` holds no live claim: its builder died or was
+    interrupted between giving its claim back and removing the folder."""
+    folder, below = d.root / BUILDING, d.root.parent
+    return [v for v in listed(folder, below) if not live_pins(folder / v, below)]
 
 
 def live_build_claims(d: NameDirs) -> dict[str, int]:

@@ -30,7 +30,13 @@ from chroma_snapshots.errors import (
 )
 from chroma_snapshots.stores.cache.copies import sweep_copies
 from chroma_snapshots.stores.cache.layout import TMP_STEM, NameDirs, real_dir
-from chroma_snapshots.stores.cache.room import copies_bytes, live_build_claims, room_lock
+from chroma_snapshots.stores.cache.room import (
+    copies_bytes,
+    drop_build_folder,
+    idle_builds,
+    live_build_claims,
+    room_lock,
+)
 
 USAGE_WAIT = 10.0  # seconds usage() waits for the room lock before counting without it
 POLL = 0.005  # seconds between tries of the room lock: it is held for milliseconds
@@ -225,6 +231,9 @@ class CacheSpace:
                     _sweep_version(d, version, paths)
             except LockTimeout:
                 continue  # someone is working on that version right now
+        for version in idle_builds(d):
+            with contextlib.suppress(LockTimeout), d.lock(version).acquire(timeout=0):
+                drop_build_folder(d, version)  # (a claim made since keeps it)
         sweep_copies(d)
 
     def _drop_orphans(self, name: str) -> None:
