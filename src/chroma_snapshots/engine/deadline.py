@@ -190,11 +190,13 @@ def _wait(
     a deadline another thread calls off (an interrupted caller's) ends it within
     ``_CALL_OFF_POLL``, so the work waiting here cleans up at once instead of when its
     slowest read returns."""
+    pending: set[Future[T]] = set(futures)
     while True:
         slice_ = min(deadline.remaining(), _CALL_OFF_POLL)
-        done, pending = wait(futures, timeout=slice_, return_when=FIRST_EXCEPTION)
-        if not pending or deadline.expired() or _first_error(futures, done) is not None:
-            return done, pending
+        newly, pending = wait(pending, timeout=slice_, return_when=FIRST_EXCEPTION)
+        failed = any(not f.cancelled() and f.exception() is not None for f in newly)
+        if not pending or failed or deadline.expired():
+            return set(futures) - pending, pending
 
 
 def _first_error(futures: Sequence[Future[Any]], done: set[Future[Any]]) -> BaseException | None:
