@@ -37,13 +37,25 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
     if it is not done by then it goes on in the background (:func:`wait_for_cleanups`;
     ``place``: what it works on, see :func:`finish_by`). An error it raises is logged,
     never raised: the caller is already failing with the error that matters."""
-    logged = partial(_logged, job)
+    done = threading.Event()
+
+    def logged() -> None:
+        try:
+            _logged(job)
+        finally:
+            done.set()
+
+    limit = max(within, GRACE)
+    end = time.monotonic() + limit
     try:
-        _recorded(logged, Deadline(max(within, GRACE)), "a clean-up", place)
+        _recorded(logged, Deadline(limit), "a clean-up", place)
     except StorageTimeoutError:
         pass  # still running, or refused (too many left running): swept later either way
     except RuntimeError:  # no thread could start (a process at its limit): here, then
         logged()
+    except BaseException:  # a further interrupt: the wait still runs to its end, then raises
+        _wait_through_interrupts(done, end - time.monotonic())
+        raise
 
 
 def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None = None) -> T:
