@@ -46,7 +46,7 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
             done.set()
 
     limit = max(within, GRACE)
-    end = time.monotonic() + limit
+    end = time.monotonic() + limit  # not the Deadline's: an interrupt calls that one off
     try:
         _recorded(logged, Deadline(limit), "a clean-up", place)
     except StorageTimeoutError:
