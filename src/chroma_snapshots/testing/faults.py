@@ -58,7 +58,8 @@ class FaultPlan:
     write may have happened), ``reset`` (connection dropped before forwarding), ``stall``
     (forwarded; part of the answer, then silence for ``stall_seconds``), ``truncate``
     (forwarded; the answer cut short and the connection closed), ``latency`` (forwarded
-    after ``latency_seconds``). ``counts`` maps (request type, kind or 'ok') to a count.
+    after ``latency_seconds``, or when the proxy stops). ``counts`` maps (request type,
+    kind or 'ok') to a count.
     """
 
     def __init__(

@@ -17,7 +17,6 @@ import http.client
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,7 +176,8 @@ class CountingProxy:
                 if fault == "reset":
                     return self._reset()
                 if fault == "latency" and proxy.faults is not None:
-                    time.sleep(proxy.faults.latency_seconds)
+                    # held, then forwarded; ``stop`` ends the hold (forwarded at once)
+                    proxy._released.wait(proxy.faults.latency_seconds)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy._drop}
                 if proxy._take_whole(self.command, self.path, headers):
                     headers = {k: v for k, v in headers.items() if k.lower() != "range"}
