@@ -5,14 +5,18 @@ s5cmd (Go, no verification), the `chroma-snapshots checkout` command (a snapshot
 files), and bare clients that do only what a verifying checkout must (receive, sha256 of every
 byte, pwrite into preallocated files): boto3 in the checkout's request shape (one sha256 per
 GET, and one per 64 KiB chunk as the checkout verifies), awscrt's S3 client and obstore, each
-also without sha256 where that isolates the hash. Local bounds: sha256 of the same files from
-the page cache (one thread, hashlib) and `cat > /dev/null`. Every client is its own process,
-the order rotated every round, the disk settled and memory left to go cold before each
-run (compare.COLD_PAUSE); CPU is user + system from wait4, RSS is VmHWM, and the server's
-CPU is read from /proc (the client shares the machine's cores with it).
+also without sha256 where that isolates the hash, and the least a Python client can do
+(http.client reading into reused buffers, a sha256 per 64 KiB chunk). Local bounds: sha256
+of the same files from the page cache (one thread, hashlib) and `cat > /dev/null`. "Past
+start-up" subtracts what a process spent before its first request: each bare client prints
+it; for the checkout it is the same command on a one-file snapshot in the same rounds.
+Every client is its own process, the order rotated every round, the disk settled and
+memory left to go cold before each run (compare.COLD_PAUSE); CPU is user + system from
+wait4, RSS is VmHWM, and the server's CPU is read from /proc (the client shares the
+machine's cores with it).
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
-           [--tools .bench-tools] [--cold-pause 6] [--json out.json]
+           [--tools .bench-tools] [--cold-pause 6] [--only CLIENT,...] [--json out.json]
 Needs TOOLS/native (a venv with boto3, awscrt, obstore: benchmarks/install-tools.sh).
 """
 
@@ -45,7 +49,10 @@ CLIENTS = (
     "awscrt+sha256",
     "awscrt",
     "obstore+sha256",
+    "http.client+sha256/64KiB",
+    "http.client",
 )
+CHECKOUT, STARTUP = "chroma-snapshots checkout", "chroma-snapshots start-up"
 LOCAL = (
     "import hashlib, sys\nbuf = bytearray(8 << 20)\nfor p in sys.argv[1:]:\n"
     "    h = hashlib.sha256()\n    with open(p, 'rb', buffering=0) as f:\n"
@@ -72,6 +79,10 @@ def _stage(srv: S3rver, work: Path, gib: int) -> list[Path]:
     settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
     store = RemoteStore(S3Backend(srv.bucket, f"snaps{gib}", settings=settings))
     store.publish("db", keep)
+    tiny = work / f"tiny{gib}"
+    tiny.mkdir()
+    (tiny / "one").write_bytes(os.urandom(4096))
+    store.publish("tiny", tiny)
     store.close()
     return files
 
@@ -83,11 +94,11 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
     names = [str(f) for f in files]
     cmds: dict[str, Any] = {
         "s5cmd cp": [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{out}/"],
-        "chroma-snapshots checkout": [*cli, "--endpoint-url", srv.endpoint, "checkout", "db"],
+        CHECKOUT: [*cli, "--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(out)],
+        STARTUP: [*cli, "--endpoint-url", srv.endpoint, "checkout", "tiny", "--dest", str(out)],
         "local: sha256 (hashlib)": [sys.executable, "-c", LOCAL, *names],
         "local: cat": ["cat", *names],
     }
-    cmds["chroma-snapshots checkout"] += ["--dest", str(out)]
     for mode in CLIENTS:
         receiver = str(HERE / "_receivers.py")
         cmds[mode] = [native, receiver, mode, srv.endpoint, "bench", f"g{gib}", str(16 * gib)]
@@ -106,17 +117,30 @@ def _one(
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
     if not name.startswith("local"):
         got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        if got != gib << 30:
+        if got != (4096 if name == STARTUP else gib << 30):
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+    if name in CLIENTS:  # its last line: bytes, digest, CPU s before the first request
+        row["startup_cpu_s"] = float((work / "client.log").read_text().split()[-1])
     row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}
     return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / gib}
+
+
+def _past_startup(rows: list[Row]) -> None:
+    """Give every checkout row the median CPU of the start-up runs beside it (same size and
+    cores), then every row with a start-up its CPU per GiB past it."""
+    for r in rows:
+        if r["client"] == CHECKOUT:
+            same = [q for q in rows if q["client"] == STARTUP and q["cpus"] == r["cpus"]]
+            r["startup_cpu_s"] = statistics.median(q["user_s"] + q["system_s"] for q in same)
+        if "startup_cpu_s" in r:
+            r["past_startup_cpu_s_per_gib"] = r["cpu_s_per_gib"] - r["startup_cpu_s"] / r["gib"]
 
 
 def _table(rows: list[Row]) -> None:
     print(
         f"{'client':28s} {'GiB':>3s} {'cpus':>4s} {'wall s':>7s} {'CPU s/GiB':>14s} "
-        f"{'user':>5s} {'RSS MiB':>7s} {'server CPU/GiB':>14s}"
+        f"{'past start-up':>13s} {'user':>5s} {'RSS MiB':>7s} {'server CPU/GiB':>14s}"
     )
     for key in dict.fromkeys((r["client"], r["gib"], r["cpus"]) for r in rows):
         same = [r for r in rows if (r["client"], r["gib"], r["cpus"]) == key]
@@ -126,9 +150,10 @@ def _table(rows: list[Row]) -> None:
 
         cpu = [r["cpu_s_per_gib"] for r in same]
         spread = f"{med('cpu_s_per_gib'):.2f} [{min(cpu):.2f}-{max(cpu):.2f}]"
+        past = f"{med('past_startup_cpu_s_per_gib'):.2f}" if "startup_cpu_s" in same[0] else "-"
         print(
             f"{key[0]:28s} {key[1]:3d} {key[2]:>4s} {med('wall_s'):7.2f} {spread:>14s} "
-            f"{med('user_s') / key[1]:5.2f} {med('rss_mib'):7.0f} "
+            f"{past:>13s} {med('user_s') / key[1]:5.2f} {med('rss_mib'):7.0f} "
             f"{med('server_cpu_s_per_gib'):14.2f}"
         )
 
@@ -140,6 +165,7 @@ def main() -> None:
     ap.add_argument("--one-core", action="store_true", help="also run every client on CPU 0")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
+    ap.add_argument("--only", help="comma-separated clients to run (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     tools, rows = args.tools.resolve(), list[Row]()
@@ -153,11 +179,12 @@ def main() -> None:
                 files = _stage(srv, work, gib)
                 cmds = _commands(srv, tools, gib, files, work / "out")
                 for cpus in [None, "0"] if args.one_core else [None]:
-                    names = list(cmds)
+                    names = [n for n in cmds if not args.only or n in args.only.split(",")]
                     for k in range(args.rounds):  # rotated: no client always runs first
                         for name in names[k % len(names) :] + names[: k % len(names)]:
                             row = _one(srv, work, name, cmds[name], gib, cpus, args.cold_pause)
                             rows.append(row)
+                _past_startup([r for r in rows if r["gib"] == gib])
                 _table([r for r in rows if r["gib"] == gib])
                 shutil.rmtree(work / f"keep{gib}")
     finally:

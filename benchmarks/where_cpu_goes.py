@@ -7,10 +7,15 @@ the `chroma-snapshots checkout` command RUNS times under `perf record` (task-clo
 1 kHz: a sample is a millisecond of the client's CPU; the page cache flushed before each run)
 and splits the client's CPU into: copying into the page cache (the kernel half of placing a
 file), copying out of sockets (receiving), the rest of the kernel, sha256 (libcrypto), the
-interpreter (libpython) and everything else, as CPU s/GiB and percent.
+interpreter (libpython) and everything else, as CPU s/GiB and percent; then the kernel
+functions that make up "other kernel". Each run waits COLD_PAUSE after the page cache
+is flushed, as compare.py's cold runs do (memory freed by the last run goes cold).
+
+With --s5cmd the same profile is taken of `s5cmd cp` fetching the same 64 MiB files (not
+with --chroma): the kernel's share of a client that does only what the kernel must.
 
 usage: python benchmarks/where_cpu_goes.py [--gib 3] [--runs 3] [--cpus 0] [--chroma]
-           [--json out.json]
+           [--s5cmd] [--cold-pause 6] [--json out.json]
 Needs `perf` (linux-perf) with perf_event_paranoid <= 2, and s3rver (install-tools.sh).
 """
 
@@ -20,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +35,7 @@ from typing import Any
 from _data import make_chroma_dir
 from _report import write_json
 from _s3rver import REGION, S3rver
-from compare import HERE, _proc, settle
+from compare import COLD_PAUSE, HERE, _proc, settle
 from receive_bound import _stage
 
 from chroma_snapshots import RemoteStore
@@ -48,14 +54,20 @@ LAYERS = (
 )
 
 
-def samples(report: str) -> dict[str, int]:
-    """Samples per layer, from ``perf report -n --no-children --sort dso,sym``."""
+def samples(report: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Samples per layer, and per kernel function of "other kernel", from
+    ``perf report -n --no-children --sort dso,sym``."""
     out = dict.fromkeys([label for label, _ in LAYERS] + ["other"], 0)
+    kernel: dict[str, int] = {}
     for line in report.splitlines():
         m = re.match(r"\s*[\d.]+%\s+(\d+)\s+(.*)", line)
         if m:
-            out[next((lb for lb, pat in LAYERS if pat.search(m[2])), "other")] += int(m[1])
-    return out
+            label = next((lb for lb, pat in LAYERS if pat.search(m[2])), "other")
+            out[label] += int(m[1])
+            if label == "other kernel":
+                sym = m[2].split("]")[-1].strip()
+                kernel[sym] = kernel.get(sym, 0) + int(m[1])
+    return out, kernel
 
 
 def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
@@ -68,13 +80,16 @@ def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
     shutil.rmtree(work / "src")
 
 
-def profile(srv: S3rver, work: Path, gib: int, cpus: str | None) -> Row:
+def profile(srv: S3rver, work: Path, gib: int, cpus: str | None, pause: float, s5: str) -> Row:
     dest, data = work / "out", work / "perf.data"
     shutil.rmtree(dest, ignore_errors=True)
-    settle()
-    cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://bench/snaps{gib}"]
-    cmd = ["perf", "record", "-q", "-e", "task-clock", "-F", str(HZ), "-o", str(data), "--", *cli]
-    cmd += ["--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(dest)]
+    settle(pause=pause)
+    cmd = ["perf", "record", "-q", "-e", "task-clock", "-F", str(HZ), "-o", str(data), "--"]
+    if s5:
+        cmd += [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{dest}/"]
+    else:
+        cmd += [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://bench/snaps{gib}"]
+        cmd += ["--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(dest)]
     wall, rss, _, _ = _proc(cmd, srv.env, work / "perf.log", cpus)
     report = subprocess.run(
         ["perf", "report", "-i", str(data), "-n", "--no-children", "--sort", "dso,sym", "--stdio"],
@@ -82,8 +97,10 @@ def profile(srv: S3rver, work: Path, gib: int, cpus: str | None) -> Row:
         text=True,
         check=True,
     ).stdout
-    per_gib = {label: n / HZ / gib for label, n in samples(report).items()}
+    layers, kernel = samples(report)
+    per_gib = {label: n / HZ / gib for label, n in layers.items()}
     row: Row = {"gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+    row |= {"kernel_cpu_s_per_gib": {sym: n / HZ / gib for sym, n in kernel.items()}}
     return row | {"cpu_s_per_gib": sum(per_gib.values()), "layers_cpu_s_per_gib": per_gib}
 
 
@@ -94,21 +111,31 @@ def main() -> None:
     ap.add_argument("--cpus", help="pin the checkout (taskset -c), e.g. 0")
     ap.add_argument("--chroma", action="store_true", help="a chroma-shaped tree, not raw files")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--s5cmd", action="store_true", help="profile s5cmd cp instead")
+    ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not shutil.which("perf"):
         raise SystemExit("perf is not installed (apt-get install linux-perf)")
+    if args.s5cmd and args.chroma:
+        raise SystemExit("--s5cmd fetches the raw 64 MiB files: not with --chroma")
+    tools = args.tools.resolve()
+    s5 = str(next((tools / "venv/lib").glob("python*/site-packages/s5cmd/bin/s5cmd")))
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="where-cpu-goes-"))
     try:
-        with S3rver(args.tools.resolve(), work / "s3data") as srv:
+        with S3rver(tools, work / "s3data") as srv:
             os.environ.update(srv.env)
             (stage_chroma if args.chroma else _stage)(srv, work, args.gib)
-            rows = [profile(srv, work, args.gib, args.cpus) for _ in range(args.runs)]
+            rows = [
+                profile(srv, work, args.gib, args.cpus, args.cold_pause, s5 if args.s5cmd else "")
+                for _ in range(args.runs)
+            ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shape = "a chroma-shaped tree" if args.chroma else "64 MiB random files"
-    print(f"CPU s/GiB of the client by layer (percent), {args.gib} GiB of {shape}")
+    who = "s5cmd cp" if args.s5cmd else "the checkout"
+    print(f"CPU s/GiB of {who} by layer (percent), {args.gib} GiB of {shape}")
     print(f"{'layer':<26}" + "".join(f"{'run ' + str(i + 1):>16}" for i in range(len(rows))))
     print(f"{'all':<26}" + "".join(f"{r['cpu_s_per_gib']:>16.2f}" for r in rows))
     for label in rows[0]["layers_cpu_s_per_gib"]:
@@ -117,6 +144,11 @@ def main() -> None:
             x = r["layers_cpu_s_per_gib"][label]
             cells.append(f"{x:.2f} ({100 * x / r['cpu_s_per_gib']:.0f}%)")
         print(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
+    print('"other kernel", its 12 largest functions, CPU s/GiB (median of the runs)')
+    syms = {sym for r in rows for sym in r["kernel_cpu_s_per_gib"]}
+    med = {s: statistics.median(r["kernel_cpu_s_per_gib"].get(s, 0.0) for r in rows) for s in syms}
+    for sym in sorted(med, key=med.__getitem__, reverse=True)[:12]:
+        print(f"  {sym:<40} {med[sym]:.3f}")
     write_json(args.json, rows)
 
 
