@@ -8,17 +8,20 @@ import os
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 
 from chroma_snapshots import CachedStore, RemoteStore
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.cli.main import main
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.keys import manifest_key, retired_key
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError
 from chroma_snapshots.stores.claims import Claim
+from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 
 NAME = "db"
@@ -301,3 +304,44 @@ def test_the_temp_file_sweep_ages_files_by_the_storages_clock_not_the_clients(
     monkeypatch.setattr(time, "time", lambda: real() + 2 * HOUR)
     assert store.prune(NAME, keep_last=1, min_age=0).swept_temp_files == 0
     assert fresh.exists()
+
+
+def test_strays_below_packs_are_neither_pruned_nor_recorded(tmp_path: Path) -> None:
+    # An editor's or a copy tool's file below packs/ is not a pack: a prune that recorded
+    # one would write a record every reader refuses, stopping every ref move until it expired.
+    store, _, _ = _two_versions(tmp_path)
+    packs = tmp_path / "store" / NAME / "packs"
+    real = next(p for p in packs.rglob("*") if p.is_file())
+    strays = [packs / "zz" / "README", packs / "notes.txt", real.parent / f".{real.name}.Xy12Ab"]
+    strays.append(packs / "ab" / ("ab" + "0" * 62) / "x")  # a checkout's dest, a folder deep
+    for path in strays:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"hi")
+    _age_all(tmp_path / "store", 2 * HOUR)
+    report = store.prune(NAME, keep_last=1, min_age=0)
+    assert report.deleted_packs  # v1's pack went; the strays did not
+    assert all(p.exists() for p in strays)
+    info = store.publish(NAME, write_tree(tmp_path / "c", {"f": b"c" * 10_000}))  # not stopped
+    store.set_ref(NAME, "t1", info.version, expected=None)
+    assert store.prune(NAME, keep_last=1, min_age=0).deleted_packs
+
+
+def test_an_s3_folder_object_below_packs_does_not_stop_a_prune(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    # The S3 console's "Create folder" puts a zero-byte object named like a folder.
+    settings = S3Settings(endpoint_url=moto_server.endpoint_url)
+    backend = S3Backend(s3_bucket, "snaps", settings=settings)
+    store = RemoteStore(backend, chunk_size=4096, pack_target=8192)
+    for data in (b"a", b"b"):
+        store.publish(NAME, write_tree(tmp_path / data.decode(), {"f": data * 10_000}))
+    s3 = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
+    folders = [f"snaps/{NAME}/packs/", f"snaps/{NAME}/packs/zz/"]
+    for key in folders:
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    report = store.prune(NAME, keep_last=1, min_age=0)
+    assert report.deleted_packs
+    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"snaps/{NAME}/packs/")["Contents"]
+    assert set(folders) <= {o["Key"] for o in listed}
+    info = store.publish(NAME, write_tree(tmp_path / "c", {"f": b"c" * 10_000}))
+    store.set_ref(NAME, "t1", info.version, expected=None)

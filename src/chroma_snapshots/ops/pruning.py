@@ -66,8 +66,8 @@ class _Listing:
             version = rest.removesuffix(".json")
             if kind == keys.MANIFESTS and rest.endswith(".json") and VersionId.is_version(version):
                 out.manifests[version] = m
-            elif kind == keys.PACKS:
-                out.packs[rest.rsplit("/", 1)[-1]] = m
+            elif (pack := keys.pack_at(name, m.key)) is not None:
+                out.packs[pack] = m  # (anything else below packs/ is not ours: left alone)
             elif kind == keys.RETIRED and VersionId.is_version(rest):
                 out.notes[rest] = m
             else:
