@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lambda_plugins
 import pytest
@@ -344,3 +344,29 @@ def test_a_lock_key_the_store_cannot_hold_fails_the_cold_start(
     for fine in ("locks/compactor", "db/locks/publish"):
         cfg = LambdaConfig.from_env({**env, "CHROMA_SNAPSHOTS_LOCK_KEY": fine})
         assert cfg.lock_key == fine
+
+
+def test_odd_receive_counts_and_contexts_never_fail_the_batch(env: dict[str, str]) -> None:
+    """A receive count of "²" (str.isdigit says yes, int() says no) or of 5,000 digits (past
+    int()'s limit) counts as a first delivery; a context of None (a call by hand) or one
+    claiming 1e12 s left is Lambda's longest invocation. Each raised from the handler
+    before, losing the good messages' answers."""
+    handler = QueryHandler(LambdaConfig.from_env(env))
+    event = sqs_event({"collection": "receipts", "ids": ["receipts-7"], "n_results": 1})
+    good = event["Records"][0]
+    for i, count in enumerate(["²", "9" * 5000, "-1", " 1", True]):
+        odd = {**good, "messageId": f"m-count{i}", "attributes": {"ApproximateReceiveCount": count}}
+        event["Records"].append(odd)
+    response = handler(event, FakeContext(30))
+    assert failures(response) == set()
+    assert set(lambda_plugins.RESULTS) == {"m0"} | {f"m-count{i}" for i in range(5)}
+
+    class Forever:
+        def get_remaining_time_in_millis(self) -> float:
+            return 1e15
+
+    for context in (None, Forever(), object()):
+        lambda_plugins.RESULTS.clear()
+        response = handler(sqs_event(json.loads(good["body"])), cast(Any, context))
+        assert failures(response) == set()
+        assert set(lambda_plugins.RESULTS) == {"m0"}

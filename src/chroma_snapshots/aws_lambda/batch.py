@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from chroma_snapshots.engine.deadline import Deadline, LambdaContext
 from chroma_snapshots.errors import InvalidInputError
 
 log = logging.getLogger("chroma_snapshots.aws_lambda")
+_COUNT = re.compile(r"[0-9]{1,9}")  # an ApproximateReceiveCount
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ def parse(record: Any) -> Message:
         body,
         str(record.get("receiptHandle", "")),
         str(record.get("eventSourceARN", "")),
-        int(count) if isinstance(count, str | int) and str(count).isdigit() else 1,
+        # ASCII digits only ("²".isdigit() is True, int() refuses it; 5,000 digits exceed
+        # int()'s limit): anything else counts as a first delivery
+        int(count) if isinstance(count, str | int) and _COUNT.fullmatch(str(count)) else 1,
     )
 
 

@@ -81,7 +81,7 @@ def finish(
     if outcome.unprocessed and config.release_unprocessed:
         # within what the invocation has left (a second kept to respond): past it Lambda
         # kills us before batchItemFailures is returned, and the whole batch comes back
-        budget = Deadline(max(0.0, context.get_remaining_time_in_millis() / 1000 - 1.0))
+        budget = Deadline.from_lambda_context(context, reserve=1.0)
         try:
             run_within(budget, "releasing unprocessed messages",
                        lambda: release(outcome.unprocessed, sqs()))  # fmt: skip

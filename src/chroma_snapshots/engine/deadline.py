@@ -27,6 +27,21 @@ class LambdaContext(Protocol):
     def get_remaining_time_in_millis(self) -> int: ...
 
 
+LAMBDA_MAX_SECONDS = 900.0  # the longest a Lambda invocation runs
+
+
+def lambda_remaining(ctx: LambdaContext | None) -> float:
+    """Seconds the invocation has left, from 0 to Lambda's longest invocation (900 s); a
+    context without a usable clock (a handler called by hand with ``None``) counts as the
+    longest, never an AttributeError that would fail a whole batch."""
+    clock = getattr(ctx, "get_remaining_time_in_millis", None)
+    try:
+        ms = float(clock()) if callable(clock) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        ms = math.nan
+    return LAMBDA_MAX_SECONDS if math.isnan(ms) else min(max(0.0, ms / 1000), LAMBDA_MAX_SECONDS)
+
+
 class Deadline:
     """A point in (monotonic) time by which an operation must have finished.
 
@@ -51,9 +66,10 @@ class Deadline:
         self._called_off = False
 
     @classmethod
-    def from_lambda_context(cls, ctx: LambdaContext, *, reserve: float = 5.0) -> Deadline:
-        """The invocation's remaining time minus ``reserve`` seconds for clean-up."""
-        return cls(max(0.0, ctx.get_remaining_time_in_millis() / 1000.0 - reserve))
+    def from_lambda_context(cls, ctx: LambdaContext | None, *, reserve: float = 5.0) -> Deadline:
+        """The invocation's remaining time (:func:`lambda_remaining`) minus ``reserve``
+        seconds for clean-up."""
+        return cls(max(0.0, lambda_remaining(ctx) - reserve))
 
     def remaining(self) -> float:
         """Seconds left, never negative."""
