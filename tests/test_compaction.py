@@ -212,6 +212,9 @@ MALFORMED = [
     ({"id": "x", "collection": "receipts", "deletes": [1]}, "deletes[0]"),
     # a lone surrogate in the delta id would fail the manifest's encoding, and the batch
     ({"id": "evil-\ud800", "collection": "receipts"}, "delta id is not valid UTF-8"),
+    # the manifest keeps 10,000 ids, within readers' header limit only if each is short
+    ({"id": "x" * 513, "collection": "receipts"}, "more than 512 bytes of JSON"),
+    ({"id": "\x01" * 86, "collection": "receipts"}, "more than 512 bytes of JSON"),  # \u0001
     (  # 1e309 as an integer literal: float() raises OverflowError
         {"id": "x", "collection": "receipts", "upserts": [{"id": "a", "embedding": [10**309]}]},
         "upserts[0].embedding[0]",

@@ -314,6 +314,19 @@ def test_a_delta_id_that_is_not_utf8_fails_alone(store: RemoteStore, config: Lam
     assert applied_ids(store.resolve("db")) == ["g0", "g1"]
 
 
+def test_a_delta_id_too_long_for_the_manifest_fails_alone(
+    store: RemoteStore, config: LambdaConfig
+) -> None:
+    """Ids of 240 KB were accepted, and once 60 were recorded the manifest passed readers'
+    16 MiB header limit: every later batch failed, its good deltas reported as poison."""
+    handler = CompactionHandler(config, store=store)
+    long = {**good("long"), "id": "x" * 513}
+    fits = {**good("fits"), "id": "y" * 512}
+    event = sqs_event(good("g0"), long, fits)
+    assert failures(handler(event, FakeContext(120))) == {"m1"}
+    assert applied_ids(store.resolve("db")) == ["g0", "y" * 512]
+
+
 def test_anything_raised_while_applying_a_delta_isolates_that_delta(
     store: RemoteStore, config: LambdaConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ it), a scalar NaN or infinity is accepted and chroma stores it as null.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -170,11 +171,18 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+MAX_DELTA_ID_BYTES = 512
+
+
 def _delta_id_problem(delta_id: str) -> str | None:
     # The id goes into the manifest (UTF-8 JSON) when the delta is applied: a lone
-    # surrogate there would fail the publish of the whole batch.
+    # surrogate there would fail the publish of the whole batch, and the manifest keeps the
+    # last 10,000 ids (merge.MAX_APPLIED), which must fit readers' 16 MiB header limit:
+    # 240 KB ids made every batch fail once 60 were recorded.
     if not _utf8(delta_id):
         return "the delta id is not valid UTF-8 text"
+    if len(json.dumps(delta_id)) - 2 > MAX_DELTA_ID_BYTES:  # as the manifest holds it, escaped
+        return f"the delta id takes more than {MAX_DELTA_ID_BYTES} bytes of JSON"
     return None
 
 
