@@ -413,3 +413,21 @@ def test_a_path_object_that_gives_no_path_is_invalid_input(tmp_path: Path) -> No
     with pytest.raises(InvalidInputError):
         CachedStore(store, _BadPath())  # type: ignore[arg-type]
     assert store.read_ref("db") is None
+
+
+def test_a_relative_store_path_is_fixed_when_the_store_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A program that changes directory after opening "st" went on reading and publishing
+    # in the new directory's "st", while the cache still named the first: versions mixed.
+    for where in ("a", "b"):
+        write_tree(tmp_path / where / "src", {"f": where.encode()})
+    monkeypatch.chdir(tmp_path / "a")
+    store = open_store("st", cache_dir=str(tmp_path / "cache"))
+    store.publish("n", "src")
+    monkeypatch.chdir(tmp_path / "b")
+    assert (store.checkout("n", dest=tmp_path / "d").path / "f").read_bytes() == b"a"
+    store.publish("n", str(tmp_path / "b" / "src"))
+    assert not (tmp_path / "b" / "st").exists()
+    again = open_store(str(tmp_path / "a" / "st"), cache_dir=str(tmp_path / "cache2"))
+    assert (again.checkout("n", dest=tmp_path / "e").path / "f").read_bytes() == b"b"

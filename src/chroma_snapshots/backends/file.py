@@ -41,7 +41,7 @@ class FileBackend(Backend):
         create: bool = True,
         guard: MountGuard | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))  # fixed now: a later chdir moves nothing
         self.guard = guard
         self._files = LocalFiles(self.root, fsync)
         self._run("ensure_root", create)
