@@ -10,7 +10,7 @@ import boto3
 import fsspec
 import pytest
 
-from chroma_snapshots import Backend, ConfigError, open_backend
+from chroma_snapshots import Backend, ConfigError, RemoteStore, open_backend
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.fsspec import FsspecBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
@@ -164,3 +164,22 @@ def test_efs_url_requires_existing_mount(tmp_path: Path) -> None:
     with pytest.raises(SnapshotNotFoundError):
         open_backend(f"efs://{tmp_path}/not-mounted")
     assert isinstance(open_backend(f"efs://{tmp_path}"), FileBackend)
+
+
+def test_an_endpoint_from_the_aws_environment_keys_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The label keys the cache folder: the same bucket behind two servers named by
+    # AWS_ENDPOINT_URL shared one cache, and an offline checkout served the other's files.
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    labels = []
+    for url in ("http://127.0.0.1:9001", "http://127.0.0.1:9002"):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        label = RemoteStore(S3Backend("b", "p", settings=S3Settings(region="us-east-1"))).label
+        assert url in label
+        labels.append(label)
+    assert labels[0] != labels[1]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    aws = repr(S3Backend("b", "p", settings=S3Settings(region="eu-west-1")))
+    assert aws == "S3Backend('s3://b/p')"  # AWS's own endpoint: the label as it always was

@@ -285,3 +285,22 @@ def test_cache_settings_that_would_quietly_do_something_else_are_refused(
     remote = RemoteStore(FileBackend(tmp_path / "store"))
     with pytest.raises(InvalidInputError, match=setting):
         CachedStore(remote, tmp_path / "cache", stale_ok=True, **{setting: bad})  # type: ignore[arg-type]
+
+
+def test_the_endpoint_of_every_service_keys_the_store_as_botocore_reads_it() -> None:
+    # AWS_ENDPOINT_URL (every service's) was left to botocore: the store connected to it,
+    # but its cache was keyed without it, so the same bucket behind two servers shared one.
+    a, b = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+    base = {"CHROMA_SNAPSHOTS_URL": "s3://bkt/p"}
+    identities = set()
+    for url in (a, b):
+        cfg = StoreConfig.from_env({**base, "AWS_ENDPOINT_URL": url})
+        assert cfg.s3_endpoint_url == url
+        identities.add(open_remote(cfg).identity)
+    assert len(identities) == 2
+    both = {**base, "AWS_ENDPOINT_URL": a, "AWS_ENDPOINT_URL_S3": b}
+    assert StoreConfig.from_env(both).s3_endpoint_url == b  # the service's own wins
+    ignored = {**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
+    assert StoreConfig.from_env(ignored).s3_endpoint_url is None
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL="):
+        StoreConfig.from_env({**base, "AWS_ENDPOINT_URL": "http://h:9000/bucket"})

@@ -271,10 +271,17 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
 
 
 def _endpoint(env: Mapping[str, str]) -> str | None:
-    raw = env.get(ENV_ENDPOINT, "").strip()
-    if raw:
-        check_endpoint(raw, f"{ENV_ENDPOINT}=")
-    return raw or None
+    """The S3 endpoint botocore would take from the environment (its service variable, then
+    the one for every service, unless told to ignore both), read here so that it keys the
+    store's cache: the same bucket behind two endpoints is two stores."""
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    for var in (ENV_ENDPOINT, "AWS_ENDPOINT_URL"):
+        raw = env.get(var, "").strip()
+        if raw:
+            check_endpoint(raw, f"{var}=")
+            return raw
+    return None
 
 
 ENV_NAME = "CHROMA_SNAPSHOTS_NAME"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from chroma_snapshots.backends.base import (
     Backend,
@@ -59,6 +60,11 @@ T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
 
 
+def _is_aws(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
 def _etag(value: Any) -> str:
     return str(value or "").strip('"')
 
@@ -80,8 +86,12 @@ class S3Backend(Backend):
         self.client = client or make_client(self.settings)
 
     def __repr__(self) -> str:
-        # the endpoint too: a store's default label keys its cache folder
-        at = f", endpoint_url={self.settings.endpoint_url!r}" if self.settings.endpoint_url else ""
+        # the endpoint too: a store's default label keys its cache folder, so the same
+        # bucket behind two servers is two caches, wherever the endpoint came from
+        # (settings, AWS_ENDPOINT_URL, a profile's endpoint_url); AWS's own is left out
+        url = self.settings.endpoint_url or self.client.meta.endpoint_url
+        own = not self.settings.endpoint_url and _is_aws(url)
+        at = "" if own else f", endpoint_url={url!r}"
         return f"S3Backend('s3://{self.bucket}/{self.prefix}'{at})"
 
     def _key(self, key: str) -> str:
