@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from chroma_snapshots.cli.main import main
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faults import FaultPlan
 from chroma_snapshots.testing.proxy import CountingProxy
 
 KEY = "k1:" + "a-signing-secret-" * 2
@@ -516,3 +518,26 @@ def test_a_missing_bucket_is_named_as_a_missing_bucket(moto_server: MotoServer) 
     assert "no-such-bucket-here" in out.stderr
     assert "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_timeout_bounds_the_whole_command_not_each_call(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    # `sync --all-versions` gave every version and ref move a --timeout of its own: at
+    # 0.3 s a request, --timeout 5 took 14 s and succeeded. Now the command ends by it.
+    store = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+    )
+    for i in range(6):
+        store.publish("db", write_tree(tmp_path / f"v{i}", {"f": os.urandom(3000)}))
+    plan = FaultPlan(1.0, kinds=("latency",), latency_seconds=0.25)
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url}
+        dest = f"file://{tmp_path}/mirror"
+        args = ["--timeout", "2", "sync", f"s3://{s3_bucket}/snaps", dest, "--all-versions"]
+        t = time.monotonic()
+        out = _script(*args, env=env)
+        took = time.monotonic() - t
+    assert out.returncode == 6, out.stderr  # a timeout, named as one
+    assert "Traceback" not in out.stderr
+    assert took < 2 + 1.5 + 1.0  # its deadline, a clean-up wait, the process's start-up

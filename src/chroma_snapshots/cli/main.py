@@ -36,6 +36,7 @@ from chroma_snapshots.cli.common import (
 )
 from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
 from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
+from chroma_snapshots.engine.deadline import one_deadline
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
         return 2
     log_warnings_to_stderr()
-    with _one_interrupt():
+    with _one_interrupt(), one_deadline():  # --timeout bounds the whole command
         return _run(argv)
 
 

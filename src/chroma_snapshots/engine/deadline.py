@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
 from types import TracebackType
@@ -114,10 +115,34 @@ def call_off_if_interrupt(deadline: Deadline, error: BaseException) -> None:
 
 
 def as_deadline(value: DeadlineLike, default: float) -> Deadline:
-    """A ``deadline=`` argument (Deadline, seconds, or None: ``default``) as a Deadline."""
+    """A ``deadline=`` argument (Deadline, seconds, or None: ``default``) as a Deadline.
+    Within :func:`one_deadline`, None is the deadline the first such call started."""
     if isinstance(value, Deadline):
         return value
-    return Deadline(default if value is None else value)
+    if value is not None:
+        return Deadline(value)
+    shared = _SHARED.get()
+    if shared is None:
+        return Deadline(default)
+    if not shared:
+        shared.append(Deadline(default))
+    return shared[0]
+
+
+_SHARED: ContextVar[list[Deadline] | None] = ContextVar("chroma_snapshots_shared", default=None)
+
+
+@contextmanager
+def one_deadline() -> Iterator[None]:
+    """Within, every call given no deadline of its own shares one: the first such call's
+    default, started when it starts. A CLI command is one unit of work for its user
+    (``sync`` copies many versions, ``checkout`` resolves then reads): ``--timeout``
+    bounds all of it, not each call."""
+    token = _SHARED.set([])
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 _CURRENT: ContextVar[Deadline | None] = ContextVar("chroma_snapshots_deadline", default=None)
