@@ -227,6 +227,10 @@ def test_cache_lists_per_name_and_version_and_removes_on_request(tmp_path: Path,
     code, _, err = run(*base, "cache", "rm", "db", v1)
     assert code == 2
     assert "is not cached" in err
+    for bad in ("", "../db"):  # not a name: bad usage, not "nothing to remove"
+        code, _, err = run(*base, "cache", "rm", bad)
+        assert code == 2, err
+        assert "snapshot name" in err
     code, out, _ = run(*base, "cache", "clear", "--dry-run", "--json")
     assert [e["version"] for e in json.loads(out)["evicted"]] == [v2]
     assert run(*base, "cache", "clear")[0] == 0

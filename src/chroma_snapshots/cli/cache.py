@@ -125,6 +125,9 @@ def register(cli: click.Group) -> None:
     def cache_rm(
         ctx: click.Context, name: str, versions: tuple[str, ...], dry_run: bool, as_json: bool
     ) -> None:
+        from chroma_snapshots.engine.validation import check_name
+
+        check_name(name)  # "" or "../x" is bad usage (exit 2), not "nothing to remove"
         store = cache_of(ctx)
         _remove(store, _chosen(store, name, versions), dry_run, as_json)
 
