@@ -300,7 +300,10 @@ def test_the_endpoint_of_every_service_keys_the_store_as_botocore_reads_it() -> 
     assert len(identities) == 2
     both = {**base, "AWS_ENDPOINT_URL": a, "AWS_ENDPOINT_URL_S3": b}
     assert StoreConfig.from_env(both).s3_endpoint_url == b  # the service's own wins
-    ignored = {**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
+    ignored = {**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "TRUE"}
     assert StoreConfig.from_env(ignored).s3_endpoint_url is None
+    for not_true in (" true", "true\n", "1"):  # not true to botocore either: it connects
+        odd = {**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": not_true}
+        assert StoreConfig.from_env(odd).s3_endpoint_url == b
     with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL="):
         StoreConfig.from_env({**base, "AWS_ENDPOINT_URL": "http://h:9000/bucket"})

@@ -348,24 +348,32 @@ def test_a_lock_key_the_store_cannot_hold_fails_the_cold_start(
 
 def test_odd_receive_counts_and_contexts_never_fail_the_batch(env: dict[str, str]) -> None:
     """A receive count of "²" (str.isdigit says yes, int() says no) or of 5,000 digits (past
-    int()'s limit) counts as a first delivery; a context of None (a call by hand) or one
-    claiming 1e12 s left is Lambda's longest invocation. Each raised from the handler
-    before, losing the good messages' answers."""
+    int()'s limit) counts as a first delivery; a context of None (a call by hand), one
+    claiming 1e12 s left or one whose clock raises is Lambda's longest invocation. Each
+    raised from the handler before, losing the good messages' answers."""
     handler = QueryHandler(LambdaConfig.from_env(env))
     event = sqs_event({"collection": "receipts", "ids": ["receipts-7"], "n_results": 1})
     good = event["Records"][0]
-    for i, count in enumerate(["²", "9" * 5000, "-1", " 1", True]):
+    for i, count in enumerate(["²", "9" * 5000, "-1", " 1", True, 10**5000]):
         odd = {**good, "messageId": f"m-count{i}", "attributes": {"ApproximateReceiveCount": count}}
         event["Records"].append(odd)
     response = handler(event, FakeContext(30))
     assert failures(response) == set()
-    assert set(lambda_plugins.RESULTS) == {"m0"} | {f"m-count{i}" for i in range(5)}
+    assert set(lambda_plugins.RESULTS) == {"m0"} | {f"m-count{i}" for i in range(6)}
 
     class Forever:
         def get_remaining_time_in_millis(self) -> float:
             return 1e15
 
-    for context in (None, Forever(), object()):
+    class Broken:
+        def get_remaining_time_in_millis(self) -> float:
+            raise RuntimeError("no clock here")
+
+        @property
+        def aws_request_id(self) -> str:
+            raise KeyError("no id either")
+
+    for context in (None, Forever(), object(), Broken()):
         lambda_plugins.RESULTS.clear()
         response = handler(sqs_event(json.loads(good["body"])), cast(Any, context))
         assert failures(response) == set()

@@ -274,7 +274,9 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
     """The S3 endpoint botocore would take from the environment (its service variable, then
     the one for every service, unless told to ignore both), read here so that it keys the
     store's cache: the same bucket behind two endpoints is two stores."""
-    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+    # botocore's own test, exactly: " true" is not true to it, so not here either (it would
+    # connect to the endpoint while the cache was keyed without it)
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
         return None
     for var in (ENV_ENDPOINT, "AWS_ENDPOINT_URL"):
         raw = env.get(var, "").strip()

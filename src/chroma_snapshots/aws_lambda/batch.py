@@ -68,10 +68,16 @@ def parse(record: Any) -> Message:
         body,
         str(record.get("receiptHandle", "")),
         str(record.get("eventSourceARN", "")),
-        # ASCII digits only ("²".isdigit() is True, int() refuses it; 5,000 digits exceed
-        # int()'s limit): anything else counts as a first delivery
-        int(count) if isinstance(count, str | int) and _COUNT.fullmatch(str(count)) else 1,
+        _receive_count(count),
     )
+
+
+def _receive_count(count: object) -> int:
+    # ASCII digits only ("²".isdigit() is True, int() refuses it; 5,000 digits exceed
+    # int()'s limit, and str() of such an int raises): anything else is a first delivery
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count if 0 <= count < 10**9 else 1
+    return int(count) if isinstance(count, str) and _COUNT.fullmatch(count) else 1
 
 
 def records(event: Any) -> list[Any]:

@@ -92,6 +92,13 @@ def finish(
     return outcome.response()
 
 
+def _request_id(context: object) -> str:
+    try:  # the caller's object (a hand-made context may raise): the answer must go out
+        return str(getattr(context, "aws_request_id", ""))
+    except Exception:
+        return ""
+
+
 def summarize(
     config: LambdaConfig,
     outcome: BatchOutcome,
@@ -103,7 +110,7 @@ def summarize(
     """The batch's summary log line and its metrics (to ``metrics``, else as EMF on stdout
     when ``CHROMA_SNAPSHOTS_METRICS_NAMESPACE`` is set)."""
     summary = {
-        "request_id": getattr(context, "aws_request_id", ""),
+        "request_id": _request_id(context),
         "snapshot": config.name,
         "processed": len(outcome.processed),
         "unprocessed": len(outcome.unprocessed),

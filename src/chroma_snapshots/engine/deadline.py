@@ -35,10 +35,10 @@ def lambda_remaining(ctx: LambdaContext | None) -> float:
     """Seconds the invocation has left, from 0 to Lambda's longest invocation (900 s); a
     context without a usable clock (a handler called by hand with ``None``) counts as the
     longest, never an AttributeError that would fail a whole batch."""
-    clock = getattr(ctx, "get_remaining_time_in_millis", None)
-    try:
+    try:  # a context is the caller's object: whatever its clock raises, it has none
+        clock = getattr(ctx, "get_remaining_time_in_millis", None)
         ms = float(clock()) if callable(clock) else math.nan
-    except (TypeError, ValueError, OverflowError):
+    except Exception:
         ms = math.nan
     return LAMBDA_MAX_SECONDS if math.isnan(ms) else min(max(0.0, ms / 1000), LAMBDA_MAX_SECONDS)
 
