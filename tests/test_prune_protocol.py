@@ -326,7 +326,7 @@ def test_strays_below_packs_are_neither_pruned_nor_recorded(tmp_path: Path) -> N
     assert store.prune(NAME, keep_last=1, min_age=0).deleted_packs
 
 
-def test_an_s3_folder_object_below_packs_does_not_stop_a_prune(
+def test_s3_folder_objects_below_a_name_stop_no_command(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
     # The S3 console's "Create folder" puts a zero-byte object named like a folder.
@@ -336,12 +336,17 @@ def test_an_s3_folder_object_below_packs_does_not_stop_a_prune(
     for data in (b"a", b"b"):
         store.publish(NAME, write_tree(tmp_path / data.decode(), {"f": data * 10_000}))
     s3 = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
-    folders = [f"snaps/{NAME}/packs/", f"snaps/{NAME}/packs/zz/"]
+    # ... in every folder of a name: each stopped every command reading it, for good
+    kinds = ("packs", "packs/zz", "gc", "refs", "pins", "manifests", "retired")
+    folders = [f"snaps/{NAME}/{kind}/" for kind in kinds] + [f"snaps/{NAME}//x"]
     for key in folders:
         s3.put_object(Bucket=s3_bucket, Key=key, Body=b"")
     report = store.prune(NAME, keep_last=1, min_age=0)
     assert report.deleted_packs
-    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"snaps/{NAME}/packs/")["Contents"]
+    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"snaps/{NAME}/")["Contents"]
     assert set(folders) <= {o["Key"] for o in listed}
     info = store.publish(NAME, write_tree(tmp_path / "c", {"f": b"c" * 10_000}))
     store.set_ref(NAME, "t1", info.version, expected=None)
+    assert store.refs(NAME) == {"latest": info.version, "t1": info.version}
+    assert len(list(store.versions(NAME))) == 2
+    assert store.prune(NAME, keep_last=1, min_age=0).deleted_versions

@@ -68,6 +68,18 @@ class GetResult:
     meta: ObjectMeta
 
 
+def is_key(key: str) -> bool:
+    """True if ``key`` is one this library can name (:func:`check_key`). A listing leaves
+    the others out: an S3 console's folder object (``n/gc/``) or a key with ``//`` is never
+    one of ours, cannot be read or deleted through a backend, and once listed stopped every
+    command that reads its folder for good."""
+    try:
+        check_key(key)
+    except InvalidInputError:
+        return False
+    return True
+
+
 def check_key(key: str) -> str:
     """Validate an object key (relative POSIX path); InvalidInputError otherwise."""
     try:

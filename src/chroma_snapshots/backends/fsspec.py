@@ -20,6 +20,7 @@ from chroma_snapshots.backends.base import (
     ObjectMeta,
     PutMode,
     check_key,
+    is_key,
     past_end,
     put_error,
     range_refused,
@@ -243,7 +244,7 @@ class FsspecBackend(Backend):
         root = self.root.strip("/")  # filesystems differ on a leading "/" in what they return
         for path, info in found.items():
             key = path.strip("/")[len(root) :].lstrip("/")
-            if key.startswith(prefix) and info.get("type") != "directory":
+            if key.startswith(prefix) and info.get("type") != "directory" and is_key(key):
                 yield self._meta(key, info)
 
     def _check_listable(self, top: str) -> None:

@@ -22,6 +22,7 @@ from chroma_snapshots.backends.base import (
     ObjectMeta,
     PutMode,
     check_key,
+    is_key,
     past_end,
     put_error,
     range_refused,
@@ -303,8 +304,10 @@ class S3Backend(Backend):
             for page in pages:
                 field(page, "IsTruncated", what)  # every S3 listing says
                 for o in page.get("Contents", []):
+                    if not is_key(key := self._strip(field(o, "Key", what))):
+                        continue  # not an object of ours (base.is_key)
                     yield ObjectMeta(
-                        self._strip(field(o, "Key", what)),
+                        key,
                         field(o, "Size", what),
                         _etag(o.get("ETag")),
                         field(o, "LastModified", what).timestamp(),
