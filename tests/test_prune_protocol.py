@@ -122,6 +122,17 @@ def test_an_unreadable_record_is_an_integrity_error_naming_it(tmp_path: Path) ->
     with pytest.raises(IntegrityError, match=r"garbage\.json"):
         store.publish(NAME, write_tree(tmp_path / "c", {"f": b"c"}))
     assert store.resolve(NAME).version == v2
+    # once older than any claim could live, it is damage, not a claim: it stops nothing
+    # (it stopped every ref move, and one in pins/ every prune, for good) and prune removes it
+    pin_garbage = f"{keys.prefix(NAME, keys.PINS)}README"
+    store.backend.put(pin_garbage, b"hello", mode=PutMode.CREATE)
+    _age_all(tmp_path / "store" / NAME / "gc", 2 * HOUR)
+    _age_all(tmp_path / "store" / NAME / "pins", 2 * HOUR)
+    store.set_ref(NAME, "stable", v1, expected=None)
+    store.publish(NAME, write_tree(tmp_path / "d", {"f": b"d"}))
+    store.prune(NAME, keep_last=5, min_age=0)
+    assert not store.backend.exists(key)
+    assert not store.backend.exists(pin_garbage)
 
 
 def test_names_are_only_snapshot_names(tmp_path: Path) -> None:

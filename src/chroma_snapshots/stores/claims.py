@@ -85,13 +85,20 @@ class Claim:
 
 
 def read_claims(io: Backend, prefix: str, now: float) -> list[tuple[ObjectMeta, Claim]]:
-    """Every live claim below ``prefix`` (claims deleted while listing are skipped)."""
+    """Every live claim below ``prefix`` (claims deleted while listing are skipped). One that
+    cannot be read is IntegrityError while it is young (it may name anything: refuse), and
+    skipped once older than a claim with no ttl would live (a stray file or damage: a README
+    dropped in ``gc/`` stopped every ref move, one in ``pins/`` every prune, for good)."""
     found = []
     for meta in io.list(prefix):
         try:
             claim = Claim.from_json(io.get(meta.key).data, meta.key)
         except SnapshotNotFoundError:
             continue  # its owner finished meanwhile
+        except IntegrityError:
+            if Claim(frozenset(), frozenset(), 0.0).live(meta, now):
+                raise
+            continue  # (prune removes it: pruning._expired ages garbage the same way)
         if claim.live(meta, now):
             found.append((meta, claim))
     return found
