@@ -541,3 +541,33 @@ def test_timeout_bounds_the_whole_command_not_each_call(
     assert out.returncode == 6, out.stderr  # a timeout, named as one
     assert "Traceback" not in out.stderr
     assert took < 2 + 1.5 + 1.0  # its deadline, a clean-up wait, the process's start-up
+
+
+class _HoldManifests(FaultPlan):
+    """Holds every GET of a manifest (until the proxy stops); everything else goes through."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, latency_seconds=30.0)
+
+    def draw(self, method: str, path: str) -> str | None:
+        return "latency" if method == "GET" and "/manifests/" in path else None
+
+
+def test_a_timed_out_prune_removes_its_record_before_the_command_exits(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    # The record's removal runs on its own budget in the background; the CLI exited before
+    # it was sent, and the record refused ref moves to what it named for 15 minutes.
+    store = RemoteStore(
+        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
+    )
+    for i in range(3):
+        store.publish("db", write_tree(tmp_path / f"v{i}", {"f": os.urandom(3000)}))
+    with CountingProxy(moto_server.endpoint_url, faults=_HoldManifests()) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url}
+        args = ["--timeout", "2", "--store", f"s3://{s3_bucket}/snaps", "prune", "db"]
+        out = _script(*args, "--keep-last", "1", "--min-age", "0", "--apply", env=env)
+        assert out.returncode == 6, out.stderr
+        deletes = [r for r in proxy.requests if r.method == "DELETE" or "delete" in r.path]
+    assert deletes, [(r.method, r.path) for r in proxy.requests]
+    assert [k for k in _keys(moto_server, s3_bucket) if "/gc/" in k] == []

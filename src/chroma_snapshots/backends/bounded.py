@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Iterator
+from functools import partial
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.engine.cleanup import clean_up
 from chroma_snapshots.engine.deadline import Deadline, run_within
+from chroma_snapshots.errors import SnapshotError
+
+log = logging.getLogger(__name__)
 
 
 class DeadlineBackend(Backend):
@@ -60,12 +66,23 @@ TIDY_SECONDS = 30.0
 
 def tidy(io: Backend, keys: builtins.list[str], what: str) -> None:
     """Delete ``keys``, objects of our own whose job is over (a pin, the record of a prune
-    that deleted nothing). Waits no longer than ``io``'s deadline, but the request has a
-    budget of its own (TIDY_SECONDS), so it is still sent after a timeout (requests of a
-    call whose deadline passed are not: backends/s3errors.stop_at_deadline). Removing
-    our own finished objects late harms nothing; leaving them delays prunes and movers."""
+    that deleted nothing), best effort: a failure is logged (they expire by themselves).
+    Waits no longer than ``io``'s deadline (at least engine.cleanup.GRACE), but the request
+    has a budget of its own (TIDY_SECONDS), so it is still sent after a timeout (requests
+    of a call whose deadline passed are not: backends/s3errors.stop_at_deadline), and what
+    is not done by then goes on in the background, where a process about to exit can wait
+    for it (``wait_for_cleanups``; the CLI does). Removing our own finished objects late
+    harms nothing; leaving them delays prunes and movers (a timed-out CLI prune's record,
+    never removed, refused ref moves for 15 minutes)."""
     if not isinstance(io, DeadlineBackend):
         io.delete_many(keys)
         return
     own = DeadlineBackend(io.inner, Deadline(TIDY_SECONDS))
-    run_within(io.deadline, what, lambda: own.delete_many(keys))
+    clean_up(partial(_delete_logged, own, keys, what), io.deadline.remaining())
+
+
+def _delete_logged(io: Backend, keys: builtins.list[str], what: str) -> None:
+    try:
+        io.delete_many(keys)
+    except SnapshotError as e:
+        log.warning("%s %s failed (they expire by themselves): %s", what, keys, e)

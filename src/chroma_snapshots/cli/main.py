@@ -36,6 +36,7 @@ from chroma_snapshots.cli.common import (
 )
 from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
 from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
+from chroma_snapshots.engine.cleanup import running, wait_for_new
 from chroma_snapshots.engine.deadline import one_deadline
 from chroma_snapshots.errors import (
     IntegrityError,
@@ -359,8 +360,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("the CLI needs click: pip install 'chroma-snapshots[cli]'\n")
         return 2
     log_warnings_to_stderr()
+    before = running()
     with _one_interrupt(), one_deadline():  # --timeout bounds the whole command
-        return _run(argv)
+        code = _run(argv)
+    # what a failed call of this command left running (the removal of its pin or prune
+    # record, of a work folder): a process exiting at once ended it unsent, and a timed-out
+    # prune's record then refused ref moves for 15 minutes
+    wait_for_new(before, EXIT_WAIT)
+    return code
+
+
+EXIT_WAIT = 1.0  # seconds a command waits at exit for the clean-ups its calls left running
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""Local work that may outlast the call it belongs to: building a checkout's tree on its
-destination disk, and removing the work folder of a failed build. On a slow or hung disk
+"""Work that may outlast the call it belongs to: building a checkout's tree on its
+destination disk, removing the work folder of a failed build, and removing a finished pin
+or prune record from the store (backends/bounded.tidy). On a slow or hung disk
 either takes as long as the disk does, so the call waits only until its deadline (a
 removal at least :data:`GRACE`) and leaves the rest to its thread
 (:func:`~chroma_snapshots.engine.deadline.run_within`); the folder keeps its work name
@@ -165,10 +166,11 @@ def _wait_through_interrupts(event: threading.Event, seconds: float) -> None:
 
 
 def wait_for_cleanups(timeout: float | None = None) -> bool:
-    """Wait until no local work of a failed call is still running (at most ``timeout``
-    seconds; None: as long as it takes); True if none is. A checkout that failed at its
-    deadline may leave the building or removal of its hidden work folder running on a
-    slow or hung disk; a process about to exit can wait for it here. If it exits first, the next
+    """Wait until no work of a failed call is still running (at most ``timeout`` seconds;
+    None: as long as it takes); True if none is. A checkout that failed at its deadline may
+    leave the building or removal of its hidden work folder running on a slow or hung disk,
+    and a call that timed out the removal of its pin or prune record; a process about to
+    exit can wait for them here (the CLI waits up to a second). If it exits first, the next
     checkout to the same place removes what is left once it is a minute old. A timeout that
     is not a finite number of seconds (at most 1e9) is an InvalidInputError, as a deadline's."""
     until = None if timeout is None else Deadline(timeout)  # NaN waited forever, inf overflowed
@@ -176,8 +178,22 @@ def wait_for_cleanups(timeout: float | None = None) -> bool:
         return _changed.wait_for(lambda: not _running, None if until is None else until.remaining())
 
 
+def running() -> frozenset[object]:
+    """The clean-ups running now, for :func:`wait_for_new`."""
+    with _changed:
+        return frozenset(_running)
+
+
+def wait_for_new(before: frozenset[object], timeout: float) -> bool:
+    """:func:`wait_for_cleanups` for the clean-ups started since ``before`` (:func:`running`)
+    only: a command waits for its own, not for a hung disk's that an earlier one left."""
+    until = Deadline(timeout)
+    with _changed:
+        return _changed.wait_for(lambda: _running.keys() <= before, until.remaining())
+
+
 def _logged(job: Callable[[], None]) -> None:
     try:
         job()
     except Exception:  # the removal is best effort; what is left is swept later
-        log.warning("removing a failed build's work folder failed", exc_info=True)
+        log.warning("a clean-up failed (what it would have removed is swept later)", exc_info=True)
