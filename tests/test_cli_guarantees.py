@@ -520,16 +520,20 @@ def test_a_missing_bucket_is_named_as_a_missing_bucket(moto_server: MotoServer) 
     assert "Traceback" not in out.stderr
 
 
+def _versions_on_moto(moto_server: MotoServer, bucket: str, tmp_path: Path, n: int) -> None:
+    """``n`` versions of "db" in ``s3://bucket/snaps``, published straight to the server."""
+    settings = S3Settings(endpoint_url=moto_server.endpoint_url)
+    store = RemoteStore(S3Backend(bucket, "snaps", settings=settings))
+    for i in range(n):
+        store.publish("db", write_tree(tmp_path / f"v{i}", {"f": os.urandom(3000)}))
+
+
 def test_timeout_bounds_the_whole_command_not_each_call(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
     # `sync --all-versions` gave every version and ref move a --timeout of its own: at
     # 0.3 s a request, --timeout 5 took 14 s and succeeded. Now the command ends by it.
-    store = RemoteStore(
-        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
-    )
-    for i in range(6):
-        store.publish("db", write_tree(tmp_path / f"v{i}", {"f": os.urandom(3000)}))
+    _versions_on_moto(moto_server, s3_bucket, tmp_path, 6)
     plan = FaultPlan(1.0, kinds=("latency",), latency_seconds=0.25)
     with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url}
@@ -558,11 +562,7 @@ def test_a_timed_out_prune_removes_its_record_before_the_command_exits(
 ) -> None:
     # The record's removal runs on its own budget in the background; the CLI exited before
     # it was sent, and the record refused ref moves to what it named for 15 minutes.
-    store = RemoteStore(
-        S3Backend(s3_bucket, "snaps", settings=S3Settings(endpoint_url=moto_server.endpoint_url))
-    )
-    for i in range(3):
-        store.publish("db", write_tree(tmp_path / f"v{i}", {"f": os.urandom(3000)}))
+    _versions_on_moto(moto_server, s3_bucket, tmp_path, 3)
     with CountingProxy(moto_server.endpoint_url, faults=_HoldManifests()) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url}
         args = ["--timeout", "2", "--store", f"s3://{s3_bucket}/snaps", "prune", "db"]
