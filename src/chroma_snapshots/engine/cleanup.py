@@ -173,9 +173,7 @@ def wait_for_cleanups(timeout: float | None = None) -> bool:
     exit can wait for them here (the CLI waits up to a second). If it exits first, the next
     checkout to the same place removes what is left once it is a minute old. A timeout that
     is not a finite number of seconds (at most 1e9) is an InvalidInputError, as a deadline's."""
-    until = None if timeout is None else Deadline(timeout)  # NaN waited forever, inf overflowed
-    with _changed:
-        return _changed.wait_for(lambda: not _running, None if until is None else until.remaining())
+    return _wait_done(frozenset(), None if timeout is None else Deadline(timeout))
 
 
 def running() -> frozenset[object]:
@@ -187,9 +185,16 @@ def running() -> frozenset[object]:
 def wait_for_new(before: frozenset[object], timeout: float) -> bool:
     """:func:`wait_for_cleanups` for the clean-ups started since ``before`` (:func:`running`)
     only: a command waits for its own, not for a hung disk's that an earlier one left."""
-    until = Deadline(timeout)
+    return _wait_done(before, Deadline(timeout))
+
+
+def _wait_done(before: frozenset[object], until: Deadline | None) -> bool:
+    """Wait until every clean-up running is one of ``before`` (until ``until``; None:
+    forever). A timeout that is not a finite number of seconds is refused by Deadline
+    first: NaN waited forever, inf overflowed."""
     with _changed:
-        return _changed.wait_for(lambda: _running.keys() <= before, until.remaining())
+        left = None if until is None else until.remaining()
+        return _changed.wait_for(lambda: _running.keys() <= before, left)
 
 
 def _logged(job: Callable[[], None]) -> None:

@@ -15,7 +15,7 @@ Only this module spells a key; stores, prune and maintenance ask it.
 
 from __future__ import annotations
 
-import re
+from chroma_snapshots.engine.validation import is_hex64
 
 MANIFESTS, PACKS, REFS, PINS, GC, RETIRED = "manifests", "packs", "refs", "pins", "gc", "retired"
 STORE_KINDS = (MANIFESTS, PACKS, REFS, PINS, GC, RETIRED)  # every folder below a name
@@ -28,14 +28,11 @@ def pack_key(name: str, pack: str) -> str:
     return f"{name}/{PACKS}/{pack[:2]}/{pack}"
 
 
-_PACK = re.compile(r"[0-9a-f]{64}")
-
-
 def pack_at(name: str, key: str) -> str | None:
     """The pack stored at ``key``, or None if ``key`` is not exactly where :func:`pack_key`
     puts one (a stray file, an S3 console's folder object, a temp file of a copy)."""
     pack = key.rsplit("/", 1)[-1]
-    return pack if _PACK.fullmatch(pack) and key == pack_key(name, pack) else None
+    return pack if is_hex64(pack) and key == pack_key(name, pack) else None
 
 
 def manifest_key(name: str, version: str) -> str:

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, shown
 
@@ -285,8 +285,13 @@ def as_opt_str(o: object, what: str) -> str | None:
     return None if o is None else as_str(o, what)
 
 
+def is_hex64(o: object) -> TypeGuard[str]:
+    """True for 64 lowercase hex digits: a sha256, the name of every chunk and pack."""
+    return isinstance(o, str) and _HEX64.fullmatch(o) is not None
+
+
 def as_hex64(o: object, what: str) -> str:
-    if not isinstance(o, str) or not _HEX64.fullmatch(o):
+    if not is_hex64(o):
         raise IntegrityError(f"{what}: expected 64 lowercase hex digits")
     return o
 

@@ -40,7 +40,7 @@ from chroma_snapshots.errors import (
     shown,
 )
 from chroma_snapshots.stores.base import PruneReport
-from chroma_snapshots.stores.claims import Claim, create_once, read_claims, rewrite
+from chroma_snapshots.stores.claims import UNREADABLE, Claim, create_once, read_claims, rewrite
 
 if TYPE_CHECKING:
     from chroma_snapshots.stores.base import BackedStore
@@ -250,7 +250,7 @@ def _expired(io: DeadlineBackend, name: str, look: _Pass) -> list[str]:
             except SnapshotNotFoundError:
                 continue
             except IntegrityError:
-                claim = Claim(frozenset(), frozenset(), 0.0)  # garbage: expire by age alone
+                claim = UNREADABLE  # garbage: expire by age alone
             if not claim.live(meta, look.now):
                 out.append(key)
     for version in set(look.listing.notes) - set(look.listing.manifests):

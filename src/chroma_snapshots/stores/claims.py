@@ -84,6 +84,10 @@ class Claim:
         return now < self.until(meta)
 
 
+UNREADABLE = Claim(frozenset(), frozenset(), 0.0)
+"""What an unreadable claim is taken for: it names nothing knowable, and lives by age alone."""
+
+
 def read_claims(io: Backend, prefix: str, now: float) -> list[tuple[ObjectMeta, Claim]]:
     """Every live claim below ``prefix`` (claims deleted while listing are skipped). One that
     cannot be read is IntegrityError while it is young (it may name anything: refuse), and
@@ -96,7 +100,7 @@ def read_claims(io: Backend, prefix: str, now: float) -> list[tuple[ObjectMeta, 
         except SnapshotNotFoundError:
             continue  # its owner finished meanwhile
         except IntegrityError:
-            if Claim(frozenset(), frozenset(), 0.0).live(meta, now):
+            if UNREADABLE.live(meta, now):
                 raise
             continue  # (prune removes it: pruning._expired ages garbage the same way)
         if claim.live(meta, now):
