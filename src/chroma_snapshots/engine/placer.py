@@ -24,14 +24,17 @@ from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
-# Bytes handed to the kernel per write: one chunk of the default size. A write fills
-# page-cache folios of up to its own size (ext4 has large folios since Linux 6.16), and
-# on the benchmark VM, in periods when its freed memory had gone back to the host, large
-# ones cost up to several times the system time: a 1 GiB cold checkout 1.6-3.7 system s in
-# 1 MiB writes against 0.8-1.9 in 64 KiB ones (13 of 17 A/B pairs; the same in the other
-# 4). 64 KiB was never the dearer; 32 KiB (s5cmd's size) cost 0.2-0.3 s more on the
-# chroma-shaped tree (benchmarks/RESULTS.md).
-WRITE_BYTES = 64 << 10
+# Bytes handed to the kernel per write: 32 KiB, the size of the socket's page fragments
+# (SKB_FRAG_PAGE_ORDER). A write fills page-cache folios of up to its own size (ext4 has
+# large folios since Linux 6.16). Folios of 32 KiB or less come from the per-CPU page
+# lists, which the socket's freed fragments have just filled: memory the machine touched
+# a moment ago. Larger ones come from the buddy allocator, which on a VM that returns free
+# memory to its host (free page reporting) hands out pages that fault in again: on the
+# benchmark VM a 1 GiB cold checkout took 1.1-2.8 system s in 64 KiB writes against
+# 0.7-0.9 in 32 KiB ones (12 rotations), and 2.2-3.6 in 1 MiB ones. When the host's memory
+# was warm the two sizes cost the same system time and 32 KiB ~0.1 user s more
+# (benchmarks/RESULTS.md).
+WRITE_BYTES = 32 << 10
 
 
 def placing_threads() -> int:
