@@ -30,8 +30,8 @@ Buffer = bytes | memoryview
 # lists, which the socket's freed fragments have just filled: memory the machine touched
 # a moment ago. Larger ones come from the buddy allocator, which on a VM that returns free
 # memory to its host (free page reporting) hands out pages that fault in again: on the
-# benchmark VM a 1 GiB cold checkout took 1.1-2.8 system s in 64 KiB writes against
-# 0.7-0.9 in 32 KiB ones (12 rotations), and 2.2-3.6 in 1 MiB ones. When the host's memory
+# benchmark VM a 1 GiB cold checkout took 0.9-2.8 system s in 64 KiB writes against
+# 0.7-1.2 in 32 KiB ones (12 pairs), and 1.6-3.7 in 1 MiB ones. When the host's memory
 # was warm the two sizes cost the same system time and 32 KiB ~0.1 user s more
 # (benchmarks/RESULTS.md).
 WRITE_BYTES = 32 << 10
