@@ -2,12 +2,13 @@
 
 usage: python _receivers.py MODE ENDPOINT BUCKET PREFIX NOBJ OUTDIR
 Objects are PREFIX/objNN, each 64 MiB; keys and sizes are known, so no client lists. Every
-mode writes into preallocated files with pwrite in 64 KiB slices, as the checkout's placer
+mode writes into preallocated files with pwrite in 32 KiB slices, as the checkout's placer
 does (engine/placer.WRITE_BYTES: larger writes cost more kernel time on this VM); "sha256"
-modes hash every byte. Prints bytes received, a digest of the digests (so the hashing cannot
-be optimised away) and the CPU seconds the process had used when its first request went out
-(start-up: the interpreter, imports, the client). Runs in its own venv (boto3, awscrt,
-obstore), none of which the project depends on except boto3.
+modes hash every byte (the minimal client per 64 KiB chunk, as the checkout verifies).
+Prints bytes received, a digest of the digests (so the hashing cannot be optimised away)
+and the CPU seconds the process had used when its first request went out (start-up: the
+interpreter, imports, the client). Runs in its own venv (boto3, awscrt, obstore), none of
+which the project depends on except boto3.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 Got = list[tuple[int, str]]  # (bytes, sha256 hex or "") per request
 
-OBJ, PIECE, SLICE, THREADS = 64 << 20, 8 << 20, 64 << 10, 8
+OBJ, PIECE, CHUNK, SLICE, THREADS = 64 << 20, 8 << 20, 64 << 10, 32 << 10, 8
 STARTED: list[float] = []  # CPU seconds used when the first request went out
 ACCESS, REGION = "S3RVER", "us-east-1"
 
@@ -104,10 +105,11 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
         while got < PIECE and (n := resp.readinto(view[got : got + (1 << 20)])):
             got += n
         parts = []
-        for i in range(0, got, SLICE):
+        for i in range(0, got, CHUNK):
             if hashed:
-                parts.append(hashlib.sha256(view[i : i + SLICE]).digest())
-            os.pwrite(fds[key], view[i : i + SLICE], offset + i)
+                parts.append(hashlib.sha256(view[i : i + CHUNK]).digest())
+            for j in range(i, min(i + CHUNK, got), SLICE):
+                os.pwrite(fds[key], view[j : j + SLICE], offset + j)
         return got, hashlib.sha256(b"".join(parts)).hexdigest() if hashed else ""
 
     tasks = [(k, off) for k in keys for off in range(0, OBJ, PIECE)]
