@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -24,6 +25,18 @@ from chroma_snapshots.testing.conformance import write_tree
 
 WORKER = Path(__file__).with_name("interrupt_worker.py")
 PACKS = 200  # one read each: ~10 s of reads at the worker's pace with 4 workers
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal() -> Iterator[None]:
+    """A run a shell started in the background (``cmd &``) inherits SIGINT ignored: no
+    Ctrl-C then reaches this process or the workers it starts, which keep that disposition.
+    Give both the one a terminal gives (a Python handler becomes the default at exec)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _publish(tmp_path: Path) -> None:
