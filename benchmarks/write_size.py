@@ -1,0 +1,137 @@
+"""The placer's write size (engine/placer.WRITE_BYTES), A/B on a cold checkout: does a
+smaller write save CPU, or move it to another process? Each pair runs the CLI checkout of
+the same 1 GiB snapshot (16 random 64 MiB files on one s3rver) with each size, in ABBA
+order, the disk settled and memory left to go cold before each run (compare.COLD_PAUSE).
+Before every pair a probe classifies the machine's memory independently of the runs: 256
+MiB written in 1 MiB pieces after the same pause; its system seconds say whether freed
+memory was cold (the VM returned it to its host) at the time. For every run: the client's
+user and system seconds (wait4), the server's, and the whole machine's CPU seconds from
+/proc/stat (user, nice, system, irq, softirq of every CPU), so a saving in the client that
+reappears elsewhere shows. Prints each pair's differences (B - A) and how many B won.
+
+usage: python benchmarks/write_size.py [--pairs 10] [--sizes 64,32] [--gib 1]
+       [--tools .bench-tools] [--cold-pause 6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _report import write_json
+from _s3rver import S3rver
+from compare import COLD_PAUSE, HERE, _proc, settle
+from receive_bound import TICK, _server_cpu, _stage
+
+Row = dict[str, Any]
+PROBE = 256 << 20
+
+
+def _machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy: user, nice, system, irq, softirq."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields)
+    return (user + nice + system + irq + softirq) / TICK
+
+
+def _probe(work: Path, pause: float) -> float:
+    """System seconds of writing PROBE bytes in 1 MiB pieces after ``pause``: high when
+    freed memory has gone back to the host, low when it has not."""
+    path = work / "probe"
+    settle(pause=pause)
+    piece, t = memoryview(bytearray(os.urandom(1 << 20))), os.times()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for offset in range(0, PROBE, len(piece)):
+            os.pwrite(fd, piece, offset)
+    finally:
+        os.close(fd)
+    system = os.times().system - t.system
+    path.unlink()
+    return system
+
+
+def _checkout(srv: S3rver, work: Path, gib: int, size: int, pause: float) -> Row:
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    code = (
+        "import sys, chroma_snapshots.engine.placer as p\n"
+        f"p.WRITE_BYTES = {size}\n"
+        "from chroma_snapshots.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    cli = [sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
+    cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(out)]
+    settle(pause=pause)
+    pid = srv._proc.pid if srv._proc else 0
+    server, machine = _server_cpu(pid), _machine_cpu()
+    wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
+    machine, server = _machine_cpu() - machine, _server_cpu(pid) - server
+    got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if got != gib << 30:
+        raise RuntimeError(f"checkout with {size} B writes: {got} bytes, expected {gib << 30}")
+    return {"write_kib": size >> 10, "wall_s": wall, "user_s": user, "system_s": system} | {
+        "server_cpu_s": server,
+        "machine_cpu_s": machine,
+    }
+
+
+def _report(rows: list[Row], a: int, b: int) -> None:
+    print(
+        f"{'pair':>4s} {'probe sys':>9s} {'KiB':>4s} {'wall':>6s} {'user':>5s} {'sys':>5s} "
+        f"{'server':>6s} {'machine':>7s}"
+    )
+    for r in rows:
+        print(
+            f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['write_kib']:4d} {r['wall_s']:6.2f} "
+            f"{r['user_s']:5.2f} {r['system_s']:5.2f} {r['server_cpu_s']:6.2f} "
+            f"{r['machine_cpu_s']:7.2f}"
+        )
+    pairs = sorted({r["pair"] for r in rows})
+    for field in ("wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s"):
+        diffs = []
+        for p in pairs:
+            by = {r["write_kib"]: r[field] for r in rows if r["pair"] == p}
+            diffs.append(by[b] - by[a])
+        wins = sum(d < 0 for d in diffs)
+        print(
+            f"{field:14s} {b} KiB - {a} KiB: median {statistics.median(diffs):+.2f} "
+            f"[{min(diffs):+.2f} .. {max(diffs):+.2f}], {b} KiB lower in {wins} of {len(diffs)}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--sizes", default="64,32", help="two write sizes in KiB: A,B")
+    ap.add_argument("--gib", type=int, default=1)
+    ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
+    ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    a, b = (int(s) for s in args.sizes.split(","))
+    rows: list[Row] = []
+    work = Path(tempfile.mkdtemp(prefix="write-size-"))
+    try:
+        with S3rver(args.tools.resolve(), work / "s3data") as srv:
+            os.environ.update(srv.env)
+            _stage(srv, work, args.gib)
+            shutil.rmtree(work / f"keep{args.gib}")
+            for pair in range(args.pairs):
+                probe = _probe(work, args.cold_pause)
+                for size in (a, b) if pair % 2 == 0 else (b, a):  # ABBA: neither always first
+                    row = _checkout(srv, work, args.gib, size << 10, args.cold_pause)
+                    rows.append({"pair": pair, "probe_system_s": probe} | row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report(rows, a, b)
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
