@@ -24,16 +24,14 @@ from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
 
 Buffer = bytes | memoryview
-# Bytes handed to the kernel per write: 32 KiB, the size of the socket's page fragments
-# (SKB_FRAG_PAGE_ORDER). A write fills page-cache folios of up to its own size (ext4 has
-# large folios since Linux 6.16). Folios of 32 KiB or less come from the per-CPU page
-# lists, which the socket's freed fragments have just filled: memory the machine touched
-# a moment ago. Larger ones come from the buddy allocator, which on a VM that returns free
-# memory to its host (free page reporting) hands out pages that fault in again: on the
-# benchmark VM a 1 GiB cold checkout took 0.9-2.8 system s in 64 KiB writes against
-# 0.7-1.2 in 32 KiB ones (12 pairs), and 1.6-3.7 in 1 MiB ones. When the host's memory
-# was warm the two sizes cost the same system time and 32 KiB ~0.1 user s more
-# (benchmarks/RESULTS.md).
+# Bytes handed to the kernel per write: 32 KiB, as s5cmd writes. A write fills page-cache
+# folios of up to its own size (ext4 has large folios since Linux 6.16), and on the
+# benchmark VM, whose free memory goes back to its host (free page reporting), larger
+# folios have at times cost far more to fill: a 1 GiB cold checkout took 0.9-2.8 system s
+# in 64 KiB writes against 0.7-1.2 in 32 KiB ones (12 runs in two rotations; 1.6-3.7 in
+# 1 MiB ones on 2026-12-03). Why the smaller folios escape is not established. When that
+# memory was warm the two sizes cost the same within noise (16 ABBA pairs, whole machine's
+# CPU +2% at 32 KiB): benchmarks/write_size.py, benchmarks/RESULTS.md.
 WRITE_BYTES = 32 << 10
 
 
