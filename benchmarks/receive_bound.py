@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from _data import tree_size
 from _report import write_json
 from _s3rver import REGION, S3rver
 from compare import COLD_PAUSE, HERE, _proc, settle
@@ -116,7 +117,7 @@ def _one(
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
     if not name.startswith("local"):
-        got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        got = tree_size(out)[0]
         if got != (4096 if name == STARTUP else gib << 30):
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _data import tree_size
 from _report import write_json
 from _s3rver import S3rver
 from compare import COLD_PAUSE, HERE, _proc, settle
@@ -72,7 +73,7 @@ def _checkout(srv: S3rver, work: Path, gib: int, size: int, pause: float) -> Row
     server, machine = _server_cpu(pid), _machine_cpu()
     wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
     machine, server = _machine_cpu() - machine, _server_cpu(pid) - server
-    got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    got = tree_size(out)[0]
     if got != gib << 30:
         raise RuntimeError(f"checkout with {size} B writes: {got} bytes, expected {gib << 30}")
     return {"write_kib": size >> 10, "wall_s": wall, "user_s": user, "system_s": system} | {
