@@ -34,6 +34,7 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.engine import placer as placer_module
+from chroma_snapshots.engine import ramp
 from chroma_snapshots.engine.deadline import WorkerPool, wait_all
 from chroma_snapshots.engine.placer import WRITE_BYTES, Placer
 from chroma_snapshots.engine.progress import StatsRecorder
@@ -689,7 +690,9 @@ def test_a_timed_out_checkout_does_not_starve_the_next_calls(
     with CountingProxy(moto_server.endpoint_url) as proxy:
         store = _s3_store(proxy, s3_bucket)
         store.publish("db", src)
-        proxy.stall("/packs/", count=WORKERS, after_bytes=100)  # every worker stuck
+        # every stream the checkout opens stuck (it starts with ramp.START, and grows
+        # only on reads that finish)
+        proxy.stall("/packs/", count=ramp.START, after_bytes=100)
         t = time.monotonic()
         with pytest.raises(StorageTimeoutError):
             store.checkout("db", dest=tmp_path / "late", deadline=3)

@@ -31,7 +31,7 @@ Buffer = bytes | memoryview
 # in 64 KiB writes against 0.7-1.2 in 32 KiB ones (12 runs in two rotations; 1.6-3.7 in
 # 1 MiB ones on 2026-12-03). Why the smaller folios escape is not established. When that
 # memory was warm the two sizes cost the same within noise (16 ABBA pairs, whole machine's
-# CPU +2% at 32 KiB): benchmarks/write_size.py, benchmarks/RESULTS.md.
+# CPU +2% at 32 KiB): benchmarks/checkout_ab.py, benchmarks/RESULTS.md.
 WRITE_BYTES = 32 << 10
 
 

@@ -24,6 +24,12 @@ class StatsRecorder:
             cur = self._stats
             self._stats = replace(cur, **{k: getattr(cur, k) + v for k, v in delta.items()})
 
+    def at_least(self, **values: int) -> None:
+        """Raise fields to ``values`` where they are lower (a peak, not a sum)."""
+        with self._lock:
+            cur = self._stats
+            self._stats = replace(cur, **{k: max(getattr(cur, k), v) for k, v in values.items()})
+
     def freeze(self, seconds: float) -> TransferStats:
         with self._lock:
             return replace(self._stats, seconds=seconds)

@@ -82,3 +82,4 @@ class TransferStats:
     chunks_transferred: int = 0
     packs_transferred: int = 0
     seconds: float = 0.0
+    streams: int = 0  # the most pack reads a checkout allowed at once (engine/ramp.py)

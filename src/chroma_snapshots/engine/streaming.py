@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 from chroma_snapshots.engine.deadline import Deadline
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.ramp import Ramp
 from chroma_snapshots.engine.transfer import (
     Read,
     byte_counter,
@@ -52,6 +53,7 @@ def stream_and_place(
     deadline: Deadline,
     stats: StatsRecorder,
     progress: Progress | None,
+    streams: Ramp,
     then: Sequence[Read] = (),
 ) -> None:
     """As :func:`fetch_and_place`, for reads far larger than a worker's buffer: each is
@@ -63,14 +65,14 @@ def stream_and_place(
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
         seen = [0]  # chunks of r whole in some window so far (offset order)
-        got = stream(r, partial(_take_window, r, seen, placer, keep, deadline))
+        got = stream(r, partial(_take_window, r, seen, placer, keep, deadline, streams))
         if got != r.end - r.start or seen[0] != len(r.chunks):
             raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
         placed = len(to_place(r.chunks, placer))
         stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
         report(got)
 
-    run_phases(run, (reads, then), executor, deadline)
+    run_phases(run, (reads, then), executor, deadline, streams)
 
 
 def _take_window(
@@ -79,6 +81,7 @@ def _take_window(
     placer: Placer,
     keep: Callable[[Read, memoryview], None],
     deadline: Deadline,
+    streams: Ramp,
     view: memoryview,
     offset: int,
 ) -> int:
@@ -95,4 +98,6 @@ def _take_window(
         decode_and_place(replace(part, chunks=to_place(part.chunks, placer)), view, placer)
         seen[0] = j
     nxt = r.chunks[j].offset if j < len(r.chunks) else end
-    return min(nxt, end) - offset
+    done = min(nxt, end) - offset
+    streams.add(done)
+    return done

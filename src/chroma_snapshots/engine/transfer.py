@@ -30,6 +30,7 @@ from chroma_snapshots.engine.localcopy import IntactSources, Stamp, copy_intact
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.ramp import Ramp
 from chroma_snapshots.engine.validation import chunk_ok, short_id
 from chroma_snapshots.errors import IntegrityError
 
@@ -216,10 +217,12 @@ def fetch_and_place(
     deadline: Deadline,
     stats: StatsRecorder,
     progress: Progress | None,
+    streams: Ramp,
     then: Sequence[Read] = (),
 ) -> None:
-    """Run the reads in parallel; verify each chunk's hash before it lands in a file.
-    The reads ``then`` start once every one of ``reads`` is placed.
+    """Run the reads in parallel (as many at once as ``streams`` finds worth it); verify
+    each chunk's hash before it lands in a file. The reads ``then`` start once every one
+    of ``reads`` is placed.
 
     Returns once every read is placed; raises the first failure, or StorageTimeoutError
     at the deadline (reads still running are abandoned: the placer refuses them)."""
@@ -228,6 +231,7 @@ def fetch_and_place(
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
         data = memoryview(fetch(r))
+        streams.add(len(data))
         if len(data) != r.end - r.start:
             raise IntegrityError(
                 f"pack {r.pack[:12]}: short read ({len(data)} of {r.end - r.start})"
@@ -236,7 +240,7 @@ def fetch_and_place(
         stats.add(bytes_downloaded=len(data), requests=1, chunks_transferred=len(r.chunks))
         report(len(data))
 
-    run_phases(run, (reads, then), executor, deadline)
+    run_phases(run, (reads, then), executor, deadline, streams)
 
 
 def byte_counter(progress: Progress | None, reads: Iterable[Read]) -> Callable[[int], None]:
@@ -260,12 +264,27 @@ def run_phases(
     phases: Iterable[Sequence[Read]],
     executor: Executor,
     deadline: Deadline,
+    streams: Ramp,
 ) -> None:
-    """``run`` every read of each phase in parallel, a phase only once the one before
-    it is done (a barrier: the delta stash has every delta before the keyframes below
-    them arrive, and uses those as they pass instead of keeping them)."""
-    for reads in phases:
-        wait_all([executor.submit(run, r) for r in reads], deadline, "reading packs")
+    """``run`` every read of each phase in parallel, as many at once as ``streams``
+    allows, a phase only once the one before it is done (a barrier: the delta stash has
+    every delta before the keyframes below them arrive, and uses those as they pass
+    instead of keeping them). Reads still waiting for a slot when this returns or
+    raises never start."""
+
+    def slotted(r: Read) -> None:
+        with streams.slot():
+            try:
+                run(r)
+            except BaseException:
+                streams.close()  # before this slot frees: no waiting read takes it
+                raise
+
+    try:
+        for reads in phases:
+            wait_all([executor.submit(slotted, r) for r in reads], deadline, "reading packs")
+    finally:
+        streams.close()
 
 
 def to_place(chunks: Iterable[Chunk], placer: Placer) -> tuple[Chunk, ...]:

@@ -13,6 +13,7 @@ from chroma_snapshots.engine.delta_io import place_deltas
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.ramp import Ramp
 from chroma_snapshots.engine.stash import DeltaStash
 from chroma_snapshots.engine.streaming import (
     STREAM_BUFFER,
@@ -90,18 +91,22 @@ def fetch_into(
             stash = DeltaStash(deltas, manifest.chunks, local, placer, stats, dl)
             planned = {c.hash for c in todo}
             wanted = [*todo, *(c for c in stash.links if c.hash not in planned)]
-            streams = isinstance(backend, RangeStreamer)  # fewer, larger requests
-            reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ if streams else 0, max_read))
+            streaming = isinstance(backend, RangeStreamer)  # fewer, larger requests
+            reads = plan_reads(wanted, max_read=max(STREAM_MAX_READ if streaming else 0, max_read))
             first = [r for r in reads if any(c.base is not None for c in r.chunks)]
             then = [r for r in reads if all(c.base is None for c in r.chunks)]
-            if streams:
+            streams = Ramp(workers)  # as many at once as add throughput (engine/ramp.py)
+            if streaming:
                 stream_and_place(first, stream, placer, stash.take, executor=pool, deadline=dl,
-                                 stats=stats, progress=progress, then=then)  # fmt: skip
+                                 stats=stats, progress=progress, streams=streams,
+                                 then=then)  # fmt: skip
             else:
                 first, then = ([replace(r, chunks=to_place(r.chunks, placer)) for r in rs]
                                for rs in (first, then))  # fmt: skip
                 fetch_and_place(first, fetch_kept, placer, executor=pool, deadline=dl,
-                                stats=stats, progress=progress, then=then)  # fmt: skip
+                                stats=stats, progress=progress, streams=streams,
+                                then=then)  # fmt: skip
+            stats.at_least(streams=streams.peak)
             rest = [c for c in deltas if c.hash not in stash.applied]
             place_deltas(rest, manifest.chunks, local, fetch, placer, executor=pool, deadline=dl,
                          stats=stats, max_read=max_read, ready=stash.stored)  # fmt: skip

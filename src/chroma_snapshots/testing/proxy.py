@@ -8,7 +8,8 @@ requests at random (503, 500, reset, stall, truncated body, latency), seeded.
 ``strip_headers`` drops request headers before forwarding, e.g. ``If-None-Match`` and
 ``If-Match`` to play a server that ignores conditional writes (as s3rver does);
 ``ignore_range`` makes chosen ranged GETs answer 200 with the whole object, as a server
-or proxy that ignores Range does.
+or proxy that ignores Range does. ``stream_mbps`` paces every response body to that many
+MB/s: one connection then carries a fraction of what several do, as against S3.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ _HOP = {
     "proxy-connection",
     "content-length",
 }
+
+
+_PACE_PIECE = 64 << 10  # a paced body goes out in pieces this size
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,14 @@ class CountingProxy:
     """Forwards HTTP to ``upstream`` (e.g. a MotoServer's endpoint) and records each request."""
 
     def __init__(
-        self, upstream: str, faults: FaultPlan | None = None, strip_headers: tuple[str, ...] = ()
+        self,
+        upstream: str,
+        faults: FaultPlan | None = None,
+        strip_headers: tuple[str, ...] = (),
+        stream_mbps: float | None = None,
     ) -> None:
         parts = urlsplit(upstream)
-        self.faults = faults
+        self.faults, self.stream_mbps = faults, stream_mbps
         self._drop = _HOP | {h.lower() for h in strip_headers}
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.requests: list[Recorded] = []
@@ -213,8 +222,19 @@ class CountingProxy:
                     self.wfile.flush()
                     self._reset()
                 elif self.command != "HEAD":
-                    self.wfile.write(data)
+                    self._send(data)
                 return None
+
+            def _send(self, data: bytes) -> None:
+                """The body, paced to ``stream_mbps`` if set (``stop`` ends the pacing)."""
+                if proxy.stream_mbps is None:
+                    self.wfile.write(data)
+                    return
+                start, view = time.monotonic(), memoryview(data)
+                for at in range(0, len(data), _PACE_PIECE):
+                    self.wfile.write(view[at : at + _PACE_PIECE])
+                    due = start + (at + _PACE_PIECE) / (proxy.stream_mbps * 1e6)
+                    proxy._released.wait(max(0.0, due - time.monotonic()))
 
             def _error(self, status: int, code: str) -> None:
                 xml = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()

@@ -1,16 +1,19 @@
-"""The placer's write size (engine/placer.WRITE_BYTES), A/B on a cold checkout: does a
-smaller write save CPU, or move it to another process? Each pair runs the CLI checkout of
-the same 1 GiB snapshot (16 random 64 MiB files on one s3rver) with each size, in ABBA
-order, the disk settled and memory left to go cold before each run (compare.COLD_PAUSE).
+"""One library setting, A/B on a cold CLI checkout: does a change save CPU, or move it to
+another process? Each pair runs the checkout of the same 1 GiB snapshot (16 random 64 MiB
+files on one s3rver) with each value of the setting, in ABBA order, the disk settled and
+memory left to go cold before each run (compare.COLD_PAUSE). The settings:
+``write_kib`` (engine/placer.WRITE_BYTES, KiB) and ``start_streams`` (how many reads
+engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
 MiB written in 1 MiB pieces after the same pause; its system seconds say whether freed
 memory was cold (the VM returned it to its host) at the time. For every run: the client's
 user and system seconds (wait4), the server's, and the whole machine's CPU seconds from
 /proc/stat (user, nice, system, irq, softirq of every CPU), so a saving in the client that
-reappears elsewhere shows. Prints each pair's differences (B - A) and how many B won.
+reappears elsewhere shows; ``--pin CPU`` runs the client on that one CPU (taskset), as a
+Lambda with one vCPU. Prints each pair's differences (B - A) and how many B won.
 
-usage: python benchmarks/write_size.py [--pairs 10] [--sizes 64,32] [--gib 1]
-       [--tools .bench-tools] [--cold-pause 6] [--json out.json]
+usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32] [--pairs 10]
+       [--gib 1] [--pin CPU] [--tools .bench-tools] [--cold-pause 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ from receive_bound import TICK, _server_cpu, _stage
 
 Row = dict[str, Any]
 PROBE = 256 << 20
+# each setting: the statement that sets it in the client before the CLI runs
+SETTINGS = {
+    "write_kib": "import chroma_snapshots.engine.placer as m\nm.WRITE_BYTES = {} << 10\n",
+    "start_streams": (
+        "import chroma_snapshots.engine.ramp as m\nm.Ramp.__init__.__kwdefaults__['start'] = {}\n"
+    ),
+}
 
 
 def _machine_cpu() -> float:
@@ -58,38 +68,38 @@ def _probe(work: Path, pause: float) -> float:
     return system
 
 
-def _checkout(srv: S3rver, work: Path, gib: int, size: int, pause: float) -> Row:
-    out = work / "out"
+def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: int) -> Row:
+    out, gib = work / "out", args.gib
     shutil.rmtree(out, ignore_errors=True)
     code = (
-        "import sys, chroma_snapshots.engine.placer as p\n"
-        f"p.WRITE_BYTES = {size}\n"
-        "from chroma_snapshots.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+        SETTINGS[args.name].format(value)
+        + "import sys\nfrom chroma_snapshots.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
     )
-    cli = [sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
+    pin = [] if args.pin is None else ["taskset", "-c", str(args.pin)]
+    cli = [*pin, sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
     cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(out)]
-    settle(pause=pause)
+    settle(pause=args.cold_pause)
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
     wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
     machine, server = _machine_cpu() - machine, _server_cpu(pid) - server
     got = tree_size(out)[0]
     if got != gib << 30:
-        raise RuntimeError(f"checkout with {size} B writes: {got} bytes, expected {gib << 30}")
-    return {"write_kib": size >> 10, "wall_s": wall, "user_s": user, "system_s": system} | {
+        raise RuntimeError(f"checkout with {args.name}={value}: {got} bytes, not {gib << 30}")
+    return {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
         "server_cpu_s": server,
         "machine_cpu_s": machine,
     }
 
 
-def _report(rows: list[Row], a: int, b: int) -> None:
+def _report(rows: list[Row], name: str, a: int, b: int) -> None:
     print(
-        f"{'pair':>4s} {'probe sys':>9s} {'KiB':>4s} {'wall':>6s} {'user':>5s} {'sys':>5s} "
+        f"{'pair':>4s} {'probe sys':>9s} {name:>13s} {'wall':>6s} {'user':>5s} {'sys':>5s} "
         f"{'server':>6s} {'machine':>7s}"
     )
     for r in rows:
         print(
-            f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['write_kib']:4d} {r['wall_s']:6.2f} "
+            f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['value']:13d} {r['wall_s']:6.2f} "
             f"{r['user_s']:5.2f} {r['system_s']:5.2f} {r['server_cpu_s']:6.2f} "
             f"{r['machine_cpu_s']:7.2f}"
         )
@@ -97,27 +107,36 @@ def _report(rows: list[Row], a: int, b: int) -> None:
     for field in ("wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s"):
         diffs = []
         for p in pairs:
-            by = {r["write_kib"]: r[field] for r in rows if r["pair"] == p}
+            by = {r["value"]: r[field] for r in rows if r["pair"] == p}
             diffs.append(by[b] - by[a])
         wins = sum(d < 0 for d in diffs)
         print(
-            f"{field:14s} {b} KiB - {a} KiB: median {statistics.median(diffs):+.2f} "
-            f"[{min(diffs):+.2f} .. {max(diffs):+.2f}], {b} KiB lower in {wins} of {len(diffs)}"
+            f"{field:14s} {name} {b} - {a}: median {statistics.median(diffs):+.2f} "
+            f"[{min(diffs):+.2f} .. {max(diffs):+.2f}], {b} lower in {wins} of {len(diffs)}"
         )
+
+
+def _setting(text: str) -> tuple[str, int, int]:
+    name, _, values = text.partition("=")
+    a, _, b = values.partition(",")
+    if name not in SETTINGS or not (a.isdigit() and b.isdigit()) or a == b:
+        raise argparse.ArgumentTypeError(f"NAME=A,B with NAME one of {sorted(SETTINGS)}")
+    return name, int(a), int(b)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--setting", type=_setting, default="write_kib=64,32", help="NAME=A,B")
     ap.add_argument("--pairs", type=int, default=10)
-    ap.add_argument("--sizes", default="64,32", help="two write sizes in KiB: A,B")
     ap.add_argument("--gib", type=int, default=1)
+    ap.add_argument("--pin", type=int, help="run the client on this one CPU")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
     ap.add_argument("--json")
     args = ap.parse_args()
-    a, b = (int(s) for s in args.sizes.split(","))
+    args.name, a, b = args.setting
     rows: list[Row] = []
-    work = Path(tempfile.mkdtemp(prefix="write-size-"))
+    work = Path(tempfile.mkdtemp(prefix="checkout-ab-"))
     try:
         with S3rver(args.tools.resolve(), work / "s3data") as srv:
             os.environ.update(srv.env)
@@ -125,12 +144,12 @@ def main() -> None:
             shutil.rmtree(work / f"keep{args.gib}")
             for pair in range(args.pairs):
                 probe = _probe(work, args.cold_pause)
-                for size in (a, b) if pair % 2 == 0 else (b, a):  # ABBA: neither always first
-                    row = _checkout(srv, work, args.gib, size << 10, args.cold_pause)
-                    rows.append({"pair": pair, "probe_system_s": probe} | row)
+                for value in (a, b) if pair % 2 == 0 else (b, a):  # ABBA: neither always first
+                    row = _checkout(srv, work, args, value)
+                    rows.append({"pair": pair, "probe_system_s": probe, "setting": args.name} | row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report(rows, a, b)
+    _report(rows, args.name, a, b)
     write_json(args.json, rows)
 
 
