@@ -50,6 +50,17 @@ def test_compatibility_modes(tmp_path: Path) -> None:
     assert isinstance(store.backend, FileBackend)
 
 
+@pytest.mark.parametrize("name", ["efs%20data", "a#b", "a?b", "100%", "~x"])
+def test_chroma_root_is_a_path_whatever_its_characters(tmp_path: Path, name: str) -> None:
+    root = tmp_path / name
+    root.mkdir()
+    cfg = StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": str(root)})
+    backend = open_remote(cfg).backend
+    assert isinstance(backend, FileBackend)
+    assert backend.root == root  # not "efs data", "a" or a folder made beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [

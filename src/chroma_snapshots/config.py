@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.backends.base import check_key
@@ -181,7 +182,8 @@ def _efs_url(env: Mapping[str, str], mode: str) -> str:
     root = env.get(ENV_ROOT, "").strip()
     if not root.startswith("/"):
         raise ConfigError(f"{ENV_MODE}={mode} needs {ENV_ROOT} set to the mount's absolute path")
-    return f"efs://{root}"
+    # a path, not a URL: quoted, so '%20', '#' or '?' in a folder's name stay that name
+    return f"efs://{quote(root)}"
 
 
 def _signing(env: Mapping[str, str]) -> str | None:

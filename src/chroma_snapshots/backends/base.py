@@ -11,6 +11,7 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from chroma_snapshots.engine.validation import check_relpath
@@ -182,6 +183,11 @@ class Backend(ABC):
         """One spelling of where the objects are, whatever the backend was made from: a
         store's cache folder is keyed by it (default: the backend's repr)."""
         return repr(self)
+
+    def folder(self) -> Path | None:
+        """The folder on this machine holding the objects as files, if they are (a
+        publish refuses a source folder that holds it); None for object stores."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections and threads."""

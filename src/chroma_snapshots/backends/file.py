@@ -52,6 +52,9 @@ class FileBackend(Backend):
     def place(self) -> str:
         return local_place(self.root)
 
+    def folder(self) -> Path:
+        return self.root
+
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.guard is None:
             return getattr(self._files, method)(*args, **kwargs)

@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError
 from contextlib import contextmanager
 
 START = 2
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 class Ramp:
     """A gate of ``limit`` slots that grows from ``start`` towards ``most`` as the bytes
     reported with :meth:`add` show that more streams carry more. :meth:`close` ends it:
-    reads still waiting for a slot then raise CancelledError (their call has returned)."""
+    reads still waiting for a slot are then turned away (their call has ended)."""
 
     def __init__(
         self,
@@ -52,18 +51,23 @@ class Ramp:
         self._bytes = 0
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the ``limit`` slots for a read (waits for one to free)."""
+    def slot(self) -> Iterator[bool]:
+        """Hold one of the ``limit`` slots for a read (waiting for one to free): True; or
+        False, holding none, once the gate is closed: the read must not start. (Not an
+        exception: the error that ended the reads is the one their caller must see.)"""
         with self._cond:
             while not self._closed and self._active >= self.limit:
                 self._cond.wait()
-            if self._closed:
-                raise CancelledError("the reads ended before this one started")
-            self._active += 1
-            if self._since is None:
-                self._since = self._clock()
+            granted = not self._closed
+            if granted:
+                self._active += 1
+                if self._since is None:
+                    self._since = self._clock()
+        if not granted:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._active -= 1
@@ -98,7 +102,7 @@ class Ramp:
             log.debug("reads: %d at once (%.0f MB/s at %d)", self.limit, rate / 1e6, self.limit)
 
     def close(self) -> None:
-        """End the gate: reads waiting for a slot give up (CancelledError)."""
+        """End the gate: reads waiting for a slot, and later ones, get none."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

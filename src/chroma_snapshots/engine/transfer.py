@@ -273,7 +273,9 @@ def run_phases(
     raises never start."""
 
     def slotted(r: Read) -> None:
-        with streams.slot():
+        with streams.slot() as granted:
+            if not granted:
+                return  # the reads have ended (a failure, the deadline): this one never starts
             try:
                 run(r)
             except BaseException:

@@ -157,6 +157,13 @@ def cache_dir_path(raw: object, what: str) -> str:
     return path
 
 
+def holds(outer: str | os.PathLike[str], inner: str | os.PathLike[str]) -> bool:
+    """The folder ``outer`` is ``inner`` or one of the folders above it, links resolved
+    (``/data/src`` does not hold ``/data/src-store``)."""
+    a, b = os.path.realpath(outer), os.path.realpath(inner)
+    return b == a or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
 def number_in(x: object, low: float, high: float, *, low_ok: bool = True) -> bool:
     """``x`` is a number in ``[low, high]`` (``(low, high]`` without ``low_ok``) and not a
     bool (True would be 1 second or byte); NaN is in no range."""

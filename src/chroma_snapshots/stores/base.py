@@ -220,6 +220,9 @@ class SourceStore(SnapshotStore):
     trust: str = ""
     """What this store's data is verified with: a fingerprint of its signing keys, "" when it
     accepts unsigned data. A cache never serves data verified under one trust to another."""
+    folders: tuple[Path, ...] = ()
+    """The folders on this machine that hold the store's objects as files: a cache's own
+    folder may not overlap them (its clean-ups would take the store's files)."""
 
     @abstractmethod
     def read_ref(

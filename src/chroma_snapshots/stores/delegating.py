@@ -126,6 +126,7 @@ class DelegatingSourceStore(DelegatingStore, SourceStore):
     def __init__(self, inner: SourceStore) -> None:
         super().__init__(inner)
         self.label, self.trust, self.identity = inner.label, inner.trust, inner.identity
+        self.folders = inner.folders
         self.default_timeout = inner.default_timeout
 
     def read_ref(

@@ -111,6 +111,7 @@ class FallbackStore(SourceStore):
         self.default_timeout = self.primary.default_timeout
         self.label = repr(self)
         self.identity = f"FallbackStore({', '.join(s.identity for s in self.stores)})"
+        self.folders = tuple(f for s in self.stores for f in s.folders)
 
     def __repr__(self) -> str:
         return f"FallbackStore({', '.join(s.label for s in self.stores)})"

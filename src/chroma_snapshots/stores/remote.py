@@ -74,6 +74,7 @@ from chroma_snapshots.stores.listing import RemoteListing
 from chroma_snapshots.stores.upload import (
     ParentDir,
     Uploader,
+    check_not_holding,
     checked_message,
     checked_metadata,
     checked_source,
@@ -98,10 +99,12 @@ class RemoteStore(RemoteListing, SourceStore):
     publishes; readers take both from each manifest. ``manifest_format`` 2 (compact, with
     delta chunks) is the default; 1 writes manifests readers before format 2 can read
     (and no deltas), for a rolling upgrade. ``default_timeout`` is the
-    deadline (seconds) of calls made with ``deadline=None``. ``workers`` is how many
-    ranged reads (up to 8 MiB each, into one reused buffer per worker) a checkout runs at
-    once: 8 fill a Lambda's network and keep a 3 GiB checkout near 260 MB of memory
-    (16 measured 410 MB and no faster; benchmarks/RESULTS.md). ``trust_stamps=False``
+    deadline (seconds) of calls made with ``deadline=None``. ``workers`` is the most
+    ranged reads (into one reused buffer per worker) a checkout runs at once: it starts
+    with 2 and doubles while the streams carry 25% more (engine/ramp.py; on loopback 2
+    carry as much as 8 for less CPU, against S3 each stream adds). 8 fill a Lambda's
+    network and keep a 3 GiB checkout near 260 MB of memory (16 measured 410 MB and no
+    faster; benchmarks/RESULTS.md). ``trust_stamps=False``
     makes every publish re-read every file instead of trusting the folder's stamp index
     (engine.stampindex; the threat model is in docs/SECURITY.md). ``label`` names the
     store in messages and, with ``identity``, keys a cache's folder; by default the
@@ -130,6 +133,8 @@ class RemoteStore(RemoteListing, SourceStore):
         self.manifest_format = manifest_format
         self.trust_stamps = trust_stamps
         self.backend = backend
+        here = backend.folder()
+        self.folders = () if here is None else (here,)
         self.label = label or repr(backend)
         # a label given names the store (two backends, one store); else where its objects
         # are: one cache per store, however it was named
@@ -219,6 +224,7 @@ class RemoteStore(RemoteListing, SourceStore):
         metadata = checked_metadata(metadata)
         message = checked_message(message)
         source_dir = checked_source(source_dir)
+        check_not_holding(source_dir, self.backend.folder(), "the store's folder")
         check_parent_dir(parent_dir)
         check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)

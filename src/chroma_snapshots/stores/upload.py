@@ -29,6 +29,7 @@ from chroma_snapshots.engine.validation import (
     MAX_METADATA_DEPTH,
     check_chains,
     check_depth,
+    holds,
     path_text,
     sha256_hex,
     short_id,
@@ -338,6 +339,17 @@ def checked_source(source_dir: str | Path) -> str | Path:
     if not path:
         raise InvalidInputError("source directory is empty: name a folder ('.' for this one)")
     return source_dir
+
+
+def check_not_holding(source_dir: str | Path, folder: Path | None, what: str) -> None:
+    """InvalidInputError if ``folder`` (a store's or a cache's) is ``source_dir`` or below
+    it: each publish would copy that folder's contents, earlier versions included, into
+    the new version, and read files its own clean-ups remove."""
+    if folder is not None and holds(source_dir, folder):
+        raise InvalidInputError(
+            f"{what} {folder} is inside the folder being published ({source_dir}): publish a "
+            f"folder that does not hold it"
+        )
 
 
 def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:

@@ -26,7 +26,7 @@ from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.validation import cache_dir_path, path_text, sha256_hex
+from chroma_snapshots.engine.validation import cache_dir_path, holds, path_text, sha256_hex
 from chroma_snapshots.errors import (
     ConfigError,
     InvalidInputError,
@@ -51,10 +51,23 @@ from chroma_snapshots.stores.cache.repair import find_damage
 from chroma_snapshots.stores.cache.room import claim
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
+from chroma_snapshots.stores.upload import check_not_holding, checked_source
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
 DEFAULT_MIN_FREE = 64 << 20
+
+
+def check_apart(cache: Path, stores: tuple[Path, ...]) -> None:
+    """InvalidInputError if the cache's folder and a store's folder overlap (one is or
+    holds the other): the cache's clean-ups would remove the store's files, or the store
+    would list the cache's folders as snapshots."""
+    for store in stores:
+        if holds(cache, store) or holds(store, cache):
+            raise InvalidInputError(
+                f"the cache's folder {cache} and the store's folder {store} overlap: give "
+                f"the cache a folder of its own"
+            )
 
 
 class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
@@ -94,6 +107,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
                 f"DelegatingSourceStore), not {type(inner).__name__}"
             )
         folder = cache_folder(cache_dir)
+        check_apart(folder, inner.folders)
         identity = inner.identity + (f"\0{inner.trust}" if inner.trust else "")
         self.root = folder / sha256_hex(identity.encode())[:16]
         self.max_bytes = max_bytes
@@ -328,6 +342,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         """As the inner store's, handing it this cache's copy of the parent version, so
         that it can store changed chunks as deltas against it; this cache then knows
         what latest names."""
+        check_not_holding(checked_source(source_dir), self.root.parent, "the cache's folder")
         with self._moving(name, "latest"):
             info = self.inner.publish(
                 name, source_dir, expected=expected, message=message, metadata=metadata,

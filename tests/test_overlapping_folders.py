@@ -1,0 +1,105 @@
+"""Folders that must stay apart. A publish of a folder that holds the store's own folder,
+or the cache's, is refused before anything is read or written: each publish would
+otherwise copy the store (every earlier version) into the new version, doubling it, and
+read files the store's own clean-ups remove. A cache whose folder is a store's, holds it or
+lies inside it is refused when it is made: its clean-ups would take the store's files, or
+the store would list the cache's folders as snapshots. A folder beside another, with a
+name that merely starts the same, is fine. ``CHROMA_ROOT`` is a path, whatever its
+characters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_inprocess import Run
+
+from chroma_snapshots import CachedStore, FallbackStore, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+FILES = {"chroma.sqlite3": b"rows" * 1000, "seg/data.bin": b"v" * 5000}
+
+
+def _refused(store: RemoteStore | CachedStore, src: Path, what: str) -> None:
+    before = read_tree(src)
+    with pytest.raises(InvalidInputError, match=what):
+        store.publish("db", src)
+    assert list(store.versions("db")) == []
+    assert read_tree(src) == before  # nothing was written into the folder either
+
+
+@pytest.mark.parametrize("where", ["store", "nested/deeper/store", "."])
+def test_a_store_inside_the_published_folder_is_refused(tmp_path: Path, where: str) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    store = RemoteStore(FileBackend(src / where))
+    _refused(store, src, "the store's folder")
+
+
+def test_a_link_to_the_folder_holding_the_store_is_refused_too(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    (tmp_path / "link").symlink_to(src)
+    store = RemoteStore(FileBackend(src / "store"))
+    _refused(store, tmp_path / "link", "the store's folder")
+
+
+def test_a_cache_inside_the_published_folder_is_refused(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    cached = CachedStore(RemoteStore(FileBackend(tmp_path / "store")), src / ".cache")
+    with pytest.raises(InvalidInputError, match="the cache's folder"):
+        cached.publish("db", src)
+    assert list(cached.versions("db")) == []
+
+
+def test_a_store_beside_the_folder_with_a_name_it_starts_is_fine(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    store = RemoteStore(FileBackend(tmp_path / "src-store"))
+    store.publish("db", src)
+    out = store.checkout("db", dest=tmp_path / "out")
+    assert read_tree(out.path) == read_tree(src)
+
+
+def test_the_cli_says_so_in_one_line_with_exit_2(tmp_path: Path, run: Run) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    code, _, err = run("--store", str(src / "store"), "publish", "db", str(src))
+    assert code == 2, err
+    assert err.startswith("error: ")
+    assert "inside the folder being published" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run("--store", str(tmp_path / "store"), "--cache-dir", str(src / "c"),
+                       "publish", "db", str(src))  # fmt: skip
+    assert code == 2, err
+    assert "the cache's folder" in err
+
+
+@pytest.mark.parametrize("cache", [".", "cache", ".."])
+def test_a_cache_overlapping_a_store_is_refused(tmp_path: Path, cache: str) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    remote.publish("db", write_tree(tmp_path / "src", FILES))
+    with pytest.raises(InvalidInputError, match="overlap"):
+        CachedStore(remote, tmp_path / "store" / cache)
+    other = RemoteStore(FileBackend(tmp_path / "other"))
+    with pytest.raises(InvalidInputError, match="overlap"):  # any store of a fallback
+        CachedStore(FallbackStore([other, remote]), tmp_path / "store" / cache)
+    assert [v.version for v in remote.versions("db")]  # the store is as it was
+
+
+def test_a_cache_beside_a_store_is_fine(tmp_path: Path) -> None:
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    src = write_tree(tmp_path / "src", FILES)
+    remote.publish("db", src)
+    with CachedStore(remote, tmp_path / "store-cache").checkout("db") as snap:
+        assert read_tree(snap.path) == read_tree(src)
+
+
+def test_the_cli_refuses_a_store_folder_as_its_cache(tmp_path: Path, run: Run) -> None:
+    store = str(tmp_path / "store")
+    assert run("--store", store, "publish", "db", str(write_tree(tmp_path / "s", FILES)))[0] == 0
+    code, _, err = run("--store", store, "--cache-dir", store, "checkout", "db")
+    assert code == 2, err
+    assert "overlap" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run("--store", store, "ls")
+    assert (code, out.split()) == (0, ["db"]), err
