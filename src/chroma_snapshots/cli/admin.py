@@ -188,6 +188,11 @@ def register(cli: click.Group) -> None:
     @click.argument("dst")
     @click.argument("names", nargs=-1)
     @click.option("--all-versions", is_flag=True, help="Every version, not just what refs name.")
+    @click.option(
+        "--verify",
+        is_flag=True,
+        help="Read each version back from DST and check every chunk before its refs move.",
+    )
     @json_opt
     @click.pass_context
     def sync(
@@ -196,6 +201,7 @@ def register(cli: click.Group) -> None:
         dst: str,
         names: tuple[str, ...],
         all_versions: bool,
+        verify: bool,
         as_json: bool,
     ) -> None:
         from chroma_snapshots.opening import remote_for
@@ -214,8 +220,12 @@ def register(cli: click.Group) -> None:
                 if all_versions
                 else sorted(set(refs.values()))
             )
+            before = d.refs(name)  # each ref moves by compare-and-swap against this
             for version in wanted:
-                copied[f"{name}/{version}"] = sync_version(s, d, name, version, ref=None)
+                copied[f"{name}/{version}"] = sync_version(
+                    s, d, name, version, ref=None, verify=verify
+                )
             for ref, version in refs.items():
-                d.set_ref(name, ref, version, expected=ANY)
+                if before.get(ref) != version:
+                    d.set_ref(name, ref, version, expected=before.get(ref))
         emit(copied, as_json, "\n".join(f"{k}: {human_bytes(v)} copied" for k, v in copied.items()))

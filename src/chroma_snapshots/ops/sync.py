@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from chroma_snapshots.backends.base import PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.deadline import DeadlineLike, as_deadline
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.keys import manifest_key, pack_key
-from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
-from chroma_snapshots.stores.base import ANY
+from chroma_snapshots.errors import ConflictError, IntegrityError, SnapshotNotFoundError
+from chroma_snapshots.ops import maintenance
 from chroma_snapshots.stores.refs import name_is_signed, unsigned_over_signed
 
 if TYPE_CHECKING:
@@ -26,11 +26,17 @@ def sync_version(
     *,
     ref: str | None = "latest",
     deadline: DeadlineLike = None,
+    verify: bool = False,
 ) -> int:
     """Copy ``version`` of ``name`` from ``src`` to ``dst``: packs it lacks, then the manifest,
     then (if ``ref``) point ``dst``'s ref at it. Returns the bytes copied.
 
-    Same order as a publish, so ``dst`` never has a ref to an incomplete version. Without a
+    Same order as a publish, so ``dst`` never has a ref to an incomplete version. The ref
+    moves by compare-and-swap against what it named when the sync began: one another
+    writer moved meanwhile is ConflictError, never overwritten. ``verify``: before the ref
+    moves, read every pack of the version back from ``dst`` and check every chunk (a
+    damaged pack already there is otherwise trusted by its name): IntegrityError if one
+    fails, the ref left as it was. Without a
     signing key for ``dst``, a signed version, or any version of a name whose ``latest`` in
     ``dst`` is signed, is ConfigError before anything is copied: the refs the sync moves
     would go unsigned, and every reader holding the key would refuse them.
@@ -47,6 +53,7 @@ def sync_version(
         # refs moved to it would go unsigned: readers holding the key would refuse the name
         where = "in the source" if sig is not None else "in the destination"
         raise unsigned_over_signed(f"{name} ({where})")
+    before = None if ref is None else dst.refs(name, deadline=dl).get(ref)
     copied = 0
     # Claimed on dst like a publish claims its packs, so a prune of dst cannot delete a
     # pack we found there and rely on (docs/RELIABILITY.md, "Prune protocol").
@@ -69,6 +76,17 @@ def sync_version(
                 d_io.put(mkey + ".sig", sig, mode=PutMode.CREATE)
         with contextlib.suppress(ConflictError):
             d_io.put(mkey, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
-        if ref is not None:  # the same ref move as set_ref, last writer wins
-            dst.set_ref(name, ref, version, expected=ANY, deadline=dl)
+        if verify:
+            check_copy(dst, name, version, dl)
+        if ref is not None and before != version:
+            dst.set_ref(name, ref, version, expected=before, deadline=dl)
     return copied
+
+
+def check_copy(dst: BackedStore, name: str, version: str, dl: Deadline) -> None:
+    """IntegrityError unless every pack and chunk of ``version`` in ``dst`` checks out."""
+    report = maintenance.verify(dst, name, version, dl)
+    if not report.ok:
+        shown = "; ".join(report.problems[:3])
+        more = f" (and {len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
+        raise IntegrityError(f"{name}/{version} in the destination: {shown}{more}")
