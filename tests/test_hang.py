@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chroma_snapshots import (
+    CachedStore,
     FallbackStore,
     RemoteStore,
     StorageTimeoutError,
@@ -106,6 +107,12 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
         assert isinstance(err, TimeoutError)
         assert seconds < BUDGET + 1.0, (what, seconds)
     assert not (tmp_path / "out").exists()
+    # Telling folders apart touches no mount: a cache over the hung store is made at once
+    # (its folder checked against the store's, known since the store opened)
+    made = threading.Thread(target=CachedStore, args=(store, tmp_path / "cache"), daemon=True)
+    made.start()
+    made.join(2.0)  # a thread: one stuck in the mount must fail this test, not hang it
+    assert not made.is_alive()
     # The breaker is open now: calls fail fast instead of feeding more workers to the mount.
     seconds, err = _timed(lambda: store.resolve("db", deadline=BUDGET))
     assert isinstance(err, StorageTimeoutError)

@@ -185,8 +185,10 @@ class Backend(ABC):
         return repr(self)
 
     def folder(self) -> Path | None:
-        """The folder on this machine holding the objects as files, if they are (a
-        publish refuses a source folder that holds it); None for object stores."""
+        """The real path (links resolved) of the folder on this machine holding the
+        objects as files, if they are (a publish refuses a source folder that holds it);
+        None for object stores. Known without touching the folder: it may be on a mount
+        that hangs."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing

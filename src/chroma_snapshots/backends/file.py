@@ -44,7 +44,8 @@ class FileBackend(Backend):
         self.root = Path(os.path.abspath(root))  # fixed now: a later chdir moves nothing
         self.guard = guard
         self._files = LocalFiles(self.root, fsync)
-        self._run("ensure_root", create)
+        # resolved once, through the guard: comparing folders later touches no mount
+        self._real = Path(self._run("ensure_root", create))
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.root)!r})"
@@ -53,7 +54,7 @@ class FileBackend(Backend):
         return local_place(self.root)
 
     def folder(self) -> Path:
-        return self.root
+        return self._real
 
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.guard is None:

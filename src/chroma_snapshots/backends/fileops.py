@@ -90,8 +90,9 @@ class LocalFiles:
         self.root = Path(root)
         self.fsync = fsync
 
-    def ensure_root(self, create: bool) -> None:
-        """Create the store directory, or (``create=False``) insist that it exists."""
+    def ensure_root(self, create: bool) -> str:
+        """Create the store directory, or (``create=False``) insist that it exists; its
+        real path (links resolved), found here, where a hung mount is guarded."""
         if create:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,7 @@ class LocalFiles:
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
         elif not self.root.is_dir():
             raise StoreNotFoundError(f"{self.root}: store directory does not exist")
+        return os.path.realpath(self.root)
 
     def probe(self) -> None:
         """Cheap health check: stat and list the root."""

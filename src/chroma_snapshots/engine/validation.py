@@ -158,9 +158,10 @@ def cache_dir_path(raw: object, what: str) -> str:
 
 
 def holds(outer: str | os.PathLike[str], inner: str | os.PathLike[str]) -> bool:
-    """The folder ``outer`` is ``inner`` or one of the folders above it, links resolved
-    (``/data/src`` does not hold ``/data/src-store``)."""
-    a, b = os.path.realpath(outer), os.path.realpath(inner)
+    """The folder ``outer`` is ``inner`` or one of the folders above it (``/data/src`` does
+    not hold ``/data/src-store``). Both must be real paths (links resolved): nothing is
+    looked up here, so a folder on a hung mount costs nothing."""
+    a, b = os.fspath(outer), os.fspath(inner)
     return b == a or b.startswith(a.rstrip(os.sep) + os.sep)
 
 

@@ -345,7 +345,7 @@ def check_not_holding(source_dir: str | Path, folder: Path | None, what: str) ->
     """InvalidInputError if ``folder`` (a store's or a cache's) is ``source_dir`` or below
     it: each publish would copy that folder's contents, earlier versions included, into
     the new version, and read files its own clean-ups remove."""
-    if folder is not None and holds(source_dir, folder):
+    if folder is not None and holds(os.path.realpath(source_dir), folder):
         raise InvalidInputError(
             f"{what} {folder} is inside the folder being published ({source_dir}): publish a "
             f"folder that does not hold it"

@@ -61,9 +61,11 @@ DEFAULT_MIN_FREE = 64 << 20
 def check_apart(cache: Path, stores: tuple[Path, ...]) -> None:
     """InvalidInputError if the cache's folder and a store's folder overlap (one is or
     holds the other): the cache's clean-ups would remove the store's files, or the store
-    would list the cache's folders as snapshots."""
+    would list the cache's folders as snapshots. ``stores`` are real paths already (the
+    cache's folder is on a disk that answers; theirs may be on a hung mount)."""
+    real = os.path.realpath(cache)
     for store in stores:
-        if holds(cache, store) or holds(store, cache):
+        if holds(real, store) or holds(store, real):
             raise InvalidInputError(
                 f"the cache's folder {cache} and the store's folder {store} overlap: give "
                 f"the cache a folder of its own"
@@ -342,7 +344,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         """As the inner store's, handing it this cache's copy of the parent version, so
         that it can store changed chunks as deltas against it; this cache then knows
         what latest names."""
-        check_not_holding(checked_source(source_dir), self.root.parent, "the cache's folder")
+        cache = Path(os.path.realpath(self.root.parent))
+        check_not_holding(checked_source(source_dir), cache, "the cache's folder")
         with self._moving(name, "latest"):
             info = self.inner.publish(
                 name, source_dir, expected=expected, message=message, metadata=metadata,
