@@ -24,26 +24,30 @@ from _data import MiB
 from _report import write_json
 
 from chroma_snapshots import RemoteStore
-from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.backends.s3 import S3Backend
 from chroma_snapshots.engine import ramp
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.proxy import CountingProxy
 
-# (label, the ramp's start, bytes a level's window needs per stream)
+# (label, the ramp's start, bytes a level's window needs per stream, its seconds)
 VARIANTS = [
-    ("every read at once (start 8)", 8, ramp.WINDOW_BYTES),
-    ("ramp, 8 MiB a stream a window", 2, 8 * MiB),
-    ("ramp, 2 MiB a stream a window", 2, 2 * MiB),
-    ("ramp from 4, 2 MiB a stream a window", 4, 2 * MiB),
+    ("every read at once (start 8)", 8, ramp.WINDOW_BYTES, ramp.WINDOW_SECONDS),
+    ("from 2, windows 0.2 s + 8 MiB a stream", 2, 8 * MiB, 0.2),
+    ("from 2, windows 0.2 s + 2 MiB a stream", 2, 2 * MiB, 0.2),
+    ("from 2, windows 0.1 s + 2 MiB a stream", 2, 2 * MiB, 0.1),
+    ("from 4, windows 0.2 s + 2 MiB a stream", 4, 2 * MiB, 0.2),
+    ("from 4, windows 0.1 s + 2 MiB a stream", 4, 2 * MiB, 0.1),
 ]
 
 
-def _checkout(store: RemoteStore, dest: Path, start: int, window: int) -> dict[str, Any]:
+def _checkout(
+    store: RemoteStore, dest: Path, start: int, window: int, seconds: float
+) -> dict[str, Any]:
     shutil.rmtree(dest, ignore_errors=True)
     defaults = ramp.Ramp.__init__.__kwdefaults__
     assert defaults is not None
     saved = dict(defaults), ramp.WINDOW_BYTES
-    defaults["start"], ramp.WINDOW_BYTES = start, window
+    defaults["start"], defaults["window"], ramp.WINDOW_BYTES = start, seconds, window
     try:
         t, cpu = time.perf_counter(), time.process_time()
         snap = store.checkout("db", dest=dest)
@@ -73,18 +77,18 @@ def main() -> None:
         for i in range(max(1, args.size_mb // 32)):
             (src / f"seg{i}.bin").write_bytes(os.urandom(min(32, args.size_mb) * MiB))
         bucket = server.create_bucket()
-        settings = S3Settings(endpoint_url=proxy.url)
-        store = RemoteStore(S3Backend(bucket, "snaps", settings=settings), compression_level=None)
+        client = server.client(endpoint_url=proxy.url)
+        store = RemoteStore(S3Backend(bucket, "snaps", client=client), compression_level=None)
         store.publish("db", src)
         for r in range(args.rounds):
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-            for label, start, window in order:
-                row = _checkout(store, work / "out", start, window)
+            for label, start, window, seconds in order:
+                row = _checkout(store, work / "out", start, window, seconds)
                 rows.append({"variant": label, "round": r} | row)
     print(f"{args.size_mb} MiB, each response paced to {args.stream_mbps:g} MB/s, "
           f"{args.rounds} rounds (medians)")  # fmt: skip
     print(f"{'variant':40s} {'wall s':>7s} {'streams':>8s} {'CPU s':>6s}")
-    for label, _, _ in VARIANTS:
+    for label, *_ in VARIANTS:
         mine = [x for x in rows if x["variant"] == label]
         wall = statistics.median(x["wall_s"] for x in mine)
         cpu = statistics.median(x["cpu_s"] for x in mine)

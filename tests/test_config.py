@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_compatibility_modes(tmp_path: Path) -> None:
     assert isinstance(store.backend, FileBackend)
 
 
-@pytest.mark.parametrize("name", ["efs%20data", "a#b", "a?b", "100%", "~x"])
+@pytest.mark.parametrize(
+    "name", ["efs%20data", "a#b", "a?b", "100%", "~x", "é", os.fsdecode(b"no-utf8-\xff")]
+)
 def test_chroma_root_is_a_path_whatever_its_characters(tmp_path: Path, name: str) -> None:
     root = tmp_path / name
     root.mkdir()
@@ -59,6 +62,13 @@ def test_chroma_root_is_a_path_whatever_its_characters(tmp_path: Path, name: str
     assert isinstance(backend, FileBackend)
     assert backend.root == root  # not "efs data", "a" or a folder made beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("value", [" /mnt/efs", "/mnt/efs ", "/mnt/efs\n"])
+def test_chroma_root_with_white_space_at_an_end_is_refused(value: str) -> None:
+    # stripped, it would open another folder than the one named
+    with pytest.raises(ConfigError, match="CHROMA_ROOT"):
+        StoreConfig.from_env({"CHROMADB_STORAGE_MODE": "efs", "CHROMA_ROOT": value})
 
 
 @pytest.mark.parametrize(
@@ -318,3 +328,14 @@ def test_the_endpoint_of_every_service_keys_the_store_as_botocore_reads_it() -> 
         assert StoreConfig.from_env(odd).s3_endpoint_url == b
     with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL="):
         StoreConfig.from_env({**base, "AWS_ENDPOINT_URL": "http://h:9000/bucket"})
+
+
+def test_a_store_folder_named_in_bytes_that_are_no_utf8_is_cached_too(tmp_path: Path) -> None:
+    root = tmp_path / os.fsdecode(b"store-\xff")
+    remote = RemoteStore(FileBackend(root))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "chroma.sqlite3").write_bytes(b"rows" * 100)
+    remote.publish("db", src)
+    with CachedStore(remote, tmp_path / "cache").checkout("db") as snap:
+        assert (snap.path / "chroma.sqlite3").read_bytes() == b"rows" * 100

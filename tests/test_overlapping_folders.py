@@ -1,14 +1,20 @@
-"""Folders that must stay apart. A publish of a folder that holds the store's own folder,
-or the cache's, is refused before anything is read or written: each publish would
-otherwise copy the store (every earlier version) into the new version, doubling it, and
-read files the store's own clean-ups remove. A cache whose folder is a store's, holds it or
-lies inside it is refused when it is made: its clean-ups would take the store's files, or
-the store would list the cache's folders as snapshots. A folder beside another, with a
-name that merely starts the same, is fine. ``CHROMA_ROOT`` is a path, whatever its
-characters."""
+"""Folders that must stay apart, compared as the kernel knows them (links and bind mounts
+alike). A publish of a folder that holds the store's own folder or the cache's, or that
+lies inside the store's folder, is refused before anything is read or written: each
+publish would otherwise copy the store (every earlier version) into the new version,
+doubling it, and read files the store's own clean-ups remove; the CLI refuses it before
+opening the store (which would make its folder there), in ``status`` and ``--dry-run``
+too. A cache whose folder is a store's, holds it or lies inside it is refused when it is
+made: its clean-ups would take the store's files, or the store would list the cache's
+folders as snapshots. A folder beside another, with a name that merely starts the same,
+is fine."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +109,68 @@ def test_the_cli_refuses_a_store_folder_as_its_cache(tmp_path: Path, run: Run) -
     assert len(err.strip().splitlines()) == 1
     code, out, err = run("--store", store, "ls")
     assert (code, out.split()) == (0, ["db"]), err
+
+
+def _everything(root: Path) -> list[str]:
+    """Every file and folder below ``root``, empty folders too."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", [["publish"], ["publish", "--dry-run"], ["status"]])
+def test_a_refused_cli_publish_leaves_nothing_in_the_folder(
+    tmp_path: Path, run: Run, command: list[str]
+) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    before = _everything(src)
+    for flags in (
+        ["--store", str(src / "store")],
+        ["--store", f"file://{src}/a/b/store"],
+        ["--store", str(tmp_path / "store"), "--cache-dir", str(src / "c")],
+    ):
+        code, _, err = run(*flags, *command, "db", str(src))
+        assert code == 2, (flags, err)
+        assert "inside the folder being published" in err
+        assert _everything(src) == before, flags  # no store or cache folder made in it
+
+
+def test_a_folder_inside_the_store_is_refused(tmp_path: Path, run: Run) -> None:
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    inner = write_tree(tmp_path / "store" / "db", FILES)
+    with pytest.raises(InvalidInputError, match="inside the store's folder"):
+        store.publish("db", inner)
+    code, _, err = run("--store", str(tmp_path / "store"), "publish", "db", str(inner))
+    assert code == 2, err
+    assert list(store.versions("db")) == []
+
+
+@pytest.fixture
+def bound(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """``data`` (with files) and ``view``, the same folder bound over another name."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        if os.environ.get("CI"):
+            pytest.fail("bind mounts are required in CI (root and mount(8))")
+        pytest.skip("bind mounts need root")
+    data = write_tree(tmp_path / "data", FILES)
+    view = tmp_path / "view"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(data), str(view)], check=True)
+    try:
+        yield data, view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=True)
+
+
+def test_a_bind_mount_does_not_hide_a_store_or_cache_inside(
+    bound: tuple[Path, Path], tmp_path: Path, run: Run
+) -> None:
+    data, view = bound
+    store = RemoteStore(FileBackend(view / "store"))  # data/store under another name
+    with pytest.raises(InvalidInputError, match="the store's folder"):
+        store.publish("db", data)
+    other = RemoteStore(FileBackend(tmp_path / "other"))
+    with pytest.raises(InvalidInputError, match="the cache's folder"):
+        CachedStore(other, view / "cache").publish("db", data)
+    with pytest.raises(InvalidInputError, match="overlap"):
+        CachedStore(RemoteStore(FileBackend(data / "s2")), view / "s2" / "cc")
+    code, _, err = run("--store", str(view / "st"), "publish", "db", str(data))
+    assert code == 2, err

@@ -41,7 +41,7 @@ def _window(ramp: Ramp, clock: Clock, mb_per_s: float) -> None:
 
 def test_streams_double_while_each_level_carries_more() -> None:
     clock = Clock()
-    ramp = Ramp(8, clock=clock)
+    ramp = Ramp(8, start=2, clock=clock)
     assert (ramp.limit, ramp.settled) == (2, False)
     _window(ramp, clock, 100)
     assert ramp.limit == 4
@@ -53,7 +53,7 @@ def test_streams_double_while_each_level_carries_more() -> None:
 
 def test_a_level_that_adds_too_little_goes_back_down_and_stays() -> None:
     clock = Clock()
-    ramp = Ramp(8, clock=clock)
+    ramp = Ramp(8, start=2, clock=clock)
     _window(ramp, clock, 400)
     _window(ramp, clock, 440)  # +10% for twice the threads: not worth them
     assert (ramp.limit, ramp.peak, ramp.settled) == (2, 4, True)
@@ -61,9 +61,28 @@ def test_a_level_that_adds_too_little_goes_back_down_and_stays() -> None:
     assert ramp.limit == 2
 
 
+def test_a_link_that_slows_per_stream_starts_the_doubling_again() -> None:
+    clock = Clock()
+    ramp = Ramp(8, start=2, clock=clock)
+    _window(ramp, clock, 400)
+    _window(ramp, clock, 420)  # settles at 2, carrying 400
+    assert (ramp.limit, ramp.settled) == (2, True)
+    _window(ramp, clock, 390)  # noise: nothing
+    _window(ramp, clock, 100)  # one window short: a pause, perhaps
+    _window(ramp, clock, 380)
+    assert (ramp.limit, ramp.settled) == (2, True)
+    _window(ramp, clock, 100)
+    _window(ramp, clock, 100)  # two in a row: each stream carries less now
+    assert (ramp.limit, ramp.settled) == (4, False)
+    _window(ramp, clock, 200)  # twice the streams, twice the bytes
+    assert ramp.limit == 8
+    _window(ramp, clock, 390)
+    assert (ramp.limit, ramp.peak, ramp.settled) == (8, 8, True)
+
+
 def test_a_window_is_judged_only_after_its_time_and_its_bytes() -> None:
     clock = Clock()
-    ramp = Ramp(8, clock=clock)
+    ramp = Ramp(8, start=2, clock=clock)
     with ramp.slot():
         ramp.add(100 * WINDOW_BYTES)  # bytes, but no time yet
         assert ramp.limit == 2
@@ -81,7 +100,7 @@ def test_one_worker_is_one_stream_and_nothing_to_try() -> None:
 
 
 def test_no_more_reads_than_slots_run_at_once() -> None:
-    ramp, lock = Ramp(8), threading.Lock()
+    ramp, lock = Ramp(8, start=2), threading.Lock()
     running, most, release = [0], [0], threading.Event()
 
     def read() -> None:
@@ -106,7 +125,7 @@ def test_no_more_reads_than_slots_run_at_once() -> None:
 
 
 def test_closing_the_gate_turns_waiting_reads_away() -> None:
-    ramp, hold = Ramp(8), threading.Event()
+    ramp, hold = Ramp(8, start=2), threading.Event()
     outcomes: list[str] = []
 
     def read() -> None:
@@ -148,7 +167,7 @@ def test_reads_waiting_for_a_slot_never_start_after_the_call_ends(ending: str) -
     with WorkerPool(8) as pool:
         expected = IntegrityError if ending == "error" else StorageTimeoutError
         with pytest.raises(expected):
-            run_phases(run, [_reads(8)], pool, dl, Ramp(8))
+            run_phases(run, [_reads(8)], pool, dl, Ramp(8, start=2))
         hold.set()
         time.sleep(0.3)  # a read turned away would have started by now
     assert len(started) == 2  # the two holding slots; the six waiting never ran

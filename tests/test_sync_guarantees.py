@@ -33,7 +33,9 @@ def _stores(tmp_path: Path) -> tuple[RemoteStore, RemoteStore, list[str]]:
 
 
 def _damage_a_pack(store: RemoteStore) -> Path:
-    pack = next(p for p in (store.backend.folder() or Path()).rglob("packs/**/*") if p.is_file())
+    root = store.backend.folder()
+    assert root is not None
+    pack = next(p for p in Path(root.path).rglob("packs/**/*") if p.is_file())
     data = bytearray(pack.read_bytes())
     data[len(data) // 2] ^= 0xFF
     pack.write_bytes(bytes(data))

@@ -179,11 +179,15 @@ def _s3_url(env: Mapping[str, str], mode: str) -> str:
 
 
 def _efs_url(env: Mapping[str, str], mode: str) -> str:
-    root = env.get(ENV_ROOT, "").strip()
+    raw = env.get(ENV_ROOT, "")
+    root = raw.strip()
     if not root.startswith("/"):
         raise ConfigError(f"{ENV_MODE}={mode} needs {ENV_ROOT} set to the mount's absolute path")
-    # a path, not a URL: quoted, so '%20', '#' or '?' in a folder's name stay that name
-    return f"efs://{quote(root)}"
+    if root != raw:  # "/mnt/efs " would open "/mnt/efs", a folder the value does not name
+        raise ConfigError(f"{ENV_ROOT}={raw!r} starts or ends with white space")
+    # a path, not a URL: quoted, so '%20', '#' or '?' in a folder's name stay that name,
+    # and bytes that are no UTF-8 (held as surrogates, as os.environ holds them) those bytes
+    return f"efs://{quote(root, errors='surrogateescape')}"
 
 
 def _signing(env: Mapping[str, str]) -> str | None:

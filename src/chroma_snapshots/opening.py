@@ -12,6 +12,8 @@ from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.config import StoreConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from chroma_snapshots.backends.base import Backend
     from chroma_snapshots.stores.base import SnapshotStore, SourceStore
     from chroma_snapshots.stores.remote import RemoteStore
@@ -154,3 +156,23 @@ def open_store(
         stale_ok=stale_ok,
         refresh_seconds=cfg.refresh_seconds,
     )
+
+
+def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
+    """What a publish of ``directory`` would refuse about the folders of ``cfg``'s stores
+    and cache (stores/upload.check_apart), found before any is opened: opening one makes
+    its folder, which would land inside ``directory``. Only local stores (a path or a
+    ``file://`` URL) are looked at here; an ``efs://`` store's folder is never made by
+    opening it, its mount may hang, and the publish checks it through its guard."""
+    from chroma_snapshots.backends.registry_factories import local_path
+    from chroma_snapshots.engine.apart import place_of
+    from chroma_snapshots.stores.upload import check_apart, checked_source
+
+    directory = checked_source(directory)
+    for url in (cfg.url, cfg.fallback_url):
+        if url and ("://" not in url or urlsplit(url).scheme.lower() == "file"):
+            store = place_of(local_path(url))
+            check_apart(directory, store, "the store's folder", either_way=True)
+    if cfg.cache_dir:
+        cache = place_of(cfg.cache_dir)
+        check_apart(directory, cache, "the cache's folder", either_way=False)

@@ -11,9 +11,9 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
+from chroma_snapshots.engine.apart import Place
 from chroma_snapshots.engine.validation import check_relpath
 from chroma_snapshots.errors import (
     ConflictError,
@@ -184,11 +184,11 @@ class Backend(ABC):
         store's cache folder is keyed by it (default: the backend's repr)."""
         return repr(self)
 
-    def folder(self) -> Path | None:
-        """The real path (links resolved) of the folder on this machine holding the
-        objects as files, if they are (a publish refuses a source folder that holds it);
-        None for object stores. Known without touching the folder: it may be on a mount
-        that hangs."""
+    def folder(self) -> Place | None:
+        """The folder on this machine holding the objects as files, if they are, as the
+        kernel knows it (engine/apart.py: a publish refuses a source folder that overlaps
+        it); None for object stores. Known without touching the folder: it may be on a
+        mount that hangs."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing

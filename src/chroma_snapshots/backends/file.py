@@ -15,6 +15,7 @@ from typing import Any
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
 from chroma_snapshots.backends.fileops import LocalFiles
+from chroma_snapshots.engine.apart import Place
 from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.engine.guard import MountGuard
 
@@ -44,8 +45,8 @@ class FileBackend(Backend):
         self.root = Path(os.path.abspath(root))  # fixed now: a later chdir moves nothing
         self.guard = guard
         self._files = LocalFiles(self.root, fsync)
-        # resolved once, through the guard: comparing folders later touches no mount
-        self._real = Path(self._run("ensure_root", create))
+        # known once, through the guard: comparing folders later touches no mount
+        self._place: Place = self._run("ensure_root", create)
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.root)!r})"
@@ -53,8 +54,8 @@ class FileBackend(Backend):
     def place(self) -> str:
         return local_place(self.root)
 
-    def folder(self) -> Path:
-        return self._real
+    def folder(self) -> Place:
+        return self._place
 
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.guard is None:

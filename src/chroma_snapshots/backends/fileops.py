@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from chroma_snapshots.backends.base import GetResult, ObjectMeta, PutMode, check_key, past_end
+from chroma_snapshots.engine.apart import Place, place_of
 from chroma_snapshots.engine.placer import pwrite_all
 from chroma_snapshots.engine.validation import MAX_PATH_DEPTH
 from chroma_snapshots.errors import (
@@ -90,9 +91,9 @@ class LocalFiles:
         self.root = Path(root)
         self.fsync = fsync
 
-    def ensure_root(self, create: bool) -> str:
-        """Create the store directory, or (``create=False``) insist that it exists; its
-        real path (links resolved), found here, where a hung mount is guarded."""
+    def ensure_root(self, create: bool) -> Place:
+        """Create the store directory, or (``create=False``) insist that it exists; what
+        the kernel says it is (engine/apart.py), found here, where a hung mount is guarded."""
         if create:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class LocalFiles:
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
         elif not self.root.is_dir():
             raise StoreNotFoundError(f"{self.root}: store directory does not exist")
-        return os.path.realpath(self.root)
+        return place_of(self.root)
 
     def probe(self) -> None:
         """Cheap health check: stat and list the root."""

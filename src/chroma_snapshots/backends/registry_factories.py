@@ -15,6 +15,8 @@ from chroma_snapshots.backends.cas import ConditionalWriteCheck
 from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.errors import ConfigError
 
+_BYTES = "surrogateescape"  # %ff in a path is that byte, as os.fsdecode holds it
+
 
 def local_path(url: str) -> str:
     """The folder a plain path or a ``file://``/``efs://`` URL names. A leading ``~`` or
@@ -24,10 +26,10 @@ def local_path(url: str) -> str:
         return expand_home(url)  # a plain path, relative to the working directory or absolute
     parts = urlsplit(url)
     if parts.netloc.startswith("~"):
-        return expand_home(unquote(parts.netloc + parts.path))
+        return expand_home(unquote(parts.netloc + parts.path, errors=_BYTES))
     if parts.netloc not in ("", "localhost") or not parts.path.strip("/ "):
         raise ConfigError(f"{url!r}: a file/efs URL needs an absolute path, e.g. efs:///mnt/store")
-    return unquote(parts.path)
+    return unquote(parts.path, errors=_BYTES)
 
 
 def expand_home(path: str) -> str:

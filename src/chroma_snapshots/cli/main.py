@@ -159,10 +159,12 @@ def _build() -> click.Group:
         as_json: bool,
     ) -> None:
         from chroma_snapshots.engine.validation import check_name
+        from chroma_snapshots.opening import check_publish_folders
         from chroma_snapshots.stores.base import ANY, LATEST, Expected
 
         check_name(name)  # before a new store's folder is made for it
         ctx.obj["no_stamps"] = no_stamps
+        check_publish_folders(directory, config_of(ctx))  # before opening makes any folder
 
         exp: Expected = {None: LATEST, "none": None, "any": ANY}.get(expected, expected)
         if isinstance(exp, str):  # a version id, or a unique prefix of one

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chroma_snapshots.cli.common import emit, human_bytes, source_of
+from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
@@ -139,5 +139,8 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def status(ctx: click.Context, name: str, directory: str, as_json: bool) -> None:
+        from chroma_snapshots.opening import check_publish_folders
+
+        check_publish_folders(directory, config_of(ctx))  # what the publish would refuse
         plan = plan_publish(source_of(ctx), name, directory)
         emit(plan, as_json, describe_plan(plan, directory))

@@ -29,9 +29,10 @@ Buffer = bytes | memoryview
 # benchmark VM, whose free memory goes back to its host (free page reporting), larger
 # folios have at times cost far more to fill: a 1 GiB cold checkout took 0.9-2.8 system s
 # in 64 KiB writes against 0.7-1.2 in 32 KiB ones (12 runs in two rotations; 1.6-3.7 in
-# 1 MiB ones on 2026-12-03). Why the smaller folios escape is not established. When that
-# memory was warm the two sizes cost the same within noise (16 ABBA pairs, whole machine's
-# CPU +2% at 32 KiB): benchmarks/checkout_ab.py, benchmarks/RESULTS.md.
+# 1 MiB ones on 2026-12-03). In ABBA pairs while memory was cold, 32 KiB saved the whole
+# machine 1.32 CPU s and 0.77 s wall a GiB (8 of 8 pairs); warm, the two cost the same
+# within noise (26 pairs). Why the smaller folios escape is not established:
+# benchmarks/checkout_ab.py, benchmarks/RESULTS.md.
 WRITE_BYTES = 32 << 10
 
 

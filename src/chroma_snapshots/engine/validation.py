@@ -157,14 +157,6 @@ def cache_dir_path(raw: object, what: str) -> str:
     return path
 
 
-def holds(outer: str | os.PathLike[str], inner: str | os.PathLike[str]) -> bool:
-    """The folder ``outer`` is ``inner`` or one of the folders above it (``/data/src`` does
-    not hold ``/data/src-store``). Both must be real paths (links resolved): nothing is
-    looked up here, so a folder on a hung mount costs nothing."""
-    a, b = os.fspath(outer), os.fspath(inner)
-    return b == a or b.startswith(a.rstrip(os.sep) + os.sep)
-
-
 def number_in(x: object, low: float, high: float, *, low_ok: bool = True) -> bool:
     """``x`` is a number in ``[low, high]`` (``(low, high]`` without ``low_ok``) and not a
     bool (True would be 1 second or byte); NaN is in no range."""

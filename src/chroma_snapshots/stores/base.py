@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from chroma_snapshots.engine.apart import Place
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
 from chroma_snapshots.engine.models import (
     Manifest,
@@ -220,7 +221,7 @@ class SourceStore(SnapshotStore):
     trust: str = ""
     """What this store's data is verified with: a fingerprint of its signing keys, "" when it
     accepts unsigned data. A cache never serves data verified under one trust to another."""
-    folders: tuple[Path, ...] = ()
+    folders: tuple[Place, ...] = ()
     """The folders on this machine that hold the store's objects as files: a cache's own
     folder may not overlap them (its clean-ups would take the store's files)."""
 

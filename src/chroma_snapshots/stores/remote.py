@@ -74,7 +74,7 @@ from chroma_snapshots.stores.listing import RemoteListing
 from chroma_snapshots.stores.upload import (
     ParentDir,
     Uploader,
-    check_not_holding,
+    check_apart,
     checked_message,
     checked_metadata,
     checked_source,
@@ -101,7 +101,7 @@ class RemoteStore(RemoteListing, SourceStore):
     (and no deltas), for a rolling upgrade. ``default_timeout`` is the
     deadline (seconds) of calls made with ``deadline=None``. ``workers`` is the most
     ranged reads (into one reused buffer per worker) a checkout runs at once: it starts
-    with 2 and doubles while the streams carry 25% more (engine/ramp.py; on loopback 2
+    with 4 and doubles while the streams carry 25% more (engine/ramp.py; on loopback 4
     carry as much as 8 for less CPU, against S3 each stream adds). 8 fill a Lambda's
     network and keep a 3 GiB checkout near 260 MB of memory (16 measured 410 MB and no
     faster; benchmarks/RESULTS.md). ``trust_stamps=False``
@@ -224,7 +224,7 @@ class RemoteStore(RemoteListing, SourceStore):
         metadata = checked_metadata(metadata)
         message = checked_message(message)
         source_dir = checked_source(source_dir)
-        check_not_holding(source_dir, self.backend.folder(), "the store's folder")
+        check_apart(source_dir, self.backend.folder(), "the store's folder", either_way=True)
         check_parent_dir(parent_dir)
         check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)

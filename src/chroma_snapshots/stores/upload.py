@@ -16,6 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
+from chroma_snapshots.engine.apart import Place, place_of
 from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
@@ -29,7 +30,6 @@ from chroma_snapshots.engine.validation import (
     MAX_METADATA_DEPTH,
     check_chains,
     check_depth,
-    holds,
     path_text,
     sha256_hex,
     short_id,
@@ -341,14 +341,25 @@ def checked_source(source_dir: str | Path) -> str | Path:
     return source_dir
 
 
-def check_not_holding(source_dir: str | Path, folder: Path | None, what: str) -> None:
-    """InvalidInputError if ``folder`` (a store's or a cache's) is ``source_dir`` or below
-    it: each publish would copy that folder's contents, earlier versions included, into
-    the new version, and read files its own clean-ups remove."""
-    if folder is not None and holds(os.path.realpath(source_dir), folder):
+def check_apart(source_dir: str | Path, folder: Place | None, what: str, *,
+                either_way: bool) -> None:  # fmt: skip
+    """InvalidInputError if ``folder`` (a store's or a cache's) is ``source_dir`` or lies
+    below it, or (``either_way``) holds it: each publish would copy that folder's contents,
+    earlier versions included, into the new version, and read files its own clean-ups
+    remove. Folders are compared as the kernel knows them (engine/apart.py: links and
+    bind mounts alike)."""
+    if folder is None:
+        return
+    source = place_of(source_dir)
+    if source.holds(folder):
         raise InvalidInputError(
-            f"{what} {folder} is inside the folder being published ({source_dir}): publish a "
-            f"folder that does not hold it"
+            f"{what} {folder.path} is inside the folder being published ({source.path}): "
+            f"publish a folder that does not hold it"
+        )
+    if either_way and folder.holds(source):
+        raise InvalidInputError(
+            f"the folder being published ({source.path}) is inside {what} {folder.path}: "
+            f"publish a folder outside it"
         )
 
 

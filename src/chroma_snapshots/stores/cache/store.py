@@ -20,13 +20,14 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.backends.registry_factories import expand_home
+from chroma_snapshots.engine.apart import Place, place_of
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.validation import cache_dir_path, holds, path_text, sha256_hex
+from chroma_snapshots.engine.validation import cache_dir_path, path_text, sha256_hex
 from chroma_snapshots.errors import (
     ConfigError,
     InvalidInputError,
@@ -51,24 +52,27 @@ from chroma_snapshots.stores.cache.repair import find_damage
 from chroma_snapshots.stores.cache.room import claim
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
-from chroma_snapshots.stores.upload import check_not_holding, checked_source
+from chroma_snapshots.stores.upload import check_apart, checked_source
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
 DEFAULT_MIN_FREE = 64 << 20
 
 
-def check_apart(cache: Path, stores: tuple[Path, ...]) -> None:
+def check_own_folder(cache: Path, stores: tuple[Place, ...]) -> None:
     """InvalidInputError if the cache's folder and a store's folder overlap (one is or
-    holds the other): the cache's clean-ups would remove the store's files, or the store
-    would list the cache's folders as snapshots. ``stores`` are real paths already (the
-    cache's folder is on a disk that answers; theirs may be on a hung mount)."""
-    real = os.path.realpath(cache)
+    holds the other, engine/apart.py): the cache's clean-ups would remove the store's
+    files, or the store would list the cache's folders as snapshots. The stores' folders
+    were looked at when they opened (theirs may be on a hung mount; the cache's folder is
+    on a disk that answers)."""
+    if not stores:
+        return
+    mine = place_of(cache)
     for store in stores:
-        if holds(real, store) or holds(store, real):
+        if mine.overlaps(store):
             raise InvalidInputError(
-                f"the cache's folder {cache} and the store's folder {store} overlap: give "
-                f"the cache a folder of its own"
+                f"the cache's folder {cache} and the store's folder {store.path} overlap: "
+                f"give the cache a folder of its own"
             )
 
 
@@ -109,9 +113,10 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
                 f"DelegatingSourceStore), not {type(inner).__name__}"
             )
         folder = cache_folder(cache_dir)
-        check_apart(folder, inner.folders)
+        check_own_folder(folder, inner.folders)
         identity = inner.identity + (f"\0{inner.trust}" if inner.trust else "")
-        self.root = folder / sha256_hex(identity.encode())[:16]
+        # a path that is no UTF-8 (a folder named in other bytes) keys its own folder too
+        self.root = folder / sha256_hex(identity.encode("utf-8", "surrogateescape"))[:16]
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         flags = {"stale_ok": stale_ok, "patch_in_place": patch_in_place}
@@ -344,8 +349,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         """As the inner store's, handing it this cache's copy of the parent version, so
         that it can store changed chunks as deltas against it; this cache then knows
         what latest names."""
-        cache = Path(os.path.realpath(self.root.parent))
-        check_not_holding(checked_source(source_dir), cache, "the cache's folder")
+        cache = place_of(self.root.parent)
+        check_apart(checked_source(source_dir), cache, "the cache's folder", either_way=False)
         with self._moving(name, "latest"):
             info = self.inner.publish(
                 name, source_dir, expected=expected, message=message, metadata=metadata,
