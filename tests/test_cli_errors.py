@@ -221,7 +221,8 @@ def test_chroma_helpers_say_what_is_wrong(tmp_path: Path) -> None:
 
 def test_every_error_line_is_one_line(tmp_path: Path, run: Run) -> None:
     """A raw OSError the library did not wrap still reaches the user as one line (exit 1)."""
-    code, _, err = run("--store", str(tmp_path / "s"), "status", "db", str(tmp_path))
+    (tmp_path / "src").mkdir()
+    code, _, err = run("--store", str(tmp_path / "s"), "status", "db", str(tmp_path / "src"))
     assert code == 3  # the store does not exist: not found, not a traceback
     assert len(err.strip().splitlines()) == 1
 

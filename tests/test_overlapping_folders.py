@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -143,21 +144,27 @@ def test_a_folder_inside_the_store_is_refused(tmp_path: Path, run: Run) -> None:
     assert list(store.versions("db")) == []
 
 
-@pytest.fixture
-def bound(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """``data`` (with files) and ``view``, the same folder bound over another name."""
+@contextmanager
+def _bind(folder: Path, at: Path) -> Iterator[Path]:
+    """``folder`` bound over ``at`` (made): the same folder under another name."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         if os.environ.get("CI"):
             pytest.fail("bind mounts are required in CI (root and mount(8))")
         pytest.skip("bind mounts need root")
-    data = write_tree(tmp_path / "data", FILES)
-    view = tmp_path / "view"
-    view.mkdir()
-    subprocess.run(["mount", "--bind", str(data), str(view)], check=True)
+    at.mkdir()
+    subprocess.run(["mount", "--bind", str(folder), str(at)], check=True)
     try:
-        yield data, view
+        yield at
     finally:
-        subprocess.run(["umount", "-l", str(view)], check=True)
+        subprocess.run(["umount", "-l", str(at)], check=True)
+
+
+@pytest.fixture
+def bound(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """``data`` (with files) and ``view``, the same folder bound over another name."""
+    data = write_tree(tmp_path / "data", FILES)
+    with _bind(data, tmp_path / "view") as view:
+        yield data, view
 
 
 def test_a_bind_mount_does_not_hide_a_store_or_cache_inside(
@@ -174,3 +181,42 @@ def test_a_bind_mount_does_not_hide_a_store_or_cache_inside(
         CachedStore(RemoteStore(FileBackend(data / "s2")), view / "s2" / "cc")
     code, _, err = run("--store", str(view / "st"), "publish", "db", str(data))
     assert code == 2, err
+
+
+def test_a_store_folder_bound_elsewhere_is_found_inside_the_source(
+    tmp_path: Path, run: Run
+) -> None:
+    # the store is data/store, opened as s (a bind of that folder alone): its spelled path
+    # has other parents, but the walk of data meets the store's own folder
+    data = write_tree(tmp_path / "data", FILES)
+    (data / "store").mkdir()
+    with _bind(data / "store", tmp_path / "s") as s:
+        store = RemoteStore(FileBackend(s))
+        with pytest.raises(InvalidInputError, match="the store's folder is inside"):
+            store.publish("db", data)
+        code, _, err = run("--store", str(s), "publish", "db", str(data))
+        assert code == 2, err
+        assert list(store.versions("db")) == []
+
+
+def test_a_mirror_inside_the_source_is_refused(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", FILES)
+    mirror = RemoteStore(FileBackend(src / "mirror"))
+    truth = RemoteStore(FileBackend(tmp_path / "truth"))
+    both = FallbackStore([mirror, truth], mirror=True)
+    with pytest.raises(InvalidInputError, match="inside the folder being published"):
+        both.publish("db", src)
+    assert list(truth.versions("db")) == []
+
+
+def test_a_chroma_database_holding_the_store_is_refused(tmp_path: Path) -> None:
+    from chroma_helpers import build
+
+    from chroma_snapshots.chroma import publish_client
+
+    db = tmp_path / "db"
+    build(db, {"docs": 20})
+    store = RemoteStore(FileBackend(db / "store"))
+    with pytest.raises(InvalidInputError, match="inside the folder being published"):
+        publish_client(store, "db", db)
+    assert list(store.versions("db")) == []

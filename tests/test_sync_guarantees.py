@@ -123,3 +123,68 @@ def test_the_cli_sync_verifies_and_refuses_to_overwrite(
     code, _, err = run("sync", s, d)  # run again: it moves
     assert code == 0, err
     assert refs_of(dst, "db")["latest"] == v1
+
+
+def _two_names(tmp_path: Path) -> tuple[RemoteStore, RemoteStore, dict[str, list[str]]]:
+    """Three versions each of ``alpha`` and ``beta`` in the source, all synced to the
+    destination; every latest at the second version."""
+    src = RemoteStore(FileBackend(tmp_path / "src"), chunk_size=4096)
+    versions: dict[str, list[str]] = {}
+    for name in ("alpha", "beta"):
+        for i in range(3):
+            tree = write_tree(tmp_path / f"{name}{i}", {"a.bin": name.encode() * 3000 + bytes([i])})
+            versions.setdefault(name, []).append(src.publish(name, tree).version)
+        src.set_ref(name, "latest", versions[name][1], expected=ANY)
+    dst = RemoteStore(FileBackend(tmp_path / "dst"), chunk_size=4096)
+    for name, vs in versions.items():
+        for version in vs:
+            sync_version(src, dst, name, version, ref=None)
+        dst.set_ref(name, "latest", vs[1], expected=None)
+    return src, dst, versions
+
+
+def test_every_ref_is_read_before_anything_is_copied(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst, v = _two_names(tmp_path)
+    src.set_ref("beta", "latest", v["beta"][0], expected=ANY)  # the sync will want beta[0]
+    copy, moved = sync_module.sync_version, [False]
+
+    def another_writer_while_alpha_copies(*args: object, **kwargs: object) -> int:
+        if not moved[0]:
+            moved[0] = True
+            dst.set_ref("beta", "latest", v["beta"][2], expected=ANY)
+        return copy(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sync_module, "sync_version", another_writer_while_alpha_copies)
+    code, _, err = run("sync", str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert moved[0]
+    assert code == 4, err  # beta moved after the sync began (it read beta[1])
+    assert dst.refs("beta")["latest"] == v["beta"][2]  # not overwritten
+
+
+def test_verify_fails_before_any_ref_of_any_name_moves(tmp_path: Path, run: Run) -> None:
+    src, dst, v = _two_names(tmp_path)
+    src.set_ref("alpha", "latest", v["alpha"][2], expected=ANY)  # alpha's would move
+    beta = tmp_path / "dst" / "beta"
+    pack = next(p for p in beta.rglob("packs/**/*") if p.is_file())
+    pack.write_bytes(pack.read_bytes()[::-1])
+    code, _, err = run("sync", str(tmp_path / "src"), str(tmp_path / "dst"), "--verify")
+    assert code == 5, err
+    assert dst.refs("alpha")["latest"] == v["alpha"][1]  # alpha's ref did not move either
+
+
+def test_two_syncs_of_one_version_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst, (v1, _, _) = _stores(tmp_path)
+    check = sync_module.check_copy
+
+    def the_other_sync_moves_first(*args: object) -> None:
+        check(*args)  # type: ignore[arg-type]
+        other = RemoteStore(FileBackend(tmp_path / "dst"), chunk_size=4096)
+        other.set_ref("db", "latest", v1, expected=None)
+
+    monkeypatch.setattr(sync_module, "check_copy", the_other_sync_moves_first)
+    sync_version(src, dst, "db", v1, verify=True)  # no ConflictError: it names v1
+    assert dst.refs("db")["latest"] == v1

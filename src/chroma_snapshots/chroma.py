@@ -29,6 +29,7 @@ import chromadb
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 
+from chroma_snapshots.engine.apart import published_from
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.localfs import copy_tree
@@ -333,9 +334,10 @@ def publish_client(
         if report is not None:
             chroma_meta["collections"] = dict(report.collections)
         meta = {**(metadata or {}), "chroma": chroma_meta}
-        return store.publish(
-            name, copy, expected=expected, message=message, metadata=meta, deadline=dl
-        )  # fmt: skip
+        with published_from(path):  # the folder copied is checked as the source too
+            return store.publish(
+                name, copy, expected=expected, message=message, metadata=meta, deadline=dl
+            )  # fmt: skip
 
 
 def _check_store(store: object) -> None:

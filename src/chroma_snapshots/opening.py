@@ -165,14 +165,15 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     ``file://`` URL) are looked at here; an ``efs://`` store's folder is never made by
     opening it, its mount may hang, and the publish checks it through its guard."""
     from chroma_snapshots.backends.registry_factories import local_path
-    from chroma_snapshots.engine.apart import place_of
+    from chroma_snapshots.engine.apart import KeptOut, place_of, store_folder
     from chroma_snapshots.stores.upload import check_apart, checked_source
 
     directory = checked_source(directory)
-    for url in (cfg.url, cfg.fallback_url):
-        if url and ("://" not in url or urlsplit(url).scheme.lower() == "file"):
-            store = place_of(local_path(url))
-            check_apart(directory, store, "the store's folder", either_way=True)
+    folders = [
+        store_folder(place_of(local_path(url)))
+        for url in (cfg.url, cfg.fallback_url)
+        if url and ("://" not in url or urlsplit(url).scheme.lower() == "file")
+    ]
     if cfg.cache_dir:
-        cache = place_of(cfg.cache_dir)
-        check_apart(directory, cache, "the cache's folder", either_way=False)
+        folders.append(KeptOut(place_of(cfg.cache_dir), "the cache's folder", both_ways=False))
+    check_apart(directory, folders)

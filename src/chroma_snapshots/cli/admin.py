@@ -205,12 +205,13 @@ def register(cli: click.Group) -> None:
         as_json: bool,
     ) -> None:
         from chroma_snapshots.opening import remote_for
-        from chroma_snapshots.ops.sync import sync_version
+        from chroma_snapshots.ops.sync import move_ref, sync_version
 
         # both ends get the environment's keys, timeouts and endpoint; only DST may be new
         s = remote_for(config_of(ctx, src), src, create=False)
         d = remote_for(config_of(ctx, dst), dst, create=True)
         copied: dict[str, int] = {}
+        plans = []
         for name in names or tuple(s.names()):
             refs = s.refs(name)
             if not refs and names and not has_snapshot(s, name):
@@ -220,12 +221,16 @@ def register(cli: click.Group) -> None:
                 if all_versions
                 else sorted(set(refs.values()))
             )
-            before = d.refs(name)  # each ref moves by compare-and-swap against this
+            plans.append((name, refs, wanted))
+        # every ref moves by compare-and-swap against what it named when the sync began,
+        # and only once every version (of every name) is copied and, with --verify, checked
+        before = {name: d.refs(name) for name, _, _ in plans}
+        for name, _, wanted in plans:
             for version in wanted:
                 copied[f"{name}/{version}"] = sync_version(
                     s, d, name, version, ref=None, verify=verify
                 )
+        for name, refs, _ in plans:
             for ref, version in refs.items():
-                if before.get(ref) != version:
-                    d.set_ref(name, ref, version, expected=before.get(ref))
+                move_ref(d, name, ref, version, before[name].get(ref), None)
         emit(copied, as_json, "\n".join(f"{k}: {human_bytes(v)} copied" for k, v in copied.items()))

@@ -10,6 +10,9 @@ another when its own pair is among the other's.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
@@ -54,3 +57,56 @@ def place_of(path: str | os.PathLike[str]) -> Place:
         if parent == here:
             return Place(real, own, frozenset(chain))
         here = parent
+
+
+@dataclass(frozen=True)
+class KeptOut:
+    """A folder a publish must not read: ``what`` names it in the error; ``both_ways``:
+    a source inside it is refused too (a store's folder; a cache's may hold a checkout
+    that is published again)."""
+
+    place: Place
+    what: str
+    both_ways: bool
+
+
+def store_folder(place: Place) -> KeptOut:
+    """A store's folder, to keep out of a publish's source (and the source out of it)."""
+    return KeptOut(place, "the store's folder", both_ways=True)
+
+
+# Set by each layer a publish passes through (a cache, a fallback, a store), read where the
+# source is checked and walked: a layer cannot hand the next one an argument it lacks.
+_KEPT_OUT: ContextVar[tuple[KeptOut, ...]] = ContextVar("kept_out", default=())
+_ALSO_SOURCE: ContextVar[tuple[str, ...]] = ContextVar("also_source", default=())
+
+
+@contextmanager
+def keep_out(folders: Iterable[KeptOut]) -> Iterator[None]:
+    """Within the block, a publish refuses a source that overlaps one of ``folders``."""
+    token = _KEPT_OUT.set(_KEPT_OUT.get() + tuple(folders))
+    try:
+        yield
+    finally:
+        _KEPT_OUT.reset(token)
+
+
+@contextmanager
+def published_from(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, a publish of a copy is checked as a publish of ``path`` too (a
+    chroma database copied to a temporary folder first)."""
+    token = _ALSO_SOURCE.set((*_ALSO_SOURCE.get(), os.fspath(path)))
+    try:
+        yield
+    finally:
+        _ALSO_SOURCE.reset(token)
+
+
+def kept_out() -> tuple[KeptOut, ...]:
+    """The folders the publish under way must keep out of its source."""
+    return _KEPT_OUT.get()
+
+
+def also_source() -> tuple[str, ...]:
+    """The folders the source under way was copied from."""
+    return _ALSO_SOURCE.get()

@@ -13,7 +13,7 @@ import threading
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from operator import attrgetter
 from pathlib import Path
@@ -58,8 +58,13 @@ class SourceFile(NamedTuple):
         return Path(self.path)
 
 
-def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
+def scan_source(
+    root: str | Path, avoid: Mapping[tuple[int, int], str] | None = None
+) -> tuple[list[SourceFile], list[str]]:
     """Regular files (sorted by path) and empty directories below ``root``.
+
+    A folder whose (device, inode) is in ``avoid`` (a store's or a cache's: engine/apart.py)
+    is refused with InvalidInputError naming it, however it is reached (a bind mount).
 
     Symlinks, devices, sockets, names that could not round-trip safely and trees deeper
     than ``MAX_PATH_DEPTH`` are refused with InvalidInputError: a snapshot must mean the
@@ -97,6 +102,11 @@ def scan_source(root: str | Path) -> tuple[list[SourceFile], list[str]]:
                 times, stamp = (st.st_mtime_ns, st.st_ctime_ns), stamp_of(st, scanned_ns)
                 files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, times, stamp))
             elif stat.S_ISDIR(kind):
+                if avoid and (st.st_dev, st.st_ino) in avoid:
+                    raise InvalidInputError(
+                        f"{avoid[st.st_dev, st.st_ino]} is inside the folder being published, "
+                        f"at {entry.path}: publish a folder that does not hold it"
+                    )
                 todo.append((entry.path, rel, depth + 1))
             elif stat.S_ISLNK(kind):
                 raise InvalidInputError(f"{entry.path}: symlinks are not supported in snapshots")

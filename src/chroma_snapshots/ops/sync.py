@@ -78,9 +78,24 @@ def sync_version(
             d_io.put(mkey, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
         if verify:
             check_copy(dst, name, version, dl)
-        if ref is not None and before != version:
-            dst.set_ref(name, ref, version, expected=before, deadline=dl)
+        if ref is not None:
+            move_ref(dst, name, ref, version, before, dl)
     return copied
+
+
+def move_ref(
+    dst: BackedStore, name: str, ref: str, version: str, before: str | None, dl: DeadlineLike
+) -> None:
+    """Point ``dst``'s ``ref`` at ``version`` by compare-and-swap against ``before`` (what
+    it named when the sync began): ConflictError if another writer moved it meanwhile,
+    unless to ``version`` itself (another sync of the same version got there first)."""
+    if before == version:
+        return
+    try:
+        dst.set_ref(name, ref, version, expected=before, deadline=dl)
+    except ConflictError:
+        if dst.refs(name, deadline=dl).get(ref) != version:
+            raise
 
 
 def check_copy(dst: BackedStore, name: str, version: str, dl: Deadline) -> None:

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+from chroma_snapshots.engine.apart import keep_out, store_folder
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -270,17 +271,18 @@ class FallbackStore(SourceStore):
         parent_dir: ParentDir = None,
     ) -> SnapshotInfo:
         dl = as_deadline(deadline, self.default_timeout)
-        info = self.primary.publish(
-            name,
-            source_dir,
-            expected=expected,
-            message=message,
-            metadata=metadata,
-            deadline=dl,
-            progress=progress,
-            allow_empty=allow_empty,
-            parent_dir=parent_dir,
-        )
+        with keep_out(store_folder(f) for f in self.folders):  # a mirror's too
+            info = self.primary.publish(
+                name,
+                source_dir,
+                expected=expected,
+                message=message,
+                metadata=metadata,
+                deadline=dl,
+                progress=progress,
+                allow_empty=allow_empty,
+                parent_dir=parent_dir,
+            )
         self._mirror(name, info.version, dl)
         return info
 

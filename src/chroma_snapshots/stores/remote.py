@@ -18,6 +18,7 @@ import zstandard
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
+from chroma_snapshots.engine.apart import store_folder
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -224,13 +225,14 @@ class RemoteStore(RemoteListing, SourceStore):
         metadata = checked_metadata(metadata)
         message = checked_message(message)
         source_dir = checked_source(source_dir)
-        check_apart(source_dir, self.backend.folder(), "the store's folder", either_way=True)
+        here = self.backend.folder()
+        avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
         check_parent_dir(parent_dir)
         check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle
-            files, dirs = scan_source(source_dir)
+            files, dirs = scan_source(source_dir, avoid)
         check_source(
             [f.relpath for f in files], list(dirs), [f.size for f in files], self.chunk_size
         )

@@ -16,7 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
-from chroma_snapshots.engine.apart import Place, place_of
+from chroma_snapshots.engine.apart import Ident, KeptOut, also_source, kept_out, place_of
 from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
@@ -341,26 +341,29 @@ def checked_source(source_dir: str | Path) -> str | Path:
     return source_dir
 
 
-def check_apart(source_dir: str | Path, folder: Place | None, what: str, *,
-                either_way: bool) -> None:  # fmt: skip
-    """InvalidInputError if ``folder`` (a store's or a cache's) is ``source_dir`` or lies
-    below it, or (``either_way``) holds it: each publish would copy that folder's contents,
-    earlier versions included, into the new version, and read files its own clean-ups
-    remove. Folders are compared as the kernel knows them (engine/apart.py: links and
-    bind mounts alike)."""
-    if folder is None:
-        return
-    source = place_of(source_dir)
-    if source.holds(folder):
-        raise InvalidInputError(
-            f"{what} {folder.path} is inside the folder being published ({source.path}): "
-            f"publish a folder that does not hold it"
-        )
-    if either_way and folder.holds(source):
-        raise InvalidInputError(
-            f"the folder being published ({source.path}) is inside {what} {folder.path}: "
-            f"publish a folder outside it"
-        )
+def check_apart(source_dir: str | Path, extra: Sequence[KeptOut] = ()) -> dict[Ident, str]:
+    """InvalidInputError if the source (or a folder it was copied from, apart.published_from)
+    is or holds a folder the publish must keep out (``extra`` and apart.kept_out: the
+    store's, a mirror's, the cache's), or lies inside a store's: each publish would copy
+    that folder's contents, earlier versions included, into the new version, and read files
+    its own clean-ups remove. Folders are compared as the kernel knows them (engine/apart.py).
+    Returns the kept-out folders' own (device, inode) for the walk of the source to refuse
+    (one bound below the source under another name is found only there)."""
+    folders = (*kept_out(), *extra)
+    for path in (os.fspath(source_dir), *also_source()):
+        source = place_of(path)
+        for k in folders:
+            if source.holds(k.place):
+                raise InvalidInputError(
+                    f"{k.what} {k.place.path} is inside the folder being published "
+                    f"({source.path}): publish a folder that does not hold it"
+                )
+            if k.both_ways and k.place.holds(source):
+                raise InvalidInputError(
+                    f"the folder being published ({source.path}) is inside {k.what} "
+                    f"{k.place.path}: publish a folder outside it"
+                )
+    return {k.place.own: k.what for k in folders if k.place.own is not None}
 
 
 def same_tree(parent: Manifest, entries: Sequence[FileEntry], dirs: Sequence[str]) -> bool:

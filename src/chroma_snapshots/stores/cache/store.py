@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.backends.registry_factories import expand_home
-from chroma_snapshots.engine.apart import Place, place_of
+from chroma_snapshots.engine.apart import KeptOut, Place, keep_out, place_of
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
@@ -52,7 +52,6 @@ from chroma_snapshots.stores.cache.repair import find_damage
 from chroma_snapshots.stores.cache.room import claim
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
-from chroma_snapshots.stores.upload import check_apart, checked_source
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
@@ -349,9 +348,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         """As the inner store's, handing it this cache's copy of the parent version, so
         that it can store changed chunks as deltas against it; this cache then knows
         what latest names."""
-        cache = place_of(self.root.parent)
-        check_apart(checked_source(source_dir), cache, "the cache's folder", either_way=False)
-        with self._moving(name, "latest"):
+        mine = KeptOut(place_of(self.root.parent), "the cache's folder", both_ways=False)
+        with keep_out([mine]), self._moving(name, "latest"):
             info = self.inner.publish(
                 name, source_dir, expected=expected, message=message, metadata=metadata,
                 deadline=deadline, progress=progress, parent_dir=partial(self._cached_tree, name),
