@@ -110,9 +110,9 @@ def test_the_collector_is_paused_while_a_publish_lists_files_and_back_on_after(
     seen: list[bool] = []
     scan: Callable[..., object] = scan_source
 
-    def spy(root: str | Path) -> object:
+    def spy(root: str | Path, *more: object) -> object:
         seen.append(gc.isenabled())
-        return scan(root)
+        return scan(root, *more)
 
     monkeypatch.setattr(remote, "scan_source", spy)
     store = RemoteStore(open_backend(f"memory://gc-{uuid.uuid4().hex}"))

@@ -36,8 +36,8 @@ def test_a_file_that_changes_size_after_the_scan_is_refused(
     (src / "keep").write_bytes(b"K" * 5000)  # a change: the next publish makes a version
     scan: Callable[..., object] = scan_source
 
-    def scan_then_write(root: Path) -> object:
-        found = scan(root)
+    def scan_then_write(root: Path, *more: object) -> object:
+        found = scan(root, *more)
         (src / "wal").write_bytes(os.urandom(after))  # right after the scan saw its size
         return found
 
@@ -71,8 +71,8 @@ def test_a_file_swapped_after_the_scan_is_refused_at_once(
     store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
     scan: Callable[..., object] = scan_source
 
-    def scan_then_swap(root: Path) -> object:
-        found = scan(root)
+    def scan_then_swap(root: Path, *more: object) -> object:
+        found = scan(root, *more)
         _swap(src / "wal", kind, outside)
         return found
 
@@ -94,8 +94,8 @@ def test_a_folder_swapped_for_a_link_after_the_scan_is_refused(
     store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
     scan: Callable[..., object] = scan_source
 
-    def scan_then_swap(root: Path) -> object:
-        found = scan(root)
+    def scan_then_swap(root: Path, *more: object) -> object:
+        found = scan(root, *more)
         (src / "sub").rename(tmp_path / "moved")
         (src / "sub").symlink_to(outside)
         return found
@@ -169,8 +169,8 @@ def test_a_same_size_rewrite_after_the_scan_is_refused(
     store = RemoteStore(FileBackend(tmp_path / "store"), chunk_size=CS)
     scan: Callable[..., object] = scan_source
 
-    def scan_then_rewrite(root: Path) -> object:
-        found = scan(root)
+    def scan_then_rewrite(root: Path, *more: object) -> object:
+        found = scan(root, *more)
         with open(src / "db", "r+b") as f:
             f.write(b"B" * size)
         return found
