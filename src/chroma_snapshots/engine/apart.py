@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,24 +84,23 @@ _ALSO_SOURCE: ContextVar[tuple[str, ...]] = ContextVar("also_source", default=()
 
 
 @contextmanager
-def keep_out(folders: Iterable[KeptOut]) -> Iterator[None]:
-    """Within the block, a publish refuses a source that overlaps one of ``folders``."""
-    token = _KEPT_OUT.set(_KEPT_OUT.get() + tuple(folders))
+def _extended(var: ContextVar[tuple[T, ...]], items: Iterable[T]) -> Iterator[None]:
+    token = var.set(var.get() + tuple(items))
     try:
         yield
     finally:
-        _KEPT_OUT.reset(token)
+        var.reset(token)
 
 
-@contextmanager
-def published_from(path: str | os.PathLike[str]) -> Iterator[None]:
+def keep_out(folders: Iterable[KeptOut]) -> AbstractContextManager[None]:
+    """Within the block, a publish refuses a source that overlaps one of ``folders``."""
+    return _extended(_KEPT_OUT, folders)
+
+
+def published_from(path: str | os.PathLike[str]) -> AbstractContextManager[None]:
     """Within the block, a publish of a copy is checked as a publish of ``path`` too (a
     chroma database copied to a temporary folder first)."""
-    token = _ALSO_SOURCE.set((*_ALSO_SOURCE.get(), os.fspath(path)))
-    try:
-        yield
-    finally:
-        _ALSO_SOURCE.reset(token)
+    return _extended(_ALSO_SOURCE, [os.fspath(path)])
 
 
 def kept_out() -> tuple[KeptOut, ...]:
