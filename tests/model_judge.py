@@ -16,7 +16,7 @@ from itertools import combinations, permutations
 from model_support import Killed, Outcome
 
 from chroma_snapshots import ANY, LATEST, RemoteStore
-from chroma_snapshots.engine.validation import short_id
+from chroma_snapshots.engine.chunkids import short_id
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,

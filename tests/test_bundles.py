@@ -61,7 +61,7 @@ def test_small_files_share_chunks_and_read_back(tmp_path: Path) -> None:
     assert len(m.chunks) < 300  # bundles of about 256 bytes: 2-3 files each
     assert {f.path for f in m.files if not is_slice(f, m.chunks)} >= {"big.bin", "mid.bin"}
     assert all(not f.chunks for f in m.files if f.size == 0)
-    assert b'"layout":3' in manifest_v2.decompress(manifest_v2.dumps(m))  # short ids too
+    assert b'"layout":4' in manifest_v2.decompress(manifest_v2.dumps(m))  # BLAKE3 ids too
     assert read_tree(store.checkout("db", v, tmp_path / "out").path) == files
     assert store.verify("db", v).ok
 
@@ -78,7 +78,7 @@ def test_format_1_and_trees_without_small_files_hold_no_slices(tmp_path: Path) -
     v = big.publish("db", write_tree(tmp_path / "big", {"a": os.urandom(3 * CS)})).version
     m = _manifest(big, v)
     assert not any(is_slice(f, m.chunks) for f in m.files)
-    assert all(len(h) == 56 for h in m.chunks)  # format 2 ids: short (layout 3)
+    assert all(len(h) == 60 for h in m.chunks)  # format 2 ids: BLAKE3 (layout 4)
 
 
 def _new_chunks(store: RemoteStore, before: str, after: str) -> set[str]:
@@ -157,9 +157,11 @@ def _reading_threads(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:
     seen: set[threading.Thread] = set()
     real = bundles.read_bundles
 
-    def spy(groups: Sequence[Sequence[SourceFile]]) -> list[tuple[bytes, str]]:
+    def spy(
+        groups: Sequence[Sequence[SourceFile]], digest: Callable[[bytes], str]
+    ) -> list[tuple[bytes, str]]:
         seen.add(threading.current_thread())
-        return real(groups)
+        return real(groups, digest)
 
     monkeypatch.setattr(bundles, "read_bundles", spy)
     return seen

@@ -389,7 +389,7 @@ def test_lengths_wider_than_a_chunk_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "header", [{"layout": 4}, {"layout": 0}, {"layout": True}, {"layout": "1"}, {"layout": None}]
+    "header", [{"layout": 5}, {"layout": 0}, {"layout": True}, {"layout": "1"}, {"layout": None}]
 )
 def test_an_unknown_layout_is_refused(header: dict[str, object]) -> None:
     with pytest.raises(IntegrityError, match="layout"):

@@ -84,6 +84,10 @@ def test_batched_reads_give_each_files_chunks_in_order(
     ]
     with WorkerPool(3) as pool:
         for use in (None, pool):
-            got = list(hashed_chunks(files, 100, lambda cs: [sha256_hex(c) for c in cs], use))
+            got = list(hashed_chunks(files, 100, _sha256_all, sha256_hex, use))
             assert [(i, raw) for i, raw, _ in got] == expected
             assert all(sha256_hex(raw) == h for _, raw, h in got)
+
+
+def _sha256_all(chunks: list[bytes]) -> list[str]:
+    return [*map(sha256_hex, chunks)]

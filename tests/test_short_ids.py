@@ -1,5 +1,5 @@
 """Format 2 layout 3: chunks named by the first 224 bits of their sha256 (56 hex digits), 4
-bytes a chunk less. Older stores keep their full ids; a store moving from one to the other
+bytes a chunk less (``chunk_hash="sha256"``, and every store whose versions are so named). Older stores keep their full ids; a store moving from one to the other
 re-uploads nothing, makes no new version of an unchanged folder, and a cache reuses what
 it holds; a byte that does not hash to its short id is refused like any other."""
 
@@ -38,18 +38,21 @@ def _tree(root: Path) -> Path:
 
 def test_format_2_names_chunks_by_short_ids_and_format_1_by_full_ones(tmp_path: Path) -> None:
     src = _tree(tmp_path / "src")
-    for fmt, width in ((2, 56), (1, 64)):
+    for fmt, chunk_hash, width in ((2, "sha256", 56), (2, None, 60), (1, None, 64)):
         store = RemoteStore(open_backend(f"memory://s-{uuid.uuid4().hex}"), chunk_size=CS,
-                            manifest_format=fmt)  # fmt: skip
+                            manifest_format=fmt, chunk_hash=chunk_hash)  # fmt: skip
         v = store.publish("db", src).version
         m = store.load_manifest("db", v)
         assert {len(h) for h in m.chunks} == {width}
-        assert read_tree(store.checkout("db", v, tmp_path / f"out{fmt}").path) == read_tree(src)
+        out = tmp_path / f"out{width}"
+        assert read_tree(store.checkout("db", v, out).path) == read_tree(src)
         assert store.verify("db", v).ok
 
 
 def test_short_ids_take_4_bytes_a_chunk_less(tmp_path: Path) -> None:
-    store = RemoteStore(open_backend(f"memory://s-{uuid.uuid4().hex}"), chunk_size=CS)
+    store = RemoteStore(
+        open_backend(f"memory://s-{uuid.uuid4().hex}"), chunk_size=CS, chunk_hash="sha256"
+    )
     v = store.publish("db", write_tree(tmp_path / "src", {"a": os.urandom(400 * CS)})).version
     short = store.load_manifest("db", v)
     full_ids = {h: h + os.urandom(4).hex() for h in short.chunks}  # as random as sha256
@@ -64,7 +67,9 @@ def test_short_ids_take_4_bytes_a_chunk_less(tmp_path: Path) -> None:
 
 
 def test_mixed_id_lengths_cannot_be_encoded(tmp_path: Path) -> None:
-    store = RemoteStore(open_backend(f"memory://s-{uuid.uuid4().hex}"), chunk_size=CS)
+    store = RemoteStore(
+        open_backend(f"memory://s-{uuid.uuid4().hex}"), chunk_size=CS, chunk_hash="sha256"
+    )
     v = store.publish("db", write_tree(tmp_path / "src", {"a": os.urandom(3 * CS)})).version
     m = store.load_manifest("db", v)
     h = next(iter(m.chunks))
@@ -79,13 +84,13 @@ def test_mixed_id_lengths_cannot_be_encoded(tmp_path: Path) -> None:
             replace(f, chunks=tuple(long if x == h else x for x in f.chunks)) for f in m.files
         ),
     )
-    with pytest.raises(InvalidInputError, match="all be short or all be full"):
+    with pytest.raises(InvalidInputError, match="all be of one hash and length"):
         manifest_v2.encode(mixed)
 
 
 def test_a_byte_that_misses_its_short_id_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "store"
-    store = RemoteStore(FileBackend(str(root)), chunk_size=CS)
+    store = RemoteStore(FileBackend(str(root)), chunk_size=CS, chunk_hash="sha256")
     v = store.publish("db", write_tree(tmp_path / "src", {"a": os.urandom(2 * CS)})).version
     (pack,) = [p for p in (root / "db" / "packs").rglob("*") if p.is_file()]
     data = bytearray(pack.read_bytes())

@@ -40,6 +40,8 @@ ENV_STALE_OK = "CHROMA_SNAPSHOTS_STALE_OK"
 ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
+ENV_CHUNK_HASH = "CHROMA_SNAPSHOTS_CHUNK_HASH"
+_HASHES = ("blake3", "sha256")
 _MODES = ("s3", "efs", "auto")
 # One rule for each kind of setting, whether it comes as a variable's text, a CLI flag or a
 # StoreConfig field built in code; the errors name where it came from.
@@ -76,6 +78,8 @@ class StoreConfig:
     offline: bool = False
     # Publish: trust the folder's stamp index for unchanged files (False: re-read them all).
     trust_stamps: bool = True
+    # Publish: name new chunks by this hash (None: the parent's; BLAKE3 for a first version).
+    chunk_hash: str | None = None
 
     def __post_init__(self) -> None:
         check_store_url(self.url)
@@ -112,6 +116,7 @@ class StoreConfig:
             refresh_seconds=_refresh(env),
             offline=_flag(env, ENV_OFFLINE),
             trust_stamps=_flag(env, ENV_TRUST_STAMPS, default=True),
+            chunk_hash=_chunk_hash(env),
         )
 
 
@@ -131,6 +136,10 @@ def _check_fields(cfg: StoreConfig) -> None:
             raise ConfigError(f"StoreConfig {name}={shown(value)} must be True or False")
     if cfg.cache_dir is not None:
         check_cache_dir(cfg.cache_dir, "StoreConfig cache_dir")
+    if cfg.chunk_hash is not None and cfg.chunk_hash not in _HASHES:
+        raise ConfigError(
+            f"StoreConfig chunk_hash={shown(cfg.chunk_hash)} must be blake3 or sha256"
+        )
 
 
 def _is_seconds(value: object) -> bool:
@@ -229,6 +238,13 @@ def _number(raw: str) -> float | None:
         return float(raw) if raw.isascii() else None
     except ValueError:
         return None
+
+
+def _chunk_hash(env: Mapping[str, str]) -> str | None:
+    raw = env.get(ENV_CHUNK_HASH, "").strip().lower()
+    if raw and raw not in _HASHES:
+        raise ConfigError(f"{ENV_CHUNK_HASH}={shown(raw)} must be blake3 or sha256")
+    return raw or None
 
 
 def _refresh(env: Mapping[str, str]) -> float | None:

@@ -80,6 +80,7 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         identity=identity,
         trust_stamps=cfg.trust_stamps,
         default_timeout=cfg.timeout,
+        chunk_hash=cfg.chunk_hash,
     )
 
 

@@ -14,8 +14,8 @@ from chroma_snapshots.cli.names import (
     no_snapshot,
     resolve_ref,
 )
+from chroma_snapshots.engine.chunkids import short_id
 from chroma_snapshots.engine.models import Manifest, file_key
-from chroma_snapshots.engine.validation import short_id
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
 

@@ -12,9 +12,9 @@ import click
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
+from chroma_snapshots.engine.chunkids import publish_scheme
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
 from chroma_snapshots.engine.models import MANIFEST_FORMAT
-from chroma_snapshots.engine.validation import sha256_hex, short_id
 from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
@@ -62,18 +62,23 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     chunk_size = getattr(store, "chunk_size", None) or (
         manifest.chunk_size if manifest else DEFAULT_CHUNK_SIZE
     )
-    known = {short_id(h) for h in manifest.chunks} if manifest else set()
+    bundle = getattr(store, "manifest_format", MANIFEST_FORMAT) >= 2
+    fmt = MANIFEST_FORMAT if bundle else 1
+    ids = publish_scheme(
+        getattr(store, "chunk_hash", None), fmt, manifest.chunks if manifest else ()
+    )
+    key = ids.key
+    known = {key(h) for h in manifest.chunks if ids.owns(h)} if manifest else set()
     old = {f.path: f for f in manifest.files} if manifest else {}
     new: dict[str, int] = {}
     added, changed, reused = [], [], 0
     # the chunks (and starts in them) publish would give each file: bundles as it cuts them
     placed: dict[str, tuple[list[str], int]] = {}
     chunks: list[tuple[str, int]] = []
-    bundle = getattr(store, "manifest_format", MANIFEST_FORMAT) >= 2
     small = [f for f in files if bundle and 0 < f.size <= small_limit(chunk_size)]
     for group in cut([(f.relpath, f.size) for f in small], chunk_size):
         members = [small[k] for k in group]
-        ((raw, digest),) = read_bundles([members])
+        ((raw, digest),) = read_bundles([members], ids.digest)
         chunks.append((digest, len(raw)))
         pos = 0
         for f in members:
@@ -82,10 +87,10 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     for f in files:
         if f.relpath not in placed:
             raws = list(read_chunks(f.path, chunk_size, f))
-            placed[f.relpath] = ([sha256_hex(raw) for raw in raws], 0)
+            placed[f.relpath] = ([ids.digest(raw) for raw in raws], 0)
             chunks += [(h, len(raw)) for h, raw in zip(placed[f.relpath][0], raws, strict=True)]
     for digest, size in chunks:
-        if short_id(digest) in known:
+        if key(digest) in known:
             reused += size
         else:
             new[digest] = size
@@ -94,8 +99,8 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
         before = old.get(f.relpath)
         if before is None:
             added.append(f.relpath)
-        elif (tuple(map(short_id, before.chunks)), before.at) != (
-            tuple(map(short_id, hashes)),
+        elif (tuple(map(key, before.chunks)), before.at) != (
+            tuple(map(key, hashes)),
             at,
         ) or before.mode != f.mode:
             changed.append(f.relpath)

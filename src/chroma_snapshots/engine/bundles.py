@@ -33,7 +33,6 @@ from chroma_snapshots.engine.chunking import (
 )
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
-from chroma_snapshots.engine.validation import sha256_hex
 from chroma_snapshots.errors import InvalidInputError
 
 # A file of at most chunk_size / 64 bytes (1 KiB at the default 64 KiB) is bundled, and
@@ -127,24 +126,30 @@ def read_exact(f: SourceFile, folders: SourceFolders) -> bytes:
     return data
 
 
-def read_bundles(groups: Sequence[Sequence[SourceFile]]) -> list[tuple[bytes, str]]:
-    """The bytes and sha256 of each bundle of member files (on a pool thread: the reads and
-    the hash release the GIL)."""
+def read_bundles(
+    groups: Sequence[Sequence[SourceFile]], digest: Callable[[bytes], str]
+) -> list[tuple[bytes, str]]:
+    """The bytes and ``digest`` of each bundle of member files (on a pool thread: the reads
+    and the hash release the GIL)."""
     out = []
     folders = SourceFolders()
     try:
         for group in groups:
             raw = b"".join([read_exact(f, folders) for f in group])
-            out.append((raw, sha256_hex(raw)))
+            out.append((raw, digest(raw)))
     finally:
         folders.close()
     return out
 
 
 def read_all(
-    groups: Sequence[list[int]], files: Sequence[SourceFile], pool: Executor, dl: Deadline
+    groups: Sequence[list[int]],
+    files: Sequence[SourceFile],
+    digest: Callable[[bytes], str],
+    pool: Executor,
+    dl: Deadline,
 ) -> Iterator[tuple[list[int], bytes, str]]:
-    """(group, bytes, sha256) of each bundle of ``groups`` (positions in ``files``). Read
+    """(group, bytes, ``digest``) of each bundle of ``groups`` (positions in ``files``). Read
     here while that is fast (a file in the page cache: 100,000 files took 0.3 s here
     against 1.5 s of pool threads handing the GIL back and forth); once reads are slow on
     average (a network file system, where each open waits on the server), the rest is
@@ -155,15 +160,19 @@ def read_all(
         batch = groups[k : k + _BUNDLES_PER_TASK]
         k += len(batch)
         t = time.perf_counter_ns()
-        got = read_bundles([[files[i] for i in g] for g in batch])
+        got = read_bundles([[files[i] for i in g] for g in batch], digest)
         spent += time.perf_counter_ns() - t
         read += sum(map(len, batch))
         yield from ((g, raw, digest) for g, (raw, digest) in zip(batch, got, strict=True))
-    yield from _read_on(pool, groups[k:], files, dl)
+    yield from _read_on(pool, groups[k:], files, digest, dl)
 
 
 def _read_on(
-    pool: Executor, groups: Sequence[list[int]], files: Sequence[SourceFile], dl: Deadline
+    pool: Executor,
+    groups: Sequence[list[int]],
+    files: Sequence[SourceFile],
+    digest: Callable[[bytes], str],
+    dl: Deadline,
 ) -> Iterator[tuple[list[int], bytes, str]]:
     """As :func:`read_all`, read and hashed on ``pool`` a few batches ahead (a task per
     bundle cost more than the reading)."""
@@ -171,7 +180,7 @@ def _read_on(
     for k in range(0, len(groups), _BUNDLES_PER_TASK):
         batch = groups[k : k + _BUNDLES_PER_TASK]
         members = [[files[i] for i in g] for g in batch]
-        ahead.append((batch, pool.submit(read_bundles, members)))
+        ahead.append((batch, pool.submit(read_bundles, members, digest)))
         while len(ahead) > _BUNDLES_AHEAD or (ahead and k + _BUNDLES_PER_TASK >= len(groups)):
             batch, job = ahead.popleft()
             got = wait_all([job], dl, "reading small files")[0]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import zstandard
 
 from chroma_snapshots.engine.beneath import READ_FLAGS
+from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.packing import DEFAULT_PACK_TARGET as DEFAULT_PACK_TARGET
@@ -33,8 +34,6 @@ from chroma_snapshots.engine.validation import (
     MAX_PATH_BYTES,
     MAX_PATH_DEPTH,
     check_relpath,
-    chunk_ok,
-    sha256_hex,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 
@@ -293,25 +292,28 @@ def read_full(fd: int, n: int) -> bytes:
     return block
 
 
-def _read_small(files: Sequence[SourceFile], chunk_size: int) -> list[list[tuple[bytes, str]]]:
-    """Each file's (chunk, sha256 hex) pairs: for a batch of small files, on a pool
-    thread (open, read and close release the GIL)."""
-    return [[(raw, sha256_hex(raw)) for raw in read_chunks(f.path, chunk_size, f)] for f in files]
+def _read_small(
+    files: Sequence[SourceFile], chunk_size: int, digest: Callable[[bytes], str]
+) -> list[list[tuple[bytes, str]]]:
+    """Each file's (chunk, hash) pairs: for a batch of small files, on a pool thread (open,
+    read and close release the GIL)."""
+    return [[(raw, digest(raw)) for raw in read_chunks(f.path, chunk_size, f)] for f in files]
 
 
 def hashed_chunks(
     files: Sequence[SourceFile],
     chunk_size: int,
     hash_many: Callable[[list[bytes]], list[str]],
+    digest: Callable[[bytes], str],
     pool: Executor | None = None,
     deadline: Deadline | None = None,
 ) -> Iterator[tuple[int, bytes, str]]:
-    """(index in ``files``, chunk, sha256 hex) for each chunk of each file in order, each
+    """(index in ``files``, chunk, hash) for each chunk of each file in order, each
     checked to be unchanged since the scan once read (:func:`check_unchanged`). Small
     files (one chunk) are read and hashed in batches on ``pool``, a few batches ahead;
     larger ones here, ``_HASH_BATCH`` chunks at a time hashed by ``hash_many`` (which may
-    spread them over threads: hashlib releases the GIL). One hand-off per file cost
-    100,000 of them for 100,000 files."""
+    spread them over threads: the hashes release the GIL); small ones by ``digest``. One
+    hand-off per file cost 100,000 of them for 100,000 files."""
     ahead: deque[tuple[list[int], Future[list[list[tuple[bytes, str]]]]]] = deque()
 
     def drain(keep: int) -> Iterator[tuple[int, bytes, str]]:
@@ -326,7 +328,9 @@ def hashed_chunks(
 
     def submit() -> None:
         assert pool is not None
-        ahead.append((group, pool.submit(_read_small, [files[j] for j in group], chunk_size)))
+        ahead.append(
+            (group, pool.submit(_read_small, [files[j] for j in group], chunk_size, digest))
+        )
 
     for i, f in enumerate(files):
         if pool is not None and f.size <= chunk_size:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import zstandard
 
+from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.models import DELTA_CODEC, Chunk, is_link_key
-from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE, chunk_ok
+from chroma_snapshots.engine.validation import MAX_CHUNK_SIZE
 from chroma_snapshots.errors import IntegrityError
 
 CODEC = DELTA_CODEC

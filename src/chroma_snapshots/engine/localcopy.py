@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
+from chroma_snapshots.engine.chunkids import short_id
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
-from chroma_snapshots.engine.validation import short_id
 
 # errnos meaning "this filesystem pair cannot do it": fall back to reading and hashing
 _UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}

@@ -28,10 +28,13 @@ LAYOUT = 1
 # files, engine.bundles); it is written only for manifests that have such files.
 LAYOUT_BUNDLED = 2
 # Layout 3 is layout 2 with chunk ids of 28 bytes (sha256 truncated to 224 bits,
-# validation.SHORT_ID), written for manifests whose ids are short: what a format 2
-# publisher makes since this layout. Pack ids keep their 32 bytes.
+# engine.chunkids), written for manifests whose ids are short sha256 ones.
 LAYOUT_SHORT = 3
-ID_BYTES = {0: 32, LAYOUT: 32, LAYOUT_BUNDLED: 32, LAYOUT_SHORT: 28}
+# Layout 4 is layout 2 with chunk ids of 30 bytes (BLAKE3 truncated to 240 bits,
+# engine.chunkids): what a format 2 publisher makes by default since this layout. Pack
+# ids keep their 32 bytes of sha256 in every layout.
+LAYOUT_B3 = 4
+ID_BYTES = {0: 32, LAYOUT: 32, LAYOUT_BUNDLED: 32, LAYOUT_SHORT: 28, LAYOUT_B3: 30}
 CODEC_IDS = {"none": 0, "zstd": 1, "zdelta": 2}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_KEYS = {

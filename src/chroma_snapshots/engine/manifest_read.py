@@ -109,7 +109,7 @@ def _header(r: Reader) -> tuple[dict[str, Any], int]:
     if layout_1 and (
         type(o["layout"]) is not int or o["layout"] not in ID_BYTES or not o["layout"]
     ):
-        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1, 2 or 3")
+        raise IntegrityError(f"manifest header says layout {o['layout']!r}, not 1, 2, 3 or 4")
     cs = val.as_int(o["chunk_size"], "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if cs & (cs - 1):
         raise IntegrityError("chunk_size must be a power of two")

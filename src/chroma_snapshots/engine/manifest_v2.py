@@ -8,9 +8,10 @@ coded against "the next chunk". Layout 1 (written since format 2's first release
 extended; layout 0 stays readable) stores the links of delta chains that no file uses
 without their hash: a link is known by where its bytes are, and its decoded bytes are
 verified through the hash of the chunk its chain ends in. Layout 2 adds where a bundled
-small file starts in its chunk; layout 3 (what a format 2 publisher writes) names chunks by
-the first 28 bytes of their sha256 (validation.SHORT_ID), 4 bytes a chunk less. The
-layouts are specified in docs/FORMAT.md.
+small file starts in its chunk; layout 3 names chunks by the first 28 bytes of their
+sha256, 4 bytes a chunk less; layout 4 (what a format 2 publisher writes by default) by
+the first 30 bytes of their BLAKE3 (engine.chunkids). The layouts are specified in
+docs/FORMAT.md.
 
 Decoding (``manifest_read``) treats the bytes as hostile: every count is bounded by the
 format's limits and by the bytes left before anything is allocated, every index and offset
@@ -31,10 +32,12 @@ from itertools import chain
 
 import zstandard
 
+from chroma_snapshots.engine.chunkids import B3_ID, SHORT_ID
 from chroma_snapshots.engine.manifest_codec import (
     CODEC_IDS,
     FORMAT,
     LAYOUT,
+    LAYOUT_B3,
     LAYOUT_BUNDLED,
     LAYOUT_SHORT,
     MAGIC,
@@ -49,7 +52,6 @@ from chroma_snapshots.engine.manifest_read import decode
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice, link_key
 from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,
-    SHORT_ID,
     canonical_json,
     format_time,
 )
@@ -153,14 +155,16 @@ def by_place(m: Manifest) -> Manifest:
 
 
 def encode(m: Manifest) -> bytes:
-    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 3 if
-    its chunk ids are short (validation.SHORT_ID), else layout 2 if a file is a slice of a
-    bundle (engine.bundles), else layout 1."""
+    """The format 2 bytes of ``m`` (deterministic for a given zstandard build): layout 4 if
+    its chunk ids are BLAKE3 ones, 3 if they are short sha256 ones (engine.chunkids),
+    else layout 2 if a file is a slice of a bundle (engine.bundles), else layout 1."""
     hashed, links = table_order(m)
     widths = {len(h) for h in hashed}
-    if len(widths) > 1 or not widths <= {SHORT_ID, 64}:
-        raise InvalidInputError("a manifest's chunk ids must all be short or all be full")
-    if widths == {SHORT_ID}:
+    if len(widths) > 1 or not widths <= {SHORT_ID, B3_ID, 64}:
+        raise InvalidInputError("a manifest's chunk ids must all be of one hash and length")
+    if widths == {B3_ID}:
+        layout = LAYOUT_B3
+    elif widths == {SHORT_ID}:
         layout = LAYOUT_SHORT
     elif any(is_slice(f, m.chunks) for f in m.files):
         layout = LAYOUT_BUNDLED

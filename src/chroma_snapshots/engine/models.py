@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from chroma_snapshots.engine import validation as val
+from chroma_snapshots.engine.chunkids import short_id
 from chroma_snapshots.engine.manifest_codec import HEADER_KEYS
 from chroma_snapshots.engine.refvalue import RefValue as RefValue
 from chroma_snapshots.engine.refvalue import TransferStats as TransferStats
@@ -38,7 +39,6 @@ from chroma_snapshots.engine.validation import (
     format_time,
     parse_time,
     sha256_hex,
-    short_id,
 )
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, shown
 

@@ -12,12 +12,12 @@ Threat model (docs/EVIDENCE.md): a stale hash needs a write that leaves size, mt
 ctime as they were. ``utime`` can restore mtime, but every write and every ``utime`` sets
 ctime to the current clock, which user space cannot set; only setting the system clock
 back (root) can forge it. The index lives in a private directory of this user (mode 0700,
-checked on every use); an index that is damaged, written for another folder, store, name
-or chunk size, or not owned by this user is ignored, never trusted. Trusted hashes must
+checked on every use); an index that is damaged, written for another folder, store, name,
+chunk size or hash, or not owned by this user is ignored, never trusted. Trusted hashes must
 also all be chunks of the parent version (``known``), or the file is read anyway.
 
 Where: ``<tmp>/chroma-snapshots-stamps-<uid>/<sha256 of the key>.idx``, one small file per
-(folder real path, store, snapshot name, chunk size), at most :data:`MAX_INDEXES` of
+(folder real path, store, snapshot name, chunk size, hash), at most :data:`MAX_INDEXES` of
 them and :data:`MAX_TOTAL_BYTES` in all (least recently used go first: a load that finds
 entries touches its file). Writes are a unique temp file and a rename.
 """
@@ -72,14 +72,16 @@ def default_dir() -> Path:
 
 
 class StampIndex:
-    """One folder's index for one store, name and chunk size. :meth:`lookup` answers from
-    the index read at open; :meth:`record` collects this publish's files; :meth:`save`
-    replaces the index with exactly them (files gone from the folder are dropped)."""
+    """One folder's index for one store, name, chunk size and hash (``ids``: the name of a
+    scheme of engine.chunkids; the index keeps full hashes, 64 hex digits, of one kind).
+    :meth:`lookup` answers from the index read at open; :meth:`record` collects this
+    publish's files; :meth:`save` replaces the index with exactly them (files gone from
+    the folder are dropped)."""
 
     def __init__(self, folder: str | Path, store: str, name: str, chunk_size: int,
-                 directory: Path | None = None) -> None:  # fmt: skip
+                 ids: str = "blake3", directory: Path | None = None) -> None:  # fmt: skip
         real = os.path.realpath(folder)
-        self.key = json.dumps([real, store, name, chunk_size])
+        self.key = json.dumps([real, store, name, chunk_size, ids])
         self._dir = default_dir() if directory is None else directory
         self.path = self._dir / (hashlib.sha256(self.key.encode()).hexdigest()[:40] + ".idx")
         # what this publish found, in columns (a tuple per file was a third of the save)
@@ -252,7 +254,7 @@ def _decode(data: bytes, key: str) -> _Table:
     klen, count, *sizes = struct.unpack_from("<6Q", body, pos)
     pos += 48
     if body[pos : pos + klen].decode() != key:
-        return _Table.empty()  # another folder, store, name or chunk size
+        return _Table.empty()  # another folder, store, name, chunk size or hash
     pos += klen
     parts = []
     for size in sizes:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FileId, open_regular
 from chroma_snapshots.engine.bundles import members, reader_under, rebuild
+from chroma_snapshots.engine.chunkids import chunk_ok, short_id
 from chroma_snapshots.engine.chunking import decode_chunk
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.localcopy import IntactSources, Stamp, copy_intact
@@ -31,7 +32,6 @@ from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.placer import Buffer, Placer
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.ramp import Ramp
-from chroma_snapshots.engine.validation import chunk_ok, short_id
 from chroma_snapshots.errors import IntegrityError
 
 _LOCAL_SLICE = 64  # chunks a worker reuses per task: 4 MiB in memory at a time

@@ -85,23 +85,6 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# A chunk's id is the hex of its sha256 (64 digits: format 1, format 2 layouts 0-2) or of
-# its first 224 bits (56 digits, format 2 layout 3: SHA-224's strength, 112-bit collision
-# resistance, 4 bytes a chunk less). Within one manifest every id has the same length.
-SHORT_ID = 56
-
-
-def chunk_ok(raw: bytes | memoryview, chunk_id: str) -> bool:
-    """True if ``raw`` hashes to ``chunk_id`` (a full or a short id)."""
-    return hashlib.sha256(raw).hexdigest()[: len(chunk_id)] == chunk_id
-
-
-def short_id(chunk_id: str) -> str:
-    """The short form of a chunk id (the key under which ids of both lengths meet); a link
-    key (a place, not a hash) is returned as it is."""
-    return chunk_id[:SHORT_ID] if len(chunk_id) == 64 and "@" not in chunk_id else chunk_id
-
-
 def utc_now() -> datetime:
     """The current time in UTC (one place, so tests can reason about it)."""
     return datetime.now(timezone.utc)

@@ -19,6 +19,7 @@ from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.apart import store_folder
+from chroma_snapshots.engine.chunkids import publish_scheme
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -107,7 +108,11 @@ class RemoteStore(RemoteListing, SourceStore):
     network and keep a 3 GiB checkout near 260 MB of memory (16 measured 410 MB and no
     faster; benchmarks/RESULTS.md). ``trust_stamps=False``
     makes every publish re-read every file instead of trusting the folder's stamp index
-    (engine.stampindex; the threat model is in docs/SECURITY.md). ``label`` names the
+    (engine.stampindex; the threat model is in docs/SECURITY.md). ``chunk_hash`` names
+    new chunks: "blake3" (a quarter of sha256's CPU on every read) or "sha256" (format
+    1's only one); by default a publish keeps its parent's hash, and a first one takes
+    BLAKE3. A publish reuses none of a parent's chunks of the other hash (a switch moves
+    every chunk once; engine.chunkids). ``label`` names the
     store in messages and, with ``identity``, keys a cache's folder; by default the
     folder is keyed by where the backend's objects are (``Backend.place``).
     """
@@ -126,9 +131,12 @@ class RemoteStore(RemoteListing, SourceStore):
         manifest_format: int = MANIFEST_FORMAT,
         identity: str | None = None,
         trust_stamps: bool = True,
+        chunk_hash: str | None = None,
     ) -> None:
         if type(manifest_format) is not int or manifest_format not in (1, MANIFEST_FORMAT):
             raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
+        publish_scheme(chunk_hash, manifest_format)  # refuses a wrong one now
+        self.chunk_hash = chunk_hash
         check_settings(workers, pack_target, compression_level, default_timeout)
         check_flags({"trust_stamps": trust_stamps})
         self.manifest_format = manifest_format
@@ -250,7 +258,8 @@ class RemoteStore(RemoteListing, SourceStore):
                                 self.compression_level,
                                 self.trust_stamps if stamps is None else stamps,
                                 bundle=self.manifest_format >= 2,
-                                short_ids=self.manifest_format >= 2)  # fmt: skip
+                                ids=publish_scheme(self.chunk_hash, self.manifest_format,
+                                                   pm.chunks if pm else ()))  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases

@@ -18,6 +18,7 @@ from pathlib import Path
 from chroma_snapshots.backends.base import Backend, PutMode
 from chroma_snapshots.engine.apart import Ident, KeptOut, also_source, kept_out, place_of
 from chroma_snapshots.engine.bundles import cut, read_all, small_limit
+from chroma_snapshots.engine.chunkids import BLAKE3, IdScheme
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
@@ -31,8 +32,6 @@ from chroma_snapshots.engine.validation import (
     check_chains,
     check_depth,
     path_text,
-    sha256_hex,
-    short_id,
 )
 from chroma_snapshots.errors import ConflictError, IntegrityError, InvalidInputError, shown
 from chroma_snapshots.stores.claims import Pin
@@ -59,8 +58,8 @@ class Uploader:
     stamps: bool = True
     stamp_dir: Path | None = None
     bundle: bool = True  # small files into shared chunks (format 2 only: engine.bundles)
-    # chunk ids of 56 hex digits (format 2 layout 3, validation.SHORT_ID), else 64
-    short_ids: bool = True
+    # how chunks are named (engine.chunkids): BLAKE3 (format 2 layout 4) by default
+    ids: IdScheme = BLAKE3
 
     def upload(
         self,
@@ -86,14 +85,15 @@ class Uploader:
             busy = [u for u in uploads if not u.done()]
             wait_all(busy[:-4], dl, "uploading packs")  # bound memory: few packs in flight
 
-        key = self._key
+        key = self.ids.key
         with collector_paused():  # objects per file, no cycle (manifest_v2.collector_paused)
             index = self._index(name, files)
             small = self._small(files)
-            # The parent's chunks under the ids this publish writes (both lengths meet under
-            # the short one; a full-id publish finds nothing of a short-id parent and uploads
-            # it). The hashes below stay full sha256 until the entries are made.
-            known = {key(h): c for h, c in known.items()}
+            # The parent's chunks under the ids this publish writes (sha256 ids of both
+            # lengths meet under the short one; a full-id publish finds nothing of a short-id
+            # parent, nor any publish a parent's of another hash, and uploads them). The
+            # hashes below stay full (64 hex digits) until the entries are made.
+            known = {key(h): c for h, c in known.items() if "@" in h or self.ids.owns(h)}
             # An index trusts only chunks of the parent: a first publish asks it nothing.
             trust = index if index is not None and index.indexed and known else None
             hashes, todo = self._trusted(files, trust, known, small)
@@ -109,7 +109,9 @@ class Uploader:
             hash_many = partial(self._hash_many, pool, dl)
             reads = [files[i] for i in todo]
             read = [0] * len(files)
-            for j, raw, digest in hashed_chunks(reads, self.chunk_size, hash_many, pool, dl):
+            digest_of = self.ids.digest
+            for j, raw, digest in hashed_chunks(reads, self.chunk_size, hash_many, digest_of,
+                                                pool, dl):  # fmt: skip
                 i = todo[j]
                 hashes[i].append(digest)
                 read[i] += len(raw)
@@ -117,12 +119,14 @@ class Uploader:
                     reused += len(raw)
                 elif digest not in writer:
                     base = bases.base(files[i].relpath, len(hashes[i]) - 1) if bases else None
+                    if base is not None and not self.ids.owns(base[0]):
+                        base = None  # a chain holds ids of one hash: a keyframe instead
                     writer.add(digest, raw, base)
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
             _same_sizes(files, todo, read)
-            for group, raw, digest in read_all(groups, files, pool, dl):
+            for group, raw, digest in read_all(groups, files, digest_of, pool, dl):
                 pos, one = 0, [digest]  # shared by the members: no one appends to it
                 for i in group:
                     hashes[i], ats[i] = one, pos
@@ -155,9 +159,9 @@ class Uploader:
         index: StampIndex | None,
     ) -> list[FileEntry]:
         """The file entries (under the ids this publish writes), recorded in ``index``
-        with their full sha256 whatever the ids' length. Each id is shortened once, not
+        with their full hashes whatever the ids' length. Each id is shortened once, not
         once per member of its bundle."""
-        ids = {h: self._key(h) for h in dict.fromkeys(chain.from_iterable(hashes))}
+        ids = {h: self.ids.key(h) for h in dict.fromkeys(chain.from_iterable(hashes))}
         get = ids.__getitem__
         entries = [FileEntry(f.relpath, f.size, f.mode, tuple(map(get, h)), a)
                    for f, h, a in zip(files, hashes, ats, strict=True)]  # fmt: skip
@@ -166,16 +170,13 @@ class Uploader:
             index.save()
         return entries
 
-    def _key(self, chunk_id: str) -> str:
-        """The id this publish writes for a chunk (short or full, see ``short_ids``)."""
-        return short_id(chunk_id) if self.short_ids else chunk_id
-
     def _index(self, name: str, files: list[SourceFile]) -> StampIndex | None:
         if not self.stamps or not files:
             return None
         f = files[0]  # the scan built each abspath as the source folder / relpath
         folder = f.path[: -len(f.relpath)]
-        return StampIndex(folder, repr(self.backend), name, self.chunk_size, self.stamp_dir)
+        return StampIndex(folder, repr(self.backend), name, self.chunk_size, self.ids.name,
+                          self.stamp_dir)  # fmt: skip
 
     def _small(self, files: list[SourceFile]) -> list[int]:
         """Positions of the files to bundle (none unless ``bundle``)."""
@@ -206,8 +207,8 @@ class Uploader:
             got = index.lookup(f.relpath, f.stamp)
             if got is None or len(got) != -(-f.size // self.chunk_size):
                 todo.append(i)
-            elif all(self._key(h) in known for h in got) and (
-                len(got) != 1 or known[self._key(got[0])].size == f.size
+            elif all(self.ids.key(h) in known for h in got) and (
+                len(got) != 1 or known[self.ids.key(got[0])].size == f.size
             ):
                 hashes[i] = list(got)
             else:
@@ -236,7 +237,7 @@ class Uploader:
             got = [index.lookup(files[i].relpath, files[i].stamp) for i in group] if index else []
             first = got[0] if got else None
             c_full = first[0] if first is not None and len(first) == 1 else None
-            c = None if c_full is None else known.get(self._key(c_full))
+            c = None if c_full is None else known.get(self.ids.key(c_full))
             if c is None or c_full is None or any(h != first for h in got):
                 todo.append(group)
                 continue
@@ -245,18 +246,20 @@ class Uploader:
                 continue
             pos = 0
             for i in group:
-                hashes[i], ats[i] = [c_full], pos  # the index's full sha256
+                hashes[i], ats[i] = [c_full], pos  # the index's full hash
                 pos += files[i].size
         return todo
 
     def _hash_many(self, pool: WorkerPool, dl: Deadline, chunks: list[bytes]) -> list[str]:
-        """sha256 of each chunk, spread over the pool in slices (hashing is the CPU cost of
-        publishing an unchanged snapshot; hashlib releases the GIL, so this uses every core)."""
+        """The full hash of each chunk, spread over the pool in slices (hashing is the CPU
+        cost of publishing an unchanged snapshot; both hashes release the GIL, so this uses
+        every core)."""
+        digest_all = partial(_digest_all, self.ids.digest)
         if sum(map(len, chunks)) < _INLINE_HASH:
-            return sha256_all(chunks)  # a hand-off to a thread costs more than the hashing
+            return digest_all(chunks)  # a hand-off to a thread costs more than the hashing
         step = max(1, len(chunks) // 8)
         slices = [chunks[i : i + step] for i in range(0, len(chunks), step)]
-        parts = wait_all([pool.submit(sha256_all, s) for s in slices], dl, "hashing")
+        parts = wait_all([pool.submit(digest_all, s) for s in slices], dl, "hashing")
         return [h for part in parts for h in part]
 
     def _put_pack(
@@ -382,8 +385,8 @@ def publisher_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def sha256_all(chunks: list[bytes]) -> list[str]:
-    return [sha256_hex(c) for c in chunks]
+def _digest_all(digest: Callable[[bytes], str], chunks: list[bytes]) -> list[str]:
+    return [*map(digest, chunks)]
 
 
 def _same_sizes(files: Sequence[SourceFile], todo: Sequence[int], read: Sequence[int]) -> None:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chroma_snapshots.engine.bundles import members, reader_under, rebuild
+from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
-from chroma_snapshots.engine.validation import chunk_ok
 from chroma_snapshots.errors import InvalidInputError, LocalDiskError
 from chroma_snapshots.stores.cache.repair import manifest_folders
 from chroma_snapshots.stores.cache.store import CachedStore

@@ -31,12 +31,13 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.engine.beneath import Beneath, FileId
+from chroma_snapshots.engine.chunkids import short_id
 from chroma_snapshots.engine.folders import HOLD_FLAGS, Made, carrying
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest
 from chroma_snapshots.engine.progress import StatsRecorder
 from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
-from chroma_snapshots.engine.validation import is_name, short_id
+from chroma_snapshots.engine.validation import is_name
 from chroma_snapshots.stores.cache.layout import NameDirs, stamp_at
 from chroma_snapshots.stores.cache.repair import OWNER_RW, Bundles, damaged_chunks, remove_extras
 

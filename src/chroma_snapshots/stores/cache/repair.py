@@ -9,10 +9,10 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.bundles import Reader, member_reader, members, rebuild
+from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.deadline import checked
 from chroma_snapshots.engine.localcopy import Stamp
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
-from chroma_snapshots.engine.validation import chunk_ok
 from chroma_snapshots.stores.cache.layout import stamp_at
 
 # Owner read and write: held while the cache checks and writes a file; the manifest's mode
