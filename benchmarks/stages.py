@@ -1,9 +1,9 @@
 """One micro-benchmark per stage of a checkout's data path, so a regression points at its
 stage: receive (S3 ranged GETs into a reused buffer), decompress (zstd chunks), hash
-(sha256 of every chunk), place (pwritev of verified runs into sparse files, as the placer
-writes them and in 1 MiB calls) and copy (copy_file_range of unchanged runs, the
-incremental path). Each runs on one thread and reports CPU seconds per GiB (user +
-system, this process) and GB/s.
+(every chunk verified against a BLAKE3 id, and against a sha256 one), place (pwritev of
+verified runs into sparse files, as the placer writes them and in 1 MiB calls) and copy
+(copy_file_range of unchanged runs, the incremental path). Each runs on one thread and
+reports CPU seconds per GiB (user + system, this process) and GB/s.
 
 usage: python benchmarks/stages.py [--mib 256] [--tools .bench-tools] [--json out.json]
        [--skip-receive] [--place-repeat 5] [--place-pause 6]
@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,11 @@ from _data import MiB
 from _report import write_json
 from compare import COLD_PAUSE, settle
 
+from chroma_snapshots.engine.chunkids import BLAKE3, SHA256_SHORT, chunk_ok
 from chroma_snapshots.engine.chunking import _decompressor, _unzstd_into
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.placer import WRITE_BYTES, pwrite_all
-from chroma_snapshots.engine.validation import sha256_hex
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 64 << 10
@@ -93,13 +94,23 @@ def stage_decompress(mib: int) -> list[Row]:
     ]
 
 
-def stage_hash(mib: int) -> Row:
+def stage_hash(mib: int) -> list[Row]:
+    """Verifying every chunk (``chunk_ok``) against BLAKE3 ids and against sha256 ones."""
     data = memoryview(os.urandom(mib * MiB))
-    return measure(
-        "hash (sha256, 64 KiB chunks)",
-        len(data),
-        lambda: [sha256_hex(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)] and None,
-    )
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    rows = []
+    for scheme in (BLAKE3, SHA256_SHORT):
+        ids = [scheme.key(scheme.digest(c)) for c in chunks]
+        if not all(map(chunk_ok, chunks, ids)):
+            raise RuntimeError(f"{scheme.name}: a chunk failed its own id")
+        label = f"hash ({scheme.name}, 64 KiB chunks, verified)"
+        rows.append(measure(label, len(data), partial(_verify_all, chunks, ids)))
+    return rows
+
+
+def _verify_all(chunks: list[memoryview], ids: list[str]) -> None:
+    for raw, chunk_id in zip(chunks, ids, strict=True):
+        chunk_ok(raw, chunk_id)
 
 
 def stage_place(mib: int, work: Path, repeat: int, pause: float) -> list[Row]:
@@ -206,7 +217,7 @@ def main() -> None:
         if not args.skip_receive:
             rows.append(stage_receive(args.mib, args.tools.resolve(), work))
         rows += stage_decompress(args.mib)
-        rows.append(stage_hash(args.mib))
+        rows.extend(stage_hash(args.mib))
         rows += stage_place(args.mib, work, args.place_repeat, args.place_pause)
         rows.append(stage_copy(args.mib, work))
     print(f"{'stage':<42} {'CPU s/GiB':>9} {'GB/s':>6}  spread of CPU s/GiB")

@@ -6,10 +6,11 @@ segments of random vectors). Then runs
 the `chroma-snapshots checkout` command RUNS times under `perf record` (task-clock at
 1 kHz: a sample is a millisecond of the client's CPU; the page cache flushed before each run)
 and splits the client's CPU into: copying into the page cache (the kernel half of placing a
-file), copying out of sockets (receiving), the rest of the kernel, sha256 (libcrypto), the
-interpreter (libpython) and everything else, as CPU s/GiB and percent; then the kernel
-functions that make up "other kernel". Each run waits COLD_PAUSE after the page cache
-is flushed, as compare.py's cold runs do (memory freed by the last run goes cold).
+file), copying out of sockets (receiving), the rest of the kernel, the chunk hash (sha256 in
+libcrypto, BLAKE3 in the blake3 module), the interpreter (libpython) and everything
+else, as CPU s/GiB and percent; then the kernel functions that make up "other kernel".
+Each run waits COLD_PAUSE after the page cache is flushed, as compare.py's cold runs do
+(memory freed by the last run goes cold).
 
 With --s5cmd the same profile is taken of `s5cmd cp` fetching the same 64 MiB files (not
 with --chroma): the kernel's share of a client that does only what the kernel must.
@@ -50,6 +51,7 @@ LAYERS = (
     ("socket receive copies", re.compile(KERNEL + r"(_copy_to_iter|copyout)")),
     ("other kernel", re.compile(r"\[kernel\.kallsyms\]")),
     ("sha256 (libcrypto)", re.compile(r"libcrypto")),
+    ("blake3", re.compile(r"blake3\.cpython")),
     ("interpreter (libpython)", re.compile(r"libpython|python3")),
 )
 

@@ -19,7 +19,6 @@ deterministic and shrink to a short rule sequence.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import tempfile
@@ -50,6 +49,7 @@ from reliability import record, runs
 from chroma_snapshots import Backend
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.engine.chunkids import BLAKE3
 from chroma_snapshots.errors import BackendUnavailableError, StorageTimeoutError
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
@@ -88,13 +88,13 @@ CONTENTS = _contents()
 
 
 def _entries(files: dict[str, bytes]) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """What a manifest must list for ``files``: path -> (size, chunk hashes)."""
+    """What a manifest must list for ``files``: path -> (size, chunk ids: BLAKE3, what a
+    new store names chunks by)."""
+    name = BLAKE3.key
     return {
         path: (
             len(data),
-            tuple(
-                hashlib.sha256(data[i : i + 4096]).hexdigest() for i in range(0, len(data), 4096)
-            ),
+            tuple(name(BLAKE3.digest(data[i : i + 4096])) for i in range(0, len(data), 4096)),
         )
         for path, data in files.items()
     }

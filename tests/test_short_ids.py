@@ -1,7 +1,8 @@
 """Format 2 layout 3: chunks named by the first 224 bits of their sha256 (56 hex digits), 4
-bytes a chunk less (``chunk_hash="sha256"``, and every store whose versions are so named). Older stores keep their full ids; a store moving from one to the other
-re-uploads nothing, makes no new version of an unchanged folder, and a cache reuses what
-it holds; a byte that does not hash to its short id is refused like any other."""
+bytes a chunk less (``chunk_hash="sha256"``, and every store whose versions are so named).
+Older stores keep their full ids; a store moving from one to the other re-uploads nothing,
+makes no new version of an unchanged folder, and a cache reuses what it holds; a byte that
+does not hash to its short id is refused like any other."""
 
 from __future__ import annotations
 
