@@ -76,10 +76,14 @@ def test_each_id_is_checked_with_the_hash_that_made_it() -> None:
     assert not chunk_ok(flipped, b3[:60])
 
 
-def test_a_flipped_byte_under_a_blake3_id_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("chunk_hash", "width"), [("blake3", 60), ("sha256", 56)])
+def test_a_flipped_byte_is_refused_whatever_the_hash(
+    tmp_path: Path, chunk_hash: str, width: int
+) -> None:
     root = tmp_path / "store"
-    store = _file_store(root)
+    store = _file_store(root, chunk_hash=chunk_hash)
     v = store.publish("db", write_tree(tmp_path / "src", {"a": os.urandom(2 * CS)})).version
+    assert _widths(store.load_manifest("db", v)) == {width}
     (pack,) = [p for p in (root / "db" / "packs").rglob("*") if p.is_file()]
     data = bytearray(pack.read_bytes())
     data[len(data) // 2] ^= 1
