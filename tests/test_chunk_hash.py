@@ -6,6 +6,7 @@ nothing (no delta across hashes, no stamp of one hash trusted for the other)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -217,6 +218,14 @@ def test_the_cli_publishes_with_the_hash_the_environment_names(
         assert code == 0, err
         s = _file_store(store)
         assert _widths(s.load_manifest(name, s.current_version(name)[0])) == {width}, name
+    monkeypatch.setenv(ENV_CHUNK_HASH, "blake3")  # "b" is sha256: a switch moves it all
+    code, out, err = run("--store", str(store), "publish", "b", str(src), "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["new_bytes"] == plan["total_bytes"] > 0
+    monkeypatch.delenv(ENV_CHUNK_HASH)
+    code, out, err = run("--store", str(store), "publish", "b", str(src), "--dry-run", "--json")
+    assert json.loads(out)["new_bytes"] == 0
     monkeypatch.setenv(ENV_CHUNK_HASH, "md5")
     code, _, err = run("--store", str(store), "publish", "d", str(src))
     assert code == 2
