@@ -17,7 +17,7 @@ from cli_inprocess import Run
 
 from chroma_snapshots import CachedStore, IntegrityError, RemoteStore, open_backend
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.cli.plan import plan_publish
+from chroma_snapshots.cli.plan import describe_plan, plan_publish
 from chroma_snapshots.config import ENV_CHUNK_HASH, StoreConfig
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.chunkids import chunk_ok
@@ -129,6 +129,35 @@ def test_a_store_keeps_its_hash_unless_told(tmp_path: Path) -> None:
         assert store.verify("db", v).ok
 
 
+def test_the_hash_is_read_through_empty_versions_and_sha256_when_unknown(tmp_path: Path) -> None:
+    """A parent with no chunks says no hash: the nearest version back that has some does
+    (sha256 stays sha256, BLAKE3 stays BLAKE3); a parent that cannot be read says nothing
+    either, and the publish takes sha256, which readers older than BLAKE3 ids know."""
+    src, empty = _tree(tmp_path / "src"), tmp_path / "empty"
+    empty.mkdir()
+    for chunk_hash, width in (("sha256", 56), ("blake3", 60)):
+        root = tmp_path / f"store-{chunk_hash}"
+        _file_store(root, chunk_hash=chunk_hash).publish("db", src)
+        store = _file_store(root)
+        store.publish("db", empty)
+        store.publish("db", write_tree(tmp_path / f"none-{chunk_hash}", {"zero": b""}))
+        v = store.publish("db", src).version
+        assert _widths(store.load_manifest("db", v)) == {width}, chunk_hash
+        assert plan_publish(store, "db", src).chunk_hash == ("sha256" if width == 56 else "blake3")
+    root = tmp_path / "store-damaged"
+    store = _file_store(root, chunk_hash="blake3")
+    v1 = store.publish("db", src).version
+    (manifest,) = (root / "db" / "manifests").iterdir()
+    data = bytearray(manifest.read_bytes())
+    data[len(data) // 2] ^= 1
+    manifest.write_bytes(bytes(data))
+    (src / "mid.bin").write_bytes(os.urandom(3 * CS))
+    v2 = _file_store(root).publish("db", src).version
+    assert v2 != v1
+    assert _widths(store.load_manifest("db", v2)) == {56}
+    assert read_tree(store.checkout("db", v2, tmp_path / "out").path) == read_tree(src)
+
+
 def test_no_delta_crosses_hashes(tmp_path: Path) -> None:
     """With the parent's copy at hand, a small change is stored as a delta on the parent's
     chunk in the parent's hash; a publish that switches hash stores keyframes instead (a
@@ -168,15 +197,27 @@ def test_stamps_of_one_hash_are_not_trusted_for_the_other(
 
 
 def test_a_dry_run_plans_with_the_hash_publish_uses(tmp_path: Path) -> None:
+    """Across a switch of hash, files are compared by content (the local bytes hashed the
+    latest's way too): none is listed as changed, yet every chunk would be uploaded, and
+    the plan says why; a real change is listed alone."""
     root, src = tmp_path / "store", _tree(tmp_path / "src")
     _file_store(root, chunk_hash="sha256").publish("db", src)
     keep = plan_publish(_file_store(root), "db", src)
     switch = plan_publish(_file_store(root, chunk_hash="blake3"), "db", src)
     assert keep.clean
     assert keep.new_bytes == 0
+    assert (keep.chunk_hash, keep.latest_chunk_hash) == ("sha256", "sha256")
+    assert not switch.clean
     assert switch.new_bytes == switch.total_bytes > 0
-    assert sorted(switch.changed) == sorted(p.relative_to(src).as_posix()
-                                            for p in src.rglob("*") if p.is_file())  # fmt: skip
+    assert (switch.added, switch.removed, switch.changed) == ([], [], [])
+    assert (switch.chunk_hash, switch.latest_chunk_hash) == ("blake3", "sha256")
+    assert "every chunk is uploaded again" in describe_plan(switch, str(src))
+    (src / "mid.bin").write_bytes(os.urandom(3 * CS))
+    (src / "small" / "007").write_bytes(b"x" * 57)  # the same size, other bytes
+    moved = plan_publish(_file_store(root, chunk_hash="blake3"), "db", src)
+    assert "mid.bin" in moved.changed
+    assert "small/007" in moved.changed
+    assert "big.bin" not in moved.changed
 
 
 @pytest.mark.parametrize(
@@ -231,3 +272,22 @@ def test_the_cli_publishes_with_the_hash_the_environment_names(
     assert code == 2
     assert ENV_CHUNK_HASH in err
     assert not (store / "d").exists()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_diff_says_when_two_versions_are_of_different_hashes(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, store = _tree(tmp_path / "src"), str(tmp_path / "store")
+    for value in ("sha256", "sha256", "blake3"):
+        monkeypatch.setenv(ENV_CHUNK_HASH, value)
+        (src / "mid.bin").write_bytes(os.urandom(3 * CS))
+        assert run("--store", store, "publish", "db", str(src))[0] == 0
+    versions = [v.version for v in _file_store(Path(store)).versions("db")]
+    first, second, third = sorted(versions)
+    code, out, _ = run("--store", store, "diff", "db", first, second, "--json")
+    assert json.loads(out)["chunk_hashes"] == ["sha256", "sha256"]
+    assert json.loads(out)["changed"] == ["mid.bin"]
+    code, out, _ = run("--store", store, "diff", "db", second, third)
+    assert code == 0
+    assert "A names chunks by sha256, B by blake3" in out

@@ -241,9 +241,10 @@ def _number(raw: str) -> float | None:
 
 
 def _chunk_hash(env: Mapping[str, str]) -> str | None:
-    raw = env.get(ENV_CHUNK_HASH, "").strip().lower()
+    given = env.get(ENV_CHUNK_HASH, "")
+    raw = given.strip().lower()
     if raw and raw not in _HASHES:
-        raise ConfigError(f"{ENV_CHUNK_HASH}={shown(raw)} must be blake3 or sha256")
+        raise ConfigError(f"{ENV_CHUNK_HASH}={shown(given)} must be blake3 or sha256")
     return raw or None
 
 

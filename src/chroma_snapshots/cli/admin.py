@@ -14,14 +14,16 @@ from chroma_snapshots.cli.names import (
     no_snapshot,
     resolve_ref,
 )
-from chroma_snapshots.engine.chunkids import short_id
-from chroma_snapshots.engine.models import Manifest, file_key
+from chroma_snapshots.engine.chunkids import scheme_of, short_id
+from chroma_snapshots.engine.models import Manifest, file_key, is_link_key
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
 
 
 def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
-    """Files added, removed and changed between two manifests, and the bytes of new chunks."""
+    """Files added, removed and changed between two manifests, and the bytes of new chunks.
+    Files are compared by chunk ids: across a switch of hash (``chunk_hashes`` differ)
+    every file with content is listed as changed, the same bytes or not."""
     a, b = {f.path: f for f in old.files}, {f.path: f for f in new.files}
     changed = sorted(
         # chunks, mode, or where in its chunk (a bundled file: also when its bundle changed)
@@ -38,7 +40,21 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
         "new_chunks": len(fresh),
         "new_chunk_bytes": sum(new.chunks[h].size for h in fresh),
         "new_stored_bytes": sum(new.chunks[h].length for h in fresh),
+        "chunk_hashes": [_hash_of(old), _hash_of(new)],
     }
+
+
+def _hash_of(m: Manifest) -> str | None:
+    """The hash ``m`` names chunks by (None: it has none)."""
+    hashed = next((h for h in m.chunks if not is_link_key(h)), None)
+    return None if hashed is None else scheme_of(hashed).name
+
+
+def _switch_line(a: str | None, b: str | None) -> list[str]:
+    if a is None or b is None or a == b:
+        return []
+    return [f"A names chunks by {a}, B by {b}: files are compared by chunk id, so every "
+            "file with content is listed as changed"]  # fmt: skip
 
 
 def register(cli: click.Group) -> None:
@@ -71,6 +87,7 @@ def register(cli: click.Group) -> None:
                 [f"+ {p}" for p in d["added"]]
                 + [f"- {p}" for p in d["removed"]]
                 + [f"~ {p}" for p in d["changed"]]
+                + _switch_line(*d["chunk_hashes"])
                 + [
                     f"{d['new_chunks']} new chunks, {human_bytes(d['new_chunk_bytes'])} "
                     f"({human_bytes(d['new_stored_bytes'])} stored)"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,12 +13,15 @@ import click
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
-from chroma_snapshots.engine.chunkids import publish_scheme
+from chroma_snapshots.engine.chunkids import history, publish_scheme, scheme_of
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
 from chroma_snapshots.engine.models import MANIFEST_FORMAT
 from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from chroma_snapshots.engine.chunking import SourceFile
     from chroma_snapshots.engine.models import Manifest
     from chroma_snapshots.stores.base import SnapshotStore
 
@@ -37,10 +41,17 @@ class PublishPlan:
     new_chunks: int
     new_bytes: int
     reused_bytes: int
+    chunk_hash: str  # what a publish would name new chunks by
+    latest_chunk_hash: str | None  # what the latest's are named by (None: no chunks)
 
     @property
     def clean(self) -> bool:
-        return self.base is not None and not (self.added or self.removed or self.changed)
+        """Nothing differs, and a publish would upload nothing (no switch of hash)."""
+        return (
+            self.base is not None
+            and not (self.added or self.removed or self.changed)
+            and not self.new_chunks
+        )
 
 
 def _latest(store: SnapshotStore, name: str) -> tuple[str, Manifest] | None:
@@ -55,7 +66,8 @@ def _latest(store: SnapshotStore, name: str) -> tuple[str, Manifest] | None:
 
 
 def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> PublishPlan:
-    """Hash ``directory`` the way publish cuts it and compare with ``name``'s latest."""
+    """Hash ``directory`` the way publish cuts it and compare with ``name``'s latest: files
+    by content (in the latest's hash), chunks to upload by the ids publish would write."""
     files, _ = scan_source(directory)
     latest = _latest(store, name)
     base, manifest = latest if latest else (None, None)
@@ -64,51 +76,64 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     )
     bundle = getattr(store, "manifest_format", MANIFEST_FORMAT) >= 2
     fmt = MANIFEST_FORMAT if bundle else 1
-    ids = publish_scheme(
-        getattr(store, "chunk_hash", None), fmt, manifest.chunks if manifest else ()
-    )
-    key = ids.key
-    known = {key(h) for h in manifest.chunks if ids.owns(h)} if manifest else set()
-    old = {f.path: f for f in manifest.files} if manifest else {}
-    new: dict[str, int] = {}
-    added, changed, reused = [], [], 0
+    table = manifest.chunks if manifest else {}
+    load = partial(store.load_manifest, name)
+    ids = publish_scheme(getattr(store, "chunk_hash", None), fmt, history(manifest, base, load))
+    hashed = next((h for h in table if "@" not in h), None)
+    then = ids if hashed is None else scheme_of(hashed)  # the latest's hash
+
+    def ids_of(raw: bytes, d: str) -> tuple[str, str]:  # the id publish writes, the latest's
+        return ids.key(d), then.key(d if then.digest is ids.digest else then.digest(raw))
+
     # the chunks (and starts in them) publish would give each file: bundles as it cuts them
-    placed: dict[str, tuple[list[str], int]] = {}
-    chunks: list[tuple[str, int]] = []
+    placed: dict[str, tuple[list[tuple[str, str]], int]] = {}
+    chunks: dict[str, int] = {}
     small = [f for f in files if bundle and 0 < f.size <= small_limit(chunk_size)]
     for group in cut([(f.relpath, f.size) for f in small], chunk_size):
         members = [small[k] for k in group]
         ((raw, digest),) = read_bundles([members], ids.digest)
-        chunks.append((digest, len(raw)))
-        pos = 0
+        pair, pos = ids_of(raw, digest), 0
+        chunks[pair[0]] = len(raw)
         for f in members:
-            placed[f.relpath] = ([digest], pos)
+            placed[f.relpath] = ([pair], pos)
             pos += f.size
     for f in files:
         if f.relpath not in placed:
-            raws = list(read_chunks(f.path, chunk_size, f))
-            placed[f.relpath] = ([ids.digest(raw) for raw in raws], 0)
-            chunks += [(h, len(raw)) for h, raw in zip(placed[f.relpath][0], raws, strict=True)]
-    for digest, size in chunks:
-        if key(digest) in known:
-            reused += size
-        else:
-            new[digest] = size
+            pairs = []
+            for raw in read_chunks(f.path, chunk_size, f):
+                pairs.append(ids_of(raw, ids.digest(raw)))
+                chunks[pairs[-1][0]] = len(raw)
+            placed[f.relpath] = (pairs, 0)
+    known = {ids.key(h) for h in table if ids.owns(h)}
+    new = {h: n for h, n in chunks.items() if h not in known}
+    return PublishPlan(
+        name, base, *_changes(manifest, files, placed, then.key), len(files),
+        sum(f.size for f in files), len(new), sum(new.values()),
+        sum(n for h, n in chunks.items() if h in known), ids.name,
+        None if hashed is None else then.name,
+    )  # fmt: skip
+
+
+def _changes(
+    manifest: Manifest | None,
+    files: list[SourceFile],
+    placed: dict[str, tuple[list[tuple[str, str]], int]],
+    key: Callable[[str], str],
+) -> tuple[list[str], list[str], list[str]]:
+    """Files added, removed and changed (content, start in its chunk or mode) against
+    ``manifest``, whose ids ``key`` puts in the form the local ones have."""
+    old = {f.path: f for f in manifest.files} if manifest else {}
+    added, changed = [], []
     for f in files:
-        hashes, at = placed[f.relpath]
+        pairs, at = placed[f.relpath]
         before = old.get(f.relpath)
         if before is None:
             added.append(f.relpath)
-        elif (tuple(map(key, before.chunks)), before.at) != (
-            tuple(map(key, hashes)),
-            at,
-        ) or before.mode != f.mode:
+        elif (tuple(map(key, before.chunks)), before.at, before.mode) != (
+            tuple(p[1] for p in pairs), at, f.mode,
+        ):  # fmt: skip
             changed.append(f.relpath)
-    removed = sorted(set(old) - {f.relpath for f in files})
-    total = sum(f.size for f in files)
-    return PublishPlan(
-        name, base, added, removed, changed, len(files), total, len(new), sum(new.values()), reused
-    )
+    return added, sorted(set(old) - {f.relpath for f in files}), changed
 
 
 def describe_plan(plan: PublishPlan, directory: str) -> str:
@@ -118,6 +143,12 @@ def describe_plan(plan: PublishPlan, directory: str) -> str:
     lines += [f"+ {p}" for p in plan.added]
     lines += [f"- {p}" for p in plan.removed]
     lines += [f"~ {p}" for p in plan.changed]
+    was = plan.latest_chunk_hash
+    if was is not None and was != plan.chunk_hash:
+        lines.append(
+            f"a publish would name chunks by {plan.chunk_hash}, the latest's are {was}: "
+            "every chunk is uploaded again (docs/FORMAT.md)"
+        )
     if plan.clean:
         lines.append("nothing differs: a publish would upload nothing new")
     else:

@@ -16,13 +16,23 @@ hash's chunks and moves them again, rather than mixing them).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from blake3 import blake3
 
-from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotNotFoundError
 
+
+class _Version(Protocol):
+    @property
+    def chunks(self) -> Mapping[str, object]: ...
+    @property
+    def parent(self) -> str | None: ...
+
+
+M = TypeVar("M", bound=_Version)
 SHORT_ID = 56
 B3_ID = 60
 _B3_BYTES = B3_ID // 2
@@ -81,13 +91,19 @@ def scheme_of(chunk_id: str) -> IdScheme:
 
 
 def publish_scheme(
-    chunk_hash: str | None, manifest_format: int, parent: Iterable[str] = ()
+    chunk_hash: str | None,
+    manifest_format: int,
+    history: Iterable[Iterable[str] | None] = (),
 ) -> IdScheme:
     """The scheme a publish names new chunks with: ``chunk_hash`` "blake3" or "sha256"
     (format 1's only one; in format 2, short ids), or by default (None) the hash of the
-    parent's ids (``parent``: the keys of its chunk table), BLAKE3 for a first version.
-    Following the parent keeps the publish of an unchanged folder from making a version
-    and of a changed one incremental; naming the other hash moves every chunk once."""
+    history's: ``history`` is the chunk ids of the parent, then of its parent..., newest
+    first (None for a version that could not be read). The first version with chunks says
+    the hash; one that cannot be read first says sha256, which every reader knows; none
+    (a first version, or only empty ones), BLAKE3. Following the history keeps the publish
+    of an unchanged folder from making a version and of a changed one incremental, and a
+    store on sha256 readable by readers older than BLAKE3 ids; the other hash moves every
+    chunk once."""
     if chunk_hash not in (None, "blake3", "sha256"):
         raise InvalidInputError(f"chunk_hash must be 'blake3' or 'sha256', not {chunk_hash!r}")
     if manifest_format < 2:
@@ -95,6 +111,33 @@ def publish_scheme(
             raise InvalidInputError("format 1 manifests name chunks by sha256 only")
         return SHA256
     if chunk_hash is None:
-        first = next((h for h in parent if "@" not in h), None)
-        chunk_hash = "sha256" if first is not None and len(first) != B3_ID else "blake3"
+        chunk_hash = "blake3"
+        for table in history:
+            first = "" if table is None else next((h for h in table if "@" not in h), None)
+            if first is not None:
+                chunk_hash = "blake3" if len(first) == B3_ID else "sha256"
+                break
     return SHA256_SHORT if chunk_hash == "sha256" else BLAKE3
+
+
+def history(
+    first: M | None, version: str | None, load: Callable[[str], M], depth: int = 16
+) -> Iterator[Mapping[str, object] | None]:
+    """The chunk tables of ``version`` (whose manifest is ``first``, None if it could not
+    be read) and of its ancestors, newest first, ``depth`` at most, loaded as they are
+    asked for: None for one that cannot be read (damaged or pruned), and the walk ends."""
+    m = first
+    for _ in range(depth):
+        if version is None:
+            return
+        if m is None:
+            yield None
+            return
+        yield m.chunks
+        version = m.parent
+        if version is None:
+            return
+        try:
+            m = load(version)
+        except (IntegrityError, SnapshotNotFoundError):
+            m = None

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import zstandard
@@ -19,7 +20,7 @@ from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.apart import store_folder
-from chroma_snapshots.engine.chunkids import publish_scheme
+from chroma_snapshots.engine.chunkids import IdScheme, history, publish_scheme
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_TARGET,
@@ -258,8 +259,7 @@ class RemoteStore(RemoteListing, SourceStore):
                                 self.compression_level,
                                 self.trust_stamps if stamps is None else stamps,
                                 bundle=self.manifest_format >= 2,
-                                ids=publish_scheme(self.chunk_hash, self.manifest_format,
-                                                   pm.chunks if pm else ()))  # fmt: skip
+                                ids=self._scheme(name, pm, parent, dl))  # fmt: skip
             try:
                 entries, chunks = uploader.upload(
                     name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
@@ -293,6 +293,11 @@ class RemoteStore(RemoteListing, SourceStore):
             sig = self.signer.sign(f"manifest:{key}", data).encode()
             claims.create_once(self._io(dl), key + ".sig", sig)
         return version, data
+
+    def _scheme(self, name: str, pm: Manifest | None, parent: str | None, dl: Deadline) -> IdScheme:
+        """The hash this publish names chunks by (engine.chunkids.publish_scheme)."""
+        load = partial(self.load_manifest, name, deadline=dl)
+        return publish_scheme(self.chunk_hash, self.manifest_format, history(pm, parent, load))
 
     def _parent_manifest(self, name: str, parent: str, dl: Deadline) -> Manifest | None:
         """The parent's manifest, or None if it is damaged: the publish then reuses none of
