@@ -26,6 +26,8 @@ from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotN
 
 
 class _Version(Protocol):
+    """What :func:`history` reads of a manifest (models imports this module)."""
+
     @property
     def chunks(self) -> Mapping[str, object]: ...
     @property
