@@ -91,11 +91,16 @@ def test_stages_smoke(tmp_path: Path) -> None:
         "decompress",
         "decompress",
         "hash",
+        "hash",
         "place",
         "place",
         "copy",
     ]
     assert all(r["bytes"] == 4 << 20 and r["gbps"] > 0 for r in rows)
+    assert {r["stage"] for r in rows if r["stage"].startswith("hash")} == {
+        "hash (blake3, 64 KiB chunks, verified)",
+        "hash (sha256, 64 KiB chunks, verified)",
+    }
 
 
 def test_manifest_decode_smoke(tmp_path: Path) -> None:
