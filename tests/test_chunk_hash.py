@@ -291,3 +291,21 @@ def test_diff_says_when_two_versions_are_of_different_hashes(
     code, out, _ = run("--store", store, "diff", "db", second, third)
     assert code == 0
     assert "A names chunks by sha256, B by blake3" in out
+
+
+def test_a_dry_run_through_a_fallback_plans_with_its_primary_s_hash(tmp_path: Path) -> None:
+    """publish --dry-run with a fallback configured asks the store a publish writes to."""
+    from chroma_snapshots.opening import source_for
+
+    src = _tree(tmp_path / "src")
+    main, spare = tmp_path / "main", tmp_path / "spare"
+    first = StoreConfig(url=str(main), fallback_url=str(spare), chunk_hash="sha256")
+    source_for(first, create=True).publish("db", src)  # to the pair's source of truth
+    for chunk_hash, want in ((None, "sha256"), ("blake3", "blake3")):
+        cfg = StoreConfig(url=str(main), fallback_url=str(spare), chunk_hash=chunk_hash)
+        store = source_for(cfg, create=True)
+        assert getattr(store, "primary", None) is not None  # a fallback pair, as configured
+        plan = plan_publish(store, "db", src)
+        assert plan.chunk_hash == want
+        assert plan.latest_chunk_hash == "sha256"
+        assert (plan.new_bytes == 0) is (want == "sha256")

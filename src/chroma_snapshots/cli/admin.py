@@ -14,8 +14,8 @@ from chroma_snapshots.cli.names import (
     no_snapshot,
     resolve_ref,
 )
-from chroma_snapshots.engine.chunkids import scheme_of, short_id
-from chroma_snapshots.engine.models import Manifest, file_key, is_link_key
+from chroma_snapshots.engine.chunkids import hash_of, short_id
+from chroma_snapshots.engine.models import Manifest, file_key
 from chroma_snapshots.errors import IntegrityError
 from chroma_snapshots.stores.base import ANY, Expected
 
@@ -46,8 +46,8 @@ def diff_manifests(old: Manifest, new: Manifest) -> dict[str, Any]:
 
 def _hash_of(m: Manifest) -> str | None:
     """The hash ``m`` names chunks by (None: it has none)."""
-    hashed = next((h for h in m.chunks if not is_link_key(h)), None)
-    return None if hashed is None else scheme_of(hashed).name
+    scheme = hash_of(m.chunks)
+    return None if scheme is None else scheme.name
 
 
 def _switch_line(a: str | None, b: str | None) -> list[str]:

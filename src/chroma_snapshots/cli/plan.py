@@ -13,7 +13,7 @@ import click
 from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
-from chroma_snapshots.engine.chunkids import history, publish_scheme, scheme_of
+from chroma_snapshots.engine.chunkids import hash_of, history, publish_scheme
 from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
 from chroma_snapshots.engine.models import MANIFEST_FORMAT
 from chroma_snapshots.errors import SnapshotNotFoundError
@@ -71,19 +71,20 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
     files, _ = scan_source(directory)
     latest = _latest(store, name)
     base, manifest = latest if latest else (None, None)
-    chunk_size = getattr(store, "chunk_size", None) or (
+    target = getattr(store, "primary", store)  # the store a publish writes to (a fallback's)
+    chunk_size = getattr(target, "chunk_size", None) or (
         manifest.chunk_size if manifest else DEFAULT_CHUNK_SIZE
     )
-    bundle = getattr(store, "manifest_format", MANIFEST_FORMAT) >= 2
+    bundle = getattr(target, "manifest_format", MANIFEST_FORMAT) >= 2
     fmt = MANIFEST_FORMAT if bundle else 1
     table = manifest.chunks if manifest else {}
     load = partial(store.load_manifest, name)
-    ids = publish_scheme(getattr(store, "chunk_hash", None), fmt, history(manifest, base, load))
-    hashed = next((h for h in table if "@" not in h), None)
-    then = ids if hashed is None else scheme_of(hashed)  # the latest's hash
+    ids = publish_scheme(getattr(target, "chunk_hash", None), fmt, history(manifest, base, load))
+    was = hash_of(table)
+    then = ids if was is None else was  # the latest's hash
 
     def ids_of(raw: bytes, d: str) -> tuple[str, str]:  # the id publish writes, the latest's
-        return ids.key(d), then.key(d if then.digest is ids.digest else then.digest(raw))
+        return ids.key(d), then.key(d if then.name == ids.name else then.digest(raw))
 
     # the chunks (and starts in them) publish would give each file: bundles as it cuts them
     placed: dict[str, tuple[list[tuple[str, str]], int]] = {}
@@ -110,7 +111,7 @@ def plan_publish(store: SnapshotStore, name: str, directory: str | Path) -> Publ
         name, base, *_changes(manifest, files, placed, then.key), len(files),
         sum(f.size for f in files), len(new), sum(new.values()),
         sum(n for h, n in chunks.items() if h in known), ids.name,
-        None if hashed is None else then.name,
+        None if was is None else was.name,
     )  # fmt: skip
 
 

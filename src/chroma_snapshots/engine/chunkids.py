@@ -92,6 +92,13 @@ def scheme_of(chunk_id: str) -> IdScheme:
     return {64: SHA256, SHORT_ID: SHA256_SHORT}.get(len(chunk_id), BLAKE3)
 
 
+def hash_of(table: Iterable[str]) -> IdScheme | None:
+    """The scheme of a chunk table's ids (its keys; one manifest's are all of one), or
+    None if it has none (only link keys, or nothing)."""
+    first = next((h for h in table if "@" not in h), None)
+    return None if first is None else scheme_of(first)
+
+
 def publish_scheme(
     chunk_hash: str | None,
     manifest_format: int,
@@ -115,9 +122,9 @@ def publish_scheme(
     if chunk_hash is None:
         chunk_hash = "blake3"
         for table in history:
-            first = "" if table is None else next((h for h in table if "@" not in h), None)
-            if first is not None:
-                chunk_hash = "blake3" if len(first) == B3_ID else "sha256"
+            said = SHA256 if table is None else hash_of(table)
+            if said is not None:
+                chunk_hash = said.name
                 break
     return SHA256_SHORT if chunk_hash == "sha256" else BLAKE3
 
