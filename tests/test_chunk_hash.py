@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,14 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.cli.plan import describe_plan, plan_publish
 from chroma_snapshots.config import ENV_CHUNK_HASH, StoreConfig
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.chunkids import chunk_ok
+from chroma_snapshots.engine.chunkids import BLAKE3, chunk_ok, history, publish_scheme
 from chroma_snapshots.engine.models import Manifest, is_link_key
-from chroma_snapshots.errors import ConfigError, InvalidInputError
+from chroma_snapshots.errors import (
+    ConfigError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+    StorageTimeoutError,
+)
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CS = 4096
@@ -309,3 +315,32 @@ def test_a_dry_run_through_a_fallback_plans_with_its_primary_s_hash(tmp_path: Pa
         assert plan.chunk_hash == want
         assert plan.latest_chunk_hash == "sha256"
         assert (plan.new_bytes == 0) is (want == "sha256")
+
+
+def test_an_ancestor_pruned_or_damaged_mid_walk_ends_it_as_unknown(tmp_path: Path) -> None:
+    """A prune (or damage) between reading the parent and walking past an empty one:
+    the walk ends there, unknown, and the publish takes sha256 (never wrong bytes: at worst
+    a full upload); a timeout is not swallowed."""
+    src, empty = _tree(tmp_path / "src"), tmp_path / "empty"
+    empty.mkdir()
+    root = tmp_path / "store"
+    store = _file_store(root, chunk_hash="blake3")
+    store.publish("db", src)
+    parent = store.publish("db", empty).version
+    pm = store.load_manifest("db", parent)
+    for error in (SnapshotNotFoundError("pruned"), IntegrityError("damaged")):
+
+        def gone(version: str, error: Exception = error) -> Manifest:
+            raise error
+
+        assert list(history(pm, parent, gone)) == [pm.chunks, None]
+        assert publish_scheme(None, 2, history(pm, parent, gone)).name == "sha256"
+    assert (
+        publish_scheme(None, 2, history(pm, parent, partial(store.load_manifest, "db"))) is BLAKE3
+    )
+
+    def hung(version: str) -> Manifest:
+        raise StorageTimeoutError("hung")
+
+    with pytest.raises(StorageTimeoutError):
+        publish_scheme(None, 2, history(pm, parent, hung))
