@@ -3,7 +3,8 @@
 usage: python _receivers.py MODE ENDPOINT BUCKET PREFIX NOBJ OUTDIR
 Objects are PREFIX/objNN, each 64 MiB; keys and sizes are known, so no client lists. Every
 mode writes into preallocated files with pwrite in 32 KiB slices, as the checkout's placer
-does (engine/placer.WRITE_BYTES: larger writes cost more kernel time on this VM); "sha256"
+does (engine/placer.WRITE_BYTES: larger writes cost more kernel time on this VM), except the
+"receive only" ones, which drop what they receive (no file, no hash); "sha256"
 modes hash every byte (the minimal client per 64 KiB chunk, as the checkout verifies).
 Prints bytes received, a digest of the digests (so the hashing cannot be optimised away)
 and the CPU seconds the process had used when its first request went out (start-up: the
@@ -44,7 +45,9 @@ def _started() -> None:
         STARTED.append(t.user + t.system)
 
 
-def _place(fd: int, data: Any, offset: int) -> None:
+def _place(fd: int | None, data: Any, offset: int) -> None:
+    if fd is None:  # receive only: nothing written
+        return
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view[:SLICE], offset)
@@ -72,7 +75,7 @@ def boto(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashe
             step = len(view) if hashed == 1 else hashed
             parts = [hashlib.sha256(view[i : i + step]).digest() for i in range(0, len(view), step)]
             digest = hashlib.sha256(b"".join(parts)).hexdigest()
-        _place(fds[key], data, offset)
+        _place(fds.get(key), data, offset)
         return len(data), digest
 
     tasks = [(k, off) for k in keys for off in range(0, OBJ, PIECE)]
@@ -112,8 +115,7 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
         for i in range(0, got, CHUNK):
             if hashed:
                 parts.append(chunk_hash(view[i : i + CHUNK]).digest())
-            for j in range(i, min(i + CHUNK, got), SLICE):
-                os.pwrite(fds[key], view[j : j + SLICE], offset + j)
+            _place(fds.get(key), view[i : min(i + CHUNK, got)], offset + i)
         return got, hashlib.sha256(b"".join(parts)).hexdigest() if hashed else ""
 
     tasks = [(k, off) for k in keys for off in range(0, OBJ, PIECE)]
@@ -140,9 +142,11 @@ def crt(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed
     _started()
     lock, futures = threading.Lock(), []
     for key in keys:
-        sha, fd = hashlib.sha256(), fds[key]
+        sha, fd = hashlib.sha256(), fds.get(key)
 
-        def on_body(chunk: bytes, offset: int, sha: Any = sha, fd: int = fd, **_: Any) -> None:
+        def on_body(
+            chunk: bytes, offset: int, sha: Any = sha, fd: int | None = fd, **_: Any
+        ) -> None:
             if hashed:
                 sha.update(chunk)  # CRT delivers one GET's body in order
             _place(fd, chunk, offset)
@@ -182,7 +186,7 @@ def obstore(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
         for chunk in obs.get(store, key).stream(min_chunk_size=PIECE):
             if hashed:
                 sha.update(chunk)
-            _place(fds[key], chunk, offset)
+            _place(fds.get(key), chunk, offset)
             offset += len(chunk)
         return offset, sha.hexdigest() if hashed else ""
 
@@ -201,14 +205,20 @@ MODES: dict[str, tuple[Callable[..., Got], int]] = {
     "http.client+sha256/64KiB": (minimal, 1),
     "http.client+blake3/64KiB": (minimal, 2),
     "http.client": (minimal, 0),
+    "receive only: http.client": (minimal, 0),
+    "receive only: awscrt": (crt, False),
+    "receive only: obstore": (obstore, False),
 }
+# Receive into memory and drop it: no hash, no file. What a verifying checkout built on that
+# receive path cannot beat (it must also hash and write): the measured s5cmd ceiling.
+RECEIVE_ONLY = {m for m in MODES if m.startswith("receive only")}
 
 if __name__ == "__main__":
     mode, endpoint, bucket, prefix, nobj, out = sys.argv[1:7]
     fn, hashed = MODES[mode]
     keys = [f"{prefix}/obj{i:02d}" for i in range(int(nobj))]
     os.makedirs(out, exist_ok=True)
-    fds = _files(keys, out)
+    fds = {} if mode in RECEIVE_ONLY else _files(keys, out)
     got = fn(endpoint, bucket, keys, fds, hashed)
     for fd in fds.values():
         os.close(fd)
