@@ -14,8 +14,6 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
-import zstandard
-
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
@@ -27,7 +25,6 @@ from chroma_snapshots.engine.chunking import (
     scan_source,
 )
 from chroma_snapshots.engine.deadline import (
-    MAX_SECONDS,
     Deadline,
     DeadlineLike,
     as_deadline,
@@ -46,23 +43,18 @@ from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
-    MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
-    MAX_PACK_SIZE,
     MAX_REF_BYTES,
     check_chunk_size,
     check_flags,
     check_name,
     check_source,
-    number_in,
-    path_text,
     utc_now,
 )
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
-    shown,
 )
 from chroma_snapshots.stores import claims, refs
 from chroma_snapshots.stores.base import (
@@ -74,6 +66,7 @@ from chroma_snapshots.stores.base import (
 from chroma_snapshots.stores.claims import Pin
 from chroma_snapshots.stores.fetch import fetch_into
 from chroma_snapshots.stores.listing import RemoteListing
+from chroma_snapshots.stores.settings import check_parent_dir, check_settings
 from chroma_snapshots.stores.upload import (
     ParentDir,
     Uploader,
@@ -87,12 +80,6 @@ from chroma_snapshots.stores.upload import (
 )
 
 log = logging.getLogger(__name__)
-MAX_WORKERS = 1024  # 8 GiB of read buffers at 8 MiB each
-# A pack is sealed once it reaches the target, so it can hold one chunk more: never past
-# what a manifest may address (MAX_PACK_SIZE).
-MAX_PACK_TARGET = MAX_PACK_SIZE - MAX_CHUNK_SIZE
-# zstd's levels: 1 to 22, 0 its default (3), negative the fast ones down to -(1 << 17)
-ZSTD_LEVELS = (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL)
 
 
 class RemoteStore(RemoteListing, SourceStore):
@@ -408,42 +395,3 @@ class RemoteStore(RemoteListing, SourceStore):
         this store's packs."""
         fetch_into(self.backend, self.workers, name, job, dl, stats, progress)
         return self.label
-
-
-def check_settings(
-    workers: object, pack_target: object, compression_level: object, default_timeout: object
-) -> None:
-    """InvalidInputError for a RemoteStore setting it would misuse, said when the store is
-    made: 0 workers left every publish waiting for a pool that never ran its work until the
-    deadline, a pack target or level zstd or readers refuse failed mid-publish, and a bool
-    was taken for a number (True workers, one second)."""
-    if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
-        raise InvalidInputError(
-            f"workers must be a whole number from 1 to {MAX_WORKERS}, not {shown(workers)}"
-        )
-    if type(pack_target) is not int or not 1 <= pack_target <= MAX_PACK_TARGET:
-        raise InvalidInputError(
-            f"pack_target must be a whole number of bytes from 1 to {MAX_PACK_TARGET}, "
-            f"not {shown(pack_target)}"
-        )
-    low, high = ZSTD_LEVELS
-    level = compression_level
-    if level is not None and (type(level) is not int or not low <= level <= high):
-        raise InvalidInputError(
-            f"compression_level must be None (store raw) or a zstd level, a whole number "
-            f"from {low} to {high}, not {shown(level)}"
-        )
-    if not number_in(default_timeout, 0, MAX_SECONDS, low_ok=False):
-        raise InvalidInputError(
-            f"default_timeout must be a number of seconds, positive and at most "
-            f"{MAX_SECONDS:.0e}, not {shown(default_timeout)}"
-        )
-
-
-def check_parent_dir(parent_dir: object) -> None:
-    """``publish``'s ``parent_dir``: None, a folder's path or a function to one, else
-    InvalidInputError (``123`` was a raw TypeError once the parent's manifest was read)."""
-    if not (parent_dir is None or callable(parent_dir) or path_text(parent_dir) is not None):
-        raise InvalidInputError(
-            f"parent_dir must be a folder, a function to one or None, not {shown(parent_dir)}"
-        )
