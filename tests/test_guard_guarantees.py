@@ -27,6 +27,7 @@ from chroma_snapshots import (
     StorageTimeoutError,
 )
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.deadline import Deadline, within
 from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.engine.mountworker import Worker
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -306,3 +307,25 @@ def test_fallback_moves_on_from_a_dead_store_but_not_from_bad_input(
     with pytest.raises(ConflictError):
         both.checkout("db", dest=tmp_path / "c")
     assert calls == ["s3"]
+
+
+def test_the_probe_after_a_cool_down_keeps_the_callers_deadline(fuse_mount: FaultyMount) -> None:
+    # The mount still hangs when the cool-down ends: the breaker's probe is the next call's
+    # first step, and that call must still end by its own deadline, not the guard's timeout.
+    clock = _Clock()
+    backend, guard = _hung_backend(fuse_mount, clock)
+    with pytest.raises(StorageTimeoutError, match="did not return"):
+        backend.head("db/refs/latest")  # the whole op_timeout: the breaker opens
+    clock.now += guard.cooldown + 1
+    t = time.monotonic()
+    with pytest.raises(StorageTimeoutError):
+        within(Deadline(1.0), lambda: backend.head("db/refs/latest"))
+    assert time.monotonic() - t < 1.0 + 0.5
+    fuse_mount.set_mode("ok")
+    end = time.monotonic() + 30
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
+    clock.now += guard.cooldown + 1
+    with pytest.raises(FileNotFoundError):  # answering again: the probe closes the breaker
+        backend.head("db/refs/latest")
+    backend.close()

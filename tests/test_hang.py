@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -28,7 +29,9 @@ from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 from chroma_snapshots.testing.faultfs import FaultyMount
 
+T = TypeVar("T")
 BUDGET = 3.0  # room for starting a worker process on a loaded machine
+ROOT_CACHED = 1.5  # the kernel answers a stat of a FUSE mount's root from its cache for 1 s
 
 
 def _fuse_available() -> bool:
@@ -281,3 +284,92 @@ def test_store_objects_on_one_hung_mount_strand_at_most_four_workers_together(
         time.sleep(0.05)
     assert guard.stats().abandoned == 0
     assert stores[1].resolve("db", deadline=20).version
+
+
+def _opened_in_time(open_it: Callable[[], T], seconds: float) -> T:
+    """What ``open_it()`` returns, made on a thread: one stuck in the mount fails the test
+    instead of hanging it; the opening must take less than ``seconds``."""
+    made: list[T] = []
+    t = time.monotonic()
+    thread = threading.Thread(target=lambda: made.append(open_it()), daemon=True)
+    thread.start()
+    thread.join(seconds + 5)
+    assert made, "the store did not open"
+    assert time.monotonic() - t < seconds, time.monotonic() - t
+    return made[0]
+
+
+def test_a_fallback_opens_and_serves_while_its_efs_mount_hangs(
+    mount: FaultyMount, moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    # A Lambda's init opens EFS-then-S3 (and its cache) from configuration while the mount
+    # hangs: it opens in seconds, not the mount's whole timeout (init has 10 s), and reads
+    # and publishes go to S3 within their deadlines.
+    from chroma_snapshots import StoreConfig, open_store
+    from chroma_snapshots.backends.file import OPEN_SECONDS
+
+    _efs, s3, both = _efs_then_s3(mount, moto_server, s3_bucket)
+    src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
+    version = both.publish("db", src).version
+    mount.set_mode("hang")
+    time.sleep(ROOT_CACHED)
+    cfg = StoreConfig(
+        url=f"efs://{mount.mountpoint}",
+        fallback_url=f"s3://{s3_bucket}/snaps",
+        s3_endpoint_url=moto_server.endpoint_url,
+        efs_timeout=8.0,  # longer than the opening may take
+        cache_dir=str(tmp_path / "cache"),
+    )
+    store = _opened_in_time(lambda: open_store(cfg), OPEN_SECONDS + 2.0)
+    assert store.inner.folders == ()  # type: ignore[attr-defined]  # EFS: not asked yet
+    t = time.monotonic()
+    snap = store.checkout("db", deadline=8)
+    assert time.monotonic() - t < 8.0
+    assert snap.info.version == version
+    assert read_tree(snap.path) == read_tree(src)
+    (src / "more").write_bytes(b"more")
+    t = time.monotonic()
+    v2 = store.publish("db", src, deadline=Deadline(6))  # to S3; the mirror to EFS fails
+    assert time.monotonic() - t < 7.0
+    assert s3.resolve("db").version == v2.version
+    mount.set_mode("ok")
+
+
+def test_a_store_opened_on_a_hung_mount_learns_its_folder_once_it_answers(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    from chroma_snapshots import StoreNotFoundError
+    from chroma_snapshots.backends.file import OPEN_SECONDS
+
+    src, version = _publish_direct(mount, tmp_path)
+    healthy = _efs_store(mount)
+    mount.set_mode("hang")
+    time.sleep(ROOT_CACHED)
+    clock = Clock()
+    store = _opened_in_time(lambda: _efs_store(mount, clock), OPEN_SECONDS + 2.0)
+    guard = store.backend.guard  # type: ignore[attr-defined]
+    assert store.folders == ()  # not known yet, and nothing asked for it
+    cache = _opened_in_time(lambda: CachedStore(store, tmp_path / "cache"), 2.0)
+    # a publish asks for the folder (a source inside the store is refused), within its deadline
+    seconds, err = _timed(lambda: store.publish("db", src, deadline=2.0))
+    assert isinstance(err, StorageTimeoutError), err
+    assert seconds < 3.0, seconds
+    # A store whose folder is missing opens too while the mount hangs, but once the mount
+    # answers it is a missing store, never an empty one.
+    gone_guard = MountGuard(str(mount.mountpoint), op_timeout=5.0, clock=clock)
+    gone = _opened_in_time(
+        lambda: RemoteStore(
+            FileBackend(mount.mountpoint / "not-there", create=False, guard=gone_guard)
+        ),
+        OPEN_SECONDS + 2.0,
+    )
+    mount.set_mode("ok")
+    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
+    while (guard.stats().abandoned or gone_guard.stats().abandoned) and time.monotonic() < end:
+        time.sleep(0.05)
+    clock.now += 31  # past any cool-down
+    assert store.resolve("db", deadline=10).version == version
+    assert store.folders == healthy.folders != ()
+    assert read_tree(cache.checkout("db", deadline=10).path) == read_tree(src)
+    with pytest.raises(StoreNotFoundError):
+        gone.read_ref("db", deadline=10)

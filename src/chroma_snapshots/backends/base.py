@@ -187,9 +187,14 @@ class Backend(ABC):
     def folder(self) -> Place | None:
         """The folder on this machine holding the objects as files, if they are, as the
         kernel knows it (engine/apart.py: a publish refuses a source folder that overlaps
-        it); None for object stores. Known without touching the folder: it may be on a
-        mount that hangs."""
+        it); None for object stores. Known without touching the folder once the store
+        has seen it: it may be on a mount that hangs."""
         return None
+
+    def known_folder(self) -> Place | None:
+        """:meth:`folder` if known without asking anything: None for object stores, and
+        for a folder on a mount that has not answered since the store opened."""
+        return self.folder()
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections and threads."""

@@ -8,6 +8,7 @@ fast failure, never a hung caller (``efs://`` URLs do this).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,16 @@ from typing import Any
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
 from chroma_snapshots.backends.fileops import LocalFiles
 from chroma_snapshots.engine.apart import Place
-from chroma_snapshots.engine.deadline import current_deadline
+from chroma_snapshots.engine.deadline import Deadline, current_deadline
 from chroma_snapshots.engine.guard import MountGuard
+from chroma_snapshots.errors import BackendUnavailableError, StorageTimeoutError
+
+log = logging.getLogger(__name__)
+# How long opening a store on a guarded mount waits for the mount: one that has not answered
+# by then opens anyway, unknown, so that a FallbackStore (or a cache serving stale) made in
+# a Lambda's init still serves from its other store; the first call that needs the mount
+# asks again. A mount that answers does so in milliseconds.
+OPEN_SECONDS = 2.0
 
 
 def local_place(root: str | os.PathLike[str]) -> str:
@@ -44,9 +53,17 @@ class FileBackend(Backend):
     ) -> None:
         self.root = Path(os.path.abspath(root))  # fixed now: a later chdir moves nothing
         self.guard = guard
+        self._create = create
         self._files = LocalFiles(self.root, fsync)
         # known once, through the guard: comparing folders later touches no mount
-        self._place: Place = self._run("ensure_root", create)
+        self._place: Place | None = None
+        try:
+            self._learn(None, OPEN_SECONDS)  # a worker's start-up not counted: not the mount's
+        except (StorageTimeoutError, BackendUnavailableError) as e:
+            if guard is None:
+                raise
+            log.warning("opening %s: the mount did not answer; asking again when needed: %s",
+                        self.root, e)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.root)!r})"
@@ -55,14 +72,39 @@ class FileBackend(Backend):
         return local_place(self.root)
 
     def folder(self) -> Place:
+        """As Backend.folder; on a mount that did not answer when the store opened, asked
+        now (within the caller's deadline): StorageTimeoutError while it still does not."""
+        return self._place or self._learn(current_deadline())
+
+    def known_folder(self) -> Place | None:
         return self._place
 
+    def _learn(self, deadline: Deadline | None, timeout: float | None = None) -> Place:
+        """Make sure the store's folder exists (``create``: make it) and learn what it is;
+        StoreNotFoundError if it is missing. Every call waits for this first: a store on a
+        mount that was missing is never read as an empty one."""
+        place: Place = self._call("ensure_root", (self._create,), deadline, timeout=timeout)
+        self._place = place
+        return place
+
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._place is None:
+            self._learn(current_deadline())
+        return self._call(method, args, current_deadline(), **kwargs)
+
+    def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        deadline: Deadline | None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if self.guard is None:
             return getattr(self._files, method)(*args, **kwargs)
         what = f"{method} {args[0] if args else ''}"
         return self.guard.run(
-            self._files, method, *args, deadline=current_deadline(), what=what, **kwargs
+            self._files, method, *args, deadline=deadline, what=what, timeout=timeout, **kwargs
         )
 
     def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:

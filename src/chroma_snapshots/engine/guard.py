@@ -67,6 +67,7 @@ class _Call:
     module: str
     deadline: Deadline | None
     label: str
+    timeout: float | None = None  # at most this long for the call itself (op_timeout's cap)
 
 
 _FRESH_WORKER = RetryPolicy(attempts=2, base=0.0, jitter=False)
@@ -139,14 +140,19 @@ class MountGuard:
         *args: Any,
         deadline: Deadline | None = None,
         what: str = "",
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Call ``target.method(*args, **kwargs)`` in a worker within the budget."""
+        """Call ``target.method(*args, **kwargs)`` in a worker within the budget: the
+        caller's deadline and ``op_timeout``, or ``timeout`` if shorter (then, as with a
+        deadline, not answering in time does not mark the mount unhealthy)."""
         label = f"{what or method} on {self.label}"
-        self._admit(label, target)
-        return self._call(target, method, args, kwargs, deadline, label)
+        self._admit(label, target, deadline, timeout)
+        return self._call(target, method, args, kwargs, deadline, label, timeout)
 
-    def _admit(self, label: str, target: Any) -> None:
+    def _admit(
+        self, label: str, target: Any, deadline: Deadline | None, timeout: float | None
+    ) -> None:
         with self._lock:
             until = self._open_until
         if until is not None:
@@ -155,7 +161,9 @@ class MountGuard:
                     f"{label}: the mount is marked unhealthy after a timeout; failing fast for "
                     f"another {until - self._clock():.1f}s"
                 )
-            self._call(target, "probe", (), {}, None, f"probe of {self.label}")  # half-open
+            # half-open: the probe within the call's budget too (the call after a timeout is
+            # held to its deadline like any other)
+            self._call(target, "probe", (), {}, deadline, f"probe of {self.label}", timeout)
             with self._lock:
                 self._open_until = None
 
@@ -167,12 +175,13 @@ class MountGuard:
         kwargs: dict[str, Any],
         deadline: Deadline | None,
         label: str,
+        timeout: float | None = None,
     ) -> Any:
         budget = self.op_timeout if deadline is None else min(self.op_timeout, deadline.remaining())
         payload = request(target, method, args, kwargs)
         if not self._slots.acquire(timeout=budget):
             raise StorageTimeoutError(f"{label}: no filesystem worker free within {budget:.1f}s")
-        call = _Call(payload, type(target).__module__, deadline, label)
+        call = _Call(payload, type(target).__module__, deadline, label, timeout)
         try:
             return _FRESH_WORKER.call(lambda _: self._attempt(call), retry_on=(DiedBeforeTheCall,))
         except WorkerDied as e:
@@ -196,7 +205,7 @@ class MountGuard:
     def _run_on(self, worker: Worker, call: _Call) -> Any:
         # The budget is the filesystem call's, measured once a worker is ready: starting a
         # Python is not the mount's fault (and on a loaded machine takes a second).
-        budget = self.op_timeout
+        budget = self.op_timeout if call.timeout is None else min(self.op_timeout, call.timeout)
         if call.deadline is not None:
             # End a little before the caller's deadline, so the timeout is ours, not a
             # caller's wait that gave up a moment earlier (and the worker is not left).
@@ -211,7 +220,8 @@ class MountGuard:
             # cool-down. Its worker is killed and counted among the stuck all the same.
             sick = budget >= self.op_timeout
             self._abandon(worker, sick)
-            why = "" if sick else " (the caller's deadline)"
+            cut = call.deadline is not None and budget < (call.timeout or self.op_timeout)
+            why = "" if sick else " (the caller's deadline)" if cut else " (the call's own budget)"
             raise StorageTimeoutError(
                 f"{call.label} did not return within {budget:.1f}s{why}"
             ) from None

@@ -221,9 +221,14 @@ class SourceStore(SnapshotStore):
     trust: str = ""
     """What this store's data is verified with: a fingerprint of its signing keys, "" when it
     accepts unsigned data. A cache never serves data verified under one trust to another."""
-    folders: tuple[Place, ...] = ()
-    """The folders on this machine that hold the store's objects as files: a cache's own
-    folder may not overlap them (its clean-ups would take the store's files)."""
+
+    @property
+    def folders(self) -> tuple[Place, ...]:
+        """The folders on this machine that hold the store's objects as files: a cache's own
+        folder may not overlap them (its clean-ups would take the store's files). Known
+        without touching a mount: a store on a mount that has not answered since it opened
+        has none known yet (nothing can be written there before it answers)."""
+        return ()
 
     @abstractmethod
     def read_ref(

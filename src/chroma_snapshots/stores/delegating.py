@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chroma_snapshots.engine.apart import Place
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -126,8 +127,11 @@ class DelegatingSourceStore(DelegatingStore, SourceStore):
     def __init__(self, inner: SourceStore) -> None:
         super().__init__(inner)
         self.label, self.trust, self.identity = inner.label, inner.trust, inner.identity
-        self.folders = inner.folders
         self.default_timeout = inner.default_timeout
+
+    @property
+    def folders(self) -> tuple[Place, ...]:
+        return self.inner.folders
 
     def read_ref(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None

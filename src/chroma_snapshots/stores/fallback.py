@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from chroma_snapshots.engine.apart import keep_out, store_folder
+from chroma_snapshots.engine.apart import Place, keep_out, store_folder
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -112,10 +112,13 @@ class FallbackStore(SourceStore):
         self.default_timeout = self.primary.default_timeout
         self.label = repr(self)
         self.identity = f"FallbackStore({', '.join(s.identity for s in self.stores)})"
-        self.folders = tuple(f for s in self.stores for f in s.folders)
 
     def __repr__(self) -> str:
         return f"FallbackStore({', '.join(s.label for s in self.stores)})"
+
+    @property
+    def folders(self) -> tuple[Place, ...]:
+        return tuple(f for s in self.stores for f in s.folders)
 
     def _first(
         self,

@@ -17,7 +17,7 @@ from pathlib import Path
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
-from chroma_snapshots.engine.apart import store_folder
+from chroma_snapshots.engine.apart import Place, store_folder
 from chroma_snapshots.engine.chunkids import IdScheme, history, publish_scheme
 from chroma_snapshots.engine.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -28,6 +28,7 @@ from chroma_snapshots.engine.deadline import (
     Deadline,
     DeadlineLike,
     as_deadline,
+    within,
 )
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.keys import manifest_key
@@ -130,8 +131,6 @@ class RemoteStore(RemoteListing, SourceStore):
         self.manifest_format = manifest_format
         self.trust_stamps = trust_stamps
         self.backend = backend
-        here = backend.folder()
-        self.folders = () if here is None else (here,)
         self.label = label or repr(backend)
         # a label given names the store (two backends, one store); else where its objects
         # are: one cache per store, however it was named
@@ -147,6 +146,11 @@ class RemoteStore(RemoteListing, SourceStore):
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.backend!r})"
+
+    @property
+    def folders(self) -> tuple[Place, ...]:
+        here = self.backend.known_folder()
+        return () if here is None else (here,)
 
     def close(self) -> None:
         self.backend.close()
@@ -221,11 +225,11 @@ class RemoteStore(RemoteListing, SourceStore):
         metadata = checked_metadata(metadata)
         message = checked_message(message)
         source_dir = checked_source(source_dir)
-        here = self.backend.folder()
-        avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
         check_parent_dir(parent_dir)
         check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)
+        here = within(dl, self.backend.folder)  # a mount not seen yet is asked: in time
+        avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle
             files, dirs = scan_source(source_dir, avoid)

@@ -63,7 +63,8 @@ def check_own_folder(cache: Path, stores: tuple[Place, ...]) -> None:
     holds the other, engine/apart.py): the cache's clean-ups would remove the store's
     files, or the store would list the cache's folders as snapshots. The stores' folders
     were looked at when they opened (theirs may be on a hung mount; the cache's folder is
-    on a disk that answers)."""
+    on a disk that answers); one on a mount that has not answered since is not known, and
+    a cache over it still opens (to serve what it holds)."""
     if not stores:
         return
     mine = place_of(cache)
