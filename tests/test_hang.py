@@ -228,6 +228,22 @@ def test_cli_against_a_hung_mount_exits(mount: FaultyMount, tmp_path: Path) -> N
     assert seconds < 10
 
 
+def test_the_clis_timeout_bounds_opening_a_hung_mount_too(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    # --timeout is the whole command's: the opening's wait for the mount is part of it
+    _publish_direct(mount, tmp_path)
+    local = f"file://{mount.source}"  # the same store where nothing hangs: the start-up
+    t = time.monotonic()
+    cli = [sys.executable, "-m", "chroma_snapshots.cli"]
+    subprocess.run([*cli, "--store", local, "ls", "db"], check=True, capture_output=True)
+    start_up = time.monotonic() - t
+    time.sleep(ROOT_CACHED)  # the root, stat-ed when mounted: its cached attributes expire
+    seconds, out = _cli_on_hung_mount(mount, "10", "--timeout", "0.5", "ls", "db")
+    assert out.startswith("exit 6"), out
+    assert seconds < start_up + 0.5 + 1.0, (seconds, start_up)  # not + OPEN_SECONDS
+
+
 def test_doctor_reports_a_hung_mount_quickly(mount: FaultyMount) -> None:
     seconds, out = _cli_on_hung_mount(mount, "1", "doctor", "--budget", "2")
     assert out.startswith("exit 1"), out
@@ -373,3 +389,49 @@ def test_a_store_opened_on_a_hung_mount_learns_its_folder_once_it_answers(
     assert read_tree(cache.checkout("db", deadline=10).path) == read_tree(src)
     with pytest.raises(StoreNotFoundError):
         gone.read_ref("db", deadline=10)
+
+
+def test_a_mirror_opened_on_a_hung_mount_keeps_a_source_inside_it_out(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    # Opened while the mount hangs (within the caller's deadline, sooner than OPEN_SECONDS),
+    # the mirror's folder is not known; once the mount answers, a publish asks for it
+    # before it reads the source: a source inside the mirror is refused, not copied into it.
+    from chroma_snapshots import InvalidInputError
+    from chroma_snapshots.engine.deadline import within
+
+    mount.set_mode("hang")
+    time.sleep(ROOT_CACHED)
+    efs = _opened_in_time(lambda: within(Deadline(0.5), lambda: _efs_store(mount)), 1.5)
+    assert efs.folders == ()
+    main = RemoteStore(FileBackend(tmp_path / "main"), chunk_size=4096)
+    both = FallbackStore([efs, main], mirror=True)
+    mount.set_mode("ok")
+    guard = efs.backend.guard  # type: ignore[attr-defined]
+    end = time.monotonic() + 30  # the stuck worker exits once the mount answers
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
+    inside = write_tree(mount.source / "inside", {"a.bin": b"a" * 5000})
+    with pytest.raises(InvalidInputError, match="inside the store"):
+        both.publish("db", mount.mountpoint / "inside", deadline=10)
+    assert inside.exists()
+    assert efs.read_ref("db", deadline=10) is None
+    src = write_tree(tmp_path / "src", {"a.bin": b"b" * 5000})
+    version = both.publish("db", src, deadline=10).version
+    assert efs.resolve("db", deadline=10).version == version  # mirrored
+
+
+def test_opening_a_hung_mount_never_opens_the_breaker(mount: FaultyMount, tmp_path: Path) -> None:
+    # Whatever the guard's budget, even shorter than the opening's own wait: the mount that
+    # answers again right after serves at once, not after a 30 s cool-down.
+    _src, version = _publish_direct(mount, tmp_path)
+    mount.set_mode("hang")
+    time.sleep(ROOT_CACHED)
+    store = _opened_in_time(lambda: _efs_store(mount, op_timeout=1.0), 3.0)
+    guard = store.backend.guard  # type: ignore[attr-defined]
+    mount.set_mode("ok")
+    end = time.monotonic() + 30
+    while guard.stats().abandoned and time.monotonic() < end:
+        time.sleep(0.05)
+    assert guard.stats().healthy
+    assert store.resolve("db", deadline=10).version == version

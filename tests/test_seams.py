@@ -307,3 +307,20 @@ def test_a_hung_mirror_costs_a_publish_a_share_of_its_time(tmp_path: Path) -> No
         release.set()
     assert s3.current_version("db") == (info.version, False)  # the publish stands
     assert took < 15  # about half of the 20 s after the publish itself, never all of it
+
+
+def test_a_copy_made_from_the_cache_alone_says_the_cache_served_it(tmp_path: Path) -> None:
+    """``snap.source`` names where the bytes came from: a second holder's private copy built
+    from the cached version downloads nothing, so no store served it."""
+    store = RemoteStore(open_backend(f"file://{tmp_path}/store"), chunk_size=4096)
+    cache = CachedStore(store, tmp_path / "cache")
+    src = write_tree(tmp_path / "src", {"a.bin": os.urandom(9000)})
+    store.publish("db", src)
+    with cache.checkout("db") as first:
+        assert first.source == store.label
+        with cache.checkout("db") as second:  # the first still holds it: a copy of its own
+            assert second.stats.bytes_downloaded == 0
+            assert second.source == "cache"
+            assert read_tree(second.path) == read_tree(src)
+        copied = cache.checkout("db", dest=tmp_path / "dest")
+        assert copied.source == "cache"

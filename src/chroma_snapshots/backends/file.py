@@ -58,7 +58,7 @@ class FileBackend(Backend):
         # known once, through the guard: comparing folders later touches no mount
         self._place: Place | None = None
         try:
-            self._learn(None, OPEN_SECONDS)  # a worker's start-up not counted: not the mount's
+            self._learn(current_deadline(), OPEN_SECONDS)  # the caller's, if sooner
         except (StorageTimeoutError, BackendUnavailableError) as e:
             if guard is None:
                 raise

@@ -45,6 +45,7 @@ EXIT_CODES: list[tuple[type[SnapshotError], int]] = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -140,15 +141,16 @@ def store_of(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
     if cfg.offline:  # for the whole command: the store is never asked, so nothing is "stale"
         ctx.with_resource(quiet_stale_warning(True))
     with _loading():
-        return open_store(cfg, create=create)
+        return _in_time(cfg, lambda: open_store(cfg, create=create))
 
 
 def source_of(ctx: click.Context) -> SourceStore:
     """The configured store without the cache layer (manifests, diffs)."""
     from chroma_snapshots.opening import source_for
 
+    cfg = config_of(ctx)
     with _loading():
-        return source_for(config_of(ctx), create=False)
+        return _in_time(cfg, lambda: source_for(cfg, create=False))
 
 
 def cache_of(ctx: click.Context) -> CachedStore:
@@ -159,8 +161,16 @@ def cache_of(ctx: click.Context) -> CachedStore:
     cfg = config_of(ctx)
     cache_dir = cfg.cache_dir or DEFAULT_CACHE_DIR
     with _loading():
-        source = source_for(cfg, create=False)
+        source = _in_time(cfg, lambda: source_for(cfg, create=False))
     return CachedStore(source, cache_dir, max_bytes=cfg.cache_max_bytes)
+
+
+def _in_time(cfg: StoreConfig, open_it: Callable[[], T]) -> T:
+    """Open within the command's deadline (``--timeout``: the one its store calls share),
+    started now: opening a store on a mount that does not answer is part of the command."""
+    from chroma_snapshots.engine.deadline import as_deadline, within
+
+    return within(as_deadline(None, cfg.timeout), open_it)
 
 
 _frozen = [False]  # whether a command of this process froze what it loaded (see _loading)

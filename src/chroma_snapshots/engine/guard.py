@@ -218,10 +218,12 @@ class MountGuard:
             # cut short by its caller's deadline may just have been slow (a big read), and
             # opening the breaker then failed the next calls of a healthy mount for the
             # cool-down. Its worker is killed and counted among the stuck all the same.
-            sick = budget >= self.op_timeout
+            # A call with a budget of its own (timeout=: a store opening) never opens it
+            # either, whatever op_timeout is: it is not the guard's judgement of the mount.
+            sick = budget >= self.op_timeout and call.timeout is None
             self._abandon(worker, sick)
-            cut = call.deadline is not None and budget < (call.timeout or self.op_timeout)
-            why = "" if sick else " (the caller's deadline)" if cut else " (the call's own budget)"
+            own = call.timeout is not None and budget >= min(call.timeout, self.op_timeout)
+            why = "" if sick else " (the call's own budget)" if own else " (the caller's deadline)"
             raise StorageTimeoutError(
                 f"{call.label} did not return within {budget:.1f}s{why}"
             ) from None

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from chroma_snapshots.engine.apart import Place, keep_out, store_folder
-from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline, within
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.retry import RetryPolicy
@@ -274,6 +274,7 @@ class FallbackStore(SourceStore):
         parent_dir: ParentDir = None,
     ) -> SnapshotInfo:
         dl = as_deadline(deadline, self.default_timeout)
+        mirrors = self._known_mirrors(dl)
         with keep_out(store_folder(f) for f in self.folders):  # a mirror's too
             info = self.primary.publish(
                 name,
@@ -286,8 +287,23 @@ class FallbackStore(SourceStore):
                 allow_empty=allow_empty,
                 parent_dir=parent_dir,
             )
-        self._mirror(name, info.version, dl)
+        self._mirror(name, info.version, dl, mirrors=mirrors)
         return info
+
+    def _known_mirrors(self, dl: Deadline) -> list[tuple[BackedStore, BackedStore]]:
+        """The mirrors whose folders are known, each asked now (within ``share`` of the time
+        left) if its mount has not answered since it opened. One that still does not is
+        left out of this publish's mirroring: it could not take the copy anyway, and a
+        source inside its folder is then never copied into it unchecked."""
+        known = []
+        for source, store in self._mirrors:
+            try:
+                within(dl.child(dl.remaining() * self.share), store.backend.folder)
+            except (StorageTimeoutError, BackendUnavailableError) as e:
+                log.warning("not mirroring to %s: its folder is not known (%s)", store.label, e)
+                continue
+            known.append((source, store))
+        return known
 
     def set_ref(
         self,
@@ -315,10 +331,18 @@ class FallbackStore(SourceStore):
             name, keep_last=keep_last, min_age=min_age, dry_run=dry_run, deadline=deadline
         )
 
-    def _mirror(self, name: str, version: str, dl: Deadline, ref: str = "latest") -> None:
-        """Copy ``version`` (and ``ref``) to each mirror, each within ``share`` of the time
-        left: the publish already stands, and a hung mirror must not hold its caller."""
-        for source, store in self._mirrors:
+    def _mirror(
+        self,
+        name: str,
+        version: str,
+        dl: Deadline,
+        ref: str = "latest",
+        mirrors: list[tuple[BackedStore, BackedStore]] | None = None,
+    ) -> None:
+        """Copy ``version`` (and ``ref``) to each mirror (``mirrors``: those given), each
+        within ``share`` of the time left: the publish already stands, and a hung mirror
+        must not hold its caller."""
+        for source, store in self._mirrors if mirrors is None else mirrors:
             budget = dl.child(dl.remaining() * self.share)
             try:
                 sync_version(source, store, name, version, ref=ref, deadline=budget)

@@ -54,7 +54,10 @@ class CacheBuilds(CacheSpace):
             stamps = d.read_stamps(version) if stamped else None
             local.add_tree(d.tree(version), manifest, stamps=stamps)  # the rest read verified
             job = Placement(target[0], manifest, reuse=local, only=only, root_id=target[1])
-            return self.inner.materialize(name, job, dl, stats)
+            before = stats.freeze(0).bytes_downloaded
+            served = self.inner.materialize(name, job, dl, stats)
+        # nothing downloaded: the cached copies served it all, not the store that was asked
+        return served if stats.freeze(0).bytes_downloaded > before else "cache"
 
     @contextmanager
     def _local_chunks(self, name: str, exclude: str) -> Iterator[LocalChunks]:
