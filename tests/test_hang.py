@@ -130,9 +130,7 @@ def test_every_operation_on_a_hung_mount_times_out_in_budget(
     assert read_tree(local.checkout("x", dest=tmp_path / "lx").path) == read_tree(src)
     # The mount recovers; after the cool-down a probe closes the breaker again.
     mount.set_mode("ok")
-    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
-    while guard.stats().abandoned and time.monotonic() < end:
-        time.sleep(0.05)
+    _reaped(guard)
     clock.now += 31
     assert store.resolve("db", deadline=5).version == version
     assert guard.stats().healthy
@@ -295,11 +293,23 @@ def test_store_objects_on_one_hung_mount_strand_at_most_four_workers_together(
     assert guard.stats().abandoned == guard.max_abandoned  # not 4 per store object
     assert refused == 3 * len(stores) - guard.max_abandoned
     mount.set_mode("ok")
-    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
-    while guard.stats().abandoned and time.monotonic() < end:
-        time.sleep(0.05)
+    _reaped(guard)
     assert guard.stats().abandoned == 0
     assert stores[1].resolve("db", deadline=20).version
+
+
+def _hang(mount: FaultyMount) -> None:
+    """Hang the mount, past the kernel's cache of its root's attributes."""
+    mount.set_mode("hang")
+    time.sleep(ROOT_CACHED)
+
+
+def _reaped(*guards: MountGuard) -> None:
+    """Wait (30 s at most) until the workers stuck in the mount have exited and are reaped:
+    they do once it answers."""
+    end = time.monotonic() + 30
+    while any(g.stats().abandoned for g in guards) and time.monotonic() < end:
+        time.sleep(0.05)
 
 
 def _opened_in_time(open_it: Callable[[], T], seconds: float) -> T:
@@ -327,8 +337,7 @@ def test_a_fallback_opens_and_serves_while_its_efs_mount_hangs(
     _efs, s3, both = _efs_then_s3(mount, moto_server, s3_bucket)
     src = write_tree(tmp_path / "src", {"chroma.sqlite3": os.urandom(50_000)})
     version = both.publish("db", src).version
-    mount.set_mode("hang")
-    time.sleep(ROOT_CACHED)
+    _hang(mount)
     cfg = StoreConfig(
         url=f"efs://{mount.mountpoint}",
         fallback_url=f"s3://{s3_bucket}/snaps",
@@ -359,8 +368,7 @@ def test_a_store_opened_on_a_hung_mount_learns_its_folder_once_it_answers(
 
     src, version = _publish_direct(mount, tmp_path)
     healthy = _efs_store(mount)
-    mount.set_mode("hang")
-    time.sleep(ROOT_CACHED)
+    _hang(mount)
     clock = Clock()
     store = _opened_in_time(lambda: _efs_store(mount, clock), OPEN_SECONDS + 2.0)
     guard = store.backend.guard  # type: ignore[attr-defined]
@@ -380,9 +388,7 @@ def test_a_store_opened_on_a_hung_mount_learns_its_folder_once_it_answers(
         OPEN_SECONDS + 2.0,
     )
     mount.set_mode("ok")
-    end = time.monotonic() + 30  # the stuck workers exit once the mount answers
-    while (guard.stats().abandoned or gone_guard.stats().abandoned) and time.monotonic() < end:
-        time.sleep(0.05)
+    _reaped(guard, gone_guard)
     clock.now += 31  # past any cool-down
     assert store.resolve("db", deadline=10).version == version
     assert store.folders == healthy.folders != ()
@@ -400,17 +406,14 @@ def test_a_mirror_opened_on_a_hung_mount_keeps_a_source_inside_it_out(
     from chroma_snapshots import InvalidInputError
     from chroma_snapshots.engine.deadline import within
 
-    mount.set_mode("hang")
-    time.sleep(ROOT_CACHED)
+    _hang(mount)
     efs = _opened_in_time(lambda: within(Deadline(0.5), lambda: _efs_store(mount)), 1.5)
     assert efs.folders == ()
     main = RemoteStore(FileBackend(tmp_path / "main"), chunk_size=4096)
     both = FallbackStore([efs, main], mirror=True)
     mount.set_mode("ok")
     guard = efs.backend.guard  # type: ignore[attr-defined]
-    end = time.monotonic() + 30  # the stuck worker exits once the mount answers
-    while guard.stats().abandoned and time.monotonic() < end:
-        time.sleep(0.05)
+    _reaped(guard)
     inside = write_tree(mount.source / "inside", {"a.bin": b"a" * 5000})
     with pytest.raises(InvalidInputError, match="inside the store"):
         both.publish("db", mount.mountpoint / "inside", deadline=10)
@@ -425,13 +428,30 @@ def test_opening_a_hung_mount_never_opens_the_breaker(mount: FaultyMount, tmp_pa
     # Whatever the guard's budget, even shorter than the opening's own wait: the mount that
     # answers again right after serves at once, not after a 30 s cool-down.
     _src, version = _publish_direct(mount, tmp_path)
-    mount.set_mode("hang")
-    time.sleep(ROOT_CACHED)
+    _hang(mount)
     store = _opened_in_time(lambda: _efs_store(mount, op_timeout=1.0), 3.0)
     guard = store.backend.guard  # type: ignore[attr-defined]
     mount.set_mode("ok")
-    end = time.monotonic() + 30
-    while guard.stats().abandoned and time.monotonic() < end:
-        time.sleep(0.05)
+    _reaped(guard)
     assert guard.stats().healthy
     assert store.resolve("db", deadline=10).version == version
+
+
+def test_a_publish_loses_at_most_the_opening_wait_to_a_mirror_still_hung(
+    mount: FaultyMount, tmp_path: Path
+) -> None:
+    # The publish asks each mirror for its folder before it reads the source: a mirror that
+    # hung since it opened costs OPEN_SECONDS of the publish's time, not half of it.
+    from chroma_snapshots.backends.file import OPEN_SECONDS
+
+    _hang(mount)
+    efs = _opened_in_time(lambda: _efs_store(mount, op_timeout=8.0), OPEN_SECONDS + 2.0)
+    main = RemoteStore(FileBackend(tmp_path / "main"), chunk_size=4096)
+    both = FallbackStore([efs, main], mirror=True)
+    src = write_tree(tmp_path / "src", {"a.bin": b"c" * 5000})
+    t = time.monotonic()
+    version = both.publish("db", src, deadline=20).version
+    assert time.monotonic() - t < OPEN_SECONDS + 1.5
+    assert main.resolve("db").version == version
+    mount.set_mode("ok")
+    _reaped(efs.backend.guard)  # type: ignore[attr-defined]

@@ -22,10 +22,11 @@ from chroma_snapshots.engine.guard import MountGuard
 from chroma_snapshots.errors import BackendUnavailableError, StorageTimeoutError
 
 log = logging.getLogger(__name__)
-# How long opening a store on a guarded mount waits for the mount: one that has not answered
-# by then opens anyway, unknown, so that a FallbackStore (or a cache serving stale) made in
-# a Lambda's init still serves from its other store; the first call that needs the mount
-# asks again. A mount that answers does so in milliseconds.
+# How long asking a guarded mount for the store's folder waits (opening the store, and a
+# publish asking before it reads its source): a store whose mount has not answered by then
+# opens anyway, unknown, so that a FallbackStore (or a cache serving stale) made in a
+# Lambda's init still serves from its other store, and a publish through a FallbackStore
+# loses at most this much to a mirror that hangs. A mount that answers does so in ms.
 OPEN_SECONDS = 2.0
 
 
@@ -73,8 +74,9 @@ class FileBackend(Backend):
 
     def folder(self) -> Place:
         """As Backend.folder; on a mount that did not answer when the store opened, asked
-        now (within the caller's deadline): StorageTimeoutError while it still does not."""
-        return self._place or self._learn(current_deadline())
+        now (within the caller's deadline, at most OPEN_SECONDS): StorageTimeoutError while
+        it still does not."""
+        return self._place or self._learn(current_deadline(), OPEN_SECONDS)
 
     def known_folder(self) -> Place | None:
         return self._place

@@ -292,7 +292,8 @@ class FallbackStore(SourceStore):
 
     def _known_mirrors(self, dl: Deadline) -> list[tuple[BackedStore, BackedStore]]:
         """The mirrors whose folders are known, each asked now (within ``share`` of the time
-        left) if its mount has not answered since it opened. One that still does not is
+        left, and at most the backend's own short wait) if its mount has not answered since
+        it opened. One that still does not is
         left out of this publish's mirroring: it could not take the copy anyway, and a
         source inside its folder is then never copied into it unchecked."""
         known = []
