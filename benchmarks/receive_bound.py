@@ -15,8 +15,9 @@ measured, not derived, for any checkout built on those receive paths. Local boun
 and BLAKE3 of the same files from the page cache (one thread) and `cat > /dev/null`. "Past
 start-up" subtracts what a process spent before its first request: each bare client prints
 it; for the checkout it is the same command on a one-file snapshot in the same rounds.
-Every client is its own process, the order rotated every round, the disk settled and
-memory left to go cold before each run (compare.COLD_PAUSE); CPU is user + system from
+Every client is its own process, the order rotated every round, the disk settled, the
+page cache in the same state (compare.settle) and memory left to go cold before each run
+(compare.COLD_PAUSE); CPU is user + system from
 wait4, RSS is VmHWM, and the server's CPU is read from /proc (the client shares the
 machine's cores with it).
 
@@ -124,7 +125,7 @@ def _one(
 ) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    settle(pause=pause)
+    dropped = settle(pause=pause, warm=srv.data_dir)
     pid = srv._proc.pid if srv._proc else 0
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
@@ -133,6 +134,7 @@ def _one(
         if got != (4096 if name == STARTUP else gib << 30):
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+    row["page_cache_dropped"] = dropped
     if name in CLIENTS:  # its last line: bytes, digest, CPU s before the first request
         row["startup_cpu_s"] = float((work / "client.log").read_text().split()[-1])
     row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}

@@ -9,8 +9,8 @@ and splits the client's CPU into: copying into the page cache (the kernel half o
 file), copying out of sockets (receiving), the rest of the kernel, the chunk hash (sha256 in
 libcrypto, BLAKE3 in the blake3 module), the interpreter (libpython) and everything
 else, as CPU s/GiB and percent; then the kernel functions that make up "other kernel".
-Each run waits COLD_PAUSE after the page cache is flushed, as compare.py's cold runs do
-(memory freed by the last run goes cold).
+Each run waits COLD_PAUSE after the page cache is flushed and put in the same state, as
+compare.py's cold runs do (compare.settle; memory freed by the last run goes cold).
 
 With --s5cmd the same profile is taken of `s5cmd cp` fetching the same 64 MiB files (not
 with --chroma): the kernel's share of a client that does only what the kernel must.
@@ -85,7 +85,7 @@ def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
 def profile(srv: S3rver, work: Path, gib: int, cpus: str | None, pause: float, s5: str) -> Row:
     dest, data = work / "out", work / "perf.data"
     shutil.rmtree(dest, ignore_errors=True)
-    settle(pause=pause)
+    settle(pause=pause, warm=srv.data_dir)
     cmd = ["perf", "record", "-q", "-e", "task-clock", "-F", str(HZ), "-o", str(data), "--"]
     if s5:
         cmd += [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{dest}/"]
