@@ -187,16 +187,32 @@ def test_a_store_folder_bound_elsewhere_is_found_inside_the_source(
     tmp_path: Path, run: Run
 ) -> None:
     # the store is data/store, opened as s (a bind of that folder alone): its spelled path
-    # has other parents, but the walk of data meets the store's own folder
+    # has other parents, but its place in the filesystem is inside data
     data = write_tree(tmp_path / "data", FILES)
     (data / "store").mkdir()
     with _bind(data / "store", tmp_path / "s") as s:
         store = RemoteStore(FileBackend(s))
-        with pytest.raises(InvalidInputError, match="the store's folder is inside"):
+        with pytest.raises(InvalidInputError, match="the store's folder .* is inside"):
             store.publish("db", data)
         code, _, err = run("--store", str(s), "publish", "db", str(data))
         assert code == 2, err
         assert list(store.versions("db")) == []
+
+
+def test_a_folder_inside_a_store_bound_elsewhere_is_inside_it(tmp_path: Path, run: Run) -> None:
+    # "x y" is store/inner under another name: the folders above it are tmp_path's, never the
+    # store's, so only where x is in its filesystem tells that it lies inside the store
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    inner = write_tree(tmp_path / "store" / "inner", FILES)
+    with _bind(inner, tmp_path / "x y") as x:  # mountinfo writes the space as \040
+        with pytest.raises(InvalidInputError, match="inside the store's folder"):
+            store.publish("db", x)
+        code, _, err = run("--store", str(tmp_path / "store"), "publish", "db", str(x))
+        assert code == 2, err
+        with pytest.raises(InvalidInputError, match="overlap"):
+            CachedStore(store, x / "cache")  # a cache inside the store, by another name
+    assert len(list(store.versions("db"))) == 1
 
 
 def test_a_mirror_inside_the_source_is_refused(tmp_path: Path) -> None:

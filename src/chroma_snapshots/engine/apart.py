@@ -4,12 +4,17 @@ A publish must not read the store it writes to, and a cache must not share a fol
 a store (docs/RELIABILITY.md). Comparing real paths misses a bind mount: ``/view`` bound to
 ``/data`` makes ``/view/store`` a folder of ``/data`` under another name. So a folder is
 known by the (device, inode) of itself and of every folder above it: one folder holds
-another when its own pair is among the other's.
+another when its own pair is among the other's. That chain misses a bind mount of a
+folder *inside* another (``/mnt/x`` bound to ``/store/db`` climbs to ``/mnt``, never to
+``/store``), so a folder is also known by where it is in its filesystem: the device and
+the path from that filesystem's root, which the kernel gives for every mount
+(/proc/self/mountinfo), whatever name the folder is reached by.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -28,10 +33,13 @@ class Place:
     path: str
     own: Ident | None
     chain: frozenset[Ident]
+    where: tuple[str, str] | None = None  # (device, path from its filesystem's root)
 
     def holds(self, other: Place) -> bool:
         """This folder is ``other`` or one of the folders above it."""
-        return self.own is not None and self.own in other.chain
+        if self.own is None:
+            return False
+        return self.own in other.chain or _within(other.where, self.where)
 
     def overlaps(self, other: Place) -> bool:
         """One of the two folders is, or holds, the other."""
@@ -57,8 +65,40 @@ def place_of(path: str | os.PathLike[str]) -> Place:
                 own = (st.st_dev, st.st_ino)
         parent = os.path.dirname(here)
         if parent == here:
-            return Place(real, own, frozenset(chain))
+            return Place(real, own, frozenset(chain), _where(real))
         here = parent
+
+
+def _within(inner: tuple[str, str] | None, outer: tuple[str, str] | None) -> bool:
+    if inner is None or outer is None or inner[0] != outer[0]:
+        return False
+    return inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/")
+
+
+def _where(real: str) -> tuple[str, str] | None:
+    """The device and the path from its filesystem's root of the real path ``real``, from
+    the last mount over the longest mount point above it; None without /proc."""
+    best: tuple[str, str, str] | None = None  # (mount point, device, root)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            mounts = [line.split(" ", 5)[2:5] for line in f]
+    except OSError:
+        return None
+    for device, root, point in mounts:
+        point = _unescape(point)
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, device, _unescape(root))
+    if best is None:
+        return None
+    point, device, root = best
+    rest = real[len(point) :].lstrip("/")
+    return device, os.path.join(root, rest) if rest else root
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes a space, tab, newline and backslash as an octal escape (\040 ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def sync_version(
     ref: str | None = "latest",
     deadline: DeadlineLike = None,
     verify: bool = False,
+    follow: bool = False,
 ) -> int:
     """Copy ``version`` of ``name`` from ``src`` to ``dst``: packs it lacks, then the manifest,
     then (if ``ref``) point ``dst``'s ref at it. Returns the bytes copied.
@@ -39,7 +40,9 @@ def sync_version(
     fails, the ref left as it was. Without a
     signing key for ``dst``, a signed version, or any version of a name whose ``latest`` in
     ``dst`` is signed, is ConfigError before anything is copied: the refs the sync moves
-    would go unsigned, and every reader holding the key would refuse them.
+    would go unsigned, and every reader holding the key would refuse them. ``follow`` (a
+    mirror's copy): the ref moves only while ``src``'s names ``version``
+    (:func:`follow_ref`), instead of against what it named when the sync began.
     """
     dl = as_deadline(deadline, src.default_timeout)
     manifest = src.load_manifest(name, version, deadline=dl)
@@ -53,7 +56,7 @@ def sync_version(
         # refs moved to it would go unsigned: readers holding the key would refuse the name
         where = "in the source" if sig is not None else "in the destination"
         raise unsigned_over_signed(f"{name} ({where})")
-    before = None if ref is None else dst.refs(name, deadline=dl).get(ref)
+    before = None if ref is None or follow else dst.refs(name, deadline=dl).get(ref)
     copied = 0
     # Claimed on dst like a publish claims its packs, so a prune of dst cannot delete a
     # pack we found there and rely on (docs/RELIABILITY.md, "Prune protocol").
@@ -78,7 +81,9 @@ def sync_version(
             d_io.put(mkey, manifest_v2.dumps(manifest), mode=PutMode.CREATE)
         if verify:
             check_copy(dst, name, version, dl)
-        if ref is not None:
+        if follow and ref is not None:
+            follow_ref(src, dst, name, ref, version, dl)  # the version still pinned
+        elif ref is not None:
             move_ref(dst, name, ref, version, before, dl)
     return copied
 
@@ -96,6 +101,31 @@ def move_ref(
     except ConflictError:
         if dst.refs(name, deadline=dl).get(ref) != version:
             raise
+
+
+def follow_ref(
+    src: BackedStore, dst: BackedStore, name: str, ref: str, version: str, dl: Deadline
+) -> bool:
+    """Point ``dst``'s ``ref`` (a mirror's) at ``version`` while ``src`` (the source of
+    truth) names it there; False once ``src`` names another version, whose own mirroring
+    moves ``dst``. So two publishers mirroring at once leave the mirror where the source of
+    truth is: a swap against what the mirror named when the copy began let the older
+    version's mirroring land after the newer one's (or between its read and its swap).
+    ``version`` must be whole in ``dst`` and kept from prunes (see ``sync_version``).
+
+    ``dst`` is read before ``src`` and moved by compare-and-swap against that read: a newer
+    version's mirroring reads ``dst`` only after ``src`` names that version, so either it
+    swaps after this one, or this one's swap fails, and the next look sees it."""
+    while True:
+        dl.check(f"mirroring {name}/{ref}")
+        seen = dst.refs(name, deadline=dl).get(ref)
+        if seen == version:
+            return True
+        if src.refs(name, deadline=dl).get(ref) != version:
+            return False
+        with contextlib.suppress(ConflictError):  # moved meanwhile: look again
+            dst.set_ref(name, ref, version, expected=seen, deadline=dl)
+            return True
 
 
 def check_copy(dst: BackedStore, name: str, version: str, dl: Deadline) -> None:

@@ -346,7 +346,7 @@ class FallbackStore(SourceStore):
         for source, store in self._mirrors if mirrors is None else mirrors:
             budget = dl.child(dl.remaining() * self.share)
             try:
-                sync_version(source, store, name, version, ref=ref, deadline=budget)
+                sync_version(source, store, name, version, ref=ref, deadline=budget, follow=True)
             except SnapshotError as e:
                 log.warning(
                     "mirroring %s/%s to %s failed (%s); the publish stands",
