@@ -192,7 +192,7 @@ def test_a_store_folder_bound_elsewhere_is_found_inside_the_source(
     (data / "store").mkdir()
     with _bind(data / "store", tmp_path / "s") as s:
         store = RemoteStore(FileBackend(s))
-        with pytest.raises(InvalidInputError, match="the store's folder .* is inside"):
+        with pytest.raises(InvalidInputError, match=r"the store's folder .* is inside"):
             store.publish("db", data)
         code, _, err = run("--store", str(s), "publish", "db", str(data))
         assert code == 2, err
