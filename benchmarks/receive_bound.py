@@ -125,7 +125,7 @@ def _one(
 ) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    dropped = settle(pause=pause, warm=srv.data_dir)
+    settle(pause=pause, evict=work, keep=(srv.data_dir, work / f"keep{gib}"))
     pid = srv._proc.pid if srv._proc else 0
     before = _server_cpu(pid)
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
@@ -134,7 +134,6 @@ def _one(
         if got != (4096 if name == STARTUP else gib << 30):
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
-    row["page_cache_dropped"] = dropped
     if name in CLIENTS:  # its last line: bytes, digest, CPU s before the first request
         row["startup_cpu_s"] = float((work / "client.log").read_text().split()[-1])
     row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}

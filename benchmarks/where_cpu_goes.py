@@ -85,7 +85,7 @@ def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
 def profile(srv: S3rver, work: Path, gib: int, cpus: str | None, pause: float, s5: str) -> Row:
     dest, data = work / "out", work / "perf.data"
     shutil.rmtree(dest, ignore_errors=True)
-    settle(pause=pause, warm=srv.data_dir)
+    settle(pause=pause, evict=work, keep=(srv.data_dir,))
     cmd = ["perf", "record", "-q", "-e", "task-clock", "-F", str(HZ), "-o", str(data), "--"]
     if s5:
         cmd += [s5, "--endpoint-url", srv.endpoint, "cp", f"s3://bench/g{gib}/*", f"{dest}/"]

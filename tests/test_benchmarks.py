@@ -65,8 +65,6 @@ def test_compare_smoke(tmp_path: Path) -> None:
         "s3fs get",
     }
     assert all(float(str(r["peak_rss_mib"])) > 1 for r in cold.values())
-    # every cold run starts from the same page cache where the runner may drop it (root)
-    assert all(r["page_cache_dropped"] is (os.geteuid() == 0) for r in timed)
     assert all(len(r["runs_cpu_s"]) == len(r["runs_s"]) for r in timed)  # each run's CPU
     warm = next(
         r
