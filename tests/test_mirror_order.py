@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from interleave import Gate, MemoryBackend, Schedule, plans, run_actors
 from reliability import LONG, record
 
-from chroma_snapshots import FallbackStore, RemoteStore
+from chroma_snapshots import ANY, FallbackStore, RemoteStore
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.testing.conformance import write_tree
@@ -36,25 +37,26 @@ def _latest(backend: Backend) -> str | None:
     return RemoteStore(backend).refs(NAME).get("latest")
 
 
-def test_two_publishers_mirroring_at_once_leave_the_mirror_where_the_truth_is(
-    tmp_path: Path,
-) -> None:
-    """B's first j steps at every step boundary i of A (A then to its end, B to its end),
-    and the same with A and B swapped: every run ends with the mirror's ``latest`` equal
-    to the source of truth's, naming a version whole on the mirror."""
+Action = Callable[[FallbackStore, str], object]
+
+
+def _explore(tmp_path: Path, actions: dict[str, Action], figure: str) -> int:
+    """The first j calls of one actor at every call boundary i of the other (then each to
+    its end), both ways: after every run the mirror's ``latest`` equals the source of
+    truth's and names a version whole on the mirror. Returns how many runs."""
     truth, mirror = MemoryBackend(), MemoryBackend()
     _fallback(mirror, truth).publish(NAME, _tree(tmp_path / "v1", "v1"))
-    sources = {a: _tree(tmp_path / a, a) for a in ("A", "B")}
+    first_version = RemoteStore(truth).refs(NAME)["latest"]
 
-    def publish(t: Backend, m: Backend, actor: str, schedule: Schedule | None) -> object:
-        return _fallback(Gate(m, schedule, actor), Gate(t, schedule, actor)).publish(
-            NAME, sources[actor]
+    def act(t: Backend, m: Backend, actor: str, schedule: Schedule | None) -> object:
+        return actions[actor](
+            _fallback(Gate(m, schedule, actor), Gate(t, schedule, actor)), first_version
         )
 
     counts = {}
-    for a in sources:  # each alone, to count its backend calls
+    for a in actions:  # each alone, to count its backend calls
         tg, mg = Gate(truth.copy(), None, a), Gate(mirror.copy(), None, a)
-        _fallback(mg, tg).publish(NAME, sources[a])
+        actions[a](_fallback(mg, tg), first_version)
         counts[a] = tg.calls + mg.calls
     ended: Counter[str] = Counter()
     runs = 0
@@ -65,15 +67,37 @@ def test_two_publishers_mirroring_at_once_leave_the_mirror_where_the_truth_is(
                 continue  # the short suite: every STRIDE-th step of each; the long, all
             t, m = truth.copy(), mirror.copy()
             schedule = Schedule(plan, [first, second])
-            outcomes = run_actors(
-                schedule, {a: partial(publish, t, m, a, schedule) for a in sources}
-            )
+            outcomes = run_actors(schedule, {a: partial(act, t, m, a, schedule) for a in actions})
             for actor, o in outcomes.items():
                 if o.error is not None and not isinstance(o.error, SnapshotError):
                     raise AssertionError(f"{actor}: {o.error!r} at {plan}") from o.error
                 ended[type(o.error).__name__ if o.error else "ok"] += 1
-            assert _latest(m) == _latest(t), f"mirror behind the truth after {plan}"
+            assert _latest(m) == _latest(t), f"mirror not where the truth is after {plan}"
             assert RemoteStore(m).verify(NAME, _latest(m) or "").ok
             runs += 1
-    record("mirror-two-publishers", {"runs": runs, "steps": counts, "ended": ended})
-    assert runs > 50
+    record(figure, {"runs": runs, "steps": counts, "ended": ended})
+    return runs
+
+
+def test_two_publishers_mirroring_at_once_leave_the_mirror_where_the_truth_is(
+    tmp_path: Path,
+) -> None:
+    sources = {a: _tree(tmp_path / a, a) for a in ("A", "B")}
+    actions: dict[str, Action] = {
+        a: partial(lambda src, fb, _v1: fb.publish(NAME, src), sources[a]) for a in sources
+    }
+    assert _explore(tmp_path, actions, "mirror-two-publishers") > 50
+
+
+def test_a_rollback_racing_a_publish_leaves_the_mirror_where_the_truth_is(
+    tmp_path: Path,
+) -> None:
+    """The rollback's own mirroring finds the mirror already at v1 and writes nothing; the
+    publish's swap, read before the rollback, then lands on the mirror after it: without a
+    look at the truth after the swap the mirror kept the version rolled back."""
+    src = _tree(tmp_path / "A", "A")
+    actions: dict[str, Action] = {
+        "A": lambda fb, _v1: fb.publish(NAME, src),
+        "B": lambda fb, v1: fb.set_ref(NAME, "latest", v1, expected=ANY),
+    }
+    assert _explore(tmp_path, actions, "mirror-publish-and-rollback") > 50

@@ -41,8 +41,8 @@ def sync_version(
     signing key for ``dst``, a signed version, or any version of a name whose ``latest`` in
     ``dst`` is signed, is ConfigError before anything is copied: the refs the sync moves
     would go unsigned, and every reader holding the key would refuse them. ``follow`` (a
-    mirror's copy): the ref moves only while ``src``'s names ``version``
-    (:func:`follow_ref`), instead of against what it named when the sync began.
+    mirror's copy): the ref moves to where ``src``'s is (:func:`follow_ref`), instead of
+    against what it named when the sync began.
     """
     dl = as_deadline(deadline, src.default_timeout)
     manifest = src.load_manifest(name, version, deadline=dl)
@@ -105,27 +105,32 @@ def move_ref(
 
 def follow_ref(
     src: BackedStore, dst: BackedStore, name: str, ref: str, version: str, dl: Deadline
-) -> bool:
-    """Point ``dst``'s ``ref`` (a mirror's) at ``version`` while ``src`` (the source of
-    truth) names it there; False once ``src`` names another version, whose own mirroring
-    moves ``dst``. So two publishers mirroring at once leave the mirror where the source of
-    truth is: a swap against what the mirror named when the copy began let the older
-    version's mirroring land after the newer one's (or between its read and its swap).
+) -> None:
+    """Point ``dst``'s ``ref`` (a mirror's) where ``src``'s (the source of truth's) is,
+    after copying ``version`` there: a version ``dst`` lacks is left to its own mirroring.
+    So writers mirroring at once leave the mirror where the source of truth is: a swap
+    against what the mirror named when the copy began let an older version's mirroring
+    land after a newer one's, and a swap that landed after the source of truth moved on
+    (a rollback that found the mirror already where it pointed) stayed there.
     ``version`` must be whole in ``dst`` and kept from prunes (see ``sync_version``).
 
-    ``dst`` is read before ``src`` and moved by compare-and-swap against that read: a newer
-    version's mirroring reads ``dst`` only after ``src`` names that version, so either it
-    swaps after this one, or this one's swap fails, and the next look sees it."""
+    Each look reads ``dst``, then ``src``, and swaps against the first read; after a swap
+    it looks again, so the last swap to land is checked against ``src`` after it landed."""
     while True:
         dl.check(f"mirroring {name}/{ref}")
         seen = dst.refs(name, deadline=dl).get(ref)
-        if seen == version:
-            return True
-        if src.refs(name, deadline=dl).get(ref) != version:
-            return False
-        with contextlib.suppress(ConflictError):  # moved meanwhile: look again
-            dst.set_ref(name, ref, version, expected=seen, deadline=dl)
-            return True
+        want = src.refs(name, deadline=dl).get(ref)
+        if want is None or want == seen:
+            return
+        try:
+            dst.set_ref(name, ref, want, expected=seen, deadline=dl)
+        except ConflictError:
+            if dst.refs(name, deadline=dl).get(ref) == seen:
+                raise  # refused, not raced (a prune deleting it): looking again would spin
+        except SnapshotNotFoundError:
+            if want == version:
+                raise
+            return  # not in dst yet: that version's own mirroring moves the ref
 
 
 def check_copy(dst: BackedStore, name: str, version: str, dl: Deadline) -> None:
