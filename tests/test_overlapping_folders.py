@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -145,18 +145,23 @@ def test_a_folder_inside_the_store_is_refused(tmp_path: Path, run: Run) -> None:
 
 
 @contextmanager
-def _bind(folder: Path, at: Path) -> Iterator[Path]:
-    """``folder`` bound over ``at`` (made): the same folder under another name."""
+def _mount(what: list[str], at: Path) -> Iterator[Path]:
+    """``mount WHAT... at`` (``at`` made, if missing), unmounted after."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         if os.environ.get("CI"):
-            pytest.fail("bind mounts are required in CI (root and mount(8))")
-        pytest.skip("bind mounts need root")
-    at.mkdir()
-    subprocess.run(["mount", "--bind", str(folder), str(at)], check=True)
+            pytest.fail("mounts are required in CI (root and mount(8))")
+        pytest.skip("mounts need root")
+    at.mkdir(exist_ok=True)
+    subprocess.run(["mount", *what, str(at)], check=True)
     try:
         yield at
     finally:
         subprocess.run(["umount", "-l", str(at)], check=True)
+
+
+def _bind(folder: Path, at: Path) -> AbstractContextManager[Path]:
+    """``folder`` bound over ``at`` (made): the same folder under another name."""
+    return _mount(["--bind", str(folder)], at)
 
 
 @pytest.fixture
@@ -212,6 +217,51 @@ def test_a_folder_inside_a_store_bound_elsewhere_is_inside_it(tmp_path: Path, ru
         assert code == 2, err
         with pytest.raises(InvalidInputError, match="overlap"):
             CachedStore(store, x / "cache")  # a cache inside the store, by another name
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_filesystem_mounted_inside_a_store_is_inside_it_under_any_name(
+    tmp_path: Path, run: Run
+) -> None:
+    # a tmpfs at store/t: its folder src, bound at elsewhere, has no folder of the store
+    # above it and another device; a mount below the store's folder shows it
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    with _mount(["-t", "tmpfs", "tmpfs"], tmp_path / "store" / "t") as t:
+        inner = write_tree(t / "src", FILES)
+        with _bind(inner, tmp_path / "elsewhere") as elsewhere:
+            with pytest.raises(InvalidInputError, match="inside the store's folder"):
+                store.publish("db", elsewhere)
+            code, _, err = run("--store", str(tmp_path / "store"), "publish", "db", str(elsewhere))
+            assert code == 2, err
+            with pytest.raises(InvalidInputError, match="overlap"):
+                CachedStore(store, elsewhere / "cache")
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_source_holding_a_mount_of_a_folder_inside_the_store_is_refused(
+    tmp_path: Path, run: Run
+) -> None:
+    # src/sub shows the store's db/: each publish would copy the store into itself
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    src = write_tree(tmp_path / "src", FILES)
+    store.publish("db", src)
+    with _bind(tmp_path / "store" / "db", src / "sub"):
+        with pytest.raises(InvalidInputError, match="is mounted in the folder being published"):
+            store.publish("db", src)
+        code, _, err = run("--store", str(tmp_path / "store"), "publish", "db", str(src))
+        assert code == 2, err
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_source_holding_other_mounts_is_published(tmp_path: Path) -> None:
+    # a tmpfs and a bind of a folder outside the store, inside the source: nothing refused
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    src = write_tree(tmp_path / "src", FILES)
+    other = write_tree(tmp_path / "store2", FILES)  # a name the store's starts
+    with _mount(["-t", "tmpfs", "tmpfs"], src / "t"), _bind(other, src / "b"):
+        (src / "t" / "f").write_bytes(b"on the tmpfs")
+        store.publish("db", src)
     assert len(list(store.versions("db"))) == 1
 
 

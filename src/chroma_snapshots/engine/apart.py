@@ -22,28 +22,46 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
+Where = tuple[str, str]  # (device, path from its filesystem's root): a folder under any name
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Place:
     """A folder: its real path, its own (device, inode) (None while it does not exist),
-    and those of every folder above it, itself included."""
+    and those of every folder above it, itself included. What the mounts show of it is
+    read from the mount table at each comparison: mounts come and go after a store opens."""
 
     path: str
     own: Ident | None
     chain: frozenset[Ident]
-    where: tuple[str, str] | None = None  # (device, path from its filesystem's root)
 
     def holds(self, other: Place) -> bool:
-        """This folder is ``other`` or one of the folders above it."""
+        """This folder is ``other`` or one of the folders above it, or a mount below it
+        shows ``other`` (a filesystem mounted inside it, reached elsewhere by a bind)."""
         if self.own is None:
             return False
-        return self.own in other.chain or _within(other.where, self.where)
+        if self.own in other.chain:
+            return True
+        mounts = _mounts()
+        inner = _where(other.path, mounts)
+        shown = [_where(self.path, mounts), *_below(self.path, mounts)]
+        return any(_within(inner, outer) for outer in shown)
+
+    def shows_part_of(self, other: Place) -> bool:
+        """A mount at or below this folder shows a folder inside ``other``."""
+        mounts = _mounts()
+        outer = _where(other.path, mounts)
+        return any(_within(shown, outer) for shown in _below(self.path, mounts))
 
     def overlaps(self, other: Place) -> bool:
-        """One of the two folders is, or holds, the other."""
-        return self.holds(other) or other.holds(self)
+        """One of the two folders is, or holds, the other, or shows a part of it."""
+        return (
+            self.holds(other)
+            or other.holds(self)
+            or self.shows_part_of(other)
+            or other.shows_part_of(self)
+        )
 
 
 def place_of(path: str | os.PathLike[str]) -> Place:
@@ -65,35 +83,48 @@ def place_of(path: str | os.PathLike[str]) -> Place:
                 own = (st.st_dev, st.st_ino)
         parent = os.path.dirname(here)
         if parent == here:
-            return Place(real, own, frozenset(chain), _where(real))
+            return Place(real, own, frozenset(chain))
         here = parent
 
 
-def _within(inner: tuple[str, str] | None, outer: tuple[str, str] | None) -> bool:
+def _within(inner: Where | None, outer: Where | None) -> bool:
     if inner is None or outer is None or inner[0] != outer[0]:
         return False
     return inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/")
 
 
-def _where(real: str) -> tuple[str, str] | None:
-    """The device and the path from its filesystem's root of the real path ``real``, from
-    the last mount over the longest mount point above it; None without /proc."""
-    best: tuple[str, str, str] | None = None  # (mount point, device, root)
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, device, root) of every mount, in mount order; none without /proc."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            mounts = [line.split(" ", 5)[2:5] for line in f]
+            fields = [line.split(" ", 5)[2:5] for line in f]
     except OSError:
-        return None
-    for device, root, point in mounts:
-        point = _unescape(point)
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, device, _unescape(root))
+        return []
+    return [(_unescape(point), device, _unescape(root)) for device, root, point in fields]
+
+
+def _at_or_below(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _where(real: str, mounts: list[tuple[str, str, str]]) -> Where | None:
+    """The device and the path from its filesystem's root of the real path ``real``, from
+    the last mount over the longest mount point above it."""
+    best: tuple[str, str, str] | None = None
+    for point, device, root in mounts:
+        if _at_or_below(real, point) and (best is None or len(point) >= len(best[0])):
+            best = (point, device, root)
     if best is None:
         return None
     point, device, root = best
     rest = real[len(point) :].lstrip("/")
     return device, os.path.join(root, rest) if rest else root
+
+
+def _below(real: str, mounts: list[tuple[str, str, str]]) -> tuple[Where, ...]:
+    """What each mount at or below ``real`` shows: its device and root. Read from the
+    mount table alone, so no folder is touched (one may be on a hung mount)."""
+    return tuple((device, root) for point, device, root in mounts if _at_or_below(point, real))
 
 
 def _unescape(field: str) -> str:

@@ -361,6 +361,11 @@ def check_apart(source_dir: str | Path, extra: Sequence[KeptOut] = ()) -> dict[I
                     f"{k.what} {k.place.path} is inside the folder being published "
                     f"({source.path}): publish a folder that does not hold it"
                 )
+            if source.shows_part_of(k.place):
+                raise InvalidInputError(
+                    f"a folder inside {k.what} {k.place.path} is mounted in the folder being "
+                    f"published ({source.path}): publish a folder that does not hold it"
+                )
             if k.both_ways and k.place.holds(source):
                 raise InvalidInputError(
                     f"the folder being published ({source.path}) is inside {k.what} "
