@@ -8,7 +8,8 @@ another when its own pair is among the other's. That chain misses a bind mount o
 folder *inside* another (``/mnt/x`` bound to ``/store/db`` climbs to ``/mnt``, never to
 ``/store``), so a folder is also known by where it is in its filesystem: the device and
 the path from that filesystem's root, which the kernel gives for every mount
-(/proc/self/mountinfo), whatever name the folder is reached by.
+(/proc/self/mountinfo), whatever name the folder is reached by, and by what each mount
+below it shows (a filesystem mounted inside a store, reached elsewhere by a bind).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TypeVar
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
 Where = tuple[str, str]  # (device, path from its filesystem's root): a folder under any name
+Mount = tuple[str, str, str]  # (mount point, device, root), from /proc/self/mountinfo
 T = TypeVar("T")
 
 
@@ -39,29 +41,34 @@ class Place:
     def holds(self, other: Place) -> bool:
         """This folder is ``other`` or one of the folders above it, or a mount below it
         shows ``other`` (a filesystem mounted inside it, reached elsewhere by a bind)."""
+        return self._holds(other, _mounts())
+
+    def shows_part_of(self, other: Place) -> bool:
+        """A mount at or below this folder shows a folder inside ``other``."""
+        return self._shows_part_of(other, _mounts())
+
+    def overlaps(self, other: Place) -> bool:
+        """One of the two folders is, or holds, the other, or shows a part of it."""
+        mounts = _mounts()  # one read of the mount table for the four questions
+        return (
+            self._holds(other, mounts)
+            or other._holds(self, mounts)
+            or self._shows_part_of(other, mounts)
+            or other._shows_part_of(self, mounts)
+        )
+
+    def _holds(self, other: Place, mounts: list[Mount]) -> bool:
         if self.own is None:
             return False
         if self.own in other.chain:
             return True
-        mounts = _mounts()
         inner = _where(other.path, mounts)
         shown = [_where(self.path, mounts), *_below(self.path, mounts)]
         return any(_within(inner, outer) for outer in shown)
 
-    def shows_part_of(self, other: Place) -> bool:
-        """A mount at or below this folder shows a folder inside ``other``."""
-        mounts = _mounts()
+    def _shows_part_of(self, other: Place, mounts: list[Mount]) -> bool:
         outer = _where(other.path, mounts)
         return any(_within(shown, outer) for shown in _below(self.path, mounts))
-
-    def overlaps(self, other: Place) -> bool:
-        """One of the two folders is, or holds, the other, or shows a part of it."""
-        return (
-            self.holds(other)
-            or other.holds(self)
-            or self.shows_part_of(other)
-            or other.shows_part_of(self)
-        )
 
 
 def place_of(path: str | os.PathLike[str]) -> Place:
@@ -90,10 +97,10 @@ def place_of(path: str | os.PathLike[str]) -> Place:
 def _within(inner: Where | None, outer: Where | None) -> bool:
     if inner is None or outer is None or inner[0] != outer[0]:
         return False
-    return inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/")
+    return _at_or_below(inner[1], outer[1])
 
 
-def _mounts() -> list[tuple[str, str, str]]:
+def _mounts() -> list[Mount]:
     """(mount point, device, root) of every mount, in mount order; none without /proc."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -107,7 +114,7 @@ def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _where(real: str, mounts: list[tuple[str, str, str]]) -> Where | None:
+def _where(real: str, mounts: list[Mount]) -> Where | None:
     """The device and the path from its filesystem's root of the real path ``real``, from
     the last mount over the longest mount point above it."""
     best: tuple[str, str, str] | None = None
@@ -121,7 +128,7 @@ def _where(real: str, mounts: list[tuple[str, str, str]]) -> Where | None:
     return device, os.path.join(root, rest) if rest else root
 
 
-def _below(real: str, mounts: list[tuple[str, str, str]]) -> tuple[Where, ...]:
+def _below(real: str, mounts: list[Mount]) -> tuple[Where, ...]:
     """What each mount at or below ``real`` shows: its device and root. Read from the
     mount table alone, so no folder is touched (one may be on a hung mount)."""
     return tuple((device, root) for point, device, root in mounts if _at_or_below(point, real))
