@@ -265,6 +265,69 @@ def test_a_source_holding_other_mounts_is_published(tmp_path: Path) -> None:
     assert len(list(store.versions("db"))) == 1
 
 
+def _overlay(
+    tmp_path: Path, at: Path, lower: Path, upper: Path | None = None
+) -> AbstractContextManager[Path]:
+    """An overlay at ``at`` of ``lower`` (and ``upper``, written through; a read-only
+    overlay without), beside a second lower folder whose name holds a colon."""
+    other = write_tree(tmp_path / "a:b c", {"o": b"other"})
+    layers = f"lowerdir={lower}:{str(other).replace(':', chr(92) + ':')}"
+    if upper is not None:
+        upper.mkdir(exist_ok=True)
+        (tmp_path / "work").mkdir(exist_ok=True)
+        layers += f",upperdir={upper},workdir={tmp_path / 'work'}"
+    return _mount(["-t", "overlay", "overlay", "-o", layers], at)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shown", "source", "what"),
+    [
+        ("lower", "store", "ov", "the store's folder .* is inside the folder being published"),
+        ("lower", "store/db", "ov", "a folder inside the store's folder .* is mounted"),
+        ("lower", "store", "ov/db", "inside the store's folder"),
+        ("upper", "store/db", "src", "a folder inside the store's folder .* is mounted"),
+        ("upper", "store", "src/ov", "the store's folder .* is inside the folder being published"),
+    ],
+)
+def test_an_overlay_showing_the_store_is_refused(
+    tmp_path: Path, run: Run, layer: str, shown: str, source: str, what: str
+) -> None:
+    # the mount table shows an overlay as the root of a device of its own: only its options
+    # name the folders it shows, and a publish of it would copy the store into itself
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", FILES))
+    ov = tmp_path / ("src/ov" if source.startswith("src") else "ov")
+    lower, upper = (
+        (tmp_path / shown, None) if layer == "lower" else (tmp_path / "lo", tmp_path / shown)
+    )
+    (tmp_path / "lo").mkdir()
+    with _overlay(tmp_path, ov, lower, upper):
+        with pytest.raises(InvalidInputError, match=what):
+            store.publish("db", tmp_path / source)
+        code, _, err = run(
+            "--store", str(tmp_path / "store"), "publish", "db", str(tmp_path / source)
+        )
+        assert code == 2, err
+        if source != "src":  # a cache beside the overlay is apart from the store
+            with pytest.raises(InvalidInputError, match="overlap"):
+                CachedStore(store, tmp_path / source / "cache")
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_an_overlay_of_other_folders_is_published(tmp_path: Path) -> None:
+    # lower and upper folders outside the store (one a name the store's starts): published
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    lower = write_tree(tmp_path / "store2", FILES)
+    with _overlay(tmp_path, tmp_path / "ov", lower, tmp_path / "up") as ov:
+        (ov / "new").write_bytes(b"written through")
+        v = store.publish("db", ov)
+        assert read_tree(store.checkout("db", v.version, tmp_path / "out").path) == {
+            **FILES,
+            "o": b"other",
+            "new": b"written through",
+        }
+
+
 def test_a_mirror_inside_the_source_is_refused(tmp_path: Path) -> None:
     src = write_tree(tmp_path / "src", FILES)
     mirror = RemoteStore(FileBackend(src / "mirror"))

@@ -9,7 +9,9 @@ folder *inside* another (``/mnt/x`` bound to ``/store/db`` climbs to ``/mnt``, n
 ``/store``), so a folder is also known by where it is in its filesystem: the device and
 the path from that filesystem's root, which the kernel gives for every mount
 (/proc/self/mountinfo), whatever name the folder is reached by, and by what each mount
-below it shows (a filesystem mounted inside a store, reached elsewhere by a bind).
+below it shows (a filesystem mounted inside a store, reached elsewhere by a bind). An
+overlay shows its layers' folders too: the mount table names them in its options
+(``lowerdir=``, ``upperdir=``), by the names they were given when it was mounted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import TypeVar
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
 Where = tuple[str, str]  # (device, path from its filesystem's root): a folder under any name
-Mount = tuple[str, str, str]  # (mount point, device, root), from /proc/self/mountinfo
+# (mount point, device, root, the folders an overlay's layers are), from /proc/self/mountinfo
+Mount = tuple[str, str, str, tuple[str, ...]]
 T = TypeVar("T")
 
 
@@ -62,13 +65,11 @@ class Place:
             return False
         if self.own in other.chain:
             return True
-        inner = _where(other.path, mounts)
-        shown = [_where(self.path, mounts), *_below(self.path, mounts)]
-        return any(_within(inner, outer) for outer in shown)
+        shown = [*_wheres(self.path, mounts), *_below(self.path, mounts)]
+        return _any_within(_wheres(other.path, mounts), shown)
 
     def _shows_part_of(self, other: Place, mounts: list[Mount]) -> bool:
-        outer = _where(other.path, mounts)
-        return any(_within(shown, outer) for shown in _below(self.path, mounts))
+        return _any_within(_below(self.path, mounts), _wheres(other.path, mounts))
 
 
 def place_of(path: str | os.PathLike[str]) -> Place:
@@ -94,44 +95,75 @@ def place_of(path: str | os.PathLike[str]) -> Place:
         here = parent
 
 
-def _within(inner: Where | None, outer: Where | None) -> bool:
-    if inner is None or outer is None or inner[0] != outer[0]:
-        return False
-    return _at_or_below(inner[1], outer[1])
+def _any_within(inner: Iterable[Where], outer: Iterable[Where]) -> bool:
+    tops = list(outer)
+    return any(i[0] == o[0] and _at_or_below(i[1], o[1]) for i in inner for o in tops)
 
 
 def _mounts() -> list[Mount]:
-    """(mount point, device, root) of every mount, in mount order; none without /proc."""
+    """Every mount, in mount order; none without /proc."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            fields = [line.split(" ", 5)[2:5] for line in f]
+            lines = [line.rstrip("\n").split(" ", 5) for line in f]
     except OSError:
         return []
-    return [(_unescape(point), device, _unescape(root)) for device, root, point in fields]
+    return [
+        (_unescape(point), device, _unescape(root), _layers(rest))
+        for _, _, device, root, point, rest in lines
+    ]
+
+
+def _layers(rest: str) -> tuple[str, ...]:
+    """The absolute names of an overlay's lower and upper folders, from the end of its
+    mountinfo line (``... - overlay SOURCE rw,lowerdir=/a:/b,upperdir=/u,...``)."""
+    fstype, _, after = rest.partition(" - ")[2].partition(" ")
+    if fstype != "overlay":
+        return ()
+    found: list[str] = []
+    for option in after.partition(" ")[2].split(","):
+        key, _, value = option.partition("=")
+        if key in ("lowerdir", "lowerdir+", "upperdir", "datadir+"):
+            found += _split_layers(_unescape(value))
+    return tuple(os.path.normpath(name) for name in found if name.startswith("/"))
+
+
+def _split_layers(value: str) -> list[str]:
+    # lower folders are split by ":" ("::" before data-only ones); a backslash escapes a colon
+    return [re.sub(r"\\(.)", r"\1", name) for name in re.findall(r"(?:\\.|[^:\\])+", value)]
 
 
 def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _where(real: str, mounts: list[Mount]) -> Where | None:
-    """The device and the path from its filesystem's root of the real path ``real``, from
-    the last mount over the longest mount point above it."""
-    best: tuple[str, str, str] | None = None
-    for point, device, root in mounts:
-        if _at_or_below(real, point) and (best is None or len(point) >= len(best[0])):
-            best = (point, device, root)
+def _wheres(real: str, mounts: list[Mount], depth: int = 0) -> list[Where]:
+    """Where the real path ``real`` is: the device and the path from its filesystem's root,
+    from the last mount over the longest mount point above it; and, under an overlay, the
+    same path in each of its layers (the kernel stacks overlays two deep at most)."""
+    best: Mount | None = None
+    for m in mounts:
+        if _at_or_below(real, m[0]) and (best is None or len(m[0]) >= len(best[0])):
+            best = m
     if best is None:
-        return None
-    point, device, root = best
+        return []
+    point, device, root, layers = best
     rest = real[len(point) :].lstrip("/")
-    return device, os.path.join(root, rest) if rest else root
+    found = [(device, os.path.join(root, rest) if rest else root)]
+    for layer in layers if depth < 3 else ():
+        found += _wheres(os.path.join(layer, rest) if rest else layer, mounts, depth + 1)
+    return found
 
 
-def _below(real: str, mounts: list[Mount]) -> tuple[Where, ...]:
-    """What each mount at or below ``real`` shows: its device and root. Read from the
-    mount table alone, so no folder is touched (one may be on a hung mount)."""
-    return tuple((device, root) for point, device, root in mounts if _at_or_below(point, real))
+def _below(real: str, mounts: list[Mount]) -> list[Where]:
+    """What each mount at or below ``real`` shows: its device and root, and its layers'
+    folders. Read from the mount table alone, so no folder is touched (one may be on a
+    hung mount)."""
+    found: list[Where] = []
+    for point, device, root, layers in mounts:
+        if _at_or_below(point, real):
+            found.append((device, root))
+            found += [w for layer in layers for w in _wheres(layer, mounts, 1)]
+    return found
 
 
 def _unescape(field: str) -> str:
