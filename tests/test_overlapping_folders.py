@@ -134,6 +134,24 @@ def test_a_refused_cli_publish_leaves_nothing_in_the_folder(
         assert _everything(src) == before, flags  # no store or cache folder made in it
 
 
+@pytest.mark.parametrize("command", [["publish"], ["publish", "--dry-run"], ["status"]])
+def test_a_cache_overlapping_the_store_is_refused_by_a_dry_run_too(
+    tmp_path: Path, run: Run, command: list[str]
+) -> None:
+    # what the publish refuses when it makes the cache, its dry run and status say first
+    src = write_tree(tmp_path / "src", FILES)
+    store = tmp_path / "store"
+    RemoteStore(FileBackend(store)).publish("db", write_tree(tmp_path / "v1", FILES))
+    for cache in (store, store / "c"):
+        code, _, err = run(
+            "--store", str(store), "--cache-dir", str(cache), *command, "db", str(src)
+        )
+        assert code == 2, (cache, err)
+        assert "overlap" in err
+    assert len(list(RemoteStore(FileBackend(store)).versions("db"))) == 1
+    assert os.listdir(store) == ["db"]  # no cache folder made in it
+
+
 def test_a_folder_inside_the_store_is_refused(tmp_path: Path, run: Run) -> None:
     store = RemoteStore(FileBackend(tmp_path / "store"))
     inner = write_tree(tmp_path / "store" / "db", FILES)

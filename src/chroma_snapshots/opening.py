@@ -165,8 +165,11 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     its folder, which would land inside ``directory``. Only local stores (a path or a
     ``file://`` URL) are looked at here; an ``efs://`` store's folder is never made by
     opening it, its mount may hang, and the publish checks it through its guard."""
+    from pathlib import PurePath
+
     from chroma_snapshots.backends.registry_factories import local_path
     from chroma_snapshots.engine.apart import KeptOut, place_of, store_folder
+    from chroma_snapshots.stores.cache.store import check_own_folder
     from chroma_snapshots.stores.upload import check_apart, checked_source
 
     directory = checked_source(directory)
@@ -176,5 +179,7 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
         if url and ("://" not in url or urlsplit(url).scheme.lower() == "file")
     ]
     if cfg.cache_dir:
+        # what making the cache would refuse, said by a dry run and `status` too
+        check_own_folder(PurePath(cfg.cache_dir), tuple(k.place for k in folders))
         folders.append(KeptOut(place_of(cfg.cache_dir), "the cache's folder", both_ways=False))
     check_apart(directory, folders)
