@@ -271,10 +271,11 @@ def test_offline_serves_the_cache_without_a_request_and_stale_ok_rides_an_outage
         # endpoint, so an outage must keep the URL, not point somewhere else
         proxy.faults = FaultPlan(1.0, kinds=("reset",))
         assert run(*base, "checkout", "db")[0] == 7  # without --stale-ok: the outage's error
-        code, out, err = run(*base, "--stale-ok", "info", "db", "--json")
+        # a 2 s timeout: the store is given up after half of it (1 s), not the default 3 s
+        code, out, err = run(*base, "--timeout", "2", "--stale-ok", "info", "db", "--json")
         assert code == 0, err
         assert json.loads(out)["info"]["version"] == version
-        code, out, err = run(*base, "--stale-ok", "checkout", "db", "--json")
+        code, out, err = run(*base, "--timeout", "2", "--stale-ok", "checkout", "db", "--json")
     assert code == 0, err
     assert json.loads(out)["info"]["version"] == version
     assert json.loads(out)["stale"] is True
