@@ -165,7 +165,7 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     its folder, which would land inside ``directory``. Only local stores (a path or a
     ``file://`` URL) are looked at here; an ``efs://`` store's folder is never made by
     opening it, its mount may hang, and the publish checks it through its guard."""
-    from pathlib import PurePath
+    from pathlib import Path
 
     from chroma_snapshots.backends.registry_factories import local_path
     from chroma_snapshots.engine.apart import KeptOut, place_of, store_folder
@@ -180,6 +180,6 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     ]
     if cfg.cache_dir:
         # what making the cache would refuse, said by a dry run and `status` too
-        check_own_folder(PurePath(cfg.cache_dir), tuple(k.place for k in folders))
+        check_own_folder(Path(cfg.cache_dir), tuple(k.place for k in folders))
         folders.append(KeptOut(place_of(cfg.cache_dir), "the cache's folder", both_ways=False))
     check_apart(directory, folders)
