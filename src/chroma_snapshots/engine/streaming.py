@@ -65,10 +65,11 @@ def stream_and_place(
     def run(r: Read) -> None:
         deadline.check(f"reading pack {r.pack[:12]}")
         seen = [0]  # chunks of r whole in some window so far (offset order)
-        got = stream(r, partial(_take_window, r, seen, placer, keep, deadline, streams))
+        placed = len(to_place(r.chunks, placer))  # all of them but in a delta's chain
+        every = placed == len(r.chunks)  # then no window needs sorting out
+        got = stream(r, partial(_take_window, r, seen, every, placer, keep, deadline, streams))
         if got != r.end - r.start or seen[0] != len(r.chunks):
             raise IntegrityError(f"pack {r.pack[:12]}: short read ({got} of {r.end - r.start})")
-        placed = len(to_place(r.chunks, placer))
         stats.add(bytes_downloaded=got, requests=1, chunks_transferred=placed)
         report(got)
 
@@ -78,6 +79,7 @@ def stream_and_place(
 def _take_window(
     r: Read,
     seen: list[int],
+    every: bool,
     placer: Placer,
     keep: Callable[[Read, memoryview], None],
     deadline: Deadline,
@@ -85,8 +87,9 @@ def _take_window(
     view: memoryview,
     offset: int,
 ) -> int:
-    """Place the chunks wholly inside ``view`` (bytes from ``offset`` of the pack);
-    return how many bytes at its front are done with: up to the next chunk's start."""
+    """Place the chunks wholly inside ``view`` (bytes from ``offset`` of the pack; all
+    of ``r``'s are placed if ``every``); return how many bytes at its front are done with:
+    up to the next chunk's start."""
     end, i = offset + len(view), seen[0]
     j = i
     while j < len(r.chunks) and r.chunks[j].offset + r.chunks[j].length <= end:
@@ -95,7 +98,8 @@ def _take_window(
         deadline.check(f"reading pack {r.pack[:12]}")
         part = Read(r.pack, offset, end, r.chunks[i:j])
         keep(part, view)
-        decode_and_place(replace(part, chunks=to_place(part.chunks, placer)), view, placer)
+        decode_and_place(part if every else replace(part, chunks=to_place(part.chunks, placer)),
+                         view, placer)  # fmt: skip
         seen[0] = j
     nxt = r.chunks[j].offset if j < len(r.chunks) else end
     done = min(nxt, end) - offset
