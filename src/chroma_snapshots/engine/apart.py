@@ -41,35 +41,32 @@ class Place:
     own: Ident | None
     chain: frozenset[Ident]
 
-    def holds(self, other: Place) -> bool:
+    def holds(self, other: Place, mounts: list[Mount] | None = None) -> bool:
         """This folder is ``other`` or one of the folders above it, or a mount below it
-        shows ``other`` (a filesystem mounted inside it, reached elsewhere by a bind)."""
-        return self._holds(other, _mounts())
-
-    def shows_part_of(self, other: Place) -> bool:
-        """A mount at or below this folder shows a folder inside ``other``."""
-        return self._shows_part_of(other, _mounts())
-
-    def overlaps(self, other: Place) -> bool:
-        """One of the two folders is, or holds, the other, or shows a part of it."""
-        mounts = _mounts()  # one read of the mount table for the four questions
-        return (
-            self._holds(other, mounts)
-            or other._holds(self, mounts)
-            or self._shows_part_of(other, mounts)
-            or other._shows_part_of(self, mounts)
-        )
-
-    def _holds(self, other: Place, mounts: list[Mount]) -> bool:
+        shows ``other`` (a filesystem mounted inside it, reached elsewhere by a bind).
+        ``mounts``: a :func:`mount_table` read once for several comparisons."""
         if self.own is None:
             return False
         if self.own in other.chain:
             return True
-        shown = [*_wheres(self.path, mounts), *_below(self.path, mounts)]
-        return _any_within(_wheres(other.path, mounts), shown)
+        table = mount_table() if mounts is None else mounts
+        shown = [*_wheres(self.path, table), *_below(self.path, table)]
+        return _any_within(_wheres(other.path, table), shown)
 
-    def _shows_part_of(self, other: Place, mounts: list[Mount]) -> bool:
-        return _any_within(_below(self.path, mounts), _wheres(other.path, mounts))
+    def shows_part_of(self, other: Place, mounts: list[Mount] | None = None) -> bool:
+        """A mount at or below this folder shows a folder inside ``other``."""
+        table = mount_table() if mounts is None else mounts
+        return _any_within(_below(self.path, table), _wheres(other.path, table))
+
+    def overlaps(self, other: Place, mounts: list[Mount] | None = None) -> bool:
+        """One of the two folders is, or holds, the other, or shows a part of it."""
+        table = mount_table() if mounts is None else mounts  # one read for four questions
+        return (
+            self.holds(other, table)
+            or other.holds(self, table)
+            or self.shows_part_of(other, table)
+            or other.shows_part_of(self, table)
+        )
 
 
 def place_of(path: str | os.PathLike[str]) -> Place:
@@ -100,8 +97,9 @@ def _any_within(inner: Iterable[Where], outer: Iterable[Where]) -> bool:
     return any(i[0] == o[0] and _at_or_below(i[1], o[1]) for i in inner for o in tops)
 
 
-def _mounts() -> list[Mount]:
-    """Every mount, in mount order; none without /proc."""
+def mount_table() -> list[Mount]:
+    """Every mount, in mount order (none without /proc): read it once to compare several
+    folders at the same moment."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             lines = [line.rstrip("\n").split(" ", 5) for line in f]

@@ -16,7 +16,14 @@ from itertools import chain
 from pathlib import Path
 
 from chroma_snapshots.backends.base import Backend, PutMode
-from chroma_snapshots.engine.apart import Ident, KeptOut, also_source, kept_out, place_of
+from chroma_snapshots.engine.apart import (
+    Ident,
+    KeptOut,
+    also_source,
+    kept_out,
+    mount_table,
+    place_of,
+)
 from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunkids import BLAKE3, IdScheme
 from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
@@ -353,20 +360,21 @@ def check_apart(source_dir: str | Path, extra: Sequence[KeptOut] = ()) -> dict[I
     Returns the kept-out folders' own (device, inode) for the walk of the source to refuse
     (one bound below the source under another name is found only there)."""
     folders = (*kept_out(), *extra)
+    mounts = mount_table()  # once: every comparison below at the same moment
     for path in (os.fspath(source_dir), *also_source()):
         source = place_of(path)
         for k in folders:
-            if source.holds(k.place):
+            if source.holds(k.place, mounts):
                 raise InvalidInputError(
                     f"{k.what} {k.place.path} is inside the folder being published "
                     f"({source.path}): publish a folder that does not hold it"
                 )
-            if source.shows_part_of(k.place):
+            if source.shows_part_of(k.place, mounts):
                 raise InvalidInputError(
                     f"a folder inside {k.what} {k.place.path} is mounted in the folder being "
                     f"published ({source.path}): publish a folder that does not hold it"
                 )
-            if k.both_ways and k.place.holds(source):
+            if k.both_ways and k.place.holds(source, mounts):
                 raise InvalidInputError(
                     f"the folder being published ({source.path}) is inside {k.what} "
                     f"{k.place.path}: publish a folder outside it"

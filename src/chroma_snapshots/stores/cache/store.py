@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.backends.registry_factories import expand_home
-from chroma_snapshots.engine.apart import KeptOut, Place, keep_out, place_of
+from chroma_snapshots.engine.apart import KeptOut, Place, keep_out, mount_table, place_of
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
@@ -67,9 +67,9 @@ def check_own_folder(cache: Path, stores: tuple[Place, ...]) -> None:
     a cache over it still opens (to serve what it holds)."""
     if not stores:
         return
-    mine = place_of(cache)
+    mine, mounts = place_of(cache), mount_table()
     for store in stores:
-        if mine.overlaps(store):
+        if mine.overlaps(store, mounts):
             raise InvalidInputError(
                 f"the cache's folder {cache} and the store's folder {store.path} overlap: "
                 f"give the cache a folder of its own"
