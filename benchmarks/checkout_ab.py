@@ -4,7 +4,8 @@ files on one s3rver) with each value of the setting, in ABBA order, the disk set
 page cache in the same state (compare.settle) and memory left to go cold before each run
 (compare.COLD_PAUSE). The settings:
 ``write_kib`` (engine/placer.WRITE_BYTES, KiB), ``start_streams`` (how many reads
-engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before) and
+engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before),
+``drop_behind`` (``0,1``: CHROMA_SNAPSHOTS_DROP_BEHIND, engine/dropbehind.py) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
 ``db-sha256`` and ``db-blake3``; the checkout verifies with that hash).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
@@ -13,10 +14,13 @@ memory was cold (the VM returned it to its host) at the time. For every run: the
 user and system seconds (wait4), the server's, and the whole machine's CPU seconds from
 /proc/stat (user, nice, system, irq, softirq of every CPU), so a saving in the client that
 reappears elsewhere shows; ``--pin CPU`` runs the client on that one CPU (taskset), as a
-Lambda with one vCPU. Prints each pair's differences (B - A) and how many B won.
+Lambda with one vCPU. ``--read-back`` reads every file of the checkout right after it, in
+a process of its own (as a reader opening the database would), and reports that reader's
+seconds too: a setting that leaves less in the page cache moves work to it. Prints each
+pair's differences (B - A) and how many B won.
 
 usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32 | chunk_hash=sha256,blake3]
-       [--pairs 10]
+       [--pairs 10] [--read-back]
        [--gib 1] [--pin CPU] [--tools .bench-tools] [--cold-pause 6] [--json out.json]
 """
 
@@ -42,12 +46,22 @@ from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
 Row = dict[str, Any]
 PROBE = 256 << 20
+# the reader of --read-back: every file of the tree, whole, in 1 MiB reads
+READ_ALL = (
+    "import os, sys\nbuf = bytearray(1 << 20)\n"
+    "for top, _, names in os.walk(sys.argv[1]):\n"
+    "    for n in names:\n"
+    "        with open(os.path.join(top, n), 'rb', buffering=0) as f:\n"
+    "            while f.readinto(buf):\n"
+    "                pass\n"
+)
 # each setting: the statement that sets it in the client before the CLI runs
 SETTINGS = {
     "write_kib": "import chroma_snapshots.engine.placer as m\nm.WRITE_BYTES = {} << 10\n",
     "start_streams": (
         "import chroma_snapshots.engine.ramp as m\nm.Ramp.__init__.__kwdefaults__['start'] = {}\n"
     ),
+    "drop_behind": "import os\nos.environ['CHROMA_SNAPSHOTS_DROP_BEHIND'] = '{}'\n",
     "chunk_hash": "",  # the snapshot checked out says it: db-{value}
 }
 HASHES = ("sha256", "blake3")
@@ -96,10 +110,15 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     got = tree_size(out)[0]
     if got != gib << 30:
         raise RuntimeError(f"checkout with {args.name}={value}: {got} bytes, not {gib << 30}")
-    return {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
+    row = {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
         "server_cpu_s": server,
         "machine_cpu_s": machine,
     }
+    if args.read_back:
+        read = [*pin, sys.executable, "-c", READ_ALL, str(out)]
+        wall, _rss, user, system = _proc(read, srv.env, work / "reader.log", None)
+        row |= {"read_wall_s": wall, "read_cpu_s": user + system}
+    return row
 
 
 def _report(rows: list[Row], name: str, a: str, b: str) -> None:
@@ -114,7 +133,8 @@ def _report(rows: list[Row], name: str, a: str, b: str) -> None:
             f"{r['machine_cpu_s']:7.2f}"
         )
     pairs = sorted({r["pair"] for r in rows})
-    for field in ("wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s"):
+    fields = ["wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s"]
+    for field in fields + [f for f in ("read_wall_s", "read_cpu_s") if f in rows[0]]:
         diffs = []
         for p in pairs:
             by = {r["value"]: r[field] for r in rows if r["pair"] == p}
@@ -156,6 +176,7 @@ def main() -> None:
     ap.add_argument("--pin", type=int, help="run the client on this one CPU")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
+    ap.add_argument("--read-back", action="store_true", help="time a reader of every file")
     ap.add_argument("--json")
     args = ap.parse_args()
     args.name, a, b = args.setting

@@ -1,8 +1,9 @@
 """Publish or check out under resource limits, in its own process (the exhaustion tests).
 
-usage: resource_worker.py {publish,checkout,cached} STORE_DIR TREE_DIR NOFILE
+usage: resource_worker.py {publish,checkout,cached} STORE_DIR TREE_DIR NOFILE [drop]
 Sets RLIMIT_NOFILE to NOFILE, runs the operation, prints the peak RSS in MiB (VmHWM).
 ``cached``: a checkout into a cache beside TREE_DIR, then a copy of it to TREE_DIR.
+``drop``: the store drops what it writes from the page cache (``drop_behind``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from chroma_snapshots.backends.file import FileBackend
 if __name__ == "__main__":
     op, store_dir, tree, nofile = sys.argv[1:5]
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), int(nofile)))
-    store = RemoteStore(FileBackend(store_dir))
+    store = RemoteStore(FileBackend(store_dir), drop_behind=sys.argv[5:] == ["drop"])
     if op == "publish":
         store.publish("db", tree)
     elif op == "cached":

@@ -41,13 +41,14 @@ ENV_REFRESH = "CHROMA_SNAPSHOTS_REFRESH_SECONDS"
 ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
 ENV_CHUNK_HASH = "CHROMA_SNAPSHOTS_CHUNK_HASH"
+ENV_DROP_BEHIND = "CHROMA_SNAPSHOTS_DROP_BEHIND"
 _HASHES = ("blake3", "sha256")
 _MODES = ("s3", "efs", "auto")
 # One rule for each kind of setting, whether it comes as a variable's text, a CLI flag or a
 # StoreConfig field built in code; the errors name where it came from.
 _SECONDS = f"must be positive and at most {MAX_SECONDS:.0e}"
 _BYTES = "must be a whole number of bytes, 1 to 2**63-1"
-_FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps")
+_FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps", "drop_behind")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class StoreConfig:
     trust_stamps: bool = True
     # Publish: name new chunks by this hash (None: the parent's; BLAKE3 for a first version).
     chunk_hash: str | None = None
+    # Checkout: drop what is written from the page cache as it goes (RemoteStore).
+    drop_behind: bool = False
 
     def __post_init__(self) -> None:
         check_store_url(self.url)
@@ -117,6 +120,7 @@ class StoreConfig:
             offline=_flag(env, ENV_OFFLINE),
             trust_stamps=_flag(env, ENV_TRUST_STAMPS, default=True),
             chunk_hash=_chunk_hash(env),
+            drop_behind=_flag(env, ENV_DROP_BEHIND),
         )
 
 

@@ -81,6 +81,7 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         trust_stamps=cfg.trust_stamps,
         default_timeout=cfg.timeout,
         chunk_hash=cfg.chunk_hash,
+        drop_behind=cfg.drop_behind,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.beneath import Beneath, FileId, FolderId, file_id
 from chroma_snapshots.engine.deadline import checked
+from chroma_snapshots.engine.dropbehind import SMALLEST, DropBehind
 from chroma_snapshots.engine.localcopy import copy_runs
 from chroma_snapshots.engine.models import Manifest
 from chroma_snapshots.errors import CacheFullError, IntegrityError, LocalDiskError, SnapshotError
@@ -137,6 +138,9 @@ class Placer:
     Once ``close`` is called no write starts, and the descriptors are closed only when
     the writes already in progress are done (by the last of them): a worker abandoned at
     a deadline can never write through a descriptor number the process has reused.
+
+    ``drop_behind`` drops what is written from the page cache as the work goes
+    (engine/dropbehind.py).
     """
 
     def __init__(
@@ -146,6 +150,7 @@ class Placer:
         damaged: Mapping[str, Sequence[int]] | None = None,
         root_id: FolderId | None = None,
         made: dict[str, FileId] | None = None,
+        drop_behind: bool = False,
     ) -> None:
         self.root, self._root_id = root, root_id
         self._tree: Beneath | None = None  # opened at the first file (root may not exist)
@@ -172,6 +177,9 @@ class Placer:
         # held while a worker decodes, verifies and places what it received: its own per
         # materialization, so a worker abandoned at a deadline never holds up the next one
         self.gate = Gate(placing_threads())
+        # files dropped behind the writer, and the descriptors of finished ones still open
+        self._behind = DropBehind() if drop_behind else None
+        self._dropped = {f.path for f in self.files if f.size >= SMALLEST} if drop_behind else set()
         self._writing = 0  # place_many calls in progress
         self._closed = False
 
@@ -297,7 +305,10 @@ class Placer:
 
     def _write_run(self, relpath: str, bufs: list[Buffer], start: int, size: int) -> None:
         try:
-            pwrite_all(self._fd(relpath), bufs, start, size)
+            fd = self._fd(relpath)
+            pwrite_all(fd, bufs, start, size)
+            if self._behind is not None and relpath in self._dropped:
+                self._behind.wrote(fd, size)
         except OSError as e:
             raise disk_error(e, self.root / relpath, "writing the checkout") from e
 
@@ -315,7 +326,16 @@ class Placer:
                     if mode is not None:
                         os.fchmod(fd, mode)
             finally:
-                os.close(fd)
+                self._release(relpath, fd)
+
+    def _release(self, relpath: str, fd: int) -> None:
+        """Close a finished file's descriptor, or hand it to the drop-behind, which says
+        which to close."""
+        if self._behind is None or relpath not in self._dropped:
+            os.close(fd)
+            return
+        for old in self._behind.finished(fd):
+            os.close(old)
 
     def _fd(self, relpath: str) -> int:
         fd = self._fds.get(relpath)
@@ -343,6 +363,9 @@ class Placer:
     def _close_all(self, fds: Mapping[str, int], tree: bool) -> None:
         for fd in fds.values():
             os.close(fd)
+        if tree and self._behind is not None:  # finished files kept for a last call
+            for fd in self._behind.drain():
+                os.close(fd)
         if tree and self._tree is not None:
             self._tree.close()
 

@@ -41,12 +41,14 @@ def fetch_into(
     dl: Deadline,
     stats: StatsRecorder,
     progress: Progress | None = None,
+    drop_behind: bool = False,
 ) -> None:
     """Carry out ``job`` for snapshot ``name``: chunks from its local copies where they
-    verify, the rest read from ``backend``'s packs, every chunk hash-checked."""
+    verify, the rest read from ``backend``'s packs, every chunk hash-checked;
+    ``drop_behind``: what is written leaves the page cache as the work goes."""
     manifest, damaged = job.manifest, job.only
     local = None if job.reuse is None else job.reuse.reopened()
-    placer = Placer(job.root, manifest, damaged, job.root_id, job.made)
+    placer = Placer(job.root, manifest, damaged, job.root_id, job.made, drop_behind)
     stats.add(chunks_total=len(placer.targets))
     # Buffers are sized by the format, never by a declared length: a chunk is stored in
     # at most chunk_size bytes (bounded by validation), and plan_reads refuses more.

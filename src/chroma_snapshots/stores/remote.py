@@ -101,7 +101,10 @@ class RemoteStore(RemoteListing, SourceStore):
     new chunks: "blake3" (a quarter of sha256's CPU on every read) or "sha256" (format
     1's only one); by default a publish keeps its parent's hash, and a first one takes
     BLAKE3. A publish reuses none of a parent's chunks of the other hash (a switch moves
-    every chunk once; engine.chunkids). ``label`` names the
+    every chunk once; engine.chunkids). ``drop_behind=True`` drops what a checkout (or a
+    cache's build) writes from the page cache as it goes: for a snapshot larger than the
+    memory that would cache it, or a VM whose freshly used memory is slow (engine/dropbehind.py);
+    a reader then reads from disk. ``label`` names the
     store in messages and, with ``identity``, keys a cache's folder; by default the
     folder is keyed by where the backend's objects are (``Backend.place``).
     """
@@ -121,15 +124,16 @@ class RemoteStore(RemoteListing, SourceStore):
         identity: str | None = None,
         trust_stamps: bool = True,
         chunk_hash: str | None = None,
+        drop_behind: bool = False,
     ) -> None:
         if type(manifest_format) is not int or manifest_format not in (1, MANIFEST_FORMAT):
             raise InvalidInputError(f"manifest_format must be 1 or {MANIFEST_FORMAT}")
         publish_scheme(chunk_hash, manifest_format)  # refuses a wrong one now
         self.chunk_hash = chunk_hash
         check_settings(workers, pack_target, compression_level, default_timeout)
-        check_flags({"trust_stamps": trust_stamps})
+        check_flags({"trust_stamps": trust_stamps, "drop_behind": drop_behind})
         self.manifest_format = manifest_format
-        self.trust_stamps = trust_stamps
+        self.trust_stamps, self.drop_behind = trust_stamps, drop_behind
         self.backend = backend
         self.label = label or repr(backend)
         # a label given names the store (two backends, one store); else where its objects
@@ -397,5 +401,5 @@ class RemoteStore(RemoteListing, SourceStore):
     ) -> str:
         """As :meth:`SourceStore.materialize`: the downloads are coalesced range reads of
         this store's packs."""
-        fetch_into(self.backend, self.workers, name, job, dl, stats, progress)
+        fetch_into(self.backend, self.workers, name, job, dl, stats, progress, self.drop_behind)
         return self.label
