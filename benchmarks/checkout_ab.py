@@ -14,14 +14,16 @@ memory was cold (the VM returned it to its host) at the time. For every run: the
 user and system seconds (wait4), the server's, and the whole machine's CPU seconds from
 /proc/stat (user, nice, system, irq, softirq of every CPU), so a saving in the client that
 reappears elsewhere shows; ``--pin CPU`` runs the client on that one CPU (taskset), as a
-Lambda with one vCPU. ``--read-back`` reads every file of the checkout right after it, in
+Lambda with one vCPU, and ``--memory MIB`` runs the client (and the reader) in a memory
+cgroup of that size (page cache included, as a Lambda's memory setting bounds it; needs
+root). ``--read-back`` reads every file of the checkout right after it, in
 a process of its own (as a reader opening the database would), and reports that reader's
 seconds too: a setting that leaves less in the page cache moves work to it. Prints each
 pair's differences (B - A) and how many B won.
 
 usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32 | chunk_hash=sha256,blake3]
-       [--pairs 10] [--read-back]
-       [--gib 1] [--pin CPU] [--tools .bench-tools] [--cold-pause 6] [--json out.json]
+       [--pairs 10] [--read-back] [--gib 1] [--pin CPU] [--memory MIB]
+       [--tools .bench-tools] [--cold-pause 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -91,6 +93,23 @@ def _probe(work: Path, pause: float) -> float:
     return system
 
 
+def _cgroup(mib: int) -> Path:
+    """A memory cgroup of ``mib`` MiB (v2, else v1) for the runs, removed by the caller."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory") / f"checkout-ab-{os.getpid()}"
+    group.mkdir()
+    (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(mib << 20))
+    return group
+
+
+def _in_group(cmd: list[str], group: Path | None) -> list[str]:
+    """``cmd`` started inside ``group`` (the shell joins it, then becomes the command)."""
+    if group is None:
+        return cmd
+    join = f'echo $$ > {group / "cgroup.procs"} && exec "$@"'
+    return ["sh", "-c", join, "sh", *cmd]
+
+
 def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> Row:
     out, gib = work / "out", args.gib
     shutil.rmtree(out, ignore_errors=True)
@@ -105,7 +124,7 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     settle(pause=args.cold_pause, evict=work, keep=(srv.data_dir,))
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
-    wall, _rss, user, system = _proc(cmd, srv.env, work / "client.log", None)
+    wall, _rss, user, system = _proc(_in_group(cmd, args.group), srv.env, work / "client.log")
     machine, server = _machine_cpu() - machine, _server_cpu(pid) - server
     got = tree_size(out)[0]
     if got != gib << 30:
@@ -116,7 +135,7 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     }
     if args.read_back:
         read = [*pin, sys.executable, "-c", READ_ALL, str(out)]
-        wall, _rss, user, system = _proc(read, srv.env, work / "reader.log", None)
+        wall, _rss, user, system = _proc(_in_group(read, args.group), srv.env, work / "reader.log")
         row |= {"read_wall_s": wall, "read_cpu_s": user + system}
     return row
 
@@ -176,12 +195,14 @@ def main() -> None:
     ap.add_argument("--pin", type=int, help="run the client on this one CPU")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
+    ap.add_argument("--memory", type=int, help="MiB of memory for the client, as a Lambda's")
     ap.add_argument("--read-back", action="store_true", help="time a reader of every file")
     ap.add_argument("--json")
     args = ap.parse_args()
     args.name, a, b = args.setting
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="checkout-ab-"))
+    args.group = None if args.memory is None else _cgroup(args.memory)
     try:
         with S3rver(args.tools.resolve(), work / "s3data") as srv:
             os.environ.update(srv.env)
@@ -196,6 +217,8 @@ def main() -> None:
                     rows.append({"pair": pair, "probe_system_s": probe, "setting": args.name} | row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.group is not None:
+            args.group.rmdir()
     _report(rows, args.name, a, b)
     write_json(args.json, rows)
 
