@@ -23,6 +23,7 @@ from cli_inprocess import Run
 
 from chroma_snapshots import CachedStore, FallbackStore, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.apart import STORE_MARKER
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
@@ -149,7 +150,7 @@ def test_a_cache_overlapping_the_store_is_refused_by_a_dry_run_too(
         assert code == 2, (cache, err)
         assert "overlap" in err
     assert len(list(RemoteStore(FileBackend(store)).versions("db"))) == 1
-    assert os.listdir(store) == ["db"]  # no cache folder made in it
+    assert sorted(os.listdir(store)) == [STORE_MARKER, "db"]  # no cache folder made in it
 
 
 def test_a_folder_inside_the_store_is_refused(tmp_path: Path, run: Run) -> None:

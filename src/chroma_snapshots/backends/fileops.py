@@ -23,7 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from chroma_snapshots.backends.base import GetResult, ObjectMeta, PutMode, check_key, past_end
-from chroma_snapshots.engine.apart import Place, place_of
+from chroma_snapshots.engine.apart import STORE_MARKER, Place, place_of
 from chroma_snapshots.engine.placer import pwrite_all
 from chroma_snapshots.engine.validation import MAX_PATH_DEPTH
 from chroma_snapshots.errors import (
@@ -43,6 +43,15 @@ def _meta(key: str, st: os.stat_result) -> ObjectMeta:
     # inode changes with every replace/link, mtime_ns and size catch in-place edits.
     etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
     return ObjectMeta(key, st.st_size, etag, st.st_mtime)
+
+
+def _mark(root: Path) -> None:
+    """Put the store's marker in its folder if it is not there (engine/apart.py: a publish
+    refuses a source holding it). A folder this process may not write (a read-only mount)
+    stays as it is: a writer's opening marks it, and a store without its marker is still
+    told apart by its names and mounts."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(root / STORE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644))
 
 
 def _wrap(err: OSError, op: str, key: str, root: Path | None = None) -> SnapshotError:
@@ -99,6 +108,7 @@ class LocalFiles:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # e.g. read-only: a store failure, not a raw OSError
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
+            _mark(self.root)
         elif not self.root.is_dir():
             raise StoreNotFoundError(f"{self.root}: store directory does not exist")
         return place_of(self.root)

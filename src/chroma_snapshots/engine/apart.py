@@ -12,6 +12,12 @@ the path from that filesystem's root, which the kernel gives for every mount
 below it shows (a filesystem mounted inside a store, reached elsewhere by a bind). An
 overlay shows its layers' folders too: the mount table names them in its options
 (``lowerdir=``, ``upperdir=``), by the names they were given when it was mounted.
+
+Names can go stale (a layer renamed after the overlay was mounted) and some views of a
+folder show in no table (a FUSE file system passing another folder through). So a store's
+folder and each store's folder of a cache also hold a marker file, and the walk of a
+source refuses one wherever it meets it (engine/chunking.py): the folder is recognised by
+what it holds, whatever shows it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
+
+# The marker files, and what each marks: written when a store's folder is opened for
+# writing (backends/fileops.py) and when a cache makes its folder for a store (stores/cache).
+STORE_MARKER = ".chroma-snapshots-store"
+CACHE_MARKER = ".chroma-snapshots-cache"
+MARKED = {STORE_MARKER: "a store's folder", CACHE_MARKER: "a cache's folder"}
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
 Where = tuple[str, str]  # (device, path from its filesystem's root): a folder under any name

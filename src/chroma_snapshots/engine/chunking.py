@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import zstandard
 
+from chroma_snapshots.engine.apart import MARKED
 from chroma_snapshots.engine.beneath import READ_FLAGS
 from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.deadline import Deadline, wait_all
@@ -63,7 +64,9 @@ def scan_source(
     """Regular files (sorted by path) and empty directories below ``root``.
 
     A folder whose (device, inode) is in ``avoid`` (a store's or a cache's: engine/apart.py)
-    is refused with InvalidInputError naming it, however it is reached (a bind mount).
+    is refused with InvalidInputError naming it, however it is reached (a bind mount), and
+    so is a folder holding any store's or cache's marker file (apart.MARKED), whatever
+    shows it there (an overlay, a FUSE pass-through).
 
     Symlinks, devices, sockets, names that could not round-trip safely and trees deeper
     than ``MAX_PATH_DEPTH`` are refused with InvalidInputError: a snapshot must mean the
@@ -98,6 +101,12 @@ def scan_source(
             st = _lstat(entry)
             kind = st.st_mode
             if stat.S_ISREG(kind):
+                if entry.name in MARKED:  # a store's or a cache's, however it shows here
+                    raise InvalidInputError(
+                        f"{MARKED[entry.name]} is inside the folder being published, at "
+                        f"{os.path.dirname(entry.path)} (it holds {entry.name}): publish a "
+                        "folder that does not hold it"
+                    )
                 times, stamp = (st.st_mtime_ns, st.st_ctime_ns), stamp_of(st, scanned_ns)
                 files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, times, stamp))
             elif stat.S_ISDIR(kind):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
+from chroma_snapshots.engine.apart import CACHE_MARKER
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by
 from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
@@ -35,10 +36,6 @@ from chroma_snapshots.engine.treewalk import (
 )
 from chroma_snapshots.engine.validation import path_text
 from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError, shown
-
-# In each store's folder of a cache (stores/cache): a checkout never goes below one, where
-# the cache's repairs and sweeps would take it for a file of its own and remove it.
-CACHE_MARKER = ".chroma-snapshots-cache"
 
 
 def check_dest(dest: str | Path) -> str | Path:
@@ -64,6 +61,8 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
         _sweep_killed_temporaries()
         temporary = Path(tempfile.mkdtemp(prefix=_TEMPORARY))
         return temporary / "snapshot", [temporary]
+    # never below a cache's folder (its marker): its repairs and sweeps would take the
+    # checkout for files of their own and remove it
     for folder in Path(os.path.realpath(final)).parents:  # through links too
         if (folder / CACHE_MARKER).exists():
             raise InvalidInputError(

@@ -20,10 +20,17 @@ from pathlib import Path
 from filelock import Timeout as LockTimeout
 
 from chroma_snapshots.backends.registry_factories import expand_home
-from chroma_snapshots.engine.apart import KeptOut, Place, keep_out, mount_table, place_of
+from chroma_snapshots.engine.apart import (
+    CACHE_MARKER,
+    KeptOut,
+    Place,
+    keep_out,
+    mount_table,
+    place_of,
+)
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
-from chroma_snapshots.engine.localfs import CACHE_MARKER, build_at, check_dest
+from chroma_snapshots.engine.localfs import build_at, check_dest
 from chroma_snapshots.engine.models import Manifest, SnapshotInfo
 from chroma_snapshots.engine.placer import raise_local
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
@@ -132,7 +139,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.root.mkdir(mode=0o700, exist_ok=True)
             check_trusted(folder.resolve(), self.root)  # the folder a link names
-            if not (self.root / CACHE_MARKER).exists():  # no checkout goes below it
+            # no checkout goes below it, and no publish takes a source holding it
+            if not (self.root / CACHE_MARKER).exists():
                 (self.root / CACHE_MARKER).touch()
             self.clean_leftovers()
         except OSError as e:  # e.g. a read-only cache dir: locks cannot be taken

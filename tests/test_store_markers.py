@@ -1,0 +1,140 @@
+"""A store's folder and a cache's are recognised by what they hold, not only by their names:
+each holds a marker file (engine/apart.py), and the walk of a source refuses one wherever
+it meets it. These are the views of a store the mount table cannot name: an overlay whose
+layer was renamed after it was mounted, a FUSE file system passing the store's folder
+through, an overlay mounted after the publish's folder check, a copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_inprocess import Run
+from test_overlapping_folders import _overlay
+
+from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.apart import CACHE_MARKER, STORE_MARKER
+from chroma_snapshots.errors import InvalidInputError
+from chroma_snapshots.testing.conformance import read_tree, write_tree
+from chroma_snapshots.testing.faultfs import FaultyMount
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+FILES = {"chroma.sqlite3": b"rows" * 1000, "seg/data.bin": b"v" * 5000}
+
+
+def _refused(store: RemoteStore, src: Path, what: str, run: Run | None = None) -> None:
+    before = read_tree(store.backend.root)  # type: ignore[attr-defined]
+    with pytest.raises(InvalidInputError, match=what):
+        store.publish("db", src)
+    if run is not None:
+        root = str(store.backend.root)  # type: ignore[attr-defined]
+        code, _, err = run("--store", root, "publish", "db", str(src))
+        assert code == 2, err
+        assert "inside the folder being published" in err
+    assert read_tree(store.backend.root) == before  # type: ignore[attr-defined]
+
+
+def test_a_store_folder_is_marked_when_opened_for_writing(tmp_path: Path) -> None:
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    assert (tmp_path / "store" / STORE_MARKER).is_file()
+    store.publish("db", write_tree(tmp_path / "src", FILES))
+    assert list(store.names()) == ["db"]  # the marker is no snapshot
+    # a store made before markers: a read-only opening leaves it as it is, a writer's marks it
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "store", old)
+    (old / STORE_MARKER).unlink()
+    RemoteStore(FileBackend(old, create=False)).checkout("db", dest=tmp_path / "out")
+    assert not (old / STORE_MARKER).exists()
+    RemoteStore(FileBackend(old))
+    assert (old / STORE_MARKER).is_file()
+
+
+def test_a_read_only_store_without_its_marker_still_opens(tmp_path: Path) -> None:
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", FILES))
+    (tmp_path / "store" / STORE_MARKER).unlink()
+    os.mkfifo(tmp_path / "store" / STORE_MARKER)  # not writable without a reader: no hang
+    again = RemoteStore(FileBackend(tmp_path / "store"))
+    assert read_tree(again.checkout("db", dest=tmp_path / "out").path) == FILES
+
+
+def test_an_overlay_whose_layer_was_renamed_is_refused_by_what_it_shows(
+    tmp_path: Path, run: Run
+) -> None:
+    # The mount table names the layer by the name it had when the overlay was mounted:
+    # renamed since, that name leads nowhere, and only the marker shows the store.
+    (tmp_path / "a").mkdir()
+    RemoteStore(FileBackend(tmp_path / "a" / "store")).publish(
+        "db", write_tree(tmp_path / "v1", FILES)
+    )
+    src = write_tree(tmp_path / "src", FILES)
+    with _overlay(tmp_path, src / "ov", tmp_path / "a" / "store"):
+        os.rename(tmp_path / "a", tmp_path / "b")
+        store = RemoteStore(FileBackend(tmp_path / "b" / "store"))
+        _refused(store, src, "a store's folder is inside the folder being published", run)
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_fuse_pass_through_of_the_store_is_refused(tmp_path: Path, run: Run) -> None:
+    # a FUSE file system showing the store's folder: a device of its own, no folder named
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    src = write_tree(tmp_path / "src", FILES)
+    with FaultyMount(tmp_path / "store", src / "view", state_dir=tmp_path):
+        _refused(store, src, "a store's folder is inside", run)
+        _refused(store, src / "view", "a store's folder is inside")  # the view itself
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_an_overlay_mounted_after_the_folder_check_is_refused_by_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder check reads the mount table once; a mount made after it and before the
+    # walk is met by the walk, which reads every folder it publishes.
+    import chroma_snapshots.stores.remote as remote
+
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    src = write_tree(tmp_path / "src", FILES)
+    real: Callable[..., object] = remote.check_apart  # type: ignore[attr-defined]
+    mounted = []
+
+    def then_mount(*args: object) -> object:
+        checked = real(*args)
+        mounted.append(_overlay(tmp_path, src / "ov", tmp_path / "store"))
+        mounted[0].__enter__()
+        return checked
+
+    monkeypatch.setattr(remote, "check_apart", then_mount)
+    try:
+        _refused(store, src, "a store's folder is inside")
+    finally:
+        mounted[0].__exit__(None, None, None)
+    assert len(list(store.versions("db"))) == 1
+
+
+@pytest.mark.parametrize("what", ["store", "cache"])
+def test_a_copy_of_a_store_or_a_cache_inside_the_source_is_refused(
+    tmp_path: Path, what: str
+) -> None:
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    src = write_tree(tmp_path / "src", FILES)
+    if what == "store":
+        shutil.copytree(tmp_path / "store", src / "backup" / "store")
+    else:
+        cached = CachedStore(store, tmp_path / "cache")
+        cached.checkout("db").release()
+        assert any(p.name == CACHE_MARKER for p in (tmp_path / "cache").rglob("*"))
+        shutil.copytree(tmp_path / "cache", src / "backup" / "cache")
+    _refused(store, src, f"a {what}'s folder is inside the folder being published")
+
+
+def test_a_file_named_as_a_marker_is_refused_with_its_name(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {**FILES, f"d/{STORE_MARKER}": b""})
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    _refused(store, src, STORE_MARKER)
