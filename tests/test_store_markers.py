@@ -15,7 +15,7 @@ import pytest
 from cli_inprocess import Run
 from test_overlapping_folders import _overlay
 
-from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots import CachedStore, FallbackStore, RemoteStore, open_store
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine.apart import CACHE_MARKER, STORE_MARKER
 from chroma_snapshots.errors import InvalidInputError
@@ -26,8 +26,14 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 FILES = {"chroma.sqlite3": b"rows" * 1000, "seg/data.bin": b"v" * 5000}
 
 
+def _objects(store: RemoteStore) -> dict[str, bytes]:
+    """The store's files but its marker (which a publish may put back)."""
+    tree = read_tree(store.backend.root)  # type: ignore[attr-defined]
+    return {k: v for k, v in tree.items() if k != STORE_MARKER}
+
+
 def _refused(store: RemoteStore, src: Path, what: str, run: Run | None = None) -> None:
-    before = read_tree(store.backend.root)  # type: ignore[attr-defined]
+    before = _objects(store)
     with pytest.raises(InvalidInputError, match=what):
         store.publish("db", src)
     if run is not None:
@@ -35,22 +41,32 @@ def _refused(store: RemoteStore, src: Path, what: str, run: Run | None = None) -
         code, _, err = run("--store", root, "publish", "db", str(src))
         assert code == 2, err
         assert "inside the folder being published" in err
-    assert read_tree(store.backend.root) == before  # type: ignore[attr-defined]
+    assert _objects(store) == before
 
 
-def test_a_store_folder_is_marked_when_opened_for_writing(tmp_path: Path) -> None:
+def test_a_store_folder_is_marked_when_opened_and_at_each_publish(tmp_path: Path) -> None:
     store = RemoteStore(FileBackend(tmp_path / "store"))
     assert (tmp_path / "store" / STORE_MARKER).is_file()
     store.publish("db", write_tree(tmp_path / "src", FILES))
     assert list(store.names()) == ["db"]  # the marker is no snapshot
-    # a store made before markers: a read-only opening leaves it as it is, a writer's marks it
+    # a store made before markers: any opening that may write its folder marks it
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "store", old)
     (old / STORE_MARKER).unlink()
-    RemoteStore(FileBackend(old, create=False)).checkout("db", dest=tmp_path / "out")
-    assert not (old / STORE_MARKER).exists()
-    RemoteStore(FileBackend(old))
+    RemoteStore(FileBackend(old, create=False))
     assert (old / STORE_MARKER).is_file()
+    # removed after the store opened: the next publish puts it back before it reads
+    (tmp_path / "store" / STORE_MARKER).unlink()
+    store.publish("db", write_tree(tmp_path / "src2", {"x": b"1"}))
+    assert (tmp_path / "store" / STORE_MARKER).is_file()
+
+
+@pytest.mark.parametrize("url", ["efs", "file"])
+def test_a_store_opened_by_url_is_marked(tmp_path: Path, url: str) -> None:
+    (tmp_path / "store").mkdir()  # efs:// insists that the mount's folder exists
+    store = open_store(f"{url}://{tmp_path / 'store'}")
+    assert (tmp_path / "store" / STORE_MARKER).is_file()
+    store.close()
 
 
 def test_a_read_only_store_without_its_marker_still_opens(tmp_path: Path) -> None:
@@ -138,3 +154,43 @@ def test_a_file_named_as_a_marker_is_refused_with_its_name(tmp_path: Path) -> No
     src = write_tree(tmp_path / "src", {**FILES, f"d/{STORE_MARKER}": b""})
     store = RemoteStore(FileBackend(tmp_path / "store"))
     _refused(store, src, STORE_MARKER)
+
+
+def test_views_of_a_store_whose_marker_was_removed_or_replaced_are_refused(
+    tmp_path: Path, run: Run
+) -> None:
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    src = write_tree(tmp_path / "src", FILES)
+    marker = tmp_path / "store" / STORE_MARKER
+    with FaultyMount(tmp_path / "store", src / "view", state_dir=tmp_path):
+        marker.unlink()  # after the store opened: the publish puts it back first
+        _refused(store, src, "a store's folder is inside")
+        marker.unlink()  # a dry run and status open the store, and so mark it
+        for command in (["publish", "--dry-run"], ["status"]):
+            code, _, err = run("--store", str(tmp_path / "store"), *command, "db", str(src))
+            assert code == 2, (command, err)
+            assert "a store's folder is inside" in err
+        marker.unlink()
+        marker.mkdir()  # an entry of the marker's name of any kind is refused
+        _refused(store, src, "a store's folder is inside")
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_view_of_an_efs_mirror_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mirror").mkdir()
+    mirror = open_store(f"efs://{tmp_path / 'mirror'}")
+    truth = RemoteStore(FileBackend(tmp_path / "truth"))
+    assert isinstance(mirror, RemoteStore)
+    both = FallbackStore([truth, mirror], mirror=True)
+    both.publish("db", write_tree(tmp_path / "v1", FILES))
+    (tmp_path / "mirror" / STORE_MARKER).unlink()  # put back by the next publish
+    src = write_tree(tmp_path / "src", FILES)
+    with (
+        FaultyMount(tmp_path / "mirror", src / "view", state_dir=tmp_path),
+        pytest.raises(InvalidInputError, match="a store's folder is inside"),
+    ):
+        both.publish("db", src)
+    assert len(list(truth.versions("db"))) == 1
+    assert len(list(mirror.versions("db"))) == 1
+    both.close()

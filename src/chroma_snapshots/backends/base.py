@@ -191,6 +191,11 @@ class Backend(ABC):
         has seen it: it may be on a mount that hangs."""
         return None
 
+    def mark(self) -> None:  # noqa: B027 - optional hook, object stores have no folder
+        """Put back the marker of :meth:`folder` if it is missing (engine/apart.py: the
+        walk of a publish's source refuses it wherever it meets it). A publish calls it
+        for every folder it keeps out, before it reads the source."""
+
     def known_folder(self) -> Place | None:
         """:meth:`folder` if known without asking anything: None for object stores, and
         for a folder on a mount that has not answered since the store opened."""

@@ -141,6 +141,10 @@ class FileBackend(Backend):
         """Stat and list the root (through the guard when there is one)."""
         self._run("probe")
 
+    def mark(self) -> None:
+        """As Backend.mark, through the guard when there is one."""
+        self._run("mark")
+
     def close(self) -> None:
         if self.guard is not None:
             self.guard.close()

@@ -45,15 +45,6 @@ def _meta(key: str, st: os.stat_result) -> ObjectMeta:
     return ObjectMeta(key, st.st_size, etag, st.st_mtime)
 
 
-def _mark(root: Path) -> None:
-    """Put the store's marker in its folder if it is not there (engine/apart.py: a publish
-    refuses a source holding it). A folder this process may not write (a read-only mount)
-    stays as it is: a writer's opening marks it, and a store without its marker is still
-    told apart by its names and mounts."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(root / STORE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644))
-
-
 def _wrap(err: OSError, op: str, key: str, root: Path | None = None) -> SnapshotError:
     if isinstance(err, FileNotFoundError) or err.errno == errno.ENOTDIR:
         if root is not None and not root.is_dir():  # not an absent object: an absent store
@@ -101,17 +92,29 @@ class LocalFiles:
         self.fsync = fsync
 
     def ensure_root(self, create: bool) -> Place:
-        """Create the store directory, or (``create=False``) insist that it exists; what
-        the kernel says it is (engine/apart.py), found here, where a hung mount is guarded."""
+        """Create the store directory, or (``create=False``) insist that it exists, and
+        mark it; what the kernel says it is (engine/apart.py), found here, where a hung
+        mount is guarded."""
         if create:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # e.g. read-only: a store failure, not a raw OSError
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
-            _mark(self.root)
         elif not self.root.is_dir():
             raise StoreNotFoundError(f"{self.root}: store directory does not exist")
+        self.mark()
         return place_of(self.root)
+
+    def mark(self) -> None:
+        """Put the store's marker in its folder if it is not there (engine/apart.py: a
+        publish refuses a source holding it). A folder this process may not write (a
+        read-only mount) stays as it is, and so does an entry of the marker's name that is
+        no file (a publish's walk refuses any entry of that name)."""
+        path = self.root / STORE_MARKER
+        if os.path.lexists(path):
+            return
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644))
 
     def probe(self) -> None:
         """Cheap health check: stat and list the root."""

@@ -98,15 +98,15 @@ def scan_source(
                 f"{entries[0].path}: more than {MAX_PATH_DEPTH} levels below the source directory"
             )
         for entry, rel in zip(entries, _checked_names(rel_dir, entries), strict=True):
+            if entry.name in MARKED:  # a store's or a cache's, however it shows here
+                raise InvalidInputError(
+                    f"{MARKED[entry.name]} is inside the folder being published, at "
+                    f"{os.path.dirname(entry.path)} (it holds {entry.name}): publish a "
+                    "folder that does not hold it"
+                )
             st = _lstat(entry)
             kind = st.st_mode
             if stat.S_ISREG(kind):
-                if entry.name in MARKED:  # a store's or a cache's, however it shows here
-                    raise InvalidInputError(
-                        f"{MARKED[entry.name]} is inside the folder being published, at "
-                        f"{os.path.dirname(entry.path)} (it holds {entry.name}): publish a "
-                        "folder that does not hold it"
-                    )
                 times, stamp = (st.st_mtime_ns, st.st_ctime_ns), stamp_of(st, scanned_ns)
                 files.append(SourceFile(rel, entry.path, st.st_size, kind & 0o777, times, stamp))
             elif stat.S_ISDIR(kind):

@@ -299,7 +299,9 @@ class FallbackStore(SourceStore):
         known = []
         for source, store in self._mirrors:
             try:
-                within(dl.child(dl.remaining() * self.share), store.backend.folder)
+                share = dl.child(dl.remaining() * self.share)
+                within(share, store.backend.folder)
+                within(share, store.backend.mark)  # what the walk of the source refuses
             except (StorageTimeoutError, BackendUnavailableError) as e:
                 log.warning("not mirroring to %s: its folder is not known (%s)", store.label, e)
                 continue

@@ -233,6 +233,7 @@ class RemoteStore(RemoteListing, SourceStore):
         check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
         dl = as_deadline(deadline, self.default_timeout)
         here = within(dl, self.backend.folder)  # a mount not seen yet is asked: in time
+        within(dl, self.backend.mark)  # put back if removed since the store opened
         avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
         t0, stats = time.monotonic(), StatsRecorder()
         with manifest_v2.collector_paused():  # an object per file, no cycle
