@@ -26,6 +26,13 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 FILES = {"chroma.sqlite3": b"rows" * 1000, "seg/data.bin": b"v" * 5000}
 
 
+def _published(tmp_path: Path) -> tuple[RemoteStore, Path]:
+    """A store at ``store`` with one version, and a folder ``src`` to publish."""
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "v1", FILES))
+    return store, write_tree(tmp_path / "src", FILES)
+
+
 def _objects(store: RemoteStore) -> dict[str, bytes]:
     """The store's files but its marker (which a publish may put back)."""
     tree = read_tree(store.backend.root)  # type: ignore[attr-defined]
@@ -97,9 +104,7 @@ def test_an_overlay_whose_layer_was_renamed_is_refused_by_what_it_shows(
 
 def test_a_fuse_pass_through_of_the_store_is_refused(tmp_path: Path, run: Run) -> None:
     # a FUSE file system showing the store's folder: a device of its own, no folder named
-    store = RemoteStore(FileBackend(tmp_path / "store"))
-    store.publish("db", write_tree(tmp_path / "v1", FILES))
-    src = write_tree(tmp_path / "src", FILES)
+    store, src = _published(tmp_path)
     with FaultyMount(tmp_path / "store", src / "view", state_dir=tmp_path):
         _refused(store, src, "a store's folder is inside", run)
         _refused(store, src / "view", "a store's folder is inside")  # the view itself
@@ -113,9 +118,7 @@ def test_an_overlay_mounted_after_the_folder_check_is_refused_by_the_walk(
     # walk is met by the walk, which reads every folder it publishes.
     import chroma_snapshots.stores.remote as remote
 
-    store = RemoteStore(FileBackend(tmp_path / "store"))
-    store.publish("db", write_tree(tmp_path / "v1", FILES))
-    src = write_tree(tmp_path / "src", FILES)
+    store, src = _published(tmp_path)
     real: Callable[..., object] = remote.check_apart  # type: ignore[attr-defined]
     mounted = []
 
@@ -137,9 +140,7 @@ def test_an_overlay_mounted_after_the_folder_check_is_refused_by_the_walk(
 def test_a_copy_of_a_store_or_a_cache_inside_the_source_is_refused(
     tmp_path: Path, what: str
 ) -> None:
-    store = RemoteStore(FileBackend(tmp_path / "store"))
-    store.publish("db", write_tree(tmp_path / "v1", FILES))
-    src = write_tree(tmp_path / "src", FILES)
+    store, src = _published(tmp_path)
     if what == "store":
         shutil.copytree(tmp_path / "store", src / "backup" / "store")
     else:
@@ -159,9 +160,7 @@ def test_a_file_named_as_a_marker_is_refused_with_its_name(tmp_path: Path) -> No
 def test_views_of_a_store_whose_marker_was_removed_or_replaced_are_refused(
     tmp_path: Path, run: Run
 ) -> None:
-    store = RemoteStore(FileBackend(tmp_path / "store"))
-    store.publish("db", write_tree(tmp_path / "v1", FILES))
-    src = write_tree(tmp_path / "src", FILES)
+    store, src = _published(tmp_path)
     marker = tmp_path / "store" / STORE_MARKER
     with FaultyMount(tmp_path / "store", src / "view", state_dir=tmp_path):
         marker.unlink()  # after the store opened: the publish puts it back first
