@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,3 +196,59 @@ def test_a_view_of_an_efs_mirror_is_refused(tmp_path: Path) -> None:
     assert len(list(truth.versions("db"))) == 1
     assert len(list(mirror.versions("db"))) == 1
     both.close()
+
+
+def test_a_view_hiding_the_marker_is_refused_by_what_the_store_holds(
+    tmp_path: Path, run: Run
+) -> None:
+    # an overlay whose upper layer hides the marker (a whiteout), as a view that leaves out
+    # dot files would: the name's folder still shows its manifests, packs and refs
+    # (the layer renamed since the overlay was mounted, so no name shows the store either)
+    (tmp_path / "a").mkdir()
+    RemoteStore(FileBackend(tmp_path / "a" / "store")).publish(
+        "db", write_tree(tmp_path / "v1", FILES)
+    )
+    src = write_tree(tmp_path / "src", FILES)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    os.mknod(upper / STORE_MARKER, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    with _overlay(tmp_path, src / "view", tmp_path / "a" / "store", upper):
+        os.rename(tmp_path / "a", tmp_path / "b")
+        store = RemoteStore(FileBackend(tmp_path / "b" / "store"))
+        assert not os.path.lexists(src / "view" / STORE_MARKER)
+        _refused(store, src, "a store's name folder is inside the folder being published", run)
+    assert len(list(store.versions("db"))) == 1
+
+
+def test_a_copy_of_a_name_folder_without_the_marker_is_refused(tmp_path: Path) -> None:
+    store, src = _published(tmp_path)
+    shutil.copytree(tmp_path / "store" / "db", src / "backup" / "db")  # `cp -a store/*`
+    _refused(store, src, "a store's name folder is inside")
+
+
+def test_a_publisher_that_cannot_put_the_marker_back_fails(tmp_path: Path) -> None:
+    # The store's top folder is another user's and not the publisher's to write (its name
+    # folder is): the publish fails with the error instead of going ahead without the
+    # marker. The publisher is root without the capabilities that override file modes.
+    store, src = _published(tmp_path)
+    (tmp_path / "store" / STORE_MARKER).unlink()
+    os.chown(tmp_path / "store", 65534, 65534)
+    os.chmod(tmp_path / "store", 0o755)
+    code = (
+        "import sys\n"
+        "from chroma_snapshots import RemoteStore\n"
+        "from chroma_snapshots.backends.file import FileBackend\n"
+        "from chroma_snapshots.errors import BackendUnavailableError\n"
+        "store = RemoteStore(FileBackend(sys.argv[1]))\n"
+        "try:\n"
+        "    store.publish('db', sys.argv[2])\n"
+        "except BackendUnavailableError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    drop = ["setpriv", "--bounding-set", "-dac_override,-fowner,-dac_read_search"]
+    cmd = [*drop, sys.executable, "-c", code, str(tmp_path / "store"), str(src)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: writing the store's marker" in done.stdout
+    assert len(list(store.versions("db"))) == 1
+    assert not (tmp_path / "store" / STORE_MARKER).exists()

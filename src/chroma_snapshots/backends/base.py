@@ -194,7 +194,8 @@ class Backend(ABC):
     def mark(self) -> None:  # noqa: B027 - optional hook, object stores have no folder
         """Put back the marker of :meth:`folder` if it is missing (engine/apart.py: the
         walk of a publish's source refuses it wherever it meets it). A publish calls it
-        for every folder it keeps out, before it reads the source."""
+        for every folder it keeps out, before it reads the source; the backend's error if
+        it cannot (the publish then fails rather than go ahead unguarded)."""
 
     def known_folder(self) -> Place | None:
         """:meth:`folder` if known without asking anything: None for object stores, and

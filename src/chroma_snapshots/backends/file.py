@@ -143,7 +143,7 @@ class FileBackend(Backend):
 
     def mark(self) -> None:
         """As Backend.mark, through the guard when there is one."""
-        self._run("mark")
+        self._run("mark", True)
 
     def close(self) -> None:
         if self.guard is not None:

@@ -105,16 +105,20 @@ class LocalFiles:
         self.mark()
         return place_of(self.root)
 
-    def mark(self) -> None:
+    def mark(self, must: bool = False) -> None:
         """Put the store's marker in its folder if it is not there (engine/apart.py: a
-        publish refuses a source holding it). A folder this process may not write (a
-        read-only mount) stays as it is, and so does an entry of the marker's name that is
-        no file (a publish's walk refuses any entry of that name)."""
+        publish refuses a source holding it). An entry of the marker's name that is no
+        file stays (a publish's walk refuses any entry of that name). A folder this
+        process may not write (a read-only mount) stays as it is, unless ``must`` (a
+        publish, which then fails with the error rather than publish unguarded)."""
         path = self.root / STORE_MARKER
         if os.path.lexists(path):
             return
-        with contextlib.suppress(OSError):
+        try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644))
+        except OSError as e:
+            if must:
+                raise _wrap(e, "writing the store's marker", STORE_MARKER, self.root) from e
 
     def probe(self) -> None:
         """Cheap health check: stat and list the root."""
