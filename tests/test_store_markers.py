@@ -88,20 +88,34 @@ def test_a_read_only_store_without_its_marker_still_opens(tmp_path: Path) -> Non
     assert read_tree(again.checkout("db", dest=tmp_path / "out").path) == FILES
 
 
+@pytest.mark.parametrize(
+    ("hidden", "what"),
+    [
+        (False, "a store's folder is inside the folder being published"),
+        (True, "a store's name folder is inside the folder being published"),
+    ],
+)
 def test_an_overlay_whose_layer_was_renamed_is_refused_by_what_it_shows(
-    tmp_path: Path, run: Run
+    tmp_path: Path, run: Run, hidden: bool, what: str
 ) -> None:
     # The mount table names the layer by the name it had when the overlay was mounted:
-    # renamed since, that name leads nowhere, and only the marker shows the store.
+    # renamed since, that name leads nowhere, and only what the overlay shows tells the
+    # store: its marker, or (``hidden`` by a whiteout in the upper layer, as a view that
+    # leaves out dot files would) the name's folder with its manifests, packs and refs.
     (tmp_path / "a").mkdir()
     RemoteStore(FileBackend(tmp_path / "a" / "store")).publish(
         "db", write_tree(tmp_path / "v1", FILES)
     )
     src = write_tree(tmp_path / "src", FILES)
-    with _overlay(tmp_path, src / "ov", tmp_path / "a" / "store"):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    if hidden:
+        os.mknod(upper / STORE_MARKER, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    with _overlay(tmp_path, src / "ov", tmp_path / "a" / "store", upper):
         os.rename(tmp_path / "a", tmp_path / "b")
         store = RemoteStore(FileBackend(tmp_path / "b" / "store"))
-        _refused(store, src, "a store's folder is inside the folder being published", run)
+        assert os.path.lexists(src / "ov" / STORE_MARKER) != hidden
+        _refused(store, src, what, run)
     assert len(list(store.versions("db"))) == 1
 
 
@@ -196,28 +210,6 @@ def test_a_view_of_an_efs_mirror_is_refused(tmp_path: Path) -> None:
     assert len(list(truth.versions("db"))) == 1
     assert len(list(mirror.versions("db"))) == 1
     both.close()
-
-
-def test_a_view_hiding_the_marker_is_refused_by_what_the_store_holds(
-    tmp_path: Path, run: Run
-) -> None:
-    # an overlay whose upper layer hides the marker (a whiteout), as a view that leaves out
-    # dot files would: the name's folder still shows its manifests, packs and refs
-    # (the layer renamed since the overlay was mounted, so no name shows the store either)
-    (tmp_path / "a").mkdir()
-    RemoteStore(FileBackend(tmp_path / "a" / "store")).publish(
-        "db", write_tree(tmp_path / "v1", FILES)
-    )
-    src = write_tree(tmp_path / "src", FILES)
-    upper = tmp_path / "upper"
-    upper.mkdir()
-    os.mknod(upper / STORE_MARKER, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-    with _overlay(tmp_path, src / "view", tmp_path / "a" / "store", upper):
-        os.rename(tmp_path / "a", tmp_path / "b")
-        store = RemoteStore(FileBackend(tmp_path / "b" / "store"))
-        assert not os.path.lexists(src / "view" / STORE_MARKER)
-        _refused(store, src, "a store's name folder is inside the folder being published", run)
-    assert len(list(store.versions("db"))) == 1
 
 
 def test_a_copy_of_a_name_folder_without_the_marker_is_refused(tmp_path: Path) -> None:
