@@ -41,7 +41,14 @@ def wait_for_writes(db: Path, writer: subprocess.Popen[bytes], timeout: float = 
     """Return once the writer has changed the database files (its first upsert landed)."""
 
     def stamp() -> list[tuple[str, int, int]]:
-        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in db.iterdir())
+        out = []
+        for p in db.iterdir():
+            try:  # SQLite removes its journal between the listing and the stat
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((p.name, st.st_size, st.st_mtime_ns))
+        return sorted(out)
 
     before, end = stamp(), time.monotonic() + timeout
     while stamp() == before:

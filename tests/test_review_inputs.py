@@ -25,6 +25,7 @@ from chroma_snapshots import (
     wait_for_cleanups,
 )
 from chroma_snapshots.cli.main import main
+from chroma_snapshots.engine.apart import STORE_MARKER
 from chroma_snapshots.testing.conformance import write_tree
 
 
@@ -263,7 +264,7 @@ def test_a_remote_store_setting_that_means_nothing_is_refused_when_the_store_is_
     backend = open_backend(f"file://{tmp_path / 'store'}")
     with pytest.raises(InvalidInputError, match=setting):  # at once: no publish to wait out
         RemoteStore(backend, **{setting: value})  # type: ignore[arg-type]
-    assert _tree(tmp_path / "store") == []
+    assert _tree(tmp_path / "store") == [STORE_MARKER]  # what opening the backend writes
 
 
 def test_every_zstd_level_and_the_smallest_settings_still_publish(tmp_path: Path) -> None:
