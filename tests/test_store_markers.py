@@ -244,3 +244,25 @@ def test_a_publisher_that_cannot_put_the_marker_back_fails(tmp_path: Path) -> No
     assert "refused: writing the store's marker" in done.stdout
     assert len(list(store.versions("db"))) == 1
     assert not (tmp_path / "store" / STORE_MARKER).exists()
+
+
+@pytest.mark.parametrize("view", ["fuse", "copy"])
+def test_a_view_of_a_stores_packs_alone_is_refused(tmp_path: Path, view: str) -> None:
+    # neither marker nor name folder shows: the packs do (packs/ab holds ab<62 hex digits>)
+    store, src = _published(tmp_path)
+    packs = tmp_path / "store" / "db" / "packs"
+    if view == "copy":
+        shutil.copytree(packs, src / "packs")
+        _refused(store, src, "a store's packs are inside the folder being published")
+        return
+    with FaultyMount(packs, src / "view", state_dir=tmp_path):
+        _refused(store, src, "a store's packs are inside the folder being published")
+        one = next(p for p in (src / "view").iterdir())
+        _refused(store, one, "a store's packs are inside")  # a prefix folder as the source
+
+
+def test_names_like_a_packs_folder_that_are_not_one_are_published(tmp_path: Path) -> None:
+    files = {"ab/abc.bin": b"1", "ab/" + "cd" * 32: b"2", "abc/" + "ab" * 32: b"3"}
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    store.publish("db", write_tree(tmp_path / "src", files))
+    assert read_tree(store.checkout("db", dest=tmp_path / "out").path) == files

@@ -21,15 +21,14 @@ from typing import NamedTuple
 
 import zstandard
 
-from chroma_snapshots.engine.apart import MARKED
 from chroma_snapshots.engine.beneath import READ_FLAGS
 from chroma_snapshots.engine.chunkids import chunk_ok
 from chroma_snapshots.engine.deadline import Deadline, wait_all
-from chroma_snapshots.engine.keys import MANIFESTS, PACKS, REFS
 from chroma_snapshots.engine.models import Chunk
 from chroma_snapshots.engine.packing import DEFAULT_PACK_TARGET as DEFAULT_PACK_TARGET
 from chroma_snapshots.engine.packing import PackWriter as PackWriter
 from chroma_snapshots.engine.stampindex import Stamp, stamp_of
+from chroma_snapshots.engine.storeparts import refuse_store_parts
 from chroma_snapshots.engine.validation import (
     MAX_CHUNK_SIZE,
     MAX_COMPONENT_BYTES,
@@ -66,10 +65,8 @@ def scan_source(
 
     A folder whose (device, inode) is in ``avoid`` (a store's or a cache's: engine/apart.py)
     is refused with InvalidInputError naming it, however it is reached (a bind mount), and
-    so is a folder holding any store's or cache's marker file (apart.MARKED), whatever
-    shows it there (an overlay, a FUSE pass-through), and one that holds a store's
-    name folder's ``manifests``, ``packs`` and ``refs`` folders (a view hiding the markers,
-    a copy without them).
+    so is any folder that is recognisably a store's or a cache's, whatever shows it there
+    (engine/storeparts.py).
 
     Symlinks, devices, sockets, names that could not round-trip safely and trees deeper
     than ``MAX_PATH_DEPTH`` are refused with InvalidInputError: a snapshot must mean the
@@ -96,22 +93,12 @@ def scan_source(
             if rel_dir:
                 empty.append(rel_dir)
             continue
-        if _name_folder_shaped(entries):
-            raise InvalidInputError(
-                f"a store's name folder is inside the folder being published, at {here} (it "
-                f"holds {', '.join(sorted(NAME_FOLDER))}): publish a folder that does not hold it"
-            )
+        refuse_store_parts(here, entries)  # however a store's folders show here
         if depth >= MAX_PATH_DEPTH:
             raise InvalidInputError(
                 f"{entries[0].path}: more than {MAX_PATH_DEPTH} levels below the source directory"
             )
         for entry, rel in zip(entries, _checked_names(rel_dir, entries), strict=True):
-            if entry.name in MARKED:  # a store's or a cache's, however it shows here
-                raise InvalidInputError(
-                    f"{MARKED[entry.name]} is inside the folder being published, at "
-                    f"{os.path.dirname(entry.path)} (it holds {entry.name}): publish a "
-                    "folder that does not hold it"
-                )
             st = _lstat(entry)
             kind = st.st_mode
             if stat.S_ISREG(kind):
@@ -130,21 +117,6 @@ def scan_source(
                 raise InvalidInputError(f"{entry.path}: not a regular file")
     files.sort(key=attrgetter("relpath"))
     return files, sorted(empty)
-
-
-# What every published name's folder of a store holds (engine/keys): a folder holding all
-# three is taken for one, however it shows in the source (a view that hides the markers,
-# a copy that left them out).
-NAME_FOLDER = frozenset({MANIFESTS, PACKS, REFS})
-
-
-def _name_folder_shaped(entries: list[os.DirEntry[str]]) -> bool:
-    """True if the folder listed holds the folders of a store's name (no syscall: the
-    listing's types)."""
-    found = {e.name for e in entries if e.name in NAME_FOLDER}
-    return found == NAME_FOLDER and all(
-        e.is_dir(follow_symlinks=False) for e in entries if e.name in NAME_FOLDER
-    )
 
 
 def _checked_names(rel_dir: str, entries: list[os.DirEntry[str]]) -> list[str]:

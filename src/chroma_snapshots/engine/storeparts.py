@@ -1,0 +1,52 @@
+"""What a store's folders look like, for the walk of a publish's source to refuse them
+however they show there: names and mounts (engine/apart.py) do not see every view of a
+folder (an overlay whose layer was renamed, a FUSE file system passing it through, a copy).
+
+Three signs, each found in a folder's listing alone (no syscall of its own):
+- an entry named as a store's or a cache's marker file (apart.MARKED), of any kind;
+- a store's name folder: ``manifests``, ``packs`` and ``refs`` folders side by side (what
+  a view that hides the markers still shows, and a copy made without dot files holds);
+- a store's ``packs/ab`` folder: named by two hex digits, holding a file named by 64 that
+  start with them (a view of a store's packs alone).
+A source holding any of them is refused, naming it (a folder of the user's own that looks
+so is refused too: the error says what to move).
+"""
+
+from __future__ import annotations
+
+import os
+
+from chroma_snapshots.engine.apart import MARKED
+from chroma_snapshots.engine.keys import MANIFESTS, PACKS, REFS
+from chroma_snapshots.engine.validation import is_hex64
+from chroma_snapshots.errors import InvalidInputError
+
+NAME_FOLDER = frozenset({MANIFESTS, PACKS, REFS})  # what every published name's folder holds
+
+
+def refuse_store_parts(folder: str, entries: list[os.DirEntry[str]]) -> None:
+    """InvalidInputError if ``folder`` (listed as ``entries``) shows a store's or a
+    cache's folder, or part of one."""
+    found = _sign(folder, entries)
+    if found is not None:
+        what, sign = found
+        raise InvalidInputError(
+            f"{what} inside the folder being published, at {folder} (it holds {sign}): "
+            "publish a folder that does not hold it"
+        )
+
+
+def _sign(folder: str, entries: list[os.DirEntry[str]]) -> tuple[str, str] | None:
+    """(what ``folder`` is, the entries that say so), or None."""
+    marker = next((e.name for e in entries if e.name in MARKED), None)
+    if marker is not None:
+        return f"{MARKED[marker]} is", marker
+    named = [e for e in entries if e.name in NAME_FOLDER]
+    if len(named) == len(NAME_FOLDER) and all(e.is_dir(follow_symlinks=False) for e in named):
+        return "a store's name folder is", ", ".join(sorted(NAME_FOLDER))
+    prefix = os.path.basename(folder)
+    if len(prefix) == 2:
+        pack = next((e.name for e in entries if e.name[:2] == prefix and is_hex64(e.name)), None)
+        if pack is not None:
+            return "a store's packs are", pack
+    return None
