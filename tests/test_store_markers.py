@@ -262,7 +262,29 @@ def test_a_view_of_a_stores_packs_alone_is_refused(tmp_path: Path, view: str) ->
 
 
 def test_names_like_a_packs_folder_that_are_not_one_are_published(tmp_path: Path) -> None:
-    files = {"ab/abc.bin": b"1", "ab/" + "cd" * 32: b"2", "abc/" + "ab" * 32: b"3"}
+    # a registry's blobs/sha256/ab/<64 hex digits>/data: a folder of that name, no pack
+    registry = "blobs/sha256/ab/" + "ab" * 32 + "/data"
+    files = {"ab/abc.bin": b"1", "ab/" + "cd" * 32: b"2", "abc/" + "ab" * 32: b"3", registry: b"4"}
     store = RemoteStore(FileBackend(tmp_path / "store"))
     store.publish("db", write_tree(tmp_path / "src", files))
     assert read_tree(store.checkout("db", dest=tmp_path / "out").path) == files
+
+
+@pytest.mark.parametrize("view", ["fuse", "copy"])
+def test_a_view_of_a_cache_name_folder_is_refused(tmp_path: Path, view: str) -> None:
+    # The cache's marker is a level up: its name folder shows building, meta and versions.
+    # Published through the same cache, each version held the one before (it grew).
+    store, src = _published(tmp_path)
+    cached = CachedStore(store, tmp_path / "cache")
+    cached.checkout("db").release()
+    (name_folder,) = (tmp_path / "cache").glob("*/db")
+    if view == "copy":
+        shutil.copytree(name_folder, src / "backup")  # `cp -a cache/<key>/*`
+        _refused(store, src, "a cache's name folder is inside the folder being published")
+        return
+    with (
+        FaultyMount(name_folder, src / "data", state_dir=tmp_path),
+        pytest.raises(InvalidInputError, match="a cache's name folder is inside"),
+    ):
+        cached.publish("db", src)
+    assert len(list(store.versions("db"))) == 1

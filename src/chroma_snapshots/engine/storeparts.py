@@ -2,10 +2,12 @@
 however they show there: names and mounts (engine/apart.py) do not see every view of a
 folder (an overlay whose layer was renamed, a FUSE file system passing it through, a copy).
 
-Three signs, each found in a folder's listing alone (no syscall of its own):
+Four signs, each found in a folder's listing alone (no syscall of its own):
 - an entry named as a store's or a cache's marker file (apart.MARKED), of any kind;
 - a store's name folder: ``manifests``, ``packs`` and ``refs`` folders side by side (what
   a view that hides the markers still shows, and a copy made without dot files holds);
+- a cache's name folder: ``building``, ``meta`` and ``versions`` folders side by side
+  (stores/cache/layout.py; its marker is a level up);
 - a store's ``packs/ab`` folder: named by two hex digits, holding a file named by 64 that
   start with them (a view of a store's packs alone).
 A source holding any of them is refused, naming it (a folder of the user's own that looks
@@ -22,6 +24,7 @@ from chroma_snapshots.engine.validation import is_hex64
 from chroma_snapshots.errors import InvalidInputError
 
 NAME_FOLDER = frozenset({MANIFESTS, PACKS, REFS})  # what every published name's folder holds
+CACHE_NAME_FOLDER = frozenset({"building", "meta", "versions"})  # and a cache's, of a name
 
 
 def refuse_store_parts(folder: str, entries: list[os.DirEntry[str]]) -> None:
@@ -41,12 +44,14 @@ def _sign(folder: str, entries: list[os.DirEntry[str]]) -> tuple[str, str] | Non
     marker = next((e.name for e in entries if e.name in MARKED), None)
     if marker is not None:
         return f"{MARKED[marker]} is", marker
-    named = [e for e in entries if e.name in NAME_FOLDER]
-    if len(named) == len(NAME_FOLDER) and all(e.is_dir(follow_symlinks=False) for e in named):
-        return "a store's name folder is", ", ".join(sorted(NAME_FOLDER))
+    for kinds, what in ((NAME_FOLDER, "a store's"), (CACHE_NAME_FOLDER, "a cache's")):
+        named = [e for e in entries if e.name in kinds]
+        if len(named) == len(kinds) and all(e.is_dir(follow_symlinks=False) for e in named):
+            return f"{what} name folder is", ", ".join(sorted(kinds))
     prefix = os.path.basename(folder)
     if len(prefix) == 2:
-        pack = next((e.name for e in entries if e.name[:2] == prefix and is_hex64(e.name)), None)
+        packs = (e for e in entries if e.name[:2] == prefix and is_hex64(e.name))
+        pack = next((e.name for e in packs if e.is_file(follow_symlinks=False)), None)
         if pack is not None:
             return "a store's packs are", pack
     return None
