@@ -25,7 +25,12 @@ PROBES = "_probes"
 
 def pack_key(name: str, pack: str) -> str:
     """Where a pack lives."""
-    return f"{name}/{PACKS}/{pack[:2]}/{pack}"
+    return f"{name}/{PACKS}/{pack_folder(pack)}/{pack}"
+
+
+def pack_folder(pack: str) -> str:
+    """The folder below ``packs`` that holds ``pack``."""
+    return pack[:2]
 
 
 def pack_at(name: str, key: str) -> str | None:

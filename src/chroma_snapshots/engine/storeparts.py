@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from chroma_snapshots.engine.apart import MARKED
-from chroma_snapshots.engine.keys import MANIFESTS, PACKS, REFS
+from chroma_snapshots.engine.keys import MANIFESTS, PACKS, REFS, pack_folder
 from chroma_snapshots.engine.validation import is_hex64
 from chroma_snapshots.errors import InvalidInputError
 
@@ -49,9 +49,8 @@ def _sign(folder: str, entries: list[os.DirEntry[str]]) -> tuple[str, str] | Non
         if len(named) == len(kinds) and all(e.is_dir(follow_symlinks=False) for e in named):
             return f"{what} name folder is", ", ".join(sorted(kinds))
     prefix = os.path.basename(folder)
-    if len(prefix) == 2:
-        packs = (e for e in entries if e.name[:2] == prefix and is_hex64(e.name))
-        pack = next((e.name for e in packs if e.is_file(follow_symlinks=False)), None)
-        if pack is not None:
-            return "a store's packs are", pack
-    return None
+    if len(prefix) != len(pack_folder("0" * 64)):  # most folders: no entry is looked at
+        return None
+    packs = (e for e in entries if pack_folder(e.name) == prefix and is_hex64(e.name))
+    pack = next((e.name for e in packs if e.is_file(follow_symlinks=False)), None)
+    return None if pack is None else ("a store's packs are", pack)
