@@ -455,6 +455,38 @@ def test_no_write_hands_the_kernel_more_than_write_bytes(
     assert sum(asked) > 2 * 1_074_100  # both the packs and the checkout went through it
 
 
+@pytest.mark.parametrize("short", [False, True])
+def test_a_run_of_buffers_is_written_in_whole_calls_of_write_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: bool
+) -> None:
+    """A run of adjacent chunks (the placer writes one per file and batch) goes out in
+    calls of exactly WRITE_BYTES but the last, small buffers sharing a call and large
+    ones cut: every byte lands at its offset, also when the kernel writes less."""
+    sizes = [0, 100, WRITE_BYTES - 100, 2 * WRITE_BYTES, 7, WRITE_BYTES + 3, 5_000, 0, 1]
+    bufs = [os.urandom(n) for n in sizes]
+    asked: list[int] = []
+    limit = _shortened([WRITE_BYTES - 1, 4095, 10_000], []) if short else os.pwritev
+
+    def recording(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> int:
+        asked.append(sum(len(b) for b in parts))
+        return limit(fd, parts, offset)
+
+    path = tmp_path / "run.bin"
+    path.write_bytes(b"x" * 1000)
+    fd = os.open(path, os.O_WRONLY)
+    monkeypatch.setattr(os, "pwritev", recording)
+    try:
+        placer_module.pwrite_all(fd, bufs, 1000, sum(sizes))
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 1000 + b"".join(bufs)
+    assert max(asked) == WRITE_BYTES
+    if not short:  # whole calls: the bytes need no more of them
+        assert len(asked) == -(-sum(sizes) // WRITE_BYTES)
+        assert asked[:-1] == [WRITE_BYTES] * (len(asked) - 1)
+
+
 @pytest.mark.parametrize("where", ["file", "s3"])
 def test_at_most_the_placing_threads_verify_and_place_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str

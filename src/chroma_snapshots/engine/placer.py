@@ -76,13 +76,21 @@ def local_io(path: Path | str, what: str) -> Iterator[None]:
 
 
 def pwrite_all(fd: int, bufs: Sequence[Buffer], offset: int, size: int) -> None:
-    """Write all ``size`` bytes of ``bufs`` at ``offset``, at most ``WRITE_BYTES`` a call.
-    The kernel may write less than asked without an error (a filling disk does): write
-    the rest, and the next call says why it cannot; a call that writes nothing and raises
-    nothing is an I/O error."""
+    """Write all ``size`` bytes of ``bufs`` at ``offset``, at most ``WRITE_BYTES`` a call."""
+    if size <= WRITE_BYTES:
+        _pwrite_exact(fd, bufs, offset, size)
+        return
+    for part, n in _slices(bufs):
+        _pwrite_exact(fd, part, offset, n)
+        offset += n
+
+
+def _pwrite_exact(fd: int, bufs: Sequence[Buffer], offset: int, size: int) -> None:
+    """One call's worth: the kernel may write less than asked without an error (a filling
+    disk does), so write the rest, and the next call says why it cannot; a call that
+    writes nothing and raises nothing is an I/O error."""
     while True:
-        part = bufs if size <= WRITE_BYTES else _head(bufs, WRITE_BYTES)
-        written = os.pwritev(fd, part, offset)
+        written = os.pwritev(fd, bufs, offset)
         if written == size:
             return
         if written <= 0:
@@ -90,15 +98,22 @@ def pwrite_all(fd: int, bufs: Sequence[Buffer], offset: int, size: int) -> None:
         bufs, offset, size = _skip(bufs, written), offset + written, size - written
 
 
-def _head(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
-    """The first ``n`` bytes of ``bufs`` (views, no copies)."""
-    head: list[Buffer] = []
+def _slices(bufs: Sequence[Buffer]) -> Iterator[tuple[list[Buffer], int]]:
+    """``bufs`` cut into calls of ``WRITE_BYTES`` (the last may be shorter), each a list
+    of views and its size: no copies."""
+    part: list[Buffer] = []
+    n = 0
     for b in bufs:
-        if n <= len(b):
-            return [*head, memoryview(b)[:n]]
-        head.append(b)
-        n -= len(b)
-    return head
+        view, pos, end = memoryview(b), 0, len(b)
+        while pos < end:
+            take = min(WRITE_BYTES - n, end - pos)
+            part.append(view[pos : pos + take])
+            n, pos = n + take, pos + take
+            if n == WRITE_BYTES:
+                yield part, n
+                part, n = [], 0
+    if n:
+        yield part, n
 
 
 def _skip(bufs: Sequence[Buffer], n: int) -> list[Buffer]:
@@ -226,9 +241,10 @@ class Placer:
     def place_many(self, chunks: Sequence[tuple[str, Buffer]]) -> int:
         """Write verified chunks everywhere they occur; returns bytes written.
 
-        Chunks that land next to each other in a file go out in one ``pwritev`` of up to
-        ``WRITE_BYTES``: a pack holds chunks in file order, so small chunks share a call
-        (per-chunk open/pwrite/close was half of a checkout's CPU time)."""
+        Chunks that land next to each other in a file are one run, written in calls of
+        ``WRITE_BYTES`` (:func:`pwrite_all`): a pack holds chunks in file order, so small
+        chunks share a call (per-chunk open/pwrite/close was half of a checkout's CPU
+        time), and a run's descriptor, lock and count are looked at once, not per chunk."""
         with self._write_guard():
             return self._write_runs(chunks)
 
@@ -289,12 +305,7 @@ class Placer:
             relpath, start, first = writes[i]
             bufs, end = [first], start + len(first)
             i += 1
-            while (
-                i < len(writes)
-                and writes[i][0] == relpath
-                and writes[i][1] == end
-                and end - start + len(writes[i][2]) <= WRITE_BYTES
-            ):
+            while i < len(writes) and writes[i][0] == relpath and writes[i][1] == end:
                 bufs.append(writes[i][2])
                 end += len(writes[i][2])
                 i += 1
