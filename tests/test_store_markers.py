@@ -212,6 +212,32 @@ def test_a_view_of_an_efs_mirror_is_refused(tmp_path: Path) -> None:
     both.close()
 
 
+def test_a_mirror_whose_marker_cannot_be_written_is_left_out_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mirror on a read-only mount, its marker gone: the publish goes to the truth and
+    leaves that mirror out, saying why (not "its folder is not known": it is)."""
+    (tmp_path / "mirror").mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "mirror"), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        mirror = RemoteStore(FileBackend(ro))
+        truth = RemoteStore(FileBackend(tmp_path / "truth"))
+        both = FallbackStore([mirror, truth], mirror=True)  # the last is the truth
+        with caplog.at_level("WARNING", logger="chroma_snapshots"):
+            both.publish("db", write_tree(tmp_path / "v1", FILES))
+        said = [r.getMessage() for r in caplog.records if "not mirroring" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "its marker cannot be written" in said[0]
+        assert len(list(truth.versions("db"))) == 1
+        assert list(mirror.versions("db")) == []
+        both.close()
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 def test_a_copy_of_a_name_folder_without_the_marker_is_refused(tmp_path: Path) -> None:
     store, src = _published(tmp_path)
     shutil.copytree(tmp_path / "store" / "db", src / "backup" / "db")  # `cp -a store/*`

@@ -291,19 +291,21 @@ class FallbackStore(SourceStore):
         return info
 
     def _known_mirrors(self, dl: Deadline) -> list[tuple[BackedStore, BackedStore]]:
-        """The mirrors whose folders are known, each asked now (within ``share`` of the time
-        left, and at most the backend's own short wait) if its mount has not answered since
-        it opened. One that still does not is
-        left out of this publish's mirroring: it could not take the copy anyway, and a
-        source inside its folder is then never copied into it unchecked."""
+        """The mirrors whose folders are known and marked, each asked now (within ``share``
+        of the time left, and at most the backend's own short wait) if its mount has not
+        answered since it opened. One that still does not, or whose marker cannot be
+        written, is left out of this publish's mirroring: it could not take the copy
+        anyway, and a source inside its folder is then never copied into it unchecked."""
         known = []
         for source, store in self._mirrors:
+            step = "its folder is not known"
             try:
                 share = dl.child(dl.remaining() * self.share)
                 within(share, store.backend.folder)
+                step = "its marker cannot be written"
                 within(share, store.backend.mark)  # what the walk of the source refuses
             except (StorageTimeoutError, BackendUnavailableError) as e:
-                log.warning("not mirroring to %s: its folder is not known (%s)", store.label, e)
+                log.warning("not mirroring to %s: %s (%s)", store.label, step, e)
                 continue
             known.append((source, store))
         return known
