@@ -301,7 +301,7 @@ def test_long_dest_names_sharing_their_beginning_do_not_share_leftovers(
 ) -> None:
     # work folder names are cut to fit NAME_MAX: two dests alike for 240 bytes must still
     # not take each other's leftovers (what a kill -9 of a checkout leaves) for their own
-    from chroma_snapshots.engine.localfs import _short_name
+    from chroma_snapshots.engine.workdir import _short_name
 
     store, src = _published(tmp_path, _random_files({"a.bin": 10}))
     first, second = "a" * 240 + "1", "a" * 240 + "2"

@@ -20,7 +20,7 @@ from cli_inprocess import Run
 
 from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine import localfs
+from chroma_snapshots.engine import localfs, workdir
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.opening import open_store
 from chroma_snapshots.stores.cache.inspect import entries
@@ -147,10 +147,10 @@ def test_a_mount_over_an_old_dest_work_folder_swept_by_the_next_checkout(
 ) -> None:
     version = _version(remote, tmp_path)
     dest = tmp_path / "out" / "db"
-    prefix, _, _ = localfs._work_names(dest.name)
+    prefix, _, _ = workdir.work_names(dest.name)
     leftover = dest.parent / f"{prefix}abcd1234.tmp"  # a killed checkout's, by its name
     with _bound(theirs, leftover):
-        old = time.time() - 2 * localfs.LEFTOVER_AGE
+        old = time.time() - 2 * workdir.LEFTOVER_AGE
         os.utime(leftover, (old, old))
         with remote.checkout("db", version, dest) as snap:
             assert (snap.path / "b.txt").read_bytes() == b"b"

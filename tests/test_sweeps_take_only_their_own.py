@@ -130,7 +130,7 @@ def _killed_in_work_dir(dest: Path) -> Path:
     """A process that made the work folder for a checkout to ``dest`` and was killed."""
     code = (
         "import os, sys; from pathlib import Path\n"
-        "from chroma_snapshots.engine.localfs import work_dir\n"
+        "from chroma_snapshots.engine.workdir import work_dir\n"
         "cm = work_dir(Path(sys.argv[1])); work, _ = cm.__enter__()\n"
         "(work / 'half.bin').write_bytes(b'h' * 100); print(work, flush=True); os._exit(9)\n"
     )

@@ -19,7 +19,7 @@ from reused_numbers import fs_type
 
 from chroma_snapshots import CachedStore, LocalDiskError, RemoteStore
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.engine import localfs
+from chroma_snapshots.engine import localfs, workdir
 from chroma_snapshots.engine.placer import Placer
 from chroma_snapshots.stores.cache.layout import NameDirs
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -313,7 +313,7 @@ def test_a_folder_swapped_for_the_dest_work_folder_before_the_files_are_made(
         assert not dest.exists()
         aside = _set_aside(swapped[-1])
     monkeypatch.undo()
-    old = time.time() - 2 * localfs.LEFTOVER_AGE
+    old = time.time() - 2 * workdir.LEFTOVER_AGE
     os.utime(aside, (old, old))
     with remote.checkout("db", v1, tmp_path / "out2" / "db"):  # sweeps old work folders
         assert read_tree(aside) == PLANTED
@@ -419,10 +419,10 @@ def test_the_sweep_beside_a_dest_leaves_another_users_folder(
     # root's checkout removed a two-hour-old work-named folder of uid 65534's
     v1 = remote.publish("db", write_tree(tmp_path / "src1", _files(1))).version
     dest = tmp_path / "out" / "db"
-    prefix, _, _ = localfs._work_names(dest.name)
+    prefix, _, _ = workdir.work_names(dest.name)
     theirs = write_tree(dest.parent / f"{prefix}abcd1234.tmp", {"f.txt": b"theirs"})
     os.chown(theirs, 65534, 65534)
-    old = time.time() - 2 * localfs.LEFTOVER_AGE
+    old = time.time() - 2 * workdir.LEFTOVER_AGE
     os.utime(theirs, (old, old))
     with remote.checkout("db", v1, dest) as snap:
         assert read_tree(snap.path) == _files(1)

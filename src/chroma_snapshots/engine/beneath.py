@@ -81,15 +81,17 @@ class Beneath:
         # owned: a consumer's chmod 000 on the version's folder must not wedge it
         fd = open_owned(root, None)
         self._root = os.open(root, DIR_FLAGS) if fd is None else fd  # (raises: why not)
-        self.mount = mount_of(self._root)
-        st = os.fstat(self._root)
-        if expect is not None and (st.st_dev, st.st_ino) != expect:
+        try:  # (looking above it needs a descriptor too: EMFILE must not leak the root's)
+            self.mount = mount_of(self._root)
+            st = os.fstat(self._root)
+            if expect is not None and (st.st_dev, st.st_ino) != expect:
+                raise self._error(errno.ESTALE, REPLACED, "")
+            # a file system (or a bind mount) at the folder itself is not the cache's either
+            if parent_mount(self._root) != self.mount:
+                raise self._error(errno.EXDEV, _MOUNTED, "")
+        except BaseException:
             os.close(self._root)
-            raise self._error(errno.ESTALE, REPLACED, "")
-        # a file system (or a bind mount) at the folder itself is not the cache's either
-        if parent_mount(self._root) != self.mount:
-            os.close(self._root)
-            raise self._error(errno.EXDEV, _MOUNTED, "")
+            raise
         self._dirs: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 

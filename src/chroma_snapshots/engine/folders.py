@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,11 @@ ASIDE = ".replaced-"  # in the names of folders set aside: no clean-up takes the
 STAGED = ".new"  # a folder being made, not yet named for itself: removed only if empty
 # holds a folder (its inode number stays its own) without needing permission to read it
 HOLD_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A failed build's folder that cannot be removed for want of descriptors (a process at
+# RLIMIT_NOFILE: removing needs folders open) is tried again after these pauses, 3.15 s
+# in all: its own last workers free theirs as they end. A clean-up thread runs it, in the
+# background once the caller stops waiting (engine/cleanup.py).
+SHORT_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 def folder_of(fd: int) -> FolderId:
@@ -92,14 +98,34 @@ def set_aside(path: Path) -> str:
     return f"it was moved to {aside}"
 
 
-def remove_mine(path: Path, built: FolderId) -> None:
+def remove_mine(path: Path, built: FolderId, waits: tuple[float, ...] = SHORT_WAITS) -> None:
     """Remove the folder ``path`` if it is ``built`` (device, inode); a folder swapped in
     under its name is set aside (:func:`set_aside`), neither removed nor left under a
-    name a clean-up would take for a leftover of ours."""
-    if folder_id(path) == built:
-        remove_tree(path, only=built)
+    name a clean-up would take for a leftover of ours. Out of descriptors, it tries again
+    after each of ``waits``."""
+    for pause in (*waits, None):
+        if folder_id(path) == built:
+            remove_tree(path, only=built)
+        if folder_id(path) != built or pause is None or not _short_of_descriptors():
+            break
+        time.sleep(pause)
     if os.path.lexists(path) and folder_id(path) != built:
         set_aside(path)
+
+
+def _short_of_descriptors() -> bool:
+    """True if this process cannot open the few folders a removal holds at once (EMFILE
+    or ENFILE)."""
+    held: list[int] = []
+    try:
+        for _ in range(3):
+            held.append(os.open("/", HOLD_FLAGS))
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    finally:
+        for fd in held:
+            os.close(fd)
+    return False
 
 
 def remove_tree(
@@ -180,8 +206,13 @@ def named_for_itself(fd: int, staged: Path, path: Path, suffix: str = "") -> tup
     :func:`made_here`) and move it to :func:`carrying` its name, onto nothing;
     LocalDiskError (ESTALE) if what moved is not it (swapped meanwhile: set aside). Returns
     where it is and its identity."""
-    built = made_here(fd, staged)
-    final = carrying(path, fd, suffix)
+    try:
+        built = made_here(fd, staged)
+        final = carrying(path, fd, suffix)
+    except OSError:  # out of descriptors, say: an empty folder goes, whoever's it is
+        with contextlib.suppress(OSError):
+            os.rmdir(staged)
+        raise
     try:
         rename_new(staged, final)
     except OSError:

@@ -71,9 +71,13 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
     top = open_owned(path, dir_fd)
     if top is None:
         return
-    mount, st = mount_of(top), os.fstat(top)
-    # the mount's root, not the folder it covers; or not the folder meant
-    if mount != parent_mount(top) or only not in (None, (st.st_dev, st.st_ino)):
+    try:
+        mount, st = mount_of(top), os.fstat(top)
+        # the mount's root, not the folder it covers; or not the folder meant
+        mine = mount == parent_mount(top) and only in (None, (st.st_dev, st.st_ino))
+    except OSError:  # out of descriptors to look above it (EMFILE), say: left as it is
+        mine = False
+    if not mine:
         os.close(top)
         return
     try:

@@ -14,8 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from chroma_snapshots.engine.localfs import LEFTOVER_AGE
 from chroma_snapshots.engine.placer import pwrite_all
+from chroma_snapshots.engine.workdir import LEFTOVER_AGE
 from chroma_snapshots.stores.cache.owned import open_folder, own_folder
 
 
