@@ -19,6 +19,7 @@ import pytest
 
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.engine.cleanup import interrupts_held
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.errors import StorageTimeoutError
 from chroma_snapshots.testing.conformance import write_tree
@@ -120,3 +121,25 @@ def test_interrupts_in_a_burst_do_not_cut_the_clean_up_short(tmp_path: Path, thr
     _publish(tmp_path)
     _interrupted(tmp_path, through, 2.0, "exit", signals=3)
     _nothing_left(tmp_path, through)
+
+
+def test_interrupts_held_during_a_clean_up_are_raised_after_it() -> None:
+    """A Ctrl-C inside the block does not cut it short: it is raised once the block is
+    done, and Python's handler is back; a host program's own handler is left alone."""
+    steps: list[str] = []
+
+    def clean_up() -> None:
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)  # runs the handler at once, in this thread
+            signal.raise_signal(signal.SIGINT)
+            steps.append("the clean-up ran to its end")
+
+    with pytest.raises(KeyboardInterrupt):
+        clean_up()
+    assert steps == ["the clean-up ran to its end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    mine: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: mine.append(signum))
+    with interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+    assert mine == [signal.SIGINT]  # the host's handler saw it, and nothing was held

@@ -10,9 +10,11 @@ record of that work: which of it is still running, and on which destination."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -149,6 +151,29 @@ class Handoff:
         if given_up and self.started:
             _wait_through_interrupts(self.ended, GRACE)
         return given_up
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) is held, and raised as KeyboardInterrupt once the
+    block is done: a failed call's clean-up starts whole even when a second interrupt
+    follows the first by milliseconds (it skipped a cache build's removal, or its claim on
+    the room, and a process exiting at once left them). Only in the main thread where
+    Python's own handler is installed: a host program's handler is left alone."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _wait_through_interrupts(event: threading.Event, seconds: float) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from chroma_snapshots.engine.apart import CACHE_MARKER
 from chroma_snapshots.engine.beneath import FolderId
-from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by
+from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by, interrupts_held
 from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import (
     landed,
@@ -150,8 +150,9 @@ def build_at(
             raise
         return handoff.final  # kept just as the time ran out: the caller has it
     except BaseException as e:  # interrupted while waiting: the build must not deliver later
-        call_off_if_interrupt(deadline, e)  # and stops at its next check
-        handoff.give_up()
+        with interrupts_held():
+            call_off_if_interrupt(deadline, e)  # and stops at its next check
+            handoff.give_up()
         raise
 
 

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import FileId, FolderId
-from chroma_snapshots.engine.cleanup import clean_up
+from chroma_snapshots.engine.cleanup import clean_up, interrupts_held
 from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import Made, landed, new_folder
 from chroma_snapshots.engine.models import Manifest
@@ -115,16 +115,18 @@ class CacheBuilds(CacheSpace):
             os.replace(work, d.tree(version))
             landed(d.tree(version), work, built, partial(d.drop_meta, version))
         except BaseException as e:
-            call_off_if_interrupt(dl, e)  # the reads still running stop at their next check
-            if made is not None:  # (checkout maps a full disk to CacheFullError)
-                held, made = made, None  # removed, then closed, maybe past the call's end
-                clean_up(held.remove, dl.remaining())
+            with interrupts_held():
+                call_off_if_interrupt(dl, e)  # the reads still running stop at their next check
+                if made is not None:  # (checkout maps a full disk to CacheFullError)
+                    held, made = made, None  # removed, then closed, maybe past the call's end
+                    clean_up(held.remove, dl.remaining())
             raise
         finally:
-            if made is not None:
-                made.close()
-            if room is not None:  # landed (counted by its manifest now) or given up
-                end_build(d, room)
+            with interrupts_held():
+                if made is not None:
+                    made.close()
+                if room is not None:  # landed (counted by its manifest now) or given up
+                    end_build(d, room)
         with self._mlock:
             self._manifests[(name, version)] = manifest
         return source
