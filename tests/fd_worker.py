@@ -3,9 +3,9 @@ run opens files meanwhile): tests/test_descriptor_exhaustion.py.
 
 usage: fd_worker.py looks FOLDER           Beneath and remove_dir with one descriptor free
        fd_worker.py waits FOLDER           remove_mine while none is free, freed later
-       fd_worker.py checkout STORE DEST N [drop]
-                                           a checkout with N descriptors free (``drop``:
-                                           the store drops what it writes behind it)
+       fd_worker.py checkout STORE DEST N HOW  a checkout with N descriptors free: HOW is
+           "store", "drop" (the store drops what it writes behind it), "cache" (through
+           a cache beside DEST) or "cache-dest" (through it, copied to DEST)
 Prints one JSON object: what happened, and the descriptors open before and after.
 """
 
@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from chroma_snapshots import RemoteStore, wait_for_cleanups
+from chroma_snapshots import CachedStore, RemoteStore, wait_for_cleanups
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine.beneath import Beneath
 from chroma_snapshots.engine.folders import folder_id, remove_mine
@@ -83,19 +83,26 @@ def waits(folder: Path) -> dict[str, object]:
     return {"folder_left": folder.exists()}
 
 
-def checkout(store_dir: Path, dest: Path, free: int, drop: bool) -> dict[str, object]:
-    store = RemoteStore(FileBackend(store_dir), drop_behind=drop)
+def checkout(store_dir: Path, dest: Path, free: int, how: str) -> dict[str, object]:
+    remote = RemoteStore(FileBackend(store_dir), drop_behind=how == "drop")
+    cache = dest.with_name("cache")
+    store = CachedStore(remote, cache) if how.startswith("cache") else remote
     said: dict[str, object] = {}
     held = fill(free)
     try:
-        store.checkout("db", dest=dest)
+        if how == "cache":
+            store.checkout("db").release()
+        else:
+            store.checkout("db", dest=dest)
         said["result"] = "ok"
     except SnapshotError as e:
         said["result"] = e.__class__.__name__
     release(held)
     said["cleaned_up"] = wait_for_cleanups(30)
     store.close()
-    said["beside"] = sorted(p.name for p in dest.parent.iterdir())
+    said["beside"] = sorted(p.name for p in dest.parent.iterdir() if p != cache)
+    work = [p for sub in ("tmp", "building") for p in cache.glob(f"*/db/{sub}/*")]
+    said["in_cache"] = sorted(str(p.relative_to(cache)) for p in work)
     return said
 
 
@@ -107,6 +114,6 @@ if __name__ == "__main__":
     elif op == "waits":
         out = waits(Path(args[0]))
     else:
-        out = checkout(Path(args[0]), Path(args[1]), int(args[2]), args[3:] == ["drop"])
+        out = checkout(Path(args[0]), Path(args[1]), int(args[2]), args[3])
     time.sleep(0.2)  # threads a failure abandoned close what they hold as they end
     print(json.dumps(out | {"leaked": sorted(set(open_fds()) - set(before))}))

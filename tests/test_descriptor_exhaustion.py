@@ -60,22 +60,25 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "store", src
 
 
-@pytest.mark.parametrize("drop", ["", "drop"])
+@pytest.mark.parametrize("how", ["store", "drop", "cache", "cache-dest"])
 @pytest.mark.parametrize("free", range(1, 17))
 def test_a_checkout_out_of_descriptors_at_any_step_leaves_nothing(
-    tmp_path: Path, published: tuple[Path, Path], free: int, drop: str
+    tmp_path: Path, published: tuple[Path, Path], free: int, how: str
 ) -> None:
     """A checkout with 1 to 16 descriptors free runs out at a different step each time
-    (the work folder, the files, the packs, the threads' reads): it fails with a
-    documented error or succeeds, and leaves no work folder and no open descriptor; also
-    dropping behind, which keeps finished files open for a last call."""
+    (the work folder, the files, the packs, the threads' reads, a cache's claim and copy):
+    it fails with a documented error or succeeds, and leaves no work folder beside dest or
+    in the cache and no open descriptor, straight from the store (also dropping behind,
+    which keeps finished files open for a last call) and through a cache."""
     store, src = published
-    said = _worker("checkout", store, tmp_path / "out", free, drop)
+    said = _worker("checkout", store, tmp_path / "out", free, how)
     assert said["cleaned_up"] is True
     assert said["leaked"] == []
+    assert said["in_cache"] == [], said
     if said["result"] == "ok":
-        assert said["beside"] == ["out"]
-        assert read_tree(tmp_path / "out") == read_tree(src)
+        assert said["beside"] == ([] if how == "cache" else ["out"])
+        if how != "cache":
+            assert read_tree(tmp_path / "out") == read_tree(src)
     else:
         assert said["result"] in ("LocalDiskError", "BackendUnavailableError"), said
         assert said["beside"] == [], said

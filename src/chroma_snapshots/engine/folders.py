@@ -30,6 +30,7 @@ from chroma_snapshots.engine.treewalk import (
     mount_of,
     mounts_within,
     parent_mount,
+    ran_short,
     remove_dir,
     rename_new,
 )
@@ -103,29 +104,17 @@ def remove_mine(path: Path, built: FolderId, waits: tuple[float, ...] = SHORT_WA
     under its name is set aside (:func:`set_aside`), neither removed nor left under a
     name a clean-up would take for a leftover of ours. Out of descriptors, it tries again
     after each of ``waits``."""
+    ran_short()  # what an earlier removal on this thread ran into is not this one's
     for pause in (*waits, None):
         if folder_id(path) == built:
             remove_tree(path, only=built)
-        if folder_id(path) != built or pause is None or not _short_of_descriptors():
+        # out of descriptors at any moment of it: worth another try, even if some came
+        # free since (another thread's work ending is what frees them)
+        if not ran_short() or pause is None or folder_id(path) != built:
             break
         time.sleep(pause)
     if os.path.lexists(path) and folder_id(path) != built:
         set_aside(path)
-
-
-def _short_of_descriptors() -> bool:
-    """True if this process cannot open the few folders a removal holds at once (EMFILE
-    or ENFILE)."""
-    held: list[int] = []
-    try:
-        for _ in range(3):
-            held.append(os.open("/", HOLD_FLAGS))
-    except OSError as e:
-        return e.errno in (errno.EMFILE, errno.ENFILE)
-    finally:
-        for fd in held:
-            os.close(fd)
-    return False
 
 
 def remove_tree(
@@ -175,11 +164,15 @@ class Made:
             self.fd = -1
 
     def remove(self) -> None:
-        """Remove the folder if it is still this one (:func:`remove_mine`), then close."""
+        """Remove the folder if it is still this one (:func:`remove_mine`), then close.
+        Still there (out of descriptors, say), it is tried again once closed: the held
+        descriptor may be the one missing, and while the folder exists no other can
+        have its inode number."""
         try:
-            remove_mine(self.path, self.id)
+            remove_mine(self.path, self.id, waits=())
         finally:
             self.close()
+        remove_mine(self.path, self.id)
 
 
 def new_folder(path: Path, suffix: str = "") -> Made:

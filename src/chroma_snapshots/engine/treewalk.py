@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -24,6 +25,22 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Mount = tuple[int, int]  # (device, mount id): see mount_of
 _OCTAL = re.compile(r"\\([0-7]{3})")
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+_SHORT = threading.local()  # whether a removal on this thread ran out of descriptors
+
+
+def _noted(e: OSError) -> None:
+    """Remember (for :func:`ran_short`) an error that says the process has no descriptor
+    left: a removal ignores errors, but that one passes."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        _SHORT.hit = True
+
+
+def ran_short() -> bool:
+    """True if a removal on this thread ran out of file descriptors (EMFILE, ENFILE) since
+    the last call (which forgets it): it is worth trying again once some are free."""
+    hit = bool(getattr(_SHORT, "hit", False))
+    _SHORT.hit = False
+    return hit
 
 
 def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -75,7 +92,8 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
         mount, st = mount_of(top), os.fstat(top)
         # the mount's root, not the folder it covers; or not the folder meant
         mine = mount == parent_mount(top) and only in (None, (st.st_dev, st.st_ino))
-    except OSError:  # out of descriptors to look above it (EMFILE), say: left as it is
+    except OSError as e:  # out of descriptors to look above it (EMFILE), say: left as it is
+        _noted(e)
         mine = False
     if not mine:
         os.close(top)
@@ -85,7 +103,8 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
         while progress:
             try:
                 names = os.listdir(top)
-            except OSError:
+            except OSError as e:
+                _noted(e)
                 break
             progress = False
             for name in names:
@@ -104,7 +123,8 @@ def own_at(path: Path | str, dir_fd: int | None = None, mount: Mount | None = No
     checked, and changed through its descriptor."""
     try:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
+    except OSError as e:
+        _noted(e)
         return  # gone meanwhile: what needs it next reports the error
     try:
         st = os.fstat(fd)
@@ -127,9 +147,11 @@ def open_owned(path: Path | str, dir_fd: int | None, mount: Mount | None = None)
         own_at(path, dir_fd, mount)
         try:
             fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
-        except OSError:
+        except OSError as e:
+            _noted(e)
             return None
-    except OSError:
+    except OSError as e:
+        _noted(e)
         return None
     st = os.fstat(fd)
     if mount is not None and mount_of(fd) != mount:
@@ -158,7 +180,8 @@ def _remove_child(
     try:  # listed first: check() raises StorageTimeoutError, an OSError not to swallow
         with os.scandir(fd) as entries:
             listed = [(e.name, _real_dir(e)) for e in entries]
-    except OSError:
+    except OSError as e:
+        _noted(e)
         listed = []
     done = False
     try:
