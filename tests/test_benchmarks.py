@@ -93,11 +93,16 @@ def test_stages_smoke(tmp_path: Path) -> None:
         "decompress",
         "hash",
         "hash",
+        "verify",
+        "verify",
+        "place",
+        "place",
         "place",
         "place",
         "copy",
     ]
     assert all(r["bytes"] == 4 << 20 and r["gbps"] > 0 for r in rows)
+    assert all(0 <= r["user_s_per_gib"] <= r["cpu_s_per_gib"] for r in rows)
     assert {r["stage"] for r in rows if r["stage"].startswith("hash")} == {
         "hash (blake3, 64 KiB chunks, verified)",
         "hash (sha256, 64 KiB chunks, verified)",
