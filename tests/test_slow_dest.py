@@ -188,6 +188,29 @@ def test_a_cleanup_waits_at_most_its_time_then_goes_on_and_logs_its_error(
     assert "Input/output error" in caplog.text  # logged, not raised at the caller
 
 
+def test_a_cleanup_runs_even_if_its_thread_starts_after_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a loaded machine a new thread may wait longer than the grace for the interpreter.
+    # The clean-up was then cancelled as a call past its deadline is, and a failed
+    # checkout's work folder stayed beside dest until a sweep a minute later (in CI, once).
+    go, ran = threading.Event(), []
+
+    class Late(threading.Thread):
+        def run(self) -> None:
+            go.wait(60)
+            super().run()
+
+    monkeypatch.setattr(threading, "Thread", Late)
+    cleanup.clean_up(lambda: ran.append(1), within=0.0)  # returns after the grace
+    monkeypatch.undo()
+    assert ran == []
+    assert not wait_for_cleanups(timeout=0)  # on record while its thread has not started
+    go.set()
+    assert wait_for_cleanups(timeout=60)
+    assert ran == [1]
+
+
 def test_a_cleanup_runs_in_place_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
     done: list[int] = []
 

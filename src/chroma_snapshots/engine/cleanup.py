@@ -19,8 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from chroma_snapshots.engine.deadline import Deadline, run_within
-from chroma_snapshots.errors import StorageTimeoutError
+from chroma_snapshots.engine.deadline import Deadline, WorkerPool, run_within
+from chroma_snapshots.engine.deadline import within as as_current
+from chroma_snapshots.errors import ProcessLimitError, StorageTimeoutError
 
 T = TypeVar("T")
 
@@ -36,29 +37,39 @@ _changed = threading.Condition()
 
 
 def clean_up(job: Callable[[], None], within: float, place: str | None = None) -> None:
-    """Run ``job`` and wait for it at most ``within`` seconds (at least :data:`GRACE`);
-    if it is not done by then it goes on in the background (:func:`wait_for_cleanups`;
-    ``place``: what it works on, see :func:`finish_by`). An error it raises is logged,
-    never raised: the caller is already failing with the error that matters."""
+    """Run ``job`` on a thread of its own and wait for it at most ``within`` seconds (at
+    least :data:`GRACE`); if it is not done by then it goes on in the background
+    (:func:`wait_for_cleanups`; ``place``: what it works on, see :func:`finish_by`). It
+    runs however late its thread gets going: waited for as a call is (run_within), a
+    removal whose thread had not started by the end of the wait was cancelled, and on a
+    loaded machine its work folder stayed until a sweep a minute later. An error it
+    raises is logged, never raised: the caller is already failing with the error that
+    matters."""
     done = threading.Event()
+    limit = max(within, GRACE)
+    entry = _Job(place)  # on record before its thread starts: no wait can miss it
 
     def logged() -> None:
         try:
-            _logged(job)
+            entry.run(partial(_logged, job))
         finally:
             done.set()
 
-    limit = max(within, GRACE)
-    end = time.monotonic() + limit  # not the Deadline's: an interrupt calls that one off
     try:
-        _recorded(logged, Deadline(limit), "a clean-up", place)
-    except StorageTimeoutError:
-        pass  # still running, or refused (too many left running): swept later either way
-    except RuntimeError:  # no thread could start (a process at its limit): here, then
+        pool = WorkerPool(1, name="chroma-snapshots:clean-up")
+        try:
+            pool.submit(as_current, Deadline(limit), logged)
+        finally:
+            pool.shutdown(wait=False)  # not cancelled: counted as abandoned while it runs
+    except StorageTimeoutError:  # refused: too many calls left running (a hung disk)
+        entry.call_off()
+        return  # what it would have removed is swept later
+    except ProcessLimitError:  # no thread could start (a process at its limit): here, then
         logged()
-    except BaseException:  # a further interrupt: the wait still runs to its end, then raises
-        _wait_through_interrupts(done, end - time.monotonic())
+    except BaseException:  # interrupted before it was handed over: off the record
+        entry.call_off()
         raise
+    _wait_through_interrupts(done, limit)  # a further interrupt is raised after the wait
 
 
 def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None = None) -> T:

@@ -155,8 +155,10 @@ class Made:
     handed to another folder (a file system gives a freed one out again at once), so a
     check that a path still leads to this folder is sound."""
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd, self.id = path, fd, folder_of(fd)
+    def __init__(self, path: Path, fd: int, known: FolderId | None = None) -> None:
+        """``known``: the folder's (device, inode) if already read (not asked again)."""
+        self.path, self.fd = path, fd
+        self.id = folder_of(fd) if known is None else known
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.folders import (
     STAGED,
+    Made,
     named_for_itself,
-    remove_mine,
     remove_tree,
     sweepable,
 )
@@ -112,22 +111,12 @@ def work_dir(
         yield work, built
     except BaseException:
         held, fd = fd, -1  # the removal closes it: locked against sweeps until it is gone
-        dispose(partial(_remove_work, held, work, built) if built else partial(os.close, held))
+        # (or tried again without the lock: engine/folders.Made.remove)
+        dispose(Made(work, held, built).remove if built else partial(os.close, held))
         raise
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def _remove_work(fd: int, work: Path, built: FolderId) -> None:
-    """Remove the work folder of a failed build (nothing of it stays behind), then release
-    its lock (``fd``). Still there (out of descriptors, say), it is tried again without
-    the lock: its descriptor may be the one missing, and no sweep takes a new folder."""
-    try:
-        remove_mine(work, built, waits=())
-    finally:
-        os.close(fd)
-    remove_mine(work, built)
 
 
 def remove_if_left(path: Path, stem: str) -> None:
