@@ -44,14 +44,18 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
     removal whose thread had not started by the end of the wait was cancelled, and on a
     loaded machine its work folder stayed until a sweep a minute later. An error it
     raises is logged, never raised: the caller is already failing with the error that
-    matters."""
+    matters; what is not an error (a BaseException: an exit) is raised here if it came
+    within the wait."""
     done = threading.Event()
     limit = max(within, GRACE)
     entry = _Job(place)  # on record before its thread starts: no wait can miss it
+    ended: list[BaseException] = []
 
     def logged() -> None:
         try:
             entry.run(partial(_logged, job))
+        except BaseException as e:  # an exit, not an error: handed to the caller below
+            ended.append(e)
         finally:
             done.set()
 
@@ -70,6 +74,8 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
         entry.call_off()
         raise
     _wait_through_interrupts(done, limit)  # a further interrupt is raised after the wait
+    if ended:
+        raise ended.pop()
 
 
 def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None = None) -> T:
