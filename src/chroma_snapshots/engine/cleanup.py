@@ -61,19 +61,21 @@ def clean_up(job: Callable[[], None], within: float, place: str | None = None) -
 
     try:
         pool = WorkerPool(1, name="chroma-snapshots:clean-up")
-        try:
-            pool.submit(as_current, Deadline(limit), logged)
-        finally:
-            pool.shutdown(wait=False)  # not cancelled: counted as abandoned while it runs
     except StorageTimeoutError:  # refused: too many calls left running (a hung disk)
         entry.call_off()
         return  # what it would have removed is swept later
+    try:
+        pool.submit(as_current, Deadline(limit), logged)
     except ProcessLimitError:  # no thread could start (a process at its limit): here, then
         logged()
     except BaseException:  # interrupted before it was handed over: off the record
         entry.call_off()
+        pool.shutdown(wait=False)
         raise
-    _wait_through_interrupts(done, limit)  # a further interrupt is raised after the wait
+    try:
+        _wait_through_interrupts(done, limit)  # a further interrupt is raised after the wait
+    finally:  # never cancelled; counted as abandoned only if still running now
+        pool.shutdown(wait=False)
     if ended:
         raise ended.pop()
 
