@@ -5,7 +5,9 @@ page cache in the same state (compare.settle) and memory left to go cold before 
 (compare.COLD_PAUSE). The settings:
 ``write_kib`` (engine/placer.WRITE_BYTES, KiB), ``start_streams`` (how many reads
 engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before),
-``drop_behind`` (``0,1``: CHROMA_SNAPSHOTS_DROP_BEHIND, engine/dropbehind.py) and
+``drop_behind`` (``0,1``: CHROMA_SNAPSHOTS_DROP_BEHIND, engine/dropbehind.py),
+``placing`` (engine/placer.placing_threads: how many threads verify and place at once),
+``workers`` (RemoteStore's ``workers``: the most reads at once) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
 ``db-sha256`` and ``db-blake3``; the checkout verifies with that hash).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
@@ -13,13 +15,14 @@ MiB written in 1 MiB pieces after the same pause; its system seconds say whether
 memory was cold (the VM returned it to its host) at the time. For every run: the client's
 user and system seconds (wait4), the server's, and the whole machine's CPU seconds from
 /proc/stat (user, nice, system, irq, softirq of every CPU), so a saving in the client that
-reappears elsewhere shows; ``--pin CPU`` runs the client on that one CPU (taskset), as a
-Lambda with one vCPU, and ``--memory MIB`` runs the client (and the reader) in a memory
-cgroup of that size (page cache included, as a Lambda's memory setting bounds it; needs
-root). ``--read-back`` reads every file of the checkout right after it, in
-a process of its own (as a reader opening the database would), and reports that reader's
-seconds too: a setting that leaves less in the page cache moves work to it. Prints each
-pair's differences (B - A) and how many B won.
+reappears elsewhere shows, and the client's context switches (a thread that slept on a lock
+or a socket and was woken; preempted ones apart); ``--pin CPU`` runs the client on that
+one CPU (taskset), as a Lambda with one vCPU, and ``--memory MIB`` runs the client (and
+the reader) in a memory cgroup of that size (page cache included, as a Lambda's memory
+setting bounds it; needs root). ``--read-back`` reads every file of the checkout right
+after it, in a process of its own (as a reader opening the database would), and reports
+that reader's seconds too: a setting that leaves less in the page cache moves work to it.
+Prints each pair's differences (B - A) and how many B won.
 
 usage: python benchmarks/checkout_ab.py [--setting write_kib=64,32 | chunk_hash=sha256,blake3]
        [--pairs 10] [--read-back] [--gib 1] [--pin CPU] [--memory MIB]
@@ -40,7 +43,7 @@ from typing import Any
 from _data import tree_size
 from _report import write_json
 from _s3rver import REGION, S3rver
-from compare import COLD_PAUSE, HERE, _proc, settle
+from compare import COLD_PAUSE, HERE, _proc, _proc_usage, settle
 from receive_bound import TICK, _server_cpu, _stage
 
 from chroma_snapshots import RemoteStore
@@ -64,6 +67,11 @@ SETTINGS = {
         "import chroma_snapshots.engine.ramp as m\nm.Ramp.__init__.__kwdefaults__['start'] = {}\n"
     ),
     "drop_behind": "import os\nos.environ['CHROMA_SNAPSHOTS_DROP_BEHIND'] = '{}'\n",
+    "placing": "import chroma_snapshots.engine.placer as m\nm.placing_threads = lambda: {}\n",
+    "workers": (
+        "import chroma_snapshots.stores.remote as m\n"
+        "m.RemoteStore.__init__.__kwdefaults__['workers'] = {}\n"
+    ),
     "chunk_hash": "",  # the snapshot checked out says it: db-{value}
 }
 HASHES = ("sha256", "blake3")
@@ -124,14 +132,18 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
     settle(pause=args.cold_pause, evict=work, keep=(srv.data_dir,))
     pid = srv._proc.pid if srv._proc else 0
     server, machine = _server_cpu(pid), _machine_cpu()
-    wall, _rss, user, system = _proc(_in_group(cmd, args.group), srv.env, work / "client.log")
+    wall, _rss, usage = _proc_usage(_in_group(cmd, args.group), srv.env, work / "client.log")
     machine, server = _machine_cpu() - machine, _server_cpu(pid) - server
+    user, system = usage.ru_utime, usage.ru_stime
     got = tree_size(out)[0]
     if got != gib << 30:
         raise RuntimeError(f"checkout with {args.name}={value}: {got} bytes, not {gib << 30}")
     row = {"value": value, "wall_s": wall, "user_s": user, "system_s": system} | {
         "server_cpu_s": server,
         "machine_cpu_s": machine,
+        # a thread that sleeps (a lock, a socket) and is woken: each may cross CPUs
+        "switches_k": usage.ru_nvcsw / 1000,
+        "preempted_k": usage.ru_nivcsw / 1000,
     }
     if args.read_back:
         read = [*pin, sys.executable, "-c", READ_ALL, str(out)]
@@ -143,16 +155,16 @@ def _checkout(srv: S3rver, work: Path, args: argparse.Namespace, value: str) -> 
 def _report(rows: list[Row], name: str, a: str, b: str) -> None:
     print(
         f"{'pair':>4s} {'probe sys':>9s} {name:>13s} {'wall':>6s} {'user':>5s} {'sys':>5s} "
-        f"{'server':>6s} {'machine':>7s}"
+        f"{'server':>6s} {'machine':>7s} {'switch k':>8s} {'preempt k':>9s}"
     )
     for r in rows:
         print(
             f"{r['pair']:4d} {r['probe_system_s']:9.2f} {r['value']:>13s} {r['wall_s']:6.2f} "
             f"{r['user_s']:5.2f} {r['system_s']:5.2f} {r['server_cpu_s']:6.2f} "
-            f"{r['machine_cpu_s']:7.2f}"
+            f"{r['machine_cpu_s']:7.2f} {r['switches_k']:8.1f} {r['preempted_k']:9.1f}"
         )
     pairs = sorted({r["pair"] for r in rows})
-    fields = ["wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s"]
+    fields = ["wall_s", "user_s", "system_s", "server_cpu_s", "machine_cpu_s", "switches_k"]
     for field in fields + [f for f in ("read_wall_s", "read_cpu_s") if f in rows[0]]:
         diffs = []
         for p in pairs:

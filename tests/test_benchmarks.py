@@ -83,6 +83,13 @@ def test_compare_smoke(tmp_path: Path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_refuses_a_round_count_per_size_that_does_not_match(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "compare.py"), "--sizes-mb", "4,8", "--rounds", "5,5,3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "--rounds 5,5,3: one count, or one per size (2)" in done.stderr
+
+
 def test_stages_smoke(tmp_path: Path) -> None:
     _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
     rows = _run("stages.py", "--mib", "4", "--place-repeat", "1", "--place-pause", "0",
