@@ -40,12 +40,13 @@ WRITE_BYTES = 32 << 10
 
 def placing_threads() -> int:
     """How many threads may verify and place at once (:attr:`Placer.gate`): one per CPU
-    this process may run on, at least two. The downloads keep all their workers; more
-    placing threads than CPUs only take turns at the GIL and at the inode lock of the
-    file they share: on the 2-core benchmark VM, a 1 GiB chroma-shaped cold checkout used
-    up to 0.7 CPU s less with 2 than with 8 (medians of alternating runs; in quiet periods
-    the same within noise: benchmarks/RESULTS.md)."""
-    return max(2, len(os.sched_getaffinity(0)))
+    this process may run on but one, which is left to the receiving; at least one. The
+    downloads keep all their workers; more placing threads than that only take turns at
+    the GIL and at the inode lock of the file they share, and wake each other across
+    CPUs: on the 2-core benchmark VM, a 1 GiB chroma-shaped cold checkout used up to 0.7
+    CPU s less with 2 than with 8, and 0.1 less with 1 than with 2, as fast (medians of
+    alternating runs; one CPU: 1 and 2 the same. benchmarks/RESULTS.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def disk_error(err: OSError, path: Path | str, what: str) -> SnapshotError:
