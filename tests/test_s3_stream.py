@@ -5,6 +5,7 @@ answer that is not the range asked for refused as the server's fault."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ResponseStreamingError
 
-from chroma_snapshots import CachedStore, RemoteStore
+from chroma_snapshots import CachedStore, RemoteStore, StoreConfig, open_remote
 from chroma_snapshots.backends import s3body
+from chroma_snapshots.backends.cas import ConditionalWriteCheck, conditional_write_check
+from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.engine.streaming import RangeStreamer
 from chroma_snapshots.errors import BackendUnavailableError, IntegrityError
 from chroma_snapshots.stores import fetch
 from chroma_snapshots.testing import MotoServer
@@ -106,6 +110,28 @@ def test_a_checkout_split_across_buffer_ends_is_exact(
     cached.publish("db", src)
     with cached.checkout("db") as snap:
         assert read_tree(snap.path) == read_tree(src)
+
+
+def test_a_store_opened_from_its_url_streams_on_every_python(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A store opened from its URL has its S3 backend behind the conditional-write check,
+    which must offer ``read_range`` as a method of its own: from Python 3.12 the protocol
+    check that chooses streaming looks attributes up statically (inspect.getattr_static),
+    and through ``__getattr__`` alone every checkout read in 8 MiB requests there."""
+    store = open_remote(StoreConfig(url=f"s3://{s3_bucket}/opened", s3_endpoint_url=proxy.url))
+    assert isinstance(store.backend, ConditionalWriteCheck)
+    inspect.getattr_static(store.backend, "read_range")  # what isinstance consults on 3.12+
+    src = write_tree(tmp_path / "src", {"a.bin": random.Random(3).randbytes(12 << 20)})
+    store.publish("db", src)
+    proxy.reset()
+    store.checkout("db", dest=tmp_path / "out")
+    assert read_tree(tmp_path / "out") == read_tree(src)
+    packs = [r for r in proxy.reset() if "/packs/" in r.path]
+    assert packs
+    assert len(packs) == len({r.path for r in packs})  # one streamed GET a pack
+    # a backend that does not stream is not made to look as if it did
+    assert not isinstance(conditional_write_check(FileBackend(tmp_path / "f"), "f"), RangeStreamer)
 
 
 def test_a_short_answer_is_refused(

@@ -19,13 +19,16 @@ import builtins
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.errors import ConfigError, ConflictError, StorageTimeoutError
+
+if TYPE_CHECKING:  # (the streaming machinery is imported by the checkouts that use it)
+    from chroma_snapshots.engine.streaming import Take
 
 # Not a valid snapshot name (those start alphanumeric), so probes never collide with data.
 PROBE_DIR = keys.PROBES
@@ -153,6 +156,26 @@ class ConditionalWriteCheck(Backend):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class _StreamingCheck(ConditionalWriteCheck):
+    """A :class:`ConditionalWriteCheck` over a backend that streams a range through a
+    buffer (engine/streaming.py). The method is defined here, not left to ``__getattr__``:
+    from Python 3.12 a protocol's ``isinstance`` looks attributes up statically, and a
+    checkout through the plain wrapper read in 8 MiB requests instead of streaming."""
+
+    def read_range(self, key: str, byte_range: tuple[int, int], buf: memoryview, take: Take) -> int:
+        inner: Any = self.inner  # (one that streams: conditional_write_check)
+        n: int = inner.read_range(key, byte_range, buf, take)
+        return n
+
+
+def conditional_write_check(inner: Backend, scope: str) -> ConditionalWriteCheck:
+    """``inner`` behind a :class:`ConditionalWriteCheck` that offers what ``inner``
+    offers: streamed range reads if it streams them."""
+    if callable(getattr(inner, "read_range", None)):
+        return _StreamingCheck(inner, scope)
+    return ConditionalWriteCheck(inner, scope)
 
 
 def unchecked(backend: Backend) -> Backend:

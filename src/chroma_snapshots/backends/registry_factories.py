@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from chroma_snapshots.backends.base import Backend
-from chroma_snapshots.backends.cas import ConditionalWriteCheck
+from chroma_snapshots.backends.cas import conditional_write_check
 from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.errors import ConfigError
 
@@ -45,7 +45,7 @@ def expand_home(path: str) -> str:
 
 
 def _checked(backend: Backend, scope: str, opts: OpenOptions) -> Backend:
-    return backend if opts.unsafe_no_cas else ConditionalWriteCheck(backend, scope)
+    return backend if opts.unsafe_no_cas else conditional_write_check(backend, scope)
 
 
 def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
