@@ -257,20 +257,25 @@ def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> N
 
     efs, s3 = _efs_s3(tmp_path)
     signed = RemoteStore(s3.backend, signer=Signer.from_spec("k1:" + "a" * 32))
-    with pytest.raises(ValueError, match="different signing keys"):
+    with pytest.raises(InvalidInputError, match="different signing keys"):
         FallbackStore([efs, signed])
-    with pytest.raises(TypeError, match="source stores"):
+    with pytest.raises(InvalidInputError, match="two or more stores"):
+        FallbackStore([efs])
+    with pytest.raises(InvalidInputError, match="source stores"):
         FallbackStore([efs, object()])  # type: ignore[list-item]
     with pytest.raises(InvalidInputError, match="CachedStore reads from a source store"):
         CachedStore(DelegatingStore(s3), tmp_path / "cache")  # type: ignore[arg-type]
 
 
-def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", ["s3://same/p", "fsspec+s3://same/p"])
+def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path, url: str) -> None:
+    """An endpoint keys the cache for both ways of reaching S3 (fsspec+s3:// shared one
+    cache folder between two servers)."""
     from chroma_snapshots.config import StoreConfig
     from chroma_snapshots.opening import open_store
 
     def cache_of(endpoint: str | None) -> Path:
-        cfg = StoreConfig(url="s3://same/p", s3_endpoint_url=endpoint, cache_dir=str(tmp_path))
+        cfg = StoreConfig(url=url, s3_endpoint_url=endpoint, cache_dir=str(tmp_path))
         store = open_store(cfg, create=False)
         assert isinstance(store, CachedStore)
         return store.root

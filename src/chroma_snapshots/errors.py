@@ -78,6 +78,7 @@ __all__ = [
     "InvalidInputError",
     "LocalDiskError",
     "LockError",
+    "ProcessLimitError",
     "SnapshotError",
     "SnapshotNotFoundError",
     "StorageTimeoutError",

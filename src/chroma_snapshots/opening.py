@@ -66,7 +66,7 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     # and a relative path names a different store in another directory
     label = _label(url)
     # ... and the endpoint: the same bucket behind two endpoints is two stores
-    endpoint = cfg.s3_endpoint_url if label.startswith("s3://") else None
+    endpoint = cfg.s3_endpoint_url if label.startswith(("s3://", "fsspec+s3://")) else None
     identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
     if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
         from chroma_snapshots.backends.file import local_place

@@ -39,6 +39,7 @@ from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     IntegrityError,
+    InvalidInputError,
     SnapshotError,
     SnapshotNotFoundError,
     StorageTimeoutError,
@@ -85,13 +86,15 @@ class FallbackStore(SourceStore):
         share: float = 0.5,
     ) -> None:
         if len(stores) < 2 or not 0 < share < 1:
-            raise ValueError("FallbackStore needs two or more stores and 0 < share < 1")
+            raise InvalidInputError("FallbackStore needs two or more stores and 0 < share < 1")
         if odd := [repr(s) for s in stores if not isinstance(s, SourceStore)]:
-            raise TypeError(f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}")
+            raise InvalidInputError(
+                f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}"
+            )
         if len({s.trust for s in stores}) > 1:
             # a reader would accept from one store what another refuses (and a cache
             # keyed by the mix could serve one's data under the other's keys)
-            raise ValueError(
+            raise InvalidInputError(
                 "FallbackStore's stores verify with different signing keys: open every "
                 f"store with the same keys ({[s.label for s in stores]})"
             )
@@ -105,7 +108,9 @@ class FallbackStore(SourceStore):
             backed = [s for s in self.stores if isinstance(s, BackedStore)]
             if len(backed) < len(self.stores):
                 unbacked = [s.label for s in self.stores if not isinstance(s, BackedStore)]
-                raise ValueError(f"mirror=True needs stores kept on a backend; not: {unbacked}")
+                raise InvalidInputError(
+                    f"mirror=True needs stores kept on a backend; not: {unbacked}"
+                )
             first = backed[self.stores.index(self.primary)]
             self._mirrors = [(first, s) for s in backed if s is not first]
         self.share = share
