@@ -43,22 +43,25 @@ Row = dict[str, Any]
 
 
 def _cpu() -> tuple[float, float]:
-    """(user + system, user) CPU seconds of this process, to the microsecond."""
+    """(user, system) CPU seconds of this process, to the microsecond."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, r.ru_utime
+    return r.ru_utime, r.ru_stime
 
 
 def measure(stage: str, nbytes: int, fn: Callable[[], object]) -> Row:
     """Run ``fn`` once; CPU (and user CPU) seconds per GiB and GB/s of ``nbytes``."""
-    wall, (cpu, user) = time.perf_counter(), _cpu()
+    wall, (user, system) = time.perf_counter(), _cpu()
     fn()
-    (cpu_end, user_end), wall = _cpu(), time.perf_counter() - wall
+    (user_end, system_end), wall = _cpu(), time.perf_counter() - wall
     gib = nbytes / (1 << 30)
+    # the two differences added, not two sums subtracted: rounding then never puts the
+    # user share above the whole (it did, by 1e-17, when no system time passed)
+    used = user_end - user
     return {
         "stage": stage,
         "bytes": nbytes,
-        "cpu_s_per_gib": (cpu_end - cpu) / gib,
-        "user_s_per_gib": (user_end - user) / gib,
+        "cpu_s_per_gib": (used + (system_end - system)) / gib,
+        "user_s_per_gib": used / gib,
         "gbps": nbytes / wall / 1e9,
     }
 
