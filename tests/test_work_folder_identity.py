@@ -138,15 +138,17 @@ def test_a_file_bind_mounted_over_a_work_file_while_it_is_built(
 
 
 def _linked_with_its_number(victim_dir: Path, path: Path) -> bool:
-    """Remove the work file ``path`` and link in its place a file of another process's made
-    elsewhere with the same inode number (ext4 gives a freed one out again); True if it
-    could get that number."""
+    """Remove the work file ``path`` and link in its place a file of another process's
+    with the same inode number (ext4 gives a freed one out again); True if it could get
+    that number. The candidates are made beside ``path`` and the winner moved to
+    ``victim_dir``: ext4 takes a new file's inode from its folder's block group, and two
+    folders of a busy parent are often in different groups."""
     ino = os.lstat(path).st_ino
     path.unlink()
     made = []
     try:
         for k in range(2000):
-            probe = victim_dir / f"f{k}"
+            probe = path.parent / f".probe{k}"
             probe.write_bytes(b"PRECIOUS\n")
             made.append(probe)
             if os.lstat(probe).st_ino == ino:
