@@ -339,3 +339,46 @@ def test_a_store_folder_named_in_bytes_that_are_no_utf8_is_cached_too(tmp_path: 
     remote.publish("db", src)
     with CachedStore(remote, tmp_path / "cache").checkout("db") as snap:
         assert (snap.path / "chroma.sqlite3").read_bytes() == b"rows" * 100
+
+
+A, B, C = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"
+
+
+@pytest.mark.parametrize(
+    ("conf", "option"),
+    [
+        ({"s3": {"endpoint_url": A}}, None),
+        ({"s3": {"client_kwargs": {"endpoint_url": A}}}, None),
+        ({"s3a": {"endpoint_url": A}}, None),
+        ({"s3": {"endpoint_url": B}, "s3a": {"endpoint_url": A}}, None),
+        ({"s3": {"endpoint_url": B}}, A),
+        ({}, A),
+    ],
+)
+def test_fsspec_s_own_endpoint_settings_key_the_store_as_s3fs_reads_them(
+    monkeypatch: pytest.MonkeyPatch, conf: dict[str, dict[str, object]], option: str | None
+) -> None:
+    # FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3 and fsspec's config files sent an fsspec+s3://
+    # store to their endpoint, but its cache was keyed without it: one server's data was
+    # served, offline or stale, as another's. Online and offline, the key is the endpoint
+    # s3fs itself connects to (A every time, --region given or not).
+    import fsspec.config
+    import s3fs
+
+    from chroma_snapshots.backends.registry_factories import s3fs_endpoint, s3fs_options
+    from chroma_snapshots.backends.s3 import S3Settings
+
+    for protocol, settings in conf.items():
+        monkeypatch.setitem(fsspec.config.conf, protocol, settings)
+    for region in (None, "eu-west-1"):
+        options = s3fs_options(S3Settings(endpoint_url=option, region=region))
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        reached = fs.endpoint_url or fs.client_kwargs.get("endpoint_url")
+        assert reached == s3fs_endpoint(options) == A
+    cfg = StoreConfig(url="fsspec+s3://bkt/p", s3_endpoint_url=option, s3_region="eu-west-1")
+    keys = {open_remote(replace(cfg, offline=offline)).identity for offline in (False, True)}
+    assert len(keys) == 1
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": C})
+    monkeypatch.delitem(fsspec.config.conf, "s3a", raising=False)
+    elsewhere = open_remote(replace(cfg, offline=True)).identity
+    assert (elsewhere in keys) == (option is not None)  # the option wins over the config

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from chroma_snapshots.backends.base import Backend
+    from chroma_snapshots.backends.s3 import S3Settings
     from chroma_snapshots.stores.base import SnapshotStore, SourceStore
     from chroma_snapshots.stores.remote import RemoteStore
 
@@ -66,7 +67,7 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     # and a relative path names a different store in another directory
     label = _label(url)
     # ... and the endpoint: the same bucket behind two endpoints is two stores
-    endpoint = cfg.s3_endpoint_url if label.startswith(("s3://", "fsspec+s3://")) else None
+    endpoint = _endpoint(label, settings)
     identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
     if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
         from chroma_snapshots.backends.file import local_place
@@ -101,6 +102,20 @@ def _label(url: str) -> str:
     if scheme in ("file", "efs") and rest.startswith("/"):
         return f"{scheme}://{os.path.normpath(rest)}"
     return f"{scheme}://{rest}"
+
+
+def _endpoint(label: str, settings: S3Settings) -> str | None:
+    """The endpoint a store at ``label`` reaches as far as it is known without contacting
+    it: the setting (--endpoint-url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) for S3, and
+    through s3fs fsspec's own configuration too."""
+    scheme = label.split("://", 1)[0]
+    if scheme == "s3":
+        return settings.endpoint_url
+    if scheme in ("fsspec+s3", "fsspec+s3a"):
+        from chroma_snapshots.backends.registry_factories import s3fs_endpoint, s3fs_options
+
+        return s3fs_endpoint(s3fs_options(settings))
+    return None
 
 
 def _endpoint_label(endpoint: str) -> str:

@@ -7,13 +7,16 @@ S3 backends (native and through s3fs) come wrapped in a
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.cas import conditional_write_check
 from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.errors import ConfigError
+
+if TYPE_CHECKING:
+    from chroma_snapshots.backends.s3 import S3Settings
 
 _BYTES = "surrogateescape"  # %ff in a path is that byte, as os.fsdecode holds it
 
@@ -80,7 +83,7 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
 
     target = url.removeprefix("fsspec+")
     if urlsplit(target).scheme in ("s3", "s3a"):
-        options = {**_s3fs_options(opts), **options}
+        options = {**s3fs_options(opts.s3_settings), **options}
     try:
         backend = FsspecBackend.from_url(target, **options)
     except ValueError as e:  # fsspec's "Protocol not known"
@@ -95,18 +98,46 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     return _checked(backend, f"s3://{bucket} at {endpoint or 'the default endpoint'}", opts)
 
 
-def _s3fs_options(opts: OpenOptions) -> dict[str, Any]:
+def s3fs_options(s: S3Settings | None) -> dict[str, Any]:
     """The endpoint, region and profile (--endpoint-url, --region, --profile) for s3fs, so
-    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one."""
-    s = opts.s3_settings
+    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one. The region joins
+    the ``client_kwargs`` fsspec's configuration gives, rather than replacing them."""
     if s is None:
         return {}
     found: dict[str, Any] = {"endpoint_url": s.endpoint_url} if s.endpoint_url else {}
     if s.region:
-        found["client_kwargs"] = {"region_name": s.region}
+        found["client_kwargs"] = {**_client_kwargs(_s3fs_config()), "region_name": s.region}
     if s.profile:
         found["profile"] = s.profile
     return found
+
+
+def s3fs_endpoint(options: dict[str, Any]) -> str | None:
+    """The endpoint s3fs reaches when given ``options``: over fsspec's own configuration
+    (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3``, its config files), ``endpoint_url`` before
+    the one in ``client_kwargs``, as s3fs takes them. Contacts nothing: an offline store's
+    cache is keyed by it too."""
+    merged = {**_s3fs_config(), **options}  # as fsspec.config.apply_config: the call's win
+    found = merged.get("endpoint_url") or _client_kwargs(merged).get("endpoint_url")
+    return str(found) if found else None
+
+
+def _s3fs_config() -> dict[str, Any]:
+    """What fsspec's configuration gives every s3fs filesystem (it read it at import);
+    without fsspec, nothing."""
+    try:
+        from fsspec.config import conf
+    except ImportError:
+        return {}
+    merged: dict[str, Any] = {}
+    for protocol in ("s3", "s3a"):  # s3fs's, in its order: a later one's settings win
+        merged.update(conf.get(protocol) or {})
+    return merged
+
+
+def _client_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    found = options.get("client_kwargs")
+    return found if isinstance(found, dict) else {}
 
 
 # What the [fsspec] extra installs; any other missing module is a filesystem of its own.
