@@ -267,6 +267,33 @@ def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> N
         CachedStore(DelegatingStore(s3), tmp_path / "cache")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("argument", "bad"),
+    [
+        *(("primary", v) for v in (2, -3, 1.0, "0", None, True)),
+        *(("share", v) for v in ("0.5", None, 0, 1, float("nan"), True)),
+        *(("mirror", v) for v in ("yes", 1, None)),
+        *(("stores", v) for v in ("one store", None, "an iterator", "a set")),
+    ],
+)
+def test_fallback_arguments_that_would_fail_later_or_quietly_differ_are_refused(
+    tmp_path: Path, argument: str, bad: object
+) -> None:
+    """Each gets InvalidInputError naming what is wrong: an index out of range was an
+    IndexError, a str a TypeError from deep inside, and a set of stores (no order, yet the
+    order says which is read first) or ``mirror="yes"`` were taken."""
+    from chroma_snapshots import FallbackStore
+
+    stores = list(_efs_s3(tmp_path))
+    given = {"one store": stores[0], "an iterator": iter(stores), "a set": set(stores)}
+    kwargs = {argument: given.get(bad, bad) if isinstance(bad, str) else bad}
+    if argument != "stores":
+        kwargs["stores"] = stores
+    with pytest.raises(InvalidInputError, match=argument if argument != "stores" else "list"):
+        FallbackStore(**kwargs)  # type: ignore[arg-type]
+    assert FallbackStore(stores, primary=-2, share=0.25, mirror=True).primary is stores[0]
+
+
 @pytest.mark.parametrize("url", ["s3://same/p", "fsspec+s3://same/p"])
 def test_one_bucket_behind_two_endpoints_is_two_caches(tmp_path: Path, url: str) -> None:
     """An endpoint keys the cache for both ways of reaching S3 (fsspec+s3:// shared one
@@ -329,3 +356,35 @@ def test_a_copy_made_from_the_cache_alone_says_the_cache_served_it(tmp_path: Pat
             assert read_tree(second.path) == read_tree(src)
         copied = cache.checkout("db", dest=tmp_path / "dest")
         assert copied.source == "cache"
+
+
+def test_fsspec_s_endpoint_variable_keys_the_cache_of_the_cli(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """FSSPEC_S3_ENDPOINT_URL sends an fsspec+s3:// store to its server. Two servers hold a
+    bucket of one name with different data: the second, offline or online, is never served
+    the first's from the shared cache folder (it was, until fsspec's settings keyed it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ENDPOINT", "FSSPEC"))}
+    bucket = moto_server.create_bucket()
+    store = ["--store", f"fsspec+s3://{bucket}/p", "--cache-dir", str(tmp_path / "cache")]
+    with MotoServer() as other:
+        other.create_bucket(bucket)
+        servers = {"a": moto_server.endpoint_url, "b": other.endpoint_url}
+        for name, endpoint in servers.items():
+            src = write_tree(tmp_path / f"src-{name}", {"who.txt": name.encode() * 9})
+            env["FSSPEC_S3_ENDPOINT_URL"] = endpoint
+            assert _cli(*store, "publish", "db", str(src), env=env).returncode == 0
+        env["FSSPEC_S3_ENDPOINT_URL"] = servers["a"]
+        assert (
+            _cli(*store, "checkout", "db", "--dest", str(tmp_path / "a"), env=env).returncode == 0
+        )
+        env["FSSPEC_S3_ENDPOINT_URL"] = servers["b"]
+        offline = _cli(
+            *store, "--offline", "checkout", "db", "--dest", str(tmp_path / "b"), env=env
+        )
+        assert offline.returncode == 7, offline.stderr  # not in b's cache: nothing served
+        assert not (tmp_path / "b").exists()
+        online = _cli(*store, "checkout", "db", "--dest", str(tmp_path / "b"), env=env)
+        assert online.returncode == 0, online.stderr
+    assert read_tree(tmp_path / "a") == {"who.txt": b"a" * 9}
+    assert read_tree(tmp_path / "b") == {"who.txt": b"b" * 9}

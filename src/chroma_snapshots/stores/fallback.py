@@ -36,6 +36,7 @@ from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.engine.transfer import Placement
+from chroma_snapshots.engine.validation import check_flags, number_in
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -44,6 +45,7 @@ from chroma_snapshots.errors import (
     SnapshotNotFoundError,
     StorageTimeoutError,
     StoreNotFoundError,
+    shown,
 )
 from chroma_snapshots.ops.sync import sync_version
 from chroma_snapshots.stores.base import (
@@ -85,12 +87,8 @@ class FallbackStore(SourceStore):
         mirror: bool = False,
         share: float = 0.5,
     ) -> None:
-        if len(stores) < 2 or not 0 < share < 1:
-            raise InvalidInputError("FallbackStore needs two or more stores and 0 < share < 1")
-        if odd := [repr(s) for s in stores if not isinstance(s, SourceStore)]:
-            raise InvalidInputError(
-                f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}"
-            )
+        _check_arguments(stores, primary, share)
+        check_flags({"mirror": mirror})
         if len({s.trust for s in stores}) > 1:
             # a reader would accept from one store what another refuses (and a cache
             # keyed by the mix could serve one's data under the other's keys)
@@ -393,3 +391,26 @@ def _required(found: tuple[RefValue, str] | None) -> tuple[RefValue, str]:
     if found is None:
         raise SnapshotNotFoundError("ref not found")
     return found
+
+
+def _check_arguments(stores: object, primary: object, share: object) -> None:
+    """InvalidInputError unless ``stores`` is a list or tuple (their order is the order
+    they are tried in: a set has none) of two or more source stores, ``primary`` an index
+    into it and ``share`` a fraction strictly between 0 and 1."""
+    if not isinstance(stores, list | tuple) or len(stores) < 2:
+        raise InvalidInputError(
+            f"FallbackStore needs a list of two or more stores, in the order to try them, "
+            f"not {shown(stores)}"
+        )
+    if odd := [repr(s) for s in stores if not isinstance(s, SourceStore)]:
+        raise InvalidInputError(
+            f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}"
+        )
+    if isinstance(primary, bool) or not isinstance(primary, int):
+        raise InvalidInputError(f"FallbackStore's primary must be an index, not {shown(primary)}")
+    if not -len(stores) <= primary < len(stores):
+        raise InvalidInputError(
+            f"FallbackStore's primary={primary} names none of its {len(stores)} stores"
+        )
+    if not number_in(share, 0, 1, low_ok=False) or share == 1:
+        raise InvalidInputError(f"FallbackStore needs 0 < share < 1, not {shown(share)}")
