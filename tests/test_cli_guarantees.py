@@ -213,8 +213,12 @@ def test_the_operation_timeout_comes_from_the_environment_or_the_flag(
     assert _remote(opened[0]).default_timeout == want
 
 
-# the last two: Arabic-Indic "12" and a fullwidth 5, which float() would read
-@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0", "soon", "1e10", "\u0661\u0662", "\uff15"])
+# Arabic-Indic "12" and a fullwidth 5, which float() would read, and "1_0", which it
+# reads as 10 (a slip for 1.0 or 10?)
+BAD_SECONDS = ["nan", "inf", "-1", "0", "soon", "1e10", "\u0661\u0662", "\uff15", "1_0"]
+
+
+@pytest.mark.parametrize("bad", BAD_SECONDS)
 @pytest.mark.parametrize("option", [["--timeout"], ["doctor", "--budget"]])
 def test_seconds_options_follow_the_variables_rules(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], bad: str

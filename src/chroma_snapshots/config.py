@@ -237,9 +237,9 @@ def parse_seconds(raw: str, what: str) -> float:
 
 def _number(raw: str) -> float | None:
     """``raw`` as a float, or None: ASCII only (float() also reads other scripts' digits,
-    which no one types on purpose into a deadline)."""
+    which no one types on purpose into a deadline) and no ``_`` (it reads "1_0" as 10)."""
     try:
-        return float(raw) if raw.isascii() else None
+        return float(raw) if raw.isascii() and "_" not in raw else None
     except ValueError:
         return None
 
