@@ -352,6 +352,7 @@ A, B, C = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:90
         ({"s3a": {"endpoint_url": A}}, None),
         ({"s3": {"endpoint_url": B}, "s3a": {"endpoint_url": A}}, None),
         ({"s3": {"endpoint_url": B}}, A),
+        ({"s3": {"client_kwargs": {"endpoint_url": B}}}, A),
         ({}, A),
     ],
 )
@@ -361,7 +362,8 @@ def test_fsspec_s_own_endpoint_settings_key_the_store_as_s3fs_reads_them(
     # FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3 and fsspec's config files sent an fsspec+s3://
     # store to their endpoint, but its cache was keyed without it: one server's data was
     # served, offline or stale, as another's. Online and offline, the key is the endpoint
-    # s3fs itself connects to (A every time, --region given or not).
+    # s3fs itself connects to (A every time, --region given or not). The option wins
+    # (s3fs given it as well as fsspec's client_kwargs endpoint failed to make a client).
     import fsspec.config
     import s3fs
 
@@ -373,8 +375,8 @@ def test_fsspec_s_own_endpoint_settings_key_the_store_as_s3fs_reads_them(
     for region in (None, "eu-west-1"):
         options = s3fs_options(S3Settings(endpoint_url=option, region=region))
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-        reached = fs.endpoint_url or fs.client_kwargs.get("endpoint_url")
-        assert reached == s3fs_endpoint(options) == A
+        fs.connect()  # makes the client it would send requests with (contacts nothing)
+        assert fs.s3.meta.endpoint_url == s3fs_endpoint(options) == A
     cfg = StoreConfig(url="fsspec+s3://bkt/p", s3_endpoint_url=option, s3_region="eu-west-1")
     keys = {open_remote(replace(cfg, offline=offline)).identity for offline in (False, True)}
     assert len(keys) == 1
@@ -382,3 +384,23 @@ def test_fsspec_s_own_endpoint_settings_key_the_store_as_s3fs_reads_them(
     monkeypatch.delitem(fsspec.config.conf, "s3a", raising=False)
     elsewhere = open_remote(replace(cfg, offline=True)).identity
     assert (elsewhere in keys) == (option is not None)  # the option wins over the config
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://127.0.0.1:9001/other", "http://h:9000/?x=1", "http://h:99999", "http://[::1",
+     "h:9000", "http://user:secret@h:9000", 123],
+)  # fmt: skip
+@pytest.mark.parametrize("offline", [False, True])
+def test_an_endpoint_from_fsspec_s_settings_is_checked_as_the_others_are(
+    monkeypatch: pytest.MonkeyPatch, endpoint: object, offline: bool
+) -> None:
+    # from FSSPEC_S3_ENDPOINT_URL a path was taken as the bucket (a publish to
+    # fsspec+s3://zzz/q wrote into "other"), and a bad port or bracket was an outage
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": endpoint}})
+    cfg = StoreConfig(url="fsspec+s3://zzz/q", offline=offline)
+    with pytest.raises(ConfigError, match="fsspec's S3 endpoint") as got:
+        open_remote(cfg)
+    assert "secret" not in str(got.value)

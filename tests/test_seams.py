@@ -388,3 +388,22 @@ def test_fsspec_s_endpoint_variable_keys_the_cache_of_the_cli(
         assert online.returncode == 0, online.stderr
     assert read_tree(tmp_path / "a") == {"who.txt": b"a" * 9}
     assert read_tree(tmp_path / "b") == {"who.txt": b"b" * 9}
+
+
+@pytest.mark.parametrize("offline", [[], ["--offline"]])
+def test_a_malformed_fsspec_config_file_is_a_configuration_error(
+    tmp_path: Path, offline: list[str]
+) -> None:
+    """fsspec reads its files at import: offline that was "unexpected JSONDecodeError (a
+    bug in chroma-snapshots)", exit 1; online and offline it is exit 2, naming the cause."""
+    conf = tmp_path / "fsspec"
+    conf.mkdir()
+    (conf / "c.json").write_text("{not json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FSSPEC")}
+    env["FSSPEC_CONFIG_DIR"] = str(conf)
+    store = ["--store", "fsspec+s3://b/p", "--cache-dir", str(tmp_path / "cache")]
+    out = _cli(*store, *offline, "checkout", "db", "--dest", str(tmp_path / "d"), env=env)
+    assert out.returncode == 2, out.stderr
+    assert "fsspec's configuration" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "a bug" not in out.stderr

@@ -12,8 +12,9 @@ from urllib.parse import unquote, urlsplit
 
 from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.backends.cas import conditional_write_check
+from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.options import OpenOptions
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from chroma_snapshots.backends.s3 import S3Settings
@@ -84,6 +85,7 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     target = url.removeprefix("fsspec+")
     if urlsplit(target).scheme in ("s3", "s3a"):
         options = {**s3fs_options(opts.s3_settings), **options}
+        s3fs_endpoint(options)  # a bad one is a configuration error, before any request
     try:
         backend = FsspecBackend.from_url(target, **options)
     except ValueError as e:  # fsspec's "Protocol not known"
@@ -100,13 +102,18 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
 
 def s3fs_options(s: S3Settings | None) -> dict[str, Any]:
     """The endpoint, region and profile (--endpoint-url, --region, --profile) for s3fs, so
-    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one. The region joins
-    the ``client_kwargs`` fsspec's configuration gives, rather than replacing them."""
+    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one. They win over
+    fsspec's own configuration, and the ``client_kwargs`` it gives are kept otherwise (s3fs
+    given an endpoint twice, as ``endpoint_url`` and in them, fails to make its client)."""
     if s is None:
         return {}
     found: dict[str, Any] = {"endpoint_url": s.endpoint_url} if s.endpoint_url else {}
+    configured = _client_kwargs(_s3fs_config())
+    kwargs = {k: v for k, v in configured.items() if k != "endpoint_url" or not s.endpoint_url}
     if s.region:
-        found["client_kwargs"] = {**_client_kwargs(_s3fs_config()), "region_name": s.region}
+        kwargs["region_name"] = s.region
+    if kwargs != configured:
+        found["client_kwargs"] = kwargs
     if s.profile:
         found["profile"] = s.profile
     return found
@@ -115,11 +122,17 @@ def s3fs_options(s: S3Settings | None) -> dict[str, Any]:
 def s3fs_endpoint(options: dict[str, Any]) -> str | None:
     """The endpoint s3fs reaches when given ``options``: over fsspec's own configuration
     (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3``, its config files), ``endpoint_url`` before
-    the one in ``client_kwargs``, as s3fs takes them. Contacts nothing: an offline store's
-    cache is keyed by it too."""
+    the one in ``client_kwargs``, as s3fs takes them; ConfigError unless it names a server
+    (backends.endpoints: a path would be read as the bucket). Contacts nothing: an offline
+    store's cache is keyed by it too."""
     merged = {**_s3fs_config(), **options}  # as fsspec.config.apply_config: the call's win
     found = merged.get("endpoint_url") or _client_kwargs(merged).get("endpoint_url")
-    return str(found) if found else None
+    if found is None:
+        return None
+    if not isinstance(found, str):
+        raise ConfigError(f"fsspec's S3 endpoint {shown(found)} must be a URL")
+    check_endpoint(found, "fsspec's S3 endpoint ")
+    return found
 
 
 def _s3fs_config() -> dict[str, Any]:
@@ -129,6 +142,8 @@ def _s3fs_config() -> dict[str, Any]:
         from fsspec.config import conf
     except ImportError:
         return {}
+    except Exception as e:  # its files are read at import: a malformed one is the user's
+        raise ConfigError(f"fsspec's configuration could not be read: {e}") from e
     merged: dict[str, Any] = {}
     for protocol in ("s3", "s3a"):  # s3fs's, in its order: a later one's settings win
         merged.update(conf.get(protocol) or {})
