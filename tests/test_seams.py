@@ -184,7 +184,8 @@ def test_a_wrapper_of_a_source_store_sits_under_a_cache(tmp_path: Path) -> None:
     with cached.checkout("db") as snap:
         assert (snap.path / "d.bin").read_bytes() == bytes(data)
     assert Counting.placed == 2
-    assert FallbackStore([wrapped, remote]).resolve("db").version == second.version
+    other = RemoteStore(open_backend(f"file://{tmp_path}/other"), chunk_size=4096)
+    assert FallbackStore([wrapped, other], primary=0).resolve("db").version == second.version
     assert first.version != second.version
 
 
@@ -274,6 +275,7 @@ def test_stores_that_cannot_be_combined_are_refused_clearly(tmp_path: Path) -> N
         *(("share", v) for v in ("0.5", None, 0, 1, float("nan"), True)),
         *(("mirror", v) for v in ("yes", 1, None)),
         *(("stores", v) for v in ("one store", None, "an iterator", "a set")),
+        *(("stores", v) for v in ("one store twice", "one folder twice", "one inside")),
     ],
 )
 def test_fallback_arguments_that_would_fail_later_or_quietly_differ_are_refused(
@@ -281,17 +283,25 @@ def test_fallback_arguments_that_would_fail_later_or_quietly_differ_are_refused(
 ) -> None:
     """Each gets InvalidInputError naming what is wrong: an index out of range was an
     IndexError, a str a TypeError from deep inside, and a set of stores (no order, yet the
-    order says which is read first) or ``mirror="yes"`` were taken."""
+    order says which is read first), one store or folder twice (a fallback to itself) or
+    ``mirror="yes"`` were taken."""
+    import numpy
+
     from chroma_snapshots import FallbackStore
 
     stores = list(_efs_s3(tmp_path))
+    again = RemoteStore(open_backend(f"file://{tmp_path}/efs"), chunk_size=4096)
     given = {"one store": stores[0], "an iterator": iter(stores), "a set": set(stores)}
+    given |= {"one store twice": [stores[0], stores[0]], "one folder twice": [stores[0], again]}
+    given |= {"one inside": [FallbackStore(stores), stores[1]]}
     kwargs = {argument: given.get(bad, bad) if isinstance(bad, str) else bad}
     if argument != "stores":
         kwargs["stores"] = stores
-    with pytest.raises(InvalidInputError, match=argument if argument != "stores" else "list"):
+    wrong = {"primary": "primary", "share": "share", "mirror": "mirror"}
+    with pytest.raises(InvalidInputError, match=wrong.get(argument, "list|twice")):
         FallbackStore(**kwargs)  # type: ignore[arg-type]
     assert FallbackStore(stores, primary=-2, share=0.25, mirror=True).primary is stores[0]
+    assert FallbackStore(stores, primary=numpy.int64(1)).primary is stores[1]  # an index
 
 
 @pytest.mark.parametrize("url", ["s3://same/p", "fsspec+s3://same/p"])

@@ -25,10 +25,12 @@ mirror is logged and never fails the publish.
 from __future__ import annotations
 
 import logging
+import operator
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import SupportsIndex, TypeVar
 
 from chroma_snapshots.engine.apart import Place, keep_out, store_folder
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline, within
@@ -83,7 +85,7 @@ class FallbackStore(SourceStore):
         self,
         stores: Sequence[SourceStore],
         *,
-        primary: int = -1,
+        primary: SupportsIndex = -1,
         mirror: bool = False,
         share: float = 0.5,
     ) -> None:
@@ -406,11 +408,26 @@ def _check_arguments(stores: object, primary: object, share: object) -> None:
         raise InvalidInputError(
             f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}"
         )
-    if isinstance(primary, bool) or not isinstance(primary, int):
-        raise InvalidInputError(f"FallbackStore's primary must be an index, not {shown(primary)}")
-    if not -len(stores) <= primary < len(stores):
+    places = Counter(place for s in stores for place in _places(s))
+    if twice := [place for place, n in places.items() if n > 1]:
         raise InvalidInputError(
-            f"FallbackStore's primary={primary} names none of its {len(stores)} stores"
+            f"FallbackStore's stores must be different stores: {twice[0]} is among them "
+            "twice (a fallback to the same storage is none)"
+        )
+    # an int, or what indexes as one (numpy's); True is no index
+    if isinstance(primary, bool) or not isinstance(primary, SupportsIndex):
+        raise InvalidInputError(f"FallbackStore's primary must be an index, not {shown(primary)}")
+    index = operator.index(primary)
+    if not -len(stores) <= index < len(stores):
+        raise InvalidInputError(
+            f"FallbackStore's primary={index} names none of its {len(stores)} stores"
         )
     if not number_in(share, 0, 1, low_ok=False) or share == 1:
         raise InvalidInputError(f"FallbackStore needs 0 < share < 1, not {shown(share)}")
+
+
+def _places(store: SourceStore) -> list[str]:
+    """The storage ``store`` reads: its identity, or its stores' if it combines some."""
+    if isinstance(store, FallbackStore):
+        return [place for s in store.stores for place in _places(s)]
+    return [store.identity]
