@@ -575,3 +575,46 @@ def test_a_timed_out_prune_removes_its_record_before_the_command_exits(
         deletes = [r for r in proxy.requests if r.method == "DELETE" or "delete" in r.path]
     assert deletes, [(r.method, r.path) for r in proxy.requests]
     assert [k for k in _keys(moto_server, s3_bucket) if "/gc/" in k] == []
+
+
+@pytest.mark.parametrize(
+    ("var", "bad"),
+    [
+        *(
+            (var, bad)
+            for var in ("CHROMA_SNAPSHOTS_TIMEOUT", "CHROMA_SNAPSHOTS_CACHE_MAX_BYTES")
+            for bad in ("5\u00a0", "\u20075", "\u2028 5")
+        ),
+        ("CHROMA_SNAPSHOTS_REFRESH_SECONDS", "9" * 50),
+        ("CHROMA_SNAPSHOTS_REFRESH_SECONDS", "5\u00a0"),
+    ],
+)
+def test_number_variables_take_only_ascii_white_space_and_their_range(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    var: str,
+    bad: str,
+) -> None:
+    """str.strip took a no-break space away unseen (the option refused the same text),
+    and the refresh period had no upper bound (1e50 seconds was taken)."""
+    monkeypatch.setenv(var, bad)
+    assert main(["--store", str(tmp_path), "ls"]) == 2
+    assert var in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        *(("--min-age", v) for v in ("1_0", "\u0661", "inf", "1e400", "-1", "nan")),
+        *(("--keep-last", v) for v in ("1_0", "\u0663", "\uff15", "9" * 26, "-1", "2.5")),
+    ],
+)
+def test_prune_s_numbers_follow_the_variables_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, bad: str
+) -> None:
+    """click's int and float read "1_0" as 10 and other scripts' digits as numbers."""
+    assert main(["--store", str(tmp_path), "prune", "db", option, bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option}={bad!r}"), err
+    assert err.count("\n") == 1, err

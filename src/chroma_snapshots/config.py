@@ -219,8 +219,14 @@ def _flag(env: Mapping[str, str], var: str, *, default: bool = False) -> bool:
     return default if not raw else raw in ("1", "true", "yes")
 
 
+def _number_text(env: Mapping[str, str], var: str) -> str:
+    """``var``'s value without the ASCII white space around it; other white space stays,
+    and makes it no number (str.strip would take a no-break space away unseen)."""
+    return env.get(var, "").strip(" \t\n\r\x0b\x0c")
+
+
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
-    raw = env.get(var, "").strip()
+    raw = _number_text(env, var)
     return parse_seconds(raw, var) if raw else default
 
 
@@ -233,6 +239,23 @@ def parse_seconds(raw: str, what: str) -> float:
     if not _is_seconds(value):
         raise ConfigError(f"{what}={shown(raw)} {_SECONDS}")
     return value
+
+
+def parse_age(raw: str, what: str) -> float:
+    """``raw`` as seconds of age, 0 included (prune's grace period): ConfigError naming
+    ``what`` unless a number in [0, 1e9], spelled as :func:`parse_seconds` takes them."""
+    value = _number(raw)
+    if value is None or not number_in(value, 0, MAX_SECONDS):
+        raise ConfigError(f"{what}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds")
+    return value
+
+
+def parse_count(raw: str, what: str) -> int:
+    """``raw`` as a count: ConfigError naming ``what`` unless ASCII digits (int() also
+    reads "1_0" and other scripts' digits), at most nine of them."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise ConfigError(f"{what}={shown(raw)} must be a whole number, 0 to 999999999")
+    return int(raw)
 
 
 def _number(raw: str) -> float | None:
@@ -254,7 +277,7 @@ def _chunk_hash(env: Mapping[str, str]) -> str | None:
 
 def _refresh(env: Mapping[str, str]) -> float | None:
     """Seconds to trust a ref's answer: unset reads it every time, ``never`` once."""
-    raw = env.get(ENV_REFRESH, "").strip().lower()
+    raw = _number_text(env, ENV_REFRESH).lower()
     if not raw:
         return None
     if raw == "never":
@@ -262,14 +285,16 @@ def _refresh(env: Mapping[str, str]) -> float | None:
     value = _number(raw)
     if value is None:
         raise ConfigError(f"{ENV_REFRESH}={shown(raw)} must be a number of seconds or 'never'")
-    if not 0 <= value < math.inf:
-        raise ConfigError(f"{ENV_REFRESH}={shown(raw)} must be 0 or more seconds, or 'never'")
+    if not 0 <= value <= MAX_SECONDS:
+        raise ConfigError(
+            f"{ENV_REFRESH}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds, or 'never'"
+        )
     return value
 
 
 def _budget(env: Mapping[str, str], var: str) -> float:
     """Seconds of an optional budget: unset or 0 turns it off."""
-    return 0.0 if env.get(var, "").strip() in ("", "0") else _seconds(env, var, 0.0)
+    return 0.0 if _number_text(env, var) in ("", "0") else _seconds(env, var, 0.0)
 
 
 def _cache_dir(env: Mapping[str, str]) -> str | None:
@@ -288,7 +313,7 @@ def check_cache_dir(raw: str, what: str) -> str:
 
 
 def _bytes(env: Mapping[str, str], var: str) -> int | None:
-    raw = env.get(var, "").strip()
+    raw = _number_text(env, var)
     if not raw:
         return None
     # ASCII only: int("²") is ValueError; short: int() of 4,301 digits is ValueError too

@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of, store_of
+from chroma_snapshots.cli.common import (
+    age_option,
+    config_of,
+    count_option,
+    emit,
+    human_bytes,
+    source_of,
+    store_of,
+)
 from chroma_snapshots.cli.names import (
     about,
     check_new_tag,
@@ -174,8 +182,14 @@ def register(cli: click.Group) -> None:
         help="Delete old unreferenced versions and unused packs (a dry run unless --apply)."
     )
     @click.argument("name")
-    @click.option("--keep-last", default=10, show_default=True)
-    @click.option("--min-age", default=3600.0, show_default=True, help="Grace period in seconds.")
+    @click.option("--keep-last", default="10", show_default=True, callback=count_option)
+    @click.option(
+        "--min-age",
+        default="3600",
+        show_default=True,
+        callback=age_option,
+        help="Grace period in seconds.",
+    )
     @click.option("--apply", "really", is_flag=True, help="Delete; without it only report.")
     @json_opt
     @click.pass_context

@@ -108,6 +108,20 @@ def seconds_option(ctx: click.Context, param: click.Parameter, raw: object) -> f
     return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
 
 
+def age_option(ctx: click.Context, param: click.Parameter, raw: object) -> float:
+    """``--min-age``-like: seconds, 0 included, by the variables' spelling rules."""
+    from chroma_snapshots.config import parse_age
+
+    return parse_age(str(raw), f"--{param.name}".replace("_", "-"))
+
+
+def count_option(ctx: click.Context, param: click.Parameter, raw: object) -> int:
+    """``--keep-last``-like: a whole number in ASCII digits."""
+    from chroma_snapshots.config import parse_count
+
+    return parse_count(str(raw), f"--{param.name}".replace("_", "-"))
+
+
 def cache_dir_option(ctx: click.Context, param: click.Parameter, raw: object) -> str | None:
     """``--cache-dir``: the environment's rule (config.check_cache_dir: an absolute path),
     and its ConfigError the same one line (exit 2) as the variable's."""
