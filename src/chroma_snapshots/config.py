@@ -241,21 +241,29 @@ def parse_seconds(raw: str, what: str) -> float:
     return value
 
 
-def parse_age(raw: str, what: str) -> float:
-    """``raw`` as seconds of age, 0 included (prune's grace period): ConfigError naming
-    ``what`` unless a number in [0, 1e9], spelled as :func:`parse_seconds` takes them."""
+def parse_age(raw: str, what: str, *, other: str = "") -> float:
+    """``raw`` as seconds of age, 0 included (prune's grace period, the refresh period):
+    ConfigError naming ``what`` (and ``other`` it may be instead) unless a number in
+    [0, 1e9], spelled as :func:`parse_seconds` takes them."""
     value = _number(raw)
     if value is None or not number_in(value, 0, MAX_SECONDS):
-        raise ConfigError(f"{what}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds")
+        raise ConfigError(f"{what}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds{other}")
     return value
 
 
 def parse_count(raw: str, what: str) -> int:
-    """``raw`` as a count: ConfigError naming ``what`` unless ASCII digits (int() also
-    reads "1_0" and other scripts' digits), at most nine of them."""
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+    """``raw`` as a count: ConfigError naming ``what`` unless at most nine ASCII digits."""
+    value = _whole(raw, 9)
+    if value is None:
         raise ConfigError(f"{what}={shown(raw)} must be a whole number, 0 to 999999999")
-    return int(raw)
+    return value
+
+
+def _whole(raw: str, most_digits: int) -> int | None:
+    """``raw`` as a whole number in at most ``most_digits`` ASCII digits, or None: int()
+    also reads "1_0" and other scripts' digits, and refuses 4,301 digits with ValueError."""
+    ok = raw.isascii() and raw.isdigit() and len(raw) <= most_digits
+    return int(raw) if ok else None
 
 
 def _number(raw: str) -> float | None:
@@ -282,14 +290,7 @@ def _refresh(env: Mapping[str, str]) -> float | None:
         return None
     if raw == "never":
         return math.inf
-    value = _number(raw)
-    if value is None:
-        raise ConfigError(f"{ENV_REFRESH}={shown(raw)} must be a number of seconds or 'never'")
-    if not 0 <= value <= MAX_SECONDS:
-        raise ConfigError(
-            f"{ENV_REFRESH}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds, or 'never'"
-        )
-    return value
+    return parse_age(raw, ENV_REFRESH, other=", or 'never'")
 
 
 def _budget(env: Mapping[str, str], var: str) -> float:
@@ -316,10 +317,10 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     raw = _number_text(env, var)
     if not raw:
         return None
-    # ASCII only: int("²") is ValueError; short: int() of 4,301 digits is ValueError too
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not _is_bytes(int(raw)):
+    value = _whole(raw, 19)
+    if value is None or not _is_bytes(value):
         raise ConfigError(f"{var}={shown(raw)} {_BYTES}")
-    return int(raw)
+    return value
 
 
 def _endpoint(env: Mapping[str, str]) -> str | None:

@@ -83,9 +83,10 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.backends.fsspec import FsspecBackend
 
     target = url.removeprefix("fsspec+")
+    endpoint = None
     if urlsplit(target).scheme in ("s3", "s3a"):
         options = {**s3fs_options(opts.s3_settings), **options}
-        s3fs_endpoint(options)  # a bad one is a configuration error, before any request
+        endpoint = s3fs_endpoint(options)  # a bad one is a ConfigError before any request
     try:
         backend = FsspecBackend.from_url(target, **options)
     except ValueError as e:  # fsspec's "Protocol not known"
@@ -95,7 +96,6 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     fs = backend.fs
     if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         return backend  # memory:// is atomic in-process; other filesystems refuse CAS outright
-    endpoint = getattr(fs, "endpoint_url", None) or fs.client_kwargs.get("endpoint_url")
     bucket = backend.root.strip("/").split("/", 1)[0]
     return _checked(backend, f"s3://{bucket} at {endpoint or 'the default endpoint'}", opts)
 

@@ -89,8 +89,7 @@ class FallbackStore(SourceStore):
         mirror: bool = False,
         share: float = 0.5,
     ) -> None:
-        _check_arguments(stores, primary, share)
-        check_flags({"mirror": mirror})
+        _check_arguments(stores, primary, mirror, share)
         if len({s.trust for s in stores}) > 1:
             # a reader would accept from one store what another refuses (and a cache
             # keyed by the mix could serve one's data under the other's keys)
@@ -395,10 +394,11 @@ def _required(found: tuple[RefValue, str] | None) -> tuple[RefValue, str]:
     return found
 
 
-def _check_arguments(stores: object, primary: object, share: object) -> None:
+def _check_arguments(stores: object, primary: object, mirror: object, share: object) -> None:
     """InvalidInputError unless ``stores`` is a list or tuple (their order is the order
-    they are tried in: a set has none) of two or more source stores, ``primary`` an index
-    into it and ``share`` a fraction strictly between 0 and 1."""
+    they are tried in: a set has none) of two or more different source stores,
+    ``primary`` an index into it, ``mirror`` a bool and ``share`` a fraction strictly
+    between 0 and 1."""
     if not isinstance(stores, list | tuple) or len(stores) < 2:
         raise InvalidInputError(
             f"FallbackStore needs a list of two or more stores, in the order to try them, "
@@ -422,6 +422,7 @@ def _check_arguments(stores: object, primary: object, share: object) -> None:
         raise InvalidInputError(
             f"FallbackStore's primary={index} names none of its {len(stores)} stores"
         )
+    check_flags({"mirror": mirror})
     if not number_in(share, 0, 1, low_ok=False) or share == 1:
         raise InvalidInputError(f"FallbackStore needs 0 < share < 1, not {shown(share)}")
 
