@@ -618,3 +618,14 @@ def test_prune_s_numbers_follow_the_variables_rules(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {option}={bad!r}"), err
     assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("bad", ["1_0", "\u0663", "0", "-1", "4097", "9" * 26, "2.5"])
+def test_demo_s_size_follows_the_counts_rule_and_is_bounded(
+    capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """click's int read "1_0" as 10, and a digit too many would fill the disk."""
+    assert main(["demo", "--size-mb", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --size-mb={bad!r}"), err
+    assert err.count("\n") == 1, err

@@ -244,6 +244,10 @@ def test_plain_paths_and_missing_stores(tmp_path: Path, monkeypatch: pytest.Monk
             ["http://127.0.0.1:9000", "http://127.0.0.1:9000/", "HTTP://127.0.0.1:9000"],
         ),
         (["file://{tmp}/store", "file://{tmp}/store/", "file://{tmp}//store"], [None]),
+        (  # s3fs reads s3a:// as s3://, and its root without a slash at the end
+            ["fsspec+s3://bkt/snaps", "fsspec+s3://bkt/snaps/", "fsspec+s3a://bkt/snaps"],
+            ["http://127.0.0.1:9000", "http://127.0.0.1:9000/"],
+        ),
     ],
 )
 def test_spellings_of_one_store_share_one_cache_folder(
@@ -404,3 +408,56 @@ def test_an_endpoint_from_fsspec_s_settings_is_checked_as_the_others_are(
     with pytest.raises(ConfigError, match="fsspec's S3 endpoint") as got:
         open_remote(cfg)
     assert "secret" not in str(got.value)
+
+
+def test_one_bucket_on_two_servers_has_two_labels_naming_the_server() -> None:
+    # fallback warnings and snap.source named both "s3://bkt/p": which one served was unsaid
+    for url in ("s3://bkt/p", "fsspec+s3://bkt/p"):
+        a, b = (open_remote(StoreConfig(url=url, s3_endpoint_url=at)).label for at in (A, B))
+        assert (a, b) == (f"{url} at {A}", f"{url} at {B}")
+    offline = open_remote(StoreConfig(url="s3://bkt/p/", s3_endpoint_url=A + "/", offline=True))
+    assert offline.label == f"s3://bkt/p at {A}"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_fsspec_s_settings_changed_while_a_store_opens_cannot_split_its_key_from_its_server(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # fsspec's settings were read more than once while a store opened: by s3fs as it made
+    # its filesystem, and again for the cache key. Another thread changing them in between
+    # (here, deterministically, just before and just after s3fs is made) left the store
+    # connected to one server with its cache keyed by another.
+    import fsspec.config
+
+    from chroma_snapshots.backends.fsspec import FsspecBackend
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": A})
+    make = FsspecBackend.from_url.__func__  # type: ignore[attr-defined]
+
+    def changing(cls: type[FsspecBackend], /, url: str, **options: object) -> FsspecBackend:
+        if when == "before":
+            monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": B})
+        made: FsspecBackend = make(cls, url, skip_instance_cache=True, **options)
+        if when == "after":
+            monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": B})
+        return made
+
+    monkeypatch.setattr(FsspecBackend, "from_url", classmethod(changing))
+    store = open_remote(StoreConfig(url="fsspec+s3://bkt/p"))
+    assert isinstance(store.backend, ConditionalWriteCheck)
+    inner = store.backend.inner
+    assert isinstance(inner, FsspecBackend)
+    inner.fs.connect()  # makes the client it would send requests with (contacts nothing)
+    assert inner.fs.s3.meta.endpoint_url == A
+    assert store.identity == f"fsspec+s3://bkt/p\0{A}"
+    assert store.label == f"fsspec+s3://bkt/p at {A}"
+
+
+def test_s3a_and_s3_through_s3fs_are_one_store_to_a_fallback() -> None:
+    # s3fs reads both alike: a fallback from one to the other falls back to itself
+    from chroma_snapshots import FallbackStore, InvalidInputError
+
+    urls = ("fsspec+s3://bkt/p", "fsspec+s3a://bkt/p/")
+    a, b = (open_remote(StoreConfig(url=url, s3_endpoint_url=A)) for url in urls)
+    with pytest.raises(InvalidInputError, match="twice"):
+        FallbackStore([a, b])

@@ -210,7 +210,7 @@ def test_auto_mode_serves_from_s3_when_efs_hangs(
         assert time.monotonic() - t < 14
         assert failures(response) == set()
         summary = [r for r in records if getattr(r, "source", None)]
-        assert summary[-1].source == f"s3://{s3_bucket}"  # type: ignore[attr-defined]
+        assert summary[-1].source == f"s3://{s3_bucket} at {moto_server.endpoint_url}"  # type: ignore[attr-defined]
         logging.getLogger("chroma_snapshots.aws_lambda").removeHandler(capture)
 
 

@@ -5,7 +5,7 @@ the one module that reads the environment."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
@@ -52,6 +52,11 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
         read_timeout=cfg.s3_timeout,
         connect_timeout=min(5.0, cfg.s3_timeout),
     )
+    # the identity keys the cache: one per store (one cache folder) however it is spelled,
+    # and a relative path names a different store in another directory
+    label = _label(url)
+    # s3fs's settings, read once: the store connects to the endpoint its cache is keyed by
+    s3fs = _s3fs_options(label, settings)
     if cfg.offline:
         backend = _offline(url)
     else:
@@ -61,14 +66,16 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
             efs_timeout=cfg.efs_timeout,
             create=create,
             unsafe_no_cas=cfg.unsafe_no_cas,
+            **s3fs,
         )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    # the identity keys the cache: one per store (one cache folder) however it is spelled,
-    # and a relative path names a different store in another directory
-    label = _label(url)
-    # ... and the endpoint: the same bucket behind two endpoints is two stores
-    endpoint = _endpoint(label, settings)
-    identity = f"{label}\0{_endpoint_label(endpoint)}" if endpoint else label
+    # ... and the endpoint: the same bucket behind two endpoints is two stores, and their
+    # labels (messages, snap.source) say which is which
+    endpoint = _endpoint(label, settings, s3fs)
+    identity = _same_store(label)
+    if endpoint:
+        identity = f"{identity}\0{_endpoint_label(endpoint)}"
+        label = f"{label} at {_endpoint_label(endpoint)}"
     if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
         from chroma_snapshots.backends.file import local_place
         from chroma_snapshots.backends.registry_factories import local_path
@@ -104,18 +111,36 @@ def _label(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
-def _endpoint(label: str, settings: S3Settings) -> str | None:
+def _s3fs_options(label: str, settings: S3Settings) -> dict[str, Any]:
+    """What s3fs is given for a store reached through it (backends.registry_factories), else
+    nothing."""
+    if label.split("://", 1)[0] not in ("fsspec+s3", "fsspec+s3a"):
+        return {}
+    from chroma_snapshots.backends.registry_factories import s3fs_options
+
+    return s3fs_options(settings)
+
+
+def _endpoint(label: str, settings: S3Settings, s3fs: dict[str, Any]) -> str | None:
     """The endpoint a store at ``label`` reaches as far as it is known without contacting
     it: the setting (--endpoint-url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) for S3, and
-    through s3fs fsspec's own configuration too."""
-    scheme = label.split("://", 1)[0]
-    if scheme == "s3":
+    for a store through s3fs what its options (with fsspec's configuration) name."""
+    if label.startswith("s3://"):
         return settings.endpoint_url
-    if scheme in ("fsspec+s3", "fsspec+s3a"):
-        from chroma_snapshots.backends.registry_factories import s3fs_endpoint, s3fs_options
+    if s3fs:
+        from chroma_snapshots.backends.registry_factories import s3fs_endpoint
 
-        return s3fs_endpoint(s3fs_options(settings))
+        return s3fs_endpoint(s3fs)
     return None
+
+
+def _same_store(label: str) -> str:
+    """``label`` as the cache keys it: s3fs reads ``s3a://`` as ``s3://``, and a slash at
+    the end of its path names the same folder."""
+    scheme, _, rest = label.partition("://")
+    if scheme in ("fsspec+s3", "fsspec+s3a"):
+        return f"fsspec+s3://{rest.rstrip('/')}"
+    return label
 
 
 def _endpoint_label(endpoint: str) -> str:

@@ -101,32 +101,34 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
 
 
 def s3fs_options(s: S3Settings | None) -> dict[str, Any]:
-    """The endpoint, region and profile (--endpoint-url, --region, --profile) for s3fs, so
-    an ``fsspec+s3://`` store talks to the same S3 as an ``s3://`` one. They win over
-    fsspec's own configuration, and the ``client_kwargs`` it gives are kept otherwise (s3fs
-    given an endpoint twice, as ``endpoint_url`` and in them, fails to make its client)."""
-    if s is None:
-        return {}
-    found: dict[str, Any] = {"endpoint_url": s.endpoint_url} if s.endpoint_url else {}
-    configured = _client_kwargs(_s3fs_config())
-    kwargs = {k: v for k, v in configured.items() if k != "endpoint_url" or not s.endpoint_url}
-    if s.region:
+    """Every setting an ``fsspec+s3://`` store gives s3fs: fsspec's own configuration
+    (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3``, its config files), read once, with the
+    store's endpoint, region and profile (--endpoint-url, --region, --profile) over it,
+    so it talks to the same S3 as an ``s3://`` store. The endpoint and ``client_kwargs``
+    are always named: s3fs reads fsspec's configuration again when it is made, and a
+    change to it in between must not move the store away from the endpoint its cache is
+    keyed by (:func:`s3fs_endpoint` of these). An endpoint given both as ``endpoint_url``
+    and in ``client_kwargs`` makes s3fs fail to make its client: the store's wins."""
+    found = _s3fs_config()
+    kwargs = dict(_client_kwargs(found))
+    if s is not None and s.endpoint_url:
+        found["endpoint_url"] = s.endpoint_url
+        kwargs.pop("endpoint_url", None)
+    if s is not None and s.region:
         kwargs["region_name"] = s.region
-    if kwargs != configured:
-        found["client_kwargs"] = kwargs
-    if s.profile:
+    if s is not None and s.profile:
         found["profile"] = s.profile
+    found.setdefault("endpoint_url", None)
+    found["client_kwargs"] = kwargs
     return found
 
 
 def s3fs_endpoint(options: dict[str, Any]) -> str | None:
-    """The endpoint s3fs reaches when given ``options``: over fsspec's own configuration
-    (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3``, its config files), ``endpoint_url`` before
-    the one in ``client_kwargs``, as s3fs takes them; ConfigError unless it names a server
-    (backends.endpoints: a path would be read as the bucket). Contacts nothing: an offline
-    store's cache is keyed by it too."""
-    merged = {**_s3fs_config(), **options}  # as fsspec.config.apply_config: the call's win
-    found = merged.get("endpoint_url") or _client_kwargs(merged).get("endpoint_url")
+    """The endpoint s3fs reaches when given ``options`` (:func:`s3fs_options`, perhaps
+    with more over them): ``endpoint_url`` before the one in ``client_kwargs``, as s3fs
+    takes them; ConfigError unless it names a server (backends.endpoints: a path would
+    be read as the bucket). Contacts nothing: an offline store's cache is keyed by it too."""
+    found = options.get("endpoint_url") or _client_kwargs(options).get("endpoint_url")
     if found is None:
         return None
     if not isinstance(found, str):

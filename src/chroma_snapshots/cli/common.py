@@ -122,6 +122,18 @@ def count_option(ctx: click.Context, param: click.Parameter, raw: object) -> int
     return parse_count(str(raw), f"--{param.name}".replace("_", "-"))
 
 
+DEMO_MOST_MB = 4096  # the demo builds its database on the local disk, then copies it twice
+
+
+def demo_size(ctx: click.Context, param: click.Parameter, raw: object) -> int:
+    """``demo --size-mb``: a count as ``--keep-last``'s, 1 to ``DEMO_MOST_MB`` (a digit
+    too many would fill the disk before anything is shown)."""
+    size = count_option(ctx, param, raw)
+    if not 1 <= size <= DEMO_MOST_MB:
+        raise ConfigError(f"--size-mb={raw!r} must be a whole number, 1 to {DEMO_MOST_MB}")
+    return size
+
+
 def cache_dir_option(ctx: click.Context, param: click.Parameter, raw: object) -> str | None:
     """``--cache-dir``: the environment's rule (config.check_cache_dir: an absolute path),
     and its ConfigError the same one line (exit 2) as the variable's."""

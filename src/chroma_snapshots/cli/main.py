@@ -19,10 +19,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from chroma_snapshots.cli.common import (
+    DEMO_MOST_MB,
     EXIT_CODES,
     cache_dir_option,
     click,
     config_of,
+    demo_size,
     describe_error,
     emit,
     human_bytes,
@@ -335,7 +337,13 @@ def _build() -> click.Group:
             raise click.exceptions.Exit(1)
 
     @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
-    @click.option("--size-mb", default=24, show_default=True, help="Approximate database size.")
+    @click.option(
+        "--size-mb",
+        default="24",
+        show_default=True,
+        callback=demo_size,
+        help=f"Approximate database size, 1 to {DEMO_MOST_MB}.",
+    )
     @json_opt
     def demo(size_mb: int, as_json: bool) -> None:
         from chroma_snapshots.cli.demo import run_demo
