@@ -12,8 +12,8 @@ else, as CPU s/GiB and percent; then the kernel functions that make up "other ke
 Each run waits COLD_PAUSE after the page cache is flushed and put in the same state, as
 compare.py's cold runs do (compare.settle; memory freed by the last run goes cold).
 
-With --s5cmd the same profile is taken of `s5cmd cp` fetching the same 64 MiB files (not
-with --chroma): the kernel's share of a client that does only what the kernel must.
+With --s5cmd the same profile is taken of `s5cmd cp` fetching the same files (uploaded raw
+beside the snapshot): the kernel's share of a client that does only what the kernel must.
 
 usage: python benchmarks/where_cpu_goes.py [--gib 3] [--runs 3] [--cpus 0] [--chroma]
            [--s5cmd] [--cold-pause 6] [--json out.json]
@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import boto3
 from _data import make_chroma_dir
 from _report import write_json
 from _s3rver import REGION, S3rver
@@ -73,8 +74,12 @@ def samples(report: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def stage_chroma(srv: S3rver, work: Path, gib: int) -> None:
-    """A chroma-shaped tree of GIB GiB published as snapshot "db" under ``snaps{gib}``."""
+    """A chroma-shaped tree of GIB GiB published as snapshot "db" under ``snaps{gib}``,
+    and uploaded raw under ``g{gib}/`` (what --s5cmd fetches)."""
     make_chroma_dir(work / "src", gib << 30)
+    s3 = boto3.client("s3", endpoint_url=srv.endpoint, region_name=REGION)
+    for path in sorted(p for p in (work / "src").rglob("*") if p.is_file()):
+        s3.upload_file(str(path), srv.bucket, f"g{gib}/{path.relative_to(work / 'src')}")
     settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
     store = RemoteStore(S3Backend(srv.bucket, f"snaps{gib}", settings=settings))
     store.publish("db", work / "src")
@@ -119,8 +124,6 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("perf"):
         raise SystemExit("perf is not installed (apt-get install linux-perf)")
-    if args.s5cmd and args.chroma:
-        raise SystemExit("--s5cmd fetches the raw 64 MiB files: not with --chroma")
     tools = args.tools.resolve()
     s5 = str(next((tools / "venv/lib").glob("python*/site-packages/s5cmd/bin/s5cmd")))
     rows: list[Row] = []
