@@ -181,7 +181,7 @@ def test_each_variable_applies_next_to_store(
     url = f"s3://{s3_bucket}/snaps"
     assert main(["--store", url, "ls"]) == 0
     (store,) = opened
-    assert _remote(store).label == url
+    assert _remote(store).label == f"{url} at {moto_server.endpoint_url}"
     assert _s3(store).client.meta.endpoint_url == moto_server.endpoint_url  # AWS_ENDPOINT_URL_S3
     assert check(store, str(tmp_path))
 
@@ -627,5 +627,5 @@ def test_demo_s_size_follows_the_counts_rule_and_is_bounded(
     """click's int read "1_0" as 10, and a digit too many would fill the disk."""
     assert main(["demo", "--size-mb", bad]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --size-mb={bad!r}"), err
+    assert err.startswith(f"error: --size-mb={bad!r} must be a whole number, 1 to 4096"), err
     assert err.count("\n") == 1, err

@@ -461,3 +461,41 @@ def test_s3a_and_s3_through_s3fs_are_one_store_to_a_fallback() -> None:
     a, b = (open_remote(StoreConfig(url=url, s3_endpoint_url=A)) for url in urls)
     with pytest.raises(InvalidInputError, match="twice"):
         FallbackStore([a, b])
+
+
+@pytest.mark.parametrize("url", ["s3://bkt/p", "fsspec+s3://bkt/p"])
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+def test_a_hand_built_config_is_keyed_by_the_environment_s_endpoint_it_connects_to(
+    monkeypatch: pytest.MonkeyPatch, url: str, variable: str
+) -> None:
+    # StoreConfig(url) names no endpoint, and botocore (through s3fs too) connected to the
+    # environment's while the cache was keyed without one: a stale or offline read served
+    # one server's bytes for another's
+    keys = set()
+    for at in (A, B):
+        monkeypatch.setenv(variable, at)
+        for offline in (False, True):
+            store = open_remote(StoreConfig(url=url, offline=offline))
+            assert store.label == f"{url} at {at}"
+            keys.add(store.identity)
+    assert len(keys) == 2
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")  # as botocore: none
+    assert open_remote(StoreConfig(url=url, offline=True)).label == url
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"endpoint_url": A, "client_kwargs": {"endpoint_url": B}},  # s3fs: "multiple values"
+        {"endpoint_url": ""},  # FSSPEC_S3_ENDPOINT_URL= : botocore's "Invalid endpoint"
+    ],
+)
+@pytest.mark.parametrize("offline", [False, True])
+def test_fsspec_s_settings_that_s3fs_cannot_use_are_config_errors(
+    monkeypatch: pytest.MonkeyPatch, conf: dict[str, object], offline: bool
+) -> None:
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    with pytest.raises(ConfigError, match="fsspec's S3"):
+        open_remote(StoreConfig(url="fsspec+s3://bkt/p", offline=offline))

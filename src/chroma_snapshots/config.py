@@ -323,6 +323,13 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     return value
 
 
+def environment_endpoint() -> str | None:
+    """The S3 endpoint botocore takes from this process's environment when a store's
+    configuration names none (a StoreConfig built by hand): the store is keyed and labelled
+    by the endpoint it connects to, not by the absence of one."""
+    return _endpoint(os.environ)
+
+
 def _endpoint(env: Mapping[str, str]) -> str | None:
     """The S3 endpoint botocore would take from the environment (its service variable, then
     the one for every service, unless told to ignore both), read here so that it keys the

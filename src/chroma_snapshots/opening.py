@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
-from chroma_snapshots.config import StoreConfig
+from chroma_snapshots.config import StoreConfig, environment_endpoint
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,7 +46,8 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     from chroma_snapshots.stores.remote import RemoteStore
 
     settings = S3Settings(
-        endpoint_url=cfg.s3_endpoint_url,
+        # botocore reads the environment's endpoint when none is given: key by it too
+        endpoint_url=cfg.s3_endpoint_url or environment_endpoint(),
         region=cfg.s3_region,
         profile=cfg.s3_profile,
         read_timeout=cfg.s3_timeout,

@@ -128,7 +128,13 @@ def s3fs_endpoint(options: dict[str, Any]) -> str | None:
     with more over them): ``endpoint_url`` before the one in ``client_kwargs``, as s3fs
     takes them; ConfigError unless it names a server (backends.endpoints: a path would
     be read as the bucket). Contacts nothing: an offline store's cache is keyed by it too."""
-    found = options.get("endpoint_url") or _client_kwargs(options).get("endpoint_url")
+    top, inner = options.get("endpoint_url"), _client_kwargs(options).get("endpoint_url")
+    if top is not None and inner is not None:  # s3fs would fail every request
+        raise ConfigError(
+            "fsspec's S3 settings name the endpoint twice (endpoint_url and in client_kwargs): "
+            "keep one"
+        )
+    found = inner if top is None else top
     if found is None:
         return None
     if not isinstance(found, str):

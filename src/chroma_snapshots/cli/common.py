@@ -128,7 +128,10 @@ DEMO_MOST_MB = 4096  # the demo builds its database on the local disk, then copi
 def demo_size(ctx: click.Context, param: click.Parameter, raw: object) -> int:
     """``demo --size-mb``: a count as ``--keep-last``'s, 1 to ``DEMO_MOST_MB`` (a digit
     too many would fill the disk before anything is shown)."""
-    size = count_option(ctx, param, raw)
+    try:
+        size = count_option(ctx, param, raw)
+    except ConfigError:
+        size = 0  # said below with this option's own range
     if not 1 <= size <= DEMO_MOST_MB:
         raise ConfigError(f"--size-mb={raw!r} must be a whole number, 1 to {DEMO_MOST_MB}")
     return size
