@@ -488,6 +488,8 @@ def test_a_hand_built_config_is_keyed_by_the_environment_s_endpoint_it_connects_
     [
         {"endpoint_url": A, "client_kwargs": {"endpoint_url": B}},  # s3fs: "multiple values"
         {"endpoint_url": ""},  # FSSPEC_S3_ENDPOINT_URL= : botocore's "Invalid endpoint"
+        {"endpoint_url": A, "client_kwargs": {"endpoint_url": None}},  # the key is enough
+        {"client_kwargs": "x"},  # s3fs dropped them and reached AWS
     ],
 )
 @pytest.mark.parametrize("offline", [False, True])
@@ -499,3 +501,29 @@ def test_fsspec_s_settings_that_s3fs_cannot_use_are_config_errors(
     monkeypatch.setitem(fsspec.config.conf, "s3", conf)
     with pytest.raises(ConfigError, match="fsspec's S3"):
         open_remote(StoreConfig(url="fsspec+s3://bkt/p", offline=offline))
+
+
+def test_a_hand_built_fsspec_backend_is_keyed_and_labelled_by_its_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # RemoteStore(open_backend("fsspec+s3://...", endpoint_url=...)) took "FsspecBackend(s3,
+    # 'bkt/p')" as its label and cache key whatever the server: a stale read served one
+    # server's bytes for another's (an S3Backend's already named its endpoint)
+    from chroma_snapshots.backends import open_backend
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    stores = {
+        at: RemoteStore(
+            open_backend("fsspec+s3://bkt/p", endpoint_url=at, skip_instance_cache=True)
+        )
+        for at in (A, B)
+    }
+    for at, store in stores.items():
+        assert f"endpoint_url={at!r}" in store.label
+    assert len({store.identity for store in stores.values()}) == 2
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", C)  # none given: botocore's, from the environment
+    fs = open_backend("fsspec+s3://bkt/p", skip_instance_cache=True)
+    assert f"endpoint_url={C!r}" in repr(fs)
+    aws = open_backend("fsspec+s3://bkt/p", endpoint_url="https://s3.eu-west-1.amazonaws.com")
+    assert "endpoint_url" not in repr(aws)  # AWS's own: one bucket name is on one of them

@@ -36,3 +36,10 @@ def check_endpoint(raw: str, what: str) -> None:
 
 
 _USERINFO = re.compile(r"//.*@", re.DOTALL)  # to the last "@": all of it may be secret
+
+
+def is_aws_endpoint(url: str) -> bool:
+    """Whether ``url`` is one of AWS's own S3 endpoints (left out of a store's label: the
+    same bucket name cannot be on two of them)."""
+    host = urlsplit(url).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))

@@ -25,6 +25,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.backends.endpoints import is_aws_endpoint
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -136,7 +137,21 @@ class FsspecBackend(Backend):
         return cls(fs, root)
 
     def __repr__(self) -> str:
-        return f"FsspecBackend({self._kind}, {self.root!r})"
+        # an S3 filesystem's endpoint too, as S3Backend's: a store's default label keys its
+        # cache, so the same bucket behind two servers is two caches (AWS's own left out)
+        url = self._endpoint() if self._kind == "s3" else None
+        at = f", endpoint_url={url!r}" if url and not is_aws_endpoint(url) else ""
+        return f"FsspecBackend({self._kind}, {self.root!r}{at})"
+
+    def _endpoint(self) -> str | None:
+        """The endpoint the s3fs filesystem sends its requests to: that of the client it
+        makes (from its settings, its ``client_kwargs``, the environment or a profile, as
+        botocore chooses). Making the client contacts nothing."""
+        try:
+            self.fs.connect()
+            return str(self.fs.s3.meta.endpoint_url)
+        except Exception as e:  # its settings are the caller's: say so, not a traceback
+            raise ConfigError(f"the s3fs filesystem could not make its client: {e!r}") from e
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}"

@@ -128,8 +128,9 @@ def s3fs_endpoint(options: dict[str, Any]) -> str | None:
     with more over them): ``endpoint_url`` before the one in ``client_kwargs``, as s3fs
     takes them; ConfigError unless it names a server (backends.endpoints: a path would
     be read as the bucket). Contacts nothing: an offline store's cache is keyed by it too."""
-    top, inner = options.get("endpoint_url"), _client_kwargs(options).get("endpoint_url")
-    if top is not None and inner is not None:  # s3fs would fail every request
+    top, kwargs = options.get("endpoint_url"), _client_kwargs(options)
+    inner = kwargs.get("endpoint_url")
+    if top is not None and "endpoint_url" in kwargs:  # s3fs would fail every request
         raise ConfigError(
             "fsspec's S3 settings name the endpoint twice (endpoint_url and in client_kwargs): "
             "keep one"
@@ -159,8 +160,14 @@ def _s3fs_config() -> dict[str, Any]:
 
 
 def _client_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``client_kwargs`` s3fs is given; ConfigError if they are no mapping (s3fs
+    would drop them and reach AWS)."""
     found = options.get("client_kwargs")
-    return found if isinstance(found, dict) else {}
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise ConfigError(f"fsspec's S3 client_kwargs {shown(found)} must be a mapping")
+    return found
 
 
 # What the [fsspec] extra installs; any other missing module is a filesystem of its own.

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 from chroma_snapshots.backends.base import (
     Backend,
@@ -27,6 +26,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
+from chroma_snapshots.backends.endpoints import is_aws_endpoint
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3client import S3Settings, make_client
 from chroma_snapshots.backends.s3errors import (
@@ -61,11 +61,6 @@ T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
 
 
-def _is_aws(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
-
-
 def _etag(value: Any) -> str:
     return str(value or "").strip('"')
 
@@ -91,7 +86,7 @@ class S3Backend(Backend):
         # bucket behind two servers is two caches, wherever the endpoint came from
         # (settings, AWS_ENDPOINT_URL, a profile's endpoint_url); AWS's own is left out
         url = self.settings.endpoint_url or self.client.meta.endpoint_url
-        own = not self.settings.endpoint_url and _is_aws(url)
+        own = not self.settings.endpoint_url and is_aws_endpoint(url)
         at = "" if own else f", endpoint_url={url!r}"
         return f"S3Backend('s3://{self.bucket}/{self.prefix}'{at})"
 
