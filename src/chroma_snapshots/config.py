@@ -251,11 +251,12 @@ def parse_age(raw: str, what: str, *, other: str = "") -> float:
     return value
 
 
-def parse_count(raw: str, what: str) -> int:
-    """``raw`` as a count: ConfigError naming ``what`` unless at most nine ASCII digits."""
+def parse_count(raw: str, what: str, *, least: int = 0, most: int = 999_999_999) -> int:
+    """``raw`` as a count: ConfigError naming ``what`` unless ASCII digits of a number in
+    [least, most] (at most nine digits)."""
     value = _whole(raw, 9)
-    if value is None:
-        raise ConfigError(f"{what}={shown(raw)} must be a whole number, 0 to 999999999")
+    if value is None or not least <= value <= most:
+        raise ConfigError(f"{what}={shown(raw)} must be a whole number, {least} to {most}")
     return value
 
 

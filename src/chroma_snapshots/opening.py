@@ -112,10 +112,13 @@ def _label(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
+_THROUGH_S3FS = ("fsspec+s3", "fsspec+s3a")  # s3fs reads both schemes alike
+
+
 def _s3fs_options(label: str, settings: S3Settings) -> dict[str, Any]:
     """What s3fs is given for a store reached through it (backends.registry_factories), else
     nothing."""
-    if label.split("://", 1)[0] not in ("fsspec+s3", "fsspec+s3a"):
+    if label.split("://", 1)[0] not in _THROUGH_S3FS:
         return {}
     from chroma_snapshots.backends.registry_factories import s3fs_options
 
@@ -139,7 +142,7 @@ def _same_store(label: str) -> str:
     """``label`` as the cache keys it: s3fs reads ``s3a://`` as ``s3://``, and a slash at
     the end of its path names the same folder."""
     scheme, _, rest = label.partition("://")
-    if scheme in ("fsspec+s3", "fsspec+s3a"):
+    if scheme in _THROUGH_S3FS:
         return f"fsspec+s3://{rest.rstrip('/')}"
     return label
 

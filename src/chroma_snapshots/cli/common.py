@@ -128,13 +128,9 @@ DEMO_MOST_MB = 4096  # the demo builds its database on the local disk, then copi
 def demo_size(ctx: click.Context, param: click.Parameter, raw: object) -> int:
     """``demo --size-mb``: a count as ``--keep-last``'s, 1 to ``DEMO_MOST_MB`` (a digit
     too many would fill the disk before anything is shown)."""
-    try:
-        size = count_option(ctx, param, raw)
-    except ConfigError:
-        size = 0  # said below with this option's own range
-    if not 1 <= size <= DEMO_MOST_MB:
-        raise ConfigError(f"--size-mb={raw!r} must be a whole number, 1 to {DEMO_MOST_MB}")
-    return size
+    from chroma_snapshots.config import parse_count
+
+    return parse_count(str(raw), "--size-mb", least=1, most=DEMO_MOST_MB)
 
 
 def cache_dir_option(ctx: click.Context, param: click.Parameter, raw: object) -> str | None:
