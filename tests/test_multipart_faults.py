@@ -86,3 +86,28 @@ def test_a_fault_at_any_request_of_a_multipart_upload(
     clean.close()
     name = f"multipart-{step[0].split()[0]}{step[1]}-{kind}-{attempts}"
     record(name, {"publish failed": failed, "seconds": round(took, 3), "left": len(uploads)})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_abort_that_fails_once_is_sent_again_whatever_the_clients_retries(
+    moto_server: MotoServer, tmp_path: Path, kind: str
+) -> None:
+    """A part fails, then the abort itself does (once): the upload is still aborted, though
+    the client is set to try each request once. (A lost abort left the upload's parts
+    billed until a lifecycle rule removed them; seen under load with a 1 s timeout.)"""
+    bucket = moto_server.create_bucket()
+    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(2 * PART + 1)})
+    plan = ScheduledFaults(
+        {("PUT multipart", 0): "503", ("DELETE multipart", 0): kind}, stall_seconds=3.0
+    )
+    config = Config(connect_timeout=1, read_timeout=1, retries={"total_max_attempts": 1})
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        faulty = _store(moto_server, bucket, proxy.url, config=config)
+        with pytest.raises(SnapshotError):
+            faulty.publish("db", src, deadline=DEADLINE)
+        faulty.close()
+    assert plan.counts[("DELETE multipart", kind)] == 1  # the abort met its fault
+    uploads = moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert uploads == []
+    if kind not in ("truncate", "stall"):  # a 204 cut or stalled after its head is whole
+        assert plan.counts[("DELETE multipart", "ok")] >= 1  # the abort was sent again

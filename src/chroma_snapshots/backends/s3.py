@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from botocore.exceptions import ClientError
+
 from chroma_snapshots.backends.base import (
     Backend,
     GetResult,
@@ -33,6 +35,7 @@ from chroma_snapshots.backends.s3errors import (
     BODY_ERRORS,
     S3_ERRORS,
     check_range,
+    error_code,
     field,
     wrap_error,
 )
@@ -44,7 +47,7 @@ from chroma_snapshots.engine.deadline import (
     wait_all,
     within,
 )
-from chroma_snapshots.engine.retry import IMMEDIATE
+from chroma_snapshots.engine.retry import IMMEDIATE, RetryPolicy
 from chroma_snapshots.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _PART_WORKERS = 8  # parts of one object in flight at once
+_ABORT_RETRY = RetryPolicy(attempts=4, base=0.1, cap=1.0)
 
 
 def _etag(value: Any) -> str:
@@ -273,12 +277,22 @@ class S3Backend(Backend):
         sent (under a budget of its own: requests of an expired call are not sent, see
         stop_at_deadline; an abort writes nothing), from a thread nobody waits for. Its own
         failure must not hide the error that made us abort."""
-        abort = partial(
-            self.client.abort_multipart_upload, Bucket=self.bucket, Key=full, UploadId=upload_id
-        )
         own = Deadline(self._worst_request())
+
+        def abort(_attempt: int) -> None:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            except ClientError as e:
+                if error_code(e) != "NoSuchUpload":  # else an attempt we did not hear did it
+                    raise
+
+        def attempts() -> None:
+            # tried again whatever the client's retry setting: an abort writes nothing,
+            # and one lost to a slow answer leaves the parts billed
+            _ABORT_RETRY.call(abort, retry_on=S3_ERRORS, within=own.remaining())
+
         with contextlib.suppress(*S3_ERRORS, StorageTimeoutError):
-            run_within(dl, f"abort the upload of {full}", lambda: within(own, abort))
+            run_within(dl, f"abort the upload of {full}", lambda: within(own, attempts))
 
     def head(self, key: str) -> ObjectMeta:
         try:

@@ -55,11 +55,16 @@ NO_CREDENTIALS = (
 )
 
 
+def error_code(err: ClientError) -> str:
+    """S3's code for the error (``NoSuchUpload``, ``SlowDown``, ...), or ''."""
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
 def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
     """The documented error for what botocore raised during ``op`` on ``key``."""
     what = f"{op} {key}" if key else f"{op} (the store's root)"
     if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
+        code = error_code(err)
         status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _CONFLICT_CODES or status in _CONFLICT_CODES:
             return ConflictError(f"{what}: precondition failed ({code or status})")
