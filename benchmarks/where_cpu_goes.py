@@ -13,7 +13,9 @@ Each run waits COLD_PAUSE after the page cache is flushed and put in the same st
 compare.py's cold runs do (compare.settle; memory freed by the last run goes cold).
 
 With --s5cmd the same profile is taken of `s5cmd cp` fetching the same files (uploaded raw
-beside the snapshot): the kernel's share of a client that does only what the kernel must.
+beside the snapshot), alternating with the checkout's runs (checkout, s5cmd, checkout, ...)
+so that both meet the same memory states: the kernel's share of a client that does only
+what the kernel must, side by side.
 
 usage: python benchmarks/where_cpu_goes.py [--gib 3] [--runs 3] [--cpus 0] [--chroma]
            [--s5cmd] [--cold-pause 6] [--json out.json]
@@ -118,7 +120,7 @@ def main() -> None:
     ap.add_argument("--cpus", help="pin the checkout (taskset -c), e.g. 0")
     ap.add_argument("--chroma", action="store_true", help="a chroma-shaped tree, not raw files")
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
-    ap.add_argument("--s5cmd", action="store_true", help="profile s5cmd cp instead")
+    ap.add_argument("--s5cmd", action="store_true", help="profile s5cmd cp too, alternating")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -132,15 +134,22 @@ def main() -> None:
         with S3rver(tools, work / "s3data") as srv:
             os.environ.update(srv.env)
             (stage_chroma if args.chroma else _stage)(srv, work, args.gib)
-            rows = [
-                profile(srv, work, args.gib, args.cpus, args.cold_pause, s5 if args.s5cmd else "")
-                for _ in range(args.runs)
-            ]
+            tools_run = ["", s5] if args.s5cmd else [""]
+            for _ in range(args.runs):
+                for tool in tools_run:
+                    row = profile(srv, work, args.gib, args.cpus, args.cold_pause, tool)
+                    rows.append(row | {"client": "s5cmd cp" if tool else "the checkout"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shape = "a chroma-shaped tree" if args.chroma else "64 MiB random files"
-    who = "s5cmd cp" if args.s5cmd else "the checkout"
-    print(f"CPU s/GiB of {who} by layer (percent), {args.gib} GiB of {shape}")
+    for who in dict.fromkeys(r["client"] for r in rows):
+        print(f"CPU s/GiB of {who} by layer (percent), {args.gib} GiB of {shape}")
+        table([r for r in rows if r["client"] == who])
+    write_json(args.json, rows)
+
+
+def table(rows: list[Row]) -> None:
+    """One client's runs: its layers, then the largest kernel functions of "other"."""
     print(f"{'layer':<26}" + "".join(f"{'run ' + str(i + 1):>16}" for i in range(len(rows))))
     print(f"{'all':<26}" + "".join(f"{r['cpu_s_per_gib']:>16.2f}" for r in rows))
     for label in rows[0]["layers_cpu_s_per_gib"]:
@@ -154,7 +163,6 @@ def main() -> None:
     med = {s: statistics.median(r["kernel_cpu_s_per_gib"].get(s, 0.0) for r in rows) for s in syms}
     for sym in sorted(med, key=med.__getitem__, reverse=True)[:12]:
         print(f"  {sym:<40} {med[sym]:.3f}")
-    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

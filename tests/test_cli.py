@@ -117,6 +117,9 @@ def test_doctor_on_a_healthy_s3_store(
     found = {f["check"]: f for f in json.loads(out.stdout)}
     for step in ("list", "write", "read", "delete"):
         assert found[f"s3://{s3_bucket}/snaps: {step}"]["status"] == "ok"
+    # the checks keep the URL as their name; the list says which server it reached
+    reached = f"s3://{s3_bucket}/snaps at {moto_server.endpoint_url}: "
+    assert found[f"s3://{s3_bucket}/snaps: list"]["detail"].startswith(reached)
     assert found["cache: contents"]["status"] == "ok"
     assert not list(moto_server.client().list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     bad = _cli("doctor", env={**env, "CHROMA_SNAPSHOTS_URL": "s3://no-such-bucket-here/x"})

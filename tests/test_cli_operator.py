@@ -669,3 +669,30 @@ def test_expected_takes_a_version_prefix_and_a_dry_run_checks_it_as_the_publish_
     code, _, err = run("--store", str(tmp_path / "new"), "publish", "bad/name", str(src))
     assert code == 2, err
     assert not (tmp_path / "new").exists()  # refused before the store's folder was made
+
+
+def test_every_option_names_what_it_takes() -> None:
+    """Every option's --help names what it takes (seconds, a count, a version, a profile),
+    not click's TEXT, but the message, which is text: options read as text and parsed by
+    the CLI itself (`--keep-last TEXT`, `demo --size-mb TEXT`) said TEXT."""
+    import click
+
+    from chroma_snapshots.cli.main import _build
+
+    def commands(group: click.Group, path: str) -> list[tuple[str, click.Command]]:
+        found: list[tuple[str, click.Command]] = []
+        for name, cmd in group.commands.items():
+            found.append((f"{path} {name}".strip(), cmd))
+            if isinstance(cmd, click.Group):
+                found += commands(cmd, f"{path} {name}")
+        return found
+
+    cli = _build()
+    shown_as_text = []
+    for path, cmd in [("", cli), *commands(cli, "")]:
+        ctx = click.Context(cmd, info_name=path or "chroma-snapshots")
+        for param in cmd.params:
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record and " TEXT" in record[0] and param.name != "message":
+                shown_as_text.append(f"{path}: {record[0]}")
+    assert shown_as_text == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chroma_snapshots import (
+    BackendUnavailableError,
     CachedStore,
     ConfigError,
     RemoteStore,
@@ -135,6 +137,15 @@ def test_chroma_root_with_white_space_at_an_end_is_refused(value: str) -> None:
         (
             {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/bkt"},
             "AWS_ENDPOINT_URL_S3",
+        ),
+        # white space at an end, as --endpoint-url refuses it (it was stripped unseen)
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/ "},
+            "AWS_ENDPOINT_URL_S3",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL": " http://h:9000"},
+            "AWS_ENDPOINT_URL",
         ),
         # past what a signed 64-bit count holds, and past what int() reads at all
         (
@@ -417,6 +428,10 @@ def test_one_bucket_on_two_servers_has_two_labels_naming_the_server() -> None:
         assert (a, b) == (f"{url} at {A}", f"{url} at {B}")
     offline = open_remote(StoreConfig(url="s3://bkt/p/", s3_endpoint_url=A + "/", offline=True))
     assert offline.label == f"s3://bkt/p at {A}"
+    # and its refusal says which server is not contacted (it named the bucket alone)
+    refused = re.escape(f"s3://bkt/p at {A} is not contacted")
+    with pytest.raises(BackendUnavailableError, match=refused):
+        offline.resolve("db")
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

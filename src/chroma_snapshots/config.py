@@ -340,8 +340,8 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
     if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
         return None
     for var in (ENV_ENDPOINT, "AWS_ENDPOINT_URL"):
-        raw = env.get(var, "").strip()
-        if raw:
+        raw = env.get(var, "")
+        if raw.strip():  # checked as given, as --endpoint-url is: "http://h:1/ " has a path
             check_endpoint(raw, f"{var}=")
             return raw
     return None

@@ -58,8 +58,15 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     label = _label(url)
     # s3fs's settings, read once: the store connects to the endpoint its cache is keyed by
     s3fs = _s3fs_options(label, settings)
+    # ... and the endpoint: the same bucket behind two endpoints is two stores, and their
+    # labels (messages, snap.source, offline refusals) say which is which
+    endpoint = _endpoint(label, settings, s3fs)
+    identity = _same_store(label)
+    if endpoint:
+        identity = f"{identity}\0{_endpoint_label(endpoint)}"
+        label = f"{label} at {_endpoint_label(endpoint)}"
     if cfg.offline:
-        backend = _offline(url)
+        backend = _offline(url, label)
     else:
         backend = open_backend(
             url,
@@ -70,13 +77,6 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
             **s3fs,
         )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
-    # ... and the endpoint: the same bucket behind two endpoints is two stores, and their
-    # labels (messages, snap.source) say which is which
-    endpoint = _endpoint(label, settings, s3fs)
-    identity = _same_store(label)
-    if endpoint:
-        identity = f"{identity}\0{_endpoint_label(endpoint)}"
-        label = f"{label} at {_endpoint_label(endpoint)}"
     if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
         from chroma_snapshots.backends.file import local_place
         from chroma_snapshots.backends.registry_factories import local_path
@@ -153,12 +153,13 @@ def _endpoint_label(endpoint: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
-def _offline(url: str) -> Backend:
-    """The stand-in for a store that is not contacted (``offline``)."""
+def _offline(url: str, label: str) -> Backend:
+    """The stand-in for the store at ``url`` that is not contacted (``offline``); its
+    refusals name it by ``label`` (with the endpoint)."""
     from chroma_snapshots.backends.offline import OfflineBackend
 
     check_store_url(url)
-    return OfflineBackend(url)
+    return OfflineBackend(label)
 
 
 def source_for(cfg: StoreConfig, *, create: bool = True) -> SourceStore:

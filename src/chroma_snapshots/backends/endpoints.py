@@ -21,6 +21,8 @@ def check_endpoint(raw: str, what: str) -> None:
             f"{what}{safe} has a user or password: an endpoint names a server; credentials "
             "come from the AWS environment (AWS_ACCESS_KEY_ID, a profile or a role)"
         )
+    if raw != raw.strip():  # urlsplit strips some of it and reads the rest as a path
+        raise ConfigError(f"{what}{safe} has white space at an end")
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing it raises for a port out of range

@@ -18,7 +18,8 @@ OFFLINE_VARIABLE = "CHROMA_SNAPSHOTS_OFFLINE"
 
 
 class OfflineBackend(Backend):
-    """Stands in for the store at ``url``; refuses every call."""
+    """Stands in for the store ``url`` names (its label: with the endpoint where one keys
+    it); refuses every call."""
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -182,11 +182,19 @@ def register(cli: click.Group) -> None:
         help="Delete old unreferenced versions and unused packs (a dry run unless --apply)."
     )
     @click.argument("name")
-    @click.option("--keep-last", default="10", show_default=True, callback=count_option)
+    @click.option(
+        "--keep-last",
+        default="10",
+        show_default=True,
+        metavar="N",
+        callback=count_option,
+        help="Versions to keep per name.",
+    )
     @click.option(
         "--min-age",
         default="3600",
         show_default=True,
+        metavar="SECONDS",
         callback=age_option,
         help="Grace period in seconds.",
     )

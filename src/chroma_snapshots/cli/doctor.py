@@ -74,7 +74,10 @@ def probe_store(cfg: StoreConfig, url: str, *, budget: float = 10.0) -> list[Fin
 
     def listing() -> str:
         names.extend(n for n in io().list_dirs("") if n != PROBE_DIR)
-        return f"{len(names)} snapshot names" + (f": {', '.join(names[:5])}" if names else "")
+        # the label says which server (s3://b/p at http://host:9000); the checks' names stay
+        # the URL, as scripts key them
+        shown = f": {', '.join(names[:5])}" if names else ""
+        return f"{store.label}: {len(names)} snapshot names{shown}"
 
     listed = _timed(f"{url}: list", listing)
     found = [listed]

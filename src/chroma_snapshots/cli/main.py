@@ -89,9 +89,17 @@ def _build() -> click.Group:
         metavar="URL",
         help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, else AWS).",
     )
-    @click.option("--profile", default=None, help="AWS profile from ~/.aws (default: AWS_PROFILE).")
     @click.option(
-        "--region", default=None, help="AWS region (default: AWS_REGION or the profile's)."
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="AWS profile from ~/.aws (default: AWS_PROFILE).",
+    )
+    @click.option(
+        "--region",
+        default=None,
+        metavar="REGION",
+        help="AWS region (default: AWS_REGION or the profile's).",
     )
     @click.option(
         "--stale-ok",
@@ -125,6 +133,7 @@ def _build() -> click.Group:
     @click.option(
         "--expected",
         default=None,
+        metavar="VERSION",
         help="Version the publish is based on; 'none' if the "
         "name must be new; 'any' to overwrite unconditionally. Default: current latest.",
     )
@@ -318,6 +327,7 @@ def _build() -> click.Group:
         "--budget",
         default="10",
         type=str,  # the callback parses: nan and inf are refused as the variables' are
+        metavar="SECONDS",
         callback=seconds_option,
         show_default=True,
         help="Seconds allowed per check.",
@@ -341,6 +351,7 @@ def _build() -> click.Group:
         "--size-mb",
         default="24",
         show_default=True,
+        metavar="MB",
         callback=demo_size,
         help=f"Approximate database size, 1 to {DEMO_MOST_MB}.",
     )
