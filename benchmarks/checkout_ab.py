@@ -6,6 +6,7 @@ page cache in the same state (compare.settle) and memory left to go cold before 
 ``write_kib`` (engine/placer.WRITE_BYTES, KiB), ``start_streams`` (how many reads
 engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before),
 ``drop_behind`` (``0,1``: CHROMA_SNAPSHOTS_DROP_BEHIND, engine/dropbehind.py),
+``drop_step_mib`` (with drop-behind on: engine/dropbehind.STEP, MiB),
 ``placing`` (engine/placer.placing_threads: how many threads verify and place at once),
 ``workers`` (RemoteStore's ``workers``: the most reads at once) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
@@ -67,6 +68,10 @@ SETTINGS = {
         "import chroma_snapshots.engine.ramp as m\nm.Ramp.__init__.__kwdefaults__['start'] = {}\n"
     ),
     "drop_behind": "import os\nos.environ['CHROMA_SNAPSHOTS_DROP_BEHIND'] = '{}'\n",
+    "drop_step_mib": (  # with drop-behind on: bytes written to a file between two drops
+        "import os\nos.environ['CHROMA_SNAPSHOTS_DROP_BEHIND'] = '1'\n"
+        "import chroma_snapshots.engine.dropbehind as m\nm.STEP = {} << 20\n"
+    ),
     "placing": "import chroma_snapshots.engine.placer as m\nm.placing_threads = lambda: {}\n",
     "workers": (
         "import chroma_snapshots.stores.remote as m\n"

@@ -22,7 +22,13 @@ import os
 import threading
 from collections import Counter, deque
 
-STEP = 32 << 20  # bytes written to a file between two calls (two STEPs stay cached a file)
+# Bytes written to a file between two calls (two STEPs stay cached a file). Small enough
+# that the pages freed are filled again soon, before the VM hands them back to its host:
+# 8 MiB against 32 on a cold 3 GiB checkout, 4 ABBA pairs, system -0.91 s and wall -1.89
+# (median, lower in 3 of 4), and a reader of every file after it -0.73 CPU s (4 of 4);
+# writing alone, 0.58-0.65 system s/GiB against 0.56-1.04 (benchmarks/page_cost.py; in
+# an earlier ad hoc run of the same writes 0.51-0.61 against 1.56-2.07). RESULTS.md.
+STEP = 8 << 20
 KEEP = 4  # finished files held open for their last call: descriptors, so a few
 SMALLEST = 1 << 20  # smaller files are left to the kernel: a call each costs more than it saves
 
