@@ -417,3 +417,40 @@ def test_a_malformed_fsspec_config_file_is_a_configuration_error(
     assert "fsspec's configuration" in out.stderr
     assert "Traceback" not in out.stderr
     assert "a bug" not in out.stderr
+
+
+@pytest.mark.parametrize("scheme", ["s3", "fsspec+s3"])
+def test_a_profile_s_endpoint_in_the_aws_config_file_keys_the_cache(
+    moto_server: MotoServer, tmp_path: Path, scheme: str
+) -> None:
+    """A profile's endpoint_url in the AWS config file sends the store to its server
+    (botocore reads it). Two profiles name two servers holding a bucket of one name with
+    different data: the second, offline, is never served the first's from the cache (it
+    was: the cache was keyed without the endpoint, and the label named none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ENDPOINT", "FSSPEC"))}
+    env.pop("AWS_PROFILE", None)
+    bucket = moto_server.create_bucket()
+    store = ["--store", f"{scheme}://{bucket}/p", "--cache-dir", str(tmp_path / "cache")]
+    with MotoServer() as other:
+        other.create_bucket(bucket)
+        servers = {"a": moto_server.endpoint_url, "b": other.endpoint_url}
+        config = tmp_path / "aws-config"
+        keys = "aws_access_key_id = testing\naws_secret_access_key = testing\n"  # a profile's own
+        config.write_text(
+            "".join(f"[profile {n}]\nendpoint_url = {at}\n{keys}" for n, at in servers.items())
+        )
+        env["AWS_CONFIG_FILE"] = str(config)
+        for name in servers:
+            src = write_tree(tmp_path / f"src-{name}", {"who.txt": name.encode() * 9})
+            out = _cli(*store, "--profile", name, "publish", "db", str(src), env=env)
+            assert out.returncode == 0, out.stderr
+        a = _cli(*store, "--profile", "a", "checkout", "db", "--dest", str(tmp_path / "a"), env=env)
+        assert a.returncode == 0, a.stderr
+        b = ["--profile", "b", "checkout", "db", "--dest", str(tmp_path / "b")]
+        offline = _cli(*store, "--offline", *b, env=env)
+        assert offline.returncode == 7, offline.stderr  # not in b's cache: nothing served
+        assert f"at {servers['b']}" in offline.stderr  # and the refusal says which server
+        assert not (tmp_path / "b").exists()
+        assert _cli(*store, *b, env=env).returncode == 0
+    assert read_tree(tmp_path / "a") == {"who.txt": b"a" * 9}
+    assert read_tree(tmp_path / "b") == {"who.txt": b"b" * 9}

@@ -58,9 +58,10 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     label = _label(url)
     # s3fs's settings, read once: the store connects to the endpoint its cache is keyed by
     s3fs = _s3fs_options(label, settings)
+    s3 = _s3_client(label, settings)
     # ... and the endpoint: the same bucket behind two endpoints is two stores, and their
     # labels (messages, snap.source, offline refusals) say which is which
-    endpoint = _endpoint(label, settings, s3fs)
+    endpoint = _endpoint(label, settings, s3fs, s3)
     identity = _same_store(label)
     if endpoint:
         identity = f"{identity}\0{_endpoint_label(endpoint)}"
@@ -75,6 +76,7 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
             create=create,
             unsafe_no_cas=cfg.unsafe_no_cas,
             **s3fs,
+            **s3,
         )
     signer = Signer.from_spec(cfg.signing_keys) if cfg.signing_keys else None
     if "://" not in url or url.split("://", 1)[0].lower() in ("file", "efs"):
@@ -120,22 +122,52 @@ def _s3fs_options(label: str, settings: S3Settings) -> dict[str, Any]:
     nothing."""
     if label.split("://", 1)[0] not in _THROUGH_S3FS:
         return {}
-    from chroma_snapshots.backends.registry_factories import s3fs_options
+    from chroma_snapshots.backends.registry_factories import s3fs_endpoint, s3fs_options
 
-    return s3fs_options(settings)
+    options = s3fs_options(settings)
+    if s3fs_endpoint(options) is None:  # s3fs's botocore would settle on it: name it
+        options["endpoint_url"] = _configured_endpoint(settings, None)
+    return options
 
 
-def _endpoint(label: str, settings: S3Settings, s3fs: dict[str, Any]) -> str | None:
-    """The endpoint a store at ``label`` reaches as far as it is known without contacting
-    it: the setting (--endpoint-url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) for S3, and
-    for a store through s3fs what its options (with fsspec's configuration) name."""
-    if label.startswith("s3://"):
-        return settings.endpoint_url
+def _s3_client(label: str, settings: S3Settings) -> dict[str, Any]:
+    """For a store at an ``s3://`` label, its botocore client (made here; it contacts
+    nothing), so the endpoint that keys the store is the one the client settled on; else
+    nothing."""
+    if not label.startswith("s3://"):
+        return {}
+    from chroma_snapshots.backends.s3client import make_client
+
+    return {"client": make_client(settings)}
+
+
+def _endpoint(
+    label: str, settings: S3Settings, s3fs: dict[str, Any], s3: dict[str, Any]
+) -> str | None:
+    """The endpoint a store at ``label`` reaches, known without contacting it: for S3 the
+    setting (--endpoint-url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL), else where botocore
+    settled from the AWS configuration (a profile's ``endpoint_url``, a ``[services]``
+    section; ``ignore_configured_endpoint_urls`` honoured), AWS's own endpoint naming
+    nothing; for a store through s3fs what its options (with fsspec's settings) name."""
+    if s3:
+        return settings.endpoint_url or _configured_endpoint(settings, s3["client"])
     if s3fs:
         from chroma_snapshots.backends.registry_factories import s3fs_endpoint
 
         return s3fs_endpoint(s3fs)
     return None
+
+
+def _configured_endpoint(settings: S3Settings, client: Any) -> str | None:
+    """Where botocore (``client``, or one made here: it contacts nothing) settles with no
+    endpoint given: a profile's ``endpoint_url`` or a ``[services]`` section of the AWS
+    configuration, ``ignore_configured_endpoint_urls`` honoured. AWS's own names none:
+    one bucket name is one bucket there."""
+    from chroma_snapshots.backends.endpoints import is_aws_endpoint
+    from chroma_snapshots.backends.s3client import make_client
+
+    reached = str((client or make_client(settings)).meta.endpoint_url)
+    return None if is_aws_endpoint(reached) else reached
 
 
 def _same_store(label: str) -> str:
