@@ -255,8 +255,14 @@ def test_plain_paths_and_missing_stores(tmp_path: Path, monkeypatch: pytest.Monk
             ["http://127.0.0.1:9000", "http://127.0.0.1:9000/", "HTTP://127.0.0.1:9000"],
         ),
         (["file://{tmp}/store", "file://{tmp}/store/", "file://{tmp}//store"], [None]),
-        (  # s3fs reads s3a:// as s3://, and its root without a slash at the end
-            ["fsspec+s3://bkt/snaps", "fsspec+s3://bkt/snaps/", "fsspec+s3a://bkt/snaps"],
+        (  # s3fs reads s3a:// as s3://, its root without a slash at the end, and the
+            # objects an s3:// store of the bucket and prefix names
+            [
+                "fsspec+s3://bkt/snaps",
+                "fsspec+s3://bkt/snaps/",
+                "fsspec+s3a://bkt/snaps",
+                "s3://bkt/snaps",
+            ],
             ["http://127.0.0.1:9000", "http://127.0.0.1:9000/"],
         ),
     ],
@@ -464,18 +470,35 @@ def test_fsspec_s_settings_changed_while_a_store_opens_cannot_split_its_key_from
     assert isinstance(inner, FsspecBackend)
     inner.fs.connect()  # makes the client it would send requests with (contacts nothing)
     assert inner.fs.s3.meta.endpoint_url == A
-    assert store.identity == f"fsspec+s3://bkt/p\0{A}"
+    assert store.identity == f"s3://bkt/p\0{A}"  # the objects an s3:// store names
     assert store.label == f"fsspec+s3://bkt/p at {A}"
 
 
-def test_s3a_and_s3_through_s3fs_are_one_store_to_a_fallback() -> None:
-    # s3fs reads both alike: a fallback from one to the other falls back to itself
+def test_one_bucket_through_s3fs_and_botocore_is_one_store_to_a_fallback() -> None:
+    # s3fs reads s3a:// as s3://, and both name the objects an s3:// store names: a
+    # fallback from one to the other falls back to itself
     from chroma_snapshots import FallbackStore, InvalidInputError
 
-    urls = ("fsspec+s3://bkt/p", "fsspec+s3a://bkt/p/")
-    a, b = (open_remote(StoreConfig(url=url, s3_endpoint_url=A)) for url in urls)
-    with pytest.raises(InvalidInputError, match="twice"):
-        FallbackStore([a, b])
+    for urls in (
+        ("fsspec+s3://bkt/p", "fsspec+s3a://bkt/p/"),
+        ("s3://bkt/p", "fsspec+s3://bkt/p"),  # the same objects through botocore and s3fs
+        ("s3://bkt", "fsspec+s3a://bkt/"),
+    ):
+        a, b = (open_remote(StoreConfig(url=url, s3_endpoint_url=A)) for url in urls)
+        with pytest.raises(InvalidInputError, match="twice"):
+            FallbackStore([a, b])
+    # s3fs keeps an empty segment that an s3:// URL drops: b//p is two storages there
+    a, b = (
+        open_remote(StoreConfig(url=url, s3_endpoint_url=A))
+        for url in ("s3://bkt//p", "fsspec+s3://bkt//p")
+    )
+    assert len(FallbackStore([a, b]).stores) == 2
+    # and one server's bucket is not another's
+    a, b = (
+        open_remote(StoreConfig(url=url, s3_endpoint_url=at))
+        for url, at in (("s3://bkt/p", A), ("fsspec+s3://bkt/p", B))
+    )
+    assert len(FallbackStore([a, b]).stores) == 2
 
 
 @pytest.mark.parametrize("url", ["s3://bkt/p", "fsspec+s3://bkt/p"])

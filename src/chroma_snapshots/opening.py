@@ -172,10 +172,14 @@ def _configured_endpoint(settings: S3Settings, client: Any) -> str | None:
 
 def _same_store(label: str) -> str:
     """``label`` as the cache keys it: s3fs reads ``s3a://`` as ``s3://``, and a slash at
-    the end of its path names the same folder."""
+    the end of its path names the same folder. A path with no empty segment names the
+    objects an ``s3://`` store of the same spelling names (bucket, then the keys): one
+    storage, one key. Not ``b//p``: s3fs keeps the empty segment, an ``s3://`` label drops
+    it (``_label``)."""
     scheme, _, rest = label.partition("://")
     if scheme in _THROUGH_S3FS:
-        return f"fsspec+s3://{rest.rstrip('/')}"
+        rest = rest.rstrip("/")
+        return f"s3://{rest}" if "//" not in rest and not rest.startswith("/") else label
     return label
 
 
