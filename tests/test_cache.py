@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from chroma_snapshots import (
     CacheFullError,
     RemoteStore,
     StorageTimeoutError,
+    StoreConfig,
+    open_store,
 )
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.testing import MotoServer
@@ -229,6 +232,49 @@ def test_stale_ok_serves_cache_when_store_is_unreachable(
     strict = CachedStore(down, tmp_path / "cache")
     with pytest.raises((BackendUnavailableError, StorageTimeoutError)):
         strict.checkout("db", deadline=5)
+
+
+@pytest.mark.parametrize("call", ["publish", "set_ref"])
+def test_a_move_that_failed_before_it_was_sent_keeps_the_stale_answer(
+    proxy: CountingProxy, s3_bucket: str, tmp_path: Path, call: str
+) -> None:
+    """A publish or ref move refused at its first request (the store down) made the cache
+    forget what latest named, so the stale reads stopped too (found by a review). Nothing
+    was sent: the cache still serves, stale, what latest named."""
+    src = _src(tmp_path)
+    good = CachedStore(_remote(proxy.url, s3_bucket), tmp_path / "cache")
+    version = good.publish("db", src).version
+    good.checkout("db").release()
+    proxy.faults = FaultPlan(1.0, kinds=("reset",))
+    down = _remote(proxy.url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    cache = CachedStore(down, tmp_path / "cache", stale_ok=True)
+    move = (
+        partial(cache.publish, "db", src)
+        if call == "publish"
+        else partial(cache.set_ref, "db", "latest", version, expected=version)
+    )
+    with pytest.raises((BackendUnavailableError, StorageTimeoutError)) as got:
+        move(deadline=5)
+    with cache.checkout("db", deadline=5) as snap:
+        assert (snap.stale, snap.info.version) == (True, version)
+    assert got.value.ref_untouched  # and the error says so
+
+
+def test_an_offline_publish_keeps_the_offline_answer(tmp_path: Path) -> None:
+    """`--offline publish` is refused before anything is sent: the offline checkout after
+    it still serves what latest named (it was exit 7: the cache had forgotten)."""
+    src = _src(tmp_path)
+    url, cache_dir = str(tmp_path / "store"), str(tmp_path / "cache")
+    online = open_store(StoreConfig(url=url, cache_dir=cache_dir))
+    version = online.publish("db", src).version
+    online.checkout("db").release()
+    offline = open_store(StoreConfig(url=url, cache_dir=cache_dir, offline=True))
+    with pytest.raises(BackendUnavailableError, match="not contacted"):
+        offline.publish("db", src)
+    with pytest.raises(BackendUnavailableError, match="not contacted"):
+        offline.set_ref("db", "latest", version, expected=version)
+    with offline.checkout("db") as snap:
+        assert (snap.stale, snap.info.version) == (True, version)
 
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))

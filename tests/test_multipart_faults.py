@@ -111,3 +111,35 @@ def test_an_abort_that_fails_once_is_sent_again_whatever_the_clients_retries(
     assert uploads == []
     if kind not in ("truncate", "stall"):  # a 204 cut or stalled after its head is whole
         assert plan.counts[("DELETE multipart", "ok")] >= 1  # the abort was sent again
+
+
+def test_a_failed_publish_leaves_no_abort_of_another_pack_unsent_at_exit(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """Two packs go up in parts and both fail; the first abort sent is answered late (the
+    client gives up after 1 s and sends it again). The publish fails as soon as the other
+    pack's abort is done, with this one still under way: it is on record, so a process
+    that waits for its clean-ups before exiting (the CLI does) waits for it. It was not,
+    and a process exiting at once left the upload in progress (found by a review)."""
+    from chroma_snapshots import wait_for_cleanups
+
+    bucket = moto_server.create_bucket()
+    files = {f"f{i}.bin": os.urandom(2 * PART + 1) for i in range(2)}
+    src = write_tree(tmp_path / "src", files)
+    schedule = {("PUT multipart", n): "503" for n in range(6)}
+    plan = ScheduledFaults({**schedule, ("DELETE multipart", 0): "latency"})
+    plan.latency_seconds = 3.0  # past the client's read timeout: it sends the abort again
+    config = Config(connect_timeout=1, read_timeout=1, retries={"total_max_attempts": 1})
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        settings = S3Settings(multipart_threshold=PART, part_size=PART)
+        client = moto_server.client(proxy.url, config=config)
+        backend = S3Backend(bucket, "snaps", settings=settings, client=client)
+        store = RemoteStore(backend, pack_target=2 * PART + 2)  # a pack a file
+        with pytest.raises(SnapshotError):
+            store.publish("db", src, deadline=DEADLINE)
+        assert wait_for_cleanups(DEADLINE)  # what a process about to exit waits for
+        # looked at before the proxy stops (it then forwards the late abort at last)
+        uploads = moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert uploads == []
+        store.close()
+    assert plan.counts[("DELETE multipart", "latency")] == 1

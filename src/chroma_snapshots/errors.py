@@ -10,7 +10,13 @@ from __future__ import annotations
 
 
 class SnapshotError(Exception):
-    """Base class of every error raised by chroma-snapshots."""
+    """Base class of every error raised by chroma-snapshots.
+
+    ``ref_untouched`` is True on the error of a call that moves a ref (publish, set_ref,
+    rollback) when it failed before it sent the move: the ref still names what it named.
+    False says nothing (a move whose answer never came may have landed)."""
+
+    ref_untouched: bool = False
 
 
 class SnapshotNotFoundError(SnapshotError, FileNotFoundError):

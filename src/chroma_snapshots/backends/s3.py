@@ -9,7 +9,7 @@ are explicit (``botocore.config.Config``) so no call waits forever.
 from __future__ import annotations
 
 import builtins
-import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -39,11 +39,11 @@ from chroma_snapshots.backends.s3errors import (
     field,
     wrap_error,
 )
+from chroma_snapshots.engine.cleanup import clean_up, on_record
 from chroma_snapshots.engine.deadline import (
     Deadline,
     WorkerPool,
     current_deadline,
-    run_within,
     wait_all,
     within,
 )
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _PART_WORKERS = 8  # parts of one object in flight at once
 _ABORT_RETRY = RetryPolicy(attempts=4, base=0.1, cap=1.0)
 
@@ -220,7 +221,7 @@ class S3Backend(Backend):
             cond["IfMatch"] = f'"{mode.etag}"'
         try:
             if len(data) > self.settings.multipart_threshold:
-                etag = self._put_multipart(self._key(key), data, cond)
+                etag = on_record(partial(self._put_multipart, self._key(key), data, cond))
             else:
                 resp = self.client.put_object(
                     Bucket=self.bucket,
@@ -273,10 +274,11 @@ class S3Backend(Backend):
 
     def _abort_multipart(self, full: str, upload_id: str, dl: Deadline) -> None:
         """Best effort: parts of an upload nobody aborts are billed until a lifecycle rule
-        removes them. Waits only for the time left; past the deadline the abort is still
-        sent (under a budget of its own: requests of an expired call are not sent, see
-        stop_at_deadline; an abort writes nothing), from a thread nobody waits for. Its own
-        failure must not hide the error that made us abort."""
+        removes them. A clean-up (engine/cleanup.py): waited for until the deadline (at
+        least its grace), then left on record, never cancelled, so a process that waits
+        for its clean-ups (the CLI at exit) does not end it unsent; under a budget of its
+        own (requests of an expired call are not sent, see stop_at_deadline; an abort
+        writes nothing). Its own failure must not hide the error that made us abort."""
         own = Deadline(self._worst_request())
 
         def abort(_attempt: int) -> None:
@@ -289,10 +291,12 @@ class S3Backend(Backend):
         def attempts() -> None:
             # tried again whatever the client's retry setting: an abort writes nothing,
             # and one lost to a slow answer leaves the parts billed
-            _ABORT_RETRY.call(abort, retry_on=S3_ERRORS, within=own.remaining())
+            try:
+                _ABORT_RETRY.call(abort, retry_on=S3_ERRORS, within=own.remaining())
+            except (*S3_ERRORS, StorageTimeoutError) as e:
+                log.warning("multipart upload of %s left to the lifecycle rule: %s", full, e)
 
-        with contextlib.suppress(*S3_ERRORS, StorageTimeoutError):
-            run_within(dl, f"abort the upload of {full}", lambda: within(own, attempts))
+        clean_up(partial(within, own, attempts), within=dl.remaining())
 
     def head(self, key: str) -> ObjectMeta:
         try:

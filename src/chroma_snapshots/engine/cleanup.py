@@ -97,6 +97,14 @@ def finish_by(fn: Callable[[], T], deadline: Deadline, what: str, place: str | N
     return _recorded(fn, deadline, what, place)
 
 
+def on_record(fn: Callable[[], T]) -> T:
+    """``fn()`` in the calling thread, on record while it runs: for work that a failing
+    call may abandon on a thread of its pool (an S3 multipart upload of one pack while
+    another pack's upload failed), so that :func:`wait_for_cleanups`, and the CLI at exit,
+    wait until it has finished or cleaned up after itself."""
+    return _Job(None).run(fn)
+
+
 def _recorded(fn: Callable[[], T], deadline: Deadline, what: str, place: str | None) -> T:
     """:func:`run_within`, with the work on record from before its thread starts until it
     returns (or is called off unstarted), so that no wait can miss it."""

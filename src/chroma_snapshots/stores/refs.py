@@ -20,6 +20,7 @@ from chroma_snapshots.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
+    SnapshotError,
     SnapshotNotFoundError,
     StoreNotFoundError,
 )
@@ -81,6 +82,22 @@ def to_move(read: Callable[[], T], expected: Expected) -> T | None:
             raise
         log.warning("writing over a ref that cannot be read: %s", e)
         return None
+
+
+class MoveWatch:
+    """Around a call that moves a ref: set ``sent`` just before the move goes out; an error
+    raised before then is marked ``ref_untouched`` (a cache then keeps serving, stale, what
+    the ref named: an offline publish, refused at its first request, made it forget)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def __enter__(self) -> MoveWatch:
+        return self
+
+    def __exit__(self, kind: object, err: BaseException | None, tb: object) -> None:
+        if isinstance(err, SnapshotError) and not self.sent:
+            err.ref_untouched = True
 
 
 def move_ref(

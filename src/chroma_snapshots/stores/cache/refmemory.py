@@ -93,7 +93,8 @@ class CacheRefs(CacheSpace):
     def _moving(self, name: str, ref: str) -> Iterator[None]:
         """Around a move of ``ref`` made through this cache: forget what this cache knew of
         ``ref`` before the move is sent, on disk, and remember it again only if the move
-        failed before anything was written (a documented error other than an outage). A
+        failed before anything was written (a documented error other than an outage, or
+        one raised before the move was sent: ``SnapshotError.ref_untouched``). A
         move whose outcome is unknown (no answer in time, or this process killed while
         waiting) may have landed, so a stale read may serve neither the old version (that
         would undo a rollback) nor the new one: the outage is raised instead."""
@@ -103,10 +104,11 @@ class CacheRefs(CacheSpace):
         self._refs_read.pop((name, ref), None)
         try:
             yield
-        except (BackendUnavailableError, StorageTimeoutError):
-            raise
-        except SnapshotError:  # a conflict, a refused input: it made nothing visible
-            d.record_ref(ref, before)
+        except SnapshotError as e:
+            # a conflict, a refused input, or an outage before the move was sent (offline,
+            # the first request refused): it made nothing visible
+            if e.ref_untouched or not isinstance(e, (BackendUnavailableError, StorageTimeoutError)):
+                d.record_ref(ref, before)
             raise
 
     def _last_seen(self, name: str, ref: str, why: BaseException) -> str | None:
