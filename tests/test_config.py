@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from chroma_snapshots import (
 )
 from chroma_snapshots.backends.cas import ConditionalWriteCheck, unchecked
 from chroma_snapshots.backends.file import FileBackend
-from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
 
 def test_url_wins() -> None:
@@ -137,6 +138,15 @@ def test_chroma_root_with_white_space_at_an_end_is_refused(value: str) -> None:
         (
             {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": "http://h:9000/bkt"},
             "AWS_ENDPOINT_URL_S3",
+        ),
+        # white space alone, or inside (botocore's raw ValueError: "a bug", exit 1)
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL_S3": " "},
+            "AWS_ENDPOINT_URL_S3",
+        ),
+        (
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL": "http://h :9000"},
+            "AWS_ENDPOINT_URL",
         ),
         # white space at an end, as --endpoint-url refuses it (it was stripped unseen)
         (
@@ -565,3 +575,43 @@ def test_a_hand_built_fsspec_backend_is_keyed_and_labelled_by_its_endpoint(
     assert f"endpoint_url={C!r}" in repr(fs)
     aws = open_backend("fsspec+s3://bkt/p", endpoint_url="https://s3.eu-west-1.amazonaws.com")
     assert "endpoint_url" not in repr(aws)  # AWS's own: one bucket name is on one of them
+
+
+SECRET_SPELLINGS = [
+    "http://user:s3cr3t@h:9000",
+    "user:s3cr3t@h:9000",  # no scheme: the mask began at "//"
+    "http:/user:s3cr3t@h",
+    "http:user:s3cr3t@h",
+    "http:\\user:s3cr3t@h",
+    "http://h:9000/?token=s3cr3t",
+]
+
+
+@pytest.mark.parametrize("endpoint", SECRET_SPELLINGS)
+def test_an_endpoint_s_secret_is_never_echoed_however_it_is_spelled(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    ways: list[Callable[[], object]] = [
+        lambda: StoreConfig.from_env(
+            {"CHROMA_SNAPSHOTS_URL": "s3://b", "AWS_ENDPOINT_URL": endpoint}
+        ),
+        lambda: open_remote(StoreConfig(url="s3://b/p", s3_endpoint_url=endpoint)),
+        lambda: S3Backend("b", "p", settings=S3Settings(endpoint_url=endpoint)),
+    ]
+    for way in ways:
+        with pytest.raises(ConfigError) as got:
+            way()
+        assert "s3cr3t" not in str(got.value)
+
+
+@pytest.mark.parametrize("value", [" ", "\t", "http://h :9000", "\u00a0http://h:9000"])
+def test_a_hand_built_backend_on_a_bad_environment_endpoint_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # botocore reads the variable itself here: its ValueError was raised raw
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", value)
+    with pytest.raises(ConfigError):
+        RemoteStore(S3Backend("b", "p"))
+    with pytest.raises(ConfigError):
+        S3Backend("b", "p", settings=S3Settings(endpoint_url=value))

@@ -341,7 +341,7 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
         return None
     for var in (ENV_ENDPOINT, "AWS_ENDPOINT_URL"):
         raw = env.get(var, "")
-        if raw.strip():  # checked as given, as --endpoint-url is: "http://h:1/ " has a path
+        if raw:  # checked as given, as --endpoint-url is (botocore reads " " as a URL)
             check_endpoint(raw, f"{var}=")
             return raw
     return None

@@ -14,15 +14,17 @@ def check_endpoint(raw: str, what: str) -> None:
     an outage; a path would be read as a bucket (``http://h/bkt`` + ``s3://b/p`` writes into
     ``bkt``); a user or password is not how S3 takes credentials, and is never echoed."""
     # Everything up to the last "@" may be a password, "/", "?" and "#" included (secret
-    # keys hold "/"), so it is refused before urllib, whose error would quote a piece of it.
-    safe = shown(_USERINFO.sub("//***@", raw))
+    # keys hold "/"), whatever comes before it ("user:pw@h", "http:/user:pw@h"), so it is
+    # refused before urllib, whose error would quote a piece of it; a query may hold a
+    # token, so it is not echoed either.
+    safe = shown(_QUERY.sub("?***", "***@" + raw.rsplit("@", 1)[1] if "@" in raw else raw))
     if "@" in raw:
         raise ConfigError(
             f"{what}{safe} has a user or password: an endpoint names a server; credentials "
             "come from the AWS environment (AWS_ACCESS_KEY_ID, a profile or a role)"
         )
-    if raw != raw.strip():  # urlsplit strips some of it and reads the rest as a path
-        raise ConfigError(f"{what}{safe} has white space at an end")
+    if any(c.isspace() or not c.isprintable() for c in raw):  # urllib strips some of it
+        raise ConfigError(f"{what}{safe} has white space or a control character")
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing it raises for a port out of range
@@ -37,7 +39,7 @@ def check_endpoint(raw: str, what: str) -> None:
         )
 
 
-_USERINFO = re.compile(r"//.*@", re.DOTALL)  # to the last "@": all of it may be secret
+_QUERY = re.compile(r"\?.*", re.DOTALL)
 
 
 def is_aws_endpoint(url: str) -> bool:

@@ -50,6 +50,8 @@ def make_client(s: S3Settings) -> S3Client:
     )
     # botocore's own session, not boto3's: the client is the same, and a process that
     # only checks out then never imports boto3 and s3transfer (~15 ms of a cold start).
+    if s.endpoint_url is not None:  # S3Settings built by hand: the rule every endpoint has
+        check_endpoint(s.endpoint_url, "S3 endpoint ")
     try:
         session = botocore.session.Session(profile=s.profile)
         made = session.create_client(
@@ -59,6 +61,11 @@ def make_client(s: S3Settings) -> S3Client:
         raise ConfigError(
             f"AWS profile {e.kwargs.get('profile')!r} is not in ~/.aws/config or "
             "~/.aws/credentials (set by --profile or AWS_PROFILE)"
+        ) from None
+    except ValueError:  # botocore's "Invalid endpoint: <url>", which may hold a secret
+        raise ConfigError(
+            "the S3 endpoint botocore found in the AWS configuration (AWS_ENDPOINT_URL_S3, "
+            "AWS_ENDPOINT_URL, a profile's endpoint_url) is not a valid URL"
         ) from None
     client = cast("S3Client", made)  # the stubs type only boto3's factory by service name
     # the endpoint botocore settled on, from wherever it came (AWS_ENDPOINT_URL, a
