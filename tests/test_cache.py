@@ -208,17 +208,24 @@ def test_enospc_on_a_small_tmpfs(proxy: CountingProxy, s3_bucket: str, tmp_path:
         os.system(f"umount -l {mnt}")  # lazy: never leave a mount behind, even if busy
 
 
+def _cached_then_down(
+    proxy: CountingProxy, bucket: str, tmp_path: Path
+) -> tuple[Path, str, RemoteStore]:
+    """A version published and cached under tmp_path/cache; then the same endpoint goes
+    down (every connection reset: a cache is keyed by the endpoint, so an outage keeps the
+    URL rather than pointing at another one). The source, the version, the store down."""
+    src = _src(tmp_path)
+    good = CachedStore(_remote(proxy.url, bucket), tmp_path / "cache")
+    version = good.publish("db", src).version
+    good.checkout("db").release()
+    proxy.faults = FaultPlan(1.0, kinds=("reset",))
+    return src, version, _remote(proxy.url, bucket, connect_timeout=0.5, max_attempts=1)
+
+
 def test_stale_ok_serves_cache_when_store_is_unreachable(
     proxy: CountingProxy, s3_bucket: str, tmp_path: Path
 ) -> None:
-    src = _src(tmp_path)
-    good = CachedStore(_remote(proxy.url, s3_bucket), tmp_path / "cache")
-    version = good.publish("db", src).version
-    good.checkout("db").release()
-    # The same endpoint goes down (every connection reset): a cache is keyed by the
-    # endpoint, so an outage keeps the URL rather than pointing at another one.
-    proxy.faults = FaultPlan(1.0, kinds=("reset",))
-    down = _remote(proxy.url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    src, version, down = _cached_then_down(proxy, s3_bucket, tmp_path)
     offline = CachedStore(down, tmp_path / "cache", stale_ok=True)
     with offline.checkout("db", deadline=5) as snap:
         assert snap.stale
@@ -241,12 +248,7 @@ def test_a_move_that_failed_before_it_was_sent_keeps_the_stale_answer(
     """A publish or ref move refused at its first request (the store down) made the cache
     forget what latest named, so the stale reads stopped too (found by a review). Nothing
     was sent: the cache still serves, stale, what latest named."""
-    src = _src(tmp_path)
-    good = CachedStore(_remote(proxy.url, s3_bucket), tmp_path / "cache")
-    version = good.publish("db", src).version
-    good.checkout("db").release()
-    proxy.faults = FaultPlan(1.0, kinds=("reset",))
-    down = _remote(proxy.url, s3_bucket, connect_timeout=0.5, max_attempts=1)
+    src, version, down = _cached_then_down(proxy, s3_bucket, tmp_path)
     cache = CachedStore(down, tmp_path / "cache", stale_ok=True)
     move = (
         partial(cache.publish, "db", src)
