@@ -279,6 +279,36 @@ def test_an_offline_publish_keeps_the_offline_answer(tmp_path: Path) -> None:
         assert (snap.stale, snap.info.version) == (True, version)
 
 
+def test_a_failed_move_never_puts_back_what_another_move_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish through one cache object fails before its move is sent, while another
+    (another process on the same cache) rolls latest back: the failed one must not put
+    its old memory of latest over the rollback's. It did, and offline reads then served
+    the version the rollback replaced (found by a review)."""
+    url, cache_dir = str(tmp_path / "store"), str(tmp_path / "cache")
+    one = open_store(StoreConfig(url=url, cache_dir=cache_dir))
+    v1 = one.publish("db", write_tree(tmp_path / "a", {"f": b"a"})).version
+    v2 = one.publish("db", write_tree(tmp_path / "b", {"f": b"b"})).version
+    with one.checkout("db", v1):  # held: latest is built beside it, not patched from it
+        one.checkout("db").release()  # both cached
+    other = open_store(StoreConfig(url=url, cache_dir=cache_dir))
+
+    def publish_while_rolled_back(*args: object, **kwargs: object) -> None:
+        other.set_ref("db", "latest", v1, expected=v2)  # the rollback lands meanwhile
+        error = BackendUnavailableError("the store went down before the move was sent")
+        error.ref_untouched = True
+        raise error
+
+    assert isinstance(one, CachedStore)
+    monkeypatch.setattr(one.inner, "publish", publish_while_rolled_back)
+    with pytest.raises(BackendUnavailableError):
+        one.publish("db", tmp_path / "b")
+    offline = open_store(StoreConfig(url=url, cache_dir=cache_dir, offline=True))
+    with offline.checkout("db") as snap:  # what the rollback recorded, never v2
+        assert (snap.stale, snap.info.version) == (True, v1)
+
+
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 
 

@@ -615,3 +615,38 @@ def test_a_hand_built_backend_on_a_bad_environment_endpoint_is_a_config_error(
         RemoteStore(S3Backend("b", "p"))
     with pytest.raises(ConfigError):
         S3Backend("b", "p", settings=S3Settings(endpoint_url=value))
+
+
+def test_aws_partitions_key_their_stores_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a bucket name is one bucket within a partition only: China's and GovCloud's stores
+    # shared the main partition's cache folder (found by a review)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    ids = {
+        region: open_remote(StoreConfig(url="s3://bkt/p", s3_region=region, offline=True)).identity
+        for region in ("us-east-1", "eu-west-1", "cn-north-1", "us-gov-west-1")
+    }
+    assert ids["us-east-1"] == ids["eu-west-1"] == "s3://bkt/p"
+    assert len({ids["us-east-1"], ids["cn-north-1"], ids["us-gov-west-1"]}) == 3
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_profile_fsspec_s_settings_name_keys_the_store_by_its_endpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, offline: bool
+) -> None:
+    # fsspec's own settings may name the profile s3fs uses (FSSPEC_S3_PROFILE): its
+    # endpoint_url sent s3fs to that server while the cache was keyed without it
+    import fsspec.config
+
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile a]\nendpoint_url = {A}\n[profile b]\nendpoint_url = {B}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    labels = set()
+    for profile, at in (("a", A), ("b", B)):
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"profile": profile})
+        store = open_remote(StoreConfig(url="fsspec+s3://bkt/p", offline=offline))
+        assert store.label == f"fsspec+s3://bkt/p at {at}"
+        labels.add(store.identity)
+    assert len(labels) == 2

@@ -5,6 +5,7 @@ the one module that reads the environment."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -126,7 +127,9 @@ def _s3fs_options(label: str, settings: S3Settings) -> dict[str, Any]:
 
     options = s3fs_options(settings)
     if s3fs_endpoint(options) is None:  # s3fs's botocore would settle on it: name it
-        options["endpoint_url"] = _configured_endpoint(settings, None)
+        # for the profile s3fs is given, which fsspec's own settings may name
+        profile = options.get("profile") or settings.profile
+        options["endpoint_url"] = _configured_endpoint(replace(settings, profile=profile), None)
     return options
 
 

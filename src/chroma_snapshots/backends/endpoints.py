@@ -43,7 +43,10 @@ _QUERY = re.compile(r"\?.*", re.DOTALL)
 
 
 def is_aws_endpoint(url: str) -> bool:
-    """Whether ``url`` is one of AWS's own S3 endpoints (left out of a store's label: the
-    same bucket name cannot be on two of them)."""
+    """Whether ``url`` is one of AWS's own S3 endpoints in its main partition (left out of
+    a store's label: a bucket name is one bucket there). China (``.amazonaws.com.cn``),
+    GovCloud and the isolated regions are partitions of their own, where the same bucket
+    name is another bucket: their endpoints key the store as any other does."""
     host = urlsplit(url).hostname or ""
-    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+    apart = any(part in host for part in ("us-gov-", "-iso-", "-isob-", "-isof-", "-isoe-"))
+    return host.endswith(".amazonaws.com") and not apart

@@ -321,19 +321,46 @@ class NameDirs:
             return None
         return version if VersionId.is_version(version) else None
 
+    def forget_ref(self, ref: str) -> str:
+        """Forget what ``ref`` named, before a move through this cache is sent: the record
+        holds a token of this move instead (read as nothing recorded), returned for
+        :meth:`restore_ref`."""
+        token = f"moving {uuid.uuid4().hex}"
+        with self._ref_lock(ref):
+            self._write_ref(ref, token)
+        return token
+
+    def restore_ref(self, ref: str, token: str, version: str | None) -> None:
+        """Put back what ``ref`` named before a move that made nothing visible, only if
+        the record still holds that move's ``token``: a move through this cache by another
+        process since then (a rollback) recorded, or forgot, what it knows, and that wins."""
+        path = self.root / "refs" / check_name(ref, "ref name")
+        with contextlib.suppress(OSError, UnicodeDecodeError), self._ref_lock(ref):
+            if path.read_text() == token:  # else: left as it is (forgotten, or newer)
+                self._write_ref(ref, version)
+
     def record_ref(self, ref: str, version: str | None) -> None:
         """Remember that ``ref`` names ``version`` (None: the ref does not exist); written
         only when it changed. A record that cannot be written is removed, so a stale read
         fails rather than serve a version the ref no longer names."""
         if self.recorded_ref(ref) == version:
             return
+        with self._ref_lock(ref):
+            self._write_ref(ref, version)
+
+    def _ref_lock(self, ref: str) -> FileLock:
+        """Held while a ref's record is written: a restore reads and writes it as one."""
+        name = check_name(ref, "ref name")
+        return FileLock(own_lock_file(self.folder("locks") / f"ref.{name}.lock"))
+
+    def _write_ref(self, ref: str, content: str | None) -> None:
         path = self.root / "refs" / check_name(ref, "ref name")
         try:
-            if version is None:
+            if content is None:
                 path.unlink(missing_ok=True)
             else:
                 self.folder("refs")
-                write_atomic(path, version.encode())
+                write_atomic(path, content.encode())
         except OSError:
             with local_io(path, "removing a cache record it could not update"):
                 path.unlink(missing_ok=True)  # if even this fails: LocalDiskError

@@ -100,15 +100,16 @@ class CacheRefs(CacheSpace):
         would undo a rollback) nor the new one: the outage is raised instead."""
         d = self.dirs(name)
         before = d.recorded_ref(ref)
-        d.record_ref(ref, None)
+        token = d.forget_ref(ref)
         self._refs_read.pop((name, ref), None)
         try:
             yield
         except SnapshotError as e:
             # a conflict, a refused input, or an outage before the move was sent (offline,
-            # the first request refused): it made nothing visible
+            # the first request refused): it made nothing visible; unless another move
+            # through this cache came in between, whose knowledge wins
             if e.ref_untouched or not isinstance(e, (BackendUnavailableError, StorageTimeoutError)):
-                d.record_ref(ref, before)
+                d.restore_ref(ref, token, before)
             raise
 
     def _last_seen(self, name: str, ref: str, why: BaseException) -> str | None:
