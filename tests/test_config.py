@@ -584,6 +584,10 @@ SECRET_SPELLINGS = [
     "http:user:s3cr3t@h",
     "http:\\user:s3cr3t@h",
     "http://h:9000/?token=s3cr3t",
+    "http://user:s3cr3t\uff20h:9000",  # a full-width "@": urllib's error quoted it all
+    "http://h:9000/\uff1ftoken=s3cr3t",
+    "http://h:9000/#s3cr3t",
+    "http://user:s3cr3t%40h:9000",
 ]
 
 

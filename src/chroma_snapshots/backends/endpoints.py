@@ -17,6 +17,11 @@ def check_endpoint(raw: str, what: str) -> None:
     # keys hold "/"), whatever comes before it ("user:pw@h", "http:/user:pw@h"), so it is
     # refused before urllib, whose error would quote a piece of it; a query may hold a
     # token, so it is not echoed either.
+    if not raw.isascii():  # a full-width at sign or question mark hides a secret from below
+        raise ConfigError(
+            f"{what}(not shown: it may hold a password) has a character that is not ASCII; "
+            "an international host name goes in its xn-- form"
+        )
     safe = shown(_QUERY.sub("?***", "***@" + raw.rsplit("@", 1)[1] if "@" in raw else raw))
     if "@" in raw:
         raise ConfigError(
@@ -28,8 +33,10 @@ def check_endpoint(raw: str, what: str) -> None:
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing it raises for a port out of range
-    except ValueError as e:
-        raise ConfigError(f"{what}{safe} is not a valid URL: {e}") from None
+    except ValueError:  # urllib's message quotes the host and port, perhaps a password
+        raise ConfigError(
+            f"{what}(not shown: it may hold a password) is not a valid URL (its host or port)"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{what}{safe} must be an http(s) URL, e.g. http://127.0.0.1:9000")
     if parts.path not in ("", "/") or parts.query or parts.fragment or raw.endswith(("?", "#")):
@@ -39,7 +46,7 @@ def check_endpoint(raw: str, what: str) -> None:
         )
 
 
-_QUERY = re.compile(r"\?.*", re.DOTALL)
+_QUERY = re.compile(r"[?#;%].*", re.DOTALL)  # a query, fragment or escape may hold a token
 
 
 def is_aws_endpoint(url: str) -> bool:
