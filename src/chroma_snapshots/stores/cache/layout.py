@@ -326,7 +326,7 @@ class NameDirs:
         holds a token of this move instead (read as nothing recorded), returned for
         :meth:`restore_ref`."""
         token = f"moving {uuid.uuid4().hex}"
-        with self._ref_lock(ref):
+        with local_io(self.root / "locks", "locking a cache record"), self._ref_lock(ref):
             self._write_ref(ref, token)
         return token
 
@@ -345,7 +345,7 @@ class NameDirs:
         fails rather than serve a version the ref no longer names."""
         if self.recorded_ref(ref) == version:
             return
-        with self._ref_lock(ref):
+        with local_io(self.root / "locks", "locking a cache record"), self._ref_lock(ref):
             self._write_ref(ref, version)
 
     def _ref_lock(self, ref: str) -> FileLock:
