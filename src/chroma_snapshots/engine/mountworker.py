@@ -21,12 +21,13 @@ import sys
 import time
 from typing import Any
 
+from chroma_snapshots.engine.child import python_argv
 from chroma_snapshots.errors import BackendUnavailableError, SnapshotError
 
 _LEN = struct.Struct("!Q")
 _ACK = b"\x01"  # sent by a worker once it holds the whole request, before running it
 _READY = b"\x02"  # sent by a new worker once Python started and its target's module loaded
-_MAIN = "from chroma_snapshots.engine.mountworker import worker_main; worker_main()"
+_MAIN = "chroma_snapshots.engine.mountworker:worker_main"
 
 
 def request(target: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -53,7 +54,7 @@ class DiedBeforeTheCall(WorkerDied):
 class Worker:
     def __init__(self, preload: str) -> None:
         self.proc = subprocess.Popen(  # OSError (no fds, no memory) is the caller's to map
-            [sys.executable, "-c", _MAIN, preload],
+            python_argv(_MAIN, preload),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             # a worker stuck in the kernel must not hold the caller's stderr open

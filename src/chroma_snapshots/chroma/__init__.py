@@ -1,4 +1,4 @@
-"""ChromaDB integration: the only module that imports chromadb (extra ``chroma``).
+"""ChromaDB integration (extra ``chroma``): the only package that imports chromadb.
 
 - :func:`open_client` checks a version out (through the cache when the store has one)
   and yields a ``chromadb.PersistentClient`` on it; on exit the client is closed and
@@ -9,12 +9,14 @@
   SQLite's online backup API (a consistent image even while another process writes), and
   the copy is validated before a byte is uploaded.
 - :func:`validate` says whether a directory is a chroma database chroma can open, with
-  per-collection record counts.
+  per-collection record counts; chroma opens it in a child process, so a crash of its
+  native code on a damaged folder is an IntegrityError, not the caller's death.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sqlite3
@@ -26,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import chromadb
-from chromadb.api.shared_system_client import SharedSystemClient
-from chromadb.config import Settings
 
+from chroma_snapshots.chroma.client import client_settings as client_settings
+from chroma_snapshots.chroma.client import close_client as close_client
 from chroma_snapshots.engine.apart import published_from
+from chroma_snapshots.engine.child import ChildFailed, run_once
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.localfs import copy_tree
@@ -41,6 +44,7 @@ from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotE
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 
 SQLITE = "chroma.sqlite3"
+_PROBE = "chroma_snapshots.chroma.probe:main"  # chroma's half of validate, in a child
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, named there from Python 3.11
 _COUNTS = """
     SELECT c.name, COUNT(e.id) FROM collections c
@@ -61,22 +65,6 @@ class ValidationReport:
     @property
     def records(self) -> int:
         return sum(self.collections.values())
-
-
-def client_settings() -> Settings:
-    """Settings for clients this module opens: no telemetry, no reset."""
-    return Settings(anonymized_telemetry=False, allow_reset=False, is_persistent=True)
-
-
-def close_client(client: Any) -> None:
-    """Close a client and evict its system from chroma's shared cache (stopping it)."""
-    identifier = client._identifier
-    client.close()
-    with SharedSystemClient._refcount_lock:
-        system = SharedSystemClient._identifier_to_system.pop(identifier, None)
-        SharedSystemClient._identifier_to_refcount.pop(identifier, None)
-    if system is not None:
-        system.stop()
 
 
 def sqlite_counts(path: Path) -> dict[str, int]:
@@ -174,39 +162,23 @@ def collection_dimensions(path: str | Path) -> dict[str, int | None]:
     return {str(name): None if dim is None else int(dim) for name, dim in rows}
 
 
-def validate(path: str | Path) -> ValidationReport:
+def validate(path: str | Path, *, deadline: DeadlineLike = None) -> ValidationReport:
     """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
     opens it, counts every collection (replaying its write-ahead log) and finds a stored
-    vector through the vector index. IntegrityError otherwise."""
+    vector through the vector index. IntegrityError otherwise, also when chroma's native
+    code crashes on it: chroma runs in a child process (about a CPU second to start).
+    StorageTimeoutError if ``deadline`` passes first."""
     path = Path(_path_arg(path, "validate's path"))
-    names = sqlite_counts(path)
+    dl = None if deadline is None else as_deadline(deadline, 0.0)
+    names = json.dumps(sorted(sqlite_counts(path)))
     try:
-        client = chromadb.PersistentClient(path=str(path), settings=client_settings())
-    except Exception as e:
-        raise IntegrityError(f"chroma cannot open {path}: {e}") from e
-    counts = {}
-    try:
-        for name in names:
-            col = client.get_collection(name)
-            counts[name] = col.count()
-            _probe_index(col, name)
-    except IntegrityError:
-        raise
-    except Exception as e:
-        raise IntegrityError(f"{path}: chroma failed reading it: {e}") from e
-    finally:
-        close_client(client)
+        out = run_once(_PROBE, [str(path), names], f"validating {path} with chroma", dl)
+    except ChildFailed as e:
+        raise IntegrityError(f"{path}: chroma {e} reading it") from e
+    if "error" in out:
+        raise IntegrityError(f"{path}: {out['error']}")
+    counts = {str(k): int(v) for k, v in out["counts"].items()}
     return ValidationReport(path, chromadb.__version__, counts)
-
-
-def _probe_index(col: Any, name: str) -> None:
-    """Query the vector index with a stored vector: it must find that record."""
-    sample = col.get(limit=1, include=["embeddings"])
-    if not sample["ids"]:
-        return
-    hit = col.query(query_embeddings=[sample["embeddings"][0]], n_results=1, include=[])
-    if not hit["ids"] or not hit["ids"][0]:
-        raise IntegrityError(f"collection {name}: the vector index returned nothing")
 
 
 def consistent_copy(src: Path, dst: Path) -> None:
@@ -383,7 +355,7 @@ def _validated_copy(
             consistent_copy(src, copy)
             if compare and sqlite_counts(copy) != sqlite_counts(src):
                 raise IntegrityError(f"{copy}: record counts differ from {src}")
-            return copy, validate(copy)
+            return copy, validate(copy, deadline=dl)
         except (IntegrityError, FileNotFoundError) as e:  # a file vanished mid-copy
             # not a chroma database: retaking the copy cannot help
             raise (_Retake if (src / SQLITE).is_file() else _Unusable)(e) from e
