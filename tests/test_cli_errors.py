@@ -88,7 +88,22 @@ def test_no_credentials_says_where_they_are_looked_for(
         assert "Traceback" not in out.stderr
         profile = _script("--profile", "nosuch", *store, "ls", env=env)
         assert profile.returncode == 2, scheme
-        assert "AWS profile 'nosuch' is not in ~/.aws/config" in profile.stderr, scheme
+        none = tmp_path / "none"  # the files the variables name, not the default ones
+        assert f"AWS profile 'nosuch' is not in {none} or {none}" in profile.stderr, scheme
+
+
+def test_a_profile_naming_a_missing_services_section_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config"
+    config.write_text("[profile p]\nservices = nosuch\nregion = us-east-1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(config), AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    for scheme in ("s3", "fsspec+s3"):
+        out = _script("--profile", "p", "--store", f"{scheme}://bkt/p", "ls", env=env)
+        assert out.returncode == 2, (scheme, out.stderr)  # was 1, "a bug in chroma-snapshots"
+        assert '"nosuch" services configuration does not exist' in out.stderr, scheme
+        assert "Traceback" not in out.stderr
 
 
 def test_a_bucket_name_s3_cannot_have_is_a_configuration_error(

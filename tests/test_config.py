@@ -24,6 +24,7 @@ from chroma_snapshots import (
 from chroma_snapshots.backends.cas import ConditionalWriteCheck, unchecked
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.testing.proxy import closed_endpoint
 
 
 def test_url_wins() -> None:
@@ -184,9 +185,20 @@ def test_bad_urls_are_config_errors() -> None:
     for url in ("s3://", "nosuch://x", "file://host/x"):
         with pytest.raises(ConfigError):
             open_remote(url)
-    for url in ("s3://b/p?versionId=1", "s3://b/p#x", "file:///x?y"):  # never dropped silently
+    for url in ("s3://b/p?versionId=1", "s3://b/p#x", "file:///x?y", "fsspec+s3://b/p?versionId=1"):
         with pytest.raises(ConfigError, match="take no '\\?' or '#' part"):
-            open_remote(url)
+            open_remote(url)  # never dropped silently, nor read by s3fs as an object version
+
+
+def test_a_bucket_name_s3_cannot_have_through_s3fs_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with closed_endpoint() as url:
+        store = open_remote(StoreConfig(url="fsspec+s3://bkt:80/p", s3_endpoint_url=url))
+        with pytest.raises(ConfigError, match='Invalid bucket name "bkt:80"; fix the store URL'):
+            list(store.names())  # as through botocore: a typo, not an outage (exit 7)
 
 
 def test_cache_from_environment(tmp_path: Path) -> None:
@@ -509,6 +521,34 @@ def test_one_bucket_through_s3fs_and_botocore_is_one_store_to_a_fallback() -> No
         for url, at in (("s3://bkt/p", A), ("fsspec+s3://bkt/p", B))
     )
     assert len(FallbackStore([a, b]).stores) == 2
+
+
+def test_backends_built_by_hand_are_the_storage_they_reach_to_a_fallback() -> None:
+    """However a store over one bucket was made (a URL, an S3Backend or an s3fs filesystem
+    built by hand, the endpoint with or without its slash, a label given by hand), a
+    fallback from it to another over the same bucket on the same server is refused."""
+    from chroma_snapshots import FallbackStore, InvalidInputError
+    from chroma_snapshots.backends.fsspec import FsspecBackend
+
+    def by_hand(endpoint: str, label: str | None = None) -> RemoteStore:
+        return RemoteStore(
+            S3Backend("bkt", "p", settings=S3Settings(endpoint_url=endpoint)), label=label
+        )
+
+    through_s3fs = RemoteStore(
+        FsspecBackend.from_url("s3://bkt/p", endpoint_url=A, skip_instance_cache=True)
+    )
+    opened = open_remote(StoreConfig(url="s3://bkt/p", s3_endpoint_url=A))
+    for pair in (
+        (by_hand(A), opened),
+        (by_hand(A + "/"), opened),
+        (through_s3fs, opened),
+        (through_s3fs, by_hand(A)),
+        (by_hand(A, label="primary"), by_hand(A, label="mirror")),
+    ):
+        with pytest.raises(InvalidInputError, match=f"s3://bkt/p at {A} is among them twice"):
+            FallbackStore(list(pair))
+    assert len(FallbackStore([by_hand(A), by_hand(B)]).stores) == 2  # two servers
 
 
 @pytest.mark.parametrize("url", ["s3://bkt/p", "fsspec+s3://bkt/p"])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
+from chroma_snapshots.backends.endpoints import endpoint_label, s3_place
 from chroma_snapshots.config import StoreConfig, environment_endpoint
 
 if TYPE_CHECKING:
@@ -63,10 +64,9 @@ def remote_for(cfg: StoreConfig, url: str, *, create: bool = True) -> RemoteStor
     # ... and the endpoint: the same bucket behind two endpoints is two stores, and their
     # labels (messages, snap.source, offline refusals) say which is which
     endpoint = _endpoint(label, settings, s3fs, s3)
-    identity = _same_store(label)
+    identity = s3_place(_same_store(label), endpoint)
     if endpoint:
-        identity = f"{identity}\0{_endpoint_label(endpoint)}"
-        label = f"{label} at {_endpoint_label(endpoint)}"
+        label = f"{label} at {endpoint_label(endpoint)}"
     if cfg.offline:
         backend = _offline(url, label)
     else:
@@ -184,12 +184,6 @@ def _same_store(label: str) -> str:
         rest = rest.rstrip("/")
         return f"s3://{rest}" if "//" not in rest and not rest.startswith("/") else label
     return label
-
-
-def _endpoint_label(endpoint: str) -> str:
-    """``HTTP://Host:9000/`` and ``http://host:9000`` are one endpoint."""
-    parts = urlsplit(endpoint)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 def _offline(url: str, label: str) -> Backend:

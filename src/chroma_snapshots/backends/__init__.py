@@ -42,6 +42,8 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 _FSSPEC = _REGISTRY["memory"]  # any scheme nobody registered is tried as an fsspec protocol
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _OWN_SCHEMES = tuple(_REGISTRY)  # the built-in ones (registered later: not ours)
+# a store's root has no version or query: s3fs would read "?versionId=" as one
+_NO_QUERY = (*_OWN_SCHEMES, "fsspec+s3", "fsspec+s3a")
 # "s3//b/p" or "s3;//b/p": one of ours with its colon lost or mistyped, not a local folder
 _COLON_LOST = re.compile(rf"({'|'.join(_OWN_SCHEMES)})[^A-Za-z0-9+./:]?//", re.IGNORECASE)
 _TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -108,7 +110,7 @@ def check_store_url(url: str, what: str = "store URL") -> str:
             parts = urlsplit(url)
         except ValueError as e:  # an unbalanced '[', a bracketed name that is no address
             raise ConfigError(f"{what} {url!r} is not a valid URL: {e}") from None
-        if scheme.lower() in _OWN_SCHEMES and (parts.query or parts.fragment):
+        if scheme.lower() in _NO_QUERY and (parts.query or parts.fragment):
             # they name no store: dropping them silently could name another one
             raise ConfigError(f"{what} {url!r}: {scheme}:// URLs take no '?' or '#' part")
         return url

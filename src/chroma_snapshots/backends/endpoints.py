@@ -57,3 +57,16 @@ def is_aws_endpoint(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     apart = any(part in host for part in ("us-gov-", "-iso-", "-isob-", "-isof-", "-isoe-"))
     return host.endswith(".amazonaws.com") and not apart
+
+
+def endpoint_label(endpoint: str) -> str:
+    """``HTTP://Host:9000/`` and ``http://host:9000`` are one endpoint."""
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def s3_place(path: str, endpoint: str | None) -> str:
+    """One spelling of S3 storage, whoever opens it (a URL, a backend built by hand):
+    ``path`` (``s3://bucket/prefix``), then the endpoint unless it is none (AWS's own).
+    It keys a store's cache folder and FallbackStore's check that its stores differ."""
+    return f"{path}\0{endpoint_label(endpoint)}" if endpoint else path

@@ -25,7 +25,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
-from chroma_snapshots.backends.endpoints import is_aws_endpoint
+from chroma_snapshots.backends.endpoints import is_aws_endpoint, s3_place
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -59,17 +59,10 @@ def _wrap(err: Exception, op: str, key: str) -> SnapshotError:
     code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
     if code == "PreconditionFailed":
         return ConflictError(f"{op} {key}: precondition failed")
-    names = {c.__name__ for c in type(err).__mro__}
-    if names & {"NoCredentialsError", "PartialCredentialsError"}:  # botocore's, via s3fs
-        from chroma_snapshots.backends.s3errors import NO_CREDENTIALS
+    if "BotoCoreError" in {c.__name__ for c in type(err).__mro__}:  # via s3fs, not mapped
+        from chroma_snapshots.backends.s3errors import wrap_error  # no credentials, a typo
 
-        return ConfigError(f"{what}: {NO_CREDENTIALS}")
-    if "ProfileNotFound" in names:
-        profile = getattr(err, "kwargs", {}).get("profile")
-        return ConfigError(
-            f"AWS profile {profile!r} is not in ~/.aws/config or ~/.aws/credentials "
-            "(set by --profile or AWS_PROFILE)"
-        )
+        return wrap_error(err, op, key)
     return BackendUnavailableError(f"{what}: {type(err).__name__}: {err}"[:300])
 
 
@@ -137,11 +130,18 @@ class FsspecBackend(Backend):
         return cls(fs, root)
 
     def __repr__(self) -> str:
-        # an S3 filesystem's endpoint too, as S3Backend's: a store's default label keys its
-        # cache, so the same bucket behind two servers is two caches (AWS's own left out)
         url = self._endpoint() if self._kind == "s3" else None
         at = f", endpoint_url={url!r}" if url and not is_aws_endpoint(url) else ""
         return f"FsspecBackend({self._kind}, {self.root!r}{at})"
+
+    def place(self) -> str:
+        # an S3 filesystem's endpoint too, as S3Backend's (AWS's own left out), and in its
+        # form: s3fs reads "b/p" as an s3:// store reads "s3://b/p", so they are one store.
+        # Not a path with an empty segment: s3fs keeps it, an s3:// URL drops it.
+        if self._kind != "s3" or "//" in self.root or self.root.startswith("/"):
+            return repr(self)
+        url = self._endpoint()
+        return s3_place(f"s3://{self.root}", None if url and is_aws_endpoint(url) else url)
 
     def _endpoint(self) -> str | None:
         """The endpoint the s3fs filesystem sends its requests to: that of the client it

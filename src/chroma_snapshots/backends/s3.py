@@ -28,7 +28,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
-from chroma_snapshots.backends.endpoints import is_aws_endpoint
+from chroma_snapshots.backends.endpoints import is_aws_endpoint, s3_place
 from chroma_snapshots.backends.s3body import BodyReader, direct_reader
 from chroma_snapshots.backends.s3client import S3Settings, make_client
 from chroma_snapshots.backends.s3errors import (
@@ -87,13 +87,20 @@ class S3Backend(Backend):
         self.client = client or make_client(self.settings)
 
     def __repr__(self) -> str:
-        # the endpoint too: a store's default label keys its cache folder, so the same
-        # bucket behind two servers is two caches, wherever the endpoint came from
-        # (settings, AWS_ENDPOINT_URL, a profile's endpoint_url); AWS's own is left out
-        url = self.settings.endpoint_url or self.client.meta.endpoint_url
-        own = not self.settings.endpoint_url and is_aws_endpoint(url)
-        at = "" if own else f", endpoint_url={url!r}"
+        url = self._endpoint()
+        at = f", endpoint_url={url!r}" if url else ""
         return f"S3Backend('s3://{self.bucket}/{self.prefix}'{at})"
+
+    def place(self) -> str:
+        # the endpoint too: the same bucket behind two servers is two stores, wherever the
+        # endpoint came from (settings, AWS_ENDPOINT_URL, a profile's endpoint_url); in the
+        # form open_store's stores are keyed by, so one storage is one store however opened
+        return s3_place(f"s3://{self.bucket}/{self.prefix}".rstrip("/"), self._endpoint())
+
+    def _endpoint(self) -> str | None:
+        """The endpoint requests go to, or None for AWS's own when none was set."""
+        url = self.settings.endpoint_url or self.client.meta.endpoint_url
+        return None if not self.settings.endpoint_url and is_aws_endpoint(url) else url
 
     def _key(self, key: str) -> str:
         check_key(key)

@@ -7,10 +7,14 @@ from typing import TYPE_CHECKING, cast
 
 import botocore.session
 from botocore.config import Config
-from botocore.exceptions import ProfileNotFound
+from botocore.exceptions import InvalidConfigError, ProfileNotFound
 
 from chroma_snapshots.backends.endpoints import check_endpoint
-from chroma_snapshots.backends.s3errors import give_up_connecting, stop_at_deadline
+from chroma_snapshots.backends.s3errors import (
+    give_up_connecting,
+    profile_not_found,
+    stop_at_deadline,
+)
 from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,6 +42,12 @@ class S3Settings:
     part_size: int = 16 << 20
     body_attempts: int = 3
 
+    def __post_init__(self) -> None:
+        # here, not when a client is made: an endpoint holding a password is refused
+        # before this object can be printed, logged or kept
+        if self.endpoint_url is not None:
+            check_endpoint(self.endpoint_url, "S3 endpoint ")
+
 
 def make_client(s: S3Settings) -> S3Client:
     """A botocore S3 client with ``s``'s timeouts and retries: it refuses an endpoint with a
@@ -50,18 +60,15 @@ def make_client(s: S3Settings) -> S3Client:
     )
     # botocore's own session, not boto3's: the client is the same, and a process that
     # only checks out then never imports boto3 and s3transfer (~15 ms of a cold start).
-    if s.endpoint_url is not None:  # S3Settings built by hand: the rule every endpoint has
-        check_endpoint(s.endpoint_url, "S3 endpoint ")
     try:
         session = botocore.session.Session(profile=s.profile)
         made = session.create_client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
         )
     except ProfileNotFound as e:
-        raise ConfigError(
-            f"AWS profile {e.kwargs.get('profile')!r} is not in ~/.aws/config or "
-            "~/.aws/credentials (set by --profile or AWS_PROFILE)"
-        ) from None
+        raise profile_not_found(e.kwargs.get("profile")) from None
+    except InvalidConfigError as e:  # a profile naming a [services] section that is not there
+        raise ConfigError(f"the AWS configuration: {e}") from None
     except ValueError:  # botocore's "Invalid endpoint: <url>", which may hold a secret
         raise ConfigError(
             "the S3 endpoint botocore found in the AWS configuration (AWS_ENDPOINT_URL_S3, "

@@ -15,9 +15,11 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    InvalidConfigError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -93,6 +95,10 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
         return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
+    if isinstance(err, ProfileNotFound):
+        return profile_not_found(err.kwargs.get("profile"))
+    if isinstance(err, InvalidConfigError):  # a profile naming a missing [services] section
+        return ConfigError(f"{what}: the AWS configuration: {err}")
     if isinstance(err, ParamValidationError):  # e.g. a bucket name S3 cannot have: a typo
         lines = str(err).strip().splitlines()  # "Parameter validation failed:", the rule
         return ConfigError(f"{what}: {lines[-1].split(': ')[0]}; fix the store URL")
@@ -173,3 +179,15 @@ def give_up_connecting(attempts: int) -> Callable[..., None]:
             raise err
 
     return check
+
+
+def profile_not_found(profile: object) -> ConfigError:
+    """ConfigError for an AWS profile botocore did not find, naming the files it read
+    (``AWS_CONFIG_FILE`` and ``AWS_SHARED_CREDENTIALS_FILE`` move them)."""
+    import botocore.session
+
+    session = botocore.session.Session()
+    files = [str(session.get_config_variable(f)) for f in ("config_file", "credentials_file")]
+    return ConfigError(
+        f"AWS profile {profile!r} is not in {' or '.join(files)} (set by --profile or AWS_PROFILE)"
+    )

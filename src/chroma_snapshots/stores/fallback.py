@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import SupportsIndex, TypeVar
 
+from chroma_snapshots.backends.base import Backend
 from chroma_snapshots.engine.apart import Place, keep_out, store_folder
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline, within
 from chroma_snapshots.engine.models import Manifest, RefValue, SnapshotInfo
@@ -408,10 +409,11 @@ def _check_arguments(stores: object, primary: object, mirror: object, share: obj
         raise InvalidInputError(
             f"FallbackStore reads from source stores (RemoteStore, ...), not {odd}"
         )
-    places = Counter(place for s in stores for place in _places(s))
+    places = Counter(place for s in stores for place in set(_places(s)))
     if twice := [place for place, n in places.items() if n > 1]:
+        shown_place = twice[0].replace("\0", " at ")  # s3_place's separator, for people
         raise InvalidInputError(
-            f"FallbackStore's stores must be different stores: {twice[0]} is among them "
+            f"FallbackStore's stores must be different stores: {shown_place} is among them "
             "twice (a fallback to the same storage is none)"
         )
     # an int, or what indexes as one (numpy's); True is no index
@@ -428,7 +430,9 @@ def _check_arguments(stores: object, primary: object, mirror: object, share: obj
 
 
 def _places(store: SourceStore) -> list[str]:
-    """The storage ``store`` reads: its identity, or its stores' if it combines some."""
+    """The storage ``store`` reads: its identity and its backend's place (a label given by
+    hand is an identity, not where the objects are), or its stores' if it combines some."""
     if isinstance(store, FallbackStore):
         return [place for s in store.stores for place in _places(s)]
-    return [store.identity]
+    backend = getattr(store, "backend", None)
+    return [store.identity, *([backend.place()] if isinstance(backend, Backend) else [])]
