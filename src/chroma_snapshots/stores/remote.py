@@ -224,69 +224,78 @@ class RemoteStore(RemoteListing, SourceStore):
         hash-verified, so a modified copy only costs deltas. ``stamps=False``: re-read
         every file instead of trusting the stamp index for unchanged ones
         (engine.stampindex); None: the store's ``trust_stamps``."""
-        with refs.MoveWatch() as watch:
-            check_name(name)
-            check_chunk_size(
-                self.chunk_size
-            )  # an attribute users may set: never publish unreadable
-            metadata = checked_metadata(metadata)
-            message = checked_message(message)
-            source_dir = checked_source(source_dir)
-            check_parent_dir(parent_dir)
-            check_flags(
-                {"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps})
-            )
-            dl = as_deadline(deadline, self.default_timeout)
-            here = within(dl, self.backend.folder)  # a mount not seen yet is asked: in time
-            within(dl, self.backend.mark)  # put back if removed since the store opened
-            avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
-            t0, stats = time.monotonic(), StatsRecorder()
-            with manifest_v2.collector_paused():  # an object per file, no cycle
-                files, dirs = scan_source(source_dir, avoid)
-            check_source(
-                [f.relpath for f in files], list(dirs), [f.size for f in files], self.chunk_size
-            )
-            current = refs.to_move(lambda: self.read_ref(name, deadline=dl), expected)
-            stats.add(requests=1)
-            refs.check_expected(name, expected, current)
-            refs.check_signable(
-                self.backend, self.signer, name, "latest", current
-            )  # before uploads
-            parent = current[0].version if current else None
-            # The pin covers the parent and, by its time, every pack we write after it.
-            with self.pinned(name, [parent] if parent else [], dl) as pin:
-                pm = self._parent_manifest(name, parent, dl) if parent else None
-                level = self.compression_level
-                bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
-                uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
-                                    self.compression_level,
-                                    self.trust_stamps if stamps is None else stamps,
-                                    bundle=self.manifest_format >= 2,
-                                    ids=self._scheme(name, pm, parent, dl))  # fmt: skip
-                try:
-                    entries, chunks = uploader.upload(
-                        name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
-                    )
-                finally:
-                    if bases is not None:
-                        bases.close()
-                pin.check_created()
-                if pm is not None and parent and not allow_empty and same_tree(pm, entries, dirs):
-                    stats.add(requests=2)  # the pin and its release: nothing else is written
-                    return SnapshotInfo.from_manifest(
-                        parent, pm, stats.freeze(time.monotonic() - t0)
-                    )
-                manifest = Manifest(name, utc_now(), self.chunk_size, tuple(entries), chunks,
-                                    tuple(dirs), parent, publisher_id(), message, metadata,
-                                    self.manifest_format)  # fmt: skip
-                version, data = self._write_manifest(manifest, dl)
-                watch.sent = True
-                self._move_ref(name, "latest", version, expected, current, dl, new=True)
-            # pin, prune records, manifest, retirement note, ref
-            stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
-            return SnapshotInfo.from_manifest(
-                version, manifest, stats.freeze(time.monotonic() - t0)
-            )
+        with refs.MoveWatch() as watch:  # an error before the move is sent: ref_untouched
+            return self._publish(
+                name, source_dir, watch, expected, message, metadata, deadline, progress,
+                parent_dir, allow_empty, stamps,
+            )  # fmt: skip
+
+    def _publish(
+        self,
+        name: str,
+        source_dir: str | Path,
+        watch: refs.MoveWatch,
+        expected: Expected,
+        message: str | None,
+        metadata: dict[str, object] | None,
+        deadline: DeadlineLike,
+        progress: Progress | None,
+        parent_dir: ParentDir,
+        allow_empty: bool,
+        stamps: bool | None,
+    ) -> SnapshotInfo:
+        check_name(name)
+        check_chunk_size(self.chunk_size)  # an attribute users may set: never publish unreadable
+        metadata = checked_metadata(metadata)
+        message = checked_message(message)
+        source_dir = checked_source(source_dir)
+        check_parent_dir(parent_dir)
+        check_flags({"allow_empty": allow_empty} | ({} if stamps is None else {"stamps": stamps}))
+        dl = as_deadline(deadline, self.default_timeout)
+        here = within(dl, self.backend.folder)  # a mount not seen yet is asked: in time
+        within(dl, self.backend.mark)  # put back if removed since the store opened
+        avoid = check_apart(source_dir, () if here is None else [store_folder(here)])
+        t0, stats = time.monotonic(), StatsRecorder()
+        with manifest_v2.collector_paused():  # an object per file, no cycle
+            files, dirs = scan_source(source_dir, avoid)
+        check_source(
+            [f.relpath for f in files], list(dirs), [f.size for f in files], self.chunk_size
+        )
+        current = refs.to_move(lambda: self.read_ref(name, deadline=dl), expected)
+        stats.add(requests=1)
+        refs.check_expected(name, expected, current)
+        refs.check_signable(self.backend, self.signer, name, "latest", current)  # before uploads
+        parent = current[0].version if current else None
+        # The pin covers the parent and, by its time, every pack we write after it.
+        with self.pinned(name, [parent] if parent else [], dl) as pin:
+            pm = self._parent_manifest(name, parent, dl) if parent else None
+            level = self.compression_level
+            bases = delta_bases(pm, parent, parent_dir, self.manifest_format, level)
+            uploader = Uploader(self.backend, self.workers, self.chunk_size, self.pack_target,
+                                self.compression_level,
+                                self.trust_stamps if stamps is None else stamps,
+                                bundle=self.manifest_format >= 2,
+                                ids=self._scheme(name, pm, parent, dl))  # fmt: skip
+            try:
+                entries, chunks = uploader.upload(
+                    name, files, dict(pm.chunks) if pm else {}, dl, stats, progress, pin, bases
+                )
+            finally:
+                if bases is not None:
+                    bases.close()
+            pin.check_created()
+            if pm is not None and parent and not allow_empty and same_tree(pm, entries, dirs):
+                stats.add(requests=2)  # the pin and its release: nothing else is written
+                return SnapshotInfo.from_manifest(parent, pm, stats.freeze(time.monotonic() - t0))
+            manifest = Manifest(name, utc_now(), self.chunk_size, tuple(entries), chunks,
+                                tuple(dirs), parent, publisher_id(), message, metadata,
+                                self.manifest_format)  # fmt: skip
+            version, data = self._write_manifest(manifest, dl)
+            watch.sent = True
+            self._move_ref(name, "latest", version, expected, current, dl, new=True)
+        # pin, prune records, manifest, retirement note, ref
+        stats.add(requests=4 + (current is not None), bytes_uploaded=len(data))
+        return SnapshotInfo.from_manifest(version, manifest, stats.freeze(time.monotonic() - t0))
 
     def _write_manifest(self, manifest: Manifest, dl: Deadline) -> tuple[str, bytes]:
         """Encode ``manifest``, check it decodes as readers will, create it once (and its

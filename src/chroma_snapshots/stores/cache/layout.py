@@ -326,8 +326,7 @@ class NameDirs:
         holds a token of this move instead (read as nothing recorded), returned for
         :meth:`restore_ref`."""
         token = f"moving {uuid.uuid4().hex}"
-        with local_io(self.root / "locks", "locking a cache record"), self._ref_lock(ref):
-            self._write_ref(ref, token)
+        self._locked_write(ref, token)
         return token
 
     def restore_ref(self, ref: str, token: str, version: str | None) -> None:
@@ -343,10 +342,12 @@ class NameDirs:
         """Remember that ``ref`` names ``version`` (None: the ref does not exist); written
         only when it changed. A record that cannot be written is removed, so a stale read
         fails rather than serve a version the ref no longer names."""
-        if self.recorded_ref(ref) == version:
-            return
+        if self.recorded_ref(ref) != version:
+            self._locked_write(ref, version)
+
+    def _locked_write(self, ref: str, content: str | None) -> None:
         with local_io(self.root / "locks", "locking a cache record"), self._ref_lock(ref):
-            self._write_ref(ref, version)
+            self._write_ref(ref, content)
 
     def _ref_lock(self, ref: str) -> FileLock:
         """Held while a ref's record is written: a restore reads and writes it as one."""
