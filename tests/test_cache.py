@@ -309,6 +309,54 @@ def test_a_failed_move_never_puts_back_what_another_move_replaced(
         assert (snap.stale, snap.info.version) == (True, v1)
 
 
+# publishes argv[3] to the store argv[1] through the cache argv[2], dying (SIGKILL) once the
+# cache has forgotten latest and before the store's publish sends anything
+KILLED_MOVE = """
+import os, signal, sys
+from chroma_snapshots import StoreConfig, open_store
+store = open_store(StoreConfig(url=sys.argv[1], cache_dir=sys.argv[2]))
+store.inner.publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+store.publish("db", sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("ending", ["killed", "timed out"])
+def test_a_move_that_may_have_landed_leaves_the_ref_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A move whose outcome is unknown: the process killed after the cache forgot latest
+    (before or while the move was sent), or no answer in time. The cache may serve
+    neither the version latest named (the move may have landed) nor any other: offline
+    reads refuse until an online read learns latest again."""
+    url, cache_dir = str(tmp_path / "store"), str(tmp_path / "cache")
+    one = open_store(StoreConfig(url=url, cache_dir=cache_dir))
+    v1 = one.publish("db", write_tree(tmp_path / "a", {"f": b"a"})).version
+    one.checkout("db").release()
+    offline = open_store(StoreConfig(url=url, cache_dir=cache_dir, offline=True))
+    with offline.checkout("db") as snap:
+        assert snap.info.version == v1  # remembered before the move
+    src = str(write_tree(tmp_path / "b", {"f": b"b"}))
+    if ending == "killed":
+        died = subprocess.run([sys.executable, "-c", KILLED_MOVE, url, cache_dir, src])
+        assert died.returncode == -9
+    else:
+
+        def no_answer(*args: object, **kwargs: object) -> None:
+            raise StorageTimeoutError("no answer in time: the move may have landed")
+
+        assert isinstance(one, CachedStore)
+        monkeypatch.setattr(one.inner, "publish", no_answer)
+        with pytest.raises(StorageTimeoutError) as got:
+            one.publish("db", src)
+        assert not got.value.ref_untouched
+    with pytest.raises(BackendUnavailableError, match="not contacted"):
+        offline.checkout("db")  # not v1: latest may name another version by now
+    again = open_store(StoreConfig(url=url, cache_dir=cache_dir))
+    again.checkout("db").release()  # online: latest learned again
+    with offline.checkout("db") as snap:
+        assert (snap.stale, snap.info.version) == (True, v1)  # nothing was published
+
+
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 
 
