@@ -528,6 +528,7 @@ def test_backends_built_by_hand_are_the_storage_they_reach_to_a_fallback() -> No
     built by hand, the endpoint with or without its slash, a label given by hand), a
     fallback from it to another over the same bucket on the same server is refused."""
     from chroma_snapshots import FallbackStore, InvalidInputError
+    from chroma_snapshots.backends import open_backend
     from chroma_snapshots.backends.fsspec import FsspecBackend
 
     def by_hand(endpoint: str, label: str | None = None) -> RemoteStore:
@@ -539,16 +540,28 @@ def test_backends_built_by_hand_are_the_storage_they_reach_to_a_fallback() -> No
         FsspecBackend.from_url("s3://bkt/p", endpoint_url=A, skip_instance_cache=True)
     )
     opened = open_remote(StoreConfig(url="s3://bkt/p", s3_endpoint_url=A))
+    wrapped = RemoteStore(open_backend("fsspec+s3://bkt/p", endpoint_url=A))
+    host, port = A.rsplit(":", 1)
     for pair in (
         (by_hand(A), opened),
         (by_hand(A + "/"), opened),
+        (by_hand(f"{host}.:0{port}"), opened),  # a trailing dot, a leading zero
         (through_s3fs, opened),
         (through_s3fs, by_hand(A)),
+        (wrapped, by_hand(A)),  # the conditional-write check around it is no other place
         (by_hand(A, label="primary"), by_hand(A, label="mirror")),
     ):
         with pytest.raises(InvalidInputError, match=f"s3://bkt/p at {A} is among them twice"):
             FallbackStore(list(pair))
+    for default in ("http://127.0.0.1", "https://127.0.0.1"):  # the scheme's own port
+        port_given = f"{default}:{80 if default.startswith('http:') else 443}"
+        with pytest.raises(InvalidInputError, match="twice"):
+            FallbackStore([by_hand(default), by_hand(port_given)])
+    aws = "https://s3.us-east-1.amazonaws.com"  # AWS's own: a bucket name is one bucket
+    with pytest.raises(InvalidInputError, match="twice"):
+        FallbackStore([by_hand(aws), RemoteStore(S3Backend("bkt", "p", settings=S3Settings()))])
     assert len(FallbackStore([by_hand(A), by_hand(B)]).stores) == 2  # two servers
+    assert len(FallbackStore([by_hand(A), by_hand(A.replace("http:", "https:"))]).stores) == 2
 
 
 @pytest.mark.parametrize("url", ["s3://bkt/p", "fsspec+s3://bkt/p"])

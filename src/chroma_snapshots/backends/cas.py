@@ -117,6 +117,9 @@ class ConditionalWriteCheck(Backend):
     def __repr__(self) -> str:
         return repr(self.inner)
 
+    def place(self) -> str:
+        return self.inner.place()  # the storage it reaches: a store's key, a fallback's check
+
     def __getattr__(self, name: str) -> Any:
         # settings, client, bucket, ... of the wrapped backend ("inner" itself: not set yet)
         if name == "inner":

@@ -59,14 +59,25 @@ def is_aws_endpoint(url: str) -> bool:
     return host.endswith(".amazonaws.com") and not apart
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def endpoint_label(endpoint: str) -> str:
-    """``HTTP://Host:9000/`` and ``http://host:9000`` are one endpoint."""
+    """One spelling of a (checked) endpoint: ``HTTP://Host.:09000/`` is
+    ``http://host:9000``, and ``https://h:443`` is ``https://h``."""
     parts = urlsplit(endpoint)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").rstrip(".")
+    host = f"[{host}]" if ":" in host else host  # IPv6, bracketed again
+    port = parts.port
+    at = "" if port is None or port == _DEFAULT_PORTS.get(scheme) else f":{port}"
+    return f"{scheme}://{host}{at}"
 
 
 def s3_place(path: str, endpoint: str | None) -> str:
     """One spelling of S3 storage, whoever opens it (a URL, a backend built by hand):
-    ``path`` (``s3://bucket/prefix``), then the endpoint unless it is none (AWS's own).
-    It keys a store's cache folder and FallbackStore's check that its stores differ."""
-    return f"{path}\0{endpoint_label(endpoint)}" if endpoint else path
+    ``path`` (``s3://bucket/prefix``), then the endpoint, unless it is none or one of
+    AWS's own in its main partition (a bucket name is one bucket there). It keys a
+    store's cache folder and FallbackStore's check that its stores differ."""
+    if endpoint is None or is_aws_endpoint(endpoint):
+        return path
+    return f"{path}\0{endpoint_label(endpoint)}"

@@ -140,8 +140,7 @@ class FsspecBackend(Backend):
         # Not a path with an empty segment: s3fs keeps it, an s3:// URL drops it.
         if self._kind != "s3" or "//" in self.root or self.root.startswith("/"):
             return repr(self)
-        url = self._endpoint()
-        return s3_place(f"s3://{self.root}", None if url and is_aws_endpoint(url) else url)
+        return s3_place(f"s3://{self.root}", self._endpoint())
 
     def _endpoint(self) -> str | None:
         """The endpoint the s3fs filesystem sends its requests to: that of the client it

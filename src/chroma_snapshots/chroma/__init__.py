@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import sqlite3
@@ -33,7 +32,7 @@ from chroma_snapshots.chroma.client import client_settings as client_settings
 from chroma_snapshots.chroma.client import close_client as close_client
 from chroma_snapshots.engine.apart import published_from
 from chroma_snapshots.engine.child import ChildFailed, run_once
-from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
+from chroma_snapshots.engine.deadline import MAX_SECONDS, Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.localfs import copy_tree
 from chroma_snapshots.engine.models import SnapshotInfo
@@ -78,7 +77,10 @@ def sqlite_counts(path: Path) -> dict[str, int]:
         check = db.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
             raise IntegrityError(f"{path}/{SQLITE}: quick_check failed: {check[:3]}")
-        return {name: int(n) for name, n in db.execute(_COUNTS)}
+        counts = {name: int(n) for name, n in db.execute(_COUNTS)}
+    if odd := [shown(name) for name in counts if not isinstance(name, str)]:
+        raise IntegrityError(f"{path}/{SQLITE}: collection names that are not text: {odd[:3]}")
+    return counts
 
 
 @contextmanager
@@ -164,15 +166,16 @@ def collection_dimensions(path: str | Path) -> dict[str, int | None]:
 
 def validate(path: str | Path, *, deadline: DeadlineLike = None) -> ValidationReport:
     """Check that ``path`` is a sound chroma database: ``PRAGMA quick_check`` passes, chroma
-    opens it, counts every collection (replaying its write-ahead log) and finds a stored
-    vector through the vector index. IntegrityError otherwise, also when chroma's native
-    code crashes on it: chroma runs in a child process (about a CPU second to start).
-    StorageTimeoutError if ``deadline`` passes first."""
+    opens it, counts every collection (replaying its write-ahead log), reads every record's
+    embedding back (each present and finite) and finds a stored vector through the vector
+    index. IntegrityError otherwise, also when chroma's native code crashes on it: chroma
+    runs in a child process. StorageTimeoutError if ``deadline`` passes first (none: no
+    limit), KeyboardInterrupt as it comes; the child is killed either way."""
     path = Path(_path_arg(path, "validate's path"))
-    dl = None if deadline is None else as_deadline(deadline, 0.0)
-    names = json.dumps(sorted(sqlite_counts(path)))
+    dl = as_deadline(deadline, MAX_SECONDS)
+    request = [str(path), sorted(sqlite_counts(path))]
     try:
-        out = run_once(_PROBE, [str(path), names], f"validating {path} with chroma", dl)
+        out = run_once(_PROBE, request, f"validating {path} with chroma", dl)
     except ChildFailed as e:
         raise IntegrityError(f"{path}: chroma {e} reading it") from e
     if "error" in out:

@@ -8,24 +8,25 @@ folder in a Python of its own (:func:`chroma_snapshots.engine.child.run_once`).
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import chromadb
+import numpy
 
 from chroma_snapshots.chroma.client import client_settings, close_client
-from chroma_snapshots.engine.child import reply
+from chroma_snapshots.engine.child import read_request, reply
 from chroma_snapshots.errors import IntegrityError
+
+_PAGE = 5000  # records read back at once: bounded memory whatever the collection's size
 
 
 def main() -> None:
-    """The child: open ``sys.argv[1]`` with chroma, count and probe the collections named
-    in ``sys.argv[2]`` (JSON), reply ``{"counts": ...}`` or ``{"error": ...}``."""
-    path, names = Path(sys.argv[1]), json.loads(sys.argv[2])
+    """The child: open the folder the request names with chroma, count and probe the
+    collections it names, reply ``{"counts": ...}`` or ``{"error": ...}``."""
+    path, names = read_request()
     try:
-        reply({"counts": _count_and_probe(path, names)})
+        reply({"counts": _count_and_probe(Path(path), names)})
     except IntegrityError as e:
         reply({"error": str(e)})
     except Exception as e:  # chroma's own errors, whatever their type: the folder is bad
@@ -42,10 +43,26 @@ def _count_and_probe(path: Path, names: list[str]) -> dict[str, int]:
         for name in names:
             col = client.get_collection(name)
             counts[name] = col.count()
+            _read_every_embedding(col, name, counts[name])
             _probe_index(col, name)
         return counts
     finally:
         close_client(client)
+
+
+def _read_every_embedding(col: Any, name: str, count: int) -> None:
+    """Every record's embedding, read back from the vector segment in pages: a segment
+    cut short, or a record whose label points nowhere, fails here (chroma raises), and a
+    vector that is not finite is damage chroma would have refused to store."""
+    seen = 0
+    while seen < count:
+        page = col.get(offset=seen, limit=_PAGE, include=["embeddings"])
+        vectors = page["embeddings"]
+        if not page["ids"] or vectors is None or len(vectors) != len(page["ids"]):
+            raise IntegrityError(f"collection {name}: records {seen}.. have no embedding")
+        if not numpy.isfinite(numpy.asarray(vectors, dtype=numpy.float64)).all():
+            raise IntegrityError(f"collection {name}: an embedding is not finite (NaN, inf)")
+        seen += len(page["ids"])
 
 
 def _probe_index(col: Any, name: str) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from chroma_snapshots.engine.child import python_argv
+from chroma_snapshots.engine.child import path_line, python_argv
 from chroma_snapshots.errors import BackendUnavailableError, SnapshotError
 
 _LEN = struct.Struct("!Q")
@@ -69,8 +69,11 @@ class Worker:
         return self.proc.poll() is None
 
     def wait_ready(self, budget: float) -> None:
-        """Wait for a new worker's start-up; TimeoutError past ``budget``."""
-        if self._read(len(_READY), time.monotonic() + budget, ran=False) != _READY:
+        """Start a new worker (the caller's ``sys.path`` first) and wait for it to be
+        ready; TimeoutError past ``budget``."""
+        end = time.monotonic() + budget
+        self._write(path_line(), end)
+        if self._read(len(_READY), end, ran=False) != _READY:
             raise DiedBeforeTheCall(ran=False)
 
     def call(self, payload: bytes, budget: float) -> Any:
