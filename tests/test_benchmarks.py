@@ -125,6 +125,19 @@ def test_manifest_decode_smoke(tmp_path: Path) -> None:
         assert r["decode_cpu_s"] > 0
 
 
+def test_validate_cost_smoke(tmp_path: Path) -> None:
+    rows = _run("validate_cost.py", "--records", "1500", "--dim", "8", "--rounds", "1",
+                tmp=tmp_path)  # fmt: skip
+    assert [r["check"] for r in rows] == [
+        "validate (child: every embedding)",
+        "open and count in process",
+    ]
+    validated, counted = rows
+    assert validated["cpu_child"] > 0  # chroma ran in the child
+    assert counted["cpu_child"] == 0  # and here in the caller
+    assert validated["bytes"] == counted["bytes"] > 0
+
+
 def test_transfer_smoke(tmp_path: Path) -> None:
     rows = _run("transfer.py", "--size-mb", "4", tmp=tmp_path)
     ours = {r["scenario"]: r for r in rows if r["approach"] == "chroma-snapshots"}
