@@ -45,10 +45,10 @@ def _timed(fn: Callable[[], object]) -> dict[str, float]:
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
-    return {
-        "wall": wall,
-        "cpu_caller": own2.ru_utime + own2.ru_stime - own.ru_utime - own.ru_stime,
-        "cpu_child": kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime,
+    return {  # to the ms: a difference of float sums is -1e-17 when nothing ran
+        "wall": round(wall, 3),
+        "cpu_caller": round(own2.ru_utime + own2.ru_stime - own.ru_utime - own.ru_stime, 3),
+        "cpu_child": round(kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime, 3),
         "child_peak_rss_mib": kids2.ru_maxrss / 1024,  # the largest child so far
     }
 
