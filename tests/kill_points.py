@@ -53,7 +53,10 @@ class StepMarker(Backend):
         self.inner = inner
 
     def __repr__(self) -> str:
-        return repr(self.inner)  # the store label (and so the cache folder) stays the same
+        return repr(self.inner)  # the store label stays the same
+
+    def place(self) -> str:
+        return self.inner.place()  # and so does the cache folder
 
     def _step(self, op: str, key: str, fn: Callable[[], T]) -> T:
         reached(step_kind(op, key))

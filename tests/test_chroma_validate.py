@@ -155,7 +155,7 @@ def test_a_deadline_kills_the_child_and_the_next_call_is_unharmed(
     children_before = _children()
     with pytest.raises(StorageTimeoutError, match="validating"):
         validate(sound, deadline=Deadline(0.05))
-    assert _children() == children_before  # killed and reaped, not left running
+    assert _children() <= children_before  # killed and reaped, not left running
     assert validate(sound, deadline=120).records == RECORDS
 
 
@@ -181,12 +181,13 @@ def _hanging(sound: Path, tmp_path: Path) -> Path:
 def test_a_call_off_ends_the_child_at_once(sound: Path, tmp_path: Path) -> None:
     db = _hanging(sound, tmp_path)
     dl = Deadline(120)
+    before = _children()  # the suite's own (a local S3 server)
     threading.Timer(2.0, dl.call_off).start()
     t0 = time.monotonic()
     with pytest.raises(StorageTimeoutError, match="interrupted"):
         validate(db, deadline=dl)
     assert time.monotonic() - t0 < 60  # not the 120 s deadline
-    assert not _children()
+    assert _children() <= before  # killed and reaped
 
 
 # validates argv[1] with a long deadline, printing how it ended
