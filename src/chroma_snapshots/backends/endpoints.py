@@ -54,7 +54,7 @@ def is_aws_endpoint(url: str) -> bool:
     a store's label: a bucket name is one bucket there). China (``.amazonaws.com.cn``),
     GovCloud and the isolated regions are partitions of their own, where the same bucket
     name is another bucket: their endpoints key the store as any other does."""
-    host = urlsplit(url).hostname or ""
+    host = (urlsplit(url).hostname or "").rstrip(".")  # "host." is "host" (endpoint_label)
     apart = any(part in host for part in ("us-gov-", "-iso-", "-isob-", "-isof-", "-isoe-"))
     return host.endswith(".amazonaws.com") and not apart
 
