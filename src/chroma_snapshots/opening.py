@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
-from chroma_snapshots.backends.endpoints import endpoint_label, s3_place
+from chroma_snapshots.backends.endpoints import endpoint_label, s3_place, s3fs_path
 from chroma_snapshots.config import StoreConfig, environment_endpoint
 
 if TYPE_CHECKING:
@@ -181,8 +181,7 @@ def _same_store(label: str) -> str:
     it (``_label``)."""
     scheme, _, rest = label.partition("://")
     if scheme in _THROUGH_S3FS:
-        rest = rest.rstrip("/")
-        return f"s3://{rest}" if "//" not in rest and not rest.startswith("/") else label
+        return s3fs_path(rest) or label
     return label
 
 

@@ -81,3 +81,11 @@ def s3_place(path: str, endpoint: str | None) -> str:
     if endpoint is None or is_aws_endpoint(endpoint):
         return path
     return f"{path}\0{endpoint_label(endpoint)}"
+
+
+def s3fs_path(rest: str) -> str | None:
+    """The ``s3://`` spelling of a path s3fs reads (``bucket/prefix``, a slash at the end
+    naming the same folder), or None where the two differ: s3fs keeps an empty segment
+    (``b//p``, ``/b``) that an ``s3://`` URL drops."""
+    rest = rest.rstrip("/")
+    return f"s3://{rest}" if "//" not in rest and not rest.startswith("/") else None

@@ -25,7 +25,7 @@ from chroma_snapshots.backends.base import (
     put_error,
     range_refused,
 )
-from chroma_snapshots.backends.endpoints import is_aws_endpoint, s3_place
+from chroma_snapshots.backends.endpoints import is_aws_endpoint, s3_place, s3fs_path
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -138,9 +138,8 @@ class FsspecBackend(Backend):
         # an S3 filesystem's endpoint too, as S3Backend's (AWS's own left out), and in its
         # form: s3fs reads "b/p" as an s3:// store reads "s3://b/p", so they are one store.
         # Not a path with an empty segment: s3fs keeps it, an s3:// URL drops it.
-        if self._kind != "s3" or "//" in self.root or self.root.startswith("/"):
-            return repr(self)
-        return s3_place(f"s3://{self.root}", self._endpoint())
+        path = s3fs_path(self.root) if self._kind == "s3" else None
+        return repr(self) if path is None else s3_place(path, self._endpoint())
 
     def _endpoint(self) -> str | None:
         """The endpoint the s3fs filesystem sends its requests to: that of the client it
