@@ -8,12 +8,12 @@ then A to the end, then B. Enumerating every (i, j) runs B at every step boundar
 
 from __future__ import annotations
 
-import builtins
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from chroma_snapshots.backends.base import (
     Backend,
@@ -23,7 +23,10 @@ from chroma_snapshots.backends.base import (
     check_key,
     past_end,
 )
+from chroma_snapshots.backends.wrapped import WrappedBackend
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
+
+T = TypeVar("T")
 
 WAIT = 30.0  # a schedule that cannot progress for this long is a bug in the test
 
@@ -136,53 +139,23 @@ class Schedule:
             self.cond.notify_all()
 
 
-class Gate(Backend):
+class Gate(WrappedBackend):
     """``inner`` as seen by one actor: every call waits for its turn in ``schedule``."""
 
     def __init__(self, inner: Backend, schedule: Schedule | None, actor: str) -> None:
-        self.inner, self.schedule, self.actor = inner, schedule, actor
+        super().__init__(inner)
+        self.schedule, self.actor = schedule, actor
         self.calls = 0
 
-    def _run(self, fn: Callable[[], object]) -> object:
+    def around(self, op: str, keys: tuple[str, ...], call: Callable[[], T]) -> T:
         self.calls += 1
         if self.schedule is None:
-            return fn()
+            return call()
         self.schedule.enter(self.actor)
         try:
-            return fn()
+            return call()
         finally:
             self.schedule.leave()
-
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        out = self._run(lambda: self.inner.get(key, byte_range=byte_range))
-        assert isinstance(out, GetResult)
-        return out
-
-    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
-        out = self._run(lambda: self.inner.get_into(key, byte_range, buf))
-        assert isinstance(out, int)
-        return out
-
-    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
-        out = self._run(lambda: self.inner.put(key, data, mode=mode))
-        assert isinstance(out, ObjectMeta)
-        return out
-
-    def head(self, key: str) -> ObjectMeta:
-        out = self._run(lambda: self.inner.head(key))
-        assert isinstance(out, ObjectMeta)
-        return out
-
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        out = self._run(lambda: builtins.list(self.inner.list(prefix)))
-        assert isinstance(out, builtins.list)
-        return iter(out)
-
-    def delete(self, key: str) -> None:
-        self._run(lambda: self.inner.delete(key))
-
-    def delete_many(self, keys: builtins.list[str]) -> None:
-        self._run(lambda: self.inner.delete_many(keys))
 
 
 @dataclass

@@ -10,7 +10,6 @@ until the kill (a materializer is still writing files when it dies).
 
 from __future__ import annotations
 
-import builtins
 import os
 import queue
 import signal
@@ -18,11 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO, TypeVar
 
-from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.backends.wrapped import WrappedBackend
 
 T = TypeVar("T")
 STEP_WAIT = 120.0  # a worker that reports no step for this long is stuck: the test fails
@@ -46,52 +46,12 @@ def reached(kind: str, out: TextIO = sys.stdout, answers: TextIO = sys.stdin) ->
             os._exit(3)  # the parent is gone: stop, as the kill would have
 
 
-class StepMarker(Backend):
+class StepMarker(WrappedBackend):
     """``inner``, announcing each call with :func:`reached` before making it."""
 
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-
-    def __repr__(self) -> str:
-        return repr(self.inner)  # the store label stays the same
-
-    def place(self) -> str:
-        return self.inner.place()  # and so does the cache folder
-
-    def _step(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        reached(step_kind(op, key))
-        return fn()
-
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        return self._step("get", key, lambda: self.inner.get(key, byte_range=byte_range))
-
-    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
-        return self._step("get", key, lambda: self.inner.get_into(key, byte_range, buf))
-
-    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
-        return self._step("put", key, lambda: self.inner.put(key, data, mode=mode))
-
-    def head(self, key: str) -> ObjectMeta:
-        return self._step("head", key, lambda: self.inner.head(key))
-
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        return self._step("list", prefix, lambda: iter(builtins.list(self.inner.list(prefix))))
-
-    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        return self._step("list", prefix, lambda: self.inner.list_dirs(prefix))
-
-    def delete(self, key: str) -> None:
-        self._step("delete", key, lambda: self.inner.delete(key))
-
-    def delete_many(self, keys: builtins.list[str]) -> None:
-        first = keys[0] if keys else ""
-        self._step("delete", first, lambda: self.inner.delete_many(keys))
-
-    def exists(self, key: str) -> bool:
-        return self._step("head", key, lambda: self.inner.exists(key))
-
-    def close(self) -> None:
-        self.inner.close()
+    def around(self, op: str, keys: tuple[str, ...], call: Callable[[], T]) -> T:
+        reached(step_kind(op, keys[0] if keys else ""))
+        return call()
 
 
 STEPS = "--steps" in sys.argv  # this process is a worker run by run_to_step

@@ -10,11 +10,10 @@ the calling thread until the test lets it go, so another client runs in between.
 
 from __future__ import annotations
 
-import builtins
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -24,12 +23,10 @@ from chroma_snapshots import (
     LATEST,
     Backend,
     CachedStore,
-    GetResult,
     LocalSnapshot,
-    ObjectMeta,
-    PutMode,
     RemoteStore,
 )
+from chroma_snapshots.backends.wrapped import WrappedBackend
 from chroma_snapshots.errors import SnapshotError
 from chroma_snapshots.stores.base import Expected
 from chroma_snapshots.testing.conformance import read_tree
@@ -54,11 +51,12 @@ class Plan:
     error: type[SnapshotError] | None = None
 
 
-class ScriptedBackend(Backend):
+class ScriptedBackend(WrappedBackend):
     """``inner`` with a scripted failure, kill or pause at one call; logs every call."""
 
     def __init__(self, inner: Backend, who: str, journal: list[str]) -> None:
-        self.inner, self.who, self.journal = inner, who, journal
+        super().__init__(inner)
+        self.who, self.journal = who, journal
         self._lock = threading.Lock()
         self._open = threading.Event()
         self._open.set()
@@ -81,7 +79,8 @@ class ScriptedBackend(Backend):
         """Let a paused operation go on."""
         self._open.set()
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def around(self, op: str, keys: tuple[str, ...], call: Callable[[], T]) -> T:
+        what = " ".join((op, *keys))
         self._open.wait(GATE_TIMEOUT)
         with self._lock:
             if self.dead:
@@ -95,7 +94,7 @@ class ScriptedBackend(Backend):
                 self._open.clear()  # the client's other threads stop at the gate too
                 self.paused.set()
         if plan is None:
-            return fn()
+            return call()
         if plan.action == "pause":
             self._open.wait(GATE_TIMEOUT)
         elif plan.action == "kill":
@@ -103,34 +102,10 @@ class ScriptedBackend(Backend):
             raise Killed(f"{self.who} killed at {what}")
         elif plan.action == "fail-before" and plan.error is not None:
             raise plan.error(f"injected before {what}")
-        result = fn()
+        result = call()
         if plan.action == "fail-after" and plan.error is not None:
             raise plan.error(f"injected after {what} (it happened; the answer was lost)")
         return result
-
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        return self._call(f"get {key}", lambda: self.inner.get(key, byte_range=byte_range))
-
-    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
-        return self._call(f"get {key}", lambda: self.inner.get_into(key, byte_range, buf))
-
-    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
-        return self._call(f"put {key} {mode.kind}", lambda: self.inner.put(key, data, mode=mode))
-
-    def head(self, key: str) -> ObjectMeta:
-        return self._call(f"head {key}", lambda: self.inner.head(key))
-
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        return iter(self._call(f"list {prefix}", lambda: builtins.list(self.inner.list(prefix))))
-
-    def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self.inner.delete(key))
-
-    def delete_many(self, keys: builtins.list[str]) -> None:
-        self._call(f"delete {' '.join(keys)}", lambda: self.inner.delete_many(keys))
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def remote(backend: Backend, label: str) -> RemoteStore:

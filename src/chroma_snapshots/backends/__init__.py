@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
 from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.options import OpenOptions
+from chroma_snapshots.backends.wrapped import WrappedBackend
 from chroma_snapshots.errors import ConfigError, InvalidInputError, SnapshotError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ObjectMeta",
     "OpenOptions",
     "PutMode",
+    "WrappedBackend",
     "check_endpoint",
     "check_store_url",
     "open_backend",

@@ -4,61 +4,37 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
-from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import Backend
+from chroma_snapshots.backends.wrapped import WrappedBackend, keys_named
 from chroma_snapshots.engine.cleanup import clean_up
 from chroma_snapshots.engine.deadline import Deadline, run_within
 from chroma_snapshots.errors import SnapshotError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class DeadlineBackend(Backend):
+class DeadlineBackend(WrappedBackend):
     """Delegates to ``inner``; a call still running when ``deadline`` passes is abandoned
     and raises StorageTimeoutError (botocore's retries and a hung mount alike)."""
 
     def __init__(self, inner: Backend, deadline: Deadline) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.deadline = deadline
 
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        return run_within(
-            self.deadline, f"get {key}", lambda: self.inner.get(key, byte_range=byte_range)
-        )
+    def around(self, op: str, keys: tuple[str, ...], call: Callable[[], T]) -> T:
+        return run_within(self.deadline, f"{op} {keys_named(keys)}", call)
 
-    def put(self, key: str, data: bytes, *, mode: PutMode = PutMode.OVERWRITE) -> ObjectMeta:
-        return run_within(self.deadline, f"put {key}", lambda: self.inner.put(key, data, mode=mode))
+    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
+        # through get: a call abandoned at the deadline must not write into ``buf`` later
+        return Backend.get_into(self, key, byte_range, buf)
 
-    def head(self, key: str) -> ObjectMeta:
-        return run_within(self.deadline, f"head {key}", lambda: self.inner.head(key))
-
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        found = run_within(
-            self.deadline, _listing(prefix), lambda: builtins.list(self.inner.list(prefix))
-        )
-        return iter(found)
-
-    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        return run_within(self.deadline, _listing(prefix), lambda: self.inner.list_dirs(prefix))
-
-    def delete_many(self, keys: builtins.list[str]) -> None:
-        run_within(self.deadline, f"delete {len(keys)} keys", lambda: self.inner.delete_many(keys))
-
-    def delete(self, key: str) -> None:
-        run_within(self.deadline, f"delete {key}", lambda: self.inner.delete(key))
-
-    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
-        return run_within(
-            self.deadline,
-            f"sweep {prefix}",
-            lambda: self.inner.sweep_temp(prefix, before, remove),
-        )
-
-
-def _listing(prefix: str) -> str:
-    return f"list {prefix}" if prefix else "list of the store's top level"
+    def close(self) -> None:
+        """Nothing: a view for one operation; the store closes its backend."""
 
 
 TIDY_SECONDS = 30.0

@@ -15,14 +15,13 @@ explicit opt-out is ``StoreConfig(unsafe_no_cas=True)`` /
 
 from __future__ import annotations
 
-import builtins
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMode
+from chroma_snapshots.backends.base import Backend, ObjectMeta, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.backends.wrapped import WrappedBackend
 from chroma_snapshots.engine import keys
 from chroma_snapshots.engine.deadline import current_deadline
 from chroma_snapshots.errors import ConfigError, ConflictError, StorageTimeoutError
@@ -106,19 +105,13 @@ def refusal(scope: str, problem: str) -> ConfigError:
     )
 
 
-class ConditionalWriteCheck(Backend):
+class ConditionalWriteCheck(WrappedBackend):
     """``inner``, whose first CREATE or update in this process checks (once per ``scope``) that
     the endpoint honours conditional writes, and raises ConfigError if it does not."""
 
     def __init__(self, inner: Backend, scope: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.scope = scope
-
-    def __repr__(self) -> str:
-        return repr(self.inner)
-
-    def place(self) -> str:
-        return self.inner.place()  # the storage it reaches: a store's key, a fallback's check
 
     def __getattr__(self, name: str) -> Any:
         # settings, client, bucket, ... of the wrapped backend ("inner" itself: not set yet)
@@ -132,33 +125,6 @@ class ConditionalWriteCheck(Backend):
             if problem is not None:
                 raise refusal(self.scope, problem)
         return self.inner.put(key, data, mode=mode)
-
-    def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> GetResult:
-        return self.inner.get(key, byte_range=byte_range)
-
-    def get_into(self, key: str, byte_range: tuple[int, int], buf: memoryview) -> int:
-        return self.inner.get_into(key, byte_range, buf)
-
-    def head(self, key: str) -> ObjectMeta:
-        return self.inner.head(key)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        return self.inner.list(prefix)
-
-    def sweep_temp(self, prefix: str, before: float, remove: bool = True) -> int:
-        return self.inner.sweep_temp(prefix, before, remove)
-
-    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        return self.inner.list_dirs(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def delete_many(self, keys: builtins.list[str]) -> None:
-        self.inner.delete_many(keys)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class _StreamingCheck(ConditionalWriteCheck):

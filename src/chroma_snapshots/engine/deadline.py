@@ -183,10 +183,17 @@ def run_within(deadline: Deadline, what: str, fn: Callable[[], T]) -> T:
 
     On time-out the thread is abandoned (a daemon thread waiting on a socket or on
     the hang guard's pipe never blocks interpreter exit) and StorageTimeoutError
-    names ``what``.
+    names ``what``. A call whose deadline has already passed (or was called off) is not
+    started: a write or delete started then would land while its caller is told it failed.
     """
+    if deadline.expired():
+        raise StorageTimeoutError(f"{what} {_unfinished(deadline)}")
     with WorkerPool(1, name=f"deadline:{what[:40]}") as pool:
         return wait_all([pool.submit(within, deadline, fn)], deadline, what)[0]
+
+
+def _unfinished(deadline: Deadline) -> str:
+    return "was interrupted" if deadline.called_off else "did not finish within the deadline"
 
 
 def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> list[T]:
@@ -216,8 +223,7 @@ def wait_all(futures: Sequence[Future[T]], deadline: Deadline, what: str) -> lis
             # (a publish's whole file list) alive until a full garbage collection.
             del error, futures, done, pending
     if pending:
-        why = "was interrupted" if deadline.called_off else "did not finish within the deadline"
-        raise StorageTimeoutError(f"{what} {why}")
+        raise StorageTimeoutError(f"{what} {_unfinished(deadline)}")
     return [f.result() for f in futures]
 
 
