@@ -127,7 +127,10 @@ def test_live_writer_naive_copy_breaks_publish_client_does_not(
 ) -> None:
     db = tmp_path / "db"
     close_client(build(db, {"receipts": 10}))
-    writer = subprocess.Popen([sys.executable, WRITER, str(db)], stdout=subprocess.PIPE, text=True)
+    # at most 50 batches of 200 records: it keeps writing, but the database stops growing
+    writer = subprocess.Popen(
+        [sys.executable, WRITER, str(db), "50"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout is not None
         ready, _, _ = select.select([writer.stdout], [], [], 120)

@@ -152,14 +152,22 @@ class FallbackStore(SourceStore):
                     raise _Answer(e) from e
                 raise
 
+        failures: list[str] = []
+
         def failed(n: int, e: BaseException) -> None:
             label, kind = order[n - 1].label, type(e).__name__
+            failures.append(f"{label}: {e}")
             log.warning("%s from %s failed (%s: %s); trying the next store", what, label, kind, e)
 
         try:
             return _FAILOVER.with_(attempts=last).call(attempt, retry_on=_SKIP, on_retry=failed)
         except _Answer as e:
             raise e.error from None
+        except _SKIP as e:
+            # the last store's error, saying what each store answered (an offline read
+            # named only the last store, as if the others had not been asked)
+            failures.append(f"{order[len(failures)].label}: {e}")
+            raise _restated(e, f"{what} failed on every store: {'; '.join(failures)}") from e
 
     # The source protocol CachedStore uses.
 
@@ -190,8 +198,9 @@ class FallbackStore(SourceStore):
                 lambda s, budget: _required(s.read_ref(name, ref, deadline=budget)),
                 stores=mirrors,
             )
-        except SnapshotError:
-            raise outage from None
+        except SnapshotError as e:
+            said = f"{self.primary.label}: {outage}; and from the mirrors: {e}"
+            raise _restated(outage, said) from None
         return found, outage
 
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:
@@ -374,6 +383,13 @@ _OUTAGE = (StorageTimeoutError, BackendUnavailableError, IntegrityError, StoreNo
 """What makes a mirror's ref worth asking for: the source of truth did not answer (or
 answered with damage, or its bucket or folder is gone), as opposed to answering that the
 ref does not exist."""
+
+
+def _restated(error: SnapshotError, message: str) -> SnapshotError:
+    """``error`` (its type and flags) with ``message``."""
+    again = type(error)(message)
+    again.ref_untouched = error.ref_untouched
+    return again
 
 
 class _Answer(Exception):
