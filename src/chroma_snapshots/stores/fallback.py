@@ -164,9 +164,10 @@ class FallbackStore(SourceStore):
         except _Answer as e:
             raise e.error from None
         except _SKIP as e:
-            # the last store's error, saying what each store answered (an offline read
-            # named only the last store, as if the others had not been asked)
-            failures.append(f"{order[len(failures)].label}: {e}")
+            # the last store's error (every other one was retried), saying what each store
+            # answered (an offline read named only the last store, as if the others had
+            # not been asked)
+            failures.append(f"{order[-1].label}: {e}")
             raise _restated(e, f"{what} failed on every store: {'; '.join(failures)}") from e
 
     # The source protocol CachedStore uses.
