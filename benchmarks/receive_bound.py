@@ -56,6 +56,7 @@ CLIENTS = (
     "awscrt+sha256",
     "awscrt",
     "obstore+sha256",
+    "obstore+blake3/64KiB",
     "http.client+sha256/64KiB",
     "http.client+blake3/64KiB",
     "http.client",
