@@ -121,6 +121,9 @@ def test_doctor_on_a_healthy_s3_store(
     reached = f"s3://{s3_bucket}/snaps at {moto_server.endpoint_url}: "
     assert found[f"s3://{s3_bucket}/snaps: list"]["detail"].startswith(reached)
     assert found["cache: contents"]["status"] == "ok"
+    assert found["configuration"]["detail"] == (
+        f"store s3://{s3_bucket}/snaps; S3 endpoint {moto_server.endpoint_url}"
+    )
     assert not list(moto_server.client().list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     bad = _cli("doctor", env={**env, "CHROMA_SNAPSHOTS_URL": "s3://no-such-bucket-here/x"})
     assert bad.returncode == 1

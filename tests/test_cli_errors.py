@@ -121,6 +121,17 @@ def test_a_bucket_name_s3_cannot_have_is_a_configuration_error(
     )
 
 
+@pytest.mark.parametrize("url", ["s3:///x", "fsspec+s3:///x", "fsspec+s3a:///x"])
+def test_an_s3_url_without_a_bucket_is_a_configuration_error_at_once(
+    url: str, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a refused endpoint: s3fs retried it until the deadline (exit 6) before the check
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_TIMEOUT", "20")
+    code, _, err = run("--endpoint-url", "http://127.0.0.1:9", "--store", url, "ls")
+    assert code == 2
+    assert err == f"error: {url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix\n"
+
+
 def test_a_missing_bucket_is_named_by_publish_and_doctor(
     moto_server: MotoServer, tmp_path: Path, run: Run
 ) -> None:

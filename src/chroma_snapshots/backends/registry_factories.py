@@ -56,11 +56,19 @@ def s3(url: str, opts: OpenOptions, **options: Any) -> Backend:
     from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 
     parts = urlsplit(url)
-    if not parts.netloc:
-        raise ConfigError(f"{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix")
+    bucket = _s3_bucket(url)
     settings = opts.s3_settings or S3Settings()
-    backend = S3Backend(parts.netloc, parts.path.strip("/"), settings=settings, **options)
-    return _checked(backend, f"s3://{parts.netloc} at {backend.client.meta.endpoint_url}", opts)
+    backend = S3Backend(bucket, parts.path.strip("/"), settings=settings, **options)
+    return _checked(backend, f"s3://{bucket} at {backend.client.meta.endpoint_url}", opts)
+
+
+def _s3_bucket(url: str) -> str:
+    """The bucket an S3 URL (``s3://``, ``fsspec+s3://``) names; ConfigError if none
+    (s3fs would otherwise send requests to no bucket until the deadline)."""
+    bucket = urlsplit(url).netloc
+    if not bucket:
+        raise ConfigError(f"{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix")
+    return bucket
 
 
 def file(url: str, opts: OpenOptions, **options: Any) -> Backend:
@@ -85,6 +93,7 @@ def fsspec(url: str, opts: OpenOptions, **options: Any) -> Backend:
     target = url.removeprefix("fsspec+")
     endpoint = None
     if urlsplit(target).scheme in ("s3", "s3a"):
+        _s3_bucket(url)
         options = {**s3fs_options(opts.s3_settings), **options}
         endpoint = s3fs_endpoint(options)  # a bad one is a ConfigError before any request
     try:

@@ -198,6 +198,8 @@ def diagnose(
             return [Finding("configuration", "fail", 0.0, str(e))]
     urls = [cfg.url] + ([cfg.fallback_url] if cfg.fallback_url else [])
     summary = " then ".join(urls) + (" (mirrored)" if cfg.mirror else "")
+    if cfg.s3_endpoint_url and any(url.startswith(("s3://", "fsspec+s3://")) for url in urls):
+        summary += f"; S3 endpoint {cfg.s3_endpoint_url}"  # which server, before any probe
     findings = [Finding("configuration", "ok", 0.0, f"store {summary}")]
     for url in urls:
         findings += probe_store(cfg, url, budget=budget)
