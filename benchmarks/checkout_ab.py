@@ -8,7 +8,8 @@ engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before)
 ``drop_behind`` (``0,1``: CHROMA_SNAPSHOTS_DROP_BEHIND, engine/dropbehind.py),
 ``drop_step_mib`` (with drop-behind on: engine/dropbehind.STEP, MiB),
 ``placing`` (engine/placer.placing_threads: how many threads verify and place at once),
-``workers`` (RemoteStore's ``workers``: the most reads at once) and
+``workers`` (RemoteStore's ``workers``: the most reads at once),
+``stream_buffer_kib`` (engine/streaming.STREAM_BUFFER: each worker's receive buffer) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
 ``db-sha256`` and ``db-blake3``; the checkout verifies with that hash).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
@@ -77,6 +78,7 @@ SETTINGS = {
         "import chroma_snapshots.stores.remote as m\n"
         "m.RemoteStore.__init__.__kwdefaults__['workers'] = {}\n"
     ),
+    "stream_buffer_kib": "import chroma_snapshots.stores.fetch as m\nm.STREAM_BUFFER = {} << 10\n",
     "chunk_hash": "",  # the snapshot checked out says it: db-{value}
 }
 HASHES = ("sha256", "blake3")

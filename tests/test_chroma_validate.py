@@ -192,7 +192,8 @@ def test_a_call_off_ends_the_child_at_once(sound: Path, tmp_path: Path) -> None:
 
 # validates argv[1] with a long deadline, printing how it ended
 CALLER = """
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1)  # where it is, should it not end (the test asks)
 from chroma_snapshots.chroma import validate
 t0 = time.monotonic()
 print("started", flush=True)
@@ -206,7 +207,10 @@ except BaseException as e:
 def _caller(db: Path) -> tuple[subprocess.Popen[str], int]:
     """A process validating ``db``, and the pid of its chroma child once it runs."""
     caller = subprocess.Popen(
-        [sys.executable, "-c", CALLER, str(db)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CALLER, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert caller.stdout is not None
     assert caller.stdout.readline() == "started\n"
@@ -222,9 +226,25 @@ def _caller(db: Path) -> tuple[subprocess.Popen[str], int]:
 def test_ctrl_c_ends_validate_and_its_child(sound: Path, tmp_path: Path) -> None:
     caller, child = _caller(_hanging(sound, tmp_path))
     caller.send_signal(signal.SIGINT)
-    out, _ = caller.communicate(timeout=60)
+    try:
+        out, _ = caller.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        caller.send_signal(signal.SIGUSR1)  # its stack, to say where it hangs
+        time.sleep(1.0)
+        caller.kill()
+        out, err = caller.communicate()
+        pytest.fail(f"Ctrl-C did not end validate within 60 s: {out!r}\n{err}\n{_state(child)}")
     assert out.split()[0] == "KeyboardInterrupt", out
     assert not Path(f"/proc/{child}").exists()
+
+
+def _state(pid: int) -> str:
+    """What a process is doing: its state and where in the kernel it sleeps."""
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return f"process {pid}: gone"
+    state = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State"))
+    return f"process {pid}: {state}, waiting in {(proc / 'wchan').read_text()}"
 
 
 def test_the_child_dies_with_its_caller(sound: Path, tmp_path: Path) -> None:
