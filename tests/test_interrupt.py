@@ -143,3 +143,28 @@ def test_interrupts_held_during_a_clean_up_are_raised_after_it() -> None:
     with interrupts_held():
         signal.raise_signal(signal.SIGINT)
     assert mine == [signal.SIGINT]  # the host's handler saw it, and nothing was held
+
+
+def test_an_interrupted_command_run_in_process_gives_ctrl_c_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI ignores a second Ctrl-C while it cleans up; once ``main`` returns, Python's
+    handler is back: a program that ran it in-process, and what it starts after, can be
+    interrupted again (an ignored SIGINT is inherited by every child process)."""
+    import importlib
+
+    import click
+
+    cli_main = importlib.import_module("chroma_snapshots.cli.main")  # the module, not main()
+
+    @click.command()
+    def interrupted() -> None:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C during the command
+        signal.raise_signal(signal.SIGINT)  # and a second one, ignored
+
+    monkeypatch.setattr(cli_main, "_build", lambda: interrupted)
+    assert cli_main.main([]) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    show = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
+    assert child.stdout == "True\n"

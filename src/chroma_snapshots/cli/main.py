@@ -382,12 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_warnings_to_stderr()
     before = running()
-    with _one_interrupt(), one_deadline():  # --timeout bounds the whole command
-        code = _run(argv)
-    # what a failed call of this command left running (the removal of its pin or prune
-    # record, of a work folder): a process exiting at once ended it unsent, and a timed-out
-    # prune's record then refused ref moves for 15 minutes
-    wait_for_new(before, EXIT_WAIT)
+    with _one_interrupt():
+        with one_deadline():  # --timeout bounds the whole command
+            code = _run(argv)
+        # what a failed call of this command left running (the removal of its pin or prune
+        # record, of a work folder): a process exiting at once ended it unsent, and a
+        # timed-out prune's record then refused ref moves for 15 minutes
+        wait_for_new(before, EXIT_WAIT)
     return code
 
 
@@ -396,10 +397,13 @@ EXIT_WAIT = 1.0  # seconds a command waits at exit for the clean-ups its calls l
 
 @contextmanager
 def _one_interrupt() -> Iterator[None]:
-    """While the command runs, the first Ctrl-C interrupts it and later ones are ignored:
-    a second one cut the clean-up of the first short (a work folder left) or killed the
-    process by the signal instead of exit code 130. Only where Python's own handler is
-    installed, in the main thread (a host program's handler is left alone)."""
+    """While the command runs and its clean-ups finish, the first Ctrl-C interrupts it and
+    later ones are ignored: a second one cut the clean-up of the first short (a work folder
+    left) or killed the process by the signal instead of exit code 130. Python's own
+    handler is back when :func:`main` returns: a program that called it in-process, and
+    every process it starts after, gets Ctrl-C again (they inherit an ignored SIGINT).
+    Only where Python's own handler is installed, in the main thread (a host program's
+    handler is left alone)."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -414,9 +418,8 @@ def _one_interrupt() -> Iterator[None]:
     signal.signal(signal.SIGINT, first_only)
     try:
         yield
-    finally:  # after an interrupt, later ones stay ignored: the process is exiting (130)
-        if signal.getsignal(signal.SIGINT) is first_only:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(argv: list[str] | None) -> int:
