@@ -19,7 +19,6 @@ import errno
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from chroma_snapshots.engine.deadline import MAX_SECONDS, Deadline, DeadlineLike
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.localfs import copy_tree
 from chroma_snapshots.engine.models import SnapshotInfo
-from chroma_snapshots.engine.placer import disk_error, local_io
+from chroma_snapshots.engine.placer import disk_error
 from chroma_snapshots.engine.retry import IMMEDIATE
+from chroma_snapshots.engine.scratch import scratch_dir
 from chroma_snapshots.engine.validation import path_text
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError, shown
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
@@ -301,9 +301,9 @@ def publish_client(
     _check_source(path)
     # the copies and the upload share one deadline; without one, the store's default
     dl = None if deadline is None else as_deadline(deadline, 0.0)
-    with local_io(tempfile.gettempdir(), "making a folder for the copy to publish"):
-        staging = tempfile.TemporaryDirectory(prefix="chroma-snapshots-publish-")
-    with staging as tmp:  # removed whatever happens: nothing of the copy stays behind
+    # removed whatever happens, and after a kill by the next publish: nothing of the copy
+    # stays behind
+    with scratch_dir("chroma-snapshots-publish-", "making a folder for the copy to publish") as tmp:
         copy, report = _validated_copy(path, Path(tmp), attempts, force, quiet, dl)
         chroma_meta: dict[str, object] = {"version": chromadb.__version__}
         if report is not None:

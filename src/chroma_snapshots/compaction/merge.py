@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from chroma_snapshots.engine.deadline import Deadline, DeadlineLike, as_deadline
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.retry import RetryPolicy
+from chroma_snapshots.engine.scratch import scratch_dir
 from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
 from chroma_snapshots.locking import LeaseLock
 from chroma_snapshots.stores.base import SnapshotStore
@@ -176,7 +176,7 @@ def _attempt(
 
     if not todo:
         return result(None, ())
-    with tempfile.TemporaryDirectory(prefix="chroma-snapshots-compact-") as tmp:
+    with scratch_dir("chroma-snapshots-compact-", "making a folder for the compaction") as tmp:
         db = Path(tmp) / "db"
         todo = _apply_isolated(store, name, base_version, db, todo, rejected, dl)
         if not todo:

@@ -1,0 +1,82 @@
+"""Scratch folders under the temp directory that a killed process cannot strand.
+
+A Lambda timeout or an out-of-memory kill runs no clean-up, and /tmp outlives the process:
+a compaction's copy of the database left there by each kill filled /tmp until every later
+batch in the container failed. A scratch folder is locked (``flock``) by its owner from
+just after it is made until it is removed; a marker inside says the lock was taken. The
+next process making a folder of the same kind removes those it can lock that have the
+marker: their owner is dead (the kernel drops a dead process's locks). A folder without
+the marker was left between its mkdir and its lock, and is empty: removed once old.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from chroma_snapshots.engine.folders import remove_tree
+from chroma_snapshots.engine.placer import local_io
+from chroma_snapshots.engine.treewalk import DIR_FLAGS
+from chroma_snapshots.engine.workdir import LEFTOVER_AGE
+
+_HELD = ".chroma-snapshots-held"  # made once the owner holds the folder's lock
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
+    """A new private folder ``<temp dir>/<prefix><random>``, removed when the block ends
+    (however it ends) and, should the process be killed, by the next call with the same
+    ``prefix`` on this machine. A disk that refuses it is LocalDiskError / CacheFullError
+    naming ``what``."""
+    sweep_scratch(prefix)
+    with local_io(tempfile.gettempdir(), what):
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        fd = os.open(path, DIR_FLAGS)
+    try:
+        st = os.fstat(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that looked at it just now
+        with local_io(path, what):
+            os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            yield path
+        finally:
+            remove_tree(path, only=(st.st_dev, st.st_ino))  # before the lock goes
+    finally:
+        os.close(fd)
+
+
+def sweep_scratch(prefix: str) -> int:
+    """Remove this user's scratch folders of ``prefix`` whose owner is dead; how many."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        removed += _remove_if_dead(path)
+    return removed
+
+
+def _remove_if_dead(path: Path) -> int:
+    try:
+        fd = os.open(path, DIR_FLAGS)
+    except OSError:
+        return 0  # gone, a file, a link: not a folder of ours
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            return 0  # another user's (root sweeping)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # in the folder locked, by its descriptor: not whatever the path names now
+            held = bool(os.stat(_HELD, dir_fd=fd, follow_symlinks=False))
+        except FileNotFoundError:
+            held = False
+        if not held and time.time() - st.st_mtime < LEFTOVER_AGE:
+            return 0  # just made: its owner is about to lock it
+        remove_tree(path, only=(st.st_dev, st.st_ino))  # under the lock: no owner returns
+        return 1
+    except OSError:
+        return 0  # its owner holds it
+    finally:
+        os.close(fd)

@@ -1,0 +1,112 @@
+"""Scratch folders under the temp directory (engine/scratch.py): what a killed process left
+there is removed by the next process making one of the same kind, at once; a live one's,
+one being made, and another user's are left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from chroma_helpers import build, close_client
+
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+from chroma_snapshots.chroma import publish_client
+from chroma_snapshots.engine.scratch import scratch_dir, sweep_scratch
+from chroma_snapshots.engine.workdir import LEFTOVER_AGE
+
+PREFIX = "chroma-snapshots-publish-"
+# makes a scratch folder, fills it, says where, then waits to be killed (a Lambda timeout)
+HOLDER = """
+import sys, time
+from chroma_snapshots.engine.scratch import scratch_dir
+with scratch_dir(sys.argv[1], "a test") as path:
+    (path / "copy").mkdir()
+    (path / "copy" / "chroma.sqlite3").write_bytes(b"x" * (1 << 20))
+    print(path, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp directory of the test's own, for this process and the ones it starts."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def holder(tmp: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A process holding a scratch folder, and that folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, PREFIX], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().strip())
+        assert path.parent == tmp
+        yield proc, path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_owners_folder_goes_at_the_next_make(
+    holder: tuple[subprocess.Popen[str], Path],
+) -> None:
+    proc, left = holder
+    proc.send_signal(signal.SIGKILL)  # no clean-up runs
+    proc.wait()
+    assert (left / "copy" / "chroma.sqlite3").exists()
+    with scratch_dir(PREFIX, "a test") as mine:
+        assert not left.exists()  # at once: no age to wait out
+        assert mine.is_dir()
+    assert not mine.exists()
+
+
+def test_a_live_owners_folder_stays(holder: tuple[subprocess.Popen[str], Path]) -> None:
+    _, held = holder
+    assert sweep_scratch(PREFIX) == 0
+    with scratch_dir(PREFIX, "a test"):
+        pass
+    assert (held / "copy" / "chroma.sqlite3").exists()
+
+
+def test_one_being_made_stays_until_old_and_another_users_stays(tmp: Path) -> None:
+    new = Path(tempfile.mkdtemp(prefix=PREFIX))  # made, its lock not yet taken
+    theirs = Path(tempfile.mkdtemp(prefix=PREFIX))
+    os.chown(theirs, 65534, 65534)  # the tests run as root (CI does)
+    old = time.time() - LEFTOVER_AGE - 5
+    os.utime(theirs, (old, old))
+    assert sweep_scratch(PREFIX) == 0
+    assert new.is_dir()
+    assert theirs.is_dir()
+    os.utime(new, (old, old))  # a process killed between the mkdir and the lock
+    assert sweep_scratch(PREFIX) == 1
+    assert not new.exists()
+    assert theirs.is_dir()
+    assert sweep_scratch("chroma-snapshots-compact-") == 0  # another kind: not looked at
+
+
+def test_a_killed_publish_clients_copy_goes_with_the_next_publish(
+    holder: tuple[subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    proc, left = holder  # as publish_client's copy when its process was killed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    db = tmp_path / "db"
+    close_client(build(db, {"receipts": 20}, dim=8))
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    assert left.is_dir()
+    publish_client(store, "db", db)
+    assert list(Path(tempfile.gettempdir()).iterdir()) == []  # neither its copy nor ours
