@@ -16,6 +16,7 @@ import pytest
 from chroma_snapshots import InvalidInputError, LockError, StorageTimeoutError
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
+from chroma_snapshots.engine.cleanup import wait_for_cleanups
 from chroma_snapshots.locking import DynamoDBLeaseLock, LeaseLock, ObjectLeaseLock
 from chroma_snapshots.testing import MotoServer
 
@@ -105,9 +106,11 @@ class LeaseLockTests:
     def test_kept_ends_with_the_callers_time_on_a_hung_store(
         self, make: Any, stall: Callable[[LeaseLock], None], caplog: pytest.LogCaptureFixture
     ) -> None:
-        """The release after the block gets the caller's time left, not the lock's ttl
-        (30 s here) nor its io_timeout (10 s): a hung store never holds the caller."""
+        """The caller waits for the release after the block only for its time left, not
+        the lock's ttl (30 s here) nor its io_timeout: a hung store never holds the caller.
+        The release goes on in the background, bounded by io_timeout, and says it failed."""
         a = make("a", RealClock(), 30.0)
+        a.io_timeout = 1.0
         lease = a.acquire(timeout=0)
         stall(a)
         end = time.monotonic() + 0.5
@@ -116,6 +119,7 @@ class LeaseLockTests:
         with a.kept(lease, remaining=lambda: end - time.monotonic()):
             pass
         assert time.monotonic() - t0 < 5.0
+        assert wait_for_cleanups(timeout=10.0)
         assert "not released: StorageTimeoutError" in caplog.text
 
     def test_acquire_release_and_fencing(self, make: Any) -> None:
@@ -187,6 +191,16 @@ class LeaseLockTests:
             stolen = b.acquire(timeout=0)  # it lapsed: taken over
         assert "not released" in caplog.text
         b.release(stolen)
+
+    def test_a_lease_kept_past_the_works_deadline_is_still_released(self, make: Any) -> None:
+        """The work ran out of time holding the lease (a compaction at its deadline): the
+        release is a clean-up, not work, and is still made. Made with the spent deadline,
+        it failed at once and the next holders waited out the whole ttl."""
+        a, b = make("a", RealClock(), 60.0), make("b", RealClock(), 60.0)
+        lease = a.acquire(timeout=0)
+        with a.kept(lease, remaining=lambda: 0.0):
+            pass
+        b.release(b.acquire(timeout=0))  # free at once, not in 60 s
 
     @pytest.mark.parametrize("error", [ConnectionResetError(104, "reset"), RuntimeError("x")])
     def test_a_release_the_store_fails_is_logged_not_raised(

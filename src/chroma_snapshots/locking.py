@@ -35,6 +35,7 @@ from typing import Any
 
 from chroma_snapshots.backends.base import Backend, PutMode
 from chroma_snapshots.backends.bounded import DeadlineBackend
+from chroma_snapshots.engine.cleanup import clean_up
 from chroma_snapshots.engine.deadline import (
     Deadline,
     DeadlineLike,
@@ -211,13 +212,22 @@ class LeaseLock(ABC):
             self._release_logged(keeper)
 
     def _release_logged(self, keeper: LeaseKeeper) -> None:
-        """Release ``keeper``'s lease, logging a failure: the lease lapses at its expiry."""
-        try:
-            self.release(keeper.lease, deadline=keeper.time_left(self.io_timeout))
-        except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
-            log.warning("lease not released: %s", e)
-        except Exception as e:  # the store failed: the lease lapses at its expiry
-            log.warning("lease not released: %s: %s", type(e).__name__, e)
+        """Release ``keeper``'s lease, logging a failure: the lease lapses at its expiry.
+        The caller waits for it as for any clean-up (engine/cleanup.clean_up): the time
+        its work has left, at least GRACE past a deadline that has passed, the rest in the
+        background (``io_timeout`` at most). A release made with the spent deadline failed
+        at once, and the next holders waited the whole ttl out."""
+        lease = keeper.lease
+
+        def release() -> None:
+            try:
+                self.release(lease, deadline=self.io_timeout)
+            except LockError as e:  # lapsed and taken over meanwhile: nothing to give back
+                log.warning("lease not released: %s", e)
+            except Exception as e:  # the store failed: the lease lapses at its expiry
+                log.warning("lease not released: %s: %s", type(e).__name__, e)
+
+        clean_up(release, within=keeper.time_left(self.io_timeout), place=None)
 
     def _owned(self, lease: Lease, found: tuple[Lease, object] | None) -> object:
         """The token of ``found`` if it is ``lease``, still held; LockError otherwise."""
