@@ -378,3 +378,26 @@ def test_odd_receive_counts_and_contexts_never_fail_the_batch(env: dict[str, str
         response = handler(sqs_event(json.loads(good["body"])), cast(Any, context))
         assert failures(response) == set()
         assert set(lambda_plugins.RESULTS) == {"m0"}
+
+
+@pytest.mark.parametrize("key", ["query_embeddings", "ids"])
+def test_a_message_asking_for_too_many_results_fails_alone_before_chroma_runs(
+    tmp_path: Path, key: str
+) -> None:
+    """2,000 queries of n_results=1,000 in one small message took 1.4 GiB before chroma
+    refused it (a 1 GiB Lambda is killed, and the rest of its batch with it)."""
+    client = build(tmp_path / "db", {"receipts": 5}, dim=DIM)
+    try:
+        many = [[0.5] * DIM] * 2000 if key == "query_embeddings" else ids(2000)
+        body = {"collection": "receipts", key: many, "n_results": 1000}
+        with pytest.raises(InvalidInputError, match="ask for 2000000 results; a message may"):
+            default_query(client, body)
+        fits = {**body, key: many[:10], "n_results": 100}  # 1,000 results: allowed
+        found = 10 if key == "query_embeddings" else 5  # of receipts-0 .. -9, 5 exist
+        assert len(default_query(client, fits)["ids"]) == found
+    finally:
+        close_client(client)
+
+
+def ids(n: int) -> list[str]:
+    return [f"receipts-{i}" for i in range(n)]
