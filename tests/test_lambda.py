@@ -401,3 +401,22 @@ def test_a_message_asking_for_too_many_results_fails_alone_before_chroma_runs(
 
 def ids(n: int) -> list[str]:
     return [f"receipts-{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says", "fine"),
+    [
+        ("CHROMA_SNAPSHOTS_RESERVE_SECONDS", "900", "leaves no time for any message", "899"),
+        ("CHROMA_SNAPSHOTS_RESERVE_SECONDS", " 1e3 ", "leaves no time for any message", "0.5"),
+        ("CHROMA_SNAPSHOTS_LOCK_TABLE", "1", "is not a DynamoDB table name", "locks"),
+        ("CHROMA_SNAPSHOTS_LOCK_TABLE", "my locks", "is not a DynamoDB table name", "my.locks-1"),
+    ],
+)
+def test_lambda_settings_that_can_never_work_fail_the_cold_start(
+    tmp_path: Path, var: str, value: str, says: str, fine: str
+) -> None:
+    """Accepted before, they failed or skipped every message of every invocation."""
+    env = {"CHROMA_SNAPSHOTS_URL": str(tmp_path / "store"), "CHROMA_SNAPSHOTS_NAME": "db"}
+    with pytest.raises(ConfigError, match=f"^{var}=.*{says}"):
+        LambdaConfig.from_env({**env, var: value})
+    assert LambdaConfig.from_env({**env, var: fine}).name == "db"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote
@@ -394,10 +395,11 @@ class LambdaConfig:
         if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
             raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
         _check_lock_key(env.get(ENV_LOCK_KEY, "").strip(), name)
+        _check_lock_table(env.get(ENV_LOCK_TABLE, "").strip())
         return cls(
             store=store,
             name=name,
-            reserve=_seconds(env, ENV_RESERVE, 10.0),
+            reserve=_reserve(env),
             processor=env.get(ENV_PROCESSOR, "").strip() or None,
             sink=env.get(ENV_SINK, "").strip() or None,
             lock_table=env.get(ENV_LOCK_TABLE, "").strip() or None,
@@ -405,6 +407,31 @@ class LambdaConfig:
             metrics_namespace=env.get(ENV_METRICS, "").strip() or None,
             release_unprocessed=_flag(env, ENV_RELEASE),
             init_seconds=_init_budget(env),
+        )
+
+
+# A Lambda runs at most 900 s: a reserve that long leaves no time to start any message, and
+# every invocation left its whole batch for a retry (then the dead-letter queue).
+LAMBDA_MAX_SECONDS = 900.0
+
+
+def _reserve(env: Mapping[str, str]) -> float:
+    reserve = _seconds(env, ENV_RESERVE, 10.0)
+    if reserve >= LAMBDA_MAX_SECONDS:
+        raise ConfigError(
+            f"{ENV_RESERVE}={shown(env[ENV_RESERVE].strip())} leaves no time for any message: a "
+            f"Lambda runs at most {LAMBDA_MAX_SECONDS:.0f} s (the default reserve is 10)"
+        )
+    return reserve
+
+
+def _check_lock_table(table: str) -> None:
+    """ConfigError unless ``table`` (if set) can name a DynamoDB table (3-255 of
+    ``[A-Za-z0-9_.-]``): a bad name failed every batch at run time."""
+    if table and not re.fullmatch(r"[A-Za-z0-9_.\-]{3,255}", table):
+        raise ConfigError(
+            f"{ENV_LOCK_TABLE}={shown(table)} is not a DynamoDB table name (3-255 letters, "
+            "digits, '_', '-' or '.')"
         )
 
 
