@@ -23,8 +23,13 @@ from chroma_snapshots.compaction import Delta, Record, applied_ids, compact
 from chroma_snapshots.compaction import deltas as deltas_module
 from chroma_snapshots.compaction import merge as compaction_module
 from chroma_snapshots.config import LambdaConfig
-from chroma_snapshots.engine.deadline import DeadlineLike
-from chroma_snapshots.errors import BackendUnavailableError, ConflictError, LockError
+from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    LockError,
+    StorageTimeoutError,
+)
 from chroma_snapshots.locking import Lease, ObjectLeaseLock
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.lambda_context import FakeContext
@@ -332,10 +337,10 @@ def test_anything_raised_while_applying_a_delta_isolates_that_delta(
 ) -> None:
     real = compaction_module._apply_one
 
-    def apply_one(client: Any, delta: Delta) -> None:
+    def apply_one(client: Any, delta: Delta, check: Callable[[], None]) -> None:
         if delta.id == "boom":
             raise RuntimeError("unexpected (test)")
-        real(client, delta)
+        real(client, delta, check)
 
     monkeypatch.setattr(compaction_module, "_apply_one", apply_one)
     handler = CompactionHandler(config, store=store)
@@ -423,3 +428,35 @@ def test_a_reused_delta_id_with_other_content_is_a_warning(
     assert "'reused'" in warned[0]
     assert applied_ids(store.resolve("db")) == ["reused"]
     assert "other-r0" not in landed(store)
+
+
+@pytest.mark.parametrize("where", ["between deltas", "within a delta"])
+def test_a_compaction_stops_applying_at_its_deadline(
+    store: RemoteStore, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """No call to chroma can be interrupted, so the deadline is looked at before each: a
+    batch of large deltas ran 16 s past a 4 s budget, every upsert made after it."""
+    monkeypatch.setattr(compaction_module, "CALL_RECORDS", 10)
+    deadline = Deadline(120)
+    calls: list[int] = []
+    real = compaction_module._apply_one
+
+    def apply_one(client: Any, delta: Delta, check: Callable[[], None]) -> None:
+        col = client.get_or_create_collection(delta.collection, embedding_function=None)
+        upsert = col.upsert
+
+        def counted(**kw: Any) -> None:
+            calls.append(len(kw["ids"]))
+            upsert(**kw)
+            deadline.call_off()  # the time runs out during this call
+
+        monkeypatch.setattr(type(col), "upsert", lambda self, **kw: counted(**kw))
+        real(client, delta, check)
+
+    monkeypatch.setattr(compaction_module, "_apply_one", apply_one)
+    n = 2 if where == "between deltas" else 30  # 30 upserts: three calls of 10
+    deltas = [Delta.from_obj(good("d0", n)), Delta.from_obj(good("d1", n))]
+    with pytest.raises(StorageTimeoutError, match="applying the deltas"):
+        compact(store, "db", deltas, deadline=deadline)
+    assert calls == [n if n <= 10 else 10]  # the one call made before the time ran out
+    assert applied_ids(store.resolve("db")) == []  # nothing published
