@@ -40,9 +40,9 @@ def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
     try:
         st = os.fstat(fd)
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that looked at it just now
-        with local_io(path, what):
-            os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         try:
+            with local_io(path, what):  # a full disk: the folder goes too
+                os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             yield path
         finally:
             remove_tree(path, only=(st.st_dev, st.st_ino))  # before the lock goes
