@@ -23,6 +23,7 @@ from chroma_snapshots.compaction import Delta, Record, applied_ids, compact
 from chroma_snapshots.compaction import deltas as deltas_module
 from chroma_snapshots.compaction import merge as compaction_module
 from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.engine.cleanup import clean_up
 from chroma_snapshots.engine.deadline import Deadline, DeadlineLike
 from chroma_snapshots.errors import (
     BackendUnavailableError,
@@ -460,3 +461,39 @@ def test_a_compaction_stops_applying_at_its_deadline(
         compact(store, "db", deltas, deadline=deadline)
     assert calls == [n if n <= 10 else 10]  # the one call made before the time ran out
     assert applied_ids(store.resolve("db")) == []  # nothing published
+
+
+def test_the_handler_returns_once_the_clean_ups_left_running_are_done(
+    store: RemoteStore, config: LambdaConfig
+) -> None:
+    """Lambda freezes the process when the handler returns: a lease's release handed to
+    the background after the deadline never ran, and the next compactors waited out the
+    ttl. The handler waits for such work within the invocation's time."""
+    done = threading.Event()
+
+    def slow_release() -> None:
+        time.sleep(1.0)
+        done.set()
+
+    handler = CompactionHandler(config, store=store)
+    clean_up(slow_release, within=0.0)  # waited for GRACE, then left to the background
+    assert not done.is_set()
+    # a poison message: no compaction, the batch itself is done in milliseconds
+    assert failures(handler(sqs_event({"not": "a delta"}), FakeContext(120))) == {"m0"}
+    assert done.is_set()
+
+
+def test_only_deltas_sharing_an_id_are_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison reads every record, before any deadline check: a batch of 10,000
+    records of 384 floats spent 9.7 s in it, every delta compared though none shared an id."""
+    compared: list[str] = []
+    real = compaction_module._content
+
+    def content(d: Delta) -> str:
+        compared.append(d.id)
+        return real(d)
+
+    monkeypatch.setattr(compaction_module, "_content", content)
+    deltas = [Delta.from_obj(good(n)) for n in ("a", "b", "c")] + [Delta.from_obj(good("a", 3))]
+    compaction_module._warn_same_id(deltas)
+    assert compared == ["a", "a"]

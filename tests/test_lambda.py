@@ -410,6 +410,12 @@ def ids(n: int) -> list[str]:
         ("CHROMA_SNAPSHOTS_RESERVE_SECONDS", " 1e3 ", "leaves no time for any message", "0.5"),
         ("CHROMA_SNAPSHOTS_LOCK_TABLE", "1", "is not a DynamoDB table name", "locks"),
         ("CHROMA_SNAPSHOTS_LOCK_TABLE", "my locks", "is not a DynamoDB table name", "my.locks-1"),
+        (
+            "CHROMA_SNAPSHOTS_LOCK_TABLE",
+            "arn:aws:dynamodb:us-east-1:123:table/locks",
+            "is not a DynamoDB table name",
+            "arn:aws:dynamodb:us-east-1:123456789012:table/locks",
+        ),
     ],
 )
 def test_lambda_settings_that_can_never_work_fail_the_cold_start(

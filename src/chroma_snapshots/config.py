@@ -426,12 +426,16 @@ def _reserve(env: Mapping[str, str]) -> float:
 
 
 def _check_lock_table(table: str) -> None:
-    """ConfigError unless ``table`` (if set) can name a DynamoDB table (3-255 of
-    ``[A-Za-z0-9_.-]``): a bad name failed every batch at run time."""
-    if table and not re.fullmatch(r"[A-Za-z0-9_.\-]{3,255}", table):
+    """ConfigError unless ``table`` (if set) can name a DynamoDB table: a name (3-255 of
+    ``[A-Za-z0-9_.-]``) or a table's ARN (another account's table): a bad one failed every
+    batch at run time."""
+    name = r"[A-Za-z0-9_.\-]{3,255}"
+    if table and not re.fullmatch(
+        rf"{name}|arn:[a-z\-]+:dynamodb:[a-z0-9\-]+:\d{{12}}:table/{name}", table
+    ):
         raise ConfigError(
             f"{ENV_LOCK_TABLE}={shown(table)} is not a DynamoDB table name (3-255 letters, "
-            "digits, '_', '-' or '.')"
+            "digits, '_', '-' or '.') or a table's ARN"
         )
 
 

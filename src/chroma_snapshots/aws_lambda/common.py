@@ -20,6 +20,7 @@ from chroma_snapshots.aws_lambda.batch import (
     run_batch,
 )
 from chroma_snapshots.config import LambdaConfig
+from chroma_snapshots.engine.cleanup import wait_for_cleanups
 from chroma_snapshots.engine.deadline import Deadline, LambdaContext, run_within
 from chroma_snapshots.errors import ConfigError, StorageTimeoutError
 
@@ -92,6 +93,17 @@ def finish(
     return outcome.response()
 
 
+def finish_cleanups(context: LambdaContext) -> None:
+    """Wait, within what the invocation has left (a second kept to respond), for the
+    clean-ups its calls handed to the background (a lease's release after a deadline, a
+    pin's removal): Lambda freezes the process once the handler returns, and a release left
+    running then never ran, so the next compactors waited out the lease's ttl."""
+    budget = Deadline.from_lambda_context(context, reserve=1.0)
+    if not wait_for_cleanups(timeout=budget.remaining()):
+        log.warning("clean-ups still running as the invocation ends: they resume, if at "
+                    "all, when this container is next invoked")  # fmt: skip
+
+
 def _request_id(context: object) -> str:
     try:  # the caller's object (a hand-made context may raise): the answer must go out
         return str(getattr(context, "aws_request_id", ""))
@@ -108,7 +120,9 @@ def summarize(
     metrics: MetricsSink | None = None,
 ) -> None:
     """The batch's summary log line and its metrics (to ``metrics``, else as EMF on stdout
-    when ``CHROMA_SNAPSHOTS_METRICS_NAMESPACE`` is set)."""
+    when ``CHROMA_SNAPSHOTS_METRICS_NAMESPACE`` is set), once the clean-ups the batch left
+    running are done (:func:`finish_cleanups`)."""
+    finish_cleanups(context)
     summary = {
         "request_id": _request_id(context),
         "snapshot": config.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -200,17 +201,27 @@ def _attempt(
 def _warn_same_id(deltas: Sequence[Delta]) -> None:
     """Log a warning for each id that two deltas of the batch share with different content:
     only the first is applied (a delta id is its idempotency key), so the other's content
-    is dropped, which a producer reusing ids would not expect."""
+    is dropped, which a producer reusing ids would not expect. Only deltas whose id comes
+    twice are compared: the comparison reads every record, before the deadline is ever
+    looked at (a review's batch of 10,000 records of 384 floats spent 9.7 s here)."""
+    kept = [d for d in deltas if _hashable(d.id)]  # a Delta built by hand: no warning
+    twice = {i for i, n in Counter(d.id for d in kept).items() if n > 1}
     first: dict[object, str] = {}
-    for d in deltas:
-        content = _content(d)
-        try:
+    for d in kept:
+        if d.id in twice:
+            content = _content(d)
             if first.setdefault(d.id, content) != content:
                 log.warning(
                     "delta %r appears twice with different content: the later is dropped", d.id
                 )
-        except TypeError:  # an unhashable id (a Delta built by hand): no warning to give
-            continue
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _content(d: Delta) -> str:
