@@ -110,3 +110,18 @@ def test_a_killed_publish_clients_copy_goes_with_the_next_publish(
     assert left.is_dir()
     publish_client(store, "db", db)
     assert list(Path(tempfile.gettempdir()).iterdir()) == []  # neither its copy nor ours
+
+
+def test_a_removal_cut_short_is_finished_at_once(
+    holder: tuple[subprocess.Popen[str], Path],
+) -> None:
+    """A removal renames the folder first: killed part-way (the marker may already be
+    gone), the next sweep finishes it at once instead of taking it for one just made."""
+    proc, left = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut = left.with_name(left.name + ".going")
+    left.rename(cut)  # where a sweeper killed after its rename leaves it
+    (cut / ".chroma-snapshots-held").unlink()  # and its first removals
+    assert sweep_scratch(PREFIX) == 1
+    assert not cut.exists()

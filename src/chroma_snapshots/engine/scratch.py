@@ -25,6 +25,7 @@ from chroma_snapshots.engine.treewalk import DIR_FLAGS
 from chroma_snapshots.engine.workdir import LEFTOVER_AGE
 
 _HELD = ".chroma-snapshots-held"  # made once the owner holds the folder's lock
+_GOING = ".going"  # the name's end once its removal has begun
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
                 os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             yield path
         finally:
-            remove_tree(path, only=(st.st_dev, st.st_ino))  # before the lock goes
+            _discard(path, (st.st_dev, st.st_ino))  # before the lock goes
     finally:
         os.close(fd)
 
@@ -56,6 +57,18 @@ def sweep_scratch(prefix: str) -> int:
     for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         removed += _remove_if_dead(path)
     return removed
+
+
+def _discard(path: Path, folder: tuple[int, int]) -> None:
+    """Remove the scratch folder ``path`` (that folder only), renamed first to say so: a
+    removal cut short (a kill) takes the marker with it, and the name tells the next
+    sweep it may finish the job at once instead of taking the rest for a folder just made."""
+    going = path if path.name.endswith(_GOING) else path.with_name(path.name + _GOING)
+    try:
+        os.rename(path, going)
+    except OSError:
+        going = path  # gone already, or the folder cannot be renamed: removed where it is
+    remove_tree(going, only=folder)
 
 
 def _remove_if_dead(path: Path) -> int:
@@ -71,10 +84,10 @@ def _remove_if_dead(path: Path) -> int:
         try:  # in the folder locked, by its descriptor: not whatever the path names now
             held = bool(os.stat(_HELD, dir_fd=fd, follow_symlinks=False))
         except FileNotFoundError:
-            held = False
+            held = path.name.endswith(_GOING)  # a removal was begun: its owner is gone
         if not held and time.time() - st.st_mtime < LEFTOVER_AGE:
             return 0  # just made: its owner is about to lock it
-        remove_tree(path, only=(st.st_dev, st.st_ino))  # under the lock: no owner returns
+        _discard(path, (st.st_dev, st.st_ino))  # under the lock: no owner returns
         return 1
     except OSError:
         return 0  # its owner holds it
