@@ -6,7 +6,9 @@ batch in the container failed. A scratch folder is locked (``flock``) by its own
 just after it is made until it is removed; a marker inside says the lock was taken. The
 next process making a folder of the same kind removes those it can lock that have the
 marker: their owner is dead (the kernel drops a dead process's locks). A folder without
-the marker was left between its mkdir and its lock, and is empty: removed once old.
+the marker was left between its mkdir and its lock, and is empty: removed once old. A
+removal renames the folder first (``.going``): one a kill cut short, its marker perhaps
+gone already, is finished by the next sweep at once.
 """
 
 from __future__ import annotations
