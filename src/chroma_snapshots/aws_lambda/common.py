@@ -93,13 +93,14 @@ def finish(
     return outcome.response()
 
 
-def finish_cleanups(context: LambdaContext) -> None:
-    """Wait, within what the invocation has left (a second kept to respond), for the
-    clean-ups its calls handed to the background (a lease's release after a deadline, a
-    pin's removal): Lambda freezes the process once the handler returns, and a release left
-    running then never ran, so the next compactors waited out the lease's ttl."""
+def finish_cleanups(context: LambdaContext, most: float) -> None:
+    """Wait, at most ``most`` seconds (the reserve) and within what the invocation has left
+    (a second kept to respond), for the clean-ups its calls handed to the background (a
+    lease's release after a deadline, a pin's removal): Lambda freezes the process once the
+    handler returns, and a release left running then never ran, so the next compactors
+    waited out the lease's ttl."""
     budget = Deadline.from_lambda_context(context, reserve=1.0)
-    if not wait_for_cleanups(timeout=budget.remaining()):
+    if not wait_for_cleanups(timeout=min(most, budget.remaining())):
         log.warning("clean-ups still running as the invocation ends: they resume, if at "
                     "all, when this container is next invoked")  # fmt: skip
 
@@ -122,7 +123,7 @@ def summarize(
     """The batch's summary log line and its metrics (to ``metrics``, else as EMF on stdout
     when ``CHROMA_SNAPSHOTS_METRICS_NAMESPACE`` is set), once the clean-ups the batch left
     running are done (:func:`finish_cleanups`)."""
-    finish_cleanups(context)
+    finish_cleanups(context, config.reserve)
     summary = {
         "request_id": _request_id(context),
         "snapshot": config.name,
