@@ -18,7 +18,10 @@ from urllib.parse import quote
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.backends.base import check_key
-from chroma_snapshots.engine.deadline import MAX_SECONDS  # the CLI's --timeout too
+from chroma_snapshots.engine.deadline import (  # MAX_SECONDS: the CLI's --timeout too
+    LAMBDA_MAX_SECONDS,
+    MAX_SECONDS,
+)
 from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
 from chroma_snapshots.engine.validation import cache_dir_path, number_in
 from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
@@ -410,12 +413,10 @@ class LambdaConfig:
         )
 
 
-# A Lambda runs at most 900 s: a reserve that long leaves no time to start any message, and
-# every invocation left its whole batch for a retry (then the dead-letter queue).
-LAMBDA_MAX_SECONDS = 900.0
-
-
 def _reserve(env: Mapping[str, str]) -> float:
+    """The reserve, less than Lambda's longest invocation: one that long leaves no time to
+    start any message, and every invocation left its whole batch for a retry (then the
+    dead-letter queue)."""
     reserve = _seconds(env, ENV_RESERVE, 10.0)
     if reserve >= LAMBDA_MAX_SECONDS:
         raise ConfigError(

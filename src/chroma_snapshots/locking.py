@@ -227,7 +227,7 @@ class LeaseLock(ABC):
             except Exception as e:  # the store failed: the lease lapses at its expiry
                 log.warning("lease not released: %s: %s", type(e).__name__, e)
 
-        clean_up(release, within=keeper.time_left(self.io_timeout), place=None)
+        clean_up(release, within=keeper.time_left(self.io_timeout))
 
     def _owned(self, lease: Lease, found: tuple[Lease, object] | None) -> object:
         """The token of ``found`` if it is ``lease``, still held; LockError otherwise."""
