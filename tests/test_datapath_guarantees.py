@@ -339,34 +339,82 @@ def test_a_parent_removed_by_a_siblings_failed_checkout_is_made_again(
     assert read_tree(snap.path) == read_tree(src)
 
 
+# makes a temporary checkout (no dest) of the store in argv[1], says where, then waits to
+# be killed with it open (a Lambda timeout while a client reads it)
+HOLD_CHECKOUT = """
+import sys, time
+from chroma_snapshots import RemoteStore
+from chroma_snapshots.backends.file import FileBackend
+snap = RemoteStore(FileBackend(sys.argv[1])).checkout("db")
+print(snap.path, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("stage", ["while building", "while open"])
 def test_a_killed_checkout_without_dest_is_swept_by_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
-    # a Lambda timeout kills the process mid-build; /tmp outlives it into the next invocation
+    # a Lambda timeout kills the process; /tmp outlives it into the next invocation
     import tempfile
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    store, _ = _published(tmp_path, _random_files({"a.bin": 10}))
-    killed = tmp_path / "tmp" / "chroma-snapshot-k1llk1ll"
-    work = killed / ".snapshot.chroma-snapshots-work-abcd_123.tmp"
-    work.mkdir(parents=True)
-    (work / "a.bin").write_bytes(b"partial")
-    finished = tmp_path / "tmp" / "chroma-snapshot-f1n1shed"  # not yet released: its caller's
-    (finished / "snapshot").mkdir(parents=True)
-    fresh = tmp_path / "tmp" / "chroma-snapshot-fr3shfr3"  # maybe being made right now
-    fresh.mkdir()
-    others = tmp_path / "tmp" / "chroma-snapshot-0th3rs00"  # another user's: not ours
-    (others / ".snapshot.chroma-snapshots-work-abcd_123.tmp").mkdir(parents=True)
-    os.chown(others / ".snapshot.chroma-snapshots-work-abcd_123.tmp", 65534, 65534)
-    os.chown(others, 65534, 65534)
-    _aged(work, killed, finished, others / ".snapshot.chroma-snapshots-work-abcd_123.tmp", others)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    store, src = _published(tmp_path, _random_files({"a.bin": 10, "b.bin": 200_000}))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CHECKOUT, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        held = Path(proc.stdout.readline().strip())
+        assert read_tree(held) == read_tree(src)
+        if stage == "while building":  # its finished tree back to a work folder's state
+            held.rename(held.with_name(".snapshot.chroma-snapshots-work-abcd_123.tmp"))
+        with store.checkout("db") as live:  # the holder alive: its folder is left alone
+            assert held.parent.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not live.path.parent.exists()  # released: gone
+    assert held.parent.is_dir()
     with store.checkout("db") as snap:
-        assert snap.path.is_relative_to(tmp_path / "tmp")
-    assert not killed.exists()
-    assert (finished / "snapshot").exists()
-    assert fresh.exists()
-    assert others.exists()
+        assert read_tree(snap.path) == read_tree(src)
+        assert not held.parent.exists()  # at once: its owner is dead
+        snap.release()  # twice: the second does nothing
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_temporary_checkout_is_its_callers_until_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left unreleased (a caller that keeps only the path), a checkout stays for the
+    process's life, whatever other checkouts sweep; one made but not locked yet is left
+    alone until old, and another user's for good."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    store, src = _published(tmp_path, _random_files({"a.bin": 10}))
+    fresh = Path(tempfile.mkdtemp(prefix="chroma-snapshot-"))  # its lock not yet taken
+    others = Path(tempfile.mkdtemp(prefix="chroma-snapshot-"))
+    (others / "snapshot").mkdir()
+    os.chown(others, 65534, 65534)  # the tests run as root (CI does)
+    _aged(others)
+    path = store.checkout("db").path  # never released
+    for _ in range(2):
+        store.checkout("db").release()
+    assert read_tree(path) == read_tree(src)
+    assert fresh.is_dir()
+    assert others.is_dir()
+    _aged(fresh)  # its owner killed between its mkdir and its lock
+    store.checkout("db").release()
+    assert not fresh.exists()
+    assert sorted(tmp.iterdir()) == sorted([path.parent, others])
 
 
 def test_a_checkout_that_just_fits_is_exact(tmp_path: Path, tmpfs: Mount) -> None:

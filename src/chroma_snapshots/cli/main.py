@@ -40,6 +40,7 @@ from chroma_snapshots.cli.names import about, no_snapshot, resolve_ref
 from chroma_snapshots.cli.views import chroma_info, listing, published_text, version_rows
 from chroma_snapshots.engine.cleanup import running, wait_for_new
 from chroma_snapshots.engine.deadline import one_deadline
+from chroma_snapshots.engine.scratch import keep_scratch
 from chroma_snapshots.errors import (
     IntegrityError,
     InvalidInputError,
@@ -228,6 +229,7 @@ def _build() -> click.Group:
                 "to the cached folder: use --dest DIR for a copy of your own"
             )
         if dest is None and not cached:
+            keep_scratch(snap.path.parent)  # the next checkout's sweep must not take it
             click.echo(
                 f"kept: the checkout stays in {snap.path}; remove {snap.path.parent} when "
                 "done (--dest DIR chooses where; --cache-dir reuses one cached copy)",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,14 +17,14 @@ from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by, interr
 from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import (
     landed,
-    remove_tree,
 )
 from chroma_snapshots.engine.placer import local_io, raise_local
+from chroma_snapshots.engine.scratch import discard_scratch, make_scratch
 from chroma_snapshots.engine.treewalk import (
     walk,
 )
 from chroma_snapshots.engine.validation import path_text
-from chroma_snapshots.engine.workdir import LEFTOVER_AGE, remove_if_left, work_dir, work_names
+from chroma_snapshots.engine.workdir import work_dir
 from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError, shown
 
 
@@ -49,9 +47,8 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
     """The checkout destination ``final`` (absolute, as :func:`check_dest` let it pass; None:
     one in a new temporary folder), checked absent or an empty directory and outside any
     cache's folders, its parent created; and the folders made for it, deepest first."""
-    if final is None:
-        _sweep_killed_temporaries()
-        temporary = Path(tempfile.mkdtemp(prefix=_TEMPORARY))
+    if final is None:  # held until released; a killed process's goes with the next one
+        temporary = make_scratch(TEMPORARY, "making a folder for the checkout")
         return temporary / "snapshot", [temporary]
     # never below a cache's folder (its marker): its repairs and sweeps would take the
     # checkout for files of their own and remove it
@@ -87,28 +84,7 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
     return final, made
 
 
-_TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
-
-
-def _sweep_killed_temporaries() -> None:
-    """Remove the temporary folders of checkouts without a dest whose process was killed
-    while building (a Lambda timeout kills it; /tmp outlives it): no finished ``snapshot``
-    inside, only a work folder nobody holds, and not new. Finished ones are their
-    caller's until ``release()``; other users' are theirs (root sweeps only its own)."""
-    _, stem, work = work_names("snapshot")
-    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY}*"):
-        try:
-            st = os.lstat(folder)
-            if st.st_uid != os.getuid() or time.time() - st.st_mtime < LEFTOVER_AGE:
-                continue  # another user's; or maybe just made, its work folder not yet in it
-            entries = os.listdir(folder)
-        except OSError:
-            continue
-        if all(work.fullmatch(e) for e in entries):  # none: killed before its work folder
-            for e in entries:
-                remove_if_left(folder / e, stem)
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if every work folder in it went
+TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
 
 
 def _is_cwd(folder: Path) -> bool:
@@ -220,7 +196,7 @@ def _undo_dest(temporary: bool, made: list[Path]) -> None:
     folder, or the parents made for dest while they are empty (another checkout may share
     them)."""
     if temporary:
-        remove_tree(made[0])
+        discard_scratch(made[0])
         return
     for folder in made:
         try:

@@ -6,7 +6,8 @@ batch in the container failed. A scratch folder is locked (``flock``) by its own
 just after it is made until it is removed; a marker inside says the lock was taken. The
 next process making a folder of the same kind removes those it can lock that have the
 marker: their owner is dead (the kernel drops a dead process's locks). A folder without
-the marker was left between its mkdir and its lock, and is empty: removed once old. A
+the marker was left between its mkdir and its lock, and is empty: removed once old; or its
+owner handed it to its user (:func:`keep_scratch`), and it stays. A
 removal renames the folder first (``.going``): one a kill cut short, its marker perhaps
 gone already, is finished by the next sweep at once.
 """
@@ -28,6 +29,8 @@ from chroma_snapshots.engine.workdir import LEFTOVER_AGE
 
 _HELD = ".chroma-snapshots-held"  # made once the owner holds the folder's lock
 _GOING = ".going"  # the name's end once its removal has begun
+# the folders make_scratch made that this process holds: their locks, (device, inode)
+_held: dict[Path, tuple[int, tuple[int, int]]] = {}
 
 
 @contextlib.contextmanager
@@ -36,21 +39,58 @@ def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
     (however it ends) and, should the process be killed, by the next call with the same
     ``prefix`` on this machine. A disk that refuses it is LocalDiskError / CacheFullError
     naming ``what``."""
+    path = make_scratch(prefix, what)
+    try:
+        yield path
+    finally:
+        discard_scratch(path)
+
+
+def make_scratch(prefix: str, what: str) -> Path:
+    """:func:`scratch_dir` for a folder that outlives a block: held by this process until
+    :func:`discard_scratch` (or :func:`keep_scratch`), or until the process ends."""
     sweep_scratch(prefix)
     with local_io(tempfile.gettempdir(), what):
         path = Path(tempfile.mkdtemp(prefix=prefix))
         fd = os.open(path, DIR_FLAGS)
     try:
         st = os.fstat(fd)
+        folder = (st.st_dev, st.st_ino)
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that looked at it just now
         try:
             with local_io(path, what):  # a full disk: the folder goes too
                 os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            yield path
-        finally:
-            _discard(path, (st.st_dev, st.st_ino))  # before the lock goes
-    finally:
+        except BaseException:
+            _discard(path, folder)  # before the lock goes
+            raise
+    except BaseException:
         os.close(fd)
+        raise
+    _held[path] = (fd, folder)
+    return path
+
+
+def discard_scratch(path: Path) -> None:
+    """Remove the scratch folder ``path`` that :func:`make_scratch` made, and let it go; a
+    second call (or one for a folder this process does not hold) does nothing."""
+    held = _held.pop(path, None)
+    if held is not None:
+        try:
+            _discard(path, held[1])  # before the lock goes
+        finally:
+            os.close(held[0])
+
+
+def keep_scratch(path: Path) -> None:
+    """Hand the scratch folder ``path`` over to whoever was told its name (the CLI prints
+    a checkout's): its marker goes, so no sweep removes it, and this process lets it go."""
+    held = _held.pop(path, None)
+    if held is not None:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_HELD, dir_fd=held[0])
+        finally:
+            os.close(held[0])
 
 
 def sweep_scratch(prefix: str) -> int:
@@ -87,8 +127,11 @@ def _remove_if_dead(path: Path) -> int:
             held = bool(os.stat(_HELD, dir_fd=fd, follow_symlinks=False))
         except FileNotFoundError:
             held = path.name.endswith(_GOING)  # a removal was begun: its owner is gone
-        if not held and time.time() - st.st_mtime < LEFTOVER_AGE:
-            return 0  # just made: its owner is about to lock it
+        if not held:  # made, its owner killed before its lock; or kept (keep_scratch)
+            if time.time() - st.st_mtime < LEFTOVER_AGE:
+                return 0  # just made: its owner is about to lock it
+            os.rmdir(path)  # only if empty: a kept folder is its user's
+            return 1
         _discard(path, (st.st_dev, st.st_ino))  # under the lock: no owner returns
         return 1
     except OSError:

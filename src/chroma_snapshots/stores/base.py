@@ -141,7 +141,9 @@ class SnapshotStore(ABC):
 
         With ``dest``, the files are the caller's. Without it, the checkout is temporary and
         the store's: ``release()`` (or leaving the ``with`` block) reclaims it, and a cache
-        may hand every caller the same read-only copy."""
+        may hand every caller the same read-only copy. Without a cache, it is held (one
+        file descriptor) until then or the process's end; after a kill, the next temporary
+        checkout removes it."""
 
     @abstractmethod
     def load_manifest(self, name: str, version: str, *, deadline: DeadlineLike = None) -> Manifest:

@@ -30,7 +30,6 @@ from chroma_snapshots.engine.deadline import (
     as_deadline,
     within,
 )
-from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.engine.localfs import build_at
 from chroma_snapshots.engine.models import (
@@ -41,6 +40,7 @@ from chroma_snapshots.engine.models import (
     VersionId,
 )
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.scratch import discard_scratch
 from chroma_snapshots.engine.signing import Signer
 from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
@@ -412,7 +412,7 @@ class RemoteStore(RemoteListing, SourceStore):
             info,
             stats.freeze(time.monotonic() - t0),
             source=self.label,
-            _release=None if temporary is None else lambda: remove_tree(temporary),
+            _release=None if temporary is None else lambda: discard_scratch(temporary),
         )
 
     def materialize(
