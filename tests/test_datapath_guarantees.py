@@ -444,6 +444,27 @@ def test_other_local_failures_are_a_local_disk_error(tmp_path: Path, tmpfs: Moun
     assert str(mnt) in str(err.value)
 
 
+@pytest.mark.parametrize("named", ["by the environment", "by the caller"])
+def test_a_read_only_cache_folder_says_where_it_was_named(
+    tmp_path: Path, tmpfs: Mount, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """The folder alone sends an operator looking through code and flags: the variable
+    that named it is said too (a Lambda's CHROMA_SNAPSHOTS_CACHE_DIR on a read-only disk)."""
+    from chroma_snapshots import open_store
+
+    cache = tmpfs("size=1m,ro") / "c"
+    _published(tmp_path, _random_files({"a.bin": 10}))
+    url = str(tmp_path / "store")
+    if named == "by the environment":
+        monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", str(cache))
+    with pytest.raises(LocalDiskError) as err:
+        open_store(url, cache_dir=None if named == "by the environment" else str(cache))
+    assert err.value.errno == errno.EROFS
+    assert err.value.filename == str(cache)
+    said = "(the folder CHROMA_SNAPSHOTS_CACHE_DIR names)" in str(err.value)
+    assert said == (named == "by the environment")
+
+
 # Short writes.
 
 

@@ -328,6 +328,15 @@ def _bytes(env: Mapping[str, str], var: str) -> int | None:
     return value
 
 
+def environment_cache_dir() -> str | None:
+    """The cache folder this process's environment names (``CHROMA_SNAPSHOTS_CACHE_DIR``),
+    so that an error about a folder can say where it was named; None if none or invalid."""
+    try:
+        return _cache_dir(os.environ)
+    except ConfigError:
+        return None
+
+
 def environment_endpoint() -> str | None:
     """The S3 endpoint botocore takes from this process's environment when a store's
     configuration names none (a StoreConfig built by hand): the store is keyed and labelled

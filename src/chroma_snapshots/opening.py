@@ -11,7 +11,12 @@ from urllib.parse import urlsplit
 
 from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.backends.endpoints import endpoint_label, s3_place, s3fs_path
-from chroma_snapshots.config import StoreConfig, environment_endpoint
+from chroma_snapshots.config import (
+    ENV_CACHE_DIR,
+    StoreConfig,
+    environment_cache_dir,
+    environment_endpoint,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -228,13 +233,20 @@ def open_store(
     from chroma_snapshots.stores.cache import CachedStore
 
     stale_ok = cfg.stale_ok or cfg.offline  # offline: every read is an outage's stale read
-    return CachedStore(
-        source,
-        cache,
-        max_bytes=cfg.cache_max_bytes,
-        stale_ok=stale_ok,
-        refresh_seconds=cfg.refresh_seconds,
-    )
+    try:
+        return CachedStore(
+            source,
+            cache,
+            max_bytes=cfg.cache_max_bytes,
+            stale_ok=stale_ok,
+            refresh_seconds=cfg.refresh_seconds,
+        )
+    except OSError as e:  # LocalDiskError, CacheFullError: say where the folder was named
+        if str(cache) != environment_cache_dir():
+            raise
+        raise type(e)(
+            e.errno, f"{e.strerror} (the folder {ENV_CACHE_DIR} names)", e.filename
+        ) from e
 
 
 def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
