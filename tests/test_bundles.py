@@ -25,6 +25,7 @@ from chroma_snapshots.cli.plan import plan_publish
 from chroma_snapshots.engine import bundles, manifest_v2
 from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, scan_source
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
+from chroma_snapshots.engine.validation import format_time, parse_time
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 from chroma_snapshots.stores.cache import inspect
 from chroma_snapshots.testing import MotoServer
@@ -430,6 +431,31 @@ def test_damaged_layout_2_bytes_are_refused_or_valid(data: st.DataObject) -> Non
         if f.chunks:
             assert f.at + min(f.size, CS) <= got.chunks[f.chunks[0]].size
     assert manifest_v2.loads(manifest_v2.encode(got)) == got
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "26-12-02T00:00:00.000000Z",  # year 26 as C's strftime wrote it
+        "2026-1-02T00:00:00.000000Z",
+        "2026-12-02T0:00:00.000000Z",
+        "2026-12-02T00:00:00.12Z",
+    ],
+)
+def test_a_timestamp_not_as_the_library_writes_it_is_refused(text: str) -> None:
+    with pytest.raises(IntegrityError, match="bad timestamp"):
+        parse_time(text, "created_at")
+
+
+@pytest.mark.parametrize("year", [1, 26, 999, 2026, 9999])
+def test_every_timestamp_accepted_is_written_back_the_same(year: int) -> None:
+    """A bit flipped in a manifest turned 2026 into 0026: it was accepted, then written as
+    ``26-12-02...``, which no reader took back (found by the damage test above)."""
+    m = dataclasses.replace(_bundled(), created_at=datetime(year, 12, 2, 5, tzinfo=timezone.utc))
+    text = format_time(m.created_at)
+    assert text == f"{year:04d}-12-02T05:00:00.000000Z"
+    assert parse_time(text, "created_at") == m.created_at
+    assert manifest_v2.loads(manifest_v2.encode(m)) == m
 
 
 # A stored store of layouts 1 and 2 (tests/fixtures/make_v2_layout2_store.py): what this

@@ -91,8 +91,10 @@ def utc_now() -> datetime:
 
 
 def format_time(t: datetime) -> str:
-    """``2026-11-29T05:00:00.123456Z``."""
-    return t.astimezone(timezone.utc).strftime(_TIME_FMT)
+    """``2026-11-29T05:00:00.123456Z`` (the year always four digits: C's strftime writes
+    year 26 as ``26``, which no parser takes back)."""
+    utc = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(s: object, what: str) -> datetime:
@@ -100,9 +102,12 @@ def parse_time(s: object, what: str) -> datetime:
     if not isinstance(s, str):
         raise IntegrityError(f"{what}: expected a timestamp string")
     try:
-        return datetime.strptime(s, _TIME_FMT).replace(tzinfo=timezone.utc)
+        t = datetime.strptime(s, _TIME_FMT).replace(tzinfo=timezone.utc)
     except ValueError as e:
         raise IntegrityError(f"{what}: bad timestamp {s!r}") from e
+    if format_time(t) != s:  # "2026-1-2T...", "0026" written as "26": not one we write
+        raise IntegrityError(f"{what}: bad timestamp {s!r}")
+    return t
 
 
 def check_chunk_size(size: object) -> int:
