@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,26 +22,6 @@ from chroma_snapshots.chroma import describe, open_client, publish_client, valid
 from chroma_snapshots.testing import MotoServer
 
 WRITER = str(Path(__file__).with_name("chroma_writer.py"))
-# copies the database argv[1] into argv[2] until a copy fails validation (or 90 s pass)
-NAIVE_COPIES = """
-import shutil, sys, time
-from pathlib import Path
-from chroma_snapshots.chroma import validate
-from chroma_snapshots.errors import IntegrityError
-db, work = Path(sys.argv[1]), Path(sys.argv[2])
-end = time.monotonic() + 90
-for r in range(200):
-    try:
-        shutil.copytree(db, work / f"naive{r}")
-        validate(work / f"naive{r}")
-    except (IntegrityError, OSError, shutil.Error) as e:
-        print(f"broken: {type(e).__name__}")
-        sys.exit(0)
-    shutil.rmtree(work / f"naive{r}")
-    if time.monotonic() > end:
-        break
-print("never broke")
-"""
 
 
 @pytest.fixture
@@ -122,9 +104,13 @@ def test_text_that_is_not_utf8_is_a_documented_error_not_a_traceback(
     assert list(s3_store.names()) == []
 
 
-def test_live_writer_naive_copy_breaks_publish_client_does_not(
+def test_live_writer_every_published_version_validates(
     s3_store: RemoteStore, tmp_path: Path
 ) -> None:
+    """publish_client under a writer that keeps upserting (and so persisting segments):
+    every version it publishes validates. That a plain copy of such a database breaks is
+    measured, not tested: benchmarks/live_copy.py (a race: how often depends on the
+    machine's load, which a test cannot fix)."""
     db = tmp_path / "db"
     close_client(build(db, {"receipts": 10}))
     # at most 50 batches of 200 records: it keeps writing, but the database stops growing
@@ -136,27 +122,30 @@ def test_live_writer_naive_copy_breaks_publish_client_does_not(
         ready, _, _ = select.select([writer.stdout], [], [], 120)
         assert ready, "the writer wrote nothing within 120 s"
         assert writer.stdout.readline() == "writing\n"  # its first batch is in
-        # A plain copy of a database that is being written: sooner or later one is broken.
-        # Copied and validated in a process of its own: chroma's native code may crash on
-        # a broken copy (it did once, SIGSEGV, taking the test run with it); that crash is
-        # a broken copy too.
-        naive = subprocess.run(
-            [sys.executable, "-c", NAIVE_COPIES, str(db), str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        broke = naive.returncode < 0 or naive.stdout.startswith("broken:")
-        assert broke, f"no naive copy broke: the writer was not busy enough: {naive.stdout}"
-        # publish_client under the same writes: every published version validates.
+        states = {_segment_state(db)}
         for r in range(20):
             info = publish_client(s3_store, "db", db)
             snap = s3_store.checkout("db", info.version, tmp_path / f"safe{r}")
             assert validate(snap.path).records >= 10
+            states.add(_segment_state(db))
         assert writer.poll() is None  # the writer really was writing throughout
+        # and persisting segments between the publishes: the hazard a plain copy meets
+        assert len(states) >= 3, "the writer persisted no segment during the publishes"
     finally:
         writer.kill()
         writer.communicate()
+
+
+def _segment_state(db: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every segment file's path, size and mtime: what a persist changes (a file that went
+    while it was listed is left out: the next look sees the change)."""
+    state = []
+    for p in sorted(db.rglob("*")):
+        with contextlib.suppress(FileNotFoundError):
+            st = p.stat()
+            if stat.S_ISREG(st.st_mode) and not p.name.startswith("chroma.sqlite3"):
+                state.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(state)
 
 
 def test_describe_and_cli_info_show_the_chroma_view(
