@@ -46,7 +46,7 @@ def unprivileged(test: Callable[..., None]) -> Callable[..., None]:
         node = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
         cmd = [
             *("setpriv", _DROP, sys.executable, "-m", "pytest"),
-            *("-q", "--tb=short", "-p", "no:cacheprovider"),
+            *("-q", "--tb=short", "-p", "no:cacheprovider", "-n", "0"),  # one test: no workers
         ]
         done = subprocess.run(
             [*cmd, "--rootdir", str(Path(__file__).parent.parent), node],
