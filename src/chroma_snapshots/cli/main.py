@@ -16,15 +16,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chroma_snapshots.cli.common import (
-    DEMO_MOST_MB,
     EXIT_CODES,
     cache_dir_option,
     click,
     config_of,
-    demo_size,
     describe_error,
     emit,
     human_bytes,
@@ -46,9 +44,6 @@ from chroma_snapshots.errors import (
     InvalidInputError,
     SnapshotError,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def _a_copy(store: Any, name: str, snap: Any) -> bool:
@@ -320,57 +315,13 @@ def _build() -> click.Group:
             ),
         )
 
-    @cli.command(
-        help="Check the configuration, the stores (reach, list, write, read, delete, "
-        "conditional writes, with timings), the EFS hang guard and the /tmp cache. "
-        "Never creates a store. Exit 1 if anything fails."
-    )
-    @click.option(
-        "--budget",
-        default="10",
-        type=str,  # the callback parses: nan and inf are refused as the variables' are
-        metavar="SECONDS",
-        callback=seconds_option,
-        show_default=True,
-        help="Seconds allowed per check.",
-    )
-    @json_opt
-    @click.pass_context
-    def doctor(ctx: click.Context, budget: float, as_json: bool) -> None:
-        from chroma_snapshots.cli.doctor import diagnose
-
-        found = diagnose(load=lambda: config_of(ctx), budget=budget)
-        rows = [
-            f"{f.status.upper():<5} {f.check:<48} {f.seconds * 1000:>8.1f} ms  {f.detail}"
-            for f in found
-        ]
-        emit(found, as_json, "\n".join(rows))
-        if any(f.status == "fail" for f in found):
-            raise click.exceptions.Exit(1)
-
-    @cli.command(help="Run the demo on an embedded local S3 server (needs the 'demo' extra).")
-    @click.option(
-        "--size-mb",
-        default="24",
-        show_default=True,
-        metavar="MB",
-        callback=demo_size,
-        help=f"Approximate database size, 1 to {DEMO_MOST_MB}.",
-    )
-    @json_opt
-    def demo(size_mb: int, as_json: bool) -> None:
-        from chroma_snapshots.cli.demo import run_demo
-
-        steps = run_demo(size_mb=size_mb, echo=lambda line: click.echo(line, err=as_json))
-        if as_json:
-            emit(steps, True, "")
-
     from chroma_snapshots.cli.admin import register as register_admin
     from chroma_snapshots.cli.cache import register as register_cache
     from chroma_snapshots.cli.help import add_examples, register_completion
     from chroma_snapshots.cli.plan import register as register_status
+    from chroma_snapshots.cli.support import register as register_support
 
-    for register in (register_admin, register_cache, register_status):
+    for register in (register_admin, register_cache, register_status, register_support):
         register(cli)
     register_completion(cli)
     add_examples(cli)
