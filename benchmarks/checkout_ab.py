@@ -9,7 +9,8 @@ engine/ramp.Ramp starts with; ``8`` with 8 workers is the fixed count of before)
 ``drop_step_mib`` (with drop-behind on: engine/dropbehind.STEP, MiB),
 ``placing`` (engine/placer.placing_threads: how many threads verify and place at once),
 ``workers`` (RemoteStore's ``workers``: the most reads at once),
-``stream_buffer_kib`` (engine/streaming.STREAM_BUFFER: each worker's receive buffer) and
+``stream_buffer_kib`` (engine/streaming.STREAM_BUFFER: each worker's receive buffer),
+``rcvbuf_kib`` (each S3 connection's SO_RCVBUF; ``0`` leaves the kernel's autotuning) and
 ``chunk_hash`` (``sha256,blake3``: the same files published once under each hash, as
 ``db-sha256`` and ``db-blake3``; the checkout verifies with that hash).
 Before every pair a probe classifies the machine's memory independently of the runs: 256
@@ -79,6 +80,16 @@ SETTINGS = {
         "m.RemoteStore.__init__.__kwdefaults__['workers'] = {}\n"
     ),
     "stream_buffer_kib": "import chroma_snapshots.stores.fetch as m\nm.STREAM_BUFFER = {} << 10\n",
+    "rcvbuf_kib": (  # each S3 connection's socket receive buffer; 0: the kernel's autotuning
+        "import socket\nimport botocore.httpsession as m\nif {0}:\n"
+        "    made = m.URLLib3Session._get_pool_manager_kwargs\n"
+        "    def more(self, **extra):\n"
+        "        out = made(self, **extra)\n"
+        "        opt = (socket.SOL_SOCKET, socket.SO_RCVBUF, {0} << 10)\n"
+        "        out['socket_options'] = [*out['socket_options'], opt]\n"
+        "        return out\n"
+        "    m.URLLib3Session._get_pool_manager_kwargs = more\n"
+    ),
     "chunk_hash": "",  # the snapshot checked out says it: db-{value}
 }
 HASHES = ("sha256", "blake3")
