@@ -23,6 +23,7 @@ from late_steps import late_after
 from chroma_snapshots import (
     CachedStore,
     CacheFullError,
+    ConfigError,
     Deadline,
     IntegrityError,
     InvalidInputError,
@@ -463,6 +464,20 @@ def test_a_read_only_cache_folder_says_where_it_was_named(
     assert err.value.filename == str(cache)
     said = "(the folder CHROMA_SNAPSHOTS_CACHE_DIR names)" in str(err.value)
     assert said == (named == "by the environment")
+
+
+def test_an_untrusted_cache_folder_says_where_it_was_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chroma_snapshots import open_store
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    cache.chmod(0o777)  # anyone may write into it: no cache of ours
+    _published(tmp_path, _random_files({"a.bin": 10}))
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", str(cache))
+    with pytest.raises(ConfigError, match=r"\(the folder CHROMA_SNAPSHOTS_CACHE_DIR names\)"):
+        open_store(str(tmp_path / "store"))
 
 
 # Short writes.

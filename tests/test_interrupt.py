@@ -168,3 +168,35 @@ def test_an_interrupted_command_run_in_process_gives_ctrl_c_back(
     show = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
     assert child.stdout == "True\n"
+
+
+def test_a_ctrl_c_as_a_temporary_checkout_lands_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C just after the checkout's tree was renamed into place, before the caller has
+    the snapshot: no one could release that copy, so it goes, and its lock with it (it
+    stayed, held, until the process ended)."""
+    import tempfile
+
+    from chroma_snapshots.engine import cleanup, scratch
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    _publish(tmp_path)
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    main, keep = threading.main_thread().ident, cleanup.Handoff.keep
+    assert main is not None
+
+    def keep_then_interrupt(self: cleanup.Handoff, final: Path) -> bool:
+        kept = keep(self, final)
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.5)  # the caller takes it while it still waits for the build
+        return kept
+
+    monkeypatch.setattr(cleanup.Handoff, "keep", keep_then_interrupt)
+    held = len(scratch._held)
+    with pytest.raises(KeyboardInterrupt):
+        store.checkout("db", deadline=60)
+    assert list(tmp.iterdir()) == []
+    assert len(scratch._held) == held

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chroma_helpers import build, close_client
@@ -19,8 +20,10 @@ from chroma_helpers import build, close_client
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.chroma import publish_client
-from chroma_snapshots.engine.scratch import scratch_dir, sweep_scratch
+from chroma_snapshots.engine.scratch import discard_scratch, scratch_dir, sweep_scratch
 from chroma_snapshots.engine.workdir import LEFTOVER_AGE
+from chroma_snapshots.errors import LocalDiskError
+from chroma_snapshots.testing.conformance import write_tree
 
 PREFIX = "chroma-snapshots-publish-"
 # makes a scratch folder, fills it, says where, then waits to be killed (a Lambda timeout)
@@ -115,13 +118,92 @@ def test_a_killed_publish_clients_copy_goes_with_the_next_publish(
 def test_a_removal_cut_short_is_finished_at_once(
     holder: tuple[subprocess.Popen[str], Path],
 ) -> None:
-    """A removal renames the folder first: killed part-way (the marker may already be
-    gone), the next sweep finishes it at once instead of taking it for one just made."""
+    """A removal renames the folder first and takes the marker last: killed part-way, the
+    folder still has its marker and the next sweep finishes it; killed after the marker
+    went, the empty folder goes at once instead of being taken for one just made."""
     proc, left = holder
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cut = left.with_name(left.name + ".going")
     left.rename(cut)  # where a sweeper killed after its rename leaves it
-    (cut / ".chroma-snapshots-held").unlink()  # and its first removals
+    (cut / "copy" / "chroma.sqlite3").unlink()  # and its first removals
     assert sweep_scratch(PREFIX) == 1
     assert not cut.exists()
+    end = Path(tempfile.mkdtemp(prefix=PREFIX, suffix=".going"))  # the marker gone: empty
+    assert sweep_scratch(PREFIX) == 1
+    assert not end.exists()
+
+
+def test_an_unmarked_folder_is_only_ever_removed_empty(tmp: Path) -> None:
+    """A folder at a scratch name without the marker (a user's, named like one; or one a
+    removal's end would leave) is removed only if empty, whatever its name and age."""
+    for suffix in ("", ".going"):
+        theirs = Path(tempfile.mkdtemp(prefix=PREFIX, suffix=suffix))
+        (theirs / "important").write_bytes(b"x")
+        old = time.time() - LEFTOVER_AGE - 5
+        os.utime(theirs, (old, old))
+        assert sweep_scratch(PREFIX) == 0
+        assert (theirs / "important").read_bytes() == b"x"
+
+
+def test_a_folder_swapped_in_during_a_sweep_is_never_removed(
+    holder: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the sweeper's lock on a dead owner's folder and its rename, another folder
+    is put at the name: it keeps its name and contents, through this sweep and the next."""
+    proc, left = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    real_rename = os.rename
+    swapped: list[Path] = []
+
+    def swap_first(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if not swapped and Path(src) == left:
+            real_rename(left, left.with_name("moved-away"))
+            left.mkdir()
+            (left / "precious").write_bytes(b"p")
+            swapped.append(left)
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", swap_first)
+    sweep_scratch(PREFIX)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert swapped
+    assert (left / "precious").read_bytes() == b"p"
+    old = time.time() - LEFTOVER_AGE - 5
+    os.utime(left, (old, old))
+    assert sweep_scratch(PREFIX) == 0  # no marker: only ever removed empty
+    assert (left / "precious").read_bytes() == b"p"
+    assert not list(left.parent.glob("*.going"))
+
+
+def test_a_forked_child_leaves_its_parents_folders_alone(tmp: Path) -> None:
+    """A child that leaves the block (or exits in it) neither removes the parent's folder
+    nor frees it for a sweep: the parent's lock holds."""
+    with scratch_dir(PREFIX, "a test") as mine:
+        pid = os.fork()
+        if pid == 0:  # the child: leave the block, as a sys.exit inside it would
+            try:
+                discard_scratch(mine)
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert mine.is_dir()
+        assert sweep_scratch(PREFIX) == 0
+        assert mine.is_dir()
+    assert not mine.exists()
+
+
+def test_no_usable_temp_directory_is_a_local_disk_error(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only file system everywhere tempfile looks: the documented error, not
+    tempfile's FileNotFoundError (which a caller would take for a missing snapshot)."""
+    store = RemoteStore(FileBackend(tmp.parent / "store"))
+    store.publish("db", write_tree(tmp.parent / "src", {"a": b"a"}))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp / "none")])
+    with pytest.raises(LocalDiskError, match="making a folder for a test"):
+        scratch_dir(PREFIX, "making a folder for a test").__enter__()
+    with pytest.raises(LocalDiskError, match="No usable temporary directory"):
+        store.checkout("db")

@@ -17,6 +17,7 @@ from chroma_snapshots.config import (
     environment_cache_dir,
     environment_endpoint,
 )
+from chroma_snapshots.errors import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -241,12 +242,18 @@ def open_store(
             stale_ok=stale_ok,
             refresh_seconds=cfg.refresh_seconds,
         )
-    except OSError as e:  # LocalDiskError, CacheFullError: say where the folder was named
+    except (OSError, ConfigError) as e:  # unusable, untrusted: say where it was named
         if str(cache) != environment_cache_dir():
             raise
-        raise type(e)(
-            e.errno, f"{e.strerror} (the folder {ENV_CACHE_DIR} names)", e.filename
-        ) from e
+        raise _named_by_environment(e) from e
+
+
+def _named_by_environment(e: OSError | ConfigError) -> Exception:
+    """``e`` (about the cache folder) saying that CHROMA_SNAPSHOTS_CACHE_DIR named it."""
+    said = f"(the folder {ENV_CACHE_DIR} names)"
+    if isinstance(e, OSError):
+        return type(e)(e.errno, f"{e.strerror} {said}", e.filename)
+    return type(e)(f"{e} {said}")
 
 
 def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:

@@ -118,13 +118,17 @@ def remove_mine(path: Path, built: FolderId, waits: tuple[float, ...] = SHORT_WA
 
 
 def remove_tree(
-    path: Path, check: Callable[[], None] = lambda: None, only: FolderId | None = None
+    path: Path,
+    check: Callable[[], None] = lambda: None,
+    only: FolderId | None = None,
+    last: str | None = None,
 ) -> None:
     """Remove a directory tree if it exists (temp folders, failed checkouts), at any depth
     (engine/treewalk.py); a link at ``path`` is removed, never followed. Folders a consumer
     made read-only (or unlistable) get their owner's permissions back first: otherwise the
     tree would stay for good. ``check()`` runs every few entries and may raise. ``only``:
-    remove it only if it is that folder (device, inode): one swapped in is not ours."""
+    remove it only if it is that folder (device, inode): one swapped in is not ours.
+    ``last``: a file in it removed after everything else (:func:`remove_dir`)."""
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             if only is None:
@@ -132,7 +136,7 @@ def remove_tree(
             return
     except OSError:
         return
-    remove_dir(path, check, only=only)
+    remove_dir(path, check, only=only, last=last)
 
 
 def made_here(fd: int, path: Path) -> FolderId:

@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -128,7 +127,8 @@ def build_at(
     except BaseException as e:  # interrupted while waiting: the build must not deliver later
         with interrupts_held():
             call_off_if_interrupt(deadline, e)  # and stops at its next check
-            handoff.give_up()
+            if not handoff.give_up() and at is None:  # finished, but no one will have it
+                discard_scratch(handoff.final.parent)
         raise
 
 
@@ -156,7 +156,7 @@ def _build(
     try:
         final, made = prepare_dest(at)
     except OSError as e:  # e.g. a read-only parent: LocalDiskError, not a raw OSError
-        raise_local(e, Path(tempfile.gettempdir()) if at is None else at, what)
+        raise_local(e, Path("the temporary directory") if at is None else at, what)
         raise
     undo = partial(_undo_dest, at is None, made)
     place = None if at is None else str(at)

@@ -5,11 +5,12 @@ a compaction's copy of the database left there by each kill filled /tmp until ev
 batch in the container failed. A scratch folder is locked (``flock``) by its owner from
 just after it is made until it is removed; a marker inside says the lock was taken. The
 next process making a folder of the same kind removes those it can lock that have the
-marker: their owner is dead (the kernel drops a dead process's locks). A folder without
-the marker was left between its mkdir and its lock, and is empty: removed once old; or its
-owner handed it to its user (:func:`keep_scratch`), and it stays. A
-removal renames the folder first (``.going``): one a kill cut short, its marker perhaps
-gone already, is finished by the next sweep at once.
+marker: their owner is dead (the kernel drops a dead process's locks). The marker is the
+only licence to remove a folder's contents, and a removal takes it last: a removal a kill
+cut short still has it, and is finished by the next sweep. A folder without the marker is
+only ever removed empty: left between its mkdir and its lock (once old), or the end of a
+removal (named ``.going``: at once). A folder its owner handed to its user
+(:func:`keep_scratch`) has no marker and stays.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ _GOING = ".going"  # the name's end once its removal has begun
 _held: dict[Path, tuple[int, tuple[int, int]]] = {}
 
 
+def _forget_in_child() -> None:
+    """A forked child neither removes nor keeps its parent's folders (it shares their
+    locks): leaving a ``with`` block or exiting must not take the parent's checkout."""
+    for fd, _ in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def temp_dir(what: str) -> Path:
+    """The temp directory; LocalDiskError naming ``what`` when there is none to use (a
+    read-only file system everywhere tempfile looks)."""
+    with local_io("the temporary directory", what):
+        return Path(tempfile.gettempdir())
+
+
 @contextlib.contextmanager
 def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
     """A new private folder ``<temp dir>/<prefix><random>``, removed when the block ends
@@ -49,9 +68,10 @@ def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
 def make_scratch(prefix: str, what: str) -> Path:
     """:func:`scratch_dir` for a folder that outlives a block: held by this process until
     :func:`discard_scratch` (or :func:`keep_scratch`), or until the process ends."""
-    sweep_scratch(prefix)
-    with local_io(tempfile.gettempdir(), what):
-        path = Path(tempfile.mkdtemp(prefix=prefix))
+    top = temp_dir(what)
+    sweep_scratch(prefix, top)
+    with local_io(top, what):
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=top))
         fd = os.open(path, DIR_FLAGS)
     try:
         st = os.fstat(fd)
@@ -93,24 +113,37 @@ def keep_scratch(path: Path) -> None:
             os.close(held[0])
 
 
-def sweep_scratch(prefix: str) -> int:
-    """Remove this user's scratch folders of ``prefix`` whose owner is dead; how many."""
+def sweep_scratch(prefix: str, top: Path | None = None) -> int:
+    """Remove this user's scratch folders of ``prefix`` whose owner is dead (in ``top``,
+    default the temp directory); how many."""
     removed = 0
-    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+    for path in (top or temp_dir("looking for scratch folders")).glob(f"{prefix}*"):
         removed += _remove_if_dead(path)
     return removed
 
 
 def _discard(path: Path, folder: tuple[int, int]) -> None:
-    """Remove the scratch folder ``path`` (that folder only), renamed first to say so: a
-    removal cut short (a kill) takes the marker with it, and the name tells the next
-    sweep it may finish the job at once instead of taking the rest for a folder just made."""
+    """Remove the scratch folder ``path`` (that folder only, its marker last), renamed
+    first so that the empty folder a kill may leave is known for the end of a removal."""
     going = path if path.name.endswith(_GOING) else path.with_name(path.name + _GOING)
     try:
         os.rename(path, going)
     except OSError:
         going = path  # gone already, or the folder cannot be renamed: removed where it is
-    remove_tree(going, only=folder)
+    else:
+        if _identity(going) != folder:  # another folder was put at the name meanwhile
+            with contextlib.suppress(OSError):
+                os.rename(going, path)  # its name back; left alone
+            return
+    remove_tree(going, only=folder, last=_HELD)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _remove_if_dead(path: Path) -> int:
@@ -126,9 +159,10 @@ def _remove_if_dead(path: Path) -> int:
         try:  # in the folder locked, by its descriptor: not whatever the path names now
             held = bool(os.stat(_HELD, dir_fd=fd, follow_symlinks=False))
         except FileNotFoundError:
-            held = path.name.endswith(_GOING)  # a removal was begun: its owner is gone
-        if not held:  # made, its owner killed before its lock; or kept (keep_scratch)
-            if time.time() - st.st_mtime < LEFTOVER_AGE:
+            held = False
+        if not held:  # killed before its lock, or at a removal's end; or kept (keep_scratch)
+            young = time.time() - st.st_mtime < LEFTOVER_AGE
+            if young and not path.name.endswith(_GOING):
                 return 0  # just made: its owner is about to lock it
             os.rmdir(path)  # only if empty: a kept folder is its user's
             return 1

@@ -73,7 +73,8 @@ def walk(top: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
 
 
 def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
-               dir_fd: int | None = None, only: tuple[int, int] | None = None) -> None:  # fmt: skip
+               dir_fd: int | None = None, only: tuple[int, int] | None = None,
+               last: str | None = None) -> None:  # fmt: skip
     """Remove the folder ``path`` (relative to the folder ``dir_fd`` if given) and
     everything in it, as far as permissions allow (errors are ignored, as
     ``shutil.rmtree(ignore_errors=True)`` does; folders a consumer made read-only or
@@ -84,7 +85,8 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
     included: a bind mount placed over a folder about to be removed) is left alone with
     everything on it. ``check()`` runs every few entries and may raise (a deadline: a
     consumer can add 300,000 files). ``only``: the (device, inode) the folder must have
-    (one swapped in under its name is left alone)."""
+    (one swapped in under its name is left alone). ``last``: a file directly in it that is
+    removed after everything else (a marker that must outlive a removal cut short)."""
     top = open_owned(path, dir_fd)
     if top is None:
         return
@@ -108,7 +110,11 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
                 break
             progress = False
             for name in names:
-                progress = _remove_child(top, mount, name, moved, check) or progress
+                if name != last:
+                    progress = _remove_child(top, mount, name, moved, check) or progress
+        if last is not None:
+            with suppress(OSError):
+                os.unlink(last, dir_fd=top)
     finally:
         os.close(top)
     with suppress(OSError):

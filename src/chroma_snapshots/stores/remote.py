@@ -405,15 +405,19 @@ class RemoteStore(RemoteListing, SourceStore):
             "writing the checkout",
             dl,
         )
-        info = SnapshotInfo.from_manifest(version, manifest)
         temporary = final.parent if dest is None else None  # the folder prepare_dest made
-        return LocalSnapshot(
-            final,
-            info,
-            stats.freeze(time.monotonic() - t0),
-            source=self.label,
-            _release=None if temporary is None else lambda: discard_scratch(temporary),
-        )
+        try:  # a Ctrl-C before the caller has the snapshot: no one could release it
+            return LocalSnapshot(
+                final,
+                SnapshotInfo.from_manifest(version, manifest),
+                stats.freeze(time.monotonic() - t0),
+                source=self.label,
+                _release=None if temporary is None else lambda: discard_scratch(temporary),
+            )
+        except BaseException:
+            if temporary is not None:
+                discard_scratch(temporary)
+            raise
 
     def materialize(
         self,
