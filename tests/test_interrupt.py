@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,5 +199,32 @@ def test_a_ctrl_c_as_a_temporary_checkout_lands_leaves_nothing(
     held = len(scratch._held)
     with pytest.raises(KeyboardInterrupt):
         store.checkout("db", deadline=60)
+    assert list(tmp.iterdir()) == []
+    assert len(scratch._held) == held
+
+
+def test_a_ctrl_c_as_the_checkout_returns_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same Ctrl-C one step later: the tree is in place and the checkout is making the
+    snapshot it returns (the interrupt raised there)."""
+    import tempfile
+
+    from chroma_snapshots.engine import scratch
+    from chroma_snapshots.engine.models import SnapshotInfo
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    _publish(tmp_path)
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapshotInfo, "from_manifest", interrupted)
+    held = len(scratch._held)
+    with pytest.raises(KeyboardInterrupt):
+        store.checkout("db")
     assert list(tmp.iterdir()) == []
     assert len(scratch._held) == held

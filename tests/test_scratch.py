@@ -207,3 +207,32 @@ def test_no_usable_temp_directory_is_a_local_disk_error(
         scratch_dir(PREFIX, "making a folder for a test").__enter__()
     with pytest.raises(LocalDiskError, match="No usable temporary directory"):
         store.checkout("db")
+
+
+def test_a_removal_that_leaves_something_keeps_the_marker(
+    holder: tuple[subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    """What a sweep cannot remove (a mount inside; or it ran out of descriptors) keeps
+    the folder marked: the next sweep, once it can, removes the rest, never an unmarked
+    folder left for good."""
+    proc, left = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    outside = tmp_path / "outside"
+    (outside / "kept").mkdir(parents=True)
+    (left / "copy" / "mnt").mkdir()
+    mount = ["mount", "--bind", str(outside), str(left / "copy" / "mnt")]
+    done = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"this test needs root to bind-mount (CI runs as root): {done.stderr}")
+    try:
+        sweep_scratch(PREFIX)
+        going = left.with_name(left.name + ".going")
+        assert (going / ".chroma-snapshots-held").exists()  # the mount point stays in it
+        assert not (going / "copy" / "chroma.sqlite3").exists()
+        assert (outside / "kept").is_dir()  # nothing on the mount was touched
+    finally:
+        subprocess.run(["umount", str(left.with_name(left.name + ".going") / "copy" / "mnt")])
+    assert sweep_scratch(PREFIX) == 1
+    assert not going.exists()
+    assert (outside / "kept").is_dir()

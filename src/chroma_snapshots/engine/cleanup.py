@@ -165,6 +165,11 @@ class Handoff:
                 self._given_up, self.final = False, final
             return not self._given_up
 
+    @property
+    def delivered(self) -> bool:
+        """The build kept its tree for the caller (:meth:`keep` came first)."""
+        return self._given_up is False
+
     def give_up(self) -> bool:
         """The caller's: True if no tree will be delivered (one in place is taken back).
         Then waits at most :data:`GRACE` for the build to end: past its deadline it stops

@@ -114,9 +114,25 @@ def build_at(
         # a relative dest is resolved against the working directory, which may be gone
         with local_io(given, f"{what}: resolving it against the working directory"):
             at = given.absolute()
-    if deadline is None:
-        return _build_at(at, build, what, None, Handoff())
     handoff = Handoff()
+    try:
+        if deadline is None:
+            return _build_at(at, build, what, None, handoff)
+        return _build_by(at, build, what, deadline, handoff)
+    except BaseException:  # a Ctrl-C as the tree landed: no one will have a temporary one
+        if at is None and handoff.delivered:
+            discard_scratch(handoff.final.parent)
+        raise
+
+
+def _build_by(
+    at: Path | None,
+    build: Callable[[Path, FolderId], object],
+    what: str,
+    deadline: Deadline,
+    handoff: Handoff,
+) -> Path:
+    """:func:`build_at`'s work on a thread of its own, waited for until ``deadline``."""
     work = partial(_build_at, at, build, what, deadline, handoff)
     try:
         return finish_by(work, deadline, what, None if at is None else str(at))
@@ -127,8 +143,7 @@ def build_at(
     except BaseException as e:  # interrupted while waiting: the build must not deliver later
         with interrupts_held():
             call_off_if_interrupt(deadline, e)  # and stops at its next check
-            if not handoff.give_up() and at is None:  # finished, but no one will have it
-                discard_scratch(handoff.final.parent)
+            handoff.give_up()
         raise
 
 

@@ -6,8 +6,9 @@ batch in the container failed. A scratch folder is locked (``flock``) by its own
 just after it is made until it is removed; a marker inside says the lock was taken. The
 next process making a folder of the same kind removes those it can lock that have the
 marker: their owner is dead (the kernel drops a dead process's locks). The marker is the
-only licence to remove a folder's contents, and a removal takes it last: a removal a kill
-cut short still has it, and is finished by the next sweep. A folder without the marker is
+only licence to remove a folder's contents, and a removal takes it last, once all else
+went: one a kill cut short, or that left something (a mount inside, descriptors run out),
+still has it, and the next sweep goes on with it. A folder without the marker is
 only ever removed empty: left between its mkdir and its lock (once old), or the end of a
 removal (named ``.going``: at once). A folder its owner handed to its user
 (:func:`keep_scratch`) has no marker and stays.

@@ -86,7 +86,8 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
     everything on it. ``check()`` runs every few entries and may raise (a deadline: a
     consumer can add 300,000 files). ``only``: the (device, inode) the folder must have
     (one swapped in under its name is left alone). ``last``: a file directly in it that is
-    removed after everything else (a marker that must outlive a removal cut short)."""
+    removed after everything else, and only if everything else went (a marker that must
+    outlive a removal cut short, or one that left something)."""
     top = open_owned(path, dir_fd)
     if top is None:
         return
@@ -112,9 +113,10 @@ def remove_dir(path: Path | str, check: Callable[[], None] = lambda: None,
             for name in names:
                 if name != last:
                     progress = _remove_child(top, mount, name, moved, check) or progress
-        if last is not None:
+        if last is not None:  # only once all else went: a mount point, a descriptor short
             with suppress(OSError):
-                os.unlink(last, dir_fd=top)
+                if os.listdir(top) == [last]:
+                    os.unlink(last, dir_fd=top)
     finally:
         os.close(top)
     with suppress(OSError):

@@ -405,18 +405,18 @@ class RemoteStore(RemoteListing, SourceStore):
             "writing the checkout",
             dl,
         )
-        temporary = final.parent if dest is None else None  # the folder prepare_dest made
         try:  # a Ctrl-C before the caller has the snapshot: no one could release it
             return LocalSnapshot(
                 final,
                 SnapshotInfo.from_manifest(version, manifest),
                 stats.freeze(time.monotonic() - t0),
                 source=self.label,
-                _release=None if temporary is None else lambda: discard_scratch(temporary),
+                # without dest, the folder prepare_dest made is the snapshot's to release
+                _release=None if dest is not None else partial(discard_scratch, final.parent),
             )
         except BaseException:
-            if temporary is not None:
-                discard_scratch(temporary)
+            if dest is None:
+                discard_scratch(final.parent)
             raise
 
     def materialize(
