@@ -5,6 +5,7 @@ one being made, and another user's are left alone."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from chroma_helpers import build, close_client
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.chroma import publish_client
+from chroma_snapshots.engine import scratch
+from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.scratch import discard_scratch, scratch_dir, sweep_scratch
 from chroma_snapshots.engine.workdir import LEFTOVER_AGE
 from chroma_snapshots.errors import LocalDiskError
@@ -231,8 +234,66 @@ def test_a_removal_that_leaves_something_keeps_the_marker(
         assert (going / ".chroma-snapshots-held").exists()  # the mount point stays in it
         assert not (going / "copy" / "chroma.sqlite3").exists()
         assert (outside / "kept").is_dir()  # nothing on the mount was touched
+        marker = going / ".chroma-snapshots-held"
+        assert marker.read_bytes().split()[1:] == [b"stuck"]  # not tried at every sweep
+        assert sweep_scratch(PREFIX) == 0
+        assert marker.read_bytes().split()[1:] == [b"stuck"]
     finally:
         subprocess.run(["umount", str(left.with_name(left.name + ".going") / "copy" / "mnt")])
+    old = time.time() - LEFTOVER_AGE - 5
+    os.utime(marker, (old, old))  # a minute later
     assert sweep_scratch(PREFIX) == 1
     assert not going.exists()
     assert (outside / "kept").is_dir()
+
+
+def test_a_folder_a_sweep_cannot_empty_costs_it_half_a_second_a_minute(
+    holder: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead folder whose removal takes longer than a sweep may spend (many files, or
+    files no one may remove) is removed bit by bit: each sweep spends at most its time,
+    then leaves the folder alone for a while, so no later caller pays for it each time."""
+    proc, left = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for i in range(300):
+        (left / "copy" / f"f{i}").write_bytes(b"x")
+    by, remove = scratch._by, remove_tree
+    monkeypatch.setattr(scratch, "_by", lambda end: _out_of_time)  # at its first check
+    assert sweep_scratch(PREFIX) == 0
+    going = left.with_name(left.name + ".going")
+    assert (going / "copy").is_dir()
+    monkeypatch.setattr(scratch, "remove_tree", _never)  # while it waits, never tried
+    assert sweep_scratch(PREFIX) == 0
+    monkeypatch.setattr(scratch, "remove_tree", remove)
+    monkeypatch.setattr(scratch, "_by", by)
+    old = time.time() - LEFTOVER_AGE - 5
+    os.utime(going / ".chroma-snapshots-held", (old, old))
+    assert sweep_scratch(PREFIX) == 1
+    assert not going.exists()
+
+
+def _out_of_time() -> None:
+    raise scratch._OutOfTime
+
+
+def _never(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("a folder a sweep could not empty a moment ago was tried again")
+
+
+def test_a_copy_of_a_scratch_folder_is_not_a_dead_owners(
+    holder: tuple[subprocess.Popen[str], Path],
+) -> None:
+    """A user's copy of a checkout's folder (``cp -a``, the marker with it) at a name of
+    the same kind is another folder: its marker names the folder it was made in."""
+    proc, left = holder
+    copy = left.with_name(left.name + "-mine")
+    shutil.copytree(left, copy, symlinks=True)
+    assert (copy / ".chroma-snapshots-held").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    old = time.time() - LEFTOVER_AGE - 5
+    os.utime(copy, (old, old))
+    assert sweep_scratch(PREFIX) == 1  # the dead owner's own
+    assert not left.exists()
+    assert (copy / "copy" / "chroma.sqlite3").exists()

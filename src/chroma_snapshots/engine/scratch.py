@@ -3,7 +3,8 @@
 A Lambda timeout or an out-of-memory kill runs no clean-up, and /tmp outlives the process:
 a compaction's copy of the database left there by each kill filled /tmp until every later
 batch in the container failed. A scratch folder is locked (``flock``) by its owner from
-just after it is made until it is removed; a marker inside says the lock was taken. The
+just after it is made until it is removed; a marker inside says the lock was taken, and
+names the folder it was made in (a copy of the folder is not a dead owner's). The
 next process making a folder of the same kind removes those it can lock that have the
 marker: their owner is dead (the kernel drops a dead process's locks). The marker is the
 only licence to remove a folder's contents, and a removal takes it last, once all else
@@ -11,17 +12,21 @@ went: one a kill cut short, or that left something (a mount inside, descriptors 
 still has it, and the next sweep goes on with it. A folder without the marker is
 only ever removed empty: left between its mkdir and its lock (once old), or the end of a
 removal (named ``.going``: at once). A folder its owner handed to its user
-(:func:`keep_scratch`) has no marker and stays.
+(:func:`keep_scratch`) has no marker and stays. A sweep spends at most SWEEP_SECONDS
+(it delays its caller's work); a folder it could not remove by then (many files, or some no
+one may remove) is marked so, and left alone for LEFTOVER_AGE before the next try.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chroma_snapshots.engine.folders import remove_tree
@@ -31,6 +36,8 @@ from chroma_snapshots.engine.workdir import LEFTOVER_AGE
 
 _HELD = ".chroma-snapshots-held"  # made once the owner holds the folder's lock
 _GOING = ".going"  # the name's end once its removal has begun
+_STUCK = b" stuck"  # added to the marker by a sweep that could not remove the folder
+SWEEP_SECONDS = 0.5  # the most a sweep spends removing: it delays the caller's own work
 # the folders make_scratch made that this process holds: their locks, (device, inode)
 _held: dict[Path, tuple[int, tuple[int, int]]] = {}
 
@@ -80,7 +87,7 @@ def make_scratch(prefix: str, what: str) -> Path:
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that looked at it just now
         try:
             with local_io(path, what):  # a full disk: the folder goes too
-                os.close(os.open(path / _HELD, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                _mark(fd, _stamp(st))
         except BaseException:
             _discard(path, folder)  # before the lock goes
             raise
@@ -116,16 +123,51 @@ def keep_scratch(path: Path) -> None:
 
 def sweep_scratch(prefix: str, top: Path | None = None) -> int:
     """Remove this user's scratch folders of ``prefix`` whose owner is dead (in ``top``,
-    default the temp directory); how many."""
-    removed = 0
+    default the temp directory), for at most SWEEP_SECONDS; how many."""
+    removed, end = 0, time.monotonic() + SWEEP_SECONDS
     for path in (top or temp_dir("looking for scratch folders")).glob(f"{prefix}*"):
-        removed += _remove_if_dead(path)
+        if time.monotonic() > end:
+            break  # the rest for the next sweep
+        removed += _remove_if_dead(path, end)
     return removed
 
 
-def _discard(path: Path, folder: tuple[int, int]) -> None:
+def _stamp(st: os.stat_result) -> bytes:
+    """What the marker says: the folder it was made in (a copy of the folder, the marker
+    with it, is another folder, never taken for a dead owner's)."""
+    return f"{st.st_dev}:{st.st_ino}".encode()
+
+
+def _mark(fd: int, text: bytes) -> None:
+    """Write the marker ``text`` into the folder ``fd`` (appending: ``_STUCK`` follows)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    mark = os.open(_HELD, flags, 0o600, dir_fd=fd)
+    try:
+        if os.write(mark, text) != len(text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), _HELD)
+    finally:
+        os.close(mark)
+
+
+def _marker(fd: int, st: os.stat_result) -> tuple[bool, bool]:
+    """Whether the folder ``fd`` has a marker made in it, and whether a sweep could not
+    remove it within the last LEFTOVER_AGE (it is left alone until then)."""
+    try:
+        mark = os.open(_HELD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError:
+        return False, False
+    try:
+        words, age = os.read(mark, 256).split(), time.time() - os.fstat(mark).st_mtime
+    finally:
+        os.close(mark)
+    ours = bool(words) and words[0] == _stamp(st)
+    return ours, ours and _STUCK.strip() in words[1:] and age < LEFTOVER_AGE
+
+
+def _discard(path: Path, folder: tuple[int, int], end: float = math.inf) -> bool:
     """Remove the scratch folder ``path`` (that folder only, its marker last), renamed
-    first so that the empty folder a kill may leave is known for the end of a removal."""
+    first so that the empty folder a kill may leave is known for the end of a removal;
+    whether it went (by ``end``, a monotonic time: the rest is left for later)."""
     going = path if path.name.endswith(_GOING) else path.with_name(path.name + _GOING)
     try:
         os.rename(path, going)
@@ -135,8 +177,22 @@ def _discard(path: Path, folder: tuple[int, int]) -> None:
         if _identity(going) != folder:  # another folder was put at the name meanwhile
             with contextlib.suppress(OSError):
                 os.rename(going, path)  # its name back; left alone
-            return
-    remove_tree(going, only=folder, last=_HELD)
+            return False
+    with contextlib.suppress(_OutOfTime):
+        remove_tree(going, _by(end), only=folder, last=_HELD)
+    return _identity(going) != folder
+
+
+class _OutOfTime(Exception):
+    """A sweep's time ran out in the middle of a removal."""
+
+
+def _by(end: float) -> Callable[[], None]:
+    def check() -> None:
+        if time.monotonic() > end:
+            raise _OutOfTime
+
+    return check
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -147,7 +203,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _remove_if_dead(path: Path) -> int:
+def _remove_if_dead(path: Path, end: float) -> int:
     try:
         fd = os.open(path, DIR_FLAGS)
     except OSError:
@@ -157,18 +213,21 @@ def _remove_if_dead(path: Path) -> int:
         if st.st_uid != os.geteuid():
             return 0  # another user's (root sweeping)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:  # in the folder locked, by its descriptor: not whatever the path names now
-            held = bool(os.stat(_HELD, dir_fd=fd, follow_symlinks=False))
-        except FileNotFoundError:
-            held = False
+        # in the folder locked, by its descriptor: not whatever the path names now
+        held, stuck = _marker(fd, st)
+        if stuck:
+            return 0  # a sweep a moment ago could not empty it: not every sweep again
         if not held:  # killed before its lock, or at a removal's end; or kept (keep_scratch)
             young = time.time() - st.st_mtime < LEFTOVER_AGE
             if young and not path.name.endswith(_GOING):
                 return 0  # just made: its owner is about to lock it
             os.rmdir(path)  # only if empty: a kept folder is its user's
             return 1
-        _discard(path, (st.st_dev, st.st_ino))  # under the lock: no owner returns
-        return 1
+        if _discard(path, (st.st_dev, st.st_ino), end):  # under the lock: no owner returns
+            return 1
+        with contextlib.suppress(OSError):  # what is left waits a while for the next try
+            _mark(fd, _STUCK)
+        return 0
     except OSError:
         return 0  # its owner holds it
     finally:
