@@ -25,7 +25,7 @@ from chroma_snapshots.engine import scratch
 from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.scratch import discard_scratch, scratch_dir, sweep_scratch
 from chroma_snapshots.engine.workdir import LEFTOVER_AGE
-from chroma_snapshots.errors import LocalDiskError
+from chroma_snapshots.errors import LocalDiskError, StorageTimeoutError
 from chroma_snapshots.testing.conformance import write_tree
 
 PREFIX = "chroma-snapshots-publish-"
@@ -258,15 +258,17 @@ def test_a_folder_a_sweep_cannot_empty_costs_it_half_a_second_a_minute(
     proc.wait()
     for i in range(300):
         (left / "copy" / f"f{i}").write_bytes(b"x")
-    by, remove = scratch._by, remove_tree
-    monkeypatch.setattr(scratch, "_by", lambda end: _out_of_time)  # at its first check
+
+    def out_of_time(path: Path, check: Any, **kwargs: Any) -> None:
+        remove_tree(path, _out_of_time, **kwargs)  # the time runs out at its first check
+
+    monkeypatch.setattr(scratch, "remove_tree", out_of_time)
     assert sweep_scratch(PREFIX) == 0
     going = left.with_name(left.name + ".going")
     assert (going / "copy").is_dir()
     monkeypatch.setattr(scratch, "remove_tree", _never)  # while it waits, never tried
     assert sweep_scratch(PREFIX) == 0
-    monkeypatch.setattr(scratch, "remove_tree", remove)
-    monkeypatch.setattr(scratch, "_by", by)
+    monkeypatch.setattr(scratch, "remove_tree", remove_tree)
     old = time.time() - LEFTOVER_AGE - 5
     os.utime(going / ".chroma-snapshots-held", (old, old))
     assert sweep_scratch(PREFIX) == 1
@@ -274,7 +276,7 @@ def test_a_folder_a_sweep_cannot_empty_costs_it_half_a_second_a_minute(
 
 
 def _out_of_time() -> None:
-    raise scratch._OutOfTime
+    raise StorageTimeoutError("deadline exceeded during a sweep of scratch folders")
 
 
 def _never(*args: Any, **kwargs: Any) -> None:

@@ -22,17 +22,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-from chroma_snapshots.engine.folders import remove_tree
+from chroma_snapshots.engine.deadline import Deadline
+from chroma_snapshots.engine.folders import folder_id, remove_tree
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import DIR_FLAGS
 from chroma_snapshots.engine.workdir import LEFTOVER_AGE
+from chroma_snapshots.errors import StorageTimeoutError
 
 _HELD = ".chroma-snapshots-held"  # made once the owner holds the folder's lock
 _GOING = ".going"  # the name's end once its removal has begun
@@ -124,11 +126,11 @@ def keep_scratch(path: Path) -> None:
 def sweep_scratch(prefix: str, top: Path | None = None) -> int:
     """Remove this user's scratch folders of ``prefix`` whose owner is dead (in ``top``,
     default the temp directory), for at most SWEEP_SECONDS; how many."""
-    removed, end = 0, time.monotonic() + SWEEP_SECONDS
+    removed, dl = 0, Deadline(SWEEP_SECONDS)
     for path in (top or temp_dir("looking for scratch folders")).glob(f"{prefix}*"):
-        if time.monotonic() > end:
+        if dl.expired():
             break  # the rest for the next sweep
-        removed += _remove_if_dead(path, end)
+        removed += _remove_if_dead(path, dl)
     return removed
 
 
@@ -164,46 +166,27 @@ def _marker(fd: int, st: os.stat_result) -> tuple[bool, bool]:
     return ours, ours and _STUCK.strip() in words[1:] and age < LEFTOVER_AGE
 
 
-def _discard(path: Path, folder: tuple[int, int], end: float = math.inf) -> bool:
+def _discard(path: Path, folder: tuple[int, int], dl: Deadline | None = None) -> bool:
     """Remove the scratch folder ``path`` (that folder only, its marker last), renamed
     first so that the empty folder a kill may leave is known for the end of a removal;
-    whether it went (by ``end``, a monotonic time: the rest is left for later)."""
+    whether it went (by ``dl`` if given: the rest is left for later)."""
     going = path if path.name.endswith(_GOING) else path.with_name(path.name + _GOING)
     try:
         os.rename(path, going)
     except OSError:
         going = path  # gone already, or the folder cannot be renamed: removed where it is
     else:
-        if _identity(going) != folder:  # another folder was put at the name meanwhile
+        if folder_id(going) != folder:  # another folder was put at the name meanwhile
             with contextlib.suppress(OSError):
                 os.rename(going, path)  # its name back; left alone
             return False
-    with contextlib.suppress(_OutOfTime):
-        remove_tree(going, _by(end), only=folder, last=_HELD)
-    return _identity(going) != folder
+    check = (lambda: None) if dl is None else partial(dl.check, "a sweep of scratch folders")
+    with contextlib.suppress(StorageTimeoutError):
+        remove_tree(going, check, only=folder, last=_HELD)
+    return folder_id(going) != folder
 
 
-class _OutOfTime(Exception):
-    """A sweep's time ran out in the middle of a removal."""
-
-
-def _by(end: float) -> Callable[[], None]:
-    def check() -> None:
-        if time.monotonic() > end:
-            raise _OutOfTime
-
-    return check
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _remove_if_dead(path: Path, end: float) -> int:
+def _remove_if_dead(path: Path, dl: Deadline) -> int:
     try:
         fd = os.open(path, DIR_FLAGS)
     except OSError:
@@ -223,7 +206,7 @@ def _remove_if_dead(path: Path, end: float) -> int:
                 return 0  # just made: its owner is about to lock it
             os.rmdir(path)  # only if empty: a kept folder is its user's
             return 1
-        if _discard(path, (st.st_dev, st.st_ino), end):  # under the lock: no owner returns
+        if _discard(path, (st.st_dev, st.st_ino), dl):  # under the lock: no owner returns
             return 1
         with contextlib.suppress(OSError):  # what is left waits a while for the next try
             _mark(fd, _STUCK)
