@@ -63,6 +63,7 @@ CLIENTS = (
     "receive only: http.client",
     "receive only: awscrt",
     "receive only: obstore",
+    "awscrt to file + blake3/64KiB",
 )
 CHECKOUT, STARTUP = "chroma-snapshots checkout", "chroma-snapshots start-up"
 S5CMD = "s5cmd cp"
