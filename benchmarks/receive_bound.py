@@ -64,6 +64,9 @@ CLIENTS = (
     "receive only: awscrt",
     "receive only: obstore",
     "awscrt to file + blake3/64KiB",
+    "awscrt to file",
+    "awscrt to file (1 MiB parts) + blake3/64KiB",
+    "awscrt to file (1 MiB parts)",
 )
 CHECKOUT, STARTUP = "chroma-snapshots checkout", "chroma-snapshots start-up"
 S5CMD = "s5cmd cp"
