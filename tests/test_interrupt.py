@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -171,12 +171,15 @@ def test_an_interrupted_command_run_in_process_gives_ctrl_c_back(
     assert child.stdout == "True\n"
 
 
-def test_a_ctrl_c_as_a_temporary_checkout_lands_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("deadline", [60.0, None], ids=["deadline", "no-deadline"])
+@pytest.mark.parametrize("to_dest", [False, True], ids=["temporary", "dest"])
+def test_a_ctrl_c_as_the_checkout_lands_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to_dest: bool, deadline: float | None
 ) -> None:
     """Ctrl-C just after the checkout's tree was renamed into place, before the caller has
-    the snapshot: no one could release that copy, so it goes, and its lock with it (it
-    stayed, held, until the process ended)."""
+    the snapshot: no one could release a temporary copy, so it goes, and its lock with it
+    (it stayed, held, until the process ended); a tree at dest goes too, so that the
+    retry finds dest as it was (it failed: "exists and is not empty")."""
     import tempfile
 
     from chroma_snapshots.engine import cleanup, scratch
@@ -189,27 +192,36 @@ def test_a_ctrl_c_as_a_temporary_checkout_lands_leaves_nothing(
     main, keep = threading.main_thread().ident, cleanup.Handoff.keep
     assert main is not None
 
-    def keep_then_interrupt(self: cleanup.Handoff, final: Path) -> bool:
-        kept = keep(self, final)
+    def keep_then_interrupt(self: cleanup.Handoff, final: Path, take: Callable[[], None]) -> bool:
+        kept = keep(self, final, take)
         signal.pthread_kill(main, signal.SIGINT)
         time.sleep(0.5)  # the caller takes it while it still waits for the build
         return kept
 
     monkeypatch.setattr(cleanup.Handoff, "keep", keep_then_interrupt)
     held = len(scratch._held)
+    dest = tmp_path / "out" / "db" if to_dest else None
     with pytest.raises(KeyboardInterrupt):
-        store.checkout("db", deadline=60)
+        store.checkout("db", dest=dest, deadline=deadline)
     assert list(tmp.iterdir()) == []
     assert len(scratch._held) == held
+    assert not (tmp_path / "out").exists()  # nor the parent the checkout made for dest
+    monkeypatch.undo()
+    if to_dest:  # the retry: as if the first had never run
+        assert store.checkout("db", dest=dest).path == dest
 
 
+@pytest.mark.parametrize("to_dest", [False, True], ids=["temporary", "dest"])
+@pytest.mark.parametrize("through", ["store", "cache"])
 def test_a_ctrl_c_as_the_checkout_returns_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to_dest: bool, through: str
 ) -> None:
     """The same Ctrl-C one step later: the tree is in place and the checkout is making the
-    snapshot it returns (the interrupt raised there)."""
+    snapshot it returns (the interrupt raised there). Through a cache, the cached version
+    stays, unpinned (a pin no one releases kept it from eviction)."""
     import tempfile
 
+    from chroma_snapshots import CachedStore
     from chroma_snapshots.engine import scratch
     from chroma_snapshots.engine.models import SnapshotInfo
 
@@ -217,14 +229,23 @@ def test_a_ctrl_c_as_the_checkout_returns_leaves_nothing(
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     _publish(tmp_path)
-    store = RemoteStore(FileBackend(tmp_path / "store"))
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    cached = CachedStore(remote, tmp_path / "cache")
+    store = cached if through == "cache" else remote
+    version = remote.current_version("db")[0]
+    (tmp_path / "out").mkdir()  # dest's parent is the user's: it stays
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SnapshotInfo, "from_manifest", interrupted)
     held = len(scratch._held)
+    dest = tmp_path / "out" / "db" if to_dest else None
     with pytest.raises(KeyboardInterrupt):
-        store.checkout("db")
+        store.checkout("db", dest=dest)
     assert list(tmp.iterdir()) == []
     assert len(scratch._held) == held
+    assert list((tmp_path / "out").iterdir()) == []  # no tree, no work folder
+    if through == "cache":
+        assert cached.cached_manifest("db", version) is not None
+        assert not cached.dirs("db").pinned(version)

@@ -224,14 +224,21 @@ def test_a_cleanup_runs_in_place_when_no_thread_can_start(monkeypatch: pytest.Mo
 
 
 def test_exactly_one_side_decides_whether_a_late_tree_is_delivered(tmp_path: Path) -> None:
+    taken: list[str] = []
     kept_first = cleanup.Handoff()
-    assert kept_first.keep(tmp_path / "a")  # the build put its tree in place first:
+    # the build put its tree in place first:
+    assert kept_first.keep(tmp_path / "a", lambda: taken.append("a"))
     assert not kept_first.give_up()  # the caller returns it
     assert kept_first.final == tmp_path / "a"
     gave_up_first = cleanup.Handoff()
     assert gave_up_first.give_up()  # the caller raised first:
-    assert not gave_up_first.keep(tmp_path / "b")  # the build takes its tree back
+    # the build takes its tree back itself: the caller has nothing to take back
+    assert not gave_up_first.keep(tmp_path / "b", lambda: taken.append("b"))
     assert gave_up_first.give_up()  # (and asking again does not change the answer)
+    gave_up_first.take_back()
+    kept_first.take_back()  # the caller failed after it had the tree: taken back, once
+    kept_first.take_back()
+    assert taken == ["a"]
 
 
 def test_a_tree_in_place_after_the_caller_gave_up_is_taken_back(

@@ -154,21 +154,26 @@ class Handoff:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._given_up: bool | None = None
+        self._take_back: Callable[[], None] | None = None
         self.final = Path()
         self.started = False  # the build began (a call refused before it never does)
         self.ended = threading.Event()  # set when the build returns or fails (after removal)
 
-    def keep(self, final: Path) -> bool:
-        """The build's: True if the tree at ``final`` is delivered (the caller waits)."""
+    def keep(self, final: Path, take_back: Callable[[], None]) -> bool:
+        """The build's: True if the tree at ``final`` is delivered (the caller waits);
+        ``take_back()`` removes it if the caller fails before it has it."""
         with self._lock:
             if self._given_up is None:
-                self._given_up, self.final = False, final
+                self._given_up, self.final, self._take_back = False, final, take_back
             return not self._given_up
 
-    @property
-    def delivered(self) -> bool:
-        """The build kept its tree for the caller (:meth:`keep` came first)."""
-        return self._given_up is False
+    def take_back(self) -> None:
+        """The caller's, failing (a Ctrl-C) after the tree was delivered: remove it, once."""
+        with self._lock:
+            undo, self._take_back = self._take_back, None
+        if undo is not None:
+            with interrupts_held():  # a second Ctrl-C must not cut the removal short
+                undo()
 
     def give_up(self) -> bool:
         """The caller's: True if no tree will be delivered (one in place is taken back).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -9,14 +10,13 @@ import stat
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from chroma_snapshots.engine.apart import CACHE_MARKER
 from chroma_snapshots.engine.beneath import FolderId
 from chroma_snapshots.engine.cleanup import Handoff, clean_up, finish_by, interrupts_held
 from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
-from chroma_snapshots.engine.folders import (
-    landed,
-)
+from chroma_snapshots.engine.folders import folder_id, landed, remove_mine
 from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.engine.scratch import discard_scratch, make_scratch
 from chroma_snapshots.engine.treewalk import (
@@ -83,6 +83,7 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
     return final, made
 
 
+T = TypeVar("T")
 TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
 
 
@@ -97,14 +98,16 @@ def build_at(
     dest: str | Path | None,
     build: Callable[[Path, FolderId], object],
     what: str,
-    deadline: Deadline | None = None,
-) -> Path:
-    """A tree at ``dest`` (None: a new temporary folder) that the caller owns, written by
-    ``build`` into a work folder beside it (:func:`work_dir`: locked, swept after a kill)
-    and renamed into place unless ``deadline`` has passed by then (a tree finished after
-    it is removed, not delivered late); returns where. On failure nothing is left at
-    ``dest`` (nor the temporary folder), and a raw OSError is the documented error
-    (``what`` failed). With a deadline, the work runs on a thread of its own
+    deadline: Deadline | None,
+    then: Callable[[Path], T],
+) -> T:
+    """``then(final)`` for a tree at ``final``, ``dest`` (None: a new temporary folder),
+    that the caller owns, written by ``build`` into a work folder beside it
+    (:func:`work_dir`: locked, swept after a kill) and renamed into place unless
+    ``deadline`` has passed by then (a tree finished after it is removed, not delivered
+    late). On failure, ``then``'s or a Ctrl-C's after the tree landed included, nothing
+    is left at ``dest`` (nor the temporary folder), and a raw OSError is the documented
+    error (``what`` failed). With a deadline, the work runs on a thread of its own
     (engine/cleanup.py), so that a destination on a slow or hung disk costs the caller
     its deadline, not the disk's time: what is left then is removed in the background. A
     relative ``dest`` while the working directory is deleted is LocalDiskError naming it."""
@@ -117,11 +120,10 @@ def build_at(
     handoff = Handoff()
     try:
         if deadline is None:
-            return _build_at(at, build, what, None, handoff)
-        return _build_by(at, build, what, deadline, handoff)
-    except BaseException:  # a Ctrl-C as the tree landed: no one will have a temporary one
-        if at is None and handoff.delivered:
-            discard_scratch(handoff.final.parent)
+            return then(_build_at(at, build, what, None, handoff))
+        return then(_build_by(at, build, what, deadline, handoff))
+    except BaseException:  # e.g. a Ctrl-C as the tree landed: the caller never had it
+        handoff.take_back()
         raise
 
 
@@ -193,7 +195,8 @@ def _build(
                     deadline.check(what)
                 move_into_place(work, final)
                 landed(final, work, built, lambda: None)
-                if not handoff.keep(final):  # the caller stopped waiting during the rename
+                if not handoff.keep(final, partial(_take_back, final, work, built, undo)):
+                    # the caller stopped waiting during the rename
                     os.rename(final, work)  # back: removed as a failed build
                     raise StorageTimeoutError(f"deadline exceeded during {what}")
             except OSError as e:
@@ -204,6 +207,17 @@ def _build(
             undo()
         raise
     return final
+
+
+def _take_back(final: Path, work: Path, built: FolderId, undo: Callable[[], None]) -> None:
+    """Remove a tree that landed at ``final`` for a caller that failed before it had it:
+    renamed back to its work folder's name first (a kill then leaves it to the sweeps, not
+    half removed at ``final``), and only if it is still the folder built."""
+    if folder_id(final) == built:
+        with contextlib.suppress(OSError):  # gone or moved meanwhile: not ours to chase
+            os.rename(final, work)
+            remove_mine(work, built)
+    undo()
 
 
 def _undo_dest(temporary: bool, made: list[Path]) -> None:

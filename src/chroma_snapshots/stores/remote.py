@@ -397,27 +397,23 @@ class RemoteStore(RemoteListing, SourceStore):
         version = self.current_version(name, ref, deadline=dl)[0]
         manifest = self.load_manifest(name, version, deadline=dl)
         stats.add(requests=1 if VersionId.is_version(ref) else 2)
-        final = build_at(
+        return build_at(
             dest,  # e.g. ENOSPC: CacheFullError, and nothing is left at dest
             lambda work, made: self.materialize(
                 name, Placement(work, manifest, root_id=made), dl, stats, progress
             ),
             "writing the checkout",
             dl,
-        )
-        try:  # a Ctrl-C before the caller has the snapshot: no one could release it
-            return LocalSnapshot(
+            # a failure (a Ctrl-C) before the caller has the snapshot takes the tree back
+            lambda final: LocalSnapshot(
                 final,
                 SnapshotInfo.from_manifest(version, manifest),
                 stats.freeze(time.monotonic() - t0),
                 source=self.label,
                 # without dest, the folder prepare_dest made is the snapshot's to release
                 _release=None if dest is not None else partial(discard_scratch, final.parent),
-            )
-        except BaseException:
-            if dest is None:
-                discard_scratch(final.parent)
-            raise
+            ),
+        )
 
     def materialize(
         self,

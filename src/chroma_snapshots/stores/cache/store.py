@@ -60,6 +60,8 @@ from chroma_snapshots.stores.cache.room import claim
 from chroma_snapshots.stores.cache.space import NoRoom, check_settings
 from chroma_snapshots.stores.delegating import DelegatingStore
 
+Release = Callable[[], None] | None  # what a snapshot calls when it is released
+
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/chroma-snapshots"
 DEFAULT_MIN_FREE = 64 << 20
@@ -172,6 +174,12 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
             dest = check_dest(dest)  # before any Path(dest): "" would be the working dir
         d = self.dirs(name)
         version, stale, only_cached = self._current_version(name, ref, dl, stats)
+
+        def snapshot(m: Manifest, path: Path, release: Release, source: str) -> LocalSnapshot:
+            info, took = SnapshotInfo.from_manifest(version, m), time.monotonic() - t0
+            return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
+                                 _release=release)  # fmt: skip
+
         try:
             # Held while completeness is checked and the meta read: evict needs it too.
             with d.lock(version).acquire(timeout=max(dl.remaining(), 0.001)):
@@ -182,10 +190,8 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
                     pin = d.pin(version)
             if shared is not None:  # another holder: a copy of our own, both isolated (built
                 # outside the lock: the holder keeps the folder, every chunk read is verified)
-                path, release, source = self._held_copy(name, version, shared, dest, dl, stats)
-                info, took = SnapshotInfo.from_manifest(version, shared), time.monotonic() - t0
-                return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
-                                     _release=release)  # fmt: skip
+                made = partial(snapshot, shared)
+                return self._held_copy(name, version, shared, dest, dl, stats, made)
         except LockTimeout as e:
             raise StorageTimeoutError(f"waited too long for the cache lock of {version}") from e
         except NoRoom:
@@ -203,14 +209,18 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         def unpin() -> None:
             pin.unlink(missing_ok=True)
 
-        if dest is not None:  # a copy of its own: the shared folder is not held after it
-            try:  # through the placer, from the files whose stamps hold, the rest verified
-                path = self._held_copy(name, version, manifest, dest, dl, stats, True)[0]
-            finally:
+        if dest is None:
+            try:  # a Ctrl-C before the caller has it: no one would let go of the pin
+                return snapshot(manifest, path, unpin, source)
+            except BaseException:
                 unpin()
-        info, took = SnapshotInfo.from_manifest(version, manifest), time.monotonic() - t0
-        return LocalSnapshot(path, info, stats.freeze(took), stale=stale, source=source,
-                             _release=unpin if dest is None else None)  # fmt: skip
+                raise
+        try:  # a copy of its own: the shared folder is not held after it; through the
+            # placer, from the files whose stamps hold, the rest verified
+            made = partial(snapshot, manifest)
+            return self._held_copy(name, version, manifest, dest, dl, stats, made, ours=True)
+        finally:
+            unpin()
 
     def resolve(
         self, name: str, ref: str = "latest", *, deadline: DeadlineLike = None
@@ -275,12 +285,14 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         dest: str | Path | None,
         dl: Deadline,
         stats: StatsRecorder,
+        snapshot: Callable[[Path, Release, str], LocalSnapshot],
         ours: bool = False,
-    ) -> tuple[Path, Callable[[], None] | None, str]:
-        """A private copy of ``version`` (:meth:`_from_cache`: a holder may be writing, and
-        every chunk is verified as it is read; with ``ours``, this checkout pins it and the
-        files whose stamps hold are copied unread): at ``dest``, or in the cache, removed
-        at release."""
+    ) -> LocalSnapshot:
+        """``snapshot(path, release, source)`` for a private copy of ``version``
+        (:meth:`_from_cache`: a holder may be writing, and every chunk is verified as it is
+        read; with ``ours``, this checkout pins it and the files whose stamps hold are
+        copied unread): at ``dest`` (taken back if ``snapshot`` fails), or in the cache,
+        removed at release."""
         source = ["cache"]
 
         def build(work: Path, made: FolderId) -> None:
@@ -289,13 +301,15 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
             )
 
         if dest is not None:
-            return build_at(Path(dest), build, "copying to dest", dl), None, source[0]
+            return build_at(
+                Path(dest), build, "copying to dest", dl, lambda p: snapshot(p, None, source[0])
+            )
         d = self.dirs(name)
         with self._room(dl):  # CacheFullError up front; the copy's pin claims its room
             self._make_room(manifest.total_size, keep=(name, version))
             pin = claim(d.copies() / ".pins", d, manifest.total_size)
         path, release = held_copy(d, version, pin, build, dl)
-        return path, release, source[0]
+        return snapshot(path, release, source[0])
 
     def _serve(
         self,
