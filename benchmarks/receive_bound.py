@@ -59,6 +59,7 @@ CLIENTS = (
     "obstore+blake3/64KiB",
     "http.client+sha256/64KiB",
     "http.client+blake3/64KiB",
+    "http.client into mmap+blake3/64KiB",
     "http.client",
     "receive only: http.client",
     "receive only: awscrt",
