@@ -134,19 +134,26 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
         return list(pool.map(one, tasks))
 
 
-def crt(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed: bool) -> Got:
-    """awscrt's S3 client (the native one boto3 can use): whole objects, body callbacks."""
-    from awscrt import auth, http, io, s3
+def _crt_client(part: int) -> Any:
+    """awscrt's S3 client for s3rver (no TLS, static keys), ``part`` bytes a ranged GET."""
+    from awscrt import auth, io, s3
 
     loops = io.EventLoopGroup()
-    client = s3.S3Client(
+    return s3.S3Client(
         bootstrap=io.ClientBootstrap(loops, io.DefaultHostResolver(loops)),
         region=REGION,
         tls_mode=s3.S3RequestTlsMode.DISABLED,
         credential_provider=auth.AwsCredentialsProvider.new_static(ACCESS, ACCESS),
-        part_size=PIECE,
+        part_size=part,
         throughput_target_gbps=10.0,
     )
+
+
+def crt(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], hashed: bool) -> Got:
+    """awscrt's S3 client (the native one boto3 can use): whole objects, body callbacks."""
+    from awscrt import http, s3
+
+    client = _crt_client(PIECE)
     host = endpoint.removeprefix("http://")
     results: Got = []
     _started()
@@ -183,18 +190,10 @@ def crt_file(endpoint: str, bucket: str, keys: list[str], out: str, hashed: bool
     checkout verifies, on 2 threads as objects finish."""
     import mmap
 
-    from awscrt import auth, http, io, s3
+    from awscrt import http, s3
     from blake3 import blake3
 
-    loops = io.EventLoopGroup()
-    client = s3.S3Client(
-        bootstrap=io.ClientBootstrap(loops, io.DefaultHostResolver(loops)),
-        region=REGION,
-        tls_mode=s3.S3RequestTlsMode.DISABLED,
-        credential_provider=auth.AwsCredentialsProvider.new_static(ACCESS, ACCESS),
-        part_size=part,
-        throughput_target_gbps=10.0,
-    )
+    client = _crt_client(part)
     host = endpoint.removeprefix("http://")
 
     def verify(path: str) -> tuple[int, str]:
