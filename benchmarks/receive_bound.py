@@ -21,6 +21,9 @@ page cache in the same state (compare.settle) and memory left to go cold before 
 wait4, RSS is VmHWM, and the server's CPU is read from /proc (the client shares the
 machine's cores with it).
 
+Write shapes ruled out here (awscrt writing each body to its file natively, and the bare
+loop reading into the file's mapping) run only when ``--only`` names them.
+
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
            [--tools .bench-tools] [--cold-pause 6] [--only CLIENT,...] [--json out.json]
 Needs TOOLS/native (a venv with boto3, awscrt, obstore, blake3: benchmarks/install-tools.sh).
@@ -59,11 +62,15 @@ CLIENTS = (
     "obstore+blake3/64KiB",
     "http.client+sha256/64KiB",
     "http.client+blake3/64KiB",
-    "http.client into mmap+blake3/64KiB",
     "http.client",
     "receive only: http.client",
     "receive only: awscrt",
     "receive only: obstore",
+)
+# Write shapes measured and ruled out (benchmarks/RESULTS.md, "A native client writing the
+# file itself"): run only when named with --only, so that `nox -s bench` keeps its length.
+WRITE_SHAPES = (
+    "http.client into mmap+blake3/64KiB",
     "awscrt to file + blake3/64KiB",
     "awscrt to file",
     "awscrt to file (1 MiB parts) + blake3/64KiB",
@@ -119,7 +126,7 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
         "local: blake3": [sys.executable, "-c", LOCAL, "blake3", *names],
         "local: cat": ["cat", *names],
     }
-    for mode in CLIENTS:
+    for mode in CLIENTS + WRITE_SHAPES:
         receiver = str(HERE / "_receivers.py")
         cmds[mode] = [native, receiver, mode, srv.endpoint, "bench", f"g{gib}", str(16 * gib)]
         cmds[mode].append(str(out))
@@ -140,7 +147,7 @@ def _one(
         if got != (4096 if name == STARTUP else gib << 30):
             raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
     row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
-    if name in CLIENTS:  # its last line: bytes, digest, CPU s before the first request
+    if name in CLIENTS + WRITE_SHAPES:  # its last line: bytes, digest, CPU s at first request
         row["startup_cpu_s"] = float((work / "client.log").read_text().split()[-1])
     row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}
     return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / gib}
@@ -209,7 +216,12 @@ def main() -> None:
                 files = _stage(srv, work, gib)
                 cmds = _commands(srv, tools, gib, files, work / "out")
                 for cpus in [None, "0"] if args.one_core else [None]:
-                    names = [n for n in cmds if not args.only or n in args.only.split(",")]
+                    only = args.only.split(",") if args.only else None
+                    names = (
+                        [n for n in cmds if n in only]
+                        if only
+                        else [n for n in cmds if n not in WRITE_SHAPES]
+                    )
                     for k in range(args.rounds):  # rotated: no client always runs first
                         for name in names[k % len(names) :] + names[: k % len(names)]:
                             row = _one(srv, work, name, cmds[name], gib, cpus, args.cold_pause)
