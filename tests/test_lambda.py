@@ -399,6 +399,48 @@ def test_a_message_asking_for_too_many_results_fails_alone_before_chroma_runs(
         close_client(client)
 
 
+def test_an_answer_carries_what_chroma_gives_in_the_same_shape(tmp_path: Path) -> None:
+    """Documents and metadata are read after the query, in pages: the same answer."""
+    client = build(tmp_path / "db", {"receipts": 300}, dim=DIM)
+    try:
+        probes = [[0.5] * DIM, [0.1] * DIM, [0.9] * DIM]
+        body = {"collection": "receipts", "query_embeddings": probes, "n_results": 150}
+        got = default_query(client, body)
+        include: Any = ["documents", "metadatas", "distances"]
+        want = client.get_collection("receipts").query(
+            query_embeddings=probes, n_results=150, include=include
+        )
+        for key in ("ids", "distances", "documents", "metadatas"):
+            assert got[key] == want[key], key
+        assert len({i for q in got["ids"] for i in q}) > 150  # more than one page, overlaps
+    finally:
+        close_client(client)
+
+
+def test_an_answer_too_large_to_return_fails_alone_before_it_is_built(tmp_path: Path) -> None:
+    """1,000 results of 100 KB documents took a reader to 697 MiB: the documents and
+    metadata are read in pages and the message fails once they pass MAX_RESULT_BYTES."""
+    from chroma_snapshots.aws_lambda.query import MAX_RESULT_BYTES
+
+    client = build(tmp_path / "db", {}, dim=DIM)
+    try:
+        col = client.create_collection("big-docs", embedding_function=None)
+        n = MAX_RESULT_BYTES // (100 << 10) + 20  # 100 KB each: past the limit in all
+        docs = [f"{i:06d}" + "x" * (100 << 10) for i in range(n)]
+        col.add(ids=ids(n), embeddings=cast(Any, [[i / n] * DIM for i in range(n)]),
+                documents=docs, metadatas=[{"i": i} for i in range(n)])  # fmt: skip
+        body = {"collection": "big-docs", "query_embeddings": [[0.5] * DIM], "n_results": n}
+        with pytest.raises(InvalidInputError, match="come to more than 6291456 bytes"):
+            default_query(client, body)
+        fits = default_query(client, {**body, "n_results": 10})  # 1 MB: answered
+        assert [d[:6] for d in fits["documents"][0]] == [i.split("-")[1].zfill(6)
+                                                         for i in fits["ids"][0]]  # fmt: skip
+        assert [m["i"] for m in fits["metadatas"][0]] == [int(i.split("-")[1])
+                                                           for i in fits["ids"][0]]  # fmt: skip
+    finally:
+        close_client(client)
+
+
 def ids(n: int) -> list[str]:
     return [f"receipts-{i}" for i in range(n)]
 

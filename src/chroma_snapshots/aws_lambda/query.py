@@ -11,6 +11,7 @@ function, and each result goes to the sink. Message body::
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -31,6 +32,11 @@ from chroma_snapshots.stores.base import LocalSnapshot, SnapshotStore
 # of every query at once, and 2,000 queries of n_results=1,000 in one 84 KB message took
 # 1.4 GiB before failing (a Lambda of 1 GiB is killed, with the rest of its batch).
 MAX_RESULTS = 1000
+# Bytes of documents and metadata one message's answer may carry (Lambda's own limit on a
+# response): they are read in pages against it, since 1,000 results of 100 KB documents
+# took a reader to 697 MiB (chroma holds the query's whole answer, then the sink its copy).
+MAX_RESULT_BYTES = 6 << 20
+_PAGE = 100  # results whose documents and metadata are read at once
 
 
 def default_query(client: Any, body: Any) -> dict[str, Any]:
@@ -51,7 +57,7 @@ def default_query(client: Any, body: Any) -> dict[str, Any]:
     if where is not None and not isinstance(where, dict):
         raise InvalidInputError("where must be an object")
     col = client.get_collection(body["collection"])
-    include = ["documents", "metadatas", "distances"]
+    include = ["distances"]  # documents and metadata after, within MAX_RESULT_BYTES
     if "query_embeddings" in body:
         emb = body["query_embeddings"]
         if not isinstance(emb, list) or not emb or not all(isinstance(v, list) and v for v in emb):
@@ -70,7 +76,32 @@ def default_query(client: Any, body: Any) -> dict[str, Any]:
         )
     else:
         raise InvalidInputError("a query needs 'query_embeddings' or 'ids'")
-    return {k: res.get(k) for k in ("ids", "distances", "documents", "metadatas")}
+    documents, metadatas = _contents(col, res["ids"])
+    return {"ids": res["ids"], "distances": res["distances"], "documents": documents,
+            "metadatas": metadatas}  # fmt: skip
+
+
+def _contents(col: Any, found: list[list[str]]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The documents and metadata of the ``found`` ids (per query), read ``_PAGE`` records
+    at a time; InvalidInputError as soon as they come to more than MAX_RESULT_BYTES."""
+    wanted = list(dict.fromkeys(i for ids in found for i in ids))
+    got: dict[str, tuple[Any, Any]] = {}
+    size = 0
+    for lo in range(0, len(wanted), _PAGE):
+        page = col.get(ids=wanted[lo : lo + _PAGE], include=["documents", "metadatas"])
+        n = len(page["ids"])
+        docs, metas = page["documents"] or [None] * n, page["metadatas"] or [None] * n
+        for i, doc, meta in zip(page["ids"], docs, metas, strict=True):
+            size += len((doc or "").encode()) + len(json.dumps(meta, default=str))
+            got[i] = (doc, meta)
+        if size > MAX_RESULT_BYTES:
+            raise InvalidInputError(
+                f"the results' documents and metadata come to more than {MAX_RESULT_BYTES} "
+                f"bytes (past {min(lo + _PAGE, len(wanted))} of {len(wanted)} records): "
+                "ask for fewer results (n_results, or fewer queries a message)"
+            )
+    return ([[got[i][0] for i in ids] for ids in found],
+            [[got[i][1] for i in ids] for ids in found])  # fmt: skip
 
 
 def warm_up(client: Any) -> None:
