@@ -70,6 +70,19 @@ def test_malformed_deltas_are_refused() -> None:
         ["not", "an", "object"],
         {"id": "x", "collection": "ab"},  # a name chroma refuses
         {"id": "x", "collection": "receipts", "upserts": [{"id": "a", "embedding": [1]}] * 2},
+        # a misspelt field parsed as an empty delta, recorded as applied: the corrected one
+        # sent again under the same id was then skipped
+        {"id": "x", "collection": "receipts", "delete": ["a"]},
+        {
+            "id": "x",
+            "collection": "receipts",
+            "upserts": [{"id": "a", "embedding": [1], "documnet": "d"}],
+        },
+        {
+            "id": "x",
+            "collection": "receipts",
+            "upserts": [{"id": "a", "embedding": [1], "metadatas": {"k": 1}}],
+        },
     ):
         with pytest.raises(InvalidInputError):
             Delta.from_obj(bad)
@@ -82,6 +95,75 @@ def test_malformed_deltas_are_refused() -> None:
         }
     )
     assert ok.upserts[0].embedding == (1.0, 2.0)
+
+
+def test_a_misspelt_field_is_named() -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"upserts\[0\] has fields it cannot have: 'documnet'"
+    ):
+        Delta.from_obj({"id": "x", "collection": "receipts",
+                        "upserts": [{"id": "a", "embedding": [1], "documnet": "d"}]})  # fmt: skip
+    with pytest.raises(InvalidInputError, match="a delta has fields it cannot have: 'delete'"):
+        Delta.from_obj({"id": "x", "collection": "receipts", "delete": ["a"]})
+
+
+def _documents(store: RemoteStore) -> dict[str, str | None]:
+    with open_client(store, "db") as client:
+        got = client.get_collection("receipts").get(include=["documents"])
+        return dict(zip(got["ids"], got["documents"], strict=True))
+
+
+def test_an_upsert_without_a_document_keeps_the_stored_one(store: RemoteStore) -> None:
+    """An embedding's refresh without its document wiped the document (it became '')."""
+    first = Delta(
+        "d1", "receipts", (Record("a", (1.0, 0.0), "keep me"), Record("b", (0.0, 1.0), "b"))
+    )
+    compact(store, "db", [first])
+    refresh = Delta("d2", "receipts", (Record("a", (0.5, 0.5)), Record("b", (0.0, 2.0), "new b"),
+                                       Record("c", (2.0, 2.0))))  # fmt: skip
+    assert compact(store, "db", [refresh]).applied == ("d2",)
+    assert _documents(store) == {"a": "keep me", "b": "new b", "c": None}
+    assert _records(store)["a"] == (0.5, 0.5)
+
+
+def test_a_version_published_by_hand_keeps_redelivered_deltas_out(
+    store: RemoteStore, tmp_path: Path
+) -> None:
+    """A publish of a change by hand (no compaction record in its manifest) erased which
+    deltas the version holds: a redelivered one was applied again over newer data."""
+    from chroma_snapshots.chroma import publish_client
+
+    d1 = Delta("d1", "receipts", (Record("a", (1.0, 0.0), "first"),))
+    d2 = Delta("d2", "receipts", (Record("a", (2.0, 0.0), "second"),))
+    compact(store, "db", [d1])
+    compact(store, "db", [d2])
+    with open_client(store, "db") as client:  # by hand: one more record
+        client.get_collection("receipts").add(ids=["h"], embeddings=[[3.0, 3.0]])
+        publish_client(store, "db", client)
+    again = compact(store, "db", [d1])  # an SQS redelivery of d1
+    assert again.skipped == ("d1",)
+    assert again.info is None
+    assert _documents(store) == {"a": "second", "h": None}
+    d3 = Delta("d3", "receipts", deletes=("h",))
+    assert compact(store, "db", [d3]).applied == ("d3",)  # and the record is carried on
+    assert applied_ids(store.resolve("db")) == ["d1", "d2", "d3"]
+
+
+@pytest.mark.parametrize("applied", [{"d2": 1}, 5, "d2", [1, 2], {"nested": ["d2"]}])
+def test_a_compaction_record_that_is_not_a_list_of_ids_is_refused(
+    store: RemoteStore, tmp_path: Path, applied: object
+) -> None:
+    """A dict's keys were taken for applied ids (d2 skipped, never applied), an int raised
+    a raw TypeError."""
+    from chroma_snapshots.errors import IntegrityError
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    store.publish("db", tmp_path / "src", metadata={"compaction": {"applied": applied}})
+    before = store.resolve("db").version
+    with pytest.raises(IntegrityError, match=r"is not .* which deltas it holds is unknown"):
+        compact(store, "db", [Delta("d2", "receipts", (Record("a", (1.0, 0.0)),))])
+    assert store.resolve("db").version == before
 
 
 @pytest.mark.parametrize("locked", [False, True], ids=["cas-only", "with-lease-lock"])

@@ -72,6 +72,7 @@ class _Bad(ValueError):
 def _parse(obj: object) -> Delta:
     if not isinstance(obj, dict):
         raise _Bad(f"a delta is a JSON object, not {_kind(obj)}")
+    _known_fields(obj, _DELTA_FIELDS, "a delta")
     for key in ("id", "collection"):
         if not isinstance(obj.get(key), str) or not obj[key]:
             raise _Bad(f"{key!r} must be a non-empty string, got {_kind(obj.get(key))}")
@@ -87,9 +88,23 @@ def _parse(obj: object) -> Delta:
     return Delta(obj["id"], obj["collection"], records, tuple(deletes))
 
 
+# A misspelt field ("delete", "documnet") must not parse as an empty delta that is then
+# recorded as applied, and skipped when the producer sends it again, corrected.
+_DELTA_FIELDS = frozenset({"id", "collection", "upserts", "deletes"})
+_RECORD_FIELDS = frozenset({"id", "embedding", "document", "metadata"})
+
+
+def _known_fields(obj: dict[Any, Any], known: frozenset[str], where: str) -> None:
+    unknown = sorted(repr(k)[:80] for k in obj if k not in known)
+    if unknown:
+        raise _Bad(f"{where} has fields it cannot have: {', '.join(unknown[:5])} "
+                   f"(it may have {', '.join(sorted(known))})")  # fmt: skip
+
+
 def _record(r: object, where: str) -> Record:
     if not isinstance(r, dict):
         raise _Bad(f"{where} must be an object, got {_kind(r)}")
+    _known_fields(r, _RECORD_FIELDS, where)
     if not isinstance(r.get("id"), str):
         raise _Bad(f"{where}.id must be a string, got {_kind(r.get('id'))}")
     emb = r.get("embedding")

@@ -34,7 +34,7 @@ from chroma_snapshots.engine.folders import remove_tree
 from chroma_snapshots.engine.models import SnapshotInfo
 from chroma_snapshots.engine.retry import RetryPolicy
 from chroma_snapshots.engine.scratch import scratch_dir
-from chroma_snapshots.errors import ConflictError, SnapshotNotFoundError
+from chroma_snapshots.errors import ConflictError, IntegrityError, SnapshotNotFoundError
 from chroma_snapshots.locking import LeaseLock
 from chroma_snapshots.stores.base import SnapshotStore
 
@@ -80,11 +80,39 @@ def snapshot_deltas(
 
 
 def applied_ids(info: SnapshotInfo | None) -> list[str]:
-    """Delta ids recorded in a version's manifest."""
-    if info is None:
+    """Delta ids recorded in a version's manifest (none recorded: empty); IntegrityError
+    if its ``compaction.applied`` is not a list of ids (a dict's keys, or a string's
+    characters, taken for ids would skip deltas never applied)."""
+    comp = None if info is None else info.metadata.get("compaction")
+    if comp is None:
         return []
-    comp = info.metadata.get("compaction")
-    return [str(x) for x in comp.get("applied", [])] if isinstance(comp, dict) else []
+    got = comp.get("applied", []) if isinstance(comp, dict) else None
+    if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
+        raise IntegrityError(
+            f"version {info.version if info else ''}: its metadata 'compaction' is not "
+            '{"applied": [delta ids, ...]}: which deltas it holds is unknown, so none can '
+            "be applied to it; publish a version whose metadata has a valid list"
+        )
+    return got
+
+
+def _applied_before(store: SnapshotStore, name: str, base: SnapshotInfo, dl: Deadline) -> list[str]:
+    """The delta ids ``base`` holds: its own record, or, if it has none (a version
+    published by hand on top of a compaction's), its nearest ancestor's within LOOKBACK
+    versions (a redelivered delta must not be applied again because of it)."""
+    info = base
+    for _ in range(LOOKBACK):
+        if "compaction" in info.metadata or info.parent is None:
+            break
+        try:
+            info = store.resolve(name, info.parent, deadline=dl)
+        except SnapshotNotFoundError:  # pruned: nothing older to go by
+            break
+    return applied_ids(info)
+
+
+# Versions without a compaction record looked through for one (each one or two requests).
+LOOKBACK = 20
 
 
 CONFLICT_RETRY = RetryPolicy(base=0.05, cap=2.0)
@@ -158,7 +186,7 @@ def _attempt(
         base: SnapshotInfo | None = store.resolve(name, deadline=dl)
     except SnapshotNotFoundError:
         base = None
-    done = applied_ids(base)
+    done = [] if base is None else _applied_before(store, name, base, dl)
     seen = set(done)
     skipped = tuple(d.id for d in deltas if d.id in seen)
     rejected: dict[str, str] = {}
@@ -341,15 +369,21 @@ def _apply_one(client: Any, d: Delta, check: Callable[[], None]) -> None:
     the delta half applied; the caller then starts again from a fresh checkout without it."""
     col = client.get_or_create_collection(d.collection, embedding_function=None)
     step = min(client.get_max_batch_size(), CALL_RECORDS)
-    for k in range(0, len(d.upserts), step):
-        check()
-        part = d.upserts[k : k + step]
-        col.upsert(
-            ids=[r.id for r in part],
-            embeddings=cast(Any, [list(r.embedding) for r in part]),
-            documents=[r.document or "" for r in part],
-            metadatas=cast(Any, [dict(r.metadata) if r.metadata else None for r in part]),
-        )
+    # A record without a document keeps the one stored (as chroma's upsert does): an
+    # embedding's refresh must not wipe it. Apart from the others: chroma takes a list of
+    # documents or none. A delta's ids are unique, so the order of the two calls is free.
+    with_doc = [r for r in d.upserts if r.document is not None]
+    no_doc = [r for r in d.upserts if r.document is None]
+    for records, docs in ((with_doc, True), (no_doc, False)):
+        for k in range(0, len(records), step):
+            check()
+            part = records[k : k + step]
+            col.upsert(
+                ids=[r.id for r in part],
+                embeddings=cast(Any, [list(r.embedding) for r in part]),
+                documents=[cast(str, r.document) for r in part] if docs else None,
+                metadatas=cast(Any, [dict(r.metadata) if r.metadata else None for r in part]),
+            )
     for k in range(0, len(d.deletes), step):
         check()
         col.delete(ids=list(d.deletes[k : k + step]))
