@@ -174,11 +174,22 @@ def test_fallback_store_falls_back_on_a_hostile_ref(tmp_path: Path) -> None:
     assert read_tree(got.path) == read_tree(tmp_path / "src")
 
 
-def test_a_nested_lock_object_is_a_lock_error(url: str) -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        NESTED[0],
+        b'{"owner": "x", "generation": 1, "expires_at": "9e99"}',  # was a raw TypeError
+        b'{"owner": 1, "generation": 1, "expires_at": 1.0}',
+        b'{"owner": "x", "generation": true, "expires_at": 1.0}',
+        b'["x", 1, 1.0]',
+    ],
+)
+def test_a_lock_object_that_is_not_a_lease_is_a_lock_error(url: str, data: bytes) -> None:
     backend = open_backend(url)
-    backend.put("db/locks/publish", NESTED[0])
+    backend.put("db/locks/publish", data)
     with pytest.raises(LockError, match="malformed"):
         ObjectLeaseLock(backend, "db/locks/publish").acquire(timeout=0)
+    assert backend.get("db/locks/publish").data == data  # never overwritten: not a lease
 
 
 # Item 9: declared sizes.

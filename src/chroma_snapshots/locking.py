@@ -73,6 +73,20 @@ class Lease:
     expires_at: float
 
 
+def _lease(obj: object) -> Lease:
+    """A lease read back; TypeError unless each field has its type (a string expiry was
+    compared with the clock deep inside acquire: a raw TypeError)."""
+    lease = Lease(**obj) if isinstance(obj, dict) else None
+    if (
+        lease is None
+        or not isinstance(lease.owner, str)
+        or type(lease.generation) is not int
+        or type(lease.expires_at) not in (int, float)
+    ):
+        raise TypeError("not a lease")
+    return lease
+
+
 def default_owner() -> str:
     """host:pid:random, unique per lock holder."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -298,7 +312,7 @@ class ObjectLeaseLock(LeaseLock):
         except SnapshotNotFoundError:
             return None
         try:
-            return Lease(**json.loads(got.data)), got.meta.etag
+            return _lease(json.loads(got.data)), got.meta.etag
         except (ValueError, TypeError, RecursionError) as e:  # also JSON nested too deeply
             raise LockError(f"lock object {self.key} is malformed") from e
 
