@@ -268,6 +268,23 @@ class TestDynamoDBLeaseLock(LeaseLockTests):
 
         return make
 
+    @pytest.mark.parametrize(
+        "item",
+        [
+            {},  # no owner: a raw KeyError before
+            {"owner": {"N": "1"}, "generation": {"N": "1"}, "expires_at": {"N": "1"}},
+            {"owner": {"S": "x"}, "generation": {"S": "one"}, "expires_at": {"N": "1"}},
+        ],
+    )
+    def test_an_item_that_is_not_a_lease_is_a_lock_error(
+        self, moto_server: MotoServer, make: Any, item: dict[str, Any]
+    ) -> None:
+        lock = make("a", Clock())
+        client = lock.client
+        client.put_item(TableName=lock.table, Item={"lock_id": {"S": "compactor"}, **item})
+        with pytest.raises(LockError, match="is malformed"):
+            lock.acquire(timeout=0)
+
     @pytest.fixture
     def stall(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[LeaseLock], None]]:
         with _stalled() as hang:

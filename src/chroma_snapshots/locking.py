@@ -360,7 +360,10 @@ class DynamoDBLeaseLock(LeaseLock):
         if "Item" not in item:
             return None
         i = item["Item"]
-        lease = Lease(i["owner"]["S"], int(i["generation"]["N"]), float(i["expires_at"]["N"]))
+        try:
+            lease = Lease(i["owner"]["S"], int(i["generation"]["N"]), float(i["expires_at"]["N"]))
+        except (KeyError, TypeError, ValueError) as e:  # an item written by something else
+            raise LockError(f"lock item {self.lock_id} in {self.table} is malformed") from e
         return lease, lease
 
     def _create(self, lease: Lease, dl: Deadline) -> None:
