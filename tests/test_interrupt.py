@@ -249,3 +249,30 @@ def test_a_ctrl_c_as_the_checkout_returns_leaves_nothing(
     if through == "cache":
         assert cached.cached_manifest("db", version) is not None
         assert not cached.dirs("db").pinned(version)
+
+
+def test_a_ctrl_c_as_the_checkout_returns_gives_back_the_users_empty_dest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree replaced an empty folder the user had made at dest: taken back, it left
+    no folder there at all."""
+    from chroma_snapshots.engine.models import SnapshotInfo
+
+    _publish(tmp_path)
+    store = RemoteStore(FileBackend(tmp_path / "store"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    dest.chmod(0o750)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(SnapshotInfo, "from_manifest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.checkout("db", dest=dest)
+    assert dest.is_dir()
+    assert list(dest.iterdir()) == []
+    assert dest.stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src", "store"]
+    assert store.checkout("db", dest=dest).path == dest  # the retry

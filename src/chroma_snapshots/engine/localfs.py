@@ -176,6 +176,7 @@ def _build(
         raise_local(e, Path("the temporary directory") if at is None else at, what)
         raise
     undo = partial(_undo_dest, at is None, made)
+    was = _empty_folder_mode(final)  # the user's empty dest, given back if taken back
     place = None if at is None else str(at)
     handed: list[bool] = []  # whether the work folder's removal (and so undo) was handed on
 
@@ -195,7 +196,7 @@ def _build(
                     deadline.check(what)
                 move_into_place(work, final)
                 landed(final, work, built, lambda: None)
-                if not handoff.keep(final, partial(_take_back, final, work, built, undo)):
+                if not handoff.keep(final, partial(_take_back, final, work, built, undo, was)):
                     # the caller stopped waiting during the rename
                     os.rename(final, work)  # back: removed as a failed build
                     raise StorageTimeoutError(f"deadline exceeded during {what}")
@@ -209,15 +210,32 @@ def _build(
     return final
 
 
-def _take_back(final: Path, work: Path, built: FolderId, undo: Callable[[], None]) -> None:
+def _take_back(
+    final: Path, work: Path, built: FolderId, undo: Callable[[], None], was: int | None
+) -> None:
     """Remove a tree that landed at ``final`` for a caller that failed before it had it:
     renamed back to its work folder's name first (a kill then leaves it to the sweeps, not
-    half removed at ``final``), and only if it is still the folder built."""
+    half removed at ``final``), and only if it is still the folder built. An empty folder
+    the user had made at ``final`` (its mode ``was``), which the tree replaced, is made
+    again: the call that failed leaves ``final`` as it found it."""
     if folder_id(final) == built:
         with contextlib.suppress(OSError):  # gone or moved meanwhile: not ours to chase
             os.rename(final, work)
+            if was is not None:
+                os.mkdir(final)
+                os.chmod(final, was)
             remove_mine(work, built)
     undo()
+
+
+def _empty_folder_mode(final: Path) -> int | None:
+    """The permission bits of the empty folder at ``final`` (prepare_dest let only an
+    empty one pass), or None if there is none."""
+    try:
+        st = os.lstat(final)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _undo_dest(temporary: bool, made: list[Path]) -> None:
