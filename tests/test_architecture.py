@@ -17,7 +17,7 @@ LAYERS = [
     {"errors", "engine"},
     {"backends"},
     {"stores", "ops"},
-    {"config", "opening", "chroma", "compaction", "locking"},
+    {"config", "values", "opening", "chroma", "compaction", "locking"},
     {"aws_lambda", "cli", "testing", "__init__"},
 ]
 

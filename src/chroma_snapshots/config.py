@@ -18,13 +18,20 @@ from urllib.parse import quote
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.backends.base import check_key
-from chroma_snapshots.engine.deadline import (  # MAX_SECONDS: the CLI's --timeout too
-    LAMBDA_MAX_SECONDS,
-    MAX_SECONDS,
-)
+from chroma_snapshots.engine.deadline import LAMBDA_MAX_SECONDS
 from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
-from chroma_snapshots.engine.validation import cache_dir_path, number_in
-from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
+from chroma_snapshots.engine.validation import number_in
+from chroma_snapshots.errors import ConfigError, shown
+from chroma_snapshots.values import (
+    BYTES_RULE,
+    SECONDS_RULE,
+    check_cache_dir,
+    is_bytes,
+    is_seconds,
+    parse_age,
+    parse_seconds,
+    whole,
+)
 
 ENV_URL = "CHROMA_SNAPSHOTS_URL"
 ENV_MODE = "CHROMADB_STORAGE_MODE"
@@ -48,10 +55,6 @@ ENV_CHUNK_HASH = "CHROMA_SNAPSHOTS_CHUNK_HASH"
 ENV_DROP_BEHIND = "CHROMA_SNAPSHOTS_DROP_BEHIND"
 _HASHES = ("blake3", "sha256")
 _MODES = ("s3", "efs", "auto")
-# One rule for each kind of setting, whether it comes as a variable's text, a CLI flag or a
-# StoreConfig field built in code; the errors name where it came from.
-_SECONDS = f"must be positive and at most {MAX_SECONDS:.0e}"
-_BYTES = "must be a whole number of bytes, 1 to 2**63-1"
 _FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps", "drop_behind")
 
 
@@ -132,10 +135,10 @@ def _check_fields(cfg: StoreConfig) -> None:
     """A StoreConfig built in code is held to the environment's rules: a NaN timeout waited
     forever, ``True`` was one second and the flag ``"no"`` was on."""
     for name in ("s3_timeout", "efs_timeout", "timeout"):
-        if not _is_seconds(value := getattr(cfg, name)):
-            raise ConfigError(f"StoreConfig {name}={shown(value)} {_SECONDS}")
-    if cfg.cache_max_bytes is not None and not _is_bytes(cfg.cache_max_bytes):
-        raise ConfigError(f"StoreConfig cache_max_bytes={shown(cfg.cache_max_bytes)} {_BYTES}")
+        if not is_seconds(value := getattr(cfg, name)):
+            raise ConfigError(f"StoreConfig {name}={shown(value)} {SECONDS_RULE}")
+    if cfg.cache_max_bytes is not None and not is_bytes(cfg.cache_max_bytes):
+        raise ConfigError(f"StoreConfig cache_max_bytes={shown(cfg.cache_max_bytes)} {BYTES_RULE}")
     refresh = cfg.refresh_seconds
     if refresh is not None and not number_in(refresh, 0, math.inf):  # inf: never
         raise ConfigError(f"StoreConfig refresh_seconds={shown(refresh)} must be 0 or more")
@@ -148,14 +151,6 @@ def _check_fields(cfg: StoreConfig) -> None:
         raise ConfigError(
             f"StoreConfig chunk_hash={shown(cfg.chunk_hash)} must be blake3 or sha256"
         )
-
-
-def _is_seconds(value: object) -> bool:
-    return number_in(value, 0, MAX_SECONDS, low_ok=False)
-
-
-def _is_bytes(value: object) -> bool:
-    return type(value) is int and 0 < value < 2**63
 
 
 def _env_url(env: Mapping[str, str], var: str) -> str | None:
@@ -234,52 +229,6 @@ def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
     return parse_seconds(raw, var) if raw else default
 
 
-def parse_seconds(raw: str, what: str) -> float:
-    """``raw`` as a deadline's seconds: ConfigError naming ``what`` unless a number in
-    (0, 1e9] (nan too; a deadline past ~31 years overflows time_t)."""
-    value = _number(raw)
-    if value is None:
-        raise ConfigError(f"{what}={shown(raw)} is not a number")
-    if not _is_seconds(value):
-        raise ConfigError(f"{what}={shown(raw)} {_SECONDS}")
-    return value
-
-
-def parse_age(raw: str, what: str, *, other: str = "") -> float:
-    """``raw`` as seconds of age, 0 included (prune's grace period, the refresh period):
-    ConfigError naming ``what`` (and ``other`` it may be instead) unless a number in
-    [0, 1e9], spelled as :func:`parse_seconds` takes them."""
-    value = _number(raw)
-    if value is None or not number_in(value, 0, MAX_SECONDS):
-        raise ConfigError(f"{what}={shown(raw)} must be 0 to {MAX_SECONDS:.0e} seconds{other}")
-    return value
-
-
-def parse_count(raw: str, what: str, *, least: int = 0, most: int = 999_999_999) -> int:
-    """``raw`` as a count: ConfigError naming ``what`` unless ASCII digits of a number in
-    [least, most] (at most nine digits)."""
-    value = _whole(raw, 9)
-    if value is None or not least <= value <= most:
-        raise ConfigError(f"{what}={shown(raw)} must be a whole number, {least} to {most}")
-    return value
-
-
-def _whole(raw: str, most_digits: int) -> int | None:
-    """``raw`` as a whole number in at most ``most_digits`` ASCII digits, or None: int()
-    also reads "1_0" and other scripts' digits, and refuses 4,301 digits with ValueError."""
-    ok = raw.isascii() and raw.isdigit() and len(raw) <= most_digits
-    return int(raw) if ok else None
-
-
-def _number(raw: str) -> float | None:
-    """``raw`` as a float, or None: ASCII only (float() also reads other scripts' digits,
-    which no one types on purpose into a deadline) and no ``_`` (it reads "1_0" as 10)."""
-    try:
-        return float(raw) if raw.isascii() and "_" not in raw else None
-    except ValueError:
-        return None
-
-
 def _chunk_hash(env: Mapping[str, str]) -> str | None:
     given = env.get(ENV_CHUNK_HASH, "")
     raw = given.strip().lower()
@@ -308,23 +257,13 @@ def _cache_dir(env: Mapping[str, str]) -> str | None:
     return check_cache_dir(raw, ENV_CACHE_DIR) if raw else None
 
 
-def check_cache_dir(raw: str, what: str) -> str:
-    """``raw`` if it is an absolute path (validation.cache_dir_path, the rule CachedStore's
-    argument follows too), else ConfigError naming ``what`` (the variable, the CLI's
-    ``--cache-dir``, the field); the shell spells ``$PWD/cache``."""
-    try:
-        return cache_dir_path(raw, what)
-    except InvalidInputError as e:
-        raise ConfigError(str(e)) from None
-
-
 def _bytes(env: Mapping[str, str], var: str) -> int | None:
     raw = _number_text(env, var)
     if not raw:
         return None
-    value = _whole(raw, 19)
-    if value is None or not _is_bytes(value):
-        raise ConfigError(f"{var}={shown(raw)} {_BYTES}")
+    value = whole(raw, 19)
+    if value is None or not is_bytes(value):
+        raise ConfigError(f"{var}={shown(raw)} {BYTES_RULE}")
     return value
 
 

@@ -101,23 +101,23 @@ def config_of(ctx: click.Context, url: str | None = None) -> StoreConfig:
 
 
 def seconds_option(ctx: click.Context, param: click.Parameter, raw: object) -> float | None:
-    """A ``--timeout``-like option: the environment's rules (config.parse_seconds), and
+    """A ``--timeout``-like option: the environment's rules (values.parse_seconds), and
     its ConfigError the same one line (exit 2) as the variable's, not click's usage text."""
-    from chroma_snapshots.config import parse_seconds
+    from chroma_snapshots.values import parse_seconds
 
     return None if raw is None else parse_seconds(str(raw), f"--{param.name}")
 
 
 def age_option(ctx: click.Context, param: click.Parameter, raw: object) -> float:
     """``--min-age``-like: seconds, 0 included, by the variables' spelling rules."""
-    from chroma_snapshots.config import parse_age
+    from chroma_snapshots.values import parse_age
 
     return parse_age(str(raw), f"--{param.name}".replace("_", "-"))
 
 
 def count_option(ctx: click.Context, param: click.Parameter, raw: object) -> int:
     """``--keep-last``-like: a whole number in ASCII digits."""
-    from chroma_snapshots.config import parse_count
+    from chroma_snapshots.values import parse_count
 
     return parse_count(str(raw), f"--{param.name}".replace("_", "-"))
 
@@ -128,15 +128,15 @@ DEMO_MOST_MB = 4096  # the demo builds its database on the local disk, then copi
 def demo_size(ctx: click.Context, param: click.Parameter, raw: object) -> int:
     """``demo --size-mb``: a count as ``--keep-last``'s, 1 to ``DEMO_MOST_MB`` (a digit
     too many would fill the disk before anything is shown)."""
-    from chroma_snapshots.config import parse_count
+    from chroma_snapshots.values import parse_count
 
     return parse_count(str(raw), "--size-mb", least=1, most=DEMO_MOST_MB)
 
 
 def cache_dir_option(ctx: click.Context, param: click.Parameter, raw: object) -> str | None:
-    """``--cache-dir``: the environment's rule (config.check_cache_dir: an absolute path),
+    """``--cache-dir``: the environment's rule (values.check_cache_dir: an absolute path),
     and its ConfigError the same one line (exit 2) as the variable's."""
-    from chroma_snapshots.config import check_cache_dir
+    from chroma_snapshots.values import check_cache_dir
 
     return None if raw is None else check_cache_dir(str(raw), "--cache-dir")
 

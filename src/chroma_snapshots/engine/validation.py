@@ -134,7 +134,7 @@ def cache_dir_path(raw: object, what: str) -> str:
     InvalidInputError naming ``what``: a relative one would depend on the working directory
     of whatever process reads it (a Lambda's is read-only), and one cache per directory a
     command ran in defeats the cache; an empty one, one with a NUL, bytes or a number are
-    no path. The one rule of every way to name a cache's folder (config.check_cache_dir)."""
+    no path. The one rule of every way to name a cache's folder (values.check_cache_dir)."""
     path = path_text(raw)
     if not (path is not None and os.path.isabs(path) and "\0" not in path):
         raise InvalidInputError(
