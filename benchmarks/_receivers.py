@@ -90,7 +90,8 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
     per read), a hash per 64 KiB chunk as the checkout verifies (``hashed`` 1: sha256, 2:
     BLAKE3, 0: none), pwrite of each 64 KiB. ``hashed`` 3: BLAKE3, and no buffer and no
     pwrite: each GET reads straight into its file's shared mapping (``mmap``, the
-    fallocated file's page cache), which is then hashed where it lies."""
+    fallocated file's page cache), which is then hashed where it lies. ``hashed`` 4: the
+    body received, hashed (BLAKE3) and written by benchmarks/native-loop, without the GIL."""
     import mmap
 
     import boto3
@@ -118,6 +119,8 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
         path = urls[key].split(endpoint, 1)[1]
         conn.request("GET", path, headers={"Range": f"bytes={offset}-{offset + PIECE - 1}"})
         resp, got = conn.getresponse(), 0
+        if hashed == 4:
+            return _native_loop(conn, resp, fds.get(key), offset)
         while got < PIECE and (n := resp.readinto(view[got : got + (1 << 20)])):
             got += n
         parts = []
@@ -132,6 +135,25 @@ def minimal(endpoint: str, bucket: str, keys: list[str], fds: dict[str, int], ha
     _started()
     with ThreadPoolExecutor(THREADS) as pool:
         return list(pool.map(one, tasks))
+
+
+def _native_loop(
+    conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, fd: int | None, offset: int
+) -> tuple[int, str]:
+    """The rest of ``resp``'s body read from the socket, each 64 KiB chunk hashed (BLAKE3)
+    and written in 32 KiB slices by native code with no Python per buffer (received only
+    when ``fd`` is None). Build it first: benchmarks/native-loop/build.sh."""
+    from native_loop import receive
+
+    assert conn.sock is not None
+    assert resp.fp is not None
+    want = resp.length or 0
+    prefix = resp.fp.read(min(len(resp.fp.peek(0)), want))  # what http.client already holds
+    out = -1 if fd is None else fd
+    digests = receive(conn.sock.fileno(), 60_000, prefix, out, offset, want, CHUNK, SLICE)
+    resp.length = 0
+    resp.close()  # the body is read: the connection can carry the next request
+    return want, hashlib.sha256(digests).hexdigest() if fd is not None else ""
 
 
 def _crt_client(part: int) -> Any:
@@ -290,6 +312,8 @@ MODES: dict[str, tuple[Callable[..., Got], int]] = {
     "receive only: http.client": (minimal, 0),
     "receive only: awscrt": (crt, False),
     "receive only: obstore": (obstore, False),
+    "native loop: recv+blake3/64KiB+pwrite": (minimal, 4),
+    "receive only: native loop": (minimal, 4),
 }
 # Receive into memory and drop it: no hash, no file. What a verifying checkout built on that
 # receive path cannot beat (it must also hash and write): the measured s5cmd ceiling.

@@ -35,6 +35,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -75,6 +76,9 @@ WRITE_SHAPES = (
     "awscrt to file",
     "awscrt to file (1 MiB parts) + blake3/64KiB",
     "awscrt to file (1 MiB parts)",
+    # our own native loop (benchmarks/native-loop/build.sh): what no Python per buffer saves
+    "native loop: recv+blake3/64KiB+pwrite",
+    "receive only: native loop",
 )
 CHECKOUT, STARTUP = "chroma-snapshots checkout", "chroma-snapshots start-up"
 S5CMD = "s5cmd cp"
@@ -208,6 +212,10 @@ def main() -> None:
     tools, rows = args.tools.resolve(), list[Row]()
     if not (tools / "native/bin/python").exists():
         raise SystemExit(f"{tools}/native is missing: run benchmarks/install-tools.sh")
+    wants_native = any("native loop" in n for n in (args.only or "").split(","))
+    probe = [str(tools / "native/bin/python"), "-c", "import native_loop"]
+    if wants_native and subprocess.run(probe, capture_output=True).returncode:
+        raise SystemExit("the native loop is not built: run benchmarks/native-loop/build.sh")
     work = Path(tempfile.mkdtemp(prefix="receive-bound-"))
     try:
         with S3rver(tools, work / "s3data") as srv:
