@@ -1,7 +1,7 @@
 """One receiving client per process, for receive_bound.py: what a verifying download costs.
 
-usage: python _receivers.py MODE ENDPOINT BUCKET PREFIX NOBJ OUTDIR
-Objects are PREFIX/objNN, each 64 MiB; keys and sizes are known, so no client lists. Every
+usage: python _receivers.py MODE ENDPOINT BUCKET PREFIX NOBJ OUTDIR [OBJ_MIB]
+Objects are PREFIX/objNN, each OBJ_MIB MiB (64); keys and sizes are known, so no client lists. Every
 mode writes into preallocated files with pwrite in 32 KiB slices, as the checkout's placer
 does (engine/placer.WRITE_BYTES: larger writes cost more kernel time on this VM), except the
 "receive only" ones, which drop what they receive (no file, no hash); "sha256"
@@ -330,6 +330,8 @@ NATIVE_WRITE = {
 
 if __name__ == "__main__":
     mode, endpoint, bucket, prefix, nobj, out = sys.argv[1:7]
+    if len(sys.argv) > 7:
+        OBJ = int(sys.argv[7]) << 20
     keys = [f"{prefix}/obj{i:02d}" for i in range(int(nobj))]
     os.makedirs(out, exist_ok=True)
     if mode in NATIVE_WRITE:

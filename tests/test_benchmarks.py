@@ -1,4 +1,5 @@
-"""Every benchmark script runs end to end at a tiny size, so none can rot.
+"""Every benchmark script `nox -s bench` runs (but publish_baseline.py, which needs the
+baseline commit's history) and a few others run end to end at a tiny size, so none can rot.
 
 Timings are printed by the scripts, never asserted here; what is checked is that each
 script finishes, writes its JSON, and measured what it says it measured: the bytes each
@@ -236,3 +237,43 @@ def test_publish_stages_compare_smoke(tmp_path: Path) -> None:
         assert r["scenario"] == "first publish"
         assert "scan" in r["stages"]
         assert r["manifest_bytes"] > 0
+
+
+def test_receive_bound_smoke(tmp_path: Path) -> None:
+    _need((TOOLS / "node_modules/s3rver").exists(), "s3rver (npm) in .bench-tools")
+    _need((TOOLS / "native/bin/python").exists(), "the bare clients' venv in .bench-tools")
+    rows = _run("receive_bound.py", "--sizes-gib", "1", "--object-mib", "1", "--rounds", "1",
+                "--cold-pause", "0", tmp=tmp_path)  # fmt: skip
+    by = {r["client"]: r for r in rows}
+    assert len(rows) == len(by)  # one round: each client once
+    receivers = {c for c in by if c.startswith(("boto3", "awscrt", "obstore", "http.client"))}
+    receivers |= {c for c in by if c.startswith("receive only")}
+    assert len(receivers) == 13  # every bare client of the default run, none of the ruled out
+    assert not any("native loop" in c or "to file" in c or "mmap" in c for c in by)
+    for name in ("s5cmd cp", "chroma-snapshots checkout", *receivers):
+        r = by[name]  # each received all 16 MiB (checked by the script) and was measured
+        assert r["data_gib"] == 16 / 1024
+        assert r["cpu_s_per_gib"] == (r["user_s"] + r["system_s"]) / r["data_gib"] > 0
+    for name in ("chroma-snapshots checkout", *receivers):
+        assert 0 < by[name]["startup_cpu_s"] < by[name]["user_s"] + by[name]["system_s"]
+        assert "past_startup_cpu_s_per_gib" in by[name]
+
+
+def test_live_copy_smoke(tmp_path: Path) -> None:
+    rows = _run("live_copy.py", "--copies", "2", "--records", "10", tmp=tmp_path)
+    by = {r["approach"]: r for r in rows}
+    plain, ours = by["shutil.copytree + validate"], by["publish_client + checkout + validate"]
+    assert plain["rounds"] == plain["passed"] + plain["failed"] == 2
+    assert ours["rounds"] == ours["passed"] == 2  # through the library every copy validates
+    assert ours["copies_taken"] >= 2
+
+
+def test_placement_smoke(tmp_path: Path) -> None:
+    rows = _run("placement.py", "--files", "40", "--folders", "4", "--big-mib", "1",
+                "--repeat", "1", tmp=tmp_path)  # fmt: skip
+    assert {(r["tree"], r["tool"]) for r in rows} == {
+        (tree, tool)
+        for tree in ("40 files of 2 KiB in 4 folders", "4 files, 1 MiB")
+        for tool in ("chroma-snapshots checkout", "cp -r")
+    }
+    assert all(r["wall_s"] > 0 and r["cpu_s"] >= 0 for r in rows)
