@@ -23,8 +23,8 @@ from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.backends.s3 import S3Backend, S3Settings
 from chroma_snapshots.cli.plan import plan_publish
 from chroma_snapshots.engine import bundles, manifest_v2
-from chroma_snapshots.engine.chunking import SourceFile, SourceFolders, scan_source
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, is_slice
+from chroma_snapshots.engine.source import SourceFile, SourceFolders, scan_source
 from chroma_snapshots.engine.validation import format_time, parse_time
 from chroma_snapshots.errors import IntegrityError, InvalidInputError
 from chroma_snapshots.stores.cache import inspect

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from chroma_snapshots.engine import packing
-from chroma_snapshots.engine.chunking import hashed_chunks, scan_source
+from chroma_snapshots.engine.chunking import hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool
 from chroma_snapshots.engine.packing import PackWriter
+from chroma_snapshots.engine.source import scan_source
 from chroma_snapshots.engine.validation import sha256_hex
 
 

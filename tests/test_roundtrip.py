@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chroma_snapshots import RemoteStore, open_backend
-from chroma_snapshots.engine.chunking import scan_source
+from chroma_snapshots.engine.source import scan_source
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree

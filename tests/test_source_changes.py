@@ -14,7 +14,7 @@ import pytest
 from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.file import FileBackend
 from chroma_snapshots.engine import chunking
-from chroma_snapshots.engine.chunking import scan_source
+from chroma_snapshots.engine.source import scan_source
 from chroma_snapshots.errors import InvalidInputError
 from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree

@@ -16,9 +16,9 @@ from cli_inprocess import Run
 
 from chroma_snapshots import RemoteStore, open_backend
 from chroma_snapshots.config import ENV_TRUST_STAMPS, StoreConfig
-from chroma_snapshots.engine import bundles, chunking, stampindex
-from chroma_snapshots.engine.chunking import SourceFile, SourceFolders
+from chroma_snapshots.engine import bundles, chunking, source, stampindex
 from chroma_snapshots.engine.keys import manifest_key
+from chroma_snapshots.engine.source import SourceFile, SourceFolders
 from chroma_snapshots.errors import ConfigError
 from chroma_snapshots.stores import remote, upload
 from chroma_snapshots.testing.conformance import read_tree, write_tree
@@ -139,7 +139,7 @@ def test_a_racy_file_is_always_read_again(
             scanned_ns += 3 * stampindex.RACY_NS
         return real_stamp(st, scanned_ns)
 
-    monkeypatch.setattr(chunking, "stamp_of", scan_later)
+    monkeypatch.setattr(source, "stamp_of", scan_later)
     store = _store()
     store.publish("db", src)
     reads.clear()

@@ -14,15 +14,16 @@ from chroma_snapshots.cli.common import config_of, emit, human_bytes, source_of
 from chroma_snapshots.cli.names import has_snapshot
 from chroma_snapshots.engine.bundles import cut, read_bundles, small_limit
 from chroma_snapshots.engine.chunkids import hash_of, history, publish_scheme
-from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks, scan_source
+from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, read_chunks
 from chroma_snapshots.engine.models import MANIFEST_FORMAT
+from chroma_snapshots.engine.source import scan_source
 from chroma_snapshots.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from chroma_snapshots.engine.chunking import SourceFile
     from chroma_snapshots.engine.models import Manifest
+    from chroma_snapshots.engine.source import SourceFile
     from chroma_snapshots.stores.base import SnapshotStore
 
 

@@ -16,7 +16,7 @@ overlay shows its layers' folders too: the mount table names them in its options
 Names can go stale (a layer renamed after the overlay was mounted) and some views of a
 folder show in no table (a FUSE file system passing another folder through). So a store's
 folder and each store's folder of a cache also hold a marker file, and the walk of a
-source refuses one wherever it meets it (engine/chunking.py): the folder is recognised by
+source refuses one wherever it meets it (engine/source.py): the folder is recognised by
 what it holds, whatever shows it.
 """
 

@@ -24,15 +24,10 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from chroma_snapshots.engine.beneath import open_regular
-from chroma_snapshots.engine.chunking import (
-    SourceFile,
-    SourceFolders,
-    check_unchanged,
-    open_in,
-    read_full,
-)
+from chroma_snapshots.engine.chunking import read_full
 from chroma_snapshots.engine.deadline import Deadline, wait_all
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
+from chroma_snapshots.engine.source import SourceFile, SourceFolders, check_unchanged, open_in
 from chroma_snapshots.errors import InvalidInputError
 
 # A file of at most chunk_size / 64 bytes (1 KiB at the default 64 KiB) is bundled, and

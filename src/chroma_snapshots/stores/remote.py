@@ -19,11 +19,7 @@ from chroma_snapshots.backends.bounded import DeadlineBackend
 from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.apart import Place, store_folder
 from chroma_snapshots.engine.chunkids import IdScheme, history, publish_scheme
-from chroma_snapshots.engine.chunking import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_PACK_TARGET,
-    scan_source,
-)
+from chroma_snapshots.engine.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET
 from chroma_snapshots.engine.deadline import (
     Deadline,
     DeadlineLike,
@@ -42,6 +38,7 @@ from chroma_snapshots.engine.models import (
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
 from chroma_snapshots.engine.scratch import discard_scratch
 from chroma_snapshots.engine.signing import Signer
+from chroma_snapshots.engine.source import scan_source
 from chroma_snapshots.engine.transfer import Placement
 from chroma_snapshots.engine.validation import (
     MAX_MANIFEST_BYTES,

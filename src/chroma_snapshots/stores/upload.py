@@ -26,13 +26,14 @@ from chroma_snapshots.engine.apart import (
 )
 from chroma_snapshots.engine.bundles import cut, read_all, small_limit
 from chroma_snapshots.engine.chunkids import BLAKE3, IdScheme
-from chroma_snapshots.engine.chunking import PackWriter, SourceFile, hashed_chunks
+from chroma_snapshots.engine.chunking import PackWriter, hashed_chunks
 from chroma_snapshots.engine.deadline import Deadline, WorkerPool, wait_all, within
 from chroma_snapshots.engine.delta_io import DeltaBases
 from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.manifest_v2 import collector_paused
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest, file_key
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
+from chroma_snapshots.engine.source import SourceFile
 from chroma_snapshots.engine.stampindex import StampIndex
 from chroma_snapshots.engine.validation import (
     MAX_METADATA_DEPTH,
