@@ -20,7 +20,7 @@ from chroma_snapshots.engine import bundles, chunking, source, stampindex
 from chroma_snapshots.engine.keys import manifest_key
 from chroma_snapshots.engine.source import SourceFile, SourceFolders
 from chroma_snapshots.errors import ConfigError
-from chroma_snapshots.stores import remote, upload
+from chroma_snapshots.stores import remote
 from chroma_snapshots.testing.conformance import read_tree, write_tree
 
 CS = 4096
@@ -62,7 +62,6 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     when = datetime(2026, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(remote, "utc_now", lambda: when)
     monkeypatch.setattr(remote, "publisher_id", lambda: "host:1:00000000")
-    monkeypatch.setattr(upload, "publisher_id", lambda: "host:1:00000000")
 
 
 def _store() -> RemoteStore:

@@ -258,7 +258,7 @@ def _named_by_environment(e: OSError | ConfigError) -> Exception:
 
 def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     """What a publish of ``directory`` would refuse about the folders of ``cfg``'s stores
-    and cache (stores/upload.check_apart), found before any is opened: opening one makes
+    and cache (stores/publish_input.check_apart), found before any is opened: opening one makes
     its folder, which would land inside ``directory``. Only local stores (a path or a
     ``file://`` URL) are looked at here; an ``efs://`` store's folder is never made by
     opening it, its mount may hang, and the publish checks it through its guard."""
@@ -267,7 +267,7 @@ def check_publish_folders(directory: str | Path, cfg: StoreConfig) -> None:
     from chroma_snapshots.backends.registry_factories import local_path
     from chroma_snapshots.engine.apart import KeptOut, place_of, store_folder
     from chroma_snapshots.stores.cache.store import check_own_folder
-    from chroma_snapshots.stores.upload import check_apart, checked_source
+    from chroma_snapshots.stores.publish_input import check_apart, checked_source
 
     directory = checked_source(directory)
     folders = [

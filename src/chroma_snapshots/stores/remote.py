@@ -64,18 +64,16 @@ from chroma_snapshots.stores.base import (
 from chroma_snapshots.stores.claims import Pin
 from chroma_snapshots.stores.fetch import fetch_into
 from chroma_snapshots.stores.listing import RemoteListing
-from chroma_snapshots.stores.settings import check_parent_dir, check_settings
-from chroma_snapshots.stores.upload import (
-    ParentDir,
-    Uploader,
+from chroma_snapshots.stores.publish_input import (
     check_apart,
     checked_message,
     checked_metadata,
     checked_source,
-    delta_bases,
     publisher_id,
     same_tree,
 )
+from chroma_snapshots.stores.settings import check_parent_dir, check_settings
+from chroma_snapshots.stores.upload import ParentDir, Uploader, delta_bases
 
 log = logging.getLogger(__name__)
 
