@@ -9,6 +9,7 @@ library.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -53,8 +54,23 @@ ENV_OFFLINE = "CHROMA_SNAPSHOTS_OFFLINE"
 ENV_TRUST_STAMPS = "CHROMA_SNAPSHOTS_TRUST_STAMPS"
 ENV_CHUNK_HASH = "CHROMA_SNAPSHOTS_CHUNK_HASH"
 ENV_DROP_BEHIND = "CHROMA_SNAPSHOTS_DROP_BEHIND"
+# the Lambda handlers' (LambdaConfig)
+ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
+ENV_RESERVE = "CHROMA_SNAPSHOTS_RESERVE_SECONDS"
+ENV_PROCESSOR = "CHROMA_SNAPSHOTS_PROCESSOR"
+ENV_SINK = "CHROMA_SNAPSHOTS_SINK"
+ENV_LOCK_TABLE = "CHROMA_SNAPSHOTS_LOCK_TABLE"
+ENV_LOCK_KEY = "CHROMA_SNAPSHOTS_LOCK_KEY"
+ENV_METRICS = "CHROMA_SNAPSHOTS_METRICS_NAMESPACE"
+ENV_RELEASE = "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED"
+ENV_INIT = "CHROMA_SNAPSHOTS_INIT_SECONDS"
+# every variable of ours: a near miss of one is refused (_misspelt), never ignored
+_OURS = frozenset(v for k, v in dict(globals()).items() if k.startswith("ENV_"))
+_PREFIX = "CHROMA_SNAPSHOTS_"
 _HASHES = ("blake3", "sha256")
 _MODES = ("s3", "efs", "auto")
+_TEXT = ("url", "fallback_url", "signing_keys", "cache_dir", "s3_endpoint_url", "s3_profile",
+         "s3_region", "chunk_hash")  # fmt: skip
 _FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps", "drop_behind")
 
 
@@ -92,6 +108,15 @@ class StoreConfig:
     drop_behind: bool = False
 
     def __post_init__(self) -> None:
+        for name in _TEXT:  # before any is read as text: 5 raised AttributeError from .strip
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name != "url")):
+                raise ConfigError(f"StoreConfig {name}={shown(value)} must be text")
+        if self.mirror is True and self.fallback_url is None:
+            raise ConfigError(
+                f"StoreConfig mirror=True ({ENV_MIRROR}) copies each version to the other "
+                f"store: name one (fallback_url, {ENV_FALLBACK} or {ENV_MODE}=auto)"
+            )
         check_store_url(self.url)
         if self.fallback_url is not None:
             check_store_url(self.fallback_url, "fallback URL")
@@ -108,12 +133,13 @@ class StoreConfig:
         ``url`` (the CLI's ``--store``) replaces the store the environment names: the URL
         variables (and the fallback, which belongs to that store) are then not read; every
         other variable applies as usual."""
-        env = os.environ if environ is None else environ
+        env = os.environ if environ is None else _text_only(environ)
+        _misspelt(env)
         main, fallback = (url, None) if url is not None else _urls_from_env(env)
         return cls(
             url=main,
             fallback_url=fallback,
-            mirror=_flag(env, ENV_MIRROR),
+            mirror=False if url is not None else _flag(env, ENV_MIRROR),  # the fallback's
             signing_keys=_signing(env),
             s3_timeout=_seconds(env, ENV_S3_TIMEOUT, 30.0),
             efs_timeout=_seconds(env, ENV_EFS_TIMEOUT, 10.0),
@@ -129,6 +155,33 @@ class StoreConfig:
             chunk_hash=_chunk_hash(env),
             drop_behind=_flag(env, ENV_DROP_BEHIND),
         )
+
+
+def _misspelt(env: Mapping[str, str]) -> None:
+    """ConfigError for a variable that is a near miss of one of ours (a plural, a missing
+    ``_`` or letter, ``CHROMA_SNAPSHOT_``): ignored, ``..._SIGNING_KEYS`` read unsigned data
+    as trusted and ``..._CACHEDIR`` downloaded everything on every call."""
+    ours = {v.removeprefix(_PREFIX): v for v in _OURS if v.startswith(_PREFIX)}
+    for var in env:
+        suffix = var.removeprefix(_PREFIX).removeprefix(_PREFIX[:-2] + "_")
+        if var in _OURS or suffix == var:  # ours, or not named like ours at all
+            continue
+        near = difflib.get_close_matches(suffix, list(ours), n=1, cutoff=0.8)
+        if near:
+            raise ConfigError(
+                f"{var} is not a variable chroma-snapshots reads: did you mean {ours[near[0]]}?"
+            )
+
+
+def _text_only(environ: object) -> Mapping[str, str]:
+    """``environ`` if it maps text to text, as the environment does, else ConfigError (a
+    number as a value raised AttributeError from deep inside)."""
+    if not isinstance(environ, Mapping):
+        raise ConfigError(f"the environment must be a mapping, not {type(environ).__name__}")
+    for k, v in environ.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConfigError(f"the environment's {shown(k)}={shown(v)} is not text")
+    return environ
 
 
 def _check_fields(cfg: StoreConfig) -> None:
@@ -297,17 +350,6 @@ def _endpoint(env: Mapping[str, str]) -> str | None:
             check_endpoint(raw, f"{var}=")
             return raw
     return None
-
-
-ENV_NAME = "CHROMA_SNAPSHOTS_NAME"
-ENV_RESERVE = "CHROMA_SNAPSHOTS_RESERVE_SECONDS"
-ENV_PROCESSOR = "CHROMA_SNAPSHOTS_PROCESSOR"
-ENV_SINK = "CHROMA_SNAPSHOTS_SINK"
-ENV_LOCK_TABLE = "CHROMA_SNAPSHOTS_LOCK_TABLE"
-ENV_LOCK_KEY = "CHROMA_SNAPSHOTS_LOCK_KEY"
-ENV_METRICS = "CHROMA_SNAPSHOTS_METRICS_NAMESPACE"
-ENV_RELEASE = "CHROMA_SNAPSHOTS_RELEASE_UNPROCESSED"
-ENV_INIT = "CHROMA_SNAPSHOTS_INIT_SECONDS"
 
 
 @dataclass(frozen=True)

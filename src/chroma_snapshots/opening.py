@@ -17,7 +17,7 @@ from chroma_snapshots.config import (
     environment_cache_dir,
     environment_endpoint,
 )
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,12 +28,18 @@ if TYPE_CHECKING:
     from chroma_snapshots.stores.remote import RemoteStore
 
 
-def _config(target: str | StoreConfig | None) -> StoreConfig:
+def _config(target: str | StoreConfig | None, create: bool) -> StoreConfig:
     # A URL replaces only the store the environment names, as the CLI's --store does: a
     # signing key or timeout configured for the process must not be dropped because the
     # caller named the store (a StoreConfig is taken as it is).
+    if not isinstance(create, bool):  # "no" is true: it made the store it was told not to
+        raise InvalidInputError(f"create={shown(create)} must be True or False")
     if target is None or isinstance(target, str):
         return StoreConfig.from_env(url=target)
+    if not isinstance(target, StoreConfig):
+        raise InvalidInputError(
+            f"a store is opened from a URL, a StoreConfig or None, not {type(target).__name__}"
+        )
     return target
 
 
@@ -42,7 +48,7 @@ def open_remote(target: str | StoreConfig | None = None, *, create: bool = True)
     :func:`open_store`), from a config, or (``None``) from the environment; no cache,
     no fallback (the fallback URL, if configured, is ignored). ``create=False``: a local store
     directory that does not exist is SnapshotNotFoundError instead of being created."""
-    cfg = _config(target)
+    cfg = _config(target, create)
     return remote_for(cfg, cfg.url, create=create)
 
 
@@ -222,7 +228,7 @@ def open_store(
     CachedStore around the source store; otherwise the source store itself. ``create=False``:
     a local store directory that does not exist is SnapshotNotFoundError (read-only use).
     """
-    cfg = _config(target)
+    cfg = _config(target, create)
     cache: str | os.PathLike[str] | None = cfg.cache_dir
     if cache_dir is not None:  # CachedStore's rule, said before a local store is made
         from chroma_snapshots.stores.cache.store import cache_folder

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import socket
+import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,7 +19,12 @@ from chroma_snapshots.backends.base import Backend, GetResult, ObjectMeta, PutMo
 from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.options import OpenOptions
 from chroma_snapshots.backends.wrapped import WrappedBackend
-from chroma_snapshots.errors import ConfigError, InvalidInputError, SnapshotError
+from chroma_snapshots.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InvalidInputError,
+    SnapshotError,
+)
 
 __all__ = [
     "Backend",
@@ -104,6 +111,10 @@ def check_store_url(url: str, what: str = "store URL") -> str:
         # URL parsing drops tabs and line breaks, and a trailing space named another prefix
         # (the environment's value is stripped before it gets here)
         raise ConfigError(f"{what} {url!r} has white space at an end, or a tab or line break")
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in url):
+        # a control or invisible character no one types on purpose: the store it names
+        # is not the one the error message shows ("does not exist", a 404)
+        raise ConfigError(f"{what} {url!r} holds a control or invisible character")
     if "://" in url:
         scheme = url.split("://", 1)[0]
         if not _SCHEME.fullmatch(scheme + ":"):
@@ -162,6 +173,9 @@ def open_backend(url: str, **options: Any) -> Backend:
         else:
             hint = f"pip install '{extra}'"
         raise ConfigError(f"store URL {url!r} needs {e.name or 'a missing package'}: {hint}") from e
+    except (ConnectionError, TimeoutError, socket.gaierror) as e:  # fsspec's ftp:// connects
+        # as it opens: a store that cannot be reached, not a mistyped URL (exit 7, not 2)
+        raise BackendUnavailableError(f"store URL {url!r}: cannot reach the store: {e!r}") from e
     except Exception as e:  # a third party's factory: say whose it is, not a traceback
         raise ConfigError(f"store URL {url!r}: backend factory {target!r} failed: {e!r}") from e
     if not isinstance(backend, Backend):

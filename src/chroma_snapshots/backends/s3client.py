@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import botocore.session
 from botocore.config import Config
-from botocore.exceptions import InvalidConfigError, ProfileNotFound
+from botocore.exceptions import BotoCoreError
 
 from chroma_snapshots.backends.endpoints import check_endpoint
 from chroma_snapshots.backends.s3errors import (
     give_up_connecting,
-    profile_not_found,
+    setup_error,
     stop_at_deadline,
 )
-from chroma_snapshots.errors import ConfigError
+from chroma_snapshots.errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+
+_REGION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # botocore's own rule
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,12 @@ class S3Settings:
         # before this object can be printed, logged or kept
         if self.endpoint_url is not None:
             check_endpoint(self.endpoint_url, "S3 endpoint ")
+        if self.region is not None and not _REGION.fullmatch(str(self.region)):
+            # botocore builds the endpoint's host from it: it failed as "not a valid URL"
+            raise ConfigError(
+                f"S3 region {shown(self.region)} is not a region name (letters, digits and "
+                "'-', e.g. us-east-1)"
+            )
 
 
 def make_client(s: S3Settings) -> S3Client:
@@ -65,10 +75,10 @@ def make_client(s: S3Settings) -> S3Client:
         made = session.create_client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
         )
-    except ProfileNotFound as e:
-        raise profile_not_found(e.kwargs.get("profile")) from None
-    except InvalidConfigError as e:  # a profile naming a [services] section that is not there
-        raise ConfigError(f"the AWS configuration: {e}") from None
+    except BotoCoreError as e:  # credentials, profile, config file or region
+        if (setup := setup_error(e)) is None:
+            raise
+        raise setup from None
     except ValueError:  # botocore's "Invalid endpoint: <url>", which may hold a secret
         raise ConfigError(
             "the S3 endpoint botocore found in the AWS configuration (AWS_ENDPOINT_URL_S3, "

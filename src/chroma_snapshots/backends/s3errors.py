@@ -13,9 +13,12 @@ from urllib.parse import urlsplit
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConfigParseError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     InvalidConfigError,
+    InvalidRegionError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
@@ -93,12 +96,8 @@ def wrap_error(err: Exception, op: str, key: str) -> SnapshotError:
         return StorageTimeoutError(f"{what}: S3 timed out ({err})")
     if isinstance(err, EndpointConnectionError):
         return BackendUnavailableError(f"{what}: {_connect_failure(err)}")
-    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return ConfigError(f"{what}: {NO_CREDENTIALS}")  # the fix is the setup, not a retry
-    if isinstance(err, ProfileNotFound):
-        return profile_not_found(err.kwargs.get("profile"))
-    if isinstance(err, InvalidConfigError):  # a profile naming a missing [services] section
-        return ConfigError(f"{what}: the AWS configuration: {err}")
+    if (setup := setup_error(err)) is not None:
+        return ConfigError(f"{what}: {setup}")  # the fix is the setup, not a retry
     if isinstance(err, ParamValidationError):  # e.g. a bucket name S3 cannot have: a typo
         lines = str(err).strip().splitlines()  # "Parameter validation failed:", the rule
         return ConfigError(f"{what}: {lines[-1].split(': ')[0]}; fix the store URL")
@@ -179,6 +178,24 @@ def give_up_connecting(attempts: int) -> Callable[..., None]:
             raise err
 
     return check
+
+
+def setup_error(err: Exception) -> ConfigError | None:
+    """The AWS setup's mistake ``err`` names (credentials, profile, config file, region),
+    as a ConfigError, whether botocore finds it as the client is made or at its first
+    request (a credential process runs then); None if ``err`` is not one."""
+    if isinstance(err, NoCredentialsError):
+        return ConfigError(NO_CREDENTIALS)
+    if isinstance(err, PartialCredentialsError):  # e.g. a key id without its secret
+        return ConfigError(f"{err}: set both, or neither and use a profile or a role")
+    if isinstance(err, ProfileNotFound):
+        return profile_not_found(err.kwargs.get("profile"))
+    if isinstance(err, (InvalidConfigError, ConfigParseError, CredentialRetrievalError)):
+        return ConfigError(f"the AWS configuration: {err}")  # a [services] section missing,
+        # a config file that does not parse, a credential_process or role that failed
+    if isinstance(err, InvalidRegionError):
+        return ConfigError(f"{err}: fix --region, AWS_REGION or the profile's region")
+    return None
 
 
 def profile_not_found(profile: object) -> ConfigError:

@@ -116,10 +116,11 @@ def age_option(ctx: click.Context, param: click.Parameter, raw: object) -> float
 
 
 def count_option(ctx: click.Context, param: click.Parameter, raw: object) -> int:
-    """``--keep-last``-like: a whole number in ASCII digits."""
+    """``--keep-last``-like: a whole number in ASCII digits, at least 1 (prune keeps the
+    newest version whatever it is told: 0 was refused by a second message)."""
     from chroma_snapshots.values import parse_count
 
-    return parse_count(str(raw), f"--{param.name}".replace("_", "-"))
+    return parse_count(str(raw), f"--{param.name}".replace("_", "-"), least=1)
 
 
 DEMO_MOST_MB = 4096  # the demo builds its database on the local disk, then copies it twice

@@ -1,0 +1,202 @@
+"""The settings operators get wrong (found by an independent review): each is refused with
+the documented error type and exit code, never a traceback, never silently ignored."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_inprocess import Run
+
+from chroma_snapshots import StoreConfig, open_remote, open_store
+from chroma_snapshots.errors import ConfigError, InvalidInputError
+from chroma_snapshots.testing.proxy import closed_endpoint
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AWS setup leaks in: empty config and credentials files, no profile."""
+    for var in list(os.environ):
+        if var.startswith("AWS_"):
+            monkeypatch.delenv(var)
+    (tmp_path / "aws-config").write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("setup", "said"),
+    [
+        (
+            {"AWS_ACCESS_KEY_ID": "abc", "AWS_SECRET_ACCESS_KEY": ""},
+            "missing: AWS_SECRET_ACCESS_KEY",
+        ),
+        ({"AWS_ACCESS_KEY_ID": "abc"}, "missing: AWS_SECRET_ACCESS_KEY"),
+        ({"AWS_CONFIG_FILE": "BAD"}, "Unable to parse config file"),
+        ({"AWS_PROFILE": "cp", "AWS_CONFIG_FILE": "PROCESS"}, "custom-process"),
+    ],
+)
+def test_an_aws_setup_mistake_is_a_configuration_error(
+    aws_env: pytest.MonkeyPatch, tmp_path: Path, run: Run, setup: dict[str, str], said: str
+) -> None:
+    """botocore's PartialCredentialsError, ConfigParseError and CredentialRetrievalError
+    came out raw: the CLI called them a bug of its own (exit 1)."""
+    files = {
+        "BAD": "[default\nregion = us-east-1\n",
+        "PROCESS": "[profile cp]\ncredential_process = /bin/false\n",
+    }
+    for var, value in setup.items():
+        if value in files:
+            (tmp_path / value).write_text(files[value])
+            value = str(tmp_path / value)
+        aws_env.setenv(var, value)
+    with closed_endpoint() as endpoint:
+        code, _, err = run("--store", "s3://bkt/pre", "--endpoint-url", endpoint, "ls")
+        assert code == 2, err
+        assert said in err
+        assert "bug" not in err
+        with pytest.raises(ConfigError, match=said):
+            _first_request(endpoint)
+
+
+def _first_request(endpoint: str) -> None:
+    """Open a store and list it: a credential process runs at the first request."""
+    list(open_store(StoreConfig("s3://bkt/pre", s3_endpoint_url=endpoint)).names())
+
+
+@pytest.mark.parametrize("region", [" ", "us east 1", "us-east-1\n", "-x"])
+def test_a_region_that_is_no_region_name_is_named(run: Run, region: str) -> None:
+    """It was reported as an endpoint that is not a valid URL."""
+    with closed_endpoint() as endpoint:
+        code, _, err = run(
+            "--store", "s3://b/p", "--endpoint-url", endpoint, "--region", region, "ls"
+        )
+    assert code == 2
+    assert "is not a region name" in err
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"url": 5},
+        {"url": None},
+        {"url": b"s3://b/p"},
+        {"fallback_url": 5},
+        {"signing_keys": 123},
+        {"signing_keys": ["k:" + "a" * 32]},
+        {"s3_endpoint_url": 5},
+        {"s3_region": 5},
+        {"s3_profile": 5},
+        {"cache_dir": Path("/tmp")},
+        {"chunk_hash": 1},
+    ],
+)
+def test_a_config_field_of_the_wrong_type_is_a_config_error(
+    tmp_path: Path, fields: dict[str, Any]
+) -> None:
+    """An int or bytes where text belongs raised AttributeError or TypeError from inside."""
+    given = {"url": str(tmp_path / "store"), **fields}
+    with pytest.raises(ConfigError, match=f"{next(iter(fields))}=.* must be text"):
+        StoreConfig(**given)
+
+
+@pytest.mark.parametrize("environ", [{"CHROMA_SNAPSHOTS_TIMEOUT": 5}, {5: "x"}, ["a"]])
+def test_an_environment_that_is_not_text_is_a_config_error(environ: Any) -> None:
+    with pytest.raises(ConfigError):
+        StoreConfig.from_env({"CHROMA_SNAPSHOTS_URL": "/tmp/x", **environ} if isinstance(
+            environ, dict) else environ)  # fmt: skip
+
+
+@pytest.mark.parametrize("target", [5, b"/tmp/x", ["/tmp/x"], Path("/tmp/x")])
+def test_open_takes_a_url_a_config_or_nothing(target: Any) -> None:
+    for opener in (open_store, open_remote):
+        with pytest.raises(InvalidInputError, match="a URL, a StoreConfig or None"):
+            opener(target)
+
+
+def test_create_must_be_a_bool(tmp_path: Path) -> None:
+    """``create="no"`` was true: it made the store it was told not to."""
+    for opener in (open_store, open_remote):
+        with pytest.raises(InvalidInputError, match="create='no' must be True or False"):
+            opener(str(tmp_path / "store"), create="no")  # type: ignore[arg-type]
+    assert not (tmp_path / "store").exists()
+
+
+def test_mirror_without_a_second_store_is_refused(tmp_path: Path, run: Run) -> None:
+    """It was ignored, and doctor reported the store as mirrored."""
+    env = {"CHROMA_SNAPSHOTS_URL": str(tmp_path / "s"), "CHROMA_SNAPSHOTS_MIRROR": "true"}
+    with pytest.raises(ConfigError, match=r"CHROMA_SNAPSHOTS_MIRROR.*name one"):
+        StoreConfig.from_env(env)
+    with pytest.raises(ConfigError, match="mirror=True"):
+        StoreConfig(str(tmp_path / "s"), mirror=True)
+    both = {**env, "CHROMA_SNAPSHOTS_FALLBACK_URL": str(tmp_path / "f")}
+    assert StoreConfig.from_env(both).mirror is True
+    # --store names one store: the fallback and the mirror are the environment's store's
+    assert StoreConfig.from_env(env, url=str(tmp_path / "other")).mirror is False
+
+
+@pytest.mark.parametrize(
+    ("var", "meant"),
+    [
+        ("CHROMA_SNAPSHOTS_SIGNING_KEYS", "CHROMA_SNAPSHOTS_SIGNING_KEY"),
+        ("CHROMA_SNAPSHOT_SIGNING_KEY", "CHROMA_SNAPSHOTS_SIGNING_KEY"),
+        ("CHROMA_SNAPSHOTS_CACHEDIR", "CHROMA_SNAPSHOTS_CACHE_DIR"),
+        ("CHROMA_SNAPSHOTS_OFFLNE", "CHROMA_SNAPSHOTS_OFFLINE"),
+        ("CHROMA_SNAPSHOTS_LOCKTABLE", "CHROMA_SNAPSHOTS_LOCK_TABLE"),
+    ],
+)
+def test_a_misspelt_variable_is_refused_naming_the_one_meant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run, var: str, meant: str
+) -> None:
+    """A plural signing key's name read unsigned data as trusted, exit 0."""
+    monkeypatch.setenv(var, "k1:" + "a" * 40)
+    code, _, err = run("--store", str(tmp_path / "store"), "ls")
+    assert code == 2
+    assert f"{var} is not a variable chroma-snapshots reads: did you mean {meant}?" in err
+
+
+def test_variables_not_named_like_ours_are_left_alone(tmp_path: Path) -> None:
+    env = {
+        "CHROMA_SNAPSHOTS_URL": str(tmp_path / "s"),
+        "CHROMA_SNAPSHOTS_RELIABILITY": "1",  # the test suite's own switches
+        "CHROMA_SNAPSHOTS_FIGURES": "1",
+        "CHROMA_HOST": "x",
+        "HOME": "/root",
+    }
+    assert StoreConfig.from_env(env).url == str(tmp_path / "s")
+
+
+@pytest.mark.parametrize("bad", ["\x01", "\x7f", "\u200b", "\x00", "\u202e"])
+def test_a_control_or_invisible_character_in_a_store_url_is_refused(
+    tmp_path: Path, run: Run, bad: str
+) -> None:
+    """The error then named another problem: a 404, or "does not exist" for a folder that
+    does (the character does not show)."""
+    (tmp_path / "store").mkdir()
+    for url in (f"s3://bkt/pre{bad}", f"{tmp_path}/store{bad}"):
+        code, _, err = run("--store", url, "ls")
+        assert code == 2, err
+        assert "control or invisible character" in err
+        with pytest.raises(ConfigError, match="control or invisible character"):
+            StoreConfig(url)
+
+
+def test_an_unreachable_ftp_store_is_unavailable(run: Run) -> None:
+    """fsspec's FTP filesystem connects as it opens: that was exit 2, a mistyped URL."""
+    with closed_endpoint() as endpoint:
+        port = endpoint.rsplit(":", 1)[1]
+        code, _, err = run("--store", f"ftp://127.0.0.1:{port}/y", "ls")
+    assert code == 7, err
+    assert "cannot reach the store" in err
+
+
+def test_keep_last_names_its_real_range(tmp_path: Path, run: Run) -> None:
+    code, _, err = run("--store", str(tmp_path / "s"), "prune", "db", "--keep-last", "0")
+    assert code == 2
+    assert "--keep-last='0' must be a whole number, 1 to" in err
