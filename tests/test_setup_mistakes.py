@@ -4,6 +4,7 @@ the documented error type and exit code, never a traceback, never silently ignor
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,25 @@ def test_keep_last_names_its_real_range(tmp_path: Path, run: Run) -> None:
     code, _, err = run("--store", str(tmp_path / "s"), "prune", "db", "--keep-last", "0")
     assert code == 2
     assert "--keep-last='0' must be a whole number, 1 to" in err
+
+
+def test_a_bind_mounted_dest_is_a_mount_point(tmp_path: Path, run: Run) -> None:
+    """A bind mount from the same file system changes no device: the checkout downloaded
+    everything, then failed to rename into it (EBUSY, exit 1)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "chroma.sqlite3").write_bytes(b"x" * 100_000)
+    store = ["--store", str(tmp_path / "store")]
+    assert run(*store, "publish", "db", str(src))[0] == 0
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "a"), str(tmp_path / "b")], check=True)
+    try:
+        code, _, err = run(*store, "checkout", "db", "--dest", str(tmp_path / "b"))
+        assert code == 2, err
+        assert "is a mount point" in err
+        assert not any((tmp_path / "b").iterdir())
+        assert run(*store, "checkout", "db", "--dest", str(tmp_path / "b" / "db"))[0] == 0
+    finally:
+        subprocess.run(["umount", str(tmp_path / "b")], check=True)
+    assert (tmp_path / "a" / "db" / "chroma.sqlite3").read_bytes() == b"x" * 100_000

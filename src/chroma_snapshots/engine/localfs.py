@@ -20,6 +20,7 @@ from chroma_snapshots.engine.folders import folder_id, landed, remove_mine
 from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.engine.scratch import discard_scratch, make_scratch
 from chroma_snapshots.engine.treewalk import (
+    mounts_within,
     walk,
 )
 from chroma_snapshots.engine.validation import path_text
@@ -68,7 +69,7 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
             f"checkout destination {str(final)!r} is the working directory, which the "
             "checkout would replace under this process: name a new folder inside it"
         )
-    if final.is_dir() and os.path.ismount(final):
+    if final.is_dir() and _is_mount_point(final):
         raise InvalidInputError(
             f"checkout destination {str(final)!r} is a mount point: a checkout is built "
             "beside it and renamed into place, so name a new folder inside it"
@@ -85,6 +86,12 @@ def prepare_dest(final: Path | None) -> tuple[Path, list[Path]]:
 
 T = TypeVar("T")
 TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
+
+
+def _is_mount_point(path: Path) -> bool:
+    """A bind mount of a folder of the same file system changes no device: ismount misses
+    it, and the rename into place failed with EBUSY once everything had downloaded."""
+    return os.path.ismount(path) or os.path.realpath(path) in mounts_within(path)
 
 
 def _is_cwd(folder: Path) -> bool:
