@@ -122,8 +122,13 @@ def test_doctor_on_a_healthy_s3_store(
     assert found[f"s3://{s3_bucket}/snaps: list"]["detail"].startswith(reached)
     assert found["cache: contents"]["status"] == "ok"
     assert found["configuration"]["detail"] == (
-        f"store s3://{s3_bucket}/snaps; S3 endpoint {moto_server.endpoint_url}"
+        f"store s3://{s3_bucket}/snaps; S3 endpoint {moto_server.endpoint_url}; signing off"
     )
+    keyed = {**env, "CHROMA_SNAPSHOTS_SIGNING_KEY": f"a:{'1' * 32},b:{'2' * 32}"}
+    said = json.loads(_cli("doctor", "--json", env=keyed).stdout)
+    detail = next(f["detail"] for f in said if f["check"] == "configuration")
+    assert detail.endswith("; signing on (2 keys)")
+    assert "1111" not in detail
     assert not list(moto_server.client().list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     bad = _cli("doctor", env={**env, "CHROMA_SNAPSHOTS_URL": "s3://no-such-bucket-here/x"})
     assert bad.returncode == 1

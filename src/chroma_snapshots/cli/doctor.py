@@ -200,6 +200,8 @@ def diagnose(
     summary = " then ".join(urls) + (" (mirrored)" if cfg.mirror else "")
     if cfg.s3_endpoint_url and any(url.startswith(("s3://", "fsspec+s3://")) for url in urls):
         summary += f"; S3 endpoint {cfg.s3_endpoint_url}"  # which server, before any probe
+    keys = len(cfg.signing_keys.split(",")) if cfg.signing_keys else 0  # ids only, no secret
+    summary += f"; signing on ({keys} key{'s' * (keys > 1)})" if keys else "; signing off"
     findings = [Finding("configuration", "ok", 0.0, f"store {summary}")]
     for url in urls:
         findings += probe_store(cfg, url, budget=budget)
