@@ -223,3 +223,24 @@ def test_a_bind_mounted_dest_is_a_mount_point(tmp_path: Path, run: Run) -> None:
     finally:
         subprocess.run(["umount", str(tmp_path / "b")], check=True)
     assert (tmp_path / "a" / "db" / "chroma.sqlite3").read_bytes() == b"x" * 100_000
+
+
+def test_a_file_where_the_store_or_cache_folder_must_be_is_named(tmp_path: Path, run: Run) -> None:
+    """It was exit 7 ("creating the store directory: EEXIST") and exit 1 ("opening the
+    cache: File exists"), read as an outage and a bug."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep")
+    code, _, err = run("--store", str(afile), "publish", "db", str(src))
+    assert (code, "a file is in the way of the store's folder" in err) == (2, True), err
+    store = ["--store", str(tmp_path / "store")]
+    assert run(*store, "publish", "db", str(src))[0] == 0
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for cache in (afile, tmp_path / "dangling", Path("/dev/null")):
+        code, _, err = run(*store, "--cache-dir", str(cache), "checkout", "db")
+        assert code == 2, err
+        assert f"cache folder {cache}: a file is in the way of it" in err
+    assert afile.read_bytes() == b"keep"
+    assert not (tmp_path / "nowhere").exists()

@@ -30,6 +30,7 @@ from chroma_snapshots.errors import (
     BackendUnavailableError,
     ConflictError,
     IntegrityError,
+    InvalidInputError,
     SnapshotError,
     SnapshotNotFoundError,
     StoreNotFoundError,
@@ -98,6 +99,10 @@ class LocalFiles:
         if create:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file where a folder must be
+                raise InvalidInputError(
+                    f"{self.root}: a file is in the way of the store's folder: name a folder"
+                ) from None
             except OSError as e:  # e.g. read-only: a store failure, not a raw OSError
                 raise _wrap(e, "creating the store directory", str(self.root)) from e
         elif not self.root.is_dir():

@@ -138,8 +138,13 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         self._mlock = threading.Lock()
         try:
             # ours alone whatever the umask (0775 under umask 002 would then be refused)
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.root.mkdir(mode=0o700, exist_ok=True)
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.root.mkdir(mode=0o700, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file (or /dev/null) in the way
+                raise InvalidInputError(
+                    f"cache folder {folder}: a file is in the way of it: name a folder"
+                ) from None
             check_trusted(folder.resolve(), self.root)  # the folder a link names
             # no checkout goes below it, and no publish takes a source holding it
             if not (self.root / CACHE_MARKER).exists():
