@@ -244,3 +244,11 @@ def test_a_file_where_the_store_or_cache_folder_must_be_is_named(tmp_path: Path,
         assert f"cache folder {cache}: a file is in the way of it" in err
     assert afile.read_bytes() == b"keep"
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("seconds", [1e10, -1, True, float("nan")])
+def test_refresh_seconds_in_code_follows_the_variables_range(seconds: float) -> None:
+    """1e10 was taken in code where the variable refuses it (0 to 1e9, or never)."""
+    with pytest.raises(ConfigError, match="refresh_seconds"):
+        StoreConfig("/tmp/x", refresh_seconds=seconds)
+    assert StoreConfig("/tmp/x", refresh_seconds=float("inf")).refresh_seconds == float("inf")

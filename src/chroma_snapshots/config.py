@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
 from chroma_snapshots.backends.base import check_key
-from chroma_snapshots.engine.deadline import LAMBDA_MAX_SECONDS
+from chroma_snapshots.engine.deadline import LAMBDA_MAX_SECONDS, MAX_SECONDS
 from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
 from chroma_snapshots.engine.validation import number_in
 from chroma_snapshots.errors import ConfigError, shown
@@ -193,8 +193,11 @@ def _check_fields(cfg: StoreConfig) -> None:
     if cfg.cache_max_bytes is not None and not is_bytes(cfg.cache_max_bytes):
         raise ConfigError(f"StoreConfig cache_max_bytes={shown(cfg.cache_max_bytes)} {BYTES_RULE}")
     refresh = cfg.refresh_seconds
-    if refresh is not None and not number_in(refresh, 0, math.inf):  # inf: never
-        raise ConfigError(f"StoreConfig refresh_seconds={shown(refresh)} must be 0 or more")
+    if refresh is not None and refresh != math.inf and not number_in(refresh, 0, MAX_SECONDS):
+        raise ConfigError(  # inf: never, as the variable's "never"; else its range
+            f"StoreConfig refresh_seconds={shown(refresh)} must be 0 to {MAX_SECONDS:.0e}, "
+            "or math.inf (never)"
+        )
     for name in _FLAGS:
         if not isinstance(value := getattr(cfg, name), bool):
             raise ConfigError(f"StoreConfig {name}={shown(value)} must be True or False")
