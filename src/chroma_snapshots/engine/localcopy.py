@@ -44,14 +44,17 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _TASK_BYTES = 64 << 20  # runs per task: tasks spread over the pool, each a few calls
 
 
-Stamp = tuple[int, int, int, int]  # size, mtime_ns, permission bits, ctime_ns
+Stamp = tuple[int, int, int, int, int]  # size, mtime_ns, permission bits, ctime_ns, inode
 
 
 def stamp_of_stat(st: os.stat_result) -> Stamp | None:
-    """A regular file's stamp (None for anything else): what changes when it is written."""
+    """A regular file's stamp (None for anything else): what changes when it is written,
+    and which file it is. The inode because renaming a folder changes no ctime of the
+    files in it, and a build writes many files in one clock tick: two folders of files of
+    the same names and sizes, swapped by a consumer, kept every stamp."""
     if not stat.S_ISREG(st.st_mode):
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns)
+    return (st.st_size, st.st_mtime_ns, st.st_mode & 0o777, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass(frozen=True)

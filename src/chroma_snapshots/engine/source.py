@@ -9,7 +9,7 @@ import os
 import stat
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -241,6 +241,26 @@ def _opened(fd: int) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
+
+
+def check_still_as_scanned(files: Iterable[SourceFile], check: Callable[[], None]) -> None:
+    """InvalidInputError unless each of ``files`` (files the stamp index let a publish
+    skip: never read, so :func:`check_unchanged` never ran on them) still has the stamp the
+    scan saw, once every other file is read. Without it a writer that changed a file the
+    scan had passed, then one it had not, had the publish record a mix of its states that
+    was never on disk, where a publish reading every file refused it."""
+    for f in files:
+        check()
+        try:
+            st = os.lstat(f.path)
+            now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode)
+        except OSError:
+            now = None  # removed, or a folder on its path is gone
+        if now != f.stamp:
+            raise InvalidInputError(
+                f"{f.path}: changed while the folder was being published (written to after "
+                "the scan saw it)"
+            )
 
 
 def check_unchanged(fd: int, seen: SourceFile) -> None:

@@ -21,7 +21,7 @@ from chroma_snapshots.engine.keys import pack_key
 from chroma_snapshots.engine.manifest_v2 import collector_paused
 from chroma_snapshots.engine.models import Chunk, FileEntry, Manifest
 from chroma_snapshots.engine.progress import Progress, StatsRecorder
-from chroma_snapshots.engine.source import SourceFile
+from chroma_snapshots.engine.source import SourceFile, check_still_as_scanned
 from chroma_snapshots.engine.stampindex import StampIndex
 from chroma_snapshots.engine.validation import (
     check_chains,
@@ -131,6 +131,9 @@ class Uploader:
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
+            read_any = {*todo, *(i for g in groups for i in g)}
+            skipped = (f for i, f in enumerate(files) if i not in read_any)
+            check_still_as_scanned(skipped, partial(dl.check, "checking the files not read"))
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
         with collector_paused():

@@ -12,6 +12,7 @@ from chroma_snapshots.engine.chunking import read_chunks
 from chroma_snapshots.engine.models import FileEntry, Manifest, is_slice
 from chroma_snapshots.engine.treewalk import walk
 from chroma_snapshots.errors import InvalidInputError, LocalDiskError
+from chroma_snapshots.stores.cache.layout import real_dir
 from chroma_snapshots.stores.cache.repair import manifest_folders
 from chroma_snapshots.stores.cache.store import CachedStore
 
@@ -83,6 +84,8 @@ def _problems(tree: Path, manifest: Manifest) -> list[str]:
             found = f"cannot be read ({e.strerror or e})"
         if found:
             problems.append(f"{f.path}: {found}")
+    gone = [d for d in manifest.dirs if not real_dir(tree / d)]  # an empty folder removed
+    problems += [f"{d}/: an empty folder of the version, missing" for d in gone]
     return problems + [f"{p}: not in the manifest" for p in _extras(tree, manifest)]
 
 

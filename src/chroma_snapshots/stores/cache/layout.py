@@ -50,9 +50,10 @@ from chroma_snapshots.errors import ConfigError, LocalDiskError, SnapshotError
 from chroma_snapshots.stores.cache.owned import listed, own_folder, own_lock_file
 from chroma_snapshots.stores.cache.pins import Pin, live_pins, make_pin
 
-# A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits and ctime_ns: a
-# consumer can put an mtime back (os.utime), never a ctime, so a file written and re-dated
-# still looks changed.
+# A stamp (engine/localcopy.Stamp) is size, mtime_ns, permission bits, ctime_ns and inode:
+# a consumer can put an mtime back (os.utime), never a ctime, so a file written and
+# re-dated still looks changed; and a file moved to another path (a folder renamed moves
+# its files without a new ctime) is another inode there.
 _SPLIT = (
     "a file system is mounted at the cache's tmp/ or versions/ folder: nothing can be "
     "evicted or replaced until it is unmounted"
@@ -197,8 +198,11 @@ class NameDirs:
         try:
             what = f"cache stamps {path}"
             raw = as_obj(loads_json(path.read_bytes(), what, MAX_MANIFEST_BYTES), what, None)
-            # stamps of an older release (3 fields) fail here: every file is then rehashed
-            return {k: (int(v[0]), int(v[1]), int(v[2]), int(v[3])) for k, v in raw.items()}
+            # stamps of an older release (3 or 4 fields: no inode) fail here: every file is
+            # then rehashed once
+            return {
+                k: (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4])) for k, v in raw.items()
+            }
         except (OSError, SnapshotError, ValueError, TypeError, IndexError, AttributeError):
             return {}
 

@@ -76,15 +76,28 @@ def changed_files(
 def find_damage(
     tree: Path, manifest: Manifest, stamps: Mapping[str, Stamp], check: Callable[[], None]
 ) -> tuple[int, dict[str, list[int]]]:
-    """What consumers did to a cached tree: how many files changed, and the chunk indexes
-    that differ in each (:func:`damaged`); files and folders the manifest does not have
-    are removed on the way. ``check()`` runs as it goes and may raise (a deadline)."""
+    """What consumers did to a cached tree: how many files and empty folders changed, and
+    the chunk indexes that differ in each file (:func:`damaged`); files and folders the
+    manifest does not have are removed on the way, and its empty folders put back.
+    ``check()`` runs as it goes and may raise (a deadline)."""
     with Beneath(tree) as t:
         # extras first: a link it replaces by a folder leaves that folder's files missing,
         # and only a look at the stamps afterwards sees them
         remove_extras(t, manifest, check)
+        made = restore_dirs(t, manifest, check)
         bad = changed_files(t, manifest, stamps, check)
-        return len(bad), damaged(t, manifest, bad, check) if bad else {}
+        return len(bad) + made, damaged(t, manifest, bad, check) if bad else {}
+
+
+def restore_dirs(t: Beneath, manifest: Manifest, check: Callable[[], None]) -> int:
+    """Make the manifest's empty folders that are missing (a consumer removed one, or put
+    a file or link there, which remove_extras took away): how many were."""
+    made = 0
+    for rel in checked(manifest.dirs, check):
+        if t.lstat(rel) is None:
+            t.folder(rel, make=True)  # and its missing parents
+            made += 1
+    return made
 
 
 class Bundles:
