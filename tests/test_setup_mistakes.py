@@ -197,6 +197,16 @@ def test_an_unreachable_ftp_store_is_unavailable(run: Run) -> None:
     assert "cannot reach the store" in err
 
 
+def test_a_joiner_in_a_folder_name_is_not_refused(tmp_path: Path, run: Run) -> None:
+    """Persian and Indic names hold zero-width (non-)joiners: they are letters' business."""
+    store = tmp_path / "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    assert StoreConfig(str(store)).url == str(store)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    assert run("--store", str(store), "publish", "db", str(tmp_path / "src"))[0] == 0
+    assert run("--store", str(store), "ls") == (0, "db\n", "")
+
+
 def test_keep_last_names_its_real_range(tmp_path: Path, run: Run) -> None:
     code, _, err = run("--store", str(tmp_path / "s"), "prune", "db", "--keep-last", "0")
     assert code == 2

@@ -98,6 +98,9 @@ def registered_schemes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_JOINERS = "\u200c\u200d"
+
+
 def check_store_url(url: str, what: str = "store URL") -> str:
     """``url`` if it is ``scheme://...`` or a plain filesystem path (absolute or relative).
 
@@ -111,9 +114,10 @@ def check_store_url(url: str, what: str = "store URL") -> str:
         # URL parsing drops tabs and line breaks, and a trailing space named another prefix
         # (the environment's value is stripped before it gets here)
         raise ConfigError(f"{what} {url!r} has white space at an end, or a tab or line break")
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in url):
+    if any(unicodedata.category(c) in ("Cc", "Cf") and c not in _JOINERS for c in url):
         # a control or invisible character no one types on purpose: the store it names
-        # is not the one the error message shows ("does not exist", a 404)
+        # is not the one the error message shows ("does not exist", a 404). The zero-width
+        # (non-)joiners are letters' business in Persian and Indic names: they stay
         raise ConfigError(f"{what} {url!r} holds a control or invisible character")
     if "://" in url:
         scheme = url.split("://", 1)[0]
