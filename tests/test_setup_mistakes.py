@@ -94,7 +94,6 @@ def test_a_region_that_is_no_region_name_is_named(run: Run, region: str) -> None
         {"s3_endpoint_url": 5},
         {"s3_region": 5},
         {"s3_profile": 5},
-        {"cache_dir": Path("/tmp")},
         {"chunk_hash": 1},
     ],
 )
@@ -105,6 +104,14 @@ def test_a_config_field_of_the_wrong_type_is_a_config_error(
     given = {"url": str(tmp_path / "store"), **fields}
     with pytest.raises(ConfigError, match=f"{next(iter(fields))}=.* must be text"):
         StoreConfig(**given)
+
+
+def test_a_cache_dir_may_be_a_path_object(tmp_path: Path) -> None:
+    """Its own rule (an absolute path, as text or a path object) as before."""
+    given: Any = tmp_path / "c"
+    assert StoreConfig(str(tmp_path), cache_dir=given).cache_dir == given
+    with pytest.raises(ConfigError, match="must be an absolute path"):
+        StoreConfig(str(tmp_path), cache_dir=5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("environ", [{"CHROMA_SNAPSHOTS_TIMEOUT": 5}, {5: "x"}, ["a"]])

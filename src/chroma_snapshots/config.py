@@ -69,8 +69,9 @@ _OURS = frozenset(v for k, v in dict(globals()).items() if k.startswith("ENV_"))
 _PREFIX = "CHROMA_SNAPSHOTS_"
 _HASHES = ("blake3", "sha256")
 _MODES = ("s3", "efs", "auto")
-_TEXT = ("url", "fallback_url", "signing_keys", "cache_dir", "s3_endpoint_url", "s3_profile",
-         "s3_region", "chunk_hash")  # fmt: skip
+# text fields (cache_dir has its own rule, which takes a path object too: check_cache_dir)
+_TEXT = ("url", "fallback_url", "signing_keys", "s3_endpoint_url", "s3_profile", "s3_region",
+         "chunk_hash")  # fmt: skip
 _FLAGS = ("mirror", "unsafe_no_cas", "stale_ok", "offline", "trust_stamps", "drop_behind")
 
 
