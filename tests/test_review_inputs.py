@@ -176,7 +176,8 @@ def test_a_store_config_field_that_means_nothing_is_a_config_error(
         StoreConfig("s3://b", **{field: value})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=f"StoreConfig {field}="):  # as the CLI changes one
         replace(StoreConfig("s3://b"), **{field: value})  # type: ignore[arg-type]
-    StoreConfig("s3://b", timeout=1, cache_max_bytes=1, refresh_seconds=math.inf, mirror=True)
+    StoreConfig("s3://b", timeout=1, cache_max_bytes=1, refresh_seconds=math.inf, mirror=True,
+                fallback_url="s3://c")  # fmt: skip
 
 
 def test_a_relative_cache_dir_is_refused_by_the_flag_as_by_the_variable(
