@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import socket
 import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,6 +100,14 @@ def registered_schemes() -> list[str]:
 _JOINERS = "\u200c\u200d"
 
 
+def _unreachable(e: Exception) -> bool:
+    """``e`` says the store's server could not be reached (refused, timed out, a name that
+    does not resolve). socket is imported here, not by every process that opens a store."""
+    import socket
+
+    return isinstance(e, ConnectionError | TimeoutError | socket.gaierror)
+
+
 def check_store_url(url: str, what: str = "store URL") -> str:
     """``url`` if it is ``scheme://...`` or a plain filesystem path (absolute or relative).
 
@@ -177,10 +184,10 @@ def open_backend(url: str, **options: Any) -> Backend:
         else:
             hint = f"pip install '{extra}'"
         raise ConfigError(f"store URL {url!r} needs {e.name or 'a missing package'}: {hint}") from e
-    except (ConnectionError, TimeoutError, socket.gaierror) as e:  # fsspec's ftp:// connects
-        # as it opens: a store that cannot be reached, not a mistyped URL (exit 7, not 2)
-        raise BackendUnavailableError(f"store URL {url!r}: cannot reach the store: {e!r}") from e
     except Exception as e:  # a third party's factory: say whose it is, not a traceback
+        if _unreachable(e):  # fsspec's ftp:// connects as it opens: exit 7, not a typo's 2
+            msg = f"store URL {url!r}: cannot reach the store: {e!r}"
+            raise BackendUnavailableError(msg) from e
         raise ConfigError(f"store URL {url!r}: backend factory {target!r} failed: {e!r}") from e
     if not isinstance(backend, Backend):
         raise ConfigError(f"store URL {url!r}: {target!r} returned {backend!r}, not a Backend")

@@ -27,9 +27,8 @@ from chroma_snapshots.engine.beneath import REPLACED, FolderId
 from chroma_snapshots.engine.treewalk import (
     DIR_FLAGS,
     born,
-    mount_of,
+    is_mount_root,
     mounts_within,
-    parent_mount,
     ran_short,
     remove_dir,
     rename_new,
@@ -147,7 +146,7 @@ def made_here(fd: int, path: Path) -> FolderId:
     st = os.fstat(fd)
     with os.scandir(fd) as entries:  # one entry is enough: a racer's folder may be huge
         empty = next(entries, None) is None
-    if st.st_uid != os.geteuid() or not empty or mount_of(fd) != parent_mount(fd):
+    if st.st_uid != os.geteuid() or not empty or is_mount_root(fd):
         where = set_aside(path)
         raise LocalDiskError(errno.ESTALE, f"{REPLACED}, and {where}", str(path))
     return st.st_dev, st.st_ino

@@ -19,10 +19,7 @@ from chroma_snapshots.engine.deadline import Deadline, call_off_if_interrupt
 from chroma_snapshots.engine.folders import folder_id, landed, remove_mine
 from chroma_snapshots.engine.placer import local_io, raise_local
 from chroma_snapshots.engine.scratch import discard_scratch, make_scratch
-from chroma_snapshots.engine.treewalk import (
-    mounts_within,
-    walk,
-)
+from chroma_snapshots.engine.treewalk import is_mount_root, walk
 from chroma_snapshots.engine.validation import path_text
 from chroma_snapshots.engine.workdir import work_dir
 from chroma_snapshots.errors import InvalidInputError, StorageTimeoutError, shown
@@ -89,9 +86,14 @@ TEMPORARY = "chroma-snapshot-"  # the folders of checkouts without a dest
 
 
 def _is_mount_point(path: Path) -> bool:
-    """A bind mount of a folder of the same file system changes no device: ismount misses
-    it, and the rename into place failed with EBUSY once everything had downloaded."""
-    return os.path.ismount(path) or os.path.realpath(path) in mounts_within(path)
+    """The folder at ``path`` is a mount's root (treewalk.is_mount_root): a same-device bind
+    mount passed os.path.ismount, and the rename into place failed with EBUSY once
+    everything had downloaded."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return is_mount_root(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_cwd(folder: Path) -> bool:
@@ -228,10 +230,11 @@ def _take_back(
     if folder_id(final) == built:
         with contextlib.suppress(OSError):  # gone or moved meanwhile: not ours to chase
             os.rename(final, work)
-            if was is not None:
+            remove_mine(work, built)
+        if was is not None:
+            with contextlib.suppress(OSError):  # a folder put there meanwhile is kept
                 os.mkdir(final)
                 os.chmod(final, was)
-            remove_mine(work, built)
     undo()
 
 

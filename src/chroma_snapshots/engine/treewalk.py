@@ -298,6 +298,13 @@ _AT_FDCWD = -100  # <fcntl.h>
 _RENAMEAT2 = _load_renameat2()
 
 
+def is_mount_root(fd: int) -> bool:
+    """The open folder ``fd`` is the root of a mount: a bind mount of a folder of the same
+    file system included, which has the device of what it covers (os.path.ismount misses
+    it) but a mount id of its own."""
+    return mount_of(fd) != parent_mount(fd)
+
+
 def parent_mount(fd: int) -> Mount:
     """The mount of the folder above the open folder ``fd``; differs from ``mount_of(fd)``
     exactly when ``fd`` is the root of a mount (``..`` of a mount's root is the folder

@@ -131,9 +131,10 @@ class Uploader:
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
-            read_any = {*todo, *(i for g in groups for i in g)}
-            skipped = (f for i, f in enumerate(files) if i not in read_any)
-            check_still_as_scanned(skipped, partial(dl.check, "checking the files not read"))
+            if trust is not None:  # files it let this publish skip: looked at once more
+                read_any = {*todo, *(i for g in groups for i in g)}
+                skipped = (f for i, f in enumerate(files) if i not in read_any)
+                check_still_as_scanned(skipped, partial(dl.check, "checking the files not read"))
             writer.flush()
             wait_all(uploads, dl, "uploading packs")
         with collector_paused():
