@@ -269,3 +269,25 @@ def test_refresh_seconds_in_code_follows_the_variables_range(seconds: float) -> 
     with pytest.raises(ConfigError, match="refresh_seconds"):
         StoreConfig("/tmp/x", refresh_seconds=seconds)
     assert StoreConfig("/tmp/x", refresh_seconds=float("inf")).refresh_seconds == float("inf")
+
+
+def test_stale_ok_without_a_cache_is_refused(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale read is served from the cache: with none it did nothing and said nothing,
+    so an operator counting on it learnt otherwise in the outage."""
+    store = str(tmp_path / "s")
+    with pytest.raises(ConfigError, match="needs a cache"):
+        open_store(StoreConfig(store, stale_ok=True))
+    code, _, err = run("--store", store, "--stale-ok", "checkout", "db", str(tmp_path / "d"))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert "--stale-ok" in err and "needs a cache" in err
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_STALE_OK", "1")
+    code, _, err = run("--store", store, "info", "db")
+    assert code == 2 and "CHROMA_SNAPSHOTS_STALE_OK" in err, err
+    assert not (tmp_path / "s").exists()  # refused before the store was made
+    # with a cache, by argument or variable, it is what it was
+    assert open_store(StoreConfig(store, stale_ok=True), cache_dir=str(tmp_path / "c"))
+    monkeypatch.setenv("CHROMA_SNAPSHOTS_CACHE_DIR", str(tmp_path / "c2"))
+    code, _, err = run("--store", store, "ls")
+    assert code == 0, err

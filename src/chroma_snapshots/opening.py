@@ -13,6 +13,7 @@ from chroma_snapshots.backends import check_store_url
 from chroma_snapshots.backends.endpoints import endpoint_label, s3_place, s3fs_path
 from chroma_snapshots.config import (
     ENV_CACHE_DIR,
+    ENV_STALE_OK,
     StoreConfig,
     environment_cache_dir,
     environment_endpoint,
@@ -234,6 +235,11 @@ def open_store(
         from chroma_snapshots.stores.cache.store import cache_folder
 
         cache = cache_folder(cache_dir)  # "" too: no folder, not "no cache"
+    if cache is None and cfg.stale_ok:  # a stale read is the cache's: it was ignored
+        raise ConfigError(
+            f"stale_ok ({ENV_STALE_OK}, --stale-ok) serves a cached copy when the store does "
+            f"not answer: it needs a cache ({ENV_CACHE_DIR}, --cache-dir or cache_dir)"
+        )
     source = source_for(cfg, create=create)
     if cache is None:
         return source
