@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
 from chroma_snapshots.backends import check_endpoint, check_store_url
-from chroma_snapshots.backends.base import check_key
 from chroma_snapshots.engine.deadline import LAMBDA_MAX_SECONDS, MAX_SECONDS
-from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
 from chroma_snapshots.engine.validation import number_in
 from chroma_snapshots.errors import ConfigError, shown
 from chroma_snapshots.values import (
     BYTES_RULE,
     SECONDS_RULE,
     check_cache_dir,
+    check_lock_key,
+    check_lock_table,
     is_bytes,
     is_seconds,
     parse_age,
@@ -393,8 +392,8 @@ class LambdaConfig:
                 raise ConfigError(f"{var}={shown(raw)} must be module:function")
         if env.get(ENV_LOCK_TABLE) and env.get(ENV_LOCK_KEY):
             raise ConfigError(f"set {ENV_LOCK_TABLE} or {ENV_LOCK_KEY}, not both")
-        _check_lock_key(env.get(ENV_LOCK_KEY, "").strip(), name)
-        _check_lock_table(env.get(ENV_LOCK_TABLE, "").strip())
+        check_lock_key(env.get(ENV_LOCK_KEY, "").strip(), name, ENV_LOCK_KEY)
+        check_lock_table(env.get(ENV_LOCK_TABLE, "").strip(), ENV_LOCK_TABLE)
         return cls(
             store=store,
             name=name,
@@ -420,39 +419,6 @@ def _reserve(env: Mapping[str, str]) -> float:
             f"Lambda runs at most {LAMBDA_MAX_SECONDS:.0f} s (the default reserve is 10)"
         )
     return reserve
-
-
-def _check_lock_table(table: str) -> None:
-    """ConfigError unless ``table`` (if set) can name a DynamoDB table: a name (3-255 of
-    ``[A-Za-z0-9_.-]``) or a table's ARN (another account's table): a bad one failed every
-    batch at run time."""
-    name = r"[A-Za-z0-9_.\-]{3,255}"
-    if table and not re.fullmatch(
-        rf"{name}|arn:[a-z\-]+:dynamodb:[a-z0-9\-]+:\d{{12}}:table/{name}", table
-    ):
-        raise ConfigError(
-            f"{ENV_LOCK_TABLE}={shown(table)} is not a DynamoDB table name (3-255 letters, "
-            "digits, '_', '-' or '.') or a table's ARN"
-        )
-
-
-def _check_lock_key(key: str, name: str) -> None:
-    """ConfigError unless ``key`` (if set) is an object key the store's own objects never
-    use (``name`` itself is the snapshot's folder): a bad one failed every message at run
-    time, sending the queue to its dead-letter queue, and one among a name's refs or
-    manifests made the lock read a ref as a lease."""
-    if not key:
-        return
-    try:
-        check_key(key)
-    except ValueError as e:
-        raise ConfigError(f"{ENV_LOCK_KEY}={shown(key)}: {e}") from None
-    parts = key.split("/")
-    if key == name or parts[0] == PROBES or (len(parts) > 1 and parts[1] in STORE_KINDS):
-        raise ConfigError(
-            f"{ENV_LOCK_KEY}={shown(key)} is among the store's own objects; use a key such "
-            "as locks/compactor"
-        )
 
 
 MAX_INIT_SECONDS = 10.0

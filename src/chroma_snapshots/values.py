@@ -1,11 +1,15 @@
 """The rules for a setting's value, one for each kind (seconds, an age, a count, bytes, a
-cache folder), whether it comes as a variable's text, a CLI flag or a field built in code;
-the errors (ConfigError) name where it came from. Nothing here reads the environment:
-config does, and the CLI's flags use the same rules."""
+cache folder, a lock's table or key), whether it comes as a variable's text, a CLI flag or
+a field built in code; the errors (ConfigError) name where it came from. Nothing here reads
+the environment: config does, and the CLI's flags use the same rules."""
 
 from __future__ import annotations
 
+import re
+
+from chroma_snapshots.backends.base import check_key
 from chroma_snapshots.engine.deadline import MAX_SECONDS
+from chroma_snapshots.engine.keys import PROBES, STORE_KINDS
 from chroma_snapshots.engine.validation import cache_dir_path, number_in
 from chroma_snapshots.errors import ConfigError, InvalidInputError, shown
 
@@ -77,3 +81,36 @@ def check_cache_dir(raw: str, what: str) -> str:
         return cache_dir_path(raw, what)
     except InvalidInputError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_lock_table(table: str, what: str) -> None:
+    """ConfigError unless ``table`` (if set) can name a DynamoDB table: a name (3-255 of
+    ``[A-Za-z0-9_.-]``) or a table's ARN (another account's table): a bad one failed every
+    batch at run time."""
+    name = r"[A-Za-z0-9_.\-]{3,255}"
+    if table and not re.fullmatch(
+        rf"{name}|arn:[a-z\-]+:dynamodb:[a-z0-9\-]+:\d{{12}}:table/{name}", table
+    ):
+        raise ConfigError(
+            f"{what}={shown(table)} is not a DynamoDB table name (3-255 letters, "
+            "digits, '_', '-' or '.') or a table's ARN"
+        )
+
+
+def check_lock_key(key: str, name: str, what: str) -> None:
+    """ConfigError unless ``key`` (if set) is an object key the store's own objects never
+    use (``name`` itself is the snapshot's folder): a bad one failed every message at run
+    time, sending the queue to its dead-letter queue, and one among a name's refs or
+    manifests made the lock read a ref as a lease."""
+    if not key:
+        return
+    try:
+        check_key(key)
+    except ValueError as e:
+        raise ConfigError(f"{what}={shown(key)}: {e}") from None
+    parts = key.split("/")
+    if key == name or parts[0] == PROBES or (len(parts) > 1 and parts[1] in STORE_KINDS):
+        raise ConfigError(
+            f"{what}={shown(key)} is among the store's own objects; use a key such "
+            "as locks/compactor"
+        )
