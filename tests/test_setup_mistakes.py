@@ -281,10 +281,12 @@ def test_stale_ok_without_a_cache_is_refused(
         open_store(StoreConfig(store, stale_ok=True))
     code, _, err = run("--store", store, "--stale-ok", "checkout", "db", str(tmp_path / "d"))
     assert (code, err.count("\n")) == (2, 1), err
-    assert "--stale-ok" in err and "needs a cache" in err
+    assert "--stale-ok" in err
+    assert "needs a cache" in err
     monkeypatch.setenv("CHROMA_SNAPSHOTS_STALE_OK", "1")
     code, _, err = run("--store", store, "info", "db")
-    assert code == 2 and "CHROMA_SNAPSHOTS_STALE_OK" in err, err
+    assert code == 2, err
+    assert "CHROMA_SNAPSHOTS_STALE_OK" in err
     assert not (tmp_path / "s").exists()  # refused before the store was made
     # with a cache, by argument or variable, it is what it was
     assert open_store(StoreConfig(store, stale_ok=True), cache_dir=str(tmp_path / "c"))

@@ -27,6 +27,7 @@ from typing import Any
 
 import chromadb
 
+from chroma_snapshots.chroma.client import SQLITE, client_folder
 from chroma_snapshots.chroma.client import client_settings as client_settings
 from chroma_snapshots.chroma.client import close_client as close_client
 from chroma_snapshots.engine.apart import published_from
@@ -42,7 +43,6 @@ from chroma_snapshots.engine.validation import path_text
 from chroma_snapshots.errors import IntegrityError, InvalidInputError, SnapshotError, shown
 from chroma_snapshots.stores.base import LATEST, Expected, LocalSnapshot, SnapshotStore
 
-SQLITE = "chroma.sqlite3"
 _PROBE = "chroma_snapshots.chroma.probe:main"  # chroma's half of validate, in a child
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, named there from Python 3.11
 _COUNTS = """
@@ -218,7 +218,7 @@ def consistent_copy(src: Path, dst: Path) -> None:
             raise disk_error(full, dst / SQLITE, "copying the database") from e
         raise IntegrityError(f"{src}: {e}") from e
     if _segment_stamps(Path(src)) != before:
-        raise IntegrityError(f"{src}: a segment was persisted while it was being copied")
+        raise _Moved(f"{src}: a segment was persisted while it was being copied")
 
 
 def _sqlite_full(e: sqlite3.Error) -> bool:
@@ -280,6 +280,10 @@ def publish_client(
 ) -> SnapshotInfo:
     """Publish a chroma database (a client, which is closed first, or a directory).
 
+    A client must persist to a folder (an in-memory one is InvalidInputError and is left
+    open); one opened with a relative path publishes the folder it holds open, wherever
+    the working directory has moved since.
+
     The directory is copied consistently and the copy validated; a copy that fails
     validation is retaken (another process may be mid-way through persisting a
     segment) up to ``attempts`` times, then IntegrityError, unless ``force``: it publishes
@@ -292,7 +296,7 @@ def publish_client(
     if isinstance(client_or_path, str | os.PathLike):
         path, quiet = Path(_path_arg(client_or_path, "publish_client's folder")), False
     elif callable(getattr(client_or_path, "get_settings", None)):
-        path, quiet = Path(client_or_path.get_settings().persist_directory), True
+        path, quiet = client_folder(client_or_path), True
         close_client(client_or_path)  # chroma flushes on stop; nothing of ours writes after
     else:
         raise InvalidInputError(
@@ -357,7 +361,7 @@ def _validated_copy(
         try:
             consistent_copy(src, copy)
             if compare and sqlite_counts(copy) != sqlite_counts(src):
-                raise IntegrityError(f"{copy}: record counts differ from {src}")
+                raise _Moved(f"{copy}: record counts differ from {src}")
             return copy, validate(copy, deadline=dl)
         except (IntegrityError, FileNotFoundError) as e:  # a file vanished mid-copy
             # not a chroma database: retaking the copy cannot help
@@ -375,7 +379,17 @@ def _validated_copy(
         last = e.__cause__
     if force and copy.is_dir():
         return copy, None
+    if isinstance(last, _Moved):  # contention, not damage: say so
+        raise IntegrityError(
+            f"refusing to publish {src}: it kept changing while it was copied "
+            f"({max(1, attempts)} takes; the last: {last}). Nothing was published, and the "
+            "database is not known to be damaged: publish again when its writers pause"
+        ) from last
     raise IntegrityError(f"refusing to publish {src}: {last}") from last
+
+
+class _Moved(IntegrityError):
+    """A copy that is not one state because a writer moved the database meanwhile."""
 
 
 class _Retake(Exception):

@@ -146,7 +146,8 @@ class Pin:
                     f"{self._name}: a prune ({meta.key}) deletes or deleted {hit[0]}"
                     f"{' and more' if len(hit) > 1 else ''}; nothing was made visible. Its "
                     f"record holds until {until} (a delete it sent may still land): retry "
-                    "after that, or publish different content"
+                    "after that (a version it deleted is then not found), or publish "
+                    "different content"
                 )
 
     def created(self, pack: str) -> None:
