@@ -43,8 +43,8 @@ def client_folder(client: Any) -> Path:
     if not settings.is_persistent:
         raise InvalidInputError(
             "publish_client needs a client that persists to a folder "
-            "(chromadb.PersistentClient): this one keeps its data in memory, so no folder "
-            "holds it; the client was left open"
+            "(chromadb.PersistentClient): this one keeps its data in memory (or on a chroma "
+            "server), so no folder here holds it; the client was left open"
         )
     folder = Path(settings.persist_directory)
     if folder.is_absolute():
