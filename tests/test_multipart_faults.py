@@ -143,3 +143,31 @@ def test_a_failed_publish_leaves_no_abort_of_another_pack_unsent_at_exit(
         assert uploads == []
         store.close()
     assert plan.counts[("DELETE multipart", "latency")] == 1
+
+
+def test_a_completion_never_answered_is_aborted_at_the_deadline(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """The completion was sent from the upload's own thread, and the abort only once it
+    returned: a completion never answered held the abort back for its read timeouts, and
+    a process exiting before then left the upload's parts billed (found by a review)."""
+    from chroma_snapshots import wait_for_cleanups
+    from chroma_snapshots.errors import StorageTimeoutError
+
+    bucket = moto_server.create_bucket()
+    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(2 * PART + 1)})
+    plan = ScheduledFaults({COMPLETE: "latency"})
+    plan.latency_seconds = 120.0  # answered only when the proxy stops
+    config = Config(connect_timeout=1, read_timeout=60, retries={"total_max_attempts": 1})
+    clean = _store(moto_server, bucket)
+    with CountingProxy(moto_server.endpoint_url, faults=plan) as proxy:
+        faulty = _store(moto_server, bucket, proxy.url, config=config)
+        with pytest.raises(StorageTimeoutError):
+            faulty.publish("db", src, deadline=4.0)
+        assert wait_for_cleanups(10.0)  # the abort is done: the completion still hangs
+        assert plan.counts[("POST multipart", "latency")] == 1
+        uploads = moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert uploads == []
+        faulty.close()
+    assert clean.read_ref("db") is None  # the late completion, sent now, finds no upload
+    clean.close()

@@ -38,12 +38,15 @@ class DeadlineBackend(WrappedBackend):
 
 
 TIDY_SECONDS = 30.0
+TIDY_WAIT = 1.0  # what a call that succeeded waits for its tidying: a healthy store takes ms
 
 
 def tidy(io: Backend, keys: builtins.list[str], what: str) -> None:
     """Delete ``keys``, objects of our own whose job is over (a pin, the record of a prune
     that deleted nothing), best effort: a failure is logged (they expire by themselves).
-    Waits no longer than ``io``'s deadline (at least engine.cleanup.GRACE), but the request
+    Waits no longer than ``io``'s deadline, nor than TIDY_WAIT (at least
+    engine.cleanup.GRACE): the call's work is done, and a publish that moved its ref waited
+    out its whole deadline on a hung delete (an independent review). The request
     has a budget of its own (TIDY_SECONDS), so it is still sent after a timeout (requests
     of a call whose deadline passed are not: backends/s3errors.stop_at_deadline), and what
     is not done by then goes on in the background, where a process about to exit can wait
@@ -54,7 +57,7 @@ def tidy(io: Backend, keys: builtins.list[str], what: str) -> None:
         io.delete_many(keys)
         return
     own = DeadlineBackend(io.inner, Deadline(TIDY_SECONDS))
-    clean_up(partial(_delete_logged, own, keys, what), io.deadline.remaining())
+    clean_up(partial(_delete_logged, own, keys, what), min(io.deadline.remaining(), TIDY_WAIT))
 
 
 def _delete_logged(io: Backend, keys: builtins.list[str], what: str) -> None:

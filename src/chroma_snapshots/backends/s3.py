@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from chroma_snapshots.backends.base import (
     Backend,
@@ -118,7 +118,10 @@ class S3Backend(Backend):
             kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
 
         def attempt(_: int) -> tuple[Any, T]:
-            resp = self.client.get_object(**kwargs)
+            try:
+                resp = self.client.get_object(**kwargs)
+            except ReadTimeoutError as e:  # no answer at all: botocore has asked again
+                raise wrap_error(e, "get", key) from e  # (a cut error body is urllib3's)
             if byte_range is not None:
                 check_range(resp, key, byte_range)
             return resp, read(resp["Body"])
@@ -257,17 +260,23 @@ class S3Backend(Backend):
             )
             return {"PartNumber": i + 1, "ETag": field(r, "ETag", f"put {full} part {i + 1}")}
 
-        try:
-            with WorkerPool(_PART_WORKERS, "s3-part") as pool:
-                futures = [pool.submit(within, dl, partial(part, i)) for i in range(count)]
-                parts = wait_all(futures, dl, f"uploading the parts of {full}")
-            resp = self.client.complete_multipart_upload(
+        def complete(parts: list[CompletedPartTypeDef]) -> Any:
+            return self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=full,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
                 **cond,  # type: ignore[arg-type]
             )
+
+        try:
+            with WorkerPool(_PART_WORKERS, "s3-part") as pool:
+                futures = [pool.submit(within, dl, partial(part, i)) for i in range(count)]
+                parts = wait_all(futures, dl, f"uploading the parts of {full}")
+                # on the pool too: a completion never answered held the abort back until
+                # its read timeouts ran out, and an exit before that left the parts billed
+                done = pool.submit(within, dl, partial(complete, parts))
+                resp = wait_all([done], dl, f"completing the upload of {full}")[0]
         except BaseException:
             self._abort_multipart(full, upload_id, dl)
             raise
