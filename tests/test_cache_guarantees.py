@@ -309,6 +309,29 @@ def test_a_cache_folder_another_user_controls_is_refused(tmp_path: Path, squat: 
         CachedStore(remote, cache)
 
 
+@pytest.mark.parametrize("where", ["the cache folder", "a folder above it"])
+def test_another_users_link_on_the_way_to_the_cache_is_refused(tmp_path: Path, where: str) -> None:
+    """Another user's link at /tmp/chroma-snapshots (to a folder of root's) was followed:
+    only the folder it named was checked, so that user chose where the cache was written
+    (an independent review). Refused before anything is made there; our own link is
+    followed as before."""
+    remote = RemoteStore(FileBackend(tmp_path / "store"))
+    shared = tmp_path / "shared"  # plays /tmp
+    shared.mkdir()
+    shared.chmod(0o1777)
+    chosen = tmp_path / "chosen"  # a folder of ours (root's in CI) that user picked
+    chosen.mkdir(mode=0o700)
+    link = shared / "chroma-snapshots"
+    link.symlink_to(chosen)
+    os.lchown(link, 65534, 65534)
+    cache = link if where == "the cache folder" else link / "below"
+    with pytest.raises(ConfigError, match="symbolic link owned by uid 65534"):
+        CachedStore(remote, cache)
+    assert os.listdir(chosen) == []  # nothing made where the link leads
+    os.lchown(link, os.geteuid(), os.getegid())  # our own link: followed
+    assert CachedStore(remote, cache).root.resolve().is_relative_to(chosen)
+
+
 def test_a_store_that_hangs_costs_a_stale_read_its_stale_after_not_the_deadline(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:

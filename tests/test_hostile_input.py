@@ -25,6 +25,7 @@ from chroma_snapshots import (
     Manifest,
     RefValue,
     RemoteStore,
+    SnapshotError,
     VersionId,
     open_backend,
 )
@@ -442,3 +443,25 @@ def test_a_link_planted_in_a_file_store_is_refused_at_once(
         root.as_uri(), "--timeout", "30", "checkout", "db", "--dest", str(tmp_path / "out2")
     )
     _assert_exit_5(done)
+
+
+@pytest.mark.parametrize("planted", ["link", "folder"])
+def test_a_lock_file_planted_in_a_file_store_is_named_not_the_ref(
+    tmp_path: Path, planted: str
+) -> None:
+    """A link or folder at a ref's compare-and-swap lock file was reported as the ref
+    itself being a link or a folder (an independent review): an operator would have gone
+    to repair an intact ref. Nothing is written through the link."""
+    store = RemoteStore(open_backend(str(tmp_path / "store")))
+    src = write_tree(tmp_path / "src", {"a": b"1"})
+    store.publish("db", src)
+    store.publish("db", write_tree(tmp_path / "src", {"a": b"2"}))
+    for lock in (tmp_path / "store" / ".locks").iterdir():
+        lock.unlink()
+        if planted == "link":
+            lock.symlink_to(tmp_path / "elsewhere")
+        else:
+            lock.mkdir()
+    with pytest.raises(SnapshotError, match=r"db/refs/latest's lock file \w+\.lock in \.locks"):
+        store.publish("db", write_tree(tmp_path / "src", {"a": b"3"}))
+    assert not (tmp_path / "elsewhere").exists()

@@ -151,9 +151,10 @@ def test_a_completion_never_answered_is_aborted_at_the_deadline(
     """The completion was sent from the upload's own thread, and the abort only once it
     returned: a completion never answered held the abort back for its read timeouts, and
     a process exiting before then left the upload's parts billed (found by a review)."""
-    from chroma_snapshots import wait_for_cleanups
+    from chroma_snapshots.engine.cleanup import running, wait_for_new
     from chroma_snapshots.errors import StorageTimeoutError
 
+    before = running()  # what earlier tests in this process left is not this test's
     bucket = moto_server.create_bucket()
     src = write_tree(tmp_path / "src", {"big.bin": os.urandom(2 * PART + 1)})
     plan = ScheduledFaults({COMPLETE: "latency"})
@@ -164,7 +165,7 @@ def test_a_completion_never_answered_is_aborted_at_the_deadline(
         faulty = _store(moto_server, bucket, proxy.url, config=config)
         with pytest.raises(StorageTimeoutError):
             faulty.publish("db", src, deadline=4.0)
-        assert wait_for_cleanups(10.0)  # the abort is done: the completion still hangs
+        assert wait_for_new(before, 10.0)  # the abort is done: the completion still hangs
         assert plan.counts[("POST multipart", "latency")] == 1
         uploads = moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
         assert uploads == []

@@ -160,3 +160,36 @@ def test_a_store_opened_by_url_keeps_the_signing_key_of_the_environment(
     assert (tmp_path / "store" / (manifest_key("db2", version) + ".sig")).is_file()
     # a StoreConfig is taken as it is: no key, so unsigned data reads
     assert getattr(opening, opener)(StoreConfig(url=url)).resolve("db").version == unsigned
+
+
+@pytest.mark.parametrize("ref", ["latest", "stable"])
+def test_an_old_signed_ref_is_refused_after_the_ref_was_deleted_and_made_again(
+    tmp_path: Path, src: Path, ref: str
+) -> None:
+    """An attacker without the key deletes a ref; the key holder's next move made it again
+    at generation 1, below every old signed value of it, so writing an old one back was a
+    rollback that a reader which had seen the new one accepted (an independent review)."""
+    store = _store(tmp_path / "store", KEY_A)
+    path = tmp_path / "store" / ref_key("db", ref)
+    old: list[tuple[str, bytes]] = []
+    for n in range(3):
+        (src / "chroma.sqlite3").write_bytes(b"%d" % n * 10000)
+        version = store.publish("db", src).version
+        if ref != "latest":
+            store.set_ref("db", ref, version, expected=None if n == 0 else old[-1][0])
+        old.append((version, path.read_bytes()))
+    path.unlink()  # the attacker
+    (src / "chroma.sqlite3").write_bytes(b"fixed" * 2000)
+    fixed = store.publish("db", src).version
+    if ref != "latest":
+        store.set_ref("db", ref, fixed, expected=None)
+    reader = _store(tmp_path / "store", KEY_A)
+    assert reader.resolve("db", ref).version == fixed
+    for _, value in old:  # each old signed value, written back
+        path.write_bytes(value)
+        with pytest.raises(IntegrityError, match="went backwards"):
+            reader.resolve("db", ref)
+    with pytest.raises(IntegrityError, match="went backwards"):
+        reader.checkout("db", ref, dest=tmp_path / "out")
+    # a process that never saw the new ref accepts the old one: the documented gap
+    assert _store(tmp_path / "store", KEY_A).resolve("db", ref).version == old[-1][0]

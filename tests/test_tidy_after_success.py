@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from botocore.config import Config
 
-from chroma_snapshots import RemoteStore, wait_for_cleanups
+from chroma_snapshots import RemoteStore
 from chroma_snapshots.backends.s3 import S3Backend
+from chroma_snapshots.engine.cleanup import running, wait_for_new
 from chroma_snapshots.testing import MotoServer
 from chroma_snapshots.testing.conformance import write_tree
 from chroma_snapshots.testing.faults import ScheduledFaults
@@ -25,6 +26,7 @@ DEADLINE = 20.0
 def test_a_hung_pin_removal_does_not_hold_a_call_that_succeeded(
     moto_server: MotoServer, tmp_path: Path, operation: str
 ) -> None:
+    before = running()  # what earlier tests in this process left is not this test's
     bucket = moto_server.create_bucket()
     src = write_tree(tmp_path / "src", {"a.txt": b"a" * 100})
     clean = RemoteStore(S3Backend(bucket, "snaps", client=moto_server.client()))
@@ -48,7 +50,7 @@ def test_a_hung_pin_removal_does_not_hold_a_call_that_succeeded(
         assert took < DEADLINE / 2  # it waited the whole 20 s before
         ref = "latest" if operation == "publish" else "stable"
         assert clean.resolve("db", ref).version == want
-        assert not wait_for_cleanups(0.1)  # the removal still runs, in the background
+        assert not wait_for_new(before, 0.1)  # the removal still runs, in the background
         store.close()
-    assert wait_for_cleanups(30.0)  # the proxy answered it at its stop
+    assert wait_for_new(before, 30.0)  # the proxy answered it at its stop
     clean.close()

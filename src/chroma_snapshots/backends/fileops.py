@@ -179,6 +179,8 @@ class LocalFiles:
                 self._publish(key, tmp, path, mode)
             finally:
                 tmp.unlink(missing_ok=True)
+        except SnapshotError:  # said already (a lock file in the way)
+            raise
         except OSError as e:
             raise _wrap(e, "put", key) from e
         return meta
@@ -202,7 +204,7 @@ class LocalFiles:
             except FileExistsError:
                 raise ConflictError(f"{key} already exists") from None
         else:
-            with FileLock(self._lock_path(key)):
+            with self._locked(key):
                 try:
                     current = _meta(key, path.stat()).etag
                 except FileNotFoundError:
@@ -212,6 +214,21 @@ class LocalFiles:
                 if current != mode.etag:
                     raise ConflictError(f"{key} changed: etag {current} != {mode.etag}")
                 os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """``key``'s compare-and-swap lock, held. A lock file that cannot be taken (a link
+        or a folder planted there) is named as itself: it was reported as the object."""
+        lock = self._lock_path(key)
+        try:
+            held = FileLock(lock)
+            held.acquire()
+        except OSError as e:
+            raise _wrap(e, "locking", f"{key}'s lock file {lock.name} in .locks") from e
+        try:
+            yield
+        finally:
+            held.release()
 
     def _lock_path(self, key: str) -> Path:
         locks = self.root / f"{_RESERVED}locks"

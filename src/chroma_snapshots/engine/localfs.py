@@ -306,6 +306,20 @@ def foreign_dir(
     return None
 
 
+def foreign_link(path: Path) -> str | None:
+    """Why ``path`` may lead where another user chooses, or None: a symbolic link on its
+    way (itself or a folder above it) owned by someone who is neither this user nor root.
+    Its owner can point it anywhere at any time, even in a sticky folder such as /tmp."""
+    for at in (*reversed(path.parents), path):
+        try:
+            st = os.lstat(at)
+        except OSError:
+            return None  # not there (yet): made by us below what exists
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
+            return f"{at} is a symbolic link owned by uid {st.st_uid}"
+    return None
+
+
 def copy_tree(src: Path, dst: Path, check: Callable[[], None] = lambda: None) -> None:
     """``shutil.copytree`` without its error collecting: the first OSError (ENOSPC above
     all) is raised as itself. For trees of files and directories (cached versions, a

@@ -74,7 +74,7 @@ def _unreadable(key: str, e: IntegrityError) -> IntegrityError:
 
 def to_move(read: Callable[[], T], expected: Expected) -> T | None:
     """What ``read`` reads of the ref a move is conditioned on; with ``ANY``, None if it
-    cannot be read: the move then writes over it (overwrite_generation)."""
+    cannot be read: the move then writes over it (first_generation)."""
     try:
         return read()
     except IntegrityError as e:
@@ -119,9 +119,10 @@ def move_ref(
     check_signable(io, signer, name, ref, current)
     if current is not None and current[0].version != version:  # a reader's grace starts
         note_retired(io, name, current[0].version, ref, current[0].generation)
-    gen = current[0].generation + 1 if current else 1
-    if current is None and expected is ANY:
-        gen = overwrite_generation()
+    # A ref made where none is (new, deleted, or unreadable and written over) starts
+    # above any generation it had: one deleted and made again at 1 let every old signed
+    # value of it be written back over the new one, to readers that had seen the new one.
+    gen = current[0].generation + 1 if current else first_generation()
     if gen > MAX_GENERATION:  # readers would refuse the new value: the name would be wedged
         raise IntegrityError(
             f"ref {name}/{ref} is at generation {gen - 1}, the highest a ref may have: it was "
@@ -135,7 +136,7 @@ def move_ref(
     # ANY writes whatever the ref held, but over what was read: a generation is still
     # written by one compare-and-swap, so a racing move is a ConflictError, never a
     # silently dropped publish with two values at one generation. Only a ref that could
-    # not be read (or is absent) is written blind, at overwrite_generation.
+    # not be read (or is absent) is written blind, at first_generation.
     if current is not None:
         mode = PutMode.update(current[1])
     else:
@@ -191,13 +192,14 @@ def unsigned_over_signed(what: str) -> ConfigError:
     )
 
 
-def overwrite_generation() -> int:
-    """The generation of a ref written whatever was there (``ANY``) over none that could be
-    read: deleted by hand, damaged, or signed with another key. Readers remember the highest
-    generation they saw and refuse a lower one, so it must be above any this ref had: the
-    time in microseconds, which no ref reaches one move at a time (a move is a round trip
-    of a millisecond or more), nor a ref overwritten this way earlier from a machine whose
-    clock was not ahead of this one's (a reader that saw that one needs a restart)."""
+def first_generation() -> int:
+    """The generation of a ref written where none could be read: new, deleted (by hand or by
+    an attacker), damaged, or signed with another key (written over with ``ANY``). Readers
+    remember the highest generation they saw and refuse a lower one, so it must be above
+    any this ref had: the time in microseconds, which no ref reaches one move at a time (a
+    move is a round trip of a millisecond or more), nor a ref made this way earlier from a
+    machine whose clock was not ahead of this one's (a reader that saw that one refuses the
+    new value as gone backwards until it restarts)."""
     return time.time_ns() // 1000
 
 

@@ -41,7 +41,7 @@ from chroma_snapshots.engine import manifest_v2
 from chroma_snapshots.engine.beneath import Beneath, FileId
 from chroma_snapshots.engine.folders import HOLD_FLAGS, carrying, folder_of, remove_tree
 from chroma_snapshots.engine.localcopy import Stamp, stamp_of_stat
-from chroma_snapshots.engine.localfs import foreign_dir
+from chroma_snapshots.engine.localfs import foreign_dir, foreign_link
 from chroma_snapshots.engine.models import Manifest, VersionId
 from chroma_snapshots.engine.placer import local_io
 from chroma_snapshots.engine.treewalk import mounts_within, own_at, rename_new
@@ -371,15 +371,25 @@ class NameDirs:
                 path.unlink(missing_ok=True)  # if even this fails: LocalDiskError
 
 
+def check_links(cache_dir: Path) -> None:
+    """ConfigError if a symbolic link on the way to ``cache_dir`` is neither this user's
+    nor root's, before anything is made there: another user's link in /tmp chose where
+    the cache was written (a link of ours or root's is followed)."""
+    why = foreign_link(cache_dir)
+    if why is not None:
+        raise ConfigError(f"cache directory {cache_dir} cannot be trusted: {why}")
+
+
 def check_trusted(cache_dir: Path, root: Path) -> None:
     """ConfigError unless only this user controls ``root``, this store's folder in
     ``cache_dir``, and no one else can replace it there: a warm checkout serves what the
     cache holds on the strength of its stamps, so another user who could write there (a
     squatted /tmp folder) could have it serve their bytes. ``cache_dir`` may be shared
     if it is root's or ours and sticky (/tmp, a tmpfs mount): there only an entry's owner
-    can rename it, and ``root`` must be ours."""
+    can rename it, and ``root`` must be ours. Call :func:`check_links` first."""
     why = foreign_dir(root, 0o022)
     if why is None:
+        cache_dir = cache_dir.resolve()  # the folder a link names
         why = foreign_dir(cache_dir, 0o022, owners=(0,), sticky_ok=True)
         root = cache_dir
     if why is not None:

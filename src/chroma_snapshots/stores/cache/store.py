@@ -52,7 +52,7 @@ from chroma_snapshots.stores.cache.builds import CacheBuilds
 from chroma_snapshots.stores.cache.copies import (
     held_copy,
 )
-from chroma_snapshots.stores.cache.layout import check_trusted
+from chroma_snapshots.stores.cache.layout import check_links, check_trusted
 from chroma_snapshots.stores.cache.pins import Pin
 from chroma_snapshots.stores.cache.refmemory import CacheRefs
 from chroma_snapshots.stores.cache.repair import find_damage
@@ -138,6 +138,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
         self._mlock = threading.Lock()
         try:
             # ours alone whatever the umask (0775 under umask 002 would then be refused)
+            check_links(folder)
             try:
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self.root.mkdir(mode=0o700, exist_ok=True)
@@ -145,7 +146,7 @@ class CachedStore(CacheBuilds, CacheRefs, DelegatingStore):
                 raise InvalidInputError(
                     f"cache folder {folder}: a file is in the way of it: name a folder"
                 ) from None
-            check_trusted(folder.resolve(), self.root)  # the folder a link names
+            check_trusted(folder, self.root)
             # no checkout goes below it, and no publish takes a source holding it
             if not (self.root / CACHE_MARKER).exists():
                 (self.root / CACHE_MARKER).touch()
