@@ -45,15 +45,16 @@ def test_a_relative_path_publishes_the_folder_the_client_holds_open(
     """After a change of directory it published the same-named folder of the new one."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    close_client(build(tmp_path / "b" / "db", {"unrelated": 1}))
+    rel = f"db-{tmp_path.name}"  # chroma keys its systems by this text, process-wide
+    close_client(build(tmp_path / "b" / rel, {"unrelated": 1}))
     monkeypatch.chdir(tmp_path / "a")
-    client = build(Path("db"), {"mine": 5})
+    client = build(Path(rel), {"mine": 5})
     monkeypatch.chdir(tmp_path / "b")
     info = publish_client(store, "db", client)
     assert info.metadata["chroma"]["collections"] == {"mine": 5}
     # and without a change of directory, as before
     monkeypatch.chdir(tmp_path / "a")
-    info = publish_client(store, "db", build(Path("db2"), {"here": 2}))
+    info = publish_client(store, "db", build(Path(f"{rel}-2"), {"here": 2}))
     assert info.metadata["chroma"]["collections"] == {"here": 2}
 
 
@@ -62,19 +63,20 @@ def test_two_open_databases_under_one_relative_name_are_refused(
 ) -> None:
     for side in ("a", "b"):
         (tmp_path / side).mkdir()
+    rel = f"db-{tmp_path.name}"  # chroma keys its systems by this text, process-wide
     monkeypatch.chdir(tmp_path / "a")
-    first = build(Path("db"), {"first": 1})
+    first = build(Path(rel), {"first": 1})
     monkeypatch.chdir(tmp_path / "b")
-    # another chroma system ("./db" is not "db" to chroma; a Path would drop the "./")
-    second = chromadb.PersistentClient(path="./db", settings=client_settings())
+    # another chroma system ("./x" is not "x" to chroma; a Path would drop the "./")
+    second = chromadb.PersistentClient(path=f"./{rel}", settings=client_settings())
     with pytest.raises(InvalidInputError, match="2 folders"):
         publish_client(store, "db", first)
     assert list(store.names()) == []
     assert counts(first) == {"first": 1}  # left open: the caller may pass the folder
-    info = publish_client(store, "db", tmp_path / "a" / "db")
-    assert info.metadata["chroma"]["collections"] == {"first": 1}
     for client in (first, second):
-        close_client(client)
+        close_client(client)  # chroma flushes on close: a folder is published closed
+    info = publish_client(store, "db", tmp_path / "a" / rel)
+    assert info.metadata["chroma"]["collections"] == {"first": 1}
 
 
 def test_a_database_that_keeps_changing_is_refused_as_contention(

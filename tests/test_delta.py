@@ -153,7 +153,9 @@ def _plant(store: RemoteStore, m: Manifest) -> str:
     data = manifest_v2.encode(m)
     version = str(VersionId.for_manifest(data, m.created_at))
     store.backend.put(manifest_key("db", version), data)
-    store.backend.put(ref_key("db", "latest"), RefValue(version, 99, utc_now()).to_json())
+    found = store.read_ref("db")  # one generation on: readers refuse a ref gone backwards
+    gen = 1 if found is None else found[0].generation + 1
+    store.backend.put(ref_key("db", "latest"), RefValue(version, gen, utc_now()).to_json())
     return version
 
 

@@ -370,7 +370,8 @@ class SnapshotStoreTests:
             backend.put("db/refs/latest", b'{"version": "../../etc"}')
         with pytest.raises(IntegrityError):
             store.resolve("db")
-        good = RefValue("20200101T000000000000Z-000000000000", 1, datetime.now(timezone.utc))
+        # above the generation the publish gave it (the time in microseconds)
+        good = RefValue("20200101T000000000000Z-000000000000", 1 << 61, datetime.now(timezone.utc))
         for backend in backends:
             backend.put("db/refs/latest", good.to_json())
         with pytest.raises(SnapshotNotFoundError):
